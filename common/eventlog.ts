@@ -1,0 +1,256 @@
+/**
+ * The one module that owns the Kafka client (kafkajs is unmaintained, so it
+ * stays behind this small surface). Typed publish and subscribe over the topic
+ * catalog, a caught-up signal, and dead-lettering of undecodable messages.
+ */
+import { randomUUID } from 'node:crypto';
+import { Kafka, logLevel, Partitioners, type Consumer, type Producer, type IHeaders } from 'kafkajs';
+import {
+  codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicSpec, type TopicValues,
+} from '../schemas/index.ts';
+import type { Logger } from './log.ts';
+import { counter } from './metrics.ts';
+
+export interface EventLogOptions {
+  brokers: string[];
+  registryUrl: string;
+  clientId: string;
+  log: Logger;
+}
+
+export interface EventMeta {
+  topic: string;
+  partition: number;
+  offset: string;
+  key: string | null;
+  timestamp: Date;
+}
+
+export interface RawMessage extends EventMeta {
+  value: Buffer | null;
+  headers: IHeaders;
+}
+
+export interface Subscription {
+  /** Resolves once every partition has been read up to its high-water mark at subscribe time. */
+  caughtUp: Promise<void>;
+  stop(): Promise<void>;
+}
+
+export interface SubscribeOptions {
+  /** A durable consumer group; without it the subscription reads the whole log and commits nothing. */
+  groupId?: string;
+  fromBeginning?: boolean;
+  /** Start at the first message at or after this time instead (e.g. recent heartbeats only). */
+  since?: Date;
+}
+
+const produced = counter('mg_events_produced_total', 'Events written to Kafka', ['topic']);
+const consumed = counter('mg_events_consumed_total', 'Events read from Kafka and handled', ['topic']);
+const deadLettered = counter('mg_events_dead_lettered_total', 'Messages moved to the dead-letter topic', ['topic']);
+const handlerErrors = counter('mg_event_handler_errors_total', 'Events whose handler threw', ['topic']);
+
+export class EventLog {
+  readonly kafka: Kafka;
+  readonly registry: SchemaRegistryClient;
+  private producer: Promise<Producer> | undefined;
+  private consumers = new Set<Consumer>();
+
+  constructor(private readonly opts: EventLogOptions) {
+    const log = opts.log.child({ component: 'kafkajs' });
+    this.kafka = new Kafka({
+      clientId: opts.clientId,
+      brokers: opts.brokers,
+      retry: { retries: 8, initialRetryTime: 100, maxRetryTime: 2000 },
+      logLevel: logLevel.WARN,
+      logCreator: () => ({ level, log: entry }) => {
+        const { message, ...rest } = entry;
+        (level <= logLevel.ERROR ? log.error : log.warn).call(log, rest, message);
+      },
+    });
+    this.registry = new SchemaRegistryClient(opts.registryUrl);
+  }
+
+  /** Creates the catalog's topics that do not exist yet; returns the names created. */
+  async ensureTopics(specs: TopicSpec[] = Object.values(topics)): Promise<string[]> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      const existing = new Set(await admin.listTopics());
+      const missing = specs.filter((s) => !existing.has(s.name));
+      if (missing.length === 0) return [];
+      await admin.createTopics({
+        waitForLeaders: true,
+        topics: missing.map((s) => ({
+          topic: s.name,
+          numPartitions: s.partitions,
+          replicationFactor: -1, // the broker's default.replication.factor
+          configEntries: [
+            { name: 'cleanup.policy', value: s.cleanupPolicy },
+            { name: 'retention.ms', value: String(s.retentionMs) },
+          ],
+        })),
+      });
+      return missing.map((s) => s.name);
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  /** Typed publishing to one catalog topic; resolves once Kafka has acknowledged (acks=all). */
+  publisher<K extends keyof TopicValues>(topic: K): (events: Array<{ key: string; value: TopicValues[K] }>) => Promise<void> {
+    const codec = codecFor(this.registry, topic);
+    const name = topics[topic].name;
+    return async (events) => {
+      const messages = await Promise.all(events.map(async (e) => ({ key: e.key, value: await codec.encode(e.value) })));
+      await this.sendRaw(name, messages);
+    };
+  }
+
+  async sendRaw(topic: string, messages: Array<{ key: string | null; value: Buffer | null; headers?: IHeaders }>): Promise<void> {
+    const producer = await this.getProducer();
+    await producer.send({ topic, acks: -1, messages });
+    produced.inc({ topic }, messages.length);
+  }
+
+  /**
+   * Typed consumption of one catalog topic. Messages that do not decode go to
+   * the dead-letter topic (logged with topic/partition/offset) and consumption
+   * goes on; a handler that throws is logged and counted, never fatal.
+   */
+  subscribe<K extends keyof TopicValues>(
+    topic: K,
+    onEvent: (value: TopicValues[K], meta: EventMeta) => void | Promise<void>,
+    opts: SubscribeOptions = {},
+  ): Promise<Subscription> {
+    const codec: AvroCodec<TopicValues[K]> = codecFor(this.registry, topic);
+    return this.subscribeRaw(topics[topic].name, async (msg) => {
+      if (msg.value === null) return; // a tombstone: nothing to apply
+      let value: TopicValues[K];
+      try {
+        value = await codec.decode(msg.value);
+      } catch (err) {
+        if (!(err instanceof DecodeError)) throw err;
+        await this.deadLetter(msg, err.message);
+        return;
+      }
+      await onEvent(value, msg);
+    }, opts);
+  }
+
+  async subscribeRaw(topic: string, onMessage: (msg: RawMessage) => Promise<void>, opts: SubscribeOptions = {}): Promise<Subscription> {
+    const log = this.opts.log.child({ topic });
+    const consumer = this.kafka.consumer({
+      groupId: opts.groupId ?? `${this.opts.clientId}.reader.${randomUUID()}`,
+      sessionTimeout: 10_000,
+      heartbeatInterval: 1_000,
+      maxWaitTimeInMs: 100,
+    });
+    this.consumers.add(consumer);
+
+    const { pending, startAt } = await this.unreadPartitions(topic, opts.since);
+    let markCaughtUp!: () => void;
+    const caughtUp = new Promise<void>((resolve) => (markCaughtUp = resolve));
+    const progressed = (partition: number, nextOffset: bigint) => {
+      const hwm = pending.get(partition);
+      if (hwm !== undefined && nextOffset >= hwm) pending.delete(partition);
+      if (pending.size === 0) markCaughtUp();
+    };
+    if (pending.size === 0) markCaughtUp();
+
+    await consumer.connect();
+    await consumer.subscribe({ topic, fromBeginning: opts.fromBeginning ?? true });
+    // seek() takes effect once the consumer runs, so it is issued right after run().
+    const seekAll = () => startAt.forEach((offset, partition) => consumer.seek({ topic, partition, offset: offset.toString() }));
+    await consumer.run({
+      autoCommit: opts.groupId !== undefined,
+      eachBatchAutoResolve: true,
+      eachBatch: async ({ batch, heartbeat }) => {
+        for (const m of batch.messages) {
+          const msg: RawMessage = {
+            topic, partition: batch.partition, offset: m.offset, key: m.key?.toString() ?? null,
+            value: m.value, headers: m.headers ?? {}, timestamp: new Date(Number(m.timestamp)),
+          };
+          try {
+            await onMessage(msg);
+            consumed.inc({ topic });
+          } catch (err) {
+            handlerErrors.inc({ topic });
+            log.error({ err, partition: msg.partition, offset: msg.offset }, 'event handler failed; skipping the event');
+          }
+          await heartbeat();
+        }
+        progressed(batch.partition, BigInt(batch.lastOffset()) + 1n);
+      },
+    });
+    seekAll();
+    return {
+      caughtUp,
+      stop: async () => {
+        this.consumers.delete(consumer);
+        await consumer.disconnect();
+      },
+    };
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.consumers].map((c) => c.disconnect()));
+    this.consumers.clear();
+    if (this.producer) await (await this.producer).disconnect();
+    this.producer = undefined;
+  }
+
+  /**
+   * Partitions that hold records to read now, with the offset a reader must
+   * reach (`pending`), and where to start when reading from a time (`startAt`).
+   */
+  private async unreadPartitions(topic: string, since?: Date): Promise<{ pending: Map<number, bigint>; startAt: Map<number, bigint> }> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      const offsets = await admin.fetchTopicOffsets(topic);
+      const startAt = new Map<number, bigint>();
+      if (since) {
+        // -1 means no message at or after `since`: start at the end.
+        for (const o of await admin.fetchTopicOffsetsByTimestamp(topic, since.getTime())) {
+          const high = BigInt(offsets.find((x) => x.partition === o.partition)!.high);
+          startAt.set(o.partition, o.offset === '-1' ? high : BigInt(o.offset));
+        }
+      }
+      const pending = new Map<number, bigint>();
+      for (const o of offsets) {
+        const from = startAt.get(o.partition) ?? BigInt(o.low);
+        if (BigInt(o.high) > from) pending.set(o.partition, BigInt(o.high));
+      }
+      return { pending, startAt };
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  private async deadLetter(msg: RawMessage, error: string): Promise<void> {
+    this.opts.log.warn({ topic: msg.topic, partition: msg.partition, offset: msg.offset, error }, 'undecodable message moved to the dead-letter topic');
+    await this.sendRaw(topics.deadLetter.name, [{
+      key: msg.key,
+      value: msg.value,
+      headers: {
+        ...msg.headers,
+        'mg.source.topic': msg.topic,
+        'mg.source.partition': String(msg.partition),
+        'mg.source.offset': msg.offset,
+        'mg.error': error,
+      },
+    }]);
+    deadLettered.inc({ topic: msg.topic });
+  }
+
+  private getProducer(): Promise<Producer> {
+    this.producer ??= (async () => {
+      const p = this.kafka.producer({ idempotent: true, maxInFlightRequests: 1, createPartitioner: Partitioners.DefaultPartitioner });
+      await p.connect();
+      return p;
+    })();
+    this.producer.catch(() => (this.producer = undefined));
+    return this.producer;
+  }
+}

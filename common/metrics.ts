@@ -1,0 +1,34 @@
+import Fastify, { type FastifyInstance } from 'fastify';
+import client from 'prom-client';
+
+export const metrics = new client.Registry();
+client.collectDefaultMetrics({ register: metrics, prefix: 'mg_' });
+
+export function counter(name: string, help: string, labelNames: string[] = []) {
+  return (metrics.getSingleMetric(name) as client.Counter) ?? new client.Counter({ name, help, labelNames, registers: [metrics] });
+}
+
+export function gauge(name: string, help: string, labelNames: string[] = []) {
+  return (metrics.getSingleMetric(name) as client.Gauge) ?? new client.Gauge({ name, help, labelNames, registers: [metrics] });
+}
+
+export function histogram(name: string, help: string, labelNames: string[] = [], buckets?: number[]) {
+  return (metrics.getSingleMetric(name) as client.Histogram) ?? new client.Histogram({ name, help, labelNames, buckets, registers: [metrics] });
+}
+
+/**
+ * Serves /metrics (Prometheus text) and /healthz on 127.0.0.1:port (0 picks a
+ * free port); returns the server so callers can add routes and learn the port.
+ */
+export async function serveMetrics(port: number, healthy: () => boolean = () => true): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false });
+  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+  app.get('/healthz', async (_req, reply) => reply.code(healthy() ? 200 : 503).send({ ok: healthy() }));
+  await app.listen({ host: '127.0.0.1', port });
+  return app;
+}
+
+export function listeningPort(app: FastifyInstance): number {
+  const addr = app.server.address();
+  return typeof addr === 'object' && addr ? addr.port : 0;
+}

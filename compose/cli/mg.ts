@@ -1,0 +1,82 @@
+/**
+ * mg: the operator's command line.
+ *   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
+ *   mg cluster status [--data-dir dir]
+ *   mg cluster down   [--data-dir dir] [--clean]
+ */
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { createLogger } from '../../common/log.ts';
+import { clusterDown, clusterUp, eventLogFor, readClusterView, savedSpec } from '../cluster.ts';
+import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
+import { renderStatus } from '../status.ts';
+
+const USAGE = `usage:
+  mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
+  mg cluster status [--data-dir dir]
+  mg cluster down   [--data-dir dir] [--clean]
+
+--set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
+
+class UsageError extends Error {}
+
+async function main(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      spec: { type: 'string', short: 'f' },
+      'data-dir': { type: 'string' },
+      set: { type: 'string', multiple: true },
+      clean: { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    console.log(USAGE);
+    return;
+  }
+  const [group, command] = positionals;
+  if (group !== 'cluster' || !['up', 'status', 'down'].includes(command)) throw new UsageError(`unknown command: ${positionals.join(' ') || '(none)'}`);
+
+  // Logs of the CLI's own libraries go to a file-free sink unless asked for: the CLI prints progress instead.
+  const log = createLogger('mg', {}).child({ command });
+  log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+
+  const overrides: Record<string, unknown> = {};
+  for (const kv of values.set ?? []) {
+    const eq = kv.indexOf('=');
+    if (eq < 1) throw new UsageError(`--set takes path=value, not '${kv}'`);
+    const raw = kv.slice(eq + 1);
+    overrides[kv.slice(0, eq)] = raw !== '' && !Number.isNaN(Number(raw)) ? Number(raw) : raw;
+  }
+  if (values['data-dir']) overrides.dataDir = path.resolve(values['data-dir']);
+
+  if (command === 'up') {
+    await clusterUp(loadSpec(values.spec, overrides), log);
+    return;
+  }
+  const spec: ClusterSpec = savedSpec(values['data-dir'] ?? '.mg') ?? loadSpec(values.spec, overrides);
+  if (command === 'down') {
+    await clusterDown(spec, { clean: values.clean ?? false });
+    return;
+  }
+  const eventLog = eventLogFor(spec, 'mg-cli', log);
+  try {
+    console.log(renderStatus(await readClusterView(eventLog)));
+  } finally {
+    await eventLog.close();
+  }
+}
+
+main(process.argv.slice(2)).then(
+  () => process.exit(0),
+  (err) => {
+    if (err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+      console.error(`mg: ${(err as Error).message}\n\n${USAGE}`);
+      process.exit(2);
+    }
+    console.error(`mg: ${err instanceof SpecError ? '' : 'error: '}${(err as Error).message}`);
+    process.exit(err instanceof SpecError ? 2 : 1);
+  },
+);

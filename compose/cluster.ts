@@ -1,0 +1,242 @@
+/**
+ * `mg cluster up|down`: brings a whole local cluster (Kafka, schema registry,
+ * Postgres instances with their agents) up from a bare machine, idempotently,
+ * and takes it down again.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { EventLog } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
+import type { AgentConfig } from '../ingest/config.ts';
+import { PostgresInstance } from '../ingest/postgres/instance.ts';
+import {
+  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, shardKey, topologyKey,
+  type HealthEvent, type TopicValues, type TopologyEvent,
+} from '../schemas/index.ts';
+import { startKafka, stopKafka } from './infra/kafka.ts';
+import { Progress } from './progress.ts';
+import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { readClusterView, verdict } from './status.ts';
+import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const REGISTRY = 'schema-registry';
+const agentName = (id: string) => `agent-${id}`;
+
+export const runDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'run');
+const logDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'logs');
+export const bootstrapOf = (spec: ClusterSpec) => `127.0.0.1:${spec.kafka.port}`;
+export const registryUrlOf = (spec: ClusterSpec) => `http://127.0.0.1:${spec.registry.port}`;
+const specFile = (dataDir: string) => path.join(dataDir, 'cluster.json');
+
+export function eventLogFor(spec: ClusterSpec, clientId: string, log: Logger): EventLog {
+  return new EventLog({ brokers: [bootstrapOf(spec)], registryUrl: registryUrlOf(spec), clientId, log });
+}
+
+/** The spec a cluster in `dataDir` was brought up with, if any. */
+export function savedSpec(dataDir: string): ClusterSpec | undefined {
+  const file = specFile(path.resolve(dataDir));
+  return fs.existsSync(file) ? (JSON.parse(fs.readFileSync(file, 'utf8')) as ClusterSpec) : undefined;
+}
+
+export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
+  const progress = new Progress(8, out);
+  fs.mkdirSync(spec.dataDir, { recursive: true });
+  fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
+  const planned = instancesOf(spec);
+
+  await progress.step('checking prerequisites (Java, Maven, Postgres 15)', async () => checkPrerequisites(spec));
+  const kafka = await progress.step(`Kafka broker on ${bootstrapOf(spec)} (jars via Maven, KRaft)`, () => startKafka({
+    cacheDir: spec.cacheDir, dataDir: path.join(spec.dataDir, 'kafka'), runDir: runDir(spec),
+    port: spec.kafka.port, controllerPort: spec.kafka.controllerPort, heapMb: spec.kafka.heapMb, log,
+  }));
+  if (kafka.alreadyRunning) progress.note(`already running (pid ${kafka.pid})`);
+  await progress.step(`schema registry on ${registryUrlOf(spec)}`, () => startRegistry(spec));
+
+  const eventLog = eventLogFor(spec, 'mg-cli', log);
+  try {
+    await progress.step('topics of the catalog', async () => {
+      const created = await eventLog.ensureTopics();
+      progress.note(created.length ? `created ${created.join(', ')}` : 'all present');
+    });
+    await progress.step('event schemas in the registry', async () => {
+      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults'] as Array<keyof TopicValues>) {
+        await codecFor(eventLog.registry, topic).schemaId();
+      }
+    });
+    await progress.step('topology: cells, databases, shards, initial primaries', () => bootstrapTopology(spec, eventLog, progress));
+    await progress.step(`Postgres primaries and their agents`, () => startAgents(spec, planned.filter((p) => p.initialPrimary), eventLog, progress));
+    await progress.step(`Postgres replicas (pg_basebackup) and their agents`, () => startAgents(spec, planned.filter((p) => !p.initialPrimary), eventLog, progress));
+  } finally {
+    await eventLog.close();
+  }
+  out.write(`\nCluster '${spec.name}' is up in ${(progress.elapsedMs() / 1000).toFixed(1)}s.\n`);
+  for (const p of planned.filter((i) => i.initialPrimary)) {
+    out.write(`  ${p.database} shard ${p.shard} primary:  psql -h 127.0.0.1 -p ${p.port} -U postgres ${p.database}\n`);
+  }
+  out.write(`  Kafka bootstrap: ${bootstrapOf(spec)}    schema registry: ${registryUrlOf(spec)}\n`);
+  out.write(`  status: npm run mg -- cluster status --data-dir ${spec.dataDir}\n`);
+}
+
+function checkPrerequisites(spec: ClusterSpec): void {
+  const missing: string[] = [];
+  for (const [cmd, args] of [['java', ['-version']], ['mvn', ['-v']]] as const) {
+    try {
+      execFileSync(cmd, args, { stdio: 'ignore' });
+    } catch {
+      missing.push(cmd);
+    }
+  }
+  for (const bin of ['postgres', 'initdb', 'pg_ctl', 'pg_basebackup']) {
+    if (!fs.existsSync(path.join(spec.postgres.binDir, bin))) missing.push(path.join(spec.postgres.binDir, bin));
+  }
+  if (missing.length) throw new Error(`missing prerequisites: ${missing.join(', ')} (install Java 17, Maven and Debian's postgresql-15)`);
+}
+
+async function startRegistry(spec: ClusterSpec): Promise<void> {
+  const pid = readPid(runDir(spec), REGISTRY);
+  if (pid === undefined || !isAlive(pid)) {
+    await spawnDetached({
+      name: REGISTRY,
+      command: process.execPath,
+      args: ['--import', 'tsx', 'compose/registry/main.ts', '--brokers', bootstrapOf(spec), '--port', String(spec.registry.port)],
+      cwd: repoRoot,
+      runDir: runDir(spec),
+      logFile: path.join(logDir(spec), `${REGISTRY}.log`),
+    });
+  }
+  await waitFor(async () => (await fetch(`${registryUrlOf(spec)}/subjects`).catch(() => null))?.ok === true, {
+    timeoutMs: 60_000, intervalMs: 200, what: `schema registry on ${registryUrlOf(spec)}`,
+  });
+}
+
+/** Publishes the spec's topology events that the log does not hold yet. */
+async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<void> {
+  const state = emptyTopology();
+  const sub = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(state, e));
+  await sub.caughtUp;
+  await sub.stop();
+
+  const events: TopologyEvent[] = [];
+  const add = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p });
+  for (const cell of spec.cells) if (!state.cells.has(cell)) add(payload('CellRegistered', { cell, region: null }));
+  for (const db of spec.databases) {
+    if (state.databases.get(db.name)?.dropped !== false) add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: null }));
+    for (const r of shardRanges(db.shards)) {
+      if (!state.shards.has(shardKey(db.name, r.shard))) {
+        add(payload('ShardDefined', { database: db.name, shard: r.shard, keyRangeStart: r.start, keyRangeEnd: r.end }));
+      }
+    }
+  }
+  // Term 1 names the bootstrap primary; a later term (a failover) always wins over it.
+  for (const p of instancesOf(spec).filter((i) => i.initialPrimary)) {
+    if (!state.primaries.has(shardKey(p.database, p.shard))) {
+      add(payload('PrimaryChanged', { database: p.database, shard: p.shard, primaryInstanceId: p.instanceId, term: 1n, ruleNumber: 1n, reason: 'bootstrap' }));
+    }
+  }
+  if (events.length) await eventLog.publisher('topology')(events.map((e) => ({ key: topologyKey(e), value: e })));
+  progress.note(events.length ? `published ${events.length} events` : 'already in the log');
+}
+
+function agentConfig(spec: ClusterSpec, inst: PlannedInstance, upstream: PlannedInstance | undefined): AgentConfig {
+  return {
+    instanceId: inst.instanceId, database: inst.database, shard: inst.shard, cell: inst.cell, host: '127.0.0.1',
+    port: inst.port, dataDir: inst.dataDir, binDir: spec.postgres.binDir, initialPrimary: inst.initialPrimary,
+    upstream: upstream ? { host: '127.0.0.1', port: upstream.port } : null,
+    brokers: [bootstrapOf(spec)], registryUrl: registryUrlOf(spec),
+    healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
+  };
+}
+
+/** Starts the agents that are not running and waits until every instance reports healthy. */
+async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], eventLog: EventLog, progress: Progress): Promise<void> {
+  const all = instancesOf(spec);
+  const configDir = path.join(spec.dataDir, 'agents');
+  fs.mkdirSync(configDir, { recursive: true });
+  for (const inst of instances) {
+    const pid = readPid(runDir(spec), agentName(inst.instanceId));
+    if (pid !== undefined && isAlive(pid)) {
+      progress.note(`${inst.instanceId}: agent already running (pid ${pid})`);
+      continue;
+    }
+    const upstream = all.find((p) => p.initialPrimary && p.database === inst.database && p.shard === inst.shard && p !== inst);
+    const file = path.join(configDir, `${inst.instanceId}.json`);
+    fs.writeFileSync(file, JSON.stringify(agentConfig(spec, inst, upstream), null, 2));
+    const started = await spawnDetached({
+      name: agentName(inst.instanceId),
+      command: process.execPath,
+      args: ['--import', 'tsx', 'ingest/main.ts', '--config', file],
+      cwd: repoRoot,
+      runDir: runDir(spec),
+      logFile: path.join(logDir(spec), `${agentName(inst.instanceId)}.log`),
+    });
+    progress.note(`${inst.instanceId}: agent pid ${started}, Postgres port ${inst.port}, cell ${inst.cell}`);
+  }
+  const agentDied = () => {
+    const dead = instances.find((i) => {
+      const pid = readPid(runDir(spec), agentName(i.instanceId));
+      return pid === undefined || !isAlive(pid);
+    });
+    return dead && `the agent of ${dead.instanceId} exited; see ${path.join(logDir(spec), `${agentName(dead.instanceId)}.log`)}`;
+  };
+  await waitHealthy(eventLog, instances.map((i) => i.instanceId), 180_000, progress, agentDied);
+}
+
+/** Waits until each instance's latest heartbeat says healthy (reachable; replicas streaming). */
+export async function waitHealthy(
+  eventLog: EventLog, ids: string[], timeoutMs: number, progress?: Progress, fatal: () => string | undefined = () => undefined,
+): Promise<void> {
+  const topology = emptyTopology();
+  const latest = new Map<string, HealthEvent>();
+  const subs = await Promise.all([
+    eventLog.subscribe('topology', (e) => void applyTopologyEvent(topology, e)),
+    eventLog.subscribe('health', (h) => void latest.set(h.instanceId, h), { since: new Date(Date.now() - 1_000) }),
+  ]);
+  const unhealthy = () => ids.flatMap((id) => {
+    const inst = topologyInstances(topology).find((i) => i.instanceId === id);
+    const state = inst ? verdict(inst, latest.get(id)) : 'not registered';
+    return state === 'healthy' ? [] : [`${id} (${state})`];
+  });
+  let lastReport = '';
+  let failure: string | undefined;
+  try {
+    await waitFor(async () => {
+      failure = fatal();
+      if (failure) return true;
+      const waiting = unhealthy();
+      if (progress && waiting.length && waiting.join() !== lastReport) {
+        lastReport = waiting.join();
+        progress.note(`waiting for ${waiting.join(', ')}`);
+      }
+      return waiting.length === 0;
+    }, { timeoutMs, intervalMs: 200, what: `healthy heartbeats from ${ids.join(', ')}` });
+  } finally {
+    await Promise.all(subs.map((s) => s.stop()));
+  }
+  if (failure) throw new Error(failure);
+}
+
+/** Stops everything `up` started: agents (which stop their Postgres), registry, Kafka. */
+export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, out: NodeJS.WritableStream = process.stdout): Promise<void> {
+  const progress = new Progress(opts.clean ? 4 : 3, out);
+  const instances = instancesOf(spec);
+  await progress.step('agents and their Postgres instances', async () => {
+    await Promise.all(instances.map(async (inst) => {
+      const result = await stopProcess(runDir(spec), agentName(inst.instanceId), { graceMs: 30_000 });
+      // An agent that was gone (killed) leaves its Postgres running: stop it directly.
+      const pg = new PostgresInstance({ name: inst.instanceId, dataDir: inst.dataDir, port: inst.port, binDir: spec.postgres.binDir, log: silentLog });
+      if (pg.isRunning()) await pg.stop('fast');
+      progress.note(`${inst.instanceId}: agent ${result}`);
+    }));
+  });
+  await progress.step('schema registry', async () => progress.note(await stopProcess(runDir(spec), REGISTRY)));
+  await progress.step('Kafka broker', async () => progress.note(await stopKafka(runDir(spec))));
+  if (opts.clean) await progress.step(`removing ${spec.dataDir}`, async () => fs.rmSync(spec.dataDir, { recursive: true, force: true }));
+}
+
+const silentLog = { child: () => silentLog, info() {}, warn() {}, error() {}, debug() {} } as unknown as Logger;
+
+export { readClusterView };

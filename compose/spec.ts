@@ -1,0 +1,143 @@
+/**
+ * The cluster spec: a YAML file plus flags, validated with zod so that a bad
+ * value gets an error naming its field. Defaults give the issue's cluster:
+ * database `postgres`, 1 shard, 3 instances in cells zone1..zone3.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import YAML from 'yaml';
+import { z } from 'zod';
+
+const port = z.number().int().min(1024).max(65535);
+const name = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/, 'must be lower-case letters, digits or _, starting with a letter');
+
+export const clusterSpecSchema = z.object({
+  name: name.default('local'),
+  dataDir: z.string().default(path.resolve('.mg')),
+  cacheDir: z.string().default(path.join(os.homedir(), '.cache', 'mg')),
+  kafka: z.object({
+    port: port.default(19092),
+    controllerPort: port.default(19093),
+    heapMb: z.number().int().min(128).max(8192).default(512),
+  }).strict().default({}),
+  registry: z.object({ port: port.default(18081) }).strict().default({}),
+  postgres: z.object({
+    basePort: port.default(15432),
+    binDir: z.string().default('/usr/lib/postgresql/15/bin'),
+  }).strict().default({}),
+  agent: z.object({
+    healthIntervalMs: z.number().int().min(50).max(60_000).default(500),
+    probeTimeoutMs: z.number().int().min(50).max(60_000).default(1000),
+    metricsBasePort: port.default(19100),
+  }).strict().default({}),
+  cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
+    .refine((c) => new Set(c).size === c.length, 'cells must be unique'),
+  databases: z.array(z.object({
+    name,
+    shards: z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two').default(1),
+    instancesPerShard: z.number().int().min(1).max(9).default(3),
+  }).strict()).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
+    .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
+}).strict();
+
+export type ClusterSpec = z.infer<typeof clusterSpecSchema>;
+
+export class SpecError extends Error {}
+
+/** Reads a spec from YAML (optional) with flag overrides applied on top, and validates it. */
+export function loadSpec(file: string | undefined, overrides: Record<string, unknown> = {}): ClusterSpec {
+  let raw: Record<string, unknown> = {};
+  if (file) {
+    let text: string;
+    try {
+      text = fs.readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new SpecError(`cannot read spec file ${file}: ${(err as Error).message}`);
+    }
+    try {
+      raw = (YAML.parse(text) ?? {}) as Record<string, unknown>;
+    } catch (err) {
+      throw new SpecError(`spec file ${file} is not valid YAML: ${(err as Error).message}`);
+    }
+    if (typeof raw !== 'object' || Array.isArray(raw)) throw new SpecError(`spec file ${file} must hold a mapping at the top level`);
+  }
+  for (const [dotted, value] of Object.entries(overrides)) setPath(raw, dotted.split('.'), value);
+  return parseSpec(raw, file);
+}
+
+export function parseSpec(raw: unknown, origin = 'spec'): ClusterSpec {
+  const result = clusterSpecSchema.safeParse(raw);
+  if (!result.success) {
+    const lines = result.error.issues.map((i) => `  ${i.path.join('.') || '(top level)'}: ${i.message}`);
+    throw new SpecError(`invalid cluster spec (${origin}):\n${lines.join('\n')}`);
+  }
+  const spec = result.data;
+  spec.dataDir = path.resolve(spec.dataDir);
+  spec.cacheDir = path.resolve(spec.cacheDir);
+  checkPortClashes(spec);
+  return spec;
+}
+
+function setPath(obj: Record<string, any>, keys: string[], value: unknown): void {
+  let o = obj;
+  for (const k of keys.slice(0, -1)) o = o[k] ??= {};
+  o[keys[keys.length - 1]] = value;
+}
+
+function checkPortClashes(spec: ClusterSpec): void {
+  const used = new Map<number, string>();
+  const take = (p: number, what: string) => {
+    const other = used.get(p);
+    if (other) throw new SpecError(`invalid cluster spec: port ${p} is used by both ${other} and ${what}`);
+    used.set(p, what);
+  };
+  take(spec.kafka.port, 'kafka.port');
+  take(spec.kafka.controllerPort, 'kafka.controllerPort');
+  take(spec.registry.port, 'registry.port');
+  for (const inst of instancesOf(spec)) {
+    take(inst.port, `postgres port of ${inst.instanceId}`);
+    take(inst.metricsPort, `agent metrics port of ${inst.instanceId}`);
+  }
+}
+
+/** Vitess-style shard names for n equal key ranges: 1 -> '-', 2 -> '-80','80-'. */
+export function shardRanges(n: number): Array<{ shard: string; start: string; end: string }> {
+  const bound = (i: number) => (i === 0 || i === n ? '' : (i * (256 / n)).toString(16).padStart(2, '0'));
+  return Array.from({ length: n }, (_, i) => ({ shard: `${bound(i)}-${bound(i + 1)}`, start: bound(i), end: bound(i + 1) }));
+}
+
+export interface PlannedInstance {
+  instanceId: string;
+  database: string;
+  shard: string;
+  cell: string;
+  port: number;
+  metricsPort: number;
+  /** The instance bootstrapped as primary; the others start as its replicas. */
+  initialPrimary: boolean;
+  dataDir: string;
+}
+
+/** Every instance the spec asks for, with ports and cells assigned deterministically. */
+export function instancesOf(spec: ClusterSpec): PlannedInstance[] {
+  const out: PlannedInstance[] = [];
+  for (const db of spec.databases) {
+    for (const range of shardRanges(db.shards)) {
+      const shardLabel = range.shard === '-' ? '0' : range.shard.replace('-', '_');
+      for (let i = 0; i < db.instancesPerShard; i++) {
+        const n = out.length;
+        const cell = spec.cells[i % spec.cells.length];
+        const instanceId = `${db.name}-${shardLabel}-${cell}-${i}`;
+        out.push({
+          instanceId, database: db.name, shard: range.shard, cell,
+          port: spec.postgres.basePort + n,
+          metricsPort: spec.agent.metricsBasePort + n,
+          initialPrimary: i === 0,
+          dataDir: path.join(spec.dataDir, 'postgres', instanceId),
+        });
+      }
+    }
+  }
+  return out;
+}

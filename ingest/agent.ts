@@ -1,0 +1,186 @@
+/**
+ * The ingest agent beside one Postgres instance: owns its lifecycle, registers
+ * it in topology, publishes health, restarts Postgres when it dies, and acts on
+ * agent commands addressed to it.
+ */
+import { randomUUID } from 'node:crypto';
+import { EventLog, type Subscription } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
+import { counter, gauge, histogram } from '../common/metrics.ts';
+import { payload, topologyKey, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import type { AgentConfig } from './config.ts';
+import { PostgresInstance, type Probe } from './postgres/instance.ts';
+
+export const AGENT_VERSION = '0.1.0';
+
+const postgresUp = gauge('mg_agent_postgres_up', 'Whether the last probe reached Postgres (1) or not (0)');
+const probeSeconds = histogram('mg_agent_probe_duration_seconds', 'Time of one health probe', [], [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2]);
+const restarts = counter('mg_agent_postgres_restarts_total', 'Times the agent restarted a Postgres it found dead');
+const heartbeats = counter('mg_agent_heartbeats_total', 'Health events published');
+const commandsHandled = counter('mg_agent_commands_total', 'Agent commands handled', ['action', 'status']);
+const replayLag = gauge('mg_agent_replay_lag_bytes', 'Replica replay lag in bytes');
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class Agent {
+  readonly postgres: PostgresInstance;
+  private readonly eventLog: EventLog;
+  private readonly publishHealth;
+  private readonly publishTopology;
+  private readonly publishResult;
+  private sequence = 0n;
+  private stopped = false;
+  /** Set by a STOP command or shutdown: a stopped Postgres is then not restarted. */
+  private wantRunning = true;
+  private restarting: Promise<void> | undefined;
+  private commands: Subscription | undefined;
+  private loop: Promise<void> | undefined;
+
+  constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
+    this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log });
+    this.eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: `agent.${cfg.instanceId}`, log });
+    this.publishHealth = this.eventLog.publisher('health');
+    this.publishTopology = this.eventLog.publisher('topology');
+    this.publishResult = this.eventLog.publisher('agentResults');
+  }
+
+  async start(): Promise<void> {
+    await this.ensurePostgres();
+    await this.topology(payload('InstanceRegistered', {
+      instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,
+      host: this.cfg.host, port: this.cfg.port, type: this.cfg.initialPrimary ? 'PRIMARY' : 'REPLICA',
+      agentMetricsPort: this.cfg.metricsPort,
+    }));
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
+    this.commands = await this.eventLog.subscribe('agentCommands', (cmd) => this.onCommand(cmd), {
+      groupId: `agent.${this.cfg.instanceId}`,
+      fromBeginning: false,
+    });
+    this.loop = this.healthLoop();
+    this.log.info({ port: this.cfg.port }, 'agent started');
+  }
+
+  /** Graceful stop: announce NOT_SERVING, stop Postgres, publish a last heartbeat. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.wantRunning = false;
+    await this.loop;
+    await this.commands?.stop();
+    await this.restarting;
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING' })).catch(() => undefined);
+    await this.postgres.stop('fast');
+    await this.heartbeat(null, 'stopped by its agent').catch(() => undefined);
+    await this.eventLog.close();
+  }
+
+  private async ensurePostgres(): Promise<void> {
+    if (!this.postgres.isInitialized()) {
+      if (this.cfg.initialPrimary || !this.cfg.upstream) {
+        this.log.info('initializing a new primary');
+        await this.postgres.initPrimary();
+      } else {
+        const upstream = this.cfg.upstream;
+        this.log.info({ upstream }, 'cloning a replica from its upstream');
+        for (let attempt = 1; ; attempt++) {
+          await this.waitForUpstream(upstream);
+          try {
+            await this.postgres.initReplica(upstream);
+            break;
+          } catch (err) {
+            // pg_basebackup leaves an empty directory behind, so trying again is safe.
+            this.log.warn({ err, attempt }, 'cloning the replica failed; retrying');
+            await sleep(Math.min(10_000, 500 * 2 ** attempt));
+          }
+        }
+      }
+    }
+    this.postgres.writeConfig();
+    await this.postgres.start();
+  }
+
+  private async waitForUpstream(upstream: { host: string; port: number }): Promise<void> {
+    const probe = new PostgresInstance({ name: 'upstream', dataDir: '/nonexistent', port: upstream.port, log: this.log });
+    for (let attempt = 0; !(await probe.probe(this.cfg.probeTimeoutMs)); attempt++) {
+      if (attempt % 20 === 0) this.log.info({ upstream }, 'waiting for the upstream to accept connections');
+      await sleep(250);
+    }
+  }
+
+  private async healthLoop(): Promise<void> {
+    while (!this.stopped) {
+      const started = Date.now();
+      const end = probeSeconds.startTimer();
+      const probe = await this.postgres.probe(this.cfg.probeTimeoutMs);
+      end();
+      postgresUp.set(probe ? 1 : 0);
+      const error = probe ? null : this.postgres.isRunning() ? `no answer within ${this.cfg.probeTimeoutMs} ms` : 'postgres is not running';
+      await this.heartbeat(probe, error).catch((err) => this.log.warn({ err }, 'could not publish health'));
+      if (!probe && !this.postgres.isRunning() && this.wantRunning) this.restartDead();
+      await sleep(Math.max(0, this.cfg.healthIntervalMs - (Date.now() - started)));
+    }
+  }
+
+  /** Restarts a Postgres that died (kill -9, crash) in the background, so heartbeats go on meanwhile. */
+  private restartDead(): void {
+    if (this.restarting) return;
+    this.log.warn('postgres is not running; restarting it');
+    restarts.inc();
+    this.restarting = this.postgres.start()
+      .then(() => this.log.info('postgres restarted'))
+      .catch((err) => this.log.error({ err }, 'postgres restart failed; will retry'))
+      .finally(() => (this.restarting = undefined));
+  }
+
+  private async heartbeat(probe: Probe | null, error: string | null): Promise<void> {
+    const event: HealthEvent = {
+      instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,
+      ts: new Date(), sequence: ++this.sequence,
+      reachable: probe !== null,
+      role: probe ? (probe.inRecovery ? 'REPLICA' : 'PRIMARY') : 'UNKNOWN',
+      currentLsn: probe?.currentLsn ?? null,
+      flushLsn: probe?.flushLsn ?? null,
+      replayLsn: probe?.replayLsn ?? null,
+      replayLagBytes: probe?.replayLagBytes ?? null,
+      replayLagSeconds: probe?.replayLagSeconds ?? null,
+      upstream: probe?.upstream ?? null,
+      connections: probe?.connections ?? 0,
+      maxConnections: probe?.maxConnections ?? 0,
+      postgresPid: this.postgres.postmasterPid() ?? null,
+      agentVersion: AGENT_VERSION,
+      error,
+      walReceiverStatus: probe?.walReceiverStatus ?? null,
+    };
+    if (probe?.replayLagBytes != null) replayLag.set(Number(probe.replayLagBytes));
+    await this.publishHealth([{ key: this.cfg.instanceId, value: event }]);
+    heartbeats.inc();
+  }
+
+  private topology(p: TopologyEvent['payload']): Promise<void> {
+    const event: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `agent/${this.cfg.instanceId}`, payload: p };
+    return this.publishTopology([{ key: topologyKey(event), value: event }]);
+  }
+
+  private async onCommand(cmd: AgentCommand): Promise<void> {
+    if (cmd.instanceId !== this.cfg.instanceId) return;
+    const started = Date.now();
+    let status: CommandStatus = 'SUCCEEDED';
+    let message = 'done';
+    try {
+      switch (cmd.action) {
+        case 'START_POSTGRES': this.wantRunning = true; await this.postgres.start(); break;
+        case 'STOP_POSTGRES': this.wantRunning = false; await this.postgres.stop(cmd.args.mode === 'immediate' ? 'immediate' : 'fast'); break;
+        case 'RESTART_POSTGRES': this.wantRunning = true; await this.postgres.restart(); break;
+        case 'REPORT_HEALTH': message = JSON.stringify(await this.postgres.probe(this.cfg.probeTimeoutMs), (_k, v) => (typeof v === 'bigint' ? v.toString() : v)); break;
+        default: status = 'REJECTED'; message = `unknown action ${String(cmd.action)}`;
+      }
+    } catch (err) {
+      status = 'FAILED';
+      message = (err as Error).message;
+    }
+    commandsHandled.inc({ action: cmd.action, status });
+    this.log.info({ commandId: cmd.commandId, action: cmd.action, status, message }, 'agent command handled');
+    await this.publishResult([{ key: this.cfg.instanceId, value: {
+      commandId: cmd.commandId, instanceId: this.cfg.instanceId, ts: new Date(), status, message, durationMs: BigInt(Date.now() - started),
+    } }]);
+  }
+}

@@ -1,0 +1,60 @@
+import avro from 'avsc';
+
+/**
+ * Avro longs as exact BigInts: LSNs and bigint keys exceed 2^53, where avsc's
+ * default number-based long would throw.
+ */
+const BigIntLong = avro.types.LongType.__with({
+  fromBuffer: (buf: Buffer) => buf.readBigInt64LE(),
+  toBuffer: (n: bigint) => {
+    const buf = Buffer.alloc(8);
+    buf.writeBigInt64LE(n);
+    return buf;
+  },
+  fromJSON: (v: unknown) => BigInt(v as number | string),
+  toJSON: (n: bigint) => (Number.isSafeInteger(Number(n)) ? Number(n) : n.toString()),
+  isValid: (n: unknown) => typeof n === 'bigint',
+  compare: (a: bigint, b: bigint) => (a === b ? 0 : a < b ? -1 : 1),
+});
+
+/** timestamp-millis as a JS Date (the underlying long is a BigInt). */
+class TimestampMillis extends avro.types.LogicalType {
+  _fromValue(v: bigint): Date {
+    return new Date(Number(v));
+  }
+  _toValue(d: unknown): bigint | undefined {
+    return d instanceof Date ? BigInt(d.getTime()) : undefined;
+  }
+  _resolve(type: avro.Type) {
+    if (avro.Type.isType(type, 'long', 'logical:timestamp-millis')) return this._fromValue.bind(this);
+    return undefined;
+  }
+}
+
+/**
+ * avsc looks up the registry only for type names, so `{"type": "long", ...}`
+ * objects need the hook. A logical long is seen twice: first to build the
+ * logical type (leave it to avsc), then for its underlying long (ours).
+ */
+function bigIntLongHook() {
+  const logicalSeen = new WeakSet<object>();
+  return (schema: avro.Schema): avro.Type | undefined => {
+    if (typeof schema !== 'object' || (schema as { type?: unknown }).type !== 'long') return undefined;
+    if ('logicalType' in schema && !logicalSeen.has(schema)) {
+      logicalSeen.add(schema);
+      return undefined;
+    }
+    return BigIntLong;
+  };
+}
+
+/** Parses a schema (object or JSON text) with the project's type mappings. */
+export function parseAvro(schema: avro.Schema | string): avro.Type {
+  const s = typeof schema === 'string' ? JSON.parse(schema) : schema;
+  return avro.Type.forSchema(s, {
+    registry: { long: BigIntLong },
+    typeHook: bigIntLongHook(),
+    logicalTypes: { 'timestamp-millis': TimestampMillis },
+    wrapUnions: 'auto',
+  });
+}

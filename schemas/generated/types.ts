@@ -1,0 +1,130 @@
+// Generated from schemas/avro/*.avsc by `npm run schemas:generate`. Do not edit.
+
+export type CommandStatus = 'SUCCEEDED' | 'FAILED' | 'REJECTED';
+
+export interface AgentCommandResult {
+  commandId: string;
+  instanceId: string;
+  ts: Date;
+  status: CommandStatus;
+  message: string;
+  durationMs: bigint;
+}
+
+export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH';
+
+/** A request to the agent of one instance. Agents act on commands addressed to them and answer with an AgentCommandResult carrying the same commandId. */
+export interface AgentCommand {
+  commandId: string;
+  instanceId: string;
+  issuedAt: Date;
+  issuedBy: string;
+  action: AgentAction;
+  args: Record<string, string>;
+}
+
+export type Role = 'PRIMARY' | 'REPLICA' | 'UNKNOWN';
+
+/** A heartbeat from the ingest agent beside one Postgres instance. */
+export interface HealthEvent {
+  instanceId: string;
+  database: string;
+  shard: string;
+  cell: string;
+  ts: Date;
+  /** Increases by one per heartbeat of this agent run. */
+  sequence: bigint;
+  /** False when the agent could not query Postgres within the probe timeout (down or hung). */
+  reachable: boolean;
+  /** From pg_is_in_recovery(); UNKNOWN when unreachable. */
+  role: Role;
+  /** pg_current_wal_lsn() on a primary. */
+  currentLsn: null | bigint;
+  /** Primary: WAL flushed locally. Replica: WAL received and flushed. */
+  flushLsn: null | bigint;
+  replayLsn: null | bigint;
+  replayLagBytes: null | bigint;
+  replayLagSeconds: null | number;
+  /** host:port the replica streams from. */
+  upstream: null | string;
+  connections: number;
+  maxConnections: number;
+  postgresPid: null | number;
+  agentVersion: string;
+  /** Why Postgres is unreachable, when it is. */
+  error: null | string;
+  /** Added in version 2: pg_stat_wal_receiver.status on a replica. */
+  walReceiverStatus: null | string;
+}
+
+export interface CellRegistered {
+  cell: string;
+  region: null | string;
+}
+
+export interface DatabaseCreated {
+  database: string;
+  /** e.g. ANY_2, MULTI_CELL_ANY_2; null means the cluster default. */
+  durabilityPolicy: null | string;
+}
+
+export interface DatabaseDropped {
+  database: string;
+}
+
+export interface ShardDefined {
+  database: string;
+  /** Vitess-style name of the key range, e.g. '-' or '-80' or '80-'. */
+  shard: string;
+  /** Inclusive start of the keyspace-id range, lower-case hex; empty means unbounded. */
+  keyRangeStart: string;
+  /** Exclusive end, lower-case hex; empty means unbounded. */
+  keyRangeEnd: string;
+}
+
+export type InstanceType = 'PRIMARY' | 'REPLICA' | 'RDONLY';
+
+export interface InstanceRegistered {
+  instanceId: string;
+  database: string;
+  shard: string;
+  cell: string;
+  host: string;
+  port: number;
+  /** The type the instance was created as; who is primary now is decided by PrimaryChanged. */
+  type: InstanceType;
+  agentMetricsPort: null | number;
+}
+
+export interface InstanceDeregistered {
+  instanceId: string;
+  reason: string;
+}
+
+export type ServingState = 'SERVING' | 'NOT_SERVING' | 'DRAINED';
+
+export interface ServingStateChanged {
+  instanceId: string;
+  state: ServingState;
+}
+
+export interface PrimaryChanged {
+  database: string;
+  shard: string;
+  primaryInstanceId: string;
+  /** Consensus term; consumers ignore events with a term older than the one they hold. */
+  term: bigint;
+  /** Number of the shard rule stored inside Postgres that made this primary. */
+  ruleNumber: bigint;
+  reason: string;
+}
+
+/** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
+export interface TopologyEvent {
+  /** Unique id (UUID) of this event, for deduplication. */
+  eventId: string;
+  ts: Date;
+  /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
+  source: string;
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged };
+}

@@ -1,0 +1,34 @@
+/** The event contract: schemas, codecs, topic catalog and the topology fold. */
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { topics, valueSubject, type TopicName } from './catalog.ts';
+import { AvroCodec } from './codec/confluent.ts';
+import type { SchemaRegistryClient } from './codec/registry.ts';
+import type { AgentCommand, AgentCommandResult, HealthEvent, TopologyEvent } from './generated/types.ts';
+
+export * from './catalog.ts';
+export * from './topology.ts';
+export * from './generated/types.ts';
+export { AvroCodec, DecodeError } from './codec/confluent.ts';
+export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';
+export { parseAvro } from './codec/avro.ts';
+
+const avroDir = path.join(path.dirname(fileURLToPath(import.meta.url)), 'avro');
+
+export function schemaText(file: string): string {
+  return fs.readFileSync(path.join(avroDir, file), 'utf8');
+}
+
+/** The value type carried by each Avro topic of the catalog. */
+export interface TopicValues {
+  topology: TopologyEvent;
+  health: HealthEvent;
+  agentCommands: AgentCommand;
+  agentResults: AgentCommandResult;
+}
+
+export function codecFor<K extends keyof TopicValues>(registry: SchemaRegistryClient, topic: K): AvroCodec<TopicValues[K]> {
+  const spec = topics[topic as TopicName];
+  return new AvroCodec<TopicValues[K]>(registry, valueSubject(spec.name), schemaText(spec.valueSchema!));
+}

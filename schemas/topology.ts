@@ -1,0 +1,124 @@
+/**
+ * Topology as a pure fold of topology events. Every consumer (gateway,
+ * orchestrator, CLI) builds its view with this one function, so they agree.
+ *
+ * The topology topic is compacted by key, so after compaction only the latest
+ * event per key survives, in offset order. The fold therefore keeps each key's
+ * aspect in its own map (no aspect depends on having seen another first), and
+ * views join them when asked.
+ */
+import type {
+  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, ServingState, ShardDefined, TopologyEvent,
+} from './generated/types.ts';
+
+type Payload = TopologyEvent['payload'];
+type Unwrap<U> = U extends Record<string, infer V> ? V : never;
+export type TopologyPayload = Unwrap<Payload>;
+
+const NS = 'io.multigres.topology.';
+
+/** Builds the wrapped-union payload avsc expects from a kind and its body. */
+export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): Payload {
+  return { [NS + kind]: body } as unknown as Payload;
+}
+
+export type PayloadKind =
+  | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
+  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged';
+export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
+
+/** The kind and body of an event's payload. */
+export function kindOf(event: TopologyEvent): { kind: PayloadKind; body: TopologyPayload } {
+  const [name, body] = Object.entries(event.payload)[0] as [string, TopologyPayload];
+  return { kind: name.slice(NS.length) as PayloadKind, body };
+}
+
+/** The Kafka key of an event: one key per aspect of one entity (see the module comment). */
+export function topologyKey(event: TopologyEvent): string {
+  const { kind, body } = kindOf(event);
+  const b = body as any;
+  switch (kind) {
+    case 'CellRegistered': return `cell/${b.cell}`;
+    case 'DatabaseCreated': case 'DatabaseDropped': return `database/${b.database}`;
+    case 'ShardDefined': return `shard/${b.database}/${b.shard}`;
+    case 'InstanceRegistered': case 'InstanceDeregistered': return `instance/${b.instanceId}`;
+    case 'ServingStateChanged': return `instance/${b.instanceId}/serving`;
+    case 'PrimaryChanged': return `shard/${b.database}/${b.shard}/primary`;
+  }
+}
+
+export interface PrimaryRecord { instanceId: string; term: bigint; ruleNumber: bigint; since: Date; reason: string }
+
+export interface TopologyState {
+  cells: Map<string, CellRegistered>;
+  databases: Map<string, { durabilityPolicy: string | null; dropped: boolean }>;
+  shards: Map<string, ShardDefined>; // key: db/shard
+  instances: Map<string, InstanceRegistered>;
+  serving: Map<string, ServingState>;
+  primaries: Map<string, PrimaryRecord>; // key: db/shard
+  /** Events applied, including ignored stale ones. */
+  applied: number;
+}
+
+export function emptyTopology(): TopologyState {
+  return {
+    cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
+    serving: new Map(), primaries: new Map(), applied: 0,
+  };
+}
+
+export const shardKey = (database: string, shard: string) => `${database}/${shard}`;
+
+/**
+ * Applies one event to the state in place and returns it. A PrimaryChanged
+ * with an older term than the one held is ignored: terms, not log order,
+ * decide who is primary.
+ */
+export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): TopologyState {
+  const { kind, body } = kindOf(event);
+  const b = body as any;
+  state.applied++;
+  switch (kind) {
+    case 'CellRegistered': state.cells.set(b.cell, b); break;
+    case 'DatabaseCreated': state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, dropped: false }); break;
+    case 'DatabaseDropped': state.databases.set(b.database, { durabilityPolicy: null, dropped: true }); break;
+    case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
+    case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
+    case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;
+    case 'ServingStateChanged': state.serving.set(b.instanceId, b.state); break;
+    case 'PrimaryChanged': {
+      const p = b as PrimaryChanged;
+      const key = shardKey(p.database, p.shard);
+      const held = state.primaries.get(key);
+      if (held && (p.term < held.term || (p.term === held.term && p.ruleNumber < held.ruleNumber))) break;
+      state.primaries.set(key, { instanceId: p.primaryInstanceId, term: p.term, ruleNumber: p.ruleNumber, since: event.ts, reason: p.reason });
+      break;
+    }
+  }
+  return state;
+}
+
+/** state = fold(events). */
+export function foldTopology(events: Iterable<TopologyEvent>): TopologyState {
+  let state = emptyTopology();
+  for (const e of events) state = applyTopologyEvent(state, e);
+  return state;
+}
+
+export interface InstanceView extends InstanceRegistered {
+  serving: ServingState;
+  /** What the instance is now: the shard's primary per the latest term, else a replica (RDONLY stays RDONLY). */
+  currentType: InstanceType;
+}
+
+/** Live instances (of databases not dropped), joined with serving state and current primary. */
+export function instancesOf(state: TopologyState): InstanceView[] {
+  const out: InstanceView[] = [];
+  for (const inst of state.instances.values()) {
+    if (state.databases.get(inst.database)?.dropped) continue;
+    const primary = state.primaries.get(shardKey(inst.database, inst.shard));
+    const currentType: InstanceType = primary?.instanceId === inst.instanceId ? 'PRIMARY' : inst.type === 'RDONLY' ? 'RDONLY' : 'REPLICA';
+    out.push({ ...inst, serving: state.serving.get(inst.instanceId) ?? 'NOT_SERVING', currentType });
+  }
+  return out.sort((a, b) => a.database.localeCompare(b.database) || a.shard.localeCompare(b.shard) || a.instanceId.localeCompare(b.instanceId));
+}
