@@ -6,7 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { Kafka, logLevel, Partitioners, type Consumer, type Producer, type IHeaders } from 'kafkajs';
 import {
-  codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicSpec, type TopicValues,
+  codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicName, type TopicSpec, type TopicValues,
 } from '../schemas/index.ts';
 import type { Logger } from './log.ts';
 import { counter } from './metrics.ts';
@@ -16,6 +16,8 @@ export interface EventLogOptions {
   registryUrl: string;
   clientId: string;
   log: Logger;
+  /** Prefixed to every catalog topic name, so several clusters can share one Kafka. */
+  topicPrefix?: string;
 }
 
 export interface EventMeta {
@@ -71,8 +73,14 @@ export class EventLog {
     this.registry = new SchemaRegistryClient(opts.registryUrl);
   }
 
+  /** The Kafka name of a catalog topic (with this log's prefix). */
+  topic(name: TopicName): string {
+    return (this.opts.topicPrefix ?? '') + topics[name].name;
+  }
+
   /** Creates the catalog's topics that do not exist yet; returns the names created. */
-  async ensureTopics(specs: TopicSpec[] = Object.values(topics)): Promise<string[]> {
+  async ensureTopics(): Promise<string[]> {
+    const specs: TopicSpec[] = (Object.keys(topics) as TopicName[]).map((k) => ({ ...topics[k], name: this.topic(k) }));
     const admin = this.kafka.admin();
     await admin.connect();
     try {
@@ -99,8 +107,8 @@ export class EventLog {
 
   /** Typed publishing to one catalog topic; resolves once Kafka has acknowledged (acks=all). */
   publisher<K extends keyof TopicValues>(topic: K): (events: Array<{ key: string; value: TopicValues[K] }>) => Promise<void> {
-    const codec = codecFor(this.registry, topic);
-    const name = topics[topic].name;
+    const name = this.topic(topic);
+    const codec = codecFor(this.registry, topic, name);
     return async (events) => {
       const messages = await Promise.all(events.map(async (e) => ({ key: e.key, value: await codec.encode(e.value) })));
       await this.sendRaw(name, messages);
@@ -123,8 +131,9 @@ export class EventLog {
     onEvent: (value: TopicValues[K], meta: EventMeta) => void | Promise<void>,
     opts: SubscribeOptions = {},
   ): Promise<Subscription> {
-    const codec: AvroCodec<TopicValues[K]> = codecFor(this.registry, topic);
-    return this.subscribeRaw(topics[topic].name, async (msg) => {
+    const name = this.topic(topic);
+    const codec: AvroCodec<TopicValues[K]> = codecFor(this.registry, topic, name);
+    return this.subscribeRaw(name, async (msg) => {
       if (msg.value === null) return; // a tombstone: nothing to apply
       let value: TopicValues[K];
       try {
@@ -230,7 +239,7 @@ export class EventLog {
 
   private async deadLetter(msg: RawMessage, error: string): Promise<void> {
     this.opts.log.warn({ topic: msg.topic, partition: msg.partition, offset: msg.offset, error }, 'undecodable message moved to the dead-letter topic');
-    await this.sendRaw(topics.deadLetter.name, [{
+    await this.sendRaw(this.topic('deadLetter'), [{
       key: msg.key,
       value: msg.value,
       headers: {
@@ -246,7 +255,11 @@ export class EventLog {
 
   private getProducer(): Promise<Producer> {
     this.producer ??= (async () => {
-      const p = this.kafka.producer({ idempotent: true, maxInFlightRequests: 1, createPartitioner: Partitioners.DefaultPartitioner });
+      // Idempotence needs unlimited retries (kafkajs); callers that must not block bound their own wait.
+      const p = this.kafka.producer({
+        idempotent: true, maxInFlightRequests: 1, createPartitioner: Partitioners.DefaultPartitioner,
+        retry: { retries: Number.MAX_SAFE_INTEGER, maxRetryTime: 2_000 },
+      });
       await p.connect();
       return p;
     })();

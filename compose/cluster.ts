@@ -17,23 +17,23 @@ import {
   type HealthEvent, type TopicValues, type TopologyEvent,
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
+import { startRegistry, stopRegistry } from './infra/registry.ts';
 import { Progress } from './progress.ts';
 import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const REGISTRY = 'schema-registry';
 const agentName = (id: string) => `agent-${id}`;
 
 export const runDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'run');
 const logDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'logs');
-export const bootstrapOf = (spec: ClusterSpec) => `127.0.0.1:${spec.kafka.port}`;
-export const registryUrlOf = (spec: ClusterSpec) => `http://127.0.0.1:${spec.registry.port}`;
+export const bootstrapOf = (spec: ClusterSpec) => spec.kafka.bootstrap ?? `127.0.0.1:${spec.kafka.port}`;
+export const registryUrlOf = (spec: ClusterSpec) => spec.registry.url ?? `http://127.0.0.1:${spec.registry.port}`;
 const specFile = (dataDir: string) => path.join(dataDir, 'cluster.json');
 
 export function eventLogFor(spec: ClusterSpec, clientId: string, log: Logger): EventLog {
-  return new EventLog({ brokers: [bootstrapOf(spec)], registryUrl: registryUrlOf(spec), clientId, log });
+  return new EventLog({ brokers: bootstrapOf(spec).split(','), registryUrl: registryUrlOf(spec), clientId, log, topicPrefix: spec.kafka.topicPrefix });
 }
 
 /** The spec a cluster in `dataDir` was brought up with, if any. */
@@ -49,12 +49,21 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
   const planned = instancesOf(spec);
 
   await progress.step('checking prerequisites (Java, Maven, Postgres 15)', async () => checkPrerequisites(spec));
-  const kafka = await progress.step(`Kafka broker on ${bootstrapOf(spec)} (jars via Maven, KRaft)`, () => startKafka({
-    cacheDir: spec.cacheDir, dataDir: path.join(spec.dataDir, 'kafka'), runDir: runDir(spec),
-    port: spec.kafka.port, controllerPort: spec.kafka.controllerPort, heapMb: spec.kafka.heapMb, log,
-  }));
-  if (kafka.alreadyRunning) progress.note(`already running (pid ${kafka.pid})`);
-  await progress.step(`schema registry on ${registryUrlOf(spec)}`, () => startRegistry(spec));
+  await progress.step(`Kafka broker on ${bootstrapOf(spec)} (jars via Maven, KRaft)`, async () => {
+    if (spec.kafka.bootstrap) return progress.note('external: not started by mg');
+    const kafka = await startKafka({
+      cacheDir: spec.cacheDir, dataDir: path.join(spec.dataDir, 'kafka'), runDir: runDir(spec),
+      port: spec.kafka.port, controllerPort: spec.kafka.controllerPort, heapMb: spec.kafka.heapMb, log,
+    });
+    if (kafka.alreadyRunning) progress.note(`already running (pid ${kafka.pid})`);
+  });
+  await progress.step(`schema registry on ${registryUrlOf(spec)}`, async () => {
+    if (spec.registry.url) return progress.note('external: not started by mg');
+    const registry = await startRegistry({
+      runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), port: spec.registry.port, topicPrefix: spec.kafka.topicPrefix,
+    });
+    if (registry.alreadyRunning) progress.note('already running');
+  });
 
   const eventLog = eventLogFor(spec, 'mg-cli', log);
   try {
@@ -64,7 +73,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
     });
     await progress.step('event schemas in the registry', async () => {
       for (const topic of ['topology', 'health', 'agentCommands', 'agentResults'] as Array<keyof TopicValues>) {
-        await codecFor(eventLog.registry, topic).schemaId();
+        await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
     await progress.step('topology: cells, databases, shards, initial primaries', () => bootstrapTopology(spec, eventLog, progress));
@@ -94,23 +103,6 @@ function checkPrerequisites(spec: ClusterSpec): void {
     if (!fs.existsSync(path.join(spec.postgres.binDir, bin))) missing.push(path.join(spec.postgres.binDir, bin));
   }
   if (missing.length) throw new Error(`missing prerequisites: ${missing.join(', ')} (install Java 17, Maven and Debian's postgresql-15)`);
-}
-
-async function startRegistry(spec: ClusterSpec): Promise<void> {
-  const pid = readPid(runDir(spec), REGISTRY);
-  if (pid === undefined || !isAlive(pid)) {
-    await spawnDetached({
-      name: REGISTRY,
-      command: process.execPath,
-      args: ['--import', 'tsx', 'compose/registry/main.ts', '--brokers', bootstrapOf(spec), '--port', String(spec.registry.port)],
-      cwd: repoRoot,
-      runDir: runDir(spec),
-      logFile: path.join(logDir(spec), `${REGISTRY}.log`),
-    });
-  }
-  await waitFor(async () => (await fetch(`${registryUrlOf(spec)}/subjects`).catch(() => null))?.ok === true, {
-    timeoutMs: 60_000, intervalMs: 200, what: `schema registry on ${registryUrlOf(spec)}`,
-  });
 }
 
 /** Publishes the spec's topology events that the log does not hold yet. */
@@ -146,7 +138,7 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance, upstream: Planned
     instanceId: inst.instanceId, database: inst.database, shard: inst.shard, cell: inst.cell, host: '127.0.0.1',
     port: inst.port, dataDir: inst.dataDir, binDir: spec.postgres.binDir, initialPrimary: inst.initialPrimary,
     upstream: upstream ? { host: '127.0.0.1', port: upstream.port } : null,
-    brokers: [bootstrapOf(spec)], registryUrl: registryUrlOf(spec),
+    brokers: bootstrapOf(spec).split(','), registryUrl: registryUrlOf(spec), topicPrefix: spec.kafka.topicPrefix,
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
   };
 }
@@ -232,8 +224,8 @@ export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, o
       progress.note(`${inst.instanceId}: agent ${result}`);
     }));
   });
-  await progress.step('schema registry', async () => progress.note(await stopProcess(runDir(spec), REGISTRY)));
-  await progress.step('Kafka broker', async () => progress.note(await stopKafka(runDir(spec))));
+  await progress.step('schema registry', async () => progress.note(spec.registry.url ? 'external: left running' : await stopRegistry(runDir(spec))));
+  await progress.step('Kafka broker', async () => progress.note(spec.kafka.bootstrap ? 'external: left running' : await stopKafka(runDir(spec))));
   if (opts.clean) await progress.step(`removing ${spec.dataDir}`, async () => fs.rmSync(spec.dataDir, { recursive: true, force: true }));
 }
 

@@ -17,11 +17,19 @@ export const clusterSpecSchema = z.object({
   dataDir: z.string().default(path.resolve('.mg')),
   cacheDir: z.string().default(path.join(os.homedir(), '.cache', 'mg')),
   kafka: z.object({
+    /** An existing Kafka to use (a bootstrap list); then no broker is started. */
+    bootstrap: z.string().regex(/^[^,\s]+:\d+(,[^,\s]+:\d+)*$/, 'must be host:port[,host:port...]').optional(),
+    /** Prefixed to every topic, so several clusters can share one Kafka. */
+    topicPrefix: z.string().regex(/^[a-zA-Z0-9._-]*$/, 'may hold only letters, digits, . _ -').default(''),
     port: port.default(19092),
     controllerPort: port.default(19093),
     heapMb: z.number().int().min(128).max(8192).default(512),
   }).strict().default({}),
-  registry: z.object({ port: port.default(18081) }).strict().default({}),
+  registry: z.object({
+    /** An existing Confluent-compatible registry to use; then none is started. */
+    url: z.string().url().optional(),
+    port: port.default(18081),
+  }).strict().default({}),
   postgres: z.object({
     basePort: port.default(15432),
     binDir: z.string().default('/usr/lib/postgresql/15/bin'),
@@ -92,9 +100,11 @@ function checkPortClashes(spec: ClusterSpec): void {
     if (other) throw new SpecError(`invalid cluster spec: port ${p} is used by both ${other} and ${what}`);
     used.set(p, what);
   };
-  take(spec.kafka.port, 'kafka.port');
-  take(spec.kafka.controllerPort, 'kafka.controllerPort');
-  take(spec.registry.port, 'registry.port');
+  if (!spec.kafka.bootstrap) {
+    take(spec.kafka.port, 'kafka.port');
+    take(spec.kafka.controllerPort, 'kafka.controllerPort');
+  }
+  if (!spec.registry.url) take(spec.registry.port, 'registry.port');
   for (const inst of instancesOf(spec)) {
     take(inst.port, `postgres port of ${inst.instanceId}`);
     take(inst.metricsPort, `agent metrics port of ${inst.instanceId}`);

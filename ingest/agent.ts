@@ -17,6 +17,7 @@ const postgresUp = gauge('mg_agent_postgres_up', 'Whether the last probe reached
 const probeSeconds = histogram('mg_agent_probe_duration_seconds', 'Time of one health probe', [], [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2]);
 const restarts = counter('mg_agent_postgres_restarts_total', 'Times the agent restarted a Postgres it found dead');
 const heartbeats = counter('mg_agent_heartbeats_total', 'Health events published');
+const heartbeatsDropped = counter('mg_agent_heartbeats_dropped_total', 'Heartbeats skipped because the previous one was still being published');
 const commandsHandled = counter('mg_agent_commands_total', 'Agent commands handled', ['action', 'status']);
 const replayLag = gauge('mg_agent_replay_lag_bytes', 'Replica replay lag in bytes');
 
@@ -33,12 +34,13 @@ export class Agent {
   /** Set by a STOP command or shutdown: a stopped Postgres is then not restarted. */
   private wantRunning = true;
   private restarting: Promise<void> | undefined;
+  private inflight: Promise<void> | undefined;
   private commands: Subscription | undefined;
   private loop: Promise<void> | undefined;
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
     this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log });
-    this.eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: `agent.${cfg.instanceId}`, log });
+    this.eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: `agent.${cfg.instanceId}`, log, topicPrefix: cfg.topicPrefix });
     this.publishHealth = this.eventLog.publisher('health');
     this.publishTopology = this.eventLog.publisher('topology');
     this.publishResult = this.eventLog.publisher('agentResults');
@@ -53,7 +55,7 @@ export class Agent {
     }));
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
     this.commands = await this.eventLog.subscribe('agentCommands', (cmd) => this.onCommand(cmd), {
-      groupId: `agent.${this.cfg.instanceId}`,
+      groupId: `${this.cfg.topicPrefix}agent.${this.cfg.instanceId}`,
       fromBeginning: false,
     });
     this.loop = this.healthLoop();
@@ -65,6 +67,7 @@ export class Agent {
     this.stopped = true;
     this.wantRunning = false;
     await this.loop;
+    await this.inflight;
     await this.commands?.stop();
     await this.restarting;
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING' })).catch(() => undefined);
@@ -114,10 +117,25 @@ export class Agent {
       end();
       postgresUp.set(probe ? 1 : 0);
       const error = probe ? null : this.postgres.isRunning() ? `no answer within ${this.cfg.probeTimeoutMs} ms` : 'postgres is not running';
-      await this.heartbeat(probe, error).catch((err) => this.log.warn({ err }, 'could not publish health'));
+      this.sendHeartbeat(probe, error);
       if (!probe && !this.postgres.isRunning() && this.wantRunning) this.restartDead();
       await sleep(Math.max(0, this.cfg.healthIntervalMs - (Date.now() - started)));
     }
+  }
+
+  /**
+   * Publishes without blocking the loop: while Kafka is slow or away, probing
+   * and restarting go on, and heartbeats that would queue up are dropped (a
+   * newer one follows).
+   */
+  private sendHeartbeat(probe: Probe | null, error: string | null): void {
+    if (this.inflight) {
+      heartbeatsDropped.inc();
+      return;
+    }
+    this.inflight = this.heartbeat(probe, error)
+      .catch((err) => this.log.warn({ err }, 'could not publish health'))
+      .finally(() => (this.inflight = undefined));
   }
 
   /** Restarts a Postgres that died (kill -9, crash) in the background, so heartbeats go on meanwhile. */

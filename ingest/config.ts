@@ -16,6 +16,7 @@ export const agentConfigSchema = z.object({
   upstream: z.object({ host: z.string(), port: z.number().int() }).nullable(),
   brokers: z.array(z.string()).min(1),
   registryUrl: z.string().url(),
+  topicPrefix: z.string().default(''),
   healthIntervalMs: z.number().int().positive().default(500),
   probeTimeoutMs: z.number().int().positive().default(1000),
   metricsPort: z.number().int().min(0).max(65535),

@@ -10,7 +10,7 @@ import type { AgentCommand, AgentCommandResult, HealthEvent, TopologyEvent } fro
 export * from './catalog.ts';
 export * from './topology.ts';
 export * from './generated/types.ts';
-export { AvroCodec, DecodeError } from './codec/confluent.ts';
+export { AvroCodec, DecodeError, EncodeError } from './codec/confluent.ts';
 export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';
 export { parseAvro } from './codec/avro.ts';
 
@@ -28,7 +28,9 @@ export interface TopicValues {
   agentResults: AgentCommandResult;
 }
 
-export function codecFor<K extends keyof TopicValues>(registry: SchemaRegistryClient, topic: K): AvroCodec<TopicValues[K]> {
-  const spec = topics[topic as TopicName];
-  return new AvroCodec<TopicValues[K]>(registry, valueSubject(spec.name), schemaText(spec.valueSchema!));
+/** The codec of a catalog topic's values; `topicName` is the topic's actual (maybe prefixed) name. */
+export function codecFor<K extends keyof TopicValues>(
+  registry: SchemaRegistryClient, topic: K, topicName: string = topics[topic].name,
+): AvroCodec<TopicValues[K]> {
+  return new AvroCodec<TopicValues[K]>(registry, valueSubject(topicName), schemaText(topics[topic as TopicName].valueSchema!));
 }

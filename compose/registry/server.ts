@@ -5,7 +5,6 @@
  * docs/decisions/0002-schema-registry.md).
  */
 import Fastify, { type FastifyInstance } from 'fastify';
-import { topics } from '../../schemas/index.ts';
 import type { EventLog } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { metrics } from '../../common/metrics.ts';
@@ -16,7 +15,7 @@ const CONTENT_TYPES = ['application/vnd.schemaregistry.v1+json', 'application/vn
 export async function startRegistry(opts: { eventLog: EventLog; port: number; log: Logger }): Promise<FastifyInstance> {
   const { eventLog, log } = opts;
   const store = new RegistryStore();
-  const sub = await eventLog.subscribeRaw(topics.schemas.name, async (msg) => {
+  const sub = await eventLog.subscribeRaw(eventLog.topic('schemas'), async (msg) => {
     if (!msg.key) return;
     store.apply({ key: JSON.parse(msg.key), value: msg.value ? JSON.parse(msg.value.toString()) : null } as StoreRecord);
   });
@@ -30,7 +29,7 @@ export async function startRegistry(opts: { eventLog: EventLog; port: number; lo
     return next;
   };
   const write = async (rec: StoreRecord) => {
-    await eventLog.sendRaw(topics.schemas.name, [{ key: JSON.stringify(rec.key), value: rec.value ? Buffer.from(JSON.stringify(rec.value)) : null }]);
+    await eventLog.sendRaw(eventLog.topic('schemas'), [{ key: JSON.stringify(rec.key), value: rec.value ? Buffer.from(JSON.stringify(rec.value)) : null }]);
     store.apply(rec);
   };
 

@@ -13,7 +13,8 @@ const BigIntLong = avro.types.LongType.__with({
   },
   fromJSON: (v: unknown) => BigInt(v as number | string),
   toJSON: (n: bigint) => (Number.isSafeInteger(Number(n)) ? Number(n) : n.toString()),
-  isValid: (n: unknown) => typeof n === 'bigint',
+  // Avro longs are signed; an LSN (unsigned in Postgres) would need 8 EiB of WAL to leave this range.
+  isValid: (n: unknown) => typeof n === 'bigint' && n >= -(2n ** 63n) && n < 2n ** 63n,
   compare: (a: bigint, b: bigint) => (a === b ? 0 : a < b ? -1 : 1),
 });
 

@@ -9,6 +9,7 @@ import { parseAvro } from './avro.ts';
 import type { SchemaRegistryClient } from './registry.ts';
 
 export class DecodeError extends Error {}
+export class EncodeError extends Error {}
 
 const MAGIC = 0;
 
@@ -33,7 +34,13 @@ export class AvroCodec<T> {
     const header = Buffer.alloc(5);
     header.writeUInt8(MAGIC, 0);
     header.writeUInt32BE(id, 1);
-    return Buffer.concat([header, this.type.toBuffer(value)]);
+    let body: Buffer;
+    try {
+      body = this.type.toBuffer(value);
+    } catch {
+      throw new EncodeError(`cannot encode a ${this.subject} value: ${this.problems(value).join('; ')}`);
+    }
+    return Buffer.concat([header, body]);
   }
 
   async decode(buf: Buffer): Promise<T> {
@@ -45,6 +52,18 @@ export class AvroCodec<T> {
     } catch (err) {
       throw new DecodeError(`Avro body does not match schema id ${id}: ${(err as Error).message}`);
     }
+  }
+
+  /** Which fields of a value break the schema (only computed once encoding has failed). */
+  private problems(value: unknown): string[] {
+    const out: string[] = [];
+    this.type.isValid(value, {
+      errorHook: (path: string[], v: unknown, t: avro.Type) => {
+        const shown = typeof v === 'bigint' ? `${v}n` : JSON.stringify(v) ?? String(v);
+        out.push(`${path.join('.') || '(value)'} = ${shown} is not a valid ${t.typeName}`);
+      },
+    });
+    return out.length ? out : ['value does not match the schema'];
   }
 
   private resolverFor(id: number): Promise<avro.Resolver | null> {

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): sets up what it needs, starts one Kafka
+# broker and one schema registry shared by the whole run, runs the unit and
+# integration tests with node's test runner, and stops what it started.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash compose/setup.sh
+
+export MG_TEST_DIR="${MG_TEST_DIR:-$(mktemp -d /tmp/mg-test.XXXXXX)}"
+chmod 755 "$MG_TEST_DIR" # Postgres runs as its own user and must reach data dirs below
+stop_infra() { node --import tsx test/support/infra.ts down || true; }
+trap stop_infra EXIT
+node --import tsx test/support/infra.ts up
+set -a; . "$MG_TEST_DIR/infra.env"; set +a
+
+files=("$@")
+[ ${#files[@]} -gt 0 ] || files=(test/unit/*.test.ts test/integration/*.test.ts)
+node --import tsx --test --test-concurrency=1 --test-timeout=600000 --test-reporter=spec "${files[@]}"

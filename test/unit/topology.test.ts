@@ -1,0 +1,66 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import {
+  applyTopologyEvent, emptyTopology, foldTopology, instancesOf, payload, topologyKey, type TopologyEvent,
+} from '../../schemas/index.ts';
+
+let n = 0;
+const ev = (p: TopologyEvent['payload']): TopologyEvent => ({ eventId: `e${++n}`, ts: new Date(1_700_000_000_000 + n), source: 'test', payload: p });
+const inst = (id: string, cell: string, type: 'PRIMARY' | 'REPLICA' = 'REPLICA') =>
+  ev(payload('InstanceRegistered', { instanceId: id, database: 'db', shard: '-', cell, host: '127.0.0.1', port: 5000 + n, type, agentMetricsPort: null }));
+const primary = (id: string, term: bigint, ruleNumber = 1n) =>
+  ev(payload('PrimaryChanged', { database: 'db', shard: '-', primaryInstanceId: id, term, ruleNumber, reason: 'test' }));
+
+const base = () => [
+  ev(payload('CellRegistered', { cell: 'zone1', region: null })),
+  ev(payload('DatabaseCreated', { database: 'db', durabilityPolicy: null })),
+  ev(payload('ShardDefined', { database: 'db', shard: '-', keyRangeStart: '', keyRangeEnd: '' })),
+  inst('a', 'zone1', 'PRIMARY'), inst('b', 'zone2'), inst('c', 'zone3'),
+  primary('a', 1n),
+];
+
+test('fold builds instances with their current type from the latest term', () => {
+  const state = foldTopology([...base(), primary('b', 2n)]);
+  const view = instancesOf(state);
+  assert.deepEqual(view.map((i) => [i.instanceId, i.currentType]), [['a', 'REPLICA'], ['b', 'PRIMARY'], ['c', 'REPLICA']]);
+  assert.equal(state.primaries.get('db/-')?.term, 2n);
+});
+
+test('a PrimaryChanged with an older term is ignored, whatever its position in the log', () => {
+  const state = foldTopology([...base(), primary('c', 3n), primary('b', 2n)]);
+  assert.equal(state.primaries.get('db/-')?.instanceId, 'c');
+  assert.equal(state.applied, base().length + 2);
+});
+
+test('within one term the higher rule number wins', () => {
+  const state = foldTopology([...base(), primary('b', 2n, 5n), primary('c', 2n, 4n)]);
+  assert.equal(state.primaries.get('db/-')?.instanceId, 'b');
+});
+
+test('deregistering removes the instance and its serving state; dropping a database hides its instances', () => {
+  const events = [...base(), ev(payload('ServingStateChanged', { instanceId: 'c', state: 'SERVING' })), ev(payload('InstanceDeregistered', { instanceId: 'c', reason: 'gone' }))];
+  const state = foldTopology(events);
+  assert.equal(state.instances.has('c'), false);
+  assert.equal(state.serving.has('c'), false);
+  const dropped = applyTopologyEvent(state, ev(payload('DatabaseDropped', { database: 'db' })));
+  assert.deepEqual(instancesOf(dropped), []);
+});
+
+test('the fold of the compacted log (latest event per key, in offset order) equals the fold of the full log', () => {
+  const log = [...base(), ev(payload('ServingStateChanged', { instanceId: 'b', state: 'NOT_SERVING' })), primary('b', 2n),
+    ev(payload('ServingStateChanged', { instanceId: 'b', state: 'SERVING' })), inst('c', 'zone9'), primary('c', 3n)];
+  const latest = new Map<string, number>();
+  log.forEach((e, i) => latest.set(topologyKey(e), i));
+  const compacted = log.filter((e, i) => latest.get(topologyKey(e)) === i);
+  assert.ok(compacted.length < log.length);
+  const strip = (s: ReturnType<typeof foldTopology>) => ({ ...s, applied: 0 });
+  assert.deepEqual(strip(foldTopology(compacted)), strip(foldTopology(log)));
+});
+
+test('every payload kind has a key naming its entity', () => {
+  assert.equal(topologyKey(inst('x', 'zone1')), 'instance/x');
+  assert.equal(topologyKey(primary('x', 1n)), 'shard/db/-/primary');
+  assert.equal(topologyKey(ev(payload('ServingStateChanged', { instanceId: 'x', state: 'SERVING' }))), 'instance/x/serving');
+  assert.equal(topologyKey(ev(payload('DatabaseDropped', { database: 'db' }))), 'database/db');
+  assert.deepEqual(emptyTopology().applied, 0);
+});
