@@ -15,6 +15,7 @@ const runDir = path.join(dir, 'run');
 const port = Number(process.env.MG_TEST_KAFKA_PORT ?? 39092);
 const registryPort = Number(process.env.MG_TEST_REGISTRY_PORT ?? 38081);
 const log = createLogger('test-infra');
+log.level = process.env.MG_LOG_LEVEL ?? 'warn';
 
 if (process.argv[2] === 'up') {
   const t0 = Date.now();

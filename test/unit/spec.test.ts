@@ -1,0 +1,47 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { instancesOf, loadSpec, parseSpec, shardRanges, SpecError } from '../../compose/spec.ts';
+
+test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3, one initial primary', () => {
+  const spec = parseSpec({});
+  const inst = instancesOf(spec);
+  assert.deepEqual(inst.map((i) => [i.database, i.shard, i.cell, i.initialPrimary]), [
+    ['postgres', '-', 'zone1', true], ['postgres', '-', 'zone2', false], ['postgres', '-', 'zone3', false],
+  ]);
+  assert.equal(new Set(inst.map((i) => i.port)).size, 3);
+});
+
+test('shard ranges follow Vitess naming', () => {
+  assert.deepEqual(shardRanges(1).map((r) => r.shard), ['-']);
+  assert.deepEqual(shardRanges(2).map((r) => r.shard), ['-80', '80-']);
+  assert.deepEqual(shardRanges(4).map((r) => [r.start, r.end]), [['', '40'], ['40', '80'], ['80', 'c0'], ['c0', '']]);
+});
+
+test('a bad spec gets an error naming the field', () => {
+  const bad = (raw: unknown, field: RegExp) => assert.throws(() => parseSpec(raw), (e: Error) => e instanceof SpecError && field.test(e.message));
+  bad({ kafka: { port: 80 } }, /kafka\.port: .*1024/);
+  bad({ databases: [{ name: 'db', shards: 3 }] }, /databases\.0\.shards: must be a power of two/);
+  bad({ databases: [{ name: 'Bad-Name' }] }, /databases\.0\.name: must be lower-case/);
+  bad({ cells: ['zone1', 'zone1'] }, /cells: cells must be unique/);
+  bad({ agent: { healthIntervalMs: 'fast' } }, /agent\.healthIntervalMs: Expected number/);
+  bad({ kafka: { prot: 1 } }, /kafka: Unrecognized key.*prot/);
+  bad({ postgres: { basePort: 19092 } }, /port 19092 is used by both kafka\.port and postgres port/);
+});
+
+test('YAML spec files and --set overrides are validated together', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-spec-'));
+  const file = path.join(dir, 'c.yaml');
+  fs.writeFileSync(file, 'name: demo\ndatabases:\n  - name: shop\n    shards: 2\n    instancesPerShard: 2\n');
+  const spec = loadSpec(file, { 'postgres.basePort': 25000 });
+  assert.equal(spec.name, 'demo');
+  assert.deepEqual(instancesOf(spec).map((i) => `${i.instanceId}:${i.port}`), [
+    'shop-_80-zone1-0:25000', 'shop-_80-zone2-1:25001', 'shop-80_-zone1-0:25002', 'shop-80_-zone2-1:25003',
+  ]);
+  fs.writeFileSync(file, 'kafka: [1, 2');
+  assert.throws(() => loadSpec(file), /not valid YAML/);
+  assert.throws(() => loadSpec(path.join(dir, 'missing.yaml')), /cannot read spec file/);
+  fs.rmSync(dir, { recursive: true });
+});
