@@ -54,11 +54,12 @@ export class Agent {
       agentMetricsPort: this.cfg.metricsPort,
     }));
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
+    // Heartbeats first: joining the command group can wait out a dead predecessor's session.
+    this.loop = this.healthLoop();
     this.commands = await this.eventLog.subscribe('agentCommands', (cmd) => this.onCommand(cmd), {
       groupId: `${this.cfg.topicPrefix}agent.${this.cfg.instanceId}`,
       fromBeginning: false,
     });
-    this.loop = this.healthLoop();
     this.log.info({ port: this.cfg.port }, 'agent started');
   }
 

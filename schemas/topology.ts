@@ -76,7 +76,7 @@ export const shardKey = (database: string, shard: string) => `${database}/${shar
  */
 export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): TopologyState {
   const { kind, body } = kindOf(event);
-  const b = body as any;
+  const b = { ...body } as any; // plain data: the state does not depend on the decoder's record classes
   state.applied++;
   switch (kind) {
     case 'CellRegistered': state.cells.set(b.cell, b); break;

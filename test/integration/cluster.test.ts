@@ -1,0 +1,226 @@
+/**
+ * `mg cluster up/status/down` end to end, run as a user runs it (the CLI in a
+ * subprocess), on the run's shared broker and registry with real Postgres.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import pg from 'pg';
+import type { EventLog, Subscription } from '../../common/eventlog.ts';
+import { instancesOf as plannedInstances, parseSpec } from '../../compose/spec.ts';
+import { isAlive } from '../../compose/supervise.ts';
+import { applyTopologyEvent, emptyTopology, foldTopology, type HealthEvent, type TopologyEvent } from '../../schemas/index.ts';
+import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
+
+const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'compose', 'bin', 'mg');
+const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), 'cluster-'));
+fs.chmodSync(dataDir, 0o755);
+const prefix = uniquePrefix('cluster');
+const basePort = 35432;
+const flags = [
+  '--data-dir', dataDir, '--set', `kafka.bootstrap=${bootstrap()}`, '--set', `registry.url=${registryUrl()}`,
+  '--set', `kafka.topicPrefix=${prefix}`, '--set', `postgres.basePort=${basePort}`, '--set', 'agent.metricsBasePort=35500',
+];
+const spec = parseSpec({ dataDir, postgres: { basePort }, agent: { metricsBasePort: 35500 }, kafka: { bootstrap: bootstrap(), topicPrefix: prefix } });
+const [primary, replica1, replica2] = plannedInstances(spec);
+
+const run = promisify(execFile);
+async function mg(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await run(mgBin, args, { timeout: 300_000 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const e = err as { code: number; stdout: string; stderr: string };
+    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+  }
+}
+
+let eventLog: EventLog;
+const early: TopologyEvent[] = [];
+const heartbeats: Array<HealthEvent & { receivedAt: number }> = [];
+const subs: Subscription[] = [];
+
+before(async () => {
+  eventLog = await testEventLog(prefix);
+  // A consumer that follows the log from before the cluster exists (compared later with a late one).
+  subs.push(await eventLog.subscribe('topology', (e) => void early.push(e)));
+  subs.push(await eventLog.subscribe('health', (h) => void heartbeats.push({ ...h, receivedAt: Date.now() }), { since: new Date() }));
+});
+
+after(async () => {
+  await Promise.all(subs.map((s) => s.stop()));
+  await eventLog.close();
+  await mg('cluster', 'down', '--clean', ...flags);
+  fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+async function until<T>(what: string, timeoutMs: number, check: () => T | undefined | false | Promise<T | undefined | false>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await check();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(50);
+  }
+}
+const postmasterPid = (dir: string) => Number(fs.readFileSync(path.join(dir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+const agentPid = (id: string) => Number(fs.readFileSync(path.join(dataDir, 'run', `agent-${id}.pid`), 'utf8').split(' ')[0]);
+const latest = (id: string) => heartbeats.filter((h) => h.instanceId === id).at(-1);
+const streaming = (id: string) => {
+  const h = latest(id);
+  return h && h.reachable && h.role === 'REPLICA' && h.walReceiverStatus === 'streaming' && Date.now() - h.receivedAt < 2_000 ? h : undefined;
+};
+async function query(port: number, sql: string, params: unknown[] = []) {
+  const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
+  await client.connect();
+  try {
+    return (await client.query(sql, params)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+/** Rows of `mg cluster status` keyed by instance id. */
+function statusRows(out: string): Map<string, Record<string, string>> {
+  const lines = out.trim().split('\n');
+  const headerAt = lines.findIndex((l) => l.startsWith('INSTANCE'));
+  const header = lines[headerAt].split(/\s{2,}/);
+  return new Map(lines.slice(headerAt + 1).map((l) => {
+    const cols = l.split(/\s{2,}/);
+    return [cols[0], Object.fromEntries(header.map((h, i) => [h, cols[i] ?? '']))];
+  }));
+}
+
+test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async () => {
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  assert.match(up.stdout, /\[8\/8\] Postgres replicas .*: done in/);
+  assert.match(up.stdout, new RegExp(`psql -h 127.0.0.1 -p ${primary.port}`));
+
+  const status = await mg('cluster', 'status', ...flags);
+  assert.equal(status.code, 0, status.stderr);
+  const rows = statusRows(status.stdout);
+  assert.deepEqual([...rows.keys()].sort(), [primary.instanceId, replica1.instanceId, replica2.instanceId].sort());
+  assert.deepEqual(Object.values(Object.fromEntries(rows)).map((r) => [r.TYPE, r.ROLE, r.HEALTH, r.SERVING]).sort(), [
+    ['PRIMARY', 'PRIMARY', 'healthy', 'SERVING'], ['REPLICA', 'REPLICA', 'healthy', 'SERVING'], ['REPLICA', 'REPLICA', 'healthy', 'SERVING'],
+  ]);
+  assert.deepEqual(rows.get(primary.instanceId)?.CELL, 'zone1');
+
+  // Replication works: a row written on the primary is read on both replicas.
+  await query(primary.port, 'CREATE TABLE IF NOT EXISTS probe (id int PRIMARY KEY, note text)');
+  await query(primary.port, "INSERT INTO probe VALUES (1, 'hello')");
+  for (const r of [replica1, replica2]) {
+    await until(`the row on ${r.instanceId}`, 10_000, async () => (await query(r.port, 'SELECT note FROM probe WHERE id = 1'))[0]?.note === 'hello');
+  }
+});
+
+test('kill -9 of a replica Postgres: unreachable within 2 s, restarted by its agent, streaming again', async () => {
+  const victim = path.join(dataDir, 'postgres', replica1.instanceId);
+  const oldPid = postmasterPid(victim);
+  await until('replica streaming', 10_000, () => streaming(replica1.instanceId));
+  const killedAt = Date.now();
+  process.kill(oldPid, 'SIGKILL');
+  const down = await until('an unreachable heartbeat', 5_000, () =>
+    heartbeats.find((h) => h.instanceId === replica1.instanceId && !h.reachable && h.receivedAt >= killedAt));
+  const detectMs = down.receivedAt - killedAt;
+  assert.ok(detectMs < 2_000, `unreachable seen after ${detectMs} ms`);
+  assert.equal(down.role, 'UNKNOWN');
+
+  const back = await until('the replica streaming again', 60_000, () => {
+    const h = streaming(replica1.instanceId);
+    return h && h.receivedAt > down.receivedAt ? h : undefined;
+  });
+  assert.notEqual(back.postgresPid, oldPid);
+  await query(primary.port, "INSERT INTO probe VALUES (2, 'after restart')");
+  await until('the new row on the restarted replica', 10_000, async () => (await query(replica1.port, 'SELECT count(*)::int AS n FROM probe'))[0].n === 2);
+});
+
+test('a hung Postgres (SIGSTOP) is reported unreachable within 2 s and left alone, then recovers on SIGCONT', async () => {
+  const pid = postmasterPid(path.join(dataDir, 'postgres', replica2.instanceId));
+  await until('replica streaming', 10_000, () => streaming(replica2.instanceId));
+  const stoppedAt = Date.now();
+  process.kill(pid, 'SIGSTOP');
+  try {
+    const hung = await until('an unreachable heartbeat', 5_000, () =>
+      heartbeats.find((h) => h.instanceId === replica2.instanceId && !h.reachable && h.receivedAt >= stoppedAt));
+    assert.ok(hung.receivedAt - stoppedAt < 2_000, `unreachable seen after ${hung.receivedAt - stoppedAt} ms`);
+    assert.match(hung.error ?? '', /no answer within/);
+    assert.equal(hung.postgresPid, pid, 'a hung Postgres must not be restarted by the agent');
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+  await until('the replica streaming again', 20_000, () => {
+    const h = streaming(replica2.instanceId);
+    return h && h.receivedAt > stoppedAt + 1_000 ? h : undefined;
+  });
+});
+
+test('a consumer started late rebuilds the same topology as one that followed the log from the start', async () => {
+  const late = emptyTopology();
+  const sub = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(late, e));
+  await sub.caughtUp;
+  await sub.stop();
+  assert.deepEqual(late, foldTopology(early));
+  assert.equal(late.instances.size, 3);
+  assert.equal(late.primaries.get('postgres/-')?.instanceId, primary.instanceId);
+  assert.equal(late.primaries.get('postgres/-')?.term, 1n);
+});
+
+test('up again is harmless, and it recovers an agent killed with kill -9', async () => {
+  const before = emptyTopology();
+  const s1 = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(before, e));
+  await s1.caughtUp;
+  await s1.stop();
+
+  const killed = agentPid(replica2.instanceId);
+  process.kill(killed, 'SIGKILL');
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  assert.match(up.stdout, new RegExp(`${primary.instanceId}: agent already running`));
+  assert.match(up.stdout, /already in the log/);
+  assert.notEqual(agentPid(replica2.instanceId), killed);
+
+  const status = statusRows((await mg('cluster', 'status', ...flags)).stdout);
+  assert.deepEqual([...status.values()].map((r) => r.HEALTH), ['healthy', 'healthy', 'healthy']);
+  const afterUp = emptyTopology();
+  const s2 = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(afterUp, e));
+  await s2.caughtUp;
+  await s2.stop();
+  assert.deepEqual(afterUp.primaries, before.primaries, 'a second up must not change who is primary');
+});
+
+test('agents serve Prometheus metrics and log structured JSON', async (t) => {
+  const metrics = await (await fetch(`http://127.0.0.1:${primary.metricsPort}/metrics`)).text();
+  assert.match(metrics, /^mg_agent_heartbeats_total \d+/m);
+  assert.match(metrics, /^mg_agent_postgres_up 1/m);
+  const firstLine = fs.readFileSync(path.join(dataDir, 'logs', `agent-${primary.instanceId}.log`), 'utf8').split('\n')[0];
+  const entry = JSON.parse(firstLine);
+  assert.equal(entry.service, 'ingest-agent');
+  assert.equal(entry.instance, primary.instanceId);
+  const rssKb = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${agentPid(primary.instanceId)}/status`, 'utf8'))![1]);
+  t.diagnostic(`agent RSS: ${(rssKb / 1024).toFixed(1)} MiB`);
+});
+
+test('a bad spec is refused with an error naming the field', async () => {
+  const res = await mg('cluster', 'up', '--data-dir', path.join(dataDir, 'other'), '--set', 'kafka.port=80', '--set', 'databases=oops');
+  assert.equal(res.code, 2);
+  assert.match(res.stderr, /kafka\.port: Number must be greater than or equal to 1024/);
+  assert.match(res.stderr, /databases: Expected array/);
+  assert.equal(fs.existsSync(path.join(dataDir, 'other')), false);
+});
+
+test('down stops every agent and Postgres it started', async () => {
+  const pids = [primary, replica1, replica2].map((i) => agentPid(i.instanceId));
+  const res = await mg('cluster', 'down', ...flags);
+  assert.equal(res.code, 0, res.stderr);
+  for (const pid of pids) assert.equal(isAlive(pid), false, `agent pid ${pid} still alive`);
+  for (const inst of [primary, replica1, replica2]) {
+    await assert.rejects(query(inst.port, 'SELECT 1'), /ECONNREFUSED/);
+  }
+});
