@@ -11,4 +11,4 @@ compose/bin/mg cluster status "$@"
 echo
 port=$(node -e "const s=require('./.mg/cluster.json'); console.log(s.postgres.basePort)" 2>/dev/null || echo 15432)
 psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc \
-  "select 'primary answers: ' || version() || ', replicas streaming: ' || count(*) from pg_stat_replication group by 1" || true
+  "select 'primary on port $port answers: ' || version() || E'\\nreplicas streaming from it: ' || (select count(*) from pg_stat_replication where state = 'streaming')"

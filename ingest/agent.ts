@@ -33,7 +33,8 @@ export class Agent {
   private stopped = false;
   /** Set by a STOP command or shutdown: a stopped Postgres is then not restarted. */
   private wantRunning = true;
-  private restarting: Promise<void> | undefined;
+  /** The lifecycle operation in progress (start, stop, restart); one at a time. */
+  private lifecycleOp: Promise<void> | undefined;
   private inflight: Promise<void> | undefined;
   private commands: Subscription | undefined;
   private loop: Promise<void> | undefined;
@@ -70,7 +71,7 @@ export class Agent {
     await this.loop;
     await this.inflight;
     await this.commands?.stop();
-    await this.restarting;
+    await this.lifecycleOp;
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING' })).catch(() => undefined);
     await this.postgres.stop('fast');
     await this.heartbeat(null, 'stopped by its agent').catch(() => undefined);
@@ -119,7 +120,7 @@ export class Agent {
       postgresUp.set(probe ? 1 : 0);
       const error = probe ? null : this.postgres.isRunning() ? `no answer within ${this.cfg.probeTimeoutMs} ms` : 'postgres is not running';
       this.sendHeartbeat(probe, error);
-      if (!probe && !this.postgres.isRunning() && this.wantRunning) this.restartDead();
+      if (!probe && !this.lifecycleOp && this.wantRunning && !this.postgres.isRunning()) this.restartDead();
       await sleep(Math.max(0, this.cfg.healthIntervalMs - (Date.now() - started)));
     }
   }
@@ -141,14 +142,27 @@ export class Agent {
 
   /** Restarts a Postgres that died (kill -9, crash) in the background, so heartbeats go on meanwhile. */
   private restartDead(): void {
-    if (this.restarting) return;
     this.log.warn('postgres is not running; restarting it');
     restarts.inc();
-    this.restarting = this.postgres.start()
+    this.lifecycle(() => this.postgres.start())
       .then(() => this.log.info('postgres restarted'))
-      .catch((err) => this.log.error({ err }, 'postgres restart failed; will retry'))
-      .finally(() => (this.restarting = undefined));
+      .catch((err) => this.log.error({ err }, 'postgres restart failed; will retry'));
   }
+
+  /**
+   * Runs lifecycle operations one at a time, so a command's stop is never met
+   * by the health loop's restart of a "dead" Postgres.
+   */
+  private lifecycle(op: () => Promise<void>): Promise<void> {
+    const run = (this.lifecycleOp ?? Promise.resolve()).then(op);
+    const settled = run.catch(() => undefined);
+    this.lifecycleOp = settled;
+    void settled.then(() => {
+      if (this.lifecycleOp === settled) this.lifecycleOp = undefined;
+    });
+    return run;
+  }
+
 
   private async heartbeat(probe: Probe | null, error: string | null): Promise<void> {
     const event: HealthEvent = {
@@ -186,9 +200,12 @@ export class Agent {
     let message = 'done';
     try {
       switch (cmd.action) {
-        case 'START_POSTGRES': this.wantRunning = true; await this.postgres.start(); break;
-        case 'STOP_POSTGRES': this.wantRunning = false; await this.postgres.stop(cmd.args.mode === 'immediate' ? 'immediate' : 'fast'); break;
-        case 'RESTART_POSTGRES': this.wantRunning = true; await this.postgres.restart(); break;
+        case 'START_POSTGRES': this.wantRunning = true; await this.lifecycle(() => this.postgres.start()); break;
+        case 'STOP_POSTGRES':
+          this.wantRunning = false;
+          await this.lifecycle(() => this.postgres.stop(cmd.args.mode === 'immediate' ? 'immediate' : 'fast'));
+          break;
+        case 'RESTART_POSTGRES': this.wantRunning = true; await this.lifecycle(() => this.postgres.restart()); break;
         case 'REPORT_HEALTH': message = JSON.stringify(await this.postgres.probe(this.cfg.probeTimeoutMs), (_k, v) => (typeof v === 'bigint' ? v.toString() : v)); break;
         default: status = 'REJECTED'; message = `unknown action ${String(cmd.action)}`;
       }

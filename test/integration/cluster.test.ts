@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -14,7 +15,9 @@ import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { instancesOf as plannedInstances, parseSpec } from '../../compose/spec.ts';
 import { isAlive } from '../../compose/supervise.ts';
-import { applyTopologyEvent, emptyTopology, foldTopology, type HealthEvent, type TopologyEvent } from '../../schemas/index.ts';
+import {
+  applyTopologyEvent, emptyTopology, foldTopology, type AgentCommandResult, type HealthEvent, type TopologyEvent,
+} from '../../schemas/index.ts';
 import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 
 const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'compose', 'bin', 'mg');
@@ -193,6 +196,21 @@ test('up again is harmless, and it recovers an agent killed with kill -9', async
   await s2.caughtUp;
   await s2.stop();
   assert.deepEqual(afterUp.primaries, before.primaries, 'a second up must not change who is primary');
+});
+
+test('an agent command restarts Postgres and is answered with a result carrying its id', async () => {
+  const results: AgentCommandResult[] = [];
+  const sub = await eventLog.subscribe('agentResults', (r) => void results.push(r), { since: new Date() });
+  subs.push(sub);
+  const oldPid = postmasterPid(path.join(dataDir, 'postgres', replica1.instanceId));
+  const commandId = randomUUID();
+  await eventLog.publisher('agentCommands')([{ key: replica1.instanceId, value: {
+    commandId, instanceId: replica1.instanceId, issuedAt: new Date(), issuedBy: 'test', action: 'RESTART_POSTGRES', args: {},
+  } }]);
+  const result = await until('the command result', 30_000, () => results.find((r) => r.commandId === commandId));
+  assert.deepEqual([result.status, result.instanceId], ['SUCCEEDED', replica1.instanceId]);
+  assert.notEqual(postmasterPid(path.join(dataDir, 'postgres', replica1.instanceId)), oldPid);
+  await until('the replica streaming again', 20_000, () => streaming(replica1.instanceId));
 });
 
 test('agents serve Prometheus metrics and log structured JSON', async (t) => {
