@@ -52,6 +52,21 @@ const consumed = counter('mg_events_consumed_total', 'Events read from Kafka and
 const deadLettered = counter('mg_events_dead_lettered_total', 'Messages moved to the dead-letter topic', ['topic']);
 const handlerErrors = counter('mg_event_handler_errors_total', 'Events whose handler threw', ['topic']);
 
+/** One quick look at a broker (no retries): its cluster id and how many brokers it knows. Throws when it does not answer. */
+export async function describeBroker(bootstrap: string): Promise<{ clusterId: string; brokers: number }> {
+  const admin = new Kafka({
+    clientId: 'mg-probe', brokers: [bootstrap], connectionTimeout: 1_000, requestTimeout: 2_000,
+    retry: { retries: 0 }, logLevel: logLevel.NOTHING,
+  }).admin();
+  try {
+    await admin.connect();
+    const cluster = await admin.describeCluster();
+    return { clusterId: cluster.clusterId, brokers: cluster.brokers.length };
+  } finally {
+    await admin.disconnect();
+  }
+}
+
 export class EventLog {
   readonly kafka: Kafka;
   readonly registry: SchemaRegistryClient;

@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Kafka, logLevel } from 'kafkajs';
+import { describeBroker } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor, type StopResult } from '../supervise.ts';
 
@@ -91,21 +91,8 @@ export interface StartKafkaOptions {
  * hold the port) and answers metadata requests, which it does only once unfenced.
  */
 async function brokerAnswers(bootstrap: string, clusterId: string | undefined): Promise<boolean> {
-  const admin = new Kafka({
-    clientId: 'mg-kafka-launcher',
-    brokers: [bootstrap],
-    connectionTimeout: 1_000,
-    requestTimeout: 2_000,
-    retry: { retries: 0 },
-    logLevel: logLevel.NOTHING,
-  }).admin();
-  try {
-    await admin.connect();
-    const cluster = await admin.describeCluster();
-    return cluster.clusterId === clusterId && cluster.brokers.length > 0;
-  } finally {
-    await admin.disconnect();
-  }
+  const cluster = await describeBroker(bootstrap);
+  return cluster.clusterId === clusterId && cluster.brokers > 0;
 }
 
 /** The cluster id the storage in `metaDir` was formatted with, if it was. */
