@@ -1,0 +1,129 @@
+/**
+ * A connection the proxy opens to a Postgres-speaking server (Postgres itself,
+ * or a pooler): startup, authentication, then raw frames in both directions.
+ */
+import net from 'node:net';
+import { PgError, SQLSTATE } from './errors.ts';
+import { FrameReader, type Frame } from './frames.ts';
+import { decodeAuthentication, decodeBackendKey, decodeErrorFields, decodeParameterStatus, encodeStartup, TERMINATE } from './messages.ts';
+
+export interface UpstreamOptions {
+  host: string;
+  port: number;
+  /** Startup parameters: user, database, application_name, options, ... */
+  params: Record<string, string>;
+  connectTimeoutMs?: number;
+}
+
+export class Upstream {
+  /** ParameterStatus values the server reported at startup and since. */
+  readonly parameters = new Map<string, string>();
+  pid = 0;
+  secret = 0;
+  private readonly reader = new FrameReader();
+  private onFrame: (f: Frame) => void = () => undefined;
+  private onClose: (err?: Error) => void = () => undefined;
+  closed = false;
+
+  private constructor(readonly socket: net.Socket, readonly opts: UpstreamOptions) {}
+
+  /** Connects and completes startup (trust authentication only: upstreams are on loopback). */
+  static connect(opts: UpstreamOptions): Promise<Upstream> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host: opts.host, port: opts.port, noDelay: true });
+      const up = new Upstream(socket, opts);
+      const timer = setTimeout(() => fail(new PgError('FATAL', SQLSTATE.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        `timeout connecting to ${opts.host}:${opts.port}`)), opts.connectTimeoutMs ?? 5_000);
+      const fail = (err: Error) => {
+        clearTimeout(timer);
+        socket.destroy();
+        reject(err);
+      };
+      socket.once('error', (err) => fail(new PgError('FATAL', SQLSTATE.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        `could not connect to ${opts.host}:${opts.port}: ${err.message}`)));
+      socket.once('close', () => fail(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, 'server closed the connection during startup')));
+      socket.on('connect', () => socket.write(encodeStartup(opts.params)));
+      up.onFrame = (f) => {
+        switch (String.fromCharCode(f.type)) {
+          case 'R': {
+            const { code } = decodeAuthentication(f);
+            if (code !== 0) fail(new PgError('FATAL', SQLSTATE.INVALID_AUTHORIZATION_SPECIFICATION, `upstream asked for authentication method ${code}; only trust is supported between proxy tiers`));
+            break;
+          }
+          case 'S': {
+            const p = decodeParameterStatus(f);
+            up.parameters.set(p.name, p.value);
+            break;
+          }
+          case 'K': ({ pid: up.pid, secret: up.secret } = decodeBackendKey(f)); break;
+          case 'E': {
+            const e = decodeErrorFields(f);
+            fail(new PgError((e.S as 'FATAL') ?? 'FATAL', e.C ?? SQLSTATE.CONNECTION_FAILURE, e.M ?? 'startup failed', e.D, e.H));
+            break;
+          }
+          case 'Z':
+            clearTimeout(timer);
+            socket.removeAllListeners('error');
+            socket.removeAllListeners('close');
+            up.attach();
+            resolve(up);
+            break;
+          default: break; // NoticeResponse during startup: nothing to do
+        }
+      };
+      socket.on('data', (chunk) => up.feed(chunk));
+    });
+  }
+
+  /** Where frames go once startup is done. */
+  handle(onFrame: (f: Frame) => void, onClose: (err?: Error) => void): void {
+    this.onFrame = onFrame;
+    this.onClose = onClose;
+  }
+
+  write(buf: Buffer): void {
+    if (!this.closed) this.socket.write(buf);
+  }
+
+  /** Polite close: Terminate, then end. */
+  end(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.socket.end(TERMINATE);
+  }
+
+  destroy(): void {
+    this.closed = true;
+    this.socket.destroy();
+  }
+
+  private attach(): void {
+    this.socket.on('error', (err) => this.close(err));
+    this.socket.on('close', () => this.close());
+  }
+
+  private close(err?: Error): void {
+    if (this.closed && !err) {
+      this.onClose();
+      return;
+    }
+    this.closed = true;
+    this.onClose(err);
+  }
+
+  private feed(chunk: Buffer): void {
+    this.reader.push(chunk);
+    try {
+      for (let f = this.reader.next(); f; f = this.reader.next()) {
+        if (f.type === 'S'.charCodeAt(0)) {
+          const p = decodeParameterStatus(f);
+          this.parameters.set(p.name, p.value);
+        }
+        this.onFrame(f);
+      }
+    } catch (err) {
+      this.socket.destroy();
+      this.close(err as Error);
+    }
+  }
+}
