@@ -140,6 +140,7 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance, upstream: Planned
     upstream: upstream ? { host: '127.0.0.1', port: upstream.port } : null,
     brokers: bootstrapOf(spec).split(','), registryUrl: registryUrlOf(spec), topicPrefix: spec.kafka.topicPrefix,
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
+    poolerPort: inst.poolerPort,
   };
 }
 

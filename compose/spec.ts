@@ -34,6 +34,17 @@ export const clusterSpecSchema = z.object({
     basePort: port.default(15432),
     binDir: z.string().default('/usr/lib/postgresql/15/bin'),
   }).strict().default({}),
+  pooler: z.object({
+    basePort: port.default(16432),
+    poolSize: z.number().int().min(1).max(1000).default(20),
+    metricsBasePort: port.default(19200),
+  }).strict().default({}),
+  gateway: z.object({
+    port: port.default(16000),
+    metricsPort: port.default(19300),
+    /** How long a query waits for a shard without a serving primary before it fails. */
+    bufferWindowMs: z.number().int().min(0).max(300_000).default(10_000),
+  }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),
     probeTimeoutMs: z.number().int().min(50).max(60_000).default(1000),
@@ -105,9 +116,13 @@ function checkPortClashes(spec: ClusterSpec): void {
     take(spec.kafka.controllerPort, 'kafka.controllerPort');
   }
   if (!spec.registry.url) take(spec.registry.port, 'registry.port');
+  take(spec.gateway.port, 'gateway.port');
+  take(spec.gateway.metricsPort, 'gateway.metricsPort');
   for (const inst of instancesOf(spec)) {
     take(inst.port, `postgres port of ${inst.instanceId}`);
     take(inst.metricsPort, `agent metrics port of ${inst.instanceId}`);
+    take(inst.poolerPort, `pooler port of ${inst.instanceId}`);
+    take(inst.poolerMetricsPort, `pooler metrics port of ${inst.instanceId}`);
   }
 }
 
@@ -124,6 +139,8 @@ export interface PlannedInstance {
   cell: string;
   port: number;
   metricsPort: number;
+  poolerPort: number;
+  poolerMetricsPort: number;
   /** The instance bootstrapped as primary; the others start as its replicas. */
   initialPrimary: boolean;
   dataDir: string;
@@ -143,6 +160,8 @@ export function instancesOf(spec: ClusterSpec): PlannedInstance[] {
           instanceId, database: db.name, shard: range.shard, cell,
           port: spec.postgres.basePort + n,
           metricsPort: spec.agent.metricsBasePort + n,
+          poolerPort: spec.pooler.basePort + n,
+          poolerMetricsPort: spec.pooler.metricsBasePort + n,
           initialPrimary: i === 0,
           dataDir: path.join(spec.dataDir, 'postgres', instanceId),
         });

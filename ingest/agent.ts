@@ -52,7 +52,7 @@ export class Agent {
     await this.topology(payload('InstanceRegistered', {
       instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,
       host: this.cfg.host, port: this.cfg.port, type: this.cfg.initialPrimary ? 'PRIMARY' : 'REPLICA',
-      agentMetricsPort: this.cfg.metricsPort,
+      agentMetricsPort: this.cfg.metricsPort, poolerPort: this.cfg.poolerPort,
     }));
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
     // Heartbeats first: joining the command group can wait out a dead predecessor's session.

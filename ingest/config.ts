@@ -20,6 +20,8 @@ export const agentConfigSchema = z.object({
   healthIntervalMs: z.number().int().positive().default(500),
   probeTimeoutMs: z.number().int().positive().default(1000),
   metricsPort: z.number().int().min(0).max(65535),
+  /** The MultiPooler beside this instance, announced in topology for the gateways. */
+  poolerPort: z.number().int().min(1).max(65535).nullable().default(null),
 }).strict();
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;

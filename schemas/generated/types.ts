@@ -94,6 +94,8 @@ export interface InstanceRegistered {
   /** The type the instance was created as; who is primary now is decided by PrimaryChanged. */
   type: InstanceType;
   agentMetricsPort: null | number;
+  /** Port of the MultiPooler beside this instance, where the gateway connects; null when it has none. */
+  poolerPort: null | number;
 }
 
 export interface InstanceDeregistered {

@@ -7,7 +7,7 @@ import {
 let n = 0;
 const ev = (p: TopologyEvent['payload']): TopologyEvent => ({ eventId: `e${++n}`, ts: new Date(1_700_000_000_000 + n), source: 'test', payload: p });
 const inst = (id: string, cell: string, type: 'PRIMARY' | 'REPLICA' = 'REPLICA') =>
-  ev(payload('InstanceRegistered', { instanceId: id, database: 'db', shard: '-', cell, host: '127.0.0.1', port: 5000 + n, type, agentMetricsPort: null }));
+  ev(payload('InstanceRegistered', { instanceId: id, database: 'db', shard: '-', cell, host: '127.0.0.1', port: 5000 + n, type, agentMetricsPort: null, poolerPort: null }));
 const primary = (id: string, term: bigint, ruleNumber = 1n) =>
   ev(payload('PrimaryChanged', { database: 'db', shard: '-', primaryInstanceId: id, term, ruleNumber, reason: 'test' }));
 

@@ -1,0 +1,168 @@
+/**
+ * What the gateway knows about the cluster, built only from Kafka: the
+ * topology fold plus the latest heartbeat of each instance. It answers "where
+ * is the serving primary of this shard" and "which replicas may serve reads",
+ * and lets callers wait for a primary (the buffering primitive).
+ */
+import { EventEmitter } from 'node:events';
+import type { EventLog, Subscription } from '../../common/eventlog.ts';
+import { gauge } from '../../common/metrics.ts';
+import { applyTopologyEvent, emptyTopology, shardKey, type HealthEvent, type InstanceRegistered, type TopologyState } from '../../schemas/index.ts';
+
+export interface Endpoint {
+  instanceId: string;
+  cell: string;
+  host: string;
+  /** The pooler's port: gateways never connect to Postgres directly. */
+  port: number;
+}
+
+export interface ReplicaEndpoint extends Endpoint {
+  lagBytes: bigint;
+  lagSeconds: number;
+}
+
+export interface DiscoveryOptions {
+  /** A heartbeat older than this means the instance is not known to be healthy. */
+  staleMs?: number;
+  /** Replicas lagging more than this are not used for reads. */
+  maxReplicaLagSeconds?: number;
+  /** How often freshness is re-evaluated (heartbeats that stop arriving change routing too). */
+  tickMs?: number;
+}
+
+const knownDatabases = gauge('mg_gateway_databases', 'Databases in topology');
+const healthyPrimaries = gauge('mg_gateway_healthy_primaries', 'Shards with a healthy serving primary');
+
+interface Seen { health: HealthEvent; at: number }
+
+export class Discovery extends EventEmitter {
+  readonly topology: TopologyState = emptyTopology();
+  private readonly seen = new Map<string, Seen>();
+  private subs: Subscription[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private readonly staleMs: number;
+  private readonly maxLagSeconds: number;
+  /** Fingerprint of the routing answers, to emit 'change' only when they change. */
+  private lastFingerprint = '';
+  /** Replaying the log to catch up evaluates routing once at the end, not per event. */
+  private ready = false;
+
+  constructor(private readonly eventLog: EventLog, private readonly opts: DiscoveryOptions = {}) {
+    super();
+    this.setMaxListeners(0);
+    this.staleMs = opts.staleMs ?? 1_500;
+    this.maxLagSeconds = opts.maxReplicaLagSeconds ?? 10;
+  }
+
+  /** Subscribes and resolves once the view is complete (caught up with topology and recent health). */
+  async start(): Promise<void> {
+    this.subs = await Promise.all([
+      this.eventLog.subscribe('topology', (e) => {
+        applyTopologyEvent(this.topology, e);
+        if (this.ready) this.reevaluate();
+      }),
+      this.eventLog.subscribe('health', (h) => {
+        const held = this.seen.get(h.instanceId);
+        if (held && held.health.ts > h.ts) return; // partitions may deliver an older heartbeat late
+        this.seen.set(h.instanceId, { health: h, at: Date.now() });
+        if (this.ready) this.reevaluate();
+      }, { since: new Date(Date.now() - this.staleMs) }),
+    ]);
+    await Promise.all(this.subs.map((s) => s.caughtUp));
+    this.ready = true;
+    this.timer = setInterval(() => this.reevaluate(), this.opts.tickMs ?? 100);
+    this.timer.unref();
+    this.reevaluate();
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    await Promise.all(this.subs.map((s) => s.stop()));
+  }
+
+  hasDatabase(database: string): boolean {
+    const db = this.topology.databases.get(database);
+    return db !== undefined && !db.dropped;
+  }
+
+  /** Shards of a database (name and key range). */
+  shards(database: string) {
+    return [...this.topology.shards.values()].filter((s) => s.database === database);
+  }
+
+  /** The shard's primary if it is serving and its latest heartbeat says healthy primary. */
+  primary(database: string, shard: string): Endpoint | undefined {
+    const rec = this.topology.primaries.get(shardKey(database, shard));
+    if (!rec) return undefined;
+    const inst = this.topology.instances.get(rec.instanceId);
+    if (!inst || !this.serving(inst) || !this.healthy(inst.instanceId, 'PRIMARY')) return undefined;
+    return endpoint(inst);
+  }
+
+  /** Healthy, serving replicas within the lag threshold, least lagged first. */
+  replicas(database: string, shard: string): ReplicaEndpoint[] {
+    const primaryId = this.topology.primaries.get(shardKey(database, shard))?.instanceId;
+    const out: ReplicaEndpoint[] = [];
+    for (const inst of this.topology.instances.values()) {
+      if (inst.database !== database || inst.shard !== shard || inst.instanceId === primaryId) continue;
+      if (!this.serving(inst) || !this.healthy(inst.instanceId, 'REPLICA')) continue;
+      const h = this.seen.get(inst.instanceId)!.health;
+      const lagSeconds = h.replayLagSeconds ?? 0;
+      if (lagSeconds > this.maxLagSeconds) continue;
+      const ep = endpoint(inst);
+      if (ep) out.push({ ...ep, lagBytes: h.replayLagBytes ?? 0n, lagSeconds });
+    }
+    return out.sort((a, b) => a.lagSeconds - b.lagSeconds);
+  }
+
+  /** Resolves with the shard's primary as soon as there is one, or undefined after timeoutMs. */
+  waitForPrimary(database: string, shard: string, timeoutMs: number): Promise<Endpoint | undefined> {
+    const now = this.primary(database, shard);
+    if (now || timeoutMs <= 0) return Promise.resolve(now);
+    return new Promise((resolve) => {
+      const done = (ep: Endpoint | undefined) => {
+        clearTimeout(timer);
+        this.off('change', check);
+        resolve(ep);
+      };
+      const check = () => {
+        const ep = this.primary(database, shard);
+        if (ep) done(ep);
+      };
+      const timer = setTimeout(() => done(undefined), timeoutMs);
+      this.on('change', check);
+    });
+  }
+
+  private serving(inst: InstanceRegistered): boolean {
+    return (this.topology.serving.get(inst.instanceId) ?? 'SERVING') === 'SERVING';
+  }
+
+  private healthy(instanceId: string, role: 'PRIMARY' | 'REPLICA'): boolean {
+    const s = this.seen.get(instanceId);
+    return !!s && s.health.reachable && s.health.role === role && Date.now() - s.at <= this.staleMs;
+  }
+
+  private reevaluate(): void {
+    let fingerprint = '';
+    let primaries = 0;
+    for (const [key, rec] of this.topology.primaries) {
+      const [database, shard] = [key.slice(0, key.lastIndexOf('/')), key.slice(key.lastIndexOf('/') + 1)];
+      const ok = this.primary(database, shard) !== undefined;
+      if (ok) primaries++;
+      fingerprint += `${key}=${ok ? rec.instanceId : '-'};`;
+    }
+    for (const [id, s] of this.seen) fingerprint += `${id}:${s.health.reachable && Date.now() - s.at <= this.staleMs ? s.health.role : 'down'};`;
+    knownDatabases.set(this.topology.databases.size);
+    healthyPrimaries.set(primaries);
+    if (fingerprint !== this.lastFingerprint) {
+      this.lastFingerprint = fingerprint;
+      this.emit('change');
+    }
+  }
+}
+
+function endpoint(inst: InstanceRegistered): Endpoint | undefined {
+  return inst.poolerPort === null ? undefined : { instanceId: inst.instanceId, cell: inst.cell, host: inst.host, port: inst.poolerPort };
+}
