@@ -18,6 +18,7 @@ import {
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
+import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier } from './proxy.ts';
 import { Progress } from './progress.ts';
 import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
@@ -43,7 +44,7 @@ export function savedSpec(dataDir: string): ClusterSpec | undefined {
 }
 
 export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(8, out);
+  const progress = new Progress(11, out);
   fs.mkdirSync(spec.dataDir, { recursive: true });
   fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
   const planned = instancesOf(spec);
@@ -79,13 +80,17 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
     await progress.step('topology: cells, databases, shards, initial primaries', () => bootstrapTopology(spec, eventLog, progress));
     await progress.step(`Postgres primaries and their agents`, () => startAgents(spec, planned.filter((p) => p.initialPrimary), eventLog, progress));
     await progress.step(`Postgres replicas (pg_basebackup) and their agents`, () => startAgents(spec, planned.filter((p) => !p.initialPrimary), eventLog, progress));
+    await progress.step('login role password', () => ensureLoginPassword(spec, progress));
+    const paths = { runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) };
+    await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
+    await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
   } finally {
     await eventLog.close();
   }
   out.write(`\nCluster '${spec.name}' is up in ${(progress.elapsedMs() / 1000).toFixed(1)}s.\n`);
-  for (const p of planned.filter((i) => i.initialPrimary)) {
-    out.write(`  ${p.database} shard ${p.shard} primary:  psql -h 127.0.0.1 -p ${p.port} -U postgres ${p.database}\n`);
-  }
+  const db = spec.databases[0].name;
+  out.write(`  connect through the gateway:  PGPASSWORD=${process.env.MG_PASSWORD ? '$MG_PASSWORD' : 'postgres'} psql -h 127.0.0.1 -p ${spec.gateway.port} -U postgres ${db}\n`);
+  out.write(`  read from a replica:          ... psql -h 127.0.0.1 -p ${spec.gateway.port} -U postgres ${db}@replica\n`);
   out.write(`  Kafka bootstrap: ${bootstrapOf(spec)}    schema registry: ${registryUrlOf(spec)}\n`);
   out.write(`  status: npm run mg -- cluster status --data-dir ${spec.dataDir}\n`);
 }
@@ -214,8 +219,9 @@ export async function waitHealthy(
 
 /** Stops everything `up` started: agents (which stop their Postgres), registry, Kafka. */
 export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(opts.clean ? 4 : 3, out);
+  const progress = new Progress(opts.clean ? 5 : 4, out);
   const instances = instancesOf(spec);
+  await progress.step('gateway and poolers', () => stopProxyTier(spec, runDir(spec), progress));
   await progress.step('agents and their Postgres instances', async () => {
     await Promise.all(instances.map(async (inst) => {
       const result = await stopProcess(runDir(spec), agentName(inst.instanceId), { graceMs: 30_000 });

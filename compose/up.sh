@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # From a bare machine to a running local cluster: install what is missing,
 # start Kafka, the schema registry and 3 Postgres instances with their agents,
-# then show the cluster's status (read from Kafka) and a query on the primary.
+# then the poolers and the gateway, and show the cluster's status (read from
+# Kafka) and queries through the gateway.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash compose/setup.sh
@@ -9,6 +10,10 @@ compose/bin/mg cluster up "$@"
 echo
 compose/bin/mg cluster status "$@"
 echo
-port=$(node -e "const s=require('./.mg/cluster.json'); console.log(s.postgres.basePort)" 2>/dev/null || echo 15432)
-psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc \
-  "select 'primary on port $port answers: ' || version() || E'\\nreplicas streaming from it: ' || (select count(*) from pg_stat_replication where state = 'streaming')"
+# A query through the gateway (SCRAM login), once to the primary and once to a replica.
+gw_port=$(node -e "console.log(require('./.mg/cluster.json').gateway.port)")
+export PGPASSWORD="${MG_PASSWORD:-postgres}"
+for db in postgres postgres@replica; do
+  psql -h 127.0.0.1 -p "$gw_port" -U postgres -d "$db" -Atc \
+    "select '$db via the gateway: ' || case when pg_is_in_recovery() then 'a replica' else 'the primary' end || ' on port ' || current_setting('port')"
+done

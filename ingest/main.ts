@@ -14,12 +14,12 @@ if (!values.config) {
 const cfg = readAgentConfig(values.config);
 const log = createLogger('ingest-agent', { instance: cfg.instanceId });
 const agent = new Agent(cfg, log);
-const metricsServer = await serveMetrics(cfg.metricsPort);
-onShutdown(log, async () => {
-  await agent.stop();
-  await metricsServer.close();
-});
 try {
+  const metricsServer = await serveMetrics(cfg.metricsPort);
+  onShutdown(log, async () => {
+    await agent.stop();
+    await metricsServer.close();
+  });
   await agent.start();
 } catch (err) {
   log.fatal({ err }, 'agent failed to start');

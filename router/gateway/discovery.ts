@@ -116,6 +116,13 @@ export class Discovery extends EventEmitter {
     return out.sort((a, b) => a.lagSeconds - b.lagSeconds);
   }
 
+  /** Whether a replica may still serve reads (O(1), for checks on every transaction). */
+  replicaUsable(instanceId: string): boolean {
+    const inst = this.topology.instances.get(instanceId);
+    if (!inst || !this.serving(inst) || !this.healthy(instanceId, 'REPLICA')) return false;
+    return (this.seen.get(instanceId)!.health.replayLagSeconds ?? 0) <= this.maxLagSeconds;
+  }
+
   /** Resolves with the shard's primary as soon as there is one, or undefined after timeoutMs. */
   waitForPrimary(database: string, shard: string, timeoutMs: number): Promise<Endpoint | undefined> {
     const now = this.primary(database, shard);

@@ -1,0 +1,133 @@
+/**
+ * MultiGateway: what clients connect to. Accepts the Postgres wire protocol
+ * (TLS, SCRAM-SHA-256 against the cluster's roles), learns the cluster only
+ * from Kafka, and hands each client to a session that relays to a pooler.
+ */
+import { randomInt } from 'node:crypto';
+import net from 'node:net';
+import pg from 'pg';
+import type { EventLog } from '../../common/eventlog.ts';
+import type { Logger } from '../../common/log.ts';
+import { counter, gauge } from '../../common/metrics.ts';
+import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import { errorResponse } from '../protocol/messages.ts';
+import { Discovery } from './discovery.ts';
+import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
+import { GatewaySession } from './session.ts';
+
+export interface GatewayOptions {
+  port: number;
+  bufferWindowMs: number;
+  tls?: { key: string | Buffer; cert: string | Buffer };
+  requireTls?: boolean;
+  /** The role the gateway uses to read SCRAM verifiers (pg_authid) through the poolers. */
+  authUser: string;
+}
+
+const clientsGauge = gauge('mg_gateway_clients', 'Client connections open');
+const accepted = counter('mg_gateway_connections_total', 'Client connections accepted, by outcome', ['outcome']);
+
+export class Gateway {
+  readonly discovery: Discovery;
+  private server: net.Server | undefined;
+  private readonly sessions = new Map<number, { session: GatewaySession; secret: number }>();
+  /** SCRAM verifiers by (user, database), cached briefly so password changes apply quickly. */
+  private readonly verifier = cachedVerifierLookup((user, database) => this.readVerifier(user, database.split('@')[0]));
+  private draining = false;
+
+  constructor(eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
+    this.discovery = new Discovery(eventLog);
+  }
+
+  async start(): Promise<number> {
+    if (this.opts.tls) prepareFrontendTls(this.opts.tls); // a bad certificate fails here, not at the first client
+    await this.discovery.start();
+    this.server = net.createServer({ noDelay: true }, (socket) => void this.onConnection(socket));
+    this.server.maxConnections = 1_000_000;
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen({ host: '127.0.0.1', port: this.opts.port, backlog: 4096 }, resolve);
+    });
+    const port = (this.server.address() as net.AddressInfo).port;
+    this.log.info({ port }, 'gateway listening');
+    return port;
+  }
+
+  /** Graceful drain: stop accepting, let sessions finish for up to graceMs, then close them. */
+  async drain(graceMs = 10_000): Promise<void> {
+    this.draining = true;
+    this.server?.close();
+    const deadline = Date.now() + graceMs;
+    while (this.sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    for (const { session } of this.sessions.values()) session.end();
+    await this.discovery.stop();
+  }
+
+  private async onConnection(socket: net.Socket): Promise<void> {
+    socket.on('error', () => socket.destroy());
+    if (this.draining) {
+      socket.end(errorResponse(new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, 'the gateway is shutting down')));
+      return;
+    }
+    const client = await acceptClient(socket, {
+      tls: this.opts.tls,
+      requireTls: this.opts.requireTls,
+      lookupVerifier: (user, database) => this.verifier(user, database),
+      onCancel: (pid, secret) => this.cancel(pid, secret),
+    }).catch((err) => {
+      this.log.warn({ err }, 'client startup failed');
+      return null;
+    });
+    if (!client) {
+      accepted.inc({ outcome: 'refused' });
+      return;
+    }
+    const key = this.newKey();
+    const session = new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key });
+    this.sessions.set(key.pid, { session, secret: key.secret });
+    clientsGauge.inc();
+    client.socket.once('close', () => {
+      this.sessions.delete(key.pid);
+      clientsGauge.dec();
+    });
+    try {
+      await session.start(client.pending);
+      accepted.inc({ outcome: 'ok' });
+    } catch (err) {
+      accepted.inc({ outcome: 'error' });
+      const e = err instanceof PgError ? new PgError('FATAL', err.code, err.message, err.detail, err.hint) : new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, (err as Error).message);
+      client.socket.end(errorResponse(e));
+    }
+  }
+
+  private cancel(pid: number, secret: number): void {
+    const s = this.sessions.get(pid);
+    if (s && s.secret === secret) s.session.cancel();
+  }
+
+  private newKey(): { pid: number; secret: number } {
+    for (;;) {
+      const pid = randomInt(1, 2 ** 31 - 1);
+      if (!this.sessions.has(pid)) return { pid, secret: randomInt(-(2 ** 31), 2 ** 31 - 1) };
+    }
+  }
+
+  /** The role's verifier from pg_authid on the database's primary (or a replica), through its pooler. */
+  private async readVerifier(user: string, database: string): Promise<string | null> {
+    if (!this.discovery.hasDatabase(database)) return null;
+    const shard = this.discovery.shards(database)[0]?.shard;
+    const ep = shard !== undefined
+      ? (this.discovery.primary(database, shard) ?? this.discovery.replicas(database, shard)[0]
+        ?? (await this.discovery.waitForPrimary(database, shard, this.opts.bufferWindowMs)))
+      : undefined;
+    if (!ep) throw new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, `no instance of ${database} can authenticate clients now`);
+    const client = new pg.Client({ host: ep.host, port: ep.port, user: this.opts.authUser, database, application_name: 'mg-gateway-auth' });
+    await client.connect();
+    try {
+      const { rows } = await client.query(VERIFIER_SQL, [user]);
+      return verifierFromAuthid(rows[0]);
+    } finally {
+      await client.end();
+    }
+  }
+}

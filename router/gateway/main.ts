@@ -1,0 +1,48 @@
+/** Entry point of the MultiGateway process: `node --import tsx router/gateway/main.ts --config <file>`. */
+import fs from 'node:fs';
+import { parseArgs } from 'node:util';
+import { z } from 'zod';
+import { EventLog } from '../../common/eventlog.ts';
+import { onShutdown } from '../../common/lifecycle.ts';
+import { createLogger } from '../../common/log.ts';
+import { serveMetrics } from '../../common/metrics.ts';
+import { Gateway } from './gateway.ts';
+import { loadOrCreateTls } from './tls.ts';
+
+const configSchema = z.object({
+  port: z.number().int().min(0).max(65535),
+  metricsPort: z.number().int().min(0).max(65535),
+  brokers: z.array(z.string()).min(1),
+  registryUrl: z.string().url(),
+  topicPrefix: z.string().default(''),
+  bufferWindowMs: z.number().int().min(0).default(10_000),
+  authUser: z.string().default('postgres'),
+  /** Directory holding (or receiving a generated self-signed) server.crt and server.key. */
+  tlsDir: z.string().optional(),
+  requireTls: z.boolean().default(false),
+}).strict();
+
+const { values } = parseArgs({ options: { config: { type: 'string' } } });
+if (!values.config) {
+  console.error('usage: router/gateway/main.ts --config <gateway.json>');
+  process.exit(2);
+}
+const parsed = configSchema.safeParse(JSON.parse(fs.readFileSync(values.config, 'utf8')));
+if (!parsed.success) {
+  console.error(`invalid gateway config ${values.config}: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  process.exit(2);
+}
+const cfg = parsed.data;
+const log = createLogger('gateway');
+const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
+const gateway = new Gateway(eventLog, {
+  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
+  tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
+}, log);
+const metricsServer = await serveMetrics(cfg.metricsPort);
+onShutdown(log, async () => {
+  await gateway.drain();
+  await metricsServer.close();
+  await eventLog.close();
+});
+await gateway.start();
