@@ -180,7 +180,11 @@ export class EventLog {
       if (hwm !== undefined && nextOffset >= hwm) pending.delete(partition);
       if (pending.size === 0) markCaughtUp();
     };
-    if (pending.size === 0) markCaughtUp();
+    // Even with nothing to read yet, the subscription is live only once it has joined its
+    // group and holds its partitions: until then new events would not reach it.
+    consumer.on(consumer.events.GROUP_JOIN, () => {
+      if (pending.size === 0) markCaughtUp();
+    });
 
     await consumer.connect();
     await consumer.subscribe({ topic, fromBeginning: opts.fromBeginning ?? true });

@@ -86,6 +86,11 @@ export class Discovery extends EventEmitter {
     return db !== undefined && !db.dropped;
   }
 
+  /** Names of the databases that exist, oldest first. */
+  databases(): string[] {
+    return [...this.topology.databases].filter(([, d]) => !d.dropped).map(([name]) => name);
+  }
+
   /** Shards of a database (name and key range). */
   shards(database: string) {
     return [...this.topology.shards.values()].filter((s) => s.database === database);

@@ -113,8 +113,11 @@ export class Gateway {
   }
 
   /** The role's verifier from pg_authid on the database's primary (or a replica), through its pooler. */
-  private async readVerifier(user: string, database: string): Promise<string | null> {
-    if (!this.discovery.hasDatabase(database)) return null;
+  private async readVerifier(user: string, requested: string): Promise<string | null> {
+    // Like Postgres, authenticate first and report an unknown database after (3D000), so the
+    // answer does not reveal which databases exist; roles of an unknown one come from the first.
+    const database = this.discovery.hasDatabase(requested) ? requested : this.discovery.databases()[0];
+    if (database === undefined) return null;
     const shard = this.discovery.shards(database)[0]?.shard;
     const ep = shard !== undefined
       ? (this.discovery.primary(database, shard) ?? this.discovery.replicas(database, shard)[0]

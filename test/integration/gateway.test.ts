@@ -1,0 +1,149 @@
+/**
+ * The gateway as applications use it: real clients (psql, pgbench, node-postgres,
+ * postgres.js) through MultiGateway + MultiPooler of a cluster brought up by `mg`.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { promisify } from 'node:util';
+import pg from 'pg';
+import postgres from 'postgres';
+import { testCluster, until } from '../support/cluster.ts';
+
+const cluster = testCluster('gateway', 1);
+const { spec, flags, mg } = cluster;
+const [primary, replica1, replica2] = cluster.instances;
+const gatewayPort = spec.gateway.port;
+const bin = '/usr/lib/postgresql/15/bin';
+const run = promisify(execFile);
+const env = { ...process.env, PGPASSWORD: 'postgres', PGHOST: '127.0.0.1', PGPORT: String(gatewayPort), PGUSER: 'postgres' };
+
+before(async () => {
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+});
+after(async () => {
+  await mg('cluster', 'down', '--clean', ...flags);
+  fs.rmSync(cluster.dataDir, { recursive: true, force: true });
+});
+
+async function gw<T>(database: string, fn: (c: pg.Client) => Promise<T>, password = 'postgres'): Promise<T> {
+  const client = new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password, database, application_name: 'gw-test' });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+const one = async (c: pg.Client, sql: string) => (await c.query(sql)).rows[0];
+
+test('node-postgres through the gateway: SCRAM login, startup parameters, a transaction', async () => {
+  await gw('postgres', async (c) => {
+    assert.deepEqual(await one(c, 'SELECT pg_is_in_recovery() AS r, current_setting(\'application_name\') AS app'), { r: false, app: 'gw-test' });
+    await c.query('CREATE TABLE IF NOT EXISTS gw_items (id int PRIMARY KEY, name text)');
+    await c.query('BEGIN');
+    await c.query("INSERT INTO gw_items VALUES (1, 'one') ON CONFLICT DO NOTHING");
+    await c.query('COMMIT');
+    assert.equal((await one(c, 'SELECT name FROM gw_items WHERE id = 1')).name, 'one');
+  });
+});
+
+test('wrong password is 28P01, unknown database is 3D000, as Postgres says them', async () => {
+  await assert.rejects(gw('postgres', async () => undefined, 'wrong'), (e: any) => e.code === '28P01' && /password authentication failed for user "postgres"/.test(e.message));
+  await assert.rejects(gw('nosuchdb', async () => undefined), (e: any) => e.code === '3D000' && /database "nosuchdb" does not exist/.test(e.message));
+});
+
+test('db@replica reads from a streaming replica; SET mg.target switches the next transaction', async () => {
+  await until('replicas in routing', 10_000, async () => gw('postgres@replica', async (c) => (await one(c, 'SELECT pg_is_in_recovery() AS r')).r === true).catch(() => false));
+  await gw('postgres@replica', async (c) => {
+    const port = (await one(c, "SELECT current_setting('port') AS p")).p;
+    assert.ok([String(replica1.port), String(replica2.port)].includes(port));
+    await assert.rejects(c.query('CREATE TABLE nope (a int)'), (e: any) => e.code === '25006'); // read-only transaction
+  });
+  await gw('postgres', async (c) => {
+    assert.equal((await one(c, 'SELECT pg_is_in_recovery() AS r')).r, false);
+    await c.query("SET mg.target = 'replica'");
+    assert.equal((await one(c, 'SELECT pg_is_in_recovery() AS r')).r, true);
+    await c.query("SET mg.target = 'primary'");
+    assert.equal((await one(c, 'SELECT pg_is_in_recovery() AS r')).r, false);
+  });
+});
+
+test('psql through the gateway, with and without TLS', async () => {
+  for (const sslmode of ['require', 'disable']) {
+    const { stdout } = await run(`${bin}/psql`, ['-d', `dbname=postgres sslmode=${sslmode}`, '-Atc', 'SELECT 40 + 2'], { env });
+    assert.equal(stdout.trim(), '42');
+  }
+});
+
+test('pgbench through the gateway in simple, extended and prepared modes', async () => {
+  await run(`${bin}/pgbench`, ['-i', '-s', '1', '-q', 'postgres'], { env });
+  for (const mode of ['simple', 'extended', 'prepared']) {
+    const { stdout } = await run(`${bin}/pgbench`, ['-M', mode, '-c', '8', '-j', '2', '-T', '3', '-n', 'postgres'], { env });
+    assert.match(stdout, /number of failed transactions: 0 /);
+    const tps = Number(/tps = ([\d.]+)/.exec(stdout)?.[1]);
+    assert.ok(tps > 50, `${mode}: ${tps} tps`);
+  }
+});
+
+test('postgres.js through the gateway: prepared statements, a transaction, a cancel', async () => {
+  const sql = postgres({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', max: 4, prepare: true });
+  try {
+    const rows = await Promise.all(Array.from({ length: 20 }, (_, i) => sql`SELECT ${i}::int AS n, ${`v${i}`}::text AS v`));
+    assert.deepEqual(rows.map((r) => r[0].n), Array.from({ length: 20 }, (_, i) => i));
+    await sql.begin(async (tx) => {
+      await tx`INSERT INTO gw_items VALUES (2, 'two') ON CONFLICT DO NOTHING`;
+    });
+    assert.equal((await sql`SELECT name FROM gw_items WHERE id = 2`)[0].name, 'two');
+    const slow = sql`SELECT pg_sleep(10)`;
+    setTimeout(() => slow.cancel(), 300);
+    await assert.rejects(slow, (e: any) => e.code === '57014');
+  } finally {
+    await sql.end();
+  }
+});
+
+test('a replica that goes down leaves read routing within about a second', async () => {
+  const victim = replica1;
+  await run(`${bin}/pg_ctl`, ['-D', path.join(cluster.dataDir, 'postgres', victim.instanceId), 'status']).catch(() => undefined);
+  const pid = Number(fs.readFileSync(path.join(cluster.dataDir, 'postgres', victim.instanceId, 'postmaster.pid'), 'utf8').split('\n')[0]);
+  process.kill(pid, 'SIGSTOP'); // hung: the agent reports it unreachable and leaves it alone
+  const stoppedAt = Date.now();
+  try {
+    // New read sessions must all land on the other replica once health says so (< 2 s detection + 1 s routing).
+    await until('reads avoiding the hung replica', 4_000, async () => {
+      const ports = await Promise.all(Array.from({ length: 4 }, () => gw('postgres@replica', async (c) => (await one(c, "SELECT current_setting('port') AS p")).p)));
+      return ports.every((p) => p === String(replica2.port));
+    });
+    assert.ok(Date.now() - stoppedAt < 4_000);
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+});
+
+test('while the primary is down, queries wait at the gateway and go on when it is back', async () => {
+  const dir = path.join(cluster.dataDir, 'postgres', primary.instanceId);
+  await gw('postgres', async (c) => {
+    assert.equal((await one(c, 'SELECT 1 AS x')).x, 1);
+    // Stop the primary for ~2 s; its agent restarts it (it died without being asked to stop).
+    const pid = Number(fs.readFileSync(path.join(dir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+    process.kill(pid, 'SIGKILL');
+    await until('the gateway noticing', 3_000, async () => {
+      const res = await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`);
+      return /^mg_gateway_healthy_primaries 0/m.test(await res.text());
+    });
+    const t0 = Date.now();
+    const row = await one(c, 'SELECT 2 AS x, pg_is_in_recovery() AS r');
+    assert.deepEqual(row, { x: 2, r: false });
+    assert.ok(Date.now() - t0 < spec.gateway.bufferWindowMs);
+  });
+});
+
+test('the gateway serves Prometheus metrics', async () => {
+  const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
+  assert.match(text, /^mg_gateway_connections_total\{outcome="ok"\} \d+/m);
+  assert.match(text, /^mg_gateway_buffered_queries_total \d+/m);
+});
