@@ -24,6 +24,7 @@ export class Upstream {
   private onFrame: (f: Frame) => void = () => undefined;
   private onClose: (err?: Error) => void = () => undefined;
   closed = false;
+  private notified = false;
 
   private constructor(readonly socket: net.Socket, readonly opts: UpstreamOptions) {}
 
@@ -102,12 +103,11 @@ export class Upstream {
     this.socket.on('close', () => this.close());
   }
 
+  /** Tells the owner once, with the error if there was one ('error' comes before 'close'). */
   private close(err?: Error): void {
-    if (this.closed && !err) {
-      this.onClose();
-      return;
-    }
     this.closed = true;
+    if (this.notified) return;
+    this.notified = true;
     this.onClose(err);
   }
 

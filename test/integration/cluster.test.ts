@@ -3,45 +3,22 @@
  * subprocess), on the run's shared broker and registry with real Postgres.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
 import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
-import { instancesOf as plannedInstances, parseSpec } from '../../compose/spec.ts';
 import { isAlive } from '../../compose/supervise.ts';
 import {
   applyTopologyEvent, emptyTopology, foldTopology, type AgentCommandResult, type HealthEvent, type TopologyEvent,
 } from '../../schemas/index.ts';
-import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
+import { testCluster, until } from '../support/cluster.ts';
+import { testEventLog } from '../support/env.ts';
 
-const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'compose', 'bin', 'mg');
-const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), 'cluster-'));
-fs.chmodSync(dataDir, 0o755);
-const prefix = uniquePrefix('cluster');
-const basePort = 35432;
-const flags = [
-  '--data-dir', dataDir, '--set', `kafka.bootstrap=${bootstrap()}`, '--set', `registry.url=${registryUrl()}`,
-  '--set', `kafka.topicPrefix=${prefix}`, '--set', `postgres.basePort=${basePort}`, '--set', 'agent.metricsBasePort=35500',
-];
-const spec = parseSpec({ dataDir, postgres: { basePort }, agent: { metricsBasePort: 35500 }, kafka: { bootstrap: bootstrap(), topicPrefix: prefix } });
-const [primary, replica1, replica2] = plannedInstances(spec);
-
-const run = promisify(execFile);
-async function mg(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await run(mgBin, args, { timeout: 300_000 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const e = err as { code: number; stdout: string; stderr: string };
-    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
-  }
-}
+const cluster = testCluster('cluster', 0);
+const { dataDir, prefix, flags, mg } = cluster;
+const [primary, replica1, replica2] = cluster.instances;
 
 let eventLog: EventLog;
 const early: TopologyEvent[] = [];
@@ -62,16 +39,6 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-async function until<T>(what: string, timeoutMs: number, check: () => T | undefined | false | Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(50);
-  }
-}
 const postmasterPid = (dir: string) => Number(fs.readFileSync(path.join(dir, 'postmaster.pid'), 'utf8').split('\n')[0]);
 const agentPid = (id: string) => Number(fs.readFileSync(path.join(dataDir, 'run', `agent-${id}.pid`), 'utf8').split(' ')[0]);
 const latest = (id: string) => heartbeats.filter((h) => h.instanceId === id).at(-1);
@@ -103,8 +70,8 @@ function statusRows(out: string): Map<string, Record<string, string>> {
 test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /\[8\/8\] Postgres replicas .*: done in/);
-  assert.match(up.stdout, new RegExp(`psql -h 127.0.0.1 -p ${primary.port}`));
+  assert.match(up.stdout, /\[11\/11\] MultiGateway .*: done in/);
+  assert.match(up.stdout, new RegExp(`psql -h 127.0.0.1 -p ${cluster.spec.gateway.port} -U postgres postgres`));
 
   const status = await mg('cluster', 'status', ...flags);
   assert.equal(status.code, 0, status.stderr);
