@@ -1,0 +1,37 @@
+/**
+ * MultiPooler process: `node --import tsx router/pooler/main.ts --config pooler.json`.
+ * SIGTERM/SIGINT drain and stop; SIGHUP re-reads the config (as RELOAD does).
+ */
+import { createLogger } from '../../common/log.ts';
+import { onShutdown } from '../../common/lifecycle.ts';
+import { ConfigError, loadConfigFile } from './config.ts';
+import { startPooler } from './pooler.ts';
+
+function usage(msg: string): never {
+  process.stderr.write(`${msg}\nusage: router/pooler/main.ts --config <file.json>\n`);
+  process.exit(2);
+}
+
+const args = process.argv.slice(2);
+const at = args.indexOf('--config');
+const file = at >= 0 ? args[at + 1] : undefined;
+if (!file) usage('missing --config');
+
+let config;
+try {
+  config = loadConfigFile(file);
+} catch (err) {
+  if (err instanceof ConfigError) usage(`invalid config ${file}: ${err.message}`);
+  throw err;
+}
+
+const log = createLogger('pooler', { instance: config.instanceId });
+process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection'));
+const pooler = await startPooler(config, log, { configPath: file });
+onShutdown(log, () => pooler.close(), config.shutdownGraceMs + 5_000);
+process.on('SIGHUP', () => {
+  pooler.reload().then(
+    (notes) => log.info({ notes }, 'reloaded on SIGHUP'),
+    (err) => log.error({ err: (err as Error).message }, 'reload failed'),
+  );
+});

@@ -1,0 +1,273 @@
+/**
+ * One server connection from the pooler to its Postgres: raw relay of frames to
+ * whichever client owns it, plus what the pooler knows about its session state
+ * (settings applied, pooler-named prepared statements, who owns the unnamed
+ * statement, whether it needs a DISCARD ALL before the next client).
+ */
+import net from 'node:net';
+import type { Logger } from '../../common/log.ts';
+import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import { encodeCancel, encodeQuery } from '../protocol/messages.ts';
+import { Upstream } from '../protocol/upstream.ts';
+import { intern, Settings } from './settings.ts';
+import { errorFieldsAt, inEvent, MessageScanner, OutBatch, pgErrorFromFields, requestFlush, T, type MessageSink } from './wire.ts';
+
+/** Who receives a server connection's frames while it is checked out. */
+export interface ServerOwner {
+  onServerMessage(buf: Buffer, start: number, len: number): void;
+  onServerLost(server: ServerConn, fatal: PgError): void;
+  onServerDrain(): void;
+}
+
+export interface InternalResult {
+  rows: Array<Array<string | null>>;
+  error?: PgError;
+}
+
+interface InternalOp {
+  remaining: number;
+  rows: Array<Array<string | null>>;
+  error?: PgError;
+  resolve: (r: InternalResult) => void;
+  reject: (e: Error) => void;
+}
+
+export type ServerState = 'idle' | 'active' | 'resetting' | 'closed';
+
+let nextId = 1;
+const HIGH_WATER = 1024 * 1024;
+
+export class ServerConn implements MessageSink {
+  readonly id = nextId++;
+  readonly socket: net.Socket;
+  readonly pid: number;
+  readonly secret: number;
+  readonly params: Map<string, string>;
+  readonly createdAt = Date.now();
+  lastUsed = Date.now();
+  /** Settings established on this connection; null when unknown (then reset before use). */
+  applied: Settings | null = Settings.EMPTY;
+  /** Pooler-named prepared statements present on this connection, with a use clock for LRU. */
+  readonly prepared = new Map<string, number>();
+  private clock = 0;
+  /** The client statement definition the server's unnamed statement currently holds. */
+  unnamedOwner: object | null = null;
+  /** Session state beyond settings may be left (pinned, or unknown): DISCARD ALL before reuse. */
+  needsReset = false;
+  /** Close instead of reusing (lifetime reached, pool shrinking, shutdown). */
+  retire = false;
+  owner: ServerOwner | null = null;
+  state: ServerState = 'idle';
+  /** Label for admin output: the client using it. */
+  ownerLabel = '';
+  /** A FATAL error the server sent (it closes right after). */
+  fatal?: PgError;
+  private internal: InternalOp | null = null;
+  private paramsKeyCache: string | null = null;
+  private readonly scanner: MessageScanner;
+  private readonly out = new OutBatch();
+  flushQueued = false;
+  private onClosedCb: (s: ServerConn) => void = () => undefined;
+  closed = false;
+
+  private constructor(private readonly up: Upstream, private readonly log: Logger, private readonly target: { host: string; port: number }) {
+    this.socket = up.socket;
+    this.pid = up.pid;
+    this.secret = up.secret;
+    this.params = new Map(up.parameters);
+    this.scanner = new MessageScanner(1024 * 1024 * 1024);
+    this.socket.removeAllListeners('data');
+    this.socket.on('data', (chunk: Buffer) => inEvent(this.onData, chunk));
+    this.socket.on('drain', () => this.owner?.onServerDrain());
+    this.socket.setKeepAlive(true, 30_000);
+    up.handle(() => undefined, (err) => this.onClose(err));
+  }
+
+  static async connect(opts: { host: string; port: number; user: string; database: string; timeoutMs: number; log: Logger }): Promise<ServerConn> {
+    const up = await Upstream.connect({
+      host: opts.host, port: opts.port, params: { user: opts.user, database: opts.database }, connectTimeoutMs: opts.timeoutMs,
+    });
+    return new ServerConn(up, opts.log, { host: opts.host, port: opts.port });
+  }
+
+  onClosed(cb: (s: ServerConn) => void): void {
+    this.onClosedCb = cb;
+  }
+
+  /** ParameterStatus values as one string, to tell cheaply whether a client has seen them all. */
+  get paramsKey(): string {
+    if (this.paramsKeyCache === null) {
+      let k = '';
+      for (const [n, v] of this.params) k += `${n}\u0001${v}\u0002`;
+      this.paramsKeyCache = intern(k);
+    }
+    return this.paramsKeyCache;
+  }
+
+  hasPrepared(name: string): boolean {
+    if (!this.prepared.has(name)) return false;
+    this.prepared.set(name, ++this.clock);
+    return true;
+  }
+
+  addPrepared(name: string): void {
+    this.prepared.set(name, ++this.clock);
+  }
+
+  /** Least recently used statements beyond `max`, to close before the next client uses the connection. */
+  evictable(max: number): string[] {
+    if (this.prepared.size <= max) return [];
+    const byAge = [...this.prepared.entries()].sort((a, b) => a[1] - b[1]);
+    return byAge.slice(0, this.prepared.size - max).map(([n]) => n);
+  }
+
+  write(buf: Buffer): void {
+    this.out.add(buf);
+    this.scheduleFlush();
+  }
+
+  writeRange(buf: Buffer, start: number, end: number): void {
+    this.out.range(buf, start, end);
+    this.scheduleFlush();
+  }
+
+  private scheduleFlush(): void {
+    requestFlush(this);
+  }
+
+  flush(): void {
+    if (this.closed) {
+      this.out.clear();
+      return;
+    }
+    this.out.writeTo(this.socket);
+  }
+
+  /** True when the socket has more queued than we like (the owner should stop reading its client). */
+  get congested(): boolean {
+    return this.socket.writableLength > HIGH_WATER;
+  }
+
+  /**
+   * Runs simple queries for the pooler itself (settings, DISCARD ALL, reads of
+   * current values), one Query message each, pipelined; resolves after the last
+   * ReadyForQuery with the rows and the first error, rejects if the connection dies.
+   */
+  runInternal(queries: string[]): Promise<InternalResult> {
+    if (this.closed) return Promise.reject(this.fatal ?? new PgError('ERROR', SQLSTATE.CONNECTION_FAILURE, 'server connection closed'));
+    if (this.internal) return Promise.reject(new Error('internal query already running'));
+    this.unnamedOwner = null; // a simple Query drops the unnamed statement
+    return new Promise((resolve, reject) => {
+      this.internal = { remaining: queries.length, rows: [], resolve, reject };
+      for (const q of queries) this.out.add(encodeQuery(q));
+      this.flush();
+    });
+  }
+
+  get busyInternal(): boolean {
+    return this.internal !== null;
+  }
+
+  /** Asks Postgres to cancel whatever this backend runs (a separate connection, as the protocol wants). */
+  cancel(): void {
+    const s = net.connect({ host: this.target.host, port: this.target.port });
+    s.on('error', () => undefined);
+    s.on('connect', () => s.end(encodeCancel(this.pid, this.secret)));
+    s.setTimeout(5_000, () => s.destroy());
+  }
+
+  /** Polite close (Terminate). */
+  close(): void {
+    if (this.closed) return;
+    this.flush();
+    this.up.end();
+  }
+
+  destroy(): void {
+    this.up.destroy();
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    try {
+      this.scanner.push(chunk, this);
+    } catch (err) {
+      this.log.error({ err, server: this.id }, 'server sent malformed data; closing it');
+      this.fatal = new PgError('ERROR', SQLSTATE.PROTOCOL_VIOLATION, `server connection sent malformed data: ${(err as Error).message}`);
+      this.destroy();
+    }
+  };
+
+  onMessage(buf: Buffer, start: number, len: number): void {
+    const type = buf[start];
+    if (type === T.ParameterStatus) {
+      const nul = buf.indexOf(0, start + 5);
+      if (nul > 0) {
+        this.params.set(buf.toString('utf8', start + 5, nul), buf.toString('utf8', nul + 1, start + len - 1));
+        this.paramsKeyCache = null;
+      }
+    } else if (type === T.ErrorResponse) {
+      const f = errorFieldsAt(buf, start, len);
+      const sev = f.V ?? f.S;
+      if (sev === 'FATAL' || sev === 'PANIC') {
+        this.fatal = pgErrorFromFields(f);
+        // Postgres closes right after; nothing more is going to be relayed.
+        return;
+      }
+    }
+    if (type === T.Notification && this.owner) {
+      this.owner.onServerMessage(buf, start, len);
+      return;
+    }
+    const op = this.internal;
+    if (op) {
+      if (type === T.DataRow) op.rows.push(decodeDataRow(buf, start, len));
+      else if (type === T.ErrorResponse) op.error ??= pgErrorFromFields(errorFieldsAt(buf, start, len), SQLSTATE.INTERNAL_ERROR);
+      else if (type === T.ReadyForQuery && --op.remaining === 0) {
+        this.internal = null;
+        op.resolve({ rows: op.rows, error: op.error });
+      }
+      return;
+    }
+    if (this.owner) {
+      this.owner.onServerMessage(buf, start, len);
+      return;
+    }
+    // Idle: ParameterStatus was recorded above; notices and stray notifications have no one to go to.
+    if (type !== T.ParameterStatus && type !== T.NoticeResponse && type !== T.Notification) {
+      this.log.warn({ server: this.id, type: String.fromCharCode(type) }, 'unexpected message on an idle server connection; closing it');
+      this.destroy();
+    }
+  }
+
+  private onClose(err?: Error): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.state = 'closed';
+    const fatal = this.fatal ?? new PgError('ERROR', SQLSTATE.CONNECTION_FAILURE,
+      `server connection to Postgres lost${err ? `: ${err.message}` : ''}`);
+    const op = this.internal;
+    this.internal = null;
+    op?.reject(fatal);
+    const owner = this.owner;
+    this.owner = null;
+    owner?.onServerLost(this, fatal);
+    this.onClosedCb(this);
+  }
+}
+
+export function decodeDataRow(buf: Buffer, start: number, len: number): Array<string | null> {
+  const n = buf.readInt16BE(start + 5);
+  const out: Array<string | null> = [];
+  let at = start + 7;
+  const end = start + len;
+  for (let i = 0; i < n && at + 4 <= end; i++) {
+    const l = buf.readInt32BE(at);
+    at += 4;
+    if (l < 0) out.push(null);
+    else {
+      out.push(buf.toString('utf8', at, at + l));
+      at += l;
+    }
+  }
+  return out;
+}
