@@ -37,7 +37,6 @@ export class GatewaySession {
   private upstream: Upstream | undefined;
   private endpoint: Endpoint | undefined;
   private readonly fromClient = new FrameReader();
-  private readonly fromServer = new FrameReader();
   /** Transaction status from the last ReadyForQuery: only at 'I' may the session move. */
   private status: 'I' | 'T' | 'E' = 'I';
   /** Client frames held while an upstream is being (re)connected. */

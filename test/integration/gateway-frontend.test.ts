@@ -26,6 +26,7 @@ import {
   readyForQuery, rowDescription, SSL_REQUEST, GSSENC_REQUEST,
 } from '../../router/protocol/messages.ts';
 import { PgError } from '../../router/protocol/errors.ts';
+import { freePort } from '../support/wait.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
 const log = createLogger('gateway-frontend-test');
@@ -42,16 +43,6 @@ const servers: TestServer[] = [];
 let plain: TestServer; // TLS offered, not required
 let strict: TestServer; // TLS required
 let noTls: TestServer; // TLS not configured; short startup timeout
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer().once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 // --- the test server: acceptClient, then one fixed answer for every query ----------------
 

@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type AddressInfo } from 'node:net';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -8,19 +7,7 @@ import { Kafka, logLevel } from 'kafkajs';
 import { createLogger } from '../../common/log.ts';
 import { startKafka, stopKafka } from '../../compose/infra/kafka.ts';
 import { isAlive, pidFilePath } from '../../compose/supervise.ts';
-
-/** Ports the kernel just handed out, released again for the broker to take. */
-async function freePorts(n: number): Promise<number[]> {
-  const servers = await Promise.all(
-    Array.from({ length: n }, () => new Promise<ReturnType<typeof createServer>>((resolve) => {
-      const s = createServer();
-      s.listen(0, '127.0.0.1', () => resolve(s));
-    })),
-  );
-  const ports = servers.map((s) => (s.address() as AddressInfo).port);
-  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  return ports;
-}
+import { freePorts } from '../support/wait.ts';
 
 // The `mg` default (compose/spec.ts), so the jars are fetched once per machine, not per test run.
 const cacheDir = join(homedir(), '.cache', 'mg');

@@ -17,6 +17,7 @@ import postgres from 'postgres';
 import { createLogger } from '../../common/log.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { startPooler, type PoolerHandle } from '../../router/pooler/pooler.ts';
+import { freePort, sleep, until } from '../support/wait.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
 const log = createLogger('pooler-test');
@@ -30,27 +31,6 @@ let configFile: string;
 let defaultTz: string;
 const open: Array<{ end(): Promise<unknown> }> = [];
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer().once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function waitFor<T>(what: string, timeoutMs: number, check: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 /** A node-postgres client through the pooler. */
 async function client(opts: Partial<pg.ClientConfig> = {}): Promise<pg.Client> {
@@ -379,7 +359,7 @@ test('temp tables pin the client, and are gone once it leaves', async () => {
   }
   assert.ok((await admin('SHOW CLIENTS')).some((c) => c.pinned === 'temp'));
   await a.end();
-  await waitFor('temp table dropped', 3000, async () =>
+  await until('temp table dropped', 3000, async () =>
     Number((await direct(`SELECT count(*) AS n FROM pg_class WHERE relname = 'tt' AND relpersistence = 't'`))[0].n) === 0);
   await b.query('CREATE TEMP TABLE tt (x int)');
   assert.equal(await one(b, 'SELECT count(*)::int FROM tt'), 0);
@@ -393,7 +373,7 @@ test('session advisory locks pin the client and are released when it leaves', as
   assert.equal(await one(b, 'SELECT pg_try_advisory_lock(4242)'), false);
   await Promise.all(Array.from({ length: 4 }, () => b.query('SELECT 1')));
   await a.end();
-  await waitFor('lock released', 3000, async () =>
+  await until('lock released', 3000, async () =>
     Number((await direct(`SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'`))[0].n) === 0);
   assert.equal(await one(b, 'SELECT pg_try_advisory_lock(4242)'), true);
   assert.equal(await one(b, 'SELECT pg_advisory_unlock(4242)'), true);
@@ -423,12 +403,12 @@ test('LISTEN/NOTIFY through pooling: a shared listener fans notifications out', 
   await notify;
   await b.query(`NOTIFY "Chan B", 'second'`);
   await b.query(`SELECT pg_notify('chan_a', 'third')`);
-  await waitFor('notifications', 3000, async () => got.length >= 3);
+  await until('notifications', 3000, async () => got.length >= 3);
   assert.deepEqual(got, [{ channel: 'chan_a', payload: 'hello' }, { channel: 'Chan B', payload: 'second' }, { channel: 'chan_a', payload: 'third' }]);
   await a.query('UNLISTEN chan_a');
   await b.query(`NOTIFY chan_a, 'not for a'`);
   await b.query(`NOTIFY "Chan B", 'still for a'`);
-  await waitFor('fourth', 3000, async () => got.length >= 4);
+  await until('fourth', 3000, async () => got.length >= 4);
   await sleep(100);
   assert.deepEqual(got.slice(3), [{ channel: 'Chan B', payload: 'still for a' }]);
   // postgres.js (extended protocol) too.
@@ -436,7 +416,7 @@ test('LISTEN/NOTIFY through pooling: a shared listener fans notifications out', 
   const jsGot: string[] = [];
   await sql.listen('chan_js', (p) => jsGot.push(p));
   await b.query(`NOTIFY chan_js, 'js'`);
-  await waitFor('postgres.js notification', 3000, async () => jsGot.length === 1);
+  await until('postgres.js notification', 3000, async () => jsGot.length === 1);
   await Promise.all([a.end(), b.end(), ...holders.map((h) => h.end())]);
 });
 
@@ -480,7 +460,7 @@ test('clients that vanish mid-transaction or mid-query leave nothing behind', as
   (a as unknown as { connection: { stream: net.Socket } }).connection.stream.destroy();
   const b = await client();
   const c = await client();
-  await waitFor('server connection back in the pool', 3000, async () =>
+  await until('server connection back in the pool', 3000, async () =>
     Number((await admin('SHOW POOLS')).find((r) => r.database === 'postgres')?.sv_active) === 0);
   await Promise.all([b.query('BEGIN'), c.query('BEGIN')]); // both server connections, whichever a had
   for (const x of [b, c]) {
@@ -490,10 +470,10 @@ test('clients that vanish mid-transaction or mid-query leave nothing behind', as
   await Promise.all([b.query('COMMIT'), c.query('COMMIT')]);
   const d = await client();
   const running = d.query('SELECT pg_sleep(30)').catch(() => undefined);
-  await waitFor('sleeping', 3000, async () => (await direct(`SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'`)).length > 0);
+  await until('sleeping', 3000, async () => (await direct(`SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'`)).length > 0);
   (d as unknown as { connection: { stream: net.Socket } }).connection.stream.destroy();
   await running;
-  await waitFor('its query cancelled', 3000, async () =>
+  await until('its query cancelled', 3000, async () =>
     (await direct(`SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'`)).length === 0);
   assert.equal(await one(b, 'SELECT 1'), 1);
   await Promise.all([b.end(), c.end()]);
@@ -512,7 +492,7 @@ test('a terminated backend is reported with 57P01 and the pool heals', async () 
   // Terminated while running a query.
   const b = await client();
   const running = b.query('SELECT pg_sleep(5)').then(() => null, (err: pg.DatabaseError) => err.code);
-  const victim = await waitFor('sleeping backend', 3000, async () =>
+  const victim = await until('sleeping backend', 3000, async () =>
     (await direct<{ pid: number }>(`SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'`))[0]?.pid);
   await direct('SELECT pg_terminate_backend($1)', [victim]);
   assert.equal(await running, '57P01');
@@ -616,7 +596,7 @@ test('malformed protocol bytes get an ErrorResponse and never disturb other clie
     r.send(bytes);
     const ms = await r.until('never', 3000).catch(() => r.msgs);
     assert.deepEqual(errors(ms), [code], `bytes ${bytes.toString('hex').slice(0, 20)}`);
-    await waitFor('closed', 2000, async () => r.closed);
+    await until('closed', 2000, async () => r.closed);
   };
   await fatal(Buffer.from([0x51, 0, 0, 0, 2]), '08P01'); // length below 4
   await fatal(Buffer.from([0x7a, 0, 0, 0, 4]), '08P01'); // unknown message type
@@ -700,7 +680,7 @@ test('two clients sharing server connections never see each other\'s session sta
   assert.ok([...backends.values()].some((set) => set.size >= 5), 'the unpinned clients really shared one server connection');
   // The pinned client leaves; its state leaves with it.
   await clients[0].end();
-  await waitFor('pinned state gone', 3000, async () => {
+  await until('pinned state gone', 3000, async () => {
     const [r] = await direct(`SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')::int AS locks,
       (SELECT count(*) FROM pg_class WHERE relname = 'iso_tmp')::int AS tmp`);
     return r.locks === 0 && r.tmp === 0;
@@ -721,7 +701,7 @@ test('idle server connections are reaped and old ones retired; SIGTERM drains th
   let out = '';
   child.stdout?.on('data', (d: Buffer) => (out += d));
   const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
-  await waitFor('pooler process listening', 15000, async () => out.includes('pooler listening'));
+  await until('pooler process listening', 15000, async () => out.includes('pooler listening'));
   const adminAt = async (sql: string) => {
     const c = new pg.Client({ host: '127.0.0.1', port: cfg.listenPort, user: 'postgres', database: 'pgbouncer' });
     await c.connect();
@@ -736,7 +716,7 @@ test('idle server connections are reaped and old ones retired; SIGTERM drains th
   await c.connect();
   assert.equal(await one(c, 'SELECT 1'), 1);
   const first = await one<number>(c, 'SELECT pg_backend_pid()');
-  await waitFor('idle connection reaped', 3000, async () => (await adminAt('SHOW SERVERS')).length === 0);
+  await until('idle connection reaped', 3000, async () => (await adminAt('SHOW SERVERS')).length === 0);
   // Busy past its lifetime: retired when released, the next transaction gets a fresh one.
   await c.query('BEGIN');
   const old = await one<number>(c, 'SELECT pg_backend_pid()');

@@ -2,12 +2,12 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { createLogger } from '../../common/log.ts';
 import { PostgresInstance, type Probe } from '../../ingest/postgres/instance.ts';
+import { freePort, until } from '../support/wait.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
 const log = createLogger('postgres-instance-test');
@@ -17,30 +17,10 @@ let primary: PostgresInstance;
 let replica: PostgresInstance;
 const instances: PostgresInstance[] = [];
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer().once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
 async function instance(name: string): Promise<PostgresInstance> {
   const inst = new PostgresInstance({ name, dataDir: path.join(dir, name), port: await freePort(), log });
   instances.push(inst);
   return inst;
-}
-
-async function waitFor<T>(what: string, timeoutMs: number, check: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 async function sql<R extends pg.QueryResultRow>(inst: PostgresInstance, text: string): Promise<R[]> {
@@ -111,7 +91,7 @@ test('primary and streaming replica', async () => {
   await sql(primary, 'CREATE TABLE t (id int PRIMARY KEY, v text)');
   await sql(primary, "INSERT INTO t VALUES (1, 'one')");
   const target = (await primary.probe(2000))!.currentLsn!;
-  const r = await waitFor('replica to stream and replay', 15_000, streamingAndCaughtUp(target));
+  const r = await until('replica to stream and replay', 15_000, streamingAndCaughtUp(target));
   assert.equal(r.inRecovery, true);
   assert.equal(r.currentLsn, null);
   assert.equal(r.upstream, `127.0.0.1:${primary.port}`);
@@ -130,7 +110,7 @@ test('replica killed with -9 is seen down and comes back streaming', async () =>
   const pid = replica.postmasterPid();
   assert.ok(pid);
   process.kill(pid, 'SIGKILL');
-  await waitFor('replica to be seen down', 2000, async () => !replica.isRunning());
+  await until('replica to be seen down', 2000, async () => !replica.isRunning());
   assert.equal(replica.postmasterPid(), undefined);
   const t0 = Date.now();
   assert.equal(await replica.probe(1000), null);
@@ -140,7 +120,7 @@ test('replica killed with -9 is seen down and comes back streaming', async () =>
   assert.notEqual(replica.postmasterPid(), pid);
   await sql(primary, "INSERT INTO t VALUES (2, 'two')");
   const target = (await primary.probe(2000))!.currentLsn!;
-  await waitFor('replica to stream again', 15_000, streamingAndCaughtUp(target));
+  await until('replica to stream again', 15_000, streamingAndCaughtUp(target));
   assert.deepEqual(await sql(replica, 'SELECT count(*)::int AS n FROM t'), [{ n: 2 }]);
 });
 
