@@ -146,7 +146,8 @@ export class GatewaySession {
       this.reroute();
       return;
     }
-    this.upstream!.write(f.raw);
+    const up = this.upstream!;
+    if (!up.closed) corked(up.socket).write(f.raw);
   }
 
   /**
@@ -186,7 +187,7 @@ export class GatewaySession {
 
   private onServerFrame(f: Frame): void {
     if (f.type === Z) this.status = decodeReadyStatus(f);
-    this.socket.write(f.raw);
+    corked(this.socket).write(f.raw);
   }
 
   private onUpstreamClosed(up: Upstream): void {
@@ -209,4 +210,17 @@ export class GatewaySession {
     this.sendError(err instanceof PgError ? new PgError('FATAL', err.code, err.message) : err);
     this.end();
   }
+}
+
+/**
+ * Frames that arrive together leave together: the socket is corked for the
+ * rest of this tick, so a pipelined batch (Parse/Bind/Describe/Execute/Sync,
+ * or a result set) costs one write instead of one per frame.
+ */
+function corked(socket: net.Socket): net.Socket {
+  if (socket.writableCorked === 0) {
+    socket.cork();
+    process.nextTick(() => socket.uncork());
+  }
+  return socket;
 }
