@@ -5,7 +5,7 @@
  *  - RSS of the ingest agents;
  *  - baseline: the same 3 Postgres instances brought up by hand with initdb,
  *    pg_ctl and pg_basebackup (no Kafka, no agents), to show what `up` adds.
- * Run: npm run bench:foundation   (takes 1-2 minutes; uses ports 45432.. and 49092..)
+ * Run: npm run bench:foundation   (takes 1-2 minutes; uses ports 22081-22535)
  */
 import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -19,14 +19,17 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const mg = path.join(root, 'compose', 'bin', 'mg');
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-bench-'));
 fs.chmodSync(work, 0o755);
-const ports = ['--set', 'kafka.port=49092', '--set', 'kafka.controllerPort=49093', '--set', 'registry.port=48081',
-  '--set', 'postgres.basePort=45432', '--set', 'agent.metricsBasePort=49100'];
+// Below Linux's ephemeral range (32768+), so no outgoing connection holds them.
+const ports = Object.entries({
+  'kafka.port': 22092, 'kafka.controllerPort': 22093, 'registry.port': 22081, 'postgres.basePort': 22432,
+  'agent.metricsBasePort': 22100, 'pooler.basePort': 22200, 'pooler.metricsBasePort': 22300, 'gateway.port': 22400, 'gateway.metricsPort': 22401,
+}).flatMap(([k, v]) => ['--set', `${k}=${v}`]);
 
 async function up(label: string, dataDir: string, env: NodeJS.ProcessEnv = process.env) {
   const t0 = performance.now();
   const { stdout } = await run(mg, ['cluster', 'up', '--data-dir', dataDir, ...ports, '--set', `cacheDir=${env.MG_BENCH_CACHE ?? path.join(os.homedir(), '.cache', 'mg')}`], { env, timeout: 600_000 });
   const ms = performance.now() - t0;
-  const broker = /\[2\/8\] Kafka broker.*: done in ([\d.]+)s/.exec(stdout)?.[1];
+  const broker = /\[\s*2\/\d+\] Kafka broker.*: done in ([\d.]+)s/.exec(stdout)?.[1];
   return { label, ms, brokerMs: broker ? Number(broker) * 1000 : NaN };
 }
 
@@ -52,10 +55,10 @@ function baselineByHand(): number {
   const opts = (port: number) => `-c port=${port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=${dir} -c wal_level=logical -c max_prepared_transactions=50 -c wal_log_hints=on`;
   const t0 = performance.now();
   asPg(`${bin}/initdb -D ${dir}/p0 -A trust -U postgres >/dev/null`);
-  asPg(`${bin}/pg_ctl -D ${dir}/p0 -w -l ${dir}/p0.log -o "${opts(46432)}" start`);
+  asPg(`${bin}/pg_ctl -D ${dir}/p0 -w -l ${dir}/p0.log -o "${opts(22532)}" start`);
   for (const i of [1, 2]) {
-    asPg(`${bin}/pg_basebackup -h 127.0.0.1 -p 46432 -U postgres -D ${dir}/p${i} -X stream -R -c fast`);
-    asPg(`${bin}/pg_ctl -D ${dir}/p${i} -w -l ${dir}/p${i}.log -o "${opts(46432 + i)}" start`);
+    asPg(`${bin}/pg_basebackup -h 127.0.0.1 -p 22532 -U postgres -D ${dir}/p${i} -X stream -R -c fast`);
+    asPg(`${bin}/pg_ctl -D ${dir}/p${i} -w -l ${dir}/p${i}.log -o "${opts(22532 + i)}" start`);
   }
   const ms = performance.now() - t0;
   for (const i of [0, 1, 2]) asPg(`${bin}/pg_ctl -D ${dir}/p${i} -m fast stop`);
@@ -73,7 +76,7 @@ try {
   await down(path.join(work, 'warm'));
   const hand = baselineByHand();
 
-  console.log('\nmg cluster up (1 shard, 3 instances, Kafka + registry + 3 agents)');
+  console.log('\nmg cluster up (1 shard, 3 instances: Kafka, registry, 3 agents, 3 poolers, a gateway)');
   console.log('case                                     total      broker start   vs by-hand Postgres');
   for (const r of [cold, fresh, again]) {
     console.log(`${r.label.padEnd(40)} ${s(r.ms).padEnd(10)} ${s(r.brokerMs).padEnd(14)} ${(r.ms / hand).toFixed(2)}x`);

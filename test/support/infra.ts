@@ -12,8 +12,8 @@ import { startRegistry, stopRegistry } from '../../compose/infra/registry.ts';
 const dir = process.env.MG_TEST_DIR;
 if (!dir) throw new Error('MG_TEST_DIR is not set (run the tests with npm test)');
 const runDir = path.join(dir, 'run');
-const port = Number(process.env.MG_TEST_KAFKA_PORT ?? 39092);
-const registryPort = Number(process.env.MG_TEST_REGISTRY_PORT ?? 38081);
+const port = Number(process.env.MG_TEST_KAFKA_PORT ?? 28092);
+const registryPort = Number(process.env.MG_TEST_REGISTRY_PORT ?? 28081);
 const log = createLogger('test-infra');
 log.level = process.env.MG_LOG_LEVEL ?? 'warn';
 
