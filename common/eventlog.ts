@@ -52,6 +52,22 @@ const consumed = counter('mg_events_consumed_total', 'Events read from Kafka and
 const deadLettered = counter('mg_events_dead_lettered_total', 'Messages moved to the dead-letter topic', ['topic']);
 const handlerErrors = counter('mg_event_handler_errors_total', 'Events whose handler threw', ['topic']);
 
+/**
+ * Retries an admin request while Kafka calls its error retriable: right after
+ * topics are created, leadership may not have reached every broker's metadata
+ * yet (NOT_LEADER_FOR_PARTITION), and kafkajs's admin does not retry that.
+ */
+async function whileRetriable<T>(request: () => Promise<T>, attempts = 30): Promise<T> {
+  for (let i = 1; ; i++) {
+    try {
+      return await request();
+    } catch (err) {
+      if (!(err as { retriable?: boolean }).retriable || i >= attempts) throw err;
+      await new Promise((r) => setTimeout(r, Math.min(1_000, 50 * i)));
+    }
+  }
+}
+
 /** One quick look at a broker (no retries): its cluster id and how many brokers it knows. Throws when it does not answer. */
 export async function describeBroker(bootstrap: string): Promise<{ clusterId: string; brokers: number }> {
   const admin = new Kafka({
@@ -236,11 +252,11 @@ export class EventLog {
     const admin = this.kafka.admin();
     await admin.connect();
     try {
-      const offsets = await admin.fetchTopicOffsets(topic);
+      const offsets = await whileRetriable(() => admin.fetchTopicOffsets(topic));
       const startAt = new Map<number, bigint>();
       if (since) {
         // -1 means no message at or after `since`: start at the end.
-        for (const o of await admin.fetchTopicOffsetsByTimestamp(topic, since.getTime())) {
+        for (const o of await whileRetriable(() => admin.fetchTopicOffsetsByTimestamp(topic, since.getTime()))) {
           const high = BigInt(offsets.find((x) => x.partition === o.partition)!.high);
           startAt.set(o.partition, o.offset === '-1' ? high : BigInt(o.offset));
         }
