@@ -25,7 +25,6 @@
  */
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -37,6 +36,7 @@ import { summarizeProfile } from './proxy/profile.ts';
 import type { HolderConfig, HolderReport } from './proxy/conn-holder.ts';
 import { PGBENCH, runPgbench, statementsPerTxn, type PgbenchResult, type PgbenchRun, type Target } from './proxy/pgbench.ts';
 import { eventLogOf, freshDiscovery, publishDatabases, type LogTarget } from './proxy/topology.ts';
+import { portAnswers } from '../compose/supervise.ts';
 
 const execFileP = promisify(execFile);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -166,16 +166,6 @@ const poolerPid = () => {
   const f = fs.existsSync(dir) ? fs.readdirSync(dir).find((x) => x.startsWith('pooler-') && x.endsWith('.pid')) : undefined;
   return f ? pidFromFile(path.join(dir, f)) : undefined;
 };
-
-function portAnswers(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port }, () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.on('error', () => resolve(false));
-  });
-}
 
 async function stopPid(pid: number | undefined, graceMs = 15_000): Promise<void> {
   if (!alive(pid)) return;

@@ -1,28 +1,17 @@
 /** The proxy tier of a local cluster: one MultiPooler beside each instance, and the MultiGateway. */
-import net from 'node:net';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Progress } from './progress.ts';
 import { instancesOf, type ClusterSpec } from './spec.ts';
-import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
+import { isAlive, portAnswers, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const poolerName = (id: string) => `pooler-${id}`;
 const GATEWAY = 'gateway';
 
 interface Paths { runDir: string; logDir: string; bootstrap: string; registryUrl: string }
-
-function portAnswers(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port }, () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.on('error', () => resolve(false));
-  });
-}
 
 /** Starts (if not running) a service from this repository and waits until its port answers. */
 async function startService(name: string, entry: string, config: object, port: number, paths: Paths, spec: ClusterSpec): Promise<string> {

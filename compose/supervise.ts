@@ -1,6 +1,7 @@
 // Detached process supervision: services started by `mg` outlive the CLI, so the
 // only link back to them is a pid file in the run directory.
 import { spawn } from 'node:child_process';
+import net from 'node:net';
 import { closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -161,4 +162,15 @@ export async function waitFor(
   }
   const cause = lastError instanceof Error ? `: last error: ${lastError.message}` : '';
   throw new Error(`timed out after ${opts.timeoutMs} ms waiting for ${opts.what}${cause}`);
+}
+
+/** Whether something accepts TCP connections on 127.0.0.1:port. */
+export function portAnswers(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port }, () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.on('error', () => resolve(false));
+  });
 }
