@@ -60,18 +60,14 @@ export function decodeParse(f: Frame): ParseMessage {
   const paramTypes = Array.from({ length: n }, () => r.int32());
   return { name, sql, paramTypes };
 }
-export function encodeParse(p: ParseMessage): Buffer {
-  return message('P', cstr(p.name), cstr(p.sql), int16(p.paramTypes.length), ...p.paramTypes.map(int32));
-}
 
-/** Bind's portal and statement names; the rest of the body is kept raw so the names can be swapped. */
+/** Bind's portal and statement names; the rest of the body is kept raw. */
 export function decodeBindNames(f: Frame): { portal: string; statement: string; rest: Buffer } {
   const r = new BodyReader(f.body);
   const portal = r.cstr();
   const statement = r.cstr();
   return { portal, statement, rest: r.rest() };
 }
-export const encodeBind = (portal: string, statement: string, rest: Buffer) => message('B', cstr(portal), cstr(statement), rest);
 
 /** Describe ('D') and Close ('C'): 'S' for a statement or 'P' for a portal, and its name. */
 export function decodeTarget(f: Frame): { target: 'S' | 'P'; name: string } {
@@ -80,18 +76,14 @@ export function decodeTarget(f: Frame): { target: 'S' | 'P'; name: string } {
   if (target !== 'S' && target !== 'P') throw new PgError('ERROR', SQLSTATE.PROTOCOL_VIOLATION, `invalid ${String.fromCharCode(f.type) === 'D' ? 'DESCRIBE' : 'CLOSE'} message subtype ${target}`);
   return { target, name: r.cstr() };
 }
-export const encodeDescribe = (target: 'S' | 'P', name: string) => message('D', Buffer.from(target), cstr(name));
-export const encodeClose = (target: 'S' | 'P', name: string) => message('C', Buffer.from(target), cstr(name));
 
 export const encodeQuery = (sql: string) => message('Q', cstr(sql));
 export const SYNC = message('S');
-export const FLUSH = message('H');
 export const TERMINATE = message('X');
 
 // --- server messages the proxy writes ------------------------------------------------------
 
 export const authenticationOk = () => message('R', int32(0));
-export const authenticationCleartext = () => message('R', int32(3));
 export const authenticationSasl = (mechanisms: string[]) => message('R', int32(10), ...mechanisms.map(cstr), Buffer.from([0]));
 export const authenticationSaslContinue = (data: string) => message('R', int32(11), Buffer.from(data));
 export const authenticationSaslFinal = (data: string) => message('R', int32(12), Buffer.from(data));
@@ -103,7 +95,6 @@ export const emptyQueryResponse = () => message('I');
 export const parseComplete = () => message('1');
 export const bindComplete = () => message('2');
 export const closeComplete = () => message('3');
-export const noData = () => message('n');
 
 export function rowDescription(columns: string[]): Buffer {
   // Every column as text (type oid 25), as admin consoles do.
@@ -128,7 +119,6 @@ function fields(severity: Severity, code: string, text: string, detail?: string,
   return out;
 }
 export const errorResponse = (e: PgError) => message('E', ...fields(e.severity, e.code, e.message, e.detail, e.hint));
-export const noticeResponse = (text: string, code = '00000') => message('N', ...fields('NOTICE', code, text));
 
 // --- server messages the proxy looks into --------------------------------------------------
 
@@ -145,7 +135,6 @@ export function decodeErrorFields(f: Frame): Record<string, string> {
 }
 
 export const decodeReadyStatus = (f: Frame) => String.fromCharCode(f.body[0]) as 'I' | 'T' | 'E';
-export const decodeCommandTag = (f: Frame) => new BodyReader(f.body).cstr();
 export function decodeParameterStatus(f: Frame): { name: string; value: string } {
   const r = new BodyReader(f.body);
   return { name: r.cstr(), value: r.cstr() };
