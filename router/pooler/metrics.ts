@@ -74,6 +74,12 @@ function snapshots(): PoolerSnapshot[] {
   return [...live].map((f) => f());
 }
 
+/** Sets one gauge sample per state, summed over every live pooler. */
+function setByState<K extends string>(gauge: client.Gauge, states: K[], pick: (s: PoolerSnapshot) => Record<K, number>): void {
+  const all = snapshots();
+  for (const state of states) gauge.set({ state }, all.reduce((n, s) => n + pick(s)[state], 0));
+}
+
 function ensureMetrics(): void {
   if (waitHistogram) return;
   const existing = metrics.getSingleMetric('mg_pooler_wait_seconds') as unknown as WaitHistogram | undefined;
@@ -89,13 +95,7 @@ function ensureMetrics(): void {
     labelNames: ['state'],
     registers: [metrics],
     collect() {
-      const t = { active: 0, waiting: 0, idle: 0 };
-      for (const s of snapshots()) {
-        t.active += s.clients.active;
-        t.waiting += s.clients.waiting;
-        t.idle += s.clients.idle;
-      }
-      for (const [k, v] of Object.entries(t)) this.set({ state: k }, v);
+      setByState(this, ['active', 'waiting', 'idle'], (s) => s.clients);
     },
   });
   new client.Gauge({
@@ -120,14 +120,7 @@ function ensureMetrics(): void {
     labelNames: ['state'],
     registers: [metrics],
     collect() {
-      const t = { active: 0, idle: 0, resetting: 0, connecting: 0 };
-      for (const s of snapshots()) {
-        t.active += s.servers.active;
-        t.idle += s.servers.idle;
-        t.resetting += s.servers.resetting;
-        t.connecting += s.servers.connecting;
-      }
-      for (const [k, v] of Object.entries(t)) this.set({ state: k }, v);
+      setByState(this, ['active', 'idle', 'resetting', 'connecting'], (s) => s.servers);
     },
   });
   new client.Counter({
