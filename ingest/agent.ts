@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
-import { payload, topologyKey, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import { payload, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
 import type { AgentConfig } from './config.ts';
 import { PostgresInstance, type Probe } from './postgres/instance.ts';
 
@@ -20,6 +20,9 @@ const heartbeats = counter('mg_agent_heartbeats_total', 'Health events published
 const heartbeatsDropped = counter('mg_agent_heartbeats_dropped_total', 'Heartbeats skipped because the previous one was still being published');
 const commandsHandled = counter('mg_agent_commands_total', 'Agent commands handled', ['action', 'status']);
 const replayLag = gauge('mg_agent_replay_lag_bytes', 'Replica replay lag in bytes');
+
+/** Acts on one command addressed to this agent; returns the result message. */
+export type CommandHandler = (cmd: AgentCommand) => Promise<string>;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -38,6 +41,7 @@ export class Agent {
   private inflight: Promise<void> | undefined;
   private commands: Subscription | undefined;
   private loop: Promise<void> | undefined;
+  private readonly handlers = new Map<AgentAction, CommandHandler>();
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
     this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log });
@@ -45,6 +49,7 @@ export class Agent {
     this.publishHealth = this.eventLog.publisher('health');
     this.publishTopology = this.eventLog.publisher('topology');
     this.publishResult = this.eventLog.publisher('agentResults');
+    this.lifecycleCommands();
   }
 
   async start(): Promise<void> {
@@ -193,21 +198,47 @@ export class Agent {
     return this.publishTopology([{ key: topologyKey(event), value: event }]);
   }
 
+  /**
+   * Adds the handler of one command action. Parts of the agent beyond the
+   * lifecycle (CDC streams, the consensus voter) plug in here; a handler's
+   * string is the result message, a throw makes the command FAILED.
+   */
+  handle(action: AgentAction, handler: CommandHandler): void {
+    if (this.handlers.has(action)) throw new Error(`agent command ${action} already has a handler`);
+    this.handlers.set(action, handler);
+  }
+
+  private lifecycleCommands(): void {
+    this.handle('START_POSTGRES', async () => {
+      this.wantRunning = true;
+      await this.lifecycle(() => this.postgres.start());
+      return 'started';
+    });
+    this.handle('STOP_POSTGRES', async (cmd) => {
+      this.wantRunning = false;
+      await this.lifecycle(() => this.postgres.stop(cmd.args.mode === 'immediate' ? 'immediate' : 'fast'));
+      return 'stopped';
+    });
+    this.handle('RESTART_POSTGRES', async () => {
+      this.wantRunning = true;
+      await this.lifecycle(() => this.postgres.restart());
+      return 'restarted';
+    });
+    this.handle('REPORT_HEALTH', async () =>
+      JSON.stringify(await this.postgres.probe(this.cfg.probeTimeoutMs), (_k, v) => (typeof v === 'bigint' ? v.toString() : v)));
+  }
+
   private async onCommand(cmd: AgentCommand): Promise<void> {
     if (cmd.instanceId !== this.cfg.instanceId) return;
     const started = Date.now();
     let status: CommandStatus = 'SUCCEEDED';
-    let message = 'done';
+    let message: string;
+    const handler = this.handlers.get(cmd.action);
     try {
-      switch (cmd.action) {
-        case 'START_POSTGRES': this.wantRunning = true; await this.lifecycle(() => this.postgres.start()); break;
-        case 'STOP_POSTGRES':
-          this.wantRunning = false;
-          await this.lifecycle(() => this.postgres.stop(cmd.args.mode === 'immediate' ? 'immediate' : 'fast'));
-          break;
-        case 'RESTART_POSTGRES': this.wantRunning = true; await this.lifecycle(() => this.postgres.restart()); break;
-        case 'REPORT_HEALTH': message = JSON.stringify(await this.postgres.probe(this.cfg.probeTimeoutMs), (_k, v) => (typeof v === 'bigint' ? v.toString() : v)); break;
-        default: status = 'REJECTED'; message = `unknown action ${String(cmd.action)}`;
+      if (handler) message = await handler(cmd);
+      else {
+        status = 'REJECTED';
+        message = `this agent does not handle ${String(cmd.action)}`;
       }
     } catch (err) {
       status = 'FAILED';

@@ -24,12 +24,16 @@ export interface TestCluster {
   mg(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
 }
 
-/** Ports are spread by `slot` (0..4) so test files never collide; all stay below Linux's ephemeral range (32768+). */
+/**
+ * Ports are spread by `slot` (0..4) so test files never collide; all stay
+ * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
+ * range, so two test runs (e.g. two worktrees) can share a machine.
+ */
 export function testCluster(label: string, slot: number): TestCluster {
   const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), `${label}-`));
   fs.chmodSync(dataDir, 0o755);
   const prefix = uniquePrefix(label);
-  const base = 30_000 + slot * 500;
+  const base = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + slot * 500;
   const settings: Record<string, string | number> = {
     'kafka.bootstrap': bootstrap(), 'registry.url': registryUrl(), 'kafka.topicPrefix': prefix,
     'postgres.basePort': base, 'agent.metricsBasePort': base + 100, 'pooler.basePort': base + 200,
