@@ -8,8 +8,9 @@ export function counter(name: string, help: string, labelNames: string[] = []) {
   return (metrics.getSingleMetric(name) as client.Counter) ?? new client.Counter({ name, help, labelNames, registers: [metrics] });
 }
 
-export function gauge(name: string, help: string, labelNames: string[] = []) {
-  return (metrics.getSingleMetric(name) as client.Gauge) ?? new client.Gauge({ name, help, labelNames, registers: [metrics] });
+/** `collect`, when given, computes the value at scrape time (nothing to keep up to date meanwhile). */
+export function gauge(name: string, help: string, labelNames: string[] = [], collect?: (this: client.Gauge) => void) {
+  return (metrics.getSingleMetric(name) as client.Gauge) ?? new client.Gauge({ name, help, labelNames, registers: [metrics], collect });
 }
 
 export function histogram(name: string, help: string, labelNames: string[] = [], buckets?: number[]) {

@@ -44,6 +44,8 @@ export const clusterSpecSchema = z.object({
     metricsPort: port.default(19300),
     /** How long a query waits for a shard without a serving primary before it fails. */
     bufferWindowMs: z.number().int().min(0).max(300_000).default(10_000),
+    /** Clients beyond this get 53300; default: what the gateway's open-files limit allows. */
+    maxClients: z.number().int().min(1).optional(),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),

@@ -4,7 +4,6 @@
  * is the serving primary of this shard" and "which replicas may serve reads",
  * and lets callers wait for a primary (the buffering primitive).
  */
-import { EventEmitter } from 'node:events';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { gauge } from '../../common/metrics.ts';
 import { applyTopologyEvent, emptyTopology, shardKey, type HealthEvent, type InstanceRegistered, type TopologyState } from '../../schemas/index.ts';
@@ -27,33 +26,39 @@ export interface DiscoveryOptions {
   staleMs?: number;
   /** Replicas lagging more than this are not used for reads. */
   maxReplicaLagSeconds?: number;
-  /** How often freshness is re-evaluated (heartbeats that stop arriving change routing too). */
-  tickMs?: number;
 }
 
-const knownDatabases = gauge('mg_gateway_databases', 'Databases in topology');
-const healthyPrimaries = gauge('mg_gateway_healthy_primaries', 'Shards with a healthy serving primary');
+/** The discoveries whose figures /metrics reports (a process normally has one). */
+const reported = new Set<Discovery>();
+gauge('mg_gateway_databases', 'Databases in topology', [], function () {
+  let n = 0;
+  for (const d of reported) n += d.databases().length;
+  this.set(n);
+});
+gauge('mg_gateway_healthy_primaries', 'Shards with a healthy serving primary', [], function () {
+  let n = 0;
+  for (const d of reported) n += d.healthyPrimaryCount();
+  this.set(n);
+});
 
 interface Seen { health: HealthEvent; at: number }
 
-export class Discovery extends EventEmitter {
+export class Discovery {
   readonly topology: TopologyState = emptyTopology();
   private readonly seen = new Map<string, Seen>();
   private subs: Subscription[] = [];
-  private timer: NodeJS.Timeout | undefined;
   private readonly staleMs: number;
   private readonly maxLagSeconds: number;
   /**
-   * Fingerprint of the routing answers, to emit 'change' only when they change.
-   * Routing queries read the live state; 'change' (which wakes buffered queries)
-   * is evaluated once per tick, since heartbeats that stop coming change routing
-   * too, and so a burst of 40,000 topology events costs a few evaluations, not 40,000.
+   * Buffered queries waiting for a shard's primary, by shard key. A primary
+   * only appears through an event (topology or heartbeat), so waiters are
+   * checked after events, once per batch, and only for the shards waited on:
+   * an idle gateway with 10,000 databases does no work per database.
    */
-  private lastFingerprint = '';
+  private readonly waiters = new Map<string, Set<() => void>>();
+  private checkScheduled = false;
 
-  constructor(private readonly eventLog: EventLog, private readonly opts: DiscoveryOptions = {}) {
-    super();
-    this.setMaxListeners(0);
+  constructor(private readonly eventLog: EventLog, opts: DiscoveryOptions = {}) {
     this.staleMs = opts.staleMs ?? 1_500;
     this.maxLagSeconds = opts.maxReplicaLagSeconds ?? 10;
   }
@@ -63,21 +68,21 @@ export class Discovery extends EventEmitter {
     this.subs = await Promise.all([
       this.eventLog.subscribe('topology', (e) => {
         applyTopologyEvent(this.topology, e);
+        this.scheduleWaiterCheck();
       }),
       this.eventLog.subscribe('health', (h) => {
         const held = this.seen.get(h.instanceId);
         if (held && held.health.ts > h.ts) return; // partitions may deliver an older heartbeat late
         this.seen.set(h.instanceId, { health: h, at: Date.now() });
+        this.scheduleWaiterCheck();
       }, { since: new Date(Date.now() - this.staleMs) }),
     ]);
     await Promise.all(this.subs.map((s) => s.caughtUp));
-    this.timer = setInterval(() => this.reevaluate(), this.opts.tickMs ?? 100);
-    this.timer.unref();
-    this.reevaluate();
+    reported.add(this);
   }
 
   async stop(): Promise<void> {
-    clearInterval(this.timer);
+    reported.delete(this);
     await Promise.all(this.subs.map((s) => s.stop()));
   }
 
@@ -132,10 +137,14 @@ export class Discovery extends EventEmitter {
   waitForPrimary(database: string, shard: string, timeoutMs: number): Promise<Endpoint | undefined> {
     const now = this.primary(database, shard);
     if (now || timeoutMs <= 0) return Promise.resolve(now);
+    const key = shardKey(database, shard);
     return new Promise((resolve) => {
+      const waiting = this.waiters.get(key) ?? new Set();
+      this.waiters.set(key, waiting);
       const done = (ep: Endpoint | undefined) => {
         clearTimeout(timer);
-        this.off('change', check);
+        waiting.delete(check);
+        if (waiting.size === 0) this.waiters.delete(key);
         resolve(ep);
       };
       const check = () => {
@@ -143,8 +152,18 @@ export class Discovery extends EventEmitter {
         if (ep) done(ep);
       };
       const timer = setTimeout(() => done(undefined), timeoutMs);
-      this.on('change', check);
+      waiting.add(check);
     });
+  }
+
+  /** Shards whose primary would take a query now (computed on demand, for /metrics). */
+  healthyPrimaryCount(): number {
+    let n = 0;
+    for (const key of this.topology.primaries.keys()) {
+      const cut = key.lastIndexOf('/');
+      if (this.primary(key.slice(0, cut), key.slice(cut + 1))) n++;
+    }
+    return n;
   }
 
   private serving(inst: InstanceRegistered): boolean {
@@ -156,22 +175,14 @@ export class Discovery extends EventEmitter {
     return !!s && s.health.reachable && s.health.role === role && Date.now() - s.at <= this.staleMs;
   }
 
-  private reevaluate(): void {
-    let fingerprint = '';
-    let primaries = 0;
-    for (const [key, rec] of this.topology.primaries) {
-      const [database, shard] = [key.slice(0, key.lastIndexOf('/')), key.slice(key.lastIndexOf('/') + 1)];
-      const ok = this.primary(database, shard) !== undefined;
-      if (ok) primaries++;
-      fingerprint += `${key}=${ok ? rec.instanceId : '-'};`;
-    }
-    for (const [id, s] of this.seen) fingerprint += `${id}:${s.health.reachable && Date.now() - s.at <= this.staleMs ? s.health.role : 'down'};`;
-    knownDatabases.set(this.topology.databases.size);
-    healthyPrimaries.set(primaries);
-    if (fingerprint !== this.lastFingerprint) {
-      this.lastFingerprint = fingerprint;
-      this.emit('change');
-    }
+  /** After a batch of events, wakes the waiters whose shard has a primary now. */
+  private scheduleWaiterCheck(): void {
+    if (this.waiters.size === 0 || this.checkScheduled) return;
+    this.checkScheduled = true;
+    setImmediate(() => {
+      this.checkScheduled = false;
+      for (const waiting of [...this.waiters.values()]) for (const check of [...waiting]) check();
+    });
   }
 }
 

@@ -4,6 +4,7 @@
  * from Kafka, and hands each client to a session that relays to a pooler.
  */
 import { randomInt } from 'node:crypto';
+import fs from 'node:fs';
 import net from 'node:net';
 import pg from 'pg';
 import type { EventLog } from '../../common/eventlog.ts';
@@ -22,10 +23,29 @@ export interface GatewayOptions {
   requireTls?: boolean;
   /** The role the gateway uses to read SCRAM verifiers (pg_authid) through the poolers. */
   authUser: string;
+  /**
+   * Clients beyond this are refused with 53300, as Postgres words it, before
+   * the process runs out of file descriptors (default: what the fd limit allows).
+   */
+  maxClients?: number;
+}
+
+/** Descriptors each client costs: its socket and its pooler connection. */
+const FDS_PER_CLIENT = 2;
+/** Descriptors kept for Kafka, metrics, verifier lookups and the listener. */
+const RESERVED_FDS = 256;
+
+/** How many clients this process's open-files limit allows. */
+export function defaultMaxClients(): number {
+  const limits = fs.readFileSync('/proc/self/limits', 'utf8');
+  const soft = /^Max open files\s+(\d+|unlimited)/m.exec(limits)?.[1];
+  const fds = soft === undefined || soft === 'unlimited' ? 1_048_576 : Number(soft);
+  return Math.max(1, Math.floor((fds - RESERVED_FDS) / FDS_PER_CLIENT));
 }
 
 const clientsGauge = gauge('mg_gateway_clients', 'Client connections open');
 const accepted = counter('mg_gateway_connections_total', 'Client connections accepted, by outcome', ['outcome']);
+const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client connections refused at maxClients (53300)');
 
 export class Gateway {
   readonly discovery: Discovery;
@@ -34,9 +54,13 @@ export class Gateway {
   /** SCRAM verifiers by (user, database), cached briefly so password changes apply quickly. */
   private readonly verifier = cachedVerifierLookup((user, database) => this.readVerifier(user, database.split('@')[0]));
   private draining = false;
+  /** Client sockets open, authenticated or not. */
+  private open = 0;
+  private readonly maxClients: number;
 
   constructor(eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
+    this.maxClients = opts.maxClients ?? defaultMaxClients();
   }
 
   async start(): Promise<number> {
@@ -49,7 +73,7 @@ export class Gateway {
       this.server!.listen({ host: '127.0.0.1', port: this.opts.port, backlog: 4096 }, resolve);
     });
     const port = (this.server.address() as net.AddressInfo).port;
-    this.log.info({ port }, 'gateway listening');
+    this.log.info({ port, maxClients: this.maxClients }, 'gateway listening');
     return port;
   }
 
@@ -69,6 +93,13 @@ export class Gateway {
       socket.end(errorResponse(new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, 'the gateway is shutting down')));
       return;
     }
+    if (this.open >= this.maxClients) {
+      tooMany.inc();
+      socket.end(errorResponse(new PgError('FATAL', SQLSTATE.TOO_MANY_CONNECTIONS, 'sorry, too many clients already')));
+      return;
+    }
+    this.open++;
+    socket.once('close', () => this.open--);
     const client = await acceptClient(socket, {
       tls: this.opts.tls,
       requireTls: this.opts.requireTls,

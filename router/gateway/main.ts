@@ -20,6 +20,7 @@ const configSchema = z.object({
   /** Directory holding (or receiving a generated self-signed) server.crt and server.key. */
   tlsDir: z.string().optional(),
   requireTls: z.boolean().default(false),
+  maxClients: z.number().int().min(1).optional(),
 }).strict();
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
@@ -36,7 +37,7 @@ const cfg = parsed.data;
 const log = createLogger('gateway');
 const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
 const gateway = new Gateway(eventLog, {
-  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
+  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls, maxClients: cfg.maxClients,
   tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
 }, log);
 const metricsServer = await serveMetrics(cfg.metricsPort);

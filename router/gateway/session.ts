@@ -8,8 +8,9 @@
 import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { FrameReader, type Frame } from '../protocol/frames.ts';
-import { backendKeyData, decodeQuery, decodeReadyStatus, encodeCancel, errorResponse, parameterStatus, readyForQuery } from '../protocol/messages.ts';
+import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
+import { backendKeyData, encodeCancel, errorResponse, parameterStatus, readyForQuery, T } from '../protocol/messages.ts';
+import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import type { Discovery, Endpoint } from './discovery.ts';
 
@@ -20,9 +21,6 @@ const bufferWait = histogram('mg_gateway_buffer_wait_seconds', 'Time queries wai
 const sessionErrors = counter('mg_gateway_session_errors_total', 'Errors the gateway reported to clients', ['sqlstate']);
 const switches = counter('mg_gateway_upstream_switches_total', 'Times a session moved to another pooler (primary change, reconnect)');
 
-const Z = 'Z'.charCodeAt(0);
-const Q = 'Q'.charCodeAt(0);
-const X = 'X'.charCodeAt(0);
 const TARGET_SET = /^\s*set\s+(?:session\s+)?mg\.target\s*(?:=|to)\s*'?(primary|replica)'?\s*;?\s*$/i;
 
 export interface SessionOptions {
@@ -31,12 +29,18 @@ export interface SessionOptions {
   key: { pid: number; secret: number };
 }
 
-export class GatewaySession {
+export class GatewaySession implements Flushable {
   readonly database: string;
   target: Target;
   private upstream: Upstream | undefined;
   private endpoint: Endpoint | undefined;
-  private readonly fromClient = new FrameReader();
+  private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
+  /** What this socket event relays each way; written once when the event's handler returns. */
+  private readonly toServer = new OutBatch();
+  private readonly toClient = new OutBatch();
+  flushQueued = false;
+  private readonly clientSink: MessageSink = { onMessage: (buf, start, len) => this.onClientMessage(buf, start, len) };
+  private readonly serverSink: MessageSink = { onMessage: (buf, start, len) => this.onServerMessage(buf, start, len) };
   /** Transaction status from the last ReadyForQuery: only at 'I' may the session move. */
   private status: 'I' | 'T' | 'E' = 'I';
   /** Client frames held while an upstream is being (re)connected. */
@@ -60,10 +64,10 @@ export class GatewaySession {
     const up = this.upstream!;
     const greeting = [...up.parameters].map(([k, v]) => parameterStatus(k, v));
     this.socket.write(Buffer.concat([...greeting, backendKeyData(this.opts.key.pid, this.opts.key.secret), readyForQuery('I')]));
-    this.socket.on('data', (chunk) => this.onClientData(chunk));
+    this.socket.on('data', (chunk: Buffer) => inEvent(this.onClientData, chunk));
     this.socket.on('close', () => this.end());
     this.socket.on('error', () => this.end());
-    if (pending.length) this.onClientData(pending);
+    if (pending.length) inEvent(this.onClientData, pending);
   }
 
   /** Forwards a cancel request to the pooler the session is using now. */
@@ -119,35 +123,42 @@ export class GatewaySession {
     if (this.upstream) switches.inc();
     this.upstream = up;
     this.endpoint = ep;
-    up.handle((f) => this.onServerFrame(f), () => this.onUpstreamClosed(up));
+    up.handle(this.serverSink, () => this.onUpstreamClosed(up));
   }
 
-  private onClientData(chunk: Buffer): void {
-    this.fromClient.push(chunk);
+  private readonly onClientData = (chunk: Buffer): void => {
     try {
-      for (let f = this.fromClient.next(); f; f = this.fromClient.next()) this.onClientFrame(f);
+      this.fromClient.push(chunk, this.clientSink);
     } catch (err) {
       this.fail(err);
     }
-  }
+  };
 
-  private onClientFrame(f: Frame): void {
-    if (f.type === X) return this.end();
-    if (f.type === Q && this.status === 'I') {
-      const m = TARGET_SET.exec(decodeQuery(f));
+  private onClientMessage(buf: Buffer, start: number, len: number): void {
+    const type = buf[start];
+    if (type === T.Terminate) return this.end();
+    if (type === T.Query && this.status === 'I') {
+      const m = TARGET_SET.exec(buf.toString('utf8', start + 5, start + len - 1));
       if (m) this.target = m[1].toLowerCase() as Target;
     }
     if (this.connecting || this.held.length) {
-      this.held.push(f.raw);
+      this.held.push(buf.subarray(start, start + len));
       return;
     }
     if (this.status === 'I' && !this.routeIsCurrent()) {
-      this.held.push(f.raw);
+      this.held.push(buf.subarray(start, start + len));
       this.reroute();
       return;
     }
-    const up = this.upstream!;
-    if (!up.closed) corked(up.socket).write(f.raw);
+    this.toServer.range(buf, start, start + len);
+    requestFlush(this);
+  }
+
+  flush(): void {
+    const up = this.upstream;
+    if (up && !up.closed) this.toServer.writeTo(up.socket);
+    else this.toServer.clear();
+    this.toClient.writeTo(this.socket);
   }
 
   /**
@@ -185,9 +196,10 @@ export class GatewaySession {
       });
   }
 
-  private onServerFrame(f: Frame): void {
-    if (f.type === Z) this.status = decodeReadyStatus(f);
-    corked(this.socket).write(f.raw);
+  private onServerMessage(buf: Buffer, start: number, len: number): void {
+    if (buf[start] === T.ReadyForQuery) this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
+    this.toClient.range(buf, start, start + len);
+    requestFlush(this);
   }
 
   private onUpstreamClosed(up: Upstream): void {
@@ -210,17 +222,4 @@ export class GatewaySession {
     this.sendError(err instanceof PgError ? new PgError('FATAL', err.code, err.message) : err);
     this.end();
   }
-}
-
-/**
- * Frames that arrive together leave together: the socket is corked for the
- * rest of this tick, so a pipelined batch (Parse/Bind/Describe/Execute/Sync,
- * or a result set) costs one write instead of one per frame.
- */
-function corked(socket: net.Socket): net.Socket {
-  if (socket.writableCorked === 0) {
-    socket.cork();
-    process.nextTick(() => socket.uncork());
-  }
-  return socket;
 }

@@ -5,13 +5,12 @@
  */
 import type net from 'node:net';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { message } from '../protocol/frames.ts';
+import { message, MessageScanner, type MessageSink } from '../protocol/frames.ts';
 import type { ClientSession } from './client.ts';
 import type { PoolerConfig } from './config.ts';
 import type { Pool } from './pool.ts';
-import {
-  commandCompleteMsg, errorMessage, MessageScanner, OutBatch, readyFor, T, typedRowDescription, type Column, type MessageSink,
-} from './wire.ts';
+import { type Column, commandComplete, errorResponse, readyForQuery, rowDescription, T } from '../protocol/messages.ts';
+import { OutBatch } from '../protocol/output.ts';
 
 export interface AdminHost {
   readonly config: PoolerConfig;
@@ -62,8 +61,8 @@ export class AdminSession implements MessageSink {
     const body = Buffer.from(buf.subarray(start + 5, start + len));
     // Commands run one after another (PAUSE waits), answers stay in order.
     this.busy = this.busy.then(() => this.handle(type, body)).catch((err) => {
-      this.write(errorMessage(err instanceof PgError ? err : new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, String(err))));
-      this.write(readyFor('I'));
+      this.write(errorResponse(err instanceof PgError ? err : new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, String(err))));
+      this.write(readyForQuery('I'));
     });
   }
 
@@ -75,7 +74,7 @@ export class AdminSession implements MessageSink {
     }
     if (type === T.Sync) {
       this.skipTillSync = false;
-      this.write(readyFor('I'));
+      this.write(readyForQuery('I'));
       return;
     }
     if (type === T.Query) {
@@ -87,17 +86,17 @@ export class AdminSession implements MessageSink {
         try {
           await this.command(cmd);
         } catch (err) {
-          this.write(errorMessage(err instanceof PgError ? err : new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, String(err))));
+          this.write(errorResponse(err instanceof PgError ? err : new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, String(err))));
           break;
         }
       }
-      this.write(readyFor('I'));
+      this.write(readyForQuery('I'));
       return;
     }
     if (type === T.Flush || type === T.CopyData || type === T.CopyDone || type === T.CopyFail) return;
     if ([T.Parse, T.Bind, T.Describe, T.Execute, T.Close].includes(type as 0x50)) {
       if (!this.skipTillSync) {
-        this.write(errorMessage(new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'the admin console supports only the simple query protocol')));
+        this.write(errorResponse(new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'the admin console supports only the simple query protocol')));
         this.skipTillSync = true;
       }
       return;
@@ -114,25 +113,25 @@ export class AdminSession implements MessageSink {
       const show = this.shows()[what];
       if (!show) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `unsupported SHOW ${arg}; supported: ${HELP}`);
       const [cols, rows] = show();
-      this.write(typedRowDescription(cols));
+      this.write(rowDescription(cols));
       for (const r of rows) this.write(dataRow(r));
-      this.write(commandCompleteMsg('SHOW'));
+      this.write(commandComplete('SHOW'));
       return;
     }
     if (verb === 'PAUSE' && words.length <= 2) {
       await this.host.pause(arg);
-      this.write(commandCompleteMsg('PAUSE'));
+      this.write(commandComplete('PAUSE'));
       return;
     }
     if (verb === 'RESUME' && words.length <= 2) {
       this.host.resume(arg);
-      this.write(commandCompleteMsg('RESUME'));
+      this.write(commandComplete('RESUME'));
       return;
     }
     if (verb === 'RELOAD' && words.length === 1) {
       const notes = await this.host.reload();
       for (const n of notes) this.write(noticeMessage(n));
-      this.write(commandCompleteMsg('RELOAD'));
+      this.write(commandComplete('RELOAD'));
       return;
     }
     throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `invalid admin console command: ${cmd}`, undefined, `Supported: ${HELP}`);
@@ -245,7 +244,7 @@ export class AdminSession implements MessageSink {
   }
 
   private fail(err: PgError): void {
-    this.write(errorMessage(err));
+    this.write(errorResponse(err));
     this.out.writeTo(this.socket);
     this.socket.end();
     this.finish();

@@ -11,19 +11,17 @@
 import { createHash } from 'node:crypto';
 import type net from 'node:net';
 import type { Logger } from '../../common/log.ts';
-import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { message } from '../protocol/frames.ts';
-import { SYNC } from '../protocol/messages.ts';
+import { PgError, PositionedError, SQLSTATE } from '../protocol/errors.ts';
+import { message, MessageScanner, type MessageSink } from '../protocol/frames.ts';
+import { CLOSE_COMPLETE, commandComplete, cstrAt, errorResponse, PARSE_COMPLETE, readyForQuery, SYNC, T } from '../protocol/messages.ts';
 import { classify, syntaxError, type Effect, type PinReason, type StmtEffects } from './classify.ts';
 import type { PoolerConfig } from './config.ts';
 import type { SharedListener } from './listener.ts';
 import type { Pool } from './pool.ts';
 import type { ServerConn, ServerOwner } from './server.ts';
 import { afterResetAll, intern, setConfigSql, Settings, settingsDelta } from './settings.ts';
-import {
-  CLOSE_COMPLETE, commandCompleteMsg, cstrAt, errorMessage, MessageScanner, OutBatch, PARSE_COMPLETE, PositionedError,
-  coarseNow, inEvent, quoteLiteral, readyFor, requestFlush, T, type MessageSink,
-} from './wire.ts';
+import { inEvent, OutBatch, requestFlush } from '../protocol/output.ts';
+import { coarseNow, quoteLiteral } from './text.ts';
 
 /** What a session needs from the pooler around it. */
 export interface SessionServices {
@@ -241,7 +239,7 @@ export class ClientSession implements ServerOwner, MessageSink {
         const err = this.pendingError;
         this.pendingError = null;
         if (type === T.Sync) {
-          this.pushSynth(Buffer.concat([errorMessage(err), readyFor('I')]));
+          this.pushSynth(Buffer.concat([errorResponse(err), readyForQuery('I')]));
           return true;
         }
         this.localError(type, err);
@@ -318,13 +316,13 @@ export class ClientSession implements ServerOwner, MessageSink {
     }
     if (single?.t === 'discardAll' && !this.server && this.pins.size === 0) {
       this.discardAllLocal();
-      this.pushSynth(Buffer.concat([commandCompleteMsg('DISCARD ALL'), readyFor('I')]));
+      this.pushSynth(Buffer.concat([commandComplete('DISCARD ALL'), readyForQuery('I')]));
       return true;
     }
     if (single?.t === 'deallocate' && (single.name === null ? !this.pins.has('prepare') : this.stmts.has(single.name))) {
       // Protocol-level statements share the namespace of SQL DEALLOCATE; they live in the pooler.
       if (this.txnStatus === 'E') {
-        this.pushSynth(() => Buffer.concat([errorMessage(new PgError('ERROR', '25P02', 'current transaction is aborted, commands ignored until end of transaction block')), readyFor('E')]));
+        this.pushSynth(() => Buffer.concat([errorResponse(new PgError('ERROR', '25P02', 'current transaction is aborted, commands ignored until end of transaction block')), readyForQuery('E')]));
         return true;
       }
       if (single.name === null) {
@@ -334,7 +332,7 @@ export class ClientSession implements ServerOwner, MessageSink {
         this.stmts.delete(single.name);
       }
       const tag = single.name === null ? 'DEALLOCATE ALL' : 'DEALLOCATE';
-      this.pushSynth(() => Buffer.concat([commandCompleteMsg(tag), readyFor(this.txnStatus)]));
+      this.pushSynth(() => Buffer.concat([commandComplete(tag), readyForQuery(this.txnStatus)]));
       return true;
     }
     return false;
@@ -554,7 +552,7 @@ export class ClientSession implements ServerOwner, MessageSink {
       this.push(new Entry(K_SYNC));
       this.server.writeRange(buf, start, start + len);
     } else {
-      this.pushSynth(() => readyFor(this.txnStatus));
+      this.pushSynth(() => readyForQuery(this.txnStatus));
     }
     return true;
   }
@@ -587,9 +585,9 @@ export class ClientSession implements ServerOwner, MessageSink {
   /** An error answered without a server connection (so there is no transaction to abort). */
   private localError(type: number, err: PgError): void {
     if (type === T.Query || type === T.FunctionCall || type === T.Sync) {
-      this.pushSynth(() => Buffer.concat([errorMessage(err), readyFor('I')]));
+      this.pushSynth(() => Buffer.concat([errorResponse(err), readyForQuery('I')]));
     } else {
-      this.pushSynth(errorMessage(err));
+      this.pushSynth(errorResponse(err));
       this.skipTillSync = true;
     }
   }
@@ -611,7 +609,7 @@ export class ClientSession implements ServerOwner, MessageSink {
     if (this.state === 'closed') return;
     this.count('client_fatal');
     this.log.debug({ code: err.code, msg: err.message }, 'closing client with error');
-    this.out.add(errorMessage(err.severity === 'FATAL' ? err : new PgError('FATAL', err.code, err.message, err.detail, err.hint)));
+    this.out.add(errorResponse(err.severity === 'FATAL' ? err : new PgError('FATAL', err.code, err.message, err.detail, err.hint)));
     this.flush();
     this.close();
   }
@@ -832,7 +830,7 @@ export class ClientSession implements ServerOwner, MessageSink {
       this.out.range(buf, start, start + len);
       return;
     }
-    if (e.k === K_ERROR) this.out.add(errorMessage(e.rewrite!));
+    if (e.k === K_ERROR) this.out.add(errorResponse(e.rewrite!));
     else this.out.range(buf, start, start + len);
     if (e.k === K_QUERY || e.k === K_FN || e.k === K_SYNC) return; // ReadyForQuery follows
     // An extended-protocol message failed: Postgres skips everything up to Sync.
@@ -1031,11 +1029,11 @@ export class ClientSession implements ServerOwner, MessageSink {
         listener.unlisten(this, null);
         return;
       }
-      const frames = tags.map(commandCompleteMsg);
-      this.pushSynth(simple ? () => Buffer.concat([...frames, readyFor(this.txnStatus)]) : Buffer.concat(frames));
+      const frames = tags.map(commandComplete);
+      this.pushSynth(simple ? () => Buffer.concat([...frames, readyForQuery(this.txnStatus)]) : Buffer.concat(frames));
     }, (err: Error) => {
       const pgErr = err instanceof PgError ? new PgError('ERROR', err.code, err.message) : new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, err.message);
-      if (simple) this.pushSynth(() => Buffer.concat([errorMessage(pgErr), readyFor(this.txnStatus)]));
+      if (simple) this.pushSynth(() => Buffer.concat([errorResponse(pgErr), readyForQuery(this.txnStatus)]));
       else this.errorInBatch(T.Execute, pgErr);
     }).finally(() => {
       this.blocked = false;
@@ -1126,10 +1124,10 @@ export class ClientSession implements ServerOwner, MessageSink {
     this.txnStatus = 'I';
     this.batchStart = 0;
     if (pending.length > 0) {
-      this.send(errorMessage(err));
+      this.send(errorResponse(err));
       if (syncs > 0) {
-        this.send(readyFor('I'));
-        for (let i = 1; i < syncs; i++) this.send(Buffer.concat([errorMessage(err), readyFor('I')]));
+        this.send(readyForQuery('I'));
+        for (let i = 1; i < syncs; i++) this.send(Buffer.concat([errorResponse(err), readyForQuery('I')]));
       } else {
         this.skipTillSync = true;
       }

@@ -8,7 +8,8 @@
 import type { Logger } from '../../common/log.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { ServerConn, type ServerOwner } from './server.ts';
-import { quoteIdent, T } from './wire.ts';
+import { quoteIdent } from './text.ts';
+import { T } from '../protocol/messages.ts';
 
 export interface Subscriber {
   deliverNotification(buf: Buffer): void;

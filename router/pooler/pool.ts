@@ -9,7 +9,7 @@ import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import type { PoolerConfig } from './config.ts';
 import { ServerConn } from './server.ts';
 import { Settings } from './settings.ts';
-import { coarseNow, quoteIdent } from './wire.ts';
+import { coarseNow, quoteIdent } from './text.ts';
 
 export type AcquireCallback = (err: PgError | null, server?: ServerConn) => void;
 

@@ -10,7 +10,7 @@ import type { Logger } from '../../common/log.ts';
 import { listeningPort, serveMetrics } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { FrameReader } from '../protocol/frames.ts';
-import { authenticationOk, backendKeyData, decodeStartup, parameterStatus } from '../protocol/messages.ts';
+import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery } from '../protocol/messages.ts';
 import { AdminSession, type AdminHost } from './admin.ts';
 import { loadParser } from './classify.ts';
 import { ClientSession, type Counters, type SessionServices } from './client.ts';
@@ -20,7 +20,6 @@ import { observeWait, registerPooler, type PoolerSnapshot } from './metrics.ts';
 import { Pool, type PoolContext } from './pool.ts';
 import type { ServerConn } from './server.ts';
 import { settingsDelta, settingsFromStartup, startupSettings, type Settings } from './settings.ts';
-import { errorMessage, negotiateProtocolVersion, readyFor } from './wire.ts';
 
 export const POOLER_VERSION = 'MultiPooler 0.1.0 (multigres-ts)';
 const STARTUP_TIMEOUT_MS = 10_000;
@@ -180,7 +179,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     socket.on('close', () => this.sockets.delete(socket));
     socket.on('error', () => undefined);
     if (this.shuttingDown) {
-      socket.end(errorMessage(new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, 'the database system is shutting down')));
+      socket.end(errorResponse(new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, 'the database system is shutting down')));
       return;
     }
     const reader = new FrameReader({ untyped: true });
@@ -222,7 +221,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
 
   private reject(socket: net.Socket, err: PgError): void {
     const e = err.severity === 'FATAL' ? err : new PgError('FATAL', err.code, err.message, err.detail, err.hint);
-    socket.end(errorMessage(e));
+    socket.end(errorResponse(e));
   }
 
   private cancel(pid: number, secret: number): void {
@@ -394,4 +393,4 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
   }
 }
 
-const readyForQueryIdle = () => readyFor('I');
+const readyForQueryIdle = () => readyForQuery('I');

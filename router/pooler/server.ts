@@ -7,10 +7,11 @@
 import net from 'node:net';
 import type { Logger } from '../../common/log.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { encodeCancel, encodeQuery } from '../protocol/messages.ts';
+import type { MessageSink } from '../protocol/frames.ts';
+import { encodeCancel, encodeQuery, errorFieldsAt, pgErrorFromFields, T } from '../protocol/messages.ts';
+import { OutBatch, requestFlush } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import { intern, Settings } from './settings.ts';
-import { errorFieldsAt, inEvent, MessageScanner, OutBatch, pgErrorFromFields, requestFlush, T, type MessageSink } from './wire.ts';
 
 /** Who receives a server connection's frames while it is checked out. */
 export interface ServerOwner {
@@ -64,7 +65,6 @@ export class ServerConn implements MessageSink {
   fatal?: PgError;
   private internal: InternalOp | null = null;
   private paramsKeyCache: string | null = null;
-  private readonly scanner: MessageScanner;
   private readonly out = new OutBatch();
   flushQueued = false;
   private onClosedCb: (s: ServerConn) => void = () => undefined;
@@ -75,12 +75,9 @@ export class ServerConn implements MessageSink {
     this.pid = up.pid;
     this.secret = up.secret;
     this.params = new Map(up.parameters);
-    this.scanner = new MessageScanner(1024 * 1024 * 1024);
-    this.socket.removeAllListeners('data');
-    this.socket.on('data', (chunk: Buffer) => inEvent(this.onData, chunk));
     this.socket.on('drain', () => this.owner?.onServerDrain());
     this.socket.setKeepAlive(true, 30_000);
-    up.handle(() => undefined, (err) => this.onClose(err));
+    up.handle(this, (err) => this.onClose(err));
   }
 
   static async connect(opts: { host: string; port: number; user: string; database: string; timeoutMs: number; log: Logger }): Promise<ServerConn> {
@@ -187,16 +184,6 @@ export class ServerConn implements MessageSink {
     this.up.destroy();
   }
 
-  private readonly onData = (chunk: Buffer): void => {
-    try {
-      this.scanner.push(chunk, this);
-    } catch (err) {
-      this.log.error({ err, server: this.id }, 'server sent malformed data; closing it');
-      this.fatal = new PgError('ERROR', SQLSTATE.PROTOCOL_VIOLATION, `server connection sent malformed data: ${(err as Error).message}`);
-      this.destroy();
-    }
-  };
-
   onMessage(buf: Buffer, start: number, len: number): void {
     const type = buf[start];
     if (type === T.ParameterStatus) {
@@ -243,6 +230,11 @@ export class ServerConn implements MessageSink {
     if (this.closed) return;
     this.closed = true;
     this.state = 'closed';
+    if (err instanceof PgError && !this.fatal) {
+      // The framing failed (Upstream destroyed the socket): nothing after it can be trusted.
+      this.log.error({ err, server: this.id }, 'server sent malformed data; closing it');
+      this.fatal = new PgError('ERROR', SQLSTATE.PROTOCOL_VIOLATION, `server connection sent malformed data: ${err.message}`);
+    }
     const fatal = this.fatal ?? new PgError('ERROR', SQLSTATE.CONNECTION_FAILURE,
       `server connection to Postgres lost${err ? `: ${err.message}` : ''}`);
     const op = this.internal;

@@ -5,7 +5,7 @@
  * immutable: a change makes a new one, so savepoint snapshots are just references.
  */
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { quoteLiteral, splitOptions } from './wire.ts';
+import { quoteLiteral, splitOptions } from './text.ts';
 
 const interned = new Map<string, string>();
 /** One string object per distinct value, so comparisons on the checkout path are pointer-cheap. */

@@ -28,3 +28,10 @@ export class PgError extends Error {
     super(message);
   }
 }
+
+/** An error pointing at a character of the query (1-based), like Postgres's syntax errors. */
+export class PositionedError extends PgError {
+  constructor(code: string, message: string, readonly position: number) {
+    super('ERROR', code, message);
+  }
+}

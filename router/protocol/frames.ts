@@ -20,43 +20,127 @@ export const DEFAULT_MAX_MESSAGE = 1024 * 1024 * 1024 - 1;
 /** Startup packets are small; Postgres refuses ones over 10000 bytes. */
 const MAX_STARTUP = 10_000;
 
-export class FrameReader {
-  private buf: Buffer = Buffer.alloc(0);
+/**
+ * Pull-style framing for the startup phase (untyped packets) and for code that
+ * is not on the relay path; typed messages are split by MessageScanner.
+ */
+export class FrameReader implements MessageSink {
+  private startup: Buffer = Buffer.alloc(0);
+  private readonly scanner: MessageScanner;
+  private readonly ready: Frame[] = [];
   /** True until the startup-phase messages (which carry no type byte) are over. */
   untyped: boolean;
 
   constructor(opts: { untyped?: boolean; maxMessage?: number } = {}) {
     this.untyped = opts.untyped ?? false;
-    this.maxMessage = opts.maxMessage ?? DEFAULT_MAX_MESSAGE;
+    this.scanner = new MessageScanner(opts.maxMessage ?? DEFAULT_MAX_MESSAGE);
   }
 
-  private readonly maxMessage: number;
-
+  /** Throws PgError on a malformed length. */
   push(chunk: Buffer): void {
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    if (this.untyped) this.startup = this.startup.length === 0 ? chunk : Buffer.concat([this.startup, chunk]);
+    else this.scanner.push(chunk, this);
+  }
+
+  onMessage(buf: Buffer, start: number, len: number): void {
+    this.ready.push(frameAt(buf, start, len));
   }
 
   /** The next complete frame, or undefined until more bytes arrive. Throws PgError on a malformed length. */
   next(): Frame | undefined {
-    const header = this.untyped ? 4 : 5;
-    if (this.buf.length < header) return undefined;
-    const len = this.buf.readInt32BE(header - 4);
-    const limit = this.untyped ? MAX_STARTUP : this.maxMessage;
-    if (len < 4 || len > limit) {
-      throw new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, `invalid ${this.untyped ? 'startup packet' : 'message'} length ${len}`);
-    }
-    const total = len + header - 4;
-    if (this.buf.length < total) return undefined;
-    const raw = this.buf.subarray(0, total);
-    this.buf = this.buf.subarray(total);
-    return { type: this.untyped ? 0 : raw[0], body: raw.subarray(header), raw };
+    if (!this.untyped) return this.ready.shift();
+    if (this.startup.length < 4) return undefined;
+    const len = this.startup.readInt32BE(0);
+    if (len < 4 || len > MAX_STARTUP) throw new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, `invalid startup packet length ${len}`);
+    if (this.startup.length < len) return undefined;
+    const raw = this.startup.subarray(0, len);
+    this.startup = this.startup.subarray(len);
+    return { type: 0, body: raw.subarray(4), raw };
   }
 
-  /** Bytes received but not yet framed (e.g. a TLS handshake that follows SSLRequest). */
+  /** Startup-phase bytes received but not yet framed (e.g. what follows the startup packet). */
   takeRest(): Buffer {
-    const rest = this.buf;
-    this.buf = Buffer.alloc(0);
+    const rest = this.startup;
+    this.startup = Buffer.alloc(0);
     return rest;
+  }
+}
+
+/** A typed message at buf[start, start + len) as a Frame (views, no copy). */
+export function frameAt(buf: Buffer, start: number, len: number): Frame {
+  const raw = buf.subarray(start, start + len);
+  return { type: raw[0], body: raw.subarray(5), raw };
+}
+
+export interface MessageSink {
+  /** buf[start, start + len) is one whole message (type byte, length, body). */
+  onMessage(buf: Buffer, start: number, len: number): void;
+}
+
+/**
+ * Splits a byte stream of typed messages. Complete messages inside a chunk are
+ * handed out in place; a message split across chunks is assembled once, from
+ * the parts, when its last byte arrives (no quadratic re-concatenation).
+ */
+export class MessageScanner {
+  private parts: Buffer[] = [];
+  private have = 0;
+  /** Total size of the message being assembled, once its header is known. */
+  private need = 0;
+
+  constructor(private readonly maxMessage: number) {}
+
+  /** Bytes held for an incomplete message. */
+  get buffered(): number {
+    return this.have;
+  }
+
+  /** Throws PgError (FATAL) on an impossible or oversized length; the stream cannot be resynchronised after that. */
+  push(chunk: Buffer, sink: MessageSink): void {
+    let off = 0;
+    if (this.have > 0) {
+      if (this.need === 0) {
+        const take = Math.min(5 - this.have, chunk.length);
+        this.parts.push(chunk.subarray(0, take));
+        this.have += take;
+        off = take;
+        if (this.have < 5) return;
+        const head = Buffer.concat(this.parts, 5);
+        this.need = this.check(head.readInt32BE(1)) + 1;
+        this.parts = [head];
+      }
+      const take = Math.min(this.need - this.have, chunk.length - off);
+      this.parts.push(chunk.subarray(off, off + take));
+      this.have += take;
+      off += take;
+      if (this.have < this.need) return;
+      const msg = this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts, this.need);
+      this.parts = [];
+      this.have = 0;
+      this.need = 0;
+      sink.onMessage(msg, 0, msg.length);
+    }
+    const n = chunk.length;
+    while (off + 5 <= n) {
+      const total = this.check(chunk.readInt32BE(off + 1)) + 1;
+      if (off + total > n) break;
+      sink.onMessage(chunk, off, total);
+      off += total;
+    }
+    if (off < n) {
+      const rest = chunk.subarray(off);
+      this.parts = [rest];
+      this.have = rest.length;
+      this.need = rest.length >= 5 ? this.check(rest.readInt32BE(1)) + 1 : 0;
+    }
+  }
+
+  private check(len: number): number {
+    if (len < 4) throw new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, `invalid message length ${len}`);
+    if (len > this.maxMessage) {
+      throw new PgError('FATAL', SQLSTATE.PROGRAM_LIMIT_EXCEEDED, `message length ${len} exceeds the maximum of ${this.maxMessage} bytes`);
+    }
+    return len;
   }
 }
 

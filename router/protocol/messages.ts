@@ -5,7 +5,47 @@
  * messages. Relayed traffic stays raw; only what routing needs is decoded.
  */
 import { BodyReader, cstr, int16, int32, message, type Frame } from './frames.ts';
-import { PgError, SQLSTATE, type Severity } from './errors.ts';
+import { PgError, PositionedError, SQLSTATE } from './errors.ts';
+
+/** Message type bytes, by name. */
+export const T = {
+  // client -> server
+  Query: 0x51, // Q
+  Parse: 0x50, // P
+  Bind: 0x42, // B
+  Execute: 0x45, // E
+  Describe: 0x44, // D
+  Close: 0x43, // C
+  Sync: 0x53, // S
+  Flush: 0x48, // H
+  FunctionCall: 0x46, // F
+  CopyData: 0x64, // d
+  CopyDone: 0x63, // c
+  CopyFail: 0x66, // f
+  Terminate: 0x58, // X
+  // server -> client
+  ParseComplete: 0x31, // 1
+  BindComplete: 0x32, // 2
+  CloseComplete: 0x33, // 3
+  ParameterDescription: 0x74, // t
+  RowDescription: 0x54, // T
+  NoData: 0x6e, // n
+  DataRow: 0x44, // D
+  CommandComplete: 0x43, // C
+  EmptyQuery: 0x49, // I
+  PortalSuspended: 0x73, // s
+  ErrorResponse: 0x45, // E
+  NoticeResponse: 0x4e, // N
+  ReadyForQuery: 0x5a, // Z
+  ParameterStatus: 0x53, // S
+  Notification: 0x41, // A
+  CopyInResponse: 0x47, // G
+  CopyOutResponse: 0x48, // H
+  CopyBothResponse: 0x57, // W
+  FunctionCallResponse: 0x56, // V
+  BackendKeyData: 0x4b, // K
+  NegotiateProtocolVersion: 0x76, // v
+} as const;
 
 export const PROTOCOL_3 = 196608;
 export const SSL_REQUEST = 80877103;
@@ -89,16 +129,26 @@ export const authenticationSaslContinue = (data: string) => message('R', int32(1
 export const authenticationSaslFinal = (data: string) => message('R', int32(12), Buffer.from(data));
 export const parameterStatus = (name: string, value: string) => message('S', cstr(name), cstr(value));
 export const backendKeyData = (pid: number, secret: number) => message('K', int32(pid), int32(secret));
-export const readyForQuery = (status: 'I' | 'T' | 'E') => message('Z', Buffer.from(status));
+const READY = { I: message('Z', Buffer.from('I')), T: message('Z', Buffer.from('T')), E: message('Z', Buffer.from('E')) };
+export const readyForQuery = (status: 'I' | 'T' | 'E') => READY[status];
 export const commandComplete = (tag: string) => message('C', cstr(tag));
-export const emptyQueryResponse = () => message('I');
-export const parseComplete = () => message('1');
-export const bindComplete = () => message('2');
-export const closeComplete = () => message('3');
+export const EMPTY_QUERY_RESPONSE = message('I');
+export const PARSE_COMPLETE = message('1');
+export const BIND_COMPLETE = message('2');
+export const CLOSE_COMPLETE = message('3');
+export const NO_DATA = message('n');
 
-export function rowDescription(columns: string[]): Buffer {
-  // Every column as text (type oid 25), as admin consoles do.
-  const fields = columns.map((c) => Buffer.concat([cstr(c), int32(0), int16(0), int32(25), int16(-1), int32(-1), int16(0)]));
+/** NegotiateProtocolVersion: the newest minor version we speak and the options we ignored. */
+export const negotiateProtocolVersion = (minor: number, unsupported: string[]) =>
+  message('v', int32(minor), int32(unsupported.length), ...unsupported.map(cstr));
+
+/** A result column: its name and type oid (default 25, text). */
+export interface Column { name: string; oid?: number }
+export function rowDescription(columns: Column[]): Buffer {
+  const fields = columns.map((c) => {
+    const oid = c.oid ?? 25;
+    return Buffer.concat([cstr(c.name), int32(0), int16(0), int32(oid), int16(oid === 20 ? 8 : -1), int32(-1), int16(0)]);
+  });
   return message('T', int16(columns.length), ...fields);
 }
 
@@ -111,27 +161,51 @@ export function dataRow(values: Array<string | null>): Buffer {
   return message('D', int16(values.length), ...cells);
 }
 
-function fields(severity: Severity, code: string, text: string, detail?: string, hint?: string): Buffer[] {
-  const out = [Buffer.from('S'), cstr(severity), Buffer.from('V'), cstr(severity), Buffer.from('C'), cstr(code), Buffer.from('M'), cstr(text)];
-  if (detail) out.push(Buffer.from('D'), cstr(detail));
-  if (hint) out.push(Buffer.from('H'), cstr(hint));
-  out.push(Buffer.from([0]));
-  return out;
+/** Re-encodes error fields (order kept), e.g. after changing the severity of a relayed error. */
+export function encodeErrorFields(type: 'E' | 'N', fields: Record<string, string>): Buffer {
+  const parts: Buffer[] = [];
+  for (const [k, v] of Object.entries(fields)) parts.push(Buffer.from(k), cstr(v));
+  parts.push(Buffer.from([0]));
+  return message(type, ...parts);
 }
-export const errorResponse = (e: PgError) => message('E', ...fields(e.severity, e.code, e.message, e.detail, e.hint));
+
+/** An ErrorResponse with every field we know (clients read S, V, C, M, D, H, and P for a position). */
+export function errorResponse(e: PgError): Buffer {
+  const fields: Record<string, string> = { S: e.severity, V: e.severity, C: e.code, M: e.message };
+  if (e.detail) fields.D = e.detail;
+  if (e.hint) fields.H = e.hint;
+  if (e instanceof PositionedError) fields.P = String(e.position);
+  return encodeErrorFields('E', fields);
+}
 
 // --- server messages the proxy looks into --------------------------------------------------
 
-/** ErrorResponse / NoticeResponse fields by their one-letter codes (S, V, C, M, D, H, ...). */
-export function decodeErrorFields(f: Frame): Record<string, string> {
-  const r = new BodyReader(f.body);
+/** ErrorResponse/NoticeResponse fields of a message in place. */
+export function errorFieldsAt(buf: Buffer, start: number, len: number): Record<string, string> {
   const out: Record<string, string> = {};
-  for (;;) {
-    const code = r.byte();
+  let at = start + 5;
+  const end = start + len;
+  while (at < end) {
+    const code = buf[at++];
     if (code === 0) break;
-    out[String.fromCharCode(code)] = r.cstr();
+    const nul = buf.indexOf(0, at);
+    if (nul < 0 || nul >= end) break;
+    out[String.fromCharCode(code)] = buf.toString('utf8', at, nul);
+    at = nul + 1;
   }
   return out;
+}
+
+export const decodeErrorFields = (f: Frame) => errorFieldsAt(f.raw, 0, f.raw.length);
+
+export const pgErrorFromFields = (f: Record<string, string>, fallbackCode: string = SQLSTATE.CONNECTION_FAILURE) =>
+  new PgError((f.V ?? f.S ?? 'ERROR') as 'ERROR', f.C ?? fallbackCode, f.M ?? 'server error', f.D, f.H);
+
+/** Reads a NUL-terminated string at `at`; returns [value, offset after the NUL]. */
+export function cstrAt(buf: Buffer, at: number, end: number): [string, number] {
+  const nul = buf.indexOf(0, at);
+  if (nul < 0 || nul >= end) throw new PgError('ERROR', SQLSTATE.PROTOCOL_VIOLATION, 'invalid string in message');
+  return [buf.toString('utf8', at, nul), nul + 1];
 }
 
 export const decodeReadyStatus = (f: Frame) => String.fromCharCode(f.body[0]) as 'I' | 'T' | 'E';

@@ -4,8 +4,9 @@
  */
 import net from 'node:net';
 import { PgError, SQLSTATE } from './errors.ts';
-import { FrameReader, type Frame } from './frames.ts';
+import { DEFAULT_MAX_MESSAGE, frameAt, MessageScanner, type MessageSink } from './frames.ts';
 import { decodeAuthentication, decodeBackendKey, decodeErrorFields, decodeParameterStatus, encodeStartup, TERMINATE } from './messages.ts';
+import { inEvent } from './output.ts';
 
 export interface UpstreamOptions {
   host: string;
@@ -20,8 +21,8 @@ export class Upstream {
   readonly parameters = new Map<string, string>();
   pid = 0;
   secret = 0;
-  private readonly reader = new FrameReader();
-  private onFrame: (f: Frame) => void = () => undefined;
+  private readonly scanner = new MessageScanner(DEFAULT_MAX_MESSAGE);
+  private sink: MessageSink = { onMessage: () => undefined };
   private onClose: (err?: Error) => void = () => undefined;
   closed = false;
   private notified = false;
@@ -44,7 +45,8 @@ export class Upstream {
         `could not connect to ${opts.host}:${opts.port}: ${err.message}`)));
       socket.once('close', () => fail(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, 'server closed the connection during startup')));
       socket.on('connect', () => socket.write(encodeStartup(opts.params)));
-      up.onFrame = (f) => {
+      up.sink = { onMessage: (buf, start, len) => {
+        const f = frameAt(buf, start, len);
         switch (String.fromCharCode(f.type)) {
           case 'R': {
             const { code } = decodeAuthentication(f);
@@ -71,14 +73,17 @@ export class Upstream {
             break;
           default: break; // NoticeResponse during startup: nothing to do
         }
-      };
-      socket.on('data', (chunk) => up.feed(chunk));
+      } };
+      socket.on('data', (chunk) => inEvent(up.feed, chunk));
     });
   }
 
-  /** Where frames go once startup is done. */
-  handle(onFrame: (f: Frame) => void, onClose: (err?: Error) => void): void {
-    this.onFrame = onFrame;
+  /**
+   * Where messages go once startup is done. They arrive inside a socket event
+   * (see output.ts inEvent), so what the sink writes goes out once per event.
+   */
+  handle(sink: MessageSink, onClose: (err?: Error) => void): void {
+    this.sink = sink;
     this.onClose = onClose;
   }
 
@@ -111,19 +116,12 @@ export class Upstream {
     this.onClose(err);
   }
 
-  private feed(chunk: Buffer): void {
-    this.reader.push(chunk);
+  private readonly feed = (chunk: Buffer): void => {
     try {
-      for (let f = this.reader.next(); f; f = this.reader.next()) {
-        if (f.type === 'S'.charCodeAt(0)) {
-          const p = decodeParameterStatus(f);
-          this.parameters.set(p.name, p.value);
-        }
-        this.onFrame(f);
-      }
+      this.scanner.push(chunk, this.sink);
     } catch (err) {
       this.socket.destroy();
       this.close(err as Error);
     }
-  }
+  };
 }

@@ -21,8 +21,8 @@ import { scramKeys } from '../../router/gateway/scram.ts';
 import { loadOrCreateTls, type TlsMaterial } from '../../router/gateway/tls.ts';
 import { FrameReader, int16, int32, message, type Frame } from '../../router/protocol/frames.ts';
 import {
-  backendKeyData, bindComplete, closeComplete, commandComplete, dataRow, decodeBindNames, decodeErrorFields, decodeParse,
-  decodeQuery, decodeTarget, emptyQueryResponse, encodeCancel, encodeStartup, errorResponse, parameterStatus, parseComplete,
+  backendKeyData, BIND_COMPLETE, CLOSE_COMPLETE, commandComplete, dataRow, decodeBindNames, decodeErrorFields, decodeParse,
+  decodeQuery, decodeTarget, EMPTY_QUERY_RESPONSE, encodeCancel, encodeStartup, errorResponse, parameterStatus, PARSE_COMPLETE,
   readyForQuery, rowDescription, SSL_REQUEST, GSSENC_REQUEST,
 } from '../../router/protocol/messages.ts';
 import { PgError } from '../../router/protocol/errors.ts';
@@ -107,7 +107,7 @@ async function startServer(opts: Omit<FrontendOptions, 'lookupVerifier' | 'onCan
   return ts;
 }
 
-const ANSWER = [rowDescription(['answer']), dataRow(['42'])];
+const ANSWER = [rowDescription([{ name: 'answer' }]), dataRow(['42'])];
 
 function serve(client: AuthenticatedClient, session: Session): void {
   const { socket } = client;
@@ -142,19 +142,19 @@ function serve(client: AuthenticatedClient, session: Session): void {
           };
           return;
         }
-        socket.write(Buffer.concat(sql.trim() === '' ? [emptyQueryResponse(), readyForQuery('I')] : [...ANSWER, commandComplete('SELECT 1'), readyForQuery('I')]));
+        socket.write(Buffer.concat(sql.trim() === '' ? [EMPTY_QUERY_RESPONSE, readyForQuery('I')] : [...ANSWER, commandComplete('SELECT 1'), readyForQuery('I')]));
         return;
       }
       case 'P': {
         const p = decodeParse(f);
         statements.set(p.name, p.sql);
-        socket.write(parseComplete());
+        socket.write(PARSE_COMPLETE);
         return;
       }
       case 'B': {
         const b = decodeBindNames(f);
         portals.set(b.portal, statements.get(b.statement) ?? '');
-        socket.write(bindComplete());
+        socket.write(BIND_COMPLETE);
         return;
       }
       case 'D':
@@ -177,7 +177,7 @@ function serve(client: AuthenticatedClient, session: Session): void {
         return;
       }
       case 'C':
-        socket.write(closeComplete());
+        socket.write(CLOSE_COMPLETE);
         return;
       case 'S':
         skipUntilSync = false;

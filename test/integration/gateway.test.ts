@@ -12,7 +12,8 @@ import pg from 'pg';
 import postgres from 'postgres';
 import { testCluster, until } from '../support/cluster.ts';
 
-const cluster = testCluster('gateway', 1);
+const MAX_CLIENTS = 40;
+const cluster = testCluster('gateway', 1, { 'gateway.maxClients': MAX_CLIENTS });
 const { spec, flags, mg } = cluster;
 const [primary, replica1, replica2] = cluster.instances;
 const gatewayPort = spec.gateway.port;
@@ -142,8 +143,30 @@ test('while the primary is down, queries wait at the gateway and go on when it i
   });
 });
 
+test('clients beyond gateway.maxClients get 53300 and the gateway keeps serving', async () => {
+  const open: pg.Client[] = [];
+  let refusal: any;
+  try {
+    for (let i = 0; i <= MAX_CLIENTS && !refusal; i++) {
+      const c = new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres' });
+      await c.connect().then(() => open.push(c), (err) => (refusal = err));
+    }
+    assert.ok(refusal, `client ${MAX_CLIENTS + 1} was accepted`);
+    assert.equal(refusal.code, '53300');
+    assert.match(refusal.message, /sorry, too many clients already/);
+    assert.equal(open.length, MAX_CLIENTS);
+    assert.equal((await one(open[0], 'SELECT 1 AS x')).x, 1);
+    await open.pop()!.end();
+    await until('a slot frees up', 5_000, async () => gw('postgres', async (c) => (await one(c, 'SELECT 2 AS x')).x === 2).catch(() => false));
+  } finally {
+    await Promise.all(open.map((c) => c.end()));
+  }
+});
+
 test('the gateway serves Prometheus metrics', async () => {
   const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   assert.match(text, /^mg_gateway_connections_total\{outcome="ok"\} \d+/m);
   assert.match(text, /^mg_gateway_buffered_queries_total \d+/m);
+  assert.match(text, /^mg_gateway_connections_refused_limit_total [1-9]\d*/m);
+  assert.match(text, /^mg_gateway_healthy_primaries 1$/m);
 });

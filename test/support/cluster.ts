@@ -28,20 +28,22 @@ export interface TestCluster {
  * Ports are spread by `slot` (0..4) so test files never collide; all stay
  * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
  * range, so two test runs (e.g. two worktrees) can share a machine.
+ * `settings` adds or overrides spec fields (`group.field` -> value), as `mg --set` does.
  */
-export function testCluster(label: string, slot: number): TestCluster {
+export function testCluster(label: string, slot: number, settings: Record<string, string | number> = {}): TestCluster {
   const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), `${label}-`));
   fs.chmodSync(dataDir, 0o755);
   const prefix = uniquePrefix(label);
   const base = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + slot * 500;
-  const settings: Record<string, string | number> = {
+  const all: Record<string, string | number> = {
     'kafka.bootstrap': bootstrap(), 'registry.url': registryUrl(), 'kafka.topicPrefix': prefix,
     'postgres.basePort': base, 'agent.metricsBasePort': base + 100, 'pooler.basePort': base + 200,
     'pooler.metricsBasePort': base + 300, 'gateway.port': base + 400, 'gateway.metricsPort': base + 401,
+    ...settings,
   };
-  const flags = ['--data-dir', dataDir, ...Object.entries(settings).flatMap(([k, v]) => ['--set', `${k}=${v}`])];
+  const flags = ['--data-dir', dataDir, ...Object.entries(all).flatMap(([k, v]) => ['--set', `${k}=${v}`])];
   const raw: Record<string, any> = { dataDir };
-  for (const [k, v] of Object.entries(settings)) {
+  for (const [k, v] of Object.entries(all)) {
     const [group, field] = k.split('.');
     (raw[group] ??= {})[field] = v;
   }

@@ -5,7 +5,9 @@ import assert from 'node:assert/strict';
 import { classify, loadParser, prefilter, syntaxError } from '../../router/pooler/classify.ts';
 import { ConfigError, parseConfig } from '../../router/pooler/config.ts';
 import { afterResetAll, setConfigSql, Settings, settingsDelta, settingsFromStartup, startupSettings } from '../../router/pooler/settings.ts';
-import { MessageScanner, OutBatch, quoteLiteral, splitOptions } from '../../router/pooler/wire.ts';
+import { MessageScanner } from '../../router/protocol/frames.ts';
+import { OutBatch } from '../../router/protocol/output.ts';
+import { quoteLiteral, splitOptions } from '../../router/pooler/text.ts';
 
 before(() => loadParser());
 
