@@ -9,7 +9,7 @@ import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { backendKeyData, encodeCancel, errorResponse, parameterStatus, readyForQuery, T } from '../protocol/messages.ts';
+import { backendKeyData, encodeCancel, errorResponse, parameterStatus, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
 import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import type { Discovery, Endpoint } from './discovery.ts';
@@ -48,6 +48,8 @@ export class GatewaySession implements Flushable {
   private connecting: Promise<void> | undefined;
   private ended = false;
   private shardName: string | undefined;
+  /** The session's committed settings as its pooler last reported them ('' until then); handed to the next pooler on a move. */
+  private sessionState = '';
 
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: SessionOptions) {
     const [database, suffix] = (params.database ?? params.user).split('@');
@@ -118,7 +120,7 @@ export class GatewaySession implements Flushable {
   }
 
   private async connectUpstream(ep: Endpoint): Promise<void> {
-    const params = { ...this.params, database: this.database };
+    const params = { ...this.params, database: this.database, [SESSION_STATE_PARAM]: this.sessionState };
     const up = await Upstream.connect({ host: ep.host, port: ep.port, params });
     if (this.upstream) switches.inc();
     this.upstream = up;
@@ -197,7 +199,13 @@ export class GatewaySession implements Flushable {
   }
 
   private onServerMessage(buf: Buffer, start: number, len: number): void {
-    if (buf[start] === T.ReadyForQuery) this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
+    const type = buf[start];
+    if (type === T.ReadyForQuery) this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
+    else if (type === T.ParameterStatus && isSessionState(buf, start)) {
+      const nameEnd = start + 5 + SESSION_STATE_BYTES.length;
+      this.sessionState = buf.toString('utf8', nameEnd + 1, start + len - 1);
+      return;
+    }
     this.toClient.range(buf, start, start + len);
     requestFlush(this);
   }
@@ -222,4 +230,11 @@ export class GatewaySession implements Flushable {
     this.sendError(err instanceof PgError ? new PgError('FATAL', err.code, err.message) : err);
     this.end();
   }
+}
+
+const SESSION_STATE_BYTES = Buffer.from(SESSION_STATE_PARAM);
+/** Is this ParameterStatus the pooler's report of the session's settings (name + NUL)? */
+function isSessionState(buf: Buffer, start: number): boolean {
+  const at = start + 5;
+  return buf[at + SESSION_STATE_BYTES.length] === 0 && SESSION_STATE_BYTES.equals(buf.subarray(at, at + SESSION_STATE_BYTES.length));
 }

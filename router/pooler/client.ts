@@ -13,13 +13,13 @@ import type net from 'node:net';
 import type { Logger } from '../../common/log.ts';
 import { PgError, PositionedError, SQLSTATE } from '../protocol/errors.ts';
 import { message, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { CLOSE_COMPLETE, commandComplete, cstrAt, errorResponse, PARSE_COMPLETE, readyForQuery, SYNC, T } from '../protocol/messages.ts';
+import { CLOSE_COMPLETE, commandComplete, cstrAt, errorResponse, parameterStatus, PARSE_COMPLETE, readyForQuery, SESSION_STATE_PARAM, SYNC, T } from '../protocol/messages.ts';
 import { classify, syntaxError, type Effect, type PinReason, type StmtEffects } from './classify.ts';
 import type { PoolerConfig } from './config.ts';
 import type { SharedListener } from './listener.ts';
 import type { Pool } from './pool.ts';
 import type { ServerConn, ServerOwner } from './server.ts';
-import { afterResetAll, intern, setConfigSql, Settings, settingsDelta } from './settings.ts';
+import { afterResetAll, encodeSessionState, intern, setConfigSql, Settings, settingsDelta } from './settings.ts';
 import { inEvent, OutBatch, requestFlush } from '../protocol/output.ts';
 import { coarseNow, quoteLiteral } from './text.ts';
 
@@ -79,6 +79,13 @@ interface StmtDef {
   unverified?: string;
 }
 
+/**
+ * A client that is a gateway (it sent SESSION_STATE_PARAM): it hears of the
+ * session's committed settings whenever they change, and may hand over the
+ * settings the session had on its previous pooler.
+ */
+export interface GatewayState { carried: Settings | undefined }
+
 /** Bind of a statement name no server has: the server answers with an error and skips to Sync, as for a real error. */
 const ERROR_BIND = message('B', Buffer.from('\0mg__no_such_statement__\0', 'latin1'), Buffer.from([0, 0, 0, 0, 0, 0]));
 const HIGH_WATER = 1024 * 1024;
@@ -130,6 +137,8 @@ export class ClientSession implements ServerOwner, MessageSink {
   private clientPaused = false;
   private reported: Map<string, string>;
   private reportedKey: string;
+  /** For a gateway client: the committed settings it last heard of (null: a plain client, no reports). */
+  private reportedSession: string | null;
   private batchStart = 0;
   private xactStart = 0;
   private lastReady = 0;
@@ -143,12 +152,14 @@ export class ClientSession implements ServerOwner, MessageSink {
     readonly database: string,
     readonly pool: Pool,
     readonly startup: Settings,
+    fromGateway: GatewayState | undefined,
     readonly applicationName: string,
     params: Map<string, string>,
     private readonly svc: SessionServices,
   ) {
-    this.committed = startup;
-    this.working = startup;
+    this.committed = fromGateway?.carried ?? startup;
+    this.working = this.committed;
+    this.reportedSession = fromGateway === undefined ? null : fromGateway.carried?.fp ?? '';
     this.reported = new Map(params);
     this.reportedKey = paramsKeyOf(params);
     this.scanner = new MessageScanner(svc.config.maxMessageBytes);
@@ -316,7 +327,7 @@ export class ClientSession implements ServerOwner, MessageSink {
     }
     if (single?.t === 'discardAll' && !this.server && this.pins.size === 0) {
       this.discardAllLocal();
-      this.pushSynth(Buffer.concat([commandComplete('DISCARD ALL'), readyForQuery('I')]));
+      this.pushSynth(Buffer.concat([commandComplete('DISCARD ALL'), ...this.sessionReport(), readyForQuery('I')]));
       return true;
     }
     if (single?.t === 'deallocate' && (single.name === null ? !this.pins.has('prepare') : this.stmts.has(single.name))) {
@@ -852,9 +863,13 @@ export class ClientSession implements ServerOwner, MessageSink {
   private onReady(e: Entry | undefined, buf: Buffer, start: number, len: number): void {
     if (!e || (e.k !== K_SYNC && e.k !== K_QUERY && e.k !== K_FN)) return this.desync(T.ReadyForQuery);
     this.pop();
-    this.out.range(buf, start, start + len);
     const status = buf[start + 5];
     this.txnStatus = status === 0x49 ? 'I' : status === 0x54 ? 'T' : 'E';
+    if (this.txnStatus === 'I') {
+      this.endOfTransaction();
+      for (const report of this.sessionReport()) this.out.add(report);
+    }
+    this.out.range(buf, start, start + len);
     this.svc.counters.queries++;
     this.pool.stats.queries++;
     if (this.batchStart) {
@@ -862,7 +877,6 @@ export class ClientSession implements ServerOwner, MessageSink {
       this.pool.stats.queryTimeUs += Math.round((this.lastReady - this.batchStart) * 1000);
       this.batchStart = 0;
     }
-    if (this.txnStatus === 'I') this.endOfTransaction();
     const h = this.q[this.qh];
     if (h && h.k === K_SYNTH) this.drainSynth();
     this.scheduleFlush();
@@ -975,6 +989,13 @@ export class ClientSession implements ServerOwner, MessageSink {
   private findSavepoint(name: string): number {
     for (let i = this.savepoints.length - 1; i >= 0; i--) if (this.savepoints[i].name === name) return i;
     return -1;
+  }
+
+  /** A gateway client hears of its committed settings when they change, just before the ReadyForQuery that follows. */
+  private sessionReport(): Buffer[] {
+    if (this.reportedSession === null || this.reportedSession === this.committed.fp) return [];
+    this.reportedSession = this.committed.fp;
+    return [parameterStatus(SESSION_STATE_PARAM, encodeSessionState(this.committed))];
   }
 
   /** Settings after the transaction: kept if it committed, dropped if it failed or rolled back. */

@@ -10,16 +10,16 @@ import type { Logger } from '../../common/log.ts';
 import { listeningPort, serveMetrics } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { FrameReader } from '../protocol/frames.ts';
-import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery } from '../protocol/messages.ts';
+import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery, SESSION_STATE_PARAM } from '../protocol/messages.ts';
 import { AdminSession, type AdminHost } from './admin.ts';
 import { loadParser } from './classify.ts';
-import { ClientSession, type Counters, type SessionServices } from './client.ts';
+import { ClientSession, type Counters, type GatewayState, type SessionServices } from './client.ts';
 import { ConfigError, loadConfigFile, parseConfig, type PoolerConfig, type PoolerConfigInput } from './config.ts';
 import { SharedListener } from './listener.ts';
 import { observeWait, registerPooler, type PoolerSnapshot } from './metrics.ts';
 import { Pool, type PoolContext } from './pool.ts';
 import type { ServerConn } from './server.ts';
-import { settingsDelta, settingsFromStartup, startupSettings, type Settings } from './settings.ts';
+import { decodeSessionState, settingsDelta, settingsFromStartup, startupSettings, type Settings } from './settings.ts';
 
 export const POOLER_VERSION = 'MultiPooler 0.1.0 (multigres-ts)';
 const STARTUP_TIMEOUT_MS = 10_000;
@@ -266,6 +266,13 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
       return this.reject(socket, err as PgError);
     }
     const startup = settingsFromStartup(gucs);
+    let fromGateway: GatewayState | undefined;
+    try {
+      const state = params[SESSION_STATE_PARAM];
+      if (state !== undefined) fromGateway = { carried: state === '' ? undefined : decodeSessionState(state) };
+    } catch (err) {
+      return this.reject(socket, err as PgError);
+    }
     const pool = this.pool(user, database);
     pool.clients++;
     let reported: Map<string, string>;
@@ -281,7 +288,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     let pid = randomInt(1, 0x7fffffff);
     while (this.clientMap.has(pid)) pid = randomInt(1, 0x7fffffff);
     const secret = randomInt(-0x80000000, 0x7fffffff);
-    const c = new ClientSession(socket, pid, secret, user, database, pool, startup, gucs.get('application_name') ?? '', reported, this);
+    const c = new ClientSession(socket, pid, secret, user, database, pool, startup, fromGateway, gucs.get('application_name') ?? '', reported, this);
     pool.clients++;
     this.clientMap.set(pid, c);
     const frames = [...preamble, authenticationOk()];

@@ -5,6 +5,7 @@
  * immutable: a change makes a new one, so savepoint snapshots are just references.
  */
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import { SESSION_STATE_PARAM } from '../protocol/messages.ts';
 import { quoteLiteral, splitOptions } from './text.ts';
 
 const interned = new Map<string, string>();
@@ -71,7 +72,7 @@ export const setConfigSql = (name: string, value: string) =>
   `SELECT pg_catalog.set_config(${quoteLiteral(name)}, ${quoteLiteral(value)}, false)`;
 
 /** Startup keys that are not GUCs. */
-const NOT_GUC = new Set(['user', 'database', 'options', 'replication']);
+const NOT_GUC = new Set(['user', 'database', 'options', 'replication', SESSION_STATE_PARAM]);
 
 /**
  * The session settings a startup packet asks for: every GUC given directly, then
@@ -113,6 +114,22 @@ export function settingsFromStartup(gucs: Map<string, string>): Settings {
   const m = new Map<string, string>();
   for (const [k, v] of gucs) m.set(k, setConfigSql(k, v));
   return new Settings(m);
+}
+
+/** A session's settings as the gateway carries them (see SESSION_STATE_PARAM). */
+export const encodeSessionState = (s: Settings): string => JSON.stringify([...s.map]);
+
+export function decodeSessionState(text: string): Settings {
+  let entries: unknown;
+  try {
+    entries = JSON.parse(text);
+  } catch {
+    entries = null;
+  }
+  if (!Array.isArray(entries) || !entries.every((e) => Array.isArray(e) && e.length === 2 && typeof e[0] === 'string' && typeof e[1] === 'string')) {
+    throw new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, `invalid ${SESSION_STATE_PARAM} startup parameter: expected a JSON list of [name, sql] pairs`);
+  }
+  return new Settings(new Map(entries as Array<[string, string]>));
 }
 
 /** GUCs that RESET ALL leaves alone. */

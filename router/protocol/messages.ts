@@ -48,6 +48,15 @@ export const T = {
 } as const;
 
 export const PROTOCOL_3 = 196608;
+
+/**
+ * Between gateway and pooler only: the gateway sends a session's settings as
+ * this startup parameter (JSON, '[]' for none) and the pooler reports them back
+ * as a ParameterStatus of the same name whenever they change, so a session
+ * keeps its SETs when the gateway moves it to another pooler. Clients never
+ * see it; a client's own value is overwritten.
+ */
+export const SESSION_STATE_PARAM = 'mg.session';
 export const SSL_REQUEST = 80877103;
 export const GSSENC_REQUEST = 80877104;
 export const CANCEL_REQUEST = 80877102;

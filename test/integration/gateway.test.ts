@@ -73,6 +73,20 @@ test('db@replica reads from a streaming replica; SET mg.target switches the next
   });
 });
 
+test('committed SETs follow the session when the gateway moves it to a replica and back; rolled-back ones do not', async () => {
+  await gw('postgres', async (c) => {
+    await c.query("SET statement_timeout = '4321ms'");
+    await c.query('SET search_path = gw_schema, public');
+    await c.query("BEGIN; SET work_mem = '7MB'; ROLLBACK");
+    const settings = "current_setting('statement_timeout') AS st, current_setting('search_path') AS sp, current_setting('work_mem') AS wm";
+    await c.query("SET mg.target = 'replica'");
+    assert.deepEqual(await one(c, `SELECT pg_is_in_recovery() AS r, ${settings}`), { r: true, st: '4321ms', sp: 'gw_schema, public', wm: '4MB' });
+    await c.query('RESET statement_timeout');
+    await c.query("SET mg.target = 'primary'");
+    assert.deepEqual(await one(c, `SELECT pg_is_in_recovery() AS r, ${settings}`), { r: false, st: '0', sp: 'gw_schema, public', wm: '4MB' });
+  });
+});
+
 test('psql through the gateway, with and without TLS', async () => {
   for (const sslmode of ['require', 'disable']) {
     const { stdout } = await run(`${bin}/psql`, ['-d', `dbname=postgres sslmode=${sslmode}`, '-Atc', 'SELECT 40 + 2'], { env });

@@ -4,7 +4,7 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { classify, loadParser, prefilter, syntaxError } from '../../router/pooler/classify.ts';
 import { ConfigError, parseConfig } from '../../router/pooler/config.ts';
-import { afterResetAll, setConfigSql, Settings, settingsDelta, settingsFromStartup, startupSettings } from '../../router/pooler/settings.ts';
+import { afterResetAll, decodeSessionState, encodeSessionState, setConfigSql, Settings, settingsDelta, settingsFromStartup, startupSettings } from '../../router/pooler/settings.ts';
 import { MessageScanner } from '../../router/protocol/frames.ts';
 import { OutBatch } from '../../router/protocol/output.ts';
 import { quoteLiteral, splitOptions } from '../../router/pooler/text.ts';
@@ -138,4 +138,14 @@ test('config validation names the bad field', () => {
     e instanceof ConfigError && /^poolSize: Expected number/.test(e.message));
   assert.throws(() => parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { host: '10.0.0.1', port: 5432 } }), /postgres\.host: must be a loopback/);
   assert.throws(() => parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { port: 5432 }, bogus: 1 }), /Unrecognized key/);
+});
+
+test('session state carried between poolers round-trips, keeps order, and refuses malformed text with 08P01', () => {
+  const s = new Settings(new Map([['search_path', "SET search_path TO 'a, b'"], ['timezone', "SET timezone TO 'UTC'"]]));
+  const back = decodeSessionState(encodeSessionState(s));
+  assert.equal(back.fp, s.fp);
+  assert.deepEqual([...back.map.keys()], ['search_path', 'timezone']);
+  for (const bad of ['', 'not json', '{}', '[["a"]]', '[[1, "x"]]']) {
+    assert.throws(() => decodeSessionState(bad), (e: any) => e.code === '08P01' && /mg\.session/.test(e.message), bad);
+  }
 });
