@@ -46,6 +46,8 @@ export const clusterSpecSchema = z.object({
     bufferWindowMs: z.number().int().min(0).max(300_000).default(10_000),
     /** Clients beyond this get 53300; default: what the gateway's open-files limit allows. */
     maxClients: z.number().int().min(1).optional(),
+    /** Transactions that begin READ ONLY run on a replica (the primary when none is usable). */
+    readOnlyToReplicas: z.boolean().default(false),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),

@@ -48,7 +48,7 @@ async function main(argv: string[]): Promise<void> {
     const eq = kv.indexOf('=');
     if (eq < 1) throw new UsageError(`--set takes path=value, not '${kv}'`);
     const raw = kv.slice(eq + 1);
-    overrides[kv.slice(0, eq)] = raw !== '' && !Number.isNaN(Number(raw)) ? Number(raw) : raw;
+    overrides[kv.slice(0, eq)] = raw === 'true' || raw === 'false' ? raw === 'true' : raw !== '' && !Number.isNaN(Number(raw)) ? Number(raw) : raw;
   }
   if (values['data-dir']) overrides.dataDir = path.resolve(values['data-dir']);
 

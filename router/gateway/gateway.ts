@@ -28,6 +28,8 @@ export interface GatewayOptions {
    * the process runs out of file descriptors (default: what the fd limit allows).
    */
   maxClients?: number;
+  /** Transactions that begin READ ONLY run on a replica. */
+  readOnlyToReplicas?: boolean;
 }
 
 /** Descriptors each client costs: its socket and its pooler connection. */
@@ -114,7 +116,7 @@ export class Gateway {
       return;
     }
     const key = this.newKey();
-    const session = new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key });
+    const session = new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas });
     this.sessions.set(key.pid, { session, secret: key.secret });
     clientsGauge.inc();
     client.socket.once('close', () => {

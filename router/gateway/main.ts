@@ -21,6 +21,7 @@ const configSchema = z.object({
   tlsDir: z.string().optional(),
   requireTls: z.boolean().default(false),
   maxClients: z.number().int().min(1).optional(),
+  readOnlyToReplicas: z.boolean().default(false),
 }).strict();
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
@@ -37,7 +38,7 @@ const cfg = parsed.data;
 const log = createLogger('gateway');
 const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
 const gateway = new Gateway(eventLog, {
-  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls, maxClients: cfg.maxClients,
+  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls, maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas,
   tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
 }, log);
 const metricsServer = await serveMetrics(cfg.metricsPort);

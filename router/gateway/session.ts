@@ -1,9 +1,10 @@
 /**
  * One client of the gateway after authentication: picks the pooler of the
- * shard (primary, or a replica when asked), relays frames both ways, and at
- * transaction boundaries follows the shard's primary when it moves. While the
- * shard has no serving primary, the client's next query waits (buffering)
- * instead of failing.
+ * shard (primary, or a replica when asked), relays messages both ways, and at
+ * idle points (no transaction open, nothing in flight) follows the shard's
+ * primary when it moves. While the shard has no serving primary, the client's
+ * next query waits (buffering) instead of failing. With read-only routing on,
+ * a transaction that begins READ ONLY runs on a replica.
  */
 import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
@@ -19,31 +20,54 @@ export type Target = 'primary' | 'replica';
 const buffered = counter('mg_gateway_buffered_queries_total', 'Queries that waited for a shard primary');
 const bufferWait = histogram('mg_gateway_buffer_wait_seconds', 'Time queries waited for a shard primary', [], [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30]);
 const sessionErrors = counter('mg_gateway_session_errors_total', 'Errors the gateway reported to clients', ['sqlstate']);
-const switches = counter('mg_gateway_upstream_switches_total', 'Times a session moved to another pooler (primary change, reconnect)');
+const switches = counter('mg_gateway_upstream_switches_total', 'Times a session moved to another pooler (primary change, reconnect, read-only routing)');
+const readOnlyRouted = counter('mg_gateway_read_only_transactions_routed_total', 'READ ONLY transactions sent to a replica, by outcome', ['outcome']);
 
 const TARGET_SET = /^\s*set\s+(?:session\s+)?mg\.target\s*(?:=|to)\s*'?(primary|replica)'?\s*;?\s*$/i;
+/** BEGIN / START TRANSACTION whose first statement asks for READ ONLY (not READ WRITE). */
+const READ_ONLY_BEGIN = /^\s*(?:begin|start\s+transaction)\b[^;]*\bread\s+only\b/i;
+/** Messages of an extended-protocol batch, which ends with Sync. */
+const EXTENDED = new Set<number>([T.Parse, T.Bind, T.Describe, T.Execute, T.Close, T.Flush]);
 
 export interface SessionOptions {
   discovery: Discovery;
   bufferWindowMs: number;
   key: { pid: number; secret: number };
+  /** Send transactions that begin READ ONLY to a replica (the primary when none is usable). */
+  readOnlyToReplicas?: boolean;
+}
+
+/** A connection to one pooler, and the session settings it holds. */
+interface Link {
+  up: Upstream;
+  ep: Endpoint;
+  target: Target;
+  /** The committed settings the pooler last reported for this session on this link. */
+  state: string;
 }
 
 export class GatewaySession implements Flushable {
   readonly database: string;
+  /** Where the session's transactions go: set by `db@replica` or SET mg.target. */
   target: Target;
-  private upstream: Upstream | undefined;
-  private endpoint: Endpoint | undefined;
+  /** Where the current (or next) transaction goes: the target, or a replica for a READ ONLY one. */
+  private txTarget: Target;
+  private link: Link | undefined;
+  /** With read-only routing: the other target's link, idle, kept for the next switch. */
+  private parked: Link | undefined;
   private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
   /** What this socket event relays each way; written once when the event's handler returns. */
   private readonly toServer = new OutBatch();
   private readonly toClient = new OutBatch();
   flushQueued = false;
   private readonly clientSink: MessageSink = { onMessage: (buf, start, len) => this.onClientMessage(buf, start, len) };
-  private readonly serverSink: MessageSink = { onMessage: (buf, start, len) => this.onServerMessage(buf, start, len) };
-  /** Transaction status from the last ReadyForQuery: only at 'I' may the session move. */
+  /** Transaction status from the last ReadyForQuery. */
   private status: 'I' | 'T' | 'E' = 'I';
-  /** Client frames held while an upstream is being (re)connected. */
+  /** Queries, Syncs and function calls sent whose ReadyForQuery has not come back: the session may move only at 0. */
+  private inflight = 0;
+  /** An extended-protocol batch (Parse, Bind, ...) has begun and its Sync has not been sent yet. */
+  private inBatch = false;
+  /** Client messages held while an upstream is being (re)connected. */
   private held: Buffer[] = [];
   private connecting: Promise<void> | undefined;
   private ended = false;
@@ -55,6 +79,7 @@ export class GatewaySession implements Flushable {
     const [database, suffix] = (params.database ?? params.user).split('@');
     this.database = database;
     this.target = suffix === 'replica' ? 'replica' : 'primary';
+    this.txTarget = this.target;
   }
 
   /** Connects upstream and tells the client it is ready; throws PgError when it cannot. */
@@ -62,9 +87,8 @@ export class GatewaySession implements Flushable {
     if (!this.opts.discovery.hasDatabase(this.database)) {
       throw new PgError('FATAL', SQLSTATE.INVALID_CATALOG_NAME, `database "${this.database}" does not exist`);
     }
-    await this.connectUpstream(await this.pickEndpoint());
-    const up = this.upstream!;
-    const greeting = [...up.parameters].map(([k, v]) => parameterStatus(k, v));
+    this.link = await this.connect(this.target, await this.pickEndpoint(this.target));
+    const greeting = [...this.link.up.parameters].map(([k, v]) => parameterStatus(k, v));
     this.socket.write(Buffer.concat([...greeting, backendKeyData(this.opts.key.pid, this.opts.key.secret), readyForQuery('I')]));
     this.socket.on('data', (chunk: Buffer) => inEvent(this.onClientData, chunk));
     this.socket.on('close', () => this.end());
@@ -74,17 +98,17 @@ export class GatewaySession implements Flushable {
 
   /** Forwards a cancel request to the pooler the session is using now. */
   cancel(): void {
-    const up = this.upstream;
-    const ep = this.endpoint;
-    if (!up || !ep) return;
-    const s = net.connect({ host: ep.host, port: ep.port }, () => s.end(encodeCancel(up.pid, up.secret)));
+    const link = this.link;
+    if (!link) return;
+    const s = net.connect({ host: link.ep.host, port: link.ep.port }, () => s.end(encodeCancel(link.up.pid, link.up.secret)));
     s.on('error', () => s.destroy());
   }
 
   end(): void {
     if (this.ended) return;
     this.ended = true;
-    this.upstream?.end();
+    this.link?.up.end();
+    this.parked?.up.end();
     this.socket.destroy();
   }
 
@@ -98,11 +122,11 @@ export class GatewaySession implements Flushable {
     return (this.shardName = shards[0].shard);
   }
 
-  /** Where the next transaction should go, waiting for a primary up to the buffer window. */
-  private async pickEndpoint(): Promise<Endpoint> {
+  /** A pooler for the target, waiting for a primary up to the buffer window. */
+  private async pickEndpoint(target: Target): Promise<Endpoint> {
     const shard = this.shard();
     const d = this.opts.discovery;
-    if (this.target === 'replica') {
+    if (target === 'replica') {
       const replicas = d.replicas(this.database, shard);
       if (replicas.length) return replicas[Math.floor(Math.random() * replicas.length)];
       throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no healthy replica of ${this.database}/${shard} within the lag threshold`);
@@ -119,13 +143,12 @@ export class GatewaySession implements Flushable {
     return ep;
   }
 
-  private async connectUpstream(ep: Endpoint): Promise<void> {
+  private async connect(target: Target, ep: Endpoint): Promise<Link> {
     const params = { ...this.params, database: this.database, [SESSION_STATE_PARAM]: this.sessionState };
     const up = await Upstream.connect({ host: ep.host, port: ep.port, params });
-    if (this.upstream) switches.inc();
-    this.upstream = up;
-    this.endpoint = ep;
-    up.handle(this.serverSink, () => this.onUpstreamClosed(up));
+    const link: Link = { up, ep, target, state: this.sessionState };
+    up.handle({ onMessage: (buf, start, len) => this.onServerMessage(link, buf, start, len) }, () => this.onUpstreamClosed(link));
+    return link;
   }
 
   private readonly onClientData = (chunk: Buffer): void => {
@@ -139,15 +162,21 @@ export class GatewaySession implements Flushable {
   private onClientMessage(buf: Buffer, start: number, len: number): void {
     const type = buf[start];
     if (type === T.Terminate) return this.end();
-    if (type === T.Query && this.status === 'I') {
-      const m = TARGET_SET.exec(buf.toString('utf8', start + 5, start + len - 1));
-      if (m) this.target = m[1].toLowerCase() as Target;
+    const idle = this.status === 'I' && this.inflight === 0 && !this.inBatch;
+    if (type === T.Query || type === T.FunctionCall) this.inflight++;
+    else if (type === T.Sync) {
+      this.inflight++;
+      this.inBatch = false;
+    } else if (EXTENDED.has(type)) this.inBatch = true;
+    if (idle) {
+      this.txTarget = this.target;
+      if (type === T.Query) this.routeQuery(buf.toString('utf8', start + 5, start + len - 1));
     }
     if (this.connecting || this.held.length) {
       this.held.push(buf.subarray(start, start + len));
       return;
     }
-    if (this.status === 'I' && !this.routeIsCurrent()) {
+    if (idle && !this.usable(this.link, this.txTarget)) {
       this.held.push(buf.subarray(start, start + len));
       this.reroute();
       return;
@@ -156,65 +185,104 @@ export class GatewaySession implements Flushable {
     requestFlush(this);
   }
 
+  /** At an idle point: a query may change the session's target, or begin a READ ONLY transaction. */
+  private routeQuery(sql: string): void {
+    const set = TARGET_SET.exec(sql);
+    if (set) this.txTarget = this.target = set[1].toLowerCase() as Target;
+    else if (this.opts.readOnlyToReplicas && this.target === 'primary' && READ_ONLY_BEGIN.test(sql)) this.txTarget = 'replica';
+  }
+
   flush(): void {
-    const up = this.upstream;
+    const up = this.link?.up;
     if (up && !up.closed) this.toServer.writeTo(up.socket);
     else this.toServer.clear();
     this.toClient.writeTo(this.socket);
   }
 
   /**
-   * At an idle point: may the next transaction go where the session is
-   * connected? Not if the upstream is gone, or the target is the primary and
-   * the shard's serving primary is elsewhere or missing (then we buffer).
+   * May the transaction go over this link? Not if it is gone, serves another
+   * target, or the target is the primary and the shard's serving primary is
+   * elsewhere or missing (then we buffer).
    */
-  private routeIsCurrent(): boolean {
-    if (!this.upstream || this.upstream.closed) return false;
-    if (this.target === 'replica') return this.endpoint !== undefined && this.opts.discovery.replicaUsable(this.endpoint.instanceId);
-    return this.opts.discovery.primary(this.database, this.shard())?.instanceId === this.endpoint?.instanceId;
+  private usable(link: Link | undefined, target: Target): link is Link {
+    if (!link || link.up.closed || link.target !== target) return false;
+    if (target === 'replica') return this.opts.discovery.replicaUsable(link.ep.instanceId);
+    return this.opts.discovery.primary(this.database, this.shard())?.instanceId === link.ep.instanceId;
   }
 
-  /** Connects to where the target is now (waiting for a primary if needed), then sends the held frames. */
+  /** Moves to a link for txTarget (the parked one if it still fits), then sends the held messages. */
   private reroute(): void {
-    this.connecting = (async () => {
-      const ep = await this.pickEndpoint();
-      if (!this.routeIsCurrent() || ep.instanceId !== this.endpoint?.instanceId) {
-        this.upstream?.end();
-        this.upstream = undefined;
-        await this.connectUpstream(ep);
-      }
-    })()
+    this.connecting = this.switchLink()
       .then(() => {
         const held = this.held;
         this.held = [];
         this.connecting = undefined;
-        for (const raw of held) this.upstream!.write(raw);
+        for (const raw of held) this.link!.up.write(raw);
       })
       .catch((err) => {
         this.connecting = undefined;
         this.held = [];
+        this.inflight = 0;
+        this.inBatch = false;
         this.sendError(err);
         this.socket.write(readyForQuery('I'));
       });
   }
 
-  private onServerMessage(buf: Buffer, start: number, len: number): void {
+  private async switchLink(): Promise<void> {
+    const target = this.txTarget;
+    const parked = this.parked;
+    let next: Link;
+    if (this.usable(parked, target) && parked.state === this.sessionState) {
+      this.parked = undefined;
+      next = parked;
+    } else {
+      const readOnlyFallback = this.opts.readOnlyToReplicas && target === 'replica' && this.target === 'primary';
+      let ep: Endpoint;
+      try {
+        ep = await this.pickEndpoint(target);
+      } catch (err) {
+        if (!readOnlyFallback) throw err;
+        readOnlyRouted.inc({ outcome: 'no_replica' });
+        this.txTarget = 'primary';
+        if (this.usable(this.link, 'primary')) return;
+        ep = await this.pickEndpoint('primary');
+      }
+      next = await this.connect(this.txTarget, ep);
+      switches.inc();
+    }
+    if (next.target === 'replica' && this.target === 'primary') readOnlyRouted.inc({ outcome: 'replica' });
+    const previous = this.link;
+    this.link = next;
+    if (previous && !previous.up.closed && this.opts.readOnlyToReplicas && previous.target !== next.target) {
+      this.parked?.up.end();
+      this.parked = previous;
+    } else {
+      previous?.up.end();
+    }
+  }
+
+  private onServerMessage(link: Link, buf: Buffer, start: number, len: number): void {
+    if (link !== this.link) return; // a parked link is idle; what it says (a shutdown notice) is not for the client now
     const type = buf[start];
-    if (type === T.ReadyForQuery) this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
-    else if (type === T.ParameterStatus && isSessionState(buf, start)) {
+    if (type === T.ReadyForQuery) {
+      this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
+      if (this.inflight > 0) this.inflight--;
+    } else if (type === T.ParameterStatus && isSessionState(buf, start)) {
       const nameEnd = start + 5 + SESSION_STATE_BYTES.length;
-      this.sessionState = buf.toString('utf8', nameEnd + 1, start + len - 1);
+      this.sessionState = link.state = buf.toString('utf8', nameEnd + 1, start + len - 1);
       return;
     }
     this.toClient.range(buf, start, start + len);
     requestFlush(this);
   }
 
-  private onUpstreamClosed(up: Upstream): void {
-    if (up !== this.upstream || this.ended) return;
+  private onUpstreamClosed(link: Link): void {
+    if (link === this.parked) this.parked = undefined;
+    if (link !== this.link || this.ended) return;
     // Idle: the next query reconnects (buffering if the primary is gone). Mid-transaction:
     // the pooler has told the client why (Postgres's own error); the transaction is lost.
-    if (this.status !== 'I') {
+    if (this.status !== 'I' || this.inflight > 0) {
       this.sendError(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, 'lost the connection to the shard in the middle of a transaction'));
       this.end();
     }

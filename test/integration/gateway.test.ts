@@ -13,7 +13,7 @@ import postgres from 'postgres';
 import { testCluster, until } from '../support/cluster.ts';
 
 const MAX_CLIENTS = 40;
-const cluster = testCluster('gateway', 1, { 'gateway.maxClients': MAX_CLIENTS });
+const cluster = testCluster('gateway', 1, { 'gateway.maxClients': MAX_CLIENTS, 'gateway.readOnlyToReplicas': true });
 const { spec, flags, mg } = cluster;
 const [primary, replica1, replica2] = cluster.instances;
 const gatewayPort = spec.gateway.port;
@@ -85,6 +85,27 @@ test('committed SETs follow the session when the gateway moves it to a replica a
     await c.query("SET mg.target = 'primary'");
     assert.deepEqual(await one(c, `SELECT pg_is_in_recovery() AS r, ${settings}`), { r: false, st: '0', sp: 'gw_schema, public', wm: '4MB' });
   });
+});
+
+test('with read-only routing on, transactions that begin READ ONLY run on a replica, with the session\'s settings', async () => {
+  await gw('postgres', async (c) => {
+    const where = async () => (await one(c, "SELECT pg_is_in_recovery() AS r, current_setting('lock_timeout') AS lt")) as { r: boolean; lt: string };
+    await c.query("SET lock_timeout = '1234ms'");
+    await c.query('BEGIN READ ONLY');
+    assert.deepEqual(await where(), { r: true, lt: '1234ms' });
+    await c.query('COMMIT');
+    assert.deepEqual(await where(), { r: false, lt: '1234ms' });
+    await c.query('START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY');
+    assert.equal((await where()).r, true);
+    await c.query('ROLLBACK');
+    await c.query('BEGIN READ WRITE');
+    assert.equal((await where()).r, false);
+    await c.query('INSERT INTO gw_items VALUES (3, $1) ON CONFLICT DO NOTHING', ['three']);
+    await c.query('COMMIT');
+    assert.equal((await c.query('SELECT name FROM gw_items WHERE id = $1', [3])).rows[0].name, 'three');
+  });
+  const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
+  assert.match(text, /^mg_gateway_read_only_transactions_routed_total\{outcome="replica"\} [2-9]/m);
 });
 
 test('psql through the gateway, with and without TLS', async () => {

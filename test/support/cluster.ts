@@ -30,12 +30,12 @@ export interface TestCluster {
  * range, so two test runs (e.g. two worktrees) can share a machine.
  * `settings` adds or overrides spec fields (`group.field` -> value), as `mg --set` does.
  */
-export function testCluster(label: string, slot: number, settings: Record<string, string | number> = {}): TestCluster {
+export function testCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}): TestCluster {
   const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), `${label}-`));
   fs.chmodSync(dataDir, 0o755);
   const prefix = uniquePrefix(label);
   const base = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + slot * 500;
-  const all: Record<string, string | number> = {
+  const all: Record<string, string | number | boolean> = {
     'kafka.bootstrap': bootstrap(), 'registry.url': registryUrl(), 'kafka.topicPrefix': prefix,
     'postgres.basePort': base, 'agent.metricsBasePort': base + 100, 'pooler.basePort': base + 200,
     'pooler.metricsBasePort': base + 300, 'gateway.port': base + 400, 'gateway.metricsPort': base + 401,
