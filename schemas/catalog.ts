@@ -50,6 +50,14 @@ export const topics = {
     valueSchema: 'agent-command-result.avsc',
     doc: 'Outcomes of agent commands, keyed by instance id; commandId links them to the request.',
   },
+  gatewayCancels: {
+    name: 'mg.gateway.cancels.v1',
+    partitions: 1,
+    cleanupPolicy: 'delete',
+    retentionMs: HOUR,
+    valueSchema: 'gateway-cancel.avsc',
+    doc: 'CancelRequests forwarded between gateways (a client may cancel through any gateway); short-lived.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

@@ -3,11 +3,11 @@
  * (TLS, SCRAM-SHA-256 against the cluster's roles), learns the cluster only
  * from Kafka, and hands each client to a session that relays to a pooler.
  */
-import { randomInt } from 'node:crypto';
+import { randomInt, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import pg from 'pg';
-import type { EventLog } from '../../common/eventlog.ts';
+import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
@@ -47,6 +47,7 @@ export function defaultMaxClients(): number {
 
 const clientsGauge = gauge('mg_gateway_clients', 'Client connections open');
 const accepted = counter('mg_gateway_connections_total', 'Client connections accepted, by outcome', ['outcome']);
+const cancels = counter('mg_gateway_cancel_requests_total', 'CancelRequests, by where the session was', ['where']);
 const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client connections refused at maxClients (53300)');
 
 export class Gateway {
@@ -59,15 +60,23 @@ export class Gateway {
   /** Client sockets open, authenticated or not. */
   private open = 0;
   private readonly maxClients: number;
+  /** Names this gateway in forwarded CancelRequests. */
+  readonly id = `gateway-${randomUUID()}`;
+  private readonly publishCancel;
+  private peerCancels: Subscription | undefined;
 
-  constructor(eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
+  constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
+    this.publishCancel = eventLog.publisher('gatewayCancels');
     this.maxClients = opts.maxClients ?? defaultMaxClients();
   }
 
   async start(): Promise<number> {
     if (this.opts.tls) prepareFrontendTls(this.opts.tls); // a bad certificate fails here, not at the first client
     await this.discovery.start();
+    this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
+      if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
+    }, { since: new Date() });
     this.server = net.createServer({ noDelay: true }, (socket) => void this.onConnection(socket));
     this.server.maxConnections = 1_000_000;
     await new Promise<void>((resolve, reject) => {
@@ -86,6 +95,7 @@ export class Gateway {
     const deadline = Date.now() + graceMs;
     while (this.sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     for (const { session } of this.sessions.values()) session.end();
+    await this.peerCancels?.stop();
     await this.discovery.stop();
   }
 
@@ -133,9 +143,25 @@ export class Gateway {
     }
   }
 
+  /**
+   * A key this gateway gave out cancels here; any other may belong to another
+   * gateway (clients may reach any of them), so it goes to all of them through Kafka.
+   */
   private cancel(pid: number, secret: number): void {
+    if (this.cancelLocal(pid, secret)) {
+      cancels.inc({ where: 'local' });
+      return;
+    }
+    cancels.inc({ where: 'forwarded' });
+    this.publishCancel([{ key: String(pid), value: { pid, secret, receivedBy: this.id, ts: new Date() } }])
+      .catch((err) => this.log.warn({ err }, 'could not forward a cancel request to the other gateways'));
+  }
+
+  private cancelLocal(pid: number, secret: number): boolean {
     const s = this.sessions.get(pid);
-    if (s && s.secret === secret) s.session.cancel();
+    if (!s || s.secret !== secret) return false;
+    s.session.cancel();
+    return true;
   }
 
   private newKey(): { pid: number; secret: number } {

@@ -23,6 +23,17 @@ export interface AgentCommand {
   args: Record<string, string>;
 }
 
+/** A CancelRequest that reached a gateway which does not hold the session it names. Every gateway reads these; the one that gave out the key cancels the session's running query. */
+export interface GatewayCancel {
+  /** BackendKeyData process id the gateway gave the client. */
+  pid: number;
+  /** BackendKeyData secret key. */
+  secret: number;
+  /** Id of the gateway the CancelRequest arrived at. */
+  receivedBy: string;
+  ts: Date;
+}
+
 export type Role = 'PRIMARY' | 'REPLICA' | 'UNKNOWN';
 
 /** A heartbeat from the ingest agent beside one Postgres instance. */

@@ -3,14 +3,17 @@
  * postgres.js) through MultiGateway + MultiPooler of a cluster brought up by `mg`.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import postgres from 'postgres';
-import { testCluster, until } from '../support/cluster.ts';
+import { portAnswers } from '../../compose/supervise.ts';
+import { encodeCancel } from '../../router/protocol/messages.ts';
+import { sleep, testCluster, until } from '../support/cluster.ts';
 
 const MAX_CLIENTS = 40;
 const cluster = testCluster('gateway', 1, { 'gateway.maxClients': MAX_CLIENTS, 'gateway.readOnlyToReplicas': true });
@@ -140,6 +143,32 @@ test('postgres.js through the gateway: prepared statements, a transaction, a can
   } finally {
     await sql.end();
   }
+});
+
+test('a cancel sent to a second gateway reaches the query running through the first', async () => {
+  const port = spec.gateway.port + 2;
+  const configFile = path.join(cluster.dataDir, 'gateway-2.json');
+  fs.writeFileSync(configFile, JSON.stringify({
+    port, metricsPort: spec.gateway.port + 3, brokers: spec.kafka.bootstrap!.split(','), registryUrl: spec.registry.url, topicPrefix: cluster.prefix,
+  }));
+  const second = spawn(process.execPath, ['--import', 'tsx', 'router/gateway/main.ts', '--config', configFile], { stdio: 'ignore' });
+  try {
+    await until('the second gateway listens', 30_000, async () => portAnswers(port));
+    await gw('postgres', async (c) => {
+      const { processID, secretKey } = c as unknown as { processID: number; secretKey: number };
+      const slow = c.query('SELECT pg_sleep(20)');
+      await sleep(300);
+      const t0 = Date.now();
+      const s = net.connect({ host: '127.0.0.1', port }, () => s.end(encodeCancel(processID, secretKey)));
+      s.on('error', () => undefined);
+      await assert.rejects(slow, (e: any) => e.code === '57014');
+      assert.ok(Date.now() - t0 < 5_000, `the cancel took ${Date.now() - t0} ms`);
+    });
+  } finally {
+    second.kill('SIGTERM');
+  }
+  const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
+  assert.match(text, /^mg_gateway_cancel_requests_total\{where="from_peer"\} 1$/m);
 });
 
 test('a replica that goes down leaves read routing within about a second', async () => {
