@@ -42,7 +42,8 @@ export async function startPoolers(spec: ClusterSpec, paths: Paths, progress: Pr
 export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
   progress.note(await startService(GATEWAY, 'router/gateway/main.ts', {
     port: spec.gateway.port, metricsPort: spec.gateway.metricsPort, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
-    topicPrefix: spec.kafka.topicPrefix, bufferWindowMs: spec.gateway.bufferWindowMs, maxClients: spec.gateway.maxClients, readOnlyToReplicas: spec.gateway.readOnlyToReplicas, tlsDir: path.join(spec.dataDir, 'tls'),
+    topicPrefix: spec.kafka.topicPrefix, tlsDir: path.join(spec.dataDir, 'tls'), bufferWindowMs: spec.gateway.bufferWindowMs,
+    maxClients: spec.gateway.maxClients, readOnlyToReplicas: spec.gateway.readOnlyToReplicas, releaseIdleLinksAfterMs: spec.gateway.releaseIdleLinksAfterMs,
   }, spec.gateway.port, paths, spec));
 }
 

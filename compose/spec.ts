@@ -48,6 +48,11 @@ export const clusterSpecSchema = z.object({
     maxClients: z.number().int().min(1).optional(),
     /** Transactions that begin READ ONLY run on a replica (the primary when none is usable). */
     readOnlyToReplicas: z.boolean().default(false),
+    /**
+     * A session idle this long whose state can move gives back its pooler
+     * connection (reopened, with its settings, at its next query); 0 never does.
+     */
+    releaseIdleLinksAfterMs: z.number().int().min(0).max(86_400_000).default(30_000),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),

@@ -30,6 +30,8 @@ export interface GatewayOptions {
   maxClients?: number;
   /** Transactions that begin READ ONLY run on a replica. */
   readOnlyToReplicas?: boolean;
+  /** Close the pooler connection of sessions idle this long (and portable); 0 keeps them. */
+  releaseIdleLinksAfterMs?: number;
 }
 
 /** Descriptors each client costs: its socket and its pooler connection. */
@@ -64,6 +66,7 @@ export class Gateway {
   readonly id = `gateway-${randomUUID()}`;
   private readonly publishCancel;
   private peerCancels: Subscription | undefined;
+  private sweeper: NodeJS.Timeout | undefined;
 
   constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
@@ -77,6 +80,14 @@ export class Gateway {
     this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
       if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
     }, { since: new Date() });
+    const releaseAfter = this.opts.releaseIdleLinksAfterMs ?? 0;
+    if (releaseAfter > 0) {
+      this.sweeper = setInterval(() => {
+        const now = performance.now();
+        for (const { session } of this.sessions.values()) session.releaseIdleLink(now, releaseAfter);
+      }, Math.min(1_000, releaseAfter / 2));
+      this.sweeper.unref();
+    }
     this.server = net.createServer({ noDelay: true }, (socket) => void this.onConnection(socket));
     this.server.maxConnections = 1_000_000;
     await new Promise<void>((resolve, reject) => {
@@ -91,6 +102,7 @@ export class Gateway {
   /** Graceful drain: stop accepting, let sessions finish for up to graceMs, then close them. */
   async drain(graceMs = 10_000): Promise<void> {
     this.draining = true;
+    clearInterval(this.sweeper);
     this.server?.close();
     const deadline = Date.now() + graceMs;
     while (this.sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));

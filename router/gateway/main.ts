@@ -22,6 +22,7 @@ const configSchema = z.object({
   requireTls: z.boolean().default(false),
   maxClients: z.number().int().min(1).optional(),
   readOnlyToReplicas: z.boolean().default(false),
+  releaseIdleLinksAfterMs: z.number().int().min(0).default(30_000),
 }).strict();
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
@@ -38,7 +39,7 @@ const cfg = parsed.data;
 const log = createLogger('gateway');
 const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
 const gateway = new Gateway(eventLog, {
-  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls, maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas,
+  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls, maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs,
   tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
 }, log);
 const metricsServer = await serveMetrics(cfg.metricsPort);

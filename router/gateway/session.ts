@@ -10,7 +10,7 @@ import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { backendKeyData, encodeCancel, errorResponse, parameterStatus, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
+import { backendKeyData, encodeCancel, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
 import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import type { Discovery, Endpoint } from './discovery.ts';
@@ -21,6 +21,7 @@ const buffered = counter('mg_gateway_buffered_queries_total', 'Queries that wait
 const bufferWait = histogram('mg_gateway_buffer_wait_seconds', 'Time queries waited for a shard primary', [], [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30]);
 const sessionErrors = counter('mg_gateway_session_errors_total', 'Errors the gateway reported to clients', ['sqlstate']);
 const switches = counter('mg_gateway_upstream_switches_total', 'Times a session moved to another pooler (primary change, reconnect, read-only routing)');
+const linksReleased = counter('mg_gateway_idle_links_released_total', 'Pooler connections closed under idle sessions (reopened at their next query)');
 const readOnlyRouted = counter('mg_gateway_read_only_transactions_routed_total', 'READ ONLY transactions sent to a replica, by outcome', ['outcome']);
 
 const TARGET_SET = /^\s*set\s+(?:session\s+)?mg\.target\s*(?:=|to)\s*'?(primary|replica)'?\s*;?\s*$/i;
@@ -74,6 +75,10 @@ export class GatewaySession implements Flushable {
   private shardName: string | undefined;
   /** The session's committed settings as its pooler last reported them ('' until then); handed to the next pooler on a move. */
   private sessionState = '';
+  /** Whether the pooler last said the session holds nothing that cannot move (see PORTABLE_PARAM). */
+  private portable = true;
+  /** When the session last became idle (performance.now()), or 0 while busy. */
+  private idleSince = performance.now();
 
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: SessionOptions) {
     const [database, suffix] = (params.database ?? params.user).split('@');
@@ -102,6 +107,21 @@ export class GatewaySession implements Flushable {
     if (!link) return;
     const s = net.connect({ host: link.ep.host, port: link.ep.port }, () => s.end(encodeCancel(link.up.pid, link.up.secret)));
     s.on('error', () => s.destroy());
+  }
+
+  /**
+   * Closes the pooler connection of a session idle for at least `afterMs` that
+   * holds nothing that cannot move; its next query reconnects, with its
+   * settings. Idle clients then cost the gateway one descriptor and the pooler none.
+   */
+  releaseIdleLink(now: number, afterMs: number): boolean {
+    if (!this.link || !this.portable || this.idleSince === 0 || now - this.idleSince < afterMs || this.connecting || this.held.length) return false;
+    this.link.up.end();
+    this.link = undefined;
+    this.parked?.up.end();
+    this.parked = undefined;
+    linksReleased.inc();
+    return true;
   }
 
   end(): void {
@@ -163,6 +183,7 @@ export class GatewaySession implements Flushable {
     const type = buf[start];
     if (type === T.Terminate) return this.end();
     const idle = this.status === 'I' && this.inflight === 0 && !this.inBatch;
+    this.idleSince = 0;
     if (type === T.Query || type === T.FunctionCall) this.inflight++;
     else if (type === T.Sync) {
       this.inflight++;
@@ -268,9 +289,12 @@ export class GatewaySession implements Flushable {
     if (type === T.ReadyForQuery) {
       this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
       if (this.inflight > 0) this.inflight--;
-    } else if (type === T.ParameterStatus && isSessionState(buf, start)) {
-      const nameEnd = start + 5 + SESSION_STATE_BYTES.length;
-      this.sessionState = link.state = buf.toString('utf8', nameEnd + 1, start + len - 1);
+      if (this.status === 'I' && this.inflight === 0 && !this.inBatch) this.idleSince = performance.now();
+    } else if (type === T.ParameterStatus && isReport(buf, start, SESSION_STATE_BYTES)) {
+      this.sessionState = link.state = reportValue(buf, start, len, SESSION_STATE_BYTES);
+      return;
+    } else if (type === T.ParameterStatus && isReport(buf, start, PORTABLE_BYTES)) {
+      this.portable = reportValue(buf, start, len, PORTABLE_BYTES) === 'on';
       return;
     }
     this.toClient.range(buf, start, start + len);
@@ -301,8 +325,10 @@ export class GatewaySession implements Flushable {
 }
 
 const SESSION_STATE_BYTES = Buffer.from(SESSION_STATE_PARAM);
-/** Is this ParameterStatus the pooler's report of the session's settings (name + NUL)? */
-function isSessionState(buf: Buffer, start: number): boolean {
+const PORTABLE_BYTES = Buffer.from(PORTABLE_PARAM);
+/** Is this ParameterStatus the pooler's report named `name` (name + NUL)? */
+function isReport(buf: Buffer, start: number, name: Buffer): boolean {
   const at = start + 5;
-  return buf[at + SESSION_STATE_BYTES.length] === 0 && SESSION_STATE_BYTES.equals(buf.subarray(at, at + SESSION_STATE_BYTES.length));
+  return buf[at + name.length] === 0 && name.equals(buf.subarray(at, at + name.length));
 }
+const reportValue = (buf: Buffer, start: number, len: number, name: Buffer) => buf.toString('utf8', start + 5 + name.length + 1, start + len - 1);

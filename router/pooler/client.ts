@@ -13,7 +13,7 @@ import type net from 'node:net';
 import type { Logger } from '../../common/log.ts';
 import { PgError, PositionedError, SQLSTATE } from '../protocol/errors.ts';
 import { message, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { CLOSE_COMPLETE, commandComplete, cstrAt, errorResponse, parameterStatus, PARSE_COMPLETE, readyForQuery, SESSION_STATE_PARAM, SYNC, T } from '../protocol/messages.ts';
+import { CLOSE_COMPLETE, commandComplete, cstrAt, errorResponse, parameterStatus, PARSE_COMPLETE, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, SYNC, T } from '../protocol/messages.ts';
 import { classify, syntaxError, type Effect, type PinReason, type StmtEffects } from './classify.ts';
 import type { PoolerConfig } from './config.ts';
 import type { SharedListener } from './listener.ts';
@@ -139,6 +139,8 @@ export class ClientSession implements ServerOwner, MessageSink {
   private reportedKey: string;
   /** For a gateway client: the committed settings it last heard of (null: a plain client, no reports). */
   private reportedSession: string | null;
+  /** For a gateway client: whether it last heard the session can move to another pooler. */
+  private reportedPortable = true;
   private batchStart = 0;
   private xactStart = 0;
   private lastReady = 0;
@@ -327,7 +329,7 @@ export class ClientSession implements ServerOwner, MessageSink {
     }
     if (single?.t === 'discardAll' && !this.server && this.pins.size === 0) {
       this.discardAllLocal();
-      this.pushSynth(Buffer.concat([commandComplete('DISCARD ALL'), ...this.sessionReport(), readyForQuery('I')]));
+      this.pushSynth(Buffer.concat([commandComplete('DISCARD ALL'), this.readyNow()]));
       return true;
     }
     if (single?.t === 'deallocate' && (single.name === null ? !this.pins.has('prepare') : this.stmts.has(single.name))) {
@@ -343,7 +345,7 @@ export class ClientSession implements ServerOwner, MessageSink {
         this.stmts.delete(single.name);
       }
       const tag = single.name === null ? 'DEALLOCATE ALL' : 'DEALLOCATE';
-      this.pushSynth(() => Buffer.concat([commandComplete(tag), readyForQuery(this.txnStatus)]));
+      this.pushSynth(() => Buffer.concat([commandComplete(tag), this.readyNow()]));
       return true;
     }
     return false;
@@ -563,7 +565,7 @@ export class ClientSession implements ServerOwner, MessageSink {
       this.push(new Entry(K_SYNC));
       this.server.writeRange(buf, start, start + len);
     } else {
-      this.pushSynth(() => readyForQuery(this.txnStatus));
+      this.pushSynth(() => this.readyNow());
     }
     return true;
   }
@@ -991,11 +993,31 @@ export class ClientSession implements ServerOwner, MessageSink {
     return -1;
   }
 
-  /** A gateway client hears of its committed settings when they change, just before the ReadyForQuery that follows. */
+  /** ReadyForQuery for a reply the pooler makes itself, with the session report when idle. */
+  private readyNow(): Buffer {
+    if (this.txnStatus !== 'I') return readyForQuery(this.txnStatus);
+    const report = this.sessionReport();
+    return report.length ? Buffer.concat([...report, readyForQuery('I')]) : readyForQuery('I');
+  }
+
+  /**
+   * A gateway client hears of its committed settings and of whether the
+   * session could move to another pooler, when they change, just before the
+   * ReadyForQuery that follows.
+   */
   private sessionReport(): Buffer[] {
-    if (this.reportedSession === null || this.reportedSession === this.committed.fp) return [];
-    this.reportedSession = this.committed.fp;
-    return [parameterStatus(SESSION_STATE_PARAM, encodeSessionState(this.committed))];
+    if (this.reportedSession === null) return [];
+    const out: Buffer[] = [];
+    if (this.reportedSession !== this.committed.fp) {
+      this.reportedSession = this.committed.fp;
+      out.push(parameterStatus(SESSION_STATE_PARAM, encodeSessionState(this.committed)));
+    }
+    const portable = this.pins.size === 0 && this.stmts.size === 0 && this.listens.size === 0;
+    if (portable !== this.reportedPortable) {
+      this.reportedPortable = portable;
+      out.push(parameterStatus(PORTABLE_PARAM, portable ? 'on' : 'off'));
+    }
+    return out;
   }
 
   /** Settings after the transaction: kept if it committed, dropped if it failed or rolled back. */
@@ -1051,10 +1073,10 @@ export class ClientSession implements ServerOwner, MessageSink {
         return;
       }
       const frames = tags.map(commandComplete);
-      this.pushSynth(simple ? () => Buffer.concat([...frames, readyForQuery(this.txnStatus)]) : Buffer.concat(frames));
+      this.pushSynth(simple ? () => Buffer.concat([...frames, this.readyNow()]) : Buffer.concat(frames));
     }, (err: Error) => {
       const pgErr = err instanceof PgError ? new PgError('ERROR', err.code, err.message) : new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, err.message);
-      if (simple) this.pushSynth(() => Buffer.concat([errorResponse(pgErr), readyForQuery(this.txnStatus)]));
+      if (simple) this.pushSynth(() => Buffer.concat([errorResponse(pgErr), this.readyNow()]));
       else this.errorInBatch(T.Execute, pgErr);
     }).finally(() => {
       this.blocked = false;

@@ -57,6 +57,13 @@ export const PROTOCOL_3 = 196608;
  * see it; a client's own value is overwritten.
  */
 export const SESSION_STATE_PARAM = 'mg.session';
+/**
+ * Reported by the pooler to a gateway like SESSION_STATE_PARAM: 'off' while the
+ * session holds state that cannot move to another pooler (pinned state such as
+ * temp tables, advisory locks, WITH HOLD cursors, LISTEN; named prepared
+ * statements), 'on' again once it holds none. Sessions start 'on'.
+ */
+export const PORTABLE_PARAM = 'mg.portable';
 export const SSL_REQUEST = 80877103;
 export const GSSENC_REQUEST = 80877104;
 export const CANCEL_REQUEST = 80877102;

@@ -16,7 +16,10 @@ import { encodeCancel } from '../../router/protocol/messages.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
 
 const MAX_CLIENTS = 40;
-const cluster = testCluster('gateway', 1, { 'gateway.maxClients': MAX_CLIENTS, 'gateway.readOnlyToReplicas': true });
+const RELEASE_MS = 1_000;
+const cluster = testCluster('gateway', 1, {
+  'gateway.maxClients': MAX_CLIENTS, 'gateway.readOnlyToReplicas': true, 'gateway.releaseIdleLinksAfterMs': RELEASE_MS,
+});
 const { spec, flags, mg } = cluster;
 const [primary, replica1, replica2] = cluster.instances;
 const gatewayPort = spec.gateway.port;
@@ -109,6 +112,22 @@ test('with read-only routing on, transactions that begin READ ONLY run on a repl
   });
   const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   assert.match(text, /^mg_gateway_read_only_transactions_routed_total\{outcome="replica"\} [2-9]/m);
+});
+
+test('an idle session gives back its pooler connection and gets a new one, with its settings; a pinned one keeps it', async () => {
+  const released = async () => Number(/^mg_gateway_idle_links_released_total (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text())?.[1] ?? 0);
+  await gw('postgres', async (plain) => {
+    await gw('postgres', async (pinned) => {
+      await plain.query("SET idle_in_transaction_session_timeout = '54321ms'");
+      await pinned.query('CREATE TEMP TABLE gw_scratch (v int)');
+      await pinned.query('INSERT INTO gw_scratch VALUES (7)');
+      const before = await released();
+      await sleep(RELEASE_MS * 2.5);
+      assert.ok(await released() > before, 'no pooler connection was released');
+      assert.equal((await one(plain, "SELECT current_setting('idle_in_transaction_session_timeout') AS v")).v, '54321ms');
+      assert.equal((await one(pinned, 'SELECT v FROM gw_scratch')).v, 7);
+    });
+  });
 });
 
 test('psql through the gateway, with and without TLS', async () => {
