@@ -20,10 +20,13 @@ export function histogram(name: string, help: string, labelNames: string[] = [],
 /**
  * Serves /metrics (Prometheus text) and /healthz on 127.0.0.1:port (0 picks a
  * free port); returns the server so callers can add routes and learn the port.
+ * `render` replaces this process's registry (e.g. with a cluster aggregate).
  */
-export async function serveMetrics(port: number, healthy: () => boolean = () => true): Promise<FastifyInstance> {
+export async function serveMetrics(
+  port: number, healthy: () => boolean = () => true, render: () => Promise<string> = () => metrics.metrics(),
+): Promise<FastifyInstance> {
   const app = Fastify({ logger: false });
-  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await render()));
   app.get('/healthz', async (_req, reply) => reply.code(healthy() ? 200 : 503).send({ ok: healthy() }));
   await app.listen({ host: '127.0.0.1', port });
   return app;

@@ -53,6 +53,8 @@ export const clusterSpecSchema = z.object({
      * connection (reopened, with its settings, at its next query); 0 never does.
      */
     releaseIdleLinksAfterMs: z.number().int().min(0).max(86_400_000).default(30_000),
+    /** Gateway processes sharing the port: more cores, and a file-descriptor limit each. */
+    workers: z.number().int().min(1).max(64).default(1),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),

@@ -1,4 +1,8 @@
-/** Entry point of the MultiGateway process: `node --import tsx router/gateway/main.ts --config <file>`. */
+/**
+ * Entry point of the MultiGateway: `node --import tsx router/gateway/main.ts --config <file>`.
+ * With `workers` > 1 this process becomes the primary of that many gateway processes.
+ */
+import cluster from 'node:cluster';
 import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
@@ -8,6 +12,7 @@ import { createLogger } from '../../common/log.ts';
 import { serveMetrics } from '../../common/metrics.ts';
 import { Gateway } from './gateway.ts';
 import { loadOrCreateTls } from './tls.ts';
+import { reportMetricsToPrimary, runWorkers } from './workers.ts';
 
 const configSchema = z.object({
   port: z.number().int().min(0).max(65535),
@@ -23,6 +28,8 @@ const configSchema = z.object({
   maxClients: z.number().int().min(1).optional(),
   readOnlyToReplicas: z.boolean().default(false),
   releaseIdleLinksAfterMs: z.number().int().min(0).default(30_000),
+  /** Gateway processes sharing the port (each with its own file-descriptor limit); 1 runs in this process. */
+  workers: z.number().int().min(1).max(64).default(1),
 }).strict();
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
@@ -37,15 +44,26 @@ if (!parsed.success) {
 }
 const cfg = parsed.data;
 const log = createLogger('gateway');
-const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
-const gateway = new Gateway(eventLog, {
-  port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls, maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs,
-  tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
-}, log);
-const metricsServer = await serveMetrics(cfg.metricsPort);
-onShutdown(log, async () => {
-  await gateway.drain();
-  await metricsServer.close();
-  await eventLog.close();
-});
-await gateway.start();
+if (cfg.workers > 1 && cluster.isPrimary) {
+  if (cfg.tlsDir) loadOrCreateTls(cfg.tlsDir); // one certificate, made before the workers read it
+  await runWorkers(cfg.workers, cfg.metricsPort, log);
+} else {
+  await runGateway();
+}
+
+async function runGateway(): Promise<void> {
+  const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
+  const gateway = new Gateway(eventLog, {
+    port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
+    maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs,
+    tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
+  }, log);
+  const metricsServer = cluster.isWorker ? undefined : await serveMetrics(cfg.metricsPort);
+  if (cluster.isWorker) reportMetricsToPrimary();
+  onShutdown(log, async () => {
+    await gateway.drain();
+    await metricsServer?.close();
+    await eventLog.close();
+  });
+  await gateway.start();
+}

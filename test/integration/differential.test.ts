@@ -3,15 +3,18 @@
  * through the gateway (+ pooler) must give exactly the same results: rows as
  * text, column names and types, command tags, errors (SQLSTATE and message),
  * notices and notifications. Each target works in its own schema, set with SET
- * (so transaction pooling must carry it between transactions).
+ * (so transaction pooling must carry it between transactions). The gateway
+ * runs as two worker processes here, so the same holds across its workers.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import { testCluster } from '../support/cluster.ts';
+import { encodeCancel } from '../../router/protocol/messages.ts';
+import { sleep, testCluster } from '../support/cluster.ts';
 
-const cluster = testCluster('diff', 2);
+const cluster = testCluster('diff', 2, { 'gateway.workers': 2 });
 const [primary] = cluster.instances;
 
 before(async () => {
@@ -113,3 +116,22 @@ test('temp tables, cursors, COPY and notifications', () => same('features', [
   'LISTEN diff_channel', `NOTIFY diff_channel, 'payload one'`, `SELECT pg_notify('diff_channel', 'payload two')`, 'UNLISTEN diff_channel',
   'DROP TABLE tmp', 'SELECT count(*) FROM pg_class WHERE relname = \'tmp\' AND relpersistence = \'t\'',
 ]));
+
+test('a two-worker gateway: cancels reach the query whichever worker the cancel lands on; metrics are summed', async () => {
+  const clients = Array.from({ length: 4 }, viaGateway);
+  await Promise.all(clients.map((c) => c.connect()));
+  try {
+    for (const c of clients) {
+      const slow = c.query('SELECT pg_sleep(20)');
+      await sleep(200);
+      const { processID, secretKey } = c as unknown as { processID: number; secretKey: number };
+      const s = net.connect({ host: '127.0.0.1', port: cluster.spec.gateway.port }, () => s.end(encodeCancel(processID, secretKey)));
+      s.on('error', () => undefined);
+      await assert.rejects(slow, (e: any) => e.code === '57014');
+    }
+    const text = await (await fetch(`http://127.0.0.1:${cluster.spec.gateway.metricsPort}/metrics`)).text();
+    assert.match(text, /^mg_gateway_clients 4$/m);
+  } finally {
+    await Promise.all(clients.map((c) => c.end()));
+  }
+});
