@@ -14,7 +14,9 @@
  *  3. Connection scale: 9k, 20k and 50k idle client connections (raw sockets,
  *     startup + SCRAM, from 127.0.0.2.. so ports do not run out) held on one
  *     gateway (and on PgBouncer, for reference) while pgbench -S -c 10 runs:
- *     RSS and the TPS kept.
+ *     RSS and the TPS kept. The gateway here runs --conn-workers processes (4)
+ *     and gives back idle sessions' pooler connections after 2 s; its RSS is
+ *     the sum over its processes.
  *  4. 10,000 databases published to the topology log: a fresh Discovery's
  *     catch-up time, a running gateway applying them live, and the RSS of a
  *     gateway process started on that log.
@@ -48,6 +50,7 @@ const { values: args } = parseArgs({
     quick: { type: 'boolean', default: false },
     only: { type: 'string', default: 'pgbench,profile,conns,dbs' },
     'base-port': { type: 'string', default: '27000' },
+    'conn-workers': { type: 'string', default: '4' },
     out: { type: 'string' },
   },
 });
@@ -67,6 +70,12 @@ let INSTANCE_ID = 'postgres-0-zone1-0';
  * process at NOFILE.hard (20,000) open files, which no level above ~19.9k can pass.
  */
 const CONN_LEVELS = [9_000, 20_000, 50_000];
+/**
+ * The connection-scale gateway runs this many worker processes (each has its own
+ * file-descriptor limit) and gives back idle sessions' pooler connections after 2 s.
+ */
+const CONN_WORKERS = Number(args['conn-workers']);
+const CONN_RELEASE_MS = 2_000;
 
 // ---------------------------------------------------------------- open-file limit
 function nofile(): { soft: number; hard: number } {
@@ -132,6 +141,16 @@ const rssMiB = (pid: number) => {
   const m = s && /VmRSS:\s+(\d+) kB/.exec(s);
   return m ? Number(m[1]) / 1024 : NaN;
 };
+/** A process and its children (a gateway's workers). */
+function processTree(pid: number): number[] {
+  try {
+    const kids = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+    return [pid, ...kids.flatMap(processTree)];
+  } catch {
+    return [pid];
+  }
+}
+const treeRssMiB = (pid: number) => processTree(pid).reduce((a, p) => a + (rssMiB(p) || 0), 0);
 const alive = (pid: number | undefined) => pid !== undefined && procStatus(pid) !== undefined && !/State:\s+Z/.test(procStatus(pid)!);
 /** CPU time of a process in ms: [user, kernel]. */
 function cpuSplitMs(pid: number): [number, number] {
@@ -677,44 +696,56 @@ async function releaseConnections(children: ChildProcess[]): Promise<void> {
 
 async function connectionScale(name: 'pgbouncer' | 'gateway'): Promise<ConnLevel[]> {
   const out: ConnLevel[] = [];
-  const pid = () => (name === 'gateway' ? gatewayPid() : pidFromFile(path.join(pgbDir, 'pgbouncer.pid')));
-  const port = name === 'gateway' ? ports.gateway : ports.pgbouncer;
-  for (const wanted of CONN_LEVELS) {
-    if (!alive(pid())) {
-      say(`  ${name}: not running any more; skipping ${wanted}`);
-      break;
+  // Our side: a gateway of CONN_WORKERS processes on its own port, in front of the cluster's pooler.
+  const own = name === 'gateway' ? await spawnGateway('conns', { workers: CONN_WORKERS, releaseIdleLinksAfterMs: CONN_RELEASE_MS }) : undefined;
+  if (own?.error) {
+    say(`  gateway for the connection scale did not start: ${own.error}`);
+    return out;
+  }
+  try {
+    const pid = () => (name === 'gateway' ? own!.pid : pidFromFile(path.join(pgbDir, 'pgbouncer.pid')));
+    const port = name === 'gateway' ? ports.ownGateway : ports.pgbouncer;
+    const bench = { ...target(name), port };
+    for (const wanted of CONN_LEVELS) {
+      if (!alive(pid())) {
+        say(`  ${name}: not running any more; skipping ${wanted}`);
+        break;
+      }
+      console.log(`\n${name}: pgbench -S -c 10 without idle connections, then ${wanted} idle connections`);
+      const base = await runPgbench(bench, { script: 'select-only', mode: 'simple', clients: 10, seconds: SECONDS }, work, `conn-base-${name}`);
+      const rssIdle = treeRssMiB(pid()!);
+      const poolerRssIdle = name === 'gateway' && poolerPid() ? rssMiB(poolerPid()!) : NaN;
+      const held = await holdConnections(port, wanted);
+      const opened = held.reports.reduce((a, r) => a + r.open, 0);
+      await sleep(CONN_RELEASE_MS * 2); // idle sessions give back their pooler connections
+      const rss = treeRssMiB(pid()!);
+      const poolerRss = name === 'gateway' && poolerPid() ? rssMiB(poolerPid()!) : NaN;
+      // CPU the proxy spends just holding them (no traffic), over 3 s.
+      const proxyPids = [...processTree(pid()!), ...(name === 'gateway' && poolerPid() ? [poolerPid()!] : [])];
+      const c0 = proxyPids.reduce((a, p) => a + cpuMs(p), 0);
+      const tc = performance.now();
+      await sleep(3_000);
+      const heldCpuPct = (100 * (proxyPids.reduce((a, p) => a + cpuMs(p), 0) - c0)) / (performance.now() - tc);
+      console.log(`    holding ${opened}; pgbench -S -c 10 for ${SECONDS} s ...`);
+      const withIdle = await runPgbench(bench, { script: 'select-only', mode: 'simple', clients: 10, seconds: SECONDS }, work, `conn-${name}-${wanted}`);
+      await sleep(500);
+      const stillOpen = held.reports.reduce((a, r) => a + r.open, 0);
+      const level: ConnLevel = {
+        target: name, wanted, opened, failed: held.reports.reduce((a, r) => a + r.failed, 0),
+        firstError: held.reports.map((r) => r.firstError).find((e) => e) ?? null, openSeconds: held.seconds,
+        rssIdleMiB: rssIdle, rssMiB: Math.max(rss, treeRssMiB(pid()!) || 0), poolerRssIdleMiB: poolerRssIdle, poolerRssMiB: poolerRss, heldCpuPct,
+        tpsWithout: base.tps, tpsWith: withIdle.tps, stillOpen, pgbenchError: withIdle.error ?? base.error,
+        aliveAfter: false, probeAfter: undefined,
+      };
+      await releaseConnections(held.children);
+      await sleep(3_000);
+      level.aliveAfter = alive(pid());
+      level.probeAfter = level.aliveAfter ? await probe(port) : 'process gone';
+      out.push(level);
+      console.log(`    opened ${opened}/${wanted} in ${f1(held.seconds)} s, RSS ${f0(level.rssMiB)} MiB, tps ${f0(base.tps)} -> ${f0(withIdle.tps)}${level.firstError ? `; first error: ${level.firstError}` : ''}`);
     }
-    console.log(`\n${name}: pgbench -S -c 10 without idle connections, then ${wanted} idle connections`);
-    const base = await runPgbench(target(name), { script: 'select-only', mode: 'simple', clients: 10, seconds: SECONDS }, work, `conn-base-${name}`);
-    const rssIdle = rssMiB(pid()!);
-    const poolerRssIdle = name === 'gateway' && poolerPid() ? rssMiB(poolerPid()!) : NaN;
-    const held = await holdConnections(port, wanted);
-    const opened = held.reports.reduce((a, r) => a + r.open, 0);
-    const rss = rssMiB(pid()!);
-    const poolerRss = name === 'gateway' && poolerPid() ? rssMiB(poolerPid()!) : NaN;
-    // CPU the proxy spends just holding them (no traffic), over 3 s.
-    const proxyPids = [pid()!, ...(name === 'gateway' && poolerPid() ? [poolerPid()!] : [])];
-    const c0 = proxyPids.reduce((a, p) => a + cpuMs(p), 0);
-    const tc = performance.now();
-    await sleep(3_000);
-    const heldCpuPct = (100 * (proxyPids.reduce((a, p) => a + cpuMs(p), 0) - c0)) / (performance.now() - tc);
-    console.log(`    holding ${opened}; pgbench -S -c 10 for ${SECONDS} s ...`);
-    const withIdle = await runPgbench(target(name), { script: 'select-only', mode: 'simple', clients: 10, seconds: SECONDS }, work, `conn-${name}-${wanted}`);
-    await sleep(500);
-    const stillOpen = held.reports.reduce((a, r) => a + r.open, 0);
-    const level: ConnLevel = {
-      target: name, wanted, opened, failed: held.reports.reduce((a, r) => a + r.failed, 0),
-      firstError: held.reports.map((r) => r.firstError).find((e) => e) ?? null, openSeconds: held.seconds,
-      rssIdleMiB: rssIdle, rssMiB: Math.max(rss, rssMiB(pid()!) || 0), poolerRssIdleMiB: poolerRssIdle, poolerRssMiB: poolerRss, heldCpuPct,
-      tpsWithout: base.tps, tpsWith: withIdle.tps, stillOpen, pgbenchError: withIdle.error ?? base.error,
-      aliveAfter: false, probeAfter: undefined,
-    };
-    await releaseConnections(held.children);
-    await sleep(3_000);
-    level.aliveAfter = alive(pid());
-    level.probeAfter = level.aliveAfter ? await probe(port) : 'process gone';
-    out.push(level);
-    console.log(`    opened ${opened}/${wanted} in ${f1(held.seconds)} s, RSS ${f0(level.rssMiB)} MiB, tps ${f0(base.tps)} -> ${f0(withIdle.tps)}${level.firstError ? `; first error: ${level.firstError}` : ''}`);
+  } finally {
+    await own?.stop();
   }
   return out;
 }
@@ -741,12 +772,12 @@ function connReport(levels: ConnLevel[]): void {
   const g50 = levels.find((l) => l.target === 'gateway' && l.wanted === 50_000);
   if (g50) {
     const verdict = g50.opened < 50_000 ? `MISSED (only ${f0(g50.opened)} opened)` : g50.rssMiB <= 1536 ? 'met' : 'MISSED';
-    say(`- target: 50k connections on one gateway within 1.5 GB: ${f0(g50.opened)} held, RSS ${f0(g50.rssMiB)} MiB: ${verdict}`);
+    say(`- target: 50k connections on one gateway within 1.5 GB: ${f0(g50.opened)} held, RSS ${f0(g50.rssMiB)} MiB (${CONN_WORKERS} worker processes summed): ${verdict}`);
   }
 }
 
 // ---------------------------------------------------------------- 3. 10,000 databases
-async function spawnGateway(label: string): Promise<{ pid?: number; listenMs: number; error?: string; stop(): Promise<void> }> {
+async function spawnGateway(label: string, settings: Record<string, unknown> = {}): Promise<{ pid?: number; listenMs: number; error?: string; stop(): Promise<void> }> {
   const clusterCfg = path.join(dataDir, 'config', 'gateway.json');
   const cfg: Record<string, unknown> = fs.existsSync(clusterCfg)
     ? JSON.parse(fs.readFileSync(clusterCfg, 'utf8'))
@@ -754,6 +785,7 @@ async function spawnGateway(label: string): Promise<{ pid?: number; listenMs: nu
       brokers: [`127.0.0.1:${ports.kafka}`], registryUrl: `http://127.0.0.1:${ports.registry}`, topicPrefix: '',
       bufferWindowMs: 10_000, tlsDir: path.join(dataDir, 'tls'),
     };
+  Object.assign(cfg, settings);
   cfg.port = ports.ownGateway;
   cfg.metricsPort = ports.ownGatewayMetrics;
   const file = path.join(work, `gateway-${label}.json`);

@@ -14,7 +14,7 @@ import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorResponse } from '../protocol/messages.ts';
 import { Discovery } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
-import { GatewaySession } from './session.ts';
+import { GatewaySession, openLinks } from './session.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -23,10 +23,7 @@ export interface GatewayOptions {
   requireTls?: boolean;
   /** The role the gateway uses to read SCRAM verifiers (pg_authid) through the poolers. */
   authUser: string;
-  /**
-   * Clients beyond this are refused with 53300, as Postgres words it, before
-   * the process runs out of file descriptors (default: what the fd limit allows).
-   */
+  /** Clients beyond this are refused with 53300, as Postgres words it (default: no limit but descriptors). */
   maxClients?: number;
   /** Transactions that begin READ ONLY run on a replica. */
   readOnlyToReplicas?: boolean;
@@ -34,17 +31,15 @@ export interface GatewayOptions {
   releaseIdleLinksAfterMs?: number;
 }
 
-/** Descriptors each client costs: its socket and its pooler connection. */
-const FDS_PER_CLIENT = 2;
-/** Descriptors kept for Kafka, metrics, verifier lookups and the listener. */
-const RESERVED_FDS = 256;
+/** Descriptors kept for Kafka, metrics, verifier lookups, the listener, and links that idle sessions reopen. */
+const RESERVED_FDS = 512;
 
-/** How many clients this process's open-files limit allows. */
-export function defaultMaxClients(): number {
+/** Descriptors this process may spend on clients and their pooler connections. */
+export function descriptorBudget(): number {
   const limits = fs.readFileSync('/proc/self/limits', 'utf8');
   const soft = /^Max open files\s+(\d+|unlimited)/m.exec(limits)?.[1];
   const fds = soft === undefined || soft === 'unlimited' ? 1_048_576 : Number(soft);
-  return Math.max(1, Math.floor((fds - RESERVED_FDS) / FDS_PER_CLIENT));
+  return Math.max(2, fds - RESERVED_FDS);
 }
 
 const clientsGauge = gauge('mg_gateway_clients', 'Client connections open');
@@ -62,6 +57,7 @@ export class Gateway {
   /** Client sockets open, authenticated or not. */
   private open = 0;
   private readonly maxClients: number;
+  private readonly fdBudget = descriptorBudget();
   /** Names this gateway in forwarded CancelRequests. */
   readonly id = `gateway-${randomUUID()}`;
   private readonly publishCancel;
@@ -71,7 +67,7 @@ export class Gateway {
   constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
     this.publishCancel = eventLog.publisher('gatewayCancels');
-    this.maxClients = opts.maxClients ?? defaultMaxClients();
+    this.maxClients = opts.maxClients ?? Infinity;
   }
 
   async start(): Promise<number> {
@@ -95,7 +91,7 @@ export class Gateway {
       this.server!.listen({ host: '127.0.0.1', port: this.opts.port, backlog: 4096 }, resolve);
     });
     const port = (this.server.address() as net.AddressInfo).port;
-    this.log.info({ port, maxClients: this.maxClients }, 'gateway listening');
+    this.log.info({ port, maxClients: this.maxClients, descriptors: this.fdBudget }, 'gateway listening');
     return port;
   }
 
@@ -117,7 +113,9 @@ export class Gateway {
       socket.end(errorResponse(new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, 'the gateway is shutting down')));
       return;
     }
-    if (this.open >= this.maxClients) {
+    // A new client costs its socket and, until it idles, a pooler connection: refuse it cleanly
+    // rather than let the process run out of descriptors (EMFILE) for everyone.
+    if (this.open >= this.maxClients || this.open + openLinks() + 2 > this.fdBudget) {
       tooMany.inc();
       socket.end(errorResponse(new PgError('FATAL', SQLSTATE.TOO_MANY_CONNECTIONS, 'sorry, too many clients already')));
       return;

@@ -38,6 +38,10 @@ export interface SessionOptions {
   readOnlyToReplicas?: boolean;
 }
 
+let links = 0;
+/** Pooler connections open in this process (each is a file descriptor). */
+export const openLinks = () => links;
+
 /** A connection to one pooler, and the session settings it holds. */
 interface Link {
   up: Upstream;
@@ -166,6 +170,8 @@ export class GatewaySession implements Flushable {
   private async connect(target: Target, ep: Endpoint): Promise<Link> {
     const params = { ...this.params, database: this.database, [SESSION_STATE_PARAM]: this.sessionState };
     const up = await Upstream.connect({ host: ep.host, port: ep.port, params });
+    links++;
+    up.socket.once('close', () => links--);
     const link: Link = { up, ep, target, state: this.sessionState };
     up.handle({ onMessage: (buf, start, len) => this.onServerMessage(link, buf, start, len) }, () => this.onUpstreamClosed(link));
     return link;
