@@ -4,7 +4,7 @@
  * catalog, a caught-up signal, and dead-lettering of undecodable messages.
  */
 import { randomUUID } from 'node:crypto';
-import { Kafka, logLevel, Partitioners, type Consumer, type Producer, type IHeaders } from 'kafkajs';
+import { Kafka, logLevel, Partitioners, type Admin, type Consumer, type Producer, type IHeaders } from 'kafkajs';
 import {
   codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicName, type TopicSpec, type TopicValues,
 } from '../schemas/index.ts';
@@ -68,6 +68,19 @@ async function whileRetriable<T>(request: () => Promise<T>, attempts = 30): Prom
   }
 }
 
+/**
+ * Waits until every partition of the topics has a leader. kafkajs's own wait
+ * gives up on UNKNOWN_TOPIC_OR_PARTITION, which a loaded KRaft broker answers
+ * for a moment after it created the topic.
+ */
+async function waitForLeaders(admin: Admin, names: string[]): Promise<void> {
+  await whileRetriable(async () => {
+    const { topics: described } = await admin.fetchTopicMetadata({ topics: names });
+    const leaderless = described.filter((t) => t.partitions.some((p) => p.leader < 0)).map((t) => t.name);
+    if (leaderless.length) throw Object.assign(new Error(`no leader yet for ${leaderless.join(', ')}`), { retriable: true });
+  }, 60);
+}
+
 /** One quick look at a broker (no retries): its cluster id and how many brokers it knows. Throws when it does not answer. */
 export async function describeBroker(bootstrap: string): Promise<{ clusterId: string; brokers: number }> {
   const admin = new Kafka({
@@ -119,7 +132,7 @@ export class EventLog {
       const missing = specs.filter((s) => !existing.has(s.name));
       if (missing.length === 0) return [];
       await admin.createTopics({
-        waitForLeaders: true,
+        waitForLeaders: false,
         topics: missing.map((s) => ({
           topic: s.name,
           numPartitions: s.partitions,
@@ -130,6 +143,7 @@ export class EventLog {
           ],
         })),
       });
+      await waitForLeaders(admin, missing.map((s) => s.name));
       return missing.map((s) => s.name);
     } finally {
       await admin.disconnect();
