@@ -50,6 +50,14 @@ export const topics = {
     valueSchema: 'agent-command-result.avsc',
     doc: 'Outcomes of agent commands, keyed by instance id; commandId links them to the request.',
   },
+  cdcStatus: {
+    name: 'mg.cdc.status.v1',
+    partitions: 1,
+    cleanupPolicy: 'compact',
+    retentionMs: -1,
+    valueSchema: 'cdc-status.avsc',
+    doc: 'State of each change stream (snapshot progress, confirmed LSN, slot lag, events/s), keyed by <database>/<shard>.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { topics, valueSubject, type TopicName } from './catalog.ts';
 import { AvroCodec } from './codec/confluent.ts';
 import type { SchemaRegistryClient } from './codec/registry.ts';
-import type { AgentCommand, AgentCommandResult, HealthEvent, TopologyEvent } from './generated/types.ts';
+import type { AgentCommand, AgentCommandResult, CdcStreamStatus, HealthEvent, TopologyEvent } from './generated/types.ts';
 
 export * from './catalog.ts';
 export * from './topology.ts';
@@ -26,6 +26,7 @@ export interface TopicValues {
   health: HealthEvent;
   agentCommands: AgentCommand;
   agentResults: AgentCommandResult;
+  cdcStatus: CdcStreamStatus;
 }
 
 /** The codec of a catalog topic's values; `topicName` is the topic's actual (maybe prefixed) name. */

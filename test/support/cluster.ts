@@ -28,8 +28,9 @@ export interface TestCluster {
  * Ports are spread by `slot` (0..4) so test files never collide; all stay
  * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
  * range, so two test runs (e.g. two worktrees) can share a machine.
+ * `specFields` adds top-level spec fields (a spec file is passed to the CLI).
  */
-export function testCluster(label: string, slot: number): TestCluster {
+export function testCluster(label: string, slot: number, specFields: Record<string, unknown> = {}): TestCluster {
   const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), `${label}-`));
   fs.chmodSync(dataDir, 0o755);
   const prefix = uniquePrefix(label);
@@ -40,7 +41,13 @@ export function testCluster(label: string, slot: number): TestCluster {
     'pooler.metricsBasePort': base + 300, 'gateway.port': base + 400, 'gateway.metricsPort': base + 401,
   };
   const flags = ['--data-dir', dataDir, ...Object.entries(settings).flatMap(([k, v]) => ['--set', `${k}=${v}`])];
-  const raw: Record<string, any> = { dataDir };
+  // Fields --set cannot express (e.g. databases[].cdc) go through a spec file.
+  if (Object.keys(specFields).length) {
+    const file = path.join(dataDir, 'test-spec.yaml');
+    fs.writeFileSync(file, JSON.stringify(specFields));
+    flags.push('--spec', file);
+  }
+  const raw: Record<string, any> = { ...specFields, dataDir };
   for (const [k, v] of Object.entries(settings)) {
     const [group, field] = k.split('.');
     (raw[group] ??= {})[field] = v;
