@@ -177,7 +177,7 @@ export class EventLog {
   async bulkSender(): Promise<BulkSender> {
     const producer = this.kafka.producer({
       idempotent: true, maxInFlightRequests: 1, createPartitioner: Partitioners.DefaultPartitioner,
-      retry: { retries: 10, maxRetryTime: 2_000 },
+      retry: { retries: Number.MAX_SAFE_INTEGER, maxRetryTime: 2_000 },
     });
     await producer.connect();
     return {

@@ -107,7 +107,7 @@ const SOURCE: AvroSchema = {
     { name: 'connector', type: 'string' },
     { name: 'name', type: 'string', doc: 'The topic prefix.' },
     { name: 'ts_ms', type: 'long', doc: 'Commit time (snapshot: when the snapshot began), epoch milliseconds.' },
-    { name: 'snapshot', type: 'string', doc: '"true" for snapshot reads, "last" for the last row of a snapshot, "false" for streamed changes.' },
+    { name: 'snapshot', type: 'string', doc: '"true" for snapshot reads (and the truncate event that opens each table snapshot), "false" for streamed changes.' },
     { name: 'db', type: 'string' },
     { name: 'shard', type: 'string' },
     { name: 'schema', type: 'string' },

@@ -80,8 +80,8 @@ export class Catalog {
   async describe(schema: string, table: string): Promise<TableDescription> {
     const { rows } = await this.sql.query<{ attname: string; atttypid: string; atttypmod: string; key: boolean; relreplident: string }>(
       `SELECT a.attname, a.atttypid, a.atttypmod, c.relreplident,
-              COALESCE(a.attnum = ANY ((SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = c.oid AND
-                   CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'n' THEN false ELSE i.indisprimary END)), false) AS key
+              EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey) AND
+                   CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'n' THEN false ELSE i.indisprimary END) AS key
          FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
         WHERE c.oid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
         ORDER BY a.attnum`, [qualified(schema, table)]);

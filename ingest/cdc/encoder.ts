@@ -22,6 +22,17 @@ function header(id: number): Buffer {
   return b;
 }
 
+/** Which fields of a value break its schema (only computed once encoding has failed). */
+function problems(type: avro.Type, value: unknown): string {
+  const out: string[] = [];
+  type.isValid(value, {
+    errorHook: (path: string[], v: unknown, t: avro.Type) => {
+      out.push(`${path.join('.')} = ${typeof v === 'bigint' ? `${v}n` : String(v)} is not a valid ${t.typeName}`);
+    },
+  });
+  return out.join('; ') || 'value does not match the schema';
+}
+
 export class TableEncoder {
   readonly topic: string;
   private readonly fields: string[];
@@ -107,10 +118,18 @@ export class TableEncoder {
       }
       key[this.fields[i]] = this.converters[i](v);
     }
-    return Buffer.concat([this.keyHeader!, this.keyType.toBuffer(key)]);
+    try {
+      return Buffer.concat([this.keyHeader!, this.keyType.toBuffer(key)]);
+    } catch {
+      throw new Error(`cannot encode a key of ${this.topic}: ${problems(this.keyType, key)}`);
+    }
   }
 
   encodeValue(envelope: Row): Buffer {
-    return Buffer.concat([this.valueHeader, this.valueType.toBuffer(envelope)]);
+    try {
+      return Buffer.concat([this.valueHeader, this.valueType.toBuffer(envelope)]);
+    } catch {
+      throw new Error(`cannot encode a change event of ${this.topic}: ${problems(this.valueType, envelope)}`);
+    }
   }
 }

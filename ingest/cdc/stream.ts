@@ -204,6 +204,7 @@ export class CdcStream {
       this.catalog = new Catalog(this.sql);
       this.sender = await this.eventLog.bulkSender();
       await this.prepare();
+      await this.prepareTransactionEvents();
 
       this.session = new ReplicationSession({ host: s.host, port: s.port, database: s.database, applicationName });
       await this.session.connect();
@@ -509,18 +510,13 @@ export class CdcStream {
       case 'begin': {
         this.tx = { xid: msg.xid, finalLsn: msg.finalLsn, commitTimeMs: msg.commitTimeMs, position: 0, perTopic: new Map(), id: `${msg.xid}:${msg.finalLsn}` };
         this.batch.firstCommitMs ??= msg.commitTimeMs;
-        if (this.settings.transactionEvents) return this.transactionEvent('BEGIN');
         return;
       }
       case 'commit': {
         const tx = this.requireTx(msg.tag, lsn);
-        const done = this.settings.transactionEvents && tx.position > 0 ? this.transactionEvent('END') : undefined;
-        const finish = () => {
-          this.batch.confirmLsn = msg.endLsn;
-          this.tx = undefined;
-        };
-        if (done) return done.then(finish);
-        finish();
+        if (this.settings.transactionEvents && tx.position > 0) this.transactionEvent('END');
+        this.batch.confirmLsn = msg.endLsn;
+        this.tx = undefined;
         return;
       }
       case 'relation': return this.defineRelation(msg);
@@ -558,10 +554,10 @@ export class CdcStream {
         for (const id of msg.relationIds) {
           const rel = this.relation(id, lsn);
           if (!rel) continue;
+          this.count(tx, rel.encoder.topic);
           this.truncateEvent(rel.encoder, this.source(rel.encoder.description, {
             ts: BigInt(tx.commitTimeMs), snapshot: 'false', txId: BigInt(tx.xid), lsn, commitLsn: tx.finalLsn, position: tx.position++,
           }));
-          this.count(tx, rel.encoder.topic);
         }
         return;
       }
@@ -580,7 +576,9 @@ export class CdcStream {
     return rel;
   }
 
+  /** Counts an event of the transaction; its first event is preceded by the BEGIN event (empty transactions get none). */
   private count(tx: OpenTx, topic: string): void {
+    if (this.settings.transactionEvents && tx.perTopic.size === 0) this.transactionEvent('BEGIN');
     tx.perTopic.set(topic, (tx.perTopic.get(topic) ?? 0) + 1);
   }
 
@@ -656,9 +654,10 @@ export class CdcStream {
     return e;
   }
 
-  private async transactionEvent(status: 'BEGIN' | 'END'): Promise<void> {
-    const tx = this.tx!;
-    if (!this.txEncoder) {
+  /** Registers the transaction topic's schemas (at start, so events need no I/O). */
+  private async prepareTransactionEvents(): Promise<void> {
+    if (!this.settings.transactionEvents || this.txEncoder) return;
+    {
       const topic = transactionTopic(this.naming);
       const [keyId, valueId] = await Promise.all([
         this.eventLog.registry.register(keySubject(topic), JSON.stringify(TRANSACTION_KEY_SCHEMA)),
@@ -674,13 +673,17 @@ export class CdcStream {
         value: (v) => Buffer.concat([header(valueId), valueType.toBuffer(v)]),
       };
     }
+  }
+
+  private transactionEvent(status: 'BEGIN' | 'END'): void {
+    const tx = this.tx!;
     const end = status === 'END';
     const value = {
       status, id: tx.id, event_count: end ? BigInt(tx.position) : null,
       data_collections: end ? [...tx.perTopic].map(([topic, n]) => ({ data_collection: topic, event_count: BigInt(n) })) : null,
       ts_ms: BigInt(tx.commitTimeMs),
     };
-    this.batch.add(this.txEncoder.topic, this.txEncoder.key(tx.id), this.txEncoder.value(value));
+    this.batch.add(this.txEncoder!.topic, this.txEncoder!.key(tx.id), this.txEncoder!.value(value));
   }
 
   /** Slot lag from Postgres's own view of the slot, the event rate, and the lag alert. */

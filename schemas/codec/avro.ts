@@ -32,16 +32,21 @@ class TimestampMillis extends avro.types.LogicalType {
   }
 }
 
+const LOGICAL_TYPES = { 'timestamp-millis': TimestampMillis };
+
 /**
  * avsc looks up the registry only for type names, so `{"type": "long", ...}`
- * objects need the hook. A logical long is seen twice: first to build the
- * logical type (leave it to avsc), then for its underlying long (ours).
+ * objects need the hook. A logical long we implement is seen twice: first to
+ * build the logical type (leave it to avsc), then for its underlying long
+ * (ours). Logical longs we do not implement (timestamp-micros, time-micros)
+ * are plain BigInt longs.
  */
 function bigIntLongHook() {
   const logicalSeen = new WeakSet<object>();
   return (schema: avro.Schema): avro.Type | undefined => {
     if (typeof schema !== 'object' || (schema as { type?: unknown }).type !== 'long') return undefined;
-    if ('logicalType' in schema && !logicalSeen.has(schema)) {
+    const logical = (schema as { logicalType?: string }).logicalType;
+    if (logical !== undefined && logical in LOGICAL_TYPES && !logicalSeen.has(schema)) {
       logicalSeen.add(schema);
       return undefined;
     }
@@ -55,7 +60,7 @@ export function parseAvro(schema: avro.Schema | string): avro.Type {
   return avro.Type.forSchema(s, {
     registry: { long: BigIntLong },
     typeHook: bigIntLongHook(),
-    logicalTypes: { 'timestamp-millis': TimestampMillis },
+    logicalTypes: LOGICAL_TYPES,
     wrapUnions: 'auto',
   });
 }
