@@ -78,7 +78,7 @@ export class Catalog {
    * chosen index for USING INDEX, none for NOTHING.
    */
   async describe(schema: string, table: string): Promise<TableDescription> {
-    const { rows } = await this.sql.query<{ attname: string; atttypid: string; atttypmod: string; key: boolean; relreplident: string }>(
+    const { rows } = await this.sql.query<{ attname: string; atttypid: string; atttypmod: string; key: 't' | 'f'; relreplident: string }>(
       `SELECT a.attname, a.atttypid, a.atttypmod, c.relreplident,
               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey) AND
                    CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'n' THEN false ELSE i.indisprimary END) AS key
@@ -86,7 +86,7 @@ export class Catalog {
         WHERE c.oid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
         ORDER BY a.attnum`, [qualified(schema, table)]);
     const columns: ColumnDescription[] = [];
-    for (const r of rows) columns.push({ name: r.attname, type: await this.type(Number(r.atttypid)), typmod: Number(r.atttypmod), key: r.key });
+    for (const r of rows) columns.push({ name: r.attname, type: await this.type(Number(r.atttypid)), typmod: Number(r.atttypmod), key: r.key === 't' });
     return { schema, table, columns };
   }
 

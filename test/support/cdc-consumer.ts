@@ -40,10 +40,8 @@ export class ChangeConsumer {
   constructor(bootstrap: string, registryUrl: string, onMessage: (m: ChangeMessage) => Promise<void> | void = () => undefined) {
     this.kafka = new Kafka({ clientId: 'cdc-user', brokers: [bootstrap], logLevel: logLevel.NOTHING });
     this.registry = new SchemaRegistry({ host: registryUrl }, {
-      [SchemaType.AVRO]: {
-        registry: { long: BigLong },
-        typeHook: (schema: any) => (schema && typeof schema === 'object' && schema.type === 'long' ? BigLong : undefined),
-      } as any,
+      // A hook, not `registry: { long }`: avsc adds every named type to the registry object it is given, and this one would be shared.
+      [SchemaType.AVRO]: { typeHook: (s: any) => (s === 'long' || s?.type === 'long' ? BigLong : undefined) } as any,
     });
     this.onMessage = onMessage;
   }
@@ -70,8 +68,8 @@ export class ChangeConsumer {
       eachMessage: async ({ topic, partition, message }) => {
         const m: ChangeMessage = {
           topic, partition, offset: message.offset,
-          key: message.key ? await this.registry.decode(message.key) : null,
-          value: message.value ? await this.registry.decode(message.value) : null,
+          key: message.key ? plain(await this.registry.decode(message.key)) : null,
+          value: message.value ? plain(await this.registry.decode(message.value)) : null,
         };
         this.messages.push(m);
         await this.onMessage(m);
@@ -82,6 +80,13 @@ export class ChangeConsumer {
   async stop(): Promise<void> {
     await this.consumer?.disconnect();
   }
+}
+
+/** Decoded Avro records are class instances; plain objects compare and print simply. */
+function plain(v: any): any {
+  if (Array.isArray(v)) return v.map(plain);
+  if (v && typeof v === 'object' && !Buffer.isBuffer(v)) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)]));
+  return v;
 }
 
 /** A decimal's unscaled value (big-endian two's complement) with its scale, as text. */

@@ -1,0 +1,12 @@
+import { randomUUID } from 'node:crypto';
+import { EventLog } from './common/eventlog.ts';
+import { createLogger } from './common/log.ts';
+const log = createLogger('x'); log.level = 'warn';
+const el = new EventLog({ brokers: ['127.0.0.1:25592'], registryUrl: 'http://127.0.0.1:25581', clientId: 'x', log, topicPrefix: 'dev.' });
+const [instanceId, action, ...kv] = process.argv.slice(2);
+const args = Object.fromEntries(kv.map((x) => x.split('=')));
+const commandId = randomUUID();
+let done!: () => void; const p = new Promise<void>((r) => (done = r));
+const sub = await el.subscribe('agentResults', (r) => { if (r.commandId === commandId) { console.log(r.status, r.message); done(); } });
+await el.publisher('agentCommands')([{ key: instanceId, value: { commandId, instanceId, issuedAt: new Date(), issuedBy: 'dev', action: action as any, args } }]);
+await p; await sub.stop(); await el.close(); process.exit(0);
