@@ -57,7 +57,8 @@ export class ReplicationSession {
    */
   start(slot: string, publication: string, from: bigint, onData: (chunk: Buffer) => void): Promise<void> {
     const con = (this.client as unknown as { connection: pg.Connection & NodeJS.EventEmitter }).connection;
-    con.on('copyData', (msg: { chunk: Buffer }) => onData(msg.chunk));
+    // The protocol parser reuses its buffer for later socket data: copy, since the stream reads messages asynchronously.
+    con.on('copyData', (msg: { chunk: Buffer }) => onData(Buffer.from(msg.chunk)));
     const ended = new Promise<void>((_resolve, reject) => {
       this.client.once('end', () => reject(new Error('replication connection closed')));
       this.client.once('error', reject);

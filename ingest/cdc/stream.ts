@@ -77,6 +77,8 @@ export interface StreamStatus {
 const HEARTBEAT_PREFIX = 'mg.cdc.heartbeat';
 const INBOX_HIGH = 20_000;
 const INBOX_LOW = 2_000;
+/** Kept under the broker's default message.max.bytes (1 MiB), which bounds one partition's share of a send. */
+const MAX_BATCH_BYTES = 900_000;
 
 const eventsProduced = counter('mg_cdc_events_total', 'Change events acknowledged by Kafka', ['database', 'shard']);
 const snapshotRows = counter('mg_cdc_snapshot_rows_total', 'Rows read by snapshots', ['database', 'shard']);
@@ -93,11 +95,15 @@ class Batch {
   confirmLsn = 0n;
   firstCommitMs: number | null = null;
 
+  /** Approximate size on the wire: a send must stay under Kafka's message.max.bytes (1 MB by default) per partition. */
+  bytes = 0;
+
   add(topic: string, key: Buffer | null, value: Buffer | null, partition?: number): void {
     let list = this.topics.get(topic);
     if (!list) this.topics.set(topic, (list = []));
     list.push(partition === undefined ? { key, value } : { key, value, partition });
     if (value !== null) this.events++;
+    this.bytes += (key?.length ?? 0) + (value?.length ?? 0) + 24;
   }
 
   get empty(): boolean {
@@ -357,6 +363,7 @@ export class CdcStream {
             const tuple = cols ? row : [];
             const { row: after } = encoder.row(tuple);
             this.batch.add(encoder.topic, encoder.encodeKey(tuple), encoder.encodeValue(this.envelope(null, after, source(position++), OPS.read, [])));
+            if (this.batch.bytes >= MAX_BATCH_BYTES) await this.sendWhenFull();
           }
           progress.rows += rows.length;
           snapshotRows.inc(this.labels, rows.length);
@@ -390,7 +397,7 @@ export class CdcStream {
 
   /** Back-pressure: a full batch waits for the send in flight, then goes. */
   private async sendWhenFull(): Promise<void> {
-    if (this.batch.events + this.batch.topics.size < this.settings.maxBatchEvents) {
+    if (this.batch.events + this.batch.topics.size < this.settings.maxBatchEvents && this.batch.bytes < MAX_BATCH_BYTES) {
       if (!this.inflight && !this.batch.empty) this.send();
       return;
     }
