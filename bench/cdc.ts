@@ -1,0 +1,215 @@
+/**
+ * CDC benchmark (`npm run bench:cdc`), one run on one machine:
+ *  1. throughput: a write-heavy pgbench load (8-row INSERT + UPDATE + DELETE per
+ *     transaction) run flat out on one shard; change events per second into
+ *     Kafka (acks=all), counted from the load's start until the last one is
+ *     acknowledged;
+ *  2. end-to-end lag (commit time to the moment a consumer has the event) at
+ *     half that rate (at most 25,000 events/s), p50/p99;
+ *  3. the baseline: Postgres's own logical replication (CREATE SUBSCRIPTION
+ *     into another instance) on the same load, rows per second until the
+ *     subscriber has applied everything.
+ * Everything runs on ports 26000-26999 in a temporary directory.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { SchemaRegistry } from '@kafkajs/confluent-schema-registry';
+import avro from 'avsc';
+import { Kafka, logLevel } from 'kafkajs';
+import pg from 'pg';
+import { EventLog } from '../common/eventlog.ts';
+import { createLogger } from '../common/log.ts';
+import { startKafka, stopKafka } from '../compose/infra/kafka.ts';
+import { startRegistry, stopRegistry } from '../compose/infra/registry.ts';
+import { CdcStream } from '../ingest/cdc/stream.ts';
+import { cdcConfigSchema } from '../ingest/config.ts';
+import { parseLsn } from '../ingest/postgres/lsn.ts';
+import { PostgresInstance } from '../ingest/postgres/instance.ts';
+
+const PGBENCH = '/usr/lib/postgresql/15/bin/pgbench';
+const KAFKA_PORT = 26092;
+const REGISTRY_PORT = 26081;
+const SOURCE_PORT = 26432;
+const SINK_PORT = 26433;
+const CLIENTS = 4;
+const TX_PER_CLIENT = Number(process.env.CDC_BENCH_TX ?? 5_000);
+const EVENTS_PER_TX = 10; // 8 inserts, 1 update, 1 delete
+const LAG_SECONDS = Number(process.env.CDC_BENCH_LAG_SECONDS ?? 20);
+const SEED_ROWS = 200_000;
+
+const log = createLogger('bench-cdc');
+log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-bench-cdc-'));
+fs.chmodSync(work, 0o755);
+const runDir = path.join(work, 'run');
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+const SCRIPT = `\\set a random(1, ${SEED_ROWS})
+BEGIN;
+INSERT INTO bench_events (account, amount, note) SELECT :a, g, 'note ' || g FROM generate_series(1, 8) g;
+UPDATE bench_events SET amount = amount + 1 WHERE id = :a;
+DELETE FROM bench_events WHERE id = (SELECT id FROM bench_events WHERE id > :a ORDER BY id LIMIT 1);
+COMMIT;
+`;
+
+async function query(port: number, text: string): Promise<any[]> {
+  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
+  await c.connect();
+  try {
+    return (await c.query(text)).rows;
+  } finally {
+    await c.end();
+  }
+}
+
+function pgbench(port: number, args: string[]): Promise<{ tps: number; out: string }> {
+  const script = path.join(work, 'write-heavy.sql');
+  fs.writeFileSync(script, SCRIPT);
+  return new Promise((resolve, reject) => {
+    const child = spawn(PGBENCH, ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-n', '-f', script, '-c', String(CLIENTS), '-j', '2', ...args, 'postgres'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    child.stderr.on('data', (d) => (out += d));
+    child.on('close', (code) => {
+      const tps = Number(/tps = ([\d.]+)/.exec(out)?.[1] ?? NaN);
+      if (code !== 0) reject(new Error(`pgbench exited ${code}: ${out.slice(-500)}`));
+      else resolve({ tps, out });
+    });
+  });
+}
+
+const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+
+async function newInstance(name: string, port: number): Promise<PostgresInstance> {
+  const dir = path.join(work, name);
+  fs.mkdirSync(dir, { mode: 0o755 });
+  const inst = new PostgresInstance({
+    name, dataDir: path.join(dir, 'data'), port, log,
+    settings: { shared_buffers: '256MB', synchronous_commit: 'on', max_wal_size: '2GB', checkpoint_timeout: '15min' },
+  });
+  await inst.initPrimary();
+  await inst.start();
+  return inst;
+}
+
+const TABLE = 'CREATE TABLE bench_events (id bigserial PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text, created timestamptz DEFAULT now())';
+
+async function main(): Promise<void> {
+  console.log(`CDC benchmark in ${work} (${os.cpus().length} cores, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')})`);
+  await startKafka({ cacheDir: path.join(os.homedir(), '.cache', 'mg'), dataDir: path.join(work, 'kafka'), runDir, port: KAFKA_PORT, controllerPort: KAFKA_PORT + 1, heapMb: 1024, log });
+  const registry = await startRegistry({ runDir, logDir: path.join(work, 'logs'), bootstrap: `127.0.0.1:${KAFKA_PORT}`, port: REGISTRY_PORT, topicPrefix: '' });
+  const source = await newInstance('source', SOURCE_PORT);
+  const sink = await newInstance('sink', SINK_PORT);
+  const eventLog = new EventLog({ brokers: [`127.0.0.1:${KAFKA_PORT}`], registryUrl: registry.url, clientId: 'bench-cdc', log });
+  try {
+    await query(SOURCE_PORT, `${TABLE}; INSERT INTO bench_events (account, amount, note) SELECT g, g, 'seed' FROM generate_series(1, ${SEED_ROWS}) g`);
+    const stream = new CdcStream({
+      ...cdcConfigSchema.parse({}), database: 'postgres', shard: '-', instanceId: 'bench', host: '127.0.0.1', port: SOURCE_PORT, topicPrefix: 'bench',
+    }, eventLog, log);
+    const running = stream.run();
+    running.catch((err) => {
+      console.error('stream failed:', err);
+      process.exit(1);
+    });
+    const snapStart = Date.now();
+    while (stream.status().state !== 'STREAMING') await sleep(50);
+    const snap = stream.status().snapshot!;
+    console.log(`\nsnapshot: ${snap.rows} rows in ${((Date.now() - snapStart) / 1000).toFixed(1)}s (${Math.round(snap.rows / ((Date.now() - snapStart) / 1000))} rows/s, including slot creation)`);
+
+    // 1. Throughput: the load flat out; events/s until Kafka acknowledged the last one.
+    const events = CLIENTS * TX_PER_CLIENT * EVENTS_PER_TX;
+    const before = stream.status().eventsTotal;
+    const t0 = Date.now();
+    const load = await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
+    const loadDone = Date.now();
+    // A heartbeat message behind the load: the stream confirms it once every event before it is acknowledged.
+    const endLsn = parseLsn((await query(SOURCE_PORT, "SELECT pg_logical_emit_message(false, 'mg.cdc.heartbeat', '')::text AS l"))[0].l);
+    while ((stream.status().confirmedLsn ?? 0n) < endLsn) await sleep(10);
+    const cdcSeconds = (Date.now() - t0) / 1000;
+    const cdcEvents = Number(stream.status().eventsTotal - before);
+    const cdcRate = cdcEvents / cdcSeconds;
+    console.log(`\n1. throughput, ${CLIENTS} pgbench clients x ${TX_PER_CLIENT} transactions of ${EVENTS_PER_TX} changes (${events} changes)`);
+    console.log(`   load generation: ${((loadDone - t0) / 1000).toFixed(1)}s (${Math.round(load.tps)} tps = ${Math.round(load.tps * EVENTS_PER_TX)} changes/s)`);
+    console.log(`   CDC: ${cdcEvents} events acknowledged by Kafka in ${cdcSeconds.toFixed(1)}s = ${Math.round(cdcRate)} events/s`);
+
+    // 2. Lag at half that rate (at most 25,000 events/s, the issue's figure).
+    const targetEvents = Math.min(25_000, cdcRate / 2);
+    const tps = Math.max(1, Math.round(targetEvents / EVENTS_PER_TX));
+    const lags: number[] = [];
+    const kafka = new Kafka({ clientId: 'bench-lag', brokers: [`127.0.0.1:${KAFKA_PORT}`], logLevel: logLevel.NOTHING });
+    const reg = new SchemaRegistry({ host: registry.url }, { AVRO: { typeHook: (s: any) => (s === 'long' || s?.type === 'long' ? longAsNumber : undefined) } as any });
+    const consumer = kafka.consumer({ groupId: 'bench-lag', maxWaitTimeInMs: 10, minBytes: 1 });
+    await consumer.connect();
+    await consumer.subscribe({ topic: 'bench.postgres.public.bench_events', fromBeginning: false });
+    let measuring = false;
+    let n = 0;
+    await consumer.run({
+      eachBatch: async ({ batch }) => {
+        const now = Date.now();
+        for (const m of batch.messages) {
+          // Every 5th event is decoded (decoding all would make the consumer the bottleneck); the batch arrived at `now`.
+          if (!measuring || !m.value || n++ % 5 !== 0) continue;
+          const v: any = await reg.decode(m.value);
+          lags.push(now - Number(v.source.ts_ms));
+        }
+      },
+    });
+    await sleep(5_000); // joined and at the end of the topic
+    measuring = true;
+    const lagLoad = await pgbench(SOURCE_PORT, ['-R', String(tps), '-T', String(LAG_SECONDS)]);
+    await sleep(1_000);
+    measuring = false;
+    await consumer.disconnect();
+    lags.sort((a, b) => a - b);
+    console.log(`\n2. end-to-end lag at ${tps * EVENTS_PER_TX} events/s offered (${Math.round(lagLoad.tps * EVENTS_PER_TX)} achieved) for ${LAG_SECONDS}s, commit to consumer, ${lags.length} sampled events`);
+    console.log(`   p50 ${percentile(lags, 50)} ms, p99 ${percentile(lags, 99)} ms, max ${lags.at(-1)} ms`);
+    await stream.stop();
+    await running;
+
+    // 3. Baseline: CREATE SUBSCRIPTION into the sink on the same load.
+    await query(SOURCE_PORT, 'CREATE PUBLICATION bench_pub FOR TABLE bench_events');
+    await query(SINK_PORT, TABLE);
+    await query(SINK_PORT, `CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=${SOURCE_PORT} user=postgres dbname=postgres' PUBLICATION bench_pub`);
+    while ((await query(SINK_PORT, "SELECT count(*)::int AS n FROM pg_subscription_rel WHERE srsubstate <> 'r'"))[0].n > 0) await sleep(200);
+    const b0 = Date.now();
+    const baseLoad = await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
+    // Applied when the subscriber's table matches the source (its reported replay position lags by a status interval).
+    const fingerprint = 'SELECT count(*)::text || \'/\' || coalesce(max(id), 0)::text || \'/\' || coalesce(sum(amount), 0)::text AS f FROM bench_events';
+    const expected = (await query(SOURCE_PORT, fingerprint))[0].f;
+    while ((await query(SINK_PORT, fingerprint))[0].f !== expected) await sleep(100);
+    const baseSeconds = (Date.now() - b0) / 1000;
+    const baseRate = events / baseSeconds;
+    console.log(`\n3. baseline: CREATE SUBSCRIPTION into another Postgres, same load (${Math.round(baseLoad.tps)} tps generated)`);
+    console.log(`   ${events} changes applied by the subscriber in ${baseSeconds.toFixed(1)}s = ${Math.round(baseRate)} changes/s`);
+    console.log(`\nCDC into Kafka / CREATE SUBSCRIPTION: ${(cdcRate / baseRate).toFixed(2)}x`);
+    console.log(`targets: >= 50,000 events/s per shard: ${cdcRate >= 50_000 ? 'met' : 'NOT met'}; lag p99 < 200 ms at half rate: ${percentile(lags, 99) < 200 ? 'met' : 'NOT met'}`);
+  } finally {
+    await eventLog.close();
+    await source.stop('immediate').catch(() => undefined);
+    await sink.stop('immediate').catch(() => undefined);
+    await stopRegistry(runDir);
+    await stopKafka(runDir);
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/** The lag consumer only needs ts_ms: longs as plain numbers are enough for milliseconds. */
+const longAsNumber = avro.types.LongType.__with({
+  fromBuffer: (b: Buffer) => Number(b.readBigInt64LE()),
+  toBuffer: (n: number) => {
+    const b = Buffer.alloc(8);
+    b.writeBigInt64LE(BigInt(n));
+    return b;
+  },
+  fromJSON: Number,
+  toJSON: (n: number) => n,
+  isValid: (n: unknown) => typeof n === 'number',
+  compare: (a: number, b: number) => a - b,
+});
+
+main().then(() => process.exit(0), (err) => {
+  console.error(err);
+  process.exit(1);
+});
