@@ -80,6 +80,19 @@ function pgbench(port: number, args: string[]): Promise<{ tps: number; out: stri
   });
 }
 
+/** Waits until the stream has confirmed a heartbeat written now: every event before it is in Kafka. */
+async function streamPast(stream: CdcStream): Promise<void> {
+  const marker = parseLsn((await query(SOURCE_PORT, "SELECT pg_logical_emit_message(false, 'mg.cdc.heartbeat', '')::text AS l"))[0].l);
+  while ((stream.status().confirmedLsn ?? 0n) < marker) await sleep(10);
+}
+
+/** The subscriber's table matches the source's (its reported replay position lags by a status interval). */
+async function subscriberCaughtUp(): Promise<void> {
+  const fingerprint = "SELECT count(*)::text || '/' || coalesce(max(id), 0)::text || '/' || coalesce(sum(amount), 0)::text AS f FROM bench_events";
+  const expected = (await query(SOURCE_PORT, fingerprint))[0].f;
+  while ((await query(SINK_PORT, fingerprint))[0].f !== expected) await sleep(100);
+}
+
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 
 async function newInstance(name: string, port: number): Promise<PostgresInstance> {
@@ -118,21 +131,31 @@ async function main(): Promise<void> {
     const snap = stream.status().snapshot!;
     console.log(`\nsnapshot: ${snap.rows} rows in ${((Date.now() - snapStart) / 1000).toFixed(1)}s (${Math.round(snap.rows / ((Date.now() - snapStart) / 1000))} rows/s, including slot creation)`);
 
-    // 1. Throughput: the load flat out; events/s until Kafka acknowledged the last one.
+    // 1a. Live: the load flat out with the stream running; events/s until Kafka acknowledged the last one.
     const events = CLIENTS * TX_PER_CLIENT * EVENTS_PER_TX;
-    const before = stream.status().eventsTotal;
+    let before = stream.status().eventsTotal;
     const t0 = Date.now();
     const load = await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
     const loadDone = Date.now();
-    // A heartbeat message behind the load: the stream confirms it once every event before it is acknowledged.
-    const endLsn = parseLsn((await query(SOURCE_PORT, "SELECT pg_logical_emit_message(false, 'mg.cdc.heartbeat', '')::text AS l"))[0].l);
-    while ((stream.status().confirmedLsn ?? 0n) < endLsn) await sleep(10);
-    const cdcSeconds = (Date.now() - t0) / 1000;
+    await streamPast(stream);
+    const liveSeconds = (Date.now() - t0) / 1000;
+    const liveEvents = Number(stream.status().eventsTotal - before);
+    console.log(`\n1. throughput, ${CLIENTS} pgbench clients x ${TX_PER_CLIENT} transactions of ${EVENTS_PER_TX} changes (${events} changes)`);
+    console.log(`   live: load generated in ${((loadDone - t0) / 1000).toFixed(1)}s (${Math.round(load.tps)} tps = ${Math.round(load.tps * EVENTS_PER_TX)} changes/s);` +
+      ` ${liveEvents} events in Kafka ${((Date.now() - loadDone) / 1000).toFixed(2)}s after the load ended = ${Math.round(liveEvents / liveSeconds)} events/s (bounded by the load)`);
+
+    // 1b. Backlog: the same load written while the stream is stopped, then drained: the stream's own capacity.
+    await stream.stop();
+    await running;
+    await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
+    const resumed = stream.run();
+    before = stream.status().eventsTotal;
+    const d0 = Date.now();
+    await streamPast(stream);
+    const cdcSeconds = (Date.now() - d0) / 1000;
     const cdcEvents = Number(stream.status().eventsTotal - before);
     const cdcRate = cdcEvents / cdcSeconds;
-    console.log(`\n1. throughput, ${CLIENTS} pgbench clients x ${TX_PER_CLIENT} transactions of ${EVENTS_PER_TX} changes (${events} changes)`);
-    console.log(`   load generation: ${((loadDone - t0) / 1000).toFixed(1)}s (${Math.round(load.tps)} tps = ${Math.round(load.tps * EVENTS_PER_TX)} changes/s)`);
-    console.log(`   CDC: ${cdcEvents} events acknowledged by Kafka in ${cdcSeconds.toFixed(1)}s = ${Math.round(cdcRate)} events/s`);
+    console.log(`   backlog: ${cdcEvents} events read from the slot and acknowledged by Kafka in ${cdcSeconds.toFixed(1)}s = ${Math.round(cdcRate)} events/s`);
 
     // 2. Lag at half that rate (at most 25,000 events/s, the issue's figure).
     const targetEvents = Math.min(25_000, cdcRate / 2);
@@ -166,24 +189,29 @@ async function main(): Promise<void> {
     console.log(`\n2. end-to-end lag at ${tps * EVENTS_PER_TX} events/s offered (${Math.round(lagLoad.tps * EVENTS_PER_TX)} achieved) for ${LAG_SECONDS}s, commit to consumer, ${lags.length} sampled events`);
     console.log(`   p50 ${percentile(lags, 50)} ms, p99 ${percentile(lags, 99)} ms, max ${lags.at(-1)} ms`);
     await stream.stop();
-    await running;
+    await resumed;
 
-    // 3. Baseline: CREATE SUBSCRIPTION into the sink on the same load.
+    // 3. Baseline: CREATE SUBSCRIPTION into the sink on the same load, live and as a backlog.
     await query(SOURCE_PORT, 'CREATE PUBLICATION bench_pub FOR TABLE bench_events');
     await query(SINK_PORT, TABLE);
     await query(SINK_PORT, `CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=${SOURCE_PORT} user=postgres dbname=postgres' PUBLICATION bench_pub`);
     while ((await query(SINK_PORT, "SELECT count(*)::int AS n FROM pg_subscription_rel WHERE srsubstate <> 'r'"))[0].n > 0) await sleep(200);
     const b0 = Date.now();
     const baseLoad = await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
-    // Applied when the subscriber's table matches the source (its reported replay position lags by a status interval).
-    const fingerprint = 'SELECT count(*)::text || \'/\' || coalesce(max(id), 0)::text || \'/\' || coalesce(sum(amount), 0)::text AS f FROM bench_events';
-    const expected = (await query(SOURCE_PORT, fingerprint))[0].f;
-    while ((await query(SINK_PORT, fingerprint))[0].f !== expected) await sleep(100);
-    const baseSeconds = (Date.now() - b0) / 1000;
+    await subscriberCaughtUp();
+    const baseLiveSeconds = (Date.now() - b0) / 1000;
+    await query(SINK_PORT, 'ALTER SUBSCRIPTION bench_sub DISABLE');
+    await sleep(500);
+    await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
+    const e0 = Date.now();
+    await query(SINK_PORT, 'ALTER SUBSCRIPTION bench_sub ENABLE');
+    await subscriberCaughtUp();
+    const baseSeconds = (Date.now() - e0) / 1000;
     const baseRate = events / baseSeconds;
-    console.log(`\n3. baseline: CREATE SUBSCRIPTION into another Postgres, same load (${Math.round(baseLoad.tps)} tps generated)`);
-    console.log(`   ${events} changes applied by the subscriber in ${baseSeconds.toFixed(1)}s = ${Math.round(baseRate)} changes/s`);
-    console.log(`\nCDC into Kafka / CREATE SUBSCRIPTION: ${(cdcRate / baseRate).toFixed(2)}x`);
+    console.log(`\n3. baseline: CREATE SUBSCRIPTION into another Postgres, same load`);
+    console.log(`   live: ${Math.round(baseLoad.tps)} tps generated; ${events} changes applied in ${baseLiveSeconds.toFixed(1)}s = ${Math.round(events / baseLiveSeconds)} changes/s (bounded by the load)`);
+    console.log(`   backlog: ${events} changes applied in ${baseSeconds.toFixed(1)}s = ${Math.round(baseRate)} changes/s`);
+    console.log(`\nbacklog rate, CDC into Kafka / CREATE SUBSCRIPTION: ${(cdcRate / baseRate).toFixed(2)}x`);
     console.log(`targets: >= 50,000 events/s per shard: ${cdcRate >= 50_000 ? 'met' : 'NOT met'}; lag p99 < 200 ms at half rate: ${percentile(lags, 99) < 200 ? 'met' : 'NOT met'}`);
   } finally {
     await eventLog.close();

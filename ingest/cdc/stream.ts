@@ -16,7 +16,7 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge, histogram } from '../../common/metrics.ts';
 import {
   CDC_FORMAT_VERSION, CONNECTOR, OPS, TRANSACTION_KEY_SCHEMA, TRANSACTION_VALUE_SCHEMA, keySubject, transactionTopic, valueSubjectOf,
-  type CdcNaming, type NumericMode, type Op, type TableDescription,
+  type CdcNaming, type NumericMode, type Op, type PgType, type TableDescription,
 } from '../../schemas/cdc.ts';
 import { parseAvro } from '../../schemas/index.ts';
 import { formatLsn, parseLsn } from '../postgres/lsn.ts';
@@ -149,6 +149,9 @@ export class CdcStream {
   private snapshotProgress: SnapshotProgress | null = null;
 
   private sql: pg.Client | undefined;
+  /** A second session for the lag measurement and heartbeats, so they never queue behind the stream's catalog queries. */
+  private monitor: pg.Client | undefined;
+  private monitorTask: Promise<unknown> = Promise.resolve();
   private catalog: Catalog | undefined;
   private session: ReplicationSession | undefined;
   private sender: BulkSender | undefined;
@@ -199,6 +202,7 @@ export class CdcStream {
    * retries, and Postgres resends from the confirmed LSN).
    */
   async run(opts: { resnapshot?: boolean } = {}): Promise<void> {
+    this.stopping = false;
     this.state = 'STARTING';
     this.error = null;
     const s = this.settings;
@@ -207,6 +211,9 @@ export class CdcStream {
       this.sql = sqlClient({ host: s.host, port: s.port, database: s.database, applicationName });
       this.sql.on('error', (err) => this.fail(err));
       await this.sql.connect();
+      this.monitor = sqlClient({ host: s.host, port: s.port, database: s.database, applicationName });
+      this.monitor.on('error', () => undefined); // the replication session reports a dead server
+      await this.monitor.connect();
       this.catalog = new Catalog(this.sql);
       this.sender = await this.eventLog.bulkSender();
       await this.prepare();
@@ -250,6 +257,8 @@ export class CdcStream {
     await this.inflight?.catch(() => undefined);
     await this.session?.close();
     await this.sql?.end().catch(() => undefined);
+    await this.monitor?.end().catch(() => undefined);
+    this.monitor = undefined;
     await this.sender?.close().catch(() => undefined);
     this.session = undefined;
     this.sql = undefined;
@@ -451,14 +460,14 @@ export class CdcStream {
       const now = Date.now();
       if (now - lastStatus >= 1_000) {
         lastStatus = now;
-        this.measure().catch((err) => this.log.warn({ err }, 'could not measure the slot lag'));
+        this.onMonitor(() => this.measure(), 'could not measure the slot lag');
       }
       if (this.inboxHead === this.inbox.length) {
         if (!this.inflight && (!this.batch.empty || this.batch.confirmLsn > this.acked)) this.send();
         if (now - lastHeartbeat >= this.settings.heartbeatMs && !this.inflight && this.batch.empty && !this.tx) {
           lastHeartbeat = now;
           // Goes through the stream like any change: once it arrives, everything before it is acknowledged, so the slot moves on an idle database.
-          this.sql!.query(`SELECT pg_logical_emit_message(false, '${HEARTBEAT_PREFIX}', '')`).catch((err) => this.log.warn({ err }, 'CDC heartbeat failed'));
+          this.onMonitor(() => this.monitor!.query(`SELECT pg_logical_emit_message(false, '${HEARTBEAT_PREFIX}', '')`), 'CDC heartbeat failed');
         }
         await new Promise<void>((resolve) => {
           this.wake = resolve;
@@ -631,7 +640,8 @@ export class CdcStream {
       return;
     }
     this.skipped.delete(msg.relationId);
-    const types = await Promise.all(msg.columns.map((c) => this.catalog!.type(c.typeOid)));
+    const types: PgType[] = [];
+    for (const c of msg.columns) types.push(await this.catalog!.type(c.typeOid));
     // pgoutput flags every column as key under REPLICA IDENTITY FULL; the event key stays the primary key.
     const pk = msg.replicaIdentity === 'f' ? await this.catalog!.primaryKey(msg.schema, msg.table).catch(() => []) : null;
     const description: TableDescription = {
@@ -693,12 +703,19 @@ export class CdcStream {
     this.batch.add(this.txEncoder!.topic, this.txEncoder!.key(tx.id), this.txEncoder!.value(value));
   }
 
+  /** Runs a query task on the monitor session after the previous one (pg sessions take one query at a time). */
+  private onMonitor(task: () => Promise<unknown>, failure: string): void {
+    this.monitorTask = this.monitorTask.then(task).catch((err) => {
+      if (!this.stopping) this.log.warn({ err }, failure);
+    });
+  }
+
   /** Slot lag from Postgres's own view of the slot, the event rate, and the lag alert. */
   private async measure(): Promise<void> {
     const now = Date.now();
     const dt = (now - this.rate.at) / 1000;
     if (dt > 0) this.rate = { at: now, events: this.eventsTotal, perSecond: Number(this.eventsTotal - this.rate.events) / dt };
-    const { rows } = await this.sql!.query<{ lag: string | null }>(
+    const { rows } = await this.monitor!.query<{ lag: string | null }>(
       'SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint::text AS lag FROM pg_replication_slots WHERE slot_name = $1', [this.slot]);
     this.slotLagBytes = rows[0]?.lag == null ? null : BigInt(rows[0].lag);
     const st = this.status();
