@@ -15,11 +15,12 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+// First: the event log replaces a quadratic piece of kafkajs before kafkajs loads (see common/kafkajs-linear-grouping.ts).
+import { EventLog } from '../common/eventlog.ts';
 import { SchemaRegistry } from '@kafkajs/confluent-schema-registry';
 import avro from 'avsc';
 import { Kafka, logLevel } from 'kafkajs';
 import pg from 'pg';
-import { EventLog } from '../common/eventlog.ts';
 import { createLogger } from '../common/log.ts';
 import { startKafka, stopKafka } from '../compose/infra/kafka.ts';
 import { startRegistry, stopRegistry } from '../compose/infra/registry.ts';

@@ -4,6 +4,7 @@
  * catalog, a caught-up signal, and dead-lettering of undecodable messages.
  */
 import { randomUUID } from 'node:crypto';
+import './kafkajs-linear-grouping.ts'; // before kafkajs loads its producer
 import { Kafka, logLevel, Partitioners, type Consumer, type Producer, type IHeaders } from 'kafkajs';
 import {
   codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicName, type TopicSpec, type TopicValues,
