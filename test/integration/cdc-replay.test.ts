@@ -232,4 +232,5 @@ test('a sink applying the stream ends identical to the source, through kill -9 o
     return s?.state === 'STREAMING' && s.slotLagBytes !== null && s.slotLagBytes < 1_000_000n ? s : undefined;
   });
   assert.equal(st.slotLagSeconds, 0);
+  assert.equal(st.epoch, 2n, 'after both kills the stream resumed from its slot (no new snapshot)');
 });
