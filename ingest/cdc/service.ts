@@ -28,6 +28,9 @@ export class CdcService {
   /** Set by CDC_START (even if the spec leaves CDC off), cleared by CDC_STOP. */
   private requested: boolean;
   private stream: CdcStream | undefined;
+  /** The last stream, kept after it stops: its slot may still hold WAL back, which is watched. */
+  private last: CdcStream | undefined;
+  private ticks = 0;
   private streamTerm = 0n;
   private running: Promise<void> | undefined;
   private closed = false;
@@ -66,7 +69,7 @@ export class CdcService {
     });
     await this.topologySub.caughtUp;
     this.reconcile();
-    this.statusTimer = setInterval(() => this.sendStatus(), STATUS_INTERVAL_MS);
+    this.statusTimer = setInterval(() => this.tick(), STATUS_INTERVAL_MS);
   }
 
   async stop(): Promise<void> {
@@ -106,6 +109,7 @@ export class CdcService {
       partitions: c.partitions, retentionMs: c.retentionMs, snapshotChunkRows: c.snapshotChunkRows, maxBatchEvents: c.maxBatchEvents,
     }, this.eventLog, this.log.child({ component: 'cdc' }));
     this.stream = stream;
+    this.last = stream;
     this.streamTerm = this.primaryTerm ?? 0n;
     this.running = this.keepRunning(stream, resnapshot);
   }
@@ -150,6 +154,21 @@ export class CdcService {
     } finally {
       await sql.end();
     }
+  }
+
+  /**
+   * Every second the running stream's status; every 5 s, while this instance
+   * is the primary, the lag of a slot whose stream is stopped or failing.
+   */
+  private tick(): void {
+    const stream = this.stream ?? this.last;
+    if (!stream) return;
+    const state = stream.status().state;
+    if (this.primaryTerm !== null && (state === 'STOPPED' || state === 'FAILED') && this.ticks++ % 5 === 0) {
+      stream.measureIdle().then(() => this.sendStatus(stream), (err) => this.log.warn({ err }, 'could not check the CDC slot lag'));
+      return;
+    }
+    if (this.stream) this.sendStatus(this.stream);
   }
 
   private sendStatus(stream = this.stream): void {

@@ -710,12 +710,28 @@ export class CdcStream {
     });
   }
 
+  /**
+   * The lag check of a stream that is not running (stopped, or failing and
+   * retrying): its slot still holds WAL back, so the alert must still fire.
+   */
+  async measureIdle(): Promise<void> {
+    const s = this.settings;
+    const client = sqlClient({ host: s.host, port: s.port, database: s.database, applicationName: `mg-cdc-watch-${s.instanceId}`.slice(0, 63) });
+    client.on('error', () => undefined);
+    await client.connect();
+    try {
+      await this.measure(client);
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  }
+
   /** Slot lag from Postgres's own view of the slot, the event rate, and the lag alert. */
-  private async measure(): Promise<void> {
+  private async measure(client = this.monitor!): Promise<void> {
     const now = Date.now();
     const dt = (now - this.rate.at) / 1000;
     if (dt > 0) this.rate = { at: now, events: this.eventsTotal, perSecond: Number(this.eventsTotal - this.rate.events) / dt };
-    const { rows } = await this.monitor!.query<{ lag: string | null }>(
+    const { rows } = await client.query<{ lag: string | null }>(
       'SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint::text AS lag FROM pg_replication_slots WHERE slot_name = $1', [this.slot]);
     this.slotLagBytes = rows[0]?.lag == null ? null : BigInt(rows[0].lag);
     const st = this.status();

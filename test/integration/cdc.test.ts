@@ -16,7 +16,7 @@ import { testCluster, until } from '../support/cluster.ts';
 import { bootstrap, registryUrl, testEventLog } from '../support/env.ts';
 
 const cluster = testCluster('cdc', 3, {
-  databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, transactionEvents: true, heartbeatMs: 500 } }],
+  databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, transactionEvents: true, heartbeatMs: 500, maxSlotLagBytes: 4_000_000 } }],
 });
 const { dataDir, prefix, flags, mg } = cluster;
 const [primary, replica] = cluster.instances;
@@ -242,6 +242,25 @@ test('CDC_START with resnapshot reads every table again in a new epoch: a trunca
   assert.equal(snap[0].value.op, 't');
   assert.equal(snap[0].value.source.snapshot, 'true');
   assert.deepEqual(snap.slice(1).map((m) => [m.value.op, m.value.after.id, m.value.source.epoch]), [['r', 1, 2n], ['r', 2, 2n], ['r', 3, 2n]]);
+});
+
+test('a stopped stream whose slot holds WAL back raises the lag alert; streaming again clears it', async () => {
+  const stop = await command(primary.instanceId, 'CDC_STOP');
+  assert.equal(stop.status, 'SUCCEEDED', stop.message);
+  await sql(primary.port, `CREATE TABLE filler (t text);
+    INSERT INTO filler SELECT (SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, 100)) FROM generate_series(1, 2000) g`);
+  const alerted = await until('the lag alert', 30_000, () => {
+    const st = latestStatus();
+    return st?.state === 'STOPPED' && st.alert ? st : undefined;
+  });
+  assert.match(alerted.alert!, /more than maxSlotLagBytes 4000000/);
+  assert.ok(alerted.slotLagBytes! > 4_000_000n);
+  const start = await command(primary.instanceId, 'CDC_START');
+  assert.equal(start.status, 'SUCCEEDED', start.message);
+  await until('the alert cleared', 60_000, () => {
+    const st = latestStatus();
+    return st?.state === 'STREAMING' && st.alert === null && st.slotLagBytes !== null && st.slotLagBytes < 4_000_000n ? st : undefined;
+  });
 });
 
 test('failover: the promoted replica streams on (new slot, consistent snapshot); applying the topic gives its exact contents', async () => {
