@@ -71,6 +71,8 @@ test('the primary streams; status reaches Kafka and mg cdc status shows it', asy
   });
   assert.equal(st.instanceId, primary.instanceId);
   assert.equal(st.epoch, 1n);
+  // Nothing is written, yet heartbeats through the WAL move the confirmed position on.
+  await until('the idle slot moving on', 15_000, () => (latestStatus()?.confirmedLsn ?? 0n) > st.confirmedLsn!);
   const out = await mg('cdc', 'status', '--data-dir', dataDir);
   assert.equal(out.code, 0, out.stderr);
   assert.match(out.stdout, /postgres\s+-\s+\S*postgres-0-zone1-0\s+STREAMING/);
@@ -248,7 +250,7 @@ test('a stopped stream whose slot holds WAL back raises the lag alert; streaming
   const stop = await command(primary.instanceId, 'CDC_STOP');
   assert.equal(stop.status, 'SUCCEEDED', stop.message);
   await sql(primary.port, `CREATE TABLE filler (t text);
-    INSERT INTO filler SELECT (SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, 100)) FROM generate_series(1, 2000) g`);
+    INSERT INTO filler SELECT (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 100) i) FROM generate_series(1, 2000) g`);
   const alerted = await until('the lag alert', 30_000, () => {
     const st = latestStatus();
     return st?.state === 'STOPPED' && st.alert ? st : undefined;
