@@ -250,7 +250,7 @@ test('a stopped stream whose slot holds WAL back raises the lag alert; streaming
   const stop = await command(primary.instanceId, 'CDC_STOP');
   assert.equal(stop.status, 'SUCCEEDED', stop.message);
   await sql(primary.port, `CREATE TABLE filler (t text);
-    INSERT INTO filler SELECT (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 100) i) FROM generate_series(1, 2000) g`);
+    INSERT INTO filler SELECT (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 100) i) FROM generate_series(1, 4000) g`);
   const alerted = await until('the lag alert', 30_000, () => {
     const st = latestStatus();
     return st?.state === 'STOPPED' && st.alert ? st : undefined;
