@@ -66,7 +66,7 @@ export class Agent {
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
     // Heartbeats first: joining the command group can wait out a dead predecessor's session.
     this.loop = this.healthLoop();
-    await this.cdc.start();
+    this.cdc.start();
     this.commands = await this.eventLog.subscribe('agentCommands', (cmd) => this.onCommand(cmd), {
       groupId: `${this.cfg.topicPrefix}agent.${this.cfg.instanceId}`,
       fromBeginning: false,

@@ -19,6 +19,7 @@ type Handle = (action: AgentAction, handler: (cmd: AgentCommand) => Promise<stri
 export class CdcService {
   private readonly topology = emptyTopology();
   private topologySub: Subscription | undefined;
+  private following: Promise<void> | undefined;
   private readonly publishStatus;
   private statusInflight: Promise<void> | undefined;
   private statusTimer: NodeJS.Timeout | undefined;
@@ -62,19 +63,31 @@ export class CdcService {
     handle('CDC_STATUS', async () => JSON.stringify(this.stream ? this.stream.status() : { state: 'STOPPED' }, (_k, v) => (typeof v === 'bigint' ? v.toString() : v)));
   }
 
-  async start(): Promise<void> {
-    this.topologySub = await this.eventLog.subscribe('topology', (e) => {
-      applyTopologyEvent(this.topology, e);
+  /** Follows topology in the background, so the agent's own start does not wait for it. */
+  start(): void {
+    this.following = (async () => {
+      for (let attempt = 1; !this.closed; attempt++) {
+        try {
+          this.topologySub = await this.eventLog.subscribe('topology', (e) => {
+            applyTopologyEvent(this.topology, e);
+            this.reconcile();
+          });
+          break;
+        } catch (err) {
+          this.log.warn({ err, attempt }, 'CDC cannot follow topology yet; retrying');
+          await sleep(Math.min(10_000, 250 * 2 ** attempt));
+        }
+      }
+      await this.topologySub?.caughtUp;
       this.reconcile();
-    });
-    await this.topologySub.caughtUp;
-    this.reconcile();
+    })();
     this.statusTimer = setInterval(() => this.tick(), STATUS_INTERVAL_MS);
   }
 
   async stop(): Promise<void> {
     this.closed = true;
     clearInterval(this.statusTimer);
+    await this.following;
     await this.topologySub?.stop();
     await this.stopStream();
     await this.statusInflight;
