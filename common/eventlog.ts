@@ -4,6 +4,7 @@
  * catalog, a caught-up signal, and dead-lettering of undecodable messages.
  */
 import { randomUUID } from 'node:crypto';
+import './kafkajs-linear-grouping.ts'; // before kafkajs loads its producer
 import { Kafka, logLevel, Partitioners, type Admin, type Consumer, type Producer, type IHeaders } from 'kafkajs';
 import {
   codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicName, type TopicSpec, type TopicValues,
@@ -31,6 +32,19 @@ export interface EventMeta {
 export interface RawMessage extends EventMeta {
   value: Buffer | null;
   headers: IHeaders;
+}
+
+/** Messages for one topic in a bulk send (see bulkSender). */
+export interface RawBatch {
+  topic: string;
+  messages: Array<{ key: Buffer | string | null; value: Buffer | null; partition?: number }>;
+}
+
+/** A producer of its own for bulk streams (CDC), so their large sends never delay other events. */
+export interface BulkSender {
+  /** Sends every message of every batch; resolves only once Kafka has acknowledged all of them (acks=all). */
+  send(batches: RawBatch[]): Promise<void>;
+  close(): Promise<void>;
 }
 
 export interface Subscription {
@@ -148,6 +162,46 @@ export class EventLog {
     } finally {
       await admin.disconnect();
     }
+  }
+
+  /**
+   * Creates a topic outside the catalog (e.g. a CDC table topic) unless it
+   * exists; returns its partition count either way.
+   */
+  async ensureTopic(name: string, spec: { partitions: number; cleanupPolicy: 'compact' | 'delete'; retentionMs: number }): Promise<number> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      if (!(await admin.listTopics()).includes(name)) {
+        await admin.createTopics({
+          waitForLeaders: true,
+          topics: [{
+            topic: name, numPartitions: spec.partitions, replicationFactor: -1,
+            configEntries: [{ name: 'cleanup.policy', value: spec.cleanupPolicy }, { name: 'retention.ms', value: String(spec.retentionMs) }],
+          }],
+        });
+      }
+      const meta = await whileRetriable(() => admin.fetchTopicMetadata({ topics: [name] }));
+      return meta.topics[0].partitions.length;
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  /** A dedicated idempotent producer for large batched sends (acks=all, per-key partitioning like Kafka's Java client). */
+  async bulkSender(): Promise<BulkSender> {
+    const producer = this.kafka.producer({
+      idempotent: true, maxInFlightRequests: 1, createPartitioner: Partitioners.DefaultPartitioner,
+      retry: { retries: Number.MAX_SAFE_INTEGER, maxRetryTime: 2_000 },
+    });
+    await producer.connect();
+    return {
+      send: async (batches) => {
+        await producer.sendBatch({ acks: -1, topicMessages: batches });
+        for (const b of batches) produced.inc({ topic: b.topic }, b.messages.length);
+      },
+      close: () => producer.disconnect(),
+    };
   }
 
   /** Typed publishing to one catalog topic; resolves once Kafka has acknowledged (acks=all). */

@@ -73,7 +73,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
       progress.note(created.length ? `created ${created.join(', ')}` : 'all present');
     });
     await progress.step('event schemas in the registry', async () => {
-      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults'] as Array<keyof TopicValues>) {
+      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'cdcStatus'] as Array<keyof TopicValues>) {
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
@@ -146,6 +146,7 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance, upstream: Planned
     brokers: bootstrapOf(spec).split(','), registryUrl: registryUrlOf(spec), topicPrefix: spec.kafka.topicPrefix,
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
     poolerPort: inst.poolerPort,
+    cdc: spec.databases.find((d) => d.name === inst.database)!.cdc,
   };
 }
 

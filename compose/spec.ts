@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
+import { cdcConfigSchema } from '../ingest/config.ts';
 
 const port = z.number().int().min(1024).max(65535);
 const name = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/, 'must be lower-case letters, digits or _, starting with a letter');
@@ -67,6 +68,8 @@ export const clusterSpecSchema = z.object({
     name,
     shards: z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two').default(1),
     instancesPerShard: z.number().int().min(1).max(9).default(3),
+    /** Change data capture into Kafka; off unless enabled (docs/cdc.md). */
+    cdc: cdcConfigSchema.default({}),
   }).strict()).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
 }).strict();

@@ -8,6 +8,7 @@ import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
 import { payload, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import { CdcService } from './cdc/service.ts';
 import type { AgentConfig } from './config.ts';
 import { PostgresInstance, type Probe } from './postgres/instance.ts';
 
@@ -42,6 +43,7 @@ export class Agent {
   private commands: Subscription | undefined;
   private loop: Promise<void> | undefined;
   private readonly handlers = new Map<AgentAction, CommandHandler>();
+  private readonly cdc: CdcService;
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
     this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log });
@@ -50,6 +52,8 @@ export class Agent {
     this.publishTopology = this.eventLog.publisher('topology');
     this.publishResult = this.eventLog.publisher('agentResults');
     this.lifecycleCommands();
+    this.cdc = new CdcService(cfg, this.eventLog, log);
+    this.cdc.register((action, handler) => this.handle(action, handler));
   }
 
   async start(): Promise<void> {
@@ -62,6 +66,7 @@ export class Agent {
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
     // Heartbeats first: joining the command group can wait out a dead predecessor's session.
     this.loop = this.healthLoop();
+    this.cdc.start();
     this.commands = await this.eventLog.subscribe('agentCommands', (cmd) => this.onCommand(cmd), {
       groupId: `${this.cfg.topicPrefix}agent.${this.cfg.instanceId}`,
       fromBeginning: false,
@@ -76,6 +81,7 @@ export class Agent {
     await this.loop;
     await this.inflight;
     await this.commands?.stop();
+    await this.cdc.stop();
     await this.lifecycleOp;
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING' })).catch(() => undefined);
     await this.postgres.stop('fast');
@@ -170,6 +176,7 @@ export class Agent {
 
 
   private async heartbeat(probe: Probe | null, error: string | null): Promise<void> {
+    const cdcLag = this.cdc.lag();
     const event: HealthEvent = {
       instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,
       ts: new Date(), sequence: ++this.sequence,
@@ -187,6 +194,8 @@ export class Agent {
       agentVersion: AGENT_VERSION,
       error,
       walReceiverStatus: probe?.walReceiverStatus ?? null,
+      cdcSlotLagBytes: cdcLag?.bytes ?? null,
+      cdcSlotLagSeconds: cdcLag?.seconds ?? null,
     };
     if (probe?.replayLagBytes != null) replayLag.set(Number(probe.replayLagBytes));
     await this.publishHealth([{ key: this.cfg.instanceId, value: event }]);

@@ -58,6 +58,14 @@ export const topics = {
     valueSchema: 'gateway-cancel.avsc',
     doc: 'CancelRequests forwarded between gateways (a client may cancel through any gateway); short-lived.',
   },
+  cdcStatus: {
+    name: 'mg.cdc.status.v1',
+    partitions: 1,
+    cleanupPolicy: 'compact',
+    retentionMs: -1,
+    valueSchema: 'cdc-status.avsc',
+    doc: 'State of each change stream (snapshot progress, confirmed LSN, slot lag, events/s), keyed by <database>/<shard>.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

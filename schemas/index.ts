@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { topics, valueSubject, type TopicName } from './catalog.ts';
 import { AvroCodec } from './codec/confluent.ts';
 import type { SchemaRegistryClient } from './codec/registry.ts';
-import type { AgentCommand, AgentCommandResult, GatewayCancel, HealthEvent, TopologyEvent } from './generated/types.ts';
+import type { AgentCommand, AgentCommandResult, CdcStreamStatus, GatewayCancel, HealthEvent, TopologyEvent } from './generated/types.ts';
 
 export * from './catalog.ts';
 export * from './topology.ts';
@@ -27,6 +27,7 @@ export interface TopicValues {
   agentCommands: AgentCommand;
   agentResults: AgentCommandResult;
   gatewayCancels: GatewayCancel;
+  cdcStatus: CdcStreamStatus;
 }
 
 /** The codec of a catalog topic's values; `topicName` is the topic's actual (maybe prefixed) name. */

@@ -3,18 +3,21 @@
  *   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
  *   mg cluster status [--data-dir dir]
  *   mg cluster down   [--data-dir dir] [--clean]
+ *   mg cdc status     [--data-dir dir]
  */
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { createLogger } from '../../common/log.ts';
 import { clusterDown, clusterUp, eventLogFor, readClusterView, savedSpec } from '../cluster.ts';
 import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
+import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
 
 const USAGE = `usage:
   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
   mg cluster status [--data-dir dir]
   mg cluster down   [--data-dir dir] [--clean]
+  mg cdc status     [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -37,7 +40,8 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   const [group, command] = positionals;
-  if (group !== 'cluster' || !['up', 'status', 'down'].includes(command)) throw new UsageError(`unknown command: ${positionals.join(' ') || '(none)'}`);
+  const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');
+  if (!known) throw new UsageError(`unknown command: ${positionals.join(' ') || '(none)'}`);
 
   // Logs of the CLI's own libraries go to a file-free sink unless asked for: the CLI prints progress instead.
   const log = createLogger('mg', {}).child({ command });
@@ -63,7 +67,7 @@ async function main(argv: string[]): Promise<void> {
   }
   const eventLog = eventLogFor(spec, 'mg-cli', log);
   try {
-    console.log(renderStatus(await readClusterView(eventLog)));
+    console.log(group === 'cdc' ? renderCdcStatus(await readCdcStatus(eventLog)) : renderStatus(await readClusterView(eventLog)));
   } finally {
     await eventLog.close();
   }

@@ -11,7 +11,7 @@ export interface AgentCommandResult {
   durationMs: bigint;
 }
 
-export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH';
+export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS';
 
 /** A request to the agent of one instance. Agents act on commands addressed to them and answer with an AgentCommandResult carrying the same commandId. */
 export interface AgentCommand {
@@ -21,6 +21,48 @@ export interface AgentCommand {
   issuedBy: string;
   action: AgentAction;
   args: Record<string, string>;
+}
+
+export type CdcStreamState = 'STARTING' | 'SNAPSHOTTING' | 'STREAMING' | 'STOPPED' | 'FAILED';
+
+export interface CdcSnapshotProgress {
+  tablesTotal: number;
+  tablesDone: number;
+  rows: bigint;
+  rowsPerSecond: number;
+  currentTable: null | string;
+  startedAt: Date;
+  finishedAt: null | Date;
+}
+
+/** The state of one change stream (one database shard), published by the agent of the shard's primary every second and on every state change. Keyed by <database>/<shard>; the topic is compacted, so the latest status per stream stays. */
+export interface CdcStreamStatus {
+  database: string;
+  shard: string;
+  /** The primary whose WAL the stream reads. */
+  instanceId: string;
+  /** The primary's term when the stream started. */
+  term: bigint;
+  ts: Date;
+  state: CdcStreamState;
+  slot: string;
+  topicPrefix: string;
+  /** Increases each time the stream starts over with a new slot and snapshot. */
+  epoch: bigint;
+  /** Confirmed to the slot: every change before it is acknowledged by Kafka. */
+  confirmedLsn: null | bigint;
+  receivedLsn: null | bigint;
+  /** pg_current_wal_lsn() - confirmed_flush_lsn of the slot. */
+  slotLagBytes: null | bigint;
+  /** Age of the oldest commit not yet acknowledged by Kafka (0 when caught up). */
+  slotLagSeconds: null | number;
+  eventsTotal: bigint;
+  eventsPerSecond: number;
+  snapshot: null | CdcSnapshotProgress;
+  /** Set while the slot lag exceeds maxSlotLagBytes. */
+  alert: null | string;
+  /** Why the stream failed (it retries). */
+  error: null | string;
 }
 
 /** A CancelRequest that reached a gateway which does not hold the session it names. Every gateway reads these; the one that gave out the key cancels the session's running query. */
@@ -66,6 +108,10 @@ export interface HealthEvent {
   error: null | string;
   /** Added in version 2: pg_stat_wal_receiver.status on a replica. */
   walReceiverStatus: null | string;
+  /** Added in version 3: on a primary running a change stream, the CDC slot's lag in bytes. */
+  cdcSlotLagBytes: null | bigint;
+  /** Added in version 3: age of the oldest commit the change stream has not yet had acknowledged by Kafka. */
+  cdcSlotLagSeconds: null | number;
 }
 
 export interface CellRegistered {

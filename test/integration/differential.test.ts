@@ -14,7 +14,7 @@ import pg from 'pg';
 import { encodeCancel } from '../../router/protocol/messages.ts';
 import { sleep, testCluster } from '../support/cluster.ts';
 
-const cluster = testCluster('diff', 2, { 'gateway.workers': 2 });
+const cluster = testCluster('diff', 2, { settings: { 'gateway.workers': 2 } });
 const [primary] = cluster.instances;
 
 before(async () => {

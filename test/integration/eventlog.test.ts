@@ -20,7 +20,7 @@ async function eventLog(prefix: string): Promise<EventLog> {
 const heartbeat = (sequence: bigint, instanceId = 'i1'): HealthEvent => ({
   instanceId, database: 'db', shard: '-', cell: 'zone1', ts: new Date(), sequence, reachable: true, role: 'PRIMARY',
   currentLsn: 0x16_B374_D848n + sequence, flushLsn: null, replayLsn: null, replayLagBytes: null, replayLagSeconds: null,
-  upstream: null, connections: 1, maxConnections: 100, postgresPid: 1, agentVersion: 'test', error: null, walReceiverStatus: null,
+  upstream: null, connections: 1, maxConnections: 100, postgresPid: 1, agentVersion: 'test', error: null, walReceiverStatus: null, cdcSlotLagBytes: null, cdcSlotLagSeconds: null,
 });
 
 test('caughtUp resolves once everything published before the subscription has been handled', async () => {

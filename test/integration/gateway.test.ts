@@ -17,9 +17,9 @@ import { sleep, testCluster, until } from '../support/cluster.ts';
 
 const MAX_CLIENTS = 40;
 const RELEASE_MS = 1_000;
-const cluster = testCluster('gateway', 1, {
+const cluster = testCluster('gateway', 1, { settings: {
   'gateway.maxClients': MAX_CLIENTS, 'gateway.readOnlyToReplicas': true, 'gateway.releaseIdleLinksAfterMs': RELEASE_MS,
-});
+} });
 const { spec, flags, mg } = cluster;
 const [primary, replica1, replica2] = cluster.instances;
 const gatewayPort = spec.gateway.port;

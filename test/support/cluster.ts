@@ -15,6 +15,11 @@ import { bootstrap, registryUrl, uniquePrefix } from './env.ts';
 const run = promisify(execFile);
 export const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'compose', 'bin', 'mg');
 
+export interface TestClusterOptions {
+  settings?: Record<string, string | number | boolean>;
+  spec?: Record<string, unknown>;
+}
+
 export interface TestCluster {
   spec: ClusterSpec;
   dataDir: string;
@@ -28,9 +33,13 @@ export interface TestCluster {
  * Ports are spread by `slot` (0..4) so test files never collide; all stay
  * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
  * range, so two test runs (e.g. two worktrees) can share a machine.
- * `settings` adds or overrides spec fields (`group.field` -> value), as `mg --set` does.
+ * `settings` adds or overrides spec fields (`group.field` -> value), as `mg --set`
+ * does; `spec` adds top-level fields --set cannot express (e.g. databases[].cdc),
+ * passed to the CLI as a spec file.
  */
-export function testCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}): TestCluster {
+export function testCluster(label: string, slot: number, opts: TestClusterOptions = {}): TestCluster {
+  const settings = opts.settings ?? {};
+  const specFields = opts.spec ?? {};
   const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), `${label}-`));
   fs.chmodSync(dataDir, 0o755);
   const prefix = uniquePrefix(label);
@@ -42,7 +51,12 @@ export function testCluster(label: string, slot: number, settings: Record<string
     ...settings,
   };
   const flags = ['--data-dir', dataDir, ...Object.entries(all).flatMap(([k, v]) => ['--set', `${k}=${v}`])];
-  const raw: Record<string, any> = { dataDir };
+  if (Object.keys(specFields).length) {
+    const file = path.join(dataDir, 'test-spec.yaml');
+    fs.writeFileSync(file, JSON.stringify(specFields));
+    flags.push('--spec', file);
+  }
+  const raw: Record<string, any> = { ...specFields, dataDir };
   for (const [k, v] of Object.entries(all)) {
     const [group, field] = k.split('.');
     (raw[group] ??= {})[field] = v;

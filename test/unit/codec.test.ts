@@ -27,7 +27,7 @@ const health = (over: Partial<HealthEvent> = {}): HealthEvent => ({
   instanceId: 'i1', database: 'db', shard: '-', cell: 'zone1', ts: new Date(1_764_000_000_123), sequence: 1n,
   reachable: true, role: 'PRIMARY', currentLsn: 0x7fff_ffff_ffff_fff0n, flushLsn: 2n ** 53n + 1n, replayLsn: null,
   replayLagBytes: null, replayLagSeconds: null, upstream: null, connections: 3, maxConnections: 200, postgresPid: 42,
-  agentVersion: '0.1.0', error: null, walReceiverStatus: 'streaming', ...over,
+  agentVersion: '0.1.0', error: null, walReceiverStatus: 'streaming', cdcSlotLagBytes: null, cdcSlotLagSeconds: null, ...over,
 });
 
 test('Confluent wire format: magic byte, 4-byte schema id, Avro body; 64-bit LSNs exact', async () => {
