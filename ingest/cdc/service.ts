@@ -4,6 +4,7 @@
  * it when another instance takes over, answers CDC_START / CDC_STOP /
  * CDC_STATUS, and publishes the stream's status to `mg.cdc.status.v1`.
  */
+import type pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { applyTopologyEvent, emptyTopology, shardKey, type AgentAction, type AgentCommand, type CdcStreamStatus } from '../../schemas/index.ts';
@@ -26,8 +27,13 @@ export class CdcService {
 
   /** The term under which this instance is the primary, or null. */
   private primaryTerm: bigint | null = null;
-  /** Set by CDC_START (even if the spec leaves CDC off), cleared by CDC_STOP. */
-  private requested: boolean;
+  /**
+   * Whether the stream should run: the last CDC_START/CDC_STOP, kept in
+   * `mg_cdc.commands` (so it survives agent restarts and replicates to the
+   * next primary), else the spec. Null until read from the primary.
+   */
+  private requested: boolean | null = null;
+  private deciding = false;
   private stream: CdcStream | undefined;
   /** The last stream, kept after it stops: its slot may still hold WAL back, which is watched. */
   private last: CdcStream | undefined;
@@ -38,13 +44,12 @@ export class CdcService {
 
   constructor(private readonly cfg: AgentConfig, private readonly eventLog: EventLog, private readonly log: Logger) {
     this.publishStatus = eventLog.publisher('cdcStatus');
-    this.requested = cfg.cdc.enabled;
   }
 
   register(handle: Handle): void {
     handle('CDC_START', async (cmd) => {
       if (this.primaryTerm === null) throw new Error(`${this.cfg.instanceId} is not the primary of ${this.cfg.database}/${this.cfg.shard}`);
-      this.requested = true;
+      await this.persistRequested(true);
       const resnapshot = cmd.args.resnapshot === 'true';
       if (this.stream && resnapshot) await this.stopStream();
       if (this.stream) return `already ${this.stream.status().state.toLowerCase()}`;
@@ -52,7 +57,8 @@ export class CdcService {
       return resnapshot ? 'started with a new snapshot' : 'started';
     });
     handle('CDC_STOP', async (cmd) => {
-      this.requested = false;
+      if (this.primaryTerm !== null) await this.persistRequested(false);
+      else this.requested = false;
       const wasRunning = await this.stopStream();
       if (cmd.args.drop === 'true') {
         await this.dropSlot();
@@ -107,24 +113,70 @@ export class CdcService {
     if (this.primaryTerm === null && this.stream) {
       this.log.info({ primary: primary?.instanceId, term: primary?.term }, 'no longer the primary: stopping the change stream');
       void this.stopStream();
+    } else if (this.primaryTerm !== null && this.requested === null && !this.deciding) {
+      this.deciding = true;
+      this.readRequested()
+        .then((wanted) => {
+          this.requested ??= wanted;
+          this.reconcile();
+        }, (err) => this.log.warn({ err }, 'could not read the CDC command state; retrying'))
+        .finally(() => (this.deciding = false));
     } else if (this.primaryTerm !== null && this.requested && !this.stream) {
       this.log.info({ term: this.primaryTerm }, 'primary: starting the change stream');
       this.startStream(false);
     }
   }
 
+  private async withSql<T>(work: (sql: pg.Client) => Promise<T>): Promise<T> {
+    const sql = sqlClient({ host: this.cfg.host, port: this.cfg.port, database: this.cfg.database, applicationName: 'mg-cdc-control' });
+    sql.on('error', () => undefined);
+    await sql.connect();
+    try {
+      return await work(sql);
+    } finally {
+      await sql.end().catch(() => undefined);
+    }
+  }
+
+  /** The last command's wish, or the spec's when no command was ever given. */
+  private readRequested(): Promise<boolean> {
+    return this.withSql(async (sql) => {
+      const { rows } = await sql.query<{ wanted: string }>(
+        `SELECT wanted::text FROM ${STATE_SCHEMA}.commands WHERE database = $1`, [this.cfg.database]).catch((err) => {
+        if ((err as { code?: string }).code === '42P01' || (err as { code?: string }).code === '3F000') return { rows: [] }; // never written
+        throw err;
+      });
+      return rows[0] ? rows[0].wanted === 'true' : this.cfg.cdc.enabled;
+    });
+  }
+
+  private async persistRequested(wanted: boolean): Promise<void> {
+    await this.withSql(async (sql) => {
+      await sql.query(`CREATE SCHEMA IF NOT EXISTS ${STATE_SCHEMA}`);
+      await sql.query(`CREATE TABLE IF NOT EXISTS ${STATE_SCHEMA}.commands (database text PRIMARY KEY, wanted boolean NOT NULL, at timestamptz NOT NULL DEFAULT now())`);
+      await sql.query(
+        `INSERT INTO ${STATE_SCHEMA}.commands (database, wanted) VALUES ($1, $2)
+         ON CONFLICT (database) DO UPDATE SET wanted = EXCLUDED.wanted, at = now()`, [this.cfg.database, wanted]);
+    });
+    this.requested = wanted;
+  }
+
   private startStream(resnapshot: boolean): void {
+    const stream = this.newStream();
+    this.stream = stream;
+    this.last = stream;
+    this.streamTerm = this.primaryTerm ?? 0n;
+    this.running = this.keepRunning(stream, resnapshot);
+  }
+
+  private newStream(): CdcStream {
     const c = this.cfg.cdc;
-    const stream = new CdcStream({
+    return new CdcStream({
       database: this.cfg.database, shard: this.cfg.shard, instanceId: this.cfg.instanceId, host: this.cfg.host, port: this.cfg.port,
       topicPrefix: `${this.cfg.topicPrefix}${c.topicPrefix}`, tables: c.tables, tombstones: c.tombstones,
       transactionEvents: c.transactionEvents, numeric: c.numeric, maxSlotLagBytes: c.maxSlotLagBytes, heartbeatMs: c.heartbeatMs,
       partitions: c.partitions, retentionMs: c.retentionMs, snapshotChunkRows: c.snapshotChunkRows, maxBatchEvents: c.maxBatchEvents,
     }, this.eventLog, this.log.child({ component: 'cdc' }));
-    this.stream = stream;
-    this.last = stream;
-    this.streamTerm = this.primaryTerm ?? 0n;
-    this.running = this.keepRunning(stream, resnapshot);
   }
 
   /** Runs the stream until stopped; after a failure (Postgres restarting, Kafka away, bad data) it starts again from the slot. */
@@ -158,15 +210,11 @@ export class CdcService {
   }
 
   private async dropSlot(): Promise<void> {
-    const sql = sqlClient({ host: this.cfg.host, port: this.cfg.port, database: this.cfg.database, applicationName: 'mg-cdc-drop' });
-    await sql.connect();
-    try {
+    await this.withSql(async (sql) => {
       await sql.query('SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1', [slotName(this.cfg.database)]);
       await sql.query(`DROP PUBLICATION IF EXISTS ${quoteIdent(publicationName(this.cfg.database))}`);
       await sql.query(`DELETE FROM ${STATE_SCHEMA}.streams WHERE slot = $1`, [slotName(this.cfg.database)]).catch(() => undefined);
-    } finally {
-      await sql.end();
-    }
+    });
   }
 
   /**
@@ -174,6 +222,12 @@ export class CdcService {
    * is the primary, the lag of a slot whose stream is stopped or failing.
    */
   private tick(): void {
+    if (this.requested === null) this.reconcile(); // reading the command state failed before: try again
+    // A stream stopped before this agent started still has its slot to watch.
+    if (!this.stream && !this.last && this.primaryTerm !== null && this.requested === false) {
+      this.last = this.newStream();
+      this.streamTerm = this.primaryTerm;
+    }
     const stream = this.stream ?? this.last;
     if (!stream) return;
     const state = stream.status().state;

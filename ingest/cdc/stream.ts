@@ -142,7 +142,8 @@ export class CdcStream {
   readonly publication: string;
   private readonly naming: CdcNaming;
   private readonly labels: { database: string; shard: string };
-  private state: StreamState = 'STARTING';
+  /** STOPPED until run(): a stream object also watches the slot of a stream that is not running. */
+  private state: StreamState = 'STOPPED';
   private epoch = 0n;
   private error: string | null = null;
   private alert: string | null = null;

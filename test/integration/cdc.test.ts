@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
@@ -257,6 +258,16 @@ test('a stopped stream whose slot holds WAL back raises the lag alert; streaming
   });
   assert.match(alerted.alert!, /more than maxSlotLagBytes 4000000/);
   assert.ok(alerted.slotLagBytes! > 4_000_000n);
+  // The stop survives an agent crash: the new agent keeps the stream stopped, and still watches the slot.
+  process.kill(Number(fs.readFileSync(path.join(dataDir, 'run', `agent-${primary.instanceId}.pid`), 'utf8').split(' ')[0]), 'SIGKILL');
+  const restarted = new Date();
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  assert.equal(JSON.parse((await command(primary.instanceId, 'CDC_STATUS')).message).state, 'STOPPED');
+  await until('the alert from the new agent', 30_000, () => {
+    const st = latestStatus();
+    return st && st.ts > restarted && st.state === 'STOPPED' && st.alert ? st : undefined;
+  });
   const start = await command(primary.instanceId, 'CDC_START');
   assert.equal(start.status, 'SUCCEEDED', start.message);
   await until('the alert cleared', 60_000, () => {
