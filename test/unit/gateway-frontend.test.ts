@@ -1,8 +1,8 @@
-// The gateway's client-facing front (router/gateway/frontend.ts) against real clients:
-// psql, node-postgres and postgres.js, TLS and not, SCRAM-SHA-256(-PLUS) with verifiers
-// made by a real Postgres 15, wrong passwords compared with what Postgres itself says,
-// cancel requests, and malformed input. Behind acceptClient is a tiny server that
-// answers every query with one fixed row.
+// Unit test of the gateway's client-facing front (router/gateway/frontend.ts), not of the
+// whole gateway: real clients (psql, node-postgres, postgres.js), TLS and not, SCRAM-SHA-256(-PLUS)
+// with verifiers made by a real Postgres 15, wrong passwords compared with what Postgres itself
+// says, cancel requests and malformed input; behind acceptClient is a stub server that answers
+// every query with one fixed row (the whole path is in test/integration/gateway.test.ts).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
