@@ -73,7 +73,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
       progress.note(created.length ? `created ${created.join(', ')}` : 'all present');
     });
     await progress.step('event schemas in the registry', async () => {
-      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults'] as Array<keyof TopicValues>) {
+      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'orchEvents'] as Array<keyof TopicValues>) {
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });

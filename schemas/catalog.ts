@@ -50,6 +50,14 @@ export const topics = {
     valueSchema: 'agent-command-result.avsc',
     doc: 'Outcomes of agent commands, keyed by instance id; commandId links them to the request.',
   },
+  orchEvents: {
+    name: 'mg.orch.events.v1',
+    partitions: 1, // one partition: every orchestrator folds recovery leases in the same order
+    cleanupPolicy: 'delete',
+    retentionMs: 30 * DAY,
+    valueSchema: 'orch-event.avsc',
+    doc: 'What orchestrators saw, decided and did per shard (failovers, switchovers, leases), keyed by db/shard.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,
