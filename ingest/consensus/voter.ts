@@ -18,7 +18,8 @@ import type { Logger } from '../../common/log.ts';
 import { counter } from '../../common/metrics.ts';
 import { encodePosition, refusal, RULE_TABLE, type AgentCommand, type VoterPosition } from '../../schemas/index.ts';
 import type { Agent } from '../agent.ts';
-import { queryAt, type Upstream } from '../postgres/instance.ts';
+import { queryAt } from '../../common/postgres.ts';
+import type { Upstream } from '../postgres/instance.ts';
 import { parseLsn } from '../postgres/lsn.ts';
 import { PledgeFile } from './pledge.ts';
 

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
+import { queryAt } from '../../common/postgres.ts';
 import { parseLsn } from './lsn.ts';
 
 export interface PostgresInstanceOptions {
@@ -438,33 +439,6 @@ export class PostgresInstance {
         }
       });
     });
-  }
-}
-
-/**
- * One statement on `postgres` at `at`, on its own connection. Past timeoutMs the
- * socket is destroyed (a hung server never answers), and the call rejects.
- */
-export async function queryAt<T extends pg.QueryResultRow>(at: Upstream, sql: string, params: unknown[] = [], timeoutMs = 5_000): Promise<T[]> {
-  const client = new pg.Client({ host: at.host, port: at.port, user: 'postgres', database: 'postgres', application_name: 'mg-control' });
-  client.on('error', () => {});
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`no answer from ${at.host}:${at.port} within ${timeoutMs} ms`)), timeoutMs);
-  });
-  try {
-    return await Promise.race([
-      (async () => {
-        await client.connect();
-        const { rows } = await client.query<T>(sql, params);
-        await client.end();
-        return rows;
-      })(),
-      timeout,
-    ]);
-  } finally {
-    clearTimeout(timer);
-    client.connection.stream.destroy();
   }
 }
 
