@@ -11,10 +11,10 @@ const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..'
 const poolerName = (id: string) => `pooler-${id}`;
 const GATEWAY = 'gateway';
 
-interface Paths { runDir: string; logDir: string; bootstrap: string; registryUrl: string }
+export interface Paths { runDir: string; logDir: string; bootstrap: string; registryUrl: string }
 
 /** Starts (if not running) a service from this repository and waits until its port answers. */
-async function startService(name: string, entry: string, config: object, port: number, paths: Paths, spec: ClusterSpec): Promise<string> {
+export async function startService(name: string, entry: string, config: object, port: number, paths: Paths, spec: ClusterSpec): Promise<string> {
   const pid = readPid(paths.runDir, name);
   if (pid !== undefined && isAlive(pid)) return `${name}: already running (pid ${pid})`;
   const dir = path.join(spec.dataDir, 'config');

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
+import { parsePolicy } from '../schemas/durability.ts';
 
 const port = z.number().int().min(1024).max(65535);
 const name = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/, 'must be lower-case letters, digits or _, starting with a letter');
@@ -50,13 +51,28 @@ export const clusterSpecSchema = z.object({
     probeTimeoutMs: z.number().int().min(50).max(60_000).default(1000),
     metricsBasePort: port.default(19100),
   }).strict().default({}),
+  orchestrator: z.object({
+    /** One MultiOrch per cell, on basePort + the cell's index (REST API and /metrics). */
+    basePort: port.default(19400),
+    detectMs: z.number().int().min(0).max(60_000).default(500),
+  }).strict().default({}),
   cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),
   databases: z.array(z.object({
     name,
     shards: z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two').default(1),
     instancesPerShard: z.number().int().min(1).max(9).default(3),
-  }).strict()).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
+    /** ANY_<n> (n nodes hold each acknowledged commit, the primary included) or MULTI_CELL_ANY_<n> (n cells); default ANY_2 (ANY_1 alone). */
+    durability: z.string().refine((p) => {
+      try {
+        return parsePolicy(p) !== undefined;
+      } catch {
+        return false;
+      }
+    }, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
+  }).strict().refine((d) => !d.durability || parsePolicy(d.durability).n <= d.instancesPerShard, {
+    message: 'durability needs more instances per shard than the database has', path: ['durability'],
+  })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
 }).strict();
 
@@ -118,6 +134,7 @@ function checkPortClashes(spec: ClusterSpec): void {
   if (!spec.registry.url) take(spec.registry.port, 'registry.port');
   take(spec.gateway.port, 'gateway.port');
   take(spec.gateway.metricsPort, 'gateway.metricsPort');
+  spec.cells.forEach((cell, i) => take(spec.orchestrator.basePort + i, `orchestrator port of ${cell}`));
   for (const inst of instancesOf(spec)) {
     take(inst.port, `postgres port of ${inst.instanceId}`);
     take(inst.metricsPort, `agent metrics port of ${inst.instanceId}`);

@@ -66,7 +66,7 @@ export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Kee
     shards: watch.shards().map((s) => ({
       database: s.database, shard: s.shard, policy: s.policyText,
       term: s.primary?.term ?? null, ruleNumber: s.primary?.ruleNumber ?? null, primary: s.primary?.instanceId ?? null,
-      lease: journal.lease(s.key) ?? null,
+      lease: journal.lease(s.key) ?? null, bootstrapped: keeper.bootstrapped(s),
       instances: s.cohort.map((i) => {
         const h = watch.fresh(i.instanceId);
         return {

@@ -34,6 +34,8 @@ interface ShardState {
   lastPrimaryCheck: number;
   miswiredSince: Map<string, number>;
   lastRepair: Map<string, number>;
+  /** The term whose rule and policy were last found in place on its primary. */
+  verifiedTerm?: bigint;
 }
 
 export class Keeper {
@@ -66,6 +68,11 @@ export class Keeper {
     if (target && !shard.cohort.some((i) => i.instanceId === target)) throw new ElectionError(`${target} is not an instance of ${shard.key}`, 'refused');
     if (target && target === shard.primary?.instanceId) throw new ElectionError(`${target} is already the primary`, 'refused');
     return this.exclusive(shard, () => this.elect(shard, { operation: 'switchover', reason: 'requested', target }));
+  }
+
+  /** Whether this orchestrator found the shard's rule and policy in place for its current term. */
+  bootstrapped(shard: ShardView): boolean {
+    return shard.primary !== undefined && this.states.get(shard.key)?.verifiedTerm === shard.primary.term;
   }
 
   private state(key: string): ShardState {
@@ -225,7 +232,10 @@ export class Keeper {
     const [{ names, rule }] = await queryAt<{ names: string; rule: string | null }>(at, `SELECT current_setting('synchronous_standby_names') AS names,
       CASE WHEN to_regclass('${RULE_TABLE}') IS NULL THEN NULL ELSE (SELECT max(term)::text FROM ${RULE_TABLE}) END AS rule`, [], 2_000);
     const ruleTerm = rule === null ? undefined : BigInt(rule);
-    if (names === want && ruleTerm !== undefined && ruleTerm >= term) return;
+    if (names === want && ruleTerm !== undefined && ruleTerm >= term) {
+      this.state(shard.key).verifiedTerm = term;
+      return;
+    }
     const operation = ruleTerm === undefined ? 'bootstrap' : 'policy';
     if (!(await this.journal.claim(shard.database, shard.shard, operation, term, this.cfg.leaseMs))) return;
     repairs.inc({ kind: operation });
@@ -239,6 +249,7 @@ export class Keeper {
         const n = await writeRule(shard, primary, term, this.cfg.id);
         await this.journal.record(shard.database, shard.shard, 'COMPLETED', operation, `rule ${n} of term ${term} written on ${primary.instanceId}`, { term, durationMs: Date.now() - started });
       }
+      this.state(shard.key).verifiedTerm = term;
     } finally {
       await this.journal.release(shard.database, shard.shard, operation);
     }

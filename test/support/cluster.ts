@@ -27,9 +27,10 @@ export interface TestCluster {
 /**
  * Ports are spread by `slot` (0..4) so test files never collide; all stay
  * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
- * range, so two test runs (e.g. two worktrees) can share a machine.
+ * range, so two test runs (e.g. two worktrees) can share a machine. `extra`
+ * sets more spec fields by dotted path (e.g. 'orchestrator.detectMs').
  */
-export function testCluster(label: string, slot: number): TestCluster {
+export function testCluster(label: string, slot: number, extra: Record<string, string | number> = {}): TestCluster {
   const dataDir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), `${label}-`));
   fs.chmodSync(dataDir, 0o755);
   const prefix = uniquePrefix(label);
@@ -38,6 +39,8 @@ export function testCluster(label: string, slot: number): TestCluster {
     'kafka.bootstrap': bootstrap(), 'registry.url': registryUrl(), 'kafka.topicPrefix': prefix,
     'postgres.basePort': base, 'agent.metricsBasePort': base + 100, 'pooler.basePort': base + 200,
     'pooler.metricsBasePort': base + 300, 'gateway.port': base + 400, 'gateway.metricsPort': base + 401,
+    'orchestrator.basePort': base + 450,
+    ...extra,
   };
   const flags = ['--data-dir', dataDir, ...Object.entries(settings).flatMap(([k, v]) => ['--set', `${k}=${v}`])];
   const raw: Record<string, any> = { dataDir };

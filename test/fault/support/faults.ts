@@ -1,0 +1,67 @@
+/** Fault injectors and "back to full strength" for the fault suite, on a real local cluster. */
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { orchestratorStatus, type ShardStatus } from '../../../compose/orchestrators.ts';
+import { readPid } from '../../../compose/supervise.ts';
+import type { TestCluster } from '../../support/cluster.ts';
+import { until } from '../../support/wait.ts';
+
+export const postmasterPid = (c: TestCluster, id: string) =>
+  Number(fs.readFileSync(path.join(c.dataDir, 'postgres', id, 'postmaster.pid'), 'utf8').split('\n')[0]);
+
+/** The postmaster and every process it forked. */
+export function postgresPids(c: TestCluster, id: string): number[] {
+  const pm = postmasterPid(c, id);
+  const children = execFileSync('ps', ['-o', 'pid=', '--ppid', String(pm)], { encoding: 'utf8' }).split('\n').map((s) => Number(s.trim())).filter(Boolean);
+  return [pm, ...children];
+}
+
+export const servicePid = (c: TestCluster, name: string) => {
+  const pid = readPid(path.join(c.dataDir, 'run'), name);
+  if (pid === undefined) throw new Error(`${name} has no pid file`);
+  return pid;
+};
+
+export async function shardStatus(c: TestCluster): Promise<ShardStatus> {
+  return (await orchestratorStatus(c.spec)).shards[0];
+}
+
+/**
+ * Full strength: the term's primary is healthy, every other instance streams
+ * from it and serves, and the rule and policy of the term are in place.
+ */
+export async function fullStrength(c: TestCluster, timeoutMs = 90_000): Promise<ShardStatus> {
+  let last: ShardStatus | undefined;
+  try {
+    return await until('full strength', timeoutMs, async () => {
+      const s = (last = await shardStatus(c).catch(() => undefined));
+      if (!s?.bootstrapped || !s.primary) return undefined;
+      const primary = c.instances.find((i) => i.instanceId === s.primary)!;
+      const ok = s.instances.every((i) => i.serving === 'SERVING' && (i.instanceId === s.primary
+        ? i.role === 'PRIMARY'
+        : i.role === 'REPLICA' && i.walReceiverStatus === 'streaming' && i.upstream === `127.0.0.1:${primary.port}`));
+      return ok ? s : undefined;
+    });
+  } catch (err) {
+    throw new Error(`${(err as Error).message}; last status: ${JSON.stringify(last)}`);
+  }
+}
+
+/** Waits for a term above `term`; returns the new status. */
+export async function newTerm(c: TestCluster, term: bigint, timeoutMs = 60_000): Promise<ShardStatus> {
+  return until(`a term above ${term}`, timeoutMs, async () => {
+    const s = await shardStatus(c).catch(() => undefined);
+    return s && s.term !== null && BigInt(s.term) > term ? s : undefined;
+  });
+}
+
+export function signalAll(pids: number[], sig: NodeJS.Signals): void {
+  for (const pid of pids) {
+    try {
+      process.kill(pid, sig);
+    } catch {
+      // gone already
+    }
+  }
+}
