@@ -229,8 +229,9 @@ export class Keeper {
     const at = { host: primary.host, port: primary.port };
     const term = shard.primary!.term;
     const want = syncStandbyNames(shard.policy, shard.cohort, primary);
-    const [{ names, rule }] = await queryAt<{ names: string; rule: string | null }>(at, `SELECT current_setting('synchronous_standby_names') AS names,
-      CASE WHEN to_regclass('${RULE_TABLE}') IS NULL THEN NULL ELSE (SELECT max(term)::text FROM ${RULE_TABLE}) END AS rule`, [], 2_000);
+    const [{ names, hasRules }] = await queryAt<{ names: string; hasRules: boolean }>(at, `SELECT current_setting('synchronous_standby_names') AS names,
+      to_regclass('${RULE_TABLE}') IS NOT NULL AS "hasRules"`, [], 2_000);
+    const rule = hasRules ? (await queryAt<{ term: string | null }>(at, `SELECT max(term)::text AS term FROM ${RULE_TABLE}`, [], 2_000))[0].term : null;
     const ruleTerm = rule === null ? undefined : BigInt(rule);
     if (names === want && ruleTerm !== undefined && ruleTerm >= term) {
       this.state(shard.key).verifiedTerm = term;

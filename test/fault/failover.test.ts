@@ -60,7 +60,9 @@ after(async () => {
   await journalSub?.stop();
   await eventLog?.close();
   printFigures();
-  await mg('cluster', 'down', '--clean', ...flags);
+  await mg('cluster', 'down', ...flags);
+  // The logs outlive the cluster, for reading a failed run.
+  if (process.env.MG_TEST_DIR) fs.cpSync(path.join(cluster.dataDir, 'logs'), path.join(process.env.MG_TEST_DIR, 'fault-logs'), { recursive: true });
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
 
@@ -103,7 +105,9 @@ async function unplanned(fault: string, inject: (primaryId: string) => Promise<v
 }
 
 test('kill -9 of the primary Postgres: a new primary, the old one back as a replica, no lost writes', async () => {
-  await unplanned('kill -9 postgres', async (p) => process.kill(postmasterPid(cluster, p), 'SIGKILL'));
+  await unplanned('kill -9 postgres', async (p) => {
+    process.kill(postmasterPid(cluster, p), 'SIGKILL');
+  });
 });
 
 test('planned switchover through the CLI: no client-visible errors', async () => {
@@ -122,7 +126,9 @@ test('planned switchover through the CLI: no client-visible errors', async () =>
 });
 
 test('kill -9 of the primary agent: failover; the agent restarted by mg cluster up rejoins as a replica', async () => {
-  await unplanned('kill -9 agent', async (p) => process.kill(servicePid(cluster, `agent-${p}`), 'SIGKILL'), async (old) => {
+  await unplanned('kill -9 agent', async (p) => {
+    process.kill(servicePid(cluster, `agent-${p}`), 'SIGKILL');
+  }, async (old) => {
     await until('the agent gone', 10_000, () => !isAlive(servicePid(cluster, `agent-${old}`)) || undefined).catch(() => undefined);
     const up = await mg('cluster', 'up', ...flags);
     assert.equal(up.code, 0, up.stderr + up.stdout);
