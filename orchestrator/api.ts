@@ -45,7 +45,7 @@ function openApi(): object {
     (paths[path] ??= {})[r.method.toLowerCase()] = {
       summary: r.summary, parameters,
       ...(s.body ? { requestBody: { content: { 'application/json': { schema: s.body } } } } : {}),
-      responses: { 200: { description: 'OK' }, 400: { description: 'bad input' }, 404: { description: 'no such shard' }, 409: { description: 'refused or busy' }, 503: { description: 'could not complete' } },
+      responses: { 200: { description: 'OK' }, 400: { description: 'bad input (body, unknown target instance)' }, 404: { description: 'no such shard' }, 409: { description: 'refused or busy' }, 503: { description: 'could not complete' } },
     };
   }
   return { openapi: '3.0.3', info: { title: 'MultiOrch', version: '1' }, paths };
@@ -85,7 +85,7 @@ export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Kee
       return json(await keeper.switchover(database, shard, req.body?.to));
     } catch (err) {
       if (!(err instanceof ElectionError)) throw err;
-      return reply.code(err.status === 'failed' ? 503 : 409).send({ error: err.message });
+      return reply.code({ invalid: 400, busy: 409, refused: 409, failed: 503 }[err.status]).send({ error: err.message });
     }
   });
 

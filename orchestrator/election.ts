@@ -35,7 +35,7 @@ export interface ElectionResult {
 }
 
 export class ElectionError extends Error {
-  constructor(message: string, readonly status: 'busy' | 'refused' | 'failed') {
+  constructor(message: string, readonly status: 'invalid' | 'busy' | 'refused' | 'failed') {
     super(message);
   }
 }

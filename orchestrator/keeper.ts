@@ -25,6 +25,9 @@ const shardsHealthy = gauge('mg_orch_shards_healthy', 'Shards whose primary is h
 const REPAIR_BACKOFF_MS = 3_000;
 /** A replica not streaming from the right primary this long gets repointed. */
 const MISWIRED_MS = 2_000;
+/** A rewind, or a clone when rewinding fails, may take this long. */
+const REPOINT_TIMEOUT_MS = 180_000;
+const STALE_PRIMARY = 'a stale primary';
 /** How often the rule and the policy on a healthy primary are checked. */
 const CHECK_PRIMARY_MS = 2_000;
 
@@ -34,6 +37,8 @@ interface ShardState {
   lastPrimaryCheck: number;
   miswiredSince: Map<string, number>;
   lastRepair: Map<string, number>;
+  /** Instances with a REPOINT of ours in flight. */
+  repairing: Set<string>;
   /** The term whose rule and policy were last found in place on its primary. */
   verifiedTerm?: bigint;
 }
@@ -65,7 +70,7 @@ export class Keeper {
   async switchover(database: string, shardName: string, target?: string): Promise<ElectionResult> {
     const shard = this.watch.shard(database, shardName);
     if (!shard) throw new ElectionError(`no shard ${database}/${shardName}`, 'refused');
-    if (target && !shard.cohort.some((i) => i.instanceId === target)) throw new ElectionError(`${target} is not an instance of ${shard.key}`, 'refused');
+    if (target && !shard.cohort.some((i) => i.instanceId === target)) throw new ElectionError(`${target} is not an instance of ${shard.key}`, 'invalid');
     if (target && target === shard.primary?.instanceId) throw new ElectionError(`${target} is already the primary`, 'refused');
     return this.exclusive(shard, () => this.elect(shard, { operation: 'switchover', reason: 'requested', target }));
   }
@@ -77,7 +82,7 @@ export class Keeper {
 
   private state(key: string): ShardState {
     let s = this.states.get(key);
-    if (!s) this.states.set(key, (s = { busy: false, lastPrimaryCheck: 0, miswiredSince: new Map(), lastRepair: new Map() }));
+    if (!s) this.states.set(key, (s = { busy: false, lastPrimaryCheck: 0, miswiredSince: new Map(), lastRepair: new Map(), repairing: new Set() }));
     return s;
   }
 
@@ -199,29 +204,38 @@ export class Keeper {
       }
       const since = s.miswiredSince.get(inst.instanceId) ?? now;
       s.miswiredSince.set(inst.instanceId, since);
-      if (now - since < MISWIRED_MS || now - (s.lastRepair.get(inst.instanceId) ?? 0) < REPAIR_BACKOFF_MS) continue;
+      if (now - since < MISWIRED_MS || now - (s.lastRepair.get(inst.instanceId) ?? 0) < REPAIR_BACKOFF_MS || s.repairing.has(inst.instanceId)) continue;
       s.lastRepair.set(inst.instanceId, now);
-      await this.repoint(shard, inst, primary, h.role === 'PRIMARY' ? 'a stale primary' : `upstream ${h.upstream ?? 'none'}, ${h.walReceiverStatus ?? 'no WAL receiver'}`);
+      await this.repoint(shard, s, inst, primary, h.role === 'PRIMARY' ? STALE_PRIMARY : `upstream ${h.upstream ?? 'none'}, ${h.walReceiverStatus ?? 'no WAL receiver'}`);
     }
   }
 
-  private async repoint(shard: ShardView, inst: InstanceRegistered, primary: InstanceRegistered, why: string): Promise<void> {
+  /**
+   * Sends REPOINT under the lease, then lets go of the lease: a rewind or a
+   * clone can take long, and the command is idempotent and bound to its term.
+   * The outcome is journaled when it arrives.
+   */
+  private async repoint(shard: ShardView, s: ShardState, inst: InstanceRegistered, primary: InstanceRegistered, why: string): Promise<void> {
     const term = shard.primary!.term;
     if (!(await this.journal.claim(shard.database, shard.shard, 'repoint', term, this.cfg.leaseMs))) return;
     repairs.inc({ kind: 'repoint' });
     const started = Date.now();
+    let outcome: Promise<void>;
     try {
       await this.journal.record(shard.database, shard.shard, 'DECIDED', 'repoint', `repoint ${inst.instanceId} to ${primary.instanceId}: ${why}`, { term });
-      if (this.watch.topology.serving.get(inst.instanceId) === 'SERVING' && why === 'a stale primary') {
-        await this.election.serving(inst.instanceId, 'NOT_SERVING');
-      }
-      const r = await this.agents.send(inst.instanceId, 'REPOINT', { term: String(term), host: primary.host, port: String(primary.port) }, 120_000);
-      await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'COMPLETED' : 'FAILED', 'repoint',
-        `${inst.instanceId}: ${r.message}`, { term, durationMs: Date.now() - started });
-      if (r.status === 'SUCCEEDED') await this.election.serving(inst.instanceId, 'SERVING');
+      if (why === STALE_PRIMARY && this.watch.topology.serving.get(inst.instanceId) === 'SERVING') await this.election.serving(inst.instanceId, 'NOT_SERVING');
+      outcome = this.agents.send(inst.instanceId, 'REPOINT', { term: String(term), host: primary.host, port: String(primary.port) }, REPOINT_TIMEOUT_MS)
+        .then(async (r) => {
+          await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'COMPLETED' : 'FAILED', 'repoint',
+            `${inst.instanceId}: ${r.message}`, { term, durationMs: Date.now() - started });
+          if (r.status === 'SUCCEEDED') await this.election.serving(inst.instanceId, 'SERVING');
+        });
     } finally {
       await this.journal.release(shard.database, shard.shard, 'repoint');
     }
+    s.repairing.add(inst.instanceId);
+    outcome.catch((err) => this.log.warn({ err: (err as Error).message, instance: inst.instanceId }, 'repoint did not complete'))
+      .finally(() => s.repairing.delete(inst.instanceId));
   }
 
   /** The primary holds the rule of its term and enforces the policy; bootstraps both on a new shard. */

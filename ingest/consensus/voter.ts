@@ -29,7 +29,8 @@ const rewinds = counter('mg_voter_rewinds_total', 'Repoints that needed pg_rewin
 
 const PROBE_TIMEOUT_MS = 1_000;
 const STREAM_WAIT_MS = 3_000;
-const STREAM_AFTER_REWIND_MS = 20_000;
+const STREAM_AFTER_REWIND_MS = 10_000;
+const START_AFTER_REWIND_S = 15;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -136,31 +137,41 @@ export class Voter {
 
     const pg = this.pg;
     if (pg.isRunning()) {
+      if (pg.isFrozen()) throw new Error('postgres is frozen (stopped by a signal); cannot repoint it now');
       const probe = await pg.probe(PROBE_TIMEOUT_MS);
-      if (!probe) throw new Error('postgres does not answer; cannot repoint it now');
-      if (probe.inRecovery) {
+      if (probe?.inRecovery) {
         pg.configureStandby(upstream);
         await pg.reload();
         if (await this.streamingFrom(upstream, STREAM_WAIT_MS)) return `streaming from ${upstream.host}:${upstream.port}`;
         this.log.warn({ upstream }, 'not streaming from the new primary; rewinding');
       }
     }
-    await this.agent.exclusive(async () => {
-      await pg.stop('fast');
-      try {
+    // Not a standby that follows: a stale primary, a diverged standby, or a server that does not come up.
+    let how = 'rewound';
+    try {
+      await this.agent.exclusive(async () => {
+        await pg.stop('immediate');
         await pg.rewind(upstream);
-        rewinds.inc({ result: 'rewound' });
-      } catch (err) {
-        this.log.warn({ err }, 'pg_rewind failed; cloning again');
+        pg.writeConfig(); // the rewind copied the source's configuration
+        pg.configureStandby(upstream);
+        await pg.start(START_AFTER_REWIND_S);
+      }, true);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error('not streaming after the rewind');
+      rewinds.inc({ result: 'rewound' });
+    } catch (err) {
+      // E.g. two promotions picked the same timeline number: pg_rewind sees no divergence, yet the WAL differs.
+      this.log.warn({ err }, 'rewinding did not make a following standby; cloning again');
+      how = 'rebuilt';
+      await this.agent.exclusive(async () => {
+        await pg.stop('immediate');
         await pg.rebuild(upstream);
-        rewinds.inc({ result: 'rebuilt' });
-      }
-      pg.writeConfig(); // the rewind copied the source's configuration
-      pg.configureStandby(upstream);
-      await pg.start();
-    }, true);
-    if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`rewound, but not streaming from ${upstream.host}:${upstream.port}`);
-    return `rewound; streaming from ${upstream.host}:${upstream.port}`;
+        pg.configureStandby(upstream);
+        await pg.start();
+      }, true);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`rebuilt, but not streaming from ${upstream.host}:${upstream.port}`);
+      rewinds.inc({ result: 'rebuilt' });
+    }
+    return `${how}; streaming from ${upstream.host}:${upstream.port}`;
   }
 
   /** The slot this node streams through must exist on its new upstream (slots are not replicated). */
@@ -169,14 +180,19 @@ export class Voter {
       WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, [this.pg.slotName]);
   }
 
-  /** Streaming from `upstream` on the upstream's current timeline (a diverged standby never gets there). */
+  /**
+   * Streaming from `upstream` on its current timeline and replaying past the
+   * WAL the upstream had when we began: a standby whose WAL diverged may
+   * connect, but never gets there.
+   */
   private async streamingFrom(upstream: Upstream, timeoutMs: number): Promise<boolean> {
-    const [{ tli }] = await queryAt<{ tli: number }>(upstream, 'SELECT timeline_id AS tli FROM pg_control_checkpoint()');
+    const [{ tli, lsn }] = await queryAt<{ tli: number; lsn: string }>(upstream,
+      'SELECT timeline_id AS tli, pg_current_wal_flush_lsn()::text AS lsn FROM pg_control_checkpoint()');
     try {
       await this.waitFor(`streaming from ${upstream.port}`, timeoutMs, async () => {
-        const rows = await this.pg.query<{ status: string; sender_port: number; received_tli: number }>(
-          'SELECT status, sender_port, received_tli FROM pg_stat_wal_receiver');
-        return rows.some((r) => r.status === 'streaming' && r.sender_port === upstream.port && r.received_tli === tli);
+        const rows = await this.pg.query<{ status: string; sender_port: number; received_tli: number; replayed: boolean }>(
+          `SELECT status, sender_port, received_tli, pg_last_wal_replay_lsn() >= $1::pg_lsn AS replayed FROM pg_stat_wal_receiver`, [lsn]);
+        return rows.some((r) => r.status === 'streaming' && r.sender_port === upstream.port && r.received_tli === tli && r.replayed);
       });
       return true;
     } catch {

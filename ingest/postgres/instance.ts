@@ -199,12 +199,13 @@ export class PostgresInstance {
     }
   }
 
-  async start(): Promise<void> {
+  /** Starts the server and waits (up to timeoutS) until it accepts connections (a standby: once consistent). */
+  async start(timeoutS = Number(START_STOP_TIMEOUT_S)): Promise<void> {
     if (this.isRunning()) return;
     await this.removeStaleLockFiles();
     this.prepareDirs();
     // detached: the server must outlive the agent and not share its process group.
-    await this.run('pg_ctl', ['start', '-w', '-t', START_STOP_TIMEOUT_S, '-D', this.dataDir, '-l', this.logFile], true);
+    await this.run('pg_ctl', ['start', '-w', '-t', String(timeoutS), '-D', this.dataDir, '-l', this.logFile], true);
     this.log.info({ pid: this.postmasterPid() }, 'started');
   }
 
@@ -235,6 +236,18 @@ export class PostgresInstance {
     if (pid === undefined) return false;
     process.kill(pid, sig);
     return true;
+  }
+
+  /** Whether the postmaster is stopped by a signal (SIGSTOP): it answers nothing until continued. */
+  isFrozen(): boolean {
+    const pid = this.postmasterPid();
+    if (pid === undefined) return false;
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      return stat.slice(stat.lastIndexOf(')') + 2).startsWith('T');
+    } catch {
+      return false;
+    }
   }
 
   /** Whether the data directory starts as a standby (standby.signal). */
@@ -268,6 +281,8 @@ export class PostgresInstance {
    * configuration, so the caller rewrites node-local config afterwards.
    */
   async rewind(source: Upstream): Promise<void> {
+    // pg_rewind first completes a crash recovery in single-user mode, which refuses standby mode.
+    fs.rmSync(path.join(this.dataDir, 'standby.signal'), { force: true });
     await this.run('pg_rewind', ['-D', this.dataDir, '--source-server', `host=${source.host} port=${source.port} user=postgres dbname=postgres`]);
     this.log.info({ source }, 'rewound');
   }

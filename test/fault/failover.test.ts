@@ -85,8 +85,11 @@ test('bootstrap: the orchestrators wrote the rule of term 1 and the durability p
   assert.ok(api.body.paths['/v1/shards/{database}/{shard}/switchover'].post);
   const bad = await callOrchestrator(cluster.spec, 'POST', '/v1/shards/nope/-/switchover', {});
   assert.equal(bad.status, 404);
-  const badBody = await callOrchestrator(cluster.spec, 'POST', `/v1/shards/${shardName.replace('/', '/')}/switchover`, { to: 42 });
+  const badBody = await callOrchestrator(cluster.spec, 'POST', `/v1/shards/${shardName}/switchover`, { to: '' });
   assert.equal(badBody.status, 400);
+  const badTarget = await callOrchestrator(cluster.spec, 'POST', `/v1/shards/${shardName}/switchover`, { to: 'no-such-instance' });
+  assert.equal(badTarget.status, 400);
+  assert.match(badTarget.body.error, /not an instance/);
 });
 
 /** Runs one unplanned fault against the current primary and waits for the new term and full strength. */
