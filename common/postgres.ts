@@ -1,4 +1,4 @@
-/** Plumbing for control-plane SQL: one statement on one short-lived connection, never hanging. */
+/** Plumbing for control-plane SQL: short-lived connections that never hang. */
 import pg from 'pg';
 
 export interface PostgresAddress {
@@ -7,10 +7,10 @@ export interface PostgresAddress {
 }
 
 /**
- * One statement on `postgres` at `at`, on its own connection. Past timeoutMs the
+ * Runs `work` on one connection to `postgres` at `at`. Past timeoutMs the
  * socket is destroyed (a hung server never answers), and the call rejects.
  */
-export async function queryAt<T extends pg.QueryResultRow>(at: PostgresAddress, sql: string, params: unknown[] = [], timeoutMs = 5_000): Promise<T[]> {
+export async function withConnection<T>(at: PostgresAddress, work: (client: pg.Client) => Promise<T>, timeoutMs = 5_000): Promise<T> {
   const client = new pg.Client({ host: at.host, port: at.port, user: 'postgres', database: 'postgres', application_name: 'mg-control' });
   client.on('error', () => {});
   let timer: NodeJS.Timeout | undefined;
@@ -21,9 +21,9 @@ export async function queryAt<T extends pg.QueryResultRow>(at: PostgresAddress, 
     return await Promise.race([
       (async () => {
         await client.connect();
-        const { rows } = await client.query<T>(sql, params);
+        const result = await work(client);
         await client.end();
-        return rows;
+        return result;
       })(),
       timeout,
     ]);
@@ -33,3 +33,7 @@ export async function queryAt<T extends pg.QueryResultRow>(at: PostgresAddress, 
   }
 }
 
+/** One statement on its own connection (see withConnection). */
+export async function queryAt<T extends pg.QueryResultRow>(at: PostgresAddress, sql: string, params: unknown[] = [], timeoutMs = 5_000): Promise<T[]> {
+  return withConnection(at, async (c) => (await c.query<T>(sql, params)).rows, timeoutMs);
+}

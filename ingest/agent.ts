@@ -132,6 +132,14 @@ export class Agent {
     }
   }
 
+  /** Probes and publishes a heartbeat now, besides the regular ones (e.g. right after a promotion, so routing follows at once). */
+  async reportNow(): Promise<void> {
+    const probe = await this.postgres.probe(this.cfg.probeTimeoutMs);
+    await this.inflight;
+    this.sendHeartbeat(probe, probe ? null : 'no answer right after a change');
+    await this.inflight;
+  }
+
   /**
    * Publishes without blocking the loop: while Kafka is slow or away, probing
    * and restarting go on, and heartbeats that would queue up are dropped (a

@@ -9,7 +9,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { EventLog } from '../common/eventlog.ts';
-import { queryAt } from '../common/postgres.ts';
+import { queryAt, withConnection } from '../common/postgres.ts';
 import {
   comparePositions, decodePosition, payload, pledgedTermIn, recruitmentSuffices, RULE_DDL, RULE_TABLE, syncStandbyNames, topologyKey,
   type InstanceRegistered, type TopologyEvent, type VoterPosition,
@@ -103,8 +103,10 @@ export class Election {
       const ruleNumber = await writeRule(shard, winner, term, this.cfg.id);
       await record('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, {}, Date.now() - t2);
 
-      await this.topology(payload('PrimaryChanged', { database, shard: name, primaryInstanceId: winner.instanceId, term, ruleNumber, reason: `${op}: ${req.reason}` }));
-      await this.serving(winner.instanceId, 'SERVING');
+      await this.topology(
+        payload('PrimaryChanged', { database, shard: name, primaryInstanceId: winner.instanceId, term, ruleNumber, reason: `${op}: ${req.reason}` }),
+        payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING' }),
+      );
       const durationMs = Date.now() - started;
       await record('COMPLETED', `${winner.instanceId} is primary of term ${term}`, { previous: previous ?? '' }, durationMs);
       return { term, ruleNumber, primary: winner.instanceId, previous, durationMs };
@@ -202,9 +204,10 @@ export class Election {
     if (r.status === 'SUCCEEDED') await this.serving(inst.instanceId, 'SERVING');
   }
 
-  private topology(p: TopologyEvent['payload']): Promise<void> {
-    const event: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `orchestrator/${this.cfg.id}`, payload: p };
-    return this.publishTopology([{ key: topologyKey(event), value: event }]);
+  /** Publishes topology events in one batch (one partition: they arrive in this order). */
+  private topology(...payloads: Array<TopologyEvent['payload']>): Promise<void> {
+    const events = payloads.map((p): TopologyEvent => ({ eventId: randomUUID(), ts: new Date(), source: `orchestrator/${this.cfg.id}`, payload: p }));
+    return this.publishTopology(events.map((e) => ({ key: topologyKey(e), value: e })));
   }
 
   async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING'): Promise<void> {
@@ -220,23 +223,27 @@ export class Election {
 export async function applyPolicy(shard: ShardView, primary: InstanceRegistered): Promise<string> {
   const names = syncStandbyNames(shard.policy, shard.cohort, primary);
   const lit = (v: string) => `'${v.replace(/'/g, "''")}'`;
-  await queryAt(addr(primary), `ALTER SYSTEM SET synchronous_standby_names = ${lit(names)}`);
-  await queryAt(addr(primary), `ALTER SYSTEM SET synchronous_commit = 'on'`);
-  await queryAt(addr(primary), 'SELECT pg_reload_conf()');
-  // The reload is asynchronous: wait until new sessions see it, so what follows is covered by the policy.
-  for (let i = 0; i < 100; i++) {
-    const [{ s }] = await queryAt<{ s: string }>(addr(primary), 'SELECT current_setting($1) AS s', ['synchronous_standby_names']);
-    if (s === names) return names;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`${primary.instanceId} did not take synchronous_standby_names = ${names}`);
+  return withConnection(addr(primary), async (c) => {
+    await c.query(`ALTER SYSTEM SET synchronous_standby_names = ${lit(names)}`);
+    await c.query(`ALTER SYSTEM SET synchronous_commit = 'on'`);
+    await c.query('SELECT pg_reload_conf()');
+    // The reload is asynchronous; a backend applies it before its next statement, so poll until it shows.
+    for (let i = 0; i < 200; i++) {
+      const { rows: [{ s }] } = await c.query<{ s: string }>('SELECT current_setting($1) AS s', ['synchronous_standby_names']);
+      if (s === names) return names;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    throw new Error(`${primary.instanceId} did not take synchronous_standby_names = ${names}`);
+  }, 10_000);
 }
 
 /** Inserts the next rule (term, primary, cohort, policy) on the primary; resolves when the quorum acknowledged it. */
 export async function writeRule(shard: ShardView, primary: InstanceRegistered, term: bigint, decidedBy: string): Promise<bigint> {
-  await queryAt(addr(primary), RULE_DDL, [], RULE_WRITE_TIMEOUT_MS);
-  const [row] = await queryAt<{ n: string }>(addr(primary), `INSERT INTO ${RULE_TABLE} (rule_number, term, primary_id, cohort, policy, decided_by)
-    SELECT coalesce(max(rule_number), 0) + 1, $1, $2, $3, $4, $5 FROM ${RULE_TABLE} RETURNING rule_number::text AS n`,
-  [term.toString(), primary.instanceId, shard.cohort.map((i) => i.instanceId), shard.policyText, decidedBy], RULE_WRITE_TIMEOUT_MS);
-  return BigInt(row.n);
+  return withConnection(addr(primary), async (c) => {
+    await c.query(RULE_DDL);
+    const { rows: [row] } = await c.query<{ n: string }>(`INSERT INTO ${RULE_TABLE} (rule_number, term, primary_id, cohort, policy, decided_by)
+      SELECT coalesce(max(rule_number), 0) + 1, $1, $2, $3, $4, $5 FROM ${RULE_TABLE} RETURNING rule_number::text AS n`,
+    [term.toString(), primary.instanceId, shard.cohort.map((i) => i.instanceId), shard.policyText, decidedBy]);
+    return BigInt(row.n);
+  }, RULE_WRITE_TIMEOUT_MS);
 }

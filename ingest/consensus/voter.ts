@@ -119,6 +119,7 @@ export class Voter {
     // A freshly promoted primary must checkpoint before the old one can be rewound from it.
     await this.pg.query('CHECKPOINT', [], 60_000);
     this.log.info({ term }, 'promoted for term');
+    await this.agent.reportNow(); // gateways route to a primary only once its heartbeat says so
     return encodePosition(await this.position(term));
   }
 
@@ -214,7 +215,7 @@ export class Voter {
       stable = row.lsn === last ? stable + 1 : 0;
       last = row.lsn;
       return row.caught_up && (!row.rec || stable >= 2); // a standby that just started may still be replaying local WAL
-    }, 100);
+    }, 40);
     const [rule] = await pg.query<{ rule_number: string; term: string }>(
       `SELECT rule_number::text, term::text FROM ${RULE_TABLE} ORDER BY rule_number DESC LIMIT 1`).catch((err: { code?: string }) => {
       if (err.code === '42P01' || err.code === '3F000') return []; // no rule yet (before bootstrap)

@@ -17,7 +17,7 @@ import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import type { OrchEvent } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { testEventLog } from '../support/env.ts';
-import { fullStrength, newTerm, postgresPids, postmasterPid, servicePid, shardStatus, signalAll } from './support/faults.ts';
+import { fullStrength, newTerm, partitionPort, postgresPids, postmasterPid, servicePid, shardStatus, signalAll } from './support/faults.ts';
 import { PrimaryMonitor } from './support/monitor.ts';
 import { lostWrites, Writer } from './support/writer.ts';
 
@@ -143,6 +143,13 @@ test('SIGSTOP of the primary beyond the detection window, then SIGCONT: failover
     const pids = postgresPids(cluster, p);
     signalAll(pids, 'SIGSTOP');
     setTimeout(() => signalAll(pids, 'SIGCONT'), 6_000);
+  });
+});
+
+test('a network partition isolating the primary: failover; once healed, the old primary rejoins as a replica', async () => {
+  await unplanned('network partition', async (p) => {
+    const heal = partitionPort(instance(p).port);
+    setTimeout(heal, 8_000);
   });
 });
 

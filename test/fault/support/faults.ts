@@ -65,3 +65,17 @@ export function signalAll(pids: number[], sig: NodeJS.Signals): void {
     }
   }
 }
+
+/**
+ * A network partition of one Postgres on loopback (iptables): every packet to
+ * or from its port is dropped, so its replicas, its pooler, the orchestrators
+ * and its own agent all lose it while it keeps running. Returns the healing.
+ */
+export function partitionPort(port: number): () => void {
+  const rules = [['--dport', String(port)], ['--sport', String(port)]].map((m) =>
+    ['INPUT', '-i', 'lo', '-p', 'tcp', ...m, '-m', 'comment', '--comment', `mg-fault-${port}`, '-j', 'DROP']);
+  for (const r of rules) execFileSync('iptables', ['-w', '-I', ...r]);
+  return () => {
+    for (const r of rules) execFileSync('iptables', ['-w', '-D', ...r]);
+  };
+}
