@@ -63,20 +63,23 @@ export const clusterSpecSchema = z.object({
     shards: z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two').default(1),
     instancesPerShard: z.number().int().min(1).max(9).default(3),
     /** ANY_<n> (n nodes hold each acknowledged commit, the primary included) or MULTI_CELL_ANY_<n> (n cells); default ANY_2 (ANY_1 alone). */
-    durability: z.string().refine((p) => {
-      try {
-        return parsePolicy(p) !== undefined;
-      } catch {
-        return false;
-      }
-    }, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
-  }).strict().refine((d) => !d.durability || parsePolicy(d.durability).n <= d.instancesPerShard, {
+    durability: z.string().refine((p) => policyN(p) !== undefined, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
+  }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
 }).strict();
 
 export type ClusterSpec = z.infer<typeof clusterSpecSchema>;
+
+/** n of a durability policy, or undefined when the text is not a policy. */
+function policyN(text: string): number | undefined {
+  try {
+    return parsePolicy(text).n;
+  } catch {
+    return undefined;
+  }
+}
 
 export class SpecError extends Error {}
 
