@@ -20,7 +20,7 @@ export const orchConfigSchema = z.object({
   /** A heartbeat older than this is stale. */
   staleMs: z.number().int().min(100).default(1_500),
   /** How long a shard's recovery lease lasts unless released. */
-  leaseMs: z.number().int().min(1_000).default(10_000),
+  leaseMs: z.number().int().min(1_000).default(5_000),
   /** Timeout of one agent command (rewinds and clones take longer: see the callers). */
   commandTimeoutMs: z.number().int().min(500).default(8_000),
 }).strict();

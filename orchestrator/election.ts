@@ -69,6 +69,13 @@ export class Election {
     }
     const record = (kind: Parameters<Journal['record']>[2], summary: string, details: Record<string, string> = {}, durationMs?: number) =>
       this.journal.record(database, name, kind, op, summary, { term, details, durationMs });
+    // The lease is short (a dead orchestrator's shard waits for it to lapse), so a long election renews it between steps.
+    let leased = Date.now();
+    const renew = async () => {
+      if (Date.now() - leased < this.cfg.leaseMs / 3) return;
+      if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) throw new ElectionError(`lost the lease of ${key}`, 'busy');
+      leased = Date.now();
+    };
     try {
       await record('DECIDED', `${op} to term ${term}: ${req.reason}`, { previous: previous ?? '', target: req.target ?? '' });
       const old = shard.cohort.find((i) => i.instanceId === previous);
@@ -88,6 +95,7 @@ export class Election {
       const recruited = new Set(positions.keys());
       await record('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
 
+      await renew();
       const winner = this.choose(shard, positions, req, previous);
       await record('DECIDED', `promote ${winner.instanceId}`, { reason: 'most advanced recruited voter' });
       const t1 = Date.now();
@@ -95,6 +103,7 @@ export class Election {
       if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`promoting ${winner.instanceId} failed: ${promoted.message}`, 'failed');
       await record('ACTED', `promoted ${winner.instanceId}`, {}, Date.now() - t1);
 
+      await renew();
       const t2 = Date.now();
       await applyPolicy(shard, winner);
       const others = shard.cohort.filter((i) => i.instanceId !== winner.instanceId);
