@@ -64,7 +64,7 @@ export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Kee
   app.get('/v1/status', opts('/v1/status'), async () => json({
     orchestrator: cfg.id,
     shards: watch.shards().map((s) => ({
-      database: s.database, shard: s.shard, policy: s.policyText,
+      database: s.database, shard: s.shard, policy: s.policyText, policyProblem: s.policyProblem ?? null,
       term: s.primary?.term ?? null, ruleNumber: s.primary?.ruleNumber ?? null, primary: s.primary?.instanceId ?? null,
       lease: journal.lease(s.key) ?? null, bootstrapped: keeper.bootstrapped(s),
       instances: s.cohort.map((i) => {

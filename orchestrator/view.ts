@@ -20,6 +20,8 @@ export interface ShardView {
   primary: PrimaryRecord | undefined;
   policyText: string;
   policy: DurabilityPolicy;
+  /** Why the database's own policy could not be used, when it could not. */
+  policyProblem?: string;
 }
 
 export class ClusterWatch {
@@ -54,8 +56,18 @@ export class ClusterWatch {
       const cohort = [...this.topology.instances.values()]
         .filter((i) => i.database === def.database && i.shard === def.shard && i.type !== 'RDONLY')
         .sort((a, b) => a.instanceId.localeCompare(b.instanceId));
-      const policyText = db.durabilityPolicy ?? defaultPolicy(cohort.length);
-      out.push({ database: def.database, shard: def.shard, key, cohort, primary: this.topology.primaries.get(key), policyText, policy: parsePolicy(policyText) });
+      let policyText = db.durabilityPolicy ?? defaultPolicy(cohort.length);
+      let policyProblem: string | undefined;
+      let policy: DurabilityPolicy;
+      try {
+        policy = parsePolicy(policyText);
+      } catch (err) {
+        // An event from elsewhere may carry a bad policy: keep the shard safe under the default, and say so.
+        policyProblem = (err as Error).message;
+        policyText = defaultPolicy(cohort.length);
+        policy = parsePolicy(policyText);
+      }
+      out.push({ database: def.database, shard: def.shard, key, cohort, primary: this.topology.primaries.get(key), policyText, policy, policyProblem });
     }
     return out;
   }

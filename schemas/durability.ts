@@ -24,10 +24,6 @@ export function parsePolicy(text: string): DurabilityPolicy {
   return { n: Number(m[2]), multiCell: m[1] !== undefined };
 }
 
-export function formatPolicy(p: DurabilityPolicy): string {
-  return `${p.multiCell ? 'MULTI_CELL_' : ''}ANY_${p.n}`;
-}
-
 /** The default for a shard of `size` instances: the primary plus one replica when there is one. */
 export function defaultPolicy(size: number): string {
   return size >= 2 ? 'ANY_2' : 'ANY_1';
@@ -71,9 +67,4 @@ export function syncStandbyNames(policy: DurabilityPolicy, cohort: Member[], pri
   const standbys = cohort.filter((m) => m.instanceId !== primary.instanceId && (!policy.multiCell || m.cell !== primary.cell));
   const names = standbys.map((m) => `"${m.instanceId.replace(/"/g, '""')}"`);
   return `ANY ${k} (${names.join(', ')})`;
-}
-
-/** Whether a policy can ever be met by this cohort (checked before applying it). */
-export function satisfiable(policy: DurabilityPolicy, cohort: Member[]): boolean {
-  return canAcknowledge(policy, cohort);
 }
