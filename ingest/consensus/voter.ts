@@ -31,6 +31,7 @@ const PROBE_TIMEOUT_MS = 1_000;
 const STREAM_WAIT_MS = 3_000;
 const STREAM_AFTER_REWIND_MS = 10_000;
 const START_AFTER_REWIND_S = 15;
+const START_AS_STANDBY_S = 5;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -68,12 +69,15 @@ export class Voter {
     this.pledge.write({ term, orchestrator: cmd.issuedBy });
     pledges.inc();
     this.log.info({ term, orchestrator: cmd.issuedBy }, 'pledged term');
-    await this.fence();
-    return encodePosition(await this.position(term));
+    return encodePosition((await this.fence(term)) ?? (await this.position(term)));
   }
 
-  /** Stops this node from acknowledging (as standby) or accepting (as primary) anything of the old term. */
-  private async fence(): Promise<void> {
+  /**
+   * Stops this node from acknowledging (as standby) or accepting (as primary)
+   * anything of the old term. A primary reports its position itself, taken
+   * before it shuts down.
+   */
+  private async fence(term: bigint): Promise<VoterPosition | undefined> {
     const pg = this.pg;
     if (!pg.isRunning()) {
       // Down: bring it back as a standby of nobody, so it can report what it holds.
@@ -99,12 +103,14 @@ export class Voter {
         (await pg.query('SELECT 1 FROM pg_stat_wal_receiver')).length === 0);
       return;
     }
-    // A primary: a fast shutdown sends the shutdown checkpoint to connected standbys, then it restarts as a standby of nobody.
+    // A primary: what it holds, then a fast shutdown (its walsenders first send everything, the shutdown
+    // checkpoint included, to connected standbys). It stays down, a standby of nobody, until repointed or promoted.
+    const held = await this.position(term);
     await this.agent.exclusive(async () => {
       await pg.stop('fast');
       pg.configureStandby(null);
-      await pg.start();
-    }, true);
+    }, false);
+    return held;
   }
 
   private async promote(cmd: AgentCommand): Promise<string> {
@@ -114,10 +120,11 @@ export class Voter {
       refusals.inc({ action: 'PROMOTE' });
       throw new Error(`${refusal(term, held.term)} (to ${held.orchestrator || 'nobody'}); not promoting for ${cmd.issuedBy}`);
     }
-    const [{ rec }] = await this.pg.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec');
-    if (rec) await this.agent.exclusive(() => this.pg.promote(), true);
-    // A freshly promoted primary must checkpoint before the old one can be rewound from it.
-    await this.pg.query('CHECKPOINT', [], 60_000);
+    await this.agent.exclusive(async () => {
+      await this.pg.start(); // a fenced old primary is down (a standby of nobody once started)
+      const [{ rec }] = await this.pg.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec');
+      if (rec) await this.pg.promote();
+    }, true);
     this.log.info({ term }, 'promoted for term');
     await this.agent.reportNow(); // gateways route to a primary only once its heartbeat says so
     return encodePosition(await this.position(term));
@@ -137,6 +144,13 @@ export class Voter {
     await this.ensureSlot(upstream);
 
     const pg = this.pg;
+    if (!pg.isRunning()) {
+      // Down (fenced, or shut down cleanly by a switchover): try it as a standby of the new primary first.
+      await this.agent.exclusive(async () => {
+        pg.configureStandby(upstream);
+        await pg.start(START_AS_STANDBY_S);
+      }, true).catch((err) => this.log.warn({ err }, 'could not start as a standby; rewinding'));
+    }
     if (pg.isRunning()) {
       if (pg.isFrozen()) throw new Error('postgres is frozen (stopped by a signal); cannot repoint it now');
       const probe = await pg.probe(PROBE_TIMEOUT_MS);
@@ -152,6 +166,8 @@ export class Voter {
     try {
       await this.agent.exclusive(async () => {
         await pg.stop('immediate');
+        // Postgres 15: a freshly promoted source must have checkpointed, or pg_rewind works from its old timeline.
+        await queryAt(upstream, 'CHECKPOINT', [], 60_000);
         await pg.rewind(upstream);
         pg.writeConfig(); // the rewind copied the source's configuration
         pg.configureStandby(upstream);
@@ -187,8 +203,9 @@ export class Voter {
    * connect, but never gets there.
    */
   private async streamingFrom(upstream: Upstream, timeoutMs: number): Promise<boolean> {
-    const [{ tli, lsn }] = await queryAt<{ tli: number; lsn: string }>(upstream,
-      'SELECT timeline_id AS tli, pg_current_wal_flush_lsn()::text AS lsn FROM pg_control_checkpoint()');
+    // The timeline from the WAL file name: the control file's lags until the first checkpoint after a promotion.
+    const [{ tli, lsn }] = await queryAt<{ tli: number; lsn: string }>(upstream, `SELECT
+      ('x' || substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8))::bit(32)::int AS tli, pg_current_wal_flush_lsn()::text AS lsn`);
     try {
       await this.waitFor(`streaming from ${upstream.port}`, timeoutMs, async () => {
         const rows = await this.pg.query<{ status: string; sender_port: number; received_tli: number; replayed: boolean }>(

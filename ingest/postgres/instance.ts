@@ -184,7 +184,7 @@ export class PostgresInstance {
       hot_standby: 'on',
       hot_standby_feedback: 'on',
       // A replica pointed at a new primary retries its connection this often (default 5 s, too slow for failover).
-      wal_retrieve_retry_interval: '200ms',
+      wal_retrieve_retry_interval: '100ms',
       shared_buffers: '32MB',
       max_connections: '200',
       logging_collector: 'off', // pg_ctl -l captures the server log
