@@ -17,7 +17,7 @@ import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import type { OrchEvent } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { testEventLog } from '../support/env.ts';
-import { fullStrength, newTerm, partitionPort, postgresPids, postmasterPid, servicePid, shardStatus, signalAll } from './support/faults.ts';
+import { freeze, fullStrength, newTerm, partitionPort, pendingRepairs, postgresPids, postmasterPid, servicePid, shardStatus } from './support/faults.ts';
 import { PrimaryMonitor } from './support/monitor.ts';
 import { lostWrites, Writer } from './support/writer.ts';
 
@@ -55,6 +55,7 @@ before(async () => {
 });
 
 after(async () => {
+  for (const repair of [...pendingRepairs]) repair();
   await writer?.stop();
   await monitor?.stop();
   await journalSub?.stop();
@@ -139,11 +140,7 @@ test('kill -9 of the primary agent: failover; the agent restarted by mg cluster 
 });
 
 test('SIGSTOP of the primary beyond the detection window, then SIGCONT: failover, the frozen one fenced and back as a replica', async () => {
-  await unplanned('SIGSTOP primary', async (p) => {
-    const pids = postgresPids(cluster, p);
-    signalAll(pids, 'SIGSTOP');
-    setTimeout(() => signalAll(pids, 'SIGCONT'), 6_000);
-  });
+  await unplanned('SIGSTOP primary', async (p) => freeze(postgresPids(cluster, p), 6_000));
 });
 
 test('a network partition isolating the primary: failover; once healed, the old primary rejoins as a replica', async () => {

@@ -56,6 +56,20 @@ export async function newTerm(c: TestCluster, term: bigint, timeoutMs = 60_000):
   });
 }
 
+/** Undo actions of faults still in force (a continue, a heal), run by the suite's teardown if a test failed midway. */
+export const pendingRepairs = new Set<() => void>();
+
+/** Freezes processes for `ms`, then continues them (also at teardown, if that comes first). */
+export function freeze(pids: number[], ms: number): void {
+  signalAll(pids, 'SIGSTOP');
+  const thaw = () => {
+    pendingRepairs.delete(thaw);
+    signalAll(pids, 'SIGCONT');
+  };
+  pendingRepairs.add(thaw);
+  setTimeout(thaw, ms);
+}
+
 export function signalAll(pids: number[], sig: NodeJS.Signals): void {
   for (const pid of pids) {
     try {
@@ -75,7 +89,10 @@ export function partitionPort(port: number): () => void {
   const rules = [['--dport', String(port)], ['--sport', String(port)]].map((m) =>
     ['INPUT', '-i', 'lo', '-p', 'tcp', ...m, '-m', 'comment', '--comment', `mg-fault-${port}`, '-j', 'DROP']);
   for (const r of rules) execFileSync('iptables', ['-w', '-I', ...r]);
-  return () => {
+  const heal = () => {
+    if (!pendingRepairs.delete(heal)) return;
     for (const r of rules) execFileSync('iptables', ['-w', '-D', ...r]);
   };
+  pendingRepairs.add(heal);
+  return heal;
 }
