@@ -63,7 +63,13 @@ after(async () => {
   printFigures();
   await mg('cluster', 'down', ...flags);
   // The logs outlive the cluster, for reading a failed run.
-  if (process.env.MG_TEST_DIR) fs.cpSync(path.join(cluster.dataDir, 'logs'), path.join(process.env.MG_TEST_DIR, 'fault-logs'), { recursive: true });
+  if (process.env.MG_TEST_DIR) {
+    const keep = path.join(process.env.MG_TEST_DIR, 'fault-logs');
+    fs.cpSync(path.join(cluster.dataDir, 'logs'), keep, { recursive: true });
+    for (const f of fs.readdirSync(path.join(cluster.dataDir, 'postgres')).filter((n) => n.endsWith('.log'))) {
+      fs.copyFileSync(path.join(cluster.dataDir, 'postgres', f), path.join(keep, `postgres-${f}`));
+    }
+  }
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
 

@@ -31,17 +31,19 @@ export async function shardStatus(c: TestCluster): Promise<ShardStatus> {
  * Full strength: the term's primary is healthy, every other instance streams
  * from it and serves, and the rule and policy of the term are in place.
  */
-export async function fullStrength(c: TestCluster, timeoutMs = 90_000): Promise<ShardStatus> {
+export async function fullStrength(c: TestCluster, timeoutMs = 90_000, stableMs = 1_500): Promise<ShardStatus> {
   let last: ShardStatus | undefined;
+  let since: number | undefined;
   try {
     return await until('full strength', timeoutMs, async () => {
       const s = (last = await shardStatus(c).catch(() => undefined));
-      if (!s?.bootstrapped || !s.primary) return undefined;
-      const primary = c.instances.find((i) => i.instanceId === s.primary)!;
-      const ok = s.instances.every((i) => i.serving === 'SERVING' && (i.instanceId === s.primary
+      const primary = c.instances.find((i) => i.instanceId === s?.primary);
+      const ok = !!s?.bootstrapped && !!primary && s.instances.every((i) => i.serving === 'SERVING' && (i.instanceId === s.primary
         ? i.role === 'PRIMARY'
         : i.role === 'REPLICA' && i.walReceiverStatus === 'streaming' && i.upstream === `127.0.0.1:${primary.port}`));
-      return ok ? s : undefined;
+      // A diverged standby can look streaming for a moment before its WAL is refused: it must hold.
+      since = ok ? since ?? Date.now() : undefined;
+      return ok && Date.now() - since! >= stableMs ? s : undefined;
     });
   } catch (err) {
     throw new Error(`${(err as Error).message}; last status: ${JSON.stringify(last)}`);
