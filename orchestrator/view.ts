@@ -28,10 +28,12 @@ export class ClusterWatch {
   readonly topology: TopologyState = emptyTopology();
   private readonly heard = new Map<string, Heard>();
   private subs: Subscription[] = [];
+  private startedAt = Date.now();
 
   constructor(private readonly eventLog: EventLog, private readonly staleMs: number) {}
 
   async start(): Promise<void> {
+    this.startedAt = Date.now();
     this.subs = await Promise.all([
       this.eventLog.subscribe('topology', (e) => void applyTopologyEvent(this.topology, e)),
       this.eventLog.subscribe('health', (h) => {
@@ -82,9 +84,9 @@ export class ClusterWatch {
     return h && now - h.at <= this.staleMs ? h.health : undefined;
   }
 
-  /** When the latest heartbeat arrived (0 if never). */
+  /** When the latest heartbeat arrived; for one never heard, when this watch started (silence is judged from then). */
   lastHeard(instanceId: string): number {
-    return this.heard.get(instanceId)?.at ?? 0;
+    return this.heard.get(instanceId)?.at ?? this.startedAt;
   }
 
   latest(instanceId: string): HealthEvent | undefined {
