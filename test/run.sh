@@ -15,4 +15,4 @@ set -a; . "$MG_TEST_DIR/infra.env"; set +a
 
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=(test/unit/*.test.ts test/integration/*.test.ts test/fault/*.test.ts)
-node --import tsx --test --test-concurrency=1 --test-timeout=600000 --test-reporter=spec "${files[@]}"
+node --import tsx --test --test-concurrency=1 --test-timeout="${MG_TEST_TIMEOUT_MS:-600000}" --test-reporter=spec "${files[@]}"
