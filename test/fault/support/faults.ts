@@ -3,7 +3,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { orchestratorStatus, type ShardStatus } from '../../../compose/orchestrators.ts';
-import { isAlive, readPid, spawnDetached } from '../../../compose/supervise.ts';
+import { isAlive, portAnswers, readPid, spawnDetached } from '../../../compose/supervise.ts';
 import type { TestCluster } from '../../support/cluster.ts';
 import { until } from '../../support/wait.ts';
 
@@ -115,4 +115,8 @@ export async function restartService(c: TestCluster, name: string): Promise<void
     cwd: path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..', '..'),
     runDir: path.join(c.dataDir, 'run'), logFile: path.join(c.dataDir, 'logs', `${name}.log`),
   });
+  // Up once it listens: an agent on its metrics port, an orchestrator on its API port.
+  const cfg = JSON.parse(fs.readFileSync(config, 'utf8')) as { metricsPort?: number; port: number };
+  const port = name.startsWith('agent-') ? cfg.metricsPort! : cfg.port;
+  await until(`${name} listening on ${port}`, 60_000, () => portAnswers(port));
 }
