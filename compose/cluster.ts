@@ -19,6 +19,7 @@ import {
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
 import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier } from './proxy.ts';
+import { startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
 import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
@@ -44,7 +45,7 @@ export function savedSpec(dataDir: string): ClusterSpec | undefined {
 }
 
 export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(11, out);
+  const progress = new Progress(12, out);
   fs.mkdirSync(spec.dataDir, { recursive: true });
   fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
   const planned = instancesOf(spec);
@@ -73,7 +74,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
       progress.note(created.length ? `created ${created.join(', ')}` : 'all present');
     });
     await progress.step('event schemas in the registry', async () => {
-      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'cdcStatus'] as Array<keyof TopicValues>) {
+      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'gatewayCancels', 'cdcStatus', 'orchEvents'] as Array<keyof TopicValues>) {
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
@@ -84,6 +85,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
     const paths = { runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) };
     await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
     await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
+    await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+)`, () => startOrchestrators(spec, paths, progress));
   } finally {
     await eventLog.close();
   }
@@ -121,7 +123,7 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
   const add = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p });
   for (const cell of spec.cells) if (!state.cells.has(cell)) add(payload('CellRegistered', { cell, region: null }));
   for (const db of spec.databases) {
-    if (state.databases.get(db.name)?.dropped !== false) add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: null }));
+    if (state.databases.get(db.name)?.dropped !== false) add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null }));
     for (const r of shardRanges(db.shards)) {
       if (!state.shards.has(shardKey(db.name, r.shard))) {
         add(payload('ShardDefined', { database: db.name, shard: r.shard, keyRangeStart: r.start, keyRangeEnd: r.end }));
@@ -220,8 +222,9 @@ export async function waitHealthy(
 
 /** Stops everything `up` started: agents (which stop their Postgres), registry, Kafka. */
 export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(opts.clean ? 5 : 4, out);
+  const progress = new Progress(opts.clean ? 6 : 5, out);
   const instances = instancesOf(spec);
+  await progress.step('orchestrators', () => stopOrchestrators(spec, runDir(spec), progress));
   await progress.step('gateway and poolers', () => stopProxyTier(spec, runDir(spec), progress));
   await progress.step('agents and their Postgres instances', async () => {
     await Promise.all(instances.map(async (inst) => {

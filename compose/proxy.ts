@@ -11,10 +11,10 @@ const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..'
 const poolerName = (id: string) => `pooler-${id}`;
 const GATEWAY = 'gateway';
 
-interface Paths { runDir: string; logDir: string; bootstrap: string; registryUrl: string }
+export interface Paths { runDir: string; logDir: string; bootstrap: string; registryUrl: string }
 
 /** Starts (if not running) a service from this repository and waits until its port answers. */
-async function startService(name: string, entry: string, config: object, port: number, paths: Paths, spec: ClusterSpec): Promise<string> {
+export async function startService(name: string, entry: string, config: object, port: number, paths: Paths, spec: ClusterSpec): Promise<string> {
   const pid = readPid(paths.runDir, name);
   if (pid !== undefined && isAlive(pid)) return `${name}: already running (pid ${pid})`;
   const dir = path.join(spec.dataDir, 'config');
@@ -51,22 +51,37 @@ export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Pr
 /**
  * Clients authenticate with SCRAM at the gateway, so the login role needs a
  * password. On a new cluster the `postgres` role gets MG_PASSWORD (default
- * "postgres"); Postgres stores only its SCRAM verifier.
+ * "postgres"); Postgres stores only its SCRAM verifier. After failovers the
+ * initial primary may be a replica, or down for a moment: any instance of the
+ * shard can tell whether the password is set (it replicates), and only the
+ * current primary (not in recovery) can set it.
  */
 export async function ensureLoginPassword(spec: ClusterSpec, progress: Progress): Promise<void> {
-  for (const p of instancesOf(spec).filter((i) => i.initialPrimary)) {
-    const client = new pg.Client({ host: '127.0.0.1', port: p.port, user: 'postgres', database: 'postgres' });
-    await client.connect();
-    try {
-      const { rows } = await client.query(`SELECT rolpassword IS NOT NULL AS set FROM pg_authid WHERE rolname = 'postgres'`);
-      if (rows[0]?.set) continue;
-      const password = process.env.MG_PASSWORD ?? 'postgres';
-      await client.query(`SET password_encryption = 'scram-sha-256'`);
-      await client.query(`ALTER ROLE postgres PASSWORD ${client.escapeLiteral(password)}`);
-      progress.note(`${p.database}/${p.shard}: role postgres has password ${process.env.MG_PASSWORD ? 'from MG_PASSWORD' : '"postgres"'} (stored as a SCRAM verifier)`);
-    } finally {
-      await client.end();
-    }
+  const shards = new Map<string, ReturnType<typeof instancesOf>>();
+  for (const i of instancesOf(spec)) shards.set(`${i.database}/${i.shard}`, [...(shards.get(`${i.database}/${i.shard}`) ?? []), i]);
+  for (const [shard, members] of shards) {
+    await waitFor(async () => {
+      for (const m of members) {
+        const client = new pg.Client({ host: '127.0.0.1', port: m.port, user: 'postgres', database: 'postgres', connectionTimeoutMillis: 2_000 });
+        client.on('error', () => {});
+        try {
+          await client.connect();
+          const { rows: [r] } = await client.query(`SELECT rolpassword IS NOT NULL AS set, pg_is_in_recovery() AS rec FROM pg_authid WHERE rolname = 'postgres'`);
+          if (r.set) return true;
+          if (r.rec) continue;
+          const password = process.env.MG_PASSWORD ?? 'postgres';
+          await client.query(`SET password_encryption = 'scram-sha-256'`);
+          await client.query(`ALTER ROLE postgres PASSWORD ${client.escapeLiteral(password)}`);
+          progress.note(`${shard}: role postgres has password ${process.env.MG_PASSWORD ? 'from MG_PASSWORD' : '"postgres"'} (stored as a SCRAM verifier)`);
+          return true;
+        } catch {
+          // down or restarting: ask the next one
+        } finally {
+          await client.end().catch(() => {});
+        }
+      }
+      return false;
+    }, { timeoutMs: 60_000, intervalMs: 250, what: `an instance of ${shard} to set or show the login password` });
   }
 }
 

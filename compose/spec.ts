@@ -9,6 +9,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { cdcConfigSchema } from '../ingest/config.ts';
+import { parsePolicy } from '../schemas/durability.ts';
 
 const port = z.number().int().min(1024).max(65535);
 const name = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/, 'must be lower-case letters, digits or _, starting with a letter');
@@ -62,6 +63,11 @@ export const clusterSpecSchema = z.object({
     probeTimeoutMs: z.number().int().min(50).max(60_000).default(1000),
     metricsBasePort: port.default(19100),
   }).strict().default({}),
+  orchestrator: z.object({
+    /** One MultiOrch per cell, on basePort + the cell's index (REST API and /metrics). */
+    basePort: port.default(19400),
+    detectMs: z.number().int().min(0).max(60_000).default(500),
+  }).strict().default({}),
   cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),
   databases: z.array(z.object({
@@ -70,11 +76,24 @@ export const clusterSpecSchema = z.object({
     instancesPerShard: z.number().int().min(1).max(9).default(3),
     /** Change data capture into Kafka; off unless enabled (docs/cdc.md). */
     cdc: cdcConfigSchema.default({}),
-  }).strict()).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
+    /** ANY_<n> (n nodes hold each acknowledged commit, the primary included) or MULTI_CELL_ANY_<n> (n cells); default ANY_2 (ANY_1 alone). */
+    durability: z.string().refine((p) => policyN(p) !== undefined, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
+  }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
+    message: 'durability needs more instances per shard than the database has', path: ['durability'],
+  })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
 }).strict();
 
 export type ClusterSpec = z.infer<typeof clusterSpecSchema>;
+
+/** n of a durability policy, or undefined when the text is not a policy. */
+function policyN(text: string): number | undefined {
+  try {
+    return parsePolicy(text).n;
+  } catch {
+    return undefined;
+  }
+}
 
 export class SpecError extends Error {}
 
@@ -132,6 +151,7 @@ function checkPortClashes(spec: ClusterSpec): void {
   if (!spec.registry.url) take(spec.registry.port, 'registry.port');
   take(spec.gateway.port, 'gateway.port');
   take(spec.gateway.metricsPort, 'gateway.metricsPort');
+  spec.cells.forEach((cell, i) => take(spec.orchestrator.basePort + i, `orchestrator port of ${cell}`));
   for (const inst of instancesOf(spec)) {
     take(inst.port, `postgres port of ${inst.instanceId}`);
     take(inst.metricsPort, `agent metrics port of ${inst.instanceId}`);

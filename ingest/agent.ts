@@ -44,6 +44,8 @@ export class Agent {
   private loop: Promise<void> | undefined;
   private readonly handlers = new Map<AgentAction, CommandHandler>();
   private readonly cdc: CdcService;
+  /** Runs before the agent restarts a Postgres that died (the voter makes a dead primary come back fenced). */
+  beforeRestart: (() => void) | undefined;
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
     this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log });
@@ -136,6 +138,14 @@ export class Agent {
     }
   }
 
+  /** Probes and publishes a heartbeat now, besides the regular ones (e.g. right after a promotion, so routing follows at once). */
+  async reportNow(): Promise<void> {
+    const probe = await this.postgres.probe(this.cfg.probeTimeoutMs);
+    await this.inflight;
+    this.sendHeartbeat(probe, probe ? null : 'no answer right after a change');
+    await this.inflight;
+  }
+
   /**
    * Publishes without blocking the loop: while Kafka is slow or away, probing
    * and restarting go on, and heartbeats that would queue up are dropped (a
@@ -155,7 +165,10 @@ export class Agent {
   private restartDead(): void {
     this.log.warn('postgres is not running; restarting it');
     restarts.inc();
-    this.lifecycle(() => this.postgres.start())
+    this.lifecycle(async () => {
+      this.beforeRestart?.();
+      await this.postgres.start();
+    })
       .then(() => this.log.info('postgres restarted'))
       .catch((err) => this.log.error({ err }, 'postgres restart failed; will retry'));
   }
@@ -165,6 +178,16 @@ export class Agent {
    * by the health loop's restart of a "dead" Postgres.
    */
   private lifecycle(op: () => Promise<void>): Promise<void> {
+    return this.exclusive(op, this.wantRunning);
+  }
+
+  /**
+   * Runs a lifecycle operation of another part of the agent (the voter's
+   * demote, rewind, rebuild) one at a time with the others; `keepRunning` says
+   * whether a Postgres that is found dead afterwards is restarted.
+   */
+  exclusive(op: () => Promise<void>, keepRunning: boolean): Promise<void> {
+    this.wantRunning = keepRunning;
     const run = (this.lifecycleOp ?? Promise.resolve()).then(op);
     const settled = run.catch(() => undefined);
     this.lifecycleOp = settled;

@@ -5,6 +5,7 @@ import { createLogger } from '../common/log.ts';
 import { serveMetrics } from '../common/metrics.ts';
 import { Agent } from './agent.ts';
 import { readAgentConfig } from './config.ts';
+import { Voter } from './consensus/voter.ts';
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
 if (!values.config) {
@@ -14,6 +15,7 @@ if (!values.config) {
 const cfg = readAgentConfig(values.config);
 const log = createLogger('ingest-agent', { instance: cfg.instanceId });
 const agent = new Agent(cfg, log);
+new Voter(agent, log.child({ part: 'voter' })).attach();
 try {
   const metricsServer = await serveMetrics(cfg.metricsPort);
   onShutdown(log, async () => {

@@ -66,6 +66,14 @@ export const topics = {
     valueSchema: 'cdc-status.avsc',
     doc: 'State of each change stream (snapshot progress, confirmed LSN, slot lag, events/s), keyed by <database>/<shard>.',
   },
+  orchEvents: {
+    name: 'mg.orch.events.v1',
+    partitions: 1, // one partition: every orchestrator folds recovery leases in the same order
+    cleanupPolicy: 'delete',
+    retentionMs: 30 * DAY,
+    valueSchema: 'orch-event.avsc',
+    doc: 'What orchestrators saw, decided and did per shard (failovers, switchovers, leases), keyed by db/shard.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

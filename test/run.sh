@@ -14,5 +14,5 @@ node --import tsx test/support/infra.ts up
 set -a; . "$MG_TEST_DIR/infra.env"; set +a
 
 files=("$@")
-[ ${#files[@]} -gt 0 ] || files=(test/unit/*.test.ts test/integration/*.test.ts)
-node --import tsx --test --test-concurrency=1 --test-timeout=600000 --test-reporter=spec "${files[@]}"
+[ ${#files[@]} -gt 0 ] || files=(test/unit/*.test.ts test/integration/*.test.ts test/fault/*.test.ts)
+node --import tsx --test --test-concurrency=1 --test-timeout="${MG_TEST_TIMEOUT_MS:-600000}" --test-reporter=spec "${files[@]}"

@@ -4,6 +4,9 @@
  *   mg cluster status [--data-dir dir]
  *   mg cluster down   [--data-dir dir] [--clean]
  *   mg cdc status     [--data-dir dir]
+ *   mg shard status   [--data-dir dir]
+ *   mg shard switchover <db>/<shard> [--to instance] [--data-dir dir]
+ *   mg shard history  <db>/<shard> [--data-dir dir]
  */
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -12,12 +15,16 @@ import { clusterDown, clusterUp, eventLogFor, readClusterView, savedSpec } from 
 import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
+import { runShardCommand } from './shard.ts';
 
 const USAGE = `usage:
   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
   mg cluster status [--data-dir dir]
   mg cluster down   [--data-dir dir] [--clean]
   mg cdc status     [--data-dir dir]
+  mg shard status   [--data-dir dir]
+  mg shard switchover <db>/<shard> [--to instance] [--data-dir dir]
+  mg shard history  <db>/<shard> [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -32,6 +39,7 @@ async function main(argv: string[]): Promise<void> {
       'data-dir': { type: 'string' },
       set: { type: 'string', multiple: true },
       clean: { type: 'boolean' },
+      to: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -40,6 +48,12 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   const [group, command] = positionals;
+  if (group === 'shard') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    process.exitCode = await shardCommand(spec, command, positionals[2], values.to);
+    return;
+  }
   const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');
   if (!known) throw new UsageError(`unknown command: ${positionals.join(' ') || '(none)'}`);
 
@@ -73,8 +87,14 @@ async function main(argv: string[]): Promise<void> {
   }
 }
 
+async function shardCommand(spec: ClusterSpec, command: string | undefined, target: string | undefined, to: string | undefined): Promise<number> {
+  if (!['status', 'switchover', 'history'].includes(command ?? '')) throw new UsageError(`unknown command: shard ${command ?? '(none)'}`);
+  if (command !== 'status' && !/^[^/]+\/[^/]+$/.test(target ?? '')) throw new UsageError(`shard ${command} needs <db>/<shard>, e.g. postgres/-`);
+  return runShardCommand(spec, command as 'status' | 'switchover' | 'history', target, to);
+}
+
 main(process.argv.slice(2)).then(
-  () => process.exit(0),
+  () => process.exit(process.exitCode ?? 0),
   (err) => {
     if (err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
       console.error(`mg: ${(err as Error).message}\n\n${USAGE}`);

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
+import { queryAt } from '../../common/postgres.ts';
 import { parseLsn } from './lsn.ts';
 
 export interface PostgresInstanceOptions {
@@ -182,6 +183,8 @@ export class PostgresInstance {
       wal_keep_size: '512MB', // replicas cloned concurrently (or briefly disconnected) still find their WAL
       hot_standby: 'on',
       hot_standby_feedback: 'on',
+      // A replica pointed at a new primary retries its connection this often (default 5 s, too slow for failover).
+      wal_retrieve_retry_interval: '100ms',
       shared_buffers: '32MB',
       max_connections: '200',
       logging_collector: 'off', // pg_ctl -l captures the server log
@@ -196,12 +199,13 @@ export class PostgresInstance {
     }
   }
 
-  async start(): Promise<void> {
+  /** Starts the server and waits (up to timeoutS) until it accepts connections (a standby: once consistent). */
+  async start(timeoutS = Number(START_STOP_TIMEOUT_S)): Promise<void> {
     if (this.isRunning()) return;
     await this.removeStaleLockFiles();
     this.prepareDirs();
     // detached: the server must outlive the agent and not share its process group.
-    await this.run('pg_ctl', ['start', '-w', '-t', START_STOP_TIMEOUT_S, '-D', this.dataDir, '-l', this.logFile], true);
+    await this.run('pg_ctl', ['start', '-w', '-t', String(timeoutS), '-D', this.dataDir, '-l', this.logFile], true);
     this.log.info({ pid: this.postmasterPid() }, 'started');
   }
 
@@ -219,6 +223,80 @@ export class PostgresInstance {
   async promote(): Promise<void> {
     await this.run('pg_ctl', ['promote', '-w', '-t', START_STOP_TIMEOUT_S, '-D', this.dataDir]);
     this.log.info('promoted');
+  }
+
+  /** Re-reads the configuration files (pg_ctl reload). */
+  async reload(): Promise<void> {
+    await this.run('pg_ctl', ['reload', '-D', this.dataDir]);
+  }
+
+  /** Sends a signal to the postmaster without waiting; a frozen (SIGSTOPped) server acts on it once continued. */
+  signal(sig: NodeJS.Signals): boolean {
+    const pid = this.postmasterPid();
+    if (pid === undefined) return false;
+    process.kill(pid, sig);
+    return true;
+  }
+
+  /** Whether the postmaster is stopped by a signal (SIGSTOP): it answers nothing until continued. */
+  isFrozen(): boolean {
+    const pid = this.postmasterPid();
+    if (pid === undefined) return false;
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      return stat.slice(stat.lastIndexOf(')') + 2).startsWith('T');
+    } catch {
+      return false;
+    }
+  }
+
+  /** Whether the data directory starts as a standby (standby.signal). */
+  isStandby(): boolean {
+    return fs.existsSync(path.join(this.dataDir, 'standby.signal'));
+  }
+
+  /**
+   * Makes the data directory a standby of `upstream` (through its physical slot
+   * `slotName`), or a standby that streams from nobody when upstream is null.
+   * primary_conninfo lives in postgresql.auto.conf (pg_basebackup -R puts it
+   * there, and that file is read last), so the lines are replaced there. A
+   * running server picks the change up on reload.
+   */
+  configureStandby(upstream: Upstream | null): void {
+    const auto = path.join(this.dataDir, 'postgresql.auto.conf');
+    const kept = (readLines(auto) ?? []).filter((l) => !/^\s*(primary_conninfo|primary_slot_name)\s*=/.test(l) && l.trim() !== '');
+    if (upstream) {
+      const conninfo = `host=${upstream.host} port=${upstream.port} user=postgres application_name=${this.name}`;
+      kept.push(`primary_conninfo = ${confValue('primary_conninfo', conninfo)}`, `primary_slot_name = ${confValue('primary_slot_name', this.slotName)}`);
+    } else {
+      kept.push("primary_conninfo = ''", "primary_slot_name = ''");
+    }
+    this.writeOwned('postgresql.auto.conf', `${kept.join('\n')}\n`);
+    this.writeOwned('standby.signal', '');
+  }
+
+  /**
+   * pg_rewind from `source` (a running primary): makes this stopped data
+   * directory follow the source's timeline again. It copies the source's
+   * configuration, so the caller rewrites node-local config afterwards.
+   */
+  async rewind(source: Upstream): Promise<void> {
+    // pg_rewind first completes a crash recovery in single-user mode, which refuses standby mode.
+    fs.rmSync(path.join(this.dataDir, 'standby.signal'), { force: true });
+    await this.run('pg_rewind', ['-D', this.dataDir, '--source-server', `host=${source.host} port=${source.port} user=postgres dbname=postgres`]);
+    this.log.info({ source }, 'rewound');
+  }
+
+  /** Throws the data directory away and clones it again from `upstream` (when rewinding is impossible). */
+  async rebuild(upstream: Upstream): Promise<void> {
+    if (this.isRunning()) throw new Error('cannot rebuild a running instance');
+    fs.rmSync(this.dataDir, { recursive: true, force: true });
+    await this.initReplica(upstream);
+  }
+
+  /** One statement on this instance's `postgres` database, with a client-side timeout. */
+  async query<T extends pg.QueryResultRow>(sql: string, params: unknown[] = [], timeoutMs = 5_000): Promise<T[]> {
+    return queryAt<T>({ host: this.host, port: this.port }, sql, params, timeoutMs);
   }
 
   isRunning(): boolean {

@@ -11,7 +11,7 @@ export interface AgentCommandResult {
   durationMs: bigint;
 }
 
-export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS';
+export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT';
 
 /** A request to the agent of one instance. Agents act on commands addressed to them and answer with an AgentCommandResult carrying the same commandId. */
 export interface AgentCommand {
@@ -112,6 +112,29 @@ export interface HealthEvent {
   cdcSlotLagBytes: null | bigint;
   /** Added in version 3: age of the oldest commit the change stream has not yet had acknowledged by Kafka. */
   cdcSlotLagSeconds: null | number;
+}
+
+export type OrchEventKind = 'CLAIMED' | 'RELEASED' | 'OBSERVED' | 'DECIDED' | 'ACTED' | 'COMPLETED' | 'FAILED';
+
+/** One thing an orchestrator saw, decided or did about a shard; the log of a failover can be replayed from these. */
+export interface OrchEvent {
+  eventId: string;
+  ts: Date;
+  /** Id of the orchestrator that wrote the event (orch-<cell>). */
+  orchestrator: string;
+  database: string;
+  shard: string;
+  /** CLAIMED/RELEASED: the shard's recovery lease; OBSERVED: what was seen; DECIDED: what was chosen; ACTED: a step done; COMPLETED/FAILED: the end of an operation. */
+  kind: OrchEventKind;
+  /** failover, switchover, bootstrap, repoint, policy. */
+  operation: string;
+  term: null | bigint;
+  summary: string;
+  details: Record<string, string>;
+  /** Time the step or operation took. */
+  durationMs: null | bigint;
+  /** CLAIMED only: when the lease lapses unless released earlier. */
+  leaseUntil: null | Date;
 }
 
 export interface CellRegistered {

@@ -70,7 +70,7 @@ function statusRows(out: string): Map<string, Record<string, string>> {
 test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /\[11\/11\] MultiGateway .*: done in/);
+  assert.match(up.stdout, /\[11\/12\] MultiGateway .*: done in/);
   assert.match(up.stdout, new RegExp(`psql -h 127.0.0.1 -p ${cluster.spec.gateway.port} -U postgres postgres`));
 
   const status = await mg('cluster', 'status', ...flags);

@@ -48,6 +48,7 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
     'kafka.bootstrap': bootstrap(), 'registry.url': registryUrl(), 'kafka.topicPrefix': prefix,
     'postgres.basePort': base, 'agent.metricsBasePort': base + 100, 'pooler.basePort': base + 200,
     'pooler.metricsBasePort': base + 300, 'gateway.port': base + 400, 'gateway.metricsPort': base + 401,
+    'orchestrator.basePort': base + 450,
     ...settings,
   };
   const flags = ['--data-dir', dataDir, ...Object.entries(all).flatMap(([k, v]) => ['--set', `${k}=${v}`])];

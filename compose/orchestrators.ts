@@ -1,0 +1,63 @@
+/** The MultiOrch tier of a local cluster: one orchestrator per cell, and waiting for every shard to be bootstrapped. */
+import type { Progress } from './progress.ts';
+import { startService, type Paths } from './proxy.ts';
+import type { ClusterSpec } from './spec.ts';
+import { stopProcess, waitFor } from './supervise.ts';
+
+const orchName = (cell: string) => `orch-${cell}`;
+
+export const orchestratorPorts = (spec: ClusterSpec) => spec.cells.map((_, i) => spec.orchestrator.basePort + i);
+
+export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
+  for (const [i, cell] of spec.cells.entries()) {
+    progress.note(await startService(orchName(cell), 'orchestrator/main.ts', {
+      id: orchName(cell), cell, port: spec.orchestrator.basePort + i, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
+      topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs,
+    }, spec.orchestrator.basePort + i, paths, spec));
+  }
+  // Bootstrap is the orchestrators' job (the rule of term 1 and the durability policy on each primary): wait for it.
+  await waitFor(async () => {
+    const status = await orchestratorStatus(spec);
+    return status.shards.length > 0 && status.shards.every((s) => s.bootstrapped);
+  }, { timeoutMs: 60_000, intervalMs: 250, what: 'the orchestrators to bootstrap every shard' });
+  progress.note('every shard has its rule and durability policy');
+}
+
+export interface ShardStatus {
+  database: string;
+  shard: string;
+  policy: string;
+  term: string | null;
+  ruleNumber: string | null;
+  primary: string | null;
+  bootstrapped: boolean;
+  lease: { orchestrator: string } | null;
+  instances: Array<{ instanceId: string; cell: string; port: number; serving: string; role: string; upstream: string | null; walReceiverStatus: string | null; lagBytes: string | null }>;
+}
+
+/** GET or POST on the first orchestrator that answers. */
+export async function callOrchestrator(spec: ClusterSpec, method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: any }> {
+  let lastError: unknown;
+  for (const port of orchestratorPorts(spec)) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}${path}`, {
+        method, headers: body === undefined ? {} : { 'content-type': 'application/json' },
+        body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(60_000),
+      });
+      return { status: res.status, body: await res.json() };
+    } catch (err) {
+      lastError = err;
+    }
+  }
+  throw new Error(`no orchestrator answers on ports ${orchestratorPorts(spec).join(', ')}: ${(lastError as Error)?.message}`);
+}
+
+export async function orchestratorStatus(spec: ClusterSpec): Promise<{ orchestrator: string; shards: ShardStatus[] }> {
+  const r = await callOrchestrator(spec, 'GET', '/v1/status');
+  if (r.status !== 200) throw new Error(`orchestrator status: HTTP ${r.status}: ${r.body?.error}`);
+  return r.body;
+}
+
+export async function stopOrchestrators(spec: ClusterSpec, runDir: string, progress: Progress): Promise<void> {
+  await Promise.all(spec.cells.map(async (cell) => progress.note(`${orchName(cell)}: ${await stopProcess(runDir, orchName(cell))}`)));
+}

@@ -1,0 +1,36 @@
+/** MultiOrch's configuration: one JSON file per orchestrator, written by `mg cluster up`. */
+import fs from 'node:fs';
+import { z } from 'zod';
+
+export const orchConfigSchema = z.object({
+  /** Unique among orchestrators, e.g. orch-zone1; it signs pledges and events. */
+  id: z.string().regex(/^[a-zA-Z0-9._-]+$/),
+  cell: z.string().min(1),
+  /** REST API, OpenAPI document and /metrics. */
+  port: z.number().int().min(0).max(65535),
+  brokers: z.array(z.string()).min(1),
+  registryUrl: z.string().url(),
+  topicPrefix: z.string().default(''),
+  /** How often each shard is checked. */
+  tickMs: z.number().int().min(20).default(200),
+  /** A primary reported unreachable (or not primary) this long, and confirmed by a direct probe, is failed over. */
+  detectMs: z.number().int().min(0).default(500),
+  /** A primary whose agent sends no heartbeat this long is failed over (gateways route only on fresh heartbeats). */
+  agentDownMs: z.number().int().min(500).default(2_500),
+  /** A heartbeat older than this is stale. */
+  staleMs: z.number().int().min(100).default(1_500),
+  /** How long a shard's recovery lease lasts unless released. */
+  leaseMs: z.number().int().min(1_000).default(5_000),
+  /** Timeout of one agent command (rewinds and clones take longer: see the callers). */
+  commandTimeoutMs: z.number().int().min(500).default(8_000),
+}).strict();
+
+export type OrchConfig = z.infer<typeof orchConfigSchema>;
+
+export function readOrchConfig(file: string): OrchConfig {
+  const result = orchConfigSchema.safeParse(JSON.parse(fs.readFileSync(file, 'utf8')));
+  if (!result.success) {
+    throw new Error(`invalid orchestrator config ${file}: ${result.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  }
+  return result.data;
+}

@@ -1,0 +1,258 @@
+/**
+ * One election: a new term for a shard, for an unplanned failover or a planned
+ * switchover. docs/orchestrator.md states the protocol and why it is safe; in
+ * short: recruit voters for term T until the unrecruited cannot acknowledge a
+ * commit on their own (and the recruited are a majority), promote the most
+ * advanced recruited voter, point the others at it, write the rule of term T
+ * into Postgres with synchronous commit, and only then tell the world
+ * (PrimaryChanged with term T).
+ */
+import { randomUUID } from 'node:crypto';
+import type { EventLog } from '../common/eventlog.ts';
+import { queryAt, withConnection } from '../common/postgres.ts';
+import {
+  comparePositions, decodePosition, payload, pledgedTermIn, recruitmentSuffices, RULE_DDL, RULE_TABLE, syncStandbyNames, topologyKey,
+  type InstanceRegistered, type TopologyEvent, type VoterPosition,
+} from '../schemas/index.ts';
+import { AgentTimeout, type Agents } from './agents.ts';
+import type { OrchConfig } from './config.ts';
+import type { Journal } from './journal.ts';
+import type { ShardView } from './view.ts';
+
+export interface ElectionRequest {
+  operation: 'failover' | 'switchover';
+  reason: string;
+  /** Switchover: the instance to hand over to (must be among the most advanced). */
+  target?: string;
+}
+
+export interface ElectionResult {
+  term: bigint;
+  ruleNumber: bigint;
+  primary: string;
+  previous: string | undefined;
+  durationMs: number;
+}
+
+export class ElectionError extends Error {
+  constructor(message: string, readonly status: 'invalid' | 'busy' | 'refused' | 'failed') {
+    super(message);
+  }
+}
+
+const DRAIN_MS = 3_000;
+const RECRUIT_GRACE_MS = 150;
+const RULE_WRITE_TIMEOUT_MS = 20_000;
+
+const addr = (i: InstanceRegistered) => ({ host: i.host, port: i.port });
+
+export class Election {
+  private readonly publishTopology;
+
+  constructor(
+    private readonly cfg: OrchConfig, eventLog: EventLog, private readonly agents: Agents, private readonly journal: Journal,
+    /** Highest term seen refused per shard, so the next attempt goes above it. */
+    private readonly termsSeen: Map<string, bigint>,
+  ) {
+    this.publishTopology = eventLog.publisher('topology');
+  }
+
+  async run(shard: ShardView, req: ElectionRequest): Promise<ElectionResult> {
+    const started = Date.now();
+    const { database, shard: name, key } = shard;
+    const op = req.operation;
+    const previous = shard.primary?.instanceId;
+    const held = [shard.primary?.term ?? 0n, this.termsSeen.get(key) ?? 0n, this.journal.claimedTerm(key)];
+    const term = held.reduce((a, b) => (a > b ? a : b)) + 1n;
+    if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) {
+      throw new ElectionError(`another orchestrator holds ${key}`, 'busy');
+    }
+    const record = (kind: Parameters<Journal['record']>[2], summary: string, details: Record<string, string> = {}, durationMs?: number) =>
+      this.journal.record(database, name, kind, op, summary, { term, details, durationMs });
+    // The lease is short (a dead orchestrator's shard waits for it to lapse), so a long election renews it between steps.
+    let leased = Date.now();
+    const renew = async () => {
+      if (Date.now() - leased < this.cfg.leaseMs / 3) return;
+      if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) throw new ElectionError(`lost the lease of ${key}`, 'busy');
+      leased = Date.now();
+    };
+    try {
+      await record('DECIDED', `${op} to term ${term}: ${req.reason}`, { previous: previous ?? '', target: req.target ?? '' });
+      const old = shard.cohort.find((i) => i.instanceId === previous);
+      if (old) await this.serving(old.instanceId, 'NOT_SERVING'); // gateways buffer from here on
+
+      const positions = new Map<string, VoterPosition>();
+      if (op === 'switchover') {
+        if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
+        await this.drain(old);
+        // The old primary first: its shutdown checkpoint reaches the standbys before they stop listening.
+        const p = await this.recruit(key, old, term);
+        if (!p) throw new ElectionError(`the primary ${old.instanceId} could not be recruited`, 'failed');
+        positions.set(old.instanceId, p);
+      }
+      const t0 = Date.now();
+      await this.recruitQuorum(shard, term, positions);
+      const recruited = new Set(positions.keys());
+      await record('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
+
+      await renew();
+      const winner = this.choose(shard, positions, req, previous);
+      await record('DECIDED', `promote ${winner.instanceId}`, { reason: 'most advanced recruited voter' });
+      const t1 = Date.now();
+      const promoted = await this.agents.send(winner.instanceId, 'PROMOTE', { term: String(term) }, this.cfg.commandTimeoutMs * 2);
+      if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`promoting ${winner.instanceId} failed: ${promoted.message}`, 'failed');
+      await record('ACTED', `promoted ${winner.instanceId}`, {}, Date.now() - t1);
+
+      await renew();
+      const t2 = Date.now();
+      await applyPolicy(shard, winner);
+      const others = shard.cohort.filter((i) => i.instanceId !== winner.instanceId);
+      // Repoints go on in the background; the rule write below waits for as many as the policy needs.
+      for (const inst of others) void this.repoint(shard, inst, winner, term).catch(() => undefined);
+      const ruleNumber = await writeRule(shard, winner, term, this.cfg.id);
+      await record('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, {}, Date.now() - t2);
+
+      await this.topology(
+        payload('PrimaryChanged', { database, shard: name, primaryInstanceId: winner.instanceId, term, ruleNumber, reason: `${op}: ${req.reason}` }),
+        payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING' }),
+      );
+      const durationMs = Date.now() - started;
+      await record('COMPLETED', `${winner.instanceId} is primary of term ${term}`, { previous: previous ?? '' }, durationMs);
+      return { term, ruleNumber, primary: winner.instanceId, previous, durationMs };
+    } catch (err) {
+      await record('FAILED', (err as Error).message, {}, Date.now() - started).catch(() => undefined);
+      throw err instanceof ElectionError ? err : new ElectionError((err as Error).message, 'failed');
+    } finally {
+      await this.journal.release(database, name, op).catch(() => undefined);
+    }
+  }
+
+  /** RECRUIT(term) to one voter; its position, or undefined when it refused or did not answer. */
+  private async recruit(key: string, inst: InstanceRegistered, term: bigint): Promise<VoterPosition | undefined> {
+    try {
+      const r = await this.agents.send(inst.instanceId, 'RECRUIT', { term: String(term) }, this.cfg.commandTimeoutMs);
+      if (r.status === 'SUCCEEDED') return decodePosition(r.message);
+      const pledged = pledgedTermIn(r.message);
+      if (pledged !== undefined && pledged > (this.termsSeen.get(key) ?? 0n)) this.termsSeen.set(key, pledged);
+      return undefined;
+    } catch (err) {
+      if (err instanceof AgentTimeout) return undefined;
+      throw err;
+    }
+  }
+
+  /**
+   * Recruits every voter at once and returns as soon as the recruited suffice
+   * (plus a short grace, so a slightly slower but more advanced voter is not
+   * left out), or when all have answered.
+   */
+  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>): Promise<void> {
+    const todo = shard.cohort.filter((i) => !positions.has(i.instanceId));
+    const suffices = () => recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()));
+    await new Promise<void>((resolve) => {
+      let left = todo.length;
+      let grace: NodeJS.Timeout | undefined;
+      const settle = () => {
+        if (left === 0) {
+          clearTimeout(grace);
+          resolve();
+        } else if (suffices() && !grace) grace = setTimeout(resolve, RECRUIT_GRACE_MS);
+      };
+      if (left === 0) resolve();
+      for (const inst of todo) {
+        void this.recruit(shard.key, inst, term).then((p) => {
+          if (p) positions.set(inst.instanceId, p);
+        }, () => undefined).finally(() => {
+          left--;
+          settle();
+        });
+      }
+    });
+    if (!suffices()) {
+      const refusedAbove = this.termsSeen.get(shard.key);
+      throw new ElectionError(
+        `recruited ${[...positions.keys()].join(', ') || 'nobody'} of ${shard.cohort.length}: not enough under ${shard.policyText}` +
+        (refusedAbove && refusedAbove >= term ? ` (a voter pledged term ${refusedAbove})` : ''), 'failed');
+    }
+  }
+
+  private choose(shard: ShardView, positions: Map<string, VoterPosition>, req: ElectionRequest, previous: string | undefined): InstanceRegistered {
+    const ranked = shard.cohort.filter((i) => positions.has(i.instanceId)).sort((a, b) => {
+      const byPosition = comparePositions(positions.get(b.instanceId)!, positions.get(a.instanceId)!);
+      if (byPosition !== 0) return byPosition;
+      const prefer = (i: InstanceRegistered) => (i.instanceId === req.target ? 0 : i.instanceId === previous ? 2 : 1);
+      return prefer(a) - prefer(b) || a.instanceId.localeCompare(b.instanceId);
+    });
+    const best = ranked[0];
+    if (req.operation === 'switchover') {
+      const candidates = ranked.filter((i) => i.instanceId !== previous && comparePositions(positions.get(i.instanceId)!, positions.get(best.instanceId)!) === 0);
+      const chosen = req.target ? candidates.find((i) => i.instanceId === req.target) : candidates[0];
+      if (!chosen) throw new ElectionError(req.target ? `${req.target} is not caught up with the primary` : 'no replica is caught up with the primary', 'failed');
+      return chosen;
+    }
+    return best;
+  }
+
+  /** Waits (bounded) until the old primary runs no client transaction: gateways hold new ones meanwhile. */
+  private async drain(old: InstanceRegistered): Promise<void> {
+    const deadline = Date.now() + DRAIN_MS;
+    while (Date.now() < deadline) {
+      const [{ busy }] = await queryAt<{ busy: number }>(addr(old), `SELECT count(*)::int AS busy FROM pg_stat_activity
+        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`, [], 1_000);
+      if (busy === 0) return;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  private async repoint(shard: ShardView, inst: InstanceRegistered, primary: InstanceRegistered, term: bigint): Promise<void> {
+    const started = Date.now();
+    const r = await this.agents.send(inst.instanceId, 'REPOINT', { term: String(term), host: primary.host, port: String(primary.port) }, 60_000)
+      .catch((err: Error) => ({ status: 'TIMEOUT', message: err.message }));
+    await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'ACTED' : 'OBSERVED', 'repoint',
+      `${inst.instanceId} -> ${primary.instanceId}: ${r.status === 'SUCCEEDED' ? r.message : `not yet (${r.message})`}`, { term, durationMs: Date.now() - started });
+    if (r.status === 'SUCCEEDED') await this.serving(inst.instanceId, 'SERVING');
+  }
+
+  /** Publishes topology events in one batch (one partition: they arrive in this order). */
+  private topology(...payloads: Array<TopologyEvent['payload']>): Promise<void> {
+    const events = payloads.map((p): TopologyEvent => ({ eventId: randomUUID(), ts: new Date(), source: `orchestrator/${this.cfg.id}`, payload: p }));
+    return this.publishTopology(events.map((e) => ({ key: topologyKey(e), value: e })));
+  }
+
+  async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING'): Promise<void> {
+    await this.topology(payload('ServingStateChanged', { instanceId, state }));
+  }
+}
+
+/**
+ * Makes Postgres itself enforce the shard's durability policy on its primary:
+ * `synchronous_standby_names = 'ANY k (...)'` and `synchronous_commit = on`,
+ * through ALTER SYSTEM (so it survives restarts), effective once reloaded.
+ */
+export async function applyPolicy(shard: ShardView, primary: InstanceRegistered): Promise<string> {
+  const names = syncStandbyNames(shard.policy, shard.cohort, primary);
+  const lit = (v: string) => `'${v.replace(/'/g, "''")}'`;
+  return withConnection(addr(primary), async (c) => {
+    await c.query(`ALTER SYSTEM SET synchronous_standby_names = ${lit(names)}`);
+    await c.query(`ALTER SYSTEM SET synchronous_commit = 'on'`);
+    await c.query('SELECT pg_reload_conf()');
+    // The reload is asynchronous; a backend applies it before its next statement, so poll until it shows.
+    for (let i = 0; i < 200; i++) {
+      const { rows: [{ s }] } = await c.query<{ s: string }>('SELECT current_setting($1) AS s', ['synchronous_standby_names']);
+      if (s === names) return names;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    throw new Error(`${primary.instanceId} did not take synchronous_standby_names = ${names}`);
+  }, 10_000);
+}
+
+/** Inserts the next rule (term, primary, cohort, policy) on the primary; resolves when the quorum acknowledged it. */
+export async function writeRule(shard: ShardView, primary: InstanceRegistered, term: bigint, decidedBy: string): Promise<bigint> {
+  return withConnection(addr(primary), async (c) => {
+    await c.query(RULE_DDL);
+    const { rows: [row] } = await c.query<{ n: string }>(`INSERT INTO ${RULE_TABLE} (rule_number, term, primary_id, cohort, policy, decided_by)
+      SELECT coalesce(max(rule_number), 0) + 1, $1, $2, $3, $4, $5 FROM ${RULE_TABLE} RETURNING rule_number::text AS n`,
+    [term.toString(), primary.instanceId, shard.cohort.map((i) => i.instanceId), shard.policyText, decidedBy]);
+    return BigInt(row.n);
+  }, RULE_WRITE_TIMEOUT_MS);
+}

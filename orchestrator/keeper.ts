@@ -1,0 +1,272 @@
+/**
+ * The shard keeper: every tick, for every shard, compares what is with what
+ * should be and acts under the shard's lease: fails over a primary that is
+ * gone, writes the bootstrap rule and the durability policy, and points
+ * replicas (including a returning old primary) at the term's primary.
+ */
+import type { EventLog } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
+import { counter, gauge, histogram } from '../common/metrics.ts';
+import { queryAt } from '../common/postgres.ts';
+import { RULE_TABLE, syncStandbyNames, type InstanceRegistered } from '../schemas/index.ts';
+import type { Agents } from './agents.ts';
+import type { OrchConfig } from './config.ts';
+import { applyPolicy, Election, ElectionError, writeRule, type ElectionRequest, type ElectionResult } from './election.ts';
+import type { Journal } from './journal.ts';
+import type { ClusterWatch, ShardView } from './view.ts';
+
+const elections = counter('mg_orch_elections_total', 'Elections run by this orchestrator', ['operation', 'result']);
+const electionSeconds = histogram('mg_orch_election_duration_seconds', 'Time from decision to the new primary announced', ['operation'], [0.25, 0.5, 1, 2, 3, 5, 8, 13, 21]);
+const repairs = counter('mg_orch_repairs_total', 'Repairs started (repoint, policy, bootstrap)', ['kind']);
+const shardTerm = gauge('mg_orch_shard_term', 'Current term per shard', ['shard']);
+const shardsHealthy = gauge('mg_orch_shards_healthy', 'Shards whose primary is healthy');
+
+/** A repair of one instance is not retried sooner than this. */
+const REPAIR_BACKOFF_MS = 3_000;
+/** A replica not streaming from the right primary this long gets repointed. */
+const MISWIRED_MS = 2_000;
+/** A rewind, or a clone when rewinding fails, may take this long. */
+const REPOINT_TIMEOUT_MS = 180_000;
+const STALE_PRIMARY = 'a stale primary';
+/** How often the rule and the policy on a healthy primary are checked. */
+const CHECK_PRIMARY_MS = 2_000;
+
+interface ShardState {
+  busy: boolean;
+  unhealthySince?: number;
+  lastPrimaryCheck: number;
+  miswiredSince: Map<string, number>;
+  lastRepair: Map<string, number>;
+  /** Instances with a REPOINT of ours in flight. */
+  repairing: Set<string>;
+  /** The term whose rule and policy were last found in place on its primary. */
+  verifiedTerm?: bigint;
+}
+
+export class Keeper {
+  private readonly states = new Map<string, ShardState>();
+  private readonly termsSeen = new Map<string, bigint>();
+  private readonly election: Election;
+  private timer: NodeJS.Timeout | undefined;
+  private ticking = false;
+
+  constructor(
+    private readonly cfg: OrchConfig, eventLog: EventLog, private readonly watch: ClusterWatch,
+    private readonly agents: Agents, private readonly journal: Journal, private readonly log: Logger,
+  ) {
+    this.election = new Election(cfg, eventLog, agents, journal, this.termsSeen);
+  }
+
+  start(): void {
+    this.timer = setInterval(() => void this.tick(), this.cfg.tickMs);
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    while ([...this.states.values()].some((s) => s.busy)) await new Promise((r) => setTimeout(r, 50));
+  }
+
+  /** A planned switchover (REST, CLI); throws ElectionError with a status the API maps to HTTP. */
+  async switchover(database: string, shardName: string, target?: string): Promise<ElectionResult> {
+    const shard = this.watch.shard(database, shardName);
+    if (!shard) throw new ElectionError(`no shard ${database}/${shardName}`, 'refused');
+    if (target && !shard.cohort.some((i) => i.instanceId === target)) throw new ElectionError(`${target} is not an instance of ${shard.key}`, 'invalid');
+    if (target && target === shard.primary?.instanceId) throw new ElectionError(`${target} is already the primary`, 'refused');
+    return this.exclusive(shard, () => this.elect(shard, { operation: 'switchover', reason: 'requested', target }));
+  }
+
+  /** Whether this orchestrator found the shard's rule and policy in place for its current term. */
+  bootstrapped(shard: ShardView): boolean {
+    return shard.primary !== undefined && this.states.get(shard.key)?.verifiedTerm === shard.primary.term;
+  }
+
+  private state(key: string): ShardState {
+    let s = this.states.get(key);
+    if (!s) this.states.set(key, (s = { busy: false, lastPrimaryCheck: 0, miswiredSince: new Map(), lastRepair: new Map(), repairing: new Set() }));
+    return s;
+  }
+
+  private async exclusive<T>(shard: ShardView, op: () => Promise<T>): Promise<T> {
+    const s = this.state(shard.key);
+    // Routine upkeep of the shard may be running: it is short, so wait for it.
+    for (let waited = 0; s.busy; waited += 20) {
+      if (waited > 10_000) throw new ElectionError(`${shard.key} is busy with another operation of this orchestrator`, 'busy');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    s.busy = true;
+    try {
+      return await op();
+    } finally {
+      s.busy = false;
+    }
+  }
+
+  private async elect(shard: ShardView, req: ElectionRequest): Promise<ElectionResult> {
+    const end = electionSeconds.startTimer({ operation: req.operation });
+    try {
+      const result = await this.election.run(shard, req);
+      end();
+      elections.inc({ operation: req.operation, result: 'completed' });
+      return result;
+    } catch (err) {
+      elections.inc({ operation: req.operation, result: (err as ElectionError).status ?? 'failed' });
+      throw err;
+    }
+  }
+
+  private async tick(): Promise<void> {
+    if (this.ticking) return;
+    this.ticking = true;
+    try {
+      let healthy = 0;
+      for (const shard of this.watch.shards()) {
+        if (shard.primary) shardTerm.set({ shard: shard.key }, Number(shard.primary.term));
+        const s = this.state(shard.key);
+        if (s.busy || !shard.primary) continue;
+        if (this.primaryHealthy(shard)) {
+          healthy++;
+          s.unhealthySince = undefined;
+          this.launch(shard, () => this.tend(shard, s));
+        } else {
+          s.unhealthySince ??= Date.now();
+          this.launch(shard, () => this.maybeFailover(shard, s));
+        }
+      }
+      shardsHealthy.set(healthy);
+    } catch (err) {
+      this.log.error({ err }, 'tick failed');
+    } finally {
+      this.ticking = false;
+    }
+  }
+
+  /** Runs one shard's work in the background, one operation per shard at a time. */
+  private launch(shard: ShardView, op: () => Promise<void>): void {
+    const s = this.state(shard.key);
+    if (s.busy) return;
+    if (this.journal.heldElsewhere(shard.key)) return; // another orchestrator is at it
+    s.busy = true;
+    op().catch((err) => this.log.warn({ err: (err as Error).message, shard: shard.key }, 'shard operation failed'))
+      .finally(() => (s.busy = false));
+  }
+
+  private primaryHealthy(shard: ShardView): boolean {
+    const h = this.watch.fresh(shard.primary!.instanceId);
+    return !!h && h.reachable && h.role === 'PRIMARY';
+  }
+
+  private async maybeFailover(shard: ShardView, s: ShardState): Promise<void> {
+    const primaryId = shard.primary!.instanceId;
+    const inst = shard.cohort.find((i) => i.instanceId === primaryId);
+    if (!inst) return;
+    const silentMs = Date.now() - this.watch.lastHeard(primaryId);
+    const latest = this.watch.latest(primaryId);
+    let reason: string | undefined;
+    if (silentMs >= this.cfg.agentDownMs) {
+      reason = `no heartbeat from the primary's agent for ${silentMs} ms`;
+    } else if (Date.now() - s.unhealthySince! >= this.cfg.detectMs && this.watch.fresh(primaryId)) {
+      // The agent says unreachable (or not primary): confirm with a probe of our own.
+      const probe = await queryAt<{ rec: boolean }>({ host: inst.host, port: inst.port }, 'SELECT pg_is_in_recovery() AS rec', [], 1_000)
+        .then((r) => (r[0].rec ? 'in recovery' : 'primary'), (err: Error) => err.message);
+      if (probe === 'primary') return;
+      reason = `primary ${latest?.reachable ? `reports role ${latest.role}` : `unreachable (${latest?.error ?? 'no detail'})`}; direct probe: ${probe}`;
+    }
+    if (!reason) return;
+    await this.journal.record(shard.database, shard.shard, 'OBSERVED', 'failover', `primary ${primaryId} failed: ${reason}`, { term: shard.primary!.term });
+    try {
+      const r = await this.elect(shard, { operation: 'failover', reason });
+      this.log.info({ shard: shard.key, term: r.term.toString(), primary: r.primary, ms: r.durationMs }, 'failover completed');
+    } catch (err) {
+      this.log.warn({ shard: shard.key, err: (err as Error).message }, 'failover did not complete; will retry');
+      await new Promise((r) => setTimeout(r, 300 + Math.random() * 700)); // do not duel with another orchestrator
+    }
+  }
+
+  /** Healthy primary: bootstrap rule, policy, and the wiring of every other instance. */
+  private async tend(shard: ShardView, s: ShardState): Promise<void> {
+    const primary = shard.cohort.find((i) => i.instanceId === shard.primary!.instanceId);
+    if (!primary) return;
+    if (Date.now() - s.lastPrimaryCheck >= CHECK_PRIMARY_MS) {
+      s.lastPrimaryCheck = Date.now();
+      await this.checkPrimary(shard, primary);
+    }
+    const upstream = `${primary.host}:${primary.port}`;
+    const now = Date.now();
+    for (const inst of shard.cohort) {
+      if (inst.instanceId === primary.instanceId) continue;
+      const h = this.watch.fresh(inst.instanceId);
+      if (!h) continue; // its agent is away: nothing can be done through it now
+      const wired = h.reachable && h.role === 'REPLICA' && h.upstream === upstream && h.walReceiverStatus === 'streaming';
+      if (wired) {
+        s.miswiredSince.delete(inst.instanceId);
+        if (this.watch.topology.serving.get(inst.instanceId) !== 'SERVING') await this.election.serving(inst.instanceId, 'SERVING');
+        continue;
+      }
+      const since = s.miswiredSince.get(inst.instanceId) ?? now;
+      s.miswiredSince.set(inst.instanceId, since);
+      if (now - since < MISWIRED_MS || now - (s.lastRepair.get(inst.instanceId) ?? 0) < REPAIR_BACKOFF_MS || s.repairing.has(inst.instanceId)) continue;
+      s.lastRepair.set(inst.instanceId, now);
+      await this.repoint(shard, s, inst, primary, h.role === 'PRIMARY' ? STALE_PRIMARY : `upstream ${h.upstream ?? 'none'}, ${h.walReceiverStatus ?? 'no WAL receiver'}`);
+    }
+  }
+
+  /**
+   * Sends REPOINT under the lease, then lets go of the lease: a rewind or a
+   * clone can take long, and the command is idempotent and bound to its term.
+   * The outcome is journaled when it arrives.
+   */
+  private async repoint(shard: ShardView, s: ShardState, inst: InstanceRegistered, primary: InstanceRegistered, why: string): Promise<void> {
+    const term = shard.primary!.term;
+    if (!(await this.journal.claim(shard.database, shard.shard, 'repoint', term, this.cfg.leaseMs))) return;
+    repairs.inc({ kind: 'repoint' });
+    const started = Date.now();
+    let outcome: Promise<void>;
+    try {
+      await this.journal.record(shard.database, shard.shard, 'DECIDED', 'repoint', `repoint ${inst.instanceId} to ${primary.instanceId}: ${why}`, { term });
+      if (why === STALE_PRIMARY && this.watch.topology.serving.get(inst.instanceId) === 'SERVING') await this.election.serving(inst.instanceId, 'NOT_SERVING');
+      outcome = this.agents.send(inst.instanceId, 'REPOINT', { term: String(term), host: primary.host, port: String(primary.port) }, REPOINT_TIMEOUT_MS)
+        .then(async (r) => {
+          await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'COMPLETED' : 'FAILED', 'repoint',
+            `${inst.instanceId}: ${r.message}`, { term, durationMs: Date.now() - started });
+          if (r.status === 'SUCCEEDED') await this.election.serving(inst.instanceId, 'SERVING');
+        });
+    } finally {
+      await this.journal.release(shard.database, shard.shard, 'repoint');
+    }
+    s.repairing.add(inst.instanceId);
+    outcome.catch((err) => this.log.warn({ err: (err as Error).message, instance: inst.instanceId }, 'repoint did not complete'))
+      .finally(() => s.repairing.delete(inst.instanceId));
+  }
+
+  /** The primary holds the rule of its term and enforces the policy; bootstraps both on a new shard. */
+  private async checkPrimary(shard: ShardView, primary: InstanceRegistered): Promise<void> {
+    const at = { host: primary.host, port: primary.port };
+    const term = shard.primary!.term;
+    const want = syncStandbyNames(shard.policy, shard.cohort, primary);
+    const [{ names, hasRules }] = await queryAt<{ names: string; hasRules: boolean }>(at, `SELECT current_setting('synchronous_standby_names') AS names,
+      to_regclass('${RULE_TABLE}') IS NOT NULL AS "hasRules"`, [], 2_000);
+    const rule = hasRules ? (await queryAt<{ term: string | null }>(at, `SELECT max(term)::text AS term FROM ${RULE_TABLE}`, [], 2_000))[0].term : null;
+    const ruleTerm = rule === null ? undefined : BigInt(rule);
+    if (names === want && ruleTerm !== undefined && ruleTerm >= term) {
+      this.state(shard.key).verifiedTerm = term;
+      return;
+    }
+    const operation = ruleTerm === undefined ? 'bootstrap' : 'policy';
+    if (!(await this.journal.claim(shard.database, shard.shard, operation, term, this.cfg.leaseMs))) return;
+    repairs.inc({ kind: operation });
+    const started = Date.now();
+    try {
+      if (names !== want) {
+        await applyPolicy(shard, primary);
+        await this.journal.record(shard.database, shard.shard, 'ACTED', operation, `synchronous_standby_names = ${want} on ${primary.instanceId}`, { term });
+      }
+      if (ruleTerm === undefined || ruleTerm < term) {
+        const n = await writeRule(shard, primary, term, this.cfg.id);
+        await this.journal.record(shard.database, shard.shard, 'COMPLETED', operation, `rule ${n} of term ${term} written on ${primary.instanceId}`, { term, durationMs: Date.now() - started });
+      }
+      this.state(shard.key).verifiedTerm = term;
+    } finally {
+      await this.journal.release(shard.database, shard.shard, operation);
+    }
+  }
+}

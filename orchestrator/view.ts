@@ -1,0 +1,95 @@
+/**
+ * MultiOrch's picture of the cluster, from Kafka only: the topology fold and
+ * the latest heartbeat of every instance (with when it arrived, since
+ * freshness is judged by this process's clock).
+ */
+import type { EventLog, Subscription } from '../common/eventlog.ts';
+import {
+  applyTopologyEvent, defaultPolicy, emptyTopology, parsePolicy, shardKey,
+  type DurabilityPolicy, type HealthEvent, type InstanceRegistered, type PrimaryRecord, type TopologyState,
+} from '../schemas/index.ts';
+
+export interface Heard { health: HealthEvent; at: number }
+
+export interface ShardView {
+  database: string;
+  shard: string;
+  key: string;
+  /** Every registered instance of the shard: the voters. */
+  cohort: InstanceRegistered[];
+  primary: PrimaryRecord | undefined;
+  policyText: string;
+  policy: DurabilityPolicy;
+  /** Why the database's own policy could not be used, when it could not. */
+  policyProblem?: string;
+}
+
+export class ClusterWatch {
+  readonly topology: TopologyState = emptyTopology();
+  private readonly heard = new Map<string, Heard>();
+  private subs: Subscription[] = [];
+  private startedAt = Date.now();
+
+  constructor(private readonly eventLog: EventLog, private readonly staleMs: number) {}
+
+  async start(): Promise<void> {
+    this.startedAt = Date.now();
+    this.subs = await Promise.all([
+      this.eventLog.subscribe('topology', (e) => void applyTopologyEvent(this.topology, e)),
+      this.eventLog.subscribe('health', (h) => {
+        const held = this.heard.get(h.instanceId);
+        if (held && held.health.ts > h.ts) return;
+        this.heard.set(h.instanceId, { health: h, at: Date.now() });
+      }, { since: new Date(Date.now() - this.staleMs) }),
+    ]);
+    await Promise.all(this.subs.map((s) => s.caughtUp));
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.subs.map((s) => s.stop()));
+  }
+
+  shards(): ShardView[] {
+    const out: ShardView[] = [];
+    for (const def of this.topology.shards.values()) {
+      const db = this.topology.databases.get(def.database);
+      if (!db || db.dropped) continue;
+      const key = shardKey(def.database, def.shard);
+      const cohort = [...this.topology.instances.values()]
+        .filter((i) => i.database === def.database && i.shard === def.shard && i.type !== 'RDONLY')
+        .sort((a, b) => a.instanceId.localeCompare(b.instanceId));
+      let policyText = db.durabilityPolicy ?? defaultPolicy(cohort.length);
+      let policyProblem: string | undefined;
+      let policy: DurabilityPolicy;
+      try {
+        policy = parsePolicy(policyText);
+      } catch (err) {
+        // An event from elsewhere may carry a bad policy: keep the shard safe under the default, and say so.
+        policyProblem = (err as Error).message;
+        policyText = defaultPolicy(cohort.length);
+        policy = parsePolicy(policyText);
+      }
+      out.push({ database: def.database, shard: def.shard, key, cohort, primary: this.topology.primaries.get(key), policyText, policy, policyProblem });
+    }
+    return out;
+  }
+
+  shard(database: string, shard: string): ShardView | undefined {
+    return this.shards().find((s) => s.database === database && s.shard === shard);
+  }
+
+  /** The latest heartbeat if it arrived within the staleness window. */
+  fresh(instanceId: string, now = Date.now()): HealthEvent | undefined {
+    const h = this.heard.get(instanceId);
+    return h && now - h.at <= this.staleMs ? h.health : undefined;
+  }
+
+  /** When the latest heartbeat arrived; for one never heard, when this watch started (silence is judged from then). */
+  lastHeard(instanceId: string): number {
+    return this.heard.get(instanceId)?.at ?? this.startedAt;
+  }
+
+  latest(instanceId: string): HealthEvent | undefined {
+    return this.heard.get(instanceId)?.health;
+  }
+}
