@@ -183,7 +183,7 @@ async function main(): Promise<void> {
       console.log(`   ${tps * LAG_EVENTS_PER_TX} events/s offered (${Math.round(lagLoad.tps * LAG_EVENTS_PER_TX)} achieved), ${lag.count} sampled events: ` +
         `p50 ${lag.p50} ms, p99 ${lag.p99} ms, max ${lag.max} ms; the stream's side alone (oldest commit not yet acknowledged by Kafka): p50 ${at(50)} ms, p99 ${at(99)} ms`);
       if (rate === targetEvents) lagP99 = lag.p99;
-      await sleep(3_000); // let a backlog drain before the next rate
+      await streamPast(stream); // a backlog drains before the next rate
     }
     await stream.stop();
     await resumed;
