@@ -134,6 +134,7 @@ async function main(): Promise<void> {
 
     // 1a. Live: the load flat out with the stream running; events/s until Kafka acknowledged the last one.
     const events = CLIENTS * TX_PER_CLIENT * EVENTS_PER_TX;
+    let lagP99 = Infinity;
     let before = stream.status().eventsTotal;
     const t0 = Date.now();
     const load = await pgbench(SOURCE_PORT, ['-t', String(TX_PER_CLIENT)]);
@@ -158,20 +159,32 @@ async function main(): Promise<void> {
     const cdcRate = cdcEvents / cdcSeconds;
     console.log(`   backlog: ${cdcEvents} events read from the slot and acknowledged by Kafka in ${cdcSeconds.toFixed(1)}s = ${Math.round(cdcRate)} events/s`);
 
-    // 2. Lag at half that rate (at most 25,000 events/s, the issue's figure).
+    // 2. Lag at half that rate (at most 25,000 events/s, the issue's figure), then at a rate a shared
+    //    2-core machine sustains beside its own load generator (5,000 events/s).
     const targetEvents = Math.min(25_000, cdcRate / 2);
-    const tps = Math.max(1, Math.round(targetEvents / LAG_EVENTS_PER_TX));
-    const lagger = spawn(process.execPath, ['--import', 'tsx', path.join(path.dirname(new URL(import.meta.url).pathname), 'cdc-lag-consumer.ts'),
-      `127.0.0.1:${KAFKA_PORT}`, registry.url, 'bench.postgres.public.bench_events'], { stdio: ['pipe', 'pipe', 'inherit'] });
-    const lines = readline.createInterface({ input: lagger.stdout! })[Symbol.asyncIterator]();
-    const nextLine = async () => (await lines.next()).value as string;
-    while ((await nextLine()) !== 'ready');
-    const lagLoad = await pgbench(SOURCE_PORT, ['-R', String(tps), '-T', String(LAG_SECONDS)], LAG_EVENTS_PER_TX);
-    await sleep(1_000);
-    lagger.stdin!.write('stop\n');
-    const lag = JSON.parse(await nextLine()) as { count: number; p50: number; p99: number; max: number };
-    console.log(`\n2. end-to-end lag at ${tps * LAG_EVENTS_PER_TX} events/s offered (${Math.round(lagLoad.tps * LAG_EVENTS_PER_TX)} achieved, transactions of ${LAG_EVENTS_PER_TX} changes) for ${LAG_SECONDS}s, commit to consumer (another process), ${lag.count} sampled events`);
-    console.log(`   p50 ${lag.p50} ms, p99 ${lag.p99} ms, max ${lag.max} ms`);
+    console.log(`\n2. end-to-end lag, commit to consumer (another process), transactions of ${LAG_EVENTS_PER_TX} changes, ${LAG_SECONDS}s each`);
+    for (const rate of [targetEvents, 5_000]) {
+      const tps = Math.max(1, Math.round(rate / LAG_EVENTS_PER_TX));
+      const lagger = spawn(process.execPath, ['--import', 'tsx', path.join(path.dirname(new URL(import.meta.url).pathname), 'cdc-lag-consumer.ts'),
+        `127.0.0.1:${KAFKA_PORT}`, registry.url, 'bench.postgres.public.bench_events'], { stdio: ['pipe', 'pipe', 'inherit'] });
+      const lines = readline.createInterface({ input: lagger.stdout! })[Symbol.asyncIterator]();
+      const nextLine = async () => (await lines.next()).value as string;
+      while ((await nextLine()) !== 'ready');
+      // The stream's own view, to tell its lag from the consumer's: the age of the oldest commit Kafka has not acknowledged.
+      const streamLags: number[] = [];
+      const sampler = setInterval(() => streamLags.push(stream.status().slotLagSeconds ?? 0), 50);
+      const lagLoad = await pgbench(SOURCE_PORT, ['-R', String(tps), '-T', String(LAG_SECONDS)], LAG_EVENTS_PER_TX);
+      clearInterval(sampler);
+      streamLags.sort((a, b) => a - b);
+      await sleep(1_000);
+      lagger.stdin!.write('stop\n');
+      const lag = JSON.parse(await nextLine()) as { count: number; p50: number; p99: number; max: number };
+      const at = (p: number) => Math.round(1000 * streamLags[Math.min(streamLags.length - 1, Math.floor((p / 100) * streamLags.length))]);
+      console.log(`   ${tps * LAG_EVENTS_PER_TX} events/s offered (${Math.round(lagLoad.tps * LAG_EVENTS_PER_TX)} achieved), ${lag.count} sampled events: ` +
+        `p50 ${lag.p50} ms, p99 ${lag.p99} ms, max ${lag.max} ms; the stream's side alone (oldest commit not yet acknowledged by Kafka): p50 ${at(50)} ms, p99 ${at(99)} ms`);
+      if (rate === targetEvents) lagP99 = lag.p99;
+      await streamPast(stream); // a backlog drains before the next rate
+    }
     await stream.stop();
     await resumed;
 
@@ -196,7 +209,7 @@ async function main(): Promise<void> {
     console.log(`   live: ${Math.round(baseLoad.tps)} tps generated; ${events} changes applied in ${baseLiveSeconds.toFixed(1)}s = ${Math.round(events / baseLiveSeconds)} changes/s (bounded by the load)`);
     console.log(`   backlog: ${events} changes applied in ${baseSeconds.toFixed(1)}s = ${Math.round(baseRate)} changes/s`);
     console.log(`\nbacklog rate, CDC into Kafka / CREATE SUBSCRIPTION: ${(cdcRate / baseRate).toFixed(2)}x`);
-    console.log(`targets: >= 50,000 events/s per shard: ${cdcRate >= 50_000 ? 'met' : 'NOT met'}; lag p99 < 200 ms at half rate: ${lag.p99 < 200 ? 'met' : 'NOT met'}`);
+    console.log(`targets: >= 50,000 events/s per shard: ${cdcRate >= 50_000 ? 'met' : 'NOT met'}; lag p99 < 200 ms at half rate: ${lagP99 < 200 ? 'met' : 'NOT met'}`);
   } finally {
     await eventLog.close();
     await source.stop('immediate').catch(() => undefined);

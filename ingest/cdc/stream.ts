@@ -488,8 +488,9 @@ export class CdcStream {
       }
       const pending = this.handle(chunk);
       if (pending) await pending;
-      // Whatever gathered while the previous send was in flight goes now: batches grow with the load, latency stays low.
-      await this.sendWhenFull();
+      // A batch goes when everything received so far is in it (above, once the inbox is empty) or when it is full:
+      // while a send is in flight the next batch gathers, so batches grow with the load and latency stays low.
+      if (this.batch.events >= this.settings.maxBatchEvents || this.batch.bytes >= MAX_BATCH_BYTES) await this.sendWhenFull();
     }
     if (this.failure) return;
     // Stopping: what is in flight gets acknowledged and confirmed; the rest is resent after a restart.
