@@ -62,7 +62,7 @@ before(async () => {
   // The sink: a fresh Postgres with the same tables (plus the column the ALTER adds).
   const sinkDir = path.join(dataDir, 'sink');
   fs.mkdirSync(sinkDir, { mode: 0o755 });
-  sinkPg = new PostgresInstance({ name: 'sink', dataDir: path.join(sinkDir, 'data'), port: cluster.spec.postgres.basePort + 450, log: testLog });
+  sinkPg = new PostgresInstance({ name: 'sink', dataDir: path.join(sinkDir, 'data'), port: cluster.spec.postgres.basePort + 490, log: testLog });
   await sinkPg.initPrimary();
   await sinkPg.start();
   sink = await connect(sinkPg.port);

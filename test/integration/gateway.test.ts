@@ -165,10 +165,10 @@ test('postgres.js through the gateway: prepared statements, a transaction, a can
 });
 
 test('a cancel sent to a second gateway reaches the query running through the first', async () => {
-  const port = spec.gateway.port + 2;
+  const port = spec.postgres.basePort + 480;
   const configFile = path.join(cluster.dataDir, 'gateway-2.json');
   fs.writeFileSync(configFile, JSON.stringify({
-    port, metricsPort: spec.gateway.port + 3, brokers: spec.kafka.bootstrap!.split(','), registryUrl: spec.registry.url, topicPrefix: cluster.prefix,
+    port, metricsPort: spec.postgres.basePort + 481, brokers: spec.kafka.bootstrap!.split(','), registryUrl: spec.registry.url, topicPrefix: cluster.prefix,
   }));
   const second = spawn(process.execPath, ['--import', 'tsx', 'router/gateway/main.ts', '--config', configFile], { stdio: 'ignore' });
   try {

@@ -30,7 +30,9 @@ export interface TestCluster {
 }
 
 /**
- * Ports are spread by `slot` (0..4) so test files never collide; all stay
+ * Ports are spread by `slot` (0..4) so test files never collide (per slot:
+ * Postgres +0, agents +100, poolers +200/+300, gateway +400/+401, orchestrators
+ * +450; a test's own extra processes use +480..+499); all stay
  * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
  * range, so two test runs (e.g. two worktrees) can share a machine.
  * `settings` adds or overrides spec fields (`group.field` -> value), as `mg --set`
