@@ -17,3 +17,6 @@ for db in postgres postgres@replica; do
   psql -h 127.0.0.1 -p "$gw_port" -U postgres -d "$db" -Atc \
     "select '$db via the gateway: ' || case when pg_is_in_recovery() then 'a replica' else 'the primary' end || ' on port ' || current_setting('port')"
 done
+echo
+# The shard's consensus state from the orchestrators: term, rule, primary, durability policy.
+compose/bin/mg shard status "$@"
