@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # From a bare machine to a running local cluster: install what is missing,
 # start Kafka, the schema registry and 3 Postgres instances with their agents,
-# then the poolers and the gateway, and show the cluster's status (read from
-# Kafka) and queries through the gateway.
+# then the poolers, the gateway and one orchestrator per cell, and show the
+# cluster's status (read from Kafka), queries through the gateway and the
+# shard's consensus state.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash compose/setup.sh
