@@ -151,7 +151,7 @@ test('planned switchover through the CLI: no client-visible errors', async () =>
   }
 });
 
-test('kill -9 of the primary agent: failover; the agent restarted by mg cluster up rejoins as a replica', async () => {
+test('kill -9 of the primary agent: failover; the agent, started again (by mg cluster up the first time), rejoins as a replica', async () => {
   await unplanned('kill -9 agent', async (p) => {
     process.kill(servicePid(cluster, `agent-${p}`), 'SIGKILL');
   }, async (old) => {
