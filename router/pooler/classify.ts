@@ -22,7 +22,9 @@ export type Effect =
   | { t: 'unlisten'; channel: string | null }
   | { t: 'savepoint'; name: string }
   | { t: 'release'; name: string }
-  | { t: 'rollbackTo'; name: string };
+  | { t: 'rollbackTo'; name: string }
+  /** The statement must not run (it would weaken the durability policy): refused with 42501. */
+  | { t: 'forbidden'; message: string; detail: string };
 
 /** One statement of a query: what its successful completion does to the session. */
 export interface StmtEffects {
@@ -36,7 +38,7 @@ export type Classified = StmtEffects[] | null;
 const PREFILTER = new RegExp(
   String.raw`(?:^|;)(?:\s|/\*[\s\S]*?\*/|--[^\n]*(?:\n|$))*` +
     String.raw`(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|load|savepoint|release|close|rollback\s+(?:(?:work|transaction)\s+)?to)\b` +
-    String.raw`|set_config|temp|advisory|dblink|setseed`,
+    String.raw`|set_config|temp|advisory|dblink|setseed|synchronous_commit`,
   'i',
 );
 
@@ -95,7 +97,8 @@ function classifyUncached(sql: string): Classified {
   const out = stmts.map((raw) => {
     const start = raw.stmt_location ?? 0;
     const text = bytes.toString('utf8', start, raw.stmt_len ? start + raw.stmt_len : bytes.length).trim();
-    const effects = statementEffects(raw.stmt, text);
+    const guard = durabilityGuard(raw.stmt);
+    const effects = guard ? [guard] : statementEffects(raw.stmt, text);
     if (effects.length) any = true;
     return { effects };
   });
@@ -238,6 +241,41 @@ function genericEffects(type: string, n: any): Effect[] {
     }
   }
   return effects;
+}
+
+/**
+ * synchronous_commit values that acknowledge a commit before the database's
+ * durability policy holds it (off also before it is flushed locally).
+ */
+const WEAK_SYNC_COMMIT = new Set(['off', 'false', 'no', '0', 'local', 'remote_write']);
+const weakSyncCommit = (value: string | undefined) => value === undefined || WEAK_SYNC_COMMIT.has(value.trim().toLowerCase());
+
+export const DURABILITY_DETAIL = 'The database\'s durability policy needs synchronous_commit on (or remote_apply): '
+  + 'off, local and remote_write acknowledge commits that the policy does not hold yet.';
+
+/** A startup value of synchronous_commit that weakens the policy. */
+export function weakensDurability(name: string, value: string): boolean {
+  return name.toLowerCase() === 'synchronous_commit' && weakSyncCommit(value);
+}
+
+/**
+ * Refuses the statements that weaken synchronous_commit: SET and SET LOCAL,
+ * set_config with a weak or computed value, ALTER ROLE / DATABASE / SYSTEM ...
+ * SET and CREATE FUNCTION ... SET. Clients may log in as roles Postgres would
+ * let do all of it. A superuser can still get around a parser (dynamic SQL in
+ * a DO block): the guard stops ordinary use, roles without superuser stop the rest.
+ */
+function durabilityGuard(stmt: Record<string, any>): Effect | null {
+  let weak = false;
+  walk(stmt, (k, v) => {
+    // ALTER ROLE / DATABASE / SYSTEM hold theirs in `setstmt`, unwrapped.
+    if ((k === 'VariableSetStmt' || k === 'setstmt') && String(v.name ?? '').toLowerCase() === 'synchronous_commit' && v.kind === 'VAR_SET_VALUE') {
+      if (weakSyncCommit(strConst(v.args?.[0]))) weak = true;
+    } else if (k === 'FuncCall' && funcName(v) === 'set_config') {
+      if (strConst(v.args?.[0])?.toLowerCase() === 'synchronous_commit' && weakSyncCommit(strConst(v.args?.[1]))) weak = true;
+    }
+  });
+  return weak ? { t: 'forbidden', message: 'permission denied to set parameter "synchronous_commit"', detail: DURABILITY_DETAIL } : null;
 }
 
 function walk(n: unknown, f: (key: string, val: any) => void): void {

@@ -91,6 +91,14 @@ const ERROR_BIND = message('B', Buffer.from('\0mg__no_such_statement__\0', 'lati
 const HIGH_WATER = 1024 * 1024;
 const INBOX_MAX = 4 * 1024 * 1024;
 
+/** The error for a query with a statement the pooler refuses to run (see classify's durability guard). */
+function forbiddenIn(cls: StmtEffects[]): PgError | undefined {
+  for (const { effects } of cls) {
+    for (const e of effects) if (e.t === 'forbidden') return new PgError('ERROR', SQLSTATE.INSUFFICIENT_PRIVILEGE, e.message, e.detail);
+  }
+  return undefined;
+}
+
 export function paramsKeyOf(m: ReadonlyMap<string, string>): string {
   let k = '';
   for (const [n, v] of m) k += `${n}\u0001${v}\u0002`;
@@ -306,6 +314,11 @@ export class ClientSession implements ServerOwner, MessageSink {
     if (len < 6 || buf[end - 1] !== 0) throw new PgError('ERROR', SQLSTATE.PROTOCOL_VIOLATION, 'invalid Query message: missing string terminator');
     const sql = buf.toString('utf8', start + 5, end - 1);
     const cls = classify(sql);
+    const forbidden = cls && forbiddenIn(cls);
+    if (forbidden) {
+      this.errorInBatch(T.Query, forbidden);
+      return true;
+    }
     if (cls && this.answerLocally(cls)) return true;
     if (!this.needServer()) return false;
     this.startBatch();
@@ -361,6 +374,11 @@ export class ClientSession implements ServerOwner, MessageSink {
       return true;
     }
     const cls = classify(sql);
+    const forbidden = cls && forbiddenIn(cls);
+    if (forbidden) {
+      this.errorInBatch(T.Parse, forbidden);
+      return true;
+    }
     const effects = cls?.[0]?.effects ?? null;
     const listenOnly = cls !== null && cls.length === 1 && effects!.length === 1 && (effects![0].t === 'listen' || effects![0].t === 'unlisten');
     if (name !== '' && !this.server && !this.pool.hasIdle) {

@@ -12,7 +12,7 @@ import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { FrameReader } from '../protocol/frames.ts';
 import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery, SESSION_STATE_PARAM } from '../protocol/messages.ts';
 import { AdminSession, type AdminHost } from './admin.ts';
-import { loadParser } from './classify.ts';
+import { DURABILITY_DETAIL, loadParser, weakensDurability } from './classify.ts';
 import { ClientSession, type Counters, type GatewayState, type SessionServices } from './client.ts';
 import { ConfigError, loadConfigFile, parseConfig, type PoolerConfig, type PoolerConfigInput } from './config.ts';
 import { SharedListener } from './listener.ts';
@@ -264,6 +264,10 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
       gucs = startupSettings(params);
     } catch (err) {
       return this.reject(socket, err as PgError);
+    }
+    const syncCommit = gucs.get('synchronous_commit');
+    if (syncCommit !== undefined && weakensDurability('synchronous_commit', syncCommit)) {
+      return this.reject(socket, new PgError('FATAL', SQLSTATE.INSUFFICIENT_PRIVILEGE, 'permission denied to set parameter "synchronous_commit"', DURABILITY_DETAIL));
     }
     const startup = settingsFromStartup(gucs);
     let fromGateway: GatewayState | undefined;

@@ -130,6 +130,22 @@ test('an idle session gives back its pooler connection and gets a new one, with 
   });
 });
 
+test('clients cannot weaken synchronous_commit through the gateway (42501); a transaction that tries is aborted', async () => {
+  await gw('postgres', async (c) => {
+    await assert.rejects(c.query('SET synchronous_commit = off'), (e: any) => e.code === '42501' && /"synchronous_commit"/.test(e.message));
+    await assert.rejects(c.query("SELECT set_config('synchronous_commit', 'local', false)"), (e: any) => e.code === '42501');
+    await assert.rejects(c.query('ALTER ROLE postgres SET synchronous_commit = off'), (e: any) => e.code === '42501');
+    await c.query('BEGIN');
+    await assert.rejects(c.query('SET LOCAL synchronous_commit = off'), (e: any) => e.code === '42501');
+    await assert.rejects(c.query('SELECT 1'), (e: any) => e.code === '25P02');
+    await c.query('ROLLBACK');
+    await c.query('SET synchronous_commit = remote_apply');
+    assert.equal((await one(c, "SELECT current_setting('synchronous_commit') AS v")).v, 'remote_apply');
+  });
+  const weak = new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', options: '-c synchronous_commit=off' });
+  await assert.rejects(weak.connect(), (e: any) => e.code === '42501');
+});
+
 test('psql through the gateway, with and without TLS', async () => {
   for (const sslmode of ['require', 'disable']) {
     const { stdout } = await run(`${bin}/psql`, ['-d', `dbname=postgres sslmode=${sslmode}`, '-Atc', 'SELECT 40 + 2'], { env });

@@ -2,7 +2,7 @@
 // settings replay, message framing, config validation.
 import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { classify, loadParser, prefilter, syntaxError } from '../../router/pooler/classify.ts';
+import { classify, loadParser, prefilter, syntaxError, weakensDurability } from '../../router/pooler/classify.ts';
 import { ConfigError, parseConfig } from '../../router/pooler/config.ts';
 import { afterResetAll, decodeSessionState, encodeSessionState, setConfigSql, Settings, settingsDelta, settingsFromStartup, startupSettings } from '../../router/pooler/settings.ts';
 import { MessageScanner } from '../../router/protocol/frames.ts';
@@ -148,4 +148,24 @@ test('session state carried between poolers round-trips, keeps order, and refuse
   for (const bad of ['', 'not json', '{}', '[["a"]]', '[[1, "x"]]']) {
     assert.throws(() => decodeSessionState(bad), (e: any) => e.code === '08P01' && /mg\.session/.test(e.message), bad);
   }
+});
+
+test('statements that would weaken synchronous_commit are refused; strengthening or leaving it is not', () => {
+  const refused = [
+    'SET synchronous_commit = off', "SET synchronous_commit TO 'local'", 'SET LOCAL synchronous_commit = remote_write',
+    'SET SESSION synchronous_commit = 0', "SELECT set_config('synchronous_commit', 'off', false)",
+    "SELECT 1; SELECT set_config('synchronous_commit', 'off', true)", "SELECT set_config('synchronous_commit', current_user, false)",
+    'ALTER ROLE app SET synchronous_commit = off', 'ALTER DATABASE postgres SET synchronous_commit TO local', 'ALTER SYSTEM SET synchronous_commit = off',
+    'CREATE FUNCTION f() RETURNS int LANGUAGE sql SET synchronous_commit = off AS $$ SELECT 1 $$',
+  ];
+  for (const sql of refused) {
+    const forbidden = classify(sql)?.flatMap((s) => s.effects).find((e) => e.t === 'forbidden');
+    assert.ok(forbidden, `not refused: ${sql}`);
+  }
+  const allowed = ['SET synchronous_commit = on', 'SET synchronous_commit = remote_apply', 'RESET synchronous_commit', 'SET synchronous_commit TO DEFAULT',
+    "SELECT set_config('statement_timeout', '1s', false)", "SELECT current_setting('synchronous_commit')"];
+  for (const sql of allowed) assert.equal(classify(sql)?.flatMap((s) => s.effects).find((e) => e.t === 'forbidden'), undefined, sql);
+  assert.ok(weakensDurability('synchronous_commit', 'OFF'));
+  assert.ok(!weakensDurability('synchronous_commit', 'on'));
+  assert.ok(!weakensDurability('statement_timeout', 'off'));
 });
