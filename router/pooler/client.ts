@@ -13,7 +13,7 @@ import type net from 'node:net';
 import type { Logger } from '../../common/log.ts';
 import { PgError, PositionedError, SQLSTATE } from '../protocol/errors.ts';
 import { message, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { CLOSE_COMPLETE, commandComplete, cstrAt, errorResponse, parameterStatus, PARSE_COMPLETE, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, SYNC, T } from '../protocol/messages.ts';
+import { CLOSE_COMPLETE, commandComplete, cstrAt, errorFieldsAt, errorResponse, parameterStatus, PARSE_COMPLETE, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, SYNC, T } from '../protocol/messages.ts';
 import { classify, syntaxError, type Effect, type PinReason, type StmtEffects } from './classify.ts';
 import type { PoolerConfig } from './config.ts';
 import type { SharedListener } from './listener.ts';
@@ -91,6 +91,18 @@ const ERROR_BIND = message('B', Buffer.from('\0mg__no_such_statement__\0', 'lati
 const HIGH_WATER = 1024 * 1024;
 const INBOX_MAX = 4 * 1024 * 1024;
 
+/** Postgres's warning when a commit stops waiting for its synchronous standbys (syncrep.c). */
+const SYNC_WAIT_CANCELLED = /^canceling (?:the )?wait for synchronous replication/;
+/**
+ * What the client hears instead of that commit's CommandComplete: the commit is
+ * durable on the primary only, and a failover may or may not keep it
+ * (docs/orchestrator.md), so its outcome is unknown, not a success.
+ */
+const COMMIT_UNCONFIRMED = new PgError('ERROR', SQLSTATE.TRANSACTION_RESOLUTION_UNKNOWN,
+  'the commit was not confirmed by the durability policy\'s standbys',
+  'The transaction committed on the primary, but its wait for the synchronous standbys was canceled before they held it: a failover may lose it.',
+  'Check whether the transaction\'s changes are present before retrying.');
+
 /** The error for a query with a statement the pooler refuses to run (see classify's durability guard). */
 function forbiddenIn(cls: StmtEffects[]): PgError | undefined {
   for (const { effects } of cls) {
@@ -128,6 +140,12 @@ export class ClientSession implements ServerOwner, MessageSink {
   private unnamed: StmtDef | null = null;
   private readonly portals = new Map<string, StmtDef>();
   private readonly listens = new Set<string>();
+  /**
+   * The server said it stopped waiting for the synchronous standbys of a
+   * commit (a cancel, or a shutdown): the commit is local only, so the client
+   * must not hear that it succeeded.
+   */
+  private commitUnconfirmed = false;
   /** The server died while we were idle in a transaction: the next message gets this error. */
   private pendingError: PgError | null = null;
 
@@ -817,8 +835,17 @@ export class ClientSession implements ServerOwner, MessageSink {
         this.out.range(buf, start, start + len);
         if (e?.k === K_DESCRIBE) this.pop();
         break;
-      case T.CommandComplete:
+      case T.NoticeResponse:
+        if (SYNC_WAIT_CANCELLED.test(errorFieldsAt(buf, start, len).M ?? '')) this.commitUnconfirmed = true;
         this.out.range(buf, start, start + len);
+        break;
+      case T.CommandComplete:
+        if (this.commitUnconfirmed) {
+          this.commitUnconfirmed = false;
+          this.out.add(errorResponse(COMMIT_UNCONFIRMED));
+        } else {
+          this.out.range(buf, start, start + len);
+        }
         if (e?.k === K_EXECUTE) {
           this.completed(e.effects, buf, start, len);
           this.pop();

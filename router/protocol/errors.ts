@@ -19,6 +19,7 @@ export const SQLSTATE = {
   INTERNAL_ERROR: 'XX000',
   SYNTAX_ERROR: '42601',
   INSUFFICIENT_PRIVILEGE: '42501',
+  TRANSACTION_RESOLUTION_UNKNOWN: '08007',
 } as const;
 
 export type Severity = 'ERROR' | 'FATAL' | 'PANIC' | 'WARNING' | 'NOTICE' | 'LOG' | 'INFO' | 'DEBUG';

@@ -146,6 +146,43 @@ test('clients cannot weaken synchronous_commit through the gateway (42501); a tr
   await assert.rejects(weak.connect(), (e: any) => e.code === '42501');
 });
 
+/** The WAL receiver processes of the replicas (children of their postmasters). */
+function walReceivers(): number[] {
+  return [replica1, replica2].flatMap((r) => {
+    const postmaster = Number(fs.readFileSync(path.join(r.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+    const children = fs.readFileSync(`/proc/${postmaster}/task/${postmaster}/children`, 'utf8').trim().split(/\s+/).map(Number);
+    return children.filter((pid) => {
+      try {
+        return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('walreceiver');
+      } catch {
+        return false;
+      }
+    });
+  });
+}
+
+test('a commit whose wait for the synchronous standbys is canceled is reported as 08007, not as a success', async () => {
+  await until('the durability policy is applied', 30_000, async () =>
+    gw('postgres', async (c) => (await one(c, "SELECT current_setting('synchronous_standby_names') AS s")).s !== ''));
+  const receivers = walReceivers();
+  assert.equal(receivers.length, 2, 'both replicas stream');
+  await gw('postgres', async (c) => {
+    for (const pid of receivers) process.kill(pid, 'SIGSTOP');
+    try {
+      const insert = c.query("INSERT INTO gw_items VALUES (42, 'unconfirmed') ON CONFLICT DO NOTHING");
+      await sleep(500);
+      const { processID, secretKey } = c as unknown as { processID: number; secretKey: number };
+      const s = net.connect({ host: '127.0.0.1', port: gatewayPort }, () => s.end(encodeCancel(processID, secretKey)));
+      s.on('error', () => undefined);
+      await assert.rejects(insert, (e: any) => e.code === '08007' && /not confirmed/.test(e.message));
+    } finally {
+      for (const pid of receivers) process.kill(pid, 'SIGCONT');
+    }
+    // What stock Postgres does and the error says: the row is there, committed on the primary.
+    assert.equal((await one(c, 'SELECT name FROM gw_items WHERE id = 42')).name, 'unconfirmed');
+  });
+});
+
 test('psql through the gateway, with and without TLS', async () => {
   for (const sslmode of ['require', 'disable']) {
     const { stdout } = await run(`${bin}/psql`, ['-d', `dbname=postgres sslmode=${sslmode}`, '-Atc', 'SELECT 40 + 2'], { env });
