@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
-import { payload, topologyKey, type AgentCommandResult, type CdcStreamStatus, type TopologyEvent } from '../../schemas/index.ts';
+import type { AgentCommandResult, CdcStreamStatus } from '../../schemas/index.ts';
 import { ChangeConsumer, decimalText, type ChangeMessage } from '../support/cdc-consumer.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { bootstrap, registryUrl, testEventLog } from '../support/env.ts';
@@ -276,21 +276,15 @@ test('a stopped stream whose slot holds WAL back raises the lag alert; streaming
   });
 });
 
-test('failover: the promoted replica streams on (new slot, consistent snapshot); applying the topic gives its exact contents', async () => {
+test('failover: after the orchestrator makes the replica primary, it streams on (new slot, consistent snapshot); applying the topic gives its exact contents', async () => {
   await sql(primary.port, 'CREATE TABLE accounts (id int PRIMARY KEY, balance int)');
   await sql(primary.port, 'INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, 50) g');
   await until('replica caught up', 20_000, async () => (await sql(replica.port, 'SELECT count(*)::int AS n FROM accounts'))[0]?.n === 50);
   await sql(primary.port, 'UPDATE accounts SET balance = balance + 1 WHERE id <= 10');
 
-  // The old primary goes away; the replica is promoted and named primary with a higher term.
-  const stop = await command(primary.instanceId, 'STOP_POSTGRES', { mode: 'fast' });
-  assert.equal(stop.status, 'SUCCEEDED', stop.message);
-  await sql(replica.port, 'SELECT pg_promote(true)');
-  const event: TopologyEvent = {
-    eventId: randomUUID(), ts: new Date(), source: 'test',
-    payload: payload('PrimaryChanged', { database: 'postgres', shard: '-', primaryInstanceId: replica.instanceId, term: 2n, ruleNumber: 1n, reason: 'test failover' }),
-  };
-  await eventLog.publisher('topology')([{ key: topologyKey(event), value: event }]);
+  // The orchestrator hands the shard over to the replica (a new term); the stream follows the topology.
+  const switched = await mg('shard', 'switchover', 'postgres/-', '--to', replica.instanceId, '--data-dir', dataDir);
+  assert.equal(switched.code, 0, switched.stderr + switched.stdout);
   await until('the new primary streaming', 90_000, () => {
     const s = latestStatus();
     return s?.instanceId === replica.instanceId && s.state === 'STREAMING' ? s : undefined;
