@@ -1,6 +1,6 @@
 /** The ingest agent's configuration: one JSON file per agent, written by `mg cluster up`. */
-import fs from 'node:fs';
 import { z } from 'zod';
+import { readJsonConfig } from '../common/config.ts';
 
 /**
  * Change data capture of one database (the cluster spec's `databases[].cdc`,
@@ -54,10 +54,4 @@ export const agentConfigSchema = z.object({
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;
 
-export function readAgentConfig(file: string): AgentConfig {
-  const result = agentConfigSchema.safeParse(JSON.parse(fs.readFileSync(file, 'utf8')));
-  if (!result.success) {
-    throw new Error(`invalid agent config ${file}: ${result.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
-  }
-  return result.data;
-}
+export const readAgentConfig = (file: string): AgentConfig => readJsonConfig(file, agentConfigSchema, 'agent');

@@ -1,6 +1,6 @@
 /** MultiOrch's configuration: one JSON file per orchestrator, written by `mg cluster up`. */
-import fs from 'node:fs';
 import { z } from 'zod';
+import { readJsonConfig } from '../common/config.ts';
 
 export const orchConfigSchema = z.object({
   /** Unique among orchestrators, e.g. orch-zone1; it signs pledges and events. */
@@ -27,10 +27,4 @@ export const orchConfigSchema = z.object({
 
 export type OrchConfig = z.infer<typeof orchConfigSchema>;
 
-export function readOrchConfig(file: string): OrchConfig {
-  const result = orchConfigSchema.safeParse(JSON.parse(fs.readFileSync(file, 'utf8')));
-  if (!result.success) {
-    throw new Error(`invalid orchestrator config ${file}: ${result.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
-  }
-  return result.data;
-}
+export const readOrchConfig = (file: string): OrchConfig => readJsonConfig(file, orchConfigSchema, 'orchestrator');

@@ -3,9 +3,9 @@
  * With `workers` > 1 this process becomes the primary of that many gateway processes.
  */
 import cluster from 'node:cluster';
-import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
+import { readJsonConfig } from '../../common/config.ts';
 import { EventLog } from '../../common/eventlog.ts';
 import { onShutdown } from '../../common/lifecycle.ts';
 import { createLogger } from '../../common/log.ts';
@@ -37,12 +37,13 @@ if (!values.config) {
   console.error('usage: router/gateway/main.ts --config <gateway.json>');
   process.exit(2);
 }
-const parsed = configSchema.safeParse(JSON.parse(fs.readFileSync(values.config, 'utf8')));
-if (!parsed.success) {
-  console.error(`invalid gateway config ${values.config}: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+let cfg: z.infer<typeof configSchema>;
+try {
+  cfg = readJsonConfig(values.config, configSchema, 'gateway');
+} catch (err) {
+  console.error((err as Error).message);
   process.exit(2);
 }
-const cfg = parsed.data;
 const log = createLogger('gateway');
 if (cfg.workers > 1 && cluster.isPrimary) {
   if (cfg.tlsDir) loadOrCreateTls(cfg.tlsDir); // one certificate, made before the workers read it
