@@ -729,8 +729,9 @@ test('idle server connections are reaped and old ones retired; SIGTERM drains th
   child.kill('SIGTERM');
   await sleep(200);
   assert.equal(await one(c, 'SELECT 10'), 10);
-  await c.query('COMMIT');
+  // Listen before COMMIT: the 57P01 may arrive in the same packet as COMMIT's ReadyForQuery.
   const closed = new Promise((r) => c.once('error', r));
+  await c.query('COMMIT');
   assert.equal(await exited, 0);
   assert.equal(((await closed) as pg.DatabaseError).code, '57P01');
   assert.match(out, /"msg":"pooler shutting down"/);
