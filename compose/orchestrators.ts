@@ -12,7 +12,7 @@ export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progre
   for (const [i, cell] of spec.cells.entries()) {
     progress.note(await startService(orchName(cell), 'orchestrator/main.ts', {
       id: orchName(cell), cell, port: spec.orchestrator.basePort + i, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
-      topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs,
+      topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
     }, spec.orchestrator.basePort + i, paths, spec));
   }
   // Bootstrap is the orchestrators' job (the rule of term 1 and the durability policy on each primary): wait for it.

@@ -66,7 +66,10 @@ export const clusterSpecSchema = z.object({
   orchestrator: z.object({
     /** One MultiOrch per cell, on basePort + the cell's index (REST API and /metrics). */
     basePort: port.default(19400),
+    /** How long a primary reported unhealthy is watched before a direct probe can fail it over. */
     detectMs: z.number().int().min(0).max(60_000).default(500),
+    /** How long a primary's agent may be silent before its shard fails over. */
+    agentDownMs: z.number().int().min(500).max(600_000).default(2_500),
   }).strict().default({}),
   cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),
