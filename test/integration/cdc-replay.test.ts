@@ -7,17 +7,16 @@
  * source's table contents.
  */
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
-import type { AgentCommandResult, CdcStreamStatus } from '../../schemas/index.ts';
+import type { AgentAction } from '../../schemas/index.ts';
 import { ChangeConsumer, decimalText, type ChangeMessage } from '../support/cdc-consumer.ts';
+import { CdcWatch } from '../support/cdc-watch.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
-import { bootstrap, registryUrl, testEventLog, testLog } from '../support/env.ts';
+import { bootstrap, registryUrl, testLog } from '../support/env.ts';
 
 const cluster = testCluster('cdcreplay', 3, { spec: {
   databases: [{ name: 'postgres', shards: 1, instancesPerShard: 1, cdc: { enabled: true, heartbeatMs: 500 } }],
@@ -27,12 +26,9 @@ const [source] = cluster.instances;
 const topic = (table: string) => `${prefix}mg.postgres.public.${table}`;
 const TABLES = ['accounts', 'ledger'];
 
-let eventLog: EventLog;
+let watch: CdcWatch;
 let sinkPg: PostgresInstance;
 let sink: pg.Client;
-const statuses: CdcStreamStatus[] = [];
-const results: AgentCommandResult[] = [];
-const subs: Subscription[] = [];
 
 const connect = async (port: number) => {
   const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
@@ -54,9 +50,7 @@ const DDL = `
   CREATE TABLE ledger (id bigserial PRIMARY KEY, account bigint NOT NULL, amount numeric(12,2), memo jsonb);`;
 
 before(async () => {
-  eventLog = await testEventLog(prefix);
-  subs.push(await eventLog.subscribe('cdcStatus', (s) => void statuses.push(s)));
-  subs.push(await eventLog.subscribe('agentResults', (r) => void results.push(r)));
+  watch = await CdcWatch.open(prefix);
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
   // The sink: a fresh Postgres with the same tables (plus the column the ALTER adds).
@@ -72,8 +66,7 @@ before(async () => {
 after(async () => {
   await sink?.end().catch(() => undefined);
   await sinkPg?.stop('immediate').catch(() => undefined);
-  await Promise.all(subs.map((s) => s.stop()));
-  await eventLog?.close();
+  await watch?.close();
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
@@ -159,11 +152,7 @@ function applier() {
   return { apply, duplicates: () => duplicates };
 }
 
-async function command(action: 'CDC_START' | 'CDC_STATUS', args: Record<string, string> = {}): Promise<AgentCommandResult> {
-  const commandId = randomUUID();
-  await eventLog.publisher('agentCommands')([{ key: source.instanceId, value: { commandId, instanceId: source.instanceId, issuedAt: new Date(), issuedBy: 'test', action, args } }]);
-  return until(`result of ${action}`, 60_000, () => results.find((r) => r.commandId === commandId));
-}
+const command = (action: AgentAction, args: Record<string, string> = {}) => watch.command(source.instanceId, action, args);
 
 const contents = async (c: pg.Client | number) => {
   const q = async (text: string) => (typeof c === 'number' ? sql(c, text) : (await c.query(text)).rows);
@@ -187,7 +176,7 @@ test('a sink applying the stream ends identical to the source, through kill -9 o
     // A new snapshot while writes go on: it must line up exactly with where streaming resumes.
     const resnap = await command('CDC_START', { resnapshot: 'true' });
     assert.equal(resnap.status, 'SUCCEEDED', resnap.message);
-    await until('the new epoch streaming', 60_000, () => statuses.some((s) => s.epoch >= 2n && s.state === 'STREAMING'));
+    await until('the new epoch streaming', 60_000, () => watch.statuses.some((s) => s.epoch >= 2n && s.state === 'STREAMING'));
     await sql(source.port, 'ALTER TABLE accounts ADD COLUMN tier int');
     state.altered = true;
     await sleep(1_000);
@@ -228,7 +217,7 @@ test('a sink applying the stream ends identical to the source, through kill -9 o
 
   // Afterwards the slot catches up: nothing is left unconfirmed.
   const st = await until('slot lag back to small', 30_000, () => {
-    const s = statuses.at(-1);
+    const s = watch.statuses.at(-1);
     return s?.state === 'STREAMING' && s.slotLagBytes !== null && s.slotLagBytes < 1_000_000n ? s : undefined;
   });
   assert.equal(st.slotLagSeconds, 0);

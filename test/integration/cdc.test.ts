@@ -5,29 +5,27 @@
  * and failover to a promoted replica.
  */
 import assert from 'node:assert/strict';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import type { EventLog, Subscription } from '../../common/eventlog.ts';
-import type { AgentCommandResult, CdcStreamStatus } from '../../schemas/index.ts';
+import type { AgentAction } from '../../schemas/index.ts';
 import { ChangeConsumer, decimalText, type ChangeMessage } from '../support/cdc-consumer.ts';
+import { CdcWatch } from '../support/cdc-watch.ts';
 import { testCluster, until } from '../support/cluster.ts';
-import { bootstrap, registryUrl, testEventLog } from '../support/env.ts';
+import { bootstrap, registryUrl } from '../support/env.ts';
 
-const cluster = testCluster('cdc', 3, { spec: {
+// The lag-alert test kills the primary's agent on purpose: the orchestrators must not fail over meanwhile.
+const cluster = testCluster('cdc', 3, { settings: { 'orchestrator.agentDownMs': 120_000 }, spec: {
   databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, transactionEvents: true, heartbeatMs: 500, maxSlotLagBytes: 4_000_000 } }],
 } });
 const { dataDir, prefix, flags, mg } = cluster;
 const [primary, replica] = cluster.instances;
 const topic = (table: string) => `${prefix}mg.postgres.public.${table}`;
 
-let eventLog: EventLog;
+let watch: CdcWatch;
 let consumer: ChangeConsumer;
-const statuses: CdcStreamStatus[] = [];
-const results: AgentCommandResult[] = [];
-const subs: Subscription[] = [];
 
 async function sql(port: number, text: string, params: unknown[] = []): Promise<any[]> {
   const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
@@ -39,19 +37,13 @@ async function sql(port: number, text: string, params: unknown[] = []): Promise<
   }
 }
 
-async function command(instanceId: string, action: 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'STOP_POSTGRES', args: Record<string, string> = {}): Promise<AgentCommandResult> {
-  const commandId = randomUUID();
-  await eventLog.publisher('agentCommands')([{ key: instanceId, value: { commandId, instanceId, issuedAt: new Date(), issuedBy: 'test', action, args } }]);
-  return until(`result of ${action}`, 60_000, () => results.find((r) => r.commandId === commandId));
-}
+const command = (instanceId: string, action: AgentAction, args: Record<string, string> = {}) => watch.command(instanceId, action, args);
 
-const latestStatus = () => statuses.at(-1);
+const latestStatus = () => watch.statuses.at(-1);
 const eventsOf = (table: string, from = 0) => consumer.messages.slice(from).filter((m) => m.topic === topic(table));
 
 before(async () => {
-  eventLog = await testEventLog(prefix);
-  subs.push(await eventLog.subscribe('cdcStatus', (s) => void statuses.push(s)));
-  subs.push(await eventLog.subscribe('agentResults', (r) => void results.push(r)));
+  watch = await CdcWatch.open(prefix);
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
   consumer = new ChangeConsumer(bootstrap(), registryUrl());
@@ -59,8 +51,7 @@ before(async () => {
 
 after(async () => {
   await consumer?.stop();
-  await Promise.all(subs.map((s) => s.stop()));
-  await eventLog?.close();
+  await watch?.close();
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
