@@ -78,14 +78,16 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
-    await progress.step('topology: cells, databases, shards, initial primaries', () => bootstrapTopology(spec, eventLog, progress));
-    await progress.step(`Postgres primaries and their agents`, () => startAgents(spec, planned.filter((p) => p.initialPrimary), eventLog, progress));
-    await progress.step(`Postgres replicas (pg_basebackup) and their agents`, () => startAgents(spec, planned.filter((p) => !p.initialPrimary), eventLog, progress));
-    await progress.step('login role password', () => ensureLoginPassword(spec, progress));
+    await progress.step('topology: cells, databases, shards', () => bootstrapTopology(spec, eventLog, progress));
+    await progress.step('an agent beside each Postgres instance', () => startAgents(spec, planned, eventLog, progress));
     const paths = { runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) };
+    await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+): elects each new shard's primary`,
+      () => startOrchestrators(spec, paths, progress));
+    await progress.step('replicas cloned from their primary and streaming', () =>
+      waitHealthy(eventLog, planned.map((p) => p.instanceId), 180_000, progress, () => agentDied(spec, planned)));
+    await progress.step('login role password', () => ensureLoginPassword(spec, progress));
     await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
     await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
-    await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+)`, () => startOrchestrators(spec, paths, progress));
   } finally {
     await eventLog.close();
   }
@@ -130,21 +132,15 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
       }
     }
   }
-  // Term 1 names the bootstrap primary; a later term (a failover) always wins over it.
-  for (const p of instancesOf(spec).filter((i) => i.initialPrimary)) {
-    if (!state.primaries.has(shardKey(p.database, p.shard))) {
-      add(payload('PrimaryChanged', { database: p.database, shard: p.shard, primaryInstanceId: p.instanceId, term: 1n, ruleNumber: 1n, reason: 'bootstrap' }));
-    }
-  }
+  // No primary is named here: MultiOrch elects each new shard's first one.
   if (events.length) await eventLog.publisher('topology')(events.map((e) => ({ key: topologyKey(e), value: e })));
   progress.note(events.length ? `published ${events.length} events` : 'already in the log');
 }
 
-function agentConfig(spec: ClusterSpec, inst: PlannedInstance, upstream: PlannedInstance | undefined): AgentConfig {
+function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
   return {
     instanceId: inst.instanceId, database: inst.database, shard: inst.shard, cell: inst.cell, host: '127.0.0.1',
-    port: inst.port, dataDir: inst.dataDir, binDir: spec.postgres.binDir, initialPrimary: inst.initialPrimary,
-    upstream: upstream ? { host: '127.0.0.1', port: upstream.port } : null,
+    port: inst.port, dataDir: inst.dataDir, binDir: spec.postgres.binDir,
     brokers: bootstrapOf(spec).split(','), registryUrl: registryUrlOf(spec), topicPrefix: spec.kafka.topicPrefix,
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
     poolerPort: inst.poolerPort,
@@ -152,9 +148,12 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance, upstream: Planned
   };
 }
 
-/** Starts the agents that are not running and waits until every instance reports healthy. */
+/**
+ * Starts the agents that are not running and waits until each has registered
+ * its instance and sends heartbeats (an instance of a new shard has no data
+ * yet: MultiOrch bootstraps or clones it).
+ */
 async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], eventLog: EventLog, progress: Progress): Promise<void> {
-  const all = instancesOf(spec);
   const configDir = path.join(spec.dataDir, 'agents');
   fs.mkdirSync(configDir, { recursive: true });
   for (const inst of instances) {
@@ -163,9 +162,8 @@ async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], even
       progress.note(`${inst.instanceId}: agent already running (pid ${pid})`);
       continue;
     }
-    const upstream = all.find((p) => p.initialPrimary && p.database === inst.database && p.shard === inst.shard && p !== inst);
     const file = path.join(configDir, `${inst.instanceId}.json`);
-    fs.writeFileSync(file, JSON.stringify(agentConfig(spec, inst, upstream), null, 2));
+    fs.writeFileSync(file, JSON.stringify(agentConfig(spec, inst), null, 2));
     const started = await spawnDetached({
       name: agentName(inst.instanceId),
       command: process.execPath,
@@ -176,19 +174,25 @@ async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], even
     });
     progress.note(`${inst.instanceId}: agent pid ${started}, Postgres port ${inst.port}, cell ${inst.cell}`);
   }
-  const agentDied = () => {
-    const dead = instances.find((i) => {
-      const pid = readPid(runDir(spec), agentName(i.instanceId));
-      return pid === undefined || !isAlive(pid);
-    });
-    return dead && `the agent of ${dead.instanceId} exited; see ${path.join(logDir(spec), `${agentName(dead.instanceId)}.log`)}`;
-  };
-  await waitHealthy(eventLog, instances.map((i) => i.instanceId), 180_000, progress, agentDied);
+  await waitHealthy(eventLog, instances.map((i) => i.instanceId), 60_000, progress, () => agentDied(spec, instances), 'heard from');
 }
 
-/** Waits until each instance's latest heartbeat says healthy (reachable; replicas streaming). */
-export async function waitHealthy(
+/** Why `up` cannot go on: an agent it started has exited. */
+function agentDied(spec: ClusterSpec, instances: PlannedInstance[]): string | undefined {
+  const dead = instances.find((i) => {
+    const pid = readPid(runDir(spec), agentName(i.instanceId));
+    return pid === undefined || !isAlive(pid);
+  });
+  return dead && `the agent of ${dead.instanceId} exited; see ${path.join(logDir(spec), `${agentName(dead.instanceId)}.log`)}`;
+}
+
+/**
+ * Waits until each instance's latest heartbeat says healthy (reachable;
+ * replicas streaming), or with `heardFrom` only that it is registered and heard.
+ */
+async function waitHealthy(
   eventLog: EventLog, ids: string[], timeoutMs: number, progress?: Progress, fatal: () => string | undefined = () => undefined,
+  wanted: 'healthy' | 'heard from' = 'healthy',
 ): Promise<void> {
   const topology = emptyTopology();
   const latest = new Map<string, HealthEvent>();
@@ -199,7 +203,8 @@ export async function waitHealthy(
   const unhealthy = () => ids.flatMap((id) => {
     const inst = topologyInstances(topology).find((i) => i.instanceId === id);
     const state = inst ? verdict(inst, latest.get(id)) : 'not registered';
-    return state === 'healthy' ? [] : [`${id} (${state})`];
+    const ok = state === 'healthy' || (wanted === 'heard from' && state !== 'not registered' && state !== 'no heartbeat' && state !== 'stale');
+    return ok ? [] : [`${id} (${state})`];
   });
   let lastReport = '';
   let failure: string | undefined;

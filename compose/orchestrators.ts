@@ -15,12 +15,14 @@ export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progre
       topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
     }, spec.orchestrator.basePort + i, paths, spec));
   }
-  // Bootstrap is the orchestrators' job (the rule of term 1 and the durability policy on each primary): wait for it.
+  // Bootstrap is the orchestrators' job (electing each new shard's first primary, which writes the rule of its
+  // term once the policy's quorum of replicas, cloned meanwhile, acknowledges it): wait for it.
+  let status: Awaited<ReturnType<typeof orchestratorStatus>> | undefined;
   await waitFor(async () => {
-    const status = await orchestratorStatus(spec);
+    status = await orchestratorStatus(spec);
     return status.shards.length > 0 && status.shards.every((s) => s.bootstrapped);
-  }, { timeoutMs: 60_000, intervalMs: 250, what: 'the orchestrators to bootstrap every shard' });
-  progress.note('every shard has its rule and durability policy');
+  }, { timeoutMs: 180_000, intervalMs: 250, what: 'the orchestrators to bootstrap every shard' });
+  for (const s of status!.shards) progress.note(`${s.database}/${s.shard}: primary ${s.primary}, term ${s.term}, policy ${s.policy}`);
 }
 
 export interface ShardStatus {

@@ -178,8 +178,6 @@ export interface PlannedInstance {
   metricsPort: number;
   poolerPort: number;
   poolerMetricsPort: number;
-  /** The instance bootstrapped as primary; the others start as its replicas. */
-  initialPrimary: boolean;
   dataDir: string;
 }
 
@@ -199,7 +197,6 @@ export function instancesOf(spec: ClusterSpec): PlannedInstance[] {
           metricsPort: spec.agent.metricsBasePort + n,
           poolerPort: spec.pooler.basePort + n,
           poolerMetricsPort: spec.pooler.metricsBasePort + n,
-          initialPrimary: i === 0,
           dataDir: path.join(spec.dataDir, 'postgres', instanceId),
         });
       }

@@ -27,6 +27,9 @@ export type CommandHandler = (cmd: AgentCommand) => Promise<string>;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** The health error of an instance that waits to be bootstrapped or cloned. */
+export const NO_DATA_YET = 'no data directory yet: waiting for MultiOrch to bootstrap or clone it';
+
 export class Agent {
   readonly postgres: PostgresInstance;
   private readonly eventLog: EventLog;
@@ -62,10 +65,11 @@ export class Agent {
     await this.ensurePostgres();
     await this.topology(payload('InstanceRegistered', {
       instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,
-      host: this.cfg.host, port: this.cfg.port, type: this.cfg.initialPrimary ? 'PRIMARY' : 'REPLICA',
+      host: this.cfg.host, port: this.cfg.port, type: 'REPLICA', // which one is primary is MultiOrch's to say (PrimaryChanged)
       agentMetricsPort: this.cfg.metricsPort, poolerPort: this.cfg.poolerPort,
     }));
-    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
+    const serving = this.postgres.isInitialized() ? 'SERVING' : 'NOT_SERVING';
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: serving }));
     // Heartbeats first: joining the command group can wait out a dead predecessor's session.
     this.loop = this.healthLoop();
     this.cdc.start();
@@ -91,37 +95,20 @@ export class Agent {
     await this.eventLog.close();
   }
 
+  /**
+   * Starts the Postgres this agent holds. An instance without a data directory
+   * waits: MultiOrch decides whether it becomes the shard's first primary
+   * (BOOTSTRAP) or a clone of the current one (REPOINT), so an agent never
+   * creates a second history for a shard on its own.
+   */
   private async ensurePostgres(): Promise<void> {
     if (!this.postgres.isInitialized()) {
-      if (this.cfg.initialPrimary || !this.cfg.upstream) {
-        this.log.info('initializing a new primary');
-        await this.postgres.initPrimary();
-      } else {
-        const upstream = this.cfg.upstream;
-        this.log.info({ upstream }, 'cloning a replica from its upstream');
-        for (let attempt = 1; ; attempt++) {
-          await this.waitForUpstream(upstream);
-          try {
-            await this.postgres.initReplica(upstream);
-            break;
-          } catch (err) {
-            // pg_basebackup leaves an empty directory behind, so trying again is safe.
-            this.log.warn({ err, attempt }, 'cloning the replica failed; retrying');
-            await sleep(Math.min(10_000, 500 * 2 ** attempt));
-          }
-        }
-      }
+      this.wantRunning = false;
+      this.log.info('no data directory yet: waiting for MultiOrch to bootstrap the shard or to clone this instance');
+      return;
     }
     this.postgres.writeConfig();
     await this.postgres.start();
-  }
-
-  private async waitForUpstream(upstream: { host: string; port: number }): Promise<void> {
-    const probe = new PostgresInstance({ name: 'upstream', dataDir: '/nonexistent', port: upstream.port, log: this.log });
-    for (let attempt = 0; !(await probe.probe(this.cfg.probeTimeoutMs)); attempt++) {
-      if (attempt % 20 === 0) this.log.info({ upstream }, 'waiting for the upstream to accept connections');
-      await sleep(250);
-    }
   }
 
   private async healthLoop(): Promise<void> {
@@ -131,7 +118,8 @@ export class Agent {
       const probe = await this.postgres.probe(this.cfg.probeTimeoutMs);
       end();
       postgresUp.set(probe ? 1 : 0);
-      const error = probe ? null : this.postgres.isRunning() ? `no answer within ${this.cfg.probeTimeoutMs} ms` : 'postgres is not running';
+      const error = probe ? null : this.postgres.isRunning() ? `no answer within ${this.cfg.probeTimeoutMs} ms`
+        : this.postgres.isInitialized() ? 'postgres is not running' : NO_DATA_YET;
       this.sendHeartbeat(probe, error);
       if (!probe && !this.lifecycleOp && this.wantRunning && !this.postgres.isRunning()) this.restartDead();
       await sleep(Math.max(0, this.cfg.healthIntervalMs - (Date.now() - started)));

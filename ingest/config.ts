@@ -38,9 +38,6 @@ export const agentConfigSchema = z.object({
   port: z.number().int().min(1).max(65535),
   dataDir: z.string().min(1),
   binDir: z.string().optional(),
-  /** The instance bootstrapped as the shard's primary; the others clone from `upstream`. */
-  initialPrimary: z.boolean(),
-  upstream: z.object({ host: z.string(), port: z.number().int() }).nullable(),
   brokers: z.array(z.string()).min(1),
   registryUrl: z.string().url(),
   topicPrefix: z.string().default(''),

@@ -1,6 +1,6 @@
 /**
- * One election: a new term for a shard, for an unplanned failover or a planned
- * switchover. docs/orchestrator.md states the protocol and why it is safe; in
+ * One election: a new term for a shard, for an unplanned failover, a planned
+ * switchover, or the bootstrap of a new shard. docs/orchestrator.md states the protocol and why it is safe; in
  * short: recruit voters for term T until the unrecruited cannot acknowledge a
  * commit on their own (and the recruited are a majority), promote the most
  * advanced recruited voter, point the others at it, write the rule of term T
@@ -20,7 +20,7 @@ import type { Journal } from './journal.ts';
 import type { ShardView } from './view.ts';
 
 export interface ElectionRequest {
-  operation: 'failover' | 'switchover';
+  operation: 'failover' | 'switchover' | 'bootstrap';
   reason: string;
   /** Switchover: the instance to hand over to (must be among the most advanced). */
   target?: string;
@@ -43,6 +43,8 @@ export class ElectionError extends Error {
 const DRAIN_MS = 3_000;
 const RECRUIT_GRACE_MS = 150;
 const RULE_WRITE_TIMEOUT_MS = 20_000;
+/** A new shard's first rule waits for its standbys to be cloned. */
+const BOOTSTRAP_RULE_WRITE_TIMEOUT_MS = 120_000;
 
 const addr = (i: InstanceRegistered) => ({ host: i.host, port: i.port });
 
@@ -66,6 +68,12 @@ export class Election {
     const term = held.reduce((a, b) => (a > b ? a : b)) + 1n;
     if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) {
       throw new ElectionError(`another orchestrator holds ${key}`, 'busy');
+    }
+    // The journal is read up to our claim, the topology maybe not: an election completed meanwhile makes this one moot.
+    const completed = this.journal.completedTerm(key);
+    if (completed > (shard.primary?.term ?? 0n)) {
+      await this.journal.release(database, name, op).catch(() => undefined);
+      throw new ElectionError(`${key} already has a newer term (${completed}) than this view shows`, 'busy');
     }
     const record = (kind: Parameters<Journal['record']>[2], summary: string, details: Record<string, string> = {}, durationMs?: number) =>
       this.journal.record(database, name, kind, op, summary, { term, details, durationMs });
@@ -91,17 +99,28 @@ export class Election {
         positions.set(old.instanceId, p);
       }
       const t0 = Date.now();
-      await this.recruitQuorum(shard, term, positions);
+      await this.recruitQuorum(shard, term, positions, op === 'bootstrap');
       const recruited = new Set(positions.keys());
+      // A voter that did not answer may hold data (a first election that failed midway): the first election of a
+      // shard needs every voter, and initializes a new primary only when none holds data.
+      if (op === 'bootstrap' && recruited.size < shard.cohort.length) {
+        throw new ElectionError(`a shard's first election needs every voter; recruited ${[...recruited].join(', ') || 'nobody'} of ${shard.cohort.length}`, 'failed');
+      }
       await record('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
 
       await renew();
       const winner = this.choose(shard, positions, req, previous);
-      await record('DECIDED', `promote ${winner.instanceId}`, { reason: 'most advanced recruited voter' });
+      // The most advanced voter holds no data only when no recruited one does: in a shard's first election (all
+      // recruited) that is a new shard, whose primary is initialized; otherwise the data is on voters not reached.
+      const empty = positions.get(winner.instanceId)!.empty;
+      if (empty && op !== 'bootstrap') throw new ElectionError(`no recruited voter holds data (${[...recruited].join(', ')}); waiting for one that does`, 'failed');
+      const action = empty ? 'BOOTSTRAP' : 'PROMOTE';
+      await record('DECIDED', `${action.toLowerCase()} ${winner.instanceId}`,
+        { reason: action === 'BOOTSTRAP' ? 'a new shard: no voter holds data' : 'most advanced recruited voter' });
       const t1 = Date.now();
-      const promoted = await this.agents.send(winner.instanceId, 'PROMOTE', { term: String(term) }, this.cfg.commandTimeoutMs * 2);
-      if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`promoting ${winner.instanceId} failed: ${promoted.message}`, 'failed');
-      await record('ACTED', `promoted ${winner.instanceId}`, {}, Date.now() - t1);
+      const promoted = await this.agents.send(winner.instanceId, action, { term: String(term) }, this.cfg.commandTimeoutMs * 2);
+      if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`${action} of ${winner.instanceId} failed: ${promoted.message}`, 'failed');
+      await record('ACTED', `${action === 'BOOTSTRAP' ? 'initialized' : 'promoted'} ${winner.instanceId}`, {}, Date.now() - t1);
 
       await renew();
       const t2 = Date.now();
@@ -109,7 +128,7 @@ export class Election {
       const others = shard.cohort.filter((i) => i.instanceId !== winner.instanceId);
       // Repoints go on in the background; the rule write below waits for as many as the policy needs.
       for (const inst of others) void this.repoint(shard, inst, winner, term).catch(() => undefined);
-      const ruleNumber = await writeRule(shard, winner, term, this.cfg.id);
+      const ruleNumber = await writeRule(shard, winner, term, this.cfg.id, op === 'bootstrap' ? BOOTSTRAP_RULE_WRITE_TIMEOUT_MS : RULE_WRITE_TIMEOUT_MS);
       await record('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, {}, Date.now() - t2);
 
       await this.topology(
@@ -144,9 +163,9 @@ export class Election {
   /**
    * Recruits every voter at once and returns as soon as the recruited suffice
    * (plus a short grace, so a slightly slower but more advanced voter is not
-   * left out), or when all have answered.
+   * left out), or when all have answered (always, with `everyone`).
    */
-  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>): Promise<void> {
+  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>, everyone = false): Promise<void> {
     const todo = shard.cohort.filter((i) => !positions.has(i.instanceId));
     const suffices = () => recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()));
     await new Promise<void>((resolve) => {
@@ -156,7 +175,7 @@ export class Election {
         if (left === 0) {
           clearTimeout(grace);
           resolve();
-        } else if (suffices() && !grace) grace = setTimeout(resolve, RECRUIT_GRACE_MS);
+        } else if (!everyone && suffices() && !grace) grace = setTimeout(resolve, RECRUIT_GRACE_MS);
       };
       if (left === 0) resolve();
       for (const inst of todo) {
@@ -247,12 +266,12 @@ export async function applyPolicy(shard: ShardView, primary: InstanceRegistered)
 }
 
 /** Inserts the next rule (term, primary, cohort, policy) on the primary; resolves when the quorum acknowledged it. */
-export async function writeRule(shard: ShardView, primary: InstanceRegistered, term: bigint, decidedBy: string): Promise<bigint> {
+export async function writeRule(shard: ShardView, primary: InstanceRegistered, term: bigint, decidedBy: string, timeoutMs = RULE_WRITE_TIMEOUT_MS): Promise<bigint> {
   return withConnection(addr(primary), async (c) => {
     await c.query(RULE_DDL);
     const { rows: [row] } = await c.query<{ n: string }>(`INSERT INTO ${RULE_TABLE} (rule_number, term, primary_id, cohort, policy, decided_by)
       SELECT coalesce(max(rule_number), 0) + 1, $1, $2, $3, $4, $5 FROM ${RULE_TABLE} RETURNING rule_number::text AS n`,
     [term.toString(), primary.instanceId, shard.cohort.map((i) => i.instanceId), shard.policyText, decidedBy]);
     return BigInt(row.n);
-  }, RULE_WRITE_TIMEOUT_MS);
+  }, timeoutMs);
 }

@@ -27,6 +27,8 @@ export class Journal {
   private readonly seen = new Map<string, () => void>();
   /** The highest term any orchestrator claimed per shard: a new election must go above it. */
   private readonly claimedTerms = new Map<string, bigint>();
+  /** The highest term any orchestrator completed something under, per shard (the topology may not show it yet). */
+  private readonly completedTerms = new Map<string, bigint>();
   private readonly publish;
   private sub: Subscription | undefined;
 
@@ -99,6 +101,10 @@ export class Journal {
     return this.claimedTerms.get(key) ?? 0n;
   }
 
+  completedTerm(key: string): bigint {
+    return this.completedTerms.get(key) ?? 0n;
+  }
+
   /** Newest last. */
   historyOf(key: string): OrchEvent[] {
     return this.history.get(key) ?? [];
@@ -111,6 +117,7 @@ export class Journal {
     if (h.length > HISTORY_PER_SHARD) h.shift();
     this.history.set(key, h);
     if (e.term !== null && e.term > (this.claimedTerms.get(key) ?? 0n)) this.claimedTerms.set(key, e.term);
+    if (e.kind === 'COMPLETED' && e.term !== null && e.term > (this.completedTerms.get(key) ?? 0n)) this.completedTerms.set(key, e.term);
     if (e.kind === 'CLAIMED' && e.leaseUntil) {
       const held = this.leases.get(key);
       // A claim made while another orchestrator's lease was running is void.

@@ -1,14 +1,15 @@
 /**
  * The shard keeper: every tick, for every shard, compares what is with what
- * should be and acts under the shard's lease: fails over a primary that is
- * gone, writes the bootstrap rule and the durability policy, and points
- * replicas (including a returning old primary) at the term's primary.
+ * should be and acts under the shard's lease: elects a new shard's first
+ * primary, fails over a primary that is gone, keeps the rule and the
+ * durability policy in place, and points replicas (including a returning old
+ * primary, and new empty instances, which get cloned) at the term's primary.
  */
 import type { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
 import { queryAt } from '../common/postgres.ts';
-import { RULE_TABLE, syncStandbyNames, type InstanceRegistered } from '../schemas/index.ts';
+import { canAcknowledge, RULE_TABLE, syncStandbyNames, type InstanceRegistered } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
 import { applyPolicy, Election, ElectionError, writeRule, type ElectionRequest, type ElectionResult } from './election.ts';
@@ -30,6 +31,8 @@ const REPOINT_TIMEOUT_MS = 180_000;
 const STALE_PRIMARY = 'a stale primary';
 /** How often the rule and the policy on a healthy primary are checked. */
 const CHECK_PRIMARY_MS = 2_000;
+/** A new shard is bootstrapped once its set of instances has not changed for this long (its agents start one by one). */
+const BOOTSTRAP_SETTLE_MS = 1_500;
 
 interface ShardState {
   busy: boolean;
@@ -41,6 +44,8 @@ interface ShardState {
   repairing: Set<string>;
   /** The term whose rule and policy were last found in place on its primary. */
   verifiedTerm?: bigint;
+  /** A shard without a primary: its instances, and since when they have been these. */
+  cohortSeen?: { ids: string; since: number };
 }
 
 export class Keeper {
@@ -122,8 +127,10 @@ export class Keeper {
       for (const shard of this.watch.shards()) {
         if (shard.primary) shardTerm.set({ shard: shard.key }, Number(shard.primary.term));
         const s = this.state(shard.key);
-        if (s.busy || !shard.primary) continue;
-        if (this.primaryHealthy(shard)) {
+        if (s.busy) continue;
+        if (!shard.primary) {
+          this.launch(shard, () => this.maybeBootstrap(shard, s));
+        } else if (this.primaryHealthy(shard)) {
           healthy++;
           s.unhealthySince = undefined;
           this.launch(shard, () => this.tend(shard, s));
@@ -182,7 +189,27 @@ export class Keeper {
     }
   }
 
-  /** Healthy primary: bootstrap rule, policy, and the wiring of every other instance. */
+  /**
+   * A shard that never had a primary: once its instances are all heard from,
+   * enough for the policy, and no new one registered for a moment, elect the
+   * first primary (term 1 on a new shard; the election refuses unless every
+   * voter answered that it holds no data).
+   */
+  private async maybeBootstrap(shard: ShardView, s: ShardState): Promise<void> {
+    const ids = shard.cohort.map((i) => i.instanceId).join(',');
+    if (s.cohortSeen?.ids !== ids) s.cohortSeen = { ids, since: Date.now() };
+    if (!ids || Date.now() - s.cohortSeen.since < BOOTSTRAP_SETTLE_MS) return;
+    if (!canAcknowledge(shard.policy, shard.cohort) || !shard.cohort.every((i) => this.watch.fresh(i.instanceId))) return;
+    try {
+      const r = await this.elect(shard, { operation: 'bootstrap', reason: `a new shard of ${shard.cohort.length} instances under ${shard.policyText}` });
+      this.log.info({ shard: shard.key, term: r.term.toString(), primary: r.primary, ms: r.durationMs }, 'shard bootstrapped');
+    } catch (err) {
+      this.log.warn({ shard: shard.key, err: (err as Error).message }, 'bootstrap did not complete; will retry');
+      await new Promise((r) => setTimeout(r, 300 + Math.random() * 700)); // do not duel with another orchestrator
+    }
+  }
+
+  /** Healthy primary: rule, policy, and the wiring of every other instance. */
   private async tend(shard: ShardView, s: ShardState): Promise<void> {
     const primary = shard.cohort.find((i) => i.instanceId === shard.primary!.instanceId);
     if (!primary) return;

@@ -1,6 +1,6 @@
 /**
  * The consensus part of the agent-command contract: arguments of RECRUIT,
- * PROMOTE and REPOINT, the position a voter reports, and the shard rule table
+ * PROMOTE, BOOTSTRAP and REPOINT, the position a voter reports, and the shard rule table
  * inside Postgres. Both the voter (ingest) and MultiOrch (orchestrator) use it.
  */
 
@@ -29,6 +29,8 @@ export interface VoterPosition {
   ruleTerm: bigint;
   timeline: number;
   inRecovery: boolean;
+  /** No data directory yet (a new shard's instance): it can be bootstrapped (initdb) or cloned, not promoted. */
+  empty: boolean;
 }
 
 export function encodePosition(p: VoterPosition): string {
@@ -40,6 +42,7 @@ export function decodePosition(text: string): VoterPosition {
   return {
     term: BigInt(raw.term as string), lsn: BigInt(raw.lsn as string), ruleNumber: BigInt(raw.ruleNumber as string),
     ruleTerm: BigInt(raw.ruleTerm as string), timeline: Number(raw.timeline), inRecovery: Boolean(raw.inRecovery),
+    empty: raw.empty === true,
   };
 }
 

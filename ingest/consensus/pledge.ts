@@ -36,6 +36,7 @@ export class PledgeFile {
 
   write(p: Pledge): void {
     const tmp = `${this.file}.tmp`;
+    fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o755 }); // a new instance may have no data yet
     const fd = fs.openSync(tmp, 'w', 0o600);
     try {
       fs.writeSync(fd, JSON.stringify({ term: p.term.toString(), orchestrator: p.orchestrator }));

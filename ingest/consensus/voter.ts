@@ -8,8 +8,11 @@
  *   and answers with its position (rule and WAL).
  * - PROMOTE(term): only for the orchestrator it pledged this term to; promotes
  *   and checkpoints (so the old primary can be rewound from it at once).
+ * - BOOTSTRAP(term): the same pledge check; an instance with no data
+ *   directory yet (a new shard) is initialized and started as the first primary.
  * - REPOINT(term, host, port): streams from the term's primary; when the WAL
- *   has diverged, pg_rewind, and when that fails, a fresh clone.
+ *   has diverged, pg_rewind, and when that fails, a fresh clone (also how an
+ *   empty instance gets its data).
  *
  * A Postgres that dies while primary comes back as a standby of nobody: only
  * a PROMOTE makes a primary.
@@ -45,6 +48,7 @@ export class Voter {
   attach(): void {
     this.agent.handle('RECRUIT', (cmd) => this.recruit(cmd));
     this.agent.handle('PROMOTE', (cmd) => this.promote(cmd));
+    this.agent.handle('BOOTSTRAP', (cmd) => this.bootstrap(cmd));
     this.agent.handle('REPOINT', (cmd) => this.repoint(cmd));
     // A primary that died may hold commits nobody acknowledged; it must not come back writable on its own.
     this.agent.beforeRestart = () => {
@@ -79,6 +83,7 @@ export class Voter {
    */
   private async fence(term: bigint): Promise<VoterPosition | undefined> {
     const pg = this.pg;
+    if (!pg.isInitialized()) return emptyPosition(term); // holds nothing, acknowledges nothing
     if (!pg.isRunning()) {
       // Down: bring it back as a standby of nobody, so it can report what it holds.
       await this.agent.exclusive(async () => {
@@ -113,13 +118,20 @@ export class Voter {
     return held;
   }
 
-  private async promote(cmd: AgentCommand): Promise<string> {
+  /** The term of a PROMOTE or BOOTSTRAP, which only the orchestrator this voter pledged that term to may send. */
+  private pledgedTermOf(cmd: AgentCommand): bigint {
     const term = termOf(cmd);
     const held = this.pledge.read();
     if (held.term !== term || held.orchestrator !== cmd.issuedBy) {
-      refusals.inc({ action: 'PROMOTE' });
-      throw new Error(`${refusal(term, held.term)} (to ${held.orchestrator || 'nobody'}); not promoting for ${cmd.issuedBy}`);
+      refusals.inc({ action: cmd.action });
+      throw new Error(`${refusal(term, held.term)} (to ${held.orchestrator || 'nobody'}); not acting for ${cmd.issuedBy}`);
     }
+    return term;
+  }
+
+  private async promote(cmd: AgentCommand): Promise<string> {
+    const term = this.pledgedTermOf(cmd);
+    if (!this.pg.isInitialized()) throw new Error('no data directory: an empty instance is bootstrapped or cloned, not promoted');
     await this.agent.exclusive(async () => {
       await this.pg.start(); // a fenced old primary is down (a standby of nobody once started)
       const [{ rec }] = await this.pg.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec');
@@ -127,6 +139,18 @@ export class Voter {
     }, true);
     this.log.info({ term }, 'promoted for term');
     await this.agent.reportNow(); // gateways route to a primary only once its heartbeat says so
+    return encodePosition(await this.position(term));
+  }
+
+  private async bootstrap(cmd: AgentCommand): Promise<string> {
+    const term = this.pledgedTermOf(cmd);
+    if (this.pg.isInitialized()) throw new Error('already holds a data directory: only an empty instance is bootstrapped (PROMOTE it instead)');
+    await this.agent.exclusive(async () => {
+      await this.pg.initPrimary();
+      await this.pg.start();
+    }, true);
+    this.log.info({ term }, 'bootstrapped as the first primary of the shard');
+    await this.agent.reportNow();
     return encodePosition(await this.position(term));
   }
 
@@ -141,9 +165,18 @@ export class Voter {
     const upstream: Upstream = { host: cmd.args.host ?? '', port: Number(cmd.args.port) };
     if (!upstream.host || !Number.isInteger(upstream.port)) throw new Error('REPOINT needs args host and port');
     if (upstream.port === this.pg.port) throw new Error('REPOINT to itself');
+    const pg = this.pg;
+    if (!pg.isInitialized()) {
+      await this.agent.exclusive(async () => {
+        await pg.rebuild(upstream); // also clears what a failed clone left behind
+        pg.configureStandby(upstream);
+        await pg.start();
+      }, true);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`cloned, but not streaming from ${upstream.host}:${upstream.port}`);
+      return `cloned; streaming from ${upstream.host}:${upstream.port}`;
+    }
     await this.ensureSlot(upstream);
 
-    const pg = this.pg;
     if (!pg.isRunning()) {
       // Down (fenced, or shut down cleanly by a switchover): try it as a standby of the new primary first.
       await this.agent.exclusive(async () => {
@@ -240,7 +273,7 @@ export class Voter {
     });
     return {
       term, lsn: parseLsn(row.lsn), timeline: row.tli, inRecovery: row.rec,
-      ruleNumber: BigInt(rule?.rule_number ?? 0), ruleTerm: BigInt(rule?.term ?? 0),
+      ruleNumber: BigInt(rule?.rule_number ?? 0), ruleTerm: BigInt(rule?.term ?? 0), empty: false,
     };
   }
 
@@ -252,6 +285,10 @@ export class Voter {
       await sleep(intervalMs);
     }
   }
+}
+
+function emptyPosition(term: bigint): VoterPosition {
+  return { term, lsn: 0n, ruleNumber: 0n, ruleTerm: 0n, timeline: 0, inRecovery: true, empty: true };
 }
 
 function termOf(cmd: AgentCommand): bigint {

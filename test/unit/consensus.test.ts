@@ -53,7 +53,7 @@ test('synchronous_standby_names lists the other members, quoted, ANY n-1; multi-
 });
 
 test('voters rank by the newest rule first, then by WAL; positions survive the JSON of a command result', () => {
-  const pos = (ruleTerm: bigint, lsn: bigint): VoterPosition => ({ term: 9n, lsn, ruleTerm, ruleNumber: ruleTerm, timeline: 1, inRecovery: true });
+  const pos = (ruleTerm: bigint, lsn: bigint): VoterPosition => ({ term: 9n, lsn, ruleTerm, ruleNumber: ruleTerm, timeline: 1, inRecovery: true, empty: false });
   const oldPrimaryWithMoreWal = pos(1n, 900n);
   const replicaOfNewerTerm = pos(2n, 500n);
   assert.ok(comparePositions(replicaOfNewerTerm, oldPrimaryWithMoreWal) > 0);

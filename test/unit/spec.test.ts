@@ -5,11 +5,11 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { instancesOf, loadSpec, parseSpec, shardRanges, SpecError } from '../../compose/spec.ts';
 
-test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3, one initial primary', () => {
+test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
   const inst = instancesOf(spec);
-  assert.deepEqual(inst.map((i) => [i.database, i.shard, i.cell, i.initialPrimary]), [
-    ['postgres', '-', 'zone1', true], ['postgres', '-', 'zone2', false], ['postgres', '-', 'zone3', false],
+  assert.deepEqual(inst.map((i) => [i.database, i.shard, i.cell]), [
+    ['postgres', '-', 'zone1'], ['postgres', '-', 'zone2'], ['postgres', '-', 'zone3'],
   ]);
   assert.equal(new Set(inst.map((i) => i.port)).size, 3);
 });
