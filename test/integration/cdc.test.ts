@@ -13,6 +13,7 @@ import pg from 'pg';
 import type { AgentAction } from '../../schemas/index.ts';
 import { ChangeConsumer, decimalText, type ChangeMessage } from '../support/cdc-consumer.ts';
 import { CdcWatch } from '../support/cdc-watch.ts';
+import type { PlannedInstance } from '../../compose/spec.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { bootstrap, registryUrl } from '../support/env.ts';
 
@@ -21,7 +22,8 @@ const cluster = testCluster('cdc', 3, { settings: { 'orchestrator.agentDownMs': 
   databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, transactionEvents: true, heartbeatMs: 500, maxSlotLagBytes: 4_000_000 } }],
 } });
 const { dataDir, prefix, flags, mg } = cluster;
-const [primary, replica] = cluster.instances;
+// MultiOrch elects the primary during `up`.
+let primary: PlannedInstance, replica: PlannedInstance;
 const topic = (table: string) => `${prefix}mg.postgres.public.${table}`;
 
 let watch: CdcWatch;
@@ -46,6 +48,7 @@ before(async () => {
   watch = await CdcWatch.open(prefix);
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
+  ({ primary, replicas: [replica] } = await cluster.roles());
   consumer = new ChangeConsumer(bootstrap(), registryUrl());
 });
 

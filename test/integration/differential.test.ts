@@ -12,14 +12,16 @@ import net from 'node:net';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { encodeCancel } from '../../router/protocol/messages.ts';
+import type { PlannedInstance } from '../../compose/spec.ts';
 import { sleep, testCluster } from '../support/cluster.ts';
 
 const cluster = testCluster('diff', 2, { settings: { 'gateway.workers': 2 } });
-const [primary] = cluster.instances;
+let primary: PlannedInstance; // MultiOrch elects it during `up`
 
 before(async () => {
   const up = await cluster.mg('cluster', 'up', ...cluster.flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
+  ({ primary } = await cluster.roles());
 });
 after(async () => {
   await cluster.mg('cluster', 'down', '--clean', ...cluster.flags);

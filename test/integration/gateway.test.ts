@@ -13,6 +13,7 @@ import pg from 'pg';
 import postgres from 'postgres';
 import { portAnswers } from '../../compose/supervise.ts';
 import { encodeCancel } from '../../router/protocol/messages.ts';
+import type { PlannedInstance } from '../../compose/spec.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
 
 const MAX_CLIENTS = 40;
@@ -21,7 +22,8 @@ const cluster = testCluster('gateway', 1, { settings: {
   'gateway.maxClients': MAX_CLIENTS, 'gateway.readOnlyToReplicas': true, 'gateway.releaseIdleLinksAfterMs': RELEASE_MS,
 } });
 const { spec, flags, mg } = cluster;
-const [primary, replica1, replica2] = cluster.instances;
+// MultiOrch elects the primary during `up`.
+let primary: PlannedInstance, replica1: PlannedInstance, replica2: PlannedInstance;
 const gatewayPort = spec.gateway.port;
 const bin = '/usr/lib/postgresql/15/bin';
 const run = promisify(execFile);
@@ -30,6 +32,7 @@ const env = { ...process.env, PGPASSWORD: 'postgres', PGHOST: '127.0.0.1', PGPOR
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
+  ({ primary, replicas: [replica1, replica2] } = await cluster.roles());
 });
 after(async () => {
   await mg('cluster', 'down', '--clean', ...flags);

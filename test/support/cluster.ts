@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { orchestratorStatus } from '../../compose/orchestrators.ts';
 import { instancesOf, parseSpec, type ClusterSpec, type PlannedInstance } from '../../compose/spec.ts';
 import { bootstrap, registryUrl, uniquePrefix } from './env.ts';
 
@@ -27,6 +28,8 @@ export interface TestCluster {
   flags: string[];
   instances: PlannedInstance[];
   mg(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
+  /** The first shard's primary and replicas as MultiOrch has them now (it elects the primary; no instance is fixed). */
+  roles(): Promise<{ primary: PlannedInstance; replicas: PlannedInstance[] }>;
 }
 
 /**
@@ -75,6 +78,13 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
         const e = err as { code: number; stdout: string; stderr: string };
         return { code: e.code, stdout: e.stdout, stderr: e.stderr };
       }
+    },
+    async roles() {
+      const [first] = (await orchestratorStatus(spec)).shards;
+      const members = instancesOf(spec).filter((i) => i.database === first.database && i.shard === first.shard);
+      const primary = members.find((i) => i.instanceId === first.primary);
+      if (!primary) throw new Error(`${first.database}/${first.shard} has no primary yet`);
+      return { primary, replicas: members.filter((i) => i !== primary) };
     },
   };
 }
