@@ -79,7 +79,7 @@ async function failedOverCounts(): Promise<Record<string, number>> {
   return out;
 }
 
-test('a frozen primary is replaced: the statement in flight gets 08007, the open transaction 57P01, both within about a second of the new term; idle sessions and new ones write to the new primary', async () => {
+test('a frozen primary is replaced: the statement in flight gets 08007, the open transaction 57P01, both within about a second of the new term; idle sessions and new ones write to the new primary', async (t) => {
   const s = await fullStrength(cluster);
   const old = instance(s.primary!);
   const metricsBefore = await failedOverCounts();
@@ -114,6 +114,7 @@ test('a frozen primary is replaced: the statement in flight gets 08007, the open
     assert.ok(inTransaction.endedAt! - changed.at < 2_000, `the transaction's session ended ${inTransaction.endedAt! - changed.at} ms after the PrimaryChanged`);
     await assert.rejects(inTransaction.query('COMMIT'), (e: any) => /not queryable|terminated|ended/i.test(e.message));
     assert.ok(Date.now() - frozenAt < FREEZE_MS, 'the old primary is still frozen: nothing here waited for it');
+    t.diagnostic(`after the freeze: PrimaryChanged ${changed.at - frozenAt} ms, 08007 ${flightAt - frozenAt} ms, 57P01 session closed ${inTransaction.endedAt! - frozenAt} ms`);
 
     // Idle sessions were left alone and follow the new primary; new connections write there.
     const newPort = instance(changed.primary).port;
