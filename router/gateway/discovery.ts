@@ -2,11 +2,14 @@
  * What the gateway knows about the cluster, built only from Kafka: the
  * topology fold plus the latest heartbeat of each instance. It answers "where
  * is the serving primary of this shard" and "which replicas may serve reads",
- * and lets callers wait for a primary (the buffering primitive).
+ * lets callers wait for a primary (the buffering primitive), and tells them
+ * when a shard's primary moves to another instance.
  */
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { gauge } from '../../common/metrics.ts';
-import { applyTopologyEvent, emptyTopology, shardKey, type HealthEvent, type InstanceRegistered, type TopologyState } from '../../schemas/index.ts';
+import {
+  applyTopologyEvent, emptyTopology, kindOf, shardKey, type HealthEvent, type InstanceRegistered, type PrimaryChanged, type TopologyEvent, type TopologyState,
+} from '../../schemas/index.ts';
 
 export interface Endpoint {
   instanceId: string;
@@ -19,6 +22,18 @@ export interface Endpoint {
 export interface ReplicaEndpoint extends Endpoint {
   lagBytes: bigint;
   lagSeconds: number;
+}
+
+/** A shard's primary moved to another instance under a newer term. */
+export interface PrimaryMove {
+  database: string;
+  shard: string;
+  /** The instance that was primary (under an older term). */
+  from: string;
+  to: string;
+  term: bigint;
+  /** The orchestrator's words: `failover: ...` or `switchover: ...`. */
+  reason: string;
 }
 
 export interface DiscoveryOptions {
@@ -57,6 +72,9 @@ export class Discovery {
    */
   private readonly waiters = new Map<string, Set<() => void>>();
   private checkScheduled = false;
+  private readonly moveListeners: ((move: PrimaryMove) => void)[] = [];
+  /** Caught up: moves seen from here on are news (the history read at start is not). */
+  private live = false;
 
   constructor(private readonly eventLog: EventLog, opts: DiscoveryOptions = {}) {
     this.staleMs = opts.staleMs ?? 1_500;
@@ -67,7 +85,9 @@ export class Discovery {
   async start(): Promise<void> {
     this.subs = await Promise.all([
       this.eventLog.subscribe('topology', (e) => {
-        applyTopologyEvent(this.topology, e);
+        const { kind, body } = kindOf(e);
+        if (kind !== 'PrimaryChanged') applyTopologyEvent(this.topology, e);
+        else this.applyPrimaryChanged(e, body as PrimaryChanged);
         this.scheduleWaiterCheck();
       }),
       this.eventLog.subscribe('health', (h) => {
@@ -78,12 +98,18 @@ export class Discovery {
       }, { since: new Date(Date.now() - this.staleMs) }),
     ]);
     await Promise.all(this.subs.map((s) => s.caughtUp));
+    this.live = true;
     reported.add(this);
   }
 
   async stop(): Promise<void> {
     reported.delete(this);
     await Promise.all(this.subs.map((s) => s.stop()));
+  }
+
+  /** Calls `listener` whenever a shard's primary moves to another instance under a newer term (not for a re-election of the same one). */
+  onPrimaryMoved(listener: (move: PrimaryMove) => void): void {
+    this.moveListeners.push(listener);
   }
 
   hasDatabase(database: string): boolean {
@@ -164,6 +190,17 @@ export class Discovery {
       if (this.primary(key.slice(0, cut), key.slice(cut + 1))) n++;
     }
     return n;
+  }
+
+  /** Folds a PrimaryChanged; when it hands the shard to another instance (the fold ignores older terms), says so. */
+  private applyPrimaryChanged(e: TopologyEvent, p: PrimaryChanged): void {
+    const key = shardKey(p.database, p.shard);
+    const held = this.topology.primaries.get(key);
+    applyTopologyEvent(this.topology, e);
+    const now = this.topology.primaries.get(key)!;
+    if (!this.live || !held || now.instanceId === held.instanceId || now.term <= held.term) return;
+    const move: PrimaryMove = { database: p.database, shard: p.shard, from: held.instanceId, to: now.instanceId, term: now.term, reason: now.reason };
+    for (const listener of this.moveListeners) listener(move);
   }
 
   private serving(inst: InstanceRegistered): boolean {

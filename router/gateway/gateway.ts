@@ -12,9 +12,9 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorResponse } from '../protocol/messages.ts';
-import { Discovery } from './discovery.ts';
+import { Discovery, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
-import { GatewaySession, openLinks } from './session.ts';
+import { GatewaySession, openLinks, type FailoverOutcome } from './session.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -66,6 +66,7 @@ export class Gateway {
 
   constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
+    this.discovery.onPrimaryMoved((move) => this.leaveReplacedPrimary(move));
     this.publishCancel = eventLog.publisher('gatewayCancels');
     this.maxClients = opts.maxClients ?? Infinity;
   }
@@ -105,6 +106,17 @@ export class Gateway {
     for (const { session } of this.sessions.values()) session.end();
     await this.peerCancels?.stop();
     await this.discovery.stop();
+  }
+
+  /** Ends the sessions caught mid-work on a primary the cluster has replaced (see GatewaySession.leaveReplacedPrimary). */
+  private leaveReplacedPrimary(move: PrimaryMove): void {
+    const ended: Record<FailoverOutcome, number> = { in_flight: 0, in_transaction: 0 };
+    for (const { session } of this.sessions.values()) {
+      const outcome = session.leaveReplacedPrimary(move);
+      if (outcome) ended[outcome]++;
+    }
+    this.log.info({ ...move, term: String(move.term), endedInFlight: ended.in_flight, endedInTransaction: ended.in_transaction },
+      'shard primary replaced; sessions mid-work on the old one ended');
   }
 
   private async onConnection(socket: net.Socket): Promise<void> {

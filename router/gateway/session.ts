@@ -3,8 +3,10 @@
  * shard (primary, or a replica when asked), relays messages both ways, and at
  * idle points (no transaction open, nothing in flight) follows the shard's
  * primary when it moves. While the shard has no serving primary, the client's
- * next query waits (buffering) instead of failing. With read-only routing on,
- * a transaction that begins READ ONLY runs on a replica.
+ * next query waits (buffering) instead of failing. A session caught mid-work
+ * on a primary the cluster has replaced is ended at once with what the client
+ * needs to know (see leaveReplacedPrimary). With read-only routing on, a
+ * transaction that begins READ ONLY runs on a replica.
  */
 import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
@@ -13,15 +15,18 @@ import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protoc
 import { backendKeyData, encodeCancel, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
 import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
-import type { Discovery, Endpoint } from './discovery.ts';
+import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
 
 export type Target = 'primary' | 'replica';
+/** What a session was doing on a replaced primary when it was ended. */
+export type FailoverOutcome = 'in_flight' | 'in_transaction';
 
 const buffered = counter('mg_gateway_buffered_queries_total', 'Queries that waited for a shard primary');
 const bufferWait = histogram('mg_gateway_buffer_wait_seconds', 'Time queries waited for a shard primary', [], [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30]);
 const sessionErrors = counter('mg_gateway_session_errors_total', 'Errors the gateway reported to clients', ['sqlstate']);
 const switches = counter('mg_gateway_upstream_switches_total', 'Times a session moved to another pooler (primary change, reconnect, read-only routing)');
 const linksReleased = counter('mg_gateway_idle_links_released_total', 'Pooler connections closed under idle sessions (reopened at their next query)');
+const failedOver = counter('mg_gateway_sessions_failed_over_total', 'Sessions ended because their shard primary was replaced while they were mid-work on it, by what they were doing', ['outcome']);
 const readOnlyRouted = counter('mg_gateway_read_only_transactions_routed_total', 'READ ONLY transactions sent to a replica, by outcome', ['outcome']);
 
 const TARGET_SET = /^\s*set\s+(?:session\s+)?mg\.target\s*(?:=|to)\s*'?(primary|replica)'?\s*;?\s*$/i;
@@ -126,6 +131,47 @@ export class GatewaySession implements Flushable {
     this.parked = undefined;
     linksReleased.inc();
     return true;
+  }
+
+  /**
+   * The shard's primary moved to `move.to` under a newer term. A session whose
+   * link to the old primary is mid-work would wait on it forever (a partitioned
+   * or frozen primary never answers) and could not trust an answer anyway, so
+   * it is ended now: a statement in flight with 08007 (it may or may not have
+   * committed there), an open transaction with 57P01 (it did not commit), as
+   * FATAL, the way Postgres ends a backend. Idle sessions are left alone: they
+   * move at their next query. Returns what the ended session was doing.
+   */
+  leaveReplacedPrimary(move: PrimaryMove): FailoverOutcome | undefined {
+    if (this.ended || this.database !== move.database || this.shardName !== move.shard) return undefined;
+    if (this.parked?.target === 'primary' && this.parked.ep.instanceId !== move.to) {
+      this.parked.up.destroy(); // idle on the old primary, and never usable again
+      this.parked = undefined;
+    }
+    const link = this.link;
+    // Replica links are not affected; a session already moving has its messages held for the new link.
+    if (!link || link.target !== 'primary' || link.ep.instanceId === move.to || this.connecting) return undefined;
+    const where = `${move.database}/${move.shard}`;
+    let err: PgError;
+    let outcome: FailoverOutcome;
+    if (this.inflight > 0 || this.inBatch) {
+      outcome = 'in_flight';
+      err = new PgError('FATAL', SQLSTATE.TRANSACTION_RESOLUTION_UNKNOWN,
+        `the primary of ${where} was replaced (term ${move.term}) while a statement was in flight: it may or may not have committed`,
+        `${link.ep.instanceId} is no longer the primary; ${move.to} is.`, 'Reconnect, check whether the statement took effect, then retry it.');
+    } else if (this.status !== 'I') {
+      outcome = 'in_transaction';
+      err = new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN,
+        `terminating connection because the primary of ${where} was replaced (term ${move.term}): the open transaction did not commit`,
+        `${link.ep.instanceId} is no longer the primary; ${move.to} is.`, 'Reconnect and run the transaction again.');
+    } else {
+      return undefined;
+    }
+    // Its protocol state is unknown and its pooler may never answer: drop it rather than say goodbye.
+    link.up.destroy();
+    failedOver.inc({ outcome });
+    this.fail(err);
+    return outcome;
   }
 
   end(): void {

@@ -1,0 +1,42 @@
+/** The gateway's discovery says when a shard's primary moves to another instance, and only then. */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { EventLog } from '../../common/eventlog.ts';
+import { Discovery, type PrimaryMove } from '../../router/gateway/discovery.ts';
+import { payload, type TopologyEvent } from '../../schemas/index.ts';
+
+let n = 0;
+const ev = (p: TopologyEvent['payload']): TopologyEvent => ({ eventId: `e${++n}`, ts: new Date(), source: 'test', payload: p });
+const primaryChanged = (primaryInstanceId: string, term: bigint, ruleNumber = term) =>
+  ev(payload('PrimaryChanged', { database: 'app', shard: '-', primaryInstanceId, term, ruleNumber, reason: `failover: test term ${term}` }));
+
+/** A discovery fed by hand: `history` is what the topic held at start; the returned function delivers more. */
+async function discovery(history: TopologyEvent[]) {
+  const handlers = new Map<string, (e: unknown) => void>();
+  const eventLog = {
+    subscribe: async (topic: string, handler: (e: unknown) => void) => {
+      handlers.set(topic, handler);
+      if (topic === 'topology') for (const e of history) handler(e);
+      return { caughtUp: Promise.resolve(), stop: async () => undefined };
+    },
+  } as unknown as EventLog;
+  const d = new Discovery(eventLog);
+  const moves: PrimaryMove[] = [];
+  d.onPrimaryMoved((m) => moves.push(m));
+  await d.start();
+  return { moves, deliver: (e: TopologyEvent) => handlers.get('topology')!(e), stop: () => d.stop() };
+}
+
+test('a newer term on another instance is a move; the same instance re-elected, an older term and the history read at start are not', async () => {
+  const d = await discovery([primaryChanged('a', 1n), primaryChanged('b', 2n)]);
+  assert.deepEqual(d.moves, [], 'the history is not news');
+
+  d.deliver(primaryChanged('b', 3n)); // re-election of the same instance
+  d.deliver(primaryChanged('b', 3n, 4n)); // a newer rule in the same term
+  d.deliver(primaryChanged('c', 2n)); // an older term, ignored by the fold
+  assert.deepEqual(d.moves, []);
+
+  d.deliver(primaryChanged('c', 4n));
+  assert.deepEqual(d.moves, [{ database: 'app', shard: '-', from: 'b', to: 'c', term: 4n, reason: 'failover: test term 4' }]);
+  await d.stop();
+});
