@@ -65,7 +65,7 @@ export class Agent {
       host: this.cfg.host, port: this.cfg.port, type: this.cfg.initialPrimary ? 'PRIMARY' : 'REPLICA',
       agentMetricsPort: this.cfg.metricsPort, poolerPort: this.cfg.poolerPort,
     }));
-    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING' }));
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'SERVING', term: null }));
     // Heartbeats first: joining the command group can wait out a dead predecessor's session.
     this.loop = this.healthLoop();
     this.cdc.start();
@@ -85,7 +85,7 @@ export class Agent {
     await this.commands?.stop();
     await this.cdc.stop();
     await this.lifecycleOp;
-    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING' })).catch(() => undefined);
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING', term: null })).catch(() => undefined);
     await this.postgres.stop('fast');
     await this.heartbeat(null, 'stopped by its agent').catch(() => undefined);
     await this.eventLog.close();

@@ -9,14 +9,14 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { EventLog } from '../common/eventlog.ts';
-import { queryAt, withConnection } from '../common/postgres.ts';
+import { withConnection } from '../common/postgres.ts';
 import {
   comparePositions, decodePosition, payload, pledgedTermIn, recruitmentSuffices, RULE_DDL, RULE_TABLE, syncStandbyNames, topologyKey,
-  type InstanceRegistered, type TopologyEvent, type VoterPosition,
+  type InstanceRegistered, type OrchEventKind, type TopologyEvent, type VoterPosition,
 } from '../schemas/index.ts';
 import { AgentTimeout, type Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
-import type { Journal } from './journal.ts';
+import { LeaseLost, type Journal } from './journal.ts';
 import type { ShardView } from './view.ts';
 
 export interface ElectionRequest {
@@ -41,6 +41,7 @@ export class ElectionError extends Error {
 }
 
 const DRAIN_MS = 3_000;
+const DRAIN_POLL_MS = 5;
 const RECRUIT_GRACE_MS = 150;
 const RULE_WRITE_TIMEOUT_MS = 20_000;
 
@@ -67,61 +68,67 @@ export class Election {
     if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) {
       throw new ElectionError(`another orchestrator holds ${key}`, 'busy');
     }
-    const record = (kind: Parameters<Journal['record']>[2], summary: string, details: Record<string, string> = {}, durationMs?: number) =>
-      this.journal.record(database, name, kind, op, summary, { term, details, durationMs });
-    // The lease is short (a dead orchestrator's shard waits for it to lapse), so a long election renews it between steps.
-    let leased = Date.now();
-    const renew = async () => {
-      if (Date.now() - leased < this.cfg.leaseMs / 3) return;
-      if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) throw new ElectionError(`lost the lease of ${key}`, 'busy');
-      leased = Date.now();
-    };
+    // Progress goes to the journal without waiting for Kafka: every step here is inside the client's write gap.
+    const note = (kind: OrchEventKind, summary: string, details: Record<string, string> = {}, durationMs?: number) =>
+      this.journal.note(database, name, kind, op, summary, { term, details, durationMs });
+    // The journal renews the lease in the background while we hold it; one that lapsed stops us at the next step.
+    const step = () => this.journal.assertHeld(database, name);
+    const ms = (since: number) => String(Date.now() - since);
     try {
-      await record('DECIDED', `${op} to term ${term}: ${req.reason}`, { previous: previous ?? '', target: req.target ?? '' });
+      note('DECIDED', `${op} to term ${term}: ${req.reason}`, { previous: previous ?? '', target: req.target ?? '' });
       const old = shard.cohort.find((i) => i.instanceId === previous);
-      if (old) await this.serving(old.instanceId, 'NOT_SERVING'); // gateways buffer from here on
+      if (old) await this.serving(old.instanceId, 'NOT_SERVING', term); // gateways buffer from here on
+      const gapStarted = Date.now();
 
       const positions = new Map<string, VoterPosition>();
       if (op === 'switchover') {
         if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
+        const drainStarted = Date.now();
         await this.drain(old);
+        const drainMs = ms(drainStarted);
         // The old primary first: its shutdown checkpoint reaches the standbys before they stop listening.
+        const recruitStarted = Date.now();
         const p = await this.recruit(key, old, term);
         if (!p) throw new ElectionError(`the primary ${old.instanceId} could not be recruited`, 'failed');
         positions.set(old.instanceId, p);
+        note('ACTED', `drained and recruited the old primary ${old.instanceId}`, { drainMs, recruitMs: ms(recruitStarted) }, Date.now() - drainStarted);
+        step();
       }
       const t0 = Date.now();
       await this.recruitQuorum(shard, term, positions);
       const recruited = new Set(positions.keys());
-      await record('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
+      note('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
 
-      await renew();
+      step();
       const winner = this.choose(shard, positions, req, previous);
-      await record('DECIDED', `promote ${winner.instanceId}`, { reason: 'most advanced recruited voter' });
+      note('DECIDED', `promote ${winner.instanceId}`, { reason: 'most advanced recruited voter' });
       const t1 = Date.now();
       const promoted = await this.agents.send(winner.instanceId, 'PROMOTE', { term: String(term) }, this.cfg.commandTimeoutMs * 2);
       if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`promoting ${winner.instanceId} failed: ${promoted.message}`, 'failed');
-      await record('ACTED', `promoted ${winner.instanceId}`, {}, Date.now() - t1);
+      note('ACTED', `promoted ${winner.instanceId}`, {}, Date.now() - t1);
 
-      await renew();
+      step();
       const t2 = Date.now();
+      // Repoints go on in the background, while the policy is applied; the rule write below waits for as many as the policy needs.
+      for (const inst of shard.cohort.filter((i) => i.instanceId !== winner.instanceId)) void this.repoint(shard, inst, winner, term).catch(() => undefined);
       await applyPolicy(shard, winner);
-      const others = shard.cohort.filter((i) => i.instanceId !== winner.instanceId);
-      // Repoints go on in the background; the rule write below waits for as many as the policy needs.
-      for (const inst of others) void this.repoint(shard, inst, winner, term).catch(() => undefined);
+      const policyMs = ms(t2);
+      const t3 = Date.now();
       const ruleNumber = await writeRule(shard, winner, term, this.cfg.id);
-      await record('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, {}, Date.now() - t2);
+      note('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, { policyMs, ruleMs: ms(t3) }, Date.now() - t2);
+      step();
 
       await this.topology(
         payload('PrimaryChanged', { database, shard: name, primaryInstanceId: winner.instanceId, term, ruleNumber, reason: `${op}: ${req.reason}` }),
-        payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING' }),
+        payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING', term }),
       );
       const durationMs = Date.now() - started;
-      await record('COMPLETED', `${winner.instanceId} is primary of term ${term}`, { previous: previous ?? '' }, durationMs);
+      await this.journal.record(database, name, 'COMPLETED', op, `${winner.instanceId} is primary of term ${term}`,
+        { term, details: { previous: previous ?? '', ...(old ? { notServingMs: ms(gapStarted) } : {}) }, durationMs });
       return { term, ruleNumber, primary: winner.instanceId, previous, durationMs };
     } catch (err) {
-      await record('FAILED', (err as Error).message, {}, Date.now() - started).catch(() => undefined);
-      throw err instanceof ElectionError ? err : new ElectionError((err as Error).message, 'failed');
+      await this.journal.record(database, name, 'FAILED', op, (err as Error).message, { term, durationMs: Date.now() - started }).catch(() => undefined);
+      throw err instanceof ElectionError ? err : new ElectionError((err as Error).message, err instanceof LeaseLost ? 'busy' : 'failed');
     } finally {
       await this.journal.release(database, name, op).catch(() => undefined);
     }
@@ -196,12 +203,14 @@ export class Election {
   /** Waits (bounded) until the old primary runs no client transaction: gateways hold new ones meanwhile. */
   private async drain(old: InstanceRegistered): Promise<void> {
     const deadline = Date.now() + DRAIN_MS;
-    while (Date.now() < deadline) {
-      const [{ busy }] = await queryAt<{ busy: number }>(addr(old), `SELECT count(*)::int AS busy FROM pg_stat_activity
-        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`, [], 1_000);
-      if (busy === 0) return;
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await withConnection(addr(old), async (c) => {
+      while (Date.now() < deadline) {
+        const { rows: [{ busy }] } = await c.query<{ busy: number }>(`SELECT count(*)::int AS busy FROM pg_stat_activity
+          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`);
+        if (busy === 0) return;
+        await new Promise((r) => setTimeout(r, DRAIN_POLL_MS));
+      }
+    }, DRAIN_MS + 1_000);
   }
 
   private async repoint(shard: ShardView, inst: InstanceRegistered, primary: InstanceRegistered, term: bigint): Promise<void> {
@@ -210,7 +219,7 @@ export class Election {
       .catch((err: Error) => ({ status: 'TIMEOUT', message: err.message }));
     await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'ACTED' : 'OBSERVED', 'repoint',
       `${inst.instanceId} -> ${primary.instanceId}: ${r.status === 'SUCCEEDED' ? r.message : `not yet (${r.message})`}`, { term, durationMs: Date.now() - started });
-    if (r.status === 'SUCCEEDED') await this.serving(inst.instanceId, 'SERVING');
+    if (r.status === 'SUCCEEDED') await this.serving(inst.instanceId, 'SERVING', term);
   }
 
   /** Publishes topology events in one batch (one partition: they arrive in this order). */
@@ -219,8 +228,9 @@ export class Election {
     return this.publishTopology(events.map((e) => ({ key: topologyKey(e), value: e })));
   }
 
-  async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING'): Promise<void> {
-    await this.topology(payload('ServingStateChanged', { instanceId, state }));
+  /** Flips an instance's serving flag, stamped with the term we act in (the fold ignores it once a newer term is known). */
+  async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING', term: bigint): Promise<void> {
+    await this.topology(payload('ServingStateChanged', { instanceId, state, term }));
   }
 }
 

@@ -32,6 +32,8 @@ const STREAM_WAIT_MS = 3_000;
 const STREAM_AFTER_REWIND_MS = 10_000;
 const START_AFTER_REWIND_S = 15;
 const START_AS_STANDBY_S = 5;
+/** Polls inside an election (RECRUIT): each one is part of a switchover's write gap. */
+const FAST_POLL_MS = 10;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -100,7 +102,7 @@ export class Voter {
       pg.configureStandby(null);
       await pg.reload();
       await this.waitFor('the WAL receiver to stop', 5_000, async () =>
-        (await pg.query('SELECT 1 FROM pg_stat_wal_receiver')).length === 0);
+        (await pg.query('SELECT 1 FROM pg_stat_wal_receiver')).length === 0, FAST_POLL_MS);
       return;
     }
     // A primary: what it holds, then a fast shutdown (its walsenders first send everything, the shutdown
@@ -232,9 +234,9 @@ export class Voter {
       stable = row.lsn === last ? stable + 1 : 0;
       last = row.lsn;
       return row.caught_up && (!row.rec || stable >= 2); // a standby that just started may still be replaying local WAL
-    }, 40);
+    }, FAST_POLL_MS);
     const [rule] = await pg.query<{ rule_number: string; term: string }>(
-      `SELECT rule_number::text, term::text FROM ${RULE_TABLE} ORDER BY rule_number DESC LIMIT 1`).catch((err: { code?: string }) => {
+      `SELECT r.rule_number::text, r.term::text FROM ${RULE_TABLE} r ORDER BY r.rule_number DESC LIMIT 1`).catch((err: { code?: string }) => {
       if (err.code === '42P01' || err.code === '3F000') return []; // no rule yet (before bootstrap)
       throw err;
     });

@@ -211,7 +211,9 @@ export class PostgresInstance {
 
   async stop(mode: 'fast' | 'immediate' = 'fast'): Promise<void> {
     if (!this.isRunning()) return;
-    await this.run('pg_ctl', ['stop', '-w', '-t', START_STOP_TIMEOUT_S, '-m', mode, '-D', this.dataDir]);
+    // pg_ctl's own wait polls every 100 ms, a visible part of a switchover: signal, then watch the pid file (removed last).
+    await this.run('pg_ctl', ['stop', '-W', '-m', mode, '-D', this.dataDir]);
+    await this.pollUntil(`${this.name} to stop`, async () => this.pidFileLines() === undefined || !this.isRunning());
     this.log.info({ mode }, 'stopped');
   }
 
@@ -221,8 +223,20 @@ export class PostgresInstance {
   }
 
   async promote(): Promise<void> {
-    await this.run('pg_ctl', ['promote', '-w', '-t', START_STOP_TIMEOUT_S, '-D', this.dataDir]);
+    // As for stop: signal, then poll more often than pg_ctl would.
+    await this.run('pg_ctl', ['promote', '-W', '-D', this.dataDir]);
+    await this.pollUntil(`${this.name} to leave recovery`, async () =>
+      !(await this.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec', [], 1_000))[0].rec);
     this.log.info('promoted');
+  }
+
+  /** Polls `done` every 10 ms (errors count as not yet) until it holds; throws after the start/stop timeout. */
+  private async pollUntil(what: string, done: () => Promise<boolean>): Promise<void> {
+    const deadline = Date.now() + Number(START_STOP_TIMEOUT_S) * 1_000;
+    while (!(await done().catch(() => false))) {
+      if (Date.now() > deadline) throw new Error(`timed out after ${START_STOP_TIMEOUT_S} s waiting for ${what}`);
+      await sleep(10);
+    }
   }
 
   /** Re-reads the configuration files (pg_ctl reload). */
