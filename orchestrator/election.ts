@@ -46,6 +46,8 @@ const RECRUIT_GRACE_MS = 150;
 const RULE_WRITE_TIMEOUT_MS = 20_000;
 
 const addr = (i: InstanceRegistered) => ({ host: i.host, port: i.port });
+const positionDetails = (positions: Map<string, VoterPosition>) =>
+  Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`]));
 
 export class Election {
   private readonly publishTopology;
@@ -81,23 +83,22 @@ export class Election {
       const gapStarted = Date.now();
 
       const positions = new Map<string, VoterPosition>();
+      const t0 = Date.now();
       if (op === 'switchover') {
         if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
-        const drainStarted = Date.now();
         await this.drain(old);
-        const drainMs = ms(drainStarted);
-        // The old primary first: its shutdown checkpoint reaches the standbys before they stop listening.
-        const recruitStarted = Date.now();
-        const p = await this.recruit(key, old, term);
+        const drainMs = ms(t0);
+        // All at once: the old primary shuts down (fast: its walsenders send everything, the shutdown checkpoint
+        // included), and the standbys let it end their stream before they stop listening (`outlast`).
+        const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old)]);
         if (!p) throw new ElectionError(`the primary ${old.instanceId} could not be recruited`, 'failed');
         positions.set(old.instanceId, p);
-        note('ACTED', `drained and recruited the old primary ${old.instanceId}`, { drainMs, recruitMs: ms(recruitStarted) }, Date.now() - drainStarted);
-        step();
+        if (!recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()))) throw this.notEnough(shard, term, positions);
+        note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}`, positionDetails(positions), Date.now() - t0);
+      } else {
+        await this.recruitQuorum(shard, term, positions);
+        note('ACTED', `recruited ${[...positions.keys()].join(', ')}`, positionDetails(positions), Date.now() - t0);
       }
-      const t0 = Date.now();
-      await this.recruitQuorum(shard, term, positions);
-      const recruited = new Set(positions.keys());
-      note('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
 
       step();
       const winner = this.choose(shard, positions, req, previous);
@@ -115,7 +116,7 @@ export class Election {
       const policyMs = ms(t2);
       const t3 = Date.now();
       const ruleNumber = await writeRule(shard, winner, term, this.cfg.id);
-      note('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, { policyMs, ruleMs: ms(t3) }, Date.now() - t2);
+      note('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum (policy ${policyMs} ms, rule ${ms(t3)} ms)`, {}, Date.now() - t2);
       step();
 
       await this.topology(
@@ -123,8 +124,9 @@ export class Election {
         payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING', term }),
       );
       const durationMs = Date.now() - started;
-      await this.journal.record(database, name, 'COMPLETED', op, `${winner.instanceId} is primary of term ${term}`,
-        { term, details: { previous: previous ?? '', ...(old ? { notServingMs: ms(gapStarted) } : {}) }, durationMs });
+      const buffered = old ? `; ${old.instanceId} was NOT_SERVING for ${ms(gapStarted)} ms until the announcement` : '';
+      await this.journal.record(database, name, 'COMPLETED', op, `${winner.instanceId} is primary of term ${term}${buffered}`,
+        { term, details: { previous: previous ?? '' }, durationMs });
       return { term, ruleNumber, primary: winner.instanceId, previous, durationMs };
     } catch (err) {
       await this.journal.record(database, name, 'FAILED', op, (err as Error).message, { term, durationMs: Date.now() - started }).catch(() => undefined);
@@ -135,9 +137,9 @@ export class Election {
   }
 
   /** RECRUIT(term) to one voter; its position, or undefined when it refused or did not answer. */
-  private async recruit(key: string, inst: InstanceRegistered, term: bigint): Promise<VoterPosition | undefined> {
+  private async recruit(key: string, inst: InstanceRegistered, term: bigint, args: { outlast?: string } = {}): Promise<VoterPosition | undefined> {
     try {
-      const r = await this.agents.send(inst.instanceId, 'RECRUIT', { term: String(term) }, this.cfg.commandTimeoutMs);
+      const r = await this.agents.send(inst.instanceId, 'RECRUIT', { term: String(term), ...args }, this.cfg.commandTimeoutMs);
       if (r.status === 'SUCCEEDED') return decodePosition(r.message);
       const pledged = pledgedTermIn(r.message);
       if (pledged !== undefined && pledged > (this.termsSeen.get(key) ?? 0n)) this.termsSeen.set(key, pledged);
@@ -151,10 +153,12 @@ export class Election {
   /**
    * Recruits every voter at once and returns as soon as the recruited suffice
    * (plus a short grace, so a slightly slower but more advanced voter is not
-   * left out), or when all have answered.
+   * left out), or when all have answered. In a switchover the old primary is
+   * recruited by the caller alongside (`outlast`), and the caller judges.
    */
-  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>): Promise<void> {
-    const todo = shard.cohort.filter((i) => !positions.has(i.instanceId));
+  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>, outlast?: InstanceRegistered): Promise<void> {
+    const todo = shard.cohort.filter((i) => !positions.has(i.instanceId) && i.instanceId !== outlast?.instanceId);
+    const args = outlast ? { outlast: `${outlast.host}:${outlast.port}` } : {};
     const suffices = () => recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()));
     await new Promise<void>((resolve) => {
       let left = todo.length;
@@ -167,7 +171,7 @@ export class Election {
       };
       if (left === 0) resolve();
       for (const inst of todo) {
-        void this.recruit(shard.key, inst, term).then((p) => {
+        void this.recruit(shard.key, inst, term, args).then((p) => {
           if (p) positions.set(inst.instanceId, p);
         }, () => undefined).finally(() => {
           left--;
@@ -175,12 +179,14 @@ export class Election {
         });
       }
     });
-    if (!suffices()) {
-      const refusedAbove = this.termsSeen.get(shard.key);
-      throw new ElectionError(
-        `recruited ${[...positions.keys()].join(', ') || 'nobody'} of ${shard.cohort.length}: not enough under ${shard.policyText}` +
-        (refusedAbove && refusedAbove >= term ? ` (a voter pledged term ${refusedAbove})` : ''), 'failed');
-    }
+    if (!outlast && !suffices()) throw this.notEnough(shard, term, positions);
+  }
+
+  private notEnough(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>): ElectionError {
+    const refusedAbove = this.termsSeen.get(shard.key);
+    return new ElectionError(
+      `recruited ${[...positions.keys()].join(', ') || 'nobody'} of ${shard.cohort.length}: not enough under ${shard.policyText}` +
+      (refusedAbove && refusedAbove >= term ? ` (a voter pledged term ${refusedAbove})` : ''), 'failed');
   }
 
   private choose(shard: ShardView, positions: Map<string, VoterPosition>, req: ElectionRequest, previous: string | undefined): InstanceRegistered {

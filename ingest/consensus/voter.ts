@@ -5,7 +5,8 @@
  * - RECRUIT(term): refuses a term not newer than its pledge; otherwise pledges
  *   it durably, stops acknowledging the old primary (a standby drops its
  *   upstream; a primary is shut down and comes back as a standby of nobody),
- *   and answers with its position (rule and WAL).
+ *   and answers with its position (rule and WAL). In a switchover, `outlast`
+ *   names the old primary: a standby lets it end the stream first.
  * - PROMOTE(term): only for the orchestrator it pledged this term to; promotes
  *   and checkpoints (so the old primary can be rewound from it at once).
  * - REPOINT(term, host, port): streams from the term's primary; when the WAL
@@ -34,6 +35,8 @@ const START_AFTER_REWIND_S = 15;
 const START_AS_STANDBY_S = 5;
 /** Polls inside an election (RECRUIT): each one is part of a switchover's write gap. */
 const FAST_POLL_MS = 10;
+/** How long a standby waits for a switchover's old primary to end the stream before it stops listening anyway. */
+const OUTLAST_MS = 3_000;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -71,7 +74,7 @@ export class Voter {
     this.pledge.write({ term, orchestrator: cmd.issuedBy });
     pledges.inc();
     this.log.info({ term, orchestrator: cmd.issuedBy }, 'pledged term');
-    return encodePosition((await this.fence(term)) ?? (await this.position(term)));
+    return encodePosition((await this.fence(term, cmd.args.outlast)) ?? (await this.position(term)));
   }
 
   /**
@@ -79,7 +82,7 @@ export class Voter {
    * anything of the old term. A primary reports its position itself, taken
    * before it shuts down.
    */
-  private async fence(term: bigint): Promise<VoterPosition | undefined> {
+  private async fence(term: bigint, outlast?: string): Promise<VoterPosition | undefined> {
     const pg = this.pg;
     if (!pg.isRunning()) {
       // Down: bring it back as a standby of nobody, so it can report what it holds.
@@ -99,6 +102,13 @@ export class Voter {
       throw new Error('postgres does not answer: immediate shutdown queued; position unknown');
     }
     if (probe.inRecovery) {
+      // Switchover: the old primary (`outlast`, host:port) is being shut down by the same term's RECRUIT. Its last WAL
+      // and shutdown checkpoint still reach us if we let its walsender end the stream before we stop listening.
+      if (outlast) {
+        await this.waitFor(`${outlast} to end its stream`, OUTLAST_MS, async () =>
+          (await pg.query(`SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming' AND sender_host || ':' || sender_port = $1`, [outlast])).length === 0,
+        FAST_POLL_MS).catch(() => undefined);
+      }
       pg.configureStandby(null);
       await pg.reload();
       await this.waitFor('the WAL receiver to stop', 5_000, async () =>
@@ -128,8 +138,9 @@ export class Voter {
       if (rec) await this.pg.promote();
     }, true);
     this.log.info({ term }, 'promoted for term');
-    await this.agent.reportNow(); // gateways route to a primary only once its heartbeat says so
-    return encodePosition(await this.position(term));
+    // Gateways route to a primary only once its heartbeat says so.
+    const [, position] = await Promise.all([this.agent.reportNow(), this.position(term)]);
+    return encodePosition(position);
   }
 
   private async repoint(cmd: AgentCommand): Promise<string> {
