@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
-import { queryAt } from '../../common/postgres.ts';
+import { queryAt, withConnection } from '../../common/postgres.ts';
 import { parseLsn } from './lsn.ts';
 
 export interface PostgresInstanceOptions {
@@ -225,9 +225,26 @@ export class PostgresInstance {
   async promote(): Promise<void> {
     // As for stop: signal, then poll more often than pg_ctl would.
     await this.run('pg_ctl', ['promote', '-W', '-D', this.dataDir]);
-    await this.pollUntil(`${this.name} to leave recovery`, async () =>
-      !(await this.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec', [], 1_000))[0].rec);
+    await this.watch(`${this.name} to leave recovery`, 'SELECT pg_is_in_recovery() AS rec', [], (rows) => !rows[0].rec, Number(START_STOP_TIMEOUT_S) * 1_000);
     this.log.info('promoted');
+  }
+
+  /**
+   * Runs `sql` every `intervalMs` on one connection until `done` holds for
+   * its rows (resolving with them), or throws after timeoutMs. For the short
+   * waits inside an election: polling often is cheap on one connection, not
+   * with a new backend each time.
+   */
+  async watch<T extends pg.QueryResultRow>(what: string, sql: string, params: unknown[], done: (rows: T[]) => boolean, timeoutMs: number, intervalMs = 10): Promise<T[]> {
+    return withConnection({ host: this.host, port: this.port }, async (c) => {
+      for (;;) {
+        const { rows } = await c.query<T>(sql, params);
+        if (done(rows)) return rows;
+        await sleep(intervalMs);
+      }
+    }, timeoutMs).catch((err: Error) => {
+      throw new Error(`waiting for ${what}: ${err.message}`);
+    });
   }
 
   /** Polls `done` every 10 ms (errors count as not yet) until it holds; throws after the start/stop timeout. */
