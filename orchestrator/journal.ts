@@ -124,9 +124,8 @@ export class Journal {
 
   async release(database: string, shard: string, operation: string): Promise<void> {
     const key = shardKey(database, shard);
-    const renewal = this.renewals.get(key);
+    // No renewal after this one; one already sent goes out before the release (`record` sends one at a time).
     this.stopRenewing(key);
-    await renewal?.pending; // a renewal landing after the release would hold the shard again
     if (this.lease(key)?.orchestrator !== this.orchestrator) return;
     await this.record(database, shard, 'RELEASED', operation, `${this.orchestrator} releases the shard`);
   }
