@@ -69,7 +69,7 @@ export class Agent {
       agentMetricsPort: this.cfg.metricsPort, poolerPort: this.cfg.poolerPort,
     }));
     const serving = this.postgres.isInitialized() ? 'SERVING' : 'NOT_SERVING';
-    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: serving }));
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: serving, term: null }));
     // Heartbeats first: joining the command group can wait out a dead predecessor's session.
     this.loop = this.healthLoop();
     this.cdc.start();
@@ -89,7 +89,7 @@ export class Agent {
     await this.commands?.stop();
     await this.cdc.stop();
     await this.lifecycleOp;
-    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING' })).catch(() => undefined);
+    await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING', term: null })).catch(() => undefined);
     await this.postgres.stop('fast');
     await this.heartbeat(null, 'stopped by its agent').catch(() => undefined);
     await this.eventLog.close();

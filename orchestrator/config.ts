@@ -19,8 +19,11 @@ export const orchConfigSchema = z.object({
   agentDownMs: z.number().int().min(500).default(2_500),
   /** A heartbeat older than this is stale. */
   staleMs: z.number().int().min(100).default(1_500),
-  /** How long a shard's recovery lease lasts unless released. */
-  leaseMs: z.number().int().min(1_000).default(5_000),
+  /**
+   * How long a shard's recovery lease lasts unless renewed (every leaseMs/3 while its holder works) or
+   * released: what the others wait when the holder dies. Orchestrators' clocks must agree within leaseMs/4.
+   */
+  leaseMs: z.number().int().min(1_000).default(2_000),
   /** Timeout of one agent command (rewinds and clones take longer: see the callers). */
   commandTimeoutMs: z.number().int().min(500).default(8_000),
 }).strict();

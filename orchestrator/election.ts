@@ -9,14 +9,14 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { EventLog } from '../common/eventlog.ts';
-import { queryAt, withConnection } from '../common/postgres.ts';
+import { withConnection } from '../common/postgres.ts';
 import {
   comparePositions, decodePosition, payload, pledgedTermIn, recruitmentSuffices, RULE_DDL, RULE_TABLE, syncStandbyNames, topologyKey,
-  type InstanceRegistered, type TopologyEvent, type VoterPosition,
+  type InstanceRegistered, type OrchEventKind, type TopologyEvent, type VoterPosition,
 } from '../schemas/index.ts';
 import { AgentTimeout, type Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
-import type { Journal } from './journal.ts';
+import { LeaseLost, type Journal } from './journal.ts';
 import type { ShardView } from './view.ts';
 
 export interface ElectionRequest {
@@ -41,12 +41,15 @@ export class ElectionError extends Error {
 }
 
 const DRAIN_MS = 3_000;
+const DRAIN_POLL_MS = 5;
 const RECRUIT_GRACE_MS = 150;
 const RULE_WRITE_TIMEOUT_MS = 20_000;
 /** A new shard's first rule waits for its standbys to be cloned. */
 const BOOTSTRAP_RULE_WRITE_TIMEOUT_MS = 120_000;
 
 const addr = (i: InstanceRegistered) => ({ host: i.host, port: i.port });
+const positionDetails = (positions: Map<string, VoterPosition>) =>
+  Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`]));
 
 export class Election {
   private readonly publishTopology;
@@ -75,81 +78,86 @@ export class Election {
       await this.journal.release(database, name, op).catch(() => undefined);
       throw new ElectionError(`${key} already has a newer term (${completed}) than this view shows`, 'busy');
     }
-    const record = (kind: Parameters<Journal['record']>[2], summary: string, details: Record<string, string> = {}, durationMs?: number) =>
-      this.journal.record(database, name, kind, op, summary, { term, details, durationMs });
-    // The lease is short (a dead orchestrator's shard waits for it to lapse), so a long election renews it between steps.
-    let leased = Date.now();
-    const renew = async () => {
-      if (Date.now() - leased < this.cfg.leaseMs / 3) return;
-      if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) throw new ElectionError(`lost the lease of ${key}`, 'busy');
-      leased = Date.now();
-    };
+    // Progress goes to the journal without waiting for Kafka: every step here is inside the client's write gap.
+    const note = (kind: OrchEventKind, summary: string, details: Record<string, string> = {}, durationMs?: number) =>
+      this.journal.note(database, name, kind, op, summary, { term, details, durationMs });
+    // The journal renews the lease in the background while we hold it; one that lapsed stops us at the next step.
+    const step = () => this.journal.assertHeld(database, name);
+    const ms = (since: number) => String(Date.now() - since);
     try {
-      await record('DECIDED', `${op} to term ${term}: ${req.reason}`, { previous: previous ?? '', target: req.target ?? '' });
+      note('DECIDED', `${op} to term ${term}: ${req.reason}`, { previous: previous ?? '', target: req.target ?? '' });
       const old = shard.cohort.find((i) => i.instanceId === previous);
-      if (old) await this.serving(old.instanceId, 'NOT_SERVING'); // gateways buffer from here on
+      if (old) await this.serving(old.instanceId, 'NOT_SERVING', term); // gateways buffer from here on
+      const gapStarted = Date.now();
 
       const positions = new Map<string, VoterPosition>();
+      const t0 = Date.now();
       if (op === 'switchover') {
         if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
         await this.drain(old);
-        // The old primary first: its shutdown checkpoint reaches the standbys before they stop listening.
-        const p = await this.recruit(key, old, term);
+        const drainMs = ms(t0);
+        // All at once: the old primary shuts down (fast: its walsenders send everything, the shutdown checkpoint
+        // included), and the standbys let it end their stream before they stop listening (`outlast`).
+        const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old)]);
         if (!p) throw new ElectionError(`the primary ${old.instanceId} could not be recruited`, 'failed');
         positions.set(old.instanceId, p);
+        if (!recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()))) throw this.notEnough(shard, term, positions);
+        note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}`, positionDetails(positions), Date.now() - t0);
+      } else {
+        await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap');
+        // A voter that did not answer may hold data (a first election that failed midway): the first election of a
+        // shard needs every voter, and initializes a new primary only when none holds data.
+        if (op === 'bootstrap' && positions.size < shard.cohort.length) {
+          throw new ElectionError(`a shard's first election needs every voter; recruited ${[...positions.keys()].join(', ') || 'nobody'} of ${shard.cohort.length}`, 'failed');
+        }
+        note('ACTED', `recruited ${[...positions.keys()].join(', ')}`, positionDetails(positions), Date.now() - t0);
       }
-      const t0 = Date.now();
-      await this.recruitQuorum(shard, term, positions, op === 'bootstrap');
-      const recruited = new Set(positions.keys());
-      // A voter that did not answer may hold data (a first election that failed midway): the first election of a
-      // shard needs every voter, and initializes a new primary only when none holds data.
-      if (op === 'bootstrap' && recruited.size < shard.cohort.length) {
-        throw new ElectionError(`a shard's first election needs every voter; recruited ${[...recruited].join(', ') || 'nobody'} of ${shard.cohort.length}`, 'failed');
-      }
-      await record('ACTED', `recruited ${[...recruited].join(', ')}`, Object.fromEntries([...positions].map(([id, p]) => [id, `rule ${p.ruleTerm}/${p.ruleNumber} lsn ${p.lsn}`])), Date.now() - t0);
 
-      await renew();
+      step();
       const winner = this.choose(shard, positions, req, previous);
       // The most advanced voter holds no data only when no recruited one does: in a shard's first election (all
       // recruited) that is a new shard, whose primary is initialized; otherwise the data is on voters not reached.
       const empty = positions.get(winner.instanceId)!.empty;
-      if (empty && op !== 'bootstrap') throw new ElectionError(`no recruited voter holds data (${[...recruited].join(', ')}); waiting for one that does`, 'failed');
+      if (empty && op !== 'bootstrap') throw new ElectionError(`no recruited voter holds data (${[...positions.keys()].join(', ')}); waiting for one that does`, 'failed');
       const action = empty ? 'BOOTSTRAP' : 'PROMOTE';
-      await record('DECIDED', `${action.toLowerCase()} ${winner.instanceId}`,
-        { reason: action === 'BOOTSTRAP' ? 'a new shard: no voter holds data' : 'most advanced recruited voter' });
+      note('DECIDED', `${action.toLowerCase()} ${winner.instanceId}`, { reason: empty ? 'a new shard: no voter holds data' : 'most advanced recruited voter' });
       const t1 = Date.now();
       const promoted = await this.agents.send(winner.instanceId, action, { term: String(term) }, this.cfg.commandTimeoutMs * 2);
       if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`${action} of ${winner.instanceId} failed: ${promoted.message}`, 'failed');
-      await record('ACTED', `${action === 'BOOTSTRAP' ? 'initialized' : 'promoted'} ${winner.instanceId}`, {}, Date.now() - t1);
+      note('ACTED', `${empty ? 'initialized' : 'promoted'} ${winner.instanceId}`, {}, Date.now() - t1);
 
-      await renew();
+      step();
       const t2 = Date.now();
+      // Repoints go on in the background, while the policy is applied; the rule write below waits for as many as the policy needs.
+      for (const inst of shard.cohort.filter((i) => i.instanceId !== winner.instanceId)) void this.repoint(shard, inst, winner, term).catch(() => undefined);
       await applyPolicy(shard, winner);
-      const others = shard.cohort.filter((i) => i.instanceId !== winner.instanceId);
-      // Repoints go on in the background; the rule write below waits for as many as the policy needs.
-      for (const inst of others) void this.repoint(shard, inst, winner, term).catch(() => undefined);
+      const policyMs = ms(t2);
+      const t3 = Date.now();
       const ruleNumber = await writeRule(shard, winner, term, this.cfg.id, op === 'bootstrap' ? BOOTSTRAP_RULE_WRITE_TIMEOUT_MS : RULE_WRITE_TIMEOUT_MS);
-      await record('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum`, {}, Date.now() - t2);
+      note('ACTED', `rule ${ruleNumber} of term ${term} written on ${winner.instanceId} and acknowledged by the quorum (policy ${policyMs} ms, rule ${ms(t3)} ms)`, {}, Date.now() - t2);
+      step();
 
       await this.topology(
         payload('PrimaryChanged', { database, shard: name, primaryInstanceId: winner.instanceId, term, ruleNumber, reason: `${op}: ${req.reason}` }),
-        payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING' }),
+        payload('ServingStateChanged', { instanceId: winner.instanceId, state: 'SERVING', term }),
       );
       const durationMs = Date.now() - started;
-      await record('COMPLETED', `${winner.instanceId} is primary of term ${term}`, { previous: previous ?? '' }, durationMs);
+      const buffered = old ? `; ${old.instanceId} was NOT_SERVING for ${ms(gapStarted)} ms until the announcement` : '';
+      await this.journal.record(database, name, 'COMPLETED', op, `${winner.instanceId} is primary of term ${term}${buffered}`,
+        { term, details: { previous: previous ?? '' }, durationMs });
       return { term, ruleNumber, primary: winner.instanceId, previous, durationMs };
     } catch (err) {
-      await record('FAILED', (err as Error).message, {}, Date.now() - started).catch(() => undefined);
-      throw err instanceof ElectionError ? err : new ElectionError((err as Error).message, 'failed');
+      await this.journal.record(database, name, 'FAILED', op, (err as Error).message, { term, durationMs: Date.now() - started }).catch(() => undefined);
+      throw err instanceof ElectionError ? err : new ElectionError((err as Error).message, err instanceof LeaseLost ? 'busy' : 'failed');
     } finally {
       await this.journal.release(database, name, op).catch(() => undefined);
     }
   }
 
   /** RECRUIT(term) to one voter; its position, or undefined when it refused or did not answer. */
-  private async recruit(key: string, inst: InstanceRegistered, term: bigint): Promise<VoterPosition | undefined> {
+  private async recruit(key: string, inst: InstanceRegistered, term: bigint, args: { outlast?: string } = {}): Promise<VoterPosition | undefined> {
     try {
-      const r = await this.agents.send(inst.instanceId, 'RECRUIT', { term: String(term) }, this.cfg.commandTimeoutMs);
+      const r = await this.agents.send(inst.instanceId, 'RECRUIT', { term: String(term), ...args }, this.cfg.commandTimeoutMs);
       if (r.status === 'SUCCEEDED') return decodePosition(r.message);
       const pledged = pledgedTermIn(r.message);
       if (pledged !== undefined && pledged > (this.termsSeen.get(key) ?? 0n)) this.termsSeen.set(key, pledged);
@@ -163,10 +171,13 @@ export class Election {
   /**
    * Recruits every voter at once and returns as soon as the recruited suffice
    * (plus a short grace, so a slightly slower but more advanced voter is not
-   * left out), or when all have answered (always, with `everyone`).
+   * left out), or when all have answered (always, with `everyone`). In a
+   * switchover the old primary is recruited by the caller alongside
+   * (`outlast`), and the caller judges.
    */
-  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>, everyone = false): Promise<void> {
-    const todo = shard.cohort.filter((i) => !positions.has(i.instanceId));
+  private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>, outlast?: InstanceRegistered, everyone = false): Promise<void> {
+    const todo = shard.cohort.filter((i) => !positions.has(i.instanceId) && i.instanceId !== outlast?.instanceId);
+    const args = outlast ? { outlast: `${outlast.host}:${outlast.port}` } : {};
     const suffices = () => recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()));
     await new Promise<void>((resolve) => {
       let left = todo.length;
@@ -179,7 +190,7 @@ export class Election {
       };
       if (left === 0) resolve();
       for (const inst of todo) {
-        void this.recruit(shard.key, inst, term).then((p) => {
+        void this.recruit(shard.key, inst, term, args).then((p) => {
           if (p) positions.set(inst.instanceId, p);
         }, () => undefined).finally(() => {
           left--;
@@ -187,12 +198,14 @@ export class Election {
         });
       }
     });
-    if (!suffices()) {
-      const refusedAbove = this.termsSeen.get(shard.key);
-      throw new ElectionError(
-        `recruited ${[...positions.keys()].join(', ') || 'nobody'} of ${shard.cohort.length}: not enough under ${shard.policyText}` +
-        (refusedAbove && refusedAbove >= term ? ` (a voter pledged term ${refusedAbove})` : ''), 'failed');
-    }
+    if (!outlast && !suffices()) throw this.notEnough(shard, term, positions);
+  }
+
+  private notEnough(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>): ElectionError {
+    const refusedAbove = this.termsSeen.get(shard.key);
+    return new ElectionError(
+      `recruited ${[...positions.keys()].join(', ') || 'nobody'} of ${shard.cohort.length}: not enough under ${shard.policyText}` +
+      (refusedAbove && refusedAbove >= term ? ` (a voter pledged term ${refusedAbove})` : ''), 'failed');
   }
 
   private choose(shard: ShardView, positions: Map<string, VoterPosition>, req: ElectionRequest, previous: string | undefined): InstanceRegistered {
@@ -215,12 +228,14 @@ export class Election {
   /** Waits (bounded) until the old primary runs no client transaction: gateways hold new ones meanwhile. */
   private async drain(old: InstanceRegistered): Promise<void> {
     const deadline = Date.now() + DRAIN_MS;
-    while (Date.now() < deadline) {
-      const [{ busy }] = await queryAt<{ busy: number }>(addr(old), `SELECT count(*)::int AS busy FROM pg_stat_activity
-        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`, [], 1_000);
-      if (busy === 0) return;
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await withConnection(addr(old), async (c) => {
+      while (Date.now() < deadline) {
+        const { rows: [{ busy }] } = await c.query<{ busy: number }>(`SELECT count(*)::int AS busy FROM pg_stat_activity
+          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`);
+        if (busy === 0) return;
+        await new Promise((r) => setTimeout(r, DRAIN_POLL_MS));
+      }
+    }, DRAIN_MS + 1_000);
   }
 
   private async repoint(shard: ShardView, inst: InstanceRegistered, primary: InstanceRegistered, term: bigint): Promise<void> {
@@ -229,7 +244,7 @@ export class Election {
       .catch((err: Error) => ({ status: 'TIMEOUT', message: err.message }));
     await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'ACTED' : 'OBSERVED', 'repoint',
       `${inst.instanceId} -> ${primary.instanceId}: ${r.status === 'SUCCEEDED' ? r.message : `not yet (${r.message})`}`, { term, durationMs: Date.now() - started });
-    if (r.status === 'SUCCEEDED') await this.serving(inst.instanceId, 'SERVING');
+    if (r.status === 'SUCCEEDED') await this.serving(inst.instanceId, 'SERVING', term);
   }
 
   /** Publishes topology events in one batch (one partition: they arrive in this order). */
@@ -238,8 +253,9 @@ export class Election {
     return this.publishTopology(events.map((e) => ({ key: topologyKey(e), value: e })));
   }
 
-  async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING'): Promise<void> {
-    await this.topology(payload('ServingStateChanged', { instanceId, state }));
+  /** Flips an instance's serving flag, stamped with the term we act in (the fold ignores it once a newer term is known). */
+  async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING', term: bigint): Promise<void> {
+    await this.topology(payload('ServingStateChanged', { instanceId, state, term }));
   }
 }
 

@@ -226,7 +226,7 @@ export class Keeper {
       const wired = h.reachable && h.role === 'REPLICA' && h.upstream === upstream && h.walReceiverStatus === 'streaming';
       if (wired) {
         s.miswiredSince.delete(inst.instanceId);
-        if (this.watch.topology.serving.get(inst.instanceId) !== 'SERVING') await this.election.serving(inst.instanceId, 'SERVING');
+        if (this.watch.topology.serving.get(inst.instanceId) !== 'SERVING') await this.election.serving(inst.instanceId, 'SERVING', shard.primary!.term);
         continue;
       }
       const since = s.miswiredSince.get(inst.instanceId) ?? now;
@@ -250,12 +250,12 @@ export class Keeper {
     let outcome: Promise<void>;
     try {
       await this.journal.record(shard.database, shard.shard, 'DECIDED', 'repoint', `repoint ${inst.instanceId} to ${primary.instanceId}: ${why}`, { term });
-      if (why === STALE_PRIMARY && this.watch.topology.serving.get(inst.instanceId) === 'SERVING') await this.election.serving(inst.instanceId, 'NOT_SERVING');
+      if (why === STALE_PRIMARY && this.watch.topology.serving.get(inst.instanceId) === 'SERVING') await this.election.serving(inst.instanceId, 'NOT_SERVING', term);
       outcome = this.agents.send(inst.instanceId, 'REPOINT', { term: String(term), host: primary.host, port: String(primary.port) }, REPOINT_TIMEOUT_MS)
         .then(async (r) => {
           await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'COMPLETED' : 'FAILED', 'repoint',
             `${inst.instanceId}: ${r.message}`, { term, durationMs: Date.now() - started });
-          if (r.status === 'SUCCEEDED') await this.election.serving(inst.instanceId, 'SERVING');
+          if (r.status === 'SUCCEEDED') await this.election.serving(inst.instanceId, 'SERVING', term);
         });
     } finally {
       await this.journal.release(shard.database, shard.shard, 'repoint');

@@ -8,7 +8,7 @@
  * views join them when asked.
  */
 import type {
-  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, ServingState, ShardDefined, TopologyEvent,
+  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
 } from './generated/types.ts';
 
 type Payload = TopologyEvent['payload'];
@@ -69,10 +69,17 @@ export function emptyTopology(): TopologyState {
 
 export const shardKey = (database: string, shard: string) => `${database}/${shard}`;
 
+/** The term of the primary of the instance's shard as folded so far (0 when unknown). */
+function primaryTermOf(state: TopologyState, instanceId: string): bigint {
+  const inst = state.instances.get(instanceId);
+  return (inst && state.primaries.get(shardKey(inst.database, inst.shard))?.term) ?? 0n;
+}
+
 /**
  * Applies one event to the state in place and returns it. A PrimaryChanged
- * with an older term than the one held is ignored: terms, not log order,
- * decide who is primary.
+ * with an older term than the one held is ignored, and so is a
+ * ServingStateChanged whose term is older than the shard's primary term:
+ * terms, not log order, decide who is primary and who serves.
  */
 export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): TopologyState {
   const { kind, body } = kindOf(event);
@@ -85,7 +92,14 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
     case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;
-    case 'ServingStateChanged': state.serving.set(b.instanceId, b.state); break;
+    case 'ServingStateChanged': {
+      // An orchestrator's change carries its term: one from a stale orchestrator (older than the
+      // shard's primary term) is ignored. Agents' changes (and events written before the field) have none.
+      const term = (b as ServingStateChanged).term ?? null;
+      if (term !== null && term < primaryTermOf(state, b.instanceId)) break;
+      state.serving.set(b.instanceId, b.state);
+      break;
+    }
     case 'PrimaryChanged': {
       const p = b as PrimaryChanged;
       const key = shardKey(p.database, p.shard);

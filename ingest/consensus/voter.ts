@@ -5,7 +5,8 @@
  * - RECRUIT(term): refuses a term not newer than its pledge; otherwise pledges
  *   it durably, stops acknowledging the old primary (a standby drops its
  *   upstream; a primary is shut down and comes back as a standby of nobody),
- *   and answers with its position (rule and WAL).
+ *   and answers with its position (rule and WAL). In a switchover, `outlast`
+ *   names the old primary: a standby lets it end the stream first.
  * - PROMOTE(term): only for the orchestrator it pledged this term to; promotes
  *   and checkpoints (so the old primary can be rewound from it at once).
  * - BOOTSTRAP(term): the same pledge check; an instance with no data
@@ -35,6 +36,10 @@ const STREAM_WAIT_MS = 3_000;
 const STREAM_AFTER_REWIND_MS = 10_000;
 const START_AFTER_REWIND_S = 15;
 const START_AS_STANDBY_S = 5;
+/** How long a standby that just started must hold one position before it reports it. */
+const STABLE_MS = 80;
+/** How long a standby waits for a switchover's old primary to end the stream before it stops listening anyway. */
+const OUTLAST_MS = 3_000;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -73,7 +78,8 @@ export class Voter {
     this.pledge.write({ term, orchestrator: cmd.issuedBy });
     pledges.inc();
     this.log.info({ term, orchestrator: cmd.issuedBy }, 'pledged term');
-    return encodePosition((await this.fence(term)) ?? (await this.position(term)));
+    const fenced = await this.fence(term, cmd.args.outlast);
+    return encodePosition(fenced === 'receiver gone' ? await this.position(term, true) : fenced ?? (await this.position(term)));
   }
 
   /**
@@ -81,7 +87,7 @@ export class Voter {
    * anything of the old term. A primary reports its position itself, taken
    * before it shuts down.
    */
-  private async fence(term: bigint): Promise<VoterPosition | undefined> {
+  private async fence(term: bigint, outlast?: string): Promise<VoterPosition | 'receiver gone' | undefined> {
     const pg = this.pg;
     if (!pg.isInitialized()) return emptyPosition(term); // holds nothing, acknowledges nothing
     if (!pg.isRunning()) {
@@ -102,11 +108,17 @@ export class Voter {
       throw new Error('postgres does not answer: immediate shutdown queued; position unknown');
     }
     if (probe.inRecovery) {
+      // Switchover: the old primary (`outlast`, host:port) is being shut down by the same term's RECRUIT. Its last WAL
+      // and shutdown checkpoint still reach us if we let its walsender end the stream before we stop listening.
+      if (outlast) {
+        await pg.watch(`${outlast} to end its stream`, `SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming' AND sender_host || ':' || sender_port = $1`,
+          [outlast], (rows) => rows.length === 0, OUTLAST_MS).catch(() => undefined); // it may not: we stop listening anyway
+      }
       pg.configureStandby(null);
       await pg.reload();
-      await this.waitFor('the WAL receiver to stop', 5_000, async () =>
-        (await pg.query('SELECT 1 FROM pg_stat_wal_receiver')).length === 0);
-      return;
+      await pg.watch('the WAL receiver to stop', 'SELECT 1 FROM pg_stat_wal_receiver', [], (rows) => rows.length === 0, 5_000);
+      // Streaming until now: all its WAL came through the receiver (local WAL is replayed before streaming starts).
+      return probe.walReceiverStatus === 'streaming' ? 'receiver gone' : undefined;
     }
     // A primary: what it holds, then a fast shutdown (its walsenders first send everything, the shutdown
     // checkpoint included, to connected standbys). It stays down, a standby of nobody, until repointed or promoted.
@@ -138,8 +150,9 @@ export class Voter {
       if (rec) await this.pg.promote();
     }, true);
     this.log.info({ term }, 'promoted for term');
-    await this.agent.reportNow(); // gateways route to a primary only once its heartbeat says so
-    return encodePosition(await this.position(term));
+    // Gateways route to a primary only once its heartbeat says so.
+    const [, position] = await Promise.all([this.agent.reportNow(), this.position(term)]);
+    return encodePosition(position);
   }
 
   private async bootstrap(cmd: AgentCommand): Promise<string> {
@@ -251,23 +264,26 @@ export class Voter {
     }
   }
 
-  /** What this node holds, once a standby has replayed all it received. */
-  private async position(term: bigint): Promise<VoterPosition> {
+  /**
+   * What this node holds, once a standby has replayed all it received. A
+   * standby whose WAL receiver was just seen gone (`receiverGone`) holds no
+   * more than it received; one that just started may still be replaying
+   * local WAL, so its position must first stay put for STABLE_MS.
+   */
+  private async position(term: bigint, receiverGone = false): Promise<VoterPosition> {
     const pg = this.pg;
     let last = '';
-    let stable = 0;
-    let row!: { rec: boolean; lsn: string; caught_up: boolean; tli: number };
-    await this.waitFor('replay to reach the received WAL', 10_000, async () => {
-      [row] = await pg.query(`SELECT pg_is_in_recovery() AS rec,
-        (CASE WHEN pg_is_in_recovery() THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) ELSE pg_current_wal_flush_lsn() END)::text AS lsn,
-        (NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn()) AS caught_up,
-        (SELECT timeline_id FROM pg_control_checkpoint()) AS tli`);
-      stable = row.lsn === last ? stable + 1 : 0;
-      last = row.lsn;
-      return row.caught_up && (!row.rec || stable >= 2); // a standby that just started may still be replaying local WAL
-    }, 40);
+    let stableSince = Date.now();
+    const [row] = await pg.watch<{ rec: boolean; lsn: string; caught_up: boolean; tli: number }>('replay to reach the received WAL', `SELECT pg_is_in_recovery() AS rec,
+      (CASE WHEN pg_is_in_recovery() THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) ELSE pg_current_wal_flush_lsn() END)::text AS lsn,
+      (NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn()) AS caught_up,
+      (SELECT timeline_id FROM pg_control_checkpoint()) AS tli`, [], ([r]) => {
+      if (r.lsn !== last) stableSince = Date.now();
+      last = r.lsn;
+      return r.caught_up && (!r.rec || receiverGone || Date.now() - stableSince >= STABLE_MS);
+    }, 10_000);
     const [rule] = await pg.query<{ rule_number: string; term: string }>(
-      `SELECT rule_number::text, term::text FROM ${RULE_TABLE} ORDER BY rule_number DESC LIMIT 1`).catch((err: { code?: string }) => {
+      `SELECT r.rule_number::text, r.term::text FROM ${RULE_TABLE} r ORDER BY r.rule_number DESC LIMIT 1`).catch((err: { code?: string }) => {
       if (err.code === '42P01' || err.code === '3F000') return []; // no rule yet (before bootstrap)
       throw err;
     });

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
-import { queryAt } from '../../common/postgres.ts';
+import { queryAt, withConnection } from '../../common/postgres.ts';
 import { parseLsn } from './lsn.ts';
 
 export interface PostgresInstanceOptions {
@@ -211,7 +211,9 @@ export class PostgresInstance {
 
   async stop(mode: 'fast' | 'immediate' = 'fast'): Promise<void> {
     if (!this.isRunning()) return;
-    await this.run('pg_ctl', ['stop', '-w', '-t', START_STOP_TIMEOUT_S, '-m', mode, '-D', this.dataDir]);
+    // pg_ctl's own wait polls every 100 ms, a visible part of a switchover: signal, then watch the pid file (removed last).
+    await this.run('pg_ctl', ['stop', '-W', '-m', mode, '-D', this.dataDir]);
+    await this.pollUntil(`${this.name} to stop`, async () => this.pidFileLines() === undefined || !this.isRunning());
     this.log.info({ mode }, 'stopped');
   }
 
@@ -221,8 +223,37 @@ export class PostgresInstance {
   }
 
   async promote(): Promise<void> {
-    await this.run('pg_ctl', ['promote', '-w', '-t', START_STOP_TIMEOUT_S, '-D', this.dataDir]);
+    // As for stop: signal, then poll more often than pg_ctl would.
+    await this.run('pg_ctl', ['promote', '-W', '-D', this.dataDir]);
+    await this.watch(`${this.name} to leave recovery`, 'SELECT pg_is_in_recovery() AS rec', [], (rows) => !rows[0].rec, Number(START_STOP_TIMEOUT_S) * 1_000);
     this.log.info('promoted');
+  }
+
+  /**
+   * Runs `sql` every `intervalMs` on one connection until `done` holds for
+   * its rows (resolving with them), or throws after timeoutMs. For the short
+   * waits inside an election: polling often is cheap on one connection, not
+   * with a new backend each time.
+   */
+  async watch<T extends pg.QueryResultRow>(what: string, sql: string, params: unknown[], done: (rows: T[]) => boolean, timeoutMs: number, intervalMs = 10): Promise<T[]> {
+    return withConnection({ host: this.host, port: this.port }, async (c) => {
+      for (;;) {
+        const { rows } = await c.query<T>(sql, params);
+        if (done(rows)) return rows;
+        await sleep(intervalMs);
+      }
+    }, timeoutMs).catch((err: Error) => {
+      throw new Error(`waiting for ${what}: ${err.message}`);
+    });
+  }
+
+  /** Polls `done` every 10 ms (errors count as not yet) until it holds; throws after the start/stop timeout. */
+  private async pollUntil(what: string, done: () => Promise<boolean>): Promise<void> {
+    const deadline = Date.now() + Number(START_STOP_TIMEOUT_S) * 1_000;
+    while (!(await done().catch(() => false))) {
+      if (Date.now() > deadline) throw new Error(`timed out after ${START_STOP_TIMEOUT_S} s waiting for ${what}`);
+      await sleep(10);
+    }
   }
 
   /** Re-reads the configuration files (pg_ctl reload). */

@@ -188,6 +188,8 @@ export type ServingState = 'SERVING' | 'NOT_SERVING' | 'DRAINED';
 export interface ServingStateChanged {
   instanceId: string;
   state: ServingState;
+  /** The shard's term the orchestrator acted in; consumers ignore a change older than the shard's primary term. Null from agents (start, stop), which know no term. */
+  term: null | bigint;
 }
 
 export interface PrimaryChanged {

@@ -11,6 +11,9 @@ const inst = (id: string, cell: string, type: 'PRIMARY' | 'REPLICA' = 'REPLICA')
 const primary = (id: string, term: bigint, ruleNumber = 1n) =>
   ev(payload('PrimaryChanged', { database: 'db', shard: '-', primaryInstanceId: id, term, ruleNumber, reason: 'test' }));
 
+const serving = (id: string, state: 'SERVING' | 'NOT_SERVING', term: bigint | null = null) =>
+  ev(payload('ServingStateChanged', { instanceId: id, state, term }));
+
 const base = () => [
   ev(payload('CellRegistered', { cell: 'zone1', region: null })),
   ev(payload('DatabaseCreated', { database: 'db', durabilityPolicy: null })),
@@ -38,7 +41,7 @@ test('within one term the higher rule number wins', () => {
 });
 
 test('deregistering removes the instance and its serving state; dropping a database hides its instances', () => {
-  const events = [...base(), ev(payload('ServingStateChanged', { instanceId: 'c', state: 'SERVING' })), ev(payload('InstanceDeregistered', { instanceId: 'c', reason: 'gone' }))];
+  const events = [...base(), serving('c', 'SERVING'), ev(payload('InstanceDeregistered', { instanceId: 'c', reason: 'gone' }))];
   const state = foldTopology(events);
   assert.equal(state.instances.has('c'), false);
   assert.equal(state.serving.has('c'), false);
@@ -47,8 +50,8 @@ test('deregistering removes the instance and its serving state; dropping a datab
 });
 
 test('the fold of the compacted log (latest event per key, in offset order) equals the fold of the full log', () => {
-  const log = [...base(), ev(payload('ServingStateChanged', { instanceId: 'b', state: 'NOT_SERVING' })), primary('b', 2n),
-    ev(payload('ServingStateChanged', { instanceId: 'b', state: 'SERVING' })), inst('c', 'zone9'), primary('c', 3n)];
+  const log = [...base(), serving('b', 'NOT_SERVING'), primary('b', 2n),
+    serving('b', 'SERVING'), inst('c', 'zone9'), primary('c', 3n)];
   const latest = new Map<string, number>();
   log.forEach((e, i) => latest.set(topologyKey(e), i));
   const compacted = log.filter((e, i) => latest.get(topologyKey(e)) === i);
@@ -57,10 +60,30 @@ test('the fold of the compacted log (latest event per key, in offset order) equa
   assert.deepEqual(strip(foldTopology(compacted)), strip(foldTopology(log)));
 });
 
+test('a serving change with a term older than the shard\'s primary term is ignored; newer, current and term-less ones apply', () => {
+  const state = foldTopology([...base(), primary('b', 3n), serving('a', 'NOT_SERVING', 3n)]);
+  // A stale orchestrator (term 2) marking the old primary serving again, or the new one not serving: both ignored.
+  applyTopologyEvent(state, serving('a', 'SERVING', 2n));
+  applyTopologyEvent(state, serving('b', 'NOT_SERVING', 2n));
+  assert.equal(state.serving.get('a'), 'NOT_SERVING');
+  assert.equal(state.serving.get('b'), undefined);
+  assert.equal(instancesOf(state).find((i) => i.instanceId === 'b')?.serving, 'NOT_SERVING'); // the view's default, untouched
+  applyTopologyEvent(state, serving('b', 'SERVING', 3n));
+  applyTopologyEvent(state, serving('c', 'SERVING', 4n)); // an election of term 4 runs ahead of its PrimaryChanged
+  assert.equal(state.serving.get('b'), 'SERVING');
+  assert.equal(state.serving.get('c'), 'SERVING');
+  // An agent's change (no term) applies whatever the term, as before the field existed.
+  applyTopologyEvent(state, serving('a', 'SERVING'));
+  assert.equal(state.serving.get('a'), 'SERVING');
+  // An instance the fold does not know yet (compaction order): nothing to compare with, so it applies.
+  applyTopologyEvent(state, serving('z', 'NOT_SERVING', 1n));
+  assert.equal(state.serving.get('z'), 'NOT_SERVING');
+});
+
 test('every payload kind has a key naming its entity', () => {
   assert.equal(topologyKey(inst('x', 'zone1')), 'instance/x');
   assert.equal(topologyKey(primary('x', 1n)), 'shard/db/-/primary');
-  assert.equal(topologyKey(ev(payload('ServingStateChanged', { instanceId: 'x', state: 'SERVING' }))), 'instance/x/serving');
+  assert.equal(topologyKey(serving('x', 'SERVING')), 'instance/x/serving');
   assert.equal(topologyKey(ev(payload('DatabaseDropped', { database: 'db' }))), 'database/db');
   assert.deepEqual(emptyTopology().applied, 0);
 });
