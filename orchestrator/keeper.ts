@@ -217,6 +217,8 @@ export class Keeper {
       s.lastPrimaryCheck = Date.now();
       await this.checkPrimary(shard, primary);
     }
+    // A switchover that failed after taking the primary out of service must not leave it there.
+    if (this.watch.topology.serving.get(primary.instanceId) !== 'SERVING') await this.election.serving(primary.instanceId, 'SERVING', shard.primary!.term);
     const upstream = `${primary.host}:${primary.port}`;
     const now = Date.now();
     for (const inst of shard.cohort) {
