@@ -99,10 +99,12 @@ export class Election {
         // All at once: the old primary shuts down (fast: its walsenders send everything, the shutdown checkpoint
         // included), and the standbys let it end their stream before they stop listening (`outlast`).
         const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old)]);
-        if (!p) throw new ElectionError(`the primary ${old.instanceId} could not be recruited`, 'failed');
-        positions.set(old.instanceId, p);
+        // The standbys are pledged to this term now and refuse the old one: stopping here would leave the old
+        // primary without its quorum. Without it, the election goes on as a failover would (fenced by quorum loss).
+        if (p) positions.set(old.instanceId, p);
         if (!recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()))) throw this.notEnough(shard, term, positions);
-        note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}`, positionDetails(positions), Date.now() - t0);
+        note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}${p ? '' : ` (not the primary ${old.instanceId}: it did not answer)`}`,
+          positionDetails(positions), Date.now() - t0);
       } else {
         await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap');
         // A voter that did not answer may hold data (a first election that failed midway): the first election of a

@@ -31,6 +31,8 @@ const REPOINT_TIMEOUT_MS = 180_000;
 const STALE_PRIMARY = 'a stale primary';
 /** How often the rule and the policy on a healthy primary are checked. */
 const CHECK_PRIMARY_MS = 2_000;
+/** A healthy primary left NOT_SERVING this long (by a switchover that failed) is put back in service. */
+const PRIMARY_OUT_MS = 10_000;
 /** A new shard is bootstrapped once its set of instances has not changed for this long (its agents start one by one). */
 const BOOTSTRAP_SETTLE_MS = 1_500;
 
@@ -44,6 +46,8 @@ interface ShardState {
   repairing: Set<string>;
   /** The term whose rule and policy were last found in place on its primary. */
   verifiedTerm?: bigint;
+  /** Since when the healthy primary has been out of service (NOT_SERVING). */
+  primaryOutSince?: number;
   /** A shard without a primary: its instances, and since when they have been these. */
   cohortSeen?: { ids: string; since: number };
 }
@@ -217,6 +221,10 @@ export class Keeper {
       s.lastPrimaryCheck = Date.now();
       await this.checkPrimary(shard, primary);
     }
+    // A switchover that failed after taking the primary out of service must not leave it there (the wait covers
+    // a switchover in progress whose claim this orchestrator has not read yet).
+    if (this.watch.topology.serving.get(primary.instanceId) === 'SERVING') s.primaryOutSince = undefined;
+    else if (Date.now() - (s.primaryOutSince ??= Date.now()) >= PRIMARY_OUT_MS) await this.election.serving(primary.instanceId, 'SERVING', shard.primary!.term);
     const upstream = `${primary.host}:${primary.port}`;
     const now = Date.now();
     for (const inst of shard.cohort) {
