@@ -174,6 +174,9 @@ export class Keeper {
     const latest = this.watch.latest(primaryId);
     let reason: string | undefined;
     if (silentMs >= this.cfg.agentDownMs) {
+      // With no other voter there is nobody to fail over to: an election would only shut the primary down and
+      // promote it again once its agent is back.
+      if (shard.cohort.length === 1) return;
       reason = `no heartbeat from the primary's agent for ${silentMs} ms`;
     } else if (Date.now() - s.unhealthySince! >= this.cfg.detectMs && this.watch.fresh(primaryId)) {
       // The agent says unreachable (or not primary): confirm with a probe of our own.
