@@ -51,10 +51,9 @@ export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Pr
 /**
  * Clients authenticate with SCRAM at the gateway, so the login role needs a
  * password. On a new cluster the `postgres` role gets MG_PASSWORD (default
- * "postgres"); Postgres stores only its SCRAM verifier. After failovers the
- * initial primary may be a replica, or down for a moment: any instance of the
+ * "postgres"); Postgres stores only its SCRAM verifier. Any instance of the
  * shard can tell whether the password is set (it replicates), and only the
- * current primary (not in recovery) can set it.
+ * current primary (not in recovery, whichever MultiOrch elected) can set it.
  */
 export async function ensureLoginPassword(spec: ClusterSpec, progress: Progress): Promise<void> {
   const shards = new Map<string, ReturnType<typeof instancesOf>>();
