@@ -188,7 +188,7 @@ function agentDied(spec: ClusterSpec, instances: PlannedInstance[]): string | un
 
 /**
  * Waits until each instance's latest heartbeat says healthy (reachable;
- * replicas streaming), or with `heardFrom` only that it is registered and heard.
+ * replicas streaming), or with `wanted` = 'heard from' only that it is registered and heard.
  */
 async function waitHealthy(
   eventLog: EventLog, ids: string[], timeoutMs: number, progress?: Progress, fatal: () => string | undefined = () => undefined,

@@ -28,7 +28,7 @@ export type CommandHandler = (cmd: AgentCommand) => Promise<string>;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** The health error of an instance that waits to be bootstrapped or cloned. */
-export const NO_DATA_YET = 'no data directory yet: waiting for MultiOrch to bootstrap or clone it';
+const NO_DATA_YET = 'no data directory yet: waiting for MultiOrch to bootstrap or clone it';
 
 export class Agent {
   readonly postgres: PostgresInstance;
@@ -104,7 +104,7 @@ export class Agent {
   private async ensurePostgres(): Promise<void> {
     if (!this.postgres.isInitialized()) {
       this.wantRunning = false;
-      this.log.info('no data directory yet: waiting for MultiOrch to bootstrap the shard or to clone this instance');
+      this.log.info(NO_DATA_YET);
       return;
     }
     this.postgres.writeConfig();

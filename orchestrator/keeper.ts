@@ -187,11 +187,16 @@ export class Keeper {
     }
     if (!reason) return;
     await this.journal.record(shard.database, shard.shard, 'OBSERVED', 'failover', `primary ${primaryId} failed: ${reason}`, { term: shard.primary!.term });
+    await this.electOrRetryLater(shard, { operation: 'failover', reason });
+  }
+
+  /** An unrequested election (failover, bootstrap): a failure is logged and the next tick tries again, after a pause. */
+  private async electOrRetryLater(shard: ShardView, req: ElectionRequest): Promise<void> {
     try {
-      const r = await this.elect(shard, { operation: 'failover', reason });
-      this.log.info({ shard: shard.key, term: r.term.toString(), primary: r.primary, ms: r.durationMs }, 'failover completed');
+      const r = await this.elect(shard, req);
+      this.log.info({ shard: shard.key, term: r.term.toString(), primary: r.primary, ms: r.durationMs }, `${req.operation} completed`);
     } catch (err) {
-      this.log.warn({ shard: shard.key, err: (err as Error).message }, 'failover did not complete; will retry');
+      this.log.warn({ shard: shard.key, err: (err as Error).message }, `${req.operation} did not complete; will retry`);
       await new Promise((r) => setTimeout(r, 300 + Math.random() * 700)); // do not duel with another orchestrator
     }
   }
@@ -207,13 +212,7 @@ export class Keeper {
     if (s.cohortSeen?.ids !== ids) s.cohortSeen = { ids, since: Date.now() };
     if (!ids || Date.now() - s.cohortSeen.since < BOOTSTRAP_SETTLE_MS) return;
     if (!canAcknowledge(shard.policy, shard.cohort) || !shard.cohort.every((i) => this.watch.fresh(i.instanceId))) return;
-    try {
-      const r = await this.elect(shard, { operation: 'bootstrap', reason: `a new shard of ${shard.cohort.length} instances under ${shard.policyText}` });
-      this.log.info({ shard: shard.key, term: r.term.toString(), primary: r.primary, ms: r.durationMs }, 'shard bootstrapped');
-    } catch (err) {
-      this.log.warn({ shard: shard.key, err: (err as Error).message }, 'bootstrap did not complete; will retry');
-      await new Promise((r) => setTimeout(r, 300 + Math.random() * 700)); // do not duel with another orchestrator
-    }
+    await this.electOrRetryLater(shard, { operation: 'bootstrap', reason: `a new shard of ${shard.cohort.length} instances under ${shard.policyText}` });
   }
 
   /** Healthy primary: rule, policy, and the wiring of every other instance. */
