@@ -9,7 +9,10 @@
  *  1. pgbench -S and TPC-B-like, -M simple/extended/prepared, 1/10/50/200
  *     clients, 10 s per run (3 s with --quick), against direct Postgres,
  *     PgBouncer, our pooler alone and gateway+pooler: TPS, p50/p99 from the
- *     per-transaction logs, ratios, CPU of each process, system calls.
+ *     per-transaction logs, ratios, CPU of each process, system calls. For
+ *     -S also the floor of a Node hop: a byte relay (bench/proxy/relay.ts),
+ *     alone and two chained (the gateway + pooler shape). Every target is
+ *     reached without TLS, as direct Postgres is.
  *  2. CPU profiles (node --cpu-prof) of the pooler and the gateway under load.
  *  3. Connection scale: 9k, 20k and 50k idle client connections (raw sockets,
  *     startup + SCRAM, from 127.0.0.2.. so ports do not run out) held on one
@@ -96,7 +99,7 @@ const NOFILE = nofile();
 
 // ---------------------------------------------------------------- ports and paths
 const ports = {
-  gateway: B, gatewayMetrics: B + 1, ownGateway: B + 10, ownGatewayMetrics: B + 11, ownPooler: B + 20, ownPoolerMetrics: B + 21,
+  gateway: B, gatewayMetrics: B + 1, ownGateway: B + 10, ownGatewayMetrics: B + 11, ownPooler: B + 20, ownPoolerMetrics: B + 21, relay: B + 30, relay2: B + 31,
   registry: B + 81, kafka: B + 92, kafkaController: B + 93,
   postgres: B + 432, pooler: B + 532, poolerMetrics: B + 632, agentMetrics: B + 732, pgbouncer: B + 999,
 };
@@ -321,13 +324,32 @@ function execFileSyncOk(cmd: string, argv: string[]): void {
 }
 
 // ---------------------------------------------------------------- 1. pgbench matrix
-/** `pooler` is our MultiPooler alone (pgbench straight to its port, trust): it splits our overhead between the two tiers. */
-type TargetName = 'direct' | 'pgbouncer' | 'pooler' | 'gateway';
+/**
+ * `pooler` is our MultiPooler alone (pgbench straight to its port, trust): it splits our overhead between the two tiers.
+ * `relay` is one Node byte relay in front of Postgres, `relay2` two chained: the floor of one and of two Node hops.
+ */
+type TargetName = 'direct' | 'pgbouncer' | 'relay' | 'relay2' | 'pooler' | 'gateway';
+const FLOOR_TARGETS: TargetName[] = ['relay', 'relay2'];
 const target = (name: TargetName): Target => ({
   host: '127.0.0.1',
-  port: { direct: ports.postgres, pgbouncer: ports.pgbouncer, pooler: ports.pooler, gateway: ports.gateway }[name],
+  port: { direct: ports.postgres, pgbouncer: ports.pgbouncer, relay: ports.relay, relay2: ports.relay2, pooler: ports.pooler, gateway: ports.gateway }[name],
   user: 'postgres', password: PASSWORD, database: 'postgres',
 });
+
+// ---------------------------------------------------------------- the floor: Node byte relays
+const relayPids: Partial<Record<'relay' | 'relay2', number>> = {};
+/** Starts `relay` (-> Postgres) and `relay2` (-> relay); returns an error text when one does not answer. */
+async function startRelays(): Promise<string | undefined> {
+  for (const [name, listen, upstream] of [['relay', ports.relay, ports.postgres], ['relay2', ports.relay2, ports.relay]] as const) {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/proxy/relay.ts', String(listen), String(upstream)], { cwd: root, stdio: 'ignore' });
+    relayPids[name] = child.pid;
+    cleanups.push({ what: name, fn: () => stopPid(child.pid) });
+    for (let i = 0; i < 200 && !(await portAnswers(listen)); i++) await sleep(50);
+    const err = await probe(listen);
+    if (err) return `${name}: ${err}`;
+  }
+  return undefined;
+}
 
 /**
  * CPU time (ms) the Postgres server has used so far: the postmaster's own and
@@ -396,6 +418,8 @@ function syscalls(pid: number | undefined): number {
 async function withCpu<T>(name: TargetName, fn: () => Promise<T>): Promise<{ result: T; cpu: Record<string, number>; cpuMs: Record<string, number>; sys: Record<string, number> }> {
   const procs: Record<string, () => number | undefined> = {};
   if (name === 'pgbouncer') procs.pgbouncer = pgbouncerPid;
+  if (name === 'relay' || name === 'relay2') procs.relay = () => relayPids.relay;
+  if (name === 'relay2') procs.relay2 = () => relayPids.relay2;
   if (name === 'pooler' || name === 'gateway') procs.pooler = poolerPid;
   if (name === 'gateway') procs.gateway = gatewayPid;
   const meters: Record<string, () => number> = { machine: machineBusyMs, postgres: postgresCpuMs };
@@ -449,6 +473,7 @@ async function pgbenchMatrix(targets: TargetName[]): Promise<MatrixRow[]> {
         const row: MatrixRow = { run, results: {} };
         // Targets run back to back for each configuration, so slow drifts (other load, the table growing) hit them alike.
         for (const t of targets) {
+          if (script === 'tpcb' && FLOOR_TARGETS.includes(t)) continue; // the floor is measured on -S only
           if (script === 'tpcb') await tidyForTpcb();
           const { result: r, cpu, cpuMs: used, sys } = await withCpu(t, () => runPgbench(target(t), run, work, `${t}-${script}-${mode}-${clients}`));
           row.results[t] = { ...r, cpu, cpuMs: used, sys };
@@ -475,11 +500,13 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
   const head = ['script', '-M', 'clients'];
   for (const t of targets) head.push(`${t} tps`, 'p50 ms', 'p99 ms');
   if (has('pooler')) head.push('pooler/pgb');
+  if (has('relay2')) head.push('relay/pgb', 'relay2/pgb');
   if (has('gateway')) head.push('gw/pgb', 'gw/direct', '+us/query vs direct (p50, c=1)');
   const body = rows.map(({ run, results }) => {
     const r = [run.script, run.mode, String(run.clients)];
     for (const t of targets) r.push(...cell(results[t]));
     if (has('pooler')) r.push(ratio(results.pooler, results.pgbouncer));
+    if (has('relay2')) r.push(ratio(results.relay, results.pgbouncer), ratio(results.relay2, results.pgbouncer));
     if (has('gateway')) {
       const g = results.gateway;
       const d = results.direct;
@@ -545,7 +572,8 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
       const g = row.results.gateway;
       const p = row.results.pgbouncer;
       const verdict = !okRun(g) ? 'MISSED (gateway errors)' : !okRun(p) ? 'met (PgBouncer fails this mode)' : g!.tps >= p!.tps ? 'met' : 'MISSED';
-      say(`- TPS >= PgBouncer at 50 clients, ${row.run.script}/${row.run.mode}: ${f0(g?.tps ?? NaN)} vs ${okRun(p) ? f0(p!.tps) : 'FAILED'} (${ratio(g, p)}x): ${verdict}`);
+      const floor = okRun(row.results.relay2) ? `; two chained Node byte relays: ${f0(row.results.relay2!.tps)} (${ratio(row.results.relay2, p)}x PgBouncer; gateway = ${ratio(g, row.results.relay2)}x of them)` : '';
+      say(`- TPS >= PgBouncer at 50 clients, ${row.run.script}/${row.run.mode}: ${f0(g?.tps ?? NaN)} vs ${okRun(p) ? f0(p!.tps) : 'FAILED'} (${ratio(g, p)}x): ${verdict}${floor}`);
     }
     for (const row of rows.filter((r) => r.run.clients === 1)) {
       const g = row.results.gateway;
@@ -559,7 +587,9 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
       const addedMean = (g!.meanUs - d!.meanUs) / n;
       const viaPooler = okRun(row.results.pooler) ? `; pooler alone p50 +${f1((row.results.pooler!.p50us - d!.p50us) / n)} us` : '';
       const viaPgb = okRun(row.results.pgbouncer) ? `; PgBouncer p50 +${f1((row.results.pgbouncer!.p50us - d!.p50us) / n)} us` : '';
-      say(`- added latency per query at 1 client <= 30 us, ${row.run.script}/${row.run.mode}: gateway p50 +${f1(added)} us (mean +${f1(addedMean)} us)${viaPooler}${viaPgb}: ${added <= 30 ? 'met' : 'MISSED'}`);
+      const viaRelays = okRun(row.results.relay) && okRun(row.results.relay2)
+        ? `; one Node byte relay +${f1(row.results.relay!.p50us - d!.p50us)} us, two chained +${f1(row.results.relay2!.p50us - d!.p50us)} us` : '';
+      say(`- added latency per query at 1 client <= 30 us, ${row.run.script}/${row.run.mode}: gateway p50 +${f1(added)} us (mean +${f1(addedMean)} us)${viaPooler}${viaPgb}${viaRelays}: ${added <= 30 ? 'met' : 'MISSED'}`);
     }
   }
 }
@@ -971,12 +1001,17 @@ async function main(): Promise<void> {
   const poolerErr = alive(poolerPid()) ? await probe(ports.pooler) : 'not started by mg cluster up';
   const gatewayErr = alive(gatewayPid()) ? await probe(ports.gateway) : 'not started by mg cluster up';
   const targets: TargetName[] = ['direct', 'pgbouncer'];
+  const relayErr = await startRelays();
+  if (relayErr === undefined) targets.push(...FLOOR_TARGETS);
   if (poolerErr === undefined) targets.push('pooler');
   if (gatewayErr === undefined) targets.push('gateway');
   say(`Postgres ${pgVersion}: the cluster's primary (shared_buffers 32MB, ${maxConn}). Cluster: 1 instance (no replicas), Kafka, registry, agent, pooler, gateway, all on this machine.`);
   say(`PgBouncer ${pgb.version}: transaction mode, default_pool_size ${POOL_SIZE}, auth_type scram-sha-256 against the role's SCRAM verifier (auth_file), trust to Postgres. ` +
     `Ours: gateway SCRAM-SHA-256 against the same verifier, pooler poolSize ${POOL_SIZE}, trust between tiers. Target "pooler" = pgbench straight to our pooler (no gateway, trust).`);
   say(`pgbench ${SECONDS} s per run, -j min(2, clients), -n (the harness vacuums, truncates history and checkpoints directly before each TPC-B run); p50/p99 from the per-transaction logs.`);
+  say('Floor (-S only): `relay` = one Node process copying bytes between pgbench and Postgres (one upstream connection per client, no pooling, no parsing; bench/proxy/relay.ts), ' +
+    '`relay2` = two of them chained, the gateway + pooler shape. All targets without TLS (PGSSLMODE=disable), as direct Postgres is.');
+  if (relayErr !== undefined) say(`\n**Relays not measured**: ${relayErr}`);
   if (poolerErr !== undefined) say(`\n**Pooler not measured**: ${poolerErr}`);
   if (gatewayErr !== undefined) {
     say(`\n**Gateway not measured**: ${gatewayErr}`);

@@ -47,7 +47,9 @@ export async function runPgbench(target: Target, run: PgbenchRun, workDir: strin
     target.database,
   ];
   const { code, stdout, stderr } = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    const child = spawn(PGBENCH, args, { env: { ...process.env, PGPASSWORD: target.password, PGCONNECT_TIMEOUT: '30' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    // No TLS for any target: direct Postgres has none here, nor PgBouncer, and the gateway would otherwise negotiate it.
+    const env = { ...process.env, PGPASSWORD: target.password, PGCONNECT_TIMEOUT: '30', PGSSLMODE: 'disable' };
+    const child = spawn(PGBENCH, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     child.stdout.on('data', (d) => (out += d));
