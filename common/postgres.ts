@@ -4,14 +4,16 @@ import pg from 'pg';
 export interface PostgresAddress {
   host: string;
   port: number;
+  /** Default `postgres`. */
+  database?: string;
 }
 
 /**
- * Runs `work` on one connection to `postgres` at `at`. Past timeoutMs the
+ * Runs `work` on one connection to the database at `at`. Past timeoutMs the
  * socket is destroyed (a hung server never answers), and the call rejects.
  */
 export async function withConnection<T>(at: PostgresAddress, work: (client: pg.Client) => Promise<T>, timeoutMs = 5_000): Promise<T> {
-  const client = new pg.Client({ host: at.host, port: at.port, user: 'postgres', database: 'postgres', application_name: 'mg-control' });
+  const client = new pg.Client({ host: at.host, port: at.port, user: 'postgres', database: at.database ?? 'postgres', application_name: 'mg-control' });
   client.on('error', () => {});
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {

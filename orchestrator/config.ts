@@ -26,6 +26,10 @@ export const orchConfigSchema = z.object({
   leaseMs: z.number().int().min(1_000).default(2_000),
   /** Timeout of one agent command (rewinds and clones take longer: see the callers). */
   commandTimeoutMs: z.number().int().min(500).default(8_000),
+  /** A two-phase commit prepared this long without finishing is in doubt: the resolver finishes it from its decision (none: abort). */
+  twopcGraceMs: z.number().int().min(100).default(10_000),
+  /** How often every shard primary is scanned for in-doubt prepared transactions. */
+  twopcScanMs: z.number().int().min(50).default(1_000),
 }).strict();
 
 export type OrchConfig = z.infer<typeof orchConfigSchema>;

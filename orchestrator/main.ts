@@ -4,6 +4,7 @@ import { EventLog } from '../common/eventlog.ts';
 import { onShutdown } from '../common/lifecycle.ts';
 import { createLogger } from '../common/log.ts';
 import { Agents } from './agents.ts';
+import { InDoubtResolver } from './in-doubt.ts';
 import { serveApi } from './api.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
@@ -25,9 +26,11 @@ try {
   await Promise.all([watch.start(), agents.start(), journal.start()]);
   const keeper = new Keeper(cfg, eventLog, watch, agents, journal, log);
   const api = await serveApi(cfg, watch, keeper, journal);
+  const resolver = new InDoubtResolver(cfg, watch, journal, log);
   keeper.start();
+  resolver.start();
   onShutdown(log, async () => {
-    await keeper.stop();
+    await Promise.all([keeper.stop(), resolver.stop()]);
     await api.close();
     await eventLog.close();
   });
