@@ -72,6 +72,8 @@ export const clusterSpecSchema = z.object({
     agentDownMs: z.number().int().min(500).max(600_000).default(2_500),
     /** How long a two-phase commit may stay prepared before the resolver finishes it (docs/twopc.md). */
     twopcGraceMs: z.number().int().min(100).max(3_600_000).default(10_000),
+    /** How long two-phase-commit decision rows are kept after their transaction finished everywhere. */
+    twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
   }).strict().default({}),
   cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),

@@ -30,6 +30,8 @@ export const orchConfigSchema = z.object({
   twopcGraceMs: z.number().int().min(100).default(10_000),
   /** How often every shard primary is scanned for in-doubt prepared transactions. */
   twopcScanMs: z.number().int().min(50).default(1_000),
+  /** Decision rows are kept this long (and while their transaction is prepared anywhere), then deleted. */
+  twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
 }).strict();
 
 export type OrchConfig = z.infer<typeof orchConfigSchema>;

@@ -24,6 +24,7 @@ import type { ClusterWatch, ShardView } from './view.ts';
 const resolved = counter('mg_twopc_resolved_total', 'In-doubt prepared transactions this orchestrator finished, by decision', ['decision']);
 const presumedAborts = counter('mg_twopc_presumed_aborts_total', 'ABORT decisions this orchestrator recorded for transactions without a decision');
 const failures = counter('mg_twopc_resolve_failures_total', 'Resolution steps that failed (retried at the next scan)', ['step']);
+const pruned = counter('mg_twopc_decisions_pruned_total', 'Decision rows deleted after the retention period (their transaction finished everywhere)');
 const inDoubt = gauge('mg_twopc_in_doubt', 'Prepared transactions of ours older than the grace period at the last scan, per shard', ['shard']);
 
 const UNDEFINED_OBJECT = '42704'; // the prepared transaction is gone: someone finished it
@@ -38,9 +39,10 @@ export class InDoubtResolver {
   private scanning: Promise<void> | undefined;
   /** Gids not of our format already reported, so each is logged once. */
   private readonly foreign = new Set<string>();
+  private lastPrune = 0;
 
   constructor(
-    private readonly cfg: Pick<OrchConfig, 'id' | 'twopcGraceMs' | 'twopcScanMs'>,
+    private readonly cfg: Pick<OrchConfig, 'id' | 'twopcGraceMs' | 'twopcScanMs' | 'twopcRetentionMs'>,
     private readonly watch: ClusterWatch, private readonly journal: Journal, private readonly log: Logger,
   ) {}
 
@@ -57,9 +59,10 @@ export class InDoubtResolver {
 
   /** One pass over every shard's primary; what fails is retried at the next pass. */
   async scan(): Promise<void> {
-    await Promise.all(this.watch.shards().map(async (shard) => {
+    const shards = this.watch.shards();
+    const seen = await Promise.all(shards.map(async (shard) => {
       const at = this.primaryAddress(shard);
-      if (!at) return;
+      if (!at) return undefined;
       let rows: PreparedRow[];
       try {
         rows = await queryAt<PreparedRow>(at, `SELECT gid, database, (extract(epoch FROM now() - prepared) * 1000)::float8 AS age_ms
@@ -67,12 +70,42 @@ export class InDoubtResolver {
       } catch (err) {
         failures.inc({ step: 'scan' });
         this.log.debug({ err, shard: shard.key }, 'could not list prepared transactions');
-        return;
+        return undefined;
       }
       const old = rows.filter((r) => r.age_ms >= this.cfg.twopcGraceMs);
       inDoubt.set({ shard: shard.key }, old.length);
       for (const row of old) await this.resolve(shard, at, row);
+      return { at, gids: rows.map((r) => r.gid) };
     }));
+    // Pruning needs every primary's list: a gid still prepared on a shard not heard from must keep its decision.
+    if (Date.now() - this.lastPrune >= Math.min(60_000, this.cfg.twopcRetentionMs) && seen.every((x) => x !== undefined)) {
+      this.lastPrune = Date.now();
+      const stillPrepared = seen.flatMap((x) => x!.gids);
+      await Promise.all(seen.map((x) => this.prune(x!.at, stillPrepared)));
+    }
+  }
+
+  /** Deletes decisions older than the retention whose transaction is prepared nowhere, in every database of one primary. */
+  private async prune(at: PostgresAddress, stillPrepared: string[]): Promise<void> {
+    try {
+      const dbs = await queryAt<{ datname: string }>(at, 'SELECT datname FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate', [], 3_000);
+      for (const { datname } of dbs) {
+        const deleted = await withConnection({ ...at, database: datname }, async (c) => {
+          const { rows: [t] } = await c.query<{ exists: boolean }>(`SELECT to_regclass('${DECISION_TABLE}') IS NOT NULL AS exists`);
+          if (!t.exists) return 0;
+          const r = await c.query(`DELETE FROM ${DECISION_TABLE} WHERE decided_at < now() - make_interval(secs => $1::float8 / 1000) AND gid <> ALL($2::text[])`,
+            [this.cfg.twopcRetentionMs, stillPrepared]);
+          return r.rowCount ?? 0;
+        }, 10_000);
+        if (deleted > 0) {
+          pruned.inc(deleted);
+          this.log.info({ database: datname, at: `${at.host}:${at.port}`, deleted }, 'pruned old two-phase-commit decisions');
+        }
+      }
+    } catch (err) {
+      failures.inc({ step: 'prune' });
+      this.log.debug({ err }, 'could not prune decisions');
+    }
   }
 
   private primaryAddress(shard: ShardView): PostgresAddress | undefined {

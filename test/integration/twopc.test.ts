@@ -9,47 +9,34 @@
  * the total of the balances never changes, nothing stays prepared.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { callOrchestrator } from '../../compose/orchestrators.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { checkAllOrNothing, createAccounts, prepared, sql, startDriver, type ShardAt } from '../support/twopc.ts';
 
 const GRACE_MS = 1_500;
-const ACCOUNTS = 10;
-const START_BALANCE = 1_000;
+const RETENTION_MS = 10_000;
+// Two cells: two orchestrators, so two resolvers work on the same in-doubt transactions.
 const cluster = testCluster('twopc', 4, {
-  settings: { 'orchestrator.twopcGraceMs': GRACE_MS },
-  spec: { databases: [{ name: 'bank', shards: 2, instancesPerShard: 1 }] },
+  settings: { 'orchestrator.twopcGraceMs': GRACE_MS, 'orchestrator.twopcRetentionMs': RETENTION_MS },
+  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', shards: 2, instancesPerShard: 1 }] },
 });
 const { dataDir, flags, mg } = cluster;
-const [left, right] = ['-80', '80-'].map((shard) => cluster.instances.find((i) => i.database === 'bank' && i.shard === shard)!);
-const accountsOf = (shardIndex: number) => Array.from({ length: ACCOUNTS }, (_, k) => shardIndex * 100 + k + 1);
-const driverPath = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'support', 'twopc-driver.ts');
-
-async function sql<T extends pg.QueryResultRow = any>(port: number, text: string, params: unknown[] = []): Promise<T[]> {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
-  await c.connect();
-  try {
-    return (await c.query<T>(text, params)).rows;
-  } finally {
-    await c.end();
-  }
-}
+// One instance per shard: each is its shard's primary.
+const shards: ShardAt[] = ['-80', '80-'].map((shard) => {
+  const i = cluster.instances.find((x) => x.database === 'bank' && x.shard === shard)!;
+  return { shard, port: i.port, poolerPort: i.poolerPort };
+});
+const [left, right] = shards;
 
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
   assert.match(up.stdout, /bank\/-80: primary bank-_80-zone1-0/);
   assert.match(up.stdout, /bank\/80-: primary bank-80_-zone1-0/);
-  for (const [i, inst] of [left, right].entries()) {
-    await sql(inst.port, `CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
-      CREATE TABLE ledger (txn text PRIMARY KEY, delta bigint NOT NULL);
-      INSERT INTO accounts SELECT unnest($1::int[]), ${START_BALANCE}`.replace(/\$1::int\[\]/, `ARRAY[${accountsOf(i).join(',')}]`));
-  }
+  await createAccounts(shards);
 });
 
 after(async () => {
@@ -57,65 +44,17 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-interface DriverEvent { event: string; txn?: string; gid?: string; code?: string; message?: string; at?: string }
-
-/** Starts the driver; `events` fills as it prints; `paused` resolves at its pause point. */
-function startDriver(transfers: number, pause: string, extraEnv: Record<string, string> = {}) {
-  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', driverPath], {
-    env: {
-      ...process.env, ...extraEnv, MG_DRIVER_TRANSFERS: String(transfers), MG_DRIVER_PAUSE: pause,
-      MG_DRIVER_SHARDS: JSON.stringify([{ shard: '-80', port: left.poolerPort, accounts: accountsOf(0) }, { shard: '80-', port: right.poolerPort, accounts: accountsOf(1) }]),
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const events: DriverEvent[] = [];
-  let stderr = '';
-  let buffered = '';
-  child.stderr!.on('data', (d) => (stderr += d));
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  const paused = new Promise<DriverEvent>((resolve, reject) => {
-    child.stdout!.on('data', (d) => {
-      buffered += d;
-      const lines = buffered.split('\n');
-      buffered = lines.pop()!;
-      for (const line of lines) {
-        const e = JSON.parse(line) as DriverEvent;
-        events.push(e);
-        if (e.event === 'paused') resolve(e);
-      }
-    });
-    void exited.then((code) => reject(new Error(`driver exited (${code}) before pausing: ${stderr}`)));
-  });
-  paused.catch(() => {});
-  return { child, events, paused, exited, stderr: () => stderr };
-}
-
-const prepared = async (port: number) => (await sql<{ gid: string }>(port, 'SELECT gid FROM pg_prepared_xacts')).map((r) => r.gid);
-
-/** The user's checks: each ledger entry on both shards or neither, balances summing to the start, nothing prepared. */
-async function check(): Promise<{ left: Set<string>; right: Set<string> }> {
-  const [l, r] = await Promise.all([left, right].map(async (inst) => new Set((await sql<{ txn: string }>(inst.port, 'SELECT txn FROM ledger')).map((x) => x.txn))));
-  assert.deepEqual([...l].sort(), [...r].sort(), 'every transfer landed on both shards or on neither');
-  const totals = await Promise.all([left, right].map(async (inst) => Number((await sql(inst.port, 'SELECT sum(balance)::bigint AS s FROM accounts'))[0].s)));
-  assert.equal(totals[0] + totals[1], 2 * ACCOUNTS * START_BALANCE, `balances ${totals.join(' + ')} still sum to the start`);
-  assert.deepEqual([...(await prepared(left.port)), ...(await prepared(right.port))], []);
-  return { left: l, right: r };
-}
-
-async function killAtPauseAndResolve(pause: string): Promise<{ txn: string; gid: string; landed: boolean; resolvedInMs: number }> {
-  const driver = startDriver(5, pause);
+async function killAtPauseAndResolve(pause: string): Promise<{ gid: string; landed: boolean }> {
+  const driver = startDriver(shards, 5, pause);
   const p = await driver.paused;
   driver.child.kill('SIGKILL');
   await driver.exited;
-  const txn = `${driver.child.pid}-5`;
   assert.ok(p.gid?.startsWith('mg2pc:bank:-80:'), `gid ${p.gid}`);
-  const t0 = Date.now();
   const stillPrepared = [...(await prepared(left.port)), ...(await prepared(right.port))];
   assert.ok(stillPrepared.includes(p.gid!), `${p.gid} is in doubt after the kill (${stillPrepared.join(', ')})`);
   await until('the resolver to finish the in-doubt transaction', 30_000, async () => (await prepared(left.port)).length + (await prepared(right.port)).length === 0);
-  const resolvedInMs = Date.now() - t0;
-  const { left: l } = await check();
-  return { txn, gid: p.gid!, landed: l.has(txn), resolvedInMs };
+  const ledger = await checkAllOrNothing(shards);
+  return { gid: p.gid!, landed: ledger.has(driver.txn(5)) };
 }
 
 async function twopcHistory(shard: string): Promise<Array<{ kind: string; summary: string; details: Record<string, string> }>> {
@@ -147,15 +86,20 @@ test('the pooler passes PREPARE TRANSACTION and COMMIT PREPARED, and keeps no se
   }
 });
 
+/** The gids of the transfers that committed, for the pruning test. */
+let committedGids: string[] = [];
+
 test('transfers between the shards commit on both through the coordinator', async () => {
-  const driver = startDriver(30, 'none');
+  const driver = startDriver(shards, 30, 'none');
   assert.equal(await driver.exited, 0, driver.stderr());
   assert.equal(driver.events.filter((e) => e.event === 'committed').length, 30, JSON.stringify(driver.events.filter((e) => e.event === 'failed')));
-  const { left: l } = await check();
-  assert.equal(l.size, 30);
-  const [decisions] = await sql(left.port, "SELECT count(*)::int AS n FROM mg_twopc.decisions WHERE decision = 'commit'");
-  assert.equal(decisions.n, 30, 'one COMMIT decision per transfer, on the first participant\'s shard');
+  assert.equal((await checkAllOrNothing(shards)).size, 30);
+  committedGids = driver.events.filter((e) => e.event === 'committed').map((e) => e.gid!);
+  const decisions = await sql(left.port, 'SELECT gid, decision FROM mg_twopc.decisions WHERE gid = ANY($1)', [committedGids]);
+  assert.ok(decisions.length > 0 && decisions.every((d) => d.decision === 'commit'), 'COMMIT decisions on the first participant\'s shard');
+  assert.ok(decisions.some((d) => d.gid === committedGids.at(-1)), 'the newest decision is there (younger than the retention)');
 });
+
 
 test('kill -9 after some PREPAREs: the resolver rolls the transfer back on both shards (presumed abort)', async () => {
   const r = await killAtPauseAndResolve('after-some-prepares');
@@ -182,13 +126,19 @@ test('kill -9 during COMMIT PREPARED: the resolver commits the shard still prepa
 });
 
 test('a coordinator slower than the grace period loses to the resolver\'s abort and rolls back everywhere', async () => {
-  const driver = startDriver(3, 'slow-decision', { MG_DRIVER_SLOW_MS: String(GRACE_MS + 4_000) });
+  const driver = startDriver(shards, 3, 'slow-decision', { MG_DRIVER_SLOW_MS: String(GRACE_MS + 4_000) });
   assert.equal(await driver.exited, 0, driver.stderr());
   const last = driver.events.find((e) => e.txn?.endsWith('-3'))!;
   assert.equal(last.event, 'failed', JSON.stringify(last));
   assert.equal(last.code, '40001');
   assert.match(last.message!, /in-doubt resolver aborted it/);
-  const { left: l } = await check();
-  assert.ok(!l.has(last.txn!));
-  assert.ok(l.has(`${driver.child.pid}-2`), 'the transfers before it committed');
+  const ledger = await checkAllOrNothing(shards);
+  assert.ok(!ledger.has(last.txn!));
+  assert.ok(ledger.has(driver.txn(2)), 'the transfers before it committed');
+});
+
+test('decisions of finished transactions are pruned after the retention period', async () => {
+  assert.equal(committedGids.length, 30);
+  await until('the decisions to be pruned', 4 * RETENTION_MS, async () =>
+    (await sql(left.port, 'SELECT count(*)::int AS n FROM mg_twopc.decisions WHERE gid = ANY($1)', [committedGids]))[0].n === 0);
 });

@@ -1,0 +1,85 @@
+/**
+ * Two-phase commit across a failover: database `bank` with 2 shards of 2
+ * instances (ANY_2, so a PREPARE and a decision row are on the replica before
+ * they are acknowledged). The transfer driver is killed right after the COMMIT
+ * decision, and then the primary of one participant is killed with kill -9
+ * before the resolver's grace period is over: the transaction is in doubt on a
+ * shard whose primary is gone. The new primary must list it, the resolver must
+ * commit it there, and every transfer must be on both shards or neither.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { after, before, test } from 'node:test';
+import { orchestratorStatus } from '../../compose/orchestrators.ts';
+import { postgresPids, signalAll } from '../fault/support/faults.ts';
+import { testCluster, until } from '../support/cluster.ts';
+import { checkAllOrNothing, createAccounts, prepared, startDriver, type ShardAt } from '../support/twopc.ts';
+
+const GRACE_MS = 6_000;
+const cluster = testCluster('twopcfo', 3, {
+  settings: { 'orchestrator.twopcGraceMs': GRACE_MS },
+  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', shards: 2, instancesPerShard: 2 }] },
+});
+const { dataDir, flags, mg } = cluster;
+
+/** Each shard as MultiOrch has it now: its primary's ports and term. */
+async function current(): Promise<Array<ShardAt & { primary: string; term: bigint }>> {
+  const { shards } = await orchestratorStatus(cluster.spec);
+  return ['-80', '80-'].map((shard) => {
+    const s = shards.find((x) => x.database === 'bank' && x.shard === shard);
+    const inst = cluster.instances.find((i) => i.instanceId === s?.primary);
+    if (!s || !inst || s.term === null) throw new Error(`bank/${shard} has no primary now`);
+    return { shard, port: inst.port, poolerPort: inst.poolerPort, primary: inst.instanceId, term: BigInt(s.term) };
+  });
+}
+
+/** Both shards whole again: every instance serving, the replica streaming (a killed primary comes back as a replica). */
+async function bothShardsWhole(): Promise<void> {
+  await until('both shards back to full strength', 120_000, async () => {
+    const { shards } = await orchestratorStatus(cluster.spec).catch(() => ({ shards: [] as never[] }));
+    const bank = shards.filter((s) => s.database === 'bank');
+    return bank.length === 2 && bank.every((s) => s.instances.length === 2 && s.instances.every((i) => i.serving === 'SERVING'
+      && (i.instanceId === s.primary ? i.role === 'PRIMARY' : i.role === 'REPLICA' && i.walReceiverStatus === 'streaming')));
+  });
+}
+
+before(async () => {
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  await createAccounts(await current());
+});
+
+after(async () => {
+  await mg('cluster', 'down', '--clean', ...flags);
+  fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+for (const [victim, role] of [[1, 'a participant'], [0, 'the decision shard']] as const) {
+  test(`kill -9 of ${role}'s primary while a committed transfer is in doubt: the new primary finishes it`, async () => {
+    await bothShardsWhole();
+    const before = await current();
+    const driver = startDriver(before, 3, 'after-decision');
+    const paused = await driver.paused;
+    driver.child.kill('SIGKILL');
+    await driver.exited;
+    assert.ok((await prepared(before[victim].port)).includes(paused.gid!), 'in doubt on the victim before the kill');
+
+    signalAll(postgresPids(cluster, before[victim].primary), 'SIGKILL');
+    const t0 = Date.now();
+    await until(`a new primary for bank/${before[victim].shard}`, 60_000, async () => {
+      const now = await current().catch(() => undefined);
+      return now && now[victim].term > before[victim].term && now[victim].primary !== before[victim].primary;
+    });
+    // The new primary replayed the PREPARE (and, on the decision shard, the decision row): the resolver commits from there.
+    await until('the resolver to finish the transfer on the new primary', 120_000, async () => {
+      const now = await current().catch(() => undefined);
+      if (!now) return false;
+      const left = await Promise.all(now.map((s) => prepared(s.port).catch(() => ['unreachable'])));
+      return left.flat().length === 0;
+    });
+    const ledger = await checkAllOrNothing(await current());
+    assert.ok(ledger.has(driver.txn(3)), 'the transfer decided COMMIT is committed on both shards');
+    assert.ok(ledger.has(driver.txn(1)) && ledger.has(driver.txn(2)));
+    console.log(`# ${role}: failover and resolution took ${Date.now() - t0} ms`);
+  });
+}
