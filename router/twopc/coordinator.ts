@@ -33,6 +33,8 @@ const SERIALIZATION_FAILURE = '40001';
 const UNIQUE_VIOLATION = '23505';
 const UNDEFINED_TABLE = '42P01';
 const INVALID_SCHEMA_NAME = '3F000';
+/** SQLSTATE classes after which a statement may or may not have committed: connection lost, server shut down, system or internal error. */
+const OUTCOME_UNKNOWN = /^(08|57|58|XX)/;
 
 const commits = counter('mg_twopc_commits_total', 'Cross-shard commits by outcome (committed, aborted, unknown)', ['outcome']);
 const commitSeconds = histogram('mg_twopc_commit_duration_seconds', 'Time of a two-phase commit, from the first PREPARE to the last COMMIT PREPARED',
@@ -60,7 +62,8 @@ export class TwoPhaseCoordinator {
    * COMMIT PREPARED fails (the resolver finishes those). Rejects with a
    * PgError when the transaction was rolled back everywhere (40001, or the
    * participant's own SQLSTATE when its PREPARE failed, e.g. a deferred
-   * constraint), or with 08007 when the decision could not be confirmed.
+   * constraint, or when Postgres refused the decision insert), or with 08007
+   * when the decision could not be confirmed.
    */
   async commit(database: string, participants: Participant[]): Promise<void> {
     if (participants.length === 0) return;
@@ -123,6 +126,14 @@ export class TwoPhaseCoordinator {
           commits.inc({ outcome: 'aborted' });
           log.warn('two-phase commit aborted: the resolver had already decided to abort it');
           throw new PgError('ERROR', SERIALIZATION_FAILURE, 'the transaction was rolled back: it stayed prepared too long and the in-doubt resolver aborted it',
+            'The transaction was rolled back on every shard.');
+        }
+        if (code && !OUTCOME_UNKNOWN.test(code)) {
+          // Postgres refused the INSERT (e.g. permission denied): nothing was decided, so the answer is abort.
+          await this.rollBack(gid, participants, participants.map(() => true), log);
+          commits.inc({ outcome: 'aborted' });
+          log.warn({ err: messageOf(err) }, 'two-phase commit aborted: the decision could not be recorded');
+          throw new PgError('ERROR', code, `could not record the commit decision on shard ${first.shard}: ${messageOf(err)}`,
             'The transaction was rolled back on every shard.');
         }
         commits.inc({ outcome: 'unknown' });

@@ -125,6 +125,17 @@ test('a decision that cannot be confirmed is 08007 and nothing is committed or r
   assert.ok(!world.log.some((l) => /COMMIT PREPARED|ROLLBACK/.test(l)), 'left for the resolver');
 });
 
+test('a decision insert that Postgres refuses rolls back everywhere with its SQLSTATE', async () => {
+  const world = newWorld();
+  const denied = (sql: string) => (sql.startsWith('INSERT') ? sqlError('42501', 'permission denied for table decisions') : undefined);
+  await assert.rejects(coordinator().commit('bank', [participant(world, '-80', denied), participant(world, '80-')]), (err: any) => {
+    assert.equal(err.code, '42501');
+    assert.match(err.message, /could not record the commit decision on shard -80: permission denied/);
+    return true;
+  });
+  assert.deepEqual(kinds(world).slice(3), ['-80: ROLLBACK PREPARED', '80-: ROLLBACK PREPARED']);
+});
+
 test('one participant commits plainly; a shard twice is refused', async () => {
   const world = newWorld();
   await coordinator().commit('bank', [participant(world, '-80')]);
