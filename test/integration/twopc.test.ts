@@ -16,7 +16,8 @@ import { callOrchestrator } from '../../compose/orchestrators.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { checkAllOrNothing, createAccounts, prepared, sql, startDriver, type ShardAt } from '../support/twopc.ts';
 
-const GRACE_MS = 1_500;
+// Long enough that a loaded machine still sees the transaction in doubt between the kill and the first check.
+const GRACE_MS = 3_000;
 const RETENTION_MS = 10_000;
 // Two cells: two orchestrators, so two resolvers work on the same in-doubt transactions.
 const cluster = testCluster('twopc', 4, {
@@ -123,6 +124,8 @@ test('kill -9 after the decision: the resolver commits the transfer on both shar
 test('kill -9 during COMMIT PREPARED: the resolver commits the shard still prepared', async () => {
   const r = await killAtPauseAndResolve('during-commit-prepared');
   assert.equal(r.landed, true);
+  await until('the COMMIT PREPARED on 80- as an orchestrator event', 10_000,
+    async () => (await twopcHistory('80-')).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('COMMIT PREPARED')));
 });
 
 test('a coordinator slower than the grace period loses to the resolver\'s abort and rolls back everywhere', async () => {
