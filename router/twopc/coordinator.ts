@@ -69,8 +69,7 @@ export class TwoPhaseCoordinator {
     if (participants.length === 0) return;
     const shards = participants.map((p) => p.shard);
     if (new Set(shards).size !== shards.length) throw new PgError('ERROR', SQLSTATE.INTERNAL_ERROR, `two-phase commit with a shard twice: ${shards.join(', ')}`);
-    // One shard commits atomically on its own.
-    if (participants.length === 1) return participants[0].query('COMMIT');
+    if (participants.length === 1) return this.commitOne(participants[0]);
 
     const gid = formatGid({ database, decisionShard: participants[0].shard, coordinator: this.deps.id, txn: randomUUID() });
     const log = this.deps.log.child({ gid, shards });
@@ -100,6 +99,21 @@ export class TwoPhaseCoordinator {
     });
     commits.inc({ outcome: 'committed' });
     end();
+  }
+
+  /**
+   * One shard commits atomically on its own. Postgres answers COMMIT in a
+   * failed transaction with a plain ROLLBACK; the SELECT before it fails
+   * there instead (and the rest of the query is skipped), so that is an error.
+   */
+  private async commitOne(p: Participant): Promise<void> {
+    try {
+      await p.query('SELECT; COMMIT');
+    } catch (err) {
+      await p.query('ROLLBACK').catch(() => {});
+      const code = codeOf(err);
+      throw new PgError('ERROR', code ?? SERIALIZATION_FAILURE, `could not commit the transaction on shard ${p.shard}: ${messageOf(err)}`);
+    }
   }
 
   /**

@@ -139,7 +139,10 @@ test('a decision insert that Postgres refuses rolls back everywhere with its SQL
 test('one participant commits plainly; a shard twice is refused', async () => {
   const world = newWorld();
   await coordinator().commit('bank', [participant(world, '-80')]);
-  assert.deepEqual(world.log, ['-80: COMMIT']);
+  assert.deepEqual(world.log, ['-80: SELECT; COMMIT']);
+  const failed = (sql: string) => (sql.startsWith('SELECT') ? sqlError('25P02', 'current transaction is aborted, commands ignored until end of transaction block') : undefined);
+  await assert.rejects(coordinator().commit('bank', [participant(world, '-80', failed)]), { code: '25P02' });
+  assert.deepEqual(world.log.slice(1), ['-80: SELECT; COMMIT', '-80: ROLLBACK']);
   await assert.rejects(coordinator().commit('bank', [participant(world, '-80'), participant(world, '-80')]), /shard twice/);
 });
 
