@@ -13,7 +13,8 @@
  *   directory yet (a new shard) is initialized and started as the first primary.
  * - REPOINT(term, host, port): streams from the term's primary; when the WAL
  *   has diverged, pg_rewind, and when that fails, a fresh clone (also how an
- *   empty instance gets its data).
+ *   empty instance gets its data): restored from the shard's latest backup plus
+ *   archived WAL when there is one, else pg_basebackup from the primary.
  *
  * A Postgres that dies while primary comes back as a standby of nobody: only
  * a PROMOTE makes a primary.
@@ -62,6 +63,12 @@ export class Voter {
         this.agent.postgres.configureStandby(null);
       }
     };
+  }
+
+  /** A new or rebuilt replica starts from the latest backup when there is one (pg_basebackup otherwise). */
+  private get restore(): (() => Promise<boolean>) | undefined {
+    const backups = this.agent.backups;
+    return backups && (() => backups.restoreStandby());
   }
 
   private get pg() {
@@ -149,6 +156,7 @@ export class Voter {
       const [{ rec }] = await this.pg.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec');
       if (rec) await this.pg.promote();
     }, true);
+    this.agent.backups?.primaryStarted();
     this.log.info({ term }, 'promoted for term');
     // Gateways route to a primary only once its heartbeat says so.
     const [, position] = await Promise.all([this.agent.reportNow(), this.position(term)]);
@@ -162,6 +170,7 @@ export class Voter {
       await this.pg.initPrimary();
       await this.pg.start();
     }, true);
+    this.agent.backups?.primaryStarted();
     this.log.info({ term }, 'bootstrapped as the first primary of the shard');
     await this.agent.reportNow();
     return encodePosition(await this.position(term));
@@ -181,7 +190,7 @@ export class Voter {
     const pg = this.pg;
     if (!pg.isInitialized()) {
       await this.agent.exclusive(async () => {
-        await pg.rebuild(upstream); // also clears what a failed clone left behind
+        await pg.rebuild(upstream, this.restore); // also clears what a failed clone left behind
         pg.configureStandby(upstream);
         await pg.start();
       }, true);
@@ -227,7 +236,7 @@ export class Voter {
       how = 'rebuilt';
       await this.agent.exclusive(async () => {
         await pg.stop('immediate');
-        await pg.rebuild(upstream);
+        await pg.rebuild(upstream, this.restore);
         pg.configureStandby(upstream);
         await pg.start();
       }, true);
