@@ -13,6 +13,7 @@ export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progre
     progress.note(await startService(orchName(cell), 'orchestrator/main.ts', {
       id: orchName(cell), cell, port: spec.orchestrator.basePort + i, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
       topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
+      backupSchedules: spec.backup.enabled ? Object.fromEntries(spec.databases.map((d) => [d.name, d.backupSchedule])) : {},
     }, spec.orchestrator.basePort + i, paths, spec));
   }
   // Bootstrap is the orchestrators' job (electing each new shard's first primary, which writes the rule of its

@@ -9,6 +9,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { backupConfigSchema, cdcConfigSchema } from '../ingest/config.ts';
+import { backupScheduleSchema } from '../orchestrator/config.ts';
 import { parsePolicy } from '../schemas/durability.ts';
 
 const port = z.number().int().min(1024).max(65535);
@@ -86,12 +87,7 @@ export const clusterSpecSchema = z.object({
     cdc: cdcConfigSchema.default({}),
     /** ANY_<n> (n nodes hold each acknowledged commit, the primary included) or MULTI_CELL_ANY_<n> (n cells); default ANY_2 (ANY_1 alone). */
     durability: z.string().refine((p) => policyN(p) !== undefined, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
-    /** Backups MultiOrch takes on its own, per shard: the interval of each type in minutes (none: only on demand). */
-    backupSchedule: z.object({
-      fullEveryMinutes: z.number().int().min(1).optional(),
-      diffEveryMinutes: z.number().int().min(1).optional(),
-      incrEveryMinutes: z.number().int().min(1).optional(),
-    }).strict().default({}),
+    backupSchedule: backupScheduleSchema.default({}),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])

@@ -5,6 +5,7 @@ import { onShutdown } from '../common/lifecycle.ts';
 import { createLogger } from '../common/log.ts';
 import { Agents } from './agents.ts';
 import { serveApi } from './api.ts';
+import { Backups } from './backups.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
 import { Keeper } from './keeper.ts';
@@ -24,10 +25,13 @@ try {
   const journal = new Journal(eventLog, cfg.id, log);
   await Promise.all([watch.start(), agents.start(), journal.start()]);
   const keeper = new Keeper(cfg, eventLog, watch, agents, journal, log);
-  const api = await serveApi(cfg, watch, keeper, journal);
+  const backups = new Backups(eventLog, watch, agents, cfg.cell, cfg.backupSchedules, log.child({ part: 'backups' }));
+  await backups.start();
+  const api = await serveApi(cfg, watch, keeper, journal, backups);
   keeper.start();
   onShutdown(log, async () => {
     await keeper.stop();
+    await backups.stop();
     await api.close();
     await eventLog.close();
   });

@@ -1,7 +1,7 @@
 /**
  * The agent's backup part: keeps the instance's pgBackRest configuration,
  * creates the shard's stanza when this instance becomes primary, answers
- * BACKUP_CREATE / BACKUP_INFO / BACKUP_VERIFY / BACKUP_EXPIRE, publishes each
+ * BACKUP_CREATE / BACKUP_INFO / BACKUP_VERIFY / BACKUP_EXPIRE / BACKUP_CHECK, publishes each
  * backup's steps to `mg.backups.v1`, and restores new replicas from the
  * latest backup plus archived WAL.
  */
@@ -38,6 +38,10 @@ export class BackupService {
     handle('BACKUP_CREATE', (cmd) => this.create(cmd));
     handle('BACKUP_INFO', async () => JSON.stringify((await this.pgbackrest.info()) ?? null));
     handle('BACKUP_VERIFY', async () => (await this.pgbackrest.verify()).trim() || 'verified');
+    handle('BACKUP_CHECK', async () => {
+      await this.pgbackrest.check();
+      return 'archiving works: the current WAL segment reached the repository';
+    });
     handle('BACKUP_EXPIRE', async (cmd) => (await this.pgbackrest.expire(cmd.args.label || undefined)).trim() || 'nothing to expire');
   }
 

@@ -143,9 +143,14 @@ export class PostgresInstance {
     return fs.existsSync(path.join(this.dataDir, 'PG_VERSION'));
   }
 
-  async initPrimary(): Promise<void> {
+  /** Creates the (empty) data directory and what lives beside it, for initdb, a clone or a restore. */
+  prepareEmpty(): void {
     this.assertEmpty();
     this.prepareDirs();
+  }
+
+  async initPrimary(): Promise<void> {
+    this.prepareEmpty();
     await this.run('initdb', [
       '-D', this.dataDir, '-A', 'trust', '--username=postgres', '--encoding=UTF8', '--locale=C.UTF-8',
     ]);
@@ -159,8 +164,7 @@ export class PostgresInstance {
    * which spares the primary the copy), else with pg_basebackup from the upstream.
    */
   async initReplica(upstream: Upstream, restore?: () => Promise<boolean>): Promise<void> {
-    this.assertEmpty();
-    this.prepareDirs();
+    this.prepareEmpty();
     await this.dropStaleSlot(upstream);
     if (restore && (await restore())) {
       // The slot keeps the upstream's WAL from now on; what the backup lacks before that comes from the archive.
