@@ -17,8 +17,8 @@ import type { BackupEvent } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
 import { testEventLog } from '../support/env.ts';
 
-// Slot 0 is shared with cluster.test.ts: test files run one at a time.
-const cluster = testCluster('backup', 0);
+// Slot 0 is shared with cluster.test.ts: test files run one at a time. A full backup a day is scheduled.
+const cluster = testCluster('backup', 0, { spec: { databases: [{ name: 'postgres', backupSchedule: { fullEveryMinutes: 1440 } }] } });
 const { dataDir, prefix, flags, mg } = cluster;
 const restorePort = cluster.spec.postgres.basePort + 480;
 const restoreDir = path.join(dataDir, 'restored', 'pitr');
@@ -59,22 +59,24 @@ async function ok(...args: string[]): Promise<string> {
   return r.stdout;
 }
 
-test('up: archiving works from the bootstrap on (pgbackrest check through the primary)', async () => {
+test('up: archiving works from the bootstrap on (pgbackrest check through the primary); the schedule takes the first full backup', async () => {
   const r = await mg('cluster', 'up', ...flags);
   assert.equal(r.code, 0, r.stderr);
   sub = await eventLog.subscribe('backups', (e) => void backupEvents.push(e));
   assert.match(await ok('backup', 'check', 'postgres/-'), /postgres\/-: ok: archiving works/);
+  const full = await until('the scheduled full backup', 90_000, () => backupEvents.find((e) => e.state === 'COMPLETED'));
+  assert.equal(full.type, 'FULL');
+  assert.ok(backupEvents.some((e) => e.state === 'STARTED' && e.backupId === full.backupId), 'a STARTED event precedes it');
 });
 
-test('backup create: a full backup from a streaming replica, with STARTED and COMPLETED events', async () => {
+test('backup create: a differential backup from a streaming replica, with STARTED and COMPLETED events', async () => {
   const { primary, replicas } = await cluster.roles();
   await query(primary.port, 'CREATE TABLE before_backup AS SELECT generate_series(1, 10000) AS i');
-  const out = await ok('backup', 'create', 'postgres/-', '--type', 'full');
-  assert.match(out, /full backup \S+F completed in [\d.]+ s: database [\d.]+ MB.*from a replica/);
-  const completed = await until('the COMPLETED event', 10_000, () => backupEvents.find((e) => e.state === 'COMPLETED'));
+  const out = await ok('backup', 'create', 'postgres/-', '--type', 'diff');
+  assert.match(out, /diff backup \S+D completed in [\d.]+ s: database [\d.]+ MB.*from a replica/);
+  const completed = await until('the COMPLETED event', 10_000, () => backupEvents.find((e) => e.state === 'COMPLETED' && e.type === 'DIFF'));
   const started = backupEvents.find((e) => e.state === 'STARTED' && e.backupId === completed.backupId);
   assert.ok(started, 'a STARTED event precedes it');
-  assert.equal(completed.type, 'FULL');
   assert.equal(completed.stanza, 'postgres-0');
   assert.ok(replicas.some((r) => r.instanceId === completed.instanceId), `taken by a replica, not ${completed.instanceId}`);
   assert.ok(completed.fromStandby);
@@ -82,7 +84,8 @@ test('backup create: a full backup from a streaming replica, with STARTED and CO
   assert.ok(completed.sizeBytes! > 1_000_000n && completed.repoSizeBytes! > 0n && completed.durationMs! > 0n);
 
   const list = await ok('backup', 'list', 'postgres/-');
-  assert.match(list, new RegExp(`${completed.label}\\s+full`));
+  assert.match(list, /\d{8}-\d{6}F\s+full/);
+  assert.match(list, new RegExp(`${completed.label}\\s+diff`));
   assert.match(await ok('backup', 'verify', 'postgres/-'), /postgres\/-:/);
 });
 
@@ -171,7 +174,7 @@ test('a replica whose data directory is lost is rebuilt from the backup while th
   assert.ok(max >= acknowledged, `every acknowledged write is on the new primary (${max} < ${acknowledged})`);
   assert.equal(count, max, 'no gaps');
 
-  // Archiving continues from the new primary with no gap: pgbackrest check passes, and the full backup of the
+  // Archiving continues from the new primary with no gap: pgbackrest check passes, and the backups of the
   // old timeline restored to the end of the archive holds every write, the ones after the switchover too.
   assert.match(await ok('backup', 'check', 'postgres/-'), /ok: archiving works/);
   await query(victim.port, 'INSERT INTO writes VALUES ($1)', [count + 1]);
