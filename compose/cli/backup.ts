@@ -48,36 +48,30 @@ export async function runBackupCommand(spec: ClusterSpec, command: string, targe
 }
 
 async function create(spec: ClusterSpec, base: string, name: string, opts: BackupOptions, log: Logger): Promise<number> {
+  // Events are read from before the request on, so the subscription (made only for a request that was accepted) misses none.
+  const asked = new Date(Date.now() - 1_000);
+  const r = await callOrchestrator(spec, 'POST', base, opts.type ? { type: opts.type } : {});
+  if (r.status !== 202) return fail(r);
+  console.log(`${name}: ${r.body.message} (instance ${r.body.instanceId})`);
+  if (!opts.wait) return 0;
+  console.log(`${name}: waiting for backup ${r.body.backupId} to complete (events on mg.backups.v1) ...`);
   const eventLog = eventLogFor(spec, 'mg-cli', log);
   try {
-    const outcome = new Map<string, BackupEvent>();
-    let onEvent: (() => void) | undefined;
-    const sub = await eventLog.subscribe('backups', (e) => {
-      if (e.state === 'COMPLETED' || e.state === 'FAILED') outcome.set(e.backupId, e);
-      else if (e.state === 'PROGRESS' && e.sizeBytes) process.stdout.write(`  ${name}: ${mb(e.doneBytes)} of ${mb(e.sizeBytes)} copied\n`);
-      onEvent?.();
-    }, { since: new Date() });
-    try {
-      const r = await callOrchestrator(spec, 'POST', base, opts.type ? { type: opts.type } : {});
-      if (r.status !== 202) return fail(r);
-      console.log(`${name}: ${r.body.message} (instance ${r.body.instanceId})`);
-      if (!opts.wait) return 0;
-      console.log(`${name}: waiting for backup ${r.body.backupId} to complete (events on mg.backups.v1) ...`);
-      await new Promise<void>((resolve) => {
-        onEvent = () => outcome.has(r.body.backupId) && resolve();
-        onEvent();
-      });
-      const e = outcome.get(r.body.backupId)!;
-      if (e.state === 'FAILED') {
-        console.error(`mg: ${name}: backup failed: ${e.error}`);
-        return 1;
-      }
-      console.log(`${name}: ${e.type.toLowerCase()} backup ${e.label} completed in ${Number(e.durationMs) / 1000} s: ` +
-        `database ${mb(e.sizeBytes)}, repository +${mb(e.repoSizeBytes)}, WAL ${lsn(e.startLsn)} .. ${lsn(e.stopLsn)}${e.fromStandby ? ', from a replica' : ''}`);
-      return 0;
-    } finally {
-      await sub.stop();
+    let done!: (e: BackupEvent) => void;
+    const outcome = new Promise<BackupEvent>((resolve) => (done = resolve));
+    const sub = await eventLog.subscribe('backups', (ev) => {
+      if (ev.backupId !== r.body.backupId) return;
+      if (ev.state === 'COMPLETED' || ev.state === 'FAILED') done(ev);
+      else if (ev.state === 'PROGRESS' && ev.sizeBytes) console.log(`  ${name}: ${mb(ev.doneBytes)} of ${mb(ev.sizeBytes)} copied`);
+    }, { since: asked });
+    const e = await outcome.finally(() => sub.stop());
+    if (e.state === 'FAILED') {
+      console.error(`mg: ${name}: backup failed: ${e.error}`);
+      return 1;
     }
+    console.log(`${name}: ${e.type.toLowerCase()} backup ${e.label} completed in ${Number(e.durationMs) / 1000} s: ` +
+      `database ${mb(e.sizeBytes)}, repository +${mb(e.repoSizeBytes)}, WAL ${lsn(e.startLsn)} .. ${lsn(e.stopLsn)}${e.fromStandby ? ', from a replica' : ''}`);
+    return 0;
   } finally {
     await eventLog.close();
   }

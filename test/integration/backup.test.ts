@@ -174,8 +174,8 @@ test('a replica whose data directory is lost is rebuilt from the backup while th
   assert.ok(max >= acknowledged, `every acknowledged write is on the new primary (${max} < ${acknowledged})`);
   assert.equal(count, max, 'no gaps');
 
-  // Archiving continues from the new primary with no gap: pgbackrest check passes, and the backups of the
-  // old timeline restored to the end of the archive holds every write, the ones after the switchover too.
+  // Archiving continues from the new primary with no gap: pgbackrest check passes, and the latest backup (of the
+  // old timeline), restored to the end of the archive, holds every write, the ones after the switchover too.
   assert.match(await ok('backup', 'check', 'postgres/-'), /ok: archiving works/);
   await query(victim.port, 'INSERT INTO writes VALUES ($1)', [count + 1]);
   await ok('backup', 'restore', 'postgres/-', '--to-dir', latestDir, '--port', String(restorePort + 1));
