@@ -95,8 +95,9 @@ export class PgBackRest {
     fs.renameSync(tmp, this.configFile);
   }
 
-  run(command: string, args: string[] = []): Promise<string> {
-    return runAsPostgres(PGBACKREST, [`--config=${this.configFile}`, `--stanza=${this.stanza}`, ...args, command], { cwd: path.dirname(this.configFile) });
+  /** One pgBackRest command; `operands` follow the command name (archive-push's WAL file). */
+  run(command: string, args: string[] = [], operands: string[] = []): Promise<string> {
+    return runAsPostgres(PGBACKREST, [`--config=${this.configFile}`, `--stanza=${this.stanza}`, ...args, command, ...operands], { cwd: path.dirname(this.configFile) });
   }
 
   /** Creates the stanza, or checks that it matches this database (it is idempotent). */

@@ -5,6 +5,8 @@
  * backup's steps to `mg.backups.v1`, and restores new replicas from the
  * latest backup plus archived WAL.
  */
+import fs from 'node:fs';
+import path from 'node:path';
 import type { EventLog } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { counter, histogram } from '../../common/metrics.ts';
@@ -20,6 +22,9 @@ const backupSeconds = histogram('mg_agent_backup_duration_seconds', 'Time of one
 const restores = counter('mg_agent_replica_restores_total', 'Replicas created, by source (backup or pg_basebackup)', ['source']);
 
 const PROGRESS_INTERVAL_MS = 2_000;
+/** Postgres's default WAL segment size (initdb --wal-segsize is not used here). */
+const WAL_SEGMENT_BYTES = 16n * 1024n * 1024n;
+const SEGMENTS_PER_XLOGID = 0x1_0000_0000n / WAL_SEGMENT_BYTES;
 
 type Handle = (action: AgentAction, handler: (cmd: AgentCommand) => Promise<string>) => void;
 
@@ -59,7 +64,37 @@ export class BackupService {
   primaryStarted(): void {
     this.pgbackrest.stanzaCreate()
       .then(() => this.log.info({ stanza: this.pgbackrest.stanza }, 'pgBackRest stanza ready'))
-      .catch((err) => this.log.error({ err, stanza: this.pgbackrest.stanza }, 'pgBackRest stanza-create failed: WAL is not being archived'));
+      .then(() => this.pushPreviousTimeline())
+      .catch((err) => this.log.error({ err, stanza: this.pgbackrest.stanza }, 'pgBackRest stanza-create or the push of the previous timeline failed: the archive may have a gap'));
+  }
+
+  /**
+   * After a promotion: pushes the complete segments of the previous timeline
+   * that this instance received while it was a standby. The old primary may
+   * have died before archiving them; pgBackRest accepts the ones it did archive
+   * again (same checksum), so the archive has no gap before the new timeline.
+   * Only segments before the switch point: they were all streamed (real WAL),
+   * while later names on the old timeline can be recycled files.
+   */
+  private async pushPreviousTimeline(): Promise<void> {
+    const walDir = path.join(this.pg.dataDir, 'pg_wal');
+    const history = fs.readdirSync(walDir).filter((f) => /^[0-9A-F]{8}\.history$/.test(f)).sort().at(-1);
+    if (!history) return; // timeline 1: a bootstrap, nothing before it
+    const last = fs.readFileSync(path.join(walDir, history), 'utf8').trim().split('\n').filter((l) => /^\d/.test(l)).at(-1);
+    if (!last) return;
+    const [parentTli, switchLsn] = last.split(/\s+/);
+    const switchSegment = parseLsn(switchLsn) / WAL_SEGMENT_BYTES;
+    const parent = Number(parentTli).toString(16).toUpperCase().padStart(8, '0');
+    const segments = fs.readdirSync(walDir).filter((f) => /^[0-9A-F]{24}$/.test(f) && f.startsWith(parent)
+      && (BigInt(`0x${f.slice(8, 16)}`) * SEGMENTS_PER_XLOGID + BigInt(`0x${f.slice(16)}`)) < switchSegment).sort();
+    for (const f of segments) {
+      const file = path.join(walDir, f);
+      // A checkpoint of the new primary may remove an old segment meanwhile: it was archived then.
+      await this.pgbackrest.run('archive-push', [], [file]).catch((err) => {
+        if (fs.existsSync(file)) throw err;
+      });
+    }
+    this.log.info({ timeline: parentTli, segments: segments.length }, 'pushed the previous timeline\'s segments held here');
   }
 
   /**
