@@ -70,7 +70,8 @@ export class PgBackRest {
     const c = this.cfg;
     fs.mkdirSync(path.dirname(this.configFile), { recursive: true });
     for (const dir of [c.lockPath, c.logPath, ...(c.options['repo1-type'] && c.options['repo1-type'] !== 'posix' ? [] : [c.repoPath])]) {
-      fs.mkdirSync(dir, { recursive: true, mode: 0o750 });
+      fs.mkdirSync(dir, { recursive: true }); // parents it creates stay enterable (0755), as the server's user must pass them
+      fs.chmodSync(dir, 0o750);
       chownToPostgres(dir);
     }
     const global: Record<string, string> = {
