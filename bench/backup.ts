@@ -86,7 +86,9 @@ async function main(): Promise<void> {
     const incrMs = await timed('pgBackRest incremental backup', () => repo.backup('incr'));
     const incrRepo = duBytes(path.join(backupCfg.repoPath, 'backup')) - fullRepo;
 
-    const copyDir = path.join(work, 'postgres', 'basebackup');
+    const copy = instance('basebackup', BASE + 1);
+    const copyDir = copy.dataDir;
+    copy.prepareEmpty();
     const baseMs = await timed('pg_basebackup', () => runAsPostgres(path.join(BIN, 'pg_basebackup'),
       ['-h', '127.0.0.1', '-p', String(BASE), '-U', 'postgres', '-w', '-D', copyDir, '-X', 'stream', '-c', 'fast'], { cwd: work }));
     const baseSize = duBytes(copyDir);
@@ -105,7 +107,6 @@ async function main(): Promise<void> {
     });
     await restored.stop();
     fs.rmSync(restored.dataDir, { recursive: true, force: true });
-    const copy = new PostgresInstance({ name: 'basebackup', dataDir: copyDir, port: BASE + 1, binDir: BIN, log });
     const copyStartMs = await timed('start of the pg_basebackup copy until serving', async () => {
       copy.writeConfig();
       await copy.start(3600);
