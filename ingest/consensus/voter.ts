@@ -37,6 +37,9 @@ const STREAM_WAIT_MS = 3_000;
 const STREAM_AFTER_REWIND_MS = 10_000;
 const START_AFTER_REWIND_S = 15;
 const START_AS_STANDBY_S = 5;
+/** A clone restored from a backup first replays the archived WAL since the backup: it reaches consistency and streams later. */
+const START_AFTER_CLONE_S = 600;
+const STREAM_AFTER_CLONE_MS = 120_000;
 /** How long a standby that just started must hold one position before it reports it. */
 const STABLE_MS = 80;
 /** How long a standby waits for a switchover's old primary to end the stream before it stops listening anyway. */
@@ -192,9 +195,9 @@ export class Voter {
       await this.agent.exclusive(async () => {
         await pg.rebuild(upstream, this.restore); // also clears what a failed clone left behind
         pg.configureStandby(upstream);
-        await pg.start();
+        await pg.start(START_AFTER_CLONE_S);
       }, true);
-      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`cloned, but not streaming from ${upstream.host}:${upstream.port}`);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_CLONE_MS))) throw new Error(`cloned, but not streaming from ${upstream.host}:${upstream.port}`);
       return `cloned; streaming from ${upstream.host}:${upstream.port}`;
     }
     await this.ensureSlot(upstream);
@@ -238,9 +241,9 @@ export class Voter {
         await pg.stop('immediate');
         await pg.rebuild(upstream, this.restore);
         pg.configureStandby(upstream);
-        await pg.start();
+        await pg.start(START_AFTER_CLONE_S);
       }, true);
-      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`rebuilt, but not streaming from ${upstream.host}:${upstream.port}`);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_CLONE_MS))) throw new Error(`rebuilt, but not streaming from ${upstream.host}:${upstream.port}`);
       rewinds.inc({ result: 'rebuilt' });
     }
     return `${how}; streaming from ${upstream.host}:${upstream.port}`;
