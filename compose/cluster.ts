@@ -10,7 +10,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
-import type { AgentConfig } from '../ingest/config.ts';
+import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import {
   applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, shardKey, topologyKey,
@@ -50,7 +50,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
   fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
   const planned = instancesOf(spec);
 
-  await progress.step('checking prerequisites (Java, Maven, Postgres 15)', async () => checkPrerequisites(spec));
+  await progress.step('checking prerequisites (Java, Maven, Postgres 15, pgBackRest)', async () => checkPrerequisites(spec));
   await progress.step(`Kafka broker on ${bootstrapOf(spec)} (jars via Maven, KRaft)`, async () => {
     if (spec.kafka.bootstrap) return progress.note('external: not started by mg');
     const kafka = await startKafka({
@@ -74,7 +74,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
       progress.note(created.length ? `created ${created.join(', ')}` : 'all present');
     });
     await progress.step('event schemas in the registry', async () => {
-      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'gatewayCancels', 'cdcStatus', 'orchEvents'] as Array<keyof TopicValues>) {
+      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'gatewayCancels', 'cdcStatus', 'orchEvents', 'backups'] as Array<keyof TopicValues>) {
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
@@ -111,7 +111,14 @@ function checkPrerequisites(spec: ClusterSpec): void {
   for (const bin of ['postgres', 'initdb', 'pg_ctl', 'pg_basebackup']) {
     if (!fs.existsSync(path.join(spec.postgres.binDir, bin))) missing.push(path.join(spec.postgres.binDir, bin));
   }
-  if (missing.length) throw new Error(`missing prerequisites: ${missing.join(', ')} (install Java 17, Maven and Debian's postgresql-15)`);
+  if (spec.backup.enabled) {
+    try {
+      execFileSync('pgbackrest', ['version'], { stdio: 'ignore' });
+    } catch {
+      missing.push('pgbackrest');
+    }
+  }
+  if (missing.length) throw new Error(`missing prerequisites: ${missing.join(', ')} (install Java 17, Maven and Debian's postgresql-15 and pgbackrest; compose/setup.sh does)`);
 }
 
 /** Publishes the spec's topology events that the log does not hold yet. */
@@ -145,7 +152,13 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
     poolerPort: inst.poolerPort,
     cdc: spec.databases.find((d) => d.name === inst.database)!.cdc,
+    ...(spec.backup.enabled ? { backup: backupConfigOf(spec) } : {}),
   };
+}
+
+/** pgBackRest settings of every agent and of the CLI's restores: one repository, one lock directory per cluster. */
+export function backupConfigOf(spec: ClusterSpec): BackupConfig {
+  return { ...spec.backup, repoPath: spec.backup.repoPath!, lockPath: path.join(runDir(spec), 'pgbackrest'), logPath: path.join(logDir(spec), 'pgbackrest') };
 }
 
 /**

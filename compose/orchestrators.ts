@@ -14,6 +14,7 @@ export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progre
       id: orchName(cell), cell, port: spec.orchestrator.basePort + i, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
       topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
       twopcGraceMs: spec.orchestrator.twopcGraceMs, twopcRetentionMs: spec.orchestrator.twopcRetentionMs,
+      backupSchedules: spec.backup.enabled ? Object.fromEntries(spec.databases.map((d) => [d.name, d.backupSchedule])) : {},
     }, spec.orchestrator.basePort + i, paths, spec));
   }
   // Bootstrap is the orchestrators' job (electing each new shard's first primary, which writes the rule of its

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a bare Debian machine with Node 20:
-# Java 17 and Maven (to fetch and run Kafka), Postgres 15, iptables (fault tests), and the npm packages.
+# Java 17 and Maven (to fetch and run Kafka), Postgres 15, pgBackRest (WAL archive and backups),
+# iptables (fault tests), and the npm packages.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,6 +12,7 @@ missing=()
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
+command -v pgbackrest >/dev/null || missing+=(pgbackrest)
 command -v iptables >/dev/null || missing+=(iptables) # the fault suite partitions an instance on loopback
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian"

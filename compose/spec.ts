@@ -8,7 +8,8 @@ import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
-import { cdcConfigSchema } from '../ingest/config.ts';
+import { backupConfigSchema, cdcConfigSchema } from '../ingest/config.ts';
+import { backupScheduleSchema } from '../orchestrator/config.ts';
 import { parsePolicy } from '../schemas/durability.ts';
 
 const port = z.number().int().min(1024).max(65535);
@@ -75,6 +76,11 @@ export const clusterSpecSchema = z.object({
     /** How long two-phase-commit decision rows are kept after their transaction finished everywhere. */
     twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
   }).strict().default({}),
+  /** WAL archiving and backups through pgBackRest, one stanza per shard (docs/backups.md). */
+  backup: backupConfigSchema.omit({ repoPath: true, lockPath: true, logPath: true }).extend({
+    /** Default: <dataDir>/backups. */
+    repoPath: z.string().optional(),
+  }).strict().default({}),
   cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),
   databases: z.array(z.object({
@@ -85,6 +91,7 @@ export const clusterSpecSchema = z.object({
     cdc: cdcConfigSchema.default({}),
     /** ANY_<n> (n nodes hold each acknowledged commit, the primary included) or MULTI_CELL_ANY_<n> (n cells); default ANY_2 (ANY_1 alone). */
     durability: z.string().refine((p) => policyN(p) !== undefined, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
+    backupSchedule: backupScheduleSchema.default({}),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
@@ -134,6 +141,7 @@ export function parseSpec(raw: unknown, origin = 'spec'): ClusterSpec {
   const spec = result.data;
   spec.dataDir = path.resolve(spec.dataDir);
   spec.cacheDir = path.resolve(spec.cacheDir);
+  spec.backup.repoPath = path.resolve(spec.backup.repoPath ?? path.join(spec.dataDir, 'backups'));
   checkPortClashes(spec);
   return spec;
 }

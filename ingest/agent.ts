@@ -7,7 +7,9 @@ import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
-import { payload, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import { payload, stanzaOf, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import { BackupService } from './backup/service.ts';
+import { PgBackRest } from './backup/pgbackrest.ts';
 import { CdcService } from './cdc/service.ts';
 import type { AgentConfig } from './config.ts';
 import { PostgresInstance, type Probe } from './postgres/instance.ts';
@@ -47,11 +49,14 @@ export class Agent {
   private loop: Promise<void> | undefined;
   private readonly handlers = new Map<AgentAction, CommandHandler>();
   private readonly cdc: CdcService;
+  /** WAL archiving and backups (absent when the spec turns them off). */
+  readonly backups: BackupService | undefined;
   /** Runs before the agent restarts a Postgres that died (the voter makes a dead primary come back fenced). */
   beforeRestart: (() => void) | undefined;
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
-    this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log });
+    const settings = cfg.backup ? PgBackRest.archiveSettingsFor(stanzaOf(cfg.database, cfg.shard), cfg.dataDir) : {};
+    this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log, settings });
     this.eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: `agent.${cfg.instanceId}`, log, topicPrefix: cfg.topicPrefix });
     this.publishHealth = this.eventLog.publisher('health');
     this.publishTopology = this.eventLog.publisher('topology');
@@ -59,9 +64,14 @@ export class Agent {
     this.lifecycleCommands();
     this.cdc = new CdcService(cfg, this.eventLog, log);
     this.cdc.register((action, handler) => this.handle(action, handler));
+    if (cfg.backup) {
+      this.backups = new BackupService({ ...cfg, backup: cfg.backup }, this.postgres, this.eventLog, log.child({ part: 'backup' }));
+      this.backups.register((action, handler) => this.handle(action, handler));
+    }
   }
 
   async start(): Promise<void> {
+    this.backups?.writeConfig();
     await this.ensurePostgres();
     await this.topology(payload('InstanceRegistered', {
       instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,

@@ -29,6 +29,32 @@ export const cdcConfigSchema = z.object({
 
 export type CdcConfig = z.infer<typeof cdcConfigSchema>;
 
+/**
+ * WAL archiving and backups through pgBackRest (the cluster spec's `backup`,
+ * the same for every agent; docs/backups.md). One stanza per shard.
+ */
+export const backupConfigSchema = z.object({
+  /** archive_mode on, archive_command through pgBackRest, stanza-create at bootstrap, replicas restored from backups. */
+  enabled: z.boolean().default(true),
+  /** repo1-path: a local directory by default; with repo1-type=s3 in `options`, the path inside the bucket. */
+  repoPath: z.string().min(1),
+  /** Shared by every agent of the cluster, so only one backup of a stanza runs at a time. */
+  lockPath: z.string().min(1),
+  logPath: z.string().min(1),
+  /** Full backups kept (older ones, with the diff/incr backups and WAL that depend on them, are expired). */
+  retentionFull: z.number().int().min(1).max(9999).default(2),
+  /** Differential backups kept per full backup; default: every one. */
+  retentionDiff: z.number().int().min(1).max(9999).optional(),
+  /** Further pgBackRest options of the [global] section, e.g. repo1-type: s3, repo1-s3-bucket: ... */
+  options: z.record(z.string().regex(/^[a-z0-9-]+$/, 'must be a pgBackRest option name'), z.string()).default({}),
+  /** Compression of the repository (pgBackRest compress-type). */
+  compressType: z.enum(['none', 'gz', 'lz4', 'zst', 'bz2']).default('lz4'),
+  /** Parallel processes of backup and restore (pgBackRest process-max). */
+  processMax: z.number().int().min(1).max(64).default(2),
+}).strict();
+
+export type BackupConfig = z.infer<typeof backupConfigSchema>;
+
 export const agentConfigSchema = z.object({
   instanceId: z.string().min(1),
   database: z.string().min(1),
@@ -47,6 +73,8 @@ export const agentConfigSchema = z.object({
   /** The MultiPooler beside this instance, announced in topology for the gateways. */
   poolerPort: z.number().int().min(1).max(65535).nullable().default(null),
   cdc: cdcConfigSchema.default({}),
+  /** Absent: no archiving, no backups. */
+  backup: backupConfigSchema.optional(),
 }).strict();
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;

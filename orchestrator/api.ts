@@ -6,6 +6,8 @@
 import Fastify, { type FastifyInstance, type RouteShorthandOptions } from 'fastify';
 import { metrics } from '../common/metrics.ts';
 import { shardKey } from '../schemas/index.ts';
+import { backupRoutes } from './api/backups.ts';
+import type { Backups } from './backups.ts';
 import type { OrchConfig } from './config.ts';
 import { ElectionError } from './election.ts';
 import type { Journal } from './journal.ts';
@@ -53,7 +55,7 @@ function openApi(): object {
 
 const json = (v: unknown) => JSON.parse(JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x)));
 
-export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Keeper, journal: Journal): Promise<FastifyInstance> {
+export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Keeper, journal: Journal, backups: Backups): Promise<FastifyInstance> {
   const app = Fastify({ logger: false });
   const opts = (url: string): RouteShorthandOptions => ({ schema: routes.find((r) => r.url === url)!.schema });
 
@@ -95,6 +97,7 @@ export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Kee
     return json({ events: journal.historyOf(shardKey(database, shard)).slice(-req.query.limit) });
   });
 
+  await app.register(backupRoutes, { backups });
   await app.listen({ host: '127.0.0.1', port: cfg.port });
   return app;
 }

@@ -2,6 +2,15 @@
 import { z } from 'zod';
 import { readJsonConfig } from '../common/config.ts';
 
+/** Backups MultiOrch takes on its own, per shard of a database: the interval of each type in minutes (none: only on demand). */
+export const backupScheduleSchema = z.object({
+  fullEveryMinutes: z.number().int().min(1).optional(),
+  diffEveryMinutes: z.number().int().min(1).optional(),
+  incrEveryMinutes: z.number().int().min(1).optional(),
+}).strict();
+
+export type BackupSchedule = z.infer<typeof backupScheduleSchema>;
+
 export const orchConfigSchema = z.object({
   /** Unique among orchestrators, e.g. orch-zone1; it signs pledges and events. */
   id: z.string().regex(/^[a-zA-Z0-9._-]+$/),
@@ -32,6 +41,8 @@ export const orchConfigSchema = z.object({
   twopcScanMs: z.number().int().min(50).default(1_000),
   /** Decision rows are kept this long (and while their transaction is prepared anywhere), then deleted. */
   twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
+  /** Per database: the backup schedule (the spec's databases[].backupSchedule). */
+  backupSchedules: z.record(backupScheduleSchema).default({}),
 }).strict();
 
 export type OrchConfig = z.infer<typeof orchConfigSchema>;

@@ -6,6 +6,7 @@ import { createLogger } from '../common/log.ts';
 import { Agents } from './agents.ts';
 import { InDoubtResolver } from './in-doubt.ts';
 import { serveApi } from './api.ts';
+import { Backups } from './backups.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
 import { Keeper } from './keeper.ts';
@@ -25,12 +26,14 @@ try {
   const journal = new Journal(eventLog, cfg.id, log);
   await Promise.all([watch.start(), agents.start(), journal.start()]);
   const keeper = new Keeper(cfg, eventLog, watch, agents, journal, log);
-  const api = await serveApi(cfg, watch, keeper, journal);
+  const backups = new Backups(eventLog, watch, agents, cfg.cell, cfg.backupSchedules, log.child({ part: 'backups' }));
+  await backups.start();
+  const api = await serveApi(cfg, watch, keeper, journal, backups);
   const resolver = new InDoubtResolver(cfg, watch, journal, log);
   keeper.start();
   resolver.start();
   onShutdown(log, async () => {
-    await Promise.all([keeper.stop(), resolver.stop()]);
+    await Promise.all([keeper.stop(), resolver.stop(), backups.stop()]);
     await api.close();
     await eventLog.close();
   });

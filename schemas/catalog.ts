@@ -74,6 +74,14 @@ export const topics = {
     valueSchema: 'orch-event.avsc',
     doc: 'What orchestrators saw, decided and did per shard (failovers, switchovers, leases), keyed by db/shard.',
   },
+  backups: {
+    name: 'mg.backups.v1',
+    partitions: 1,
+    cleanupPolicy: 'delete',
+    retentionMs: 90 * DAY,
+    valueSchema: 'backup-event.avsc',
+    doc: 'Backups of each shard (started, progress, completed with LSN range, size and duration, failed with the reason), keyed by <database>/<shard>.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

@@ -5,13 +5,14 @@ import { fileURLToPath } from 'node:url';
 import { topics, valueSubject, type TopicName } from './catalog.ts';
 import { AvroCodec } from './codec/confluent.ts';
 import type { SchemaRegistryClient } from './codec/registry.ts';
-import type { AgentCommand, AgentCommandResult, CdcStreamStatus, GatewayCancel, HealthEvent, OrchEvent, TopologyEvent } from './generated/types.ts';
+import type { AgentCommand, AgentCommandResult, BackupEvent, CdcStreamStatus, GatewayCancel, HealthEvent, OrchEvent, TopologyEvent } from './generated/types.ts';
 
 export * from './catalog.ts';
 export * from './topology.ts';
 export * from './durability.ts';
 export * from './consensus.ts';
 export * from './twopc.ts';
+export * from './backup.ts';
 export * from './generated/types.ts';
 export { AvroCodec, DecodeError, EncodeError } from './codec/confluent.ts';
 export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';
@@ -32,6 +33,7 @@ export interface TopicValues {
   gatewayCancels: GatewayCancel;
   cdcStatus: CdcStreamStatus;
   orchEvents: OrchEvent;
+  backups: BackupEvent;
 }
 
 /** The codec of a catalog topic's values; `topicName` is the topic's actual (maybe prefixed) name. */

@@ -7,6 +7,10 @@
  *   mg shard status   [--data-dir dir]
  *   mg shard switchover <db>/<shard> [--to instance] [--data-dir dir]
  *   mg shard history  <db>/<shard> [--data-dir dir]
+ *   mg backup create  <db>[/<shard>] [--type full|diff|incr] [--no-wait] [--data-dir dir]
+ *   mg backup list|verify|check <db>[/<shard>] [--data-dir dir]
+ *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
+ *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
  */
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -15,6 +19,7 @@ import { clusterDown, clusterUp, eventLogFor, readClusterView, savedSpec } from 
 import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
+import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { runShardCommand } from './shard.ts';
 
 const USAGE = `usage:
@@ -25,6 +30,12 @@ const USAGE = `usage:
   mg shard status   [--data-dir dir]
   mg shard switchover <db>/<shard> [--to instance] [--data-dir dir]
   mg shard history  <db>/<shard> [--data-dir dir]
+  mg backup create  <db>[/<shard>] [--type full|diff|incr] [--no-wait] [--data-dir dir]
+  mg backup list    <db>[/<shard>] [--data-dir dir]
+  mg backup verify  <db>[/<shard>] [--data-dir dir]
+  mg backup check   <db>[/<shard>] [--data-dir dir]
+  mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
+  mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -40,6 +51,13 @@ async function main(argv: string[]): Promise<void> {
       set: { type: 'string', multiple: true },
       clean: { type: 'boolean' },
       to: { type: 'string' },
+      type: { type: 'string' },
+      label: { type: 'string' },
+      time: { type: 'string' },
+      lsn: { type: 'string' },
+      'to-dir': { type: 'string' },
+      port: { type: 'string' },
+      'no-wait': { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -52,6 +70,19 @@ async function main(argv: string[]): Promise<void> {
     const spec = savedSpec(values['data-dir'] ?? '.mg');
     if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
     process.exitCode = await shardCommand(spec, command, positionals[2], values.to);
+    return;
+  }
+  if (group === 'backup') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    if (!['create', 'list', 'verify', 'check', 'expire', 'restore'].includes(command ?? '')) throw new UsageError(`unknown command: backup ${command ?? '(none)'}`);
+    const target = positionals[2];
+    if (!/^[^/]+(\/[^/]+)?$/.test(target ?? '')) throw new UsageError(`backup ${command} needs <db> or <db>/<shard>, e.g. postgres/-`);
+    const log = createLogger('mg', {}).child({ command });
+    log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+    process.exitCode = await runBackupCommand(spec, command, target, {
+      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, wait: !values['no-wait'],
+    }, log);
     return;
   }
   const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');
@@ -96,7 +127,7 @@ async function shardCommand(spec: ClusterSpec, command: string | undefined, targ
 main(process.argv.slice(2)).then(
   () => process.exit(process.exitCode ?? 0),
   (err) => {
-    if (err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+    if (err instanceof UsageError || err instanceof BackupUsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
       console.error(`mg: ${(err as Error).message}\n\n${USAGE}`);
       process.exit(2);
     }

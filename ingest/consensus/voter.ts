@@ -13,7 +13,8 @@
  *   directory yet (a new shard) is initialized and started as the first primary.
  * - REPOINT(term, host, port): streams from the term's primary; when the WAL
  *   has diverged, pg_rewind, and when that fails, a fresh clone (also how an
- *   empty instance gets its data).
+ *   empty instance gets its data): restored from the shard's latest backup plus
+ *   archived WAL when there is one, else pg_basebackup from the primary.
  *
  * A Postgres that dies while primary comes back as a standby of nobody: only
  * a PROMOTE makes a primary.
@@ -36,6 +37,9 @@ const STREAM_WAIT_MS = 3_000;
 const STREAM_AFTER_REWIND_MS = 10_000;
 const START_AFTER_REWIND_S = 15;
 const START_AS_STANDBY_S = 5;
+/** A clone restored from a backup first replays the archived WAL since the backup: it reaches consistency and streams later. */
+const START_AFTER_CLONE_S = 600;
+const STREAM_AFTER_CLONE_MS = 120_000;
 /** How long a standby that just started must hold one position before it reports it. */
 const STABLE_MS = 80;
 /** How long a standby waits for a switchover's old primary to end the stream before it stops listening anyway. */
@@ -62,6 +66,12 @@ export class Voter {
         this.agent.postgres.configureStandby(null);
       }
     };
+  }
+
+  /** A new or rebuilt replica starts from the latest backup when there is one (pg_basebackup otherwise). */
+  private get restore(): (() => Promise<boolean>) | undefined {
+    const backups = this.agent.backups;
+    return backups && (() => backups.restoreStandby());
   }
 
   private get pg() {
@@ -149,6 +159,7 @@ export class Voter {
       const [{ rec }] = await this.pg.query<{ rec: boolean }>('SELECT pg_is_in_recovery() AS rec');
       if (rec) await this.pg.promote();
     }, true);
+    this.agent.backups?.primaryStarted();
     this.log.info({ term }, 'promoted for term');
     // Gateways route to a primary only once its heartbeat says so.
     const [, position] = await Promise.all([this.agent.reportNow(), this.position(term)]);
@@ -162,6 +173,7 @@ export class Voter {
       await this.pg.initPrimary();
       await this.pg.start();
     }, true);
+    this.agent.backups?.primaryStarted();
     this.log.info({ term }, 'bootstrapped as the first primary of the shard');
     await this.agent.reportNow();
     return encodePosition(await this.position(term));
@@ -181,11 +193,11 @@ export class Voter {
     const pg = this.pg;
     if (!pg.isInitialized()) {
       await this.agent.exclusive(async () => {
-        await pg.rebuild(upstream); // also clears what a failed clone left behind
+        await pg.rebuild(upstream, this.restore); // also clears what a failed clone left behind
         pg.configureStandby(upstream);
-        await pg.start();
+        await pg.start(START_AFTER_CLONE_S);
       }, true);
-      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`cloned, but not streaming from ${upstream.host}:${upstream.port}`);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_CLONE_MS))) throw new Error(`cloned, but not streaming from ${upstream.host}:${upstream.port}`);
       return `cloned; streaming from ${upstream.host}:${upstream.port}`;
     }
     await this.ensureSlot(upstream);
@@ -227,11 +239,11 @@ export class Voter {
       how = 'rebuilt';
       await this.agent.exclusive(async () => {
         await pg.stop('immediate');
-        await pg.rebuild(upstream);
+        await pg.rebuild(upstream, this.restore);
         pg.configureStandby(upstream);
-        await pg.start();
+        await pg.start(START_AFTER_CLONE_S);
       }, true);
-      if (!(await this.streamingFrom(upstream, STREAM_AFTER_REWIND_MS))) throw new Error(`rebuilt, but not streaming from ${upstream.host}:${upstream.port}`);
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_CLONE_MS))) throw new Error(`rebuilt, but not streaming from ${upstream.host}:${upstream.port}`);
       rewinds.inc({ result: 'rebuilt' });
     }
     return `${how}; streaming from ${upstream.host}:${upstream.port}`;

@@ -121,7 +121,8 @@ export class PostgresInstance {
   private readonly binDir: string;
   private readonly log: Logger;
   private readonly settings: Record<string, string>;
-  private readonly runDir: string;
+  /** The Unix socket directory. */
+  readonly runDir: string;
   private readonly logFile: string;
 
   constructor(opts: PostgresInstanceOptions) {
@@ -142,9 +143,14 @@ export class PostgresInstance {
     return fs.existsSync(path.join(this.dataDir, 'PG_VERSION'));
   }
 
-  async initPrimary(): Promise<void> {
+  /** Creates the (empty) data directory and what lives beside it, for initdb, a clone or a restore. */
+  prepareEmpty(): void {
     this.assertEmpty();
     this.prepareDirs();
+  }
+
+  async initPrimary(): Promise<void> {
+    this.prepareEmpty();
     await this.run('initdb', [
       '-D', this.dataDir, '-A', 'trust', '--username=postgres', '--encoding=UTF8', '--locale=C.UTF-8',
     ]);
@@ -152,10 +158,22 @@ export class PostgresInstance {
     this.log.info('initialized primary');
   }
 
-  async initReplica(upstream: Upstream): Promise<void> {
-    this.assertEmpty();
-    this.prepareDirs();
+  /**
+   * Makes this empty data directory a standby of `upstream`: through
+   * `restore` when given and it succeeds (e.g. from a backup plus archived WAL,
+   * which spares the primary the copy), else with pg_basebackup from the upstream.
+   */
+  async initReplica(upstream: Upstream, restore?: () => Promise<boolean>): Promise<void> {
+    this.prepareEmpty();
     await this.dropStaleSlot(upstream);
+    if (restore && (await restore())) {
+      // The slot keeps the upstream's WAL from now on; what the backup lacks before that comes from the archive.
+      await queryAt(upstream, 'SELECT pg_create_physical_replication_slot($1, true)', [this.slotName]);
+      this.configureStandby(upstream);
+      this.writeConfig();
+      this.log.info({ upstream }, 'initialized replica from a restore');
+      return;
+    }
     // -R writes standby.signal plus primary_conninfo/primary_slot_name; -c fast avoids
     // waiting for a spread checkpoint; -w never prompts for a password.
     await this.run('pg_basebackup', [
@@ -318,11 +336,11 @@ export class PostgresInstance {
     this.log.info({ source }, 'rewound');
   }
 
-  /** Throws the data directory away and clones it again from `upstream` (when rewinding is impossible). */
-  async rebuild(upstream: Upstream): Promise<void> {
+  /** Throws the data directory away and clones it again (see initReplica) (when rewinding is impossible). */
+  async rebuild(upstream: Upstream, restore?: () => Promise<boolean>): Promise<void> {
     if (this.isRunning()) throw new Error('cannot rebuild a running instance');
     fs.rmSync(this.dataDir, { recursive: true, force: true });
-    await this.initReplica(upstream);
+    await this.initReplica(upstream, restore);
   }
 
   /** One statement on this instance's `postgres` database, with a client-side timeout. */
@@ -392,8 +410,7 @@ export class PostgresInstance {
   }
 
   private chown(p: string): void {
-    const { uid, gid } = postgresOsUser();
-    if (uid !== undefined && gid !== undefined) fs.chownSync(p, uid, gid);
+    chownToPostgres(p);
   }
 
   /** Write-then-rename, so a crash never leaves a half-written config file. */
@@ -459,33 +476,49 @@ export class PostgresInstance {
     }
   }
 
-  private run(tool: string, args: string[], detached = false): Promise<void> {
-    const { uid, gid, home } = postgresOsUser();
-    // Inherited PG* variables (PGPORT, PGDATA, ...) would silently change what the tools do.
-    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('PG')));
-    if (home) env.HOME = home;
+  private async run(tool: string, args: string[], detached = false): Promise<void> {
     const started = Date.now();
     this.log.debug({ tool, args }, 'running');
-    return new Promise((resolve, reject) => {
-      const child = spawn(path.join(this.binDir, tool), args, {
-        uid, gid, env, detached,
-        cwd: path.dirname(this.dataDir), // the server's user may not be able to enter ours
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let output = '';
-      child.stdout.on('data', (d: Buffer) => (output += d));
-      child.stderr.on('data', (d: Buffer) => (output += d));
-      child.on('error', reject);
-      child.on('close', (code, signal) => {
-        if (code === 0) {
-          this.log.debug({ tool, ms: Date.now() - started }, 'finished');
-          resolve();
-        } else {
-          reject(new Error(`${tool} failed (${signal ?? `exit ${code}`}): ${output.trim().slice(-2000)}`));
-        }
-      });
-    });
+    await runAsPostgres(path.join(this.binDir, tool), args, { cwd: path.dirname(this.dataDir), detached });
+    this.log.debug({ tool, ms: Date.now() - started }, 'finished');
   }
+}
+
+/**
+ * Runs a Postgres tool (or pgBackRest) as the server's OS user and resolves
+ * with its stdout; a failure's error carries the tail of its output.
+ */
+export function runAsPostgres(file: string, args: string[], opts: { cwd: string; detached?: boolean }): Promise<string> {
+  const { uid, gid, home } = postgresOsUser();
+  // Inherited PG* variables (PGPORT, PGDATA, ...) would silently change what the tools do.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('PG')));
+  if (home) env.HOME = home;
+  const tool = path.basename(file);
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, {
+      uid, gid, env, detached: opts.detached ?? false,
+      cwd: opts.cwd, // the server's user may not be able to enter ours
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let output = '';
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d;
+      output += d;
+    });
+    child.stderr.on('data', (d: Buffer) => (output += d));
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      if (code === 0) resolve(stdout);
+      else reject(new Error(`${tool} failed (${signal ?? `exit ${code}`}): ${output.trim().slice(-2000)}`));
+    });
+  });
+}
+
+/** Makes a file or directory the server's OS user's (as root, the tools run as `postgres`). */
+export function chownToPostgres(p: string): void {
+  const { uid, gid } = postgresOsUser();
+  if (uid !== undefined && gid !== undefined) fs.chownSync(p, uid, gid);
 }
 
 function toProbe(row: ProbeRow): Probe {

@@ -11,7 +11,7 @@ export interface AgentCommandResult {
   durationMs: bigint;
 }
 
-export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT' | 'BOOTSTRAP';
+export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT' | 'BOOTSTRAP' | 'BACKUP_CREATE' | 'BACKUP_INFO' | 'BACKUP_VERIFY' | 'BACKUP_EXPIRE' | 'BACKUP_CHECK';
 
 /** A request to the agent of one instance. Agents act on commands addressed to them and answer with an AgentCommandResult carrying the same commandId. */
 export interface AgentCommand {
@@ -21,6 +21,39 @@ export interface AgentCommand {
   issuedBy: string;
   action: AgentAction;
   args: Record<string, string>;
+}
+
+export type BackupState = 'STARTED' | 'PROGRESS' | 'COMPLETED' | 'FAILED';
+
+export type BackupType = 'FULL' | 'DIFF' | 'INCR';
+
+/** One step of one pgBackRest backup of a shard (its stanza), published by the agent that runs it. Keyed by <database>/<shard>; every backup's events share backupId. */
+export interface BackupEvent {
+  /** Links the events of one backup (the agent command's id). */
+  backupId: string;
+  database: string;
+  shard: string;
+  stanza: string;
+  /** The instance whose agent runs the backup. */
+  instanceId: string;
+  /** Files copied from a replica (backup-standby); the primary only starts and stops the backup. */
+  fromStandby: boolean;
+  ts: Date;
+  state: BackupState;
+  type: BackupType;
+  /** pgBackRest's backup label, once completed. */
+  label: null | string;
+  startLsn: null | bigint;
+  stopLsn: null | bigint;
+  /** Database size the backup covers. */
+  sizeBytes: null | bigint;
+  /** What this backup added to the repository (compressed, only changed files for diff/incr). */
+  repoSizeBytes: null | bigint;
+  /** PROGRESS: bytes copied so far. */
+  doneBytes: null | bigint;
+  durationMs: null | bigint;
+  /** FAILED: the reason. */
+  error: null | string;
 }
 
 export type CdcStreamState = 'STARTING' | 'SNAPSHOTTING' | 'STREAMING' | 'STOPPED' | 'FAILED';

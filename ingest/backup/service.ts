@@ -1,0 +1,183 @@
+/**
+ * The agent's backup part: keeps the instance's pgBackRest configuration,
+ * creates the shard's stanza when this instance becomes primary, answers
+ * BACKUP_CREATE / BACKUP_INFO / BACKUP_VERIFY / BACKUP_EXPIRE / BACKUP_CHECK, publishes each
+ * backup's steps to `mg.backups.v1`, and restores new replicas from the
+ * latest backup plus archived WAL.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { EventLog } from '../../common/eventlog.ts';
+import type { Logger } from '../../common/log.ts';
+import { counter, histogram } from '../../common/metrics.ts';
+import { queryAt } from '../../common/postgres.ts';
+import { BACKUP_TYPES, shardKey, stanzaOf, type AgentAction, type AgentCommand, type BackupEvent, type BackupKind } from '../../schemas/index.ts';
+import type { AgentConfig, BackupConfig } from '../config.ts';
+import type { PostgresInstance, Upstream } from '../postgres/instance.ts';
+import { parseLsn } from '../postgres/lsn.ts';
+import { PgBackRest, type LocalPostgres } from './pgbackrest.ts';
+
+const backupsDone = counter('mg_agent_backups_total', 'Backups run by this agent', ['type', 'result']);
+const backupSeconds = histogram('mg_agent_backup_duration_seconds', 'Time of one backup', ['type'], [1, 5, 15, 60, 300, 900, 3600]);
+const restores = counter('mg_agent_replica_restores_total', 'Replicas created, by source (backup or pg_basebackup)', ['source']);
+
+const PROGRESS_INTERVAL_MS = 2_000;
+/** Postgres's default WAL segment size (initdb --wal-segsize is not used here). */
+const WAL_SEGMENT_BYTES = 16n * 1024n * 1024n;
+const SEGMENTS_PER_XLOGID = 0x1_0000_0000n / WAL_SEGMENT_BYTES;
+
+type Handle = (action: AgentAction, handler: (cmd: AgentCommand) => Promise<string>) => void;
+
+export class BackupService {
+  readonly pgbackrest: PgBackRest;
+  private readonly publish;
+  /** The backup this agent runs now (pgBackRest also locks the stanza across agents). */
+  private running: Promise<void> | undefined;
+
+  constructor(private readonly cfg: AgentConfig & { backup: BackupConfig }, private readonly pg: PostgresInstance, eventLog: EventLog, private readonly log: Logger) {
+    this.pgbackrest = new PgBackRest(cfg.backup, stanzaOf(cfg.database, cfg.shard), localOf(pg));
+    this.publish = eventLog.publisher('backups');
+  }
+
+  register(handle: Handle): void {
+    handle('BACKUP_CREATE', (cmd) => this.create(cmd));
+    handle('BACKUP_INFO', async () => JSON.stringify((await this.pgbackrest.info()) ?? null));
+    handle('BACKUP_VERIFY', async () => (await this.pgbackrest.verify()).trim() || 'verified');
+    handle('BACKUP_CHECK', async () => {
+      await this.pgbackrest.check();
+      return 'archiving works: the current WAL segment reached the repository';
+    });
+    handle('BACKUP_EXPIRE', async (cmd) => (await this.pgbackrest.expire(cmd.args.label || undefined)).trim() || 'nothing to expire');
+  }
+
+  /** Written at every agent start, before Postgres starts (its archive_command names the file). */
+  writeConfig(): void {
+    this.pgbackrest.writeConfig();
+  }
+
+  /**
+   * This instance serves as primary (bootstrap, promotion): the stanza is
+   * created the first time, and checked to match the database after that.
+   * In the background, so an election never waits for it; archive-push
+   * retries on its own until the stanza exists.
+   */
+  primaryStarted(): void {
+    this.pgbackrest.stanzaCreate()
+      .then(() => this.log.info({ stanza: this.pgbackrest.stanza }, 'pgBackRest stanza ready'))
+      .then(() => this.pushPreviousTimeline())
+      .catch((err) => this.log.error({ err, stanza: this.pgbackrest.stanza }, 'pgBackRest stanza-create or the push of the previous timeline failed: the archive may have a gap'));
+  }
+
+  /**
+   * After a promotion: pushes the complete segments of the previous timeline
+   * that this instance received while it was a standby. The old primary may
+   * have died before archiving them; pgBackRest accepts the ones it did archive
+   * again (same checksum), so the archive has no gap before the new timeline.
+   * Only segments before the switch point: they were all streamed (real WAL),
+   * while later names on the old timeline can be recycled files.
+   */
+  private async pushPreviousTimeline(): Promise<void> {
+    const walDir = path.join(this.pg.dataDir, 'pg_wal');
+    const history = fs.readdirSync(walDir).filter((f) => /^[0-9A-F]{8}\.history$/.test(f)).sort().at(-1);
+    if (!history) return; // timeline 1: a bootstrap, nothing before it
+    const last = fs.readFileSync(path.join(walDir, history), 'utf8').trim().split('\n').filter((l) => /^\d/.test(l)).at(-1);
+    if (!last) return;
+    const [parentTli, switchLsn] = last.split(/\s+/);
+    const switchSegment = parseLsn(switchLsn) / WAL_SEGMENT_BYTES;
+    const parent = Number(parentTli).toString(16).toUpperCase().padStart(8, '0');
+    const segments = fs.readdirSync(walDir).filter((f) => /^[0-9A-F]{24}$/.test(f) && f.startsWith(parent)
+      && (BigInt(`0x${f.slice(8, 16)}`) * SEGMENTS_PER_XLOGID + BigInt(`0x${f.slice(16)}`)) < switchSegment).sort();
+    for (const f of segments) {
+      const file = path.join(walDir, f);
+      // A checkpoint of the new primary may remove an old segment meanwhile: it was archived then.
+      await this.pgbackrest.run('archive-push', [], [file]).catch((err) => {
+        if (fs.existsSync(file)) throw err;
+      });
+    }
+    this.log.info({ timeline: parentTli, segments: segments.length }, 'pushed the previous timeline\'s segments held here');
+  }
+
+  /**
+   * Makes the empty data directory a standby from the latest backup plus
+   * archived WAL (it then streams from its upstream). False, with nothing
+   * written, when the repository holds no backup yet.
+   */
+  async restoreStandby(): Promise<boolean> {
+    if (!(await this.pgbackrest.hasBackup())) {
+      restores.inc({ source: 'pg_basebackup' });
+      return false;
+    }
+    const started = Date.now();
+    await this.pgbackrest.restore(this.pg.dataDir, { type: 'standby' });
+    restores.inc({ source: 'backup' });
+    this.log.info({ stanza: this.pgbackrest.stanza, ms: Date.now() - started }, 'restored a standby from the latest backup');
+    return true;
+  }
+
+  /**
+   * Starts a backup and answers at once (a backup may take hours, and
+   * commands to this agent must not wait behind it); its outcome is the
+   * COMPLETED or FAILED event with backupId = the command's id.
+   */
+  private async create(cmd: AgentCommand): Promise<string> {
+    const type = (cmd.args.type ?? 'incr') as BackupKind;
+    if (!BACKUP_TYPES.includes(type)) throw new Error(`type must be one of ${BACKUP_TYPES.join(', ')}, not ${JSON.stringify(cmd.args.type)}`);
+    if (this.running) throw new Error('a backup of this agent is already running');
+    const probe = await this.pg.probe(this.cfg.probeTimeoutMs);
+    if (!probe) throw new Error('postgres does not answer: cannot back it up');
+    let primary: LocalPostgres | undefined;
+    if (probe.inRecovery) {
+      const host = cmd.args.primaryHost;
+      const port = Number(cmd.args.primaryPort);
+      if (!host || !Number.isInteger(port)) throw new Error('this instance is a replica: a backup from it needs args primaryHost and primaryPort');
+      primary = await describePrimary({ host, port });
+    }
+    const base = { backupId: cmd.commandId, database: this.cfg.database, shard: this.cfg.shard, stanza: this.pgbackrest.stanza, instanceId: this.cfg.instanceId, fromStandby: primary !== undefined };
+    const event = (state: BackupEvent['state'], extra: Partial<BackupEvent> = {}) => this.publish([{ key: shardKey(this.cfg.database, this.cfg.shard), value: {
+      ...base, ts: new Date(), state, type: type.toUpperCase() as BackupEvent['type'], label: null, startLsn: null, stopLsn: null,
+      sizeBytes: null, repoSizeBytes: null, doneBytes: null, durationMs: null, error: null, ...extra,
+    } }]);
+    await event('STARTED');
+    const started = Date.now();
+    const end = backupSeconds.startTimer({ type });
+    this.running = (async () => {
+      const progress = setInterval(() => {
+        void this.pgbackrest.info().then((i) => i?.progress && event('PROGRESS', { doneBytes: BigInt(i.progress.done), sizeBytes: BigInt(i.progress.total) }))
+          .catch(() => undefined);
+      }, PROGRESS_INTERVAL_MS);
+      try {
+        await this.pgbackrest.backup(type, primary);
+        const latest = (await this.pgbackrest.info())?.backups.at(-1);
+        await event('COMPLETED', {
+          label: latest?.label ?? null,
+          startLsn: latest?.startLsn ? parseLsn(latest.startLsn) : null, stopLsn: latest?.stopLsn ? parseLsn(latest.stopLsn) : null,
+          sizeBytes: latest ? BigInt(latest.sizeBytes) : null, repoSizeBytes: latest ? BigInt(latest.repoDeltaBytes) : null,
+          durationMs: BigInt(Date.now() - started),
+        });
+        backupsDone.inc({ type, result: 'completed' });
+        this.log.info({ type, label: latest?.label, ms: Date.now() - started, fromStandby: base.fromStandby }, 'backup completed');
+      } catch (err) {
+        backupsDone.inc({ type, result: 'failed' });
+        this.log.error({ err, type }, 'backup failed');
+        await event('FAILED', { durationMs: BigInt(Date.now() - started), error: (err as Error).message }).catch(() => undefined);
+      } finally {
+        clearInterval(progress);
+        end();
+        this.running = undefined;
+      }
+    })();
+    return `${type} backup ${cmd.commandId} started${primary ? ' from this replica' : ' on the primary'}`;
+  }
+}
+
+function localOf(pg: PostgresInstance): LocalPostgres {
+  return { dataDir: pg.dataDir, port: pg.port, socketDir: pg.runDir };
+}
+
+/** The primary's data directory and socket, which a backup from a standby needs (pgBackRest reaches both locally). */
+async function describePrimary(primary: Upstream): Promise<LocalPostgres> {
+  const [row] = await queryAt<{ dir: string; sock: string; rec: boolean }>(primary,
+    `SELECT current_setting('data_directory') AS dir, split_part(current_setting('unix_socket_directories'), ',', 1) AS sock, pg_is_in_recovery() AS rec`);
+  if (row.rec) throw new Error(`${primary.host}:${primary.port} is not the primary (in recovery)`);
+  return { dataDir: row.dir, port: primary.port, socketDir: row.sock.trim() };
+}

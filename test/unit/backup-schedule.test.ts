@@ -1,0 +1,48 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { dueType } from '../../orchestrator/backups.ts';
+import { stanzaOf, type BackupEvent } from '../../schemas/index.ts';
+
+const MIN = 60_000;
+const now = Date.parse('2026-12-04T12:00:00Z');
+
+function event(type: BackupEvent['type'], state: BackupEvent['state'], minutesAgo: number): BackupEvent {
+  return {
+    backupId: `${type}-${minutesAgo}`, database: 'db', shard: '-', stanza: 'db-0', instanceId: 'i', fromStandby: true,
+    ts: new Date(now - minutesAgo * MIN), state, type, label: null, startLsn: null, stopLsn: null,
+    sizeBytes: null, repoSizeBytes: null, doneBytes: null, durationMs: null, error: null,
+  };
+}
+
+const lastOf = (...events: BackupEvent[]) => (t: BackupEvent['type']) => events.filter((e) => e.type === t).at(-1);
+
+test('stanza names: <database>-<shard> with the key range spelt as in instance ids', () => {
+  assert.equal(stanzaOf('postgres', '-'), 'postgres-0');
+  assert.equal(stanzaOf('app', '-80'), 'app-_80');
+  assert.equal(stanzaOf('app', '80-'), 'app-80_');
+  assert.equal(stanzaOf('app', '40-80'), 'app-40_80');
+});
+
+test('schedule: the first backup of a shard is a full one, whatever else is scheduled', () => {
+  assert.equal(dueType({ fullEveryMinutes: 1440, incrEveryMinutes: 60 }, lastOf(), now), 'full');
+});
+
+test('schedule: a full backup renews the diff and incr clocks; each type comes due on its own interval', () => {
+  const schedule = { fullEveryMinutes: 1440, diffEveryMinutes: 240, incrEveryMinutes: 60 };
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'COMPLETED', 30)), now), undefined);
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'COMPLETED', 61)), now), 'incr');
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'COMPLETED', 241), event('INCR', 'COMPLETED', 10)), now), 'diff');
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'COMPLETED', 1441), event('DIFF', 'COMPLETED', 5)), now), 'full');
+});
+
+test('schedule: nothing starts while a backup runs or shortly after one failed; a lost one does not block forever', () => {
+  const schedule = { fullEveryMinutes: 60 };
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'STARTED', 2)), now), undefined);
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'FAILED', 2)), now), undefined);
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'FAILED', 6)), now), 'full');
+  assert.equal(dueType(schedule, lastOf(event('FULL', 'STARTED', 7 * 60)), now), 'full');
+});
+
+test('schedule: none configured, none due', () => {
+  assert.equal(dueType({}, lastOf(), now), undefined);
+});
