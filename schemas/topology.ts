@@ -47,11 +47,14 @@ export function topologyKey(event: TopologyEvent): string {
   }
 }
 
+/** A database: with instances of its own (hostedOn null), or a Postgres database inside another database's instances. */
+export interface DatabaseRecord { durabilityPolicy: string | null; hostedOn: string | null; dropped: boolean }
+
 export interface PrimaryRecord { instanceId: string; term: bigint; ruleNumber: bigint; since: Date; reason: string }
 
 export interface TopologyState {
   cells: Map<string, CellRegistered>;
-  databases: Map<string, { durabilityPolicy: string | null; dropped: boolean }>;
+  databases: Map<string, DatabaseRecord>;
   shards: Map<string, ShardDefined>; // key: db/shard
   instances: Map<string, InstanceRegistered>;
   serving: Map<string, ServingState>;
@@ -87,8 +90,8 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
   state.applied++;
   switch (kind) {
     case 'CellRegistered': state.cells.set(b.cell, b); break;
-    case 'DatabaseCreated': state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, dropped: false }); break;
-    case 'DatabaseDropped': state.databases.set(b.database, { durabilityPolicy: null, dropped: true }); break;
+    case 'DatabaseCreated': state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, hostedOn: b.hostedOn ?? null, dropped: false }); break;
+    case 'DatabaseDropped': state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true }); break;
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
     case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;
@@ -110,6 +113,19 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
     }
   }
   return state;
+}
+
+/**
+ * The database whose shards and instances serve `database`: itself, or the one
+ * it is hosted on. Undefined for a database that does not exist (or was dropped,
+ * or whose host was).
+ */
+export function shardGroupOf(state: TopologyState, database: string): string | undefined {
+  const db = state.databases.get(database);
+  if (!db || db.dropped) return undefined;
+  if (db.hostedOn === null) return database;
+  const host = state.databases.get(db.hostedOn);
+  return host && !host.dropped && host.hostedOn === null ? db.hostedOn : undefined;
 }
 
 /** state = fold(events). */

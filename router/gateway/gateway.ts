@@ -12,9 +12,11 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorResponse } from '../protocol/messages.ts';
+import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import { loadDdlParser, type DatabaseDdl } from './database-ddl.ts';
 import { Discovery, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
-import { GatewaySession, openLinks, type FailoverOutcome } from './session.ts';
+import { GatewaySession, openLinks, type DatabaseRegistry, type FailoverOutcome } from './session.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -45,6 +47,7 @@ export function descriptorBudget(): number {
 const clientsGauge = gauge('mg_gateway_clients', 'Client connections open');
 const accepted = counter('mg_gateway_connections_total', 'Client connections accepted, by outcome', ['outcome']);
 const cancels = counter('mg_gateway_cancel_requests_total', 'CancelRequests, by where the session was', ['where']);
+const databaseDdl = counter('mg_gateway_database_ddl_total', 'CREATE / DROP DATABASE through the gateway, by what the topology did', ['op', 'outcome']);
 const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client connections refused at maxClients (53300)');
 
 export class Gateway {
@@ -61,6 +64,11 @@ export class Gateway {
   /** Names this gateway in forwarded CancelRequests. */
   readonly id = `gateway-${randomUUID()}`;
   private readonly publishCancel;
+  private readonly publishTopology;
+  private readonly databases: DatabaseRegistry = {
+    refuse: (ddl, from) => this.refuseDatabaseDdl(ddl, from),
+    record: (ddl, from) => this.recordDatabaseDdl(ddl, from),
+  };
   private peerCancels: Subscription | undefined;
   private sweeper: NodeJS.Timeout | undefined;
 
@@ -68,12 +76,13 @@ export class Gateway {
     this.discovery = new Discovery(eventLog);
     this.discovery.onPrimaryMoved((move) => this.leaveReplacedPrimary(move));
     this.publishCancel = eventLog.publisher('gatewayCancels');
+    this.publishTopology = eventLog.publisher('topology');
     this.maxClients = opts.maxClients ?? Infinity;
   }
 
   async start(): Promise<number> {
     if (this.opts.tls) prepareFrontendTls(this.opts.tls); // a bad certificate fails here, not at the first client
-    await this.discovery.start();
+    await Promise.all([this.discovery.start(), loadDdlParser()]);
     this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
       if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
     }, { since: new Date() });
@@ -148,7 +157,9 @@ export class Gateway {
       return;
     }
     const key = this.newKey();
-    const session = new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas });
+    const session = new GatewaySession(client.socket as net.Socket, client.params, {
+      discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,
+    });
     this.sessions.set(key.pid, { session, secret: key.secret });
     clientsGauge.inc();
     client.socket.once('close', () => {
@@ -191,6 +202,51 @@ export class Gateway {
       const pid = randomInt(1, 2 ** 31 - 1);
       if (!this.sessions.has(pid)) return { pid, secret: randomInt(-(2 ** 31), 2 ** 31 - 1) };
     }
+  }
+
+  /**
+   * A database the topology already knows cannot be created again (not even on
+   * another shard group), and one with instances of its own is not dropped by
+   * SQL from inside another: its instances would stay (`mg database drop` removes both).
+   */
+  private refuseDatabaseDdl(ddl: DatabaseDdl, from: string): PgError | undefined {
+    const known = this.discovery.topology.databases.get(ddl.name);
+    if (!known || known.dropped) return undefined;
+    if (ddl.op === 'create' && this.discovery.hasDatabase(ddl.name)) {
+      databaseDdl.inc({ op: ddl.op, outcome: 'refused' });
+      return new PgError('ERROR', SQLSTATE.DUPLICATE_DATABASE, `database "${ddl.name}" already exists`,
+        known.hostedOn === null ? undefined : `It is hosted on the instances of "${known.hostedOn}".`);
+    }
+    if (ddl.op === 'drop' && known.hostedOn === null) {
+      databaseDdl.inc({ op: ddl.op, outcome: 'refused' });
+      return new PgError('ERROR', SQLSTATE.OBJECT_IN_USE, `database "${ddl.name}" has instances of its own and cannot be dropped from "${from}"`,
+        undefined, `Use: mg database drop ${ddl.name} --yes`);
+    }
+    return undefined;
+  }
+
+  /**
+   * Postgres created or dropped the database on the shard group of `from`: the
+   * topology says so (a database hosted on that group), and this gateway waits
+   * until its own view has it. Other gateways follow within their topology lag.
+   */
+  private async recordDatabaseDdl(ddl: DatabaseDdl, from: string): Promise<void> {
+    const group = this.discovery.group(from);
+    const known = this.discovery.topology.databases.get(ddl.name);
+    let event: TopologyEvent['payload'];
+    if (ddl.op === 'create') {
+      if (group === undefined || this.discovery.hasDatabase(ddl.name)) return;
+      event = payload('DatabaseCreated', { database: ddl.name, durabilityPolicy: null, hostedOn: group });
+    } else {
+      // Only a database hosted on this group: a same-named one elsewhere is another database.
+      if (!known || known.dropped || known.hostedOn !== group) return;
+      event = payload('DatabaseDropped', { database: ddl.name });
+    }
+    const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, payload: event };
+    await this.publishTopology([{ key: topologyKey(e), value: e }]);
+    const seen = await this.discovery.waitUntil(() => this.discovery.hasDatabase(ddl.name) === (ddl.op === 'create'), 10_000);
+    databaseDdl.inc({ op: ddl.op, outcome: seen ? 'recorded' : 'not_seen' });
+    this.log.info({ database: ddl.name, op: ddl.op, group, seen }, 'database recorded in the topology');
   }
 
   /** The role's verifier from pg_authid on the database's primary (or a replica), through its pooler. */

@@ -146,6 +146,8 @@ export interface DatabaseCreated {
   database: string;
   /** e.g. ANY_2, MULTI_CELL_ANY_2; null means the cluster default. */
   durabilityPolicy: null | string;
+  /** The database whose shard group (instances) holds this one as a Postgres database of its own; null when it has instances of its own. */
+  hostedOn: null | string;
 }
 
 export interface DatabaseDropped {
