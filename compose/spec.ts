@@ -55,6 +55,8 @@ export const clusterSpecSchema = z.object({
      * connection (reopened, with its settings, at its next query); 0 never does.
      */
     releaseIdleLinksAfterMs: z.number().int().min(0).max(86_400_000).default(30_000),
+    /** Scale to zero: a database with instances of its own and no session for this long is deactivated (0: never; docs/databases.md). */
+    deactivateIdleAfterMs: z.number().int().min(0).max(2_592_000_000).default(0),
     /** Gateway processes sharing the port: more cores, and a file-descriptor limit each. */
     workers: z.number().int().min(1).max(64).default(1),
   }).strict().default({}),
@@ -70,6 +72,10 @@ export const clusterSpecSchema = z.object({
     detectMs: z.number().int().min(0).max(60_000).default(500),
     /** How long a primary's agent may be silent before its shard fails over. */
     agentDownMs: z.number().int().min(500).max(600_000).default(2_500),
+    /** Bearer token of the admin API (docs/admin-api.md); without one it listens on localhost only. */
+    apiToken: z.string().min(16, 'must be at least 16 characters').optional(),
+    /** Where the admin API listens when it has a token. */
+    apiHost: z.string().min(1).default('0.0.0.0'),
   }).strict().default({}),
   cells: z.array(name).min(1).default(['zone1', 'zone2', 'zone3'])
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),

@@ -5,6 +5,8 @@ import { onShutdown } from '../common/lifecycle.ts';
 import { createLogger } from '../common/log.ts';
 import { Agents } from './agents.ts';
 import { serveApi } from './api.ts';
+import { DatabaseManager } from './databases.ts';
+import { Operations } from './operations.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
 import { Keeper } from './keeper.ts';
@@ -24,7 +26,8 @@ try {
   const journal = new Journal(eventLog, cfg.id, log);
   await Promise.all([watch.start(), agents.start(), journal.start()]);
   const keeper = new Keeper(cfg, eventLog, watch, agents, journal, log);
-  const api = await serveApi(cfg, watch, keeper, journal);
+  const databases = new DatabaseManager(watch, agents, eventLog, cfg.id);
+  const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, operations: new Operations(), log });
   keeper.start();
   onShutdown(log, async () => {
     await keeper.stop();

@@ -7,6 +7,7 @@
  *   mg shard status   [--data-dir dir]
  *   mg shard switchover <db>/<shard> [--to instance] [--data-dir dir]
  *   mg shard history  <db>/<shard> [--data-dir dir]
+ *   mg database list|create|drop|activate|deactivate ... (see USAGE)
  */
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -15,6 +16,7 @@ import { clusterDown, clusterUp, eventLogFor, readClusterView, savedSpec } from 
 import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
+import { runDatabaseCommand } from './database.ts';
 import { runShardCommand } from './shard.ts';
 
 const USAGE = `usage:
@@ -25,6 +27,11 @@ const USAGE = `usage:
   mg shard status   [--data-dir dir]
   mg shard switchover <db>/<shard> [--to instance] [--data-dir dir]
   mg shard history  <db>/<shard> [--data-dir dir]
+  mg database list       [--data-dir dir]
+  mg database create     <name> --on <db> [--data-dir dir]
+  mg database drop       <name> --yes [--data-dir dir]
+  mg database deactivate <name> [--data-dir dir]
+  mg database activate   <name> [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -40,6 +47,8 @@ async function main(argv: string[]): Promise<void> {
       set: { type: 'string', multiple: true },
       clean: { type: 'boolean' },
       to: { type: 'string' },
+      on: { type: 'string' },
+      yes: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -52,6 +61,17 @@ async function main(argv: string[]): Promise<void> {
     const spec = savedSpec(values['data-dir'] ?? '.mg');
     if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
     process.exitCode = await shardCommand(spec, command, positionals[2], values.to);
+    return;
+  }
+  if (group === 'database') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    const name = positionals[2];
+    if (!['list', 'create', 'drop', 'activate', 'deactivate'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
+    if (command !== 'list' && !name) throw new UsageError(`database ${command} needs a database name`);
+    if (command === 'create' && !values.on) throw new UsageError('database create needs --on <db> (a database inside that database\'s instances)');
+    if (command === 'drop' && !values.yes) throw new UsageError(`database drop deletes ${name} and its data: confirm with --yes`);
+    process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
     return;
   }
   const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');

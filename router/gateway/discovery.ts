@@ -36,6 +36,12 @@ export interface PrimaryMove {
   reason: string;
 }
 
+/** A database that sessions must leave: dropped, or (a shard group) scaled to zero. */
+export interface DatabaseGone {
+  database: string;
+  why: 'dropped' | 'deactivated';
+}
+
 export interface DiscoveryOptions {
   /** A heartbeat older than this means the instance is not known to be healthy. */
   staleMs?: number;
@@ -74,6 +80,7 @@ export class Discovery {
   private checkScheduled = false;
   private untilSeq = 0;
   private readonly moveListeners: ((move: PrimaryMove) => void)[] = [];
+  private readonly goneListeners: ((gone: DatabaseGone) => void)[] = [];
   /** Caught up: moves seen from here on are news (the history read at start is not). */
   private live = false;
 
@@ -89,6 +96,10 @@ export class Discovery {
         const { kind, body } = kindOf(e);
         if (kind !== 'PrimaryChanged') applyTopologyEvent(this.topology, e);
         else this.applyPrimaryChanged(e, body as PrimaryChanged);
+        if (this.live && (kind === 'DatabaseDropped' || (kind === 'DatabaseActivationChanged' && !(body as { active: boolean }).active))) {
+          const gone: DatabaseGone = { database: (body as { database: string }).database, why: kind === 'DatabaseDropped' ? 'dropped' : 'deactivated' };
+          for (const listener of this.goneListeners) listener(gone);
+        }
         this.scheduleWaiterCheck();
       }),
       this.eventLog.subscribe('health', (h) => {
@@ -111,6 +122,17 @@ export class Discovery {
   /** Calls `listener` whenever a shard's primary moves to another instance under a newer term (not for a re-election of the same one). */
   onPrimaryMoved(listener: (move: PrimaryMove) => void): void {
     this.moveListeners.push(listener);
+  }
+
+  /** Calls `listener` when a database is dropped or deactivated (not for the history read at start). */
+  onDatabaseGone(listener: (gone: DatabaseGone) => void): void {
+    this.goneListeners.push(listener);
+  }
+
+  /** Whether the database's shard group is scaled to zero (its instances stopped until a wake). */
+  inactive(database: string): boolean {
+    const group = this.group(database);
+    return group !== undefined && this.topology.inactive.has(group);
   }
 
   hasDatabase(database: string): boolean {

@@ -103,6 +103,8 @@ export class GatewaySession implements Flushable {
   private ddl: { ddl: DatabaseDdl; completed: boolean } | undefined;
   /** Replies held from the client until the topology records a completed CREATE / DROP DATABASE. */
   private repliesHeld: Buffer[] | undefined;
+  /** Set when the session's database is going away: the session ends at its next idle point, with this. */
+  private endAtIdle: PgError | undefined;
 
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: SessionOptions) {
     const [database, suffix] = (params.database ?? params.user).split('@');
@@ -187,6 +189,17 @@ export class GatewaySession implements Flushable {
     failedOver.inc({ outcome });
     this.fail(err);
     return outcome;
+  }
+
+  /**
+   * The session's database was dropped or deactivated: an idle session ends
+   * now, a busy one when its transaction is over (drain), the way Postgres
+   * ends a backend (57P01, FATAL).
+   */
+  leaveDatabase(err: PgError): void {
+    if (this.ended) return;
+    this.endAtIdle = err;
+    if (this.status === 'I' && this.inflight === 0 && !this.inBatch && !this.connecting) this.fail(err);
   }
 
   end(): void {
@@ -392,6 +405,10 @@ export class GatewaySession implements Flushable {
     }
     this.toClient.range(buf, start, start + len);
     requestFlush(this);
+    if (this.endAtIdle && type === T.ReadyForQuery && this.idleSince !== 0) {
+      this.flush();
+      this.fail(this.endAtIdle);
+    }
   }
 
   /**
