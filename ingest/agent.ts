@@ -183,6 +183,13 @@ export class Agent {
     }
   }
 
+  /** On a new shard's first primary: the Postgres database the gateways connect to for this instance's database (initdb made only `postgres`). */
+  async createOwnDatabase(): Promise<void> {
+    const name = this.cfg.database;
+    const [exists] = await this.postgres.query('SELECT 1 FROM pg_database WHERE datname = $1', [name]);
+    if (!exists) await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);
+  }
+
   /** Probes and publishes a heartbeat now, besides the regular ones (e.g. right after a promotion, so routing follows at once). */
   async reportNow(): Promise<void> {
     const probe = await this.postgres.probe(this.cfg.probeTimeoutMs);
@@ -305,9 +312,8 @@ export class Agent {
     this.handle('CREATE_DATABASE', async (cmd) => {
       const name = cmd.args.name;
       const [exists] = await this.postgres.query('SELECT 1 FROM pg_database WHERE datname = $1', [name]);
-      if (exists) return `database "${name}" exists`;
-      await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);
-      return `database "${name}" created`;
+      if (!exists) await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);
+      return exists ? `database "${name}" exists` : `database "${name}" created`;
     });
     this.handle('DROP_DATABASE', async (cmd) => {
       // FORCE: the gateways have drained its sessions already; what is left (pooled connections) goes.

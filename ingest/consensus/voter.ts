@@ -161,6 +161,7 @@ export class Voter {
     await this.agent.exclusive(async () => {
       await this.pg.initPrimary();
       await this.pg.start();
+      await this.agent.createOwnDatabase();
     }, true);
     this.log.info({ term }, 'bootstrapped as the first primary of the shard');
     await this.agent.reportNow();

@@ -33,7 +33,7 @@ async function call(method: string, url: string, body?: unknown, headers: Record
   return { status: res.status, body: await res.json() };
 }
 
-/** A client on `postgres` writing and reading in a loop through the gateway, counting errors, until stopped. */
+/** A client on `postgres` writing and reading in a loop through the gateway, counting errors, until stopped (after() stops it too). */
 function continuousClient() {
   let stop = false;
   let ok = 0;
@@ -54,8 +54,18 @@ function continuousClient() {
     }
     await c.end();
   })();
-  return { stop: async () => { stop = true; await done; return { ok, errors }; } };
+  const stopIt = async () => {
+    stop = true;
+    await done;
+    return { ok, errors };
+  };
+  running.add(stopIt);
+  return { stop: stopIt };
 }
+const running = new Set<() => Promise<unknown>>();
+after(async () => {
+  for (const stopIt of running) await stopIt().catch(() => undefined);
+});
 
 /** Whether the instance's Postgres runs (its postmaster.pid names a live process). */
 function postgresRuns(database: string): boolean {
