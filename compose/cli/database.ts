@@ -1,6 +1,8 @@
 /** `mg database list|create|drop|activate|deactivate`: databases at run time, through the admin API. */
+import type { Logger } from '../../common/log.ts';
+import { clusterUp } from '../cluster.ts';
 import { callOrchestrator } from '../orchestrators.ts';
-import type { ClusterSpec } from '../spec.ts';
+import { parseSpec, SpecError, type ClusterSpec } from '../spec.ts';
 
 export interface DatabaseArgs {
   name: string | undefined;
@@ -28,6 +30,34 @@ export async function runDatabaseCommand(spec: ClusterSpec, command: string, arg
   else r = await callOrchestrator(spec, 'POST', `/v1/databases/${name}/${command}`);
   if (r.status !== 202) return fail(r);
   return follow(spec, r.body.operation.id);
+}
+
+/**
+ * A database with instances of its own, at run time: the saved spec gains it
+ * and `mg cluster up` starts what is missing (its agents and poolers on this
+ * machine; nothing that runs is restarted). Its topology events are published,
+ * MultiOrch elects each shard's first primary, and the gateways serve it.
+ */
+export async function createWithInstances(spec: ClusterSpec, name: string, shape: { shards: number; replicas: number; durability?: string }, log: Logger): Promise<number> {
+  const known = await callOrchestrator(spec, 'GET', `/v1/databases/${encodeURIComponent(name)}`);
+  if (known.status === 200) {
+    console.error(`mg: database "${name}" already exists`);
+    return 1;
+  }
+  const raw = JSON.parse(JSON.stringify(spec)) as Record<string, any>;
+  raw.databases = [...spec.databases, {
+    name, shards: shape.shards, instancesPerShard: shape.replicas + 1, ...(shape.durability ? { durability: shape.durability } : {}),
+  }];
+  let next: ClusterSpec;
+  try {
+    next = parseSpec(raw, `database ${name}`);
+  } catch (err) {
+    if (!(err instanceof SpecError)) throw err;
+    console.error(`mg: ${err.message.replace(/databases\.\d+\.(instancesPerShard)/, 'replicas').replace(/databases\.\d+\./g, '')}`);
+    return 2;
+  }
+  await clusterUp(next, log);
+  return 0;
 }
 
 /** Prints an operation's steps as they happen (what it did, what it waits for) until it is over. */

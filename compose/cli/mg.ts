@@ -16,7 +16,7 @@ import { clusterDown, clusterUp, eventLogFor, readClusterView, savedSpec } from 
 import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
-import { runDatabaseCommand } from './database.ts';
+import { createWithInstances, runDatabaseCommand } from './database.ts';
 import { runShardCommand } from './shard.ts';
 
 const USAGE = `usage:
@@ -29,6 +29,7 @@ const USAGE = `usage:
   mg shard history  <db>/<shard> [--data-dir dir]
   mg database list       [--data-dir dir]
   mg database create     <name> --on <db> [--data-dir dir]
+  mg database create     <name> [--shards N] [--replicas M] [--durability ANY_2] [--data-dir dir]
   mg database drop       <name> --yes [--data-dir dir]
   mg database deactivate <name> [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
@@ -48,6 +49,9 @@ async function main(argv: string[]): Promise<void> {
       clean: { type: 'boolean' },
       to: { type: 'string' },
       on: { type: 'string' },
+      shards: { type: 'string' },
+      replicas: { type: 'string' },
+      durability: { type: 'string' },
       yes: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -69,7 +73,21 @@ async function main(argv: string[]): Promise<void> {
     const name = positionals[2];
     if (!['list', 'create', 'drop', 'activate', 'deactivate'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
     if (command !== 'list' && !name) throw new UsageError(`database ${command} needs a database name`);
-    if (command === 'create' && !values.on) throw new UsageError('database create needs --on <db> (a database inside that database\'s instances)');
+    if (command === 'create' && !values.on) {
+      if (!name || !/^[a-z][a-z0-9_]{0,62}$/.test(name)) throw new UsageError('database create needs a name: lower-case letters, digits or _, starting with a letter');
+      // Instances of its own: local processes are the provisioning side's (compose), the rest as for `mg cluster up`.
+      const log = createLogger('mg', {}).child({ command });
+      log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+      process.exitCode = await createWithInstances(spec, name, {
+        shards: values.shards === undefined ? 1 : Number(values.shards),
+        replicas: values.replicas === undefined ? 2 : Number(values.replicas),
+        durability: values.durability,
+      }, log);
+      return;
+    }
+    if (command === 'create' && (values.shards || values.replicas || values.durability)) {
+      throw new UsageError('--shards, --replicas and --durability are for a database with instances of its own; one created --on shares those of its host');
+    }
     if (command === 'drop' && !values.yes) throw new UsageError(`database drop deletes ${name} and its data: confirm with --yes`);
     process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
     return;
