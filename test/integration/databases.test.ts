@@ -160,6 +160,25 @@ test('mg database create --on and drop, through the admin API, while another dat
   assert.ok(ok > 10, `the continuous client made progress (${ok})`);
 });
 
+test('mg database create with instances of its own: started, elected and served with no restart, while another database serves a continuous client', async () => {
+  const client = continuousClient();
+  const bad = await mg('database', 'create', 'extra', '--shards', '3', ...dataDirFlag);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /shards: must be a power of two/);
+  const created = await mg('database', 'create', 'extra', '--replicas', '0', '--durability', 'ANY_1', ...dataDirFlag);
+  assert.equal(created.code, 0, created.stderr + created.stdout);
+  await gw('extra', async (c) => {
+    assert.equal((await c.query('SELECT current_database() AS d, pg_is_in_recovery() AS r')).rows[0].d, 'extra');
+    await c.query('CREATE TABLE t (v int); INSERT INTO t VALUES (7)');
+    assert.equal((await c.query('SELECT v FROM t')).rows[0].v, 7);
+  });
+  const listed = await call('GET', '/v1/databases/extra');
+  assert.equal(listed.body.hostedOn, null);
+  assert.equal(listed.body.shards[0].instances.length, 1);
+  const { errors } = await client.stop();
+  assert.deepEqual(errors, []);
+});
+
 test('scale to zero: deactivate stops the instances, a waiting client wakes them, other databases never notice', async () => {
   const client = continuousClient();
   await gw('sleepy', (c) => c.query('CREATE TABLE IF NOT EXISTS naps (n int); INSERT INTO naps VALUES (1)'));
@@ -236,5 +255,5 @@ test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document
   const metrics = await fetch(`${api}/metrics`, { headers: auth });
   assert.match(await metrics.text(), /mg_orch_operations_total\{kind="create",state="succeeded"\}/);
   const instances = await call('GET', '/v1/instances');
-  assert.deepEqual(instances.body.instances.map((i: any) => i.database).sort(), ['postgres', 'sleepy']);
+  assert.deepEqual(instances.body.instances.map((i: any) => i.database).sort(), ['extra', 'postgres', 'sleepy']);
 });
