@@ -202,6 +202,7 @@ async function waitHealthy(
   ]);
   const unhealthy = () => ids.flatMap((id) => {
     const inst = topologyInstances(topology).find((i) => i.instanceId === id);
+    if (inst && topology.inactive.has(inst.database)) return []; // scaled to zero: stopped on purpose until a wake
     const state = inst ? verdict(inst, latest.get(id)) : 'not registered';
     const ok = state === 'healthy' || (wanted === 'heard from' && state !== 'not registered' && state !== 'no heartbeat' && state !== 'stale');
     return ok ? [] : [`${id} (${state})`];
