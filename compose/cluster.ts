@@ -132,7 +132,7 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
   const add = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p });
   for (const cell of spec.cells) if (!state.cells.has(cell)) add(payload('CellRegistered', { cell, region: null }));
   for (const db of spec.databases) {
-    if (state.databases.get(db.name)?.dropped !== false) add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null }));
+    if (state.databases.get(db.name)?.dropped !== false) add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null, hostedOn: null }));
     for (const r of shardRanges(db.shards)) {
       if (!state.shards.has(shardKey(db.name, r.shard))) {
         add(payload('ShardDefined', { database: db.name, shard: r.shard, keyRangeStart: r.start, keyRangeEnd: r.end }));
@@ -215,6 +215,7 @@ async function waitHealthy(
   ]);
   const unhealthy = () => ids.flatMap((id) => {
     const inst = topologyInstances(topology).find((i) => i.instanceId === id);
+    if (inst && topology.inactive.has(inst.database)) return []; // scaled to zero: stopped on purpose until a wake
     const state = inst ? verdict(inst, latest.get(id)) : 'not registered';
     const ok = state === 'healthy' || (wanted === 'heard from' && state !== 'not registered' && state !== 'no heartbeat' && state !== 'stale');
     return ok ? [] : [`${id} (${state})`];

@@ -15,6 +15,7 @@ export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progre
       topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
       twopcGraceMs: spec.orchestrator.twopcGraceMs, twopcRetentionMs: spec.orchestrator.twopcRetentionMs,
       backupSchedules: spec.backup.enabled ? Object.fromEntries(spec.databases.map((d) => [d.name, d.backupSchedule])) : {},
+      apiToken: spec.orchestrator.apiToken, apiHost: spec.orchestrator.apiHost,
     }, spec.orchestrator.basePort + i, paths, spec));
   }
   // Bootstrap is the orchestrators' job (electing each new shard's first primary, which writes the rule of its
@@ -39,13 +40,15 @@ export interface ShardStatus {
   instances: Array<{ instanceId: string; cell: string; port: number; serving: string; role: string; upstream: string | null; walReceiverStatus: string | null; lagBytes: string | null }>;
 }
 
-/** GET or POST on the first orchestrator that answers. */
-export async function callOrchestrator(spec: ClusterSpec, method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: any }> {
+/** A request to the admin API of the first orchestrator that answers (with the spec's bearer token). */
+export async function callOrchestrator(spec: ClusterSpec, method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<{ status: number; body: any }> {
   let lastError: unknown;
+  const headers: Record<string, string> = body === undefined ? {} : { 'content-type': 'application/json' };
+  if (spec.orchestrator.apiToken) headers.authorization = `Bearer ${spec.orchestrator.apiToken}`;
   for (const port of orchestratorPorts(spec)) {
     try {
       const res = await fetch(`http://127.0.0.1:${port}${path}`, {
-        method, headers: body === undefined ? {} : { 'content-type': 'application/json' },
+        method, headers,
         body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(60_000),
       });
       return { status: res.status, body: await res.json() };

@@ -20,7 +20,7 @@ export async function startService(name: string, entry: string, config: object, 
   const dir = path.join(spec.dataDir, 'config');
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `${name}.json`);
-  fs.writeFileSync(file, JSON.stringify(config, null, 2));
+  fs.writeFileSync(file, JSON.stringify(config, null, 2), { mode: 0o600 }); // may hold the admin API token
   const started = await spawnDetached({
     name, command: process.execPath, args: ['--import', 'tsx', entry, '--config', file],
     cwd: repoRoot, runDir: paths.runDir, logFile: path.join(paths.logDir, `${name}.log`),
@@ -44,6 +44,7 @@ export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Pr
     port: spec.gateway.port, metricsPort: spec.gateway.metricsPort, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
     topicPrefix: spec.kafka.topicPrefix, tlsDir: path.join(spec.dataDir, 'tls'), bufferWindowMs: spec.gateway.bufferWindowMs,
     maxClients: spec.gateway.maxClients, readOnlyToReplicas: spec.gateway.readOnlyToReplicas, releaseIdleLinksAfterMs: spec.gateway.releaseIdleLinksAfterMs,
+    deactivateIdleAfterMs: spec.gateway.deactivateIdleAfterMs,
     workers: spec.gateway.workers,
   }, spec.gateway.port, paths, spec));
 }

@@ -56,6 +56,8 @@ export const clusterSpecSchema = z.object({
      * connection (reopened, with its settings, at its next query); 0 never does.
      */
     releaseIdleLinksAfterMs: z.number().int().min(0).max(86_400_000).default(30_000),
+    /** Scale to zero: a database with instances of its own and no session for this long is deactivated (0: never; docs/databases.md). */
+    deactivateIdleAfterMs: z.number().int().min(0).max(2_592_000_000).default(0),
     /** Gateway processes sharing the port: more cores, and a file-descriptor limit each. */
     workers: z.number().int().min(1).max(64).default(1),
   }).strict().default({}),
@@ -75,6 +77,10 @@ export const clusterSpecSchema = z.object({
     twopcGraceMs: z.number().int().min(100).max(3_600_000).default(10_000),
     /** How long two-phase-commit decision rows are kept after their transaction finished everywhere. */
     twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
+    /** Bearer token of the admin API (docs/admin-api.md); without one it listens on localhost only. */
+    apiToken: z.string().min(16, 'must be at least 16 characters').optional(),
+    /** Where the admin API listens when it has a token. */
+    apiHost: z.string().min(1).default('0.0.0.0'),
   }).strict().default({}),
   /** WAL archiving and backups through pgBackRest, one stanza per shard (docs/backups.md). */
   backup: backupConfigSchema.omit({ repoPath: true, lockPath: true, logPath: true }).extend({

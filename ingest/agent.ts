@@ -7,9 +7,10 @@ import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
-import { payload, stanzaOf, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import { kindOf, payload, stanzaOf, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
 import { BackupService } from './backup/service.ts';
 import { PgBackRest } from './backup/pgbackrest.ts';
+import { quoteIdent } from './cdc/catalog.ts';
 import { CdcService } from './cdc/service.ts';
 import type { AgentConfig } from './config.ts';
 import { PostgresInstance, type Probe } from './postgres/instance.ts';
@@ -46,6 +47,11 @@ export class Agent {
   private lifecycleOp: Promise<void> | undefined;
   private inflight: Promise<void> | undefined;
   private commands: Subscription | undefined;
+  private activation: Subscription | undefined;
+  /** Why the database is scaled to zero (Postgres stays stopped), or undefined while it is active. */
+  private inactive: string | undefined;
+  /** Caught up with the topology: activation changes seen from here on are acted on. */
+  private followingActivation = false;
   private loop: Promise<void> | undefined;
   private readonly handlers = new Map<AgentAction, CommandHandler>();
   private readonly cdc: CdcService;
@@ -72,6 +78,7 @@ export class Agent {
 
   async start(): Promise<void> {
     this.backups?.writeConfig();
+    await this.followActivation();
     await this.ensurePostgres();
     await this.topology(payload('InstanceRegistered', {
       instanceId: this.cfg.instanceId, database: this.cfg.database, shard: this.cfg.shard, cell: this.cfg.cell,
@@ -97,6 +104,7 @@ export class Agent {
     await this.loop;
     await this.inflight;
     await this.commands?.stop();
+    await this.activation?.stop();
     await this.cdc.stop();
     await this.lifecycleOp;
     await this.topology(payload('ServingStateChanged', { instanceId: this.cfg.instanceId, state: 'NOT_SERVING', term: null })).catch(() => undefined);
@@ -117,6 +125,11 @@ export class Agent {
       this.log.info(NO_DATA_YET);
       return;
     }
+    if (this.inactive !== undefined) {
+      this.wantRunning = false;
+      this.log.info({ reason: this.inactive }, 'the database is inactive: postgres stays stopped');
+      return;
+    }
     this.postgres.writeConfig();
     await this.postgres.start();
   }
@@ -129,11 +142,62 @@ export class Agent {
       end();
       postgresUp.set(probe ? 1 : 0);
       const error = probe ? null : this.postgres.isRunning() ? `no answer within ${this.cfg.probeTimeoutMs} ms`
-        : this.postgres.isInitialized() ? 'postgres is not running' : NO_DATA_YET;
+        : this.inactive !== undefined ? `the database is inactive (${this.inactive})`
+          : this.postgres.isInitialized() ? 'postgres is not running' : NO_DATA_YET;
       this.sendHeartbeat(probe, error);
       if (!probe && !this.lifecycleOp && this.wantRunning && !this.postgres.isRunning()) this.restartDead();
       await sleep(Math.max(0, this.cfg.healthIntervalMs - (Date.now() - started)));
     }
+  }
+
+  /**
+   * Scale to zero: Postgres runs only while the topology says the instance's
+   * database is active. The decision is the cluster manager's (an event); the
+   * agent carries it out on its own instance, with no election: a primary
+   * stopped cleanly comes back as the same primary.
+   */
+  private async followActivation(): Promise<void> {
+    this.activation = await this.eventLog.subscribe('topology', (e) => {
+      const { kind, body } = kindOf(e);
+      const b = body as { database?: string; active?: boolean; reason?: string };
+      if (kind !== 'DatabaseActivationChanged' || b.database !== this.cfg.database) return;
+      const was = this.inactive;
+      this.inactive = b.active ? undefined : b.reason;
+      if (this.followingActivation && (was === undefined) !== (this.inactive === undefined)) void this.applyActivation(b.active!);
+    });
+    await this.activation.caughtUp;
+    this.followingActivation = true;
+  }
+
+  private async applyActivation(active: boolean): Promise<void> {
+    if (!this.postgres.isInitialized() || this.stopped) return;
+    const started = Date.now();
+    try {
+      this.wantRunning = active;
+      if (active) {
+        await this.lifecycle(async () => {
+          if (!this.postgres.isRunning()) await this.postgres.start();
+        });
+      } else {
+        await this.lifecycle(async () => {
+          if (!this.postgres.isRunning()) return;
+          // Most of the shutdown's work done while the instance still serves; the fast stop then ends its sessions.
+          await this.postgres.query('CHECKPOINT', [], 60_000).catch((err) => this.log.warn({ err: err.message }, 'checkpoint before deactivation failed'));
+          await this.postgres.stop('fast');
+        });
+      }
+      this.log.info({ active, ms: Date.now() - started }, active ? 'database activated: postgres started' : 'database deactivated: postgres stopped');
+      await this.reportNow(); // routing follows at once rather than at the next heartbeat
+    } catch (err) {
+      this.log.error({ err, active }, 'could not apply the database activation');
+    }
+  }
+
+  /** On a new shard's first primary: the Postgres database the gateways connect to for this instance's database (initdb made only `postgres`). */
+  async createOwnDatabase(): Promise<void> {
+    const name = this.cfg.database;
+    const [exists] = await this.postgres.query('SELECT 1 FROM pg_database WHERE datname = $1', [name]);
+    if (!exists) await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);
   }
 
   /** Probes and publishes a heartbeat now, besides the regular ones (e.g. right after a promotion, so routing follows at once). */
@@ -253,6 +317,18 @@ export class Agent {
       this.wantRunning = true;
       await this.lifecycle(() => this.postgres.restart());
       return 'restarted';
+    });
+    // A database hosted on this instance's shard group (`mg database create --on`, `drop`): run on the primary, replicated from there.
+    this.handle('CREATE_DATABASE', async (cmd) => {
+      const name = cmd.args.name;
+      const [exists] = await this.postgres.query('SELECT 1 FROM pg_database WHERE datname = $1', [name]);
+      if (!exists) await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);
+      return exists ? `database "${name}" exists` : `database "${name}" created`;
+    });
+    this.handle('DROP_DATABASE', async (cmd) => {
+      // FORCE: the gateways have drained its sessions already; what is left (pooled connections) goes.
+      await this.postgres.query(`DROP DATABASE IF EXISTS ${quoteIdent(cmd.args.name)} WITH (FORCE)`, [], 60_000);
+      return `database "${cmd.args.name}" dropped`;
     });
     this.handle('REPORT_HEALTH', async () =>
       JSON.stringify(await this.postgres.probe(this.cfg.probeTimeoutMs), (_k, v) => (typeof v === 'bigint' ? v.toString() : v)));

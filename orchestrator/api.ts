@@ -1,103 +1,138 @@
 /**
- * MultiOrch's REST API (fastify): status, switchover, a shard's history, its
- * OpenAPI document, and Prometheus /metrics. Route schemas validate input
- * (400 with the reason) and are the source of the OpenAPI document.
+ * The REST admin API (fastify), served by every MultiOrch: cluster status,
+ * shards and switchover, databases at run time, long operations, its OpenAPI
+ * document and Prometheus /metrics. Each area is a fastify plugin in `api/`
+ * that registers with one line below. Route schemas validate input (400 naming
+ * each bad field) and are the source of the OpenAPI document. With a bearer
+ * token configured every route but /healthz needs it; without one the API
+ * listens on localhost only (docs/admin-api.md).
  */
-import Fastify, { type FastifyInstance, type RouteShorthandOptions } from 'fastify';
+import { timingSafeEqual } from 'node:crypto';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyPluginAsync } from 'fastify';
+import type { EventLog } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
 import { metrics } from '../common/metrics.ts';
-import { shardKey } from '../schemas/index.ts';
-import { backupRoutes } from './api/backups.ts';
+import type { Agents } from './agents.ts';
+import { backupsApi } from './api/backups.ts';
+import { clusterApi } from './api/cluster.ts';
+import { databasesApi } from './api/databases.ts';
+import { operationsApi } from './api/operations.ts';
 import type { Backups } from './backups.ts';
 import type { OrchConfig } from './config.ts';
-import { ElectionError } from './election.ts';
+import type { DatabaseManager } from './databases.ts';
 import type { Journal } from './journal.ts';
 import type { Keeper } from './keeper.ts';
+import type { Operations } from './operations.ts';
 import type { ClusterWatch } from './view.ts';
 
-const shardParams = {
-  type: 'object',
-  required: ['database', 'shard'],
-  properties: { database: { type: 'string', minLength: 1 }, shard: { type: 'string', minLength: 1 } },
-} as const;
-
-const routes: Array<{ method: 'GET' | 'POST'; url: string; summary: string; schema: Record<string, unknown> }> = [
-  { method: 'GET', url: '/v1/status', summary: 'Every shard: term, rule, primary, policy, lease, and each instance as its agent last reported it', schema: {} },
-  {
-    method: 'POST', url: '/v1/shards/:database/:shard/switchover', summary: 'Planned switchover: drain writes (gateways buffer), hand over to a caught-up replica',
-    schema: {
-      params: shardParams,
-      body: { type: ['object', 'null'], additionalProperties: false, properties: { to: { type: 'string', minLength: 1, description: 'instance to hand over to' } } },
-    },
-  },
-  {
-    method: 'GET', url: '/v1/shards/:database/:shard/history', summary: 'What orchestrators saw, decided and did for the shard, oldest first',
-    schema: { params: shardParams, querystring: { type: 'object', properties: { limit: { type: 'integer', minimum: 1, maximum: 500, default: 100 } } } },
-  },
-];
-
-function openApi(): object {
-  const paths: Record<string, Record<string, object>> = {};
-  for (const r of routes) {
-    const path = r.url.replace(/:(\w+)/g, '{$1}');
-    const s = r.schema as { params?: { properties: Record<string, object> }; querystring?: { properties: Record<string, object> }; body?: object };
-    const parameters = [
-      ...Object.entries(s.params?.properties ?? {}).map(([name, schema]) => ({ name, in: 'path', required: true, schema })),
-      ...Object.entries(s.querystring?.properties ?? {}).map(([name, schema]) => ({ name, in: 'query', schema })),
-    ];
-    (paths[path] ??= {})[r.method.toLowerCase()] = {
-      summary: r.summary, parameters,
-      ...(s.body ? { requestBody: { content: { 'application/json': { schema: s.body } } } } : {}),
-      responses: { 200: { description: 'OK' }, 400: { description: 'bad input (body, unknown target instance)' }, 404: { description: 'no such shard' }, 409: { description: 'refused or busy' }, 503: { description: 'could not complete' } },
-    };
+declare module 'fastify' {
+  /** What each route says of itself in the OpenAPI document. */
+  interface FastifySchema {
+    summary?: string;
+    tags?: string[];
   }
-  return { openapi: '3.0.3', info: { title: 'MultiOrch', version: '1' }, paths };
 }
 
-const json = (v: unknown) => JSON.parse(JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x)));
+/** What the API's plugins work with. */
+export interface ApiContext {
+  cfg: OrchConfig;
+  watch: ClusterWatch;
+  keeper: Keeper;
+  journal: Journal;
+  agents: Agents;
+  eventLog: EventLog;
+  databases: DatabaseManager;
+  backups: Backups;
+  operations: Operations;
+  log: Logger;
+}
 
-export async function serveApi(cfg: OrchConfig, watch: ClusterWatch, keeper: Keeper, journal: Journal, backups: Backups): Promise<FastifyInstance> {
-  const app = Fastify({ logger: false });
-  const opts = (url: string): RouteShorthandOptions => ({ schema: routes.find((r) => r.url === url)!.schema });
+/** One area of the API: registers its routes (with `summary` and `tags` in each schema, for the OpenAPI document). */
+export type ApiPlugin = FastifyPluginAsync<ApiContext>;
 
-  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
-  app.get('/healthz', async () => ({ ok: true }));
-  app.get('/openapi.json', async () => openApi());
+/** JSON with 64-bit integers (terms, LSNs) as strings. */
+export const json = (v: unknown) => JSON.parse(JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x)));
 
-  app.get('/v1/status', opts('/v1/status'), async () => json({
-    orchestrator: cfg.id,
-    shards: watch.shards().map((s) => ({
-      database: s.database, shard: s.shard, policy: s.policyText, policyProblem: s.policyProblem ?? null,
-      term: s.primary?.term ?? null, ruleNumber: s.primary?.ruleNumber ?? null, primary: s.primary?.instanceId ?? null,
-      lease: journal.lease(s.key) ?? null, bootstrapped: keeper.bootstrapped(s),
-      instances: s.cohort.map((i) => {
-        const h = watch.fresh(i.instanceId);
-        return {
-          instanceId: i.instanceId, cell: i.cell, port: i.port, serving: watch.topology.serving.get(i.instanceId) ?? 'NOT_SERVING',
-          role: h ? (h.reachable ? h.role : 'UNREACHABLE') : 'NO_HEARTBEAT', upstream: h?.upstream ?? null,
-          walReceiverStatus: h?.walReceiverStatus ?? null, lagBytes: h?.replayLagBytes ?? null,
-        };
-      }),
-    })),
-  }));
+interface ValidationIssue { instancePath: string; message?: string; keyword: string; params: Record<string, unknown> }
 
-  app.post<{ Params: { database: string; shard: string }; Body: { to?: string } | null }>('/v1/shards/:database/:shard/switchover', opts('/v1/shards/:database/:shard/switchover'), async (req, reply) => {
-    const { database, shard } = req.params;
-    if (!watch.shard(database, shard)) return reply.code(404).send({ error: `no shard ${database}/${shard}` });
-    try {
-      return json(await keeper.switchover(database, shard, req.body?.to));
-    } catch (err) {
-      if (!(err instanceof ElectionError)) throw err;
-      return reply.code({ invalid: 400, busy: 409, refused: 409, failed: 503 }[err.status]).send({ error: err.message });
+/** `body.shards: must be >= 1`, `body.colour: unknown field`, `body.name: is required`. */
+function describeIssues(issues: ValidationIssue[], context: string): Array<{ field: string; message: string }> {
+  return issues.map((i) => {
+    const path = i.instancePath.replace(/^\//, '').split('/').filter(Boolean);
+    if (i.keyword === 'required') return { field: [context, ...path, String(i.params.missingProperty)].join('.'), message: 'is required' };
+    if (i.keyword === 'additionalProperties') return { field: [context, ...path, String(i.params.additionalProperty)].join('.'), message: 'unknown field' };
+    return { field: [context, ...path].join('.'), message: i.message ?? i.keyword };
+  });
+}
+
+function openApiDocument(routes: Array<{ method: string; url: string; schema: Record<string, any> }>): object {
+  const paths: Record<string, Record<string, object>> = {};
+  for (const r of routes) {
+    const s = r.schema;
+    const parameters = [
+      ...Object.entries<object>(s.params?.properties ?? {}).map(([name, schema]) => ({ name, in: 'path', required: true, schema })),
+      ...Object.entries<object>(s.querystring?.properties ?? {}).map(([name, schema]) => ({ name, in: 'query', schema })),
+    ];
+    (paths[r.url.replace(/:(\w+)/g, '{$1}')] ??= {})[r.method.toLowerCase()] = {
+      summary: s.summary, tags: s.tags, parameters, security: [{ bearer: [] }],
+      ...(s.body ? { requestBody: { content: { 'application/json': { schema: s.body } } } } : {}),
+      responses: {
+        200: { description: 'done' }, 202: { description: 'started: a long operation (follow /v1/operations/{id})' },
+        400: { description: 'bad input: each bad field named' }, 401: { description: 'missing or wrong bearer token' },
+        404: { description: 'no such database or shard' }, 409: { description: 'refused in the current state, or busy' },
+        501: { description: 'not built yet' }, 503: { description: 'could not complete' },
+      },
+    };
+  }
+  return {
+    openapi: '3.0.3', info: { title: 'multigres-ts admin API', version: '1' }, paths,
+    components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'orchestrator.apiToken of the cluster spec (none: localhost only)' } } },
+  };
+}
+
+export async function serveApi(ctx: ApiContext): Promise<FastifyInstance> {
+  const { cfg } = ctx;
+  const app = Fastify({
+    logger: false,
+    // Every bad field is reported, and an unknown one is an error rather than silently dropped.
+    ajv: { customOptions: { allErrors: true, removeAdditional: false } },
+  });
+  const documented: Array<{ method: string; url: string; schema: Record<string, any> }> = [];
+  app.addHook('onRoute', (r) => {
+    const schema = r.schema as Record<string, any> | undefined;
+    if (!schema?.summary) return;
+    for (const method of [r.method].flat()) if (method !== 'HEAD') documented.push({ method, url: r.url, schema });
+  });
+
+  const token = cfg.apiToken ? Buffer.from(`Bearer ${cfg.apiToken}`) : undefined;
+  app.addHook('onRequest', async (req, reply) => {
+    if (!token || req.url === '/healthz') return;
+    const given = Buffer.from(req.headers.authorization ?? '');
+    if (given.length !== token.length || !timingSafeEqual(given, token)) {
+      return reply.code(401).header('www-authenticate', 'Bearer').send({ error: 'missing or wrong bearer token (Authorization: Bearer <orchestrator.apiToken>)' });
     }
   });
 
-  app.get<{ Params: { database: string; shard: string }; Querystring: { limit: number } }>('/v1/shards/:database/:shard/history', opts('/v1/shards/:database/:shard/history'), async (req, reply) => {
-    const { database, shard } = req.params;
-    if (!watch.shard(database, shard)) return reply.code(404).send({ error: `no shard ${database}/${shard}` });
-    return json({ events: journal.historyOf(shardKey(database, shard)).slice(-req.query.limit) });
+  app.setErrorHandler((err: FastifyError, _req, reply) => {
+    if (err.validation) {
+      const fields = describeIssues(err.validation as ValidationIssue[], err.validationContext ?? 'request');
+      return reply.code(400).send({ error: fields.map((f) => `${f.field}: ${f.message}`).join('; '), fields });
+    }
+    if (err.statusCode && err.statusCode < 500) return reply.code(err.statusCode).send({ error: err.message });
+    ctx.log.error({ err }, 'admin API request failed');
+    return reply.code(500).send({ error: err.message });
   });
+  app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: `no route ${req.method} ${req.url}` }));
 
-  await app.register(backupRoutes, { backups });
-  await app.listen({ host: '127.0.0.1', port: cfg.port });
+  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+  app.get('/healthz', async () => ({ ok: true }));
+  app.get('/openapi.json', async () => openApiDocument(documented));
+
+  await app.register(clusterApi, ctx);
+  await app.register(databasesApi, ctx);
+  await app.register(operationsApi, ctx);
+  await app.register(backupsApi, ctx);
+
+  await app.listen({ host: token ? cfg.apiHost : '127.0.0.1', port: cfg.port });
   return app;
 }

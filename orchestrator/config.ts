@@ -17,6 +17,10 @@ export const orchConfigSchema = z.object({
   cell: z.string().min(1),
   /** REST API, OpenAPI document and /metrics. */
   port: z.number().int().min(0).max(65535),
+  /** The admin API's bearer token; without one the API listens on localhost only. */
+  apiToken: z.string().min(16).optional(),
+  /** Where the API listens when it has a token. */
+  apiHost: z.string().min(1).default('0.0.0.0'),
   brokers: z.array(z.string()).min(1),
   registryUrl: z.string().url(),
   topicPrefix: z.string().default(''),

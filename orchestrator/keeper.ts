@@ -24,6 +24,8 @@ const shardsHealthy = gauge('mg_orch_shards_healthy', 'Shards whose primary is h
 
 /** A repair of one instance is not retried sooner than this. */
 const REPAIR_BACKOFF_MS = 3_000;
+/** How long a database's agents have to start its instances after a wake before the shard is tended again (a silent primary fails over). */
+const WAKE_GRACE_MS = 10_000;
 /** A replica not streaming from the right primary this long gets repointed. */
 const MISWIRED_MS = 2_000;
 /** A rewind, or a clone when rewinding fails, may take this long. */
@@ -134,6 +136,8 @@ export class Keeper {
         if (s.busy) continue;
         if (!shard.primary) {
           this.launch(shard, () => this.maybeBootstrap(shard, s));
+        } else if (this.watch.resting(shard.database, WAKE_GRACE_MS)) {
+          s.unhealthySince = undefined; // stopped on purpose (scale to zero), or its agents are starting it again
         } else if (this.primaryHealthy(shard)) {
           healthy++;
           s.unhealthySince = undefined;

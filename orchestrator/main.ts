@@ -7,6 +7,8 @@ import { Agents } from './agents.ts';
 import { InDoubtResolver } from './in-doubt.ts';
 import { serveApi } from './api.ts';
 import { Backups } from './backups.ts';
+import { DatabaseManager } from './databases.ts';
+import { Operations } from './operations.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
 import { Keeper } from './keeper.ts';
@@ -28,7 +30,8 @@ try {
   const keeper = new Keeper(cfg, eventLog, watch, agents, journal, log);
   const backups = new Backups(eventLog, watch, agents, cfg.cell, cfg.backupSchedules, log.child({ part: 'backups' }));
   await backups.start();
-  const api = await serveApi(cfg, watch, keeper, journal, backups);
+  const databases = new DatabaseManager(watch, agents, eventLog, cfg.id);
+  const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, backups, operations: new Operations(), log });
   const resolver = new InDoubtResolver(cfg, watch, journal, log);
   keeper.start();
   resolver.start();

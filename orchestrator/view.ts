@@ -5,7 +5,7 @@
  */
 import type { EventLog, Subscription } from '../common/eventlog.ts';
 import {
-  applyTopologyEvent, defaultPolicy, emptyTopology, parsePolicy, shardKey,
+  applyTopologyEvent, defaultPolicy, emptyTopology, kindOf, parsePolicy, shardKey,
   type DurabilityPolicy, type HealthEvent, type InstanceRegistered, type PrimaryRecord, type TopologyState,
 } from '../schemas/index.ts';
 
@@ -29,13 +29,19 @@ export class ClusterWatch {
   private readonly heard = new Map<string, Heard>();
   private subs: Subscription[] = [];
   private startedAt = Date.now();
+  /** When each database was last asked to wake (scale to zero), by this process's clock. */
+  private readonly wokeAt = new Map<string, number>();
 
   constructor(private readonly eventLog: EventLog, private readonly staleMs: number) {}
 
   async start(): Promise<void> {
     this.startedAt = Date.now();
     this.subs = await Promise.all([
-      this.eventLog.subscribe('topology', (e) => void applyTopologyEvent(this.topology, e)),
+      this.eventLog.subscribe('topology', (e) => {
+        applyTopologyEvent(this.topology, e);
+        const { kind, body } = kindOf(e);
+        if (kind === 'DatabaseActivationChanged' && (body as { active: boolean }).active) this.wokeAt.set((body as { database: string }).database, Date.now());
+      }),
       this.eventLog.subscribe('health', (h) => {
         const held = this.heard.get(h.instanceId);
         if (held && held.health.ts > h.ts) return;
@@ -76,6 +82,14 @@ export class ClusterWatch {
 
   shard(database: string, shard: string): ShardView | undefined {
     return this.shards().find((s) => s.database === database && s.shard === shard);
+  }
+
+  /**
+   * A database scaled to zero, or waking (its agents starting Postgres, for up
+   * to graceMs): its stopped instances are not failures to act on.
+   */
+  resting(database: string, graceMs: number, now = Date.now()): boolean {
+    return this.topology.inactive.has(database) || now - (this.wokeAt.get(database) ?? -Infinity) < graceMs;
   }
 
   /** The latest heartbeat if it arrived within the staleness window. */

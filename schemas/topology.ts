@@ -24,7 +24,7 @@ export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): P
 
 export type PayloadKind =
   | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
-  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged';
+  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged';
 export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
 
 /** The kind and body of an event's payload. */
@@ -44,18 +44,24 @@ export function topologyKey(event: TopologyEvent): string {
     case 'InstanceRegistered': case 'InstanceDeregistered': return `instance/${b.instanceId}`;
     case 'ServingStateChanged': return `instance/${b.instanceId}/serving`;
     case 'PrimaryChanged': return `shard/${b.database}/${b.shard}/primary`;
+    case 'DatabaseActivationChanged': return `database/${b.database}/activation`;
   }
 }
+
+/** A database: with instances of its own (hostedOn null), or a Postgres database inside another database's instances. */
+export interface DatabaseRecord { durabilityPolicy: string | null; hostedOn: string | null; dropped: boolean }
 
 export interface PrimaryRecord { instanceId: string; term: bigint; ruleNumber: bigint; since: Date; reason: string }
 
 export interface TopologyState {
   cells: Map<string, CellRegistered>;
-  databases: Map<string, { durabilityPolicy: string | null; dropped: boolean }>;
+  databases: Map<string, DatabaseRecord>;
   shards: Map<string, ShardDefined>; // key: db/shard
   instances: Map<string, InstanceRegistered>;
   serving: Map<string, ServingState>;
   primaries: Map<string, PrimaryRecord>; // key: db/shard
+  /** Databases asked to be inactive (scaled to zero), with why and since when; absent = active. */
+  inactive: Map<string, { reason: string; since: Date }>;
   /** Events applied, including ignored stale ones. */
   applied: number;
 }
@@ -63,7 +69,7 @@ export interface TopologyState {
 export function emptyTopology(): TopologyState {
   return {
     cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
-    serving: new Map(), primaries: new Map(), applied: 0,
+    serving: new Map(), primaries: new Map(), inactive: new Map(), applied: 0,
   };
 }
 
@@ -87,8 +93,14 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
   state.applied++;
   switch (kind) {
     case 'CellRegistered': state.cells.set(b.cell, b); break;
-    case 'DatabaseCreated': state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, dropped: false }); break;
-    case 'DatabaseDropped': state.databases.set(b.database, { durabilityPolicy: null, dropped: true }); break;
+    case 'DatabaseCreated':
+      state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, hostedOn: b.hostedOn ?? null, dropped: false });
+      state.inactive.delete(b.database); // a database made again under an old name starts active
+      break;
+    case 'DatabaseDropped':
+      state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true });
+      state.inactive.delete(b.database);
+      break;
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
     case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;
@@ -108,8 +120,25 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       state.primaries.set(key, { instanceId: p.primaryInstanceId, term: p.term, ruleNumber: p.ruleNumber, since: event.ts, reason: p.reason });
       break;
     }
+    case 'DatabaseActivationChanged':
+      if (b.active) state.inactive.delete(b.database);
+      else state.inactive.set(b.database, { reason: b.reason, since: event.ts });
+      break;
   }
   return state;
+}
+
+/**
+ * The database whose shards and instances serve `database`: itself, or the one
+ * it is hosted on. Undefined for a database that does not exist (or was dropped,
+ * or whose host was).
+ */
+export function shardGroupOf(state: TopologyState, database: string): string | undefined {
+  const db = state.databases.get(database);
+  if (!db || db.dropped) return undefined;
+  if (db.hostedOn === null) return database;
+  const host = state.databases.get(db.hostedOn);
+  return host && !host.dropped && host.hostedOn === null ? db.hostedOn : undefined;
 }
 
 /** state = fold(events). */

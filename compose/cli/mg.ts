@@ -11,6 +11,7 @@
  *   mg backup list|verify|check <db>[/<shard>] [--data-dir dir]
  *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
+ *   mg database list|create|drop|activate|deactivate ... (see USAGE)
  */
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -20,6 +21,7 @@ import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
+import { createWithInstances, runDatabaseCommand } from './database.ts';
 import { runShardCommand } from './shard.ts';
 
 const USAGE = `usage:
@@ -36,6 +38,12 @@ const USAGE = `usage:
   mg backup check   <db>[/<shard>] [--data-dir dir]
   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
+  mg database list       [--data-dir dir]
+  mg database create     <name> --on <db> [--data-dir dir]
+  mg database create     <name> [--shards N] [--replicas M] [--durability ANY_2] [--data-dir dir]
+  mg database drop       <name> --yes [--data-dir dir]
+  mg database deactivate <name> [--data-dir dir]
+  mg database activate   <name> [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -58,6 +66,11 @@ async function main(argv: string[]): Promise<void> {
       'to-dir': { type: 'string' },
       port: { type: 'string' },
       'no-wait': { type: 'boolean' },
+      on: { type: 'string' },
+      shards: { type: 'string' },
+      replicas: { type: 'string' },
+      durability: { type: 'string' },
+      yes: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -83,6 +96,31 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runBackupCommand(spec, command, target, {
       type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, wait: !values['no-wait'],
     }, log);
+    return;
+  }
+  if (group === 'database') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    const name = positionals[2];
+    if (!['list', 'create', 'drop', 'activate', 'deactivate'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
+    if (command !== 'list' && !name) throw new UsageError(`database ${command} needs a database name`);
+    if (command === 'create' && !values.on) {
+      if (!name || !/^[a-z][a-z0-9_]{0,62}$/.test(name)) throw new UsageError('database create needs a name: lower-case letters, digits or _, starting with a letter');
+      // Instances of its own: local processes are the provisioning side's (compose), the rest as for `mg cluster up`.
+      const log = createLogger('mg', {}).child({ command });
+      log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+      process.exitCode = await createWithInstances(spec, name, {
+        shards: values.shards === undefined ? 1 : Number(values.shards),
+        replicas: values.replicas === undefined ? 2 : Number(values.replicas),
+        durability: values.durability,
+      }, log);
+      return;
+    }
+    if (command === 'create' && (values.shards || values.replicas || values.durability)) {
+      throw new UsageError('--shards, --replicas and --durability are for a database with instances of its own; one created --on shares those of its host');
+    }
+    if (command === 'drop' && !values.yes) throw new UsageError(`database drop deletes ${name} and its data: confirm with --yes`);
+    process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
     return;
   }
   const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');

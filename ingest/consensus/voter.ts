@@ -172,6 +172,7 @@ export class Voter {
     await this.agent.exclusive(async () => {
       await this.pg.initPrimary();
       await this.pg.start();
+      await this.agent.createOwnDatabase();
     }, true);
     this.agent.backups?.primaryStarted();
     this.log.info({ term }, 'bootstrapped as the first primary of the shard');

@@ -223,8 +223,18 @@ export class PostgresInstance {
     await this.removeStaleLockFiles();
     this.prepareDirs();
     // detached: the server must outlive the agent and not share its process group.
-    await this.run('pg_ctl', ['start', '-w', '-t', String(timeoutS), '-D', this.dataDir, '-l', this.logFile], true);
-    this.log.info({ pid: this.postmasterPid() }, 'started');
+    await this.run('pg_ctl', ['start', '-W', '-D', this.dataDir, '-l', this.logFile], true);
+    // pg_ctl's own wait polls every 100 ms, a visible part of a wake from zero: watch the pid file's status line instead.
+    const started = Date.now();
+    for (;;) {
+      const status = this.pidFileLines()?.[7]?.trim();
+      if (status === 'ready' || status === 'standby') break;
+      const gone = status === undefined ? Date.now() - started > 5_000 : !this.isRunning();
+      if (gone) throw new Error(`${this.name} did not start; see ${this.logFile}`);
+      if (Date.now() - started > timeoutS * 1_000) throw new Error(`timed out after ${timeoutS} s waiting for ${this.name} to start`);
+      await sleep(10);
+    }
+    this.log.info({ pid: this.postmasterPid(), ms: Date.now() - started }, 'started');
   }
 
   async stop(mode: 'fast' | 'immediate' = 'fast'): Promise<void> {

@@ -8,7 +8,7 @@
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { gauge } from '../../common/metrics.ts';
 import {
-  applyTopologyEvent, emptyTopology, kindOf, shardKey, type HealthEvent, type InstanceRegistered, type PrimaryChanged, type TopologyEvent, type TopologyState,
+  applyTopologyEvent, emptyTopology, kindOf, shardGroupOf, shardKey, type HealthEvent, type InstanceRegistered, type PrimaryChanged, type TopologyEvent, type TopologyState,
 } from '../../schemas/index.ts';
 
 export interface Endpoint {
@@ -34,6 +34,12 @@ export interface PrimaryMove {
   term: bigint;
   /** The orchestrator's words: `failover: ...` or `switchover: ...`. */
   reason: string;
+}
+
+/** A database that sessions must leave: dropped, or (a shard group) scaled to zero. */
+export interface DatabaseGone {
+  database: string;
+  why: 'dropped' | 'deactivated';
 }
 
 export interface DiscoveryOptions {
@@ -65,14 +71,16 @@ export class Discovery {
   private readonly staleMs: number;
   private readonly maxLagSeconds: number;
   /**
-   * Buffered queries waiting for a shard's primary, by shard key. A primary
+   * Buffered queries waiting for a shard's primary, by shard key (and waitUntil's conditions). A primary
    * only appears through an event (topology or heartbeat), so waiters are
    * checked after events, once per batch, and only for the shards waited on:
    * an idle gateway with 10,000 databases does no work per database.
    */
   private readonly waiters = new Map<string, Set<() => void>>();
   private checkScheduled = false;
+  private untilSeq = 0;
   private readonly moveListeners: ((move: PrimaryMove) => void)[] = [];
+  private readonly goneListeners: ((gone: DatabaseGone) => void)[] = [];
   /** Caught up: moves seen from here on are news (the history read at start is not). */
   private live = false;
 
@@ -88,6 +96,10 @@ export class Discovery {
         const { kind, body } = kindOf(e);
         if (kind !== 'PrimaryChanged') applyTopologyEvent(this.topology, e);
         else this.applyPrimaryChanged(e, body as PrimaryChanged);
+        if (this.live && (kind === 'DatabaseDropped' || (kind === 'DatabaseActivationChanged' && !(body as { active: boolean }).active))) {
+          const gone: DatabaseGone = { database: (body as { database: string }).database, why: kind === 'DatabaseDropped' ? 'dropped' : 'deactivated' };
+          for (const listener of this.goneListeners) listener(gone);
+        }
         this.scheduleWaiterCheck();
       }),
       this.eventLog.subscribe('health', (h) => {
@@ -112,24 +124,46 @@ export class Discovery {
     this.moveListeners.push(listener);
   }
 
+  /** Calls `listener` when a database is dropped or deactivated (not for the history read at start). */
+  onDatabaseGone(listener: (gone: DatabaseGone) => void): void {
+    this.goneListeners.push(listener);
+  }
+
+  /** Whether the database's shard group is scaled to zero (its instances stopped until a wake). */
+  inactive(database: string): boolean {
+    const group = this.group(database);
+    return group !== undefined && this.topology.inactive.has(group);
+  }
+
   hasDatabase(database: string): boolean {
-    const db = this.topology.databases.get(database);
-    return db !== undefined && !db.dropped;
+    return this.group(database) !== undefined;
+  }
+
+  /**
+   * The database whose shards and instances serve `database` (itself, or the
+   * one it is hosted on). Every lookup below takes a database's own name and
+   * goes through this, so a hosted database is routed like its host.
+   */
+  group(database: string): string | undefined {
+    return shardGroupOf(this.topology, database);
   }
 
   /** Names of the databases that exist, oldest first. */
   databases(): string[] {
-    return [...this.topology.databases].filter(([, d]) => !d.dropped).map(([name]) => name);
+    return [...this.topology.databases.keys()].filter((name) => this.hasDatabase(name));
   }
 
   /** Shards of a database (name and key range). */
   shards(database: string) {
-    return [...this.topology.shards.values()].filter((s) => s.database === database);
+    const group = this.group(database);
+    return [...this.topology.shards.values()].filter((s) => s.database === group);
   }
 
   /** The shard's primary if it is serving and its latest heartbeat says healthy primary. */
   primary(database: string, shard: string): Endpoint | undefined {
-    const rec = this.topology.primaries.get(shardKey(database, shard));
+    const group = this.group(database);
+    if (group === undefined) return undefined;
+    const rec = this.topology.primaries.get(shardKey(group, shard));
     if (!rec) return undefined;
     const inst = this.topology.instances.get(rec.instanceId);
     if (!inst || !this.serving(inst) || !this.healthy(inst.instanceId, 'PRIMARY')) return undefined;
@@ -138,10 +172,12 @@ export class Discovery {
 
   /** Healthy, serving replicas within the lag threshold, least lagged first. */
   replicas(database: string, shard: string): ReplicaEndpoint[] {
-    const primaryId = this.topology.primaries.get(shardKey(database, shard))?.instanceId;
+    const group = this.group(database);
+    if (group === undefined) return [];
+    const primaryId = this.topology.primaries.get(shardKey(group, shard))?.instanceId;
     const out: ReplicaEndpoint[] = [];
     for (const inst of this.topology.instances.values()) {
-      if (inst.database !== database || inst.shard !== shard || inst.instanceId === primaryId) continue;
+      if (inst.database !== group || inst.shard !== shard || inst.instanceId === primaryId) continue;
       if (!this.serving(inst) || !this.healthy(inst.instanceId, 'REPLICA')) continue;
       const h = this.seen.get(inst.instanceId)!.health;
       const lagSeconds = h.replayLagSeconds ?? 0;
@@ -179,6 +215,21 @@ export class Discovery {
       };
       const timer = setTimeout(() => done(undefined), timeoutMs);
       waiting.add(check);
+    });
+  }
+
+  /** Resolves true as soon as `cond()` holds after an event (checked like the primary waiters), false after timeoutMs. */
+  waitUntil(cond: () => boolean, timeoutMs: number): Promise<boolean> {
+    if (cond()) return Promise.resolve(true);
+    const key = `until/${++this.untilSeq}`;
+    return new Promise((resolve) => {
+      const done = (ok: boolean) => {
+        clearTimeout(timer);
+        this.waiters.delete(key);
+        resolve(ok);
+      };
+      const timer = setTimeout(() => done(false), timeoutMs);
+      this.waiters.set(key, new Set([() => cond() && done(true)]));
     });
   }
 

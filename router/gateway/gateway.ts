@@ -12,9 +12,11 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorResponse } from '../protocol/messages.ts';
-import { Discovery, type PrimaryMove } from './discovery.ts';
+import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import { loadDdlParser, type DatabaseDdl } from './database-ddl.ts';
+import { Discovery, type DatabaseGone, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
-import { GatewaySession, openLinks, type FailoverOutcome } from './session.ts';
+import { GatewaySession, openLinks, type DatabaseRegistry, type FailoverOutcome } from './session.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -29,6 +31,8 @@ export interface GatewayOptions {
   readOnlyToReplicas?: boolean;
   /** Close the pooler connection of sessions idle this long (and portable); 0 keeps them. */
   releaseIdleLinksAfterMs?: number;
+  /** Scale to zero a database (with instances of its own) that had no session here for this long; 0 never does. */
+  deactivateIdleAfterMs?: number;
 }
 
 /** Descriptors kept for Kafka, metrics, verifier lookups, the listener, and links that idle sessions reopen. */
@@ -45,6 +49,8 @@ export function descriptorBudget(): number {
 const clientsGauge = gauge('mg_gateway_clients', 'Client connections open');
 const accepted = counter('mg_gateway_connections_total', 'Client connections accepted, by outcome', ['outcome']);
 const cancels = counter('mg_gateway_cancel_requests_total', 'CancelRequests, by where the session was', ['where']);
+const databaseDdl = counter('mg_gateway_database_ddl_total', 'CREATE / DROP DATABASE through the gateway, by what the topology did', ['op', 'outcome']);
+const activations = counter('mg_gateway_database_activations_total', 'Activation changes this gateway asked for, by why', ['why']);
 const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client connections refused at maxClients (53300)');
 
 export class Gateway {
@@ -61,19 +67,32 @@ export class Gateway {
   /** Names this gateway in forwarded CancelRequests. */
   readonly id = `gateway-${randomUUID()}`;
   private readonly publishCancel;
+  private readonly publishTopology;
+  private readonly databases: DatabaseRegistry = {
+    refuse: (ddl, from) => this.refuseDatabaseDdl(ddl, from),
+    record: (ddl, from) => this.recordDatabaseDdl(ddl, from),
+  };
   private peerCancels: Subscription | undefined;
   private sweeper: NodeJS.Timeout | undefined;
+  private idleSweeper: NodeJS.Timeout | undefined;
+  /** Per shard group: sessions open here, and when the last one closed (scale to zero). */
+  private readonly groupUse = new Map<string, { sessions: number; lastUsed: number }>();
+  private readonly startedAt = Date.now();
+  /** Shard groups this gateway asked to wake and has not seen awake yet. */
+  private readonly waking = new Set<string>();
 
   constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
     this.discovery.onPrimaryMoved((move) => this.leaveReplacedPrimary(move));
+    this.discovery.onDatabaseGone((gone) => this.leaveDatabase(gone));
     this.publishCancel = eventLog.publisher('gatewayCancels');
+    this.publishTopology = eventLog.publisher('topology');
     this.maxClients = opts.maxClients ?? Infinity;
   }
 
   async start(): Promise<number> {
     if (this.opts.tls) prepareFrontendTls(this.opts.tls); // a bad certificate fails here, not at the first client
-    await this.discovery.start();
+    await Promise.all([this.discovery.start(), loadDdlParser()]);
     this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
       if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
     }, { since: new Date() });
@@ -84,6 +103,11 @@ export class Gateway {
         for (const { session } of this.sessions.values()) session.releaseIdleLink(now, releaseAfter);
       }, Math.min(1_000, releaseAfter / 2));
       this.sweeper.unref();
+    }
+    const idleMs = this.opts.deactivateIdleAfterMs ?? 0;
+    if (idleMs > 0) {
+      this.idleSweeper = setInterval(() => this.deactivateIdle(idleMs), Math.min(1_000, idleMs / 4));
+      this.idleSweeper.unref();
     }
     this.server = net.createServer({ noDelay: true }, (socket) => void this.onConnection(socket));
     this.server.maxConnections = 1_000_000;
@@ -100,12 +124,62 @@ export class Gateway {
   async drain(graceMs = 10_000): Promise<void> {
     this.draining = true;
     clearInterval(this.sweeper);
+    clearInterval(this.idleSweeper);
     this.server?.close();
     const deadline = Date.now() + graceMs;
     while (this.sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     for (const { session } of this.sessions.values()) session.end();
     await this.peerCancels?.stop();
     await this.discovery.stop();
+  }
+
+  /**
+   * Scale to zero, the way back: a client of a database whose shard group is
+   * inactive asks for it to run again (an event its agents act on); the client
+   * waits in the buffer (authentication, then its first query) meanwhile.
+   */
+  private wake(database: string): void {
+    const group = this.discovery.group(database);
+    if (group === undefined || !this.discovery.inactive(group) || this.waking.has(group)) return;
+    this.waking.add(group);
+    activations.inc({ why: 'wake' });
+    this.publishActivation(group, true, 'a client connected')
+      .then(() => this.discovery.waitUntil(() => !this.discovery.inactive(group), this.opts.bufferWindowMs))
+      .catch((err) => this.log.warn({ err, database: group }, 'could not ask for the database to wake'))
+      .finally(() => this.waking.delete(group));
+  }
+
+  /** Asks for every database (with instances of its own) without a session here for idleMs to scale to zero. */
+  private deactivateIdle(idleMs: number): void {
+    const now = Date.now();
+    for (const [database, db] of this.discovery.topology.databases) {
+      if (db.dropped || db.hostedOn !== null || this.discovery.inactive(database) || this.waking.has(database)) continue;
+      const use = this.groupUse.get(database);
+      if (use?.sessions || now - Math.max(use?.lastUsed ?? 0, this.startedAt) < idleMs) continue;
+      activations.inc({ why: 'idle' });
+      this.groupUse.set(database, { sessions: 0, lastUsed: now }); // asked once; asked again only after another idle period
+      this.publishActivation(database, false, `no session for ${idleMs} ms on ${this.id}`)
+        .catch((err) => this.log.warn({ err, database }, 'could not ask for an idle database to scale to zero'));
+    }
+  }
+
+  private async publishActivation(database: string, active: boolean, reason: string): Promise<void> {
+    const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, payload: payload('DatabaseActivationChanged', { database, active, reason }) };
+    await this.publishTopology([{ key: topologyKey(e), value: e }]);
+    this.log.info({ database, active, reason }, active ? 'asked for the database to wake' : 'asked for the database to scale to zero');
+  }
+
+  /** Drains the sessions of a dropped database, or of every database of a deactivated shard group. */
+  private leaveDatabase(gone: DatabaseGone): void {
+    let ended = 0;
+    for (const { session } of this.sessions.values()) {
+      const affected = gone.why === 'dropped' ? session.database === gone.database : this.discovery.group(session.database) === gone.database;
+      if (!affected) continue;
+      ended++;
+      session.leaveDatabase(new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN, `terminating connection because database "${gone.database}" was ${gone.why}`,
+        undefined, gone.why === 'deactivated' ? 'Reconnect: the database wakes for the next connection.' : undefined));
+    }
+    this.log.info({ ...gone, sessions: ended }, `database ${gone.why}; its sessions leave at their next idle point`);
   }
 
   /** Ends the sessions caught mid-work on a primary the cluster has replaced (see GatewaySession.leaveReplacedPrimary). */
@@ -137,7 +211,10 @@ export class Gateway {
     const client = await acceptClient(socket, {
       tls: this.opts.tls,
       requireTls: this.opts.requireTls,
-      lookupVerifier: (user, database) => this.verifier(user, database),
+      lookupVerifier: (user, database) => {
+        this.wake(database.split('@')[0]);
+        return this.verifier(user, database);
+      },
       onCancel: (pid, secret) => this.cancel(pid, secret),
     }).catch((err) => {
       this.log.warn({ err }, 'client startup failed');
@@ -148,12 +225,24 @@ export class Gateway {
       return;
     }
     const key = this.newKey();
-    const session = new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas });
+    const session = new GatewaySession(client.socket as net.Socket, client.params, {
+      discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,
+    });
     this.sessions.set(key.pid, { session, secret: key.secret });
     clientsGauge.inc();
+    const group = this.discovery.group(session.database);
+    const use = group === undefined ? undefined : this.groupUse.get(group) ?? { sessions: 0, lastUsed: 0 };
+    if (use) {
+      use.sessions++;
+      this.groupUse.set(group!, use);
+    }
     client.socket.once('close', () => {
       this.sessions.delete(key.pid);
       clientsGauge.dec();
+      if (use) {
+        use.sessions--;
+        use.lastUsed = Date.now();
+      }
     });
     try {
       await session.start(client.pending);
@@ -191,6 +280,51 @@ export class Gateway {
       const pid = randomInt(1, 2 ** 31 - 1);
       if (!this.sessions.has(pid)) return { pid, secret: randomInt(-(2 ** 31), 2 ** 31 - 1) };
     }
+  }
+
+  /**
+   * A database the topology already knows cannot be created again (not even on
+   * another shard group), and one with instances of its own is not dropped by
+   * SQL from inside another: its instances would stay (`mg database drop` removes both).
+   */
+  private refuseDatabaseDdl(ddl: DatabaseDdl, from: string): PgError | undefined {
+    const known = this.discovery.topology.databases.get(ddl.name);
+    if (!known || known.dropped) return undefined;
+    if (ddl.op === 'create' && this.discovery.hasDatabase(ddl.name)) {
+      databaseDdl.inc({ op: ddl.op, outcome: 'refused' });
+      return new PgError('ERROR', SQLSTATE.DUPLICATE_DATABASE, `database "${ddl.name}" already exists`,
+        known.hostedOn === null ? undefined : `It is hosted on the instances of "${known.hostedOn}".`);
+    }
+    if (ddl.op === 'drop' && known.hostedOn === null) {
+      databaseDdl.inc({ op: ddl.op, outcome: 'refused' });
+      return new PgError('ERROR', SQLSTATE.OBJECT_IN_USE, `database "${ddl.name}" has instances of its own and cannot be dropped from "${from}"`,
+        undefined, `Use: mg database drop ${ddl.name} --yes`);
+    }
+    return undefined;
+  }
+
+  /**
+   * Postgres created or dropped the database on the shard group of `from`: the
+   * topology says so (a database hosted on that group), and this gateway waits
+   * until its own view has it. Other gateways follow within their topology lag.
+   */
+  private async recordDatabaseDdl(ddl: DatabaseDdl, from: string): Promise<void> {
+    const group = this.discovery.group(from);
+    const known = this.discovery.topology.databases.get(ddl.name);
+    let event: TopologyEvent['payload'];
+    if (ddl.op === 'create') {
+      if (group === undefined || this.discovery.hasDatabase(ddl.name)) return;
+      event = payload('DatabaseCreated', { database: ddl.name, durabilityPolicy: null, hostedOn: group });
+    } else {
+      // Only a database hosted on this group: a same-named one elsewhere is another database.
+      if (!known || known.dropped || known.hostedOn !== group) return;
+      event = payload('DatabaseDropped', { database: ddl.name });
+    }
+    const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, payload: event };
+    await this.publishTopology([{ key: topologyKey(e), value: e }]);
+    const seen = await this.discovery.waitUntil(() => this.discovery.hasDatabase(ddl.name) === (ddl.op === 'create'), 10_000);
+    databaseDdl.inc({ op: ddl.op, outcome: seen ? 'recorded' : 'not_seen' });
+    this.log.info({ database: ddl.name, op: ddl.op, group, seen }, 'database recorded in the topology');
   }
 
   /** The role's verifier from pg_authid on the database's primary (or a replica), through its pooler. */

@@ -28,6 +28,7 @@ const configSchema = z.object({
   maxClients: z.number().int().min(1).optional(),
   readOnlyToReplicas: z.boolean().default(false),
   releaseIdleLinksAfterMs: z.number().int().min(0).default(30_000),
+  deactivateIdleAfterMs: z.number().int().min(0).default(0),
   /** Gateway processes sharing the port (each with its own file-descriptor limit); 1 runs in this process. */
   workers: z.number().int().min(1).max(64).default(1),
 }).strict();
@@ -56,7 +57,7 @@ async function runGateway(): Promise<void> {
   const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
   const gateway = new Gateway(eventLog, {
     port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
-    maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs,
+    maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs, deactivateIdleAfterMs: cfg.deactivateIdleAfterMs,
     tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
   }, log);
   const metricsServer = cluster.isWorker ? undefined : await serveMetrics(cfg.metricsPort);

@@ -12,9 +12,10 @@ import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { backendKeyData, encodeCancel, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
+import { backendKeyData, encodeCancel, encodeErrorFields, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
 import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
+import { databaseDdl, type DatabaseDdl } from './database-ddl.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
 
 export type Target = 'primary' | 'replica';
@@ -41,6 +42,16 @@ export interface SessionOptions {
   key: { pid: number; secret: number };
   /** Send transactions that begin READ ONLY to a replica (the primary when none is usable). */
   readOnlyToReplicas?: boolean;
+  /** Keeps the topology's databases in step with CREATE / DROP DATABASE run through the session. */
+  databases?: DatabaseRegistry;
+}
+
+/** What the gateway does around a CREATE / DROP DATABASE that a session (connected to `from`) runs. */
+export interface DatabaseRegistry {
+  /** An error when the statement must not run through the gateway. */
+  refuse(ddl: DatabaseDdl, from: string): PgError | undefined;
+  /** After Postgres did it: the topology says so, and this gateway's view has it. */
+  record(ddl: DatabaseDdl, from: string): Promise<void>;
 }
 
 let links = 0;
@@ -88,6 +99,12 @@ export class GatewaySession implements Flushable {
   private portable = true;
   /** When the session last became idle (performance.now()), or 0 while busy. */
   private idleSince = performance.now();
+  /** A CREATE / DROP DATABASE sent, and whether Postgres said it completed. */
+  private ddl: { ddl: DatabaseDdl; completed: boolean } | undefined;
+  /** Replies held from the client until the topology records a completed CREATE / DROP DATABASE. */
+  private repliesHeld: Buffer[] | undefined;
+  /** Set when the session's database is going away: the session ends at its next idle point, with this. */
+  private endAtIdle: PgError | undefined;
 
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: SessionOptions) {
     const [database, suffix] = (params.database ?? params.user).split('@');
@@ -143,7 +160,7 @@ export class GatewaySession implements Flushable {
    * move at their next query. Returns what the ended session was doing.
    */
   leaveReplacedPrimary(move: PrimaryMove): FailoverOutcome | undefined {
-    if (this.ended || this.database !== move.database || this.shardName !== move.shard) return undefined;
+    if (this.ended || this.opts.discovery.group(this.database) !== move.database || this.shardName !== move.shard) return undefined;
     if (this.parked?.target === 'primary' && this.parked.ep.instanceId !== move.to) {
       this.parked.up.destroy(); // idle on the old primary, and never usable again
       this.parked = undefined;
@@ -172,6 +189,17 @@ export class GatewaySession implements Flushable {
     failedOver.inc({ outcome });
     this.fail(err);
     return outcome;
+  }
+
+  /**
+   * The session's database was dropped or deactivated: an idle session ends
+   * now, a busy one when its transaction is over (drain), the way Postgres
+   * ends a backend (57P01, FATAL).
+   */
+  leaveDatabase(err: PgError): void {
+    if (this.ended) return;
+    this.endAtIdle = err;
+    if (this.status === 'I' && this.inflight === 0 && !this.inBatch && !this.connecting) this.fail(err);
   }
 
   end(): void {
@@ -243,7 +271,17 @@ export class GatewaySession implements Flushable {
     } else if (EXTENDED.has(type)) this.inBatch = true;
     if (idle) {
       this.txTarget = this.target;
-      if (type === T.Query) this.routeQuery(buf.toString('utf8', start + 5, start + len - 1));
+      if (type === T.Query) {
+        const sql = buf.toString('utf8', start + 5, start + len - 1);
+        const refused = this.watchDatabaseDdl(sql);
+        if (refused) {
+          this.inflight--;
+          this.sendError(refused);
+          this.socket.write(readyForQuery('I'));
+          return;
+        }
+        this.routeQuery(sql);
+      }
     }
     if (this.connecting || this.held.length) {
       this.held.push(buf.subarray(start, start + len));
@@ -256,6 +294,16 @@ export class GatewaySession implements Flushable {
     }
     this.toServer.range(buf, start, start + len);
     requestFlush(this);
+  }
+
+  /** At an idle point: notes a CREATE / DROP DATABASE to record once it completes, or says why it may not run. */
+  private watchDatabaseDdl(sql: string): PgError | undefined {
+    const registry = this.opts.databases;
+    const ddl = registry && databaseDdl(sql);
+    if (!ddl) return undefined;
+    const refused = registry.refuse(ddl, this.database);
+    if (!refused) this.ddl = { ddl, completed: false };
+    return refused;
   }
 
   /** At an idle point: a query may change the session's target, or begin a READ ONLY transaction. */
@@ -294,6 +342,7 @@ export class GatewaySession implements Flushable {
       })
       .catch((err) => {
         this.connecting = undefined;
+        this.ddl = undefined;
         this.held = [];
         this.inflight = 0;
         this.inBatch = false;
@@ -349,8 +398,45 @@ export class GatewaySession implements Flushable {
       this.portable = reportValue(buf, start, len, PORTABLE_BYTES) === 'on';
       return;
     }
+    if (this.ddl && this.holdForDdl(type, buf, start, len)) return;
+    if (this.repliesHeld) {
+      this.repliesHeld.push(Buffer.from(buf.subarray(start, start + len)));
+      return;
+    }
     this.toClient.range(buf, start, start + len);
     requestFlush(this);
+    if (this.endAtIdle && type === T.ReadyForQuery && this.idleSince !== 0) {
+      this.flush();
+      this.fail(this.endAtIdle);
+    }
+  }
+
+  /**
+   * Follows the reply to a CREATE / DROP DATABASE: once it completed, its
+   * ReadyForQuery (and anything after) waits until the topology records it, so
+   * the client's next connection to that database finds it (or 3D000).
+   */
+  private holdForDdl(type: number, buf: Buffer, start: number, len: number): boolean {
+    const watched = this.ddl!;
+    if (type === T.CommandComplete) {
+      watched.completed = buf.toString('utf8', start + 5, start + len - 1) === (watched.ddl.op === 'create' ? 'CREATE DATABASE' : 'DROP DATABASE');
+      return false;
+    }
+    if (type !== T.ReadyForQuery) return false;
+    this.ddl = undefined;
+    if (!watched.completed) return false;
+    this.repliesHeld = [Buffer.from(buf.subarray(start, start + len))];
+    void this.opts.databases!.record(watched.ddl, this.database)
+      .catch((err) => this.socket.write(encodeErrorFields('N', {
+        S: 'WARNING', V: 'WARNING', C: SQLSTATE.CONNECTION_FAILURE,
+        M: `database "${watched.ddl.name}": ${watched.ddl.op === 'create' ? 'created' : 'dropped'} in Postgres, but the topology could not record it: ${(err as Error).message}`,
+      })))
+      .finally(() => {
+        const held = this.repliesHeld!;
+        this.repliesHeld = undefined;
+        if (!this.ended) this.socket.write(Buffer.concat(held));
+      });
+    return true;
   }
 
   private onUpstreamClosed(link: Link): void {

@@ -23,6 +23,8 @@ export type Effect =
   | { t: 'savepoint'; name: string }
   | { t: 'release'; name: string }
   | { t: 'rollbackTo'; name: string }
+  /** DROP DATABASE: before it runs, this pooler's idle server connections to that database close (else Postgres refuses: 55006). */
+  | { t: 'releaseDatabase'; name: string }
   /** The statement must not run (it would weaken the durability policy): refused with 42501. */
   | { t: 'forbidden'; message: string; detail: string };
 
@@ -37,7 +39,7 @@ export type Classified = StmtEffects[] | null;
 /** Keyword at the start of a statement (comments allowed before it), or a telltale function/word anywhere. */
 const PREFILTER = new RegExp(
   String.raw`(?:^|;)(?:\s|/\*[\s\S]*?\*/|--[^\n]*(?:\n|$))*` +
-    String.raw`(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|load|savepoint|release|close|rollback\s+(?:(?:work|transaction)\s+)?to)\b` +
+    String.raw`(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|load|savepoint|release|close|drop\s+database|rollback\s+(?:(?:work|transaction)\s+)?to)\b` +
     String.raw`|set_config|temp|advisory|dblink|setseed|synchronous_commit`,
   'i',
 );
@@ -192,6 +194,8 @@ function statementEffects(stmt: Record<string, any>, text: string): Effect[] {
       return (Number(n.options ?? 0) & 0x20) !== 0 ? [{ t: 'pin', reason: 'cursor' }] : [];
     case 'ClosePortalStmt':
       return n.portalname ? [] : [{ t: 'unpin', reason: 'cursor' }];
+    case 'DropdbStmt':
+      return [{ t: 'releaseDatabase', name: String(n.dbname) }];
     default:
       return genericEffects(type, n);
   }

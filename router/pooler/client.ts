@@ -30,6 +30,8 @@ export interface SessionServices {
   readonly shuttingDown: boolean;
   readonly counters: Counters;
   listener(database: string, user: string): SharedListener;
+  /** Closes the idle server connections to a database (all users), and its shared listener when nobody listens. */
+  releaseDatabase(database: string): void;
   sessionClosed(c: ClientSession): void;
 }
 
@@ -338,6 +340,7 @@ export class ClientSession implements ServerOwner, MessageSink {
       return true;
     }
     if (cls && this.answerLocally(cls)) return true;
+    if (cls) for (const { effects } of cls) for (const ef of effects) if (ef.t === 'releaseDatabase') this.svc.releaseDatabase(ef.name);
     if (!this.needServer()) return false;
     this.startBatch();
     const e = new Entry(K_QUERY);

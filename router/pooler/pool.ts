@@ -322,6 +322,11 @@ export class Pool {
     return this.servers.size === 0 && this.connecting === 0 && this.waiters.size === 0 && this.clients === 0;
   }
 
+  /** Closes the idle server connections (busy ones stay with their clients). */
+  closeIdle(): void {
+    for (const s of [...this.idle]) this.retireServer(s);
+  }
+
   closeAll(): void {
     for (const [key, w] of [...this.waiters]) {
       this.waiters.delete(key);

@@ -114,6 +114,15 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     return l;
   }
 
+  releaseDatabase(database: string): void {
+    for (const p of this.poolMap.values()) if (p.database === database) p.closeIdle();
+    const listener = this.listeners.get(database);
+    if (listener && listener.channelCount === 0) { // one with subscribers is a user of the database: Postgres refuses the drop
+      listener.close();
+      this.listeners.delete(database);
+    }
+  }
+
   sessionClosed(c: ClientSession): void {
     this.clientMap.delete(c.pid);
   }

@@ -11,7 +11,7 @@ export interface AgentCommandResult {
   durationMs: bigint;
 }
 
-export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT' | 'BOOTSTRAP' | 'BACKUP_CREATE' | 'BACKUP_INFO' | 'BACKUP_VERIFY' | 'BACKUP_EXPIRE' | 'BACKUP_CHECK';
+export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT' | 'BOOTSTRAP' | 'BACKUP_CREATE' | 'BACKUP_INFO' | 'BACKUP_VERIFY' | 'BACKUP_EXPIRE' | 'BACKUP_CHECK' | 'CREATE_DATABASE' | 'DROP_DATABASE';
 
 /** A request to the agent of one instance. Agents act on commands addressed to them and answer with an AgentCommandResult carrying the same commandId. */
 export interface AgentCommand {
@@ -179,6 +179,8 @@ export interface DatabaseCreated {
   database: string;
   /** e.g. ANY_2, MULTI_CELL_ANY_2; null means the cluster default. */
   durabilityPolicy: null | string;
+  /** The database whose shard group (instances) holds this one as a Postgres database of its own; null when it has instances of its own. */
+  hostedOn: null | string;
 }
 
 export interface DatabaseDropped {
@@ -236,6 +238,14 @@ export interface PrimaryChanged {
   reason: string;
 }
 
+/** Whether a database with instances of its own should run (scale to zero). Its agents stop Postgres when it is inactive and start it when it is active again; its data and topology stay. Databases hosted on it follow it. */
+export interface DatabaseActivationChanged {
+  database: string;
+  active: boolean;
+  /** e.g. 'mg database deactivate', 'idle for 600000 ms', 'a client connected'. */
+  reason: string;
+}
+
 /** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
 export interface TopologyEvent {
   /** Unique id (UUID) of this event, for deduplication. */
@@ -243,5 +253,5 @@ export interface TopologyEvent {
   ts: Date;
   /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
   source: string;
-  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged };
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged };
 }

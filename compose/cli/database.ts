@@ -1,0 +1,88 @@
+/** `mg database list|create|drop|activate|deactivate`: databases at run time, through the admin API. */
+import type { Logger } from '../../common/log.ts';
+import { clusterUp } from '../cluster.ts';
+import { callOrchestrator } from '../orchestrators.ts';
+import { parseSpec, SpecError, type ClusterSpec } from '../spec.ts';
+
+export interface DatabaseArgs {
+  name: string | undefined;
+  on: string | undefined;
+  yes: boolean;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Prints the answer; returns the exit code (0 done, 1 refused or failed). */
+export async function runDatabaseCommand(spec: ClusterSpec, command: string, args: DatabaseArgs): Promise<number> {
+  if (command === 'list') {
+    const r = await callOrchestrator(spec, 'GET', '/v1/databases');
+    if (r.status !== 200) return fail(r);
+    for (const d of r.body.databases) {
+      const where = d.hostedOn ? `on ${d.hostedOn}` : d.shards.map((s: { shard: string; instances: string[] }) => `${s.shard}: ${s.instances.join(', ')}`).join('; ');
+      console.log(`${d.name.padEnd(20)} ${(d.active ? 'active' : `inactive (${d.inactiveReason})`).padEnd(40)} ${where}`);
+    }
+    return 0;
+  }
+  const name = encodeURIComponent(args.name!);
+  let r: { status: number; body: any };
+  if (command === 'create') r = await callOrchestrator(spec, 'POST', '/v1/databases', { name: args.name, on: args.on });
+  else if (command === 'drop') r = await callOrchestrator(spec, 'DELETE', `/v1/databases/${name}`);
+  else r = await callOrchestrator(spec, 'POST', `/v1/databases/${name}/${command}`);
+  if (r.status !== 202) return fail(r);
+  return follow(spec, r.body.operation.id);
+}
+
+/**
+ * A database with instances of its own, at run time: the saved spec gains it
+ * and `mg cluster up` starts what is missing (its agents and poolers on this
+ * machine; nothing that runs is restarted). Its topology events are published,
+ * MultiOrch elects each shard's first primary, and the gateways serve it.
+ */
+export async function createWithInstances(spec: ClusterSpec, name: string, shape: { shards: number; replicas: number; durability?: string }, log: Logger): Promise<number> {
+  const known = await callOrchestrator(spec, 'GET', `/v1/databases/${encodeURIComponent(name)}`);
+  if (known.status === 200) {
+    console.error(`mg: database "${name}" already exists`);
+    return 1;
+  }
+  const raw = JSON.parse(JSON.stringify(spec)) as Record<string, any>;
+  raw.databases = [...spec.databases, {
+    name, shards: shape.shards, instancesPerShard: shape.replicas + 1, ...(shape.durability ? { durability: shape.durability } : {}),
+  }];
+  let next: ClusterSpec;
+  try {
+    next = parseSpec(raw, `database ${name}`);
+  } catch (err) {
+    if (!(err instanceof SpecError)) throw err;
+    console.error(`mg: ${err.message.replace(/databases\.\d+\.(instancesPerShard)/, 'replicas').replace(/databases\.\d+\./g, '')}`);
+    return 2;
+  }
+  await clusterUp(next, log);
+  return 0;
+}
+
+/** Prints an operation's steps as they happen (what it did, what it waits for) until it is over. */
+async function follow(spec: ClusterSpec, id: string): Promise<number> {
+  const started = Date.now();
+  let printed = 0;
+  for (;;) {
+    const r = await callOrchestrator(spec, 'GET', `/v1/operations/${id}`);
+    if (r.status !== 200) return fail(r);
+    const op = r.body;
+    for (const s of op.steps.slice(printed)) console.log(`  ${((Date.parse(s.at) - started) / 1000).toFixed(1).padStart(5)} s  ${s.message}`);
+    printed = op.steps.length;
+    if (op.state === 'succeeded') {
+      console.log(`${op.kind} ${op.target}: done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+      return 0;
+    }
+    if (op.state === 'failed') {
+      console.error(`mg: ${op.kind} ${op.target} failed: ${op.error}`);
+      return 1;
+    }
+    await sleep(100);
+  }
+}
+
+function fail(r: { status: number; body: { error?: string } }): number {
+  console.error(`mg: ${r.body.error ?? `HTTP ${r.status}`}`);
+  return 1;
+}

@@ -1,0 +1,86 @@
+/** Databases at run time: list, create (on an existing database's instances), drop, activate, deactivate. */
+import type { FastifyReply } from 'fastify';
+import type { ApiPlugin } from '../api.ts';
+import { OperationError, type Operation } from '../operations.ts';
+
+const NAME = { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', description: 'lower-case letters, digits and _, not starting with a digit' } as const;
+const nameParams = { type: 'object', required: ['name'], properties: { name: NAME } } as const;
+const waitQuery = {
+  type: 'object', additionalProperties: false,
+  properties: { wait: { type: 'boolean', default: false, description: 'answer when the operation is over (200, or 503 when it failed) rather than at once (202)' } },
+} as const;
+
+export const databasesApi: ApiPlugin = async (app, { databases, operations }) => {
+  /** Starts an operation after its checks; answers 202 with it, or waits for it with ?wait=true. */
+  async function run(reply: FastifyReply, wait: boolean, kind: string, target: string, check: () => void, work: (step: (m: string) => void) => Promise<void>) {
+    try {
+      check();
+    } catch (err) {
+      if (err instanceof OperationError) return reply.code(err.status).send({ error: err.message });
+      throw err;
+    }
+    const { op, done } = operations.start(kind, target, work);
+    if (!wait) return reply.code(202).header('location', `/v1/operations/${op.id}`).send({ operation: op });
+    await done;
+    return reply.code(op.state === 'succeeded' ? 200 : 503).send({ operation: op as Operation, ...(op.error ? { error: op.error } : {}) });
+  }
+
+  app.get('/v1/databases', {
+    schema: { summary: 'Every database: where it is hosted, its shards and instances, whether it is active (scale to zero)', tags: ['databases'] },
+  }, async () => ({ databases: databases.list() }));
+
+  app.get<{ Params: { name: string } }>('/v1/databases/:name', {
+    schema: { summary: 'One database', tags: ['databases'], params: nameParams },
+  }, async (req, reply) => databases.get(req.params.name) ?? reply.code(404).send({ error: `no database "${req.params.name}"` }));
+
+  app.post<{ Body: { name: string; on?: string; shards?: number; replicas?: number; durability?: string }; Querystring: { wait: boolean } }>('/v1/databases', {
+    schema: {
+      summary: 'Create a database: `on` an existing one (a Postgres database inside its instances, served at once by the gateways)',
+      tags: ['databases'], querystring: waitQuery,
+      body: {
+        type: 'object', additionalProperties: false, required: ['name'],
+        properties: {
+          name: NAME,
+          on: { ...NAME, description: 'the database whose instances hold the new one' },
+          shards: { type: 'integer', enum: [1, 2, 4, 8, 16, 32, 64, 128, 256], description: 'for a database with instances of its own' },
+          replicas: { type: 'integer', minimum: 0, maximum: 8, description: 'per shard, for a database with instances of its own' },
+          durability: { type: 'string', pattern: '^(MULTI_CELL_)?ANY_[1-9]$', description: 'ANY_<n> or MULTI_CELL_ANY_<n>' },
+        },
+      },
+    },
+  }, async (req, reply) => {
+    const { name, on } = req.body;
+    if (on === undefined) {
+      return reply.code(501).send({
+        error: 'a database with instances of its own is provisioned on this machine by the CLI (mg database create <name> --shards N --replicas M); the API creates databases on an existing one: give "on"',
+      });
+    }
+    const extra = (['shards', 'replicas', 'durability'] as const).filter((f) => req.body[f] !== undefined);
+    if (extra.length) {
+      return reply.code(400).send({ error: extra.map((f) => `body.${f}: not with on (the database shares the instances, shards and durability of "${on}")`).join('; ') });
+    }
+    return run(reply, req.query.wait, 'create', name, () => databases.checkCreateOn(name, on), (step) => databases.createOn(name, on, step));
+  });
+
+  app.delete<{ Params: { name: string }; Querystring: { wait: boolean } }>('/v1/databases/:name', {
+    schema: { summary: 'Drop a database created on another one: the gateways drain its sessions, then DROP DATABASE', tags: ['databases'], params: nameParams, querystring: waitQuery },
+  }, async (req, reply) => {
+    const { name } = req.params;
+    return run(reply, req.query.wait, 'drop', name, () => databases.checkDrop(name), (step) => databases.drop(name, step));
+  });
+
+  for (const active of [true, false]) {
+    const verb = active ? 'activate' : 'deactivate';
+    app.post<{ Params: { name: string }; Querystring: { wait: boolean } }>(`/v1/databases/:name/${verb}`, {
+      schema: {
+        summary: active
+          ? 'Wake a database scaled to zero: its agents start Postgres; the gateways route to it as soon as a primary serves'
+          : 'Scale a database to zero: the gateways drain its sessions, its agents checkpoint and stop Postgres; data and topology stay, and the next client wakes it',
+        tags: ['databases'], params: nameParams, querystring: waitQuery,
+      },
+    }, async (req, reply) => {
+      const { name } = req.params;
+      return run(reply, req.query.wait, verb, name, () => databases.checkActivation(name), (step) => databases.setActive(name, active, `mg database ${verb} (admin API)`, step));
+    });
+  }
+};
