@@ -1,0 +1,133 @@
+/**
+ * One database behind the REST API: pg pools to wherever routing says
+ * (through the poolers in the gateway, or straight to Postgres in tests), the
+ * schema cache, and its reload on `NOTIFY pgrst, 'reload schema'`.
+ */
+import pg from 'pg';
+import type { Logger } from '../../common/log.ts';
+import type { RunTransaction, Transaction } from './handler.ts';
+import { loadSchemaCache, type SchemaCache } from './schema-cache.ts';
+
+export interface RestEndpoint { host: string; port: number }
+
+export interface RestDatabaseOptions {
+  name: string;
+  user: string;
+  schemas: string[];
+  /** Where a transaction runs now: the primary, or (readOnly) a replica when routing allows; waits out a failover. */
+  endpoint(readOnly: boolean): Promise<RestEndpoint>;
+  log: Logger;
+  poolSize?: number;
+}
+
+const RELOAD_RETRY_MS = 1_000;
+
+export class RestDatabase {
+  private readonly pools = new Map<string, pg.Pool>();
+  private cache: Promise<SchemaCache> | undefined;
+  private listener: pg.Client | undefined;
+  private closed = false;
+
+  constructor(private readonly opts: RestDatabaseOptions) {}
+
+  private pool(ep: RestEndpoint): pg.Pool {
+    const key = `${ep.host}:${ep.port}`;
+    let pool = this.pools.get(key);
+    if (!pool) {
+      pool = new pg.Pool({
+        host: ep.host, port: ep.port, user: this.opts.user, database: this.opts.name, max: this.opts.poolSize ?? 10,
+        idleTimeoutMillis: 30_000, application_name: 'mg-rest',
+      });
+      // A pooled connection that dies (failover, restart) is dropped; the next request opens another.
+      pool.on('error', (err) => this.opts.log.warn({ err: err.message, endpoint: key }, 'rest pool connection failed'));
+      this.pools.set(key, pool);
+    }
+    return pool;
+  }
+
+  readonly run: RunTransaction = async (opts, fn) => {
+    const client = await this.pool(await this.opts.endpoint(opts.readOnly)).connect();
+    let broken = false;
+    try {
+      await client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
+      const tx: Transaction = { query: async (sql, params) => (await client.query(sql, params)).rows };
+      try {
+        const { result, rollback } = await fn(tx);
+        await client.query(rollback ? 'ROLLBACK' : 'COMMIT');
+        return result;
+      } catch (err) {
+        await client.query('ROLLBACK').catch(() => { broken = true; });
+        throw err;
+      }
+    } catch (err) {
+      if (!(err as { code?: string }).code) broken = true; // a socket error, not a Postgres one: never reuse it
+      throw err;
+    } finally {
+      client.release(broken);
+    }
+  };
+
+  /** The schema cache, loaded once and kept current by NOTIFY pgrst. */
+  schemaCache(): Promise<SchemaCache> {
+    if (!this.cache) {
+      this.cache = this.load();
+      this.cache.catch(() => { this.cache = undefined; }); // the next request tries again
+      void this.listen();
+    }
+    return this.cache;
+  }
+
+  private async load(): Promise<SchemaCache> {
+    const started = performance.now();
+    const pool = this.pool(await this.opts.endpoint(false));
+    const cache = await loadSchemaCache(async (sql, params) => (await pool.query(sql, params)).rows, this.opts.schemas);
+    this.opts.log.info({ database: this.opts.name, tables: cache.tables.size, functions: cache.functions.length, ms: Math.round(performance.now() - started) }, 'rest schema cache loaded');
+    return cache;
+  }
+
+  /** Reloads once the new cache is in; requests keep using the old one meanwhile. */
+  async reload(): Promise<void> {
+    const next = this.load();
+    await next;
+    this.cache = next;
+  }
+
+  private async listen(): Promise<void> {
+    if (this.closed || this.listener) return;
+    try {
+      const ep = await this.opts.endpoint(false);
+      const client = new pg.Client({ host: ep.host, port: ep.port, user: this.opts.user, database: this.opts.name, application_name: 'mg-rest-listen' });
+      this.listener = client;
+      client.on('notification', (n) => {
+        if (n.channel === 'pgrst' && (!n.payload || n.payload === 'reload schema')) {
+          this.reload().catch((err) => this.opts.log.warn({ err: err.message }, 'rest schema cache reload failed'));
+        }
+      });
+      client.on('error', () => this.relisten());
+      client.on('end', () => this.relisten());
+      await client.connect();
+      await client.query('LISTEN pgrst');
+    } catch (err) {
+      this.opts.log.warn({ err: (err as Error).message }, 'rest schema listener failed; retrying');
+      this.relisten();
+    }
+  }
+
+  /** A lost listener (failover) may have missed a NOTIFY: listen again and reload. */
+  private relisten(): void {
+    const old = this.listener;
+    this.listener = undefined;
+    old?.end().catch(() => {});
+    if (this.closed) return;
+    setTimeout(() => {
+      if (this.closed || this.listener) return;
+      void this.listen().then(() => this.cache && this.reload()).catch(() => {});
+    }, RELOAD_RETRY_MS).unref();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.listener?.end().catch(() => {});
+    await Promise.all([...this.pools.values()].map((p) => p.end().catch(() => {})));
+  }
+}
