@@ -27,8 +27,9 @@ export function errorBody(code: string, message: string, details: string | null,
   return JSON.stringify({ code, details, hint, message });
 }
 
-export const parseError = (what: string, detail: string) =>
-  new RestError(400, 'PGRST100', `"failed to parse ${what}" (line 1, column 1)`, detail);
+/** PostgREST's PGRST100: what failed to parse, where (1-based column in the value), and what was expected. */
+export const parseError = (what: string, detail: string, column = 1) =>
+  new RestError(400, 'PGRST100', `"failed to parse ${what}" (line 1, column ${column})`, detail);
 
 /** The HTTP status PostgREST answers a Postgres error with; 42501 depends on whether the request was authenticated. */
 export function statusOfSqlstate(code: string, authenticated: boolean): number {

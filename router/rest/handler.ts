@@ -85,8 +85,8 @@ function parseBody(req: RestRequest): unknown {
   }
   try {
     return JSON.parse(req.body ?? '');
-  } catch (err) {
-    throw new RestError(400, 'PGRST102', 'Empty or invalid json', (err as Error).message);
+  } catch {
+    throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   }
 }
 
@@ -101,7 +101,7 @@ interface Plan {
   params: unknown[];
   readOnly: boolean;
   /** Turns the statement's one row into the response (or throws a RestError, which rolls back). */
-  respond(row: { total: string | null; page_total: string; body: string; location?: string | null }): RestResponse;
+  respond(row: { total: string | null; page_total: string; body: string; location?: string | null; inserted?: string }): RestResponse;
 }
 
 export async function handleRest(req: RestRequest, cache: SchemaCache, config: RestConfig, run: RunTransaction): Promise<RestResponse> {
@@ -128,6 +128,10 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
 }
 
 function planRequest(req: RestRequest, cache: SchemaCache, schema: string): Plan {
+  // Postgres text cannot hold NUL; refuse it here rather than fail the protocol
+  if (req.query.some(([k, v]) => k.includes('\u0000') || v.includes('\u0000')) || req.path.includes('\u0000')) {
+    throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
+  }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
   if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1]);
   if (segments.length !== 1) throw new RestError(404, 'PGRST125', `Invalid path specified in request URL`);
@@ -137,6 +141,7 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string): Plan
     case 'POST': return planInsert(req, cache, table);
     case 'PATCH': return planUpdate(req, cache, table);
     case 'DELETE': return planDelete(req, cache, table);
+    case 'PUT': return planPut(req, cache, table);
     default: throw new RestError(405, 'PGRST117', `Unsupported HTTP method: ${req.method}`);
   }
 }
@@ -201,13 +206,13 @@ function payloadColumns(table: Table, payload: unknown, q: ParsedQuery): string[
     if (objects.some((o) => Object.keys(o as object).sort().join('\u0000') !== key)) throw new RestError(400, 'PGRST102', 'All object keys must match');
   }
   for (const c of cols) {
-    if (!table.columns.has(c)) throw new RestError(400, 'PGRST204', `Could not find the '${c}' column of '${table.name}' in the schema cache`);
+    if (!table.columns.has(c)) throw new RestError(400, 'PGRST204', `Column '${c}' of relation '${table.name}' does not exist`);
   }
   return cols;
 }
 
 /** The rows written, read back through the request's select (return=representation) into the response row. */
-function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'update' | 'delete'): Plan {
+function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'put' | 'update' | 'delete'): Plan {
   const prefer = parsePrefer(req.headers.prefer);
   const singular = wantsObject(req);
   const b = new QueryBuilder(cache, q);
@@ -215,13 +220,16 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const mutation = write(b, alias);
   const returning = prefer.return === 'representation';
   const readScope = { table, alias: b.nextAlias('t'), path: '' };
-  const read = b.read(readScope, `pgrst_written AS ${ident(readScope.alias)}`, { applyFilters: false, order: kind !== 'insert' && returning });
+  // An upsert tells inserted rows from updated ones (201 or 200) by xmax = 0.
+  const upsert = (kind === 'put' || prefer.resolution === 'merge-duplicates') && table.kind === 'table';
+  const tableColumns = table.columnOrder.map(ident).join(', ');
+  const read = b.read(readScope, `(SELECT ${tableColumns} FROM pgrst_written) AS ${ident(readScope.alias)}`, { applyFilters: false, order: kind !== 'insert' && returning });
   const pk = table.primaryKey;
   const location = kind === 'insert' && prefer.return === 'headers-only' && pk.length
     ? `, (SELECT json_build_array(${pk.map((c) => `${ident(c)}::text`).join(', ')})::text FROM pgrst_written LIMIT 1) AS location` : '';
-  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*), pgrst_source AS (${read.source})`
+  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
-    + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total,`
+    + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
     + ` (SELECT ${singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`} FROM pgrst_source _postgrest_t) AS body${location}`;
   return {
     sql, params: b.params.values, readOnly: false,
@@ -229,44 +237,71 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
       const n = Number(row.page_total);
       const total = row.total === null ? null : Number(row.total);
       singularCheck(singular, n);
+      const insertStatus = upsert && Number(row.inserted) === 0 ? 200 : 201;
       const headers: Record<string, string> = {
-        'Content-Range': kind === 'update' ? contentRange(0, n, total) : `*/${total ?? '*'}`,
+        ...(kind === 'put' ? {} : { 'Content-Range': kind === 'update' ? contentRange(0, n, total) : `*/${total ?? '*'}` }),
         ...preferenceApplied(prefer, ['resolution', 'return', 'count', 'tx']),
       };
-      if (row.location) {
+      if (row.location && n === 1) {
         const values = JSON.parse(row.location) as string[];
         headers.Location = `${req.fullPath}?${pk.map((c, i) => `${encodeURIComponent(c)}=eq.${encodeURIComponent(values[i])}`).join('&')}`;
       }
       if (returning) {
         headers['Content-Type'] = singular ? OBJECT_TYPE : JSON_TYPE;
-        const status = kind === 'insert' ? (prefer.resolution === 'merge-duplicates' ? 200 : 201) : 200;
-        return { status, headers, body: row.body };
+        return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: row.body };
       }
-      return { status: kind === 'insert' ? 201 : 204, headers, body: '' };
+      return { status: kind === 'insert' ? insertStatus : 204, headers, body: '' };
     },
   };
 }
 
-function planInsert(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+/** PUT: an upsert of the one row its primary-key filters name. */
+function planPut(req: RestRequest, cache: SchemaCache, table: Table): Plan {
   const q = parseQuery(req.query);
+  const where = q.nodes.get('')!.where;
+  const pk = table.primaryKey;
+  const eqs = where.filter((c) => c.kind === 'filter' && c.op === 'eq' && !c.negate && !c.field.json.length);
+  if (!pk.length || eqs.length !== where.length || eqs.length !== pk.length
+    || !pk.every((k) => eqs.some((c) => c.kind === 'filter' && c.field.column === k))) {
+    throw new RestError(405, 'PGRST105', 'Filters must include all and only primary key columns with \'eq\' operators');
+  }
   const payload = parseBody(req);
+  if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Expected a single JSON object in the PUT request body');
   const cols = payloadColumns(table, payload, q);
+  const filterValue = (k: string) => eqs.find((c) => c.kind === 'filter' && c.field.column === k)!;
+  for (const k of pk) {
+    const v = (payload as Record<string, unknown>)[k];
+    const f = filterValue(k);
+    if (v === undefined || (f.kind === 'filter' && String(v) !== f.value)) {
+      throw new RestError(400, 'PGRST115', 'Payload values do not match URL in primary key column(s)');
+    }
+  }
+  q.nodes.get('')!.where = [];
+  return planInsert(req, cache, table, { q, payload, cols, resolution: 'merge-duplicates' });
+}
+
+function planInsert(req: RestRequest, cache: SchemaCache, table: Table, put?: { q: ParsedQuery; payload: unknown; cols: string[]; resolution: 'merge-duplicates' }): Plan {
+  const q = put?.q ?? parseQuery(req.query);
+  const payload = put ? put.payload : parseBody(req);
+  const cols = put?.cols ?? payloadColumns(table, payload, q);
   const prefer = parsePrefer(req.headers.prefer);
+  const resolution = put?.resolution ?? prefer.resolution;
   const rows = JSON.stringify(Array.isArray(payload) ? payload : [payload]);
   return mutationPlan(req, cache, table, q, (b, alias) => {
     const list = cols.map((c) => ident(c)).join(', ');
-    let sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)} (${list}) SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(rows)}::json) _`;
-    if (prefer.resolution) {
+    // no columns: every column takes its default, as in PostgREST
+    let sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(rows)}::json) _`;
+    if (resolution) {
       const target = q.onConflict ?? table.primaryKey;
       if (!target.length) throw new RestError(400, 'PGRST103', 'on_conflict needs a primary key or the on_conflict parameter');
       for (const c of target) b.column(table, c);
       sql += ` ON CONFLICT (${target.map(ident).join(', ')}) `;
       const updates = cols.filter((c) => !target.includes(c));
-      sql += prefer.resolution === 'ignore-duplicates' || !updates.length ? 'DO NOTHING'
+      sql += resolution === 'ignore-duplicates' || !updates.length ? 'DO NOTHING'
         : `DO UPDATE SET ${updates.map((c) => `${ident(c)} = EXCLUDED.${ident(c)}`).join(', ')}`;
     } else if (q.onConflict) for (const c of q.onConflict) b.column(table, c);
     return sql;
-  }, 'insert');
+  }, put ? 'put' : 'insert');
 }
 
 function planUpdate(req: RestRequest, cache: SchemaCache, table: Table): Plan {
@@ -275,9 +310,10 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table): Plan {
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   const cols = payloadColumns(table, payload, q);
   return mutationPlan(req, cache, table, q, (b, alias) => {
+    // an empty object updates nothing (PostgREST answers 204 without touching a row)
+    if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
     const scope = { table, alias, path: '' };
     const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
-    if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
     return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = _.${ident(c)}`).join(', ')}`
       + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(payload))}::json)) _`
       + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
@@ -304,7 +340,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
     args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
   }
-  const fn = findFunction(cache, schema, name, Object.keys(args));
+  const fn = findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
   const q = parseQuery(req.query, new Set(req.method === 'POST' ? [] : Object.keys(args)));
   const b = new QueryBuilder(cache, q);
   const given = fn.args.filter((a) => a.name in args);

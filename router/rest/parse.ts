@@ -108,14 +108,17 @@ export function parseFilterValue(field: Field, raw: string, where: string): Cond
     throw parseError(`filter (${raw})`, `unexpected "${s.slice(0, 1)}" expecting "not" or operator (eq, gt, ...)`);
   }
   const [, op, config, value] = m;
+  const valueColumn = raw.length - value.length + 1;
+  const unexpected = value ? `unexpected "${value[0]}"` : 'unexpected end of input';
   if (config !== undefined && !FTS_OPS.has(op)) throw parseError(`filter (${raw})`, `unexpected "(" after operator ${op}`);
   if (op === 'in') {
-    if (!value.startsWith('(') || !value.endsWith(')')) throw parseError(`filter (${raw})`, 'unexpected end of input expecting "("');
+    if (!value.startsWith('(')) throw parseError(`filter (${raw})`, `${unexpected} expecting "("`, valueColumn);
+    if (!value.endsWith(')')) throw parseError(`filter (${raw})`, 'unexpected end of input expecting "," or ")"', raw.length + 1);
     const inner = value.slice(1, -1);
     return { kind: 'filter', field, negate, op, value: inner === '' ? [] : splitTop(inner).map((v) => unquote(v.trim() === v ? v : v)) };
   }
   if (op === 'is' && !IS_VALUES.has(value.toLowerCase())) {
-    throw parseError(`filter (${raw})`, 'unexpected value expecting null or trilean value (unknown, true, false)');
+    throw parseError(`filter (${raw})`, `${unexpected} expecting null or trilean value (unknown, true, false)`, valueColumn);
   }
   void where;
   return { kind: 'filter', field, negate, op, config, value: op === 'is' ? value.toLowerCase() : value };
@@ -148,23 +151,27 @@ function splitFieldAndValue(item: string): [string, string] | null {
 }
 
 export function parseOrder(raw: string): OrderTerm[] {
+  let at = 0;
   return splitTop(raw).map((term) => {
     const parts = term.split('.');
     const modifiers = parts.splice(1);
     const t: OrderTerm = { field: parseField(parts[0], `order (${raw})`) };
+    let column = at + parts[0].length + 2;
     for (const m of modifiers) {
       if (m === 'asc' || m === 'desc') t.dir = m;
       else if (m === 'nullsfirst') t.nulls = 'first';
       else if (m === 'nullslast') t.nulls = 'last';
-      else throw parseError(`order (${raw})`, `unexpected "${m.slice(0, 1)}" expecting "asc", "desc", "nullsfirst" or "nullslast"`);
+      else throw parseError(`order (${raw})`, `unexpected "${m.slice(0, 1)}" expecting "asc", "desc", "nullsfirst" or "nullslast"`, column);
+      column += m.length + 1;
     }
+    at += term.length + 1;
     return t;
   });
 }
 
-function parseNonNegative(name: string, raw: string): number {
-  if (!/^\d{1,15}$/.test(raw)) throw parseError(`${name} (${raw})`, `unexpected "${raw.slice(0, 1)}" expecting digit`);
-  return Number(raw);
+/** A limit or offset that is not a number is ignored, as PostgREST 12 does. */
+function parseNonNegative(raw: string): number | undefined {
+  return /^\d{1,15}$/.test(raw) ? Number(raw) : undefined;
 }
 
 export interface ParsedQuery {
@@ -198,8 +205,8 @@ export function parseQuery(params: [string, string][], args: Set<string> = new S
     if ((last === 'or' || last === 'and') && segments[segments.length - 1] === 'not') { segments.pop(); negate = true; }
     const path = segments.join('.');
     if (last === 'order') node(path).order.push(...parseOrder(value));
-    else if (last === 'limit') node(path).limit = parseNonNegative('limit', value);
-    else if (last === 'offset') node(path).offset = parseNonNegative('offset', value);
+    else if (last === 'limit') node(path).limit = parseNonNegative(value) ?? node(path).limit;
+    else if (last === 'offset') node(path).offset = parseNonNegative(value) ?? node(path).offset;
     else if (last === 'or' || last === 'and') node(path).where.push(parseLogic(last, negate, value));
     else {
       // a JSON path's keys may hold dots only inside the last segment's arrows

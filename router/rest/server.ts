@@ -67,7 +67,7 @@ export async function startRestServer(opts: RestServerOptions): Promise<FastifyI
       seconds.observe({ method: req.method }, (performance.now() - started) / 1000);
       reply.code(res.status).headers(res.headers);
       if (res.status === 416) reply.raw.statusMessage = 'Requested Range Not Satisfiable'; // PostgREST's wording
-      return reply.send(res.body);
+      return res.body === '' ? reply.send() : reply.send(res.body);
     },
   });
   await app.listen({ host: opts.host ?? '127.0.0.1', port: opts.port });

@@ -255,7 +255,7 @@ export function findTable(cache: SchemaCache, schema: string, name: string): Tab
 }
 
 /** The function `/rpc/<name>` calls with these argument names (PostgREST's PGRST202 when none fits). */
-export function findFunction(cache: SchemaCache, schema: string, name: string, argNames: string[]): RestFunction {
+export function findFunction(cache: SchemaCache, schema: string, name: string, argNames: string[], post: boolean): RestFunction {
   const given = new Set(argNames);
   const sameName = cache.functions.filter((f) => f.schema === schema && f.name === name);
   const fits = sameName.filter((f) => [...given].every((a) => f.args.some((x) => x.name === a))
@@ -266,7 +266,8 @@ export function findFunction(cache: SchemaCache, schema: string, name: string, a
     throw new RestError(300, 'PGRST203', `Could not choose the best candidate function between: ${fits.map((f) => `${schema}.${name}(${f.args.map((a) => `${a.name} => ${a.type}`).join(', ')})`).join(', ')}`,
       null, 'Try renaming the parameters or the function itself in the database so function overloading can be resolved');
   }
-  const params = sorted.length ? `with parameter${sorted.length > 1 ? 's' : ''} ${sorted.join(', ')}` : 'without parameters';
+  const params = (sorted.length ? `with parameter${sorted.length > 1 ? 's' : ''} ${sorted.join(', ')}` : 'without parameters')
+    + (post ? ' or with a single unnamed json/jsonb parameter' : '');
   const hint = sameName.length ? `Perhaps you meant to call the function ${schema}.${name}(${sameName[0].args.map((a) => a.name).join(', ')})` : null;
   throw new RestError(404, 'PGRST202', `Could not find the function ${schema}.${name}(${sorted.join(', ')}) in the schema cache`,
     `Searched for the function ${schema}.${name} ${params}, but no matches were found in the schema cache.`, hint);

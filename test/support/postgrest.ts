@@ -19,11 +19,11 @@ export const restSchemaSql = fs.readFileSync(path.join(root, 'test', 'fixtures',
 export const jwtSecret = 'a-test-secret-of-at-least-32-characters!';
 
 /**
- * Ports for the REST tests' own processes: the +480..+499 extras of a slot
+ * Ports for the REST tests' own processes: three of the +480..+499 extras of a slot (+485..+487)
  * (test/support/cluster.ts), so they stay inside MG_TEST_PORT_BASE's range.
  */
 export function restPorts(slot: number): { postgres: number; postgrest: number; ours: number } {
-  const base = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + slot * 500 + 480;
+  const base = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + slot * 500 + 485;
   return { postgres: base, postgrest: base + 1, ours: base + 2 };
 }
 
