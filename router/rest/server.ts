@@ -58,9 +58,13 @@ export async function startRestServer(opts: RestServerOptions): Promise<FastifyI
             body: typeof req.body === 'string' ? req.body : undefined,
           }, cache, opts.config, db.run);
         } catch (err) {
-          opts.log.warn({ err: (err as Error).message, method: req.method, url: req.url }, 'rest request failed');
-          const code = (err as { code?: string }).code;
-          res = errorResponse(new RestError(503, code && code.length === 5 ? code : 'PGRST000', `Database unavailable: ${(err as Error).message}`));
+          if (err instanceof RestError) {
+            res = errorResponse(err);
+          } else {
+            opts.log.warn({ err: (err as Error).message, method: req.method, url: req.url }, 'rest request failed');
+            const code = (err as { code?: string }).code;
+            res = errorResponse(new RestError(503, code && code.length === 5 ? code : 'PGRST000', `Database unavailable: ${(err as Error).message}`));
+          }
         }
       }
       requests.inc({ method: req.method, route: path.startsWith('/rpc/') ? 'rpc' : 'table', status: String(res.status) });
