@@ -43,7 +43,7 @@ export interface Postgrest {
   stop(): Promise<void>;
 }
 
-export async function startPostgrest(opts: { port: number; dbUri: string; schemas?: string; anonRole?: string; secret?: string }): Promise<Postgrest> {
+export async function startPostgrest(opts: { port: number; dbUri: string; schemas?: string; anonRole?: string; secret?: string; pool?: number }): Promise<Postgrest> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'postgrest-'));
   const conf = path.join(dir, 'postgrest.conf');
   fs.writeFileSync(conf, [
@@ -53,7 +53,7 @@ export async function startPostgrest(opts: { port: number; dbUri: string; schema
     `jwt-secret = "${opts.secret ?? jwtSecret}"`,
     `server-host = "127.0.0.1"`,
     `server-port = ${opts.port}`,
-    `db-pool = 4`,
+    `db-pool = ${opts.pool ?? 4}`,
     `log-level = "crit"`,
   ].join('\n') + '\n');
   const child: ChildProcess = spawn(postgrestBin, [conf], { stdio: ['ignore', 'ignore', 'pipe'] });

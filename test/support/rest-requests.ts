@@ -84,7 +84,7 @@ export function readRequests(): TestRequest[] {
     // RPC
     get('/rpc/add?a=1&b=2'), get('/rpc/add?a=x&b=2'), get('/rpc/add?a=1'), get('/rpc/nothing_like_it?x=1'), get('/rpc/echo?note=hi'),
     get('/rpc/projects_of?cid=1'), get('/rpc/projects_of?cid=1&select=id,name&id=gt.1'), get('/rpc/projects_of?cid=1&order=id.desc&limit=1'),
-    get('/rpc/projects_of?cid=1&select=id,tasks(title)'), get('/rpc/projects_of?cid=3&select=name,clients(name)'), get('/rpc/whoami'), get('/rpc/noop'),
+    get('/rpc/projects_of?cid=1&select=id,tasks(title)'), get('/rpc/projects_of?cid=3&select=name,clients(name)'), get('/rpc/whoami'), get('/rpc/noop'), get('/rpc/touch_client?cid=1'),
     get('/rpc/whoami', { Authorization: userToken() }), get('/rpc/whoami', { Authorization: userToken('bob') }),
     // JWT and RLS
     get('/notes', { Authorization: userToken() }), get('/notes', { Authorization: userToken('bob') }), get('/notes'),
@@ -137,7 +137,7 @@ export function writeRequests(): TestRequest[] {
     w('PUT', '/clients?id=eq.1', { id: 2, name: 'x', city: null }),
     w('POST', '/rpc/add', { a: 1, b: 2 }), w('POST', '/rpc/add', { a: 1 }), w('POST', '/rpc/add', { a: 'x', b: 1 }),
     w('POST', '/rpc/echo', { note: 'hi' }), w('POST', '/rpc/fail', { msg: 'boom' }), w('POST', '/rpc/noop', {}),
-    w('POST', '/rpc/projects_of?select=id', { cid: 1 }), w('POST', '/rpc/whoami', {}),
+    w('POST', '/rpc/projects_of?select=id', { cid: 1 }), w('POST', '/rpc/whoami', {}), w('POST', '/rpc/touch_client', { cid: 1 }),
     { method: 'POST', path: '/clients', headers: { 'Content-Type': 'application/json' }, body: '{"id":9,"name":"anon"}' },
   );
   return out;
