@@ -24,29 +24,38 @@ export interface GatewayRestOptions {
   log: Logger;
 }
 
-export async function startGatewayRest(discovery: Discovery, opts: GatewayRestOptions): Promise<{ close(): Promise<void> }> {
-  const databases = new Map<string, RestDatabase>();
+/** What routing needs from the gateway's discovery. */
+export type RestDiscovery = Pick<Discovery, 'shards' | 'replicas' | 'waitForPrimary' | 'hasDatabase'>;
 
-  const endpoint = async (database: string, readOnly: boolean): Promise<RestEndpoint> => {
-    const shards = discovery.shards(database);
-    if (shards.length !== 1) {
-      throw new RestError(501, '0A000', `database "${database}" has ${shards.length} shards; the REST API serves unsharded databases only`);
-    }
-    const shard = shards[0].shard;
-    if (readOnly && opts.readsToReplicas) {
-      const replicas = discovery.replicas(database, shard);
-      if (replicas.length) return replicas[Math.floor(Math.random() * replicas.length)];
-    }
-    const ep = await discovery.waitForPrimary(database, shard, opts.bufferWindowMs);
-    if (!ep) throw new RestError(503, '57P03', `no serving primary for ${database}/${shard} after waiting ${opts.bufferWindowMs} ms`);
-    return ep;
-  };
+/**
+ * Where a request's transaction runs: a healthy replica for a read when
+ * configured (the primary when none is usable), else the primary, waiting out
+ * a failover up to the buffer window like wire-protocol queries.
+ */
+export async function restEndpoint(discovery: RestDiscovery, database: string, readOnly: boolean,
+  opts: Pick<GatewayRestOptions, 'readsToReplicas' | 'bufferWindowMs'>): Promise<RestEndpoint> {
+  const shards = discovery.shards(database);
+  if (shards.length !== 1) {
+    throw new RestError(501, '0A000', `database "${database}" has ${shards.length} shards; the REST API serves unsharded databases only`);
+  }
+  const shard = shards[0].shard;
+  if (readOnly && opts.readsToReplicas) {
+    const replicas = discovery.replicas(database, shard);
+    if (replicas.length) return replicas[Math.floor(Math.random() * replicas.length)];
+  }
+  const ep = await discovery.waitForPrimary(database, shard, opts.bufferWindowMs);
+  if (!ep) throw new RestError(503, '57P03', `no serving primary for ${database}/${shard} after waiting ${opts.bufferWindowMs} ms`);
+  return ep;
+}
+
+export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRestOptions): Promise<{ close(): Promise<void> }> {
+  const databases = new Map<string, RestDatabase>();
 
   const database = (name: string): RestDatabase | undefined => {
     if (!discovery.hasDatabase(name)) return undefined;
     let db = databases.get(name);
     if (!db) {
-      db = new RestDatabase({ name, user: opts.authUser, schemas: opts.schemas, endpoint: (readOnly) => endpoint(name, readOnly), log: opts.log });
+      db = new RestDatabase({ name, user: opts.authUser, schemas: opts.schemas, endpoint: (readOnly) => restEndpoint(discovery, name, readOnly, opts), log: opts.log });
       databases.set(name, db);
     }
     return db;

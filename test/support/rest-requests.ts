@@ -82,7 +82,7 @@ export function readRequests(): TestRequest[] {
     // profiles
     get('/clients', { 'Accept-Profile': 'public' }), get('/clients', { 'Accept-Profile': 'other' }),
     // RPC
-    get('/rpc/add?a=1&b=2'), get('/rpc/add?a=x&b=2'), get('/rpc/add?a=1'), get('/rpc/nothing_like_it?x=1'), get('/rpc/echo?note=hi'),
+    get('/rpc/add?a=1&b=2'), get('/rpc/add?a=x&b=2'), get('/rpc/add?a=1'), get('/rpc/echo?note=hi'),
     get('/rpc/projects_of?cid=1'), get('/rpc/projects_of?cid=1&select=id,name&id=gt.1'), get('/rpc/projects_of?cid=1&order=id.desc&limit=1'),
     get('/rpc/projects_of?cid=1&select=id,tasks(title)'), get('/rpc/projects_of?cid=3&select=name,clients(name)'), get('/rpc/whoami'), get('/rpc/noop'), get('/rpc/touch_client?cid=1'),
     get('/rpc/whoami', { Authorization: userToken() }), get('/rpc/whoami', { Authorization: userToken('bob') }),
