@@ -36,7 +36,7 @@ export class RestDatabase {
     if (!pool) {
       pool = new pg.Pool({
         host: ep.host, port: ep.port, user: this.opts.user, database: this.opts.name, max: this.opts.poolSize ?? 10,
-        idleTimeoutMillis: 30_000, application_name: 'mg-rest',
+        idleTimeoutMillis: 30_000, application_name: 'mg-rest', pipeline: true,
       });
       // A pooled connection that dies (failover, restart) is dropped; the next request opens another.
       pool.on('error', (err) => this.opts.log.warn({ err: err.message, endpoint: key }, 'rest pool connection failed'));
@@ -45,22 +45,37 @@ export class RestDatabase {
     return pool;
   }
 
+  /**
+   * BEGIN, the request's statements and (when the outcome does not depend on
+   * the result) COMMIT go out together on a pipelining connection: one round
+   * trip to Postgres instead of four.
+   */
   readonly run: RunTransaction = async (opts, fn) => {
     const client = await this.pool(await this.opts.endpoint(opts.readOnly)).connect();
     let broken = false;
+    const quietly = (p: Promise<unknown>) => p.catch((err) => {
+      if (!(err as { code?: string }).code) broken = true; // a socket error, not a Postgres one: never reuse it
+    });
     try {
-      await client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
+      const begin = client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
       const tx: Transaction = { query: async (sql, params) => (await client.query(sql, params)).rows };
+      const work = fn(tx);
+      // sent right behind the statements fn issued before its first await; an error there makes it a ROLLBACK
+      const early = opts.decideAfter ? undefined : client.query('COMMIT');
+      for (const p of [begin, work, early]) p?.catch(() => {}); // awaited below, possibly after another one failed
+      await begin;
       try {
-        const { result, rollback } = await fn(tx);
-        await client.query(rollback ? 'ROLLBACK' : 'COMMIT');
+        const { result, rollback } = await work;
+        if (early) await early;
+        else await client.query(rollback ? 'ROLLBACK' : 'COMMIT');
         return result;
       } catch (err) {
-        await client.query('ROLLBACK').catch(() => { broken = true; });
+        if (early) await quietly(early);
+        else await quietly(client.query('ROLLBACK'));
         throw err;
       }
     } catch (err) {
-      if (!(err as { code?: string }).code) broken = true; // a socket error, not a Postgres one: never reuse it
+      if (!(err as { code?: string }).code) broken = true;
       throw err;
     } finally {
       client.release(broken);

@@ -39,8 +39,13 @@ export interface Transaction {
   query(sql: string, params: unknown[]): Promise<Record<string, any>[]>;
 }
 
-/** Runs `fn` in one transaction on the database (commit when it returns, unless it asks for rollback; rollback when it throws). */
-export type RunTransaction = <T>(opts: { readOnly: boolean }, fn: (tx: Transaction) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
+/**
+ * Runs `fn` in one transaction on the database: commit when it returns, unless
+ * it asks for rollback; rollback when it throws. Without `decideAfter`, the
+ * COMMIT may be sent right behind the statements `fn` issues before its first
+ * await (pipelined: one round trip); an error in them turns it into a rollback.
+ */
+export type RunTransaction = <T>(opts: { readOnly: boolean; decideAfter: boolean }, fn: (tx: Transaction) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
 
 const JSON_TYPE = 'application/json; charset=utf-8';
 const OBJECT_TYPE = 'application/vnd.pgrst.object+json; charset=utf-8';
@@ -100,6 +105,8 @@ interface Plan {
   sql: string;
   params: unknown[];
   readOnly: boolean;
+  /** Whether commit or rollback depends on the result (a singular response must have one row). */
+  decideAfter: boolean;
   /** Turns the statement's one row into the response (or throws a RestError, which rolls back). */
   respond(row: { total: string | null; page_total: string; body: string; location?: string | null; inserted?: string }): RestResponse;
 }
@@ -114,11 +121,15 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
     const settings = `SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true), set_config('request.method', $3, true), set_config('request.path', $4, true), set_config('request.headers', $5, true)`;
     const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => k !== 'authorization'));
     const a = auth;
-    return await run({ readOnly: plan.readOnly }, async (tx) => {
-      await tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]);
-      const [row] = await tx.query(plan.sql, plan.params);
+    const rollback = prefer.tx === 'rollback';
+    return await run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
+      // both sent at once; a failed set_config (an unknown role) fails the statement behind it too, and is reported first
+      const [, [row]] = await Promise.all([
+        tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
+        tx.query(plan.sql, plan.params),
+      ]);
       const result = plan.respond(row as Parameters<Plan['respond']>[0]);
-      return { result, rollback: prefer.tx === 'rollback' };
+      return { result, rollback };
     });
   } catch (err) {
     if (err instanceof RestError) return errorResponse(err);
@@ -160,7 +171,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table): Plan {
   const r = b.read(scope, `${qualified(table)} AS ${ident(scope.alias)}`, { limit, offset, applyFilters: true, order: true });
   const sql = responseSql(r.source, count ? r.count : null, singular);
   return {
-    sql, params: b.params.values, readOnly: true,
+    sql, params: b.params.values, readOnly: true, decideAfter: false,
     respond(row) {
       const pageTotal = Number(row.page_total);
       const total = row.total === null ? null : Number(row.total);
@@ -232,7 +243,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
     + ` (SELECT ${singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`} FROM pgrst_source _postgrest_t) AS body${location}`;
   return {
-    sql, params: b.params.values, readOnly: false,
+    sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {
       const n = Number(row.page_total);
       const total = row.total === null ? null : Number(row.total);
@@ -366,7 +377,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body FROM (SELECT ${fn.returnsSet ? `to_json(pgrst_v)` : value} AS v FROM ${fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${from ? `, ${from.slice(6)}` : ''}`}) _postgrest_t`;
   }
   return {
-    sql, params: b.params.values, readOnly,
+    sql, params: b.params.values, readOnly, decideAfter: singular && !readOnly,
     respond(row): RestResponse {
       const pageTotal = Number(row.page_total);
       if (singular) singularCheck(true, pageTotal);
