@@ -3,6 +3,7 @@
  * (through the poolers in the gateway, or straight to Postgres in tests), the
  * schema cache, and its reload on `NOTIFY pgrst, 'reload schema'`.
  */
+import { createHash } from 'node:crypto';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
 import type { RunTransaction, Transaction } from './handler.ts';
@@ -21,12 +22,36 @@ export interface RestDatabaseOptions {
 }
 
 const RELOAD_RETRY_MS = 1_000;
+/**
+ * Statements prepared per connection, at most: request shapes repeat (the
+ * values are parameters), so the hot ones are parsed and planned once; a
+ * client inventing endless shapes cannot grow a server connection past this.
+ */
+const MAX_PREPARED_PER_CONNECTION = 200;
+const prepared = new WeakMap<pg.PoolClient, Set<string>>();
+
+/**
+ * The statement as node-postgres should send it: named (prepared once per
+ * connection) while there is room. The name carries the schema cache's
+ * generation, so a statement prepared before a reload (whose parameter types
+ * may no longer fit the columns) is never reused after it.
+ */
+function statement(client: pg.PoolClient, generation: number, text: string, values: unknown[]): pg.QueryConfig {
+  let names = prepared.get(client);
+  if (!names) prepared.set(client, (names = new Set()));
+  const name = `mg_rest_${generation}_${createHash('sha1').update(text).digest('base64url')}`;
+  if (!names.has(name) && names.size >= MAX_PREPARED_PER_CONNECTION) return { text, values };
+  names.add(name);
+  return { name, text, values };
+}
 
 export class RestDatabase {
   private readonly pools = new Map<string, pg.Pool>();
   private cache: Promise<SchemaCache> | undefined;
   private listener: pg.Client | undefined;
   private closed = false;
+  /** Bumped on each schema reload (names of prepared statements carry it). */
+  private generation = 0;
 
   constructor(private readonly opts: RestDatabaseOptions) {}
 
@@ -58,7 +83,7 @@ export class RestDatabase {
     });
     try {
       const begin = client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
-      const tx: Transaction = { query: async (sql, params) => (await client.query(sql, params)).rows };
+      const tx: Transaction = { query: async (sql, params) => (await client.query(statement(client, this.generation, sql, params))).rows };
       const work = fn(tx);
       // sent right behind the statements fn issued before its first await; an error there makes it a ROLLBACK
       const early = opts.decideAfter ? undefined : client.query('COMMIT');
@@ -105,6 +130,7 @@ export class RestDatabase {
     const next = this.load();
     await next;
     this.cache = next;
+    this.generation++;
   }
 
   private async listen(): Promise<void> {

@@ -102,7 +102,8 @@ test('writes and RPC: the same answers and the same rows afterwards', async () =
   assert.equal(diffs.length, 0, `${diffs.length} of ${requests.length} differ:\n${diffs.join('\n')}`);
 });
 
-test('schema cache reloads on NOTIFY pgrst', async () => {
+test('schema cache reloads on NOTIFY pgrst, and prepared statements follow it', async () => {
+  await fetch(`${oursUrl}/clients`); // the cache is loaded (when this test runs alone)
   await admin.query('create table late_table (id int primary key, v text)');
   await admin.query(`insert into late_table values (1, 'a'); grant select on late_table to web_anon`);
   assert.equal((await fetch(`${oursUrl}/late_table`)).status, 404); // not in the cache yet
@@ -114,6 +115,15 @@ test('schema cache reloads on NOTIFY pgrst', async () => {
   } while (res.status !== 200 && Date.now() < deadline && (await new Promise((r) => setTimeout(r, 50)), true));
   assert.equal(res.status, 200);
   assert.deepEqual(await res.json(), [{ id: 1, v: 'a' }]);
+  // a column changing type: statements prepared for the old schema are not reused after the reload
+  assert.deepEqual(await (await fetch(`${oursUrl}/late_table?id=eq.1`)).json(), [{ id: 1, v: 'a' }]);
+  await admin.query(`alter table late_table alter column id type text; notify pgrst, 'reload schema'`);
+  const after = Date.now() + 5_000;
+  let body: unknown;
+  do {
+    body = await (await fetch(`${oursUrl}/late_table?id=eq.1`)).json();
+  } while (JSON.stringify(body) !== '[{"id":"1","v":"a"}]' && Date.now() < after && (await new Promise((r) => setTimeout(r, 50)), true));
+  assert.deepEqual(body, [{ id: '1', v: 'a' }]);
 });
 
 test('hostile filters, identifiers, JSON and headers: a clear 4xx, no crash, no SQL of theirs runs', async () => {
