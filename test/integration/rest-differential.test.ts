@@ -14,7 +14,7 @@ import { createLogger } from '../../common/log.ts';
 import type { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { RestDatabase } from '../../router/rest/database.ts';
 import { startRestServer } from '../../router/rest/server.ts';
-import { jwtSecret, restPorts, restSchemaSql, startPostgres, startPostgrest, type Postgrest } from '../support/postgrest.ts';
+import { jwtSecret, removePostgres, restPorts, restSchemaSql, startPostgres, startPostgrest, type Postgrest } from '../support/postgrest.ts';
 import { readRequests, userToken, writeRequests, type TestRequest } from '../support/rest-requests.ts';
 
 const ports = restPorts(0);
@@ -42,7 +42,7 @@ after(async () => {
   await db?.close();
   await reference?.stop();
   await admin?.end();
-  await postgres?.stop('immediate');
+  if (postgres) await removePostgres(postgres);
 });
 
 interface Answer { status: number; headers: Record<string, string | null>; body: string }

@@ -27,6 +27,12 @@ export function restPorts(slot: number): { postgres: number; postgrest: number; 
   return { postgres: base, postgrest: base + 1, ours: base + 2 };
 }
 
+/** Stops a Postgres from startPostgres and deletes its directory. */
+export async function removePostgres(pg: PostgresInstance): Promise<void> {
+  await pg.stop('immediate');
+  fs.rmSync(path.dirname(pg.dataDir), { recursive: true, force: true });
+}
+
 export async function startPostgres(port: number): Promise<PostgresInstance> {
   const dir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? os.tmpdir(), 'rest-pg-'));
   fs.chmodSync(dir, 0o755); // the postgres OS user must enter it
