@@ -11,7 +11,7 @@ import pg from 'pg';
 import { createLogger } from '../common/log.ts';
 import { RestDatabase } from '../router/rest/database.ts';
 import { startRestServer } from '../router/rest/server.ts';
-import { restSchemaSql, startPostgres, startPostgrest } from '../test/support/postgrest.ts';
+import { removePostgres, restSchemaSql, startPostgres, startPostgrest } from '../test/support/postgrest.ts';
 
 const PG_PORT = 4400;
 const POSTGREST_PORT = 4401;
@@ -58,5 +58,5 @@ try {
   await db.close();
   await reference.stop();
   await admin.end();
-  await postgres.stop('immediate');
+  await removePostgres(postgres);
 }
