@@ -45,7 +45,8 @@ export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Pr
     topicPrefix: spec.kafka.topicPrefix, tlsDir: path.join(spec.dataDir, 'tls'), bufferWindowMs: spec.gateway.bufferWindowMs,
     maxClients: spec.gateway.maxClients, readOnlyToReplicas: spec.gateway.readOnlyToReplicas, releaseIdleLinksAfterMs: spec.gateway.releaseIdleLinksAfterMs,
     deactivateIdleAfterMs: spec.gateway.deactivateIdleAfterMs,
-    workers: spec.gateway.workers,
+    workers: spec.gateway.workers, httpPort: spec.gateway.httpPort,
+    rest: { schemas: spec.gateway.restSchemas, anonRole: spec.gateway.restAnonRole, jwtSecret: spec.gateway.restJwtSecret },
   }, spec.gateway.port, paths, spec));
 }
 

@@ -60,6 +60,14 @@ export const clusterSpecSchema = z.object({
     deactivateIdleAfterMs: z.number().int().min(0).max(2_592_000_000).default(0),
     /** Gateway processes sharing the port: more cores, and a file-descriptor limit each. */
     workers: z.number().int().min(1).max(64).default(1),
+    /** The REST (PostgREST) API: `http://host:httpPort/<database>/<table>`; off when unset. */
+    httpPort: port.optional(),
+    /** Schemas the REST API exposes (the first is the default profile). */
+    restSchemas: z.array(z.string().min(1)).min(1).default(['public']),
+    /** The role of REST requests without a JWT; none refuses them (401). */
+    restAnonRole: z.string().min(1).optional(),
+    /** HS256 secret REST JWTs are signed with (at least 32 characters, as PostgREST requires). */
+    restJwtSecret: z.string().min(32).optional(),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),
@@ -172,6 +180,7 @@ function checkPortClashes(spec: ClusterSpec): void {
   if (!spec.registry.url) take(spec.registry.port, 'registry.port');
   take(spec.gateway.port, 'gateway.port');
   take(spec.gateway.metricsPort, 'gateway.metricsPort');
+  if (spec.gateway.httpPort !== undefined) take(spec.gateway.httpPort, 'gateway.httpPort');
   spec.cells.forEach((cell, i) => take(spec.orchestrator.basePort + i, `orchestrator port of ${cell}`));
   for (const inst of instancesOf(spec)) {
     take(inst.port, `postgres port of ${inst.instanceId}`);

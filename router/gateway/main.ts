@@ -10,6 +10,7 @@ import { EventLog } from '../../common/eventlog.ts';
 import { onShutdown } from '../../common/lifecycle.ts';
 import { createLogger } from '../../common/log.ts';
 import { serveMetrics } from '../../common/metrics.ts';
+import { startGatewayRest } from '../rest/gateway.ts';
 import { Gateway } from './gateway.ts';
 import { loadOrCreateTls } from './tls.ts';
 import { reportMetricsToPrimary, runWorkers } from './workers.ts';
@@ -31,6 +32,13 @@ const configSchema = z.object({
   deactivateIdleAfterMs: z.number().int().min(0).default(0),
   /** Gateway processes sharing the port (each with its own file-descriptor limit); 1 runs in this process. */
   workers: z.number().int().min(1).max(64).default(1),
+  /** The REST (PostgREST) API's HTTP port, if any (router/rest). */
+  httpPort: z.number().int().min(0).max(65535).optional(),
+  rest: z.object({
+    schemas: z.array(z.string().min(1)).min(1).default(['public']),
+    anonRole: z.string().min(1).optional(),
+    jwtSecret: z.string().min(32).optional(),
+  }).strict().default({}),
 }).strict();
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
@@ -62,10 +70,17 @@ async function runGateway(): Promise<void> {
   }, log);
   const metricsServer = cluster.isWorker ? undefined : await serveMetrics(cfg.metricsPort);
   if (cluster.isWorker) reportMetricsToPrimary();
+  let rest: Awaited<ReturnType<typeof startGatewayRest>> | undefined;
   onShutdown(log, async () => {
+    await rest?.close();
     await gateway.drain();
     await metricsServer?.close();
     await eventLog.close();
   });
   await gateway.start();
+  if (cfg.httpPort !== undefined) {
+    rest = await startGatewayRest(gateway.discovery, {
+      port: cfg.httpPort, ...cfg.rest, authUser: cfg.authUser, bufferWindowMs: cfg.bufferWindowMs, readsToReplicas: cfg.readOnlyToReplicas, log,
+    });
+  }
 }

@@ -1,0 +1,174 @@
+/**
+ * One database behind the REST API: pg pools to wherever routing says
+ * (through the poolers in the gateway, or straight to Postgres in tests), the
+ * schema cache, and its reload on `NOTIFY pgrst, 'reload schema'`.
+ */
+import { createHash } from 'node:crypto';
+import pg from 'pg';
+import type { Logger } from '../../common/log.ts';
+import type { RunTransaction, Transaction } from './handler.ts';
+import { loadSchemaCache, type SchemaCache } from './schema-cache.ts';
+
+export interface RestEndpoint { host: string; port: number }
+
+export interface RestDatabaseOptions {
+  name: string;
+  user: string;
+  schemas: string[];
+  /** Where a transaction runs now: the primary, or (readOnly) a replica when routing allows; waits out a failover. */
+  endpoint(readOnly: boolean): Promise<RestEndpoint>;
+  log: Logger;
+  poolSize?: number;
+}
+
+const RELOAD_RETRY_MS = 1_000;
+/**
+ * Statements prepared per connection, at most: request shapes repeat (the
+ * values are parameters), so the hot ones are parsed and planned once; a
+ * client inventing endless shapes cannot grow a server connection past this.
+ */
+const MAX_PREPARED_PER_CONNECTION = 200;
+const prepared = new WeakMap<pg.PoolClient, Set<string>>();
+
+/**
+ * The statement as node-postgres should send it: named (prepared once per
+ * connection) while there is room. The name carries the schema cache's
+ * generation, so a statement prepared before a reload (whose parameter types
+ * may no longer fit the columns) is never reused after it.
+ */
+function statement(client: pg.PoolClient, generation: number, text: string, values: unknown[]): pg.QueryConfig {
+  let names = prepared.get(client);
+  if (!names) prepared.set(client, (names = new Set()));
+  const name = `mg_rest_${generation}_${createHash('sha1').update(text).digest('base64url')}`;
+  if (!names.has(name) && names.size >= MAX_PREPARED_PER_CONNECTION) return { text, values };
+  names.add(name);
+  return { name, text, values };
+}
+
+export class RestDatabase {
+  private readonly pools = new Map<string, pg.Pool>();
+  private cache: Promise<SchemaCache> | undefined;
+  private listener: pg.Client | undefined;
+  private closed = false;
+  /** Bumped on each schema reload (names of prepared statements carry it). */
+  private generation = 0;
+
+  constructor(private readonly opts: RestDatabaseOptions) {}
+
+  private pool(ep: RestEndpoint): pg.Pool {
+    const key = `${ep.host}:${ep.port}`;
+    let pool = this.pools.get(key);
+    if (!pool) {
+      pool = new pg.Pool({
+        host: ep.host, port: ep.port, user: this.opts.user, database: this.opts.name, max: this.opts.poolSize ?? 10,
+        idleTimeoutMillis: 30_000, application_name: 'mg-rest', pipeline: true,
+      });
+      // A pooled connection that dies (failover, restart) is dropped; the next request opens another.
+      pool.on('error', (err) => this.opts.log.warn({ err: err.message, endpoint: key }, 'rest pool connection failed'));
+      this.pools.set(key, pool);
+    }
+    return pool;
+  }
+
+  /**
+   * BEGIN, the request's statements and (when the outcome does not depend on
+   * the result) COMMIT go out together on a pipelining connection: one round
+   * trip to Postgres instead of four.
+   */
+  readonly run: RunTransaction = async (opts, fn) => {
+    const client = await this.pool(await this.opts.endpoint(opts.readOnly)).connect();
+    let broken = false;
+    const quietly = (p: Promise<unknown>) => p.catch((err) => {
+      if (!(err as { code?: string }).code) broken = true; // a socket error, not a Postgres one: never reuse it
+    });
+    try {
+      const begin = client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
+      const tx: Transaction = { query: async (sql, params) => (await client.query(statement(client, this.generation, sql, params))).rows };
+      const work = fn(tx);
+      // sent right behind the statements fn issued before its first await; an error there makes it a ROLLBACK
+      const early = opts.decideAfter ? undefined : client.query('COMMIT');
+      for (const p of [begin, work, early]) p?.catch(() => {}); // awaited below, possibly after another one failed
+      await begin;
+      try {
+        const { result, rollback } = await work;
+        if (early) await early;
+        else await client.query(rollback ? 'ROLLBACK' : 'COMMIT');
+        return result;
+      } catch (err) {
+        if (early) await quietly(early);
+        else await quietly(client.query('ROLLBACK'));
+        throw err;
+      }
+    } catch (err) {
+      if (!(err as { code?: string }).code) broken = true;
+      throw err;
+    } finally {
+      client.release(broken);
+    }
+  };
+
+  /** The schema cache, loaded once and kept current by NOTIFY pgrst. */
+  schemaCache(): Promise<SchemaCache> {
+    if (!this.cache) {
+      this.cache = this.load();
+      this.cache.catch(() => { this.cache = undefined; }); // the next request tries again
+      void this.listen();
+    }
+    return this.cache;
+  }
+
+  private async load(): Promise<SchemaCache> {
+    const started = performance.now();
+    const pool = this.pool(await this.opts.endpoint(false));
+    const cache = await loadSchemaCache(async (sql, params) => (await pool.query(sql, params)).rows, this.opts.schemas);
+    this.opts.log.info({ database: this.opts.name, tables: cache.tables.size, functions: cache.functions.length, ms: Math.round(performance.now() - started) }, 'rest schema cache loaded');
+    return cache;
+  }
+
+  /** Reloads once the new cache is in; requests keep using the old one meanwhile. */
+  async reload(): Promise<void> {
+    const next = this.load();
+    await next;
+    this.cache = next;
+    this.generation++;
+  }
+
+  private async listen(): Promise<void> {
+    if (this.closed || this.listener) return;
+    try {
+      const ep = await this.opts.endpoint(false);
+      const client = new pg.Client({ host: ep.host, port: ep.port, user: this.opts.user, database: this.opts.name, application_name: 'mg-rest-listen' });
+      this.listener = client;
+      client.on('notification', (n) => {
+        if (n.channel === 'pgrst' && (!n.payload || n.payload === 'reload schema')) {
+          this.reload().catch((err) => this.opts.log.warn({ err: err.message }, 'rest schema cache reload failed'));
+        }
+      });
+      client.on('error', () => this.relisten());
+      client.on('end', () => this.relisten());
+      await client.connect();
+      await client.query('LISTEN pgrst');
+    } catch (err) {
+      this.opts.log.warn({ err: (err as Error).message }, 'rest schema listener failed; retrying');
+      this.relisten();
+    }
+  }
+
+  /** A lost listener (failover) may have missed a NOTIFY: listen again and reload. */
+  private relisten(): void {
+    const old = this.listener;
+    this.listener = undefined;
+    old?.end().catch(() => {});
+    if (this.closed) return;
+    setTimeout(() => {
+      if (this.closed || this.listener) return;
+      void this.listen().then(() => this.cache && this.reload()).catch(() => {});
+    }, RELOAD_RETRY_MS).unref();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.listener?.end().catch(() => {});
+    await Promise.all([...this.pools.values()].map((p) => p.end().catch(() => {})));
+  }
+}

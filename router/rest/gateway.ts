@@ -1,0 +1,73 @@
+/**
+ * The REST API on the gateway: `/<database>/<table>`, each request one
+ * transaction through the same poolers wire-protocol traffic uses (the
+ * primary, waiting out a failover up to the buffer window; reads on a replica
+ * when configured), learned from the gateway's discovery of Kafka.
+ */
+import type { FastifyInstance } from 'fastify';
+import type { Logger } from '../../common/log.ts';
+import type { Discovery } from '../gateway/discovery.ts';
+import { RestDatabase, type RestEndpoint } from './database.ts';
+import { RestError } from './errors.ts';
+import { startRestServer } from './server.ts';
+
+export interface GatewayRestOptions {
+  port: number;
+  schemas: string[];
+  anonRole?: string;
+  jwtSecret?: string;
+  /** The role the gateway connects to poolers as; requests switch to their own role inside the transaction. */
+  authUser: string;
+  bufferWindowMs: number;
+  /** GET, HEAD and GET /rpc run on a healthy replica within the lag threshold (the primary when there is none). */
+  readsToReplicas: boolean;
+  log: Logger;
+}
+
+/** What routing needs from the gateway's discovery. */
+export type RestDiscovery = Pick<Discovery, 'shards' | 'replicas' | 'waitForPrimary' | 'hasDatabase'>;
+
+/**
+ * Where a request's transaction runs: a healthy replica for a read when
+ * configured (the primary when none is usable), else the primary, waiting out
+ * a failover up to the buffer window like wire-protocol queries.
+ */
+export async function restEndpoint(discovery: RestDiscovery, database: string, readOnly: boolean,
+  opts: Pick<GatewayRestOptions, 'readsToReplicas' | 'bufferWindowMs'>): Promise<RestEndpoint> {
+  const shards = discovery.shards(database);
+  if (shards.length !== 1) {
+    throw new RestError(501, '0A000', `database "${database}" has ${shards.length} shards; the REST API serves unsharded databases only`);
+  }
+  const shard = shards[0].shard;
+  if (readOnly && opts.readsToReplicas) {
+    const replicas = discovery.replicas(database, shard);
+    if (replicas.length) return replicas[Math.floor(Math.random() * replicas.length)];
+  }
+  const ep = await discovery.waitForPrimary(database, shard, opts.bufferWindowMs);
+  if (!ep) throw new RestError(503, '57P03', `no serving primary for ${database}/${shard} after waiting ${opts.bufferWindowMs} ms`);
+  return ep;
+}
+
+export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRestOptions): Promise<{ close(): Promise<void> }> {
+  const databases = new Map<string, RestDatabase>();
+
+  const database = (name: string): RestDatabase | undefined => {
+    if (!discovery.hasDatabase(name)) return undefined;
+    let db = databases.get(name);
+    if (!db) {
+      db = new RestDatabase({ name, user: opts.authUser, schemas: opts.schemas, endpoint: (readOnly) => restEndpoint(discovery, name, readOnly, opts), log: opts.log });
+      databases.set(name, db);
+    }
+    return db;
+  };
+
+  const app: FastifyInstance = await startRestServer({
+    port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret }, database, log: opts.log,
+  });
+  return {
+    async close() {
+      await app.close();
+      await Promise.all([...databases.values()].map((d) => d.close()));
+    },
+  };
+}

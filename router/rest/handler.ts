@@ -1,0 +1,402 @@
+/**
+ * One PostgREST request: authenticate, pick the schema, build the statement,
+ * run it in one transaction (role and request settings first), and shape the
+ * response as PostgREST 12 does (status, Content-Range, Location, body).
+ */
+import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './errors.ts';
+import { authenticate, type Auth } from './jwt.ts';
+import { FILTER_OPS, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
+import type { SchemaCache, Table } from './schema-cache.ts';
+import { findFunction, findTable, ident, qualified, QueryBuilder, responseSql } from './sql.ts';
+
+export interface RestConfig {
+  /** Exposed schemas; the first is the default profile. */
+  schemas: string[];
+  anonRole?: string;
+  jwtSecret?: string;
+}
+
+export interface RestRequest {
+  method: string;
+  /** The path after the database prefix: `/clients`, `/rpc/add`. */
+  path: string;
+  /** The path the client used (for Content-Location). */
+  fullPath: string;
+  query: [string, string][];
+  headers: Record<string, string | undefined>;
+  /** The raw body (JSON is parsed here, so its errors are PostgREST's). */
+  body: string | undefined;
+}
+
+export interface RestResponse {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+}
+
+/** A transaction the request runs in: statements in order, then commit or rollback. */
+export interface Transaction {
+  query(sql: string, params: unknown[]): Promise<Record<string, any>[]>;
+}
+
+/**
+ * Runs `fn` in one transaction on the database: commit when it returns, unless
+ * it asks for rollback; rollback when it throws. Without `decideAfter`, the
+ * COMMIT may be sent right behind the statements `fn` issues before its first
+ * await (pipelined: one round trip); an error in them turns it into a rollback.
+ */
+export type RunTransaction = <T>(opts: { readOnly: boolean; decideAfter: boolean }, fn: (tx: Transaction) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
+
+const JSON_TYPE = 'application/json; charset=utf-8';
+const OBJECT_TYPE = 'application/vnd.pgrst.object+json; charset=utf-8';
+
+export function errorResponse(err: RestError, extra: Record<string, string> = {}): RestResponse {
+  return { status: err.status, headers: { 'Content-Type': JSON_TYPE, ...extra, ...err.headers }, body: err.body() };
+}
+
+/** Query string, sorted and encoded the way PostgREST's Content-Location has it. */
+function contentLocation(fullPath: string, query: [string, string][]): string {
+  const enc = (s: string) => encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+  // a repeated key appears once, its values joined by commas
+  const byKey = new Map<string, string[]>();
+  for (const [k, v] of query) byKey.set(k, [...(byKey.get(k) ?? []), v]);
+  const sorted = [...byKey.entries()].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  return sorted.length ? `${fullPath}?${sorted.map(([k, v]) => `${enc(k)}=${v.map(enc).join(',')}`).join('&')}` : fullPath;
+}
+
+function contentRange(offset: number, pageTotal: number, total: number | null): string {
+  const t = total === null ? '*' : String(total);
+  return pageTotal > 0 ? `${offset}-${offset + pageTotal - 1}/${t}` : `*/${t}`;
+}
+
+function profile(req: RestRequest, config: RestConfig): string {
+  const write = !['GET', 'HEAD'].includes(req.method);
+  const asked = write ? req.headers['content-profile'] : req.headers['accept-profile'];
+  if (asked === undefined) return config.schemas[0];
+  if (!config.schemas.includes(asked)) {
+    throw new RestError(406, 'PGRST106', `The schema must be one of the following: ${config.schemas.join(', ')}`);
+  }
+  return asked;
+}
+
+function wantsObject(req: RestRequest): boolean {
+  return (req.headers.accept ?? '').split(',').some((a) => a.trim().startsWith('application/vnd.pgrst.object'));
+}
+
+function parseBody(req: RestRequest): unknown {
+  const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
+  if (type !== 'application/json') {
+    throw new RestError(415, 'PGRST107', `None of these media types are available: ${type}`);
+  }
+  try {
+    return JSON.parse(req.body ?? '');
+  } catch {
+    throw new RestError(400, 'PGRST102', 'Empty or invalid json');
+  }
+}
+
+/** Applied preferences, in PostgREST's order. */
+function preferenceApplied(p: Prefer, keys: (keyof Prefer)[]): Record<string, string> {
+  const applied = keys.filter((k) => p[k] !== undefined).map((k) => `${k}=${p[k]}`);
+  return applied.length ? { 'Preference-Applied': applied.join(', ') } : {};
+}
+
+interface Plan {
+  sql: string;
+  params: unknown[];
+  readOnly: boolean;
+  /** Whether commit or rollback depends on the result (a singular response must have one row). */
+  decideAfter: boolean;
+  /** Turns the statement's one row into the response (or throws a RestError, which rolls back). */
+  respond(row: { total: string | null; page_total: string; body: string; location?: string | null; inserted?: string }): RestResponse;
+}
+
+export async function handleRest(req: RestRequest, cache: SchemaCache, config: RestConfig, run: RunTransaction): Promise<RestResponse> {
+  let auth: Auth | undefined;
+  try {
+    auth = authenticate(req.headers.authorization, { secret: config.jwtSecret, anonRole: config.anonRole });
+    const schema = profile(req, config);
+    const plan = planRequest(req, cache, schema);
+    const prefer = parsePrefer(req.headers.prefer);
+    const settings = `SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true), set_config('request.method', $3, true), set_config('request.path', $4, true), set_config('request.headers', $5, true)`;
+    const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => k !== 'authorization'));
+    const a = auth;
+    const rollback = prefer.tx === 'rollback';
+    return await run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
+      // both sent at once; a failed set_config (an unknown role) fails the statement behind it too, and is reported first
+      const [, [row]] = await Promise.all([
+        tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
+        tx.query(plan.sql, plan.params),
+      ]);
+      const result = plan.respond(row as Parameters<Plan['respond']>[0]);
+      return { result, rollback };
+    });
+  } catch (err) {
+    if (err instanceof RestError) return errorResponse(err);
+    if (isDatabaseError(err)) return errorResponse(fromDatabaseError(err, auth?.authenticated ?? false));
+    throw err;
+  }
+}
+
+function planRequest(req: RestRequest, cache: SchemaCache, schema: string): Plan {
+  // Postgres text cannot hold NUL; refuse it here rather than fail the protocol
+  if (req.query.some(([k, v]) => k.includes('\u0000') || v.includes('\u0000')) || req.path.includes('\u0000')) {
+    throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
+  }
+  const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
+  if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1]);
+  if (segments.length !== 1) throw new RestError(404, 'PGRST125', `Invalid path specified in request URL`);
+  const table = findTable(cache, schema, segments[0]);
+  switch (req.method) {
+    case 'GET': case 'HEAD': return planRead(req, cache, table);
+    case 'POST': return planInsert(req, cache, table);
+    case 'PATCH': return planUpdate(req, cache, table);
+    case 'DELETE': return planDelete(req, cache, table);
+    case 'PUT': return planPut(req, cache, table);
+    default: throw new RestError(405, 'PGRST117', `Unsupported HTTP method: ${req.method}`);
+  }
+}
+
+function planRead(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+  const q = parseQuery(req.query);
+  const prefer = parsePrefer(req.headers.prefer);
+  const top = q.nodes.get('')!;
+  const range = parseRange(req.headers.range);
+  const offset = top.offset ?? range?.offset ?? 0;
+  const limit = minDefined(top.limit, range?.limit);
+  const singular = wantsObject(req);
+  const b = new QueryBuilder(cache, q);
+  const scope = { table, alias: b.nextAlias('t'), path: '' };
+  const count = prefer.count !== undefined;
+  const r = b.read(scope, `${qualified(table)} AS ${ident(scope.alias)}`, { limit, offset, applyFilters: true, order: true });
+  const sql = responseSql(r.source, count ? r.count : null, singular);
+  return {
+    sql, params: b.params.values, readOnly: true, decideAfter: false,
+    respond(row) {
+      const pageTotal = Number(row.page_total);
+      const total = row.total === null ? null : Number(row.total);
+      const applied = preferenceApplied(prefer, ['count']);
+      if (total !== null && offset > 0 && offset >= total && pageTotal === 0) {
+        throw new RestError(416, 'PGRST103', 'Requested range not satisfiable', `An offset of ${offset} was requested, but there are only ${total} rows.`, null,
+          { 'Content-Range': `*/${total}`, 'Content-Location': contentLocation(req.fullPath, req.query), ...applied });
+      }
+      singularCheck(singular, pageTotal);
+      const partial = total !== null && (offset > 0 || offset + pageTotal < total);
+      return {
+        status: partial ? 206 : 200,
+        headers: {
+          'Content-Range': contentRange(offset, pageTotal, total), 'Content-Location': contentLocation(req.fullPath, req.query),
+          'Content-Type': singular ? OBJECT_TYPE : JSON_TYPE, ...applied,
+        },
+        body: req.method === 'HEAD' ? '' : row.body,
+      };
+    },
+  };
+}
+
+const minDefined = (a: number | undefined, b: number | undefined) => (a === undefined ? b : b === undefined ? a : Math.min(a, b));
+
+function singularCheck(singular: boolean, rows: number): void {
+  if (singular && rows !== 1) {
+    throw new RestError(406, 'PGRST116', 'JSON object requested, multiple (or no) rows returned', `The result contains ${rows} rows`, null,
+      { 'Content-Type': OBJECT_TYPE });
+  }
+}
+
+/** Columns a JSON payload writes: its keys (all objects of an array must have the same), or `columns=`. */
+function payloadColumns(table: Table, payload: unknown, q: ParsedQuery): string[] {
+  const objects = Array.isArray(payload) ? payload : [payload];
+  if (!objects.every((o) => typeof o === 'object' && o !== null && !Array.isArray(o))) {
+    throw new RestError(400, 'PGRST102', 'Empty or invalid json');
+  }
+  let cols: string[];
+  if (q.columns) cols = q.columns;
+  else {
+    cols = objects.length ? Object.keys(objects[0] as object) : [];
+    const key = [...cols].sort().join('\u0000');
+    if (objects.some((o) => Object.keys(o as object).sort().join('\u0000') !== key)) throw new RestError(400, 'PGRST102', 'All object keys must match');
+  }
+  for (const c of cols) {
+    if (!table.columns.has(c)) throw new RestError(400, 'PGRST204', `Column '${c}' of relation '${table.name}' does not exist`);
+  }
+  return cols;
+}
+
+/** The rows written, read back through the request's select (return=representation) into the response row. */
+function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'put' | 'update' | 'delete'): Plan {
+  const prefer = parsePrefer(req.headers.prefer);
+  const singular = wantsObject(req);
+  const b = new QueryBuilder(cache, q);
+  const alias = b.nextAlias('t');
+  const mutation = write(b, alias);
+  const returning = prefer.return === 'representation';
+  const readScope = { table, alias: b.nextAlias('t'), path: '' };
+  // An upsert tells inserted rows from updated ones (201 or 200) by xmax = 0.
+  const upsert = (kind === 'put' || prefer.resolution === 'merge-duplicates') && table.kind === 'table';
+  const tableColumns = table.columnOrder.map(ident).join(', ');
+  const read = b.read(readScope, `(SELECT ${tableColumns} FROM pgrst_written) AS ${ident(readScope.alias)}`, { applyFilters: false, order: kind !== 'insert' && returning });
+  const pk = table.primaryKey;
+  const location = kind === 'insert' && prefer.return === 'headers-only' && pk.length
+    ? `, (SELECT json_build_array(${pk.map((c) => `${ident(c)}::text`).join(', ')})::text FROM pgrst_written LIMIT 1) AS location` : '';
+  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
+    + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
+    + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
+    + ` (SELECT ${singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`} FROM pgrst_source _postgrest_t) AS body${location}`;
+  return {
+    sql, params: b.params.values, readOnly: false, decideAfter: singular,
+    respond(row) {
+      const n = Number(row.page_total);
+      const total = row.total === null ? null : Number(row.total);
+      singularCheck(singular, n);
+      const insertStatus = upsert && Number(row.inserted) === 0 ? 200 : 201;
+      const headers: Record<string, string> = {
+        ...(kind === 'put' ? {} : { 'Content-Range': kind === 'update' ? contentRange(0, n, total) : `*/${total ?? '*'}` }),
+        ...preferenceApplied(prefer, ['resolution', 'return', 'count', 'tx']),
+      };
+      if (row.location && n === 1) {
+        const values = JSON.parse(row.location) as string[];
+        headers.Location = `${req.fullPath}?${pk.map((c, i) => `${encodeURIComponent(c)}=eq.${encodeURIComponent(values[i])}`).join('&')}`;
+      }
+      if (returning) {
+        headers['Content-Type'] = singular ? OBJECT_TYPE : JSON_TYPE;
+        return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: row.body };
+      }
+      return { status: kind === 'insert' ? insertStatus : 204, headers, body: '' };
+    },
+  };
+}
+
+/** PUT: an upsert of the one row its primary-key filters name. */
+function planPut(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+  const q = parseQuery(req.query);
+  const where = q.nodes.get('')!.where;
+  const pk = table.primaryKey;
+  const eqs = where.filter((c) => c.kind === 'filter' && c.op === 'eq' && !c.negate && !c.field.json.length);
+  if (!pk.length || eqs.length !== where.length || eqs.length !== pk.length
+    || !pk.every((k) => eqs.some((c) => c.kind === 'filter' && c.field.column === k))) {
+    throw new RestError(405, 'PGRST105', 'Filters must include all and only primary key columns with \'eq\' operators');
+  }
+  const payload = parseBody(req);
+  if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Expected a single JSON object in the PUT request body');
+  const cols = payloadColumns(table, payload, q);
+  const filterValue = (k: string) => eqs.find((c) => c.kind === 'filter' && c.field.column === k)!;
+  for (const k of pk) {
+    const v = (payload as Record<string, unknown>)[k];
+    const f = filterValue(k);
+    if (v === undefined || (f.kind === 'filter' && String(v) !== f.value)) {
+      throw new RestError(400, 'PGRST115', 'Payload values do not match URL in primary key column(s)');
+    }
+  }
+  q.nodes.get('')!.where = [];
+  return planInsert(req, cache, table, { q, payload, cols, resolution: 'merge-duplicates' });
+}
+
+function planInsert(req: RestRequest, cache: SchemaCache, table: Table, put?: { q: ParsedQuery; payload: unknown; cols: string[]; resolution: 'merge-duplicates' }): Plan {
+  const q = put?.q ?? parseQuery(req.query);
+  const payload = put ? put.payload : parseBody(req);
+  const cols = put?.cols ?? payloadColumns(table, payload, q);
+  const prefer = parsePrefer(req.headers.prefer);
+  const resolution = put?.resolution ?? prefer.resolution;
+  const rows = JSON.stringify(Array.isArray(payload) ? payload : [payload]);
+  return mutationPlan(req, cache, table, q, (b, alias) => {
+    const list = cols.map((c) => ident(c)).join(', ');
+    // no columns: every column takes its default, as in PostgREST
+    let sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(rows)}::json) _`;
+    if (resolution) {
+      const target = q.onConflict ?? table.primaryKey;
+      if (!target.length) throw new RestError(400, 'PGRST103', 'on_conflict needs a primary key or the on_conflict parameter');
+      for (const c of target) b.column(table, c);
+      sql += ` ON CONFLICT (${target.map(ident).join(', ')}) `;
+      const updates = cols.filter((c) => !target.includes(c));
+      sql += resolution === 'ignore-duplicates' || !updates.length ? 'DO NOTHING'
+        : `DO UPDATE SET ${updates.map((c) => `${ident(c)} = EXCLUDED.${ident(c)}`).join(', ')}`;
+    } else if (q.onConflict) for (const c of q.onConflict) b.column(table, c);
+    return sql;
+  }, put ? 'put' : 'insert');
+}
+
+function planUpdate(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+  const q = parseQuery(req.query);
+  const payload = parseBody(req);
+  if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
+  const cols = payloadColumns(table, payload, q);
+  return mutationPlan(req, cache, table, q, (b, alias) => {
+    // an empty object updates nothing (PostgREST answers 204 without touching a row)
+    if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
+    const scope = { table, alias, path: '' };
+    const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
+    return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = _.${ident(c)}`).join(', ')}`
+      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(payload))}::json)) _`
+      + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
+  }, 'update');
+}
+
+function planDelete(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+  const q = parseQuery(req.query);
+  return mutationPlan(req, cache, table, q, (b, alias) => {
+    const scope = { table, alias, path: '' };
+    const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
+    return `DELETE FROM ${qualified(table)} AS ${ident(alias)}` + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
+  }, 'delete');
+}
+
+function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string): Plan {
+  if (!['GET', 'HEAD', 'POST'].includes(req.method)) throw new RestError(405, 'PGRST101', 'Only GET and POST are allowed for RPC');
+  let args: Record<string, unknown>;
+  if (req.method === 'POST') {
+    const body = req.body === undefined || req.body === '' ? {} : parseBody(req);
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
+    args = body as Record<string, unknown>;
+  } else {
+    const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
+    args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
+  }
+  const fn = findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
+  const q = parseQuery(req.query, new Set(req.method === 'POST' ? [] : Object.keys(args)));
+  const b = new QueryBuilder(cache, q);
+  const given = fn.args.filter((a) => a.name in args);
+  const record = given.length
+    ? `json_to_record(${b.params.add(JSON.stringify(args))}::json) AS _(${given.map((a) => `${ident(a.name)} ${a.type}`).join(', ')})` : '';
+  const call = `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
+  const prefer = parsePrefer(req.headers.prefer);
+  const singular = wantsObject(req);
+  const readOnly = req.method !== 'POST';
+  const top = q.nodes.get('')!;
+  let sql: string;
+  const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
+  if (table) {
+    const scope = { table, alias: b.nextAlias('t'), path: '' };
+    const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;
+    const r = b.read(scope, from, { limit: top.limit, offset: top.offset, applyFilters: true, order: true });
+    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || !fn.returnsSet);
+  } else {
+    if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
+    const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
+    const from = record ? ` FROM ${record}` : '';
+    const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
+    sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body FROM (SELECT ${fn.returnsSet ? `to_json(pgrst_v)` : value} AS v FROM ${fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${from ? `, ${from.slice(6)}` : ''}`}) _postgrest_t`;
+  }
+  return {
+    sql, params: b.params.values, readOnly, decideAfter: singular && !readOnly,
+    respond(row): RestResponse {
+      const pageTotal = Number(row.page_total);
+      if (singular) singularCheck(true, pageTotal);
+      const range = contentRange(0, pageTotal, row.total === null ? null : Number(row.total));
+      if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range }, body: '' };
+      return {
+        status: 200,
+        headers: { 'Content-Range': range, 'Content-Type': singular ? OBJECT_TYPE : JSON_TYPE },
+        body: req.method === 'HEAD' ? '' : row.body,
+      };
+    },
+  };
+}
+
+/** select/order/limit/offset and filters (`x=op.value`) of a GET /rpc are not arguments. */
+function isQueryKeyword(key: string, value: string): boolean {
+  if (['select', 'order', 'limit', 'offset', 'or', 'and'].includes(key) || key.includes('.')) return true;
+  const m = /^(?:not\.)?([a-z]+)(?:\([^)]*\))?\./.exec(value);
+  return !!m && FILTER_OPS.has(m[1]);
+}
+
+export { errorBody };

@@ -1,0 +1,146 @@
+/**
+ * What PostgREST calls the schema cache: the exposed schemas' tables, views,
+ * columns, keys, foreign keys and functions, read from the catalog in one
+ * round trip. Every identifier of a request is checked against it before it is
+ * quoted into SQL.
+ */
+
+export interface Column {
+  name: string;
+  /** format_type(): safe to splice, it comes from the catalog. */
+  type: string;
+  nullable: boolean;
+  hasDefault: boolean;
+}
+
+export interface Table {
+  schema: string;
+  name: string;
+  kind: 'table' | 'view';
+  columns: Map<string, Column>;
+  /** Column order as in the catalog (what `select=*` returns). */
+  columnOrder: string[];
+  primaryKey: string[];
+  /** Primary key and unique constraints' column sets (a one-to-one FK points at one). */
+  uniqueKeys: string[][];
+}
+
+export interface ForeignKey {
+  name: string;
+  /** The referencing side. */
+  table: string;
+  schema: string;
+  columns: string[];
+  /** The referenced side. */
+  refTable: string;
+  refSchema: string;
+  refColumns: string[];
+}
+
+export interface FunctionArg {
+  name: string;
+  type: string;
+  /** Trailing arguments with defaults may be left out. */
+  hasDefault: boolean;
+}
+
+export interface RestFunction {
+  schema: string;
+  name: string;
+  args: FunctionArg[];
+  volatility: 'i' | 's' | 'v';
+  returnsSet: boolean;
+  /** A table's row type (the result filters, selects and embeds like that table), else a scalar. */
+  returnsTable: { schema: string; name: string } | null;
+  returnType: string;
+}
+
+export interface SchemaCache {
+  schemas: string[];
+  tables: Map<string, Table>;
+  foreignKeys: ForeignKey[];
+  functions: RestFunction[];
+  /** Type names a `::cast` of `select=` may name (pg_catalog's, and SQL's spellings of them). */
+  castTypes: Set<string>;
+}
+
+export const tableKey = (schema: string, name: string) => `${schema}\u0000${name}`;
+
+const TABLES_SQL = `
+select n.nspname as schema, c.relname as name, case when c.relkind in ('v', 'm') then 'view' else 'table' end as kind,
+  coalesce((select json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
+      'nullable', not a.attnotnull, 'hasDefault', a.atthasdef or a.attidentity <> '' or a.attgenerated <> '') order by a.attnum)
+    from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped), '[]') as columns,
+  coalesce((select json_agg(json_build_object('primary', k.contype = 'p', 'columns',
+      (select json_agg(a.attname order by u.ord) from unnest(k.conkey) with ordinality u(attnum, ord)
+        join pg_attribute a on a.attrelid = k.conrelid and a.attnum = u.attnum)))
+    from pg_constraint k where k.conrelid = c.oid and k.contype in ('p', 'u')), '[]') as keys
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where n.nspname = any($1) and c.relkind in ('r', 'v', 'm', 'p', 'f')`;
+
+const FKS_SQL = `
+select k.conname as name, n1.nspname as schema, t1.relname as table, n2.nspname as ref_schema, t2.relname as ref_table,
+  (select json_agg(a.attname order by u.ord) from unnest(k.conkey) with ordinality u(attnum, ord)
+    join pg_attribute a on a.attrelid = k.conrelid and a.attnum = u.attnum) as columns,
+  (select json_agg(a.attname order by u.ord) from unnest(k.confkey) with ordinality u(attnum, ord)
+    join pg_attribute a on a.attrelid = k.confrelid and a.attnum = u.attnum) as ref_columns
+from pg_constraint k
+join pg_class t1 on t1.oid = k.conrelid join pg_namespace n1 on n1.oid = t1.relnamespace
+join pg_class t2 on t2.oid = k.confrelid join pg_namespace n2 on n2.oid = t2.relnamespace
+where k.contype = 'f' and n1.nspname = any($1) and n2.nspname = any($1)
+order by k.conname`;
+
+const FUNCTIONS_SQL = `
+select n.nspname as schema, p.proname as name, p.provolatile::text as volatility, p.proretset as returns_set,
+  p.pronargdefaults as n_defaults, format_type(p.prorettype, null) as return_type,
+  coalesce((select json_agg(json_build_object('name', coalesce(a.name, ''), 'type', format_type(a0.type, null)) order by a0.ord)
+    from unnest(p.proargtypes::oid[]) with ordinality a0(type, ord)
+    left join lateral (
+      select names.name from unnest(coalesce(p.proargnames, '{}'::text[]), coalesce(p.proargmodes, array_fill('i'::"char", array[p.pronargs])))
+        with ordinality names(name, mode, i)
+      where names.mode in ('i', 'b', 'v') offset a0.ord - 1 limit 1
+    ) a(name) on true), '[]') as args,
+  case when rt.typrelid <> 0 and rc.relkind in ('r', 'v', 'm', 'p', 'f')
+    then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table
+from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+join pg_type rt on rt.oid = p.prorettype
+left join pg_class rc on rc.oid = rt.typrelid left join pg_namespace rn on rn.oid = rc.relnamespace
+where n.nspname = any($1) and p.prokind = 'f'`;
+
+const CAST_TYPES_SQL = `select typname from pg_type where typnamespace = 'pg_catalog'::regnamespace and typname !~ '^_|^pg_'`;
+
+/** SQL's spellings of pg_catalog types that `::` accepts unquoted. */
+const SQL_TYPE_NAMES = ['integer', 'int', 'smallint', 'bigint', 'real', 'double precision', 'boolean', 'decimal',
+  'character varying', 'character', 'varchar', 'char', 'timestamp with time zone', 'timestamp without time zone',
+  'time with time zone', 'time without time zone'];
+
+export type Query = (sql: string, params: unknown[]) => Promise<Record<string, any>[]>;
+
+export async function loadSchemaCache(query: Query, schemas: string[]): Promise<SchemaCache> {
+  const [tables, fks, fns, casts] = await Promise.all([
+    query(TABLES_SQL, [schemas]), query(FKS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []),
+  ]);
+  const cache: SchemaCache = { schemas, tables: new Map(), foreignKeys: [], functions: [], castTypes: new Set(SQL_TYPE_NAMES) };
+  for (const t of tables) {
+    const columns = (t.columns as Column[]);
+    const keys = t.keys as { primary: boolean; columns: string[] }[];
+    cache.tables.set(tableKey(t.schema, t.name), {
+      schema: t.schema, name: t.name, kind: t.kind,
+      columns: new Map(columns.map((c) => [c.name, c])), columnOrder: columns.map((c) => c.name),
+      primaryKey: keys.find((k) => k.primary)?.columns ?? [], uniqueKeys: keys.map((k) => k.columns),
+    });
+  }
+  cache.foreignKeys = fks.map((f) => ({
+    name: f.name, schema: f.schema, table: f.table, columns: f.columns, refSchema: f.ref_schema, refTable: f.ref_table, refColumns: f.ref_columns,
+  }));
+  cache.functions = fns.map((f) => {
+    const args = f.args as { name: string; type: string }[];
+    return {
+      schema: f.schema, name: f.name, volatility: f.volatility, returnsSet: f.returns_set, returnsTable: f.returns_table,
+      returnType: f.return_type,
+      args: args.map((a, i) => ({ ...a, hasDefault: i >= args.length - f.n_defaults })),
+    };
+  });
+  for (const c of casts) cache.castTypes.add(c.typname);
+  return cache;
+}

@@ -1,0 +1,276 @@
+/**
+ * Builds the one SQL statement of a request from its parsed tree and the
+ * schema cache: every value a bind parameter, every identifier checked against
+ * the cache and quoted. Postgres builds the JSON (json_agg, jsonb for embeds),
+ * the way PostgREST 12 does, so bodies match it byte for byte.
+ */
+import { RestError } from './errors.ts';
+import type { Condition, Field, NodeOptions, OrderTerm, ParsedQuery, SelectItem } from './parse.ts';
+import { tableKey, type ForeignKey, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
+
+export const ident = (s: string) => `"${s.replace(/"/g, '""')}"`;
+export const qualified = (t: { schema: string; name: string }) => `${ident(t.schema)}.${ident(t.name)}`;
+
+export class Params {
+  readonly values: unknown[] = [];
+  add(v: unknown): string {
+    this.values.push(v);
+    return `$${this.values.length}`;
+  }
+}
+
+const SIMPLE_OPS: Record<string, string> = {
+  eq: '=', neq: '<>', gt: '>', gte: '>=', lt: '<', lte: '<=', like: 'LIKE', ilike: 'ILIKE', match: '~', imatch: '~*',
+  isdistinct: 'IS DISTINCT FROM', cs: '@>', cd: '<@', ov: '&&', sl: '<<', sr: '>>', nxr: '&<', nxl: '&>', adj: '-|-',
+};
+const FTS_FUNCTIONS: Record<string, string> = { fts: 'to_tsquery', plfts: 'plainto_tsquery', phfts: 'phraseto_tsquery', wfts: 'websearch_to_tsquery' };
+const IS_SQL: Record<string, string> = { null: 'IS NULL', not_null: 'IS NOT NULL', true: 'IS TRUE', false: 'IS FALSE', unknown: 'IS UNKNOWN' };
+
+type Cardinality = 'one' | 'many';
+interface Relationship {
+  target: Table;
+  cardinality: Cardinality;
+  /** Join condition between the target (alias `t`) and the parent (alias `p`), and the junction for many-to-many. */
+  join(t: string, p: string, j: string): { from?: string; on: string };
+  describe: string;
+}
+
+/** One resource in the tree of a read: the top table (or function result) and each embedded one. */
+interface Scope { table: Table; alias: string; path: string }
+
+export interface BuiltQuery {
+  sql: string;
+  params: unknown[];
+}
+
+export class QueryBuilder {
+  readonly params = new Params();
+  private aliases = 0;
+
+  constructor(private readonly cache: SchemaCache, private readonly query: ParsedQuery) {}
+
+  nextAlias(prefix: string): string {
+    return `pgrst_${prefix}${this.aliases++}`;
+  }
+
+  column(table: Table, name: string): string {
+    if (!table.columns.has(name)) throw new RestError(400, '42703', `column ${table.name}.${name} does not exist`);
+    return ident(name);
+  }
+
+  fieldSql(scope: Scope, f: Field): string {
+    let sql = `${ident(scope.alias)}.${this.column(scope.table, f.column)}`;
+    for (const step of f.json) {
+      sql += /^-?\d+$/.test(step.key) ? `${step.arrow}${this.params.add(Number(step.key))}::int` : `${step.arrow}${this.params.add(step.key)}::text`;
+    }
+    return sql;
+  }
+
+  condition(scope: Scope, c: Condition): string {
+    if (c.kind === 'logic') {
+      const parts = c.children.map((ch) => this.condition(scope, ch));
+      const sql = `(${parts.join(c.op === 'and' ? ' AND ' : ' OR ')})`;
+      return c.negate ? `NOT ${sql}` : sql;
+    }
+    const lhs = this.fieldSql(scope, c.field);
+    let sql: string;
+    if (c.op === 'in') {
+      const values = c.value as string[];
+      sql = values.length ? `${lhs} IN (${values.map((v) => this.params.add(v)).join(', ')})` : `${lhs} = ANY('{}')`;
+    } else if (c.op === 'is') sql = `${lhs} ${IS_SQL[c.value as string]}`;
+    else if (c.op in FTS_FUNCTIONS) {
+      const config = c.config !== undefined ? `${this.params.add(c.config)}::regconfig, ` : '';
+      sql = `${lhs} @@ ${FTS_FUNCTIONS[c.op]}(${config}${this.params.add(c.value)})`;
+    } else {
+      const v = c.op === 'like' || c.op === 'ilike' ? (c.value as string).replace(/\*/g, '%') : c.value;
+      sql = `${lhs} ${SIMPLE_OPS[c.op]} ${this.params.add(v)}`;
+    }
+    return c.negate ? `NOT ${sql}` : sql;
+  }
+
+  orderSql(scope: Scope, terms: OrderTerm[]): string {
+    if (!terms.length) return '';
+    return ' ORDER BY ' + terms.map((t) => {
+      let s = this.fieldSql(scope, t.field);
+      if (t.dir) s += t.dir === 'asc' ? ' ASC' : ' DESC';
+      if (t.nulls) s += t.nulls === 'first' ? ' NULLS FIRST' : ' NULLS LAST';
+      return s;
+    }).join(', ');
+  }
+
+  static limitSql(limit: number | undefined, offset: number | undefined): string {
+    return (limit !== undefined ? ` LIMIT ${limit}` : '') + (offset ? ` OFFSET ${offset}` : '');
+  }
+
+  nodeOptions(path: string): NodeOptions {
+    return this.query.nodes.get(path) ?? { where: [], order: [] };
+  }
+
+  /** Paths of filters/order given for embeds the select does not have (PGRST108). */
+  checkNodePaths(select: SelectItem[]): void {
+    const known = new Set<string>(['']);
+    const walk = (items: SelectItem[], prefix: string) => {
+      for (const it of items) {
+        if (it.kind !== 'embed') continue;
+        for (const name of new Set([it.alias ?? it.name, it.name])) {
+          const p = prefix ? `${prefix}.${name}` : name;
+          known.add(p);
+          walk(it.select, p);
+        }
+      }
+    };
+    walk(select, '');
+    for (const path of this.query.nodes.keys()) {
+      if (!known.has(path)) {
+        const name = path.split('.').pop()!;
+        throw new RestError(400, 'PGRST108', `'${name}' is not an embedded resource in this request`, null,
+          `Verify that '${name}' is included in the 'select' query parameter.`);
+      }
+    }
+  }
+
+  /**
+   * The select list of a scope and the lateral joins its embeds need, plus
+   * conditions `!inner` embeds add to the scope's WHERE.
+   */
+  selectList(scope: Scope, items: SelectItem[]): { columns: string[]; joins: string[]; where: string[] } {
+    const columns: string[] = [], joins: string[] = [], where: string[] = [];
+    for (const it of items.length ? items : [{ kind: 'star' } as const]) {
+      if (it.kind === 'star') columns.push(`${ident(scope.alias)}.*`);
+      else if (it.kind === 'field' && scope.path !== '' && it.field.column === 'count' && !it.field.json.length && !scope.table.columns.has('count')) {
+        // PostgREST's embedded count: `tasks(count)`
+        columns.push(`pg_catalog.count(*) AS ${ident(it.alias ?? 'count')}`);
+      } else if (it.kind === 'field') {
+        let sql = this.fieldSql(scope, it.field);
+        if (it.cast !== undefined) {
+          const cast = it.cast.toLowerCase();
+          if (!this.cache.castTypes.has(cast)) throw new RestError(400, '42704', `type "${it.cast}" does not exist`);
+          sql = `CAST(${sql} AS ${cast})`;
+        }
+        const key = it.alias ?? (it.field.json.length ? it.field.json[it.field.json.length - 1].key : it.field.column);
+        columns.push(`${sql} AS ${ident(key)}`);
+      } else {
+        const rel = this.relationship(scope.table, it.name, it.hint);
+        const key = it.alias ?? it.name;
+        const path = scope.path ? `${scope.path}.${key}` : key;
+        const opts = this.query.nodes.has(path) ? this.nodeOptions(path)
+          : this.nodeOptions(scope.path ? `${scope.path}.${it.name}` : it.name);
+        const child: Scope = { table: rel.target, alias: this.nextAlias('t'), path };
+        const lateral = this.nextAlias('l');
+        const junction = this.nextAlias('j');
+        const inner = this.selectList(child, it.select);
+        const link = rel.join(child.alias, scope.alias, junction);
+        const conds = [link.on, ...inner.where, ...opts.where.map((c) => this.condition(child, c))];
+        const childSql = `SELECT ${inner.columns.join(', ')} FROM ${qualified(rel.target)} AS ${ident(child.alias)}`
+          + (link.from ? ` ${link.from}` : '') + inner.joins.map((j) => ` ${j}`).join('')
+          + ` WHERE ${conds.join(' AND ')}` + this.orderSql(child, opts.order) + QueryBuilder.limitSql(opts.limit, opts.offset);
+        if (rel.cardinality === 'many') {
+          joins.push(`LEFT JOIN LATERAL (SELECT json_agg(${ident(lateral + '_r')})::jsonb AS body FROM (${childSql}) AS ${ident(lateral + '_r')}) AS ${ident(lateral)} ON TRUE`);
+          columns.push(`COALESCE(${ident(lateral)}.body, '[]') AS ${ident(key)}`);
+          if (it.inner) where.push(`${ident(lateral)}.body IS NOT NULL`);
+        } else {
+          joins.push(`${it.inner ? 'INNER' : 'LEFT'} JOIN LATERAL (${childSql}) AS ${ident(lateral)} ON TRUE`);
+          columns.push(`row_to_json(${ident(lateral)}.*)::jsonb AS ${ident(key)}`);
+        }
+      }
+    }
+    return { columns, joins, where };
+  }
+
+  /** PostgREST's relationship detection through foreign keys, narrowed by a hint (FK name, column, or junction table). */
+  relationship(parent: Table, name: string, hint: string | undefined): Relationship {
+    const found: Relationship[] = [];
+    const same = (t: { schema: string; name: string }, s: string, n: string) => t.schema === s && t.name === n;
+    const eqs = (a: string, ac: string[], b: string, bc: string[]) => ac.map((c, i) => `${ident(a)}.${ident(c)} = ${ident(b)}.${ident(bc[i])}`).join(' AND ');
+    const fkMatchesHint = (fk: ForeignKey) => hint === undefined || fk.name === hint || (fk.columns.length === 1 && fk.columns[0] === hint);
+    const lookup = (schema: string, n: string) => this.cache.tables.get(tableKey(schema, n));
+    for (const fk of this.cache.foreignKeys) {
+      // many-to-one: the parent references the target (by table name, or by the FK column's name)
+      if (same(parent, fk.schema, fk.table) && (fk.refTable === name || (fk.columns.length === 1 && fk.columns[0] === name)) && fkMatchesHint(fk)) {
+        const target = lookup(fk.refSchema, fk.refTable);
+        if (target) found.push({ target, cardinality: 'one', describe: `many-to-one using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.refColumns, p, fk.columns) }) });
+      }
+      // one-to-many (one-to-one when the FK columns are a key of the target)
+      if (same(parent, fk.refSchema, fk.refTable) && fk.table === name && fk.schema === parent.schema && fkMatchesHint(fk)) {
+        const target = lookup(fk.schema, fk.table);
+        if (!target) continue;
+        const unique = target.uniqueKeys.some((k) => k.length === fk.columns.length && k.every((c) => fk.columns.includes(c)));
+        found.push({ target, cardinality: unique ? 'one' : 'many', describe: `one-to-many using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.columns, p, fk.refColumns) }) });
+      }
+    }
+    // many-to-many through a junction table with FKs to both sides
+    const target = lookup(parent.schema, name);
+    if (target) {
+      for (const toParent of this.cache.foreignKeys) {
+        if (!same(parent, toParent.refSchema, toParent.refTable)) continue;
+        for (const toTarget of this.cache.foreignKeys) {
+          if (toTarget === toParent || toTarget.schema !== toParent.schema || toTarget.table !== toParent.table || !same(target, toTarget.refSchema, toTarget.refTable)) continue;
+          if (same(parent, toParent.schema, toParent.table) || same(target, toParent.schema, toParent.table)) continue;
+          if (hint !== undefined && hint !== toParent.table && hint !== toTarget.name) continue;
+          const jt = { schema: toParent.schema, name: toParent.table };
+          found.push({
+            target, cardinality: 'many', describe: `many-to-many using ${toParent.table}`,
+            join: (t, p, j) => ({ from: `JOIN ${qualified(jt)} AS ${ident(j)} ON ${eqs(j, toTarget.columns, t, toTarget.refColumns)}`, on: eqs(j, toParent.columns, p, toParent.refColumns) }),
+          });
+        }
+      }
+    }
+    if (found.length === 1) return found[0];
+    if (!found.length) {
+      throw new RestError(400, 'PGRST200', `Could not find a relationship between '${parent.name}' and '${name}' in the schema cache`,
+        `Searched for a foreign key relationship between '${parent.name}' and '${name}'${hint ? ` using the hint '${hint}'` : ''} in the schema '${parent.schema}', but no matches were found.`);
+    }
+    throw new RestError(300, 'PGRST201', `Could not embed because more than one relationship was found for '${parent.name}' and '${name}'`,
+      found.map((r) => r.describe).join('; '), `Try changing '${name}' to one of the relationships, e.g. '${name}!<foreign key name>'.`);
+  }
+
+  /**
+   * A read of `fromSql` (a table, the rows a write returned, or a function
+   * call) through the request's select, filters, order and limits: the
+   * SELECT, and the count of all rows it would give without limits.
+   */
+  read(scope: Scope, fromSql: string, opts: { where?: string[]; limit?: number; offset?: number; applyFilters: boolean; order: boolean }): { source: string; count: string } {
+    this.checkNodePaths(this.query.select);
+    const top = this.nodeOptions('');
+    const list = this.selectList(scope, this.query.select);
+    const where = [...(opts.where ?? []), ...(opts.applyFilters ? top.where.map((c) => this.condition(scope, c)) : []), ...list.where];
+    const whereSql = where.length ? ` WHERE ${where.join(' AND ')}` : '';
+    const fromAll = `${fromSql}${list.joins.map((j) => ` ${j}`).join('')}`;
+    const source = `SELECT ${list.columns.join(', ')} FROM ${fromAll}${whereSql}`
+      + (opts.order ? this.orderSql(scope, top.order) : '') + QueryBuilder.limitSql(opts.limit, opts.offset);
+    return { source, count: `(SELECT pg_catalog.count(*) FROM ${fromAll}${whereSql})` };
+  }
+}
+
+/** PostgREST's response row: total (count=exact), page_total, and the JSON body built by Postgres. */
+export function responseSql(source: string, total: string | null, singular: boolean, extra = ''): string {
+  const body = singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`;
+  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${body} AS body${extra} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
+}
+
+export function findTable(cache: SchemaCache, schema: string, name: string): Table {
+  const t = cache.tables.get(tableKey(schema, name));
+  if (!t) throw new RestError(404, '42P01', `relation "${schema}.${name}" does not exist`);
+  return t;
+}
+
+/** The function `/rpc/<name>` calls with these argument names (PostgREST's PGRST202 when none fits). */
+export function findFunction(cache: SchemaCache, schema: string, name: string, argNames: string[], post: boolean): RestFunction {
+  const given = new Set(argNames);
+  const sameName = cache.functions.filter((f) => f.schema === schema && f.name === name);
+  const fits = sameName.filter((f) => [...given].every((a) => f.args.some((x) => x.name === a))
+    && f.args.every((x) => x.hasDefault || given.has(x.name)));
+  if (fits.length === 1) return fits[0];
+  const sorted = [...given].sort();
+  if (fits.length > 1) {
+    throw new RestError(300, 'PGRST203', `Could not choose the best candidate function between: ${fits.map((f) => `${schema}.${name}(${f.args.map((a) => `${a.name} => ${a.type}`).join(', ')})`).join(', ')}`,
+      null, 'Try renaming the parameters or the function itself in the database so function overloading can be resolved');
+  }
+  const params = (sorted.length ? `with parameter${sorted.length > 1 ? 's' : ''} ${sorted.join(', ')}` : 'without parameters')
+    + (post ? ' or with a single unnamed json/jsonb parameter' : '');
+  const hint = sameName.length ? `Perhaps you meant to call the function ${schema}.${name}(${sameName[0].args.map((a) => a.name).join(', ')})` : null;
+  throw new RestError(404, 'PGRST202', `Could not find the function ${schema}.${name}(${sorted.join(', ')}) in the schema cache`,
+    `Searched for the function ${schema}.${name} ${params}, but no matches were found in the schema cache.`, hint);
+}
+
+export type { Scope };

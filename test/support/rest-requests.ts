@@ -1,0 +1,144 @@
+/**
+ * Requests over the REST fixture schema (test/fixtures/rest-schema.sql), generated
+ * from its tables, columns, relationships and functions: filters of every
+ * operator, select shapes, embeddings, order, ranges, Prefer headers, writes,
+ * RPC, JWTs and errors. The differential test sends each to PostgREST 12.0.2 and
+ * to router/rest and compares the answers.
+ */
+import { createHmac } from 'node:crypto';
+import { jwtSecret } from './postgrest.ts';
+
+export interface TestRequest {
+  method: 'GET' | 'HEAD' | 'POST' | 'PATCH' | 'PUT' | 'DELETE';
+  path: string;
+  headers?: Record<string, string>;
+  body?: string;
+}
+
+export function signJwt(claims: Record<string, unknown>, secret = jwtSecret): string {
+  const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const data = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${data}.${createHmac('sha256', secret).update(data).digest('base64url')}`;
+}
+
+export const userToken = (sub = 'ann') => `Bearer ${signJwt({ role: 'app_user', sub })}`;
+
+const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
+
+/** Column values worth filtering on, per table. */
+const SAMPLES: Record<string, Record<string, string[]>> = {
+  clients: { id: ['1', '2', '9'], name: ['Acme', 'Initech'], city: ['Berlin', 'Austin'] },
+  projects: { id: ['1', '3'], name: ['Rocket', 'Orphan'], client_id: ['1', '3'], budget: ['20', '1000.50'], started: ['2024-01-05', '2024-01-01'] },
+  tasks: { id: ['2', '4'], project_id: ['1', '2'], title: ['build', 'forge'], priority: ['1', '2'] },
+  users: { id: ['1', '2'], name: ['ann', 'bob'], email: ['ann@example.com'] },
+};
+
+export function readRequests(): TestRequest[] {
+  const out: TestRequest[] = [];
+  const ops = ['eq', 'neq', 'gt', 'gte', 'lt', 'lte'];
+  for (const [table, cols] of Object.entries(SAMPLES)) {
+    out.push(get(`/${table}`), get(`/${table}?select=*`), get(`/${table}?limit=1`), get(`/${table}?offset=1`), get(`/${table}?limit=0`));
+    for (const [col, values] of Object.entries(cols)) {
+      for (const v of values) for (const op of ops) out.push(get(`/${table}?${col}=${op}.${encodeURIComponent(v)}`));
+      out.push(get(`/${table}?${col}=is.null`), get(`/${table}?${col}=not.is.null`), get(`/${table}?${col}=in.(${values.map(encodeURIComponent).join(',')})`));
+      out.push(get(`/${table}?${col}=not.in.(${encodeURIComponent(values[0])})`), get(`/${table}?order=${col}.desc.nullsfirst`), get(`/${table}?order=${col}.asc.nullslast&select=${col}`));
+      out.push(get(`/${table}?select=${col}&order=${col}`), get(`/${table}?select=x:${col}`), get(`/${table}?select=${col}::text`));
+    }
+  }
+  out.push(
+    get('/clients?name=like.A*'), get('/clients?name=ilike.*c*'), get('/clients?name=not.like.*e*'), get('/clients?name=match.^A'),
+    get('/clients?name=imatch.^a'), get('/clients?city=isdistinct.Berlin'), get('/clients?city=is.unknown'),
+    get('/projects?tags=cs.%7Bspace%7D'), get('/projects?tags=cd.%7Bspace,fast,slow%7D'), get('/projects?tags=ov.%7Bheavy,x%7D'),
+    get('/projects?active=is.true'), get('/projects?active=is.false&select=id'), get('/projects?active=not.is.true'),
+    get('/projects?select=id,meta->lead->>name'), get('/projects?select=id,lead:meta->lead'), get('/projects?select=id,meta->size'),
+    get('/projects?meta->>size=eq.3'), get('/projects?meta->size=gt.2&select=id'), get('/projects?meta->lead->>name=eq.Bob&select=name'),
+    get('/projects?select=id,budget::text,started::text'), get('/projects?select=id,tags'),
+    get('/projects?or=(id.eq.1,budget.is.null)'), get('/projects?and=(id.gt.1,id.lt.4)&select=id'),
+    get('/projects?or=(and(id.gt.1,id.lt.4),name.eq.Orphan)&order=id.desc'), get('/projects?not.or=(id.eq.1,id.eq.2)&select=id'),
+    get('/projects?not.and=(active.is.true,budget.gt.10)&select=id'), get('/projects?or=(name.in.(Rocket,Anvil),id.eq.4)&select=id'),
+    get('/projects?started=gte.2024-01-01&started=lt.2024-02-01&select=id,started'),
+    get('/project_summary'), get('/project_summary?budget=gt.10&order=id'), get('/project_summary?client=is.null'),
+    // embedding: many-to-one, one-to-many, many-to-many, nested, inner, filters/order/limit inside
+    get('/projects?select=name,clients(name)'), get('/projects?select=name,client:clients(name,city)'), get('/projects?select=id,clients(*)&order=id'),
+    get('/clients?select=name,projects(name)'), get('/clients?select=name,projects(name,tasks(title,done))'),
+    get('/clients?select=*,projects(*)&order=id.desc'), get('/projects?select=id,users(name)'), get('/users?select=name,projects(name)'),
+    get('/projects?select=id,users(name),tasks(title),clients(name)'), get('/tasks?select=title,projects(name,clients(name))'),
+    get('/clients?select=name,projects!inner(id)&projects.id=eq.3'), get('/clients?select=name,projects(id)&projects.id=eq.3'),
+    get('/projects?select=id,clients!inner(name)&clients.city=eq.Berlin'), get('/projects?select=id,clients(name)&clients.city=eq.Berlin'),
+    get('/clients?select=name,projects(id)&projects.order=id.desc&projects.limit=1'), get('/clients?select=name,projects(id,name)&projects.or=(id.eq.1,id.eq.3)'),
+    get('/clients?select=name,projects(name,tasks(title))&projects.tasks.done=is.true'), get('/projects?select=*,tasks(count)'),
+    get('/projects?select=id,clients!projects_client_id_fkey(name)'), get('/projects?select=id,client_id(name)'),
+    get('/users_projects?select=role,users(name),projects(name)'),
+    // ranges and counts
+    get('/projects?select=id', { Range: '1-2' }), get('/projects?select=id', { Range: '0-0' }), get('/projects?select=id', { Range: '2-' }),
+    get('/projects?select=id', { Range: '10-20', Prefer: 'count=exact' }), get('/projects?select=id&offset=10'),
+    get('/projects?select=id&limit=2', { Prefer: 'count=exact' }), get('/projects', { Prefer: 'count=exact' }),
+    get('/projects?select=id&limit=2&offset=2', { Prefer: 'count=exact' }), get('/tasks?done=is.true', { Prefer: 'count=exact' }),
+    get('/projects?id=gt.100', { Prefer: 'count=exact' }),
+    // singular
+    get('/clients?id=eq.1', { Accept: 'application/vnd.pgrst.object+json' }), get('/clients?id=eq.99', { Accept: 'application/vnd.pgrst.object+json' }),
+    get('/clients?select=name,projects(name)&id=eq.1', { Accept: 'application/vnd.pgrst.object+json' }),
+    { method: 'HEAD', path: '/clients' }, { method: 'HEAD', path: '/projects?id=eq.1' },
+    // profiles
+    get('/clients', { 'Accept-Profile': 'public' }), get('/clients', { 'Accept-Profile': 'other' }),
+    // RPC
+    get('/rpc/add?a=1&b=2'), get('/rpc/add?a=x&b=2'), get('/rpc/add?a=1'), get('/rpc/echo?note=hi'),
+    get('/rpc/projects_of?cid=1'), get('/rpc/projects_of?cid=1&select=id,name&id=gt.1'), get('/rpc/projects_of?cid=1&order=id.desc&limit=1'),
+    get('/rpc/projects_of?cid=1&select=id,tasks(title)'), get('/rpc/projects_of?cid=3&select=name,clients(name)'), get('/rpc/whoami'), get('/rpc/noop'), get('/rpc/touch_client?cid=1'),
+    get('/rpc/whoami', { Authorization: userToken() }), get('/rpc/whoami', { Authorization: userToken('bob') }),
+    // JWT and RLS
+    get('/notes', { Authorization: userToken() }), get('/notes', { Authorization: userToken('bob') }), get('/notes'),
+    get('/clients', { Authorization: 'Bearer abc.def.ghi' }), get('/clients', { Authorization: `${userToken()}x` }),
+    // request errors
+    get('/nope'), get('/clients?foo=eq.1'), get('/clients?id=eq.abc'), get('/clients?id=xx.1'), get('/clients?select=name,foo(name)'),
+    get('/clients?id=is.maybe'), get('/clients?order=id.sideways'), get('/clients?limit=abc'), get('/projects?select=id,budget::nosuchtype'),
+    get('/clients?select=id&projects.id=eq.1'), get('/clients?id=in.1,2'), get('/clients?select=id', { Range: '3-1' }),
+  );
+  return out;
+}
+
+export function writeRequests(): TestRequest[] {
+  const J = { 'Content-Type': 'application/json', Authorization: userToken() };
+  const w = (method: TestRequest['method'], path: string, body: unknown, headers: Record<string, string> = {}): TestRequest =>
+    ({ method, path, headers: { ...J, ...headers }, body: typeof body === 'string' ? body : JSON.stringify(body) });
+  const out: TestRequest[] = [];
+  for (const ret of [undefined, 'return=minimal', 'return=representation', 'return=headers-only']) {
+    const prefer: Record<string, string> = ret ? { Prefer: ret } : {};
+    out.push(
+      w('POST', '/clients', { id: 9, name: 'Nine' }, prefer),
+      w('POST', '/clients', [{ id: 10, name: 'Ten', city: null }, { id: 11, name: 'Eleven', city: 'X' }], prefer),
+      w('POST', '/tasks?select=id,title,projects(name)', { project_id: 1, title: 'x' }, prefer),
+      w('PATCH', '/clients?id=gte.2', { city: 'Y' }, prefer),
+      w('PATCH', '/tasks?done=is.true&select=id,done', { done: false }, prefer),
+      w('DELETE', '/tasks?id=eq.5', undefined, prefer),
+      w('DELETE', '/tasks?done=is.true', undefined, prefer),
+    );
+  }
+  out.push(
+    w('POST', '/clients', { id: 9, name: 'Nine' }, { Prefer: 'return=representation,count=exact' }),
+    w('POST', '/clients', { id: 1, name: 'Dup' }),
+    w('POST', '/clients', { id: 1, name: 'Merged' }, { Prefer: 'resolution=merge-duplicates,return=representation' }),
+    w('POST', '/clients', { id: 1, name: 'Ignored' }, { Prefer: 'return=representation,resolution=ignore-duplicates' }),
+    w('POST', '/clients', [{ id: 1, name: 'M' }, { id: 20, name: 'N' }], { Prefer: 'resolution=merge-duplicates' }),
+    w('POST', '/users?on_conflict=name', { name: 'ann', id: 7, email: 'new' }, { Prefer: 'resolution=merge-duplicates,return=representation' }),
+    w('POST', '/users_projects?on_conflict=user_id,project_id', { user_id: 1, project_id: 1, role: 'x' }, { Prefer: 'resolution=merge-duplicates' }),
+    w('POST', '/clients', { id: 'x', name: 'bad' }), w('POST', '/clients', { id: 13, nme: 'bad' }), w('POST', '/clients', '{"id":13'),
+    w('POST', '/clients', [{ id: 10, name: 'Ten' }, { id: 11, city: 'X' }]), w('POST', '/clients', {}), w('POST', '/clients', []),
+    w('POST', '/tasks', { project_id: 99, title: 'x' }), w('POST', '/clients', { id: 30, name: null }),
+    w('POST', '/clients', [{ id: 10, name: 'Ten' }, { id: 11, name: 'Eleven' }], { Accept: 'application/vnd.pgrst.object+json', Prefer: 'return=representation' }),
+    w('POST', '/clients', { id: 10, name: 'Ten' }, { Accept: 'application/vnd.pgrst.object+json', Prefer: 'return=representation' }),
+    w('POST', '/notes', { body: 'new' }, { Prefer: 'return=representation' }),
+    w('PATCH', '/notes', { body: 'mine' }, { Prefer: 'return=representation' }),
+    w('PATCH', '/clients?id=eq.1', {}), w('PATCH', '/clients?id=gte.20', { city: 'Y' }), w('PATCH', '/clients?id=eq.1', { nope: 1 }),
+    w('PATCH', '/clients?id=eq.1', { city: 'Z' }, { Prefer: 'return=representation', Accept: 'application/vnd.pgrst.object+json' }),
+    w('DELETE', '/tasks?done=is.true', undefined, { Prefer: 'return=representation,count=exact' }),
+    w('DELETE', '/tasks?done=is.true', undefined, { Prefer: 'count=exact' }), w('DELETE', '/clients?id=eq.1', undefined),
+    w('PUT', '/clients?id=eq.1', { id: 1, name: 'Put', city: null }), w('PUT', '/clients?id=gt.1', { id: 1, name: 'x', city: null }),
+    w('PUT', '/clients?id=eq.1', { id: 2, name: 'x', city: null }),
+    w('POST', '/rpc/add', { a: 1, b: 2 }), w('POST', '/rpc/add', { a: 1 }), w('POST', '/rpc/add', { a: 'x', b: 1 }),
+    w('POST', '/rpc/echo', { note: 'hi' }), w('POST', '/rpc/fail', { msg: 'boom' }), w('POST', '/rpc/noop', {}),
+    w('POST', '/rpc/projects_of?select=id', { cid: 1 }), w('POST', '/rpc/whoami', {}), w('POST', '/rpc/touch_client', { cid: 1 }),
+    { method: 'POST', path: '/clients', headers: { 'Content-Type': 'application/json' }, body: '{"id":9,"name":"anon"}' },
+  );
+  return out;
+}
