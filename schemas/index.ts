@@ -11,6 +11,7 @@ export * from './catalog.ts';
 export * from './topology.ts';
 export * from './durability.ts';
 export * from './consensus.ts';
+export * from './vschema/index.ts';
 export * from './generated/types.ts';
 export { AvroCodec, DecodeError, EncodeError } from './codec/confluent.ts';
 export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';

@@ -7,6 +7,7 @@
  * aspect in its own map (no aspect depends on having seen another first), and
  * views join them when asked.
  */
+import { parseVSchema, type VSchema } from './vschema/vschema.ts';
 import type {
   CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
 } from './generated/types.ts';
@@ -24,7 +25,7 @@ export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): P
 
 export type PayloadKind =
   | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
-  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged';
+  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'VSchemaApplied';
 export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
 
 /** The kind and body of an event's payload. */
@@ -44,18 +45,30 @@ export function topologyKey(event: TopologyEvent): string {
     case 'InstanceRegistered': case 'InstanceDeregistered': return `instance/${b.instanceId}`;
     case 'ServingStateChanged': return `instance/${b.instanceId}/serving`;
     case 'PrimaryChanged': return `shard/${b.database}/${b.shard}/primary`;
+    case 'VSchemaApplied': return `vschema/${b.database}`;
   }
 }
 
 export interface PrimaryRecord { instanceId: string; term: bigint; ruleNumber: bigint; since: Date; reason: string }
 
+export interface DatabaseRecord {
+  durabilityPolicy: string | null;
+  dropped: boolean;
+  sharded: boolean;
+  /** Default of mg.transaction_mode for the database's sessions (null: multi). */
+  transactionMode: string | null;
+}
+
+export interface VSchemaRecord { version: bigint; vschema: VSchema }
+
 export interface TopologyState {
   cells: Map<string, CellRegistered>;
-  databases: Map<string, { durabilityPolicy: string | null; dropped: boolean }>;
+  databases: Map<string, DatabaseRecord>;
   shards: Map<string, ShardDefined>; // key: db/shard
   instances: Map<string, InstanceRegistered>;
   serving: Map<string, ServingState>;
   primaries: Map<string, PrimaryRecord>; // key: db/shard
+  vschemas: Map<string, VSchemaRecord>; // key: database
   /** Events applied, including ignored stale ones. */
   applied: number;
 }
@@ -63,7 +76,7 @@ export interface TopologyState {
 export function emptyTopology(): TopologyState {
   return {
     cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
-    serving: new Map(), primaries: new Map(), applied: 0,
+    serving: new Map(), primaries: new Map(), vschemas: new Map(), applied: 0,
   };
 }
 
@@ -87,8 +100,10 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
   state.applied++;
   switch (kind) {
     case 'CellRegistered': state.cells.set(b.cell, b); break;
-    case 'DatabaseCreated': state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, dropped: false }); break;
-    case 'DatabaseDropped': state.databases.set(b.database, { durabilityPolicy: null, dropped: true }); break;
+    case 'DatabaseCreated':
+      state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, dropped: false, sharded: b.sharded ?? false, transactionMode: b.transactionMode ?? null });
+      break;
+    case 'DatabaseDropped': state.databases.set(b.database, { durabilityPolicy: null, dropped: true, sharded: false, transactionMode: null }); break;
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
     case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;
@@ -106,6 +121,18 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       const held = state.primaries.get(key);
       if (held && (p.term < held.term || (p.term === held.term && p.ruleNumber < held.ruleNumber))) break;
       state.primaries.set(key, { instanceId: p.primaryInstanceId, term: p.term, ruleNumber: p.ruleNumber, since: event.ts, reason: p.reason });
+      break;
+    }
+    case 'VSchemaApplied': {
+      const held = state.vschemas.get(b.database);
+      if (held && b.version <= held.version) break; // versions, not log order, decide
+      let vschema: VSchema;
+      try {
+        vschema = parseVSchema(JSON.parse(b.vschema));
+      } catch {
+        break; // publishers validate first; an invalid one never replaces a valid one
+      }
+      state.vschemas.set(b.database, { version: b.version, vschema });
       break;
     }
   }

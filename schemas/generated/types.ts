@@ -146,6 +146,10 @@ export interface DatabaseCreated {
   database: string;
   /** e.g. ANY_2, MULTI_CELL_ANY_2; null means the cluster default. */
   durabilityPolicy: null | string;
+  /** Rows are spread over the shards by the database's VSchema; the gateway plans every statement. */
+  sharded: boolean;
+  /** Default of SET mg.transaction_mode for its sessions: single, multi or twopc; null means multi. */
+  transactionMode: null | string;
 }
 
 export interface DatabaseDropped {
@@ -203,6 +207,15 @@ export interface PrimaryChanged {
   reason: string;
 }
 
+/** The whole VSchema of a sharded database (docs/sharding.md); a newer version replaces the older. */
+export interface VSchemaApplied {
+  database: string;
+  /** Grows by one per apply; consumers ignore an event older than the version they hold. */
+  version: bigint;
+  /** The validated VSchema as JSON (schemas/vschema/vschema.ts). */
+  vschema: string;
+}
+
 /** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
 export interface TopologyEvent {
   /** Unique id (UUID) of this event, for deduplication. */
@@ -210,5 +223,5 @@ export interface TopologyEvent {
   ts: Date;
   /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
   source: string;
-  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged };
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied };
 }
