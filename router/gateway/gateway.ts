@@ -15,6 +15,8 @@ import { errorResponse } from '../protocol/messages.ts';
 import { Discovery, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
 import { GatewaySession, openLinks, type FailoverOutcome } from './session.ts';
+import { ShardedSession } from './sharded.ts';
+import { plannerReady } from '../planner/planner.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -50,7 +52,7 @@ const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client co
 export class Gateway {
   readonly discovery: Discovery;
   private server: net.Server | undefined;
-  private readonly sessions = new Map<number, { session: GatewaySession; secret: number }>();
+  private readonly sessions = new Map<number, { session: GatewaySession | ShardedSession; secret: number }>();
   /** SCRAM verifiers by (user, database), cached briefly so password changes apply quickly. */
   private readonly verifier = cachedVerifierLookup((user, database) => this.readVerifier(user, database.split('@')[0]));
   private draining = false;
@@ -74,6 +76,7 @@ export class Gateway {
   async start(): Promise<number> {
     if (this.opts.tls) prepareFrontendTls(this.opts.tls); // a bad certificate fails here, not at the first client
     await this.discovery.start();
+    await plannerReady;
     this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
       if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
     }, { since: new Date() });
@@ -148,7 +151,11 @@ export class Gateway {
       return;
     }
     const key = this.newKey();
-    const session = new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas });
+    // A sharded database's sessions plan every statement; the others relay bytes (nothing parsed).
+    const database = (client.params.database ?? client.params.user).split('@')[0];
+    const session = this.discovery.topology.databases.get(database)?.sharded
+      ? new ShardedSession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key })
+      : new GatewaySession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas });
     this.sessions.set(key.pid, { session, secret: key.secret });
     clientsGauge.inc();
     client.socket.once('close', () => {
