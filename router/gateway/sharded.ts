@@ -351,7 +351,7 @@ export class ShardedSession {
       if (type === T.ErrorResponse) error = {};
       out.push(Buffer.from(buf.subarray(start, start + len)));
     };
-    await link.request(this.requestBytes(sql, how), handler);
+    await link.request(this.requestBytes(sql, how, !how.simple && how.describe), handler);
     if (!error) return;
     if (this.inTransaction) this.transactionFailed = true;
     if (!how.simple) this.skipToSync = true;
@@ -362,7 +362,7 @@ export class ShardedSession {
     const links = await Promise.all(shards.map((s) => this.enlist(s)));
     const results = await Promise.all(links.map(async (link) => {
       const r = new ShardResult(link.shard);
-      await link.request(this.requestBytes(textFor(link.shard), how), r.collect);
+      await link.request(this.requestBytes(textFor(link.shard), how, true), r.collect);
       return r;
     }));
     const failed = results.find((r) => r.error);
@@ -370,14 +370,17 @@ export class ShardedSession {
     return results;
   }
 
-  /** What a shard is sent for one statement: a Query, or Parse/Bind/(Describe)/Execute/Sync of the portal. */
-  private requestBytes(sql: Buffer, how: How): Buffer {
+  /**
+   * What a shard is sent for one statement: a Query, or Parse/Bind/(Describe)/Execute/Sync of the
+   * portal. Collected results are always described: merging needs the column types.
+   */
+  private requestBytes(sql: Buffer, how: How, describe: boolean): Buffer {
     if (how.simple) return message('Q', sql, Buffer.from([0]));
     const p = how.portal;
     return Buffer.concat([
       message('P', cstr(''), sql, Buffer.from([0]), int16(p.prepared.paramTypes.length), ...p.prepared.paramTypes.map(int32)),
       message('B', cstr(''), cstr(''), p.bindRest),
-      ...(how.describe ? [message('D', Buffer.from('P'), cstr(''))] : []),
+      ...(describe ? [message('D', Buffer.from('P'), cstr(''))] : []),
       message('E', cstr(''), int32(0)),
       SYNC,
     ]);

@@ -33,6 +33,8 @@ interface TableUse { alias: string; name: string; kind: 'sharded' | 'reference' 
 
 export class Planner {
   private readonly cache = new Map<string, Plan[]>();
+  /** Names of the CTEs of the statement being planned: they read like tables, and are checked where they are defined. */
+  private ctes = new Set<string>();
 
   constructor(private readonly vschema: VSchema) {}
 
@@ -46,6 +48,10 @@ export class Planner {
       const start = s.stmt_location ?? 0;
       const own = text.subarray(start, s.stmt_len ? start + s.stmt_len : text.length);
       try {
+        this.ctes = new Set();
+        walk(s.stmt, (k, n) => {
+          if (k === 'CommonTableExpr') this.ctes.add(n.ctename);
+        });
         return this.planStatement(s.stmt, own, start);
       } catch (err) {
         if (err instanceof RefusedError) return { kind: 'refused', message: err.message } as Plan;
@@ -153,7 +159,7 @@ export class Planner {
       const nullsFirst = by.sortby_nulls === 'SORTBY_NULLS_DEFAULT' ? desc : by.sortby_nulls === 'SORTBY_NULLS_FIRST';
       if (by.useOp) refuse('ORDER BY ... USING over all shards');
       const position = by.node?.A_Const?.ival !== undefined ? by.node.A_Const.ival.ival : undefined;
-      const name = columnName(by.node);
+      const name = by.node?.ColumnRef ? columnName(by.node) : undefined;
       if (position !== undefined) return { column: position, desc, nullsFirst };
       if (name === undefined) return refuse('ORDER BY an expression over all shards (select it and order by its name)');
       // A select-list alias or plain column by name; `*` columns are matched by name when the rows come back.
@@ -258,6 +264,7 @@ export class Planner {
     const name: string = rv.relname;
     const alias: string = rv.alias?.aliasname ?? name;
     if (SYSTEM_SCHEMAS.has(rv.schemaname) || (!rv.schemaname && name.startsWith('pg_'))) return { alias, name, kind: 'system' };
+    if (!rv.schemaname && this.ctes.has(name)) return { alias, name, kind: 'reference' };
     const t = this.vschema.tables[name];
     if (!t) return refuse(`table ${name} is not in the VSchema of this sharded database`);
     if (t.type === 'reference') return { alias, name, kind: 'reference' };
