@@ -74,6 +74,8 @@ async function plannerCost(): Promise<void> {
   };
   const lookup = time(1_000_000, () => planner.plan(sql));
   const routed = time(200_000, () => pinnedShards((planner.plan(sql)[0] as Extract<Plan, { kind: 'select' | 'write' }>).pin!, ranges, param));
+  const xx = new Planner(parseVSchema({ vindexes: { xx: { type: 'xxhash' } }, tables: { kv: { column_vindexes: [{ column: 'k', name: 'xx' }] } } }));
+  const routedXx = time(200_000, () => pinnedShards((xx.plan(sql)[0] as Extract<Plan, { kind: 'select' | 'write' }>).pin!, ranges, param));
   const cold = time(20_000, (i) => planner.plan(`SELECT v FROM kv WHERE k = ${i + 1_000_000} AND n > ${i}`));
   const coldScatter = time(20_000, (i) => planner.plan(`SELECT k, n FROM kv WHERE n > ${i} ORDER BY n DESC, k LIMIT 10`));
   say('## Planner cost per statement (in process, one core)');
@@ -82,6 +84,7 @@ async function plannerCost(): Promise<void> {
   say('|---|---|');
   say(`| cached plan: lookup by text | ${lookup.toFixed(3)} |`);
   say(`| cached plan + keyspace id (hash: 3DES) + shard of a $1 bind | ${routed.toFixed(3)} |`);
+  say(`| cached plan + keyspace id (xxhash) + shard of a $1 bind | ${routedXx.toFixed(3)} |`);
   say(`| cold: parse + plan, point SELECT | ${cold.toFixed(1)} |`);
   say(`| cold: parse + plan, scatter ORDER BY ... LIMIT | ${coldScatter.toFixed(1)} |`);
   say('');
@@ -175,6 +178,8 @@ async function latency(b: Bench, sql: string, runs = 300): Promise<{ p50: number
 
 async function main(): Promise<void> {
   say(`# Sharding benchmark, ${new Date().toISOString()}`);
+  say('');
+  say(`Load average at start: ${os.loadavg().map((l) => l.toFixed(1)).join(', ')} (other work on the machine skews every figure).`);
   say('');
   say(`Machine: ${os.cpus().length} cores (${os.cpus()[0]?.model ?? '?'}), ${Math.round(os.totalmem() / 2 ** 30)} GiB, Node ${process.version}; ${SHARDS} shards, ${ROWS} rows, pgbench -c ${CLIENTS} -j 2 -T ${SECONDS}.`);
   say('');
