@@ -90,6 +90,7 @@ export function shardOfValue(pin: Pin, v: ValueRef, ranges: readonly KeyRange[],
 
 /** The shards a pinned statement runs on, in key-range order (at least one: a NULL pin still needs an answer). */
 export function pinnedShards(pin: Pin, ranges: readonly KeyRange[], params?: readonly BoundParam[]): string[] {
+  if (pin.values.length === 1) return [shardOfValue(pin, pin.values[0], ranges, params) ?? ranges[0].shard];
   const named = new Set<string>();
   for (const v of pin.values) {
     const s = shardOfValue(pin, v, ranges, params);
