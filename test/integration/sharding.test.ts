@@ -36,6 +36,9 @@ tables:
   orders: { column_vindexes: [{ column: tenant_id, name: hash }] }
   order_lines: { column_vindexes: [{ column: tenant_id, name: hash }] }
   products: { type: reference }
+routines:
+  tenant_port: { argument: 0, vindex: hash }
+  rename_tenant: { argument: 0, vindex: hash }
 `;
 const DDL = [
   'CREATE TABLE tenants (id bigint PRIMARY KEY, name text NOT NULL)',
@@ -255,6 +258,17 @@ test('transactions: one shard unchanged; single refuses a second shard; multi sp
   } finally {
     await c.end();
   }
+});
+
+test('functions and procedures are created on every shard and run on the shard of the argument the VSchema names', async () => {
+  await gw.query("CREATE FUNCTION tenant_port(t bigint) RETURNS int LANGUAGE sql AS 'SELECT inet_server_port()'");
+  await gw.query('CREATE PROCEDURE rename_tenant(t bigint, n text) LANGUAGE plpgsql AS $$ BEGIN UPDATE tenants SET name = n WHERE id = t; COMMIT; END $$');
+  for (const t of [1, 2, 3, 4]) {
+    assert.equal((await gw.query(`SELECT tenant_port(${t}) AS p`)).rows[0].p, portOf(shardOfTenant(t)));
+    assert.equal((await gw.query('SELECT tenant_port($1) AS p', [t])).rows[0].p, portOf(shardOfTenant(t)));
+  }
+  await gw.query("CALL rename_tenant(7, 'called')"); // a procedure that commits inside, on its shard
+  assert.equal((await gw.query('SELECT name FROM tenants WHERE id = 7')).rows[0].name, 'called');
 });
 
 test('session settings reach every shard the session uses', async () => {
