@@ -16,11 +16,13 @@ export const plannerReady: Promise<void> = loadModule();
 
 const CACHE_LIMIT = 10_000;
 const AGGREGATES = new Set(['count', 'sum', 'min', 'max']);
-/** Statements that change the schema: run on every shard. */
+/** Statements that change or maintain the schema, roles and grants: run on every shard. */
 const DDL = new Set([
   'CreateStmt', 'AlterTableStmt', 'DropStmt', 'IndexStmt', 'RenameStmt', 'CommentStmt', 'ViewStmt', 'CreateSeqStmt', 'AlterSeqStmt',
   'CreateFunctionStmt', 'AlterFunctionStmt', 'CreateExtensionStmt', 'CreateSchemaStmt', 'CreateEnumStmt', 'CompositeTypeStmt',
-  'GrantStmt', 'TruncateStmt', 'CreateTrigStmt', 'CreateDomainStmt', 'AlterEnumStmt',
+  'GrantStmt', 'TruncateStmt', 'CreateTrigStmt', 'CreateDomainStmt', 'AlterEnumStmt', 'DefineStmt', 'AlterOwnerStmt',
+  'AlterObjectSchemaStmt', 'CreatePolicyStmt', 'CreateStatsStmt', 'RuleStmt', 'VacuumStmt', 'ReindexStmt',
+  'CreateRoleStmt', 'AlterRoleStmt', 'DropRoleStmt', 'GrantRoleStmt',
 ]);
 const SYSTEM_SCHEMAS = new Set(['pg_catalog', 'information_schema']);
 

@@ -109,6 +109,7 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
 test('sessions, DDL, routines and EXPLAIN', () => {
   assert.deepEqual(planner.plan('BEGIN; SET work_mem = 64; COMMIT').map((p) => p.kind), ['begin', 'set', 'commit']);
   assert.equal(one('CREATE INDEX ON orders (status)').kind, 'all');
+  assert.equal(one('ANALYZE orders').kind, 'all');
   assert.equal(one("SET mg.transaction_mode = 'twopc'").kind, 'transaction_mode');
   const call = one('CALL add_order(5, 10)') as any;
   assert.deepEqual(pinnedShards(call.pin, RANGES), [shardOf(5)]);
