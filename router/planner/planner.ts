@@ -9,7 +9,7 @@ import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import type { VSchema } from '../../schemas/vschema/vschema.ts';
 import type { AggregateFn, Merge, Pin, Plan, ValueRef } from './plan.ts';
-import { splice, tokenEnd, valuesRowSpans } from './sqltext.ts';
+import { literalShape, splice, tokenEnd, valuesRowSpans, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
 export const plannerReady: Promise<void> = loadModule();
@@ -33,8 +33,13 @@ const refuse = (message: string): never => {
 
 interface TableUse { alias: string; name: string; kind: 'sharded' | 'reference' | 'system'; pin?: { column: string; vindex: string; type: FunctionalVindex } }
 
+/** Makes the plan of a statement from its text and literals, for statements of one shape (see literalShape). */
+type Template = (sql: string, literals: Literal[]) => Plan[];
+
 export class Planner {
   private readonly cache = new Map<string, Plan[]>();
+  /** Plans by literal shape: `... WHERE id = 7` and `... WHERE id = 8` share one, with no parse. */
+  private readonly templates = new Map<string, Template>();
   /** Names of the CTEs of the statement being planned: they read like tables, and are checked where they are defined. */
   private ctes = new Set<string>();
 
@@ -44,6 +49,21 @@ export class Planner {
   plan(sql: string): Plan[] {
     const hit = this.cache.get(sql);
     if (hit) return hit;
+    const shape = literalShape(sql);
+    const template = shape && this.templates.get(shape.key);
+    if (template) return template(sql, shape.literals);
+    const plans = this.parseAndPlan(sql);
+    if (this.cache.size >= CACHE_LIMIT) this.cache.clear();
+    this.cache.set(sql, plans);
+    const made = shape && plans.length === 1 ? templateOf(plans[0], sql, shape.literals) : undefined;
+    if (made) {
+      if (this.templates.size >= CACHE_LIMIT) this.templates.clear();
+      this.templates.set(shape!.key, made);
+    }
+    return plans;
+  }
+
+  private parseAndPlan(sql: string): Plan[] {
     const text = Buffer.from(sql, 'utf8');
     const stmts: Array<{ stmt: any; stmt_location?: number; stmt_len?: number }> = parseSync(sql).stmts ?? [];
     const plans = stmts.length === 0 ? [{ kind: 'empty' } as Plan] : stmts.map((s) => {
@@ -60,8 +80,6 @@ export class Planner {
         throw err;
       }
     });
-    if (this.cache.size >= CACHE_LIMIT) this.cache.clear();
-    this.cache.set(sql, plans);
     return plans;
   }
 
@@ -337,6 +355,39 @@ export class Planner {
   }
 }
 
+/**
+ * A template for statements shaped like this one, when its route depends on
+ * literals only through its pin (or not at all) and its text goes to the shards
+ * unedited: a pinned SELECT/UPDATE/DELETE/routine call, or a reference read.
+ * Each pin literal must be one of the text's literals, with the same value.
+ */
+function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | undefined {
+  if (plan.kind === 'reference' && plan.sql.length === sql.length) {
+    const tables = plan.tables;
+    return (text) => [{ kind: 'reference', sql: Buffer.from(text, 'latin1'), tables }];
+  }
+  if ((plan.kind !== 'select' && plan.kind !== 'write') || !plan.pin || plan.merge || plan.sql.length !== sql.length) return undefined;
+  const slots: Array<number | ValueRef> = [];
+  for (const v of plan.pin.values) {
+    if ('param' in v) {
+      slots.push(v);
+      continue;
+    }
+    const at = literalAt.get(v);
+    const index = at === undefined ? -1 : literals.findIndex((l) => l.at === at);
+    if (index < 0 || literals[index].value !== v.literal) return undefined;
+    slots.push(index);
+  }
+  const { kind, pin, tables } = plan;
+  return (text, lits) => [{
+    kind, tables, sql: Buffer.from(text, 'latin1'),
+    pin: { ...pin, values: slots.map((s) => (typeof s === 'number' ? { literal: lits[s].value } : s)) },
+  }];
+}
+
+/** Where each literal ValueRef's token starts in the text (for templateOf). */
+const literalAt = new WeakMap<ValueRef, number>();
+
 function planTransaction(t: any, text: Buffer): Plan {
   switch (t.kind) {
     case 'TRANS_STMT_BEGIN': case 'TRANS_STMT_START': return { kind: 'begin', sql: text };
@@ -364,11 +415,11 @@ function valueOf(n: any): ValueRef | undefined {
   const c = n.A_Const;
   if (!c) return undefined;
   if (c.isnull) return { literal: null };
-  if (c.ival) return { literal: String(c.ival.ival ?? 0) };
-  if (c.fval) return { literal: c.fval.fval };
-  if (c.sval) return { literal: c.sval.sval };
-  if (c.boolval) return { literal: c.boolval.boolval ? 'true' : 'false' };
-  return { literal: '0' }; // an integer 0 has no ival field
+  const v: ValueRef = c.ival ? { literal: String(c.ival.ival ?? 0) } : c.fval ? { literal: c.fval.fval } : c.sval ? { literal: c.sval.sval }
+    : c.boolval ? { literal: c.boolval.boolval ? 'true' : 'false' }
+      : { literal: '0' }; // an integer 0 has no ival field
+  if (c.location !== undefined) literalAt.set(v, c.location);
+  return v;
 }
 
 function nodeLocation(n: any): number {

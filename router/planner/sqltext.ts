@@ -93,3 +93,65 @@ export function valuesRowSpans(text: Buffer, firstItem: number, rows: number): {
   }
   return { spans, end: i };
 }
+
+/** A literal of a statement's text: where it starts, and its value as the parser gives it. */
+export interface Literal { at: number; value: string }
+
+const isIdent = (c: number) => (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || c === 0x5f || c === DOLLAR;
+const isDigit = (c: number) => c >= 0x30 && c <= 0x39;
+
+/**
+ * The statement with its numeric and string literals replaced by markers (the
+ * key of its shape), and the literals in order. Only for ASCII text (so string
+ * and byte offsets agree); undefined otherwise. Statements that differ only in
+ * literals share a key, so a plan made for one serves the others.
+ */
+export function literalShape(sql: string): { key: string; literals: Literal[] } | undefined {
+  const literals: Literal[] = [];
+  let key = '';
+  let i = 0;
+  let copied = 0;
+  const n = sql.length;
+  while (i < n) {
+    const c = sql.charCodeAt(i);
+    if (c > 0x7f) return undefined;
+    const prevIdent = i > 0 && isIdent(sql.charCodeAt(i - 1));
+    if (c === QUOTE && !prevIdent) {
+      let j = i + 1;
+      let value = '';
+      for (;;) {
+        if (j >= n) return undefined;
+        if (sql.charCodeAt(j) === QUOTE) {
+          if (sql.charCodeAt(j + 1) === QUOTE) {
+            value += "'";
+            j += 2;
+            continue;
+          }
+          break;
+        }
+        value += sql[j++];
+      }
+      key += `${sql.slice(copied, i)}\u0001s`;
+      literals.push({ at: i, value });
+      i = copied = j + 1;
+      continue;
+    }
+    if (isDigit(c) && !prevIdent) {
+      let j = i;
+      while (j < n && isDigit(sql.charCodeAt(j))) j++;
+      const next = sql.charCodeAt(j);
+      // 1.5, 1e3, 0x1F, 007 (which the parser reads as 7): leave to the parser
+      if (next === 0x2e || next === 0x65 || next === 0x45 || (j < n && isIdent(next)) || (c === 0x30 && j > i + 1)) return undefined;
+      key += `${sql.slice(copied, i)}\u0001n`;
+      literals.push({ at: i, value: sql.slice(i, j) });
+      i = copied = j;
+      continue;
+    }
+    const skipped = c === QUOTE || c === DQUOTE || c === DOLLAR || c === 0x2d || c === 0x2f ? skipOpaqueText(sql, i) : i;
+    i = skipped > i ? skipped : i + 1;
+  }
+  return { key: key + sql.slice(copied), literals };
+}
+
+/** skipOpaque over a string (ASCII, so the byte scanner applies). */
+const skipOpaqueText = (sql: string, i: number) => skipOpaque(Buffer.from(sql, 'latin1'), i);

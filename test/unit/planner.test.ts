@@ -137,3 +137,19 @@ test('merging: partial count/sum/min/max combine per group; DISTINCT', () => {
   assert.deepEqual(s(mergeRows(rows, fields, merge)), [['open', '1', '1', '4', '4'], ['paid', '5', '10.75', '-2', '12']]);
   assert.deepEqual(s(mergeRows([r('a'), r('b'), r('a'), r(null), r(null)], [{ name: 'x', typeOid: 25 }], { orderBy: [], distinct: true })), [['a'], ['b'], [null]]);
 });
+
+test('statements that differ only in literals share one plan shape, with their own values', () => {
+  for (const t of [11, 12, 13, -4, 0]) {
+    const p = one(`SELECT * FROM orders WHERE tenant_id = ${t} AND status = 'o''k'`) as any;
+    assert.equal(text(p), `SELECT * FROM orders WHERE tenant_id = ${t} AND status = 'o''k'`);
+    assert.deepEqual(pinnedShards(p.pin, RANGES), [shardOf(t)]);
+  }
+  const tag = one("SELECT * FROM tags WHERE name = 'it''s' -- 5\n") as any;
+  assert.deepEqual(tag.pin.values, [{ literal: "it's" }]);
+  assert.deepEqual((one("SELECT * FROM tags WHERE name = 'x' -- 5\n") as any).pin.values, [{ literal: 'x' }]);
+  assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id IN (1, 2)') as any).pin.values, [{ literal: '1' }, { literal: '2' }]);
+  assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id IN (3, 4)') as any).pin.values, [{ literal: '3' }, { literal: '4' }]);
+  assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id = 007') as any).pin.values, [{ literal: '7' }]);
+  assert.equal(one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6').kind, 'select');
+  assert.equal((one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6') as any).pin, undefined);
+});
