@@ -83,7 +83,6 @@ export class ShardResult {
   notices: Buffer[] = [];
   /** Extended protocol: a ParameterDescription from a Describe. */
   parameterDescription: Buffer | undefined;
-  noData = false;
 
   constructor(readonly shard: string) {}
 
@@ -96,8 +95,7 @@ export class ShardResult {
       case T.ErrorResponse: this.error ??= errorFieldsAt(buf, start, len); break;
       case T.NoticeResponse: this.notices.push(msg); break;
       case T.ParameterDescription: this.parameterDescription = msg; break;
-      case T.NoData: this.noData = true; break;
-      default: break; // ParseComplete, BindComplete, EmptyQueryResponse: the session answers those itself
+      default: break; // ParseComplete, BindComplete, NoData, EmptyQueryResponse: the session answers those itself
     }
   };
 

@@ -65,9 +65,10 @@ type How = { simple: true } | { simple: false; portal: Portal; describe: boolean
 /** A prepared statement of the extended protocol: the text and its plan, made at Parse. */
 interface Prepared { sql: string; paramTypes: number[]; plan: Plan }
 /** A bound portal: rows are computed at its first Execute and handed out by row limits. */
-interface Portal { prepared: Prepared; params: BoundParam[]; paramFormats: number[]; bindRest: Buffer; resultFormats: number[]; pending?: Buffer[]; tag?: string; described: boolean }
+interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
 
-const AT_MOST_ONE_RESULT = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode']);
+/** Statements the session answers itself (no rows to describe). */
+const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode']);
 
 export class ShardedSession {
   readonly database: string;
@@ -563,8 +564,7 @@ export class ShardedSession {
         const bindRest = r.rest();
         const prepared = this.prepared.get(stmtName);
         if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${stmtName}" does not exist`);
-        const { params, paramFormats, resultFormats } = decodeBindRest(bindRest, prepared.paramTypes);
-        this.portals.set(portalName, { prepared, params, paramFormats, bindRest, resultFormats, described: false });
+        this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, described: false });
         this.reply(BIND_COMPLETE);
         return;
       }
@@ -603,7 +603,7 @@ export class ShardedSession {
     const p = prepared.plan;
     if (p.kind === 'refused') throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `not supported on a sharded database: ${p.message}`);
     const text = 'sql' in p ? (p.sql as Buffer) : p.kind === 'insert' ? Buffer.concat([p.prefix, p.rows[0], p.suffix]) : undefined;
-    if (!text || AT_MOST_ONE_RESULT.has(p.kind) || p.kind === 'show_plan' || p.kind === 'explain') {
+    if (!text || SESSION_COMMANDS.has(p.kind) || p.kind === 'show_plan' || p.kind === 'explain') {
       this.reply(message('t', int16(prepared.paramTypes.length), ...prepared.paramTypes.map(int32)));
       this.reply(p.kind === 'show_plan' ? rowDescription([{ name: 'mg_plan' }]) : p.kind === 'explain' ? rowDescription([{ name: 'QUERY PLAN' }]) : NO_DATA);
       return;
@@ -676,7 +676,7 @@ function parameterTypes(desc: Buffer | undefined): number[] | undefined {
 }
 
 /** The parameters of a Bind (after the portal and statement names), for routing. */
-function decodeBindRest(rest: Buffer, paramTypes: number[]): { params: BoundParam[]; paramFormats: number[]; resultFormats: number[] } {
+function decodeBindParams(rest: Buffer, paramTypes: number[]): BoundParam[] {
   const r = new BodyReader(rest);
   const formats = Array.from({ length: r.int16() }, () => r.int16());
   const n = r.int16();
@@ -687,6 +687,5 @@ function decodeBindRest(rest: Buffer, paramTypes: number[]): { params: BoundPara
     const binary = (formats.length === 1 ? formats[0] : formats[i] ?? 0) === 1;
     params.push({ value, binary, typeOid: paramTypes[i] ?? 0 });
   }
-  const resultFormats = Array.from({ length: r.int16() }, () => r.int16());
-  return { params, paramFormats: formats, resultFormats };
+  return params;
 }
