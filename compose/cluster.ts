@@ -132,7 +132,9 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
   const add = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p });
   for (const cell of spec.cells) if (!state.cells.has(cell)) add(payload('CellRegistered', { cell, region: null }));
   for (const db of spec.databases) {
-    if (state.databases.get(db.name)?.dropped !== false) add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null, hostedOn: null }));
+    if (state.databases.get(db.name)?.dropped !== false) {
+      add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null, sharded: db.sharded, transactionMode: db.transactionMode, hostedOn: null }));
+    }
     for (const r of shardRanges(db.shards)) {
       if (!state.shards.has(shardKey(db.name, r.shard))) {
         add(payload('ShardDefined', { database: db.name, shard: r.shard, keyRangeStart: r.start, keyRangeEnd: r.end }));

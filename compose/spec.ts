@@ -100,6 +100,10 @@ export const clusterSpecSchema = z.object({
   databases: z.array(z.object({
     name,
     shards: z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two').default(1),
+    /** Rows spread over the shards by the database's VSchema (docs/sharding.md); needed for more than one shard. */
+    sharded: z.boolean().default(false),
+    /** Default of SET mg.transaction_mode for the database's sessions. */
+    transactionMode: z.enum(['single', 'multi', 'twopc']).default('multi'),
     instancesPerShard: z.number().int().min(1).max(9).default(3),
     /** Change data capture into Kafka; off unless enabled (docs/cdc.md). */
     cdc: cdcConfigSchema.default({}),
@@ -108,7 +112,9 @@ export const clusterSpecSchema = z.object({
     backupSchedule: backupScheduleSchema.default({}),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
-  })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3 }])
+  }).refine((d) => d.sharded || d.shards === 1, {
+    message: 'more than one shard needs sharded: true (and a VSchema: mg vschema apply)', path: ['shards'],
+  })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3, sharded: false, transactionMode: 'multi' }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
 }).strict();
 

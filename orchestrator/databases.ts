@@ -69,7 +69,7 @@ export class DatabaseManager {
       step(`CREATE DATABASE on ${primary} (primary of ${on}/${shard})`);
       await this.command(primary, 'CREATE_DATABASE', name);
     }
-    await this.event(payload('DatabaseCreated', { database: name, durabilityPolicy: null, hostedOn: on }));
+    await this.event(payload('DatabaseCreated', { database: name, durabilityPolicy: null, hostedOn: on, sharded: false, transactionMode: null }));
     step(`registered in the topology, hosted on ${on}: the gateways serve it`);
   }
 

@@ -13,6 +13,7 @@ export * from './durability.ts';
 export * from './consensus.ts';
 export * from './twopc.ts';
 export * from './backup.ts';
+export * from './vschema/index.ts';
 export * from './generated/types.ts';
 export { AvroCodec, DecodeError, EncodeError } from './codec/confluent.ts';
 export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';

@@ -7,6 +7,7 @@
  * aspect in its own map (no aspect depends on having seen another first), and
  * views join them when asked.
  */
+import { parseVSchema, type VSchema } from './vschema/vschema.ts';
 import type {
   CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
 } from './generated/types.ts';
@@ -24,7 +25,7 @@ export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): P
 
 export type PayloadKind =
   | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
-  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged';
+  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged' | 'VSchemaApplied';
 export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
 
 /** The kind and body of an event's payload. */
@@ -45,13 +46,23 @@ export function topologyKey(event: TopologyEvent): string {
     case 'ServingStateChanged': return `instance/${b.instanceId}/serving`;
     case 'PrimaryChanged': return `shard/${b.database}/${b.shard}/primary`;
     case 'DatabaseActivationChanged': return `database/${b.database}/activation`;
+    case 'VSchemaApplied': return `vschema/${b.database}`;
   }
 }
 
-/** A database: with instances of its own (hostedOn null), or a Postgres database inside another database's instances. */
-export interface DatabaseRecord { durabilityPolicy: string | null; hostedOn: string | null; dropped: boolean }
-
 export interface PrimaryRecord { instanceId: string; term: bigint; ruleNumber: bigint; since: Date; reason: string }
+
+/** A database: with instances of its own (hostedOn null), or a Postgres database inside another database's instances. */
+export interface DatabaseRecord {
+  durabilityPolicy: string | null;
+  hostedOn: string | null;
+  dropped: boolean;
+  sharded: boolean;
+  /** Default of mg.transaction_mode for the database's sessions (null: multi). */
+  transactionMode: string | null;
+}
+
+export interface VSchemaRecord { version: bigint; vschema: VSchema }
 
 export interface TopologyState {
   cells: Map<string, CellRegistered>;
@@ -62,6 +73,7 @@ export interface TopologyState {
   primaries: Map<string, PrimaryRecord>; // key: db/shard
   /** Databases asked to be inactive (scaled to zero), with why and since when; absent = active. */
   inactive: Map<string, { reason: string; since: Date }>;
+  vschemas: Map<string, VSchemaRecord>; // key: database
   /** Events applied, including ignored stale ones. */
   applied: number;
 }
@@ -69,7 +81,7 @@ export interface TopologyState {
 export function emptyTopology(): TopologyState {
   return {
     cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
-    serving: new Map(), primaries: new Map(), inactive: new Map(), applied: 0,
+    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), applied: 0,
   };
 }
 
@@ -94,11 +106,13 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
   switch (kind) {
     case 'CellRegistered': state.cells.set(b.cell, b); break;
     case 'DatabaseCreated':
-      state.databases.set(b.database, { durabilityPolicy: b.durabilityPolicy, hostedOn: b.hostedOn ?? null, dropped: false });
+      state.databases.set(b.database, {
+        durabilityPolicy: b.durabilityPolicy, hostedOn: b.hostedOn ?? null, dropped: false, sharded: b.sharded ?? false, transactionMode: b.transactionMode ?? null,
+      });
       state.inactive.delete(b.database); // a database made again under an old name starts active
       break;
     case 'DatabaseDropped':
-      state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true });
+      state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true, sharded: false, transactionMode: null });
       state.inactive.delete(b.database);
       break;
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
@@ -124,6 +138,18 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       if (b.active) state.inactive.delete(b.database);
       else state.inactive.set(b.database, { reason: b.reason, since: event.ts });
       break;
+    case 'VSchemaApplied': {
+      const held = state.vschemas.get(b.database);
+      if (held && b.version <= held.version) break; // versions, not log order, decide
+      let vschema: VSchema;
+      try {
+        vschema = parseVSchema(JSON.parse(b.vschema));
+      } catch {
+        break; // publishers validate first; an invalid one never replaces a valid one
+      }
+      state.vschemas.set(b.database, { version: b.version, vschema });
+      break;
+    }
   }
   return state;
 }

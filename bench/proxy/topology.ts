@@ -38,7 +38,7 @@ export async function publishDatabases(t: LogTarget, count: number, ports: { pos
     for (let i = 1; i <= count; i++) {
       const database = benchDbName(i);
       const instanceId = `${database}-0-zone1-0`;
-      add(payload('DatabaseCreated', { database, durabilityPolicy: null, hostedOn: null }));
+      add(payload('DatabaseCreated', { database, durabilityPolicy: null, sharded: false, transactionMode: null, hostedOn: null }));
       add(payload('ShardDefined', { database, shard: '-', keyRangeStart: '', keyRangeEnd: '' }));
       add(payload('InstanceRegistered', {
         instanceId, database, shard: '-', cell: 'zone1', host: '127.0.0.1', port: ports.postgres,

@@ -12,7 +12,10 @@
  *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
  *   mg database list|create|drop|activate|deactivate ... (see USAGE)
+ *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
+ *   mg vschema show   <db> [--data-dir dir]
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { createLogger } from '../../common/log.ts';
@@ -23,6 +26,9 @@ import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { createWithInstances, runDatabaseCommand } from './database.ts';
 import { runShardCommand } from './shard.ts';
+import { applyVSchema, showVSchema } from '../vschema.ts';
+import YAML from 'yaml';
+import { VSchemaError } from '../../schemas/index.ts';
 
 const USAGE = `usage:
   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
@@ -44,6 +50,8 @@ const USAGE = `usage:
   mg database drop       <name> --yes [--data-dir dir]
   mg database deactivate <name> [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
+  mg vschema apply  <db> vschema.yaml [--data-dir dir]
+  mg vschema show   <db> [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -123,6 +131,10 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
     return;
   }
+  if (group === 'vschema') {
+    process.exitCode = await vschemaCommand(values['data-dir'] ?? '.mg', command, positionals[2], positionals[3]);
+    return;
+  }
   const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');
   if (!known) throw new UsageError(`unknown command: ${positionals.join(' ') || '(none)'}`);
 
@@ -160,6 +172,42 @@ async function shardCommand(spec: ClusterSpec, command: string | undefined, targ
   if (!['status', 'switchover', 'history'].includes(command ?? '')) throw new UsageError(`unknown command: shard ${command ?? '(none)'}`);
   if (command !== 'status' && !/^[^/]+\/[^/]+$/.test(target ?? '')) throw new UsageError(`shard ${command} needs <db>/<shard>, e.g. postgres/-`);
   return runShardCommand(spec, command as 'status' | 'switchover' | 'history', target, to);
+}
+
+async function vschemaCommand(dataDir: string, command: string | undefined, database: string | undefined, file: string | undefined): Promise<number> {
+  if (command !== 'apply' && command !== 'show') throw new UsageError(`unknown command: vschema ${command ?? '(none)'}`);
+  if (!database || (command === 'apply' && !file)) throw new UsageError(`vschema ${command} needs <db>${command === 'apply' ? ' vschema.yaml' : ''}`);
+  const spec = savedSpec(dataDir);
+  if (!spec) throw new UsageError(`no cluster in ${dataDir} (give --data-dir)`);
+  let raw: unknown;
+  if (command === 'apply') {
+    try {
+      raw = YAML.parse(fs.readFileSync(file!, 'utf8'));
+    } catch (err) {
+      throw new SpecError(`cannot read VSchema ${file}: ${(err as Error).message}`);
+    }
+  }
+  const log = createLogger('mg', {}).child({ command: `vschema ${command}` });
+  log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+  const eventLog = eventLogFor(spec, 'mg-cli', log);
+  try {
+    if (command === 'apply') {
+      const { version } = await applyVSchema(eventLog, database, raw).catch((err) => {
+        throw err instanceof VSchemaError ? new SpecError(`invalid VSchema ${file}:\n${err.message}`) : err;
+      });
+      console.log(`vschema of ${database}: version ${version} published`);
+      return 0;
+    }
+    const held = await showVSchema(eventLog, database);
+    if (!held) {
+      console.error(`mg: database ${database} has no VSchema`);
+      return 1;
+    }
+    console.log(`# version ${held.version}\n${YAML.stringify(held.vschema)}`);
+    return 0;
+  } finally {
+    await eventLog.close();
+  }
 }
 
 main(process.argv.slice(2)).then(

@@ -17,6 +17,9 @@ import { loadDdlParser, type DatabaseDdl } from './database-ddl.ts';
 import { Discovery, type DatabaseGone, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
 import { GatewaySession, openLinks, type DatabaseRegistry, type FailoverOutcome } from './session.ts';
+import { ShardedSession } from './sharded.ts';
+import { plannerReady } from '../planner/planner.ts';
+import { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -56,7 +59,7 @@ const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client co
 export class Gateway {
   readonly discovery: Discovery;
   private server: net.Server | undefined;
-  private readonly sessions = new Map<number, { session: GatewaySession; secret: number }>();
+  private readonly sessions = new Map<number, { session: GatewaySession | ShardedSession; secret: number }>();
   /** SCRAM verifiers by (user, database), cached briefly so password changes apply quickly. */
   private readonly verifier = cachedVerifierLookup((user, database) => this.readVerifier(user, database.split('@')[0]));
   private draining = false;
@@ -66,6 +69,7 @@ export class Gateway {
   private readonly fdBudget = descriptorBudget();
   /** Names this gateway in forwarded CancelRequests. */
   readonly id = `gateway-${randomUUID()}`;
+  private readonly twopc: TwoPhaseCoordinator;
   private readonly publishCancel;
   private readonly publishTopology;
   private readonly databases: DatabaseRegistry = {
@@ -83,6 +87,7 @@ export class Gateway {
 
   constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
+    this.twopc = new TwoPhaseCoordinator({ id: this.id, log });
     this.discovery.onPrimaryMoved((move) => this.leaveReplacedPrimary(move));
     this.discovery.onDatabaseGone((gone) => this.leaveDatabase(gone));
     this.publishCancel = eventLog.publisher('gatewayCancels');
@@ -92,7 +97,7 @@ export class Gateway {
 
   async start(): Promise<number> {
     if (this.opts.tls) prepareFrontendTls(this.opts.tls); // a bad certificate fails here, not at the first client
-    await Promise.all([this.discovery.start(), loadDdlParser()]);
+    await Promise.all([this.discovery.start(), loadDdlParser(), plannerReady]);
     this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
       if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
     }, { since: new Date() });
@@ -225,9 +230,13 @@ export class Gateway {
       return;
     }
     const key = this.newKey();
-    const session = new GatewaySession(client.socket as net.Socket, client.params, {
-      discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,
-    });
+    // A sharded database's sessions plan every statement; the others relay bytes (nothing parsed).
+    const database = (client.params.database ?? client.params.user).split('@')[0];
+    const session = this.discovery.topology.databases.get(database)?.sharded
+      ? new ShardedSession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc })
+      : new GatewaySession(client.socket as net.Socket, client.params, {
+        discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,
+      });
     this.sessions.set(key.pid, { session, secret: key.secret });
     clientsGauge.inc();
     const group = this.discovery.group(session.database);
@@ -314,7 +323,7 @@ export class Gateway {
     let event: TopologyEvent['payload'];
     if (ddl.op === 'create') {
       if (group === undefined || this.discovery.hasDatabase(ddl.name)) return;
-      event = payload('DatabaseCreated', { database: ddl.name, durabilityPolicy: null, hostedOn: group });
+      event = payload('DatabaseCreated', { database: ddl.name, durabilityPolicy: null, hostedOn: group, sharded: false, transactionMode: null });
     } else {
       // Only a database hosted on this group: a same-named one elsewhere is another database.
       if (!known || known.dropped || known.hostedOn !== group) return;

@@ -181,6 +181,10 @@ export interface DatabaseCreated {
   durabilityPolicy: null | string;
   /** The database whose shard group (instances) holds this one as a Postgres database of its own; null when it has instances of its own. */
   hostedOn: null | string;
+  /** Rows are spread over the shards by the database's VSchema; the gateway plans every statement. */
+  sharded: boolean;
+  /** Default of SET mg.transaction_mode for its sessions: single, multi or twopc; null means multi. */
+  transactionMode: null | string;
 }
 
 export interface DatabaseDropped {
@@ -246,6 +250,15 @@ export interface DatabaseActivationChanged {
   reason: string;
 }
 
+/** The whole VSchema of a sharded database (docs/sharding.md); a newer version replaces the older. */
+export interface VSchemaApplied {
+  database: string;
+  /** Grows by one per apply; consumers ignore an event older than the version they hold. */
+  version: bigint;
+  /** The validated VSchema as JSON (schemas/vschema/vschema.ts). */
+  vschema: string;
+}
+
 /** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
 export interface TopologyEvent {
   /** Unique id (UUID) of this event, for deduplication. */
@@ -253,5 +266,5 @@ export interface TopologyEvent {
   ts: Date;
   /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
   source: string;
-  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged };
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied };
 }

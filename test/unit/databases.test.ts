@@ -5,7 +5,7 @@ import { foldTopology, payload, shardGroupOf, topologyKey, type TopologyEvent } 
 
 let n = 0;
 const ev = (p: TopologyEvent['payload']): TopologyEvent => ({ eventId: `e${++n}`, ts: new Date(1_700_000_000_000 + n), source: 'test', payload: p });
-const created = (database: string, hostedOn: string | null = null) => ev(payload('DatabaseCreated', { database, durabilityPolicy: null, hostedOn }));
+const created = (database: string, hostedOn: string | null = null) => ev(payload('DatabaseCreated', { database, durabilityPolicy: null, hostedOn, sharded: false, transactionMode: null }));
 const dropped = (database: string) => ev(payload('DatabaseDropped', { database }));
 const activation = (database: string, active: boolean) => ev(payload('DatabaseActivationChanged', { database, active, reason: 'test' }));
 

@@ -29,12 +29,13 @@ test('a bad spec gets an error naming the field', () => {
   bad({ agent: { healthIntervalMs: 'fast' } }, /agent\.healthIntervalMs: Expected number/);
   bad({ kafka: { prot: 1 } }, /kafka: Unrecognized key.*prot/);
   bad({ postgres: { basePort: 19092 } }, /port 19092 is used by both kafka\.port and postgres port/);
+  bad({ databases: [{ name: 'shop', shards: 2 }] }, /databases.0.shards: more than one shard needs sharded: true/);
 });
 
 test('YAML spec files and --set overrides are validated together', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-spec-'));
   const file = path.join(dir, 'c.yaml');
-  fs.writeFileSync(file, 'name: demo\ndatabases:\n  - name: shop\n    shards: 2\n    instancesPerShard: 2\n');
+  fs.writeFileSync(file, 'name: demo\ndatabases:\n  - name: shop\n    sharded: true\n    shards: 2\n    instancesPerShard: 2\n');
   const spec = loadSpec(file, { 'postgres.basePort': 25000 });
   assert.equal(spec.name, 'demo');
   assert.deepEqual(instancesOf(spec).map((i) => `${i.instanceId}:${i.port}`), [

@@ -16,7 +16,7 @@ const serving = (id: string, state: 'SERVING' | 'NOT_SERVING', term: bigint | nu
 
 const base = () => [
   ev(payload('CellRegistered', { cell: 'zone1', region: null })),
-  ev(payload('DatabaseCreated', { database: 'db', durabilityPolicy: null, hostedOn: null })),
+  ev(payload('DatabaseCreated', { database: 'db', durabilityPolicy: null, sharded: false, transactionMode: null, hostedOn: null })),
   ev(payload('ShardDefined', { database: 'db', shard: '-', keyRangeStart: '', keyRangeEnd: '' })),
   inst('a', 'zone1', 'PRIMARY'), inst('b', 'zone2'), inst('c', 'zone3'),
   primary('a', 1n),

@@ -1,0 +1,237 @@
+/**
+ * Sharded query serving benchmark (issue 11):
+ *
+ *   npm run bench:sharding -- [--shards 4] [--rows 100000] [--seconds 10] [--clients 8] [--base-port 20000] [--out file]
+ *
+ *  1. Planner cost per statement, in process: a cached plan (lookup, and
+ *     lookup + keyspace id + shard), and a cold parse (every text new).
+ *  2. Two clusters on one Kafka: a sharded database (--shards shards, one
+ *     instance each) and an unsharded one (one instance), both behind their
+ *     gateway, each holding the same `kv` table of --rows rows.
+ *  3. Single-shard point SELECT TPS (pgbench, custom script, simple and
+ *     extended protocol) through each gateway.
+ *  4. Scatter `ORDER BY ... LIMIT 10` latency (p50/p99 over 300 runs) through
+ *     the sharded gateway vs the same query on the unsharded one.
+ *
+ * Everything started is stopped at the end (mg cluster down --clean), also on failure.
+ * Ports: base .. base+999.
+ */
+import { execFile, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs, promisify } from 'node:util';
+import pg from 'pg';
+import { pinnedShards, type Plan } from '../router/planner/plan.ts';
+import { Planner, plannerReady } from '../router/planner/planner.ts';
+import { parseVSchema } from '../schemas/index.ts';
+import { PGBENCH } from './proxy/pgbench.ts';
+
+const run = promisify(execFile);
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const mgBin = path.join(root, 'compose', 'bin', 'mg');
+
+const { values: args } = parseArgs({
+  options: {
+    shards: { type: 'string', default: '4' },
+    rows: { type: 'string', default: '100000' },
+    seconds: { type: 'string', default: '10' },
+    clients: { type: 'string', default: '8' },
+    'base-port': { type: 'string', default: '20000' },
+    out: { type: 'string' },
+  },
+});
+const SHARDS = Number(args.shards);
+const ROWS = Number(args.rows);
+const SECONDS = Number(args.seconds);
+const CLIENTS = Number(args.clients);
+const BASE = Number(args['base-port']);
+const VSCHEMA = { vindexes: { hash: { type: 'hash' } }, tables: { kv: { column_vindexes: [{ column: 'k', name: 'hash' }] } } };
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-bench-sharding-'));
+fs.chmodSync(work, 0o755);
+const lines: string[] = [];
+const say = (s: string) => {
+  console.log(s);
+  lines.push(s);
+};
+
+// ---------------------------------------------------------------- 1. the planner
+async function plannerCost(): Promise<void> {
+  await plannerReady;
+  const planner = new Planner(parseVSchema(VSCHEMA));
+  const ranges = Array.from({ length: SHARDS }, (_, i) => {
+    const b = (x: number) => (x === 0 || x === SHARDS ? '' : (x * (256 / SHARDS)).toString(16).padStart(2, '0'));
+    return { shard: `${b(i)}-${b(i + 1)}`, start: b(i), end: b(i + 1) };
+  });
+  const sql = 'SELECT v FROM kv WHERE k = $1';
+  const param = [{ value: Buffer.from('42'), binary: false, typeOid: 0 }];
+  const time = (n: number, fn: (i: number) => void) => {
+    for (let i = 0; i < Math.min(n, 10_000); i++) fn(i); // warm up
+    const t0 = process.hrtime.bigint();
+    for (let i = 0; i < n; i++) fn(i);
+    return Number(process.hrtime.bigint() - t0) / n / 1000;
+  };
+  const lookup = time(1_000_000, () => planner.plan(sql));
+  const routed = time(200_000, () => pinnedShards((planner.plan(sql)[0] as Extract<Plan, { kind: 'select' | 'write' }>).pin!, ranges, param));
+  const xx = new Planner(parseVSchema({ vindexes: { xx: { type: 'xxhash' } }, tables: { kv: { column_vindexes: [{ column: 'k', name: 'xx' }] } } }));
+  const routedXx = time(200_000, () => pinnedShards((xx.plan(sql)[0] as Extract<Plan, { kind: 'select' | 'write' }>).pin!, ranges, param));
+  const shaped = time(200_000, (i) => planner.plan(`SELECT v FROM kv WHERE k = ${i + 1}`));
+  const cold = time(20_000, (i) => planner.plan(`SELECT v FROM kv WHERE k = ${i + 1_000_000} AND n > ${i}.5`));
+  const coldScatter = time(20_000, (i) => planner.plan(`SELECT k, n FROM kv WHERE n > ${i} ORDER BY n DESC, k LIMIT 10`));
+  say('## Planner cost per statement (in process, one core)');
+  say('');
+  say('| what | us per statement |');
+  say('|---|---|');
+  say(`| cached plan: lookup by text | ${lookup.toFixed(3)} |`);
+  say(`| cached plan + keyspace id (hash: 3DES) + shard of a $1 bind | ${routed.toFixed(3)} |`);
+  say(`| cached plan + keyspace id (xxhash) + shard of a $1 bind | ${routedXx.toFixed(3)} |`);
+  say(`| new text, known shape (simple protocol, literals differ): lexing + plan from the shape | ${shaped.toFixed(3)} |`);
+  say(`| cold: parse + plan, point SELECT | ${cold.toFixed(1)} |`);
+  say(`| cold: parse + plan, scatter ORDER BY ... LIMIT | ${coldScatter.toFixed(1)} |`);
+  say('');
+}
+
+// ---------------------------------------------------------------- 2. two clusters
+interface Bench { name: string; dataDir: string; gatewayPort: number }
+const clusters: Bench[] = [];
+
+async function clusterUp(name: string, base: number, sharded: boolean, kafka?: { bootstrap: string; registry: string }): Promise<Bench> {
+  const dataDir = path.join(work, name);
+  const spec = path.join(work, `${name}.yaml`);
+  const db = sharded ? `{ name: postgres, sharded: true, shards: ${SHARDS}, instancesPerShard: 1, durability: ANY_1 }` : '{ name: postgres, shards: 1, instancesPerShard: 1, durability: ANY_1 }';
+  fs.writeFileSync(spec, [
+    `name: ${name}`,
+    'cells: [zone1]',
+    `databases: [${db}]`,
+    kafka ? `kafka: { bootstrap: "${kafka.bootstrap}", topicPrefix: "${name}." }` : `kafka: { port: ${base + 490}, controllerPort: ${base + 491} }`,
+    kafka ? `registry: { url: "${kafka.registry}" }` : `registry: { port: ${base + 481} }`,
+    `postgres: { basePort: ${base} }`,
+    `pooler: { basePort: ${base + 200}, metricsBasePort: ${base + 300} }`,
+    `gateway: { port: ${base + 400}, metricsPort: ${base + 401} }`,
+    `agent: { metricsBasePort: ${base + 100} }`,
+    `orchestrator: { basePort: ${base + 450} }`,
+    '',
+  ].join('\n'));
+  const b: Bench = { name, dataDir, gatewayPort: base + 400 };
+  clusters.push(b);
+  const t0 = performance.now();
+  await run(mgBin, ['cluster', 'up', '--spec', spec, '--data-dir', dataDir], { timeout: 600_000, maxBuffer: 16 << 20 });
+  console.log(`${name}: cluster up in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  return b;
+}
+
+const client = async (b: Bench) => {
+  const c = new pg.Client({ host: '127.0.0.1', port: b.gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres' });
+  await c.connect();
+  return c;
+};
+
+async function load(b: Bench): Promise<void> {
+  const c = await client(b);
+  try {
+    await c.query('CREATE TABLE kv (k bigint PRIMARY KEY, v text NOT NULL, n int NOT NULL)');
+    for (let from = 1; from <= ROWS; from += 1000) {
+      const values = Array.from({ length: Math.min(1000, ROWS - from + 1) }, (_, i) => `(${from + i}, 'value ${from + i}', ${((from + i) * 7919) % 100_003})`);
+      await c.query(`INSERT INTO kv (k, v, n) VALUES ${values.join(', ')}`);
+    }
+    await c.query('ANALYZE kv');
+  } finally {
+    await c.end();
+  }
+}
+
+// ---------------------------------------------------------------- 3. point SELECT TPS
+async function pgbench(b: Bench, mode: 'simple' | 'extended'): Promise<number> {
+  const script = path.join(work, 'point.sql');
+  fs.writeFileSync(script, `\\set k random(1, ${ROWS})\nSELECT v FROM kv WHERE k = :k;\n`);
+  const out = await new Promise<string>((resolve, reject) => {
+    const p = spawn(PGBENCH, ['-n', '-f', script, '-M', mode, '-c', String(CLIENTS), '-j', '2', '-T', String(SECONDS), '-h', '127.0.0.1', '-p', String(b.gatewayPort), '-U', 'postgres', 'postgres'], {
+      env: { ...process.env, PGPASSWORD: 'postgres', PGSSLMODE: 'disable' },
+    });
+    let text = '';
+    p.stdout.on('data', (d) => (text += d));
+    p.stderr.on('data', (d) => (text += d));
+    p.on('error', reject);
+    p.on('close', () => resolve(text));
+  });
+  const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(out);
+  if (!tps) throw new Error(`pgbench against ${b.name} printed no TPS:\n${out}`);
+  return Number(tps[1]);
+}
+
+// ---------------------------------------------------------------- 4. scatter ORDER BY LIMIT
+async function latency(b: Bench, sql: string, runs = 300): Promise<{ p50: number; p99: number }> {
+  const c = await client(b);
+  try {
+    for (let i = 0; i < 20; i++) await c.query(sql);
+    const ms: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const t0 = performance.now();
+      await c.query(sql);
+      ms.push(performance.now() - t0);
+    }
+    ms.sort((x, y) => x - y);
+    return { p50: ms[Math.floor(runs * 0.5)], p99: ms[Math.floor(runs * 0.99)] };
+  } finally {
+    await c.end();
+  }
+}
+
+async function main(): Promise<void> {
+  say(`# Sharding benchmark, ${new Date().toISOString()}`);
+  say('');
+  say(`Load average at start: ${os.loadavg().map((l) => l.toFixed(1)).join(', ')} (other work on the machine skews every figure).`);
+  say('');
+  say(`Machine: ${os.cpus().length} cores (${os.cpus()[0]?.model ?? '?'}), ${Math.round(os.totalmem() / 2 ** 30)} GiB, Node ${process.version}; ${SHARDS} shards, ${ROWS} rows, pgbench -c ${CLIENTS} -j 2 -T ${SECONDS}.`);
+  say('');
+  await plannerCost();
+
+  const sharded = await clusterUp('sharded', BASE, true);
+  const unsharded = await clusterUp('unsharded', BASE + 500, false, { bootstrap: `127.0.0.1:${BASE + 490}`, registry: `http://127.0.0.1:${BASE + 481}` });
+  const vschema = path.join(work, 'vschema.yaml');
+  fs.writeFileSync(vschema, JSON.stringify(VSCHEMA));
+  await run(mgBin, ['vschema', 'apply', 'postgres', vschema, '--data-dir', sharded.dataDir]);
+  await new Promise((r) => setTimeout(r, 2_000)); // the gateway folds the VSchema from Kafka
+  await Promise.all([load(sharded), load(unsharded)]);
+
+  say('## Single-shard point SELECT through the gateway');
+  say('');
+  say('| protocol | unsharded TPS | sharded TPS | sharded / unsharded |');
+  say('|---|---|---|---|');
+  for (const mode of ['simple', 'extended'] as const) {
+    const u = await pgbench(unsharded, mode);
+    const s = await pgbench(sharded, mode);
+    say(`| ${mode} | ${u.toFixed(0)} | ${s.toFixed(0)} | ${(s / u).toFixed(2)}x |`);
+  }
+  say('');
+
+  const scatter = 'SELECT k, n FROM kv ORDER BY n DESC, k LIMIT 10';
+  const u = await latency(unsharded, scatter);
+  const s = await latency(sharded, scatter);
+  say(`## Scatter \`${scatter}\` (300 runs, one client)`);
+  say('');
+  say('| target | p50 ms | p99 ms |');
+  say('|---|---|---|');
+  say(`| one unsharded Postgres, all ${ROWS} rows | ${u.p50.toFixed(2)} | ${u.p99.toFixed(2)} |`);
+  say(`| ${SHARDS} shards, merged at the gateway | ${s.p50.toFixed(2)} | ${s.p99.toFixed(2)} |`);
+  say('');
+  if (args.out) fs.writeFileSync(args.out, `${lines.join('\n')}\n`);
+}
+
+async function teardown(): Promise<void> {
+  for (const b of clusters.reverse()) {
+    await run(mgBin, ['cluster', 'down', '--clean', '--data-dir', b.dataDir], { timeout: 300_000 }).catch((err) => console.error(`${b.name}: down failed: ${err.message}`));
+  }
+  fs.rmSync(work, { recursive: true, force: true });
+}
+
+process.on('SIGINT', () => void teardown().then(() => process.exit(130)));
+main().then(
+  () => teardown(),
+  async (err) => {
+    console.error(err);
+    await teardown();
+    process.exitCode = 1;
+  },
+);

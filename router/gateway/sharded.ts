@@ -1,0 +1,694 @@
+/**
+ * A client of a sharded database. Unlike GatewaySession, which relays bytes to
+ * the one shard of an unsharded database, this session terminates the client
+ * protocol: every statement is planned (router/planner) and run on the shards
+ * its plan names, over one pooler link per shard (opened on first use, with
+ * the session's settings replayed), and scatter results are merged here.
+ * Transactions span the shards they touch under the session's
+ * mg.transaction_mode (docs/sharding.md).
+ */
+import net from 'node:net';
+import { counter, histogram } from '../../common/metrics.ts';
+import { VindexValueError } from '../../schemas/vschema/vindex.ts';
+import { parseVSchema } from '../../schemas/vschema/index.ts';
+import type { VSchemaRecord } from '../../schemas/topology.ts';
+import { mergeRows, type Field } from '../planner/merge.ts';
+import { describePlan, pinnedShards, routeKind, shardOfValue, type BoundParam, type Plan } from '../planner/plan.ts';
+import { Planner, RefusedError } from '../planner/planner.ts';
+import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
+import { cstr, DEFAULT_MAX_MESSAGE, frameAt, int16, int32, message, MessageScanner, BodyReader } from '../protocol/frames.ts';
+import {
+  BIND_COMPLETE, backendKeyData, CLOSE_COMPLETE, commandComplete, dataRow, decodeParse, encodeCancel, encodeErrorFields, EMPTY_QUERY_RESPONSE, errorResponse,
+  NO_DATA, PARSE_COMPLETE, parameterStatus, readyForQuery, rowDescription, SYNC, T,
+} from '../protocol/messages.ts';
+import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
+import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
+
+export type TransactionMode = 'single' | 'multi' | 'twopc';
+
+const statements = counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route']);
+const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
+const refusals = counter('mg_gateway_sharded_refused_total', 'Statements refused with 0A000 because no route answers them correctly');
+const commits = counter('mg_gateway_sharded_commits_total', 'Commits of sharded transactions, by mode and participant count', ['mode', 'shards']);
+
+/** Planners by VSchema version: each caches its plans, and a new version starts a new cache. */
+const planners = new WeakMap<VSchemaRecord, Planner>();
+const noVSchema = new Planner(parseVSchema({}));
+function plannerFor(record: VSchemaRecord | undefined): Planner {
+  if (!record) return noVSchema;
+  let p = planners.get(record);
+  if (!p) planners.set(record, (p = new Planner(record.vschema)));
+  return p;
+}
+
+export interface ShardedSessionOptions {
+  discovery: Discovery;
+  bufferWindowMs: number;
+  key: { pid: number; secret: number };
+  /** Commits the transactions that wrote on several shards in `twopc` mode. */
+  twopc: TwoPhaseCoordinator;
+}
+
+/** How a statement reaches the shards: as a Query, or as the Parse/Bind/Execute of a portal (`limited`: Execute with a row limit). */
+type How = { simple: true } | { simple: false; portal: Portal; describe: boolean; limited: boolean };
+
+/** A prepared statement of the extended protocol: the text and its plan, made at Parse. */
+interface Prepared { sql: string; paramTypes: number[]; plan: Plan }
+/** A bound portal: rows are computed at its first Execute and handed out by row limits. */
+interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
+
+/** Statements the session answers itself (no rows to describe). */
+const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode']);
+
+export class ShardedSession {
+  readonly database: string;
+  private readonly links = new Map<string, ShardLink>();
+  private readonly connecting = new Map<string, Promise<ShardLink>>();
+  private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
+  private out: Buffer[] = [];
+  /** Client messages are handled one after another, each after the previous one's shard work. */
+  private chain: Promise<void> = Promise.resolve();
+  private ended = false;
+  /** Set when the database is dropped or scaled to zero: the session ends at its next idle point. */
+  private endAtIdle: PgError | undefined;
+  /** Session SETs in order, replayed on each new shard link. */
+  private settings: string[] = [];
+  mode: TransactionMode;
+  private inTransaction = false;
+  private transactionFailed = false;
+  private beginSql = 'BEGIN';
+  /** The route of the last statement, for SHOW mg_plan. */
+  private lastRoute = 'no statement yet';
+  private readonly prepared = new Map<string, Prepared>();
+  private readonly portals = new Map<string, Portal>();
+  /** Extended protocol: after an error, messages are skipped until Sync. */
+  private skipToSync = false;
+
+  constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: ShardedSessionOptions) {
+    this.database = (params.database ?? params.user).split('@')[0];
+    this.mode = (opts.discovery.topology.databases.get(this.database)?.transactionMode as TransactionMode | null) ?? 'multi';
+  }
+
+  private get planner(): Planner {
+    return plannerFor(this.opts.discovery.topology.vschemas.get(this.database));
+  }
+
+  /** The shards in key-range order. */
+  private ranges() {
+    return this.opts.discovery.shards(this.database)
+      .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
+      .sort((a, b) => a.start.localeCompare(b.start));
+  }
+
+  async start(pending: Buffer): Promise<void> {
+    const ranges = this.ranges();
+    if (!ranges.length) throw new PgError('FATAL', SQLSTATE.INVALID_CATALOG_NAME, `database "${this.database}" does not exist`);
+    const first = await this.link(ranges[0].shard);
+    const greeting = [...first.up.parameters].map(([k, v]) => parameterStatus(k, v));
+    this.socket.write(Buffer.concat([...greeting, backendKeyData(this.opts.key.pid, this.opts.key.secret), readyForQuery('I')]));
+    this.socket.on('data', (chunk: Buffer) => this.onClientData(chunk));
+    this.socket.on('close', () => this.end());
+    this.socket.on('error', () => this.end());
+    if (pending.length) this.onClientData(pending);
+  }
+
+  /** A cancel request reaches whatever the session is running on every shard. */
+  cancel(): void {
+    for (const link of this.links.values()) {
+      const s = net.connect({ host: link.ep.host, port: link.ep.port }, () => s.end(encodeCancel(link.up.pid, link.up.secret)));
+      s.on('error', () => s.destroy());
+    }
+  }
+
+  /** Links are per shard and reopened on demand; idle release is the unsharded sessions' business. */
+  releaseIdleLink(): boolean {
+    return false;
+  }
+
+  /**
+   * A shard's primary moved: a link to the old one that is in the client's
+   * transaction ends the session (57P01: it did not commit); an idle one is
+   * closed and reopened on the new primary at next use.
+   */
+  leaveReplacedPrimary(move: PrimaryMove): 'in_transaction' | undefined {
+    if (this.ended || move.database !== this.database) return undefined;
+    const link = this.links.get(move.shard);
+    if (!link || link.ep.instanceId === move.to) return undefined;
+    if (link.inTransaction) {
+      this.fail(new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN,
+        `terminating connection because the primary of ${move.database}/${move.shard} was replaced (term ${move.term}): the open transaction did not commit`));
+      return 'in_transaction';
+    }
+    this.links.delete(move.shard);
+    link.up.end();
+    return undefined;
+  }
+
+  /** The database was dropped or scaled to zero: ends the session now if it is idle, else once its transaction is over. */
+  leaveDatabase(err: PgError): void {
+    this.endAtIdle = err;
+    this.leaveIfIdle();
+  }
+
+  private leaveIfIdle(): void {
+    if (this.endAtIdle && !this.inTransaction) this.fail(this.endAtIdle);
+  }
+
+  end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    for (const link of this.links.values()) link.up.end();
+    this.socket.destroy();
+  }
+
+  private fail(err: PgError): void {
+    if (!this.ended) this.socket.write(errorResponse(err));
+    this.end();
+  }
+
+  private onClientData(chunk: Buffer): void {
+    try {
+      this.fromClient.push(chunk, {
+        onMessage: (buf, start, len) => {
+          const msg = Buffer.from(buf.subarray(start, start + len));
+          this.chain = this.chain.then(() => this.onClientMessage(msg)).then(() => this.leaveIfIdle()).catch((err) => this.fail(asPgError(err, 'FATAL')));
+        },
+      });
+    } catch (err) {
+      this.fail(asPgError(err, 'FATAL'));
+    }
+  }
+
+  private async onClientMessage(msg: Buffer): Promise<void> {
+    if (this.ended) return;
+    const f = frameAt(msg, 0, msg.length);
+    switch (f.type) {
+      case T.Terminate: return this.end();
+      case T.Query: await this.simpleQuery(new BodyReader(f.body).cstr()); return;
+      case T.Sync:
+        this.skipToSync = false;
+        this.reply(readyForQuery(this.status()));
+        this.flush();
+        return;
+      case T.Flush: this.flush(); return;
+      case T.Parse: case T.Bind: case T.Describe: case T.Execute: case T.Close:
+        if (this.skipToSync) return;
+        try {
+          await this.extended(f.type, f.body, msg);
+        } catch (err) {
+          this.reportError(err);
+          this.skipToSync = true;
+        }
+        return;
+      default:
+        this.reply(errorResponse(new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `message type '${String.fromCharCode(f.type)}' is not supported on a sharded database`)));
+        this.reply(readyForQuery(this.status()));
+        this.flush();
+    }
+  }
+
+  private status(): 'I' | 'T' | 'E' {
+    return !this.inTransaction ? 'I' : this.transactionFailed ? 'E' : 'T';
+  }
+
+  private reply(buf: Buffer): void {
+    this.out.push(buf);
+  }
+
+  private flush(): void {
+    if (!this.out.length || this.ended) return;
+    this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out));
+    this.out = [];
+  }
+
+  private reportError(err: unknown): void {
+    const e = asPgError(err, 'ERROR');
+    if (e.code === SQLSTATE.FEATURE_NOT_SUPPORTED) refusals.inc();
+    this.reply(errorResponse(e));
+    if (this.inTransaction) this.transactionFailed = true;
+  }
+
+  // --- simple query protocol -------------------------------------------------------------------
+
+  private async simpleQuery(sql: string): Promise<void> {
+    let plans: Plan[];
+    try {
+      plans = this.planner.plan(sql);
+    } catch (err) {
+      plans = [];
+      this.reportError(err);
+    }
+    for (const plan of plans) {
+      try {
+        await this.execute(plan, { simple: true });
+      } catch (err) {
+        this.reportError(err);
+        break;
+      }
+    }
+    this.reply(readyForQuery(this.status()));
+    this.flush();
+  }
+
+  // --- execution ------------------------------------------------------------------------------
+
+  /**
+   * Runs one planned statement and writes its answer (without ReadyForQuery).
+   * `simple`: shards get the text as a Query; otherwise the portal's Parse/Bind/Execute.
+   */
+  private async execute(plan: Plan, how: How): Promise<void> {
+    if (this.transactionFailed && plan.kind !== 'rollback' && plan.kind !== 'commit') {
+      throw new PgError('ERROR', '25P02', 'current transaction is aborted, commands ignored until end of transaction block');
+    }
+    const params = how.simple ? undefined : how.portal.params;
+    switch (plan.kind) {
+      case 'empty': this.reply(EMPTY_QUERY_RESPONSE); return;
+      case 'refused': throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `not supported on a sharded database: ${plan.message}`);
+      case 'transaction_mode':
+        if (this.inTransaction) throw new PgError('ERROR', '25001', 'mg.transaction_mode cannot change inside a transaction');
+        this.mode = plan.mode as TransactionMode;
+        this.reply(commandComplete('SET'));
+        return;
+      case 'show_plan':
+        this.reply(rowDescription([{ name: 'mg_plan' }]));
+        this.reply(dataRow([this.lastRoute]));
+        this.reply(commandComplete('SHOW'));
+        return;
+      case 'set': return this.runSet(plan.sql);
+      case 'begin':
+        if (this.inTransaction) this.reply(notice('25001', 'there is already a transaction in progress'));
+        this.inTransaction = true;
+        this.transactionFailed = false;
+        this.beginSql = plan.sql.toString('utf8');
+        this.reply(commandComplete('BEGIN'));
+        return;
+      case 'commit': return this.finishTransaction(!this.transactionFailed);
+      case 'rollback': return this.finishTransaction(false);
+      case 'explain': {
+        const shards = this.shardsOf(plan.inner, params);
+        this.lastRoute = describePlan(plan.inner, shards);
+        const results = await this.onShards(shards, () => plan.sql, how, false);
+        this.reply(rowDescription([{ name: 'QUERY PLAN' }]));
+        const lines = [`mg route: ${this.lastRoute}`];
+        for (const r of results) {
+          lines.push(`shard ${r.shard}:`);
+          for (const row of r.rows) lines.push(`  ${decodeDataRow(row)[0]?.toString('utf8') ?? ''}`);
+        }
+        for (const l of lines) this.reply(dataRow([l]));
+        this.reply(commandComplete(`EXPLAIN`));
+        return;
+      }
+      default: break;
+    }
+    const shards = this.shardsOf(plan, params);
+    this.lastRoute = describePlan(plan, shards);
+    statements.inc({ route: routeKind(plan, shards.length) ?? 'session' });
+    shardsPerStatement.observe(shards.length);
+    if (plan.kind === 'insert') {
+      const byShard = new Map<string, Buffer[]>();
+      plan.rows.forEach((row, i) => {
+        const s = shardOfValue(plan.pin, plan.pin.values[i], this.ranges(), params)!;
+        byShard.set(s, [...(byShard.get(s) ?? []), row]);
+      });
+      const textFor = (shard: string) => Buffer.concat([plan.prefix, ...joinRows(byShard.get(shard)!), plan.suffix]);
+      if (shards.length === 1 && (how.simple || !how.limited)) return this.relay(shards[0], textFor(shards[0]), how);
+      if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: a multi-row INSERT with parameters whose rows go to different shards (send one row per statement)');
+      return this.union(await this.onShards(shards, textFor, how, true), how);
+    }
+    const sql = (plan as { sql: Buffer }).sql;
+    if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
+    const results = await this.onShards(shards, () => sql, how, true);
+    if (plan.kind === 'all') return this.replyFirst(results, how);
+    if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
+    return this.union(results, how);
+  }
+
+  /** The shards a plan runs on. */
+  private shardsOf(plan: Plan, params?: BoundParam[]): string[] {
+    const ranges = this.ranges();
+    try {
+      switch (plan.kind) {
+        case 'select': case 'write': return plan.pin ? pinnedShards(plan.pin, ranges, params) : ranges.map((r) => r.shard);
+        case 'insert': return pinnedShards(plan.pin, ranges, params);
+        case 'all': return ranges.map((r) => r.shard);
+        case 'reference': {
+          // Any shard answers: one this session already uses (its transaction's writes included), else the first.
+          const used = ranges.find((r) => this.links.get(r.shard)?.inTransaction) ?? ranges.find((r) => this.links.has(r.shard)) ?? ranges[0];
+          return [used.shard];
+        }
+        default: return [];
+      }
+    } catch (err) {
+      if (err instanceof VindexValueError) throw new PgError('ERROR', '22023', err.message);
+      throw err;
+    }
+  }
+
+  /** A single shard's answer goes to the client as it came (RowDescription, rows, tag, errors). */
+  private async relay(shard: string, sql: Buffer, how: How): Promise<void> {
+    const link = await this.enlist(shard);
+    let error: Record<string, string> | undefined;
+    const out = this.out;
+    const handler: ResponseHandler = (type, buf, start, len) => {
+      if (type === T.ParseComplete || type === T.BindComplete) return;
+      if (type === T.ErrorResponse) error = {};
+      out.push(Buffer.from(buf.subarray(start, start + len)));
+    };
+    await link.request(this.requestBytes(sql, how, !how.simple && how.describe), handler);
+    if (!error) return;
+    if (this.inTransaction) this.transactionFailed = true;
+    if (!how.simple) this.skipToSync = true;
+  }
+
+  /** Runs the statement on each shard in parallel and collects; an error on any shard is thrown naming it. */
+  private async onShards(shards: string[], textFor: (shard: string) => Buffer, how: How, named: boolean): Promise<ShardResult[]> {
+    const links = await Promise.all(shards.map((s) => this.enlist(s)));
+    const results = await Promise.all(links.map(async (link) => {
+      const r = new ShardResult(link.shard);
+      await link.request(this.requestBytes(textFor(link.shard), how, true), r.collect);
+      return r;
+    }));
+    const failed = results.find((r) => r.error);
+    if (failed) throw failed.pgError(named && shards.length > 1);
+    return results;
+  }
+
+  /**
+   * What a shard is sent for one statement: a Query, or Parse/Bind/(Describe)/Execute/Sync of the
+   * portal. Collected results are always described: merging needs the column types.
+   */
+  private requestBytes(sql: Buffer, how: How, describe: boolean): Buffer {
+    if (how.simple) return message('Q', sql, Buffer.from([0]));
+    const p = how.portal;
+    return Buffer.concat([
+      message('P', cstr(''), sql, Buffer.from([0]), int16(p.prepared.paramTypes.length), ...p.prepared.paramTypes.map(int32)),
+      message('B', cstr(''), cstr(''), p.bindRest),
+      ...(describe ? [message('D', Buffer.from('P'), cstr(''))] : []),
+      message('E', cstr(''), int32(0)),
+      SYNC,
+    ]);
+  }
+
+  private describeOnce(results: ShardResult[], how: How): void {
+    if (!how.simple && !how.describe) return;
+    const withRows = results.find((r) => r.rowDescription);
+    if (withRows) this.reply(withRows.rowDescription!);
+    else if (!how.simple) this.reply(NO_DATA);
+  }
+
+  /** Rows of every shard one after another; the command tag adds their counts up. */
+  private union(results: ShardResult[], how: How): void {
+    this.describeOnce(results, how);
+    for (const r of results) for (const n of r.notices) this.reply(n);
+    const rows = results.flatMap((r) => r.rows);
+    this.emitRows(rows, sumTags(results.map((r) => r.tag)), how);
+  }
+
+  /** DDL and reference-table writes: every shard ran the same; its answer once. */
+  private replyFirst(results: ShardResult[], how: How): void {
+    this.describeOnce(results, how);
+    for (const n of results[0].notices) this.reply(n);
+    this.emitRows(results[0].rows, results[0].tag ?? '', how);
+  }
+
+  private merged(results: ShardResult[], plan: Extract<Plan, { kind: 'select' | 'write' }>, how: How): void {
+    const first = results.find((r) => r.fields);
+    if (!first) return this.union(results, how);
+    if (first.binary) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges');
+    const fields: Field[] = first.fields!;
+    const rows = mergeRows(results.flatMap((r) => r.rows.map(decodeDataRow)), fields, plan.merge!, how.simple ? undefined : how.portal.params).map(encodeDataRow);
+    this.describeOnce(results, how);
+    this.emitRows(rows, `SELECT ${rows.length}`, how);
+  }
+
+  /** Rows and tag; for a portal, kept for Executes with a row limit. */
+  private emitRows(rows: Buffer[], tag: string, how: How): void {
+    if (!how.simple) {
+      how.portal.pending = rows;
+      how.portal.tag = tag;
+      return;
+    }
+    for (const r of rows) this.reply(r);
+    this.reply(commandComplete(tag));
+  }
+
+  // --- links and transactions -----------------------------------------------------------------
+
+  /** The session's link to a shard's primary, opened (and its settings replayed) on first use. */
+  private async link(shard: string): Promise<ShardLink> {
+    const held = this.links.get(shard);
+    if (held && !held.closed && (held.inTransaction || this.opts.discovery.primary(this.database, shard)?.instanceId === held.ep.instanceId)) return held;
+    if (held) {
+      this.links.delete(shard);
+      if (held.inTransaction) throw new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`);
+      held.up.end();
+    }
+    let opening = this.connecting.get(shard);
+    if (!opening) {
+      opening = this.openLink(shard).finally(() => this.connecting.delete(shard));
+      this.connecting.set(shard, opening);
+    }
+    return opening;
+  }
+
+  private async openLink(shard: string): Promise<ShardLink> {
+    const ep = await this.primaryOf(shard);
+    const link = await ShardLink.open(shard, ep, { ...this.params, database: this.database }, () => {
+      if (this.links.get(shard) === link) this.links.delete(shard);
+      if (link.inTransaction && !this.ended) this.fail(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`));
+    });
+    for (const set of this.settings) await link.query(set);
+    this.links.set(shard, link);
+    return link;
+  }
+
+  private async primaryOf(shard: string): Promise<Endpoint> {
+    const d = this.opts.discovery;
+    const ep = d.primary(this.database, shard) ?? (await d.waitForPrimary(this.database, shard, this.opts.bufferWindowMs));
+    if (!ep) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no serving primary for ${this.database}/${shard} after waiting ${this.opts.bufferWindowMs} ms`);
+    return ep;
+  }
+
+  /** The link for a statement on `shard`; inside a transaction, the shard joins it (as the mode allows). */
+  private async enlist(shard: string): Promise<ShardLink> {
+    const link = await this.link(shard);
+    if (!this.inTransaction || link.inTransaction) return link;
+    const others = [...this.links.values()].filter((l) => l.inTransaction);
+    if (this.mode === 'single' && others.length) {
+      throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED,
+        `transaction_mode single: this transaction runs on shard ${others[0].shard} and the statement needs shard ${shard}`,
+        undefined, "SET mg.transaction_mode = 'multi' (or 'twopc') before BEGIN to span shards.");
+    }
+    await link.query(this.beginSql);
+    link.inTransaction = true;
+    return link;
+  }
+
+  /** COMMIT (when `commit`) or ROLLBACK on every shard of the transaction. */
+  private async finishTransaction(commit: boolean): Promise<void> {
+    if (!this.inTransaction) {
+      this.reply(notice('25P01', 'there is no transaction in progress'));
+      this.reply(commandComplete(commit ? 'COMMIT' : 'ROLLBACK'));
+      return;
+    }
+    const participants = [...this.links.values()].filter((l) => l.inTransaction);
+    const mode = this.mode;
+    this.inTransaction = false;
+    this.transactionFailed = false;
+    const release = () => participants.forEach((l) => (l.inTransaction = false));
+    if (!commit) {
+      await Promise.all(participants.map((l) => l.query('ROLLBACK').catch(() => undefined)));
+      release();
+      this.reply(commandComplete('ROLLBACK'));
+      return;
+    }
+    commits.inc({ mode, shards: String(Math.min(participants.length, 3)).replace('3', '3+') });
+    try {
+      if (participants.length > 1 && mode === 'twopc') {
+        await this.opts.twopc.commit(this.database, participants.map((l) => ({ shard: l.shard, query: async (sql: string) => void (await l.query(sql)) })));
+      } else {
+        await this.commitShardByShard(participants);
+      }
+    } catch (err) {
+      await Promise.all(participants.map((l) => l.query('ROLLBACK').catch(() => undefined)));
+      throw err;
+    } finally {
+      release();
+    }
+    this.reply(commandComplete('COMMIT'));
+  }
+
+  /** `multi` (and any one-shard transaction): COMMIT on each shard in turn; a failure says which shards had committed. */
+  private async commitShardByShard(participants: ShardLink[]): Promise<void> {
+    const done: string[] = [];
+    for (const link of participants) {
+      try {
+        const r = await link.query('COMMIT');
+        if (r.tag === 'ROLLBACK') throw new PgError('ERROR', '40000', `shard ${link.shard}: the transaction was rolled back there`);
+      } catch (err) {
+        const e = asPgError(err, 'ERROR');
+        link.inTransaction = false;
+        throw new PgError('ERROR', e.code, done.length ? `${e.message}; already committed on ${done.join(', ')} (transaction_mode multi)` : e.message, e.detail, e.hint);
+      }
+      link.inTransaction = false;
+      done.push(link.shard);
+    }
+  }
+
+  /** A session SET: checked on one shard, then applied on every link and replayed on later ones. */
+  private async runSet(sql: Buffer): Promise<void> {
+    const text = sql.toString('utf8');
+    const targets = this.links.size ? [...this.links.values()] : [await this.link(this.ranges()[0].shard)];
+    for (const link of targets) await link.query(text).catch((err) => {
+      throw err instanceof PgError ? new PgError('ERROR', err.code, err.message.replace(/^shard \S+: /, ''), err.detail, err.hint) : err;
+    });
+    this.settings.push(text);
+    this.reply(commandComplete('SET'));
+  }
+
+  // --- extended query protocol ----------------------------------------------------------------
+
+  private async extended(type: number, body: Buffer, raw: Buffer): Promise<void> {
+    const r = new BodyReader(body);
+    switch (type) {
+      case T.Parse: {
+        const p = decodeParse(frameAt(raw, 0, raw.length));
+        if (p.name && this.prepared.has(p.name)) throw new PgError('ERROR', SQLSTATE.DUPLICATE_PREPARED_STATEMENT, `prepared statement "${p.name}" already exists`);
+        const plans = this.planner.plan(p.sql);
+        if (plans.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
+        this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: plans[0] });
+        this.reply(PARSE_COMPLETE);
+        return;
+      }
+      case T.Bind: {
+        const portalName = r.cstr();
+        const stmtName = r.cstr();
+        const bindRest = r.rest();
+        const prepared = this.prepared.get(stmtName);
+        if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${stmtName}" does not exist`);
+        this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, described: false });
+        this.reply(BIND_COMPLETE);
+        return;
+      }
+      case T.Describe: {
+        const kind = String.fromCharCode(r.byte());
+        const name = r.cstr();
+        if (kind === 'S') return this.describeStatement(name);
+        const portal = this.portals.get(name);
+        if (!portal) throw new PgError('ERROR', '34000', `portal "${name}" does not exist`);
+        portal.described = true; // answered with the rows at Execute
+        if (portal.pending) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: Describe of a portal already executed');
+        return;
+      }
+      case T.Execute: {
+        const name = r.cstr();
+        const maxRows = r.int32();
+        const portal = this.portals.get(name);
+        if (!portal) throw new PgError('ERROR', '34000', `portal "${name}" does not exist`);
+        return this.executePortal(portal, name, maxRows);
+      }
+      case T.Close: {
+        const kind = String.fromCharCode(r.byte());
+        const name = r.cstr();
+        if (kind === 'S') this.prepared.delete(name);
+        else this.portals.delete(name);
+        this.reply(CLOSE_COMPLETE);
+        return;
+      }
+    }
+  }
+
+  /** Parameter types and row shape come from one shard: every shard has the same schema. */
+  private async describeStatement(name: string): Promise<void> {
+    const prepared = this.prepared.get(name);
+    if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${name}" does not exist`);
+    const p = prepared.plan;
+    if (p.kind === 'refused') throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `not supported on a sharded database: ${p.message}`);
+    const text = 'sql' in p ? (p.sql as Buffer) : p.kind === 'insert' ? Buffer.concat([p.prefix, p.rows[0], p.suffix]) : undefined;
+    if (!text || SESSION_COMMANDS.has(p.kind) || p.kind === 'show_plan' || p.kind === 'explain') {
+      this.reply(message('t', int16(prepared.paramTypes.length), ...prepared.paramTypes.map(int32)));
+      this.reply(p.kind === 'show_plan' ? rowDescription([{ name: 'mg_plan' }]) : p.kind === 'explain' ? rowDescription([{ name: 'QUERY PLAN' }]) : NO_DATA);
+      return;
+    }
+    const shard = this.shardsOf({ kind: 'reference', sql: text, tables: [] })[0];
+    const link = await this.link(shard);
+    const result = new ShardResult(shard);
+    await link.request(Buffer.concat([
+      message('P', cstr(''), text, Buffer.from([0]), int16(prepared.paramTypes.length), ...prepared.paramTypes.map(int32)),
+      message('D', Buffer.from('S'), cstr('')), SYNC,
+    ]), result.collect);
+    if (result.error) throw result.pgError(false);
+    // The client's statement types are what the shard inferred, so later Parses to other shards agree.
+    const types = parameterTypes(result.parameterDescription);
+    if (types) prepared.paramTypes = types;
+    this.reply(result.parameterDescription ?? message('t', int16(0)));
+    this.reply(result.rowDescription ?? NO_DATA);
+  }
+
+  private async executePortal(portal: Portal, name: string, maxRows: number): Promise<void> {
+    if (!portal.pending) {
+      await this.execute(portal.prepared.plan, { simple: false, portal, describe: portal.described, limited: maxRows > 0 });
+      if (!portal.pending) return; // answered already (relayed from one shard, or a session command)
+    }
+    const rows = portal.pending;
+    const n = maxRows > 0 ? Math.min(maxRows, rows.length) : rows.length;
+    for (const row of rows.splice(0, n)) this.reply(row);
+    if (maxRows > 0 && rows.length > 0) {
+      this.reply(message('s')); // PortalSuspended: the next Execute goes on from here
+      return;
+    }
+    if (portal.tag !== undefined) this.reply(commandComplete(portal.tag));
+    portal.tag = undefined;
+    if (name === '') this.portals.delete(name);
+  }
+}
+
+function joinRows(rows: Buffer[]): Buffer[] {
+  return rows.flatMap((r, i) => (i ? [Buffer.from(', '), r] : [r]));
+}
+
+/** SELECT 3 + SELECT 4 = SELECT 7; INSERT 0 1 + INSERT 0 2 = INSERT 0 3. */
+function sumTags(tags: Array<string | undefined>): string {
+  const first = tags.find((t) => t !== undefined) ?? '';
+  const m = /^(.*?)(\d+)$/.exec(first);
+  if (!m) return first;
+  let total = 0;
+  for (const t of tags) total += Number(/(\d+)$/.exec(t ?? '')?.[1] ?? 0);
+  return `${m[1]}${total}`;
+}
+
+function notice(code: string, text: string): Buffer {
+  return encodeErrorFields('N', { S: 'WARNING', V: 'WARNING', C: code, M: text });
+}
+
+/** Any error as what the client is told; `severity` for ones that are not already PgErrors. */
+function asPgError(err: unknown, severity: 'ERROR' | 'FATAL'): PgError {
+  if (err instanceof PgError) return err;
+  if (err instanceof RefusedError) return new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `not supported on a sharded database: ${err.message}`);
+  if (err instanceof VindexValueError) return new PgError('ERROR', '22023', err.message);
+  const e = err as { name?: string; message?: string; sqlDetails?: { cursorPosition?: number } };
+  if (e?.name === 'SqlError' || /syntax error/.test(e?.message ?? '')) return new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, e.message ?? 'syntax error');
+  return new PgError(severity, SQLSTATE.INTERNAL_ERROR, (err as Error)?.message ?? String(err));
+}
+
+function parameterTypes(desc: Buffer | undefined): number[] | undefined {
+  if (!desc) return undefined;
+  const n = desc.readInt16BE(5);
+  return Array.from({ length: n }, (_, i) => desc.readInt32BE(7 + 4 * i));
+}
+
+/** The parameters of a Bind (after the portal and statement names), for routing. */
+function decodeBindParams(rest: Buffer, paramTypes: number[]): BoundParam[] {
+  const r = new BodyReader(rest);
+  const formats = Array.from({ length: r.int16() }, () => r.int16());
+  const n = r.int16();
+  const params: BoundParam[] = [];
+  for (let i = 0; i < n; i++) {
+    const len = r.int32();
+    const value = len < 0 ? null : Buffer.from(r.bytes(len));
+    const binary = (formats.length === 1 ? formats[0] : formats[i] ?? 0) === 1;
+    params.push({ value, binary, typeOid: paramTypes[i] ?? 0 });
+  }
+  return params;
+}

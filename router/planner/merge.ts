@@ -1,0 +1,140 @@
+/**
+ * Merging the rows of a scatter SELECT at the gateway: partial aggregates
+ * combined per group, DISTINCT, ORDER BY, then OFFSET/LIMIT. Values are the
+ * text-format column values as the shards sent them (null for NULL); order
+ * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
+ * collation), NULLs last ascending and first descending unless asked.
+ */
+import { countValue, type BoundParam, type Merge } from './plan.ts';
+import { RefusedError } from './planner.ts';
+
+export type Row = Array<Buffer | null>;
+export interface Field { name: string; typeOid: number }
+
+const INTEGER = new Set([20, 21, 23, 26]);
+const FLOAT = new Set([700, 701]);
+const NUMERIC = 1700;
+
+/** Compares two values of one column type (non-null). */
+function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
+  if (INTEGER.has(typeOid)) {
+    const x = BigInt(a.toString('latin1'));
+    const y = BigInt(b.toString('latin1'));
+    return x < y ? -1 : x > y ? 1 : 0;
+  }
+  if (FLOAT.has(typeOid)) return floatOrder(Number(a.toString('latin1'))) - floatOrder(Number(b.toString('latin1')));
+  if (typeOid === NUMERIC) return compareDecimal(a.toString('latin1'), b.toString('latin1'));
+  return Buffer.compare(a, b);
+}
+
+/** Postgres orders NaN above every number. */
+const floatOrder = (n: number) => (Number.isNaN(n) ? Infinity : n);
+
+function compareDecimal(a: string, b: string): number {
+  if (a === 'NaN' || b === 'NaN') return a === b ? 0 : a === 'NaN' ? 1 : -1;
+  const [x, y] = alignDecimals(a, b);
+  return x.value < y.value ? -1 : x.value > y.value ? 1 : 0;
+}
+
+/** Two decimal strings as integers at one scale. */
+function alignDecimals(a: string, b: string): [{ value: bigint; scale: number }, { value: bigint; scale: number }] {
+  const scale = Math.max(fracDigits(a), fracDigits(b));
+  return [{ value: scaled(a, scale), scale }, { value: scaled(b, scale), scale }];
+}
+const fracDigits = (s: string) => (s.includes('.') ? s.length - s.indexOf('.') - 1 : 0);
+function scaled(s: string, scale: number): bigint {
+  const [int, frac = ''] = s.split('.');
+  const neg = int.startsWith('-');
+  const digits = BigInt((neg ? int.slice(1) : int) + frac.padEnd(scale, '0'));
+  return neg ? -digits : digits;
+}
+function formatDecimal(v: bigint, scale: number): string {
+  const neg = v < 0n;
+  const s = (neg ? -v : v).toString().padStart(scale + 1, '0');
+  const out = scale ? `${s.slice(0, -scale)}.${s.slice(-scale)}` : s;
+  return neg ? `-${out}` : out;
+}
+
+function addValues(a: Buffer, b: Buffer, typeOid: number): Buffer {
+  const x = a.toString('latin1');
+  const y = b.toString('latin1');
+  if (FLOAT.has(typeOid)) return Buffer.from(String(Number(x) + Number(y)));
+  const [p, q] = alignDecimals(x, y);
+  return Buffer.from(formatDecimal(p.value + q.value, p.scale));
+}
+
+const rowKey = (row: Row, columns: number[]) => columns.map((c) => (row[c] === null ? '\u0000N' : row[c]!.toString('latin1'))).join('\u0000|');
+
+/** The 0-based index of an ORDER BY column (by output position or name). */
+function resolveColumn(column: string | number, fields: readonly Field[]): number {
+  if (typeof column === 'number') {
+    if (column < 1 || column > fields.length) throw new RefusedError(`ORDER BY position ${column} is not in the select list`);
+    return column - 1;
+  }
+  const at = fields.findIndex((f) => f.name === column);
+  if (at < 0) throw new RefusedError(`ORDER BY ${column}, which is not in the select list, over all shards`);
+  return at;
+}
+
+function aggregate(rows: Row[], fields: readonly Field[], merge: Merge): Row[] {
+  const groups = new Map<string, Row>();
+  const keyColumns = (merge.groupBy ?? []).map((c) => c - 1);
+  for (const row of rows) {
+    const key = rowKey(row, keyColumns);
+    const held = groups.get(key);
+    if (!held) {
+      groups.set(key, [...row]);
+      continue;
+    }
+    for (const { column, fn } of merge.aggregates ?? []) {
+      const i = column - 1;
+      const v = row[i];
+      if (v === null) continue;
+      const h = held[i];
+      if (h === null) held[i] = v;
+      else if (fn === 'count') held[i] = Buffer.from(String(BigInt(h.toString('latin1')) + BigInt(v.toString('latin1'))));
+      else if (fn === 'sum') held[i] = addValues(h, v, fields[i].typeOid);
+      else {
+        const c = compareValues(v, h, fields[i].typeOid);
+        if ((fn === 'min' && c < 0) || (fn === 'max' && c > 0)) held[i] = v;
+      }
+    }
+  }
+  // An ungrouped aggregate over no rows anywhere still answers one row (each shard sent one).
+  return [...groups.values()];
+}
+
+/** Merges the shards' rows (in shard order) as the plan says. */
+export function mergeRows(rows: Row[], fields: readonly Field[], merge: Merge, params?: readonly BoundParam[]): Row[] {
+  let out = merge.aggregates || merge.groupBy ? aggregate(rows, fields, merge) : rows;
+  if (merge.distinct) {
+    const all = fields.map((_, i) => i);
+    const seen = new Set<string>();
+    out = out.filter((r) => {
+      const k = rowKey(r, all);
+      if (seen.has(k)) return false;
+      seen.add(k);
+      return true;
+    });
+  }
+  if (merge.orderBy.length) {
+    const keys = merge.orderBy.map((o) => ({ ...o, at: resolveColumn(o.column, fields) }));
+    out = [...out].sort((a, b) => {
+      for (const k of keys) {
+        const x = a[k.at];
+        const y = b[k.at];
+        if (x === null || y === null) {
+          if (x === y) continue;
+          return (x === null) === k.nullsFirst ? -1 : 1;
+        }
+        const c = compareValues(x, y, fields[k.at].typeOid);
+        if (c !== 0) return k.desc ? -c : c;
+      }
+      return 0;
+    });
+  }
+  const offset = countValue(merge.offset, params) ?? 0;
+  const limit = countValue(merge.limit, params);
+  if (offset || limit !== undefined) out = out.slice(offset, limit === undefined ? undefined : offset + limit);
+  return out;
+}

@@ -1,0 +1,130 @@
+/**
+ * What the planner decides for one statement of a sharded database, and how a
+ * decision with bind parameters becomes the list of shards to run on.
+ */
+import { keyspaceId, shardFor, VindexValueError, type FunctionalVindex, type KeyRange } from '../../schemas/vschema/vindex.ts';
+
+/** A value in the statement: SQL literal text (null for NULL) or bind parameter $n (1-based). */
+export type ValueRef = { literal: string | null } | { param: number };
+
+/** Where the rows of a statement live: the vindex, and the values WHERE pins it to. */
+export interface Pin {
+  vindex: string;
+  type: FunctionalVindex;
+  /** table.column, for EXPLAIN. */
+  column: string;
+  values: ValueRef[];
+}
+
+export type AggregateFn = 'count' | 'sum' | 'min' | 'max';
+
+/** How the gateway merges the rows of a scatter SELECT. Columns are by output name or 1-based position. */
+export interface Merge {
+  orderBy: Array<{ column: string | number; desc: boolean; nullsFirst: boolean }>;
+  /** Partial aggregates from every shard, combined per group of the other columns. */
+  aggregates?: Array<{ column: number; fn: AggregateFn }>;
+  groupBy?: number[];
+  distinct: boolean;
+  limit?: ValueRef;
+  offset?: ValueRef;
+}
+
+/** Route kinds, as metrics and EXPLAIN name them. */
+export type RouteKind = 'single' | 'multi' | 'scatter' | 'reference' | 'all' | 'insert';
+
+export type Plan =
+  /** Runs `sql` on the shards of `pin`, or on every shard (scatter) when unpinned. */
+  | { kind: 'select' | 'write'; sql: Buffer; pin?: Pin; merge?: Merge; tables: string[] }
+  /** Reads only reference tables (or no table): any one shard answers. */
+  | { kind: 'reference'; sql: Buffer; tables: string[] }
+  /** Runs on every shard: DDL, writes to reference tables. */
+  | { kind: 'all'; sql: Buffer; tables: string[]; ddl: boolean }
+  /** An INSERT into a sharded table, rows placed by their keyspace ids. */
+  | { kind: 'insert'; table: string; pin: Pin; prefix: Buffer; rows: Buffer[]; suffix: Buffer }
+  | { kind: 'begin' | 'commit' | 'rollback'; sql: Buffer }
+  /** A session setting: sent to every shard link the session has and replayed on new ones. */
+  | { kind: 'set'; sql: Buffer }
+  | { kind: 'transaction_mode'; mode: string }
+  | { kind: 'show_plan' }
+  | { kind: 'explain'; sql: Buffer; inner: Plan }
+  | { kind: 'refused'; message: string }
+  | { kind: 'empty' };
+
+/** The route kind of a plan that runs somewhere, given how many shards its pin names. */
+export function routeKind(plan: Plan, shards: number): RouteKind | undefined {
+  switch (plan.kind) {
+    case 'select': case 'write': return plan.pin ? (shards === 1 ? 'single' : 'multi') : 'scatter';
+    case 'reference': return 'reference';
+    case 'all': return 'all';
+    case 'insert': return 'insert';
+    default: return undefined;
+  }
+}
+
+/** A bound parameter as the client sent it. */
+export interface BoundParam { value: Buffer | null; binary: boolean; typeOid: number }
+
+const INT_OIDS: Record<number, number> = { 20: 8, 21: 2, 23: 4 };
+
+/** A value as a vindex reads it: literal text, or a parameter in text form (binary integers and uuids decoded). */
+export function resolveValue(v: ValueRef, params: readonly BoundParam[] = []): string | Buffer | null {
+  if ('literal' in v) return v.literal;
+  const p = params[v.param - 1];
+  if (!p) throw new VindexValueError(`there is no parameter $${v.param}`);
+  if (p.value === null) return null;
+  if (!p.binary) return p.value;
+  const size = INT_OIDS[p.typeOid];
+  if (size === p.value.length) return String(size === 8 ? p.value.readBigInt64BE() : size === 4 ? p.value.readInt32BE() : p.value.readInt16BE());
+  if (p.typeOid === 2950 && p.value.length === 16) {
+    const h = p.value.toString('hex');
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  }
+  return p.value;
+}
+
+/** The shard one value maps to, or undefined for NULL (which matches no row). */
+export function shardOfValue(pin: Pin, v: ValueRef, ranges: readonly KeyRange[], params?: readonly BoundParam[]): string | undefined {
+  const value = resolveValue(v, params);
+  return value === null ? undefined : shardFor(keyspaceId(pin.type, value), ranges);
+}
+
+/** The shards a pinned statement runs on, in key-range order (at least one: a NULL pin still needs an answer). */
+export function pinnedShards(pin: Pin, ranges: readonly KeyRange[], params?: readonly BoundParam[]): string[] {
+  if (pin.values.length === 1) return [shardOfValue(pin, pin.values[0], ranges, params) ?? ranges[0].shard];
+  const named = new Set<string>();
+  for (const v of pin.values) {
+    const s = shardOfValue(pin, v, ranges, params);
+    if (s !== undefined) named.add(s);
+  }
+  const out = ranges.map((r) => r.shard).filter((s) => named.has(s));
+  return out.length ? out : [ranges[0].shard];
+}
+
+/** The value of LIMIT/OFFSET as a number (undefined for ALL or NULL). */
+export function countValue(v: ValueRef | undefined, params?: readonly BoundParam[]): number | undefined {
+  if (!v) return undefined;
+  const r = resolveValue(v, params);
+  if (r === null) return undefined;
+  const n = Number(String(r));
+  if (!Number.isInteger(n) || n < 0) throw new VindexValueError(`LIMIT and OFFSET take a non-negative integer, not ${String(r)}`);
+  return n;
+}
+
+/** One line that says where a plan runs, for EXPLAIN and SHOW mg_plan. */
+export function describePlan(plan: Plan, shards: string[]): string {
+  const where = shards.join(', ');
+  switch (plan.kind) {
+    case 'select': case 'write':
+      if (!plan.pin) {
+        const m = plan.merge;
+        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.distinct ? 'distinct' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
+        return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}`;
+      }
+      return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`;
+    case 'reference': return `reference tables only: one shard (${where})`;
+    case 'all': return `every shard (${where}): ${plan.ddl ? 'DDL' : 'reference table write'}`;
+    case 'insert': return `insert: rows placed by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}, to ${where}`;
+    case 'refused': return `refused: ${plan.message}`;
+    default: return `session: ${plan.kind}`;
+  }
+}

@@ -1,0 +1,505 @@
+/**
+ * The planner of a sharded database: parses each statement with libpg-query
+ * (the Postgres parser) and decides where it runs and how results merge, from
+ * the database's VSchema. Plans are cached per statement text; what cannot be
+ * answered correctly is planned as `refused` with a message naming the
+ * construct (the gateway reports it as 0A000).
+ */
+import { loadModule, parseSync } from 'libpg-query';
+import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
+import type { VSchema } from '../../schemas/vschema/vschema.ts';
+import type { AggregateFn, Merge, Pin, Plan, ValueRef } from './plan.ts';
+import { literalShape, splice, tokenEnd, valuesRowSpans, type Literal } from './sqltext.ts';
+
+/** libpg-query is WebAssembly: load it once before the first parse. */
+export const plannerReady: Promise<void> = loadModule();
+
+const CACHE_LIMIT = 10_000;
+const AGGREGATES = new Set(['count', 'sum', 'min', 'max']);
+/** Statements that change or maintain the schema, roles and grants: run on every shard. */
+const DDL = new Set([
+  'CreateStmt', 'AlterTableStmt', 'DropStmt', 'IndexStmt', 'RenameStmt', 'CommentStmt', 'ViewStmt', 'CreateSeqStmt', 'AlterSeqStmt',
+  'CreateFunctionStmt', 'AlterFunctionStmt', 'CreateExtensionStmt', 'CreateSchemaStmt', 'CreateEnumStmt', 'CompositeTypeStmt',
+  'GrantStmt', 'TruncateStmt', 'CreateTrigStmt', 'CreateDomainStmt', 'AlterEnumStmt', 'DefineStmt', 'AlterOwnerStmt',
+  'AlterObjectSchemaStmt', 'CreatePolicyStmt', 'CreateStatsStmt', 'RuleStmt', 'VacuumStmt', 'ReindexStmt',
+  'CreateRoleStmt', 'AlterRoleStmt', 'DropRoleStmt', 'GrantRoleStmt',
+]);
+const SYSTEM_SCHEMAS = new Set(['pg_catalog', 'information_schema']);
+
+export class RefusedError extends Error {}
+const refuse = (message: string): never => {
+  throw new RefusedError(message);
+};
+
+interface TableUse { alias: string; name: string; kind: 'sharded' | 'reference' | 'system'; pin?: { column: string; vindex: string; type: FunctionalVindex } }
+
+/** Makes the plan of a statement from its text and literals, for statements of one shape (see literalShape). */
+type Template = (sql: string, literals: Literal[]) => Plan[];
+
+export class Planner {
+  private readonly cache = new Map<string, Plan[]>();
+  /** Plans by literal shape: `... WHERE id = 7` and `... WHERE id = 8` share one, with no parse. */
+  private readonly templates = new Map<string, Template>();
+  /** Names of the CTEs of the statement being planned: they read like tables, and are checked where they are defined. */
+  private ctes = new Set<string>();
+
+  constructor(private readonly vschema: VSchema) {}
+
+  /** The plans of the statements in `sql` (one per statement; a parse error throws the parser's error). */
+  plan(sql: string): Plan[] {
+    const hit = this.cache.get(sql);
+    if (hit) return hit;
+    const shape = literalShape(sql);
+    const template = shape && this.templates.get(shape.key);
+    if (template) return template(sql, shape.literals);
+    const plans = this.parseAndPlan(sql);
+    if (this.cache.size >= CACHE_LIMIT) this.cache.clear();
+    this.cache.set(sql, plans);
+    const made = shape && plans.length === 1 ? templateOf(plans[0], sql, shape.literals) : undefined;
+    if (made) {
+      if (this.templates.size >= CACHE_LIMIT) this.templates.clear();
+      this.templates.set(shape!.key, made);
+    }
+    return plans;
+  }
+
+  private parseAndPlan(sql: string): Plan[] {
+    const text = Buffer.from(sql, 'utf8');
+    const stmts: Array<{ stmt: any; stmt_location?: number; stmt_len?: number }> = parseSync(sql).stmts ?? [];
+    const plans = stmts.length === 0 ? [{ kind: 'empty' } as Plan] : stmts.map((s) => {
+      const start = s.stmt_location ?? 0;
+      const own = text.subarray(start, s.stmt_len ? start + s.stmt_len : text.length);
+      try {
+        this.ctes = new Set();
+        walk(s.stmt, (k, n) => {
+          if (k === 'CommonTableExpr') this.ctes.add(n.ctename);
+        });
+        return this.planStatement(s.stmt, own, start);
+      } catch (err) {
+        if (err instanceof RefusedError) return { kind: 'refused', message: err.message } as Plan;
+        throw err;
+      }
+    });
+    return plans;
+  }
+
+  /** `base` is where `text` starts in the whole query (node locations are offsets into the whole query). */
+  private planStatement(node: any, text: Buffer, base: number): Plan {
+    const [type, body] = Object.entries(node)[0] as [string, any];
+    switch (type) {
+      case 'SelectStmt': return this.planSelect(body, text, base);
+      case 'InsertStmt': return this.planInsert(body, text, base);
+      case 'UpdateStmt': case 'DeleteStmt': return this.planWrite(type, body, text);
+      case 'TransactionStmt': return planTransaction(body, text);
+      case 'VariableSetStmt': return planSet(body, text);
+      case 'VariableShowStmt':
+        if (body.name === 'mg_plan') return { kind: 'show_plan' };
+        return { kind: 'reference', sql: text, tables: [] };
+      case 'ExplainStmt': {
+        const inner = this.planStatement(body.query, text, base);
+        if (inner.kind === 'refused') return inner;
+        return { kind: 'explain', sql: text, inner };
+      }
+      case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');
+      default:
+        if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true };
+        return refuse(`${statementName(type)} is not supported on a sharded database`);
+    }
+  }
+
+  private planSelect(s: any, text: Buffer, base: number): Plan {
+    if (s.op && s.op !== 'SETOP_NONE') {
+      const tables = this.tablesUnder(s);
+      if (tables.every((t) => t.kind !== 'sharded')) return { kind: 'reference', sql: text, tables: tables.map((t) => t.name) };
+      return refuse(`${s.op.replace('SETOP_', '')} over sharded tables`);
+    }
+    if (s.valuesLists) return { kind: 'reference', sql: text, tables: [] };
+    if (s.intoClause) return refuse('SELECT INTO on a sharded database');
+    const from = this.fromTables(s.fromClause ?? []);
+    const sharded = from.filter((t) => t.kind === 'sharded');
+    // Tables named outside the top-level FROM (subqueries, CTEs) would see one shard's rows only.
+    const nested = this.tablesUnder(s);
+    for (const f of from) nested.splice(nested.findIndex((t) => t.alias === f.alias && t.name === f.name), 1);
+    const inner = nested.find((t) => t.kind === 'sharded');
+    if (inner) return refuse(`a subquery or WITH over sharded table ${inner.name}`);
+    if (!sharded.length) {
+      if (s.targetList?.length === 1 && !s.fromClause) {
+        const call = s.targetList[0].ResTarget?.val?.FuncCall;
+        const name = call && lastName(call.funcname);
+        if (name && this.vschema.routines[name]) return this.planRoutineCall(call, text, 'SELECT');
+      }
+      return { kind: 'reference', sql: text, tables: from.map((t) => t.name) };
+    }
+    this.checkJoined(sharded, [s.whereClause, ...joinQuals(s.fromClause ?? [])]);
+    const pin = this.pinOf(sharded, s.whereClause);
+    const tables = from.map((t) => t.name);
+    if (pin) return { kind: 'select', sql: text, pin, tables };
+    return this.scatterSelect(s, text, base, tables);
+  }
+
+  /** A SELECT over every shard: what the gateway must merge, and the per-shard text. */
+  private scatterSelect(s: any, text: Buffer, base: number, tables: string[]): Plan {
+    if (s.havingClause) refuse('HAVING on a query over all shards');
+    if (s.distinctClause && Object.keys(s.distinctClause[0] ?? {}).length) refuse('DISTINCT ON over all shards');
+    if (s.groupingSets) refuse('GROUPING SETS over all shards');
+    if (s.lockingClause && (s.limitCount || s.limitOffset)) refuse('FOR UPDATE with LIMIT over all shards');
+    const targets: any[] = s.targetList ?? [];
+    const names = targets.map((t) => t.ResTarget?.name ?? columnName(t.ResTarget?.val));
+    const aggregates: Merge['aggregates'] = [];
+    targets.forEach((t, i) => {
+      const v = t.ResTarget?.val;
+      if (findNode(v, (k, n) => k === 'FuncCall' && n.over)) refuse('a window function over all shards');
+      const call = (v?.TypeCast ? v.TypeCast.arg : v)?.FuncCall; // count(*)::int merges like count(*)
+      const fn = call && lastName(call.funcname);
+      if (fn && AGGREGATES.has(fn) && !call.over) {
+        if (call.agg_distinct) refuse(`${fn}(DISTINCT ...) over all shards`);
+        if (call.agg_filter || call.agg_order) refuse(`${fn}(...) with FILTER or ORDER BY over all shards`);
+        aggregates.push({ column: i + 1, fn: fn as AggregateFn });
+        return;
+      }
+      if (fn && isAggregateName(fn)) refuse(`${fn}(...) over all shards`);
+      const agg = findNode(v, (k, n) => k === 'FuncCall' && !n.over && (AGGREGATES.has(lastName(n.funcname)) || isAggregateName(lastName(n.funcname))));
+      if (agg) refuse(`${lastName(agg.funcname)}(...) inside an expression over all shards (select the aggregate itself)`);
+    });
+    const grouped = (s.groupClause ?? []).length > 0;
+    let groupBy: number[] | undefined;
+    if (grouped || aggregates.length) {
+      groupBy = [];
+      for (const g of s.groupClause ?? []) {
+        const at = outputColumn(g, names);
+        if (at === undefined) refuse('GROUP BY a column that is not in the select list, over all shards');
+        groupBy.push(at!);
+      }
+      const plain = targets.map((_, i) => i + 1).filter((i) => !aggregates.some((a) => a.column === i));
+      if (plain.some((i) => !groupBy!.includes(i))) refuse('a selected column outside GROUP BY, over all shards');
+    }
+    const orderBy: Merge['orderBy'] = (s.sortClause ?? []).map((sb: any) => {
+      const by = sb.SortBy;
+      const desc = by.sortby_dir === 'SORTBY_DESC';
+      const nullsFirst = by.sortby_nulls === 'SORTBY_NULLS_DEFAULT' ? desc : by.sortby_nulls === 'SORTBY_NULLS_FIRST';
+      if (by.useOp) refuse('ORDER BY ... USING over all shards');
+      const position = by.node?.A_Const?.ival !== undefined ? by.node.A_Const.ival.ival : undefined;
+      const name = by.node?.ColumnRef ? columnName(by.node) : undefined;
+      if (position !== undefined) return { column: position, desc, nullsFirst };
+      if (name === undefined) return refuse('ORDER BY an expression over all shards (select it and order by its name)');
+      // A select-list alias or plain column by name; `*` columns are matched by name when the rows come back.
+      return { column: names.includes(name) ? names.indexOf(name) + 1 : name, desc, nullsFirst };
+    });
+    const limit = s.limitCount && !s.limitCount.A_Const?.isnull ? valueOf(s.limitCount) : undefined;
+    const offset = s.limitOffset ? valueOf(s.limitOffset) : undefined;
+    if (s.limitOption === 'LIMIT_OPTION_WITH_TIES') refuse('FETCH ... WITH TIES over all shards');
+    if ((s.limitCount && !limit) || (s.limitOffset && !offset)) refuse('a LIMIT or OFFSET expression over all shards (use a number or $n)');
+    const distinct = !!s.distinctClause;
+    const merge: Merge = { orderBy, aggregates: aggregates.length ? aggregates : undefined, groupBy, distinct, limit, offset };
+    // Each shard returns the rows the gateway's LIMIT may need after merging: the first limit + offset,
+    // or all of them when groups or DISTINCT merge first. Parameters stay referenced, or Bind would not fit.
+    const edits: Array<{ start: number; end: number; text: string }> = [];
+    const token = (node: any) => {
+      const at = nodeLocation(node) - base;
+      return { start: at, end: tokenEnd(text, at), text: text.toString('utf8', at, tokenEnd(text, at)) };
+    };
+    const needsAll = aggregates.length > 0 || !!groupBy || distinct;
+    if (limit) {
+      const l = token(s.limitCount);
+      const o = offset ? token(s.limitOffset) : undefined;
+      if (needsAll) edits.push({ ...l, text: 'param' in limit ? `(NULL + 0 * ${l.text})` : 'ALL' });
+      else if (o) edits.push({ ...l, text: 'literal' in limit && 'literal' in offset! ? String(Number(l.text) + Number(o.text)) : `(${l.text} + ${o.text})` });
+    }
+    if (offset) {
+      const o = token(s.limitOffset);
+      edits.push({ ...o, text: 'param' in offset ? `(0 * ${o.text})` : '0' });
+    }
+    return { kind: 'select', sql: edits.length ? splice(text, edits) : text, merge, tables };
+  }
+
+  private planWrite(type: string, w: any, text: Buffer): Plan {
+    const target = this.tableUse(w.relation);
+    const extra = this.fromTables(w.fromClause ?? w.usingClause ?? []);
+    const verb = type === 'UpdateStmt' ? 'UPDATE' : 'DELETE';
+    if (w.withClause) refuse(`WITH ... ${verb} on a sharded database`);
+    if (target.kind === 'system') refuse(`${verb} of a system catalog through the gateway`);
+    const nested = this.tablesUnder({ where: w.whereClause, targets: w.targetList, returning: w.returningList });
+    if (target.kind === 'reference') {
+      if ([...extra, ...nested].some((t) => t.kind === 'sharded')) refuse(`${verb} of reference table ${target.name} that reads a sharded table`);
+      return { kind: 'all', sql: text, tables: [target.name], ddl: false };
+    }
+    if ([...extra, ...nested].some((t) => t.kind === 'sharded')) refuse(`${verb} of ${target.name} that reads another sharded table`);
+    if (type === 'UpdateStmt') {
+      for (const t of w.targetList ?? []) {
+        if (t.ResTarget?.name === target.pin!.column) refuse(`UPDATE of ${target.name}.${target.pin!.column}, its primary vindex column (it would move the row to another shard)`);
+      }
+    }
+    const pin = this.pinOf([target], w.whereClause);
+    return { kind: 'write', sql: text, pin, tables: [target.name] };
+  }
+
+  private planInsert(ins: any, text: Buffer, base: number): Plan {
+    const target = this.tableUse(ins.relation);
+    if (ins.withClause) refuse('WITH ... INSERT on a sharded database');
+    if (target.kind === 'system') refuse('INSERT into a system catalog through the gateway');
+    const select = ins.selectStmt?.SelectStmt;
+    const sources = select ? this.tablesUnder(select) : [];
+    if (target.kind === 'reference') {
+      if (sources.some((t) => t.kind === 'sharded')) refuse(`INSERT into reference table ${target.name} from a sharded table`);
+      return { kind: 'all', sql: text, tables: [target.name], ddl: false };
+    }
+    if (!select?.valuesLists) refuse(`INSERT ... SELECT into sharded table ${target.name}`);
+    if (ins.onConflictClause?.onConflictWhere || ins.onConflictClause?.targetList?.some((t: any) => t.ResTarget?.name === target.pin!.column)) {
+      refuse(`ON CONFLICT DO UPDATE of ${target.name}.${target.pin!.column}, its primary vindex column`);
+    }
+    const cols: string[] = (ins.cols ?? []).map((c: any) => c.ResTarget.name);
+    if (!cols.length) refuse(`INSERT into sharded table ${target.name} without a column list`);
+    const at = cols.indexOf(target.pin!.column);
+    if (at < 0) refuse(`INSERT into ${target.name} without its primary vindex column ${target.pin!.column}`);
+    const rows: any[][] = select.valuesLists.map((l: any) => l.List.items);
+    const values: ValueRef[] = rows.map((items) => {
+      const v = valueOf(items[at]);
+      if (!v) refuse(`INSERT into ${target.name}: ${target.pin!.column} must be a literal or $n to place the row`);
+      if ('literal' in v! && v.literal === null) refuse(`INSERT into ${target.name}: NULL in its primary vindex column ${target.pin!.column}`);
+      return v!;
+    });
+    const { spans, end } = valuesRowSpans(text, nodeLocation(rows[0][0]) - base, rows.length);
+    return {
+      kind: 'insert', table: target.name,
+      pin: { vindex: target.pin!.vindex, type: target.pin!.type, column: `${target.name}.${target.pin!.column}`, values },
+      prefix: text.subarray(0, spans[0][0]), rows: spans.map(([a, b]) => text.subarray(a, b)), suffix: text.subarray(end),
+    };
+  }
+
+  private planRoutineCall(call: any, text: Buffer, verb: string): Plan {
+    const name = lastName(call.funcname);
+    const routine = this.vschema.routines[name];
+    if (!routine) {
+      return verb === 'CALL' ? refuse(`CALL ${name}: the procedure is not in the VSchema (routines)`) : { kind: 'reference', sql: text, tables: [] };
+    }
+    const arg = (call.args ?? [])[routine.argument];
+    const v = arg && valueOf(arg);
+    if (!v) return refuse(`${verb} ${name}: argument ${routine.argument} carries the shard key and must be a literal or $n`);
+    const vi = this.vschema.vindexes[routine.vindex];
+    return { kind: 'write', sql: text, pin: { vindex: routine.vindex, type: vi.type as FunctionalVindex, column: `${name}(arg ${routine.argument})`, values: [v] }, tables: [] };
+  }
+
+  /** The table a RangeVar names, as the VSchema knows it; unknown user tables are refused. */
+  private tableUse(rv: any): TableUse {
+    const name: string = rv.relname;
+    const alias: string = rv.alias?.aliasname ?? name;
+    if (SYSTEM_SCHEMAS.has(rv.schemaname) || (!rv.schemaname && name.startsWith('pg_'))) return { alias, name, kind: 'system' };
+    if (!rv.schemaname && this.ctes.has(name)) return { alias, name, kind: 'reference' };
+    const t = this.vschema.tables[name];
+    if (!t) return refuse(`table ${name} is not in the VSchema of this sharded database`);
+    if (t.type === 'reference') return { alias, name, kind: 'reference' };
+    const cv = t.column_vindexes[0];
+    return { alias, name, kind: 'sharded', pin: { column: cv.column, vindex: cv.name, type: this.vschema.vindexes[cv.name].type as FunctionalVindex } };
+  }
+
+  /** The tables of a FROM list (joins flattened); subqueries in FROM are looked at by the caller. */
+  private fromTables(items: any[]): TableUse[] {
+    const out: TableUse[] = [];
+    const visit = (n: any) => {
+      if (n.RangeVar) out.push(this.tableUse(n.RangeVar));
+      else if (n.JoinExpr) {
+        visit(n.JoinExpr.larg);
+        visit(n.JoinExpr.rarg);
+      }
+    };
+    items.forEach(visit);
+    return out;
+  }
+
+  /** Every table named anywhere under a node (subqueries, CTEs included). */
+  tablesUnder(node: any): TableUse[] {
+    const out: TableUse[] = [];
+    walk(node, (k, n) => {
+      if (k === 'RangeVar') out.push(this.tableUse(n));
+    });
+    return out;
+  }
+
+  /** Sharded tables in one query must be joined on their primary vindex columns (same vindex), or rows would miss each other. */
+  private checkJoined(sharded: TableUse[], conditions: any[]): void {
+    if (sharded.length < 2) return;
+    const joined = new Set([sharded[0].alias]);
+    const pairs = conditions.flatMap(conjuncts).map(equalityColumns).filter((p): p is [string[], string[]] => !!p);
+    let grew = true;
+    while (grew) {
+      grew = false;
+      for (const [a, b] of pairs) {
+        const ta = columnTable(a, sharded);
+        const tb = columnTable(b, sharded);
+        if (!ta || !tb || ta === tb || ta.pin!.type !== tb.pin!.type || ta.pin!.vindex !== tb.pin!.vindex) continue;
+        if (joined.has(ta.alias) !== joined.has(tb.alias)) {
+          joined.add(ta.alias);
+          joined.add(tb.alias);
+          grew = true;
+        }
+      }
+    }
+    const apart = sharded.find((t) => !joined.has(t.alias));
+    if (apart) refuse(`a join of sharded tables ${sharded[0].name} and ${apart.name} not on their primary vindex columns (${sharded[0].pin!.column}, ${apart.pin!.column})`);
+  }
+
+  /** The pin WHERE puts on the tables' primary vindex (all are joined on it, so one pins all). */
+  private pinOf(tables: TableUse[], where: any): Pin | undefined {
+    for (const c of conjuncts(where)) {
+      const e = c.A_Expr;
+      if (!e || (e.kind !== 'AEXPR_OP' && e.kind !== 'AEXPR_IN') || lastName(e.name) !== '=') continue;
+      const col = e.lexpr?.ColumnRef ? fieldsOf(e.lexpr.ColumnRef) : undefined;
+      const t = col && columnTable(col, tables);
+      if (!t) continue;
+      const list = e.kind === 'AEXPR_IN' ? e.rexpr?.List?.items ?? [] : [e.rexpr];
+      const values = list.map(valueOf);
+      if (!values.length || values.some((v: ValueRef | undefined) => !v)) continue;
+      return { vindex: t.pin!.vindex, type: t.pin!.type, column: `${t.name}.${t.pin!.column}`, values };
+    }
+    return undefined;
+  }
+}
+
+/**
+ * A template for statements shaped like this one, when its route depends on
+ * literals only through its pin (or not at all) and its text goes to the shards
+ * unedited: a pinned SELECT/UPDATE/DELETE/routine call, or a reference read.
+ * Each pin literal must be one of the text's literals, with the same value.
+ */
+function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | undefined {
+  if (plan.kind === 'reference' && plan.sql.length === sql.length) {
+    const tables = plan.tables;
+    return (text) => [{ kind: 'reference', sql: Buffer.from(text, 'latin1'), tables }];
+  }
+  if ((plan.kind !== 'select' && plan.kind !== 'write') || !plan.pin || plan.merge || plan.sql.length !== sql.length) return undefined;
+  const slots: Array<number | ValueRef> = [];
+  for (const v of plan.pin.values) {
+    if ('param' in v) {
+      slots.push(v);
+      continue;
+    }
+    const at = literalAt.get(v);
+    const index = at === undefined ? -1 : literals.findIndex((l) => l.at === at);
+    if (index < 0 || literals[index].value !== v.literal) return undefined;
+    slots.push(index);
+  }
+  const { kind, pin, tables } = plan;
+  return (text, lits) => [{
+    kind, tables, sql: Buffer.from(text, 'latin1'),
+    pin: { ...pin, values: slots.map((s) => (typeof s === 'number' ? { literal: lits[s].value } : s)) },
+  }];
+}
+
+/** Where each literal ValueRef's token starts in the text (for templateOf). */
+const literalAt = new WeakMap<ValueRef, number>();
+
+function planTransaction(t: any, text: Buffer): Plan {
+  switch (t.kind) {
+    case 'TRANS_STMT_BEGIN': case 'TRANS_STMT_START': return { kind: 'begin', sql: text };
+    case 'TRANS_STMT_COMMIT': return { kind: 'commit', sql: text };
+    case 'TRANS_STMT_ROLLBACK': return { kind: 'rollback', sql: text };
+    default: return refuse(`${t.kind.replace('TRANS_STMT_', '').replace(/_/g, ' ')} on a sharded database`);
+  }
+}
+
+function planSet(s: any, text: Buffer): Plan {
+  if (s.name === 'mg.transaction_mode') {
+    const mode = s.args?.[0]?.A_Const?.sval?.sval;
+    if (!['single', 'multi', 'twopc'].includes(mode)) return refuse(`mg.transaction_mode must be 'single', 'multi' or 'twopc'`);
+    return { kind: 'transaction_mode', mode };
+  }
+  if (s.is_local) return refuse('SET LOCAL on a sharded database');
+  return { kind: 'set', sql: text };
+}
+
+/** A literal or parameter (through casts), or undefined for any other expression. */
+function valueOf(n: any): ValueRef | undefined {
+  if (!n) return undefined;
+  if (n.TypeCast) return valueOf(n.TypeCast.arg);
+  if (n.ParamRef) return { param: n.ParamRef.number };
+  const c = n.A_Const;
+  if (!c) return undefined;
+  if (c.isnull) return { literal: null };
+  const v: ValueRef = c.ival ? { literal: String(c.ival.ival ?? 0) } : c.fval ? { literal: c.fval.fval } : c.sval ? { literal: c.sval.sval }
+    : c.boolval ? { literal: c.boolval.boolval ? 'true' : 'false' }
+      : { literal: '0' }; // an integer 0 has no ival field
+  if (c.location !== undefined) literalAt.set(v, c.location);
+  return v;
+}
+
+function nodeLocation(n: any): number {
+  const body = n.TypeCast ? n.TypeCast.arg : n;
+  const inner = Object.values(body)[0] as { location?: number };
+  if (inner?.location === undefined || inner.location < 0) throw new RefusedError('a value without a position in the text');
+  return inner.location;
+}
+
+function conjuncts(n: any): any[] {
+  if (!n) return [];
+  if (n.BoolExpr?.boolop === 'AND_EXPR') return n.BoolExpr.args.flatMap(conjuncts);
+  return [n];
+}
+
+function joinQuals(items: any[]): any[] {
+  const out: any[] = [];
+  walk(items, (k, n) => {
+    if (k === 'JoinExpr' && n.quals) out.push(n.quals);
+  });
+  return out;
+}
+
+function equalityColumns(n: any): [string[], string[]] | undefined {
+  const e = n.A_Expr;
+  if (!e || e.kind !== 'AEXPR_OP' || lastName(e.name) !== '=' || !e.lexpr?.ColumnRef || !e.rexpr?.ColumnRef) return undefined;
+  return [fieldsOf(e.lexpr.ColumnRef), fieldsOf(e.rexpr.ColumnRef)];
+}
+
+/** The sharded table whose primary vindex column this reference names ([alias, col] or [col]). */
+function columnTable(fields: string[], tables: TableUse[]): TableUse | undefined {
+  const col = fields[fields.length - 1];
+  if (fields.length >= 2) return tables.find((t) => t.alias === fields[fields.length - 2] && t.pin?.column === col);
+  const matches = tables.filter((t) => t.pin?.column === col);
+  return matches.length === 1 ? matches[0] : undefined;
+}
+
+function fieldsOf(ref: any): string[] {
+  return (ref.fields ?? []).map((f: any) => f.String?.sval ?? '*');
+}
+
+function columnName(n: any): string | undefined {
+  if (n?.ColumnRef) {
+    const f = fieldsOf(n.ColumnRef);
+    return f[f.length - 1] === '*' ? undefined : f[f.length - 1];
+  }
+  if (n?.FuncCall) return lastName(n.FuncCall.funcname); // Postgres names an unaliased call after the function
+  if (n?.TypeCast) return columnName(n.TypeCast.arg);
+  return undefined;
+}
+
+/** The 1-based select-list position a GROUP BY item names (a position or a column name). */
+function outputColumn(g: any, names: Array<string | undefined>): number | undefined {
+  if (g.A_Const?.ival !== undefined) return g.A_Const.ival.ival;
+  const name = columnName(g);
+  const at = name === undefined ? -1 : names.indexOf(name);
+  return at < 0 ? undefined : at + 1;
+}
+
+const lastName = (names: any[] | undefined): string => (names ?? []).map((x) => x.String?.sval).filter(Boolean).pop() ?? '';
+const isAggregateName = (n: string) => ['avg', 'stddev', 'variance', 'string_agg', 'array_agg', 'json_agg', 'jsonb_agg', 'bool_and', 'bool_or', 'every', 'percentile_cont', 'percentile_disc', 'mode'].includes(n);
+
+function walk(n: any, visit: (kind: string, body: any) => void): void {
+  if (Array.isArray(n)) {
+    for (const x of n) walk(x, visit);
+    return;
+  }
+  if (!n || typeof n !== 'object') return;
+  for (const [k, v] of Object.entries(n)) {
+    if (v && typeof v === 'object' && !Array.isArray(v) && /^[A-Z]/.test(k)) visit(k, v);
+    walk(v, visit);
+  }
+}
+
+function findNode(n: any, match: (kind: string, body: any) => boolean): any {
+  let found: any;
+  walk(n, (k, b) => {
+    if (!found && match(k, b)) found = b;
+  });
+  return found;
+}
+
+const statementName = (type: string) => type.replace(/Stmt$/, '').replace(/([a-z])([A-Z])/g, '$1 $2').toUpperCase();

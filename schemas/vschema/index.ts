@@ -1,0 +1,3 @@
+/** The sharding contract: the VSchema format and the vindex functions. */
+export * from './vschema.ts';
+export * from './vindex.ts';

@@ -1,0 +1,102 @@
+/**
+ * Vindex functions: a column value -> an 8-byte keyspace id, and a keyspace id
+ * -> the shard whose key range holds it. Pure, so the gateway and the
+ * materializer compute the same placement. `hash` and `xxhash` give the same
+ * keyspace ids as Vitess's vindexes of those names (docs/decisions/0017).
+ */
+import { createCipheriv } from 'node:crypto';
+import { xxh64 } from '@node-rs/xxhash';
+
+export type VindexType = 'hash' | 'xxhash' | 'identity' | 'lookup' | 'consistent_lookup_unique';
+/** The vindex types computed from the value alone (lookups read a table). */
+export const FUNCTIONAL_VINDEXES = ['hash', 'xxhash', 'identity'] as const;
+export type FunctionalVindex = typeof FUNCTIONAL_VINDEXES[number];
+
+export class VindexValueError extends Error {}
+
+/** A value as it reaches the planner: SQL literal text, a bound parameter (text or bytes), or a number. */
+export type VindexInput = string | number | bigint | Buffer;
+
+const NULL_KEY = Buffer.alloc(24); // Vitess's hash: 3DES (EDE, ECB) under an all-zero key
+const U64 = 2n ** 64n;
+
+function toUint64(v: VindexInput, vindex: string): bigint {
+  let n: bigint;
+  try {
+    n = typeof v === 'bigint' ? v : typeof v === 'number' ? BigInt(v) : BigInt(Buffer.isBuffer(v) ? v.toString('utf8').trim() : v.trim());
+  } catch {
+    throw new VindexValueError(`vindex ${vindex} needs an integer, not ${JSON.stringify(String(v))}`);
+  }
+  if (n < -(2n ** 63n) || n >= U64) throw new VindexValueError(`vindex ${vindex}: ${n} is outside 64 bits`);
+  return n < 0n ? n + U64 : n; // a negative bigint maps as its two's complement, as in Vitess
+}
+
+/**
+ * One ECB cipher for every call: ECB enciphers each 8-byte block alone, so a
+ * long-lived cipher fed whole blocks (never finalised) gives the same bytes as
+ * a new one, without OpenSSL's per-cipher setup (about 20 us).
+ */
+let des: ReturnType<typeof createCipheriv> | undefined;
+
+/** Keyspace ids of recent `hash` values, by the value's text: an OpenSSL call costs microseconds, a lookup nanoseconds. */
+const hashMemo = new Map<string, Buffer>();
+const HASH_MEMO_LIMIT = 200_000;
+
+/** `hash`: the integer's 8 big-endian bytes, enciphered with 3DES under a null key (memoised: do not modify the Buffer). */
+export function hashKeyspaceId(v: VindexInput): Buffer {
+  const key = Buffer.isBuffer(v) ? v.toString('latin1') : String(v);
+  const held = hashMemo.get(key);
+  if (held) return held;
+  if (hashMemo.size >= HASH_MEMO_LIMIT) hashMemo.clear();
+  const ksid = encipher(v);
+  hashMemo.set(key, ksid);
+  return ksid;
+}
+
+function encipher(v: VindexInput): Buffer {
+  const plain = Buffer.alloc(8);
+  plain.writeBigUInt64BE(toUint64(v, 'hash'));
+  if (!des) {
+    des = createCipheriv('des-ede3-ecb', NULL_KEY, null);
+    des.setAutoPadding(false);
+  }
+  return des.update(plain);
+}
+
+/** `xxhash`: xxHash64 (seed 0) of the value's bytes (UTF-8 for text), big-endian. */
+export function xxhashKeyspaceId(v: VindexInput): Buffer {
+  const bytes = Buffer.isBuffer(v) ? v : Buffer.from(String(v), 'utf8');
+  const out = Buffer.alloc(8);
+  out.writeBigUInt64BE(xxh64(bytes, 0n));
+  return out;
+}
+
+/** `identity`: the integer is the keyspace id (8 big-endian bytes). */
+export function identityKeyspaceId(v: VindexInput): Buffer {
+  const out = Buffer.alloc(8);
+  out.writeBigUInt64BE(toUint64(v, 'identity'));
+  return out;
+}
+
+export function keyspaceId(type: FunctionalVindex, v: VindexInput): Buffer {
+  switch (type) {
+    case 'hash': return hashKeyspaceId(v);
+    case 'xxhash': return xxhashKeyspaceId(v);
+    case 'identity': return identityKeyspaceId(v);
+  }
+}
+
+/** A shard's key range in lower-case hex, as ShardDefined carries it ('' = unbounded). */
+export interface KeyRange { shard: string; start: string; end: string }
+
+/** The shard whose [start, end) holds the keyspace id (compared as bytes, like Vitess). */
+export function shardFor(ksid: Buffer, ranges: readonly KeyRange[]): string {
+  const hex = ksid.toString('hex');
+  for (const r of ranges) {
+    // Lower-case hex strings order as their bytes do; a bound shorter than 16 digits is a prefix.
+    if (r.start && hex < r.start) continue;
+    if (r.end && hex >= r.end) continue;
+    return r.shard;
+  }
+  throw new VindexValueError(`no shard holds keyspace id ${ksid.toString('hex')}`);
+}

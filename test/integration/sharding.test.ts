@@ -1,0 +1,313 @@
+/**
+ * Sharded query serving end to end: a 2-shard database (one instance per
+ * shard) brought up by `mg`, its VSchema applied with `mg vschema apply`, and a
+ * multi-tenant workload driven through the gateway with node-postgres and
+ * postgres.js (simple and extended protocol). Every result is compared with the
+ * same workload on one unsharded Postgres, and routing is checked by where
+ * rows and statements landed (inet_server_port() on each shard).
+ * MG_SHARDING_SHARDS=4 runs the same against 4 shards (slower; not in the default run).
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import postgres from 'postgres';
+import { createLogger } from '../../common/log.ts';
+import { PostgresInstance } from '../../ingest/postgres/instance.ts';
+import { shardRanges } from '../../compose/spec.ts';
+import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
+import { testCluster, until } from '../support/cluster.ts';
+
+const SHARDS = Number(process.env.MG_SHARDING_SHARDS ?? 2);
+const cluster = testCluster('sharding', 3, { spec: {
+  cells: ['zone1'],
+  databases: [{ name: 'postgres', sharded: true, shards: SHARDS, instancesPerShard: 1, durability: 'ANY_1' }],
+} });
+const { spec, flags, mg, dataDir } = cluster;
+const gatewayPort = spec.gateway.port;
+const RANGES = shardRanges(SHARDS);
+const FIRST = RANGES[0].shard;
+const LAST = RANGES[SHARDS - 1].shard;
+const portOf = (shard: string) => cluster.instances.find((i) => i.shard === shard)!.port;
+const shardOfTenant = (t: number) => shardFor(hashKeyspaceId(t), RANGES);
+const tenantOn = (shard: string) => Array.from({ length: 12 }, (_, i) => i + 1).find((t) => shardOfTenant(t) === shard)!;
+
+const VSCHEMA = `
+vindexes:
+  hash: { type: hash }
+tables:
+  tenants: { column_vindexes: [{ column: id, name: hash }] }
+  users: { column_vindexes: [{ column: tenant_id, name: hash }] }
+  orders: { column_vindexes: [{ column: tenant_id, name: hash }] }
+  order_lines: { column_vindexes: [{ column: tenant_id, name: hash }] }
+  products: { type: reference }
+routines:
+  tenant_port: { argument: 0, vindex: hash }
+  rename_tenant: { argument: 0, vindex: hash }
+`;
+const DDL = [
+  'CREATE TABLE tenants (id bigint PRIMARY KEY, name text NOT NULL)',
+  'CREATE TABLE users (tenant_id bigint NOT NULL, id bigint NOT NULL, email text NOT NULL, name text, PRIMARY KEY (tenant_id, id))',
+  'CREATE TABLE orders (tenant_id bigint NOT NULL, id bigint NOT NULL, user_id bigint NOT NULL, total numeric(10,2) NOT NULL, status text NOT NULL, PRIMARY KEY (tenant_id, id))',
+  'CREATE TABLE order_lines (tenant_id bigint NOT NULL, order_id bigint NOT NULL, line int NOT NULL, product_id int NOT NULL, qty int NOT NULL, PRIMARY KEY (tenant_id, order_id, line))',
+  'CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL, price numeric(8,2) NOT NULL)',
+];
+const TENANTS = 12;
+
+let reference: PostgresInstance;
+let gw: pg.Client;
+let ref: pg.Client;
+
+const gwClient = () => new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres' });
+
+before(async () => {
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  const file = path.join(dataDir, 'vschema.yaml');
+  fs.writeFileSync(file, VSCHEMA);
+  const applied = await mg('vschema', 'apply', 'postgres', file, '--data-dir', dataDir);
+  assert.equal(applied.code, 0, applied.stderr);
+  reference = new PostgresInstance({ name: 'reference', dataDir: path.join(dataDir, 'reference'), port: Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + 3 * 500 + 480, log: createLogger('sharding-test') });
+  await reference.initPrimary();
+  await reference.start();
+  ref = new pg.Client({ host: '127.0.0.1', port: reference.port, user: 'postgres', database: 'postgres' });
+  await ref.connect();
+  gw = gwClient();
+  // Before the gateway has folded the VSchema, tenants is refused (0A000); after, the shard says it does not exist yet.
+  await until('the gateway to know the VSchema', 15_000, async () => {
+    const c = gwClient();
+    await c.connect();
+    try {
+      return await c.query('SELECT * FROM tenants').then(() => true, (e) => e.code === '42P01');
+    } finally {
+      await c.end();
+    }
+  });
+  await gw.connect();
+});
+
+after(async () => {
+  await gw?.end().catch(() => undefined);
+  await ref?.end().catch(() => undefined);
+  await reference?.stop('immediate').catch(() => undefined);
+  await mg('cluster', 'down', '--clean', ...flags);
+  fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+/** The rows a query gives through the gateway and on the unsharded reference; sorted unless the query orders them. */
+async function both(sql: string, params: unknown[] = []): Promise<{ sharded: unknown[]; single: unknown[] }> {
+  const [a, b] = await Promise.all([gw.query(sql, params), ref.query(sql, params)]);
+  const norm = (rows: unknown[]) => (/order by/i.test(sql) ? rows : rows.map((r) => JSON.stringify(r)).sort().map((r) => JSON.parse(r)));
+  return { sharded: norm(a.rows), single: norm(b.rows) };
+}
+async function same(sql: string, params: unknown[] = []): Promise<void> {
+  const { sharded, single } = await both(sql, params);
+  assert.deepEqual(sharded, single, sql);
+}
+const code = (c: string) => (e: any) => e.code === c;
+
+test('a bad VSchema is refused by mg vschema apply with the table and vindex named', async () => {
+  const file = path.join(dataDir, 'bad.yaml');
+  fs.writeFileSync(file, 'tables:\n  orders: { column_vindexes: [{ column: tenant_id, name: nope }] }\n');
+  const r = await mg('vschema', 'apply', 'postgres', file, '--data-dir', dataDir);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /table orders, column tenant_id: vindex nope is not defined/);
+  const shown = await mg('vschema', 'show', 'postgres', '--data-dir', dataDir);
+  assert.equal(shown.code, 0, shown.stderr);
+  assert.match(shown.stdout, /# version 1\n[\s\S]*products:\n\s+type: reference/);
+});
+
+test('DDL runs on every shard; the workload (simple and extended protocol) lands where the vindex says', async () => {
+  for (const ddl of DDL) {
+    await gw.query(ddl);
+    await ref.query(ddl);
+  }
+  const write = async (sql: string, params?: unknown[]) => {
+    const [a, b] = await Promise.all([gw.query(sql, params), ref.query(sql, params)]);
+    assert.equal(a.rowCount, b.rowCount, sql);
+    assert.deepEqual(a.rows, b.rows, sql);
+  };
+  // Simple protocol: multi-row INSERTs whose rows go to both shards, with RETURNING.
+  const tenants = Array.from({ length: TENANTS }, (_, i) => `(${i + 1}, 'tenant ${i + 1}')`).join(', ');
+  await write(`INSERT INTO tenants (id, name) VALUES ${tenants}`);
+  await write("INSERT INTO products (id, name, price) VALUES (1, 'pen', 1.50), (2, 'book', 12.00), (3, 'lamp', 30.25)");
+  for (let t = 1; t <= TENANTS; t++) {
+    await write(`INSERT INTO users (tenant_id, id, email, name) VALUES (${t}, 1, 'a@t${t}.example', 'Ann'), (${t}, 2, 'b@t${t}.example', NULL) RETURNING id, email`);
+    // Extended protocol: parameters route the row.
+    for (let o = 1; o <= 3; o++) {
+      await write('INSERT INTO orders (tenant_id, id, user_id, total, status) VALUES ($1, $2, $3, $4, $5)', [t, o, 1 + (o % 2), (t * 10 + o * 1.25).toFixed(2), o === 3 ? 'open' : 'paid']);
+      await write('INSERT INTO order_lines (tenant_id, order_id, line, product_id, qty) VALUES ($1, $2, 1, 1, $3), ($1, $2, 2, 3, 1)', [t, o, o]);
+    }
+  }
+  await write("UPDATE orders SET status = 'shipped' WHERE tenant_id = 4 AND id = 1 RETURNING id, status");
+  await write("UPDATE orders SET status = 'archived' WHERE total > 100"); // scatter write: counts add up
+  await write('DELETE FROM order_lines WHERE tenant_id IN (2, 9) AND line = 2');
+  await write('UPDATE products SET price = price + 1 WHERE id = 1'); // reference table: every shard
+
+  // Each tenant's rows are on the shard its keyspace id names, and only there; products are everywhere.
+  for (const { shard } of RANGES) {
+    const direct = new pg.Client({ host: '127.0.0.1', port: portOf(shard), user: 'postgres', database: 'postgres' });
+    await direct.connect();
+    try {
+      const { rows } = await direct.query('SELECT DISTINCT tenant_id::int AS t FROM orders ORDER BY 1');
+      const expected = Array.from({ length: TENANTS }, (_, i) => i + 1).filter((t) => shardOfTenant(t) === shard);
+      assert.deepEqual(rows.map((r) => r.t), expected, `tenants on ${shard}`);
+      assert.ok(expected.length > 0, `shard ${shard} holds tenants`);
+      assert.equal((await direct.query('SELECT count(*)::int AS n FROM products')).rows[0].n, 3);
+      assert.equal((await direct.query('SELECT price FROM products WHERE id = 1')).rows[0].price, '2.50');
+    } finally {
+      await direct.end();
+    }
+  }
+});
+
+test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, reference joins, scatter merges', async () => {
+  await same('SELECT * FROM orders WHERE tenant_id = 5 ORDER BY id');
+  await same('SELECT * FROM orders WHERE tenant_id = $1 AND id = $2', [7, 2]);
+  await same('SELECT tenant_id, id, total FROM orders WHERE tenant_id IN (1, 2, 3, 10)');
+  await same('SELECT o.id, u.email, o.total FROM orders o JOIN users u ON u.tenant_id = o.tenant_id AND u.id = o.user_id WHERE o.tenant_id = 3 ORDER BY o.id');
+  await same('SELECT l.order_id, p.name, l.qty * p.price AS amount FROM order_lines l JOIN products p ON p.id = l.product_id WHERE l.tenant_id = 8 ORDER BY 1, 2');
+  await same('SELECT o.tenant_id, count(*) AS n FROM orders o JOIN order_lines l ON l.tenant_id = o.tenant_id AND l.order_id = o.id GROUP BY o.tenant_id ORDER BY o.tenant_id');
+  await same('SELECT * FROM products ORDER BY id');
+  // Scatter: union, merge sort with LIMIT/OFFSET, aggregates, GROUP BY, DISTINCT.
+  await same('SELECT tenant_id, id, status FROM orders');
+  await same('SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id LIMIT 10');
+  await same('SELECT tenant_id, id, total FROM orders ORDER BY total, id LIMIT 5 OFFSET 7');
+  await same('SELECT tenant_id, id, total FROM orders ORDER BY total DESC LIMIT $1 OFFSET $2', [4, 3]);
+  await same('SELECT * FROM users ORDER BY name NULLS FIRST, tenant_id, id LIMIT 6');
+  await same('SELECT count(*) AS n, sum(total) AS s, min(total) AS lo, max(total) AS hi, count(name) AS named FROM orders o JOIN users u ON u.tenant_id = o.tenant_id AND u.id = o.user_id');
+  await same('SELECT status, count(*) AS n, sum(total) AS s, max(id) AS m FROM orders GROUP BY status ORDER BY n DESC, status');
+  await same('SELECT status, count(*) FROM orders GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 2');
+  await same('SELECT DISTINCT status FROM orders ORDER BY status');
+  await same('SELECT count(*) FROM orders WHERE total > 1000'); // no rows anywhere: still one row, 0
+  await same('SELECT sum(qty) FROM order_lines WHERE qty > 1000'); // sum over nothing: NULL
+});
+
+test('statements run only where they must (inet_server_port() answers which shard ran them)', async () => {
+  const ports = async (sql: string, params?: unknown[]) => (await gw.query(sql, params)).rows.map((r) => Number(r.p)).sort();
+  for (const t of [1, 2, 3, 4]) {
+    assert.deepEqual(await ports(`SELECT inet_server_port() AS p FROM tenants WHERE id = ${t}`), [portOf(shardOfTenant(t))]);
+    assert.deepEqual(await ports('SELECT inet_server_port() AS p FROM tenants WHERE id = $1', [t]), [portOf(shardOfTenant(t))]);
+  }
+  const all = RANGES.map((r) => portOf(r.shard)).sort();
+  assert.deepEqual(await ports('SELECT DISTINCT inet_server_port() AS p FROM tenants'), all);
+  const a = tenantOn(FIRST);
+  const b = tenantOn(LAST);
+  assert.deepEqual(await ports(`SELECT DISTINCT inet_server_port() AS p FROM tenants WHERE id IN (${a}, ${b})`), [portOf(FIRST), portOf(LAST)].sort());
+  assert.deepEqual(await ports(`SELECT DISTINCT inet_server_port() AS p FROM tenants WHERE id IN (${a}, ${a})`), [portOf(FIRST)]);
+  assert.equal((await ports('SELECT inet_server_port() AS p FROM products WHERE id = 1')).length, 1);
+  const plan = (await gw.query(`EXPLAIN SELECT * FROM orders WHERE tenant_id = ${b}`)).rows.map((r) => r['QUERY PLAN']);
+  assert.equal(plan[0], `mg route: single shard ${LAST} by vindex hash (hash) on orders.tenant_id`);
+  assert.ok(plan.some((l) => /Scan/.test(l)), plan.join('\n'));
+  await gw.query('SELECT * FROM orders ORDER BY total LIMIT 3');
+  assert.equal((await gw.query('SHOW mg_plan')).rows[0].mg_plan, `scatter to ${SHARDS} shards (${RANGES.map((r) => r.shard).join(', ')}), gateway merge sort, limit`);
+});
+
+test('constructs that cannot be answered correctly get 0A000 naming them, and the session goes on', async () => {
+  const refused: Array<[string, RegExp]> = [
+    ['SELECT * FROM orders o JOIN users u ON u.id = o.user_id', /join of sharded tables orders and users not on their primary vindex/],
+    ['SELECT avg(total) FROM orders', /avg\(\.\.\.\) over all shards/],
+    ['SELECT tenant_id, rank() OVER (ORDER BY total) FROM orders', /window function over all shards/],
+    ['SELECT * FROM orders WHERE id IN (SELECT order_id FROM order_lines)', /subquery or WITH over sharded table order_lines/],
+    ['SELECT * FROM nosuch', /table nosuch is not in the VSchema/],
+    ['UPDATE orders SET tenant_id = 99 WHERE tenant_id = 1', /primary vindex column/],
+    ['INSERT INTO orders (id, user_id, total, status) VALUES (1, 1, 1, \'x\')', /without its primary vindex column tenant_id/],
+    ['SELECT status, count(*) FROM orders GROUP BY status HAVING count(*) > 1', /HAVING/],
+  ];
+  for (const [sql, message] of refused) {
+    await assert.rejects(gw.query(sql), (e: any) => e.code === '0A000' && message.test(e.message), sql);
+    assert.equal((await gw.query('SELECT count(*)::int AS n FROM tenants')).rows[0].n, TENANTS, 'the session goes on');
+  }
+  await assert.rejects(gw.query('SELEC 1'), code('42601'));
+  assert.equal((await gw.query('SELECT 1 AS one')).rows[0].one, 1);
+});
+
+test('transactions: one shard unchanged; single refuses a second shard; multi spans shards; twopc waits for its coordinator', async () => {
+  const a = tenantOn(FIRST);
+  const b = tenantOn(LAST);
+  const c = gwClient();
+  await c.connect();
+  try {
+    const name = async (t: number) => (await c.query('SELECT name FROM tenants WHERE id = $1', [t])).rows[0].name;
+    await c.query("SET mg.transaction_mode = 'single'");
+    await c.query('BEGIN');
+    await c.query(`UPDATE tenants SET name = 'in tx' WHERE id = ${a}`);
+    assert.equal(await name(a), 'in tx', 'a transaction reads its own writes');
+    await assert.rejects(c.query(`UPDATE tenants SET name = 'x' WHERE id = ${b}`), (e: any) => e.code === '0A000' && /transaction_mode single/.test(e.message));
+    await assert.rejects(c.query('SELECT 1'), code('25P02'));
+    await c.query('ROLLBACK');
+    assert.notEqual(await name(a), 'in tx');
+
+    await c.query("SET mg.transaction_mode = 'multi'");
+    await c.query('BEGIN');
+    await c.query(`UPDATE tenants SET name = 'moved' WHERE id IN (${a}, ${b})`);
+    assert.deepEqual((await c.query(`SELECT id::int, name FROM tenants WHERE id IN (${a}, ${b}) ORDER BY id`)).rows.map((r) => r.name), ['moved', 'moved']);
+    await c.query('ROLLBACK');
+    assert.notEqual(await name(b), 'moved', 'rolled back on every shard');
+    await c.query('BEGIN');
+    await c.query(`UPDATE tenants SET name = 'both' WHERE id = ${a}`);
+    await c.query(`UPDATE tenants SET name = 'both' WHERE id = ${b}`);
+    await c.query('COMMIT');
+    assert.deepEqual([await name(a), await name(b)], ['both', 'both']);
+
+    await c.query("SET mg.transaction_mode = 'twopc'");
+    await c.query('BEGIN');
+    await c.query(`UPDATE tenants SET name = 'twopc' WHERE id = ${a}`);
+    await c.query(`UPDATE tenants SET name = 'twopc' WHERE id = ${b}`);
+    await assert.rejects(c.query('COMMIT'), (e: any) => e.code === '0A000' && /two-phase commit is not available yet/.test(e.message));
+    assert.deepEqual([await name(a), await name(b)], ['both', 'both'], 'nothing committed');
+    await c.query('BEGIN');
+    await c.query(`UPDATE tenants SET name = 'one shard' WHERE id = ${a}`);
+    await c.query('COMMIT'); // one participant: a plain commit, whatever the mode
+    assert.equal(await name(a), 'one shard');
+  } finally {
+    await c.end();
+  }
+});
+
+test('functions and procedures are created on every shard and run on the shard of the argument the VSchema names', async () => {
+  await gw.query("CREATE FUNCTION tenant_port(t bigint) RETURNS int LANGUAGE sql AS 'SELECT inet_server_port()'");
+  await gw.query('CREATE PROCEDURE rename_tenant(t bigint, n text) LANGUAGE plpgsql AS $$ BEGIN UPDATE tenants SET name = n WHERE id = t; COMMIT; END $$');
+  for (const t of [1, 2, 3, 4]) {
+    assert.equal((await gw.query(`SELECT tenant_port(${t}) AS p`)).rows[0].p, portOf(shardOfTenant(t)));
+    assert.equal((await gw.query('SELECT tenant_port($1) AS p', [t])).rows[0].p, portOf(shardOfTenant(t)));
+  }
+  await gw.query("CALL rename_tenant(7, 'called')"); // a procedure that commits inside, on its shard
+  assert.equal((await gw.query('SELECT name FROM tenants WHERE id = 7')).rows[0].name, 'called');
+});
+
+test('session settings reach every shard the session uses', async () => {
+  const c = gwClient();
+  await c.connect();
+  try {
+    await c.query("SET application_name = 'sharded-app'");
+    const { rows } = await c.query("SELECT DISTINCT current_setting('application_name') AS a, inet_server_port() AS p FROM tenants");
+    assert.equal(rows.length, 2);
+    assert.ok(rows.every((r) => r.a === 'sharded-app'));
+  } finally {
+    await c.end();
+  }
+});
+
+test('postgres.js (extended protocol, and simple) gets the same answers, and portals with row limits work on scatter results', async () => {
+  const sql = postgres({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
+  try {
+    const t = 6;
+    const pinned = await sql`SELECT id, total FROM orders WHERE tenant_id = ${t} ORDER BY id`;
+    assert.deepEqual([...pinned], (await ref.query('SELECT id, total FROM orders WHERE tenant_id = $1 ORDER BY id', [t])).rows);
+    const top = await sql`SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id LIMIT ${5}`;
+    assert.deepEqual([...top], (await ref.query('SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id LIMIT 5')).rows);
+    const counts = await sql`SELECT status, count(*)::int AS n FROM orders GROUP BY status ORDER BY status`.simple();
+    assert.deepEqual([...counts], (await ref.query('SELECT status, count(*)::int AS n FROM orders GROUP BY status ORDER BY status')).rows);
+    const batches: number[] = [];
+    await sql`SELECT tenant_id, id FROM orders ORDER BY tenant_id, id`.cursor(10, (rows) => {
+      batches.push(rows.length);
+    });
+    assert.deepEqual(batches, [10, 10, 10, 6]);
+    await assert.rejects(sql`SELECT avg(total) FROM orders`, (e: any) => e.code === '0A000');
+    assert.equal((await sql`SELECT count(*)::int AS n FROM tenants`)[0].n, TENANTS);
+  } finally {
+    await sql.end();
+  }
+});

@@ -1,0 +1,155 @@
+import assert from 'node:assert/strict';
+import { before, test } from 'node:test';
+import { mergeRows, type Row } from '../../router/planner/merge.ts';
+import { pinnedShards, type Plan } from '../../router/planner/plan.ts';
+import { Planner, plannerReady } from '../../router/planner/planner.ts';
+import { hashKeyspaceId, parseVSchema, shardFor } from '../../schemas/index.ts';
+
+const RANGES = [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }];
+const vschema = parseVSchema({
+  vindexes: { hash: { type: 'hash' }, name_hash: { type: 'xxhash' } },
+  tables: {
+    orders: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }] },
+    users: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }] },
+    tags: { column_vindexes: [{ column: 'name', name: 'name_hash' }] },
+    products: { type: 'reference' },
+  },
+  routines: { add_order: { argument: 0, vindex: 'hash' } },
+});
+let planner: Planner;
+before(async () => {
+  await plannerReady;
+  planner = new Planner(vschema);
+});
+const one = (sql: string): Plan => {
+  const plans = planner.plan(sql);
+  assert.equal(plans.length, 1);
+  return plans[0];
+};
+const text = (p: Plan) => ('sql' in p ? p.sql.toString() : '');
+const shardOf = (t: number) => shardFor(hashKeyspaceId(t), RANGES);
+
+test('WHERE pinning the primary vindex routes to one shard; IN to the shards it names; literals and $n', () => {
+  const p = one('SELECT * FROM orders WHERE tenant_id = 7 AND status = $1');
+  assert.equal(p.kind, 'select');
+  assert.deepEqual(pinnedShards((p as any).pin, RANGES), [shardOf(7)]);
+  const q = one('SELECT * FROM orders WHERE tenant_id = $2');
+  assert.deepEqual(pinnedShards((q as any).pin, RANGES, [{ value: null, binary: false, typeOid: 0 }, { value: Buffer.from('7'), binary: false, typeOid: 0 }]), [shardOf(7)]);
+  const bin = Buffer.alloc(8);
+  bin.writeBigInt64BE(7n);
+  assert.deepEqual(pinnedShards((q as any).pin, RANGES, [{ value: null, binary: false, typeOid: 0 }, { value: bin, binary: true, typeOid: 20 }]), [shardOf(7)]);
+  const a = [1, 2, 3, 4, 5, 6].find((t) => shardOf(t) === '-80')!;
+  const b = [1, 2, 3, 4, 5, 6].find((t) => shardOf(t) === '80-')!;
+  assert.deepEqual(pinnedShards((one(`SELECT * FROM orders WHERE tenant_id IN (${a}, ${b})`) as any).pin, RANGES), ['-80', '80-']);
+  assert.deepEqual(pinnedShards((one(`DELETE FROM orders WHERE tenant_id IN (${b}, ${b})`) as any).pin, RANGES), ['80-']);
+  assert.equal((one("SELECT * FROM tags WHERE name = 'x'") as any).pin.type, 'xxhash');
+});
+
+test('joins on the shared vindex stay on one shard; reference tables join anywhere; other joins are refused', () => {
+  const p = one('SELECT * FROM orders o JOIN users u ON u.tenant_id = o.tenant_id JOIN products p ON p.id = o.product_id WHERE o.tenant_id = 3');
+  assert.equal(p.kind, 'select');
+  assert.ok((p as any).pin);
+  assert.equal(one('SELECT * FROM orders o, users u WHERE o.tenant_id = u.tenant_id').kind, 'select'); // scatter, shard-local join
+  assert.match((one('SELECT * FROM orders o JOIN users u ON u.id = o.user_id') as any).message, /join of sharded tables orders and users not on their primary vindex/);
+  assert.match((one('SELECT * FROM orders o JOIN tags t ON t.name = o.status') as any).message, /join of sharded tables/);
+  assert.equal(one('SELECT * FROM products WHERE id = 1').kind, 'reference');
+  assert.equal(one('SELECT 1').kind, 'reference');
+  assert.equal(one('SELECT relname FROM pg_class').kind, 'reference');
+});
+
+test('scatter SELECTs carry what the gateway merges; LIMIT/OFFSET are rewritten per shard', () => {
+  const p = one('SELECT * FROM orders ORDER BY total DESC LIMIT 10 OFFSET 5') as any;
+  assert.equal(p.pin, undefined);
+  assert.equal(text(p), 'SELECT * FROM orders ORDER BY total DESC LIMIT 15 OFFSET 0');
+  assert.deepEqual(p.merge.orderBy, [{ column: 'total', desc: true, nullsFirst: true }]);
+  assert.equal(text(one('SELECT * FROM orders ORDER BY 1 LIMIT $1 OFFSET $2')), 'SELECT * FROM orders ORDER BY 1 LIMIT ($1 + $2) OFFSET (0 * $2)');
+  assert.equal(text(one('SELECT status, count(*) FROM orders GROUP BY status LIMIT 3')), 'SELECT status, count(*) FROM orders GROUP BY status LIMIT ALL');
+  const g = one('SELECT status, count(*) AS n, sum(total), min(id), max(id) FROM orders GROUP BY 1 ORDER BY n DESC') as any;
+  assert.deepEqual(g.merge.aggregates.map((a: any) => a.fn), ['count', 'sum', 'min', 'max']);
+  assert.deepEqual(g.merge.groupBy, [1]);
+  assert.deepEqual(g.merge.orderBy, [{ column: 2, desc: true, nullsFirst: true }]);
+});
+
+test('INSERT rows are split by keyspace id, with ON CONFLICT and RETURNING kept', () => {
+  const p = one("INSERT INTO orders (tenant_id, id, note) VALUES (1, 1, 'a), (b'), ($1, 2, E'it''s \\' (x)'), (3, 3, $$)$$) ON CONFLICT DO NOTHING RETURNING id") as any;
+  assert.equal(p.kind, 'insert');
+  assert.deepEqual(p.rows.map(String), ["(1, 1, 'a), (b')", "($1, 2, E'it''s \\' (x)')", '(3, 3, $$)$$)']);
+  assert.equal(p.prefix.toString(), 'INSERT INTO orders (tenant_id, id, note) VALUES ');
+  assert.equal(p.suffix.toString(), ' ON CONFLICT DO NOTHING RETURNING id');
+  assert.equal(one("INSERT INTO products (id, name) VALUES (1, 'x')").kind, 'all');
+});
+
+test('what cannot be answered correctly is refused, naming the construct', () => {
+  const refused: Array<[string, RegExp]> = [
+    ['SELECT avg(total) FROM orders', /avg\(\.\.\.\) over all shards/],
+    ['SELECT count(*) + 1 FROM orders', /count\(\.\.\.\) inside an expression/],
+    ['SELECT count(DISTINCT status) FROM orders', /count\(DISTINCT \.\.\.\)/],
+    ['SELECT rank() OVER (ORDER BY id) FROM orders', /window function over all shards/],
+    ['SELECT * FROM orders WHERE id IN (SELECT id FROM users)', /subquery or WITH over sharded table users/],
+    ['WITH x AS (SELECT * FROM orders) SELECT * FROM x', /subquery or WITH over sharded table orders/],
+    ['SELECT id FROM orders UNION SELECT id FROM users', /UNION over sharded tables/],
+    ['SELECT status FROM orders GROUP BY status HAVING count(*) > 1', /HAVING/],
+    ['SELECT * FROM orders ORDER BY lower(status)', /ORDER BY an expression/],
+    ['SELECT * FROM nosuch', /table nosuch is not in the VSchema/],
+    ['UPDATE orders SET tenant_id = 2 WHERE tenant_id = 1', /primary vindex column/],
+    ['INSERT INTO orders (id) VALUES (1)', /without its primary vindex column tenant_id/],
+    ['INSERT INTO orders (tenant_id) VALUES (now())', /must be a literal or \$n/],
+    ['INSERT INTO orders (tenant_id) SELECT tenant_id FROM users', /INSERT \.\.\. SELECT/],
+    ['SAVEPOINT a', /SAVEPOINT on a sharded database/],
+    ['COPY orders FROM STDIN', /COPY is not supported/],
+    ["SET mg.transaction_mode = 'fast'", /mg.transaction_mode must be/],
+  ];
+  for (const [sql, message] of refused) {
+    const p = one(sql);
+    assert.equal(p.kind, 'refused', sql);
+    assert.match((p as any).message, message, sql);
+  }
+});
+
+test('sessions, DDL, routines and EXPLAIN', () => {
+  assert.deepEqual(planner.plan('BEGIN; SET work_mem = 64; COMMIT').map((p) => p.kind), ['begin', 'set', 'commit']);
+  assert.equal(one('CREATE INDEX ON orders (status)').kind, 'all');
+  assert.equal(one('ANALYZE orders').kind, 'all');
+  assert.equal(one("SET mg.transaction_mode = 'twopc'").kind, 'transaction_mode');
+  const call = one('CALL add_order(5, 10)') as any;
+  assert.deepEqual(pinnedShards(call.pin, RANGES), [shardOf(5)]);
+  assert.ok((one('SELECT add_order($1, 2)') as any).pin);
+  assert.match((one('CALL other(1)') as any).message, /not in the VSchema/);
+  assert.equal(one('EXPLAIN SELECT * FROM orders WHERE tenant_id = 1').kind, 'explain');
+  assert.equal(planner.plan('SELECT 1')[0], planner.plan('SELECT 1')[0], 'plans are cached per text');
+});
+
+const r = (...v: Array<string | null>): Row => v.map((x) => (x === null ? null : Buffer.from(x)));
+const s = (rows: Row[]) => rows.map((row) => row.map((v) => (v === null ? null : v.toString())));
+
+test('merging: numbers by value, NULLs last ascending, OFFSET/LIMIT after the sort', () => {
+  const fields = [{ name: 'id', typeOid: 20 }, { name: 'total', typeOid: 1700 }, { name: 'name', typeOid: 25 }];
+  const rows = [r('10', '9.50', 'b'), r('2', '10.25', null), r('3', '-1', 'a'), r('1', '9.5', 'B')];
+  assert.deepEqual(s(mergeRows(rows, fields, { orderBy: [{ column: 1, desc: false, nullsFirst: false }], distinct: false })).map((x) => x[0]), ['1', '2', '3', '10']);
+  assert.deepEqual(s(mergeRows(rows, fields, { orderBy: [{ column: 'total', desc: true, nullsFirst: true }, { column: 1, desc: false, nullsFirst: false }], distinct: false })).map((x) => x[0]), ['2', '1', '10', '3']);
+  assert.deepEqual(s(mergeRows(rows, fields, { orderBy: [{ column: 3, desc: false, nullsFirst: false }], distinct: false, limit: { literal: '2' }, offset: { literal: '1' } })).map((x) => x[2]), ['a', 'b']);
+});
+
+test('merging: partial count/sum/min/max combine per group; DISTINCT', () => {
+  const fields = [{ name: 'status', typeOid: 25 }, { name: 'count', typeOid: 20 }, { name: 'sum', typeOid: 1700 }, { name: 'min', typeOid: 23 }, { name: 'max', typeOid: 23 }];
+  const merge = { orderBy: [{ column: 1, desc: false, nullsFirst: false }], distinct: false, groupBy: [1], aggregates: [{ column: 2, fn: 'count' as const }, { column: 3, fn: 'sum' as const }, { column: 4, fn: 'min' as const }, { column: 5, fn: 'max' as const }] };
+  const rows = [r('paid', '2', '10.5', '3', '9'), r('open', '1', null, '4', '4'), r('paid', '3', '0.25', '-2', '12'), r('open', '0', '1', null, null)];
+  assert.deepEqual(s(mergeRows(rows, fields, merge)), [['open', '1', '1', '4', '4'], ['paid', '5', '10.75', '-2', '12']]);
+  assert.deepEqual(s(mergeRows([r('a'), r('b'), r('a'), r(null), r(null)], [{ name: 'x', typeOid: 25 }], { orderBy: [], distinct: true })), [['a'], ['b'], [null]]);
+});
+
+test('statements that differ only in literals share one plan shape, with their own values', () => {
+  for (const t of [11, 12, 13, -4, 0]) {
+    const p = one(`SELECT * FROM orders WHERE tenant_id = ${t} AND status = 'o''k'`) as any;
+    assert.equal(text(p), `SELECT * FROM orders WHERE tenant_id = ${t} AND status = 'o''k'`);
+    assert.deepEqual(pinnedShards(p.pin, RANGES), [shardOf(t)]);
+  }
+  const tag = one("SELECT * FROM tags WHERE name = 'it''s' -- 5\n") as any;
+  assert.deepEqual(tag.pin.values, [{ literal: "it's" }]);
+  assert.deepEqual((one("SELECT * FROM tags WHERE name = 'x' -- 5\n") as any).pin.values, [{ literal: 'x' }]);
+  assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id IN (1, 2)') as any).pin.values, [{ literal: '1' }, { literal: '2' }]);
+  assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id IN (3, 4)') as any).pin.values, [{ literal: '3' }, { literal: '4' }]);
+  assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id = 007') as any).pin.values, [{ literal: '7' }]);
+  assert.equal(one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6').kind, 'select');
+  assert.equal((one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6') as any).pin, undefined);
+});

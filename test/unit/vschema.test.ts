@@ -1,0 +1,75 @@
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import {
+  applyTopologyEvent, emptyTopology, hashKeyspaceId, identityKeyspaceId, parseVSchema, payload, shardFor, topologyKey, xxhashKeyspaceId,
+  type TopologyEvent,
+} from '../../schemas/index.ts';
+
+const TWO = [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }];
+
+test('hash gives Vitess keyspace ids (3DES of the uint64 under a null key)', () => {
+  assert.equal(hashKeyspaceId(1).toString('hex'), '166b40b44aba4bd6');
+  assert.equal(hashKeyspaceId('1').toString('hex'), '166b40b44aba4bd6');
+  assert.equal(hashKeyspaceId(1n).toString('hex'), '166b40b44aba4bd6');
+  assert.equal(hashKeyspaceId(-1).toString('hex'), hashKeyspaceId(2n ** 64n - 1n).toString('hex'));
+  assert.throws(() => hashKeyspaceId('abc'), /vindex hash needs an integer, not "abc"/);
+  assert.throws(() => hashKeyspaceId(2n ** 64n), /outside 64 bits/);
+});
+
+test('xxhash is xxHash64 of the bytes; identity is the integer itself', () => {
+  assert.equal(xxhashKeyspaceId('test').toString('hex'), '4fdcca5ddb678139');
+  assert.equal(xxhashKeyspaceId(Buffer.from('test')).toString('hex'), '4fdcca5ddb678139');
+  assert.equal(identityKeyspaceId(0x80n << 56n).toString('hex'), '8000000000000000');
+});
+
+test('keyspace ids map to the shard whose range holds them, and spread evenly', () => {
+  assert.equal(shardFor(Buffer.from('7fffffffffffffff', 'hex'), TWO), '-80');
+  assert.equal(shardFor(Buffer.from('8000000000000000', 'hex'), TWO), '80-');
+  assert.equal(shardFor(Buffer.alloc(8), [{ shard: '-', start: '', end: '' }]), '-');
+  const counts = { '-80': 0, '80-': 0 } as Record<string, number>;
+  for (let i = 1; i <= 10_000; i++) counts[shardFor(hashKeyspaceId(i), TWO)]++;
+  assert.ok(counts['-80'] > 4_700 && counts['80-'] > 4_700, JSON.stringify(counts));
+});
+
+const good = {
+  vindexes: { hash: { type: 'hash' }, email_lookup: { type: 'consistent_lookup_unique', params: { table: 'users_email_idx', from: 'email', to: 'keyspace_id' }, owner: 'users' } },
+  tables: {
+    users: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }, { column: 'email', name: 'email_lookup' }] },
+    products: { type: 'reference' },
+  },
+  routines: { add_order: { argument: 0, vindex: 'hash' } },
+};
+
+test('a valid VSchema parses with defaults', () => {
+  const v = parseVSchema(good);
+  assert.equal(v.tables.users.type, 'sharded');
+  assert.equal(v.tables.products.type, 'reference');
+  assert.deepEqual(v.sequences, {});
+});
+
+test('a bad VSchema gets errors naming the table, column or vindex', () => {
+  const bad = (raw: unknown, re: RegExp) => assert.throws(() => parseVSchema(raw), re);
+  bad({ tables: { orders: { column_vindexes: [{ column: 'tenant_id', name: 'nope' }] } } }, /table orders, column tenant_id: vindex nope is not defined/);
+  bad({ tables: { orders: {} } }, /table orders: a sharded table needs a primary vindex/);
+  bad({ vindexes: { h: { type: 'md5' } } }, /vindex h \(type\): Invalid enum value/);
+  bad({ vindexes: { l: { type: 'lookup' } } }, /vindex l \(params\): a lookup vindex needs params/);
+  bad({ ...good, tables: { users: { column_vindexes: [{ column: 'email', name: 'email_lookup' }] } } }, /table users, column email: the primary vindex email_lookup must be hash, xxhash or identity/);
+  bad({ tables: { Users: {} } }, /tables.Users|must be a lower-case SQL identifier/);
+  bad({ vindexes: { hash: { type: 'hash' } }, tables: { t: { column_vindexes: [{ column: 'id', name: 'hash' }], auto_increment: { column: 'id', sequence: 's' } } } }, /table t, column id: sequence s is not defined/);
+  bad({ routines: { f: { argument: 0, vindex: 'x' } } }, /routine f: vindex x is not defined/);
+});
+
+test('VSchemaApplied folds by version, keyed vschema/<db>', () => {
+  const ev = (version: bigint, vschema: unknown): TopologyEvent => ({
+    eventId: String(version), ts: new Date(0), source: 't',
+    payload: payload('VSchemaApplied', { database: 'shop', version, vschema: JSON.stringify(vschema) }),
+  });
+  const state = emptyTopology();
+  applyTopologyEvent(state, ev(2n, good));
+  applyTopologyEvent(state, ev(1n, {})); // older: ignored
+  assert.equal(state.vschemas.get('shop')?.version, 2n);
+  assert.ok(state.vschemas.get('shop')?.vschema.tables.users);
+  applyTopologyEvent(state, ev(3n, { tables: { x: {} } })); // invalid: ignored
+  assert.equal(state.vschemas.get('shop')?.version, 2n);
+  assert.equal(topologyKey(ev(1n, {})), 'vschema/shop');
+});
