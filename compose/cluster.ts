@@ -14,7 +14,7 @@ import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import {
   applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, shardKey, topologyKey,
-  type HealthEvent, type TopicValues, type TopologyEvent,
+  type HealthEvent, type TopicValues, type TopologyEvent, type TopologyState,
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
@@ -78,14 +78,17 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
-    await progress.step('topology: cells, databases, shards', () => bootstrapTopology(spec, eventLog, progress));
+    let inactive: ReadonlySet<string> = new Set();
+    await progress.step('topology: cells, databases, shards', async () => {
+      inactive = new Set((await bootstrapTopology(spec, eventLog, progress)).inactive.keys());
+    });
     await progress.step('an agent beside each Postgres instance', () => startAgents(spec, planned, eventLog, progress));
     const paths = { runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) };
     await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+): elects each new shard's primary`,
       () => startOrchestrators(spec, paths, progress));
     await progress.step('replicas cloned from their primary and streaming', () =>
       waitHealthy(eventLog, planned.map((p) => p.instanceId), 180_000, progress, () => agentDied(spec, planned)));
-    await progress.step('login role password', () => ensureLoginPassword(spec, progress));
+    await progress.step('login role password', () => ensureLoginPassword(spec, progress, inactive));
     await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
     await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
   } finally {
@@ -121,8 +124,8 @@ function checkPrerequisites(spec: ClusterSpec): void {
   if (missing.length) throw new Error(`missing prerequisites: ${missing.join(', ')} (install Java 17, Maven and Debian's postgresql-15 and pgbackrest; compose/setup.sh does)`);
 }
 
-/** Publishes the spec's topology events that the log does not hold yet. */
-async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<void> {
+/** Publishes the spec's topology events that the log does not hold yet; returns the topology as it was. */
+async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<TopologyState> {
   const state = emptyTopology();
   const sub = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(state, e));
   await sub.caughtUp;
@@ -144,6 +147,7 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
   // No primary is named here: MultiOrch elects each new shard's first one.
   if (events.length) await eventLog.publisher('topology')(events.map((e) => ({ key: topologyKey(e), value: e })));
   progress.note(events.length ? `published ${events.length} events` : 'already in the log');
+  return state;
 }
 
 function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {

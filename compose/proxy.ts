@@ -57,9 +57,10 @@ export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Pr
  * shard can tell whether the password is set (it replicates), and only the
  * current primary (not in recovery, whichever MultiOrch elected) can set it.
  */
-export async function ensureLoginPassword(spec: ClusterSpec, progress: Progress): Promise<void> {
+/** Sets the login role's password on each shard's primary; databases scaled to zero (`inactive`) had theirs set when they ran. */
+export async function ensureLoginPassword(spec: ClusterSpec, progress: Progress, inactive: ReadonlySet<string> = new Set()): Promise<void> {
   const shards = new Map<string, ReturnType<typeof instancesOf>>();
-  for (const i of instancesOf(spec)) shards.set(`${i.database}/${i.shard}`, [...(shards.get(`${i.database}/${i.shard}`) ?? []), i]);
+  for (const i of instancesOf(spec).filter((x) => !inactive.has(x.database))) shards.set(`${i.database}/${i.shard}`, [...(shards.get(`${i.database}/${i.shard}`) ?? []), i]);
   for (const [shard, members] of shards) {
     await waitFor(async () => {
       for (const m of members) {

@@ -106,13 +106,13 @@ export class DatabaseManager {
   async setActive(name: string, active: boolean, reason: string, step: Step): Promise<void> {
     await this.event(payload('DatabaseActivationChanged', { database: name, active, reason }));
     step(active ? 'asked its agents to start Postgres' : 'asked the gateways to drain its sessions and its agents to checkpoint and stop Postgres');
-    const instances = this.shardsOf(name).flatMap((shard) => this.watch.shard(name, shard)?.cohort ?? []);
-    const deadline = Date.now() + 60_000;
     if (active) {
       for (const shard of this.shardsOf(name)) await this.primaryOf(name, shard, step);
       step('every shard has a serving primary');
       return;
     }
+    const instances = this.shardsOf(name).flatMap((shard) => this.watch.shard(name, shard)?.cohort ?? []);
+    const deadline = Date.now() + 60_000;
     step(`waiting for ${instances.map((i) => i.instanceId).join(', ')} to stop`);
     for (;;) {
       const running = instances.filter((i) => this.watch.fresh(i.instanceId)?.reachable !== false);

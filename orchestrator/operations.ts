@@ -44,18 +44,11 @@ export class Operations {
     this.ops.set(op.id, op);
     for (const id of [...this.ops.keys()].slice(0, Math.max(0, this.ops.size - KEEP))) this.ops.delete(id);
     const step = (message: string) => void op.steps.push({ at: new Date().toISOString(), message });
-    const done = work(step).then(
-      () => {
-        op.state = 'succeeded';
-      },
-      (err: Error) => {
-        op.state = 'failed';
-        op.error = err.message;
-      },
-    ).finally(() => {
-      op.finishedAt = new Date().toISOString();
-      finished.inc({ kind, state: op.state });
-    });
+    const finish = (state: OperationState, error: string | null) => {
+      Object.assign(op, { finishedAt: new Date().toISOString(), error, state });
+      finished.inc({ kind, state });
+    };
+    const done = work(step).then(() => finish('succeeded', null), (err: Error) => finish('failed', err.message));
     return { op, done };
   }
 

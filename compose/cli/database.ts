@@ -62,16 +62,16 @@ export async function createWithInstances(spec: ClusterSpec, name: string, shape
 
 /** Prints an operation's steps as they happen (what it did, what it waits for) until it is over. */
 async function follow(spec: ClusterSpec, id: string): Promise<number> {
-  const started = Date.now();
   let printed = 0;
   for (;;) {
     const r = await callOrchestrator(spec, 'GET', `/v1/operations/${id}`);
     if (r.status !== 200) return fail(r);
     const op = r.body;
-    for (const s of op.steps.slice(printed)) console.log(`  ${((Date.parse(s.at) - started) / 1000).toFixed(1).padStart(5)} s  ${s.message}`);
+    const origin = Date.parse(op.startedAt);
+    for (const s of op.steps.slice(printed)) console.log(`  ${((Date.parse(s.at) - origin) / 1000).toFixed(1).padStart(5)} s  ${s.message}`);
     printed = op.steps.length;
     if (op.state === 'succeeded') {
-      console.log(`${op.kind} ${op.target}: done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+      console.log(`${op.kind} ${op.target}: done in ${((Date.parse(op.finishedAt) - origin) / 1000).toFixed(1)} s`);
       return 0;
     }
     if (op.state === 'failed') {
