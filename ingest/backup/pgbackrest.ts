@@ -57,9 +57,14 @@ export class PgBackRest {
    * segment of the shard's stanza through pgBackRest (a primary does; a standby archives nothing).
    */
   static archiveSettingsFor(stanza: string, dataDir: string): Record<string, string> {
+    const base = `${PGBACKREST} --config=${configFileOf(path.resolve(dataDir))} --stanza=${stanza}`;
     return {
       archive_mode: 'on',
-      archive_command: `${PGBACKREST} --config=${configFileOf(path.resolve(dataDir))} --stanza=${stanza} archive-push %p`,
+      archive_command: `${base} archive-push %p`,
+      // Timeline history files only: a promotion then sees the timelines other primaries of the shard already
+      // archived and picks an unused number (two primaries on "timeline 2" would block the archive for good).
+      // Segments keep coming by streaming; a replica restored from a backup has pgBackRest's full restore_command.
+      restore_command: `case %f in *.history) exec ${base} archive-get %f "%p";; *) exit 1;; esac`,
       // An idle primary still ships its last writes within a minute (the archive's worst-case lag).
       archive_timeout: '60s',
     };

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
+import { callOrchestrator } from '../../compose/orchestrators.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
 import type { BackupEvent } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
@@ -89,13 +90,13 @@ test('backup create: a differential backup from a streaming replica, with STARTE
   assert.match(await ok('backup', 'verify', 'postgres/-'), /postgres\/-:/);
 });
 
-test('backup create: a bad type is refused with the reason', async () => {
-  const r = await mg('backup', 'create', 'postgres/-', '--type', 'weekly', '--data-dir', dataDir);
-  assert.equal(r.code, 1);
-  assert.match(r.stderr, /type must be equal to one of the allowed values/);
-  const missing = await mg('backup', 'list', 'nodb/-', '--data-dir', dataDir);
-  assert.equal(missing.code, 1);
-  assert.match(missing.stderr, /no shard nodb\/-/);
+test('REST: a bad backup type is a 400 naming the field, an unknown shard a 404', async () => {
+  const bad = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/postgres/-', { type: 'weekly' });
+  assert.equal(bad.status, 400);
+  assert.match(bad.body.error, /body\/type must be equal to one of the allowed values/);
+  const missing = await callOrchestrator(cluster.spec, 'GET', '/v1/backups/nodb/-');
+  assert.equal(missing.status, 404);
+  assert.match(missing.body.error, /no shard nodb\/-/);
 });
 
 test('restore --time: a table dropped by mistake comes back with exactly the rows it had then', async () => {
