@@ -43,7 +43,7 @@ async function main(): Promise<void> {
   fs.writeFileSync(spec, [
     'name: bench',
     'cells: [zone1]',
-    'databases: [{ name: bank, shards: 2, instancesPerShard: 1 }]',
+    'databases: [{ name: bank, sharded: true, shards: 2, instancesPerShard: 1 }]',
     `kafka: { port: ${base}, controllerPort: ${base + 1} }`,
     `registry: { port: ${base + 2} }`,
     `postgres: { basePort: ${base + 10} }`,

@@ -93,7 +93,7 @@ test('backup create: a differential backup from a streaming replica, with STARTE
 test('REST: a bad backup type is a 400 naming the field, an unknown shard a 404', async () => {
   const bad = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/postgres/-', { type: 'weekly' });
   assert.equal(bad.status, 400);
-  assert.match(bad.body.error, /body\/type must be equal to one of the allowed values/);
+  assert.match(bad.body.error, /body\.type: must be equal to one of the allowed values/);
   const missing = await callOrchestrator(cluster.spec, 'GET', '/v1/backups/nodb/-');
   assert.equal(missing.status, 404);
   assert.match(missing.body.error, /no shard nodb\/-/);

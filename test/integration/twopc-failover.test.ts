@@ -18,7 +18,7 @@ import { checkAllOrNothing, createAccounts, prepared, startDriver, type ShardAt 
 const GRACE_MS = 6_000;
 const cluster = testCluster('twopcfo', 3, {
   settings: { 'orchestrator.twopcGraceMs': GRACE_MS },
-  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', shards: 2, instancesPerShard: 2 }] },
+  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', sharded: true, shards: 2, instancesPerShard: 2 }] },
 });
 const { dataDir, flags, mg } = cluster;
 

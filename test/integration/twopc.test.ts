@@ -22,7 +22,7 @@ const RETENTION_MS = 10_000;
 // Two cells: two orchestrators, so two resolvers work on the same in-doubt transactions.
 const cluster = testCluster('twopc', 4, {
   settings: { 'orchestrator.twopcGraceMs': GRACE_MS, 'orchestrator.twopcRetentionMs': RETENTION_MS },
-  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', shards: 2, instancesPerShard: 1 }] },
+  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', sharded: true, shards: 2, instancesPerShard: 1 }] },
 });
 const { dataDir, flags, mg } = cluster;
 // One instance per shard: each is its shard's primary.
