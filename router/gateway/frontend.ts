@@ -331,7 +331,12 @@ class Handshake {
     for (;;) {
       if (this.buf.length >= 4) {
         const len = this.buf.readInt32BE(0);
-        if (len < 8 || len > MAX_STARTUP_PACKET) throw new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, 'invalid length of startup packet');
+        if (len < 8 || len > MAX_STARTUP_PACKET) {
+          // Postgres logs this and closes without answering (COMMERROR): a client that sends its
+          // Terminate before its startup packet must not read an error it never asked for.
+          this.opts.log?.info({ length: len, remote: this.socket.remoteAddress }, 'invalid length of startup packet');
+          return null;
+        }
         if (this.buf.length >= len) return this.take(len).subarray(4);
       }
       if (!(await this.more())) return null;

@@ -12,7 +12,7 @@ import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
-import { backendKeyData, encodeCancel, encodeErrorFields, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
+import { backendKeyData, encodeCancel, encodeErrorFields, errorFieldsAt, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
 import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import { databaseDdl, type DatabaseDdl } from './database-ddl.ts';
@@ -65,6 +65,8 @@ interface Link {
   target: Target;
   /** The committed settings the pooler last reported for this session on this link. */
   state: string;
+  /** The pooler sent a FATAL on it: it is about to close, and the client has heard why. */
+  endedWithFatal?: boolean;
 }
 
 export class GatewaySession implements Flushable {
@@ -391,6 +393,8 @@ export class GatewaySession implements Flushable {
       this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
       if (this.inflight > 0) this.inflight--;
       if (this.status === 'I' && this.inflight === 0 && !this.inBatch) this.idleSince = performance.now();
+    } else if (type === T.ErrorResponse && errorFieldsAt(buf, start, len).S === 'FATAL') {
+      link.endedWithFatal = true;
     } else if (type === T.ParameterStatus && isReport(buf, start, SESSION_STATE_BYTES)) {
       this.sessionState = link.state = reportValue(buf, start, len, SESSION_STATE_BYTES);
       return;
@@ -445,7 +449,9 @@ export class GatewaySession implements Flushable {
     // Idle: the next query reconnects (buffering if the primary is gone). Mid-transaction:
     // the pooler has told the client why (Postgres's own error); the transaction is lost.
     if (this.status !== 'I' || this.inflight > 0) {
-      this.sendError(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, 'lost the connection to the shard in the middle of a transaction'));
+      // A FATAL the pooler passed on (a terminated backend, say) already told the client why.
+      if (link.endedWithFatal) this.flush();
+      else this.sendError(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, 'lost the connection to the shard in the middle of a transaction'));
       this.end();
     }
   }

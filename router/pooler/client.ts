@@ -30,6 +30,13 @@ export interface SessionServices {
   readonly shuttingDown: boolean;
   readonly counters: Counters;
   listener(database: string, user: string): SharedListener;
+  /**
+   * How many schema changes (DDL) this pooler has seen in a database: it is part of
+   * every pooler-wide statement name, so a statement planned before a change is never
+   * reused for a Parse after it (a fresh connection would plan it against the new schema).
+   */
+  schemaEpoch(database: string): number;
+  schemaChanged(database: string): void;
   /** Closes the idle server connections to a database (all users), and its shared listener when nobody listens. */
   releaseDatabase(database: string): void;
   sessionClosed(c: ClientSession): void;
@@ -113,6 +120,16 @@ function forbiddenIn(cls: StmtEffects[]): PgError | undefined {
   return undefined;
 }
 
+const SCHEMA_CHANGE_TAG = /^(?:CREATE|ALTER|DROP) /;
+/**
+ * Does this CommandComplete tag (CREATE/ALTER/DROP ...) say the schema changed? A temp
+ * table lives in its pinned session only, so it does not make other sessions re-prepare.
+ */
+function isSchemaChange(buf: Buffer, tagAt: number, effects: Effect[] | null): boolean {
+  if (!SCHEMA_CHANGE_TAG.test(buf.toString('latin1', tagAt, tagAt + 7))) return false;
+  return !effects?.some((e) => e.t === 'pin' && e.reason === 'temp');
+}
+
 export function paramsKeyOf(m: ReadonlyMap<string, string>): string {
   let k = '';
   for (const [n, v] of m) k += `${n}\u0001${v}\u0002`;
@@ -148,8 +165,6 @@ export class ClientSession implements ServerOwner, MessageSink {
    * must not hear that it succeeded.
    */
   private commitUnconfirmed = false;
-  /** The server died while we were idle in a transaction: the next message gets this error. */
-  private pendingError: PgError | null = null;
 
   private readonly q: Array<Entry | undefined> = [];
   private qh = 0;
@@ -274,16 +289,6 @@ export class ClientSession implements ServerOwner, MessageSink {
           return this.onSync(buf, start, len);
         }
         if (type === T.Terminate) this.close();
-        return true;
-      }
-      if (this.pendingError && type !== T.Terminate && type !== T.Flush && type !== T.CopyData && type !== T.CopyDone && type !== T.CopyFail) {
-        const err = this.pendingError;
-        this.pendingError = null;
-        if (type === T.Sync) {
-          this.pushSynth(Buffer.concat([errorResponse(err), readyForQuery('I')]));
-          return true;
-        }
-        this.localError(type, err);
         return true;
       }
       switch (type) {
@@ -412,8 +417,7 @@ export class ClientSession implements ServerOwner, MessageSink {
         return true;
       }
       const rest = Buffer.from(buf.subarray(sqlAt, end));
-      const serverName = `mg_${createHash('sha1').update(this.working.planContext).update('\0').update(rest).digest('hex').slice(0, 28)}`;
-      this.stmts.set(name, { serverName, rest, effects, listenOnly, unverified: name });
+      this.stmts.set(name, { serverName: this.serverNameOf(rest), rest, effects, listenOnly, unverified: name });
       this.pushSynth(PARSE_COMPLETE, () => this.stmts.delete(name));
       return true;
     }
@@ -436,7 +440,7 @@ export class ClientSession implements ServerOwner, MessageSink {
       s.writeRange(buf, start, end);
       return true;
     }
-    const serverName = `mg_${createHash('sha1').update(this.working.planContext).update('\0').update(rest).digest('hex').slice(0, 28)}`;
+    const serverName = this.serverNameOf(rest);
     const def: StmtDef = { serverName, rest, effects, listenOnly };
     this.stmts.set(name, def);
     if (s.hasPrepared(serverName)) {
@@ -451,6 +455,16 @@ export class ClientSession implements ServerOwner, MessageSink {
     this.push(e);
     s.write(parseMessage(def));
     return true;
+  }
+
+  /**
+   * The pooler-wide name of a statement: the same SQL and parameter types under the same
+   * search_path and role, since the database's last schema change, share one server-side plan.
+   */
+  private serverNameOf(parseBody: Buffer): string {
+    const hash = createHash('sha1').update(this.working.planContext).update('\0')
+      .update(String(this.svc.schemaEpoch(this.database))).update('\0').update(parseBody);
+    return `mg_${hash.digest('hex').slice(0, 28)}`;
   }
 
   /** Makes sure the server holds `def` under its name, injecting a Parse whose ParseComplete is swallowed. */
@@ -949,6 +963,7 @@ export class ClientSession implements ServerOwner, MessageSink {
         this.savepoints.length = 0;
       }
     }
+    if ((c0 === 0x43 || c0 === 0x41 || c0 === 0x44) && isSchemaChange(buf, start + 5, effects)) this.svc.schemaChanged(this.database);
     if (effects) for (const ef of effects) this.apply(ef);
   }
 
@@ -1193,39 +1208,11 @@ export class ClientSession implements ServerOwner, MessageSink {
     this.serverPaused = false;
     this.count('server_lost');
     this.log.info({ code: fatal.code, msg: fatal.message, pinned: [...this.pins] }, 'server connection lost under a client');
-    if (this.pins.size > 0) {
-      // Its temp tables, locks, cursors... are gone with it: the session cannot go on.
-      this.fatal(new PgError('FATAL', fatal.code, fatal.message, fatal.detail, fatal.hint));
-      return;
-    }
-    const err = new PgError('ERROR', fatal.code, fatal.message, fatal.detail, fatal.hint);
-    const pending = this.q.slice(this.qh) as Entry[];
-    this.q.length = 0;
-    this.qh = 0;
-    for (let i = pending.length - 1; i >= 0; i--) pending[i].undo?.(true);
-    const syncs = pending.filter((p) => p.k === K_SYNC || p.k === K_QUERY || p.k === K_FN).length;
-    this.working = this.committed;
-    this.savepoints.length = 0;
-    this.portals.clear();
-    this.txErr = false;
-    this.touched = false;
-    this.divergent = false;
-    this.dirtyNames.clear();
-    const wasInTxn = this.txnStatus !== 'I';
-    this.txnStatus = 'I';
-    this.batchStart = 0;
-    if (pending.length > 0) {
-      this.send(errorResponse(err));
-      if (syncs > 0) {
-        this.send(readyForQuery('I'));
-        for (let i = 1; i < syncs; i++) this.send(Buffer.concat([errorResponse(err), readyForQuery('I')]));
-      } else {
-        this.skipTillSync = true;
-      }
-    } else if (wasInTxn) {
-      this.pendingError = err;
-    }
-    this.maybeResumeClient();
+    // Nothing of the session was on it: the next statement takes another connection.
+    if (this.pins.size === 0 && this.qh === this.q.length && this.txnStatus === 'I') return;
+    // Its transaction, or its pinned state, died with it. Postgres ends the session then,
+    // and clients and pools rely on that to discard the connection (PgBouncer does the same).
+    this.fatal(new PgError('FATAL', fatal.code, fatal.message, fatal.detail, fatal.hint));
   }
 
   onServerDrain(): void {

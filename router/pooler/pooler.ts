@@ -9,7 +9,7 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from '../../common/log.ts';
 import { listeningPort, serveMetrics } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { FrameReader } from '../protocol/frames.ts';
+import { FrameReader, InvalidStartupLength } from '../protocol/frames.ts';
 import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery, SESSION_STATE_PARAM } from '../protocol/messages.ts';
 import { AdminSession, type AdminHost } from './admin.ts';
 import { DURABILITY_DETAIL, loadParser, weakensDurability } from './classify.ts';
@@ -112,6 +112,17 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
       this.listeners.set(database, l);
     }
     return l;
+  }
+
+  /** Per database: bumped by every schema change seen, so statements prepared before it are not reused (0043). */
+  private readonly schemaEpochs = new Map<string, number>();
+
+  schemaEpoch(database: string): number {
+    return this.schemaEpochs.get(database) ?? 0;
+  }
+
+  schemaChanged(database: string): void {
+    this.schemaEpochs.set(database, this.schemaEpoch(database) + 1);
   }
 
   releaseDatabase(database: string): void {
@@ -222,6 +233,11 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
         clearTimeout(timer);
         socket.off('data', onData);
         this.countError('client_startup');
+        if (err instanceof InvalidStartupLength) {
+          this.log.info({ length: err.length }, err.message);
+          socket.destroy();
+          return;
+        }
         this.reject(socket, err instanceof PgError ? err : new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, String(err)));
       }
     };

@@ -51,7 +51,7 @@ export class FrameReader implements MessageSink {
     if (!this.untyped) return this.ready.shift();
     if (this.startup.length < 4) return undefined;
     const len = this.startup.readInt32BE(0);
-    if (len < 4 || len > MAX_STARTUP) throw new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, `invalid startup packet length ${len}`);
+    if (len < 8 || len > MAX_STARTUP) throw new InvalidStartupLength(len);
     if (this.startup.length < len) return undefined;
     const raw = this.startup.subarray(0, len);
     this.startup = this.startup.subarray(len);
@@ -63,6 +63,16 @@ export class FrameReader implements MessageSink {
     const rest = this.startup;
     this.startup = Buffer.alloc(0);
     return rest;
+  }
+}
+
+/**
+ * A startup packet whose length cannot be right. Postgres only logs it and closes
+ * (a client may send its Terminate before its startup packet): no answer is sent.
+ */
+export class InvalidStartupLength extends PgError {
+  constructor(readonly length: number) {
+    super('FATAL', SQLSTATE.PROTOCOL_VIOLATION, 'invalid length of startup packet');
   }
 }
 

@@ -283,6 +283,11 @@ class Wire {
   }
 
   /** True if the server closes the connection within ms (whatever it sent before). */
+  /** Bytes received and not read yet. */
+  get pending(): number {
+    return this.buf.length;
+  }
+
   async closedWithin(ms: number): Promise<boolean> {
     const deadline = Date.now() + ms;
     while (!this.closed && Date.now() < deadline) {
@@ -545,11 +550,23 @@ test('cancel requests reach onCancel with the pid and secret from BackendKeyData
 
 // --- malformed and hostile input -------------------------------------------------------------
 
+test('a startup packet with an invalid length is closed without an answer, as Postgres does', async () => {
+  const cases: Array<{ name: string; send: Buffer }> = [
+    { name: 'Terminate before the startup packet', send: Buffer.from([0x58, 0, 0, 0, 4]) },
+    { name: 'HTTP', send: Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n') },
+    { name: 'short length', send: int32(4) },
+    { name: 'oversized', send: Buffer.concat([int32(20_000), int32(196608)]) },
+  ];
+  await Promise.all(cases.map(async (c) => {
+    const w = await Wire.connect(plain.port);
+    w.write(c.send);
+    assert.equal(await w.closedWithin(2000), true, `${c.name}: closed`);
+    assert.equal(w.pending, 0, `${c.name}: nothing was answered`);
+  }));
+});
+
 test('garbage, bad versions, oversized packets and broken negotiation get a FATAL with a real SQLSTATE; others are served meanwhile', async () => {
   const cases: Array<{ name: string; port: number; send: Buffer[]; code: string; message: RegExp; expectByte?: string }> = [
-    { name: 'HTTP', port: plain.port, send: [Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')], code: '08P01', message: /^invalid length of startup packet$/ },
-    { name: 'short length', port: plain.port, send: [int32(4)], code: '08P01', message: /^invalid length of startup packet$/ },
-    { name: 'oversized', port: plain.port, send: [int32(20_000), int32(196608)], code: '08P01', message: /^invalid length of startup packet$/ },
     { name: 'protocol 2.0', port: plain.port, send: [startupPacket({ user: 'app' }, 2 << 16)], code: '0A000', message: /^unsupported frontend protocol 2\.0: server supports 3\.0 to 3\.0$/ },
     { name: 'protocol 4.0', port: plain.port, send: [startupPacket({ user: 'app' }, 4 << 16)], code: '0A000', message: /^unsupported frontend protocol 4\.0/ },
     { name: 'no terminator', port: plain.port, send: [Buffer.concat([int32(17), int32(196608), Buffer.from('user\0app\0')])], code: '08P01', message: /expected terminator/ },
