@@ -220,6 +220,37 @@ test('postgres.js through the gateway: prepared statements, a transaction, a can
   }
 });
 
+test('as with Postgres directly: a terminated backend closes the client with 57P01; a statement prepared after DDL sees the new columns', async () => {
+  // pg_terminate_backend of the backend serving a transaction: the FATAL, then the connection closes.
+  const victim = new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres' });
+  const errors: string[] = [];
+  victim.on('error', (e: Error & { code?: string }) => errors.push(e.code ?? e.message));
+  await victim.connect();
+  const ended = new Promise<void>((resolve) => victim.once('end', () => resolve()));
+  await victim.query('BEGIN');
+  const pid = (await one(victim, 'SELECT pg_backend_pid() AS pid')).pid;
+  await gw('postgres', (c) => c.query('SELECT pg_terminate_backend($1)', [pid]));
+  await ended;
+  assert.deepEqual(errors, ['57P01']);
+  // A table re-created with another column type; a new client prepares the same text (postgres.js and node-postgres).
+  const text = 'SELECT v FROM gw_flip';
+  await gw('postgres', (c) => c.query('DROP TABLE IF EXISTS gw_flip; CREATE TABLE gw_flip (v int); INSERT INTO gw_flip VALUES (1)'));
+  const before = postgres({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', max: 4, prepare: true });
+  try {
+    for (let i = 0; i < 8; i++) assert.deepEqual([...(await before.unsafe(text, [], { prepare: true }))], [{ v: 1 }]);
+  } finally {
+    await before.end();
+  }
+  await gw('postgres', (c) => c.query(`DROP TABLE gw_flip; CREATE TABLE gw_flip (v text); INSERT INTO gw_flip VALUES ('one')`));
+  const after = postgres({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', max: 4, prepare: true });
+  try {
+    for (let i = 0; i < 8; i++) assert.deepEqual([...(await after.unsafe(text, [], { prepare: true }))], [{ v: 'one' }]);
+  } finally {
+    await after.end();
+  }
+  await gw('postgres', async (c) => assert.deepEqual((await c.query({ name: 'flip', text })).rows, [{ v: 'one' }]));
+});
+
 test('a cancel sent to a second gateway reaches the query running through the first', async () => {
   const port = spec.postgres.basePort + 480;
   const configFile = path.join(cluster.dataDir, 'gateway-2.json');
