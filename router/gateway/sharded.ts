@@ -13,7 +13,7 @@ import { VindexValueError } from '../../schemas/vschema/vindex.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
 import type { VSchemaRecord } from '../../schemas/topology.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
-import { describePlan, pinnedShards, routeKind, shardOfValue, type BoundParam, type Plan } from '../planner/plan.ts';
+import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type InsertPlan, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
@@ -23,6 +23,7 @@ import {
   NO_DATA, PARSE_COMPLETE, parameterStatus, readyForQuery, rowDescription, SYNC, T,
 } from '../protocol/messages.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
+import { sequenceBlocks } from './sequences.ts';
 import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
@@ -64,6 +65,8 @@ const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transac
 export class ShardedSession {
   readonly database: string;
   private readonly links = new Map<string, ShardLink>();
+  /** See sequenceLink(). */
+  private seqLink: ShardLink | undefined;
   private readonly connecting = new Map<string, Promise<ShardLink>>();
   private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
   private out: Buffer[] = [];
@@ -159,6 +162,7 @@ export class ShardedSession {
     if (this.ended) return;
     this.ended = true;
     for (const link of this.links.values()) link.up.end();
+    this.seqLink?.up.end();
     this.socket.destroy();
   }
 
@@ -288,7 +292,8 @@ export class ShardedSession {
       case 'explain': {
         const shards = this.shardsOf(plan.inner, params);
         this.lastRoute = describePlan(plan.inner, shards);
-        const results = await this.onShards(shards, () => plan.sql, how, false);
+        const text = plan.sql;
+        const results = await this.onShards(shards, () => text, how, false);
         this.reply(rowDescription([{ name: 'QUERY PLAN' }]));
         const lines = [`mg route: ${this.lastRoute}`];
         for (const r of results) {
@@ -301,6 +306,7 @@ export class ShardedSession {
       }
       default: break;
     }
+    if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
     const shards = this.shardsOf(plan, params);
     this.lastRoute = describePlan(plan, shards);
     statements.inc({ route: routeKind(plan, shards.length) ?? 'session' });
@@ -322,6 +328,29 @@ export class ShardedSession {
     if (plan.kind === 'all') return this.replyFirst(results, how);
     if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
     return this.union(results, how);
+  }
+
+  /** Ids for the rows of an INSERT that leave their auto-increment column to the sequence, from this gateway's block. */
+  private async sequenceIds(plan: InsertPlan): Promise<string[]> {
+    const fill = plan.sequence!;
+    const cache = this.opts.discovery.topology.vschemas.get(this.database)?.vschema.sequences[fill.sequence]?.cache ?? 1000;
+    return sequenceBlocks.take(this.database, fill.sequence, cache, idsNeeded(fill, plan.rows.length), async (sql) => {
+      const r = await (await this.sequenceLink()).query(sql);
+      return r.rows.length ? decodeDataRow(r.rows[0])[0]?.toString('utf8') : undefined;
+    });
+  }
+
+  /** A link to the first shard that is never in the client's transaction: a block taken must stay taken whatever the client does. */
+  private async sequenceLink(): Promise<ShardLink> {
+    const shard = this.ranges()[0].shard;
+    const held = this.seqLink;
+    if (held && !held.closed && this.opts.discovery.primary(this.database, shard)?.instanceId === held.ep.instanceId) return held;
+    held?.up.end();
+    const link = await ShardLink.open(shard, await this.primaryOf(shard), { ...this.params, database: this.database }, () => {
+      if (this.seqLink === link) this.seqLink = undefined;
+    });
+    this.seqLink = link;
+    return link;
   }
 
   /** The shards a plan runs on. */

@@ -155,3 +155,16 @@ export function literalShape(sql: string): { key: string; literals: Literal[] } 
 
 /** skipOpaque over a string (ASCII, so the byte scanner applies). */
 const skipOpaqueText = (sql: string, i: number) => skipOpaque(Buffer.from(sql, 'latin1'), i);
+
+/** The byte of the `)` that closes a list whose last item starts at `at` (skipping quoted names). */
+export function closeParenAfter(text: Buffer, at: number): number {
+  for (let i = at; i < text.length; i++) {
+    const skipped = skipOpaque(text, i);
+    if (skipped !== i) {
+      i = skipped - 1;
+      continue;
+    }
+    if (text[i] === CLOSE) return i;
+  }
+  throw new Error(`no ) after byte ${at}`);
+}
