@@ -15,6 +15,7 @@ import type { VSchemaRecord } from '../../schemas/topology.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
 import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type InsertPlan, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
+import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { cstr, DEFAULT_MAX_MESSAGE, frameAt, int16, int32, message, MessageScanner, BodyReader } from '../protocol/frames.ts';
@@ -319,8 +320,16 @@ export class ShardedSession {
       });
       const textFor = (shard: string) => Buffer.concat([plan.prefix, ...joinRows(byShard.get(shard)!), plan.suffix]);
       if (shards.length === 1 && (how.simple || !how.limited)) return this.relay(shards[0], textFor(shards[0]), how);
-      if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: a multi-row INSERT with parameters whose rows go to different shards (send one row per statement)');
-      return this.union(await this.onShards(shards, textFor, how, true), how);
+      if (how.simple) return this.union(await this.onShards(shards, textFor, how, true), how);
+      // Each shard gets its rows with their parameters renumbered, bound with just those parameters.
+      const perShard = new Map(shards.map((s) => [s, renumberParams(textFor(s))]));
+      const howFor = (shard: string): How => {
+        const { used } = perShard.get(shard)!;
+        const types = how.portal.prepared.paramTypes;
+        const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [] };
+        return { ...how, portal: { ...how.portal, prepared, bindRest: bindSubset(how.portal.bindRest, used) } };
+      };
+      return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, howFor), how);
     }
     const sql = (plan as { sql: Buffer }).sql;
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
@@ -391,11 +400,11 @@ export class ShardedSession {
   }
 
   /** Runs the statement on each shard in parallel and collects; an error on any shard is thrown naming it. */
-  private async onShards(shards: string[], textFor: (shard: string) => Buffer, how: How, named: boolean): Promise<ShardResult[]> {
+  private async onShards(shards: string[], textFor: (shard: string) => Buffer, how: How, named: boolean, howFor?: (shard: string) => How): Promise<ShardResult[]> {
     const links = await Promise.all(shards.map((s) => this.enlist(s)));
     const results = await Promise.all(links.map(async (link) => {
       const r = new ShardResult(link.shard);
-      await link.request(this.requestBytes(textFor(link.shard), how, true), r.collect);
+      await link.request(this.requestBytes(textFor(link.shard), howFor?.(link.shard) ?? how, true), r.collect);
       return r;
     }));
     const failed = results.find((r) => r.error);
@@ -634,7 +643,7 @@ export class ShardedSession {
     if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${name}" does not exist`);
     const p = prepared.plan;
     if (p.kind === 'refused') throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `not supported on a sharded database: ${p.message}`);
-    const text = 'sql' in p ? (p.sql as Buffer) : p.kind === 'insert' ? Buffer.concat([p.prefix, p.rows[0], p.suffix]) : undefined;
+    const text = 'sql' in p ? (p.sql as Buffer) : p.kind === 'insert' ? Buffer.concat([p.prefix, ...joinRows(p.rows), p.suffix]) : undefined;
     if (!text || SESSION_COMMANDS.has(p.kind) || p.kind === 'show_plan' || p.kind === 'explain') {
       this.reply(message('t', int16(prepared.paramTypes.length), ...prepared.paramTypes.map(int32)));
       this.reply(p.kind === 'show_plan' ? rowDescription([{ name: 'mg_plan' }]) : p.kind === 'explain' ? rowDescription([{ name: 'QUERY PLAN' }]) : NO_DATA);
@@ -705,6 +714,22 @@ function parameterTypes(desc: Buffer | undefined): number[] | undefined {
   if (!desc) return undefined;
   const n = desc.readInt16BE(5);
   return Array.from({ length: n }, (_, i) => desc.readInt32BE(7 + 4 * i));
+}
+
+/** A Bind body (after the portal and statement names) with only the parameters `used` (1-based), in that order. */
+function bindSubset(rest: Buffer, used: number[]): Buffer {
+  const r = new BodyReader(rest);
+  const formats = Array.from({ length: r.int16() }, () => r.int16());
+  const values = Array.from({ length: r.int16() }, () => {
+    const len = r.int32();
+    return len < 0 ? int32(-1) : Buffer.concat([int32(len), r.bytes(len)]);
+  });
+  const keptFormats = formats.length > 1 ? used.map((n) => formats[n - 1]) : formats;
+  return Buffer.concat([
+    int16(keptFormats.length), ...keptFormats.map(int16),
+    int16(used.length), ...used.map((n) => values[n - 1]),
+    r.rest(),
+  ]);
 }
 
 /** The parameters of a Bind (after the portal and statement names), for routing. */

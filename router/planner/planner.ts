@@ -133,6 +133,12 @@ export class Planner {
     this.checkJoined(sharded, [s.whereClause, ...joinQuals(s.fromClause ?? [])]);
     const pin = this.pinOf(sharded, s.whereClause);
     const tables = from.map((t) => t.name);
+    // IN (...) may name several shards: their rows merge like a scatter's (order, limit, aggregates).
+    if (pin && pin.values.length > 1) {
+      const merged = this.scatterSelect(s, text, base, tables) as { kind: 'select'; sql: Buffer; merge: Merge; tables: string[] };
+      const m = merged.merge;
+      if (m.orderBy.length || m.aggregates || m.groupBy || m.distinct || m.limit || m.offset) return { ...merged, pin };
+    }
     if (pin) return { kind: 'select', sql: text, pin, tables };
     return this.scatterSelect(s, text, base, tables);
   }

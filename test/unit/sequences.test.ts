@@ -3,6 +3,7 @@ import { before, test } from 'node:test';
 import { fillSequence, idsNeeded, type InsertPlan } from '../../router/planner/plan.ts';
 import { Planner, plannerReady } from '../../router/planner/planner.ts';
 import { SequenceBlocks, takeBlockSql } from '../../router/gateway/sequences.ts';
+import { renumberParams } from '../../router/planner/sqltext.ts';
 import { parseVSchema } from '../../schemas/index.ts';
 
 const vschema = parseVSchema({
@@ -77,4 +78,10 @@ test('the first use creates the sequence table, then takes the block', async () 
   });
   assert.deepEqual(ids, ['1', '2']);
   assert.deepEqual(seen, ['INSERT INTO', 'CREATE SCHE', 'INSERT INTO']);
+});
+
+test('a shard given some rows of a multi-row INSERT gets their parameters renumbered from $1', () => {
+  const r = renumberParams(Buffer.from("INSERT INTO t (a, b) VALUES ($3, '$1'), ($4, $3) RETURNING $9 -- $2"));
+  assert.equal(r.text.toString(), "INSERT INTO t (a, b) VALUES ($1, '$1'), ($2, $1) RETURNING $3 -- $2");
+  assert.deepEqual(r.used, [3, 4, 9]);
 });
