@@ -13,8 +13,9 @@ import { VindexValueError } from '../../schemas/vschema/vindex.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
 import type { VSchemaRecord } from '../../schemas/topology.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
-import { describePlan, pinnedShards, routeKind, shardOfValue, type BoundParam, type Plan } from '../planner/plan.ts';
+import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type InsertPlan, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
+import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { cstr, DEFAULT_MAX_MESSAGE, frameAt, int16, int32, message, MessageScanner, BodyReader } from '../protocol/frames.ts';
@@ -23,6 +24,7 @@ import {
   NO_DATA, PARSE_COMPLETE, parameterStatus, readyForQuery, rowDescription, SYNC, T,
 } from '../protocol/messages.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
+import { sequenceBlocks } from './sequences.ts';
 import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
@@ -64,6 +66,8 @@ const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transac
 export class ShardedSession {
   readonly database: string;
   private readonly links = new Map<string, ShardLink>();
+  /** See sequenceLink(). */
+  private seqLink: ShardLink | undefined;
   private readonly connecting = new Map<string, Promise<ShardLink>>();
   private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
   private out: Buffer[] = [];
@@ -159,6 +163,7 @@ export class ShardedSession {
     if (this.ended) return;
     this.ended = true;
     for (const link of this.links.values()) link.up.end();
+    this.seqLink?.up.end();
     this.socket.destroy();
   }
 
@@ -288,7 +293,8 @@ export class ShardedSession {
       case 'explain': {
         const shards = this.shardsOf(plan.inner, params);
         this.lastRoute = describePlan(plan.inner, shards);
-        const results = await this.onShards(shards, () => plan.sql, how, false);
+        const text = plan.sql;
+        const results = await this.onShards(shards, () => text, how, false);
         this.reply(rowDescription([{ name: 'QUERY PLAN' }]));
         const lines = [`mg route: ${this.lastRoute}`];
         for (const r of results) {
@@ -301,6 +307,7 @@ export class ShardedSession {
       }
       default: break;
     }
+    if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
     const shards = this.shardsOf(plan, params);
     this.lastRoute = describePlan(plan, shards);
     statements.inc({ route: routeKind(plan, shards.length) ?? 'session' });
@@ -313,8 +320,16 @@ export class ShardedSession {
       });
       const textFor = (shard: string) => Buffer.concat([plan.prefix, ...joinRows(byShard.get(shard)!), plan.suffix]);
       if (shards.length === 1 && (how.simple || !how.limited)) return this.relay(shards[0], textFor(shards[0]), how);
-      if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: a multi-row INSERT with parameters whose rows go to different shards (send one row per statement)');
-      return this.union(await this.onShards(shards, textFor, how, true), how);
+      if (how.simple) return this.union(await this.onShards(shards, textFor, how, true), how);
+      // Each shard gets its rows with their parameters renumbered, bound with just those parameters.
+      const perShard = new Map(shards.map((s) => [s, renumberParams(textFor(s))]));
+      const howFor = (shard: string): How => {
+        const { used } = perShard.get(shard)!;
+        const types = how.portal.prepared.paramTypes;
+        const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [] };
+        return { ...how, portal: { ...how.portal, prepared, bindRest: bindSubset(how.portal.bindRest, used) } };
+      };
+      return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, howFor), how);
     }
     const sql = (plan as { sql: Buffer }).sql;
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
@@ -322,6 +337,29 @@ export class ShardedSession {
     if (plan.kind === 'all') return this.replyFirst(results, how);
     if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
     return this.union(results, how);
+  }
+
+  /** Ids for the rows of an INSERT that leave their auto-increment column to the sequence, from this gateway's block. */
+  private async sequenceIds(plan: InsertPlan): Promise<string[]> {
+    const fill = plan.sequence!;
+    const cache = this.opts.discovery.topology.vschemas.get(this.database)?.vschema.sequences[fill.sequence]?.cache ?? 1000;
+    return sequenceBlocks.take(this.database, fill.sequence, cache, idsNeeded(fill, plan.rows.length), async (sql) => {
+      const r = await (await this.sequenceLink()).query(sql);
+      return r.rows.length ? decodeDataRow(r.rows[0])[0]?.toString('utf8') : undefined;
+    });
+  }
+
+  /** A link to the first shard that is never in the client's transaction: a block taken must stay taken whatever the client does. */
+  private async sequenceLink(): Promise<ShardLink> {
+    const shard = this.ranges()[0].shard;
+    const held = this.seqLink;
+    if (held && !held.closed && this.opts.discovery.primary(this.database, shard)?.instanceId === held.ep.instanceId) return held;
+    held?.up.end();
+    const link = await ShardLink.open(shard, await this.primaryOf(shard), { ...this.params, database: this.database }, () => {
+      if (this.seqLink === link) this.seqLink = undefined;
+    });
+    this.seqLink = link;
+    return link;
   }
 
   /** The shards a plan runs on. */
@@ -362,11 +400,11 @@ export class ShardedSession {
   }
 
   /** Runs the statement on each shard in parallel and collects; an error on any shard is thrown naming it. */
-  private async onShards(shards: string[], textFor: (shard: string) => Buffer, how: How, named: boolean): Promise<ShardResult[]> {
+  private async onShards(shards: string[], textFor: (shard: string) => Buffer, how: How, named: boolean, howFor?: (shard: string) => How): Promise<ShardResult[]> {
     const links = await Promise.all(shards.map((s) => this.enlist(s)));
     const results = await Promise.all(links.map(async (link) => {
       const r = new ShardResult(link.shard);
-      await link.request(this.requestBytes(textFor(link.shard), how, true), r.collect);
+      await link.request(this.requestBytes(textFor(link.shard), howFor?.(link.shard) ?? how, true), r.collect);
       return r;
     }));
     const failed = results.find((r) => r.error);
@@ -605,7 +643,7 @@ export class ShardedSession {
     if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${name}" does not exist`);
     const p = prepared.plan;
     if (p.kind === 'refused') throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `not supported on a sharded database: ${p.message}`);
-    const text = 'sql' in p ? (p.sql as Buffer) : p.kind === 'insert' ? Buffer.concat([p.prefix, p.rows[0], p.suffix]) : undefined;
+    const text = 'sql' in p ? (p.sql as Buffer) : p.kind === 'insert' ? Buffer.concat([p.prefix, ...joinRows(p.rows), p.suffix]) : undefined;
     if (!text || SESSION_COMMANDS.has(p.kind) || p.kind === 'show_plan' || p.kind === 'explain') {
       this.reply(message('t', int16(prepared.paramTypes.length), ...prepared.paramTypes.map(int32)));
       this.reply(p.kind === 'show_plan' ? rowDescription([{ name: 'mg_plan' }]) : p.kind === 'explain' ? rowDescription([{ name: 'QUERY PLAN' }]) : NO_DATA);
@@ -676,6 +714,22 @@ function parameterTypes(desc: Buffer | undefined): number[] | undefined {
   if (!desc) return undefined;
   const n = desc.readInt16BE(5);
   return Array.from({ length: n }, (_, i) => desc.readInt32BE(7 + 4 * i));
+}
+
+/** A Bind body (after the portal and statement names) with only the parameters `used` (1-based), in that order. */
+function bindSubset(rest: Buffer, used: number[]): Buffer {
+  const r = new BodyReader(rest);
+  const formats = Array.from({ length: r.int16() }, () => r.int16());
+  const values = Array.from({ length: r.int16() }, () => {
+    const len = r.int32();
+    return len < 0 ? int32(-1) : Buffer.concat([int32(len), r.bytes(len)]);
+  });
+  const keptFormats = formats.length > 1 ? used.map((n) => formats[n - 1]) : formats;
+  return Buffer.concat([
+    int16(keptFormats.length), ...keptFormats.map(int16),
+    int16(used.length), ...used.map((n) => values[n - 1]),
+    r.rest(),
+  ]);
 }
 
 /** The parameters of a Bind (after the portal and statement names), for routing. */

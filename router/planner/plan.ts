@@ -29,6 +29,44 @@ export interface Merge {
   offset?: ValueRef;
 }
 
+/** An INSERT into a sharded table: the text around its VALUES rows, and each row's value of the primary vindex. */
+export interface InsertPlan { kind: 'insert'; table: string; pin: Pin; prefix: Buffer; rows: Buffer[]; suffix: Buffer; sequence?: SequenceFill }
+
+/** An INSERT's auto-increment column, filled from a VSchema sequence where the statement leaves it out or says DEFAULT. */
+export interface SequenceFill {
+  sequence: string;
+  column: string;
+  /** The column is not in the column list: `, column` goes in at this byte of the prefix, and an id at the end of every row. */
+  addColumnAt?: number;
+  /** Per row: the byte (in the row's text) of the DEFAULT to replace with an id, if that row has one. */
+  defaults: Array<number | undefined>;
+  /** The sequence column is the primary vindex column: filled rows are placed by their ids. */
+  places: boolean;
+}
+
+/** How many ids an INSERT takes from its sequence. */
+export function idsNeeded(fill: SequenceFill, rows: number): number {
+  return fill.addColumnAt !== undefined ? rows : fill.defaults.filter((d) => d !== undefined).length;
+}
+
+/** The INSERT with its sequence column filled by `ids` (in row order), ready to place and run. */
+export function fillSequence(plan: InsertPlan, ids: string[]): InsertPlan {
+  const fill = plan.sequence!;
+  const values = [...plan.pin.values];
+  let next = 0;
+  const rows = plan.rows.map((row, i) => {
+    const at = fill.addColumnAt !== undefined ? row.length - 1 : fill.defaults[i];
+    if (at === undefined) return row;
+    const id = ids[next++];
+    if (fill.places) values[i] = { literal: id };
+    const replaced = fill.addColumnAt !== undefined ? 0 : 'DEFAULT'.length;
+    return Buffer.concat([row.subarray(0, at), Buffer.from(fill.addColumnAt !== undefined ? `, ${id}` : id), row.subarray(at + replaced)]);
+  });
+  const prefix = fill.addColumnAt === undefined ? plan.prefix
+    : Buffer.concat([plan.prefix.subarray(0, fill.addColumnAt), Buffer.from(`, ${fill.column}`), plan.prefix.subarray(fill.addColumnAt)]);
+  return { ...plan, prefix, rows, pin: { ...plan.pin, values }, sequence: undefined };
+}
+
 /** Route kinds, as metrics and EXPLAIN name them. */
 export type RouteKind = 'single' | 'multi' | 'scatter' | 'reference' | 'all' | 'insert';
 
@@ -40,7 +78,7 @@ export type Plan =
   /** Runs on every shard: DDL, writes to reference tables. */
   | { kind: 'all'; sql: Buffer; tables: string[]; ddl: boolean }
   /** An INSERT into a sharded table, rows placed by their keyspace ids. */
-  | { kind: 'insert'; table: string; pin: Pin; prefix: Buffer; rows: Buffer[]; suffix: Buffer }
+  | InsertPlan
   | { kind: 'begin' | 'commit' | 'rollback'; sql: Buffer }
   /** A session setting: sent to every shard link the session has and replayed on new ones. */
   | { kind: 'set'; sql: Buffer }
@@ -123,7 +161,7 @@ export function describePlan(plan: Plan, shards: string[]): string {
       return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`;
     case 'reference': return `reference tables only: one shard (${where})`;
     case 'all': return `every shard (${where}): ${plan.ddl ? 'DDL' : 'reference table write'}`;
-    case 'insert': return `insert: rows placed by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}, to ${where}`;
+    case 'insert': return `insert: rows placed by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}, to ${where}${plan.sequence ? `, ${plan.sequence.column} from sequence ${plan.sequence.sequence}` : ''}`;
     case 'refused': return `refused: ${plan.message}`;
     default: return `session: ${plan.kind}`;
   }

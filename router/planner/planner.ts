@@ -8,8 +8,8 @@
 import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import type { VSchema } from '../../schemas/vschema/vschema.ts';
-import type { AggregateFn, Merge, Pin, Plan, ValueRef } from './plan.ts';
-import { literalShape, splice, tokenEnd, valuesRowSpans, type Literal } from './sqltext.ts';
+import type { AggregateFn, Merge, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
+import { closeParenAfter, literalShape, splice, tokenEnd, valuesRowSpans, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
 export const plannerReady: Promise<void> = loadModule();
@@ -133,6 +133,12 @@ export class Planner {
     this.checkJoined(sharded, [s.whereClause, ...joinQuals(s.fromClause ?? [])]);
     const pin = this.pinOf(sharded, s.whereClause);
     const tables = from.map((t) => t.name);
+    // IN (...) may name several shards: their rows merge like a scatter's (order, limit, aggregates).
+    if (pin && pin.values.length > 1) {
+      const merged = this.scatterSelect(s, text, base, tables) as { kind: 'select'; sql: Buffer; merge: Merge; tables: string[] };
+      const m = merged.merge;
+      if (m.orderBy.length || m.aggregates || m.groupBy || m.distinct || m.limit || m.offset) return { ...merged, pin };
+    }
     if (pin) return { kind: 'select', sql: text, pin, tables };
     return this.scatterSelect(s, text, base, tables);
   }
@@ -249,21 +255,38 @@ export class Planner {
     }
     const cols: string[] = (ins.cols ?? []).map((c: any) => c.ResTarget.name);
     if (!cols.length) refuse(`INSERT into sharded table ${target.name} without a column list`);
-    const at = cols.indexOf(target.pin!.column);
-    if (at < 0) refuse(`INSERT into ${target.name} without its primary vindex column ${target.pin!.column}`);
     const rows: any[][] = select.valuesLists.map((l: any) => l.List.items);
-    const values: ValueRef[] = rows.map((items) => {
+    const { spans, end } = valuesRowSpans(text, nodeLocation(rows[0][0]) - base, rows.length);
+    const sequence = this.sequenceFill(target.name, ins, cols, rows, spans, text, base);
+    const at = cols.indexOf(target.pin!.column);
+    const placedBySequence = sequence?.places ?? false;
+    if (at < 0 && !placedBySequence) refuse(`INSERT into ${target.name} without its primary vindex column ${target.pin!.column}`);
+    const values: ValueRef[] = rows.map((items, i) => {
+      if (placedBySequence && (at < 0 || sequence!.defaults[i] !== undefined)) return { literal: null }; // the id it gets places it
       const v = valueOf(items[at]);
       if (!v) refuse(`INSERT into ${target.name}: ${target.pin!.column} must be a literal or $n to place the row`);
       if ('literal' in v! && v.literal === null) refuse(`INSERT into ${target.name}: NULL in its primary vindex column ${target.pin!.column}`);
       return v!;
     });
-    const { spans, end } = valuesRowSpans(text, nodeLocation(rows[0][0]) - base, rows.length);
     return {
       kind: 'insert', table: target.name,
       pin: { vindex: target.pin!.vindex, type: target.pin!.type, column: `${target.name}.${target.pin!.column}`, values },
-      prefix: text.subarray(0, spans[0][0]), rows: spans.map(([a, b]) => text.subarray(a, b)), suffix: text.subarray(end),
+      prefix: text.subarray(0, spans[0][0]), rows: spans.map(([a, b]) => text.subarray(a, b)), suffix: text.subarray(end), sequence,
     };
+  }
+
+  /** Where an INSERT leaves the table's auto-increment column to its sequence: left out of the column list, or DEFAULT in a row. */
+  private sequenceFill(table: string, ins: any, cols: string[], rows: any[][], spans: Array<[number, number]>, text: Buffer, base: number): SequenceFill | undefined {
+    const auto = this.vschema.tables[table]?.auto_increment;
+    if (!auto) return undefined;
+    const places = this.vschema.tables[table].column_vindexes[0].column === auto.column;
+    const at = cols.indexOf(auto.column);
+    if (at < 0) {
+      const lastCol = ins.cols[ins.cols.length - 1].ResTarget.location - base;
+      return { sequence: auto.sequence, column: auto.column, addColumnAt: closeParenAfter(text, lastCol), defaults: [], places };
+    }
+    const defaults = rows.map((items, i) => (items[at]?.SetToDefault ? items[at].SetToDefault.location - base - spans[i][0] : undefined));
+    return defaults.some((d) => d !== undefined) ? { sequence: auto.sequence, column: auto.column, defaults, places } : undefined;
   }
 
   private planRoutineCall(call: any, text: Buffer, verb: string): Plan {

@@ -155,3 +155,41 @@ export function literalShape(sql: string): { key: string; literals: Literal[] } 
 
 /** skipOpaque over a string (ASCII, so the byte scanner applies). */
 const skipOpaqueText = (sql: string, i: number) => skipOpaque(Buffer.from(sql, 'latin1'), i);
+
+/** The byte of the `)` that closes a list whose last item starts at `at` (skipping quoted names). */
+export function closeParenAfter(text: Buffer, at: number): number {
+  for (let i = at; i < text.length; i++) {
+    const skipped = skipOpaque(text, i);
+    if (skipped !== i) {
+      i = skipped - 1;
+      continue;
+    }
+    if (text[i] === CLOSE) return i;
+  }
+  throw new Error(`no ) after byte ${at}`);
+}
+
+/**
+ * The text with its parameters numbered $1, $2, ... in order of first use, and
+ * the old number of each (1-based): what one shard is sent of a statement whose
+ * other rows went elsewhere, so it is bound only with the parameters it uses.
+ */
+export function renumberParams(text: Buffer): { text: Buffer; used: number[] } {
+  const used: number[] = [];
+  const edits: Array<{ start: number; end: number; text: string }> = [];
+  for (let i = 0; i < text.length; i++) {
+    const skipped = skipOpaque(text, i);
+    if (skipped !== i) {
+      i = skipped - 1;
+      continue;
+    }
+    if (text[i] !== DOLLAR || (i > 0 && isIdent(text[i - 1])) || !isDigit(text[i + 1])) continue;
+    let j = i + 1;
+    while (j < text.length && isDigit(text[j])) j++;
+    const n = Number(text.toString('latin1', i + 1, j));
+    if (!used.includes(n)) used.push(n);
+    edits.push({ start: i, end: j, text: `$${used.indexOf(n) + 1}` });
+    i = j - 1;
+  }
+  return { text: edits.length ? splice(text, edits) : text, used };
+}
