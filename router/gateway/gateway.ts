@@ -19,7 +19,7 @@ import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, v
 import { GatewaySession, openLinks, type DatabaseRegistry, type FailoverOutcome } from './session.ts';
 import { ShardedSession } from './sharded.ts';
 import { plannerReady } from '../planner/planner.ts';
-import { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
+import { FAULT_POINTS, TwoPhaseCoordinator, type FaultPoint } from '../twopc/coordinator.ts';
 
 export interface GatewayOptions {
   port: number;
@@ -87,7 +87,7 @@ export class Gateway {
 
   constructor(private readonly eventLog: EventLog, private readonly opts: GatewayOptions, private readonly log: Logger) {
     this.discovery = new Discovery(eventLog);
-    this.twopc = new TwoPhaseCoordinator({ id: this.id, log });
+    this.twopc = new TwoPhaseCoordinator({ id: this.id, log, faultPoint: twopcFaultPoint(log) });
     this.discovery.onPrimaryMoved((move) => this.leaveReplacedPrimary(move));
     this.discovery.onDatabaseGone((gone) => this.leaveDatabase(gone));
     this.publishCancel = eventLog.publisher('gatewayCancels');
@@ -357,4 +357,13 @@ export class Gateway {
       await client.end();
     }
   }
+}
+
+/** MG_TWOPC_FAULT_POINT, the fault tests' hook (docs/twopc.md "Fault points"); an unknown step is refused loudly rather than ignored. */
+function twopcFaultPoint(log: Logger): FaultPoint | undefined {
+  const step = process.env.MG_TWOPC_FAULT_POINT;
+  if (!step) return undefined;
+  if (!(FAULT_POINTS as readonly string[]).includes(step)) throw new Error(`MG_TWOPC_FAULT_POINT=${step}: not one of ${FAULT_POINTS.join(', ')}`);
+  log.warn({ faultPoint: step }, 'two-phase commits stop at a fault point (test hook MG_TWOPC_FAULT_POINT)');
+  return step as FaultPoint;
 }

@@ -1,20 +1,27 @@
 /**
- * Two-phase commit across the two shards of a real cluster: the pooler passes
- * PREPARE TRANSACTION / COMMIT PREPARED and lets the server connection go
- * after PREPARE; a driver process (test/support/twopc-driver.ts) moves money
- * between accounts on the two shards through the poolers with the real
- * coordinator, and is killed with kill -9 at each point of the protocol; the
- * orchestrators' in-doubt resolver then finishes what it left. A checker
- * asserts what a user would: every transfer is on both shards or on neither,
- * the total of the balances never changes, nothing stays prepared.
+ * Two-phase commit across the shards of a real cluster (database `bank`, 4
+ * shards of one instance). Through the gateway, a node-postgres client moves
+ * money from an account on one shard to accounts on two others in `twopc`
+ * mode, and the gateway itself is killed with kill -9 at each step of the
+ * protocol (MG_TWOPC_FAULT_POINT stops it there, deterministically), then
+ * restarted; the orchestrators' in-doubt resolver finishes what it left. A
+ * checker asserts what a user would: the total of the balances never
+ * changes, every transfer is on all its shards or on none, nothing stays
+ * prepared. Below the gateway: the pooler passes PREPARE TRANSACTION /
+ * COMMIT PREPARED and lets the server connection go after PREPARE, and a
+ * driver process (test/support/twopc-driver.ts) runs the coordinator on two
+ * shards' poolers for the race with the resolver and the pruning.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { callOrchestrator } from '../../compose/orchestrators.ts';
+import { parseGid } from '../../schemas/index.ts';
+import { servicePid } from '../fault/support/faults.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { checkAllOrNothing, createAccounts, prepared, sql, startDriver, type ShardAt } from '../support/twopc.ts';
+import { accountsOnShards, checkBank, createBank, gatewayClient, preparedAt, restartGateway, transfer, viaGateway } from '../support/twopc-gateway.ts';
 
 // Long enough that a loaded machine still sees the transaction in doubt between the kill and the first check.
 const GRACE_MS = 3_000;
@@ -22,41 +29,30 @@ const RETENTION_MS = 10_000;
 // Two cells: two orchestrators, so two resolvers work on the same in-doubt transactions.
 const cluster = testCluster('twopc', 4, {
   settings: { 'orchestrator.twopcGraceMs': GRACE_MS, 'orchestrator.twopcRetentionMs': RETENTION_MS },
-  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', sharded: true, shards: 2, instancesPerShard: 1 }] },
+  spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', sharded: true, shards: 4, instancesPerShard: 1, transactionMode: 'twopc' }] },
 });
 const { dataDir, flags, mg } = cluster;
-// One instance per shard: each is its shard's primary.
-const shards: ShardAt[] = ['-80', '80-'].map((shard) => {
+// One instance per shard: each is its shard's primary. The driver works on the first two.
+const SHARDS = ['-40', '40-80', '80-c0', 'c0-'];
+const portOf = (shard: string) => cluster.instances.find((x) => x.database === 'bank' && x.shard === shard)!.port;
+const allPorts = () => SHARDS.map(portOf);
+const shards: ShardAt[] = SHARDS.slice(0, 2).map((shard) => {
   const i = cluster.instances.find((x) => x.database === 'bank' && x.shard === shard)!;
   return { shard, port: i.port, poolerPort: i.poolerPort };
 });
-const [left, right] = shards;
+const [left] = shards;
 
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /bank\/-80: primary bank-_80-zone1-0/);
-  assert.match(up.stdout, /bank\/80-: primary bank-80_-zone1-0/);
   await createAccounts(shards);
+  await createBank(cluster);
 });
 
 after(async () => {
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
-
-async function killAtPauseAndResolve(pause: string): Promise<{ gid: string; landed: boolean }> {
-  const driver = startDriver(shards, 5, pause);
-  const p = await driver.paused;
-  driver.child.kill('SIGKILL');
-  await driver.exited;
-  assert.ok(p.gid?.startsWith('mg2pc:bank:-80:'), `gid ${p.gid}`);
-  const stillPrepared = [...(await prepared(left.port)), ...(await prepared(right.port))];
-  assert.ok(stillPrepared.includes(p.gid!), `${p.gid} is in doubt after the kill (${stillPrepared.join(', ')})`);
-  await until('the resolver to finish the in-doubt transaction', 30_000, async () => (await prepared(left.port)).length + (await prepared(right.port)).length === 0);
-  const ledger = await checkAllOrNothing(shards);
-  return { gid: p.gid!, landed: ledger.has(driver.txn(5)) };
-}
 
 async function twopcHistory(shard: string): Promise<Array<{ kind: string; summary: string; details: Record<string, string> }>> {
   const r = await callOrchestrator(cluster.spec, 'GET', `/v1/shards/bank/${encodeURIComponent(shard)}/history?limit=500`);
@@ -102,30 +98,75 @@ test('transfers between the shards commit on both through the coordinator', asyn
 });
 
 
-test('kill -9 after some PREPAREs: the resolver rolls the transfer back on both shards (presumed abort)', async () => {
-  const r = await killAtPauseAndResolve('after-some-prepares');
-  assert.equal(r.landed, false);
-  const [row] = await sql(left.port, 'SELECT decision, decided_by FROM mg_twopc.decisions WHERE gid = $1', [r.gid]);
-  assert.equal(row.decision, 'abort');
-  assert.match(row.decided_by, /^orch-/);
-  await until('the abort decision as an orchestrator event', 10_000, async () => (await twopcHistory('-80')).some((e) => e.kind === 'DECIDED' && e.details.gid === r.gid));
-  assert.ok((await twopcHistory('-80')).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('ROLLBACK PREPARED')));
+/**
+ * One transfer over three shards through a gateway started with
+ * MG_TWOPC_FAULT_POINT=`step`: its COMMIT stops at the step, the gateway is
+ * killed with kill -9 there, then started again without the hook. Returns the gid in doubt, where it was prepared right after the kill,
+ * and whether the transfer landed once the resolver is done.
+ */
+async function killGatewayAt(step: string, n: number) {
+  const stopped = await restartGateway(cluster, step);
+  // The new gateway answers once it has the topology.
+  let client = gatewayClient(cluster);
+  await until('the restarted gateway to take clients', 30_000, () => client.connect().then(() => true, () => {
+    client = gatewayClient(cluster);
+    return false;
+  }));
+  const t = accountsOnShards(SHARDS.length, n, 3);
+  const txn = `kill-${step}`;
+  const outcome = transfer(client, txn, t.from, t.to, n).then(() => 'committed', (err: Error) => err.message);
+  const gid = await stopped();
+  process.kill(servicePid(cluster, 'gateway'), 'SIGKILL');
+  assert.match(await outcome, /Connection terminated|ECONNRESET|terminated unexpectedly/, 'the client sees its connection drop');
+  const decisionShard = parseGid(gid)!.decisionShard;
+  assert.ok(t.shards.includes(decisionShard), `the decision shard ${decisionShard} is one of the transfer's`);
+  // The decision shard never prepares; how many of the two others are prepared is what the step left.
+  const inDoubt = t.shards.filter((s) => s !== decisionShard);
+  const preparedOn = (await Promise.all(t.shards.map(async (s) => ((await preparedAt(portOf(s))).includes(gid) ? [s] : [])))).flat();
+  assert.ok(!preparedOn.includes(decisionShard));
+  await restartGateway(cluster);
+  await until('the resolver to finish the transfer', 30_000, async () => (await Promise.all(allPorts().map(preparedAt))).flat().length === 0);
+  const landed = (await checkBank(cluster, allPorts(), 3)).has(txn);
+  return { gid, decisionShard, others: inDoubt, preparedOn, landed };
+}
+
+test('transfers across three shards through the gateway commit everywhere (twopc mode)', async () => {
+  await viaGateway(cluster, async (g) => {
+    for (let n = 0; n < 10; n++) {
+      const t = accountsOnShards(SHARDS.length, n, 3);
+      await transfer(g, `ok-${n}`, t.from, t.to, n);
+    }
+  });
+  const landed = await checkBank(cluster, allPorts(), 3);
+  assert.equal([...landed].filter((x) => x.startsWith('ok-')).length, 10);
 });
 
-test('kill -9 after the decision: the resolver commits the transfer on both shards', async () => {
-  const r = await killAtPauseAndResolve('after-decision');
+test('kill -9 of the gateway after the PREPAREs, before the decision: the resolver rolls the transfer back everywhere (presumed abort)', async () => {
+  const r = await killGatewayAt('before-decision', 11);
+  assert.deepEqual(r.preparedOn.sort(), r.others.sort(), 'prepared on the two other shards');
+  assert.equal(r.landed, false);
+  const [row] = await sql(portOf(r.decisionShard), 'SELECT decision, decided_by FROM mg_twopc.decisions WHERE gid = $1', [r.gid], 'bank');
+  assert.equal(row.decision, 'abort');
+  assert.match(row.decided_by, /^orch-/);
+  await until('the abort decision as an orchestrator event', 10_000, async () => (await twopcHistory(r.decisionShard)).some((e) => e.kind === 'DECIDED' && e.details.gid === r.gid));
+});
+
+test('kill -9 of the gateway after the decision: the resolver commits the transfer on the prepared shards', async () => {
+  const r = await killGatewayAt('after-decision', 12);
+  assert.deepEqual(r.preparedOn.sort(), r.others.sort(), 'prepared on the two other shards');
   assert.equal(r.landed, true);
-  for (const shard of ['-80', '80-']) {
+  for (const shard of r.others) {
     await until(`the COMMIT PREPARED on ${shard} as an orchestrator event`, 10_000,
       async () => (await twopcHistory(shard)).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('COMMIT PREPARED')));
   }
 });
 
-test('kill -9 during COMMIT PREPARED: the resolver commits the shard still prepared', async () => {
-  const r = await killAtPauseAndResolve('during-commit-prepared');
+test('kill -9 of the gateway during COMMIT PREPARED: the resolver commits the shard still prepared', async () => {
+  const r = await killGatewayAt('during-commit-prepared', 13);
+  assert.equal(r.preparedOn.length, 1, 'committed on one of the two other shards, still prepared on the last');
   assert.equal(r.landed, true);
-  await until('the COMMIT PREPARED on 80- as an orchestrator event', 10_000,
-    async () => (await twopcHistory('80-')).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('COMMIT PREPARED')));
+  await until(`the COMMIT PREPARED on ${r.preparedOn[0]} as an orchestrator event`, 10_000,
+    async () => (await twopcHistory(r.preparedOn[0])).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('COMMIT PREPARED')));
 });
 
 test('a coordinator slower than the grace period loses to the resolver\'s abort and rolls back everywhere', async () => {

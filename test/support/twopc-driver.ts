@@ -1,15 +1,14 @@
 /**
- * A test driver for two-phase commit (test/integration/twopc.test.ts): moves
+ * A test driver for two-phase commit (test/integration/twopc*.test.ts): moves
  * money between accounts on two shards through their poolers, one
  * transaction per transfer committed by the real coordinator, and writes a
  * ledger row per transfer on both shards so a checker can tell whether each
  * transaction landed on both or on neither. MG_DRIVER_PAUSE stops the last
  * transfer at one point of the protocol (and prints `paused`) so the test
- * can kill -9 the process there:
- *   after-some-prepares     the first shard prepared, the second's PREPARE never sent
- *   after-decision          both prepared and the COMMIT decision recorded
- *   during-commit-prepared  the first shard committed, the second still prepared
- *   slow-decision           waits MG_DRIVER_SLOW_MS before recording the decision, then goes on
+ * can kill -9 the process there (the gateway's own kill tests use its
+ * MG_TWOPC_FAULT_POINT instead):
+ *   after-decision          the second shard prepared, the first committed with the COMMIT decision
+ *   slow-decision           waits MG_DRIVER_SLOW_MS before the decision, then goes on
  * Output: one JSON line per event on stdout.
  */
 import pg from 'pg';
@@ -37,17 +36,13 @@ function participant(i: number, paused: boolean, gid: { value?: string }): Parti
   return {
     shard: shards[i].shard,
     async query(sql: string) {
-      const step = sql.startsWith('PREPARE') ? 'prepare' : sql.startsWith('INSERT INTO mg_twopc') ? 'decision' : sql.startsWith('COMMIT PREPARED') ? 'commit' : 'other';
+      const step = sql.startsWith('PREPARE') ? 'prepare' : sql.includes('INSERT INTO mg_twopc') ? 'decision' : 'other';
       if (step === 'prepare') gid.value = /'([^']+)'/.exec(sql)![1];
-      if (paused && pause === 'after-some-prepares' && step === 'prepare' && i === 1) return forever();
-      if (paused && pause === 'during-commit-prepared' && step === 'commit' && i === 1) return forever();
       if (paused && pause === 'slow-decision' && step === 'decision') await new Promise((r) => setTimeout(r, slowMs));
       await clients[i].query(sql);
-      if (!paused) return;
-      if ((pause === 'after-some-prepares' && step === 'prepare' && i === 0) || (pause === 'after-decision' && step === 'decision')
-        || (pause === 'during-commit-prepared' && step === 'commit' && i === 0)) {
+      if (paused && pause === 'after-decision' && step === 'decision') {
         out({ event: 'paused', at: pause, gid: gid.value });
-        if (pause === 'after-decision') return forever();
+        return forever();
       }
     },
   };

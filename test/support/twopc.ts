@@ -18,8 +18,8 @@ export interface ShardAt { shard: string; port: number; poolerPort: number }
 
 export const accountsOf = (shardIndex: number) => Array.from({ length: ACCOUNTS }, (_, k) => shardIndex * 100 + k + 1);
 
-export async function sql<T extends pg.QueryResultRow = any>(port: number, text: string, params: unknown[] = []): Promise<T[]> {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
+export async function sql<T extends pg.QueryResultRow = any>(port: number, text: string, params: unknown[] = [], database = 'postgres'): Promise<T[]> {
+  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database });
   await c.connect();
   try {
     return (await c.query<T>(text, params)).rows;

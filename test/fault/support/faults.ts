@@ -100,22 +100,24 @@ export function partitionPort(port: number): () => void {
 }
 
 /**
- * Starts a killed agent or orchestrator again from the config file `mg cluster up`
- * wrote for it, the way `up` does (it is what `up` would start; `up` itself also
- * walks every other step, 15-20 s here, too slow for 20 runs of a fault).
+ * Starts a killed agent, orchestrator or the gateway again from the config file
+ * `mg cluster up` wrote for it, the way `up` does (it is what `up` would start;
+ * `up` itself also walks every other step, 15-20 s here, too slow for 20 runs
+ * of a fault). `env` adds variables (e.g. a test hook) to the process's.
  */
-export async function restartService(c: TestCluster, name: string): Promise<void> {
+export async function restartService(c: TestCluster, name: string, env: Record<string, string> = {}): Promise<void> {
   const [entry, config] = name.startsWith('agent-')
     ? ['ingest/main.ts', path.join(c.dataDir, 'agents', `${name.slice('agent-'.length)}.json`)]
-    : ['orchestrator/main.ts', path.join(c.dataDir, 'config', `${name}.json`)];
+    : name === 'gateway' ? ['router/gateway/main.ts', path.join(c.dataDir, 'config', 'gateway.json')]
+      : ['orchestrator/main.ts', path.join(c.dataDir, 'config', `${name}.json`)];
   const old = readPid(path.join(c.dataDir, 'run'), name);
   await until(`${name} gone`, 10_000, () => old === undefined || !isAlive(old));
   await spawnDetached({
-    name, command: process.execPath, args: ['--import', 'tsx', entry, '--config', config],
+    name, command: process.execPath, args: ['--import', 'tsx', entry, '--config', config], env: { ...process.env, ...env },
     cwd: path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..', '..'),
     runDir: path.join(c.dataDir, 'run'), logFile: path.join(c.dataDir, 'logs', `${name}.log`),
   });
-  // Up once it listens: an agent on its metrics port, an orchestrator on its API port.
+  // Up once it listens: an agent on its metrics port, an orchestrator or the gateway on its own port.
   const cfg = JSON.parse(fs.readFileSync(config, 'utf8')) as { metricsPort?: number; port: number };
   const port = name.startsWith('agent-') ? cfg.metricsPort! : cfg.port;
   await until(`${name} listening on ${port}`, 60_000, () => portAnswers(port));
