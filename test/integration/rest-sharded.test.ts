@@ -147,7 +147,7 @@ test('a filter that pins the primary vindex runs on the shards it names', async 
   assert.equal(await routed('scatter'), scatter);
 });
 
-test('writes: PATCH and DELETE routed by their filters or scattered, upserts split, RPC, rollback', async () => {
+test('writes: PATCH and DELETE routed by their filters or scattered, upserts split, reference writes, rollback', async () => {
   await same('/customers?id=eq.3', { method: 'PATCH', headers: { 'Content-Type': 'application/json', Prefer: 'return=representation' }, body: '{"score": 99.5}' });
   await same('/customers?score=is.null&select=id', { method: 'PATCH', headers: { 'Content-Type': 'application/json', Prefer: 'count=exact' }, body: '{"score": 1}' });
   await same('/customers?select=id,score&order=id');
