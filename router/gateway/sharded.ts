@@ -37,7 +37,7 @@ const commits = counter('mg_gateway_sharded_commits_total', 'Commits of sharded 
 /** Planners by VSchema version: each caches its plans, and a new version starts a new cache. */
 const planners = new WeakMap<VSchemaRecord, Planner>();
 const noVSchema = new Planner(parseVSchema({}));
-function plannerFor(record: VSchemaRecord | undefined): Planner {
+export function plannerFor(record: VSchemaRecord | undefined): Planner {
   if (!record) return noVSchema;
   let p = planners.get(record);
   if (!p) planners.set(record, (p = new Planner(record.vschema)));

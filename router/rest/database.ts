@@ -6,7 +6,8 @@
 import { createHash } from 'node:crypto';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
-import type { RunTransaction, Transaction } from './handler.ts';
+import type { RunShards, RunTransaction, Transaction } from './handler.ts';
+import type { ShardRouting } from './sharded.ts';
 import { loadSchemaCache, type SchemaCache } from './schema-cache.ts';
 
 export interface RestEndpoint { host: string; port: number }
@@ -15,8 +16,13 @@ export interface RestDatabaseOptions {
   name: string;
   user: string;
   schemas: string[];
-  /** Where a transaction runs now: the primary, or (readOnly) a replica when routing allows; waits out a failover. */
-  endpoint(readOnly: boolean): Promise<RestEndpoint>;
+  /**
+   * Where a transaction runs now: the primary of `shard` (of the first shard
+   * when unnamed), or (readOnly) a replica when routing allows; waits out a failover.
+   */
+  endpoint(readOnly: boolean, shard?: string): Promise<RestEndpoint>;
+  /** The planner and key ranges when the database is sharded now (undefined: unsharded). */
+  sharding?(): ShardRouting | undefined;
   log: Logger;
   poolSize?: number;
 }
@@ -29,6 +35,8 @@ const RELOAD_RETRY_MS = 1_000;
  */
 const MAX_PREPARED_PER_CONNECTION = 200;
 const prepared = new WeakMap<pg.PoolClient, Set<string>>();
+/** Values as the text Postgres sent (merging compares them by type, as the sharded planner's merge does). */
+const RAW_TEXT = { getTypeParser: () => (v: string) => v } as unknown as pg.CustomTypesConfig;
 
 /**
  * The statement as node-postgres should send it: named (prepared once per
@@ -83,7 +91,7 @@ export class RestDatabase {
     });
     try {
       const begin = client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
-      const tx: Transaction = { query: async (sql, params) => (await client.query(statement(client, this.generation, sql, params))).rows };
+      const tx = this.transaction(client);
       const work = fn(tx);
       // sent right behind the statements fn issued before its first await; an error there makes it a ROLLBACK
       const early = opts.decideAfter ? undefined : client.query('COMMIT');
@@ -104,6 +112,55 @@ export class RestDatabase {
       throw err;
     } finally {
       client.release(broken);
+    }
+  };
+
+  private transaction(client: pg.PoolClient): Transaction {
+    return {
+      query: async (sql, params) => (await client.query(statement(client, this.generation, sql, params))).rows,
+      rows: async (sql, params) => {
+        const r = await client.query({ ...statement(client, this.generation, sql, params), rowMode: 'array', types: RAW_TEXT });
+        return { fields: r.fields.map((f) => ({ name: f.name, typeOid: f.dataTypeID })), rows: r.rows as Array<Array<string | null>> };
+      },
+    };
+  }
+
+  /** The database's sharding now, when it is sharded. */
+  sharding(): ShardRouting | undefined {
+    return this.opts.sharding?.();
+  }
+
+  /**
+   * One transaction on each of `shards` (primaries, or replicas for reads when
+   * routing allows): committed together when `fn` returns, rolled back
+   * together when it throws or asks. Like the wire protocol's `multi` mode, a
+   * COMMIT that fails on one shard after another committed is reported, not undone.
+   */
+  readonly runShards: RunShards = async (shards, opts, fn) => {
+    const connected = await Promise.allSettled(shards.map(async (s) => this.pool(await this.opts.endpoint(opts.readOnly, s)).connect()));
+    const clients = connected.flatMap((c) => (c.status === 'fulfilled' ? [c.value] : []));
+    const failed = connected.find((c): c is PromiseRejectedResult => c.status === 'rejected');
+    const broken = new Set<pg.PoolClient>();
+    const settle = (client: pg.PoolClient, sql: string) => client.query(sql).catch((err) => {
+      if (!(err as { code?: string }).code) broken.add(client);
+    });
+    try {
+      if (failed) throw failed.reason;
+      await Promise.all(clients.map((c) => c.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN')));
+      let outcome: Awaited<ReturnType<typeof fn>>;
+      try {
+        outcome = await fn(clients.map((c) => this.transaction(c)));
+      } catch (err) {
+        await Promise.all(clients.map((c) => settle(c, 'ROLLBACK')));
+        throw err;
+      }
+      await Promise.all(clients.map((c) => c.query(outcome.rollback ? 'ROLLBACK' : 'COMMIT')));
+      return outcome.result;
+    } catch (err) {
+      if (!(err as { code?: string }).code) clients.forEach((c) => broken.add(c));
+      throw err;
+    } finally {
+      for (const c of clients) c.release(broken.has(c));
     }
   };
 

@@ -7,9 +7,11 @@
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from '../../common/log.ts';
 import type { Discovery } from '../gateway/discovery.ts';
+import { plannerFor } from '../gateway/sharded.ts';
 import { RestDatabase, type RestEndpoint } from './database.ts';
 import { RestError } from './errors.ts';
 import { startRestServer } from './server.ts';
+import type { ShardRouting } from './sharded.ts';
 
 export interface GatewayRestOptions {
   port: number;
@@ -25,20 +27,32 @@ export interface GatewayRestOptions {
 }
 
 /** What routing needs from the gateway's discovery. */
-export type RestDiscovery = Pick<Discovery, 'shards' | 'replicas' | 'waitForPrimary' | 'hasDatabase'>;
+export type RestDiscovery = Pick<Discovery, 'shards' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology'>;
+
+/** The shards of a database in key-range order. */
+function keyRanges(discovery: RestDiscovery, database: string) {
+  return discovery.shards(database)
+    .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
+    .sort((a, b) => a.start.localeCompare(b.start));
+}
+
+/** A sharded database's planner (the wire protocol's, cached per VSchema version) and key ranges. */
+export function restSharding(discovery: RestDiscovery, database: string): ShardRouting | undefined {
+  if (!discovery.topology.databases.get(database)?.sharded) return undefined;
+  const record = discovery.topology.vschemas.get(database);
+  return { planner: plannerFor(record), vschema: record?.vschema, ranges: keyRanges(discovery, database) };
+}
 
 /**
- * Where a request's transaction runs: a healthy replica for a read when
- * configured (the primary when none is usable), else the primary, waiting out
- * a failover up to the buffer window like wire-protocol queries.
+ * Where a transaction on `shard` (the first shard when unnamed) runs: a
+ * healthy replica for a read when configured (the primary when none is
+ * usable), else the primary, waiting out a failover up to the buffer window
+ * like wire-protocol queries.
  */
 export async function restEndpoint(discovery: RestDiscovery, database: string, readOnly: boolean,
-  opts: Pick<GatewayRestOptions, 'readsToReplicas' | 'bufferWindowMs'>): Promise<RestEndpoint> {
-  const shards = discovery.shards(database);
-  if (shards.length !== 1) {
-    throw new RestError(501, '0A000', `database "${database}" has ${shards.length} shards; the REST API serves unsharded databases only`);
-  }
-  const shard = shards[0].shard;
+  opts: Pick<GatewayRestOptions, 'readsToReplicas' | 'bufferWindowMs'>, named?: string): Promise<RestEndpoint> {
+  const shard = named ?? keyRanges(discovery, database)[0]?.shard;
+  if (shard === undefined) throw new RestError(503, '57P03', `database "${database}" has no shards`);
   if (readOnly && opts.readsToReplicas) {
     const replicas = discovery.replicas(database, shard);
     if (replicas.length) return replicas[Math.floor(Math.random() * replicas.length)];
@@ -55,7 +69,8 @@ export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRe
     if (!discovery.hasDatabase(name)) return undefined;
     let db = databases.get(name);
     if (!db) {
-      db = new RestDatabase({ name, user: opts.authUser, schemas: opts.schemas, endpoint: (readOnly) => restEndpoint(discovery, name, readOnly, opts), log: opts.log });
+      db = new RestDatabase({ name, user: opts.authUser, schemas: opts.schemas, log: opts.log,
+        endpoint: (readOnly, shard) => restEndpoint(discovery, name, readOnly, opts, shard), sharding: () => restSharding(discovery, name) });
       databases.set(name, db);
     }
     return db;

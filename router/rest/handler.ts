@@ -7,6 +7,8 @@ import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './erro
 import { authenticate, type Auth } from './jwt.ts';
 import { FILTER_OPS, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
 import type { SchemaCache, Table } from './schema-cache.ts';
+import type { Merge } from '../planner/plan.ts';
+import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { findFunction, findTable, ident, qualified, QueryBuilder, responseSql } from './sql.ts';
 
 export interface RestConfig {
@@ -37,6 +39,8 @@ export interface RestResponse {
 /** A transaction the request runs in: statements in order, then commit or rollback. */
 export interface Transaction {
   query(sql: string, params: unknown[]): Promise<Record<string, any>[]>;
+  /** Rows as arrays of the text Postgres sent, with the column types (for merging shards' rows). */
+  rows(sql: string, params: unknown[]): Promise<ShardRows>;
 }
 
 /**
@@ -46,6 +50,17 @@ export interface Transaction {
  * await (pipelined: one round trip); an error in them turns it into a rollback.
  */
 export type RunTransaction = <T>(opts: { readOnly: boolean; decideAfter: boolean }, fn: (tx: Transaction) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
+
+/** One transaction on each shard named, committed (or rolled back) together after `fn`. */
+export type RunShards = <T>(shards: string[], opts: { readOnly: boolean }, fn: (txs: Transaction[]) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
+
+/** Where a request runs: one database, or the shards of a sharded one. */
+export interface RestTarget {
+  run: RunTransaction;
+  runShards: RunShards;
+  /** The sharded planner and key ranges when the database is sharded. */
+  sharding(): ShardRouting | undefined;
+}
 
 const JSON_TYPE = 'application/json; charset=utf-8';
 const OBJECT_TYPE = 'application/vnd.pgrst.object+json; charset=utf-8';
@@ -109,20 +124,35 @@ interface Plan {
   decideAfter: boolean;
   /** Turns the statement's one row into the response (or throws a RestError, which rolls back). */
   respond(row: { total: string | null; page_total: string; body: string; location?: string | null; inserted?: string }): RestResponse;
+  /** On a sharded database: how the planner routes the request, and how the shards' answers merge. */
+  sharded?: ShardedPlan;
 }
 
-export async function handleRest(req: RestRequest, cache: SchemaCache, config: RestConfig, run: RunTransaction): Promise<RestResponse> {
+type ShardedPlan =
+  /** `sql` reads rows for the merge (QueryBuilder.shardRows). */
+  | { kind: 'read'; probe: Probe; top: string; merge: Merge; counted: boolean; singular: boolean }
+  /** `sql` runs as it is on the shards the probe routes to. */
+  | { kind: 'write'; probe: Probe; top: string; singular: boolean }
+  /** `sql` runs on each shard with the rows placed there in parameter `rowsParam` (0-based). */
+  | { kind: 'insert'; probe: Probe; rows: Array<Record<string, unknown>>; cols: string[]; rowsParam: number; singular: boolean };
+
+export async function handleRest(req: RestRequest, cache: SchemaCache, config: RestConfig, target: RestTarget): Promise<RestResponse> {
   let auth: Auth | undefined;
   try {
     auth = authenticate(req.headers.authorization, { secret: config.jwtSecret, anonRole: config.anonRole });
     const schema = profile(req, config);
-    const plan = planRequest(req, cache, schema);
+    const sharding = target.sharding();
+    const plan = planRequest(req, cache, schema, sharding !== undefined);
     const prefer = parsePrefer(req.headers.prefer);
     const settings = `SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true), set_config('request.method', $3, true), set_config('request.path', $4, true), set_config('request.headers', $5, true)`;
     const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => k !== 'authorization'));
     const a = auth;
     const rollback = prefer.tx === 'rollback';
-    return await run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
+    if (sharding) {
+      const prelude = (tx: Transaction) => tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]);
+      return await runSharded(plan, sharding, target.runShards, prelude, rollback);
+    }
+    return await target.run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
       // both sent at once; a failed set_config (an unknown role) fails the statement behind it too, and is reported first
       const [, [row]] = await Promise.all([
         tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
@@ -138,26 +168,71 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
   }
 }
 
-function planRequest(req: RestRequest, cache: SchemaCache, schema: string): Plan {
+/**
+ * A request on a sharded database: routed by the planner from the plan's
+ * probe, run on each shard it names in one transaction per shard, answers
+ * merged. One shard's answer is the response as it is.
+ */
+async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShards, prelude: (tx: Transaction) => Promise<unknown>, rollback: boolean): Promise<RestResponse> {
+  const s = plan.sharded;
+  if (!s) throw new RestError(501, '0A000', 'this request is not supported on a sharded database');
+  const opts = { readOnly: plan.readOnly };
+  if (s.kind === 'read') {
+    const shards = routeProbe(routing, s.probe, s.top);
+    return runShards(shards, opts, async (txs) => {
+      const parts = await Promise.all(txs.map(async (tx) => (await Promise.all([prelude(tx), tx.rows(plan.sql, plan.params)]))[1]));
+      return { result: plan.respond(mergeReads(parts, s.merge, s.counted, s.singular)), rollback };
+    });
+  }
+  let shards: string[];
+  let params: unknown[][];
+  let order: number[][] | undefined;
+  let replicated = false;
+  const placed = s.kind === 'insert' ? placeRows(routing, s.probe, s.rows, s.cols) : undefined;
+  if (s.kind === 'insert' && placed && s.rows.length) {
+    const byShard = new Map<string, number[]>();
+    placed.forEach((shard, i) => byShard.set(shard, [...(byShard.get(shard) ?? []), i]));
+    shards = routing.ranges.map((r) => r.shard).filter((shard) => byShard.has(shard));
+    order = shards.map((shard) => byShard.get(shard)!);
+    params = order.map((rows) => plan.params.map((p, i) => (i === s.rowsParam ? JSON.stringify(rows.map((r) => s.rows[r])) : p)));
+  } else {
+    if (s.kind === 'insert') {
+      // a reference table (every shard writes every row), or no rows (any shard answers)
+      replicated = placed === undefined;
+      shards = replicated ? routing.ranges.map((r) => r.shard) : [routing.ranges[0].shard];
+    } else {
+      shards = routeProbe(routing, s.probe, s.top);
+      replicated = routing.vschema?.tables[s.top]?.type === 'reference';
+    }
+    params = shards.map(() => plan.params);
+  }
+  return runShards(shards, opts, async (txs) => {
+    const rows = await Promise.all(txs.map(async (tx, i) => (await Promise.all([prelude(tx), tx.query(plan.sql, params[i])]))[1][0]));
+    const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.singular, order);
+    return { result: plan.respond(row as Parameters<Plan['respond']>[0]), rollback };
+  });
+}
+
+function planRequest(req: RestRequest, cache: SchemaCache, schema: string, sharded: boolean): Plan {
   // Postgres text cannot hold NUL; refuse it here rather than fail the protocol
   if (req.query.some(([k, v]) => k.includes('\u0000') || v.includes('\u0000')) || req.path.includes('\u0000')) {
     throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
   }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
-  if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1]);
+  if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1], sharded);
   if (segments.length !== 1) throw new RestError(404, 'PGRST125', `Invalid path specified in request URL`);
   const table = findTable(cache, schema, segments[0]);
   switch (req.method) {
-    case 'GET': case 'HEAD': return planRead(req, cache, table);
-    case 'POST': return planInsert(req, cache, table);
-    case 'PATCH': return planUpdate(req, cache, table);
-    case 'DELETE': return planDelete(req, cache, table);
-    case 'PUT': return planPut(req, cache, table);
+    case 'GET': case 'HEAD': return planRead(req, cache, table, sharded);
+    case 'POST': return planInsert(req, cache, table, sharded);
+    case 'PATCH': return planUpdate(req, cache, table, sharded);
+    case 'DELETE': return planDelete(req, cache, table, sharded);
+    case 'PUT': return planPut(req, cache, table, sharded);
     default: throw new RestError(405, 'PGRST117', `Unsupported HTTP method: ${req.method}`);
   }
 }
 
-function planRead(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const prefer = parsePrefer(req.headers.prefer);
   const top = q.nodes.get('')!;
@@ -168,10 +243,19 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table): Plan {
   const b = new QueryBuilder(cache, q);
   const scope = { table, alias: b.nextAlias('t'), path: '' };
   const count = prefer.count !== undefined;
-  const r = b.read(scope, `${qualified(table)} AS ${ident(scope.alias)}`, { limit, offset, applyFilters: true, order: true });
-  const sql = responseSql(r.source, count ? r.count : null, singular);
+  const from = `${qualified(table)} AS ${ident(scope.alias)}`;
+  let sql: string;
+  let shardPlan: ShardedPlan | undefined;
+  if (sharded) {
+    const r = b.shardRows(scope, from, { limit, offset, count });
+    sql = r.sql;
+    shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, singular };
+  } else {
+    const r = b.read(scope, from, { limit, offset, applyFilters: true, order: true });
+    sql = responseSql(r.source, count ? r.count : null, singular);
+  }
   return {
-    sql, params: b.params.values, readOnly: true, decideAfter: false,
+    sql, params: b.params.values, readOnly: true, decideAfter: false, sharded: shardPlan,
     respond(row) {
       const pageTotal = Number(row.page_total);
       const total = row.total === null ? null : Number(row.total);
@@ -267,7 +351,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
 }
 
 /** PUT: an upsert of the one row its primary-key filters name. */
-function planPut(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+function planPut(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const where = q.nodes.get('')!.where;
   const pk = table.primaryKey;
@@ -288,39 +372,47 @@ function planPut(req: RestRequest, cache: SchemaCache, table: Table): Plan {
     }
   }
   q.nodes.get('')!.where = [];
-  return planInsert(req, cache, table, { q, payload, cols, resolution: 'merge-duplicates' });
+  return planInsert(req, cache, table, sharded, { q, payload, cols, resolution: 'merge-duplicates' });
 }
 
-function planInsert(req: RestRequest, cache: SchemaCache, table: Table, put?: { q: ParsedQuery; payload: unknown; cols: string[]; resolution: 'merge-duplicates' }): Plan {
+function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean, put?: { q: ParsedQuery; payload: unknown; cols: string[]; resolution: 'merge-duplicates' }): Plan {
   const q = put?.q ?? parseQuery(req.query);
   const payload = put ? put.payload : parseBody(req);
   const cols = put?.cols ?? payloadColumns(table, payload, q);
   const prefer = parsePrefer(req.headers.prefer);
   const resolution = put?.resolution ?? prefer.resolution;
-  const rows = JSON.stringify(Array.isArray(payload) ? payload : [payload]);
-  return mutationPlan(req, cache, table, q, (b, alias) => {
-    const list = cols.map((c) => ident(c)).join(', ');
+  const objects = (Array.isArray(payload) ? payload : [payload]) as Array<Record<string, unknown>>;
+  const list = cols.map((c) => ident(c)).join(', ');
+  let conflict = '';
+  let rowsParam = -1;
+  const plan = mutationPlan(req, cache, table, q, (b, alias) => {
+    rowsParam = b.params.values.length;
     // no columns: every column takes its default, as in PostgREST
-    let sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(rows)}::json) _`;
+    const sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(objects))}::json) _`;
     if (resolution) {
       const target = q.onConflict ?? table.primaryKey;
       if (!target.length) throw new RestError(400, 'PGRST103', 'on_conflict needs a primary key or the on_conflict parameter');
       for (const c of target) b.column(table, c);
-      sql += ` ON CONFLICT (${target.map(ident).join(', ')}) `;
       const updates = cols.filter((c) => !target.includes(c));
-      sql += resolution === 'ignore-duplicates' || !updates.length ? 'DO NOTHING'
-        : `DO UPDATE SET ${updates.map((c) => `${ident(c)} = EXCLUDED.${ident(c)}`).join(', ')}`;
+      conflict = ` ON CONFLICT (${target.map(ident).join(', ')}) ` + (resolution === 'ignore-duplicates' || !updates.length ? 'DO NOTHING'
+        : `DO UPDATE SET ${updates.map((c) => `${ident(c)} = EXCLUDED.${ident(c)}`).join(', ')}`);
     } else if (q.onConflict) for (const c of q.onConflict) b.column(table, c);
-    return sql;
+    return sql + conflict;
   }, put ? 'put' : 'insert');
+  if (sharded) {
+    // the planner places rows by the primary vindex column's position in the VALUES
+    const probe = `INSERT INTO ${qualified(table)}${cols.length ? ` (${list})` : ''} VALUES (${cols.map((_, i) => `$${i + 1}`).join(', ')})${conflict}`;
+    plan.sharded = { kind: 'insert', probe: { sql: probe, params: cols.map(() => null) }, rows: objects, cols, rowsParam, singular: wantsObject(req) };
+  }
+  return plan;
 }
 
-function planUpdate(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const payload = parseBody(req);
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   const cols = payloadColumns(table, payload, q);
-  return mutationPlan(req, cache, table, q, (b, alias) => {
+  const plan = mutationPlan(req, cache, table, q, (b, alias) => {
     // an empty object updates nothing (PostgREST answers 204 without touching a row)
     if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
     const scope = { table, alias, path: '' };
@@ -329,18 +421,26 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table): Plan {
       + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(payload))}::json)) _`
       + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
   }, 'update');
+  return routedWrite(req, cache, table, q, plan, sharded, 'UPDATE', cols);
 }
 
-function planDelete(req: RestRequest, cache: SchemaCache, table: Table): Plan {
+function planDelete(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
-  return mutationPlan(req, cache, table, q, (b, alias) => {
+  const plan = mutationPlan(req, cache, table, q, (b, alias) => {
     const scope = { table, alias, path: '' };
     const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
     return `DELETE FROM ${qualified(table)} AS ${ident(alias)}` + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
   }, 'delete');
+  return routedWrite(req, cache, table, q, plan, sharded, 'DELETE');
 }
 
-function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string): Plan {
+/** PATCH and DELETE on a sharded database run where their filters pin the primary vindex, or on every shard. */
+function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, plan: Plan, sharded: boolean, verb: 'UPDATE' | 'DELETE', cols?: string[]): Plan {
+  if (sharded) plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, singular: wantsObject(req) };
+  return plan;
+}
+
+function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string, sharded: boolean): Plan {
   if (!['GET', 'HEAD', 'POST'].includes(req.method)) throw new RestError(405, 'PGRST101', 'Only GET and POST are allowed for RPC');
   let args: Record<string, unknown>;
   if (req.method === 'POST') {
@@ -378,6 +478,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
   }
   return {
     sql, params: b.params.values, readOnly, decideAfter: singular && !readOnly,
+    sharded: sharded ? { kind: 'write', probe: rpcProbe(fn, args), top: '', singular } : undefined,
     respond(row): RestResponse {
       const pageTotal = Number(row.page_total);
       if (singular) singularCheck(true, pageTotal);
@@ -390,6 +491,21 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       };
     },
   };
+}
+
+/**
+ * On a sharded database the planner routes a call as `SELECT fn(...)`: by its
+ * shard-key argument when the VSchema lists it under routines, else to one shard.
+ */
+function rpcProbe(fn: { schema: string; name: string; args: Array<{ name: string }> }, args: Record<string, unknown>): Probe {
+  const params: Array<string | null> = [];
+  const list = fn.args.map((a) => {
+    if (!(a.name in args)) return 'NULL';
+    const v = args[a.name];
+    params.push(v === null ? null : typeof v === 'object' ? JSON.stringify(v) : String(v));
+    return `$${params.length}`;
+  });
+  return { sql: `SELECT ${qualified(fn)}(${list.join(', ')})`, params };
 }
 
 /** select/order/limit/offset and filters (`x=op.value`) of a GET /rpc are not arguments. */

@@ -56,7 +56,7 @@ export async function startRestServer(opts: RestServerOptions): Promise<FastifyI
           res = await handleRest({
             method: req.method, path, fullPath: url.pathname, query: [...url.searchParams.entries()], headers,
             body: typeof req.body === 'string' ? req.body : undefined,
-          }, cache, opts.config, db.run);
+          }, cache, opts.config, db);
         } catch (err) {
           if (err instanceof RestError) {
             res = errorResponse(err);

@@ -4,9 +4,11 @@
  * the cache and quoted. Postgres builds the JSON (json_agg, jsonb for embeds),
  * the way PostgREST 12 does, so bodies match it byte for byte.
  */
+import type { Merge } from '../planner/plan.ts';
 import { RestError } from './errors.ts';
 import type { Condition, Field, NodeOptions, OrderTerm, ParsedQuery, SelectItem } from './parse.ts';
 import { tableKey, type ForeignKey, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
+import type { Probe } from './sharded.ts';
 
 export const ident = (s: string) => `"${s.replace(/"/g, '""')}"`;
 export const qualified = (t: { schema: string; name: string }) => `${ident(t.schema)}.${ident(t.name)}`;
@@ -239,6 +241,78 @@ export class QueryBuilder {
     const source = `SELECT ${list.columns.join(', ')} FROM ${fromAll}${whereSql}`
       + (opts.order ? this.orderSql(scope, top.order) : '') + QueryBuilder.limitSql(opts.limit, opts.offset);
     return { source, count: `(SELECT pg_catalog.count(*) FROM ${fromAll}${whereSql})` };
+  }
+
+  /**
+   * A read as one shard of a sharded database answers it, for the gateway to
+   * merge: each row's JSON (as json_agg would write it) and its order keys,
+   * the first offset + limit rows in order, and the shard's count (one row of
+   * NULLs when the shard has none).
+   */
+  shardRows(scope: Scope, fromSql: string, opts: { limit?: number; offset?: number; count: boolean }): { sql: string; merge: Merge } {
+    this.checkNodePaths(this.query.select);
+    const top = this.nodeOptions('');
+    const list = this.selectList(scope, this.query.select);
+    const where = [...top.where.map((c) => this.condition(scope, c)), ...list.where];
+    const whereSql = where.length ? ` WHERE ${where.join(' AND ')}` : '';
+    const fromAll = `${fromSql}${list.joins.map((j) => ` ${j}`).join('')}`;
+    const keys = top.order.map((t, i) => `, ${this.fieldSql(scope, t.field)} AS pgrst_o${i}`).join('');
+    const window = opts.limit === undefined ? undefined : opts.limit + (opts.offset ?? 0);
+    const rows = `SELECT row_to_json(pgrst_row)::text AS pgrst_json${keys} FROM ${fromAll}, LATERAL (SELECT ${list.columns.join(', ')}) AS pgrst_row`
+      + `${whereSql}${this.orderSql(scope, top.order)}${QueryBuilder.limitSql(window, undefined)}`;
+    const count = opts.count ? `(SELECT pg_catalog.count(*) FROM ${fromAll}${whereSql})` : 'NULL::bigint';
+    return {
+      sql: `SELECT ${count} AS pgrst_total, pgrst_r.* FROM (SELECT 1) pgrst_one LEFT JOIN LATERAL (${rows}) pgrst_r ON TRUE`,
+      merge: {
+        // columns: pgrst_total, pgrst_json, then the keys; NULLs sort as Postgres's defaults unless asked
+        orderBy: top.order.map((t, i) => ({ column: i + 3, desc: t.dir === 'desc', nullsFirst: t.nulls ? t.nulls === 'first' : t.dir === 'desc' })),
+        distinct: false,
+        limit: opts.limit === undefined ? undefined : { literal: String(opts.limit) },
+        offset: opts.offset ? { literal: String(opts.offset) } : undefined,
+      },
+    };
+  }
+
+  /**
+   * The statement the sharded planner routes a request by: its table, each
+   * table its embeds join (on their foreign keys, as the planner must see
+   * sharded tables joined on their primary vindex), and its top-level eq/in
+   * filters, which may pin the primary vindex. A write names its table only.
+   */
+  routingProbe(table: Table, verb: 'SELECT' | 'UPDATE' | 'DELETE', set: string[] = []): Probe {
+    const params: Array<string | null> = [];
+    const param = (v: string) => {
+      params.push(v);
+      return `$${params.length}`;
+    };
+    const root = 'pgrst_p0';
+    const joins: string[] = [];
+    const where: string[] = [];
+    let n = 1;
+    const visit = (parent: Table, alias: string, items: SelectItem[]) => {
+      for (const it of items) {
+        if (it.kind !== 'embed') continue;
+        const rel = this.relationship(parent, it.name, it.hint);
+        const child = `pgrst_p${n++}`;
+        const link = rel.join(child, alias, `pgrst_p${n++}`);
+        joins.push(` JOIN ${qualified(rel.target)} AS ${ident(child)} ON TRUE${link.from ? ` ${link.from}` : ''}`);
+        where.push(link.on);
+        visit(rel.target, child, it.select);
+      }
+    };
+    if (verb === 'SELECT') visit(table, root, this.query.select);
+    for (const c of this.nodeOptions('').where) {
+      if (c.kind !== 'filter' || c.negate || c.field.json.length || !table.columns.has(c.field.column)) continue;
+      const col = `${ident(root)}.${ident(c.field.column)}`;
+      if (c.op === 'eq') where.push(`${col} = ${param(c.value as string)}`);
+      else if (c.op === 'in' && (c.value as string[]).length) where.push(`${col} IN (${(c.value as string[]).map(param).join(', ')})`);
+    }
+    const whereSql = where.length ? ` WHERE ${where.join(' AND ')}` : '';
+    const target = `${qualified(table)} AS ${ident(root)}`;
+    const sql = verb === 'SELECT' ? `SELECT 1 FROM ${target}${joins.join('')}${whereSql}`
+      : verb === 'UPDATE' ? `UPDATE ${target} SET ${(set.length ? set : [table.columnOrder[0]]).map((c) => `${ident(c)} = NULL`).join(', ')}${whereSql}`
+        : `DELETE FROM ${target}${whereSql}`;
+    return { sql, params };
   }
 }
 
