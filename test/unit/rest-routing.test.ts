@@ -27,9 +27,17 @@ test('reads go to a replica only when configured, writes always to the primary',
   assert.equal(await restEndpoint(discovery({ replicas: () => [] }), 'db', true, on), primary);
 });
 
-test('no primary within the buffer window: 503 57P03; a sharded database: 501 0A000', async () => {
+test('no primary within the buffer window: 503 57P03; unnamed shard of a sharded database: the first key range', async () => {
   await assert.rejects(restEndpoint(discovery({ waitForPrimary: async () => undefined }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
     (e: RestError) => e.status === 503 && e.code === '57P03');
-  await assert.rejects(restEndpoint(discovery({ shards: () => [{ shard: '-80' }, { shard: '80-' }] }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
-    (e: RestError) => e.status === 501 && e.code === '0A000');
+  const asked: string[] = [];
+  const sharded = discovery({
+    shards: () => [{ shard: '80-', keyRangeStart: '80', keyRangeEnd: '' }, { shard: '-80', keyRangeStart: '', keyRangeEnd: '80' }],
+    waitForPrimary: async (_db: string, shard: string) => { asked.push(shard); return primary; },
+  });
+  assert.equal(await restEndpoint(sharded, 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }), primary);
+  assert.equal(await restEndpoint(sharded, 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }, '80-'), primary);
+  assert.deepEqual(asked, ['-80', '80-']);
+  await assert.rejects(restEndpoint(discovery({ shards: () => [] }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
+    (e: RestError) => e.status === 503 && e.code === '57P03');
 });
