@@ -131,6 +131,7 @@ export class BackupService {
       const port = Number(cmd.args.primaryPort);
       if (!host || !Number.isInteger(port)) throw new Error('this instance is a replica: a backup from it needs args primaryHost and primaryPort');
       primary = await describePrimary({ host, port });
+      await this.alignTimeline({ host, port });
     }
     const base = { backupId: cmd.commandId, database: this.cfg.database, shard: this.cfg.shard, stanza: this.pgbackrest.stanza, instanceId: this.cfg.instanceId, fromStandby: primary !== undefined };
     const event = (state: BackupEvent['state'], extra: Partial<BackupEvent> = {}) => this.publish([{ key: shardKey(this.cfg.database, this.cfg.shard), value: {
@@ -168,7 +169,30 @@ export class BackupService {
     })();
     return `${type} backup ${cmd.commandId} started${primary ? ' from this replica' : ' on the primary'}`;
   }
+
+  /**
+   * A standby's pg_control names the timeline of its last restartpoint, so
+   * after a failover it lags the WAL it replays until the next one, and
+   * pgBackRest refuses the backup ("WAL timeline 2 does not match pg_control
+   * timeline 1"). A checkpoint on the primary, replayed here, then one here
+   * (a restartpoint) brings it up to date.
+   */
+  private async alignTimeline(primary: Upstream): Promise<void> {
+    await queryAt(primary, 'CHECKPOINT', [], ALIGN_TIMEOUT_MS);
+    const [{ lsn }] = await queryAt<{ lsn: string }>(primary, 'SELECT pg_current_wal_lsn()::text AS lsn');
+    const deadline = Date.now() + ALIGN_TIMEOUT_MS;
+    for (;;) {
+      const [{ caughtUp }] = await this.pg.query<{ caughtUp: boolean }>('SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn AS "caughtUp"', [lsn]);
+      if (caughtUp) break;
+      if (Date.now() > deadline) throw new Error(`this replica did not replay the primary's checkpoint (${lsn}) within ${ALIGN_TIMEOUT_MS} ms`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await this.pg.query('CHECKPOINT', [], ALIGN_TIMEOUT_MS);
+  }
 }
+
+/** How long a standby may take to replay the primary's fresh checkpoint before a backup from it. */
+const ALIGN_TIMEOUT_MS = 30_000;
 
 function localOf(pg: PostgresInstance): LocalPostgres {
   return { dataDir: pg.dataDir, port: pg.port, socketDir: pg.runDir };
