@@ -8,7 +8,6 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
@@ -86,10 +85,7 @@ async function routed(route: string): Promise<number> {
 before(async () => {
   const up = await cluster.mg('cluster', 'up', ...cluster.flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  const file = path.join(cluster.dataDir, 'vschema.yaml');
-  fs.writeFileSync(file, VSCHEMA);
-  const applied = await cluster.mg('vschema', 'apply', 'shop', file, '--data-dir', cluster.dataDir);
-  assert.equal(applied.code, 0, applied.stderr);
+  await cluster.applyVSchema('shop', VSCHEMA);
   for (const db of ['flat', 'shop']) {
     const c = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: db });
     await c.connect();

@@ -8,7 +8,6 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import postgres from 'postgres';
@@ -60,10 +59,7 @@ let gw: pg.Client;
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  const file = path.join(dataDir, 'vschema.yaml');
-  fs.writeFileSync(file, VSCHEMA);
-  const applied = await mg('vschema', 'apply', 'postgres', file, '--data-dir', dataDir);
-  assert.equal(applied.code, 0, applied.stderr);
+  await cluster.applyVSchema('postgres', VSCHEMA);
   gw = gwClient();
   await gw.connect();
   for (const ddl of DDL) await gw.query(ddl);

@@ -64,10 +64,7 @@ const gwClient = () => new pg.Client({ host: '127.0.0.1', port: gatewayPort, use
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  const file = path.join(dataDir, 'vschema.yaml');
-  fs.writeFileSync(file, VSCHEMA);
-  const applied = await mg('vschema', 'apply', 'postgres', file, '--data-dir', dataDir);
-  assert.equal(applied.code, 0, applied.stderr);
+  await cluster.applyVSchema('postgres', VSCHEMA);
   reference = new PostgresInstance({ name: 'reference', dataDir: path.join(dataDir, 'reference'), port: Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + 3 * 500 + 480, log: createLogger('sharding-test') });
   await reference.initPrimary();
   await reference.start();

@@ -28,6 +28,8 @@ export interface TestCluster {
   flags: string[];
   instances: PlannedInstance[];
   mg(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
+  /** `mg vschema apply` of this YAML to a database; throws with mg's stderr if it is refused. */
+  applyVSchema(database: string, yaml: string): Promise<void>;
   /** The first shard's primary and replicas as MultiOrch has them now (it elects the primary; no instance is fixed). */
   roles(): Promise<{ primary: PlannedInstance; replicas: PlannedInstance[] }>;
 }
@@ -78,6 +80,12 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
         const e = err as { code: number; stdout: string; stderr: string };
         return { code: e.code, stdout: e.stdout, stderr: e.stderr };
       }
+    },
+    async applyVSchema(database: string, yaml: string) {
+      const file = path.join(dataDir, `${database}-vschema.yaml`);
+      fs.writeFileSync(file, yaml);
+      const applied = await this.mg('vschema', 'apply', database, file, '--data-dir', dataDir);
+      if (applied.code !== 0) throw new Error(`mg vschema apply ${database}: ${applied.stderr}`);
     },
     async roles() {
       const [first] = (await orchestratorStatus(spec)).shards;

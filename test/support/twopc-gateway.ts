@@ -46,10 +46,7 @@ export async function viaGateway<T>(c: TestCluster, fn: (client: pg.Client) => P
 
 /** Applies the VSchema and creates and fills the tables through the gateway. */
 export async function createBank(c: TestCluster): Promise<void> {
-  const file = path.join(c.dataDir, 'bank-vschema.yaml');
-  fs.writeFileSync(file, VSCHEMA);
-  const applied = await c.mg('vschema', 'apply', 'bank', file, '--data-dir', c.dataDir);
-  assert.equal(applied.code, 0, applied.stderr);
+  await c.applyVSchema('bank', VSCHEMA);
   await until('the gateway to serve the bank', 30_000, () => viaGateway(c, async (g) => {
     await g.query('CREATE TABLE IF NOT EXISTS accounts (id int PRIMARY KEY, balance bigint NOT NULL)');
     await g.query('CREATE TABLE IF NOT EXISTS ledger (account_id int NOT NULL, txn text NOT NULL, delta bigint NOT NULL, PRIMARY KEY (account_id, txn))');
