@@ -10,10 +10,11 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
+import { recoveryTargetOf } from '../ingest/backup/pgbackrest.ts';
 import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import {
-  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, shardKey, topologyKey,
+  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, shardKey, stanzaOf, topologyKey,
   type HealthEvent, type TopicValues, type TopologyEvent, type TopologyState,
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
@@ -151,14 +152,17 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
 }
 
 function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
+  const db = spec.databases.find((d) => d.name === inst.database)!;
+  const from = db.restoredFrom;
   return {
     instanceId: inst.instanceId, database: inst.database, shard: inst.shard, cell: inst.cell, host: '127.0.0.1',
     port: inst.port, dataDir: inst.dataDir, binDir: spec.postgres.binDir,
     brokers: bootstrapOf(spec).split(','), registryUrl: registryUrlOf(spec), topicPrefix: spec.kafka.topicPrefix,
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
     poolerPort: inst.poolerPort,
-    cdc: spec.databases.find((d) => d.name === inst.database)!.cdc,
+    cdc: db.cdc,
     ...(spec.backup.enabled ? { backup: backupConfigOf(spec) } : {}),
+    ...(from ? { restoreFrom: { database: from.database, stanza: stanzaOf(from.database, inst.shard), target: recoveryTargetOf(from) } } : {}),
   };
 }
 

@@ -110,6 +110,13 @@ export const clusterSpecSchema = z.object({
     /** ANY_<n> (n nodes hold each acknowledged commit, the primary included) or MULTI_CELL_ANY_<n> (n cells); default ANY_2 (ANY_1 alone). */
     durability: z.string().refine((p) => policyN(p) !== undefined, 'must be ANY_<n> or MULTI_CELL_ANY_<n> with n from 1 to 9').optional(),
     backupSchedule: backupScheduleSchema.default({}),
+    /** Written by `mg backup restore <db> --as <name>`: each shard's first primary is <db>'s shard restored to this point. */
+    restoredFrom: z.object({
+      database: name,
+      /** ISO 8601; neither time nor lsn: the end of the archive. */
+      time: z.string().datetime({ offset: true }).optional(),
+      lsn: z.string().regex(/^[0-9A-Fa-f]{1,8}\/[0-9A-Fa-f]{1,8}$/, 'must look like 0/16B3748').optional(),
+    }).strict().optional(),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   }).refine((d) => d.sharded || d.shards === 1, {

@@ -193,8 +193,20 @@ export class Agent {
     }
   }
 
-  /** On a new shard's first primary: the Postgres database the gateways connect to for this instance's database (initdb made only `postgres`). */
-  async createOwnDatabase(): Promise<void> {
+  /**
+   * A new shard's first primary, running: a new initdb with the Postgres
+   * database the gateways connect to for this instance's database (initdb
+   * makes only `postgres`), or another database's shard restored from its
+   * backup (`mg backup restore --as`).
+   */
+  async initFirstPrimary(): Promise<void> {
+    if (this.cfg.restoreFrom) {
+      if (!this.backups) throw new Error('a restored database needs backups enabled (the spec\'s backup.enabled)');
+      await this.backups.restorePrimary(this.cfg.restoreFrom);
+      return;
+    }
+    await this.postgres.initPrimary();
+    await this.postgres.start();
     const name = this.cfg.database;
     const [exists] = await this.postgres.query('SELECT 1 FROM pg_database WHERE datname = $1', [name]);
     if (!exists) await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);

@@ -75,6 +75,16 @@ export const agentConfigSchema = z.object({
   cdc: cdcConfigSchema.default({}),
   /** Absent: no archiving, no backups. */
   backup: backupConfigSchema.optional(),
+  /**
+   * A database restored from another one's backups (`mg backup restore --as`):
+   * the shard's first primary is that database's shard restored to the target
+   * instead of a new initdb.
+   */
+  restoreFrom: z.object({
+    database: z.string().min(1),
+    stanza: z.string().min(1),
+    target: z.union([z.object({ type: z.enum(['time', 'lsn']), value: z.string().min(1) }).strict(), z.object({ type: z.literal('default') }).strict()]),
+  }).strict().optional(),
 }).strict();
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;

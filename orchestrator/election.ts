@@ -46,6 +46,8 @@ const RECRUIT_GRACE_MS = 150;
 const RULE_WRITE_TIMEOUT_MS = 20_000;
 /** A new shard's first rule waits for its standbys to be cloned. */
 const BOOTSTRAP_RULE_WRITE_TIMEOUT_MS = 120_000;
+/** A first primary may be restored from another database's backup (mg backup restore --as): minutes for a large one. */
+const BOOTSTRAP_TIMEOUT_MS = 30 * 60_000;
 
 const addr = (i: InstanceRegistered) => ({ host: i.host, port: i.port });
 const positionDetails = (positions: Map<string, VoterPosition>) =>
@@ -124,7 +126,7 @@ export class Election {
       const action = empty ? 'BOOTSTRAP' : 'PROMOTE';
       note('DECIDED', `${action.toLowerCase()} ${winner.instanceId}`, { reason: empty ? 'a new shard: no voter holds data' : 'most advanced recruited voter' });
       const t1 = Date.now();
-      const promoted = await this.agents.send(winner.instanceId, action, { term: String(term) }, this.cfg.commandTimeoutMs * 2);
+      const promoted = await this.agents.send(winner.instanceId, action, { term: String(term) }, empty ? BOOTSTRAP_TIMEOUT_MS : this.cfg.commandTimeoutMs * 2);
       if (promoted.status !== 'SUCCEEDED') throw new ElectionError(`${action} of ${winner.instanceId} failed: ${promoted.message}`, 'failed');
       note('ACTED', `${empty ? 'initialized' : 'promoted'} ${winner.instanceId}`, {}, Date.now() - t1);
 

@@ -15,7 +15,7 @@ import type { Logger } from '../common/log.ts';
 import { counter, gauge } from '../common/metrics.ts';
 import { queryAt, withConnection, type PostgresAddress } from '../common/postgres.ts';
 import {
-  DECISION_DDL, DECISION_TABLE, GID_PREFIX, gidLiteral, parseGid, type TwoPhaseDecision,
+  DECISION_DDL, DECISION_TABLE, GID_PREFIX, gidLiteral, parseGid, shardGroupOf, type TwoPhaseDecision,
 } from '../schemas/index.ts';
 import type { OrchConfig } from './config.ts';
 import type { Journal } from './journal.ts';
@@ -115,8 +115,9 @@ export class InDoubtResolver {
 
   private async resolve(shard: ShardView, at: PostgresAddress, row: PreparedRow): Promise<void> {
     const gid = parseGid(row.gid);
-    if (!gid) {
-      if (!this.foreign.has(row.gid)) this.log.warn({ gid: row.gid, shard: shard.key }, 'prepared transaction with our prefix but not our gid format; left alone');
+    // A transaction of a database this shard does not serve came with a restore (mg backup restore --as), which decides it from its own copy of the decisions.
+    if (!gid || shardGroupOf(this.watch.topology, gid.database) !== shard.database) {
+      if (!this.foreign.has(row.gid)) this.log.warn({ gid: row.gid, shard: shard.key }, 'prepared transaction with our prefix but not our gid format or not of this shard\'s databases; left alone');
       this.foreign.add(row.gid);
       return;
     }
@@ -176,4 +177,36 @@ export class InDoubtResolver {
       }
     }
   }
+}
+
+/**
+ * Finishes the prepared transactions a restore brought along (`mg backup
+ * restore --as`): the restored copy of each decision shard's table says what
+ * had been decided by the restore's target point, and a transaction without
+ * a decision row there is rolled back (presumed abort), so every shard of
+ * the restored database agrees at that point. `database`: the Postgres
+ * database holding them; `primaries`: the restored shard primaries by shard
+ * name (the same names as the source's).
+ */
+export async function finishRestoredTransactions(database: string, primaries: Map<string, PostgresAddress>): Promise<{ committed: number; rolledBack: number }> {
+  const done = { committed: 0, rolledBack: 0 };
+  for (const [shard, at] of primaries) {
+    const prepared = await queryAt<{ gid: string }>({ ...at, database },
+      `SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE database = current_database() AND gid LIKE '${GID_PREFIX}:%' ORDER BY prepared`);
+    for (const { gid } of prepared) {
+      const decisionShard = parseGid(gid)?.decisionShard;
+      const decisionAt = decisionShard === undefined ? undefined : primaries.get(decisionShard);
+      if (!decisionAt) throw new Error(`prepared transaction ${gid} on shard ${shard}: its decision shard is not a shard of ${database}`);
+      const decided = await queryAt<{ decision: TwoPhaseDecision }>({ ...decisionAt, database }, `SELECT decision FROM ${DECISION_TABLE} WHERE gid = $1`, [gid])
+        .catch((err) => {
+          if (codeOf(err) === UNDEFINED_TABLE || codeOf(err) === INVALID_SCHEMA_NAME) return [];
+          throw err;
+        });
+      const commit = decided[0]?.decision === 'commit';
+      await queryAt({ ...at, database }, `${commit ? 'COMMIT' : 'ROLLBACK'} PREPARED ${gidLiteral(gid)}`, [], 10_000);
+      if (commit) done.committed++;
+      else done.rolledBack++;
+    }
+  }
+  return done;
 }

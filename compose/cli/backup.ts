@@ -4,14 +4,21 @@
  * restore runs here, into a new data directory started as a new instance.
  */
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { backupConfigOf, eventLogFor } from '../cluster.ts';
 import type { Logger } from '../../common/log.ts';
-import { PgBackRest } from '../../ingest/backup/pgbackrest.ts';
+import { withConnection, type PostgresAddress } from '../../common/postgres.ts';
+import { quoteIdent } from '../../ingest/cdc/catalog.ts';
+import { PgBackRest, recoveryTargetOf, type RecoveryTarget } from '../../ingest/backup/pgbackrest.ts';
+import { restorePromoted } from '../../ingest/backup/pitr.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { formatLsn } from '../../ingest/postgres/lsn.ts';
 import { stanzaOf, type BackupEvent } from '../../schemas/index.ts';
+import { finishRestoredTransactions } from '../../orchestrator/in-doubt.ts';
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
-import type { ClusterSpec } from '../spec.ts';
+import { shardRanges, type ClusterSpec } from '../spec.ts';
+import { applyVSchema, showVSchema } from '../vschema.ts';
+import { addDatabase } from './database.ts';
 
 export interface BackupOptions {
   type?: string;
@@ -20,17 +27,17 @@ export interface BackupOptions {
   lsn?: string;
   toDir?: string;
   port?: string;
+  /** Restore every shard into a new database of the cluster of this name. */
+  as?: string;
   wait: boolean;
 }
-
-const RESTORE_PROMOTE_TIMEOUT_MS = 30 * 60_000;
 
 export class BackupUsageError extends Error {}
 
 /** Runs one backup command for `target` (<db> or <db>/<shard>); returns the exit code. */
 export async function runBackupCommand(spec: ClusterSpec, command: string, target: string, opts: BackupOptions, log: Logger): Promise<number> {
   const [database, shard] = target.split('/');
-  if (command === 'restore') return restore(spec, database, shard, opts, log);
+  if (command === 'restore') return opts.as ? restoreAs(spec, database, shard, opts.as, opts, log) : restore(spec, database, shard, opts, log);
   const shards = shard ? [shard] : (await orchestratorStatus(spec)).shards.filter((s) => s.database === database).map((s) => s.shard);
   if (!shards.length) throw new BackupUsageError(`no database ${database}`);
   let code = 0;
@@ -97,18 +104,9 @@ async function list(spec: ClusterSpec, base: string, name: string): Promise<numb
 async function restore(spec: ClusterSpec, database: string, shard: string | undefined, opts: BackupOptions, log: Logger): Promise<number> {
   if (!shard) throw new BackupUsageError('backup restore needs <db>/<shard>');
   if (!opts.toDir || !opts.port) throw new BackupUsageError('backup restore needs --to-dir <new data dir> and --port <port>');
-  if (opts.time && opts.lsn) throw new BackupUsageError('give --time or --lsn, not both');
   const port = Number(opts.port);
   if (!Number.isInteger(port) || port < 1024 || port > 65535) throw new BackupUsageError(`--port must be 1024..65535, not ${opts.port}`);
-  let target: Parameters<PgBackRest['restore']>[1] = { type: 'default' };
-  if (opts.time) {
-    const t = new Date(opts.time);
-    if (Number.isNaN(t.getTime())) throw new BackupUsageError(`--time must be a date and time (ISO 8601, e.g. 2026-12-04T16:05:00Z), not ${opts.time}`);
-    target = { type: 'time', value: t.toISOString().replace('T', ' ').replace('Z', '+00') };
-  } else if (opts.lsn) {
-    if (!/^[0-9A-Fa-f]{1,8}\/[0-9A-Fa-f]{1,8}$/.test(opts.lsn)) throw new BackupUsageError(`--lsn must look like 0/16B3748, not ${opts.lsn}`);
-    target = { type: 'lsn', value: opts.lsn };
-  }
+  const target = usableTarget(opts);
   const name = `${database}/${shard}`;
   const checked = await callOrchestrator(spec, 'POST', `/v1/backups/${encodeURIComponent(database)}/${encodeURIComponent(shard)}/check`, {}).catch((err: Error) => ({ status: 0, body: { error: err.message } }));
   if (checked.status !== 200) console.log(`${name}: could not archive the primary's current WAL first (${checked.body.error}); restoring from what the archive holds`);
@@ -118,16 +116,98 @@ async function restore(spec: ClusterSpec, database: string, shard: string | unde
   const started = Date.now();
   const pgbackrest = new PgBackRest(backupConfigOf(spec), stanzaOf(database, shard), { dataDir, port, socketDir: pg.runDir });
   pgbackrest.writeConfig();
-  pg.prepareEmpty();
-  console.log(`${name}: restoring ${target.type === 'default' ? 'to the end of the archive' : `to ${target.type} ${target.value}`} into ${dataDir} ...`);
-  await pgbackrest.restore(dataDir, target);
-  pg.writeConfig(); // node-local settings of the new instance; no archive_command, so the shard's stanza stays the shard's
-  await pg.start(RESTORE_PROMOTE_TIMEOUT_MS / 1000);
-  console.log(`${name}: replaying archived WAL ...`);
-  await pg.watch('recovery to end and promote', 'SELECT pg_is_in_recovery() AS rec', [], (rows) => !rows[0].rec, RESTORE_PROMOTE_TIMEOUT_MS, 200);
+  console.log(`${name}: restoring ${describeTarget(target)} into ${dataDir}, then replaying archived WAL ...`);
+  // The new instance's node-local settings have no archive_command, so the shard's stanza stays the shard's.
+  await restorePromoted(pgbackrest, pg, target);
   console.log(`${name}: restored in ${((Date.now() - started) / 1000).toFixed(1)} s; a new primary on port ${port}: psql -h 127.0.0.1 -p ${port} -U postgres ${database === 'postgres' ? '' : database}`.trimEnd());
   console.log(`  stop it with: ${path.join(spec.postgres.binDir, 'pg_ctl')} stop -D ${dataDir}`);
   return 0;
+}
+
+/**
+ * Restores every shard of `database` to one point into a new database
+ * `name` of the cluster, with the source's shape: its instances start, each
+ * shard's first primary is the source shard restored (the agent does it at
+ * the bootstrap), replicas clone from it, the gateways serve it. Cross-shard
+ * transactions still prepared at that point are then finished as the
+ * restored decision shards say, so the shards agree.
+ */
+async function restoreAs(spec: ClusterSpec, database: string, shard: string | undefined, name: string, opts: BackupOptions, log: Logger): Promise<number> {
+  if (shard) throw new BackupUsageError('restore --as restores every shard of a database to one point: give <db>, not <db>/<shard>');
+  if (opts.toDir || opts.port) throw new BackupUsageError('restore --as starts instances of the cluster: --to-dir and --port are for a restore outside it');
+  if (!spec.backup.enabled) throw new BackupUsageError('backups are off in this cluster (backup.enabled: false)');
+  const source = spec.databases.find((d) => d.name === database);
+  if (!source) throw new BackupUsageError(`${database} is not a database with instances of its own (one created --on another is restored with its host)`);
+  const target = usableTarget(opts);
+  const started = Date.now();
+  const elapsed = () => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
+
+  for (const { shard: s } of shardRanges(source.shards)) {
+    const checked = await callOrchestrator(spec, 'POST', `/v1/backups/${encodeURIComponent(database)}/${encodeURIComponent(s)}/check`, {})
+      .catch((err: Error) => ({ status: 0, body: { error: err.message } }));
+    console.log(`${elapsed()}  ${database}/${s}: ${checked.status === 200 ? 'current WAL archived' : `could not archive the current WAL (${checked.body.error}); restoring from what the archive holds`}`);
+  }
+  console.log(`${elapsed()}  starting ${name} (${source.shards} shard(s) x ${source.instancesPerShard} instances); each shard's first primary is ${database}'s restored ${describeTarget(target)}`);
+  const code = await addDatabase(spec, {
+    name, shards: source.shards, sharded: source.sharded, transactionMode: source.transactionMode,
+    instancesPerShard: source.instancesPerShard, ...(source.durability ? { durability: source.durability } : {}),
+    restoredFrom: { database, ...(target.type === 'time' ? { time: new Date(opts.time!).toISOString() } : {}), ...(target.type === 'lsn' ? { lsn: target.value } : {}) },
+  }, log);
+  if (code !== 0) return code;
+
+  if (source.sharded) {
+    const eventLog = eventLogFor(spec, 'mg-cli', log);
+    try {
+      const vschema = await showVSchema(eventLog, database);
+      if (vschema) {
+        await applyVSchema(eventLog, name, vschema.vschema);
+        console.log(`${elapsed()}  ${name}: ${database}'s VSchema (version ${vschema.version}) applied`);
+      }
+    } finally {
+      await eventLog.close();
+    }
+  }
+  const shards = (await orchestratorStatus(spec)).shards.filter((s) => s.database === name);
+  const primaries = new Map(shards.map((s) => [s.shard, { host: '127.0.0.1', port: s.instances.find((i) => i.instanceId === s.primary)!.port }]));
+  // The restored rows are in Postgres database `database` until renamed; a rename waits for its prepared transactions to end.
+  const { committed, rolledBack } = await finishRestoredTransactions(database, primaries);
+  console.log(`${elapsed()}  ${name}: cross-shard transactions prepared at the target: ${committed} committed, ${rolledBack} rolled back (as the restored decisions say)`);
+  for (const at of primaries.values()) await renameDatabase(at, database, name);
+  console.log(`${elapsed()}  ${name}: restored from ${database} and served by the gateways`);
+  return 0;
+}
+
+/**
+ * Renames Postgres database `from` to `to` on the primary at `at` (its
+ * replicas follow); a new `postgres` replaces one renamed away. A rename
+ * needs the database free of sessions: they are ended, and it retries while
+ * one comes back.
+ */
+async function renameDatabase(at: PostgresAddress, from: string, to: string): Promise<void> {
+  await withConnection({ ...at, database: 'template1' }, async (c) => {
+    for (let attempt = 1; ; attempt++) {
+      await c.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [from]);
+      try {
+        await c.query(`ALTER DATABASE ${quoteIdent(from)} RENAME TO ${quoteIdent(to)}`);
+        break;
+      } catch (err) {
+        if ((err as { code?: string }).code !== OBJECT_IN_USE || attempt === 50) throw err;
+        await sleep(100);
+      }
+    }
+    if (from === 'postgres') await c.query('CREATE DATABASE postgres');
+  }, 60_000);
+}
+
+const OBJECT_IN_USE = '55006';
+const describeTarget = (t: RecoveryTarget) => (t.type === 'default' ? 'to the end of the archive' : `to ${t.type} ${t.value}`);
+
+function usableTarget(opts: BackupOptions): RecoveryTarget {
+  try {
+    return recoveryTargetOf(opts);
+  } catch (err) {
+    throw new BackupUsageError((err as Error).message);
+  }
 }
 
 const mb = (n: bigint | number | null) => (n === null ? '-' : `${(Number(n) / 1024 / 1024).toFixed(1)} MB`);

@@ -39,18 +39,26 @@ export async function runDatabaseCommand(spec: ClusterSpec, command: string, arg
  * MultiOrch elects each shard's first primary, and the gateways serve it.
  */
 export async function createWithInstances(spec: ClusterSpec, name: string, shape: { shards: number; replicas: number; durability?: string }, log: Logger): Promise<number> {
-  const known = await callOrchestrator(spec, 'GET', `/v1/databases/${encodeURIComponent(name)}`);
+  return addDatabase(spec, {
+    name, shards: shape.shards, instancesPerShard: shape.replicas + 1, ...(shape.durability ? { durability: shape.durability } : {}),
+  }, log);
+}
+
+/**
+ * Adds `entry` (a database of the spec) to the saved spec and starts what it
+ * needs; 1 when the name is taken, 2 when the spec refuses the entry.
+ */
+export async function addDatabase(spec: ClusterSpec, entry: { name: string } & Record<string, unknown>, log: Logger): Promise<number> {
+  const known = await callOrchestrator(spec, 'GET', `/v1/databases/${encodeURIComponent(entry.name)}`);
   if (known.status === 200) {
-    console.error(`mg: database "${name}" already exists`);
+    console.error(`mg: database "${entry.name}" already exists`);
     return 1;
   }
   const raw = JSON.parse(JSON.stringify(spec)) as Record<string, any>;
-  raw.databases = [...spec.databases, {
-    name, shards: shape.shards, instancesPerShard: shape.replicas + 1, ...(shape.durability ? { durability: shape.durability } : {}),
-  }];
+  raw.databases = [...spec.databases, entry];
   let next: ClusterSpec;
   try {
-    next = parseSpec(raw, `database ${name}`);
+    next = parseSpec(raw, `database ${entry.name}`);
   } catch (err) {
     if (!(err instanceof SpecError)) throw err;
     console.error(`mg: ${err.message.replace(/databases\.\d+\.(instancesPerShard)/, 'replicas').replace(/databases\.\d+\./g, '')}`);

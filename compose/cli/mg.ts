@@ -11,6 +11,8 @@
  *   mg backup list|verify|check <db>[/<shard>] [--data-dir dir]
  *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
+  mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
+ *   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg database list|create|drop|activate|deactivate ... (see USAGE)
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
  *   mg vschema show   <db> [--data-dir dir]
@@ -44,6 +46,7 @@ const USAGE = `usage:
   mg backup check   <db>[/<shard>] [--data-dir dir]
   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
+  mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
   mg database list       [--data-dir dir]
   mg database create     <name> --on <db> [--data-dir dir]
   mg database create     <name> [--shards N] [--replicas M] [--durability ANY_2] [--data-dir dir]
@@ -72,6 +75,7 @@ async function main(argv: string[]): Promise<void> {
       time: { type: 'string' },
       lsn: { type: 'string' },
       'to-dir': { type: 'string' },
+      as: { type: 'string' },
       port: { type: 'string' },
       'no-wait': { type: 'boolean' },
       on: { type: 'string' },
@@ -102,7 +106,7 @@ async function main(argv: string[]): Promise<void> {
     const log = createLogger('mg', {}).child({ command });
     log.level = process.env.MG_LOG_LEVEL ?? 'warn';
     process.exitCode = await runBackupCommand(spec, command, target, {
-      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, wait: !values['no-wait'],
+      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, as: values.as, wait: !values['no-wait'],
     }, log);
     return;
   }

@@ -48,8 +48,9 @@ export class PgBackRest {
   /** Beside the data directory, which a clone or restore replaces. */
   readonly configFile: string;
 
-  constructor(private readonly cfg: BackupConfig, readonly stanza: string, private readonly pg: LocalPostgres) {
-    this.configFile = configFileOf(pg.dataDir);
+  /** `configFile`: another file than the instance's own, e.g. to restore another stanza's backup into it. */
+  constructor(private readonly cfg: BackupConfig, readonly stanza: string, private readonly pg: LocalPostgres, configFile = configFileOf(pg.dataDir)) {
+    this.configFile = configFile;
   }
 
   /**
@@ -162,11 +163,29 @@ export class PgBackRest {
    * that follows the archive (and then its upstream), or recovery to a time or LSN that
    * ends promoted, or the end of the archive.
    */
-  async restore(dataDir: string, target: { type: 'standby' } | { type: 'time' | 'lsn'; value: string } | { type: 'default' }): Promise<void> {
+  async restore(dataDir: string, target: { type: 'standby' } | RecoveryTarget): Promise<void> {
     const args = [`--pg1-path=${dataDir}`, `--type=${target.type}`];
     if (target.type === 'time' || target.type === 'lsn') args.push(`--target=${target.value}`, '--target-action=promote');
     await this.run('restore', args);
   }
+}
+
+/** Where a point-in-time restore stops: a time, an LSN, or the end of the archive. */
+export type RecoveryTarget = { type: 'time' | 'lsn'; value: string } | { type: 'default' };
+
+/** The recovery target of `--time` (ISO 8601) or `--lsn` (or neither); an Error naming the flag when it is malformed. */
+export function recoveryTargetOf(opts: { time?: string; lsn?: string }): RecoveryTarget {
+  if (opts.time && opts.lsn) throw new Error('give --time or --lsn, not both');
+  if (opts.time) {
+    const t = new Date(opts.time);
+    if (Number.isNaN(t.getTime())) throw new Error(`--time must be a date and time (ISO 8601, e.g. 2026-12-04T16:05:00Z), not ${opts.time}`);
+    return { type: 'time', value: t.toISOString().replace('T', ' ').replace('Z', '+00') };
+  }
+  if (opts.lsn) {
+    if (!/^[0-9A-Fa-f]{1,8}\/[0-9A-Fa-f]{1,8}$/.test(opts.lsn)) throw new Error(`--lsn must look like 0/16B3748, not ${opts.lsn}`);
+    return { type: 'lsn', value: opts.lsn };
+  }
+  return { type: 'default' };
 }
 
 function configFileOf(dataDir: string): string {

@@ -16,6 +16,7 @@ import type { AgentConfig, BackupConfig } from '../config.ts';
 import type { PostgresInstance, Upstream } from '../postgres/instance.ts';
 import { parseLsn } from '../postgres/lsn.ts';
 import { PgBackRest, type LocalPostgres } from './pgbackrest.ts';
+import { restorePromoted } from './pitr.ts';
 
 const backupsDone = counter('mg_agent_backups_total', 'Backups run by this agent', ['type', 'result']);
 const backupSeconds = histogram('mg_agent_backup_duration_seconds', 'Time of one backup', ['type'], [1, 5, 15, 60, 300, 900, 3600]);
@@ -44,6 +45,8 @@ export class BackupService {
     handle('BACKUP_INFO', async () => JSON.stringify((await this.pgbackrest.info()) ?? null));
     handle('BACKUP_VERIFY', async () => (await this.pgbackrest.verify()).trim() || 'verified');
     handle('BACKUP_CHECK', async () => {
+      // A commit record of this moment first: a restore to a time before now stops at the first commit after it.
+      await this.pg.query('SELECT txid_current()');
       await this.pgbackrest.check();
       return 'archiving works: the current WAL segment reached the repository';
     });
@@ -112,6 +115,31 @@ export class BackupService {
     restores.inc({ source: 'backup' });
     this.log.info({ stanza: this.pgbackrest.stanza, ms: Date.now() - started }, 'restored a standby from the latest backup');
     return true;
+  }
+
+  /**
+   * A restored database's first primary (`mg backup restore --as`): the
+   * source shard's backup plus archived WAL up to the target, promoted; then
+   * the settings that came with the copy are reset (the source's recovery
+   * target and archive, its synchronous standbys, which this shard does not
+   * have). The data stays in the source's Postgres database until `mg backup
+   * restore` has finished the prepared transactions that came with it and
+   * renames it (a rename waits for those to end).
+   */
+  async restorePrimary(from: NonNullable<AgentConfig['restoreFrom']>): Promise<void> {
+    const started = Date.now();
+    // A file of its own, named by the recovery's restore_command until the reset below.
+    const sourceConfig = `${this.pgbackrest.configFile}.${from.stanza}`;
+    const source = new PgBackRest(this.cfg.backup, from.stanza, localOf(this.pg), sourceConfig);
+    source.writeConfig();
+    await restorePromoted(source, this.pg, from.target);
+    for (const setting of ['restore_command', 'recovery_target_time', 'recovery_target_lsn', 'recovery_target_action', 'synchronous_standby_names']) {
+      await this.pg.query(`ALTER SYSTEM RESET ${setting}`);
+    }
+    await this.pg.query('SELECT pg_reload_conf()');
+    fs.rmSync(sourceConfig, { force: true });
+    restores.inc({ source: 'restore_as' });
+    this.log.info({ from: from.stanza, target: from.target, ms: Date.now() - started }, 'first primary restored from another database\'s backup');
   }
 
   /**

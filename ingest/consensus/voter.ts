@@ -169,11 +169,7 @@ export class Voter {
   private async bootstrap(cmd: AgentCommand): Promise<string> {
     const term = this.pledgedTermOf(cmd);
     if (this.pg.isInitialized()) throw new Error('already holds a data directory: only an empty instance is bootstrapped (PROMOTE it instead)');
-    await this.agent.exclusive(async () => {
-      await this.pg.initPrimary();
-      await this.pg.start();
-      await this.agent.createOwnDatabase();
-    }, true);
+    await this.agent.exclusive(() => this.agent.initFirstPrimary(), true);
     this.agent.backups?.primaryStarted();
     this.log.info({ term }, 'bootstrapped as the first primary of the shard');
     await this.agent.reportNow();

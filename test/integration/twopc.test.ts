@@ -125,7 +125,7 @@ async function killGatewayAt(step: string, n: number) {
   const preparedOn = (await Promise.all(t.shards.map(async (s) => ((await preparedAt(portOf(s))).includes(gid) ? [s] : [])))).flat();
   assert.ok(!preparedOn.includes(decisionShard));
   await restartGateway(cluster);
-  await until('the resolver to finish the transfer', 30_000, async () => (await Promise.all(allPorts().map(preparedAt))).flat().length === 0);
+  await until('the resolver to finish the transfer', 30_000, async () => (await Promise.all(allPorts().map((p) => preparedAt(p)))).flat().length === 0);
   const landed = (await checkBank(cluster, allPorts(), 3)).has(txn);
   return { gid, decisionShard, others: inDoubt, preparedOn, landed };
 }

@@ -28,14 +28,14 @@ tables:
   ledger: { column_vindexes: [{ column: account_id, name: hash }] }
 `;
 
-export const gatewayClient = (c: TestCluster) => {
-  const client = new pg.Client({ host: '127.0.0.1', port: c.spec.gateway.port, user: 'postgres', password: 'postgres', database: 'bank' });
+export const gatewayClient = (c: TestCluster, database = 'bank') => {
+  const client = new pg.Client({ host: '127.0.0.1', port: c.spec.gateway.port, user: 'postgres', password: 'postgres', database });
   client.on('error', () => {}); // a killed gateway ends the connection outside any query
   return client;
 };
 
-export async function viaGateway<T>(c: TestCluster, fn: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = gatewayClient(c);
+export async function viaGateway<T>(c: TestCluster, fn: (client: pg.Client) => Promise<T>, database = 'bank'): Promise<T> {
+  const client = gatewayClient(c, database);
   await client.connect();
   try {
     return await fn(client);
@@ -85,9 +85,9 @@ export async function transfer(client: pg.Client, txn: string, from: number, to:
   await client.query('COMMIT');
 }
 
-/** Gids prepared on a shard's instance (any database). */
-export async function preparedAt(port: number): Promise<string[]> {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'bank' });
+/** Gids prepared on a shard's instance (any database; `database` is the one to connect to). */
+export async function preparedAt(port: number, database = 'bank'): Promise<string[]> {
+  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database });
   await c.connect();
   try {
     return (await c.query<{ gid: string }>('SELECT gid FROM pg_prepared_xacts')).rows.map((r) => r.gid);
@@ -101,14 +101,14 @@ export async function preparedAt(port: number): Promise<string[]> {
  * transfer has all its `legs` ledger legs (summing to zero) or none; and no shard
  * holds a prepared transaction. Returns the transfers that landed.
  */
-export async function checkBank(c: TestCluster, ports: number[], legsPerTransfer: number): Promise<Set<string>> {
+export async function checkBank(c: TestCluster, ports: number[], legsPerTransfer: number, database = 'bank'): Promise<Set<string>> {
   const { total, legs } = await viaGateway(c, async (g) => ({
     total: Number((await g.query('SELECT sum(balance) AS s FROM accounts')).rows[0].s),
     legs: (await g.query<{ txn: string; n: string; s: string }>('SELECT txn, count(*) AS n, sum(delta) AS s FROM ledger GROUP BY txn')).rows,
-  }));
+  }), database);
   assert.equal(total, BANK_ACCOUNTS * BANK_START, 'the balances still sum to the start');
   for (const l of legs) assert.deepEqual([Number(l.n), Number(l.s)], [legsPerTransfer, 0], `transfer ${l.txn} landed on all its shards or on none`);
-  assert.deepEqual((await Promise.all(ports.map(preparedAt))).flat(), [], 'nothing stays prepared');
+  assert.deepEqual((await Promise.all(ports.map((p) => preparedAt(p, database)))).flat(), [], 'nothing stays prepared');
   return new Set(legs.map((l) => l.txn));
 }
 
