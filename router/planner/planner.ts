@@ -109,6 +109,10 @@ export class Planner {
       case 'ExplainStmt': {
         const inner = this.planStatement(body.query, text, base);
         if (inner.kind === 'refused') return inner;
+        const analyze = (body.options ?? []).some((o: any) => o.DefElem?.defname === 'analyze' && !['false', 'off'].includes(o.DefElem.arg?.String?.sval));
+        if (analyze && ((inner.kind === 'insert' && inner.lookups) || (inner.kind === 'write' && inner.owned))) {
+          refuse('EXPLAIN ANALYZE of a write that keeps lookup vindexes (it would run without its lookup rows)');
+        }
         return { kind: 'explain', sql: text, inner };
       }
       case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');

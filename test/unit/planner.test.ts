@@ -221,3 +221,9 @@ test('UPDATE of a lookup column and DELETE read their rows first (same WHERE, FO
   assert.match(planOne('DELETE FROM users WHERE tenant_id = 8').owned.select.toString(), /tenant_id = 8 FOR UPDATE$/);
   assert.match(planOne('DELETE FROM users WHERE tenant_id = 9').owned.select.toString(), /tenant_id = 9 FOR UPDATE$/);
 });
+
+test('EXPLAIN ANALYZE of a write that keeps lookup vindexes is refused (it would run without them); plain EXPLAIN shows the route', () => {
+  assert.match(planOne("EXPLAIN ANALYZE DELETE FROM users WHERE email = 'a'").message, /EXPLAIN ANALYZE of a write that keeps lookup vindexes/);
+  assert.equal(planOne("EXPLAIN (ANALYZE false) DELETE FROM users WHERE email = 'a'").kind, 'explain');
+  assert.equal(planOne("EXPLAIN ANALYZE SELECT * FROM users WHERE email = 'a'").kind, 'explain');
+});
