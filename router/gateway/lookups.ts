@@ -13,6 +13,7 @@ import { inRangeOrder, resolveValue, type BoundParam, type InsertPlan, type Owne
 import { PgError } from '../protocol/errors.ts';
 
 const lookupStatements = counter('mg_gateway_lookup_statements_total', 'Statements on lookup tables, by what they did (read, insert, delete)', ['op']);
+const missingRows = counter('mg_gateway_lookup_rows_missing_total', 'Lookup rows an owner row\'s change should have removed but did not find (written around the gateway?)', ['vindex']);
 
 /** A row as the shards return it (text format). */
 export type TextRow = Array<Buffer | null>;
@@ -92,8 +93,9 @@ async function deleteRows(rows: LookupRow[], access: LookupAccess): Promise<void
   for (const r of rows) {
     const { table, from, to } = r.lookup;
     lookupStatements.inc({ op: 'delete' });
-    await access.run(lookupShard(r.lookup, r.from, access.ranges),
-      `DELETE FROM ${q(table)} WHERE ctid = (SELECT ctid FROM ${q(table)} WHERE ${q(from)} = $1 AND ${q(to)} = $2 LIMIT 1 FOR UPDATE SKIP LOCKED)`, [r.from, r.to], true);
+    const removed = await access.run(lookupShard(r.lookup, r.from, access.ranges),
+      `DELETE FROM ${q(table)} WHERE ctid = (SELECT ctid FROM ${q(table)} WHERE ${q(from)} = $1 AND ${q(to)} = $2 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING 1`, [r.from, r.to], true);
+    if (!removed.length) missingRows.inc({ vindex: r.lookup.vindex });
   }
 }
 
