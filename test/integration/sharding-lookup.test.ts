@@ -230,4 +230,8 @@ test('UPDATE of a lookup column moves its lookup rows, DELETE removes them; in a
   const users = await assertLookupsExact();
   assert.ok(users.some((u) => u.email === 'kept@x.org') && !users.some((u) => u.email === 'di@a.org'));
   assert.deepEqual(await onEachShard('SELECT gid FROM pg_prepared_xacts'), { [FIRST]: [], [SECOND]: [] });
+  // The gateway counts its lookup statements, and no delete missed its lookup row.
+  const metrics = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
+  for (const op of ['read', 'insert', 'delete']) assert.match(metrics, new RegExp(`^mg_gateway_lookup_statements_total\\{op="${op}"\\} [1-9]`, 'm'), op);
+  assert.doesNotMatch(metrics, /^mg_gateway_lookup_rows_missing_total\{[^}]*\} [1-9]/m);
 });
