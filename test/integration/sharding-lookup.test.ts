@@ -122,6 +122,9 @@ test('the VSchema REST route: GET gives the applied one; a bad one is 400 naming
   assert.equal(cli.code, 2);
   assert.match(cli.stderr, /invalid VSchema .*bad\.yaml:\ntable users, column email: vindex emial is not defined\nvindex email: a consistent_lookup_unique vindex needs an owner/);
   assert.equal((await fetch(`${api}/shop/vschema`, { method: 'PUT', headers: { 'content-type': 'application/yaml' }, body: 'tables: [' })).status, 400);
+  const list = await fetch(`${api}/shop/vschema`, { method: 'PUT', headers: { 'content-type': 'application/yaml' }, body: '- tables\n' });
+  assert.equal(list.status, 400);
+  assert.deepEqual((await list.json()).fields, [{ field: 'body', message: 'must be object' }]);
   const missing = await fetch(`${api}/nowhere/vschema`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: '{}' });
   assert.equal(missing.status, 404);
   assert.match((await missing.json()).error, /database nowhere does not exist/);
