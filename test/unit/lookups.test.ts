@@ -4,19 +4,11 @@ import { insertLookupRows, moveLookupRows, shardsByLookup, type LookupAccess } f
 import { Planner, plannerReady } from '../../router/planner/planner.ts';
 import { PgError } from '../../router/protocol/errors.ts';
 import { hashKeyspaceId, parseVSchema, shardFor, xxhashKeyspaceId } from '../../schemas/index.ts';
+import { LOOKUP_VSCHEMA } from '../support/lookup-vschema.ts';
 
 const RANGES = [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }];
-const planner = new Planner(parseVSchema({
-  vindexes: {
-    hash: { type: 'hash' }, text_hash: { type: 'xxhash' },
-    email: { type: 'consistent_lookup_unique', params: { table: 'users_email_idx', from: 'email', to: 'keyspace_id' }, owner: 'users' },
-    nick: { type: 'lookup', params: { table: 'users_nick_idx', from: 'nick', to: 'tenant_id' }, owner: 'users' },
-  },
-  tables: {
-    users: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }, { column: 'email', name: 'email' }, { column: 'nick', name: 'nick' }] },
-    users_email_idx: { column_vindexes: [{ column: 'email', name: 'text_hash' }] },
-  },
-}));
+const planner = new Planner(parseVSchema(LOOKUP_VSCHEMA));
+
 before(() => plannerReady);
 const plan = (sql: string): any => planner.plan(sql)[0];
 const ksid = (t: number) => `\\x${hashKeyspaceId(t).toString('hex')}`;

@@ -4,6 +4,7 @@ import { mergeRows, type Row } from '../../router/planner/merge.ts';
 import { describePlan, pinnedShards, type Plan } from '../../router/planner/plan.ts';
 import { Planner, plannerReady } from '../../router/planner/planner.ts';
 import { hashKeyspaceId, parseVSchema, shardFor } from '../../schemas/index.ts';
+import { LOOKUP_VSCHEMA } from '../support/lookup-vschema.ts';
 
 const RANGES = [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }];
 const vschema = parseVSchema({
@@ -154,18 +155,8 @@ test('statements that differ only in literals share one plan shape, with their o
   assert.equal((one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6') as any).pin, undefined);
 });
 
-const lookups = new Planner(parseVSchema({
-  vindexes: {
-    hash: { type: 'hash' }, text_hash: { type: 'xxhash' },
-    email: { type: 'consistent_lookup_unique', params: { table: 'users_email_idx', from: 'email', to: 'keyspace_id' }, owner: 'users' },
-    nick: { type: 'lookup', params: { table: 'users_nick_idx', from: 'nick', to: 'tenant_id' }, owner: 'users' },
-  },
-  tables: {
-    users: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }, { column: 'email', name: 'email' }, { column: 'nick', name: 'nick' }] },
-    orders: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }] },
-    users_email_idx: { column_vindexes: [{ column: 'email', name: 'text_hash' }] },
-  },
-}));
+const lookups = new Planner(parseVSchema(LOOKUP_VSCHEMA));
+
 const planOne = (sql: string): any => {
   const plans = lookups.plan(sql);
   assert.equal(plans.length, 1);
