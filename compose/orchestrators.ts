@@ -41,7 +41,7 @@ export interface ShardStatus {
 }
 
 /** A request to the admin API of the first orchestrator that answers (with the spec's bearer token). */
-export async function callOrchestrator(spec: ClusterSpec, method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<{ status: number; body: any }> {
+export async function callOrchestrator(spec: ClusterSpec, method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, body?: unknown): Promise<{ status: number; body: any }> {
   let lastError: unknown;
   const headers: Record<string, string> = body === undefined ? {} : { 'content-type': 'application/json' };
   if (spec.orchestrator.apiToken) headers.authorization = `Bearer ${spec.orchestrator.apiToken}`;

@@ -1,6 +1,6 @@
 /**
  * The REST admin API (fastify), served by every MultiOrch: cluster status,
- * shards and switchover, databases at run time, long operations, its OpenAPI
+ * shards and switchover, databases at run time, VSchemas, long operations, its OpenAPI
  * document and Prometheus /metrics. Each area is a fastify plugin in `api/`
  * that registers with one line below. Route schemas validate input (400 naming
  * each bad field) and are the source of the OpenAPI document. With a bearer
@@ -17,6 +17,7 @@ import { backupsApi } from './api/backups.ts';
 import { clusterApi } from './api/cluster.ts';
 import { databasesApi } from './api/databases.ts';
 import { operationsApi } from './api/operations.ts';
+import { vschemasApi } from './api/vschemas.ts';
 import type { Backups } from './backups.ts';
 import type { OrchConfig } from './config.ts';
 import type { DatabaseManager } from './databases.ts';
@@ -132,6 +133,7 @@ export async function serveApi(ctx: ApiContext): Promise<FastifyInstance> {
   await app.register(databasesApi, ctx);
   await app.register(operationsApi, ctx);
   await app.register(backupsApi, ctx);
+  await app.register(vschemasApi, ctx);
 
   await app.listen({ host: token ? cfg.apiHost : '127.0.0.1', port: cfg.port });
   return app;

@@ -28,9 +28,8 @@ import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { createWithInstances, runDatabaseCommand } from './database.ts';
 import { runShardCommand } from './shard.ts';
-import { applyVSchema, showVSchema } from '../vschema.ts';
+import { callOrchestrator } from '../orchestrators.ts';
 import YAML from 'yaml';
-import { VSchemaError } from '../../schemas/index.ts';
 
 const USAGE = `usage:
   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
@@ -178,40 +177,39 @@ async function shardCommand(spec: ClusterSpec, command: string | undefined, targ
   return runShardCommand(spec, command as 'status' | 'switchover' | 'history', target, to);
 }
 
+/** `mg vschema apply|show` through the admin API, so the CLI and the route validate and publish the same way. */
 async function vschemaCommand(dataDir: string, command: string | undefined, database: string | undefined, file: string | undefined): Promise<number> {
   if (command !== 'apply' && command !== 'show') throw new UsageError(`unknown command: vschema ${command ?? '(none)'}`);
   if (!database || (command === 'apply' && !file)) throw new UsageError(`vschema ${command} needs <db>${command === 'apply' ? ' vschema.yaml' : ''}`);
   const spec = savedSpec(dataDir);
   if (!spec) throw new UsageError(`no cluster in ${dataDir} (give --data-dir)`);
-  let raw: unknown;
-  if (command === 'apply') {
-    try {
-      raw = YAML.parse(fs.readFileSync(file!, 'utf8'));
-    } catch (err) {
-      throw new SpecError(`cannot read VSchema ${file}: ${(err as Error).message}`);
-    }
-  }
-  const log = createLogger('mg', {}).child({ command: `vschema ${command}` });
-  log.level = process.env.MG_LOG_LEVEL ?? 'warn';
-  const eventLog = eventLogFor(spec, 'mg-cli', log);
-  try {
-    if (command === 'apply') {
-      const { version } = await applyVSchema(eventLog, database, raw).catch((err) => {
-        throw err instanceof VSchemaError ? new SpecError(`invalid VSchema ${file}:\n${err.message}`) : err;
-      });
-      console.log(`vschema of ${database}: version ${version} published`);
-      return 0;
-    }
-    const held = await showVSchema(eventLog, database);
-    if (!held) {
-      console.error(`mg: database ${database} has no VSchema`);
+  const route = `/v1/databases/${encodeURIComponent(database)}/vschema`;
+  if (command === 'show') {
+    const r = await callOrchestrator(spec, 'GET', route);
+    if (r.status !== 200) {
+      console.error(`mg: ${r.body?.error ?? `HTTP ${r.status}`}`);
       return 1;
     }
-    console.log(`# version ${held.version}\n${YAML.stringify(held.vschema)}`);
+    console.log(`# version ${r.body.version}\n${YAML.stringify(r.body.vschema)}`);
     return 0;
-  } finally {
-    await eventLog.close();
   }
+  let raw: unknown;
+  try {
+    raw = YAML.parse(fs.readFileSync(file!, 'utf8'));
+  } catch (err) {
+    throw new SpecError(`cannot read VSchema ${file}: ${(err as Error).message}`);
+  }
+  const r = await callOrchestrator(spec, 'PUT', route, raw ?? {});
+  if (r.status === 400) {
+    const faults: Array<{ field: string; message: string }> = r.body.fields ?? [{ field: 'body', message: r.body.error }];
+    throw new SpecError(`invalid VSchema ${file}:\n${faults.map((f) => `${f.field}: ${f.message}`).join('\n')}`);
+  }
+  if (r.status !== 200) {
+    console.error(`mg: ${r.body?.error ?? `HTTP ${r.status}`}`);
+    return 1;
+  }
+  console.log(`vschema of ${database}: version ${r.body.version} published`);
+  return 0;
 }
 
 main(process.argv.slice(2)).then(

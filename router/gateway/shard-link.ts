@@ -5,7 +5,8 @@
  * request's handler: relayed to the client, or collected for merging.
  */
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
-import { errorFieldsAt, encodeQuery, PORTABLE_PARAM, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
+import { cstr, int16, int32, message } from '../protocol/frames.ts';
+import { errorFieldsAt, encodeQuery, PORTABLE_PARAM, SESSION_STATE_PARAM, SYNC, T } from '../protocol/messages.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import type { Field, Row } from '../planner/merge.ts';
 import type { Endpoint } from './discovery.ts';
@@ -50,6 +51,20 @@ export class ShardLink {
   async query(sql: string | Buffer): Promise<ShardResult> {
     const r = new ShardResult(this.shard);
     await this.request(encodeQuery(typeof sql === 'string' ? sql : sql.toString('utf8')), r.collect);
+    if (r.error) throw r.pgError();
+    return r;
+  }
+
+  /** Runs one statement with text parameters (Parse/Bind/Execute/Sync of the unnamed statement), collecting the result; errors as query(). */
+  async execute(sql: string, params: Array<string | null>): Promise<ShardResult> {
+    const values = params.map((p) => (p === null ? int32(-1) : Buffer.concat([int32(Buffer.byteLength(p)), Buffer.from(p, 'utf8')])));
+    const r = new ShardResult(this.shard);
+    await this.request(Buffer.concat([
+      message('P', cstr(''), cstr(sql), int16(0)),
+      message('B', cstr(''), cstr(''), int16(0), int16(params.length), ...values, int16(0)),
+      message('E', cstr(''), int32(0)),
+      SYNC,
+    ]), r.collect);
     if (r.error) throw r.pgError();
     return r;
   }

@@ -24,6 +24,7 @@ import {
   NO_DATA, PARSE_COMPLETE, parameterStatus, readyForQuery, rowDescription, SYNC, T,
 } from '../protocol/messages.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
+import { insertLookupRows, moveLookupRows, shardsByLookup, type LookupAccess, type TextRow } from './lookups.ts';
 import { sequenceBlocks } from './sequences.ts';
 import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
 
@@ -80,6 +81,8 @@ export class ShardedSession {
   private settings: string[] = [];
   mode: TransactionMode;
   private inTransaction = false;
+  /** The transaction was opened by the gateway for one statement that keeps lookup vindexes (not by BEGIN). */
+  private implicitTransaction = false;
   private transactionFailed = false;
   private beginSql = 'BEGIN';
   /** The route of the last statement, for SHOW mg_plan. */
@@ -291,7 +294,7 @@ export class ShardedSession {
       case 'commit': return this.finishTransaction(!this.transactionFailed);
       case 'rollback': return this.finishTransaction(false);
       case 'explain': {
-        const shards = this.shardsOf(plan.inner, params);
+        const shards = await this.shardsOf(plan.inner, params);
         this.lastRoute = describePlan(plan.inner, shards);
         const text = plan.sql;
         const results = await this.onShards(shards, () => text, how, false);
@@ -308,10 +311,17 @@ export class ShardedSession {
       default: break;
     }
     if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
-    const shards = this.shardsOf(plan, params);
+    const shards = await this.shardsOf(plan, params);
     this.lastRoute = describePlan(plan, shards);
     statements.inc({ route: routeKind(plan, shards.length) ?? 'session' });
     shardsPerStatement.observe(shards.length);
+    if ((plan.kind === 'insert' && plan.lookups) || (plan.kind === 'write' && plan.owned)) return this.keepingLookups(plan, shards, how);
+    return this.run(plan, shards, how);
+  }
+
+  /** Runs a planned statement that reads or writes rows on `shards` and writes its answer. */
+  private async run(plan: Plan, shards: string[], how: How): Promise<void> {
+    const params = how.simple ? undefined : how.portal.params;
     if (plan.kind === 'insert') {
       const byShard = new Map<string, Buffer[]>();
       plan.rows.forEach((row, i) => {
@@ -322,14 +332,8 @@ export class ShardedSession {
       if (shards.length === 1 && (how.simple || !how.limited)) return this.relay(shards[0], textFor(shards[0]), how);
       if (how.simple) return this.union(await this.onShards(shards, textFor, how, true), how);
       // Each shard gets its rows with their parameters renumbered, bound with just those parameters.
-      const perShard = new Map(shards.map((s) => [s, renumberParams(textFor(s))]));
-      const howFor = (shard: string): How => {
-        const { used } = perShard.get(shard)!;
-        const types = how.portal.prepared.paramTypes;
-        const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [] };
-        return { ...how, portal: { ...how.portal, prepared, bindRest: bindSubset(how.portal.bindRest, used) } };
-      };
-      return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, howFor), how);
+      const perShard = new Map(shards.map((s) => [s, narrowed(how, textFor(s))]));
+      return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, (s) => perShard.get(s)!.how), how);
     }
     const sql = (plan as { sql: Buffer }).sql;
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
@@ -337,6 +341,58 @@ export class ShardedSession {
     if (plan.kind === 'all') return this.replyFirst(results, how);
     if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
     return this.union(results, how);
+  }
+
+  /**
+   * A write that keeps lookup vindexes in step: the lookup rows are written
+   * (and, for UPDATE/DELETE, the changed rows read and locked first) before
+   * the owner's statement, in one transaction. Outside BEGIN the gateway opens
+   * one itself and commits it with two-phase commit when it spans shards, so
+   * the owner and its lookup rows commit together or not at all (decision 0031).
+   */
+  private async keepingLookups(plan: Plan, shards: string[], how: How): Promise<void> {
+    const params = how.simple ? undefined : how.portal.params;
+    const implicit = !this.inTransaction;
+    if (implicit) {
+      this.inTransaction = this.implicitTransaction = true;
+      this.beginSql = 'BEGIN';
+    }
+    const mark = this.out.length;
+    try {
+      if (plan.kind === 'insert') await insertLookupRows(plan, params, this.lookupAccess());
+      else if (plan.kind === 'write' && plan.owned) await moveLookupRows(plan.owned, await this.ownedRows(plan.owned.select, shards, how), params, this.lookupAccess());
+      await this.run(plan, shards, how);
+    } catch (err) {
+      if (implicit) await this.endTransaction(false, 'twopc');
+      throw err;
+    }
+    if (!implicit) return;
+    if (this.transactionFailed) return this.endTransaction(false, 'twopc'); // the owner's statement failed: its error is the answer
+    try {
+      await this.endTransaction(true, 'twopc');
+    } catch (err) {
+      this.out.length = mark; // nothing committed: the statement's answer is the error
+      if (!how.simple) how.portal.pending = undefined;
+      throw err;
+    }
+  }
+
+  /** The rows an UPDATE/DELETE is about to change, locked, read with its own WHERE (and parameters) on its shards, as text. */
+  private async ownedRows(select: Buffer, shards: string[], how: How): Promise<TextRow[]> {
+    const cut = how.simple ? { text: select, how } : narrowed(how, select, true);
+    const results = await this.onShards(shards, () => cut.text, cut.how, true);
+    return results.flatMap((r) => r.rows.map(decodeDataRow));
+  }
+
+  /** The session's shards as the lookup code uses them: writes join the transaction, reads run where the session is. */
+  private lookupAccess(): LookupAccess {
+    return {
+      ranges: this.ranges(),
+      run: async (shard, sql, params, write) => {
+        const link = write ? await this.enlist(shard) : await this.link(shard);
+        return (await link.execute(sql, params)).rows.map(decodeDataRow);
+      },
+    };
   }
 
   /** Ids for the rows of an INSERT that leave their auto-increment column to the sequence, from this gateway's block. */
@@ -362,12 +418,14 @@ export class ShardedSession {
     return link;
   }
 
-  /** The shards a plan runs on. */
-  private shardsOf(plan: Plan, params?: BoundParam[]): string[] {
+  /** The shards a plan runs on (a lookup vindex's from its lookup table). */
+  private async shardsOf(plan: Plan, params?: BoundParam[]): Promise<string[]> {
     const ranges = this.ranges();
     try {
       switch (plan.kind) {
-        case 'select': case 'write': return plan.pin ? pinnedShards(plan.pin, ranges, params) : ranges.map((r) => r.shard);
+        case 'select': case 'write':
+          if (plan.pin?.lookup) return await shardsByLookup(plan.pin, params, this.lookupAccess());
+          return plan.pin ? pinnedShards(plan.pin, ranges, params) : ranges.map((r) => r.shard);
         case 'insert': return pinnedShards(plan.pin, ranges, params);
         case 'all': return ranges.map((r) => r.shard);
         case 'reference': {
@@ -513,7 +571,7 @@ export class ShardedSession {
     const link = await this.link(shard);
     if (!this.inTransaction || link.inTransaction) return link;
     const others = [...this.links.values()].filter((l) => l.inTransaction);
-    if (this.mode === 'single' && others.length) {
+    if (this.mode === 'single' && !this.implicitTransaction && others.length) {
       throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED,
         `transaction_mode single: this transaction runs on shard ${others[0].shard} and the statement needs shard ${shard}`,
         undefined, "SET mg.transaction_mode = 'multi' (or 'twopc') before BEGIN to span shards.");
@@ -530,15 +588,19 @@ export class ShardedSession {
       this.reply(commandComplete(commit ? 'COMMIT' : 'ROLLBACK'));
       return;
     }
+    await this.endTransaction(commit, this.mode);
+    this.reply(commandComplete(commit ? 'COMMIT' : 'ROLLBACK'));
+  }
+
+  /** Commits (in `mode`) or rolls back the transaction on every shard it touched; a failed commit rolls back what it can and throws. */
+  private async endTransaction(commit: boolean, mode: TransactionMode): Promise<void> {
     const participants = [...this.links.values()].filter((l) => l.inTransaction);
-    const mode = this.mode;
-    this.inTransaction = false;
+    this.inTransaction = this.implicitTransaction = false;
     this.transactionFailed = false;
     const release = () => participants.forEach((l) => (l.inTransaction = false));
     if (!commit) {
       await Promise.all(participants.map((l) => l.query('ROLLBACK').catch(() => undefined)));
       release();
-      this.reply(commandComplete('ROLLBACK'));
       return;
     }
     commits.inc({ mode, shards: String(Math.min(participants.length, 3)).replace('3', '3+') });
@@ -554,7 +616,6 @@ export class ShardedSession {
     } finally {
       release();
     }
-    this.reply(commandComplete('COMMIT'));
   }
 
   /** `multi` (and any one-shard transaction): COMMIT on each shard in turn; a failure says which shards had committed. */
@@ -649,7 +710,7 @@ export class ShardedSession {
       this.reply(p.kind === 'show_plan' ? rowDescription([{ name: 'mg_plan' }]) : p.kind === 'explain' ? rowDescription([{ name: 'QUERY PLAN' }]) : NO_DATA);
       return;
     }
-    const shard = this.shardsOf({ kind: 'reference', sql: text, tables: [] })[0];
+    const [shard] = await this.shardsOf({ kind: 'reference', sql: text, tables: [] });
     const link = await this.link(shard);
     const result = new ShardResult(shard);
     await link.request(Buffer.concat([
@@ -716,8 +777,16 @@ function parameterTypes(desc: Buffer | undefined): number[] | undefined {
   return Array.from({ length: n }, (_, i) => desc.readInt32BE(7 + 4 * i));
 }
 
+/** A portal's statement cut down to `text`: parameters renumbered, bound with just those it uses (`textResults`: rows come back as text). */
+function narrowed(how: Extract<How, { simple: false }>, text: Buffer, textResults = false): { text: Buffer; how: How } {
+  const { text: renumbered, used } = renumberParams(text);
+  const types = how.portal.prepared.paramTypes;
+  const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [] };
+  return { text: renumbered, how: { ...how, portal: { ...how.portal, prepared, bindRest: bindSubset(how.portal.bindRest, used, textResults) } } };
+}
+
 /** A Bind body (after the portal and statement names) with only the parameters `used` (1-based), in that order. */
-function bindSubset(rest: Buffer, used: number[]): Buffer {
+function bindSubset(rest: Buffer, used: number[], textResults = false): Buffer {
   const r = new BodyReader(rest);
   const formats = Array.from({ length: r.int16() }, () => r.int16());
   const values = Array.from({ length: r.int16() }, () => {
@@ -728,7 +797,7 @@ function bindSubset(rest: Buffer, used: number[]): Buffer {
   return Buffer.concat([
     int16(keptFormats.length), ...keptFormats.map(int16),
     int16(used.length), ...used.map((n) => values[n - 1]),
-    r.rest(),
+    textResults ? int16(0) : r.rest(),
   ]);
 }
 

@@ -2,7 +2,8 @@
  * What the planner decides for one statement of a sharded database, and how a
  * decision with bind parameters becomes the list of shards to run on.
  */
-import { keyspaceId, shardFor, VindexValueError, type FunctionalVindex, type KeyRange } from '../../schemas/vschema/vindex.ts';
+import { keyspaceId, shardFor, VindexValueError, type FunctionalVindex, type KeyRange, type VindexType } from '../../schemas/vschema/vindex.ts';
+import type { LookupVindex } from '../../schemas/vschema/vschema.ts';
 
 /** A value in the statement: SQL literal text (null for NULL) or bind parameter $n (1-based). */
 export type ValueRef = { literal: string | null } | { param: number };
@@ -10,10 +11,29 @@ export type ValueRef = { literal: string | null } | { param: number };
 /** Where the rows of a statement live: the vindex, and the values WHERE pins it to. */
 export interface Pin {
   vindex: string;
-  type: FunctionalVindex;
+  type: VindexType;
   /** table.column, for EXPLAIN. */
   column: string;
   values: ValueRef[];
+  /** A lookup vindex: the gateway reads its lookup table to find the shards (router/gateway/lookups.ts). */
+  lookup?: LookupVindex;
+}
+
+/** The lookup rows an INSERT writes: per lookup vindex the table owns, each row's value of its column (NULL: no lookup row). */
+export interface InsertLookups { lookup: LookupVindex; values: ValueRef[] }
+
+/**
+ * An UPDATE or DELETE of rows whose lookup vindex columns it changes: the rows
+ * are read (and locked) first, so their lookup rows can be moved or removed
+ * in the same transaction.
+ */
+export interface OwnedWrite {
+  /** The lookup vindexes whose rows change: every one of the table for DELETE, those whose column is SET for UPDATE. */
+  lookups: LookupVindex[];
+  /** UPDATE: each lookup column's new value (same order as `lookups`). */
+  newValues?: ValueRef[];
+  /** `SELECT <primary vindex column>, <lookup columns> FROM <table> WHERE <the statement's WHERE> FOR UPDATE`. */
+  select: Buffer;
 }
 
 export type AggregateFn = 'count' | 'sum' | 'min' | 'max';
@@ -30,7 +50,7 @@ export interface Merge {
 }
 
 /** An INSERT into a sharded table: the text around its VALUES rows, and each row's value of the primary vindex. */
-export interface InsertPlan { kind: 'insert'; table: string; pin: Pin; prefix: Buffer; rows: Buffer[]; suffix: Buffer; sequence?: SequenceFill }
+export interface InsertPlan { kind: 'insert'; table: string; pin: Pin; prefix: Buffer; rows: Buffer[]; suffix: Buffer; sequence?: SequenceFill; lookups?: InsertLookups[] }
 
 /** An INSERT's auto-increment column, filled from a VSchema sequence where the statement leaves it out or says DEFAULT. */
 export interface SequenceFill {
@@ -72,7 +92,7 @@ export type RouteKind = 'single' | 'multi' | 'scatter' | 'reference' | 'all' | '
 
 export type Plan =
   /** Runs `sql` on the shards of `pin`, or on every shard (scatter) when unpinned. */
-  | { kind: 'select' | 'write'; sql: Buffer; pin?: Pin; merge?: Merge; tables: string[] }
+  | { kind: 'select' | 'write'; sql: Buffer; pin?: Pin; merge?: Merge; tables: string[]; owned?: OwnedWrite }
   /** Reads only reference tables (or no table): any one shard answers. */
   | { kind: 'reference'; sql: Buffer; tables: string[] }
   /** Runs on every shard: DDL, writes to reference tables. */
@@ -121,20 +141,26 @@ export function resolveValue(v: ValueRef, params: readonly BoundParam[] = []): s
 }
 
 /** The shard one value maps to, or undefined for NULL (which matches no row). */
-export function shardOfValue(pin: Pin, v: ValueRef, ranges: readonly KeyRange[], params?: readonly BoundParam[]): string | undefined {
+export function shardOfValue(pin: { type: VindexType }, v: ValueRef, ranges: readonly KeyRange[], params?: readonly BoundParam[]): string | undefined {
   const value = resolveValue(v, params);
-  return value === null ? undefined : shardFor(keyspaceId(pin.type, value), ranges);
+  return value === null ? undefined : shardFor(keyspaceId(functional(pin.type), value), ranges);
+}
+
+function functional(type: VindexType): FunctionalVindex {
+  if (type === 'lookup' || type === 'consistent_lookup_unique') throw new Error(`a ${type} vindex maps values through its lookup table, not a function`);
+  return type;
 }
 
 /** The shards a pinned statement runs on, in key-range order (at least one: a NULL pin still needs an answer). */
 export function pinnedShards(pin: Pin, ranges: readonly KeyRange[], params?: readonly BoundParam[]): string[] {
   if (pin.values.length === 1) return [shardOfValue(pin, pin.values[0], ranges, params) ?? ranges[0].shard];
-  const named = new Set<string>();
-  for (const v of pin.values) {
-    const s = shardOfValue(pin, v, ranges, params);
-    if (s !== undefined) named.add(s);
-  }
-  const out = ranges.map((r) => r.shard).filter((s) => named.has(s));
+  return inRangeOrder(pin.values.map((v) => shardOfValue(pin, v, ranges, params)), ranges);
+}
+
+/** The named shards (undefined: none), once each, in key-range order; the first shard when none is named. */
+export function inRangeOrder(named: Array<string | undefined>, ranges: readonly KeyRange[]): string[] {
+  const set = new Set(named);
+  const out = ranges.map((r) => r.shard).filter((s) => set.has(s));
   return out.length ? out : [ranges[0].shard];
 }
 
@@ -156,13 +182,19 @@ export function describePlan(plan: Plan, shards: string[]): string {
       if (!plan.pin) {
         const m = plan.merge;
         const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.distinct ? 'distinct' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
-        return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}`;
+        return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}${keeps(plan.owned?.lookups)}`;
       }
-      return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`;
+      return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by ${plan.pin.lookup ? 'lookup ' : ''}vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`
+        + `${plan.pin.lookup ? ` via lookup table ${plan.pin.lookup.table}` : ''}${keeps(plan.owned?.lookups)}`;
     case 'reference': return `reference tables only: one shard (${where})`;
     case 'all': return `every shard (${where}): ${plan.ddl ? 'DDL' : 'reference table write'}`;
-    case 'insert': return `insert: rows placed by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}, to ${where}${plan.sequence ? `, ${plan.sequence.column} from sequence ${plan.sequence.sequence}` : ''}`;
+    case 'insert': return `insert: rows placed by vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}, to ${where}${plan.sequence ? `, ${plan.sequence.column} from sequence ${plan.sequence.sequence}` : ''}${keeps(plan.lookups?.map((l) => l.lookup))}`;
     case 'refused': return `refused: ${plan.message}`;
     default: return `session: ${plan.kind}`;
   }
+}
+
+/** `, keeps lookup vindex email (users_email_idx)` for a write that moves lookup rows. */
+function keeps(lookups: LookupVindex[] | undefined): string {
+  return lookups?.length ? `, keeps lookup ${lookups.map((l) => `vindex ${l.vindex} (${l.table})`).join(', ')}` : '';
 }

@@ -7,9 +7,9 @@
  */
 import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
-import type { VSchema } from '../../schemas/vschema/vschema.ts';
-import type { AggregateFn, Merge, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
-import { closeParenAfter, literalShape, splice, tokenEnd, valuesRowSpans, type Literal } from './sqltext.ts';
+import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
+import type { AggregateFn, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
+import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
 export const plannerReady: Promise<void> = loadModule();
@@ -31,7 +31,16 @@ const refuse = (message: string): never => {
   throw new RefusedError(message);
 };
 
-interface TableUse { alias: string; name: string; kind: 'sharded' | 'reference' | 'system'; pin?: { column: string; vindex: string; type: FunctionalVindex } }
+interface TableUse {
+  alias: string;
+  name: string;
+  kind: 'sharded' | 'reference' | 'system';
+  pin?: { column: string; vindex: string; type: FunctionalVindex };
+  /** The lookup vindexes the table owns: they route reads too, and its writes keep them. */
+  lookups?: LookupVindex[];
+  /** How the statement names it (schema-qualified or not), for statements the planner writes. */
+  relation?: string;
+}
 
 /** Makes the plan of a statement from its text and literals, for statements of one shape (see literalShape). */
 type Template = (sql: string, literals: Literal[]) => Plan[];
@@ -42,6 +51,8 @@ export class Planner {
   private readonly templates = new Map<string, Template>();
   /** Names of the CTEs of the statement being planned: they read like tables, and are checked where they are defined. */
   private ctes = new Set<string>();
+  /** Each table's owned lookup vindexes, worked out once per VSchema version. */
+  private readonly lookupsOf = new Map<string, LookupVindex[]>();
 
   constructor(private readonly vschema: VSchema) {}
 
@@ -98,6 +109,10 @@ export class Planner {
       case 'ExplainStmt': {
         const inner = this.planStatement(body.query, text, base);
         if (inner.kind === 'refused') return inner;
+        const analyze = (body.options ?? []).some((o: any) => o.DefElem?.defname === 'analyze' && !['false', 'off'].includes(o.DefElem.arg?.String?.sval));
+        if (analyze && ((inner.kind === 'insert' && inner.lookups) || (inner.kind === 'write' && inner.owned))) {
+          refuse('EXPLAIN ANALYZE of a write that keeps lookup vindexes (it would run without its lookup rows)');
+        }
         return { kind: 'explain', sql: text, inner };
       }
       case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');
@@ -133,8 +148,8 @@ export class Planner {
     this.checkJoined(sharded, [s.whereClause, ...joinQuals(s.fromClause ?? [])]);
     const pin = this.pinOf(sharded, s.whereClause);
     const tables = from.map((t) => t.name);
-    // IN (...) may name several shards: their rows merge like a scatter's (order, limit, aggregates).
-    if (pin && pin.values.length > 1) {
+    // IN (...), or a non-unique lookup, may name several shards: their rows merge like a scatter's (order, limit, aggregates).
+    if (pin && (pin.values.length > 1 || pin.lookup?.type === 'lookup')) {
       const merged = this.scatterSelect(s, text, base, tables) as { kind: 'select'; sql: Buffer; merge: Merge; tables: string[] };
       const m = merged.merge;
       if (m.orderBy.length || m.aggregates || m.groupBy || m.distinct || m.limit || m.offset) return { ...merged, pin };
@@ -236,7 +251,35 @@ export class Planner {
       }
     }
     const pin = this.pinOf([target], w.whereClause);
-    return { kind: 'write', sql: text, pin, tables: [target.name] };
+    const owned = this.ownedWrite(type, w, target, extra.length > 0, text);
+    return { kind: 'write', sql: text, pin, tables: [target.name], ...(owned ? { owned } : {}) };
+  }
+
+  /** The lookup rows an UPDATE/DELETE moves or removes: which vindexes, their new values, and the SELECT that finds the rows first. */
+  private ownedWrite(type: string, w: any, target: TableUse, joins: boolean, text: Buffer): OwnedWrite | undefined {
+    const verb = type === 'UpdateStmt' ? 'UPDATE' : 'DELETE';
+    const sets = new Map<string, any>((type === 'UpdateStmt' ? w.targetList ?? [] : []).map((t: any) => [t.ResTarget?.name, t.ResTarget?.val]));
+    const lookups = (target.lookups ?? []).filter((l) => type === 'DeleteStmt' || sets.has(l.column));
+    if (!lookups.length) return undefined;
+    const names = lookups.map((l) => l.vindex).join(', ');
+    if (joins) refuse(`${verb} of ${target.name} with ${type === 'UpdateStmt' ? 'FROM' : 'USING'}: its lookup vindex ${names} must be kept in step row by row`);
+    if (w.whereClause?.CurrentOfExpr) refuse(`${verb} ... WHERE CURRENT OF on ${target.name}`);
+    let newValues: ValueRef[] | undefined;
+    if (type === 'UpdateStmt') {
+      newValues = lookups.map((l) => valueOf(sets.get(l.column)) ?? refuse(`UPDATE of ${target.name}.${l.column}, a lookup vindex column: the new value must be a literal, NULL or $n`));
+    }
+    const where = topLevelKeyword(text, 'where');
+    const returning = topLevelKeyword(text, 'returning');
+    let end = returning >= 0 ? returning : text.length;
+    while (end > 0 && (text[end - 1] === 0x3b || text[end - 1] <= 0x20)) end--; // a trailing ; and spaces
+    const alias = quoteIdent(target.alias);
+    const columns = [target.pin!.column, ...lookups.map((l) => l.column)].map((c) => `${alias}.${quoteIdent(c)}`).join(', ');
+    const select = Buffer.concat([
+      Buffer.from(`SELECT ${columns} FROM ${target.relation} AS ${alias} `),
+      where >= 0 ? text.subarray(where, end) : Buffer.alloc(0),
+      Buffer.from(' FOR UPDATE'),
+    ]);
+    return { lookups, newValues, select };
   }
 
   private planInsert(ins: any, text: Buffer, base: number): Plan {
@@ -268,11 +311,27 @@ export class Planner {
       if ('literal' in v! && v.literal === null) refuse(`INSERT into ${target.name}: NULL in its primary vindex column ${target.pin!.column}`);
       return v!;
     });
+    const lookups = this.insertLookups(target, ins, cols, rows);
     return {
       kind: 'insert', table: target.name,
       pin: { vindex: target.pin!.vindex, type: target.pin!.type, column: `${target.name}.${target.pin!.column}`, values },
       prefix: text.subarray(0, spans[0][0]), rows: spans.map(([a, b]) => text.subarray(a, b)), suffix: text.subarray(end), sequence,
+      ...(lookups.length ? { lookups } : {}),
     };
+  }
+
+  /** Each row's value of each lookup vindex column the table owns: the lookup rows the INSERT writes with it. */
+  private insertLookups(target: TableUse, ins: any, cols: string[], rows: any[][]): InsertLookups[] {
+    const owned = target.lookups ?? [];
+    if (!owned.length) return [];
+    // A row the conflict skips (or updates) would leave a lookup row without its owner, or change a value behind its back.
+    if (ins.onConflictClause) refuse(`INSERT ... ON CONFLICT into ${target.name}, which owns lookup vindex ${owned.map((l) => l.vindex).join(', ')}`);
+    return owned.map((lookup) => {
+      const at = cols.indexOf(lookup.column);
+      if (at < 0) refuse(`INSERT into ${target.name} without its lookup vindex column ${lookup.column} (write it, NULL if it has no value)`);
+      const values = rows.map((items) => valueOf(items[at]) ?? refuse(`INSERT into ${target.name}: ${lookup.column} (lookup vindex ${lookup.vindex}) must be a literal, NULL or $n`));
+      return { lookup, values };
+    });
   }
 
   /** Where an INSERT leaves the table's auto-increment column to its sequence: left out of the column list, or DEFAULT in a row. */
@@ -312,7 +371,10 @@ export class Planner {
     if (!t) return refuse(`table ${name} is not in the VSchema of this sharded database`);
     if (t.type === 'reference') return { alias, name, kind: 'reference' };
     const cv = t.column_vindexes[0];
-    return { alias, name, kind: 'sharded', pin: { column: cv.column, vindex: cv.name, type: this.vschema.vindexes[cv.name].type as FunctionalVindex } };
+    let lookups = this.lookupsOf.get(name);
+    if (!lookups) this.lookupsOf.set(name, (lookups = ownedLookups(this.vschema, name)));
+    const relation = rv.schemaname ? `${quoteIdent(rv.schemaname)}.${quoteIdent(name)}` : quoteIdent(name);
+    return { alias, name, kind: 'sharded', pin: { column: cv.column, vindex: cv.name, type: this.vschema.vindexes[cv.name].type as FunctionalVindex }, lookups, relation };
   }
 
   /** The tables of a FROM list (joins flattened); subqueries in FROM are looked at by the caller. */
@@ -374,6 +436,23 @@ export class Planner {
       if (!values.length || values.some((v: ValueRef | undefined) => !v)) continue;
       return { vindex: t.pin!.vindex, type: t.pin!.type, column: `${t.name}.${t.pin!.column}`, values };
     }
+    return this.lookupPinOf(tables, where);
+  }
+
+  /** Without the primary vindex pinned: a lookup vindex column = value or IN (...), which the gateway turns into shards through the lookup table. */
+  private lookupPinOf(tables: TableUse[], where: any): Pin | undefined {
+    for (const c of conjuncts(where)) {
+      const e = c.A_Expr;
+      if (!e || (e.kind !== 'AEXPR_OP' && e.kind !== 'AEXPR_IN') || lastName(e.name) !== '=' || !e.lexpr?.ColumnRef) continue;
+      const fields = fieldsOf(e.lexpr.ColumnRef);
+      const col = fields[fields.length - 1];
+      const owners = tables.filter((t) => (fields.length < 2 || t.alias === fields[fields.length - 2]) && t.lookups?.some((l) => l.column === col));
+      if (owners.length !== 1) continue;
+      const lookup = owners[0].lookups!.find((l) => l.column === col)!;
+      const values = (e.kind === 'AEXPR_IN' ? e.rexpr?.List?.items ?? [] : [e.rexpr]).map(valueOf);
+      if (!values.length || values.some((v: ValueRef | undefined) => !v)) continue;
+      return { vindex: lookup.vindex, type: lookup.type, column: `${lookup.owner}.${lookup.column}`, values, lookup };
+    }
     return undefined;
   }
 }
@@ -389,7 +468,7 @@ function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | un
     const tables = plan.tables;
     return (text) => [{ kind: 'reference', sql: Buffer.from(text, 'latin1'), tables }];
   }
-  if ((plan.kind !== 'select' && plan.kind !== 'write') || !plan.pin || plan.merge || plan.sql.length !== sql.length) return undefined;
+  if ((plan.kind !== 'select' && plan.kind !== 'write') || !plan.pin || plan.merge || plan.owned || plan.sql.length !== sql.length) return undefined;
   const slots: Array<number | ValueRef> = [];
   for (const v of plan.pin.values) {
     if ('param' in v) {
@@ -502,6 +581,7 @@ function outputColumn(g: any, names: Array<string | undefined>): number | undefi
   return at < 0 ? undefined : at + 1;
 }
 
+const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;
 const lastName = (names: any[] | undefined): string => (names ?? []).map((x) => x.String?.sval).filter(Boolean).pop() ?? '';
 const isAggregateName = (n: string) => ['avg', 'stddev', 'variance', 'string_agg', 'array_agg', 'json_agg', 'jsonb_agg', 'bool_and', 'bool_or', 'every', 'percentile_cont', 'percentile_disc', 'mode'].includes(n);
 

@@ -193,3 +193,21 @@ export function renumberParams(text: Buffer): { text: Buffer; used: number[] } {
   }
   return { text: edits.length ? splice(text, edits) : text, used };
 }
+
+/** Where a keyword (lower case) first stands outside parentheses, quotes and comments, as a whole word; -1 when it does not. */
+export function topLevelKeyword(text: Buffer, keyword: string): number {
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const skipped = skipOpaque(text, i);
+    if (skipped !== i) {
+      i = skipped - 1;
+      continue;
+    }
+    const c = text[i];
+    if (c === OPEN) depth++;
+    else if (c === CLOSE) depth--;
+    else if (depth === 0 && (i === 0 || !isIdent(text[i - 1])) && !isIdent(text[i + keyword.length] ?? 0x20)
+      && text.toString('latin1', i, i + keyword.length).toLowerCase() === keyword) return i;
+  }
+  return -1;
+}

@@ -60,7 +60,9 @@ export function routeProbe(routing: ShardRouting, probe: Probe, top: string): st
     if (routing.vschema?.tables[top]?.type === 'reference') {
       throw new RestError(501, '0A000', `an embed of a sharded table under reference table ${top}`);
     }
-    shards = plan.pin ? vindexError(() => pinnedShards(plan.pin!, routing.ranges, asParams(probe.params))) : all;
+    if (plan.kind === 'write' && plan.owned) throw new RestError(501, '0A000', `a REST write of ${top}, which owns lookup vindex ${plan.owned.lookups.map((l) => l.vindex).join(', ')} (write it with SQL through the gateway)`);
+    // A lookup vindex would need its lookup table read first: REST reads by it go to every shard, which is correct, only slower.
+    shards = plan.pin && !plan.pin.lookup ? vindexError(() => pinnedShards(plan.pin!, routing.ranges, asParams(probe.params))) : all;
   } else throw new RestError(501, '0A000', `the request is not supported on a sharded database (planned as ${plan.kind})`);
   routed.inc({ route: routeKind(plan, shards.length) ?? plan.kind });
   return shards;
@@ -78,6 +80,7 @@ export function placeRows(routing: ShardRouting, probe: Probe, rows: Array<Recor
     return undefined;
   }
   if (plan.kind !== 'insert') throw new RestError(501, '0A000', `the insert is not supported on a sharded database (planned as ${plan.kind})`);
+  if (plan.lookups) throw new RestError(501, '0A000', `a REST insert into ${plan.table}, which owns lookup vindex ${plan.lookups.map((l) => l.lookup.vindex).join(', ')} (insert with SQL through the gateway)`);
   const ref = plan.pin.values[0];
   const column = 'param' in ref ? cols[ref.param - 1] : undefined;
   if (column === undefined) throw new RestError(501, '0A000', `insert into ${plan.table}: its primary vindex column must come from the payload`);

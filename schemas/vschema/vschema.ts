@@ -5,6 +5,7 @@
  * Published whole, versioned, as VSchemaApplied on the topology log.
  */
 import { z } from 'zod';
+import type { FunctionalVindex } from './vindex.ts';
 
 const ident = z.string().regex(/^[a-z_][a-z0-9_$]{0,62}$/, 'must be a lower-case SQL identifier');
 
@@ -15,7 +16,7 @@ const vindexSchema = z.object({
   /** The table whose writes keep a lookup vindex in step. */
   owner: ident.optional(),
 }).strict().superRefine((v, ctx) => {
-  const lookup = v.type === 'lookup' || v.type === 'consistent_lookup_unique';
+  const lookup = isLookup(v.type);
   if (lookup && !v.params) ctx.addIssue({ code: 'custom', message: `a ${v.type} vindex needs params {table, from, to}`, path: ['params'] });
   if (!lookup && v.params) ctx.addIssue({ code: 'custom', message: `a ${v.type} vindex takes no params`, path: ['params'] });
 });
@@ -66,8 +67,10 @@ export function parseVSchema(raw: unknown): VSchema {
     t.column_vindexes.forEach((cv, i) => {
       const vi = v.vindexes[cv.name];
       if (!vi) faults.push(`table ${name}, column ${cv.column}: vindex ${cv.name} is not defined`);
-      else if (i === 0 && (vi.type === 'lookup' || vi.type === 'consistent_lookup_unique')) {
+      else if (i === 0 && isLookup(vi.type)) {
         faults.push(`table ${name}, column ${cv.column}: the primary vindex ${cv.name} must be hash, xxhash or identity, not ${vi.type}`);
+      } else if (isLookup(vi.type) && vi.owner && vi.owner !== name) {
+        faults.push(`table ${name}, column ${cv.column}: lookup vindex ${cv.name} is owned by table ${vi.owner} (only its owner routes by it)`);
       }
     });
     if (t.auto_increment && !v.sequences[t.auto_increment.sequence]) {
@@ -76,14 +79,78 @@ export function parseVSchema(raw: unknown): VSchema {
   }
   for (const [name, vi] of Object.entries(v.vindexes)) {
     if (vi.owner && !v.tables[vi.owner]) faults.push(`vindex ${name}: owner table ${vi.owner} is not defined`);
+    if (isLookup(vi.type)) faults.push(...lookupFaults(v, name, vi));
   }
   for (const [name, r] of Object.entries(v.routines)) {
     const vi = v.vindexes[r.vindex];
     if (!vi) faults.push(`routine ${name}: vindex ${r.vindex} is not defined`);
-    else if (vi.type === 'lookup' || vi.type === 'consistent_lookup_unique') faults.push(`routine ${name}: vindex ${r.vindex} must be hash, xxhash or identity`);
+    else if (isLookup(vi.type)) faults.push(`routine ${name}: vindex ${r.vindex} must be hash, xxhash or identity`);
   }
   if (faults.length) throw new VSchemaError(faults.join('\n'));
   return v;
+}
+
+const isLookup = (type: string): type is LookupType => type === 'lookup' || type === 'consistent_lookup_unique';
+export type LookupType = 'lookup' | 'consistent_lookup_unique';
+
+/** What is wrong with a lookup vindex: its owner must list it, and its lookup table, if declared, is sharded by its `from` column. */
+function lookupFaults(v: VSchema, name: string, vi: VSchemaVindex): string[] {
+  const faults: string[] = [];
+  const { table, from, to } = vi.params!;
+  if (!vi.owner) return [`vindex ${name}: a ${vi.type} vindex needs an owner table (whose writes keep the lookup table in step)`];
+  const owner = v.tables[vi.owner];
+  if (!owner) return faults; // reported as an undefined owner
+  const listed = owner.column_vindexes.slice(1).some((cv) => cv.name === name);
+  if (!listed) faults.push(`vindex ${name}: owner table ${vi.owner} does not list it in its column_vindexes (as a secondary vindex)`);
+  if (from === to) faults.push(`vindex ${name} (params): from and to must be different columns, not both ${from}`);
+  if (table === vi.owner) faults.push(`vindex ${name} (params.table): the lookup table cannot be its owner table ${table}`);
+  const lt = v.tables[table];
+  if (lt && table !== vi.owner) {
+    const primary = lt.column_vindexes[0];
+    const type = primary && v.vindexes[primary.name]?.type;
+    if (lt.type === 'reference') faults.push(`vindex ${name}: lookup table ${table} cannot be a reference table (declare it sharded by ${from}, or leave it out to keep it on the first shard)`);
+    else if (primary && (primary.column !== from || (type !== 'hash' && type !== 'xxhash'))) {
+      faults.push(`vindex ${name}: lookup table ${table} must be sharded by its from column ${from} with a hash or xxhash vindex`);
+    }
+    if (lt.column_vindexes.slice(1).length) faults.push(`vindex ${name}: lookup table ${table} cannot have secondary vindexes`);
+  }
+  return faults;
+}
+
+/** A lookup vindex of a table, with what the planner and the gateway need to read and keep its lookup table. */
+export interface LookupVindex {
+  vindex: string;
+  type: LookupType;
+  /** The owner table and its column the vindex maps. */
+  owner: string;
+  column: string;
+  /** The lookup table and its columns: `from` holds the value, `to` where the owner's row is. */
+  table: string;
+  from: string;
+  to: string;
+  /** The owner's primary vindex: `to` holds its column's value when `to` is named after that column, else the 8-byte keyspace id (bytea). */
+  primary: { column: string; type: FunctionalVindex };
+  toIsPrimaryColumn: boolean;
+  /** The vindex that shards the lookup table by `from`; none: the lookup table lives on the first shard. */
+  sharding?: { vindex: string; type: FunctionalVindex };
+}
+
+/** The lookup vindexes a table owns (its secondary column vindexes of a lookup type), in VSchema order. */
+export function ownedLookups(v: VSchema, table: string): LookupVindex[] {
+  const t = v.tables[table];
+  if (!t || t.type !== 'sharded' || !t.column_vindexes.length) return [];
+  const pv = t.column_vindexes[0];
+  const primary = { column: pv.column, type: v.vindexes[pv.name].type as FunctionalVindex };
+  return t.column_vindexes.slice(1).flatMap((cv) => {
+    const vi = v.vindexes[cv.name];
+    if (!isLookup(vi.type) || vi.owner !== table) return [];
+    const { table: lt, from, to } = vi.params!;
+    const sv = v.tables[lt]?.column_vindexes[0];
+    return [{
+      vindex: cv.name, type: vi.type, owner: table, column: cv.column, table: lt, from, to, primary, toIsPrimaryColumn: to === pv.column,
+      sharding: sv ? { vindex: sv.name, type: v.vindexes[sv.name].type as FunctionalVindex } : undefined,
+    }];
+  });
 }
 
 function describePath(p: (string | number)[]): string {

@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
 import { before, test } from 'node:test';
 import { mergeRows, type Row } from '../../router/planner/merge.ts';
-import { pinnedShards, type Plan } from '../../router/planner/plan.ts';
+import { describePlan, pinnedShards, type Plan } from '../../router/planner/plan.ts';
 import { Planner, plannerReady } from '../../router/planner/planner.ts';
 import { hashKeyspaceId, parseVSchema, shardFor } from '../../schemas/index.ts';
+import { LOOKUP_VSCHEMA } from '../support/lookup-vschema.ts';
 
 const RANGES = [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }];
 const vschema = parseVSchema({
@@ -152,4 +153,68 @@ test('statements that differ only in literals share one plan shape, with their o
   assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id = 007') as any).pin.values, [{ literal: '7' }]);
   assert.equal(one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6').kind, 'select');
   assert.equal((one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6') as any).pin, undefined);
+});
+
+const lookups = new Planner(parseVSchema(LOOKUP_VSCHEMA));
+
+const planOne = (sql: string): any => {
+  const plans = lookups.plan(sql);
+  assert.equal(plans.length, 1);
+  return plans[0];
+};
+
+test('a lookup vindex column in WHERE (= or IN, literal or $n) pins the statement through its lookup table; the primary vindex wins', () => {
+  const p = planOne("SELECT * FROM users WHERE email = 'a@x.org'");
+  assert.equal(p.kind, 'select');
+  assert.deepEqual([p.pin.vindex, p.pin.type, p.pin.column, p.pin.values, p.pin.lookup.table], ['email', 'consistent_lookup_unique', 'users.email', [{ literal: 'a@x.org' }], 'users_email_idx']);
+  assert.equal(p.merge, undefined);
+  assert.deepEqual(planOne('SELECT * FROM users u WHERE u.email IN ($1, $2)').pin.values, [{ param: 1 }, { param: 2 }]);
+  assert.equal(planOne("SELECT * FROM users WHERE tenant_id = 3 AND email = 'a'").pin.vindex, 'hash');
+  // A non-unique lookup may name several shards: its rows merge.
+  const n = planOne("SELECT nick, count(*) FROM users WHERE nick = 'kim' GROUP BY nick");
+  assert.equal(n.pin.lookup.type, 'lookup');
+  assert.deepEqual(n.merge.aggregates, [{ column: 2, fn: 'count' }]);
+  // Joined on the primary vindex, a lookup pins the other table too.
+  assert.equal(planOne("SELECT * FROM users u JOIN orders o ON o.tenant_id = u.tenant_id WHERE u.email = 'a'").pin.vindex, 'email');
+  assert.equal(planOne("SELECT * FROM users WHERE email <> 'a'").pin, undefined);
+  assert.equal(describePlan(p, ['80-']), 'single shard 80- by lookup vindex email (consistent_lookup_unique) on users.email via lookup table users_email_idx');
+});
+
+test('an INSERT into a table that owns lookup vindexes carries each row\'s lookup values; what it cannot keep in step is refused', () => {
+  const p = planOne("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a@x', NULL), ($1, 2, $2, $3) RETURNING id");
+  assert.equal(p.kind, 'insert');
+  assert.deepEqual(p.lookups.map((l: any) => [l.lookup.vindex, l.values]), [
+    ['email', [{ literal: 'a@x' }, { param: 2 }]],
+    ['nick', [{ literal: null }, { param: 3 }]],
+  ]);
+  assert.match(describePlan(p, ['-80']), /keeps lookup vindex email \(users_email_idx\), vindex nick \(users_nick_idx\)$/);
+  assert.match(planOne("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a', 'b') ON CONFLICT DO NOTHING").message, /ON CONFLICT into users, which owns lookup vindex email, nick/);
+  assert.match(planOne("INSERT INTO users (tenant_id, id, email) VALUES (1, 1, 'a')").message, /without its lookup vindex column nick/);
+  assert.match(planOne("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, lower('A'), 'b')").message, /email \(lookup vindex email\) must be a literal, NULL or \$n/);
+  assert.equal(planOne('INSERT INTO orders (tenant_id, id) VALUES (1, 1)').lookups, undefined);
+});
+
+test('UPDATE of a lookup column and DELETE read their rows first (same WHERE, FOR UPDATE) to move or remove the lookup rows', () => {
+  const d = planOne("DELETE FROM users WHERE email = $1 AND note = 'where; returning' RETURNING id;");
+  assert.deepEqual(d.owned.lookups.map((l: any) => l.vindex), ['email', 'nick']);
+  assert.equal(d.owned.select.toString(), `SELECT "users"."tenant_id", "users"."email", "users"."nick" FROM "users" AS "users" WHERE email = $1 AND note = 'where; returning' FOR UPDATE`);
+  assert.equal(d.pin.vindex, 'email');
+  const u = planOne('UPDATE users AS u SET email = $1, name = (SELECT 1 WHERE true) WHERE u.tenant_id = $2 AND u.id = $3');
+  assert.deepEqual(u.owned.lookups.map((l: any) => l.vindex), ['email']);
+  assert.deepEqual(u.owned.newValues, [{ param: 1 }]);
+  assert.equal(u.owned.select.toString(), 'SELECT "u"."tenant_id", "u"."email" FROM "users" AS "u" WHERE u.tenant_id = $2 AND u.id = $3 FOR UPDATE');
+  assert.match(describePlan(u, ['-80']), /^single shard -80 by vindex hash \(hash\) on users.tenant_id, keeps lookup vindex email \(users_email_idx\)$/);
+  assert.equal(planOne("UPDATE users SET name = 'x' WHERE email = 'a'").owned, undefined);
+  assert.equal(planOne('DELETE FROM users').owned.select.toString(), 'SELECT "users"."tenant_id", "users"."email", "users"."nick" FROM "users" AS "users"  FOR UPDATE');
+  assert.match(planOne("UPDATE users SET email = lower(email) WHERE tenant_id = 1").message, /UPDATE of users.email, a lookup vindex column: the new value must be a literal, NULL or \$n/);
+  assert.match(planOne('DELETE FROM users USING orders WHERE orders.tenant_id = users.tenant_id').message, /another sharded table|USING/);
+  // The shape cache must not reuse an owned write's SELECT for other literals.
+  assert.match(planOne('DELETE FROM users WHERE tenant_id = 8').owned.select.toString(), /tenant_id = 8 FOR UPDATE$/);
+  assert.match(planOne('DELETE FROM users WHERE tenant_id = 9').owned.select.toString(), /tenant_id = 9 FOR UPDATE$/);
+});
+
+test('EXPLAIN ANALYZE of a write that keeps lookup vindexes is refused (it would run without them); plain EXPLAIN shows the route', () => {
+  assert.match(planOne("EXPLAIN ANALYZE DELETE FROM users WHERE email = 'a'").message, /EXPLAIN ANALYZE of a write that keeps lookup vindexes/);
+  assert.equal(planOne("EXPLAIN (ANALYZE false) DELETE FROM users WHERE email = 'a'").kind, 'explain');
+  assert.equal(planOne("EXPLAIN ANALYZE SELECT * FROM users WHERE email = 'a'").kind, 'explain');
 });

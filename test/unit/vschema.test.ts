@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import {
-  applyTopologyEvent, emptyTopology, hashKeyspaceId, identityKeyspaceId, parseVSchema, payload, shardFor, topologyKey, xxhashKeyspaceId,
+  applyTopologyEvent, emptyTopology, hashKeyspaceId, identityKeyspaceId, ownedLookups, parseVSchema, payload, shardFor, topologyKey, xxhashKeyspaceId,
   type TopologyEvent,
 } from '../../schemas/index.ts';
 
@@ -72,4 +72,37 @@ test('VSchemaApplied folds by version, keyed vschema/<db>', () => {
   applyTopologyEvent(state, ev(3n, { tables: { x: {} } })); // invalid: ignored
   assert.equal(state.vschemas.get('shop')?.version, 2n);
   assert.equal(topologyKey(ev(1n, {})), 'vschema/shop');
+});
+
+test('lookup vindexes: owned by the table that lists them; the lookup table is sharded by its from column or left on the first shard', () => {
+  const lookup = (extra: Record<string, unknown>) => ({
+    vindexes: {
+      hash: { type: 'hash' }, text_hash: { type: 'xxhash' },
+      email: { type: 'consistent_lookup_unique', params: { table: 'users_email_idx', from: 'email', to: 'keyspace_id' }, owner: 'users' },
+      ...(extra.vindexes as object ?? {}),
+    },
+    tables: { users: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }, { column: 'email', name: 'email' }] }, ...(extra.tables as object ?? {}) },
+  });
+  const bad = (raw: unknown, re: RegExp) => assert.throws(() => parseVSchema(raw), re);
+  bad(lookup({ vindexes: { email: { type: 'lookup', params: { table: 'x', from: 'a', to: 'b' } } } }), /vindex email: a lookup vindex needs an owner table/);
+  bad(lookup({ vindexes: { nick: { type: 'lookup', params: { table: 'nick_idx', from: 'nick', to: 'keyspace_id' }, owner: 'users' } } }),
+    /vindex nick: owner table users does not list it in its column_vindexes/);
+  bad(lookup({ tables: { orders: { column_vindexes: [{ column: 'tenant_id', name: 'hash' }, { column: 'email', name: 'email' }] } } }),
+    /table orders, column email: lookup vindex email is owned by table users/);
+  bad(lookup({ tables: { users_email_idx: { column_vindexes: [{ column: 'keyspace_id', name: 'hash' }] } } }),
+    /vindex email: lookup table users_email_idx must be sharded by its from column email with a hash or xxhash vindex/);
+  bad(lookup({ tables: { users_email_idx: { type: 'reference' } } }), /vindex email: lookup table users_email_idx cannot be a reference table/);
+  bad(lookup({ vindexes: { email: { type: 'consistent_lookup_unique', params: { table: 'users', from: 'email', to: 'email' }, owner: 'users' } } }),
+    /vindex email \(params\): from and to must be different columns[\s\S]*vindex email \(params.table\): the lookup table cannot be its owner table users/);
+
+  const onFirst = ownedLookups(parseVSchema(lookup({})), 'users');
+  assert.deepEqual(onFirst.map((l) => [l.vindex, l.type, l.column, l.table, l.toIsPrimaryColumn, l.sharding]),
+    [['email', 'consistent_lookup_unique', 'email', 'users_email_idx', false, undefined]]);
+  const sharded = parseVSchema(lookup({
+    vindexes: { email: { type: 'consistent_lookup_unique', params: { table: 'users_email_idx', from: 'email', to: 'tenant_id' }, owner: 'users' } },
+    tables: { users_email_idx: { column_vindexes: [{ column: 'email', name: 'text_hash' }] } },
+  }));
+  const [l] = ownedLookups(sharded, 'users');
+  assert.deepEqual([l.toIsPrimaryColumn, l.primary, l.sharding], [true, { column: 'tenant_id', type: 'hash' }, { vindex: 'text_hash', type: 'xxhash' }]);
+  assert.deepEqual(ownedLookups(sharded, 'users_email_idx'), []);
 });
