@@ -17,7 +17,6 @@ import { stanzaOf, type BackupEvent } from '../../schemas/index.ts';
 import { finishRestoredTransactions } from '../../orchestrator/in-doubt.ts';
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
 import { shardRanges, type ClusterSpec } from '../spec.ts';
-import { applyVSchema, showVSchema } from '../vschema.ts';
 import { addDatabase } from './database.ts';
 
 export interface BackupOptions {
@@ -156,15 +155,11 @@ async function restoreAs(spec: ClusterSpec, database: string, shard: string | un
   if (code !== 0) return code;
 
   if (source.sharded) {
-    const eventLog = eventLogFor(spec, 'mg-cli', log);
-    try {
-      const vschema = await showVSchema(eventLog, database);
-      if (vschema) {
-        await applyVSchema(eventLog, name, vschema.vschema);
-        console.log(`${elapsed()}  ${name}: ${database}'s VSchema (version ${vschema.version}) applied`);
-      }
-    } finally {
-      await eventLog.close();
+    const held = await callOrchestrator(spec, 'GET', `/v1/databases/${encodeURIComponent(database)}/vschema`);
+    if (held.status === 200) {
+      const applied = await callOrchestrator(spec, 'PUT', `/v1/databases/${encodeURIComponent(name)}/vschema`, held.body.vschema);
+      if (applied.status !== 200) throw new Error(`could not apply ${database}'s VSchema to ${name}: ${applied.body.error}`);
+      console.log(`${elapsed()}  ${name}: ${database}'s VSchema (version ${held.body.version}) applied`);
     }
   }
   const shards = (await orchestratorStatus(spec)).shards.filter((s) => s.database === name);
