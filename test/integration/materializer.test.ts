@@ -111,7 +111,7 @@ test('a bad workflow request is refused with a message naming the fault', async 
   assert.match(unknown.stderr, /workflow nope does not exist/);
 });
 
-test('MoveTables under writes, with kill -9 in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', async () => {
+test('MoveTables under writes, with kill -9 in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', async (t) => {
   const writing$ = writer();
   await sleep(1_000);
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
@@ -120,6 +120,7 @@ test('MoveTables under writes, with kill -9 in catch-up: every acknowledged row 
   const afterCopy = await api('/v1/workflows/mt');
   assert.ok(Number(afterCopy.progress.rowsCopied) >= INITIAL_ROWS, `rows copied: ${afterCopy.progress.rowsCopied}`);
   assert.equal(afterCopy.progress.tables[0].done, true);
+  t.diagnostic(`copy: ${afterCopy.progress.rowsCopied} rows at ${Math.round(afterCopy.progress.rowsPerSecond)} rows/s`);
 
   // Catch-up applies the writer's changes; then the materializer dies mid-stream.
   await until('changes applied in catch-up', 30_000, async () => Number((await api('/v1/workflows/mt')).progress.eventsApplied) > 200);
@@ -174,6 +175,7 @@ test('MoveTables under writes, with kill -9 in catch-up: every acknowledged row 
   const clean = await mg('workflow', 'vdiff', 'mt', '--data-dir', dataDir);
   assert.equal(clean.code, 0, clean.stdout + clean.stderr);
   assert.match(clean.stdout, /clean/);
+  t.diagnostic(clean.stdout.trim());
   assert.match(clean.stdout, new RegExp(`source ${sourceRows.length} rows, target ${sourceRows.length}; missing 0, extra 0, different 0`));
 
   // A row changed on a target shard behind the materializer's back is reported, with its key.
