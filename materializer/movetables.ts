@@ -120,7 +120,6 @@ export class MoveTablesRunner {
     await this.publishStatus({ phase: 'RUNNING', message: null, etaSeconds: null });
     log.info('catch-up begins');
     await this.startTails();
-    this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
   }
 
   private async connectTargets(): Promise<void> {
@@ -168,7 +167,10 @@ export class MoveTablesRunner {
     }
   }
 
+  /** Catch-up: one tail per table topic from the shards' positions, and a progress event every second. */
   private async startTails(): Promise<void> {
+    clearInterval(this.timer);
+    this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
     this.appliers = this.tables.map((t, i) => new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder));
     for (const applier of this.appliers) {
       const start = await applier.load(this.startOffsetsOf(applier.topic));

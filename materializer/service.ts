@@ -33,6 +33,10 @@ export class Materializer {
   private sub: Subscription | undefined;
   private timer: NodeJS.Timeout | undefined;
   private busy = false;
+  /** Events this process published and already folded: their echo from the topic is skipped, so it never rolls state back. */
+  private ownEvents = new Set<string>();
+  /** VDiff requests this process took on. */
+  private vdiffsTaken = new Set<string>();
   private readonly publishEvents: (events: Array<{ key: string; value: WorkflowEvent }>) => Promise<void>;
   private readonly decoder: ChangeDecoder;
 
@@ -44,7 +48,9 @@ export class Materializer {
 
   async start(): Promise<void> {
     await this.shards.start();
-    this.sub = await this.eventLog.subscribe('workflows', (e) => void applyWorkflowEvent(this.workflows, e));
+    this.sub = await this.eventLog.subscribe('workflows', (e) => {
+      if (!this.ownEvents.delete(e.eventId)) applyWorkflowEvent(this.workflows, e);
+    });
     await this.sub.caughtUp;
     this.timer = setInterval(() => void this.reconcile(), RECONCILE_MS);
   }
@@ -58,7 +64,13 @@ export class Materializer {
 
   async publish(workflow: string, payload: WorkflowEvent['payload']): Promise<void> {
     const event: WorkflowEvent = { eventId: randomUUID(), ts: new Date(), source: `materializer/${this.cfg.id}`, workflow, payload };
-    await this.publishEvents([{ key: workflowKey(event), value: event }]);
+    this.ownEvents.add(event.eventId);
+    try {
+      await this.publishEvents([{ key: workflowKey(event), value: event }]);
+    } catch (err) {
+      this.ownEvents.delete(event.eventId);
+      throw err;
+    }
     applyWorkflowEvent(this.workflows, event); // our own view does not wait for the round trip
   }
 
@@ -152,9 +164,9 @@ export class Materializer {
 
   private maybeVDiff(rec: WorkflowRecord, runner: MoveTablesRunner): void {
     const req = rec.vdiffRequest;
-    if (!req || rec.vdiff?.id === req.id || runner.status.phase !== 'RUNNING') return;
+    if (!req || rec.vdiff?.id === req.id || this.vdiffsTaken.has(req.id) || runner.status.phase !== 'RUNNING') return;
+    this.vdiffsTaken.add(req.id);
     const began = Date.now();
-    rec.vdiff = { id: req.id, state: 'RUNNING', sourceLsn: null, tables: [], durationMs: 0n, error: null, at: new Date() };
     void (async () => {
       await this.publish(rec.name, workflowPayload('VDiffReported', { id: req.id, state: 'RUNNING', sourceLsn: null, tables: [], durationMs: 0n, error: null }));
       try {
