@@ -26,6 +26,8 @@ export interface RunnerContext {
   cdcTopicPrefix(database: string): string;
   pageRows: number;
   publish(workflow: string, payload: WorkflowEvent['payload']): Promise<void>;
+  /** The latest confirmed LSN of a source shard's change stream (everything committed before it is in Kafka). */
+  confirmedLsn(database: string, shard: string): bigint | undefined;
 }
 
 const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
@@ -285,16 +287,12 @@ export class MoveTablesRunner {
 
   /** Waits until the source's change stream has everything before `lsn` in Kafka (its confirmed LSN, from mg.cdc.status.v1). */
   private async waitConfirmed(database: string, lsn: bigint): Promise<void> {
-    let confirmed = false;
-    const sub = await this.ctx.eventLog.subscribe('cdcStatus', (s) => {
-      if (s.database === database && s.confirmedLsn !== null && s.confirmedLsn >= lsn) confirmed = true;
-    }, { since: new Date(Date.now() - 5_000) });
-    try {
-      for (let i = 0; i < 600 && !confirmed; i++) await new Promise((r) => setTimeout(r, 100));
-    } finally {
-      await sub.stop();
+    const shard = this.ctx.shards.ranges(database)[0].shard;
+    for (let i = 0; i < 600; i++) {
+      if ((this.ctx.confirmedLsn(database, shard) ?? -1n) >= lsn) return;
+      await new Promise((r) => setTimeout(r, 50));
     }
-    if (!confirmed) throw new WorkflowError(`the change stream of ${database} has not confirmed LSN ${lsn} within 60 s`);
+    throw new WorkflowError(`the change stream of ${database} has not confirmed LSN ${lsn} within 30 s`);
   }
 
   /** Applies a topic's changes committed before the barrier (everything before it is below the topic's current end). */

@@ -30,7 +30,9 @@ export class Materializer {
   readonly workflows: WorkflowState = new Map();
   readonly shards: ShardMap;
   private runners = new Map<string, MoveTablesRunner>();
-  private sub: Subscription | undefined;
+  private subs: Subscription[] = [];
+  /** The latest confirmed LSN of each source stream (`<database>/<shard>`), from mg.cdc.status.v1. */
+  private confirmed = new Map<string, bigint>();
   private timer: NodeJS.Timeout | undefined;
   private busy = false;
   /** Events this process published and already folded: their echo from the topic is skipped, so it never rolls state back. */
@@ -48,17 +50,22 @@ export class Materializer {
 
   async start(): Promise<void> {
     await this.shards.start();
-    this.sub = await this.eventLog.subscribe('workflows', (e) => {
+    const workflows = await this.eventLog.subscribe('workflows', (e) => {
       if (!this.ownEvents.delete(e.eventId)) applyWorkflowEvent(this.workflows, e);
     });
-    await this.sub.caughtUp;
+    // Streams publish their status every second: the last minute holds the latest of each live one.
+    const cdc = await this.eventLog.subscribe('cdcStatus', (s) => {
+      if (s.confirmedLsn !== null) this.confirmed.set(`${s.database}/${s.shard}`, s.confirmedLsn);
+    }, { since: new Date(Date.now() - 60_000) });
+    this.subs = [workflows, cdc];
+    await Promise.all(this.subs.map((s) => s.caughtUp));
     this.timer = setInterval(() => void this.reconcile(), RECONCILE_MS);
   }
 
   async stop(): Promise<void> {
     clearInterval(this.timer);
     await Promise.all([...this.runners.values()].map((r) => r.close()));
-    await this.sub?.stop();
+    await Promise.all(this.subs.map((s) => s.stop()));
     await this.shards.stop();
   }
 
@@ -184,6 +191,7 @@ export class Materializer {
       eventLog: this.eventLog, shards: this.shards, decoder: this.decoder, log: this.log, pageRows: this.cfg.pageRows,
       cdcTopicPrefix: (db) => `${this.cfg.topicPrefix}${this.cfg.cdcTopicPrefixes[db] ?? 'mg'}`,
       publish: (w, p) => this.publish(w, p),
+      confirmedLsn: (db, shard) => this.confirmed.get(`${db}/${shard}`),
     });
   }
 

@@ -2,7 +2,8 @@
  * MoveTables end to end: an unsharded source database with CDC on, a table
  * under a continuous writer through the gateway, moved into a 2-shard
  * database with `mg workflow create`; copy, then catch-up; the materializer
- * killed with SIGKILL during catch-up and started again by `mg cluster up`.
+ * killed with SIGKILL during the copy and again during catch-up, and started
+ * again by `mg cluster up` each time.
  * Afterwards every acknowledged write is on the shard its vindex names, no
  * row is lost, doubled or misplaced, and the target equals the source.
  * VDiff reports clean, then finds a row changed on a target shard behind the
@@ -15,10 +16,12 @@ import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
 import { readPid } from '../../compose/supervise.ts';
-import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
+import { hashKeyspaceId, shardFor, workflowKind, type WorkflowEvent, type WorkflowStatus } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
+import { testEventLog } from '../support/env.ts';
 
-const cluster = testCluster('materializer', 1, { spec: {
+const PAGE_ROWS = 500;
+const cluster = testCluster('materializer', 1, { settings: { 'materializer.pageRows': PAGE_ROWS }, spec: {
   cells: ['zone1'],
   databases: [
     { name: 'src', instancesPerShard: 1, durability: 'ANY_1', cdc: { enabled: true } },
@@ -45,6 +48,31 @@ const gateway = async (db: string) => {
 };
 const api = async (p: string) => (await fetch(`http://127.0.0.1:${spec.materializer.port}${p}`)).json() as Promise<any>;
 const phaseOf = async (name: string) => (await api(`/v1/workflows/${name}`)).phase as string;
+
+async function killAndRestartMaterializer(): Promise<void> {
+  const pid = readPid(path.join(dataDir, 'run'), 'materializer');
+  assert.ok(pid, 'the materializer runs');
+  process.kill(pid!, 'SIGKILL');
+  await sleep(1_000); // the writer goes on meanwhile
+  const again = await mg('cluster', 'up', ...flags);
+  assert.equal(again.code, 0, again.stderr + again.stdout);
+}
+
+/** The workflow's status events as the topic holds them, in order. */
+async function statusHistory(name: string): Promise<WorkflowStatus[]> {
+  const log = await testEventLog(cluster.prefix);
+  const out: WorkflowStatus[] = [];
+  try {
+    const sub = await log.subscribe('workflows', (e: WorkflowEvent) => {
+      const { kind, body } = workflowKind(e);
+      if (e.workflow === name && kind === 'WorkflowStatus') out.push(body as WorkflowStatus);
+    });
+    await sub.caughtUp;
+  } finally {
+    await log.close();
+  }
+  return out;
+}
 
 /** What the writer was told: each id's last acknowledged note, or null once its delete was acknowledged. */
 const acknowledged = new Map<number, string | null>();
@@ -111,12 +139,22 @@ test('a bad workflow request is refused with a message naming the fault', async 
   assert.match(unknown.stderr, /workflow nope does not exist/);
 });
 
-test('MoveTables under writes, with kill -9 in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', async (t) => {
+test('MoveTables under writes, with kill -9 in the copy and in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', async (t) => {
   const writing$ = writer();
   await sleep(1_000);
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr);
+
+  // kill -9 in the copy phase, a few pages in: the copy resumes after the last page it recorded.
+  await until('the copy to be a few pages in', 60_000, async () => {
+    const w = await api('/v1/workflows/mt');
+    return w.phase === 'COPYING' && Number(w.progress.rowsCopied) >= 2 * PAGE_ROWS;
+  });
+  await killAndRestartMaterializer();
   await until('the copy to finish and catch-up to begin', 120_000, async () => (await phaseOf('mt')) === 'RUNNING');
+  const copyKeys = (await statusHistory('mt')).filter((s) => s.phase === 'COPYING' && s.tables[0]?.lastKey).map((s) => Number(JSON.parse(s.tables[0].lastKey!)[0]));
+  assert.ok(copyKeys.length >= INITIAL_ROWS / PAGE_ROWS, `${copyKeys.length} copy pages recorded`);
+  copyKeys.forEach((k, i) => assert.ok(i === 0 || k >= copyKeys[i - 1], `the copy went back from key ${copyKeys[i - 1]} to ${k}: it restarted instead of resuming`));
   const afterCopy = await api('/v1/workflows/mt');
   assert.ok(Number(afterCopy.progress.rowsCopied) >= INITIAL_ROWS, `rows copied: ${afterCopy.progress.rowsCopied}`);
   assert.equal(afterCopy.progress.tables[0].done, true);
@@ -124,12 +162,7 @@ test('MoveTables under writes, with kill -9 in catch-up: every acknowledged row 
 
   // Catch-up applies the writer's changes; then the materializer dies mid-stream.
   await until('changes applied in catch-up', 30_000, async () => Number((await api('/v1/workflows/mt')).progress.eventsApplied) > 200);
-  const pid = readPid(path.join(dataDir, 'run'), 'materializer');
-  assert.ok(pid, 'the materializer runs');
-  process.kill(pid!, 'SIGKILL');
-  await sleep(2_000); // the writer goes on meanwhile
-  const again = await mg('cluster', 'up', ...flags);
-  assert.equal(again.code, 0, again.stderr + again.stdout);
+  await killAndRestartMaterializer();
   await until('the workflow to run again after the restart', 60_000, async () => (await phaseOf('mt')) === 'RUNNING');
   await sleep(2_000);
 
