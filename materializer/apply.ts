@@ -100,9 +100,11 @@ export class TableApplier {
       lastOffset = BigInt(m.offset);
       if (!change) continue; // a tombstone: the delete before it did the work
       const tuple: Tuple = [change.epoch, change.commitLsn, change.position];
+      let taken = false;
       for (const [shard, op] of this.routes(change, m)) {
         const held = newApplied.get(shard)!.get(change.sourceShard) ?? this.positions.get(shard)?.get(partition)?.applied.get(change.sourceShard);
         if (!after(tuple, held)) continue; // applied before (a redelivery or a replay)
+        taken = true;
         newApplied.get(shard)!.set(change.sourceShard, tuple);
         const runs = segments.get(shard)!;
         if (op === 'truncate') runs.push({ truncate: true, ops: new Map() });
@@ -117,8 +119,9 @@ export class TableApplier {
         const held = map.get(change.sourceShard) ?? this.positions.get(shard)?.get(partition)?.applied.get(change.sourceShard);
         if (after(tuple, held)) map.set(change.sourceShard, tuple);
       }
-      applied++;
       lastCommitMs = change.commitMs;
+      if (!taken) continue;
+      applied++;
       if (change.txId !== null) {
         this.recent.push({ txId: change.txId, commitLsn: change.commitLsn });
         if (this.recent.length > 10_000) this.recent.splice(0, this.recent.length - 5_000);
