@@ -9,7 +9,7 @@ const NAME = 'materializer';
 export async function startMaterializer(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
   progress.note(await startService(NAME, 'materializer/main.ts', {
     id: NAME, port: spec.materializer.port, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
-    topicPrefix: spec.kafka.topicPrefix, pageRows: spec.materializer.pageRows,
+    topicPrefix: spec.kafka.topicPrefix, pageRows: spec.materializer.pageRows, vdiffRows: spec.materializer.vdiffRows,
     cdcTopicPrefixes: Object.fromEntries(spec.databases.map((d) => [d.name, d.cdc.topicPrefix])),
   }, spec.materializer.port, paths, spec));
 }

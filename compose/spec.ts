@@ -93,8 +93,10 @@ export const clusterSpecSchema = z.object({
   /** The materializer (MoveTables, VDiff; docs/materializer.md): its REST API and /metrics. */
   materializer: z.object({
     port: port.default(19500),
-    /** Rows per copy page and per VDiff range. */
+    /** Rows per copy page (each page is one event, the unit a restart resumes from). */
     pageRows: z.number().int().min(1).max(1_000_000).default(5_000),
+    /** Source rows per VDiff range (one range scan per target shard each). */
+    vdiffRows: z.number().int().min(1).max(1_000_000).default(10_000),
   }).strict().default({}),
   /** WAL archiving and backups through pgBackRest, one stanza per shard (docs/backups.md). */
   backup: backupConfigSchema.omit({ repoPath: true, lockPath: true, logPath: true }).extend({

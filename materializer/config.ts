@@ -11,8 +11,10 @@ export const materializerConfigSchema = z.object({
   topicPrefix: z.string().default(''),
   /** Per database: the CDC topic prefix (the spec's databases[].cdc.topicPrefix); others use `mg`. */
   cdcTopicPrefixes: z.record(z.string()).default({}),
-  /** Rows per copy page and per VDiff range. */
+  /** Rows per copy page (one event each: the unit a restart resumes from). */
   pageRows: z.number().int().min(1).max(1_000_000).default(5_000),
+  /** Source rows per VDiff range. */
+  vdiffRows: z.number().int().min(1).max(1_000_000).default(10_000),
 }).strict();
 
 export type MaterializerConfig = z.infer<typeof materializerConfigSchema>;

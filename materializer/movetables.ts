@@ -25,6 +25,7 @@ export interface RunnerContext {
   /** The CDC topic prefix of a source database: the cluster's Kafka prefix plus the stream's. */
   cdcTopicPrefix(database: string): string;
   pageRows: number;
+  vdiffRows: number;
   publish(workflow: string, payload: WorkflowEvent['payload']): Promise<void>;
   /** The latest confirmed LSN of a source shard's change stream (everything committed before it is in Kafka). */
   confirmedLsn(database: string, shard: string): bigint | undefined;
@@ -249,6 +250,7 @@ export class MoveTablesRunner {
     this.vdiffRunning = true;
     const opened: pg.Client[] = [];
     const def = this.rec.definition;
+    const began = Date.now();
     try {
       await this.halt();
       let sourceSnap: pg.Client | undefined;
@@ -273,10 +275,12 @@ export class MoveTablesRunner {
         targetSnaps.set(r.shard, c);
       }
       await this.startTails();
+      const snapshotsMs = Date.now() - began;
       const out: VDiffTable[] = [];
       for (const t of this.tables) {
-        out.push(await diffTable(sourceSnap, targetSnaps, this.ranges, t, this.ctx.pageRows, (n) => vdiffRows.inc({ workflow: this.name }, n)));
+        out.push(await diffTable(sourceSnap, targetSnaps, this.ranges, t, this.ctx.vdiffRows, (n) => vdiffRows.inc({ workflow: this.name }, n)));
       }
+      this.ctx.log.info({ workflow: this.name, vdiff: id, snapshotsMs, compareMs: Date.now() - began - snapshotsMs }, 'VDiff compared');
       return out;
     } finally {
       if (this.tails.length === 0 && !this.stopping) await this.startTails().catch((err) => this.fail(err as Error));

@@ -49,7 +49,7 @@ export class Materializer {
   }
 
   async start(): Promise<void> {
-    await this.shards.start();
+    const topology = this.shards.start();
     const workflows = await this.eventLog.subscribe('workflows', (e) => {
       if (!this.ownEvents.delete(e.eventId)) applyWorkflowEvent(this.workflows, e);
     });
@@ -58,7 +58,7 @@ export class Materializer {
       if (s.confirmedLsn !== null) this.confirmed.set(`${s.database}/${s.shard}`, s.confirmedLsn);
     }, { since: new Date(Date.now() - 60_000) });
     this.subs = [workflows, cdc];
-    await Promise.all(this.subs.map((s) => s.caughtUp));
+    await Promise.all([topology, ...this.subs.map((s) => s.caughtUp)]);
     this.timer = setInterval(() => void this.reconcile(), RECONCILE_MS);
   }
 
@@ -188,7 +188,7 @@ export class Materializer {
 
   private runner(rec: WorkflowRecord): MoveTablesRunner {
     return new MoveTablesRunner(rec, {
-      eventLog: this.eventLog, shards: this.shards, decoder: this.decoder, log: this.log, pageRows: this.cfg.pageRows,
+      eventLog: this.eventLog, shards: this.shards, decoder: this.decoder, log: this.log, pageRows: this.cfg.pageRows, vdiffRows: this.cfg.vdiffRows,
       cdcTopicPrefix: (db) => `${this.cfg.topicPrefix}${this.cfg.cdcTopicPrefixes[db] ?? 'mg'}`,
       publish: (w, p) => this.publish(w, p),
       confirmedLsn: (db, shard) => this.confirmed.get(`${db}/${shard}`),
