@@ -53,6 +53,13 @@ export interface Subscription {
   stop(): Promise<void>;
 }
 
+/** A reader of one topic from chosen offsets that stops, rather than skips, when its handler fails. */
+export interface Tail {
+  /** Resolves with the handler's error once it failed (the tail has stopped then), or undefined after stop(). */
+  ended: Promise<Error | undefined>;
+  stop(): Promise<void>;
+}
+
 export interface SubscribeOptions {
   /** A durable consumer group; without it the subscription reads the whole log and commits nothing. */
   groupId?: string;
@@ -303,6 +310,76 @@ export class EventLog {
         await consumer.disconnect();
       },
     };
+  }
+
+  /** The next offset of each partition of a topic (its high-water mark): where a reader starting now begins. */
+  async endOffsets(topic: string): Promise<Map<number, bigint>> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      return new Map((await whileRetriable(() => admin.fetchTopicOffsets(topic))).map((o) => [o.partition, BigInt(o.high)]));
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  async topicExists(topic: string): Promise<boolean> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      return (await admin.listTopics()).includes(topic);
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  /**
+   * Reads `topic` from `startAt` (per partition; others from their start),
+   * one fetched batch at a time, committing nothing: the caller keeps its own
+   * positions (e.g. with the data it writes). A handler that throws ends the
+   * tail before any later message is handed over.
+   */
+  async tail(
+    topic: string, startAt: ReadonlyMap<number, bigint>,
+    onBatch: (messages: RawMessage[], info: { partition: number; highWatermark: bigint }) => Promise<void>,
+  ): Promise<Tail> {
+    const consumer = this.kafka.consumer({
+      groupId: `${this.opts.clientId}.tail.${randomUUID()}`, sessionTimeout: 10_000, heartbeatInterval: 1_000, maxWaitTimeInMs: 100,
+    });
+    this.consumers.add(consumer);
+    let end!: (err: Error | undefined) => void;
+    const ended = new Promise<Error | undefined>((resolve) => (end = resolve));
+    let failed = false;
+    const stop = async () => {
+      this.consumers.delete(consumer);
+      await consumer.disconnect();
+      end(undefined);
+    };
+    await consumer.connect();
+    await consumer.subscribe({ topic, fromBeginning: true });
+    await consumer.run({
+      autoCommit: false,
+      eachBatch: async ({ batch, heartbeat }) => {
+        if (failed || batch.messages.length === 0) return;
+        const messages: RawMessage[] = batch.messages.map((m) => ({
+          topic, partition: batch.partition, offset: m.offset, key: m.key?.toString() ?? null,
+          value: m.value, headers: m.headers ?? {}, timestamp: new Date(Number(m.timestamp)),
+        }));
+        try {
+          await onBatch(messages, { partition: batch.partition, highWatermark: BigInt(batch.highWatermark) });
+          consumed.inc({ topic }, messages.length);
+          await heartbeat();
+        } catch (err) {
+          failed = true;
+          handlerErrors.inc({ topic });
+          consumer.pause([{ topic }]);
+          setImmediate(() => void stop().finally(() => end(err as Error)));
+          end(err as Error);
+        }
+      },
+    });
+    for (const [partition, offset] of startAt) consumer.seek({ topic, partition, offset: offset.toString() });
+    return { ended, stop };
   }
 
   async close(): Promise<void> {

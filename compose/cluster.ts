@@ -20,6 +20,7 @@ import {
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
 import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier } from './proxy.ts';
+import { startMaterializer, stopMaterializer } from './materializer.ts';
 import { startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
 import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
@@ -46,7 +47,7 @@ export function savedSpec(dataDir: string): ClusterSpec | undefined {
 }
 
 export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(12, out);
+  const progress = new Progress(13, out);
   fs.mkdirSync(spec.dataDir, { recursive: true });
   fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
   const planned = instancesOf(spec);
@@ -75,7 +76,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
       progress.note(created.length ? `created ${created.join(', ')}` : 'all present');
     });
     await progress.step('event schemas in the registry', async () => {
-      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'gatewayCancels', 'cdcStatus', 'orchEvents', 'backups'] as Array<keyof TopicValues>) {
+      for (const topic of ['topology', 'health', 'agentCommands', 'agentResults', 'gatewayCancels', 'cdcStatus', 'orchEvents', 'backups', 'workflows'] as Array<keyof TopicValues>) {
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
@@ -92,6 +93,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
     await progress.step('login role password', () => ensureLoginPassword(spec, progress, inactive));
     await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
     await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
+    await progress.step(`materializer on port ${spec.materializer.port} (workflows: mg workflow)`, () => startMaterializer(spec, paths, progress));
   } finally {
     await eventLog.close();
   }
@@ -251,8 +253,9 @@ async function waitHealthy(
 
 /** Stops everything `up` started: agents (which stop their Postgres), registry, Kafka. */
 export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(opts.clean ? 6 : 5, out);
+  const progress = new Progress(opts.clean ? 7 : 6, out);
   const instances = instancesOf(spec);
+  await progress.step('materializer', () => stopMaterializer(spec, runDir(spec), progress));
   await progress.step('orchestrators', () => stopOrchestrators(spec, runDir(spec), progress));
   await progress.step('gateway and poolers', () => stopProxyTier(spec, runDir(spec), progress));
   await progress.step('agents and their Postgres instances', async () => {

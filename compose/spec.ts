@@ -90,6 +90,14 @@ export const clusterSpecSchema = z.object({
     /** Where the admin API listens when it has a token. */
     apiHost: z.string().min(1).default('0.0.0.0'),
   }).strict().default({}),
+  /** The materializer (MoveTables, VDiff; docs/materializer.md): its REST API and /metrics. */
+  materializer: z.object({
+    port: port.default(19500),
+    /** Rows per copy page (each page is one event, the unit a restart resumes from). */
+    pageRows: z.number().int().min(1).max(1_000_000).default(5_000),
+    /** Source rows per VDiff range (one range scan per target shard each). */
+    vdiffRows: z.number().int().min(1).max(1_000_000).default(10_000),
+  }).strict().default({}),
   /** WAL archiving and backups through pgBackRest, one stanza per shard (docs/backups.md). */
   backup: backupConfigSchema.omit({ repoPath: true, lockPath: true, logPath: true }).extend({
     /** Default: <dataDir>/backups. */
@@ -195,6 +203,7 @@ function checkPortClashes(spec: ClusterSpec): void {
   take(spec.gateway.metricsPort, 'gateway.metricsPort');
   if (spec.gateway.httpPort !== undefined) take(spec.gateway.httpPort, 'gateway.httpPort');
   spec.cells.forEach((cell, i) => take(spec.orchestrator.basePort + i, `orchestrator port of ${cell}`));
+  take(spec.materializer.port, 'materializer.port');
   for (const inst of instancesOf(spec)) {
     take(inst.port, `postgres port of ${inst.instanceId}`);
     take(inst.metricsPort, `agent metrics port of ${inst.instanceId}`);

@@ -82,6 +82,14 @@ export const topics = {
     valueSchema: 'backup-event.avsc',
     doc: 'Backups of each shard (started, progress, completed with LSN range, size and duration, failed with the reason), keyed by <database>/<shard>.',
   },
+  workflows: {
+    name: 'mg.workflows.v1',
+    partitions: 1, // one partition: a workflow's command, status and VDiff events keep their order
+    cleanupPolicy: 'compact',
+    retentionMs: -1,
+    valueSchema: 'workflow-event.avsc',
+    doc: 'Materializer workflows (MoveTables): definition, operator commands, phase and progress, VDiff reports; keyed workflow/<name>[/aspect].',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

@@ -99,6 +99,16 @@ export function numericPrecision(typmod: number): { precision: number; scale: nu
   return { precision: (t >> 16) & 0xffff, scale: t & 0xffff };
 }
 
+/** A decimal's unscaled value (big-endian two's complement, as Avro's decimal carries it) with its scale, as text. */
+export function decimalText(unscaled: Buffer, scale: number): string {
+  let v = unscaled.length ? BigInt(`0x${unscaled.toString('hex')}`) : 0n;
+  if (unscaled.length && unscaled[0] & 0x80) v -= 1n << BigInt(unscaled.length * 8);
+  const neg = v < 0n;
+  const digits = (neg ? -v : v).toString().padStart(scale + 1, '0');
+  const text = scale ? `${digits.slice(0, -scale)}.${digits.slice(-scale)}` : digits;
+  return neg ? `-${text}` : text;
+}
+
 const SOURCE: AvroSchema = {
   type: 'record', name: 'Source', namespace: 'io.multigres.cdc',
   doc: 'Where and when a change happened. (epoch, commit_lsn, position) orders the events of one stream and identifies redelivered ones.',

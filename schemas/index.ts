@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { topics, valueSubject, type TopicName } from './catalog.ts';
 import { AvroCodec } from './codec/confluent.ts';
 import type { SchemaRegistryClient } from './codec/registry.ts';
-import type { AgentCommand, AgentCommandResult, BackupEvent, CdcStreamStatus, GatewayCancel, HealthEvent, OrchEvent, TopologyEvent } from './generated/types.ts';
+import type { AgentCommand, AgentCommandResult, BackupEvent, CdcStreamStatus, GatewayCancel, HealthEvent, OrchEvent, TopologyEvent, WorkflowEvent } from './generated/types.ts';
 
 export * from './catalog.ts';
 export * from './topology.ts';
@@ -14,6 +14,7 @@ export * from './consensus.ts';
 export * from './twopc.ts';
 export * from './backup.ts';
 export * from './vschema/index.ts';
+export * from './workflow.ts';
 export * from './generated/types.ts';
 export { AvroCodec, DecodeError, EncodeError } from './codec/confluent.ts';
 export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';
@@ -35,6 +36,7 @@ export interface TopicValues {
   cdcStatus: CdcStreamStatus;
   orchEvents: OrchEvent;
   backups: BackupEvent;
+  workflows: WorkflowEvent;
 }
 
 /** The codec of a catalog topic's values; `topicName` is the topic's actual (maybe prefixed) name. */

@@ -16,6 +16,7 @@
  *   mg database list|create|drop|activate|deactivate ... (see USAGE)
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
  *   mg vschema show   <db> [--data-dir dir]
+ *   mg workflow create|list|show|start|stop|cancel|vdiff ... (see USAGE)
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -29,6 +30,7 @@ import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { createWithInstances, runDatabaseCommand } from './database.ts';
 import { runShardCommand } from './shard.ts';
 import { callOrchestrator } from '../orchestrators.ts';
+import { runWorkflowCommand } from './workflow.ts';
 import YAML from 'yaml';
 
 const USAGE = `usage:
@@ -54,6 +56,10 @@ const USAGE = `usage:
   mg database activate   <name> [--data-dir dir]
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
   mg vschema show   <db> [--data-dir dir]
+  mg workflow create <name> --source <db> --target <db> --tables t1,t2 [--data-dir dir]
+  mg workflow list   [--data-dir dir]
+  mg workflow show|start|stop|cancel <name> [--data-dir dir]
+  mg workflow vdiff  <name> [--no-wait] [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -82,6 +88,9 @@ async function main(argv: string[]): Promise<void> {
       replicas: { type: 'string' },
       durability: { type: 'string' },
       yes: { type: 'boolean' },
+      source: { type: 'string' },
+      target: { type: 'string' },
+      tables: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -132,6 +141,18 @@ async function main(argv: string[]): Promise<void> {
     }
     if (command === 'drop' && !values.yes) throw new UsageError(`database drop deletes ${name} and its data: confirm with --yes`);
     process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
+    return;
+  }
+  if (group === 'workflow') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    if (!['create', 'list', 'show', 'start', 'stop', 'cancel', 'vdiff'].includes(command ?? '')) throw new UsageError(`unknown command: workflow ${command ?? '(none)'}`);
+    const name = positionals[2];
+    if (command !== 'list' && !name) throw new UsageError(`workflow ${command} needs a workflow name`);
+    if (command === 'create' && (!values.source || !values.target || !values.tables)) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
+    process.exitCode = await runWorkflowCommand(spec, command!, {
+      name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'],
+    });
     return;
   }
   if (group === 'vschema') {

@@ -268,3 +268,92 @@ export interface TopologyEvent {
   source: string;
   payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied };
 }
+
+export type WorkflowType = 'MOVE_TABLES';
+
+export interface WorkflowCreated {
+  type: WorkflowType;
+  sourceDatabase: string;
+  targetDatabase: string;
+  /** schema.table names (public. when unqualified). */
+  tables: Array<string>;
+}
+
+export type WorkflowAction = 'START' | 'STOP' | 'CANCEL';
+
+export interface WorkflowCommanded {
+  action: WorkflowAction;
+}
+
+export type WorkflowPhase = 'COPYING' | 'RUNNING' | 'STOPPED' | 'CANCELLED' | 'FAILED';
+
+export interface PartitionOffset {
+  topic: string;
+  partition: number;
+  offset: bigint;
+}
+
+export interface TableCopy {
+  table: string;
+  rowsCopied: bigint;
+  /** The source's row estimate when the copy began. */
+  rowsEstimated: bigint;
+  /** JSON array of the primary-key values (text) of the last copied chunk's last row; the copy resumes after it. */
+  lastKey: null | string;
+  done: boolean;
+}
+
+export interface WorkflowStatus {
+  phase: WorkflowPhase;
+  /** FAILED: the reason; otherwise a note. */
+  message: null | string;
+  /** Where catch-up starts in the source's change topics: their ends, read before the first copy snapshot. */
+  startOffsets: Array<PartitionOffset>;
+  tables: Array<TableCopy>;
+  rowsCopied: bigint;
+  copyRowsPerSecond: number;
+  /** Copy: time left at the current rate. */
+  etaSeconds: null | number;
+  eventsApplied: bigint;
+  /** Catch-up: age of the last applied change's commit (0 when nothing is waiting). */
+  lagSeconds: null | number;
+}
+
+export interface VDiffRequested {
+  id: string;
+}
+
+export type VDiffState = 'RUNNING' | 'COMPLETED' | 'FAILED';
+
+export interface VDiffTable {
+  table: string;
+  sourceRows: bigint;
+  targetRows: bigint;
+  /** On the source, not on the target. */
+  missing: bigint;
+  /** On the target, not on the source (or on a shard its vindex does not name). */
+  extra: bigint;
+  different: bigint;
+  /** A few of the rows found missing, extra or different. */
+  examples: Array<string>;
+}
+
+export interface VDiffReported {
+  id: string;
+  state: VDiffState;
+  /** The source WAL position both sides were compared at. */
+  sourceLsn: null | bigint;
+  tables: Array<VDiffTable>;
+  durationMs: bigint;
+  error: null | string;
+}
+
+/** One fact about one materializer workflow (MoveTables, ...). The workflows topic is compacted by key: workflow/<name> (definition), workflow/<name>/command (what the operator asked), workflow/<name>/status (phase and progress, from the materializer), workflow/<name>/vdiff (the last VDiff request or report); each event states the whole of its aspect. */
+export interface WorkflowEvent {
+  eventId: string;
+  ts: Date;
+  /** Who emitted it: mg-cli, materializer/<id>. */
+  source: string;
+  workflow: string;
+  payload: { 'io.multigres.workflow.WorkflowCreated': WorkflowCreated } | { 'io.multigres.workflow.WorkflowCommanded': WorkflowCommanded } | { 'io.multigres.workflow.WorkflowStatus': WorkflowStatus } | { 'io.multigres.workflow.VDiffRequested': VDiffRequested } | { 'io.multigres.workflow.VDiffReported': VDiffReported };
+}

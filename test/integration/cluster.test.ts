@@ -9,7 +9,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
-import { isAlive } from '../../compose/supervise.ts';
+import { isAlive, readPid } from '../../compose/supervise.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
 import {
   applyTopologyEvent, emptyTopology, foldTopology, type AgentCommandResult, type HealthEvent, type TopologyEvent,
@@ -69,10 +69,14 @@ function statusRows(out: string): Map<string, Record<string, string>> {
   }));
 }
 
-test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async () => {
+test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async (t) => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /\[12\/12\] MultiGateway .*: done in/);
+  assert.match(up.stdout, /\[12\/13\] MultiGateway .*: done in/);
+  assert.match(up.stdout, /\[13\/13\] materializer .*: done in/);
+  t.diagnostic(up.stdout.split('\n').filter((l) => /^\[\d+\/13\]|is up in/.test(l)).join('\n'));
+  const healthz = await fetch(`http://127.0.0.1:${cluster.spec.materializer.port}/healthz`);
+  assert.equal(healthz.status, 200);
   assert.match(up.stdout, /postgres\/-: primary postgres-0-zone\d-\d, term \d+, policy ANY_2/);
   ({ primary, replicas: [replica1, replica2] } = await cluster.roles());
   assert.match(up.stdout, new RegExp(`psql -h 127.0.0.1 -p ${cluster.spec.gateway.port} -U postgres postgres`));
@@ -223,9 +227,12 @@ test('a bad spec is refused with an error naming the field', async () => {
 
 test('down stops every agent and Postgres it started', async () => {
   const pids = [primary, replica1, replica2].map((i) => agentPid(i.instanceId));
+  const materializer = readPid(path.join(dataDir, 'run'), 'materializer');
+  assert.ok(materializer, 'up started a materializer');
   const res = await mg('cluster', 'down', ...flags);
   assert.equal(res.code, 0, res.stderr);
   for (const pid of pids) assert.equal(isAlive(pid), false, `agent pid ${pid} still alive`);
+  assert.equal(isAlive(materializer!), false, 'the materializer still runs');
   for (const inst of [primary, replica1, replica2]) {
     await assert.rejects(query(inst.port, 'SELECT 1'), /ECONNREFUSED/);
   }

@@ -89,12 +89,5 @@ function plain(v: any): any {
   return v;
 }
 
-/** A decimal's unscaled value (big-endian two's complement) with its scale, as text. */
-export function decimalText(unscaled: Buffer, scale: number): string {
-  let v = unscaled.length ? BigInt(`0x${unscaled.toString('hex')}`) : 0n;
-  if (unscaled.length && unscaled[0] & 0x80) v -= 1n << BigInt(unscaled.length * 8);
-  const neg = v < 0n;
-  const digits = (neg ? -v : v).toString().padStart(scale + 1, '0');
-  const text = scale ? `${digits.slice(0, -scale)}.${digits.slice(-scale)}` : digits;
-  return neg ? `-${text}` : text;
-}
+/** Rendering decimals for assertions (compared with literal expected values) is the contract's own helper. */
+export { decimalText } from '../../schemas/cdc.ts';

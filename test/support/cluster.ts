@@ -37,7 +37,7 @@ export interface TestCluster {
 /**
  * Ports are spread by `slot` (0..4) so test files never collide (per slot:
  * Postgres +0, agents +100, poolers +200/+300, gateway +400/+401, orchestrators
- * +450; a test's own extra processes use +480..+499); all stay
+ * +450, materializer +470; a test's own extra processes use +480..+499); all stay
  * below Linux's ephemeral range (32768+). MG_TEST_PORT_BASE moves the whole
  * range, so two test runs (e.g. two worktrees) can share a machine.
  * `settings` adds or overrides spec fields (`group.field` -> value), as `mg --set`
@@ -55,7 +55,7 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
     'kafka.bootstrap': bootstrap(), 'registry.url': registryUrl(), 'kafka.topicPrefix': prefix,
     'postgres.basePort': base, 'agent.metricsBasePort': base + 100, 'pooler.basePort': base + 200,
     'pooler.metricsBasePort': base + 300, 'gateway.port': base + 400, 'gateway.metricsPort': base + 401,
-    'orchestrator.basePort': base + 450,
+    'orchestrator.basePort': base + 450, 'materializer.port': base + 470,
     ...settings,
   };
   const flags = ['--data-dir', dataDir, ...Object.entries(all).flatMap(([k, v]) => ['--set', `${k}=${v}`])];

@@ -1,0 +1,103 @@
+/** `mg workflow create|list|show|start|stop|cancel|vdiff`: materializer workflows, through its REST API. */
+import { callMaterializer } from '../materializer.ts';
+import type { ClusterSpec } from '../spec.ts';
+
+export interface WorkflowArgs {
+  name: string | undefined;
+  source: string | undefined;
+  target: string | undefined;
+  tables: string | undefined;
+  wait: boolean;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Prints the answer; returns the exit code (0 done, 1 refused or failed). */
+export async function runWorkflowCommand(spec: ClusterSpec, command: string, args: WorkflowArgs): Promise<number> {
+  const path = `/v1/workflows/${encodeURIComponent(args.name ?? '')}`;
+  switch (command) {
+    case 'list': {
+      const r = await callMaterializer(spec, 'GET', '/v1/workflows');
+      if (r.status !== 200) return fail(r);
+      console.log(['NAME', 'TYPE', 'SOURCE', 'TARGET', 'PHASE', 'ROWS COPIED', 'ROWS/S', 'ETA', 'APPLIED', 'LAG'].map((h, i) => h.padEnd(WIDTHS[i])).join(' '));
+      for (const w of r.body.workflows) console.log(row(w));
+      return 0;
+    }
+    case 'show': {
+      const r = await callMaterializer(spec, 'GET', path);
+      if (r.status !== 200) return fail(r);
+      console.log(renderWorkflow(r.body));
+      return 0;
+    }
+    case 'create': {
+      const r = await callMaterializer(spec, 'POST', '/v1/workflows', {
+        name: args.name, source: args.source, target: args.target, tables: (args.tables ?? '').split(',').map((t) => t.trim()).filter(Boolean),
+      });
+      if (r.status !== 201) return fail(r);
+      console.log(`workflow ${args.name}: created (MoveTables ${args.source} -> ${args.target}: ${r.body.tables.join(', ')})`);
+      return 0;
+    }
+    case 'vdiff': {
+      const r = await callMaterializer(spec, 'POST', `${path}/vdiff`);
+      if (r.status !== 202) return fail(r);
+      if (!args.wait) {
+        console.log(`vdiff ${r.body.id} requested; see mg workflow show ${args.name}`);
+        return 0;
+      }
+      for (;;) {
+        await sleep(500);
+        const s = await callMaterializer(spec, 'GET', path);
+        const v = s.body.vdiff;
+        if (v?.id !== r.body.id || v.state === 'REQUESTED' || v.state === 'RUNNING') continue;
+        console.log(renderVDiff(v));
+        return v.state === 'COMPLETED' && clean(v) ? 0 : 1;
+      }
+    }
+    default: {
+      const r = await callMaterializer(spec, 'POST', `${path}/${command}`);
+      if (r.status !== 202) return fail(r);
+      console.log(`workflow ${args.name}: ${command} requested`);
+      return 0;
+    }
+  }
+}
+
+const WIDTHS = [16, 12, 12, 12, 10, 12, 10, 8, 10, 8];
+
+const secs = (s: number | null) => (s === null ? '-' : `${s.toFixed(1)}s`);
+
+function row(w: any): string {
+  const p = w.progress;
+  return [w.name, w.type, w.source, w.target, w.phase, p.rowsCopied, Math.round(p.rowsPerSecond), secs(p.etaSeconds), p.eventsApplied, secs(p.lagSeconds)]
+    .map((v, i) => String(v).padEnd(WIDTHS[i])).join(' ');
+}
+
+export function renderWorkflow(w: any): string {
+  const p = w.progress;
+  const lines = [
+    `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
+    `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, updated ${w.updatedAt ?? '-'}`,
+    `  copy: ${p.rowsCopied} rows, ${Math.round(p.rowsPerSecond)} rows/s, ETA ${secs(p.etaSeconds)}`,
+    ...p.tables.map((t: any) => `    ${t.table}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),
+    `  catch-up: ${p.eventsApplied} changes applied, lag ${secs(p.lagSeconds)}`,
+  ];
+  if (w.vdiff) lines.push(renderVDiff(w.vdiff));
+  return lines.join('\n');
+}
+
+const clean = (v: any) => v.tables.every((t: any) => t.missing === '0' && t.extra === '0' && t.different === '0');
+
+function renderVDiff(v: any): string {
+  if (v.state !== 'COMPLETED') return `  vdiff ${v.id}: ${v.state}${v.error ? `: ${v.error}` : ''}`;
+  const lines = [`  vdiff ${v.id}: ${clean(v) ? 'clean' : 'DIFFERENCES'} (${v.durationMs} ms)`];
+  for (const t of v.tables) {
+    lines.push(`    ${t.table}: source ${t.sourceRows} rows, target ${t.targetRows}; missing ${t.missing}, extra ${t.extra}, different ${t.different}`);
+    for (const e of t.examples) lines.push(`      ${e}`);
+  }
+  return lines.join('\n');
+}
+
+function fail(r: { status: number; body: any }): number {
+  console.error(`mg: ${r.body?.error ?? `HTTP ${r.status}`}`);
+  return 1;
+}

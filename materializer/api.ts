@@ -1,0 +1,69 @@
+/**
+ * The materializer's REST API and /metrics on its own port (decision 0038):
+ * workflows listed, shown, created, started, stopped, cancelled, and VDiff
+ * requested and read. Every change is an event on the workflows topic; the
+ * answers come from the fold of that topic.
+ */
+import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import { metrics } from '../common/metrics.ts';
+import type { WorkflowAction, WorkflowRecord } from '../schemas/index.ts';
+import { RequestError, type Materializer } from './service.ts';
+
+/** JSON with 64-bit integers (offsets, row counts) as strings. */
+const json = (v: unknown) => JSON.parse(JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x)));
+
+/** A workflow as the API and the CLI show it. */
+export function workflowView(rec: WorkflowRecord) {
+  const s = rec.status;
+  return json({
+    name: rec.name, type: rec.definition.type, source: rec.definition.sourceDatabase, target: rec.definition.targetDatabase,
+    tables: rec.definition.tables, createdAt: rec.createdAt, command: rec.action,
+    phase: s?.phase ?? 'PENDING', message: s?.message ?? null, updatedAt: rec.statusAt ?? null,
+    progress: {
+      rowsCopied: s?.rowsCopied ?? 0n, rowsPerSecond: s?.copyRowsPerSecond ?? 0, etaSeconds: s?.etaSeconds ?? null,
+      eventsApplied: s?.eventsApplied ?? 0n, lagSeconds: s?.lagSeconds ?? null,
+      tables: s?.tables ?? [],
+    },
+    vdiff: rec.vdiff ?? (rec.vdiffRequest ? { id: rec.vdiffRequest.id, state: 'REQUESTED' } : null),
+  });
+}
+
+const nameParams = { type: 'object', properties: { name: { type: 'string' } }, required: ['name'] };
+
+export async function serveApi(m: Materializer, port: number, healthy: () => boolean): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false });
+  app.setErrorHandler((err: FastifyError, _req, reply) => {
+    if (err instanceof RequestError) return reply.code(err.status).send({ error: err.message });
+    if (err.validation) return reply.code(400).send({ error: err.message });
+    return reply.code(500).send({ error: err.message });
+  });
+  app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+  app.get('/healthz', async (_req, reply) => reply.code(healthy() ? 200 : 503).send({ ok: healthy() }));
+  app.get('/v1/workflows', async () => ({ workflows: [...m.workflows.values()].map(workflowView) }));
+  app.get<{ Params: { name: string } }>('/v1/workflows/:name', { schema: { params: nameParams } }, async (req) => workflowView(m.get(req.params.name)));
+  app.post<{ Body: { name: string; source: string; target: string; tables: string[] } }>('/v1/workflows', {
+    schema: {
+      body: {
+        type: 'object', additionalProperties: false, required: ['name', 'source', 'target', 'tables'],
+        properties: {
+          name: { type: 'string' }, source: { type: 'string' }, target: { type: 'string' },
+          tables: { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1 },
+        },
+      },
+    },
+  }, async (req, reply) => {
+    const { name, source, target, tables } = req.body;
+    const rec = await m.create({ name, sourceDatabase: source, targetDatabase: target, tables });
+    return reply.code(201).send(workflowView(rec));
+  });
+  for (const action of ['start', 'stop', 'cancel'] as const) {
+    app.post<{ Params: { name: string } }>(`/v1/workflows/:name/${action}`, { schema: { params: nameParams } }, async (req, reply) => {
+      const rec = await m.command(req.params.name, action.toUpperCase() as WorkflowAction);
+      return reply.code(202).send(workflowView(rec));
+    });
+  }
+  app.post<{ Params: { name: string } }>('/v1/workflows/:name/vdiff', { schema: { params: nameParams } }, async (req, reply) =>
+    reply.code(202).send({ id: await m.requestVDiff(req.params.name) }));
+  await app.listen({ host: '127.0.0.1', port });
+  return app;
+}

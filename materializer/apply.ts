@@ -1,0 +1,199 @@
+/**
+ * Catch-up: change events of the source's table topics applied to the target
+ * shards. Idempotent by source position: each target shard keeps, per
+ * workflow and topic partition, the last applied (epoch, commit LSN, position)
+ * of each source shard and the Kafka offset, in mg_materializer.positions,
+ * written in the same transaction as the rows. Anything at or below that
+ * tuple (a redelivery, or a replay after a crash) is skipped on that shard.
+ */
+import type pg from 'pg';
+import type { RawMessage } from '../common/eventlog.ts';
+import type { KeyRange } from '../schemas/index.ts';
+import type { Change, ChangeDecoder, Row } from './changes.ts';
+import { deleteSql, keyText, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable } from './tables.ts';
+
+export type Tuple = [epoch: bigint, commitLsn: bigint, position: bigint];
+
+const after = (a: Tuple, b: Tuple | undefined) => !b || a[0] > b[0] || (a[0] === b[0] && (a[1] > b[1] || (a[1] === b[1] && a[2] > b[2])));
+
+export const POSITIONS_DDL = `CREATE SCHEMA IF NOT EXISTS mg_materializer;
+CREATE TABLE IF NOT EXISTS mg_materializer.positions (
+  workflow text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
+  kafka_offset bigint NOT NULL,
+  applied jsonb NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (workflow, topic, kafka_partition))`;
+
+/** A target shard's position in one topic partition. */
+interface ShardPosition { offset: bigint; applied: Map<string, Tuple> }
+
+/** Where catch-up stops for a VDiff: changes committed at or after `lsn` wait. */
+export interface Barrier { lsn: bigint }
+
+export interface BatchResult {
+  applied: number;
+  /** Commit time of the last change applied (ms), if any. */
+  lastCommitMs: number | undefined;
+  /** The batch reached a change at or past the barrier: this partition is done. */
+  reachedBarrier: boolean;
+}
+
+type Op = { kind: 'upsert'; row: Row } | { kind: 'delete'; key: Row };
+/** A shard's ops in order, as runs between truncates; within a run only each key's last op matters. */
+type Segment = { truncate: boolean; ops: Map<string, Op> };
+
+export class TableApplier {
+  /** Per target shard, per partition. */
+  private positions = new Map<string, Map<number, ShardPosition>>();
+  /** (txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
+  readonly recent: Array<{ txId: bigint; commitLsn: bigint }> = [];
+
+  constructor(
+    readonly workflow: string,
+    readonly table: MovedTable,
+    readonly topic: string,
+    private readonly targets: Map<string, pg.Client>,
+    private readonly ranges: KeyRange[],
+    private readonly decoder: ChangeDecoder,
+  ) {}
+
+  /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
+  async load(startOffsets: Map<number, bigint>): Promise<Map<number, bigint>> {
+    const start = new Map(startOffsets);
+    const perShard = await Promise.all([...this.targets].map(async ([shard, client]) => {
+      const { rows } = await client.query<{ kafka_partition: string; kafka_offset: string; applied: string }>(
+        'SELECT kafka_partition, kafka_offset, applied::text FROM mg_materializer.positions WHERE workflow = $1 AND topic = $2',
+        [this.workflow, this.topic]);
+      const byPartition = new Map<number, ShardPosition>();
+      for (const r of rows) {
+        const applied = new Map(Object.entries(JSON.parse(r.applied) as Record<string, string[]>).map(([s, t]) => [s, t.map(BigInt) as Tuple]));
+        byPartition.set(Number(r.kafka_partition), { offset: BigInt(r.kafka_offset), applied });
+      }
+      this.positions.set(shard, byPartition);
+      return byPartition;
+    }));
+    for (const partition of start.keys()) {
+      const next = perShard.map((p) => p.get(partition)?.offset);
+      // Only when every shard has applied past a point can reading begin after it.
+      if (next.every((o) => o !== undefined)) start.set(partition, next.reduce((a, b) => (b! < a! ? b : a))! + 1n);
+    }
+    return start;
+  }
+
+  /** Applies one fetched batch of a partition on every target shard (one transaction each, with the position). */
+  async applyBatch(partition: number, messages: RawMessage[], barrier?: Barrier): Promise<BatchResult> {
+    const segments = new Map<string, Segment[]>([...this.targets.keys()].map((s) => [s, [{ truncate: false, ops: new Map() }]]));
+    const newApplied = new Map<string, Map<string, Tuple>>([...this.targets.keys()].map((s) => [s, new Map()]));
+    let lastOffset: bigint | undefined;
+    let applied = 0;
+    let lastCommitMs: number | undefined;
+    let reachedBarrier = false;
+    for (const m of messages) {
+      let change: Change | undefined;
+      if (m.value !== null) {
+        change = await this.decoder.decode(m.value);
+        if (barrier && change.commitLsn >= barrier.lsn) {
+          reachedBarrier = true;
+          break;
+        }
+      }
+      lastOffset = BigInt(m.offset);
+      if (!change) continue; // a tombstone: the delete before it did the work
+      const tuple: Tuple = [change.epoch, change.commitLsn, change.position];
+      let taken = false;
+      for (const [shard, op] of this.routes(change, m)) {
+        const held = newApplied.get(shard)!.get(change.sourceShard) ?? this.positions.get(shard)?.get(partition)?.applied.get(change.sourceShard);
+        if (!after(tuple, held)) continue; // applied before (a redelivery or a replay)
+        taken = true;
+        newApplied.get(shard)!.set(change.sourceShard, tuple);
+        const runs = segments.get(shard)!;
+        if (op === 'truncate') runs.push({ truncate: true, ops: new Map() });
+        else {
+          const row = op.kind === 'upsert' ? op.row : op.key;
+          runs[runs.length - 1].ops.set(keyText(this.table, row), op);
+        }
+      }
+      // Every shard moves past it (a change concerns one shard, but all record the position).
+      for (const shard of this.targets.keys()) {
+        const map = newApplied.get(shard)!;
+        const held = map.get(change.sourceShard) ?? this.positions.get(shard)?.get(partition)?.applied.get(change.sourceShard);
+        if (after(tuple, held)) map.set(change.sourceShard, tuple);
+      }
+      lastCommitMs = change.commitMs;
+      if (!taken) continue;
+      applied++;
+      if (change.txId !== null) {
+        this.recent.push({ txId: change.txId, commitLsn: change.commitLsn });
+        if (this.recent.length > 10_000) this.recent.splice(0, this.recent.length - 5_000);
+      }
+    }
+    if (lastOffset !== undefined) {
+      const offset = lastOffset;
+      await Promise.all([...this.targets].map(([shard, client]) =>
+        this.commit(shard, client, partition, offset, segments.get(shard)!, newApplied.get(shard)!)));
+    }
+    return { applied, lastCommitMs, reachedBarrier };
+  }
+
+  /** Which shards a change touches, and how. */
+  private routes(change: Change, m: RawMessage): Array<[string, Op | 'truncate']> {
+    const t = this.table;
+    const all = [...this.targets.keys()];
+    if (change.unavailable.length) {
+      throw new WorkflowError(`${t.table} at offset ${m.offset}: an update left TOASTed columns (${change.unavailable.join(', ')}) unsent; set REPLICA IDENTITY FULL on the source table`);
+    }
+    switch (change.op) {
+      case 't':
+        // The source is one shard (MoveTables from an unsharded database): its truncate empties the table everywhere.
+        return all.map((s) => [s, 'truncate']);
+      case 'd': {
+        const key = change.before!;
+        if (vindexInKey(t)) return [[shardOfRow(t, key, this.ranges), { kind: 'delete', key }]];
+        return all.map((s) => [s, { kind: 'delete', key }]);
+      }
+      default: {
+        const row = change.after!;
+        const home = shardOfRow(t, row, this.ranges);
+        const out: Array<[string, Op]> = [[home, { kind: 'upsert', row }]];
+        // A vindex column outside the key can change in an update: the row's old copy may be on another shard.
+        if (!vindexInKey(t)) for (const s of all) if (s !== home) out.push([s, { kind: 'delete', key: row }]);
+        return out;
+      }
+    }
+  }
+
+  private async commit(shard: string, client: pg.Client, partition: number, offset: bigint, runs: Segment[], applied: Map<string, Tuple>): Promise<void> {
+    const held = this.positions.get(shard)?.get(partition)?.applied ?? new Map<string, Tuple>();
+    const merged = new Map([...held, ...applied]);
+    try {
+      await client.query('BEGIN');
+      for (const run of runs) {
+        if (run.truncate) await client.query(`DELETE FROM ${this.table.sql}`);
+        const ops = [...run.ops.values()];
+        const deletes = ops.flatMap((o) => (o.kind === 'delete' ? [o.key] : []));
+        const upserts = ops.flatMap((o) => (o.kind === 'upsert' ? [o.row] : []));
+        if (deletes.length) await client.query(deleteSql(this.table, deletes));
+        if (upserts.length) await client.query(upsertSql(this.table, upserts));
+      }
+      await client.query(
+        `INSERT INTO mg_materializer.positions (workflow, topic, kafka_partition, kafka_offset, applied) VALUES ($1, $2, $3, $4, $5::jsonb)
+         ON CONFLICT (workflow, topic, kafka_partition) DO UPDATE SET kafka_offset = EXCLUDED.kafka_offset, applied = EXCLUDED.applied, updated_at = now()`,
+        [this.workflow, this.topic, partition, offset.toString(), JSON.stringify(Object.fromEntries([...merged].map(([s, t]) => [s, t.map(String)])))]);
+      await client.query('COMMIT');
+    } catch (err) {
+      await client.query('ROLLBACK').catch(() => {});
+      throw new WorkflowError(`applying changes of ${this.table.table} on target shard ${shard} (up to offset ${offset}): ${(err as Error).message}`);
+    }
+    const byPartition = this.positions.get(shard) ?? new Map<number, ShardPosition>();
+    byPartition.set(partition, { offset, applied: merged });
+    this.positions.set(shard, byPartition);
+  }
+}
+
+export async function ensurePositionsTable(client: pg.Client): Promise<void> {
+  await client.query(POSITIONS_DDL);
+}
+
+export async function dropPositions(client: pg.Client, workflow: string): Promise<void> {
+  await client.query('DELETE FROM mg_materializer.positions WHERE workflow = $1', [workflow]);
+}

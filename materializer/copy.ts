@@ -1,0 +1,41 @@
+/**
+ * The copy phase: each table read from one REPEATABLE READ snapshot of the
+ * source in primary-key pages, each page's rows upserted on the shards their
+ * vindex names; after every page the caller records the last key (an event),
+ * so a restart resumes after it, on a new snapshot. That is exact because
+ * catch-up replays every change from before the first snapshot: whatever
+ * snapshot a page came from, the replay brings each row to its latest state.
+ */
+import type pg from 'pg';
+import type { KeyRange } from '../schemas/index.ts';
+import type { Row } from './changes.ts';
+import { pageSql, shardOfRow, upsertSql, type MovedTable } from './tables.ts';
+
+export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
+
+/**
+ * Copies `t` from after `from.lastKey` to its end; `onPage` runs after each
+ * page is on every target shard, and may stop the copy by returning false.
+ */
+export async function copyTable(
+  source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, from: CopyPosition, pageRows: number,
+  onPage: (p: CopyPosition, rows: number) => Promise<boolean>,
+): Promise<CopyPosition> {
+  let pos = from;
+  for (;;) {
+    const { rows } = await source.query<Row>(pageSql(t, pos.lastKey, pageRows));
+    if (rows.length === 0) return pos;
+    const byShard = new Map<string, Row[]>();
+    for (const row of rows) {
+      const shard = shardOfRow(t, row, ranges);
+      const list = byShard.get(shard) ?? [];
+      list.push(row);
+      byShard.set(shard, list);
+    }
+    await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(t, list))));
+    const last = rows[rows.length - 1];
+    pos = { lastKey: t.key.map((k) => last[k]!), rowsCopied: pos.rowsCopied + rows.length };
+    if (!(await onPage(pos, rows.length))) return pos;
+    if (rows.length < pageRows) return pos;
+  }
+}

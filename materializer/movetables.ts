@@ -1,0 +1,340 @@
+/**
+ * One MoveTables workflow run: copy (resumable per page) then catch-up from
+ * the source's change topics, and VDiff on demand. Its state lives in Kafka
+ * (WorkflowStatus events) and in the target shards (positions): a new run
+ * after a crash or a stop picks up from both.
+ */
+import type pg from 'pg';
+import type { EventLog, Tail } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
+import { gauge, counter } from '../common/metrics.ts';
+import { tableTopic } from '../schemas/cdc.ts';
+import type { KeyRange, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
+import { ensurePositionsTable, TableApplier, type Barrier } from './apply.ts';
+import type { ChangeDecoder } from './changes.ts';
+import { copyTable } from './copy.ts';
+import type { ShardMap } from './shards.ts';
+import { createTableSql, describeTable, WorkflowError, type MovedTable } from './tables.ts';
+import { diffTable } from './vdiff.ts';
+
+export interface RunnerContext {
+  eventLog: EventLog;
+  shards: ShardMap;
+  decoder: ChangeDecoder;
+  log: Logger;
+  /** The CDC topic prefix of a source database: the cluster's Kafka prefix plus the stream's. */
+  cdcTopicPrefix(database: string): string;
+  pageRows: number;
+  vdiffRows: number;
+  publish(workflow: string, payload: WorkflowEvent['payload']): Promise<void>;
+  /** The latest confirmed LSN of a source shard's change stream (everything committed before it is in Kafka). */
+  confirmedLsn(database: string, shard: string): bigint | undefined;
+}
+
+const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
+const copyRate = gauge('mg_materializer_copy_rows_per_second', 'Copy rate of the workflow (rows/s)', ['workflow']);
+const copyEta = gauge('mg_materializer_copy_eta_seconds', 'Estimated time left in the copy phase', ['workflow']);
+const lag = gauge('mg_materializer_lag_seconds', 'Age of the oldest change not applied yet (0 when caught up)', ['workflow']);
+const applied = counter('mg_materializer_events_applied_total', 'Change events applied to target shards', ['workflow']);
+const vdiffRows = counter('mg_materializer_vdiff_rows_total', 'Source rows compared by VDiff', ['workflow']);
+
+const PROGRESS_MS = 1_000;
+
+export class MoveTablesRunner {
+  status: WorkflowStatus;
+  private stopping = false;
+  private tails: Tail[] = [];
+  private appliers: TableApplier[] = [];
+  private tables: MovedTable[] = [];
+  private topics: string[] = [];
+  private ranges: KeyRange[] = [];
+  private source: pg.Client | undefined;
+  private targets = new Map<string, pg.Client>();
+  private timer: NodeJS.Timeout | undefined;
+  private lastCommitMs = new Map<string, number>();
+  private behind = new Set<string>();
+  private vdiffRunning = false;
+  /** Settles when the run has ended (stopped or failed). */
+  readonly done: Promise<void>;
+  private finish!: () => void;
+
+  constructor(private readonly rec: WorkflowRecord, private readonly ctx: RunnerContext) {
+    this.status = rec.status ?? freshStatus();
+    this.done = new Promise((resolve) => (this.finish = resolve));
+  }
+
+  get name(): string {
+    return this.rec.name;
+  }
+
+  start(): void {
+    this.run().catch((err) => this.fail(err as Error));
+  }
+
+  /** Stops copying or applying; the status becomes `phase` (STOPPED, or CANCELLED by the caller). */
+  async stop(phase: 'STOPPED' | 'CANCELLED', message: string | null = null): Promise<void> {
+    this.stopping = true;
+    await this.halt();
+    if (this.status.phase !== 'FAILED' || phase === 'CANCELLED') await this.publishStatus({ phase, message });
+    this.finish();
+  }
+
+  /** The target shards' sessions (for the caller's cleanup), opened if the run has none. */
+  async targetSessions(): Promise<Map<string, pg.Client>> {
+    if (this.targets.size === 0) await this.connectTargets();
+    return this.targets;
+  }
+
+  async close(): Promise<void> {
+    await this.halt();
+    await Promise.all([this.source, ...this.targets.values()].map((c) => c?.end().catch(() => {})));
+    this.source = undefined;
+    this.targets.clear();
+  }
+
+  private async run(): Promise<void> {
+    const def = this.rec.definition;
+    const log = this.ctx.log.child({ workflow: this.name });
+    const sourceRanges = this.ctx.shards.ranges(def.sourceDatabase);
+    if (sourceRanges.length !== 1) throw new WorkflowError(`MoveTables reads an unsharded source; ${def.sourceDatabase} has ${sourceRanges.length} shards`);
+    this.source = await this.ctx.shards.connect(def.sourceDatabase, sourceRanges[0].shard, `mg-materializer-${this.name}`);
+    await this.connectTargets();
+    const vschema = this.ctx.shards.state.vschemas.get(def.targetDatabase)?.vschema;
+    for (const name of def.tables) this.tables.push(await describeTable(this.source, name, vschema, def.targetDatabase));
+    for (const client of this.targets.values()) {
+      await ensurePositionsTable(client);
+      for (const t of this.tables) await client.query(createTableSql(t));
+    }
+    const naming = { topicPrefix: this.ctx.cdcTopicPrefix(def.sourceDatabase), database: def.sourceDatabase };
+    this.topics = this.tables.map((t) => tableTopic(naming, t.schema, t.table));
+
+    if (this.status.startOffsets.length === 0) {
+      // Catch-up starts at the topics' ends as they are before any snapshot: every later change is replayed.
+      for (const topic of this.topics) {
+        await this.waitForTopic(topic, def.sourceDatabase);
+        for (const [partition, offset] of await this.ctx.eventLog.endOffsets(topic)) this.status.startOffsets.push({ topic, partition, offset });
+      }
+      this.status.tables = this.tables.map((t) => ({ table: `${t.schema}.${t.table}`, rowsCopied: 0n, rowsEstimated: 0n, lastKey: null, done: false }));
+      await this.publishStatus({ phase: 'COPYING', message: null });
+      log.info({ startOffsets: this.status.startOffsets.length }, 'copy phase begins');
+    }
+    if (this.status.tables.some((t) => !t.done)) await this.copy();
+    if (this.stopping) return;
+    await this.publishStatus({ phase: 'RUNNING', message: null, etaSeconds: null });
+    log.info('catch-up begins');
+    await this.startTails();
+  }
+
+  private async connectTargets(): Promise<void> {
+    const def = this.rec.definition;
+    this.ranges = this.ctx.shards.ranges(def.targetDatabase);
+    for (const r of this.ranges) this.targets.set(r.shard, await this.ctx.shards.connect(def.targetDatabase, r.shard, `mg-materializer-${this.name}`));
+  }
+
+  private async waitForTopic(topic: string, database: string): Promise<void> {
+    for (let i = 0; i < 120; i++) {
+      if (await this.ctx.eventLog.topicExists(topic)) return;
+      if (this.stopping) return;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    throw new WorkflowError(`the source's change topic ${topic} does not exist: enable CDC on ${database} (cdc.enabled in the spec, or the CDC_START agent command)`);
+  }
+
+  private async copy(): Promise<void> {
+    const source = this.source!;
+    const started = Date.now();
+    let copiedNow = 0;
+    await source.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+    try {
+      for (const [i, t] of this.tables.entries()) {
+        const entry = this.status.tables[i];
+        if (entry.done) continue;
+        entry.rowsEstimated = BigInt((await source.query<{ n: string }>(`SELECT count(*) AS n FROM ${t.sql}`)).rows[0].n);
+        await copyTable(source, this.targets, this.ranges, t, {
+          lastKey: entry.lastKey ? JSON.parse(entry.lastKey) : null, rowsCopied: Number(entry.rowsCopied),
+        }, this.ctx.pageRows, async (pos, rows) => {
+          copiedNow += rows;
+          entry.lastKey = JSON.stringify(pos.lastKey);
+          entry.rowsCopied = BigInt(pos.rowsCopied);
+          const rate = copiedNow / Math.max(0.001, (Date.now() - started) / 1000);
+          const left = this.status.tables.reduce((n, e) => n + Math.max(0, Number(e.rowsEstimated - e.rowsCopied)), 0);
+          await this.publishStatus({ rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null });
+          return !this.stopping;
+        });
+        if (this.stopping) return;
+        entry.done = true;
+        await this.publishStatus({});
+      }
+    } finally {
+      await source.query('COMMIT').catch(() => {});
+    }
+  }
+
+  /** Catch-up: one tail per table topic from the shards' positions, and a progress event every second. */
+  private async startTails(): Promise<void> {
+    clearInterval(this.timer);
+    this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
+    this.appliers = this.tables.map((t, i) => new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder));
+    for (const applier of this.appliers) {
+      const start = await applier.load(this.startOffsetsOf(applier.topic));
+      const tail = await this.ctx.eventLog.tail(applier.topic, start, async (messages, info) => {
+        const r = await applier.applyBatch(info.partition, messages);
+        this.account(applier.topic, info.partition, r.applied, r.lastCommitMs, BigInt(messages[messages.length - 1].offset) + 1n < info.highWatermark);
+      });
+      this.tails.push(tail);
+      void tail.ended.then((err) => {
+        if (err && !this.stopping) void this.fail(err);
+      });
+    }
+  }
+
+  private startOffsetsOf(topic: string): Map<number, bigint> {
+    return new Map(this.status.startOffsets.filter((o) => o.topic === topic).map((o) => [o.partition, o.offset]));
+  }
+
+  private account(topic: string, partition: number, n: number, commitMs: number | undefined, stillBehind: boolean): void {
+    const key = `${topic}/${partition}`;
+    if (commitMs !== undefined) this.lastCommitMs.set(key, commitMs);
+    if (stillBehind) this.behind.add(key);
+    else this.behind.delete(key);
+    this.status.eventsApplied += BigInt(n);
+    applied.inc({ workflow: this.name }, n);
+  }
+
+  /** Lag: age of the last applied change in partitions that still have more to read, else 0. */
+  private lagSeconds(): number {
+    let worst = 0;
+    for (const key of this.behind) worst = Math.max(worst, (Date.now() - (this.lastCommitMs.get(key) ?? Date.now())) / 1000);
+    return worst;
+  }
+
+  private async progress(): Promise<void> {
+    if (this.stopping || this.status.phase !== 'RUNNING') return;
+    await this.publishStatus({ lagSeconds: this.lagSeconds() }).catch((err) => this.ctx.log.warn({ err, workflow: this.name }, 'progress event not published'));
+  }
+
+  private async halt(): Promise<void> {
+    clearInterval(this.timer);
+    this.timer = undefined;
+    const tails = this.tails;
+    this.tails = [];
+    await Promise.all(tails.map((t) => t.stop().catch(() => {})));
+  }
+
+  private async fail(err: Error): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.ctx.log.error({ err, workflow: this.name }, 'workflow failed');
+    await this.halt();
+    await this.publishStatus({ phase: 'FAILED', message: err.message }).catch(() => {});
+    await this.close();
+    this.finish();
+  }
+
+  async publishStatus(change: Partial<WorkflowStatus>): Promise<void> {
+    this.status = { ...this.status, ...change };
+    rowsCopied.set({ workflow: this.name }, Number(this.status.rowsCopied));
+    copyRate.set({ workflow: this.name }, this.status.copyRowsPerSecond);
+    copyEta.set({ workflow: this.name }, this.status.etaSeconds ?? 0);
+    lag.set({ workflow: this.name }, this.status.lagSeconds ?? 0);
+    await this.ctx.publish(this.name, { 'io.multigres.workflow.WorkflowStatus': this.status } as WorkflowEvent['payload']);
+  }
+
+  /**
+   * VDiff: pause catch-up, take a source snapshot at WAL position L, apply
+   * every change committed before L and none after, snapshot the target
+   * shards, resume catch-up, then compare the snapshots.
+   */
+  async vdiff(id: string): Promise<VDiffTable[]> {
+    if (this.status.phase !== 'RUNNING' || this.vdiffRunning) throw new WorkflowError(`VDiff needs the workflow in catch-up (it is ${this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''})`);
+    this.vdiffRunning = true;
+    const opened: pg.Client[] = [];
+    const def = this.rec.definition;
+    const began = Date.now();
+    try {
+      await this.halt();
+      let sourceSnap: pg.Client | undefined;
+      for (let attempt = 1; !sourceSnap; attempt++) {
+        const s = await this.ctx.shards.connect(def.sourceDatabase, this.ctx.shards.ranges(def.sourceDatabase)[0].shard, `mg-vdiff-${id}`);
+        opened.push(s);
+        await s.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+        const { rows: [snap] } = await s.query<{ snapshot: string; lsn: string }>('SELECT pg_current_snapshot()::text AS snapshot, (pg_current_wal_lsn() - \'0/0\'::pg_lsn)::text AS lsn');
+        const barrier: Barrier = { lsn: BigInt(snap.lsn) };
+        await this.waitConfirmed(def.sourceDatabase, barrier.lsn);
+        for (const applier of this.appliers) await this.applyUpTo(applier, barrier);
+        if (this.consistent(snap.snapshot, barrier.lsn)) sourceSnap = s;
+        else if (attempt >= 5) throw new WorkflowError('no consistent source snapshot after 5 attempts');
+        else await s.query('ROLLBACK');
+      }
+      const targetSnaps = new Map<string, pg.Client>();
+      for (const r of this.ranges) {
+        const c = await this.ctx.shards.connect(def.targetDatabase, r.shard, `mg-vdiff-${id}`);
+        opened.push(c);
+        await c.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+        await c.query('SELECT 1'); // takes the snapshot now, while catch-up is paused
+        targetSnaps.set(r.shard, c);
+      }
+      await this.startTails();
+      const snapshotsMs = Date.now() - began;
+      const out: VDiffTable[] = [];
+      for (const t of this.tables) {
+        out.push(await diffTable(sourceSnap, targetSnaps, this.ranges, t, this.ctx.vdiffRows, (n) => vdiffRows.inc({ workflow: this.name }, n)));
+      }
+      this.ctx.log.info({ workflow: this.name, vdiff: id, snapshotsMs, compareMs: Date.now() - began - snapshotsMs }, 'VDiff compared');
+      return out;
+    } finally {
+      if (this.tails.length === 0 && !this.stopping) await this.startTails().catch((err) => this.fail(err as Error));
+      await Promise.all(opened.map((c) => c.end().catch(() => {})));
+      this.vdiffRunning = false;
+    }
+  }
+
+  /** Waits until the source's change stream has everything before `lsn` in Kafka (its confirmed LSN, from mg.cdc.status.v1). */
+  private async waitConfirmed(database: string, lsn: bigint): Promise<void> {
+    const shard = this.ctx.shards.ranges(database)[0].shard;
+    for (let i = 0; i < 600; i++) {
+      if ((this.ctx.confirmedLsn(database, shard) ?? -1n) >= lsn) return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new WorkflowError(`the change stream of ${database} has not confirmed LSN ${lsn} within 30 s`);
+  }
+
+  /** Applies a topic's changes committed before the barrier (everything before it is below the topic's current end). */
+  private async applyUpTo(applier: TableApplier, barrier: Barrier): Promise<void> {
+    const end = await this.ctx.eventLog.endOffsets(applier.topic);
+    const start = await applier.load(this.startOffsetsOf(applier.topic));
+    const open = new Set([...end].filter(([p, e]) => (start.get(p) ?? 0n) < e).map(([p]) => p));
+    if (open.size === 0) return;
+    let finished!: () => void;
+    const allDone = new Promise<void>((resolve) => (finished = resolve));
+    const tail = await this.ctx.eventLog.tail(applier.topic, start, async (messages, info) => {
+      if (!open.has(info.partition)) return;
+      const r = await applier.applyBatch(info.partition, messages, barrier);
+      this.account(applier.topic, info.partition, r.applied, r.lastCommitMs, false);
+      if (r.reachedBarrier || BigInt(messages[messages.length - 1].offset) + 1n >= end.get(info.partition)!) open.delete(info.partition);
+      if (open.size === 0) finished();
+    });
+    try {
+      const err = await Promise.race([allDone.then(() => undefined), tail.ended]);
+      if (err) throw err;
+    } finally {
+      await tail.stop();
+    }
+  }
+
+  /** Whether every change applied before L belongs to a transaction the source snapshot sees (a commit racing the snapshot does not). */
+  private consistent(snapshot: string, lsn: bigint): boolean {
+    const [, xmax, xip] = snapshot.split(':');
+    const low32 = (x: string) => BigInt(x) & 0xffffffffn;
+    const inProgress = new Set((xip ? xip.split(',') : []).map(low32));
+    const max = low32(xmax);
+    return this.appliers.every((a) => a.recent.every((r) => r.commitLsn >= lsn || (!inProgress.has(r.txId) && r.txId < max)));
+  }
+}
+
+export function freshStatus(): WorkflowStatus {
+  return {
+    phase: 'COPYING', message: null, startOffsets: [], tables: [], rowsCopied: 0n, copyRowsPerSecond: 0, etaSeconds: null,
+    eventsApplied: 0n, lagSeconds: null,
+  };
+}

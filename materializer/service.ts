@@ -1,0 +1,210 @@
+/**
+ * The materializer process's core: folds the workflows topic, and reconciles
+ * what runs with what the operator asked (START / STOP / CANCEL, VDiff
+ * requests). One materializer per cluster runs every workflow (decision 0037).
+ */
+import { randomUUID } from 'node:crypto';
+import type { EventLog, Subscription } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
+import {
+  applyWorkflowEvent, FUNCTIONAL_VINDEXES, WORKFLOW_NAME, workflowKey, workflowPayload,
+  type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
+} from '../schemas/index.ts';
+import { dropPositions } from './apply.ts';
+import { ChangeDecoder } from './changes.ts';
+import type { MaterializerConfig } from './config.ts';
+import { freshStatus, MoveTablesRunner } from './movetables.ts';
+import { ShardMap } from './shards.ts';
+import { splitName } from './tables.ts';
+
+/** A request the API refuses: the HTTP status and why. */
+export class RequestError extends Error {
+  constructor(readonly status: number, message: string) {
+    super(message);
+  }
+}
+
+const RECONCILE_MS = 250;
+
+export class Materializer {
+  readonly workflows: WorkflowState = new Map();
+  readonly shards: ShardMap;
+  private runners = new Map<string, MoveTablesRunner>();
+  private subs: Subscription[] = [];
+  /** The latest confirmed LSN of each source stream (`<database>/<shard>`), from mg.cdc.status.v1. */
+  private confirmed = new Map<string, bigint>();
+  private timer: NodeJS.Timeout | undefined;
+  private busy = false;
+  /** Events this process published and already folded: their echo from the topic is skipped, so it never rolls state back. */
+  private ownEvents = new Set<string>();
+  /** VDiff requests this process took on. */
+  private vdiffsTaken = new Set<string>();
+  private readonly publishEvents: (events: Array<{ key: string; value: WorkflowEvent }>) => Promise<void>;
+  private readonly decoder: ChangeDecoder;
+
+  constructor(private readonly cfg: MaterializerConfig, private readonly eventLog: EventLog, private readonly log: Logger) {
+    this.shards = new ShardMap(eventLog);
+    this.publishEvents = eventLog.publisher('workflows');
+    this.decoder = new ChangeDecoder(eventLog.registry);
+  }
+
+  async start(): Promise<void> {
+    const topology = this.shards.start();
+    const workflows = await this.eventLog.subscribe('workflows', (e) => {
+      if (!this.ownEvents.delete(e.eventId)) applyWorkflowEvent(this.workflows, e);
+    });
+    // Streams publish their status every second: the last minute holds the latest of each live one.
+    const cdc = await this.eventLog.subscribe('cdcStatus', (s) => {
+      if (s.confirmedLsn !== null) this.confirmed.set(`${s.database}/${s.shard}`, s.confirmedLsn);
+    }, { since: new Date(Date.now() - 60_000) });
+    this.subs = [workflows, cdc];
+    await Promise.all([topology, ...this.subs.map((s) => s.caughtUp)]);
+    this.timer = setInterval(() => void this.reconcile(), RECONCILE_MS);
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    await Promise.all([...this.runners.values()].map((r) => r.close()));
+    await Promise.all(this.subs.map((s) => s.stop()));
+    await this.shards.stop();
+  }
+
+  async publish(workflow: string, payload: WorkflowEvent['payload']): Promise<void> {
+    const event: WorkflowEvent = { eventId: randomUUID(), ts: new Date(), source: `materializer/${this.cfg.id}`, workflow, payload };
+    this.ownEvents.add(event.eventId);
+    try {
+      await this.publishEvents([{ key: workflowKey(event), value: event }]);
+    } catch (err) {
+      this.ownEvents.delete(event.eventId);
+      throw err;
+    }
+    applyWorkflowEvent(this.workflows, event); // our own view does not wait for the round trip
+  }
+
+  /** Validates and publishes a new MoveTables workflow. */
+  async create(req: { name: string; sourceDatabase: string; targetDatabase: string; tables: string[] }): Promise<WorkflowRecord> {
+    if (!WORKFLOW_NAME.test(req.name)) throw new RequestError(400, `workflow name ${JSON.stringify(req.name)}: must be lower-case letters, digits or _, starting with a letter`);
+    const held = this.workflows.get(req.name);
+    if (held && held.status?.phase !== 'CANCELLED') throw new RequestError(409, `workflow ${req.name} exists (cancel it first)`);
+    const state = this.shards.state;
+    for (const db of [req.sourceDatabase, req.targetDatabase]) {
+      const rec = state.databases.get(db);
+      if (!rec || rec.dropped) throw new RequestError(404, `database ${db} does not exist`);
+    }
+    if (req.sourceDatabase === req.targetDatabase) throw new RequestError(400, 'source and target must be different databases');
+    if (state.databases.get(req.sourceDatabase)!.sharded) throw new RequestError(400, `MoveTables reads an unsharded source; ${req.sourceDatabase} is sharded (Reshard is not built yet)`);
+    if (req.tables.length === 0) throw new RequestError(400, 'name at least one table');
+    const vschema = state.vschemas.get(req.targetDatabase)?.vschema;
+    for (const name of req.tables) {
+      const { table } = splitName(name);
+      const t = vschema?.tables[table];
+      const vindex = t?.column_vindexes[0] && vschema!.vindexes[t.column_vindexes[0].name];
+      if (!t || t.type === 'reference' || !vindex || !(FUNCTIONAL_VINDEXES as readonly string[]).includes(vindex.type)) {
+        throw new RequestError(400, `the VSchema of ${req.targetDatabase} must name table ${table} with a primary vindex (${FUNCTIONAL_VINDEXES.join(', ')}); see mg vschema apply`);
+      }
+    }
+    const tables = req.tables.map((n) => { const s = splitName(n); return `${s.schema}.${s.table}`; });
+    await this.publish(req.name, workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables }));
+    return this.workflows.get(req.name)!;
+  }
+
+  async command(name: string, action: WorkflowAction): Promise<WorkflowRecord> {
+    const rec = this.get(name);
+    if (rec.status?.phase === 'CANCELLED') throw new RequestError(409, `workflow ${name} was cancelled`);
+    await this.publish(name, workflowPayload('WorkflowCommanded', { action }));
+    return rec;
+  }
+
+  async requestVDiff(name: string): Promise<string> {
+    const rec = this.get(name);
+    if (rec.status?.phase !== 'RUNNING') throw new RequestError(409, `workflow ${name} is ${rec.status?.phase ?? 'not started'}: VDiff runs during catch-up`);
+    const id = randomUUID();
+    await this.publish(name, workflowPayload('VDiffRequested', { id }));
+    return id;
+  }
+
+  get(name: string): WorkflowRecord {
+    const rec = this.workflows.get(name);
+    if (!rec) throw new RequestError(404, `workflow ${name} does not exist`);
+    return rec;
+  }
+
+  private async reconcile(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    try {
+      for (const rec of this.workflows.values()) await this.reconcileOne(rec);
+    } catch (err) {
+      this.log.error({ err }, 'reconcile failed');
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private async reconcileOne(rec: WorkflowRecord): Promise<void> {
+    const phase = rec.status?.phase;
+    const runner = this.runners.get(rec.name);
+    if (phase === 'CANCELLED') return;
+    if (rec.action === 'CANCEL') return this.cancel(rec, runner);
+    if (rec.action === 'STOP') {
+      if (runner) {
+        this.runners.delete(rec.name);
+        await runner.stop('STOPPED');
+        await runner.close();
+      } else if (phase !== 'STOPPED' && phase !== 'FAILED') {
+        await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...(rec.status ?? freshStatus()), phase: 'STOPPED' }));
+      }
+      return;
+    }
+    // START: run it, unless it failed after the last command (a new START retries).
+    if (runner) {
+      if (runner.status.phase === 'FAILED') this.runners.delete(rec.name);
+      else this.maybeVDiff(rec, runner);
+      return;
+    }
+    if (phase === 'FAILED' && rec.statusAt && rec.statusAt >= rec.commandAt) return;
+    const started = this.runner(rec);
+    this.runners.set(rec.name, started);
+    this.log.info({ workflow: rec.name, phase: phase ?? 'new' }, 'running workflow');
+    started.start();
+  }
+
+  private maybeVDiff(rec: WorkflowRecord, runner: MoveTablesRunner): void {
+    const req = rec.vdiffRequest;
+    if (!req || rec.vdiff?.id === req.id || this.vdiffsTaken.has(req.id) || runner.status.phase !== 'RUNNING') return;
+    this.vdiffsTaken.add(req.id);
+    const began = Date.now();
+    void (async () => {
+      await this.publish(rec.name, workflowPayload('VDiffReported', { id: req.id, state: 'RUNNING', sourceLsn: null, tables: [], durationMs: 0n, error: null }));
+      try {
+        const tables = await runner.vdiff(req.id);
+        await this.publish(rec.name, workflowPayload('VDiffReported', { id: req.id, state: 'COMPLETED', sourceLsn: null, tables, durationMs: BigInt(Date.now() - began), error: null }));
+      } catch (err) {
+        this.log.error({ err, workflow: rec.name }, 'VDiff failed');
+        await this.publish(rec.name, workflowPayload('VDiffReported', { id: req.id, state: 'FAILED', sourceLsn: null, tables: [], durationMs: BigInt(Date.now() - began), error: (err as Error).message }));
+      }
+    })();
+  }
+
+  private runner(rec: WorkflowRecord): MoveTablesRunner {
+    return new MoveTablesRunner(rec, {
+      eventLog: this.eventLog, shards: this.shards, decoder: this.decoder, log: this.log, pageRows: this.cfg.pageRows, vdiffRows: this.cfg.vdiffRows,
+      cdcTopicPrefix: (db) => `${this.cfg.topicPrefix}${this.cfg.cdcTopicPrefixes[db] ?? 'mg'}`,
+      publish: (w, p) => this.publish(w, p),
+      confirmedLsn: (db, shard) => this.confirmed.get(`${db}/${shard}`),
+    });
+  }
+
+  /** Cancel: stop, and remove the workflow's positions from the target shards (the copied rows stay: drop them yourself). */
+  private async cancel(rec: WorkflowRecord, running: MoveTablesRunner | undefined): Promise<void> {
+    this.runners.delete(rec.name);
+    const r = running ?? this.runner(rec);
+    await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
+    try {
+      for (const client of (await r.targetSessions()).values()) await dropPositions(client, rec.name);
+    } catch (err) {
+      this.log.warn({ err, workflow: rec.name }, 'positions of a cancelled workflow not removed');
+    }
+    await r.close();
+  }
+}

@@ -1,0 +1,133 @@
+/**
+ * What the materializer knows of a moved table (columns, key, the vindex that
+ * places its rows) and the SQL it runs on it: keyset-paged reads, and bulk
+ * upserts and deletes through unnest() so one statement carries a whole batch
+ * whatever its size. Values travel as Postgres text and are cast to each
+ * column's type on the server.
+ */
+import type pg from 'pg';
+import { FUNCTIONAL_VINDEXES, keyspaceId, shardFor, type FunctionalVindex, type KeyRange, type VSchema } from '../schemas/index.ts';
+import type { Row } from './changes.ts';
+
+export interface Column { name: string; type: string; notNull: boolean }
+
+export interface MovedTable {
+  schema: string;
+  table: string;
+  /** "schema"."table", quoted. */
+  sql: string;
+  columns: Column[];
+  /** Primary-key column names, in key order. */
+  key: string[];
+  vindex: { column: string; type: FunctionalVindex };
+}
+
+export class WorkflowError extends Error {}
+
+export const quoteIdent = (s: string) => `"${s.replace(/"/g, '""')}"`;
+
+/** `schema.table` (public when unqualified). */
+export function splitName(name: string): { schema: string; table: string } {
+  const dot = name.indexOf('.');
+  return dot < 0 ? { schema: 'public', table: name } : { schema: name.slice(0, dot), table: name.slice(dot + 1) };
+}
+
+/** Reads a table's columns and primary key from the source, and its primary vindex from the target's VSchema. */
+export async function describeTable(source: pg.Client, name: string, vschema: VSchema | undefined, targetDb: string): Promise<MovedTable> {
+  const { schema, table } = splitName(name);
+  const { rows } = await source.query<{ name: string; type: string; not_null: string; key_pos: string | null }>(`
+    SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
+           array_position(i.indkey::int2[], a.attnum) AS key_pos
+      FROM pg_attribute a
+      JOIN pg_class c ON c.oid = a.attrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+     ORDER BY a.attnum`, [schema, table]);
+  if (rows.length === 0) throw new WorkflowError(`table ${schema}.${table} does not exist on the source`);
+  const key = rows.filter((r) => r.key_pos !== null).sort((a, b) => Number(a.key_pos) - Number(b.key_pos)).map((r) => r.name);
+  if (key.length === 0) throw new WorkflowError(`table ${schema}.${table} has no primary key (MoveTables copies and applies by key)`);
+  const spec = vschema?.tables[table];
+  if (!spec || spec.type === 'reference') {
+    throw new WorkflowError(`the VSchema of ${targetDb} has no sharded table ${table} (apply one naming its vindex: mg vschema apply)`);
+  }
+  const cv = spec.column_vindexes[0];
+  const vtype = cv && vschema!.vindexes[cv.name]?.type;
+  if (!cv || !(FUNCTIONAL_VINDEXES as readonly string[]).includes(vtype!)) {
+    throw new WorkflowError(`table ${table} needs a primary vindex of type ${FUNCTIONAL_VINDEXES.join(', ')} in the VSchema of ${targetDb}`);
+  }
+  if (!rows.some((r) => r.name === cv.column)) throw new WorkflowError(`table ${table} has no column ${cv.column} (its vindex column)`);
+  return {
+    schema, table, sql: `${quoteIdent(schema)}.${quoteIdent(table)}`,
+    columns: rows.map((r) => ({ name: r.name, type: r.type, notNull: Boolean(r.not_null) })), key,
+    vindex: { column: cv.column, type: vtype as FunctionalVindex },
+  };
+}
+
+/** The target shard of a row (by its vindex column's text). */
+export function shardOfRow(t: MovedTable, row: Row, ranges: readonly KeyRange[]): string {
+  const v = row[t.vindex.column];
+  if (v === null || v === undefined) throw new WorkflowError(`a row of ${t.table} has no value in its vindex column ${t.vindex.column}`);
+  return shardFor(keyspaceId(t.vindex.type, v), ranges);
+}
+
+/** Whether the vindex column is part of the key: then a row never changes shard without a key change (a delete and an insert). */
+export const vindexInKey = (t: MovedTable) => t.key.includes(t.vindex.column);
+
+/** CREATE TABLE for a target shard: columns, types, NOT NULL and the primary key (other indexes and constraints are not copied). */
+export function createTableSql(t: MovedTable): string {
+  const cols = t.columns.map((c) => `${quoteIdent(c.name)} ${c.type}${c.notNull ? ' NOT NULL' : ''}`);
+  return `CREATE SCHEMA IF NOT EXISTS ${quoteIdent(t.schema)}; CREATE TABLE IF NOT EXISTS ${t.sql} (${cols.join(', ')}, PRIMARY KEY (${t.key.map(quoteIdent).join(', ')}))`;
+}
+
+const keyList = (t: MovedTable) => t.key.map(quoteIdent).join(', ');
+
+/** One keyset page: rows after `after` (key values, or none for the first page) in key order. */
+export function pageSql(t: MovedTable, after: string[] | null, limit: number, upTo: string[] | null = null): { text: string; values: unknown[] } {
+  const values: unknown[] = [];
+  const cond: string[] = [];
+  const tuple = (vals: string[]) => `(${t.key.map((k, i) => `$${values.push(vals[i])}::${typeOf(t, k)}`).join(', ')})`;
+  if (after) cond.push(`(${keyList(t)}) > ${tuple(after)}`);
+  if (upTo) cond.push(`(${keyList(t)}) <= ${tuple(upTo)}`);
+  const cols = t.columns.map((c) => quoteIdent(c.name)).join(', ');
+  return {
+    text: `SELECT ${cols} FROM ${t.sql}${cond.length ? ` WHERE ${cond.join(' AND ')}` : ''} ORDER BY ${keyList(t)}${limit > 0 ? ` LIMIT ${limit}` : ''}`,
+    values,
+  };
+}
+
+const typeOf = (t: MovedTable, column: string) => t.columns.find((c) => c.name === column)!.type;
+
+/** INSERT ... ON CONFLICT (key) DO UPDATE of whole rows, one text[] parameter per column. */
+export function upsertSql(t: MovedTable, rows: Row[]): { text: string; values: unknown[] } {
+  const values = t.columns.map((c) => rows.map((r) => r[c.name] ?? null));
+  const cols = t.columns.map((c) => quoteIdent(c.name)).join(', ');
+  const unnest = t.columns.map((c, i) => `$${i + 1}::text[]`).join(', ');
+  const casts = t.columns.map((c, i) => `c${i}::${c.type}`).join(', ');
+  const aliases = t.columns.map((_, i) => `c${i}`).join(', ');
+  const others = t.columns.filter((c) => !t.key.includes(c.name));
+  const action = others.length
+    ? `DO UPDATE SET ${others.map((c) => `${quoteIdent(c.name)} = EXCLUDED.${quoteIdent(c.name)}`).join(', ')}`
+    : 'DO NOTHING';
+  return {
+    text: `INSERT INTO ${t.sql} (${cols}) SELECT ${casts} FROM unnest(${unnest}) AS u(${aliases}) ON CONFLICT (${keyList(t)}) ${action}`,
+    values,
+  };
+}
+
+/** DELETE of the rows with these keys. */
+export function deleteSql(t: MovedTable, keys: Row[]): { text: string; values: unknown[] } {
+  const values = t.key.map((k) => keys.map((r) => r[k]));
+  const unnest = t.key.map((_, i) => `$${i + 1}::text[]`).join(', ');
+  const match = t.key.map((k, i) => `${t.sql}.${quoteIdent(k)} = d.k${i}::${typeOf(t, k)}`).join(' AND ');
+  return { text: `DELETE FROM ${t.sql} USING unnest(${unnest}) AS d(${t.key.map((_, i) => `k${i}`).join(', ')}) WHERE ${match}`, values };
+}
+
+/** The text that identifies a row's key (for maps). */
+export const keyText = (t: MovedTable, row: Row) => JSON.stringify(t.key.map((k) => row[k]));
+
+/** The whole row as one comparable text. */
+export const rowText = (t: MovedTable, row: Row) => JSON.stringify(t.columns.map((c) => row[c.name]));
+
+/** Sessions on both sides read and write values as text in one fixed format, so values round-trip exactly. */
+export const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'";

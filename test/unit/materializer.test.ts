@@ -1,0 +1,105 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { converterFor } from '../../ingest/cdc/values.ts';
+import { ChangeDecoder } from '../../materializer/changes.ts';
+import { deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
+import { valueSchema, type ColumnDescription, type PgType, type TableDescription } from '../../schemas/cdc.ts';
+import { foldWorkflows, parseAvro, workflowKey, workflowPayload, type SchemaRegistryClient, type WorkflowEvent } from '../../schemas/index.ts';
+
+const T = (name: string, extra: Partial<PgType> = {}): PgType => ({ oid: 0, name, category: 'X', ...extra });
+const col = (name: string, type: PgType, typmod = -1, key = false): ColumnDescription => ({ name, type, typmod, key });
+
+/** Each column: Postgres's text in, what the materializer writes back (the same value, in a text Postgres reads as it). */
+const CASES: Array<[ColumnDescription, string, string]> = [
+  [col('id', T('int8'), -1, true), '9007199254740993', '9007199254740993'],
+  [col('n', T('int4')), '-42', '-42'],
+  [col('ok', T('bool')), 't', 't'],
+  [col('x', T('float8')), '0.1', '0.1'],
+  [col('nan', T('float8')), 'NaN', 'NaN'],
+  [col('inf', T('float4')), '-Infinity', '-Infinity'],
+  [col('price', T('numeric'), ((10 << 16) | 2) + 4), '-12.50', '-12.50'],
+  [col('ratio', T('numeric')), '3.14159265358979323846', '3.14159265358979323846'],
+  [col('ratio2', T('numeric')), '-0.001', '-0.001'],
+  [col('name', T('text')), 'a "quoted" \\ name', 'a "quoted" \\ name'],
+  [col('blob', T('bytea')), '\\x00ff10', '\\x00ff10'],
+  [col('day', T('date')), '2024-02-29', '2024-02-29'],
+  [col('never', T('date')), 'infinity', 'infinity'],
+  [col('old', T('date')), '0044-03-15 BC', '0044-03-15 BC'],
+  [col('local', T('timestamp')), '2024-01-02 03:04:05.123456', '2024-01-02 03:04:05.123456'],
+  [col('before1970', T('timestamp')), '1969-12-31 23:59:59.5', '1969-12-31 23:59:59.500000'],
+  [col('t', T('time')), '23:59:59.5', '23:59:59.500000'],
+  [col('at', T('timestamptz')), '2024-01-02 03:04:05.5+00', '2024-01-02T03:04:05.5Z'],
+  [col('u', T('uuid')), 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'],
+  [col('doc', T('jsonb')), '{"a": [1, 2]}', '{"a": [1, 2]}'],
+  [col('ints', T('_int4', { category: 'A', element: T('int4') })), '{1,NULL,3}', '{"1",NULL,"3"}'],
+  [col('tags', T('_text', { category: 'A', element: T('text') })), '{"a b","c\\"d"}', '{"a b","c\\"d"}'],
+  [col('mood', T('mood', { category: 'E', enumLabels: ['happy'] })), 'happy', 'happy'],
+  [col('span', T('interval')), '1 day 02:00:00', '1 day 02:00:00'],
+];
+
+test('change events decode back to Postgres text of the same values, for every mapped type', async () => {
+  const desc: TableDescription = { schema: 'public', table: 'all_types', columns: CASES.map(([c]) => c) };
+  const schema = valueSchema({ topicPrefix: 'mg', database: 'shop' }, desc, 'decimal');
+  const row = Object.fromEntries(CASES.map(([c, text]) => [c.name, converterFor(c, 'decimal')(text)]));
+  const envelope = {
+    before: null, after: row, op: 'u', ts_ms: 1n, transaction: null, unavailable: [],
+    source: {
+      version: '1', connector: 'multigres', name: 'mg', ts_ms: 1_700_000_000_000n, snapshot: 'false', db: 'shop', shard: '-', schema: 'public',
+      table: 'all_types', instance: 'i', txId: 7n, lsn: 100n, commit_lsn: 120n, position: 3n, epoch: 2n,
+    },
+  };
+  const body = parseAvro(JSON.stringify(schema)).toBuffer(envelope);
+  const header = Buffer.alloc(5);
+  header.writeUInt32BE(41, 1);
+  const registry = { schemaById: async (id: number) => (id === 41 ? JSON.stringify(schema) : Promise.reject(new Error('unknown id'))) } as unknown as SchemaRegistryClient;
+  const change = await new ChangeDecoder(registry).decode(Buffer.concat([header, body]));
+  assert.equal(change.op, 'u');
+  assert.deepEqual([change.epoch, change.commitLsn, change.position, change.txId, change.sourceShard], [2n, 120n, 3n, 7n, '-']);
+  assert.equal(change.before, null);
+  for (const [c, , expected] of CASES) assert.equal(change.after![c.name], expected, c.name);
+});
+
+test('a value not in the Confluent wire format is refused with a clear error', async () => {
+  const decoder = new ChangeDecoder({ schemaById: async () => '{}' } as unknown as SchemaRegistryClient);
+  await assert.rejects(decoder.decode(Buffer.from('not avro')), /not in Confluent wire format/);
+});
+
+const orders: MovedTable = {
+  schema: 'public', table: 'orders', sql: '"public"."orders"',
+  columns: [{ name: 'tenant', type: 'bigint', notNull: true }, { name: 'id', type: 'bigint', notNull: true }, { name: 'note', type: 'text', notNull: false }],
+  key: ['tenant', 'id'], vindex: { column: 'tenant', type: 'hash' },
+};
+
+test('keyset pages, upserts and deletes: one statement per batch, values as text cast to the column types', () => {
+  const first = pageSql(orders, null, 100);
+  assert.equal(first.text, 'SELECT "tenant", "id", "note" FROM "public"."orders" ORDER BY "tenant", "id" LIMIT 100');
+  const range = pageSql(orders, ['1', '5'], 0, ['2', '0']);
+  assert.equal(range.text, 'SELECT "tenant", "id", "note" FROM "public"."orders" WHERE ("tenant", "id") > ($1::bigint, $2::bigint) AND ("tenant", "id") <= ($3::bigint, $4::bigint) ORDER BY "tenant", "id"');
+  assert.deepEqual(range.values, ['1', '5', '2', '0']);
+  const up = upsertSql(orders, [{ tenant: '1', id: '2', note: null }, { tenant: '3', id: '4', note: 'x' }]);
+  assert.match(up.text, /^INSERT INTO "public"\."orders" \("tenant", "id", "note"\) SELECT c0::bigint, c1::bigint, c2::text FROM unnest\(\$1::text\[\], \$2::text\[\], \$3::text\[\]\)/);
+  assert.match(up.text, /ON CONFLICT \("tenant", "id"\) DO UPDATE SET "note" = EXCLUDED\."note"$/);
+  assert.deepEqual(up.values, [['1', '3'], ['2', '4'], [null, 'x']]);
+  const del = deleteSql(orders, [{ tenant: '1', id: '2' }]);
+  assert.deepEqual(del.values, [['1'], ['2']]);
+  assert.match(del.text, /WHERE "public"\."orders"\."tenant" = d\.k0::bigint AND "public"\."orders"\."id" = d\.k1::bigint$/);
+});
+
+const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): WorkflowEvent => ({ eventId: `${ms}`, ts: new Date(ms), source: 'test', workflow, payload });
+const status = (phase: 'COPYING' | 'RUNNING' | 'CANCELLED') => workflowPayload('WorkflowStatus', {
+  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null,
+});
+const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'] });
+
+test('the workflow fold: one key per aspect, any order after compaction, a re-created workflow starts afresh', () => {
+  assert.equal(workflowKey(ev('w', 1, created)), 'workflow/w');
+  assert.equal(workflowKey(ev('w', 1, status('RUNNING'))), 'workflow/w/status');
+  assert.equal(workflowKey(ev('w', 1, workflowPayload('VDiffRequested', { id: 'v' }))), 'workflow/w/vdiff');
+  // Compaction may leave the status before the definition: the status still counts.
+  const early = foldWorkflows([ev('w', 2, status('RUNNING')), ev('w', 3, workflowPayload('WorkflowCommanded', { action: 'STOP' })), ev('w', 1, created)]);
+  assert.equal(early.get('w')?.status?.phase, 'RUNNING');
+  assert.equal(early.get('w')?.action, 'STOP');
+  const again = foldWorkflows([ev('w', 1, created), ev('w', 2, status('CANCELLED')), ev('w', 3, created)]);
+  assert.equal(again.get('w')?.status, undefined);
+  assert.equal(again.get('w')?.action, 'START');
+});
