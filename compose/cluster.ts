@@ -18,18 +18,18 @@ import {
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
-import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier } from './proxy.ts';
+import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Paths } from './proxy.ts';
 import { startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { instancesOf, parseSpec, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const agentName = (id: string) => `agent-${id}`;
+export const agentName = (id: string) => `agent-${id}`;
 
 export const runDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'run');
-const logDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'logs');
+export const logDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'logs');
 export const bootstrapOf = (spec: ClusterSpec) => spec.kafka.bootstrap ?? `127.0.0.1:${spec.kafka.port}`;
 export const registryUrlOf = (spec: ClusterSpec) => spec.registry.url ?? `http://127.0.0.1:${spec.registry.port}`;
 const specFile = (dataDir: string) => path.join(dataDir, 'cluster.json');
@@ -41,13 +41,21 @@ export function eventLogFor(spec: ClusterSpec, clientId: string, log: Logger): E
 /** The spec a cluster in `dataDir` was brought up with, if any. */
 export function savedSpec(dataDir: string): ClusterSpec | undefined {
   const file = specFile(path.resolve(dataDir));
-  return fs.existsSync(file) ? (JSON.parse(fs.readFileSync(file, 'utf8')) as ClusterSpec) : undefined;
+  // Parsed again, so a spec saved before a field existed gets its default.
+  return fs.existsSync(file) ? parseSpec(JSON.parse(fs.readFileSync(file, 'utf8')), file) : undefined;
+}
+
+/** Saves the spec a later `mg cluster up` (and every other command) starts from. */
+export function saveSpec(spec: ClusterSpec): void {
+  fs.mkdirSync(spec.dataDir, { recursive: true });
+  const file = specFile(spec.dataDir);
+  fs.writeFileSync(`${file}.tmp`, JSON.stringify(spec, null, 2));
+  fs.renameSync(`${file}.tmp`, file); // readers never see a half-written spec
 }
 
 export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
   const progress = new Progress(12, out);
-  fs.mkdirSync(spec.dataDir, { recursive: true });
-  fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
+  saveSpec(spec);
   const planned = instancesOf(spec);
 
   await progress.step('checking prerequisites (Java, Maven, Postgres 15, pgBackRest)', async () => checkPrerequisites(spec));
@@ -83,7 +91,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
       inactive = new Set((await bootstrapTopology(spec, eventLog, progress)).inactive.keys());
     });
     await progress.step('an agent beside each Postgres instance', () => startAgents(spec, planned, eventLog, progress));
-    const paths = { runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) };
+    const paths = pathsOf(spec);
     await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+): elects each new shard's primary`,
       () => startOrchestrators(spec, paths, progress));
     await progress.step('replicas cloned from their primary and streaming', () =>
@@ -162,6 +170,8 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
   };
 }
 
+export const pathsOf = (spec: ClusterSpec): Paths => ({ runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) });
+
 /** pgBackRest settings of every agent and of the CLI's restores: one repository, one lock directory per cluster. */
 export function backupConfigOf(spec: ClusterSpec): BackupConfig {
   return { ...spec.backup, repoPath: spec.backup.repoPath!, lockPath: path.join(runDir(spec), 'pgbackrest'), logPath: path.join(logDir(spec), 'pgbackrest') };
@@ -172,7 +182,7 @@ export function backupConfigOf(spec: ClusterSpec): BackupConfig {
  * its instance and sends heartbeats (an instance of a new shard has no data
  * yet: MultiOrch bootstraps or clones it).
  */
-async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], eventLog: EventLog, progress: Progress): Promise<void> {
+export async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], eventLog: EventLog, progress: Progress): Promise<void> {
   const configDir = path.join(spec.dataDir, 'agents');
   fs.mkdirSync(configDir, { recursive: true });
   for (const inst of instances) {
@@ -252,17 +262,20 @@ export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, o
   await progress.step('orchestrators', () => stopOrchestrators(spec, runDir(spec), progress));
   await progress.step('gateway and poolers', () => stopProxyTier(spec, runDir(spec), progress));
   await progress.step('agents and their Postgres instances', async () => {
-    await Promise.all(instances.map(async (inst) => {
-      const result = await stopProcess(runDir(spec), agentName(inst.instanceId), { graceMs: 30_000 });
-      // An agent that was gone (killed) leaves its Postgres running: stop it directly.
-      const pg = new PostgresInstance({ name: inst.instanceId, dataDir: inst.dataDir, port: inst.port, binDir: spec.postgres.binDir, log: silentLog });
-      if (pg.isRunning()) await pg.stop('fast');
-      progress.note(`${inst.instanceId}: agent ${result}`);
-    }));
+    await Promise.all(instances.map(async (inst) => progress.note(`${inst.instanceId}: agent ${await stopAgent(spec, inst)}`)));
   });
   await progress.step('schema registry', async () => progress.note(spec.registry.url ? 'external: left running' : await stopRegistry(runDir(spec))));
   await progress.step('Kafka broker', async () => progress.note(spec.kafka.bootstrap ? 'external: left running' : await stopKafka(runDir(spec))));
   if (opts.clean) await progress.step(`removing ${spec.dataDir}`, async () => fs.rmSync(spec.dataDir, { recursive: true, force: true }));
+}
+
+/** Stops an instance's agent, which stops its Postgres (and Postgres directly when the agent was gone). */
+export async function stopAgent(spec: ClusterSpec, inst: Pick<PlannedInstance, 'instanceId' | 'dataDir' | 'port'>): Promise<string> {
+  const result = await stopProcess(runDir(spec), agentName(inst.instanceId), { graceMs: 30_000 });
+  // An agent that was gone (killed) leaves its Postgres running: stop it directly.
+  const pg = new PostgresInstance({ name: inst.instanceId, dataDir: inst.dataDir, port: inst.port, binDir: spec.postgres.binDir, log: silentLog });
+  if (pg.isRunning()) await pg.stop('fast');
+  return result;
 }
 
 const silentLog = { child: () => silentLog, info() {}, warn() {}, error() {}, debug() {} } as unknown as Logger;

@@ -12,6 +12,7 @@ import { formatLsn } from '../../ingest/postgres/lsn.ts';
 import { stanzaOf, type BackupEvent } from '../../schemas/index.ts';
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
 import type { ClusterSpec } from '../spec.ts';
+import { fail } from './follow.ts';
 
 export interface BackupOptions {
   type?: string;
@@ -132,8 +133,3 @@ async function restore(spec: ClusterSpec, database: string, shard: string | unde
 
 const mb = (n: bigint | number | null) => (n === null ? '-' : `${(Number(n) / 1024 / 1024).toFixed(1)} MB`);
 const lsn = (n: bigint | null) => (n === null ? '-' : formatLsn(n));
-
-function fail(r: { status: number; body: { error?: string } }): number {
-  console.error(`mg: ${r.body.error ?? `HTTP ${r.status}`}`);
-  return 1;
-}

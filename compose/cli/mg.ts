@@ -12,6 +12,8 @@
  *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
  *   mg database list|create|drop|activate|deactivate ... (see USAGE)
+ *   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
+ *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
  *   mg vschema show   <db> [--data-dir dir]
  */
@@ -25,6 +27,7 @@ import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { createWithInstances, runDatabaseCommand } from './database.ts';
+import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
 import { applyVSchema, showVSchema } from '../vschema.ts';
 import YAML from 'yaml';
@@ -50,6 +53,8 @@ const USAGE = `usage:
   mg database drop       <name> --yes [--data-dir dir]
   mg database deactivate <name> [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
+  mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
+  mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
   mg vschema show   <db> [--data-dir dir]
 
@@ -79,6 +84,7 @@ async function main(argv: string[]): Promise<void> {
       replicas: { type: 'string' },
       durability: { type: 'string' },
       yes: { type: 'boolean' },
+      cell: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -129,6 +135,17 @@ async function main(argv: string[]): Promise<void> {
     }
     if (command === 'drop' && !values.yes) throw new UsageError(`database drop deletes ${name} and its data: confirm with --yes`);
     process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
+    return;
+  }
+  if (group === 'replica') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    if (command !== 'add' && command !== 'remove') throw new UsageError(`unknown command: replica ${command ?? '(none)'}`);
+    const [target, instance] = positionals.slice(2);
+    if (!/^[^/]+\/[^/]+$/.test(target ?? '')) throw new UsageError(`replica ${command} needs <db>/<shard>, e.g. postgres/-`);
+    if (command === 'remove' && !instance) throw new UsageError('replica remove needs the instance id: mg replica remove <db>/<shard> <instanceId>');
+    if (command === 'remove' && values.cell) throw new UsageError('--cell is for replica add');
+    process.exitCode = await runReplicaCommand(spec, command, target, { cell: values.cell, instance });
     return;
   }
   if (group === 'vschema') {

@@ -178,7 +178,7 @@ test('a fourth instance added to the spec starts empty and MultiOrch clones it f
   const rows = statusRows((await mg('cluster', 'status', ...flags)).stdout);
   assert.deepEqual([rows.get(added)?.ROLE, rows.get(added)?.HEALTH], ['REPLICA', 'healthy']);
   const history = await mg('shard', 'history', 'postgres/-', '--data-dir', dataDir);
-  assert.match(history.stdout, new RegExp(`${added}: cloned; streaming from 127.0.0.1:${primary.port}`));
+  assert.match(history.stdout, new RegExp(`${added}: cloned with pg_basebackup; streaming from 127.0.0.1:${primary.port}`));
   // It holds the data written before it existed, and follows new writes.
   const addedPort = cluster.spec.postgres.basePort + 3;
   assert.equal((await query(addedPort, 'SELECT note FROM probe WHERE id = 1'))[0]?.note, 'hello');
