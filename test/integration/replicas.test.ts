@@ -1,0 +1,185 @@
+/**
+ * Replicas at run time, as an operator runs them (the CLI in a subprocess) and
+ * as a client of the gateway sees them: `mg replica add` restores a new
+ * instance from the latest backup while a client writes and reads on the same
+ * shard, and the gateway sends it reads once it has caught up; `mg replica
+ * remove` takes one out of routing and out of the policy's cohort, then
+ * stops, deletes and deregisters it; removing one the policy needs, or the
+ * primary, is refused; the API names bad input. The client sees no error.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { savedSpec } from '../../compose/cluster.ts';
+import { callOrchestrator } from '../../compose/orchestrators.ts';
+import { ADDED_SLOT_TOP } from '../../compose/spec.ts';
+import { testCluster, until } from '../support/cluster.ts';
+
+// A primary and one replica under ANY_2: the replica is needed until another one joins.
+const cluster = testCluster('replicas', 3, { spec: { databases: [{ name: 'postgres', instancesPerShard: 2, durability: 'ANY_2' }] } });
+const { spec, dataDir, flags, mg } = cluster;
+const addedPort = spec.postgres.basePort + ADDED_SLOT_TOP;
+
+async function query<T extends pg.QueryResultRow = any>(port: number, sql: string, params: unknown[] = []): Promise<T[]> {
+  const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
+  await client.connect();
+  try {
+    return (await client.query<T>(sql, params)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+const gatewayClient = (database: string) =>
+  new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database });
+
+/**
+ * The continuous client on the shard: one session writes through the gateway (each acknowledged id kept), and
+ * reads run through `postgres@replica` on a new connection each time (the gateway picks a replica per session),
+ * noting which Postgres answered (inet_server_port()).
+ */
+const acked: number[] = [];
+const readPorts: number[] = [];
+const errors: string[] = [];
+let stopClient = false;
+let clientDone: Promise<void> = Promise.resolve();
+
+function startClient(): void {
+  const writer = (async () => {
+    const c = gatewayClient('postgres');
+    await c.connect();
+    for (let id = 1; !stopClient; id++) {
+      try {
+        await c.query('INSERT INTO acked VALUES ($1)', [id]);
+        acked.push(id);
+      } catch (err) {
+        errors.push(`write ${id}: ${(err as Error).message}`);
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    await c.end();
+  })();
+  const reader = (async () => {
+    while (!stopClient) {
+      const c = gatewayClient('postgres@replica');
+      try {
+        await c.connect();
+        const [row] = (await c.query<{ port: number; n: number }>('SELECT inet_server_port() AS port, count(*)::int AS n FROM acked')).rows;
+        readPorts.push(row.port);
+      } catch (err) {
+        errors.push(`read: ${(err as Error).message}`);
+      } finally {
+        await c.end().catch(() => undefined);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+  clientDone = Promise.all([writer, reader]).then(() => undefined);
+}
+
+async function ok(...args: string[]): Promise<string> {
+  const r = await mg(...args, '--data-dir', dataDir);
+  assert.equal(r.code, 0, `mg ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
+  return r.stdout;
+}
+
+const syncStandbyNames = async (port: number) => (await query<{ s: string }>(port, 'SHOW synchronous_standby_names'))[0].s;
+
+before(async () => {
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+});
+
+after(async () => {
+  stopClient = true;
+  await clientDone;
+  await mg('cluster', 'down', '--clean', ...flags);
+  fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+test('replica add: restored from the latest backup while a client writes and reads; serves reads once caught up; kept in the spec', async () => {
+  const { primary } = await cluster.roles();
+  await query(primary.port, 'CREATE TABLE acked (id int PRIMARY KEY)');
+  startClient();
+  await until('the client to write', 10_000, () => acked.length > 10);
+  await ok('backup', 'create', 'postgres/-', '--type', 'full');
+
+  const out = await ok('replica', 'add', 'postgres/-', '--cell', 'zone3');
+  const added = out.match(/(postgres-0-zone3-\d+): registered/)?.[1];
+  assert.ok(added, `the new instance is named in:\n${out}`);
+  assert.match(out, new RegExp(`${added}: restored from the latest backup; streaming from 127\\.0\\.0\\.1:${primary.port}`));
+  assert.match(out, /waiting until it has caught up with the primary/);
+  assert.match(out, new RegExp(`${added}: caught up with the primary: serving`));
+  assert.match(out, /replica add postgres\/-: done in/);
+
+  // Every write acknowledged so far is on it, and it follows new ones.
+  const ids = acked.slice();
+  await until('the acknowledged rows on the new replica', 15_000, async () =>
+    (await query<{ n: number }>(addedPort, 'SELECT count(*)::int AS n FROM acked WHERE id = ANY($1)', [ids]))[0].n === ids.length);
+  // The gateway sends it reads.
+  const before = readPorts.length;
+  await until('a read through the gateway answered by the new replica', 30_000, () => readPorts.slice(before).includes(addedPort));
+
+  const saved = savedSpec(dataDir)!;
+  assert.deepEqual(saved.databases[0].addedInstances, [{ shard: '-', cell: 'zone3', slot: ADDED_SLOT_TOP }]);
+  assert.match(await syncStandbyNames(primary.port), new RegExp(`ANY 1 \\(.*"${added}"`));
+});
+
+test('the admin API names bad input: an unknown cell (400), an unknown shard or instance (404); removing the primary is refused (409)', async () => {
+  const { primary } = await cluster.roles();
+  const badCell = await callOrchestrator(spec, 'POST', '/v1/shards/postgres/-/replicas', { cell: 'zone9' });
+  assert.equal(badCell.status, 400);
+  assert.match(badCell.body.error, /body\.cell: no cell "zone9" \(cells: zone1, zone2, zone3\)/);
+  const badField = await callOrchestrator(spec, 'POST', '/v1/shards/postgres/-/replicas', { cells: 'zone1' });
+  assert.equal(badField.status, 400);
+  assert.match(badField.body.error, /body\.cells: unknown field/);
+  const noShard = await callOrchestrator(spec, 'POST', '/v1/shards/postgres/-80/replicas', {});
+  assert.deepEqual([noShard.status, noShard.body.error], [404, 'no shard postgres/-80']);
+  const noInstance = await callOrchestrator(spec, 'DELETE', '/v1/shards/postgres/-/replicas/postgres-0-zone1-7');
+  assert.deepEqual([noInstance.status, noInstance.body.error], [404, 'postgres-0-zone1-7 is not an instance of postgres/-']);
+
+  const primaryGone = await callOrchestrator(spec, 'DELETE', `/v1/shards/postgres/-/replicas/${primary.instanceId}`);
+  assert.equal(primaryGone.status, 409);
+  assert.match(primaryGone.body.error, /is the primary of postgres\/-: switch over first/);
+  const cli = await mg('replica', 'remove', 'postgres/-', primary.instanceId, '--data-dir', dataDir);
+  assert.notEqual(cli.code, 0);
+  assert.match(cli.stderr, /switch over first/);
+});
+
+test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; the last replica the policy needs is refused', async () => {
+  const { primary, replicas: [original] } = await cluster.roles();
+  const out = await ok('replica', 'remove', 'postgres/-', original.instanceId);
+  assert.match(out, new RegExp(`${original.instanceId}: out of routing \\(DRAINED\\) and out of the durability policy's cohort`));
+  assert.match(out, new RegExp(`${original.instanceId} left the cohort: synchronous_standby_names = ANY 1 \\("postgres-0-zone3-${ADDED_SLOT_TOP}"\\)`));
+  assert.match(out, new RegExp(`${original.instanceId}: deregistered`));
+  assert.match(out, /replica remove postgres\/- \S+: done in/);
+
+  const status = await callOrchestrator(spec, 'GET', '/v1/status');
+  assert.deepEqual(status.body.shards[0].instances.map((i: { instanceId: string }) => i.instanceId).sort(),
+    [primary.instanceId, `postgres-0-zone3-${ADDED_SLOT_TOP}`].sort());
+  assert.equal(await syncStandbyNames(primary.port), `ANY 1 ("postgres-0-zone3-${ADDED_SLOT_TOP}")`);
+  assert.deepEqual(await query(primary.port, 'SELECT slot_name FROM pg_replication_slots WHERE slot_name = $1', [original.instanceId.replace(/-/g, '_')]), []);
+  assert.equal(fs.existsSync(path.join(dataDir, 'postgres', original.instanceId)), false, 'its data directory is gone');
+  assert.deepEqual(savedSpec(dataDir)!.databases[0].removedInstances, [original.instanceId]);
+  // Reads go on, now all on the remaining replica.
+  const before = readPorts.length;
+  await until('reads through the gateway after the removal', 10_000, () => readPorts.length > before + 5);
+  assert.deepEqual([...new Set(readPorts.slice(before + 1))], [addedPort]);
+
+  const needed = await mg('replica', 'remove', 'postgres/-', `postgres-0-zone3-${ADDED_SLOT_TOP}`, '--data-dir', dataDir);
+  assert.notEqual(needed.code, 0);
+  assert.match(needed.stderr, /the durability policy ANY_2 of postgres\/- needs postgres-0-zone3-99/);
+  const rest = await callOrchestrator(spec, 'DELETE', `/v1/shards/postgres/-/replicas/postgres-0-zone3-${ADDED_SLOT_TOP}`);
+  assert.equal(rest.status, 409);
+
+  stopClient = true;
+  await clientDone;
+  assert.deepEqual(errors, [], 'the continuous client saw no error');
+  assert.ok(acked.length > 50, `the client kept writing (${acked.length} acknowledged)`);
+  const onPrimary = await query<{ n: number }>(primary.port, 'SELECT count(*)::int AS n FROM acked WHERE id = ANY($1)', [acked]);
+  assert.equal(onPrimary[0].n, acked.length);
+  await until('every acknowledged row on the added replica', 10_000, async () =>
+    (await query<{ n: number }>(addedPort, 'SELECT count(*)::int AS n FROM acked WHERE id = ANY($1)', [acked]))[0].n === acked.length);
+});
