@@ -27,7 +27,8 @@ export class Provisioner {
 
   async add(database: string, shard: string, cell: string, step: Step): Promise<Provisioned> {
     const out = await this.run('add', [database, shard, cell], step);
-    return JSON.parse(out) as Provisioned;
+    // Its last line; log lines of the libraries it uses may come before.
+    return JSON.parse(out.trim().split('\n').at(-1)!) as Provisioned;
   }
 
   async remove(instanceId: string, step: Step): Promise<void> {

@@ -85,7 +85,7 @@ async function ok(...args: string[]): Promise<string> {
   return r.stdout;
 }
 
-const syncStandbyNames = async (port: number) => (await query<{ s: string }>(port, 'SHOW synchronous_standby_names'))[0].s;
+const syncStandbyNames = async (port: number) => (await query<{ s: string }>(port, "SELECT current_setting('synchronous_standby_names') AS s"))[0].s;
 
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
@@ -99,7 +99,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('replica add: restored from the latest backup while a client writes and reads; serves reads once caught up; kept in the spec', async () => {
+test('replica add: restored from the latest backup while a client writes and reads; serves reads once caught up; kept in the spec', async (t) => {
   const { primary } = await cluster.roles();
   await query(primary.port, 'CREATE TABLE acked (id int PRIMARY KEY)');
   startClient();
@@ -107,6 +107,7 @@ test('replica add: restored from the latest backup while a client writes and rea
   await ok('backup', 'create', 'postgres/-', '--type', 'full');
 
   const out = await ok('replica', 'add', 'postgres/-', '--cell', 'zone3');
+  t.diagnostic(out);
   const added = out.match(/(postgres-0-zone3-\d+): registered/)?.[1];
   assert.ok(added, `the new instance is named in:\n${out}`);
   assert.match(out, new RegExp(`${added}: restored from the latest backup; streaming from 127\\.0\\.0\\.1:${primary.port}`));
@@ -148,9 +149,10 @@ test('the admin API names bad input: an unknown cell (400), an unknown shard or 
   assert.match(cli.stderr, /switch over first/);
 });
 
-test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; the last replica the policy needs is refused', async () => {
+test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; the last replica the policy needs is refused', async (t) => {
   const { primary, replicas: [original] } = await cluster.roles();
   const out = await ok('replica', 'remove', 'postgres/-', original.instanceId);
+  t.diagnostic(out);
   assert.match(out, new RegExp(`${original.instanceId}: out of routing \\(DRAINED\\) and out of the durability policy's cohort`));
   assert.match(out, new RegExp(`${original.instanceId} left the cohort: synchronous_standby_names = ANY 1 \\("postgres-0-zone3-${ADDED_SLOT_TOP}"\\)`));
   assert.match(out, new RegExp(`${original.instanceId}: deregistered`));
