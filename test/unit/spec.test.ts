@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { instancesOf, loadSpec, parseSpec, shardRanges, SpecError } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutInstance } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -45,4 +45,24 @@ test('YAML spec files and --set overrides are validated together', () => {
   assert.throws(() => loadSpec(file), /not valid YAML/);
   assert.throws(() => loadSpec(path.join(dir, 'missing.yaml')), /cannot read spec file/);
   fs.rmSync(dir, { recursive: true });
+});
+
+test('a replica added at run time takes the highest free port slot; removing instances moves no other port', () => {
+  const spec = parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 2 }] });
+  const ports = (s: typeof spec) => new Map(instancesOf(s).map((i) => [i.instanceId, i.port]));
+  const { spec: one, instance: a } = withAddedInstance(spec, 'postgres', '-', 'zone3');
+  assert.deepEqual([a.instanceId, a.port, a.poolerPort], ['postgres-0-zone3-99', 15432 + ADDED_SLOT_TOP, 16432 + ADDED_SLOT_TOP]);
+  const { spec: two, instance: b } = withAddedInstance(one, 'postgres', '-', 'zone1');
+  assert.equal(b.instanceId, 'postgres-0-zone1-98');
+  // A database created later fills slots from below and leaves the added replicas' alone.
+  const later = parseSpec({ ...two, databases: [...two.databases, { name: 'shop', instancesPerShard: 2 }] });
+  assert.deepEqual([...ports(later)].filter(([id]) => id.startsWith('shop')).map(([, p]) => p), [15434, 15435]);
+  // Removing one of the layout keeps its slot; removing an added one frees its slot only.
+  const removed = withoutInstance(withoutInstance(later, 'postgres-0-zone2-1'), 'postgres-0-zone3-99');
+  assert.deepEqual(removed.databases[0].removedInstances, ['postgres-0-zone2-1']);
+  assert.deepEqual(removed.databases[0].addedInstances, [{ shard: '-', cell: 'zone1', slot: 98 }]);
+  for (const [id, port] of ports(removed)) assert.equal(port, ports(later).get(id), `${id} keeps its port`);
+  assert.equal(ports(removed).size, ports(later).size - 2);
+  assert.throws(() => withAddedInstance(spec, 'postgres', '-', 'zone9'), /no cell zone9 \(cells: zone1, zone2, zone3\)/);
+  assert.throws(() => withAddedInstance(spec, 'postgres', '-80', 'zone1'), /database postgres has no shard -80/);
 });
