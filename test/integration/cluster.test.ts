@@ -15,6 +15,7 @@ import {
   applyTopologyEvent, emptyTopology, foldTopology, type AgentCommandResult, type HealthEvent, type TopologyEvent,
 } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { queryInstance as query } from '../support/postgres.ts';
 import { testEventLog } from '../support/env.ts';
 
 const cluster = testCluster('cluster', 0);
@@ -48,15 +49,6 @@ const streaming = (id: string) => {
   const h = latest(id);
   return h && h.reachable && h.role === 'REPLICA' && h.walReceiverStatus === 'streaming' && Date.now() - h.receivedAt < 2_000 ? h : undefined;
 };
-async function query(port: number, sql: string, params: unknown[] = []) {
-  const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
-  await client.connect();
-  try {
-    return (await client.query(sql, params)).rows;
-  } finally {
-    await client.end();
-  }
-}
 
 /** Rows of `mg cluster status` keyed by instance id. */
 function statusRows(out: string): Map<string, Record<string, string>> {

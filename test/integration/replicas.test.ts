@@ -16,21 +16,13 @@ import { savedSpec } from '../../compose/cluster.ts';
 import { callOrchestrator } from '../../compose/orchestrators.ts';
 import { ADDED_SLOT_TOP } from '../../compose/spec.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { queryInstance as query } from '../support/postgres.ts';
 
 // A primary and one replica under ANY_2: the replica is needed until another one joins.
 const cluster = testCluster('replicas', 3, { spec: { databases: [{ name: 'postgres', instancesPerShard: 2, durability: 'ANY_2' }] } });
 const { spec, dataDir, flags, mg } = cluster;
 const addedPort = spec.postgres.basePort + ADDED_SLOT_TOP;
 
-async function query<T extends pg.QueryResultRow = any>(port: number, sql: string, params: unknown[] = []): Promise<T[]> {
-  const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
-  await client.connect();
-  try {
-    return (await client.query<T>(sql, params)).rows;
-  } finally {
-    await client.end();
-  }
-}
 
 const gatewayClient = (database: string) =>
   new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database });
