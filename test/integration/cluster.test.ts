@@ -7,7 +7,6 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { isAlive } from '../../compose/supervise.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
