@@ -19,9 +19,9 @@ import {
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
 import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Paths } from './proxy.ts';
-import { startOrchestrators, stopOrchestrators } from './orchestrators.ts';
+import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, parseSpec, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { instancesOf, parseSpec, shardRanges, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
@@ -53,8 +53,9 @@ export function saveSpec(spec: ClusterSpec): void {
   fs.renameSync(`${file}.tmp`, file); // readers never see a half-written spec
 }
 
-export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(12, out);
+export async function clusterUp(given: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
+  const progress = new Progress(13, out);
+  const spec = withRuntimeChanges(savedSpec(given.dataDir), given);
   saveSpec(spec);
   const planned = instancesOf(spec);
 
@@ -86,10 +87,11 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
-    let inactive: ReadonlySet<string> = new Set();
+    let before = emptyTopology();
     await progress.step('topology: cells, databases, shards', async () => {
-      inactive = new Set((await bootstrapTopology(spec, eventLog, progress)).inactive.keys());
+      before = await bootstrapTopology(spec, eventLog, progress);
     });
+    const inactive: ReadonlySet<string> = new Set(before.inactive.keys());
     await progress.step('an agent beside each Postgres instance', () => startAgents(spec, planned, eventLog, progress));
     const paths = pathsOf(spec);
     await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+): elects each new shard's primary`,
@@ -99,6 +101,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
     await progress.step('login role password', () => ensureLoginPassword(spec, progress, inactive));
     await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
     await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
+    await progress.step('instances the spec no longer has (removed through MultiOrch)', () => removeUnplanned(spec, before, progress));
   } finally {
     await eventLog.close();
   }
@@ -204,6 +207,30 @@ export async function startAgents(spec: ClusterSpec, instances: PlannedInstance[
     progress.note(`${inst.instanceId}: agent pid ${started}, Postgres port ${inst.port}, cell ${inst.cell}`);
   }
   await waitHealthy(eventLog, instances.map((i) => i.instanceId), 60_000, progress, () => agentDied(spec, instances), 'heard from');
+}
+
+/**
+ * Instances of the spec's databases that this cluster started and the spec no longer plans (a lowered
+ * instancesPerShard): each removed through the admin API as `mg replica remove` does (refused when the
+ * policy needs it or it is the primary: then `up` fails naming why).
+ */
+async function removeUnplanned(spec: ClusterSpec, topology: TopologyState, progress: Progress): Promise<void> {
+  const planned = new Set(instancesOf(spec).map((i) => i.instanceId));
+  const unplanned = [...topology.instances.values()].filter((i) => spec.databases.some((d) => d.name === i.database) && !planned.has(i.instanceId) &&
+    fs.existsSync(path.join(spec.dataDir, 'agents', `${i.instanceId}.json`)));
+  if (!unplanned.length) return progress.note('none');
+  for (const inst of unplanned) {
+    const at = [inst.database, inst.shard, inst.instanceId].map(encodeURIComponent);
+    const r = await callOrchestrator(spec, 'DELETE', `/v1/shards/${at[0]}/${at[1]}/replicas/${at[2]}?wait=true`);
+    for (const s of r.body.operation?.steps ?? []) progress.note(s.message);
+    if (r.status !== 200) {
+      // It runs on: the saved spec says so again, so that `down` stops it and a later `up` tries again.
+      const saved = savedSpec(spec.dataDir)!;
+      for (const db of saved.databases) db.removedInstances = db.removedInstances.filter((id) => id !== inst.instanceId);
+      saveSpec(saved);
+      throw new Error(`${inst.instanceId} is no longer in the spec but was not removed: ${r.body.error}`);
+    }
+  }
 }
 
 /** Why `up` cannot go on: an agent it started has exited. */

@@ -287,6 +287,33 @@ export function withAddedInstance(spec: ClusterSpec, database: string, shard: st
   return { spec: next, instance: instancesOf(next).find((i) => i.instanceId === instanceIdOf(database, shard, cell, slot))! };
 }
 
+/**
+ * `next` (from a spec file and flags, which do not record what changed at run time) with the saved spec's run-time
+ * changes carried over, for each database both have with the same shards: its added and removed instances (when
+ * `next` names none), and an instancesPerShard lowered since then kept as the saved layout with the instances
+ * beyond the new count removed, so that no other instance's port moves.
+ */
+export function withRuntimeChanges(saved: ClusterSpec | undefined, next: ClusterSpec): ClusterSpec {
+  if (!saved) return next;
+  const out = structuredClone(next);
+  for (const db of out.databases) {
+    const was = saved.databases.find((d) => d.name === db.name && d.shards === db.shards);
+    if (!was) continue;
+    if (db.addedInstances.length === 0) db.addedInstances = structuredClone(was.addedInstances);
+    if (db.removedInstances.length === 0) db.removedInstances = [...was.removedInstances];
+    if (db.instancesPerShard >= was.instancesPerShard) continue;
+    for (const range of shardRanges(db.shards)) {
+      for (let i = db.instancesPerShard; i < was.instancesPerShard; i++) {
+        const id = instanceIdOf(db.name, range.shard, out.cells[i % out.cells.length], i);
+        if (!db.removedInstances.includes(id)) db.removedInstances.push(id);
+      }
+    }
+    db.instancesPerShard = was.instancesPerShard;
+  }
+  checkPortClashes(out);
+  return out;
+}
+
 /** The spec without the instance: an added one leaves addedInstances, one of the layout joins removedInstances. */
 export function withoutInstance(spec: ClusterSpec, instanceId: string): ClusterSpec {
   const planned = instancesOf(spec).find((i) => i.instanceId === instanceId);

@@ -3,9 +3,10 @@
  * as a client of the gateway sees them: `mg replica add` restores a new
  * instance from the latest backup while a client writes and reads on the same
  * shard, and the gateway sends it reads once it has caught up; `mg replica
- * remove` takes one out of routing and out of the policy's cohort, then
- * stops, deletes and deregisters it; removing one the policy needs, or the
- * primary, is refused; the API names bad input. The client sees no error.
+ * remove` (and a lowered instancesPerShard) takes one out of routing and out
+ * of the policy's cohort, then stops, deletes and deregisters it; removing one
+ * the policy needs, or the primary, is refused; the API names bad input. The
+ * client sees no error.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -18,10 +19,11 @@ import { ADDED_SLOT_TOP } from '../../compose/spec.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { queryInstance as query } from '../support/postgres.ts';
 
-// A primary and one replica under ANY_2: the replica is needed until another one joins.
-const cluster = testCluster('replicas', 3, { spec: { databases: [{ name: 'postgres', instancesPerShard: 2, durability: 'ANY_2' }] } });
+// A primary and two replicas under ANY_2; the shard's first election makes postgres-0-zone1-0 primary (ties go by id).
+const cluster = testCluster('replicas', 3, { spec: { databases: [{ name: 'postgres', instancesPerShard: 3, durability: 'ANY_2' }] } });
 const { spec, dataDir, flags, mg } = cluster;
 const addedPort = spec.postgres.basePort + ADDED_SLOT_TOP;
+const added = `postgres-0-zone3-${ADDED_SLOT_TOP}`;
 
 
 const gatewayClient = (database: string) =>
@@ -77,6 +79,9 @@ async function ok(...args: string[]): Promise<string> {
   return r.stdout;
 }
 
+const instancesNow = async (): Promise<string[]> =>
+  (await callOrchestrator(spec, 'GET', '/v1/status')).body.shards[0].instances.map((i: { instanceId: string }) => i.instanceId).sort();
+
 const syncStandbyNames = async (port: number) => (await query<{ s: string }>(port, "SELECT current_setting('synchronous_standby_names') AS s"))[0].s;
 
 before(async () => {
@@ -100,8 +105,7 @@ test('replica add: restored from the latest backup while a client writes and rea
 
   const out = await ok('replica', 'add', 'postgres/-', '--cell', 'zone3');
   t.diagnostic(out);
-  const added = out.match(/(postgres-0-zone3-\d+): registered/)?.[1];
-  assert.ok(added, `the new instance is named in:\n${out}`);
+  assert.match(out, new RegExp(`${added}: registered`));
   assert.match(out, new RegExp(`${added}: restored from the latest backup; streaming from 127\\.0\\.0\\.1:${primary.port}`));
   assert.match(out, /waiting until it has caught up with the primary/);
   assert.match(out, new RegExp(`${added}: caught up with the primary: serving`));
@@ -141,31 +145,52 @@ test('the admin API names bad input: an unknown cell (400), an unknown shard or 
   assert.match(cli.stderr, /switch over first/);
 });
 
-test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; the last replica the policy needs is refused', async (t) => {
-  const { primary, replicas: [original] } = await cluster.roles();
-  const out = await ok('replica', 'remove', 'postgres/-', original.instanceId);
+test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; reads go on elsewhere', async (t) => {
+  const { primary, replicas } = await cluster.roles();
+  assert.equal(primary.instanceId, 'postgres-0-zone1-0');
+  const [leaving, staying] = replicas;
+  const out = await ok('replica', 'remove', 'postgres/-', leaving.instanceId);
   t.diagnostic(out);
-  assert.match(out, new RegExp(`${original.instanceId}: out of routing \\(DRAINED\\) and out of the durability policy's cohort`));
-  assert.match(out, new RegExp(`${original.instanceId} left the cohort: synchronous_standby_names = ANY 1 \\("postgres-0-zone3-${ADDED_SLOT_TOP}"\\)`));
-  assert.match(out, new RegExp(`${original.instanceId}: deregistered`));
+  assert.match(out, new RegExp(`${leaving.instanceId}: out of routing \\(DRAINED\\) and out of the durability policy's cohort`));
+  assert.match(out, new RegExp(`${leaving.instanceId} left the cohort: synchronous_standby_names = ANY 1 \\("${staying.instanceId}", "${added}"\\); rule \\d+ acknowledged without it`));
+  assert.match(out, new RegExp(`${leaving.instanceId}: deregistered`));
   assert.match(out, /replica remove postgres\/- \S+: done in/);
 
-  const status = await callOrchestrator(spec, 'GET', '/v1/status');
-  assert.deepEqual(status.body.shards[0].instances.map((i: { instanceId: string }) => i.instanceId).sort(),
-    [primary.instanceId, `postgres-0-zone3-${ADDED_SLOT_TOP}`].sort());
-  assert.equal(await syncStandbyNames(primary.port), `ANY 1 ("postgres-0-zone3-${ADDED_SLOT_TOP}")`);
-  assert.deepEqual(await query(primary.port, 'SELECT slot_name FROM pg_replication_slots WHERE slot_name = $1', [original.instanceId.replace(/-/g, '_')]), []);
-  assert.equal(fs.existsSync(path.join(dataDir, 'postgres', original.instanceId)), false, 'its data directory is gone');
-  assert.deepEqual(savedSpec(dataDir)!.databases[0].removedInstances, [original.instanceId]);
-  // Reads go on, now all on the remaining replica.
+  assert.deepEqual(await instancesNow(), [primary.instanceId, staying.instanceId, added]);
+  assert.equal(await syncStandbyNames(primary.port), `ANY 1 ("${staying.instanceId}", "${added}")`);
+  assert.deepEqual(await query(primary.port, 'SELECT slot_name FROM pg_replication_slots WHERE slot_name = $1', [leaving.instanceId.replace(/-/g, '_')]), []);
+  assert.equal(fs.existsSync(path.join(dataDir, 'postgres', leaving.instanceId)), false, 'its data directory is gone');
+  assert.deepEqual(savedSpec(dataDir)!.databases[0].removedInstances, [leaving.instanceId]);
+  const before = readPorts.length;
+  await until('reads through the gateway after the removal', 10_000, () => readPorts.length > before + 5);
+  assert.deepEqual(readPorts.slice(before + 1).filter((p) => p !== staying.port && p !== addedPort), []);
+});
+
+test('a lowered instancesPerShard: mg cluster up removes the instance the spec no longer has and keeps the added replica', async (t) => {
+  const { primary, replicas: [, dropped] } = await cluster.roles();
+  assert.equal(dropped.instanceId, 'postgres-0-zone3-2');
+  fs.writeFileSync(path.join(dataDir, 'test-spec.yaml'), JSON.stringify({ databases: [{ name: 'postgres', instancesPerShard: 2, durability: 'ANY_2' }] }));
+  const up = await mg('cluster', 'up', ...flags);
+  t.diagnostic(up.stdout);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  assert.match(up.stdout, new RegExp(`${added}: agent already running`));
+  assert.match(up.stdout, new RegExp(`${dropped.instanceId}: deregistered`));
+  assert.deepEqual(await instancesNow(), [primary.instanceId, added]);
+  assert.equal(await syncStandbyNames(primary.port), `ANY 1 ("${added}")`);
+  // The saved spec keeps every other port where it was: the layout stays, the dropped instance is recorded as removed.
+  const saved = savedSpec(dataDir)!.databases[0];
+  assert.deepEqual([saved.instancesPerShard, saved.removedInstances, saved.addedInstances.length], [3, ['postgres-0-zone2-1', dropped.instanceId], 1]);
   const before = readPorts.length;
   await until('reads through the gateway after the removal', 10_000, () => readPorts.length > before + 5);
   assert.deepEqual([...new Set(readPorts.slice(before + 1))], [addedPort]);
+});
 
-  const needed = await mg('replica', 'remove', 'postgres/-', `postgres-0-zone3-${ADDED_SLOT_TOP}`, '--data-dir', dataDir);
+test('the last replica the durability policy needs, and the primary, are refused (409); the client saw no error and lost no write', async () => {
+  const { primary } = await cluster.roles();
+  const needed = await mg('replica', 'remove', 'postgres/-', added, '--data-dir', dataDir);
   assert.notEqual(needed.code, 0);
-  assert.match(needed.stderr, /the durability policy ANY_2 of postgres\/- needs postgres-0-zone3-99/);
-  const rest = await callOrchestrator(spec, 'DELETE', `/v1/shards/postgres/-/replicas/postgres-0-zone3-${ADDED_SLOT_TOP}`);
+  assert.match(needed.stderr, new RegExp(`the durability policy ANY_2 of postgres/- needs ${added}`));
+  const rest = await callOrchestrator(spec, 'DELETE', `/v1/shards/postgres/-/replicas/${added}`);
   assert.equal(rest.status, 409);
 
   stopClient = true;

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutInstance } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -65,4 +65,16 @@ test('a replica added at run time takes the highest free port slot; removing ins
   assert.equal(ports(removed).size, ports(later).size - 2);
   assert.throws(() => withAddedInstance(spec, 'postgres', '-', 'zone9'), /no cell zone9 \(cells: zone1, zone2, zone3\)/);
   assert.throws(() => withAddedInstance(spec, 'postgres', '-80', 'zone1'), /database postgres has no shard -80/);
+});
+
+test('up with a spec file keeps the run-time changes of the saved spec; a lowered instancesPerShard becomes removed instances', () => {
+  const saved = withAddedInstance(parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 3 }, { name: 'shop' }] }), 'postgres', '-', 'zone2').spec;
+  const shopPorts = (s: typeof saved) => instancesOf(s).filter((i) => i.database === 'shop').map((i) => i.port);
+  const next = withRuntimeChanges(saved, parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 2 }, { name: 'shop' }] }));
+  assert.deepEqual(next.databases[0].addedInstances, saved.databases[0].addedInstances);
+  assert.deepEqual([next.databases[0].instancesPerShard, next.databases[0].removedInstances], [3, ['postgres-0-zone3-2']]);
+  assert.deepEqual(instancesOf(next).filter((i) => i.database === 'postgres').map((i) => i.instanceId),
+    ['postgres-0-zone1-0', 'postgres-0-zone2-1', 'postgres-0-zone2-99']);
+  assert.deepEqual(shopPorts(next), shopPorts(saved));
+  assert.equal(withRuntimeChanges(undefined, saved), saved);
 });
