@@ -63,7 +63,8 @@ function statusRows(out: string): Map<string, Record<string, string>> {
 test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /\[12\/12\] MultiGateway .*: done in/);
+  assert.match(up.stdout, /\[12\/13\] MultiGateway .*: done in/);
+  assert.match(up.stdout, /\[13\/13\] instances the spec no longer has \(removed through MultiOrch\) \.\.\.\n {6}none\n/);
   assert.match(up.stdout, /postgres\/-: primary postgres-0-zone\d-\d, term \d+, policy ANY_2/);
   ({ primary, replicas: [replica1, replica2] } = await cluster.roles());
   assert.match(up.stdout, new RegExp(`psql -h 127.0.0.1 -p ${cluster.spec.gateway.port} -U postgres postgres`));
