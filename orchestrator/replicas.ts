@@ -50,6 +50,7 @@ export class ReplicaManager {
     step(`provisioning a replica of ${key} in ${cell}: its agent and pooler on this machine`);
     const { instanceId } = await this.provisioner.add(database, shardName, cell, step);
     step(`${instanceId}: registered; waiting for MultiOrch to restore it from the latest backup plus archived WAL (pg_basebackup when there is none)`);
+    const started = new Date();
     const deadline = Date.now() + ADD_TIMEOUT_MS;
     const said = new Set<string>();
     const say = (what: string, message: string) => {
@@ -60,7 +61,8 @@ export class ReplicaManager {
       if (Date.now() > deadline) throw new Error(`${instanceId} did not serve within ${ADD_TIMEOUT_MS / 1000} s`);
       const shard = this.watch.shard(database, shardName);
       if (!shard?.cohort.some((i) => i.instanceId === instanceId)) throw new Error(`${instanceId} left ${key} while being added`);
-      const repoint = this.journal.historyOf(shard.key).filter((e) => e.operation === 'repoint' && e.summary.startsWith(`${instanceId}:`)).at(-1);
+      // Of this instance since the operation began (an earlier replica may have had its id and slot).
+      const repoint = this.journal.historyOf(shard.key).filter((e) => e.operation === 'repoint' && e.summary.startsWith(`${instanceId}:`) && e.ts >= started).at(-1);
       if (repoint?.kind === 'COMPLETED') say('restored', `${repoint.summary}; waiting until it has caught up with the primary`);
       else if (repoint?.kind === 'FAILED') say(`failed ${repoint.eventId}`, `${repoint.summary} (MultiOrch retries)`);
       const h = this.watch.fresh(instanceId);
