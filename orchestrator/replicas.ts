@@ -47,10 +47,10 @@ export class ReplicaManager {
 
   async add(database: string, shardName: string, cell: string, step: Step): Promise<void> {
     const key = `${database}/${shardName}`;
+    const started = new Date();
     step(`provisioning a replica of ${key} in ${cell}: its agent and pooler on this machine`);
     const { instanceId } = await this.provisioner.add(database, shardName, cell, step);
     step(`${instanceId}: registered; waiting for MultiOrch to restore it from the latest backup plus archived WAL (pg_basebackup when there is none)`);
-    const started = new Date();
     const deadline = Date.now() + ADD_TIMEOUT_MS;
     const said = new Set<string>();
     const say = (what: string, message: string) => {
