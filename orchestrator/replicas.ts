@@ -53,6 +53,7 @@ export class ReplicaManager {
     step(`${instanceId}: registered; waiting for MultiOrch to restore it from the latest backup plus archived WAL (pg_basebackup when there is none)`);
     const deadline = Date.now() + ADD_TIMEOUT_MS;
     const said = new Set<string>();
+    let servingSince: number | undefined;
     const say = (what: string, message: string) => {
       if (!said.has(what)) step(message);
       said.add(what);
@@ -67,7 +68,8 @@ export class ReplicaManager {
       else if (repoint?.kind === 'FAILED') say(`failed ${repoint.eventId}`, `${repoint.summary} (MultiOrch retries)`);
       const h = this.watch.fresh(instanceId);
       if (h?.walReceiverStatus === 'streaming') say('streaming', `${instanceId}: streaming from ${h.upstream}`);
-      if (this.watch.topology.serving.get(instanceId) === 'SERVING') {
+      // The journal and the topology are two logs: give the repoint's outcome a moment to show before the end.
+      if (this.watch.topology.serving.get(instanceId) === 'SERVING' && (said.has('restored') || (servingSince ??= Date.now()) < Date.now() - 2_000)) {
         step(`${instanceId}: caught up with the primary: serving (the gateways send it reads)`);
         return;
       }
