@@ -19,19 +19,19 @@ import {
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
-import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier } from './proxy.ts';
+import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Paths } from './proxy.ts';
 import { startMaterializer, stopMaterializer } from './materializer.ts';
-import { startOrchestrators, stopOrchestrators } from './orchestrators.ts';
+import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, shardRanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { instancesOf, parseSpec, shardRanges, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const agentName = (id: string) => `agent-${id}`;
+export const agentName = (id: string) => `agent-${id}`;
 
 export const runDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'run');
-const logDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'logs');
+export const logDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'logs');
 export const bootstrapOf = (spec: ClusterSpec) => spec.kafka.bootstrap ?? `127.0.0.1:${spec.kafka.port}`;
 export const registryUrlOf = (spec: ClusterSpec) => spec.registry.url ?? `http://127.0.0.1:${spec.registry.port}`;
 const specFile = (dataDir: string) => path.join(dataDir, 'cluster.json');
@@ -43,13 +43,22 @@ export function eventLogFor(spec: ClusterSpec, clientId: string, log: Logger): E
 /** The spec a cluster in `dataDir` was brought up with, if any. */
 export function savedSpec(dataDir: string): ClusterSpec | undefined {
   const file = specFile(path.resolve(dataDir));
-  return fs.existsSync(file) ? (JSON.parse(fs.readFileSync(file, 'utf8')) as ClusterSpec) : undefined;
+  // Parsed again, so a spec saved before a field existed gets its default.
+  return fs.existsSync(file) ? parseSpec(JSON.parse(fs.readFileSync(file, 'utf8')), file) : undefined;
 }
 
-export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(13, out);
+/** Saves the spec a later `mg cluster up` (and every other command) starts from. */
+export function saveSpec(spec: ClusterSpec): void {
   fs.mkdirSync(spec.dataDir, { recursive: true });
-  fs.writeFileSync(specFile(spec.dataDir), JSON.stringify(spec, null, 2));
+  const file = specFile(spec.dataDir);
+  fs.writeFileSync(`${file}.tmp`, JSON.stringify(spec, null, 2));
+  fs.renameSync(`${file}.tmp`, file); // readers never see a half-written spec
+}
+
+export async function clusterUp(given: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
+  const progress = new Progress(14, out);
+  const spec = withRuntimeChanges(savedSpec(given.dataDir), given);
+  saveSpec(spec);
   const planned = instancesOf(spec);
 
   await progress.step('checking prerequisites (Java, Maven, Postgres 15, pgBackRest)', async () => checkPrerequisites(spec));
@@ -80,12 +89,13 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
         await codecFor(eventLog.registry, topic, eventLog.topic(topic)).schemaId();
       }
     });
-    let inactive: ReadonlySet<string> = new Set();
+    let before = emptyTopology();
     await progress.step('topology: cells, databases, shards', async () => {
-      inactive = new Set((await bootstrapTopology(spec, eventLog, progress)).inactive.keys());
+      before = await bootstrapTopology(spec, eventLog, progress);
     });
+    const inactive: ReadonlySet<string> = new Set(before.inactive.keys());
     await progress.step('an agent beside each Postgres instance', () => startAgents(spec, planned, eventLog, progress));
-    const paths = { runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) };
+    const paths = pathsOf(spec);
     await progress.step(`MultiOrch (one per cell, ports ${spec.orchestrator.basePort}+): elects each new shard's primary`,
       () => startOrchestrators(spec, paths, progress));
     await progress.step('replicas cloned from their primary and streaming', () =>
@@ -94,6 +104,7 @@ export async function clusterUp(spec: ClusterSpec, log: Logger, out: NodeJS.Writ
     await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
     await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
     await progress.step(`materializer on port ${spec.materializer.port} (workflows: mg workflow)`, () => startMaterializer(spec, paths, progress));
+    await progress.step('instances the spec no longer has (removed through MultiOrch)', () => removeUnplanned(spec, before, progress));
   } finally {
     await eventLog.close();
   }
@@ -168,6 +179,8 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
   };
 }
 
+export const pathsOf = (spec: ClusterSpec): Paths => ({ runDir: runDir(spec), logDir: logDir(spec), bootstrap: bootstrapOf(spec), registryUrl: registryUrlOf(spec) });
+
 /** pgBackRest settings of every agent and of the CLI's restores: one repository, one lock directory per cluster. */
 export function backupConfigOf(spec: ClusterSpec): BackupConfig {
   return { ...spec.backup, repoPath: spec.backup.repoPath!, lockPath: path.join(runDir(spec), 'pgbackrest'), logPath: path.join(logDir(spec), 'pgbackrest') };
@@ -178,7 +191,7 @@ export function backupConfigOf(spec: ClusterSpec): BackupConfig {
  * its instance and sends heartbeats (an instance of a new shard has no data
  * yet: MultiOrch bootstraps or clones it).
  */
-async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], eventLog: EventLog, progress: Progress): Promise<void> {
+export async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], eventLog: EventLog, progress: Progress): Promise<void> {
   const configDir = path.join(spec.dataDir, 'agents');
   fs.mkdirSync(configDir, { recursive: true });
   for (const inst of instances) {
@@ -200,6 +213,30 @@ async function startAgents(spec: ClusterSpec, instances: PlannedInstance[], even
     progress.note(`${inst.instanceId}: agent pid ${started}, Postgres port ${inst.port}, cell ${inst.cell}`);
   }
   await waitHealthy(eventLog, instances.map((i) => i.instanceId), 60_000, progress, () => agentDied(spec, instances), 'heard from');
+}
+
+/**
+ * Instances of the spec's databases that this cluster started and the spec no longer plans (a lowered
+ * instancesPerShard): each removed through the admin API as `mg replica remove` does (refused when the
+ * policy needs it or it is the primary: then `up` fails naming why).
+ */
+async function removeUnplanned(spec: ClusterSpec, topology: TopologyState, progress: Progress): Promise<void> {
+  const planned = new Set(instancesOf(spec).map((i) => i.instanceId));
+  const unplanned = [...topology.instances.values()].filter((i) => spec.databases.some((d) => d.name === i.database) && !planned.has(i.instanceId) &&
+    fs.existsSync(path.join(spec.dataDir, 'agents', `${i.instanceId}.json`)));
+  if (!unplanned.length) return progress.note('none');
+  for (const inst of unplanned) {
+    const at = [inst.database, inst.shard, inst.instanceId].map(encodeURIComponent);
+    const r = await callOrchestrator(spec, 'DELETE', `/v1/shards/${at[0]}/${at[1]}/replicas/${at[2]}?wait=true`);
+    for (const s of r.body.operation?.steps ?? []) progress.note(s.message);
+    if (r.status !== 200) {
+      // It runs on: the saved spec says so again, so that `down` stops it and a later `up` tries again.
+      const saved = savedSpec(spec.dataDir)!;
+      for (const db of saved.databases) db.removedInstances = db.removedInstances.filter((id) => id !== inst.instanceId);
+      saveSpec(saved);
+      throw new Error(`${inst.instanceId} is no longer in the spec but was not removed: ${r.body.error}`);
+    }
+  }
 }
 
 /** Why `up` cannot go on: an agent it started has exited. */
@@ -259,17 +296,20 @@ export async function clusterDown(spec: ClusterSpec, opts: { clean: boolean }, o
   await progress.step('orchestrators', () => stopOrchestrators(spec, runDir(spec), progress));
   await progress.step('gateway and poolers', () => stopProxyTier(spec, runDir(spec), progress));
   await progress.step('agents and their Postgres instances', async () => {
-    await Promise.all(instances.map(async (inst) => {
-      const result = await stopProcess(runDir(spec), agentName(inst.instanceId), { graceMs: 30_000 });
-      // An agent that was gone (killed) leaves its Postgres running: stop it directly.
-      const pg = new PostgresInstance({ name: inst.instanceId, dataDir: inst.dataDir, port: inst.port, binDir: spec.postgres.binDir, log: silentLog });
-      if (pg.isRunning()) await pg.stop('fast');
-      progress.note(`${inst.instanceId}: agent ${result}`);
-    }));
+    await Promise.all(instances.map(async (inst) => progress.note(`${inst.instanceId}: agent ${await stopAgent(spec, inst)}`)));
   });
   await progress.step('schema registry', async () => progress.note(spec.registry.url ? 'external: left running' : await stopRegistry(runDir(spec))));
   await progress.step('Kafka broker', async () => progress.note(spec.kafka.bootstrap ? 'external: left running' : await stopKafka(runDir(spec))));
   if (opts.clean) await progress.step(`removing ${spec.dataDir}`, async () => fs.rmSync(spec.dataDir, { recursive: true, force: true }));
+}
+
+/** Stops an instance's agent, which stops its Postgres (and Postgres directly when the agent was gone). */
+export async function stopAgent(spec: ClusterSpec, inst: Pick<PlannedInstance, 'instanceId' | 'dataDir' | 'port'>): Promise<string> {
+  const result = await stopProcess(runDir(spec), agentName(inst.instanceId), { graceMs: 30_000 });
+  // An agent that was gone (killed) leaves its Postgres running: stop it directly.
+  const pg = new PostgresInstance({ name: inst.instanceId, dataDir: inst.dataDir, port: inst.port, binDir: spec.postgres.binDir, log: silentLog });
+  if (pg.isRunning()) await pg.stop('fast');
+  return result;
 }
 
 const silentLog = { child: () => silentLog, info() {}, warn() {}, error() {}, debug() {} } as unknown as Logger;

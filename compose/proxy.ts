@@ -8,7 +8,7 @@ import { instancesOf, type ClusterSpec } from './spec.ts';
 import { isAlive, portAnswers, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const poolerName = (id: string) => `pooler-${id}`;
+export const poolerName = (id: string) => `pooler-${id}`;
 const GATEWAY = 'gateway';
 
 export interface Paths { runDir: string; logDir: string; bootstrap: string; registryUrl: string }
@@ -30,8 +30,9 @@ export async function startService(name: string, entry: string, config: object, 
   return `${name}: pid ${started}, port ${port}`;
 }
 
-export async function startPoolers(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
-  for (const inst of instancesOf(spec)) {
+/** Starts the MultiPooler of each instance (default: every instance of the spec) that is not running. */
+export async function startPoolers(spec: ClusterSpec, paths: Paths, progress: Progress, instances = instancesOf(spec)): Promise<void> {
+  for (const inst of instances) {
     progress.note(await startService(poolerName(inst.instanceId), 'router/pooler/main.ts', {
       instanceId: inst.instanceId, listenPort: inst.poolerPort, postgres: { host: '127.0.0.1', port: inst.port },
       poolSize: spec.pooler.poolSize, metricsPort: inst.poolerMetricsPort,

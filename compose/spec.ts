@@ -13,6 +13,11 @@ import { backupScheduleSchema } from '../orchestrator/config.ts';
 import { parsePolicy } from '../schemas/durability.ts';
 
 const port = z.number().int().min(1024).max(65535);
+/**
+ * Port slot (offset from each base port) of the first replica added at run time; later ones take the next lower
+ * free slot. The spec's own instances fill slots upwards from 0, so neither moves the other (decision 0034).
+ */
+export const ADDED_SLOT_TOP = 99;
 const name = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/, 'must be lower-case letters, digits or _, starting with a letter');
 
 export const clusterSpecSchema = z.object({
@@ -87,6 +92,8 @@ export const clusterSpecSchema = z.object({
     twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
     /** Bearer token of the admin API (docs/admin-api.md); without one it listens on localhost only. */
     apiToken: z.string().min(16, 'must be at least 16 characters').optional(),
+    /** A replica is put in service (gateways send it reads) once its replay is this close to the primary's WAL. */
+    servingLagBytes: z.number().int().min(0).default(16 * 1024 * 1024),
     /** Where the admin API listens when it has a token. */
     apiHost: z.string().min(1).default('0.0.0.0'),
   }).strict().default({}),
@@ -125,6 +132,14 @@ export const clusterSpecSchema = z.object({
       time: z.string().datetime({ offset: true }).optional(),
       lsn: z.string().regex(/^[0-9A-Fa-f]{1,8}\/[0-9A-Fa-f]{1,8}$/, 'must look like 0/16B3748').optional(),
     }).strict().optional(),
+    /** Replicas added at run time (`mg replica add`): shard, cell and the port slot each was given (decision 0034). */
+    addedInstances: z.array(z.object({
+      shard: z.string().min(1),
+      cell: name,
+      slot: z.number().int().min(0).max(ADDED_SLOT_TOP),
+    }).strict()).default([]),
+    /** Instances of the instancesPerShard layout removed at run time (`mg replica remove`); their port slots stay unused. */
+    removedInstances: z.array(z.string().min(1)).default([]),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   }).refine((d) => d.sharded || d.shards === 1, {
@@ -233,23 +248,96 @@ export interface PlannedInstance {
 /** Every instance the spec asks for, with ports and cells assigned deterministically. */
 export function instancesOf(spec: ClusterSpec): PlannedInstance[] {
   const out: PlannedInstance[] = [];
+  const at = (slot: number, instanceId: string, database: string, shard: string, cell: string): PlannedInstance => ({
+    instanceId, database, shard, cell,
+    port: spec.postgres.basePort + slot,
+    metricsPort: spec.agent.metricsBasePort + slot,
+    poolerPort: spec.pooler.basePort + slot,
+    poolerMetricsPort: spec.pooler.metricsBasePort + slot,
+    dataDir: path.join(spec.dataDir, 'postgres', instanceId),
+  });
+  let slot = 0;
   for (const db of spec.databases) {
     for (const range of shardRanges(db.shards)) {
-      const shardLabel = range.shard === '-' ? '0' : range.shard.replace('-', '_');
-      for (let i = 0; i < db.instancesPerShard; i++) {
-        const n = out.length;
+      for (let i = 0; i < db.instancesPerShard; i++, slot++) {
         const cell = spec.cells[i % spec.cells.length];
-        const instanceId = `${db.name}-${shardLabel}-${cell}-${i}`;
-        out.push({
-          instanceId, database: db.name, shard: range.shard, cell,
-          port: spec.postgres.basePort + n,
-          metricsPort: spec.agent.metricsBasePort + n,
-          poolerPort: spec.pooler.basePort + n,
-          poolerMetricsPort: spec.pooler.metricsBasePort + n,
-          dataDir: path.join(spec.dataDir, 'postgres', instanceId),
-        });
+        const instanceId = instanceIdOf(db.name, range.shard, cell, i);
+        // A removed instance keeps its slot: the ports of every other instance stay where they are.
+        if (!db.removedInstances.includes(instanceId)) out.push(at(slot, instanceId, db.name, range.shard, cell));
       }
     }
   }
+  for (const db of spec.databases) {
+    for (const a of db.addedInstances) out.push(at(a.slot, instanceIdOf(db.name, a.shard, a.cell, a.slot), db.name, a.shard, a.cell));
+  }
   return out;
+}
+
+/** `<db>-<shard label>-<cell>-<index>`; the shard label spells the key range without '-' at the ends ('0' for the unsharded '-'). */
+export function instanceIdOf(database: string, shard: string, cell: string, index: number): string {
+  const shardLabel = shard === '-' ? '0' : shard.replace('-', '_');
+  return `${database}-${shardLabel}-${cell}-${index}`;
+}
+
+/** Every port slot the spec's own layout takes (removed instances' included): an added replica takes none of these. */
+function layoutSlots(spec: ClusterSpec): number {
+  return spec.databases.reduce((n, db) => n + db.shards * db.instancesPerShard, 0);
+}
+
+/**
+ * The spec with one more replica of `database`/`shard` in `cell`, in the highest port slot no instance uses
+ * (from ADDED_SLOT_TOP down), and the planned instance; a SpecError when no slot is left.
+ */
+export function withAddedInstance(spec: ClusterSpec, database: string, shard: string, cell: string): { spec: ClusterSpec; instance: PlannedInstance } {
+  const db = spec.databases.find((d) => d.name === database);
+  if (!db) throw new SpecError(`the spec has no database ${database}`);
+  if (!shardRanges(db.shards).some((r) => r.shard === shard)) throw new SpecError(`database ${database} has no shard ${shard}`);
+  if (!spec.cells.includes(cell)) throw new SpecError(`no cell ${cell} (cells: ${spec.cells.join(', ')})`);
+  const used = new Set(spec.databases.flatMap((d) => d.addedInstances.map((a) => a.slot)));
+  let slot = ADDED_SLOT_TOP;
+  while (used.has(slot)) slot--;
+  if (slot < layoutSlots(spec)) throw new SpecError(`no port slot left for another instance (slots 0-${ADDED_SLOT_TOP} are taken)`);
+  const next = structuredClone(spec);
+  next.databases.find((d) => d.name === database)!.addedInstances.push({ shard, cell, slot });
+  checkPortClashes(next);
+  return { spec: next, instance: instancesOf(next).find((i) => i.instanceId === instanceIdOf(database, shard, cell, slot))! };
+}
+
+/**
+ * `next` (from a spec file and flags, which do not record what changed at run time) with the saved spec's run-time
+ * changes carried over, for each database both have with the same shards: its added and removed instances (when
+ * `next` names none), and an instancesPerShard lowered since then kept as the saved layout with the instances
+ * beyond the new count removed, so that no other instance's port moves.
+ */
+export function withRuntimeChanges(saved: ClusterSpec | undefined, next: ClusterSpec): ClusterSpec {
+  if (!saved) return next;
+  const out = structuredClone(next);
+  for (const db of out.databases) {
+    const was = saved.databases.find((d) => d.name === db.name && d.shards === db.shards);
+    if (!was) continue;
+    if (db.addedInstances.length === 0) db.addedInstances = structuredClone(was.addedInstances);
+    if (db.removedInstances.length === 0) db.removedInstances = [...was.removedInstances];
+    if (db.instancesPerShard >= was.instancesPerShard) continue;
+    for (const range of shardRanges(db.shards)) {
+      for (let i = db.instancesPerShard; i < was.instancesPerShard; i++) {
+        const id = instanceIdOf(db.name, range.shard, out.cells[i % out.cells.length], i);
+        if (!db.removedInstances.includes(id)) db.removedInstances.push(id);
+      }
+    }
+    db.instancesPerShard = was.instancesPerShard;
+  }
+  checkPortClashes(out);
+  return out;
+}
+
+/** The spec without the instance: an added one leaves addedInstances, one of the layout joins removedInstances. */
+export function withoutInstance(spec: ClusterSpec, instanceId: string): ClusterSpec {
+  const planned = instancesOf(spec).find((i) => i.instanceId === instanceId);
+  if (!planned) return spec;
+  const next = structuredClone(spec);
+  const db = next.databases.find((d) => d.name === planned.database)!;
+  const added = db.addedInstances.findIndex((a) => instanceIdOf(db.name, a.shard, a.cell, a.slot) === instanceId);
+  if (added >= 0) db.addedInstances.splice(added, 1);
+  else db.removedInstances.push(instanceId);
+  return next;
 }

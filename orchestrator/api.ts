@@ -8,7 +8,7 @@
  * listens on localhost only (docs/admin-api.md).
  */
 import { timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyPluginAsync } from 'fastify';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyPluginAsync, type FastifyReply } from 'fastify';
 import type { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { metrics } from '../common/metrics.ts';
@@ -18,12 +18,14 @@ import { clusterApi } from './api/cluster.ts';
 import { databasesApi } from './api/databases.ts';
 import { operationsApi } from './api/operations.ts';
 import { vschemasApi } from './api/vschemas.ts';
+import { replicasApi } from './api/replicas.ts';
 import type { Backups } from './backups.ts';
 import type { OrchConfig } from './config.ts';
 import type { DatabaseManager } from './databases.ts';
 import type { Journal } from './journal.ts';
 import type { Keeper } from './keeper.ts';
-import type { Operations } from './operations.ts';
+import { OperationError, type Operations } from './operations.ts';
+import type { ReplicaManager } from './replicas.ts';
 import type { ClusterWatch } from './view.ts';
 
 declare module 'fastify' {
@@ -43,6 +45,7 @@ export interface ApiContext {
   agents: Agents;
   eventLog: EventLog;
   databases: DatabaseManager;
+  replicas: ReplicaManager;
   backups: Backups;
   operations: Operations;
   log: Logger;
@@ -50,6 +53,31 @@ export interface ApiContext {
 
 /** One area of the API: registers its routes (with `summary` and `tags` in each schema, for the OpenAPI document). */
 export type ApiPlugin = FastifyPluginAsync<ApiContext>;
+
+export const waitQuery = {
+  type: 'object', additionalProperties: false,
+  properties: { wait: { type: 'boolean', default: false, description: 'answer when the operation is over (200, or 503 when it failed) rather than at once (202)' } },
+} as const;
+
+/**
+ * Starts an operation after its checks (an OperationError answers with its status); answers 202 with it, or
+ * waits for it with ?wait=true (200, or 503 with the error).
+ */
+export async function runOperation(
+  operations: Operations, reply: FastifyReply, wait: boolean, kind: string, target: string,
+  check: () => void, work: (step: (m: string) => void) => Promise<void>,
+): Promise<FastifyReply> {
+  try {
+    check();
+  } catch (err) {
+    if (err instanceof OperationError) return reply.code(err.status).send({ error: err.message });
+    throw err;
+  }
+  const { op, done } = operations.start(kind, target, work);
+  if (!wait) return reply.code(202).header('location', `/v1/operations/${op.id}`).send({ operation: op });
+  await done;
+  return reply.code(op.state === 'succeeded' ? 200 : 503).send({ operation: op, ...(op.error ? { error: op.error } : {}) });
+}
 
 /** JSON with 64-bit integers (terms, LSNs) as strings. */
 export const json = (v: unknown) => JSON.parse(JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x)));
@@ -134,6 +162,7 @@ export async function serveApi(ctx: ApiContext): Promise<FastifyInstance> {
   await app.register(operationsApi, ctx);
   await app.register(backupsApi, ctx);
   await app.register(vschemasApi, ctx);
+  await app.register(replicasApi, ctx);
 
   await app.listen({ host: token ? cfg.apiHost : '127.0.0.1', port: cfg.port });
   return app;

@@ -45,6 +45,13 @@ export const orchConfigSchema = z.object({
   twopcScanMs: z.number().int().min(50).default(1_000),
   /** Decision rows are kept this long (and while their transaction is prepared anywhere), then deleted. */
   twopcRetentionMs: z.number().int().min(1_000).default(3_600_000),
+  /** A replica is put in service (the gateways send it reads) once its replay is this close to the primary's WAL (decision 0034). */
+  servingLagBytes: z.number().int().min(0).default(16 * 1024 * 1024),
+  /**
+   * Starts and stops instances for `mg replica add|remove` (decision 0034): a command, to which `add <db> <shard> <cell>`
+   * or `remove <instanceId>` is appended; run in `cwd`. None: the API answers 501 (instances are provisioned elsewhere).
+   */
+  provisioner: z.object({ command: z.array(z.string().min(1)).min(1), cwd: z.string().min(1) }).strict().optional(),
   /** Per database: the backup schedule (the spec's databases[].backupSchedule). */
   backupSchedules: z.record(backupScheduleSchema).default({}),
 }).strict();

@@ -12,7 +12,7 @@ import type { EventLog } from '../common/eventlog.ts';
 import { withConnection } from '../common/postgres.ts';
 import {
   comparePositions, decodePosition, payload, pledgedTermIn, recruitmentSuffices, RULE_DDL, RULE_TABLE, syncStandbyNames, topologyKey,
-  type InstanceRegistered, type OrchEventKind, type TopologyEvent, type VoterPosition,
+  type InstanceRegistered, type OrchEventKind, type ServingState, type TopologyEvent, type VoterPosition,
 } from '../schemas/index.ts';
 import { AgentTimeout, type Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
@@ -96,7 +96,7 @@ export class Election {
       const t0 = Date.now();
       if (op === 'switchover') {
         if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
-        await this.drain(old);
+        await drainClients(old, DRAIN_MS);
         const drainMs = ms(t0);
         // All at once: the old primary shuts down (fast: its walsenders send everything, the shutdown checkpoint
         // included), and the standbys let it end their stream before they stop listening (`outlast`).
@@ -133,7 +133,7 @@ export class Election {
       step();
       const t2 = Date.now();
       // Repoints go on in the background, while the policy is applied; the rule write below waits for as many as the policy needs.
-      for (const inst of shard.cohort.filter((i) => i.instanceId !== winner.instanceId)) void this.repoint(shard, inst, winner, term).catch(() => undefined);
+      for (const inst of shard.members.filter((i) => i.instanceId !== winner.instanceId)) void this.repoint(shard, inst, winner, term).catch(() => undefined);
       await applyPolicy(shard, winner);
       const policyMs = ms(t2);
       const t3 = Date.now();
@@ -229,19 +229,6 @@ export class Election {
     return best;
   }
 
-  /** Waits (bounded) until the old primary runs no client transaction: gateways hold new ones meanwhile. */
-  private async drain(old: InstanceRegistered): Promise<void> {
-    const deadline = Date.now() + DRAIN_MS;
-    await withConnection(addr(old), async (c) => {
-      while (Date.now() < deadline) {
-        const { rows: [{ busy }] } = await c.query<{ busy: number }>(`SELECT count(*)::int AS busy FROM pg_stat_activity
-          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`);
-        if (busy === 0) return;
-        await new Promise((r) => setTimeout(r, DRAIN_POLL_MS));
-      }
-    }, DRAIN_MS + 1_000);
-  }
-
   private async repoint(shard: ShardView, inst: InstanceRegistered, primary: InstanceRegistered, term: bigint): Promise<void> {
     const started = Date.now();
     const r = await this.agents.send(inst.instanceId, 'REPOINT', { term: String(term), host: primary.host, port: String(primary.port) }, 60_000)
@@ -252,15 +239,32 @@ export class Election {
   }
 
   /** Publishes topology events in one batch (one partition: they arrive in this order). */
-  private topology(...payloads: Array<TopologyEvent['payload']>): Promise<void> {
+  topology(...payloads: Array<TopologyEvent['payload']>): Promise<void> {
     const events = payloads.map((p): TopologyEvent => ({ eventId: randomUUID(), ts: new Date(), source: `orchestrator/${this.cfg.id}`, payload: p }));
     return this.publishTopology(events.map((e) => ({ key: topologyKey(e), value: e })));
   }
 
   /** Flips an instance's serving flag, stamped with the term we act in (the fold ignores it once a newer term is known). */
-  async serving(instanceId: string, state: 'SERVING' | 'NOT_SERVING', term: bigint): Promise<void> {
+  async serving(instanceId: string, state: ServingState, term: bigint): Promise<void> {
     await this.topology(payload('ServingStateChanged', { instanceId, state, term }));
   }
+}
+
+/**
+ * Waits (bounded by ms) until the instance runs no client transaction: in a
+ * switchover the gateways hold new ones meanwhile; for a replica being removed
+ * they send new ones elsewhere.
+ */
+export async function drainClients(inst: InstanceRegistered, ms: number): Promise<void> {
+  const deadline = Date.now() + ms;
+  await withConnection(addr(inst), async (c) => {
+    while (Date.now() < deadline) {
+      const { rows: [{ busy }] } = await c.query<{ busy: number }>(`SELECT count(*)::int AS busy FROM pg_stat_activity
+        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state NOT IN ('idle') AND application_name NOT LIKE 'mg-%'`);
+      if (busy === 0) return;
+      await new Promise((r) => setTimeout(r, DRAIN_POLL_MS));
+    }
+  }, ms + 1_000);
 }
 
 /**
@@ -269,7 +273,7 @@ export class Election {
  * through ALTER SYSTEM (so it survives restarts), effective once reloaded.
  */
 export async function applyPolicy(shard: ShardView, primary: InstanceRegistered): Promise<string> {
-  const names = syncStandbyNames(shard.policy, shard.cohort, primary);
+  const names = syncStandbyNames(shard.policy, shard.members, primary);
   const lit = (v: string) => `'${v.replace(/'/g, "''")}'`;
   return withConnection(addr(primary), async (c) => {
     await c.query(`ALTER SYSTEM SET synchronous_standby_names = ${lit(names)}`);

@@ -2,14 +2,15 @@
  * The shard keeper: every tick, for every shard, compares what is with what
  * should be and acts under the shard's lease: elects a new shard's first
  * primary, fails over a primary that is gone, keeps the rule and the
- * durability policy in place, and points replicas (including a returning old
- * primary, and new empty instances, which get cloned) at the term's primary.
+ * durability policy in place, points replicas (including a returning old
+ * primary, and new empty instances, which get cloned) at the term's primary,
+ * and puts a replica in service only once it has caught up (decision 0034).
  */
 import type { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
 import { queryAt } from '../common/postgres.ts';
-import { canAcknowledge, RULE_TABLE, syncStandbyNames, type InstanceRegistered } from '../schemas/index.ts';
+import { canAcknowledge, payload, RULE_TABLE, syncStandbyNames, type InstanceRegistered } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
 import { applyPolicy, Election, ElectionError, writeRule, type ElectionRequest, type ElectionResult } from './election.ts';
@@ -233,14 +234,14 @@ export class Keeper {
     else if (Date.now() - (s.primaryOutSince ??= Date.now()) >= PRIMARY_OUT_MS) await this.election.serving(primary.instanceId, 'SERVING', shard.primary!.term);
     const upstream = `${primary.host}:${primary.port}`;
     const now = Date.now();
-    for (const inst of shard.cohort) {
+    for (const inst of shard.members) {
       if (inst.instanceId === primary.instanceId) continue;
       const h = this.watch.fresh(inst.instanceId);
       if (!h) continue; // its agent is away: nothing can be done through it now
       const wired = h.reachable && h.role === 'REPLICA' && h.upstream === upstream && h.walReceiverStatus === 'streaming';
       if (wired) {
         s.miswiredSince.delete(inst.instanceId);
-        if (this.watch.topology.serving.get(inst.instanceId) !== 'SERVING') await this.election.serving(inst.instanceId, 'SERVING', shard.primary!.term);
+        if (this.watch.topology.serving.get(inst.instanceId) !== 'SERVING' && !s.repairing.has(inst.instanceId)) await this.serveOnceCaughtUp(shard, inst, primary);
         continue;
       }
       const since = s.miswiredSince.get(inst.instanceId) ?? now;
@@ -269,7 +270,7 @@ export class Keeper {
         .then(async (r) => {
           await this.journal.record(shard.database, shard.shard, r.status === 'SUCCEEDED' ? 'COMPLETED' : 'FAILED', 'repoint',
             `${inst.instanceId}: ${r.message}`, { term, durationMs: Date.now() - started });
-          if (r.status === 'SUCCEEDED') await this.election.serving(inst.instanceId, 'SERVING', term);
+          if (r.status === 'SUCCEEDED') await this.serveOnceCaughtUp(shard, inst, primary);
         });
     } finally {
       await this.journal.release(shard.database, shard.shard, 'repoint');
@@ -279,11 +280,88 @@ export class Keeper {
       .finally(() => s.repairing.delete(inst.instanceId));
   }
 
+  /**
+   * The caught-up gate: a replica is put in service (SERVING, so the gateways
+   * send it reads) only when the primary sees it streaming with its replay
+   * within servingLagBytes of the primary's WAL; otherwise the next tick asks
+   * again. A replica already in service is never taken out for lagging: the
+   * gateways skip one past their own lag threshold per transaction.
+   */
+  private async serveOnceCaughtUp(shard: ShardView, inst: InstanceRegistered, primary: InstanceRegistered): Promise<void> {
+    const [row] = await queryAt<{ lag: string }>({ host: primary.host, port: primary.port }, `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint::text AS lag
+      FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming' AND replay_lsn IS NOT NULL`, [inst.instanceId], 2_000);
+    if (!row || BigInt(row.lag) > BigInt(this.cfg.servingLagBytes)) return;
+    const term = shard.primary!.term;
+    await this.election.serving(inst.instanceId, 'SERVING', term);
+    await this.journal.record(shard.database, shard.shard, 'ACTED', 'serve', `${inst.instanceId}: caught up (replay ${row.lag} bytes behind the primary): serving`, { term });
+  }
+
+  /**
+   * Takes a replica out of routing and out of the policy's cohort before it is
+   * removed: DRAINED (the gateways stop sending it reads; the keepers stop
+   * tending it), then the primary's synchronous standbys without it and a new
+   * rule written under them, so the remaining members hold every commit the
+   * leaving one acknowledged. Throws ElectionError('refused') when the policy
+   * needs it or when it is the primary.
+   */
+  async removeFromCohort(database: string, shardName: string, instanceId: string): Promise<void> {
+    const shard = this.watch.shard(database, shardName);
+    if (!shard) throw new ElectionError(`no shard ${database}/${shardName}`, 'invalid');
+    const refusal = this.removalRefusal(shard, instanceId);
+    if (refusal) throw new ElectionError(refusal, 'refused');
+    await this.exclusive(shard, async () => {
+      const term = shard.primary!.term;
+      if (!(await this.journal.claim(database, shardName, 'policy', term, this.cfg.leaseMs))) throw new ElectionError(`another orchestrator holds ${shard.key}`, 'busy');
+      const started = Date.now();
+      try {
+        await this.election.serving(instanceId, 'DRAINED', term);
+        for (let waited = 0; this.watch.topology.serving.get(instanceId) !== 'DRAINED'; waited += 20) {
+          if (waited > 10_000) throw new ElectionError(`DRAINED of ${instanceId} did not come back from the topology log`, 'failed');
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        const now = this.watch.shard(database, shardName)!;
+        const primary = now.cohort.find((i) => i.instanceId === now.primary?.instanceId);
+        if (!primary || now.primary!.term !== term) throw new ElectionError(`${shard.key} changed primary meanwhile; try again`, 'busy');
+        const names = await applyPolicy(now, primary);
+        const rule = await writeRule({ ...now, cohort: now.members }, primary, term, this.cfg.id);
+        await this.journal.record(database, shardName, 'COMPLETED', 'policy',
+          `${instanceId} left the cohort: synchronous_standby_names = ${names}; rule ${rule} acknowledged without it`, { term, durationMs: Date.now() - started });
+      } finally {
+        await this.journal.release(database, shardName, 'policy');
+      }
+    });
+  }
+
+  /** The last step of removing an instance: it leaves the topology (its processes are gone by now). */
+  async deregister(instanceId: string, reason: string): Promise<void> {
+    await this.election.topology(payload('InstanceDeregistered', { instanceId, reason }));
+  }
+
+  /** Why `instanceId` may not leave the shard now, or undefined when it may. */
+  removalRefusal(shard: ShardView, instanceId: string): string | undefined {
+    if (!shard.cohort.some((i) => i.instanceId === instanceId)) return `${instanceId} is not an instance of ${shard.key}`;
+    if (!shard.primary) return `${shard.key} has no primary yet`;
+    if (shard.primary.instanceId === instanceId) return `${instanceId} is the primary of ${shard.key}: switch over first (mg shard switchover ${shard.key})`;
+    // What acknowledges commits without it: the primary and the replicas streaming now.
+    const upstream = shard.cohort.find((i) => i.instanceId === shard.primary!.instanceId);
+    const streaming = shard.members.filter((i) => {
+      if (i.instanceId === instanceId) return false;
+      if (i.instanceId === shard.primary!.instanceId) return true;
+      const h = this.watch.fresh(i.instanceId);
+      return !!h && h.reachable && h.walReceiverStatus === 'streaming' && h.upstream === `${upstream?.host}:${upstream?.port}`;
+    });
+    if (!canAcknowledge(shard.policy, streaming)) {
+      return `the durability policy ${shard.policyText} of ${shard.key} needs ${instanceId}: without it only ${streaming.map((i) => i.instanceId).join(', ')} ` +
+        'would acknowledge commits (add a replica first)';
+    }
+    return undefined;
+  }
+
   /** The primary holds the rule of its term and enforces the policy; bootstraps both on a new shard. */
   private async checkPrimary(shard: ShardView, primary: InstanceRegistered): Promise<void> {
     const at = { host: primary.host, port: primary.port };
     const term = shard.primary!.term;
-    const want = syncStandbyNames(shard.policy, shard.cohort, primary);
+    const want = syncStandbyNames(shard.policy, shard.members, primary);
     const [{ names, hasRules }] = await queryAt<{ names: string; hasRules: boolean }>(at, `SELECT current_setting('synchronous_standby_names') AS names,
       to_regclass('${RULE_TABLE}') IS NOT NULL AS "hasRules"`, [], 2_000);
     const rule = hasRules ? (await queryAt<{ term: string | null }>(at, `SELECT max(term)::text AS term FROM ${RULE_TABLE}`, [], 2_000))[0].term : null;

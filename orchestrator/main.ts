@@ -9,6 +9,8 @@ import { serveApi } from './api.ts';
 import { Backups } from './backups.ts';
 import { DatabaseManager } from './databases.ts';
 import { Operations } from './operations.ts';
+import { Provisioner } from './provisioner.ts';
+import { ReplicaManager } from './replicas.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
 import { Keeper } from './keeper.ts';
@@ -31,7 +33,8 @@ try {
   const backups = new Backups(eventLog, watch, agents, cfg.cell, cfg.backupSchedules, log.child({ part: 'backups' }));
   await backups.start();
   const databases = new DatabaseManager(watch, agents, eventLog, cfg.id);
-  const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, backups, operations: new Operations(), log });
+  const replicas = new ReplicaManager(watch, keeper, journal, new Provisioner(cfg.provisioner));
+  const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, replicas, backups, operations: new Operations(), log });
   const resolver = new InDoubtResolver(cfg, watch, journal, log);
   keeper.start();
   resolver.start();

@@ -17,6 +17,11 @@ export interface ShardView {
   key: string;
   /** Every registered instance of the shard: the voters. */
   cohort: InstanceRegistered[];
+  /**
+   * The cohort without instances being removed (DRAINED): the standbys the durability policy counts, and the
+   * replicas that are wired and put in service. A leaving instance still votes until it is deregistered.
+   */
+  members: InstanceRegistered[];
   primary: PrimaryRecord | undefined;
   policyText: string;
   policy: DurabilityPolicy;
@@ -75,7 +80,8 @@ export class ClusterWatch {
         policyText = defaultPolicy(cohort.length);
         policy = parsePolicy(policyText);
       }
-      out.push({ database: def.database, shard: def.shard, key, cohort, primary: this.topology.primaries.get(key), policyText, policy, policyProblem });
+      const members = cohort.filter((i) => this.topology.serving.get(i.instanceId) !== 'DRAINED');
+      out.push({ database: def.database, shard: def.shard, key, cohort, members, primary: this.topology.primaries.get(key), policyText, policy, policyProblem });
     }
     return out;
   }

@@ -4,6 +4,14 @@
  * inside Postgres. Both the voter (ingest) and MultiOrch (orchestrator) use it.
  */
 
+/**
+ * The physical replication slot a replica streams through, on its upstream (named after the instance: slot names
+ * allow only [a-z0-9_], at most 63 characters). The agent creates it; MultiOrch drops it when the replica is removed.
+ */
+export function slotNameOf(instanceId: string): string {
+  return instanceId.toLowerCase().replace(/[^a-z0-9_]/g, '_').slice(0, 63);
+}
+
 /** Where the shard's current rule lives, inside Postgres (database `postgres`), replicated with the data. */
 export const RULE_TABLE = 'multigres.rule';
 

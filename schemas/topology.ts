@@ -123,6 +123,8 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       // shard's primary term) is ignored. Agents' changes (and events written before the field) have none.
       const term = (b as ServingStateChanged).term ?? null;
       if (term !== null && term < primaryTermOf(state, b.instanceId)) break;
+      // DRAINED is an orchestrator's (the instance is being removed): its agent stopping or starting does not undo it.
+      if (term === null && state.serving.get(b.instanceId) === 'DRAINED') break;
       state.serving.set(b.instanceId, b.state);
       break;
     }

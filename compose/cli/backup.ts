@@ -18,6 +18,7 @@ import { finishRestoredTransactions } from '../../orchestrator/in-doubt.ts';
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
 import { shardRanges, type ClusterSpec } from '../spec.ts';
 import { addDatabase } from './database.ts';
+import { fail } from './follow.ts';
 
 export interface BackupOptions {
   type?: string;
@@ -207,8 +208,3 @@ function usableTarget(opts: BackupOptions): RecoveryTarget {
 
 const mb = (n: bigint | number | null) => (n === null ? '-' : `${(Number(n) / 1024 / 1024).toFixed(1)} MB`);
 const lsn = (n: bigint | null) => (n === null ? '-' : formatLsn(n));
-
-function fail(r: { status: number; body: { error?: string } }): number {
-  console.error(`mg: ${r.body.error ?? `HTTP ${r.status}`}`);
-  return 1;
-}

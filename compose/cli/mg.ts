@@ -14,6 +14,8 @@
   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg database list|create|drop|activate|deactivate ... (see USAGE)
+ *   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
+ *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
  *   mg vschema show   <db> [--data-dir dir]
  *   mg workflow create|list|show|start|stop|cancel|vdiff ... (see USAGE)
@@ -28,6 +30,7 @@ import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { createWithInstances, runDatabaseCommand } from './database.ts';
+import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
 import { callOrchestrator } from '../orchestrators.ts';
 import { runWorkflowCommand } from './workflow.ts';
@@ -54,6 +57,8 @@ const USAGE = `usage:
   mg database drop       <name> --yes [--data-dir dir]
   mg database deactivate <name> [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
+  mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
+  mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
   mg vschema show   <db> [--data-dir dir]
   mg workflow create <name> --source <db> --target <db> --tables t1,t2 [--data-dir dir]
@@ -91,6 +96,7 @@ async function main(argv: string[]): Promise<void> {
       source: { type: 'string' },
       target: { type: 'string' },
       tables: { type: 'string' },
+      cell: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -153,6 +159,17 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runWorkflowCommand(spec, command!, {
       name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'],
     });
+    return;
+  }
+  if (group === 'replica') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    if (command !== 'add' && command !== 'remove') throw new UsageError(`unknown command: replica ${command ?? '(none)'}`);
+    const [target, instance] = positionals.slice(2);
+    if (!/^[^/]+\/[^/]+$/.test(target ?? '')) throw new UsageError(`replica ${command} needs <db>/<shard>, e.g. postgres/-`);
+    if (command === 'remove' && !instance) throw new UsageError('replica remove needs the instance id: mg replica remove <db>/<shard> <instanceId>');
+    if (command === 'remove' && values.cell) throw new UsageError('--cell is for replica add');
+    process.exitCode = await runReplicaCommand(spec, command, target, { cell: values.cell, instance });
     return;
   }
   if (group === 'vschema') {

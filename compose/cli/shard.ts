@@ -1,6 +1,7 @@
 /** `mg shard status|switchover|history`: the orchestrators' REST API from the command line. */
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
 import type { ClusterSpec } from '../spec.ts';
+import { fail } from './follow.ts';
 
 function table(header: string[], rows: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
@@ -35,9 +36,4 @@ export async function runShardCommand(spec: ClusterSpec, command: 'status' | 'sw
   if (r.status !== 200) return fail(r);
   console.log(`${database}/${shard}: ${r.body.previous} -> ${r.body.primary}, term ${r.body.term}, rule ${r.body.ruleNumber}, in ${r.body.durationMs} ms`);
   return 0;
-}
-
-function fail(r: { status: number; body: { error?: string } }): number {
-  console.error(`mg: ${r.body.error ?? `HTTP ${r.status}`}`);
-  return 1;
 }

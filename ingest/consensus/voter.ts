@@ -189,13 +189,14 @@ export class Voter {
     if (upstream.port === this.pg.port) throw new Error('REPOINT to itself');
     const pg = this.pg;
     if (!pg.isInitialized()) {
+      let source = '';
       await this.agent.exclusive(async () => {
-        await pg.rebuild(upstream, this.restore); // also clears what a failed clone left behind
+        source = await pg.rebuild(upstream, this.restore); // also clears what a failed clone left behind
         pg.configureStandby(upstream);
         await pg.start(START_AFTER_CLONE_S);
       }, true);
-      if (!(await this.streamingFrom(upstream, STREAM_AFTER_CLONE_MS))) throw new Error(`cloned, but not streaming from ${upstream.host}:${upstream.port}`);
-      return `cloned; streaming from ${upstream.host}:${upstream.port}`;
+      if (!(await this.streamingFrom(upstream, STREAM_AFTER_CLONE_MS))) throw new Error(`${source}, but not streaming from ${upstream.host}:${upstream.port}`);
+      return `${source}; streaming from ${upstream.host}:${upstream.port}`;
     }
     await this.ensureSlot(upstream);
 

@@ -6,6 +6,7 @@ import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
 import { queryAt, withConnection } from '../../common/postgres.ts';
+import { slotNameOf } from '../../schemas/consensus.ts';
 import { parseLsn } from './lsn.ts';
 
 export interface PostgresInstanceOptions {
@@ -19,6 +20,9 @@ export interface PostgresInstanceOptions {
   /** postgresql.conf overrides, written last into mg.conf. */
   settings?: Record<string, string>;
 }
+
+/** How a standby got its data (reported in REPOINT's answer, so MultiOrch and `mg replica add` can say). */
+export type ReplicaSource = 'restored from the latest backup' | 'cloned with pg_basebackup';
 
 export interface Upstream {
   host: string;
@@ -133,8 +137,7 @@ export class PostgresInstance {
     this.binDir = opts.binDir ?? findBinDir();
     this.log = opts.log.child({ instance: opts.name, port: opts.port });
     this.settings = opts.settings ?? {};
-    // Slot names allow only [a-z0-9_], at most 63 characters.
-    this.slotName = opts.name.toLowerCase().replace(/[^a-z0-9_]/g, '_').slice(0, 63);
+    this.slotName = slotNameOf(opts.name);
     this.runDir = path.join(path.dirname(this.dataDir), 'run');
     this.logFile = path.join(path.dirname(this.dataDir), `${opts.name}.log`);
   }
@@ -163,7 +166,7 @@ export class PostgresInstance {
    * `restore` when given and it succeeds (e.g. from a backup plus archived WAL,
    * which spares the primary the copy), else with pg_basebackup from the upstream.
    */
-  async initReplica(upstream: Upstream, restore?: () => Promise<boolean>): Promise<void> {
+  async initReplica(upstream: Upstream, restore?: () => Promise<boolean>): Promise<ReplicaSource> {
     this.prepareEmpty();
     await this.dropStaleSlot(upstream);
     if (restore && (await restore())) {
@@ -172,7 +175,7 @@ export class PostgresInstance {
       this.configureStandby(upstream);
       this.writeConfig();
       this.log.info({ upstream }, 'initialized replica from a restore');
-      return;
+      return 'restored from the latest backup';
     }
     // -R writes standby.signal plus primary_conninfo/primary_slot_name; -c fast avoids
     // waiting for a spread checkpoint; -w never prompts for a password.
@@ -182,6 +185,7 @@ export class PostgresInstance {
     ]);
     this.writeConfig();
     this.log.info({ upstream }, 'initialized replica');
+    return 'cloned with pg_basebackup';
   }
 
   /** Node-local settings; the clone copied the upstream's, so always rewrite after a clone or rewind. */
@@ -347,10 +351,10 @@ export class PostgresInstance {
   }
 
   /** Throws the data directory away and clones it again (see initReplica) (when rewinding is impossible). */
-  async rebuild(upstream: Upstream, restore?: () => Promise<boolean>): Promise<void> {
+  async rebuild(upstream: Upstream, restore?: () => Promise<boolean>): Promise<ReplicaSource> {
     if (this.isRunning()) throw new Error('cannot rebuild a running instance');
     fs.rmSync(this.dataDir, { recursive: true, force: true });
-    await this.initReplica(upstream, restore);
+    return this.initReplica(upstream, restore);
   }
 
   /** One statement on this instance's `postgres` database, with a client-side timeout. */

@@ -1,29 +1,13 @@
 /** Databases at run time: list, create (on an existing database's instances), drop, activate, deactivate. */
 import type { FastifyReply } from 'fastify';
-import type { ApiPlugin } from '../api.ts';
-import { OperationError, type Operation } from '../operations.ts';
+import { runOperation, waitQuery, type ApiPlugin } from '../api.ts';
 
 const NAME = { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', description: 'lower-case letters, digits and _, not starting with a digit' } as const;
 const nameParams = { type: 'object', required: ['name'], properties: { name: NAME } } as const;
-const waitQuery = {
-  type: 'object', additionalProperties: false,
-  properties: { wait: { type: 'boolean', default: false, description: 'answer when the operation is over (200, or 503 when it failed) rather than at once (202)' } },
-} as const;
 
 export const databasesApi: ApiPlugin = async (app, { databases, operations }) => {
-  /** Starts an operation after its checks; answers 202 with it, or waits for it with ?wait=true. */
-  async function run(reply: FastifyReply, wait: boolean, kind: string, target: string, check: () => void, work: (step: (m: string) => void) => Promise<void>) {
-    try {
-      check();
-    } catch (err) {
-      if (err instanceof OperationError) return reply.code(err.status).send({ error: err.message });
-      throw err;
-    }
-    const { op, done } = operations.start(kind, target, work);
-    if (!wait) return reply.code(202).header('location', `/v1/operations/${op.id}`).send({ operation: op });
-    await done;
-    return reply.code(op.state === 'succeeded' ? 200 : 503).send({ operation: op as Operation, ...(op.error ? { error: op.error } : {}) });
-  }
+  const run = (reply: FastifyReply, wait: boolean, kind: string, target: string, check: () => void, work: (step: (m: string) => void) => Promise<void>) =>
+    runOperation(operations, reply, wait, kind, target, check, work);
 
   app.get('/v1/databases', {
     schema: { summary: 'Every database: where it is hosted, its shards and instances, whether it is active (scale to zero)', tags: ['databases'] },

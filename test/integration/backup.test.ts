@@ -16,6 +16,7 @@ import { callOrchestrator } from '../../compose/orchestrators.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
 import type { BackupEvent } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
+import { queryInstance as query } from '../support/postgres.ts';
 import { testEventLog } from '../support/env.ts';
 
 // Slot 0 is shared with cluster.test.ts: test files run one at a time. A full backup a day is scheduled.
@@ -44,15 +45,6 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-async function query<T extends pg.QueryResultRow = any>(port: number, sql: string, params: unknown[] = []): Promise<T[]> {
-  const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
-  await client.connect();
-  try {
-    return (await client.query<T>(sql, params)).rows;
-  } finally {
-    await client.end();
-  }
-}
 
 async function ok(...args: string[]): Promise<string> {
   const r = await mg(...args, '--data-dir', dataDir);

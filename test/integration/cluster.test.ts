@@ -7,7 +7,6 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { isAlive, readPid } from '../../compose/supervise.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
@@ -15,6 +14,7 @@ import {
   applyTopologyEvent, emptyTopology, foldTopology, type AgentCommandResult, type HealthEvent, type TopologyEvent,
 } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { queryInstance as query } from '../support/postgres.ts';
 import { testEventLog } from '../support/env.ts';
 
 const cluster = testCluster('cluster', 0);
@@ -48,15 +48,6 @@ const streaming = (id: string) => {
   const h = latest(id);
   return h && h.reachable && h.role === 'REPLICA' && h.walReceiverStatus === 'streaming' && Date.now() - h.receivedAt < 2_000 ? h : undefined;
 };
-async function query(port: number, sql: string, params: unknown[] = []) {
-  const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
-  await client.connect();
-  try {
-    return (await client.query(sql, params)).rows;
-  } finally {
-    await client.end();
-  }
-}
 
 /** Rows of `mg cluster status` keyed by instance id. */
 function statusRows(out: string): Map<string, Record<string, string>> {
@@ -73,8 +64,9 @@ test('up starts 1 primary and 2 streaming replicas; status shows them healthy, r
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
   assert.match(up.stdout, /\[12\/13\] MultiGateway .*: done in/);
-  assert.match(up.stdout, /\[13\/13\] materializer .*: done in/);
-  t.diagnostic(up.stdout.split('\n').filter((l) => /^\[\d+\/13\]|is up in/.test(l)).join('\n'));
+  assert.match(up.stdout, /\[13\/14\] materializer .*: done in/);
+  assert.match(up.stdout, /\[14\/14\] instances the spec no longer has \(removed through MultiOrch\) \.\.\.\n {6}none\n/);
+  t.diagnostic(up.stdout.split('\n').filter((l) => /^\[\d+\/14\]|is up in/.test(l)).join('\n'));
   const healthz = await fetch(`http://127.0.0.1:${cluster.spec.materializer.port}/healthz`);
   assert.equal(healthz.status, 200);
   assert.match(up.stdout, /postgres\/-: primary postgres-0-zone\d-\d, term \d+, policy ANY_2/);
@@ -182,7 +174,7 @@ test('a fourth instance added to the spec starts empty and MultiOrch clones it f
   const rows = statusRows((await mg('cluster', 'status', ...flags)).stdout);
   assert.deepEqual([rows.get(added)?.ROLE, rows.get(added)?.HEALTH], ['REPLICA', 'healthy']);
   const history = await mg('shard', 'history', 'postgres/-', '--data-dir', dataDir);
-  assert.match(history.stdout, new RegExp(`${added}: cloned; streaming from 127.0.0.1:${primary.port}`));
+  assert.match(history.stdout, new RegExp(`${added}: cloned with pg_basebackup; streaming from 127.0.0.1:${primary.port}`));
   // It holds the data written before it existed, and follows new writes.
   const addedPort = cluster.spec.postgres.basePort + 3;
   assert.equal((await query(addedPort, 'SELECT note FROM probe WHERE id = 1'))[0]?.note, 'hello');

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { instancesOf, loadSpec, parseSpec, shardRanges, SpecError } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -45,4 +45,36 @@ test('YAML spec files and --set overrides are validated together', () => {
   assert.throws(() => loadSpec(file), /not valid YAML/);
   assert.throws(() => loadSpec(path.join(dir, 'missing.yaml')), /cannot read spec file/);
   fs.rmSync(dir, { recursive: true });
+});
+
+test('a replica added at run time takes the highest free port slot; removing instances moves no other port', () => {
+  const spec = parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 2 }] });
+  const ports = (s: typeof spec) => new Map(instancesOf(s).map((i) => [i.instanceId, i.port]));
+  const { spec: one, instance: a } = withAddedInstance(spec, 'postgres', '-', 'zone3');
+  assert.deepEqual([a.instanceId, a.port, a.poolerPort], ['postgres-0-zone3-99', 15432 + ADDED_SLOT_TOP, 16432 + ADDED_SLOT_TOP]);
+  const { spec: two, instance: b } = withAddedInstance(one, 'postgres', '-', 'zone1');
+  assert.equal(b.instanceId, 'postgres-0-zone1-98');
+  // A database created later fills slots from below and leaves the added replicas' alone.
+  const later = parseSpec({ ...two, databases: [...two.databases, { name: 'shop', instancesPerShard: 2 }] });
+  assert.deepEqual([...ports(later)].filter(([id]) => id.startsWith('shop')).map(([, p]) => p), [15434, 15435]);
+  // Removing one of the layout keeps its slot; removing an added one frees its slot only.
+  const removed = withoutInstance(withoutInstance(later, 'postgres-0-zone2-1'), 'postgres-0-zone3-99');
+  assert.deepEqual(removed.databases[0].removedInstances, ['postgres-0-zone2-1']);
+  assert.deepEqual(removed.databases[0].addedInstances, [{ shard: '-', cell: 'zone1', slot: 98 }]);
+  for (const [id, port] of ports(removed)) assert.equal(port, ports(later).get(id), `${id} keeps its port`);
+  assert.equal(ports(removed).size, ports(later).size - 2);
+  assert.throws(() => withAddedInstance(spec, 'postgres', '-', 'zone9'), /no cell zone9 \(cells: zone1, zone2, zone3\)/);
+  assert.throws(() => withAddedInstance(spec, 'postgres', '-80', 'zone1'), /database postgres has no shard -80/);
+});
+
+test('up with a spec file keeps the run-time changes of the saved spec; a lowered instancesPerShard becomes removed instances', () => {
+  const saved = withAddedInstance(parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 3 }, { name: 'shop' }] }), 'postgres', '-', 'zone2').spec;
+  const shopPorts = (s: typeof saved) => instancesOf(s).filter((i) => i.database === 'shop').map((i) => i.port);
+  const next = withRuntimeChanges(saved, parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 2 }, { name: 'shop' }] }));
+  assert.deepEqual(next.databases[0].addedInstances, saved.databases[0].addedInstances);
+  assert.deepEqual([next.databases[0].instancesPerShard, next.databases[0].removedInstances], [3, ['postgres-0-zone3-2']]);
+  assert.deepEqual(instancesOf(next).filter((i) => i.database === 'postgres').map((i) => i.instanceId),
+    ['postgres-0-zone1-0', 'postgres-0-zone2-1', 'postgres-0-zone2-99']);
+  assert.deepEqual(shopPorts(next), shopPorts(saved));
+  assert.equal(withRuntimeChanges(undefined, saved), saved);
 });

@@ -11,7 +11,7 @@ const inst = (id: string, cell: string, type: 'PRIMARY' | 'REPLICA' = 'REPLICA')
 const primary = (id: string, term: bigint, ruleNumber = 1n) =>
   ev(payload('PrimaryChanged', { database: 'db', shard: '-', primaryInstanceId: id, term, ruleNumber, reason: 'test' }));
 
-const serving = (id: string, state: 'SERVING' | 'NOT_SERVING', term: bigint | null = null) =>
+const serving = (id: string, state: 'SERVING' | 'NOT_SERVING' | 'DRAINED', term: bigint | null = null) =>
   ev(payload('ServingStateChanged', { instanceId: id, state, term }));
 
 const base = () => [
@@ -78,6 +78,18 @@ test('a serving change with a term older than the shard\'s primary term is ignor
   // An instance the fold does not know yet (compaction order): nothing to compare with, so it applies.
   applyTopologyEvent(state, serving('z', 'NOT_SERVING', 1n));
   assert.equal(state.serving.get('z'), 'NOT_SERVING');
+});
+
+test('an instance being removed (DRAINED by an orchestrator) stays drained when its agent stops; only an orchestrator undoes it', () => {
+  const state = foldTopology([...base(), serving('c', 'SERVING'), serving('c', 'DRAINED', 1n)]);
+  applyTopologyEvent(state, serving('c', 'NOT_SERVING')); // its agent, stopped by the removal
+  assert.equal(state.serving.get('c'), 'DRAINED');
+  applyTopologyEvent(state, serving('c', 'SERVING', 1n));
+  assert.equal(state.serving.get('c'), 'SERVING');
+  applyTopologyEvent(state, ev(payload('InstanceDeregistered', { instanceId: 'c', reason: 'removed' })));
+  applyTopologyEvent(state, inst('c', 'zone3'));
+  applyTopologyEvent(state, serving('c', 'NOT_SERVING')); // a new instance under the old id starts afresh
+  assert.equal(state.serving.get('c'), 'NOT_SERVING');
 });
 
 test('every payload kind has a key naming its entity', () => {

@@ -1,0 +1,33 @@
+/**
+ * The local provisioner MultiOrch runs for `mg replica add|remove` (decision 0034):
+ *   node --import tsx compose/provision.ts --data-dir <dir> add <db> <shard> <cell>
+ *   node --import tsx compose/provision.ts --data-dir <dir> remove <instanceId>
+ * Progress goes to stderr, one line per step; `add` prints the new instance as JSON on stdout.
+ */
+import { parseArgs } from 'node:util';
+import { createLogger } from '../common/log.ts';
+import { Progress } from './progress.ts';
+import { provisionReplica, releaseInstance } from './replicas.ts';
+
+const { values, positionals } = parseArgs({ allowPositionals: true, options: { 'data-dir': { type: 'string' } } });
+const [action, ...args] = positionals;
+const dataDir = values['data-dir'];
+const log = createLogger('mg-provision', {});
+log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+const progress = new Progress(1, process.stderr);
+
+try {
+  if (!dataDir) throw new Error('--data-dir is required');
+  if (action === 'add' && args.length === 3) {
+    const inst = await provisionReplica(dataDir, args[0], args[1], args[2], progress, log);
+    process.stdout.write(`${JSON.stringify({ instanceId: inst.instanceId, port: inst.port, poolerPort: inst.poolerPort })}\n`);
+  } else if (action === 'remove' && args.length === 1) {
+    await releaseInstance(dataDir, args[0], progress);
+  } else {
+    throw new Error('usage: provision.ts --data-dir <dir> add <db> <shard> <cell> | remove <instanceId>');
+  }
+  process.exit(0);
+} catch (err) {
+  process.stderr.write(`${(err as Error).message}\n`);
+  process.exit(1);
+}
