@@ -27,6 +27,9 @@ export interface Condition {
 
 type Resources = Record<string, unknown>;
 
+/** A Kubernetes object as sent to the API server (any kind: spec, data, ...). */
+export type Manifest = KubernetesObject & { spec?: unknown; data?: Record<string, string>; stringData?: Record<string, string>; type?: string };
+
 export interface MultigresCluster extends KubernetesObject {
   spec: {
     image: string;
@@ -145,7 +148,7 @@ const specVolume = (c: string) => ({ name: 'spec', configMap: { name: names.spec
 const specMount = { name: 'spec', mountPath: '/etc/multigres', readOnly: true };
 
 /** One StatefulSet per instance group: Postgres, its agent and its pooler in each pod. */
-function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: InstanceGroup): KubernetesObject {
+function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: InstanceGroup): Manifest {
   const c = cluster.metadata!.name!;
   const shardLabels = { 'multigres.io/database': group.database, 'multigres.io/shard': shardLabel(group.shard) };
   const labels = { ...shardLabels, 'multigres.io/cell': group.cell, 'app.kubernetes.io/component': 'postgres' };
@@ -212,7 +215,7 @@ function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: In
   };
 }
 
-function deployment(cluster: MultigresCluster, name: string, component: string, replicas: number, container: Record<string, unknown>, cell?: string): KubernetesObject {
+function deployment(cluster: MultigresCluster, name: string, component: string, replicas: number, container: Record<string, unknown>, cell?: string): Manifest {
   const c = cluster.metadata!.name!;
   const labels = { 'app.kubernetes.io/component': component, ...(cell ? { 'multigres.io/cell': cell } : {}) };
   const selector = { [LABEL_CLUSTER]: c, ...labels };
@@ -234,7 +237,7 @@ function deployment(cluster: MultigresCluster, name: string, component: string, 
   };
 }
 
-function service(owner: KubernetesObject, clusterName: string, name: string, selector: Record<string, string>, ports: Array<{ name: string; port: number }>, headless = false): KubernetesObject {
+function service(owner: KubernetesObject, clusterName: string, name: string, selector: Record<string, string>, ports: Array<{ name: string; port: number }>, headless = false): Manifest {
   return {
     apiVersion: 'v1', kind: 'Service',
     metadata: meta(name, owner, clusterName),
@@ -246,7 +249,7 @@ function service(owner: KubernetesObject, clusterName: string, name: string, sel
   };
 }
 
-function disruptionBudget(owner: KubernetesObject, clusterName: string, name: string, selector: Record<string, string>): KubernetesObject {
+function disruptionBudget(owner: KubernetesObject, clusterName: string, name: string, selector: Record<string, string>): Manifest {
   return {
     apiVersion: 'policy/v1', kind: 'PodDisruptionBudget',
     metadata: meta(name, owner, clusterName),
@@ -258,13 +261,13 @@ function disruptionBudget(owner: KubernetesObject, clusterName: string, name: st
  * Every object a cluster and its databases need, except the credentials Secret (made once,
  * never re-applied: see credentialsSecret). The spec must have come from clusterSpecOf.
  */
-export function desiredObjects(cluster: MultigresCluster, databases: MultigresDatabase[], spec: ClusterSpec): KubernetesObject[] {
+export function desiredObjects(cluster: MultigresCluster, databases: MultigresDatabase[], spec: ClusterSpec): Manifest[] {
   const c = cluster.metadata!.name!;
   const gatewayPort = spec.gateway.port;
   const httpPort = spec.gateway.httpPort;
   const orchPort = spec.orchestrator.basePort;
-  const out: KubernetesObject[] = [
-    { apiVersion: 'v1', kind: 'ConfigMap', metadata: meta(names.spec(c), cluster, c), data: { 'spec.json': JSON.stringify(spec, null, 2) } } as KubernetesObject,
+  const out: Manifest[] = [
+    { apiVersion: 'v1', kind: 'ConfigMap', metadata: meta(names.spec(c), cluster, c), data: { 'spec.json': JSON.stringify(spec, null, 2) } },
     deployment(cluster, names.gateway(c), 'gateway', cluster.spec.gateway?.replicas ?? 2, {
       name: 'gateway', args: ['gateway'], resources: cluster.spec.gateway?.resources ?? {},
       ports: [{ name: 'postgres', containerPort: gatewayPort }, ...(httpPort ? [{ name: 'http', containerPort: httpPort }] : []), { name: 'metrics', containerPort: PORTS.gatewayMetrics }],
@@ -295,12 +298,12 @@ export function desiredObjects(cluster: MultigresCluster, databases: MultigresDa
 }
 
 /** The cluster's secrets, generated once: re-applying would change passwords under running pods. */
-export function credentialsSecret(cluster: MultigresCluster, random: (bytes: number) => string): KubernetesObject {
+export function credentialsSecret(cluster: MultigresCluster, random: (bytes: number) => string): Manifest {
   const c = cluster.metadata!.name!;
   return {
     apiVersion: 'v1', kind: 'Secret', metadata: meta(names.credentials(c), cluster, c), type: 'Opaque',
     stringData: { 'postgres-password': random(18), 'orchestrator-api-token': random(24), 'rest-jwt-secret': random(32) },
-  } as KubernetesObject;
+  };
 }
 
 /** The kinds the operator creates, for listing what it owns (pruning, status). */

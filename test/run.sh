@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash compose/setup.sh
+# The operator's test needs a Kubernetes control plane built from source, once (decision 0044).
+if [ $# -eq 0 ] || printf '%s\n' "$@" | grep -q 'operator'; then bash test/k8s/controlplane/build.sh >/dev/null; fi
 
 export MG_TEST_DIR="${MG_TEST_DIR:-$(mktemp -d /tmp/mg-test.XXXXXX)}"
 chmod 755 "$MG_TEST_DIR" # Postgres runs as its own user and must reach data dirs below

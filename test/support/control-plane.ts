@@ -32,7 +32,7 @@ export interface ControlPlaneOptions {
   /** etcd client +0, etcd peer +1, API server +2, controller manager +3. */
   basePort: number;
   /** Runs before the controller manager starts (it sees CRDs installed here from its first sync). */
-  beforeControllers?: (kc: KubeConfig) => Promise<void>;
+  beforeControllers?: (kc: KubeConfig, kubeconfigFile: string) => Promise<void>;
 }
 
 /** The cache directory holding the binaries, building them first when it is empty. */
@@ -122,7 +122,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     return failWithLog('kube-apiserver', err);
   }
   const startMs = Date.now() - started;
-  await opts.beforeControllers?.(admin);
+  await opts.beforeControllers?.(admin, kubeconfigFile('admin'));
   await start('kube-controller-manager', [
     '--kubeconfig', kubeconfigFile('admin'),
     '--authentication-kubeconfig', kubeconfigFile('admin'), '--authorization-kubeconfig', kubeconfigFile('admin'),

@@ -10,6 +10,7 @@ binaries=(etcd kube-apiserver kube-controller-manager)
 out="${MG_K8S_CACHE:-$HOME/.cache/mg/k8s}/$k8s_version"
 mkdir -p "$out"
 
+command -v go >/dev/null || { echo "control plane: Go 1.26 or newer is needed to build it (https://go.dev/dl)" >&2; exit 1; }
 have_all() { for b in "${binaries[@]}"; do [ -x "$out/$b" ] || return 1; done; }
 if have_all; then echo "$out"; exit 0; fi
 
