@@ -16,6 +16,7 @@ import { Kube, PLURALS } from './kube.ts';
 import { LeaderElector } from './leader.ts';
 import { WorkQueue } from './queue.ts';
 import { reconcileCluster } from './reconcile.ts';
+import { TopologyReaders } from './topology.ts';
 import { GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGER, VERSION, type MultigresDatabase } from './resources.ts';
 import { watchForever, type WatchHandle } from './watch.ts';
 
@@ -44,6 +45,7 @@ kc.loadFromDefault();
 const kube = new Kube(kc);
 const queue = new WorkQueue();
 const known = new Set<string>();
+const topology = new TopologyReaders(log, (key) => queue.add(key));
 const watches: WatchHandle[] = [];
 const elector = new LeaderElector(kc, {
   namespace: config.MG_OPERATOR_LEASE_NAMESPACE, name: config.MG_OPERATOR_LEASE_NAME,
@@ -81,7 +83,7 @@ async function work(key: string): Promise<void> {
   const clusterLog = log.child({ cluster: key });
   const stopTimer = reconcileSeconds.startTimer();
   try {
-    const result = await reconcileCluster(kube, namespace, name, clusterLog);
+    const result = await reconcileCluster(kube, topology, namespace, name, clusterLog);
     queue.forget(key);
     reconciles.inc({ result: 'ok' });
     const seconds = stopTimer();
@@ -106,6 +108,7 @@ elector.start(() => {
 onShutdown(log, async () => {
   watches.forEach((w) => w.stop());
   queue.stop();
+  await topology.close();
   await elector.release();
   await metricsServer.close();
 });

@@ -7,8 +7,9 @@ import { randomBytes } from 'node:crypto';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from '../common/log.ts';
 import { counter } from '../common/metrics.ts';
-import { SpecError } from '../compose/spec.ts';
+import { shardRanges, SpecError } from '../compose/spec.ts';
 import { Kube } from './kube.ts';
+import type { ShardPrimary, TopologyReaders } from './topology.ts';
 import {
   API_VERSION, FINALIZER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects,
   type Condition, type MultigresCluster, type MultigresDatabase,
@@ -24,9 +25,12 @@ export interface ReconcileResult {
 
 const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 
-export async function reconcileCluster(kube: Kube, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
+export async function reconcileCluster(kube: Kube, topology: TopologyReaders, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
   const cluster = await kube.getCustom<MultigresCluster>('MultigresCluster', namespace, name);
-  if (!cluster) return {}; // deleted: owner references let the garbage collector take the rest
+  if (!cluster) {
+    await topology.forget(`${namespace}/${name}`);
+    return {}; // deleted: owner references let the garbage collector take the rest
+  }
   if (cluster.metadata!.deletionTimestamp) return finalize(kube, cluster, log);
   if (!cluster.metadata!.finalizers?.includes(FINALIZER)) {
     await kube.patchCustom('MultigresCluster', namespace, name, {
@@ -68,6 +72,11 @@ export async function reconcileCluster(kube: Kube, namespace: string, name: stri
     pruned.inc({ kind: obj.kind! });
   }
 
+  const where = { bootstrap: spec.kafka.bootstrap!, registryUrl: spec.registry.url!, topicPrefix: spec.kafka.topicPrefix };
+  for (const db of databases) {
+    const shards = shardRanges(db.spec.shards ?? 1).map((r) => r.shard);
+    await setDatabaseStatus(kube, db, topology.primaries(`${namespace}/${name}`, where, db.metadata!.name!, shards));
+  }
   const rollout = rolloutOf(current);
   await setStatus(kube, cluster, databases.length, rollout.conditions);
   return rollout.done ? {} : { requeueAfterMs: 5_000 };
@@ -138,6 +147,13 @@ async function finalize(kube: Kube, cluster: MultigresCluster, log: Logger): Pro
     metadata: { finalizers: cluster.metadata!.finalizers.filter((f) => f !== FINALIZER), resourceVersion: cluster.metadata!.resourceVersion },
   });
   return {};
+}
+
+/** Each shard's primary and term as the topology log has them. */
+async function setDatabaseStatus(kube: Kube, db: MultigresDatabase, shards: ShardPrimary[]): Promise<void> {
+  const status = { observedGeneration: db.metadata!.generation, shards };
+  if (JSON.stringify({ observedGeneration: db.status?.observedGeneration, shards: db.status?.shards ?? [] }) === JSON.stringify(status)) return;
+  await kube.patchStatus('MultigresDatabase', db.metadata!.namespace!, db.metadata!.name!, status);
 }
 
 function condition(type: Condition['type'], status: Condition['status'], reason: string, message: string): Condition {

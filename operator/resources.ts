@@ -58,7 +58,7 @@ export interface MultigresDatabase extends KubernetesObject {
     cdc?: { enabled?: boolean; tables?: string[] };
     vschemaRef?: { name: string; key?: string };
   };
-  status?: { observedGeneration?: number; conditions?: Condition[] };
+  status?: { observedGeneration?: number; shards?: Array<{ shard: string; primary: string; term: number }> };
 }
 
 /** Ports inside every pod: each pod has its own address, so they are fixed, unlike locally. */

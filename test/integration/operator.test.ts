@@ -17,7 +17,10 @@ import {
   type KubeConfig,
 } from '@kubernetes/client-node';
 import { OPERATOR_NAMESPACE, startControlPlane, type ControlPlane } from '../support/control-plane.ts';
+import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 import { until } from '../support/wait.ts';
+import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import type { EventLog } from '../../common/eventlog.ts';
 
 const runFile = promisify(execFile);
 const repoRoot = path.resolve(import.meta.dirname, '..', '..');
@@ -34,6 +37,8 @@ let core: CoreV1Api;
 let objects: KubernetesObjectApi;
 const operators = new Map<string, { child: ChildProcess; metricsPort: number }>();
 let dir: string;
+const prefix = uniquePrefix('operator');
+let eventLog: EventLog;
 
 function startOperator(identity: string, metricsPort: number): void {
   const logFile = fs.openSync(path.join(dir, `${identity}.log`), 'a');
@@ -137,6 +142,7 @@ before(async () => {
   core = admin.makeApiClient(CoreV1Api);
   objects = KubernetesObjectApi.makeApiClient(admin);
   await core.createNamespace({ body: { metadata: { name: ns } } });
+  eventLog = await testEventLog(prefix);
   startOperator('op-a', base + 10);
   await until('op-a to hold the lease', 60_000, async () => (await leaseHolder()) === 'op-a');
   startOperator('op-b', base + 11);
@@ -150,6 +156,7 @@ before(async () => {
 });
 
 after(async () => {
+  await eventLog?.close();
   for (const { child } of operators.values()) child.kill('SIGKILL');
   await cp?.stop();
   if (figures.length) console.log(`operator figures:\n  ${figures.join('\n  ')}`);
@@ -161,7 +168,7 @@ describe('the operator on a real API server', () => {
     await custom.createNamespacedCustomObject({ ...group, plural: 'multigresclusters', body: {
       apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresCluster', metadata: { name: 'alpha' },
       spec: {
-        image: 'multigres/multigres:1.0', kafka: { bootstrap: 'kafka.data:9092' }, registry: { url: 'http://registry.data:8081' },
+        image: 'multigres/multigres:1.0', kafka: { bootstrap: bootstrap(), topicPrefix: prefix }, registry: { url: registryUrl() },
         cells: [{ name: 'zone1', zone: 'eu-1a' }, { name: 'zone2', zone: 'eu-1b' }, { name: 'zone3', zone: 'eu-1c' }],
       },
     } });
@@ -260,6 +267,24 @@ describe('the operator on a real API server', () => {
     await assert.rejects(custom.createNamespacedCustomObject({ ...group, plural: 'multigresdatabases', body: {
       apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'worse' }, spec: { cluster: 'alpha', shards: 3 },
     } }), (err: any) => err.code === 422 && /shards/.test(String(err.body)));
+  });
+
+  test("each shard's primary and term come from the topology log, newer terms winning", async () => {
+    const publish = eventLog.publisher('topology');
+    const primaryChanged = (instance: string, term: bigint): TopologyEvent => ({
+      eventId: `e-${instance}-${term}`, ts: new Date(), source: 'test',
+      payload: payload('PrimaryChanged', { database: 'orders', shard: '-', primaryInstanceId: instance, term, ruleNumber: term, reason: 'test' }),
+    });
+    const dbStatus = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' })) as any).status;
+    await publish([primaryChanged('orders-0-zone2-1', 3n)].map((e) => ({ key: topologyKey(e), value: e })));
+    await until('the primary in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 3);
+    assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone2-1', term: 3 }]);
+    // An older term arriving later changes nothing; a newer one does.
+    await publish([primaryChanged('orders-0-zone1-0', 2n), primaryChanged('orders-0-zone3-2', 4n)].map((e) => ({ key: topologyKey(e), value: e })));
+    await until('term 4 in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 4);
+    assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone3-2', term: 4 }]);
+    const { stdout } = await runFile('kubectl', ['--kubeconfig', cp.kubeconfigFile('admin'), '-n', ns, 'get', 'multigresdatabases']);
+    assert.match(stdout, /orders\s+alpha\s+1\s+3\s+orders-0-zone3-2\s+4\s+false/);
   });
 
   test('a spec change produces exactly the expected object changes', async () => {
