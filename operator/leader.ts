@@ -5,7 +5,7 @@
  * of two replicas racing for the lease exactly one wins. A leader that cannot renew within
  * the renew deadline stops acting (the caller exits) before anyone else may take over.
  */
-import { CoordinationV1Api, type KubeConfig, type V1Lease } from '@kubernetes/client-node';
+import { CoordinationV1Api, V1MicroTime, type KubeConfig, type V1Lease } from '@kubernetes/client-node';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge } from '../common/metrics.ts';
 import { statusOf } from './kube.ts';
@@ -90,7 +90,8 @@ export class LeaderElector {
   /** True when this replica holds the lease after the call. */
   private async tryAcquireOrRenew(): Promise<boolean> {
     const { name, namespace, identity, leaseSeconds } = this.opts;
-    const now = new Date();
+    // MicroTime: the API server wants six fractional digits, a plain Date sends three.
+    const now = new V1MicroTime();
     let lease: V1Lease;
     try {
       lease = await this.api.readNamespacedLease({ name, namespace });
