@@ -128,8 +128,6 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     '--authentication-kubeconfig', kubeconfigFile('admin'), '--authorization-kubeconfig', kubeconfigFile('admin'),
     '--bind-address', '127.0.0.1', '--secure-port', String(basePort + 3),
     '--leader-elect=false', '--use-service-account-credentials=false',
-    // Garbage collection (owner references), namespaces, StatefulSets, Deployments; no cloud, no nodes.
-    '--controllers', '*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service',
     '--cert-dir', path.join(pki, 'kcm'),
   ]);
   return { server, kubeconfigFile, kubeConfig, tokens, operatorUser, startMs, stop };
