@@ -4,7 +4,7 @@
  * Lease watches and writes; the others wait for it. Configuration from the environment:
  *   KUBECONFIG (else in-cluster), MG_OPERATOR_NAMESPACE (watch one namespace; default all),
  *   MG_OPERATOR_LEASE_NAMESPACE, MG_OPERATOR_LEASE_NAME, MG_OPERATOR_IDENTITY,
- *   MG_OPERATOR_LEASE_SECONDS, MG_OPERATOR_RESYNC_SECONDS, MG_OPERATOR_METRICS_PORT.
+ *   MG_OPERATOR_LEASE_SECONDS, MG_OPERATOR_RESYNC_SECONDS, MG_OPERATOR_METRICS_PORT, MG_OPERATOR_METRICS_HOST.
  */
 import os from 'node:os';
 import { KubeConfig, type KubernetesObject } from '@kubernetes/client-node';
@@ -28,6 +28,8 @@ const configSchema = z.object({
   MG_OPERATOR_LEASE_SECONDS: z.coerce.number().int().min(2).max(300).default(15),
   MG_OPERATOR_RESYNC_SECONDS: z.coerce.number().int().min(5).max(86_400).default(300),
   MG_OPERATOR_METRICS_PORT: z.coerce.number().int().min(0).max(65535).default(9500),
+  /** 0.0.0.0 in a pod (probes and Prometheus reach the pod's address). */
+  MG_OPERATOR_METRICS_HOST: z.string().min(1).default('0.0.0.0'),
 });
 
 const log = createLogger('operator');
@@ -51,7 +53,7 @@ const elector = new LeaderElector(kc, {
   namespace: config.MG_OPERATOR_LEASE_NAMESPACE, name: config.MG_OPERATOR_LEASE_NAME,
   identity: config.MG_OPERATOR_IDENTITY, leaseSeconds: config.MG_OPERATOR_LEASE_SECONDS, log,
 });
-const metricsServer = await serveMetrics(config.MG_OPERATOR_METRICS_PORT, () => true);
+const metricsServer = await serveMetrics(config.MG_OPERATOR_METRICS_PORT, () => true, undefined, config.MG_OPERATOR_METRICS_HOST);
 log.info({ identity: config.MG_OPERATOR_IDENTITY, namespace: config.MG_OPERATOR_NAMESPACE ?? '(all)', metricsPort: config.MG_OPERATOR_METRICS_PORT }, 'operator started; waiting for the lease');
 
 const enqueue = (namespace: string | undefined, cluster: string | undefined) => {

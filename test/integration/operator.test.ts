@@ -46,7 +46,7 @@ function startOperator(identity: string, metricsPort: number): void {
     cwd: repoRoot, stdio: ['ignore', logFile, logFile],
     env: {
       ...process.env, KUBECONFIG: cp.kubeconfigFile('operator'), MG_OPERATOR_NAMESPACE: ns,
-      MG_OPERATOR_IDENTITY: identity, MG_OPERATOR_LEASE_SECONDS: '3', MG_OPERATOR_RESYNC_SECONDS: '30', MG_OPERATOR_METRICS_PORT: String(metricsPort),
+      MG_OPERATOR_IDENTITY: identity, MG_OPERATOR_LEASE_SECONDS: '3', MG_OPERATOR_RESYNC_SECONDS: '30', MG_OPERATOR_METRICS_PORT: String(metricsPort), MG_OPERATOR_METRICS_HOST: '127.0.0.1',
     },
   });
   operators.set(identity, { child, metricsPort });
