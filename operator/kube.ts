@@ -16,6 +16,9 @@ export function statusOf(err: unknown): number | undefined {
   return err instanceof ApiException ? err.code : undefined;
 }
 
+/** What a reconcile needs of the API (a fake in unit tests). */
+export type KubeClient = Pick<Kube, 'apply' | 'scale' | 'createIfMissing' | 'listOwned' | 'delete' | 'listCustom' | 'getCustom' | 'patchCustom' | 'patchStatus'>;
+
 export class Kube {
   private readonly objects: KubernetesObjectApi;
   private readonly custom: CustomObjectsApi;

@@ -8,8 +8,8 @@ import type { KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from '../common/log.ts';
 import { counter } from '../common/metrics.ts';
 import { shardRanges, SpecError } from '../compose/spec.ts';
-import { Kube } from './kube.ts';
-import type { ShardPrimary, TopologyReaders } from './topology.ts';
+import type { KubeClient as Kube } from './kube.ts';
+import type { ShardPrimary } from './topology.ts';
 import {
   API_VERSION, FINALIZER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects,
   type Condition, type MultigresCluster, type MultigresDatabase,
@@ -25,7 +25,13 @@ export interface ReconcileResult {
 
 const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 
-export async function reconcileCluster(kube: Kube, topology: TopologyReaders, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
+/** Where a reconcile learns each shard's primary (operator/topology.ts; a fake in unit tests). */
+export interface PrimarySource {
+  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): ShardPrimary[];
+  forget(clusterKey: string): Promise<void>;
+}
+
+export async function reconcileCluster(kube: Kube, topology: PrimarySource, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
   const cluster = await kube.getCustom<MultigresCluster>('MultigresCluster', namespace, name);
   if (!cluster) {
     await topology.forget(`${namespace}/${name}`);
