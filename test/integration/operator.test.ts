@@ -350,7 +350,8 @@ describe('the operator on a real API server', () => {
     assert.ok(takeoverMs >= 2_000, `the lease (3 s) was not taken before it expired (${takeoverMs} ms)`);
     await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { spec: { gateway: { replicas: 3 } } } }, mergePatch);
     await until('op-b to apply the change', 30_000, async () => JSON.parse((await snapshot()).get('Deployment/alpha-gateway')!).replicas === 3);
-    assert.ok(await metric('op-b', 'mg_operator_reconciles_total', '{result="ok"}') > 0);
+    // Counted once the whole reconcile (status included) is done, which may be after the change is visible.
+    await until('op-b to count its reconcile', 30_000, async () => (await metric('op-b', 'mg_operator_reconciles_total', '{result="ok"}')) > 0);
     figures.push(`leader failover: the follower took the lease ${(takeoverMs / 1000).toFixed(1)}s after the leader was killed (lease 3 s)`);
   });
 
