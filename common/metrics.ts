@@ -18,17 +18,18 @@ export function histogram(name: string, help: string, labelNames: string[] = [],
 }
 
 /**
- * Serves /metrics (Prometheus text) and /healthz on 127.0.0.1:port (0 picks a
+ * Serves /metrics (Prometheus text) and /healthz on host:port (0 picks a
  * free port); returns the server so callers can add routes and learn the port.
  * `render` replaces this process's registry (e.g. with a cluster aggregate).
+ * In a pod, `host` is 0.0.0.0: the kubelet and Prometheus come from outside.
  */
 export async function serveMetrics(
-  port: number, healthy: () => boolean = () => true, render: () => Promise<string> = () => metrics.metrics(),
+  port: number, healthy: () => boolean = () => true, render: () => Promise<string> = () => metrics.metrics(), host = '127.0.0.1',
 ): Promise<FastifyInstance> {
   const app = Fastify({ logger: false });
   app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await render()));
   app.get('/healthz', async (_req, reply) => reply.code(healthy() ? 200 : 503).send({ ok: healthy() }));
-  await app.listen({ host: '127.0.0.1', port });
+  await app.listen({ host, port });
   return app;
 }
 

@@ -341,3 +341,23 @@ export function withoutInstance(spec: ClusterSpec, instanceId: string): ClusterS
   else db.removedInstances.push(instanceId);
   return next;
 }
+
+/** The instances of one shard in one cell: what a provisioner places together (one StatefulSet on Kubernetes). */
+export interface InstanceGroup {
+  database: string;
+  shard: string;
+  cell: string;
+  instances: PlannedInstance[];
+}
+
+/** instancesOf grouped by database, shard and cell, in the plan's order. */
+export function instanceGroups(spec: ClusterSpec): InstanceGroup[] {
+  const groups = new Map<string, InstanceGroup>();
+  for (const inst of instancesOf(spec)) {
+    const key = `${inst.database}/${inst.shard}/${inst.cell}`;
+    const group = groups.get(key) ?? { database: inst.database, shard: inst.shard, cell: inst.cell, instances: [] };
+    group.instances.push(inst);
+    groups.set(key, group);
+  }
+  return [...groups.values()];
+}

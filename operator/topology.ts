@@ -1,0 +1,78 @@
+/**
+ * Who is primary of each shard, and in which term, as the cluster's topology log says:
+ * the operator folds that log (the same fold every gateway uses) instead of guessing from
+ * pods. One subscription per event log (bootstrap, registry, topic prefix), opened on the
+ * first reconcile of a cluster that names it; a primary change wakes the cluster's reconcile.
+ */
+import { EventLog, type Subscription } from '../common/eventlog.ts';
+import type { Logger } from '../common/log.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, shardKey, type TopologyState } from '../schemas/index.ts';
+
+export interface ShardPrimary {
+  shard: string;
+  primary: string;
+  term: number;
+}
+
+interface Reader {
+  state: TopologyState;
+  log: EventLog;
+  subscription: Promise<Subscription>;
+  clusters: Set<string>;
+}
+
+export class TopologyReaders {
+  private readonly readers = new Map<string, Reader>();
+
+  constructor(private readonly log: Logger, private readonly onPrimaryChange: (clusterKey: string) => void) {}
+
+  /**
+   * The primaries of the database's shards known so far (none before the log is read, or when
+   * Kafka cannot be reached: then the next reconcile tries again).
+   */
+  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): ShardPrimary[] {
+    const reader = this.readerFor(clusterKey, where);
+    return shards.flatMap((shard) => {
+      const p = reader.state.primaries.get(shardKey(database, shard));
+      return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
+    });
+  }
+
+  /** The cluster is gone: close readers no other cluster uses. */
+  async forget(clusterKey: string): Promise<void> {
+    for (const [id, reader] of this.readers) {
+      reader.clusters.delete(clusterKey);
+      if (reader.clusters.size > 0) continue;
+      this.readers.delete(id);
+      await reader.subscription.then((s) => s.stop(), () => undefined);
+      await reader.log.close();
+    }
+  }
+
+  async close(): Promise<void> {
+    for (const key of [...new Set([...this.readers.values()].flatMap((r) => [...r.clusters]))]) await this.forget(key);
+  }
+
+  private readerFor(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }): Reader {
+    const id = `${where.bootstrap}|${where.registryUrl}|${where.topicPrefix}`;
+    let reader = this.readers.get(id);
+    if (!reader) {
+      const log = new EventLog({ brokers: where.bootstrap.split(','), registryUrl: where.registryUrl, clientId: 'mg-operator', log: this.log, topicPrefix: where.topicPrefix });
+      const state = emptyTopology();
+      const clusters = new Set<string>();
+      const subscription = log.subscribe('topology', (event) => {
+        applyTopologyEvent(state, event);
+        if (kindOf(event).kind === 'PrimaryChanged') clusters.forEach((k) => this.onPrimaryChange(k));
+      });
+      subscription.catch((err) => {
+        this.log.warn({ bootstrap: where.bootstrap, err: (err as Error).message }, 'cannot read the topology log; status shows no primaries');
+        this.readers.delete(id);
+        void log.close().catch(() => undefined);
+      });
+      reader = { state, log, subscription, clusters };
+      this.readers.set(id, reader);
+    }
+    reader.clusters.add(clusterKey);
+    return reader;
+  }
+}

@@ -1,0 +1,380 @@
+/**
+ * The operator against a real Kubernetes control plane (etcd, kube-apiserver and
+ * kube-controller-manager built from upstream, test/support/control-plane.ts): the kustomize
+ * base installed with kubectl, two operator processes with the RBAC of that base, and a
+ * 1-database 3-instance cluster taken through creation, readiness, spec changes, a leader's
+ * death and deletion. No kubelet runs here: the test marks pods Running and Ready itself,
+ * the way kwok would, and containers never start (docs/operator.md).
+ */
+import assert from 'node:assert/strict';
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { promisify } from 'node:util';
+import {
+  ApiextensionsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubernetesObjectApi, PatchStrategy, setHeaderOptions,
+  type KubeConfig,
+} from '@kubernetes/client-node';
+import { OPERATOR_NAMESPACE, startControlPlane, type ControlPlane } from '../support/control-plane.ts';
+import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
+import { until } from '../support/wait.ts';
+import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import type { EventLog } from '../../common/eventlog.ts';
+
+const runFile = promisify(execFile);
+const repoRoot = path.resolve(import.meta.dirname, '..', '..');
+const base = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + 2700;
+const ns = 'mgtest';
+const group = { group: 'multigres.io', version: 'v1alpha1', namespace: ns };
+const mergePatch = setHeaderOptions('Content-Type', PatchStrategy.MergePatch);
+const figures: string[] = [];
+
+let cp: ControlPlane;
+let admin: KubeConfig;
+let custom: CustomObjectsApi;
+let core: CoreV1Api;
+let objects: KubernetesObjectApi;
+const operators = new Map<string, { child: ChildProcess; metricsPort: number }>();
+let dir: string;
+const prefix = uniquePrefix('operator');
+let eventLog: EventLog;
+
+function startOperator(identity: string, metricsPort: number): void {
+  const logFile = fs.openSync(path.join(dir, `${identity}.log`), 'a');
+  const child = spawn(process.execPath, ['--import', 'tsx', 'operator/main.ts'], {
+    cwd: repoRoot, stdio: ['ignore', logFile, logFile],
+    env: {
+      ...process.env, KUBECONFIG: cp.kubeconfigFile('operator'), MG_OPERATOR_NAMESPACE: ns,
+      MG_OPERATOR_IDENTITY: identity, MG_OPERATOR_LEASE_SECONDS: '3', MG_OPERATOR_RESYNC_SECONDS: '30', MG_OPERATOR_METRICS_PORT: String(metricsPort), MG_OPERATOR_METRICS_HOST: '127.0.0.1',
+    },
+  });
+  operators.set(identity, { child, metricsPort });
+}
+
+/** A metric of one operator's /metrics, summed over the series matching `labels` (0 when absent). */
+async function metric(identity: string, name: string, labels = ''): Promise<number> {
+  const res = await fetch(`http://127.0.0.1:${operators.get(identity)!.metricsPort}/metrics`);
+  return (await res.text()).split('\n')
+    .filter((l) => (l.startsWith(`${name} `) || l.startsWith(`${name}{`)) && l.includes(labels))
+    .reduce((sum, l) => sum + Number(l.split(' ').pop()), 0);
+}
+
+async function leaseHolder(): Promise<string | undefined> {
+  try {
+    const lease = await admin.makeApiClient(CoordinationV1Api).readNamespacedLease({ name: 'multigres-operator', namespace: OPERATOR_NAMESPACE });
+    return lease.spec?.holderIdentity ?? undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const getCluster = (name: string) => custom.getNamespacedCustomObject({ ...group, plural: 'multigresclusters', name }) as Promise<any>;
+const conditionOf = (cluster: any, type: string) => cluster.status?.conditions?.find((c: any) => c.type === type);
+
+const OWNED = [['v1', 'ConfigMap'], ['v1', 'Secret'], ['v1', 'Service'], ['apps/v1', 'Deployment'], ['apps/v1', 'StatefulSet'], ['policy/v1', 'PodDisruptionBudget']] as const;
+
+/** Every object the operator owns in the namespace, by Kind/name. */
+async function ownedObjects(): Promise<Map<string, any>> {
+  const out = new Map<string, any>();
+  for (const [apiVersion, kind] of OWNED) {
+    const list = await objects.list(apiVersion, kind, ns, undefined, undefined, undefined, undefined, 'app.kubernetes.io/managed-by=multigres-operator');
+    for (const o of list.items) out.set(`${kind}/${o.metadata!.name}`, o);
+  }
+  return out;
+}
+
+/** What a user changes and expects changed: the spec (or the data) of each owned object. */
+const desiredPart = (o: any) => JSON.stringify(o.spec ?? o.data ?? {});
+
+async function snapshot(): Promise<Map<string, string>> {
+  return new Map([...(await ownedObjects())].map(([k, o]) => [k, desiredPart(o)]));
+}
+
+function changed(before: Map<string, string>, after: Map<string, string>): string[] {
+  const keys = new Set([...before.keys(), ...after.keys()]);
+  return [...keys].filter((k) => before.get(k) !== after.get(k)).sort();
+}
+
+/** Plays the kubelet: every pod of the namespace is Running and Ready. */
+async function markPodsReady(): Promise<number> {
+  const pods = await core.listNamespacedPod({ namespace: ns });
+  let marked = 0;
+  for (const pod of pods.items) {
+    if (pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) continue;
+    const now = new Date();
+    await core.patchNamespacedPodStatus({
+      name: pod.metadata!.name!, namespace: ns,
+      body: { status: { phase: 'Running', podIP: '10.0.0.1', startTime: now, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }, { type: 'ContainersReady', status: 'True', lastTransitionTime: now }] } },
+    }, mergePatch);
+    marked++;
+  }
+  return marked;
+}
+
+const expectedNames = [
+  'ConfigMap/alpha-spec', 'Secret/alpha-credentials',
+  'Deployment/alpha-gateway', 'Service/alpha-gateway', 'PodDisruptionBudget/alpha-gateway',
+  ...['zone1', 'zone2', 'zone3'].flatMap((c) => [`Deployment/alpha-orch-${c}`, `Service/alpha-orch-${c}`, `StatefulSet/alpha-orders-0-${c}`]),
+  'Service/alpha-orders-0', 'PodDisruptionBudget/alpha-orders-0',
+].sort();
+
+before(async () => {
+  dir = fs.mkdtempSync(path.join(process.env.MG_TEST_DIR ?? '/tmp', 'operator-'));
+  let installMs = 0;
+  cp = await startControlPlane({
+    dir, basePort: base,
+    // The CRDs go in before the controller manager starts, so its garbage collector knows them at once.
+    beforeControllers: async (kc, kubeconfig) => {
+      const t = Date.now();
+      await runFile('kubectl', ['--kubeconfig', kubeconfig, 'apply', '-k', path.join(repoRoot, 'compose', 'k8s', 'base')]);
+      const ext = kc.makeApiClient(ApiextensionsV1Api);
+      await until('the CRDs to be Established', 30_000, async () => {
+        const crds = await Promise.all(['multigresclusters', 'multigresdatabases'].map((p) => ext.readCustomResourceDefinition({ name: `${p}.multigres.io` })));
+        return crds.every((c) => c.status?.conditions?.some((x) => x.type === 'Established' && x.status === 'True'));
+      });
+      installMs = Date.now() - t;
+    },
+  });
+  figures.push(`control plane (etcd + kube-apiserver) ready in ${(cp.startMs / 1000).toFixed(1)}s; kustomize base applied with kubectl in ${(installMs / 1000).toFixed(1)}s`);
+  admin = cp.kubeConfig('admin');
+  custom = admin.makeApiClient(CustomObjectsApi);
+  core = admin.makeApiClient(CoreV1Api);
+  objects = KubernetesObjectApi.makeApiClient(admin);
+  await core.createNamespace({ body: { metadata: { name: ns } } });
+  eventLog = await testEventLog(prefix);
+  startOperator('op-a', base + 10);
+  await until('op-a to hold the lease', 60_000, async () => (await leaseHolder()) === 'op-a');
+  startOperator('op-b', base + 11);
+  await until('op-b to serve metrics', 60_000, async () => {
+    try {
+      return (await fetch(`http://127.0.0.1:${base + 11}/healthz`)).ok;
+    } catch {
+      return false;
+    }
+  });
+});
+
+after(async () => {
+  await eventLog?.close();
+  for (const { child } of operators.values()) child.kill('SIGKILL');
+  await cp?.stop();
+  if (figures.length) console.log(`operator figures:\n  ${figures.join('\n  ')}`);
+});
+
+describe('the operator on a real API server', () => {
+  test('a 1-database, 3-instance cluster becomes every object, owned, with a finalizer', async () => {
+    const t0 = Date.now();
+    await custom.createNamespacedCustomObject({ ...group, plural: 'multigresclusters', body: {
+      apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresCluster', metadata: { name: 'alpha' },
+      spec: {
+        image: 'multigres/multigres:1.0', kafka: { bootstrap: bootstrap(), topicPrefix: prefix }, registry: { url: registryUrl() },
+        cells: [{ name: 'zone1', zone: 'eu-1a' }, { name: 'zone2', zone: 'eu-1b' }, { name: 'zone3', zone: 'eu-1c' }],
+      },
+    } });
+    await custom.createNamespacedCustomObject({ ...group, plural: 'multigresdatabases', body: {
+      apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'orders' },
+      spec: { cluster: 'alpha', instancesPerShard: 3, storage: { size: '5Gi', storageClassName: 'fast' } },
+    } });
+    const owned = await until('every object of the cluster', 60_000, async () => {
+      const o = await ownedObjects();
+      return expectedNames.every((n) => o.has(n)) && o;
+    });
+    figures.push(`apply of a 1-database, 3-instance cluster to all ${expectedNames.length} objects created: ${((Date.now() - t0) / 1000).toFixed(2)}s`);
+    assert.deepEqual([...owned.keys()].sort(), expectedNames, 'exactly the planned objects, nothing else');
+
+    const cluster = await getCluster('alpha');
+    const db = await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' }) as any;
+    assert.deepEqual(cluster.metadata.finalizers, ['multigres.io/drain']);
+    assert.deepEqual(db.metadata.ownerReferences.map((r: any) => [r.kind, r.name, r.uid]), [['MultigresCluster', 'alpha', cluster.metadata.uid]]);
+    for (const [key, o] of owned) {
+      const [ref] = o.metadata.ownerReferences;
+      const owner = key.startsWith('StatefulSet/') || key.endsWith('/alpha-orders-0') ? db : cluster;
+      assert.deepEqual([ref.kind, ref.name, ref.uid, ref.controller], [owner.kind, owner.metadata.name, owner.metadata.uid, true], `owner of ${key}`);
+    }
+
+    for (const [i, zone] of ['eu-1a', 'eu-1b', 'eu-1c'].entries()) {
+      const sts = owned.get(`StatefulSet/alpha-orders-0-zone${i + 1}`);
+      assert.equal(sts.spec.replicas, 1, 'one instance per cell');
+      assert.equal(sts.spec.serviceName, 'alpha-orders-0');
+      assert.equal(sts.spec.updateStrategy.type, 'OnDelete');
+      const pod = sts.spec.template.spec;
+      assert.deepEqual(pod.containers.map((c: any) => c.name), ['postgres', 'agent', 'pooler']);
+      assert.equal(pod.containers[1].image, 'multigres/multigres:1.0');
+      assert.deepEqual(pod.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values, [zone]);
+      assert.equal(pod.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey, 'kubernetes.io/hostname');
+      assert.deepEqual(sts.spec.volumeClaimTemplates[0].spec.resources.requests, { storage: '5Gi' });
+      assert.equal(sts.spec.volumeClaimTemplates[0].spec.storageClassName, 'fast');
+    }
+    assert.equal(owned.get('Deployment/alpha-gateway').spec.replicas, 2);
+    assert.equal(owned.get('Service/alpha-orders-0').spec.clusterIP, 'None');
+    assert.deepEqual(owned.get('Service/alpha-gateway').spec.ports.map((p: any) => p.port), [5432]);
+    assert.equal(owned.get('PodDisruptionBudget/alpha-orders-0').spec.maxUnavailable, 1);
+    assert.deepEqual(Object.keys(owned.get('Secret/alpha-credentials').data).sort(), ['orchestrator-api-token', 'postgres-password', 'rest-jwt-secret']);
+    const spec = JSON.parse(owned.get('ConfigMap/alpha-spec').data['spec.json']);
+    assert.deepEqual(spec.databases.map((d: any) => [d.name, d.shards, d.instancesPerShard]), [['orders', 1, 3]]);
+    assert.deepEqual(spec.cells, ['zone1', 'zone2', 'zone3']);
+
+    // kubectl shows the printer columns.
+    const table = await until('kubectl get to show the status', 30_000, async () => {
+      const { stdout } = await runFile('kubectl', ['--kubeconfig', cp.kubeconfigFile('admin'), '-n', ns, 'get', 'multigresclusters']);
+      return /alpha\s+False\s+True\s+False\s+1\s/.test(stdout) && stdout;
+    });
+    assert.match(table.split('\n')[0], /NAME\s+READY\s+PROGRESSING\s+DEGRADED\s+DATABASES\s+AGE/);
+  });
+
+  test('status conditions follow the pods, and an invalid database degrades the cluster', async () => {
+    let cluster = await until('Progressing while no pod is ready', 30_000, async () => {
+      const c = await getCluster('alpha');
+      return conditionOf(c, 'Progressing')?.status === 'True' && c;
+    });
+    assert.equal(conditionOf(cluster, 'Ready').status, 'False');
+    assert.match(conditionOf(cluster, 'Ready').message, /0\/8 pods ready/);
+
+    // The StatefulSet and ReplicaSet controllers create pods; without a kubelet the test makes them ready.
+    await until('the 8 pods (3 instances, 2 gateways, 3 orchestrators)', 60_000, async () => (await core.listNamespacedPod({ namespace: ns })).items.length === 8);
+    await markPodsReady();
+    cluster = await until('Ready', 60_000, async () => {
+      const c = await getCluster('alpha');
+      return conditionOf(c, 'Ready')?.status === 'True' && c;
+    });
+    assert.equal(conditionOf(cluster, 'Progressing').status, 'False');
+    assert.equal(conditionOf(cluster, 'Degraded').status, 'False');
+
+    // Idempotent: a reconcile with nothing to change writes no object.
+    const appliedBefore = await metric('op-a', 'mg_operator_objects_applied_total');
+    const reconcilesBefore = await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}');
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { metadata: { annotations: { touched: 'yes' } } } }, mergePatch);
+    await until('a reconcile after the annotation', 30_000, async () => (await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}')) > reconcilesBefore);
+    assert.equal(await metric('op-a', 'mg_operator_objects_applied_total'), appliedBefore, 'no object written by a no-op reconcile');
+
+    // ANY_4 needs 4 instances: the CRD schema accepts the text, the cluster spec refuses it.
+    const before = await snapshot();
+    await custom.createNamespacedCustomObject({ ...group, plural: 'multigresdatabases', body: {
+      apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'bad' }, spec: { cluster: 'alpha', instancesPerShard: 3, durability: 'ANY_4' },
+    } });
+    cluster = await until('Degraded', 30_000, async () => {
+      const c = await getCluster('alpha');
+      return conditionOf(c, 'Degraded')?.status === 'True' && c;
+    });
+    assert.equal(conditionOf(cluster, 'Degraded').reason, 'InvalidSpec');
+    assert.match(conditionOf(cluster, 'Degraded').message, /durability needs more instances per shard/);
+    assert.deepEqual(changed(before, await snapshot()), [], 'nothing applied from an invalid spec');
+
+    await custom.deleteNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'bad' });
+    await until('Degraded cleared', 30_000, async () => conditionOf(await getCluster('alpha'), 'Degraded')?.status === 'False');
+    // A schema violation never reaches the operator: the API server refuses it.
+    await assert.rejects(custom.createNamespacedCustomObject({ ...group, plural: 'multigresdatabases', body: {
+      apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'worse' }, spec: { cluster: 'alpha', shards: 3 },
+    } }), (err: any) => err.code === 422 && /shards/.test(typeof err.body === 'string' ? err.body : JSON.stringify(err.body)));
+  });
+
+  test("each shard's primary and term come from the topology log, newer terms winning", async () => {
+    const publish = eventLog.publisher('topology');
+    const primaryChanged = (instance: string, term: bigint): TopologyEvent => ({
+      eventId: `e-${instance}-${term}`, ts: new Date(), source: 'test',
+      payload: payload('PrimaryChanged', { database: 'orders', shard: '-', primaryInstanceId: instance, term, ruleNumber: term, reason: 'test' }),
+    });
+    const dbStatus = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' })) as any).status;
+    await publish([primaryChanged('orders-0-zone2-1', 3n)].map((e) => ({ key: topologyKey(e), value: e })));
+    await until('the primary in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 3);
+    assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone2-1', term: 3 }]);
+    // An older term arriving later changes nothing; a newer one does.
+    await publish([primaryChanged('orders-0-zone1-0', 2n), primaryChanged('orders-0-zone3-2', 4n)].map((e) => ({ key: topologyKey(e), value: e })));
+    await until('term 4 in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 4);
+    assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone3-2', term: 4 }]);
+    const { stdout } = await runFile('kubectl', ['--kubeconfig', cp.kubeconfigFile('admin'), '-n', ns, 'get', 'multigresdatabases']);
+    assert.match(stdout, /orders\s+alpha\s+1\s+3\s+orders-0-zone3-2\s+4\s+false/);
+  });
+
+  test('a spec change produces exactly the expected object changes', async () => {
+    // One more instance: the fourth goes to the first cell (instances spread over cells in order).
+    let before = await snapshot();
+    let t = Date.now();
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { instancesPerShard: 4 } } }, mergePatch);
+    let after = await until('zone1 to hold 2 instances', 30_000, async () => {
+      const s = await snapshot();
+      return JSON.parse(s.get('StatefulSet/alpha-orders-0-zone1')!).replicas === 2 && s;
+    });
+    const scaleMs = Date.now() - t;
+    await new Promise((r) => setTimeout(r, 1_000)); // anything else it would change, it changes in the same reconcile
+    after = await snapshot();
+    assert.deepEqual(changed(before, after), ['ConfigMap/alpha-spec', 'StatefulSet/alpha-orders-0-zone1']);
+    assert.equal(JSON.parse(after.get('StatefulSet/alpha-orders-0-zone2')!).replicas, 1);
+    assert.equal(JSON.parse(JSON.parse(after.get('ConfigMap/alpha-spec')!)['spec.json']).databases[0].instancesPerShard, 4);
+
+    // A new image: every workload running Multigres containers, and nothing else.
+    before = after;
+    t = Date.now();
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { spec: { image: 'multigres/multigres:1.1' } } }, mergePatch);
+    after = await until('the new image everywhere', 30_000, async () => {
+      const s = await snapshot();
+      return [...s.entries()].filter(([k]) => /^(StatefulSet|Deployment)\//.test(k)).every(([, v]) => v.includes('multigres/multigres:1.1') && !v.includes('multigres/multigres:1.0')) && s;
+    });
+    const imageMs = Date.now() - t;
+    await new Promise((r) => setTimeout(r, 1_000));
+    after = await snapshot();
+    assert.deepEqual(changed(before, after), [
+      'Deployment/alpha-gateway', 'Deployment/alpha-orch-zone1', 'Deployment/alpha-orch-zone2', 'Deployment/alpha-orch-zone3',
+      'StatefulSet/alpha-orders-0-zone1', 'StatefulSet/alpha-orders-0-zone2', 'StatefulSet/alpha-orders-0-zone3',
+    ]);
+    const sts = JSON.parse(after.get('StatefulSet/alpha-orders-0-zone1')!);
+    assert.deepEqual(sts.template.spec.containers.map((c: any) => c.image), ['postgres:15', 'multigres/multigres:1.1', 'multigres/multigres:1.1']);
+    figures.push(`reconcile of a spec change (event to objects changed): one more instance ${scaleMs} ms, a new image on 7 workloads ${imageMs} ms`);
+
+    // Deactivated: every StatefulSet of the database at zero, the rest untouched.
+    before = after;
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { deactivated: true } } }, mergePatch);
+    after = await until('the instances scaled to zero', 30_000, async () => {
+      const s = await snapshot();
+      return ['zone1', 'zone2', 'zone3'].every((c) => JSON.parse(s.get(`StatefulSet/alpha-orders-0-${c}`)!).replicas === 0) && s;
+    });
+    assert.deepEqual(changed(before, after), ['StatefulSet/alpha-orders-0-zone1', 'StatefulSet/alpha-orders-0-zone2', 'StatefulSet/alpha-orders-0-zone3']);
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { deactivated: false } } }, mergePatch);
+  });
+
+  test('two operator replicas never both act: the follower waits, then takes over from a dead leader', async () => {
+    assert.equal(await leaseHolder(), 'op-a');
+    assert.ok(await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}') > 0, 'the leader reconciles');
+    assert.equal(await metric('op-b', 'mg_operator_reconciles_total', '{result="ok"}'), 0, 'the follower never reconciled');
+    assert.equal(await metric('op-b', 'mg_operator_leader'), 0);
+    assert.equal(await metric('op-a', 'mg_operator_leader'), 1);
+
+    const rss = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${operators.get('op-a')!.child.pid}/status`, 'utf8'))![1]);
+    figures.push(`operator memory (leader, RSS after the runs above): ${(rss / 1024).toFixed(0)} MB`);
+
+    const killedAt = Date.now();
+    operators.get('op-a')!.child.kill('SIGKILL');
+    await until('op-b to take the lease', 30_000, async () => (await leaseHolder()) === 'op-b');
+    const takeoverMs = Date.now() - killedAt;
+    assert.ok(takeoverMs >= 2_000, `the lease (3 s) was not taken before it expired (${takeoverMs} ms)`);
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { spec: { gateway: { replicas: 3 } } } }, mergePatch);
+    await until('op-b to apply the change', 30_000, async () => JSON.parse((await snapshot()).get('Deployment/alpha-gateway')!).replicas === 3);
+    // Counted once the whole reconcile (status included) is done, which may be after the change is visible.
+    await until('op-b to count its reconcile', 30_000, async () => (await metric('op-b', 'mg_operator_reconciles_total', '{result="ok"}')) > 0);
+    figures.push(`leader failover: the follower took the lease ${(takeoverMs / 1000).toFixed(1)}s after the leader was killed (lease 3 s)`);
+  });
+
+  test('deleting the cluster drains it through the finalizer, then everything it owned goes', async () => {
+    await custom.deleteNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha' });
+    // While the finalizer holds the resource, the workloads go to zero first.
+    const drained = await until('the workloads scaled to zero', 30_000, async () => {
+      const o = await ownedObjects();
+      const workloads = [...o.entries()].filter(([k]) => /^(StatefulSet|Deployment)\//.test(k));
+      return workloads.length === 7 && workloads.every(([, w]) => w.spec.replicas === 0) && o;
+    });
+    assert.ok(drained.size > 0);
+    await until('the cluster resource to be gone', 60_000, async () => {
+      try {
+        await getCluster('alpha');
+        return false;
+      } catch (err: any) {
+        return err.code === 404;
+      }
+    });
+    await until('the garbage collector to delete every owned object and the database', 90_000, async () => {
+      const dbs = await custom.listNamespacedCustomObject({ ...group, plural: 'multigresdatabases' }) as any;
+      return (await ownedObjects()).size === 0 && dbs.items.length === 0;
+    });
+  });
+});

@@ -1,0 +1,157 @@
+/**
+ * The reconcile against an in-memory API (the integration test runs it against a real one):
+ * idempotence, pruning, conditions, the finalizer's order, primaries in the status.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { KubernetesObject } from '@kubernetes/client-node';
+import { createLogger } from '../../common/log.ts';
+import type { KubeClient } from '../../operator/kube.ts';
+import { reconcileCluster, type PrimarySource } from '../../operator/reconcile.ts';
+import type { MultigresCluster, MultigresDatabase } from '../../operator/resources.ts';
+
+const log = createLogger('test');
+log.level = 'silent';
+
+/** Objects by Kind/name in one namespace; a write that changes nothing keeps the resourceVersion, like server-side apply. */
+class FakeApi implements KubeClient {
+  objects = new Map<string, any>();
+  custom = new Map<string, any>();
+  writes = 0;
+  private version = 1;
+
+  private put(key: string, obj: any): any {
+    const old = this.objects.get(key);
+    const strip = (o: any) => JSON.stringify({ ...o, metadata: { ...o.metadata, resourceVersion: undefined }, status: undefined });
+    if (old && strip(old) === strip({ ...old, ...obj, metadata: { ...old.metadata, ...obj.metadata } })) return old;
+    this.writes++;
+    const next = { ...old, ...obj, metadata: { ...old?.metadata, ...obj.metadata, resourceVersion: String(this.version++) } };
+    this.objects.set(key, next);
+    return next;
+  }
+
+  async apply<T extends KubernetesObject>(obj: T): Promise<T> {
+    return this.put(`${obj.kind}/${obj.metadata!.name}`, structuredClone(obj));
+  }
+  async scale(obj: KubernetesObject, replicas: number): Promise<void> {
+    const key = `${obj.kind}/${obj.metadata!.name}`;
+    this.put(key, { ...this.objects.get(key), spec: { ...this.objects.get(key).spec, replicas } });
+  }
+  async createIfMissing(obj: KubernetesObject): Promise<boolean> {
+    const key = `${obj.kind}/${obj.metadata!.name}`;
+    if (this.objects.has(key)) return false;
+    this.put(key, structuredClone(obj));
+    return true;
+  }
+  async listOwned(_apiVersion: string, kind: string): Promise<KubernetesObject[]> {
+    return [...this.objects.values()].filter((o) => o.kind === kind);
+  }
+  async delete(obj: KubernetesObject): Promise<void> {
+    this.writes++;
+    this.objects.delete(`${obj.kind}/${obj.metadata!.name}`);
+  }
+  async listCustom<T>(kind: string): Promise<T[]> {
+    return [...this.custom.values()].filter((o) => o.kind === kind);
+  }
+  async getCustom<T>(kind: string, _ns: string, name: string): Promise<T | undefined> {
+    return structuredClone(this.custom.get(`${kind}/${name}`));
+  }
+  async patchCustom(kind: string, _ns: string, name: string, body: any): Promise<unknown> {
+    const o = this.custom.get(`${kind}/${name}`);
+    o.metadata = { ...o.metadata, ...body.metadata, resourceVersion: String(this.version++) };
+    return o;
+  }
+  async patchStatus(kind: string, _ns: string, name: string, status: any): Promise<unknown> {
+    const o = this.custom.get(`${kind}/${name}`);
+    o.status = { ...o.status, ...status };
+    return o;
+  }
+  /** Plays the workload controllers and the kubelet: every pod asked for exists and is ready. */
+  allReady(): void {
+    for (const o of this.objects.values()) {
+      if (o.kind === 'StatefulSet' || o.kind === 'Deployment') o.status = { observedGeneration: o.metadata.generation ?? 0, replicas: o.spec.replicas, readyReplicas: o.spec.replicas };
+    }
+  }
+}
+
+const primaries = (table: Record<string, { primary: string; term: number }> = {}): PrimarySource => ({
+  primaries: (_k, _w, database, shards) => shards.flatMap((shard) => (table[`${database}/${shard}`] ? [{ shard, ...table[`${database}/${shard}`] }] : [])),
+  forget: async () => undefined,
+});
+
+function setup(): FakeApi {
+  const api = new FakeApi();
+  const cluster: MultigresCluster = {
+    apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresCluster', metadata: { name: 'c', namespace: 'ns', uid: 'c-uid', generation: 1 },
+    spec: { image: 'mg:1', kafka: { bootstrap: 'k:9092' }, registry: { url: 'http://r:8081' }, cells: [{ name: 'z1' }, { name: 'z2' }, { name: 'z3' }] },
+  };
+  const db: MultigresDatabase = {
+    apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'orders', namespace: 'ns', uid: 'd-uid', generation: 1 }, spec: { cluster: 'c', instancesPerShard: 3 },
+  };
+  api.custom.set('MultigresCluster/c', cluster);
+  api.custom.set('MultigresDatabase/orders', db);
+  return api;
+}
+
+const conditions = (api: FakeApi) => Object.fromEntries(api.custom.get('MultigresCluster/c').status.conditions.map((c: any) => [c.type, `${c.status}:${c.reason}`]));
+
+test('the first reconcile creates every object and the finalizer; the second writes nothing', async () => {
+  const api = setup();
+  const result = await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  assert.equal(api.objects.size, 16);
+  assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, ['multigres.io/drain']);
+  assert.equal(api.custom.get('MultigresDatabase/orders').metadata.ownerReferences[0].uid, 'c-uid');
+  assert.deepEqual(conditions(api), { Ready: 'False:PodsNotReady', Progressing: 'True:RollingOut', Degraded: 'False:AsExpected' });
+  assert.equal(result.requeueAfterMs, 5_000, 'a rollout in progress is looked at again');
+
+  api.allReady();
+  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  assert.deepEqual(conditions(api), { Ready: 'True:AllReady', Progressing: 'False:RolledOut', Degraded: 'False:AsExpected' });
+  const writes = api.writes;
+  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  assert.equal(api.writes, writes, 'level-triggered and idempotent: nothing to change, nothing written');
+});
+
+test('objects nobody asks for any more are deleted; the credentials stay', async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  const secret = JSON.stringify(api.objects.get('Secret/c-credentials'));
+  api.custom.get('MultigresCluster/c').spec.cells.pop();
+  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  assert.ok(!api.objects.has('StatefulSet/c-orders-0-z3') && !api.objects.has('Deployment/c-orch-z3') && !api.objects.has('Service/c-orch-z3'));
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 2, 'the third instance moved to the first cell');
+  assert.equal(JSON.stringify(api.objects.get('Secret/c-credentials')), secret);
+});
+
+test('an invalid spec degrades the cluster and applies nothing', async () => {
+  const api = setup();
+  api.custom.get('MultigresDatabase/orders').spec.durability = 'MULTI_CELL_ANY_4';
+  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  assert.equal(api.objects.size, 0);
+  assert.equal(conditions(api).Degraded, 'True:InvalidSpec');
+  assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Degraded').message, /durability/);
+});
+
+test("each shard's primary and term go to the database status", async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z2-1', term: 7 } }), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').status.shards, [{ shard: '-', primary: 'orders-0-z2-1', term: 7 }]);
+});
+
+test('deletion drains every workload before the finalizer goes', async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  api.allReady();
+  api.custom.get('MultigresCluster/c').metadata.deletionTimestamp = new Date();
+  let result = await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  const workloads = [...api.objects.values()].filter((o) => o.kind === 'StatefulSet' || o.kind === 'Deployment');
+  assert.ok(workloads.every((w) => w.spec.replicas === 0), 'every workload scaled to zero');
+  assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, ['multigres.io/drain'], 'kept while pods run');
+  assert.equal(result.requeueAfterMs, 1_000);
+  assert.equal(conditions(api).Ready, 'False:Draining');
+
+  api.allReady(); // the controllers removed the pods: status.replicas 0
+  result = await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, []);
+  assert.deepEqual(result, {});
+});
