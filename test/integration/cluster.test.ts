@@ -63,7 +63,7 @@ function statusRows(out: string): Map<string, Record<string, string>> {
 test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async (t) => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /\[12\/13\] MultiGateway .*: done in/);
+  assert.match(up.stdout, /\[12\/14\] MultiGateway .*: done in/);
   assert.match(up.stdout, /\[13\/14\] materializer .*: done in/);
   assert.match(up.stdout, /\[14\/14\] instances the spec no longer has \(removed through MultiOrch\) \.\.\.\n {6}none\n/);
   t.diagnostic(up.stdout.split('\n').filter((l) => /^\[\d+\/14\]|is up in/.test(l)).join('\n'));
