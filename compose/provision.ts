@@ -1,13 +1,14 @@
 /**
- * The local provisioner MultiOrch runs for `mg replica add|remove` (decision 0034):
+ * The local provisioner MultiOrch runs for `mg replica add|remove` (decision 0034) and `mg database drop` (0035):
  *   node --import tsx compose/provision.ts --data-dir <dir> add <db> <shard> <cell>
  *   node --import tsx compose/provision.ts --data-dir <dir> remove <instanceId>
+ *   node --import tsx compose/provision.ts --data-dir <dir> drop-database <db>
  * Progress goes to stderr, one line per step; `add` prints the new instance as JSON on stdout.
  */
 import { parseArgs } from 'node:util';
 import { createLogger } from '../common/log.ts';
 import { Progress } from './progress.ts';
-import { provisionReplica, releaseInstance } from './replicas.ts';
+import { provisionReplica, releaseDatabase, releaseInstance } from './replicas.ts';
 
 const { values, positionals } = parseArgs({ allowPositionals: true, options: { 'data-dir': { type: 'string' } } });
 const [action, ...args] = positionals;
@@ -23,8 +24,10 @@ try {
     process.stdout.write(`${JSON.stringify({ instanceId: inst.instanceId, port: inst.port, poolerPort: inst.poolerPort })}\n`);
   } else if (action === 'remove' && args.length === 1) {
     await releaseInstance(dataDir, args[0], progress);
+  } else if (action === 'drop-database' && args.length === 1) {
+    await releaseDatabase(dataDir, args[0], progress);
   } else {
-    throw new Error('usage: provision.ts --data-dir <dir> add <db> <shard> <cell> | remove <instanceId>');
+    throw new Error('usage: provision.ts --data-dir <dir> add <db> <shard> <cell> | remove <instanceId> | drop-database <db>');
   }
   process.exit(0);
 } catch (err) {

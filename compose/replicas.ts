@@ -1,8 +1,8 @@
 /**
  * The local side of the provisioning seam for replicas (decision 0034): MultiOrch
  * runs `compose/provision.ts` to start a new instance's agent and pooler on this
- * machine, or to stop an instance's and delete its data. The saved spec records
- * either, so a later `mg cluster up` keeps the cluster as it is now.
+ * machine, or to stop an instance's (or a whole database's) and delete its data.
+ * The saved spec records each, so a later `mg cluster up` keeps the cluster as it is now.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -11,7 +11,7 @@ import type { AgentConfig } from '../ingest/config.ts';
 import { agentName, eventLogFor, pathsOf, runDir, savedSpec, saveSpec, startAgents, stopAgent } from './cluster.ts';
 import type { Progress } from './progress.ts';
 import { poolerName, startPoolers } from './proxy.ts';
-import { withAddedInstance, withoutInstance, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { withAddedInstance, withoutDatabase, withoutInstance, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { stopProcess } from './supervise.ts';
 
 const INSTANCE_ID = /^[a-z][a-z0-9_-]{0,120}$/;
@@ -40,19 +40,42 @@ export async function provisionReplica(dataDir: string, database: string, shard:
 export async function releaseInstance(dataDir: string, instanceId: string, progress: Progress): Promise<void> {
   if (!INSTANCE_ID.test(instanceId)) throw new Error(`not an instance id: ${JSON.stringify(instanceId)}`);
   await withSpecLock(dataDir, async (spec) => {
-    // Its agent's config says where it runs: also for an instance the spec no longer plans (a lowered instancesPerShard).
-    const agentFile = path.join(spec.dataDir, 'agents', `${instanceId}.json`);
-    if (!fs.existsSync(agentFile)) throw new Error(`no instance ${instanceId} was started from ${spec.dataDir}`);
-    const cfg = JSON.parse(fs.readFileSync(agentFile, 'utf8')) as AgentConfig;
-    progress.note(`${instanceId}: agent ${await stopAgent(spec, { instanceId, dataDir: cfg.dataDir, port: cfg.port })}`);
-    progress.note(`${instanceId}: pooler ${await stopProcess(runDir(spec), poolerName(instanceId))}`);
-    for (const file of [cfg.dataDir, `${cfg.dataDir}.pgbackrest.conf`, agentFile, path.join(spec.dataDir, 'config', `${poolerName(instanceId)}.json`)]) {
-      fs.rmSync(file, { recursive: true, force: true });
-    }
-    progress.note(`${instanceId}: data directory ${cfg.dataDir} removed`);
+    await stopAndDelete(spec, instanceId, progress);
     saveSpec(withoutInstance(spec, instanceId));
-    fs.rmSync(path.join(runDir(spec), `${agentName(instanceId)}.pid`), { force: true });
   });
+}
+
+/**
+ * Stops and deletes every instance of `database` (decision 0035) and drops it from the saved spec, its port
+ * slots kept unused. Its backups stay in the repository until expired.
+ */
+export async function releaseDatabase(dataDir: string, database: string, progress: Progress): Promise<void> {
+  await withSpecLock(dataDir, async (spec) => {
+    const next = withoutDatabase(spec, database);
+    // Agent configs, not the plan: an instance the spec no longer plans may still run.
+    const agents = path.join(spec.dataDir, 'agents');
+    const ids = fs.readdirSync(agents).filter((f) => f.endsWith('.json'))
+      .map((f) => JSON.parse(fs.readFileSync(path.join(agents, f), 'utf8')) as AgentConfig)
+      .filter((cfg) => cfg.database === database).map((cfg) => cfg.instanceId);
+    for (const id of ids) await stopAndDelete(spec, id, progress);
+    saveSpec(next);
+    progress.note(`${database}: out of the saved spec (its port slots stay unused)`);
+  });
+}
+
+/** Stops an instance's agent and pooler and deletes its data directory, config files and pid file. */
+async function stopAndDelete(spec: ClusterSpec, instanceId: string, progress: Progress): Promise<void> {
+  // Its agent's config says where it runs: also for an instance the spec no longer plans (a lowered instancesPerShard).
+  const agentFile = path.join(spec.dataDir, 'agents', `${instanceId}.json`);
+  if (!fs.existsSync(agentFile)) throw new Error(`no instance ${instanceId} was started from ${spec.dataDir}`);
+  const cfg = JSON.parse(fs.readFileSync(agentFile, 'utf8')) as AgentConfig;
+  progress.note(`${instanceId}: agent ${await stopAgent(spec, { instanceId, dataDir: cfg.dataDir, port: cfg.port })}`);
+  progress.note(`${instanceId}: pooler ${await stopProcess(runDir(spec), poolerName(instanceId))}`);
+  for (const file of [cfg.dataDir, `${cfg.dataDir}.pgbackrest.conf`, agentFile, path.join(spec.dataDir, 'config', `${poolerName(instanceId)}.json`)]) {
+    fs.rmSync(file, { recursive: true, force: true });
+  }
+  fs.rmSync(path.join(runDir(spec), `${agentName(instanceId)}.pid`), { force: true });
+  progress.note(`${instanceId}: data directory ${cfg.dataDir} removed`);
 }
 
 /** Runs `fn` on the saved spec while holding the cluster's spec lock (two provisioners never lose each other's change). */

@@ -146,6 +146,12 @@ export const clusterSpecSchema = z.object({
     message: 'more than one shard needs sharded: true (and a VSchema: mg vschema apply)', path: ['shards'],
   })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3, sharded: false, transactionMode: 'multi' }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
+  /** Databases dropped at run time (`mg database drop`): the port slots they held stay unused, so no other instance's port moves. */
+  droppedDatabases: z.array(z.object({
+    name,
+    firstSlot: z.number().int().min(0),
+    slots: z.number().int().min(1),
+  }).strict()).default([]),
 }).strict();
 
 export type ClusterSpec = z.infer<typeof clusterSpecSchema>;
@@ -258,6 +264,7 @@ export function instancesOf(spec: ClusterSpec): PlannedInstance[] {
   });
   let slot = 0;
   for (const db of spec.databases) {
+    slot = pastDroppedSlots(spec, slot);
     for (const range of shardRanges(db.shards)) {
       for (let i = 0; i < db.instancesPerShard; i++, slot++) {
         const cell = spec.cells[i % spec.cells.length];
@@ -279,9 +286,42 @@ export function instanceIdOf(database: string, shard: string, cell: string, inde
   return `${database}-${shardLabel}-${cell}-${index}`;
 }
 
-/** Every port slot the spec's own layout takes (removed instances' included): an added replica takes none of these. */
+/** `slot`, or the first slot after the dropped databases' ranges that start there (a dropped database held its slots in the layout's order). */
+function pastDroppedSlots(spec: ClusterSpec, slot: number): number {
+  for (let moved = true; moved;) {
+    moved = false;
+    for (const d of spec.droppedDatabases) {
+      if (d.firstSlot === slot) {
+        slot += d.slots;
+        moved = true;
+      }
+    }
+  }
+  return slot;
+}
+
+/** Every port slot the spec's own layout takes (removed instances' and dropped databases' included): an added replica takes none of these. */
 function layoutSlots(spec: ClusterSpec): number {
-  return spec.databases.reduce((n, db) => n + db.shards * db.instancesPerShard, 0);
+  return spec.databases.reduce((n, db) => n + db.shards * db.instancesPerShard, 0) + spec.droppedDatabases.reduce((n, d) => n + d.slots, 0);
+}
+
+/** The spec without `database`, its layout's port slots kept as a dropped database's (its added replicas' slots are free again). */
+export function withoutDatabase(spec: ClusterSpec, database: string): ClusterSpec {
+  let slot = 0;
+  for (const db of spec.databases) {
+    slot = pastDroppedSlots(spec, slot);
+    const slots = db.shards * db.instancesPerShard;
+    if (db.name === database) {
+      if (spec.databases.length === 1) throw new SpecError(`${database} is the cluster's only database`);
+      const next = structuredClone(spec);
+      next.databases = next.databases.filter((d) => d.name !== database);
+      next.droppedDatabases.push({ name: database, firstSlot: slot, slots });
+      checkPortClashes(next);
+      return next;
+    }
+    slot += slots;
+  }
+  throw new SpecError(`the spec has no database ${database}`);
 }
 
 /**
@@ -312,6 +352,8 @@ export function withAddedInstance(spec: ClusterSpec, database: string, shard: st
 export function withRuntimeChanges(saved: ClusterSpec | undefined, next: ClusterSpec): ClusterSpec {
   if (!saved) return next;
   const out = structuredClone(next);
+  // Dropped at run time and not named again: its slots stay reserved.
+  if (out.droppedDatabases.length === 0) out.droppedDatabases = saved.droppedDatabases.filter((d) => !out.databases.some((db) => db.name === d.name));
   for (const db of out.databases) {
     const was = saved.databases.find((d) => d.name === db.name && d.shards === db.shards);
     if (!was) continue;

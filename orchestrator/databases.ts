@@ -11,6 +11,7 @@ import type { EventLog } from '../common/eventlog.ts';
 import { payload, shardKey, topologyKey, type TopologyEvent } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import { OperationError } from './operations.ts';
+import type { Provisioner } from './provisioner.ts';
 import type { ClusterWatch } from './view.ts';
 
 export interface DatabaseInfo {
@@ -29,7 +30,10 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 export class DatabaseManager {
   private readonly publish;
 
-  constructor(private readonly watch: ClusterWatch, private readonly agents: Agents, eventLog: EventLog, private readonly source: string) {
+  constructor(
+    private readonly watch: ClusterWatch, private readonly agents: Agents, private readonly provisioner: Provisioner,
+    eventLog: EventLog, private readonly source: string,
+  ) {
     this.publish = eventLog.publisher('topology');
   }
 
@@ -74,23 +78,38 @@ export class DatabaseManager {
   }
 
   checkDrop(name: string): void {
-    const known = this.watch.topology.databases.get(name);
+    const t = this.watch.topology;
+    const known = t.databases.get(name);
     if (!known || known.dropped) throw new OperationError(404, `no database "${name}"`);
-    if (known.hostedOn === null) {
-      throw new OperationError(409, `database "${name}" has instances of its own: dropping those (and their processes) is not built yet; only databases created on another one can be dropped`);
-    }
+    if (known.hostedOn !== null) return;
+    const hosted = [...t.databases].filter(([, d]) => !d.dropped && d.hostedOn === name).map(([n]) => n);
+    if (hosted.length) throw new OperationError(409, `databases ${hosted.join(', ')} are hosted on "${name}": drop them first`);
+    if ([...t.databases].every(([n, d]) => d.dropped || n === name)) throw new OperationError(409, `"${name}" is the cluster's only database`);
+    if (!this.provisioner.available) throw new OperationError(501, 'this orchestrator has no provisioner configured: instances are provisioned outside it (mg cluster up configures one)');
   }
 
-  /** Deregisters first (the gateways drain its sessions and refuse new ones), then DROP DATABASE on the host's primaries. */
+  /**
+   * Deregisters first (the gateways drain its sessions and answer 3D000), then: for a database hosted on another,
+   * DROP DATABASE on the host's primaries; for one with instances of its own, the provisioner stops and deletes
+   * them and each is deregistered (decision 0035). Backups stay in the repository until expired.
+   */
   async drop(name: string, step: Step): Promise<void> {
-    const host = this.watch.topology.databases.get(name)!.hostedOn!;
+    const host = this.watch.topology.databases.get(name)!.hostedOn;
+    const instances = host === null ? this.shardsOf(name).flatMap((shard) => this.watch.shard(name, shard)!.cohort) : [];
     await this.event(payload('DatabaseDropped', { database: name }));
     step('deregistered: the gateways drain its sessions and answer 3D000 for it');
-    for (const shard of this.shardsOf(host)) {
-      const primary = await this.primaryOf(host, shard, step);
-      step(`DROP DATABASE on ${primary} (primary of ${host}/${shard})`);
-      await this.command(primary, 'DROP_DATABASE', name);
+    if (host !== null) {
+      for (const shard of this.shardsOf(host)) {
+        const primary = await this.primaryOf(host, shard, step);
+        step(`DROP DATABASE on ${primary} (primary of ${host}/${shard})`);
+        await this.command(primary, 'DROP_DATABASE', name);
+      }
+      return;
     }
+    step(`stopping and deleting its ${instances.length} instance(s): ${instances.map((i) => i.instanceId).join(', ')}`);
+    await this.provisioner.dropDatabase(name, step);
+    for (const inst of instances) await this.event(payload('InstanceDeregistered', { instanceId: inst.instanceId, reason: `mg database drop ${name}` }));
+    step('its instances are deregistered; its backups stay in the repository until expired (mg backup expire)');
   }
 
   /** Throws unless `name` is a database whose instances can stop and start (not one hosted on another). */
@@ -149,6 +168,13 @@ export class DatabaseManager {
 
   private async event(p: TopologyEvent['payload']): Promise<void> {
     const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: this.source, payload: p };
-    await this.publish([{ key: topologyKey(e), value: e }]);
+    const folded = this.watch.folded(e.eventId);
+    try {
+      await this.publish([{ key: topologyKey(e), value: e }]);
+    } catch (err) {
+      folded.catch(() => undefined); // nothing will be folded; its timeout must not go unhandled
+      throw err;
+    }
+    await folded;
   }
 }

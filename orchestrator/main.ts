@@ -32,8 +32,9 @@ try {
   const keeper = new Keeper(cfg, eventLog, watch, agents, journal, log);
   const backups = new Backups(eventLog, watch, agents, cfg.cell, cfg.backupSchedules, log.child({ part: 'backups' }));
   await backups.start();
-  const databases = new DatabaseManager(watch, agents, eventLog, cfg.id);
-  const replicas = new ReplicaManager(watch, keeper, journal, new Provisioner(cfg.provisioner));
+  const provisioner = new Provisioner(cfg.provisioner);
+  const databases = new DatabaseManager(watch, agents, provisioner, eventLog, cfg.id);
+  const replicas = new ReplicaManager(watch, keeper, journal, provisioner);
   const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, replicas, backups, operations: new Operations(), log });
   const resolver = new InDoubtResolver(cfg, watch, journal, log);
   keeper.start();

@@ -35,6 +35,11 @@ export class Provisioner {
     await this.run('remove', [instanceId], step);
   }
 
+  /** Stops and deletes every instance of the database and forgets it (its backups stay). */
+  async dropDatabase(database: string, step: Step): Promise<void> {
+    await this.run('drop-database', [database], step);
+  }
+
   private run(action: string, args: string[], step: Step): Promise<string> {
     const [command, ...prefix] = this.cfg!.command;
     return new Promise((resolve, reject) => {

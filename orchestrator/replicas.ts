@@ -25,6 +25,8 @@ const ADD_TIMEOUT_MS = 600_000;
 const REMOVE_DRAIN_MS = 5_000;
 /** Time for every gateway to fold DRAINED before the replica is watched for idleness. */
 const ROUTING_GRACE_MS = 500;
+/** What the agent says when a REPOINT built the data directory (ReplicaSource in ingest/postgres/instance.ts). */
+const BUILT = /restored from the latest backup|cloned with pg_basebackup/;
 
 export class ReplicaManager {
   constructor(
@@ -63,7 +65,9 @@ export class ReplicaManager {
       const shard = this.watch.shard(database, shardName);
       if (!shard?.cohort.some((i) => i.instanceId === instanceId)) throw new Error(`${instanceId} left ${key} while being added`);
       // Of this instance since the operation began (an earlier replica may have had its id and slot).
-      const repoint = this.journal.historyOf(shard.key).filter((e) => e.operation === 'repoint' && e.summary.startsWith(`${instanceId}:`) && e.ts >= started).at(-1);
+      const repoints = this.journal.historyOf(shard.key).filter((e) => e.operation === 'repoint' && e.summary.startsWith(`${instanceId}:`) && e.ts >= started);
+      // Orchestrators of other cells may repoint it again once it streams: the one that built it says how.
+      const repoint = repoints.find((e) => e.kind === 'COMPLETED' && BUILT.test(e.summary)) ?? repoints.at(-1);
       if (repoint?.kind === 'COMPLETED') say('restored', `${repoint.summary}; waiting until it has caught up with the primary`);
       else if (repoint?.kind === 'FAILED') say(`failed ${repoint.eventId}`, `${repoint.summary} (MultiOrch retries)`);
       const h = this.watch.fresh(instanceId);

@@ -36,6 +36,8 @@ export class ClusterWatch {
   private startedAt = Date.now();
   /** When each database was last asked to wake (scale to zero), by this process's clock. */
   private readonly wokeAt = new Map<string, number>();
+  /** Callers waiting until this process has folded an event it published (by eventId). */
+  private readonly awaitingFold = new Map<string, () => void>();
 
   constructor(private readonly eventLog: EventLog, private readonly staleMs: number) {}
 
@@ -44,6 +46,7 @@ export class ClusterWatch {
     this.subs = await Promise.all([
       this.eventLog.subscribe('topology', (e) => {
         applyTopologyEvent(this.topology, e);
+        this.awaitingFold.get(e.eventId)?.();
         const { kind, body } = kindOf(e);
         if (kind === 'DatabaseActivationChanged' && (body as { active: boolean }).active) this.wokeAt.set((body as { database: string }).database, Date.now());
       }),
@@ -54,6 +57,24 @@ export class ClusterWatch {
       }, { since: new Date(Date.now() - this.staleMs) }),
     ]);
     await Promise.all(this.subs.map((s) => s.caughtUp));
+  }
+
+  /**
+   * Resolves once the topology fold has taken the event in, so a request that
+   * follows the one that published it sees its effect (read your own writes).
+   */
+  folded(eventId: string, timeoutMs = 10_000): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.awaitingFold.delete(eventId);
+        reject(new Error(`topology event ${eventId} not read back from Kafka within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      this.awaitingFold.set(eventId, () => {
+        clearTimeout(timer);
+        this.awaitingFold.delete(eventId);
+        resolve();
+      });
+    });
   }
 
   async stop(): Promise<void> {

@@ -67,11 +67,10 @@ after(async () => {
   for (const stopIt of running) await stopIt().catch(() => undefined);
 });
 
-/** Whether the instance's Postgres runs (its postmaster.pid names a live process). */
-function postgresRuns(database: string): boolean {
-  const inst = cluster.instances.find((i) => i.database === database)!;
+/** Whether the database's (first) instance's Postgres runs (its postmaster.pid names a live process). */
+function postgresRuns(database: string, dataDir = cluster.instances.find((i) => i.database === database)!.dataDir): boolean {
   try {
-    const pid = Number(fs.readFileSync(path.join(inst.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+    const pid = Number(fs.readFileSync(path.join(dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
     process.kill(pid, 0);
     return true;
   } catch {
@@ -175,6 +174,22 @@ test('mg database create with instances of its own: started, elected and served 
   const listed = await call('GET', '/v1/databases/extra');
   assert.equal(listed.body.hostedOn, null);
   assert.equal(listed.body.shards[0].instances.length, 1);
+  const [instance] = listed.body.shards[0].instances;
+  const instanceDir = path.join(cluster.dataDir, 'postgres', instance);
+  assert.equal(postgresRuns('extra', instanceDir), true);
+
+  // Dropped: its processes stop, its data goes, the gateway answers 3D000, the saved spec forgets it.
+  const dropped = await mg('database', 'drop', 'extra', '--yes', ...dataDirFlag);
+  assert.equal(dropped.code, 0, dropped.stderr + dropped.stdout);
+  assert.match(dropped.stdout, new RegExp(`${instance}: data directory .* removed`));
+  assert.match(dropped.stdout, /its backups stay in the repository/);
+  assert.equal(postgresRuns('extra', instanceDir), false);
+  assert.equal(fs.existsSync(instanceDir), false);
+  await assert.rejects(gw('extra', (c) => c.query('SELECT 1')), (err: { code?: string }) => err.code === '3D000');
+  assert.equal((await call('GET', '/v1/databases/extra')).status, 404);
+  const saved = JSON.parse(fs.readFileSync(path.join(cluster.dataDir, 'cluster.json'), 'utf8'));
+  assert.deepEqual(saved.databases.map((d: { name: string }) => d.name).sort(), ['postgres', 'sleepy']);
+  assert.deepEqual(saved.droppedDatabases.map((d: { name: string }) => d.name), ['extra']);
   const { errors } = await client.stop();
   assert.deepEqual(errors, []);
 });
@@ -238,7 +253,9 @@ test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document
   assert.equal((await call('POST', '/v1/databases', { name: 'x2', on: 'nosuch' })).status, 404);
   assert.equal((await call('POST', '/v1/databases', { name: 'postgres', on: 'sleepy' })).status, 409);
   assert.equal((await call('DELETE', '/v1/databases/nosuch')).status, 404);
-  assert.equal((await call('DELETE', '/v1/databases/postgres')).status, 409);
+  const hostsOthers = await call('DELETE', '/v1/databases/sleepy');
+  assert.equal(hostsOthers.status, 409);
+  assert.match(hostsOthers.body.error, /sleepy_tenant are hosted on "sleepy": drop them first/);
   assert.equal((await call('GET', '/v1/operations/not-a-uuid')).status, 400);
 
   // One call that waits: the operation's steps come back with it.
@@ -255,5 +272,5 @@ test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document
   const metrics = await fetch(`${api}/metrics`, { headers: auth });
   assert.match(await metrics.text(), /mg_orch_operations_total\{kind="create",state="succeeded"\}/);
   const instances = await call('GET', '/v1/instances');
-  assert.deepEqual(instances.body.instances.map((i: any) => i.database).sort(), ['extra', 'postgres', 'sleepy']);
+  assert.deepEqual([...new Set(instances.body.instances.map((i: any) => i.database))].sort(), ['postgres', 'sleepy']);
 });

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutDatabase, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -65,6 +65,24 @@ test('a replica added at run time takes the highest free port slot; removing ins
   assert.equal(ports(removed).size, ports(later).size - 2);
   assert.throws(() => withAddedInstance(spec, 'postgres', '-', 'zone9'), /no cell zone9 \(cells: zone1, zone2, zone3\)/);
   assert.throws(() => withAddedInstance(spec, 'postgres', '-80', 'zone1'), /database postgres has no shard -80/);
+});
+
+test('a dropped database keeps its port slots unused: no other instance moves, a new one goes after', () => {
+  const spec = parseSpec({ databases: [{ name: 'a', instancesPerShard: 2 }, { name: 'b', instancesPerShard: 2 }, { name: 'c', instancesPerShard: 1 }] });
+  const ports = (s: typeof spec) => new Map(instancesOf(s).map((i) => [i.instanceId, i.port]));
+  const withoutB = withoutDatabase(spec, 'b');
+  assert.deepEqual(withoutB.droppedDatabases, [{ name: 'b', firstSlot: 2, slots: 2 }]);
+  assert.deepEqual([...ports(withoutB)], [...ports(spec)].filter(([id]) => !id.startsWith('b-')));
+  const withoutAB = withoutDatabase(withoutB, 'a');
+  assert.deepEqual([...ports(withoutAB)], [['c-0-zone1-0', 15436]]);
+  // A database of the same name again is a new one after every slot ever used.
+  const again = parseSpec({ ...withoutAB, databases: [...withoutAB.databases, { name: 'b', instancesPerShard: 1 }] });
+  assert.deepEqual([...ports(again)], [['c-0-zone1-0', 15436], ['b-0-zone1-0', 15437]]);
+  assert.throws(() => withoutDatabase(withoutAB, 'c'), /c is the cluster's only database/);
+  assert.throws(() => withoutDatabase(spec, 'nosuch'), /the spec has no database nosuch/);
+  // up with the default spec keeps the drop; a spec naming the database again brings it back where the file puts it.
+  assert.deepEqual(withRuntimeChanges(withoutB, parseSpec({ databases: [{ name: 'a', instancesPerShard: 2 }, { name: 'c', instancesPerShard: 1 }] })).droppedDatabases, withoutB.droppedDatabases);
+  assert.deepEqual(withRuntimeChanges(withoutB, spec).droppedDatabases, []);
 });
 
 test('up with a spec file keeps the run-time changes of the saved spec; a lowered instancesPerShard becomes removed instances', () => {
