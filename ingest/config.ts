@@ -1,6 +1,7 @@
 /** The ingest agent's configuration: one JSON file per agent, written by `mg cluster up`. */
 import { z } from 'zod';
 import { readJsonConfig } from '../common/config.ts';
+import { INTERNAL_SCHEMAS } from '../schemas/internal.ts';
 
 /**
  * Change data capture of one database (the cluster spec's `databases[].cdc`,
@@ -9,7 +10,8 @@ import { readJsonConfig } from '../common/config.ts';
 export const cdcConfigSchema = z.object({
   enabled: z.boolean().default(false),
   /** 'schema.table' or 'table' (schema public); empty: every user table, including ones created later. */
-  tables: z.array(z.string().regex(/^[^.]+(\.[^.]+)?$/, 'must be table or schema.table')).default([]),
+  tables: z.array(z.string().regex(/^[^.]+(\.[^.]+)?$/, 'must be table or schema.table')
+    .refine((t) => !t.includes('.') || !INTERNAL_SCHEMAS.has(t.split('.')[0]), 'is in an internal schema of the project, never streamed')).default([]),
   /** Topics are <kafka.topicPrefix><topicPrefix>.<database>.<schema>.<table>. */
   topicPrefix: z.string().regex(/^[a-zA-Z0-9_-]+$/, 'may hold only letters, digits, _ and -').default('mg'),
   /** A null-valued message after each delete (so compaction can drop the key). */

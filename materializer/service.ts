@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto';
 import type { EventLog, Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import {
-  applyWorkflowEvent, FUNCTIONAL_VINDEXES, WORKFLOW_NAME, workflowKey, workflowPayload,
+  applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, WORKFLOW_NAME, workflowKey, workflowPayload,
   type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
 } from '../schemas/index.ts';
 import { dropPositions } from './apply.ts';
@@ -96,7 +96,8 @@ export class Materializer {
     if (req.tables.length === 0) throw new RequestError(400, 'name at least one table');
     const vschema = state.vschemas.get(req.targetDatabase)?.vschema;
     for (const name of req.tables) {
-      const { table } = splitName(name);
+      const { schema, table } = splitName(name);
+      if (INTERNAL_SCHEMAS.has(schema)) throw new RequestError(400, `table ${name}: schema ${schema} is internal to the project and never moved`);
       const t = vschema?.tables[table];
       const vindex = t?.column_vindexes[0] && vschema!.vindexes[t.column_vindexes[0].name];
       if (!t || t.type === 'reference' || !vindex || !(FUNCTIONAL_VINDEXES as readonly string[]).includes(vindex.type)) {

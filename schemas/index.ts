@@ -15,6 +15,7 @@ export * from './twopc.ts';
 export * from './backup.ts';
 export * from './vschema/index.ts';
 export * from './workflow.ts';
+export * from './internal.ts';
 export * from './generated/types.ts';
 export { AvroCodec, DecodeError, EncodeError } from './codec/confluent.ts';
 export { SchemaRegistryClient, RegistryError } from './codec/registry.ts';

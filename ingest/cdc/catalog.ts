@@ -6,6 +6,7 @@
  */
 import pg from 'pg';
 import type { ColumnDescription, PgType, TableDescription } from '../../schemas/cdc.ts';
+import { INTERNAL_SCHEMAS } from '../../schemas/internal.ts';
 
 /** Session settings the value parsers (values.ts) rely on; the replication session gets the same. */
 export const SESSION_OPTIONS = '-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex -c IntervalStyle=postgres';
@@ -90,10 +91,10 @@ export class Catalog {
     return { schema, table, columns };
   }
 
-  /** The tables a publication covers, without our own schema. */
+  /** The tables a publication covers, without the project's internal schemas. */
   async publicationTables(publication: string): Promise<Array<{ schema: string; table: string }>> {
     const { rows } = await this.sql.query<{ schemaname: string; tablename: string }>(
-      'SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 AND schemaname <> $2 ORDER BY 1, 2', [publication, STATE_SCHEMA]);
+      'SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 AND schemaname <> ALL($2) ORDER BY 1, 2', [publication, [...INTERNAL_SCHEMAS]]);
     return rows.map((r) => ({ schema: r.schemaname, table: r.tablename }));
   }
 }

@@ -18,7 +18,7 @@ import {
   CDC_FORMAT_VERSION, CONNECTOR, OPS, TRANSACTION_KEY_SCHEMA, TRANSACTION_VALUE_SCHEMA, keySubject, transactionTopic, valueSubjectOf,
   type CdcNaming, type NumericMode, type Op, type PgType, type TableDescription,
 } from '../../schemas/cdc.ts';
-import { parseAvro } from '../../schemas/index.ts';
+import { INTERNAL_SCHEMAS, parseAvro } from '../../schemas/index.ts';
 import { formatLsn, parseLsn } from '../postgres/lsn.ts';
 import { Catalog, qualified, quoteIdent, sqlClient, STATE_SCHEMA } from './catalog.ts';
 import { TableEncoder, type Row } from './encoder.ts';
@@ -637,7 +637,7 @@ export class CdcStream {
   }
 
   private async defineRelation(msg: Extract<PgOutputMessage, { tag: 'relation' }>): Promise<void> {
-    if (msg.schema === STATE_SCHEMA) {
+    if (INTERNAL_SCHEMAS.has(msg.schema)) {
       this.skipped.add(msg.relationId);
       return;
     }

@@ -63,9 +63,13 @@ interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; p
 
 /** Statements the session answers itself (no rows to describe). */
 const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode']);
+/** Plans that write rows or schema: refused in a replica session before anything runs (a sequence block, a lookup row). */
+const WRITES = new Set<Plan['kind']>(['insert', 'write', 'all']);
 
 export class ShardedSession {
   readonly database: string;
+  /** `db@replica`: each shard's link goes to one of its serving replicas within the lag threshold, and writes are refused. */
+  readonly target: 'primary' | 'replica';
   private readonly links = new Map<string, ShardLink>();
   /** See sequenceLink(). */
   private seqLink: ShardLink | undefined;
@@ -93,7 +97,9 @@ export class ShardedSession {
   private skipToSync = false;
 
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: ShardedSessionOptions) {
-    this.database = (params.database ?? params.user).split('@')[0];
+    const [database, suffix] = (params.database ?? params.user).split('@');
+    this.database = database;
+    this.target = suffix === 'replica' ? 'replica' : 'primary';
     this.mode = (opts.discovery.topology.databases.get(this.database)?.transactionMode as TransactionMode | null) ?? 'multi';
   }
 
@@ -309,6 +315,10 @@ export class ShardedSession {
         return;
       }
       default: break;
+    }
+    if (this.target === 'replica' && WRITES.has(plan.kind)) {
+      throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, `cannot write through a replica session (${this.database}@replica)`, undefined,
+        `Connect to ${this.database} to write.`);
     }
     if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
     const shards = await this.shardsOf(plan, params);
@@ -531,10 +541,10 @@ export class ShardedSession {
 
   // --- links and transactions -----------------------------------------------------------------
 
-  /** The session's link to a shard's primary, opened (and its settings replayed) on first use. */
+  /** The session's link to a shard's primary (or replica), opened (and its settings replayed) on first use. */
   private async link(shard: string): Promise<ShardLink> {
     const held = this.links.get(shard);
-    if (held && !held.closed && (held.inTransaction || this.opts.discovery.primary(this.database, shard)?.instanceId === held.ep.instanceId)) return held;
+    if (held && !held.closed && (held.inTransaction || this.stillTarget(shard, held.ep))) return held;
     if (held) {
       this.links.delete(shard);
       if (held.inTransaction) throw new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`);
@@ -548,8 +558,14 @@ export class ShardedSession {
     return opening;
   }
 
+  /** Whether `ep` is still where the session's statements on `shard` go: the primary, or a usable replica. */
+  private stillTarget(shard: string, ep: Endpoint): boolean {
+    const d = this.opts.discovery;
+    return this.target === 'replica' ? d.replicaUsable(ep.instanceId) : d.primary(this.database, shard)?.instanceId === ep.instanceId;
+  }
+
   private async openLink(shard: string): Promise<ShardLink> {
-    const ep = await this.primaryOf(shard);
+    const ep = this.target === 'replica' ? this.replicaOf(shard) : await this.primaryOf(shard);
     const link = await ShardLink.open(shard, ep, { ...this.params, database: this.database }, () => {
       if (this.links.get(shard) === link) this.links.delete(shard);
       if (link.inTransaction && !this.ended) this.fail(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`));
@@ -564,6 +580,13 @@ export class ShardedSession {
     const ep = d.primary(this.database, shard) ?? (await d.waitForPrimary(this.database, shard, this.opts.bufferWindowMs));
     if (!ep) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no serving primary for ${this.database}/${shard} after waiting ${this.opts.bufferWindowMs} ms`);
     return ep;
+  }
+
+  /** A serving replica of the shard within the lag threshold, at random (as for unsharded databases). */
+  private replicaOf(shard: string): Endpoint {
+    const replicas = this.opts.discovery.replicas(this.database, shard);
+    if (!replicas.length) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no healthy replica of ${this.database}/${shard} within the lag threshold`);
+    return replicas[Math.floor(Math.random() * replicas.length)];
   }
 
   /** The link for a statement on `shard`; inside a transaction, the shard joins it (as the mode allows). */
@@ -588,7 +611,8 @@ export class ShardedSession {
       this.reply(commandComplete(commit ? 'COMMIT' : 'ROLLBACK'));
       return;
     }
-    await this.endTransaction(commit, this.mode);
+    // Nothing was written on replicas, and a standby cannot PREPARE: each shard's read transaction just ends.
+    await this.endTransaction(commit, this.target === 'replica' ? 'multi' : this.mode);
     this.reply(commandComplete(commit ? 'COMMIT' : 'ROLLBACK'));
   }
 

@@ -10,7 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import type { AgentAction } from '../../schemas/index.ts';
+import { Kafka, logLevel } from 'kafkajs';
+import { INTERNAL_SCHEMAS, type AgentAction } from '../../schemas/index.ts';
 import { ChangeConsumer, decimalText, type ChangeMessage } from '../support/cdc-consumer.ts';
 import { CdcWatch } from '../support/cdc-watch.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
@@ -311,5 +312,15 @@ test('failover: after the orchestrator makes the replica primary, it streams on 
     assert.ok(last.value.source.epoch > 2n, 'a new epoch after failover');
   } finally {
     await reader.stop();
+  }
+  // The election wrote the consensus rule on the new primary, and its snapshot read every published table: user tables only reach Kafka.
+  const admin = new Kafka({ brokers: [bootstrap()], logLevel: logLevel.NOTHING }).admin();
+  await admin.connect();
+  try {
+    const streamed = (await admin.listTopics()).filter((t) => t.startsWith(`${prefix}mg.postgres.`)).map((t) => t.slice(`${prefix}mg.postgres.`.length).split('.')[0]);
+    assert.ok(streamed.includes('public'));
+    assert.deepEqual(streamed.filter((schema) => INTERNAL_SCHEMAS.has(schema)), []);
+  } finally {
+    await admin.disconnect();
   }
 });

@@ -11,6 +11,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { orchestratorStatus } from '../../compose/orchestrators.ts';
 import { postgresPids, signalAll } from '../fault/support/faults.ts';
 import { testCluster, until } from '../support/cluster.ts';
@@ -53,6 +54,36 @@ before(async () => {
 after(async () => {
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+test('bank@replica: each shard is read on its replica, a read transaction spans shards even in twopc mode, writes get 25006', async () => {
+  await bothShardsWhole();
+  await cluster.applyVSchema('bank', 'vindexes: { hash: { type: hash } }\ntables: { visits: { column_vindexes: [{ column: id, name: hash }] } }');
+  const gateway = (database: string) => new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database });
+  const writer = gateway('bank');
+  const reader = gateway('bank@replica');
+  await Promise.all([writer.connect(), reader.connect()]);
+  try {
+    await until('the gateway to know the VSchema', 15_000, () => writer.query('CREATE TABLE visits (id int PRIMARY KEY)').then(() => true, () => false));
+    await writer.query(`INSERT INTO visits (id) VALUES ${Array.from({ length: 40 }, (_, i) => `(${i + 1})`).join(', ')}`);
+    const primaries = (await current()).map((s) => s.primary);
+    const replicaPorts = cluster.instances.filter((i) => !primaries.includes(i.instanceId)).map((i) => i.port).sort();
+    const byPort = async () => (await reader.query('SELECT inet_server_port() AS port, count(*)::int AS n FROM visits GROUP BY 1')).rows;
+    await until('both replicas to have replayed the 40 rows', 30_000, () => byPort().then((rows) => rows.reduce((n, r) => n + r.n, 0) === 40, () => false));
+    assert.deepEqual((await byPort()).map((r) => r.port).sort(), replicaPorts);
+
+    await reader.query("SET mg.transaction_mode = 'twopc'");
+    await reader.query('BEGIN');
+    assert.equal((await reader.query('SELECT count(*)::int AS n FROM visits')).rows[0].n, 40);
+    await reader.query('COMMIT'); // both shards took part: a standby cannot PREPARE, so nothing may try
+
+    for (const write of ['UPDATE visits SET id = id WHERE id = 1', 'INSERT INTO visits (id) VALUES (41)', 'CREATE TABLE t (x int)']) {
+      await assert.rejects(reader.query(write), (err: { code?: string; message: string }) => err.code === '25006' && /bank@replica/.test(err.message), write);
+    }
+    assert.equal((await reader.query('SELECT count(*)::int AS n FROM visits')).rows[0].n, 40, 'nothing was written, and the session goes on');
+  } finally {
+    await Promise.all([writer.end(), reader.end()]);
+  }
 });
 
 for (const [victim, role] of [[1, 'a participant'], [0, 'the decision shard']] as const) {
