@@ -17,6 +17,7 @@ import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOf
 import { Planner, RefusedError } from '../planner/planner.ts';
 import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import { quoteIdent } from '../pooler/text.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { cstr, DEFAULT_MAX_MESSAGE, frameAt, int16, int32, message, MessageScanner, BodyReader } from '../protocol/frames.ts';
 import {
@@ -29,6 +30,8 @@ import { sequenceBlocks } from './sequences.ts';
 import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
+
+const txScopedSql = (e: { savepoint: string } | { setLocal: string }) => ('savepoint' in e ? `SAVEPOINT ${quoteIdent(e.savepoint)}` : e.setLocal);
 
 const statements = counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route']);
 const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
@@ -62,7 +65,7 @@ interface Prepared { sql: string; paramTypes: number[]; plan: Plan }
 interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
 
 /** Statements the session answers itself (no rows to describe). */
-const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode']);
+const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode', 'set_local', 'savepoint', 'release', 'rollback_to']);
 /** Plans that write rows or schema: refused in a replica session before anything runs (a sequence block, a lookup row). */
 const WRITES = new Set<Plan['kind']>(['insert', 'write', 'all']);
 
@@ -89,6 +92,12 @@ export class ShardedSession {
   private implicitTransaction = false;
   private transactionFailed = false;
   private beginSql = 'BEGIN';
+  /**
+   * The open transaction's SAVEPOINTs and SET LOCALs in order: sent to every shard in the transaction, and
+   * replayed after BEGIN on a shard that joins later, where its work then starts after every savepoint (so
+   * ROLLBACK TO a savepoint set before it joined undoes all of it, as on one Postgres).
+   */
+  private txScoped: Array<{ savepoint: string } | { setLocal: string }> = [];
   /** The route of the last statement, for SHOW mg_plan. */
   private lastRoute = 'no statement yet';
   private readonly prepared = new Map<string, Prepared>();
@@ -272,7 +281,7 @@ export class ShardedSession {
    * `simple`: shards get the text as a Query; otherwise the portal's Parse/Bind/Execute.
    */
   private async execute(plan: Plan, how: How): Promise<void> {
-    if (this.transactionFailed && plan.kind !== 'rollback' && plan.kind !== 'commit') {
+    if (this.transactionFailed && plan.kind !== 'rollback' && plan.kind !== 'commit' && plan.kind !== 'rollback_to') {
       throw new PgError('ERROR', '25P02', 'current transaction is aborted, commands ignored until end of transaction block');
     }
     const params = how.simple ? undefined : how.portal.params;
@@ -290,6 +299,7 @@ export class ShardedSession {
         this.reply(commandComplete('SHOW'));
         return;
       case 'set': return this.runSet(plan.sql);
+      case 'set_local': case 'savepoint': case 'release': case 'rollback_to': return this.runTransactionScoped(plan);
       case 'begin':
         if (this.inTransaction) this.reply(notice('25001', 'there is already a transaction in progress'));
         this.inTransaction = true;
@@ -600,6 +610,7 @@ export class ShardedSession {
         undefined, "SET mg.transaction_mode = 'multi' (or 'twopc') before BEGIN to span shards.");
     }
     await link.query(this.beginSql);
+    if (this.txScoped.length) await link.query(this.txScoped.map(txScopedSql).join('; '));
     link.inTransaction = true;
     return link;
   }
@@ -620,6 +631,7 @@ export class ShardedSession {
   private async endTransaction(commit: boolean, mode: TransactionMode): Promise<void> {
     const participants = [...this.links.values()].filter((l) => l.inTransaction);
     this.inTransaction = this.implicitTransaction = false;
+    this.txScoped = [];
     this.transactionFailed = false;
     const release = () => participants.forEach((l) => (l.inTransaction = false));
     if (!commit) {
@@ -657,6 +669,40 @@ export class ShardedSession {
       link.inTransaction = false;
       done.push(link.shard);
     }
+  }
+
+  /**
+   * SET LOCAL, SAVEPOINT, RELEASE and ROLLBACK TO: answered as one Postgres would (outside a transaction, an
+   * unknown savepoint), run on every shard in the transaction, and kept for shards that join it later.
+   */
+  private async runTransactionScoped(plan: Extract<Plan, { kind: 'set_local' | 'savepoint' | 'release' | 'rollback_to' }>): Promise<void> {
+    const tag = plan.kind === 'set_local' ? 'SET' : plan.kind === 'rollback_to' ? 'ROLLBACK' : plan.kind.toUpperCase();
+    if (!this.inTransaction) {
+      if (plan.kind !== 'set_local') throw new PgError('ERROR', '25P01', `${plan.kind === 'rollback_to' ? 'ROLLBACK TO SAVEPOINT' : tag} can only be used in transaction blocks`);
+      this.reply(notice('25P01', 'SET LOCAL can only be used in transaction blocks'));
+      this.reply(commandComplete(tag));
+      return;
+    }
+    const entry = plan.kind === 'set_local' ? { setLocal: plan.sql.toString('utf8') } : { savepoint: plan.name };
+    let at = -1;
+    if (plan.kind === 'release' || plan.kind === 'rollback_to') {
+      at = this.txScoped.map((e) => ('savepoint' in e ? e.savepoint : undefined)).lastIndexOf(plan.name);
+      if (at < 0) throw new PgError('ERROR', '3B001', `savepoint "${plan.name}" does not exist`);
+    }
+    const participants = [...this.links.values()].filter((l) => l.inTransaction);
+    const text = plan.kind === 'release' ? `RELEASE SAVEPOINT ${quoteIdent(plan.name)}` : plan.kind === 'rollback_to' ? `ROLLBACK TO SAVEPOINT ${quoteIdent(plan.name)}` : txScopedSql(entry);
+    await Promise.all(participants.map((l) => l.query(text)));
+    if (plan.kind === 'rollback_to') {
+      // The savepoint stays; what came after it (later savepoints, SET LOCALs) is undone.
+      this.txScoped = this.txScoped.slice(0, at + 1);
+      this.transactionFailed = false;
+    } else if (plan.kind === 'release') {
+      // It and later savepoints go; SET LOCALs made since stay in force.
+      this.txScoped = [...this.txScoped.slice(0, at), ...this.txScoped.slice(at).filter((e) => !('savepoint' in e))];
+    } else {
+      this.txScoped.push(entry);
+    }
+    this.reply(commandComplete(tag));
   }
 
   /** A session SET: checked on one shard, then applied on every link and replayed on later ones. */

@@ -102,6 +102,9 @@ export type Plan =
   | { kind: 'begin' | 'commit' | 'rollback'; sql: Buffer }
   /** A session setting: sent to every shard link the session has and replayed on new ones. */
   | { kind: 'set'; sql: Buffer }
+  /** SET LOCAL, SAVEPOINT, RELEASE, ROLLBACK TO: on every shard in the transaction, and replayed on shards that join it later. */
+  | { kind: 'set_local'; sql: Buffer }
+  | { kind: 'savepoint' | 'release' | 'rollback_to'; name: string }
   | { kind: 'transaction_mode'; mode: string }
   | { kind: 'show_plan' }
   | { kind: 'explain'; sql: Buffer; inner: Plan }

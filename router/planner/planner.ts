@@ -495,6 +495,9 @@ function planTransaction(t: any, text: Buffer): Plan {
     case 'TRANS_STMT_BEGIN': case 'TRANS_STMT_START': return { kind: 'begin', sql: text };
     case 'TRANS_STMT_COMMIT': return { kind: 'commit', sql: text };
     case 'TRANS_STMT_ROLLBACK': return { kind: 'rollback', sql: text };
+    case 'TRANS_STMT_SAVEPOINT': return { kind: 'savepoint', name: t.savepoint_name };
+    case 'TRANS_STMT_RELEASE': return { kind: 'release', name: t.savepoint_name };
+    case 'TRANS_STMT_ROLLBACK_TO': return { kind: 'rollback_to', name: t.savepoint_name };
     default: return refuse(`${t.kind.replace('TRANS_STMT_', '').replace(/_/g, ' ')} on a sharded database`);
   }
 }
@@ -505,7 +508,7 @@ function planSet(s: any, text: Buffer): Plan {
     if (!['single', 'multi', 'twopc'].includes(mode)) return refuse(`mg.transaction_mode must be 'single', 'multi' or 'twopc'`);
     return { kind: 'transaction_mode', mode };
   }
-  if (s.is_local) return refuse('SET LOCAL on a sharded database');
+  if (s.is_local) return { kind: 'set_local', sql: text };
   return { kind: 'set', sql: text };
 }
 

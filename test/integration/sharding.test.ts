@@ -277,6 +277,61 @@ test('transactions: one shard unchanged; single refuses a second shard; multi sp
   }
 });
 
+test('savepoints and SET LOCAL span shards as on one Postgres, also on a shard that joins after them (differential)', async () => {
+  const [a, b] = [tenantOn(FIRST), tenantOn(LAST)];
+  const c = gwClient();
+  await c.connect();
+  const outcome = async (client: pg.Client, sql: string) => {
+    try {
+      const r = await client.query(sql);
+      return { command: r.command, rows: /order by/i.test(sql) ? r.rows : r.rows.map((x) => JSON.stringify(x)).sort() };
+    } catch (err) {
+      return { code: (err as { code?: string }).code };
+    }
+  };
+  const run = async (script: string[]) => {
+    for (const sql of script) assert.deepEqual(await outcome(c, sql), await outcome(ref, sql), sql);
+  };
+  const settingOnBoth = `SELECT DISTINCT current_setting('work_mem') AS w FROM users WHERE tenant_id IN (${a}, ${b})`;
+  const mine = 'SELECT tenant_id::int, id::int, name FROM users WHERE id >= 1000 ORDER BY 1, 2';
+  try {
+    await run([
+      'SAVEPOINT nowhere', "SET LOCAL work_mem = '2MB'", 'RELEASE SAVEPOINT nowhere', // outside a transaction
+      'BEGIN',
+      `INSERT INTO users (tenant_id, id, email, name) VALUES (${a}, 1001, 'x@a', 'before s1')`,
+      'SAVEPOINT s1',
+      "SET LOCAL work_mem = '1234kB'",
+      `INSERT INTO users (tenant_id, id, email, name) VALUES (${b}, 1002, 'x@b', 'after s1')`, // the second shard joins here
+      settingOnBoth,
+      'SAVEPOINT "S 2"',
+      "UPDATE users SET name = 'in s2' WHERE id >= 1000",
+      mine,
+      'ROLLBACK TO SAVEPOINT "S 2"',
+      mine,
+      'RELEASE "S 2"',
+      `INSERT INTO users (tenant_id, id, email, name) VALUES (${a}, 1001, 'dup', 'dup')`, // 23505 aborts the transaction
+      mine,
+      'ROLLBACK TO s1', // recovers it, and undoes everything after s1 on both shards
+      mine,
+      settingOnBoth,
+      `INSERT INTO users (tenant_id, id, email, name) VALUES (${b}, 1003, 'y@b', 'after recovery')`,
+      'RELEASE SAVEPOINT s1',
+      'ROLLBACK TO s1', // released: 3B001
+      'ROLLBACK',
+      'BEGIN',
+      `INSERT INTO users (tenant_id, id, email, name) VALUES (${a}, 1004, 'z@a', 'kept')`,
+      'SAVEPOINT s',
+      `INSERT INTO users (tenant_id, id, email, name) VALUES (${b}, 1005, 'z@b', 'kept too')`,
+      'RELEASE s',
+      'COMMIT',
+      mine,
+    ]);
+    assert.deepEqual((await c.query(mine)).rows.map((r) => r.id).sort(), [1004, 1005], 'only the committed transaction\'s rows stay');
+  } finally {
+    await c.end();
+  }
+});
+
 test('functions and procedures are created on every shard and run on the shard of the argument the VSchema names', async () => {
   await gw.query("CREATE FUNCTION tenant_port(t bigint) RETURNS int LANGUAGE sql AS 'SELECT inet_server_port()'");
   await gw.query('CREATE PROCEDURE rename_tenant(t bigint, n text) LANGUAGE plpgsql AS $$ BEGIN UPDATE tenants SET name = n WHERE id = t; COMMIT; END $$');

@@ -96,7 +96,7 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
     ['INSERT INTO orders (id) VALUES (1)', /without its primary vindex column tenant_id/],
     ['INSERT INTO orders (tenant_id) VALUES (now())', /must be a literal or \$n/],
     ['INSERT INTO orders (tenant_id) SELECT tenant_id FROM users', /INSERT \.\.\. SELECT/],
-    ['SAVEPOINT a', /SAVEPOINT on a sharded database/],
+    ['PREPARE TRANSACTION \'x\'', /PREPARE on a sharded database/],
     ['COPY orders FROM STDIN', /COPY is not supported/],
     ["SET mg.transaction_mode = 'fast'", /mg.transaction_mode must be/],
   ];
@@ -112,6 +112,8 @@ test('sessions, DDL, routines and EXPLAIN', () => {
   assert.equal(one('CREATE INDEX ON orders (status)').kind, 'all');
   assert.equal(one('ANALYZE orders').kind, 'all');
   assert.equal(one("SET mg.transaction_mode = 'twopc'").kind, 'transaction_mode');
+  assert.deepEqual(planner.plan('SAVEPOINT "A b"; RELEASE a; ROLLBACK TO SAVEPOINT a; SET LOCAL work_mem = 64').map((p) => p.kind === 'set_local' ? p.kind : p),
+    [{ kind: 'savepoint', name: 'A b' }, { kind: 'release', name: 'a' }, { kind: 'rollback_to', name: 'a' }, 'set_local']);
   const call = one('CALL add_order(5, 10)') as any;
   assert.deepEqual(pinnedShards(call.pin, RANGES), [shardOf(5)]);
   assert.ok((one('SELECT add_order($1, 2)') as any).pin);
