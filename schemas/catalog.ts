@@ -90,6 +90,14 @@ export const topics = {
     valueSchema: 'workflow-event.avsc',
     doc: 'Materializer workflows (MoveTables): definition, operator commands, phase and progress, VDiff reports; keyed workflow/<name>[/aspect].',
   },
+  schemaChanges: {
+    name: 'mg.schema.changes.v1',
+    partitions: 1,
+    cleanupPolicy: 'delete',
+    retentionMs: 90 * DAY,
+    valueSchema: 'schema-change.avsc',
+    doc: 'DDL run through a gateway on every shard of a sharded database, with its outcome per shard; keyed by database.',
+  },
   deadLetter: {
     name: 'mg.dead-letter.v1',
     partitions: 1,

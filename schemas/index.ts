@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { topics, valueSubject, type TopicName } from './catalog.ts';
 import { AvroCodec } from './codec/confluent.ts';
 import type { SchemaRegistryClient } from './codec/registry.ts';
-import type { AgentCommand, AgentCommandResult, BackupEvent, CdcStreamStatus, GatewayCancel, HealthEvent, OrchEvent, TopologyEvent, WorkflowEvent } from './generated/types.ts';
+import type { AgentCommand, AgentCommandResult, BackupEvent, CdcStreamStatus, GatewayCancel, HealthEvent, OrchEvent, SchemaChange, TopologyEvent, WorkflowEvent } from './generated/types.ts';
 
 export * from './catalog.ts';
 export * from './topology.ts';
@@ -38,6 +38,7 @@ export interface TopicValues {
   orchEvents: OrchEvent;
   backups: BackupEvent;
   workflows: WorkflowEvent;
+  schemaChanges: SchemaChange;
 }
 
 /** The codec of a catalog topic's values; `topicName` is the topic's actual (maybe prefixed) name. */

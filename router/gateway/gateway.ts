@@ -12,12 +12,12 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorResponse } from '../protocol/messages.ts';
-import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import { payload, topologyKey, type SchemaChange, type TopologyEvent } from '../../schemas/index.ts';
 import { loadDdlParser, type DatabaseDdl } from './database-ddl.ts';
 import { Discovery, type DatabaseGone, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
 import { GatewaySession, openLinks, type DatabaseRegistry, type FailoverOutcome } from './session.ts';
-import { ShardedSession } from './sharded.ts';
+import { ShardedSession, type SchemaChangeRecord } from './sharded.ts';
 import { plannerReady } from '../planner/planner.ts';
 import { FAULT_POINTS, TwoPhaseCoordinator, type FaultPoint } from '../twopc/coordinator.ts';
 
@@ -54,6 +54,7 @@ const accepted = counter('mg_gateway_connections_total', 'Client connections acc
 const cancels = counter('mg_gateway_cancel_requests_total', 'CancelRequests, by where the session was', ['where']);
 const databaseDdl = counter('mg_gateway_database_ddl_total', 'CREATE / DROP DATABASE through the gateway, by what the topology did', ['op', 'outcome']);
 const activations = counter('mg_gateway_database_activations_total', 'Activation changes this gateway asked for, by why', ['why']);
+const schemaChanges = counter('mg_gateway_schema_changes_total', 'DDL on sharded databases recorded on mg.schema.changes.v1, by outcome (FAILED: some shards ran it) and whether the event was published', ['outcome', 'published']);
 const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client connections refused at maxClients (53300)');
 
 export class Gateway {
@@ -72,6 +73,7 @@ export class Gateway {
   private readonly twopc: TwoPhaseCoordinator;
   private readonly publishCancel;
   private readonly publishTopology;
+  private readonly publishSchemaChange;
   private readonly databases: DatabaseRegistry = {
     refuse: (ddl, from) => this.refuseDatabaseDdl(ddl, from),
     record: (ddl, from) => this.recordDatabaseDdl(ddl, from),
@@ -92,6 +94,7 @@ export class Gateway {
     this.discovery.onDatabaseGone((gone) => this.leaveDatabase(gone));
     this.publishCancel = eventLog.publisher('gatewayCancels');
     this.publishTopology = eventLog.publisher('topology');
+    this.publishSchemaChange = eventLog.publisher('schemaChanges');
     this.maxClients = opts.maxClients ?? Infinity;
   }
 
@@ -174,6 +177,18 @@ export class Gateway {
     this.log.info({ database, active, reason }, active ? 'asked for the database to wake' : 'asked for the database to scale to zero');
   }
 
+  /** Publishes DDL a sharded session ran; the DDL is done whatever Kafka says, so a failure is logged and counted, not sent to the client. */
+  private recordSchemaChange(change: SchemaChangeRecord): void {
+    const e: SchemaChange = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, ...change };
+    if (change.outcome === 'FAILED') this.log.warn({ database: change.database, failedShards: change.failedShards, statement: change.statement }, 'DDL failed on some shards: they differ now');
+    this.publishSchemaChange([{ key: change.database, value: e }]).then(
+      () => schemaChanges.inc({ outcome: change.outcome, published: 'yes' }),
+      (err: Error) => {
+        schemaChanges.inc({ outcome: change.outcome, published: 'no' });
+        this.log.error({ err, change }, 'could not record a schema change on Kafka');
+      });
+  }
+
   /** Drains the sessions of a dropped database, or of every database of a deactivated shard group. */
   private leaveDatabase(gone: DatabaseGone): void {
     let ended = 0;
@@ -233,7 +248,9 @@ export class Gateway {
     // A sharded database's sessions plan every statement; the others relay bytes (nothing parsed).
     const database = (client.params.database ?? client.params.user).split('@')[0];
     const session = this.discovery.topology.databases.get(database)?.sharded
-      ? new ShardedSession(client.socket as net.Socket, client.params, { discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc })
+      ? new ShardedSession(client.socket as net.Socket, client.params, {
+        discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc, recordSchemaChange: (c) => this.recordSchemaChange(c),
+      })
       : new GatewaySession(client.socket as net.Socket, client.params, {
         discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,
       });

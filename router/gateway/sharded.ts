@@ -12,6 +12,7 @@ import { counter, histogram } from '../../common/metrics.ts';
 import { VindexValueError } from '../../schemas/vschema/vindex.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
 import type { VSchemaRecord } from '../../schemas/topology.ts';
+import type { SchemaChange } from '../../schemas/generated/types.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
 import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type InsertPlan, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
@@ -31,6 +32,8 @@ import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHand
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
 
+/** What a transaction carries to its end: savepoints and SET LOCALs (replayed on shards that join), and its DDL. */
+type TxScoped = { savepoint: string } | { setLocal: string } | { ddl: SchemaChangeRecord };
 const txScopedSql = (e: { savepoint: string } | { setLocal: string }) => ('savepoint' in e ? `SAVEPOINT ${quoteIdent(e.savepoint)}` : e.setLocal);
 
 const statements = counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route']);
@@ -54,7 +57,12 @@ export interface ShardedSessionOptions {
   key: { pid: number; secret: number };
   /** Commits the transactions that wrote on several shards in `twopc` mode. */
   twopc: TwoPhaseCoordinator;
+  /** Records DDL that ran on the shards (an event on mg.schema.changes.v1); never throws. */
+  recordSchemaChange: (change: SchemaChangeRecord) => void;
 }
+
+/** A SchemaChange event as the session knows it (the gateway adds id, time and source). */
+export type SchemaChangeRecord = Omit<SchemaChange, 'eventId' | 'ts' | 'source'>;
 
 /** How a statement reaches the shards: as a Query, or as the Parse/Bind/Execute of a portal (`limited`: Execute with a row limit). */
 type How = { simple: true } | { simple: false; portal: Portal; describe: boolean; limited: boolean };
@@ -95,9 +103,10 @@ export class ShardedSession {
   /**
    * The open transaction's SAVEPOINTs and SET LOCALs in order: sent to every shard in the transaction, and
    * replayed after BEGIN on a shard that joins later, where its work then starts after every savepoint (so
-   * ROLLBACK TO a savepoint set before it joined undoes all of it, as on one Postgres).
+   * ROLLBACK TO a savepoint set before it joined undoes all of it, as on one Postgres). Its DDL is here
+   * too (not replayed): recorded at COMMIT unless a ROLLBACK TO undid it.
    */
-  private txScoped: Array<{ savepoint: string } | { setLocal: string }> = [];
+  private txScoped: TxScoped[] = [];
   /** The route of the last statement, for SHOW mg_plan. */
   private lastRoute = 'no statement yet';
   private readonly prepared = new Map<string, Prepared>();
@@ -356,6 +365,7 @@ export class ShardedSession {
       return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, (s) => perShard.get(s)!.how), how);
     }
     const sql = (plan as { sql: Buffer }).sql;
+    if (plan.kind === 'all' && plan.ddl) return this.runDdl(sql, shards, how);
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);
@@ -479,15 +489,41 @@ export class ShardedSession {
 
   /** Runs the statement on each shard in parallel and collects; an error on any shard is thrown naming it. */
   private async onShards(shards: string[], textFor: (shard: string) => Buffer, how: How, named: boolean, howFor?: (shard: string) => How): Promise<ShardResult[]> {
+    const results = await this.collectOnShards(shards, textFor, how, howFor);
+    const failed = results.find((r) => r.error);
+    if (failed) throw failed.pgError(named && shards.length > 1);
+    return results;
+  }
+
+  /** Runs the statement on every shard in parallel and collects each shard's answer, errors included. */
+  private async collectOnShards(shards: string[], textFor: (shard: string) => Buffer, how: How, howFor?: (shard: string) => How): Promise<ShardResult[]> {
     const links = await Promise.all(shards.map((s) => this.enlist(s)));
-    const results = await Promise.all(links.map(async (link) => {
+    return Promise.all(links.map(async (link) => {
       const r = new ShardResult(link.shard);
       await link.request(this.requestBytes(textFor(link.shard), howFor?.(link.shard) ?? how, true), r.collect);
       return r;
     }));
-    const failed = results.find((r) => r.error);
-    if (failed) throw failed.pgError(named && shards.length > 1);
-    return results;
+  }
+
+  /**
+   * DDL on every shard, recorded as a SchemaChange event: at once outside a transaction (FAILED names the
+   * shards that refused it while the others ran it), at COMMIT inside one (a transaction that fails or
+   * rolls back changed nothing).
+   */
+  private async runDdl(sql: Buffer, shards: string[], how: How): Promise<void> {
+    const results = await this.collectOnShards(shards, () => sql, how);
+    const failed = results.filter((r) => r.error);
+    const change: SchemaChangeRecord = {
+      database: this.database, user: this.params.user ?? '', statement: sql.toString('utf8'), shards,
+      outcome: failed.length ? 'FAILED' : 'APPLIED', failedShards: failed.map((r) => r.shard), error: failed[0]?.pgError(shards.length > 1).message ?? null,
+    };
+    if (this.inTransaction) {
+      if (!failed.length) this.txScoped.push({ ddl: change });
+    } else {
+      this.opts.recordSchemaChange(change);
+    }
+    if (failed.length) throw failed[0].pgError(shards.length > 1);
+    this.replyFirst(results, how);
   }
 
   /**
@@ -610,7 +646,8 @@ export class ShardedSession {
         undefined, "SET mg.transaction_mode = 'multi' (or 'twopc') before BEGIN to span shards.");
     }
     await link.query(this.beginSql);
-    if (this.txScoped.length) await link.query(this.txScoped.map(txScopedSql).join('; '));
+    const replay = this.txScoped.flatMap((e) => ('ddl' in e ? [] : [txScopedSql(e)]));
+    if (replay.length) await link.query(replay.join('; '));
     link.inTransaction = true;
     return link;
   }
@@ -631,6 +668,7 @@ export class ShardedSession {
   private async endTransaction(commit: boolean, mode: TransactionMode): Promise<void> {
     const participants = [...this.links.values()].filter((l) => l.inTransaction);
     this.inTransaction = this.implicitTransaction = false;
+    const schemaChanges = this.txScoped.flatMap((e) => ('ddl' in e ? [e.ddl] : []));
     this.txScoped = [];
     this.transactionFailed = false;
     const release = () => participants.forEach((l) => (l.inTransaction = false));
@@ -652,6 +690,7 @@ export class ShardedSession {
     } finally {
       release();
     }
+    for (const change of schemaChanges) this.opts.recordSchemaChange(change);
   }
 
   /** `multi` (and any one-shard transaction): COMMIT on each shard in turn; a failure says which shards had committed. */

@@ -170,6 +170,29 @@ export interface OrchEvent {
   leaseUntil: null | Date;
 }
 
+export type SchemaChangeOutcome = 'APPLIED' | 'FAILED';
+
+/** DDL a gateway ran on every shard of a sharded database: what ran, where, and how it ended. A failed shard is named, so schema drift between shards is never silent. */
+export interface SchemaChange {
+  /** Unique id (UUID) of this event. */
+  eventId: string;
+  ts: Date;
+  /** The gateway that ran it: gateway/<id>. */
+  source: string;
+  database: string;
+  /** The session's user. */
+  user: string;
+  /** The statement's text as the client sent it. */
+  statement: string;
+  /** APPLIED: committed on every shard. FAILED: outside a transaction, an error on the shards in failedShards while the others ran it (the shards now differ). DDL in a transaction that fails or rolls back changes nothing and is not recorded. */
+  outcome: SchemaChangeOutcome;
+  /** The shards it ran on. */
+  shards: Array<string>;
+  failedShards: Array<string>;
+  /** The first shard error, as the client was told. */
+  error: null | string;
+}
+
 export interface CellRegistered {
   cell: string;
   region: null | string;

@@ -16,15 +16,17 @@ import postgres from 'postgres';
 import { createLogger } from '../../common/log.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { shardRanges } from '../../compose/spec.ts';
-import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
+import type { EventLog, Subscription } from '../../common/eventlog.ts';
+import { hashKeyspaceId, shardFor, type SchemaChange } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { testEventLog } from '../support/env.ts';
 
 const SHARDS = Number(process.env.MG_SHARDING_SHARDS ?? 2);
 const cluster = testCluster('sharding', 3, { spec: {
   cells: ['zone1'],
   databases: [{ name: 'postgres', sharded: true, shards: SHARDS, instancesPerShard: 1, durability: 'ANY_1' }],
 } });
-const { spec, flags, mg, dataDir } = cluster;
+const { spec, flags, mg, dataDir, prefix } = cluster;
 const gatewayPort = spec.gateway.port;
 const RANGES = shardRanges(SHARDS);
 const FIRST = RANGES[0].shard;
@@ -56,6 +58,9 @@ const DDL = [
 const TENANTS = 12;
 
 let reference: PostgresInstance;
+let eventLog: EventLog;
+let changesSub: Subscription;
+const schemaChanges: SchemaChange[] = [];
 let gw: pg.Client;
 let ref: pg.Client;
 
@@ -64,6 +69,8 @@ const gwClient = () => new pg.Client({ host: '127.0.0.1', port: gatewayPort, use
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
+  eventLog = await testEventLog(prefix);
+  changesSub = await eventLog.subscribe('schemaChanges', (e) => void schemaChanges.push(e));
   await cluster.applyVSchema('postgres', VSCHEMA);
   reference = new PostgresInstance({ name: 'reference', dataDir: path.join(dataDir, 'reference'), port: Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + 3 * 500 + 480, log: createLogger('sharding-test') });
   await reference.initPrimary();
@@ -85,6 +92,8 @@ before(async () => {
 });
 
 after(async () => {
+  await changesSub?.stop();
+  await eventLog?.close();
   await gw?.end().catch(() => undefined);
   await ref?.end().catch(() => undefined);
   await reference?.stop('immediate').catch(() => undefined);
@@ -157,6 +166,40 @@ test('DDL runs on every shard; the workload (simple and extended protocol) lands
       await direct.end();
     }
   }
+});
+
+test('DDL is recorded on mg.schema.changes.v1: applied on every shard, failed naming the shard that refused it, at COMMIT only inside a transaction', async () => {
+  const changesOf = (statement: RegExp) => schemaChanges.filter((e) => statement.test(e.statement));
+  await until('the CREATE TABLEs recorded', 15_000, () => DDL.every((ddl) => schemaChanges.some((e) => e.statement === ddl)));
+  for (const ddl of DDL) {
+    const [e] = changesOf(new RegExp(`^${ddl.replace(/[()]/g, '\\$&')}$`));
+    assert.deepEqual([e.outcome, e.shards.sort(), e.failedShards, e.database, e.user], ['APPLIED', RANGES.map((r) => r.shard).sort(), [], 'postgres', 'postgres'], ddl);
+  }
+  // A table made behind the gateway's back on one shard: the same CREATE fails there only, and the shards now differ.
+  const direct = new pg.Client({ host: '127.0.0.1', port: portOf(FIRST), user: 'postgres', database: 'postgres' });
+  await direct.connect();
+  await direct.query('CREATE TABLE drift (x int)').finally(() => direct.end());
+  await assert.rejects(gw.query('CREATE TABLE drift (x int)'), (err: any) => err.code === '42P07' && err.message.includes(`shard ${FIRST}`));
+  const failed = await until('the failed CREATE recorded', 15_000, () => changesOf(/^CREATE TABLE drift/)[0]);
+  assert.deepEqual([failed.outcome, failed.failedShards], ['FAILED', [FIRST]]);
+  assert.match(failed.error!, /"drift" already exists/);
+  // Inside a transaction: nothing before COMMIT; a ROLLBACK TO or a ROLLBACK drops it.
+  await gw.query('BEGIN');
+  await gw.query('CREATE TABLE tx_undone (x int)');
+  await gw.query('SAVEPOINT s');
+  await gw.query('CREATE TABLE tx_kept (x int)');
+  await gw.query('CREATE TABLE tx_rolled_back (x int)');
+  await gw.query('ROLLBACK TO s');
+  await gw.query('CREATE TABLE tx_kept (x int)');
+  await new Promise((r) => setTimeout(r, 500));
+  assert.deepEqual(changesOf(/^CREATE TABLE tx_/), [], 'nothing recorded before COMMIT');
+  await gw.query('COMMIT');
+  await until('the committed DDL recorded', 15_000, () => changesOf(/^CREATE TABLE tx_/).length >= 2);
+  assert.deepEqual(changesOf(/^CREATE TABLE tx_/).map((e) => [e.statement, e.outcome]), [['CREATE TABLE tx_undone (x int)', 'APPLIED'], ['CREATE TABLE tx_kept (x int)', 'APPLIED']]);
+  await gw.query('BEGIN; CREATE TABLE never (x int); ROLLBACK');
+  await gw.query('DROP TABLE tx_undone, tx_kept');
+  await until('the DROP recorded', 15_000, () => changesOf(/^DROP TABLE tx_undone/).length === 1);
+  assert.deepEqual(changesOf(/never/), []);
 });
 
 test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, reference joins, scatter merges', async () => {
