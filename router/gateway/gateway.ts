@@ -74,6 +74,7 @@ export class Gateway {
   private readonly publishCancel;
   private readonly publishTopology;
   private readonly publishSchemaChange;
+  private schemaChangesPublished: Promise<void> = Promise.resolve();
   private readonly databases: DatabaseRegistry = {
     refuse: (ddl, from) => this.refuseDatabaseDdl(ddl, from),
     record: (ddl, from) => this.recordDatabaseDdl(ddl, from),
@@ -181,7 +182,8 @@ export class Gateway {
   private recordSchemaChange(change: SchemaChangeRecord): void {
     const e: SchemaChange = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, ...change };
     if (change.outcome === 'FAILED') this.log.warn({ database: change.database, failedShards: change.failedShards, statement: change.statement }, 'DDL failed on some shards: they differ now');
-    this.publishSchemaChange([{ key: change.database, value: e }]).then(
+    // One chain: the events keep the order the DDL ran in (within a session, and a commit's several).
+    this.schemaChangesPublished = this.schemaChangesPublished.then(() => this.publishSchemaChange([{ key: change.database, value: e }])).then(
       () => schemaChanges.inc({ outcome: change.outcome, published: 'yes' }),
       (err: Error) => {
         schemaChanges.inc({ outcome: change.outcome, published: 'no' });
