@@ -8,7 +8,7 @@
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { gauge } from '../../common/metrics.ts';
 import {
-  applyTopologyEvent, emptyTopology, kindOf, shardGroupOf, shardKey, type HealthEvent, type InstanceRegistered, type PrimaryChanged, type TopologyEvent, type TopologyState,
+  applyTopologyEvent, emptyTopology, kindOf, shardGroupOf, shardKey, type HealthEvent, type InstanceRegistered, type KeyRange, type PrimaryChanged, type TopologyEvent, type TopologyState,
 } from '../../schemas/index.ts';
 
 export interface Endpoint {
@@ -70,6 +70,10 @@ export class Discovery {
   private subs: Subscription[] = [];
   private readonly staleMs: number;
   private readonly maxLagSeconds: number;
+  /** Counts folded topology events: what keyRanges' cache is valid for. */
+  private topologyVersion = 0;
+  private readonly ranges = new Map<string, readonly KeyRange[]>();
+  private rangesAt = -1;
   /**
    * Buffered queries waiting for a shard's primary, by shard key (and waitUntil's conditions). A primary
    * only appears through an event (topology or heartbeat), so waiters are
@@ -94,6 +98,7 @@ export class Discovery {
     this.subs = await Promise.all([
       this.eventLog.subscribe('topology', (e) => {
         const { kind, body } = kindOf(e);
+        this.topologyVersion++;
         if (kind !== 'PrimaryChanged') applyTopologyEvent(this.topology, e);
         else this.applyPrimaryChanged(e, body as PrimaryChanged);
         if (this.live && (kind === 'DatabaseDropped' || (kind === 'DatabaseActivationChanged' && !(body as { active: boolean }).active))) {
@@ -157,6 +162,24 @@ export class Discovery {
   shards(database: string) {
     const group = this.group(database);
     return [...this.topology.shards.values()].filter((s) => s.database === group);
+  }
+
+  /**
+   * The database's shards as key ranges in keyspace order. Read on every statement of a sharded
+   * database, so computed once per topology change rather than by scanning every shard of the cluster.
+   */
+  keyRanges(database: string): readonly KeyRange[] {
+    if (this.rangesAt !== this.topologyVersion) {
+      this.ranges.clear();
+      this.rangesAt = this.topologyVersion;
+    }
+    let ranges = this.ranges.get(database);
+    if (!ranges) {
+      ranges = this.shards(database).map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
+        .sort((a, b) => a.start.localeCompare(b.start));
+      this.ranges.set(database, ranges);
+    }
+    return ranges;
   }
 
   /** The shard's primary if it is serving and its latest heartbeat says healthy primary. */

@@ -20,7 +20,7 @@ export type TextRow = Array<Buffer | null>;
 
 /** How the lookup code reaches the shards of the session. */
 export interface LookupAccess {
-  ranges: KeyRange[];
+  ranges: readonly KeyRange[];
   /**
    * Runs one statement with text parameters on a shard and returns its rows:
    * `write` ones join the session's transaction there; reads see it where it runs.

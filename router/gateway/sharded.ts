@@ -127,9 +127,7 @@ export class ShardedSession {
 
   /** The shards in key-range order. */
   private ranges() {
-    return this.opts.discovery.shards(this.database)
-      .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
-      .sort((a, b) => a.start.localeCompare(b.start));
+    return this.opts.discovery.keyRanges(this.database);
   }
 
   async start(pending: Buffer): Promise<void> {

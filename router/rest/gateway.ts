@@ -27,20 +27,14 @@ export interface GatewayRestOptions {
 }
 
 /** What routing needs from the gateway's discovery. */
-export type RestDiscovery = Pick<Discovery, 'shards' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology'>;
+export type RestDiscovery = Pick<Discovery, 'shards' | 'keyRanges' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology'>;
 
-/** The shards of a database in key-range order. */
-function keyRanges(discovery: RestDiscovery, database: string) {
-  return discovery.shards(database)
-    .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
-    .sort((a, b) => a.start.localeCompare(b.start));
-}
 
 /** A sharded database's planner (the wire protocol's, cached per VSchema version) and key ranges. */
 export function restSharding(discovery: RestDiscovery, database: string): ShardRouting | undefined {
   if (!discovery.topology.databases.get(database)?.sharded) return undefined;
   const record = discovery.topology.vschemas.get(database);
-  return { planner: plannerFor(record), vschema: record?.vschema, ranges: keyRanges(discovery, database) };
+  return { planner: plannerFor(record), vschema: record?.vschema, ranges: discovery.keyRanges(database) };
 }
 
 /**
@@ -51,7 +45,7 @@ export function restSharding(discovery: RestDiscovery, database: string): ShardR
  */
 export async function restEndpoint(discovery: RestDiscovery, database: string, readOnly: boolean,
   opts: Pick<GatewayRestOptions, 'readsToReplicas' | 'bufferWindowMs'>, named?: string): Promise<RestEndpoint> {
-  const shard = named ?? keyRanges(discovery, database)[0]?.shard;
+  const shard = named ?? discovery.keyRanges(database)[0]?.shard;
   if (shard === undefined) throw new RestError(503, '57P03', `database "${database}" has no shards`);
   if (readOnly && opts.readsToReplicas) {
     const replicas = discovery.replicas(database, shard);

@@ -22,7 +22,7 @@ export interface ShardRouting {
   planner: Planner;
   vschema: VSchema | undefined;
   /** Shards in key-range order. */
-  ranges: KeyRange[];
+  ranges: readonly KeyRange[];
 }
 
 /** A statement the planner routes by, with its parameters as text. */

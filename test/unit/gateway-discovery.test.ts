@@ -24,7 +24,7 @@ async function discovery(history: TopologyEvent[]) {
   const moves: PrimaryMove[] = [];
   d.onPrimaryMoved((m) => moves.push(m));
   await d.start();
-  return { moves, deliver: (e: TopologyEvent) => handlers.get('topology')!(e), stop: () => d.stop() };
+  return { d, moves, deliver: (e: TopologyEvent) => handlers.get('topology')!(e), stop: () => d.stop() };
 }
 
 test('a newer term on another instance is a move; the same instance re-elected, an older term and the history read at start are not', async () => {
@@ -39,4 +39,18 @@ test('a newer term on another instance is a move; the same instance re-elected, 
   d.deliver(primaryChanged('c', 4n));
   assert.deepEqual(d.moves, [{ database: 'app', shard: '-', from: 'b', to: 'c', term: 4n, reason: 'failover: test term 4' }]);
   await d.stop();
+});
+
+test('key ranges come in keyspace order, the same array until the topology changes, and the new shards after', async () => {
+  const shard = (database: string, name: string, keyRangeStart: string, keyRangeEnd: string) => ev(payload('ShardDefined', { database, shard: name, keyRangeStart, keyRangeEnd }));
+  const created = (database: string) => ev(payload('DatabaseCreated', { database, durabilityPolicy: null, hostedOn: null, sharded: true, transactionMode: null }));
+  const { d, deliver, stop } = await discovery([created('app'), shard('app', '80-', '80', ''), shard('app', '-80', '', '80'), created('other'), shard('other', '-', '', '')]);
+  const first = d.keyRanges('app');
+  assert.deepEqual(first, [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }]);
+  assert.equal(d.keyRanges('app'), first, 'cached');
+  assert.deepEqual(d.keyRanges('other'), [{ shard: '-', start: '', end: '' }]);
+  deliver(shard('app', 'c0-', 'c0', ''));
+  assert.deepEqual(d.keyRanges('app').map((r) => r.shard), ['-80', '80-', 'c0-']);
+  assert.deepEqual(d.keyRanges('nosuch'), []);
+  await stop();
 });

@@ -10,7 +10,7 @@ const replica = { instanceId: 'r', cell: 'z2', host: '127.0.0.1', port: 2, lagBy
 function discovery(over: Partial<Record<keyof RestDiscovery, unknown>> = {}): RestDiscovery {
   return {
     hasDatabase: () => true,
-    shards: () => [{ database: 'db', shard: '-' }],
+    keyRanges: () => [{ shard: '-', start: '', end: '' }],
     replicas: () => [replica],
     waitForPrimary: async () => primary,
     ...over,
@@ -32,12 +32,12 @@ test('no primary within the buffer window: 503 57P03; unnamed shard of a sharded
     (e: RestError) => e.status === 503 && e.code === '57P03');
   const asked: string[] = [];
   const sharded = discovery({
-    shards: () => [{ shard: '80-', keyRangeStart: '80', keyRangeEnd: '' }, { shard: '-80', keyRangeStart: '', keyRangeEnd: '80' }],
+    keyRanges: () => [{ shard: '-80', start: '', end: '80' }, { shard: '80-', start: '80', end: '' }],
     waitForPrimary: async (_db: string, shard: string) => { asked.push(shard); return primary; },
   });
   assert.equal(await restEndpoint(sharded, 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }), primary);
   assert.equal(await restEndpoint(sharded, 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }, '80-'), primary);
   assert.deepEqual(asked, ['-80', '80-']);
-  await assert.rejects(restEndpoint(discovery({ shards: () => [] }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
+  await assert.rejects(restEndpoint(discovery({ keyRanges: () => [] }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
     (e: RestError) => e.status === 503 && e.code === '57P03');
 });
