@@ -142,6 +142,7 @@ async function main(): Promise<void> {
   // Catch-up: each committed row's lag until the target (through the gateway) has it.
   const writer = new pg.Client({ host: '127.0.0.1', port: port.src, user: 'postgres', database: 'src' });
   const prober = new pg.Client({ host: '127.0.0.1', port: port.gateway, user: 'postgres', password: 'postgres', database: 'dst' });
+  for (const c of [writer, prober]) c.on('error', (err) => console.error(`bench client: ${err.message}`));
   await Promise.all([writer.connect(), prober.connect()]);
   const committedAt = new Map<number, number>();
   const lags: number[] = [];
@@ -150,7 +151,7 @@ async function main(): Promise<void> {
     const start = performance.now();
     for (let i = 1; performance.now() - start < SECONDS * 1000; i++) {
       const id = ROWS + i;
-      await writer.query("INSERT INTO items VALUES ($1, $1 % 1000, 'catch-up', 1.00)", [id]);
+      await writer.query("INSERT INTO items VALUES ($1::bigint, $1::bigint % 1000, 'catch-up', 1.00)", [id]);
       committedAt.set(id, performance.now());
       const due = start + (i * 1000) / RATE;
       if (due > performance.now()) await sleep(due - performance.now());
@@ -161,7 +162,7 @@ async function main(): Promise<void> {
     while (writing || committedAt.size) {
       const pending = [...committedAt.keys()];
       if (pending.length) {
-        const { rows } = await prober.query('SELECT id FROM items WHERE id = ANY($1::bigint[])', [pending]);
+        const { rows } = await prober.query(`SELECT id FROM items WHERE id IN (${pending.join(', ')})`); // pinned: the shards the ids name
         const now = performance.now();
         for (const r of rows) {
           lags.push(now - committedAt.get(Number(r.id))!);
@@ -201,6 +202,9 @@ async function main(): Promise<void> {
 
 try {
   await main();
+} catch (err) {
+  console.error(`bench failed: ${(err as Error).stack ?? err}`);
+  process.exitCode = 1;
 } finally {
   console.log('\nmg cluster down --clean ...');
   await mg('cluster', 'down', '--clean').catch((err) => console.error(err.message));
