@@ -9,8 +9,9 @@
  *     Postgres's own initial sync (CREATE SUBSCRIPTION ... copy_data) into a database of
  *     the target's first Postgres.
  *  2. Catch-up lag: a writer commits --rate rows/s on the source for --seconds; each row's
- *     lag is from its COMMIT to the first time the target (read through the gateway,
- *     polled every 20 ms) has it. p50/p99/max.
+ *     lag is from its COMMIT to the first time its target shard has it (each shard's
+ *     max(id), polled every 20 ms: a shard applies its rows in source order, and ids rise).
+ *     p50/p99/max, beside the lag the materializer reports itself.
  *  3. VDiff rows/s on the table.
  * Ports: base .. base+99. Everything started is stopped at the end (mg cluster down --clean).
  */
@@ -21,6 +22,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs, promisify } from 'node:util';
 import pg from 'pg';
+import { shardRanges } from '../compose/spec.ts';
+import { hashKeyspaceId, shardFor } from '../schemas/index.ts';
 
 const run = promisify(execFile);
 const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'compose', 'bin', 'mg');
@@ -38,6 +41,8 @@ const RATE = Number(args.rate);
 const SECONDS = Number(args.seconds);
 const base = Number(args['base-port']);
 const port = { src: base + 10, dstFirst: base + 11, gateway: base + 50, materializer: base + 70 };
+/** The target's shards in layout order (compose/spec.ts instancesOf): -80 on base+11, 80- on base+12. */
+const TARGET_SHARDS = shardRanges(2).map((r, i) => ({ ...r, port: base + 11 + i }));
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-bench-materializer-'));
 fs.chmodSync(work, 0o755);
 const dataDir = path.join(work, 'cluster');
@@ -139,41 +144,44 @@ async function main(): Promise<void> {
   const copied = (await sql(port.gateway, 'dst', 'SELECT count(*)::int AS n FROM items'))[0].n;
   if (copied !== ROWS) throw new Error(`the target has ${copied} rows after the copy, not ${ROWS}`);
 
-  // Catch-up: each committed row's lag until the target (through the gateway) has it.
+  // Catch-up: each committed row's lag until its target shard has it.
   const writer = new pg.Client({ host: '127.0.0.1', port: port.src, user: 'postgres', database: 'src' });
-  const prober = new pg.Client({ host: '127.0.0.1', port: port.gateway, user: 'postgres', password: 'postgres', database: 'dst' });
-  for (const c of [writer, prober]) c.on('error', (err) => console.error(`bench client: ${err.message}`));
-  await Promise.all([writer.connect(), prober.connect()]);
-  const committedAt = new Map<number, number>();
+  const probers = TARGET_SHARDS.map((t) => new pg.Client({ host: '127.0.0.1', port: t.port, user: 'postgres', database: 'dst' }));
+  for (const c of [writer, ...probers]) c.on('error', (err) => console.error(`bench client: ${err.message}`));
+  await Promise.all([writer, ...probers].map((c) => c.connect()));
+  const pending = new Map<number, { at: number; shard: number }>();
   const lags: number[] = [];
+  const reported: number[] = [];
   let writing = true;
   const write = (async () => {
     const start = performance.now();
     for (let i = 1; performance.now() - start < SECONDS * 1000; i++) {
       const id = ROWS + i;
       await writer.query("INSERT INTO items VALUES ($1::bigint, $1::bigint % 1000, 'catch-up', 1.00)", [id]);
-      committedAt.set(id, performance.now());
+      const shard = TARGET_SHARDS.findIndex((t) => t.shard === shardFor(hashKeyspaceId(id), TARGET_SHARDS));
+      pending.set(id, { at: performance.now(), shard });
       const due = start + (i * 1000) / RATE;
       if (due > performance.now()) await sleep(due - performance.now());
     }
     writing = false;
   })();
   const probe = (async () => {
-    while (writing || committedAt.size) {
-      const pending = [...committedAt.keys()];
-      if (pending.length) {
-        const { rows } = await prober.query(`SELECT id FROM items WHERE id IN (${pending.join(', ')})`); // pinned: the shards the ids name
-        const now = performance.now();
-        for (const r of rows) {
-          lags.push(now - committedAt.get(Number(r.id))!);
-          committedAt.delete(Number(r.id));
-        }
+    while (writing || pending.size) {
+      const maxima = await Promise.all(probers.map(async (c) => Number((await c.query('SELECT coalesce(max(id), 0) AS m FROM items')).rows[0].m)));
+      const now = performance.now();
+      for (const [id, w] of pending) {
+        if (maxima[w.shard] < id) continue;
+        lags.push(now - w.at);
+        pending.delete(id);
       }
+      const lag = (await api('GET', '/v1/workflows/bench')).progress.lagSeconds;
+      if (lag !== null) reported.push(lag * 1000);
       await sleep(20);
     }
   })();
   await Promise.all([write, probe]);
-  await Promise.all([writer.end(), prober.end()]);
+  await Promise.all([writer, ...probers].map((c) => c.end()));
+  reported.sort((x, y) => x - y);
   lags.sort((x, y) => x - y);
 
   const vdiff = await timed(async () => {
@@ -197,6 +205,7 @@ async function main(): Promise<void> {
   console.log(`target (copy at least 0.5x of the faster baseline and 50,000 rows/s): ${rate(copy) >= 0.5 * faster && rate(copy) >= 50_000 ? 'met' : 'NOT met'}`);
   console.log(`\ncatch-up lag, ${lags.length} rows at ${RATE} rows/s for ${SECONDS} s (commit on the source to visible on the target, 20 ms polls):`);
   console.log(`p50 ${percentile(lags, 50).toFixed(0)} ms, p99 ${percentile(lags, 99).toFixed(0)} ms, max ${lags.at(-1)!.toFixed(0)} ms; target p99 < 1 s: ${percentile(lags, 99) < 1000 ? 'met' : 'NOT met'}`);
+  console.log(`the materializer's own lagSeconds over the same time (${reported.length} samples): p50 ${percentile(reported, 50).toFixed(0)} ms, p99 ${percentile(reported, 99).toFixed(0)} ms`);
   console.log(`\nVDiff of ${total} rows: ${vdiff.toFixed(1)} s, ${Math.round(total / vdiff)} rows/s`);
 }
 
