@@ -115,6 +115,11 @@ async function main(): Promise<void> {
   const fill = await timed(() => sql(port.src, 'src', `INSERT INTO items SELECT g, g % 1000, md5(g::text) || md5((g * 7)::text), (g % 100000) / 100.0
     FROM generate_series(1, ${ROWS}) g`));
   console.log(`source filled: ${ROWS} rows in ${fill.toFixed(1)} s`);
+  // The fill is also ROWS change events on the CDC topic: let them reach Kafka first, or catch-up below would wade through them.
+  const filledAt = (await sql(port.src, 'src', 'SELECT pg_current_wal_lsn()::text AS l'))[0].l;
+  const streamed = await timed(() => until('the CDC stream past the fill', 600_000, async () => (await sql(port.src, 'src',
+    "SELECT bool_and(confirmed_flush_lsn >= $1::pg_lsn) AS done FROM pg_replication_slots WHERE slot_type = 'logical'", [filledAt]))[0].done));
+  console.log(`CDC streamed the fill's ${ROWS} change events in ${streamed.toFixed(1)} s (${Math.round(ROWS / streamed)} events/s)`);
 
   // Baselines into databases of the target's first Postgres (not served by the gateway).
   await sql(port.dstFirst, 'postgres', 'CREATE DATABASE dumped');
