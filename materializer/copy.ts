@@ -22,20 +22,29 @@ export async function copyTable(
   onPage: (p: CopyPosition, rows: number) => Promise<boolean>,
 ): Promise<CopyPosition> {
   let pos = from;
-  for (;;) {
-    const { rows } = await source.query<Row>(pageSql(t, pos.lastKey, pageRows));
-    if (rows.length === 0) return pos;
-    const byShard = new Map<string, Row[]>();
-    for (const row of rows) {
-      const shard = shardOfRow(t, row, ranges);
-      const list = byShard.get(shard) ?? [];
-      list.push(row);
-      byShard.set(shard, list);
+  const read = (after: string[] | null) => source.query<Row>(pageSql(t, after, pageRows)).then((r) => r.rows);
+  // The next page is read while this one is written: the source and the targets work at the same time.
+  let reading: Promise<Row[]> | undefined = read(pos.lastKey);
+  try {
+    while (reading) {
+      const rows: Row[] = await reading;
+      if (rows.length === 0) return pos;
+      const last = rows[rows.length - 1];
+      const lastKey = t.key.map((k) => last[k]!);
+      reading = rows.length < pageRows ? undefined : read(lastKey);
+      const byShard = new Map<string, Row[]>();
+      for (const row of rows) {
+        const shard = shardOfRow(t, row, ranges);
+        const list = byShard.get(shard) ?? [];
+        list.push(row);
+        byShard.set(shard, list);
+      }
+      await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(t, list))));
+      pos = { lastKey, rowsCopied: pos.rowsCopied + rows.length };
+      if (!(await onPage(pos, rows.length))) return pos;
     }
-    await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(t, list))));
-    const last = rows[rows.length - 1];
-    pos = { lastKey: t.key.map((k) => last[k]!), rowsCopied: pos.rowsCopied + rows.length };
-    if (!(await onPage(pos, rows.length))) return pos;
-    if (rows.length < pageRows) return pos;
+    return pos;
+  } finally {
+    reading?.catch(() => undefined); // a page read ahead and not written is dropped: the copy resumes after the last written one
   }
 }
