@@ -150,6 +150,8 @@ export class MoveTablesRunner {
         const entry = this.status.tables[i];
         if (entry.done) continue;
         entry.rowsEstimated = BigInt((await source.query<{ n: string }>(`SELECT count(*) AS n FROM ${t.sql}`)).rows[0].n);
+        // A page's resume point is published while the next page is copied; one at a time, so they stay in order.
+        let published = Promise.resolve();
         await copyTable(source, this.targets, this.ranges, t, {
           lastKey: entry.lastKey ? JSON.parse(entry.lastKey) : null, rowsCopied: Number(entry.rowsCopied),
         }, this.ctx.pageRows, async (pos, rows) => {
@@ -158,9 +160,11 @@ export class MoveTablesRunner {
           entry.rowsCopied = BigInt(pos.rowsCopied);
           const rate = copiedNow / Math.max(0.001, (Date.now() - started) / 1000);
           const left = this.status.tables.reduce((n, e) => n + Math.max(0, Number(e.rowsEstimated - e.rowsCopied)), 0);
-          await this.publishStatus({ rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null });
+          await published;
+          published = this.publishStatus({ rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null });
           return !this.stopping;
-        });
+        }).finally(() => published.catch(() => undefined));
+        await published;
         if (this.stopping) return;
         entry.done = true;
         await this.publishStatus({});
