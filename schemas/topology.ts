@@ -186,7 +186,7 @@ export function shardGroupOf(state: TopologyState, database: string): string | u
 export function movedTablesOf(state: TopologyState, database: string): Map<string, RoutingRuleChanged> | undefined {
   let out: Map<string, RoutingRuleChanged> | undefined;
   for (const rule of state.routingRules.values()) {
-    if (rule.sourceDatabase !== database) continue;
+    if (rule.sourceDatabase !== database || rule.tables.length === 0) continue;
     out ??= new Map();
     for (const t of rule.tables) out.set(t, rule);
   }
