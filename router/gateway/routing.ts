@@ -51,9 +51,13 @@ function routeOne(text: string, stmt: any, ctx: RoutingContext): Routed {
     if (WRITES.has(kind)) writes = true;
     if (kind === 'SelectStmt' && n.lockingClause) writes = true;
   });
+  const use = (rv: any) => {
+    if (SYSTEM_SCHEMAS.has(rv.schemaname) || (!rv.schemaname && ctes.has(rv.relname))) return;
+    tables.add(`${rv.schemaname ?? 'public'}.${rv.relname}`);
+  };
   walk(stmt, (kind, n) => {
-    if (kind !== 'RangeVar' || SYSTEM_SCHEMAS.has(n.schemaname) || (!n.schemaname && ctes.has(n.relname))) return;
-    tables.add(`${n.schemaname ?? 'public'}.${n.relname}`);
+    if (kind === 'RangeVar') use(n);
+    else if (WRITES.has(kind) && n.relation) use(n.relation); // a write's own table is a field, not a RangeVar node
   });
   const moved = [...tables].filter((t) => ctx.rules.has(t));
   const rules = new Set(moved.map((t) => ctx.rules.get(t)!));
