@@ -62,7 +62,9 @@ function routeOne(text: string, stmt: any, ctx: RoutingContext): Routed {
   const moved = [...tables].filter((t) => ctx.rules.has(t));
   const rules = new Set(moved.map((t) => ctx.rules.get(t)!));
   const held = [...rules].find((r) => r.state === 'WRITES_HELD');
-  if (held) return { text, held };
+  // Inside a transaction the statement is not held: the transaction may hold the source's locks the
+  // switch waits for. It goes to the source, which runs it before the freeze or refuses it after.
+  if (held && !ctx.inTransaction) return { text, held };
   const toTarget = [...rules].filter((r) => r.state === 'TARGET' || (r.state === 'READS_TARGET' && !writes && !ctx.inTransaction));
   if (toTarget.length === 0) return { text, database: ctx.source, plan: sourcePlan(text, ctx) };
   const targets = new Set(toTarget.map((r) => r.targetDatabase));

@@ -43,6 +43,7 @@ test('statements follow the rule: source, reads to the target, held during the s
   assert.equal(where(route(state, 'WITH d AS (DELETE FROM orders WHERE id = 1 RETURNING *) SELECT * FROM d')[0]), 'src:all');
   rule(state, 3n, 'WRITES_HELD');
   assert.equal(where(route(state, 'INSERT INTO orders (id) VALUES (1)')[0]), 'held');
+  assert.equal(where(route(state, 'INSERT INTO orders (id) VALUES (1)', true)[0]), 'src:all', 'a transaction is not held: it may hold the locks the switch waits for');
   assert.equal(where(route(state, 'SELECT * FROM customers')[0]), 'src:all', 'tables that stay are never held');
   rule(state, 4n, 'TARGET');
   assert.equal(where(route(state, 'INSERT INTO public.orders (id) VALUES (1)')[0]), 'dst:insert');
