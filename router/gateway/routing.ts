@@ -66,7 +66,7 @@ function routeOne(text: string, stmt: any, ctx: RoutingContext): Routed {
   // switch waits for. It goes to the source, which runs it before the freeze or refuses it after.
   if (held && !ctx.inTransaction) return { text, held };
   const toTarget = [...rules].filter((r) => r.state === 'TARGET' || (r.state === 'READS_TARGET' && !writes && !ctx.inTransaction));
-  if (toTarget.length === 0) return { text, database: ctx.source, plan: sourcePlan(text, ctx) };
+  if (toTarget.length === 0) return { text, database: ctx.source, plan: sourcePlan(text, writes, ctx) };
   const targets = new Set(toTarget.map((r) => r.targetDatabase));
   const staying = [...tables].filter((t) => !toTarget.some((r) => r.tables.includes(t)));
   if (targets.size > 1 || staying.length) {
@@ -84,7 +84,10 @@ function routeOne(text: string, stmt: any, ctx: RoutingContext): Routed {
   return { text, database: target, plan: plans[0] };
 }
 
-function sourcePlan(text: string, ctx: RoutingContext): Plan {
+/** The source has one shard: a read runs there as a `reference` plan (so a replica session may take it), anything else as `all`. */
+function sourcePlan(text: string, writes: boolean, ctx: RoutingContext): Plan {
   const [plan] = ctx.sessionPlanner.plan(text);
-  return plan && SESSION_KINDS.has(plan.kind) ? plan : { kind: 'all', sql: Buffer.from(text, 'utf8'), tables: [], ddl: false };
+  if (plan && SESSION_KINDS.has(plan.kind)) return plan;
+  const sql = Buffer.from(text, 'utf8');
+  return writes ? { kind: 'all', sql, tables: [], ddl: false } : { kind: 'reference', sql, tables: [] };
 }
