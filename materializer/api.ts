@@ -6,18 +6,18 @@
  */
 import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
 import { metrics } from '../common/metrics.ts';
-import type { WorkflowAction, WorkflowRecord } from '../schemas/index.ts';
+import type { RoutingState, WorkflowAction, WorkflowRecord } from '../schemas/index.ts';
 import { RequestError, type Materializer } from './service.ts';
 
 /** JSON with 64-bit integers (offsets, row counts) as strings. */
 const json = (v: unknown) => JSON.parse(JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x)));
 
-/** A workflow as the API and the CLI show it. */
-export function workflowView(rec: WorkflowRecord) {
+/** A workflow as the API and the CLI show it; `routing`: the state of its routing rule (decision 0039). */
+export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefined) {
   const s = rec.status;
   return json({
     name: rec.name, type: rec.definition.type, source: rec.definition.sourceDatabase, target: rec.definition.targetDatabase,
-    tables: rec.definition.tables, createdAt: rec.createdAt, command: rec.action,
+    tables: rec.definition.tables, createdAt: rec.createdAt, command: rec.action, routing: routing ?? null,
     phase: s?.phase ?? 'PENDING', message: s?.message ?? null, updatedAt: rec.statusAt ?? null,
     progress: {
       rowsCopied: s?.rowsCopied ?? 0n, rowsPerSecond: s?.copyRowsPerSecond ?? 0, etaSeconds: s?.etaSeconds ?? null,
@@ -39,8 +39,9 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
   });
   app.get('/metrics', async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
   app.get('/healthz', async (_req, reply) => reply.code(healthy() ? 200 : 503).send({ ok: healthy() }));
-  app.get('/v1/workflows', async () => ({ workflows: [...m.workflows.values()].map(workflowView) }));
-  app.get<{ Params: { name: string } }>('/v1/workflows/:name', { schema: { params: nameParams } }, async (req) => workflowView(m.get(req.params.name)));
+  const view = (rec: WorkflowRecord) => workflowView(rec, m.routing(rec.name));
+  app.get('/v1/workflows', async () => ({ workflows: [...m.workflows.values()].map(view) }));
+  app.get<{ Params: { name: string } }>('/v1/workflows/:name', { schema: { params: nameParams } }, async (req) => view(m.get(req.params.name)));
   app.post<{ Body: { name: string; source: string; target: string; tables: string[] } }>('/v1/workflows', {
     schema: {
       body: {
@@ -54,14 +55,20 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
   }, async (req, reply) => {
     const { name, source, target, tables } = req.body;
     const rec = await m.create({ name, sourceDatabase: source, targetDatabase: target, tables });
-    return reply.code(201).send(workflowView(rec));
+    return reply.code(201).send(view(rec));
   });
-  for (const action of ['start', 'stop', 'cancel'] as const) {
+  for (const action of ['start', 'stop', 'cancel', 'reverse-traffic', 'complete'] as const) {
     app.post<{ Params: { name: string } }>(`/v1/workflows/:name/${action}`, { schema: { params: nameParams } }, async (req, reply) => {
-      const rec = await m.command(req.params.name, action.toUpperCase() as WorkflowAction);
-      return reply.code(202).send(workflowView(rec));
+      const rec = await m.command(req.params.name, action.replace('-', '_').toUpperCase() as WorkflowAction);
+      return reply.code(202).send(view(rec));
     });
   }
+  app.post<{ Params: { name: string }; Body: { readsOnly?: boolean } | undefined }>('/v1/workflows/:name/switch-traffic', {
+    schema: { params: nameParams, body: { type: ['object', 'null'], additionalProperties: false, properties: { readsOnly: { type: 'boolean' } } } },
+  }, async (req, reply) => {
+    const rec = await m.command(req.params.name, req.body?.readsOnly ? 'SWITCH_READS' : 'SWITCH_TRAFFIC');
+    return reply.code(202).send(view(rec));
+  });
   app.post<{ Params: { name: string } }>('/v1/workflows/:name/vdiff', { schema: { params: nameParams } }, async (req, reply) =>
     reply.code(202).send({ id: await m.requestVDiff(req.params.name) }));
   await app.listen({ host: '127.0.0.1', port });

@@ -45,6 +45,8 @@ type Segment = { truncate: boolean; ops: Map<string, Op> };
 export class TableApplier {
   /** Per target shard, per partition. */
   private positions = new Map<string, Map<number, ShardPosition>>();
+  /** The highest source commit LSN applied on every target shard (switch-traffic waits for its marker with it). */
+  appliedLsn = 0n;
   /** (txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
   readonly recent: Array<{ txId: bigint; commitLsn: bigint }> = [];
 
@@ -88,6 +90,7 @@ export class TableApplier {
     let applied = 0;
     let lastCommitMs: number | undefined;
     let reachedBarrier = false;
+    let maxLsn = 0n;
     for (const m of messages) {
       let change: Change | undefined;
       if (m.value !== null) {
@@ -99,6 +102,7 @@ export class TableApplier {
       }
       lastOffset = BigInt(m.offset);
       if (!change) continue; // a tombstone: the delete before it did the work
+      if (change.commitLsn > maxLsn) maxLsn = change.commitLsn;
       const tuple: Tuple = [change.epoch, change.commitLsn, change.position];
       let taken = false;
       for (const [shard, op] of this.routes(change, m)) {
@@ -131,6 +135,7 @@ export class TableApplier {
       const offset = lastOffset;
       await Promise.all([...this.targets].map(([shard, client]) =>
         this.commit(shard, client, partition, offset, segments.get(shard)!, newApplied.get(shard)!)));
+      if (maxLsn > this.appliedLsn) this.appliedLsn = maxLsn;
     }
     return { applied, lastCommitMs, reachedBarrier };
   }

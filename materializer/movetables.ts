@@ -9,12 +9,13 @@ import type { EventLog, Tail } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { gauge, counter } from '../common/metrics.ts';
 import { tableTopic } from '../schemas/cdc.ts';
-import type { KeyRange, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
+import type { KeyRange, RoutingState, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
 import { ensurePositionsTable, TableApplier, type Barrier } from './apply.ts';
 import type { ChangeDecoder } from './changes.ts';
 import { copyTable } from './copy.ts';
 import type { ShardMap } from './shards.ts';
 import { createTableSql, describeTable, WorkflowError, type MovedTable } from './tables.ts';
+import { freezeSource, thawSource, type Frozen } from './switch.ts';
 import { diffTable } from './vdiff.ts';
 
 export interface RunnerContext {
@@ -29,6 +30,9 @@ export interface RunnerContext {
   publish(workflow: string, payload: WorkflowEvent['payload']): Promise<void>;
   /** The latest confirmed LSN of a source shard's change stream (everything committed before it is in Kafka). */
   confirmedLsn(database: string, shard: string): bigint | undefined;
+  /** The workflow's routing rule state (undefined before the first), and a change of it published on the topology log. */
+  routing(workflow: string): RoutingState | undefined;
+  setRouting(workflow: string, state: RoutingState): Promise<void>;
 }
 
 const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
@@ -37,6 +41,7 @@ const copyEta = gauge('mg_materializer_copy_eta_seconds', 'Estimated time left i
 const lag = gauge('mg_materializer_lag_seconds', 'Age of the oldest change not applied yet (0 when caught up)', ['workflow']);
 const applied = counter('mg_materializer_events_applied_total', 'Change events applied to target shards', ['workflow']);
 const vdiffRows = counter('mg_materializer_vdiff_rows_total', 'Source rows compared by VDiff', ['workflow']);
+const writeGap = gauge('mg_materializer_switch_write_gap_seconds', 'How long the last switch-traffic held the moved tables\' writes', ['workflow']);
 
 const PROGRESS_MS = 1_000;
 
@@ -54,6 +59,7 @@ export class MoveTablesRunner {
   private lastCommitMs = new Map<string, number>();
   private behind = new Set<string>();
   private vdiffRunning = false;
+  private switching = false;
   /** Settles when the run has ended (stopped or failed). */
   readonly done: Promise<void>;
   private finish!: () => void;
@@ -105,6 +111,8 @@ export class MoveTablesRunner {
       await ensurePositionsTable(client);
       for (const t of this.tables) await client.query(createTableSql(t));
     }
+    // The rule exists from the start (serving from the source), so clients' sessions route by it before any switch.
+    if (this.ctx.routing(this.name) === undefined) await this.ctx.setRouting(this.name, 'SOURCE');
     const naming = { topicPrefix: this.ctx.cdcTopicPrefix(def.sourceDatabase), database: def.sourceDatabase };
     this.topics = this.tables.map((t) => tableTopic(naming, t.schema, t.table));
 
@@ -291,6 +299,66 @@ export class MoveTablesRunner {
       await Promise.all(opened.map((c) => c.end().catch(() => {})));
       this.vdiffRunning = false;
     }
+  }
+
+  /**
+   * switch-traffic, writes (decision 0040): gateways hold the tables'
+   * statements, the source refuses writes (after those in flight), the target
+   * catches up to the source's position, the rule flips to the target and the
+   * held statements go on there. On any failure the source takes writes again
+   * and the rule goes back: traffic stays on the source.
+   */
+  async switchWrites(): Promise<void> {
+    if (this.switching || this.vdiffRunning || this.status.phase !== 'RUNNING' || this.appliers.length === 0) {
+      throw new WorkflowError(`switch-traffic needs the workflow in catch-up (it is ${this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''})`);
+    }
+    this.switching = true;
+    const def = this.rec.definition;
+    const before = this.ctx.routing(this.name);
+    const began = performance.now();
+    let frozen: Frozen | undefined;
+    try {
+      await this.ctx.setRouting(this.name, 'WRITES_HELD');
+      frozen = await freezeSource(this.source!, this.tables, def.targetDatabase, this.name);
+      await this.catchUpTo(frozen);
+      await this.ctx.setRouting(this.name, 'TARGET');
+      const gapMs = Math.round(performance.now() - began);
+      writeGap.set({ workflow: this.name }, gapMs / 1000);
+      this.ctx.log.info({ workflow: this.name, gapMs, lsn: String(frozen.lsn) }, 'writes switched');
+      this.stopping = true;
+      await this.publishStatus({ phase: 'SWITCHED', message: `writes switched to ${def.targetDatabase}; held ${gapMs} ms`, lagSeconds: 0 });
+      await this.close();
+      this.finish();
+    } catch (err) {
+      this.ctx.log.error({ err, workflow: this.name }, 'switch-traffic failed; traffic stays on the source');
+      if (frozen) await thawSource(this.source!, this.tables).catch((e) => this.ctx.log.error({ err: e, workflow: this.name }, 'could not let the source take writes again'));
+      await this.ctx.setRouting(this.name, before === 'READS_TARGET' ? 'READS_TARGET' : 'SOURCE');
+      if (this.tails.length === 0 && !this.stopping) await this.startTails();
+      await this.publishStatus({ message: `switch-traffic failed, traffic stays on ${def.sourceDatabase}: ${(err as Error).message}` });
+    } finally {
+      this.switching = false;
+    }
+  }
+
+  /**
+   * Applies every change committed before the freeze. A table's marker (its
+   * no-op update after the freeze position) shows its stream has delivered
+   * all of them; an empty table has none, so then the source's confirmed
+   * stream position is waited for (up to cdc.heartbeatMs on an idle source).
+   */
+  private async catchUpTo(frozen: Frozen): Promise<void> {
+    if (frozen.marked.every(Boolean)) {
+      for (let waited = 0; !this.appliers.every((a) => a.appliedLsn >= frozen.lsn); waited += 5) {
+        if (this.stopping) throw new WorkflowError('the workflow stopped during the switch');
+        if (waited > 30_000) throw new WorkflowError('the target did not catch up with the source within 30 s');
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      await this.halt();
+      return;
+    }
+    await this.waitConfirmed(this.rec.definition.sourceDatabase, frozen.lsn);
+    await this.halt();
+    for (const applier of this.appliers) await this.applyUpTo(applier, { lsn: frozen.lsn });
   }
 
   /** Waits until the source's change stream has everything before `lsn` in Kafka (its confirmed LSN, from mg.cdc.status.v1). */

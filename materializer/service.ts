@@ -7,15 +7,16 @@ import { randomUUID } from 'node:crypto';
 import type { EventLog, Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import {
-  applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, WORKFLOW_NAME, workflowKey, workflowPayload,
-  type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
+  applyTopologyEvent, applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, payload, topologyKey, WORKFLOW_NAME, workflowKey, workflowPayload,
+  type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
 } from '../schemas/index.ts';
 import { dropPositions } from './apply.ts';
 import { ChangeDecoder } from './changes.ts';
 import type { MaterializerConfig } from './config.ts';
 import { freshStatus, MoveTablesRunner } from './movetables.ts';
 import { ShardMap } from './shards.ts';
-import { splitName } from './tables.ts';
+import { retireSource } from './switch.ts';
+import { quoteIdent, splitName } from './tables.ts';
 
 /** A request the API refuses: the HTTP status and why. */
 export class RequestError extends Error {
@@ -39,12 +40,16 @@ export class Materializer {
   private ownEvents = new Set<string>();
   /** VDiff requests this process took on. */
   private vdiffsTaken = new Set<string>();
+  /** Per workflow: the command (by its time) whose switch or completion was tried, so a failed one is not retried until asked again. */
+  private readonly tried = new Map<string, number>();
   private readonly publishEvents: (events: Array<{ key: string; value: WorkflowEvent }>) => Promise<void>;
+  private readonly publishTopology: (events: Array<{ key: string; value: TopologyEvent }>) => Promise<void>;
   private readonly decoder: ChangeDecoder;
 
   constructor(private readonly cfg: MaterializerConfig, private readonly eventLog: EventLog, private readonly log: Logger) {
     this.shards = new ShardMap(eventLog);
     this.publishEvents = eventLog.publisher('workflows');
+    this.publishTopology = eventLog.publisher('topology');
     this.decoder = new ChangeDecoder(eventLog.registry);
   }
 
@@ -109,9 +114,48 @@ export class Materializer {
     return this.workflows.get(req.name)!;
   }
 
+  /** The state of the workflow's routing rule (undefined before it runs). */
+  routing(name: string): RoutingState | undefined {
+    return this.shards.state.routingRules.get(name)?.state;
+  }
+
+  /** Publishes the workflow's routing rule in `state` (a new version) on the topology log, folded here at once. */
+  async setRouting(rec: WorkflowRecord, state: RoutingState, tables = rec.definition.tables): Promise<void> {
+    const held = this.shards.state.routingRules.get(rec.name);
+    const e: TopologyEvent = {
+      eventId: randomUUID(), ts: new Date(), source: `materializer/${this.cfg.id}`,
+      payload: payload('RoutingRuleChanged', {
+        workflow: rec.name, version: (held?.version ?? 0n) + 1n, sourceDatabase: rec.definition.sourceDatabase,
+        targetDatabase: rec.definition.targetDatabase, tables, state,
+      }),
+    };
+    await this.publishTopology([{ key: topologyKey(e), value: e }]);
+    applyTopologyEvent(this.shards.state, e); // its echo is an older-or-equal version then, and ignored
+    this.log.info({ workflow: rec.name, state, version: String((held?.version ?? 0n) + 1n) }, 'routing rule changed');
+  }
+
   async command(name: string, action: WorkflowAction): Promise<WorkflowRecord> {
     const rec = this.get(name);
-    if (rec.status?.phase === 'CANCELLED') throw new RequestError(409, `workflow ${name} was cancelled`);
+    const phase = rec.status?.phase;
+    const routing = this.routing(name);
+    if (phase === 'CANCELLED') throw new RequestError(409, `workflow ${name} was cancelled`);
+    if (phase === 'COMPLETED') throw new RequestError(409, `workflow ${name} is completed`);
+    const switched = phase === 'SWITCHED' || routing === 'TARGET' || routing === 'WRITES_HELD';
+    switch (action) {
+      case 'SWITCH_READS': case 'SWITCH_TRAFFIC':
+        if (switched) throw new RequestError(409, `workflow ${name} has switched its writes already`);
+        if (phase !== 'RUNNING') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: traffic switches during catch-up (RUNNING)`);
+        break;
+      case 'REVERSE_TRAFFIC':
+        if (switched) throw new RequestError(409, `workflow ${name} has switched its writes: reverse replication is not built, so writes cannot switch back without losing the target's new rows`);
+        if (routing !== 'READS_TARGET') throw new RequestError(409, `workflow ${name} serves everything from the source already`);
+        break;
+      case 'COMPLETE':
+        if (phase !== 'SWITCHED') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: complete needs its writes switched (mg workflow switch-traffic)`);
+        break;
+      default:
+        if (switched) throw new RequestError(409, `workflow ${name} has switched its writes: only complete is left`);
+    }
     await this.publish(name, workflowPayload('WorkflowCommanded', { action }));
     return rec;
   }
@@ -145,8 +189,13 @@ export class Materializer {
   private async reconcileOne(rec: WorkflowRecord): Promise<void> {
     const phase = rec.status?.phase;
     const runner = this.runners.get(rec.name);
-    if (phase === 'CANCELLED') return;
+    if (phase === 'CANCELLED' || phase === 'COMPLETED') return;
     if (rec.action === 'CANCEL') return this.cancel(rec, runner);
+    if (phase === 'SWITCHED') {
+      this.runners.delete(rec.name);
+      if (rec.action === 'COMPLETE' && this.tryOnce(rec)) await this.complete(rec);
+      return;
+    }
     if (rec.action === 'STOP') {
       if (runner) {
         this.runners.delete(rec.name);
@@ -157,10 +206,15 @@ export class Materializer {
       }
       return;
     }
-    // START: run it, unless it failed after the last command (a new START retries).
+    // START and the traffic commands: run it, unless it failed after the last command (a new START retries).
+    const routing = this.routing(rec.name);
+    if (rec.action === 'SWITCH_READS' && routing === 'SOURCE') await this.setRouting(rec, 'READS_TARGET');
+    if (rec.action === 'REVERSE_TRAFFIC' && routing === 'READS_TARGET') await this.setRouting(rec, 'SOURCE');
     if (runner) {
       if (runner.status.phase === 'FAILED') this.runners.delete(rec.name);
-      else this.maybeVDiff(rec, runner);
+      else if (rec.action === 'SWITCH_TRAFFIC' && runner.status.phase === 'RUNNING' && this.tryOnce(rec)) {
+        await runner.switchWrites().catch((err) => runner.publishStatus({ message: `switch-traffic: ${(err as Error).message}` }));
+      } else this.maybeVDiff(rec, runner);
       return;
     }
     if (phase === 'FAILED' && rec.statusAt && rec.statusAt >= rec.commandAt) return;
@@ -193,7 +247,41 @@ export class Materializer {
       cdcTopicPrefix: (db) => `${this.cfg.topicPrefix}${this.cfg.cdcTopicPrefixes[db] ?? 'mg'}`,
       publish: (w, p) => this.publish(w, p),
       confirmedLsn: (db, shard) => this.confirmed.get(`${db}/${shard}`),
+      routing: (w) => this.routing(w),
+      setRouting: (w, state) => this.setRouting(this.get(w), state),
     });
+  }
+
+  /** Whether the workflow's last command has not been tried yet (and marks it tried). */
+  private tryOnce(rec: WorkflowRecord): boolean {
+    if (this.tried.get(rec.name) === rec.commandAt.getTime()) return false;
+    this.tried.set(rec.name, rec.commandAt.getTime());
+    return true;
+  }
+
+  /** complete: the source tables move away into a schema of their own, the target shards forget the positions; the rule keeps serving from the target. */
+  private async complete(rec: WorkflowRecord): Promise<void> {
+    const def = rec.definition;
+    try {
+      const source = await this.shards.connect(def.sourceDatabase, this.shards.ranges(def.sourceDatabase)[0].shard, `mg-materializer-${rec.name}`);
+      let schema: string;
+      try {
+        schema = await retireSource(source, def.tables.map((n) => ({ sql: `${quoteIdent(splitName(n).schema)}.${quoteIdent(splitName(n).table)}` })), rec.name);
+      } finally {
+        await source.end().catch(() => {});
+      }
+      for (const r of this.shards.ranges(def.targetDatabase)) {
+        const target = await this.shards.connect(def.targetDatabase, r.shard, `mg-materializer-${rec.name}`);
+        await dropPositions(target, rec.name).finally(() => target.end().catch(() => {}));
+      }
+      await this.publish(rec.name, workflowPayload('WorkflowStatus', {
+        ...rec.status!, phase: 'COMPLETED', message: `${def.targetDatabase} serves ${def.tables.join(', ')}; the source tables are in schema ${schema} of ${def.sourceDatabase} (drop them when done)`,
+      }));
+      this.log.info({ workflow: rec.name, schema }, 'workflow completed');
+    } catch (err) {
+      this.log.error({ err, workflow: rec.name }, 'complete failed');
+      await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...rec.status!, message: `complete failed (run it again): ${(err as Error).message}` }));
+    }
   }
 
   /** Cancel: stop, and remove the workflow's positions from the target shards (the copied rows stay: drop them yourself). */
@@ -201,6 +289,8 @@ export class Materializer {
     this.runners.delete(rec.name);
     const r = running ?? this.runner(rec);
     await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
+    // A rule with no tables routes nothing: the source's new sessions relay unparsed again.
+    if (this.routing(rec.name) !== undefined) await this.setRouting(rec, 'SOURCE', []).catch((err) => this.log.warn({ err, workflow: rec.name }, 'routing rule of a cancelled workflow not cleared'));
     try {
       for (const client of (await r.targetSessions()).values()) await dropPositions(client, rec.name);
     } catch (err) {

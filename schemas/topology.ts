@@ -9,7 +9,7 @@
  */
 import { parseVSchema, type VSchema } from './vschema/vschema.ts';
 import type {
-  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
+  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, RoutingRuleChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
 } from './generated/types.ts';
 
 type Payload = TopologyEvent['payload'];
@@ -25,7 +25,8 @@ export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): P
 
 export type PayloadKind =
   | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
-  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged' | 'VSchemaApplied';
+  | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged' | 'VSchemaApplied'
+  | 'RoutingRuleChanged';
 export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
 
 /** The kind and body of an event's payload. */
@@ -47,6 +48,7 @@ export function topologyKey(event: TopologyEvent): string {
     case 'PrimaryChanged': return `shard/${b.database}/${b.shard}/primary`;
     case 'DatabaseActivationChanged': return `database/${b.database}/activation`;
     case 'VSchemaApplied': return `vschema/${b.database}`;
+    case 'RoutingRuleChanged': return `routing/${b.workflow}`;
   }
 }
 
@@ -74,6 +76,7 @@ export interface TopologyState {
   /** Databases asked to be inactive (scaled to zero), with why and since when; absent = active. */
   inactive: Map<string, { reason: string; since: Date }>;
   vschemas: Map<string, VSchemaRecord>; // key: database
+  routingRules: Map<string, RoutingRuleChanged>; // key: workflow
   /** Events applied, including ignored stale ones. */
   applied: number;
 }
@@ -81,7 +84,7 @@ export interface TopologyState {
 export function emptyTopology(): TopologyState {
   return {
     cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
-    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), applied: 0,
+    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), routingRules: new Map(), applied: 0,
   };
 }
 
@@ -152,6 +155,12 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       state.vschemas.set(b.database, { version: b.version, vschema });
       break;
     }
+    case 'RoutingRuleChanged': {
+      const held = state.routingRules.get(b.workflow);
+      if (held && b.version <= held.version) break;
+      state.routingRules.set(b.workflow, b);
+      break;
+    }
   }
   return state;
 }
@@ -168,6 +177,28 @@ export function shardGroupOf(state: TopologyState, database: string): string | u
   const host = state.databases.get(db.hostedOn);
   return host && !host.dropped && host.hostedOn === null ? db.hostedOn : undefined;
 }
+
+/**
+ * The routing rules that move tables out of `database` (decision 0039): table
+ * (schema.table) -> its rule. Undefined when none does, so sessions of
+ * databases without rules keep relaying bytes.
+ */
+export function movedTablesOf(state: TopologyState, database: string): Map<string, RoutingRuleChanged> | undefined {
+  let out: Map<string, RoutingRuleChanged> | undefined;
+  for (const rule of state.routingRules.values()) {
+    if (rule.sourceDatabase !== database || rule.tables.length === 0) continue;
+    out ??= new Map();
+    for (const t of rule.tables) out.set(t, rule);
+  }
+  return out;
+}
+
+/**
+ * The SQLSTATE a source table raises for writes once its workflow has
+ * switched (or is switching) them away: the gateway holds the statement and
+ * runs it on the target instead of reporting it (decision 0040).
+ */
+export const MOVED_WRITES_SQLSTATE = '55MG1';
 
 /** state = fold(events). */
 export function foldTopology(events: Iterable<TopologyEvent>): TopologyState {

@@ -18,7 +18,7 @@
  *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
  *   mg vschema show   <db> [--data-dir dir]
- *   mg workflow create|list|show|start|stop|cancel|vdiff ... (see USAGE)
+ *   mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete ... (see USAGE)
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -65,6 +65,8 @@ const USAGE = `usage:
   mg workflow list   [--data-dir dir]
   mg workflow show|start|stop|cancel <name> [--data-dir dir]
   mg workflow vdiff  <name> [--no-wait] [--data-dir dir]
+  mg workflow switch-traffic <name> [--reads-only] [--no-wait] [--data-dir dir]
+  mg workflow reverse-traffic|complete <name> [--no-wait] [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -88,6 +90,7 @@ async function main(argv: string[]): Promise<void> {
       as: { type: 'string' },
       port: { type: 'string' },
       'no-wait': { type: 'boolean' },
+      'reads-only': { type: 'boolean' },
       on: { type: 'string' },
       shards: { type: 'string' },
       replicas: { type: 'string' },
@@ -152,12 +155,12 @@ async function main(argv: string[]): Promise<void> {
   if (group === 'workflow') {
     const spec = savedSpec(values['data-dir'] ?? '.mg');
     if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
-    if (!['create', 'list', 'show', 'start', 'stop', 'cancel', 'vdiff'].includes(command ?? '')) throw new UsageError(`unknown command: workflow ${command ?? '(none)'}`);
+    if (!['create', 'list', 'show', 'start', 'stop', 'cancel', 'vdiff', 'switch-traffic', 'reverse-traffic', 'complete'].includes(command ?? '')) throw new UsageError(`unknown command: workflow ${command ?? '(none)'}`);
     const name = positionals[2];
     if (command !== 'list' && !name) throw new UsageError(`workflow ${command} needs a workflow name`);
     if (command === 'create' && (!values.source || !values.target || !values.tables)) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
     process.exitCode = await runWorkflowCommand(spec, command!, {
-      name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'],
+      name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'], readsOnly: values['reads-only'] ?? false,
     });
     return;
   }

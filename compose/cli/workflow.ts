@@ -1,4 +1,4 @@
-/** `mg workflow create|list|show|start|stop|cancel|vdiff`: materializer workflows, through its REST API. */
+/** `mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete`: materializer workflows, through its REST API. */
 import { callMaterializer } from '../materializer.ts';
 import type { ClusterSpec } from '../spec.ts';
 
@@ -8,7 +8,16 @@ export interface WorkflowArgs {
   target: string | undefined;
   tables: string | undefined;
   wait: boolean;
+  /** switch-traffic: reads only. */
+  readsOnly: boolean;
 }
+
+/** What the traffic commands wait for (the workflow as GET shows it), unless --no-wait. */
+const SETTLED: Record<string, (w: any, readsOnly: boolean) => boolean> = {
+  'switch-traffic': (w, readsOnly) => (readsOnly ? w.routing === 'READS_TARGET' : w.phase === 'SWITCHED'),
+  'reverse-traffic': (w) => w.routing === 'SOURCE',
+  complete: (w) => w.phase === 'COMPLETED',
+};
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -54,10 +63,27 @@ export async function runWorkflowCommand(spec: ClusterSpec, command: string, arg
       }
     }
     default: {
-      const r = await callMaterializer(spec, 'POST', `${path}/${command}`);
+      const r = await callMaterializer(spec, 'POST', `${path}/${command}`, command === 'switch-traffic' ? { readsOnly: args.readsOnly } : undefined);
       if (r.status !== 202) return fail(r);
-      console.log(`workflow ${args.name}: ${command} requested`);
-      return 0;
+      const settled = SETTLED[command];
+      if (!settled || !args.wait) {
+        console.log(`workflow ${args.name}: ${command} requested`);
+        return 0;
+      }
+      // A failed switch or completion leaves the phase as it was and says why in the message.
+      const before = r.body.message;
+      for (;;) {
+        await sleep(200);
+        const w = (await callMaterializer(spec, 'GET', path)).body;
+        if (settled(w, args.readsOnly)) {
+          console.log(`workflow ${args.name}: ${command} done: phase ${w.phase}, routing ${w.routing}${w.message ? ` (${w.message})` : ''}`);
+          return 0;
+        }
+        if (w.message && w.message !== before && /failed/.test(w.message)) {
+          console.error(`mg: ${w.message}`);
+          return 1;
+        }
+      }
     }
   }
 }
@@ -76,7 +102,7 @@ export function renderWorkflow(w: any): string {
   const p = w.progress;
   const lines = [
     `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
-    `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, updated ${w.updatedAt ?? '-'}`,
+    `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, routing ${w.routing ?? '-'}, updated ${w.updatedAt ?? '-'}`,
     `  copy: ${p.rowsCopied} rows, ${Math.round(p.rowsPerSecond)} rows/s, ETA ${secs(p.etaSeconds)}`,
     ...p.tables.map((t: any) => `    ${t.table}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),
     `  catch-up: ${p.eventsApplied} changes applied, lag ${secs(p.lagSeconds)}`,

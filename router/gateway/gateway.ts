@@ -12,7 +12,7 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorResponse } from '../protocol/messages.ts';
-import { payload, topologyKey, type SchemaChange, type TopologyEvent } from '../../schemas/index.ts';
+import { movedTablesOf, payload, topologyKey, type SchemaChange, type TopologyEvent } from '../../schemas/index.ts';
 import { loadDdlParser, type DatabaseDdl } from './database-ddl.ts';
 import { Discovery, type DatabaseGone, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
@@ -247,9 +247,10 @@ export class Gateway {
       return;
     }
     const key = this.newKey();
-    // A sharded database's sessions plan every statement; the others relay bytes (nothing parsed).
+    // A sharded database's sessions plan every statement, and so do those of a database whose tables a
+    // workflow moves (routing rules, decision 0039); the others relay bytes (nothing parsed).
     const database = (client.params.database ?? client.params.user).split('@')[0];
-    const session = this.discovery.topology.databases.get(database)?.sharded
+    const session = this.discovery.topology.databases.get(database)?.sharded || movedTablesOf(this.discovery.topology, database)
       ? new ShardedSession(client.socket as net.Socket, client.params, {
         discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc, recordSchemaChange: (c) => this.recordSchemaChange(c),
       })

@@ -11,7 +11,7 @@ import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { VindexValueError } from '../../schemas/vschema/vindex.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
-import type { VSchemaRecord } from '../../schemas/topology.ts';
+import { MOVED_WRITES_SQLSTATE, movedTablesOf, type VSchemaRecord } from '../../schemas/topology.ts';
 import type { SchemaChange } from '../../schemas/generated/types.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
 import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type InsertPlan, type Plan } from '../planner/plan.ts';
@@ -21,8 +21,9 @@ import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { quoteIdent } from '../pooler/text.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { cstr, DEFAULT_MAX_MESSAGE, frameAt, int16, int32, message, MessageScanner, BodyReader } from '../protocol/frames.ts';
+import { routeStatements, type Routed } from './routing.ts';
 import {
-  BIND_COMPLETE, backendKeyData, CLOSE_COMPLETE, commandComplete, dataRow, decodeParse, encodeCancel, encodeErrorFields, EMPTY_QUERY_RESPONSE, errorResponse,
+  BIND_COMPLETE, backendKeyData, CLOSE_COMPLETE, commandComplete, dataRow, decodeParse, encodeCancel, encodeErrorFields, EMPTY_QUERY_RESPONSE, errorFieldsAt, errorResponse,
   NO_DATA, PARSE_COMPLETE, parameterStatus, readyForQuery, rowDescription, SYNC, T,
 } from '../protocol/messages.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
@@ -40,6 +41,7 @@ const statements = counter('mg_gateway_sharded_statements_total', 'Statements of
 const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
 const refusals = counter('mg_gateway_sharded_refused_total', 'Statements refused with 0A000 because no route answers them correctly');
 const commits = counter('mg_gateway_sharded_commits_total', 'Commits of sharded transactions, by mode and participant count', ['mode', 'shards']);
+const heldStatements = counter('mg_gateway_routing_held_total', 'Statements on moved tables held while their workflow switched traffic, by outcome', ['outcome']);
 
 /** Planners by VSchema version: each caches its plans, and a new version starts a new cache. */
 const planners = new WeakMap<VSchemaRecord, Planner>();
@@ -68,7 +70,7 @@ export type SchemaChangeRecord = Omit<SchemaChange, 'eventId' | 'ts' | 'source'>
 type How = { simple: true } | { simple: false; portal: Portal; describe: boolean; limited: boolean };
 
 /** A prepared statement of the extended protocol: the text and its plan, made at Parse. */
-interface Prepared { sql: string; paramTypes: number[]; plan: Plan }
+interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string }
 /** A bound portal: rows are computed at its first Execute and handed out by row limits. */
 interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
 
@@ -81,6 +83,12 @@ export class ShardedSession {
   readonly database: string;
   /** `db@replica`: each shard's link goes to one of its serving replicas within the lag threshold, and writes are refused. */
   readonly target: 'primary' | 'replica';
+  /**
+   * The database the statement being run goes to: the session's own, or (on a
+   * database with routing rules) the one serving the statement's tables.
+   */
+  private current: string;
+  /** Shard links by `database/shard`. */
   private readonly links = new Map<string, ShardLink>();
   /** See sequenceLink(). */
   private seqLink: ShardLink | undefined;
@@ -117,6 +125,7 @@ export class ShardedSession {
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: ShardedSessionOptions) {
     const [database, suffix] = (params.database ?? params.user).split('@');
     this.database = database;
+    this.current = database;
     this.target = suffix === 'replica' ? 'replica' : 'primary';
     this.mode = (opts.discovery.topology.databases.get(this.database)?.transactionMode as TransactionMode | null) ?? 'multi';
   }
@@ -125,9 +134,61 @@ export class ShardedSession {
     return plannerFor(this.opts.discovery.topology.vschemas.get(this.database));
   }
 
-  /** The shards in key-range order. */
+  /**
+   * The statements of `sql` and where each runs. On a database with routing
+   * rules, a statement on tables whose switch is in progress waits here (the
+   * buffer window at most) until the rule changes.
+   */
+  private async routed(sql: string): Promise<Array<Extract<Routed, { database: string }>>> {
+    const topology = this.opts.discovery.topology;
+    for (;;) {
+      const rules = movedTablesOf(topology, this.database);
+      if (!rules) return this.planner.plan(sql).map((plan) => ({ text: sql, database: this.database, plan }));
+      const routes = routeStatements(sql, {
+        source: this.database, rules, inTransaction: this.inTransaction, sessionPlanner: noVSchema,
+        targetPlanner: (db) => plannerFor(topology.vschemas.get(db)),
+      });
+      const held = routes.find((r) => r.held)?.held;
+      if (!held) return routes as Array<Extract<Routed, { database: string }>>;
+      const changed = await this.opts.discovery.waitUntil(() => topology.routingRules.get(held.workflow)?.version !== held.version, this.opts.bufferWindowMs);
+      heldStatements.inc({ outcome: changed ? 'released' : 'timed_out' });
+      if (!changed) {
+        throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `workflow ${held.workflow} is switching traffic of ${held.tables.join(', ')} and did not finish within ${this.opts.bufferWindowMs} ms`);
+      }
+    }
+  }
+
+  /**
+   * Runs a routed statement. One the source refuses because its writes moved
+   * away meanwhile (a statement that reached it before this gateway saw the
+   * switch begin) runs again once the rule has changed, unless it was inside
+   * a transaction (that transaction cannot move).
+   */
+  private async executeRouted(r: Extract<Routed, { database: string }>, how: How): Promise<void> {
+    this.current = r.database;
+    try {
+      await this.execute(r.plan, how);
+    } catch (err) {
+      if (!(err instanceof PgError) || err.code !== MOVED_WRITES_SQLSTATE || this.inTransaction) throw err;
+      const topology = this.opts.discovery.topology;
+      const deadline = Date.now() + this.opts.bufferWindowMs;
+      for (;;) {
+        const [again] = await this.routed(r.text);
+        if (again.database !== r.database) {
+          heldStatements.inc({ outcome: 'retried' });
+          this.current = again.database;
+          return this.execute(again.plan, how);
+        }
+        // This gateway has not seen the switch begin yet: wait for the next topology event.
+        const seen = topology.applied;
+        if (Date.now() >= deadline || !(await this.opts.discovery.waitUntil(() => topology.applied !== seen, deadline - Date.now()))) throw err;
+      }
+    }
+  }
+
+  /** The shards of the statement's database, in key-range order. */
   private ranges() {
-    return this.opts.discovery.keyRanges(this.database);
+    return this.opts.discovery.keyRanges(this.current);
   }
 
   async start(pending: Buffer): Promise<void> {
@@ -161,15 +222,16 @@ export class ShardedSession {
    * closed and reopened on the new primary at next use.
    */
   leaveReplacedPrimary(move: PrimaryMove): 'in_transaction' | undefined {
-    if (this.ended || move.database !== this.database) return undefined;
-    const link = this.links.get(move.shard);
+    if (this.ended) return undefined;
+    const key = `${move.database}/${move.shard}`;
+    const link = this.links.get(key);
     if (!link || link.ep.instanceId === move.to) return undefined;
     if (link.inTransaction) {
       this.fail(new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN,
         `terminating connection because the primary of ${move.database}/${move.shard} was replaced (term ${move.term}): the open transaction did not commit`));
       return 'in_transaction';
     }
-    this.links.delete(move.shard);
+    this.links.delete(key);
     link.up.end();
     return undefined;
   }
@@ -262,16 +324,16 @@ export class ShardedSession {
   // --- simple query protocol -------------------------------------------------------------------
 
   private async simpleQuery(sql: string): Promise<void> {
-    let plans: Plan[];
+    let routes: Array<Extract<Routed, { database: string }>>;
     try {
-      plans = this.planner.plan(sql);
+      routes = await this.routed(sql);
     } catch (err) {
-      plans = [];
+      routes = [];
       this.reportError(err);
     }
-    for (const plan of plans) {
+    for (const r of routes) {
       try {
-        await this.execute(plan, { simple: true });
+        await this.executeRouted(r, { simple: true });
       } catch (err) {
         this.reportError(err);
         break;
@@ -426,8 +488,8 @@ export class ShardedSession {
   /** Ids for the rows of an INSERT that leave their auto-increment column to the sequence, from this gateway's block. */
   private async sequenceIds(plan: InsertPlan): Promise<string[]> {
     const fill = plan.sequence!;
-    const cache = this.opts.discovery.topology.vschemas.get(this.database)?.vschema.sequences[fill.sequence]?.cache ?? 1000;
-    return sequenceBlocks.take(this.database, fill.sequence, cache, idsNeeded(fill, plan.rows.length), async (sql) => {
+    const cache = this.opts.discovery.topology.vschemas.get(this.current)?.vschema.sequences[fill.sequence]?.cache ?? 1000;
+    return sequenceBlocks.take(this.current, fill.sequence, cache, idsNeeded(fill, plan.rows.length), async (sql) => {
       const r = await (await this.sequenceLink()).query(sql);
       return r.rows.length ? decodeDataRow(r.rows[0])[0]?.toString('utf8') : undefined;
     });
@@ -437,9 +499,9 @@ export class ShardedSession {
   private async sequenceLink(): Promise<ShardLink> {
     const shard = this.ranges()[0].shard;
     const held = this.seqLink;
-    if (held && !held.closed && this.opts.discovery.primary(this.database, shard)?.instanceId === held.ep.instanceId) return held;
+    if (held && !held.closed && this.opts.discovery.primary(this.current, shard)?.instanceId === held.ep.instanceId) return held;
     held?.up.end();
-    const link = await ShardLink.open(shard, await this.primaryOf(shard), { ...this.params, database: this.database }, () => {
+    const link = await ShardLink.open(shard, await this.primaryOf(shard), { ...this.params, database: this.current }, () => {
       if (this.seqLink === link) this.seqLink = undefined;
     });
     this.seqLink = link;
@@ -458,7 +520,8 @@ export class ShardedSession {
         case 'all': return ranges.map((r) => r.shard);
         case 'reference': {
           // Any shard answers: one this session already uses (its transaction's writes included), else the first.
-          const used = ranges.find((r) => this.links.get(r.shard)?.inTransaction) ?? ranges.find((r) => this.links.has(r.shard)) ?? ranges[0];
+          const linkOf = (r: { shard: string }) => this.links.get(`${this.current}/${r.shard}`);
+          const used = ranges.find((r) => linkOf(r)?.inTransaction) ?? ranges.find((r) => linkOf(r)) ?? ranges[0];
           return [used.shard];
         }
         default: return [];
@@ -476,11 +539,18 @@ export class ShardedSession {
     const out = this.out;
     const handler: ResponseHandler = (type, buf, start, len) => {
       if (type === T.ParseComplete || type === T.BindComplete) return;
-      if (type === T.ErrorResponse) error = {};
+      if (type === T.ErrorResponse) {
+        error = errorFieldsAt(buf, start, len);
+        if (error.C === MOVED_WRITES_SQLSTATE) return; // thrown below: the caller may run it elsewhere
+      }
       out.push(Buffer.from(buf.subarray(start, start + len)));
     };
     await link.request(this.requestBytes(sql, how, !how.simple && how.describe), handler);
     if (!error) return;
+    if (error.C === MOVED_WRITES_SQLSTATE) {
+      if (this.inTransaction) this.transactionFailed = true;
+      throw new PgError('ERROR', error.C, error.M ?? 'the table\'s writes moved to another database', error.D, error.H);
+    }
     if (this.inTransaction) this.transactionFailed = true;
     if (!how.simple) this.skipToSync = true;
   }
@@ -587,49 +657,52 @@ export class ShardedSession {
 
   /** The session's link to a shard's primary (or replica), opened (and its settings replayed) on first use. */
   private async link(shard: string): Promise<ShardLink> {
-    const held = this.links.get(shard);
-    if (held && !held.closed && (held.inTransaction || this.stillTarget(shard, held.ep))) return held;
+    const database = this.current;
+    const key = `${database}/${shard}`;
+    const held = this.links.get(key);
+    if (held && !held.closed && (held.inTransaction || this.stillTarget(database, shard, held.ep))) return held;
     if (held) {
-      this.links.delete(shard);
+      this.links.delete(key);
       if (held.inTransaction) throw new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`);
       held.up.end();
     }
-    let opening = this.connecting.get(shard);
+    let opening = this.connecting.get(key);
     if (!opening) {
-      opening = this.openLink(shard).finally(() => this.connecting.delete(shard));
-      this.connecting.set(shard, opening);
+      opening = this.openLink(database, shard).finally(() => this.connecting.delete(key));
+      this.connecting.set(key, opening);
     }
     return opening;
   }
 
   /** Whether `ep` is still where the session's statements on `shard` go: the primary, or a usable replica. */
-  private stillTarget(shard: string, ep: Endpoint): boolean {
+  private stillTarget(database: string, shard: string, ep: Endpoint): boolean {
     const d = this.opts.discovery;
-    return this.target === 'replica' ? d.replicaUsable(ep.instanceId) : d.primary(this.database, shard)?.instanceId === ep.instanceId;
+    return this.target === 'replica' ? d.replicaUsable(ep.instanceId) : d.primary(database, shard)?.instanceId === ep.instanceId;
   }
 
-  private async openLink(shard: string): Promise<ShardLink> {
+  private async openLink(database: string, shard: string): Promise<ShardLink> {
+    const key = `${database}/${shard}`;
     const ep = this.target === 'replica' ? this.replicaOf(shard) : await this.primaryOf(shard);
-    const link = await ShardLink.open(shard, ep, { ...this.params, database: this.database }, () => {
-      if (this.links.get(shard) === link) this.links.delete(shard);
+    const link = await ShardLink.open(shard, ep, { ...this.params, database }, () => {
+      if (this.links.get(key) === link) this.links.delete(key);
       if (link.inTransaction && !this.ended) this.fail(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`));
     });
     for (const set of this.settings) await link.query(set);
-    this.links.set(shard, link);
+    this.links.set(key, link);
     return link;
   }
 
   private async primaryOf(shard: string): Promise<Endpoint> {
     const d = this.opts.discovery;
-    const ep = d.primary(this.database, shard) ?? (await d.waitForPrimary(this.database, shard, this.opts.bufferWindowMs));
-    if (!ep) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no serving primary for ${this.database}/${shard} after waiting ${this.opts.bufferWindowMs} ms`);
+    const ep = d.primary(this.current, shard) ?? (await d.waitForPrimary(this.current, shard, this.opts.bufferWindowMs));
+    if (!ep) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no serving primary for ${this.current}/${shard} after waiting ${this.opts.bufferWindowMs} ms`);
     return ep;
   }
 
   /** A serving replica of the shard within the lag threshold, at random (as for unsharded databases). */
   private replicaOf(shard: string): Endpoint {
-    const replicas = this.opts.discovery.replicas(this.database, shard);
-    if (!replicas.length) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no healthy replica of ${this.database}/${shard} within the lag threshold`);
+    const replicas = this.opts.discovery.replicas(this.current, shard);
+    if (!replicas.length) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no healthy replica of ${this.current}/${shard} within the lag threshold`);
     return replicas[Math.floor(Math.random() * replicas.length)];
   }
 
@@ -761,9 +834,9 @@ export class ShardedSession {
       case T.Parse: {
         const p = decodeParse(frameAt(raw, 0, raw.length));
         if (p.name && this.prepared.has(p.name)) throw new PgError('ERROR', SQLSTATE.DUPLICATE_PREPARED_STATEMENT, `prepared statement "${p.name}" already exists`);
-        const plans = this.planner.plan(p.sql);
-        if (plans.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
-        this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: plans[0] });
+        const routes = await this.routed(p.sql);
+        if (routes.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
+        this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: routes[0].plan, database: routes[0].database });
         this.reply(PARSE_COMPLETE);
         return;
       }
@@ -817,6 +890,7 @@ export class ShardedSession {
       this.reply(p.kind === 'show_plan' ? rowDescription([{ name: 'mg_plan' }]) : p.kind === 'explain' ? rowDescription([{ name: 'QUERY PLAN' }]) : NO_DATA);
       return;
     }
+    this.current = prepared.database;
     const [shard] = await this.shardsOf({ kind: 'reference', sql: text, tables: [] });
     const link = await this.link(shard);
     const result = new ShardResult(shard);
@@ -834,7 +908,10 @@ export class ShardedSession {
 
   private async executePortal(portal: Portal, name: string, maxRows: number): Promise<void> {
     if (!portal.pending) {
-      await this.execute(portal.prepared.plan, { simple: false, portal, describe: portal.described, limited: maxRows > 0 });
+      // Rules may have changed since Parse: a statement of a database with rules is routed again now.
+      const { prepared } = portal;
+      const [route] = movedTablesOf(this.opts.discovery.topology, this.database) ? await this.routed(prepared.sql) : [{ text: prepared.sql, database: prepared.database, plan: prepared.plan }];
+      await this.executeRouted(route, { simple: false, portal, describe: portal.described, limited: maxRows > 0 });
       if (!portal.pending) return; // answered already (relayed from one shard, or a session command)
     }
     const rows = portal.pending;

@@ -588,7 +588,7 @@ const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;
 const lastName = (names: any[] | undefined): string => (names ?? []).map((x) => x.String?.sval).filter(Boolean).pop() ?? '';
 const isAggregateName = (n: string) => ['avg', 'stddev', 'variance', 'string_agg', 'array_agg', 'json_agg', 'jsonb_agg', 'bool_and', 'bool_or', 'every', 'percentile_cont', 'percentile_disc', 'mode'].includes(n);
 
-function walk(n: any, visit: (kind: string, body: any) => void): void {
+export function walk(n: any, visit: (kind: string, body: any) => void): void {
   if (Array.isArray(n)) {
     for (const x of n) walk(x, visit);
     return;

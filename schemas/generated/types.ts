@@ -282,6 +282,21 @@ export interface VSchemaApplied {
   vschema: string;
 }
 
+export type RoutingState = 'SOURCE' | 'READS_TARGET' | 'WRITES_HELD' | 'TARGET';
+
+/** Routing rule of a MoveTables workflow (decision 0039): which database serves the moved tables that clients name in the source database. A newer version replaces the older. */
+export interface RoutingRuleChanged {
+  workflow: string;
+  /** Grows by one per change; consumers ignore an event older than the version they hold. */
+  version: bigint;
+  sourceDatabase: string;
+  targetDatabase: string;
+  /** schema.table names. */
+  tables: Array<string>;
+  /** SOURCE: everything to the source; READS_TARGET: reads outside transactions to the target, writes to the source; WRITES_HELD: gateways hold statements on the tables (the switch is in progress); TARGET: everything to the target. */
+  state: RoutingState;
+}
+
 /** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
 export interface TopologyEvent {
   /** Unique id (UUID) of this event, for deduplication. */
@@ -289,7 +304,7 @@ export interface TopologyEvent {
   ts: Date;
   /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
   source: string;
-  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied };
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged };
 }
 
 export type WorkflowType = 'MOVE_TABLES';
@@ -302,13 +317,13 @@ export interface WorkflowCreated {
   tables: Array<string>;
 }
 
-export type WorkflowAction = 'START' | 'STOP' | 'CANCEL';
+export type WorkflowAction = 'START' | 'STOP' | 'CANCEL' | 'SWITCH_READS' | 'SWITCH_TRAFFIC' | 'REVERSE_TRAFFIC' | 'COMPLETE';
 
 export interface WorkflowCommanded {
   action: WorkflowAction;
 }
 
-export type WorkflowPhase = 'COPYING' | 'RUNNING' | 'STOPPED' | 'CANCELLED' | 'FAILED';
+export type WorkflowPhase = 'COPYING' | 'RUNNING' | 'STOPPED' | 'CANCELLED' | 'FAILED' | 'SWITCHED' | 'COMPLETED';
 
 export interface PartitionOffset {
   topic: string;

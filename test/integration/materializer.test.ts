@@ -10,42 +10,21 @@
  * materializer's back.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import { shardRanges } from '../../compose/spec.ts';
 import { readPid } from '../../compose/supervise.ts';
 import { hashKeyspaceId, shardFor, workflowKind, type WorkflowEvent, type WorkflowStatus } from '../../schemas/index.ts';
-import { sleep, testCluster, until } from '../support/cluster.ts';
+import { sleep, until } from '../support/cluster.ts';
 import { testEventLog } from '../support/env.ts';
+import { moveTablesCluster } from '../support/movetables.ts';
 
 const PAGE_ROWS = 500;
-const cluster = testCluster('materializer', 1, { settings: { 'materializer.pageRows': PAGE_ROWS }, spec: {
-  cells: ['zone1'],
-  databases: [
-    { name: 'src', instancesPerShard: 1, durability: 'ANY_1', cdc: { enabled: true } },
-    { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' },
-  ],
-} });
+const mt = moveTablesCluster('materializer', 1, { 'materializer.pageRows': PAGE_ROWS });
+const { cluster, ranges: RANGES, direct, gateway } = mt;
 const { spec, flags, mg, dataDir } = cluster;
-const RANGES = shardRanges(2);
 const INITIAL_ROWS = 20_000;
-const asText = { getTypeParser: () => (v: string) => v };
-const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 3";
 
-const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
-const direct = async (db: string, shard: string) => {
-  const c = new pg.Client({ host: '127.0.0.1', port: portOf(db, shard), user: 'postgres', database: db, types: asText });
-  await c.connect();
-  await c.query(TEXT_SETTINGS);
-  return c;
-};
-const gateway = async (db: string) => {
-  const c = new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: db, types: asText });
-  await c.connect();
-  return c;
-};
 const api = async (p: string) => (await fetch(`http://127.0.0.1:${spec.materializer.port}${p}`)).json() as Promise<any>;
 const phaseOf = async (name: string) => (await api(`/v1/workflows/${name}`)).phase as string;
 
@@ -109,12 +88,7 @@ async function writer(): Promise<void> {
 }
 
 before(async () => {
-  const up = await mg('cluster', 'up', ...flags);
-  assert.equal(up.code, 0, up.stderr + up.stdout);
-  const file = path.join(dataDir, 'vschema.yaml');
-  fs.writeFileSync(file, 'vindexes:\n  hash: { type: hash }\ntables:\n  orders: { column_vindexes: [{ column: id, name: hash }] }\n');
-  const applied = await mg('vschema', 'apply', 'dst', file, '--data-dir', dataDir);
-  assert.equal(applied.code, 0, applied.stderr);
+  await mt.up();
   const c = await gateway('src');
   await c.query('CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(10,2) NOT NULL, note text, updated_at timestamp)');
   await c.query(`INSERT INTO orders SELECT g, 'c' || (g % 97), (g % 1000) / 4.0, 'i' || g, now() FROM generate_series(1, ${INITIAL_ROWS}) g`);

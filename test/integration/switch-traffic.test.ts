@@ -1,0 +1,194 @@
+/**
+ * MoveTables switch-traffic end to end: an unsharded source database with CDC
+ * on, table orders moved into a 2-shard database while two clients write to
+ * it through the gateway (one with bind parameters, one with plain SQL). Reads
+ * switch first; then writes switch while the writers go on: neither sees an
+ * error, every acknowledged write is on the shard its vindex names, and the
+ * rows written after the switch are served by the target shards. A statement
+ * mixing the moved table with one that stays is refused with 0A000. Writes
+ * cannot switch back (reverse replication is not built); complete retires the
+ * source table.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
+import { sleep, until } from '../support/cluster.ts';
+import { moveTablesCluster } from '../support/movetables.ts';
+
+const mt = moveTablesCluster('switch', 2);
+const { cluster, ranges: RANGES, portOf, direct, gateway } = mt;
+const { spec, mg, dataDir } = cluster;
+const INITIAL_ROWS = 5_000;
+
+const api = async (p: string, method = 'GET', body?: unknown) => {
+  const res = await fetch(`http://127.0.0.1:${spec.materializer.port}${p}`, {
+    method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return { status: res.status, body: await res.json() as any };
+};
+const homeOf = (id: number | string) => shardFor(hashKeyspaceId(String(id)), RANGES);
+
+/** Each id's last acknowledged note, or null once its delete was acknowledged; shared by both writers (disjoint ids). */
+const acknowledged = new Map<number, string | null>();
+/** The Postgres port that answered each acknowledged insert (INSERT ... RETURNING inet_server_port()), with when it was acknowledged. */
+const insertedOn = new Map<number, { port: number; at: number }>();
+let writing = false;
+const writerErrors: unknown[] = [];
+let slowest = 0;
+
+/** Inserts, updates and deletes its own ids (`first`, first + 2, ...) until told to stop; records what was acknowledged and how long each write took. */
+async function writer(first: number, withParams: boolean): Promise<number> {
+  const c = await gateway('src');
+  const mine: number[] = [];
+  let next = first;
+  let writes = 0;
+  const q = (text: string, values: unknown[]) => (withParams ? c.query(text, values) : c.query(inline(text, values)));
+  try {
+    while (writing) {
+      const began = performance.now();
+      const r = writes++ % 10;
+      if (r < 6) {
+        const id = next;
+        next += 2;
+        const res = await q('INSERT INTO orders (id, customer, note) VALUES ($1, $2, $3) RETURNING inet_server_port() AS port', [id, `c${id % 7}`, `i${id}`]);
+        acknowledged.set(id, `i${id}`);
+        insertedOn.set(id, { port: Number(res.rows[0].port), at: Date.now() });
+        mine.push(id);
+      } else if (r < 9 && mine.length) {
+        const id = mine[Math.floor(Math.random() * mine.length)];
+        const note = `u${first}-${writes}`;
+        const res = await q('UPDATE orders SET note = $2 WHERE id = $1', [id, note]);
+        if (res.rowCount === 1) acknowledged.set(id, note);
+      } else if (mine.length) {
+        const id = mine.splice(Math.floor(Math.random() * mine.length), 1)[0];
+        await q('DELETE FROM orders WHERE id = $1', [id]);
+        acknowledged.set(id, null);
+      }
+      slowest = Math.max(slowest, performance.now() - began);
+    }
+  } catch (err) {
+    writerErrors.push(err);
+  } finally {
+    await c.end();
+  }
+  return writes;
+}
+
+/** The statement with its $n replaced by SQL literals (the simple-protocol writer). */
+const inline = (text: string, values: unknown[]) => text.replace(/\$(\d+)/g, (_m, n) => {
+  const v = values[Number(n) - 1];
+  return typeof v === 'number' ? String(v) : `'${String(v).replace(/'/g, "''")}'`;
+});
+
+before(async () => {
+  await mt.up();
+  const c = await gateway('src');
+  await c.query('CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, note text)');
+  await c.query('CREATE TABLE customers (name text PRIMARY KEY, city text)');
+  await c.query(`INSERT INTO orders SELECT g, 'c' || (g % 7), 'i' || g FROM generate_series(1, ${INITIAL_ROWS}) g`);
+  await c.query("INSERT INTO customers SELECT 'c' || g, 'city' || g FROM generate_series(0, 6) g");
+  await c.end();
+  for (let id = 1; id <= INITIAL_ROWS; id++) acknowledged.set(id, `i${id}`);
+});
+
+after(async () => {
+  writing = false;
+  await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
+});
+
+test('switch-traffic under two writers: reads first, then writes with no client error; every acknowledged row on its target shard; complete', async (t) => {
+  const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
+  assert.equal(created.code, 0, created.stderr);
+  await until('catch-up to begin', 120_000, async () => (await api('/v1/workflows/mt')).body.phase === 'RUNNING');
+  assert.equal((await api('/v1/workflows/mt')).body.routing, 'SOURCE');
+
+  const switchedEarly = await api('/v1/workflows/mt/complete', 'POST');
+  assert.equal(switchedEarly.status, 409);
+  assert.match(switchedEarly.body.error, /complete needs its writes switched/);
+
+  writing = true;
+  const writers = [writer(INITIAL_ROWS + 1, true), writer(INITIAL_ROWS + 2, false)];
+  await sleep(1_500);
+
+  // Reads first: a read of the moved table is answered by the target shard its vindex names; writes still go to the source.
+  const reads = await mg('workflow', 'switch-traffic', 'mt', '--reads-only', '--data-dir', dataDir);
+  assert.equal(reads.code, 0, reads.stderr + reads.stdout);
+  assert.match(reads.stdout, /routing READS_TARGET/);
+  const client = await gateway('src');
+  const probe = 17;
+  const read = await client.query('SELECT inet_server_port() AS port, note FROM orders WHERE id = $1', [probe]);
+  assert.equal(Number(read.rows[0].port), portOf('dst', homeOf(probe)), 'a read after switch-traffic --reads-only is answered by the target shard');
+  const written = await client.query("UPDATE orders SET note = 'still on the source' WHERE id = $1 RETURNING inet_server_port() AS port", [probe]);
+  assert.equal(Number(written.rows[0].port), portOf('src', '-'), 'writes stay on the source until they are switched');
+  acknowledged.set(probe, 'still on the source');
+
+  // A statement naming a moved table and one that stays cannot be answered by one database.
+  await assert.rejects(client.query('SELECT count(*) FROM orders o JOIN customers c ON c.name = o.customer'),
+    (err: any) => err.code === '0A000' && /public\.orders/.test(err.message) && /public\.customers/.test(err.message));
+  const stays = await client.query('SELECT inet_server_port() AS port, count(*) AS n FROM customers GROUP BY 1');
+  assert.equal(Number(stays.rows[0].port), portOf('src', '-'));
+  assert.equal(stays.rows[0].n, '7');
+
+  // Writes, while both writers go on.
+  const sw = await mg('workflow', 'switch-traffic', 'mt', '--data-dir', dataDir);
+  const switchedAt = Date.now(); // the command returns once the rule serves the target
+  assert.equal(sw.code, 0, sw.stderr + sw.stdout);
+  assert.match(sw.stdout, /phase SWITCHED, routing TARGET/);
+  const heldMs = Number(/held (\d+) ms/.exec(sw.stdout)?.[1]);
+  t.diagnostic(`switch-traffic: writes held ${heldMs} ms by the materializer; slowest client write ${Math.round(slowest)} ms`);
+  await sleep(2_000);
+  writing = false;
+  const writes = await Promise.all(writers);
+  assert.deepEqual(writerErrors, [], `the writers saw errors: ${writerErrors.map(String).join('; ')}`);
+  assert.ok(writes.every((n) => n > 100), `writes: ${writes.join(', ')}`);
+  assert.ok(heldMs < 3_000, `writes were held ${heldMs} ms`);
+  t.diagnostic(`writers made ${writes.join(' + ')} writes; the slowest took ${Math.round(slowest)} ms`);
+
+  // Every acknowledged write is on the shard its vindex names, once; the rows written after the switch were written there.
+  const targets = new Map(await Promise.all(RANGES.map(async (r) => [r.shard, await direct('dst', r.shard)] as const)));
+  const placed = new Map<string, Array<{ shard: string; note: string }>>();
+  for (const [shard, c] of targets) {
+    for (const row of (await c.query('SELECT id, note FROM orders')).rows) placed.set(row.id, [...(placed.get(row.id) ?? []), { shard, note: row.note }]);
+  }
+  for (const [id, note] of acknowledged) {
+    const copies = placed.get(String(id));
+    if (note === null) {
+      assert.equal(copies, undefined, `row ${id}: its delete was acknowledged but it is on the target`);
+      continue;
+    }
+    assert.equal(copies?.length, 1, `row ${id} is on ${copies?.length ?? 0} target shards`);
+    assert.equal(copies![0].shard, homeOf(id), `row ${id} is on the wrong shard`);
+    assert.equal(copies![0].note, note, `row ${id}: the acknowledged note ${note} is not on the target`);
+  }
+  assert.equal(placed.size, [...acknowledged.values()].filter((n) => n !== null).length, 'the target has rows nobody acknowledged');
+  const late = [...insertedOn].filter(([, v]) => v.at > switchedAt);
+  assert.ok(late.length > 10, `${late.length} inserts after the switch`);
+  for (const [id, { port }] of late) assert.equal(port, portOf('dst', homeOf(id)), `insert ${id} after the switch ran on port ${port}`);
+
+  // The source refuses writes now, with the SQLSTATE the gateway acts on; the rows written after the switch are not there.
+  const source = await direct('src', '-');
+  await assert.rejects(source.query("INSERT INTO orders (id, customer) VALUES (999999999, 'x')"),
+    (err: any) => err.code === '55MG1' && /moved to database dst/.test(err.message));
+  const onSource = await source.query('SELECT count(*) AS n FROM orders WHERE id = ANY($1::bigint[])', [late.map(([id]) => id)]);
+  assert.equal(onSource.rows[0].n, '0');
+
+  // Writes cannot switch back: reverse replication is not built.
+  const reverse = await mg('workflow', 'reverse-traffic', 'mt', '--data-dir', dataDir);
+  assert.equal(reverse.code, 1);
+  assert.match(reverse.stderr, /reverse replication is not built/);
+
+  // complete: the source table leaves for mg_moved_mt; clients of src keep reaching orders on dst.
+  const complete = await mg('workflow', 'complete', 'mt', '--data-dir', dataDir);
+  assert.equal(complete.code, 0, complete.stderr + complete.stdout);
+  assert.match(complete.stdout, /phase COMPLETED/);
+  const moved = await source.query("SELECT to_regclass('public.orders') AS here, to_regclass('mg_moved_mt.orders') AS away");
+  assert.equal(moved.rows[0].here, null);
+  assert.equal(moved.rows[0].away, 'mg_moved_mt.orders');
+  const { rows: [count] } = await client.query('SELECT count(*) AS n FROM orders');
+  assert.equal(Number(count.n), placed.size);
+  const positions = await targets.get(RANGES[0].shard)!.query("SELECT count(*) AS n FROM mg_materializer.positions WHERE workflow = 'mt'");
+  assert.equal(positions.rows[0].n, '0');
+  await client.end();
+  await source.end();
+  await Promise.all([...targets.values()].map((c) => c.end()));
+});

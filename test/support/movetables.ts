@@ -1,0 +1,48 @@
+/** The cluster of the MoveTables tests: `src` (unsharded, CDC on) and `dst` (2 shards), and clients that read every value as text. */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import pg from 'pg';
+import { shardRanges } from '../../compose/spec.ts';
+import { testCluster } from './cluster.ts';
+
+const asText = { getTypeParser: () => (v: string) => v };
+const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 3";
+
+export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}) {
+  const cluster = testCluster(label, slot, { settings, spec: {
+    cells: ['zone1'],
+    databases: [
+      { name: 'src', instancesPerShard: 1, durability: 'ANY_1', cdc: { enabled: true } },
+      { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' },
+    ],
+  } });
+  const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
+  return {
+    cluster,
+    ranges: shardRanges(2),
+    portOf,
+    /** `mg cluster up`, and dst's VSchema: table orders sharded by hash of id. */
+    async up(): Promise<void> {
+      const up = await cluster.mg('cluster', 'up', ...cluster.flags);
+      assert.equal(up.code, 0, up.stderr + up.stdout);
+      const file = path.join(cluster.dataDir, 'vschema.yaml');
+      fs.writeFileSync(file, 'vindexes:\n  hash: { type: hash }\ntables:\n  orders: { column_vindexes: [{ column: id, name: hash }] }\n');
+      const applied = await cluster.mg('vschema', 'apply', 'dst', file, '--data-dir', cluster.dataDir);
+      assert.equal(applied.code, 0, applied.stderr);
+    },
+    /** A session on the Postgres of a shard, bypassing the gateway. */
+    async direct(db: string, shard: string): Promise<pg.Client> {
+      const c = new pg.Client({ host: '127.0.0.1', port: portOf(db, shard), user: 'postgres', database: db, types: asText });
+      await c.connect();
+      await c.query(TEXT_SETTINGS);
+      return c;
+    },
+    /** A session through the gateway. */
+    async gateway(db: string): Promise<pg.Client> {
+      const c = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: db, types: asText });
+      await c.connect();
+      return c;
+    },
+  };
+}
