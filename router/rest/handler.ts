@@ -5,11 +5,12 @@
  */
 import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './errors.ts';
 import { authenticate, type Auth } from './jwt.ts';
-import { FILTER_OPS, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
+import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
 import type { SchemaCache, Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
-import { findFunction, findTable, ident, qualified, QueryBuilder, responseSql } from './sql.ts';
+import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
+import { bodySql, findFunction, findTable, ident, qualified, QueryBuilder, responseSql, type Media } from './sql.ts';
 
 export interface RestConfig {
   /** Exposed schemas; the first is the default profile. */
@@ -94,12 +95,46 @@ function profile(req: RestRequest, config: RestConfig): string {
   return asked;
 }
 
-function wantsObject(req: RestRequest): boolean {
-  return (req.headers.accept ?? '').split(',').some((a) => a.trim().startsWith('application/vnd.pgrst.object'));
+const CONTENT_TYPES: Record<Media | 'openapi', string> = { json: JSON_TYPE, object: OBJECT_TYPE, csv: 'text/csv; charset=utf-8', openapi: 'application/openapi+json; charset=utf-8' };
+const ACCEPTED: Record<string, Media | 'openapi'> = {
+  'application/json': 'json', 'application/vnd.pgrst.object+json': 'object', 'application/vnd.pgrst.object': 'object',
+  'text/csv': 'csv', 'application/openapi+json': 'openapi',
+};
+
+/**
+ * The response's media type: the client's most preferred (Accept, with
+ * q-values) among those the resource offers; `*​/*` or no Accept takes the first offered.
+ */
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[]): M {
+  const ranges = (req.headers.accept ?? '').split(',').map((part, i) => {
+    const [type, ...params] = part.split(';').map((x) => x.trim());
+    const q = params.find((x) => x.startsWith('q='));
+    return { type: type.toLowerCase(), q: q ? Number(q.slice(2)) : 1, i };
+  }).filter((r) => r.type !== '' && !(r.q <= 0)).sort((a, b) => b.q - a.q || a.i - b.i);
+  if (!ranges.length) return offered[0];
+  for (const r of ranges) {
+    const media = r.type === '*/*' ? offered[0] : ACCEPTED[r.type] as M | undefined;
+    if (media !== undefined && offered.includes(media)) return media;
+  }
+  throw new RestError(415, 'PGRST107', `None of these media types are available: ${ranges.map((r) => r.type).join(', ')}`);
 }
 
-function parseBody(req: RestRequest): unknown {
+const TABLE_MEDIA: Media[] = ['json', 'object', 'csv'];
+const wantsObject = (req: RestRequest) => responseMedia(req, TABLE_MEDIA) === 'object';
+
+/**
+ * The payload: JSON, or CSV as PostgREST reads it (a header line of column
+ * names, every value a string but `NULL`, which is null). `single`: PATCH and
+ * PUT take the first CSV row.
+ */
+function parseBody(req: RestRequest, single = false): unknown {
   const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
+  if (type === 'text/csv') {
+    const [header, ...records] = parseCsv(req.body ?? '');
+    if (!header) throw new RestError(400, 'PGRST102', 'parse error (not enough input) at ""');
+    const rows = records.map((r) => Object.fromEntries(header.map((h, i) => [h, r[i] === undefined || r[i] === 'NULL' ? null : r[i]])));
+    return single ? rows[0] ?? {} : rows;
+  }
   if (type !== 'application/json') {
     throw new RestError(415, 'PGRST107', `None of these media types are available: ${type}`);
   }
@@ -219,7 +254,9 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
     throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
   }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
+  if (sharded && segments.length && responseMedia(req, TABLE_MEDIA) === 'csv') throw new RestError(501, '0A000', 'CSV responses are not supported on a sharded database');
   if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1], sharded);
+  if (segments.length === 0 && (req.method === 'GET' || req.method === 'HEAD')) return planOpenApi(req, cache, schema, sharded);
   if (segments.length !== 1) throw new RestError(404, 'PGRST125', `Invalid path specified in request URL`);
   const table = findTable(cache, schema, segments[0]);
   switch (req.method) {
@@ -232,6 +269,20 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
   }
 }
 
+/** The OpenAPI document of the schema, listing what the request's role may use (on a sharded database: the first shard's privileges). */
+function planOpenApi(req: RestRequest, cache: SchemaCache, schema: string, sharded: boolean): Plan {
+  const basePath = req.fullPath.replace(/\/+$/, '') || '/';
+  responseMedia(req, ['openapi', 'json']); // either is answered with the OpenAPI type, as PostgREST does
+  return {
+    sql: ACCESSIBLE_SQL, params: [schema], readOnly: true, decideAfter: false,
+    sharded: sharded ? { kind: 'write', probe: { sql: 'SELECT 1', params: [] }, top: '', singular: false } : undefined,
+    respond(row) {
+      const doc = openApiDocument(cache, schema, JSON.parse(row.body) as Accessible, req.headers.host ?? '', basePath);
+      return { status: 200, headers: { 'Content-Type': CONTENT_TYPES.openapi }, body: req.method === 'HEAD' ? '' : doc };
+    },
+  };
+}
+
 function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const prefer = parsePrefer(req.headers.prefer);
@@ -239,7 +290,8 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
   const range = parseRange(req.headers.range);
   const offset = top.offset ?? range?.offset ?? 0;
   const limit = minDefined(top.limit, range?.limit);
-  const singular = wantsObject(req);
+  const media = responseMedia(req, TABLE_MEDIA);
+  const singular = media === 'object';
   const b = new QueryBuilder(cache, q);
   const scope = { table, alias: b.nextAlias('t'), path: '' };
   const count = prefer.count !== undefined;
@@ -252,7 +304,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
     shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, singular };
   } else {
     const r = b.read(scope, from, { limit, offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, count ? r.count : null, singular);
+    sql = responseSql(r.source, count ? r.count : null, media);
   }
   return {
     sql, params: b.params.values, readOnly: true, decideAfter: false, sharded: shardPlan,
@@ -270,7 +322,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
         status: partial ? 206 : 200,
         headers: {
           'Content-Range': contentRange(offset, pageTotal, total), 'Content-Location': contentLocation(req.fullPath, req.query),
-          'Content-Type': singular ? OBJECT_TYPE : JSON_TYPE, ...applied,
+          'Content-Type': CONTENT_TYPES[media], ...applied,
         },
         body: req.method === 'HEAD' ? '' : row.body,
       };
@@ -309,7 +361,8 @@ function payloadColumns(table: Table, payload: unknown, q: ParsedQuery): string[
 /** The rows written, read back through the request's select (return=representation) into the response row. */
 function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'put' | 'update' | 'delete'): Plan {
   const prefer = parsePrefer(req.headers.prefer);
-  const singular = wantsObject(req);
+  const media = responseMedia(req, TABLE_MEDIA);
+  const singular = media === 'object';
   const b = new QueryBuilder(cache, q);
   const alias = b.nextAlias('t');
   const mutation = write(b, alias);
@@ -325,7 +378,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
-    + ` (SELECT ${singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`} FROM pgrst_source _postgrest_t) AS body${location}`;
+    + ` (SELECT ${bodySql(media)} FROM pgrst_source _postgrest_t) AS body${location}`;
   return {
     sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {
@@ -342,7 +395,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
         headers.Location = `${req.fullPath}?${pk.map((c, i) => `${encodeURIComponent(c)}=eq.${encodeURIComponent(values[i])}`).join('&')}`;
       }
       if (returning) {
-        headers['Content-Type'] = singular ? OBJECT_TYPE : JSON_TYPE;
+        headers['Content-Type'] = CONTENT_TYPES[media];
         return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: row.body };
       }
       return { status: kind === 'insert' ? insertStatus : 204, headers, body: '' };
@@ -360,7 +413,7 @@ function planPut(req: RestRequest, cache: SchemaCache, table: Table, sharded: bo
     || !pk.every((k) => eqs.some((c) => c.kind === 'filter' && c.field.column === k))) {
     throw new RestError(405, 'PGRST105', 'Filters must include all and only primary key columns with \'eq\' operators');
   }
-  const payload = parseBody(req);
+  const payload = parseBody(req, true);
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Expected a single JSON object in the PUT request body');
   const cols = payloadColumns(table, payload, q);
   const filterValue = (k: string) => eqs.find((c) => c.kind === 'filter' && c.field.column === k)!;
@@ -409,7 +462,7 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
 
 function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
-  const payload = parseBody(req);
+  const payload = parseBody(req, true);
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   const cols = payloadColumns(table, payload, q);
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
@@ -459,16 +512,18 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     ? `json_to_record(${b.params.add(JSON.stringify(args))}::json) AS _(${given.map((a) => `${ident(a.name)} ${a.type}`).join(', ')})` : '';
   const call = `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
   const prefer = parsePrefer(req.headers.prefer);
-  const singular = wantsObject(req);
+  const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
+  // CSV of a scalar result is not built (docs/rest.md)
+  const media = responseMedia(req, table ? TABLE_MEDIA : ['json', 'object']);
+  const singular = media === 'object';
   const readOnly = req.method !== 'POST';
   const top = q.nodes.get('')!;
   let sql: string;
-  const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
   if (table) {
     const scope = { table, alias: b.nextAlias('t'), path: '' };
     const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;
     const r = b.read(scope, from, { limit: top.limit, offset: top.offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || !fn.returnsSet);
+    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || (!fn.returnsSet && media === 'json') ? 'object' : media);
   } else {
     if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
     const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
@@ -486,7 +541,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range }, body: '' };
       return {
         status: 200,
-        headers: { 'Content-Range': range, 'Content-Type': singular ? OBJECT_TYPE : JSON_TYPE },
+        headers: { 'Content-Range': range, 'Content-Type': CONTENT_TYPES[media] },
         body: req.method === 'HEAD' ? '' : row.body,
       };
     },

@@ -261,3 +261,31 @@ export function parseRange(header: string | undefined): { offset: number; limit?
   if (to < from) throw new RestError(416, 'PGRST103', 'Requested range not satisfiable', 'The lower boundary must be lower than or equal to the upper boundary in the Range header.');
   return { offset: from, limit: to - from + 1 };
 }
+
+/**
+ * CSV records (RFC 4180: `,` between fields, CRLF or LF between records,
+ * `"` quoting with `""` inside), leniently as PostgREST reads them: an
+ * unterminated quote runs to the end, a final line break ends no record.
+ */
+export function parseCsv(text: string): string[][] {
+  const records: string[][] = [];
+  let record: string[] = [];
+  let field = '';
+  let quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c !== '"') field += c;
+      else if (text[i + 1] === '"') { field += '"'; i++; } else quoted = false;
+    } else if (c === '"' && field === '') quoted = true;
+    else if (c === ',') { record.push(field); field = ''; }
+    else if (c === '\n' || (c === '\r' && text[i + 1] === '\n')) {
+      if (c === '\r') i++;
+      records.push([...record, field]);
+      record = [];
+      field = '';
+    } else field += c;
+  }
+  if (field !== '' || record.length) records.push([...record, field]);
+  return records;
+}

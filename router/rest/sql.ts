@@ -316,10 +316,24 @@ export class QueryBuilder {
   }
 }
 
-/** PostgREST's response row: total (count=exact), page_total, and the JSON body built by Postgres. */
-export function responseSql(source: string, total: string | null, singular: boolean, extra = ''): string {
-  const body = singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`;
-  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${body} AS body${extra} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
+/** How a response's rows are written: a JSON array, one JSON object (singular), or CSV. */
+export type Media = 'json' | 'object' | 'csv';
+
+/**
+ * The body of the rows of `pgrst_source`, aggregated over them as `_postgrest_t`.
+ * CSV as PostgREST builds it: the first row's keys as the header, then each
+ * row's record text without its parentheses (Postgres's quoting), no final newline.
+ */
+export function bodySql(media: Media): string {
+  if (media === 'object') return `coalesce((json_agg(_postgrest_t)->0)::text, 'null')`;
+  if (media === 'json') return `coalesce(json_agg(_postgrest_t), '[]')::text`;
+  const header = `(SELECT coalesce(string_agg(pgrst_k.k, ','), '') FROM (SELECT json_object_keys(row_to_json(pgrst_h))::text AS k FROM (SELECT * FROM pgrst_source LIMIT 1) pgrst_h) pgrst_k)`;
+  return `${header} || E'\\n' || coalesce(string_agg(substring(_postgrest_t::text, 2, length(_postgrest_t::text) - 2), E'\\n'), '')`;
+}
+
+/** PostgREST's response row: total (count=exact), page_total, and the body built by Postgres. */
+export function responseSql(source: string, total: string | null, media: Media, extra = ''): string {
+  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${bodySql(media)} AS body${extra} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
 }
 
 export function findTable(cache: SchemaCache, schema: string, name: string): Table {

@@ -23,6 +23,7 @@ export function signJwt(claims: Record<string, unknown>, secret = jwtSecret): st
 
 export const userToken = (sub = 'ann') => `Bearer ${signJwt({ role: 'app_user', sub })}`;
 
+const CSV = { Accept: 'text/csv' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -93,6 +94,15 @@ export function readRequests(): TestRequest[] {
     get('/nope'), get('/clients?foo=eq.1'), get('/clients?id=eq.abc'), get('/clients?id=xx.1'), get('/clients?select=name,foo(name)'),
     get('/clients?id=is.maybe'), get('/clients?order=id.sideways'), get('/clients?limit=abc'), get('/projects?select=id,budget::nosuchtype'),
     get('/clients?select=id&projects.id=eq.1'), get('/clients?id=in.1,2'), get('/clients?select=id', { Range: '3-1' }),
+    // CSV out (quoting as Postgres's record text), and Accept negotiation
+    get('/clients', CSV), get('/clients?id=gt.100', CSV), get('/clients?id=gt.100', { ...CSV, Prefer: 'count=exact' }),
+    get('/projects?select=id,name,tags,meta,budget,started,clients(name)&order=id', CSV), get('/projects?select=n:name,t:tags&id=eq.4', CSV),
+    get('/project_summary?order=id', CSV), get('/projects?select=id', { ...CSV, Range: '1-2', Prefer: 'count=exact' }),
+    get('/rpc/projects_of?cid=1&select=id,name', CSV), get('/notes', { ...CSV, Authorization: userToken() }), { method: 'HEAD', path: '/clients', headers: CSV },
+    get('/clients', { Accept: 'text/html' }), get('/clients', { Accept: 'text/csv, application/json' }), get('/clients', { Accept: 'application/json;q=0.5, text/csv' }),
+    get('/clients', { Accept: '*/*' }), get('/clients', { Accept: 'text/*' }), get('/clients?id=eq.1', { Accept: 'application/vnd.pgrst.object+json, text/csv' }),
+    // the OpenAPI document's headers and refusals (its body is compared in its own test)
+    { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
   );
   return out;
 }
@@ -139,6 +149,14 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/echo', { note: 'hi' }), w('POST', '/rpc/fail', { msg: 'boom' }), w('POST', '/rpc/noop', {}),
     w('POST', '/rpc/projects_of?select=id', { cid: 1 }), w('POST', '/rpc/whoami', {}), w('POST', '/rpc/touch_client', { cid: 1 }),
     { method: 'POST', path: '/clients', headers: { 'Content-Type': 'application/json' }, body: '{"id":9,"name":"anon"}' },
+    // CSV in: a header of columns, NULL for null, quoted fields, CRLF; and CSV back
+    w('POST', '/clients', 'id,name,city\n60,"A, ""x""",NULL\n61,,Paris', { 'Content-Type': 'text/csv', Prefer: 'return=representation' }),
+    w('POST', '/clients', 'id,name\r\n62,x\r\n63,y\r\n', { 'Content-Type': 'text/csv', Prefer: 'return=representation', Accept: 'text/csv' }),
+    w('POST', '/clients', 'id,name\n64', { 'Content-Type': 'text/csv' }), w('POST', '/clients', 'id,nme\n65,a', { 'Content-Type': 'text/csv' }),
+    w('POST', '/clients', '', { 'Content-Type': 'text/csv' }), w('POST', '/clients', 'id,name\n1,dup', { 'Content-Type': 'text/csv' }),
+    w('POST', '/tasks', 'project_id,title,priority\n1,x,NULL\n2,"multi\nline",3', { 'Content-Type': 'text/csv', Prefer: 'return=representation' }),
+    w('PATCH', '/clients?id=eq.2', 'city\nRome', { 'Content-Type': 'text/csv', Prefer: 'return=representation', Accept: 'text/csv' }),
+    w('DELETE', '/tasks?done=is.true', undefined, { Prefer: 'return=representation', Accept: 'text/csv' }),
   );
   return out;
 }
