@@ -6,7 +6,7 @@
 import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './errors.ts';
 import { authenticate, type Auth } from './jwt.ts';
 import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
-import type { SchemaCache, Table } from './schema-cache.ts';
+import type { RestFunction, SchemaCache, Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
@@ -27,8 +27,8 @@ export interface RestRequest {
   fullPath: string;
   query: [string, string][];
   headers: Record<string, string | undefined>;
-  /** The raw body (JSON is parsed here, so its errors are PostgREST's). */
-  body: string | undefined;
+  /** The raw body (JSON is parsed here, so its errors are PostgREST's); bytes for application/octet-stream. */
+  body: string | Buffer | undefined;
 }
 
 export interface RestResponse {
@@ -130,7 +130,7 @@ const wantsObject = (req: RestRequest) => responseMedia(req, TABLE_MEDIA) === 'o
 function parseBody(req: RestRequest, single = false): unknown {
   const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
   if (type === 'text/csv') {
-    const [header, ...records] = parseCsv(req.body ?? '');
+    const [header, ...records] = parseCsv(String(req.body ?? ''));
     if (!header) throw new RestError(400, 'PGRST102', 'parse error (not enough input) at ""');
     const rows = records.map((r) => Object.fromEntries(header.map((h, i) => [h, r[i] === undefined || r[i] === 'NULL' ? null : r[i]])));
     return single ? rows[0] ?? {} : rows;
@@ -139,7 +139,7 @@ function parseBody(req: RestRequest, single = false): unknown {
     throw new RestError(415, 'PGRST107', `None of these media types are available: ${type}`);
   }
   try {
-    return JSON.parse(req.body ?? '');
+    return JSON.parse(String(req.body ?? ''));
   } catch {
     throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   }
@@ -388,7 +388,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
       const insertStatus = upsert && Number(row.inserted) === 0 ? 200 : 201;
       const headers: Record<string, string> = {
         ...(kind === 'put' ? {} : { 'Content-Range': kind === 'update' ? contentRange(0, n, total) : `*/${total ?? '*'}` }),
-        ...preferenceApplied(prefer, ['resolution', 'return', 'count', 'tx']),
+        ...preferenceApplied(prefer, ['resolution', 'missing', 'return', 'count', 'tx']),
       };
       if (row.location && n === 1) {
         const values = JSON.parse(row.location) as string[];
@@ -441,7 +441,12 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
     rowsParam = b.params.values.length;
     // no columns: every column takes its default, as in PostgREST
-    const sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(objects))}::json) _`;
+    const rows = b.params.add(JSON.stringify(objects));
+    // missing=default: a key a row lacks takes the column's default (per row), not NULL
+    const source = prefer.missing === 'default'
+      ? `SELECT ${cols.map((c) => withDefault(b, table, c, 'pgrst_e.v')).join(', ')} FROM json_array_elements(${rows}::json) pgrst_e(v), LATERAL json_populate_record(NULL::${qualified(table)}, pgrst_e.v) _`
+      : `SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${rows}::json) _`;
+    const sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} ${source}`;
     if (resolution) {
       const target = q.onConflict ?? table.primaryKey;
       if (!target.length) throw new RestError(400, 'PGRST103', 'on_conflict needs a primary key or the on_conflict parameter');
@@ -460,7 +465,14 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
   return plan;
 }
 
+/** Column `c` of the populated row `_`, or its default when the JSON object `json` lacks the key. */
+function withDefault(b: QueryBuilder, table: Table, c: string, json: string): string {
+  const def = table.columns.get(c)!.defaultSql;
+  return def === null ? `_.${ident(c)}` : `CASE WHEN ${json}::jsonb ? ${b.params.add(c)} THEN _.${ident(c)} ELSE ${def} END`;
+}
+
 function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
+  const prefer = parsePrefer(req.headers.prefer);
   const q = parseQuery(req.query);
   const payload = parseBody(req, true);
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
@@ -470,8 +482,10 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded:
     if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
     const scope = { table, alias, path: '' };
     const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
-    return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = _.${ident(c)}`).join(', ')}`
-      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(payload))}::json)) _`
+    const row = b.params.add(JSON.stringify(payload));
+    const value = (c: string) => (prefer.missing === 'default' ? withDefault(b, table, c, `${row}::json`) : `_.${ident(c)}`);
+    return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = ${value(c)}`).join(', ')}`
+      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${row}::json)) _`
       + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
   }, 'update');
   return routedWrite(req, cache, table, q, plan, sharded, 'UPDATE', cols);
@@ -495,8 +509,9 @@ function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: Pars
 
 function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string, sharded: boolean): Plan {
   if (!['GET', 'HEAD', 'POST'].includes(req.method)) throw new RestError(405, 'PGRST101', 'Only GET and POST are allowed for RPC');
-  let args: Record<string, unknown>;
-  if (req.method === 'POST') {
+  const unnamed = req.method === 'POST' ? unnamedParameterCall(req, cache, schema, name) : undefined;
+  let args: Record<string, unknown> = {};
+  if (unnamed) { /* the body is the argument */ } else if (req.method === 'POST') {
     const body = req.body === undefined || req.body === '' ? {} : parseBody(req);
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
     args = body as Record<string, unknown>;
@@ -504,13 +519,14 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
     args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
   }
-  const fn = findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
+  const fn = unnamed ?? findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
   const q = parseQuery(req.query, new Set(req.method === 'POST' ? [] : Object.keys(args)));
   const b = new QueryBuilder(cache, q);
   const given = fn.args.filter((a) => a.name in args);
   const record = given.length
     ? `json_to_record(${b.params.add(JSON.stringify(args))}::json) AS _(${given.map((a) => `${ident(a.name)} ${a.type}`).join(', ')})` : '';
-  const call = `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
+  const call = unnamed ? `${qualified(fn)}(${b.params.add(req.body ?? '')}::${fn.args[0].type})`
+    : `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
   const prefer = parsePrefer(req.headers.prefer);
   const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
   // CSV of a scalar result is not built (docs/rest.md)
@@ -546,6 +562,29 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       };
     },
   };
+}
+
+/** The one parameter type a function takes the whole body as, by the body's Content-Type. */
+const UNNAMED_PARAMETER: Record<string, { types: string[]; label: string }> = {
+  'application/json': { types: ['json', 'jsonb'], label: 'json/jsonb' }, 'text/plain': { types: ['text'], label: 'text' },
+  'text/xml': { types: ['xml'], label: 'xml' }, 'application/octet-stream': { types: ['bytea'], label: 'bytea' },
+};
+
+/**
+ * POST /rpc/fn to a function with a single unnamed json/jsonb, text, xml or
+ * bytea parameter: the body, as sent, is its argument. Any other body than
+ * JSON must find such a function (PGRST202 otherwise).
+ */
+function unnamedParameterCall(req: RestRequest, cache: SchemaCache, schema: string, name: string): RestFunction | undefined {
+  const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
+  const wanted = UNNAMED_PARAMETER[type];
+  if (!wanted) return undefined;
+  const fn = cache.functions.find((f) => f.schema === schema && f.name === name && f.args.length === 1 && f.args[0].name === '' && wanted.types.includes(f.args[0].type));
+  if (!fn && type !== 'application/json') {
+    throw new RestError(404, 'PGRST202', `Could not find the function ${schema}.${name} in the schema cache`,
+      `Searched for the function ${schema}.${name} with a single unnamed ${wanted.label} parameter, but no matches were found in the schema cache.`);
+  }
+  return fn;
 }
 
 /**

@@ -11,7 +11,8 @@ export interface Field { column: string; json: JsonStep[] }
 export type SelectItem =
   | { kind: 'star' }
   | { kind: 'field'; field: Field; alias?: string; cast?: string }
-  | { kind: 'embed'; name: string; alias?: string; hint?: string; inner: boolean; select: SelectItem[] };
+  /** `spread`: `...rel(cols)`, the embedded row's columns in the parent object. */
+  | { kind: 'embed'; name: string; alias?: string; hint?: string; inner: boolean; spread: boolean; select: SelectItem[] };
 
 export type Condition =
   | { kind: 'filter'; field: Field; negate: boolean; op: string; config?: string; value: string | string[] }
@@ -74,10 +75,11 @@ export function parseSelect(s: string): SelectItem[] {
     const paren = item.indexOf('(');
     if (paren > 0 && item.endsWith(')')) {
       let head = item.slice(0, paren);
-      if (head.startsWith('...')) throw new RestError(400, 'PGRST100', 'spread embedding (...) is not supported by this gateway');
+      const spread = head.startsWith('...');
+      if (spread) head = head.slice(3);
       let alias: string | undefined;
       const colon = head.indexOf(':');
-      if (colon > 0) { alias = unquote(head.slice(0, colon)); head = head.slice(colon + 1); }
+      if (colon > 0 && !spread) { alias = unquote(head.slice(0, colon)); head = head.slice(colon + 1); }
       const [name, ...bangs] = head.split('!');
       let inner = false, hint: string | undefined;
       for (const b of bangs) {
@@ -87,7 +89,7 @@ export function parseSelect(s: string): SelectItem[] {
         else throw parseError(what, `unexpected "!" in embedding ${head}`);
       }
       if (!name || !NAME_RE.test(name)) throw parseError(what, `unexpected "${name.slice(0, 1)}" expecting field name`);
-      return { kind: 'embed', name: unquote(name), alias, hint, inner, select: parseSelect(item.slice(paren + 1, -1)) } as const;
+      return { kind: 'embed', name: unquote(name), alias, hint, inner, spread, select: parseSelect(item.slice(paren + 1, -1)) } as const;
     }
     let rest = item, alias: string | undefined, cast: string | undefined;
     const castAt = rest.lastIndexOf('::');

@@ -11,6 +11,11 @@ export interface Column {
   type: string;
   nullable: boolean;
   hasDefault: boolean;
+  /**
+   * The expression an insert would take for it (its default, an identity's
+   * nextval, its domain's default), for `Prefer: missing=default`; from the catalog, safe to splice.
+   */
+  defaultSql: string | null;
   /** What the OpenAPI document says of it (openapi.ts). */
   doc: ColumnDoc;
 }
@@ -99,6 +104,8 @@ select n.nspname as schema, c.relname as name, case when c.relkind in ('v', 'm')
   c.relkind in ('r', 'p') or (c.relkind in ('v', 'f') and pg_relation_is_updatable(c.oid::regclass, true) & 16 = 16) as deletable,
   coalesce((select json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
       'nullable', not a.attnotnull, 'hasDefault', a.atthasdef or a.attidentity <> '' or a.attgenerated <> '',
+      'defaultSql', case when a.attidentity <> '' then format('nextval(%L::regclass)', pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname))
+        when a.attgenerated = '' then coalesce(pg_get_expr(d.adbin, d.adrelid), pg_get_expr(t.typdefaultbin, 0)) end,
       'doc', json_build_object(
         'format', case when et.oid is not null then ${nominal('et')} || '[]' else ${nominal('bt')} end,
         'baseType', format_type(bt.oid, null),

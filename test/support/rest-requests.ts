@@ -101,6 +101,12 @@ export function readRequests(): TestRequest[] {
     get('/rpc/projects_of?cid=1&select=id,name', CSV), get('/notes', { ...CSV, Authorization: userToken() }), { method: 'HEAD', path: '/clients', headers: CSV },
     get('/clients', { Accept: 'text/html' }), get('/clients', { Accept: 'text/csv, application/json' }), get('/clients', { Accept: 'application/json;q=0.5, text/csv' }),
     get('/clients', { Accept: '*/*' }), get('/clients', { Accept: 'text/*' }), get('/clients?id=eq.1', { Accept: 'application/vnd.pgrst.object+json, text/csv' }),
+    // spread embeds: many-to-one (renamed, *, nested, !inner with a filter), and to-many refused (PGRST119)
+    get('/projects?select=id,...clients(name)&order=id'), get('/projects?select=id,...clients(cname:name,city)&id=lt.3'), get('/projects?select=id,...clients(*)&id=eq.1'),
+    get('/clients?select=id,...projects(name)'), get('/tasks?select=title,...projects(pname:name,...clients(cname:name))&order=id'),
+    get('/projects?select=id,...clients!inner(name)&clients.city=eq.Berlin'), get('/projects?select=...clients(name)&id=eq.1'),
+    get('/projects?select=id,...clients(name,projects(id))&id=eq.1'), get('/users_projects?select=role,...users(name),...projects(pname:name)&order=user_id,project_id'),
+    get('/projects?select=id,...clients(name)&order=id', CSV), get('/rpc/projects_of?cid=1&select=id,...clients(name)'),
     // the OpenAPI document's headers and refusals (its body is compared in its own test)
     { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
   );
@@ -157,6 +163,21 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/tasks', 'project_id,title,priority\n1,x,NULL\n2,"multi\nline",3', { 'Content-Type': 'text/csv', Prefer: 'return=representation' }),
     w('PATCH', '/clients?id=eq.2', 'city\nRome', { 'Content-Type': 'text/csv', Prefer: 'return=representation', Accept: 'text/csv' }),
     w('DELETE', '/tasks?done=is.true', undefined, { Prefer: 'return=representation', Accept: 'text/csv' }),
+    // Prefer: missing=default (each row's missing keys take the column defaults: serial, boolean, none)
+    w('POST', '/tasks?columns=id,project_id,title,done', [{ project_id: 1, title: 'a' }, { project_id: 1, title: 'b', done: true }], { Prefer: 'missing=default, return=representation' }),
+    w('POST', '/tasks?columns=id,project_id,title,done', [{ project_id: 1, title: 'a' }, { project_id: 1, title: 'b', done: null }], { Prefer: 'missing=default' }),
+    w('POST', '/tasks?columns=id,project_id,title,done', [{ project_id: 1, title: 'a', id: 90 }], { Prefer: 'missing=null' }),
+    w('POST', '/projects?columns=id,name,active,client_id', { id: 77, name: 'x' }, { Prefer: 'return=representation,missing=default' }),
+    w('POST', '/clients?columns=id,name,city', [{ id: 1, name: 'M' }, { id: 20, name: 'N' }], { Prefer: 'missing=default,resolution=merge-duplicates,return=representation' }),
+    w('POST', '/tasks', 'project_id,title\n1,csv', { 'Content-Type': 'text/csv', Prefer: 'missing=default,return=representation' }),
+    w('PATCH', '/projects?id=eq.1&columns=active,name', { name: 'z' }, { Prefer: 'missing=default,return=representation' }),
+    w('PATCH', '/projects?id=eq.1&columns=active,name', { name: 'z' }, { Prefer: 'missing=null,return=representation' }),
+    // RPC with a single unnamed parameter: the body as sent, by Content-Type
+    w('POST', '/rpc/echo_json', '{"a": [1, 2],  "b":null}'), w('POST', '/rpc/echo_jsonb', '{"b":1,"a":2}'), w('POST', '/rpc/echo_json', ''),
+    w('POST', '/rpc/shout', 'hello, world', { 'Content-Type': 'text/plain' }), w('POST', '/rpc/shout', '', { 'Content-Type': 'text/plain; charset=utf-8' }),
+    w('POST', '/rpc/shout', '{"x":1}'), w('POST', '/rpc/echo_json', 'x', { 'Content-Type': 'text/plain' }),
+    w('POST', '/rpc/byte_count', 'abc\u0001\u0002', { 'Content-Type': 'application/octet-stream' }), w('POST', '/rpc/xml_text', '<a>1</a>', { 'Content-Type': 'text/xml' }),
+    w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
 }
