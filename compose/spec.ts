@@ -73,6 +73,8 @@ export const clusterSpecSchema = z.object({
     restAnonRole: z.string().min(1).optional(),
     /** HS256 secret REST JWTs are signed with (at least 32 characters, as PostgREST requires). */
     restJwtSecret: z.string().min(32).optional(),
+    /** A function (`schema.name`) every REST request calls first, in its transaction (PostgREST's db-pre-request). */
+    restPreRequest: z.string().min(1).optional(),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),

@@ -51,6 +51,8 @@ export interface ShardedSessionOptions {
   key: { pid: number; secret: number };
   /** Commits the transactions that wrote on several shards in `twopc` mode. */
   twopc: TwoPhaseCoordinator;
+  /** Told once a session is idle again after DDL ran on the database (the REST schema cache reloads). */
+  onSchemaChange?: (database: string) => void;
 }
 
 /** How a statement reaches the shards: as a Query, or as the Parse/Bind/Execute of a portal (`limited`: Execute with a row limit). */
@@ -84,6 +86,8 @@ export class ShardedSession {
   /** The transaction was opened by the gateway for one statement that keeps lookup vindexes (not by BEGIN). */
   private implicitTransaction = false;
   private transactionFailed = false;
+  /** DDL ran since the session was last idle (onSchemaChange is told once it is). */
+  private schemaChanged = false;
   private beginSql = 'BEGIN';
   /** The route of the last statement, for SHOW mg_plan. */
   private lastRoute = 'no statement yet';
@@ -225,6 +229,10 @@ export class ShardedSession {
   }
 
   private flush(): void {
+    if (this.schemaChanged && !this.inTransaction) {
+      this.schemaChanged = false;
+      this.opts.onSchemaChange?.(this.database);
+    }
     if (!this.out.length || this.ended) return;
     this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out));
     this.out = [];
@@ -336,6 +344,7 @@ export class ShardedSession {
       return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, (s) => perShard.get(s)!.how), how);
     }
     const sql = (plan as { sql: Buffer }).sql;
+    if (plan.kind === 'all' && plan.ddl) this.schemaChanged = true;
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);

@@ -17,6 +17,12 @@ export interface RestConfig {
   schemas: string[];
   anonRole?: string;
   jwtSecret?: string;
+  /**
+   * PostgREST's db-pre-request: a function (`schema.name` or `name`) called in
+   * each request's transaction after its role and settings, before its statement;
+   * what it raises is the response.
+   */
+  preRequest?: string;
 }
 
 export interface RestRequest {
@@ -183,16 +189,15 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
     const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => k !== 'authorization'));
     const a = auth;
     const rollback = prefer.tx === 'rollback';
-    if (sharding) {
-      const prelude = (tx: Transaction) => tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]);
-      return await runSharded(plan, sharding, target.runShards, prelude, rollback);
-    }
+    const preRequest = config.preRequest === undefined ? undefined : `SELECT ${config.preRequest.split('.').map(ident).join('.')}()`;
+    // sent at once (pipelined); a failed set_config (an unknown role) or pre-request fails the statements behind it too, and is reported
+    const prelude = (tx: Transaction) => [
+      tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
+      ...(preRequest ? [tx.query(preRequest, [])] : []),
+    ];
+    if (sharding) return await runSharded(plan, sharding, target.runShards, prelude, rollback);
     return await target.run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
-      // both sent at once; a failed set_config (an unknown role) fails the statement behind it too, and is reported first
-      const [, [row]] = await Promise.all([
-        tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
-        tx.query(plan.sql, plan.params),
-      ]);
+      const [row] = await lastAfter(prelude(tx), tx.query(plan.sql, plan.params));
       const result = plan.respond(row as Parameters<Plan['respond']>[0]);
       return { result, rollback };
     });
@@ -203,19 +208,27 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
   }
 }
 
+/** `last`'s result once every statement before it succeeded; else the first one's error, in the order they were sent. */
+async function lastAfter<T>(before: Promise<unknown>[], last: Promise<T>): Promise<T> {
+  const settled = await Promise.allSettled([...before, last]);
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return (settled[settled.length - 1] as PromiseFulfilledResult<T>).value;
+}
+
 /**
  * A request on a sharded database: routed by the planner from the plan's
  * probe, run on each shard it names in one transaction per shard, answers
  * merged. One shard's answer is the response as it is.
  */
-async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShards, prelude: (tx: Transaction) => Promise<unknown>, rollback: boolean): Promise<RestResponse> {
+async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShards, prelude: (tx: Transaction) => Promise<unknown>[], rollback: boolean): Promise<RestResponse> {
   const s = plan.sharded;
   if (!s) throw new RestError(501, '0A000', 'this request is not supported on a sharded database');
   const opts = { readOnly: plan.readOnly };
   if (s.kind === 'read') {
     const shards = routeProbe(routing, s.probe, s.top);
     return runShards(shards, opts, async (txs) => {
-      const parts = await Promise.all(txs.map(async (tx) => (await Promise.all([prelude(tx), tx.rows(plan.sql, plan.params)]))[1]));
+      const parts = await Promise.all(txs.map((tx) => lastAfter(prelude(tx), tx.rows(plan.sql, plan.params))));
       return { result: plan.respond(mergeReads(parts, s.merge, s.counted, s.singular)), rollback };
     });
   }
@@ -242,7 +255,7 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
     params = shards.map(() => plan.params);
   }
   return runShards(shards, opts, async (txs) => {
-    const rows = await Promise.all(txs.map(async (tx, i) => (await Promise.all([prelude(tx), tx.query(plan.sql, params[i])]))[1][0]));
+    const rows = await Promise.all(txs.map(async (tx, i) => (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0]));
     const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.singular, order);
     return { result: plan.respond(row as Parameters<Plan['respond']>[0]), rollback };
   });

@@ -32,9 +32,9 @@ before(async () => {
   admin = new pg.Client({ host: '127.0.0.1', port: ports.postgres, user: 'postgres', database: 'postgres' });
   await admin.connect();
   await admin.query(restSchemaSql);
-  reference = await startPostgrest({ port: ports.postgrest, dbUri: `postgres://postgres@127.0.0.1:${ports.postgres}/postgres` });
+  reference = await startPostgrest({ port: ports.postgrest, dbUri: `postgres://postgres@127.0.0.1:${ports.postgres}/postgres`, preRequest: 'public.check_request' });
   db = new RestDatabase({ name: 'postgres', user: 'postgres', schemas: ['public'], endpoint: async () => ({ host: '127.0.0.1', port: ports.postgres }), log });
-  ours = await startRestServer({ port: ports.ours, config: { schemas: ['public'], anonRole: 'web_anon', jwtSecret }, database: () => db, single: 'postgres', log });
+  ours = await startRestServer({ port: ports.ours, config: { schemas: ['public'], anonRole: 'web_anon', jwtSecret, preRequest: 'public.check_request' }, database: () => db, single: 'postgres', log });
 });
 
 after(async () => {

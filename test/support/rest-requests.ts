@@ -24,6 +24,7 @@ export function signJwt(claims: Record<string, unknown>, secret = jwtSecret): st
 export const userToken = (sub = 'ann') => `Bearer ${signJwt({ role: 'app_user', sub })}`;
 
 const CSV = { Accept: 'text/csv' };
+const BLOCKED = { 'X-Blocked': 'yes' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -109,6 +110,8 @@ export function readRequests(): TestRequest[] {
     get('/projects?select=id,...clients(name)&order=id', CSV), get('/rpc/projects_of?cid=1&select=id,...clients(name)'),
     // the OpenAPI document's headers and refusals (its body is compared in its own test)
     { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
+    // db-pre-request (check_request) refuses with its own status (PT403)
+    get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
   return out;
 }
@@ -177,6 +180,8 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/shout', 'hello, world', { 'Content-Type': 'text/plain' }), w('POST', '/rpc/shout', '', { 'Content-Type': 'text/plain; charset=utf-8' }),
     w('POST', '/rpc/shout', '{"x":1}'), w('POST', '/rpc/echo_json', 'x', { 'Content-Type': 'text/plain' }),
     w('POST', '/rpc/byte_count', 'abc\u0001\u0002', { 'Content-Type': 'application/octet-stream' }), w('POST', '/rpc/xml_text', '<a>1</a>', { 'Content-Type': 'text/xml' }),
+    w('POST', '/clients', { id: 9, name: 'Nine' }, { ...BLOCKED, Prefer: 'return=representation' }), w('DELETE', '/tasks', undefined, BLOCKED),
+    w('POST', '/rpc/touch_client', { cid: 1 }, BLOCKED),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
