@@ -493,13 +493,10 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded:
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
     // an empty object updates nothing (PostgREST answers 204 without touching a row)
     if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
-    const scope = { table, alias, path: '' };
-    const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
     const row = b.params.add(JSON.stringify(payload));
     const value = (c: string) => (prefer.missing === 'default' ? withDefault(b, table, c, `${row}::json`) : `_.${ident(c)}`);
     return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = ${value(c)}`).join(', ')}`
-      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${row}::json)) _`
-      + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
+      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${row}::json)) _${mutationWhere(b, table, alias, q)}`;
   }, 'update');
   return routedWrite(req, cache, table, q, plan, sharded, 'UPDATE', cols);
 }
@@ -507,15 +504,35 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded:
 function planDelete(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
-    const scope = { table, alias, path: '' };
-    const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
-    return `DELETE FROM ${qualified(table)} AS ${ident(alias)}` + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
+    return `DELETE FROM ${qualified(table)} AS ${ident(alias)}${mutationWhere(b, table, alias, q)}`;
   }, 'delete');
   return routedWrite(req, cache, table, q, plan, sharded, 'DELETE');
 }
 
+/**
+ * The WHERE of a PATCH or DELETE: its filters, and with `limit`/`offset` only
+ * the rows its `order` puts first (PostgREST's limited update/delete, by ctid;
+ * an order is required, PGRST109).
+ */
+function mutationWhere(b: QueryBuilder, table: Table, alias: string, q: ParsedQuery): string {
+  const top = q.nodes.get('')!;
+  const scope = { table, alias, path: '' };
+  const where = top.where.map((c) => b.condition(scope, c));
+  if (top.limit !== undefined || top.offset) {
+    if (!top.order.length) throw new RestError(400, 'PGRST109', "A 'limit' was applied without an explicit 'order'", null, "Apply an 'order' using unique column(s)");
+    const inner = { table, alias: b.nextAlias('t'), path: '' };
+    const conds = top.where.map((c) => b.condition(inner, c));
+    where.push(`${ident(alias)}.ctid = ANY(ARRAY(SELECT ${ident(inner.alias)}.ctid FROM ${qualified(table)} AS ${ident(inner.alias)}`
+      + `${conds.length ? ` WHERE ${conds.join(' AND ')}` : ''}${b.orderSql(inner, top.order)}${QueryBuilder.limitSql(top.limit, top.offset)}))`);
+  }
+  return where.length ? ` WHERE ${where.join(' AND ')}` : '';
+}
+
 /** PATCH and DELETE on a sharded database run where their filters pin the primary vindex, or on every shard. */
 function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, plan: Plan, sharded: boolean, verb: 'UPDATE' | 'DELETE', cols?: string[]): Plan {
+  const top = q.nodes.get('')!;
+  // each shard would apply the limit to its own rows
+  if (sharded && (top.limit !== undefined || top.offset)) throw new RestError(501, '0A000', `a ${verb === 'UPDATE' ? 'PATCH' : 'DELETE'} with limit/offset on a sharded database`);
   if (sharded) plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, singular: wantsObject(req) };
   return plan;
 }

@@ -7,6 +7,7 @@
  * same too. Then hostile input: always a clear 4xx, never a crash or SQL.
  */
 import assert from 'node:assert/strict';
+import { createHmac, generateKeyPairSync, sign as cryptoSign, type KeyObject } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import type { FastifyInstance } from 'fastify';
@@ -161,6 +162,52 @@ test('the OpenAPI document at /: the same as PostgREST 12.0.2 for each role', as
     assert.deepEqual(anon.definitions.oa_kinds.properties.code, { default: 'abc', description: 'the code', format: 'character varying', maxLength: 10, type: 'string' });
   } finally {
     await admin.query(OPENAPI_DROP_SQL);
+  }
+});
+
+test('a JWKS as the JWT secret (RS256, ES256): the same answers as PostgREST 12.0.2', async () => {
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const jwks = JSON.stringify({ keys: [
+    { ...rsa.publicKey.export({ format: 'jwk' }), kid: 'r1', alg: 'RS256' }, { ...ec.publicKey.export({ format: 'jwk' }), kid: 'e1', alg: 'ES256' },
+  ] });
+  // two more of this slot's extra ports (+488, +489), beside restPorts'
+  const theirsPort = ports.ours + 1, oursPort = ports.ours + 2;
+  const reference2 = await startPostgrest({ port: theirsPort, dbUri: `postgres://postgres@127.0.0.1:${ports.postgres}/postgres`, secret: jwks.replace(/"/g, '\\"') });
+  const ours2 = await startRestServer({ port: oursPort, config: { schemas: ['public'], anonRole: 'web_anon', jwtSecret: jwks }, database: () => db, single: 'postgres', log });
+  try {
+    const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url');
+    const sign = (alg: string, key: KeyObject, claims: object, kid?: string) => {
+      const data = `${b64({ alg, typ: 'JWT', ...(kid ? { kid } : {}) })}.${b64(claims)}`;
+      const sig = alg.startsWith('HS') ? createHmac('sha256', jwtSecret).update(data).digest()
+        : cryptoSign(alg === 'ES256' ? 'sha256' : alg === 'RS384' ? 'sha384' : 'sha256', Buffer.from(data), alg === 'ES256' ? { key, dsaEncoding: 'ieee-p1363' } : key);
+      return `Bearer ${data}.${sig.toString('base64url')}`;
+    };
+    const ann = { role: 'app_user', sub: 'ann' };
+    const stranger = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+    const tokens = [
+      sign('RS256', rsa.privateKey, ann, 'r1'), sign('RS256', rsa.privateKey, ann), sign('RS256', rsa.privateKey, ann, 'other-kid'),
+      sign('ES256', ec.privateKey, { role: 'app_user', sub: 'bob' }, 'e1'), sign('RS256', stranger, ann, 'r1'), sign('RS384', rsa.privateKey, ann, 'r1'),
+      sign('HS256', rsa.privateKey, ann), sign('RS256', rsa.privateKey, { ...ann, exp: 1000 }, 'r1'), sign('RS256', rsa.privateKey, { role: 'nobody_here' }, 'r1'),
+    ];
+    const diffs: string[] = [];
+    for (const Authorization of tokens) {
+      for (const path of ['/notes?select=owner,body', '/rpc/whoami']) {
+        const r: TestRequest = { method: 'GET', path, headers: { Authorization } };
+        const [theirs, mine] = [await send(`http://127.0.0.1:${theirsPort}`, r), await send(`http://127.0.0.1:${oursPort}`, r)];
+        try {
+          assert.deepEqual(mine, theirs);
+        } catch {
+          diffs.push(`${describe(r)}\n  postgrest: ${JSON.stringify(theirs)}\n  ours:      ${JSON.stringify(mine)}`);
+        }
+      }
+    }
+    assert.equal(diffs.length, 0, diffs.join('\n'));
+    // and they did verify: ann and bob see their own notes
+    assert.deepEqual(await (await fetch(`http://127.0.0.1:${oursPort}/notes?select=owner`, { headers: { Authorization: tokens[3] } })).json(), [{ owner: 'bob' }]);
+  } finally {
+    await ours2.close();
+    await reference2.stop();
   }
 });
 

@@ -182,6 +182,11 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/byte_count', 'abc\u0001\u0002', { 'Content-Type': 'application/octet-stream' }), w('POST', '/rpc/xml_text', '<a>1</a>', { 'Content-Type': 'text/xml' }),
     w('POST', '/clients', { id: 9, name: 'Nine' }, { ...BLOCKED, Prefer: 'return=representation' }), w('DELETE', '/tasks', undefined, BLOCKED),
     w('POST', '/rpc/touch_client', { cid: 1 }, BLOCKED),
+    // limited PATCH/DELETE: the first rows of an order (PGRST109 without one)
+    w('PATCH', '/clients?limit=1&order=id.desc', { city: 'Z' }, { Prefer: 'return=representation' }), w('PATCH', '/clients?limit=2', { city: 'Z' }),
+    w('PATCH', '/tasks?limit=2&offset=1&order=priority.desc.nullslast,id&select=id,done', { done: true }, { Prefer: 'return=representation,count=exact' }),
+    w('DELETE', '/tasks?limit=2&order=id&done=is.false', undefined, { Prefer: 'return=representation' }), w('DELETE', '/tasks?limit=1&offset=1&order=id', undefined),
+    w('DELETE', '/tasks?limit=0&order=id', undefined, { Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
