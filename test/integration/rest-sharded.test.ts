@@ -170,6 +170,10 @@ test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)
   const underReference = await ask('shop', '/countries?select=code,customers(id)');
   assert.equal(underReference.status, 501);
   assert.match(JSON.parse(underReference.body).message, /sharded table under reference table countries/);
+  // a limited DELETE would take its limit on each shard
+  const limited = await ask('shop', '/orders?limit=1&order=customer_id,id', { method: 'DELETE' });
+  assert.equal(limited.status, 501);
+  assert.equal(JSON.parse(limited.body).code, '0A000');
 });
 
 test('DDL through the gateway reloads both databases\' REST schema caches; spread embeds and the OpenAPI document as unsharded', async () => {
