@@ -559,8 +559,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     : `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
   const prefer = parsePrefer(req.headers.prefer);
   const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
-  // CSV of a scalar result is not built (docs/rest.md)
-  const media = responseMedia(req, table ? TABLE_MEDIA : ['json', 'object']);
+  const media = responseMedia(req, TABLE_MEDIA);
   const singular = media === 'object';
   const readOnly = req.method !== 'POST';
   const top = q.nodes.get('')!;
@@ -572,10 +571,15 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || (!fn.returnsSet && media === 'json') ? 'object' : media);
   } else {
     if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
-    const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
-    const from = record ? ` FROM ${record}` : '';
-    const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
-    sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body FROM (SELECT ${fn.returnsSet ? `to_json(pgrst_v)` : value} AS v FROM ${fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${from ? `, ${from.slice(6)}` : ''}`}) _postgrest_t`;
+    const rows = fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${record ? `, ${record}` : ''}`;
+    if (media === 'csv') {
+      // PostgREST's CSV of a scalar result: one column named pgrst_scalar
+      sql = responseSql(`SELECT ${fn.returnsSet ? 'pgrst_v' : call} AS pgrst_scalar FROM ${rows}`, null, 'csv');
+    } else {
+      const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
+      const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
+      sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
+    }
   }
   return {
     sql, params: b.params.values, readOnly, decideAfter: singular && !readOnly,

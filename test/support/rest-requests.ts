@@ -99,7 +99,8 @@ export function readRequests(): TestRequest[] {
     get('/clients', CSV), get('/clients?id=gt.100', CSV), get('/clients?id=gt.100', { ...CSV, Prefer: 'count=exact' }),
     get('/projects?select=id,name,tags,meta,budget,started,clients(name)&order=id', CSV), get('/projects?select=n:name,t:tags&id=eq.4', CSV),
     get('/project_summary?order=id', CSV), get('/projects?select=id', { ...CSV, Range: '1-2', Prefer: 'count=exact' }),
-    get('/rpc/projects_of?cid=1&select=id,name', CSV), get('/notes', { ...CSV, Authorization: userToken() }), { method: 'HEAD', path: '/clients', headers: CSV },
+    get('/rpc/projects_of?cid=1&select=id,name', CSV), get('/rpc/add?a=1&b=2', CSV), get('/rpc/echo?note=a,b', CSV), get('/rpc/nums?n=3', CSV),
+    get('/rpc/nums?n=0', CSV), get('/rpc/odd_names', CSV), get('/rpc/odd_names'), get('/rpc/whoami', CSV), get('/rpc/noop', CSV), get('/notes', { ...CSV, Authorization: userToken() }), { method: 'HEAD', path: '/clients', headers: CSV },
     get('/clients', { Accept: 'text/html' }), get('/clients', { Accept: 'text/csv, application/json' }), get('/clients', { Accept: 'application/json;q=0.5, text/csv' }),
     get('/clients', { Accept: '*/*' }), get('/clients', { Accept: 'text/*' }), get('/clients?id=eq.1', { Accept: 'application/vnd.pgrst.object+json, text/csv' }),
     // spread embeds: many-to-one (renamed, *, nested, !inner with a filter), and to-many refused (PGRST119)
