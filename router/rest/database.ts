@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
+import { counter } from '../../common/metrics.ts';
 import type { RunShards, RunTransaction, Transaction } from './handler.ts';
 import type { ShardRouting } from './sharded.ts';
 import { loadSchemaCache, type SchemaCache } from './schema-cache.ts';
@@ -28,6 +29,7 @@ export interface RestDatabaseOptions {
 }
 
 const RELOAD_RETRY_MS = 1_000;
+const announced = counter('mg_rest_schema_announcements_total', 'NOTIFY pgrst sent after DDL through the gateway, by outcome (sent, failed)', ['outcome']);
 /** DDL statements within this window of each other are announced once. */
 const ANNOUNCE_DEBOUNCE_MS = 50;
 /**
@@ -196,8 +198,14 @@ export class RestDatabase {
     this.announcing = setTimeout(() => {
       this.announcing = undefined;
       void (async () => this.pool(await this.opts.endpoint(false)).query(`NOTIFY pgrst, 'reload schema'`))()
-        .then(() => this.opts.log.info({ database: this.opts.name }, 'schema changed through the gateway: rest schema caches reload'))
-        .catch((err) => this.opts.log.warn({ database: this.opts.name, err: (err as Error).message }, 'could not announce a schema change'));
+        .then(() => {
+          announced.inc({ outcome: 'sent' });
+          this.opts.log.info({ database: this.opts.name }, 'schema changed through the gateway: rest schema caches reload');
+        })
+        .catch((err) => {
+          announced.inc({ outcome: 'failed' });
+          this.opts.log.warn({ database: this.opts.name, err: (err as Error).message }, 'could not announce a schema change');
+        });
     }, ANNOUNCE_DEBOUNCE_MS);
     this.announcing.unref();
   }

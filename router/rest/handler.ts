@@ -540,14 +540,14 @@ function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: Pars
 function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string, sharded: boolean): Plan {
   if (!['GET', 'HEAD', 'POST'].includes(req.method)) throw new RestError(405, 'PGRST101', 'Only GET and POST are allowed for RPC');
   const unnamed = req.method === 'POST' ? unnamedParameterCall(req, cache, schema, name) : undefined;
-  let args: Record<string, unknown> = {};
-  if (unnamed) { /* the body is the argument */ } else if (req.method === 'POST') {
+  let args: Record<string, unknown> = {}; // none by name when the body is the unnamed argument
+  if (req.method !== 'POST') {
+    const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
+    args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
+  } else if (!unnamed) {
     const body = req.body === undefined || req.body === '' ? {} : parseBody(req);
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
     args = body as Record<string, unknown>;
-  } else {
-    const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
-    args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
   }
   const fn = unnamed ?? findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
   const q = parseQuery(req.query, new Set(req.method === 'POST' ? [] : Object.keys(args)));

@@ -140,4 +140,6 @@ test('DDL through the gateway reloads the REST schema cache; the OpenAPI documen
   assert.deepEqual(doc.definitions.gadgets.properties.id, { description: 'Note:\nThis is a Primary Key.<pk/>', format: 'integer', type: 'integer' });
   assert.deepEqual(Object.keys(doc.paths['/gadgets']), ['get', 'post', 'delete', 'patch']);
   assert.ok(!doc.paths['/notes'], 'the anonymous role may not read notes, so they are not listed');
+  const metrics = await (await fetch(`http://127.0.0.1:${cluster.spec.gateway.metricsPort}/metrics`)).text();
+  assert.match(metrics, /mg_rest_schema_announcements_total\{outcome="sent"\} [1-9]/);
 });
