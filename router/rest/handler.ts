@@ -10,7 +10,7 @@ import type { RestFunction, SchemaCache, Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
-import { bodySql, findFunction, findTable, ident, qualified, QueryBuilder, responseSql, type Media } from './sql.ts';
+import { bodySql, findFunction, findTable, ident, qualified, QueryBuilder, RESPONSE_SETTINGS, responseSql, type Media } from './sql.ts';
 
 export interface RestConfig {
   /** Exposed schemas; the first is the default profile. */
@@ -157,6 +157,30 @@ function preferenceApplied(p: Prefer, keys: (keyof Prefer)[]): Record<string, st
   return applied.length ? { 'Preference-Applied': applied.join(', ') } : {};
 }
 
+interface ResponseRow {
+  total: string | null; page_total: string; body: string; location?: string | null; inserted?: string;
+  response_headers?: string | null; response_status?: string | null;
+}
+
+/** What functions set in `response.headers` (an array of one-key objects) and `response.status` overrides the response, as in PostgREST. */
+function withResponseSettings(res: RestResponse, row: ResponseRow): RestResponse {
+  if (row.response_headers) {
+    let extra: unknown;
+    try {
+      extra = JSON.parse(row.response_headers);
+    } catch { /* reported below */ }
+    const valid = Array.isArray(extra) && extra.every((h) => typeof h === 'object' && h !== null && Object.keys(h).length === 1 && typeof Object.values(h)[0] === 'string');
+    if (!valid) throw new RestError(500, 'PGRST111', 'response.headers guc must be a JSON array composed of objects with a single key and a string value');
+    res = { ...res, headers: { ...res.headers, ...Object.assign({}, ...(extra as Record<string, string>[])) } };
+  }
+  if (row.response_status) {
+    const status = /^\d{3}$/.test(row.response_status.trim()) ? Number(row.response_status) : NaN;
+    if (!(status >= 100 && status <= 599)) throw new RestError(500, 'PGRST112', 'response.status guc must be a valid status code');
+    res = { ...res, status };
+  }
+  return res;
+}
+
 interface Plan {
   sql: string;
   params: unknown[];
@@ -164,7 +188,7 @@ interface Plan {
   /** Whether commit or rollback depends on the result (a singular response must have one row). */
   decideAfter: boolean;
   /** Turns the statement's one row into the response (or throws a RestError, which rolls back). */
-  respond(row: { total: string | null; page_total: string; body: string; location?: string | null; inserted?: string }): RestResponse;
+  respond(row: ResponseRow): RestResponse;
   /** On a sharded database: how the planner routes the request, and how the shards' answers merge. */
   sharded?: ShardedPlan;
 }
@@ -198,7 +222,7 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
     if (sharding) return await runSharded(plan, sharding, target.runShards, prelude, rollback);
     return await target.run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
       const [row] = await lastAfter(prelude(tx), tx.query(plan.sql, plan.params));
-      const result = plan.respond(row as Parameters<Plan['respond']>[0]);
+      const result = withResponseSettings(plan.respond(row as ResponseRow), row as ResponseRow);
       return { result, rollback };
     });
   } catch (err) {
@@ -257,7 +281,7 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
   return runShards(shards, opts, async (txs) => {
     const rows = await Promise.all(txs.map(async (tx, i) => (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0]));
     const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.singular, order);
-    return { result: plan.respond(row as Parameters<Plan['respond']>[0]), rollback };
+    return { result: plan.respond(row as ResponseRow), rollback };
   });
 }
 
@@ -391,7 +415,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
-    + ` (SELECT ${bodySql(media)} FROM pgrst_source _postgrest_t) AS body${location}`;
+    + ` (SELECT ${bodySql(media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
   return {
     sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {
@@ -578,7 +602,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
     } else {
       const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
       const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
-      sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
+      sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body${RESPONSE_SETTINGS} FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
     }
   }
   return {

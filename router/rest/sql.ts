@@ -345,9 +345,16 @@ export function bodySql(media: Media): string {
   return `${header} || E'\\n' || coalesce(string_agg(substring(_postgrest_t::text, 2, length(_postgrest_t::text) - 2), E'\\n'), '')`;
 }
 
-/** PostgREST's response row: total (count=exact), page_total, and the body built by Postgres. */
+/**
+ * The `response.headers` and `response.status` settings the statement's
+ * functions (or the pre-request) may have set, read after its rows, as
+ * PostgREST reads them.
+ */
+export const RESPONSE_SETTINGS = `, nullif(current_setting('response.headers', true), '') AS response_headers, nullif(current_setting('response.status', true), '') AS response_status`;
+
+/** PostgREST's response row: total (count=exact), page_total, the body built by Postgres, and the response settings. */
 export function responseSql(source: string, total: string | null, media: Media, extra = ''): string {
-  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${bodySql(media)} AS body${extra} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
+  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${bodySql(media)} AS body${extra}${RESPONSE_SETTINGS} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
 }
 
 export function findTable(cache: SchemaCache, schema: string, name: string): Table {

@@ -48,7 +48,7 @@ after(async () => {
 
 interface Answer { status: number; headers: Record<string, string | null>; body: string }
 
-const COMPARED_HEADERS = ['content-range', 'content-location', 'location', 'content-type', 'preference-applied'];
+const COMPARED_HEADERS = ['content-range', 'content-location', 'location', 'content-type', 'preference-applied', 'x-custom', 'cache-control'];
 
 async function send(base: string, r: TestRequest): Promise<Answer> {
   const res = await fetch(base + r.path, { method: r.method, headers: r.headers, body: r.body });

@@ -111,6 +111,8 @@ export function readRequests(): TestRequest[] {
     get('/projects?select=id,...clients(name)&order=id', CSV), get('/rpc/projects_of?cid=1&select=id,...clients(name)'),
     // the OpenAPI document's headers and refusals (its body is compared in its own test)
     { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
+    // response.headers / response.status set by functions
+    get('/rpc/with_headers'), get('/rpc/with_headers?select=id', CSV), get('/rpc/bad_headers'), get('/rpc/bad_status'), get('/rpc/teapot'),
     // db-pre-request (check_request) refuses with its own status (PT403)
     get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
