@@ -4,7 +4,8 @@
  * p50/p99 latency, for PostgREST 12.0.2 and for router/rest, against the same
  * Postgres 15 in the same run. Our server talks to Postgres directly here (as
  * PostgREST does), so the figures compare the REST layers, not the gateway's
- * pooler hop. Ports 4400-4402; set REST_BENCH_SECONDS (default 10) per target.
+ * pooler hop. Ports REST_BENCH_PORT_BASE (default 4400) to +2; set
+ * REST_BENCH_SECONDS (default 10) per target.
  */
 import autocannon from 'autocannon';
 import pg from 'pg';
@@ -13,9 +14,9 @@ import { RestDatabase } from '../router/rest/database.ts';
 import { startRestServer } from '../router/rest/server.ts';
 import { removePostgres, restSchemaSql, startPostgres, startPostgrest } from '../test/support/postgrest.ts';
 
-const PG_PORT = 4400;
-const POSTGREST_PORT = 4401;
-const OURS_PORT = 4402;
+const PG_PORT = Number(process.env.REST_BENCH_PORT_BASE ?? 4400);
+const POSTGREST_PORT = PG_PORT + 1;
+const OURS_PORT = PG_PORT + 2;
 const ROWS = 10_000;
 const SECONDS = Number(process.env.REST_BENCH_SECONDS ?? 10);
 const POOL = 10; // PostgREST's db-pool default

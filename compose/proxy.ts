@@ -47,7 +47,7 @@ export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Pr
     maxClients: spec.gateway.maxClients, readOnlyToReplicas: spec.gateway.readOnlyToReplicas, releaseIdleLinksAfterMs: spec.gateway.releaseIdleLinksAfterMs,
     deactivateIdleAfterMs: spec.gateway.deactivateIdleAfterMs,
     workers: spec.gateway.workers, httpPort: spec.gateway.httpPort,
-    rest: { schemas: spec.gateway.restSchemas, anonRole: spec.gateway.restAnonRole, jwtSecret: spec.gateway.restJwtSecret },
+    rest: { schemas: spec.gateway.restSchemas, anonRole: spec.gateway.restAnonRole, jwtSecret: spec.gateway.restJwtSecret, preRequest: spec.gateway.restPreRequest },
   }, spec.gateway.port, paths, spec));
 }
 

@@ -71,8 +71,10 @@ export const clusterSpecSchema = z.object({
     restSchemas: z.array(z.string().min(1)).min(1).default(['public']),
     /** The role of REST requests without a JWT; none refuses them (401). */
     restAnonRole: z.string().min(1).optional(),
-    /** HS256 secret REST JWTs are signed with (at least 32 characters, as PostgREST requires). */
+    /** PostgREST's jwt-secret: the HS256 secret REST JWTs are signed with (32+ characters), or a JWK / JWKS as JSON (RS256, ES256, ...). */
     restJwtSecret: z.string().min(32).optional(),
+    /** A function (`schema.name`) every REST request calls first, in its transaction (PostgREST's db-pre-request). */
+    restPreRequest: z.string().min(1).optional(),
   }).strict().default({}),
   agent: z.object({
     healthIntervalMs: z.number().int().min(50).max(60_000).default(500),

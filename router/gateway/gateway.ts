@@ -36,6 +36,8 @@ export interface GatewayOptions {
   releaseIdleLinksAfterMs?: number;
   /** Scale to zero a database (with instances of its own) that had no session here for this long; 0 never does. */
   deactivateIdleAfterMs?: number;
+  /** Told when a session is idle after running DDL on a database (the REST API reloads its schema cache). */
+  onSchemaChange?: (database: string) => void;
 }
 
 /** Descriptors kept for Kafka, metrics, verifier lookups, the listener, and links that idle sessions reopen. */
@@ -252,10 +254,12 @@ export class Gateway {
     const database = (client.params.database ?? client.params.user).split('@')[0];
     const session = this.discovery.topology.databases.get(database)?.sharded || movedTablesOf(this.discovery.topology, database)
       ? new ShardedSession(client.socket as net.Socket, client.params, {
-        discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc, recordSchemaChange: (c) => this.recordSchemaChange(c),
+        discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc,
+        recordSchemaChange: (c) => this.recordSchemaChange(c), onSchemaChange: this.opts.onSchemaChange,
       })
       : new GatewaySession(client.socket as net.Socket, client.params, {
         discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,
+        onSchemaChange: this.opts.onSchemaChange,
       });
     this.sessions.set(key.pid, { session, secret: key.secret });
     clientsGauge.inc();

@@ -38,6 +38,7 @@ const configSchema = z.object({
     schemas: z.array(z.string().min(1)).min(1).default(['public']),
     anonRole: z.string().min(1).optional(),
     jwtSecret: z.string().min(32).optional(),
+    preRequest: z.string().min(1).optional(),
   }).strict().default({}),
 }).strict();
 
@@ -63,14 +64,16 @@ if (cfg.workers > 1 && cluster.isPrimary) {
 
 async function runGateway(): Promise<void> {
   const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
+  let rest: Awaited<ReturnType<typeof startGatewayRest>> | undefined;
   const gateway = new Gateway(eventLog, {
     port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
     maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs, deactivateIdleAfterMs: cfg.deactivateIdleAfterMs,
     tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
+    // DDL through any gateway reaches every gateway's REST cache: the NOTIFY goes to the database (decision 0042)
+    onSchemaChange: (database) => rest?.schemaChanged(database),
   }, log);
   const metricsServer = cluster.isWorker ? undefined : await serveMetrics(cfg.metricsPort);
   if (cluster.isWorker) reportMetricsToPrimary();
-  let rest: Awaited<ReturnType<typeof startGatewayRest>> | undefined;
   onShutdown(log, async () => {
     await rest?.close();
     await gateway.drain();

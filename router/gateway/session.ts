@@ -44,6 +44,19 @@ export interface SessionOptions {
   readOnlyToReplicas?: boolean;
   /** Keeps the topology's databases in step with CREATE / DROP DATABASE run through the session. */
   databases?: DatabaseRegistry;
+  /** Told once the session is idle again after DDL completed (the REST schema cache reloads). */
+  onSchemaChange?: (database: string) => void;
+}
+
+/** Command tags of statements that may change what the REST API's schema cache holds. */
+const SCHEMA_TAGS = ['CREATE ', 'ALTER ', 'DROP ', 'COMMENT', 'GRANT', 'REVOKE'].map((t) => Buffer.from(t));
+const SCHEMA_TAG_FIRST_BYTES = new Set(SCHEMA_TAGS.map((t) => t[0]));
+
+/** Whether a CommandComplete (at `start`) is DDL's, without decoding the tag of every statement. */
+function changesSchema(buf: Buffer, start: number, len: number): boolean {
+  const tag = start + 5;
+  if (!SCHEMA_TAG_FIRST_BYTES.has(buf[tag])) return false;
+  return SCHEMA_TAGS.some((t) => t.length <= len - 5 && buf.compare(t, 0, t.length, tag, tag + t.length) === 0);
 }
 
 /** What the gateway does around a CREATE / DROP DATABASE that a session (connected to `from`) runs. */
@@ -103,6 +116,8 @@ export class GatewaySession implements Flushable {
   private idleSince = performance.now();
   /** A CREATE / DROP DATABASE sent, and whether Postgres said it completed. */
   private ddl: { ddl: DatabaseDdl; completed: boolean } | undefined;
+  /** DDL completed since the session was last idle (onSchemaChange is told once it is). */
+  private schemaChanged = false;
   /** Replies held from the client until the topology records a completed CREATE / DROP DATABASE. */
   private repliesHeld: Buffer[] | undefined;
   /** Set when the session's database is going away: the session ends at its next idle point, with this. */
@@ -393,6 +408,12 @@ export class GatewaySession implements Flushable {
       this.status = String.fromCharCode(buf[start + 5]) as 'I' | 'T' | 'E';
       if (this.inflight > 0) this.inflight--;
       if (this.status === 'I' && this.inflight === 0 && !this.inBatch) this.idleSince = performance.now();
+      if (this.schemaChanged && this.status === 'I') {
+        this.schemaChanged = false;
+        this.opts.onSchemaChange?.(this.database);
+      }
+    } else if (type === T.CommandComplete) {
+      if (this.opts.onSchemaChange && changesSchema(buf, start, len)) this.schemaChanged = true;
     } else if (type === T.ErrorResponse && errorFieldsAt(buf, start, len).S === 'FATAL') {
       link.endedWithFatal = true;
     } else if (type === T.ParameterStatus && isReport(buf, start, SESSION_STATE_BYTES)) {

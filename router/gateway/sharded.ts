@@ -61,6 +61,8 @@ export interface ShardedSessionOptions {
   twopc: TwoPhaseCoordinator;
   /** Records DDL that ran on the shards (an event on mg.schema.changes.v1); never throws. */
   recordSchemaChange: (change: SchemaChangeRecord) => void;
+  /** Told once a session is idle again after DDL ran on the database (the REST schema cache reloads). */
+  onSchemaChange?: (database: string) => void;
 }
 
 /** A SchemaChange event as the session knows it (the gateway adds id, time and source). */
@@ -107,6 +109,8 @@ export class ShardedSession {
   /** The transaction was opened by the gateway for one statement that keeps lookup vindexes (not by BEGIN). */
   private implicitTransaction = false;
   private transactionFailed = false;
+  /** DDL ran since the session was last idle (onSchemaChange is told once it is). */
+  private schemaChanged = false;
   private beginSql = 'BEGIN';
   /**
    * The open transaction's SAVEPOINTs and SET LOCALs in order: sent to every shard in the transaction, and
@@ -309,6 +313,10 @@ export class ShardedSession {
   }
 
   private flush(): void {
+    if (this.schemaChanged && !this.inTransaction) {
+      this.schemaChanged = false;
+      this.opts.onSchemaChange?.(this.database);
+    }
     if (!this.out.length || this.ended) return;
     this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out));
     this.out = [];
@@ -425,7 +433,10 @@ export class ShardedSession {
       return this.union(await this.onShards(shards, (s) => perShard.get(s)!.text, how, true, (s) => perShard.get(s)!.how), how);
     }
     const sql = (plan as { sql: Buffer }).sql;
-    if (plan.kind === 'all' && plan.ddl) return this.runDdl(sql, shards, how);
+    if (plan.kind === 'all' && plan.ddl) {
+      this.schemaChanged = true;
+      return this.runDdl(sql, shards, how);
+    }
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);

@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
+import { counter } from '../../common/metrics.ts';
 import type { RunShards, RunTransaction, Transaction } from './handler.ts';
 import type { ShardRouting } from './sharded.ts';
 import { loadSchemaCache, type SchemaCache } from './schema-cache.ts';
@@ -28,6 +29,9 @@ export interface RestDatabaseOptions {
 }
 
 const RELOAD_RETRY_MS = 1_000;
+const announced = counter('mg_rest_schema_announcements_total', 'NOTIFY pgrst sent after DDL through the gateway, by outcome (sent, failed)', ['outcome']);
+/** DDL statements within this window of each other are announced once. */
+const ANNOUNCE_DEBOUNCE_MS = 50;
 /**
  * Statements prepared per connection, at most: request shapes repeat (the
  * values are parameters), so the hot ones are parsed and planned once; a
@@ -60,6 +64,8 @@ export class RestDatabase {
   private closed = false;
   /** Bumped on each schema reload (names of prepared statements carry it). */
   private generation = 0;
+  /** A NOTIFY about to announce DDL (announceSchemaChange). */
+  private announcing: NodeJS.Timeout | undefined;
 
   constructor(private readonly opts: RestDatabaseOptions) {}
 
@@ -182,6 +188,28 @@ export class RestDatabase {
     return cache;
   }
 
+  /**
+   * DDL ran on the database: `NOTIFY pgrst, 'reload schema'` on its (first
+   * shard's) primary, which every listener hears, this one included: every
+   * gateway's cache of it reloads. DDL in quick succession sends one NOTIFY.
+   */
+  announceSchemaChange(): void {
+    if (this.announcing || this.closed) return;
+    this.announcing = setTimeout(() => {
+      this.announcing = undefined;
+      void (async () => this.pool(await this.opts.endpoint(false)).query(`NOTIFY pgrst, 'reload schema'`))()
+        .then(() => {
+          announced.inc({ outcome: 'sent' });
+          this.opts.log.info({ database: this.opts.name }, 'schema changed through the gateway: rest schema caches reload');
+        })
+        .catch((err) => {
+          announced.inc({ outcome: 'failed' });
+          this.opts.log.warn({ database: this.opts.name, err: (err as Error).message }, 'could not announce a schema change');
+        });
+    }, ANNOUNCE_DEBOUNCE_MS);
+    this.announcing.unref();
+  }
+
   /** Reloads once the new cache is in; requests keep using the old one meanwhile. */
   async reload(): Promise<void> {
     const next = this.load();
@@ -225,6 +253,7 @@ export class RestDatabase {
 
   async close(): Promise<void> {
     this.closed = true;
+    clearTimeout(this.announcing);
     await this.listener?.end().catch(() => {});
     await Promise.all([...this.pools.values()].map((p) => p.end().catch(() => {})));
   }

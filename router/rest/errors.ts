@@ -34,6 +34,7 @@ export const parseError = (what: string, detail: string, column = 1) =>
 /** The HTTP status PostgREST answers a Postgres error with; 42501 depends on whether the request was authenticated. */
 export function statusOfSqlstate(code: string, authenticated: boolean): number {
   if (code === '42501') return authenticated ? 403 : 401;
+  if (/^PT\d{3}$/.test(code)) return Number(code.slice(2)); // a function's own HTTP status, as PostgREST reads it
   if (code === '23503' || code === '23505') return 409;
   if (code === '25006') return 405;
   if (code === 'P0001') return 400;

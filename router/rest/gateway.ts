@@ -18,6 +18,8 @@ export interface GatewayRestOptions {
   schemas: string[];
   anonRole?: string;
   jwtSecret?: string;
+  /** PostgREST's db-pre-request: `schema.function` every request calls first. */
+  preRequest?: string;
   /** The role the gateway connects to poolers as; requests switch to their own role inside the transaction. */
   authUser: string;
   bufferWindowMs: number;
@@ -56,7 +58,7 @@ export async function restEndpoint(discovery: RestDiscovery, database: string, r
   return ep;
 }
 
-export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRestOptions): Promise<{ close(): Promise<void> }> {
+export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRestOptions): Promise<{ schemaChanged(database: string): void; close(): Promise<void> }> {
   const databases = new Map<string, RestDatabase>();
 
   const database = (name: string): RestDatabase | undefined => {
@@ -71,9 +73,13 @@ export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRe
   };
 
   const app: FastifyInstance = await startRestServer({
-    port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret }, database, log: opts.log,
+    port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret, preRequest: opts.preRequest }, database, log: opts.log,
   });
   return {
+    /** DDL ran on the database through the wire protocol: every REST schema cache of it reloads. */
+    schemaChanged(name: string) {
+      database(name)?.announceSchemaChange();
+    },
     async close() {
       await app.close();
       await Promise.all([...databases.values()].map((d) => d.close()));

@@ -5,17 +5,24 @@
  */
 import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './errors.ts';
 import { authenticate, type Auth } from './jwt.ts';
-import { FILTER_OPS, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
-import type { SchemaCache, Table } from './schema-cache.ts';
+import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
+import type { RestFunction, SchemaCache, Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
-import { findFunction, findTable, ident, qualified, QueryBuilder, responseSql } from './sql.ts';
+import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
+import { bodySql, findFunction, findTable, ident, qualified, QueryBuilder, RESPONSE_SETTINGS, responseSql, type Media } from './sql.ts';
 
 export interface RestConfig {
   /** Exposed schemas; the first is the default profile. */
   schemas: string[];
   anonRole?: string;
   jwtSecret?: string;
+  /**
+   * PostgREST's db-pre-request: a function (`schema.name` or `name`) called in
+   * each request's transaction after its role and settings, before its statement;
+   * what it raises is the response.
+   */
+  preRequest?: string;
 }
 
 export interface RestRequest {
@@ -26,8 +33,8 @@ export interface RestRequest {
   fullPath: string;
   query: [string, string][];
   headers: Record<string, string | undefined>;
-  /** The raw body (JSON is parsed here, so its errors are PostgREST's). */
-  body: string | undefined;
+  /** The raw body (JSON is parsed here, so its errors are PostgREST's); bytes for application/octet-stream. */
+  body: string | Buffer | undefined;
 }
 
 export interface RestResponse {
@@ -94,17 +101,51 @@ function profile(req: RestRequest, config: RestConfig): string {
   return asked;
 }
 
-function wantsObject(req: RestRequest): boolean {
-  return (req.headers.accept ?? '').split(',').some((a) => a.trim().startsWith('application/vnd.pgrst.object'));
+const CONTENT_TYPES: Record<Media | 'openapi', string> = { json: JSON_TYPE, object: OBJECT_TYPE, csv: 'text/csv; charset=utf-8', openapi: 'application/openapi+json; charset=utf-8' };
+const ACCEPTED: Record<string, Media | 'openapi'> = {
+  'application/json': 'json', 'application/vnd.pgrst.object+json': 'object', 'application/vnd.pgrst.object': 'object',
+  'text/csv': 'csv', 'application/openapi+json': 'openapi',
+};
+
+/**
+ * The response's media type: the client's most preferred (Accept, with
+ * q-values) among those the resource offers; `*​/*` or no Accept takes the first offered.
+ */
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[]): M {
+  const ranges = (req.headers.accept ?? '').split(',').map((part, i) => {
+    const [type, ...params] = part.split(';').map((x) => x.trim());
+    const q = params.find((x) => x.startsWith('q='));
+    return { type: type.toLowerCase(), q: q ? Number(q.slice(2)) : 1, i };
+  }).filter((r) => r.type !== '' && !(r.q <= 0)).sort((a, b) => b.q - a.q || a.i - b.i);
+  if (!ranges.length) return offered[0];
+  for (const r of ranges) {
+    const media = r.type === '*/*' ? offered[0] : ACCEPTED[r.type] as M | undefined;
+    if (media !== undefined && offered.includes(media)) return media;
+  }
+  throw new RestError(415, 'PGRST107', `None of these media types are available: ${ranges.map((r) => r.type).join(', ')}`);
 }
 
-function parseBody(req: RestRequest): unknown {
+const TABLE_MEDIA: Media[] = ['json', 'object', 'csv'];
+const wantsObject = (req: RestRequest) => responseMedia(req, TABLE_MEDIA) === 'object';
+
+/**
+ * The payload: JSON, or CSV as PostgREST reads it (a header line of column
+ * names, every value a string but `NULL`, which is null). `single`: PATCH and
+ * PUT take the first CSV row.
+ */
+function parseBody(req: RestRequest, single = false): unknown {
   const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
+  if (type === 'text/csv') {
+    const [header, ...records] = parseCsv(String(req.body ?? ''));
+    if (!header) throw new RestError(400, 'PGRST102', 'parse error (not enough input) at ""');
+    const rows = records.map((r) => Object.fromEntries(header.map((h, i) => [h, r[i] === undefined || r[i] === 'NULL' ? null : r[i]])));
+    return single ? rows[0] ?? {} : rows;
+  }
   if (type !== 'application/json') {
     throw new RestError(415, 'PGRST107', `None of these media types are available: ${type}`);
   }
   try {
-    return JSON.parse(req.body ?? '');
+    return JSON.parse(String(req.body ?? ''));
   } catch {
     throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   }
@@ -116,6 +157,30 @@ function preferenceApplied(p: Prefer, keys: (keyof Prefer)[]): Record<string, st
   return applied.length ? { 'Preference-Applied': applied.join(', ') } : {};
 }
 
+interface ResponseRow {
+  total: string | null; page_total: string; body: string; location?: string | null; inserted?: string;
+  response_headers?: string | null; response_status?: string | null;
+}
+
+/** What functions set in `response.headers` (an array of one-key objects) and `response.status` overrides the response, as in PostgREST. */
+function withResponseSettings(res: RestResponse, row: ResponseRow): RestResponse {
+  if (row.response_headers) {
+    let extra: unknown;
+    try {
+      extra = JSON.parse(row.response_headers);
+    } catch { /* reported below */ }
+    const valid = Array.isArray(extra) && extra.every((h) => typeof h === 'object' && h !== null && Object.keys(h).length === 1 && typeof Object.values(h)[0] === 'string');
+    if (!valid) throw new RestError(500, 'PGRST111', 'response.headers guc must be a JSON array composed of objects with a single key and a string value');
+    res = { ...res, headers: { ...res.headers, ...Object.assign({}, ...(extra as Record<string, string>[])) } };
+  }
+  if (row.response_status) {
+    const status = /^\d{3}$/.test(row.response_status.trim()) ? Number(row.response_status) : NaN;
+    if (!(status >= 100 && status <= 599)) throw new RestError(500, 'PGRST112', 'response.status guc must be a valid status code');
+    res = { ...res, status };
+  }
+  return res;
+}
+
 interface Plan {
   sql: string;
   params: unknown[];
@@ -123,7 +188,7 @@ interface Plan {
   /** Whether commit or rollback depends on the result (a singular response must have one row). */
   decideAfter: boolean;
   /** Turns the statement's one row into the response (or throws a RestError, which rolls back). */
-  respond(row: { total: string | null; page_total: string; body: string; location?: string | null; inserted?: string }): RestResponse;
+  respond(row: ResponseRow): RestResponse;
   /** On a sharded database: how the planner routes the request, and how the shards' answers merge. */
   sharded?: ShardedPlan;
 }
@@ -148,17 +213,16 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
     const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => k !== 'authorization'));
     const a = auth;
     const rollback = prefer.tx === 'rollback';
-    if (sharding) {
-      const prelude = (tx: Transaction) => tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]);
-      return await runSharded(plan, sharding, target.runShards, prelude, rollback);
-    }
+    const preRequest = config.preRequest === undefined ? undefined : `SELECT ${config.preRequest.split('.').map(ident).join('.')}()`;
+    // sent at once (pipelined); a failed set_config (an unknown role) or pre-request fails the statements behind it too, and is reported
+    const prelude = (tx: Transaction) => [
+      tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
+      ...(preRequest ? [tx.query(preRequest, [])] : []),
+    ];
+    if (sharding) return await runSharded(plan, sharding, target.runShards, prelude, rollback);
     return await target.run({ readOnly: plan.readOnly, decideAfter: plan.decideAfter || rollback }, async (tx) => {
-      // both sent at once; a failed set_config (an unknown role) fails the statement behind it too, and is reported first
-      const [, [row]] = await Promise.all([
-        tx.query(settings, [a.role, JSON.stringify(a.claims), req.method, req.fullPath, JSON.stringify(headers)]),
-        tx.query(plan.sql, plan.params),
-      ]);
-      const result = plan.respond(row as Parameters<Plan['respond']>[0]);
+      const [row] = await lastAfter(prelude(tx), tx.query(plan.sql, plan.params));
+      const result = withResponseSettings(plan.respond(row as ResponseRow), row as ResponseRow);
       return { result, rollback };
     });
   } catch (err) {
@@ -168,19 +232,27 @@ export async function handleRest(req: RestRequest, cache: SchemaCache, config: R
   }
 }
 
+/** `last`'s result once every statement before it succeeded; else the first one's error, in the order they were sent. */
+async function lastAfter<T>(before: Promise<unknown>[], last: Promise<T>): Promise<T> {
+  const settled = await Promise.allSettled([...before, last]);
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return (settled[settled.length - 1] as PromiseFulfilledResult<T>).value;
+}
+
 /**
  * A request on a sharded database: routed by the planner from the plan's
  * probe, run on each shard it names in one transaction per shard, answers
  * merged. One shard's answer is the response as it is.
  */
-async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShards, prelude: (tx: Transaction) => Promise<unknown>, rollback: boolean): Promise<RestResponse> {
+async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShards, prelude: (tx: Transaction) => Promise<unknown>[], rollback: boolean): Promise<RestResponse> {
   const s = plan.sharded;
   if (!s) throw new RestError(501, '0A000', 'this request is not supported on a sharded database');
   const opts = { readOnly: plan.readOnly };
   if (s.kind === 'read') {
     const shards = routeProbe(routing, s.probe, s.top);
     return runShards(shards, opts, async (txs) => {
-      const parts = await Promise.all(txs.map(async (tx) => (await Promise.all([prelude(tx), tx.rows(plan.sql, plan.params)]))[1]));
+      const parts = await Promise.all(txs.map((tx) => lastAfter(prelude(tx), tx.rows(plan.sql, plan.params))));
       return { result: plan.respond(mergeReads(parts, s.merge, s.counted, s.singular)), rollback };
     });
   }
@@ -207,9 +279,9 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
     params = shards.map(() => plan.params);
   }
   return runShards(shards, opts, async (txs) => {
-    const rows = await Promise.all(txs.map(async (tx, i) => (await Promise.all([prelude(tx), tx.query(plan.sql, params[i])]))[1][0]));
+    const rows = await Promise.all(txs.map(async (tx, i) => (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0]));
     const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.singular, order);
-    return { result: plan.respond(row as Parameters<Plan['respond']>[0]), rollback };
+    return { result: plan.respond(row as ResponseRow), rollback };
   });
 }
 
@@ -219,7 +291,9 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
     throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
   }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
+  if (sharded && segments.length && responseMedia(req, TABLE_MEDIA) === 'csv') throw new RestError(501, '0A000', 'CSV responses are not supported on a sharded database');
   if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1], sharded);
+  if (segments.length === 0 && (req.method === 'GET' || req.method === 'HEAD')) return planOpenApi(req, cache, schema, sharded);
   if (segments.length !== 1) throw new RestError(404, 'PGRST125', `Invalid path specified in request URL`);
   const table = findTable(cache, schema, segments[0]);
   switch (req.method) {
@@ -232,6 +306,20 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
   }
 }
 
+/** The OpenAPI document of the schema, listing what the request's role may use (on a sharded database: the first shard's privileges). */
+function planOpenApi(req: RestRequest, cache: SchemaCache, schema: string, sharded: boolean): Plan {
+  const basePath = req.fullPath.replace(/\/+$/, '') || '/';
+  responseMedia(req, ['openapi', 'json']); // either is answered with the OpenAPI type, as PostgREST does
+  return {
+    sql: ACCESSIBLE_SQL, params: [schema], readOnly: true, decideAfter: false,
+    sharded: sharded ? { kind: 'write', probe: { sql: 'SELECT 1', params: [] }, top: '', singular: false } : undefined,
+    respond(row) {
+      const doc = openApiDocument(cache, schema, JSON.parse(row.body) as Accessible, req.headers.host ?? '', basePath);
+      return { status: 200, headers: { 'Content-Type': CONTENT_TYPES.openapi }, body: req.method === 'HEAD' ? '' : doc };
+    },
+  };
+}
+
 function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const prefer = parsePrefer(req.headers.prefer);
@@ -239,7 +327,8 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
   const range = parseRange(req.headers.range);
   const offset = top.offset ?? range?.offset ?? 0;
   const limit = minDefined(top.limit, range?.limit);
-  const singular = wantsObject(req);
+  const media = responseMedia(req, TABLE_MEDIA);
+  const singular = media === 'object';
   const b = new QueryBuilder(cache, q);
   const scope = { table, alias: b.nextAlias('t'), path: '' };
   const count = prefer.count !== undefined;
@@ -252,7 +341,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
     shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, singular };
   } else {
     const r = b.read(scope, from, { limit, offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, count ? r.count : null, singular);
+    sql = responseSql(r.source, count ? r.count : null, media);
   }
   return {
     sql, params: b.params.values, readOnly: true, decideAfter: false, sharded: shardPlan,
@@ -270,7 +359,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
         status: partial ? 206 : 200,
         headers: {
           'Content-Range': contentRange(offset, pageTotal, total), 'Content-Location': contentLocation(req.fullPath, req.query),
-          'Content-Type': singular ? OBJECT_TYPE : JSON_TYPE, ...applied,
+          'Content-Type': CONTENT_TYPES[media], ...applied,
         },
         body: req.method === 'HEAD' ? '' : row.body,
       };
@@ -309,7 +398,8 @@ function payloadColumns(table: Table, payload: unknown, q: ParsedQuery): string[
 /** The rows written, read back through the request's select (return=representation) into the response row. */
 function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'put' | 'update' | 'delete'): Plan {
   const prefer = parsePrefer(req.headers.prefer);
-  const singular = wantsObject(req);
+  const media = responseMedia(req, TABLE_MEDIA);
+  const singular = media === 'object';
   const b = new QueryBuilder(cache, q);
   const alias = b.nextAlias('t');
   const mutation = write(b, alias);
@@ -325,7 +415,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
-    + ` (SELECT ${singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`} FROM pgrst_source _postgrest_t) AS body${location}`;
+    + ` (SELECT ${bodySql(media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
   return {
     sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {
@@ -335,14 +425,14 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
       const insertStatus = upsert && Number(row.inserted) === 0 ? 200 : 201;
       const headers: Record<string, string> = {
         ...(kind === 'put' ? {} : { 'Content-Range': kind === 'update' ? contentRange(0, n, total) : `*/${total ?? '*'}` }),
-        ...preferenceApplied(prefer, ['resolution', 'return', 'count', 'tx']),
+        ...preferenceApplied(prefer, ['resolution', 'missing', 'return', 'count', 'tx']),
       };
       if (row.location && n === 1) {
         const values = JSON.parse(row.location) as string[];
         headers.Location = `${req.fullPath}?${pk.map((c, i) => `${encodeURIComponent(c)}=eq.${encodeURIComponent(values[i])}`).join('&')}`;
       }
       if (returning) {
-        headers['Content-Type'] = singular ? OBJECT_TYPE : JSON_TYPE;
+        headers['Content-Type'] = CONTENT_TYPES[media];
         return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: row.body };
       }
       return { status: kind === 'insert' ? insertStatus : 204, headers, body: '' };
@@ -360,7 +450,7 @@ function planPut(req: RestRequest, cache: SchemaCache, table: Table, sharded: bo
     || !pk.every((k) => eqs.some((c) => c.kind === 'filter' && c.field.column === k))) {
     throw new RestError(405, 'PGRST105', 'Filters must include all and only primary key columns with \'eq\' operators');
   }
-  const payload = parseBody(req);
+  const payload = parseBody(req, true);
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Expected a single JSON object in the PUT request body');
   const cols = payloadColumns(table, payload, q);
   const filterValue = (k: string) => eqs.find((c) => c.kind === 'filter' && c.field.column === k)!;
@@ -388,7 +478,12 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
     rowsParam = b.params.values.length;
     // no columns: every column takes its default, as in PostgREST
-    const sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(objects))}::json) _`;
+    const rows = b.params.add(JSON.stringify(objects));
+    // missing=default: a key a row lacks takes the column's default (per row), not NULL
+    const source = prefer.missing === 'default'
+      ? `SELECT ${cols.map((c) => withDefault(b, table, c, 'pgrst_e.v')).join(', ')} FROM json_array_elements(${rows}::json) pgrst_e(v), LATERAL json_populate_record(NULL::${qualified(table)}, pgrst_e.v) _`
+      : `SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${rows}::json) _`;
+    const sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} ${source}`;
     if (resolution) {
       const target = q.onConflict ?? table.primaryKey;
       if (!target.length) throw new RestError(400, 'PGRST103', 'on_conflict needs a primary key or the on_conflict parameter');
@@ -407,19 +502,25 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
   return plan;
 }
 
+/** Column `c` of the populated row `_`, or its default when the JSON object `json` lacks the key. */
+function withDefault(b: QueryBuilder, table: Table, c: string, json: string): string {
+  const def = table.columns.get(c)!.defaultSql;
+  return def === null ? `_.${ident(c)}` : `CASE WHEN ${json}::jsonb ? ${b.params.add(c)} THEN _.${ident(c)} ELSE ${def} END`;
+}
+
 function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
+  const prefer = parsePrefer(req.headers.prefer);
   const q = parseQuery(req.query);
-  const payload = parseBody(req);
+  const payload = parseBody(req, true);
   if (Array.isArray(payload)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
   const cols = payloadColumns(table, payload, q);
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
     // an empty object updates nothing (PostgREST answers 204 without touching a row)
     if (!cols.length) return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${ident(table.columnOrder[0])} = ${ident(alias)}.${ident(table.columnOrder[0])} WHERE FALSE`;
-    const scope = { table, alias, path: '' };
-    const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
-    return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = _.${ident(c)}`).join(', ')}`
-      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${b.params.add(JSON.stringify(payload))}::json)) _`
-      + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
+    const row = b.params.add(JSON.stringify(payload));
+    const value = (c: string) => (prefer.missing === 'default' ? withDefault(b, table, c, `${row}::json`) : `_.${ident(c)}`);
+    return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = ${value(c)}`).join(', ')}`
+      + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${row}::json)) _${mutationWhere(b, table, alias, q)}`;
   }, 'update');
   return routedWrite(req, cache, table, q, plan, sharded, 'UPDATE', cols);
 }
@@ -427,54 +528,82 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded:
 function planDelete(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
   const q = parseQuery(req.query);
   const plan = mutationPlan(req, cache, table, q, (b, alias) => {
-    const scope = { table, alias, path: '' };
-    const where = q.nodes.get('')!.where.map((c) => b.condition(scope, c));
-    return `DELETE FROM ${qualified(table)} AS ${ident(alias)}` + (where.length ? ` WHERE ${where.join(' AND ')}` : '');
+    return `DELETE FROM ${qualified(table)} AS ${ident(alias)}${mutationWhere(b, table, alias, q)}`;
   }, 'delete');
   return routedWrite(req, cache, table, q, plan, sharded, 'DELETE');
 }
 
+/**
+ * The WHERE of a PATCH or DELETE: its filters, and with `limit`/`offset` only
+ * the rows its `order` puts first (PostgREST's limited update/delete, by ctid;
+ * an order is required, PGRST109).
+ */
+function mutationWhere(b: QueryBuilder, table: Table, alias: string, q: ParsedQuery): string {
+  const top = q.nodes.get('')!;
+  const scope = { table, alias, path: '' };
+  const where = top.where.map((c) => b.condition(scope, c));
+  if (top.limit !== undefined || top.offset) {
+    if (!top.order.length) throw new RestError(400, 'PGRST109', "A 'limit' was applied without an explicit 'order'", null, "Apply an 'order' using unique column(s)");
+    const inner = { table, alias: b.nextAlias('t'), path: '' };
+    const conds = top.where.map((c) => b.condition(inner, c));
+    where.push(`${ident(alias)}.ctid = ANY(ARRAY(SELECT ${ident(inner.alias)}.ctid FROM ${qualified(table)} AS ${ident(inner.alias)}`
+      + `${conds.length ? ` WHERE ${conds.join(' AND ')}` : ''}${b.orderSql(inner, top.order)}${QueryBuilder.limitSql(top.limit, top.offset)}))`);
+  }
+  return where.length ? ` WHERE ${where.join(' AND ')}` : '';
+}
+
 /** PATCH and DELETE on a sharded database run where their filters pin the primary vindex, or on every shard. */
 function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, plan: Plan, sharded: boolean, verb: 'UPDATE' | 'DELETE', cols?: string[]): Plan {
+  const top = q.nodes.get('')!;
+  // each shard would apply the limit to its own rows
+  if (sharded && (top.limit !== undefined || top.offset)) throw new RestError(501, '0A000', `a ${verb === 'UPDATE' ? 'PATCH' : 'DELETE'} with limit/offset on a sharded database`);
   if (sharded) plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, singular: wantsObject(req) };
   return plan;
 }
 
 function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string, sharded: boolean): Plan {
   if (!['GET', 'HEAD', 'POST'].includes(req.method)) throw new RestError(405, 'PGRST101', 'Only GET and POST are allowed for RPC');
-  let args: Record<string, unknown>;
-  if (req.method === 'POST') {
+  const unnamed = req.method === 'POST' ? unnamedParameterCall(req, cache, schema, name) : undefined;
+  let args: Record<string, unknown> = {}; // none by name when the body is the unnamed argument
+  if (req.method !== 'POST') {
+    const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
+    args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
+  } else if (!unnamed) {
     const body = req.body === undefined || req.body === '' ? {} : parseBody(req);
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
     args = body as Record<string, unknown>;
-  } else {
-    const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
-    args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
   }
-  const fn = findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
+  const fn = unnamed ?? findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
   const q = parseQuery(req.query, new Set(req.method === 'POST' ? [] : Object.keys(args)));
   const b = new QueryBuilder(cache, q);
   const given = fn.args.filter((a) => a.name in args);
   const record = given.length
     ? `json_to_record(${b.params.add(JSON.stringify(args))}::json) AS _(${given.map((a) => `${ident(a.name)} ${a.type}`).join(', ')})` : '';
-  const call = `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
+  const call = unnamed ? `${qualified(fn)}(${b.params.add(req.body ?? '')}::${fn.args[0].type})`
+    : `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
   const prefer = parsePrefer(req.headers.prefer);
-  const singular = wantsObject(req);
+  const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
+  const media = responseMedia(req, TABLE_MEDIA);
+  const singular = media === 'object';
   const readOnly = req.method !== 'POST';
   const top = q.nodes.get('')!;
   let sql: string;
-  const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
   if (table) {
     const scope = { table, alias: b.nextAlias('t'), path: '' };
     const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;
     const r = b.read(scope, from, { limit: top.limit, offset: top.offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || !fn.returnsSet);
+    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || (!fn.returnsSet && media === 'json') ? 'object' : media);
   } else {
     if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
-    const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
-    const from = record ? ` FROM ${record}` : '';
-    const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
-    sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body FROM (SELECT ${fn.returnsSet ? `to_json(pgrst_v)` : value} AS v FROM ${fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${from ? `, ${from.slice(6)}` : ''}`}) _postgrest_t`;
+    const rows = fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${record ? `, ${record}` : ''}`;
+    if (media === 'csv') {
+      // PostgREST's CSV of a scalar result: one column named pgrst_scalar
+      sql = responseSql(`SELECT ${fn.returnsSet ? 'pgrst_v' : call} AS pgrst_scalar FROM ${rows}`, null, 'csv');
+    } else {
+      const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
+      const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
+      sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body${RESPONSE_SETTINGS} FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
+    }
   }
   return {
     sql, params: b.params.values, readOnly, decideAfter: singular && !readOnly,
@@ -486,11 +615,34 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range }, body: '' };
       return {
         status: 200,
-        headers: { 'Content-Range': range, 'Content-Type': singular ? OBJECT_TYPE : JSON_TYPE },
+        headers: { 'Content-Range': range, 'Content-Type': CONTENT_TYPES[media] },
         body: req.method === 'HEAD' ? '' : row.body,
       };
     },
   };
+}
+
+/** The one parameter type a function takes the whole body as, by the body's Content-Type. */
+const UNNAMED_PARAMETER: Record<string, { types: string[]; label: string }> = {
+  'application/json': { types: ['json', 'jsonb'], label: 'json/jsonb' }, 'text/plain': { types: ['text'], label: 'text' },
+  'text/xml': { types: ['xml'], label: 'xml' }, 'application/octet-stream': { types: ['bytea'], label: 'bytea' },
+};
+
+/**
+ * POST /rpc/fn to a function with a single unnamed json/jsonb, text, xml or
+ * bytea parameter: the body, as sent, is its argument. Any other body than
+ * JSON must find such a function (PGRST202 otherwise).
+ */
+function unnamedParameterCall(req: RestRequest, cache: SchemaCache, schema: string, name: string): RestFunction | undefined {
+  const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
+  const wanted = UNNAMED_PARAMETER[type];
+  if (!wanted) return undefined;
+  const fn = cache.functions.find((f) => f.schema === schema && f.name === name && f.args.length === 1 && f.args[0].name === '' && wanted.types.includes(f.args[0].type));
+  if (!fn && type !== 'application/json') {
+    throw new RestError(404, 'PGRST202', `Could not find the function ${schema}.${name} in the schema cache`,
+      `Searched for the function ${schema}.${name} with a single unnamed ${wanted.label} parameter, but no matches were found in the schema cache.`);
+  }
+  return fn;
 }
 
 /**

@@ -1,10 +1,14 @@
 /**
- * JWTs in `Authorization: Bearer`, HS256 with the configured secret: the role
- * claim becomes the transaction's role, the claims `request.jwt.claims`.
- * Hand-written (a dozen lines over node:crypto) so the failures carry
- * PostgREST's PGRST301 messages, which clients and tests match on.
+ * JWTs in `Authorization: Bearer`: the role claim becomes the transaction's
+ * role, the claims `request.jwt.claims`. The secret is PostgREST's
+ * `jwt-secret`: a shared HS256 secret, or a JWK or JWKS (JSON) whose keys may
+ * sign with HS256/384/512, RS256/384/512 or ES256/384/512 (any key that
+ * verifies with the token's algorithm will do: PostgREST 12 does not select
+ * keys by `kid` or `alg`).
+ * Hand-written over node:crypto so the failures carry PostgREST's PGRST301
+ * messages, which clients and tests match on.
  */
-import { createHmac, timingSafeEqual } from 'node:crypto';
+import { createHmac, createPublicKey, timingSafeEqual, verify, type JsonWebKey, type KeyObject } from 'node:crypto';
 import { RestError } from './errors.ts';
 
 export interface Auth {
@@ -28,6 +32,47 @@ function decodeJson(part: string): Record<string, unknown> {
   }
 }
 
+/** A key that may sign; a JWK's `alg` and `kid` are not consulted (PostgREST 12 does not either). */
+type Key = { kind: 'hmac'; secret: Buffer } | { kind: 'public'; key: KeyObject };
+
+const HASHES: Record<string, string> = {
+  HS256: 'sha256', HS384: 'sha384', HS512: 'sha512', RS256: 'sha256', RS384: 'sha384', RS512: 'sha512', ES256: 'sha256', ES384: 'sha384', ES512: 'sha512',
+};
+
+const parsedKeys = new Map<string, Key[] | null>();
+
+/** The keys of a JWK or JWKS secret (null: a plain shared secret); parsed once per secret. */
+function jwkKeys(secret: string): Key[] | null {
+  let keys = parsedKeys.get(secret);
+  if (keys !== undefined) return keys;
+  keys = null;
+  if (secret.trimStart().startsWith('{')) {
+    try {
+      const json = JSON.parse(secret) as { keys?: JsonWebKey[] } & JsonWebKey;
+      keys = (json.keys ?? [json]).map((k): Key => (k.kty === 'oct'
+        ? { kind: 'hmac', secret: Buffer.from(String(k.k ?? ''), 'base64url') }
+        : { kind: 'public', key: createPublicKey({ key: k, format: 'jwk' }) }));
+    } catch {
+      keys = null; // not a JWK: the text is the shared secret, as for PostgREST
+    }
+  }
+  parsedKeys.set(secret, keys);
+  return keys;
+}
+
+function verifies(key: Key, alg: string, data: Buffer, signature: Buffer): boolean {
+  const hash = HASHES[alg];
+  if (!hash) return false;
+  if (key.kind === 'hmac') {
+    const expected = createHmac(hash, key.secret).update(data).digest();
+    return alg.startsWith('HS') && expected.length === signature.length && timingSafeEqual(expected, signature);
+  }
+  const type = key.key.asymmetricKeyType;
+  if (alg.startsWith('RS') && type === 'rsa') return verify(hash, data, key.key, signature);
+  if (alg.startsWith('ES') && type === 'ec') return verify(hash, data, { key: key.key, dsaEncoding: 'ieee-p1363' }, signature);
+  return false;
+}
+
 export function authenticate(authorization: string | undefined, opts: { secret?: string; anonRole?: string; roleClaim?: string }, now = Date.now()): Auth {
   if (!authorization) {
     if (!opts.anonRole) throw new RestError(401, 'PGRST302', 'Anonymous access is disabled', null, null, { 'WWW-Authenticate': 'Bearer' });
@@ -40,10 +85,12 @@ export function authenticate(authorization: string | undefined, opts: { secret?:
   if (parts.length !== 3) throw invalid(`JWSError (CompactDecodeError Invalid number of parts: Expected 3 parts; got ${parts.length})`);
   const header = decodeJson(parts[0]);
   const claims = decodeJson(parts[1]);
-  if (header.alg !== 'HS256') throw invalid('JWSError (JWSInvalidAlgorithm)');
-  const expected = createHmac('sha256', opts.secret).update(`${parts[0]}.${parts[1]}`).digest();
+  const data = Buffer.from(`${parts[0]}.${parts[1]}`);
   const given = Buffer.from(parts[2], 'base64url');
-  if (given.length !== expected.length || !timingSafeEqual(given, expected)) throw invalid('JWSError JWSInvalidSignature');
+  const keys = jwkKeys(opts.secret);
+  if (!keys && header.alg !== 'HS256') throw invalid('JWSError (JWSInvalidAlgorithm)');
+  const alg = String(header.alg);
+  if (!(keys ?? [{ kind: 'hmac', secret: Buffer.from(opts.secret) } as Key]).some((k) => verifies(k, alg, data, given))) throw invalid('JWSError JWSInvalidSignature');
   const nowS = Math.floor(now / 1000);
   if (typeof claims.exp === 'number' && nowS > claims.exp + 30) throw invalid('JWT expired');
   if (typeof claims.nbf === 'number' && nowS < claims.nbf - 30) throw invalid('JWTNotYetValid');

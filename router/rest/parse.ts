@@ -11,7 +11,8 @@ export interface Field { column: string; json: JsonStep[] }
 export type SelectItem =
   | { kind: 'star' }
   | { kind: 'field'; field: Field; alias?: string; cast?: string }
-  | { kind: 'embed'; name: string; alias?: string; hint?: string; inner: boolean; select: SelectItem[] };
+  /** `spread`: `...rel(cols)`, the embedded row's columns in the parent object. */
+  | { kind: 'embed'; name: string; alias?: string; hint?: string; inner: boolean; spread: boolean; select: SelectItem[] };
 
 export type Condition =
   | { kind: 'filter'; field: Field; negate: boolean; op: string; config?: string; value: string | string[] }
@@ -74,10 +75,11 @@ export function parseSelect(s: string): SelectItem[] {
     const paren = item.indexOf('(');
     if (paren > 0 && item.endsWith(')')) {
       let head = item.slice(0, paren);
-      if (head.startsWith('...')) throw new RestError(400, 'PGRST100', 'spread embedding (...) is not supported by this gateway');
+      const spread = head.startsWith('...');
+      if (spread) head = head.slice(3);
       let alias: string | undefined;
       const colon = head.indexOf(':');
-      if (colon > 0) { alias = unquote(head.slice(0, colon)); head = head.slice(colon + 1); }
+      if (colon > 0 && !spread) { alias = unquote(head.slice(0, colon)); head = head.slice(colon + 1); }
       const [name, ...bangs] = head.split('!');
       let inner = false, hint: string | undefined;
       for (const b of bangs) {
@@ -87,7 +89,7 @@ export function parseSelect(s: string): SelectItem[] {
         else throw parseError(what, `unexpected "!" in embedding ${head}`);
       }
       if (!name || !NAME_RE.test(name)) throw parseError(what, `unexpected "${name.slice(0, 1)}" expecting field name`);
-      return { kind: 'embed', name: unquote(name), alias, hint, inner, select: parseSelect(item.slice(paren + 1, -1)) } as const;
+      return { kind: 'embed', name: unquote(name), alias, hint, inner, spread, select: parseSelect(item.slice(paren + 1, -1)) } as const;
     }
     let rest = item, alias: string | undefined, cast: string | undefined;
     const castAt = rest.lastIndexOf('::');
@@ -260,4 +262,32 @@ export function parseRange(header: string | undefined): { offset: number; limit?
   const to = Number(m[2]);
   if (to < from) throw new RestError(416, 'PGRST103', 'Requested range not satisfiable', 'The lower boundary must be lower than or equal to the upper boundary in the Range header.');
   return { offset: from, limit: to - from + 1 };
+}
+
+/**
+ * CSV records (RFC 4180: `,` between fields, CRLF or LF between records,
+ * `"` quoting with `""` inside), leniently as PostgREST reads them: an
+ * unterminated quote runs to the end, a final line break ends no record.
+ */
+export function parseCsv(text: string): string[][] {
+  const records: string[][] = [];
+  let record: string[] = [];
+  let field = '';
+  let quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c !== '"') field += c;
+      else if (text[i + 1] === '"') { field += '"'; i++; } else quoted = false;
+    } else if (c === '"' && field === '') quoted = true;
+    else if (c === ',') { record.push(field); field = ''; }
+    else if (c === '\n' || (c === '\r' && text[i + 1] === '\n')) {
+      if (c === '\r') i++;
+      records.push([...record, field]);
+      record = [];
+      field = '';
+    } else field += c;
+  }
+  if (field !== '' || record.length) records.push([...record, field]);
+  return records;
 }

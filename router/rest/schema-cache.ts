@@ -11,6 +11,26 @@ export interface Column {
   type: string;
   nullable: boolean;
   hasDefault: boolean;
+  /**
+   * The expression an insert would take for it (its default, an identity's
+   * nextval, its domain's default), for `Prefer: missing=default`; from the catalog, safe to splice.
+   */
+  defaultSql: string | null;
+  /** What the OpenAPI document says of it (openapi.ts). */
+  doc: ColumnDoc;
+}
+
+/** A column as PostgREST's OpenAPI document describes it. */
+export interface ColumnDoc {
+  /** The type's name without modifiers, schema-qualified outside pg_catalog (`character varying`, `public.mood[]`). */
+  format: string;
+  /** The base type (domains resolved) without modifiers, for the JSON Schema type. */
+  baseType: string;
+  description: string | null;
+  /** The default expression (a domain's own default for a domain column). */
+  default: string | null;
+  maxLength: number | null;
+  enum: string[] | null;
 }
 
 export interface Table {
@@ -23,6 +43,9 @@ export interface Table {
   primaryKey: string[];
   /** Primary key and unique constraints' column sets (a one-to-one FK points at one). */
   uniqueKeys: string[][];
+  description: string | null;
+  /** PostgREST's insertable/updatable/deletable: tables always, views when Postgres can write through them. */
+  writable: { insert: boolean; update: boolean; delete: boolean };
 }
 
 export interface ForeignKey {
@@ -53,6 +76,7 @@ export interface RestFunction {
   /** A table's row type (the result filters, selects and embeds like that table), else a scalar. */
   returnsTable: { schema: string; name: string } | null;
   returnType: string;
+  description: string | null;
 }
 
 export interface SchemaCache {
@@ -62,15 +86,39 @@ export interface SchemaCache {
   functions: RestFunction[];
   /** Type names a `::cast` of `select=` may name (pg_catalog's, and SQL's spellings of them). */
   castTypes: Set<string>;
+  /** COMMENT ON SCHEMA of each exposed schema (the OpenAPI document's title and description). */
+  schemaComments: Map<string, string | null>;
 }
 
 export const tableKey = (schema: string, name: string) => `${schema}\u0000${name}`;
 
+/** A type's name as PostgREST's OpenAPI document writes it: pg_catalog's by their SQL name, others schema-qualified. */
+const nominal = (t: string) => `(case when ${t}.typnamespace = 'pg_catalog'::regnamespace then format_type(${t}.oid, null)
+  else (select nspname from pg_namespace where oid = ${t}.typnamespace) || '.' || ${t}.typname end)`;
+
 const TABLES_SQL = `
 select n.nspname as schema, c.relname as name, case when c.relkind in ('v', 'm') then 'view' else 'table' end as kind,
+  obj_description(c.oid, 'pg_class') as description,
+  c.relkind in ('r', 'p') or (c.relkind in ('v', 'f') and pg_relation_is_updatable(c.oid::regclass, true) & 8 = 8) as insertable,
+  c.relkind in ('r', 'p') or (c.relkind in ('v', 'f') and pg_relation_is_updatable(c.oid::regclass, true) & 4 = 4) as updatable,
+  c.relkind in ('r', 'p') or (c.relkind in ('v', 'f') and pg_relation_is_updatable(c.oid::regclass, true) & 16 = 16) as deletable,
   coalesce((select json_agg(json_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
-      'nullable', not a.attnotnull, 'hasDefault', a.atthasdef or a.attidentity <> '' or a.attgenerated <> '') order by a.attnum)
-    from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped), '[]') as columns,
+      'nullable', not a.attnotnull, 'hasDefault', a.atthasdef or a.attidentity <> '' or a.attgenerated <> '',
+      'defaultSql', case when a.attidentity <> '' then format('nextval(%L::regclass)', pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname))
+        when a.attgenerated = '' then coalesce(pg_get_expr(d.adbin, d.adrelid), pg_get_expr(t.typdefaultbin, 0)) end,
+      'doc', json_build_object(
+        'format', case when et.oid is not null then ${nominal('et')} || '[]' else ${nominal('bt')} end,
+        'baseType', format_type(bt.oid, null),
+        'description', col_description(c.oid, a.attnum),
+        'default', case when t.typbasetype <> 0 then pg_get_expr(t.typdefaultbin, 0)
+          when a.attgenerated = '' and a.attidentity = '' then pg_get_expr(d.adbin, d.adrelid) end,
+        'maxLength', case when a.atttypid in ('varchar'::regtype, 'bpchar'::regtype) and a.atttypmod > 4 then a.atttypmod - 4 end,
+        'enum', (select json_agg(e.enumlabel order by e.enumsortorder) from pg_enum e where e.enumtypid = bt.oid)))
+      order by a.attnum)
+    from pg_attribute a join pg_type t on t.oid = a.atttypid join pg_type bt on bt.oid = coalesce(nullif(t.typbasetype, 0), t.oid)
+    left join pg_type et on et.oid = bt.typelem and bt.typcategory = 'A'
+    left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+    where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped), '[]') as columns,
   coalesce((select json_agg(json_build_object('primary', k.contype = 'p', 'columns',
       (select json_agg(a.attname order by u.ord) from unnest(k.conkey) with ordinality u(attnum, ord)
         join pg_attribute a on a.attrelid = k.conrelid and a.attnum = u.attnum)))
@@ -92,7 +140,7 @@ order by k.conname`;
 
 const FUNCTIONS_SQL = `
 select n.nspname as schema, p.proname as name, p.provolatile::text as volatility, p.proretset as returns_set,
-  p.pronargdefaults as n_defaults, format_type(p.prorettype, null) as return_type,
+  p.pronargdefaults as n_defaults, format_type(p.prorettype, null) as return_type, obj_description(p.oid, 'pg_proc') as description,
   coalesce((select json_agg(json_build_object('name', coalesce(a.name, ''), 'type', format_type(a0.type, null)) order by a0.ord)
     from unnest(p.proargtypes::oid[]) with ordinality a0(type, ord)
     left join lateral (
@@ -107,6 +155,8 @@ join pg_type rt on rt.oid = p.prorettype
 left join pg_class rc on rc.oid = rt.typrelid left join pg_namespace rn on rn.oid = rc.relnamespace
 where n.nspname = any($1) and p.prokind = 'f'`;
 
+const SCHEMAS_SQL = `select nspname as name, obj_description(oid, 'pg_namespace') as description from pg_namespace where nspname = any($1)`;
+
 const CAST_TYPES_SQL = `select typname from pg_type where typnamespace = 'pg_catalog'::regnamespace and typname !~ '^_|^pg_'`;
 
 /** SQL's spellings of pg_catalog types that `::` accepts unquoted. */
@@ -117,10 +167,13 @@ const SQL_TYPE_NAMES = ['integer', 'int', 'smallint', 'bigint', 'real', 'double 
 export type Query = (sql: string, params: unknown[]) => Promise<Record<string, any>[]>;
 
 export async function loadSchemaCache(query: Query, schemas: string[]): Promise<SchemaCache> {
-  const [tables, fks, fns, casts] = await Promise.all([
-    query(TABLES_SQL, [schemas]), query(FKS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []),
+  const [tables, fks, fns, casts, comments] = await Promise.all([
+    query(TABLES_SQL, [schemas]), query(FKS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []), query(SCHEMAS_SQL, [schemas]),
   ]);
-  const cache: SchemaCache = { schemas, tables: new Map(), foreignKeys: [], functions: [], castTypes: new Set(SQL_TYPE_NAMES) };
+  const cache: SchemaCache = {
+    schemas, tables: new Map(), foreignKeys: [], functions: [], castTypes: new Set(SQL_TYPE_NAMES),
+    schemaComments: new Map(comments.map((c) => [c.name, c.description])),
+  };
   for (const t of tables) {
     const columns = (t.columns as Column[]);
     const keys = t.keys as { primary: boolean; columns: string[] }[];
@@ -128,6 +181,7 @@ export async function loadSchemaCache(query: Query, schemas: string[]): Promise<
       schema: t.schema, name: t.name, kind: t.kind,
       columns: new Map(columns.map((c) => [c.name, c])), columnOrder: columns.map((c) => c.name),
       primaryKey: keys.find((k) => k.primary)?.columns ?? [], uniqueKeys: keys.map((k) => k.columns),
+      description: t.description, writable: { insert: t.insertable, update: t.updatable, delete: t.deletable },
     });
   }
   cache.foreignKeys = fks.map((f) => ({
@@ -137,7 +191,7 @@ export async function loadSchemaCache(query: Query, schemas: string[]): Promise<
     const args = f.args as { name: string; type: string }[];
     return {
       schema: f.schema, name: f.name, volatility: f.volatility, returnsSet: f.returns_set, returnsTable: f.returns_table,
-      returnType: f.return_type,
+      returnType: f.return_type, description: f.description,
       args: args.map((a, i) => ({ ...a, hasDefault: i >= args.length - f.n_defaults })),
     };
   });

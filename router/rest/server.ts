@@ -30,6 +30,8 @@ export async function startRestServer(opts: RestServerOptions): Promise<FastifyI
   // Bodies reach the handler raw: it parses JSON itself so that errors carry PostgREST's codes.
   app.removeAllContentTypeParsers();
   app.addContentTypeParser('*', { parseAs: 'string' }, (_req, body, done) => done(null, body));
+  // the argument of a function taking one unnamed bytea parameter
+  app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) => done(null, body));
   app.route({
     method: ['GET', 'HEAD', 'POST', 'PATCH', 'DELETE', 'PUT', 'OPTIONS'],
     url: '/*',
@@ -55,7 +57,7 @@ export async function startRestServer(opts: RestServerOptions): Promise<FastifyI
           for (const [k, v] of Object.entries(req.headers)) headers[k] = Array.isArray(v) ? v.join(', ') : v;
           res = await handleRest({
             method: req.method, path, fullPath: url.pathname, query: [...url.searchParams.entries()], headers,
-            body: typeof req.body === 'string' ? req.body : undefined,
+            body: typeof req.body === 'string' || Buffer.isBuffer(req.body) ? req.body : undefined,
           }, cache, opts.config, db);
         } catch (err) {
           if (err instanceof RestError) {

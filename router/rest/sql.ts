@@ -135,13 +135,17 @@ export class QueryBuilder {
    * The select list of a scope and the lateral joins its embeds need, plus
    * conditions `!inner` embeds add to the scope's WHERE.
    */
-  selectList(scope: Scope, items: SelectItem[]): { columns: string[]; joins: string[]; where: string[] } {
-    const columns: string[] = [], joins: string[] = [], where: string[] = [];
+  selectList(scope: Scope, items: SelectItem[]): { columns: string[]; names: string[]; joins: string[]; where: string[] } {
+    const columns: string[] = [], names: string[] = [], joins: string[] = [], where: string[] = [];
     for (const it of items.length ? items : [{ kind: 'star' } as const]) {
-      if (it.kind === 'star') columns.push(`${ident(scope.alias)}.*`);
+      if (it.kind === 'star') {
+        columns.push(`${ident(scope.alias)}.*`);
+        names.push(...scope.table.columnOrder);
+      }
       else if (it.kind === 'field' && scope.path !== '' && it.field.column === 'count' && !it.field.json.length && !scope.table.columns.has('count')) {
         // PostgREST's embedded count: `tasks(count)`
         columns.push(`pg_catalog.count(*) AS ${ident(it.alias ?? 'count')}`);
+        names.push(it.alias ?? 'count');
       } else if (it.kind === 'field') {
         let sql = this.fieldSql(scope, it.field);
         if (it.cast !== undefined) {
@@ -151,8 +155,12 @@ export class QueryBuilder {
         }
         const key = it.alias ?? (it.field.json.length ? it.field.json[it.field.json.length - 1].key : it.field.column);
         columns.push(`${sql} AS ${ident(key)}`);
+        names.push(key);
       } else {
         const rel = this.relationship(scope.table, it.name, it.hint);
+        if (it.spread && rel.cardinality === 'many') {
+          throw new RestError(400, 'PGRST119', `A spread operation on '${it.name}' is not possible`, `'${scope.table.name}' and '${it.name}' do not form a many-to-one or one-to-one relationship`);
+        }
         const key = it.alias ?? it.name;
         const path = scope.path ? `${scope.path}.${key}` : key;
         const opts = this.query.nodes.has(path) ? this.nodeOptions(path)
@@ -166,7 +174,12 @@ export class QueryBuilder {
         const childSql = `SELECT ${inner.columns.join(', ')} FROM ${qualified(rel.target)} AS ${ident(child.alias)}`
           + (link.from ? ` ${link.from}` : '') + inner.joins.map((j) => ` ${j}`).join('')
           + ` WHERE ${conds.join(' AND ')}` + this.orderSql(child, opts.order) + QueryBuilder.limitSql(opts.limit, opts.offset);
-        if (rel.cardinality === 'many') {
+        if (it.spread) {
+          // the embedded row's columns become the parent's, in place
+          joins.push(`${it.inner ? 'INNER' : 'LEFT'} JOIN LATERAL (${childSql}) AS ${ident(lateral)} ON TRUE`);
+          columns.push(...inner.names.map((n) => `${ident(lateral)}.${ident(n)} AS ${ident(n)}`));
+          names.push(...inner.names);
+        } else if (rel.cardinality === 'many') {
           joins.push(`LEFT JOIN LATERAL (SELECT json_agg(${ident(lateral + '_r')})::jsonb AS body FROM (${childSql}) AS ${ident(lateral + '_r')}) AS ${ident(lateral)} ON TRUE`);
           columns.push(`COALESCE(${ident(lateral)}.body, '[]') AS ${ident(key)}`);
           if (it.inner) where.push(`${ident(lateral)}.body IS NOT NULL`);
@@ -174,9 +187,10 @@ export class QueryBuilder {
           joins.push(`${it.inner ? 'INNER' : 'LEFT'} JOIN LATERAL (${childSql}) AS ${ident(lateral)} ON TRUE`);
           columns.push(`row_to_json(${ident(lateral)}.*)::jsonb AS ${ident(key)}`);
         }
+        if (!it.spread) names.push(key);
       }
     }
-    return { columns, joins, where };
+    return { columns, names, joins, where };
   }
 
   /** PostgREST's relationship detection through foreign keys, narrowed by a hint (FK name, column, or junction table). */
@@ -316,10 +330,31 @@ export class QueryBuilder {
   }
 }
 
-/** PostgREST's response row: total (count=exact), page_total, and the JSON body built by Postgres. */
-export function responseSql(source: string, total: string | null, singular: boolean, extra = ''): string {
-  const body = singular ? `coalesce((json_agg(_postgrest_t)->0)::text, 'null')` : `coalesce(json_agg(_postgrest_t), '[]')::text`;
-  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${body} AS body${extra} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
+/** How a response's rows are written: a JSON array, one JSON object (singular), or CSV. */
+export type Media = 'json' | 'object' | 'csv';
+
+/**
+ * The body of the rows of `pgrst_source`, aggregated over them as `_postgrest_t`.
+ * CSV as PostgREST builds it: the first row's keys as the header, then each
+ * row's record text without its parentheses (Postgres's quoting), no final newline.
+ */
+export function bodySql(media: Media): string {
+  if (media === 'object') return `coalesce((json_agg(_postgrest_t)->0)::text, 'null')`;
+  if (media === 'json') return `coalesce(json_agg(_postgrest_t), '[]')::text`;
+  const header = `(SELECT coalesce(string_agg(pgrst_k.k, ','), '') FROM (SELECT json_object_keys(row_to_json(pgrst_h))::text AS k FROM (SELECT * FROM pgrst_source LIMIT 1) pgrst_h) pgrst_k)`;
+  return `${header} || E'\\n' || coalesce(string_agg(substring(_postgrest_t::text, 2, length(_postgrest_t::text) - 2), E'\\n'), '')`;
+}
+
+/**
+ * The `response.headers` and `response.status` settings the statement's
+ * functions (or the pre-request) may have set, read after its rows, as
+ * PostgREST reads them.
+ */
+export const RESPONSE_SETTINGS = `, nullif(current_setting('response.headers', true), '') AS response_headers, nullif(current_setting('response.status', true), '') AS response_status`;
+
+/** PostgREST's response row: total (count=exact), page_total, the body built by Postgres, and the response settings. */
+export function responseSql(source: string, total: string | null, media: Media, extra = ''): string {
+  return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${bodySql(media)} AS body${extra}${RESPONSE_SETTINGS} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
 }
 
 export function findTable(cache: SchemaCache, schema: string, name: string): Table {
@@ -342,7 +377,8 @@ export function findFunction(cache: SchemaCache, schema: string, name: string, a
   }
   const params = (sorted.length ? `with parameter${sorted.length > 1 ? 's' : ''} ${sorted.join(', ')}` : 'without parameters')
     + (post ? ' or with a single unnamed json/jsonb parameter' : '');
-  const hint = sameName.length ? `Perhaps you meant to call the function ${schema}.${name}(${sameName[0].args.map((a) => a.name).join(', ')})` : null;
+  // (a function taking its body as an unnamed parameter gets no hint from PostgREST either)
+  const hint = sameName.length && sameName[0].args.every((a) => a.name !== '') ? `Perhaps you meant to call the function ${schema}.${name}(${sameName[0].args.map((a) => a.name).join(', ')})` : null;
   throw new RestError(404, 'PGRST202', `Could not find the function ${schema}.${name}(${sorted.join(', ')}) in the schema cache`,
     `Searched for the function ${schema}.${name} ${params}, but no matches were found in the schema cache.`, hint);
 }

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import { after, before, test } from 'node:test';
 import { PostgrestClient } from '@supabase/postgrest-js';
 import pg from 'pg';
-import { testCluster } from '../support/cluster.ts';
+import { testCluster, until } from '../support/cluster.ts';
 import { jwtSecret, restSchemaSql } from '../support/postgrest.ts';
 import { userToken } from '../support/rest-requests.ts';
 
@@ -120,4 +120,26 @@ test('plain HTTP: bad requests get PostgREST error bodies; unknown databases 404
   const metrics = await (await fetch(`http://127.0.0.1:${cluster.spec.gateway.metricsPort}/metrics`)).text();
   assert.match(metrics, /mg_rest_requests_total\{method="GET",route="table",status="200"\} [1-9]/);
   assert.match(metrics, /mg_rest_requests_total\{method="GET",route="table",status="400"\} [1-9]/);
+});
+
+test('DDL through the gateway reloads the REST schema cache; the OpenAPI document at /<database>/', async () => {
+  assert.equal((await fetch(`${url}/gadgets`)).status, 404);
+  const client = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
+  await client.connect();
+  // in a transaction: the REST caches reload once it commits
+  await client.query(`begin; create table gadgets (id int primary key, name text); grant select on gadgets to web_anon;
+    insert into gadgets values (1, 'spanner'); commit`);
+  await client.end();
+  await until('the REST schema cache to have gadgets', 10_000, async () => (await fetch(`${url}/gadgets`)).status === 200);
+  assert.deepEqual(await (await fetch(`${url}/gadgets`)).json(), [{ id: 1, name: 'spanner' }]);
+  const res = await fetch(`${url}/`);
+  assert.equal(res.headers.get('content-type'), 'application/openapi+json; charset=utf-8');
+  const doc = await res.json() as any;
+  assert.equal(doc.basePath, '/postgres');
+  assert.equal(doc.host, `127.0.0.1:${httpPort}`);
+  assert.deepEqual(doc.definitions.gadgets.properties.id, { description: 'Note:\nThis is a Primary Key.<pk/>', format: 'integer', type: 'integer' });
+  assert.deepEqual(Object.keys(doc.paths['/gadgets']), ['get', 'post', 'delete', 'patch']);
+  assert.ok(!doc.paths['/notes'], 'the anonymous role may not read notes, so they are not listed');
+  const metrics = await (await fetch(`http://127.0.0.1:${cluster.spec.gateway.metricsPort}/metrics`)).text();
+  assert.match(metrics, /mg_rest_schema_announcements_total\{outcome="sent"\} [1-9]/);
 });

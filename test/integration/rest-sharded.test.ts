@@ -170,4 +170,31 @@ test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)
   const underReference = await ask('shop', '/countries?select=code,customers(id)');
   assert.equal(underReference.status, 501);
   assert.match(JSON.parse(underReference.body).message, /sharded table under reference table countries/);
+  // a limited DELETE would take its limit on each shard
+  const limited = await ask('shop', '/orders?limit=1&order=customer_id,id', { method: 'DELETE' });
+  assert.equal(limited.status, 501);
+  assert.equal(JSON.parse(limited.body).code, '0A000');
+});
+
+test('DDL through the gateway reloads both databases\' REST schema caches; spread embeds and the OpenAPI document as unsharded', async () => {
+  for (const db of ['flat', 'shop']) assert.equal((await ask(db, '/customers?select=tier&limit=1')).status, 400); // not a column yet
+  for (const db of ['flat', 'shop']) {
+    const c = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: db });
+    await c.connect();
+    await c.query(`alter table customers add column tier text not null default 'basic'`); // no NOTIFY: the gateway sends it
+    await c.end();
+  }
+  await until('both REST schema caches to have customers.tier', 10_000, async () =>
+    (await ask('flat', '/customers?select=tier&limit=1')).status === 200 && (await ask('shop', '/customers?select=tier&limit=1')).status === 200);
+  await same('/customers?select=id,tier&order=id&limit=3');
+  await same('/orders?select=id,...customers(name,tier)&order=customer_id,id&limit=5');
+  const [flat, shop] = await Promise.all(['flat', 'shop'].map(async (db) => (await fetch(url(db, '/'))).json() as Promise<any>));
+  assert.equal(shop.basePath, '/shop');
+  assert.deepEqual(shop.definitions.customers.properties.tier, { default: 'basic', format: 'text', type: 'string' });
+  assert.deepEqual({ ...shop, basePath: flat.basePath }, flat);
+  // CSV is built only unsharded (the shards' rows are merged as JSON)
+  assert.equal((await ask('flat', '/customers?limit=1', { headers: { Accept: 'text/csv' } })).status, 200);
+  const csv = await ask('shop', '/customers?limit=1', { headers: { Accept: 'text/csv' } });
+  assert.equal(csv.status, 501);
+  assert.equal(JSON.parse(csv.body).code, '0A000');
 });

@@ -49,7 +49,7 @@ export interface Postgrest {
   stop(): Promise<void>;
 }
 
-export async function startPostgrest(opts: { port: number; dbUri: string; schemas?: string; anonRole?: string; secret?: string; pool?: number }): Promise<Postgrest> {
+export async function startPostgrest(opts: { port: number; dbUri: string; schemas?: string; anonRole?: string; secret?: string; pool?: number; preRequest?: string }): Promise<Postgrest> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'postgrest-'));
   const conf = path.join(dir, 'postgrest.conf');
   fs.writeFileSync(conf, [
@@ -61,6 +61,7 @@ export async function startPostgrest(opts: { port: number; dbUri: string; schema
     `server-port = ${opts.port}`,
     `db-pool = ${opts.pool ?? 4}`,
     `log-level = "crit"`,
+    ...(opts.preRequest ? [`db-pre-request = "${opts.preRequest}"`] : []),
   ].join('\n') + '\n');
   const child: ChildProcess = spawn(postgrestBin, [conf], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';

@@ -23,6 +23,8 @@ export function signJwt(claims: Record<string, unknown>, secret = jwtSecret): st
 
 export const userToken = (sub = 'ann') => `Bearer ${signJwt({ role: 'app_user', sub })}`;
 
+const CSV = { Accept: 'text/csv' };
+const BLOCKED = { 'X-Blocked': 'yes' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -93,6 +95,26 @@ export function readRequests(): TestRequest[] {
     get('/nope'), get('/clients?foo=eq.1'), get('/clients?id=eq.abc'), get('/clients?id=xx.1'), get('/clients?select=name,foo(name)'),
     get('/clients?id=is.maybe'), get('/clients?order=id.sideways'), get('/clients?limit=abc'), get('/projects?select=id,budget::nosuchtype'),
     get('/clients?select=id&projects.id=eq.1'), get('/clients?id=in.1,2'), get('/clients?select=id', { Range: '3-1' }),
+    // CSV out (quoting as Postgres's record text), and Accept negotiation
+    get('/clients', CSV), get('/clients?id=gt.100', CSV), get('/clients?id=gt.100', { ...CSV, Prefer: 'count=exact' }),
+    get('/projects?select=id,name,tags,meta,budget,started,clients(name)&order=id', CSV), get('/projects?select=n:name,t:tags&id=eq.4', CSV),
+    get('/project_summary?order=id', CSV), get('/projects?select=id', { ...CSV, Range: '1-2', Prefer: 'count=exact' }),
+    get('/rpc/projects_of?cid=1&select=id,name', CSV), get('/rpc/add?a=1&b=2', CSV), get('/rpc/echo?note=a,b', CSV), get('/rpc/nums?n=3', CSV),
+    get('/rpc/nums?n=0', CSV), get('/rpc/odd_names', CSV), get('/rpc/odd_names'), get('/rpc/whoami', CSV), get('/rpc/noop', CSV), get('/notes', { ...CSV, Authorization: userToken() }), { method: 'HEAD', path: '/clients', headers: CSV },
+    get('/clients', { Accept: 'text/html' }), get('/clients', { Accept: 'text/csv, application/json' }), get('/clients', { Accept: 'application/json;q=0.5, text/csv' }),
+    get('/clients', { Accept: '*/*' }), get('/clients', { Accept: 'text/*' }), get('/clients?id=eq.1', { Accept: 'application/vnd.pgrst.object+json, text/csv' }),
+    // spread embeds: many-to-one (renamed, *, nested, !inner with a filter), and to-many refused (PGRST119)
+    get('/projects?select=id,...clients(name)&order=id'), get('/projects?select=id,...clients(cname:name,city)&id=lt.3'), get('/projects?select=id,...clients(*)&id=eq.1'),
+    get('/clients?select=id,...projects(name)'), get('/tasks?select=title,...projects(pname:name,...clients(cname:name))&order=id'),
+    get('/projects?select=id,...clients!inner(name)&clients.city=eq.Berlin'), get('/projects?select=...clients(name)&id=eq.1'),
+    get('/projects?select=id,...clients(name,projects(id))&id=eq.1'), get('/users_projects?select=role,...users(name),...projects(pname:name)&order=user_id,project_id'),
+    get('/projects?select=id,...clients(name)&order=id', CSV), get('/rpc/projects_of?cid=1&select=id,...clients(name)'),
+    // the OpenAPI document's headers and refusals (its body is compared in its own test)
+    { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
+    // response.headers / response.status set by functions
+    get('/rpc/with_headers'), get('/rpc/with_headers?select=id', CSV), get('/rpc/bad_headers'), get('/rpc/bad_status'), get('/rpc/teapot'),
+    // db-pre-request (check_request) refuses with its own status (PT403)
+    get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
   return out;
 }
@@ -139,6 +161,36 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/echo', { note: 'hi' }), w('POST', '/rpc/fail', { msg: 'boom' }), w('POST', '/rpc/noop', {}),
     w('POST', '/rpc/projects_of?select=id', { cid: 1 }), w('POST', '/rpc/whoami', {}), w('POST', '/rpc/touch_client', { cid: 1 }),
     { method: 'POST', path: '/clients', headers: { 'Content-Type': 'application/json' }, body: '{"id":9,"name":"anon"}' },
+    // CSV in: a header of columns, NULL for null, quoted fields, CRLF; and CSV back
+    w('POST', '/clients', 'id,name,city\n60,"A, ""x""",NULL\n61,,Paris', { 'Content-Type': 'text/csv', Prefer: 'return=representation' }),
+    w('POST', '/clients', 'id,name\r\n62,x\r\n63,y\r\n', { 'Content-Type': 'text/csv', Prefer: 'return=representation', Accept: 'text/csv' }),
+    w('POST', '/clients', 'id,name\n64', { 'Content-Type': 'text/csv' }), w('POST', '/clients', 'id,nme\n65,a', { 'Content-Type': 'text/csv' }),
+    w('POST', '/clients', '', { 'Content-Type': 'text/csv' }), w('POST', '/clients', 'id,name\n1,dup', { 'Content-Type': 'text/csv' }),
+    w('POST', '/tasks', 'project_id,title,priority\n1,x,NULL\n2,"multi\nline",3', { 'Content-Type': 'text/csv', Prefer: 'return=representation' }),
+    w('PATCH', '/clients?id=eq.2', 'city\nRome', { 'Content-Type': 'text/csv', Prefer: 'return=representation', Accept: 'text/csv' }),
+    w('DELETE', '/tasks?done=is.true', undefined, { Prefer: 'return=representation', Accept: 'text/csv' }),
+    // Prefer: missing=default (each row's missing keys take the column defaults: serial, boolean, none)
+    w('POST', '/tasks?columns=id,project_id,title,done', [{ project_id: 1, title: 'a' }, { project_id: 1, title: 'b', done: true }], { Prefer: 'missing=default, return=representation' }),
+    w('POST', '/tasks?columns=id,project_id,title,done', [{ project_id: 1, title: 'a' }, { project_id: 1, title: 'b', done: null }], { Prefer: 'missing=default' }),
+    w('POST', '/tasks?columns=id,project_id,title,done', [{ project_id: 1, title: 'a', id: 90 }], { Prefer: 'missing=null' }),
+    w('POST', '/projects?columns=id,name,active,client_id', { id: 77, name: 'x' }, { Prefer: 'return=representation,missing=default' }),
+    w('POST', '/clients?columns=id,name,city', [{ id: 1, name: 'M' }, { id: 20, name: 'N' }], { Prefer: 'missing=default,resolution=merge-duplicates,return=representation' }),
+    w('POST', '/tasks', 'project_id,title\n1,csv', { 'Content-Type': 'text/csv', Prefer: 'missing=default,return=representation' }),
+    w('PATCH', '/projects?id=eq.1&columns=active,name', { name: 'z' }, { Prefer: 'missing=default,return=representation' }),
+    w('PATCH', '/projects?id=eq.1&columns=active,name', { name: 'z' }, { Prefer: 'missing=null,return=representation' }),
+    // RPC with a single unnamed parameter: the body as sent, by Content-Type
+    w('POST', '/rpc/echo_json', '{"a": [1, 2],  "b":null}'), w('POST', '/rpc/echo_jsonb', '{"b":1,"a":2}'), w('POST', '/rpc/echo_json', ''),
+    w('POST', '/rpc/shout', 'hello, world', { 'Content-Type': 'text/plain' }), w('POST', '/rpc/shout', '', { 'Content-Type': 'text/plain; charset=utf-8' }),
+    w('POST', '/rpc/shout', '{"x":1}'), w('POST', '/rpc/echo_json', 'x', { 'Content-Type': 'text/plain' }),
+    w('POST', '/rpc/byte_count', 'abc\u0001\u0002', { 'Content-Type': 'application/octet-stream' }), w('POST', '/rpc/xml_text', '<a>1</a>', { 'Content-Type': 'text/xml' }),
+    w('POST', '/clients', { id: 9, name: 'Nine' }, { ...BLOCKED, Prefer: 'return=representation' }), w('DELETE', '/tasks', undefined, BLOCKED),
+    w('POST', '/rpc/touch_client', { cid: 1 }, BLOCKED),
+    // limited PATCH/DELETE: the first rows of an order (PGRST109 without one)
+    w('PATCH', '/clients?limit=1&order=id.desc', { city: 'Z' }, { Prefer: 'return=representation' }), w('PATCH', '/clients?limit=2', { city: 'Z' }),
+    w('PATCH', '/tasks?limit=2&offset=1&order=priority.desc.nullslast,id&select=id,done', { done: true }, { Prefer: 'return=representation,count=exact' }),
+    w('DELETE', '/tasks?limit=2&order=id&done=is.false', undefined, { Prefer: 'return=representation' }), w('DELETE', '/tasks?limit=1&offset=1&order=id', undefined),
+    w('DELETE', '/tasks?limit=0&order=id', undefined, { Prefer: 'return=representation' }),
+    w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
 }

@@ -9,14 +9,17 @@ import { signJwt } from '../support/rest-requests.ts';
 const secret = 'a-test-secret-of-at-least-32-characters!';
 
 test('select: columns, renames, casts, JSON paths, embeds with hints and !inner', () => {
-  assert.deepEqual(parseSelect('id,nm:name,budget::text,meta->lead->>name,c:clients!fk_c!inner(name,projects(*))'), [
+  assert.deepEqual(parseSelect('id,nm:name,budget::text,meta->lead->>name,c:clients!fk_c!inner(name,projects(*)),...users!inner(n:name)'), [
     { kind: 'field', field: { column: 'id', json: [] }, alias: undefined, cast: undefined },
     { kind: 'field', field: { column: 'name', json: [] }, alias: 'nm', cast: undefined },
     { kind: 'field', field: { column: 'budget', json: [] }, alias: undefined, cast: 'text' },
     { kind: 'field', field: { column: 'meta', json: [{ arrow: '->', key: 'lead' }, { arrow: '->>', key: 'name' }] }, alias: undefined, cast: undefined },
-    { kind: 'embed', name: 'clients', alias: 'c', hint: 'fk_c', inner: true, select: [
+    { kind: 'embed', name: 'clients', alias: 'c', hint: 'fk_c', inner: true, spread: false, select: [
       { kind: 'field', field: { column: 'name', json: [] }, alias: undefined, cast: undefined },
-      { kind: 'embed', name: 'projects', alias: undefined, hint: undefined, inner: false, select: [{ kind: 'star' }] },
+      { kind: 'embed', name: 'projects', alias: undefined, hint: undefined, inner: false, spread: false, select: [{ kind: 'star' }] },
+    ] },
+    { kind: 'embed', name: 'users', alias: undefined, hint: undefined, inner: true, spread: true, select: [
+      { kind: 'field', field: { column: 'name', json: [] }, alias: 'n', cast: undefined },
     ] },
   ]);
   assert.throws(() => parseSelect('id::text;drop'), (e: RestError) => e.code === 'PGRST100');
