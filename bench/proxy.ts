@@ -5,6 +5,11 @@
  * cluster brought up with `mg cluster up`, 1 instance).
  *
  *   node --import tsx bench/proxy.ts [--quick] [--only pgbench,profile,conns,dbs] [--base-port 27000] [--out file.md]
+ *        [--scripts select-only,tpcb] [--modes simple,extended,prepared] [--clients 1,10,50,200]
+ *
+ * The last three narrow the pgbench matrix (e.g. `--scripts select-only --modes
+ * simple,extended --clients 1,50`: the hot-path figures of issue 15, relays and
+ * CPU per transaction included, in a few minutes).
  *
  *  1. pgbench -S and TPC-B-like, -M simple/extended/prepared, 1/10/50/200
  *     clients, 10 s per run (3 s with --quick), against direct Postgres,
@@ -55,11 +60,22 @@ const { values: args } = parseArgs({
     'base-port': { type: 'string', default: '27000' },
     'conn-workers': { type: 'string', default: '4' },
     out: { type: 'string' },
+    scripts: { type: 'string', default: 'select-only,tpcb' },
+    modes: { type: 'string', default: 'simple,extended,prepared' },
+    clients: { type: 'string', default: '1,10,50,200' },
   },
 });
 const QUICK = args.quick!;
 const SECONDS = QUICK ? 3 : 10;
 const PARTS = new Set(args.only!.split(','));
+const SCRIPTS = args.scripts!.split(',') as PgbenchRun['script'][];
+const MODES = args.modes!.split(',') as PgbenchRun['mode'][];
+const CLIENTS = args.clients!.split(',').map(Number);
+for (const [name, list, allowed] of [['--scripts', SCRIPTS, ['select-only', 'tpcb']], ['--modes', MODES, ['simple', 'extended', 'prepared']]] as const) {
+  const bad = list.filter((x) => !(allowed as readonly string[]).includes(x));
+  if (bad.length) throw new Error(`${name}: unknown ${bad.join(', ')} (one or more of ${allowed.join(', ')})`);
+}
+if (CLIENTS.some((c) => !Number.isInteger(c) || c < 1)) throw new Error(`--clients: positive integers expected, got ${args.clients}`);
 const B = Number(args['base-port']);
 const POOL_SIZE = 20;
 const PASSWORD = process.env.MG_PASSWORD ?? 'postgres';
@@ -466,9 +482,9 @@ async function pgbenchMatrix(targets: TargetName[]): Promise<MatrixRow[]> {
   for (const t of targets) await runPgbench(target(t), { script: 'select-only', mode: 'simple', clients: 10, seconds: 2 }, work, `warm-${t}`);
 
   const rows: MatrixRow[] = [];
-  for (const script of ['select-only', 'tpcb'] as const) {
-    for (const mode of ['simple', 'extended', 'prepared'] as const) {
-      for (const clients of [1, 10, 50, 200]) {
+  for (const script of SCRIPTS) {
+    for (const mode of MODES) {
+      for (const clients of CLIENTS) {
         const run: PgbenchRun = { script, mode, clients, seconds: SECONDS };
         const row: MatrixRow = { run, results: {} };
         // Targets run back to back for each configuration, so slow drifts (other load, the table growing) hit them alike.
