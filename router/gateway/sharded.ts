@@ -38,6 +38,8 @@ type TxScoped = { savepoint: string } | { setLocal: string } | { ddl: SchemaChan
 const txScopedSql = (e: { savepoint: string } | { setLocal: string }) => ('savepoint' in e ? `SAVEPOINT ${quoteIdent(e.savepoint)}` : e.setLocal);
 
 const statements = counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route']);
+const statementsByRoute = new Map<string, { inc(): void }>();
+const statementsBy = (route: string) => statementsByRoute.get(route) ?? statementsByRoute.set(route, statements.labels({ route })).get(route)!;
 const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
 const refusals = counter('mg_gateway_sharded_refused_total', 'Statements refused with 0A000 because no route answers them correctly');
 const commits = counter('mg_gateway_sharded_commits_total', 'Commits of sharded transactions, by mode and participant count', ['mode', 'shards']);
@@ -77,6 +79,9 @@ interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: st
 interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
 
 /** Statements the session answers itself (no rows to describe). */
+/** A statement and the database that runs it. */
+type Route = Extract<Routed, { database: string }>;
+
 const SESSION_COMMANDS = new Set(['begin', 'commit', 'rollback', 'set', 'transaction_mode', 'set_local', 'savepoint', 'release', 'rollback_to']);
 /** Plans that write rows or schema: refused in a replica session before anything runs (a sequence block, a lookup row). */
 const WRITES = new Set<Plan['kind']>(['insert', 'write', 'all']);
@@ -97,8 +102,12 @@ export class ShardedSession {
   private readonly connecting = new Map<string, Promise<ShardLink>>();
   private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
   private out: Buffer[] = [];
-  /** Client messages are handled one after another, each after the previous one's shard work. */
-  private chain: Promise<void> = Promise.resolve();
+  /**
+   * Client messages are handled one after another, each after the previous one's shard work; those
+   * that need no shard (Parse, Bind, Sync, ...) are handled at once, without a promise.
+   */
+  private readonly inbox: Buffer[] = [];
+  private pumping = false;
   private ended = false;
   /** Set when the database is dropped or scaled to zero: the session ends at its next idle point. */
   private endAtIdle: PgError | undefined;
@@ -120,7 +129,7 @@ export class ShardedSession {
    */
   private txScoped: TxScoped[] = [];
   /** The route of the last statement, for SHOW mg_plan. */
-  private lastRoute = 'no statement yet';
+  private lastRoute: { plan: Plan; shards: string[] } | undefined;
   private readonly prepared = new Map<string, Prepared>();
   private readonly portals = new Map<string, Portal>();
   /** Extended protocol: after an error, messages are skipped until Sync. */
@@ -143,7 +152,12 @@ export class ShardedSession {
    * rules, a statement on tables whose switch is in progress waits here (the
    * buffer window at most) until the rule changes.
    */
-  private async routed(sql: string): Promise<Array<Extract<Routed, { database: string }>>> {
+  private routed(sql: string): Route[] | Promise<Route[]> {
+    if (!movedTablesOf(this.opts.discovery.topology, this.database)) return this.planner.plan(sql).map((plan) => ({ text: sql, database: this.database, plan }));
+    return this.routedByRules(sql);
+  }
+
+  private async routedByRules(sql: string): Promise<Route[]> {
     const topology = this.opts.discovery.topology;
     for (;;) {
       const rules = movedTablesOf(topology, this.database);
@@ -153,7 +167,7 @@ export class ShardedSession {
         targetPlanner: (db) => plannerFor(topology.vschemas.get(db)),
       });
       const held = routes.find((r) => r.held)?.held;
-      if (!held) return routes as Array<Extract<Routed, { database: string }>>;
+      if (!held) return routes as Route[];
       const changed = await this.opts.discovery.waitUntil(() => topology.routingRules.get(held.workflow)?.version !== held.version, this.opts.bufferWindowMs);
       heldStatements.inc({ outcome: changed ? 'released' : 'timed_out' });
       if (!changed) {
@@ -168,7 +182,7 @@ export class ShardedSession {
    * switch begin) runs again once the rule has changed, unless it was inside
    * a transaction (that transaction cannot move).
    */
-  private async executeRouted(r: Extract<Routed, { database: string }>, how: How): Promise<void> {
+  private async executeRouted(r: Route, how: How): Promise<void> {
     this.current = r.database;
     try {
       await this.execute(r.plan, how);
@@ -263,25 +277,52 @@ export class ShardedSession {
     this.end();
   }
 
+  private readonly clientSink = {
+    onMessage: (buf: Buffer, start: number, len: number) => void this.inbox.push(Buffer.from(buf.subarray(start, start + len))),
+  };
+
   private onClientData(chunk: Buffer): void {
     try {
-      this.fromClient.push(chunk, {
-        onMessage: (buf, start, len) => {
-          const msg = Buffer.from(buf.subarray(start, start + len));
-          this.chain = this.chain.then(() => this.onClientMessage(msg)).then(() => this.leaveIfIdle()).catch((err) => this.fail(asPgError(err, 'FATAL')));
-        },
-      });
+      this.fromClient.push(chunk, this.clientSink);
+    } catch (err) {
+      this.fail(asPgError(err, 'FATAL'));
+      return;
+    }
+    this.pump();
+  }
+
+  /** Handles queued client messages in order until one has to wait for shards; it resumes the pump when done. */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      for (let msg = this.inbox.shift(); msg && !this.ended; msg = this.inbox.shift()) {
+        const waiting = this.onClientMessage(msg);
+        if (waiting) {
+          waiting.then(() => this.resume(), (err) => this.fail(asPgError(err, 'FATAL')));
+          return;
+        }
+        this.leaveIfIdle();
+      }
     } catch (err) {
       this.fail(asPgError(err, 'FATAL'));
     }
+    this.pumping = false;
   }
 
-  private async onClientMessage(msg: Buffer): Promise<void> {
+  private resume(): void {
+    this.leaveIfIdle();
+    this.pumping = false;
+    this.pump();
+  }
+
+  /** Handles one client message; a promise when it waits for shards. */
+  private onClientMessage(msg: Buffer): Promise<void> | void {
     if (this.ended) return;
     const f = frameAt(msg, 0, msg.length);
     switch (f.type) {
       case T.Terminate: return this.end();
-      case T.Query: await this.simpleQuery(new BodyReader(f.body).cstr()); return;
+      case T.Query: return this.simpleQuery(new BodyReader(f.body).cstr());
       case T.Sync:
         this.skipToSync = false;
         this.reply(readyForQuery(this.status()));
@@ -291,18 +332,22 @@ export class ShardedSession {
       case T.Parse: case T.Bind: case T.Describe: case T.Execute: case T.Close:
         if (this.skipToSync) return;
         try {
-          await this.extended(f.type, f.body, msg);
+          return this.extended(f.type, f.body, msg)?.catch(this.extendedFailed);
         } catch (err) {
-          this.reportError(err);
-          this.skipToSync = true;
+          return this.extendedFailed(err);
         }
-        return;
       default:
         this.reply(errorResponse(new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `message type '${String.fromCharCode(f.type)}' is not supported on a sharded database`)));
         this.reply(readyForQuery(this.status()));
         this.flush();
     }
   }
+
+  /** After an error in the extended protocol, messages are skipped until Sync. */
+  private readonly extendedFailed = (err: unknown): void => {
+    this.reportError(err);
+    this.skipToSync = true;
+  };
 
   private status(): 'I' | 'T' | 'E' {
     return !this.inTransaction ? 'I' : this.transactionFailed ? 'E' : 'T';
@@ -332,7 +377,7 @@ export class ShardedSession {
   // --- simple query protocol -------------------------------------------------------------------
 
   private async simpleQuery(sql: string): Promise<void> {
-    let routes: Array<Extract<Routed, { database: string }>>;
+    let routes: Route[];
     try {
       routes = await this.routed(sql);
     } catch (err) {
@@ -372,7 +417,7 @@ export class ShardedSession {
         return;
       case 'show_plan':
         this.reply(rowDescription([{ name: 'mg_plan' }]));
-        this.reply(dataRow([this.lastRoute]));
+        this.reply(dataRow([this.lastRoute ? describePlan(this.lastRoute.plan, this.lastRoute.shards) : 'no statement yet']));
         this.reply(commandComplete('SHOW'));
         return;
       case 'set': return this.runSet(plan.sql);
@@ -388,11 +433,11 @@ export class ShardedSession {
       case 'rollback': return this.finishTransaction(false);
       case 'explain': {
         const shards = await this.shardsOf(plan.inner, params);
-        this.lastRoute = describePlan(plan.inner, shards);
+        this.lastRoute = { plan: plan.inner, shards };
         const text = plan.sql;
         const results = await this.onShards(shards, () => text, how, false);
         this.reply(rowDescription([{ name: 'QUERY PLAN' }]));
-        const lines = [`mg route: ${this.lastRoute}`];
+        const lines = [`mg route: ${describePlan(plan.inner, shards)}`];
         for (const r of results) {
           lines.push(`shard ${r.shard}:`);
           for (const row of r.rows) lines.push(`  ${decodeDataRow(row)[0]?.toString('utf8') ?? ''}`);
@@ -409,8 +454,8 @@ export class ShardedSession {
     }
     if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
     const shards = await this.shardsOf(plan, params);
-    this.lastRoute = describePlan(plan, shards);
-    statements.inc({ route: routeKind(plan, shards.length) ?? 'session' });
+    this.lastRoute = { plan, shards }; // described when SHOW mg_plan asks
+    statementsBy(routeKind(plan, shards.length) ?? 'session').inc();
     shardsPerStatement.observe(shards.length);
     if ((plan.kind === 'insert' && plan.lookups) || (plan.kind === 'write' && plan.owned)) return this.keepingLookups(plan, shards, how);
     return this.run(plan, shards, how);
@@ -667,7 +712,7 @@ export class ShardedSession {
   // --- links and transactions -----------------------------------------------------------------
 
   /** The session's link to a shard's primary (or replica), opened (and its settings replayed) on first use. */
-  private async link(shard: string): Promise<ShardLink> {
+  private link(shard: string): ShardLink | Promise<ShardLink> {
     const database = this.current;
     const key = `${database}/${shard}`;
     const held = this.links.get(key);
@@ -839,17 +884,20 @@ export class ShardedSession {
 
   // --- extended query protocol ----------------------------------------------------------------
 
-  private async extended(type: number, body: Buffer, raw: Buffer): Promise<void> {
+  /** An extended-protocol message; a promise when it waits for shards (or for a switch of traffic). */
+  private extended(type: number, body: Buffer, raw: Buffer): Promise<void> | void {
     const r = new BodyReader(body);
     switch (type) {
       case T.Parse: {
         const p = decodeParse(frameAt(raw, 0, raw.length));
         if (p.name && this.prepared.has(p.name)) throw new PgError('ERROR', SQLSTATE.DUPLICATE_PREPARED_STATEMENT, `prepared statement "${p.name}" already exists`);
-        const routes = await this.routed(p.sql);
-        if (routes.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
-        this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: routes[0].plan, database: routes[0].database });
-        this.reply(PARSE_COMPLETE);
-        return;
+        const prepare = (routes: Route[]) => {
+          if (routes.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
+          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: routes[0].plan, database: routes[0].database });
+          this.reply(PARSE_COMPLETE);
+        };
+        const routes = this.routed(p.sql);
+        return routes instanceof Promise ? routes.then(prepare) : prepare(routes);
       }
       case T.Bind: {
         const portalName = r.cstr();

@@ -9,7 +9,7 @@ import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
 import type { AggregateFn, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
-import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, type Literal } from './sqltext.ts';
+import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
 export const plannerReady: Promise<void> = loadModule();
@@ -464,11 +464,15 @@ export class Planner {
  * Each pin literal must be one of the text's literals, with the same value.
  */
 function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | undefined {
-  if (plan.kind === 'reference' && plan.sql.length === sql.length) {
+  // The shards get the text as the client wrote it, less a trailing `;` (pgbench and psql send one).
+  const length = 'sql' in plan && plan.sql.length === sql.length ? sql.length : withoutTrailingSemicolon(sql);
+  const statementOf = length === sql.length ? (text: string) => Buffer.from(text, 'latin1') : (text: string) => Buffer.from(text.slice(0, withoutTrailingSemicolon(text)), 'latin1');
+  if (!('sql' in plan) || plan.sql.length !== length || plan.sql.toString('latin1') !== sql.slice(0, length)) return undefined;
+  if (plan.kind === 'reference') {
     const tables = plan.tables;
-    return (text) => [{ kind: 'reference', sql: Buffer.from(text, 'latin1'), tables }];
+    return (text) => [{ kind: 'reference', sql: statementOf(text), tables }];
   }
-  if ((plan.kind !== 'select' && plan.kind !== 'write') || !plan.pin || plan.merge || plan.owned || plan.sql.length !== sql.length) return undefined;
+  if ((plan.kind !== 'select' && plan.kind !== 'write') || !plan.pin || plan.merge || plan.owned) return undefined;
   const slots: Array<number | ValueRef> = [];
   for (const v of plan.pin.values) {
     if ('param' in v) {
@@ -482,7 +486,7 @@ function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | un
   }
   const { kind, pin, tables } = plan;
   return (text, lits) => [{
-    kind, tables, sql: Buffer.from(text, 'latin1'),
+    kind, tables, sql: statementOf(text),
     pin: { ...pin, values: slots.map((s) => (typeof s === 'number' ? { literal: lits[s].value } : s)) },
   }];
 }

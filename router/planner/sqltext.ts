@@ -157,6 +157,13 @@ export function literalShape(sql: string): { key: string; literals: Literal[] } 
 const skipOpaqueText = (sql: string, i: number) => skipOpaque(Buffer.from(sql, 'latin1'), i);
 
 /** The byte of the `)` that closes a list whose last item starts at `at` (skipping quoted names). */
+/** The length of `sql` without a trailing `;` and the spaces around it. */
+export function withoutTrailingSemicolon(sql: string): number {
+  let end = sql.length;
+  while (end > 0 && (sql.charCodeAt(end - 1) === 0x3b || sql.charCodeAt(end - 1) <= 0x20)) end--;
+  return end;
+}
+
 export function closeParenAfter(text: Buffer, at: number): number {
   for (let i = at; i < text.length; i++) {
     const skipped = skipOpaque(text, i);

@@ -147,6 +147,12 @@ test('statements that differ only in literals share one plan shape, with their o
     assert.equal(text(p), `SELECT * FROM orders WHERE tenant_id = ${t} AND status = 'o''k'`);
     assert.deepEqual(pinnedShards(p.pin, RANGES), [shardOf(t)]);
   }
+  // pgbench and psql end a statement with `;`: the shards get it without, whatever the literals' lengths.
+  for (const t of [7, 123456, 8]) {
+    const p = one(`SELECT * FROM orders WHERE tenant_id = ${t};`) as any;
+    assert.equal(text(p), `SELECT * FROM orders WHERE tenant_id = ${t}`);
+    assert.deepEqual(pinnedShards(p.pin, RANGES), [shardOf(t)]);
+  }
   const tag = one("SELECT * FROM tags WHERE name = 'it''s' -- 5\n") as any;
   assert.deepEqual(tag.pin.values, [{ literal: "it's" }]);
   assert.deepEqual((one("SELECT * FROM tags WHERE name = 'x' -- 5\n") as any).pin.values, [{ literal: 'x' }]);
