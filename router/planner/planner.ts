@@ -130,13 +130,20 @@ export class Planner {
     }
     if (s.valuesLists) return { kind: 'reference', sql: text, tables: [] };
     if (s.intoClause) return refuse('SELECT INTO on a sharded database');
+    // tablesUnder does not see the target of an INSERT/UPDATE/DELETE in WITH, and it would run on one shard only.
+    if ((s.withClause?.ctes ?? []).some((c: any) => !c.CommonTableExpr?.ctequery?.SelectStmt)) return refuse('INSERT, UPDATE or DELETE in WITH on a sharded database');
     const from = this.fromTables(s.fromClause ?? []);
     const sharded = from.filter((t) => t.kind === 'sharded');
-    // Tables named outside the top-level FROM (subqueries, CTEs) would see one shard's rows only.
+    // Tables named outside the top-level FROM (subqueries, CTEs) see one shard's rows only: they must stay on it.
     const nested = this.tablesUnder(s);
     for (const f of from) nested.splice(nested.findIndex((t) => t.alias === f.alias && t.name === f.name), 1);
-    const inner = nested.find((t) => t.kind === 'sharded');
-    if (inner) return refuse(`a subquery or WITH over sharded table ${inner.name}`);
+    const nestedSharded = nested.find((t) => t.kind === 'sharded');
+    if (nestedSharded) {
+      const pin = this.oneShardWithSubqueries(s, sharded, nestedSharded);
+      const plan: Plan = { kind: 'select', sql: text, pin, tables: [...new Set([...from, ...nested].map((t) => t.name))] };
+      untemplated.add(plan); // the subqueries' values pin it too, which a template would not check
+      return plan;
+    }
     if (!sharded.length) {
       if (s.targetList?.length === 1 && !s.fromClause) {
         const call = s.targetList[0].ResTarget?.val?.FuncCall;
@@ -423,6 +430,71 @@ export class Planner {
     if (apart) refuse(`a join of sharded tables ${sharded[0].name} and ${apart.name} not on their primary vindex columns (${sharded[0].pin!.column}, ${apart.pin!.column})`);
   }
 
+  /**
+   * A statement whose subqueries (or CTEs, or FROM subselects) read sharded tables runs on one shard only
+   * when every query level's sharded tables are pinned to the same keyspace id: by the same vindex and the
+   * same single value (literal or $n), or by equality with the pinned top level's vindex column
+   * (`l.tenant_id = o.tenant_id`). Anything else would read one shard's rows where all are meant: refused.
+   */
+  private oneShardWithSubqueries(s: any, topSharded: TableUse[], nested: TableUse): Pin {
+    const levels: Array<{ node: any; sharded: TableUse[] }> = [];
+    walk(s, (k, n) => {
+      if (k !== 'SelectStmt') return;
+      if (n.op && n.op !== 'SETOP_NONE') {
+        const inner = this.tablesUnder(n).find((t) => t.kind === 'sharded');
+        if (inner) refuse(`${n.op.replace('SETOP_', '')} inside a subquery over sharded table ${inner.name}`);
+        return;
+      }
+      levels.push({ node: n, sharded: this.fromTables(n.fromClause ?? []).filter((t) => t.kind === 'sharded') });
+    });
+    const covered = topSharded.length + levels.reduce((n, l) => n + l.sharded.length, 0);
+    const named = this.tablesUnder(s).filter((t) => t.kind === 'sharded');
+    if (covered !== named.length) refuse(`sharded table ${named[0].name} in a place of a subquery the gateway cannot follow`);
+    let pin: Pin | undefined;
+    if (topSharded.length) {
+      this.checkJoined(topSharded, [s.whereClause, ...joinQuals(s.fromClause ?? [])]);
+      pin = this.primaryPinOf(topSharded, s.whereClause);
+      if (!pin) refuse(`a subquery or WITH over sharded table ${nested.name} in a statement not pinned to one shard (pin ${topSharded[0].name}.${topSharded[0].pin!.column} to one value)`);
+    }
+    for (const level of levels) {
+      if (!level.sharded.length) continue;
+      const where = level.node.whereClause;
+      this.checkJoined(level.sharded, [where, ...joinQuals(level.node.fromClause ?? [])]);
+      const own = this.primaryPinOf(level.sharded, where);
+      const first = level.sharded[0];
+      if (own && (!pin || samePin(own, pin))) {
+        pin ??= own;
+        continue;
+      }
+      if (pin && this.correlatedOnVindex(level.sharded, where, topSharded)) continue;
+      const column = `${first.name}.${first.pin!.column}`;
+      refuse(pin ? `a subquery or WITH over sharded table ${first.name} that is not pinned to the statement's shard (pin ${column} to the same value, or correlate it on that column)`
+        : `a subquery or WITH over sharded table ${first.name} not pinned to one shard (pin ${column} to one value)`);
+    }
+    return pin!;
+  }
+
+  /** The pin of the tables' primary vindex to one value (not a lookup), when WHERE sets one. */
+  private primaryPinOf(tables: TableUse[], where: any): Pin | undefined {
+    const pin = this.pinOf(tables, where);
+    return pin && !pin.lookup && pin.values.length === 1 ? pin : undefined;
+  }
+
+  /** A conjunct of `where` equates one of `inner`'s vindex columns with a top-level table's column of the same vindex, named through its alias. */
+  private correlatedOnVindex(inner: TableUse[], where: any, top: TableUse[]): boolean {
+    const innerAliases = new Set(inner.map((t) => t.alias));
+    return conjuncts(where).map(equalityColumns).some((pair) => {
+      if (!pair) return false;
+      for (const [a, b] of [pair, [pair[1], pair[0]]]) {
+        const ti = columnTable(a, inner);
+        const outerAlias = b.length >= 2 ? b[b.length - 2] : undefined; // an unqualified name would resolve in the subquery first
+        const to = outerAlias && !innerAliases.has(outerAlias) ? columnTable(b, top) : undefined;
+        if (ti && to && ti.pin!.vindex === to.pin!.vindex && ti.pin!.type === to.pin!.type) return true;
+      }
+      return false;
+    });
+  }
+
   /** The pin WHERE puts on the tables' primary vindex (all are joined on it, so one pins all). */
   private pinOf(tables: TableUse[], where: any): Pin | undefined {
     for (const c of conjuncts(where)) {
@@ -467,7 +539,7 @@ function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | un
   // The shards get the text as the client wrote it, less a trailing `;` (pgbench and psql send one).
   const length = 'sql' in plan && plan.sql.length === sql.length ? sql.length : withoutTrailingSemicolon(sql);
   const statementOf = length === sql.length ? (text: string) => Buffer.from(text, 'latin1') : (text: string) => Buffer.from(text.slice(0, withoutTrailingSemicolon(text)), 'latin1');
-  if (!('sql' in plan) || plan.sql.length !== length || plan.sql.toString('latin1') !== sql.slice(0, length)) return undefined;
+  if (!('sql' in plan) || untemplated.has(plan) || plan.sql.length !== length || plan.sql.toString('latin1') !== sql.slice(0, length)) return undefined;
   if (plan.kind === 'reference') {
     const tables = plan.tables;
     return (text) => [{ kind: 'reference', sql: statementOf(text), tables }];
@@ -489,6 +561,16 @@ function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | un
     kind, tables, sql: statementOf(text),
     pin: { ...pin, values: slots.map((s) => (typeof s === 'number' ? { literal: lits[s].value } : s)) },
   }];
+}
+
+/** Plans no template may stand for (see oneShardWithSubqueries). */
+const untemplated = new WeakSet<Plan>();
+
+/** Two pins of one vindex to the same single value. */
+function samePin(a: Pin, b: Pin): boolean {
+  const [x, y] = [a.values[0], b.values[0]];
+  const same = 'param' in x ? 'param' in y && x.param === y.param : 'literal' in y && x.literal === y.literal;
+  return a.vindex === b.vindex && a.type === b.type && same;
 }
 
 /** Where each literal ValueRef's token starts in the text (for templateOf). */

@@ -210,6 +210,11 @@ test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, refer
   await same('SELECT l.order_id, p.name, l.qty * p.price AS amount FROM order_lines l JOIN products p ON p.id = l.product_id WHERE l.tenant_id = 8 ORDER BY 1, 2');
   await same('SELECT o.tenant_id, count(*) AS n FROM orders o JOIN order_lines l ON l.tenant_id = o.tenant_id AND l.order_id = o.id GROUP BY o.tenant_id ORDER BY o.tenant_id');
   await same('SELECT * FROM products ORDER BY id');
+  // Subqueries, CTEs and FROM subselects that stay on the statement's shard.
+  await same('SELECT o.id, o.total FROM orders o WHERE o.tenant_id = 4 AND o.id IN (SELECT l.order_id FROM order_lines l WHERE l.tenant_id = 4 AND l.qty > 1) ORDER BY o.id');
+  await same('SELECT o.id, (SELECT count(*) FROM order_lines l WHERE l.tenant_id = o.tenant_id AND l.order_id = o.id) AS lines FROM orders o WHERE o.tenant_id = $1 ORDER BY o.id', [6]);
+  await same('WITH mine AS (SELECT * FROM orders WHERE tenant_id = 2) SELECT m.id, u.email FROM mine m JOIN users u ON u.tenant_id = 2 AND u.id = m.user_id ORDER BY m.id');
+  await same('SELECT s.status, count(*) AS n FROM (SELECT * FROM orders WHERE tenant_id = 9) s GROUP BY s.status ORDER BY s.status');
   // Scatter: union, merge sort with LIMIT/OFFSET, aggregates, GROUP BY, DISTINCT.
   await same('SELECT tenant_id, id, status FROM orders');
   await same('SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id LIMIT 10');
@@ -237,6 +242,7 @@ test('statements run only where they must (inet_server_port() answers which shar
   assert.deepEqual(await ports(`SELECT DISTINCT inet_server_port() AS p FROM tenants WHERE id IN (${a}, ${b})`), [portOf(FIRST), portOf(LAST)].sort());
   assert.deepEqual(await ports(`SELECT DISTINCT inet_server_port() AS p FROM tenants WHERE id IN (${a}, ${a})`), [portOf(FIRST)]);
   assert.equal((await ports('SELECT inet_server_port() AS p FROM products WHERE id = 1')).length, 1);
+  assert.deepEqual(await ports(`SELECT inet_server_port() AS p FROM tenants t WHERE t.id = ${b} AND (SELECT count(*) FROM orders o WHERE o.tenant_id = t.id) >= 0`), [portOf(LAST)]);
   const plan = (await gw.query(`EXPLAIN SELECT * FROM orders WHERE tenant_id = ${b}`)).rows.map((r) => r['QUERY PLAN']);
   assert.equal(plan[0], `mg route: single shard ${LAST} by vindex hash (hash) on orders.tenant_id`);
   assert.ok(plan.some((l) => /Scan/.test(l)), plan.join('\n'));

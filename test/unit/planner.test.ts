@@ -87,7 +87,14 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
     ['SELECT count(DISTINCT status) FROM orders', /count\(DISTINCT \.\.\.\)/],
     ['SELECT rank() OVER (ORDER BY id) FROM orders', /window function over all shards/],
     ['SELECT * FROM orders WHERE id IN (SELECT id FROM users)', /subquery or WITH over sharded table users/],
-    ['WITH x AS (SELECT * FROM orders) SELECT * FROM x', /subquery or WITH over sharded table orders/],
+    ['WITH x AS (SELECT * FROM orders) SELECT * FROM x', /subquery or WITH over sharded table orders not pinned to one shard/],
+    ['SELECT * FROM orders o WHERE o.tenant_id = 5 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 6)', /users that is not pinned to the statement's shard/],
+    ['SELECT * FROM orders o WHERE o.tenant_id = $1 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = $2)', /users that is not pinned to the statement's shard/],
+    ['SELECT * FROM orders o WHERE o.tenant_id IN (1, 2) AND EXISTS (SELECT 1 FROM users u WHERE u.tenant_id = o.tenant_id)', /in a statement not pinned to one shard/],
+    // Unqualified, tenant_id names the subquery's own column: not a correlation.
+    ['SELECT * FROM orders o WHERE o.tenant_id = 5 AND EXISTS (SELECT 1 FROM users u WHERE u.tenant_id = tenant_id)', /users that is not pinned/],
+    ['SELECT * FROM orders o WHERE o.tenant_id = 5 AND o.id IN (SELECT id FROM users WHERE tenant_id = 5 UNION SELECT 1)', /UNION inside a subquery over sharded table users/],
+    ['WITH d AS (DELETE FROM users WHERE tenant_id = 5 RETURNING id) SELECT * FROM orders WHERE tenant_id = 5', /INSERT, UPDATE or DELETE in WITH/],
     ['SELECT id FROM orders UNION SELECT id FROM users', /UNION over sharded tables/],
     ['SELECT status FROM orders GROUP BY status HAVING count(*) > 1', /HAVING/],
     ['SELECT * FROM orders ORDER BY lower(status)', /ORDER BY an expression/],
@@ -161,6 +168,27 @@ test('statements that differ only in literals share one plan shape, with their o
   assert.deepEqual((one('SELECT * FROM orders WHERE tenant_id = 007') as any).pin.values, [{ literal: '7' }]);
   assert.equal(one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6').kind, 'select');
   assert.equal((one('SELECT * FROM orders WHERE tenant_id = 5 OR tenant_id = 6') as any).pin, undefined);
+});
+
+test('subqueries, CTEs and FROM subselects over sharded tables run on one shard when every level is pinned to it', () => {
+  const pinned = [
+    ['SELECT * FROM orders o WHERE o.tenant_id = 5 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 5)', 5],
+    ['SELECT * FROM orders o WHERE o.tenant_id = 6 AND EXISTS (SELECT 1 FROM users u WHERE u.tenant_id = o.tenant_id AND u.id = o.user_id)', 6],
+    ['SELECT o.id, (SELECT count(*) FROM users u WHERE o.tenant_id = u.tenant_id) FROM orders o WHERE o.tenant_id = 7', 7],
+    ['SELECT * FROM (SELECT * FROM orders WHERE tenant_id = 8) s JOIN products p ON p.id = s.id', 8],
+    ['WITH mine AS (SELECT * FROM users WHERE tenant_id = 9) SELECT * FROM mine', 9],
+  ] as const;
+  for (const [sql, tenant] of pinned) {
+    const p = one(sql) as any;
+    assert.equal(p.kind, 'select', sql);
+    assert.deepEqual(pinnedShards(p.pin, RANGES), [shardOf(tenant)], sql);
+    assert.equal(p.merge, undefined);
+  }
+  const p = one('SELECT * FROM orders o WHERE o.tenant_id = $1 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = $1)') as any;
+  assert.deepEqual(p.pin.values, [{ param: 1 }]);
+  // The same shape with other literals is planned afresh (the subquery's value pins it too): 11 and 12 differ, refused.
+  assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 11)').kind, 'select');
+  assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 12)').kind, 'refused');
 });
 
 const lookups = new Planner(parseVSchema(LOOKUP_VSCHEMA));
