@@ -87,7 +87,7 @@ test('keyset pages, upserts and deletes: one statement per batch, values as text
 
 const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): WorkflowEvent => ({ eventId: `${ms}`, ts: new Date(ms), source: 'test', workflow, payload });
 const status = (phase: 'COPYING' | 'RUNNING' | 'CANCELLED') => workflowPayload('WorkflowStatus', {
-  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null,
+  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null, reverseOffsets: [],
 });
 const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'] });
 
