@@ -15,7 +15,7 @@ export interface WorkflowArgs {
 /** What the traffic commands wait for (the workflow as GET shows it), unless --no-wait. */
 const SETTLED: Record<string, (w: any, readsOnly: boolean) => boolean> = {
   'switch-traffic': (w, readsOnly) => (readsOnly ? w.routing === 'READS_TARGET' : w.phase === 'SWITCHED'),
-  'reverse-traffic': (w) => w.routing === 'SOURCE',
+  'reverse-traffic': (w) => w.routing === 'SOURCE' && w.phase !== 'SWITCHED',
   complete: (w) => w.phase === 'COMPLETED',
 };
 
