@@ -136,8 +136,9 @@ export class MoveTablesRunner {
     this.topics = topicsOf(def.sourceDatabase);
     this.reverseTopics = topicsOf(def.targetDatabase);
 
-    if (this.ctx.routing(this.name) === 'TARGET') {
-      // The writes are switched (a restart, or a start after the reverse stream failed): the source follows the target.
+    const routing = this.ctx.routing(this.name);
+    if (routing === 'TARGET' || (routing === 'WRITES_HELD' && this.status.phase === 'SWITCHED')) {
+      // The writes are switched (a restart, maybe during reverse-traffic, or a start after reverse replication failed): the source follows the target.
       if (this.status.reverseOffsets.length === 0) throw new WorkflowError('the writes are switched but the workflow has no reverse replication position');
       await ensurePositionsTable(this.source);
       if (this.status.phase !== 'SWITCHED') await this.publishStatus({ phase: 'SWITCHED', message: null });
