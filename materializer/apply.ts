@@ -52,6 +52,8 @@ type Segment = { truncate: boolean | string; ops: Map<string, Op> };
 export class TableApplier {
   /** Per target shard, per partition. */
   private positions = new Map<string, Map<number, ShardPosition>>();
+  /** Where reading began in each partition (load's answer). */
+  private start = new Map<number, bigint>();
   /** Per streaming shard, the highest commit LSN applied on every applying shard (a switch waits for its marker with it). */
   readonly appliedLsn = new Map<string, bigint>();
   /** (txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
@@ -88,6 +90,7 @@ export class TableApplier {
       // Only when every shard has applied past a point can reading begin after it.
       if (next.every((o) => o !== undefined)) start.set(partition, next.reduce((a, b) => (b! < a! ? b : a))! + 1n);
     }
+    this.start = start;
     return start;
   }
 
@@ -204,9 +207,10 @@ export class TableApplier {
     this.positions.set(shard, byPartition);
   }
 
-  /** The offset every applying shard has passed in a partition (-1 before any). */
+  /** The offset every applying shard has passed in a partition (a shard with no position yet: the one before where reading began). */
   appliedOffset(partition: number): bigint {
-    const offsets = [...this.targets.keys()].map((s) => this.positions.get(s)?.get(partition)?.offset ?? -1n);
+    const before = (this.start.get(partition) ?? 0n) - 1n;
+    const offsets = [...this.targets.keys()].map((s) => this.positions.get(s)?.get(partition)?.offset ?? before);
     return offsets.reduce((a, b) => (b < a ? b : a));
   }
 

@@ -464,7 +464,8 @@ export class MoveTablesRunner {
    * no-op update after the freeze position) shows that shard's stream has
    * delivered them all; where the table is empty on a shard there is none,
    * so that stream's confirmed position is waited for (up to cdc.heartbeatMs
-   * when idle) and the topic is then applied to its end.
+   * when idle). The topic is then applied to its end as it is (a marker is in
+   * one partition: the others may still be behind it).
    */
   private async catchUpTo(database: string, frozen: Map<string, Frozen>): Promise<void> {
     const deadline = Date.now() + CATCH_UP_MS;
@@ -478,14 +479,11 @@ export class MoveTablesRunner {
     };
     for (const [i, applier] of this.appliers.entries()) {
       for (const [shard, f] of frozen) {
-        if (f.marked[i]) {
-          await until(() => (applier.appliedLsn.get(shard) ?? 0n) >= f.lsn);
-          continue;
-        }
-        await this.waitConfirmed(database, shard, f.lsn);
-        const end = await this.ctx.eventLog.endOffsets(applier.topic);
-        await until(() => [...end].every(([partition, offset]) => applier.appliedOffset(partition) >= offset - 1n));
+        if (f.marked[i]) await until(() => (applier.appliedLsn.get(shard) ?? 0n) >= f.lsn);
+        else await this.waitConfirmed(database, shard, f.lsn);
       }
+      const end = await this.ctx.eventLog.endOffsets(applier.topic);
+      await until(() => [...end].every(([partition, offset]) => applier.appliedOffset(partition) >= offset - 1n));
     }
   }
 
