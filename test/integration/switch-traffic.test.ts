@@ -157,6 +157,8 @@ test('switch-traffic and reverse-traffic under two writers: no client error, no 
   assert.equal(reversing.phase, 'SWITCHED');
   assert.ok(Number(reversing.progress.eventsApplied) > 0, `reverse replication applied ${reversing.progress.eventsApplied} changes`);
   t.diagnostic(`reverse replication: ${reversing.progress.eventsApplied} changes applied, lag ${reversing.progress.lagSeconds} s`);
+  const shown = await mg('workflow', 'show', 'mt', '--data-dir', dataDir);
+  assert.match(shown.stdout, /reverse replication \(target to source\): [1-9]\d* changes applied/);
   await sleep(1_500);
 
   // Writes switch back to the source while both writers go on.
