@@ -318,7 +318,7 @@ export class Materializer {
   private async cancel(rec: WorkflowRecord, running: MoveTablesRunner | undefined): Promise<void> {
     this.runners.delete(rec.name);
     const r = running ?? this.runner(rec);
-    await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
+    await r.close(); // nothing is applied any more: a tail would write its positions again
     // A rule with no tables routes nothing: the source's new sessions relay unparsed again.
     if (this.routing(rec.name) !== undefined) await this.setRouting(rec, 'SOURCE', []).catch((err) => this.log.warn({ err, workflow: rec.name }, 'routing rule of a cancelled workflow not cleared'));
     try {
@@ -326,6 +326,8 @@ export class Materializer {
     } catch (err) {
       this.log.warn({ err, workflow: rec.name }, 'positions of a cancelled workflow not removed');
     }
+    // Published last: a workflow shown CANCELLED has its positions removed (a crash before this cancels it again).
+    await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
     await r.close();
   }
 }
