@@ -430,7 +430,10 @@ export class MoveTablesRunner {
     try {
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
       held = true;
-      await Promise.all([...this.targets].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, this.tables, def.sourceDatabase, this.name))));
+      // Every freeze settles before a failure is handled, so none is left in place behind the rollback.
+      const freezes = await Promise.allSettled([...this.targets].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, this.tables, def.sourceDatabase, this.name))));
+      const refused = freezes.find((f) => f.status === 'rejected');
+      if (refused) throw refused.reason;
       await this.catchUpTo(def.targetDatabase, frozen);
       await this.halt();
       // Catch-up starts afresh at the source stream's ends: the reverse apply's own writes there need not go back to the target.

@@ -7,7 +7,8 @@
  * refused with 0A000. Then, with the writers going on all along: writes switch
  * to the target (the rows written there are served by the target shards and
  * reach the source by reverse replication, while the source still refuses
- * clients), and switch back to the source; neither writer sees an error, the
+ * clients); a reverse-traffic that cannot freeze a target shard rolls back;
+ * then writes switch back to the source; neither writer sees an error, the
  * source holds exactly the acknowledged rows, and the target follows the
  * source again (VDiff clean). Writes switch once more, the target holds
  * exactly the acknowledged rows on the shards their vindex names; a
@@ -160,6 +161,25 @@ test('switch-traffic and reverse-traffic under two writers: no client error, no 
   const shown = await mg('workflow', 'show', 'mt', '--data-dir', dataDir);
   assert.match(shown.stdout, /reverse replication \(target to source\): [1-9]\d* changes applied/);
   await sleep(1_500);
+
+  // A reverse-traffic that cannot freeze a target shard (a transaction holds its table past the lock timeout) rolls back:
+  // traffic stays on the target and reverse replication goes on; the writers see no error.
+  const blocker = await direct('dst', RANGES[0].shard);
+  await blocker.query('BEGIN');
+  await blocker.query('LOCK TABLE orders IN ROW EXCLUSIVE MODE');
+  const blocked = await mg('workflow', 'reverse-traffic', 'mt', '--data-dir', dataDir);
+  await blocker.query('ROLLBACK');
+  await blocker.end();
+  assert.equal(blocked.code, 1, blocked.stdout + blocked.stderr);
+  assert.match(blocked.stderr, /reverse-traffic failed, traffic stays on dst: .*lock timeout/);
+  const rolledBack = (await api('/v1/workflows/mt')).body;
+  assert.equal(rolledBack.phase, 'SWITCHED');
+  assert.equal(rolledBack.routing, 'TARGET');
+  const stillOnTarget = await client.query("UPDATE orders SET note = 'after a failed reverse' WHERE id = $1 RETURNING inet_server_port() AS port", [probeOnTarget]);
+  assert.equal(Number(stillOnTarget.rows[0].port), portOf('dst', homeOf(probeOnTarget)));
+  acknowledged.set(probeOnTarget, 'after a failed reverse');
+  await until('reverse replication to go on after the failed reverse-traffic', 30_000, async () =>
+    (await source.query('SELECT note FROM orders WHERE id = $1', [probeOnTarget])).rows[0]?.note === 'after a failed reverse');
 
   // Writes switch back to the source while both writers go on.
   const reverseAskedAt = Date.now();
