@@ -1,16 +1,20 @@
 /**
- * Catch-up: change events of the source's table topics applied to the target
- * shards. Idempotent by source position: each target shard keeps, per
- * workflow and topic partition, the last applied (epoch, commit LSN, position)
- * of each source shard and the Kafka offset, in mg_materializer.positions,
- * written in the same transaction as the rows. Anything at or below that
- * tuple (a redelivery, or a replay after a crash) is skipped on that shard.
+ * Catch-up: change events of one database's table topics applied to the
+ * shards of another: the source's changes to the target shards, or, after the
+ * writes switched (reverse replication), the target's changes to the source.
+ * Idempotent by stream position: each applying shard keeps, per workflow and
+ * topic partition, the last applied (epoch, commit LSN, position) of each
+ * streaming shard and the Kafka offset, in mg_materializer.positions, written
+ * in the same transaction as the rows. Anything at or below that tuple (a
+ * redelivery, or a replay after a crash) is skipped on that shard. The apply
+ * runs with session_replication_role = replica, so the trigger that refuses
+ * clients' writes on the side not serving (decision 0040) lets it through.
  */
 import type pg from 'pg';
 import type { RawMessage } from '../common/eventlog.ts';
 import type { KeyRange } from '../schemas/index.ts';
 import type { Change, ChangeDecoder, Row } from './changes.ts';
-import { deleteSql, keyText, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable } from './tables.ts';
+import { deleteSql, keyText, quoteIdent, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable } from './tables.ts';
 
 export type Tuple = [epoch: bigint, commitLsn: bigint, position: bigint];
 
@@ -39,14 +43,19 @@ export interface BatchResult {
 }
 
 type Op = { kind: 'upsert'; row: Row } | { kind: 'delete'; key: Row };
-/** A shard's ops in order, as runs between truncates; within a run only each key's last op matters. */
-type Segment = { truncate: boolean; ops: Map<string, Op> };
+/**
+ * A shard's ops in order, as runs between truncates; within a run only each key's last op matters.
+ * `truncate`: the run starts by emptying the table (true), or only of the rows a streaming shard held (its name).
+ */
+type Segment = { truncate: boolean | string; ops: Map<string, Op> };
 
 export class TableApplier {
   /** Per target shard, per partition. */
   private positions = new Map<string, Map<number, ShardPosition>>();
-  /** The highest source commit LSN applied on every target shard (switch-traffic waits for its marker with it). */
-  appliedLsn = 0n;
+  /** Where reading began in each partition (load's answer). */
+  private start = new Map<number, bigint>();
+  /** Per streaming shard, the highest commit LSN applied on every applying shard (a switch waits for its marker with it). */
+  readonly appliedLsn = new Map<string, bigint>();
   /** (txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
   readonly recent: Array<{ txId: bigint; commitLsn: bigint }> = [];
 
@@ -57,6 +66,8 @@ export class TableApplier {
     private readonly targets: Map<string, pg.Client>,
     private readonly ranges: KeyRange[],
     private readonly decoder: ChangeDecoder,
+    /** The key ranges of the streaming database when it is sharded (reverse replication): a truncate then concerns one shard's rows. */
+    private readonly streamRanges?: KeyRange[],
   ) {}
 
   /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
@@ -79,6 +90,7 @@ export class TableApplier {
       // Only when every shard has applied past a point can reading begin after it.
       if (next.every((o) => o !== undefined)) start.set(partition, next.reduce((a, b) => (b! < a! ? b : a))! + 1n);
     }
+    this.start = start;
     return start;
   }
 
@@ -90,7 +102,7 @@ export class TableApplier {
     let applied = 0;
     let lastCommitMs: number | undefined;
     let reachedBarrier = false;
-    let maxLsn = 0n;
+    const maxLsn = new Map<string, bigint>();
     for (const m of messages) {
       let change: Change | undefined;
       if (m.value !== null) {
@@ -102,7 +114,7 @@ export class TableApplier {
       }
       lastOffset = BigInt(m.offset);
       if (!change) continue; // a tombstone: the delete before it did the work
-      if (change.commitLsn > maxLsn) maxLsn = change.commitLsn;
+      if (change.commitLsn > (maxLsn.get(change.sourceShard) ?? 0n)) maxLsn.set(change.sourceShard, change.commitLsn);
       const tuple: Tuple = [change.epoch, change.commitLsn, change.position];
       let taken = false;
       for (const [shard, op] of this.routes(change, m)) {
@@ -111,7 +123,7 @@ export class TableApplier {
         taken = true;
         newApplied.get(shard)!.set(change.sourceShard, tuple);
         const runs = segments.get(shard)!;
-        if (op === 'truncate') runs.push({ truncate: true, ops: new Map() });
+        if (op === 'truncate') runs.push({ truncate: this.streamRanges ? change.sourceShard : true, ops: new Map() });
         else {
           const row = op.kind === 'upsert' ? op.row : op.key;
           runs[runs.length - 1].ops.set(keyText(this.table, row), op);
@@ -135,7 +147,7 @@ export class TableApplier {
       const offset = lastOffset;
       await Promise.all([...this.targets].map(([shard, client]) =>
         this.commit(shard, client, partition, offset, segments.get(shard)!, newApplied.get(shard)!)));
-      if (maxLsn > this.appliedLsn) this.appliedLsn = maxLsn;
+      for (const [shard, lsn] of maxLsn) if (lsn > (this.appliedLsn.get(shard) ?? 0n)) this.appliedLsn.set(shard, lsn);
     }
     return { applied, lastCommitMs, reachedBarrier };
   }
@@ -149,7 +161,7 @@ export class TableApplier {
     }
     switch (change.op) {
       case 't':
-        // The source is one shard (MoveTables from an unsharded database): its truncate empties the table everywhere.
+        // From the unsharded source: the table empties everywhere. From a target shard (reverse): that shard's rows (see commit).
         return all.map((s) => [s, 'truncate']);
       case 'd': {
         const key = change.before!;
@@ -171,9 +183,10 @@ export class TableApplier {
     const held = this.positions.get(shard)?.get(partition)?.applied ?? new Map<string, Tuple>();
     const merged = new Map([...held, ...applied]);
     try {
-      await client.query('BEGIN');
+      await client.query('BEGIN; SET LOCAL session_replication_role = replica');
       for (const run of runs) {
-        if (run.truncate) await client.query(`DELETE FROM ${this.table.sql}`);
+        if (run.truncate === true) await client.query(`DELETE FROM ${this.table.sql}`);
+        else if (run.truncate) await this.deleteRowsOf(client, run.truncate);
         const ops = [...run.ops.values()];
         const deletes = ops.flatMap((o) => (o.kind === 'delete' ? [o.key] : []));
         const upserts = ops.flatMap((o) => (o.kind === 'upsert' ? [o.row] : []));
@@ -192,6 +205,22 @@ export class TableApplier {
     const byPartition = this.positions.get(shard) ?? new Map<number, ShardPosition>();
     byPartition.set(partition, { offset, applied: merged });
     this.positions.set(shard, byPartition);
+  }
+
+  /** The offset every applying shard has passed in a partition (a shard with no position yet: the one before where reading began). */
+  appliedOffset(partition: number): bigint {
+    const before = (this.start.get(partition) ?? 0n) - 1n;
+    const offsets = [...this.targets.keys()].map((s) => this.positions.get(s)?.get(partition)?.offset ?? before);
+    return offsets.reduce((a, b) => (b < a ? b : a));
+  }
+
+  /** A truncate on one shard of the streaming database: deletes the rows its key range holds (their vindex places them there). */
+  private async deleteRowsOf(client: pg.Client, streamShard: string): Promise<void> {
+    const t = this.table;
+    const columns = [...new Set([...t.key, t.vindex.column])].map(quoteIdent).join(', ');
+    const { rows } = await client.query<Row>(`SELECT ${columns} FROM ${t.sql}`);
+    const gone = rows.filter((r) => shardOfRow(t, r, this.streamRanges!) === streamShard);
+    if (gone.length) await client.query(deleteSql(t, gone));
   }
 }
 

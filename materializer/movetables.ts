@@ -1,21 +1,23 @@
 /**
  * One MoveTables workflow run: copy (resumable per page) then catch-up from
- * the source's change topics, and VDiff on demand. Its state lives in Kafka
- * (WorkflowStatus events) and in the target shards (positions): a new run
- * after a crash or a stop picks up from both.
+ * the source's change topics, VDiff on demand, the write switches, and after
+ * a switch reverse replication from the target's change topics to the source
+ * (decision 0046). Its state lives in Kafka (WorkflowStatus events) and in the
+ * applying shards (positions): a new run after a crash or a stop picks up
+ * from both.
  */
 import type pg from 'pg';
 import type { EventLog, Tail } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { gauge, counter } from '../common/metrics.ts';
 import { tableTopic } from '../schemas/cdc.ts';
-import type { KeyRange, RoutingState, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
-import { ensurePositionsTable, TableApplier, type Barrier } from './apply.ts';
+import type { KeyRange, PartitionOffset, RoutingState, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
+import { dropPositions, ensurePositionsTable, TableApplier, type Barrier } from './apply.ts';
 import type { ChangeDecoder } from './changes.ts';
 import { copyTable } from './copy.ts';
 import type { ShardMap } from './shards.ts';
 import { createTableSql, describeTable, WorkflowError, type MovedTable } from './tables.ts';
-import { freezeSource, thawSource, type Frozen } from './switch.ts';
+import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
 import { diffTable } from './vdiff.ts';
 
 export interface RunnerContext {
@@ -44,6 +46,13 @@ const vdiffRows = counter('mg_materializer_vdiff_rows_total', 'Source rows compa
 const writeGap = gauge('mg_materializer_switch_write_gap_seconds', 'How long the last switch-traffic held the moved tables\' writes', ['workflow']);
 
 const PROGRESS_MS = 1_000;
+/** How long a write switch waits for the side taking over to apply the other side's last changes (writes are held meanwhile). */
+const CATCH_UP_MS = 30_000;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** The applying direction: the source's changes to the target (catch-up), or the target's to the source (after the writes switched). */
+type Direction = 'forward' | 'reverse';
 
 export class MoveTablesRunner {
   status: WorkflowStatus;
@@ -51,7 +60,10 @@ export class MoveTablesRunner {
   private tails: Tail[] = [];
   private appliers: TableApplier[] = [];
   private tables: MovedTable[] = [];
+  /** The source's table topics (catch-up reads them), and the target's (reverse replication reads them). */
   private topics: string[] = [];
+  private reverseTopics: string[] = [];
+  private sourceShard = '';
   private ranges: KeyRange[] = [];
   private source: pg.Client | undefined;
   private targets = new Map<string, pg.Client>();
@@ -73,6 +85,11 @@ export class MoveTablesRunner {
     return this.rec.name;
   }
 
+  /** Whether a stream is being applied and no switch or VDiff is under way: a switch may begin. */
+  get ready(): boolean {
+    return this.tails.length > 0 && !this.switching && !this.vdiffRunning;
+  }
+
   start(): void {
     this.run().catch((err) => this.fail(err as Error));
   }
@@ -92,6 +109,7 @@ export class MoveTablesRunner {
   }
 
   async close(): Promise<void> {
+    this.stopping = true; // no progress event after this
     await this.halt();
     await Promise.all([this.source, ...this.targets.values()].map((c) => c?.end().catch(() => {})));
     this.source = undefined;
@@ -103,7 +121,8 @@ export class MoveTablesRunner {
     const log = this.ctx.log.child({ workflow: this.name });
     const sourceRanges = this.ctx.shards.ranges(def.sourceDatabase);
     if (sourceRanges.length !== 1) throw new WorkflowError(`MoveTables reads an unsharded source; ${def.sourceDatabase} has ${sourceRanges.length} shards`);
-    this.source = await this.ctx.shards.connect(def.sourceDatabase, sourceRanges[0].shard, `mg-materializer-${this.name}`);
+    this.sourceShard = sourceRanges[0].shard;
+    this.source = await this.ctx.shards.connect(def.sourceDatabase, this.sourceShard, `mg-materializer-${this.name}`);
     await this.connectTargets();
     const vschema = this.ctx.shards.state.vschemas.get(def.targetDatabase)?.vschema;
     for (const name of def.tables) this.tables.push(await describeTable(this.source, name, vschema, def.targetDatabase));
@@ -113,14 +132,25 @@ export class MoveTablesRunner {
     }
     // The rule exists from the start (serving from the source), so clients' sessions route by it before any switch.
     if (this.ctx.routing(this.name) === undefined) await this.ctx.setRouting(this.name, 'SOURCE');
-    const naming = { topicPrefix: this.ctx.cdcTopicPrefix(def.sourceDatabase), database: def.sourceDatabase };
-    this.topics = this.tables.map((t) => tableTopic(naming, t.schema, t.table));
+    const topicsOf = (database: string) => this.tables.map((t) => tableTopic({ topicPrefix: this.ctx.cdcTopicPrefix(database), database }, t.schema, t.table));
+    this.topics = topicsOf(def.sourceDatabase);
+    this.reverseTopics = topicsOf(def.targetDatabase);
 
+    const routing = this.ctx.routing(this.name);
+    if (routing === 'TARGET' || (routing === 'WRITES_HELD' && this.status.phase === 'SWITCHED')) {
+      // The writes are switched (a restart, maybe during reverse-traffic, or a start after reverse replication failed): the source follows the target.
+      if (this.status.reverseOffsets.length === 0) throw new WorkflowError('the writes are switched but the workflow has no reverse replication position');
+      await ensurePositionsTable(this.source);
+      if (this.status.phase !== 'SWITCHED') await this.publishStatus({ phase: 'SWITCHED', message: null });
+      log.info('reverse replication resumes');
+      await this.startTails('reverse');
+      return;
+    }
     if (this.status.startOffsets.length === 0) {
       // Catch-up starts at the topics' ends as they are before any snapshot: every later change is replayed.
       for (const topic of this.topics) {
         await this.waitForTopic(topic, def.sourceDatabase);
-        for (const [partition, offset] of await this.ctx.eventLog.endOffsets(topic)) this.status.startOffsets.push({ topic, partition, offset });
+        this.status.startOffsets.push(...await this.endOffsetsOf([topic]));
       }
       this.status.tables = this.tables.map((t) => ({ table: `${t.schema}.${t.table}`, rowsCopied: 0n, rowsEstimated: 0n, lastKey: null, done: false }));
       await this.publishStatus({ phase: 'COPYING', message: null });
@@ -182,13 +212,21 @@ export class MoveTablesRunner {
     }
   }
 
-  /** Catch-up: one tail per table topic from the shards' positions, and a progress event every second. */
-  private async startTails(): Promise<void> {
+  /**
+   * Catch-up (forward) or reverse replication: one tail per table topic from
+   * the applying shards' positions, and a progress event every second.
+   */
+  private async startTails(direction: Direction = 'forward'): Promise<void> {
     clearInterval(this.timer);
     this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
-    this.appliers = this.tables.map((t, i) => new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder));
+    this.behind.clear();
+    const def = this.rec.definition;
+    this.appliers = this.tables.map((t, i) => (direction === 'forward'
+      ? new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder)
+      : new TableApplier(this.name, t, this.reverseTopics[i], new Map([[this.sourceShard, this.source!]]), this.ctx.shards.ranges(def.sourceDatabase), this.ctx.decoder, this.ranges)));
+    const offsets = direction === 'forward' ? this.status.startOffsets : this.status.reverseOffsets;
     for (const applier of this.appliers) {
-      const start = await applier.load(this.startOffsetsOf(applier.topic));
+      const start = await applier.load(offsetsOf(offsets, applier.topic));
       const tail = await this.ctx.eventLog.tail(applier.topic, start, async (messages, info) => {
         const r = await applier.applyBatch(info.partition, messages);
         this.account(applier.topic, info.partition, r.applied, r.lastCommitMs, BigInt(messages[messages.length - 1].offset) + 1n < info.highWatermark);
@@ -200,8 +238,10 @@ export class MoveTablesRunner {
     }
   }
 
-  private startOffsetsOf(topic: string): Map<number, bigint> {
-    return new Map(this.status.startOffsets.filter((o) => o.topic === topic).map((o) => [o.partition, o.offset]));
+  private async endOffsetsOf(topics: string[]): Promise<PartitionOffset[]> {
+    const out: PartitionOffset[] = [];
+    for (const topic of topics) for (const [partition, offset] of await this.ctx.eventLog.endOffsets(topic)) out.push({ topic, partition, offset });
+    return out;
   }
 
   private account(topic: string, partition: number, n: number, commitMs: number | undefined, stillBehind: boolean): void {
@@ -221,7 +261,7 @@ export class MoveTablesRunner {
   }
 
   private async progress(): Promise<void> {
-    if (this.stopping || this.status.phase !== 'RUNNING') return;
+    if (this.stopping || (this.status.phase !== 'RUNNING' && this.status.phase !== 'SWITCHED')) return;
     await this.publishStatus({ lagSeconds: this.lagSeconds() }).catch((err) => this.ctx.log.warn({ err, workflow: this.name }, 'progress event not published'));
   }
 
@@ -272,7 +312,7 @@ export class MoveTablesRunner {
         await s.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
         const { rows: [snap] } = await s.query<{ snapshot: string; lsn: string }>('SELECT pg_current_snapshot()::text AS snapshot, (pg_current_wal_lsn() - \'0/0\'::pg_lsn)::text AS lsn');
         const barrier: Barrier = { lsn: BigInt(snap.lsn) };
-        await this.waitConfirmed(def.sourceDatabase, barrier.lsn);
+        await this.waitConfirmed(def.sourceDatabase, this.sourceShard, barrier.lsn);
         for (const applier of this.appliers) await this.applyUpTo(applier, barrier);
         if (this.consistent(snap.snapshot, barrier.lsn)) sourceSnap = s;
         else if (attempt >= 5) throw new WorkflowError('no consistent source snapshot after 5 attempts');
@@ -305,34 +345,41 @@ export class MoveTablesRunner {
    * switch-traffic, writes (decision 0040): gateways hold the tables'
    * statements, the source refuses writes (after those in flight), the target
    * catches up to the source's position, the rule flips to the target and the
-   * held statements go on there. On any failure the source takes writes again
-   * and the rule goes back: traffic stays on the source.
+   * held statements go on there; reverse replication then keeps the source in
+   * step from the target's change topics, from their ends at the flip
+   * (decision 0046). On any failure the source takes writes again and the
+   * rule goes back: traffic stays on the source.
    */
   async switchWrites(): Promise<void> {
-    if (this.switching || this.vdiffRunning || this.status.phase !== 'RUNNING' || this.appliers.length === 0) {
+    if (!this.ready || this.status.phase !== 'RUNNING') {
       throw new WorkflowError(`switch-traffic needs the workflow in catch-up (it is ${this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''})`);
     }
     this.switching = true;
     const def = this.rec.definition;
     const before = this.ctx.routing(this.name);
-    const began = performance.now();
+    let held = false;
     let frozen: Frozen | undefined;
     try {
+      await this.readyToReverse();
+      const began = performance.now();
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
-      frozen = await freezeSource(this.source!, this.tables, def.targetDatabase, this.name);
-      await this.catchUpTo(frozen);
+      held = true;
+      frozen = await freezeWrites(this.source!, this.tables, def.targetDatabase, this.name);
+      await this.catchUpTo(def.sourceDatabase, new Map([[this.sourceShard, frozen]]));
+      await this.halt();
+      // Everything the target holds now (the copy, catch-up) is before these offsets: it never goes back to the source.
+      const reverseOffsets = await this.endOffsetsOf(this.reverseTopics);
+      for (const client of this.targets.values()) await thawWrites(client, this.tables); // frozen by an earlier reverse-traffic
       await this.ctx.setRouting(this.name, 'TARGET');
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
       this.ctx.log.info({ workflow: this.name, gapMs, lsn: String(frozen.lsn) }, 'writes switched');
-      this.stopping = true;
-      await this.publishStatus({ phase: 'SWITCHED', message: `writes switched to ${def.targetDatabase}; held ${gapMs} ms`, lagSeconds: 0 });
-      await this.close();
-      this.finish();
+      await this.publishStatus({ phase: 'SWITCHED', message: `writes switched to ${def.targetDatabase}; held ${gapMs} ms`, reverseOffsets, eventsApplied: 0n, lagSeconds: 0 });
+      await this.startTails('reverse');
     } catch (err) {
       this.ctx.log.error({ err, workflow: this.name }, 'switch-traffic failed; traffic stays on the source');
-      if (frozen) await thawSource(this.source!, this.tables).catch((e) => this.ctx.log.error({ err: e, workflow: this.name }, 'could not let the source take writes again'));
-      await this.ctx.setRouting(this.name, before === 'READS_TARGET' ? 'READS_TARGET' : 'SOURCE');
+      if (frozen) await thawWrites(this.source!, this.tables).catch((e) => this.ctx.log.error({ err: e, workflow: this.name }, 'could not let the source take writes again'));
+      if (held) await this.ctx.setRouting(this.name, before === 'READS_TARGET' ? 'READS_TARGET' : 'SOURCE');
       if (this.tails.length === 0 && !this.stopping) await this.startTails();
       await this.publishStatus({ message: `switch-traffic failed, traffic stays on ${def.sourceDatabase}: ${(err as Error).message}` });
     } finally {
@@ -341,40 +388,121 @@ export class MoveTablesRunner {
   }
 
   /**
-   * Applies every change committed before the freeze. A table's marker (its
-   * no-op update after the freeze position) shows its stream has delivered
-   * all of them; an empty table has none, so then the source's confirmed
-   * stream position is waited for (up to cdc.heartbeatMs on an idle source).
+   * Before the writes switch: reverse replication will need the target's
+   * change stream on every shard (decision 0046), its table topics, and the
+   * stream past everything the target holds now, so that the copy and
+   * catch-up writes are all before the offsets recorded at the flip. Checked
+   * before the writes are held (an idle stream confirms within cdc.heartbeatMs).
    */
-  private async catchUpTo(frozen: Frozen): Promise<void> {
-    if (frozen.marked.every(Boolean)) {
-      for (let waited = 0; !this.appliers.every((a) => a.appliedLsn >= frozen.lsn); waited += 5) {
-        if (this.stopping) throw new WorkflowError('the workflow stopped during the switch');
-        if (waited > 30_000) throw new WorkflowError('the target did not catch up with the source within 30 s');
-        await new Promise((r) => setTimeout(r, 5));
-      }
-      await this.halt();
-      return;
+  private async readyToReverse(): Promise<void> {
+    const def = this.rec.definition;
+    await ensurePositionsTable(this.source!);
+    for (const [shard, client] of this.targets) {
+      const { rows: [{ lsn }] } = await client.query<{ lsn: string }>("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text AS lsn");
+      await this.waitConfirmed(def.targetDatabase, shard, BigInt(lsn));
     }
-    await this.waitConfirmed(this.rec.definition.sourceDatabase, frozen.lsn);
-    await this.halt();
-    for (const applier of this.appliers) await this.applyUpTo(applier, { lsn: frozen.lsn });
+    for (const topic of this.reverseTopics) {
+      if (!(await this.ctx.eventLog.topicExists(topic))) {
+        throw new WorkflowError(`the target's change topic ${topic} does not exist: reverse replication needs CDC on ${def.targetDatabase} for the moved tables (an empty table has no topic until its first change)`);
+      }
+    }
   }
 
-  /** Waits until the source's change stream has everything before `lsn` in Kafka (its confirmed LSN, from mg.cdc.status.v1). */
-  private async waitConfirmed(database: string, lsn: bigint): Promise<void> {
-    const shard = this.ctx.shards.ranges(database)[0].shard;
+  /**
+   * reverse-traffic after the writes switched: the mirror of switchWrites.
+   * Gateways hold the tables' statements, every target shard refuses writes
+   * (after those in flight) and leaves a marker, the source applies each
+   * shard's changes up to it, the source takes writes again, the rule flips
+   * back, and catch-up resumes from the source's stream as it is then (the
+   * target tables keep refusing clients' writes; the apply passes). On any
+   * failure the target shards take writes again and the rule goes back.
+   */
+  async reverseWrites(): Promise<void> {
+    if (!this.ready || this.status.phase !== 'SWITCHED') {
+      throw new WorkflowError(`reverse-traffic needs the writes switched with reverse replication running (the workflow is ${this.status.phase})`);
+    }
+    this.switching = true;
+    const def = this.rec.definition;
+    const began = performance.now();
+    let held = false;
+    let sourceThawed = false;
+    const frozen = new Map<string, Frozen>();
+    try {
+      await this.ctx.setRouting(this.name, 'WRITES_HELD');
+      held = true;
+      // Every freeze settles before a failure is handled, so none is left in place behind the rollback.
+      const freezes = await Promise.allSettled([...this.targets].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, this.tables, def.sourceDatabase, this.name))));
+      const refused = freezes.find((f) => f.status === 'rejected');
+      if (refused) throw refused.reason;
+      await this.catchUpTo(def.targetDatabase, frozen);
+      await this.halt();
+      // Catch-up starts afresh at the source stream's ends: the reverse apply's own writes there need not go back to the target.
+      const startOffsets = await this.endOffsetsOf(this.topics);
+      for (const client of this.targets.values()) await dropPositions(client, this.name);
+      await dropPositions(this.source!, this.name);
+      sourceThawed = true;
+      await thawWrites(this.source!, this.tables);
+      await this.ctx.setRouting(this.name, 'SOURCE');
+      const gapMs = Math.round(performance.now() - began);
+      writeGap.set({ workflow: this.name }, gapMs / 1000);
+      this.ctx.log.info({ workflow: this.name, gapMs }, 'writes switched back to the source');
+      await this.publishStatus({ phase: 'RUNNING', message: `writes switched back to ${def.sourceDatabase}; held ${gapMs} ms`, startOffsets, reverseOffsets: [], eventsApplied: 0n, lagSeconds: 0 });
+      await this.startTails();
+    } catch (err) {
+      this.ctx.log.error({ err, workflow: this.name }, 'reverse-traffic failed; traffic stays on the target');
+      const undo = async (what: string, step: () => Promise<unknown>) => step().catch((e) => this.ctx.log.error({ err: e, workflow: this.name }, what));
+      if (sourceThawed) await undo('could not make the source refuse writes again', () => freezeWrites(this.source!, this.tables, def.targetDatabase, this.name));
+      for (const shard of frozen.keys()) await undo(`could not let target shard ${shard} take writes again`, () => thawWrites(this.targets.get(shard)!, this.tables));
+      if (held) await this.ctx.setRouting(this.name, 'TARGET');
+      if (this.tails.length === 0 && !this.stopping) await this.startTails('reverse');
+      await this.publishStatus({ message: `reverse-traffic failed, traffic stays on ${def.targetDatabase}: ${(err as Error).message}` });
+    } finally {
+      this.switching = false;
+    }
+  }
+
+  /**
+   * Applies every change the frozen shards of `database` committed before
+   * their freeze, with the tails running. A table's marker from a shard (its
+   * no-op update after the freeze position) shows that shard's stream has
+   * delivered them all; where the table is empty on a shard there is none,
+   * so that stream's confirmed position is waited for (up to cdc.heartbeatMs
+   * when idle). The topic is then applied to its end as it is (a marker is in
+   * one partition: the others may still be behind it).
+   */
+  private async catchUpTo(database: string, frozen: Map<string, Frozen>): Promise<void> {
+    const deadline = Date.now() + CATCH_UP_MS;
+    const until = async (done: () => boolean) => {
+      while (!done()) {
+        if (this.stopping) throw new WorkflowError('the workflow stopped during the switch');
+        if (this.tails.length === 0) throw new WorkflowError('the change stream stopped being applied during the switch');
+        if (Date.now() > deadline) throw new WorkflowError(`the changes of ${database} were not applied within ${CATCH_UP_MS / 1000} s`);
+        await sleep(5);
+      }
+    };
+    for (const [i, applier] of this.appliers.entries()) {
+      for (const [shard, f] of frozen) {
+        if (f.marked[i]) await until(() => (applier.appliedLsn.get(shard) ?? 0n) >= f.lsn);
+        else await this.waitConfirmed(database, shard, f.lsn);
+      }
+      const end = await this.ctx.eventLog.endOffsets(applier.topic);
+      await until(() => [...end].every(([partition, offset]) => applier.appliedOffset(partition) >= offset - 1n));
+    }
+  }
+
+  /** Waits until a shard's change stream has everything before `lsn` in Kafka (its confirmed LSN, from mg.cdc.status.v1). */
+  private async waitConfirmed(database: string, shard: string, lsn: bigint): Promise<void> {
     for (let i = 0; i < 600; i++) {
       if ((this.ctx.confirmedLsn(database, shard) ?? -1n) >= lsn) return;
-      await new Promise((r) => setTimeout(r, 50));
+      await sleep(50);
     }
-    throw new WorkflowError(`the change stream of ${database} has not confirmed LSN ${lsn} within 30 s`);
+    throw new WorkflowError(`the change stream of ${database}/${shard} has not confirmed LSN ${lsn} within 30 s (is CDC on for ${database}?)`);
   }
 
   /** Applies a topic's changes committed before the barrier (everything before it is below the topic's current end). */
   private async applyUpTo(applier: TableApplier, barrier: Barrier): Promise<void> {
     const end = await this.ctx.eventLog.endOffsets(applier.topic);
-    const start = await applier.load(this.startOffsetsOf(applier.topic));
+    const start = await applier.load(offsetsOf(this.status.startOffsets, applier.topic));
     const open = new Set([...end].filter(([p, e]) => (start.get(p) ?? 0n) < e).map(([p]) => p));
     if (open.size === 0) return;
     let finished!: () => void;
@@ -407,6 +535,8 @@ export class MoveTablesRunner {
 export function freshStatus(): WorkflowStatus {
   return {
     phase: 'COPYING', message: null, startOffsets: [], tables: [], rowsCopied: 0n, copyRowsPerSecond: 0, etaSeconds: null,
-    eventsApplied: 0n, lagSeconds: null,
+    eventsApplied: 0n, lagSeconds: null, reverseOffsets: [],
   };
 }
+
+const offsetsOf = (offsets: PartitionOffset[], topic: string) => new Map(offsets.filter((o) => o.topic === topic).map((o) => [o.partition, o.offset]));

@@ -1,14 +1,15 @@
 /**
  * The materializer process's core: folds the workflows topic, and reconciles
- * what runs with what the operator asked (START / STOP / CANCEL, VDiff
- * requests). One materializer per cluster runs every workflow (decision 0037).
+ * what runs with what the operator asked (START / STOP / CANCEL, the traffic
+ * switches, COMPLETE, VDiff requests). One materializer per cluster runs every
+ * workflow (decision 0037).
  */
 import { randomUUID } from 'node:crypto';
 import type { EventLog, Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import {
   applyTopologyEvent, applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, payload, topologyKey, WORKFLOW_NAME, workflowKey, workflowPayload,
-  type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
+  type CdcStreamState, type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
 } from '../schemas/index.ts';
 import { dropPositions } from './apply.ts';
 import { ChangeDecoder } from './changes.ts';
@@ -34,6 +35,8 @@ export class Materializer {
   private subs: Subscription[] = [];
   /** The latest confirmed LSN of each source stream (`<database>/<shard>`), from mg.cdc.status.v1. */
   private confirmed = new Map<string, bigint>();
+  /** The latest state of each change stream (`<database>/<shard>`), from the same topic. */
+  private streams = new Map<string, CdcStreamState>();
   private timer: NodeJS.Timeout | undefined;
   private busy = false;
   /** Events this process published and already folded: their echo from the topic is skipped, so it never rolls state back. */
@@ -61,6 +64,7 @@ export class Materializer {
     // Streams publish their status every second: the last minute holds the latest of each live one.
     const cdc = await this.eventLog.subscribe('cdcStatus', (s) => {
       if (s.confirmedLsn !== null) this.confirmed.set(`${s.database}/${s.shard}`, s.confirmedLsn);
+      this.streams.set(`${s.database}/${s.shard}`, s.state);
     }, { since: new Date(Date.now() - 60_000) });
     this.subs = [workflows, cdc];
     await Promise.all([topology, ...this.subs.map((s) => s.caughtUp)]);
@@ -145,19 +149,41 @@ export class Materializer {
       case 'SWITCH_READS': case 'SWITCH_TRAFFIC':
         if (switched) throw new RequestError(409, `workflow ${name} has switched its writes already`);
         if (phase !== 'RUNNING') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: traffic switches during catch-up (RUNNING)`);
+        if (action === 'SWITCH_TRAFFIC') this.requireStreams(rec.definition.targetDatabase);
         break;
       case 'REVERSE_TRAFFIC':
-        if (switched) throw new RequestError(409, `workflow ${name} has switched its writes: reverse replication is not built, so writes cannot switch back without losing the target's new rows`);
+        if (routing === 'WRITES_HELD') throw new RequestError(409, `workflow ${name} is switching its writes: wait until the switch is done`);
+        if (switched) {
+          if (phase !== 'SWITCHED') throw new RequestError(409, `workflow ${name} is ${phase}: reverse-traffic needs its reverse replication running (mg workflow start resumes it)`);
+          break;
+        }
         if (routing !== 'READS_TARGET') throw new RequestError(409, `workflow ${name} serves everything from the source already`);
         break;
       case 'COMPLETE':
         if (phase !== 'SWITCHED') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: complete needs its writes switched (mg workflow switch-traffic)`);
         break;
+      case 'START':
+        // After the switch, START resumes a reverse replication that failed.
+        if (switched && phase !== 'FAILED') throw new RequestError(409, `workflow ${name} has switched its writes: reverse-traffic or complete are left`);
+        break;
       default:
-        if (switched) throw new RequestError(409, `workflow ${name} has switched its writes: only complete is left`);
+        if (switched) throw new RequestError(409, `workflow ${name} has switched its writes: reverse-traffic or complete are left`);
     }
     await this.publish(name, workflowPayload('WorkflowCommanded', { action }));
     return rec;
+  }
+
+  /**
+   * A write switch needs the target's change stream on every shard: reverse
+   * replication reads it to keep the source in step (decision 0046).
+   */
+  private requireStreams(database: string): void {
+    for (const { shard } of this.shards.ranges(database)) {
+      const state = this.streams.get(`${database}/${shard}`);
+      if (state === undefined || state === 'STOPPED') {
+        throw new RequestError(409, `switch-traffic needs the change stream (CDC) of ${database} on every shard, for the reverse replication that keeps the source in step: ${database}/${shard} has ${state === undefined ? 'none' : 'a stopped one'} (set databases[].cdc.enabled for ${database} in the spec, or send CDC_START to its primaries)`);
+      }
+    }
   }
 
   async requestVDiff(name: string): Promise<string> {
@@ -191,10 +217,11 @@ export class Materializer {
     const runner = this.runners.get(rec.name);
     if (phase === 'CANCELLED' || phase === 'COMPLETED') return;
     if (rec.action === 'CANCEL') return this.cancel(rec, runner);
-    if (phase === 'SWITCHED') {
+    if (phase === 'SWITCHED' && rec.action === 'COMPLETE') {
+      if (!this.tryOnce(rec)) return;
       this.runners.delete(rec.name);
-      if (rec.action === 'COMPLETE' && this.tryOnce(rec)) await this.complete(rec);
-      return;
+      await runner?.close(); // ends reverse replication
+      return this.complete(rec);
     }
     if (rec.action === 'STOP') {
       if (runner) {
@@ -212,8 +239,10 @@ export class Materializer {
     if (rec.action === 'REVERSE_TRAFFIC' && routing === 'READS_TARGET') await this.setRouting(rec, 'SOURCE');
     if (runner) {
       if (runner.status.phase === 'FAILED') this.runners.delete(rec.name);
-      else if (rec.action === 'SWITCH_TRAFFIC' && runner.status.phase === 'RUNNING' && this.tryOnce(rec)) {
-        await runner.switchWrites().catch((err) => runner.publishStatus({ message: `switch-traffic: ${(err as Error).message}` }));
+      else if (rec.action === 'SWITCH_TRAFFIC' && runner.status.phase === 'RUNNING' && runner.ready && this.tryOnce(rec)) {
+        await runner.switchWrites().catch((err) => runner.publishStatus({ message: `switch-traffic failed: ${(err as Error).message}` }));
+      } else if (rec.action === 'REVERSE_TRAFFIC' && runner.status.phase === 'SWITCHED' && runner.ready && this.tryOnce(rec)) {
+        await runner.reverseWrites().catch((err) => runner.publishStatus({ message: `reverse-traffic failed: ${(err as Error).message}` }));
       } else this.maybeVDiff(rec, runner);
       return;
     }
@@ -259,7 +288,7 @@ export class Materializer {
     return true;
   }
 
-  /** complete: the source tables move away into a schema of their own, the target shards forget the positions; the rule keeps serving from the target. */
+  /** complete: the source tables move away into a schema of their own, both sides forget the positions; the rule keeps serving from the target. */
   private async complete(rec: WorkflowRecord): Promise<void> {
     const def = rec.definition;
     try {
@@ -267,6 +296,7 @@ export class Materializer {
       let schema: string;
       try {
         schema = await retireSource(source, def.tables.map((n) => ({ sql: `${quoteIdent(splitName(n).schema)}.${quoteIdent(splitName(n).table)}` })), rec.name);
+        await dropPositions(source, rec.name); // reverse replication's
       } finally {
         await source.end().catch(() => {});
       }
@@ -288,7 +318,7 @@ export class Materializer {
   private async cancel(rec: WorkflowRecord, running: MoveTablesRunner | undefined): Promise<void> {
     this.runners.delete(rec.name);
     const r = running ?? this.runner(rec);
-    await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
+    await r.close(); // nothing is applied any more: a tail would write its positions again
     // A rule with no tables routes nothing: the source's new sessions relay unparsed again.
     if (this.routing(rec.name) !== undefined) await this.setRouting(rec, 'SOURCE', []).catch((err) => this.log.warn({ err, workflow: rec.name }, 'routing rule of a cancelled workflow not cleared'));
     try {
@@ -296,6 +326,8 @@ export class Materializer {
     } catch (err) {
       this.log.warn({ err, workflow: rec.name }, 'positions of a cancelled workflow not removed');
     }
+    // Published last: a workflow shown CANCELLED has its positions removed (a crash before this cancels it again).
+    await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
     await r.close();
   }
 }

@@ -1,9 +1,11 @@
 /**
- * What switch-traffic and complete do to the source tables (decision 0040):
- * freeze their writes (a statement trigger that raises MOVED_WRITES_SQLSTATE,
- * installed under a lock that waits for the writes in flight), leave a marker
- * change in each table's change stream, and later retire the tables by moving
- * them into a schema of their own.
+ * What switch-traffic, reverse-traffic and complete do to the moved tables
+ * (decisions 0040, 0046): freeze the writes of the side that stops serving
+ * (a statement trigger that raises MOVED_WRITES_SQLSTATE, installed under a
+ * lock that waits for the writes in flight), leave a marker change in each
+ * table's change stream, let the side that serves take writes again, and at
+ * the end retire the source tables by moving them into a schema of their own.
+ * The materializer's own apply passes the trigger (session_replication_role).
  */
 import type pg from 'pg';
 import { MOVED_WRITES_SQLSTATE } from '../schemas/index.ts';
@@ -24,44 +26,45 @@ END
 $fn$`;
 
 export interface Frozen {
-  /** The source's WAL position once the writes stopped: every change before it is one to apply. */
+  /** The frozen database's WAL position once the writes stopped: every change before it is one to apply. */
   lsn: bigint;
   /** Per table: whether a marker change (a no-op update of one row, committed after `lsn`) is in its stream; false for an empty table. */
   marked: boolean[];
 }
 
 /**
- * One transaction on the source: EXCLUSIVE locks (reads go on, writes wait:
- * those in flight finish first), a no-op update of one row per table as the
- * stream's marker, the refusing trigger, and the WAL position.
+ * One transaction on a shard of the side that stops serving: EXCLUSIVE locks
+ * (reads go on, writes wait: those in flight finish first), a no-op update of
+ * one row per table as the stream's marker, the trigger refusing writes (its
+ * message names `servingDatabase`), and the WAL position.
  */
-export async function freezeSource(source: pg.Client, tables: MovedTable[], targetDatabase: string, workflow: string): Promise<Frozen> {
-  await source.query('BEGIN');
+export async function freezeWrites(client: pg.Client, tables: MovedTable[], servingDatabase: string, workflow: string): Promise<Frozen> {
+  await client.query('BEGIN');
   try {
-    await source.query(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`);
-    await source.query(`LOCK TABLE ${tables.map((t) => t.sql).join(', ')} IN EXCLUSIVE MODE`);
-    await source.query(REFUSE_FUNCTION);
+    await client.query(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`);
+    await client.query(`LOCK TABLE ${tables.map((t) => t.sql).join(', ')} IN EXCLUSIVE MODE`);
+    await client.query(REFUSE_FUNCTION);
     const marked: boolean[] = [];
     for (const t of tables) {
       const k = quoteIdent(t.key[0]);
-      const r = await source.query(`UPDATE ${t.sql} SET ${k} = ${k} WHERE ctid = (SELECT ctid FROM ${t.sql} LIMIT 1)`);
+      await client.query(`DROP TRIGGER IF EXISTS ${TRIGGER} ON ${t.sql}`); // first: a freeze run again replaces it
+      const r = await client.query(`UPDATE ${t.sql} SET ${k} = ${k} WHERE ctid = (SELECT ctid FROM ${t.sql} LIMIT 1)`);
       marked.push(r.rowCount === 1);
-      await source.query(`DROP TRIGGER IF EXISTS ${TRIGGER} ON ${t.sql}`);
-      await source.query(`CREATE TRIGGER ${TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ${t.sql}
-        FOR EACH STATEMENT EXECUTE FUNCTION mg_materializer.refuse_moved_writes(${literal(targetDatabase)}, ${literal(workflow)})`);
+      await client.query(`CREATE TRIGGER ${TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ${t.sql}
+        FOR EACH STATEMENT EXECUTE FUNCTION mg_materializer.refuse_moved_writes(${literal(servingDatabase)}, ${literal(workflow)})`);
     }
-    const { rows: [{ lsn }] } = await source.query<{ lsn: string }>("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text AS lsn");
-    await source.query('COMMIT');
+    const { rows: [{ lsn }] } = await client.query<{ lsn: string }>("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text AS lsn");
+    await client.query('COMMIT');
     return { lsn: BigInt(lsn), marked };
   } catch (err) {
-    await source.query('ROLLBACK').catch(() => {});
+    await client.query('ROLLBACK').catch(() => {});
     throw err;
   }
 }
 
-/** Undoes a freeze whose switch could not finish: the source takes writes again. */
-export async function thawSource(source: pg.Client, tables: MovedTable[]): Promise<void> {
-  for (const t of tables) await source.query(`DROP TRIGGER IF EXISTS ${TRIGGER} ON ${t.sql}`);
+/** The shard takes clients' writes again: the side that now serves, or a freeze whose switch could not finish. */
+export async function thawWrites(client: pg.Client, tables: MovedTable[]): Promise<void> {
+  for (const t of tables) await client.query(`DROP TRIGGER IF EXISTS ${TRIGGER} ON ${t.sql}`);
 }
 
 /** complete: the source tables leave for schema mg_moved_<workflow> (kept, still refusing writes, for the operator to drop). */

@@ -15,7 +15,7 @@ export interface WorkflowArgs {
 /** What the traffic commands wait for (the workflow as GET shows it), unless --no-wait. */
 const SETTLED: Record<string, (w: any, readsOnly: boolean) => boolean> = {
   'switch-traffic': (w, readsOnly) => (readsOnly ? w.routing === 'READS_TARGET' : w.phase === 'SWITCHED'),
-  'reverse-traffic': (w) => w.routing === 'SOURCE',
+  'reverse-traffic': (w) => w.routing === 'SOURCE' && w.phase !== 'SWITCHED',
   complete: (w) => w.phase === 'COMPLETED',
 };
 
@@ -105,7 +105,7 @@ export function renderWorkflow(w: any): string {
     `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, routing ${w.routing ?? '-'}, updated ${w.updatedAt ?? '-'}`,
     `  copy: ${p.rowsCopied} rows, ${Math.round(p.rowsPerSecond)} rows/s, ETA ${secs(p.etaSeconds)}`,
     ...p.tables.map((t: any) => `    ${t.table}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),
-    `  catch-up: ${p.eventsApplied} changes applied, lag ${secs(p.lagSeconds)}`,
+    `  ${w.phase === 'SWITCHED' ? 'reverse replication (target to source)' : 'catch-up'}: ${p.eventsApplied} changes applied, lag ${secs(p.lagSeconds)}`,
   ];
   if (w.vdiff) lines.push(renderVDiff(w.vdiff));
   return lines.join('\n');

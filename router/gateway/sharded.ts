@@ -177,13 +177,16 @@ export class ShardedSession {
   }
 
   /**
-   * Runs a routed statement. One the source refuses because its writes moved
-   * away meanwhile (a statement that reached it before this gateway saw the
-   * switch begin) runs again once the rule has changed, unless it was inside
-   * a transaction (that transaction cannot move).
+   * Runs a routed statement. One the database refuses because its writes
+   * moved away meanwhile (a statement that reached it before this gateway saw
+   * the switch begin) runs again once the rule has changed: where it now
+   * points, or on the same database when a switch failed and rolled back
+   * (which lets it take writes again). Not inside a transaction (that
+   * transaction cannot move).
    */
   private async executeRouted(r: Route, how: How): Promise<void> {
     this.current = r.database;
+    const rules = this.ruleVersions();
     try {
       await this.execute(r.plan, how);
     } catch (err) {
@@ -192,16 +195,21 @@ export class ShardedSession {
       const deadline = Date.now() + this.opts.bufferWindowMs;
       for (;;) {
         const [again] = await this.routed(r.text);
-        if (again.database !== r.database) {
+        if (again.database !== r.database || this.ruleVersions() !== rules) {
           heldStatements.inc({ outcome: 'retried' });
-          this.current = again.database;
-          return this.execute(again.plan, how);
+          return this.executeRouted(again, how);
         }
         // This gateway has not seen the switch begin yet: wait for the next topology event.
         const seen = topology.applied;
         if (Date.now() >= deadline || !(await this.opts.discovery.waitUntil(() => topology.applied !== seen, deadline - Date.now()))) throw err;
       }
     }
+  }
+
+  /** The versions of the routing rules of this session's database, as one comparable text. */
+  private ruleVersions(): string {
+    const rules = movedTablesOf(this.opts.discovery.topology, this.database);
+    return rules ? [...new Set(rules.values())].map((rule) => `${rule.workflow}@${rule.version}`).join(',') : '';
   }
 
   /** The shards of the statement's database, in key-range order. */

@@ -352,9 +352,12 @@ export interface WorkflowStatus {
   copyRowsPerSecond: number;
   /** Copy: time left at the current rate. */
   etaSeconds: null | number;
+  /** Changes applied by the current stream: catch-up (source to target) until the writes switch, then reverse replication (target to source); it restarts at 0 at each write switch. */
   eventsApplied: bigint;
-  /** Catch-up: age of the last applied change's commit (0 when nothing is waiting). */
+  /** Catch-up (RUNNING) or reverse replication (SWITCHED): age of the last applied change's commit (0 when nothing is waiting). */
   lagSeconds: null | number;
+  /** SWITCHED: where reverse replication starts in the target's change topics: their ends when the writes switched to the target. */
+  reverseOffsets: Array<PartitionOffset>;
 }
 
 export interface VDiffRequested {

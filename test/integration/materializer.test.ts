@@ -197,6 +197,12 @@ test('MoveTables under writes, with kill -9 in the copy and in catch-up: every a
   const shown = await api('/v1/workflows/mt');
   assert.equal(shown.vdiff.tables[0].different, '1');
 
+  // Writes cannot switch without the target's change stream (reverse replication reads it); dst has none here.
+  const noStream = await mg('workflow', 'switch-traffic', 'mt', '--data-dir', dataDir);
+  assert.equal(noStream.code, 1);
+  assert.match(noStream.stderr, /switch-traffic needs the change stream \(CDC\) of dst on every shard/);
+  assert.equal(shown.routing, 'SOURCE');
+
   await source.end();
   await Promise.all([...targets.values()].map((c) => c.end()));
 });

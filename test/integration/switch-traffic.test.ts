@@ -1,13 +1,19 @@
 /**
- * MoveTables switch-traffic end to end: an unsharded source database with CDC
- * on, table orders moved into a 2-shard database while two clients write to
- * it through the gateway (one with bind parameters, one with plain SQL). Reads
- * switch first; then writes switch while the writers go on: neither sees an
- * error, every acknowledged write is on the shard its vindex names, and the
- * rows written after the switch are served by the target shards. A statement
- * mixing the moved table with one that stays is refused with 0A000. Writes
- * cannot switch back (reverse replication is not built); complete retires the
- * source table.
+ * MoveTables switch-traffic and reverse-traffic end to end: an unsharded
+ * source database with CDC on, table orders moved into a 2-shard database
+ * (CDC on too: reverse replication reads it) while two clients write to it
+ * through the gateway (one with bind parameters, one with plain SQL). Reads
+ * switch first; a statement mixing the moved table with one that stays is
+ * refused with 0A000. Then, with the writers going on all along: writes switch
+ * to the target (the rows written there are served by the target shards and
+ * reach the source by reverse replication, while the source still refuses
+ * clients); a reverse-traffic that cannot freeze a target shard rolls back;
+ * then writes switch back to the source; neither writer sees an error, the
+ * source holds exactly the acknowledged rows, and the target follows the
+ * source again (VDiff clean). Writes switch once more, the target holds
+ * exactly the acknowledged rows on the shards their vindex names; a
+ * truncate on one target shard removes only that shard's rows from the
+ * source; complete retires the source table.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -15,7 +21,7 @@ import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { sleep, until } from '../support/cluster.ts';
 import { moveTablesCluster } from '../support/movetables.ts';
 
-const mt = moveTablesCluster('switch', 2);
+const mt = moveTablesCluster('switch', 2, {}, { targetCdc: true });
 const { cluster, ranges: RANGES, portOf, direct, gateway } = mt;
 const { spec, mg, dataDir } = cluster;
 const INITIAL_ROWS = 5_000;
@@ -96,7 +102,7 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('switch-traffic under two writers: reads first, then writes with no client error; every acknowledged row on its target shard; complete', async (t) => {
+test('switch-traffic and reverse-traffic under two writers: no client error, no lost row either way; switch again and complete', async (t) => {
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr);
   await until('catch-up to begin', 120_000, async () => (await api('/v1/workflows/mt')).body.phase === 'RUNNING');
@@ -136,48 +142,102 @@ test('switch-traffic under two writers: reads first, then writes with no client 
   assert.match(sw.stdout, /phase SWITCHED, routing TARGET/);
   const heldMs = Number(/held (\d+) ms/.exec(sw.stdout)?.[1]);
   t.diagnostic(`switch-traffic: writes held ${heldMs} ms by the materializer; slowest client write ${Math.round(slowest)} ms`);
+  assert.ok(heldMs < 3_000, `writes were held ${heldMs} ms`);
+
+  // A write after the switch runs on the target, and reverse replication brings it to the source, which still refuses clients.
+  const probeOnTarget = 900_000_001;
+  const onTarget = await client.query("INSERT INTO orders (id, customer, note) VALUES ($1, 'c1', 'written on dst') RETURNING inet_server_port() AS port", [probeOnTarget]);
+  assert.equal(Number(onTarget.rows[0].port), portOf('dst', homeOf(probeOnTarget)));
+  acknowledged.set(probeOnTarget, 'written on dst');
+  const source = await direct('src', '-');
+  await until('the row written on the target to reach the source', 30_000, async () =>
+    (await source.query('SELECT note FROM orders WHERE id = $1', [probeOnTarget])).rows[0]?.note === 'written on dst');
+  await assert.rejects(source.query("INSERT INTO orders (id, customer) VALUES (999999999, 'x')"),
+    (err: any) => err.code === '55MG1' && /moved to database dst/.test(err.message));
+  const reversing = (await api('/v1/workflows/mt')).body;
+  assert.equal(reversing.phase, 'SWITCHED');
+  assert.ok(Number(reversing.progress.eventsApplied) > 0, `reverse replication applied ${reversing.progress.eventsApplied} changes`);
+  t.diagnostic(`reverse replication: ${reversing.progress.eventsApplied} changes applied, lag ${reversing.progress.lagSeconds} s`);
+  const shown = await mg('workflow', 'show', 'mt', '--data-dir', dataDir);
+  assert.match(shown.stdout, /reverse replication \(target to source\): [1-9]\d* changes applied/);
+  await sleep(1_500);
+
+  // A reverse-traffic that cannot freeze a target shard (a transaction holds its table past the lock timeout) rolls back:
+  // traffic stays on the target and reverse replication goes on; the writers see no error.
+  const blocker = await direct('dst', RANGES[0].shard);
+  await blocker.query('BEGIN');
+  await blocker.query('LOCK TABLE orders IN ROW EXCLUSIVE MODE');
+  const blocked = await mg('workflow', 'reverse-traffic', 'mt', '--data-dir', dataDir);
+  await blocker.query('ROLLBACK');
+  await blocker.end();
+  assert.equal(blocked.code, 1, blocked.stdout + blocked.stderr);
+  assert.match(blocked.stderr, /reverse-traffic failed, traffic stays on dst: .*lock timeout/);
+  const rolledBack = (await api('/v1/workflows/mt')).body;
+  assert.equal(rolledBack.phase, 'SWITCHED');
+  assert.equal(rolledBack.routing, 'TARGET');
+  const stillOnTarget = await client.query("UPDATE orders SET note = 'after a failed reverse' WHERE id = $1 RETURNING inet_server_port() AS port", [probeOnTarget]);
+  assert.equal(Number(stillOnTarget.rows[0].port), portOf('dst', homeOf(probeOnTarget)));
+  acknowledged.set(probeOnTarget, 'after a failed reverse');
+  await until('reverse replication to go on after the failed reverse-traffic', 30_000, async () =>
+    (await source.query('SELECT note FROM orders WHERE id = $1', [probeOnTarget])).rows[0]?.note === 'after a failed reverse');
+
+  // Writes switch back to the source while both writers go on.
+  const reverseAskedAt = Date.now();
+  const rev = await mg('workflow', 'reverse-traffic', 'mt', '--data-dir', dataDir);
+  const reversedAt = Date.now();
+  assert.equal(rev.code, 0, rev.stderr + rev.stdout);
+  assert.match(rev.stdout, /phase RUNNING, routing SOURCE/);
+  const reverseHeldMs = Number(/held (\d+) ms/.exec(rev.stdout)?.[1]);
+  t.diagnostic(`reverse-traffic: writes held ${reverseHeldMs} ms by the materializer`);
+  assert.ok(reverseHeldMs < 3_000, `writes were held ${reverseHeldMs} ms`);
   await sleep(2_000);
   writing = false;
   const writes = await Promise.all(writers);
   assert.deepEqual(writerErrors, [], `the writers saw errors: ${writerErrors.map(String).join('; ')}`);
   assert.ok(writes.every((n) => n > 100), `writes: ${writes.join(', ')}`);
-  assert.ok(heldMs < 3_000, `writes were held ${heldMs} ms`);
   t.diagnostic(`writers made ${writes.join(' + ')} writes; the slowest took ${Math.round(slowest)} ms`);
 
-  // Every acknowledged write is on the shard its vindex names, once; the rows written after the switch were written there.
+  // Inserts between the two switches ran on the target shards, those after the switch back on the source.
+  const between = [...insertedOn].filter(([, v]) => v.at > switchedAt && v.at < reverseAskedAt);
+  const afterBack = [...insertedOn].filter(([, v]) => v.at > reversedAt);
+  assert.ok(between.length > 10 && afterBack.length > 10, `${between.length} inserts on the target, ${afterBack.length} after the switch back`);
+  for (const [id, { port }] of between) assert.equal(port, portOf('dst', homeOf(id)), `insert ${id} after the switch ran on port ${port}`);
+  for (const [id, { port }] of afterBack) assert.equal(port, portOf('src', '-'), `insert ${id} after the switch back ran on port ${port}`);
+
+  // The source holds exactly the acknowledged rows: nothing written on the target was lost by switching back.
+  const onSource = new Map((await source.query('SELECT id, note FROM orders')).rows.map((r) => [Number(r.id), r.note]));
+  assertExactly(onSource, 'the source');
+
+  // The target follows the source again.
+  const vdiff = await mg('workflow', 'vdiff', 'mt', '--data-dir', dataDir);
+  assert.equal(vdiff.code, 0, vdiff.stdout + vdiff.stderr);
+  assert.match(vdiff.stdout, /: clean .*\n.*missing 0, extra 0, different 0/);
+
+  // Switch once more (idle now): the target holds exactly the acknowledged rows, each on the shard its vindex names.
+  const again = await mg('workflow', 'switch-traffic', 'mt', '--data-dir', dataDir);
+  assert.equal(again.code, 0, again.stderr + again.stdout);
+  assert.match(again.stdout, /phase SWITCHED, routing TARGET/);
   const targets = new Map(await Promise.all(RANGES.map(async (r) => [r.shard, await direct('dst', r.shard)] as const)));
-  const placed = new Map<string, Array<{ shard: string; note: string }>>();
+  const placed = new Map<number, string>();
   for (const [shard, c] of targets) {
-    for (const row of (await c.query('SELECT id, note FROM orders')).rows) placed.set(row.id, [...(placed.get(row.id) ?? []), { shard, note: row.note }]);
-  }
-  for (const [id, note] of acknowledged) {
-    const copies = placed.get(String(id));
-    if (note === null) {
-      assert.equal(copies, undefined, `row ${id}: its delete was acknowledged but it is on the target`);
-      continue;
+    for (const row of (await c.query('SELECT id, note FROM orders')).rows) {
+      assert.ok(!placed.has(Number(row.id)), `row ${row.id} is on more than one target shard`);
+      assert.equal(shard, homeOf(row.id), `row ${row.id} is on the wrong shard`);
+      placed.set(Number(row.id), row.note);
     }
-    assert.equal(copies?.length, 1, `row ${id} is on ${copies?.length ?? 0} target shards`);
-    assert.equal(copies![0].shard, homeOf(id), `row ${id} is on the wrong shard`);
-    assert.equal(copies![0].note, note, `row ${id}: the acknowledged note ${note} is not on the target`);
   }
-  assert.equal(placed.size, [...acknowledged.values()].filter((n) => n !== null).length, 'the target has rows nobody acknowledged');
-  const late = [...insertedOn].filter(([, v]) => v.at > switchedAt);
-  assert.ok(late.length > 10, `${late.length} inserts after the switch`);
-  for (const [id, { port }] of late) assert.equal(port, portOf('dst', homeOf(id)), `insert ${id} after the switch ran on port ${port}`);
+  assertExactly(placed, 'the target');
 
-  // The source refuses writes now, with the SQLSTATE the gateway acts on; the rows written after the switch are not there.
-  const source = await direct('src', '-');
-  await assert.rejects(source.query("INSERT INTO orders (id, customer) VALUES (999999999, 'x')"),
-    (err: any) => err.code === '55MG1' && /moved to database dst/.test(err.message));
-  const onSource = await source.query('SELECT count(*) AS n FROM orders WHERE id = ANY($1::bigint[])', [late.map(([id]) => id)]);
-  assert.equal(onSource.rows[0].n, '0');
+  // A truncate on one target shard (as a target failover's re-snapshot begins) removes only that shard's rows from the source.
+  const [emptied, kept] = RANGES.map((r) => r.shard);
+  await targets.get(emptied)!.query('TRUNCATE orders');
+  const keptIds = [...placed.keys()].filter((id) => homeOf(id) === kept).sort((a, b) => a - b);
+  await until(`the source to lose the rows of ${emptied}`, 30_000, async () =>
+    (await source.query('SELECT count(*) AS n FROM orders')).rows[0].n === String(keptIds.length));
+  const left = (await source.query('SELECT id FROM orders ORDER BY id')).rows.map((r) => Number(r.id));
+  assert.deepEqual(left, keptIds, `the source keeps exactly the rows of ${kept}`);
 
-  // Writes cannot switch back: reverse replication is not built.
-  const reverse = await mg('workflow', 'reverse-traffic', 'mt', '--data-dir', dataDir);
-  assert.equal(reverse.code, 1);
-  assert.match(reverse.stderr, /reverse replication is not built/);
-
-  // complete: the source table leaves for mg_moved_mt; clients of src keep reaching orders on dst.
+  // complete: the source table leaves for mg_moved_mt; clients of src keep reaching orders on dst; no positions are left.
   const complete = await mg('workflow', 'complete', 'mt', '--data-dir', dataDir);
   assert.equal(complete.code, 0, complete.stderr + complete.stdout);
   assert.match(complete.stdout, /phase COMPLETED/);
@@ -185,10 +245,21 @@ test('switch-traffic under two writers: reads first, then writes with no client 
   assert.equal(moved.rows[0].here, null);
   assert.equal(moved.rows[0].away, 'mg_moved_mt.orders');
   const { rows: [count] } = await client.query('SELECT count(*) AS n FROM orders');
-  assert.equal(Number(count.n), placed.size);
-  const positions = await targets.get(RANGES[0].shard)!.query("SELECT count(*) AS n FROM mg_materializer.positions WHERE workflow = 'mt'");
-  assert.equal(positions.rows[0].n, '0');
+  assert.equal(Number(count.n), keptIds.length);
+  for (const c of [source, ...targets.values()]) {
+    const positions = await c.query("SELECT count(*) AS n FROM mg_materializer.positions WHERE workflow = 'mt'");
+    assert.equal(positions.rows[0].n, '0');
+  }
   await client.end();
   await source.end();
   await Promise.all([...targets.values()].map((c) => c.end()));
 });
+
+/** `rows` (id -> note) is exactly the acknowledged rows: every acknowledged note, no row whose delete was acknowledged, nothing else. */
+function assertExactly(rows: Map<number, string>, where: string): void {
+  for (const [id, note] of acknowledged) {
+    if (note === null) assert.ok(!rows.has(id), `row ${id}: its delete was acknowledged but it is on ${where}`);
+    else assert.equal(rows.get(id), note, `row ${id}: the acknowledged note ${note} is not on ${where}`);
+  }
+  assert.equal(rows.size, [...acknowledged.values()].filter((n) => n !== null).length, `${where} has rows nobody acknowledged`);
+}

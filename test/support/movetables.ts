@@ -1,4 +1,7 @@
-/** The cluster of the MoveTables tests: `src` (unsharded, CDC on) and `dst` (2 shards), and clients that read every value as text. */
+/**
+ * The cluster of the MoveTables tests: `src` (unsharded, CDC on) and `dst` (2 shards; CDC on with
+ * `targetCdc`, which switching writes needs), and clients that read every value as text.
+ */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -9,12 +12,12 @@ import { testCluster } from './cluster.ts';
 const asText = { getTypeParser: () => (v: string) => v };
 const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 3";
 
-export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}) {
+export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}, opts: { targetCdc?: boolean } = {}) {
   const cluster = testCluster(label, slot, { settings, spec: {
     cells: ['zone1'],
     databases: [
       { name: 'src', instancesPerShard: 1, durability: 'ANY_1', cdc: { enabled: true } },
-      { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' },
+      { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1', ...(opts.targetCdc ? { cdc: { enabled: true } } : {}) },
     ],
   } });
   const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;

@@ -1,10 +1,14 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import type pg from 'pg';
+import type { RawMessage } from '../../common/eventlog.ts';
+import { shardRanges } from '../../compose/spec.ts';
 import { converterFor } from '../../ingest/cdc/values.ts';
-import { ChangeDecoder } from '../../materializer/changes.ts';
+import { TableApplier } from '../../materializer/apply.ts';
+import { ChangeDecoder, type Change } from '../../materializer/changes.ts';
 import { deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
 import { valueSchema, type ColumnDescription, type PgType, type TableDescription } from '../../schemas/cdc.ts';
-import { foldWorkflows, parseAvro, workflowKey, workflowPayload, type SchemaRegistryClient, type WorkflowEvent } from '../../schemas/index.ts';
+import { foldWorkflows, hashKeyspaceId, parseAvro, shardFor, workflowKey, workflowPayload, type SchemaRegistryClient, type WorkflowEvent } from '../../schemas/index.ts';
 
 const T = (name: string, extra: Partial<PgType> = {}): PgType => ({ oid: 0, name, category: 'X', ...extra });
 const col = (name: string, type: PgType, typmod = -1, key = false): ColumnDescription => ({ name, type, typmod, key });
@@ -87,7 +91,7 @@ test('keyset pages, upserts and deletes: one statement per batch, values as text
 
 const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): WorkflowEvent => ({ eventId: `${ms}`, ts: new Date(ms), source: 'test', workflow, payload });
 const status = (phase: 'COPYING' | 'RUNNING' | 'CANCELLED') => workflowPayload('WorkflowStatus', {
-  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null,
+  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null, reverseOffsets: [],
 });
 const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'] });
 
@@ -102,4 +106,46 @@ test('the workflow fold: one key per aspect, any order after compaction, a re-cr
   const again = foldWorkflows([ev('w', 1, created), ev('w', 2, status('CANCELLED')), ev('w', 3, created)]);
   assert.equal(again.get('w')?.status, undefined);
   assert.equal(again.get('w')?.action, 'START');
+});
+
+/** A session that records each statement and answers a SELECT with `rows`. */
+function fakeSession(rows: Array<Record<string, string>>) {
+  const statements: Array<{ text: string; values?: unknown[] }> = [];
+  const query = async (q: string | { text: string; values: unknown[] }, values?: unknown[]) => {
+    const s = typeof q === 'string' ? { text: q, values } : q;
+    statements.push(s);
+    return { rows: s.text.startsWith('SELECT') ? rows : [], rowCount: 0 };
+  };
+  return { statements, client: { query } as unknown as pg.Client };
+}
+
+test('reverse replication: the target shards\' changes applied to the one source shard past its trigger, deduplicated per target shard, a truncate removing only its shard\'s rows', async () => {
+  const ranges = shardRanges(2);
+  const tenants = ['1', '2', '3', '4', '5', '6'];
+  const homes = new Map(tenants.map((t) => [t, shardFor(hashKeyspaceId(t), ranges)]));
+  const truncated = ranges[1].shard;
+  assert.ok([...homes.values()].includes(ranges[0].shard) && [...homes.values()].includes(truncated), 'the tenants span both shards');
+  const source = fakeSession(tenants.map((t) => ({ tenant: t, id: '1' })));
+  const change = (shard: string, lsn: bigint, op: 'c' | 't', tenant = '0'): Change => ({
+    op, before: null, after: op === 't' ? null : { tenant, id: '1', note: `from ${shard}` }, unavailable: [],
+    sourceShard: shard, epoch: 1n, commitLsn: lsn, position: 0n, txId: null, commitMs: 0,
+  });
+  const stream = [change(ranges[0].shard, 100n, 'c', '1'), change(truncated, 100n, 'c', '2'), change(truncated, 200n, 't')];
+  const decoder = { decode: async (v: Buffer) => stream[Number(v.toString())] } as unknown as ChangeDecoder;
+  const applier = new TableApplier('mt', orders, 'mg.dst.public.orders', new Map([['-', source.client]]), [{ shard: '-', start: '', end: '' }], decoder, ranges);
+  const message = (i: number): RawMessage => ({ topic: 'mg.dst.public.orders', partition: 0, offset: String(10 + i), key: null, timestamp: new Date(0), value: Buffer.from(String(i)), headers: {} });
+  assert.equal(applier.appliedOffset(0), -1n);
+
+  const r = await applier.applyBatch(0, [0, 1, 2].map(message));
+  assert.equal(r.applied, 3, 'the same LSN from two target shards is two changes');
+  assert.equal(source.statements[0].text, 'BEGIN; SET LOCAL session_replication_role = replica');
+  const deleted = source.statements.find((s) => s.text.startsWith('DELETE'))!;
+  assert.deepEqual(deleted.values![0], tenants.filter((t) => homes.get(t) === truncated), 'only the rows the truncating shard held');
+  assert.equal(applier.appliedLsn.get(ranges[0].shard), 100n);
+  assert.equal(applier.appliedLsn.get(truncated), 200n);
+  assert.equal(applier.appliedOffset(0), 12n);
+
+  // Redelivered: nothing is applied again.
+  const again = await applier.applyBatch(0, [0, 1].map(message));
+  assert.equal(again.applied, 0);
 });
