@@ -213,7 +213,7 @@ test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, refer
   // Subqueries, CTEs and FROM subselects that stay on the statement's shard.
   await same('SELECT o.id, o.total FROM orders o WHERE o.tenant_id = 4 AND o.id IN (SELECT l.order_id FROM order_lines l WHERE l.tenant_id = 4 AND l.qty > 1) ORDER BY o.id');
   await same('SELECT o.id, (SELECT count(*) FROM order_lines l WHERE l.tenant_id = o.tenant_id AND l.order_id = o.id) AS lines FROM orders o WHERE o.tenant_id = $1 ORDER BY o.id', [6]);
-  await same('WITH mine AS (SELECT * FROM orders WHERE tenant_id = 2) SELECT m.id, u.email FROM mine m JOIN users u ON u.tenant_id = 2 AND u.id = m.user_id ORDER BY m.id');
+  await same('WITH mine AS (SELECT * FROM orders WHERE tenant_id = 2) SELECT m.id, u.email FROM mine m JOIN users u ON u.id = m.user_id WHERE u.tenant_id = 2 ORDER BY m.id');
   await same('SELECT s.status, count(*) AS n FROM (SELECT * FROM orders WHERE tenant_id = 9) s GROUP BY s.status ORDER BY s.status');
   // Scatter: union, merge sort with LIMIT/OFFSET, aggregates, GROUP BY, DISTINCT.
   await same('SELECT tenant_id, id, status FROM orders');
