@@ -13,6 +13,11 @@
  *     max(id), polled every 20 ms: a shard applies its rows in source order, and ids rise).
  *     p50/p99/max, beside the lag the materializer reports itself.
  *  3. VDiff rows/s on the table.
+ *  4. With --switches N (N > 0): N write switches, alternately switch-traffic and
+ *     reverse-traffic (decision 0046), while two clients write through the gateway into
+ *     `src` without pause: each switch's write gap (as the materializer measured it, and
+ *     the slowest client statement around it) and the clients' errors. The target then
+ *     has CDC on from the start (reverse replication reads it), which also loads the copy.
  * Ports: base .. base+99. Everything started is stopped at the end (mg cluster down --clean).
  */
 import { execFile } from 'node:child_process';
@@ -34,12 +39,14 @@ const { values: args } = parseArgs({
     rate: { type: 'string', default: '200' },
     seconds: { type: 'string', default: '20' },
     'base-port': { type: 'string', default: '25000' },
+    switches: { type: 'string', default: '0' },
   },
 });
 const ROWS = Number(args.rows);
 const RATE = Number(args.rate);
 const SECONDS = Number(args.seconds);
 const base = Number(args['base-port']);
+const SWITCHES = Number(args.switches);
 const port = { src: base + 10, dstFirst: base + 11, gateway: base + 50, materializer: base + 70 };
 /** The target's shards in layout order (compose/spec.ts instancesOf): -80 on base+11, 80- on base+12. */
 const TARGET_SHARDS = shardRanges(2).map((r, i) => ({ ...r, port: base + 11 + i }));
@@ -93,7 +100,7 @@ async function main(): Promise<void> {
     'cells: [zone1]',
     'databases:',
     '  - { name: src, instancesPerShard: 1, durability: ANY_1, cdc: { enabled: true } }',
-    '  - { name: dst, sharded: true, shards: 2, instancesPerShard: 1, durability: ANY_1 }',
+    `  - { name: dst, sharded: true, shards: 2, instancesPerShard: 1, durability: ANY_1${SWITCHES > 0 ? ', cdc: { enabled: true }' : ''} }`,
     `kafka: { port: ${base}, controllerPort: ${base + 1} }`,
     `registry: { port: ${base + 2} }`,
     `postgres: { basePort: ${base + 10} }`,
@@ -212,6 +219,56 @@ async function main(): Promise<void> {
   console.log(`p50 ${percentile(lags, 50).toFixed(0)} ms, p99 ${percentile(lags, 99).toFixed(0)} ms, max ${lags.at(-1)!.toFixed(0)} ms; target p99 < 1 s: ${percentile(lags, 99) < 1000 ? 'met' : 'NOT met'}`);
   console.log(`the materializer's own lagSeconds over the same time (${reported.length} samples): p50 ${percentile(reported, 50).toFixed(0)} ms, p99 ${percentile(reported, 99).toFixed(0)} ms`);
   console.log(`\nVDiff of ${total} rows: ${vdiff.toFixed(1)} s, ${Math.round(total / vdiff)} rows/s`);
+  if (SWITCHES > 0) await switches(ROWS + lags.length + 1);
+}
+
+/** Write switches back and forth under two writers through the gateway; prints each switch's gap and the writers' errors. */
+async function switches(firstId: number): Promise<void> {
+  let nextId = firstId;
+  let writing = true;
+  const errors: string[] = [];
+  /** [end time, duration] of every client statement, to find the slowest one around each switch. */
+  const statements: Array<[number, number]> = [];
+  const writers = [0, 1].map(async () => {
+    const c = new pg.Client({ host: '127.0.0.1', port: port.gateway, user: 'postgres', password: 'postgres', database: 'src' });
+    c.on('error', (err) => errors.push(err.message));
+    await c.connect();
+    while (writing) {
+      const id = nextId++;
+      const t0 = performance.now();
+      try {
+        await c.query("INSERT INTO items VALUES ($1::bigint, $1::bigint % 1000, 'switching', 1.00)", [id]);
+        await c.query('UPDATE items SET amount = amount + 1 WHERE id = $1', [id]);
+      } catch (err) {
+        errors.push(`${id}: ${(err as Error).message}`);
+      }
+      statements.push([performance.now(), performance.now() - t0]);
+    }
+    await c.end();
+  });
+  const rows: string[] = [];
+  for (let i = 0; i < SWITCHES; i++) {
+    await sleep(1_000);
+    const toTarget = i % 2 === 0;
+    const t0 = performance.now();
+    await api('POST', `/v1/workflows/bench/${toTarget ? 'switch-traffic' : 'reverse-traffic'}`, toTarget ? {} : undefined);
+    const w = await until(`switch ${i + 1}`, 120_000, async () => {
+      const v = await api('GET', '/v1/workflows/bench');
+      if (v.phase === 'FAILED') throw new Error(`workflow failed: ${v.message}`);
+      return (toTarget ? v.phase === 'SWITCHED' : v.phase === 'RUNNING' && v.routing === 'SOURCE') ? v : undefined;
+    });
+    const t1 = performance.now();
+    const slowest = Math.max(0, ...statements.filter(([end, ms]) => end >= t0 && end - ms <= t1).map(([, ms]) => ms));
+    rows.push(`| ${i + 1} | ${toTarget ? 'to dst' : 'back to src'} | ${/held (\d+) ms/.exec(w.message)?.[1] ?? '?'} | ${slowest.toFixed(0)} | ${((t1 - t0) / 1000).toFixed(1)} |`);
+  }
+  writing = false;
+  await Promise.all(writers);
+  const gaps = rows.map((r) => Number(r.split('|')[3])).filter((g) => !Number.isNaN(g)).sort((x, y) => x - y);
+  console.log(`\n${SWITCHES} write switches under two writers through the gateway (${statements.length} INSERT+UPDATE pairs):`);
+  console.log('| # | direction | writes held (ms, materializer) | slowest client pair around it (ms) | command to done (s) |');
+  console.log('|---|---|---|---|---|');
+  for (const r of rows) console.log(r);
+  console.log(`held: p50 ${percentile(gaps, 50)} ms, max ${gaps.at(-1)} ms; client errors: ${errors.length}${errors.length ? ` (first: ${errors[0]})` : ''}; target (< 1 s, 0 errors): ${gaps.at(-1)! < 1000 && !errors.length ? 'met' : 'NOT met'}`);
 }
 
 try {
