@@ -139,7 +139,7 @@ export class Planner {
     for (const f of from) nested.splice(nested.findIndex((t) => t.alias === f.alias && t.name === f.name), 1);
     const nestedSharded = nested.find((t) => t.kind === 'sharded');
     if (nestedSharded) {
-      const pin = this.oneShardWithSubqueries(s, sharded, nestedSharded);
+      const pin = this.oneShardWithSubqueries({ node: s, where: s.whereClause, from: s.fromClause }, sharded, nestedSharded);
       const plan: Plan = { kind: 'select', sql: text, pin, tables: [...new Set([...from, ...nested].map((t) => t.name))] };
       untemplated.add(plan); // the subqueries' values pin it too, which a template would not check
       return plan;
@@ -247,18 +247,28 @@ export class Planner {
     if (w.withClause) refuse(`WITH ... ${verb} on a sharded database`);
     if (target.kind === 'system') refuse(`${verb} of a system catalog through the gateway`);
     const nested = this.tablesUnder({ where: w.whereClause, targets: w.targetList, returning: w.returningList });
+    const read = [...extra, ...nested].find((t) => t.kind === 'sharded');
     if (target.kind === 'reference') {
-      if ([...extra, ...nested].some((t) => t.kind === 'sharded')) refuse(`${verb} of reference table ${target.name} that reads a sharded table`);
+      if (read) refuse(`${verb} of reference table ${target.name} that reads a sharded table`);
       return { kind: 'all', sql: text, tables: [target.name], ddl: false };
     }
-    if ([...extra, ...nested].some((t) => t.kind === 'sharded')) refuse(`${verb} of ${target.name} that reads another sharded table`);
     if (type === 'UpdateStmt') {
       for (const t of w.targetList ?? []) {
         if (t.ResTarget?.name === target.pin!.column) refuse(`UPDATE of ${target.name}.${target.pin!.column}, its primary vindex column (it would move the row to another shard)`);
       }
     }
-    const pin = this.pinOf([target], w.whereClause);
     const owned = this.ownedWrite(type, w, target, extra.length > 0, text);
+    if (read) {
+      // Other sharded tables (FROM/USING, subqueries) must stay on the target's one shard, as for a SELECT.
+      if (owned) refuse(`${verb} of ${target.name} that reads sharded table ${read.name}: its lookup vindexes are kept in step only for writes of one table`);
+      const from = w.fromClause ?? w.usingClause ?? [];
+      const top = [target, ...extra.filter((t) => t.kind === 'sharded')];
+      const pin = this.oneShardWithSubqueries({ node: { from, where: w.whereClause, targets: w.targetList, returning: w.returningList }, where: w.whereClause, from, target }, top, read);
+      const plan: Plan = { kind: 'write', sql: text, pin, tables: [...new Set([target, ...extra, ...nested].map((t) => t.name))] };
+      untemplated.add(plan);
+      return plan;
+    }
+    const pin = this.pinOf([target], w.whereClause);
     return { kind: 'write', sql: text, pin, tables: [target.name], ...(owned ? { owned } : {}) };
   }
 
@@ -436,9 +446,9 @@ export class Planner {
    * same single value (literal or $n), or by equality with the pinned top level's vindex column
    * (`l.tenant_id = o.tenant_id`). Anything else would read one shard's rows where all are meant: refused.
    */
-  private oneShardWithSubqueries(s: any, topSharded: TableUse[], nested: TableUse): Pin {
+  private oneShardWithSubqueries(top: { node: any; where: any; from?: any[]; target?: TableUse }, topSharded: TableUse[], nested: TableUse): Pin {
     const levels: Array<{ node: any; sharded: TableUse[] }> = [];
-    walk(s, (k, n) => {
+    walk(top.node, (k, n) => {
       if (k !== 'SelectStmt') return;
       if (n.op && n.op !== 'SETOP_NONE') {
         const inner = this.tablesUnder(n).find((t) => t.kind === 'sharded');
@@ -447,13 +457,14 @@ export class Planner {
       }
       levels.push({ node: n, sharded: this.fromTables(n.fromClause ?? []).filter((t) => t.kind === 'sharded') });
     });
+    // Every sharded table must be in some level's FROM (an UPDATE/DELETE target is not among what tablesUnder sees).
     const covered = topSharded.length + levels.reduce((n, l) => n + l.sharded.length, 0);
-    const named = this.tablesUnder(s).filter((t) => t.kind === 'sharded');
-    if (covered !== named.length) refuse(`sharded table ${named[0].name} in a place of a subquery the gateway cannot follow`);
+    const named = this.tablesUnder(top.node).filter((t) => t.kind === 'sharded');
+    if (covered !== named.length + (top.target ? 1 : 0)) refuse(`sharded table ${named[0].name} in a place of a subquery the gateway cannot follow`);
     let pin: Pin | undefined;
     if (topSharded.length) {
-      this.checkJoined(topSharded, [s.whereClause, ...joinQuals(s.fromClause ?? [])]);
-      pin = this.primaryPinOf(topSharded, s.whereClause);
+      this.checkJoined(topSharded, [top.where, ...joinQuals(top.from ?? [])]);
+      pin = this.primaryPinOf(topSharded, top.where);
       if (!pin) refuse(`a subquery or WITH over sharded table ${nested.name} in a statement not pinned to one shard (pin ${topSharded[0].name}.${topSharded[0].pin!.column} to one value)`);
     }
     for (const level of levels) {

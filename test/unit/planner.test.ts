@@ -186,6 +186,18 @@ test('subqueries, CTEs and FROM subselects over sharded tables run on one shard 
   }
   const p = one('SELECT * FROM orders o WHERE o.tenant_id = $1 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = $1)') as any;
   assert.deepEqual(p.pin.values, [{ param: 1 }]);
+  // UPDATE/DELETE reading other sharded tables (FROM/USING joined on the vindex, subqueries) on the target's shard.
+  for (const sql of [
+    'UPDATE orders SET status = $2 WHERE tenant_id = $1 AND id IN (SELECT id FROM users u WHERE u.tenant_id = $1)',
+    'DELETE FROM orders o USING users u WHERE o.tenant_id = $1 AND u.tenant_id = o.tenant_id AND u.id = o.user_id',
+    'UPDATE orders o SET status = u.name FROM users u WHERE o.tenant_id = $1 AND u.tenant_id = o.tenant_id',
+  ]) {
+    const w = one(sql) as any;
+    assert.equal(w.kind, 'write', sql);
+    assert.deepEqual(w.pin.values, [{ param: 1 }], sql);
+  }
+  assert.match((one('UPDATE orders SET status = 1 WHERE id IN (SELECT id FROM users u WHERE u.tenant_id = 5)') as any).message, /not pinned to one shard/);
+  assert.match((one('DELETE FROM orders o USING users u WHERE o.tenant_id = 5 AND u.id = o.user_id') as any).message, /join of sharded tables/);
   // The same shape with other literals is planned afresh (the subquery's value pins it too): 11 and 12 differ, refused.
   assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 11)').kind, 'select');
   assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 12)').kind, 'refused');
