@@ -237,7 +237,7 @@ async function switches(firstId: number): Promise<void> {
       const id = nextId++;
       const t0 = performance.now();
       try {
-        await c.query("INSERT INTO items VALUES ($1::bigint, $1::bigint % 1000, 'switching', 1.00)", [id]);
+        await c.query("INSERT INTO items (id, owner, note, amount) VALUES ($1::bigint, $1::bigint % 1000, 'switching', 1.00)", [id]);
         await c.query('UPDATE items SET amount = amount + 1 WHERE id = $1', [id]);
       } catch (err) {
         errors.push(`${id}: ${(err as Error).message}`);
