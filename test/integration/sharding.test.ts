@@ -215,6 +215,9 @@ test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, refer
   await same('SELECT o.id, (SELECT count(*) FROM order_lines l WHERE l.tenant_id = o.tenant_id AND l.order_id = o.id) AS lines FROM orders o WHERE o.tenant_id = $1 ORDER BY o.id', [6]);
   await same('WITH mine AS (SELECT * FROM orders WHERE tenant_id = 2) SELECT m.id, u.email FROM mine m JOIN users u ON u.id = m.user_id WHERE u.tenant_id = 2 ORDER BY m.id');
   await same('SELECT s.status, count(*) AS n FROM (SELECT * FROM orders WHERE tenant_id = 9) s GROUP BY s.status ORDER BY s.status');
+  // Writes that read other sharded tables on their own shard (an identity update: the rows stay as they were).
+  await same('UPDATE orders o SET total = o.total FROM users u WHERE o.tenant_id = 3 AND u.tenant_id = o.tenant_id AND u.id = o.user_id RETURNING o.id, o.total');
+  await same('UPDATE order_lines l SET qty = qty WHERE l.tenant_id = $1 AND l.order_id IN (SELECT o.id FROM orders o WHERE o.tenant_id = l.tenant_id AND o.status <> $2) RETURNING l.order_id, l.qty', [5, 'nope']);
   // Scatter: union, merge sort with LIMIT/OFFSET, aggregates, GROUP BY, DISTINCT.
   await same('SELECT tenant_id, id, status FROM orders');
   await same('SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id LIMIT 10');
