@@ -313,9 +313,8 @@ export class Planner {
     if (ins.onConflictClause?.onConflictWhere || ins.onConflictClause?.targetList?.some((t: any) => t.ResTarget?.name === target.pin!.column)) {
       refuse(`ON CONFLICT DO UPDATE of ${target.name}.${target.pin!.column}, its primary vindex column`);
     }
-    const cols: string[] = (ins.cols ?? []).map((c: any) => c.ResTarget.name);
-    if (!cols.length) refuse(`INSERT into sharded table ${target.name} without a column list`);
     const rows: any[][] = select.valuesLists.map((l: any) => l.List.items);
+    const cols = this.insertColumns(target.name, ins, rows[0].length);
     const { spans, end } = valuesRowSpans(text, nodeLocation(rows[0][0]) - base, rows.length);
     const sequence = this.sequenceFill(target.name, ins, cols, rows, spans, text, base);
     const at = cols.indexOf(target.pin!.column);
@@ -335,6 +334,15 @@ export class Planner {
       prefix: text.subarray(0, spans[0][0]), rows: spans.map(([a, b]) => text.subarray(a, b)), suffix: text.subarray(end), sequence,
       ...(lookups.length ? { lookups } : {}),
     };
+  }
+
+  /** The columns an INSERT's values go to: its column list, else the first of the VSchema's `columns` (Postgres fills the rest with defaults). */
+  private insertColumns(table: string, ins: any, width: number): string[] {
+    if (ins.cols?.length) return ins.cols.map((c: any) => c.ResTarget.name);
+    const columns = this.vschema.tables[table].columns;
+    if (!columns) refuse(`INSERT into sharded table ${table} without a column list (name the columns, or list the table's columns in its VSchema entry)`);
+    if (width > columns!.length) refuse(`INSERT into sharded table ${table} has ${width} values, more than the ${columns!.length} columns its VSchema lists`);
+    return columns!.slice(0, width);
   }
 
   /** Each row's value of each lookup vindex column the table owns: the lookup rows the INSERT writes with it. */
@@ -358,6 +366,8 @@ export class Planner {
     const places = this.vschema.tables[table].column_vindexes[0].column === auto.column;
     const at = cols.indexOf(auto.column);
     if (at < 0) {
+      // Without a column list the column would take its local default: no column list to add it to.
+      if (!ins.cols?.length) refuse(`INSERT into ${table} without a column list and without its auto-increment column ${auto.column}: name the columns`);
       const lastCol = ins.cols[ins.cols.length - 1].ResTarget.location - base;
       return { sequence: auto.sequence, column: auto.column, addColumnAt: closeParenAfter(text, lastCol), defaults: [], places };
     }

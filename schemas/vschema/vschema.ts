@@ -29,6 +29,11 @@ const tableSchema = z.object({
   column_vindexes: z.array(columnVindex).default([]),
   /** A column filled from a sequence when an INSERT leaves it out. */
   auto_increment: z.object({ column: ident, sequence: ident }).strict().optional(),
+  /**
+   * The table's columns in their order (as Vitess's authoritative column list): an INSERT without a
+   * column list is placed by them. Without it such an INSERT is refused.
+   */
+  columns: z.array(ident).min(1).optional(),
 }).strict();
 
 const routineSchema = z.object({
@@ -73,6 +78,11 @@ export function parseVSchema(raw: unknown): VSchema {
         faults.push(`table ${name}, column ${cv.column}: lookup vindex ${cv.name} is owned by table ${vi.owner} (only its owner routes by it)`);
       }
     });
+    if (t.columns) {
+      const listed = new Set(t.columns);
+      if (listed.size !== t.columns.length) faults.push(`table ${name}: columns lists a column twice`);
+      for (const cv of t.column_vindexes) if (!listed.has(cv.column)) faults.push(`table ${name}: columns does not list ${cv.column}, a vindex column`);
+    }
     if (t.auto_increment && !v.sequences[t.auto_increment.sequence]) {
       faults.push(`table ${name}, column ${t.auto_increment.column}: sequence ${t.auto_increment.sequence} is not defined`);
     }

@@ -203,6 +203,19 @@ test('subqueries, CTEs and FROM subselects over sharded tables run on one shard 
   assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 12)').kind, 'refused');
 });
 
+test('an INSERT without a column list is placed by the columns the VSchema lists, else refused', () => {
+  const listed = new Planner(parseVSchema({
+    vindexes: { hash: { type: 'hash' } },
+    tables: { items: { column_vindexes: [{ column: 'id', name: 'hash' }], columns: ['note', 'id', 'amount'] }, other: { column_vindexes: [{ column: 'id', name: 'hash' }] } },
+  }));
+  const [p] = listed.plan("INSERT INTO items VALUES ('a', 7, 1.5), ('b', $1, 2)") as any[];
+  assert.equal(p.kind, 'insert');
+  assert.deepEqual(p.pin.values, [{ literal: '7' }, { param: 1 }]);
+  assert.match((listed.plan("INSERT INTO items VALUES ('a')")[0] as any).message, /without its primary vindex column id/);
+  assert.match((listed.plan("INSERT INTO items VALUES ('a', 1, 2, 3)")[0] as any).message, /has 4 values, more than the 3 columns/);
+  assert.match((listed.plan('INSERT INTO other VALUES (1)')[0] as any).message, /without a column list \(name the columns, or list the table's columns/);
+});
+
 const lookups = new Planner(parseVSchema(LOOKUP_VSCHEMA));
 
 const planOne = (sql: string): any => {

@@ -57,6 +57,8 @@ test('a bad VSchema gets errors naming the table, column or vindex', () => {
   bad({ tables: { Users: {} } }, /tables.Users|must be a lower-case SQL identifier/);
   bad({ vindexes: { hash: { type: 'hash' } }, tables: { t: { column_vindexes: [{ column: 'id', name: 'hash' }], auto_increment: { column: 'id', sequence: 's' } } } }, /table t, column id: sequence s is not defined/);
   bad({ routines: { f: { argument: 0, vindex: 'x' } } }, /routine f: vindex x is not defined/);
+  bad({ vindexes: { hash: { type: 'hash' } }, tables: { t: { column_vindexes: [{ column: 'id', name: 'hash' }], columns: ['name'] } } }, /table t: columns does not list id, a vindex column/);
+  bad({ vindexes: { hash: { type: 'hash' } }, tables: { t: { column_vindexes: [{ column: 'id', name: 'hash' }], columns: ['id', 'id'] } } }, /table t: columns lists a column twice/);
 });
 
 test('VSchemaApplied folds by version, keyed vschema/<db>', () => {
