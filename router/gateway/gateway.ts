@@ -255,7 +255,7 @@ export class Gateway {
     const session = this.discovery.topology.databases.get(database)?.sharded || movedTablesOf(this.discovery.topology, database)
       ? new ShardedSession(client.socket as net.Socket, client.params, {
         discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, twopc: this.twopc,
-        recordSchemaChange: (c) => this.recordSchemaChange(c), onSchemaChange: this.opts.onSchemaChange,
+        recordSchemaChange: (c) => this.recordSchemaChange(c), onSchemaChange: this.opts.onSchemaChange, readOnlyToReplicas: this.opts.readOnlyToReplicas,
       })
       : new GatewaySession(client.socket as net.Socket, client.params, {
         discovery: this.discovery, bufferWindowMs: this.opts.bufferWindowMs, key, readOnlyToReplicas: this.opts.readOnlyToReplicas, databases: this.databases,

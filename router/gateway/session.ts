@@ -28,11 +28,11 @@ const sessionErrors = counter('mg_gateway_session_errors_total', 'Errors the gat
 const switches = counter('mg_gateway_upstream_switches_total', 'Times a session moved to another pooler (primary change, reconnect, read-only routing)');
 const linksReleased = counter('mg_gateway_idle_links_released_total', 'Pooler connections closed under idle sessions (reopened at their next query)');
 const failedOver = counter('mg_gateway_sessions_failed_over_total', 'Sessions ended because their shard primary was replaced while they were mid-work on it, by what they were doing', ['outcome']);
-const readOnlyRouted = counter('mg_gateway_read_only_transactions_routed_total', 'READ ONLY transactions sent to a replica, by outcome', ['outcome']);
+export const readOnlyRouted = counter('mg_gateway_read_only_transactions_routed_total', 'READ ONLY transactions sent to a replica, by outcome', ['outcome']);
 
 const TARGET_SET = /^\s*set\s+(?:session\s+)?mg\.target\s*(?:=|to)\s*'?(primary|replica)'?\s*;?\s*$/i;
 /** BEGIN / START TRANSACTION whose first statement asks for READ ONLY (not READ WRITE). */
-const READ_ONLY_BEGIN = /^\s*(?:begin|start\s+transaction)\b[^;]*\bread\s+only\b/i;
+export const READ_ONLY_BEGIN = /^\s*(?:begin|start\s+transaction)\b[^;]*\bread\s+only\b/i;
 /** Messages of an extended-protocol batch, which ends with Sync. */
 const EXTENDED = new Set<number>([T.Parse, T.Bind, T.Describe, T.Execute, T.Close, T.Flush]);
 

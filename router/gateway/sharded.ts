@@ -30,6 +30,7 @@ import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
 import { insertLookupRows, moveLookupRows, shardsByLookup, type LookupAccess, type TextRow } from './lookups.ts';
 import { sequenceBlocks } from './sequences.ts';
 import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
+import { READ_ONLY_BEGIN, readOnlyRouted } from './session.ts';
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
 
@@ -65,6 +66,8 @@ export interface ShardedSessionOptions {
   recordSchemaChange: (change: SchemaChangeRecord) => void;
   /** Told once a session is idle again after DDL ran on the database (the REST schema cache reloads). */
   onSchemaChange?: (database: string) => void;
+  /** Transactions that begin READ ONLY run on each shard's replicas (a shard's primary when it has none usable). */
+  readOnlyToReplicas?: boolean;
 }
 
 /** A SchemaChange event as the session knows it (the gateway adds id, time and source). */
@@ -115,6 +118,8 @@ export class ShardedSession {
   private settings: string[] = [];
   mode: TransactionMode;
   private inTransaction = false;
+  /** The open transaction began READ ONLY and runs on replicas (readOnlyToReplicas). */
+  private readOnlyTransaction = false;
   /** The transaction was opened by the gateway for one statement that keeps lookup vindexes (not by BEGIN). */
   private implicitTransaction = false;
   private transactionFailed = false;
@@ -432,6 +437,10 @@ export class ShardedSession {
       case 'set_local': case 'savepoint': case 'release': case 'rollback_to': return this.runTransactionScoped(plan);
       case 'begin':
         if (this.inTransaction) this.reply(notice('25001', 'there is already a transaction in progress'));
+        else if (this.opts.readOnlyToReplicas && this.target === 'primary' && READ_ONLY_BEGIN.test(plan.sql.toString('utf8'))) {
+          this.readOnlyTransaction = true;
+          readOnlyRouted.inc({ outcome: 'replica' });
+        }
         this.inTransaction = true;
         this.transactionFailed = false;
         this.beginSql = plan.sql.toString('utf8');
@@ -460,6 +469,7 @@ export class ShardedSession {
       throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, `cannot write through a replica session (${this.database}@replica)`, undefined,
         `Connect to ${this.database} to write.`);
     }
+    if (this.readOnlyTransaction && WRITES.has(plan.kind)) throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, 'cannot write in a read-only transaction');
     if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
     const shards = await this.shardsOf(plan, params);
     this.lastRoute = { plan, shards }; // described when SHOW mg_plan asks
@@ -584,7 +594,7 @@ export class ShardedSession {
         case 'all': return ranges.map((r) => r.shard);
         case 'reference': {
           // Any shard answers: one this session already uses (its transaction's writes included), else the first.
-          const linkOf = (r: { shard: string }) => this.links.get(`${this.current}/${r.shard}`);
+          const linkOf = (r: { shard: string }) => this.links.get(this.linkKey(this.current, r.shard));
           const used = ranges.find((r) => linkOf(r)?.inTransaction) ?? ranges.find((r) => linkOf(r)) ?? ranges[0];
           return [used.shard];
         }
@@ -722,7 +732,7 @@ export class ShardedSession {
   /** The session's link to a shard's primary (or replica), opened (and its settings replayed) on first use. */
   private link(shard: string): ShardLink | Promise<ShardLink> {
     const database = this.current;
-    const key = `${database}/${shard}`;
+    const key = this.linkKey(database, shard);
     const held = this.links.get(key);
     if (held && !held.closed && (held.inTransaction || this.stillTarget(database, shard, held.ep))) return held;
     if (held) {
@@ -738,15 +748,20 @@ export class ShardedSession {
     return opening;
   }
 
+  /** Links to replicas for a READ ONLY transaction are kept apart from the session's links to primaries. */
+  private linkKey(database: string, shard: string): string {
+    return this.readOnlyTransaction ? `${database}/${shard}@replica` : `${database}/${shard}`;
+  }
+
   /** Whether `ep` is still where the session's statements on `shard` go: the primary, or a usable replica. */
   private stillTarget(database: string, shard: string, ep: Endpoint): boolean {
     const d = this.opts.discovery;
-    return this.target === 'replica' ? d.replicaUsable(ep.instanceId) : d.primary(database, shard)?.instanceId === ep.instanceId;
+    return this.target === 'replica' || this.readOnlyTransaction ? d.replicaUsable(ep.instanceId) : d.primary(database, shard)?.instanceId === ep.instanceId;
   }
 
   private async openLink(database: string, shard: string): Promise<ShardLink> {
-    const key = `${database}/${shard}`;
-    const ep = this.target === 'replica' ? this.replicaOf(shard) : await this.primaryOf(shard);
+    const key = this.linkKey(database, shard);
+    const ep = this.target === 'replica' ? this.replicaOf(shard) : this.readOnlyTransaction ? await this.replicaOrPrimary(shard) : await this.primaryOf(shard);
     const link = await ShardLink.open(shard, ep, { ...this.params, database }, () => {
       if (this.links.get(key) === link) this.links.delete(key);
       if (link.inTransaction && !this.ended) this.fail(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, `lost the connection to shard ${shard} in the middle of a transaction`));
@@ -761,6 +776,16 @@ export class ShardedSession {
     const ep = d.primary(this.current, shard) ?? (await d.waitForPrimary(this.current, shard, this.opts.bufferWindowMs));
     if (!ep) throw new PgError('ERROR', SQLSTATE.CANNOT_CONNECT_NOW, `no serving primary for ${this.current}/${shard} after waiting ${this.opts.bufferWindowMs} ms`);
     return ep;
+  }
+
+  /** A READ ONLY transaction's shard: a replica, else (none usable) the primary. */
+  private async replicaOrPrimary(shard: string): Promise<Endpoint> {
+    try {
+      return this.replicaOf(shard);
+    } catch {
+      readOnlyRouted.inc({ outcome: 'no_replica' });
+      return this.primaryOf(shard);
+    }
   }
 
   /** A serving replica of the shard within the lag threshold, at random (as for unsharded databases). */
@@ -795,14 +820,14 @@ export class ShardedSession {
       return;
     }
     // Nothing was written on replicas, and a standby cannot PREPARE: each shard's read transaction just ends.
-    await this.endTransaction(commit, this.target === 'replica' ? 'multi' : this.mode);
+    await this.endTransaction(commit, this.target === 'replica' || this.readOnlyTransaction ? 'multi' : this.mode);
     this.reply(commandComplete(commit ? 'COMMIT' : 'ROLLBACK'));
   }
 
   /** Commits (in `mode`) or rolls back the transaction on every shard it touched; a failed commit rolls back what it can and throws. */
   private async endTransaction(commit: boolean, mode: TransactionMode): Promise<void> {
     const participants = [...this.links.values()].filter((l) => l.inTransaction);
-    this.inTransaction = this.implicitTransaction = false;
+    this.inTransaction = this.implicitTransaction = this.readOnlyTransaction = false;
     const schemaChanges = this.txScoped.flatMap((e) => ('ddl' in e ? [e.ddl] : []));
     this.txScoped = [];
     this.transactionFailed = false;

@@ -19,7 +19,7 @@ import { checkAllOrNothing, createAccounts, prepared, sql, startDriver, type Sha
 
 const GRACE_MS = 6_000;
 const cluster = testCluster('twopcfo', 3, {
-  settings: { 'orchestrator.twopcGraceMs': GRACE_MS },
+  settings: { 'orchestrator.twopcGraceMs': GRACE_MS, 'gateway.readOnlyToReplicas': true },
   spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'bank', sharded: true, shards: 2, instancesPerShard: 2 }] },
 });
 const { dataDir, flags, mg } = cluster;
@@ -56,7 +56,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('bank@replica: each shard is read on its replica, a read transaction spans shards even in twopc mode, writes get 25006', async () => {
+test('bank@replica: each shard is read on its replica, a read transaction spans shards even in twopc mode, writes get 25006; READ ONLY transactions of bank go to the replicas', async () => {
   await bothShardsWhole();
   await cluster.applyVSchema('bank', 'vindexes: { hash: { type: hash } }\ntables: { visits: { column_vindexes: [{ column: id, name: hash }] } }');
   const gateway = (database: string) => new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database });
@@ -81,6 +81,22 @@ test('bank@replica: each shard is read on its replica, a read transaction spans 
       await assert.rejects(reader.query(write), (err: { code?: string; message: string }) => err.code === '25006' && /bank@replica/.test(err.message), write);
     }
     assert.equal((await reader.query('SELECT count(*)::int AS n FROM visits')).rows[0].n, 40, 'nothing was written, and the session goes on');
+
+    // readOnlyToReplicas: a transaction of `bank` that begins READ ONLY reads every shard on its replica, then the session is back on the primaries.
+    const primaryPorts = cluster.instances.filter((i) => primaries.includes(i.instanceId)).map((i) => i.port).sort();
+    const portsOf = async (client: pg.Client) => (await client.query('SELECT inet_server_port() AS port, count(*)::int AS n FROM visits GROUP BY 1')).rows.map((r) => r.port).sort();
+    await writer.query("SET mg.transaction_mode = 'twopc'");
+    await writer.query('BEGIN READ ONLY');
+    assert.deepEqual(await portsOf(writer), replicaPorts);
+    await assert.rejects(writer.query('INSERT INTO visits (id) VALUES (42)'), (err: { code?: string }) => err.code === '25006');
+    await writer.query('ROLLBACK');
+    await writer.query('BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY');
+    assert.deepEqual(await portsOf(writer), replicaPorts);
+    await writer.query('COMMIT'); // plain COMMIT on the standbys, even in twopc mode
+    assert.deepEqual(await portsOf(writer), primaryPorts, 'outside the transaction: the primaries');
+    await writer.query('BEGIN');
+    assert.deepEqual(await portsOf(writer), primaryPorts, 'a read-write transaction: the primaries');
+    await writer.query('COMMIT');
   } finally {
     await Promise.all([writer.end(), reader.end()]);
   }
