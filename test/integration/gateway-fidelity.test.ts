@@ -82,7 +82,7 @@ test('a statement prepared after a schema change the pooler did not see is plann
       const rows = await Promise.all(Array.from({ length: 6 }, () => fresh.unsafe(text, [], { prepare: true })));
       assert.deepEqual(rows.map((r) => [...r]), Array(6).fill([{ v: 'one' }]));
     } finally {
-      await fresh.end();
+      await fresh.end({ timeout: 1 });
     }
     // The postgres.js client that prepared it before: Postgres says 0A000 to its old statement, and
     // postgres.js prepares it again (it does the same with Postgres directly).
@@ -100,7 +100,7 @@ test('a statement prepared after a schema change the pooler did not see is plann
     await ddl.query('DROP TABLE fid_flip');
     await assert.rejects(keptPg.query({ name: 'newer', text }), { code: '42P01' });
   } finally {
-    await kept.end();
+    await kept.end({ timeout: 1 });
     await keptPg.end();
     await ddl.end();
   }
@@ -126,23 +126,23 @@ test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinn
     const closes: number[] = [];
     const sql = js({ port, onclose: (id: number) => closes.push(id) });
     try {
-      await assert.rejects(sql.begin(async (tx) => {
+      await within(`port ${port}: transaction`, sql.begin(async (tx) => {
         const [{ pid }] = await tx`SELECT pg_backend_pid() AS pid`;
         await terminate(pid);
-        await until('the FATAL is in', 3_000, async () => closes.length === 1);
-        await tx`SELECT 1`;
-      }));
+        await until(`port ${port}: postgres.js saw the close (idle in a transaction)`, 5_000, async () => closes.length === 1);
+        throw new Error('closed, as expected');
+      }).catch((e: Error) => e.message));
       assert.equal(closes.length, 1, `port ${port}: closed after the FATAL in a transaction`);
       const sleeping = sql`SELECT pg_sleep(5)`.execute();
       const victim = await until('sleeping backend', 3_000, async () =>
         (await admin.query(`SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'`)).rows[0]?.pid as number | undefined);
       await terminate(victim);
-      const midQuery = await sleeping.then(() => 'no error', (e: Error & { code?: string }) => e.code);
+      const midQuery = await within(`port ${port}: the sleeping query`, sleeping.then(() => 'no error', (e: Error & { code?: string }) => e.code));
       await until(`port ${port}: postgres.js saw the close (mid-query)`, 5_000, async () => closes.length === 2);
-      assert.deepEqual([...await sql`SELECT 1 AS one`], [{ one: 1 }]);
+      assert.deepEqual([...await within(`port ${port}: a query on a new connection`, sql`SELECT 1 AS one`.execute())], [{ one: 1 }]);
       return { nodePostgres: errors, midQuery };
     } finally {
-      await sql.end();
+      await sql.end({ timeout: 1 });
     }
   };
   try {
