@@ -133,11 +133,11 @@ test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinn
         throw new Error('closed, as expected');
       }).catch((e: Error) => e.message));
       assert.equal(closes.length, 1, `port ${port}: closed after the FATAL in a transaction`);
-      const sleeping = sql`SELECT pg_sleep(5)`.execute();
+      const sleeping = sql`SELECT pg_sleep(5)`.execute().then(() => 'no error', (e: Error & { code?: string }) => e.code);
       const victim = await until('sleeping backend', 3_000, async () =>
         (await admin.query(`SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'`)).rows[0]?.pid as number | undefined);
       await terminate(victim);
-      const midQuery = await within(`port ${port}: the sleeping query`, sleeping.then(() => 'no error', (e: Error & { code?: string }) => e.code));
+      const midQuery = await within(`port ${port}: the sleeping query`, sleeping);
       await until(`port ${port}: postgres.js saw the close (mid-query)`, 5_000, async () => closes.length === 2);
       assert.deepEqual([...await within(`port ${port}: a query on a new connection`, sql`SELECT 1 AS one`.execute())], [{ one: 1 }]);
       return { nodePostgres: errors, midQuery };
