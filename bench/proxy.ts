@@ -1034,6 +1034,7 @@ async function main(): Promise<void> {
   const poolerErr = alive(poolerPid()) ? await probe(ports.pooler) : 'not started by mg cluster up';
   const gatewayErr = alive(gatewayPid()) ? await probe(ports.gateway) : 'not started by mg cluster up';
   const targets: TargetName[] = ['direct', 'pgbouncer'];
+  if (SCRIPTS.includes('oltp')) targets.push('pgbouncerSession');
   const relayErr = await startRelays();
   if (relayErr === undefined) targets.push(...FLOOR_TARGETS);
   if (poolerErr === undefined) targets.push('pooler');
