@@ -516,7 +516,7 @@ export class ClientSession implements ServerOwner, MessageSink {
     // Skipped after an earlier error, the copy stays (closing a statement cannot fail itself).
     e.undo = () => s.prepared.set(serverName, copy);
     this.push(e);
-    s.write(message('C', Buffer.from(`S${serverName}\0`, 'latin1')));
+    s.write(message('C', Buffer.from('S'), Buffer.from(`${serverName}\0`, 'latin1')));
   }
 
   private lookup(name: string): StmtDef {
