@@ -133,19 +133,20 @@ test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinn
     const midQuery = await within(`port ${port}: the sleeping query`, sleeping);
     await within(`port ${port}: busy client closed`, busyEnded);
 
-    // postgres.js idle in a transaction: the connection closes (its onclose), the transaction's next
-    // statement finds it closed, and its pool opens a new connection for the next query.
+    // postgres.js idle in a transaction: the connection closes (its onclose), so its pool opens a new
+    // one for the next query. (Nothing is sent on the closed one: postgres.js 3.4 may throw from a
+    // timer when a write races the close, with Postgres as through the gateway.)
     const closes: number[] = [];
     const sql = js({ port, onclose: (id: number) => closes.push(id) });
     try {
-      const inTransaction = await within(`port ${port}: transaction`, sql.begin(async (tx) => {
-        const [{ pid }] = await tx`SELECT pg_backend_pid() AS pid`;
-        await terminate(pid);
-        await until(`port ${port}: postgres.js saw the close`, 5_000, async () => closes.length === 1);
-        await tx`SELECT 1`;
-      }).then(() => 'no error', (e: Error & { code?: string }) => e.code));
+      const reserved = await sql.reserve();
+      await reserved`BEGIN`;
+      const [{ pid }] = await reserved`SELECT pg_backend_pid() AS pid`;
+      await terminate(pid);
+      await until(`port ${port}: postgres.js saw the close`, 5_000, async () => closes.length === 1);
+      reserved.release();
       assert.deepEqual([...await within(`port ${port}: a query on a new connection`, sql`SELECT 1 AS one`.execute())], [{ one: 1 }]);
-      return { idleErrors, midQuery, busyErrors, inTransaction };
+      return { idleErrors, midQuery, busyErrors, closes: closes.length };
     } finally {
       await sql.end({ timeout: 1 });
     }
@@ -153,7 +154,7 @@ test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinn
   try {
     const direct = await seen(primary.port);
     assert.deepEqual(direct, {
-      idleErrors: ['57P01', 'Connection terminated unexpectedly'], midQuery: '57P01', busyErrors: ['Connection terminated unexpectedly'], inTransaction: 'CONNECTION_CLOSED',
+      idleErrors: ['57P01', 'Connection terminated unexpectedly'], midQuery: '57P01', busyErrors: ['Connection terminated unexpectedly'], closes: 1,
     });
     assert.deepEqual(await seen(spec.gateway.port), direct);
   } finally {
