@@ -5,11 +5,15 @@
  * cluster brought up with `mg cluster up`, 1 instance).
  *
  *   node --import tsx bench/proxy.ts [--quick] [--only pgbench,profile,conns,dbs] [--base-port 27000] [--out file.md]
- *        [--scripts select-only,tpcb] [--modes simple,extended,prepared] [--clients 1,10,50,200]
+ *        [--scripts select-only,tpcb,oltp] [--modes simple,extended,prepared] [--clients 1,10,50,200]
  *
  * The last three narrow the pgbench matrix (e.g. `--scripts select-only --modes
  * simple,extended --clients 1,50`: the hot-path figures of issue 15, relays and
- * CPU per transaction included, in a few minutes).
+ * CPU per transaction included, in a few minutes). `--scripts oltp` is issue 15's
+ * OLTP mix (bench/proxy/pgbench.ts: transactions with SELECT ... FOR UPDATE and a
+ * rollback in ten, point reads beside them), also run against PgBouncer in session
+ * mode, the mode in which PgBouncer keeps `-M prepared` statements:
+ * `--only pgbench --scripts oltp --modes prepared,simple --clients 8`.
  *
  *  1. pgbench -S and TPC-B-like, -M simple/extended/prepared, 1/10/50/200
  *     clients, 10 s per run (3 s with --quick), against direct Postgres,
@@ -71,7 +75,7 @@ const PARTS = new Set(args.only!.split(','));
 const SCRIPTS = args.scripts!.split(',') as PgbenchRun['script'][];
 const MODES = args.modes!.split(',') as PgbenchRun['mode'][];
 const CLIENTS = args.clients!.split(',').map(Number);
-for (const [name, list, allowed] of [['--scripts', SCRIPTS, ['select-only', 'tpcb']], ['--modes', MODES, ['simple', 'extended', 'prepared']]] as const) {
+for (const [name, list, allowed] of [['--scripts', SCRIPTS, ['select-only', 'tpcb', 'oltp']], ['--modes', MODES, ['simple', 'extended', 'prepared']]] as const) {
   const bad = list.filter((x) => !(allowed as readonly string[]).includes(x));
   if (bad.length) throw new Error(`${name}: unknown ${bad.join(', ')} (one or more of ${allowed.join(', ')})`);
 }
@@ -306,6 +310,8 @@ async function startPgbouncer(): Promise<{ version: string }> {
   fs.writeFileSync(path.join(pgbDir, 'pgbouncer.ini'), [
     '[databases]',
     `postgres = host=127.0.0.1 port=${ports.postgres} dbname=postgres`,
+    // The same database in session mode (target pgbouncerSession): a client keeps its server connection, and so its prepared statements.
+    `postgres_session = host=127.0.0.1 port=${ports.postgres} dbname=postgres pool_mode=session`,
     '[pgbouncer]',
     'listen_addr = 127.0.0.1',
     `listen_port = ${ports.pgbouncer}`,
@@ -344,13 +350,16 @@ function execFileSyncOk(cmd: string, argv: string[]): void {
  * `pooler` is our MultiPooler alone (pgbench straight to its port, trust): it splits our overhead between the two tiers.
  * `relay` is one Node byte relay in front of Postgres, `relay2` two chained: the floor of one and of two Node hops.
  */
-type TargetName = 'direct' | 'pgbouncer' | 'relay' | 'relay2' | 'pooler' | 'gateway';
+type TargetName = 'direct' | 'pgbouncer' | 'pgbouncerSession' | 'relay' | 'relay2' | 'pooler' | 'gateway';
 const FLOOR_TARGETS: TargetName[] = ['relay', 'relay2'];
 const target = (name: TargetName): Target => ({
   host: '127.0.0.1',
-  port: { direct: ports.postgres, pgbouncer: ports.pgbouncer, relay: ports.relay, relay2: ports.relay2, pooler: ports.pooler, gateway: ports.gateway }[name],
-  user: 'postgres', password: PASSWORD, database: 'postgres',
+  port: { direct: ports.postgres, pgbouncer: ports.pgbouncer, pgbouncerSession: ports.pgbouncer, relay: ports.relay, relay2: ports.relay2, pooler: ports.pooler, gateway: ports.gateway }[name],
+  user: 'postgres', password: PASSWORD, database: name === 'pgbouncerSession' ? 'postgres_session' : 'postgres',
 });
+/** Which targets run a script: the Node floor is measured on -S only, PgBouncer's session mode on the OLTP mix only. */
+const runsScript = (t: TargetName, script: PgbenchRun['script']) =>
+  (script === 'select-only' || !FLOOR_TARGETS.includes(t)) && (script === 'oltp' || t !== 'pgbouncerSession');
 
 // ---------------------------------------------------------------- the floor: Node byte relays
 const relayPids: Partial<Record<'relay' | 'relay2', number>> = {};
@@ -433,7 +442,7 @@ function syscalls(pid: number | undefined): number {
  */
 async function withCpu<T>(name: TargetName, fn: () => Promise<T>): Promise<{ result: T; cpu: Record<string, number>; cpuMs: Record<string, number>; sys: Record<string, number> }> {
   const procs: Record<string, () => number | undefined> = {};
-  if (name === 'pgbouncer') procs.pgbouncer = pgbouncerPid;
+  if (name === 'pgbouncer' || name === 'pgbouncerSession') procs.pgbouncer = pgbouncerPid;
   if (name === 'relay' || name === 'relay2') procs.relay = () => relayPids.relay;
   if (name === 'relay2') procs.relay2 = () => relayPids.relay2;
   if (name === 'pooler' || name === 'gateway') procs.pooler = poolerPid;
@@ -489,8 +498,8 @@ async function pgbenchMatrix(targets: TargetName[]): Promise<MatrixRow[]> {
         const row: MatrixRow = { run, results: {} };
         // Targets run back to back for each configuration, so slow drifts (other load, the table growing) hit them alike.
         for (const t of targets) {
-          if (script === 'tpcb' && FLOOR_TARGETS.includes(t)) continue; // the floor is measured on -S only
-          if (script === 'tpcb') await tidyForTpcb();
+          if (!runsScript(t, script)) continue;
+          if (script !== 'select-only') await tidyForTpcb();
           const { result: r, cpu, cpuMs: used, sys } = await withCpu(t, () => runPgbench(target(t), run, work, `${t}-${script}-${mode}-${clients}`));
           row.results[t] = { ...r, cpu, cpuMs: used, sys };
           const cpuText = Object.entries(cpu).map(([k, v]) => `${k} ${f0(v)}%`).join(', ');
@@ -518,6 +527,7 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
   if (has('pooler')) head.push('pooler/pgb');
   if (has('relay2')) head.push('relay/pgb', 'relay2/pgb');
   if (has('gateway')) head.push('gw/pgb', 'gw/direct', '+us/query vs direct (p50, c=1)');
+  if (has('gateway') && has('pgbouncerSession')) head.push('gw/pgb-session');
   const body = rows.map(({ run, results }) => {
     const r = [run.script, run.mode, String(run.clients)];
     for (const t of targets) r.push(...cell(results[t]));
@@ -528,6 +538,7 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
       const d = results.direct;
       r.push(ratio(g, results.pgbouncer), ratio(g, d),
         run.clients === 1 && okRun(g) && okRun(d) ? f1((g!.p50us - d!.p50us) / statementsPerTxn[run.script]) : '');
+      if (has('pgbouncerSession')) r.push(ratio(g, results.pgbouncerSession));
     }
     return r;
   });
@@ -537,7 +548,8 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
   say('\nCPU during each run (% of one core; the machine has 200%), from /proc; "machine" is everything, including pgbench itself and other work on the host:\n');
   const cpuHead = ['script', '-M', 'clients'];
   const cpuKeys: Array<[TargetName, string]> = [];
-  for (const t of targets) for (const k of Object.keys(rows[0]?.results[t]?.cpu ?? {})) if (!k.includes('.')) cpuKeys.push([t, k]);
+  const keysOf = (t: TargetName, what: 'cpu' | 'sys') => Object.keys(rows.find((r) => r.results[t])?.results[t]?.[what] ?? {});
+  for (const t of targets) for (const k of keysOf(t, 'cpu')) if (!k.includes('.')) cpuKeys.push([t, k]);
   cpuKeys.sort((a, b) => targets.indexOf(a[0]) - targets.indexOf(b[0]) || (a[1] === 'machine' ? -1 : b[1] === 'machine' ? 1 : 0));
   for (const [t, k] of cpuKeys) cpuHead.push(`${t}: ${k}`);
   say(table(cpuHead, rows.map(({ run, results }) => [run.script, run.mode, String(run.clients),
@@ -545,7 +557,7 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
 
   // CPU per transaction of each proxy process, user + kernel (us): the cost of the proxy itself, independent of the TPS it reached.
   const perTxnKeys: Array<[TargetName, string]> = [];
-  for (const t of targets) for (const k of Object.keys(rows[0]?.results[t]?.cpu ?? {})) if (k.endsWith('.user')) perTxnKeys.push([t, k.slice(0, -5)]);
+  for (const t of targets) for (const k of keysOf(t, 'cpu')) if (k.endsWith('.user')) perTxnKeys.push([t, k.slice(0, -5)]);
   if (perTxnKeys.length) {
     say('\nCPU per transaction of each proxy process, user + kernel, in microseconds (CPU time over the whole pgbench run, connections included, / transactions):\n');
     say(table(['script', '-M', 'clients', ...perTxnKeys.map(([t, k]) => (t === k ? t : `${t}: ${k}`))], rows.map(({ run, results }) => [run.script, run.mode, String(run.clients),
@@ -558,7 +570,7 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
   }
 
   const sysKeys: Array<[TargetName, string]> = [];
-  for (const t of targets) for (const k of Object.keys(rows[0]?.results[t]?.sys ?? {})) sysKeys.push([t, k]);
+  for (const t of targets) for (const k of keysOf(t, 'sys')) sysKeys.push([t, k]);
   if (sysKeys.length) {
     say('\nread+write system calls per transaction of our processes (/proc/<pid>/io syscr+syscw, unperturbed; includes connection set-up). ' +
       'PgBouncer uses recv/send, which this does not count.\n');
@@ -584,6 +596,11 @@ function matrixReport(rows: MatrixRow[], targets: TargetName[]): void {
   }
   if (has('gateway')) {
     say('\nTargets of the issue:');
+    for (const row of rows.filter((r) => r.run.script === 'oltp')) {
+      const { gateway: g, direct: d, pgbouncerSession: ps } = row.results;
+      say(`- OLTP mix, -M ${row.run.mode}, ${row.run.clients} clients: gateway ${f0(g?.tps ?? NaN)} tps = ${ratio(g, d)}x direct Postgres (${f0(d?.tps ?? NaN)}), ` +
+        `${ratio(g, ps)}x PgBouncer in session mode (${f0(ps?.tps ?? NaN)}, itself ${ratio(ps, d)}x direct); our pooler alone ${ratio(row.results.pooler, d)}x direct`);
+    }
     for (const row of rows.filter((r) => r.run.clients === 50)) {
       const g = row.results.gateway;
       const p = row.results.pgbouncer;
@@ -1017,12 +1034,14 @@ async function main(): Promise<void> {
   const poolerErr = alive(poolerPid()) ? await probe(ports.pooler) : 'not started by mg cluster up';
   const gatewayErr = alive(gatewayPid()) ? await probe(ports.gateway) : 'not started by mg cluster up';
   const targets: TargetName[] = ['direct', 'pgbouncer'];
-  const relayErr = await startRelays();
+  if (SCRIPTS.includes('oltp')) targets.push('pgbouncerSession');
+  // The floor is measured on -S only.
+  const relayErr = SCRIPTS.includes('select-only') ? await startRelays() : 'not run (no select-only script asked for)';
   if (relayErr === undefined) targets.push(...FLOOR_TARGETS);
   if (poolerErr === undefined) targets.push('pooler');
   if (gatewayErr === undefined) targets.push('gateway');
   say(`Postgres ${pgVersion}: the cluster's primary (shared_buffers 32MB, ${maxConn}). Cluster: 1 instance (no replicas), Kafka, registry, agent, pooler, gateway, all on this machine.`);
-  say(`PgBouncer ${pgb.version}: transaction mode, default_pool_size ${POOL_SIZE}, auth_type scram-sha-256 against the role's SCRAM verifier (auth_file), trust to Postgres. ` +
+  say(`PgBouncer ${pgb.version}: transaction mode (target pgbouncerSession: the same in session mode), default_pool_size ${POOL_SIZE}, auth_type scram-sha-256 against the role's SCRAM verifier (auth_file), trust to Postgres. ` +
     `Ours: gateway SCRAM-SHA-256 against the same verifier, pooler poolSize ${POOL_SIZE}, trust between tiers. Target "pooler" = pgbench straight to our pooler (no gateway, trust).`);
   say(`pgbench ${SECONDS} s per run, -j min(2, clients), -n (the harness vacuums, truncates history and checkpoints directly before each TPC-B run); p50/p99 from the per-transaction logs.`);
   say('Floor (-S only): `relay` = one Node process copying bytes between pgbench and Postgres (one upstream connection per client, no pooling, no parsing; bench/proxy/relay.ts), ' +

@@ -10,7 +10,7 @@ import path from 'node:path';
 export const PGBENCH = '/usr/lib/postgresql/15/bin/pgbench';
 
 export interface PgbenchRun {
-  script: 'select-only' | 'tpcb';
+  script: 'select-only' | 'tpcb' | 'oltp';
   mode: 'simple' | 'extended' | 'prepared';
   clients: number;
   seconds: number;
@@ -32,8 +32,51 @@ export interface PgbenchResult {
 
 export interface Target { host: string; port: number; user: string; password: string; database: string }
 
-/** Statements one transaction of each built-in script sends (for per-query figures). */
-export const statementsPerTxn = { 'select-only': 1, tpcb: 7 } as const;
+/**
+ * The OLTP mix (issue 15): an order-like read-write transaction that locks the rows it
+ * changes (SELECT ... FOR UPDATE) and rolls back one time in ten, and an equal share of
+ * point reads outside a transaction. With -M prepared every statement is a named prepared
+ * statement kept across transactions, as application drivers keep theirs.
+ */
+const OLTP_SCRIPTS: Record<string, string> = {
+  'oltp-order': `\\set aid random(1, 100000 * :scale)
+\\set tid random(1, 10 * :scale)
+\\set bid random(1, :scale)
+\\set delta random(-5000, 5000)
+\\set outcome random(1, 10)
+BEGIN;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid FOR UPDATE;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT tbalance FROM pgbench_tellers WHERE tid = :tid FOR UPDATE;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+SELECT bbalance FROM pgbench_branches WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+\\if :outcome = 1
+ROLLBACK;
+\\else
+COMMIT;
+\\endif
+`,
+  'oltp-lookup': `\\set aid1 random(1, 100000 * :scale)
+\\set aid2 random(1, 100000 * :scale)
+SELECT aid, abalance FROM pgbench_accounts WHERE aid = :aid1;
+SELECT aid, abalance FROM pgbench_accounts WHERE aid = :aid2;
+`,
+};
+
+/** Statements one transaction of each script sends on average (for per-query figures; oltp: 8 and 2, half each). */
+export const statementsPerTxn = { 'select-only': 1, tpcb: 7, oltp: 5 } as const;
+
+/** pgbench arguments that select the script. */
+function scriptArgs(script: PgbenchRun['script'], workDir: string): string[] {
+  if (script === 'select-only') return ['-S'];
+  if (script === 'tpcb') return [];
+  return Object.entries(OLTP_SCRIPTS).flatMap(([name, text]) => {
+    const file = path.join(workDir, `${name}.sql`);
+    fs.writeFileSync(file, text);
+    return ['-f', `${file}@1`];
+  });
+}
 
 export async function runPgbench(target: Target, run: PgbenchRun, workDir: string, label: string): Promise<PgbenchResult> {
   const dir = fs.mkdtempSync(path.join(workDir, `log-${label}-`));
@@ -43,7 +86,7 @@ export async function runPgbench(target: Target, run: PgbenchRun, workDir: strin
     '-n', // the harness vacuums directly between runs, the same for every target
     '-M', run.mode, '-c', String(run.clients), '-j', String(Math.min(2, run.clients)), '-T', String(run.seconds),
     '--log', `--log-prefix=${prefix}`,
-    ...(run.script === 'select-only' ? ['-S'] : []),
+    ...scriptArgs(run.script, workDir),
     target.database,
   ];
   const { code, stdout, stderr } = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {

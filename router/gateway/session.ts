@@ -415,6 +415,10 @@ export class GatewaySession implements Flushable {
     } else if (type === T.CommandComplete) {
       if (this.opts.onSchemaChange && changesSchema(buf, start, len)) this.schemaChanged = true;
     } else if (type === T.ErrorResponse && errorFieldsAt(buf, start, len).S === 'FATAL') {
+      // The pooler ends the link: its backend was terminated, or it is shutting down. An idle session
+      // that holds nothing there goes on unaware (its next query reconnects); any other lost its
+      // transaction or session state with it, and ends with the FATAL as Postgres would end it (0048).
+      if (this.status === 'I' && this.inflight === 0 && !this.inBatch && this.portable) return;
       link.endedWithFatal = true;
     } else if (type === T.ParameterStatus && isReport(buf, start, SESSION_STATE_BYTES)) {
       this.sessionState = link.state = reportValue(buf, start, len, SESSION_STATE_BYTES);
@@ -469,7 +473,7 @@ export class GatewaySession implements Flushable {
     if (link !== this.link || this.ended) return;
     // Idle: the next query reconnects (buffering if the primary is gone). Mid-transaction:
     // the pooler has told the client why (Postgres's own error); the transaction is lost.
-    if (this.status !== 'I' || this.inflight > 0) {
+    if (this.status !== 'I' || this.inflight > 0 || link.endedWithFatal) {
       // A FATAL the pooler passed on (a terminated backend, say) already told the client why.
       if (link.endedWithFatal) this.flush();
       else this.sendError(new PgError('FATAL', SQLSTATE.CONNECTION_FAILURE, 'lost the connection to the shard in the middle of a transaction'));

@@ -18,7 +18,7 @@ import { classify, syntaxError, type Effect, type PinReason, type StmtEffects } 
 import type { PoolerConfig } from './config.ts';
 import type { SharedListener } from './listener.ts';
 import type { Pool } from './pool.ts';
-import type { ServerConn, ServerOwner } from './server.ts';
+import { tick, type ServerConn, type ServerOwner } from './server.ts';
 import { afterResetAll, encodeSessionState, intern, setConfigSql, Settings, settingsDelta } from './settings.ts';
 import { inEvent, OutBatch, requestFlush } from '../protocol/output.ts';
 import { coarseNow, quoteLiteral } from './text.ts';
@@ -83,6 +83,8 @@ interface StmtDef {
   effects: Effect[] | null;
   /** LISTEN/UNLISTEN only: answered by the shared listener. */
   listenOnly: boolean;
+  /** When the client sent its Parse (a tick): a server's copy prepared before then is prepared again. */
+  parsedAt: number;
   parseMsg?: Buffer;
   /** Answered ParseComplete without a server having seen it (no server was free): if its first Parse fails, the name goes. */
   unverified?: string;
@@ -417,7 +419,7 @@ export class ClientSession implements ServerOwner, MessageSink {
         return true;
       }
       const rest = Buffer.from(buf.subarray(sqlAt, end));
-      this.stmts.set(name, { serverName: this.serverNameOf(rest), rest, effects, listenOnly, unverified: name });
+      this.stmts.set(name, { serverName: this.serverNameOf(rest), rest, effects, listenOnly, parsedAt: tick(), unverified: name });
       this.pushSynth(PARSE_COMPLETE, () => this.stmts.delete(name));
       return true;
     }
@@ -427,7 +429,7 @@ export class ClientSession implements ServerOwner, MessageSink {
     const rest = Buffer.from(buf.subarray(sqlAt, end));
     const e = new Entry(K_PARSE);
     if (name === '') {
-      const def: StmtDef = { serverName: '', rest, effects, listenOnly };
+      const def: StmtDef = { serverName: '', rest, effects, listenOnly, parsedAt: tick() };
       const prev = this.unnamed;
       const prevOwner = s.unnamedOwner;
       this.unnamed = def;
@@ -441,12 +443,11 @@ export class ClientSession implements ServerOwner, MessageSink {
       return true;
     }
     const serverName = this.serverNameOf(rest);
-    const def: StmtDef = { serverName, rest, effects, listenOnly };
+    const def: StmtDef = { serverName, rest, effects, listenOnly, parsedAt: tick() };
     this.stmts.set(name, def);
-    if (s.hasPrepared(serverName)) {
-      this.pushSynth(PARSE_COMPLETE, () => this.stmts.delete(name));
-      return true;
-    }
+    // The server's copy was planned before this Parse, perhaps against a table since changed where the
+    // pooler could not see it (a DO block, another connection): plan it again, as Postgres would (0048).
+    if (s.prepared.has(serverName)) this.closeOnServer(serverName);
     s.addPrepared(serverName);
     e.undo = () => {
       this.stmts.delete(name);
@@ -483,10 +484,13 @@ export class ClientSession implements ServerOwner, MessageSink {
       s.write(parseMessage(def));
       return;
     }
-    if (s.hasPrepared(def.serverName)) {
+    const at = s.preparedAt(def.serverName);
+    if (at !== undefined && at > def.parsedAt) {
       def.unverified = undefined;
       return;
     }
+    // Missing, or prepared before the client's Parse (see onParse).
+    if (at !== undefined) this.closeOnServer(def.serverName);
     s.addPrepared(def.serverName);
     const e = new Entry(K_PARSE);
     e.swallow = true;
@@ -501,6 +505,18 @@ export class ClientSession implements ServerOwner, MessageSink {
     };
     this.push(e);
     s.write(parseMessage(def));
+  }
+
+  /** Closes the server's copy of a statement about to be prepared again (its CloseComplete swallowed). */
+  private closeOnServer(serverName: string): void {
+    const s = this.server!;
+    const copy = s.prepared.get(serverName)!;
+    const e = new Entry(K_CLOSE);
+    e.swallow = true;
+    // Skipped after an earlier error, the copy stays (closing a statement cannot fail itself).
+    e.undo = () => s.prepared.set(serverName, copy);
+    this.push(e);
+    s.write(message('C', Buffer.from('S'), Buffer.from(`${serverName}\0`, 'latin1')));
   }
 
   private lookup(name: string): StmtDef {

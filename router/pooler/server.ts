@@ -38,6 +38,14 @@ export type ServerState = 'idle' | 'active' | 'resetting' | 'closed';
 let nextId = 1;
 const HIGH_WATER = 1024 * 1024;
 
+/**
+ * One clock for the whole pooler: when a statement was prepared on a server connection is
+ * compared with when a client parsed it (a copy made before the client's Parse may be planned
+ * against a schema since changed), and it orders statements for LRU.
+ */
+let clock = 0;
+export const tick = (): number => ++clock;
+
 export class ServerConn implements MessageSink {
   readonly id = nextId++;
   readonly socket: net.Socket;
@@ -48,9 +56,8 @@ export class ServerConn implements MessageSink {
   lastUsed = Date.now();
   /** Settings established on this connection; null when unknown (then reset before use). */
   applied: Settings | null = Settings.EMPTY;
-  /** Pooler-named prepared statements present on this connection, with a use clock for LRU. */
-  readonly prepared = new Map<string, number>();
-  private clock = 0;
+  /** Pooler-named prepared statements present on this connection: when each was prepared, and last used (LRU). */
+  readonly prepared = new Map<string, { at: number; used: number }>();
   /** The client statement definition the server's unnamed statement currently holds. */
   unnamedOwner: object | null = null;
   /** Session state beyond settings may be left (pinned, or unknown): DISCARD ALL before reuse. */
@@ -101,20 +108,22 @@ export class ServerConn implements MessageSink {
     return this.paramsKeyCache;
   }
 
-  hasPrepared(name: string): boolean {
-    if (!this.prepared.has(name)) return false;
-    this.prepared.set(name, ++this.clock);
-    return true;
+  /** When `name` was prepared here (a tick), marking it used; undefined when it is not here. */
+  preparedAt(name: string): number | undefined {
+    const p = this.prepared.get(name);
+    if (p) p.used = tick();
+    return p?.at;
   }
 
   addPrepared(name: string): void {
-    this.prepared.set(name, ++this.clock);
+    const now = tick();
+    this.prepared.set(name, { at: now, used: now });
   }
 
   /** Least recently used statements beyond `max`, to close before the next client uses the connection. */
   evictable(max: number): string[] {
     if (this.prepared.size <= max) return [];
-    const byAge = [...this.prepared.entries()].sort((a, b) => a[1] - b[1]);
+    const byAge = [...this.prepared.entries()].sort((a, b) => a[1].used - b[1].used);
     return byAge.slice(0, this.prepared.size - max).map(([n]) => n);
   }
 
