@@ -1152,7 +1152,7 @@ class CopyIn {
   }
 
   private route(row: CopyRow, byShard: Map<ShardLink, Buffer[]>): void {
-    const to = this.plan.place ? [this.linkOf(row)] : this.links;
+    const to = this.plan.place && !row.header ? [this.linkOf(row)] : this.links;
     for (const link of to) byShard.set(link, [...(byShard.get(link) ?? []), row.bytes]);
   }
 

@@ -16,6 +16,8 @@ export interface CopyRow {
   bytes: Buffer;
   /** The placing column's value (null: NULL or missing); undefined when the plan places nothing (a reference table). */
   value?: string | null;
+  /** The CSV header line: every shard's COPY says HEADER too, so each gets it to skip. */
+  header?: true;
 }
 
 export class CopyRowSplitter {
@@ -57,10 +59,11 @@ export class CopyRowSplitter {
     return rows;
   }
 
-  /** Adds a row unless it is the header or the end marker; true at the end marker (`\.`), after which nothing counts. */
+  /** Adds a row (or the header) unless it is the end marker; true at the end marker (`\.`), after which nothing counts. */
   private take(bytes: Buffer, rows: CopyRow[]): boolean {
     if (this.headerLeft) {
       this.headerLeft = false;
+      rows.push({ bytes, header: true });
       return false;
     }
     const line = trimLineEnd(bytes);

@@ -43,8 +43,9 @@ test('text COPY data splits into rows wherever CopyData cuts it; the placing col
 test('CSV COPY data: quotes hold delimiters, newlines and doubled quotes; HEADER skips the first row', () => {
   const csv = plan({ format: 'csv', delimiter: ',', null: '', header: true });
   const rows = everyCut(csv, 'name,id\n"a, b",1\n"multi\nline","2"\n"say ""hi""","3,4"\nlast,\n,""\n');
-  assert.deepEqual(rows.map((r) => r.value), ['1', '2', '3,4', null, '']);
-  assert.equal(rows[1].text, '"multi\nline","2"\n');
+  assert.deepEqual(rows.map((r) => r.value), [undefined, '1', '2', '3,4', null, '']);
+  assert.equal(rows[0].text, 'name,id\n', 'the header goes to every shard, whose COPY skips it too');
+  assert.equal(rows[2].text, '"multi\nline","2"\n');
   const escaped = plan({ format: 'csv', delimiter: ';', null: 'NULL', escape: '\\', place: { column: 0, pin: { vindex: 'x', type: 'xxhash', column: 't.k' } } });
   assert.deepEqual(everyCut(escaped, '"a\\"b";1\nNULL;2\n"NULL";3\n').map((r) => r.value), ['a"b', null, 'NULL']);
 });
