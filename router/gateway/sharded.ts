@@ -10,11 +10,13 @@
 import net from 'node:net';
 import { counter, histogram } from '../../common/metrics.ts';
 import { VindexValueError } from '../../schemas/vschema/vindex.ts';
+import type { KeyRange } from '../../schemas/index.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
 import { MOVED_WRITES_SQLSTATE, movedTablesOf, type VSchemaRecord } from '../../schemas/topology.ts';
 import type { SchemaChange } from '../../schemas/generated/types.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
-import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type InsertPlan, type Plan } from '../planner/plan.ts';
+import { CopyRowSplitter, type CopyRow } from '../planner/copy-rows.ts';
+import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type CopyInPlan, type InsertPlan, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
 import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
@@ -139,6 +141,8 @@ export class ShardedSession {
   private readonly portals = new Map<string, Portal>();
   /** Extended protocol: after an error, messages are skipped until Sync. */
   private skipToSync = false;
+  /** A COPY FROM STDIN in progress: the client's CopyData go to the shards. */
+  private copying: CopyIn | undefined;
 
   constructor(private readonly socket: net.Socket, readonly params: Record<string, string>, private readonly opts: ShardedSessionOptions) {
     const [database, suffix] = (params.database ?? params.user).split('@');
@@ -342,6 +346,10 @@ export class ShardedSession {
         this.flush();
         return;
       case T.Flush: this.flush(); return;
+      // Outside COPY, Postgres drops these too (after a COPY failed, the client may still send its data).
+      case T.CopyData: return this.copying?.rows(f.body);
+      case T.CopyDone: return this.copying ? this.endCopy(this.copying) : undefined;
+      case T.CopyFail: return this.copying ? this.endCopy(this.copying, new PgError('ERROR', SQLSTATE.QUERY_CANCELED, `COPY from stdin failed: ${new BodyReader(f.body).cstr()}`)) : undefined;
       case T.Parse: case T.Bind: case T.Describe: case T.Execute: case T.Close:
         if (this.skipToSync) return;
         try {
@@ -399,12 +407,14 @@ export class ShardedSession {
     }
     for (const r of routes) {
       try {
+        if (r.plan.kind === 'copy_in' && routes.length > 1) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY with other statements in one query');
         await this.executeRouted(r, { simple: true });
       } catch (err) {
         this.reportError(err);
         break;
       }
     }
+    if (this.copying) return this.flush(); // ReadyForQuery comes when the COPY ends
     this.reply(readyForQuery(this.status()));
     this.flush();
   }
@@ -434,6 +444,10 @@ export class ShardedSession {
         this.reply(commandComplete('SHOW'));
         return;
       case 'set': return this.runSet(plan.sql);
+      case 'copy_in':
+        if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
+        if (this.target === 'replica' || this.readOnlyTransaction) throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, 'cannot COPY into a table in a read-only session or transaction');
+        return this.startCopy(plan);
       case 'set_local': case 'savepoint': case 'release': case 'rollback_to': return this.runTransactionScoped(plan);
       case 'begin':
         if (this.inTransaction) this.reply(notice('25001', 'there is already a transaction in progress'));
@@ -727,6 +741,50 @@ export class ShardedSession {
     this.reply(commandComplete(tag));
   }
 
+  // --- COPY FROM STDIN ---------------------------------------------------------------------------
+
+  /**
+   * Starts the COPY on every shard, in the session's transaction or in one the gateway opens (committed
+   * with two-phase commit when rows went to several shards: the COPY is all or nothing, as on one
+   * Postgres), and answers the client's CopyInResponse; its rows then go where they belong (CopyIn).
+   */
+  private async startCopy(plan: CopyInPlan): Promise<void> {
+    const implicit = !this.inTransaction;
+    if (implicit) {
+      this.inTransaction = this.implicitTransaction = true;
+      this.beginSql = 'BEGIN';
+    }
+    try {
+      const links = await Promise.all(this.ranges().map((r) => this.enlist(r.shard)));
+      const copy = new CopyIn(plan, links, this.ranges(), implicit);
+      const started = await copy.started;
+      if (started.error) {
+        await copy.fail('the COPY did not start on every shard');
+        throw started.error;
+      }
+      this.copying = copy;
+      this.reply(started.response!);
+    } catch (err) {
+      if (implicit) await this.endTransaction(false, 'twopc');
+      throw err;
+    }
+  }
+
+  /** CopyDone (no `failure`) or CopyFail: ends the COPY on every shard, commits what the gateway opened, answers the client. */
+  private async endCopy(copy: CopyIn, failure?: PgError): Promise<void> {
+    this.copying = undefined;
+    try {
+      const tag = await copy.end(failure);
+      if (copy.implicit) await this.endTransaction(true, 'twopc');
+      this.reply(commandComplete(tag));
+    } catch (err) {
+      if (copy.implicit && this.inTransaction) await this.endTransaction(false, 'twopc');
+      this.reportError(err);
+    }
+    this.reply(readyForQuery(this.status()));
+    this.flush();
+  }
+
   // --- links and transactions -----------------------------------------------------------------
 
   /** The session's link to a shard's primary (or replica), opened (and its settings replayed) on first use. */
@@ -1016,6 +1074,105 @@ export class ShardedSession {
     if (portal.tag !== undefined) this.reply(commandComplete(portal.tag));
     portal.tag = undefined;
     if (name === '') this.portals.delete(name);
+  }
+}
+
+/**
+ * One COPY FROM STDIN spread over a database's shards: each shard runs the statement as written, and
+ * gets the rows its key range holds (a reference table: every row).
+ */
+class CopyIn {
+  /** Resolves once every shard is ready for rows (its CopyInResponse) or one refused the COPY. */
+  readonly started: Promise<{ response?: Buffer; error?: PgError }>;
+  private readonly splitter: CopyRowSplitter;
+  private readonly done: Array<Promise<unknown>>;
+  private readonly results: ShardResult[];
+  /** Set when a row cannot be placed, or a shard failed the COPY: the rest of the data is dropped. */
+  private failure: PgError | undefined;
+
+  constructor(private readonly plan: CopyInPlan, private readonly links: ShardLink[], private readonly ranges: readonly KeyRange[], readonly implicit: boolean) {
+    this.splitter = new CopyRowSplitter(plan);
+    this.results = links.map((l) => new ShardResult(l.shard));
+    const ready: Array<(response: Buffer | undefined) => void> = [];
+    const responses = links.map((_, i) => new Promise<Buffer | undefined>((resolve) => (ready[i] = resolve)));
+    this.done = links.map((link, i) => link.request(message('Q', plan.sql, Buffer.from([0])), (type, buf, start, len) => {
+      if (type === T.CopyInResponse) ready[i](Buffer.from(buf.subarray(start, start + len)));
+      else this.results[i].collect(type, buf, start, len);
+    }).then(() => ready[i](undefined), (err) => {
+      this.failure ??= asPgError(err, 'ERROR');
+      ready[i](undefined);
+    }));
+    this.started = Promise.all(responses).then((responses) => {
+      const refused = this.shardError();
+      return refused ? { error: refused } : { response: responses[0] };
+    });
+  }
+
+  /** A CopyData of the client: its complete rows, each to its shard (one CopyData per shard). */
+  rows(chunk: Buffer): void {
+    if (this.failure || this.shardError()) return;
+    const byShard = new Map<ShardLink, Buffer[]>();
+    try {
+      for (const row of this.splitter.push(chunk)) this.route(row, byShard);
+    } catch (err) {
+      this.failure = asPgError(err, 'ERROR');
+      return;
+    }
+    for (const [link, rows] of byShard) link.up.write(message('d', ...rows));
+  }
+
+  /** CopyDone, or CopyFail with `failure`: the shards' answers; throws what failed. */
+  async end(failure?: PgError): Promise<string> {
+    if (!failure && !this.failure && !this.shardError()) {
+      const byShard = new Map<ShardLink, Buffer[]>();
+      try {
+        for (const row of this.splitter.finish()) this.route(row, byShard);
+      } catch (err) {
+        this.failure = asPgError(err, 'ERROR');
+      }
+      for (const [link, rows] of byShard) link.up.write(message('d', ...rows));
+    }
+    const why = failure ?? this.failure;
+    if (why) {
+      await this.fail(why.message);
+      throw why;
+    }
+    for (const link of this.links) link.up.write(message('c'));
+    await Promise.all(this.done);
+    const refused = this.shardError();
+    if (refused) throw refused;
+    const counts = this.results.map((r) => Number(/^COPY (\d+)$/.exec(r.tag ?? '')?.[1] ?? 0));
+    return `COPY ${this.plan.place ? counts.reduce((a, b) => a + b, 0) : counts[0]}`;
+  }
+
+  /** Ends the COPY on every shard still in it (CopyFail); the shards roll their part back. */
+  async fail(why: string): Promise<void> {
+    for (const link of this.links) link.up.write(message('f', cstr(why)));
+    await Promise.all(this.done);
+  }
+
+  private route(row: CopyRow, byShard: Map<ShardLink, Buffer[]>): void {
+    const to = this.plan.place && !row.header ? [this.linkOf(row)] : this.links;
+    for (const link of to) byShard.set(link, [...(byShard.get(link) ?? []), row.bytes]);
+  }
+
+  private linkOf(row: CopyRow): ShardLink {
+    const { pin } = this.plan.place!;
+    if (row.value === null || row.value === undefined) throw new PgError('ERROR', '23502', `COPY into ${this.plan.table}: a row without a value in its primary vindex column ${pin.column}`);
+    let shard: string | undefined;
+    try {
+      shard = shardOfValue(pin, { literal: row.value }, this.ranges);
+    } catch (err) {
+      if (err instanceof VindexValueError) throw new PgError('ERROR', '22023', `COPY into ${this.plan.table}: ${err.message}`);
+      throw err;
+    }
+    return this.links.find((l) => l.shard === shard)!;
+  }
+
+  /** The first shard that refused the COPY or failed it, as an error naming it. */
+  private shardError(): PgError | undefined {
+    const failed = this.results.find((r) => r.error);
+    return failed ? failed.pgError(this.links.length > 1) : this.failure;
   }
 }
 

@@ -52,6 +52,17 @@ export interface Merge {
 /** An INSERT into a sharded table: the text around its VALUES rows, and each row's value of the primary vindex. */
 export interface InsertPlan { kind: 'insert'; table: string; pin: Pin; prefix: Buffer; rows: Buffer[]; suffix: Buffer; sequence?: SequenceFill; lookups?: InsertLookups[] }
 
+/**
+ * COPY FROM STDIN: the statement as written goes to the shards; the gateway splits the client's
+ * data into rows and sends each where `column` (0-based, in the row) places it. No `column`: a
+ * reference table, every row to every shard.
+ */
+export interface CopyInPlan {
+  kind: 'copy_in'; table: string; sql: Buffer;
+  format: 'text' | 'csv'; delimiter: string; header: boolean; quote: string; escape: string; null: string;
+  place?: { column: number; pin: Omit<Pin, 'values'> };
+}
+
 /** An INSERT's auto-increment column, filled from a VSchema sequence where the statement leaves it out or says DEFAULT. */
 export interface SequenceFill {
   sequence: string;
@@ -108,6 +119,8 @@ export type Plan =
   | { kind: 'transaction_mode'; mode: string }
   | { kind: 'show_plan' }
   | { kind: 'explain'; sql: Buffer; inner: Plan }
+  /** COPY ... FROM STDIN into a sharded table (each row to the shard of its vindex value) or a reference table (every row to every shard). */
+  | CopyInPlan
   | { kind: 'refused'; message: string }
   | { kind: 'empty' };
 

@@ -8,7 +8,7 @@
 import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
-import type { AggregateFn, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
+import type { AggregateFn, CopyInPlan, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
 import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
@@ -116,6 +116,7 @@ export class Planner {
         return { kind: 'explain', sql: text, inner };
       }
       case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');
+      case 'CopyStmt': return this.planCopy(body, text);
       default:
         if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true };
         return refuse(`${statementName(type)} is not supported on a sharded database`);
@@ -334,6 +335,39 @@ export class Planner {
       prefix: text.subarray(0, spans[0][0]), rows: spans.map(([a, b]) => text.subarray(a, b)), suffix: text.subarray(end), sequence,
       ...(lookups.length ? { lookups } : {}),
     };
+  }
+
+  /** COPY FROM STDIN into a table of the VSchema; other COPYs (files, programs, TO) are refused. */
+  private planCopy(c: any, text: Buffer): Plan {
+    if (!c.is_from || !c.relation) refuse('COPY ... TO on a sharded database (SELECT through the gateway instead)');
+    if (c.filename || c.is_program) refuse('COPY from a file or program on a sharded database (use COPY ... FROM STDIN)');
+    const target = this.tableUse(c.relation);
+    if (target.kind === 'system') refuse('COPY into a system catalog through the gateway');
+    const options = new Map<string, string>((c.options ?? []).map((o: any) => [o.DefElem.defname, defElemValue(o.DefElem.arg)]));
+    for (const name of options.keys()) {
+      if (!['format', 'delimiter', 'header', 'null', 'quote', 'escape', 'encoding'].includes(name)) refuse(`COPY option ${name} on a sharded database`);
+    }
+    const format = (options.get('format') ?? 'text').toLowerCase();
+    if (format !== 'text' && format !== 'csv') refuse(`COPY FORMAT ${format} on a sharded database (text and csv are split by row)`);
+    const header = options.get('header')?.toLowerCase();
+    if (header === 'match') refuse('COPY HEADER MATCH on a sharded database');
+    const encoding = options.get('encoding')?.toLowerCase().replace(/[-_]/g, '');
+    if (encoding && encoding !== 'utf8') refuse('COPY ENCODING other than UTF8 on a sharded database');
+    const csv = format === 'csv';
+    const plan: CopyInPlan = {
+      kind: 'copy_in', table: target.name, sql: text, format: csv ? 'csv' : 'text', header: header !== undefined && !['false', 'off', '0'].includes(header),
+      delimiter: options.get('delimiter') ?? (csv ? ',' : '\t'), null: options.get('null') ?? (csv ? '' : '\\N'),
+      quote: options.get('quote') ?? '"', escape: options.get('escape') ?? options.get('quote') ?? '"',
+    };
+    if (plan.delimiter.length !== 1 || plan.quote.length !== 1 || plan.escape.length !== 1) refuse('COPY DELIMITER, QUOTE and ESCAPE of more than one byte on a sharded database');
+    if (target.kind === 'reference') return plan;
+    if (target.lookups?.length) refuse(`COPY into ${target.name}, which owns lookup vindex ${target.lookups.map((l) => l.vindex).join(', ')} (INSERT its rows instead)`);
+    const listed: string[] = (c.attlist ?? []).map((a: any) => a.String.sval);
+    const columns = listed.length ? listed : this.vschema.tables[target.name].columns;
+    if (!columns) refuse(`COPY into sharded table ${target.name} without a column list (name the columns, or list the table's columns in its VSchema entry)`);
+    const column = columns!.indexOf(target.pin!.column);
+    if (column < 0) refuse(`COPY into ${target.name} without its primary vindex column ${target.pin!.column}`);
+    return { ...plan, place: { column, pin: { vindex: target.pin!.vindex, type: target.pin!.type, column: `${target.name}.${target.pin!.column}` } } };
   }
 
   /** The columns an INSERT's values go to: its column list, else the first of the VSchema's `columns` (Postgres fills the rest with defaults). */
@@ -582,6 +616,15 @@ function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | un
     kind, tables, sql: statementOf(text),
     pin: { ...pin, values: slots.map((s) => (typeof s === 'number' ? { literal: lits[s].value } : s)) },
   }];
+}
+
+/** A COPY option's value as Postgres reads it (a bare option, e.g. HEADER, is true). */
+function defElemValue(arg: any): string {
+  if (!arg) return 'true';
+  if (arg.String) return arg.String.sval;
+  if (arg.Boolean) return arg.Boolean.boolval ? 'true' : 'false';
+  if (arg.Integer) return String(arg.Integer.ival ?? 0);
+  return refuse('a COPY option value the gateway cannot read');
 }
 
 /** Plans no template may stand for (see oneShardWithSubqueries). */

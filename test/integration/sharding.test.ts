@@ -8,6 +8,7 @@
  * MG_SHARDING_SHARDS=4 runs the same against 4 shards (slower; not in the default run).
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -44,6 +45,7 @@ tables:
   orders: { column_vindexes: [{ column: tenant_id, name: hash }] }
   order_lines: { column_vindexes: [{ column: tenant_id, name: hash }] }
   products: { type: reference }
+  events: { column_vindexes: [{ column: tenant_id, name: hash }], columns: [tenant_id, id, note] }
 routines:
   tenant_port: { argument: 0, vindex: hash }
   rename_tenant: { argument: 0, vindex: hash }
@@ -54,6 +56,7 @@ const DDL = [
   'CREATE TABLE orders (tenant_id bigint NOT NULL, id bigint NOT NULL, user_id bigint NOT NULL, total numeric(10,2) NOT NULL, status text NOT NULL, PRIMARY KEY (tenant_id, id))',
   'CREATE TABLE order_lines (tenant_id bigint NOT NULL, order_id bigint NOT NULL, line int NOT NULL, product_id int NOT NULL, qty int NOT NULL, PRIMARY KEY (tenant_id, order_id, line))',
   'CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL, price numeric(8,2) NOT NULL)',
+  'CREATE TABLE events (tenant_id bigint NOT NULL, id bigint NOT NULL, note text, PRIMARY KEY (tenant_id, id))',
 ];
 const TENANTS = 12;
 
@@ -406,6 +409,51 @@ test('session settings reach every shard the session uses', async () => {
   } finally {
     await c.end();
   }
+});
+
+/** psql's \copy of `data` into port's database; its output (COPY n) or its error. */
+function psqlCopy(port: number, copy: string, data: string): { out: string; err: string } {
+  const r = spawnSync('psql', ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-d', 'postgres', '-v', 'ON_ERROR_STOP=1', '-c', `\\copy ${copy}`], {
+    input: data, encoding: 'utf8', env: { ...process.env, PGPASSWORD: 'postgres', PGSSLMODE: 'disable' },
+  });
+  return { out: r.stdout.trim(), err: r.stderr.trim() };
+}
+
+test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) puts every row on its shard, all or nothing', async () => {
+  const csv = ['tenant_id,id,note', ...Array.from({ length: 30 }, (_, i) => `${(i % TENANTS) + 1},${i + 1},"note ${i}, with ""quotes""${i % 7 === 0 ? '\nand a newline' : ''}"`)].join('\n');
+  for (const port of [gatewayPort, reference.port]) {
+    assert.deepEqual(psqlCopy(port, 'events (tenant_id, id, note) FROM STDIN WITH (FORMAT csv, HEADER)', `${csv}\n`), { out: 'COPY 30', err: '' });
+  }
+  const text = Array.from({ length: 20 }, (_, i) => `${(i % TENANTS) + 1}\t${100 + i}\ttab\\there ${i}\n`).join('');
+  for (const port of [gatewayPort, reference.port]) {
+    const sql = postgres({ host: '127.0.0.1', port, user: 'postgres', password: 'postgres', database: 'postgres', max: 1 });
+    try {
+      const writable = await sql`COPY events FROM STDIN`.writable();
+      await new Promise<void>((resolve, reject) => {
+        writable.on('error', reject);
+        writable.end(text, () => resolve());
+      });
+      // The COPY has ended when the connection answers again.
+      assert.equal((await sql`SELECT count(*)::int AS n FROM events WHERE id >= 100`)[0].n, 20);
+    } finally {
+      await sql.end();
+    }
+  }
+  await same('SELECT * FROM events ORDER BY tenant_id, id');
+  // Each row is on the shard of its tenant.
+  const byPort = (await gw.query('SELECT inet_server_port() AS p, count(*)::int AS n FROM events GROUP BY 1')).rows;
+  const expected = new Map<number, number>();
+  for (const { tenant_id: t } of (await ref.query('SELECT tenant_id FROM events')).rows) expected.set(portOf(shardOfTenant(Number(t))), (expected.get(portOf(shardOfTenant(Number(t)))) ?? 0) + 1);
+  assert.deepEqual(new Map(byPort.map((r) => [Number(r.p), r.n])), expected);
+  // One row a shard refuses (a duplicate key) and the rows bound for the other shard do not land either; the session goes on.
+  const before = (await gw.query('SELECT count(*)::int AS n FROM events')).rows[0].n;
+  const a = tenantOn(FIRST);
+  const b = tenantOn(LAST);
+  const failed = psqlCopy(gatewayPort, 'events FROM STDIN', `${b}\t900\tnew\n${a}\t1000\tnew\n${a}\t1000\tagain\n`);
+  assert.match(failed.err, /duplicate key value violates unique constraint "events_pkey"/);
+  assert.match(psqlCopy(gatewayPort, 'events FROM STDIN', `${a}\t901\tx\n\\N\t902\tno tenant\n`).err, /a row without a value in its primary vindex column events.tenant_id/);
+  assert.equal((await gw.query('SELECT count(*)::int AS n FROM events')).rows[0].n, before, 'nothing of the failed COPYs landed');
+  assert.match(psqlCopy(gatewayPort, 'events TO STDOUT', '').err, /COPY \.\.\. TO on a sharded database/);
 });
 
 test('postgres.js (extended protocol, and simple) gets the same answers, and portals with row limits work on scatter results', async () => {

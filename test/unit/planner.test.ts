@@ -104,7 +104,11 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
     ['INSERT INTO orders (tenant_id) VALUES (now())', /must be a literal or \$n/],
     ['INSERT INTO orders (tenant_id) SELECT tenant_id FROM users', /INSERT \.\.\. SELECT/],
     ['PREPARE TRANSACTION \'x\'', /PREPARE on a sharded database/],
-    ['COPY orders FROM STDIN', /COPY is not supported/],
+    ['COPY orders FROM STDIN', /COPY into sharded table orders without a column list/],
+    ['COPY orders (id, status) FROM STDIN', /COPY into orders without its primary vindex column tenant_id/],
+    ['COPY orders TO STDOUT', /COPY \.\.\. TO on a sharded database/],
+    ["COPY orders (tenant_id) FROM '/etc/passwd'", /COPY from a file or program/],
+    ['COPY orders (tenant_id) FROM STDIN (FORMAT binary)', /COPY FORMAT binary/],
     ["SET mg.transaction_mode = 'fast'", /mg.transaction_mode must be/],
   ];
   for (const [sql, message] of refused) {
@@ -201,6 +205,14 @@ test('subqueries, CTEs and FROM subselects over sharded tables run on one shard 
   // The same shape with other literals is planned afresh (the subquery's value pins it too): 11 and 12 differ, refused.
   assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 11)').kind, 'select');
   assert.equal(one('SELECT * FROM orders o WHERE o.tenant_id = 11 AND o.id IN (SELECT id FROM users u WHERE u.tenant_id = 12)').kind, 'refused');
+});
+
+test('COPY FROM STDIN is placed by the vindex column of its column list; a reference table gets every row', () => {
+  const p = one("COPY orders (id, tenant_id, status) FROM STDIN WITH (FORMAT csv, HEADER, DELIMITER ';')") as any;
+  assert.equal(p.kind, 'copy_in');
+  assert.deepEqual([p.format, p.delimiter, p.header, p.null, p.place.column, p.place.pin.column], ['csv', ';', true, '', 1, 'orders.tenant_id']);
+  const t = one('COPY products FROM STDIN') as any;
+  assert.deepEqual([t.kind, t.format, t.delimiter, t.null, t.place], ['copy_in', 'text', '\t', '\\N', undefined]);
 });
 
 test('an INSERT without a column list is placed by the columns the VSchema lists, else refused', () => {
