@@ -98,6 +98,8 @@ export class ShardResult {
   notices: Buffer[] = [];
   /** Extended protocol: a ParameterDescription from a Describe. */
   parameterDescription: Buffer | undefined;
+  /** COPY TO: the shard's CopyOutResponse (its CopyData are in `rows`). */
+  copyOutResponse: Buffer | undefined;
 
   constructor(readonly shard: string) {}
 
@@ -110,6 +112,8 @@ export class ShardResult {
       case T.ErrorResponse: this.error ??= errorFieldsAt(buf, start, len); break;
       case T.NoticeResponse: this.notices.push(msg); break;
       case T.ParameterDescription: this.parameterDescription = msg; break;
+      case T.CopyOutResponse: this.copyOutResponse = msg; break;
+      case T.CopyData: this.rows.push(msg); break; // COPY TO: the data, row by row as the shard sends it
       default: break; // ParseComplete, BindComplete, NoData, EmptyQueryResponse: the session answers those itself
     }
   };

@@ -448,6 +448,13 @@ export class ShardedSession {
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
         if (this.target === 'replica' || this.readOnlyTransaction) throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, 'cannot COPY into a table in a read-only session or transaction');
         return this.startCopy(plan);
+      case 'copy_out': {
+        const sql = plan.sql;
+        if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
+        const shards = plan.reference ? await this.shardsOf({ kind: 'reference', sql: plan.sql, tables: plan.tables }) : await this.shardsOf({ kind: 'select', sql: plan.sql, pin: plan.pin, tables: plan.tables });
+        if (shards.length === 1) return this.relay(shards[0], sql, how);
+        return this.copyOutUnion(await this.onShards(shards, () => sql, how, true));
+      }
       case 'set_local': case 'savepoint': case 'release': case 'rollback_to': return this.runTransactionScoped(plan);
       case 'begin':
         if (this.inTransaction) this.reply(notice('25001', 'there is already a transaction in progress'));
@@ -711,6 +718,14 @@ export class ShardedSession {
     for (const r of results) for (const n of r.notices) this.reply(n);
     const rows = results.flatMap((r) => r.rows);
     this.emitRows(rows, sumTags(results.map((r) => r.tag)), how);
+  }
+
+  /** COPY TO STDOUT over several shards: one CopyOutResponse, every shard's data, one CopyDone, the counts added up. */
+  private copyOutUnion(results: ShardResult[]): void {
+    this.reply(results[0].copyOutResponse!);
+    for (const r of results) for (const row of r.rows) this.reply(row);
+    this.reply(message('c'));
+    this.reply(commandComplete(sumTags(results.map((r) => r.tag))));
   }
 
   /** DDL and reference-table writes: every shard ran the same; its answer once. */

@@ -116,7 +116,7 @@ export class Planner {
         return { kind: 'explain', sql: text, inner };
       }
       case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');
-      case 'CopyStmt': return this.planCopy(body, text);
+      case 'CopyStmt': return this.planCopy(body, text, base);
       default:
         if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true };
         return refuse(`${statementName(type)} is not supported on a sharded database`);
@@ -338,9 +338,9 @@ export class Planner {
   }
 
   /** COPY FROM STDIN into a table of the VSchema; other COPYs (files, programs, TO) are refused. */
-  private planCopy(c: any, text: Buffer): Plan {
-    if (!c.is_from || !c.relation) refuse('COPY ... TO on a sharded database (SELECT through the gateway instead)');
-    if (c.filename || c.is_program) refuse('COPY from a file or program on a sharded database (use COPY ... FROM STDIN)');
+  private planCopy(c: any, text: Buffer, base: number): Plan {
+    if (c.filename || c.is_program) refuse(`COPY ${c.is_from ? 'from' : 'to'} a file or program on a sharded database (use COPY ... ${c.is_from ? 'FROM STDIN' : 'TO STDOUT'})`);
+    if (!c.is_from) return this.planCopyOut(c, text, base);
     const target = this.tableUse(c.relation);
     if (target.kind === 'system') refuse('COPY into a system catalog through the gateway');
     const options = new Map<string, string>((c.options ?? []).map((o: any) => [o.DefElem.defname, defElemValue(o.DefElem.arg)]));
@@ -368,6 +368,19 @@ export class Planner {
     const column = columns!.indexOf(target.pin!.column);
     if (column < 0) refuse(`COPY into ${target.name} without its primary vindex column ${target.pin!.column}`);
     return { ...plan, place: { column, pin: { vindex: target.pin!.vindex, type: target.pin!.type, column: `${target.name}.${target.pin!.column}` } } };
+  }
+
+  /** COPY TO STDOUT: a table's rows from every shard (a reference table's from one), or a query's rows as its plan routes them, unmerged. */
+  private planCopyOut(c: any, text: Buffer, base: number): Plan {
+    if (c.relation) {
+      const t = this.tableUse(c.relation);
+      return { kind: 'copy_out', sql: text, reference: t.kind !== 'sharded', tables: [t.name] };
+    }
+    const query = c.query?.SelectStmt ? this.planSelect(c.query.SelectStmt, text, base) : refuse('COPY (a statement other than SELECT) TO STDOUT on a sharded database');
+    if (query.kind === 'refused') return query;
+    if (query.kind === 'reference') return { kind: 'copy_out', sql: text, reference: true, tables: query.tables };
+    if (query.kind !== 'select' || query.merge || query.pin?.lookup) return refuse('COPY (a query whose rows the gateway merges or looks up) TO STDOUT on a sharded database (SELECT it instead)');
+    return { kind: 'copy_out', sql: text, pin: query.pin, reference: false, tables: query.tables };
   }
 
   /** The columns an INSERT's values go to: its column list, else the first of the VSchema's `columns` (Postgres fills the rest with defaults). */

@@ -106,7 +106,8 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
     ['PREPARE TRANSACTION \'x\'', /PREPARE on a sharded database/],
     ['COPY orders FROM STDIN', /COPY into sharded table orders without a column list/],
     ['COPY orders (id, status) FROM STDIN', /COPY into orders without its primary vindex column tenant_id/],
-    ['COPY orders TO STDOUT', /COPY \.\.\. TO on a sharded database/],
+    ['COPY (SELECT * FROM orders ORDER BY total LIMIT 3) TO STDOUT', /COPY \(a query whose rows the gateway merges/],
+    ["COPY orders TO '/tmp/x'", /COPY to a file or program/],
     ["COPY orders (tenant_id) FROM '/etc/passwd'", /COPY from a file or program/],
     ['COPY orders (tenant_id) FROM STDIN (FORMAT binary)', /COPY FORMAT binary/],
     ["SET mg.transaction_mode = 'fast'", /mg.transaction_mode must be/],
@@ -211,6 +212,10 @@ test('COPY FROM STDIN is placed by the vindex column of its column list; a refer
   const p = one("COPY orders (id, tenant_id, status) FROM STDIN WITH (FORMAT csv, HEADER, DELIMITER ';')") as any;
   assert.equal(p.kind, 'copy_in');
   assert.deepEqual([p.format, p.delimiter, p.header, p.null, p.place.column, p.place.pin.column], ['csv', ';', true, '', 1, 'orders.tenant_id']);
+  const out = one('COPY orders TO STDOUT') as any;
+  assert.deepEqual([out.kind, out.pin, out.reference], ['copy_out', undefined, false]);
+  assert.deepEqual((one('COPY (SELECT id FROM orders WHERE tenant_id = 5) TO STDOUT (FORMAT csv)') as any).pin.values, [{ literal: '5' }]);
+  assert.equal((one('COPY products TO STDOUT') as any).reference, true);
   const t = one('COPY products FROM STDIN') as any;
   assert.deepEqual([t.kind, t.format, t.delimiter, t.null, t.place], ['copy_in', 'text', '\t', '\\N', undefined]);
 });
