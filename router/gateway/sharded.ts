@@ -453,7 +453,7 @@ export class ShardedSession {
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
         const shards = plan.reference ? await this.shardsOf({ kind: 'reference', sql: plan.sql, tables: plan.tables }) : await this.shardsOf({ kind: 'select', sql: plan.sql, pin: plan.pin, tables: plan.tables });
         if (shards.length === 1) return this.relay(shards[0], sql, how);
-        return this.copyOutUnion(await this.onShards(shards, () => sql, how, true));
+        return this.copyOutUnion(await this.onShards(shards, () => sql, how, true), plan.header);
       }
       case 'set_local': case 'savepoint': case 'release': case 'rollback_to': return this.runTransactionScoped(plan);
       case 'begin':
@@ -721,9 +721,9 @@ export class ShardedSession {
   }
 
   /** COPY TO STDOUT over several shards: one CopyOutResponse, every shard's data, one CopyDone, the counts added up. */
-  private copyOutUnion(results: ShardResult[]): void {
+  private copyOutUnion(results: ShardResult[], header: boolean): void {
     this.reply(results[0].copyOutResponse!);
-    for (const r of results) for (const row of r.rows) this.reply(row);
+    results.forEach((r, i) => r.rows.forEach((row, j) => (i > 0 && j === 0 && header ? undefined : this.reply(row))));
     this.reply(message('c'));
     this.reply(commandComplete(sumTags(results.map((r) => r.tag))));
   }

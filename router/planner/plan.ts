@@ -122,7 +122,7 @@ export type Plan =
   /** COPY ... FROM STDIN into a sharded table (each row to the shard of its vindex value) or a reference table (every row to every shard). */
   | CopyInPlan
   /** COPY ... TO STDOUT of a table or a query: the shards the table or the query's plan names; their data one after another. */
-  | { kind: 'copy_out'; sql: Buffer; pin?: Pin; reference: boolean; tables: string[] }
+  | { kind: 'copy_out'; sql: Buffer; pin?: Pin; reference: boolean; tables: string[]; header: boolean }
   | { kind: 'refused'; message: string }
   | { kind: 'empty' };
 

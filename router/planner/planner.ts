@@ -372,15 +372,23 @@ export class Planner {
 
   /** COPY TO STDOUT: a table's rows from every shard (a reference table's from one), or a query's rows as its plan routes them, unmerged. */
   private planCopyOut(c: any, text: Buffer, base: number): Plan {
+    const options = new Map<string, string>((c.options ?? []).map((o: any) => [o.DefElem.defname, defElemValue(o.DefElem.arg).toLowerCase()]));
+    // Each shard's CSV header is its first line: the gateway keeps the first shard's only.
+    const header = options.get('format') === 'csv' && options.has('header') && !['false', 'off', '0'].includes(options.get('header')!);
+    const plan = (p: { pin?: Pin; reference: boolean; tables: string[] }): Plan => {
+      // A binary COPY is one file per shard (a header and a trailer each): it cannot be spliced.
+      if (options.get('format') === 'binary' && !p.reference && !(p.pin && p.pin.values.length === 1)) refuse('COPY ... TO in binary format over several shards');
+      return { kind: 'copy_out', sql: text, header, ...p };
+    };
     if (c.relation) {
       const t = this.tableUse(c.relation);
-      return { kind: 'copy_out', sql: text, reference: t.kind !== 'sharded', tables: [t.name] };
+      return plan({ reference: t.kind !== 'sharded', tables: [t.name] });
     }
     const query = c.query?.SelectStmt ? this.planSelect(c.query.SelectStmt, text, base) : refuse('COPY (a statement other than SELECT) TO STDOUT on a sharded database');
     if (query.kind === 'refused') return query;
-    if (query.kind === 'reference') return { kind: 'copy_out', sql: text, reference: true, tables: query.tables };
+    if (query.kind === 'reference') return plan({ reference: true, tables: query.tables });
     if (query.kind !== 'select' || query.merge || query.pin?.lookup) return refuse('COPY (a query whose rows the gateway merges or looks up) TO STDOUT on a sharded database (SELECT it instead)');
-    return { kind: 'copy_out', sql: text, pin: query.pin, reference: false, tables: query.tables };
+    return plan({ pin: query.pin, reference: false, tables: query.tables });
   }
 
   /** The columns an INSERT's values go to: its column list, else the first of the VSchema's `columns` (Postgres fills the rest with defaults). */

@@ -459,6 +459,8 @@ test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) 
   const pinned = `(SELECT id, note FROM events WHERE tenant_id = ${a}) TO STDOUT WITH (FORMAT csv)`;
   assert.deepEqual(lines(gatewayPort, pinned), lines(reference.port, pinned));
   assert.ok(lines(gatewayPort, pinned).length > 1);
+  const withHeader = 'events TO STDOUT WITH (FORMAT csv, HEADER)';
+  assert.deepEqual(lines(gatewayPort, withHeader), lines(reference.port, withHeader), 'one header line, as from one Postgres');
 });
 
 test('postgres.js (extended protocol, and simple) gets the same answers, and portals with row limits work on scatter results', async () => {

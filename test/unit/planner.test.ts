@@ -216,6 +216,9 @@ test('COPY FROM STDIN is placed by the vindex column of its column list; a refer
   assert.deepEqual([out.kind, out.pin, out.reference], ['copy_out', undefined, false]);
   assert.deepEqual((one('COPY (SELECT id FROM orders WHERE tenant_id = 5) TO STDOUT (FORMAT csv)') as any).pin.values, [{ literal: '5' }]);
   assert.equal((one('COPY products TO STDOUT') as any).reference, true);
+  assert.equal((one('COPY orders TO STDOUT WITH (FORMAT csv, HEADER)') as any).header, true);
+  assert.match((one('COPY orders TO STDOUT (FORMAT binary)') as any).message, /binary format over several shards/);
+  assert.equal(one('COPY (SELECT * FROM orders WHERE tenant_id = 2) TO STDOUT (FORMAT binary)').kind, 'copy_out');
   const t = one('COPY products FROM STDIN') as any;
   assert.deepEqual([t.kind, t.format, t.delimiter, t.null, t.place], ['copy_in', 'text', '\t', '\\N', undefined]);
 });
