@@ -20,10 +20,16 @@ import { LeaseLost, type Journal } from './journal.ts';
 import type { ShardView } from './view.ts';
 
 export interface ElectionRequest {
-  operation: 'failover' | 'switchover' | 'bootstrap';
+  /** restore: the election that ends an in-place restore (orchestrator/restores.ts); otherwise as a failover. */
+  operation: 'failover' | 'switchover' | 'bootstrap' | 'restore';
   reason: string;
-  /** Switchover: the instance to hand over to (must be among the most advanced). */
+  /** Switchover: the instance to hand over to (must be among the most advanced); otherwise the one preferred among equals. */
   target?: string;
+  /**
+   * Restore: the instances that follow the restored history; only they may win. A voter left on the abandoned
+   * one may look more advanced (later WAL, a rule of a later term) and would bring back what the restore undid.
+   */
+  candidates?: string[];
 }
 
 export interface ElectionResult {
@@ -108,7 +114,8 @@ export class Election {
         note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}${p ? '' : ` (not the primary ${old.instanceId}: it did not answer)`}`,
           positionDetails(positions), Date.now() - t0);
       } else {
-        await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap');
+        // A restore waits for every answer too: the candidates (on the restored history) must be among the recruited.
+        await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap' || op === 'restore');
         // A voter that did not answer may hold data (a first election that failed midway): the first election of a
         // shard needs every voter, and initializes a new primary only when none holds data.
         if (op === 'bootstrap' && positions.size < shard.cohort.length) {
@@ -213,13 +220,14 @@ export class Election {
   }
 
   private choose(shard: ShardView, positions: Map<string, VoterPosition>, req: ElectionRequest, previous: string | undefined): InstanceRegistered {
-    const ranked = shard.cohort.filter((i) => positions.has(i.instanceId)).sort((a, b) => {
+    const ranked = shard.cohort.filter((i) => positions.has(i.instanceId) && (!req.candidates || req.candidates.includes(i.instanceId))).sort((a, b) => {
       const byPosition = comparePositions(positions.get(b.instanceId)!, positions.get(a.instanceId)!);
       if (byPosition !== 0) return byPosition;
       const prefer = (i: InstanceRegistered) => (i.instanceId === req.target ? 0 : i.instanceId === previous ? 2 : 1);
       return prefer(a) - prefer(b) || a.instanceId.localeCompare(b.instanceId);
     });
     const best = ranked[0];
+    if (!best) throw new ElectionError(`none of the candidates ${req.candidates?.join(', ')} was recruited`, 'failed');
     if (req.operation === 'switchover') {
       const candidates = ranked.filter((i) => i.instanceId !== previous && comparePositions(positions.get(i.instanceId)!, positions.get(best.instanceId)!) === 0);
       const chosen = req.target ? candidates.find((i) => i.instanceId === req.target) : candidates[0];

@@ -28,3 +28,27 @@ export function recoveryTargetOf(opts: { time?: string; lsn?: string }): Recover
   }
   return { type: 'default' };
 }
+
+/** What a restore needs of one backup in a repository's listing (`pgbackrest info`, as the agents report it). */
+export interface ListedBackup {
+  label: string;
+  /** When it ended (pgBackRest keeps whole seconds). */
+  stoppedAt: string | Date;
+  stopLsn: string;
+  error?: boolean;
+}
+
+/**
+ * The latest backup a point-in-time restore to `target` can start from (pgBackRest's
+ * `--set`): one that ended before the target, since recovery cannot stop inside a backup.
+ * Undefined when there is none.
+ */
+export function backupBefore<B extends ListedBackup>(backups: B[], target: { time?: Date; lsn?: string }): B | undefined {
+  const lsnKey = (lsn: string) => lsn.split('/').map((half) => half.toUpperCase().padStart(8, '0')).join('');
+  return backups.filter((b) => {
+    if (b.error || !b.stopLsn) return false;
+    // The listing's stop time is truncated to the second: one more second keeps the choice on the safe side.
+    if (target.time) return new Date(b.stoppedAt).getTime() + 1_000 <= target.time.getTime();
+    return target.lsn !== undefined && lsnKey(b.stopLsn) <= lsnKey(target.lsn);
+  }).at(-1);
+}
