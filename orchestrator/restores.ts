@@ -14,7 +14,7 @@
 import { backupBefore, recoveryTargetOf, type ListedBackup, type OrchEventKind, type RecoveryTarget } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import type { Backups } from './backups.ts';
-import { drainClients } from './election.ts';
+import { drainClients, type ElectionResult } from './election.ts';
 import type { Journal } from './journal.ts';
 import type { Keeper } from './keeper.ts';
 import { OperationError } from './operations.ts';
@@ -30,6 +30,8 @@ const BACKUP_TIMEOUT_MS = 6 * 3_600_000;
 const REPOINT_TIMEOUT_MS = 180_000;
 /** Forcing a WAL switch and waiting for its archiving. */
 const CHECK_TIMEOUT_MS = 120_000;
+/** Elections tried before the restore is reported failed (the keepers go on trying after it). */
+const ELECTION_ATTEMPTS = 3;
 /** Client transactions on the primary get this long to end before it stops (new ones are held by the gateways). */
 const DRAIN_MS = 3_000;
 
@@ -145,7 +147,7 @@ export class RestoreManager {
   /** Every instance out of routing (the gateways hold new statements, then answer 57P03), then the primary's transactions get a moment to end. */
   private async drain(p: Plan, step: Step): Promise<void> {
     const t0 = Date.now();
-    const ids = p.shard.cohort.map((i) => i.instanceId);
+    const ids = p.shard.members.map((i) => i.instanceId); // one being removed (DRAINED) stays so
     for (const id of ids) await this.keeper.setServing(id, 'NOT_SERVING', p.term);
     for (let waited = 0; ids.some((id) => this.watch.topology.serving.get(id) !== 'NOT_SERVING'); waited += 20) {
       if (waited > 10_000) throw new Error(`NOT_SERVING of ${p.shard.key}'s instances did not come back from the topology log`);
@@ -206,7 +208,18 @@ export class RestoreManager {
     const shard = this.watch.shard(p.shard.database, p.shard.shard);
     if (!shard) throw new Error(`${p.shard.key} is gone`);
     step(`${p.shard.key}: electing a primary under a new term among ${candidates.join(', ')} ...`);
-    const r = await this.keeper.elect(shard, { operation: 'restore', reason: `restored in place to ${what}`, target: p.primaryId, candidates });
+    let r: ElectionResult;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        r = await this.keeper.elect(this.watch.shard(shard.database, shard.shard) ?? shard, { operation: 'restore', reason: `restored in place to ${what}`, target: p.primaryId, candidates });
+        break;
+      } catch (err) {
+        // As the keeper retries an election: a voter slow to answer on a busy machine is not a reason to give up the restore.
+        if (attempt === ELECTION_ATTEMPTS) throw err;
+        step(`${p.shard.key}: the election did not complete (${(err as Error).message}); trying again under a newer term`);
+        await new Promise((res) => setTimeout(res, 1_000));
+      }
+    }
     step(`${p.shard.key}: ${r.primary} is primary of term ${r.term} (election ${r.durationMs} ms); the gateways serve ${p.shard.database} again`);
     // The check goes to the primary this orchestrator's view shows: the announcement must have come back first.
     for (let waited = 0; this.watch.shard(p.shard.database, p.shard.shard)?.primary?.term !== r.term || this.watch.fresh(r.primary)?.role !== 'PRIMARY'; waited += 50) {

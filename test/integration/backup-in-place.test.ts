@@ -46,6 +46,7 @@ after(async () => {
   if (fs.existsSync(path.join(latestDir, 'postmaster.pid'))) {
     execFileSync('su', ['postgres', '-c', `${path.join(cluster.spec.postgres.binDir, 'pg_ctl')} stop -m immediate -D ${latestDir}`]);
   }
+  if (process.env.KEEP_LOGS) fs.cpSync(path.join(dataDir, 'logs'), process.env.KEEP_LOGS, { recursive: true }); // TEMP
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
@@ -148,10 +149,16 @@ test('restore --in-place --time: the same database holds exactly the rows of the
   const client = watchClient();
   await until('the watching client to see the table as it is now', 10_000, () => client.seen.some((s) => s.count !== undefined));
   const t0 = Date.now();
-  const out = await ok('backup', 'restore', 'postgres', '--in-place', '--time', noted.toISOString());
-  const restoreMs = Date.now() - t0;
-  await sleep(1_000); // the watcher sees the database served again
-  const seen = await client.stop();
+  let out: string;
+  let restoreMs: number;
+  try {
+    out = await ok('backup', 'restore', 'postgres', '--in-place', '--time', noted.toISOString());
+    restoreMs = Date.now() - t0;
+    await sleep(1_000); // the watcher sees the database served again
+  } finally {
+    await client.stop();
+  }
+  const { seen } = client;
 
   for (const line of [/current WAL is archived; restoring from backup \S+F/, /drained: .* NOT_SERVING/, /restored in place from backup \S+ to time .* a primary on timeline \d+/,
     /full backup \S+F on the new timeline/, /rejoins/, /is primary of term \d+/, /pgbackrest check on the new primary: archiving works/, /restore in place postgres: done in/]) {
@@ -175,7 +182,8 @@ test('restore --in-place --time: the same database holds exactly the rows of the
   const held = answers.filter((s) => s.ms > 1_000);
   assert.ok(refused.length + held.length > 0, 'the client was held (and answered after) or refused with 57P03 while the shard was out of service');
   for (const e of refused) assert.match(e.message!, /no serving primary for postgres\/-/);
-  console.log(`restore: ${restoreMs} ms; the client saw ${answers.length} answers (${held.length} held > 1 s), ${refused.length} x 57P03, ${errors.length - refused.length} other clear errors`);
+  console.log(out);
+  console.log(`restore: ${restoreMs!} ms; the client saw ${answers.length} answers (${held.length} held > 1 s), ${refused.length} x 57P03, ${errors.length - refused.length} other clear errors`);
 
   // Every step was an event: the operation's, the full backup on the new timeline, the election under a new term.
   const ops = orchEvents.filter((e) => e.operation === 'restore' && e.shard === '-' && e.ts.getTime() >= t0);
