@@ -46,7 +46,6 @@ after(async () => {
   if (fs.existsSync(path.join(latestDir, 'postmaster.pid'))) {
     execFileSync('su', ['postgres', '-c', `${path.join(cluster.spec.postgres.binDir, 'pg_ctl')} stop -m immediate -D ${latestDir}`]);
   }
-  if (process.env.KEEP_LOGS) fs.cpSync(path.join(dataDir, 'logs'), process.env.KEEP_LOGS, { recursive: true }); // TEMP
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
