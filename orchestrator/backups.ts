@@ -132,6 +132,8 @@ export class Backups {
       const schedule = this.schedules[s.database];
       const primary = this.primaryOf(s);
       if (!schedule || !primary || primary.cell !== this.cell) continue;
+      // Out of service: a switchover or an in-place restore (which takes its own backup) is at work on the shard.
+      if (this.watch.topology.serving.get(primary.instanceId) === 'NOT_SERVING') continue;
       const type = dueType(schedule, (t) => this.lastByShardType.get(`${s.key}|${t}`), now);
       if (!type) continue;
       try {

@@ -42,12 +42,17 @@ export interface RestoreRequest {
   lsn?: string;
 }
 
+/** An in-place restore goes to a point: a time or an LSN. */
+type PointTarget = Extract<RecoveryTarget, { value: string }>;
+
 interface Plan {
   shard: ShardView;
   primaryId: string;
   term: bigint;
   /** The backup the restore starts from. */
   set: string;
+  /** The election that ended it. */
+  elected?: ElectionResult;
 }
 
 export class RestoreManager {
@@ -57,7 +62,7 @@ export class RestoreManager {
   ) {}
 
   /** The shards to restore (one, or every shard of the database) and the target; an OperationError when it cannot start. */
-  check(database: string, shardName: string | undefined, req: RestoreRequest): { shards: ShardView[]; target: RecoveryTarget } {
+  check(database: string, shardName: string | undefined, req: RestoreRequest): { shards: ShardView[]; target: PointTarget } {
     const db = this.watch.topology.databases.get(database);
     if (!db || db.dropped) throw new OperationError(404, `no database ${database}`);
     if (db.hostedOn !== null) throw new OperationError(409, `${database} is hosted on ${db.hostedOn}: restore ${db.hostedOn}, with every database it hosts`);
@@ -72,6 +77,7 @@ export class RestoreManager {
     } catch (err) {
       throw new OperationError(400, `body: ${(err as Error).message.replace(/--/g, '')}`);
     }
+    if (target.type === 'default') throw new OperationError(400, 'body: give time or lsn');
     if (req.time && new Date(req.time).getTime() > Date.now()) throw new OperationError(400, `body.time: ${req.time} is in the future`);
     if (req.lsn && shards.length > 1) throw new OperationError(400, `body.lsn: ${database} has ${shards.length} shards, whose WAL positions are unrelated: give a time, or restore one shard`);
     for (const s of shards) {
@@ -83,14 +89,15 @@ export class RestoreManager {
   }
 
   /** The operation itself (runs in the background; `step` says what it did and what it waits for). */
-  async restore(database: string, shards: ShardView[], target: RecoveryTarget, req: RestoreRequest, step: Step): Promise<void> {
-    const what = target.type === 'default' ? 'the end of the archive' : `${target.type} ${target.type === 'time' ? req.time : target.value}`;
+  async restore(database: string, shards: ShardView[], target: PointTarget, req: RestoreRequest, step: Step): Promise<void> {
+    const what = `${target.type} ${target.type === 'time' ? req.time : target.value}`;
     if (shards.length === 1 && this.watch.topology.databases.get(database)?.sharded) {
       step(`${shards[0].key} alone: cross-shard transactions with the other shards of ${database} are not brought to the same point`);
     }
     // Before anything changes: a backup to start from, and the primary's current WAL in the archive (a refusal leaves the shard as it was).
     const plans: Plan[] = [];
-    for (const shard of shards) {
+    for (const checked of shards) {
+      const shard = this.watch.shard(database, checked.shard) ?? checked; // its primary may have moved since the check
       const info = JSON.parse(await this.backups.repository(database, shard.shard, 'BACKUP_INFO')) as { backups: ListedBackup[] } | null;
       const set = backupBefore(info?.backups ?? [], { time: req.time ? new Date(req.time) : undefined, lsn: req.lsn })?.label;
       if (!set) throw new Error(`${shard.key}: no backup ended before ${what}${info?.backups.length ? `; the earliest ended at ${new Date(info.backups[0].stoppedAt).toISOString()} (${info.backups[0].stopLsn})` : ''}`);
@@ -131,7 +138,7 @@ export class RestoreManager {
         await record(p, 'DECIDED', `restore in place to ${what} from backup ${p.set}: drain, restore, rejoin, elect`);
       }
       await op();
-      for (const p of plans) await record(p, 'COMPLETED', `restored in place to ${what}`);
+      for (const p of plans) await record(p, 'COMPLETED', `restored in place to ${what}; ${p.elected!.primary} is primary of term ${p.elected!.term}`);
     } catch (err) {
       for (const p of claimed) await record(p, 'FAILED', `restore in place to ${what}: ${(err as Error).message}`).catch(() => undefined);
       throw err;
@@ -158,8 +165,7 @@ export class RestoreManager {
     await this.note(p, 'ACTED', `drained: ${ids.join(', ')} NOT_SERVING (the gateways hold new statements)`, Date.now() - t0, step);
   }
 
-  private async restorePrimary(p: Plan, target: RecoveryTarget, step: Step): Promise<void> {
-    if (target.type === 'default') throw new Error('an in-place restore needs a time or an LSN');
+  private async restorePrimary(p: Plan, target: PointTarget, step: Step): Promise<void> {
     step(`${p.shard.key}: ${p.primaryId} stops and restores its data directory (pgbackrest restore --delta), then replays archived WAL ...`);
     const t0 = Date.now();
     const r = await this.agents.send(p.primaryId, 'RESTORE_IN_PLACE', { type: target.type, value: target.value, set: p.set }, RESTORE_TIMEOUT_MS);
@@ -189,6 +195,10 @@ export class RestoreManager {
     const primary = p.shard.cohort.find((i) => i.instanceId === p.primaryId)!;
     const rejoined: string[] = [];
     await Promise.all(p.shard.members.filter((i) => i.instanceId !== p.primaryId).map(async (inst) => {
+      if (!this.watch.fresh(inst.instanceId)) {
+        await this.note(p, 'OBSERVED', `${inst.instanceId}: its agent is not heard from; left to MultiOrch, which repoints it once it is back`, 0, step);
+        return;
+      }
       step(`${p.shard.key}: ${inst.instanceId} rejoins ${p.primaryId} (rewound, or rebuilt from the new backup) ...`);
       const t0 = Date.now();
       const r = await this.agents.send(inst.instanceId, 'REPOINT', { term: String(p.term), host: primary.host, port: String(primary.port) }, REPOINT_TIMEOUT_MS)
@@ -205,14 +215,13 @@ export class RestoreManager {
    * promoted, the rule is written; then archiving is checked on the new primary.
    */
   private async elect(p: Plan, candidates: string[], what: string, step: Step): Promise<void> {
-    const shard = this.watch.shard(p.shard.database, p.shard.shard);
-    if (!shard) throw new Error(`${p.shard.key} is gone`);
+    const { database, shard: name } = p.shard;
     step(`${p.shard.key}: electing a primary under a new term among ${candidates.join(', ')} ...`);
-    let r: ElectionResult;
-    for (let attempt = 1; ; attempt++) {
+    for (let attempt = 1; !p.elected; attempt++) {
+      const shard = this.watch.shard(database, name);
+      if (!shard) throw new Error(`${p.shard.key} is gone`);
       try {
-        r = await this.keeper.elect(this.watch.shard(shard.database, shard.shard) ?? shard, { operation: 'restore', reason: `restored in place to ${what}`, target: p.primaryId, candidates });
-        break;
+        p.elected = await this.keeper.elect(shard, { operation: 'restore', reason: `restored in place to ${what}`, target: p.primaryId, candidates });
       } catch (err) {
         // As the keeper retries an election: a voter slow to answer on a busy machine is not a reason to give up the restore.
         if (attempt === ELECTION_ATTEMPTS) throw err;
@@ -220,13 +229,14 @@ export class RestoreManager {
         await new Promise((res) => setTimeout(res, 1_000));
       }
     }
+    const r = p.elected;
     step(`${p.shard.key}: ${r.primary} is primary of term ${r.term} (election ${r.durationMs} ms); the gateways serve ${p.shard.database} again`);
     // The check goes to the primary this orchestrator's view shows: the announcement must have come back first.
-    for (let waited = 0; this.watch.shard(p.shard.database, p.shard.shard)?.primary?.term !== r.term || this.watch.fresh(r.primary)?.role !== 'PRIMARY'; waited += 50) {
+    for (let waited = 0; this.watch.shard(database, name)?.primary?.term !== r.term || this.watch.fresh(r.primary)?.role !== 'PRIMARY'; waited += 50) {
       if (waited > 10_000) throw new Error(`${p.shard.key}: the announcement of term ${r.term} did not come back from the topology log`);
       await new Promise((res) => setTimeout(res, 50));
     }
-    const archived = await this.backups.repository(p.shard.database, p.shard.shard, 'BACKUP_CHECK', {}, CHECK_TIMEOUT_MS);
+    const archived = await this.backups.repository(database, name, 'BACKUP_CHECK', {}, CHECK_TIMEOUT_MS);
     step(`${p.shard.key}: pgbackrest check on the new primary: ${archived}`);
   }
 
