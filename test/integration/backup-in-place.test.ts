@@ -21,7 +21,12 @@ import { sleep, testCluster, until } from '../support/cluster.ts';
 import { testEventLog } from '../support/env.ts';
 import { queryInstance as query } from '../support/postgres.ts';
 
-const cluster = testCluster('inplace', 1, { spec: { cells: ['zone1', 'zone2'], databases: [{ name: 'postgres', instancesPerShard: 2 }] } });
+const cluster = testCluster('inplace', 1, { spec: { cells: ['zone1', 'zone2'], databases: [
+  { name: 'postgres', instancesPerShard: 2 },
+  // A whole sharded database goes to one time: two shards of one instance each, written directly.
+  { name: 'shop', sharded: true, shards: 2, instancesPerShard: 1 },
+] } });
+const shopShards = cluster.instances.filter((i) => i.database === 'shop');
 const { dataDir, prefix, flags, mg } = cluster;
 const latestPort = cluster.spec.postgres.basePort + 480;
 const latestDir = path.join(dataDir, 'restored', 'latest');
@@ -38,6 +43,7 @@ before(async () => {
   subs.push(await eventLog.subscribe('orchEvents', (e) => void orchEvents.push(e)));
   subs.push(await eventLog.subscribe('backups', (e) => void backupEvents.push(e)));
   await ok('backup', 'create', 'postgres/-', '--type', 'full');
+  await ok('backup', 'create', 'shop', '--type', 'full');
 });
 
 after(async () => {
@@ -54,6 +60,11 @@ async function ok(...args: string[]): Promise<string> {
   const r = await mg(...args, '--data-dir', dataDir);
   assert.equal(r.code, 0, `mg ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
   return r.stdout;
+}
+
+/** postgres/- as MultiOrch has it now: term and primary. */
+async function postgresShard() {
+  return (await orchestratorStatus(cluster.spec)).shards.find((s) => s.database === 'postgres')!;
 }
 
 function gateway(): pg.Client {
@@ -131,7 +142,7 @@ test('REST: bad input is a 400 naming the field, an unknown database a 404, a ti
 });
 
 test('restore --in-place --time: the same database holds exactly the rows of the noted time; a client meanwhile waits or gets a clear error', async () => {
-  const termBefore = BigInt((await orchestratorStatus(cluster.spec)).shards[0].term!);
+  const termBefore = BigInt((await postgresShard()).term!);
   await viaGateway('CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)');
   await viaGateway('INSERT INTO accounts SELECT i, i * 10 FROM generate_series(1, 500) i');
   await viaGateway('UPDATE accounts SET balance = balance + 1 WHERE id <= 100');
@@ -195,7 +206,10 @@ test('restore --in-place --time: the same database holds exactly the rows of the
 });
 
 test('after the restore: the replica streams from the new primary, a write is archived, and backups and restores go on', async () => {
-  const { primary, replicas: [replica] } = await cluster.roles();
+  const primaryId = (await postgresShard()).primary;
+  const members = cluster.instances.filter((i) => i.database === 'postgres');
+  const primary = members.find((i) => i.instanceId === primaryId)!;
+  const replica = members.find((i) => i !== primary)!;
   await until('the replica to stream from the new primary', 60_000, async () =>
     (await query(primary.port, "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'", [replica.instanceId])).length > 0);
   const [{ tli }] = await query(primary.port, "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli");
@@ -209,4 +223,24 @@ test('after the restore: the replica streams from the new primary, a write is ar
   // The archive holds the write: the latest backup restored to the end of the archive has it.
   await ok('backup', 'restore', 'postgres/-', '--to-dir', latestDir, '--port', String(latestPort));
   assert.deepEqual(await query(latestPort, 'SELECT count(*)::int AS n, max(n) AS hi FROM marks'), [{ n: 101, hi: 1000 }]);
+});
+
+test('a sharded database: restore --in-place brings every shard back to the same time', async () => {
+  assert.equal(shopShards.length, 2);
+  for (const i of shopShards) await query(i.port, 'CREATE TABLE orders (id int PRIMARY KEY, shard text NOT NULL)');
+  for (const [n, i] of shopShards.entries()) await query(i.port, 'INSERT INTO orders SELECT g, $1 FROM generate_series($2::int, $2::int + 49) g', [i.shard, n * 1000]);
+  await sleep(1_100);
+  const noted = new Date();
+  await sleep(1_100);
+  for (const [n, i] of shopShards.entries()) await query(i.port, 'INSERT INTO orders SELECT g, $1 FROM generate_series($2::int + 50, $2::int + 79) g', [i.shard, n * 1000]);
+  await query(shopShards[0].port, 'DROP TABLE orders');
+
+  const out = await ok('backup', 'restore', 'shop', '--in-place', '--time', noted.toISOString());
+  for (const i of shopShards) assert.match(out, new RegExp(`shop/${i.shard}: ${i.instanceId} is primary of term \\d+`));
+  for (const [n, i] of shopShards.entries()) {
+    assert.deepEqual(await query(i.port, 'SELECT count(*)::int AS n, min(id) AS lo, max(id) AS hi, min(shard) AS shard FROM orders'),
+      [{ n: 50, lo: n * 1000, hi: n * 1000 + 49, shard: i.shard }], `shop/${i.shard} at the noted time`);
+  }
+  const checked = await ok('backup', 'check', 'shop');
+  for (const i of shopShards) assert.match(checked, new RegExp(`shop/${i.shard}: ok: archiving works`));
 });
