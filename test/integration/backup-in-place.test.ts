@@ -134,6 +134,11 @@ test('REST: bad input is a 400 naming the field, an unknown database a 404, a ti
   assert.match(noTarget.body.error, /give time or lsn/);
   const missing = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/nodb/restore', { inPlace: true, time: new Date().toISOString() });
   assert.equal(missing.status, 404);
+  const multiShardLsn = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/shop/restore', { inPlace: true, lsn: '0/3000000' });
+  assert.equal(multiShardLsn.status, 400);
+  assert.match(multiShardLsn.body.error, /body\.lsn: shop has 2 shards/);
+  const doc = await callOrchestrator(cluster.spec, 'GET', '/openapi.json');
+  for (const route of ['/v1/backups/{database}/restore', '/v1/backups/{database}/{shard}/restore']) assert.ok(doc.body.paths[route]?.post?.requestBody, `${route} in the OpenAPI document`);
 
   const tooEarly = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/postgres/-/restore?wait=true', { inPlace: true, time: '2020-01-01T00:00:00Z' });
   assert.equal(tooEarly.status, 503);
