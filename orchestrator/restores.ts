@@ -30,6 +30,12 @@ const BACKUP_TIMEOUT_MS = 6 * 3_600_000;
 const REPOINT_TIMEOUT_MS = 180_000;
 /** Forcing a WAL switch and waiting for its archiving. */
 const CHECK_TIMEOUT_MS = 120_000;
+/**
+ * The shards' lease during a restore, at least: renewed every third of it, so an operation of
+ * hours leaves a renewal every 10 s in the journal (not three a second); a holder that dies
+ * leaves the shard to the other orchestrators within it.
+ */
+const RESTORE_LEASE_MS = 30_000;
 /** Elections tried before the restore is reported failed (the keepers go on trying after it). */
 const ELECTION_ATTEMPTS = 3;
 /** Client transactions on the primary get this long to end before it stops (new ones are held by the gateways). */
@@ -133,7 +139,7 @@ export class RestoreManager {
     const claimed: Plan[] = [];
     try {
       for (const p of plans) {
-        if (!(await this.journal.claim(database, p.shard.shard, 'restore', p.term, this.leaseMs))) throw new Error(`another orchestrator holds ${p.shard.key}; nothing was changed`);
+        if (!(await this.journal.claim(database, p.shard.shard, 'restore', p.term, Math.max(this.leaseMs, RESTORE_LEASE_MS)))) throw new Error(`another orchestrator holds ${p.shard.key}; nothing was changed`);
         claimed.push(p);
         await record(p, 'DECIDED', `restore in place to ${what} from backup ${p.set}: drain, restore, rejoin, elect`);
       }
