@@ -100,22 +100,24 @@ export class Election {
 
       const positions = new Map<string, VoterPosition>();
       const t0 = Date.now();
-      if (op === 'switchover') {
+      if (op === 'switchover' || op === 'restore') {
         if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
-        await drainClients(old, DRAIN_MS);
+        // A restore's primary is out of service already (the restore drained it).
+        if (op === 'switchover') await drainClients(old, DRAIN_MS);
         const drainMs = ms(t0);
         // All at once: the old primary shuts down (fast: its walsenders send everything, the shutdown checkpoint
-        // included), and the standbys let it end their stream before they stop listening (`outlast`).
-        const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old)]);
+        // included), and the standbys let it end their stream before they stop listening (`outlast`): cut off in
+        // the middle, a standby may hold a partial record it can never replay, and cannot report its position.
+        // A restore waits for every answer: the candidates (on the restored history) must be among the recruited.
+        const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old, op === 'restore')]);
         // The standbys are pledged to this term now and refuse the old one: stopping here would leave the old
         // primary without its quorum. Without it, the election goes on as a failover would (fenced by quorum loss).
         if (p) positions.set(old.instanceId, p);
         if (!recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()))) throw this.notEnough(shard, term, positions);
-        note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}${p ? '' : ` (not the primary ${old.instanceId}: it did not answer)`}`,
+        note('ACTED', `${op === 'switchover' ? `drained (${drainMs} ms) and ` : ''}recruited ${[...positions.keys()].join(', ')}${p ? '' : ` (not the primary ${old.instanceId}: it did not answer)`}`,
           positionDetails(positions), Date.now() - t0);
       } else {
-        // A restore waits for every answer too: the candidates (on the restored history) must be among the recruited.
-        await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap' || op === 'restore');
+        await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap');
         // A voter that did not answer may hold data (a first election that failed midway): the first election of a
         // shard needs every voter, and initializes a new primary only when none holds data.
         if (op === 'bootstrap' && positions.size < shard.cohort.length) {
@@ -183,7 +185,7 @@ export class Election {
    * Recruits every voter at once and returns as soon as the recruited suffice
    * (plus a short grace, so a slightly slower but more advanced voter is not
    * left out), or when all have answered (always, with `everyone`). In a
-   * switchover the old primary is recruited by the caller alongside
+   * switchover or a restore's election the live old primary is recruited by the caller alongside
    * (`outlast`), and the caller judges.
    */
   private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>, outlast?: InstanceRegistered, everyone = false): Promise<void> {

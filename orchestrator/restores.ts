@@ -11,8 +11,7 @@
  * through the ordinary REPOINT (rewound, or rebuilt from that backup), and
  * an election under a new term puts the shard back in service.
  */
-import { queryAt } from '../common/postgres.ts';
-import { backupBefore, recoveryTargetOf, type InstanceRegistered, type ListedBackup, type OrchEventKind, type RecoveryTarget } from '../schemas/index.ts';
+import { backupBefore, recoveryTargetOf, type ListedBackup, type OrchEventKind, type RecoveryTarget } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import type { Backups } from './backups.ts';
 import { drainClients, type ElectionResult } from './election.ts';
@@ -39,8 +38,6 @@ const CHECK_TIMEOUT_MS = 120_000;
 const RESTORE_LEASE_MS = 30_000;
 /** Elections tried before the restore is reported failed (the keepers go on trying after it). */
 const ELECTION_ATTEMPTS = 3;
-/** A rejoined replica gets this long to replay all of the (idle) restored primary's WAL before the election. */
-const CATCH_UP_MS = 60_000;
 /** Client transactions on the primary get this long to end before it stops (new ones are held by the gateways). */
 const DRAIN_MS = 3_000;
 
@@ -213,29 +210,9 @@ export class RestoreManager {
       const r = await this.agents.send(inst.instanceId, 'REPOINT', { term: String(p.term), host: primary.host, port: String(primary.port) }, REPOINT_TIMEOUT_MS)
         .catch((err: Error) => ({ status: 'TIMEOUT', message: err.message }));
       await this.note(p, r.status === 'SUCCEEDED' ? 'ACTED' : 'OBSERVED', `${inst.instanceId}: ${r.status === 'SUCCEEDED' ? r.message : `did not rejoin yet (${r.message}); MultiOrch retries`}`, Date.now() - t0, step);
-      if (r.status !== 'SUCCEEDED') return;
-      rejoined.push(inst.instanceId);
-      await this.caughtUp(primary, inst, p, step);
+      if (r.status === 'SUCCEEDED') rejoined.push(inst.instanceId);
     }));
     return rejoined;
-  }
-
-  /**
-   * Waits until the replica has replayed the WAL the primary (taking no writes
-   * now) has flushed: the election's RECRUIT then finds nothing left to replay.
-   * Cut off in the middle of its catch-up, a just-rewound replica was seen to
-   * stop replaying what it had received, and could not report a position.
-   */
-  private async caughtUp(primary: InstanceRegistered, replica: InstanceRegistered, p: Plan, step: Step): Promise<void> {
-    const t0 = Date.now();
-    while (Date.now() - t0 < CATCH_UP_MS) {
-      const caught = await queryAt<{ lsn: string }>({ host: primary.host, port: primary.port }, 'SELECT pg_current_wal_flush_lsn()::text AS lsn', [], 2_000)
-        .then(([{ lsn }]) => queryAt<{ caught: boolean }>({ host: replica.host, port: replica.port }, 'SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn AS caught', [lsn], 2_000))
-        .then(([row]) => row.caught, () => false);
-      if (caught) return;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    await this.note(p, 'OBSERVED', `${replica.instanceId}: not caught up with ${primary.instanceId} after ${CATCH_UP_MS / 1000} s; electing anyway`, Date.now() - t0, step);
   }
 
   /**
