@@ -10,11 +10,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
-import { recoveryTargetOf } from '../ingest/backup/pgbackrest.ts';
 import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import {
-  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, shardKey, stanzaOf, topologyKey,
+  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, recoveryTargetOf, shardKey, stanzaOf, topologyKey,
   type HealthEvent, type TopicValues, type TopologyEvent, type TopologyState,
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';

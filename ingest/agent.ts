@@ -72,7 +72,7 @@ export class Agent {
     this.cdc.register((action, handler) => this.handle(action, handler));
     if (cfg.backup) {
       this.backups = new BackupService({ ...cfg, backup: cfg.backup }, this.postgres, this.eventLog, log.child({ part: 'backup' }));
-      this.backups.register((action, handler) => this.handle(action, handler));
+      this.backups.register((action, handler) => this.handle(action, handler), (op, keepRunning) => this.exclusive(op, keepRunning));
     }
   }
 

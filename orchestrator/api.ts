@@ -26,6 +26,7 @@ import type { Journal } from './journal.ts';
 import type { Keeper } from './keeper.ts';
 import { OperationError, type Operations } from './operations.ts';
 import type { ReplicaManager } from './replicas.ts';
+import type { RestoreManager } from './restores.ts';
 import type { ClusterWatch } from './view.ts';
 
 declare module 'fastify' {
@@ -47,6 +48,7 @@ export interface ApiContext {
   databases: DatabaseManager;
   replicas: ReplicaManager;
   backups: Backups;
+  restores: RestoreManager;
   operations: Operations;
   log: Logger;
 }

@@ -37,6 +37,8 @@ export interface BackupStarted {
 export class Backups {
   /** The latest event per shard and backup type. */
   private readonly lastByShardType = new Map<string, BackupEvent>();
+  /** Callers waiting for a backup's COMPLETED or FAILED event, by backupId. */
+  private readonly awaitingOutcome = new Map<string, (e: BackupEvent) => void>();
   private sub: Subscription | undefined;
   private timer: NodeJS.Timeout | undefined;
 
@@ -46,7 +48,10 @@ export class Backups {
   ) {}
 
   async start(): Promise<void> {
-    this.sub = await this.eventLog.subscribe('backups', (e) => void this.lastByShardType.set(`${shardKey(e.database, e.shard)}|${e.type}`, e));
+    this.sub = await this.eventLog.subscribe('backups', (e) => {
+      this.lastByShardType.set(`${shardKey(e.database, e.shard)}|${e.type}`, e);
+      if (e.state === 'COMPLETED' || e.state === 'FAILED') this.awaitingOutcome.get(e.backupId)?.(e);
+    });
     await this.sub.caughtUp;
     this.timer = setInterval(() => void this.tick(), SCHEDULE_TICK_MS);
   }
@@ -71,6 +76,26 @@ export class Backups {
     }, COMMAND_TIMEOUT_MS);
     this.failed(r);
     return { backupId: r.commandId, instanceId: source.instanceId, fromStandby: replica !== undefined, message: r.message };
+  }
+
+  /**
+   * The COMPLETED or FAILED event of backup `backupId` (of `type`) of the
+   * shard, as soon as it is read (already, when it was); an Error after timeoutMs.
+   */
+  outcome(database: string, shard: string, type: BackupEvent['type'], backupId: string, timeoutMs: number): Promise<BackupEvent> {
+    const seen = this.lastByShardType.get(`${shardKey(database, shard)}|${type}`);
+    if (seen?.backupId === backupId && (seen.state === 'COMPLETED' || seen.state === 'FAILED')) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.awaitingOutcome.delete(backupId);
+        reject(new Error(`backup ${backupId} of ${database}/${shard} did not end within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      this.awaitingOutcome.set(backupId, (e) => {
+        clearTimeout(timer);
+        this.awaitingOutcome.delete(backupId);
+        resolve(e);
+      });
+    });
   }
 
   /** BACKUP_INFO / BACKUP_VERIFY / BACKUP_EXPIRE on one reachable instance of the shard (the repository is shared); BACKUP_CHECK needs the primary. */
@@ -107,6 +132,8 @@ export class Backups {
       const schedule = this.schedules[s.database];
       const primary = this.primaryOf(s);
       if (!schedule || !primary || primary.cell !== this.cell) continue;
+      // Out of service: a switchover or an in-place restore (which takes its own backup) is at work on the shard.
+      if (this.watch.topology.serving.get(primary.instanceId) === 'NOT_SERVING') continue;
       const type = dueType(schedule, (t) => this.lastByShardType.get(`${s.key}|${t}`), now);
       if (!type) continue;
       try {

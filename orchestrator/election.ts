@@ -20,10 +20,16 @@ import { LeaseLost, type Journal } from './journal.ts';
 import type { ShardView } from './view.ts';
 
 export interface ElectionRequest {
-  operation: 'failover' | 'switchover' | 'bootstrap';
+  /** restore: the election that ends an in-place restore (orchestrator/restores.ts); otherwise as a failover. */
+  operation: 'failover' | 'switchover' | 'bootstrap' | 'restore';
   reason: string;
-  /** Switchover: the instance to hand over to (must be among the most advanced). */
+  /** Switchover: the instance to hand over to (must be among the most advanced); otherwise the one preferred among equals. */
   target?: string;
+  /**
+   * Restore: the instances that follow the restored history; only they may win. A voter left on the abandoned
+   * one may look more advanced (later WAL, a rule of a later term) and would bring back what the restore undid.
+   */
+  candidates?: string[];
 }
 
 export interface ElectionResult {
@@ -94,18 +100,21 @@ export class Election {
 
       const positions = new Map<string, VoterPosition>();
       const t0 = Date.now();
-      if (op === 'switchover') {
+      if (op === 'switchover' || op === 'restore') {
         if (!old) throw new ElectionError(`${key} has no primary to hand over from`, 'refused');
-        await drainClients(old, DRAIN_MS);
+        // A restore's primary is out of service already (the restore drained it).
+        if (op === 'switchover') await drainClients(old, DRAIN_MS);
         const drainMs = ms(t0);
         // All at once: the old primary shuts down (fast: its walsenders send everything, the shutdown checkpoint
-        // included), and the standbys let it end their stream before they stop listening (`outlast`).
-        const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old)]);
+        // included), and the standbys let it end their stream before they stop listening (`outlast`): cut off in
+        // the middle, a standby may hold a partial record it can never replay, and cannot report its position.
+        // A restore waits for every answer: the candidates (on the restored history) must be among the recruited.
+        const [p] = await Promise.all([this.recruit(key, old, term), this.recruitQuorum(shard, term, positions, old, op === 'restore')]);
         // The standbys are pledged to this term now and refuse the old one: stopping here would leave the old
         // primary without its quorum. Without it, the election goes on as a failover would (fenced by quorum loss).
         if (p) positions.set(old.instanceId, p);
         if (!recruitmentSuffices(shard.policy, shard.cohort, new Set(positions.keys()))) throw this.notEnough(shard, term, positions);
-        note('ACTED', `drained (${drainMs} ms) and recruited ${[...positions.keys()].join(', ')}${p ? '' : ` (not the primary ${old.instanceId}: it did not answer)`}`,
+        note('ACTED', `${op === 'switchover' ? `drained (${drainMs} ms) and ` : ''}recruited ${[...positions.keys()].join(', ')}${p ? '' : ` (not the primary ${old.instanceId}: it did not answer)`}`,
           positionDetails(positions), Date.now() - t0);
       } else {
         await this.recruitQuorum(shard, term, positions, undefined, op === 'bootstrap');
@@ -176,7 +185,7 @@ export class Election {
    * Recruits every voter at once and returns as soon as the recruited suffice
    * (plus a short grace, so a slightly slower but more advanced voter is not
    * left out), or when all have answered (always, with `everyone`). In a
-   * switchover the old primary is recruited by the caller alongside
+   * switchover or a restore's election the live old primary is recruited by the caller alongside
    * (`outlast`), and the caller judges.
    */
   private async recruitQuorum(shard: ShardView, term: bigint, positions: Map<string, VoterPosition>, outlast?: InstanceRegistered, everyone = false): Promise<void> {
@@ -213,13 +222,14 @@ export class Election {
   }
 
   private choose(shard: ShardView, positions: Map<string, VoterPosition>, req: ElectionRequest, previous: string | undefined): InstanceRegistered {
-    const ranked = shard.cohort.filter((i) => positions.has(i.instanceId)).sort((a, b) => {
+    const ranked = shard.cohort.filter((i) => positions.has(i.instanceId) && (!req.candidates || req.candidates.includes(i.instanceId))).sort((a, b) => {
       const byPosition = comparePositions(positions.get(b.instanceId)!, positions.get(a.instanceId)!);
       if (byPosition !== 0) return byPosition;
       const prefer = (i: InstanceRegistered) => (i.instanceId === req.target ? 0 : i.instanceId === previous ? 2 : 1);
       return prefer(a) - prefer(b) || a.instanceId.localeCompare(b.instanceId);
     });
     const best = ranked[0];
+    if (!best) throw new ElectionError(`none of the candidates ${req.candidates?.join(', ')} was recruited`, 'failed');
     if (req.operation === 'switchover') {
       const candidates = ranked.filter((i) => i.instanceId !== previous && comparePositions(positions.get(i.instanceId)!, positions.get(best.instanceId)!) === 0);
       const chosen = req.target ? candidates.find((i) => i.instanceId === req.target) : candidates[0];

@@ -108,9 +108,16 @@ export class InDoubtResolver {
     }
   }
 
+  /**
+   * The shard's primary, unless it is out of service: during an in-place
+   * restore a shard may already hold the restored prepared transactions while
+   * its decision shard still holds decisions made after the target; each is
+   * read again once its shard serves (restored, elected).
+   */
   private primaryAddress(shard: ShardView): PostgresAddress | undefined {
     const inst = shard.primary && this.watch.topology.instances.get(shard.primary.instanceId);
-    return inst ? { host: inst.host, port: inst.port } : undefined;
+    if (!inst || this.watch.topology.serving.get(inst.instanceId) === 'NOT_SERVING') return undefined;
+    return { host: inst.host, port: inst.port };
   }
 
   private async resolve(shard: ShardView, at: PostgresAddress, row: PreparedRow): Promise<void> {

@@ -10,7 +10,7 @@ import type { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
 import { queryAt } from '../common/postgres.ts';
-import { canAcknowledge, payload, RULE_TABLE, syncStandbyNames, type InstanceRegistered } from '../schemas/index.ts';
+import { canAcknowledge, payload, RULE_TABLE, syncStandbyNames, type InstanceRegistered, type ServingState } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
 import { applyPolicy, Election, ElectionError, writeRule, type ElectionRequest, type ElectionResult } from './election.ts';
@@ -98,7 +98,12 @@ export class Keeper {
     return s;
   }
 
-  private async exclusive<T>(shard: ShardView, op: () => Promise<T>): Promise<T> {
+  /**
+   * Runs `op` as the only operation of this keeper on the shard: its ticks
+   * leave the shard alone meanwhile (other orchestrators keep off through the
+   * shard's lease, which the caller holds when it changes anything).
+   */
+  async exclusive<T>(shard: ShardView, op: () => Promise<T>): Promise<T> {
     const s = this.state(shard.key);
     // Routine upkeep of the shard may be running: it is short, so wait for it.
     for (let waited = 0; s.busy; waited += 20) {
@@ -113,7 +118,8 @@ export class Keeper {
     }
   }
 
-  private async elect(shard: ShardView, req: ElectionRequest): Promise<ElectionResult> {
+  /** One election, counted in the metrics; inside `exclusive` (a switchover, an in-place restore) or a tick's own work. */
+  async elect(shard: ShardView, req: ElectionRequest): Promise<ElectionResult> {
     const end = electionSeconds.startTimer({ operation: req.operation });
     try {
       const result = await this.election.run(shard, req);
@@ -330,6 +336,11 @@ export class Keeper {
         await this.journal.release(database, shardName, 'policy');
       }
     });
+  }
+
+  /** Flips an instance's serving flag under `term` (an in-place restore takes a shard's instances out of routing). */
+  async setServing(instanceId: string, state: ServingState, term: bigint): Promise<void> {
+    await this.election.serving(instanceId, state, term);
   }
 
   /** The last step of removing an instance: it leaves the topology (its processes are gone by now). */

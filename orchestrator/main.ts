@@ -11,6 +11,7 @@ import { DatabaseManager } from './databases.ts';
 import { Operations } from './operations.ts';
 import { Provisioner } from './provisioner.ts';
 import { ReplicaManager } from './replicas.ts';
+import { RestoreManager } from './restores.ts';
 import { readOrchConfig } from './config.ts';
 import { Journal } from './journal.ts';
 import { Keeper } from './keeper.ts';
@@ -35,7 +36,8 @@ try {
   const provisioner = new Provisioner(cfg.provisioner);
   const databases = new DatabaseManager(watch, agents, provisioner, eventLog, cfg.id);
   const replicas = new ReplicaManager(watch, keeper, journal, provisioner);
-  const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, replicas, backups, operations: new Operations(), log });
+  const restores = new RestoreManager(watch, keeper, journal, agents, backups, cfg.leaseMs);
+  const api = await serveApi({ cfg, watch, keeper, journal, agents, eventLog, databases, replicas, backups, restores, operations: new Operations(), log });
   const resolver = new InDoubtResolver(cfg, watch, journal, log);
   keeper.start();
   resolver.start();

@@ -1,7 +1,8 @@
 /**
  * `mg backup create|list|verify|check|expire|restore`: backups through the
  * orchestrators' REST API, which has the right agent run pgBackRest; a
- * restore runs here, into a new data directory started as a new instance.
+ * restore into a new data directory or a new database runs here, one in
+ * place is MultiOrch's operation, followed from here.
  */
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -9,16 +10,16 @@ import { backupConfigOf, eventLogFor } from '../cluster.ts';
 import type { Logger } from '../../common/log.ts';
 import { withConnection, type PostgresAddress } from '../../common/postgres.ts';
 import { quoteIdent } from '../../ingest/cdc/catalog.ts';
-import { PgBackRest, recoveryTargetOf, type RecoveryTarget } from '../../ingest/backup/pgbackrest.ts';
+import { PgBackRest } from '../../ingest/backup/pgbackrest.ts';
 import { restorePromoted } from '../../ingest/backup/pitr.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { formatLsn } from '../../ingest/postgres/lsn.ts';
-import { stanzaOf, type BackupEvent } from '../../schemas/index.ts';
+import { recoveryTargetOf, stanzaOf, type BackupEvent, type RecoveryTarget } from '../../schemas/index.ts';
 import { finishRestoredTransactions } from '../../orchestrator/in-doubt.ts';
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
 import { shardRanges, type ClusterSpec } from '../spec.ts';
 import { addDatabase } from './database.ts';
-import { fail } from './follow.ts';
+import { fail, follow } from './follow.ts';
 
 export interface BackupOptions {
   type?: string;
@@ -29,6 +30,8 @@ export interface BackupOptions {
   port?: string;
   /** Restore every shard into a new database of the cluster of this name. */
   as?: string;
+  /** Restore the database (or the shard) itself, through MultiOrch (drain, restore, rejoin, elect). */
+  inPlace?: boolean;
   wait: boolean;
 }
 
@@ -37,7 +40,10 @@ export class BackupUsageError extends Error {}
 /** Runs one backup command for `target` (<db> or <db>/<shard>); returns the exit code. */
 export async function runBackupCommand(spec: ClusterSpec, command: string, target: string, opts: BackupOptions, log: Logger): Promise<number> {
   const [database, shard] = target.split('/');
-  if (command === 'restore') return opts.as ? restoreAs(spec, database, shard, opts.as, opts, log) : restore(spec, database, shard, opts, log);
+  if (command === 'restore') {
+    if (opts.inPlace) return restoreInPlace(spec, database, shard, opts);
+    return opts.as ? restoreAs(spec, database, shard, opts.as, opts, log) : restore(spec, database, shard, opts, log);
+  }
   const shards = shard ? [shard] : (await orchestratorStatus(spec)).shards.filter((s) => s.database === database).map((s) => s.shard);
   if (!shards.length) throw new BackupUsageError(`no database ${database}`);
   let code = 0;
@@ -171,6 +177,23 @@ async function restoreAs(spec: ClusterSpec, database: string, shard: string | un
   for (const at of primaries.values()) await renameDatabase(at, database, name);
   console.log(`${elapsed()}  ${name}: restored from ${database} and served by the gateways`);
   return 0;
+}
+
+/**
+ * Restores the database (every shard to one time) or one shard in place: an
+ * operation of MultiOrch (`POST /v1/backups/{db}[/{shard}]/restore`), whose
+ * steps are printed as they happen. Clients of the database wait meanwhile,
+ * then get 57P03, until it serves again.
+ */
+async function restoreInPlace(spec: ClusterSpec, database: string, shard: string | undefined, opts: BackupOptions): Promise<number> {
+  if (opts.as || opts.toDir || opts.port) throw new BackupUsageError('restore --in-place rewrites the database itself: --as, --to-dir and --port are for a restore into a copy');
+  if (!opts.time && !opts.lsn) throw new BackupUsageError('restore --in-place needs --time or --lsn');
+  usableTarget(opts); // a malformed flag is named here rather than as a field of the request
+  const route = `/v1/backups/${encodeURIComponent(database)}${shard ? `/${encodeURIComponent(shard)}` : ''}/restore`;
+  const r = await callOrchestrator(spec, 'POST', route, { inPlace: true, ...(opts.time ? { time: new Date(opts.time).toISOString() } : {}), ...(opts.lsn ? { lsn: opts.lsn } : {}) });
+  if (r.status !== 202) return fail(r);
+  console.log(`${shard ? `${database}/${shard}` : database}: restoring in place to ${opts.time ? `time ${new Date(opts.time).toISOString()}` : `LSN ${opts.lsn}`} (operation ${r.body.operation.id})`);
+  return follow(spec, r.body.operation.id);
 }
 
 /**

@@ -11,8 +11,8 @@
  *   mg backup list|verify|check <db>[/<shard>] [--data-dir dir]
  *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
-  mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
+ *   mg backup restore <db>[/<shard>] --in-place --time T | --lsn L [--data-dir dir]
  *   mg database list|create|drop|activate|deactivate ... (see USAGE)
  *   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
  *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
@@ -51,6 +51,7 @@ const USAGE = `usage:
   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
+  mg backup restore <db>[/<shard>] --in-place --time T | --lsn L [--data-dir dir]
   mg database list       [--data-dir dir]
   mg database create     <name> --on <db> [--data-dir dir]
   mg database create     <name> [--shards N] [--replicas M] [--durability ANY_2] [--data-dir dir]
@@ -88,6 +89,7 @@ async function main(argv: string[]): Promise<void> {
       lsn: { type: 'string' },
       'to-dir': { type: 'string' },
       as: { type: 'string' },
+      'in-place': { type: 'boolean' },
       port: { type: 'string' },
       'no-wait': { type: 'boolean' },
       'reads-only': { type: 'boolean' },
@@ -123,7 +125,7 @@ async function main(argv: string[]): Promise<void> {
     const log = createLogger('mg', {}).child({ command });
     log.level = process.env.MG_LOG_LEVEL ?? 'warn';
     process.exitCode = await runBackupCommand(spec, command, target, {
-      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, as: values.as, wait: !values['no-wait'],
+      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, as: values.as, inPlace: values['in-place'], wait: !values['no-wait'],
     }, log);
     return;
   }

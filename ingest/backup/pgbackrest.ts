@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import type { BackupKind } from '../../schemas/index.ts';
+import type { BackupKind, RecoveryTarget } from '../../schemas/index.ts';
 import type { BackupConfig } from '../config.ts';
 import { chownToPostgres, runAsPostgres } from '../postgres/instance.ts';
 
@@ -159,33 +159,16 @@ export class PgBackRest {
   }
 
   /**
-   * Restores into `dataDir` (empty, or with delta: rewritten in place). `target`: a standby
-   * that follows the archive (and then its upstream), or recovery to a time or LSN that
-   * ends promoted, or the end of the archive.
+   * Restores into `dataDir` (empty, or with `delta`: rewritten in place, copying only the files
+   * that differ from the backup). `target`: a standby that follows the archive (and then its
+   * upstream), or recovery to a time or LSN that ends promoted, or the end of the archive.
+   * `set`: the backup to start from (default: pgBackRest's choice, the latest before a time target).
    */
-  async restore(dataDir: string, target: { type: 'standby' } | RecoveryTarget): Promise<void> {
-    const args = [`--pg1-path=${dataDir}`, `--type=${target.type}`];
+  async restore(dataDir: string, target: { type: 'standby' } | RecoveryTarget, opts: { delta?: boolean; set?: string } = {}): Promise<void> {
+    const args = [`--pg1-path=${dataDir}`, `--type=${target.type}`, ...(opts.delta ? ['--delta'] : []), ...(opts.set ? [`--set=${opts.set}`] : [])];
     if (target.type === 'time' || target.type === 'lsn') args.push(`--target=${target.value}`, '--target-action=promote');
     await this.run('restore', args);
   }
-}
-
-/** Where a point-in-time restore stops: a time, an LSN, or the end of the archive. */
-export type RecoveryTarget = { type: 'time' | 'lsn'; value: string } | { type: 'default' };
-
-/** The recovery target of `--time` (ISO 8601) or `--lsn` (or neither); an Error naming the flag when it is malformed. */
-export function recoveryTargetOf(opts: { time?: string; lsn?: string }): RecoveryTarget {
-  if (opts.time && opts.lsn) throw new Error('give --time or --lsn, not both');
-  if (opts.time) {
-    const t = new Date(opts.time);
-    if (Number.isNaN(t.getTime())) throw new Error(`--time must be a date and time (ISO 8601, e.g. 2026-12-04T16:05:00Z), not ${opts.time}`);
-    return { type: 'time', value: t.toISOString().replace('T', ' ').replace('Z', '+00') };
-  }
-  if (opts.lsn) {
-    if (!/^[0-9A-Fa-f]{1,8}\/[0-9A-Fa-f]{1,8}$/.test(opts.lsn)) throw new Error(`--lsn must look like 0/16B3748, not ${opts.lsn}`);
-    return { type: 'lsn', value: opts.lsn };
-  }
-  return { type: 'default' };
 }
 
 function configFileOf(dataDir: string): string {

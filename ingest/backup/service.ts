@@ -2,8 +2,9 @@
  * The agent's backup part: keeps the instance's pgBackRest configuration,
  * creates the shard's stanza when this instance becomes primary, answers
  * BACKUP_CREATE / BACKUP_INFO / BACKUP_VERIFY / BACKUP_EXPIRE / BACKUP_CHECK, publishes each
- * backup's steps to `mg.backups.v1`, and restores new replicas from the
- * latest backup plus archived WAL.
+ * backup's steps to `mg.backups.v1`, restores new replicas from the
+ * latest backup plus archived WAL, and a primary in place to a point in time
+ * (RESTORE_IN_PLACE).
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -20,7 +21,7 @@ import { restorePromoted } from './pitr.ts';
 
 const backupsDone = counter('mg_agent_backups_total', 'Backups run by this agent', ['type', 'result']);
 const backupSeconds = histogram('mg_agent_backup_duration_seconds', 'Time of one backup', ['type'], [1, 5, 15, 60, 300, 900, 3600]);
-const restores = counter('mg_agent_replica_restores_total', 'Replicas created, by source (backup or pg_basebackup)', ['source']);
+const restores = counter('mg_agent_replica_restores_total', 'Data directories made or rewritten from a copy, by source (a replica: backup or pg_basebackup; restore_as; in_place)', ['source']);
 
 const PROGRESS_INTERVAL_MS = 2_000;
 /** Postgres's default WAL segment size (initdb --wal-segsize is not used here). */
@@ -28,6 +29,10 @@ const WAL_SEGMENT_BYTES = 16n * 1024n * 1024n;
 const SEGMENTS_PER_XLOGID = 0x1_0000_0000n / WAL_SEGMENT_BYTES;
 
 type Handle = (action: AgentAction, handler: (cmd: AgentCommand) => Promise<string>) => void;
+/** The agent's one-at-a-time lifecycle operations (Agent.exclusive): a restore must not meet the health loop's restart. */
+type Exclusive = (op: () => Promise<void>, keepRunning: boolean) => Promise<void>;
+/** Settings a restored copy brings along that its new life must not keep (see resetCopiedSettings). */
+const COPIED_SETTINGS = ['restore_command', 'recovery_target_time', 'recovery_target_lsn', 'recovery_target_action', 'synchronous_standby_names'];
 
 export class BackupService {
   readonly pgbackrest: PgBackRest;
@@ -40,7 +45,8 @@ export class BackupService {
     this.publish = eventLog.publisher('backups');
   }
 
-  register(handle: Handle): void {
+  register(handle: Handle, exclusive: Exclusive): void {
+    handle('RESTORE_IN_PLACE', (cmd) => this.restoreInPlace(cmd, exclusive));
     handle('BACKUP_CREATE', (cmd) => this.create(cmd));
     handle('BACKUP_INFO', async () => JSON.stringify((await this.pgbackrest.info()) ?? null));
     handle('BACKUP_VERIFY', async () => (await this.pgbackrest.verify()).trim() || 'verified');
@@ -133,13 +139,45 @@ export class BackupService {
     const source = new PgBackRest(this.cfg.backup, from.stanza, localOf(this.pg), sourceConfig);
     source.writeConfig();
     await restorePromoted(source, this.pg, from.target);
-    for (const setting of ['restore_command', 'recovery_target_time', 'recovery_target_lsn', 'recovery_target_action', 'synchronous_standby_names']) {
-      await this.pg.query(`ALTER SYSTEM RESET ${setting}`);
-    }
-    await this.pg.query('SELECT pg_reload_conf()');
+    await this.resetCopiedSettings();
     fs.rmSync(sourceConfig, { force: true });
     restores.inc({ source: 'restore_as' });
     this.log.info({ from: from.stanza, target: from.target, ms: Date.now() - started }, 'first primary restored from another database\'s backup');
+  }
+
+  /**
+   * In-place point-in-time restore of this shard's primary (`mg backup
+   * restore --in-place`), while MultiOrch holds the shard out of service:
+   * Postgres stops, `pgbackrest restore --delta` rewrites the data directory
+   * from backup `set` (only the files that differ are copied), recovery
+   * replays the archive up to the target and promotes: a new timeline, which
+   * archives into the same stanza. The settings that came with the backup are
+   * reset; the orchestrator's election applies the shard's policy again.
+   */
+  private async restoreInPlace(cmd: AgentCommand, exclusive: Exclusive): Promise<string> {
+    const { type, value, set } = cmd.args;
+    if ((type !== 'time' && type !== 'lsn') || !value) throw new Error('RESTORE_IN_PLACE needs args type (time or lsn) and value');
+    const started = Date.now();
+    // keepRunning: a restore that fails leaves Postgres to the health loop, which brings it back fenced (a standby of nobody).
+    await exclusive(() => restorePromoted(this.pgbackrest, this.pg, { type, value }, { set }), true);
+    await this.resetCopiedSettings();
+    const [{ tli, lsn }] = await this.pg.query<{ tli: number; lsn: string }>(`SELECT
+      ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli, pg_current_wal_lsn()::text AS lsn`);
+    restores.inc({ source: 'in_place' });
+    const ms = Date.now() - started;
+    this.log.info({ target: { type, value }, set, timeline: tli, lsn, ms }, 'restored in place');
+    return `restored in place from backup ${set ?? '(latest)'} to ${type} ${value} in ${(ms / 1000).toFixed(1)} s: a primary on timeline ${tli} at ${lsn}`;
+  }
+
+  /**
+   * A restored copy's postgresql.auto.conf holds what recovery needed and the
+   * synchronous standbys of the backup's time: recovery settings must not
+   * apply to a later start as a standby, and a commit must not wait for
+   * standbys that do not stream from this instance (the election sets them again).
+   */
+  private async resetCopiedSettings(): Promise<void> {
+    for (const setting of COPIED_SETTINGS) await this.pg.query(`ALTER SYSTEM RESET ${setting}`);
+    await this.pg.query('SELECT pg_reload_conf()');
   }
 
   /**

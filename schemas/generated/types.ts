@@ -11,7 +11,7 @@ export interface AgentCommandResult {
   durationMs: bigint;
 }
 
-export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT' | 'BOOTSTRAP' | 'BACKUP_CREATE' | 'BACKUP_INFO' | 'BACKUP_VERIFY' | 'BACKUP_EXPIRE' | 'BACKUP_CHECK' | 'CREATE_DATABASE' | 'DROP_DATABASE';
+export type AgentAction = 'START_POSTGRES' | 'STOP_POSTGRES' | 'RESTART_POSTGRES' | 'REPORT_HEALTH' | 'CDC_START' | 'CDC_STOP' | 'CDC_STATUS' | 'RECRUIT' | 'PROMOTE' | 'REPOINT' | 'BOOTSTRAP' | 'BACKUP_CREATE' | 'BACKUP_INFO' | 'BACKUP_VERIFY' | 'BACKUP_EXPIRE' | 'BACKUP_CHECK' | 'CREATE_DATABASE' | 'DROP_DATABASE' | 'RESTORE_IN_PLACE';
 
 /** A request to the agent of one instance. Agents act on commands addressed to them and answer with an AgentCommandResult carrying the same commandId. */
 export interface AgentCommand {
