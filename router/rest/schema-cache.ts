@@ -76,6 +76,12 @@ export interface RestFunction {
   /** A table's row type (the result filters, selects and embeds like that table), else a scalar. */
   returnsTable: { schema: string; name: string } | null;
   returnType: string;
+  /**
+   * A PostgREST 12 media type handler: the result is a domain named after a
+   * media type (`create domain "text/html" as text`), answered as it is when
+   * the client accepts that type. `binary`: over bytea (sent as bytes).
+   */
+  mediaType: { type: string; binary: boolean } | null;
   description: string | null;
 }
 
@@ -149,7 +155,9 @@ select n.nspname as schema, p.proname as name, p.provolatile::text as volatility
       where names.mode in ('i', 'b', 'v') offset a0.ord - 1 limit 1
     ) a(name) on true), '[]') as args,
   case when rt.typrelid <> 0 and rc.relkind in ('r', 'v', 'm', 'p', 'f')
-    then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table
+    then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table,
+  case when rt.typtype = 'd' and rt.typname like '%/%'
+    then json_build_object('type', lower(rt.typname), 'binary', rt.typbasetype = 'bytea'::regtype) end as media_type
 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
 join pg_type rt on rt.oid = p.prorettype
 left join pg_class rc on rc.oid = rt.typrelid left join pg_namespace rn on rn.oid = rc.relnamespace
@@ -191,7 +199,7 @@ export async function loadSchemaCache(query: Query, schemas: string[]): Promise<
     const args = f.args as { name: string; type: string }[];
     return {
       schema: f.schema, name: f.name, volatility: f.volatility, returnsSet: f.returns_set, returnsTable: f.returns_table,
-      returnType: f.return_type, description: f.description,
+      returnType: f.return_type, mediaType: f.media_type, description: f.description,
       args: args.map((a, i) => ({ ...a, hasDefault: i >= args.length - f.n_defaults })),
     };
   });

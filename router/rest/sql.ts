@@ -330,8 +330,13 @@ export class QueryBuilder {
   }
 }
 
-/** How a response's rows are written: a JSON array, one JSON object (singular), or CSV. */
-export type Media = 'json' | 'object' | 'csv';
+/**
+ * How a response's rows are written: a JSON array, one JSON object (singular),
+ * either without its null-valued keys (PostgREST's `nulls=stripped`), or CSV.
+ */
+export type Media = 'json' | 'object' | 'json-stripped' | 'object-stripped' | 'csv';
+
+export const isSingular = (media: Media) => media === 'object' || media === 'object-stripped';
 
 /**
  * The body of the rows of `pgrst_source`, aggregated over them as `_postgrest_t`.
@@ -341,6 +346,9 @@ export type Media = 'json' | 'object' | 'csv';
 export function bodySql(media: Media): string {
   if (media === 'object') return `coalesce((json_agg(_postgrest_t)->0)::text, 'null')`;
   if (media === 'json') return `coalesce(json_agg(_postgrest_t), '[]')::text`;
+  // json_strip_nulls drops null-valued keys at every depth (and writes the JSON without spaces, as PostgREST's does)
+  if (media === 'object-stripped') return `coalesce((json_strip_nulls(json_agg(_postgrest_t))->0)::text, 'null')`;
+  if (media === 'json-stripped') return `coalesce(json_strip_nulls(json_agg(_postgrest_t)), '[]')::text`;
   const header = `(SELECT coalesce(string_agg(pgrst_k.k, ','), '') FROM (SELECT json_object_keys(row_to_json(pgrst_h))::text AS k FROM (SELECT * FROM pgrst_source LIMIT 1) pgrst_h) pgrst_k)`;
   return `${header} || E'\\n' || coalesce(string_agg(substring(_postgrest_t::text, 2, length(_postgrest_t::text) - 2), E'\\n'), '')`;
 }
