@@ -25,6 +25,8 @@ export const userToken = (sub = 'ann') => `Bearer ${signJwt({ role: 'app_user', 
 
 const CSV = { Accept: 'text/csv' };
 const BLOCKED = { 'X-Blocked': 'yes' };
+const STRIPPED = { Accept: 'application/vnd.pgrst.array+json;nulls=stripped' };
+const SINGLE = { Prefer: 'params=single-object' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -113,6 +115,31 @@ export function readRequests(): TestRequest[] {
     { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
     // response.headers / response.status set by functions
     get('/rpc/with_headers'), get('/rpc/with_headers?select=id', CSV), get('/rpc/bad_headers'), get('/rpc/bad_status'), get('/rpc/teapot'),
+    // nulls=stripped: null-valued keys dropped at every depth (PostgREST's own array/object types only, the parameter before q)
+    ...[
+      '/clients?order=id', '/clients?id=eq.2', '/projects?select=id,meta,clients(name,city)&order=id', '/clients?select=id,projects(id,budget,meta)',
+      '/projects?select=id,...clients(city)&order=id', '/rpc/whoami', '/rpc/odd_names', '/rpc/add?a=1&b=2', '/rpc/projects_of?cid=3', '/rpc/noop', '/project_summary',
+    ].flatMap((path) => [get(path, STRIPPED), get(path, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped' })]),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array' }),
+    get('/clients?id=eq.2', { Accept: 'application/json;nulls=stripped' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json;nulls=STRIPPED' }),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.object;nulls=stripped' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.object+json;nulls=other' }),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json;q=0.5;nulls=stripped' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json; nulls=stripped;q=1' }),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json;nulls=stripped;q=0.5, text/csv' }),
+    get('/clients?order=id', { ...STRIPPED, Prefer: 'count=exact', Range: '1-1' }), get('/notes', { ...STRIPPED, Authorization: userToken() }),
+    // media type handlers: functions returning a domain named after a media type; other results are 415 for those types
+    get('/rpc/greet?name=bob', { Accept: 'text/plain' }), get('/rpc/greet?name=bob'), get('/rpc/greet?name=bob', { Accept: '*/*' }),
+    get('/rpc/greet?name=bob', { Accept: 'text/*' }), get('/rpc/greet?name=bob', { Accept: 'application/json;q=0.5, text/plain' }),
+    get('/rpc/greet?name=bob', { Accept: 'text/plain;q=0.5, application/json' }), get('/rpc/greet?name=bob', CSV),
+    get('/rpc/greet?name=bob', { Accept: 'application/vnd.pgrst.object+json' }), get('/rpc/greet?name=bob', { Accept: 'text/html' }),
+    get('/rpc/no_text', { Accept: 'text/plain' }), get('/rpc/page?title=Hi', { Accept: 'text/html' }), get('/rpc/page?title=Hi', { Accept: 'text/plain' }),
+    get('/rpc/bytes_of?t=abc', { Accept: 'application/octet-stream' }), get('/rpc/bytes_of?t=abc'), get('/rpc/bytes_of?t=abc', { Accept: 'text/plain' }),
+    get('/rpc/vendor_json', { Accept: 'application/vnd.fixture+json' }), get('/rpc/greetings', { Accept: 'text/plain' }), get('/rpc/greetings'),
+    get('/rpc/echo?note=hi', { Accept: 'text/plain' }), get('/rpc/add?a=1&b=2', { Accept: 'application/octet-stream' }),
+    get('/clients?select=name&id=eq.1', { Accept: 'text/plain' }), get('/clients?select=name&id=eq.1', { Accept: 'application/octet-stream' }),
+    { method: 'HEAD', path: '/rpc/greet?name=bob', headers: { Accept: 'text/plain' } }, get('/rpc/greet?name=bob', { ...BLOCKED, Accept: 'text/plain' }),
+    // Prefer: params=single-object on GET: the query string's arguments as one JSON object of strings
+    get('/rpc/obj_args?j=1', SINGLE), get('/rpc/obj_args', SINGLE), get('/rpc/obj_args?a=1&a=2&b=x', SINGLE), get('/rpc/obj_product?x=2&y=5', SINGLE),
+    get('/rpc/add?a=1&b=2', SINGLE),
     // db-pre-request (check_request) refuses with its own status (PT403)
     get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
@@ -190,6 +217,17 @@ export function writeRequests(): TestRequest[] {
     w('PATCH', '/tasks?limit=2&offset=1&order=priority.desc.nullslast,id&select=id,done', { done: true }, { Prefer: 'return=representation,count=exact' }),
     w('DELETE', '/tasks?limit=2&order=id&done=is.false', undefined, { Prefer: 'return=representation' }), w('DELETE', '/tasks?limit=1&offset=1&order=id', undefined),
     w('DELETE', '/tasks?limit=0&order=id', undefined, { Prefer: 'return=representation' }),
+    // Prefer: params=single-object on POST: the body is the one json/jsonb argument (as sent, or [] for a JSON scalar; CSV as objects)
+    ...[
+      '{"x": 2,  "y" : [1, null]}', '[{"x":1},{"x":2}]', '[]', '5', '"s"', '[1,2]', '[{"x":1},{"y":2}]', '{"x":', '',
+    ].map((body) => w('POST', '/rpc/obj_args', body, SINGLE)),
+    w('POST', '/rpc/obj_product', { x: 2, y: 3 }, SINGLE), w('POST', '/rpc/echo_jsonb', { b: 1, a: null }, SINGLE), w('POST', '/rpc/add', { a: 1, b: 2 }, SINGLE),
+    w('POST', '/rpc/obj_args', 'abc', { ...SINGLE, 'Content-Type': 'text/plain' }), w('POST', '/rpc/obj_args', 'x,y\n1,2\n3,NULL', { ...SINGLE, 'Content-Type': 'text/csv' }),
+    w('POST', '/rpc/obj_args', { x: 1 }, { Prefer: 'params=single-object, return=minimal' }), w('POST', '/rpc/obj_args', { j: { x: 1 } }, { Prefer: 'params=multiple-objects' }),
+    w('POST', '/rpc/obj_args', { j: { x: 1 } }), w('POST', '/rpc/obj_args', { x: null }, { ...SINGLE, ...STRIPPED }),
+    w('POST', '/rpc/greet', { name: 'post' }, { Accept: 'text/plain' }), w('POST', '/rpc/bytes_of', { t: 'x' }, { Accept: 'application/octet-stream' }),
+    w('POST', '/clients', [{ id: 9, name: 'Nine' }, { id: 10, name: 'Ten', city: 'X' }], { ...STRIPPED, Prefer: 'return=representation' }),
+    w('PATCH', '/clients?id=eq.2', { name: 'G' }, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped', Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
