@@ -82,6 +82,10 @@ export interface RestFunction {
    * the client accepts that type. `binary`: over bytea (sent as bytes).
    */
   mediaType: { type: string; binary: boolean } | null;
+  /** The table whose row type is the function's only argument (a computed relationship when it returns a table's rows). */
+  rowArgument: { schema: string; name: string } | null;
+  /** `ROWS 1` on a set-returning function: a computed relationship to one row. */
+  returnsOneRow: boolean;
   description: string | null;
 }
 
@@ -157,7 +161,11 @@ select n.nspname as schema, p.proname as name, p.provolatile::text as volatility
   case when rt.typrelid <> 0 and rc.relkind in ('r', 'v', 'm', 'p', 'f')
     then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table,
   case when rt.typtype = 'd' and rt.typname like '%/%'
-    then json_build_object('type', lower(rt.typname), 'binary', rt.typbasetype = 'bytea'::regtype) end as media_type
+    then json_build_object('type', lower(rt.typname), 'binary', rt.typbasetype = 'bytea'::regtype) end as media_type,
+  (select json_build_object('schema', an.nspname, 'name', ac.relname) from pg_type at join pg_class ac on ac.oid = at.typrelid
+    join pg_namespace an on an.oid = ac.relnamespace
+    where p.pronargs = 1 and at.oid = p.proargtypes[0] and ac.relkind in ('r', 'v', 'm', 'p', 'f')) as row_argument,
+  p.proretset and p.prorows = 1 as returns_one_row
 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
 join pg_type rt on rt.oid = p.prorettype
 left join pg_class rc on rc.oid = rt.typrelid left join pg_namespace rn on rn.oid = rc.relnamespace
@@ -199,7 +207,8 @@ export async function loadSchemaCache(query: Query, schemas: string[]): Promise<
     const args = f.args as { name: string; type: string }[];
     return {
       schema: f.schema, name: f.name, volatility: f.volatility, returnsSet: f.returns_set, returnsTable: f.returns_table,
-      returnType: f.return_type, mediaType: f.media_type, description: f.description,
+      returnType: f.return_type, mediaType: f.media_type,
+      rowArgument: f.row_argument, returnsOneRow: f.returns_one_row, description: f.description,
       args: args.map((a, i) => ({ ...a, hasDefault: i >= args.length - f.n_defaults })),
     };
   });

@@ -32,9 +32,15 @@ type Cardinality = 'one' | 'many';
 interface Relationship {
   target: Table;
   cardinality: Cardinality;
-  /** Join condition between the target (alias `t`) and the parent (alias `p`), and the junction for many-to-many. */
-  join(t: string, p: string, j: string): { from?: string; on: string };
+  /**
+   * Join condition between the target (alias `t`) and the parent (alias `p`),
+   * and the junction for many-to-many; `source` replaces the target table as
+   * the FROM item (a computed relationship's function call).
+   */
+  join(t: string, p: string, j: string): { from?: string; on: string; source?: string };
   describe: string;
+  /** A function of the parent's row (PostgREST's computed relationship), not a foreign key. */
+  computed?: boolean;
 }
 
 /** One resource in the tree of a read: the top table (or function result) and each embedded one. */
@@ -171,7 +177,7 @@ export class QueryBuilder {
         const inner = this.selectList(child, it.select);
         const link = rel.join(child.alias, scope.alias, junction);
         const conds = [link.on, ...inner.where, ...opts.where.map((c) => this.condition(child, c))];
-        const childSql = `SELECT ${inner.columns.join(', ')} FROM ${qualified(rel.target)} AS ${ident(child.alias)}`
+        const childSql = `SELECT ${inner.columns.join(', ')} FROM ${link.source ?? qualified(rel.target)} AS ${ident(child.alias)}`
           + (link.from ? ` ${link.from}` : '') + inner.joins.map((j) => ` ${j}`).join('')
           + ` WHERE ${conds.join(' AND ')}` + this.orderSql(child, opts.order) + QueryBuilder.limitSql(opts.limit, opts.offset);
         if (it.spread) {
@@ -230,6 +236,17 @@ export class QueryBuilder {
           });
         }
       }
+    }
+    // computed relationships: a function named `name` of the parent's row returning the target's rows (to one with ROWS 1 or
+    // without SETOF); as in PostgREST 12, a hint does not narrow them
+    for (const fn of this.cache.functions) {
+      if (fn.name !== name || fn.schema !== parent.schema || !fn.rowArgument || !same(parent, fn.rowArgument.schema, fn.rowArgument.name) || !fn.returnsTable) continue;
+      const target = lookup(fn.returnsTable.schema, fn.returnsTable.name);
+      if (!target) continue;
+      found.push({
+        target, cardinality: fn.returnsSet && !fn.returnsOneRow ? 'many' : 'one', describe: `computed relationship ${fn.name}`, computed: true,
+        join: (_t, p) => ({ source: `${qualified(fn)}(${ident(p)}::${qualified(parent)})`, on: 'TRUE' }),
+      });
     }
     if (found.length === 1) return found[0];
     if (!found.length) {
@@ -307,6 +324,8 @@ export class QueryBuilder {
       for (const it of items) {
         if (it.kind !== 'embed') continue;
         const rel = this.relationship(parent, it.name, it.hint);
+        // a function of the parent's row reads whatever it reads on the shard it runs on
+        if (rel.computed) throw new RestError(501, '0A000', `the computed relationship '${it.name}' on a sharded database`);
         const child = `pgrst_p${n++}`;
         const link = rel.join(child, alias, `pgrst_p${n++}`);
         joins.push(` JOIN ${qualified(rel.target)} AS ${ident(child)} ON TRUE${link.from ? ` ${link.from}` : ''}`);

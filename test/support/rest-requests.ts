@@ -140,6 +140,14 @@ export function readRequests(): TestRequest[] {
     // Prefer: params=single-object on GET: the query string's arguments as one JSON object of strings
     get('/rpc/obj_args?j=1', SINGLE), get('/rpc/obj_args', SINGLE), get('/rpc/obj_args?a=1&a=2&b=x', SINGLE), get('/rpc/obj_product?x=2&y=5', SINGLE),
     get('/rpc/add?a=1&b=2', SINGLE),
+    // computed relationships: to one (ROWS 1, or not SETOF: a row of NULLs), to many, nested, !inner, spread, count, filters and limits inside
+    get('/projects?select=id,owner(name)&order=id'), get('/projects?select=id,lead_client(name,city)&order=id'), get('/projects?select=id,o:owner(*)&order=id'),
+    get('/projects?select=id,open_tasks(title)&order=id'), get('/clients?select=id,big_projects(id,name,open_tasks(title))&order=id'),
+    get('/projects?select=id,owner!inner(name)&owner.city=eq.Berlin'), get('/projects?select=id,...owner(name)&order=id'), get('/projects?select=id,...open_tasks(title)'),
+    get('/projects?select=id,open_tasks(count)&order=id'), get('/projects?select=id,open_tasks(title)&open_tasks.order=title.desc&open_tasks.limit=1&order=id'),
+    get('/projects?select=id,owner!nonsense(name)&id=eq.1'), get('/clients?select=id,owner(name)'), get('/tasks?select=id,projects(name,owner(name))&order=id'),
+    get('/projects?select=id,open_tasks!inner(title)&open_tasks.title=eq.build'), get('/rpc/projects_of?cid=1&select=id,owner(name),open_tasks(title)'),
+    get('/projects?select=id,owner(name),clients(city)&id=eq.2', STRIPPED), get('/projects?select=id,owner(name)&order=id', CSV),
     // db-pre-request (check_request) refuses with its own status (PT403)
     get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
@@ -228,6 +236,8 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/greet', { name: 'post' }, { Accept: 'text/plain' }), w('POST', '/rpc/bytes_of', { t: 'x' }, { Accept: 'application/octet-stream' }),
     w('POST', '/clients', [{ id: 9, name: 'Nine' }, { id: 10, name: 'Ten', city: 'X' }], { ...STRIPPED, Prefer: 'return=representation' }),
     w('PATCH', '/clients?id=eq.2', { name: 'G' }, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped', Prefer: 'return=representation' }),
+    w('POST', '/projects?select=id,owner(name),open_tasks(title)', { id: 8, name: 'New', client_id: 3 }, { Prefer: 'return=representation' }),
+    w('PATCH', '/projects?id=eq.1&select=name,big:owner(name),open_tasks(count)', { name: 'R2' }, { Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
