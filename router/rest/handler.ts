@@ -6,7 +6,7 @@
 import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './errors.ts';
 import { authenticate, type Auth } from './jwt.ts';
 import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
-import type { RestFunction, SchemaCache, Table } from './schema-cache.ts';
+import { tableKey, type MediaAggregate, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
@@ -117,14 +117,18 @@ const STRIPPED: Record<string, Media> = {
   'application/vnd.pgrst.object+json': 'object-stripped', 'application/vnd.pgrst.object': 'object-stripped',
 };
 
+/** A media type a PostgREST 12 media type handler writes the result in (`text/html`): the body is its value as it is. */
+interface Raw { raw: string }
+
 /**
  * The response's media type: the client's most preferred (Accept, with
  * q-values) among those the resource offers; `*​/*` or no Accept takes the
- * first offered. `raw` is the media type a function's result is already
- * written in (a PostgREST 12 media type handler), answered as 'raw'. Media
- * type parameters count only before `q` (after it they are accept-extensions).
+ * first offered. `raw`: the types the resource's media type handlers write.
+ * Media type parameters count only before `q` (after it they are accept-extensions).
  */
-function responseMedia<M extends Media | 'openapi' | 'raw'>(req: RestRequest, offered: M[], raw?: string): M {
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[]): M;
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[], raw: string[]): M | Raw;
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[], raw: string[] = []): M | Raw {
   const ranges = (req.headers.accept ?? '').split(',').map((part, i) => {
     const [type, ...params] = part.split(';').map((x) => x.trim());
     const qAt = params.findIndex((x) => x.startsWith('q='));
@@ -133,13 +137,21 @@ function responseMedia<M extends Media | 'openapi' | 'raw'>(req: RestRequest, of
   }).filter((r) => r.type !== '' && !(r.q <= 0)).sort((a, b) => b.q - a.q || a.i - b.i);
   if (!ranges.length) return offered[0];
   for (const r of ranges) {
-    const media = r.type === '*/*' ? offered[0] : r.type === raw ? 'raw' : (r.stripped && STRIPPED[r.type]) || ACCEPTED[r.type];
+    if (r.type !== '*/*' && raw.includes(r.type)) return { raw: r.type };
+    const media = r.type === '*/*' ? offered[0] : (r.stripped && STRIPPED[r.type]) || ACCEPTED[r.type];
     if (media !== undefined && offered.includes(media as M)) return media as M;
   }
   throw new RestError(415, 'PGRST107', `None of these media types are available: ${ranges.map((r) => r.type).join(', ')}`);
 }
 
 const TABLE_MEDIA: Media[] = ['json', 'object', 'json-stripped', 'object-stripped', 'csv'];
+
+/** The media type of a table's rows: ours, or one of the table's handler aggregates (`raw`). */
+function tableMedia(req: RestRequest, cache: SchemaCache, table: Table): { media: Media; raw?: MediaAggregate } {
+  const aggregates = cache.mediaAggregates.get(tableKey(table.schema, table.name)) ?? [];
+  const chosen = responseMedia(req, TABLE_MEDIA, aggregates.map((a) => a.type));
+  return typeof chosen === 'object' ? { media: 'json', raw: aggregates.find((a) => a.type === chosen.raw) } : { media: chosen };
+}
 const wantsObject = (req: RestRequest) => isSingular(responseMedia(req, TABLE_MEDIA));
 
 /**
@@ -346,8 +358,8 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
   const range = parseRange(req.headers.range);
   const offset = top.offset ?? range?.offset ?? 0;
   const limit = minDefined(top.limit, range?.limit);
-  const media = responseMedia(req, TABLE_MEDIA);
-  const singular = isSingular(media);
+  const { media, raw } = tableMedia(req, cache, table);
+  const singular = !raw && isSingular(media);
   const b = new QueryBuilder(cache, q);
   const scope = { table, alias: b.nextAlias('t'), path: '' };
   const count = prefer.count !== undefined;
@@ -360,7 +372,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
     shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, singular };
   } else {
     const r = b.read(scope, from, { limit, offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, count ? r.count : null, media);
+    sql = responseSql(r.source, count ? r.count : null, raw ? { aggregate: raw, table } : media);
   }
   return {
     sql, params: b.params.values, readOnly: true, decideAfter: false, sharded: shardPlan,
@@ -378,9 +390,9 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
         status: partial ? 206 : 200,
         headers: {
           'Content-Range': contentRange(offset, pageTotal, total), 'Content-Location': contentLocation(req.fullPath, req.query),
-          'Content-Type': CONTENT_TYPES[media], ...applied,
+          'Content-Type': raw ? rawContentType(raw.type) : CONTENT_TYPES[media], ...applied,
         },
-        body: req.method === 'HEAD' ? '' : row.body,
+        body: req.method === 'HEAD' ? '' : raw ? rawBody(row) : row.body,
       };
     },
   };
@@ -417,8 +429,8 @@ function payloadColumns(table: Table, payload: unknown, q: ParsedQuery): string[
 /** The rows written, read back through the request's select (return=representation) into the response row. */
 function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'put' | 'update' | 'delete'): Plan {
   const prefer = parsePrefer(req.headers.prefer);
-  const media = responseMedia(req, TABLE_MEDIA);
-  const singular = isSingular(media);
+  const { media, raw } = tableMedia(req, cache, table);
+  const singular = !raw && isSingular(media);
   const b = new QueryBuilder(cache, q);
   const alias = b.nextAlias('t');
   const mutation = write(b, alias);
@@ -434,7 +446,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
-    + ` (SELECT ${bodySql(media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
+    + ` (SELECT ${bodySql(raw ? { aggregate: raw, table } : media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
   return {
     sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {
@@ -451,8 +463,8 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
         headers.Location = `${req.fullPath}?${pk.map((c, i) => `${encodeURIComponent(c)}=eq.${encodeURIComponent(values[i])}`).join('&')}`;
       }
       if (returning) {
-        headers['Content-Type'] = CONTENT_TYPES[media];
-        return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: row.body };
+        headers['Content-Type'] = raw ? rawContentType(raw.type) : CONTENT_TYPES[media];
+        return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: raw ? rawBody(row) : row.body };
       }
       return { status: kind === 'insert' ? insertStatus : 204, headers, body: '' };
     },
@@ -605,20 +617,25 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
   const call = whole !== undefined ? `${qualified(fn)}(${b.params.add(whole)}::${fn.args[0].type})`
     : `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
   const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
+  // media type handlers: a function's own result type, or an aggregate of the rows it returns; `*/*` answers whatever is asked
   const handler = fn.returnsSet ? null : fn.mediaType;
-  const media = handler ? responseMedia<Media | 'raw'>(req, [...TABLE_MEDIA, 'raw'], handler.type) : responseMedia(req, TABLE_MEDIA);
-  const singular = media !== 'raw' && isSingular(media);
+  const aggregates = table ? cache.mediaAggregates.get(tableKey(table.schema, table.name)) ?? [] : [];
+  const chosen = handler?.type === '*/*' ? { raw: '*/*' } : responseMedia(req, TABLE_MEDIA, handler ? [handler.type] : aggregates.map((a) => a.type));
+  const raw = typeof chosen === 'object' ? chosen.raw : undefined;
+  const media = typeof chosen === 'object' ? 'json' : chosen;
+  const singular = !raw && isSingular(media);
   const readOnly = req.method !== 'POST';
   const top = q.nodes.get('')!;
   let sql: string;
-  if (media === 'raw') {
+  if (raw && handler) {
     // a media type handler's result is the body as it is (bytes for a bytea domain; NULL is empty)
     sql = `SELECT NULL::bigint AS total, 1 AS page_total, ${call}::${handler!.binary ? 'bytea' : 'text'} AS body${RESPONSE_SETTINGS} FROM (SELECT 1) _one${record ? `, ${record}` : ''}`;
   } else if (table) {
     const scope = { table, alias: b.nextAlias('t'), path: '' };
     const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;
     const r = b.read(scope, from, { limit: top.limit, offset: top.offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, fn.returnsSet ? media : asObject(media));
+    const aggregate = aggregates.find((a) => a.type === raw);
+    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, aggregate ? { aggregate, table } : fn.returnsSet ? media : asObject(media));
   } else {
     if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
     const rows = fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${record ? `, ${record}` : ''}`;
@@ -643,9 +660,8 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range, ...applied }, body: '' };
       return {
         status: 200,
-        headers: { 'Content-Range': range, 'Content-Type': media === 'raw' ? rawContentType(handler!.type) : CONTENT_TYPES[media], ...applied },
-        // a raw body goes out as bytes, so that the HTTP server adds no charset to its type
-        body: req.method === 'HEAD' ? '' : media === 'raw' ? Buffer.from((row.body as string | Buffer | null) ?? '') : row.body,
+        headers: { 'Content-Range': range, 'Content-Type': raw ? rawContentType(raw) : CONTENT_TYPES[media], ...applied },
+        body: req.method === 'HEAD' ? '' : raw ? rawBody(row) : row.body,
       };
     },
   };
@@ -654,8 +670,11 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
 /** A scalar or single-row result is one JSON value, not an array. */
 const asObject = (media: Media): Media => (media === 'json' ? 'object' : media === 'json-stripped' ? 'object-stripped' : media);
 
-/** PostgREST names the charset of its own text types, not of the others. */
-const rawContentType = (type: string) => (type === 'text/plain' || type === 'text/xml' ? `${type}; charset=utf-8` : type);
+/** PostgREST names the charset of its own text types, not of the others; `*​/*` is bytes. */
+const rawContentType = (type: string) => (type === 'text/plain' || type === 'text/xml' ? `${type}; charset=utf-8` : type === '*/*' ? 'application/octet-stream' : type);
+
+/** A handler's body goes out as bytes (NULL is empty), so that the HTTP server adds no charset to its type. */
+const rawBody = (row: ResponseRow) => Buffer.from((row.body as string | Buffer | null) ?? '');
 
 /** The function `Prefer: params=single-object` calls: one json or jsonb parameter, named or not. */
 function singleObjectFunction(cache: SchemaCache, schema: string, name: string): RestFunction {

@@ -98,7 +98,14 @@ export interface SchemaCache {
   castTypes: Set<string>;
   /** COMMENT ON SCHEMA of each exposed schema (the OpenAPI document's title and description). */
   schemaComments: Map<string, string | null>;
+  /**
+   * PostgREST 12 media type handlers for tables: aggregates of a table's rows
+   * whose result is a domain named after a media type, by the table's key.
+   */
+  mediaAggregates: Map<string, MediaAggregate[]>;
 }
+
+export interface MediaAggregate { schema: string; name: string; type: string; binary: boolean }
 
 export const tableKey = (schema: string, name: string) => `${schema}\u0000${name}`;
 
@@ -171,6 +178,14 @@ join pg_type rt on rt.oid = p.prorettype
 left join pg_class rc on rc.oid = rt.typrelid left join pg_namespace rn on rn.oid = rc.relnamespace
 where n.nspname = any($1) and p.prokind = 'f'`;
 
+const MEDIA_AGGREGATES_SQL = `
+select n.nspname as schema, p.proname as name, tn.nspname as table_schema, tc.relname as table_name,
+  lower(rt.typname) as type, rt.typbasetype = 'bytea'::regtype as binary
+from pg_aggregate a join pg_proc p on p.oid = a.aggfnoid join pg_namespace n on n.oid = p.pronamespace
+join pg_type at on at.oid = p.proargtypes[0] join pg_class tc on tc.oid = at.typrelid join pg_namespace tn on tn.oid = tc.relnamespace
+join pg_type rt on rt.oid = p.prorettype
+where n.nspname = any($1) and p.pronargs = 1 and rt.typtype = 'd' and rt.typname like '%/%'`;
+
 const SCHEMAS_SQL = `select nspname as name, obj_description(oid, 'pg_namespace') as description from pg_namespace where nspname = any($1)`;
 
 const CAST_TYPES_SQL = `select typname from pg_type where typnamespace = 'pg_catalog'::regnamespace and typname !~ '^_|^pg_'`;
@@ -183,13 +198,18 @@ const SQL_TYPE_NAMES = ['integer', 'int', 'smallint', 'bigint', 'real', 'double 
 export type Query = (sql: string, params: unknown[]) => Promise<Record<string, any>[]>;
 
 export async function loadSchemaCache(query: Query, schemas: string[]): Promise<SchemaCache> {
-  const [tables, fks, fns, casts, comments] = await Promise.all([
+  const [tables, fks, fns, casts, comments, aggregates] = await Promise.all([
     query(TABLES_SQL, [schemas]), query(FKS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []), query(SCHEMAS_SQL, [schemas]),
+    query(MEDIA_AGGREGATES_SQL, [schemas]),
   ]);
   const cache: SchemaCache = {
     schemas, tables: new Map(), foreignKeys: [], functions: [], castTypes: new Set(SQL_TYPE_NAMES),
-    schemaComments: new Map(comments.map((c) => [c.name, c.description])),
+    schemaComments: new Map(comments.map((c) => [c.name, c.description])), mediaAggregates: new Map(),
   };
+  for (const a of aggregates) {
+    const key = tableKey(a.table_schema, a.table_name);
+    cache.mediaAggregates.set(key, [...(cache.mediaAggregates.get(key) ?? []), { schema: a.schema, name: a.name, type: a.type, binary: a.binary }]);
+  }
   for (const t of tables) {
     const columns = (t.columns as Column[]);
     const keys = t.keys as { primary: boolean; columns: string[] }[];

@@ -7,7 +7,7 @@
 import type { Merge } from '../planner/plan.ts';
 import { RestError } from './errors.ts';
 import type { Condition, Field, NodeOptions, OrderTerm, ParsedQuery, SelectItem } from './parse.ts';
-import { tableKey, type ForeignKey, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
+import { tableKey, type ForeignKey, type MediaAggregate, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
 import type { Probe } from './sharded.ts';
 
 export const ident = (s: string) => `"${s.replace(/"/g, '""')}"`;
@@ -357,12 +357,19 @@ export type Media = 'json' | 'object' | 'json-stripped' | 'object-stripped' | 'c
 
 export const isSingular = (media: Media) => media === 'object' || media === 'object-stripped';
 
+/** The rows written by a media type handler aggregate of the table's rows (PostgREST 12). */
+export interface AggregateBody { aggregate: MediaAggregate; table: Table }
+
 /**
  * The body of the rows of `pgrst_source`, aggregated over them as `_postgrest_t`.
  * CSV as PostgREST builds it: the first row's keys as the header, then each
  * row's record text without its parentheses (Postgres's quoting), no final newline.
  */
-export function bodySql(media: Media): string {
+export function bodySql(media: Media | AggregateBody): string {
+  if (typeof media === 'object') {
+    // the cast fails (42846) when select= changed the row's shape, as it does in PostgREST
+    return `${qualified(media.aggregate)}(_postgrest_t::${qualified(media.table)})${media.aggregate.binary ? '' : '::text'}`;
+  }
   if (media === 'object') return `coalesce((json_agg(_postgrest_t)->0)::text, 'null')`;
   if (media === 'json') return `coalesce(json_agg(_postgrest_t), '[]')::text`;
   // json_strip_nulls drops null-valued keys at every depth (and writes the JSON without spaces, as PostgREST's does)
@@ -380,7 +387,7 @@ export function bodySql(media: Media): string {
 export const RESPONSE_SETTINGS = `, nullif(current_setting('response.headers', true), '') AS response_headers, nullif(current_setting('response.status', true), '') AS response_status`;
 
 /** PostgREST's response row: total (count=exact), page_total, the body built by Postgres, and the response settings. */
-export function responseSql(source: string, total: string | null, media: Media, extra = ''): string {
+export function responseSql(source: string, total: string | null, media: Media | AggregateBody, extra = ''): string {
   return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${bodySql(media)} AS body${extra}${RESPONSE_SETTINGS} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
 }
 

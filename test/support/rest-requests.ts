@@ -27,6 +27,7 @@ const CSV = { Accept: 'text/csv' };
 const BLOCKED = { 'X-Blocked': 'yes' };
 const STRIPPED = { Accept: 'application/vnd.pgrst.array+json;nulls=stripped' };
 const SINGLE = { Prefer: 'params=single-object' };
+const TSV = { Accept: 'text/tab-separated-values' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -137,6 +138,11 @@ export function readRequests(): TestRequest[] {
     get('/rpc/echo?note=hi', { Accept: 'text/plain' }), get('/rpc/add?a=1&b=2', { Accept: 'application/octet-stream' }),
     get('/clients?select=name&id=eq.1', { Accept: 'text/plain' }), get('/clients?select=name&id=eq.1', { Accept: 'application/octet-stream' }),
     { method: 'HEAD', path: '/rpc/greet?name=bob', headers: { Accept: 'text/plain' } }, get('/rpc/greet?name=bob', { ...BLOCKED, Accept: 'text/plain' }),
+    // a table's handler aggregate (its rows, also what an RPC returns of them; select= changing the row is Postgres's 42846), and "*/*"
+    get('/clients?order=id', TSV), get('/clients?id=gt.100', TSV), get('/projects', TSV), get('/clients?select=id,name', TSV), get('/rpc/with_headers', TSV),
+    get('/rpc/projects_of?cid=1', TSV), get('/clients?id=eq.1', { ...TSV, Prefer: 'count=exact' }), get('/clients?order=id', { ...TSV, Range: '1-1', Prefer: 'count=exact' }),
+    get('/clients?order=id', { Accept: 'application/json;q=0.5, text/tab-separated-values' }), { method: 'HEAD', path: '/clients', headers: TSV },
+    get('/rpc/any_bytes', { Accept: 'image/png' }), get('/rpc/any_bytes'), get('/rpc/any_bytes', CSV),
     // Prefer: params=single-object on GET: the query string's arguments as one JSON object of strings
     get('/rpc/obj_args?j=1', SINGLE), get('/rpc/obj_args', SINGLE), get('/rpc/obj_args?a=1&a=2&b=x', SINGLE), get('/rpc/obj_product?x=2&y=5', SINGLE),
     get('/rpc/add?a=1&b=2', SINGLE),
@@ -236,6 +242,8 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/greet', { name: 'post' }, { Accept: 'text/plain' }), w('POST', '/rpc/bytes_of', { t: 'x' }, { Accept: 'application/octet-stream' }),
     w('POST', '/clients', [{ id: 9, name: 'Nine' }, { id: 10, name: 'Ten', city: 'X' }], { ...STRIPPED, Prefer: 'return=representation' }),
     w('PATCH', '/clients?id=eq.2', { name: 'G' }, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped', Prefer: 'return=representation' }),
+    w('POST', '/clients', { id: 9, name: 'Nine', city: 'Oslo' }, { ...TSV, Prefer: 'return=representation' }), w('DELETE', '/clients?id=eq.9', undefined, TSV),
+    w('PATCH', '/clients?id=lt.3&order=id', { city: 'Z' }, { ...TSV, Prefer: 'return=representation' }),
     w('POST', '/projects?select=id,owner(name),open_tasks(title)', { id: 8, name: 'New', client_id: 3 }, { Prefer: 'return=representation' }),
     w('PATCH', '/projects?id=eq.1&select=name,big:owner(name),open_tasks(count)', { name: 'R2' }, { Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
