@@ -133,7 +133,8 @@ function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M
     const [type, ...params] = part.split(';').map((x) => x.trim());
     const qAt = params.findIndex((x) => x.startsWith('q='));
     const own = qAt < 0 ? params : params.slice(0, qAt);
-    return { type: type.toLowerCase(), q: qAt < 0 ? 1 : Number(params[qAt].slice(2)), stripped: own.includes('nulls=stripped'), i };
+    // case-sensitive, as in PostgREST (`TEXT/CSV` is 415)
+    return { type, q: qAt < 0 ? 1 : Number(params[qAt].slice(2)), stripped: own.includes('nulls=stripped'), i };
   }).filter((r) => r.type !== '' && !(r.q <= 0)).sort((a, b) => b.q - a.q || a.i - b.i);
   if (!ranges.length) return offered[0];
   for (const r of ranges) {
@@ -167,6 +168,8 @@ function parseBody(req: RestRequest, single = false): unknown {
     const rows = records.map((r) => Object.fromEntries(header.map((h, i) => [h, r[i] === undefined || r[i] === 'NULL' ? null : r[i]])));
     return single ? rows[0] ?? {} : rows;
   }
+  // a form is one object of strings
+  if (type === 'application/x-www-form-urlencoded') return Object.fromEntries(new URLSearchParams(String(req.body ?? '')));
   if (type !== 'application/json') {
     throw new RestError(415, 'PGRST107', `None of these media types are available: ${type}`);
   }
@@ -629,7 +632,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
   let sql: string;
   if (raw && handler) {
     // a media type handler's result is the body as it is (bytes for a bytea domain; NULL is empty)
-    sql = `SELECT NULL::bigint AS total, 1 AS page_total, ${call}::${handler!.binary ? 'bytea' : 'text'} AS body${RESPONSE_SETTINGS} FROM (SELECT 1) _one${record ? `, ${record}` : ''}`;
+    sql = `SELECT ${prefer.count ? '1::bigint' : 'NULL::bigint'} AS total, 1 AS page_total, ${call}::${handler!.binary ? 'bytea' : 'text'} AS body${RESPONSE_SETTINGS} FROM (SELECT 1) _one${record ? `, ${record}` : ''}`;
   } else if (table) {
     const scope = { table, alias: b.nextAlias('t'), path: '' };
     const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;
@@ -639,14 +642,15 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
   } else {
     if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
     const rows = fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${record ? `, ${record}` : ''}`;
+    const total = prefer.count ? 'pg_catalog.count(*)' : null;
     if (media === 'csv') {
       // PostgREST's CSV of a scalar result: one column named pgrst_scalar
-      sql = responseSql(`SELECT ${fn.returnsSet ? 'pgrst_v' : call} AS pgrst_scalar FROM ${rows}`, null, 'csv');
+      sql = responseSql(`SELECT ${fn.returnsSet ? 'pgrst_v' : call} AS pgrst_scalar FROM ${rows}`, total, 'csv');
     } else {
       const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
       const values = media.endsWith('-stripped') ? 'json_strip_nulls(json_agg(_postgrest_t.v))' : 'json_agg(_postgrest_t.v)';
       const body = fn.returnsSet ? `coalesce(${values}, '[]')::text` : `coalesce((${values}->0)::text, 'null')`;
-      sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body${RESPONSE_SETTINGS} FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
+      sql = `SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(*) AS page_total, ${body} AS body${RESPONSE_SETTINGS} FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
     }
   }
   return {
@@ -656,7 +660,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       const pageTotal = Number(row.page_total);
       if (singular) singularCheck(true, pageTotal);
       const range = contentRange(0, pageTotal, row.total === null ? null : Number(row.total));
-      const applied = preferenceApplied(prefer, ['params']);
+      const applied = preferenceApplied(prefer, ['params', 'count']);
       if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range, ...applied }, body: '' };
       return {
         status: 200,
@@ -689,12 +693,13 @@ function singleObjectFunction(cache: SchemaCache, schema: string, name: string):
 /**
  * The body as the single object argument, as PostgREST 12 passes it: JSON as
  * sent (an array must hold objects with the same keys; any other value than an
- * object or array is `[]`), CSV as an array of objects, other types as sent.
+ * object or array is `[]`), CSV as an array of objects, a form as an object,
+ * other types as sent.
  */
 function singleObjectBody(req: RestRequest): string {
   const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
   const raw = String(req.body ?? '');
-  if (type === 'text/csv') return JSON.stringify(parseBody(req));
+  if (type === 'text/csv' || type === 'application/x-www-form-urlencoded') return JSON.stringify(parseBody(req));
   if (type !== 'application/json' || raw === '') return raw;
   const json = parseBody(req);
   const keys = (o: unknown) => (typeof o === 'object' && o !== null && !Array.isArray(o) ? Object.keys(o).sort().join('\u0000') : undefined);

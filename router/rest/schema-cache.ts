@@ -168,7 +168,7 @@ select n.nspname as schema, p.proname as name, p.provolatile::text as volatility
   case when rt.typrelid <> 0 and rc.relkind in ('r', 'v', 'm', 'p', 'f')
     then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table,
   case when rt.typtype = 'd' and rt.typname like '%/%'
-    then json_build_object('type', lower(rt.typname), 'binary', rt.typbasetype = 'bytea'::regtype) end as media_type,
+    then json_build_object('type', rt.typname, 'binary', rt.typbasetype = 'bytea'::regtype) end as media_type,
   (select json_build_object('schema', an.nspname, 'name', ac.relname) from pg_type at join pg_class ac on ac.oid = at.typrelid
     join pg_namespace an on an.oid = ac.relnamespace
     where p.pronargs = 1 and at.oid = p.proargtypes[0] and ac.relkind in ('r', 'v', 'm', 'p', 'f')) as row_argument,
@@ -180,7 +180,7 @@ where n.nspname = any($1) and p.prokind = 'f'`;
 
 const MEDIA_AGGREGATES_SQL = `
 select n.nspname as schema, p.proname as name, tn.nspname as table_schema, tc.relname as table_name,
-  lower(rt.typname) as type, rt.typbasetype = 'bytea'::regtype as binary
+  rt.typname as type, rt.typbasetype = 'bytea'::regtype as binary
 from pg_aggregate a join pg_proc p on p.oid = a.aggfnoid join pg_namespace n on n.oid = p.pronamespace
 join pg_type at on at.oid = p.proargtypes[0] join pg_class tc on tc.oid = at.typrelid join pg_namespace tn on tn.oid = tc.relnamespace
 join pg_type rt on rt.oid = p.prorettype

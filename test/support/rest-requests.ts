@@ -143,6 +143,10 @@ export function readRequests(): TestRequest[] {
     get('/rpc/projects_of?cid=1', TSV), get('/clients?id=eq.1', { ...TSV, Prefer: 'count=exact' }), get('/clients?order=id', { ...TSV, Range: '1-1', Prefer: 'count=exact' }),
     get('/clients?order=id', { Accept: 'application/json;q=0.5, text/tab-separated-values' }), { method: 'HEAD', path: '/clients', headers: TSV },
     get('/rpc/any_bytes', { Accept: 'image/png' }), get('/rpc/any_bytes'), get('/rpc/any_bytes', CSV),
+    // count=exact on RPC results (scalar, set, CSV, handler); Accept is case-sensitive
+    get('/rpc/add?a=1&b=2', { Prefer: 'count=exact' }), get('/rpc/projects_of?cid=1', { Prefer: 'count=exact' }), get('/rpc/nums?n=3', { Prefer: 'count=exact' }),
+    get('/rpc/nums?n=3', { ...CSV, Prefer: 'count=exact' }), get('/rpc/noop', { Prefer: 'count=exact' }), get('/rpc/greet?name=x', { Accept: 'text/plain', Prefer: 'count=exact' }),
+    get('/clients?id=eq.1', { Accept: 'TEXT/CSV' }), get('/clients?id=eq.1', { Accept: 'Application/Json' }), get('/rpc/greet?name=a', { Accept: 'TEXT/PLAIN' }),
     // Prefer: params=single-object on GET: the query string's arguments as one JSON object of strings
     get('/rpc/obj_args?j=1', SINGLE), get('/rpc/obj_args', SINGLE), get('/rpc/obj_args?a=1&a=2&b=x', SINGLE), get('/rpc/obj_product?x=2&y=5', SINGLE),
     get('/rpc/add?a=1&b=2', SINGLE),
@@ -244,6 +248,11 @@ export function writeRequests(): TestRequest[] {
     w('PATCH', '/clients?id=eq.2', { name: 'G' }, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped', Prefer: 'return=representation' }),
     w('POST', '/clients', { id: 9, name: 'Nine', city: 'Oslo' }, { ...TSV, Prefer: 'return=representation' }), w('DELETE', '/clients?id=eq.9', undefined, TSV),
     w('PATCH', '/clients?id=lt.3&order=id', { city: 'Z' }, { ...TSV, Prefer: 'return=representation' }),
+    // a form body: one object of strings
+    w('POST', '/rpc/add', 'a=1&b=2', { 'Content-Type': 'application/x-www-form-urlencoded' }),
+    w('POST', '/rpc/obj_args', 'a=1&b=x+y&c=%C3%A9', { ...SINGLE, 'Content-Type': 'application/x-www-form-urlencoded' }),
+    w('POST', '/rpc/obj_product', { x: 1, y: 4 }, { Prefer: 'params=single-object,count=exact' }),
+    w('POST', '/clients', 'id=9&name=Nine+N&city=%C3%85s', { 'Content-Type': 'application/x-www-form-urlencoded', Prefer: 'return=representation' }),
     w('POST', '/projects?select=id,owner(name),open_tasks(title)', { id: 8, name: 'New', client_id: 3 }, { Prefer: 'return=representation' }),
     w('PATCH', '/projects?id=eq.1&select=name,big:owner(name),open_tasks(count)', { name: 'R2' }, { Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
