@@ -320,11 +320,12 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
     throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
   }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
-  if (sharded && segments.length) {
-    // the shards' rows are merged as JSON by the gateway, which writes neither CSV nor JSON without nulls
-    const media = responseMedia(req, TABLE_MEDIA);
-    if (media === 'csv') throw new RestError(501, '0A000', 'CSV responses are not supported on a sharded database');
-    if (media.endsWith('-stripped')) throw new RestError(501, '0A000', 'nulls=stripped responses are not supported on a sharded database');
+  if (sharded && segments.length === 1) {
+    // the gateway merges the shards' rows as JSON: it writes neither CSV, nor JSON without nulls, nor a handler aggregate's
+    // output (an RPC runs on one shard, whose answer is the response as it is)
+    const { media, raw } = tableMedia(req, cache, findTable(cache, schema, segments[0]));
+    const refused = raw ? raw.type : media === 'csv' ? 'CSV' : media.endsWith('-stripped') ? 'nulls=stripped' : undefined;
+    if (refused) throw new RestError(501, '0A000', `${refused} responses are not supported on a sharded database`);
   }
   if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1], sharded);
   if (segments.length === 0 && (req.method === 'GET' || req.method === 'HEAD')) return planOpenApi(req, cache, schema, sharded);
@@ -632,7 +633,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
   let sql: string;
   if (raw && handler) {
     // a media type handler's result is the body as it is (bytes for a bytea domain; NULL is empty)
-    sql = `SELECT ${prefer.count ? '1::bigint' : 'NULL::bigint'} AS total, 1 AS page_total, ${call}::${handler!.binary ? 'bytea' : 'text'} AS body${RESPONSE_SETTINGS} FROM (SELECT 1) _one${record ? `, ${record}` : ''}`;
+    sql = `SELECT ${prefer.count ? '1::bigint' : 'NULL::bigint'} AS total, 1 AS page_total, ${call}::${handler.binary ? 'bytea' : 'text'} AS body${RESPONSE_SETTINGS} FROM (SELECT 1) _one${record ? `, ${record}` : ''}`;
   } else if (table) {
     const scope = { table, alias: b.nextAlias('t'), path: '' };
     const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;

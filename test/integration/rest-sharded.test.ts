@@ -53,6 +53,10 @@ const SCHEMA = [
   "insert into countries values ('no', 'Norway'), ('pt', 'Portugal'), ('jp', 'Japan')",
   // a computed relationship: embeddable as customers?select=open_orders(id)
   "create function open_orders(c customers) returns setof orders language sql stable as $$ select * from orders where customer_id = c.id and status <> 'sent' $$",
+  // RPC runs on one shard: CSV, nulls=stripped and a media type handler's output are its answer as it is
+  'create domain "text/html" as text',
+  `create function badge(name text) returns "text/html" language sql immutable as $$ select ('<b>' || name || '</b>')::"text/html" $$`,
+  `create function card(name text) returns json language sql immutable as $$ select json_build_object('name', name, 'note', null) $$`,
 ];
 
 const CUSTOMERS = Array.from({ length: 12 }, (_, i) => ({
@@ -206,4 +210,8 @@ test('DDL through the gateway reloads both databases\' REST schema caches; sprea
   const csv = await ask('shop', '/customers?limit=1', { headers: { Accept: 'text/csv' } });
   assert.equal(csv.status, 501);
   assert.equal(JSON.parse(csv.body).code, '0A000');
+  for (const accept of ['text/html', 'text/csv', 'application/vnd.pgrst.array+json;nulls=stripped']) {
+    for (const fn of ['badge', 'card']) await same(`/rpc/${fn}?name=Ann`, { headers: { Accept: accept } });
+  }
+  assert.equal((await ask('shop', '/rpc/badge?name=Ann', { headers: { Accept: 'text/html' } })).body, '<b>Ann</b>');
 });
