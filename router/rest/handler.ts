@@ -6,11 +6,11 @@
 import { errorBody, fromDatabaseError, isDatabaseError, RestError } from './errors.ts';
 import { authenticate, type Auth } from './jwt.ts';
 import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
-import type { RestFunction, SchemaCache, Table } from './schema-cache.ts';
+import { tableKey, type MediaAggregate, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
-import { bodySql, findFunction, findTable, ident, qualified, QueryBuilder, RESPONSE_SETTINGS, responseSql, type Media } from './sql.ts';
+import { bodySql, findFunction, findTable, ident, isSingular, qualified, QueryBuilder, RESPONSE_SETTINGS, responseSql, type Media } from './sql.ts';
 
 export interface RestConfig {
   /** Exposed schemas; the first is the default profile. */
@@ -40,7 +40,8 @@ export interface RestRequest {
 export interface RestResponse {
   status: number;
   headers: Record<string, string>;
-  body: string;
+  /** Bytes for a bytea media type handler's result. */
+  body: string | Buffer;
 }
 
 /** A transaction the request runs in: statements in order, then commit or rollback. */
@@ -101,32 +102,58 @@ function profile(req: RestRequest, config: RestConfig): string {
   return asked;
 }
 
-const CONTENT_TYPES: Record<Media | 'openapi', string> = { json: JSON_TYPE, object: OBJECT_TYPE, csv: 'text/csv; charset=utf-8', openapi: 'application/openapi+json; charset=utf-8' };
+const CONTENT_TYPES: Record<Media | 'openapi', string> = {
+  json: JSON_TYPE, object: OBJECT_TYPE, csv: 'text/csv; charset=utf-8', openapi: 'application/openapi+json; charset=utf-8',
+  'json-stripped': 'application/vnd.pgrst.array+json;nulls=stripped; charset=utf-8', 'object-stripped': 'application/vnd.pgrst.object+json;nulls=stripped; charset=utf-8',
+};
 const ACCEPTED: Record<string, Media | 'openapi'> = {
-  'application/json': 'json', 'application/vnd.pgrst.object+json': 'object', 'application/vnd.pgrst.object': 'object',
+  'application/json': 'json', 'application/vnd.pgrst.array+json': 'json', 'application/vnd.pgrst.array': 'json',
+  'application/vnd.pgrst.object+json': 'object', 'application/vnd.pgrst.object': 'object',
   'text/csv': 'csv', 'application/openapi+json': 'openapi',
 };
+/** PostgREST's own array and object types take `nulls=stripped` (`application/json` does not). */
+const STRIPPED: Record<string, Media> = {
+  'application/vnd.pgrst.array+json': 'json-stripped', 'application/vnd.pgrst.array': 'json-stripped',
+  'application/vnd.pgrst.object+json': 'object-stripped', 'application/vnd.pgrst.object': 'object-stripped',
+};
+
+/** A media type a PostgREST 12 media type handler writes the result in (`text/html`): the body is its value as it is. */
+interface Raw { raw: string }
 
 /**
  * The response's media type: the client's most preferred (Accept, with
- * q-values) among those the resource offers; `*​/*` or no Accept takes the first offered.
+ * q-values) among those the resource offers; `*​/*` or no Accept takes the
+ * first offered. `raw`: the types the resource's media type handlers write.
+ * Media type parameters count only before `q` (after it they are accept-extensions).
  */
-function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[]): M {
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[]): M;
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[], raw: string[]): M | Raw;
+function responseMedia<M extends Media | 'openapi'>(req: RestRequest, offered: M[], raw: string[] = []): M | Raw {
   const ranges = (req.headers.accept ?? '').split(',').map((part, i) => {
     const [type, ...params] = part.split(';').map((x) => x.trim());
-    const q = params.find((x) => x.startsWith('q='));
-    return { type: type.toLowerCase(), q: q ? Number(q.slice(2)) : 1, i };
+    const qAt = params.findIndex((x) => x.startsWith('q='));
+    const own = qAt < 0 ? params : params.slice(0, qAt);
+    // case-sensitive, as in PostgREST (`TEXT/CSV` is 415)
+    return { type, q: qAt < 0 ? 1 : Number(params[qAt].slice(2)), stripped: own.includes('nulls=stripped'), i };
   }).filter((r) => r.type !== '' && !(r.q <= 0)).sort((a, b) => b.q - a.q || a.i - b.i);
   if (!ranges.length) return offered[0];
   for (const r of ranges) {
-    const media = r.type === '*/*' ? offered[0] : ACCEPTED[r.type] as M | undefined;
-    if (media !== undefined && offered.includes(media)) return media;
+    if (r.type !== '*/*' && raw.includes(r.type)) return { raw: r.type };
+    const media = r.type === '*/*' ? offered[0] : (r.stripped && STRIPPED[r.type]) || ACCEPTED[r.type];
+    if (media !== undefined && offered.includes(media as M)) return media as M;
   }
   throw new RestError(415, 'PGRST107', `None of these media types are available: ${ranges.map((r) => r.type).join(', ')}`);
 }
 
-const TABLE_MEDIA: Media[] = ['json', 'object', 'csv'];
-const wantsObject = (req: RestRequest) => responseMedia(req, TABLE_MEDIA) === 'object';
+const TABLE_MEDIA: Media[] = ['json', 'object', 'json-stripped', 'object-stripped', 'csv'];
+
+/** The media type of a table's rows: ours, or one of the table's handler aggregates (`raw`). */
+function tableMedia(req: RestRequest, cache: SchemaCache, table: Table): { media: Media; raw?: MediaAggregate } {
+  const aggregates = cache.mediaAggregates.get(tableKey(table.schema, table.name)) ?? [];
+  const chosen = responseMedia(req, TABLE_MEDIA, aggregates.map((a) => a.type));
+  return typeof chosen === 'object' ? { media: 'json', raw: aggregates.find((a) => a.type === chosen.raw) } : { media: chosen };
+}
+const wantsObject = (req: RestRequest) => isSingular(responseMedia(req, TABLE_MEDIA));
 
 /**
  * The payload: JSON, or CSV as PostgREST reads it (a header line of column
@@ -141,6 +168,8 @@ function parseBody(req: RestRequest, single = false): unknown {
     const rows = records.map((r) => Object.fromEntries(header.map((h, i) => [h, r[i] === undefined || r[i] === 'NULL' ? null : r[i]])));
     return single ? rows[0] ?? {} : rows;
   }
+  // a form is one object of strings
+  if (type === 'application/x-www-form-urlencoded') return Object.fromEntries(new URLSearchParams(String(req.body ?? '')));
   if (type !== 'application/json') {
     throw new RestError(415, 'PGRST107', `None of these media types are available: ${type}`);
   }
@@ -291,7 +320,13 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
     throw new RestError(400, 'PGRST100', 'Request contains a NUL byte', 'Postgres text values cannot contain NUL (\\u0000)');
   }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
-  if (sharded && segments.length && responseMedia(req, TABLE_MEDIA) === 'csv') throw new RestError(501, '0A000', 'CSV responses are not supported on a sharded database');
+  if (sharded && segments.length === 1) {
+    // the gateway merges the shards' rows as JSON: it writes neither CSV, nor JSON without nulls, nor a handler aggregate's
+    // output (an RPC runs on one shard, whose answer is the response as it is)
+    const { media, raw } = tableMedia(req, cache, findTable(cache, schema, segments[0]));
+    const refused = raw ? raw.type : media === 'csv' ? 'CSV' : media.endsWith('-stripped') ? 'nulls=stripped' : undefined;
+    if (refused) throw new RestError(501, '0A000', `${refused} responses are not supported on a sharded database`);
+  }
   if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1], sharded);
   if (segments.length === 0 && (req.method === 'GET' || req.method === 'HEAD')) return planOpenApi(req, cache, schema, sharded);
   if (segments.length !== 1) throw new RestError(404, 'PGRST125', `Invalid path specified in request URL`);
@@ -327,8 +362,8 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
   const range = parseRange(req.headers.range);
   const offset = top.offset ?? range?.offset ?? 0;
   const limit = minDefined(top.limit, range?.limit);
-  const media = responseMedia(req, TABLE_MEDIA);
-  const singular = media === 'object';
+  const { media, raw } = tableMedia(req, cache, table);
+  const singular = !raw && isSingular(media);
   const b = new QueryBuilder(cache, q);
   const scope = { table, alias: b.nextAlias('t'), path: '' };
   const count = prefer.count !== undefined;
@@ -341,7 +376,7 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
     shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, singular };
   } else {
     const r = b.read(scope, from, { limit, offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, count ? r.count : null, media);
+    sql = responseSql(r.source, count ? r.count : null, raw ? { aggregate: raw, table } : media);
   }
   return {
     sql, params: b.params.values, readOnly: true, decideAfter: false, sharded: shardPlan,
@@ -359,9 +394,9 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
         status: partial ? 206 : 200,
         headers: {
           'Content-Range': contentRange(offset, pageTotal, total), 'Content-Location': contentLocation(req.fullPath, req.query),
-          'Content-Type': CONTENT_TYPES[media], ...applied,
+          'Content-Type': raw ? rawContentType(raw.type) : CONTENT_TYPES[media], ...applied,
         },
-        body: req.method === 'HEAD' ? '' : row.body,
+        body: req.method === 'HEAD' ? '' : raw ? rawBody(row) : row.body,
       };
     },
   };
@@ -398,8 +433,8 @@ function payloadColumns(table: Table, payload: unknown, q: ParsedQuery): string[
 /** The rows written, read back through the request's select (return=representation) into the response row. */
 function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, write: (b: QueryBuilder, alias: string) => string, kind: 'insert' | 'put' | 'update' | 'delete'): Plan {
   const prefer = parsePrefer(req.headers.prefer);
-  const media = responseMedia(req, TABLE_MEDIA);
-  const singular = media === 'object';
+  const { media, raw } = tableMedia(req, cache, table);
+  const singular = !raw && isSingular(media);
   const b = new QueryBuilder(cache, q);
   const alias = b.nextAlias('t');
   const mutation = write(b, alias);
@@ -415,7 +450,7 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
-    + ` (SELECT ${bodySql(media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
+    + ` (SELECT ${bodySql(raw ? { aggregate: raw, table } : media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
   return {
     sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {
@@ -432,8 +467,8 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
         headers.Location = `${req.fullPath}?${pk.map((c, i) => `${encodeURIComponent(c)}=eq.${encodeURIComponent(values[i])}`).join('&')}`;
       }
       if (returning) {
-        headers['Content-Type'] = CONTENT_TYPES[media];
-        return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: row.body };
+        headers['Content-Type'] = raw ? rawContentType(raw.type) : CONTENT_TYPES[media];
+        return { status: kind === 'insert' || kind === 'put' ? insertStatus : 200, headers, body: raw ? rawBody(row) : row.body };
       }
       return { status: kind === 'insert' ? insertStatus : 204, headers, body: '' };
     },
@@ -563,46 +598,60 @@ function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: Pars
 
 function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: string, sharded: boolean): Plan {
   if (!['GET', 'HEAD', 'POST'].includes(req.method)) throw new RestError(405, 'PGRST101', 'Only GET and POST are allowed for RPC');
-  const unnamed = req.method === 'POST' ? unnamedParameterCall(req, cache, schema, name) : undefined;
+  const prefer = parsePrefer(req.headers.prefer);
+  const singleObject = prefer.params === 'single-object';
+  const unnamed = req.method === 'POST' && !singleObject ? unnamedParameterCall(req, cache, schema, name) : undefined;
   let args: Record<string, unknown> = {}; // none by name when the body is the unnamed argument
   if (req.method !== 'POST') {
     const names = new Set(cache.functions.filter((f) => f.schema === schema && f.name === name).flatMap((f) => f.args.map((a) => a.name)));
     args = Object.fromEntries(req.query.filter(([k, v]) => names.has(k) || !isQueryKeyword(k, v)));
-  } else if (!unnamed) {
+  } else if (!unnamed && !singleObject) {
     const body = req.body === undefined || req.body === '' ? {} : parseBody(req);
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new RestError(400, 'PGRST102', 'Empty or invalid json');
     args = body as Record<string, unknown>;
   }
-  const fn = unnamed ?? findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
+  const fn = singleObject ? singleObjectFunction(cache, schema, name) : unnamed ?? findFunction(cache, schema, name, Object.keys(args), req.method === 'POST');
+  // the one argument the whole body (or with params=single-object, the query string's arguments) is
+  const whole = singleObject ? (req.method === 'POST' ? singleObjectBody(req) : JSON.stringify(args)) : unnamed ? req.body ?? '' : undefined;
   const q = parseQuery(req.query, new Set(req.method === 'POST' ? [] : Object.keys(args)));
   const b = new QueryBuilder(cache, q);
-  const given = fn.args.filter((a) => a.name in args);
+  const given = whole === undefined ? fn.args.filter((a) => a.name in args) : [];
   const record = given.length
     ? `json_to_record(${b.params.add(JSON.stringify(args))}::json) AS _(${given.map((a) => `${ident(a.name)} ${a.type}`).join(', ')})` : '';
-  const call = unnamed ? `${qualified(fn)}(${b.params.add(req.body ?? '')}::${fn.args[0].type})`
+  const call = whole !== undefined ? `${qualified(fn)}(${b.params.add(whole)}::${fn.args[0].type})`
     : `${qualified(fn)}(${given.map((a) => `${ident(a.name)} := _.${ident(a.name)}`).join(', ')})`;
-  const prefer = parsePrefer(req.headers.prefer);
   const table = fn.returnsTable ? cache.tables.get(`${fn.returnsTable.schema}\u0000${fn.returnsTable.name}`) : undefined;
-  const media = responseMedia(req, TABLE_MEDIA);
-  const singular = media === 'object';
+  // media type handlers: a function's own result type, or an aggregate of the rows it returns; `*/*` answers whatever is asked
+  const handler = fn.returnsSet ? null : fn.mediaType;
+  const aggregates = table ? cache.mediaAggregates.get(tableKey(table.schema, table.name)) ?? [] : [];
+  const chosen = handler?.type === '*/*' ? { raw: '*/*' } : responseMedia(req, TABLE_MEDIA, handler ? [handler.type] : aggregates.map((a) => a.type));
+  const raw = typeof chosen === 'object' ? chosen.raw : undefined;
+  const media = typeof chosen === 'object' ? 'json' : chosen;
+  const singular = !raw && isSingular(media);
   const readOnly = req.method !== 'POST';
   const top = q.nodes.get('')!;
   let sql: string;
-  if (table) {
+  if (raw && handler) {
+    // a media type handler's result is the body as it is (bytes for a bytea domain; NULL is empty)
+    sql = `SELECT ${prefer.count ? '1::bigint' : 'NULL::bigint'} AS total, 1 AS page_total, ${call}::${handler.binary ? 'bytea' : 'text'} AS body${RESPONSE_SETTINGS} FROM (SELECT 1) _one${record ? `, ${record}` : ''}`;
+  } else if (table) {
     const scope = { table, alias: b.nextAlias('t'), path: '' };
     const from = record ? `${record}, LATERAL ${call} AS ${ident(scope.alias)}` : `${call} AS ${ident(scope.alias)}`;
     const r = b.read(scope, from, { limit: top.limit, offset: top.offset, applyFilters: true, order: true });
-    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, singular || (!fn.returnsSet && media === 'json') ? 'object' : media);
+    const aggregate = aggregates.find((a) => a.type === raw);
+    sql = responseSql(r.source, prefer.count !== undefined ? r.count : null, aggregate ? { aggregate, table } : fn.returnsSet ? media : asObject(media));
   } else {
     if (q.nodes.size > 1 || top.where.length || top.order.length) throw new RestError(400, 'PGRST100', `"failed to parse filter" (line 1, column 1)`, 'filters apply only to functions that return rows');
     const rows = fn.returnsSet ? `${record ? `${record}, ` : ''}LATERAL ${call} pgrst_v` : `(SELECT 1) _one${record ? `, ${record}` : ''}`;
+    const total = prefer.count ? 'pg_catalog.count(*)' : null;
     if (media === 'csv') {
       // PostgREST's CSV of a scalar result: one column named pgrst_scalar
-      sql = responseSql(`SELECT ${fn.returnsSet ? 'pgrst_v' : call} AS pgrst_scalar FROM ${rows}`, null, 'csv');
+      sql = responseSql(`SELECT ${fn.returnsSet ? 'pgrst_v' : call} AS pgrst_scalar FROM ${rows}`, total, 'csv');
     } else {
       const value = fn.returnType === 'void' ? `(SELECT NULL::json FROM (SELECT ${call}) _void)` : `to_json(${call})`;
-      const body = fn.returnsSet ? `coalesce(json_agg(_postgrest_t.v), '[]')::text` : `coalesce((json_agg(_postgrest_t.v)->0)::text, 'null')`;
-      sql = `SELECT NULL::bigint AS total, pg_catalog.count(*) AS page_total, ${body} AS body${RESPONSE_SETTINGS} FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
+      const values = media.endsWith('-stripped') ? 'json_strip_nulls(json_agg(_postgrest_t.v))' : 'json_agg(_postgrest_t.v)';
+      const body = fn.returnsSet ? `coalesce(${values}, '[]')::text` : `coalesce((${values}->0)::text, 'null')`;
+      sql = `SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(*) AS page_total, ${body} AS body${RESPONSE_SETTINGS} FROM (SELECT ${fn.returnsSet ? 'to_json(pgrst_v)' : value} AS v FROM ${rows}) _postgrest_t`;
     }
   }
   return {
@@ -612,14 +661,54 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
       const pageTotal = Number(row.page_total);
       if (singular) singularCheck(true, pageTotal);
       const range = contentRange(0, pageTotal, row.total === null ? null : Number(row.total));
-      if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range }, body: '' };
+      const applied = preferenceApplied(prefer, ['params', 'count']);
+      if (fn.returnType === 'void') return { status: 204, headers: { 'Content-Range': range, ...applied }, body: '' };
       return {
         status: 200,
-        headers: { 'Content-Range': range, 'Content-Type': CONTENT_TYPES[media] },
-        body: req.method === 'HEAD' ? '' : row.body,
+        headers: { 'Content-Range': range, 'Content-Type': raw ? rawContentType(raw) : CONTENT_TYPES[media], ...applied },
+        body: req.method === 'HEAD' ? '' : raw ? rawBody(row) : row.body,
       };
     },
   };
+}
+
+/** A scalar or single-row result is one JSON value, not an array. */
+const asObject = (media: Media): Media => (media === 'json' ? 'object' : media === 'json-stripped' ? 'object-stripped' : media);
+
+/** PostgREST names the charset of its own text types, not of the others; `*​/*` is bytes. */
+const rawContentType = (type: string) => (type === 'text/plain' || type === 'text/xml' ? `${type}; charset=utf-8` : type === '*/*' ? 'application/octet-stream' : type);
+
+/** A handler's body goes out as bytes (NULL is empty), so that the HTTP server adds no charset to its type. */
+const rawBody = (row: ResponseRow) => Buffer.from((row.body as string | Buffer | null) ?? '');
+
+/** The function `Prefer: params=single-object` calls: one json or jsonb parameter, named or not. */
+function singleObjectFunction(cache: SchemaCache, schema: string, name: string): RestFunction {
+  const fn = cache.functions.find((f) => f.schema === schema && f.name === name && f.args.length === 1 && ['json', 'jsonb'].includes(f.args[0].type));
+  if (!fn) {
+    throw new RestError(404, 'PGRST202', `Could not find the function ${schema}.${name} in the schema cache`,
+      `Searched for the function ${schema}.${name} with a single json/jsonb parameter, but no matches were found in the schema cache.`);
+  }
+  return fn;
+}
+
+/**
+ * The body as the single object argument, as PostgREST 12 passes it: JSON as
+ * sent (an array must hold objects with the same keys; any other value than an
+ * object or array is `[]`), CSV as an array of objects, a form as an object,
+ * other types as sent.
+ */
+function singleObjectBody(req: RestRequest): string {
+  const type = (req.headers['content-type'] ?? 'application/json').split(';')[0].trim().toLowerCase();
+  const raw = String(req.body ?? '');
+  if (type === 'text/csv' || type === 'application/x-www-form-urlencoded') return JSON.stringify(parseBody(req));
+  if (type !== 'application/json' || raw === '') return raw;
+  const json = parseBody(req);
+  const keys = (o: unknown) => (typeof o === 'object' && o !== null && !Array.isArray(o) ? Object.keys(o).sort().join('\u0000') : undefined);
+  if (Array.isArray(json)) {
+    if (json.length && (keys(json[0]) === undefined || json.some((o) => keys(o) !== keys(json[0])))) throw new RestError(400, 'PGRST102', 'All object keys must match');
+    return raw;
+  }
+  return keys(json) === undefined ? '[]' : raw;
 }
 
 /** The one parameter type a function takes the whole body as, by the body's Content-Type. */

@@ -136,12 +136,16 @@ const COMMON_PARAMETERS = {
   limit: { name: 'limit', description: 'Limiting and Pagination', required: false, in: 'query', type: 'string' },
 };
 
+const BODY_TYPES = ['json', 'jsonb', 'text', 'xml', 'bytea'];
+
 /** The document for `schema`, listing what `accessible` names; `host` and `basePath` are where the client reached us. */
 export function openApiDocument(cache: SchemaCache, schema: string, accessible: Accessible, host: string, basePath: string): string {
   const names = new Set(accessible.tables);
   const executable = new Set(accessible.functions);
   const tables = [...cache.tables.values()].filter((t) => t.schema === schema && names.has(t.name));
-  const functions = cache.functions.filter((f) => f.schema === schema && executable.has(functionKey(f)));
+  // a single unnamed parameter of another type than the body's (a computed relationship's row, an int) cannot be called by RPC: PostgREST leaves it out
+  const callable = (f: RestFunction) => !(f.args.length === 1 && f.args[0].name === '' && !BODY_TYPES.includes(f.args[0].type));
+  const functions = cache.functions.filter((f) => f.schema === schema && executable.has(functionKey(f)) && callable(f));
   const paths: Record<string, unknown> = {
     '/': { get: { tags: ['Introspection'], summary: 'OpenAPI description (this document)', produces: ['application/openapi+json', 'application/json'], responses: { 200: { description: 'OK' } } } },
   };

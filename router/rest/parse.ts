@@ -231,6 +231,8 @@ export interface Prefer {
   resolution?: 'merge-duplicates' | 'ignore-duplicates';
   missing?: 'default' | 'null';
   tx?: 'commit' | 'rollback';
+  /** RPC: the whole body (or query string) is the function's one json/jsonb argument. */
+  params?: 'single-object';
 }
 
 const PREFER_VALUES: Record<keyof Prefer, string[]> = {
@@ -239,6 +241,7 @@ const PREFER_VALUES: Record<keyof Prefer, string[]> = {
   resolution: ['merge-duplicates', 'ignore-duplicates'],
   missing: ['default', 'null'],
   tx: ['commit', 'rollback'],
+  params: ['single-object'],
 };
 
 /** Unknown or malformed preferences are ignored, as PostgREST 12 does by default (handling=lenient). */

@@ -76,6 +76,16 @@ export interface RestFunction {
   /** A table's row type (the result filters, selects and embeds like that table), else a scalar. */
   returnsTable: { schema: string; name: string } | null;
   returnType: string;
+  /**
+   * A PostgREST 12 media type handler: the result is a domain named after a
+   * media type (`create domain "text/html" as text`), answered as it is when
+   * the client accepts that type. `binary`: over bytea (sent as bytes).
+   */
+  mediaType: { type: string; binary: boolean } | null;
+  /** The table whose row type is the function's only argument (a computed relationship when it returns a table's rows). */
+  rowArgument: { schema: string; name: string } | null;
+  /** `ROWS 1` on a set-returning function: a computed relationship to one row. */
+  returnsOneRow: boolean;
   description: string | null;
 }
 
@@ -88,7 +98,14 @@ export interface SchemaCache {
   castTypes: Set<string>;
   /** COMMENT ON SCHEMA of each exposed schema (the OpenAPI document's title and description). */
   schemaComments: Map<string, string | null>;
+  /**
+   * PostgREST 12 media type handlers for tables: aggregates of a table's rows
+   * whose result is a domain named after a media type, by the table's key.
+   */
+  mediaAggregates: Map<string, MediaAggregate[]>;
 }
+
+export interface MediaAggregate { schema: string; name: string; type: string; binary: boolean }
 
 export const tableKey = (schema: string, name: string) => `${schema}\u0000${name}`;
 
@@ -149,11 +166,25 @@ select n.nspname as schema, p.proname as name, p.provolatile::text as volatility
       where names.mode in ('i', 'b', 'v') offset a0.ord - 1 limit 1
     ) a(name) on true), '[]') as args,
   case when rt.typrelid <> 0 and rc.relkind in ('r', 'v', 'm', 'p', 'f')
-    then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table
+    then json_build_object('schema', rn.nspname, 'name', rc.relname) end as returns_table,
+  case when rt.typtype = 'd' and rt.typname like '%/%'
+    then json_build_object('type', rt.typname, 'binary', rt.typbasetype = 'bytea'::regtype) end as media_type,
+  (select json_build_object('schema', an.nspname, 'name', ac.relname) from pg_type at join pg_class ac on ac.oid = at.typrelid
+    join pg_namespace an on an.oid = ac.relnamespace
+    where p.pronargs = 1 and at.oid = p.proargtypes[0] and ac.relkind in ('r', 'v', 'm', 'p', 'f')) as row_argument,
+  p.proretset and p.prorows = 1 as returns_one_row
 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
 join pg_type rt on rt.oid = p.prorettype
 left join pg_class rc on rc.oid = rt.typrelid left join pg_namespace rn on rn.oid = rc.relnamespace
 where n.nspname = any($1) and p.prokind = 'f'`;
+
+const MEDIA_AGGREGATES_SQL = `
+select n.nspname as schema, p.proname as name, tn.nspname as table_schema, tc.relname as table_name,
+  rt.typname as type, rt.typbasetype = 'bytea'::regtype as binary
+from pg_aggregate a join pg_proc p on p.oid = a.aggfnoid join pg_namespace n on n.oid = p.pronamespace
+join pg_type at on at.oid = p.proargtypes[0] join pg_class tc on tc.oid = at.typrelid join pg_namespace tn on tn.oid = tc.relnamespace
+join pg_type rt on rt.oid = p.prorettype
+where n.nspname = any($1) and p.pronargs = 1 and rt.typtype = 'd' and rt.typname like '%/%'`;
 
 const SCHEMAS_SQL = `select nspname as name, obj_description(oid, 'pg_namespace') as description from pg_namespace where nspname = any($1)`;
 
@@ -167,13 +198,18 @@ const SQL_TYPE_NAMES = ['integer', 'int', 'smallint', 'bigint', 'real', 'double 
 export type Query = (sql: string, params: unknown[]) => Promise<Record<string, any>[]>;
 
 export async function loadSchemaCache(query: Query, schemas: string[]): Promise<SchemaCache> {
-  const [tables, fks, fns, casts, comments] = await Promise.all([
+  const [tables, fks, fns, casts, comments, aggregates] = await Promise.all([
     query(TABLES_SQL, [schemas]), query(FKS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []), query(SCHEMAS_SQL, [schemas]),
+    query(MEDIA_AGGREGATES_SQL, [schemas]),
   ]);
   const cache: SchemaCache = {
     schemas, tables: new Map(), foreignKeys: [], functions: [], castTypes: new Set(SQL_TYPE_NAMES),
-    schemaComments: new Map(comments.map((c) => [c.name, c.description])),
+    schemaComments: new Map(comments.map((c) => [c.name, c.description])), mediaAggregates: new Map(),
   };
+  for (const a of aggregates) {
+    const key = tableKey(a.table_schema, a.table_name);
+    cache.mediaAggregates.set(key, [...(cache.mediaAggregates.get(key) ?? []), { schema: a.schema, name: a.name, type: a.type, binary: a.binary }]);
+  }
   for (const t of tables) {
     const columns = (t.columns as Column[]);
     const keys = t.keys as { primary: boolean; columns: string[] }[];
@@ -191,7 +227,8 @@ export async function loadSchemaCache(query: Query, schemas: string[]): Promise<
     const args = f.args as { name: string; type: string }[];
     return {
       schema: f.schema, name: f.name, volatility: f.volatility, returnsSet: f.returns_set, returnsTable: f.returns_table,
-      returnType: f.return_type, description: f.description,
+      returnType: f.return_type, mediaType: f.media_type,
+      rowArgument: f.row_argument, returnsOneRow: f.returns_one_row, description: f.description,
       args: args.map((a, i) => ({ ...a, hasDefault: i >= args.length - f.n_defaults })),
     };
   });

@@ -7,7 +7,7 @@
 import type { Merge } from '../planner/plan.ts';
 import { RestError } from './errors.ts';
 import type { Condition, Field, NodeOptions, OrderTerm, ParsedQuery, SelectItem } from './parse.ts';
-import { tableKey, type ForeignKey, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
+import { tableKey, type ForeignKey, type MediaAggregate, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
 import type { Probe } from './sharded.ts';
 
 export const ident = (s: string) => `"${s.replace(/"/g, '""')}"`;
@@ -32,9 +32,15 @@ type Cardinality = 'one' | 'many';
 interface Relationship {
   target: Table;
   cardinality: Cardinality;
-  /** Join condition between the target (alias `t`) and the parent (alias `p`), and the junction for many-to-many. */
-  join(t: string, p: string, j: string): { from?: string; on: string };
+  /**
+   * Join condition between the target (alias `t`) and the parent (alias `p`),
+   * and the junction for many-to-many; `source` replaces the target table as
+   * the FROM item (a computed relationship's function call).
+   */
+  join(t: string, p: string, j: string): { from?: string; on: string; source?: string };
   describe: string;
+  /** A function of the parent's row (PostgREST's computed relationship), not a foreign key. */
+  computed?: boolean;
 }
 
 /** One resource in the tree of a read: the top table (or function result) and each embedded one. */
@@ -171,7 +177,7 @@ export class QueryBuilder {
         const inner = this.selectList(child, it.select);
         const link = rel.join(child.alias, scope.alias, junction);
         const conds = [link.on, ...inner.where, ...opts.where.map((c) => this.condition(child, c))];
-        const childSql = `SELECT ${inner.columns.join(', ')} FROM ${qualified(rel.target)} AS ${ident(child.alias)}`
+        const childSql = `SELECT ${inner.columns.join(', ')} FROM ${link.source ?? qualified(rel.target)} AS ${ident(child.alias)}`
           + (link.from ? ` ${link.from}` : '') + inner.joins.map((j) => ` ${j}`).join('')
           + ` WHERE ${conds.join(' AND ')}` + this.orderSql(child, opts.order) + QueryBuilder.limitSql(opts.limit, opts.offset);
         if (it.spread) {
@@ -230,6 +236,17 @@ export class QueryBuilder {
           });
         }
       }
+    }
+    // computed relationships: a function named `name` of the parent's row returning the target's rows (to one with ROWS 1 or
+    // without SETOF); as in PostgREST 12, a hint does not narrow them
+    for (const fn of this.cache.functions) {
+      if (fn.name !== name || fn.schema !== parent.schema || !fn.rowArgument || !same(parent, fn.rowArgument.schema, fn.rowArgument.name) || !fn.returnsTable) continue;
+      const target = lookup(fn.returnsTable.schema, fn.returnsTable.name);
+      if (!target) continue;
+      found.push({
+        target, cardinality: fn.returnsSet && !fn.returnsOneRow ? 'many' : 'one', describe: `computed relationship ${fn.name}`, computed: true,
+        join: (_t, p) => ({ source: `${qualified(fn)}(${ident(p)}::${qualified(parent)})`, on: 'TRUE' }),
+      });
     }
     if (found.length === 1) return found[0];
     if (!found.length) {
@@ -307,6 +324,8 @@ export class QueryBuilder {
       for (const it of items) {
         if (it.kind !== 'embed') continue;
         const rel = this.relationship(parent, it.name, it.hint);
+        // a function of the parent's row reads whatever it reads on the shard it runs on
+        if (rel.computed) throw new RestError(501, '0A000', `the computed relationship '${it.name}' on a sharded database`);
         const child = `pgrst_p${n++}`;
         const link = rel.join(child, alias, `pgrst_p${n++}`);
         joins.push(` JOIN ${qualified(rel.target)} AS ${ident(child)} ON TRUE${link.from ? ` ${link.from}` : ''}`);
@@ -330,17 +349,32 @@ export class QueryBuilder {
   }
 }
 
-/** How a response's rows are written: a JSON array, one JSON object (singular), or CSV. */
-export type Media = 'json' | 'object' | 'csv';
+/**
+ * How a response's rows are written: a JSON array, one JSON object (singular),
+ * either without its null-valued keys (PostgREST's `nulls=stripped`), or CSV.
+ */
+export type Media = 'json' | 'object' | 'json-stripped' | 'object-stripped' | 'csv';
+
+export const isSingular = (media: Media) => media === 'object' || media === 'object-stripped';
+
+/** The rows written by a media type handler aggregate of the table's rows (PostgREST 12). */
+export interface AggregateBody { aggregate: MediaAggregate; table: Table }
 
 /**
  * The body of the rows of `pgrst_source`, aggregated over them as `_postgrest_t`.
  * CSV as PostgREST builds it: the first row's keys as the header, then each
  * row's record text without its parentheses (Postgres's quoting), no final newline.
  */
-export function bodySql(media: Media): string {
+export function bodySql(media: Media | AggregateBody): string {
+  if (typeof media === 'object') {
+    // the cast fails (42846) when select= changed the row's shape, as it does in PostgREST
+    return `${qualified(media.aggregate)}(_postgrest_t::${qualified(media.table)})${media.aggregate.binary ? '' : '::text'}`;
+  }
   if (media === 'object') return `coalesce((json_agg(_postgrest_t)->0)::text, 'null')`;
   if (media === 'json') return `coalesce(json_agg(_postgrest_t), '[]')::text`;
+  // json_strip_nulls drops null-valued keys at every depth (and writes the JSON without spaces, as PostgREST's does)
+  if (media === 'object-stripped') return `coalesce((json_strip_nulls(json_agg(_postgrest_t))->0)::text, 'null')`;
+  if (media === 'json-stripped') return `coalesce(json_strip_nulls(json_agg(_postgrest_t)), '[]')::text`;
   const header = `(SELECT coalesce(string_agg(pgrst_k.k, ','), '') FROM (SELECT json_object_keys(row_to_json(pgrst_h))::text AS k FROM (SELECT * FROM pgrst_source LIMIT 1) pgrst_h) pgrst_k)`;
   return `${header} || E'\\n' || coalesce(string_agg(substring(_postgrest_t::text, 2, length(_postgrest_t::text) - 2), E'\\n'), '')`;
 }
@@ -353,7 +387,7 @@ export function bodySql(media: Media): string {
 export const RESPONSE_SETTINGS = `, nullif(current_setting('response.headers', true), '') AS response_headers, nullif(current_setting('response.status', true), '') AS response_status`;
 
 /** PostgREST's response row: total (count=exact), page_total, the body built by Postgres, and the response settings. */
-export function responseSql(source: string, total: string | null, media: Media, extra = ''): string {
+export function responseSql(source: string, total: string | null, media: Media | AggregateBody, extra = ''): string {
   return `${source.startsWith('WITH ') ? source : `WITH pgrst_source AS (${source})`} SELECT ${total ?? 'NULL::bigint'} AS total, pg_catalog.count(_postgrest_t) AS page_total, ${bodySql(media)} AS body${extra}${RESPONSE_SETTINGS} FROM (SELECT * FROM pgrst_source) _postgrest_t`;
 }
 

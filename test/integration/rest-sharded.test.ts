@@ -51,6 +51,12 @@ const SCHEMA = [
   'create view customer_ports as select id, inet_server_port() as port from customers',
   'grant select, insert, update, delete on countries, customers, orders, notes, customer_ports to web_anon',
   "insert into countries values ('no', 'Norway'), ('pt', 'Portugal'), ('jp', 'Japan')",
+  // a computed relationship: embeddable as customers?select=open_orders(id)
+  "create function open_orders(c customers) returns setof orders language sql stable as $$ select * from orders where customer_id = c.id and status <> 'sent' $$",
+  // RPC runs on one shard: CSV, nulls=stripped and a media type handler's output are its answer as it is
+  'create domain "text/html" as text',
+  `create function badge(name text) returns "text/html" language sql immutable as $$ select ('<b>' || name || '</b>')::"text/html" $$`,
+  `create function card(name text) returns json language sql immutable as $$ select json_build_object('name', name, 'note', null) $$`,
 ];
 
 const CUSTOMERS = Array.from({ length: 12 }, (_, i) => ({
@@ -174,6 +180,13 @@ test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)
   const limited = await ask('shop', '/orders?limit=1&order=customer_id,id', { method: 'DELETE' });
   assert.equal(limited.status, 501);
   assert.equal(JSON.parse(limited.body).code, '0A000');
+  // a computed relationship runs its function on whichever shard it is on; nulls=stripped JSON is built by Postgres only
+  for (const [p, headers] of [['/customers?select=id,open_orders(id)&order=id', {}], ['/customers?order=id', { Accept: 'application/vnd.pgrst.array+json;nulls=stripped' }]] as const) {
+    assert.equal((await ask('flat', p, { headers })).status, 200, p);
+    const refused = await ask('shop', p, { headers });
+    assert.equal(refused.status, 501, p);
+    assert.equal(JSON.parse(refused.body).code, '0A000');
+  }
 });
 
 test('DDL through the gateway reloads both databases\' REST schema caches; spread embeds and the OpenAPI document as unsharded', async () => {
@@ -197,4 +210,8 @@ test('DDL through the gateway reloads both databases\' REST schema caches; sprea
   const csv = await ask('shop', '/customers?limit=1', { headers: { Accept: 'text/csv' } });
   assert.equal(csv.status, 501);
   assert.equal(JSON.parse(csv.body).code, '0A000');
+  for (const accept of ['text/html', 'text/csv', 'application/vnd.pgrst.array+json;nulls=stripped']) {
+    for (const fn of ['badge', 'card']) await same(`/rpc/${fn}?name=Ann`, { headers: { Accept: accept } });
+  }
+  assert.equal((await ask('shop', '/rpc/badge?name=Ann', { headers: { Accept: 'text/html' } })).body, '<b>Ann</b>');
 });

@@ -25,6 +25,9 @@ export const userToken = (sub = 'ann') => `Bearer ${signJwt({ role: 'app_user', 
 
 const CSV = { Accept: 'text/csv' };
 const BLOCKED = { 'X-Blocked': 'yes' };
+const STRIPPED = { Accept: 'application/vnd.pgrst.array+json;nulls=stripped' };
+const SINGLE = { Prefer: 'params=single-object' };
+const TSV = { Accept: 'text/tab-separated-values' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -113,6 +116,48 @@ export function readRequests(): TestRequest[] {
     { method: 'HEAD', path: '/' }, get('/', { Accept: 'text/csv' }), get('/', { 'Accept-Profile': 'other' }),
     // response.headers / response.status set by functions
     get('/rpc/with_headers'), get('/rpc/with_headers?select=id', CSV), get('/rpc/bad_headers'), get('/rpc/bad_status'), get('/rpc/teapot'),
+    // nulls=stripped: null-valued keys dropped at every depth (PostgREST's own array/object types only, the parameter before q)
+    ...[
+      '/clients?order=id', '/clients?id=eq.2', '/projects?select=id,meta,clients(name,city)&order=id', '/clients?select=id,projects(id,budget,meta)',
+      '/projects?select=id,...clients(city)&order=id', '/rpc/whoami', '/rpc/odd_names', '/rpc/add?a=1&b=2', '/rpc/projects_of?cid=3', '/rpc/noop', '/project_summary',
+    ].flatMap((path) => [get(path, STRIPPED), get(path, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped' })]),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array' }),
+    get('/clients?id=eq.2', { Accept: 'application/json;nulls=stripped' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json;nulls=STRIPPED' }),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.object;nulls=stripped' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.object+json;nulls=other' }),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json;q=0.5;nulls=stripped' }), get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json; nulls=stripped;q=1' }),
+    get('/clients?id=eq.2', { Accept: 'application/vnd.pgrst.array+json;nulls=stripped;q=0.5, text/csv' }),
+    get('/clients?order=id', { ...STRIPPED, Prefer: 'count=exact', Range: '1-1' }), get('/notes', { ...STRIPPED, Authorization: userToken() }),
+    // media type handlers: functions returning a domain named after a media type; other results are 415 for those types
+    get('/rpc/greet?name=bob', { Accept: 'text/plain' }), get('/rpc/greet?name=bob'), get('/rpc/greet?name=bob', { Accept: '*/*' }),
+    get('/rpc/greet?name=bob', { Accept: 'text/*' }), get('/rpc/greet?name=bob', { Accept: 'application/json;q=0.5, text/plain' }),
+    get('/rpc/greet?name=bob', { Accept: 'text/plain;q=0.5, application/json' }), get('/rpc/greet?name=bob', CSV),
+    get('/rpc/greet?name=bob', { Accept: 'application/vnd.pgrst.object+json' }), get('/rpc/greet?name=bob', { Accept: 'text/html' }),
+    get('/rpc/no_text', { Accept: 'text/plain' }), get('/rpc/page?title=Hi', { Accept: 'text/html' }), get('/rpc/page?title=Hi', { Accept: 'text/plain' }),
+    get('/rpc/bytes_of?t=abc', { Accept: 'application/octet-stream' }), get('/rpc/bytes_of?t=abc'), get('/rpc/bytes_of?t=abc', { Accept: 'text/plain' }),
+    get('/rpc/vendor_json', { Accept: 'application/vnd.fixture+json' }), get('/rpc/greetings', { Accept: 'text/plain' }), get('/rpc/greetings'),
+    get('/rpc/echo?note=hi', { Accept: 'text/plain' }), get('/rpc/add?a=1&b=2', { Accept: 'application/octet-stream' }),
+    get('/clients?select=name&id=eq.1', { Accept: 'text/plain' }), get('/clients?select=name&id=eq.1', { Accept: 'application/octet-stream' }),
+    { method: 'HEAD', path: '/rpc/greet?name=bob', headers: { Accept: 'text/plain' } }, get('/rpc/greet?name=bob', { ...BLOCKED, Accept: 'text/plain' }),
+    // a table's handler aggregate (its rows, also what an RPC returns of them; select= changing the row is Postgres's 42846), and "*/*"
+    get('/clients?order=id', TSV), get('/clients?id=gt.100', TSV), get('/projects', TSV), get('/clients?select=id,name', TSV), get('/rpc/with_headers', TSV),
+    get('/rpc/projects_of?cid=1', TSV), get('/clients?id=eq.1', { ...TSV, Prefer: 'count=exact' }), get('/clients?order=id', { ...TSV, Range: '1-1', Prefer: 'count=exact' }),
+    get('/clients?order=id', { Accept: 'application/json;q=0.5, text/tab-separated-values' }), { method: 'HEAD', path: '/clients', headers: TSV },
+    get('/rpc/any_bytes', { Accept: 'image/png' }), get('/rpc/any_bytes'), get('/rpc/any_bytes', CSV),
+    // count=exact on RPC results (scalar, set, CSV, handler); Accept is case-sensitive
+    get('/rpc/add?a=1&b=2', { Prefer: 'count=exact' }), get('/rpc/projects_of?cid=1', { Prefer: 'count=exact' }), get('/rpc/nums?n=3', { Prefer: 'count=exact' }),
+    get('/rpc/nums?n=3', { ...CSV, Prefer: 'count=exact' }), get('/rpc/noop', { Prefer: 'count=exact' }), get('/rpc/greet?name=x', { Accept: 'text/plain', Prefer: 'count=exact' }),
+    get('/clients?id=eq.1', { Accept: 'TEXT/CSV' }), get('/clients?id=eq.1', { Accept: 'Application/Json' }), get('/rpc/greet?name=a', { Accept: 'TEXT/PLAIN' }),
+    // Prefer: params=single-object on GET: the query string's arguments as one JSON object of strings
+    get('/rpc/obj_args?j=1', SINGLE), get('/rpc/obj_args', SINGLE), get('/rpc/obj_args?a=1&a=2&b=x', SINGLE), get('/rpc/obj_product?x=2&y=5', SINGLE),
+    get('/rpc/add?a=1&b=2', SINGLE),
+    // computed relationships: to one (ROWS 1, or not SETOF: a row of NULLs), to many, nested, !inner, spread, count, filters and limits inside
+    get('/projects?select=id,owner(name)&order=id'), get('/projects?select=id,lead_client(name,city)&order=id'), get('/projects?select=id,o:owner(*)&order=id'),
+    get('/projects?select=id,open_tasks(title)&order=id'), get('/clients?select=id,big_projects(id,name,open_tasks(title))&order=id'),
+    get('/projects?select=id,owner!inner(name)&owner.city=eq.Berlin'), get('/projects?select=id,...owner(name)&order=id'), get('/projects?select=id,...open_tasks(title)'),
+    get('/projects?select=id,open_tasks(count)&order=id'), get('/projects?select=id,open_tasks(title)&open_tasks.order=title.desc&open_tasks.limit=1&order=id'),
+    get('/projects?select=id,owner!nonsense(name)&id=eq.1'), get('/clients?select=id,owner(name)'), get('/tasks?select=id,projects(name,owner(name))&order=id'),
+    get('/projects?select=id,open_tasks!inner(title)&open_tasks.title=eq.build'), get('/rpc/projects_of?cid=1&select=id,owner(name),open_tasks(title)'),
+    get('/projects?select=id,owner(name),clients(city)&id=eq.2', STRIPPED), get('/projects?select=id,owner(name)&order=id', CSV),
     // db-pre-request (check_request) refuses with its own status (PT403)
     get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
@@ -190,6 +235,26 @@ export function writeRequests(): TestRequest[] {
     w('PATCH', '/tasks?limit=2&offset=1&order=priority.desc.nullslast,id&select=id,done', { done: true }, { Prefer: 'return=representation,count=exact' }),
     w('DELETE', '/tasks?limit=2&order=id&done=is.false', undefined, { Prefer: 'return=representation' }), w('DELETE', '/tasks?limit=1&offset=1&order=id', undefined),
     w('DELETE', '/tasks?limit=0&order=id', undefined, { Prefer: 'return=representation' }),
+    // Prefer: params=single-object on POST: the body is the one json/jsonb argument (as sent, or [] for a JSON scalar; CSV as objects)
+    ...[
+      '{"x": 2,  "y" : [1, null]}', '[{"x":1},{"x":2}]', '[]', '5', '"s"', '[1,2]', '[{"x":1},{"y":2}]', '{"x":', '',
+    ].map((body) => w('POST', '/rpc/obj_args', body, SINGLE)),
+    w('POST', '/rpc/obj_product', { x: 2, y: 3 }, SINGLE), w('POST', '/rpc/echo_jsonb', { b: 1, a: null }, SINGLE), w('POST', '/rpc/add', { a: 1, b: 2 }, SINGLE),
+    w('POST', '/rpc/obj_args', 'abc', { ...SINGLE, 'Content-Type': 'text/plain' }), w('POST', '/rpc/obj_args', 'x,y\n1,2\n3,NULL', { ...SINGLE, 'Content-Type': 'text/csv' }),
+    w('POST', '/rpc/obj_args', { x: 1 }, { Prefer: 'params=single-object, return=minimal' }), w('POST', '/rpc/obj_args', { j: { x: 1 } }, { Prefer: 'params=multiple-objects' }),
+    w('POST', '/rpc/obj_args', { j: { x: 1 } }), w('POST', '/rpc/obj_args', { x: null }, { ...SINGLE, ...STRIPPED }),
+    w('POST', '/rpc/greet', { name: 'post' }, { Accept: 'text/plain' }), w('POST', '/rpc/bytes_of', { t: 'x' }, { Accept: 'application/octet-stream' }),
+    w('POST', '/clients', [{ id: 9, name: 'Nine' }, { id: 10, name: 'Ten', city: 'X' }], { ...STRIPPED, Prefer: 'return=representation' }),
+    w('PATCH', '/clients?id=eq.2', { name: 'G' }, { Accept: 'application/vnd.pgrst.object+json;nulls=stripped', Prefer: 'return=representation' }),
+    w('POST', '/clients', { id: 9, name: 'Nine', city: 'Oslo' }, { ...TSV, Prefer: 'return=representation' }), w('DELETE', '/clients?id=eq.9', undefined, TSV),
+    w('PATCH', '/clients?id=lt.3&order=id', { city: 'Z' }, { ...TSV, Prefer: 'return=representation' }),
+    // a form body: one object of strings
+    w('POST', '/rpc/add', 'a=1&b=2', { 'Content-Type': 'application/x-www-form-urlencoded' }),
+    w('POST', '/rpc/obj_args', 'a=1&b=x+y&c=%C3%A9', { ...SINGLE, 'Content-Type': 'application/x-www-form-urlencoded' }),
+    w('POST', '/rpc/obj_product', { x: 1, y: 4 }, { Prefer: 'params=single-object,count=exact' }),
+    w('POST', '/clients', 'id=9&name=Nine+N&city=%C3%85s', { 'Content-Type': 'application/x-www-form-urlencoded', Prefer: 'return=representation' }),
+    w('POST', '/projects?select=id,owner(name),open_tasks(title)', { id: 8, name: 'New', client_id: 3 }, { Prefer: 'return=representation' }),
+    w('PATCH', '/projects?id=eq.1&select=name,big:owner(name),open_tasks(count)', { name: 'R2' }, { Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
   );
   return out;
