@@ -56,11 +56,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-async function ok(...args: string[]): Promise<string> {
-  const r = await mg(...args, '--data-dir', dataDir);
-  assert.equal(r.code, 0, `mg ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
+const ok = (...args: string[]) => cluster.mgOk(...args);
 
 /** postgres/- as MultiOrch has it now: term and primary. */
 async function postgresShard() {

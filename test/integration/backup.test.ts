@@ -46,11 +46,7 @@ after(async () => {
 });
 
 
-async function ok(...args: string[]): Promise<string> {
-  const r = await mg(...args, '--data-dir', dataDir);
-  assert.equal(r.code, 0, `mg ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
+const ok = (...args: string[]) => cluster.mgOk(...args);
 
 test('up: archiving works from the bootstrap on (pgbackrest check through the primary); the schedule takes the first full backup', async () => {
   const r = await mg('cluster', 'up', ...flags);

@@ -73,11 +73,7 @@ function startClient(): void {
   clientDone = Promise.all([writer, reader]).then(() => undefined);
 }
 
-async function ok(...args: string[]): Promise<string> {
-  const r = await mg(...args, '--data-dir', dataDir);
-  assert.equal(r.code, 0, `mg ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
+const ok = (...args: string[]) => cluster.mgOk(...args);
 
 const instancesNow = async (): Promise<string[]> =>
   (await callOrchestrator(spec, 'GET', '/v1/status')).body.shards[0].instances.map((i: { instanceId: string }) => i.instanceId).sort();

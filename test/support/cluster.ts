@@ -3,6 +3,7 @@
  * real CLI on the run's shared broker and registry, with its own ports and
  * topic prefix, and taken down (with its data) at the end.
  */
+import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -28,6 +29,8 @@ export interface TestCluster {
   flags: string[];
   instances: PlannedInstance[];
   mg(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
+  /** `mg <args> --data-dir <this cluster's>`: its stdout, or an assertion failure with what it printed. */
+  mgOk(...args: string[]): Promise<string>;
   /** `mg vschema apply` of this YAML to a database; throws with mg's stderr if it is refused. */
   applyVSchema(database: string, yaml: string): Promise<void>;
   /** The first shard's primary and replicas as MultiOrch has them now (it elects the primary; no instance is fixed). */
@@ -80,6 +83,11 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
         const e = err as { code: number; stdout: string; stderr: string };
         return { code: e.code, stdout: e.stdout, stderr: e.stderr };
       }
+    },
+    async mgOk(...args: string[]) {
+      const r = await this.mg(...args, '--data-dir', dataDir);
+      assert.equal(r.code, 0, `mg ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
+      return r.stdout;
     },
     async applyVSchema(database: string, yaml: string) {
       const file = path.join(dataDir, `${database}-vschema.yaml`);
