@@ -43,6 +43,7 @@ const txScopedSql = (e: { savepoint: string } | { setLocal: string }) => ('savep
 const statements = counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route']);
 const statementsByRoute = new Map<string, { inc(): void }>();
 const statementsBy = (route: string) => statementsByRoute.get(route) ?? statementsByRoute.set(route, statements.labels({ route })).get(route)!;
+const copyRows = counter('mg_gateway_sharded_copy_rows_total', 'Rows of COPY FROM STDIN into sharded databases the gateway split and sent to their shards');
 const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
 const refusals = counter('mg_gateway_sharded_refused_total', 'Statements refused with 0A000 because no route answers them correctly');
 const commits = counter('mg_gateway_sharded_commits_total', 'Commits of sharded transactions, by mode and participant count', ['mode', 'shards']);
@@ -447,10 +448,12 @@ export class ShardedSession {
       case 'copy_in':
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
         if (this.target === 'replica' || this.readOnlyTransaction) throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, 'cannot COPY into a table in a read-only session or transaction');
+        statementsBy('copy_in').inc();
         return this.startCopy(plan);
       case 'copy_out': {
         const sql = plan.sql;
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
+        statementsBy('copy_out').inc();
         const shards = plan.reference ? await this.shardsOf({ kind: 'reference', sql: plan.sql, tables: plan.tables }) : await this.shardsOf({ kind: 'select', sql: plan.sql, pin: plan.pin, tables: plan.tables });
         if (shards.length === 1) return this.relay(shards[0], sql, how);
         return this.copyOutUnion(await this.onShards(shards, () => sql, how, true), plan.header);
@@ -1167,6 +1170,7 @@ class CopyIn {
   }
 
   private route(row: CopyRow, byShard: Map<ShardLink, Buffer[]>): void {
+    if (!row.header) copyRows.inc();
     const to = this.plan.place && !row.header ? [this.linkOf(row)] : this.links;
     for (const link of to) byShard.set(link, [...(byShard.get(link) ?? []), row.bytes]);
   }

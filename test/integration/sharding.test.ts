@@ -461,6 +461,9 @@ test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) 
   assert.ok(lines(gatewayPort, pinned).length > 1);
   const withHeader = 'events TO STDOUT WITH (FORMAT csv, HEADER)';
   assert.deepEqual(lines(gatewayPort, withHeader), lines(reference.port, withHeader), 'one header line, as from one Postgres');
+  const metrics = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
+  assert.ok(Number(/^mg_gateway_sharded_copy_rows_total (\d+)/m.exec(metrics)?.[1]) >= 50, 'the 50 rows copied in, counted');
+  assert.match(metrics, /mg_gateway_sharded_statements_total\{route="copy_out"\} [1-9]/);
 });
 
 test('postgres.js (extended protocol, and simple) gets the same answers, and portals with row limits work on scatter results', async () => {
