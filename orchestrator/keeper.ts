@@ -307,15 +307,16 @@ export class Keeper {
    * removed: DRAINED (the gateways stop sending it reads; the keepers stop
    * tending it), then the primary's synchronous standbys without it and a new
    * rule written under them, so the remaining members hold every commit the
-   * leaving one acknowledged. Throws ElectionError('refused') when the policy
-   * needs it or when it is the primary.
+   * leaving one acknowledged. Returns what it recorded (the new standby names
+   * and rule). Throws ElectionError('refused') when the policy needs it or
+   * when it is the primary.
    */
-  async removeFromCohort(database: string, shardName: string, instanceId: string): Promise<void> {
+  async removeFromCohort(database: string, shardName: string, instanceId: string): Promise<string> {
     const shard = this.watch.shard(database, shardName);
     if (!shard) throw new ElectionError(`no shard ${database}/${shardName}`, 'invalid');
     const refusal = this.removalRefusal(shard, instanceId);
     if (refusal) throw new ElectionError(refusal, 'refused');
-    await this.exclusive(shard, async () => {
+    return this.exclusive(shard, async () => {
       const term = shard.primary!.term;
       if (!(await this.journal.claim(database, shardName, 'policy', term, this.cfg.leaseMs))) throw new ElectionError(`another orchestrator holds ${shard.key}`, 'busy');
       const started = Date.now();
@@ -330,8 +331,9 @@ export class Keeper {
         if (!primary || now.primary!.term !== term) throw new ElectionError(`${shard.key} changed primary meanwhile; try again`, 'busy');
         const names = await applyPolicy(now, primary);
         const rule = await writeRule({ ...now, cohort: now.members }, primary, term, this.cfg.id);
-        await this.journal.record(database, shardName, 'COMPLETED', 'policy',
-          `${instanceId} left the cohort: synchronous_standby_names = ${names}; rule ${rule} acknowledged without it`, { term, durationMs: Date.now() - started });
+        const summary = `${instanceId} left the cohort: synchronous_standby_names = ${names}; rule ${rule} acknowledged without it`;
+        await this.journal.record(database, shardName, 'COMPLETED', 'policy', summary, { term, durationMs: Date.now() - started });
+        return summary;
       } finally {
         await this.journal.release(database, shardName, 'policy');
       }

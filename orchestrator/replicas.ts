@@ -95,13 +95,12 @@ export class ReplicaManager {
     const inst = shard.cohort.find((i) => i.instanceId === instanceId)!;
     step(`${instanceId}: out of routing (DRAINED) and out of the durability policy's cohort`);
     try {
-      await this.keeper.removeFromCohort(database, shardName, instanceId);
+      // What the keeper recorded, not the journal's history: that is folded from the log a moment later.
+      step(await this.keeper.removeFromCohort(database, shardName, instanceId));
     } catch (err) {
       if (err instanceof ElectionError && err.status === 'refused') throw new OperationError(409, err.message);
       throw err;
     }
-    const policy = this.journal.historyOf(shard.key).filter((e) => e.operation === 'policy' && e.kind === 'COMPLETED').at(-1);
-    if (policy) step(policy.summary);
     step(`waiting up to ${REMOVE_DRAIN_MS / 1000} s for its client transactions to end`);
     await sleep(ROUTING_GRACE_MS);
     await drainClients(inst, REMOVE_DRAIN_MS).catch((err: Error) => step(`not drained (${err.message}); stopping it anyway`));
