@@ -163,15 +163,19 @@ export class ShardedSession {
    * buffer window at most) until the rule changes.
    */
   private routed(sql: string): Route[] | Promise<Route[]> {
-    if (!movedTablesOf(this.opts.discovery.topology, this.database)) return this.planner.plan(sql).map((plan) => ({ text: sql, database: this.database, plan }));
-    return this.routedByRules(sql);
+    return movedTablesOf(this.opts.discovery.topology, this.database) ? this.routedByRules(sql) : this.plannedHere(sql);
+  }
+
+  /** The statements of `sql` planned with this database's VSchema. */
+  private plannedHere(sql: string): Route[] {
+    return this.planner.plan(sql).map((plan) => ({ text: sql, database: this.database, plan }));
   }
 
   private async routedByRules(sql: string): Promise<Route[]> {
     const topology = this.opts.discovery.topology;
     for (;;) {
       const rules = movedTablesOf(topology, this.database);
-      if (!rules) return this.planner.plan(sql).map((plan) => ({ text: sql, database: this.database, plan }));
+      if (!rules) return this.plannedHere(sql);
       const routes = routeStatements(sql, {
         source: this.database, rules, inTransaction: this.inTransaction, sessionPlanner: noVSchema,
         targetPlanner: (db) => plannerFor(topology.vschemas.get(db)),
@@ -1129,27 +1133,12 @@ class CopyIn {
   /** A CopyData of the client: its complete rows, each to its shard (one CopyData per shard). */
   rows(chunk: Buffer): void {
     if (this.failure || this.shardError()) return;
-    const byShard = new Map<ShardLink, Buffer[]>();
-    try {
-      for (const row of this.splitter.push(chunk)) this.route(row, byShard);
-    } catch (err) {
-      this.failure = asPgError(err, 'ERROR');
-      return;
-    }
-    for (const [link, rows] of byShard) link.up.write(message('d', ...rows));
+    this.send(() => this.splitter.push(chunk));
   }
 
   /** CopyDone, or CopyFail with `failure`: the shards' answers; throws what failed. */
   async end(failure?: PgError): Promise<string> {
-    if (!failure && !this.failure && !this.shardError()) {
-      const byShard = new Map<ShardLink, Buffer[]>();
-      try {
-        for (const row of this.splitter.finish()) this.route(row, byShard);
-      } catch (err) {
-        this.failure = asPgError(err, 'ERROR');
-      }
-      for (const [link, rows] of byShard) link.up.write(message('d', ...rows));
-    }
+    if (!failure && !this.failure && !this.shardError()) this.send(() => this.splitter.finish());
     const why = failure ?? this.failure;
     if (why) {
       await this.fail(why.message);
@@ -1167,6 +1156,18 @@ class CopyIn {
   async fail(why: string): Promise<void> {
     for (const link of this.links) link.up.write(message('f', cstr(why)));
     await Promise.all(this.done);
+  }
+
+  /** Routes the rows `split` gives and writes one CopyData per shard; a row that cannot be placed fails the COPY instead. */
+  private send(split: () => CopyRow[]): void {
+    const byShard = new Map<ShardLink, Buffer[]>();
+    try {
+      for (const row of split()) this.route(row, byShard);
+    } catch (err) {
+      this.failure = asPgError(err, 'ERROR');
+      return;
+    }
+    for (const [link, rows] of byShard) link.up.write(message('d', ...rows));
   }
 
   private route(row: CopyRow, byShard: Map<ShardLink, Buffer[]>): void {

@@ -343,7 +343,7 @@ export class Planner {
     if (!c.is_from) return this.planCopyOut(c, text, base);
     const target = this.tableUse(c.relation);
     if (target.kind === 'system') refuse('COPY into a system catalog through the gateway');
-    const options = new Map<string, string>((c.options ?? []).map((o: any) => [o.DefElem.defname, defElemValue(o.DefElem.arg)]));
+    const options = copyOptions(c);
     for (const name of options.keys()) {
       if (!['format', 'delimiter', 'header', 'null', 'quote', 'escape', 'encoding'].includes(name)) refuse(`COPY option ${name} on a sharded database`);
     }
@@ -372,7 +372,7 @@ export class Planner {
 
   /** COPY TO STDOUT: a table's rows from every shard (a reference table's from one), or a query's rows as its plan routes them, unmerged. */
   private planCopyOut(c: any, text: Buffer, base: number): Plan {
-    const options = new Map<string, string>((c.options ?? []).map((o: any) => [o.DefElem.defname, defElemValue(o.DefElem.arg).toLowerCase()]));
+    const options = new Map([...copyOptions(c)].map(([name, value]) => [name, value.toLowerCase()]));
     // Each shard's CSV header is its first line: the gateway keeps the first shard's only.
     const header = options.get('format') === 'csv' && options.has('header') && !['false', 'off', '0'].includes(options.get('header')!);
     const plan = (p: { pin?: Pin; reference: boolean; tables: string[] }): Plan => {
@@ -637,6 +637,11 @@ function templateOf(plan: Plan, sql: string, literals: Literal[]): Template | un
     kind, tables, sql: statementOf(text),
     pin: { ...pin, values: slots.map((s) => (typeof s === 'number' ? { literal: lits[s].value } : s)) },
   }];
+}
+
+/** A COPY statement's options by name. */
+function copyOptions(c: any): Map<string, string> {
+  return new Map((c.options ?? []).map((o: any) => [o.DefElem.defname, defElemValue(o.DefElem.arg)]));
 }
 
 /** A COPY option's value as Postgres reads it (a bare option, e.g. HEADER, is true). */
