@@ -16,7 +16,7 @@ import {
 } from '../schemas/index.ts';
 import { AgentTimeout, type Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
-import { LeaseLost, type Journal } from './journal.ts';
+import { LeaseLost, REQUEST_WAIT_MS, type Journal } from './journal.ts';
 import type { ShardView } from './view.ts';
 
 export interface ElectionRequest {
@@ -75,10 +75,11 @@ export class Election {
     const { database, shard: name, key } = shard;
     const op = req.operation;
     const previous = shard.primary?.instanceId;
+    if (op === 'switchover') await this.journal.awaitFree(key, REQUEST_WAIT_MS);
     const held = [shard.primary?.term ?? 0n, this.termsSeen.get(key) ?? 0n, this.journal.claimedTerm(key)];
     const term = held.reduce((a, b) => (a > b ? a : b)) + 1n;
     if (!(await this.journal.claim(database, name, op, term, this.cfg.leaseMs))) {
-      throw new ElectionError(`another orchestrator holds ${key}`, 'busy');
+      throw new ElectionError(this.journal.whyNotClaimed(key), 'busy');
     }
     // The journal is read up to our claim, the topology maybe not: an election completed meanwhile makes this one moot.
     const completed = this.journal.completedTerm(key);

@@ -26,6 +26,8 @@ const HISTORY_PER_SHARD = 500;
 const RELEASE_SETTLE_MS = 1_000;
 /** The holder treats its lease as over this much before its `until`: the allowance for clock skew and for the time the stamp took to arrive. */
 const leaseMargin = (leaseMs: number) => leaseMs / 4;
+/** How long what an operator asks for waits for another orchestrator's hold on the shard (`awaitFree`). */
+export const REQUEST_WAIT_MS = 10_000;
 
 interface Renewal {
   leaseMs: number;
@@ -143,6 +145,26 @@ export class Journal {
     const l = this.lease(key, now);
     if (l) return l.orchestrator !== this.orchestrator;
     return now - (this.releasedByOthers.get(key) ?? 0) < RELEASE_SETTLE_MS;
+  }
+
+  /**
+   * Waits, up to waitMs, until no other orchestrator holds the shard: what an
+   * operator asks for (a switchover, a removal, a restore) outwaits another
+   * orchestrator's short repair instead of failing on it. Whether it is free.
+   */
+  async awaitFree(key: string, waitMs: number): Promise<boolean> {
+    for (const deadline = Date.now() + waitMs; this.heldElsewhere(key); await new Promise((r) => setTimeout(r, 50))) {
+      if (Date.now() >= deadline) return false;
+    }
+    return true;
+  }
+
+  /** Why a claim of the shard did not hold, for the operator. */
+  whyNotClaimed(key: string): string {
+    const l = this.lease(key);
+    if (l && l.orchestrator !== this.orchestrator) return `another orchestrator (${l.orchestrator}) holds ${key}`;
+    if (this.heldElsewhere(key)) return `another orchestrator released ${key} a moment ago`;
+    return `the claim of ${key} was not read back from the journal in time`;
   }
 
   claimedTerm(key: string): bigint {

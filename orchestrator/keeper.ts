@@ -14,7 +14,7 @@ import { canAcknowledge, payload, RULE_TABLE, syncStandbyNames, type InstanceReg
 import type { Agents } from './agents.ts';
 import type { OrchConfig } from './config.ts';
 import { applyPolicy, Election, ElectionError, writeRule, type ElectionRequest, type ElectionResult } from './election.ts';
-import type { Journal } from './journal.ts';
+import { REQUEST_WAIT_MS, type Journal } from './journal.ts';
 import type { ClusterWatch, ShardView } from './view.ts';
 
 const elections = counter('mg_orch_elections_total', 'Elections run by this orchestrator', ['operation', 'result']);
@@ -318,7 +318,8 @@ export class Keeper {
     if (refusal) throw new ElectionError(refusal, 'refused');
     return this.exclusive(shard, async () => {
       const term = shard.primary!.term;
-      if (!(await this.journal.claim(database, shardName, 'policy', term, this.cfg.leaseMs))) throw new ElectionError(`another orchestrator holds ${shard.key}`, 'busy');
+      await this.journal.awaitFree(shard.key, REQUEST_WAIT_MS);
+      if (!(await this.journal.claim(database, shardName, 'policy', term, this.cfg.leaseMs))) throw new ElectionError(this.journal.whyNotClaimed(shard.key), 'busy');
       const started = Date.now();
       try {
         await this.election.serving(instanceId, 'DRAINED', term);

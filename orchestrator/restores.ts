@@ -15,7 +15,7 @@ import { backupBefore, recoveryTargetOf, type ListedBackup, type OrchEventKind, 
 import type { Agents } from './agents.ts';
 import type { Backups } from './backups.ts';
 import { drainClients, type ElectionResult } from './election.ts';
-import type { Journal } from './journal.ts';
+import { REQUEST_WAIT_MS, type Journal } from './journal.ts';
 import type { Keeper } from './keeper.ts';
 import { OperationError } from './operations.ts';
 import type { ClusterWatch, ShardView } from './view.ts';
@@ -139,7 +139,10 @@ export class RestoreManager {
     const claimed: Plan[] = [];
     try {
       for (const p of plans) {
-        if (!(await this.journal.claim(database, p.shard.shard, 'restore', p.term, Math.max(this.leaseMs, RESTORE_LEASE_MS)))) throw new Error(`another orchestrator holds ${p.shard.key}; nothing was changed`);
+        await this.journal.awaitFree(p.shard.key, REQUEST_WAIT_MS);
+        if (!(await this.journal.claim(database, p.shard.shard, 'restore', p.term, Math.max(this.leaseMs, RESTORE_LEASE_MS)))) {
+          throw new Error(`${this.journal.whyNotClaimed(p.shard.key)}; nothing was changed`);
+        }
         claimed.push(p);
         await record(p, 'DECIDED', `restore in place to ${what} from backup ${p.set}: drain, restore, rejoin, elect`);
       }

@@ -98,3 +98,19 @@ test('a released lease stays free of renewals; the others hold back briefly, the
   await a.stop();
   await b.stop();
 });
+
+test('an operator\'s request outwaits another orchestrator\'s short hold, and says who holds the shard when it cannot', async () => {
+  const { a, b } = await twoJournals();
+  assert.equal(await a.claim('db', '-', 'repoint', 1n, LEASE_MS), true);
+  assert.equal(await b.claim('db', '-', 'switchover', 2n, LEASE_MS), false);
+  assert.equal(b.whyNotClaimed('db/-'), `another orchestrator (${a.orchestrator}) holds db/-`);
+  assert.equal(await b.awaitFree('db/-', 100), false); // a still renews
+  setTimeout(() => void a.release('db', '-', 'repoint'), 200);
+  const started = Date.now();
+  assert.equal(await b.awaitFree('db/-', 5_000), true);
+  assert.ok(Date.now() - started >= 1_000, 'the settle time after a release is waited out too');
+  assert.equal(await b.claim('db', '-', 'switchover', 2n, LEASE_MS), true);
+  await b.release('db', '-', 'switchover');
+  await a.stop();
+  await b.stop();
+});
