@@ -72,7 +72,8 @@ export class Gateway {
   private readonly fdBudget = descriptorBudget();
   /** Names this gateway in forwarded CancelRequests. */
   readonly id = `gateway-${randomUUID()}`;
-  private readonly twopc: TwoPhaseCoordinator;
+  /** Commits this gateway's cross-shard transactions in twopc mode (its sessions' and its REST requests'). */
+  readonly twopc: TwoPhaseCoordinator;
   private readonly publishCancel;
   private readonly publishTopology;
   private readonly publishSchemaChange;

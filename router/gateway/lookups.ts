@@ -81,9 +81,11 @@ async function insertRows(rows: LookupRow[], access: LookupAccess): Promise<void
     const tuples = group.map((_, i) => `($${2 * i + 1}, $${2 * i + 2})`).join(', ');
     lookupStatements.inc({ op: 'insert' });
     await access.run(shard, `INSERT INTO ${q(l.table)} (${q(l.from)}, ${q(l.to)}) VALUES ${tuples}`, group.flatMap((r) => [r.from, r.to]), true).catch((err) => {
-      if (!(err instanceof PgError) || err.code !== '23505') throw err;
+      // a shard's error as the wire protocol or node-postgres (REST) reports it
+      const { code, detail } = err as { code?: string; detail?: string };
+      if (code !== '23505') throw err;
       throw new PgError('ERROR', '23505', `duplicate key value violates unique lookup vindex ${l.vindex} of ${l.owner}.${l.column}`,
-        `${(err.detail ?? '').replace(/\.$/, '')} in lookup table ${l.table} (shard ${shard}).`);
+        `${(detail ?? '').replace(/\.$/, '')} in lookup table ${l.table} (shard ${shard}).`);
     });
   }
 }
@@ -99,12 +101,15 @@ async function deleteRows(rows: LookupRow[], access: LookupAccess): Promise<void
   }
 }
 
-/** The lookup rows of an INSERT's rows (after its sequence ids are filled), written before the rows themselves. */
-export async function insertLookupRows(plan: InsertPlan, params: readonly BoundParam[] | undefined, access: LookupAccess): Promise<void> {
-  const rows = plan.lookups!.flatMap(({ lookup, values }) => values.flatMap((v, i) => {
+/**
+ * The lookup rows of an INSERT's rows (after its sequence ids are filled), written before the rows themselves.
+ * Once per set of parameters: a REST insert binds the statement's one row to each row of its payload.
+ */
+export async function insertLookupRows(plan: InsertPlan, paramSets: ReadonlyArray<readonly BoundParam[] | undefined>, access: LookupAccess): Promise<void> {
+  const rows = paramSets.flatMap((params) => plan.lookups!.flatMap(({ lookup, values }) => values.flatMap((v, i) => {
     const from = text(v, params);
     return from === null ? [] : [{ lookup, from, to: toValue(lookup, text(plan.pin.values[i], params)!) }];
-  }));
+  })));
   await insertRows(rows, access);
 }
 

@@ -83,7 +83,7 @@ async function runGateway(): Promise<void> {
   await gateway.start();
   if (cfg.httpPort !== undefined) {
     rest = await startGatewayRest(gateway.discovery, {
-      port: cfg.httpPort, ...cfg.rest, authUser: cfg.authUser, bufferWindowMs: cfg.bufferWindowMs, readsToReplicas: cfg.readOnlyToReplicas, log,
+      port: cfg.httpPort, ...cfg.rest, authUser: cfg.authUser, bufferWindowMs: cfg.bufferWindowMs, readsToReplicas: cfg.readOnlyToReplicas, twopc: gateway.twopc, log,
     });
   }
 }

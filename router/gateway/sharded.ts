@@ -551,7 +551,7 @@ export class ShardedSession {
     }
     const mark = this.out.length;
     try {
-      if (plan.kind === 'insert') await insertLookupRows(plan, params, this.lookupAccess());
+      if (plan.kind === 'insert') await insertLookupRows(plan, [params], this.lookupAccess());
       else if (plan.kind === 'write' && plan.owned) await moveLookupRows(plan.owned, await this.ownedRows(plan.owned.select, shards, how), params, this.lookupAccess());
       await this.run(plan, shards, how);
     } catch (err) {

@@ -8,6 +8,7 @@ import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
 import { counter } from '../../common/metrics.ts';
 import type { RunShards, RunTransaction, Transaction } from './handler.ts';
+import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import type { ShardRouting } from './sharded.ts';
 import { loadSchemaCache, type SchemaCache } from './schema-cache.ts';
 
@@ -24,6 +25,8 @@ export interface RestDatabaseOptions {
   endpoint(readOnly: boolean, shard?: string): Promise<RestEndpoint>;
   /** The planner and key ranges when the database is sharded now (undefined: unsharded). */
   sharding?(): ShardRouting | undefined;
+  /** The coordinator when the database's transaction mode is twopc now (undefined: multi). */
+  twopc?(): TwoPhaseCoordinator | undefined;
   log: Logger;
   poolSize?: number;
 }
@@ -139,34 +142,64 @@ export class RestDatabase {
   /**
    * One transaction on each of `shards` (primaries, or replicas for reads when
    * routing allows): committed together when `fn` returns, rolled back
-   * together when it throws or asks. Like the wire protocol's `multi` mode, a
-   * COMMIT that fails on one shard after another committed is reported, not undone.
+   * together when it throws or asks. A write over several shards commits as
+   * the database's transaction mode says, as the wire protocol's would: with
+   * two-phase commit in `twopc` mode (all or nothing); otherwise as `multi`,
+   * where a COMMIT that fails on one shard after another committed is
+   * reported, not undone.
    */
   readonly runShards: RunShards = async (shards, opts, fn) => {
-    const connected = await Promise.allSettled(shards.map(async (s) => this.pool(await this.opts.endpoint(opts.readOnly, s)).connect()));
-    const clients = connected.flatMap((c) => (c.status === 'fulfilled' ? [c.value] : []));
-    const failed = connected.find((c): c is PromiseRejectedResult => c.status === 'rejected');
+    // In the order opened: the shards asked for, then those `on` joins (lookup tables' shards).
+    const clients: Array<{ shard: string; client: pg.PoolClient }> = [];
+    const opening = new Map<string, Promise<Transaction>>();
     const broken = new Set<pg.PoolClient>();
+    const on = (shard: string): Promise<Transaction> => {
+      let tx = opening.get(shard);
+      if (!tx) {
+        tx = (async () => {
+          const client = await this.pool(await this.opts.endpoint(opts.readOnly, shard)).connect();
+          clients.push({ shard, client });
+          await client.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN');
+          return this.transaction(client);
+        })();
+        opening.set(shard, tx);
+      }
+      return tx;
+    };
+    /** Every transaction opened, once none is still opening (a failed request may leave one in flight). */
+    const opened = async () => {
+      await Promise.allSettled(opening.values());
+      return clients;
+    };
     const settle = (client: pg.PoolClient, sql: string) => client.query(sql).catch((err) => {
       if (!(err as { code?: string }).code) broken.add(client);
     });
     try {
-      if (failed) throw failed.reason;
-      await Promise.all(clients.map((c) => c.query(opts.readOnly ? 'BEGIN READ ONLY' : 'BEGIN')));
       let outcome: Awaited<ReturnType<typeof fn>>;
       try {
-        outcome = await fn(clients.map((c) => this.transaction(c)));
+        outcome = await fn(await Promise.all(shards.map(on)), on);
       } catch (err) {
-        await Promise.all(clients.map((c) => settle(c, 'ROLLBACK')));
+        await Promise.all((await opened()).map((c) => settle(c.client, 'ROLLBACK')));
         throw err;
       }
-      await Promise.all(clients.map((c) => c.query(outcome.rollback ? 'ROLLBACK' : 'COMMIT')));
+      const all = await opened();
+      const coordinator = !opts.readOnly && !outcome.rollback && all.length > 1 ? this.opts.twopc?.() : undefined;
+      // The commit's own statements (the decision row, PREPARE) run as the gateway's user, not the request's role: a
+      // prepared transaction belongs to the role that prepared it, and the decision table is the gateway's.
+      // Its first statement on each shard is inside the transaction (the PREPARE, or the decision and COMMIT): the
+      // RESET goes with it, not with a later COMMIT PREPARED, which may not share a query string.
+      const participant = ({ shard, client }: { shard: string; client: pg.PoolClient }) => {
+        let reset = 'RESET ROLE; ';
+        return { shard, query: async (sql: string) => { await client.query(`${reset}${sql}`); reset = ''; } };
+      };
+      if (coordinator) await coordinator.commit(this.opts.name, all.map(participant));
+      else await Promise.all(all.map((c) => c.client.query(outcome.rollback ? 'ROLLBACK' : 'COMMIT')));
       return outcome.result;
     } catch (err) {
-      if (!(err as { code?: string }).code) clients.forEach((c) => broken.add(c));
+      if (!(err as { code?: string }).code) clients.forEach((c) => broken.add(c.client));
       throw err;
     } finally {
-      for (const c of clients) c.release(broken.has(c));
+      for (const c of await opened()) c.client.release(broken.has(c.client));
     }
   };
 

@@ -8,6 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from '../../common/log.ts';
 import type { Discovery } from '../gateway/discovery.ts';
 import { plannerFor } from '../gateway/sharded.ts';
+import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { RestDatabase, type RestEndpoint } from './database.ts';
 import { RestError } from './errors.ts';
 import { startRestServer } from './server.ts';
@@ -25,6 +26,8 @@ export interface GatewayRestOptions {
   bufferWindowMs: number;
   /** GET, HEAD and GET /rpc run on a healthy replica within the lag threshold (the primary when there is none). */
   readsToReplicas: boolean;
+  /** Commits a write over several shards of a database whose transaction mode is twopc. */
+  twopc: TwoPhaseCoordinator;
   log: Logger;
 }
 
@@ -66,7 +69,8 @@ export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRe
     let db = databases.get(name);
     if (!db) {
       db = new RestDatabase({ name, user: opts.authUser, schemas: opts.schemas, log: opts.log,
-        endpoint: (readOnly, shard) => restEndpoint(discovery, name, readOnly, opts, shard), sharding: () => restSharding(discovery, name) });
+        endpoint: (readOnly, shard) => restEndpoint(discovery, name, readOnly, opts, shard), sharding: () => restSharding(discovery, name),
+        twopc: () => (discovery.topology.databases.get(name)?.transactionMode === 'twopc' ? opts.twopc : undefined) });
       databases.set(name, db);
     }
     return db;

@@ -8,6 +8,7 @@ import { authenticate, type Auth } from './jwt.ts';
 import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
 import { tableKey, type MediaAggregate, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
+import type { LookupAccess, TextRow } from '../gateway/lookups.ts';
 import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
 import { bodySql, findFunction, findTable, ident, isSingular, qualified, QueryBuilder, RESPONSE_SETTINGS, responseSql, type Media } from './sql.ts';
@@ -59,8 +60,12 @@ export interface Transaction {
  */
 export type RunTransaction = <T>(opts: { readOnly: boolean; decideAfter: boolean }, fn: (tx: Transaction) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
 
-/** One transaction on each shard named, committed (or rolled back) together after `fn`. */
-export type RunShards = <T>(shards: string[], opts: { readOnly: boolean }, fn: (txs: Transaction[]) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
+/**
+ * One transaction on each shard named, committed (or rolled back) together after `fn`; `on(shard)` is the
+ * transaction on any shard, opened and joined to the others when not among them (a lookup table's shard).
+ */
+export type RunShards = <T>(shards: string[], opts: { readOnly: boolean },
+  fn: (txs: Transaction[], on: (shard: string) => Promise<Transaction>) => Promise<{ result: T; rollback: boolean }>) => Promise<T>;
 
 /** Where a request runs: one database, or the shards of a sharded one. */
 export interface RestTarget {
@@ -153,7 +158,8 @@ function tableMedia(req: RestRequest, cache: SchemaCache, table: Table): { media
   const chosen = responseMedia(req, TABLE_MEDIA, aggregates.map((a) => a.type));
   return typeof chosen === 'object' ? { media: 'json', raw: aggregates.find((a) => a.type === chosen.raw) } : { media: chosen };
 }
-const wantsObject = (req: RestRequest) => isSingular(responseMedia(req, TABLE_MEDIA));
+/** The media type of a write's response (return=representation). */
+const writeMedia = (req: RestRequest) => responseMedia(req, TABLE_MEDIA);
 
 /**
  * The payload: JSON, or CSV as PostgREST reads it (a header line of column
@@ -224,11 +230,11 @@ interface Plan {
 
 type ShardedPlan =
   /** `sql` reads rows for the merge (QueryBuilder.shardRows). */
-  | { kind: 'read'; probe: Probe; top: string; merge: Merge; counted: boolean; singular: boolean }
+  | { kind: 'read'; probe: Probe; top: string; merge: Merge; counted: boolean; media: Media }
   /** `sql` runs as it is on the shards the probe routes to. */
-  | { kind: 'write'; probe: Probe; top: string; singular: boolean }
+  | { kind: 'write'; probe: Probe; top: string; media: Media }
   /** `sql` runs on each shard with the rows placed there in parameter `rowsParam` (0-based). */
-  | { kind: 'insert'; probe: Probe; rows: Array<Record<string, unknown>>; cols: string[]; rowsParam: number; singular: boolean };
+  | { kind: 'insert'; probe: Probe; rows: Array<Record<string, unknown>>; cols: string[]; rowsParam: number; media: Media };
 
 export async function handleRest(req: RestRequest, cache: SchemaCache, config: RestConfig, target: RestTarget): Promise<RestResponse> {
   let auth: Auth | undefined;
@@ -278,11 +284,17 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
   const s = plan.sharded;
   if (!s) throw new RestError(501, '0A000', 'this request is not supported on a sharded database');
   const opts = { readOnly: plan.readOnly };
+  // Lookup tables are the gateway's (as in the wire protocol): read and written as its user, never under the request's role.
+  const textRows = (r: ShardRows): TextRow[] => r.rows.map((row) => row.map((v) => (v === null ? null : Buffer.from(v))));
+  const lookupReads: LookupAccess = {
+    ranges: routing.ranges,
+    run: (shard, sql, params) => runShards([shard], { readOnly: true }, async ([tx]) => ({ result: textRows(await tx.rows(sql, params)), rollback: false })),
+  };
   if (s.kind === 'read') {
-    const shards = routeProbe(routing, s.probe, s.top);
+    const shards = await routeProbe(routing, s.probe, s.top, lookupReads);
     return runShards(shards, opts, async (txs) => {
       const parts = await Promise.all(txs.map((tx) => lastAfter(prelude(tx), tx.rows(plan.sql, plan.params))));
-      return { result: plan.respond(mergeReads(parts, s.merge, s.counted, s.singular)), rollback };
+      return { result: plan.respond(mergeReads(parts, s.merge, s.counted, s.media)), rollback };
     });
   }
   let shards: string[];
@@ -292,7 +304,7 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
   const placed = s.kind === 'insert' ? placeRows(routing, s.probe, s.rows, s.cols) : undefined;
   if (s.kind === 'insert' && placed && s.rows.length) {
     const byShard = new Map<string, number[]>();
-    placed.forEach((shard, i) => byShard.set(shard, [...(byShard.get(shard) ?? []), i]));
+    placed.shards.forEach((shard, i) => byShard.set(shard, [...(byShard.get(shard) ?? []), i]));
     shards = routing.ranges.map((r) => r.shard).filter((shard) => byShard.has(shard));
     order = shards.map((shard) => byShard.get(shard)!);
     params = order.map((rows) => plan.params.map((p, i) => (i === s.rowsParam ? JSON.stringify(rows.map((r) => s.rows[r])) : p)));
@@ -302,14 +314,16 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
       replicated = placed === undefined;
       shards = replicated ? routing.ranges.map((r) => r.shard) : [routing.ranges[0].shard];
     } else {
-      shards = routeProbe(routing, s.probe, s.top);
+      shards = await routeProbe(routing, s.probe, s.top, lookupReads);
       replicated = routing.vschema?.tables[s.top]?.type === 'reference';
     }
     params = shards.map(() => plan.params);
   }
-  return runShards(shards, opts, async (txs) => {
+  return runShards(shards, opts, async (txs, on) => {
+    // the owner rows' lookup rows first, in the same transaction (their shards join it)
+    await placed?.writeLookups?.({ ranges: routing.ranges, run: async (shard, sql, params) => textRows(await (await on(shard)).rows(sql, params)) });
     const rows = await Promise.all(txs.map(async (tx, i) => (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0]));
-    const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.singular, order);
+    const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.media, order);
     return { result: plan.respond(row as ResponseRow), rollback };
   });
 }
@@ -321,10 +335,10 @@ function planRequest(req: RestRequest, cache: SchemaCache, schema: string, shard
   }
   const segments = req.path.split('/').filter(Boolean).map(decodeURIComponent);
   if (sharded && segments.length === 1) {
-    // the gateway merges the shards' rows as JSON: it writes neither CSV, nor JSON without nulls, nor a handler aggregate's
-    // output (an RPC runs on one shard, whose answer is the response as it is)
+    // the gateway merges the shards' rows; a handler aggregate's output cannot be merged, nor CSV written back by
+    // several shards (an RPC runs on one shard, whose answer is the response as it is)
     const { media, raw } = tableMedia(req, cache, findTable(cache, schema, segments[0]));
-    const refused = raw ? raw.type : media === 'csv' ? 'CSV' : media.endsWith('-stripped') ? 'nulls=stripped' : undefined;
+    const refused = raw ? raw.type : media === 'csv' && req.method !== 'GET' && req.method !== 'HEAD' ? 'CSV write' : undefined;
     if (refused) throw new RestError(501, '0A000', `${refused} responses are not supported on a sharded database`);
   }
   if (segments.length === 2 && segments[0] === 'rpc') return planRpc(req, cache, schema, segments[1], sharded);
@@ -347,7 +361,7 @@ function planOpenApi(req: RestRequest, cache: SchemaCache, schema: string, shard
   responseMedia(req, ['openapi', 'json']); // either is answered with the OpenAPI type, as PostgREST does
   return {
     sql: ACCESSIBLE_SQL, params: [schema], readOnly: true, decideAfter: false,
-    sharded: sharded ? { kind: 'write', probe: { sql: 'SELECT 1', params: [] }, top: '', singular: false } : undefined,
+    sharded: sharded ? { kind: 'write', probe: { sql: 'SELECT 1', params: [] }, top: '', media: 'json' } : undefined,
     respond(row) {
       const doc = openApiDocument(cache, schema, JSON.parse(row.body) as Accessible, req.headers.host ?? '', basePath);
       return { status: 200, headers: { 'Content-Type': CONTENT_TYPES.openapi }, body: req.method === 'HEAD' ? '' : doc };
@@ -371,9 +385,9 @@ function planRead(req: RestRequest, cache: SchemaCache, table: Table, sharded: b
   let sql: string;
   let shardPlan: ShardedPlan | undefined;
   if (sharded) {
-    const r = b.shardRows(scope, from, { limit, offset, count });
+    const r = b.shardRows(scope, from, { limit, offset, count, media });
     sql = r.sql;
-    shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, singular };
+    shardPlan = { kind: 'read', probe: new QueryBuilder(cache, q).routingProbe(table, 'SELECT'), top: table.name, merge: r.merge, counted: count, media };
   } else {
     const r = b.read(scope, from, { limit, offset, applyFilters: true, order: true });
     sql = responseSql(r.source, count ? r.count : null, raw ? { aggregate: raw, table } : media);
@@ -532,7 +546,7 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
   if (sharded) {
     // the planner places rows by the primary vindex column's position in the VALUES
     const probe = `INSERT INTO ${qualified(table)}${cols.length ? ` (${list})` : ''} VALUES (${cols.map((_, i) => `$${i + 1}`).join(', ')})${conflict}`;
-    plan.sharded = { kind: 'insert', probe: { sql: probe, params: cols.map(() => null) }, rows: objects, cols, rowsParam, singular: wantsObject(req) };
+    plan.sharded = { kind: 'insert', probe: { sql: probe, params: cols.map(() => null) }, rows: objects, cols, rowsParam, media: writeMedia(req) };
   }
   return plan;
 }
@@ -592,7 +606,7 @@ function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: Pars
   const top = q.nodes.get('')!;
   // each shard would apply the limit to its own rows
   if (sharded && (top.limit !== undefined || top.offset)) throw new RestError(501, '0A000', `a ${verb === 'UPDATE' ? 'PATCH' : 'DELETE'} with limit/offset on a sharded database`);
-  if (sharded) plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, singular: wantsObject(req) };
+  if (sharded) plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, media: writeMedia(req) };
   return plan;
 }
 
@@ -656,7 +670,7 @@ function planRpc(req: RestRequest, cache: SchemaCache, schema: string, name: str
   }
   return {
     sql, params: b.params.values, readOnly, decideAfter: singular && !readOnly,
-    sharded: sharded ? { kind: 'write', probe: rpcProbe(fn, args), top: '', singular } : undefined,
+    sharded: sharded ? { kind: 'write', probe: rpcProbe(fn, args), top: '', media } : undefined,
     respond(row): RestResponse {
       const pageTotal = Number(row.page_total);
       if (singular) singularCheck(true, pageTotal);

@@ -14,7 +14,9 @@ import { counter } from '../../common/metrics.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
 import { pinnedShards, routeKind, shardOfValue, type BoundParam, type Merge } from '../planner/plan.ts';
 import type { Planner } from '../planner/planner.ts';
+import { insertLookupRows, shardsByLookup, type LookupAccess } from '../gateway/lookups.ts';
 import { RestError } from './errors.ts';
+import { isSingular, type Media } from './sql.ts';
 
 const routed = counter('mg_rest_sharded_requests_total', 'REST requests on sharded databases, by route kind (single, multi, scatter, reference, insert)', ['route']);
 
@@ -36,12 +38,17 @@ function planOf(routing: ShardRouting, probe: Probe) {
   return plan;
 }
 
+/** A value a vindex cannot hash is the client's error (400), thrown or rejected. */
 function vindexError<T>(fn: () => T): T {
-  try {
-    return fn();
-  } catch (err) {
+  const client = (err: unknown): never => {
     if (err instanceof VindexValueError) throw new RestError(400, '22023', err.message);
     throw err;
+  };
+  try {
+    const result = fn();
+    return (result instanceof Promise ? result.catch(client) : result) as T;
+  } catch (err) {
+    return client(err);
   }
 }
 
@@ -51,7 +58,7 @@ function vindexError<T>(fn: () => T): T {
  * read with sharded tables embedded is refused: each shard would answer the
  * same rows with only its own part of the embeds.
  */
-export function routeProbe(routing: ShardRouting, probe: Probe, top: string): string[] {
+export async function routeProbe(routing: ShardRouting, probe: Probe, top: string, lookups: LookupAccess): Promise<string[]> {
   const plan = planOf(routing, probe);
   const all = routing.ranges.map((r) => r.shard);
   let shards: string[];
@@ -60,37 +67,46 @@ export function routeProbe(routing: ShardRouting, probe: Probe, top: string): st
     if (routing.vschema?.tables[top]?.type === 'reference') {
       throw new RestError(501, '0A000', `an embed of a sharded table under reference table ${top}`);
     }
-    if (plan.kind === 'write' && plan.owned) throw new RestError(501, '0A000', `a REST write of ${top}, which owns lookup vindex ${plan.owned.lookups.map((l) => l.vindex).join(', ')} (write it with SQL through the gateway)`);
-    // A lookup vindex would need its lookup table read first: REST reads by it go to every shard, which is correct, only slower.
-    shards = plan.pin && !plan.pin.lookup ? vindexError(() => pinnedShards(plan.pin!, routing.ranges, asParams(probe.params))) : all;
+    // the request's own filters are not the probe's: the owner rows a change moves cannot be read from the probe
+    if (plan.kind === 'write' && plan.owned) throw new RestError(501, '0A000', `a REST ${plan.owned.newValues ? 'PATCH of a lookup vindex column' : 'DELETE'} of ${top}, which owns lookup vindex ${plan.owned.lookups.map((l) => l.vindex).join(', ')} (run it with SQL through the gateway)`);
+    if (!plan.pin) shards = all;
+    else if (plan.pin.lookup) shards = await vindexError(() => shardsByLookup(plan.pin!, asParams(probe.params), lookups));
+    else shards = vindexError(() => pinnedShards(plan.pin!, routing.ranges, asParams(probe.params)));
   } else throw new RestError(501, '0A000', `the request is not supported on a sharded database (planned as ${plan.kind})`);
   routed.inc({ route: routeKind(plan, shards.length) ?? plan.kind });
   return shards;
 }
 
+/** A payload value as the text of a parameter. */
+const paramText = (v: unknown): string | null => (v === undefined || v === null ? null : typeof v === 'object' ? JSON.stringify(v) : String(v));
+
 /**
  * Where each row of an insert goes: by its primary vindex column, whose
- * position among the probe's VALUES the planner names. Undefined: the table
- * is a reference table, every shard takes every row.
+ * position among the probe's VALUES the planner names; and, when the table
+ * owns lookup vindexes, how to write their rows (each payload row bound to
+ * the probe's one row). Undefined: the table is a reference table, every
+ * shard takes every row.
  */
-export function placeRows(routing: ShardRouting, probe: Probe, rows: Array<Record<string, unknown>>, cols: string[]): string[] | undefined {
+export function placeRows(routing: ShardRouting, probe: Probe, rows: Array<Record<string, unknown>>, cols: string[]):
+  { shards: string[]; writeLookups?: (access: LookupAccess) => Promise<void> } | undefined {
   const plan = planOf(routing, probe);
   if (plan.kind === 'all') {
     routed.inc({ route: 'all' });
     return undefined;
   }
   if (plan.kind !== 'insert') throw new RestError(501, '0A000', `the insert is not supported on a sharded database (planned as ${plan.kind})`);
-  if (plan.lookups) throw new RestError(501, '0A000', `a REST insert into ${plan.table}, which owns lookup vindex ${plan.lookups.map((l) => l.lookup.vindex).join(', ')} (insert with SQL through the gateway)`);
   const ref = plan.pin.values[0];
   const column = 'param' in ref ? cols[ref.param - 1] : undefined;
   if (column === undefined) throw new RestError(501, '0A000', `insert into ${plan.table}: its primary vindex column must come from the payload`);
   routed.inc({ route: 'insert' });
-  return rows.map((row) => {
-    const v = row[column];
-    if (v === undefined || v === null) throw new RestError(400, '23502', `null value in column "${column}" of relation "${plan.table}": it places the row on a shard`);
-    const text = typeof v === 'object' ? JSON.stringify(v) : String(v);
+  const shards = rows.map((row) => {
+    const text = paramText(row[column]);
+    if (text === null) throw new RestError(400, '23502', `null value in column "${column}" of relation "${plan.table}": it places the row on a shard`);
     return vindexError(() => shardOfValue(plan.pin, { literal: text }, routing.ranges))!;
   });
+  if (!plan.lookups) return { shards };
+  const paramSets = rows.map((row) => asParams(cols.map((c) => paramText(row[c]))));
+  return { shards, writeLookups: (access) => vindexError(() => insertLookupRows(plan, paramSets, access)) };
 }
 
 /** The rows of a JSON array of rows as Postgres wrote them (json_agg's text), without re-serializing them. */
@@ -116,33 +132,42 @@ export function jsonElements(text: string): string[] {
   return out;
 }
 
-/** A JSON array of rows as json_agg writes it. */
-export const jsonArray = (elements: string[]) => (elements.length ? `[${elements.join(', \n ')}]` : '[]');
+/**
+ * The body of several rows as Postgres writes it for the media type (router/rest/sql.ts bodySql): a JSON array as
+ * json_agg writes it, or without spaces as json_strip_nulls does; CSV lines under their header.
+ */
+function bodyOf(elements: string[], media: Media, csvHeader: string): string {
+  if (media === 'csv') return `${csvHeader}\n${elements.join('\n')}`;
+  if (media === 'json-stripped') return `[${elements.join(',')}]`;
+  return elements.length ? `[${elements.join(', \n ')}]` : '[]';
+}
 
-/** The rows one shard read: `pgrst_total`, `pgrst_json` and the order keys (see QueryBuilder.shardRows). */
+/** The rows one shard read: `pgrst_total`, `pgrst_json`, the order keys and for CSV the header (see QueryBuilder.shardRows). */
 export interface ShardRows { fields: Field[]; rows: Array<Array<string | null>> }
 
 /**
  * The response row of a read over several shards: counts summed, rows merged
  * in the request's order, then its offset and limit applied.
  */
-export function mergeReads(parts: ShardRows[], merge: Merge, counted: boolean, singular: boolean): { total: string | null; page_total: string; body: string } {
+export function mergeReads(parts: ShardRows[], merge: Merge, counted: boolean, media: Media): { total: string | null; page_total: string; body: string } {
   let total = 0n;
   const rows: Array<Array<Buffer | null>> = [];
   for (const p of parts) {
     if (p.rows.length && p.rows[0][0] !== null) total += BigInt(p.rows[0][0]);
     for (const r of p.rows) if (r[1] !== null) rows.push(r.map((v) => (v === null ? null : Buffer.from(v))));
   }
-  const merged = mergeRows(rows, parts[0].fields, merge).map((r) => r[1]!.toString());
+  const page = mergeRows(rows, parts[0].fields, merge);
+  const merged = page.map((r) => r[1]!.toString());
   return {
     total: counted ? String(total) : null,
     page_total: String(merged.length),
-    body: singular ? (merged.length ? merged[0] : 'null') : jsonArray(merged),
+    body: isSingular(media) ? (merged.length ? merged[0] : 'null') : bodyOf(merged, media, page.length ? page[0][page[0].length - 1]!.toString() : ''),
   };
 }
 
 /** A write's response row from each shard's: counts summed, bodies joined (in `order` when given: each element's place). */
-export function mergeWrites(rows: Array<Record<string, any>>, singular: boolean, order?: number[][]): Record<string, any> {
+export function mergeWrites(rows: Array<Record<string, any>>, media: Media, order?: number[][]): Record<string, any> {
+  const singular = isSingular(media);
   const sum = (k: string) => rows.reduce((n, r) => n + BigInt(r[k] ?? 0), 0n);
   const counted = rows.some((r) => r.total !== null && r.total !== undefined);
   let elements: string[];
@@ -158,7 +183,7 @@ export function mergeWrites(rows: Array<Record<string, any>>, singular: boolean,
     total: counted ? String(sum('total')) : null,
     page_total: String(sum('page_total')),
     inserted: String(sum('inserted')),
-    body: singular ? (elements.length === 1 ? elements[0] : 'null') : jsonArray(elements),
+    body: singular ? (elements.length === 1 ? elements[0] : 'null') : bodyOf(elements, media, ''),
     location: rows.find((r) => r.location)?.location ?? null,
   };
 }

@@ -278,9 +278,10 @@ export class QueryBuilder {
    * A read as one shard of a sharded database answers it, for the gateway to
    * merge: each row's JSON (as json_agg would write it) and its order keys,
    * the first offset + limit rows in order, and the shard's count (one row of
-   * NULLs when the shard has none).
+   * NULLs when the shard has none). CSV: each row's record text instead of its
+   * JSON, and the header its keys make as the last column.
    */
-  shardRows(scope: Scope, fromSql: string, opts: { limit?: number; offset?: number; count: boolean }): { sql: string; merge: Merge } {
+  shardRows(scope: Scope, fromSql: string, opts: { limit?: number; offset?: number; count: boolean; media: Media }): { sql: string; merge: Merge } {
     this.checkNodePaths(this.query.select);
     const top = this.nodeOptions('');
     const list = this.selectList(scope, this.query.select);
@@ -289,7 +290,7 @@ export class QueryBuilder {
     const fromAll = `${fromSql}${list.joins.map((j) => ` ${j}`).join('')}`;
     const keys = top.order.map((t, i) => `, ${this.fieldSql(scope, t.field)} AS pgrst_o${i}`).join('');
     const window = opts.limit === undefined ? undefined : opts.limit + (opts.offset ?? 0);
-    const rows = `SELECT row_to_json(pgrst_row)::text AS pgrst_json${keys} FROM ${fromAll}, LATERAL (SELECT ${list.columns.join(', ')}) AS pgrst_row`
+    const rows = `SELECT ${shardRowSql(opts.media)} AS pgrst_json${keys}${opts.media === 'csv' ? `, ${CSV_HEADER('pgrst_row')} AS pgrst_header` : ''} FROM ${fromAll}, LATERAL (SELECT ${list.columns.join(', ')}) AS pgrst_row`
       + `${whereSql}${this.orderSql(scope, top.order)}${QueryBuilder.limitSql(window, undefined)}`;
     const count = opts.count ? `(SELECT pg_catalog.count(*) FROM ${fromAll}${whereSql})` : 'NULL::bigint';
     return {
@@ -365,6 +366,17 @@ export interface AggregateBody { aggregate: MediaAggregate; table: Table }
  * CSV as PostgREST builds it: the first row's keys as the header, then each
  * row's record text without its parentheses (Postgres's quoting), no final newline.
  */
+/** The CSV header of a row: its keys. */
+const CSV_HEADER = (row: string) => `(SELECT coalesce(string_agg(pgrst_k.k, ','), '') FROM json_object_keys(row_to_json(${row})) AS pgrst_k(k))`;
+/** A row's record text without its parentheses: its CSV line. */
+const CSV_RECORD = (row: string) => `substring(${row}::text, 2, length(${row}::text) - 2)`;
+
+/** One row of a shard's answer as `bodySql` writes it into the body. */
+function shardRowSql(media: Media): string {
+  if (media === 'csv') return CSV_RECORD('pgrst_row');
+  return media.endsWith('-stripped') ? 'json_strip_nulls(row_to_json(pgrst_row))::text' : 'row_to_json(pgrst_row)::text';
+}
+
 export function bodySql(media: Media | AggregateBody): string {
   if (typeof media === 'object') {
     // the cast fails (42846) when select= changed the row's shape, as it does in PostgREST
@@ -375,8 +387,8 @@ export function bodySql(media: Media | AggregateBody): string {
   // json_strip_nulls drops null-valued keys at every depth (and writes the JSON without spaces, as PostgREST's does)
   if (media === 'object-stripped') return `coalesce((json_strip_nulls(json_agg(_postgrest_t))->0)::text, 'null')`;
   if (media === 'json-stripped') return `coalesce(json_strip_nulls(json_agg(_postgrest_t)), '[]')::text`;
-  const header = `(SELECT coalesce(string_agg(pgrst_k.k, ','), '') FROM (SELECT json_object_keys(row_to_json(pgrst_h))::text AS k FROM (SELECT * FROM pgrst_source LIMIT 1) pgrst_h) pgrst_k)`;
-  return `${header} || E'\\n' || coalesce(string_agg(substring(_postgrest_t::text, 2, length(_postgrest_t::text) - 2), E'\\n'), '')`;
+  const header = `coalesce((SELECT ${CSV_HEADER('pgrst_h')} FROM (SELECT * FROM pgrst_source LIMIT 1) pgrst_h), '')`;
+  return `${header} || E'\\n' || coalesce(string_agg(${CSV_RECORD('_postgrest_t')}, E'\\n'), '')`;
 }
 
 /**

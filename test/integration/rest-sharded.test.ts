@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
-import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
+import { hashKeyspaceId, shardFor, xxhashKeyspaceId } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 
 const SLOT = 4;
@@ -22,7 +22,7 @@ const cluster = testCluster('restsharded', SLOT, {
     cells: ['zone1'],
     databases: [
       { name: 'flat', shards: 1, instancesPerShard: 1, durability: 'ANY_1' },
-      { name: 'shop', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' },
+      { name: 'shop', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1', transactionMode: 'twopc' },
     ],
   },
 });
@@ -33,12 +33,17 @@ const portOfId = (id: number) => portOfShard(shardFor(hashKeyspaceId(id), RANGES
 const VSCHEMA = `
 vindexes:
   hash: { type: hash }
+  text_hash: { type: xxhash }
+  member_email: { type: consistent_lookup_unique, params: { table: members_email_idx, from: email, to: keyspace_id }, owner: members }
 tables:
   customers: { column_vindexes: [{ column: id, name: hash }] }
   customer_ports: { column_vindexes: [{ column: id, name: hash }] }
   orders: { column_vindexes: [{ column: customer_id, name: hash }] }
   notes: { column_vindexes: [{ column: id, name: hash }] }
   countries: { type: reference }
+  tags: { column_vindexes: [{ column: id, name: hash }] }
+  members: { column_vindexes: [{ column: id, name: hash }, { column: email, name: member_email }] }
+  members_email_idx: { column_vindexes: [{ column: email, name: text_hash }] }
 `;
 const SCHEMA = [
   'create role web_anon nologin',
@@ -49,7 +54,12 @@ const SCHEMA = [
   // joined to customers on customer_id, but sharded by its own id: an embed of it cannot be answered per shard
   'create table notes (id bigint primary key, customer_id bigint references customers(id), body text)',
   'create view customer_ports as select id, inet_server_port() as port from customers',
-  'grant select, insert, update, delete on countries, customers, orders, notes, customer_ports to web_anon',
+  // checked at COMMIT: a duplicate fails one shard's PREPARE after the other shard's statement succeeded
+  'create table tags (id bigint primary key, code text not null, constraint tags_code unique (code) deferrable initially deferred)',
+  // a lookup vindex on email: its lookup table is the gateway's (no grant to the request's role)
+  'create table members (id bigint primary key, email text unique, name text)',
+  'create table members_email_idx (email text primary key, keyspace_id bytea not null)',
+  'grant select, insert, update, delete on countries, customers, orders, notes, customer_ports, tags, members to web_anon',
   "insert into countries values ('no', 'Norway'), ('pt', 'Portugal'), ('jp', 'Japan')",
   // a computed relationship: embeddable as customers?select=open_orders(id)
   "create function open_orders(c customers) returns setof orders language sql stable as $$ select * from orders where customer_id = c.id and status <> 'sent' $$",
@@ -130,6 +140,14 @@ test('reads: the same bodies as unsharded, scattered and merged (order, limit/of
   await same('/customers?name=eq.Customer%2004', { headers: { Accept: 'application/vnd.pgrst.object+json' } });
   await same('/customers?id=gt.3', { headers: { Accept: 'application/vnd.pgrst.object+json' } });
   await same('/countries?order=name.desc');
+  // CSV and nulls=stripped: each shard writes its rows as Postgres writes them for the media type, the gateway merges
+  const csv = await same('/customers?select=id,name,country&order=country.nullsfirst,id&limit=7', { headers: { Accept: 'text/csv' } });
+  assert.match(csv.body, /^id,name,country\n,?\d+,"?Customer/);
+  await same('/customers?id=gt.100', { headers: { Accept: 'text/csv' } });
+  const stripped = 'application/vnd.pgrst.array+json;nulls=stripped';
+  const bare = await same('/customers?select=id,score,orders(id,total)&order=id', { headers: { Accept: stripped } });
+  assert.ok(!bare.body.includes('null'), bare.body);
+  await same('/customers?id=eq.1&select=id,country,score', { headers: { Accept: 'application/vnd.pgrst.object+json;nulls=stripped' } });
 });
 
 test('a filter that pins the primary vindex runs on the shards it names', async () => {
@@ -163,6 +181,69 @@ test('writes: PATCH and DELETE routed by their filters or scattered, upserts spl
   await same('/customers?id=in.(60,61)');
   await same('/countries', json({ code: 'fr', name: 'France' }));
   await same('/countries?order=code');
+  await same('/customers', { ...json([{ id: 70, name: 'Seventy' }, { id: 71, name: 'Seventy-one', score: 5 }, { id: 72, name: 'Seventy-two' }]), headers: {
+    'Content-Type': 'application/json', Prefer: 'return=representation', Accept: 'application/vnd.pgrst.array+json;nulls=stripped',
+  } });
+});
+
+test('a write over several shards commits with two-phase commit (transactionMode twopc): a shard failing at commit leaves nothing anywhere', async () => {
+  const onShard = (shard: string, from: number) => {
+    for (let id = from; ; id++) if (shardFor(hashKeyspaceId(id), RANGES) === shard) return id;
+  };
+  const [a, b, a2] = [onShard(RANGES[0].shard, 100), onShard(RANGES[1].shard, 100), onShard(RANGES[0].shard, 200)];
+  assert.equal((await same('/tags', json({ id: a, code: 'taken' }, 'return=minimal'))).status, 201);
+  const before = await routed('insert');
+  // b's row is fine on its shard; a2's duplicates a code on the other shard, found only when that shard commits
+  const refused = await ask('shop', '/tags', json([{ id: b, code: 'fresh' }, { id: a2, code: 'taken' }]));
+  assert.equal(refused.status, 409, refused.body);
+  assert.equal(JSON.parse(refused.body).code, '23505');
+  assert.equal(await routed('insert'), before + 1, 'the request ran on both shards');
+  assert.equal((await ask('flat', '/tags', json([{ id: b, code: 'fresh' }, { id: a2, code: 'taken' }]))).status, 409);
+  await same('/tags?order=id');
+  const shardB = new pg.Client({ host: '127.0.0.1', port: portOfShard(RANGES[1].shard), user: 'postgres', database: 'shop' });
+  await shardB.connect();
+  try {
+    assert.deepEqual((await shardB.query('SELECT id FROM tags WHERE id = $1', [b])).rows, [], 'nothing committed on the shard whose part succeeded');
+    assert.deepEqual((await shardB.query('SELECT gid FROM pg_prepared_xacts')).rows, [], 'no prepared transaction left');
+  } finally {
+    await shardB.end();
+  }
+});
+
+test('a lookup vindex: a POST writes its lookup rows in the request\'s transaction, a filter on it reads the one shard it names', async () => {
+  const members = Array.from({ length: 8 }, (_, i) => ({ id: 300 + i, email: `m${i}@example.org`, name: `Member ${i}` }));
+  await same('/members', json(members));
+  const lookups = Object.fromEntries(await Promise.all(RANGES.map(async ({ shard }) => {
+    const c = new pg.Client({ host: '127.0.0.1', port: portOfShard(shard), user: 'postgres', database: 'shop' });
+    await c.connect();
+    const { rows } = await c.query(`SELECT email, encode(keyspace_id, 'hex') AS ksid FROM members_email_idx ORDER BY email`).finally(() => c.end());
+    return [shard, rows];
+  })));
+  for (const m of members) {
+    const where = shardFor(xxhashKeyspaceId(m.email), RANGES);
+    assert.deepEqual(lookups[where].filter((r: any) => r.email === m.email), [{ email: m.email, ksid: hashKeyspaceId(m.id).toString('hex') }], `${m.email} on ${where}`);
+  }
+  const pinned = async () => (await routed('single')) + (await routed('multi'));
+  const [pinnedBefore, scatter] = [await pinned(), await routed('scatter')];
+  const one = JSON.parse((await same('/members?email=eq.m3@example.org&select=id,name')).body);
+  assert.deepEqual(one, [{ id: 303, name: 'Member 3' }]);
+  await same('/members?email=in.(m1@example.org,m6@example.org,nobody@example.org)&order=id');
+  assert.equal(await routed('scatter'), scatter, 'no read by the lookup column scattered');
+  assert.equal(await pinned(), pinnedBefore + 2);
+  // a duplicate email is the lookup's 23505 and writes nothing, on any shard
+  const dup = await ask('shop', '/members', json([{ id: 400, email: 'new@example.org', name: 'n' }, { id: 401, email: 'm0@example.org', name: 'dup' }]));
+  assert.equal(dup.status, 409, dup.body);
+  assert.match(JSON.parse(dup.body).message, /unique lookup vindex member_email/);
+  assert.equal((await ask('flat', '/members', json([{ id: 400, email: 'new@example.org', name: 'n' }, { id: 401, email: 'm0@example.org', name: 'dup' }]))).status, 409);
+  await same('/members?order=id');
+  assert.deepEqual(JSON.parse((await ask('shop', '/members?email=eq.new@example.org')).body), []);
+  // a PATCH of other columns keeps the lookups as they are; one that moves them, or a DELETE, is SQL's to do
+  await same('/members?email=eq.m2@example.org', { method: 'PATCH', headers: { 'Content-Type': 'application/json', Prefer: 'return=representation' }, body: '{"name": "Renamed"}' });
+  for (const init of [{ method: 'DELETE' }, { method: 'PATCH', headers: { 'Content-Type': 'application/json' }, body: '{"email": "x@example.org"}' }]) {
+    const refused = await ask('shop', '/members?id=eq.300', init);
+    assert.equal(refused.status, 501, refused.body);
+    assert.match(JSON.parse(refused.body).message, /owns lookup vindex member_email/);
+  }
 });
 
 test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)', async () => {
@@ -180,10 +261,11 @@ test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)
   const limited = await ask('shop', '/orders?limit=1&order=customer_id,id', { method: 'DELETE' });
   assert.equal(limited.status, 501);
   assert.equal(JSON.parse(limited.body).code, '0A000');
-  // a computed relationship runs its function on whichever shard it is on; nulls=stripped JSON is built by Postgres only
-  for (const [p, headers] of [['/customers?select=id,open_orders(id)&order=id', {}], ['/customers?order=id', { Accept: 'application/vnd.pgrst.array+json;nulls=stripped' }]] as const) {
-    assert.equal((await ask('flat', p, { headers })).status, 200, p);
-    const refused = await ask('shop', p, { headers });
+  // a computed relationship runs its function on whichever shard it is on; CSV written back by several shards is not merged
+  const csvWrite = { method: 'PATCH', headers: { Accept: 'text/csv', 'Content-Type': 'application/json', Prefer: 'tx=rollback,return=representation' }, body: '{"score": 2}' };
+  for (const [p, init] of [['/customers?select=id,open_orders(id)&order=id', {}], ['/customers?id=eq.1', csvWrite]] as const) {
+    assert.equal((await ask('flat', p, init)).status, 200, p);
+    const refused = await ask('shop', p, init);
     assert.equal(refused.status, 501, p);
     assert.equal(JSON.parse(refused.body).code, '0A000');
   }
@@ -205,11 +287,7 @@ test('DDL through the gateway reloads both databases\' REST schema caches; sprea
   assert.equal(shop.basePath, '/shop');
   assert.deepEqual(shop.definitions.customers.properties.tier, { default: 'basic', format: 'text', type: 'string' });
   assert.deepEqual({ ...shop, basePath: flat.basePath }, flat);
-  // CSV is built only unsharded (the shards' rows are merged as JSON)
-  assert.equal((await ask('flat', '/customers?limit=1', { headers: { Accept: 'text/csv' } })).status, 200);
-  const csv = await ask('shop', '/customers?limit=1', { headers: { Accept: 'text/csv' } });
-  assert.equal(csv.status, 501);
-  assert.equal(JSON.parse(csv.body).code, '0A000');
+  await same('/customers?select=id,tier&order=id&limit=2', { headers: { Accept: 'text/csv' } });
   for (const accept of ['text/html', 'text/csv', 'application/vnd.pgrst.array+json;nulls=stripped']) {
     for (const fn of ['badge', 'card']) await same(`/rpc/${fn}?name=Ann`, { headers: { Accept: accept } });
   }

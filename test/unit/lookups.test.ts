@@ -30,7 +30,7 @@ function fakeShards(rows: Buffer[][] = [], dup?: string) {
 test('an INSERT writes one lookup row per row and vindex (none for NULL), grouped per lookup table and shard, in the transaction', async () => {
   const { calls, access } = fakeShards();
   const p = plan("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a@x', 'kim'), ($1, 2, $2, NULL), (3, 3, NULL, 'kim')");
-  await insertLookupRows(p, [{ value: Buffer.from('2'), binary: false, typeOid: 0 }, { value: Buffer.from('b@x'), binary: false, typeOid: 0 }], access);
+  await insertLookupRows(p, [[{ value: Buffer.from('2'), binary: false, typeOid: 0 }, { value: Buffer.from('b@x'), binary: false, typeOid: 0 }]], access);
   const emails = calls.filter((c) => c.sql.includes('users_email_idx'));
   assert.deepEqual(emails.flatMap((c) => c.params).filter((_, i) => i % 2 === 0).sort(), ['a@x', 'b@x']);
   for (const c of emails) {
@@ -45,7 +45,7 @@ test('an INSERT writes one lookup row per row and vindex (none for NULL), groupe
 
 test('a duplicate on a unique lookup is 23505 naming the vindex, the owner column and the lookup table', async () => {
   const { access } = fakeShards([], 'a@x');
-  const err = await insertLookupRows(plan("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a@x', NULL)"), undefined, access).catch((e) => e);
+  const err = await insertLookupRows(plan("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a@x', NULL)"), [undefined], access).catch((e) => e);
   assert.equal(err.code, '23505');
   assert.equal(err.message, 'duplicate key value violates unique lookup vindex email of users.email');
   assert.match(err.detail, /^Key \(email\)=\(a@x\) already exists in lookup table users_email_idx \(shard (-80|80-)\)\.$/);
