@@ -8,8 +8,9 @@ import { authenticate, type Auth } from './jwt.ts';
 import { FILTER_OPS, parseCsv, parsePrefer, parseQuery, parseRange, type ParsedQuery, type Prefer } from './parse.ts';
 import { tableKey, type MediaAggregate, type RestFunction, type SchemaCache, type Table } from './schema-cache.ts';
 import type { Merge } from '../planner/plan.ts';
-import type { LookupAccess, TextRow } from '../gateway/lookups.ts';
-import { mergeReads, mergeWrites, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
+import { moveLookupRows, type LookupAccess, type TextRow } from '../gateway/lookups.ts';
+import type { LookupVindex } from '../../schemas/vschema/vschema.ts';
+import { mergeReads, mergeWrites, paramText, placeRows, routeProbe, type Probe, type ShardRouting, type ShardRows } from './sharded.ts';
 import { ACCESSIBLE_SQL, openApiDocument, type Accessible } from './openapi.ts';
 import { bodySql, findFunction, findTable, ident, isSingular, qualified, QueryBuilder, RESPONSE_SETTINGS, responseSql, type Media } from './sql.ts';
 
@@ -228,11 +229,16 @@ interface Plan {
   sharded?: ShardedPlan;
 }
 
+interface OwnedRows { select(columns: string[]): { sql: string; params: unknown[] }; payload?: Record<string, unknown> }
+
 type ShardedPlan =
   /** `sql` reads rows for the merge (QueryBuilder.shardRows). */
   | { kind: 'read'; probe: Probe; top: string; merge: Merge; counted: boolean; media: Media }
-  /** `sql` runs as it is on the shards the probe routes to. */
-  | { kind: 'write'; probe: Probe; top: string; media: Media }
+  /**
+   * `sql` runs as it is on the shards the probe routes to. `owned`: for a table owning lookup vindexes, the rows
+   * the request's filters match (`columns` as text, locked) and a PATCH's new values, to keep the lookup rows in step.
+   */
+  | { kind: 'write'; probe: Probe; top: string; media: Media; owned?: OwnedRows }
   /** `sql` runs on each shard with the rows placed there in parameter `rowsParam` (0-based). */
   | { kind: 'insert'; probe: Probe; rows: Array<Record<string, unknown>>; cols: string[]; rowsParam: number; media: Media };
 
@@ -291,7 +297,7 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
     run: (shard, sql, params) => runShards([shard], { readOnly: true }, async ([tx]) => ({ result: textRows(await tx.rows(sql, params)), rollback: false })),
   };
   if (s.kind === 'read') {
-    const shards = await routeProbe(routing, s.probe, s.top, lookupReads);
+    const { shards } = await routeProbe(routing, s.probe, s.top, lookupReads);
     return runShards(shards, opts, async (txs) => {
       const parts = await Promise.all(txs.map((tx) => lastAfter(prelude(tx), tx.rows(plan.sql, plan.params))));
       return { result: plan.respond(mergeReads(parts, s.merge, s.counted, s.media)), rollback };
@@ -301,6 +307,7 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
   let params: unknown[][];
   let order: number[][] | undefined;
   let replicated = false;
+  let owns: LookupVindex[] | undefined;
   const placed = s.kind === 'insert' ? placeRows(routing, s.probe, s.rows, s.cols) : undefined;
   if (s.kind === 'insert' && placed && s.rows.length) {
     const byShard = new Map<string, number[]>();
@@ -314,15 +321,42 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
       replicated = placed === undefined;
       shards = replicated ? routing.ranges.map((r) => r.shard) : [routing.ranges[0].shard];
     } else {
-      shards = await routeProbe(routing, s.probe, s.top, lookupReads);
+      ({ shards, owns } = await routeProbe(routing, s.probe, s.top, lookupReads));
       replicated = routing.vschema?.tables[s.top]?.type === 'reference';
     }
     params = shards.map(() => plan.params);
   }
+  const owned = owns && s.kind === 'write' ? s.owned : undefined;
   return runShards(shards, opts, async (txs, on) => {
-    // the owner rows' lookup rows first, in the same transaction (their shards join it)
-    await placed?.writeLookups?.({ ranges: routing.ranges, run: async (shard, sql, params) => textRows(await (await on(shard)).rows(sql, params)) });
-    const rows = await Promise.all(txs.map(async (tx, i) => (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0]));
+    // Lookup rows are written in the request's transaction (their shards join it), as the gateway's user: on a
+    // shard where the request's role is set by then, the role is reset first (nothing of the request runs after).
+    const roled = new Set<Transaction>();
+    const resets = new Map<Transaction, Promise<unknown>>();
+    const lookupWrites: LookupAccess = {
+      ranges: routing.ranges,
+      run: async (shard, sql, params) => {
+        const tx = await on(shard);
+        if (roled.has(tx)) {
+          if (!resets.has(tx)) resets.set(tx, tx.query('RESET ROLE', []));
+          await resets.get(tx);
+        }
+        return textRows(await tx.rows(sql, params));
+      },
+    };
+    await placed?.writeLookups?.(lookupWrites); // an insert's first: a duplicate is the lookup's error
+    const lockedRows: TextRow[] = [];
+    const rows = await Promise.all(txs.map(async (tx, i) => {
+      roled.add(tx);
+      if (!owned) return (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0];
+      // the owner rows the request changes, locked, with their lookup columns before the change
+      const select = owned.select([owns![0].primary.column, ...owns!.map((l) => l.column)]);
+      lockedRows.push(...textRows(await lastAfter(prelude(tx), tx.rows(select.sql, select.params))));
+      return (await tx.query(plan.sql, params[i]))[0];
+    }));
+    if (owned) {
+      const newValues = owned.payload && owns!.map((l) => ({ literal: paramText(owned.payload![l.column]) }));
+      await moveLookupRows({ lookups: owns!, newValues, select: Buffer.alloc(0) }, lockedRows, undefined, lookupWrites);
+    }
     const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.media, order);
     return { result: plan.respond(row as ResponseRow), rollback };
   });
@@ -571,7 +605,7 @@ function planUpdate(req: RestRequest, cache: SchemaCache, table: Table, sharded:
     return `UPDATE ${qualified(table)} AS ${ident(alias)} SET ${cols.map((c) => `${ident(c)} = ${value(c)}`).join(', ')}`
       + ` FROM (SELECT * FROM json_populate_record(NULL::${qualified(table)}, ${row}::json)) _${mutationWhere(b, table, alias, q)}`;
   }, 'update');
-  return routedWrite(req, cache, table, q, plan, sharded, 'UPDATE', cols);
+  return routedWrite(req, cache, table, q, plan, sharded, 'UPDATE', cols, payload as Record<string, unknown>);
 }
 
 function planDelete(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
@@ -602,11 +636,19 @@ function mutationWhere(b: QueryBuilder, table: Table, alias: string, q: ParsedQu
 }
 
 /** PATCH and DELETE on a sharded database run where their filters pin the primary vindex, or on every shard. */
-function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, plan: Plan, sharded: boolean, verb: 'UPDATE' | 'DELETE', cols?: string[]): Plan {
+function routedWrite(req: RestRequest, cache: SchemaCache, table: Table, q: ParsedQuery, plan: Plan, sharded: boolean, verb: 'UPDATE' | 'DELETE', cols?: string[],
+  payload?: Record<string, unknown>): Plan {
   const top = q.nodes.get('')!;
   // each shard would apply the limit to its own rows
   if (sharded && (top.limit !== undefined || top.offset)) throw new RestError(501, '0A000', `a ${verb === 'UPDATE' ? 'PATCH' : 'DELETE'} with limit/offset on a sharded database`);
-  if (sharded) plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, media: writeMedia(req) };
+  if (!sharded) return plan;
+  const select = (columns: string[]) => {
+    const b = new QueryBuilder(cache, q);
+    const alias = b.nextAlias('t');
+    const list = columns.map((c) => `${ident(alias)}.${ident(c)}::text`).join(', ');
+    return { sql: `SELECT ${list} FROM ${qualified(table)} AS ${ident(alias)}${mutationWhere(b, table, alias, q)} FOR UPDATE`, params: b.params.values };
+  };
+  plan.sharded = { kind: 'write', probe: new QueryBuilder(cache, q).routingProbe(table, verb, cols), top: table.name, media: writeMedia(req), owned: { select, payload } };
   return plan;
 }
 

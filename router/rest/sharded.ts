@@ -9,7 +9,7 @@
  */
 import type { KeyRange } from '../../schemas/vschema/vindex.ts';
 import { VindexValueError } from '../../schemas/vschema/vindex.ts';
-import type { VSchema } from '../../schemas/vschema/vschema.ts';
+import type { LookupVindex, VSchema } from '../../schemas/vschema/vschema.ts';
 import { counter } from '../../common/metrics.ts';
 import { mergeRows, type Field } from '../planner/merge.ts';
 import { pinnedShards, routeKind, shardOfValue, type BoundParam, type Merge } from '../planner/plan.ts';
@@ -53,12 +53,13 @@ function vindexError<T>(fn: () => T): T {
 }
 
 /**
- * The shards a request runs on: those its pin names, every shard when
- * unpinned, one shard when it reads reference tables only. A reference table
- * read with sharded tables embedded is refused: each shard would answer the
- * same rows with only its own part of the embeds.
+ * The shards a request runs on: those its pin names (through the lookup
+ * table for a lookup vindex), every shard when unpinned, one shard when it
+ * reads reference tables only; and for a write, the lookup vindexes whose rows
+ * it changes. A reference table read with sharded tables embedded is refused:
+ * each shard would answer the same rows with only its own part of the embeds.
  */
-export async function routeProbe(routing: ShardRouting, probe: Probe, top: string, lookups: LookupAccess): Promise<string[]> {
+export async function routeProbe(routing: ShardRouting, probe: Probe, top: string, lookups: LookupAccess): Promise<{ shards: string[]; owns?: LookupVindex[] }> {
   const plan = planOf(routing, probe);
   const all = routing.ranges.map((r) => r.shard);
   let shards: string[];
@@ -67,18 +68,16 @@ export async function routeProbe(routing: ShardRouting, probe: Probe, top: strin
     if (routing.vschema?.tables[top]?.type === 'reference') {
       throw new RestError(501, '0A000', `an embed of a sharded table under reference table ${top}`);
     }
-    // the request's own filters are not the probe's: the owner rows a change moves cannot be read from the probe
-    if (plan.kind === 'write' && plan.owned) throw new RestError(501, '0A000', `a REST ${plan.owned.newValues ? 'PATCH of a lookup vindex column' : 'DELETE'} of ${top}, which owns lookup vindex ${plan.owned.lookups.map((l) => l.vindex).join(', ')} (run it with SQL through the gateway)`);
     if (!plan.pin) shards = all;
     else if (plan.pin.lookup) shards = await vindexError(() => shardsByLookup(plan.pin!, asParams(probe.params), lookups));
     else shards = vindexError(() => pinnedShards(plan.pin!, routing.ranges, asParams(probe.params)));
   } else throw new RestError(501, '0A000', `the request is not supported on a sharded database (planned as ${plan.kind})`);
   routed.inc({ route: routeKind(plan, shards.length) ?? plan.kind });
-  return shards;
+  return { shards, owns: plan.kind === 'write' ? plan.owned?.lookups : undefined };
 }
 
 /** A payload value as the text of a parameter. */
-const paramText = (v: unknown): string | null => (v === undefined || v === null ? null : typeof v === 'object' ? JSON.stringify(v) : String(v));
+export const paramText = (v: unknown): string | null => (v === undefined || v === null ? null : typeof v === 'object' ? JSON.stringify(v) : String(v));
 
 /**
  * Where each row of an insert goes: by its primary vindex column, whose
