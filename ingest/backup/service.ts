@@ -19,6 +19,9 @@ import { parseLsn } from '../postgres/lsn.ts';
 import { PgBackRest, type LocalPostgres } from './pgbackrest.ts';
 import { restorePromoted } from './pitr.ts';
 
+/** Probes of Postgres before a backup is refused for want of an answer. */
+const BACKUP_PROBE_TRIES = 5;
+
 const backupsDone = counter('mg_agent_backups_total', 'Backups run by this agent', ['type', 'result']);
 const backupSeconds = histogram('mg_agent_backup_duration_seconds', 'Time of one backup', ['type'], [1, 5, 15, 60, 300, 900, 3600]);
 const restores = counter('mg_agent_replica_restores_total', 'Data directories made or rewritten from a copy, by source (a replica: backup or pg_basebackup; restore_as; in_place)', ['source']);
@@ -189,8 +192,13 @@ export class BackupService {
     const type = (cmd.args.type ?? 'incr') as BackupKind;
     if (!BACKUP_TYPES.includes(type)) throw new Error(`type must be one of ${BACKUP_TYPES.join(', ')}, not ${JSON.stringify(cmd.args.type)}`);
     if (this.running) throw new Error('a backup of this agent is already running');
-    const probe = await this.pg.probe(this.cfg.probeTimeoutMs);
-    if (!probe) throw new Error('postgres does not answer: cannot back it up');
+    // A backup is in no hurry: a server busy just after a start or a promotion gets a few probes before we give up.
+    let probe = await this.pg.probe(this.cfg.probeTimeoutMs);
+    for (let tries = 1; !probe && tries < BACKUP_PROBE_TRIES; tries++) {
+      await new Promise((r) => setTimeout(r, this.cfg.probeTimeoutMs));
+      probe = await this.pg.probe(this.cfg.probeTimeoutMs);
+    }
+    if (!probe) throw new Error(`postgres does not answer (${BACKUP_PROBE_TRIES} probes of ${this.cfg.probeTimeoutMs} ms): cannot back it up`);
     let primary: LocalPostgres | undefined;
     if (probe.inRecovery) {
       const host = cmd.args.primaryHost;
