@@ -32,7 +32,8 @@ const cluster = testCluster('mtsharded', 1, { spec: {
     { name: 'one', sharded: true, shards: 1, instancesPerShard: 1, durability: 'ANY_1', cdc },
   ],
 } });
-const { spec, mg, mgOk, dataDir } = cluster;
+const { spec, mg, dataDir } = cluster;
+const mgOk = (...args: string[]) => cluster.mgOk(...args);
 const SHARDS = { src: shardRanges(2), quad: shardRanges(4), one: shardRanges(1) };
 const homeOf = (db: keyof typeof SHARDS, id: number | string) => shardFor(hashKeyspaceId(String(id)), SHARDS[db]);
 const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
@@ -99,7 +100,9 @@ const ORPHAN = (() => {
 })();
 
 before(async () => {
+  const began = Date.now();
   const up = await mg('cluster', 'up', ...cluster.flags);
+  process.stderr.write(`mg cluster up: ${Date.now() - began} ms\n`);
   assert.equal(up.code, 0, up.stderr + up.stdout);
   const vschema = (tables: Table[]) => {
     const file = path.join(dataDir, `vschema-${tables.join('-')}.yaml`);
