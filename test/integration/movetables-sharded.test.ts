@@ -101,9 +101,11 @@ const ORPHAN = (() => {
 
 before(async () => {
   const began = Date.now();
-  const up = await mg('cluster', 'up', ...cluster.flags);
-  process.stderr.write(`mg cluster up: ${Date.now() - began} ms\n`);
+  let up = await mg('cluster', 'up', ...cluster.flags);
+  // Seven shards bootstrap one election each: on a loaded machine that can outlast up's 180 s wait; up again resumes it.
+  if (up.code !== 0 && /bootstrap every shard/.test(up.stderr)) up = await mg('cluster', 'up', ...cluster.flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
+  process.stderr.write(`mg cluster up: ${Date.now() - began} ms\n`);
   const vschema = (tables: Table[]) => {
     const file = path.join(dataDir, `vschema-${tables.join('-')}.yaml`);
     fs.writeFileSync(file, `vindexes:\n  hash: { type: hash }\ntables:\n${tables.map((t) => `  ${t}: { column_vindexes: [{ column: id, name: hash }] }\n`).join('')}`);
