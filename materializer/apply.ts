@@ -14,7 +14,7 @@ import type pg from 'pg';
 import type { RawMessage } from '../common/eventlog.ts';
 import type { KeyRange } from '../schemas/index.ts';
 import type { Change, ChangeDecoder, Row } from './changes.ts';
-import { deleteSql, keyText, quoteIdent, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable } from './tables.ts';
+import { deleteSql, keyText, quoteIdent, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
 
 export type Tuple = [epoch: bigint, commitLsn: bigint, position: bigint];
 
@@ -31,8 +31,45 @@ CREATE TABLE IF NOT EXISTS mg_materializer.positions (
 /** A target shard's position in one topic partition. */
 interface ShardPosition { offset: bigint; applied: Map<string, Tuple> }
 
-/** Where catch-up stops for a VDiff: changes committed at or after `lsn` wait. */
-export interface Barrier { lsn: bigint }
+/**
+ * Where catch-up stops for a VDiff: each streaming shard's changes committed
+ * at or after its LSN wait. Shards share a topic partition, so the changes of
+ * a shard that reached its barrier are held back while the others' go on; the
+ * partition's recorded offset stays before the first held change, and when
+ * catch-up reads again from there, the per-shard positions skip what was
+ * applied past it.
+ */
+export class Barrier {
+  /** Per partition: the streaming shards that reached their barrier, and the offset of the first change held back. */
+  private held = new Map<number, { shards: Set<string>; first: bigint }>();
+
+  constructor(readonly lsn: Map<string, bigint>) {}
+
+  /** Whether the change waits (its shard's later changes in the partition then wait too: they are in commit order). */
+  holds(partition: number, change: Change, offset: bigint): boolean {
+    const h = this.held.get(partition);
+    if (h?.shards.has(change.sourceShard)) return true;
+    const at = this.lsn.get(change.sourceShard);
+    if (at === undefined || change.commitLsn < at) return false;
+    if (h) h.shards.add(change.sourceShard);
+    else this.held.set(partition, { shards: new Set([change.sourceShard]), first: offset });
+    return true;
+  }
+
+  /** The highest offset of the partition that may be recorded as applied: before the first held change. */
+  cap(partition: number, offset: bigint): bigint {
+    const first = this.held.get(partition)?.first;
+    return first !== undefined && first - 1n < offset ? first - 1n : offset;
+  }
+
+  /** Every streaming shard reached its barrier in the partition: nothing more of it is applied. */
+  reached(partition: number): boolean {
+    return (this.held.get(partition)?.shards.size ?? 0) >= this.lsn.size;
+  }
+}
+
+/** The streaming database's shards when it is sharded, and the vindex that places its rows on them. */
+export interface StreamShards { ranges: KeyRange[]; vindex: Vindex }
 
 export interface BatchResult {
   applied: number;
@@ -56,8 +93,8 @@ export class TableApplier {
   private start = new Map<number, bigint>();
   /** Per streaming shard, the highest commit LSN applied on every applying shard (a switch waits for its marker with it). */
   readonly appliedLsn = new Map<string, bigint>();
-  /** (txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
-  readonly recent: Array<{ txId: bigint; commitLsn: bigint }> = [];
+  /** (streaming shard, txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
+  readonly recent: Array<{ shard: string; txId: bigint; commitLsn: bigint }> = [];
 
   constructor(
     readonly workflow: string,
@@ -66,8 +103,11 @@ export class TableApplier {
     private readonly targets: Map<string, pg.Client>,
     private readonly ranges: KeyRange[],
     private readonly decoder: ChangeDecoder,
-    /** The key ranges of the streaming database when it is sharded (reverse replication): a truncate then concerns one shard's rows. */
-    private readonly streamRanges?: KeyRange[],
+    /**
+     * The streaming database's shards when it is sharded: a truncate then concerns one shard's rows,
+     * and a change of a row outside its shard's key range (keyspace-id filter) is not applied.
+     */
+    private readonly stream?: StreamShards,
   ) {}
 
   /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
@@ -101,19 +141,14 @@ export class TableApplier {
     let lastOffset: bigint | undefined;
     let applied = 0;
     let lastCommitMs: number | undefined;
-    let reachedBarrier = false;
     const maxLsn = new Map<string, bigint>();
     for (const m of messages) {
       let change: Change | undefined;
-      if (m.value !== null) {
-        change = await this.decoder.decode(m.value);
-        if (barrier && change.commitLsn >= barrier.lsn) {
-          reachedBarrier = true;
-          break;
-        }
-      }
+      if (barrier?.reached(partition)) break;
+      if (m.value !== null) change = await this.decoder.decode(m.value);
       lastOffset = BigInt(m.offset);
       if (!change) continue; // a tombstone: the delete before it did the work
+      if (barrier?.holds(partition, change, lastOffset)) continue;
       if (change.commitLsn > (maxLsn.get(change.sourceShard) ?? 0n)) maxLsn.set(change.sourceShard, change.commitLsn);
       const tuple: Tuple = [change.epoch, change.commitLsn, change.position];
       let taken = false;
@@ -123,7 +158,7 @@ export class TableApplier {
         taken = true;
         newApplied.get(shard)!.set(change.sourceShard, tuple);
         const runs = segments.get(shard)!;
-        if (op === 'truncate') runs.push({ truncate: this.streamRanges ? change.sourceShard : true, ops: new Map() });
+        if (op === 'truncate') runs.push({ truncate: this.stream ? change.sourceShard : true, ops: new Map() });
         else {
           const row = op.kind === 'upsert' ? op.row : op.key;
           runs[runs.length - 1].ops.set(keyText(this.table, row), op);
@@ -139,12 +174,13 @@ export class TableApplier {
       if (!taken) continue;
       applied++;
       if (change.txId !== null) {
-        this.recent.push({ txId: change.txId, commitLsn: change.commitLsn });
+        this.recent.push({ shard: change.sourceShard, txId: change.txId, commitLsn: change.commitLsn });
         if (this.recent.length > 10_000) this.recent.splice(0, this.recent.length - 5_000);
       }
     }
+    const reachedBarrier = barrier?.reached(partition) ?? false;
     if (lastOffset !== undefined) {
-      const offset = lastOffset;
+      const offset = barrier ? barrier.cap(partition, lastOffset) : lastOffset;
       await Promise.all([...this.targets].map(([shard, client]) =>
         this.commit(shard, client, partition, offset, segments.get(shard)!, newApplied.get(shard)!)));
       for (const [shard, lsn] of maxLsn) if (lsn > (this.appliedLsn.get(shard) ?? 0n)) this.appliedLsn.set(shard, lsn);
@@ -159,6 +195,7 @@ export class TableApplier {
     if (change.unavailable.length) {
       throw new WorkflowError(`${t.table} at offset ${m.offset}: an update left TOASTed columns (${change.unavailable.join(', ')}) unsent; set REPLICA IDENTITY FULL on the source table`);
     }
+    if (this.outsideItsShard(change)) return [];
     switch (change.op) {
       case 't':
         // From the unsharded source: the table empties everywhere. From a target shard (reverse): that shard's rows (see commit).
@@ -214,12 +251,25 @@ export class TableApplier {
     return offsets.reduce((a, b) => (b < a ? b : a));
   }
 
+  /**
+   * A change from a shard of a sharded streaming database about a row whose
+   * keyspace id that shard's range does not hold (a row left behind there):
+   * not the shard's to stream. A delete whose key lacks the vindex column cannot tell, and applies.
+   */
+  private outsideItsShard(change: Change): boolean {
+    const row = change.after ?? change.before;
+    const s = this.stream;
+    if (!s || !row || row[s.vindex.column] === null || row[s.vindex.column] === undefined) return false;
+    return shardOfRow(this.table, row, s.ranges, s.vindex) !== change.sourceShard;
+  }
+
   /** A truncate on one shard of the streaming database: deletes the rows its key range holds (their vindex places them there). */
   private async deleteRowsOf(client: pg.Client, streamShard: string): Promise<void> {
     const t = this.table;
-    const columns = [...new Set([...t.key, t.vindex.column])].map(quoteIdent).join(', ');
+    const { ranges, vindex } = this.stream!;
+    const columns = [...new Set([...t.key, vindex.column])].map(quoteIdent).join(', ');
     const { rows } = await client.query<Row>(`SELECT ${columns} FROM ${t.sql}`);
-    const gone = rows.filter((r) => shardOfRow(t, r, this.streamRanges!) === streamShard);
+    const gone = rows.filter((r) => shardOfRow(t, r, ranges, vindex) === streamShard);
     if (gone.length) await client.query(deleteSql(t, gone));
   }
 }

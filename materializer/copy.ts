@@ -5,6 +5,8 @@
  * so a restart resumes after it, on a new snapshot. That is exact because
  * catch-up replays every change from before the first snapshot: whatever
  * snapshot a page came from, the replay brings each row to its latest state.
+ * A sharded source is copied shard by shard, each from its own snapshot, and
+ * `keep` (the keyspace-id filter) leaves out rows outside the shard's range.
  */
 import type pg from 'pg';
 import type { KeyRange } from '../schemas/index.ts';
@@ -19,7 +21,7 @@ export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
  */
 export async function copyTable(
   source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, from: CopyPosition, pageRows: number,
-  onPage: (p: CopyPosition, rows: number) => Promise<boolean>,
+  onPage: (p: CopyPosition, rows: number) => Promise<boolean>, keep: (row: Row) => boolean = () => true,
 ): Promise<CopyPosition> {
   let pos = from;
   const read = (after: string[] | null) => source.query<Row>(pageSql(t, after, pageRows)).then((r) => r.rows);
@@ -33,15 +35,16 @@ export async function copyTable(
       const lastKey = t.key.map((k) => last[k]!);
       reading = rows.length < pageRows ? undefined : read(lastKey);
       const byShard = new Map<string, Row[]>();
-      for (const row of rows) {
+      const kept = rows.filter(keep);
+      for (const row of kept) {
         const shard = shardOfRow(t, row, ranges);
         const list = byShard.get(shard) ?? [];
         list.push(row);
         byShard.set(shard, list);
       }
       await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(t, list))));
-      pos = { lastKey, rowsCopied: pos.rowsCopied + rows.length };
-      if (!(await onPage(pos, rows.length))) return pos;
+      pos = { lastKey, rowsCopied: pos.rowsCopied + kept.length };
+      if (!(await onPage(pos, kept.length))) return pos;
     }
     return pos;
   } finally {

@@ -4,7 +4,10 @@
  * a switch reverse replication from the target's change topics to the source
  * (decision 0046). Its state lives in Kafka (WorkflowStatus events) and in the
  * applying shards (positions): a new run after a crash or a stop picks up
- * from both.
+ * from both. A sharded source is read shard by shard: a snapshot of each in
+ * the copy, and each shard's changes (one stream per shard, with its own
+ * positions) in catch-up, both filtered by the keyspace ids the shard's range
+ * holds; switches freeze every source shard.
  */
 import type pg from 'pg';
 import type { EventLog, Tail } from '../common/eventlog.ts';
@@ -12,13 +15,13 @@ import type { Logger } from '../common/log.ts';
 import { gauge, counter } from '../common/metrics.ts';
 import { tableTopic } from '../schemas/cdc.ts';
 import type { KeyRange, PartitionOffset, RoutingState, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
-import { dropPositions, ensurePositionsTable, TableApplier, type Barrier } from './apply.ts';
-import type { ChangeDecoder } from './changes.ts';
+import { Barrier, dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
+import type { ChangeDecoder, Row } from './changes.ts';
 import { copyTable } from './copy.ts';
 import type { ShardMap } from './shards.ts';
-import { createTableSql, describeTable, WorkflowError, type MovedTable } from './tables.ts';
+import { createTableSql, describeTable, shardOfRow, WorkflowError, type MovedTable } from './tables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
-import { diffTable } from './vdiff.ts';
+import { diffTable, type SourceSnapshot } from './vdiff.ts';
 
 export interface RunnerContext {
   eventLog: EventLog;
@@ -63,9 +66,11 @@ export class MoveTablesRunner {
   /** The source's table topics (catch-up reads them), and the target's (reverse replication reads them). */
   private topics: string[] = [];
   private reverseTopics: string[] = [];
-  private sourceShard = '';
+  /** The source's shards (one for an unsharded source), and a session on each shard's primary. */
+  private sourceRanges: KeyRange[] = [];
+  private shardedSource = false;
+  private sources = new Map<string, pg.Client>();
   private ranges: KeyRange[] = [];
-  private source: pg.Client | undefined;
   private targets = new Map<string, pg.Client>();
   private timer: NodeJS.Timeout | undefined;
   private lastCommitMs = new Map<string, number>();
@@ -111,21 +116,21 @@ export class MoveTablesRunner {
   async close(): Promise<void> {
     this.stopping = true; // no progress event after this
     await this.halt();
-    await Promise.all([this.source, ...this.targets.values()].map((c) => c?.end().catch(() => {})));
-    this.source = undefined;
+    await Promise.all([...this.sources.values(), ...this.targets.values()].map((c) => c.end().catch(() => {})));
+    this.sources.clear();
     this.targets.clear();
   }
 
   private async run(): Promise<void> {
     const def = this.rec.definition;
     const log = this.ctx.log.child({ workflow: this.name });
-    const sourceRanges = this.ctx.shards.ranges(def.sourceDatabase);
-    if (sourceRanges.length !== 1) throw new WorkflowError(`MoveTables reads an unsharded source; ${def.sourceDatabase} has ${sourceRanges.length} shards`);
-    this.sourceShard = sourceRanges[0].shard;
-    this.source = await this.ctx.shards.connect(def.sourceDatabase, this.sourceShard, `mg-materializer-${this.name}`);
+    this.sourceRanges = this.ctx.shards.ranges(def.sourceDatabase);
+    this.shardedSource = this.ctx.shards.state.databases.get(def.sourceDatabase)?.sharded ?? false;
+    for (const r of this.sourceRanges) this.sources.set(r.shard, await this.ctx.shards.connect(def.sourceDatabase, r.shard, `mg-materializer-${this.name}`));
     await this.connectTargets();
-    const vschema = this.ctx.shards.state.vschemas.get(def.targetDatabase)?.vschema;
-    for (const name of def.tables) this.tables.push(await describeTable(this.source, name, vschema, def.targetDatabase));
+    const side = (database: string) => ({ database, vschema: this.ctx.shards.state.vschemas.get(database)?.vschema });
+    const first = this.sources.get(this.sourceRanges[0].shard)!;
+    for (const name of def.tables) this.tables.push(await describeTable(first, name, side(def.targetDatabase), this.shardedSource ? side(def.sourceDatabase) : undefined));
     for (const client of this.targets.values()) {
       await ensurePositionsTable(client);
       for (const t of this.tables) await client.query(createTableSql(t));
@@ -140,7 +145,7 @@ export class MoveTablesRunner {
     if (routing === 'TARGET' || (routing === 'WRITES_HELD' && this.status.phase === 'SWITCHED')) {
       // The writes are switched (a restart, maybe during reverse-traffic, or a start after reverse replication failed): the source follows the target.
       if (this.status.reverseOffsets.length === 0) throw new WorkflowError('the writes are switched but the workflow has no reverse replication position');
-      await ensurePositionsTable(this.source);
+      for (const client of this.sources.values()) await ensurePositionsTable(client);
       if (this.status.phase !== 'SWITCHED') await this.publishStatus({ phase: 'SWITCHED', message: null });
       log.info('reverse replication resumes');
       await this.startTails('reverse');
@@ -152,7 +157,10 @@ export class MoveTablesRunner {
         await this.waitForTopic(topic, def.sourceDatabase);
         this.status.startOffsets.push(...await this.endOffsetsOf([topic]));
       }
-      this.status.tables = this.tables.map((t) => ({ table: `${t.schema}.${t.table}`, rowsCopied: 0n, rowsEstimated: 0n, lastKey: null, done: false }));
+      // One entry per table and source shard: each shard's copy resumes on its own.
+      this.status.tables = this.sourceRanges.flatMap((r) => this.tables.map((t) => ({
+        table: `${t.schema}.${t.table}`, rowsCopied: 0n, rowsEstimated: 0n, lastKey: null, done: false, shard: this.shardedSource ? r.shard : null,
+      })));
       await this.publishStatus({ phase: 'COPYING', message: null });
       log.info({ startOffsets: this.status.startOffsets.length }, 'copy phase begins');
     }
@@ -178,38 +186,59 @@ export class MoveTablesRunner {
     throw new WorkflowError(`the source's change topic ${topic} does not exist: enable CDC on ${database} (cdc.enabled in the spec, or the CDC_START agent command)`);
   }
 
+  /** The copy phase: every source shard from its own snapshot, the shards in parallel. */
   private async copy(): Promise<void> {
-    const source = this.source!;
     const started = Date.now();
     let copiedNow = 0;
-    await source.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-    try {
-      for (const [i, t] of this.tables.entries()) {
-        const entry = this.status.tables[i];
-        if (entry.done) continue;
-        entry.rowsEstimated = BigInt((await source.query<{ n: string }>(`SELECT count(*) AS n FROM ${t.sql}`)).rows[0].n);
-        // A page's resume point is published while the next page is copied; one at a time, so they stay in order.
-        let published = Promise.resolve();
-        await copyTable(source, this.targets, this.ranges, t, {
-          lastKey: entry.lastKey ? JSON.parse(entry.lastKey) : null, rowsCopied: Number(entry.rowsCopied),
-        }, this.ctx.pageRows, async (pos, rows) => {
-          copiedNow += rows;
-          entry.lastKey = JSON.stringify(pos.lastKey);
-          entry.rowsCopied = BigInt(pos.rowsCopied);
-          const rate = copiedNow / Math.max(0.001, (Date.now() - started) / 1000);
-          const left = this.status.tables.reduce((n, e) => n + Math.max(0, Number(e.rowsEstimated - e.rowsCopied)), 0);
+    // Progress events go out one at a time, in order; a page's is published while the next page is copied.
+    let published = Promise.resolve();
+    const publish = (change: () => Partial<WorkflowStatus>) => {
+      const prev = published;
+      published = prev.then(() => this.publishStatus(change()));
+      return prev;
+    };
+    const copyShard = async (shard: string) => {
+      const source = this.sources.get(shard)!;
+      await source.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+      try {
+        for (const entry of this.status.tables.filter((e) => (e.shard ?? shard) === shard)) {
+          if (entry.done) continue;
+          const t = this.tables.find((x) => `${x.schema}.${x.table}` === entry.table)!;
+          entry.rowsEstimated = BigInt((await source.query<{ n: string }>(`SELECT count(*) AS n FROM ${t.sql}`)).rows[0].n);
+          await copyTable(source, this.targets, this.ranges, t, {
+            lastKey: entry.lastKey ? JSON.parse(entry.lastKey) : null, rowsCopied: Number(entry.rowsCopied),
+          }, this.ctx.pageRows, async (pos, rows) => {
+            copiedNow += rows;
+            entry.lastKey = JSON.stringify(pos.lastKey);
+            entry.rowsCopied = BigInt(pos.rowsCopied);
+            await publish(() => {
+              const rate = copiedNow / Math.max(0.001, (Date.now() - started) / 1000);
+              const left = this.status.tables.reduce((n, e) => n + Math.max(0, Number(e.rowsEstimated - e.rowsCopied)), 0);
+              return { rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null };
+            });
+            return !this.stopping;
+          }, this.belongs(t, shard));
           await published;
-          published = this.publishStatus({ rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null });
-          return !this.stopping;
-        }).finally(() => published.catch(() => undefined));
-        await published;
-        if (this.stopping) return;
-        entry.done = true;
-        await this.publishStatus({});
+          if (this.stopping) return;
+          entry.done = true;
+          await publish(() => ({}));
+          await published;
+        }
+      } finally {
+        published.catch(() => undefined); // a failed publish fails the copy through the awaits above
+        await source.query('COMMIT').catch(() => {});
       }
-    } finally {
-      await source.query('COMMIT').catch(() => {});
-    }
+    };
+    // Every shard's copy settles before a failure is reported: none goes on writing behind it.
+    const copies = await Promise.allSettled(this.sourceRanges.map((r) => copyShard(r.shard)));
+    const failed = copies.find((c) => c.status === 'rejected');
+    if (failed) throw failed.reason;
+  }
+
+  /** The keyspace-id filter of a sharded source's shard: whether a row of `t` read there is the shard's (a row left behind outside its range is not). */
+  private belongs(t: MovedTable, shard: string): (row: Row) => boolean {
+    const vindex = t.sourceVindex;
+    return vindex ? (row) => shardOfRow(t, row, this.sourceRanges, vindex) === shard : () => true;
   }
 
   /**
@@ -220,10 +249,12 @@ export class MoveTablesRunner {
     clearInterval(this.timer);
     this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
     this.behind.clear();
-    const def = this.rec.definition;
+    // Forward, a sharded source's rows are filtered by its vindex; reverse, the source's vindex places them on its shards.
     this.appliers = this.tables.map((t, i) => (direction === 'forward'
-      ? new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder)
-      : new TableApplier(this.name, t, this.reverseTopics[i], new Map([[this.sourceShard, this.source!]]), this.ctx.shards.ranges(def.sourceDatabase), this.ctx.decoder, this.ranges)));
+      ? new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder,
+        t.sourceVindex && { ranges: this.sourceRanges, vindex: t.sourceVindex })
+      : new TableApplier(this.name, t.sourceVindex ? { ...t, vindex: t.sourceVindex } : t, this.reverseTopics[i], this.sources, this.sourceRanges, this.ctx.decoder,
+        { ranges: this.ranges, vindex: t.vindex })));
     const offsets = direction === 'forward' ? this.status.startOffsets : this.status.reverseOffsets;
     for (const applier of this.appliers) {
       const start = await applier.load(offsetsOf(offsets, applier.topic));
@@ -305,18 +336,23 @@ export class MoveTablesRunner {
     const began = Date.now();
     try {
       await this.halt();
-      let sourceSnap: pg.Client | undefined;
-      for (let attempt = 1; !sourceSnap; attempt++) {
-        const s = await this.ctx.shards.connect(def.sourceDatabase, this.ctx.shards.ranges(def.sourceDatabase)[0].shard, `mg-vdiff-${id}`);
-        opened.push(s);
-        await s.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-        const { rows: [snap] } = await s.query<{ snapshot: string; lsn: string }>('SELECT pg_current_snapshot()::text AS snapshot, (pg_current_wal_lsn() - \'0/0\'::pg_lsn)::text AS lsn');
-        const barrier: Barrier = { lsn: BigInt(snap.lsn) };
-        await this.waitConfirmed(def.sourceDatabase, this.sourceShard, barrier.lsn);
+      let sourceSnaps: Map<string, pg.Client> | undefined;
+      for (let attempt = 1; !sourceSnaps; attempt++) {
+        // A snapshot of every source shard, each at its own WAL position: the barrier of that shard's changes.
+        const snaps = new Map<string, { client: pg.Client; snapshot: string; lsn: bigint }>();
+        for (const { shard } of this.sourceRanges) {
+          const s = await this.ctx.shards.connect(def.sourceDatabase, shard, `mg-vdiff-${id}`);
+          opened.push(s);
+          await s.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+          const { rows: [snap] } = await s.query<{ snapshot: string; lsn: string }>('SELECT pg_current_snapshot()::text AS snapshot, (pg_current_wal_lsn() - \'0/0\'::pg_lsn)::text AS lsn');
+          snaps.set(shard, { client: s, snapshot: snap.snapshot, lsn: BigInt(snap.lsn) });
+        }
+        for (const [shard, snap] of snaps) await this.waitConfirmed(def.sourceDatabase, shard, snap.lsn);
+        const barrier = new Barrier(new Map([...snaps].map(([shard, snap]) => [shard, snap.lsn])));
         for (const applier of this.appliers) await this.applyUpTo(applier, barrier);
-        if (this.consistent(snap.snapshot, barrier.lsn)) sourceSnap = s;
+        if ([...snaps].every(([shard, snap]) => this.consistent(shard, snap.snapshot, snap.lsn))) sourceSnaps = new Map([...snaps].map(([shard, snap]) => [shard, snap.client]));
         else if (attempt >= 5) throw new WorkflowError('no consistent source snapshot after 5 attempts');
-        else await s.query('ROLLBACK');
+        else for (const snap of snaps.values()) await snap.client.query('ROLLBACK');
       }
       const targetSnaps = new Map<string, pg.Client>();
       for (const r of this.ranges) {
@@ -330,7 +366,8 @@ export class MoveTablesRunner {
       const snapshotsMs = Date.now() - began;
       const out: VDiffTable[] = [];
       for (const t of this.tables) {
-        out.push(await diffTable(sourceSnap, targetSnaps, this.ranges, t, this.ctx.vdiffRows, (n) => vdiffRows.inc({ workflow: this.name }, n)));
+        const sources: SourceSnapshot[] = [...sourceSnaps].map(([shard, client]) => ({ client, keep: this.belongs(t, shard) }));
+        out.push(await diffTable(sources, targetSnaps, this.ranges, t, this.ctx.vdiffRows, (n) => vdiffRows.inc({ workflow: this.name }, n)));
       }
       this.ctx.log.info({ workflow: this.name, vdiff: id, snapshotsMs, compareMs: Date.now() - began - snapshotsMs }, 'VDiff compared');
       return out;
@@ -358,14 +395,14 @@ export class MoveTablesRunner {
     const def = this.rec.definition;
     const before = this.ctx.routing(this.name);
     let held = false;
-    let frozen: Frozen | undefined;
+    const frozen = new Map<string, Frozen>();
     try {
       await this.readyToReverse();
       const began = performance.now();
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
       held = true;
-      frozen = await freezeWrites(this.source!, this.tables, def.targetDatabase, this.name);
-      await this.catchUpTo(def.sourceDatabase, new Map([[this.sourceShard, frozen]]));
+      await this.freezeAll(this.sources, def.targetDatabase, frozen);
+      await this.catchUpTo(def.sourceDatabase, frozen);
       await this.halt();
       // Everything the target holds now (the copy, catch-up) is before these offsets: it never goes back to the source.
       const reverseOffsets = await this.endOffsetsOf(this.reverseTopics);
@@ -373,12 +410,14 @@ export class MoveTablesRunner {
       await this.ctx.setRouting(this.name, 'TARGET');
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
-      this.ctx.log.info({ workflow: this.name, gapMs, lsn: String(frozen.lsn) }, 'writes switched');
+      this.ctx.log.info({ workflow: this.name, gapMs, lsn: Object.fromEntries([...frozen].map(([shard, f]) => [shard, String(f.lsn)])) }, 'writes switched');
       await this.publishStatus({ phase: 'SWITCHED', message: `writes switched to ${def.targetDatabase}; held ${gapMs} ms`, reverseOffsets, eventsApplied: 0n, lagSeconds: 0 });
       await this.startTails('reverse');
     } catch (err) {
       this.ctx.log.error({ err, workflow: this.name }, 'switch-traffic failed; traffic stays on the source');
-      if (frozen) await thawWrites(this.source!, this.tables).catch((e) => this.ctx.log.error({ err: e, workflow: this.name }, 'could not let the source take writes again'));
+      for (const shard of frozen.keys()) {
+        await thawWrites(this.sources.get(shard)!, this.tables).catch((e) => this.ctx.log.error({ err: e, workflow: this.name, shard }, 'could not let a source shard take writes again'));
+      }
       if (held) await this.ctx.setRouting(this.name, before === 'READS_TARGET' ? 'READS_TARGET' : 'SOURCE');
       if (this.tails.length === 0 && !this.stopping) await this.startTails();
       await this.publishStatus({ message: `switch-traffic failed, traffic stays on ${def.sourceDatabase}: ${(err as Error).message}` });
@@ -396,7 +435,7 @@ export class MoveTablesRunner {
    */
   private async readyToReverse(): Promise<void> {
     const def = this.rec.definition;
-    await ensurePositionsTable(this.source!);
+    for (const client of this.sources.values()) await ensurePositionsTable(client);
     for (const [shard, client] of this.targets) {
       const { rows: [{ lsn }] } = await client.query<{ lsn: string }>("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text AS lsn");
       await this.waitConfirmed(def.targetDatabase, shard, BigInt(lsn));
@@ -430,18 +469,14 @@ export class MoveTablesRunner {
     try {
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
       held = true;
-      // Every freeze settles before a failure is handled, so none is left in place behind the rollback.
-      const freezes = await Promise.allSettled([...this.targets].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, this.tables, def.sourceDatabase, this.name))));
-      const refused = freezes.find((f) => f.status === 'rejected');
-      if (refused) throw refused.reason;
+      await this.freezeAll(this.targets, def.sourceDatabase, frozen);
       await this.catchUpTo(def.targetDatabase, frozen);
       await this.halt();
       // Catch-up starts afresh at the source stream's ends: the reverse apply's own writes there need not go back to the target.
       const startOffsets = await this.endOffsetsOf(this.topics);
-      for (const client of this.targets.values()) await dropPositions(client, this.name);
-      await dropPositions(this.source!, this.name);
+      for (const client of [...this.targets.values(), ...this.sources.values()]) await dropPositions(client, this.name);
       sourceThawed = true;
-      await thawWrites(this.source!, this.tables);
+      for (const client of this.sources.values()) await thawWrites(client, this.tables);
       await this.ctx.setRouting(this.name, 'SOURCE');
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
@@ -451,7 +486,7 @@ export class MoveTablesRunner {
     } catch (err) {
       this.ctx.log.error({ err, workflow: this.name }, 'reverse-traffic failed; traffic stays on the target');
       const undo = async (what: string, step: () => Promise<unknown>) => step().catch((e) => this.ctx.log.error({ err: e, workflow: this.name }, what));
-      if (sourceThawed) await undo('could not make the source refuse writes again', () => freezeWrites(this.source!, this.tables, def.targetDatabase, this.name));
+      if (sourceThawed) await undo('could not make the source refuse writes again', () => this.freezeAll(this.sources, def.targetDatabase, new Map()));
       for (const shard of frozen.keys()) await undo(`could not let target shard ${shard} take writes again`, () => thawWrites(this.targets.get(shard)!, this.tables));
       if (held) await this.ctx.setRouting(this.name, 'TARGET');
       if (this.tails.length === 0 && !this.stopping) await this.startTails('reverse');
@@ -459,6 +494,18 @@ export class MoveTablesRunner {
     } finally {
       this.switching = false;
     }
+  }
+
+  /**
+   * Freezes the writes of every shard of the side that stops serving, in
+   * parallel; `frozen` gets each shard that froze (what a rollback thaws).
+   * Every freeze settles before a refusal is thrown, so none is left in place
+   * behind the rollback.
+   */
+  private async freezeAll(clients: Map<string, pg.Client>, servingDatabase: string, frozen: Map<string, Frozen>): Promise<void> {
+    const freezes = await Promise.allSettled([...clients].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, this.tables, servingDatabase, this.name))));
+    const refused = freezes.find((f) => f.status === 'rejected');
+    if (refused) throw refused.reason;
   }
 
   /**
@@ -522,13 +569,13 @@ export class MoveTablesRunner {
     }
   }
 
-  /** Whether every change applied before L belongs to a transaction the source snapshot sees (a commit racing the snapshot does not). */
-  private consistent(snapshot: string, lsn: bigint): boolean {
+  /** Whether every change of a source shard applied before its L belongs to a transaction the shard's snapshot sees (a commit racing the snapshot does not). */
+  private consistent(shard: string, snapshot: string, lsn: bigint): boolean {
     const [, xmax, xip] = snapshot.split(':');
     const low32 = (x: string) => BigInt(x) & 0xffffffffn;
     const inProgress = new Set((xip ? xip.split(',') : []).map(low32));
     const max = low32(xmax);
-    return this.appliers.every((a) => a.recent.every((r) => r.commitLsn >= lsn || (!inProgress.has(r.txId) && r.txId < max)));
+    return this.appliers.every((a) => a.recent.every((r) => r.shard !== shard || r.commitLsn >= lsn || (!inProgress.has(r.txId) && r.txId < max)));
   }
 }
 

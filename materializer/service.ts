@@ -17,7 +17,7 @@ import type { MaterializerConfig } from './config.ts';
 import { freshStatus, MoveTablesRunner } from './movetables.ts';
 import { ShardMap } from './shards.ts';
 import { retireSource } from './switch.ts';
-import { quoteIdent, splitName } from './tables.ts';
+import { primaryVindex, quoteIdent, splitName } from './tables.ts';
 
 /** A request the API refuses: the HTTP status and why. */
 export class RequestError extends Error {
@@ -90,7 +90,7 @@ export class Materializer {
     applyWorkflowEvent(this.workflows, event); // our own view does not wait for the round trip
   }
 
-  /** Validates and publishes a new MoveTables workflow. */
+  /** Validates and publishes a new MoveTables workflow (from an unsharded or a sharded source). */
   async create(req: { name: string; sourceDatabase: string; targetDatabase: string; tables: string[] }): Promise<WorkflowRecord> {
     if (!WORKFLOW_NAME.test(req.name)) throw new RequestError(400, `workflow name ${JSON.stringify(req.name)}: must be lower-case letters, digits or _, starting with a letter`);
     const held = this.workflows.get(req.name);
@@ -101,16 +101,16 @@ export class Materializer {
       if (!rec || rec.dropped) throw new RequestError(404, `database ${db} does not exist`);
     }
     if (req.sourceDatabase === req.targetDatabase) throw new RequestError(400, 'source and target must be different databases');
-    if (state.databases.get(req.sourceDatabase)!.sharded) throw new RequestError(400, `MoveTables reads an unsharded source; ${req.sourceDatabase} is sharded (Reshard is not built yet)`);
     if (req.tables.length === 0) throw new RequestError(400, 'name at least one table');
-    const vschema = state.vschemas.get(req.targetDatabase)?.vschema;
+    // A sharded source's shards are read one by one, each filtered by its key range: its VSchema must place every moved row.
+    const placing = state.databases.get(req.sourceDatabase)!.sharded ? [req.targetDatabase, req.sourceDatabase] : [req.targetDatabase];
     for (const name of req.tables) {
       const { schema, table } = splitName(name);
       if (INTERNAL_SCHEMAS.has(schema)) throw new RequestError(400, `table ${name}: schema ${schema} is internal to the project and never moved`);
-      const t = vschema?.tables[table];
-      const vindex = t?.column_vindexes[0] && vschema!.vindexes[t.column_vindexes[0].name];
-      if (!t || t.type === 'reference' || !vindex || !(FUNCTIONAL_VINDEXES as readonly string[]).includes(vindex.type)) {
-        throw new RequestError(400, `the VSchema of ${req.targetDatabase} must name table ${table} with a primary vindex (${FUNCTIONAL_VINDEXES.join(', ')}); see mg vschema apply`);
+      for (const db of placing) {
+        if (!primaryVindex(state.vschemas.get(db)?.vschema, table)) {
+          throw new RequestError(400, `the VSchema of ${db} must name table ${table} with a primary vindex (${FUNCTIONAL_VINDEXES.join(', ')}); see mg vschema apply`);
+        }
       }
     }
     const tables = req.tables.map((n) => { const s = splitName(n); return `${s.schema}.${s.table}`; });
@@ -292,13 +292,15 @@ export class Materializer {
   private async complete(rec: WorkflowRecord): Promise<void> {
     const def = rec.definition;
     try {
-      const source = await this.shards.connect(def.sourceDatabase, this.shards.ranges(def.sourceDatabase)[0].shard, `mg-materializer-${rec.name}`);
-      let schema: string;
-      try {
-        schema = await retireSource(source, def.tables.map((n) => ({ sql: `${quoteIdent(splitName(n).schema)}.${quoteIdent(splitName(n).table)}` })), rec.name);
-        await dropPositions(source, rec.name); // reverse replication's
-      } finally {
-        await source.end().catch(() => {});
+      let schema = '';
+      for (const r of this.shards.ranges(def.sourceDatabase)) {
+        const source = await this.shards.connect(def.sourceDatabase, r.shard, `mg-materializer-${rec.name}`);
+        try {
+          schema = await retireSource(source, def.tables.map((n) => ({ sql: `${quoteIdent(splitName(n).schema)}.${quoteIdent(splitName(n).table)}` })), rec.name);
+          await dropPositions(source, rec.name); // reverse replication's
+        } finally {
+          await source.end().catch(() => {});
+        }
       }
       for (const r of this.shards.ranges(def.targetDatabase)) {
         const target = await this.shards.connect(def.targetDatabase, r.shard, `mg-materializer-${rec.name}`);

@@ -19,8 +19,13 @@ export interface MovedTable {
   columns: Column[];
   /** Primary-key column names, in key order. */
   key: string[];
-  vindex: { column: string; type: FunctionalVindex };
+  /** The target's primary vindex: which target shard holds a row. */
+  vindex: Vindex;
+  /** A sharded source's primary vindex for the table: which source shard holds a row (its keyspace-id filter). */
+  sourceVindex?: Vindex;
 }
+
+export interface Vindex { column: string; type: FunctionalVindex }
 
 export class WorkflowError extends Error {}
 
@@ -32,8 +37,13 @@ export function splitName(name: string): { schema: string; table: string } {
   return dot < 0 ? { schema: 'public', table: name } : { schema: name.slice(0, dot), table: name.slice(dot + 1) };
 }
 
-/** Reads a table's columns and primary key from the source, and its primary vindex from the target's VSchema. */
-export async function describeTable(source: pg.Client, name: string, vschema: VSchema | undefined, targetDb: string): Promise<MovedTable> {
+/**
+ * Reads a table's columns and primary key from the source, its primary vindex
+ * from the target's VSchema, and (for a sharded source) from the source's.
+ */
+export async function describeTable(
+  source: pg.Client, name: string, target: { database: string; vschema: VSchema | undefined }, shardedSource?: { database: string; vschema: VSchema | undefined },
+): Promise<MovedTable> {
   const { schema, table } = splitName(name);
   const { rows } = await source.query<{ name: string; type: string; not_null: string; key_pos: string | null }>(`
     SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
@@ -47,28 +57,32 @@ export async function describeTable(source: pg.Client, name: string, vschema: VS
   if (rows.length === 0) throw new WorkflowError(`table ${schema}.${table} does not exist on the source`);
   const key = rows.filter((r) => r.key_pos !== null).sort((a, b) => Number(a.key_pos) - Number(b.key_pos)).map((r) => r.name);
   if (key.length === 0) throw new WorkflowError(`table ${schema}.${table} has no primary key (MoveTables copies and applies by key)`);
-  const spec = vschema?.tables[table];
-  if (!spec || spec.type === 'reference') {
-    throw new WorkflowError(`the VSchema of ${targetDb} has no sharded table ${table} (apply one naming its vindex: mg vschema apply)`);
-  }
-  const cv = spec.column_vindexes[0];
-  const vtype = cv && vschema!.vindexes[cv.name]?.type;
-  if (!cv || !(FUNCTIONAL_VINDEXES as readonly string[]).includes(vtype!)) {
-    throw new WorkflowError(`table ${table} needs a primary vindex of type ${FUNCTIONAL_VINDEXES.join(', ')} in the VSchema of ${targetDb}`);
-  }
-  if (!rows.some((r) => r.name === cv.column)) throw new WorkflowError(`table ${table} has no column ${cv.column} (its vindex column)`);
+  const vindexOf = (side: { database: string; vschema: VSchema | undefined }): Vindex => {
+    const v = primaryVindex(side.vschema, table);
+    if (!v) throw new WorkflowError(`table ${table} needs a primary vindex of type ${FUNCTIONAL_VINDEXES.join(', ')} in the VSchema of ${side.database} (mg vschema apply)`);
+    if (!rows.some((r) => r.name === v.column)) throw new WorkflowError(`table ${table} has no column ${v.column} (its vindex column in ${side.database})`);
+    return v;
+  };
   return {
     schema, table, sql: `${quoteIdent(schema)}.${quoteIdent(table)}`,
     columns: rows.map((r) => ({ name: r.name, type: r.type, notNull: Boolean(r.not_null) })), key,
-    vindex: { column: cv.column, type: vtype as FunctionalVindex },
+    vindex: vindexOf(target), ...(shardedSource ? { sourceVindex: vindexOf(shardedSource) } : {}),
   };
 }
 
-/** The target shard of a row (by its vindex column's text). */
-export function shardOfRow(t: MovedTable, row: Row, ranges: readonly KeyRange[]): string {
-  const v = row[t.vindex.column];
-  if (v === null || v === undefined) throw new WorkflowError(`a row of ${t.table} has no value in its vindex column ${t.vindex.column}`);
-  return shardFor(keyspaceId(t.vindex.type, v), ranges);
+/** A sharded table's primary vindex in a VSchema, when it is functional (hash, xxhash, identity); undefined otherwise. */
+export function primaryVindex(vschema: VSchema | undefined, table: string): Vindex | undefined {
+  const spec = vschema?.tables[table];
+  const cv = spec && spec.type !== 'reference' ? spec.column_vindexes[0] : undefined;
+  const type = cv && vschema!.vindexes[cv.name]?.type;
+  return cv && (FUNCTIONAL_VINDEXES as readonly string[]).includes(type!) ? { column: cv.column, type: type as FunctionalVindex } : undefined;
+}
+
+/** The target shard of a row (by its vindex column's text), or with `vindex` the shard of another database that holds it. */
+export function shardOfRow(t: MovedTable, row: Row, ranges: readonly KeyRange[], vindex: Vindex = t.vindex): string {
+  const v = row[vindex.column];
+  if (v === null || v === undefined) throw new WorkflowError(`a row of ${t.table} has no value in its vindex column ${vindex.column}`);
+  return shardFor(keyspaceId(vindex.type, v), ranges);
 }
 
 /** Whether the vindex column is part of the key: then a row never changes shard without a key change (a delete and an insert). */

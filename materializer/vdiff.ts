@@ -5,6 +5,9 @@
  * range (one ordered range scan each), matched by key in memory. A row is
  * missing (not on the shard its vindex names), extra (on the target only, or
  * on a shard its vindex does not name) or different (other values).
+ * A sharded source is walked one shard at a time, each with its keyspace-id
+ * filter (`keep`) applied to its rows and to the target's: every target row
+ * is compared in the walk of the source shard whose key range holds it.
  */
 import type pg from 'pg';
 import type { KeyRange, VDiffTable } from '../schemas/index.ts';
@@ -13,20 +16,31 @@ import { keyText, pageSql, rowText, shardOfRow, type MovedTable } from './tables
 
 const EXAMPLES = 5;
 
+export interface SourceSnapshot { client: pg.Client; keep: (row: Row) => boolean }
+
 export async function diffTable(
-  source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, pageRows: number,
+  sources: SourceSnapshot[], targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, pageRows: number,
   onPage: (rows: number) => void = () => {},
 ): Promise<VDiffTable> {
   const out: VDiffTable = { table: `${t.schema}.${t.table}`, sourceRows: 0n, targetRows: 0n, missing: 0n, extra: 0n, different: 0n, examples: [] };
+  for (const source of sources) await walk(source, targets, ranges, t, pageRows, onPage, out);
+  return out;
+}
+
+async function walk(
+  { client: source, keep }: SourceSnapshot, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, pageRows: number,
+  onPage: (rows: number) => void, out: VDiffTable,
+): Promise<void> {
   const example = (text: string) => void (out.examples.length < EXAMPLES && out.examples.push(text));
   let last: string[] | null = null;
   for (;;) {
-    const src: Row[] = (await source.query<Row>(pageSql(t, last, pageRows))).rows;
+    const page: Row[] = (await source.query<Row>(pageSql(t, last, pageRows))).rows;
+    const src = page.filter(keep);
     // The range this page covers: up to its last key, or (after the source's end) everything left on the target.
-    const upTo: string[] | null = src.length ? t.key.map((k) => src[src.length - 1][k]!) : null;
+    const upTo: string[] | null = page.length ? t.key.map((k) => page[page.length - 1][k]!) : null;
     const found = new Map<string, Array<{ shard: string; row: Row }>>();
     await Promise.all([...targets].map(async ([shard, client]) => {
-      const { rows } = await client.query<Row>(pageSql(t, last, 0, upTo));
+      const rows = (await client.query<Row>(pageSql(t, last, 0, upTo))).rows.filter(keep);
       for (const row of rows) {
         const k = keyText(t, row);
         found.set(k, [...(found.get(k) ?? []), { shard, row }]);
@@ -60,7 +74,7 @@ export async function diffTable(
       }
     }
     onPage(src.length);
-    if (!upTo) return out;
+    if (!upTo) return;
     last = upTo;
   }
 }

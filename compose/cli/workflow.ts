@@ -104,7 +104,7 @@ export function renderWorkflow(w: any): string {
     `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
     `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, routing ${w.routing ?? '-'}, updated ${w.updatedAt ?? '-'}`,
     `  copy: ${p.rowsCopied} rows, ${Math.round(p.rowsPerSecond)} rows/s, ETA ${secs(p.etaSeconds)}`,
-    ...p.tables.map((t: any) => `    ${t.table}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),
+    ...p.tables.map((t: any) => `    ${t.table}${t.shard ? ` from ${t.shard}` : ''}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),
     `  ${w.phase === 'SWITCHED' ? 'reverse replication (target to source)' : 'catch-up'}: ${p.eventsApplied} changes applied, lag ${secs(p.lagSeconds)}`,
   ];
   if (w.vdiff) lines.push(renderVDiff(w.vdiff));

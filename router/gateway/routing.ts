@@ -2,8 +2,8 @@
  * Routing rules (decision 0039) applied to the statements of a database some
  * of whose tables a MoveTables workflow moves: each statement is parsed, its
  * tables looked up in the rules, and it goes to the source database (relayed
- * to its one shard as written) or to the target (planned with the target's
- * VSchema). Only sessions of a database with rules come here; the others keep
+ * to its one shard as written, or planned with its VSchema when it is
+ * sharded) or to the target (planned with the target's VSchema). Only sessions of a database with rules come here; the others keep
  * relaying bytes unparsed.
  */
 import { parseSync } from 'libpg-query';
@@ -20,8 +20,10 @@ export interface RoutingContext {
   source: string;
   rules: Map<string, RoutingRuleChanged>;
   inTransaction: boolean;
-  /** The source's statements: only session commands (BEGIN, SET, ...) are taken from its plans. */
+  /** The source's statements: only session commands (BEGIN, SET, ...) are taken from its plans, unless the source is sharded. */
   sessionPlanner: Planner;
+  /** The source is sharded: its statements are planned with its VSchema (sessionPlanner) like any of its sessions'. */
+  sourceSharded: boolean;
   targetPlanner(database: string): Planner;
 }
 
@@ -84,10 +86,10 @@ function routeOne(text: string, stmt: any, ctx: RoutingContext): Routed {
   return { text, database: target, plan: plans[0] };
 }
 
-/** The source has one shard: a read runs there as a `reference` plan (so a replica session may take it), anything else as `all`. */
+/** An unsharded source has one shard: a read runs there as a `reference` plan (so a replica session may take it), anything else as `all`. */
 function sourcePlan(text: string, writes: boolean, ctx: RoutingContext): Plan {
   const [plan] = ctx.sessionPlanner.plan(text);
-  if (plan && SESSION_KINDS.has(plan.kind)) return plan;
+  if (plan && (ctx.sourceSharded || SESSION_KINDS.has(plan.kind))) return plan;
   const sql = Buffer.from(text, 'utf8');
   return writes ? { kind: 'all', sql, tables: [], ddl: false } : { kind: 'reference', sql, tables: [] };
 }

@@ -177,7 +177,8 @@ export class ShardedSession {
       const rules = movedTablesOf(topology, this.database);
       if (!rules) return this.plannedHere(sql);
       const routes = routeStatements(sql, {
-        source: this.database, rules, inTransaction: this.inTransaction, sessionPlanner: noVSchema,
+        source: this.database, rules, inTransaction: this.inTransaction,
+        ...(topology.databases.get(this.database)?.sharded ? { sessionPlanner: this.planner, sourceSharded: true } : { sessionPlanner: noVSchema, sourceSharded: false }),
         targetPlanner: (db) => plannerFor(topology.vschemas.get(db)),
       });
       const held = routes.find((r) => r.held)?.held;

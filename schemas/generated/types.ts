@@ -339,6 +339,8 @@ export interface TableCopy {
   /** JSON array of the primary-key values (text) of the last copied chunk's last row; the copy resumes after it. */
   lastKey: null | string;
   done: boolean;
+  /** The source shard this entry copies from (a sharded source has one entry per table and shard); null: the unsharded source's one shard. */
+  shard: null | string;
 }
 
 export interface WorkflowStatus {

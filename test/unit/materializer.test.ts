@@ -4,7 +4,7 @@ import type pg from 'pg';
 import type { RawMessage } from '../../common/eventlog.ts';
 import { shardRanges } from '../../compose/spec.ts';
 import { converterFor } from '../../ingest/cdc/values.ts';
-import { TableApplier } from '../../materializer/apply.ts';
+import { Barrier, TableApplier } from '../../materializer/apply.ts';
 import { ChangeDecoder, type Change } from '../../materializer/changes.ts';
 import { deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
 import { valueSchema, type ColumnDescription, type PgType, type TableDescription } from '../../schemas/cdc.ts';
@@ -130,9 +130,10 @@ test('reverse replication: the target shards\' changes applied to the one source
     op, before: null, after: op === 't' ? null : { tenant, id: '1', note: `from ${shard}` }, unavailable: [],
     sourceShard: shard, epoch: 1n, commitLsn: lsn, position: 0n, txId: null, commitMs: 0,
   });
-  const stream = [change(ranges[0].shard, 100n, 'c', '1'), change(truncated, 100n, 'c', '2'), change(truncated, 200n, 't')];
+  const homeOn = (shard: string) => tenants.find((t) => homes.get(t) === shard)!;
+  const stream = [change(ranges[0].shard, 100n, 'c', homeOn(ranges[0].shard)), change(truncated, 100n, 'c', homeOn(truncated)), change(truncated, 200n, 't')];
   const decoder = { decode: async (v: Buffer) => stream[Number(v.toString())] } as unknown as ChangeDecoder;
-  const applier = new TableApplier('mt', orders, 'mg.dst.public.orders', new Map([['-', source.client]]), [{ shard: '-', start: '', end: '' }], decoder, ranges);
+  const applier = new TableApplier('mt', orders, 'mg.dst.public.orders', new Map([['-', source.client]]), [{ shard: '-', start: '', end: '' }], decoder, { ranges, vindex: orders.vindex });
   const message = (i: number): RawMessage => ({ topic: 'mg.dst.public.orders', partition: 0, offset: String(10 + i), key: null, timestamp: new Date(0), value: Buffer.from(String(i)), headers: {} });
   assert.equal(applier.appliedOffset(0), -1n);
 
@@ -148,4 +149,64 @@ test('reverse replication: the target shards\' changes applied to the one source
   // Redelivered: nothing is applied again.
   const again = await applier.applyBatch(0, [0, 1].map(message));
   assert.equal(again.applied, 0);
+});
+
+/** Tenants placed on each of two shards by the hash vindex. */
+function tenantsByShard(ranges: ReturnType<typeof shardRanges>) {
+  const byShard = new Map<string, string[]>(ranges.map((r) => [r.shard, []]));
+  for (let t = 1; t <= 40; t++) byShard.get(shardFor(hashKeyspaceId(String(t)), ranges))!.push(String(t));
+  return byShard;
+}
+
+test('a sharded source: each shard\'s changes applied by its own position, and a change of a row outside its shard\'s key range left out', async () => {
+  const ranges = shardRanges(2);
+  const [a, b] = ranges.map((r) => r.shard);
+  const byShard = tenantsByShard(ranges);
+  const target = fakeSession([]);
+  const change = (shard: string, lsn: bigint, tenant: string): Change => ({
+    op: 'c', before: null, after: { tenant, id: '1', note: `${shard}@${lsn}` }, unavailable: [],
+    sourceShard: shard, epoch: 1n, commitLsn: lsn, position: 0n, txId: null, commitMs: 0,
+  });
+  // The two shards' LSNs are unrelated: b's 50 comes after a's 100 and is still new.
+  const stream = [change(a, 100n, byShard.get(a)![0]), change(b, 50n, byShard.get(b)![0]), change(a, 120n, byShard.get(b)![1])];
+  const decoder = { decode: async (v: Buffer) => stream[Number(v.toString())] } as unknown as ChangeDecoder;
+  const applier = new TableApplier('rs', orders, 'mg.src.public.orders', new Map([['-', target.client]]), [{ shard: '-', start: '', end: '' }], decoder, { ranges, vindex: orders.vindex });
+  const message = (i: number): RawMessage => ({ topic: 'mg.src.public.orders', partition: 0, offset: String(i), key: null, timestamp: new Date(0), value: Buffer.from(String(i)), headers: {} });
+  const r = await applier.applyBatch(0, [0, 1, 2].map(message));
+  assert.equal(r.applied, 2, 'the row shard a streamed from outside its range is not applied');
+  const upsert = target.statements.find((s) => s.text.startsWith('INSERT INTO "public"."orders"'))!;
+  assert.deepEqual(upsert.values![0], [byShard.get(a)![0], byShard.get(b)![0]]);
+  const position = target.statements.find((s) => s.text.includes('mg_materializer.positions'))!;
+  assert.deepEqual(JSON.parse(position.values![4] as string), { [a]: ['1', '120', '0'], [b]: ['1', '50', '0'] }, 'a position per source shard');
+});
+
+test('a VDiff barrier over two source shards in one partition: a shard past its LSN waits while the other goes on; read again, nothing is lost or doubled', async () => {
+  const ranges = shardRanges(2);
+  const [a, b] = ranges.map((r) => r.shard);
+  const byShard = tenantsByShard(ranges);
+  const change = (shard: string, lsn: bigint, i: number): Change => ({
+    op: 'c', before: null, after: { tenant: byShard.get(shard)![i], id: '1', note: `${shard}@${lsn}` }, unavailable: [],
+    sourceShard: shard, epoch: 1n, commitLsn: lsn, position: 0n, txId: null, commitMs: 0,
+  });
+  // Barrier: a at 200, b at 500. Offsets 0..4: a@100, a@200 (held), b@300, a@300 (held), b@500 (held).
+  const stream = [change(a, 100n, 0), change(a, 200n, 1), change(b, 300n, 0), change(a, 300n, 2), change(b, 500n, 1)];
+  const decoder = { decode: async (v: Buffer) => stream[Number(v.toString())] } as unknown as ChangeDecoder;
+  const target = fakeSession([]);
+  const applier = new TableApplier('rs', orders, 'mg.src.public.orders', new Map([['-', target.client]]), [{ shard: '-', start: '', end: '' }], decoder, { ranges, vindex: orders.vindex });
+  const message = (i: number): RawMessage => ({ topic: 'mg.src.public.orders', partition: 0, offset: String(i), key: null, timestamp: new Date(0), value: Buffer.from(String(i)), headers: {} });
+  const upserted = () => target.statements.filter((s) => s.text.startsWith('INSERT INTO "public"."orders"')).flatMap((s) => s.values![2] as string[]);
+
+  const barrier = new Barrier(new Map([[a, 200n], [b, 500n]]));
+  const first = await applier.applyBatch(0, [0, 1, 2].map(message), barrier);
+  assert.equal(first.reachedBarrier, false, 'b has not reached its barrier yet');
+  const second = await applier.applyBatch(0, [3, 4].map(message), barrier);
+  assert.equal(second.reachedBarrier, true);
+  assert.deepEqual(upserted(), [`${a}@100`, `${b}@300`], 'exactly the changes before each shard\'s barrier');
+  assert.equal(applier.appliedOffset(0), 0n, 'the recorded offset stays before the first held change');
+
+  // Catch-up resumes from the recorded offset: what was applied past it is skipped, the held changes are applied once.
+  const resume = await applier.applyBatch(0, [1, 2, 3, 4].map(message));
+  assert.equal(resume.applied, 3);
+  assert.deepEqual(upserted(), [`${a}@100`, `${b}@300`, `${a}@200`, `${a}@300`, `${b}@500`]);
+  assert.equal(applier.appliedOffset(0), 4n);
 });

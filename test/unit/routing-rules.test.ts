@@ -16,8 +16,10 @@ function rule(state: TopologyState, version: bigint, s: RoutingState, tables = [
   });
 }
 
-function route(state: TopologyState, sql: string, inTransaction = false): Routed[] {
-  return routeStatements(sql, { source: 'src', rules: movedTablesOf(state, 'src')!, inTransaction, sessionPlanner, targetPlanner: () => target });
+function route(state: TopologyState, sql: string, inTransaction = false, sharded?: Planner): Routed[] {
+  return routeStatements(sql, {
+    source: 'src', rules: movedTablesOf(state, 'src')!, inTransaction, sessionPlanner: sharded ?? sessionPlanner, sourceSharded: sharded !== undefined, targetPlanner: () => target,
+  });
 }
 const where = (r: Routed) => (r.held ? 'held' : `${r.database}:${r.plan.kind}`);
 
@@ -60,4 +62,15 @@ test('a statement mixing moved tables with tables that stay is refused, naming b
   // Before the switch nothing is refused: the source has both.
   rule(state, 2n, 'SOURCE');
   assert.equal(where(route(state, 'SELECT * FROM orders o JOIN customers c ON c.name = o.customer')[0]), 'src:reference');
+});
+
+test('a sharded source: its statements are planned with its own VSchema until the switch, then with the target\'s', () => {
+  const state = emptyTopology();
+  rule(state, 1n, 'SOURCE');
+  const source = new Planner(parseVSchema({ vindexes: { hash: { type: 'hash' } }, tables: { orders: { column_vindexes: [{ column: 'id', name: 'hash' }] } } }));
+  const [r] = route(state, 'SELECT * FROM orders WHERE id = 1', false, source);
+  assert.equal(where(r), 'src:select');
+  assert.ok(!r.held && r.plan.kind === 'select' && r.plan.pin !== undefined, 'one shard of the source, pinned by the vindex');
+  rule(state, 2n, 'TARGET');
+  assert.equal(where(route(state, 'SELECT * FROM orders WHERE id = 1', false, source)[0]), 'dst:select');
 });
