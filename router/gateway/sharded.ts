@@ -79,10 +79,16 @@ export type SchemaChangeRecord = Omit<SchemaChange, 'eventId' | 'ts' | 'source'>
 /** How a statement reaches the shards: as a Query, or as the Parse/Bind/Execute of a portal (`limited`: Execute with a row limit). */
 type How = { simple: true } | { simple: false; portal: Portal; describe: boolean; limited: boolean };
 
-/** A prepared statement of the extended protocol: the text and its plan, made at Parse. */
-interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string }
-/** A bound portal: rows are computed at its first Execute and handed out by row limits. */
-interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
+/**
+ * A prepared statement of the extended protocol: the text and its plan, made at Parse. `shardParse` is the
+ * Parse of the unnamed statement that shards get for the plan's text with these parameter types (made once).
+ */
+interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string; shardParse?: Buffer }
+/**
+ * A bound portal: rows are computed at its first Execute and handed out by row limits. `shardBind` is the
+ * Bind of the unnamed portal and statement that shards get (`bindRest` after empty names).
+ */
+interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; shardBind: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
 
 /** Statements the session answers itself (no rows to describe). */
 /** A statement and the database that runs it. */
@@ -300,7 +306,8 @@ export class ShardedSession {
   }
 
   private readonly clientSink = {
-    onMessage: (buf: Buffer, start: number, len: number) => void this.inbox.push(Buffer.from(buf.subarray(start, start + len))),
+    // A view, not a copy: Node never reuses a socket's read buffers, and the scanner's assembled messages are new.
+    onMessage: (buf: Buffer, start: number, len: number) => void this.inbox.push(buf.subarray(start, start + len)),
   };
 
   private onClientData(chunk: Buffer): void {
@@ -645,7 +652,7 @@ export class ShardedSession {
         error = errorFieldsAt(buf, start, len);
         if (error.C === MOVED_WRITES_SQLSTATE) return; // thrown below: the caller may run it elsewhere
       }
-      out.push(Buffer.from(buf.subarray(start, start + len)));
+      out.push(buf.subarray(start, start + len)); // a view: the shard's read buffer is not reused (flush copies once)
     };
     await link.request(this.requestBytes(sql, how, !how.simple && how.describe), handler);
     if (!error) return;
@@ -702,14 +709,9 @@ export class ShardedSession {
    */
   private requestBytes(sql: Buffer, how: How, describe: boolean): Buffer {
     if (how.simple) return message('Q', sql, Buffer.from([0]));
-    const p = how.portal;
-    return Buffer.concat([
-      message('P', cstr(''), sql, Buffer.from([0]), int16(p.prepared.paramTypes.length), ...p.prepared.paramTypes.map(int32)),
-      message('B', cstr(''), cstr(''), p.bindRest),
-      ...(describe ? [message('D', Buffer.from('P'), cstr(''))] : []),
-      message('E', cstr(''), int32(0)),
-      SYNC,
-    ]);
+    const { prepared, shardBind } = how.portal;
+    const parse = 'sql' in prepared.plan && sql === prepared.plan.sql ? (prepared.shardParse ??= shardParse(sql, prepared.paramTypes)) : shardParse(sql, prepared.paramTypes);
+    return Buffer.concat(describe ? [parse, shardBind, DESCRIBE_PORTAL, EXECUTE_ALL, SYNC] : [parse, shardBind, EXECUTE_ALL, SYNC]);
   }
 
   private describeOnce(results: ShardResult[], how: How): void {
@@ -1006,7 +1008,10 @@ export class ShardedSession {
         if (p.name && this.prepared.has(p.name)) throw new PgError('ERROR', SQLSTATE.DUPLICATE_PREPARED_STATEMENT, `prepared statement "${p.name}" already exists`);
         const prepare = (routes: Route[]) => {
           if (routes.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
-          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: routes[0].plan, database: routes[0].database });
+          const { plan } = routes[0];
+          // A Parse of the unnamed statement whose text the plan sends unedited is what the shards get: kept as it came.
+          const unedited = p.name === '' && 'sql' in plan && Buffer.isBuffer(plan.sql) && raw[6 + plan.sql.length] === 0 && plan.sql.equals(raw.subarray(6, 6 + plan.sql.length));
+          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan, database: routes[0].database, shardParse: unedited ? raw : undefined });
           this.reply(PARSE_COMPLETE);
         };
         const routes = this.routed(p.sql);
@@ -1018,7 +1023,8 @@ export class ShardedSession {
         const bindRest = r.rest();
         const prepared = this.prepared.get(stmtName);
         if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${stmtName}" does not exist`);
-        this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, described: false });
+        const shardBind = portalName === '' && stmtName === '' ? raw : shardBindOf(bindRest); // the client's Bind when the names are already empty
+        this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, shardBind, described: false });
         this.reply(BIND_COMPLETE);
         return;
       }
@@ -1073,7 +1079,10 @@ export class ShardedSession {
     if (result.error) throw result.pgError(false);
     // The client's statement types are what the shard inferred, so later Parses to other shards agree.
     const types = parameterTypes(result.parameterDescription);
-    if (types) prepared.paramTypes = types;
+    if (types) {
+      prepared.paramTypes = types;
+      prepared.shardParse = undefined;
+    }
     this.reply(result.parameterDescription ?? message('t', int16(0)));
     this.reply(result.rowDescription ?? NO_DATA);
   }
@@ -1196,6 +1205,19 @@ class CopyIn {
   }
 }
 
+const DESCRIBE_PORTAL = message('D', Buffer.from('P'), cstr(''));
+const EXECUTE_ALL = message('E', cstr(''), int32(0));
+
+/** The Parse of the unnamed statement a shard gets. */
+function shardParse(sql: Buffer, paramTypes: number[]): Buffer {
+  return message('P', cstr(''), sql, Buffer.from([0]), int16(paramTypes.length), ...paramTypes.map(int32));
+}
+
+/** The Bind of the unnamed portal and statement a shard gets, from a Bind body after its names. */
+function shardBindOf(bindRest: Buffer): Buffer {
+  return message('B', cstr(''), cstr(''), bindRest);
+}
+
 function joinRows(rows: Buffer[]): Buffer[] {
   return rows.flatMap((r, i) => (i ? [Buffer.from(', '), r] : [r]));
 }
@@ -1234,8 +1256,9 @@ function parameterTypes(desc: Buffer | undefined): number[] | undefined {
 function narrowed(how: Extract<How, { simple: false }>, text: Buffer, textResults = false): { text: Buffer; how: How } {
   const { text: renumbered, used } = renumberParams(text);
   const types = how.portal.prepared.paramTypes;
-  const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [] };
-  return { text: renumbered, how: { ...how, portal: { ...how.portal, prepared, bindRest: bindSubset(how.portal.bindRest, used, textResults) } } };
+  const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [], shardParse: undefined };
+  const bindRest = bindSubset(how.portal.bindRest, used, textResults);
+  return { text: renumbered, how: { ...how, portal: { ...how.portal, prepared, bindRest, shardBind: shardBindOf(bindRest) } } };
 }
 
 /** A Bind body (after the portal and statement names) with only the parameters `used` (1-based), in that order. */
