@@ -33,10 +33,35 @@ function toUint64(v: VindexInput, vindex: string): bigint {
 
 /** `hash`: the integer's 8 big-endian bytes, enciphered with 3DES (EDE, ECB) under a null key (des.ts). */
 export function hashKeyspaceId(v: VindexInput): Buffer {
-  const n = toUint64(v, 'hash');
   const out = Buffer.allocUnsafe(8);
-  desZeroKey(Number(n >> 32n), Number(n & 0xffffffffn), out);
+  const small = smallInteger(v);
+  if (small !== undefined) {
+    desZeroKey(Math.floor(small / 2 ** 32) >>> 0, small >>> 0, out); // >>> 0: two's complement of a negative, as toUint64
+  } else {
+    const n = toUint64(v, 'hash');
+    desZeroKey(Number(n >> 32n), Number(n & 0xffffffffn), out);
+  }
   return out;
+}
+
+/**
+ * A value written as a decimal integer of at most 15 digits (what BigInt reads the same way), read without
+ * BigInt, which costs more than the hash itself; anything else (spaces, hex, longer) is undefined.
+ */
+function smallInteger(v: VindexInput): number | undefined {
+  if (typeof v === 'number') return Number.isSafeInteger(v) ? v : undefined;
+  if (typeof v === 'bigint') return undefined;
+  const text = typeof v === 'string';
+  const negative = (text ? v.charCodeAt(0) : v[0]) === 45; // '-'
+  const from = negative ? 1 : 0;
+  if (v.length === from || v.length - from > 15) return undefined;
+  let n = 0;
+  for (let i = from; i < v.length; i++) {
+    const c = text ? v.charCodeAt(i) : v[i];
+    if (c < 48 || c > 57) return undefined;
+    n = n * 10 + (c - 48);
+  }
+  return negative ? -n : n;
 }
 
 /** `xxhash`: xxHash64 (seed 0) of the value's bytes (UTF-8 for text), big-endian. */

@@ -29,6 +29,23 @@ test('hash computed in JavaScript gives what OpenSSL\'s 3DES (EDE, ECB, null key
   }
 });
 
+test('hash reads integers written in decimal without BigInt and gets the same keyspace ids', () => {
+  const values = [0, 1, -1, 42, -42, 999_999_999_999_999, -999_999_999_999_999, 2 ** 32, -(2 ** 32), 2 ** 32 - 1, Number.MAX_SAFE_INTEGER, Number.MIN_SAFE_INTEGER,
+    ...Array.from({ length: 2000 }, () => Math.floor((Math.random() - 0.5) * 2 * Number.MAX_SAFE_INTEGER))];
+  for (const n of values) {
+    const want = hashKeyspaceId(BigInt(n)).toString('hex');
+    assert.equal(hashKeyspaceId(n).toString('hex'), want, `number ${n}`);
+    assert.equal(hashKeyspaceId(String(n)).toString('hex'), want, `text ${n}`);
+    assert.equal(hashKeyspaceId(Buffer.from(String(n))).toString('hex'), want, `bytes ${n}`);
+    assert.equal(hashKeyspaceId(` ${n} `).toString('hex'), want, `text with spaces ${n}`);
+  }
+  assert.equal(hashKeyspaceId('1234567890123456').toString('hex'), hashKeyspaceId(1234567890123456n).toString('hex'));
+  assert.equal(hashKeyspaceId('-0').toString('hex'), hashKeyspaceId(0n).toString('hex'));
+  assert.equal(hashKeyspaceId('0x10').toString('hex'), hashKeyspaceId(16n).toString('hex'));
+  for (const bad of ['-', '1.5', '1e3', '--1', 'abc']) assert.throws(() => hashKeyspaceId(bad), /vindex hash needs an integer/, JSON.stringify(bad));
+  assert.throws(() => hashKeyspaceId(1.5), /vindex hash needs an integer/);
+});
+
 test('xxhash is xxHash64 of the bytes; identity is the integer itself', () => {
   assert.equal(xxhashKeyspaceId('test').toString('hex'), '4fdcca5ddb678139');
   assert.equal(xxhashKeyspaceId(Buffer.from('test')).toString('hex'), '4fdcca5ddb678139');
