@@ -40,9 +40,7 @@ const ROUNDS = Number(args.rounds);
 const SQL = 'SELECT v FROM kv WHERE k = ';
 
 // ---------------------------------------------------------------- the second process: pooler and clients
-function rowDescription(): Buffer {
-  return message('T', int16(1), cstr('v'), int32(0), int16(0), int32(25), int16(-1), int32(-1), int16(0));
-}
+const ROW_DESCRIPTION = message('T', int16(1), cstr('v'), int32(0), int16(0), int32(25), int16(-1), int32(-1), int16(0));
 const ROW = message('D', int16(1), int32(7), Buffer.from('value 1'));
 const DONE = message('C', cstr('SELECT 1'));
 const READY = message('Z', Buffer.from('I'));
@@ -66,10 +64,10 @@ function standInPooler(): net.Server {
       scanner.push(chunk, {
         onMessage: (buf, start) => {
           switch (String.fromCharCode(buf[start])) {
-            case 'Q': out.push(rowDescription(), ROW, DONE, READY); break;
+            case 'Q': out.push(ROW_DESCRIPTION, ROW, DONE, READY); break;
             case 'P': out.push(message('1')); break;
             case 'B': out.push(message('2')); break;
-            case 'D': out.push(rowDescription()); break;
+            case 'D': out.push(ROW_DESCRIPTION); break;
             case 'E': out.push(ROW, DONE); break;
             case 'S': out.push(READY); break;
             default: break;
@@ -147,15 +145,6 @@ async function main(): Promise<void> {
     replicaUsable: () => true,
   } as unknown as Discovery;
 
-  const run = async (database: 'plain' | 'one', mode: 'simple' | 'extended'): Promise<number> => {
-    const before = process.cpuUsage();
-    await new Promise<void>((resolve) => {
-      child.once('message', () => resolve());
-      child.send({ port: databasePort.get(database), mode, n: STATEMENTS });
-    });
-    const used = process.cpuUsage(before);
-    return (used.user + used.system) / STATEMENTS;
-  };
   // One listening port per database, so the stand-in clients need not name it.
   const databasePort = new Map<string, number>();
   for (const database of ['plain', 'one']) {
@@ -170,6 +159,15 @@ async function main(): Promise<void> {
     databasePort.set(database, (s.address() as net.AddressInfo).port);
   }
 
+  const run = async (database: 'plain' | 'one', mode: 'simple' | 'extended'): Promise<number> => {
+    const before = process.cpuUsage();
+    await new Promise<void>((resolve) => {
+      child.once('message', () => resolve());
+      child.send({ port: databasePort.get(database), mode, n: STATEMENTS });
+    });
+    const used = process.cpuUsage(before);
+    return (used.user + used.system) / STATEMENTS;
+  };
   console.log(`In-process session cost, ${STATEMENTS} statements x ${ROUNDS} rounds, ${CLIENTS} clients (best round, us of gateway CPU per statement)`);
   console.log('');
   console.log('| protocol | unsharded relay | sharded, one shard | sharded / unsharded |');
