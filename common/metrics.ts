@@ -4,8 +4,9 @@ import client from 'prom-client';
 export const metrics = new client.Registry();
 client.collectDefaultMetrics({ register: metrics, prefix: 'mg_' });
 
-export function counter(name: string, help: string, labelNames: string[] = []) {
-  return (metrics.getSingleMetric(name) as client.Counter) ?? new client.Counter({ name, help, labelNames, registers: [metrics] });
+/** `collect`, when given, runs at scrape time (e.g. to add counts kept in plain numbers on a hot path). */
+export function counter(name: string, help: string, labelNames: string[] = [], collect?: (this: client.Counter) => void) {
+  return (metrics.getSingleMetric(name) as client.Counter) ?? new client.Counter({ name, help, labelNames, registers: [metrics], collect });
 }
 
 /** `collect`, when given, computes the value at scrape time (nothing to keep up to date meanwhile). */

@@ -40,9 +40,13 @@ export type TransactionMode = 'single' | 'multi' | 'twopc';
 type TxScoped = { savepoint: string } | { setLocal: string } | { ddl: SchemaChangeRecord };
 const txScopedSql = (e: { savepoint: string } | { setLocal: string }) => ('savepoint' in e ? `SAVEPOINT ${quoteIdent(e.savepoint)}` : e.setLocal);
 
-const statements = counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route']);
-const statementsByRoute = new Map<string, { inc(): void }>();
-const statementsBy = (route: string) => statementsByRoute.get(route) ?? statementsByRoute.set(route, statements.labels({ route })).get(route)!;
+/** Statements by route kind since the last scrape: a plain count per statement (prom-client's inc costs about a microsecond). */
+const statementsByRoute = new Map<string, number>();
+counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases, by route kind', ['route'], function collect() {
+  for (const [route, n] of statementsByRoute) this.inc({ route }, n);
+  statementsByRoute.clear();
+});
+const countStatement = (route: string) => void statementsByRoute.set(route, (statementsByRoute.get(route) ?? 0) + 1);
 const copyRows = counter('mg_gateway_sharded_copy_rows_total', 'Rows of COPY FROM STDIN into sharded databases the gateway split and sent to their shards');
 const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
 const refusals = counter('mg_gateway_sharded_refused_total', 'Statements refused with 0A000 because no route answers them correctly');
@@ -79,10 +83,16 @@ export type SchemaChangeRecord = Omit<SchemaChange, 'eventId' | 'ts' | 'source'>
 /** How a statement reaches the shards: as a Query, or as the Parse/Bind/Execute of a portal (`limited`: Execute with a row limit). */
 type How = { simple: true } | { simple: false; portal: Portal; describe: boolean; limited: boolean };
 
-/** A prepared statement of the extended protocol: the text and its plan, made at Parse. */
-interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string }
-/** A bound portal: rows are computed at its first Execute and handed out by row limits. */
-interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
+/**
+ * A prepared statement of the extended protocol: the text and its plan, made at Parse. `shardParse` is the
+ * Parse of the unnamed statement that shards get for the plan's text with these parameter types (made once).
+ */
+interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string; shardParse?: Buffer }
+/**
+ * A bound portal: rows are computed at its first Execute and handed out by row limits. `shardBind` is the
+ * Bind of the unnamed portal and statement that shards get (`bindRest` after empty names).
+ */
+interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; shardBind: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
 
 /** Statements the session answers itself (no rows to describe). */
 /** A statement and the database that runs it. */
@@ -301,7 +311,8 @@ export class ShardedSession {
   }
 
   private readonly clientSink = {
-    onMessage: (buf: Buffer, start: number, len: number) => void this.inbox.push(Buffer.from(buf.subarray(start, start + len))),
+    // A view, not a copy: Node never reuses a socket's read buffers, and the scanner's assembled messages are new.
+    onMessage: (buf: Buffer, start: number, len: number) => void this.inbox.push(buf.subarray(start, start + len)),
   };
 
   private onClientData(chunk: Buffer): void {
@@ -453,12 +464,12 @@ export class ShardedSession {
       case 'copy_in':
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
         if (this.target === 'replica' || this.readOnlyTransaction) throw new PgError('ERROR', SQLSTATE.READ_ONLY_SQL_TRANSACTION, 'cannot COPY into a table in a read-only session or transaction');
-        statementsBy('copy_in').inc();
+        countStatement('copy_in');
         return this.startCopy(plan);
       case 'copy_out': {
         const sql = plan.sql;
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
-        statementsBy('copy_out').inc();
+        countStatement('copy_out');
         const shards = plan.reference ? await this.shardsOf({ kind: 'reference', sql: plan.sql, tables: plan.tables }) : await this.shardsOf({ kind: 'select', sql: plan.sql, pin: plan.pin, tables: plan.tables });
         if (shards.length === 1) return this.relay(shards[0], sql, how);
         return this.copyOutUnion(await this.onShards(shards, () => sql, how, true), plan.header);
@@ -502,7 +513,7 @@ export class ShardedSession {
     if (plan.kind === 'insert' && plan.sequence) plan = fillSequence(plan, await this.sequenceIds(plan));
     const shards = await this.shardsOf(plan, params);
     this.lastRoute = { plan, shards }; // described when SHOW mg_plan asks
-    statementsBy(routeKind(plan, shards.length) ?? 'session').inc();
+    countStatement(routeKind(plan, shards.length) ?? 'session');
     shardsPerStatement.observe(shards.length);
     if ((plan.kind === 'insert' && plan.lookups) || (plan.kind === 'write' && plan.owned)) return this.keepingLookups(plan, shards, how);
     return this.run(plan, shards, how);
@@ -646,7 +657,7 @@ export class ShardedSession {
         error = errorFieldsAt(buf, start, len);
         if (error.C === MOVED_WRITES_SQLSTATE) return; // thrown below: the caller may run it elsewhere
       }
-      out.push(Buffer.from(buf.subarray(start, start + len)));
+      out.push(buf.subarray(start, start + len)); // a view: the shard's read buffer is not reused (flush copies once)
     };
     await link.request(this.requestBytes(sql, how, !how.simple && how.describe), handler);
     if (!error) return;
@@ -703,14 +714,9 @@ export class ShardedSession {
    */
   private requestBytes(sql: Buffer, how: How, describe: boolean): Buffer {
     if (how.simple) return message('Q', sql, Buffer.from([0]));
-    const p = how.portal;
-    return Buffer.concat([
-      message('P', cstr(''), sql, Buffer.from([0]), int16(p.prepared.paramTypes.length), ...p.prepared.paramTypes.map(int32)),
-      message('B', cstr(''), cstr(''), p.bindRest),
-      ...(describe ? [message('D', Buffer.from('P'), cstr(''))] : []),
-      message('E', cstr(''), int32(0)),
-      SYNC,
-    ]);
+    const { prepared, shardBind } = how.portal;
+    const parse = 'sql' in prepared.plan && sql === prepared.plan.sql ? (prepared.shardParse ??= shardParse(sql, prepared.paramTypes)) : shardParse(sql, prepared.paramTypes);
+    return Buffer.concat(describe ? [parse, shardBind, DESCRIBE_PORTAL, EXECUTE_ALL, SYNC] : [parse, shardBind, EXECUTE_ALL, SYNC]);
   }
 
   private describeOnce(results: ShardResult[], how: How): void {
@@ -1007,7 +1013,10 @@ export class ShardedSession {
         if (p.name && this.prepared.has(p.name)) throw new PgError('ERROR', SQLSTATE.DUPLICATE_PREPARED_STATEMENT, `prepared statement "${p.name}" already exists`);
         const prepare = (routes: Route[]) => {
           if (routes.length > 1) throw new PgError('ERROR', SQLSTATE.SYNTAX_ERROR, 'cannot insert multiple commands into a prepared statement');
-          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan: routes[0].plan, database: routes[0].database });
+          const { plan } = routes[0];
+          // A Parse of the unnamed statement whose text the plan sends unedited is what the shards get: kept as it came.
+          const unedited = p.name === '' && 'sql' in plan && Buffer.isBuffer(plan.sql) && raw[6 + plan.sql.length] === 0 && plan.sql.equals(raw.subarray(6, 6 + plan.sql.length));
+          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan, database: routes[0].database, shardParse: unedited ? raw : undefined });
           this.reply(PARSE_COMPLETE);
         };
         const routes = this.routed(p.sql);
@@ -1019,7 +1028,8 @@ export class ShardedSession {
         const bindRest = r.rest();
         const prepared = this.prepared.get(stmtName);
         if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${stmtName}" does not exist`);
-        this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, described: false });
+        const shardBind = portalName === '' && stmtName === '' ? raw : shardBindOf(bindRest); // the client's Bind when the names are already empty
+        this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, shardBind, described: false });
         this.reply(BIND_COMPLETE);
         return;
       }
@@ -1074,7 +1084,10 @@ export class ShardedSession {
     if (result.error) throw result.pgError(false);
     // The client's statement types are what the shard inferred, so later Parses to other shards agree.
     const types = parameterTypes(result.parameterDescription);
-    if (types) prepared.paramTypes = types;
+    if (types) {
+      prepared.paramTypes = types;
+      prepared.shardParse = undefined;
+    }
     this.reply(result.parameterDescription ?? message('t', int16(0)));
     this.reply(result.rowDescription ?? NO_DATA);
   }
@@ -1197,6 +1210,19 @@ class CopyIn {
   }
 }
 
+const DESCRIBE_PORTAL = message('D', Buffer.from('P'), cstr(''));
+const EXECUTE_ALL = message('E', cstr(''), int32(0));
+
+/** The Parse of the unnamed statement a shard gets. */
+function shardParse(sql: Buffer, paramTypes: number[]): Buffer {
+  return message('P', cstr(''), sql, Buffer.from([0]), int16(paramTypes.length), ...paramTypes.map(int32));
+}
+
+/** The Bind of the unnamed portal and statement a shard gets, from a Bind body after its names. */
+function shardBindOf(bindRest: Buffer): Buffer {
+  return message('B', cstr(''), cstr(''), bindRest);
+}
+
 function joinRows(rows: Buffer[]): Buffer[] {
   return rows.flatMap((r, i) => (i ? [Buffer.from(', '), r] : [r]));
 }
@@ -1235,8 +1261,9 @@ function parameterTypes(desc: Buffer | undefined): number[] | undefined {
 function narrowed(how: Extract<How, { simple: false }>, text: Buffer, textResults = false): { text: Buffer; how: How } {
   const { text: renumbered, used } = renumberParams(text);
   const types = how.portal.prepared.paramTypes;
-  const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [] };
-  return { text: renumbered, how: { ...how, portal: { ...how.portal, prepared, bindRest: bindSubset(how.portal.bindRest, used, textResults) } } };
+  const prepared = { ...how.portal.prepared, paramTypes: types.length ? used.map((n) => types[n - 1] ?? 0) : [], shardParse: undefined };
+  const bindRest = bindSubset(how.portal.bindRest, used, textResults);
+  return { text: renumbered, how: { ...how, portal: { ...how.portal, prepared, bindRest, shardBind: shardBindOf(bindRest) } } };
 }
 
 /** A Bind body (after the portal and statement names) with only the parameters `used` (1-based), in that order. */

@@ -4,8 +4,8 @@
  * materializer compute the same placement. `hash` and `xxhash` give the same
  * keyspace ids as Vitess's vindexes of those names (docs/decisions/0017).
  */
-import { createCipheriv } from 'node:crypto';
 import { xxh64 } from '@node-rs/xxhash';
+import { desZeroKey } from './des.ts';
 
 export type VindexType = 'hash' | 'xxhash' | 'identity' | 'lookup' | 'consistent_lookup_unique';
 /** The vindex types computed from the value alone (lookups read a table). */
@@ -17,8 +17,8 @@ export class VindexValueError extends Error {}
 /** A value as it reaches the planner: SQL literal text, a bound parameter (text or bytes), or a number. */
 export type VindexInput = string | number | bigint | Buffer;
 
-const NULL_KEY = Buffer.alloc(24); // Vitess's hash: 3DES (EDE, ECB) under an all-zero key
 const U64 = 2n ** 64n;
+const I64_MIN = -(2n ** 63n);
 
 function toUint64(v: VindexInput, vindex: string): bigint {
   let n: bigint;
@@ -27,40 +27,41 @@ function toUint64(v: VindexInput, vindex: string): bigint {
   } catch {
     throw new VindexValueError(`vindex ${vindex} needs an integer, not ${JSON.stringify(String(v))}`);
   }
-  if (n < -(2n ** 63n) || n >= U64) throw new VindexValueError(`vindex ${vindex}: ${n} is outside 64 bits`);
+  if (n < I64_MIN || n >= U64) throw new VindexValueError(`vindex ${vindex}: ${n} is outside 64 bits`);
   return n < 0n ? n + U64 : n; // a negative bigint maps as its two's complement, as in Vitess
 }
 
-/**
- * One ECB cipher for every call: ECB enciphers each 8-byte block alone, so a
- * long-lived cipher fed whole blocks (never finalised) gives the same bytes as
- * a new one, without OpenSSL's per-cipher setup (about 20 us).
- */
-let des: ReturnType<typeof createCipheriv> | undefined;
-
-/** Keyspace ids of recent `hash` values, by the value's text: an OpenSSL call costs microseconds, a lookup nanoseconds. */
-const hashMemo = new Map<string, Buffer>();
-const HASH_MEMO_LIMIT = 200_000;
-
-/** `hash`: the integer's 8 big-endian bytes, enciphered with 3DES under a null key (memoised: do not modify the Buffer). */
+/** `hash`: the integer's 8 big-endian bytes, enciphered with 3DES (EDE, ECB) under a null key (des.ts). */
 export function hashKeyspaceId(v: VindexInput): Buffer {
-  const key = Buffer.isBuffer(v) ? v.toString('latin1') : String(v);
-  const held = hashMemo.get(key);
-  if (held) return held;
-  if (hashMemo.size >= HASH_MEMO_LIMIT) hashMemo.clear();
-  const ksid = encipher(v);
-  hashMemo.set(key, ksid);
-  return ksid;
+  const out = Buffer.allocUnsafe(8);
+  const small = smallInteger(v);
+  if (small !== undefined) {
+    desZeroKey(Math.floor(small / 2 ** 32) >>> 0, small >>> 0, out); // >>> 0: two's complement of a negative, as toUint64
+  } else {
+    const n = toUint64(v, 'hash');
+    desZeroKey(Number(n >> 32n), Number(n & 0xffffffffn), out);
+  }
+  return out;
 }
 
-function encipher(v: VindexInput): Buffer {
-  const plain = Buffer.alloc(8);
-  plain.writeBigUInt64BE(toUint64(v, 'hash'));
-  if (!des) {
-    des = createCipheriv('des-ede3-ecb', NULL_KEY, null);
-    des.setAutoPadding(false);
+/**
+ * A value written as a decimal integer of at most 15 digits (what BigInt reads the same way), read without
+ * BigInt, which costs more than the hash itself; anything else (spaces, hex, longer) is undefined.
+ */
+function smallInteger(v: VindexInput): number | undefined {
+  if (typeof v === 'number') return Number.isSafeInteger(v) ? v : undefined;
+  if (typeof v === 'bigint') return undefined;
+  const text = typeof v === 'string';
+  const negative = (text ? v.charCodeAt(0) : v[0]) === 45; // '-'
+  const from = negative ? 1 : 0;
+  if (v.length === from || v.length - from > 15) return undefined;
+  let n = 0;
+  for (let i = from; i < v.length; i++) {
+    const c = text ? v.charCodeAt(i) : v[i];
+    if (c < 48 || c > 57) return undefined;
+    n = n * 10 + (c - 48);
   }
-  return des.update(plain);
+  return negative ? -n : n;
 }
 
 /** `xxhash`: xxHash64 (seed 0) of the value's bytes (UTF-8 for text), big-endian. */

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { createCipheriv, randomBytes } from 'node:crypto';
 import test from 'node:test';
 import {
   applyTopologyEvent, emptyTopology, hashKeyspaceId, identityKeyspaceId, ownedLookups, parseVSchema, payload, shardFor, topologyKey, xxhashKeyspaceId,
@@ -14,6 +15,35 @@ test('hash gives Vitess keyspace ids (3DES of the uint64 under a null key)', () 
   assert.equal(hashKeyspaceId(-1).toString('hex'), hashKeyspaceId(2n ** 64n - 1n).toString('hex'));
   assert.throws(() => hashKeyspaceId('abc'), /vindex hash needs an integer, not "abc"/);
   assert.throws(() => hashKeyspaceId(2n ** 64n), /outside 64 bits/);
+});
+
+test('hash computed in JavaScript gives what OpenSSL\'s 3DES (EDE, ECB, null key) gives', () => {
+  const des = createCipheriv('des-ede3-ecb', Buffer.alloc(24), null);
+  des.setAutoPadding(false);
+  const edges = [0n, 1n, 2n ** 32n - 1n, 2n ** 32n, 2n ** 63n - 1n, 2n ** 63n, 2n ** 64n - 1n];
+  const values = [...edges, ...Array.from({ length: 20_000 }, (_, i) => (i < 10_000 ? BigInt(i) : randomBytes(8).readBigUInt64BE()))];
+  for (const v of values) {
+    const block = Buffer.alloc(8);
+    block.writeBigUInt64BE(v);
+    assert.equal(hashKeyspaceId(v).toString('hex'), des.update(block).toString('hex'), `hash of ${v}`);
+  }
+});
+
+test('hash reads integers written in decimal without BigInt and gets the same keyspace ids', () => {
+  const values = [0, 1, -1, 42, -42, 999_999_999_999_999, -999_999_999_999_999, 2 ** 32, -(2 ** 32), 2 ** 32 - 1, Number.MAX_SAFE_INTEGER, Number.MIN_SAFE_INTEGER,
+    ...Array.from({ length: 2000 }, () => Math.floor((Math.random() - 0.5) * 2 * Number.MAX_SAFE_INTEGER))];
+  for (const n of values) {
+    const want = hashKeyspaceId(BigInt(n)).toString('hex');
+    assert.equal(hashKeyspaceId(n).toString('hex'), want, `number ${n}`);
+    assert.equal(hashKeyspaceId(String(n)).toString('hex'), want, `text ${n}`);
+    assert.equal(hashKeyspaceId(Buffer.from(String(n))).toString('hex'), want, `bytes ${n}`);
+    assert.equal(hashKeyspaceId(` ${n} `).toString('hex'), want, `text with spaces ${n}`);
+  }
+  assert.equal(hashKeyspaceId('1234567890123456').toString('hex'), hashKeyspaceId(1234567890123456n).toString('hex'));
+  assert.equal(hashKeyspaceId('-0').toString('hex'), hashKeyspaceId(0n).toString('hex'));
+  assert.equal(hashKeyspaceId('0x10').toString('hex'), hashKeyspaceId(16n).toString('hex'));
+  for (const bad of ['-', '1.5', '1e3', '--1', 'abc']) assert.throws(() => hashKeyspaceId(bad), /vindex hash needs an integer/, JSON.stringify(bad));
+  assert.throws(() => hashKeyspaceId(1.5), /vindex hash needs an integer/);
 });
 
 test('xxhash is xxHash64 of the bytes; identity is the integer itself', () => {
