@@ -120,7 +120,7 @@ async function main(): Promise<void> {
   try {
     await query(SOURCE_PORT, `${TABLE}; INSERT INTO bench_events (account, amount, note) SELECT g, g, 'seed' FROM generate_series(1, ${SEED_ROWS}) g`);
     const stream = new CdcStream({
-      ...cdcConfigSchema.parse({}), database: 'postgres', shard: '-', instanceId: 'bench', host: '127.0.0.1', port: SOURCE_PORT, topicPrefix: 'bench',
+      ...cdcConfigSchema.parse({}), database: 'postgres', shard: '-', instanceId: 'bench', host: '127.0.0.1', port: SOURCE_PORT, dataDir: path.join(work, 'source'), topicPrefix: 'bench',
     }, eventLog, log);
     const running = stream.run();
     running.catch((err) => {

@@ -68,7 +68,15 @@ export class Agent {
     this.publishTopology = this.eventLog.publisher('topology');
     this.publishResult = this.eventLog.publisher('agentResults');
     this.lifecycleCommands();
-    this.cdc = new CdcService(cfg, this.eventLog, log);
+    this.cdc = new CdcService(cfg, this.eventLog, log, {
+      physicalSlot: this.postgres.slotName,
+      // Postgres loads logical slots only at startup: a standby installs its copy of the CDC slot around a restart.
+      whileStopped: (install) => this.exclusive(async () => {
+        await this.postgres.stop('fast');
+        install();
+        await this.postgres.start();
+      }, true),
+    });
     this.cdc.register((action, handler) => this.handle(action, handler));
     if (cfg.backup) {
       this.backups = new BackupService({ ...cfg, backup: cfg.backup }, this.postgres, this.eventLog, log.child({ part: 'backup' }));
