@@ -91,7 +91,7 @@ async function assertExactlyOnce(primaryPort: number, acked: number[], instances
   const all = events();
   assert.deepEqual(all.filter((m) => m.value.op !== 'c').map((m) => `${m.value.op} ${m.value.source.snapshot}`), [], 'no snapshot read, truncate or other op');
   assert.deepEqual([...new Set(all.map((m) => m.value.source.epoch))], [1n], 'one epoch: the stream never started over');
-  const ids = all.map((m) => m.value.after.id as number);
+  const ids = all.map((m) => Number(m.value.after.id));
   assert.equal(ids.length, new Set(ids).size, 'no row sent twice');
   assert.deepEqual(ids, rows, 'every committed row once, in commit order');
   for (let i = 1; i < all.length; i++) {
