@@ -2,7 +2,7 @@
  * The change stream across failover without a re-snapshot (decision 0052):
  * the standby keeps a copy of the primary's slot, and the instance promoted
  * next resumes from it. A writer inserts rows through the gateway the whole
- * time; the primary's Postgres is killed with -9 (then, once the old primary
+ * time; the primary's agent and Postgres are killed with -9 (then, once the old primary
  * is back as a standby with its own copy, a switchover back): the table's topic
  * holds every committed row exactly once, in commit order, and no snapshot.
  * (The fallback to a re-snapshot, for an instance without a copy, is the
@@ -10,6 +10,7 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { ChangeConsumer } from '../support/cdc-consumer.ts';
@@ -126,7 +127,9 @@ test('kill -9 of the primary, then a switchover back, under a writer: the stream
   const writer = startWriter(SEED_ROWS + 1);
   try {
     await until('the writer going', 30_000, () => writer.acked.length >= 50);
+    // The whole machine of the primary goes: its agent (which would restart Postgres) and its Postgres, with -9.
     const killedAt = new Date();
+    process.kill(Number(fs.readFileSync(path.join(dataDir, 'run', `agent-${a}.pid`), 'utf8').split(' ')[0]), 'SIGKILL');
     for (const pid of postgresPids(cluster, a)) process.kill(pid, 'SIGKILL');
     const took = await streamingOn(b, killedAt);
     assert.match(took.resumedFrom ?? '', new RegExp(`^slot carried over from ${a} at `));
@@ -134,7 +137,9 @@ test('kill -9 of the primary, then a switchover back, under a writer: the stream
     await until('writes on the new primary', 60_000, () => writer.acked.length >= ackedAtTakeover + 50);
     console.log(`# kill -9: the stream was live on ${b} ${(took.ts.getTime() - killedAt.getTime()) / 1000} s after the kill`);
 
-    // The old primary comes back as a standby (rewound) and copies the slot again; a switchover hands the stream back.
+    // The old primary's agent comes back; its instance rejoins as a standby and copies the slot again; a switchover hands the stream back.
+    const up = await mg('cluster', 'up', ...flags);
+    assert.equal(up.code, 0, up.stderr + up.stdout);
     await fullStrength(cluster, 120_000);
     await standbyCopyReady(a);
     const switchedAt = new Date();
