@@ -219,6 +219,7 @@ export class CdcStream {
     this.error = null;
     const s = this.settings;
     const applicationName = `mg-cdc-${s.instanceId}`.slice(0, 63);
+    const started = Date.now();
     try {
       this.sql = sqlClient({ host: s.host, port: s.port, database: s.database, applicationName });
       this.sql.on('error', (err) => this.fail(err));
@@ -230,6 +231,7 @@ export class CdcStream {
       this.sender = await this.eventLog.bulkSender();
       await this.prepare();
       await this.prepareTransactionEvents();
+      this.log.debug({ ms: Date.now() - started }, 'CDC connected to Postgres and Kafka');
 
       this.session = new ReplicationSession({ host: s.host, port: s.port, database: s.database, applicationName });
       await this.session.connect();
@@ -239,7 +241,7 @@ export class CdcStream {
       const streaming = this.session.start(this.slot, this.publication, from, (chunk) => this.onData(chunk));
       streaming.then(() => this.fail(new Error('replication ended')), (err) => this.fail(err));
       this.state = 'STREAMING';
-      this.log.info({ slot: this.slot, from: formatLsn(from), epoch: this.epoch }, 'CDC streaming');
+      this.log.info({ slot: this.slot, from: formatLsn(from), epoch: this.epoch, ms: Date.now() - started }, 'CDC streaming');
       await this.loop();
       if (this.failure) throw this.failure;
     } catch (err) {
@@ -328,7 +330,9 @@ export class CdcStream {
       const epoch = BigInt(state.epoch);
       const from = parseLsn(slot.confirmed_flush_lsn);
       fallback = takeover ? this.copyRefusal(epoch) : null;
+      const scanStarted = Date.now();
       const delivered = fallback ? null : await lastDelivered(this.eventLog, this.settings.topicPrefix, topicPart(this.settings.database), this.settings.shard);
+      if (delivered) this.log.info({ partitions: delivered.size, ms: Date.now() - scanStarted }, 'read the last event of this shard in each partition: resends Kafka holds are dropped');
       fallback ??= await this.notInHistory(delivered!, epoch, takeover !== null);
       if (!fallback) {
         this.epoch = epoch;
