@@ -28,6 +28,8 @@ import { chownToPostgres } from '../postgres/instance.ts';
 import { sqlClient, STATE_SCHEMA } from './catalog.ts';
 
 export const MARKER_FILE = 'mg-standby-copy.json';
+/** A copy that cannot be decoded on this standby is replaced after this long (each copy restarts the standby). */
+const COPY_AGAIN_AFTER_MS = 30_000;
 
 export interface CopyMarker {
   epoch: string;
@@ -82,6 +84,8 @@ interface PrimarySlot { confirmed: bigint; restart: bigint; state: Buffer; epoch
 
 export class StandbySlotSync {
   private lastStatus: StandbySlotStatus | null = null;
+  /** When a copy that could not be decoded here is replaced. */
+  private copyAgainAt: number | undefined;
   private readonly labels: { database: string; shard: string };
 
   constructor(private readonly o: StandbySlotOptions, private readonly log: Logger) {
@@ -108,27 +112,42 @@ export class StandbySlotSync {
       return;
     }
     const marker = readMarker(this.o.dataDir, this.o.slot);
-    const stale = !local.confirmed || !marker || marker.epoch !== remote.epoch || parseLsn(local.confirmed) > remote.confirmed;
-    if (stale) {
-      await this.copy(primary, remote, local.confirmed ? 'its copy belongs to another stream or is ahead of the primary' : 'no copy yet');
+    const why = !local.confirmed ? 'no copy yet'
+      : !marker || marker.epoch !== remote.epoch ? 'its copy belongs to another stream'
+        : parseLsn(local.confirmed) > remote.confirmed ? 'its copy is ahead of the primary'
+          : this.copyAgainAt !== undefined && Date.now() >= this.copyAgainAt ? 'its copy could not be decoded here' : null;
+    if (why) {
+      await this.copy(primary, remote, why);
       return;
     }
     const confirmed = parseLsn(local.confirmed!);
     const replay = local.replay ? parseLsn(local.replay) : confirmed;
     const target = remote.confirmed < replay ? remote.confirmed : replay;
     let now = confirmed;
-    if (target > confirmed) {
-      now = await this.withLocal(async (sql) => parseLsn((await sql.query<{ lsn: string }>(
-        'SELECT end_lsn::text AS lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)', [this.o.slot, formatLsn(target)])).rows[0].lsn));
+    // Advancing decodes the WAL from the copy's restart point: until one has succeeded, the copy is not known to be usable here.
+    let decoded = false;
+    if (target > confirmed || (!marker!.ready && replay >= confirmed)) {
+      try {
+        now = await this.withLocal(async (sql) => parseLsn((await sql.query<{ lsn: string }>(
+          'SELECT end_lsn::text AS lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)', [this.o.slot, formatLsn(target > confirmed ? target : confirmed)])).rows[0].lsn));
+        decoded = true;
+      } catch (err) {
+        // Typically a restart point older than this standby's own WAL (a standby cloned after it): the primary's moves on, so copy again later.
+        if (marker!.ready) this.writeMarker({ ...marker!, ready: false });
+        standbyReady.set(this.labels, 0);
+        this.copyAgainAt ??= Date.now() + COPY_AGAIN_AFTER_MS;
+        this.lastStatus = { epoch: remote.epoch, confirmedLsn: formatLsn(confirmed), primaryConfirmedLsn: formatLsn(remote.confirmed), ready: false };
+        throw new Error(`the copy of slot ${this.o.slot} cannot be advanced here (${(err as Error).message}); it is copied again within ${COPY_AGAIN_AFTER_MS / 1000} s`);
+      }
     }
     // Patroni's readiness test: the primary keeps the catalog rows this copy needs only once this standby's feedback reached it.
     const catalogXmin = local.catalog_xmin;
-    const ready = marker.ready || (catalogXmin !== null && remote.physicalCatalogXmin !== null
+    const ready = marker!.ready || (decoded && catalogXmin !== null && remote.physicalCatalogXmin !== null
       && await this.withPrimary(primary, async (sql) => (await sql.query<{ ok: string }>(
         'SELECT (age($1::text::xid) >= age($2::text::xid))::text AS ok', [remote.physicalCatalogXmin, catalogXmin])).rows[0].ok === 'true'));
-    if (ready && !marker.ready) {
-      this.writeMarker({ ...marker, ready: true });
-      this.log.info({ slot: this.o.slot, epoch: marker.epoch, confirmed: formatLsn(now) }, 'the standby\'s copy of the CDC slot is ready to take the stream over');
+    if (ready && !marker!.ready) {
+      this.writeMarker({ ...marker!, ready: true });
+      this.log.info({ slot: this.o.slot, epoch: marker!.epoch, confirmed: formatLsn(now) }, 'the standby\'s copy of the CDC slot is ready to take the stream over');
     }
     standbyLag.set(this.labels, Number(remote.confirmed - now));
     standbyReady.set(this.labels, ready ? 1 : 0);
@@ -183,6 +202,7 @@ export class StandbySlotSync {
       fs.renameSync(tmp, dir);
       for (const s of snapshots) this.writeFile(path.join(this.o.dataDir, 'pg_logical', 'snapshots', s.name), Buffer.from(s.data, 'base64'));
     });
+    this.copyAgainAt = undefined;
     copies.inc(this.labels);
     standbyReady.set(this.labels, 0);
     this.lastStatus = { epoch: remote.epoch, confirmedLsn: formatLsn(remote.confirmed), primaryConfirmedLsn: formatLsn(remote.confirmed), ready: false };
