@@ -51,6 +51,7 @@ export class CdcService {
   /** While a standby: keeps a copy of the primary's slot (cdc.failoverSlots). */
   private readonly standbySlot: StandbySlotSync | undefined;
   private standbySyncing = false;
+  private standbySyncError: string | undefined;
 
   constructor(private readonly cfg: AgentConfig, private readonly eventLog: EventLog, private readonly log: Logger, standby?: StandbyHooks) {
     this.publishStatus = eventLog.publisher('cdcStatus');
@@ -264,7 +265,11 @@ export class CdcService {
     if (!this.standbySlot || this.standbySyncing || this.primaryTerm !== null || !at || at.instanceId === this.cfg.instanceId) return;
     this.standbySyncing = true;
     this.standbySlot.sync({ host: at.host, port: at.port, instanceId: at.instanceId })
-      .catch((err) => this.log.warn({ err: (err as Error).message }, 'could not keep the standby\'s copy of the CDC slot in step'))
+      .then(() => (this.standbySyncError = undefined), (err) => {
+        // Once per distinct error: a primary that is down fails every round.
+        if ((err as Error).message !== this.standbySyncError) this.log.warn({ err: (err as Error).message }, 'could not keep the standby\'s copy of the CDC slot in step');
+        this.standbySyncError = (err as Error).message;
+      })
       .finally(() => (this.standbySyncing = false));
   }
 
