@@ -132,12 +132,12 @@ export class StandbySlotSync {
           'SELECT end_lsn::text AS lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)', [this.o.slot, formatLsn(target > confirmed ? target : confirmed)])).rows[0].lsn));
         decoded = true;
       } catch (err) {
-        // Typically a restart point older than this standby's own WAL (a standby cloned after it): the primary's moves on, so copy again later.
-        if (marker!.ready) this.writeMarker({ ...marker!, ready: false });
-        standbyReady.set(this.labels, 0);
-        this.copyAgainAt ??= Date.now() + COPY_AGAIN_AFTER_MS;
-        this.lastStatus = { epoch: remote.epoch, confirmedLsn: formatLsn(confirmed), primaryConfirmedLsn: formatLsn(remote.confirmed), ready: false };
-        throw new Error(`the copy of slot ${this.o.slot} cannot be advanced here (${(err as Error).message}); it is copied again within ${COPY_AGAIN_AFTER_MS / 1000} s`);
+        // A copy that decoded here once keeps its WAL (the slot retains it): only a copy not yet ready can be unusable, typically
+        // when its restart point is older than this standby's own WAL (a standby cloned after it). The primary's restart point
+        // moves on, so it is copied again later. A session ended by a shutdown (a fence, a restart) says nothing about the copy.
+        const code = (err as { code?: string }).code;
+        if (!marker!.ready && code && !code.startsWith('57') && !code.startsWith('08')) this.copyAgainAt ??= Date.now() + COPY_AGAIN_AFTER_MS;
+        throw new Error(`the copy of slot ${this.o.slot} was not advanced (${(err as Error).message})${this.copyAgainAt ? `; it is copied again within ${COPY_AGAIN_AFTER_MS / 1000} s` : ''}`);
       }
     }
     // Patroni's readiness test: the primary keeps the catalog rows this copy needs only once this standby's feedback reached it.
