@@ -112,10 +112,11 @@ export class StandbySlotSync {
       return;
     }
     const marker = readMarker(this.o.dataDir, this.o.slot);
+    // A copy ahead of the primary's slot is kept: the primary confirmed that position once (a crash-restart of the primary
+    // loses the confirmations it had not written to disk yet, and its stream resends from the older one).
     const why = !local.confirmed ? 'no copy yet'
       : !marker || marker.epoch !== remote.epoch ? 'its copy belongs to another stream'
-        : parseLsn(local.confirmed) > remote.confirmed ? 'its copy is ahead of the primary'
-          : this.copyAgainAt !== undefined && Date.now() >= this.copyAgainAt ? 'its copy could not be decoded here' : null;
+        : this.copyAgainAt !== undefined && Date.now() >= this.copyAgainAt ? 'its copy could not be decoded here' : null;
     if (why) {
       await this.copy(primary, remote, why);
       return;
@@ -154,9 +155,15 @@ export class StandbySlotSync {
     this.lastStatus = { epoch: remote.epoch, confirmedLsn: formatLsn(now), primaryConfirmedLsn: formatLsn(remote.confirmed), ready };
   }
 
-  /** The primary's slot (only once its stream's snapshot completed: before that a new primary snapshots anyway). */
+  /**
+   * The primary's slot (only once its stream's snapshot completed: before that a new primary snapshots anyway).
+   * Throws while the instance named primary is not one (in recovery: restarted fenced after a crash, or demoted).
+   */
   private readPrimary(primary: { host: string; port: number }): Promise<PrimarySlot | undefined> {
     return this.withPrimary(primary, async (sql) => {
+      if ((await sql.query<{ recovery: string }>('SELECT pg_is_in_recovery()::text AS recovery')).rows[0].recovery === 'true') {
+        throw new Error('the instance named primary is in recovery: nothing to copy from until a primary is elected');
+      }
       const stream = (await sql.query<{ epoch: string }>(
         `SELECT epoch::text FROM ${STATE_SCHEMA}.streams WHERE slot = $1 AND snapshot_done_at IS NOT NULL`, [this.o.slot]).catch((err) => {
         if ((err as { code?: string }).code === '42P01' || (err as { code?: string }).code === '3F000') return { rows: [] };
