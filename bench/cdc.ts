@@ -10,6 +10,13 @@
  *  3. the baseline: Postgres's own logical replication (CREATE SUBSCRIPTION
  *     into another instance) on the same load, rows per second until the
  *     subscriber has applied everything.
+ * With `--failover` it measures instead what a source failover costs a running
+ * stream (decision 0052): a table of FAILOVER_ROWS rows streamed from a primary
+ * with a writer inserting rows, the primary killed with -9, its standby
+ * promoted and a stream started there; once as before (no copy of the slot: a
+ * new epoch and a re-snapshot), once with the standby keeping a copy of the
+ * slot. Printed side by side: events sent twice (events in the topic minus
+ * distinct rows) and seconds from the kill until the new stream is live.
  * Everything runs on ports 26000-26999 in a temporary directory.
  */
 import { spawn } from 'node:child_process';
@@ -17,8 +24,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
+import type avro from 'avsc';
 import pg from 'pg';
 import { EventLog } from '../common/eventlog.ts';
+import { parseAvro } from '../schemas/index.ts';
+import { StandbySlotSync } from '../ingest/cdc/standby-slot.ts';
 import { createLogger } from '../common/log.ts';
 import { startKafka, stopKafka } from '../compose/infra/kafka.ts';
 import { startRegistry, stopRegistry } from '../compose/infra/registry.ts';
@@ -32,6 +42,8 @@ const KAFKA_PORT = 26092;
 const REGISTRY_PORT = 26081;
 const SOURCE_PORT = 26432;
 const SINK_PORT = 26433;
+const STANDBY_PORT = 26434;
+const FAILOVER_ROWS = Number(process.env.CDC_BENCH_FAILOVER_ROWS ?? 100_000);
 const CLIENTS = 4;
 const TX_PER_CLIENT = Number(process.env.CDC_BENCH_TX ?? 5_000);
 const EVENTS_PER_TX = 10; // 8 inserts, 1 update, 1 delete
@@ -58,6 +70,7 @@ const LAG_EVENTS_PER_TX = 20;
 
 async function query(port: number, text: string): Promise<any[]> {
   const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'postgres' });
+  c.on('error', () => undefined); // a server killed on purpose (--failover): the query's own error says it
   await c.connect();
   try {
     return (await c.query(text)).rows;
@@ -120,7 +133,7 @@ async function main(): Promise<void> {
   try {
     await query(SOURCE_PORT, `${TABLE}; INSERT INTO bench_events (account, amount, note) SELECT g, g, 'seed' FROM generate_series(1, ${SEED_ROWS}) g`);
     const stream = new CdcStream({
-      ...cdcConfigSchema.parse({}), database: 'postgres', shard: '-', instanceId: 'bench', host: '127.0.0.1', port: SOURCE_PORT, topicPrefix: 'bench',
+      ...cdcConfigSchema.parse({}), database: 'postgres', shard: '-', instanceId: 'bench', host: '127.0.0.1', port: SOURCE_PORT, dataDir: path.join(work, 'source'), topicPrefix: 'bench',
     }, eventLog, log);
     const running = stream.run();
     running.catch((err) => {
@@ -220,7 +233,122 @@ async function main(): Promise<void> {
   }
 }
 
-main().then(() => process.exit(0), (err) => {
+interface FailoverCost { resent: number; events: number; rows: number; liveAfterKillS: number; liveAfterPromoteS: number; resumedFrom: string | null }
+
+/** One failover of a running stream: kill -9 of the primary under a writer, promotion of its standby, a stream started there. */
+async function failoverRun(eventLog: EventLog, tag: string, keepCopy: boolean): Promise<FailoverCost> {
+  const primary = await newInstance(`${tag}-primary`, SOURCE_PORT);
+  fs.mkdirSync(path.join(work, `${tag}-standby`), { mode: 0o755 });
+  const standby = new PostgresInstance({ name: `${tag}-standby`, dataDir: path.join(work, `${tag}-standby`, 'data'), port: STANDBY_PORT, log });
+  const topicPrefix = `bench${tag}`;
+  const settings = (inst: PostgresInstance, instanceId: string) => ({
+    ...cdcConfigSchema.parse({}), database: 'postgres', shard: '-', instanceId, host: '127.0.0.1', port: inst.port, dataDir: inst.dataDir, topicPrefix,
+  });
+  let writing = true;
+  let writer: Promise<void> | undefined;
+  try {
+    await query(SOURCE_PORT, `${TABLE}; INSERT INTO bench_events (account, amount, note) SELECT g, g, 'seed' FROM generate_series(1, ${FAILOVER_ROWS}) g`);
+    await standby.initReplica({ host: '127.0.0.1', port: SOURCE_PORT });
+    await standby.start();
+    const first = new CdcStream(settings(primary, `${tag}-primary`), eventLog, log);
+    const firstRun = first.run().catch(() => undefined);
+    while (first.status().state !== 'STREAMING') await sleep(50);
+    // A writer through the failover: one row per statement, on whichever instance takes writes.
+    writer = (async () => {
+      let port = SOURCE_PORT;
+      while (writing) {
+        await query(port, "INSERT INTO bench_events (account, amount, note) VALUES (0, 1, 'writer')").catch(async () => {
+          port = port === SOURCE_PORT ? STANDBY_PORT : SOURCE_PORT;
+          await sleep(20);
+        });
+      }
+    })();
+    const sync = keepCopy ? new StandbySlotSync({
+      database: 'postgres', shard: '-', instanceId: `${tag}-standby`, host: '127.0.0.1', port: STANDBY_PORT, dataDir: standby.dataDir,
+      slot: first.slot, physicalSlot: standby.slotName,
+      whileStopped: async (install) => {
+        await standby.stop('fast');
+        install();
+        await standby.start();
+      },
+    }, log) : undefined;
+    while (sync && !sync.status()?.ready) {
+      await sync.sync({ host: '127.0.0.1', port: SOURCE_PORT, instanceId: `${tag}-primary` }).catch((err) => log.warn({ err }, 'sync'));
+      await sleep(500);
+    }
+    await sleep(2_000); // the writer's rows stream for a while
+    const killedAt = Date.now();
+    process.kill(primary.postmasterPid()!, 'SIGKILL');
+    await first.stop();
+    await firstRun;
+    await standby.promote();
+    const promotedAt = Date.now();
+    const second = new CdcStream(settings(standby, `${tag}-standby`), eventLog, log);
+    const secondRun = second.run().catch((err) => console.error('stream on the new primary failed:', err));
+    while (second.status().state !== 'STREAMING') await sleep(20);
+    const liveAt = Date.now();
+    await sleep(2_000);
+    writing = false;
+    await writer;
+    const marker = parseLsn((await query(STANDBY_PORT, "SELECT pg_logical_emit_message(false, 'mg.cdc.heartbeat', '')::text AS l"))[0].l);
+    while ((second.status().confirmedLsn ?? 0n) < marker) await sleep(10);
+    await second.stop();
+    await secondRun;
+    const counted = await countTopic(eventLog, `${topicPrefix}.postgres.public.bench_events`);
+    return { ...counted, resent: counted.events - counted.rows, liveAfterKillS: (liveAt - killedAt) / 1000, liveAfterPromoteS: (liveAt - promotedAt) / 1000, resumedFrom: second.status().resumedFrom };
+  } finally {
+    writing = false;
+    await writer;
+    await primary.stop('immediate').catch(() => undefined);
+    await standby.stop('immediate').catch(() => undefined);
+  }
+}
+
+/** Row events in a topic (truncates and tombstones aside) and how many distinct rows they are about. */
+async function countTopic(eventLog: EventLog, topic: string): Promise<{ events: number; rows: number }> {
+  const offsets = await eventLog.partitionOffsets(topic);
+  const messages = await eventLog.readRanges(offsets.map((o) => ({ topic, partition: o.partition, from: o.low, to: o.high })), 300_000);
+  const types = new Map<number, avro.Type>();
+  const ids = new Set<string>();
+  let events = 0;
+  for (const m of messages) {
+    if (!m.value) continue;
+    const id = m.value.readUInt32BE(1);
+    if (!types.has(id)) types.set(id, parseAvro(await eventLog.registry.schemaById(id)));
+    const e = types.get(id)!.fromBuffer(m.value.subarray(5)) as { op: string; after: { id: bigint } | null; before: { id: bigint } | null };
+    if (e.op === 't') continue;
+    events++;
+    ids.add(String((e.after ?? e.before)!.id));
+  }
+  return { events, rows: ids.size };
+}
+
+async function failoverMain(): Promise<void> {
+  console.log(`CDC failover benchmark in ${work} (${os.cpus().length} cores, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}), ${FAILOVER_ROWS} rows`);
+  await startKafka({ cacheDir: path.join(os.homedir(), '.cache', 'mg'), dataDir: path.join(work, 'kafka'), runDir, port: KAFKA_PORT, controllerPort: KAFKA_PORT + 1, heapMb: 1024, log });
+  const registry = await startRegistry({ runDir, logDir: path.join(work, 'logs'), bootstrap: `127.0.0.1:${KAFKA_PORT}`, port: REGISTRY_PORT, topicPrefix: '' });
+  const eventLog = new EventLog({ brokers: [`127.0.0.1:${KAFKA_PORT}`], registryUrl: registry.url, clientId: 'bench-cdc', log });
+  try {
+    const before = await failoverRun(eventLog, 'before', false);
+    const after = await failoverRun(eventLog, 'after', true);
+    const row = (label: string, f: (c: FailoverCost) => string) => console.log(`${label.padEnd(44)}${f(before).padStart(14)}${f(after).padStart(14)}`);
+    console.log(`\n${''.padEnd(44)}${'before'.padStart(14)}${'after'.padStart(14)}`);
+    row('row events in the topic', (c) => String(c.events));
+    row('distinct rows', (c) => String(c.rows));
+    row('events sent twice (re-sent by the failover)', (c) => String(c.resent));
+    row('seconds from kill -9 to the stream live', (c) => c.liveAfterKillS.toFixed(2));
+    row('seconds from promotion to the stream live', (c) => c.liveAfterPromoteS.toFixed(2));
+    console.log(`how it resumed: before "${before.resumedFrom}", after "${after.resumedFrom}"`);
+    console.log(`ratios after/before: events re-sent ${(after.resent / Math.max(1, before.resent)).toFixed(4)}x, seconds to live (from promotion) ${(after.liveAfterPromoteS / before.liveAfterPromoteS).toFixed(2)}x`);
+  } finally {
+    await eventLog.close();
+    await stopRegistry(runDir);
+    await stopKafka(runDir);
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+(process.argv.includes('--failover') ? failoverMain() : main()).then(() => process.exit(0), (err) => {
   console.error(err);
   process.exit(1);
 });

@@ -4,6 +4,7 @@
  * catalog, a caught-up signal, and dead-lettering of undecodable messages.
  */
 import { randomUUID } from 'node:crypto';
+import { createRequire } from 'node:module';
 import './kafkajs-linear-grouping.ts'; // before kafkajs loads its producer
 import { Kafka, logLevel, Partitioners, type Admin, type Consumer, type Producer, type IHeaders } from 'kafkajs';
 import {
@@ -58,6 +59,21 @@ export interface Tail {
   /** Resolves with the handler's error once it failed (the tail has stopped then), or undefined after stop(). */
   ended: Promise<Error | undefined>;
   stop(): Promise<void>;
+}
+
+/** A range of one partition's offsets, [from, to). */
+export interface OffsetRange {
+  topic: string;
+  partition: number;
+  from: bigint;
+  to: bigint;
+}
+
+const murmur2 = createRequire(import.meta.url)('kafkajs/src/producer/partitioners/default/murmur2') as (key: Buffer) => number;
+
+/** The partition kafkajs's default partitioner (Java's) gives a keyed message, so a sender can tell where a message went. */
+export function partitionOfKey(key: Buffer, partitions: number): number {
+  return (murmur2(key) & 0x7fffffff) % partitions;
 }
 
 export interface SubscribeOptions {
@@ -320,6 +336,77 @@ export class EventLog {
       return new Map((await whileRetriable(() => admin.fetchTopicOffsets(topic))).map((o) => [o.partition, BigInt(o.high)]));
     } finally {
       await admin.disconnect();
+    }
+  }
+
+  /** Each partition's first and next offsets (low and high-water marks). */
+  async partitionOffsets(topic: string): Promise<Array<{ partition: number; low: bigint; high: bigint }>> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      return (await whileRetriable(() => admin.fetchTopicOffsets(topic))).map((o) => ({ partition: o.partition, low: BigInt(o.low), high: BigInt(o.high) }));
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  async listTopics(): Promise<string[]> {
+    const admin = this.kafka.admin();
+    await admin.connect();
+    try {
+      return await admin.listTopics();
+    } finally {
+      await admin.disconnect();
+    }
+  }
+
+  /** Reads the messages of the given offset ranges once (one consumer, nothing committed). */
+  async readRanges(ranges: OffsetRange[], timeoutMs = 60_000): Promise<RawMessage[]> {
+    const wanted = ranges.filter((r) => r.to > r.from);
+    if (wanted.length === 0) return [];
+    const id = (topic: string, partition: number) => `${topic}/${partition}`;
+    const pending = new Map(wanted.map((r) => [id(r.topic, r.partition), r]));
+    const out: RawMessage[] = [];
+    const consumer = this.kafka.consumer({ groupId: `${this.opts.clientId}.ranges.${randomUUID()}`, maxWaitTimeInMs: 100 });
+    this.consumers.add(consumer);
+    let done!: () => void;
+    const finished = new Promise<void>((resolve) => (done = resolve));
+    try {
+      await consumer.connect();
+      const topicNames = [...new Set(wanted.map((r) => r.topic))];
+      await consumer.subscribe({ topics: topicNames, fromBeginning: true });
+      await consumer.run({
+        autoCommit: false,
+        eachBatch: async ({ batch }) => {
+          const r = pending.get(id(batch.topic, batch.partition));
+          if (!r) return;
+          for (const m of batch.messages) {
+            const offset = BigInt(m.offset);
+            if (offset < r.from || offset >= r.to) continue;
+            out.push({ topic: batch.topic, partition: batch.partition, offset: m.offset, key: m.key?.toString() ?? null,
+              value: m.value, headers: m.headers ?? {}, timestamp: new Date(Number(m.timestamp)) });
+          }
+          if (batch.messages.length && BigInt(batch.lastOffset()) + 1n >= r.to) {
+            pending.delete(id(batch.topic, batch.partition));
+            if (pending.size === 0) done();
+          }
+        },
+      });
+      // Partitions outside the ranges start at their end: nothing of theirs is read.
+      for (const topic of topicNames) {
+        for (const o of await this.partitionOffsets(topic)) {
+          const r = pending.get(id(topic, o.partition));
+          consumer.seek({ topic, partition: o.partition, offset: (r ? r.from : o.high).toString() });
+        }
+      }
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([finished, new Promise((_r, reject) => {
+        timer = setTimeout(() => reject(new Error(`reading ${[...pending.keys()].join(', ')} took longer than ${timeoutMs} ms`)), timeoutMs);
+      })]).finally(() => clearTimeout(timer));
+      return out;
+    } finally {
+      this.consumers.delete(consumer);
+      await consumer.disconnect().catch(() => undefined);
     }
   }
 

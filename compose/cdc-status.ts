@@ -32,7 +32,7 @@ export function renderCdcStatus(streams: Map<string, CdcStreamStatus>, now = Dat
     const lag = s.slotLagBytes === null ? '-' : `${bytes(s.slotLagBytes)}/${(s.slotLagSeconds ?? 0).toFixed(1)}s`;
     return [
       s.database, s.shard, s.instanceId, s.state, String(s.term), String(s.epoch), s.confirmedLsn === null ? '-' : formatLsn(s.confirmedLsn),
-      lag, s.eventsPerSecond.toFixed(0), String(s.eventsTotal), snap, `${((now - s.ts.getTime()) / 1000).toFixed(1)}s ago`, s.alert ?? s.error ?? '',
+      lag, s.eventsPerSecond.toFixed(0), String(s.eventsTotal), snap, `${((now - s.ts.getTime()) / 1000).toFixed(1)}s ago`, s.alert ?? s.error ?? s.resumedFrom ?? '',
     ];
   });
   const widths = header.map((_, i) => Math.max(header[i].length, ...rows.map((r) => r[i].length)));

@@ -68,7 +68,18 @@ export class Agent {
     this.publishTopology = this.eventLog.publisher('topology');
     this.publishResult = this.eventLog.publisher('agentResults');
     this.lifecycleCommands();
-    this.cdc = new CdcService(cfg, this.eventLog, log);
+    this.cdc = new CdcService(cfg, this.eventLog, log, {
+      physicalSlot: this.postgres.slotName,
+      // Postgres loads logical slots only at startup: a standby installs its copy of the CDC slot around a restart.
+      whileStopped: (install) => this.exclusive(async () => {
+        // Queued behind a promotion, it must not stop the new primary.
+        const [state] = await this.postgres.query<{ standby: boolean }>('SELECT pg_is_in_recovery() AS standby');
+        if (!state?.standby) throw new Error('no longer a standby: the slot copy is not installed');
+        await this.postgres.stop('fast');
+        install();
+        await this.postgres.start();
+      }, true),
+    });
     this.cdc.register((action, handler) => this.handle(action, handler));
     if (cfg.backup) {
       this.backups = new BackupService({ ...cfg, backup: cfg.backup }, this.postgres, this.eventLog, log.child({ part: 'backup' }));

@@ -27,6 +27,11 @@ export const cdcConfigSchema = z.object({
   retentionMs: z.number().int().min(-1).default(7 * 24 * 3_600_000),
   snapshotChunkRows: z.number().int().min(1).max(1_000_000).default(10_000),
   maxBatchEvents: z.number().int().min(1).max(100_000).default(10_000),
+  /**
+   * Standbys keep a copy of the primary's slot (Patroni's way on Postgres 15), so a failover resumes the
+   * stream instead of re-snapshotting; costs a restart of each standby when it copies the slot (decision 0052).
+   */
+  failoverSlots: z.boolean().default(true),
 }).strict();
 
 export type CdcConfig = z.infer<typeof cdcConfigSchema>;

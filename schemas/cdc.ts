@@ -73,7 +73,7 @@ export function transactionTopic(n: CdcNaming): string {
 export const keySubject = (topic: string) => `${topic}-key`;
 export const valueSubjectOf = (topic: string) => `${topic}-value`;
 
-const topicPart = (s: string) => s.replace(/[^a-zA-Z0-9_-]/g, '_');
+export const topicPart = (s: string) => s.replace(/[^a-zA-Z0-9_-]/g, '_');
 
 /** An Avro name from any identifier: invalid characters become _, a leading digit gets a _ in front. */
 export function avroName(s: string): string {

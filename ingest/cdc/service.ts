@@ -10,12 +10,19 @@ import type { Logger } from '../../common/log.ts';
 import { applyTopologyEvent, emptyTopology, shardKey, type AgentAction, type AgentCommand, type CdcStreamStatus } from '../../schemas/index.ts';
 import type { AgentConfig } from '../config.ts';
 import { quoteIdent, sqlClient, STATE_SCHEMA } from './catalog.ts';
+import { StandbySlotSync } from './standby-slot.ts';
 import { CdcStream, publicationName, slotName, type StreamStatus } from './stream.ts';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const STATUS_INTERVAL_MS = 1_000;
 
 type Handle = (action: AgentAction, handler: (cmd: AgentCommand) => Promise<string>) => void;
+
+/** What the standby side needs from the agent: its physical slot on the primary, and a restart around installing the slot's copy. */
+export interface StandbyHooks {
+  physicalSlot: string;
+  whileStopped: (install: () => void) => Promise<void>;
+}
 
 export class CdcService {
   private readonly topology = emptyTopology();
@@ -41,9 +48,19 @@ export class CdcService {
   private streamTerm = 0n;
   private running: Promise<void> | undefined;
   private closed = false;
+  /** While a standby: keeps a copy of the primary's slot (cdc.failoverSlots). */
+  private readonly standbySlot: StandbySlotSync | undefined;
+  private standbySyncing = false;
+  private standbySyncError: string | undefined;
 
-  constructor(private readonly cfg: AgentConfig, private readonly eventLog: EventLog, private readonly log: Logger) {
+  constructor(private readonly cfg: AgentConfig, private readonly eventLog: EventLog, private readonly log: Logger, standby?: StandbyHooks) {
     this.publishStatus = eventLog.publisher('cdcStatus');
+    if (standby && cfg.cdc.failoverSlots) {
+      this.standbySlot = new StandbySlotSync({
+        database: cfg.database, shard: cfg.shard, instanceId: cfg.instanceId, host: cfg.host, port: cfg.port, dataDir: cfg.dataDir,
+        slot: slotName(cfg.database), ...standby,
+      }, log.child({ component: 'cdc-standby-slot' }));
+    }
   }
 
   register(handle: Handle): void {
@@ -66,7 +83,9 @@ export class CdcService {
       }
       return wasRunning ? 'stopped; the slot keeps its position' : 'not running';
     });
-    handle('CDC_STATUS', async () => JSON.stringify(this.stream ? this.stream.status() : { state: 'STOPPED' }, (_k, v) => (typeof v === 'bigint' ? v.toString() : v)));
+    handle('CDC_STATUS', async () => JSON.stringify(
+      this.stream ? this.stream.status() : { state: 'STOPPED', standbySlot: this.primaryTerm === null ? this.standbySlot?.status() ?? null : null },
+      (_k, v) => (typeof v === 'bigint' ? v.toString() : v)));
   }
 
   /** Follows topology in the background, so the agent's own start does not wait for it. */
@@ -173,7 +192,7 @@ export class CdcService {
     const c = this.cfg.cdc;
     return new CdcStream({
       database: this.cfg.database, shard: this.cfg.shard, instanceId: this.cfg.instanceId, host: this.cfg.host, port: this.cfg.port,
-      topicPrefix: `${this.cfg.topicPrefix}${c.topicPrefix}`, tables: c.tables, tombstones: c.tombstones,
+      dataDir: this.cfg.dataDir, topicPrefix: `${this.cfg.topicPrefix}${c.topicPrefix}`, tables: c.tables, tombstones: c.tombstones,
       transactionEvents: c.transactionEvents, numeric: c.numeric, maxSlotLagBytes: c.maxSlotLagBytes, heartbeatMs: c.heartbeatMs,
       partitions: c.partitions, retentionMs: c.retentionMs, snapshotChunkRows: c.snapshotChunkRows, maxBatchEvents: c.maxBatchEvents,
     }, this.eventLog, this.log.child({ component: 'cdc' }));
@@ -222,6 +241,7 @@ export class CdcService {
    * is the primary, the lag of a slot whose stream is stopped or failing.
    */
   private tick(): void {
+    this.syncStandbySlot();
     if (this.requested === null) this.reconcile(); // reading the command state failed before: try again
     // A stream stopped before this agent started still has its slot to watch.
     if (!this.stream && !this.last && this.primaryTerm !== null && this.requested === false) {
@@ -238,6 +258,21 @@ export class CdcService {
     if (this.stream) this.sendStatus(this.stream);
   }
 
+  /** Once a second while a standby of a shard with a primary: copy or advance the primary's slot (one round at a time). */
+  private syncStandbySlot(): void {
+    const primary = this.topology.primaries.get(shardKey(this.cfg.database, this.cfg.shard));
+    const at = primary && this.topology.instances.get(primary.instanceId);
+    if (!this.standbySlot || this.standbySyncing || this.primaryTerm !== null || !at || at.instanceId === this.cfg.instanceId) return;
+    this.standbySyncing = true;
+    this.standbySlot.sync({ host: at.host, port: at.port, instanceId: at.instanceId })
+      .then(() => (this.standbySyncError = undefined), (err) => {
+        // Once per distinct error: a primary that is down fails every round.
+        if ((err as Error).message !== this.standbySyncError) this.log.warn({ err: (err as Error).message }, 'could not keep the standby\'s copy of the CDC slot in step');
+        this.standbySyncError = (err as Error).message;
+      })
+      .finally(() => (this.standbySyncing = false));
+  }
+
   private sendStatus(stream = this.stream): void {
     if (!stream || this.statusInflight) return;
     const value = this.statusEvent(stream.status());
@@ -252,7 +287,7 @@ export class CdcService {
       state: st.state, slot: st.slot, topicPrefix: `${this.cfg.topicPrefix}${this.cfg.cdc.topicPrefix}`, epoch: st.epoch,
       confirmedLsn: st.confirmedLsn, receivedLsn: st.receivedLsn, slotLagBytes: st.slotLagBytes, slotLagSeconds: st.slotLagSeconds,
       eventsTotal: st.eventsTotal, eventsPerSecond: st.eventsPerSecond,
-      snapshot: st.snapshot && { ...st.snapshot, rows: BigInt(st.snapshot.rows) }, alert: st.alert, error: st.error,
+      snapshot: st.snapshot && { ...st.snapshot, rows: BigInt(st.snapshot.rows) }, alert: st.alert, error: st.error, resumedFrom: st.resumedFrom,
     };
   }
 }

@@ -15,7 +15,7 @@ import type { BulkSender, EventLog, RawBatch } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { counter, gauge, histogram } from '../../common/metrics.ts';
 import {
-  CDC_FORMAT_VERSION, CONNECTOR, OPS, TRANSACTION_KEY_SCHEMA, TRANSACTION_VALUE_SCHEMA, keySubject, transactionTopic, valueSubjectOf,
+  CDC_FORMAT_VERSION, CONNECTOR, OPS, TRANSACTION_KEY_SCHEMA, TRANSACTION_VALUE_SCHEMA, keySubject, topicPart, transactionTopic, valueSubjectOf,
   type CdcNaming, type NumericMode, type Op, type PgType, type TableDescription,
 } from '../../schemas/cdc.ts';
 import { INTERNAL_SCHEMAS, parseAvro } from '../../schemas/index.ts';
@@ -24,6 +24,8 @@ import { Catalog, qualified, quoteIdent, sqlClient, STATE_SCHEMA } from './catal
 import { TableEncoder, type Row } from './encoder.ts';
 import { decodeCopyData, decodePgOutput, ProtocolError, type PgOutputMessage, type TupleValue } from './pgoutput.ts';
 import { ReplicationSession, type CreatedSlot } from './replication.ts';
+import { lastDelivered, ResendFilter, type Delivered } from './resume.ts';
+import { readMarker, removeMarker } from './standby-slot.ts';
 
 export interface StreamSettings {
   database: string;
@@ -31,6 +33,8 @@ export interface StreamSettings {
   instanceId: string;
   host: string;
   port: number;
+  /** The instance's data directory (where a standby's copy of the slot keeps its marker). */
+  dataDir: string;
   /** Full topic prefix (the cluster's Kafka prefix plus the stream's). */
   topicPrefix: string;
   /** 'schema.table' or 'table' (public); empty: every user table. */
@@ -72,6 +76,8 @@ export interface StreamStatus {
   snapshot: SnapshotProgress | null;
   alert: string | null;
   error: string | null;
+  /** How the stream started on this instance after another one ran it: the slot carried over, or why it re-snapshotted. */
+  resumedFrom: string | null;
 }
 
 const HEARTBEAT_PREFIX = 'mg.cdc.heartbeat';
@@ -86,6 +92,8 @@ const batchSize = histogram('mg_cdc_batch_events', 'Events per Kafka send', ['da
 const lagBytesGauge = gauge('mg_cdc_slot_lag_bytes', 'WAL between the current position and the slot\'s confirmed LSN', ['database', 'shard']);
 const lagSecondsGauge = gauge('mg_cdc_slot_lag_seconds', 'Age of the oldest commit not yet acknowledged by Kafka', ['database', 'shard']);
 const lagAlert = gauge('mg_cdc_slot_lag_alert', '1 while the slot lag exceeds maxSlotLagBytes', ['database', 'shard']);
+const resumes = counter('mg_cdc_takeovers_total', 'Streams taken over from another instance (a failover or switchover): how = slot (the standby\'s copy of the slot) or resnapshot (a new epoch)', ['database', 'shard', 'how']);
+const resendsDropped = counter('mg_cdc_resent_events_dropped_total', 'Events Postgres resent after a restart or takeover that Kafka already held', ['database', 'shard']);
 const protocolErrors = counter('mg_cdc_protocol_errors_total', 'Malformed or unexpected replication messages', ['database', 'shard']);
 
 /** Kafka messages of one send, and how far the slot may be confirmed once Kafka acknowledges them. */
@@ -148,6 +156,9 @@ export class CdcStream {
   private error: string | null = null;
   private alert: string | null = null;
   private snapshotProgress: SnapshotProgress | null = null;
+  private resumedFrom: string | null = null;
+  /** Drops what Postgres resends that Kafka already holds, after a restart on an existing slot. */
+  private resent: ResendFilter | undefined;
 
   private sql: pg.Client | undefined;
   /** A second session for the lag measurement and heartbeats, so they never queue behind the stream's catalog queries. */
@@ -194,7 +205,7 @@ export class CdcStream {
       confirmedLsn: this.acked || null, receivedLsn: this.received, slotLagBytes: this.slotLagBytes,
       slotLagSeconds: this.state === 'STREAMING' ? (oldest === null ? 0 : Math.max(0, (Date.now() - oldest) / 1000)) : null,
       eventsTotal: this.eventsTotal, eventsPerSecond: this.rate.perSecond,
-      snapshot: this.snapshotProgress && { ...this.snapshotProgress }, alert: this.alert, error: this.error,
+      snapshot: this.snapshotProgress && { ...this.snapshotProgress }, alert: this.alert, error: this.error, resumedFrom: this.resumedFrom,
     };
   }
 
@@ -208,6 +219,7 @@ export class CdcStream {
     this.error = null;
     const s = this.settings;
     const applicationName = `mg-cdc-${s.instanceId}`.slice(0, 63);
+    const started = Date.now();
     try {
       this.sql = sqlClient({ host: s.host, port: s.port, database: s.database, applicationName });
       this.sql.on('error', (err) => this.fail(err));
@@ -219,6 +231,7 @@ export class CdcStream {
       this.sender = await this.eventLog.bulkSender();
       await this.prepare();
       await this.prepareTransactionEvents();
+      this.log.debug({ ms: Date.now() - started }, 'CDC connected to Postgres and Kafka');
 
       this.session = new ReplicationSession({ host: s.host, port: s.port, database: s.database, applicationName });
       await this.session.connect();
@@ -228,7 +241,7 @@ export class CdcStream {
       const streaming = this.session.start(this.slot, this.publication, from, (chunk) => this.onData(chunk));
       streaming.then(() => this.fail(new Error('replication ended')), (err) => this.fail(err));
       this.state = 'STREAMING';
-      this.log.info({ slot: this.slot, from: formatLsn(from), epoch: this.epoch }, 'CDC streaming');
+      this.log.info({ slot: this.slot, from: formatLsn(from), epoch: this.epoch, ms: Date.now() - started }, 'CDC streaming');
       await this.loop();
       if (this.failure) throw this.failure;
     } catch (err) {
@@ -270,6 +283,7 @@ export class CdcStream {
     this.tx = undefined;
     this.relations.clear();
     this.skipped.clear();
+    this.resent = undefined;
     this.failure = undefined;
   }
 
@@ -293,30 +307,59 @@ export class CdcStream {
 
   /**
    * Where streaming starts: the slot's confirmed LSN when the slot exists and
-   * its snapshot completed; otherwise a new slot (new epoch) whose exported
-   * snapshot is read first, and streaming starts at its consistent point.
+   * its snapshot completed (also a standby's copy of it, carried over by a
+   * failover, when that copy is ready and Kafka holds nothing this instance's
+   * history lacks); otherwise a new slot (new epoch) whose exported snapshot is
+   * read first, and streaming starts at its consistent point.
    */
   private async startPosition(resnapshot: boolean): Promise<bigint> {
     const sql = this.sql!;
+    const me = this.settings.instanceId;
     const slot = (await sql.query<{ active_pid: string | null; confirmed_flush_lsn: string | null }>(
       'SELECT active_pid, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1', [this.slot])).rows[0];
-    const state = (await sql.query<{ epoch: string; snapshot_done_at: string | null }>(
-      `SELECT epoch, snapshot_done_at FROM ${STATE_SCHEMA}.streams WHERE slot = $1`, [this.slot])).rows[0];
+    const state = (await sql.query<{ epoch: string; snapshot_done_at: string | null; instance: string | null }>(
+      `SELECT epoch, snapshot_done_at, instance FROM ${STATE_SCHEMA}.streams WHERE slot = $1`, [this.slot])).rows[0];
     if (slot?.active_pid) {
       // Our own previous session (an agent killed with -9 leaves its walsender behind for a while).
       await sql.query('SELECT pg_terminate_backend($1)', [Number(slot.active_pid)]);
       await this.waitSlotInactive();
     }
+    const takeover = state?.snapshot_done_at && state.instance !== me ? state.instance ?? 'an unknown instance' : null;
+    let fallback: string | null = null;
     if (slot && state?.snapshot_done_at && !resnapshot && slot.confirmed_flush_lsn) {
-      this.epoch = BigInt(state.epoch);
-      return parseLsn(slot.confirmed_flush_lsn);
+      const epoch = BigInt(state.epoch);
+      const from = parseLsn(slot.confirmed_flush_lsn);
+      fallback = takeover ? this.copyRefusal(epoch) : null;
+      const scanStarted = Date.now();
+      const delivered = fallback ? null : await lastDelivered(this.eventLog, this.settings.topicPrefix, topicPart(this.settings.database), this.settings.shard);
+      if (delivered) this.log.info({ partitions: delivered.size, ms: Date.now() - scanStarted }, 'read the last event of this shard in each partition: resends Kafka holds are dropped');
+      fallback ??= await this.notInHistory(delivered!, epoch, takeover !== null);
+      if (!fallback) {
+        this.epoch = epoch;
+        this.resent = new ResendFilter(delivered!, epoch);
+        if (takeover) {
+          await sql.query(`UPDATE ${STATE_SCHEMA}.streams SET instance = $2 WHERE slot = $1`, [this.slot, me]);
+          removeMarker(this.settings.dataDir, this.slot);
+          this.resumedFrom = `slot carried over from ${takeover} at ${formatLsn(from)}`;
+          resumes.inc({ ...this.labels, how: 'slot' });
+          this.log.info({ slot: this.slot, from: formatLsn(from), epoch, previous: takeover }, 'CDC takes the stream over from the slot copied to this standby: no snapshot');
+        }
+        return from;
+      }
+    } else if (takeover && !resnapshot) {
+      fallback = `this instance has no copy of slot ${this.slot}`;
+    }
+    if (fallback) {
+      this.resumedFrom = `re-snapshot: ${fallback}`;
+      resumes.inc({ ...this.labels, how: 'resnapshot' });
+      this.log.warn({ slot: this.slot, previous: takeover, reason: fallback }, 'CDC cannot resume from the slot: a new epoch and a full snapshot');
     }
     if (slot) await sql.query('SELECT pg_drop_replication_slot($1)', [this.slot]);
     this.epoch = BigInt(state?.epoch ?? 0) + 1n;
     await sql.query(
       `INSERT INTO ${STATE_SCHEMA}.streams (slot, epoch, instance) VALUES ($1, $2, $3)
        ON CONFLICT (slot) DO UPDATE SET epoch = EXCLUDED.epoch, instance = EXCLUDED.instance, consistent_lsn = NULL, snapshot_done_at = NULL`,
-      [this.slot, this.epoch.toString(), this.settings.instanceId]);
+      [this.slot, this.epoch.toString(), me]);
     const created = await this.session!.createSlot(this.slot);
     this.log.info({ slot: this.slot, consistentPoint: formatLsn(created.consistentPoint), epoch: this.epoch }, 'CDC slot created; snapshot starts');
     await this.snapshot(created);
@@ -324,6 +367,40 @@ export class CdcStream {
     await sql.query(`UPDATE ${STATE_SCHEMA}.streams SET consistent_lsn = $2, snapshot_done_at = now() WHERE slot = $1`,
       [this.slot, formatLsn(created.consistentPoint)]);
     return created.consistentPoint;
+  }
+
+  /** Why a slot found after a takeover is not a usable copy of the stream's (null: it is one). */
+  private copyRefusal(epoch: bigint): string | null {
+    const marker = readMarker(this.settings.dataDir, this.slot);
+    if (!marker) return `slot ${this.slot} on this instance is not a copy made as a standby`;
+    if (marker.epoch !== epoch.toString()) return `the copy of slot ${this.slot} belongs to epoch ${marker.epoch}, the stream is at ${epoch}`;
+    if (!marker.ready) return `the copy of slot ${this.slot} was not ready (the primary had not confirmed holding the catalog rows it needs)`;
+    return null;
+  }
+
+  /**
+   * Why Kafka holds events this instance cannot continue after (null: none).
+   * After a takeover, what the previous primary delivered must be part of this
+   * instance's history: committed before the point where this instance's
+   * timeline left the previous one. Transactions after it were lost by the
+   * failover (asynchronous replication), and their events are already in Kafka.
+   */
+  private async notInHistory(delivered: Map<string, Delivered>, epoch: bigint, takeover: boolean): Promise<string | null> {
+    for (const [where, d] of delivered) {
+      if (d.epoch > epoch) return `${where} holds events of epoch ${d.epoch}, newer than this slot's ${epoch}`;
+    }
+    if (!takeover) return null;
+    const { rows: [{ tli }] } = await this.sql!.query<{ tli: string }>('SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS tli');
+    if (tli === '00000001') return null;
+    const history = (await this.sql!.query<{ text: string }>('SELECT pg_read_file($1) AS text', [`pg_wal/${tli}.history`])).rows[0].text;
+    const lines = history.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('#'));
+    const switchpoint = parseLsn(lines.at(-1)!.split(/\s+/)[1]);
+    for (const [where, d] of delivered) {
+      if (d.epoch === epoch && d.instance !== this.settings.instanceId && d.commitLsn >= switchpoint) {
+        return `${where} holds a transaction committed at ${formatLsn(d.commitLsn)} on ${d.instance}, after this instance's history left it at ${formatLsn(switchpoint)} (lost in the failover)`;
+      }
+    }
+    return null;
   }
 
   private async waitSlotInactive(): Promise<void> {
@@ -572,10 +649,11 @@ export class CdcStream {
         for (const id of msg.relationIds) {
           const rel = this.relation(id, lsn);
           if (!rel) continue;
+          const position = tx.position++;
           this.count(tx, rel.encoder.topic);
           this.truncateEvent(rel.encoder, this.source(rel.encoder.description, {
-            ts: BigInt(tx.commitTimeMs), snapshot: 'false', txId: BigInt(tx.xid), lsn, commitLsn: tx.finalLsn, position: tx.position++,
-          }));
+            ts: BigInt(tx.commitTimeMs), snapshot: 'false', txId: BigInt(tx.xid), lsn, commitLsn: tx.finalLsn, position,
+          }), (partition) => this.resent?.hasIn(rel.encoder.topic, partition, tx.finalLsn, position) ?? false);
         }
         return;
       }
@@ -608,6 +686,10 @@ export class CdcStream {
     const keyTuple = (after ?? before)!;
     const key = e.encodeKey(keyTuple);
     const position = tx.position++;
+    if (this.resent?.has(e.topic, this.partitions.get(e.topic) ?? 1, key, tx.finalLsn, position)) {
+      resendsDropped.inc(this.labels);
+      return;
+    }
     this.count(tx, e.topic);
     const source = this.source(e.description, { ts: BigInt(tx.commitTimeMs), snapshot: 'false', txId: BigInt(tx.xid), lsn, commitLsn: tx.finalLsn, position });
     const transaction = this.settings.transactionEvents
@@ -629,11 +711,14 @@ export class CdcStream {
     return { before, after, source, op, ts_ms: BigInt(Date.now()), transaction, unavailable };
   }
 
-  /** A truncate event goes to every partition: it must follow every earlier row event, whatever its key. */
-  private truncateEvent(e: TableEncoder, source: Row): void {
+  /** A truncate event goes to every partition (but those that hold it already): it must follow every earlier row event, whatever its key. */
+  private truncateEvent(e: TableEncoder, source: Row, delivered: (partition: number) => boolean = () => false): void {
     const value = e.encodeValue(this.envelope(null, null, source, OPS.truncate, []));
     const n = this.partitions.get(e.topic) ?? 1;
-    for (let p = 0; p < n; p++) this.batch.add(e.topic, null, value, p);
+    for (let p = 0; p < n; p++) {
+      if (delivered(p)) resendsDropped.inc(this.labels);
+      else this.batch.add(e.topic, null, value, p);
+    }
   }
 
   private async defineRelation(msg: Extract<PgOutputMessage, { tag: 'relation' }>): Promise<void> {

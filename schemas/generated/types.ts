@@ -96,6 +96,8 @@ export interface CdcStreamStatus {
   alert: null | string;
   /** Why the stream failed (it retries). */
   error: null | string;
+  /** When this instance took the stream over from another (failover, switchover): 'slot carried over from <instance> at <lsn>', or 're-snapshot: <why the slot could not be used>'. */
+  resumedFrom: null | string;
 }
 
 /** A CancelRequest that reached a gateway which does not hold the session it names. Every gateway reads these; the one that gave out the key cancels the session's running query. */

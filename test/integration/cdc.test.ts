@@ -19,8 +19,10 @@ import { testCluster, until } from '../support/cluster.ts';
 import { bootstrap, registryUrl } from '../support/env.ts';
 
 // The lag-alert test kills the primary's agent on purpose: the orchestrators must not fail over meanwhile.
+// failoverSlots off: the standby keeps no copy of the slot, so the failover test checks the fallback (a re-snapshot);
+// cdc-failover.test.ts checks the takeover from a copy.
 const cluster = testCluster('cdc', 3, { settings: { 'orchestrator.agentDownMs': 120_000 }, spec: {
-  databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, transactionEvents: true, heartbeatMs: 500, maxSlotLagBytes: 4_000_000 } }],
+  databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, transactionEvents: true, heartbeatMs: 500, maxSlotLagBytes: 4_000_000, failoverSlots: false } }],
 } });
 const { dataDir, prefix, flags, mg } = cluster;
 // MultiOrch elects the primary during `up`.
@@ -271,7 +273,7 @@ test('a stopped stream whose slot holds WAL back raises the lag alert; streaming
   });
 });
 
-test('failover: after the orchestrator makes the replica primary, it streams on (new slot, consistent snapshot); applying the topic gives its exact contents', async () => {
+test('failover without a copy of the slot: the replica made primary streams on with a new slot and a consistent snapshot, and says why; applying the topic gives its exact contents', async () => {
   await sql(primary.port, 'CREATE TABLE accounts (id int PRIMARY KEY, balance int)');
   await sql(primary.port, 'INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, 50) g');
   await until('replica caught up', 20_000, async () => (await sql(replica.port, 'SELECT count(*)::int AS n FROM accounts'))[0]?.n === 50);
@@ -280,10 +282,15 @@ test('failover: after the orchestrator makes the replica primary, it streams on 
   // The orchestrator hands the shard over to the replica (a new term); the stream follows the topology.
   const switched = await mg('shard', 'switchover', 'postgres/-', '--to', replica.instanceId, '--data-dir', dataDir);
   assert.equal(switched.code, 0, switched.stderr + switched.stdout);
-  await until('the new primary streaming', 90_000, () => {
+  const took = await until('the new primary streaming', 90_000, () => {
     const s = latestStatus();
     return s?.instanceId === replica.instanceId && s.state === 'STREAMING' ? s : undefined;
   });
+  assert.equal(took.resumedFrom, `re-snapshot: this instance has no copy of slot mg_cdc_postgres`);
+  const out = await mg('cdc', 'status', '--data-dir', dataDir);
+  assert.match(out.stdout, /re-snapshot: this instance has no copy of slot mg_cdc_postgres/);
+  const metrics = await (await fetch(`http://127.0.0.1:${replica.metricsPort}/metrics`)).text();
+  assert.match(metrics, /mg_cdc_takeovers_total\{database="postgres",shard="-",how="resnapshot"\} 1/);
   await sql(replica.port, 'DELETE FROM accounts WHERE id > 45');
   await sql(replica.port, 'INSERT INTO accounts VALUES (100, 1000)');
   await sql(replica.port, 'UPDATE accounts SET balance = -1 WHERE id = 1');

@@ -37,7 +37,7 @@ function harness() {
   const registry = { register: async () => 1 } as unknown as SchemaRegistryClient;
   const eventLog = { registry, ensureTopic: async () => 1 } as unknown as EventLog;
   const stream = new CdcStream({
-    ...cdcConfigSchema.parse({}), database: 'db', shard: '-', instanceId: 'i', host: '127.0.0.1', port: 1, topicPrefix: 'p',
+    ...cdcConfigSchema.parse({}), database: 'db', shard: '-', instanceId: 'i', host: '127.0.0.1', port: 1, dataDir: '/nonexistent', topicPrefix: 'p',
   }, eventLog, log);
   const s = stream as any;
   s.session = { confirm: (lsn: bigint) => confirmed.push(lsn) };
