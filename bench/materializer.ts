@@ -29,6 +29,7 @@ import { parseArgs, promisify } from 'node:util';
 import pg from 'pg';
 import { shardRanges } from '../compose/spec.ts';
 import { hashKeyspaceId, shardFor } from '../schemas/index.ts';
+import { materializerApi, sleep, timed, until } from './workflow-api.ts';
 
 const run = promisify(execFile);
 const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'compose', 'bin', 'mg');
@@ -56,7 +57,6 @@ const dataDir = path.join(work, 'cluster');
 const TABLE = 'CREATE TABLE items (id bigint PRIMARY KEY, owner bigint NOT NULL, note text NOT NULL, amount numeric(12,2) NOT NULL)';
 
 const mg = (...a: string[]) => run(mgBin, [...a, '--data-dir', dataDir], { timeout: 900_000, maxBuffer: 16 << 20 });
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 
 async function sql(portNo: number, database: string, text: string, params: unknown[] = []): Promise<any[]> {
@@ -69,29 +69,7 @@ async function sql(portNo: number, database: string, text: string, params: unkno
   }
 }
 
-async function api(method: string, route: string, body?: unknown): Promise<any> {
-  const res = await fetch(`http://127.0.0.1:${port.materializer}${route}`, {
-    method, headers: body ? { 'content-type': 'application/json' } : {}, body: body ? JSON.stringify(body) : undefined,
-  });
-  const json = await res.json();
-  if (res.status >= 300) throw new Error(`${method} ${route}: ${res.status} ${JSON.stringify(json)}`);
-  return json;
-}
-
-async function until<T>(what: string, ms: number, fn: () => Promise<T | undefined | false>): Promise<T> {
-  for (const deadline = Date.now() + ms; Date.now() < deadline; await sleep(100)) {
-    const v = await fn().catch(() => undefined);
-    if (v) return v;
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-/** Seconds `fn` takes. */
-async function timed(fn: () => Promise<unknown>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return (performance.now() - t0) / 1000;
-}
+const api = materializerApi(port.materializer);
 
 async function main(): Promise<void> {
   const spec = path.join(work, 'cluster.yaml');

@@ -19,6 +19,7 @@ import { parseArgs, promisify } from 'node:util';
 import pg from 'pg';
 import { instancesOf, parseSpec, shardRanges } from '../compose/spec.ts';
 import { hashKeyspaceId, shardFor } from '../schemas/index.ts';
+import { materializerApi, sleep, timed, until } from './workflow-api.ts';
 
 const run = promisify(execFile);
 const mgBin = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'compose', 'bin', 'mg');
@@ -44,7 +45,6 @@ const spec = {
 const portOf = (db: string, shard: string) => instancesOf(parseSpec(spec)).find((i) => i.database === db && i.shard === shard)!.port;
 
 const mg = (...a: string[]) => run(mgBin, [...a, '--data-dir', dataDir], { timeout: 900_000, maxBuffer: 16 << 20 });
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function sql(portNo: number, database: string, text: string, params: unknown[] = []): Promise<any[]> {
   const c = new pg.Client({ host: '127.0.0.1', port: portNo, user: 'postgres', password: 'postgres', database });
@@ -56,28 +56,7 @@ async function sql(portNo: number, database: string, text: string, params: unkno
   }
 }
 
-async function api(method: string, route: string, body?: unknown): Promise<any> {
-  const res = await fetch(`http://127.0.0.1:${spec.materializer.port}${route}`, {
-    method, headers: body ? { 'content-type': 'application/json' } : {}, body: body ? JSON.stringify(body) : undefined,
-  });
-  const json = await res.json();
-  if (res.status >= 300) throw new Error(`${method} ${route}: ${res.status} ${JSON.stringify(json)}`);
-  return json;
-}
-
-async function until<T>(what: string, ms: number, fn: () => Promise<T | undefined | false>): Promise<T> {
-  for (const deadline = Date.now() + ms; Date.now() < deadline; await sleep(100)) {
-    const v = await fn().catch(() => undefined);
-    if (v) return v;
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-async function timed(fn: () => Promise<unknown>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return (performance.now() - t0) / 1000;
-}
+const api = materializerApi(spec.materializer.port);
 
 /** Copy (create until RUNNING) and VDiff seconds of a MoveTables of `table` from `source` into dst. */
 async function move(name: string, source: string, table: string): Promise<{ copy: number; vdiff: number }> {

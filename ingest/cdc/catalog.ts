@@ -24,6 +24,18 @@ export function sqlClient(opts: { host: string; port: number; database: string; 
   });
 }
 
+/** `work` on a connection of its own (sqlClient's), closed after it whatever happens. */
+export async function withSqlClient<T>(opts: Parameters<typeof sqlClient>[0], work: (sql: pg.Client) => Promise<T>): Promise<T> {
+  const sql = sqlClient(opts);
+  sql.on('error', () => undefined);
+  await sql.connect();
+  try {
+    return await work(sql);
+  } finally {
+    await sql.end().catch(() => undefined);
+  }
+}
+
 export const quoteIdent = (s: string) => `"${s.replace(/"/g, '""')}"`;
 export const qualified = (schema: string, table: string) => `${quoteIdent(schema)}.${quoteIdent(table)}`;
 

@@ -9,7 +9,7 @@ import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { applyTopologyEvent, emptyTopology, shardKey, type AgentAction, type AgentCommand, type CdcStreamStatus } from '../../schemas/index.ts';
 import type { AgentConfig } from '../config.ts';
-import { quoteIdent, sqlClient, STATE_SCHEMA } from './catalog.ts';
+import { quoteIdent, STATE_SCHEMA, withSqlClient } from './catalog.ts';
 import { StandbySlotSync } from './standby-slot.ts';
 import { CdcStream, publicationName, slotName, type StreamStatus } from './stream.ts';
 
@@ -147,14 +147,7 @@ export class CdcService {
   }
 
   private async withSql<T>(work: (sql: pg.Client) => Promise<T>): Promise<T> {
-    const sql = sqlClient({ host: this.cfg.host, port: this.cfg.port, database: this.cfg.database, applicationName: 'mg-cdc-control' });
-    sql.on('error', () => undefined);
-    await sql.connect();
-    try {
-      return await work(sql);
-    } finally {
-      await sql.end().catch(() => undefined);
-    }
+    return withSqlClient({ host: this.cfg.host, port: this.cfg.port, database: this.cfg.database, applicationName: 'mg-cdc-control' }, work);
   }
 
   /** The last command's wish, or the spec's when no command was ever given. */

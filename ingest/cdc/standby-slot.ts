@@ -25,7 +25,7 @@ import type { Logger } from '../../common/log.ts';
 import { counter, gauge } from '../../common/metrics.ts';
 import { formatLsn, parseLsn } from '../postgres/lsn.ts';
 import { chownToPostgres } from '../postgres/instance.ts';
-import { sqlClient, STATE_SCHEMA } from './catalog.ts';
+import { STATE_SCHEMA, withSqlClient } from './catalog.ts';
 
 export const MARKER_FILE = 'mg-standby-copy.json';
 /** A copy that cannot be decoded on this standby is replaced after this long (each copy restarts the standby). */
@@ -244,12 +244,5 @@ export class StandbySlotSync {
 }
 
 async function withClient<T>(at: { host: string; port: number; database: string }, work: (sql: pg.Client) => Promise<T>): Promise<T> {
-  const sql = sqlClient({ ...at, applicationName: 'mg-cdc-standby-slot' });
-  sql.on('error', () => undefined);
-  await sql.connect();
-  try {
-    return await work(sql);
-  } finally {
-    await sql.end().catch(() => undefined);
-  }
+  return withSqlClient({ ...at, applicationName: 'mg-cdc-standby-slot' }, work);
 }
