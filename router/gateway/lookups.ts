@@ -118,7 +118,7 @@ export async function insertLookupRows(plan: InsertPlan, paramSets: ReadonlyArra
  * change (primary vindex column, then each lookup's column, as OwnedWrite's
  * SELECT reads them): old rows removed, new ones written (UPDATE).
  */
-export async function moveLookupRows(owned: OwnedWrite, rows: TextRow[], params: readonly BoundParam[] | undefined, access: LookupAccess): Promise<void> {
+export async function moveLookupRows(owned: Pick<OwnedWrite, 'lookups' | 'newValues'>, rows: TextRow[], params: readonly BoundParam[] | undefined, access: LookupAccess): Promise<void> {
   const gone: LookupRow[] = [];
   const added: LookupRow[] = [];
   for (const row of rows) {

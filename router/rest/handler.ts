@@ -327,6 +327,8 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
     params = shards.map(() => plan.params);
   }
   const owned = owns && s.kind === 'write' ? s.owned : undefined;
+  // the owner rows the request changes, locked, with their lookup columns before the change
+  const lockOwned = owned?.select([owns![0].primary.column, ...owns!.map((l) => l.column)]);
   return runShards(shards, opts, async (txs, on) => {
     // Lookup rows are written in the request's transaction (their shards join it), as the gateway's user: on a
     // shard where the request's role is set by then, the role is reset first (nothing of the request runs after).
@@ -347,15 +349,13 @@ async function runSharded(plan: Plan, routing: ShardRouting, runShards: RunShard
     const lockedRows: TextRow[] = [];
     const rows = await Promise.all(txs.map(async (tx, i) => {
       roled.add(tx);
-      if (!owned) return (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0];
-      // the owner rows the request changes, locked, with their lookup columns before the change
-      const select = owned.select([owns![0].primary.column, ...owns!.map((l) => l.column)]);
-      lockedRows.push(...textRows(await lastAfter(prelude(tx), tx.rows(select.sql, select.params))));
+      if (!lockOwned) return (await lastAfter(prelude(tx), tx.query(plan.sql, params[i])))[0];
+      lockedRows.push(...textRows(await lastAfter(prelude(tx), tx.rows(lockOwned.sql, lockOwned.params))));
       return (await tx.query(plan.sql, params[i]))[0];
     }));
     if (owned) {
       const newValues = owned.payload && owns!.map((l) => ({ literal: paramText(owned.payload![l.column]) }));
-      await moveLookupRows({ lookups: owns!, newValues, select: Buffer.alloc(0) }, lockedRows, undefined, lookupWrites);
+      await moveLookupRows({ lookups: owns!, newValues }, lockedRows, undefined, lookupWrites);
     }
     const row = rows.length === 1 || replicated ? rows[0] : mergeWrites(rows, s.media, order);
     return { result: plan.respond(row as ResponseRow), rollback };
