@@ -16,6 +16,8 @@ export interface ShardPrimary {
 
 interface Reader {
   state: TopologyState;
+  /** Read to the end it had when subscribed: before that the primaries may be older ones. */
+  caughtUp: boolean;
   log: EventLog;
   subscription: Promise<Subscription>;
   clusters: Set<string>;
@@ -28,14 +30,18 @@ export class TopologyReaders {
 
   /**
    * The primaries of the database's shards known so far (none before the log is read, or when
-   * Kafka cannot be reached: then the next reconcile tries again).
+   * Kafka cannot be reached: then the next reconcile tries again), and whether the log was read
+   * to its end: only then may a pod be told from a primary's.
    */
-  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): ShardPrimary[] {
+  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] } {
     const reader = this.readerFor(clusterKey, where);
-    return shards.flatMap((shard) => {
-      const p = reader.state.primaries.get(shardKey(database, shard));
-      return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
-    });
+    return {
+      caughtUp: reader.caughtUp,
+      shards: shards.flatMap((shard) => {
+        const p = reader.state.primaries.get(shardKey(database, shard));
+        return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
+      }),
+    };
   }
 
   /** The cluster is gone: close readers no other cluster uses. */
@@ -64,12 +70,16 @@ export class TopologyReaders {
         applyTopologyEvent(state, event);
         if (kindOf(event).kind === 'PrimaryChanged') clusters.forEach((k) => this.onPrimaryChange(k));
       });
+      subscription.then((s) => s.caughtUp).then(() => {
+        reader!.caughtUp = true;
+        clusters.forEach((k) => this.onPrimaryChange(k));
+      }, () => undefined);
       subscription.catch((err) => {
         this.log.warn({ bootstrap: where.bootstrap, err: (err as Error).message }, 'cannot read the topology log; status shows no primaries');
         this.readers.delete(id);
         void log.close().catch(() => undefined);
       });
-      reader = { state, log, subscription, clusters };
+      reader = { state, caughtUp: false, log, subscription, clusters };
       this.readers.set(id, reader);
     }
     reader.clusters.add(clusterKey);
