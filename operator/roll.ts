@@ -86,6 +86,7 @@ export class ShardRoller {
     const progress = (message: string, recheckMs = 1_000): ShardProgress => ({ shard: `${ctx.database}/${ctx.shard}`, reason: 'ScalingDown', message, failed: false, recheckMs });
     if (!ctx.primary) return { replicas, progress: progress(`${what}: waiting for the shard's primary on the topology log`) };
     if (ctx.primary.primary === instanceId) return { replicas, progress: await this.switchover(ctx, `${what}: it is the primary`, 'ScalingDown') };
+    this.asked.delete(ctx.key);
 
     const waiting = this.waitingOut(ctx);
     if (waiting) return { replicas, progress: waiting };
