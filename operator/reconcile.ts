@@ -97,7 +97,7 @@ export async function reconcileCluster(kube: Kube, topology: PrimarySource, chan
     return after;
   }));
   for (const obj of owned) {
-    if (obj.kind === 'Secret' || wanted.has(identity(obj)) || progress.some((p) => p.holds === obj.metadata!.name)) continue;
+    if (obj.kind === 'Secret' || wanted.has(identity(obj)) || progress.some((p) => p.holds?.includes(obj.metadata!.name!))) continue;
     log.info({ cluster: name, object: identity(obj) }, 'deleting an object no resource asks for any more');
     await kube.delete(obj);
     pruned.inc({ kind: obj.kind! });
@@ -110,10 +110,8 @@ export async function reconcileCluster(kube: Kube, topology: PrimarySource, chan
   for (const group of uniqueShards(spec, active)) {
     const shard = `${group.database}/${group.shard}`;
     if (shrinking.has(shard)) continue;
-    const label = shardLabel(group.shard);
-    const sets = current.filter((o) => o.kind === 'StatefulSet' && o.metadata!.labels?.['multigres.io/database'] === group.database && o.metadata!.labels?.['multigres.io/shard'] === label) as ShardSet[];
-    const shardPods = pods.filter((p) => p.metadata?.labels?.['multigres.io/database'] === group.database && p.metadata?.labels?.['multigres.io/shard'] === label);
-    const step = await changes.roller.roll(shardContext(group.database, group.shard), sets, shardPods);
+    const sets = current.filter((o) => o.kind === 'StatefulSet' && ofShard(o, group)) as ShardSet[];
+    const step = await changes.roller.roll(shardContext(group.database, group.shard), sets, pods.filter((p) => ofShard(p, group)));
     if (step) progress.push(step);
   }
 
@@ -121,6 +119,11 @@ export async function reconcileCluster(kube: Kube, topology: PrimarySource, chan
   await setStatus(kube, cluster, databases.length, progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions);
   if (progress.length) return { requeueAfterMs: Math.min(...progress.map((p) => p.recheckMs)) };
   return rollout.done ? {} : { requeueAfterMs: 5_000 };
+}
+
+/** Whether a StatefulSet or pod is one of the shard's (by the labels every one of them carries). */
+function ofShard(o: KubernetesObject, { database, shard }: { database: string; shard: string }): boolean {
+  return o.metadata?.labels?.['multigres.io/database'] === database && o.metadata?.labels?.['multigres.io/shard'] === shardLabel(shard);
 }
 
 /** Each (database, shard) of the active databases once, in the plan's order. */
@@ -140,17 +143,15 @@ function uniqueShards(spec: ClusterSpec, active: string[]): Array<{ database: st
 async function shrinkThroughReplicaPath(
   kube: Kube, roller: ShardRoller, shardContext: (db: string, shard: string) => ShardContext, spec: ClusterSpec,
   active: string[], owned: Workload[], desired: Manifest[],
-): Promise<Array<ShardProgress & { holds?: string }>> {
-  const out: Array<ShardProgress & { holds?: string }> = [];
+): Promise<Array<ShardProgress & { holds?: string[] }>> {
+  const out: Array<ShardProgress & { holds?: string[] }> = [];
   const desiredSets = new Map(desired.filter((o) => o.kind === 'StatefulSet').map((o) => [o.metadata!.name!, o as Manifest & { spec: { replicas: number } }]));
-  for (const { database, shard } of uniqueShards(spec, active)) {
-    const label = shardLabel(shard);
-    const sets = owned.filter((o) => o.kind === 'StatefulSet' && o.metadata!.labels?.['multigres.io/database'] === database && o.metadata!.labels?.['multigres.io/shard'] === label &&
-      spec.cells.includes(o.metadata!.labels?.['multigres.io/cell'] ?? ''));
-    const { replicas, progress } = await roller.shrink(shardContext(database, shard), sets.map((s) => ({
+  for (const group of uniqueShards(spec, active)) {
+    const sets = owned.filter((o) => o.kind === 'StatefulSet' && ofShard(o, group) && spec.cells.includes(o.metadata!.labels?.['multigres.io/cell'] ?? ''));
+    const { replicas, progress } = await roller.shrink(shardContext(group.database, group.shard), sets.map((s) => ({
       name: s.metadata!.name!, cell: s.metadata!.labels!['multigres.io/cell'], current: s.spec?.replicas ?? 0, desired: desiredSets.get(s.metadata!.name!)?.spec.replicas ?? 0,
     })));
-    let holds: string | undefined;
+    const holds: string[] = [];
     for (const [setName, n] of replicas) {
       const want = desiredSets.get(setName);
       if (want) {
@@ -159,7 +160,7 @@ async function shrinkThroughReplicaPath(
       }
       const set = sets.find((s) => s.metadata!.name === setName)!;
       if (n < (set.spec?.replicas ?? 0)) await kube.scale(set, n);
-      if (n > 0) holds = setName;
+      if (n > 0) holds.push(setName);
     }
     if (progress) out.push({ ...progress, holds });
   }

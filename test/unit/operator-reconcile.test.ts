@@ -217,3 +217,19 @@ test('a deactivated database scales to zero directly, without the replica path',
   assert.deepEqual(calls, []);
   assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 0);
 });
+
+test('down to one instance: every StatefulSet no longer wanted is kept until its own instance is out', async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  const calls: string[] = [];
+  const pods = changes(api, calls);
+  const primary = primaries({ 'orders/-': { primary: 'orders-0-z1-0', term: 3 } });
+  api.custom.get('MultigresDatabase/orders').spec.instancesPerShard = 1;
+  await reconcileCluster(api, primary, pods, 'ns', 'c', log);
+  assert.deepEqual(calls, ['remove orders/- orders-0-z2-1']);
+  assert.ok(!api.objects.has('StatefulSet/c-orders-0-z2'));
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z3')?.spec.replicas, 1, 'z3 waits for its turn');
+  await reconcileCluster(api, primary, pods, 'ns', 'c', log);
+  assert.deepEqual(calls, ['remove orders/- orders-0-z2-1', 'remove orders/- orders-0-z3-2']);
+  assert.ok(!api.objects.has('StatefulSet/c-orders-0-z3'));
+});
