@@ -10,7 +10,7 @@ import { counter } from '../common/metrics.ts';
 import { instanceGroups, shardRanges, SpecError, type ClusterSpec } from '../compose/spec.ts';
 import type { KubeClient as Kube } from './kube.ts';
 import type { OrchestratorApi } from './orchestrator.ts';
-import type { ShardPrimary } from './topology.ts';
+import type { LogAddress, ShardPrimary } from './topology.ts';
 import {
   API_VERSION, FINALIZER, LABEL_CLUSTER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects, names, shardLabel,
   type Condition, type Manifest, type MultigresCluster, type MultigresDatabase,
@@ -27,9 +27,11 @@ export interface ReconcileResult {
 
 const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 
-/** Where a reconcile learns each shard's primary (operator/topology.ts; a fake in unit tests). */
-export interface PrimarySource {
-  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] };
+/** The cluster's topology log: each shard's primary, registered instances (operator/topology.ts; a fake in unit tests). */
+export interface TopologySource {
+  primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] };
+  registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined;
+  deregister(clusterKey: string, where: LogAddress, instanceIds: string[], reason: string): Promise<void>;
   forget(clusterKey: string): Promise<void>;
 }
 
@@ -40,14 +42,14 @@ export interface PodChanges {
   orchestrator(cluster: MultigresCluster, token: string): OrchestratorApi;
 }
 
-export async function reconcileCluster(kube: Kube, topology: PrimarySource, changes: PodChanges, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
+export async function reconcileCluster(kube: Kube, topology: TopologySource, changes: PodChanges, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
   const cluster = await kube.getCustom<MultigresCluster>('MultigresCluster', namespace, name);
   if (!cluster) {
     await topology.forget(`${namespace}/${name}`);
     changes.roller.forget(`${namespace}/${name}/`);
     return {}; // deleted: owner references let the garbage collector take the rest
   }
-  if (cluster.metadata!.deletionTimestamp) return finalize(kube, cluster, log);
+  if (cluster.metadata!.deletionTimestamp) return finalize(kube, topology, cluster, log);
   if (!cluster.metadata!.finalizers?.includes(FINALIZER)) {
     await kube.patchCustom('MultigresCluster', namespace, name, {
       metadata: { finalizers: [...(cluster.metadata!.finalizers ?? []), FINALIZER], resourceVersion: cluster.metadata!.resourceVersion },
@@ -222,10 +224,11 @@ function rolloutOf(owned: KubernetesObject[]): { done: boolean; conditions: Cond
 
 /**
  * Deletion: drain first (gateways to zero so clients leave through the remaining ones' Service,
- * then the instances), and only once no pod of the cluster is left remove the finalizer; the
- * garbage collector then deletes every owned object.
+ * then the instances); once no pod of the cluster is left, deregister its databases' instances on
+ * the topology log (no orchestrator is left to do it, and the log outlives the cluster), and only
+ * then remove the finalizer; the garbage collector then deletes every owned object.
  */
-async function finalize(kube: Kube, cluster: MultigresCluster, log: Logger): Promise<ReconcileResult> {
+async function finalize(kube: Kube, topology: TopologySource, cluster: MultigresCluster, log: Logger): Promise<ReconcileResult> {
   const { namespace, name } = cluster.metadata! as { namespace: string; name: string };
   if (!cluster.metadata!.finalizers?.includes(FINALIZER)) return {};
   const workloads = (await Promise.all(['Deployment', 'StatefulSet'].map((kind) => kube.listOwned('apps/v1', kind, namespace, name)))).flat() as Workload[];
@@ -237,6 +240,17 @@ async function finalize(kube: Kube, cluster: MultigresCluster, log: Logger): Pro
   if (running.length > 0) {
     await setStatus(kube, cluster, undefined, [condition('Ready', 'False', 'Draining', `waiting for ${running.length} workloads to stop`), condition('Progressing', 'True', 'Draining', 'deleting')]);
     return { requeueAfterMs: 1_000 };
+  }
+  const databases = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name).map((d) => d.metadata!.name!);
+  const where = { bootstrap: cluster.spec.kafka.bootstrap, registryUrl: cluster.spec.registry.url, topicPrefix: cluster.spec.kafka.topicPrefix ?? '' };
+  const instances = topology.registered(`${namespace}/${name}`, where, databases);
+  if (!instances) {
+    await setStatus(kube, cluster, undefined, [condition('Ready', 'False', 'Draining', 'drained; reading the topology log to deregister the instances'), condition('Progressing', 'True', 'Draining', 'deleting')]);
+    return { requeueAfterMs: 1_000 };
+  }
+  if (instances.length) {
+    await topology.deregister(`${namespace}/${name}`, where, instances, `cluster ${namespace}/${name} deleted`);
+    log.info({ cluster: name, instances }, 'deregistered the instances on the topology log');
   }
   log.info({ cluster: name }, 'drained; removing the finalizer');
   await kube.patchCustom('MultigresCluster', namespace, name, {

@@ -3,10 +3,14 @@
  * the operator folds that log (the same fold every gateway uses) instead of guessing from
  * pods. One subscription per event log (bootstrap, registry, topic prefix), opened on the
  * first reconcile of a cluster that names it; a primary change wakes the cluster's reconcile.
+ * The one event the operator writes there: an instance deregistered when its cluster is deleted.
  */
+import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
-import { applyTopologyEvent, emptyTopology, kindOf, shardKey, type TopologyState } from '../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, payload, shardKey, topologyKey, type TopologyEvent, type TopologyState } from '../schemas/index.ts';
+
+export interface LogAddress { bootstrap: string; registryUrl: string; topicPrefix: string }
 
 export interface ShardPrimary {
   shard: string;
@@ -33,7 +37,7 @@ export class TopologyReaders {
    * Kafka cannot be reached: then the next reconcile tries again), and whether the log was read
    * to its end: only then may a pod be told from a primary's.
    */
-  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] } {
+  primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] } {
     const reader = this.readerFor(clusterKey, where);
     return {
       caughtUp: reader.caughtUp,
@@ -42,6 +46,19 @@ export class TopologyReaders {
         return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
       }),
     };
+  }
+
+  /** Instances of the databases registered on the log; undefined until it is read to its end. */
+  registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined {
+    const reader = this.readerFor(clusterKey, where);
+    if (!reader.caughtUp) return undefined;
+    return [...reader.state.instances.values()].filter((i) => databases.includes(i.database)).map((i) => i.instanceId);
+  }
+
+  /** Publishes InstanceDeregistered for each, and returns once the log acknowledged them. */
+  async deregister(clusterKey: string, where: LogAddress, instanceIds: string[], reason: string): Promise<void> {
+    const events: TopologyEvent[] = instanceIds.map((instanceId) => ({ eventId: randomUUID(), ts: new Date(), source: 'mg-operator', payload: payload('InstanceDeregistered', { instanceId, reason }) }));
+    await this.readerFor(clusterKey, where).log.publisher('topology')(events.map((e) => ({ key: topologyKey(e), value: e })));
   }
 
   /** The cluster is gone: close readers no other cluster uses. */
@@ -59,7 +76,7 @@ export class TopologyReaders {
     for (const key of [...new Set([...this.readers.values()].flatMap((r) => [...r.clusters]))]) await this.forget(key);
   }
 
-  private readerFor(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }): Reader {
+  private readerFor(clusterKey: string, where: LogAddress): Reader {
     const id = `${where.bootstrap}|${where.registryUrl}|${where.topicPrefix}`;
     let reader = this.readers.get(id);
     if (!reader) {

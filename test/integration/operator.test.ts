@@ -28,7 +28,7 @@ import {
 import { OPERATOR_NAMESPACE, startControlPlane, type ControlPlane } from '../support/control-plane.ts';
 import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 import { until } from '../support/wait.ts';
-import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import { kindOf, payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
 import type { EventLog } from '../../common/eventlog.ts';
 
 const runFile = promisify(execFile);
@@ -554,7 +554,13 @@ describe('the operator on a real API server', () => {
     figures.push(`leader failover: the follower took the lease ${(takeoverMs / 1000).toFixed(1)}s after the leader was killed (lease 3 s)`);
   });
 
-  test('deleting the cluster drains it through the finalizer, then everything it owned goes', async () => {
+  test('deleting the cluster drains it through the finalizer, deregisters its instances, then everything it owned goes', async () => {
+    // Instances as their agents would have registered them, and one of a database of another cluster on the same log.
+    const registered = ['orders-0-zone1-0', 'orders-0-zone2-1', 'orders-0-zone3-2', 'elsewhere-0-zone1-0'].map((instanceId, i): TopologyEvent => ({
+      eventId: `reg-${instanceId}`, ts: new Date(), source: 'test',
+      payload: payload('InstanceRegistered', { instanceId, database: instanceId.split('-')[0], shard: '-', cell: 'zone1', host: `10.0.0.${i}`, port: 5432, type: 'REPLICA', agentMetricsPort: null, poolerPort: null }),
+    }));
+    await eventLog.publisher('topology')(registered.map((e) => ({ key: topologyKey(e), value: e })));
     await custom.deleteNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha' });
     // While the finalizer holds the resource, the workloads go to zero first.
     const drained = await until('the workloads scaled to zero', 30_000, async () => {
@@ -571,6 +577,16 @@ describe('the operator on a real API server', () => {
         return err.code === 404;
       }
     });
+    // Read right after the resource went: the deregistrations were on the log before the finalizer let go.
+    const deregistered: Array<{ instanceId: string; reason: string }> = [];
+    const sub = await eventLog.subscribe('topology', (e) => {
+      const { kind, body } = kindOf(e);
+      if (kind === 'InstanceDeregistered') deregistered.push(body as { instanceId: string; reason: string });
+    });
+    await sub.caughtUp;
+    await sub.stop();
+    assert.deepEqual(deregistered.map((d) => d.instanceId).sort(), ['orders-0-zone1-0', 'orders-0-zone2-1', 'orders-0-zone3-2'], 'every instance of the cluster, and only those');
+    assert.ok(deregistered.every((d) => d.reason === `cluster ${ns}/alpha deleted`));
     await until('the garbage collector to delete every owned object and the database', 90_000, async () => {
       const dbs = await custom.listNamespacedCustomObject({ ...group, plural: 'multigresdatabases' }) as any;
       return (await ownedObjects()).size === 0 && dbs.items.length === 0;

@@ -8,7 +8,7 @@ import type { KubernetesObject, V1Pod } from '@kubernetes/client-node';
 import { createLogger } from '../../common/log.ts';
 import type { KubeClient } from '../../operator/kube.ts';
 import type { OrchestratorApi } from '../../operator/orchestrator.ts';
-import { reconcileCluster, type PodChanges, type PrimarySource } from '../../operator/reconcile.ts';
+import { reconcileCluster, type PodChanges, type TopologySource } from '../../operator/reconcile.ts';
 import { ShardRoller } from '../../operator/roll.ts';
 import type { MultigresCluster, MultigresDatabase } from '../../operator/resources.ts';
 
@@ -86,8 +86,10 @@ class FakeApi implements KubeClient {
   }
 }
 
-const primaries = (table: Record<string, { primary: string; term: number }> = {}): PrimarySource => ({
+const primaries = (table: Record<string, { primary: string; term: number }> = {}, registered: string[] = [], deregistered: string[] = []): TopologySource => ({
   primaries: (_k, _w, database, shards) => ({ caughtUp: true, shards: shards.flatMap((shard) => (table[`${database}/${shard}`] ? [{ shard, ...table[`${database}/${shard}`] }] : [])) }),
+  registered: () => registered,
+  deregister: async (_k, _w, ids) => void deregistered.push(...ids),
   forget: async () => undefined,
 });
 
@@ -174,7 +176,9 @@ test('deletion drains every workload before the finalizer goes', async () => {
   assert.equal(conditions(api).Ready, 'False:Draining');
 
   api.allReady(); // the controllers removed the pods: status.replicas 0
-  result = await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  const deregistered: string[] = [];
+  result = await reconcileCluster(api, primaries({}, ['orders-0-z1-0', 'orders-0-z2-1'], deregistered), changes(api), 'ns', 'c', log);
+  assert.deepEqual(deregistered, ['orders-0-z1-0', 'orders-0-z2-1'], 'the instances deregistered on the log before the finalizer goes');
   assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, []);
   assert.deepEqual(result, {});
 });
