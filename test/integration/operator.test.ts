@@ -183,9 +183,9 @@ const podsOfShard = async () => (await core.listNamespacedPod({ namespace: ns, l
 const isReady = (p: V1Pod) => !!p.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True');
 
 /**
- * The kubelet, running: every 100 ms marks new pods Ready and notes, by pod name, when a pod
- * disappeared (its uid gone: deleted, and recreated by the StatefulSet controller) and when its
- * replacement was marked Ready.
+ * The kubelet, running: every 100 ms marks new pods Ready (the Deployments' too) and notes, by
+ * name, when a postgres pod disappeared (its uid gone: deleted, and recreated by the
+ * StatefulSet controller) and when its replacement was marked Ready.
  */
 function runKubelet(): { deleted: Array<{ name: string; at: number }>; readyAt: Array<{ name: string; at: number }>; stop: () => Promise<void> } {
   const deleted: Array<{ name: string; at: number }> = [];
@@ -195,14 +195,17 @@ function runKubelet(): { deleted: Array<{ name: string; at: number }>; readyAt: 
   const loop = (async () => {
     let first = true;
     while (!stopped) {
-      const pods = await podsOfShard();
-      const now = new Map(pods.map((p) => [p.metadata!.uid!, p.metadata!.name!]));
-      if (!first) for (const [uid, name] of uids) if (!now.has(uid)) deleted.push({ name, at: Date.now() });
-      uids = now;
-      first = false;
-      for (const p of pods.filter((x) => !isReady(x))) {
+      try {
+        const pods = await podsOfShard();
+        const now = new Map(pods.map((p) => [p.metadata!.uid!, p.metadata!.name!]));
+        if (!first) for (const [uid, name] of uids) if (!now.has(uid)) deleted.push({ name, at: Date.now() });
+        uids = now;
+        first = false;
+        const unready = pods.filter((x) => !isReady(x)).map((x) => x.metadata!.name!);
         await markPodsReady();
-        readyAt.push({ name: p.metadata!.name!, at: Date.now() });
+        readyAt.push(...unready.map((name) => ({ name, at: Date.now() })));
+      } catch {
+        // A pod deleted between the list and the status patch: the next round sees its replacement.
       }
       await new Promise((r) => setTimeout(r, 100));
     }
