@@ -105,18 +105,22 @@ function changed(before: Map<string, string>, after: Map<string, string>): strin
   return [...keys].filter((k) => before.get(k) !== after.get(k)).sort();
 }
 
-/** Plays the kubelet: every pod of the namespace is Running and Ready. */
-async function markPodsReady(): Promise<number> {
+/** Plays the kubelet: every pod of the namespace is Running and Ready. Returns which it marked, and when. */
+async function markPodsReady(): Promise<Array<{ name: string; at: number }>> {
   const pods = await core.listNamespacedPod({ namespace: ns });
-  let marked = 0;
+  const marked: Array<{ name: string; at: number }> = [];
   for (const pod of pods.items) {
     if (pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) continue;
     const now = new Date();
-    await core.patchNamespacedPodStatus({
-      name: pod.metadata!.name!, namespace: ns,
-      body: { status: { phase: 'Running', podIP: '10.0.0.1', startTime: now, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }, { type: 'ContainersReady', status: 'True', lastTransitionTime: now }] } },
-    }, mergePatch);
-    marked++;
+    try {
+      await core.patchNamespacedPodStatus({
+        name: pod.metadata!.name!, namespace: ns,
+        body: { status: { phase: 'Running', podIP: '10.0.0.1', startTime: now, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }, { type: 'ContainersReady', status: 'True', lastTransitionTime: now }] } },
+      }, mergePatch);
+      marked.push({ name: pod.metadata!.name!, at: Date.now() });
+    } catch (err: any) {
+      if (err.code !== 404) throw err; // deleted since the list (a controller's roll): nothing to mark
+    }
   }
   return marked;
 }
@@ -201,11 +205,9 @@ function runKubelet(): { deleted: Array<{ name: string; at: number }>; readyAt: 
         if (!first) for (const [uid, name] of uids) if (!now.has(uid)) deleted.push({ name, at: Date.now() });
         uids = now;
         first = false;
-        const unready = pods.filter((x) => !isReady(x)).map((x) => x.metadata!.name!);
-        await markPodsReady();
-        readyAt.push(...unready.map((name) => ({ name, at: Date.now() })));
+        readyAt.push(...await markPodsReady());
       } catch {
-        // A pod deleted between the list and the status patch: the next round sees its replacement.
+        // The API server busy for a moment: the next round tries again.
       }
       await new Promise((r) => setTimeout(r, 100));
     }
