@@ -105,24 +105,24 @@ function changed(before: Map<string, string>, after: Map<string, string>): strin
   return [...keys].filter((k) => before.get(k) !== after.get(k)).sort();
 }
 
-/** Plays the kubelet: every pod of the namespace is Running and Ready. Returns which it marked, and when. */
-async function markPodsReady(): Promise<Array<{ name: string; at: number }>> {
-  const pods = await core.listNamespacedPod({ namespace: ns });
-  const marked: Array<{ name: string; at: number }> = [];
-  for (const pod of pods.items) {
-    if (pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) continue;
-    const now = new Date();
-    try {
-      await core.patchNamespacedPodStatus({
-        name: pod.metadata!.name!, namespace: ns,
-        body: { status: { phase: 'Running', podIP: '10.0.0.1', startTime: now, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }, { type: 'ContainersReady', status: 'True', lastTransitionTime: now }] } },
-      }, mergePatch);
-      marked.push({ name: pod.metadata!.name!, at: Date.now() });
-    } catch (err: any) {
-      if (err.code !== 404) throw err; // deleted since the list (a controller's roll): nothing to mark
-    }
+/** Plays the kubelet for one pod: Running and Ready. False when the pod is gone meanwhile. */
+async function markReady(pod: V1Pod): Promise<boolean> {
+  const now = new Date();
+  try {
+    await core.patchNamespacedPodStatus({
+      name: pod.metadata!.name!, namespace: ns,
+      body: { status: { phase: 'Running', podIP: '10.0.0.1', startTime: now, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }, { type: 'ContainersReady', status: 'True', lastTransitionTime: now }] } },
+    }, mergePatch);
+    return true;
+  } catch (err: any) {
+    if (err.code !== 404) throw err; // deleted since the list (a controller's roll): nothing to mark
+    return false;
   }
-  return marked;
+}
+
+/** Plays the kubelet: every pod of the namespace is Running and Ready. */
+async function markPodsReady(): Promise<void> {
+  for (const pod of (await core.listNamespacedPod({ namespace: ns })).items) if (!isReady(pod)) await markReady(pod);
 }
 
 /** The shard's primary on the topology log, as an orchestrator would publish it after an election. */
@@ -187,25 +187,32 @@ const podsOfShard = async () => (await core.listNamespacedPod({ namespace: ns, l
 const isReady = (p: V1Pod) => !!p.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True');
 
 /**
- * The kubelet, running: every 100 ms marks new pods Ready (the Deployments' too) and notes, by
- * name, when a postgres pod disappeared (its uid gone: deleted, and recreated by the
- * StatefulSet controller) and when its replacement was marked Ready.
+ * The kubelet, running: marks each new pod Ready once it has existed for `readyDelayMs` (a
+ * container starting: an operator that did not wait for readiness would delete the next pod
+ * within that time), and notes when each postgres pod (by uid) disappeared (deleted, and
+ * recreated by the StatefulSet controller under the same name) and when each was marked Ready.
  */
-function runKubelet(): { deleted: Array<{ name: string; at: number }>; readyAt: Array<{ name: string; at: number }>; stop: () => Promise<void> } {
-  const deleted: Array<{ name: string; at: number }> = [];
-  const readyAt: Array<{ name: string; at: number }> = [];
-  let uids = new Map<string, string>();
+function runKubelet(readyDelayMs = 500): { deleted: Array<{ name: string; uid: string; at: number }>; readyAt: Array<{ name: string; uid: string; at: number }>; stop: () => Promise<void> } {
+  const deleted: Array<{ name: string; uid: string; at: number }> = [];
+  const readyAt: Array<{ name: string; uid: string; at: number }> = [];
+  const firstSeen = new Map<string, number>();
+  let postgres = new Map<string, string>();
   let stopped = false;
   const loop = (async () => {
     let first = true;
     while (!stopped) {
       try {
-        const pods = await podsOfShard();
-        const now = new Map(pods.map((p) => [p.metadata!.uid!, p.metadata!.name!]));
-        if (!first) for (const [uid, name] of uids) if (!now.has(uid)) deleted.push({ name, at: Date.now() });
-        uids = now;
+        const pods = (await core.listNamespacedPod({ namespace: ns })).items;
+        const now = new Map(pods.filter((p) => p.metadata!.labels?.['app.kubernetes.io/component'] === 'postgres').map((p) => [p.metadata!.uid!, p.metadata!.name!]));
+        if (!first) for (const [uid, name] of postgres) if (!now.has(uid)) deleted.push({ name, uid, at: Date.now() });
+        postgres = now;
         first = false;
-        readyAt.push(...await markPodsReady());
+        for (const pod of pods.filter((p) => !isReady(p))) {
+          const uid = pod.metadata!.uid!;
+          if (!firstSeen.has(uid)) firstSeen.set(uid, Date.now());
+          if (Date.now() - firstSeen.get(uid)! < readyDelayMs) continue;
+          if (await markReady(pod)) readyAt.push({ name: pod.metadata!.name!, uid, at: Date.now() });
+        }
       } catch {
         // The API server busy for a moment: the next round tries again.
       }
@@ -459,12 +466,12 @@ describe('the operator on a real API server', () => {
       await until('every pod replaced on the new image', 120_000, () => rolledTo('multigres/multigres:1.2', 4));
       const rollMs = Date.now() - t0;
       clearInterval(sampler);
-      figures.push(`rolling update of a new image, resource patched to all 4 pods of the shard replaced and Ready (test's kubelet marks pods Ready within ~100 ms, orchestrator answers at once and publishes the term 1.5 s later): ${(rollMs / 1000).toFixed(1)}s`);
+      figures.push(`rolling update of a new image, resource patched to all 4 pods of the shard replaced and Ready (test's kubelet marks a pod Ready 0.5 s after it appears, the orchestrator answers at once and publishes the term 1.5 s later): ${(rollMs / 1000).toFixed(1)}s`);
 
       // The replicas' pods first (the primary orders-0-zone3-2 is on alpha-orders-0-zone3-0), one at a time.
       assert.deepEqual(kubelet.deleted.map((d) => d.name), ['alpha-orders-0-zone1-0', 'alpha-orders-0-zone1-1', 'alpha-orders-0-zone2-0', 'alpha-orders-0-zone3-0']);
       for (let i = 1; i < 4; i++) {
-        const ready = kubelet.readyAt.find((r) => r.name === kubelet.deleted[i - 1].name && r.at >= kubelet.deleted[i - 1].at);
+        const ready = kubelet.readyAt.find((r) => r.name === kubelet.deleted[i - 1].name && r.uid !== kubelet.deleted[i - 1].uid);
         assert.ok(ready && ready.at <= kubelet.deleted[i].at, `${kubelet.deleted[i].name} deleted only after ${kubelet.deleted[i - 1].name}'s replacement was Ready`);
       }
       // Then one switchover request naming the shard, with the cluster's token, and the old primary's pod only after the new term was on the log.
