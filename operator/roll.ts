@@ -65,7 +65,7 @@ const setOf = (pod: V1Pod) => pod.metadata?.ownerReferences?.find((r) => r.kind 
 export class ShardRoller {
   /** Switchovers asked for and not yet seen on the log: the term they started from. */
   private readonly asked = new Map<string, { term: number; at: number }>();
-  /** Replica removals running on an orchestrator, by instance id. */
+  /** Replica removals running on an orchestrator, by shard key and instance id. */
   private readonly removing = new Map<string, string>();
   private readonly backoffs = new Map<string, Backoff>();
 
@@ -98,7 +98,8 @@ export class ShardRoller {
     };
     try {
       const orch = await ctx.orchestrator();
-      let opId = this.removing.get(instanceId) ?? (await runningRemoval(orch, ctx, instanceId));
+      const removalKey = `${ctx.key}/${instanceId}`;
+      let opId = this.removing.get(removalKey) ?? (await runningRemoval(orch, ctx, instanceId));
       if (!opId) {
         const answer = await orch.removeReplica(ctx.database, ctx.shard, instanceId);
         // Not in the cohort (never registered, or removed already): nothing stands in the way.
@@ -111,10 +112,10 @@ export class ShardRoller {
         removals.inc({ result: 'started' });
         ctx.log.info({ shard: `${ctx.database}/${ctx.shard}`, instance: instanceId, operation: opId }, 'asked the orchestrator to remove the instance');
       }
-      this.removing.set(instanceId, opId);
+      this.removing.set(removalKey, opId);
       const op = await orch.operation(opId);
       if (op.status === 200 && op.body.state === 'running') return { replicas, progress: progress(`${what}: ${op.body.steps?.at(-1)?.message ?? 'removal running'} (operation ${opId})`) };
-      this.removing.delete(instanceId);
+      this.removing.delete(removalKey);
       if (op.status === 200 && op.body.state === 'succeeded') return done();
       removals.inc({ result: 'failed' });
       return { replicas, progress: this.fail(ctx, 'ReplicaRemovalFailed', `${what}: operation ${opId} ${op.status === 200 ? `failed: ${op.body.error}` : `is gone (HTTP ${op.status})`}`) };
@@ -226,7 +227,7 @@ export class ShardRoller {
 
   /** The cluster is gone: forget its shards. */
   forget(prefix: string): void {
-    for (const map of [this.asked, this.backoffs]) for (const k of map.keys()) if (k.startsWith(prefix)) map.delete(k);
+    for (const map of [this.asked, this.removing, this.backoffs]) for (const k of map.keys()) if (k.startsWith(prefix)) map.delete(k);
   }
 }
 
