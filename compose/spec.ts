@@ -288,6 +288,16 @@ export function instanceIdOf(database: string, shard: string, cell: string, inde
   return `${database}-${shardLabel}-${cell}-${index}`;
 }
 
+/**
+ * The id of the `ordinal`-th instance of the layout in `cell`, whether or not the spec still asks for it: instance i
+ * of a shard goes to cell i mod n (instancesOf), so a cell's instances are its own index, then every n-th after it.
+ * On Kubernetes that is the pod of that ordinal in the cell's StatefulSet, and lowering instancesPerShard removes
+ * the highest ordinals, the ones a StatefulSet removes first.
+ */
+export function layoutInstanceId(cells: string[], database: string, shard: string, cell: string, ordinal: number): string {
+  return instanceIdOf(database, shard, cell, cells.indexOf(cell) + ordinal * cells.length);
+}
+
 /** `slot`, or the first slot after the dropped databases' ranges that start there (a dropped database held its slots in the layout's order). */
 function pastDroppedSlots(spec: ClusterSpec, slot: number): number {
   for (let moved = true; moved;) {

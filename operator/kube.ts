@@ -1,10 +1,11 @@
 /**
  * The operator's few API calls, behind one small surface: server-side apply of owned objects,
- * listing and deleting them, merge patches of custom resources and their status.
+ * listing and deleting them, merge patches of custom resources and their status, and the
+ * pods and the API token a rolling update needs.
  */
 import {
-  ApiException, CustomObjectsApi, KubernetesObjectApi, PatchStrategy, setHeaderOptions,
-  type KubeConfig, type KubernetesObject,
+  ApiException, CoreV1Api, CustomObjectsApi, KubernetesObjectApi, PatchStrategy, setHeaderOptions,
+  type KubeConfig, type KubernetesObject, type V1Pod,
 } from '@kubernetes/client-node';
 import { GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGER, VERSION } from './resources.ts';
 
@@ -17,15 +18,42 @@ export function statusOf(err: unknown): number | undefined {
 }
 
 /** What a reconcile needs of the API (a fake in unit tests). */
-export type KubeClient = Pick<Kube, 'apply' | 'scale' | 'createIfMissing' | 'listOwned' | 'delete' | 'listCustom' | 'getCustom' | 'patchCustom' | 'patchStatus'>;
+export type KubeClient = Pick<Kube, 'apply' | 'scale' | 'createIfMissing' | 'listOwned' | 'delete' | 'listCustom' | 'getCustom' | 'patchCustom' | 'patchStatus' | 'listPods' | 'deletePod' | 'secretValue'>;
 
 export class Kube {
   private readonly objects: KubernetesObjectApi;
   private readonly custom: CustomObjectsApi;
+  private readonly core: CoreV1Api;
 
   constructor(kc: KubeConfig) {
     this.objects = KubernetesObjectApi.makeApiClient(kc);
     this.custom = kc.makeApiClient(CustomObjectsApi);
+    this.core = kc.makeApiClient(CoreV1Api);
+  }
+
+  async listPods(namespace: string, labels: Record<string, string>): Promise<V1Pod[]> {
+    const labelSelector = Object.entries(labels).map(([k, v]) => `${k}=${v}`).join(',');
+    return (await this.core.listNamespacedPod({ namespace, labelSelector })).items;
+  }
+
+  /** Deletes exactly this pod: a newer one of the same name (already recreated) is left alone. */
+  async deletePod(pod: V1Pod): Promise<void> {
+    try {
+      await this.core.deleteNamespacedPod({ name: pod.metadata!.name!, namespace: pod.metadata!.namespace!, body: { preconditions: { uid: pod.metadata!.uid } } });
+    } catch (err) {
+      if (statusOf(err) !== 404 && statusOf(err) !== 409) throw err;
+    }
+  }
+
+  /** One key of a Secret, decoded; undefined when the Secret or the key is missing. */
+  async secretValue(namespace: string, name: string, key: string): Promise<string | undefined> {
+    try {
+      const value = (await this.core.readNamespacedSecret({ name, namespace })).data?.[key];
+      return value === undefined ? undefined : Buffer.from(value, 'base64').toString('utf8');
+    } catch (err) {
+      if (statusOf(err) === 404) return undefined;
+      throw err;
+    }
   }
 
   /**

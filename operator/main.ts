@@ -4,7 +4,8 @@
  * Lease watches and writes; the others wait for it. Configuration from the environment:
  *   KUBECONFIG (else in-cluster), MG_OPERATOR_NAMESPACE (watch one namespace; default all),
  *   MG_OPERATOR_LEASE_NAMESPACE, MG_OPERATOR_LEASE_NAME, MG_OPERATOR_IDENTITY,
- *   MG_OPERATOR_LEASE_SECONDS, MG_OPERATOR_RESYNC_SECONDS, MG_OPERATOR_METRICS_PORT, MG_OPERATOR_METRICS_HOST.
+ *   MG_OPERATOR_LEASE_SECONDS, MG_OPERATOR_RESYNC_SECONDS, MG_OPERATOR_METRICS_PORT, MG_OPERATOR_METRICS_HOST,
+ *   MG_OPERATOR_ORCHESTRATOR_URL (the orchestrators' API when the operator runs outside the cluster).
  */
 import os from 'node:os';
 import { KubeConfig, type KubernetesObject } from '@kubernetes/client-node';
@@ -15,7 +16,9 @@ import { counter, histogram, serveMetrics } from '../common/metrics.ts';
 import { Kube, PLURALS } from './kube.ts';
 import { LeaderElector } from './leader.ts';
 import { WorkQueue } from './queue.ts';
-import { reconcileCluster } from './reconcile.ts';
+import { OrchestratorClient, orchestratorUrls } from './orchestrator.ts';
+import { reconcileCluster, type PodChanges } from './reconcile.ts';
+import { ShardRoller } from './roll.ts';
 import { TopologyReaders } from './topology.ts';
 import { GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGER, VERSION, type MultigresDatabase } from './resources.ts';
 import { watchForever, type WatchHandle } from './watch.ts';
@@ -30,6 +33,8 @@ const configSchema = z.object({
   MG_OPERATOR_METRICS_PORT: z.coerce.number().int().min(0).max(65535).default(9500),
   /** 0.0.0.0 in a pod (probes and Prometheus reach the pod's address). */
   MG_OPERATOR_METRICS_HOST: z.string().min(1).default('0.0.0.0'),
+  /** Outside the cluster the orchestrators' Services do not resolve: one URL for every cluster's orchestrator API. */
+  MG_OPERATOR_ORCHESTRATOR_URL: z.string().url().optional(),
 });
 
 const log = createLogger('operator');
@@ -48,6 +53,10 @@ const kube = new Kube(kc);
 const queue = new WorkQueue();
 const known = new Set<string>();
 const topology = new TopologyReaders(log, (key) => queue.add(key));
+const podChanges: PodChanges = {
+  roller: new ShardRoller((pod) => kube.deletePod(pod)),
+  orchestrator: (cluster, token) => new OrchestratorClient(orchestratorUrls(cluster, config.MG_OPERATOR_ORCHESTRATOR_URL), token),
+};
 const watches: WatchHandle[] = [];
 const elector = new LeaderElector(kc, {
   namespace: config.MG_OPERATOR_LEASE_NAMESPACE, name: config.MG_OPERATOR_LEASE_NAME,
@@ -85,7 +94,7 @@ async function work(key: string): Promise<void> {
   const clusterLog = log.child({ cluster: key });
   const stopTimer = reconcileSeconds.startTimer();
   try {
-    const result = await reconcileCluster(kube, topology, namespace, name, clusterLog);
+    const result = await reconcileCluster(kube, topology, podChanges, namespace, name, clusterLog);
     queue.forget(key);
     reconciles.inc({ result: 'ok' });
     const seconds = stopTimer();

@@ -7,13 +7,15 @@ import { randomBytes } from 'node:crypto';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from '../common/log.ts';
 import { counter } from '../common/metrics.ts';
-import { shardRanges, SpecError } from '../compose/spec.ts';
+import { instanceGroups, shardRanges, SpecError, type ClusterSpec } from '../compose/spec.ts';
 import type { KubeClient as Kube } from './kube.ts';
-import type { ShardPrimary } from './topology.ts';
+import type { OrchestratorApi } from './orchestrator.ts';
+import type { LogAddress, ShardPrimary } from './topology.ts';
 import {
-  API_VERSION, FINALIZER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects,
-  type Condition, type MultigresCluster, type MultigresDatabase,
+  API_VERSION, FINALIZER, LABEL_CLUSTER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects, names, shardLabel,
+  type Condition, type Manifest, type MultigresCluster, type MultigresDatabase,
 } from './resources.ts';
+import type { ShardContext, ShardProgress, ShardRoller, ShardSet } from './roll.ts';
 
 const applied = counter('mg_operator_objects_applied_total', 'Objects the operator applied (created or changed)', ['kind']);
 const pruned = counter('mg_operator_objects_deleted_total', 'Owned objects the operator deleted because no resource asks for them', ['kind']);
@@ -25,19 +27,29 @@ export interface ReconcileResult {
 
 const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 
-/** Where a reconcile learns each shard's primary (operator/topology.ts; a fake in unit tests). */
-export interface PrimarySource {
-  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): ShardPrimary[];
+/** The cluster's topology log: each shard's primary, registered instances (operator/topology.ts; a fake in unit tests). */
+export interface TopologySource {
+  primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] };
+  registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined;
+  deregister(clusterKey: string, where: LogAddress, instanceIds: string[], reason: string): Promise<void>;
   forget(clusterKey: string): Promise<void>;
 }
 
-export async function reconcileCluster(kube: Kube, topology: PrimarySource, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
+/** Planned changes of shards' pods (operator/roll.ts) and the orchestrators they ask. */
+export interface PodChanges {
+  roller: ShardRoller;
+  /** The cluster's orchestrators, called with its API token. */
+  orchestrator(cluster: MultigresCluster, token: string): OrchestratorApi;
+}
+
+export async function reconcileCluster(kube: Kube, topology: TopologySource, changes: PodChanges, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
   const cluster = await kube.getCustom<MultigresCluster>('MultigresCluster', namespace, name);
   if (!cluster) {
     await topology.forget(`${namespace}/${name}`);
+    changes.roller.forget(`${namespace}/${name}/`);
     return {}; // deleted: owner references let the garbage collector take the rest
   }
-  if (cluster.metadata!.deletionTimestamp) return finalize(kube, cluster, log);
+  if (cluster.metadata!.deletionTimestamp) return finalize(kube, topology, cluster, log);
   if (!cluster.metadata!.finalizers?.includes(FINALIZER)) {
     await kube.patchCustom('MultigresCluster', namespace, name, {
       metadata: { finalizers: [...(cluster.metadata!.finalizers ?? []), FINALIZER], resourceVersion: cluster.metadata!.resourceVersion },
@@ -65,6 +77,21 @@ export async function reconcileCluster(kube: Kube, topology: PrimarySource, name
   const wanted = new Set(desired.map(identity));
   const owned = (await Promise.all(OWNED_KINDS.map((k) => kube.listOwned(k.apiVersion, k.kind, namespace, name)))).flat();
   const versions = new Map(owned.map((o) => [identity(o), o.metadata!.resourceVersion]));
+
+  const where = { bootstrap: spec.kafka.bootstrap!, registryUrl: spec.registry.url!, topicPrefix: spec.kafka.topicPrefix };
+  const primaries = new Map(databases.map((db) => [db.metadata!.name!, topology.primaries(`${namespace}/${name}`, where, db.metadata!.name!, shardRanges(db.spec.shards ?? 1).map((r) => r.shard))]));
+  let token: Promise<string> | undefined;
+  const orchestrator = async () => {
+    token ??= kube.secretValue(namespace, names.credentials(name), 'orchestrator-api-token').then((t) => t ?? Promise.reject(new Error(`Secret ${names.credentials(name)} has no orchestrator-api-token`)));
+    return changes.orchestrator(cluster, await token);
+  };
+  const shardContext = (db: string, shard: string): ShardContext => {
+    const p = primaries.get(db)!;
+    return { key: `${namespace}/${name}/${db}/${shard}`, database: db, shard, cells: spec.cells, primary: p.caughtUp ? p.shards.find((s) => s.shard === shard) : undefined, orchestrator, log };
+  };
+  const active = databases.filter((db) => !db.spec.deactivated).map((db) => db.metadata!.name!);
+  const progress = await shrinkThroughReplicaPath(kube, changes.roller, shardContext, spec, active, owned as Workload[], desired);
+  const shrinking = new Set(progress.map((p) => p.shard));
   // Independent objects: applied together, so a reconcile costs about one round trip, not sixteen.
   const current = await Promise.all(desired.map(async (obj) => {
     const after = await kube.apply(obj);
@@ -72,20 +99,85 @@ export async function reconcileCluster(kube: Kube, topology: PrimarySource, name
     return after;
   }));
   for (const obj of owned) {
-    if (obj.kind === 'Secret' || wanted.has(identity(obj))) continue;
+    if (obj.kind === 'Secret' || wanted.has(identity(obj)) || progress.some((p) => p.holds?.includes(obj.metadata!.name!))) continue;
     log.info({ cluster: name, object: identity(obj) }, 'deleting an object no resource asks for any more');
     await kube.delete(obj);
     pruned.inc({ kind: obj.kind! });
   }
 
-  const where = { bootstrap: spec.kafka.bootstrap!, registryUrl: spec.registry.url!, topicPrefix: spec.kafka.topicPrefix };
-  for (const db of databases) {
-    const shards = shardRanges(db.spec.shards ?? 1).map((r) => r.shard);
-    await setDatabaseStatus(kube, db, topology.primaries(`${namespace}/${name}`, where, db.metadata!.name!, shards));
+  for (const db of databases) await setDatabaseStatus(kube, db, primaries.get(db.metadata!.name!)!.shards);
+
+  // Pods on an old template: replaced one at a time per shard, the primary's last and after a switchover.
+  const pods = active.length ? await kube.listPods(namespace, { [LABEL_CLUSTER]: name, 'app.kubernetes.io/component': 'postgres' }) : [];
+  for (const group of uniqueShards(spec, active)) {
+    const shard = `${group.database}/${group.shard}`;
+    if (shrinking.has(shard)) continue;
+    const sets = current.filter((o) => o.kind === 'StatefulSet' && ofShard(o, group)) as ShardSet[];
+    const step = await changes.roller.roll(shardContext(group.database, group.shard), sets, pods.filter((p) => ofShard(p, group)));
+    if (step) progress.push(step);
   }
+
   const rollout = rolloutOf(current);
-  await setStatus(kube, cluster, databases.length, rollout.conditions);
+  await setStatus(kube, cluster, databases.length, progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions);
+  if (progress.length) return { requeueAfterMs: Math.min(...progress.map((p) => p.recheckMs)) };
   return rollout.done ? {} : { requeueAfterMs: 5_000 };
+}
+
+/** Whether a StatefulSet or pod is one of the shard's (by the labels every one of them carries). */
+function ofShard(o: KubernetesObject, { database, shard }: { database: string; shard: string }): boolean {
+  return o.metadata?.labels?.['multigres.io/database'] === database && o.metadata?.labels?.['multigres.io/shard'] === shardLabel(shard);
+}
+
+/** Each (database, shard) of the active databases once, in the plan's order. */
+function uniqueShards(spec: ClusterSpec, active: string[]): Array<{ database: string; shard: string }> {
+  const seen = new Map<string, { database: string; shard: string }>();
+  for (const g of instanceGroups(spec)) if (active.includes(g.database)) seen.set(`${g.database}/${g.shard}`, { database: g.database, shard: g.shard });
+  return [...seen.values()];
+}
+
+/**
+ * One instance fewer goes through the orchestrator's replica path before its pod goes: each
+ * StatefulSet the spec shrinks keeps its replicas (in `desired`, changed in place) until the
+ * instance of its highest ordinal is out of the cohort. A set no longer desired at all (its
+ * cell holds no instance of the shard any more) is scaled down the same way and kept from
+ * pruning until it is at zero; the progress says which (`holds`).
+ */
+async function shrinkThroughReplicaPath(
+  kube: Kube, roller: ShardRoller, shardContext: (db: string, shard: string) => ShardContext, spec: ClusterSpec,
+  active: string[], owned: Workload[], desired: Manifest[],
+): Promise<Array<ShardProgress & { holds?: string[] }>> {
+  const out: Array<ShardProgress & { holds?: string[] }> = [];
+  const desiredSets = new Map(desired.filter((o) => o.kind === 'StatefulSet').map((o) => [o.metadata!.name!, o as Manifest & { spec: { replicas: number } }]));
+  for (const group of uniqueShards(spec, active)) {
+    const sets = owned.filter((o) => o.kind === 'StatefulSet' && ofShard(o, group) && spec.cells.includes(o.metadata!.labels?.['multigres.io/cell'] ?? ''));
+    const { replicas, progress } = await roller.shrink(shardContext(group.database, group.shard), sets.map((s) => ({
+      name: s.metadata!.name!, cell: s.metadata!.labels!['multigres.io/cell'], current: s.spec?.replicas ?? 0, desired: desiredSets.get(s.metadata!.name!)?.spec.replicas ?? 0,
+    })));
+    const holds: string[] = [];
+    for (const [setName, n] of replicas) {
+      const want = desiredSets.get(setName);
+      if (want) {
+        want.spec.replicas = n;
+        continue;
+      }
+      const set = sets.find((s) => s.metadata!.name === setName)!;
+      if (n < (set.spec?.replicas ?? 0)) await kube.scale(set, n);
+      if (n > 0) holds.push(setName);
+    }
+    if (progress) out.push({ ...progress, holds });
+  }
+  return out;
+}
+
+/** The conditions with the shards' planned changes: Progressing names them, a failing one degrades the cluster. */
+function withProgress(conditions: Condition[], progress: ShardProgress[]): Condition[] {
+  const failed = progress.filter((p) => p.failed);
+  const messages = (list: ShardProgress[]) => list.map((p) => p.message).join('; ');
+  return conditions.map((c) => {
+    if (c.type === 'Progressing') return condition('Progressing', 'True', (failed[0] ?? progress[0]).reason, messages(progress));
+    if (c.type === 'Degraded' && failed.length) return condition('Degraded', 'True', failed[0].reason, messages(failed));
+    return c;
+  });
 }
 
 /** The cluster owns its databases: deleting it deletes them, and their objects with them. */
@@ -132,10 +224,11 @@ function rolloutOf(owned: KubernetesObject[]): { done: boolean; conditions: Cond
 
 /**
  * Deletion: drain first (gateways to zero so clients leave through the remaining ones' Service,
- * then the instances), and only once no pod of the cluster is left remove the finalizer; the
- * garbage collector then deletes every owned object.
+ * then the instances); once no pod of the cluster is left, deregister its databases' instances on
+ * the topology log (no orchestrator is left to do it, and the log outlives the cluster), and only
+ * then remove the finalizer; the garbage collector then deletes every owned object.
  */
-async function finalize(kube: Kube, cluster: MultigresCluster, log: Logger): Promise<ReconcileResult> {
+async function finalize(kube: Kube, topology: TopologySource, cluster: MultigresCluster, log: Logger): Promise<ReconcileResult> {
   const { namespace, name } = cluster.metadata! as { namespace: string; name: string };
   if (!cluster.metadata!.finalizers?.includes(FINALIZER)) return {};
   const workloads = (await Promise.all(['Deployment', 'StatefulSet'].map((kind) => kube.listOwned('apps/v1', kind, namespace, name)))).flat() as Workload[];
@@ -147,6 +240,17 @@ async function finalize(kube: Kube, cluster: MultigresCluster, log: Logger): Pro
   if (running.length > 0) {
     await setStatus(kube, cluster, undefined, [condition('Ready', 'False', 'Draining', `waiting for ${running.length} workloads to stop`), condition('Progressing', 'True', 'Draining', 'deleting')]);
     return { requeueAfterMs: 1_000 };
+  }
+  const databases = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name).map((d) => d.metadata!.name!);
+  const where = { bootstrap: cluster.spec.kafka.bootstrap, registryUrl: cluster.spec.registry.url, topicPrefix: cluster.spec.kafka.topicPrefix ?? '' };
+  const instances = topology.registered(`${namespace}/${name}`, where, databases);
+  if (!instances) {
+    await setStatus(kube, cluster, undefined, [condition('Ready', 'False', 'Draining', 'drained; reading the topology log to deregister the instances'), condition('Progressing', 'True', 'Draining', 'deleting')]);
+    return { requeueAfterMs: 1_000 };
+  }
+  if (instances.length) {
+    await topology.deregister(`${namespace}/${name}`, where, instances, `cluster ${namespace}/${name} deleted`);
+    log.info({ cluster: name, instances }, 'deregistered the instances on the topology log');
   }
   log.info({ cluster: name }, 'drained; removing the finalizer');
   await kube.patchCustom('MultigresCluster', namespace, name, {

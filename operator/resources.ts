@@ -163,7 +163,7 @@ function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: In
       replicas: db.spec.deactivated ? 0 : group.instances.length,
       podManagementPolicy: 'Parallel',
       // Pods are replaced only when deleted: a controller-driven roll would restart a shard's
-      // primary without a switchover first (decision 0045; the operator's own roll is not built).
+      // primary without a switchover first; the operator rolls them itself (decision 0055).
       updateStrategy: { type: 'OnDelete' },
       selector: { matchLabels: selector },
       template: {

@@ -3,10 +3,14 @@
  * the operator folds that log (the same fold every gateway uses) instead of guessing from
  * pods. One subscription per event log (bootstrap, registry, topic prefix), opened on the
  * first reconcile of a cluster that names it; a primary change wakes the cluster's reconcile.
+ * The one event the operator writes there: an instance deregistered when its cluster is deleted.
  */
+import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
-import { applyTopologyEvent, emptyTopology, kindOf, shardKey, type TopologyState } from '../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, payload, shardKey, topologyKey, type TopologyEvent, type TopologyState } from '../schemas/index.ts';
+
+export interface LogAddress { bootstrap: string; registryUrl: string; topicPrefix: string }
 
 export interface ShardPrimary {
   shard: string;
@@ -16,6 +20,8 @@ export interface ShardPrimary {
 
 interface Reader {
   state: TopologyState;
+  /** Read to the end it had when subscribed: before that the primaries may be older ones. */
+  caughtUp: boolean;
   log: EventLog;
   subscription: Promise<Subscription>;
   clusters: Set<string>;
@@ -28,14 +34,31 @@ export class TopologyReaders {
 
   /**
    * The primaries of the database's shards known so far (none before the log is read, or when
-   * Kafka cannot be reached: then the next reconcile tries again).
+   * Kafka cannot be reached: then the next reconcile tries again), and whether the log was read
+   * to its end: only then may a pod be told from a primary's.
    */
-  primaries(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }, database: string, shards: string[]): ShardPrimary[] {
+  primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] } {
     const reader = this.readerFor(clusterKey, where);
-    return shards.flatMap((shard) => {
-      const p = reader.state.primaries.get(shardKey(database, shard));
-      return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
-    });
+    return {
+      caughtUp: reader.caughtUp,
+      shards: shards.flatMap((shard) => {
+        const p = reader.state.primaries.get(shardKey(database, shard));
+        return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
+      }),
+    };
+  }
+
+  /** Instances of the databases registered on the log; undefined until it is read to its end. */
+  registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined {
+    const reader = this.readerFor(clusterKey, where);
+    if (!reader.caughtUp) return undefined;
+    return [...reader.state.instances.values()].filter((i) => databases.includes(i.database)).map((i) => i.instanceId);
+  }
+
+  /** Publishes InstanceDeregistered for each, and returns once the log acknowledged them. */
+  async deregister(clusterKey: string, where: LogAddress, instanceIds: string[], reason: string): Promise<void> {
+    const events: TopologyEvent[] = instanceIds.map((instanceId) => ({ eventId: randomUUID(), ts: new Date(), source: 'mg-operator', payload: payload('InstanceDeregistered', { instanceId, reason }) }));
+    await this.readerFor(clusterKey, where).log.publisher('topology')(events.map((e) => ({ key: topologyKey(e), value: e })));
   }
 
   /** The cluster is gone: close readers no other cluster uses. */
@@ -53,7 +76,7 @@ export class TopologyReaders {
     for (const key of [...new Set([...this.readers.values()].flatMap((r) => [...r.clusters]))]) await this.forget(key);
   }
 
-  private readerFor(clusterKey: string, where: { bootstrap: string; registryUrl: string; topicPrefix: string }): Reader {
+  private readerFor(clusterKey: string, where: LogAddress): Reader {
     const id = `${where.bootstrap}|${where.registryUrl}|${where.topicPrefix}`;
     let reader = this.readers.get(id);
     if (!reader) {
@@ -64,12 +87,16 @@ export class TopologyReaders {
         applyTopologyEvent(state, event);
         if (kindOf(event).kind === 'PrimaryChanged') clusters.forEach((k) => this.onPrimaryChange(k));
       });
+      subscription.then((s) => s.caughtUp).then(() => {
+        reader!.caughtUp = true;
+        clusters.forEach((k) => this.onPrimaryChange(k));
+      }, () => undefined);
       subscription.catch((err) => {
         this.log.warn({ bootstrap: where.bootstrap, err: (err as Error).message }, 'cannot read the topology log; status shows no primaries');
         this.readers.delete(id);
         void log.close().catch(() => undefined);
       });
-      reader = { state, log, subscription, clusters };
+      reader = { state, caughtUp: false, log, subscription, clusters };
       this.readers.set(id, reader);
     }
     reader.clusters.add(clusterKey);

@@ -2,24 +2,33 @@
  * The operator against a real Kubernetes control plane (etcd, kube-apiserver and
  * kube-controller-manager built from upstream, test/support/control-plane.ts): the kustomize
  * base installed with kubectl, two operator processes with the RBAC of that base, and a
- * 1-database 3-instance cluster taken through creation, readiness, spec changes, a leader's
- * death and deletion. No kubelet runs here: the test marks pods Running and Ready itself,
- * the way kwok would, and containers never start (docs/operator.md).
+ * 1-database 3-instance cluster taken through creation, readiness, spec changes, rolling
+ * updates, scaling through the replica path, a leader's death and deletion.
+ *
+ * Two parts are played by the test: the kubelet's (no kubelet runs here: the test marks pods
+ * Running and Ready itself, the way kwok would, and containers never start) and the
+ * orchestrator's (no orchestrator pod runs: the operator is pointed at an HTTP server of the
+ * test through MG_OPERATOR_ORCHESTRATOR_URL, which records each request and, for a switchover,
+ * publishes the PrimaryChanged a real orchestrator would on the test's real Kafka). What only a
+ * real cluster verifies: the orchestrator's own switchover and replica removal (their tests are
+ * the orchestrator's), and pods that really stop and start (docs/operator.md).
  */
 import assert from 'node:assert/strict';
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import {
   ApiextensionsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubernetesObjectApi, PatchStrategy, setHeaderOptions,
-  type KubeConfig,
+  type KubeConfig, type V1Pod,
 } from '@kubernetes/client-node';
 import { OPERATOR_NAMESPACE, startControlPlane, type ControlPlane } from '../support/control-plane.ts';
 import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 import { until } from '../support/wait.ts';
-import { payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import { kindOf, payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
 import type { EventLog } from '../../common/eventlog.ts';
 
 const runFile = promisify(execFile);
@@ -46,7 +55,7 @@ function startOperator(identity: string, metricsPort: number): void {
     cwd: repoRoot, stdio: ['ignore', logFile, logFile],
     env: {
       ...process.env, KUBECONFIG: cp.kubeconfigFile('operator'), MG_OPERATOR_NAMESPACE: ns,
-      MG_OPERATOR_IDENTITY: identity, MG_OPERATOR_LEASE_SECONDS: '3', MG_OPERATOR_RESYNC_SECONDS: '30', MG_OPERATOR_METRICS_PORT: String(metricsPort), MG_OPERATOR_METRICS_HOST: '127.0.0.1',
+      MG_OPERATOR_IDENTITY: identity, MG_OPERATOR_ORCHESTRATOR_URL: `http://127.0.0.1:${base + 12}`, MG_OPERATOR_LEASE_SECONDS: '3', MG_OPERATOR_RESYNC_SECONDS: '30', MG_OPERATOR_METRICS_PORT: String(metricsPort), MG_OPERATOR_METRICS_HOST: '127.0.0.1',
     },
   });
   operators.set(identity, { child, metricsPort });
@@ -96,20 +105,128 @@ function changed(before: Map<string, string>, after: Map<string, string>): strin
   return [...keys].filter((k) => before.get(k) !== after.get(k)).sort();
 }
 
-/** Plays the kubelet: every pod of the namespace is Running and Ready. */
-async function markPodsReady(): Promise<number> {
-  const pods = await core.listNamespacedPod({ namespace: ns });
-  let marked = 0;
-  for (const pod of pods.items) {
-    if (pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) continue;
-    const now = new Date();
+/** Plays the kubelet for one pod: Running and Ready. False when the pod is gone meanwhile. */
+async function markReady(pod: V1Pod): Promise<boolean> {
+  const now = new Date();
+  try {
     await core.patchNamespacedPodStatus({
       name: pod.metadata!.name!, namespace: ns,
       body: { status: { phase: 'Running', podIP: '10.0.0.1', startTime: now, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }, { type: 'ContainersReady', status: 'True', lastTransitionTime: now }] } },
     }, mergePatch);
-    marked++;
+    return true;
+  } catch (err: any) {
+    if (err.code !== 404) throw err; // deleted since the list (a controller's roll): nothing to mark
+    return false;
   }
-  return marked;
+}
+
+/** Plays the kubelet: every pod of the namespace is Running and Ready. */
+async function markPodsReady(): Promise<void> {
+  for (const pod of (await core.listNamespacedPod({ namespace: ns })).items) if (!isReady(pod)) await markReady(pod);
+}
+
+/** The shard's primary on the topology log, as an orchestrator would publish it after an election. */
+async function publishPrimary(instance: string, term: bigint): Promise<void> {
+  const e: TopologyEvent = {
+    eventId: `e-${instance}-${term}`, ts: new Date(), source: 'test',
+    payload: payload('PrimaryChanged', { database: 'orders', shard: '-', primaryInstanceId: instance, term, ruleNumber: term, reason: 'test' }),
+  };
+  await eventLog.publisher('topology')([{ key: topologyKey(e), value: e }]);
+}
+
+/**
+ * Plays the orchestrators' REST API: records every request with its bearer token; a switchover
+ * answers 200 and publishes the new primary in the next term after `publishDelayMs` (so an
+ * operator that deleted the old primary's pod on the answer alone would be caught); a replica
+ * removal is an operation that succeeds after `removeMs`.
+ */
+const orch = {
+  requests: [] as Array<{ at: number; method: string; path: string; auth: string | undefined }>,
+  primary: { instance: '', term: 0n },
+  handOverTo: '',
+  refuseSwitchovers: 0,
+  publishedAt: [] as number[],
+  publishDelayMs: 1_500,
+  removeMs: 1_000,
+  operations: new Map<string, { id: string; kind: string; target: string; state: string; steps: Array<{ message: string }>; error: null }>(),
+};
+let orchServer: http.Server;
+
+function serveOrchestrator(port: number): Promise<void> {
+  orchServer = http.createServer((req, res) => {
+    req.resume();
+    const send = (status: number, body: unknown) => res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+    orch.requests.push({ at: Date.now(), method: req.method!, path: req.url!, auth: req.headers.authorization });
+    let m;
+    if (req.method === 'POST' && req.url === '/v1/shards/orders/-/switchover') {
+      if (orch.refuseSwitchovers > 0) {
+        orch.refuseSwitchovers--;
+        return send(409, { error: 'test: no replica caught up enough to hand over to' });
+      }
+      const previous = orch.primary.instance;
+      orch.primary = { instance: orch.handOverTo, term: orch.primary.term + 1n };
+      const { instance, term } = orch.primary;
+      setTimeout(() => void publishPrimary(instance, term).then(() => orch.publishedAt.push(Date.now())), orch.publishDelayMs);
+      return send(200, { previous, primary: instance, term: String(term) });
+    }
+    if (req.method === 'DELETE' && (m = /^\/v1\/shards\/orders\/-\/replicas\/([^/?]+)$/.exec(req.url!))) {
+      const op = { id: randomUUID(), kind: 'replica remove', target: `orders/- ${m[1]}`, state: 'running', steps: [{ message: `${m[1]}: out of routing (DRAINED)` }], error: null };
+      orch.operations.set(op.id, op);
+      setTimeout(() => (op.state = 'succeeded'), orch.removeMs);
+      return send(202, { operation: op });
+    }
+    if (req.method === 'GET' && req.url === '/v1/operations') return send(200, { operations: [...orch.operations.values()] });
+    if (req.method === 'GET' && (m = /^\/v1\/operations\/([^/]+)$/.exec(req.url!))) return orch.operations.has(m[1]) ? send(200, orch.operations.get(m[1])) : send(404, { error: 'no operation' });
+    send(404, { error: `test orchestrator: no route ${req.method} ${req.url}` });
+  });
+  return new Promise((resolve) => orchServer.listen(port, '127.0.0.1', resolve));
+}
+
+const dbStatus = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' })) as any).status;
+const podsOfShard = async () => (await core.listNamespacedPod({ namespace: ns, labelSelector: 'app.kubernetes.io/component=postgres' })).items;
+const isReady = (p: V1Pod) => !!p.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True');
+
+/**
+ * The kubelet, running: marks each new pod Ready once it has existed for `readyDelayMs` (a
+ * container starting: an operator that did not wait for readiness would delete the next pod
+ * within that time), and notes when each postgres pod (by uid) disappeared (deleted, and
+ * recreated by the StatefulSet controller under the same name) and when each was marked Ready.
+ */
+function runKubelet(readyDelayMs = 500): { deleted: Array<{ name: string; uid: string; at: number }>; readyAt: Array<{ name: string; uid: string; at: number }>; stop: () => Promise<void> } {
+  const deleted: Array<{ name: string; uid: string; at: number }> = [];
+  const readyAt: Array<{ name: string; uid: string; at: number }> = [];
+  const firstSeen = new Map<string, number>();
+  let postgres = new Map<string, string>();
+  let stopped = false;
+  const loop = (async () => {
+    let first = true;
+    while (!stopped) {
+      try {
+        const pods = (await core.listNamespacedPod({ namespace: ns })).items;
+        const now = new Map(pods.filter((p) => p.metadata!.labels?.['app.kubernetes.io/component'] === 'postgres').map((p) => [p.metadata!.uid!, p.metadata!.name!]));
+        if (!first) for (const [uid, name] of postgres) if (!now.has(uid)) deleted.push({ name, uid, at: Date.now() });
+        postgres = now;
+        first = false;
+        for (const pod of pods.filter((p) => !isReady(p))) {
+          const uid = pod.metadata!.uid!;
+          if (!firstSeen.has(uid)) firstSeen.set(uid, Date.now());
+          if (Date.now() - firstSeen.get(uid)! < readyDelayMs) continue;
+          if (await markReady(pod)) readyAt.push({ name: pod.metadata!.name!, uid, at: Date.now() });
+        }
+      } catch {
+        // The API server busy for a moment: the next round tries again.
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  return { deleted, readyAt, stop: async () => { stopped = true; await loop; } };
+}
+
+/** Every postgres pod on `image`, Ready, and the cluster no longer Progressing. */
+async function rolledTo(image: string, pods: number): Promise<boolean> {
+  const list = await podsOfShard();
+  if (list.length !== pods || !list.every((p) => isReady(p) && p.spec!.containers.find((c) => c.name === 'agent')!.image === image)) return false;
+  return conditionOf(await getCluster('alpha'), 'Progressing')?.status === 'False';
 }
 
 const expectedNames = [
@@ -143,6 +260,7 @@ before(async () => {
   objects = KubernetesObjectApi.makeApiClient(admin);
   await core.createNamespace({ body: { metadata: { name: ns } } });
   eventLog = await testEventLog(prefix);
+  await serveOrchestrator(base + 12);
   startOperator('op-a', base + 10);
   await until('op-a to hold the lease', 60_000, async () => (await leaseHolder()) === 'op-a');
   startOperator('op-b', base + 11);
@@ -157,6 +275,7 @@ before(async () => {
 
 after(async () => {
   await eventLog?.close();
+  orchServer?.close();
   for (const { child } of operators.values()) child.kill('SIGKILL');
   await cp?.stop();
   if (figures.length) console.log(`operator figures:\n  ${figures.join('\n  ')}`);
@@ -270,17 +389,13 @@ describe('the operator on a real API server', () => {
   });
 
   test("each shard's primary and term come from the topology log, newer terms winning", async () => {
-    const publish = eventLog.publisher('topology');
-    const primaryChanged = (instance: string, term: bigint): TopologyEvent => ({
-      eventId: `e-${instance}-${term}`, ts: new Date(), source: 'test',
-      payload: payload('PrimaryChanged', { database: 'orders', shard: '-', primaryInstanceId: instance, term, ruleNumber: term, reason: 'test' }),
-    });
-    const dbStatus = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' })) as any).status;
-    await publish([primaryChanged('orders-0-zone2-1', 3n)].map((e) => ({ key: topologyKey(e), value: e })));
+    await publishPrimary('orders-0-zone2-1', 3n);
     await until('the primary in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 3);
     assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone2-1', term: 3 }]);
     // An older term arriving later changes nothing; a newer one does.
-    await publish([primaryChanged('orders-0-zone1-0', 2n), primaryChanged('orders-0-zone3-2', 4n)].map((e) => ({ key: topologyKey(e), value: e })));
+    await publishPrimary('orders-0-zone1-0', 2n);
+    await publishPrimary('orders-0-zone3-2', 4n);
+    orch.primary = { instance: 'orders-0-zone3-2', term: 4n };
     await until('term 4 in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 4);
     assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone3-2', term: 4 }]);
     const { stdout } = await runFile('kubectl', ['--kubeconfig', cp.kubeconfigFile('admin'), '-n', ns, 'get', 'multigresdatabases']);
@@ -333,6 +448,102 @@ describe('the operator on a real API server', () => {
     await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { deactivated: false } } }, mergePatch);
   });
 
+  test("a new image rolls the shard's pods: replicas one at a time, then a switchover, then the old primary's pod", async () => {
+    // The spec change above left 4 instances on the previous image, reactivated: their pods come back.
+    const kubelet = runKubelet();
+    try {
+      await until('4 ready pods and a Ready cluster', 60_000, async () => (await podsOfShard()).filter(isReady).length === 4 && conditionOf(await getCluster('alpha'), 'Ready')?.status === 'True');
+      const token = Buffer.from((await core.readNamespacedSecret({ name: 'alpha-credentials', namespace: ns })).data!['orchestrator-api-token'], 'base64').toString();
+      const progressing = new Set<string>();
+      const sampler = setInterval(() => void getCluster('alpha').then((c) => {
+        const p = conditionOf(c, 'Progressing');
+        if (p?.status === 'True') progressing.add(`${p.reason}: ${p.message}`);
+      }, () => undefined), 150);
+      orch.handOverTo = 'orders-0-zone1-0';
+      const t0 = Date.now();
+      kubelet.deleted.length = 0;
+      await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { spec: { image: 'multigres/multigres:1.2' } } }, mergePatch);
+      await until('every pod replaced on the new image', 120_000, () => rolledTo('multigres/multigres:1.2', 4));
+      const rollMs = Date.now() - t0;
+      clearInterval(sampler);
+      figures.push(`rolling update of a new image, resource patched to all 4 pods of the shard replaced and Ready (test's kubelet marks a pod Ready 0.5 s after it appears, the orchestrator answers at once and publishes the term 1.5 s later): ${(rollMs / 1000).toFixed(1)}s`);
+
+      // The replicas' pods first (the primary orders-0-zone3-2 is on alpha-orders-0-zone3-0), one at a time.
+      assert.deepEqual(kubelet.deleted.map((d) => d.name), ['alpha-orders-0-zone1-0', 'alpha-orders-0-zone1-1', 'alpha-orders-0-zone2-0', 'alpha-orders-0-zone3-0']);
+      for (let i = 1; i < 4; i++) {
+        const ready = kubelet.readyAt.find((r) => r.name === kubelet.deleted[i - 1].name && r.uid !== kubelet.deleted[i - 1].uid);
+        assert.ok(ready && ready.at <= kubelet.deleted[i].at, `${kubelet.deleted[i].name} deleted only after ${kubelet.deleted[i - 1].name}'s replacement was Ready`);
+      }
+      // Then one switchover request naming the shard, with the cluster's token, and the old primary's pod only after the new term was on the log.
+      const switchovers = orch.requests.filter((r) => r.at >= t0 && r.path.endsWith('/switchover'));
+      assert.deepEqual(switchovers.map((r) => [r.method, r.path, r.auth]), [['POST', '/v1/shards/orders/-/switchover', `Bearer ${token}`]]);
+      assert.ok(switchovers[0].at > kubelet.deleted[2].at, 'the switchover after the replicas');
+      assert.ok(orch.publishedAt.length === 1 && kubelet.deleted[3].at > orch.publishedAt[0], "the old primary's pod deleted after term 5 was on the log, not on the switchover's answer");
+      assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone1-0', term: 5 }]);
+      assert.ok([...progressing].some((m) => /^RollingUpdate: orders\/-: replacing pod alpha-orders-0-zone\d-\d \(orders-0-zone\d-\d, replica; \d\/4 pods on the new template\)/.test(m)), [...progressing].join('\n'));
+      assert.ok([...progressing].some((m) => /switchover asked for; waiting for a term above 4/.test(m)), [...progressing].join('\n'));
+      const sts = (await ownedObjects()).get('StatefulSet/alpha-orders-0-zone1');
+      assert.equal(sts.spec.updateStrategy.type, 'OnDelete', 'the operator rolls, not the StatefulSet controller');
+
+      // A refused switchover: the primary's pod stays, the cluster is Degraded with the reason, and the operator retries.
+      orch.refuseSwitchovers = 2;
+      orch.handOverTo = 'orders-0-zone3-2';
+      const t1 = Date.now();
+      await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { spec: { image: 'multigres/multigres:1.3' } } }, mergePatch);
+      const degraded = await until('Degraded by the refusal', 60_000, async () => {
+        const d = conditionOf(await getCluster('alpha'), 'Degraded');
+        return d?.status === 'True' && d;
+      });
+      assert.equal(degraded.reason, 'SwitchoverFailed');
+      assert.match(degraded.message, /orders\/-: the primary orders-0-zone1-0 is on pod alpha-orders-0-zone1-0 .*switchover refused: HTTP 409: test: no replica caught up enough to hand over to; retrying in \d+ s/);
+      await until('the pods replaced after the retries', 120_000, () => rolledTo('multigres/multigres:1.3', 4));
+      const tries = orch.requests.filter((r) => r.at >= t1 && r.path.endsWith('/switchover')).map((r) => r.at);
+      assert.equal(tries.length, 3, 'two refusals, then accepted');
+      assert.ok(tries[1] - tries[0] >= 1_000 && tries[2] - tries[1] >= 2_000, `the retries back off 1 s, then 2 s (${tries[1] - tries[0]} ms, ${tries[2] - tries[1]} ms)`);
+      const primaryPodGone = kubelet.deleted.find((d) => d.name === 'alpha-orders-0-zone1-0' && d.at > t1)!;
+      assert.ok(primaryPodGone.at > orch.publishedAt[1], "the primary's pod was left alone until the accepted switchover's term");
+      assert.equal(conditionOf(await getCluster('alpha'), 'Degraded').status, 'False');
+    } finally {
+      await kubelet.stop();
+    }
+  });
+
+  test('one instance fewer goes through the replica path: removed by the orchestrator, then its pod goes', async () => {
+    const kubelet = runKubelet();
+    try {
+      // Four instances: the fourth, orders-0-zone1-3, is zone1's second pod and a replica (the primary is orders-0-zone3-2).
+      const t0 = Date.now();
+      await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { instancesPerShard: 3 } } }, mergePatch);
+      const removal = await until('the removal request', 30_000, () => orch.requests.find((r) => r.at >= t0 && r.method === 'DELETE'));
+      assert.equal(removal.path, '/v1/shards/orders/-/replicas/orders-0-zone1-3');
+      assert.equal(JSON.parse((await snapshot()).get('StatefulSet/alpha-orders-0-zone1')!).replicas, 2, 'the pod stays while the orchestrator removes the instance');
+      await until('zone1 down to one pod', 30_000, async () => JSON.parse((await snapshot()).get('StatefulSet/alpha-orders-0-zone1')!).replicas === 1);
+      const op = [...orch.operations.values()].find((o) => o.target === 'orders/- orders-0-zone1-3')!;
+      assert.equal(op.state, 'succeeded');
+      assert.ok(Date.now() - removal.at >= orch.removeMs, 'shrunk only once the removal succeeded');
+      await until('the pod gone', 30_000, async () => !(await podsOfShard()).some((p) => p.metadata!.name === 'alpha-orders-0-zone1-1'));
+
+      // Two instances: the one to go, orders-0-zone3-2, is the primary: a switchover first, then its removal, then its StatefulSet.
+      orch.handOverTo = 'orders-0-zone2-1';
+      const t1 = Date.now();
+      await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { instancesPerShard: 2 } } }, mergePatch);
+      await until('the zone3 StatefulSet gone', 60_000, async () => !(await snapshot()).has('StatefulSet/alpha-orders-0-zone3'));
+      const calls = orch.requests.filter((r) => r.at >= t1 && r.method !== 'GET').map((r) => `${r.method} ${r.path}`);
+      assert.deepEqual(calls, ['POST /v1/shards/orders/-/switchover', 'DELETE /v1/shards/orders/-/replicas/orders-0-zone3-2']);
+      const deleteAt = orch.requests.find((r) => r.at >= t1 && r.method === 'DELETE')!.at;
+      assert.ok(deleteAt > orch.publishedAt.at(-1)!, 'removed only once the new primary was on the log');
+      assert.deepEqual((await dbStatus()).shards, [{ shard: '-', primary: 'orders-0-zone2-1', term: 7 }]);
+
+      // Back to three (the tests after this one expect the three cells' StatefulSets): a scale up is direct.
+      const before = orch.requests.length;
+      await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { instancesPerShard: 3 } } }, mergePatch);
+      await until('zone3 back', 30_000, async () => (await snapshot()).has('StatefulSet/alpha-orders-0-zone3'));
+      assert.equal(orch.requests.slice(before).filter((r) => r.method !== 'GET').length, 0, 'adding an instance asks the orchestrator nothing');
+    } finally {
+      await kubelet.stop();
+    }
+  });
+
   test('two operator replicas never both act: the follower waits, then takes over from a dead leader', async () => {
     assert.equal(await leaseHolder(), 'op-a');
     assert.ok(await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}') > 0, 'the leader reconciles');
@@ -355,7 +566,13 @@ describe('the operator on a real API server', () => {
     figures.push(`leader failover: the follower took the lease ${(takeoverMs / 1000).toFixed(1)}s after the leader was killed (lease 3 s)`);
   });
 
-  test('deleting the cluster drains it through the finalizer, then everything it owned goes', async () => {
+  test('deleting the cluster drains it through the finalizer, deregisters its instances, then everything it owned goes', async () => {
+    // Instances as their agents would have registered them, and one of a database of another cluster on the same log.
+    const registered = ['orders-0-zone1-0', 'orders-0-zone2-1', 'orders-0-zone3-2', 'elsewhere-0-zone1-0'].map((instanceId, i): TopologyEvent => ({
+      eventId: `reg-${instanceId}`, ts: new Date(), source: 'test',
+      payload: payload('InstanceRegistered', { instanceId, database: instanceId.split('-')[0], shard: '-', cell: 'zone1', host: `10.0.0.${i}`, port: 5432, type: 'REPLICA', agentMetricsPort: null, poolerPort: null }),
+    }));
+    await eventLog.publisher('topology')(registered.map((e) => ({ key: topologyKey(e), value: e })));
     await custom.deleteNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha' });
     // While the finalizer holds the resource, the workloads go to zero first.
     const drained = await until('the workloads scaled to zero', 30_000, async () => {
@@ -372,6 +589,16 @@ describe('the operator on a real API server', () => {
         return err.code === 404;
       }
     });
+    // Read right after the resource went: the deregistrations were on the log before the finalizer let go.
+    const deregistered: Array<{ instanceId: string; reason: string }> = [];
+    const sub = await eventLog.subscribe('topology', (e) => {
+      const { kind, body } = kindOf(e);
+      if (kind === 'InstanceDeregistered') deregistered.push(body as { instanceId: string; reason: string });
+    });
+    await sub.caughtUp;
+    await sub.stop();
+    assert.deepEqual(deregistered.map((d) => d.instanceId).sort(), ['orders-0-zone1-0', 'orders-0-zone2-1', 'orders-0-zone3-2'], 'every instance of the cluster, and only those');
+    assert.ok(deregistered.every((d) => d.reason === `cluster ${ns}/alpha deleted`));
     await until('the garbage collector to delete every owned object and the database', 90_000, async () => {
       const dbs = await custom.listNamespacedCustomObject({ ...group, plural: 'multigresdatabases' }) as any;
       return (await ownedObjects()).size === 0 && dbs.items.length === 0;

@@ -4,10 +4,12 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import type { KubernetesObject } from '@kubernetes/client-node';
+import type { KubernetesObject, V1Pod } from '@kubernetes/client-node';
 import { createLogger } from '../../common/log.ts';
 import type { KubeClient } from '../../operator/kube.ts';
-import { reconcileCluster, type PrimarySource } from '../../operator/reconcile.ts';
+import type { OrchestratorApi } from '../../operator/orchestrator.ts';
+import { reconcileCluster, type PodChanges, type TopologySource } from '../../operator/reconcile.ts';
+import { ShardRoller } from '../../operator/roll.ts';
 import type { MultigresCluster, MultigresDatabase } from '../../operator/resources.ts';
 
 const log = createLogger('test');
@@ -61,6 +63,16 @@ class FakeApi implements KubeClient {
     o.metadata = { ...o.metadata, ...body.metadata, resourceVersion: String(this.version++) };
     return o;
   }
+  pods: V1Pod[] = [];
+  async listPods(): Promise<V1Pod[]> {
+    return this.pods;
+  }
+  async deletePod(pod: V1Pod): Promise<void> {
+    this.pods = this.pods.filter((p) => p.metadata!.name !== pod.metadata!.name);
+  }
+  async secretValue(): Promise<string | undefined> {
+    return 'token';
+  }
   async patchStatus(kind: string, _ns: string, name: string, status: any): Promise<unknown> {
     const o = this.custom.get(`${kind}/${name}`);
     o.status = { ...o.status, ...status };
@@ -74,10 +86,23 @@ class FakeApi implements KubeClient {
   }
 }
 
-const primaries = (table: Record<string, { primary: string; term: number }> = {}): PrimarySource => ({
-  primaries: (_k, _w, database, shards) => shards.flatMap((shard) => (table[`${database}/${shard}`] ? [{ shard, ...table[`${database}/${shard}`] }] : [])),
+const primaries = (table: Record<string, { primary: string; term: number }> = {}, registered: string[] = [], deregistered: string[] = []): TopologySource => ({
+  primaries: (_k, _w, database, shards) => ({ caughtUp: true, shards: shards.flatMap((shard) => (table[`${database}/${shard}`] ? [{ shard, ...table[`${database}/${shard}`] }] : [])) }),
+  registered: () => registered,
+  deregister: async (_k, _w, ids) => void deregistered.push(...ids),
   forget: async () => undefined,
 });
+
+/** An orchestrator that accepts every request; `calls` says which were made. */
+function changes(api: FakeApi, calls: string[] = []): PodChanges {
+  const orch: OrchestratorApi = {
+    switchover: async (db, shard) => (calls.push(`switchover ${db}/${shard}`), { status: 200, body: {} }),
+    removeReplica: async (db, shard, id) => (calls.push(`remove ${db}/${shard} ${id}`), { status: 202, body: { operation: { id: 'op' } } }),
+    operation: async () => ({ status: 200, body: { state: 'succeeded' } }),
+    operations: async () => ({ status: 200, body: { operations: [] } }),
+  };
+  return { roller: new ShardRoller((p) => api.deletePod(p)), orchestrator: () => orch };
+}
 
 function setup(): FakeApi {
   const api = new FakeApi();
@@ -97,7 +122,7 @@ const conditions = (api: FakeApi) => Object.fromEntries(api.custom.get('Multigre
 
 test('the first reconcile creates every object and the finalizer; the second writes nothing', async () => {
   const api = setup();
-  const result = await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  const result = await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   assert.equal(api.objects.size, 16);
   assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, ['multigres.io/drain']);
   assert.equal(api.custom.get('MultigresDatabase/orders').metadata.ownerReferences[0].uid, 'c-uid');
@@ -105,19 +130,19 @@ test('the first reconcile creates every object and the finalizer; the second wri
   assert.equal(result.requeueAfterMs, 5_000, 'a rollout in progress is looked at again');
 
   api.allReady();
-  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   assert.deepEqual(conditions(api), { Ready: 'True:AllReady', Progressing: 'False:RolledOut', Degraded: 'False:AsExpected' });
   const writes = api.writes;
-  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   assert.equal(api.writes, writes, 'level-triggered and idempotent: nothing to change, nothing written');
 });
 
 test('objects nobody asks for any more are deleted; the credentials stay', async () => {
   const api = setup();
-  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   const secret = JSON.stringify(api.objects.get('Secret/c-credentials'));
   api.custom.get('MultigresCluster/c').spec.cells.pop();
-  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   assert.ok(!api.objects.has('StatefulSet/c-orders-0-z3') && !api.objects.has('Deployment/c-orch-z3') && !api.objects.has('Service/c-orch-z3'));
   assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 2, 'the third instance moved to the first cell');
   assert.equal(JSON.stringify(api.objects.get('Secret/c-credentials')), secret);
@@ -126,7 +151,7 @@ test('objects nobody asks for any more are deleted; the credentials stay', async
 test('an invalid spec degrades the cluster and applies nothing', async () => {
   const api = setup();
   api.custom.get('MultigresDatabase/orders').spec.durability = 'MULTI_CELL_ANY_4';
-  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   assert.equal(api.objects.size, 0);
   assert.equal(conditions(api).Degraded, 'True:InvalidSpec');
   assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Degraded').message, /durability/);
@@ -134,16 +159,16 @@ test('an invalid spec degrades the cluster and applies nothing', async () => {
 
 test("each shard's primary and term go to the database status", async () => {
   const api = setup();
-  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z2-1', term: 7 } }), 'ns', 'c', log);
+  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z2-1', term: 7 } }), changes(api), 'ns', 'c', log);
   assert.deepEqual(api.custom.get('MultigresDatabase/orders').status.shards, [{ shard: '-', primary: 'orders-0-z2-1', term: 7 }]);
 });
 
 test('deletion drains every workload before the finalizer goes', async () => {
   const api = setup();
-  await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   api.allReady();
   api.custom.get('MultigresCluster/c').metadata.deletionTimestamp = new Date();
-  let result = await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  let result = await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   const workloads = [...api.objects.values()].filter((o) => o.kind === 'StatefulSet' || o.kind === 'Deployment');
   assert.ok(workloads.every((w) => w.spec.replicas === 0), 'every workload scaled to zero');
   assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, ['multigres.io/drain'], 'kept while pods run');
@@ -151,7 +176,64 @@ test('deletion drains every workload before the finalizer goes', async () => {
   assert.equal(conditions(api).Ready, 'False:Draining');
 
   api.allReady(); // the controllers removed the pods: status.replicas 0
-  result = await reconcileCluster(api, primaries(), 'ns', 'c', log);
+  const deregistered: string[] = [];
+  result = await reconcileCluster(api, primaries({}, ['orders-0-z1-0', 'orders-0-z2-1'], deregistered), changes(api), 'ns', 'c', log);
+  assert.deepEqual(deregistered, ['orders-0-z1-0', 'orders-0-z2-1'], 'the instances deregistered on the log before the finalizer goes');
   assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, []);
   assert.deepEqual(result, {});
+});
+
+test('one instance fewer goes through the orchestrator first: the StatefulSet keeps its pod until the instance is out', async () => {
+  const api = setup();
+  api.custom.get('MultigresDatabase/orders').spec.instancesPerShard = 4;
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  api.allReady();
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 2);
+
+  // The fourth instance (z1's second pod) is the primary: a switchover first, the set untouched.
+  const calls: string[] = [];
+  const pods = changes(api, calls);
+  api.custom.get('MultigresDatabase/orders').spec.instancesPerShard = 3;
+  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z1-3', term: 7 } }), pods, 'ns', 'c', log);
+  assert.deepEqual(calls, ['switchover orders/-']);
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 2);
+  assert.deepEqual(conditions(api).Progressing, 'True:ScalingDown');
+  assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Progressing').message, /orders\/-: removing orders-0-z1-3 \(pod c-orders-0-z1-1\): it is the primary/);
+
+  // A new primary: the instance is removed through the replica path, then the set shrinks.
+  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z2-1', term: 8 } }), pods, 'ns', 'c', log);
+  assert.deepEqual(calls, ['switchover orders/-', 'remove orders/- orders-0-z1-3']);
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 1);
+
+  // Two instances: z3 holds none any more; its set goes only after its instance was removed.
+  api.custom.get('MultigresDatabase/orders').spec.instancesPerShard = 2;
+  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z2-1', term: 8 } }), pods, 'ns', 'c', log);
+  assert.deepEqual(calls.slice(2), ['remove orders/- orders-0-z3-2']);
+  assert.ok(!api.objects.has('StatefulSet/c-orders-0-z3'));
+});
+
+test('a deactivated database scales to zero directly, without the replica path', async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  const calls: string[] = [];
+  api.custom.get('MultigresDatabase/orders').spec.deactivated = true;
+  await reconcileCluster(api, primaries({ 'orders/-': { primary: 'orders-0-z1-0', term: 2 } }), changes(api, calls), 'ns', 'c', log);
+  assert.deepEqual(calls, []);
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 0);
+});
+
+test('down to one instance: every StatefulSet no longer wanted is kept until its own instance is out', async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  const calls: string[] = [];
+  const pods = changes(api, calls);
+  const primary = primaries({ 'orders/-': { primary: 'orders-0-z1-0', term: 3 } });
+  api.custom.get('MultigresDatabase/orders').spec.instancesPerShard = 1;
+  await reconcileCluster(api, primary, pods, 'ns', 'c', log);
+  assert.deepEqual(calls, ['remove orders/- orders-0-z2-1']);
+  assert.ok(!api.objects.has('StatefulSet/c-orders-0-z2'));
+  assert.equal(api.objects.get('StatefulSet/c-orders-0-z3')?.spec.replicas, 1, 'z3 waits for its turn');
+  await reconcileCluster(api, primary, pods, 'ns', 'c', log);
+  assert.deepEqual(calls, ['remove orders/- orders-0-z2-1', 'remove orders/- orders-0-z3-2']);
+  assert.ok(!api.objects.has('StatefulSet/c-orders-0-z3'));
 });
