@@ -5,7 +5,7 @@
  */
 import pg from 'pg';
 import type { EventLog, Subscription } from '../common/eventlog.ts';
-import { applyTopologyEvent, emptyTopology, shardGroupOf, shardKey, type KeyRange, type TopologyState } from '../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, servingShardsOf, shardGroupOf, shardKey, type KeyRange, type TopologyState } from '../schemas/index.ts';
 import { TEXT_SETTINGS, WorkflowError } from './tables.ts';
 
 const asText = { getTypeParser: () => (v: string) => v };
@@ -25,12 +25,11 @@ export class ShardMap {
     await this.sub?.stop();
   }
 
-  /** The key ranges of a database's shards, in key order. */
+  /** The key ranges of the shards that serve a database (during a reshard, the serving set: decision 0056), in key order. */
   ranges(database: string): KeyRange[] {
     const group = shardGroupOf(this.state, database);
     if (!group) throw new WorkflowError(`database ${database} does not exist`);
-    return [...this.state.shards.values()]
-      .filter((s) => s.database === group)
+    return servingShardsOf(this.state, group)
       .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
       .sort((a, b) => a.start.localeCompare(b.start));
   }
