@@ -13,7 +13,7 @@
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
  *   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg backup restore <db>[/<shard>] --in-place --time T | --lsn L [--data-dir dir]
- *   mg database list|create|drop|activate|deactivate ... (see USAGE)
+ *   mg database list|create|drop|activate|deactivate|add-shard-set ... (see USAGE)
  *   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
  *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
@@ -29,7 +29,7 @@ import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
-import { createWithInstances, runDatabaseCommand } from './database.ts';
+import { addShardSet, createWithInstances, runDatabaseCommand } from './database.ts';
 import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
 import { callOrchestrator } from '../orchestrators.ts';
@@ -58,6 +58,7 @@ const USAGE = `usage:
   mg database drop       <name> --yes [--data-dir dir]
   mg database deactivate <name> [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
+  mg database add-shard-set <name> --shards N [--data-dir dir]
   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
@@ -133,8 +134,15 @@ async function main(argv: string[]): Promise<void> {
     const spec = savedSpec(values['data-dir'] ?? '.mg');
     if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
     const name = positionals[2];
-    if (!['list', 'create', 'drop', 'activate', 'deactivate'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
+    if (!['list', 'create', 'drop', 'activate', 'deactivate', 'add-shard-set'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
     if (command !== 'list' && !name) throw new UsageError(`database ${command} needs a database name`);
+    if (command === 'add-shard-set') {
+      if (!/^[1-9]\d*$/.test(values.shards ?? '')) throw new UsageError('database add-shard-set needs --shards N (the new set\'s shard count, a power of two)');
+      const log = createLogger('mg', {}).child({ command });
+      log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+      process.exitCode = await addShardSet(spec, name!, Number(values.shards), log);
+      return;
+    }
     if (command === 'create' && !values.on) {
       if (!name || !/^[a-z][a-z0-9_]{0,62}$/.test(name)) throw new UsageError('database create needs a name: lower-case letters, digits or _, starting with a letter');
       // Instances of its own: local processes are the provisioning side's (compose), the rest as for `mg cluster up`.
