@@ -34,6 +34,21 @@ export class ShardMap {
       .sort((a, b) => a.start.localeCompare(b.start));
   }
 
+  /**
+   * The key ranges of a workflow side: the named shards of the database (a Reshard's two sets, decision 0056),
+   * or with none named its serving shards.
+   */
+  rangesOf(database: string, shards: string[] | null): KeyRange[] {
+    if (!shards) return this.ranges(database);
+    const group = shardGroupOf(this.state, database);
+    if (!group) throw new WorkflowError(`database ${database} does not exist`);
+    return shards.map((shard) => {
+      const s = this.state.shards.get(shardKey(group, shard));
+      if (!s) throw new WorkflowError(`database ${database} has no shard ${shard}`);
+      return { shard, start: s.keyRangeStart, end: s.keyRangeEnd };
+    }).sort((a, b) => a.start.localeCompare(b.start));
+  }
+
   /** A new session on the current primary of a shard, in the Postgres database named like the cluster database. */
   async connect(database: string, shard: string, applicationName: string): Promise<pg.Client> {
     const group = shardGroupOf(this.state, database) ?? database;

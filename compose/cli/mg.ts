@@ -33,7 +33,7 @@ import { addShardSet, createWithInstances, runDatabaseCommand } from './database
 import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
 import { callOrchestrator } from '../orchestrators.ts';
-import { runWorkflowCommand } from './workflow.ts';
+import { createReshard, runWorkflowCommand } from './workflow.ts';
 import YAML from 'yaml';
 
 const USAGE = `usage:
@@ -64,6 +64,7 @@ const USAGE = `usage:
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
   mg vschema show   <db> [--data-dir dir]
   mg workflow create <name> --source <db> --target <db> --tables t1,t2 [--data-dir dir]
+  mg workflow create <name> --type reshard --database <db> --to-shards N [--data-dir dir]
   mg workflow list   [--data-dir dir]
   mg workflow show|start|stop|cancel <name> [--data-dir dir]
   mg workflow vdiff  <name> [--no-wait] [--data-dir dir]
@@ -102,6 +103,8 @@ async function main(argv: string[]): Promise<void> {
       source: { type: 'string' },
       target: { type: 'string' },
       tables: { type: 'string' },
+      database: { type: 'string' },
+      'to-shards': { type: 'string' },
       cell: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -168,6 +171,15 @@ async function main(argv: string[]): Promise<void> {
     if (!['create', 'list', 'show', 'start', 'stop', 'cancel', 'vdiff', 'switch-traffic', 'reverse-traffic', 'complete'].includes(command ?? '')) throw new UsageError(`unknown command: workflow ${command ?? '(none)'}`);
     const name = positionals[2];
     if (command !== 'list' && !name) throw new UsageError(`workflow ${command} needs a workflow name`);
+    if (command === 'create' && values.type === 'reshard') {
+      if (!values.database || !/^[1-9]\d*$/.test(values['to-shards'] ?? '')) throw new UsageError('workflow create --type reshard needs --database <db> --to-shards N');
+      if (values.source || values.target || values.tables) throw new UsageError('a reshard moves every table of its database\'s VSchema within it: --source, --target and --tables are for a MoveTables');
+      const log = createLogger('mg', {}).child({ command });
+      log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+      process.exitCode = await createReshard(spec, name!, values.database, Number(values['to-shards']), log);
+      return;
+    }
+    if (command === 'create' && values.type !== undefined && values.type !== 'movetables') throw new UsageError(`workflow create --type is movetables or reshard, not ${values.type}`);
     if (command === 'create' && (!values.source || !values.target || !values.tables)) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
     process.exitCode = await runWorkflowCommand(spec, command!, {
       name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'], readsOnly: values['reads-only'] ?? false,
