@@ -137,6 +137,10 @@ export class Materializer {
       throw new RequestError(400, `Reshard moves tables sharded by a primary vindex (${FUNCTIONAL_VINDEXES.join(', ')}) only: ${unplaced.join(', ')} of ${req.database} are not (reference tables and other vindexes are not supported yet)`);
     }
     if (Object.keys(vschema!.sequences).length) throw new RequestError(400, `Reshard does not move sequences yet: the VSchema of ${req.database} has ${Object.keys(vschema!.sequences).join(', ')}`);
+    // One serving set at a time: a second reshard of the database waits for the first to end.
+    const running = [...this.workflows.values()].find((w) => w.definition.type === 'RESHARD' && w.definition.sourceDatabase === req.database
+      && w.status?.phase !== 'CANCELLED' && w.status?.phase !== 'COMPLETED');
+    if (running) throw new RequestError(409, `workflow ${running.name} reshards ${req.database} already (complete or cancel it first)`);
     const serving = this.shards.ranges(req.database);
     const servingNames = new Set(serving.map((r) => r.shard));
     const others = shardsOf(state, req.database).filter((s) => !servingNames.has(s.shard))

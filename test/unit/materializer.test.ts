@@ -180,6 +180,28 @@ test('a sharded source: each shard\'s changes applied by its own position, and a
   assert.deepEqual(JSON.parse(position.values![4] as string), { [a]: ['1', '120', '0'], [b]: ['1', '50', '0'] }, 'a position per source shard');
 });
 
+test('a reshard: both shard sets stream into one topic; catch-up applies the old set\'s changes, reverse replication the new set\'s, each ignoring the other\'s', async () => {
+  const [old, next] = [shardRanges(2), shardRanges(4)];
+  const tenant = tenantsByShard(next).get('40-80')![0]; // on old shard -80 and new shard 40-80
+  const change = (shard: string, lsn: bigint, note: string): Change => ({
+    op: 'c', before: null, after: { tenant, id: '1', note }, unavailable: [],
+    sourceShard: shard, epoch: 1n, commitLsn: lsn, position: 0n, txId: null, commitMs: 0,
+  });
+  // A client's write on the old shard, then its echo: the apply's write of it on the new shard, streamed by that shard.
+  const stream = [change('-80', 100n, 'client'), change('40-80', 7n, 'echo')];
+  const decoder = { decode: async (v: Buffer) => stream[Number(v.toString())] } as unknown as ChangeDecoder;
+  const message = (i: number): RawMessage => ({ topic: 'mg.shop.public.orders', partition: 0, offset: String(i), key: null, timestamp: new Date(0), value: Buffer.from(String(i)), headers: {} });
+  const applyTo = async (targets: typeof old, streaming: typeof old) => {
+    const sessions = new Map(targets.map((r) => [r.shard, fakeSession([])]));
+    const applier = new TableApplier('split', orders, 'mg.shop.public.orders', new Map([...sessions].map(([k, v]) => [k, v.client])), targets, decoder, { ranges: streaming, vindex: orders.vindex });
+    const r = await applier.applyBatch(0, [0, 1].map(message));
+    const upserts = [...sessions].flatMap(([shard, f]) => f.statements.filter((x) => x.text.startsWith('INSERT INTO "public"."orders"')).map((x) => [shard, x.values![2]]));
+    return { applied: r.applied, upserts };
+  };
+  assert.deepEqual(await applyTo(next, old), { applied: 1, upserts: [['40-80', ['client']]] }, 'catch-up: the old shard\'s change, on the new shard its keyspace id names; the echo left out');
+  assert.deepEqual(await applyTo(old, next), { applied: 1, upserts: [['-80', ['echo']]] }, 'reverse replication: the new shard\'s change, on the old shard; the old set\'s own change left out');
+});
+
 test('a VDiff barrier over two source shards in one partition: a shard past its LSN waits while the other goes on; read again, nothing is lost or doubled', async () => {
   const ranges = shardRanges(2);
   const [a, b] = ranges.map((r) => r.shard);
