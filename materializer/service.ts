@@ -143,14 +143,15 @@ export class Materializer {
     if (running) throw new RequestError(409, `workflow ${running.name} reshards ${req.database} already (complete or cancel it first)`);
     const serving = this.shards.ranges(req.database);
     const servingNames = new Set(serving.map((r) => r.shard));
-    const others = shardsOf(state, req.database).filter((s) => !servingNames.has(s.shard))
-      .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd })).sort((a, b) => a.start.localeCompare(b.start));
-    if (others.length !== req.toShards || !coversKeyspace(others)) {
+    // The set beside the serving one (an earlier reshard's old set may be there too, serving nothing).
+    const others = shardsOf(state, req.database).filter((s) => !servingNames.has(s.shard)).map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }));
+    const target = tiling(others, req.toShards);
+    if (!target) {
       throw new RequestError(409, `database ${req.database} has no set of ${req.toShards} shards beside its serving ones (${serving.map((r) => r.shard).join(', ')}): bring it up first with mg database add-shard-set ${req.database} --shards ${req.toShards}`);
     }
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
       type: 'RESHARD', sourceDatabase: req.database, targetDatabase: req.database, tables: tables.map((t) => `public.${t}`),
-      sourceShards: serving.map((r) => r.shard), targetShards: others.map((r) => r.shard),
+      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard),
     }));
     return this.workflows.get(req.name)!;
   }
@@ -391,7 +392,16 @@ export class Materializer {
   }
 }
 
-/** Whether key ranges in key order tile the whole keyspace, each starting where the one before ends. */
-function coversKeyspace(ranges: KeyRange[]): boolean {
-  return ranges.length > 0 && ranges[0].start === '' && ranges.at(-1)!.end === '' && ranges.every((r, i) => i === 0 || r.start === ranges[i - 1].end);
+/** `n` of the ranges that tile the keyspace from `from` to its end, each starting where the one before ends, in key order; undefined when none do. */
+export function tiling(ranges: KeyRange[], n: number, from = ''): KeyRange[] | undefined {
+  if (n < 1) return undefined;
+  for (const r of ranges.filter((x) => x.start === from)) {
+    if (r.end === '') {
+      if (n === 1) return [r];
+      continue;
+    }
+    const rest = tiling(ranges, n - 1, r.end);
+    if (rest) return [r, ...rest];
+  }
+  return undefined;
 }

@@ -5,6 +5,7 @@ import type { RawMessage } from '../../common/eventlog.ts';
 import { shardRanges } from '../../compose/spec.ts';
 import { converterFor } from '../../ingest/cdc/values.ts';
 import { Barrier, TableApplier } from '../../materializer/apply.ts';
+import { tiling } from '../../materializer/service.ts';
 import { ChangeDecoder, type Change } from '../../materializer/changes.ts';
 import { deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
 import { valueSchema, type ColumnDescription, type PgType, type TableDescription } from '../../schemas/cdc.ts';
@@ -231,4 +232,14 @@ test('a VDiff barrier over two source shards in one partition: a shard past its 
   assert.equal(resume.applied, 3);
   assert.deepEqual(upserted(), [`${a}@100`, `${b}@300`, `${a}@200`, `${a}@300`, `${b}@500`]);
   assert.equal(applier.appliedOffset(0), 4n);
+});
+
+test('a reshard\'s target set: the shards beside the serving ones that tile the keyspace in the count asked, also beside an earlier reshard\'s old set', () => {
+  const named = (...sets: number[]) => sets.flatMap((n) => shardRanges(n));
+  const shards = (ranges: ReturnType<typeof shardRanges> | undefined) => ranges?.map((r) => r.shard);
+  assert.deepEqual(shards(tiling(named(4), 4)), ['-40', '40-80', '80-c0', 'c0-']);
+  assert.deepEqual(shards(tiling(named(2, 1), 1)), ['-'], 'beside the old set of an earlier reshard');
+  assert.deepEqual(shards(tiling(named(2, 1), 2)), ['-80', '80-']);
+  assert.equal(tiling(named(2), 4), undefined);
+  assert.equal(tiling(shardRanges(4).slice(0, 3), 3), undefined, 'a set with a gap at the end tiles nothing');
 });
