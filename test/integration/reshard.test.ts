@@ -128,6 +128,16 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
   let w = writer();
   await sleep(500);
 
+  // Refused with the reason: no set of that count beside the serving one, a bad body.
+  const post = async (body: unknown) => {
+    const r = await fetch(`http://127.0.0.1:${spec.materializer.port}/v1/workflows`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    return { status: r.status, error: ((await r.json()) as { error: string }).error };
+  };
+  assert.deepEqual(await post({ name: 'early', type: 'reshard', database: 'shop', toShards: 4 }),
+    { status: 409, error: 'database shop has no set of 4 shards beside its serving ones (-80, 80-): bring it up first with mg database add-shard-set shop --shards 4' });
+  assert.equal((await post({ name: 'early', type: 'reshard', database: 'nosuch', toShards: 4 })).status, 404);
+  assert.equal((await post({ name: 'early', type: 'reshard', database: 'shop', source: 'shop', toShards: 4 })).status, 400);
+
   // The new set comes up beside the old one while the writer goes on; the workflow starts on it.
   const began = Date.now();
   const created = await mg('workflow', 'create', 'split', '--type', 'reshard', '--database', 'shop', '--to-shards', '4', '--data-dir', dataDir);
@@ -140,7 +150,10 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
   const status = await orchestratorStatus(spec);
   for (const { shard } of NEW) assert.ok(status.shards.find((s) => s.database === 'shop' && s.shard === shard)?.primary, `shop/${shard} has an elected primary`);
 
+  assert.match((await post({ name: 'twice', type: 'reshard', database: 'shop', toShards: 4 })).error, /workflow split reshards shop already/);
   await until('the copy and catch-up', 120_000, async () => (await api('/v1/workflows/split')).phase === 'RUNNING');
+  const readsOnly = await mg('workflow', 'switch-traffic', 'split', '--reads-only', '--data-dir', dataDir);
+  assert.match(readsOnly.stderr, /a Reshard: it switches reads and writes together/);
   await until('catch-up to apply the writer\'s changes', 30_000, async () => Number((await api('/v1/workflows/split')).progress.eventsApplied) > 50);
   const vdiff = await mg('workflow', 'vdiff', 'split', '--data-dir', dataDir);
   assert.equal(vdiff.code, 0, vdiff.stdout + vdiff.stderr);
