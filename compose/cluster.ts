@@ -22,7 +22,7 @@ import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Pa
 import { startMaterializer, stopMaterializer } from './materializer.ts';
 import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, parseSpec, shardRanges, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { instancesOf, parseSpec, shardRanges, shardsOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
@@ -151,7 +151,11 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
     if (state.databases.get(db.name)?.dropped !== false) {
       add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null, sharded: db.sharded, transactionMode: db.transactionMode, hostedOn: null }));
     }
-    for (const r of shardRanges(db.shards)) {
+    // A second shard set (a reshard, decision 0056) is defined only after the serving set names the first: routers never see a mix.
+    if (db.shardSets.length && !state.servingShards.has(db.name)) {
+      add(payload('ServingShardsChanged', { database: db.name, version: 1n, shards: shardRanges(db.shards).map((r) => r.shard) }));
+    }
+    for (const r of shardsOfSpec(db)) {
       if (!state.shards.has(shardKey(db.name, r.shard))) {
         add(payload('ShardDefined', { database: db.name, shard: r.shard, keyRangeStart: r.start, keyRangeEnd: r.end }));
       }

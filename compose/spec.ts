@@ -18,6 +18,7 @@ const port = z.number().int().min(1024).max(65535);
  * free slot. The spec's own instances fill slots upwards from 0, so neither moves the other (decision 0034).
  */
 export const ADDED_SLOT_TOP = 99;
+const shardCount = z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two');
 const name = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/, 'must be lower-case letters, digits or _, starting with a letter');
 
 export const clusterSpecSchema = z.object({
@@ -116,7 +117,7 @@ export const clusterSpecSchema = z.object({
     .refine((c) => new Set(c).size === c.length, 'cells must be unique'),
   databases: z.array(z.object({
     name,
-    shards: z.number().int().min(1).max(256).refine((n) => (n & (n - 1)) === 0, 'must be a power of two').default(1),
+    shards: shardCount.default(1),
     /** Rows spread over the shards by the database's VSchema (docs/sharding.md); needed for more than one shard. */
     sharded: z.boolean().default(false),
     /** Default of SET mg.transaction_mode for the database's sessions. */
@@ -142,10 +143,19 @@ export const clusterSpecSchema = z.object({
     }).strict()).default([]),
     /** Instances of the instancesPerShard layout removed at run time (`mg replica remove`); their port slots stay unused. */
     removedInstances: z.array(z.string().min(1)).default([]),
+    /**
+     * Shard sets brought up at run time beside the database's own for a reshard (`mg database add-shard-set`,
+     * decision 0056): the shard count of each. Their instances are addedInstances, so no other instance's port moves.
+     */
+    shardSets: z.array(shardCount).default([]),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   }).refine((d) => d.sharded || d.shards === 1, {
     message: 'more than one shard needs sharded: true (and a VSchema: mg vschema apply)', path: ['shards'],
+  }).refine((d) => d.sharded || d.shardSets.length === 0, {
+    message: 'another shard set needs sharded: true (and a VSchema: mg vschema apply)', path: ['shardSets'],
+  }).refine((d) => new Set([d.shards, ...d.shardSets]).size === d.shardSets.length + 1, {
+    message: 'each shard set needs a shard count of its own (the shard names are the key ranges)', path: ['shardSets'],
   })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3, sharded: false, transactionMode: 'multi' }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
   /** Databases dropped at run time (`mg database drop`): the port slots they held stay unused, so no other instance's port moves. */
@@ -336,6 +346,11 @@ export function withoutDatabase(spec: ClusterSpec, database: string): ClusterSpe
   throw new SpecError(`the spec has no database ${database}`);
 }
 
+/** Every shard of a database in the spec: its own layout's, then those of the shard sets added for a reshard. */
+export function shardsOfSpec(db: ClusterSpec['databases'][number]): Array<{ shard: string; start: string; end: string }> {
+  return [db.shards, ...db.shardSets].flatMap(shardRanges);
+}
+
 /**
  * The spec with one more replica of `database`/`shard` in `cell`, in the highest port slot no instance uses
  * (from ADDED_SLOT_TOP down), and the planned instance; a SpecError when no slot is left.
@@ -343,22 +358,53 @@ export function withoutDatabase(spec: ClusterSpec, database: string): ClusterSpe
 export function withAddedInstance(spec: ClusterSpec, database: string, shard: string, cell: string): { spec: ClusterSpec; instance: PlannedInstance } {
   const db = spec.databases.find((d) => d.name === database);
   if (!db) throw new SpecError(`the spec has no database ${database}`);
-  if (!shardRanges(db.shards).some((r) => r.shard === shard)) throw new SpecError(`database ${database} has no shard ${shard}`);
+  if (!shardsOfSpec(db).some((r) => r.shard === shard)) throw new SpecError(`database ${database} has no shard ${shard}`);
   if (!spec.cells.includes(cell)) throw new SpecError(`no cell ${cell} (cells: ${spec.cells.join(', ')})`);
-  const used = new Set(spec.databases.flatMap((d) => d.addedInstances.map((a) => a.slot)));
-  let slot = ADDED_SLOT_TOP;
-  while (used.has(slot)) slot--;
-  if (slot < layoutSlots(spec)) throw new SpecError(`no port slot left for another instance (slots 0-${ADDED_SLOT_TOP} are taken)`);
   const next = structuredClone(spec);
-  next.databases.find((d) => d.name === database)!.addedInstances.push({ shard, cell, slot });
+  const slot = addInstance(next, database, shard, cell);
   checkPortClashes(next);
   return { spec: next, instance: instancesOf(next).find((i) => i.instanceId === instanceIdOf(database, shard, cell, slot))! };
 }
 
 /**
+ * The spec with a second shard set of `shards` shards beside `database`'s (decision 0056), each shard with the
+ * database's instancesPerShard in the cells in turn, every instance in a run-time port slot as an added
+ * replica is (no other instance's port moves); and the new set's planned instances.
+ */
+export function withAddedShardSet(spec: ClusterSpec, database: string, shards: number): { spec: ClusterSpec; instances: PlannedInstance[] } {
+  const db = spec.databases.find((d) => d.name === database);
+  if (!db) throw new SpecError(`the spec has no database ${database}`);
+  const next = structuredClone(spec);
+  const nextDb = next.databases.find((d) => d.name === database)!;
+  nextDb.shardSets.push(shards);
+  const parsed = clusterSpecSchema.safeParse(next); // the same checks as a spec file's (power of two, a count of its own, sharded)
+  if (!parsed.success) throw new SpecError(`a set of ${shards} shards beside ${database}'s: ${parsed.error.issues.map((i) => i.message).join('; ')}`);
+  const ids: string[] = [];
+  for (const { shard } of shardRanges(shards)) {
+    for (let i = 0; i < db.instancesPerShard; i++) {
+      const cell = next.cells[i % next.cells.length];
+      ids.push(instanceIdOf(database, shard, cell, addInstance(next, database, shard, cell)));
+    }
+  }
+  checkPortClashes(next);
+  const planned = instancesOf(next);
+  return { spec: next, instances: ids.map((id) => planned.find((i) => i.instanceId === id)!) };
+}
+
+/** Records an instance of `database`/`shard` in `cell` in the highest free run-time slot of `spec` (in place); returns the slot. */
+function addInstance(spec: ClusterSpec, database: string, shard: string, cell: string): number {
+  const used = new Set(spec.databases.flatMap((d) => d.addedInstances.map((a) => a.slot)));
+  let slot = ADDED_SLOT_TOP;
+  while (used.has(slot)) slot--;
+  if (slot < layoutSlots(spec)) throw new SpecError(`no port slot left for another instance (slots 0-${ADDED_SLOT_TOP} are taken)`);
+  spec.databases.find((d) => d.name === database)!.addedInstances.push({ shard, cell, slot });
+  return slot;
+}
+
+/**
  * `next` (from a spec file and flags, which do not record what changed at run time) with the saved spec's run-time
- * changes carried over, for each database both have with the same shards: its added and removed instances (when
- * `next` names none), and an instancesPerShard lowered since then kept as the saved layout with the instances
+ * changes carried over, for each database both have with the same shards: its added and removed instances and
+ * its added shard sets (when `next` names none), and an instancesPerShard lowered since then kept as the saved layout with the instances
  * beyond the new count removed, so that no other instance's port moves.
  */
 export function withRuntimeChanges(saved: ClusterSpec | undefined, next: ClusterSpec): ClusterSpec {
@@ -371,6 +417,7 @@ export function withRuntimeChanges(saved: ClusterSpec | undefined, next: Cluster
     if (!was) continue;
     if (db.addedInstances.length === 0) db.addedInstances = structuredClone(was.addedInstances);
     if (db.removedInstances.length === 0) db.removedInstances = [...was.removedInstances];
+    if (db.shardSets.length === 0) db.shardSets = [...was.shardSets];
     if (db.instancesPerShard >= was.instancesPerShard) continue;
     for (const range of shardRanges(db.shards)) {
       for (let i = db.instancesPerShard; i < was.instancesPerShard; i++) {

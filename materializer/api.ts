@@ -17,6 +17,7 @@ export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefi
   const s = rec.status;
   return json({
     name: rec.name, type: rec.definition.type, source: rec.definition.sourceDatabase, target: rec.definition.targetDatabase,
+    sourceShards: rec.definition.sourceShards, targetShards: rec.definition.targetShards,
     tables: rec.definition.tables, createdAt: rec.createdAt, command: rec.action, routing: routing ?? null,
     phase: s?.phase ?? 'PENDING', message: s?.message ?? null, updatedAt: rec.statusAt ?? null,
     progress: {
@@ -27,6 +28,9 @@ export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefi
     vdiff: rec.vdiff ?? (rec.vdiffRequest ? { id: rec.vdiffRequest.id, state: 'REQUESTED' } : null),
   });
 }
+
+/** POST /v1/workflows: a MoveTables (source, target, tables) or a Reshard (database, toShards). */
+type Create = { name: string; type?: 'movetables' | 'reshard'; source?: string; target?: string; tables?: string[]; database?: string; toShards?: number };
 
 const nameParams = { type: 'object', properties: { name: { type: 'string' } }, required: ['name'] };
 
@@ -42,19 +46,27 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
   const view = (rec: WorkflowRecord) => workflowView(rec, m.routing(rec.name));
   app.get('/v1/workflows', async () => ({ workflows: [...m.workflows.values()].map(view) }));
   app.get<{ Params: { name: string } }>('/v1/workflows/:name', { schema: { params: nameParams } }, async (req) => view(m.get(req.params.name)));
-  app.post<{ Body: { name: string; source: string; target: string; tables: string[] } }>('/v1/workflows', {
+  app.post<{ Body: Create }>('/v1/workflows', {
     schema: {
       body: {
-        type: 'object', additionalProperties: false, required: ['name', 'source', 'target', 'tables'],
+        type: 'object', additionalProperties: false, required: ['name'],
         properties: {
-          name: { type: 'string' }, source: { type: 'string' }, target: { type: 'string' },
-          tables: { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1 },
+          name: { type: 'string' }, type: { enum: ['movetables', 'reshard'] },
+          source: { type: 'string' }, target: { type: 'string' }, tables: { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1 },
+          database: { type: 'string' }, toShards: { type: 'integer', minimum: 1 },
         },
       },
     },
   }, async (req, reply) => {
-    const { name, source, target, tables } = req.body;
-    const rec = await m.create({ name, sourceDatabase: source, targetDatabase: target, tables });
+    const { name, type, source, target, tables, database, toShards } = req.body;
+    let rec: WorkflowRecord;
+    if (type === 'reshard') {
+      if (database === undefined || toShards === undefined || source || target || tables) throw new RequestError(400, 'a reshard takes database and toShards (not source, target or tables)');
+      rec = await m.createReshard({ name, database, toShards });
+    } else {
+      if (source === undefined || target === undefined || tables === undefined) throw new RequestError(400, 'a MoveTables takes source, target and tables');
+      rec = await m.create({ name, sourceDatabase: source, targetDatabase: target, tables });
+    }
     return reply.code(201).send(view(rec));
   });
   for (const action of ['start', 'stop', 'cancel', 'reverse-traffic', 'complete'] as const) {

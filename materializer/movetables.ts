@@ -124,7 +124,7 @@ export class MoveTablesRunner {
   private async run(): Promise<void> {
     const def = this.rec.definition;
     const log = this.ctx.log.child({ workflow: this.name });
-    this.sourceRanges = this.ctx.shards.ranges(def.sourceDatabase);
+    this.sourceRanges = this.ctx.shards.rangesOf(def.sourceDatabase, def.sourceShards);
     this.shardedSource = this.ctx.shards.state.databases.get(def.sourceDatabase)?.sharded ?? false;
     for (const r of this.sourceRanges) this.sources.set(r.shard, await this.ctx.shards.connect(def.sourceDatabase, r.shard, `mg-materializer-${this.name}`));
     await this.connectTargets();
@@ -173,7 +173,7 @@ export class MoveTablesRunner {
 
   private async connectTargets(): Promise<void> {
     const def = this.rec.definition;
-    this.ranges = this.ctx.shards.ranges(def.targetDatabase);
+    this.ranges = this.ctx.shards.rangesOf(def.targetDatabase, def.targetShards);
     for (const r of this.ranges) this.targets.set(r.shard, await this.ctx.shards.connect(def.targetDatabase, r.shard, `mg-materializer-${this.name}`));
   }
 

@@ -8,8 +8,8 @@ import { randomUUID } from 'node:crypto';
 import type { EventLog, Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import {
-  applyTopologyEvent, applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, payload, topologyKey, WORKFLOW_NAME, workflowKey, workflowPayload,
-  type CdcStreamState, type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
+  applyTopologyEvent, applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, payload, shardsOf, topologyKey, WORKFLOW_NAME, workflowKey, workflowPayload,
+  type CdcStreamState, type KeyRange, type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
 } from '../schemas/index.ts';
 import { dropPositions } from './apply.ts';
 import { ChangeDecoder } from './changes.ts';
@@ -92,9 +92,7 @@ export class Materializer {
 
   /** Validates and publishes a new MoveTables workflow (from an unsharded or a sharded source). */
   async create(req: { name: string; sourceDatabase: string; targetDatabase: string; tables: string[] }): Promise<WorkflowRecord> {
-    if (!WORKFLOW_NAME.test(req.name)) throw new RequestError(400, `workflow name ${JSON.stringify(req.name)}: must be lower-case letters, digits or _, starting with a letter`);
-    const held = this.workflows.get(req.name);
-    if (held && held.status?.phase !== 'CANCELLED') throw new RequestError(409, `workflow ${req.name} exists (cancel it first)`);
+    this.checkNewName(req.name);
     const state = this.shards.state;
     for (const db of [req.sourceDatabase, req.targetDatabase]) {
       const rec = state.databases.get(db);
@@ -114,8 +112,54 @@ export class Materializer {
       }
     }
     const tables = req.tables.map((n) => { const s = splitName(n); return `${s.schema}.${s.table}`; });
-    await this.publish(req.name, workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables }));
+    await this.publish(req.name, workflowPayload('WorkflowCreated', {
+      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null,
+    }));
     return this.workflows.get(req.name)!;
+  }
+
+  /**
+   * Validates and publishes a Reshard (decision 0056): every table of the database's VSchema moves from its
+   * serving shards to the set of `toShards` shards brought up beside them (mg database add-shard-set); the
+   * MoveTables machinery runs with the two sets as source and target, and the switches flip the serving set.
+   */
+  async createReshard(req: { name: string; database: string; toShards: number }): Promise<WorkflowRecord> {
+    this.checkNewName(req.name);
+    const state = this.shards.state;
+    const db = state.databases.get(req.database);
+    if (!db || db.dropped || db.hostedOn !== null) throw new RequestError(404, `database ${req.database} does not exist (or has no shards of its own)`);
+    if (!db.sharded) throw new RequestError(400, `database ${req.database} is not sharded: Reshard splits and merges a sharded database's shards`);
+    const vschema = state.vschemas.get(req.database)?.vschema;
+    const tables = Object.keys(vschema?.tables ?? {}).sort();
+    if (tables.length === 0) throw new RequestError(400, `the VSchema of ${req.database} names no table: Reshard moves the tables it names (mg vschema apply)`);
+    const unplaced = tables.filter((t) => !primaryVindex(vschema, t));
+    if (unplaced.length) {
+      throw new RequestError(400, `Reshard moves tables sharded by a primary vindex (${FUNCTIONAL_VINDEXES.join(', ')}) only: ${unplaced.join(', ')} of ${req.database} are not (reference tables and other vindexes are not supported yet)`);
+    }
+    if (Object.keys(vschema!.sequences).length) throw new RequestError(400, `Reshard does not move sequences yet: the VSchema of ${req.database} has ${Object.keys(vschema!.sequences).join(', ')}`);
+    // One serving set at a time: a second reshard of the database waits for the first to end.
+    const running = [...this.workflows.values()].find((w) => w.definition.type === 'RESHARD' && w.definition.sourceDatabase === req.database
+      && w.status?.phase !== 'CANCELLED' && w.status?.phase !== 'COMPLETED');
+    if (running) throw new RequestError(409, `workflow ${running.name} reshards ${req.database} already (complete or cancel it first)`);
+    const serving = this.shards.ranges(req.database);
+    const servingNames = new Set(serving.map((r) => r.shard));
+    // The set beside the serving one (an earlier reshard's old set may be there too, serving nothing).
+    const others = shardsOf(state, req.database).filter((s) => !servingNames.has(s.shard)).map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }));
+    const target = tiling(others, req.toShards);
+    if (!target) {
+      throw new RequestError(409, `database ${req.database} has no set of ${req.toShards} shards beside its serving ones (${serving.map((r) => r.shard).join(', ')}): bring it up first with mg database add-shard-set ${req.database} --shards ${req.toShards}`);
+    }
+    await this.publish(req.name, workflowPayload('WorkflowCreated', {
+      type: 'RESHARD', sourceDatabase: req.database, targetDatabase: req.database, tables: tables.map((t) => `public.${t}`),
+      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard),
+    }));
+    return this.workflows.get(req.name)!;
+  }
+
+  private checkNewName(name: string): void {
+    if (!WORKFLOW_NAME.test(name)) throw new RequestError(400, `workflow name ${JSON.stringify(name)}: must be lower-case letters, digits or _, starting with a letter`);
+    const held = this.workflows.get(name);
+    if (held && held.status?.phase !== 'CANCELLED') throw new RequestError(409, `workflow ${name} exists (cancel it first)`);
   }
 
   /** The state of the workflow's routing rule (undefined before it runs). */
@@ -123,19 +167,28 @@ export class Materializer {
     return this.shards.state.routingRules.get(name)?.state;
   }
 
-  /** Publishes the workflow's routing rule in `state` (a new version) on the topology log, folded here at once. */
+  /**
+   * Publishes the workflow's routing rule in `state` (a new version) on the topology log, folded here at once.
+   * A Reshard's rule only holds statements during a switch (its source and target are one database): what
+   * routes is the database's serving shard set, published just before the rule in the same batch, so a
+   * gateway releasing held statements already routes them by the new set (decision 0056).
+   */
   async setRouting(rec: WorkflowRecord, state: RoutingState, tables = rec.definition.tables): Promise<void> {
+    const def = rec.definition;
     const held = this.shards.state.routingRules.get(rec.name);
-    const e: TopologyEvent = {
-      eventId: randomUUID(), ts: new Date(), source: `materializer/${this.cfg.id}`,
-      payload: payload('RoutingRuleChanged', {
-        workflow: rec.name, version: (held?.version ?? 0n) + 1n, sourceDatabase: rec.definition.sourceDatabase,
-        targetDatabase: rec.definition.targetDatabase, tables, state,
-      }),
-    };
-    await this.publishTopology([{ key: topologyKey(e), value: e }]);
-    applyTopologyEvent(this.shards.state, e); // its echo is an older-or-equal version then, and ignored
-    this.log.info({ workflow: rec.name, state, version: String((held?.version ?? 0n) + 1n) }, 'routing rule changed');
+    const events: TopologyEvent[] = [];
+    const event = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: `materializer/${this.cfg.id}`, payload: p });
+    const serving = def.type === 'RESHARD' && (state === 'TARGET' ? def.targetShards : state === 'SOURCE' ? def.sourceShards : null);
+    if (serving) {
+      const version = (this.shards.state.servingShards.get(def.sourceDatabase)?.version ?? 0n) + 1n;
+      event(payload('ServingShardsChanged', { database: def.sourceDatabase, version, shards: serving }));
+    }
+    event(payload('RoutingRuleChanged', {
+      workflow: rec.name, version: (held?.version ?? 0n) + 1n, sourceDatabase: def.sourceDatabase, targetDatabase: def.targetDatabase, tables, state,
+    }));
+    await this.publishTopology(events.map((e) => ({ key: topologyKey(e), value: e })));
+    for (const e of events) applyTopologyEvent(this.shards.state, e); // their echoes are older-or-equal versions then, and ignored
+    this.log.info({ workflow: rec.name, state, version: String((held?.version ?? 0n) + 1n), ...(serving ? { serving } : {}) }, 'routing rule changed');
   }
 
   async command(name: string, action: WorkflowAction): Promise<WorkflowRecord> {
@@ -149,7 +202,9 @@ export class Materializer {
       case 'SWITCH_READS': case 'SWITCH_TRAFFIC':
         if (switched) throw new RequestError(409, `workflow ${name} has switched its writes already`);
         if (phase !== 'RUNNING') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: traffic switches during catch-up (RUNNING)`);
-        if (action === 'SWITCH_TRAFFIC') this.requireStreams(rec.definition.targetDatabase);
+        // One serving set at a time: a Reshard switches reads and writes together.
+        if (action === 'SWITCH_READS' && rec.definition.type === 'RESHARD') throw new RequestError(409, `workflow ${name} is a Reshard: it switches reads and writes together (switch-traffic without --reads-only)`);
+        if (action === 'SWITCH_TRAFFIC') this.requireStreams(rec.definition.targetDatabase, rec.definition.targetShards);
         break;
       case 'REVERSE_TRAFFIC':
         if (routing === 'WRITES_HELD') throw new RequestError(409, `workflow ${name} is switching its writes: wait until the switch is done`);
@@ -177,8 +232,8 @@ export class Materializer {
    * A write switch needs the target's change stream on every shard: reverse
    * replication reads it to keep the source in step (decision 0046).
    */
-  private requireStreams(database: string): void {
-    for (const { shard } of this.shards.ranges(database)) {
+  private requireStreams(database: string, shards: string[] | null): void {
+    for (const { shard } of this.shards.rangesOf(database, shards)) {
       const state = this.streams.get(`${database}/${shard}`);
       if (state === undefined || state === 'STOPPED') {
         throw new RequestError(409, `switch-traffic needs the change stream (CDC) of ${database} on every shard, for the reverse replication that keeps the source in step: ${database}/${shard} has ${state === undefined ? 'none' : 'a stopped one'} (set databases[].cdc.enabled for ${database} in the spec, or send CDC_START to its primaries)`);
@@ -293,7 +348,7 @@ export class Materializer {
     const def = rec.definition;
     try {
       let schema = '';
-      for (const r of this.shards.ranges(def.sourceDatabase)) {
+      for (const r of this.shards.rangesOf(def.sourceDatabase, def.sourceShards)) {
         const source = await this.shards.connect(def.sourceDatabase, r.shard, `mg-materializer-${rec.name}`);
         try {
           schema = await retireSource(source, def.tables.map((n) => ({ sql: `${quoteIdent(splitName(n).schema)}.${quoteIdent(splitName(n).table)}` })), rec.name);
@@ -302,13 +357,16 @@ export class Materializer {
           await source.end().catch(() => {});
         }
       }
-      for (const r of this.shards.ranges(def.targetDatabase)) {
+      for (const r of this.shards.rangesOf(def.targetDatabase, def.targetShards)) {
         const target = await this.shards.connect(def.targetDatabase, r.shard, `mg-materializer-${rec.name}`);
         await dropPositions(target, rec.name).finally(() => target.end().catch(() => {}));
       }
-      await this.publish(rec.name, workflowPayload('WorkflowStatus', {
-        ...rec.status!, phase: 'COMPLETED', message: `${def.targetDatabase} serves ${def.tables.join(', ')}; the source tables are in schema ${schema} of ${def.sourceDatabase} (drop them when done)`,
-      }));
+      // A Reshard's rule has nothing left to hold: with no tables the database's sessions are planned as before it, by the serving set.
+      if (def.type === 'RESHARD') await this.setRouting(rec, 'TARGET', []);
+      const message = def.type === 'RESHARD'
+        ? `shards ${def.targetShards!.join(', ')} serve ${def.targetDatabase}; the tables of the old shards ${def.sourceShards!.join(', ')} are in their schema ${schema} (those shards serve nothing now)`
+        : `${def.targetDatabase} serves ${def.tables.join(', ')}; the source tables are in schema ${schema} of ${def.sourceDatabase} (drop them when done)`;
+      await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...rec.status!, phase: 'COMPLETED', message }));
       this.log.info({ workflow: rec.name, schema }, 'workflow completed');
     } catch (err) {
       this.log.error({ err, workflow: rec.name }, 'complete failed');
@@ -332,4 +390,18 @@ export class Materializer {
     await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
     await r.close();
   }
+}
+
+/** `n` of the ranges that tile the keyspace from `from` to its end, each starting where the one before ends, in key order; undefined when none do. */
+export function tiling(ranges: KeyRange[], n: number, from = ''): KeyRange[] | undefined {
+  if (n < 1) return undefined;
+  for (const r of ranges.filter((x) => x.start === from)) {
+    if (r.end === '') {
+      if (n === 1) return [r];
+      continue;
+    }
+    const rest = tiling(ranges, n - 1, r.end);
+    if (rest) return [r, ...rest];
+  }
+  return undefined;
 }

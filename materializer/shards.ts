@@ -5,7 +5,7 @@
  */
 import pg from 'pg';
 import type { EventLog, Subscription } from '../common/eventlog.ts';
-import { applyTopologyEvent, emptyTopology, shardGroupOf, shardKey, type KeyRange, type TopologyState } from '../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, servingShardsOf, shardGroupOf, shardKey, type KeyRange, type TopologyState } from '../schemas/index.ts';
 import { TEXT_SETTINGS, WorkflowError } from './tables.ts';
 
 const asText = { getTypeParser: () => (v: string) => v };
@@ -25,14 +25,28 @@ export class ShardMap {
     await this.sub?.stop();
   }
 
-  /** The key ranges of a database's shards, in key order. */
+  /** The key ranges of the shards that serve a database (during a reshard, the serving set: decision 0056), in key order. */
   ranges(database: string): KeyRange[] {
     const group = shardGroupOf(this.state, database);
     if (!group) throw new WorkflowError(`database ${database} does not exist`);
-    return [...this.state.shards.values()]
-      .filter((s) => s.database === group)
+    return servingShardsOf(this.state, group)
       .map((s) => ({ shard: s.shard, start: s.keyRangeStart, end: s.keyRangeEnd }))
       .sort((a, b) => a.start.localeCompare(b.start));
+  }
+
+  /**
+   * The key ranges of a workflow side: the named shards of the database (a Reshard's two sets, decision 0056),
+   * or with none named its serving shards.
+   */
+  rangesOf(database: string, shards: string[] | null): KeyRange[] {
+    if (!shards) return this.ranges(database);
+    const group = shardGroupOf(this.state, database);
+    if (!group) throw new WorkflowError(`database ${database} does not exist`);
+    return shards.map((shard) => {
+      const s = this.state.shards.get(shardKey(group, shard));
+      if (!s) throw new WorkflowError(`database ${database} has no shard ${shard}`);
+      return { shard, start: s.keyRangeStart, end: s.keyRangeEnd };
+    }).sort((a, b) => a.start.localeCompare(b.start));
   }
 
   /** A new session on the current primary of a shard, in the Postgres database named like the cluster database. */

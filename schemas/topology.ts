@@ -9,7 +9,7 @@
  */
 import { parseVSchema, type VSchema } from './vschema/vschema.ts';
 import type {
-  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, RoutingRuleChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
+  CellRegistered, InstanceRegistered, InstanceType, PrimaryChanged, RoutingRuleChanged, ServingShardsChanged, ServingState, ServingStateChanged, ShardDefined, TopologyEvent,
 } from './generated/types.ts';
 
 type Payload = TopologyEvent['payload'];
@@ -26,7 +26,7 @@ export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): P
 export type PayloadKind =
   | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
   | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged' | 'VSchemaApplied'
-  | 'RoutingRuleChanged';
+  | 'RoutingRuleChanged' | 'ServingShardsChanged';
 export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
 
 /** The kind and body of an event's payload. */
@@ -49,6 +49,7 @@ export function topologyKey(event: TopologyEvent): string {
     case 'DatabaseActivationChanged': return `database/${b.database}/activation`;
     case 'VSchemaApplied': return `vschema/${b.database}`;
     case 'RoutingRuleChanged': return `routing/${b.workflow}`;
+    case 'ServingShardsChanged': return `database/${b.database}/serving-shards`;
   }
 }
 
@@ -77,6 +78,8 @@ export interface TopologyState {
   inactive: Map<string, { reason: string; since: Date }>;
   vschemas: Map<string, VSchemaRecord>; // key: database
   routingRules: Map<string, RoutingRuleChanged>; // key: workflow
+  /** The shards that serve a database while a reshard holds two shard sets (decision 0056); absent = every shard. */
+  servingShards: Map<string, ServingShardsChanged>; // key: database
   /** Events applied, including ignored stale ones. */
   applied: number;
 }
@@ -84,7 +87,7 @@ export interface TopologyState {
 export function emptyTopology(): TopologyState {
   return {
     cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
-    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), routingRules: new Map(), applied: 0,
+    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), routingRules: new Map(), servingShards: new Map(), applied: 0,
   };
 }
 
@@ -113,10 +116,12 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
         durabilityPolicy: b.durabilityPolicy, hostedOn: b.hostedOn ?? null, dropped: false, sharded: b.sharded ?? false, transactionMode: b.transactionMode ?? null,
       });
       state.inactive.delete(b.database); // a database made again under an old name starts active
+      state.servingShards.delete(b.database); // and served by all its shards
       break;
     case 'DatabaseDropped':
       state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true, sharded: false, transactionMode: null });
       state.inactive.delete(b.database);
+      state.servingShards.delete(b.database);
       break;
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
@@ -161,6 +166,12 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       state.routingRules.set(b.workflow, b);
       break;
     }
+    case 'ServingShardsChanged': {
+      const held = state.servingShards.get(b.database);
+      if (held && b.version <= held.version) break;
+      state.servingShards.set(b.database, b);
+      break;
+    }
   }
   return state;
 }
@@ -176,6 +187,25 @@ export function shardGroupOf(state: TopologyState, database: string): string | u
   if (db.hostedOn === null) return database;
   const host = state.databases.get(db.hostedOn);
   return host && !host.dropped && host.hostedOn === null ? db.hostedOn : undefined;
+}
+
+/**
+ * Every shard defined for the shard group `group` (a database with instances of its own): what
+ * manages shards (elections, backups, CDC) works on all of them, both sets during a reshard.
+ */
+export function shardsOf(state: TopologyState, group: string): ShardDefined[] {
+  return [...state.shards.values()].filter((s) => s.database === group);
+}
+
+/**
+ * The shards of `group` that serve its clients: those its ServingShardsChanged names, or every
+ * shard when it has none (decision 0056). What routes (gateways, the REST API, the materializer)
+ * reads this, so one event moves every router from one shard set to the other at once.
+ */
+export function servingShardsOf(state: TopologyState, group: string): ShardDefined[] {
+  const all = shardsOf(state, group);
+  const serving = state.servingShards.get(group);
+  return serving ? all.filter((s) => serving.shards.includes(s.shard)) : all;
 }
 
 /**

@@ -3,7 +3,7 @@ import type { Logger } from '../../common/log.ts';
 import { clusterUp } from '../cluster.ts';
 import { callOrchestrator } from '../orchestrators.ts';
 import { fail, follow } from './follow.ts';
-import { parseSpec, SpecError, type ClusterSpec } from '../spec.ts';
+import { parseSpec, SpecError, withAddedShardSet, type ClusterSpec } from '../spec.ts';
 
 export interface DatabaseArgs {
   name: string | undefined;
@@ -61,6 +61,25 @@ export async function addDatabase(spec: ClusterSpec, entry: { name: string } & R
   } catch (err) {
     if (!(err instanceof SpecError)) throw err;
     console.error(`mg: ${err.message.replace(/databases\.\d+\.(instancesPerShard)/, 'replicas').replace(/databases\.\d+\./g, '')}`);
+    return 2;
+  }
+  await clusterUp(next, log);
+  return 0;
+}
+
+/**
+ * A second shard set beside a sharded database's (decision 0056), the first step of a reshard: the saved spec
+ * gains it (its instances in run-time port slots), the serving set is pinned to the shards serving now before the
+ * new shards are defined, and `mg cluster up` starts their agents and poolers; MultiOrch elects each new shard's
+ * primary. Clients keep being served by the old set until a reshard switches to the new one. 2 when the spec refuses it.
+ */
+export async function addShardSet(spec: ClusterSpec, name: string, shards: number, log: Logger): Promise<number> {
+  let next: ClusterSpec;
+  try {
+    next = withAddedShardSet(spec, name, shards).spec;
+  } catch (err) {
+    if (!(err instanceof SpecError)) throw err;
+    console.error(`mg: ${err.message}`);
     return 2;
   }
   await clusterUp(next, log);

@@ -13,7 +13,7 @@
  *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
  *   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg backup restore <db>[/<shard>] --in-place --time T | --lsn L [--data-dir dir]
- *   mg database list|create|drop|activate|deactivate ... (see USAGE)
+ *   mg database list|create|drop|activate|deactivate|add-shard-set ... (see USAGE)
  *   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
  *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
@@ -29,11 +29,11 @@ import { loadSpec, SpecError, type ClusterSpec } from '../spec.ts';
 import { readCdcStatus, renderCdcStatus } from '../cdc-status.ts';
 import { renderStatus } from '../status.ts';
 import { BackupUsageError, runBackupCommand } from './backup.ts';
-import { createWithInstances, runDatabaseCommand } from './database.ts';
+import { addShardSet, createWithInstances, runDatabaseCommand } from './database.ts';
 import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
 import { callOrchestrator } from '../orchestrators.ts';
-import { runWorkflowCommand } from './workflow.ts';
+import { createReshard, runWorkflowCommand } from './workflow.ts';
 import YAML from 'yaml';
 
 const USAGE = `usage:
@@ -58,11 +58,13 @@ const USAGE = `usage:
   mg database drop       <name> --yes [--data-dir dir]
   mg database deactivate <name> [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
+  mg database add-shard-set <name> --shards N [--data-dir dir]
   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
   mg vschema show   <db> [--data-dir dir]
   mg workflow create <name> --source <db> --target <db> --tables t1,t2 [--data-dir dir]
+  mg workflow create <name> --type reshard --database <db> --to-shards N [--data-dir dir]
   mg workflow list   [--data-dir dir]
   mg workflow show|start|stop|cancel <name> [--data-dir dir]
   mg workflow vdiff  <name> [--no-wait] [--data-dir dir]
@@ -101,6 +103,8 @@ async function main(argv: string[]): Promise<void> {
       source: { type: 'string' },
       target: { type: 'string' },
       tables: { type: 'string' },
+      database: { type: 'string' },
+      'to-shards': { type: 'string' },
       cell: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -133,8 +137,15 @@ async function main(argv: string[]): Promise<void> {
     const spec = savedSpec(values['data-dir'] ?? '.mg');
     if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
     const name = positionals[2];
-    if (!['list', 'create', 'drop', 'activate', 'deactivate'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
+    if (!['list', 'create', 'drop', 'activate', 'deactivate', 'add-shard-set'].includes(command ?? '')) throw new UsageError(`unknown command: database ${command ?? '(none)'}`);
     if (command !== 'list' && !name) throw new UsageError(`database ${command} needs a database name`);
+    if (command === 'add-shard-set') {
+      if (!/^[1-9]\d*$/.test(values.shards ?? '')) throw new UsageError('database add-shard-set needs --shards N (the new set\'s shard count, a power of two)');
+      const log = createLogger('mg', {}).child({ command });
+      log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+      process.exitCode = await addShardSet(spec, name!, Number(values.shards), log);
+      return;
+    }
     if (command === 'create' && !values.on) {
       if (!name || !/^[a-z][a-z0-9_]{0,62}$/.test(name)) throw new UsageError('database create needs a name: lower-case letters, digits or _, starting with a letter');
       // Instances of its own: local processes are the provisioning side's (compose), the rest as for `mg cluster up`.
@@ -160,6 +171,15 @@ async function main(argv: string[]): Promise<void> {
     if (!['create', 'list', 'show', 'start', 'stop', 'cancel', 'vdiff', 'switch-traffic', 'reverse-traffic', 'complete'].includes(command ?? '')) throw new UsageError(`unknown command: workflow ${command ?? '(none)'}`);
     const name = positionals[2];
     if (command !== 'list' && !name) throw new UsageError(`workflow ${command} needs a workflow name`);
+    if (command === 'create' && values.type === 'reshard') {
+      if (!values.database || !/^[1-9]\d*$/.test(values['to-shards'] ?? '')) throw new UsageError('workflow create --type reshard needs --database <db> --to-shards N');
+      if (values.source || values.target || values.tables) throw new UsageError('a reshard moves every table of its database\'s VSchema within it: --source, --target and --tables are for a MoveTables');
+      const log = createLogger('mg', {}).child({ command });
+      log.level = process.env.MG_LOG_LEVEL ?? 'warn';
+      process.exitCode = await createReshard(spec, name!, values.database, Number(values['to-shards']), log);
+      return;
+    }
+    if (command === 'create' && values.type !== undefined && values.type !== 'movetables') throw new UsageError(`workflow create --type is movetables or reshard, not ${values.type}`);
     if (command === 'create' && (!values.source || !values.target || !values.tables)) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
     process.exitCode = await runWorkflowCommand(spec, command!, {
       name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'], readsOnly: values['reads-only'] ?? false,

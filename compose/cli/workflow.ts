@@ -1,6 +1,8 @@
 /** `mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete`: materializer workflows, through its REST API. */
+import type { Logger } from '../../common/log.ts';
 import { callMaterializer } from '../materializer.ts';
 import type { ClusterSpec } from '../spec.ts';
+import { addShardSet } from './database.ts';
 
 export interface WorkflowArgs {
   name: string | undefined;
@@ -88,6 +90,22 @@ export async function runWorkflowCommand(spec: ClusterSpec, command: string, arg
   }
 }
 
+/**
+ * `mg workflow create <name> --type reshard --database <db> --to-shards N` (decision 0056): brings up the new
+ * shard set first when the database has none of N shards yet (mg database add-shard-set), then creates the workflow.
+ */
+export async function createReshard(spec: ClusterSpec, name: string, database: string, toShards: number, log: Logger): Promise<number> {
+  const db = spec.databases.find((d) => d.name === database);
+  if (db && db.shards !== toShards && !db.shardSets.includes(toShards)) {
+    const code = await addShardSet(spec, database, toShards, log);
+    if (code !== 0) return code;
+  }
+  const r = await callMaterializer(spec, 'POST', '/v1/workflows', { name, type: 'reshard', database, toShards });
+  if (r.status !== 201) return fail(r);
+  console.log(`workflow ${name}: created (Reshard ${database}: ${r.body.sourceShards.join(', ')} -> ${r.body.targetShards.join(', ')}; tables ${r.body.tables.join(', ')})`);
+  return 0;
+}
+
 const WIDTHS = [16, 12, 12, 12, 10, 12, 10, 8, 10, 8];
 
 const secs = (s: number | null) => (s === null ? '-' : `${s.toFixed(1)}s`);
@@ -101,7 +119,9 @@ function row(w: any): string {
 export function renderWorkflow(w: any): string {
   const p = w.progress;
   const lines = [
-    `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
+    w.sourceShards
+      ? `workflow ${w.name} (${w.type}): ${w.source} shards ${w.sourceShards.join(', ')} -> ${w.targetShards.join(', ')}, tables ${w.tables.join(', ')}`
+      : `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
     `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, routing ${w.routing ?? '-'}, updated ${w.updatedAt ?? '-'}`,
     `  copy: ${p.rowsCopied} rows, ${Math.round(p.rowsPerSecond)} rows/s, ETA ${secs(p.etaSeconds)}`,
     ...p.tables.map((t: any) => `    ${t.table}${t.shard ? ` from ${t.shard}` : ''}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),

@@ -8,7 +8,7 @@
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { gauge } from '../../common/metrics.ts';
 import {
-  applyTopologyEvent, emptyTopology, kindOf, shardGroupOf, shardKey, type HealthEvent, type InstanceRegistered, type KeyRange, type PrimaryChanged, type TopologyEvent, type TopologyState,
+  applyTopologyEvent, emptyTopology, kindOf, servingShardsOf, shardGroupOf, shardKey, type HealthEvent, type InstanceRegistered, type KeyRange, type PrimaryChanged, type TopologyEvent, type TopologyState,
 } from '../../schemas/index.ts';
 
 export interface Endpoint {
@@ -158,10 +158,10 @@ export class Discovery {
     return [...this.topology.databases.keys()].filter((name) => this.hasDatabase(name));
   }
 
-  /** Shards of a database (name and key range). */
+  /** The shards that serve a database (name and key range): during a reshard, only the serving set (decision 0056). */
   shards(database: string) {
     const group = this.group(database);
-    return [...this.topology.shards.values()].filter((s) => s.database === group);
+    return group === undefined ? [] : servingShardsOf(this.topology, group);
   }
 
   /**

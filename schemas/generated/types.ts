@@ -299,6 +299,15 @@ export interface RoutingRuleChanged {
   state: RoutingState;
 }
 
+/** The shards of a database that serve its clients (decision 0056): while a reshard brings up a second shard set beside the first, gateways, the REST API and the materializer route by this set only. No event: every shard of the database serves. A newer version replaces the older. */
+export interface ServingShardsChanged {
+  database: string;
+  /** Grows by one per change; consumers ignore an event older than the version they hold. */
+  version: bigint;
+  /** Shard names; together their key ranges cover the keyspace exactly once. */
+  shards: Array<string>;
+}
+
 /** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
 export interface TopologyEvent {
   /** Unique id (UUID) of this event, for deduplication. */
@@ -306,17 +315,22 @@ export interface TopologyEvent {
   ts: Date;
   /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
   source: string;
-  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged };
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged } | { 'io.multigres.topology.ServingShardsChanged': ServingShardsChanged };
 }
 
-export type WorkflowType = 'MOVE_TABLES';
+export type WorkflowType = 'MOVE_TABLES' | 'RESHARD';
 
 export interface WorkflowCreated {
+  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. */
   type: WorkflowType;
   sourceDatabase: string;
   targetDatabase: string;
   /** schema.table names (public. when unqualified). */
   tables: Array<string>;
+  /** RESHARD: the shards read from; null: the source database's serving shards. */
+  sourceShards: null | Array<string>;
+  /** RESHARD: the shards applied to; null: the target database's serving shards. */
+  targetShards: null | Array<string>;
 }
 
 export type WorkflowAction = 'START' | 'STOP' | 'CANCEL' | 'SWITCH_READS' | 'SWITCH_TRAFFIC' | 'REVERSE_TRAFFIC' | 'COMPLETE';

@@ -54,3 +54,20 @@ test('key ranges come in keyspace order, the same array until the topology chang
   assert.deepEqual(d.keyRanges('nosuch'), []);
   await stop();
 });
+
+test('during a reshard the gateway routes by the serving shard set only, and one event moves it to the other set', async () => {
+  const shard = (name: string, keyRangeStart: string, keyRangeEnd: string) => ev(payload('ShardDefined', { database: 'app', shard: name, keyRangeStart, keyRangeEnd }));
+  const servingSet = (version: bigint, shards: string[]) => ev(payload('ServingShardsChanged', { database: 'app', version, shards }));
+  const { d, deliver, stop } = await discovery([
+    ev(payload('DatabaseCreated', { database: 'app', durabilityPolicy: null, hostedOn: null, sharded: true, transactionMode: null })),
+    shard('-80', '', '80'), shard('80-', '80', ''), servingSet(1n, ['-80', '80-']), shard('-40', '', '40'), shard('40-80', '40', '80'),
+  ]);
+  assert.deepEqual(d.keyRanges('app').map((r) => r.shard), ['-80', '80-']);
+  assert.deepEqual(d.shards('app').map((s) => s.shard).sort(), ['-80', '80-']);
+  deliver(shard('80-c0', '80', 'c0'));
+  deliver(shard('c0-', 'c0', ''));
+  assert.deepEqual(d.keyRanges('app').map((r) => r.shard), ['-80', '80-'], 'new shards defined: still the old set');
+  deliver(servingSet(2n, ['-40', '40-80', '80-c0', 'c0-']));
+  assert.deepEqual(d.keyRanges('app').map((r) => r.shard), ['-40', '40-80', '80-c0', 'c0-']);
+  await stop();
+});

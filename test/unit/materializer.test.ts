@@ -5,6 +5,7 @@ import type { RawMessage } from '../../common/eventlog.ts';
 import { shardRanges } from '../../compose/spec.ts';
 import { converterFor } from '../../ingest/cdc/values.ts';
 import { Barrier, TableApplier } from '../../materializer/apply.ts';
+import { tiling } from '../../materializer/service.ts';
 import { ChangeDecoder, type Change } from '../../materializer/changes.ts';
 import { deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
 import { valueSchema, type ColumnDescription, type PgType, type TableDescription } from '../../schemas/cdc.ts';
@@ -93,7 +94,7 @@ const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): Wo
 const status = (phase: 'COPYING' | 'RUNNING' | 'CANCELLED') => workflowPayload('WorkflowStatus', {
   phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null, reverseOffsets: [],
 });
-const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'] });
+const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'], sourceShards: null, targetShards: null });
 
 test('the workflow fold: one key per aspect, any order after compaction, a re-created workflow starts afresh', () => {
   assert.equal(workflowKey(ev('w', 1, created)), 'workflow/w');
@@ -180,6 +181,28 @@ test('a sharded source: each shard\'s changes applied by its own position, and a
   assert.deepEqual(JSON.parse(position.values![4] as string), { [a]: ['1', '120', '0'], [b]: ['1', '50', '0'] }, 'a position per source shard');
 });
 
+test('a reshard: both shard sets stream into one topic; catch-up applies the old set\'s changes, reverse replication the new set\'s, each ignoring the other\'s', async () => {
+  const [old, next] = [shardRanges(2), shardRanges(4)];
+  const tenant = tenantsByShard(next).get('40-80')![0]; // on old shard -80 and new shard 40-80
+  const change = (shard: string, lsn: bigint, note: string): Change => ({
+    op: 'c', before: null, after: { tenant, id: '1', note }, unavailable: [],
+    sourceShard: shard, epoch: 1n, commitLsn: lsn, position: 0n, txId: null, commitMs: 0,
+  });
+  // A client's write on the old shard, then its echo: the apply's write of it on the new shard, streamed by that shard.
+  const stream = [change('-80', 100n, 'client'), change('40-80', 7n, 'echo')];
+  const decoder = { decode: async (v: Buffer) => stream[Number(v.toString())] } as unknown as ChangeDecoder;
+  const message = (i: number): RawMessage => ({ topic: 'mg.shop.public.orders', partition: 0, offset: String(i), key: null, timestamp: new Date(0), value: Buffer.from(String(i)), headers: {} });
+  const applyTo = async (targets: typeof old, streaming: typeof old) => {
+    const sessions = new Map(targets.map((r) => [r.shard, fakeSession([])]));
+    const applier = new TableApplier('split', orders, 'mg.shop.public.orders', new Map([...sessions].map(([k, v]) => [k, v.client])), targets, decoder, { ranges: streaming, vindex: orders.vindex });
+    const r = await applier.applyBatch(0, [0, 1].map(message));
+    const upserts = [...sessions].flatMap(([shard, f]) => f.statements.filter((x) => x.text.startsWith('INSERT INTO "public"."orders"')).map((x) => [shard, x.values![2]]));
+    return { applied: r.applied, upserts };
+  };
+  assert.deepEqual(await applyTo(next, old), { applied: 1, upserts: [['40-80', ['client']]] }, 'catch-up: the old shard\'s change, on the new shard its keyspace id names; the echo left out');
+  assert.deepEqual(await applyTo(old, next), { applied: 1, upserts: [['-80', ['echo']]] }, 'reverse replication: the new shard\'s change, on the old shard; the old set\'s own change left out');
+});
+
 test('a VDiff barrier over two source shards in one partition: a shard past its LSN waits while the other goes on; read again, nothing is lost or doubled', async () => {
   const ranges = shardRanges(2);
   const [a, b] = ranges.map((r) => r.shard);
@@ -209,4 +232,14 @@ test('a VDiff barrier over two source shards in one partition: a shard past its 
   assert.equal(resume.applied, 3);
   assert.deepEqual(upserted(), [`${a}@100`, `${b}@300`, `${a}@200`, `${a}@300`, `${b}@500`]);
   assert.equal(applier.appliedOffset(0), 4n);
+});
+
+test('a reshard\'s target set: the shards beside the serving ones that tile the keyspace in the count asked, also beside an earlier reshard\'s old set', () => {
+  const named = (...sets: number[]) => sets.flatMap((n) => shardRanges(n));
+  const shards = (ranges: ReturnType<typeof shardRanges> | undefined) => ranges?.map((r) => r.shard);
+  assert.deepEqual(shards(tiling(named(4), 4)), ['-40', '40-80', '80-c0', 'c0-']);
+  assert.deepEqual(shards(tiling(named(2, 1), 1)), ['-'], 'beside the old set of an earlier reshard');
+  assert.deepEqual(shards(tiling(named(2, 1), 2)), ['-80', '80-']);
+  assert.equal(tiling(named(2), 4), undefined);
+  assert.equal(tiling(shardRanges(4).slice(0, 3), 3), undefined, 'a set with a gap at the end tiles nothing');
 });

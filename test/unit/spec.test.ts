@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, SpecError, withAddedInstance, withoutDatabase, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, shardsOfSpec, SpecError, withAddedInstance, withAddedShardSet, withoutDatabase, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -95,4 +95,27 @@ test('up with a spec file keeps the run-time changes of the saved spec; a lowere
     ['postgres-0-zone1-0', 'postgres-0-zone2-1', 'postgres-0-zone2-99']);
   assert.deepEqual(shopPorts(next), shopPorts(saved));
   assert.equal(withRuntimeChanges(undefined, saved), saved);
+});
+
+test('a second shard set for a reshard: its instances take run-time slots (no other port moves), a replica can join it, up keeps it', () => {
+  const spec = parseSpec({ cells: ['zone1', 'zone2'], databases: [{ name: 'shop', sharded: true, shards: 2, instancesPerShard: 2 }, { name: 'other', instancesPerShard: 1 }] });
+  const ports = (s: typeof spec) => new Map(instancesOf(s).map((i) => [i.instanceId, i.port]));
+  const { spec: next, instances } = withAddedShardSet(spec, 'shop', 4);
+  assert.deepEqual(next.databases[0].shardSets, [4]);
+  assert.deepEqual(instances.map((i) => [i.shard, i.cell, i.port]), [
+    ['-40', 'zone1', 15432 + 99], ['-40', 'zone2', 15432 + 98], ['40-80', 'zone1', 15432 + 97], ['40-80', 'zone2', 15432 + 96],
+    ['80-c0', 'zone1', 15432 + 95], ['80-c0', 'zone2', 15432 + 94], ['c0-', 'zone1', 15432 + 93], ['c0-', 'zone2', 15432 + 92],
+  ]);
+  for (const [id, port] of ports(spec)) assert.equal(ports(next).get(id), port, `${id} keeps its port`);
+  assert.deepEqual(shardsOfSpec(next.databases[0]).map((r) => r.shard), ['-80', '80-', '-40', '40-80', '80-c0', 'c0-']);
+  assert.equal(withAddedInstance(next, 'shop', '80-c0', 'zone1').instance.shard, '80-c0');
+  // A merge (2 -> 1) is a set too; a count the database has already, a non-power of two or an unsharded database are refused.
+  assert.deepEqual(withAddedShardSet(next, 'shop', 1).instances.map((i) => i.shard), ['-', '-']);
+  assert.throws(() => withAddedShardSet(next, 'shop', 4), /a set of 4 shards beside shop's: each shard set needs a shard count of its own/);
+  assert.throws(() => withAddedShardSet(spec, 'shop', 2), /each shard set needs a shard count of its own/);
+  assert.throws(() => withAddedShardSet(spec, 'shop', 3), /must be a power of two/);
+  assert.throws(() => withAddedShardSet(spec, 'other', 2), /another shard set needs sharded: true/);
+  assert.throws(() => withAddedShardSet(spec, 'nosuch', 2), /the spec has no database nosuch/);
+  // up with the spec file (which names no sets) keeps the set and its instances where they are.
+  assert.deepEqual(ports(withRuntimeChanges(next, spec)), ports(next));
 });

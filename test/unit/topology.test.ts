@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
-  applyTopologyEvent, emptyTopology, foldTopology, instancesOf, payload, topologyKey, type TopologyEvent,
+  applyTopologyEvent, emptyTopology, foldTopology, instancesOf, payload, servingShardsOf, shardsOf, topologyKey, type TopologyEvent,
 } from '../../schemas/index.ts';
 
 let n = 0;
@@ -98,4 +98,27 @@ test('every payload kind has a key naming its entity', () => {
   assert.equal(topologyKey(serving('x', 'SERVING')), 'instance/x/serving');
   assert.equal(topologyKey(ev(payload('DatabaseDropped', { database: 'db' }))), 'database/db');
   assert.deepEqual(emptyTopology().applied, 0);
+});
+
+test('the serving shard set: absent means every shard, the highest version wins in any log order, a database made again is served by all', () => {
+  const db = (name: string) => ev(payload('DatabaseCreated', { database: name, durabilityPolicy: null, sharded: true, transactionMode: null, hostedOn: null }));
+  const shard = (name: string, start: string, end: string) => ev(payload('ShardDefined', { database: 'app', shard: name, keyRangeStart: start, keyRangeEnd: end }));
+  const servingSet = (version: bigint, shards: string[]) => ev(payload('ServingShardsChanged', { database: 'app', version, shards }));
+  const names = (s: ReturnType<typeof foldTopology>) => servingShardsOf(s, 'app').map((x) => x.shard).sort();
+  const old = [db('app'), shard('-80', '', '80'), shard('80-', '80', '')];
+  const split = [shard('-40', '', '40'), shard('40-80', '40', '80'), shard('80-c0', '80', 'c0'), shard('c0-', 'c0', '')];
+
+  assert.deepEqual(names(foldTopology(old)), ['-80', '80-']);
+  // The old set pinned before the new shards are defined: routers never see a mix.
+  const pinned = foldTopology([...old, servingSet(1n, ['-80', '80-']), ...split]);
+  assert.deepEqual(names(pinned), ['-80', '80-']);
+  assert.equal(shardsOf(pinned, 'app').length, 6, 'what manages shards sees both sets');
+  const flipped = foldTopology([...old, servingSet(1n, ['-80', '80-']), ...split, servingSet(2n, ['-40', '40-80', '80-c0', 'c0-'])]);
+  assert.deepEqual(names(flipped), ['-40', '40-80', '80-c0', 'c0-']);
+  // A stale event later in the log does not flip it back.
+  assert.deepEqual(names(applyTopologyEvent(flipped, servingSet(1n, ['-80', '80-']))), ['-40', '40-80', '80-c0', 'c0-']);
+  assert.equal(topologyKey(servingSet(1n, [])), 'database/app/serving-shards');
+  // Dropped and made again: no serving set of the old database's survives.
+  const again = applyTopologyEvent(applyTopologyEvent(flipped, ev(payload('DatabaseDropped', { database: 'app' }))), db('app'));
+  assert.equal(again.servingShards.has('app'), false);
 });
