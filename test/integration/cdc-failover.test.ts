@@ -16,7 +16,7 @@ import { ChangeConsumer } from '../support/cdc-consumer.ts';
 import { CdcWatch } from '../support/cdc-watch.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { bootstrap, registryUrl } from '../support/env.ts';
-import { fullStrength, postgresPids } from '../fault/support/faults.ts';
+import { fullStrength, postgresPids, signalAll } from '../fault/support/faults.ts';
 
 const cluster = testCluster('cdcfo', 4, { spec: {
   databases: [{ name: 'postgres', shards: 1, instancesPerShard: 2, cdc: { enabled: true, heartbeatMs: 500 } }],
@@ -128,7 +128,7 @@ test('kill -9 of the primary, then a switchover, under a writer: the stream resu
   try {
     await until('the writer going', 30_000, () => writer.acked.length >= 50);
     const killedAt = new Date();
-    for (const pid of postgresPids(cluster, a)) process.kill(pid, 'SIGKILL');
+    signalAll(postgresPids(cluster, a), 'SIGKILL'); // a backend may exit between the listing and the kill
     // The orchestrator elects the most advanced instance: usually the standby; the old primary when its agent brought it back first.
     const resumed = await until('a new term\'s stream', 120_000, () => {
       const s = watch.statuses.at(-1);
