@@ -47,21 +47,27 @@ export interface ShardStatus {
 
 /** A request to the admin API of the first orchestrator that answers (with the spec's bearer token). */
 export async function callOrchestrator(spec: ClusterSpec, method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, body?: unknown): Promise<{ status: number; body: any }> {
+  return callFirstAnswering(orchestratorPorts(spec).map((port) => `http://127.0.0.1:${port}`), spec.orchestrator.apiToken, method, path, body);
+}
+
+/** One admin API request to the first of the orchestrators' base URLs that answers (the local CLI's and the operator's); throws when none does. */
+export async function callFirstAnswering(urls: string[], token: string | undefined, method: string, path: string, body?: unknown): Promise<{ status: number; body: any }> {
   let lastError: unknown;
   const headers: Record<string, string> = body === undefined ? {} : { 'content-type': 'application/json' };
-  if (spec.orchestrator.apiToken) headers.authorization = `Bearer ${spec.orchestrator.apiToken}`;
-  for (const port of orchestratorPorts(spec)) {
+  if (token) headers.authorization = `Bearer ${token}`;
+  for (const url of urls) {
     try {
-      const res = await fetch(`http://127.0.0.1:${port}${path}`, {
+      const res = await fetch(`${url}${path}`, {
         method, headers,
         body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(60_000),
       });
-      return { status: res.status, body: await res.json() };
+      const text = await res.text();
+      return { status: res.status, body: text ? JSON.parse(text) : {} };
     } catch (err) {
       lastError = err;
     }
   }
-  throw new Error(`no orchestrator answers on ports ${orchestratorPorts(spec).join(', ')}: ${(lastError as Error)?.message}`);
+  throw new Error(`no orchestrator answers (${urls.join(', ')}): ${(lastError as Error)?.message}`);
 }
 
 export async function orchestratorStatus(spec: ClusterSpec): Promise<{ orchestrator: string; shards: ShardStatus[] }> {

@@ -4,6 +4,7 @@
  * cluster it reaches each cell's orchestrator Service in turn; MG_OPERATOR_ORCHESTRATOR_URL
  * replaces them when the operator runs outside the cluster (and in the tests).
  */
+import { callFirstAnswering } from '../compose/orchestrators.ts';
 import type { MultigresCluster } from './resources.ts';
 import { names } from './resources.ts';
 
@@ -20,9 +21,6 @@ export interface OrchestratorApi {
   operation(id: string): Promise<Answer>;
   operations(): Promise<Answer>;
 }
-
-/** A switchover drains writes and hands over: seconds, not minutes. */
-const REQUEST_TIMEOUT_MS = 60_000;
 
 /** Base URLs of the cluster's orchestrators: the override, else each cell's Service. */
 export function orchestratorUrls(cluster: MultigresCluster, override: string | undefined): string[] {
@@ -52,21 +50,8 @@ export class OrchestratorClient implements OrchestratorApi {
     return this.call('GET', '/v1/operations');
   }
 
-  /** The first orchestrator that answers; throws when none does. */
-  private async call(method: string, path: string, body?: unknown): Promise<Answer> {
-    const headers: Record<string, string> = { authorization: `Bearer ${this.token}` };
-    if (body !== undefined) headers['content-type'] = 'application/json';
-    let lastError: unknown;
-    for (const url of this.urls) {
-      try {
-        const res = await fetch(`${url}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
-        const text = await res.text();
-        return { status: res.status, body: text ? JSON.parse(text) : {} };
-      } catch (err) {
-        lastError = err;
-      }
-    }
-    throw new Error(`no orchestrator answers (${this.urls.join(', ')}): ${(lastError as Error)?.message}`);
+  private call(method: string, path: string, body?: unknown): Promise<Answer> {
+    return callFirstAnswering(this.urls, this.token, method, path, body);
   }
 }
 
