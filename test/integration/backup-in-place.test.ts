@@ -251,6 +251,12 @@ test('restore --in-place --time: the same database holds exactly the rows of the
 
   // CDC streams the restored history in an epoch above every one before it, and a deduplicating consumer follows it.
   const epochRestored = await cdcStreaming(epochAfterNoted);
+  // No stream of the restored primary (its terms are above the one before the restore) uses an epoch Kafka already
+  // holds: a consumer deduplicating by epoch would otherwise drop the restored history's snapshot as a repeat.
+  const afterRestore = cdc.statuses.filter((st) => st.database === 'postgres' && st.term > termBefore && (st.state === 'SNAPSHOTTING' || st.state === 'STREAMING'));
+  assert.ok(afterRestore.length > 0, 'the restored primary streams');
+  assert.deepEqual([...new Set(afterRestore.filter((st) => st.epoch <= epochAfterNoted).map((st) => `${st.epoch} (term ${st.term})`))], [],
+    `epochs the restored primary streamed in that Kafka already held (up to ${epochAfterNoted})`);
   await until('the consumer to hold exactly the restored marks', 30_000, () => consumed.size === 100 && consumedMarks().at(-1) === 100);
   assert.deepEqual(consumedMarks(), range(1, 100));
   console.log(`CDC epochs: ${epochBefore} before the noted time, ${epochAfterNoted} after it, ${epochRestored} after the restore`);
