@@ -326,13 +326,18 @@ export class CdcStream {
     }
     const takeover = state?.snapshot_done_at && state.instance !== me ? state.instance ?? 'an unknown instance' : null;
     let fallback: string | null = null;
+    let delivered: Map<string, Delivered> | null = null;
+    const readDelivered = async () => {
+      const scanStarted = Date.now();
+      const found = await lastDelivered(this.eventLog, this.settings.topicPrefix, topicPart(this.settings.database), this.settings.shard);
+      this.log.info({ partitions: found.size, ms: Date.now() - scanStarted }, 'read the last event of this shard in each partition');
+      return found;
+    };
     if (slot && state?.snapshot_done_at && !resnapshot && slot.confirmed_flush_lsn) {
       const epoch = BigInt(state.epoch);
       const from = parseLsn(slot.confirmed_flush_lsn);
       fallback = takeover ? this.copyRefusal(epoch) : null;
-      const scanStarted = Date.now();
-      const delivered = fallback ? null : await lastDelivered(this.eventLog, this.settings.topicPrefix, topicPart(this.settings.database), this.settings.shard);
-      if (delivered) this.log.info({ partitions: delivered.size, ms: Date.now() - scanStarted }, 'read the last event of this shard in each partition: resends Kafka holds are dropped');
+      if (!fallback) delivered = await readDelivered();
       fallback ??= await this.notInHistory(delivered!, epoch, takeover !== null);
       if (!fallback) {
         this.epoch = epoch;
@@ -355,7 +360,10 @@ export class CdcStream {
       this.log.warn({ slot: this.slot, previous: takeover, reason: fallback }, 'CDC cannot resume from the slot: a new epoch and a full snapshot');
     }
     if (slot) await sql.query('SELECT pg_drop_replication_slot($1)', [this.slot]);
-    this.epoch = BigInt(state?.epoch ?? 0) + 1n;
+    // Above every epoch Kafka holds for this shard, not only the state table's: after an in-place restore that table is
+    // as of the restored time, and an epoch used again would let consumers deduplicating by (epoch, LSN) skip the new history.
+    delivered ??= await readDelivered();
+    this.epoch = [...delivered.values()].reduce((high, d) => (d.epoch > high ? d.epoch : high), BigInt(state?.epoch ?? 0)) + 1n;
     await sql.query(
       `INSERT INTO ${STATE_SCHEMA}.streams (slot, epoch, instance) VALUES ($1, $2, $3)
        ON CONFLICT (slot) DO UPDATE SET epoch = EXCLUDED.epoch, instance = EXCLUDED.instance, consistent_lsn = NULL, snapshot_done_at = NULL`,

@@ -6,7 +6,9 @@
  * the noted time through the gateway, while a client connected all along
  * gets answers of before or after and clear errors in between, never anything
  * else. Then the replica streams from the new primary, a new write is
- * archived, and backups go on.
+ * archived, and backups go on. Change data capture runs throughout: a consumer
+ * that applies the stream and deduplicates by (epoch, commit LSN, position), as
+ * docs/cdc.md says a consumer may, ends with exactly the restored rows.
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -17,12 +19,14 @@ import pg from 'pg';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { callOrchestrator, orchestratorStatus } from '../../compose/orchestrators.ts';
 import type { BackupEvent, OrchEvent } from '../../schemas/index.ts';
+import { ChangeConsumer, type ChangeMessage } from '../support/cdc-consumer.ts';
+import { CdcWatch } from '../support/cdc-watch.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
-import { testEventLog } from '../support/env.ts';
+import { bootstrap, registryUrl, testEventLog } from '../support/env.ts';
 import { queryInstance as query } from '../support/postgres.ts';
 
 const cluster = testCluster('inplace', 1, { spec: { cells: ['zone1', 'zone2'], databases: [
-  { name: 'postgres', instancesPerShard: 2 },
+  { name: 'postgres', instancesPerShard: 2, cdc: { enabled: true } },
   // A whole sharded database goes to one time: two shards of one instance each, written directly.
   { name: 'shop', sharded: true, shards: 2, instancesPerShard: 1 },
 ] } });
@@ -32,6 +36,10 @@ const latestPort = cluster.spec.postgres.basePort + 480;
 const latestDir = path.join(dataDir, 'restored', 'latest');
 
 let eventLog: EventLog;
+let cdc: CdcWatch;
+/** The marks table as a consumer of its change topic has it. */
+const consumed = new Set<number>();
+let consumer: ChangeConsumer;
 const subs: Subscription[] = [];
 const orchEvents: OrchEvent[] = [];
 const backupEvents: BackupEvent[] = [];
@@ -42,12 +50,15 @@ before(async () => {
   eventLog = await testEventLog(prefix);
   subs.push(await eventLog.subscribe('orchEvents', (e) => void orchEvents.push(e)));
   subs.push(await eventLog.subscribe('backups', (e) => void backupEvents.push(e)));
+  cdc = await CdcWatch.open(prefix);
   await ok('backup', 'create', 'postgres/-', '--type', 'full');
   await ok('backup', 'create', 'shop', '--type', 'full');
 });
 
 after(async () => {
   for (const s of subs) await s.stop();
+  await consumer?.stop();
+  await cdc?.close();
   await eventLog?.close();
   if (fs.existsSync(path.join(latestDir, 'postmaster.pid'))) {
     execFileSync('su', ['postgres', '-c', `${path.join(cluster.spec.postgres.binDir, 'pg_ctl')} stop -m immediate -D ${latestDir}`]);
@@ -61,6 +72,13 @@ const ok = (...args: string[]) => cluster.mgOk(...args);
 /** postgres/- as MultiOrch has it now: term and primary. */
 async function postgresShard() {
   return (await orchestratorStatus(cluster.spec)).shards.find((s) => s.database === 'postgres')!;
+}
+
+/** The epoch of postgres/-'s change stream once it streams in one above `above` (any epoch when not given). */
+async function cdcStreaming(above = 0n): Promise<bigint> {
+  const s = await until(`the CDC stream streaming in an epoch above ${above}`, 90_000, () =>
+    [...cdc.statuses].reverse().find((st) => st.database === 'postgres' && st.state === 'STREAMING' && st.epoch > above));
+  return s.epoch;
 }
 
 function gateway(): pg.Client {
@@ -78,6 +96,39 @@ async function viaGateway<T = any>(sql: string, params: unknown[] = []): Promise
     await client.end().catch(() => undefined);
   }
 }
+
+/**
+ * Applies a change event the way docs/cdc.md allows a consumer to: it remembers the last
+ * (epoch, snapshot first, commit LSN, position) applied per partition and shard, and skips
+ * anything at or before it as a repeat.
+ */
+const applied = new Map<string, bigint[]>();
+/** Every (epoch, n) a snapshot event carried, and those that came twice. */
+const snapshotted = new Set<string>();
+const snapshotRepeats: string[] = [];
+function applyChange(m: ChangeMessage): void {
+  if (!m.value) return; // a tombstone
+  const { source, op } = m.value;
+  if (source.snapshot === 'true' && m.value.after) {
+    const row = `${source.epoch}/${m.value.after.n}`;
+    if (snapshotted.has(row)) snapshotRepeats.push(row);
+    snapshotted.add(row);
+  }
+  const at = [source.epoch, source.snapshot === 'true' ? 0n : 1n, source.commit_lsn, source.position];
+  const key = `${m.partition}/${source.shard}`;
+  const last = applied.get(key);
+  if (last && compareTuples(at, last) <= 0) return;
+  applied.set(key, at);
+  if (op === 't') consumed.clear();
+  else if (op === 'd') consumed.delete(m.value.before.n);
+  else consumed.add(m.value.after.n);
+}
+function compareTuples(a: bigint[], b: bigint[]): number {
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return a[i] < b[i] ? -1 : 1;
+  return 0;
+}
+const consumedMarks = () => [...consumed].sort((x, y) => x - y);
+const range = (lo: number, hi: number) => Array.from({ length: hi - lo + 1 }, (_, i) => lo + i);
 
 /** What a client of the gateway saw while the restore ran: answers (the count of `marks`) and errors, in order. */
 interface Seen { at: number; ms: number; count?: number; code?: string; message?: string }
@@ -149,6 +200,9 @@ test('restore --in-place --time: the same database holds exactly the rows of the
   await viaGateway('UPDATE accounts SET balance = balance + 1 WHERE id <= 100');
   await viaGateway('CREATE TABLE marks (n int PRIMARY KEY)');
   await viaGateway('INSERT INTO marks SELECT generate_series(1, 100)');
+  consumer = new ChangeConsumer(bootstrap(), registryUrl(), applyChange);
+  await consumer.follow([`${prefix}mg.postgres.public.marks`]);
+  await until('the consumer to hold marks 1-100', 30_000, () => consumed.size === 100);
   await sleep(1_100);
   const noted = new Date();
   await sleep(1_100);
@@ -156,6 +210,13 @@ test('restore --in-place --time: the same database holds exactly the rows of the
   await viaGateway('DELETE FROM accounts WHERE id BETWEEN 200 AND 300');
   await viaGateway('INSERT INTO marks SELECT generate_series(101, 150)');
   await viaGateway('DROP TABLE accounts');
+  // The stream moves to a new epoch after the noted time (a re-snapshot), so the restored data's CDC state names an
+  // epoch Kafka has already passed: the stream after the restore must not use an epoch number again.
+  const epochBefore = await cdcStreaming();
+  const resnap = await cdc.command((await postgresShard()).primary!, 'CDC_START', { resnapshot: 'true' });
+  assert.equal(resnap.status, 'SUCCEEDED', resnap.message);
+  const epochAfterNoted = await cdcStreaming(epochBefore);
+  await until('the consumer to hold marks 1-150', 30_000, () => consumed.size === 150);
 
   const client = watchClient();
   await until('the watching client to see the table as it is now', 10_000, () => client.seen.some((s) => s.count !== undefined));
@@ -196,6 +257,15 @@ test('restore --in-place --time: the same database holds exactly the rows of the
   console.log(out);
   console.log(`restore: ${restoreMs!} ms; the client saw ${answers.length} answers (${held.length} held > 1 s), ${refused.length} x 57P03, ${errors.length - refused.length} other clear errors`);
 
+  // CDC streams the restored history in an epoch above every one before it, and a deduplicating consumer follows it.
+  const epochRestored = await cdcStreaming(epochAfterNoted);
+  // Each epoch's snapshot is one snapshot: an epoch number used again after the restore would show its rows twice,
+  // and a consumer deduplicating by epoch would drop the restored history's snapshot as a repeat.
+  assert.deepEqual(snapshotRepeats, [], 'rows snapshotted twice under one epoch (epoch/n): an epoch number was used again');
+  await until('the consumer to hold exactly the restored marks', 30_000, () => consumed.size === 100 && consumedMarks().at(-1) === 100);
+  assert.deepEqual(consumedMarks(), range(1, 100));
+  console.log(`CDC epochs: ${epochBefore} before the noted time, ${epochAfterNoted} after it, ${epochRestored} after the restore`);
+
   // Every step was an event: the operation's, the full backup on the new timeline, the election under a new term.
   const ops = orchEvents.filter((e) => e.operation === 'restore' && e.shard === '-' && e.ts.getTime() >= t0);
   assert.ok(ops.some((e) => e.kind === 'DECIDED' && /restore in place to time/.test(e.summary)), 'the DECIDED event of the restore');
@@ -219,6 +289,8 @@ test('after the restore: the replica streams from the new primary, a write is ar
   await viaGateway('INSERT INTO marks VALUES (1000)');
   await until('the replica to hold the restored rows and the new write', 10_000, async () =>
     (await query(replica.port, 'SELECT count(*)::int AS n FROM marks'))[0].n === 101);
+  await until('the CDC consumer to get the new write (its LSN may be below ones the old timeline streamed)', 30_000, () => consumed.has(1000));
+  assert.deepEqual(consumedMarks(), [...range(1, 100), 1000]);
   assert.match(await ok('backup', 'check', 'postgres/-'), /ok: archiving works/);
   assert.match(await ok('backup', 'create', 'postgres/-', '--type', 'incr'), /incr backup \S+I completed/);
   // The archive holds the write: the latest backup restored to the end of the archive has it.
