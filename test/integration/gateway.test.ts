@@ -347,10 +347,11 @@ test('a result larger than memory to a client that reads nothing: the rows wait 
   const ROWS = 20_000;
   const PAD = 10_000; // 200 MB in all
   const statement = `SELECT g, repeat('x', ${PAD}) AS pad FROM generate_series(1, ${ROWS}) g`;
+  const { primary: serving } = await cluster.roles(); // the tests before may have moved the primary
   await gw('postgres', async (c) => {
     const before = await residentBytes(spec.gateway.metricsPort);
     const q = pausedQuery(c, statement, 'pad');
-    await heldWritingFor([primary.port], statement, 2_000, 60_000);
+    await heldWritingFor([serving.port], statement, 2_000, 60_000);
     const held = await residentBytes(spec.gateway.metricsPort);
     q.resume();
     assert.deepEqual(await q.done, { rows: ROWS, bytes: ROWS * PAD });

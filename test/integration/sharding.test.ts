@@ -47,6 +47,7 @@ tables:
   order_lines: { column_vindexes: [{ column: tenant_id, name: hash }] }
   products: { type: reference }
   events: { column_vindexes: [{ column: tenant_id, name: hash }], columns: [tenant_id, id, note] }
+  blobs: { column_vindexes: [{ column: id, name: hash }] }
 routines:
   tenant_port: { argument: 0, vindex: hash }
   rename_tenant: { argument: 0, vindex: hash }
