@@ -409,7 +409,14 @@ export class ShardedSession {
       this.opts.onSchemaChange?.(this.database);
     }
     if (!this.out.length || this.ended) return;
-    this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out));
+    if (this.outRowBytes < STREAM_CHUNK) {
+      this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out)); // one small copy beats many writes
+    } else {
+      // A chunk of a streamed result: its views go out as they are (one writev), not copied once more.
+      this.socket.cork();
+      for (const b of this.out) this.socket.write(b);
+      this.socket.uncork();
+    }
     this.out = [];
     this.outRowBytes = 0;
   }
