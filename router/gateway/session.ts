@@ -13,7 +13,7 @@ import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
 import { backendKeyData, encodeCancel, encodeErrorFields, errorFieldsAt, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
-import { inEvent, OutBatch, requestFlush, type Flushable } from '../protocol/output.ts';
+import { inEvent, OutBatch, ReadThrottle, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import { databaseDdl, type DatabaseDdl } from './database-ddl.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
@@ -95,6 +95,8 @@ export class GatewaySession implements Flushable {
   /** What this socket event relays each way; written once when the event's handler returns. */
   private readonly toServer = new OutBatch();
   private readonly toClient = new OutBatch();
+  /** A client slower than its results stops the link's reads (the gateway holds a bounded part of any result). */
+  private readonly throttle: ReadThrottle;
   flushQueued = false;
   private readonly clientSink: MessageSink = { onMessage: (buf, start, len) => this.onClientMessage(buf, start, len) };
   /** Transaction status from the last ReadyForQuery. */
@@ -128,6 +130,7 @@ export class GatewaySession implements Flushable {
     this.database = database;
     this.target = suffix === 'replica' ? 'replica' : 'primary';
     this.txTarget = this.target;
+    this.throttle = new ReadThrottle(socket);
   }
 
   /** Connects upstream and tells the client it is ready; throws PgError when it cannot. */
@@ -335,6 +338,7 @@ export class GatewaySession implements Flushable {
     if (up && !up.closed) this.toServer.writeTo(up.socket);
     else this.toServer.clear();
     this.toClient.writeTo(this.socket);
+    if (up && !up.closed) this.throttle.check([up.socket]);
   }
 
   /**

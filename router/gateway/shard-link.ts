@@ -120,9 +120,13 @@ export class ShardResult {
 
   /** The shard's error, its message prefixed with the shard so a failure says where. */
   pgError(named = true): PgError {
-    const e = this.error!;
-    return new PgError('ERROR', e.C ?? SQLSTATE.INTERNAL_ERROR, named ? `shard ${this.shard}: ${e.M}` : e.M, e.D, e.H);
+    return shardError(this.shard, this.error!, named);
   }
+}
+
+/** A shard's ErrorResponse fields as a PgError, its message prefixed with the shard when `named`. */
+export function shardError(shard: string, e: Record<string, string>, named: boolean): PgError {
+  return new PgError('ERROR', e.C ?? SQLSTATE.INTERNAL_ERROR, named ? `shard ${shard}: ${e.M}` : e.M, e.D, e.H);
 }
 
 function decodeRowDescription(msg: Buffer): { fields: Field[]; binary: boolean } {

@@ -20,6 +20,7 @@ import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOf
 import { Planner, RefusedError } from '../planner/planner.ts';
 import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import { ReadThrottle } from '../protocol/output.ts';
 import { quoteIdent } from '../pooler/text.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { cstr, DEFAULT_MAX_MESSAGE, frameAt, int16, int32, message, MessageScanner, BodyReader } from '../protocol/frames.ts';
@@ -31,7 +32,7 @@ import {
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
 import { insertLookupRows, moveLookupRows, shardsByLookup, type LookupAccess, type TextRow } from './lookups.ts';
 import { sequenceBlocks } from './sequences.ts';
-import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, type ResponseHandler } from './shard-link.ts';
+import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, shardError, type ResponseHandler } from './shard-link.ts';
 import { READ_ONLY_BEGIN, readOnlyRouted } from './session.ts';
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
@@ -47,6 +48,8 @@ counter('mg_gateway_sharded_statements_total', 'Statements of sharded databases,
   statementsByRoute.clear();
 });
 const countStatement = (route: string) => void statementsByRoute.set(route, (statementsByRoute.get(route) ?? 0) + 1);
+/** Bytes of a streamed result gathered before they go to the client (one write, not one per row). */
+const STREAM_CHUNK = 64 * 1024;
 const copyRows = counter('mg_gateway_sharded_copy_rows_total', 'Rows of COPY FROM STDIN into sharded databases the gateway split and sent to their shards');
 const shardsPerStatement = histogram('mg_gateway_sharded_shards_per_statement', 'Shards a statement of a sharded database ran on', [], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
 const refusals = counter('mg_gateway_sharded_refused_total', 'Statements refused with 0A000 because no route answers them correctly');
@@ -118,6 +121,10 @@ export class ShardedSession {
   private readonly connecting = new Map<string, Promise<ShardLink>>();
   private readonly fromClient = new MessageScanner(DEFAULT_MAX_MESSAGE);
   private out: Buffer[] = [];
+  /** Bytes of rows in `out`: past STREAM_CHUNK a streamed result goes out before it ends. */
+  private outRowBytes = 0;
+  /** A client slower than a streamed result stops its shards' reads (forward()). */
+  private readonly throttle: ReadThrottle;
   /**
    * Client messages are handled one after another, each after the previous one's shard work; those
    * that need no shard (Parse, Bind, Sync, ...) are handled at once, without a promise.
@@ -161,6 +168,7 @@ export class ShardedSession {
     this.current = database;
     this.target = suffix === 'replica' ? 'replica' : 'primary';
     this.mode = (opts.discovery.topology.databases.get(this.database)?.transactionMode as TransactionMode | null) ?? 'multi';
+    this.throttle = new ReadThrottle(socket);
   }
 
   private get planner(): Planner {
@@ -401,8 +409,29 @@ export class ShardedSession {
       this.opts.onSchemaChange?.(this.database);
     }
     if (!this.out.length || this.ended) return;
-    this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out));
+    if (this.outRowBytes < STREAM_CHUNK) {
+      this.socket.write(this.out.length === 1 ? this.out[0] : Buffer.concat(this.out)); // one small copy beats many writes
+    } else {
+      // A chunk of a streamed result: its views go out as they are (one writev), not copied once more.
+      this.socket.cork();
+      for (const b of this.out) this.socket.write(b);
+      this.socket.uncork();
+    }
     this.out = [];
+    this.outRowBytes = 0;
+  }
+
+  /**
+   * One row of a result that streams (a read's, a COPY TO's): a view of the shard's read buffer,
+   * which is not reused. Past STREAM_CHUNK bytes the rows go out, and while the client's socket is
+   * congested the shards' links are not read: the gateway holds a bounded part of any result.
+   */
+  private forward(buf: Buffer, start: number, len: number, links: ShardLink[]): void {
+    this.out.push(buf.subarray(start, start + len));
+    this.outRowBytes += len;
+    if (this.outRowBytes < STREAM_CHUNK) return;
+    this.flush();
+    this.throttle.check(links.map((l) => l.up.socket));
   }
 
   private reportError(err: unknown): void {
@@ -471,8 +500,8 @@ export class ShardedSession {
         if (!how.simple) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY through the extended protocol');
         countStatement('copy_out');
         const shards = plan.reference ? await this.shardsOf({ kind: 'reference', sql: plan.sql, tables: plan.tables }) : await this.shardsOf({ kind: 'select', sql: plan.sql, pin: plan.pin, tables: plan.tables });
-        if (shards.length === 1) return this.relay(shards[0], sql, how);
-        return this.copyOutUnion(await this.onShards(shards, () => sql, how, true), plan.header);
+        if (shards.length === 1) return this.relay(shards[0], sql, how, true);
+        return this.streamOnShards(shards, sql, how, { copyHeader: plan.header });
       }
       case 'set_local': case 'savepoint': case 'release': case 'rollback_to': return this.runTransactionScoped(plan);
       case 'begin':
@@ -540,7 +569,10 @@ export class ShardedSession {
       this.schemaChanged = true;
       return this.runDdl(sql, shards, how);
     }
-    if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how);
+    const read = plan.kind === 'select' || plan.kind === 'reference';
+    if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how, read);
+    // A scatter read whose rows need no merging streams (portals with a row limit keep their rows for later Executes).
+    if (plan.kind === 'select' && !plan.merge && (how.simple || !how.limited)) return this.streamOnShards(shards, sql, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);
     if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
@@ -646,18 +678,22 @@ export class ShardedSession {
     }
   }
 
-  /** A single shard's answer goes to the client as it came (RowDescription, rows, tag, errors). */
-  private async relay(shard: string, sql: Buffer, how: How): Promise<void> {
+  /**
+   * A single shard's answer goes to the client as it came (RowDescription, rows, tag, errors).
+   * `stream`: a read's rows go out as they come (forward()); a write's answer is held until it is
+   * whole, since a write that keeps lookups may still replace it with an error at its commit.
+   */
+  private async relay(shard: string, sql: Buffer, how: How, stream = false): Promise<void> {
     const link = await this.enlist(shard);
     let error: Record<string, string> | undefined;
-    const out = this.out;
     const handler: ResponseHandler = (type, buf, start, len) => {
       if (type === T.ParseComplete || type === T.BindComplete) return;
       if (type === T.ErrorResponse) {
         error = errorFieldsAt(buf, start, len);
         if (error.C === MOVED_WRITES_SQLSTATE) return; // thrown below: the caller may run it elsewhere
       }
-      out.push(buf.subarray(start, start + len)); // a view: the shard's read buffer is not reused (flush copies once)
+      if (stream && (type === T.DataRow || type === T.CopyData)) return this.forward(buf, start, len, [link]);
+      this.out.push(buf.subarray(start, start + len)); // a view: the shard's read buffer is not reused (flush copies once)
     };
     await link.request(this.requestBytes(sql, how, !how.simple && how.describe), handler);
     if (!error) return;
@@ -734,12 +770,46 @@ export class ShardedSession {
     this.emitRows(rows, sumTags(results.map((r) => r.tag)), how);
   }
 
-  /** COPY TO STDOUT over several shards: one CopyOutResponse, every shard's data, one CopyDone, the counts added up. */
-  private copyOutUnion(results: ShardResult[], header: boolean): void {
-    this.reply(results[0].copyOutResponse!);
-    results.forEach((r, i) => r.rows.forEach((row, j) => (i > 0 && j === 0 && header ? undefined : this.reply(row))));
-    this.reply(message('c'));
-    this.reply(commandComplete(sumTags(results.map((r) => r.tag))));
+  /**
+   * Rows of several shards to the client as they arrive: a scatter read whose rows need no merging, or a
+   * COPY TO (one CopyOutResponse, each shard's data, one CopyDone; with a header, the first shard's line
+   * only). The first RowDescription stands for all and the counts add up. The first error, named by its
+   * shard, ends the rows: those sent stay sent, as the rows before a run-time error do on one Postgres.
+   */
+  private async streamOnShards(shards: string[], sql: Buffer, how: How, copy?: { copyHeader: boolean }): Promise<void> {
+    const links = await Promise.all(shards.map((s) => this.enlist(s)));
+    const tags: Array<string | undefined> = [];
+    let described = false;
+    let headerSent = false;
+    let failed: { shard: string; fields: Record<string, string> } | undefined;
+    await Promise.all(links.map((link, i) => {
+      let firstData = true;
+      return link.request(this.requestBytes(sql, how, true), (type, buf, start, len) => {
+        switch (type) {
+          case T.RowDescription: case T.CopyOutResponse:
+            if (!described && (how.simple || how.describe)) this.reply(Buffer.from(buf.subarray(start, start + len)));
+            described = true;
+            return;
+          case T.CopyData:
+            if (firstData && copy?.copyHeader) {
+              firstData = false;
+              if (headerSent) return; // another shard's header line went already
+              headerSent = true;
+            }
+            if (!failed) this.forward(buf, start, len, links);
+            return;
+          case T.DataRow: if (!failed) this.forward(buf, start, len, links); return;
+          case T.CommandComplete: tags[i] = buf.toString('utf8', start + 5, start + len - 1); return;
+          case T.ErrorResponse: failed ??= { shard: link.shard, fields: errorFieldsAt(buf, start, len) }; return;
+          case T.NoticeResponse: this.reply(Buffer.from(buf.subarray(start, start + len))); return;
+          default: return; // ParseComplete, BindComplete, CopyDone: the gateway answers those itself
+        }
+      });
+    }));
+    if (failed) throw shardError(failed.shard, failed.fields, shards.length > 1);
+    if (copy) this.reply(message('c'));
+    else if (!described && !how.simple && how.describe) this.reply(NO_DATA);
+    this.reply(commandComplete(sumTags(tags)));
   }
 
   /** DDL and reference-table writes: every shard ran the same; its answer once. */

@@ -111,3 +111,37 @@ function flushAll(): void {
   }
   toFlush.length = 0;
 }
+
+/** Unsent bytes a client socket may hold before the servers feeding it stop being read. */
+export const CLIENT_HIGH_WATER = 1024 * 1024;
+
+/**
+ * Backpressure from a client to the servers whose answers it gets: once the
+ * client's socket holds more than CLIENT_HIGH_WATER unsent bytes, those servers'
+ * sockets stop being read until it drains. What the proxy holds of a large
+ * result is then bounded, whatever the client's speed, and the server (the
+ * pooler, and through it Postgres) waits in its own socket write instead.
+ */
+export class ReadThrottle {
+  private paused: net.Socket[] = [];
+
+  constructor(private readonly client: net.Socket) {
+    client.on('drain', () => this.release());
+    client.once('close', () => this.release());
+  }
+
+  /** After writing to the client: stops reading `servers` while it is congested. */
+  check(servers: Iterable<net.Socket>): void {
+    if (this.client.writableLength <= CLIENT_HIGH_WATER || this.client.destroyed) return;
+    for (const s of servers) {
+      if (s.isPaused()) continue;
+      s.pause();
+      this.paused.push(s);
+    }
+  }
+
+  /** Reads the paused servers again. */
+  release(): void {
+    for (const s of this.paused.splice(0)) s.resume();
+  }
+}

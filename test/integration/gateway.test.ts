@@ -15,6 +15,7 @@ import { portAnswers } from '../../compose/supervise.ts';
 import { encodeCancel } from '../../router/protocol/messages.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
+import { heldWritingFor, pausedQuery, residentBytes } from '../support/slow-client.ts';
 
 const MAX_CLIENTS = 40;
 const RELEASE_MS = 1_000;
@@ -340,4 +341,21 @@ test('the gateway serves Prometheus metrics', async () => {
   assert.match(text, /^mg_gateway_buffered_queries_total \d+/m);
   assert.match(text, /^mg_gateway_connections_refused_limit_total [1-9]\d*/m);
   assert.match(text, /^mg_gateway_healthy_primaries 1$/m);
+});
+
+test('a result larger than memory to a client that reads nothing: the rows wait in Postgres, not in the gateway, and all arrive', async () => {
+  const ROWS = 20_000;
+  const PAD = 10_000; // 200 MB in all
+  const statement = `SELECT g, repeat('x', ${PAD}) AS pad FROM generate_series(1, ${ROWS}) g`;
+  const { primary: serving } = await cluster.roles(); // the tests before may have moved the primary
+  await gw('postgres', async (c) => {
+    const before = await residentBytes(spec.gateway.metricsPort);
+    const q = pausedQuery(c, statement, 'pad');
+    await heldWritingFor([serving.port], statement, 2_000, 60_000);
+    const held = await residentBytes(spec.gateway.metricsPort);
+    q.resume();
+    assert.deepEqual(await q.done, { rows: ROWS, bytes: ROWS * PAD });
+    console.log(`a ${ROWS * PAD / 1e6} MB result with the client paused: gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
+    assert.ok(held - before < 100e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
+  });
 });
