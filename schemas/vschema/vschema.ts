@@ -14,7 +14,7 @@ const vindexSchema = z.object({
   /** Lookup vindexes: the table mapping `from` values to the owner's keyspace id (`to`). */
   params: z.object({
     table: ident, from: ident, to: ident,
-    /** Writes keep the lookup table, reads do not route by it yet: the state while `mg vindex backfill` fills it for existing rows. */
+    /** Writes keep the lookup table, reads do not route by it yet: the state while `mg vschema backfill` fills it for the rows that existed before (decision 0059). */
     write_only: z.boolean().optional(),
   }).strict().optional(),
   /** The table whose writes keep a lookup vindex in step. */
