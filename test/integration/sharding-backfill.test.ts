@@ -23,7 +23,8 @@ const cluster = testCluster('backfill', 1, {
   // Small pages: each shard's rows take several, and the writer's changes land between them.
   settings: { 'materializer.pageRows': 25 },
 });
-const { spec, flags, mg, mgOk, dataDir } = cluster;
+const { spec, flags, mg, dataDir } = cluster;
+const mgOk = (...args: string[]) => cluster.mgOk(...args);
 const RANGES = shardRanges(2);
 const [FIRST, SECOND] = RANGES.map((r) => r.shard);
 const portOf = (shard: string) => cluster.instances.find((i) => i.shard === shard)!.port;
