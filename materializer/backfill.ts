@@ -128,15 +128,17 @@ async function backfillShard(
     if (!column) throw new BackfillError(`table ${lookup.owner} has no column ${lookup.column} (the column of lookup vindex ${lookup.vindex}) on shard ${progress.shard}`);
     // Pages carry only what the comparison needs: the key, the primary vindex column and the lookup column.
     const read: MovedTable = { ...table, columns: table.columns.filter((c) => table.key.includes(c.name) || c.name === lookup.column || c.name === lookup.primary.column) };
-    const page: Page = { owner, lookups, ranges, lookup, table: read, valueType: column.type };
+    const page: Page = { owner, lookups, ranges, lookup, table: read, valueType: column.type, settled: new Set() };
     let after: string[] | null = null;
     let stepped = Date.now();
     for (;;) {
       if (!sameMapping(currentLookup(shards, job), lookup)) throw new BackfillError(`the VSchema of ${job.database} changed lookup vindex ${job.vindex} under the backfill: run it again`);
-      const { scanned, inserted, lastKey } = await underLocks(page, () => fillPage(page, after, pageRows), () => {
+      const { scanned, inserted, lastKey, values } = await underLocks(page, () => fillPage(page, after, pageRows), () => {
         job.lockRetries++;
         pageRetries.inc({ vindex: job.vindex });
       });
+      // A non-unique lookup's values repeat over pages: once compared under the locks, gateways keep their rows.
+      if (lookup.type === 'lookup') for (const v of values) page.settled.add(v);
       progress.rowsScanned += scanned;
       progress.rowsInserted += inserted;
       job.rowsScanned += scanned;
@@ -166,6 +168,8 @@ interface Page {
   table: MovedTable;
   /** The lookup column's type (values travel as text arrays cast to it). */
   valueType: string;
+  /** Values whose every owner row of the shard a committed page compared (a non-unique lookup's; see fillPage). */
+  settled: Set<string>;
 }
 
 /**
@@ -196,14 +200,17 @@ async function underLocks<T>(p: Page, work: () => Promise<T>, onRetry: () => voi
  * table holds, inserted. The need is counted over every owner row of the shard with the page's
  * values, not the page's only: a non-unique lookup holds one row per owner row, and owners with
  * the same (value, to) pair may sit on several pages, the lookup rows of some of them written by
- * gateways already. All owners of one pair are on this shard (`to` names it).
+ * gateways already. All owners of one pair are on this shard (`to` names it). A value compared
+ * once is settled for the shard: its owner rows changed since went through gateways that keep
+ * the vindex, so later pages skip it (which keeps a few-valued column from being read again
+ * on every page).
  */
-async function fillPage(p: Page, after: string[] | null, pageRows: number): Promise<{ scanned: number; inserted: number; lastKey: string[] }> {
+async function fillPage(p: Page, after: string[] | null, pageRows: number): Promise<{ scanned: number; inserted: number; lastKey: string[]; values: string[] }> {
   const { lookup: l, table: t } = p;
   const page = (await p.owner.query<Row>(pageSql(t, after, pageRows))).rows;
   const lastKey = page.length ? t.key.map((k) => page[page.length - 1][k]!) : [];
-  const values = [...new Set(page.map((r) => r[l.column]).filter((v): v is string => v !== null))];
-  if (!values.length) return { scanned: page.length, inserted: 0, lastKey };
+  const values = [...new Set(page.map((r) => r[l.column]).filter((v): v is string => v !== null && !p.settled.has(v)))];
+  if (!values.length) return { scanned: page.length, inserted: 0, lastKey, values };
 
   const owners = await p.owner.query<{ p: string; v: string }>(
     `SELECT ${quoteIdent(l.primary.column)}::text AS p, ${quoteIdent(l.column)}::text AS v FROM ${t.sql} WHERE ${quoteIdent(l.column)} = ANY($1::${p.valueType}[])`, [values]);
@@ -236,7 +243,7 @@ async function fillPage(p: Page, after: string[] | null, pageRows: number): Prom
     if (written.rows.length < group.length) throw duplicates(l, group, written.rows.map((r) => r.v), held, shard);
     inserted += written.rows.length;
   }
-  return { scanned: page.length, inserted, lastKey };
+  return { scanned: page.length, inserted, lastKey, values };
 }
 
 /** Items grouped by the lookup-table shard their value's rows live on. */
