@@ -149,6 +149,7 @@ after(async () => {
 });
 
 test('lookup vindexes added write_only, backfilled under writes, then externalized: exact lookup tables, reads routed by them', async () => {
+  const applied = Date.now();
   await putVSchema(WITH_LOOKUPS);
   await until('the gateway to keep the write-only lookups', 15_000, async () =>
     /keeps lookup vindex email \(users_email_idx\), vindex nick \(users_nick_idx\)/.test(await explain(gw, "INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a', 'b')")));
@@ -160,7 +161,10 @@ test('lookup vindexes added write_only, backfilled under writes, then externaliz
     // The unique lookup's backfill finds the shared email: an error naming it (after waiting for the gateways to fold the VSchema).
     const dup = await mg('vschema', 'backfill', 'shop', 'email', '--data-dir', dataDir);
     assert.equal(dup.code, 1, dup.stdout + dup.stderr);
-    assert.match(dup.stdout, /waiting [\d.]+ s for every gateway to fold VSchema version 2/);
+    const failed = await (await fetch(backfillApi('email'))).json();
+    const began = failed.steps.find((s: any) => s.message.startsWith('lookup vindex email'));
+    assert.ok(Date.parse(began.at) >= applied + 10_000, `the backfill began ${began.at}, 10 s after the VSchema (${new Date(applied).toISOString()})`);
+    assert.deepEqual([failed.state, failed.code], ['failed', '23505']);
     assert.match(dup.stderr, /backfill shop\/email failed: duplicate key value violates unique lookup vindex email of users\.email: more than one row of users has email = "dup@x\.org" \(keyspace ids \\x[0-9a-f]{16}, \\x[0-9a-f]{16}\)/);
     await gw.query(`UPDATE users SET email = 'dup2@x.org' WHERE tenant_id = ${DUP_B} AND id = 302`);
 
