@@ -199,13 +199,13 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (group === 'vschema') {
-    const dataDir = values['data-dir'] ?? '.mg';
-    const spec = savedSpec(dataDir);
-    if (!spec) throw new UsageError(`no cluster in ${dataDir} (give --data-dir)`);
     const [database, arg] = positionals.slice(2);
     const needs: Record<string, string> = { apply: 'vschema.yaml', show: '', backfill: '<lookup vindex>', externalize: '<lookup vindex>' };
     if (!command || !(command in needs)) throw new UsageError(`unknown command: vschema ${command ?? '(none)'}`);
     if (!database || (needs[command] && !arg)) throw new UsageError(`vschema ${command} needs <db>${needs[command] ? ` ${needs[command]}` : ''}`);
+    const dataDir = values['data-dir'] ?? '.mg';
+    const spec = savedSpec(dataDir);
+    if (!spec) throw new UsageError(`no cluster in ${dataDir} (give --data-dir)`);
     process.exitCode = await runVSchemaCommand(spec, command as VSchemaCommand, database, arg);
     return;
   }
