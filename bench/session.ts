@@ -132,7 +132,7 @@ async function main(): Promise<void> {
   const vschema = parseVSchema({ vindexes: { hash: { type: 'hash' } }, tables: { kv: { column_vindexes: [{ column: 'k', name: 'hash' }] } } });
   const topology = {
     databases: new Map([['plain', { sharded: false, transactionMode: null }], ['one', { sharded: true, transactionMode: null }]]),
-    vschemas: new Map([['one', { version: 1n, vschema }]]),
+    vschemas: new Map([['one', { version: 1n, vschema, appliedAt: new Date() }]]),
     routingRules: new Map(), applied: 0,
   };
   const discovery = {

@@ -1,7 +1,7 @@
 /**
  * The materializer's REST API and /metrics on its own port (decision 0038):
  * workflows listed, shown, created, started, stopped, cancelled, and VDiff
- * requested and read. Every change is an event on the workflows topic; the
+ * requested and read; lookup vindex backfills started and followed (decision 0059). Every change is an event on the workflows topic; the
  * answers come from the fold of that topic.
  */
 import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
@@ -83,6 +83,13 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
   });
   app.post<{ Params: { name: string } }>('/v1/workflows/:name/vdiff', { schema: { params: nameParams } }, async (req, reply) =>
     reply.code(202).send({ id: await m.requestVDiff(req.params.name) }));
+  // Lookup backfills (decision 0059): POST starts one (202), GET follows it.
+  const backfillParams = { type: 'object', properties: { database: { type: 'string' }, vindex: { type: 'string' } }, required: ['database', 'vindex'] };
+  const backfillPath = '/v1/databases/:database/vindexes/:vindex/backfill';
+  app.post<{ Params: { database: string; vindex: string } }>(backfillPath, { schema: { params: backfillParams } }, async (req, reply) =>
+    reply.code(202).send(m.startBackfill(req.params.database, req.params.vindex)));
+  app.get<{ Params: { database: string; vindex: string } }>(backfillPath, { schema: { params: backfillParams } }, async (req) =>
+    m.backfill(req.params.database, req.params.vindex));
   await app.listen({ host: '127.0.0.1', port });
   return app;
 }

@@ -12,6 +12,7 @@ import {
   type CdcStreamState, type KeyRange, type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
 } from '../schemas/index.ts';
 import { dropPositions } from './apply.ts';
+import { findLookup, runBackfill, type Backfill } from './backfill.ts';
 import { ChangeDecoder } from './changes.ts';
 import type { MaterializerConfig } from './config.ts';
 import { freshStatus, MoveTablesRunner } from './movetables.ts';
@@ -48,6 +49,8 @@ export class Materializer {
   private readonly publishEvents: (events: Array<{ key: string; value: WorkflowEvent }>) => Promise<void>;
   private readonly publishTopology: (events: Array<{ key: string; value: TopologyEvent }>) => Promise<void>;
   private readonly decoder: ChangeDecoder;
+  /** Lookup backfills by `<database>/<vindex>`, the latest run of each (decision 0059). */
+  private readonly backfills = new Map<string, Backfill>();
 
   constructor(private readonly cfg: MaterializerConfig, private readonly eventLog: EventLog, private readonly log: Logger) {
     this.shards = new ShardMap(eventLog);
@@ -154,6 +157,38 @@ export class Materializer {
       sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard),
     }));
     return this.workflows.get(req.name)!;
+  }
+
+  /**
+   * Starts backfilling a lookup vindex's table for the owner rows that existed before it (decision 0059);
+   * it runs in the background, and `backfill()` shows how far it is. One run per vindex at a time.
+   */
+  startBackfill(database: string, vindex: string): Backfill {
+    const db = this.shards.state.databases.get(database);
+    if (!db || db.dropped) throw new RequestError(404, `database ${database} does not exist`);
+    const record = this.shards.state.vschemas.get(database);
+    if (!db.sharded || !record) throw new RequestError(404, `database ${database} has no VSchema (mg vschema apply)`);
+    if (!findLookup(record.vschema, vindex)) throw new RequestError(404, `the VSchema of ${database} (version ${record.version}) has no lookup vindex ${vindex} with an owner table`);
+    const target = `${database}/${vindex}`;
+    if (this.backfills.get(target)?.state === 'running') throw new RequestError(409, `a backfill of ${vindex} in ${database} is running already`);
+    const job: Backfill = {
+      kind: 'backfill', target, database, vindex, version: String(record.version), state: 'running', startedAt: new Date().toISOString(), finishedAt: null,
+      rowsScanned: 0, rowsInserted: 0, lockRetries: 0, shards: [], steps: [], error: null, code: null,
+    };
+    this.backfills.set(target, job);
+    const finish = (err?: Error & { code?: string }) => {
+      Object.assign(job, { state: err ? 'failed' : 'succeeded', finishedAt: new Date().toISOString(), error: err?.message ?? null, code: err?.code ?? null });
+      this.log[err ? 'warn' : 'info']({ database, vindex, rowsScanned: job.rowsScanned, rowsInserted: job.rowsInserted, err }, `lookup backfill ${job.state}`);
+    };
+    runBackfill(this.shards, job, record.appliedAt, this.cfg.pageRows).then(() => finish(), finish);
+    return job;
+  }
+
+  /** The latest backfill of a lookup vindex. */
+  backfill(database: string, vindex: string): Backfill {
+    const job = this.backfills.get(`${database}/${vindex}`);
+    if (!job) throw new RequestError(404, `no backfill of ${vindex} in ${database} since the materializer started`);
+    return job;
   }
 
   private checkNewName(name: string): void {

@@ -34,7 +34,7 @@ export async function applyVSchema(eventLog: EventLog, database: string, raw: un
     payload: payload('VSchemaApplied', { database, version, vschema: JSON.stringify(vschema) }),
   };
   await eventLog.publisher('topology')([{ key: topologyKey(event), value: event }]);
-  return { version, vschema };
+  return { version, vschema, appliedAt: event.ts };
 }
 
 export async function showVSchema(eventLog: EventLog, database: string): Promise<VSchemaRecord | undefined> {

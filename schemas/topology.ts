@@ -65,7 +65,8 @@ export interface DatabaseRecord {
   transactionMode: string | null;
 }
 
-export interface VSchemaRecord { version: bigint; vschema: VSchema }
+/** `appliedAt`: when the version was published (a lookup backfill waits for gateways to have folded it, decision 0059). */
+export interface VSchemaRecord { version: bigint; vschema: VSchema; appliedAt: Date }
 
 export interface TopologyState {
   cells: Map<string, CellRegistered>;
@@ -157,7 +158,7 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       } catch {
         break; // publishers validate first; an invalid one never replaces a valid one
       }
-      state.vschemas.set(b.database, { version: b.version, vschema });
+      state.vschemas.set(b.database, { version: b.version, vschema, appliedAt: event.ts });
       break;
     }
     case 'RoutingRuleChanged': {

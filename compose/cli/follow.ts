@@ -1,14 +1,19 @@
-/** Following an admin API operation from the CLI: its steps as they happen, then the outcome as the exit code. */
+/** Following a long operation from the CLI (the admin API's, a lookup backfill): its steps as they happen, then the outcome as the exit code. */
 import { callOrchestrator } from '../orchestrators.ts';
 import type { ClusterSpec } from '../spec.ts';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Prints an operation's steps as they happen (what it did, what it waits for) until it is over. */
-export async function follow(spec: ClusterSpec, id: string): Promise<number> {
+/** Prints an admin API operation's steps as they happen (what it did, what it waits for) until it is over. */
+export function follow(spec: ClusterSpec, id: string): Promise<number> {
+  return followRun(() => callOrchestrator(spec, 'GET', `/v1/operations/${id}`));
+}
+
+/** The same for anything a GET shows in an operation's shape (kind, target, state, steps, startedAt, finishedAt, error): a lookup backfill too. */
+export async function followRun(get: () => Promise<{ status: number; body: any }>): Promise<number> {
   let printed = 0;
   for (;;) {
-    const r = await callOrchestrator(spec, 'GET', `/v1/operations/${id}`);
+    const r = await get();
     if (r.status !== 200) return fail(r);
     const op = r.body;
     const origin = Date.parse(op.startedAt);

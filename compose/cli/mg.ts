@@ -18,9 +18,9 @@
  *   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
  *   mg vschema apply  <db> vschema.yaml [--data-dir dir]
  *   mg vschema show   <db> [--data-dir dir]
+ *   mg vschema backfill|externalize <db> <lookup vindex> [--data-dir dir]
  *   mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete ... (see USAGE)
  */
-import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { createLogger } from '../../common/log.ts';
@@ -32,9 +32,8 @@ import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { addShardSet, createWithInstances, runDatabaseCommand } from './database.ts';
 import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
-import { callOrchestrator } from '../orchestrators.ts';
+import { runVSchemaCommand, type VSchemaCommand } from './vschema.ts';
 import { createReshard, runWorkflowCommand } from './workflow.ts';
-import YAML from 'yaml';
 
 const USAGE = `usage:
   mg cluster up     [--spec file.yaml] [--data-dir dir] [--set path=value ...]
@@ -63,6 +62,8 @@ const USAGE = `usage:
   mg replica remove <db>/<shard> <instanceId> [--data-dir dir]
   mg vschema apply  <db> vschema.yaml [--data-dir dir]
   mg vschema show   <db> [--data-dir dir]
+  mg vschema backfill    <db> <lookup vindex> [--data-dir dir]
+  mg vschema externalize <db> <lookup vindex> [--data-dir dir]
   mg workflow create <name> --source <db> --target <db> --tables t1,t2 [--data-dir dir]
   mg workflow create <name> --type reshard --database <db> --to-shards N [--data-dir dir]
   mg workflow list   [--data-dir dir]
@@ -198,7 +199,14 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (group === 'vschema') {
-    process.exitCode = await vschemaCommand(values['data-dir'] ?? '.mg', command, positionals[2], positionals[3]);
+    const [database, arg] = positionals.slice(2);
+    const needs: Record<string, string> = { apply: 'vschema.yaml', show: '', backfill: '<lookup vindex>', externalize: '<lookup vindex>' };
+    if (!command || !(command in needs)) throw new UsageError(`unknown command: vschema ${command ?? '(none)'}`);
+    if (!database || (needs[command] && !arg)) throw new UsageError(`vschema ${command} needs <db>${needs[command] ? ` ${needs[command]}` : ''}`);
+    const dataDir = values['data-dir'] ?? '.mg';
+    const spec = savedSpec(dataDir);
+    if (!spec) throw new UsageError(`no cluster in ${dataDir} (give --data-dir)`);
+    process.exitCode = await runVSchemaCommand(spec, command as VSchemaCommand, database, arg);
     return;
   }
   const known = (group === 'cluster' && ['up', 'status', 'down'].includes(command)) || (group === 'cdc' && command === 'status');
@@ -238,41 +246,6 @@ async function shardCommand(spec: ClusterSpec, command: string | undefined, targ
   if (!['status', 'switchover', 'history'].includes(command ?? '')) throw new UsageError(`unknown command: shard ${command ?? '(none)'}`);
   if (command !== 'status' && !/^[^/]+\/[^/]+$/.test(target ?? '')) throw new UsageError(`shard ${command} needs <db>/<shard>, e.g. postgres/-`);
   return runShardCommand(spec, command as 'status' | 'switchover' | 'history', target, to);
-}
-
-/** `mg vschema apply|show` through the admin API, so the CLI and the route validate and publish the same way. */
-async function vschemaCommand(dataDir: string, command: string | undefined, database: string | undefined, file: string | undefined): Promise<number> {
-  if (command !== 'apply' && command !== 'show') throw new UsageError(`unknown command: vschema ${command ?? '(none)'}`);
-  if (!database || (command === 'apply' && !file)) throw new UsageError(`vschema ${command} needs <db>${command === 'apply' ? ' vschema.yaml' : ''}`);
-  const spec = savedSpec(dataDir);
-  if (!spec) throw new UsageError(`no cluster in ${dataDir} (give --data-dir)`);
-  const route = `/v1/databases/${encodeURIComponent(database)}/vschema`;
-  if (command === 'show') {
-    const r = await callOrchestrator(spec, 'GET', route);
-    if (r.status !== 200) {
-      console.error(`mg: ${r.body?.error ?? `HTTP ${r.status}`}`);
-      return 1;
-    }
-    console.log(`# version ${r.body.version}\n${YAML.stringify(r.body.vschema)}`);
-    return 0;
-  }
-  let raw: unknown;
-  try {
-    raw = YAML.parse(fs.readFileSync(file!, 'utf8'));
-  } catch (err) {
-    throw new SpecError(`cannot read VSchema ${file}: ${(err as Error).message}`);
-  }
-  const r = await callOrchestrator(spec, 'PUT', route, raw ?? {});
-  if (r.status === 400) {
-    const faults: Array<{ field: string; message: string }> = r.body.fields ?? [{ field: 'body', message: r.body.error }];
-    throw new SpecError(`invalid VSchema ${file}:\n${faults.map((f) => `${f.field}: ${f.message}`).join('\n')}`);
-  }
-  if (r.status !== 200) {
-    console.error(`mg: ${r.body?.error ?? `HTTP ${r.status}`}`);
-    return 1;
-  }
-  console.log(`vschema of ${database}: version ${r.body.version} published`);
-  return 0;
 }
 
 main(process.argv.slice(2)).then(

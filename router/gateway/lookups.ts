@@ -8,7 +8,7 @@
  */
 import { counter } from '../../common/metrics.ts';
 import { keyspaceId, shardFor, type KeyRange } from '../../schemas/vschema/vindex.ts';
-import type { LookupVindex } from '../../schemas/vschema/vschema.ts';
+import { lookupShard, lookupTo, type LookupVindex } from '../../schemas/vschema/vschema.ts';
 import { inRangeOrder, resolveValue, type BoundParam, type InsertPlan, type OwnedWrite, type Pin, type ValueRef } from '../planner/plan.ts';
 import { PgError } from '../protocol/errors.ts';
 
@@ -34,16 +34,6 @@ const q = (name: string) => `"${name.replace(/"/g, '""')}"`;
 function text(v: ValueRef, params: readonly BoundParam[] | undefined): string | null {
   const r = resolveValue(v, params);
   return r === null ? null : Buffer.isBuffer(r) ? r.toString('utf8') : r;
-}
-
-/** The shard of the lookup table that holds a value's rows. */
-function lookupShard(l: LookupVindex, value: string, ranges: readonly KeyRange[]): string {
-  return l.sharding ? shardFor(keyspaceId(l.sharding.type, value), ranges) : ranges[0].shard;
-}
-
-/** What `to` holds for an owner row whose primary vindex column has `primary` (text). */
-function toValue(l: LookupVindex, primary: string): string {
-  return l.toIsPrimaryColumn ? primary : `\\x${keyspaceId(l.primary.type, primary).toString('hex')}`;
 }
 
 /** Groups items by a key, keeping first-seen order. */
@@ -97,7 +87,8 @@ async function deleteRows(rows: LookupRow[], access: LookupAccess): Promise<void
     lookupStatements.inc({ op: 'delete' });
     const removed = await access.run(lookupShard(r.lookup, r.from, access.ranges),
       `DELETE FROM ${q(table)} WHERE ctid = (SELECT ctid FROM ${q(table)} WHERE ${q(from)} = $1 AND ${q(to)} = $2 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING 1`, [r.from, r.to], true);
-    if (!removed.length) missingRows.inc({ vindex: r.lookup.vindex });
+    // A write-only vindex lacks the rows of owners older than it until its backfill: not a fault.
+    if (!removed.length && !r.lookup.writeOnly) missingRows.inc({ vindex: r.lookup.vindex });
   }
 }
 
@@ -108,7 +99,7 @@ async function deleteRows(rows: LookupRow[], access: LookupAccess): Promise<void
 export async function insertLookupRows(plan: InsertPlan, paramSets: ReadonlyArray<readonly BoundParam[] | undefined>, access: LookupAccess): Promise<void> {
   const rows = paramSets.flatMap((params) => plan.lookups!.flatMap(({ lookup, values }) => values.flatMap((v, i) => {
     const from = text(v, params);
-    return from === null ? [] : [{ lookup, from, to: toValue(lookup, text(plan.pin.values[i], params)!) }];
+    return from === null ? [] : [{ lookup, from, to: lookupTo(lookup, text(plan.pin.values[i], params)!) }];
   })));
   await insertRows(rows, access);
 }
@@ -127,7 +118,7 @@ export async function moveLookupRows(owned: Pick<OwnedWrite, 'lookups' | 'newVal
       const old = row[j + 1]?.toString('utf8') ?? null;
       const now = owned.newValues ? text(owned.newValues[j], params) : null;
       if (owned.newValues && old === now) return;
-      const to = toValue(lookup, primary);
+      const to = lookupTo(lookup, primary);
       if (old !== null) gone.push({ lookup, from: old, to });
       if (now !== null) added.push({ lookup, from: now, to });
     });

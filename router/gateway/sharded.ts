@@ -90,7 +90,7 @@ type How = { simple: true } | { simple: false; portal: Portal; describe: boolean
  * A prepared statement of the extended protocol: the text and its plan, made at Parse. `shardParse` is the
  * Parse of the unnamed statement that shards get for the plan's text with these parameter types (made once).
  */
-interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string; shardParse?: Buffer }
+interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string; shardParse?: Buffer; planner: Planner }
 /**
  * A bound portal: rows are computed at its first Execute and handed out by row limits. `shardBind` is the
  * Bind of the unnamed portal and statement that shards get (`bindRest` after empty names).
@@ -1086,7 +1086,7 @@ export class ShardedSession {
           const { plan } = routes[0];
           // A Parse of the unnamed statement whose text the plan sends unedited is what the shards get: kept as it came.
           const unedited = p.name === '' && 'sql' in plan && Buffer.isBuffer(plan.sql) && raw[6 + plan.sql.length] === 0 && plan.sql.equals(raw.subarray(6, 6 + plan.sql.length));
-          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan, database: routes[0].database, shardParse: unedited ? raw : undefined });
+          this.prepared.set(p.name, { sql: p.sql, paramTypes: p.paramTypes, plan, database: routes[0].database, shardParse: unedited ? raw : undefined, planner: this.planner });
           this.reply(PARSE_COMPLETE);
         };
         const routes = this.routed(p.sql);
@@ -1166,6 +1166,10 @@ export class ShardedSession {
     if (!portal.pending) {
       // Rules may have changed since Parse: a statement of a database with rules is routed again now.
       const { prepared } = portal;
+      if (prepared.planner !== this.planner && !movedTablesOf(this.opts.discovery.topology, this.database)) {
+        // A new VSchema since Parse (a lookup vindex added, decision 0059): planned again, so its writes keep what it now says.
+        Object.assign(prepared, { plan: this.plannedHere(prepared.sql)[0].plan, planner: this.planner, shardParse: undefined });
+      }
       const [route] = movedTablesOf(this.opts.discovery.topology, this.database) ? await this.routed(prepared.sql) : [{ text: prepared.sql, database: prepared.database, plan: prepared.plan }];
       await this.executeRouted(route, { simple: false, portal, describe: portal.described, limited: maxRows > 0 });
       if (!portal.pending) return; // answered already (relayed from one shard, or a session command)

@@ -594,9 +594,11 @@ export class Planner {
       if (!e || (e.kind !== 'AEXPR_OP' && e.kind !== 'AEXPR_IN') || lastName(e.name) !== '=' || !e.lexpr?.ColumnRef) continue;
       const fields = fieldsOf(e.lexpr.ColumnRef);
       const col = fields[fields.length - 1];
-      const owners = tables.filter((t) => (fields.length < 2 || t.alias === fields[fields.length - 2]) && t.lookups?.some((l) => l.column === col));
+      // A write-only vindex's lookup table may lack rows that existed before it: it does not route yet.
+      const routing = (t: TableUse) => t.lookups?.find((l) => l.column === col && !l.writeOnly);
+      const owners = tables.filter((t) => (fields.length < 2 || t.alias === fields[fields.length - 2]) && routing(t));
       if (owners.length !== 1) continue;
-      const lookup = owners[0].lookups!.find((l) => l.column === col)!;
+      const lookup = routing(owners[0])!;
       const values = (e.kind === 'AEXPR_IN' ? e.rexpr?.List?.items ?? [] : [e.rexpr]).map(valueOf);
       if (!values.length || values.some((v: ValueRef | undefined) => !v)) continue;
       return { vindex: lookup.vindex, type: lookup.type, column: `${lookup.owner}.${lookup.column}`, values, lookup };

@@ -5,14 +5,18 @@
  * Published whole, versioned, as VSchemaApplied on the topology log.
  */
 import { z } from 'zod';
-import type { FunctionalVindex } from './vindex.ts';
+import { keyspaceId, shardFor, type FunctionalVindex, type KeyRange } from './vindex.ts';
 
 const ident = z.string().regex(/^[a-z_][a-z0-9_$]{0,62}$/, 'must be a lower-case SQL identifier');
 
 const vindexSchema = z.object({
   type: z.enum(['hash', 'xxhash', 'identity', 'lookup', 'consistent_lookup_unique']),
   /** Lookup vindexes: the table mapping `from` values to the owner's keyspace id (`to`). */
-  params: z.object({ table: ident, from: ident, to: ident }).strict().optional(),
+  params: z.object({
+    table: ident, from: ident, to: ident,
+    /** Writes keep the lookup table, reads do not route by it yet: the state while `mg vschema backfill` fills it for the rows that existed before (decision 0059). */
+    write_only: z.boolean().optional(),
+  }).strict().optional(),
   /** The table whose writes keep a lookup vindex in step. */
   owner: ident.optional(),
 }).strict().superRefine((v, ctx) => {
@@ -143,6 +147,18 @@ export interface LookupVindex {
   toIsPrimaryColumn: boolean;
   /** The vindex that shards the lookup table by `from`; none: the lookup table lives on the first shard. */
   sharding?: { vindex: string; type: FunctionalVindex };
+  /** Kept by writes, not used by reads: its lookup table may still lack rows that existed before it. */
+  writeOnly: boolean;
+}
+
+/** The shard of the lookup table that holds a value's rows. */
+export function lookupShard(l: LookupVindex, value: string, ranges: readonly KeyRange[]): string {
+  return l.sharding ? shardFor(keyspaceId(l.sharding.type, value), ranges) : ranges[0].shard;
+}
+
+/** What `to` holds (as text) for an owner row whose primary vindex column has `primary` (text). */
+export function lookupTo(l: LookupVindex, primary: string): string {
+  return l.toIsPrimaryColumn ? primary : `\\x${keyspaceId(l.primary.type, primary).toString('hex')}`;
 }
 
 /** The lookup vindexes a table owns (its secondary column vindexes of a lookup type), in VSchema order. */
@@ -154,11 +170,11 @@ export function ownedLookups(v: VSchema, table: string): LookupVindex[] {
   return t.column_vindexes.slice(1).flatMap((cv) => {
     const vi = v.vindexes[cv.name];
     if (!isLookup(vi.type) || vi.owner !== table) return [];
-    const { table: lt, from, to } = vi.params!;
+    const { table: lt, from, to, write_only: writeOnly } = vi.params!;
     const sv = v.tables[lt]?.column_vindexes[0];
     return [{
       vindex: cv.name, type: vi.type, owner: table, column: cv.column, table: lt, from, to, primary, toIsPrimaryColumn: to === pv.column,
-      sharding: sv ? { vindex: sv.name, type: v.vindexes[sv.name].type as FunctionalVindex } : undefined,
+      sharding: sv ? { vindex: sv.name, type: v.vindexes[sv.name].type as FunctionalVindex } : undefined, writeOnly: writeOnly === true,
     }];
   });
 }

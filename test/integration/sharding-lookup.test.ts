@@ -14,8 +14,9 @@ import { after, before, test } from 'node:test';
 import pg from 'pg';
 import postgres from 'postgres';
 import { shardRanges } from '../../compose/spec.ts';
-import { hashKeyspaceId, shardFor, xxhashKeyspaceId } from '../../schemas/index.ts';
+import { hashKeyspaceId } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { lookupChecks } from '../support/lookups.ts';
 
 const cluster = testCluster('lookup', 1, {
   spec: { cells: ['zone1'], databases: [{ name: 'shop', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' }] },
@@ -24,8 +25,7 @@ const { spec, flags, mg, dataDir } = cluster;
 const RANGES = shardRanges(2);
 const [FIRST, SECOND] = RANGES.map((r) => r.shard);
 const portOf = (shard: string) => cluster.instances.find((i) => i.shard === shard)!.port;
-const shardOfTenant = (t: number | string) => shardFor(hashKeyspaceId(Number(t)), RANGES);
-const shardOfEmail = (e: string) => shardFor(xxhashKeyspaceId(e), RANGES);
+const { onEachShard, assertLookupsExact, shardOfTenant, shardOfEmail } = lookupChecks(RANGES, portOf, 'shop');
 const tenantOn = (shard: string, after = 0) => Array.from({ length: 40 }, (_, i) => after + i + 1).find((t) => shardOfTenant(t) === shard)!;
 const api = `http://127.0.0.1:${spec.orchestrator.basePort}/v1/databases`;
 
@@ -47,37 +47,6 @@ const DDL = [
 ];
 
 const gwClient = () => new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'shop' });
-/** The rows of a query on each shard's Postgres itself (not through the gateway), by shard. */
-async function onEachShard(sql: string): Promise<Record<string, any[]>> {
-  return Object.fromEntries(await Promise.all(RANGES.map(async ({ shard }) => {
-    const c = new pg.Client({ host: '127.0.0.1', port: portOf(shard), user: 'postgres', database: 'shop' });
-    await c.connect();
-    return [shard, (await c.query(sql).finally(() => c.end())).rows];
-  })));
-}
-const sorted = (xs: string[]) => [...xs].sort();
-
-/**
- * The lookup tables hold exactly what the owner rows say: one email row per
- * user with an email, on the shard xxhash(email) names, pointing at the user's
- * keyspace id; one nick row per user with a nick, all on the first shard.
- */
-async function assertLookupsExact(): Promise<Array<{ tenant_id: string; id: string; email: string | null; nick: string | null }>> {
-  const users = Object.entries(await onEachShard('SELECT tenant_id::text, id::text, email, nick FROM users')).flatMap(([shard, rows]) => {
-    for (const u of rows) assert.equal(shard, shardOfTenant(u.tenant_id), `user ${u.tenant_id}/${u.id} on its tenant's shard`);
-    return rows;
-  });
-  const emails = await onEachShard("SELECT email, encode(keyspace_id, 'hex') AS ksid FROM users_email_idx");
-  for (const { shard } of RANGES) {
-    const want = users.filter((u) => u.email !== null && shardOfEmail(u.email) === shard).map((u) => `${u.email} ${hashKeyspaceId(Number(u.tenant_id)).toString('hex')}`);
-    assert.deepEqual(sorted(emails[shard].map((r) => `${r.email} ${r.ksid}`)), sorted(want), `users_email_idx on ${shard}`);
-  }
-  const nicks = await onEachShard('SELECT nick, tenant_id::text FROM users_nick_idx');
-  assert.deepEqual(sorted(nicks[FIRST].map((r) => `${r.nick} ${r.tenant_id}`)), sorted(users.filter((u) => u.nick !== null).map((u) => `${u.nick} ${u.tenant_id}`)), 'users_nick_idx on the first shard');
-  assert.deepEqual(nicks[SECOND], [], 'an unsharded lookup table lives on the first shard only');
-  return users;
-}
-
 let gw: pg.Client;
 
 before(async () => {

@@ -299,3 +299,21 @@ test('EXPLAIN ANALYZE of a write that keeps lookup vindexes is refused (it would
   assert.equal(planOne("EXPLAIN (ANALYZE false) DELETE FROM users WHERE email = 'a'").kind, 'explain');
   assert.equal(planOne("EXPLAIN ANALYZE SELECT * FROM users WHERE email = 'a'").kind, 'explain');
 });
+
+test('a write-only lookup vindex (being backfilled) is kept by every write but routes no read', () => {
+  const v = structuredClone(LOOKUP_VSCHEMA) as any;
+  v.vindexes.email.params.write_only = true;
+  const writeOnly = new Planner(parseVSchema(v));
+  const plan = (sql: string): any => writeOnly.plan(sql)[0];
+  const read = plan("SELECT * FROM users WHERE email = 'a@x.org'");
+  assert.equal(read.pin, undefined, 'scattered: the lookup table may still lack rows of older owners');
+  assert.equal(describePlan(read, ['-80', '80-']), 'scatter to 2 shards (-80, 80-)');
+  // Another lookup in the same WHERE still routes.
+  assert.equal(plan("SELECT * FROM users WHERE email = 'a' AND nick = 'kim'").pin.vindex, 'nick');
+  // Writes keep it: INSERT carries its values, UPDATE of its column and DELETE move and remove its rows.
+  const ins = plan("INSERT INTO users (tenant_id, id, email, nick) VALUES (1, 1, 'a@x.org', 'kim')");
+  assert.deepEqual(ins.lookups.map((l: any) => [l.lookup.vindex, l.lookup.writeOnly]), [['email', true], ['nick', false]]);
+  assert.deepEqual(plan("UPDATE users SET email = 'b@x.org' WHERE tenant_id = 1").owned.lookups.map((l: any) => l.vindex), ['email']);
+  assert.deepEqual(plan("DELETE FROM users WHERE email = 'a@x.org'").owned.lookups.map((l: any) => l.vindex), ['email', 'nick']);
+  assert.equal(plan("DELETE FROM users WHERE email = 'a@x.org'").pin, undefined);
+});

@@ -137,4 +137,12 @@ test('lookup vindexes: owned by the table that lists them; the lookup table is s
   const [l] = ownedLookups(sharded, 'users');
   assert.deepEqual([l.toIsPrimaryColumn, l.primary, l.sharding], [true, { column: 'tenant_id', type: 'hash' }, { vindex: 'text_hash', type: 'xxhash' }]);
   assert.deepEqual(ownedLookups(sharded, 'users_email_idx'), []);
+  assert.equal(l.writeOnly, false);
+
+  // write_only: kept by writes, not routed by (while a backfill fills the lookup table; decision 0059).
+  const writeOnly = (value: unknown) => lookup({ vindexes: { email: { type: 'consistent_lookup_unique', params: { table: 'users_email_idx', from: 'email', to: 'keyspace_id', write_only: value }, owner: 'users' } } });
+  assert.equal(ownedLookups(parseVSchema(writeOnly(true)), 'users')[0].writeOnly, true);
+  assert.equal(ownedLookups(parseVSchema(writeOnly(false)), 'users')[0].writeOnly, false);
+  bad(writeOnly('yes'), /vindex email \(params.write_only\): Expected boolean, received string/);
+  bad(lookup({ vindexes: { hash: { type: 'hash', params: { table: 't', from: 'a', to: 'b', write_only: true } } } }), /vindex hash \(params\): a hash vindex takes no params/);
 });
