@@ -26,7 +26,7 @@ export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefi
       tables: s?.tables ?? [],
     },
     vdiff: rec.vdiff ?? (rec.vdiffRequest ? { id: rec.vdiffRequest.id, state: 'REQUESTED' } : null),
-    ...(rec.definition.type === 'MIGRATION' ? { ddl: rec.definition.ddl, revertSeconds: rec.definition.revertSeconds, switchedAt: s?.switchedAt ?? null } : {}),
+    ...(rec.definition.type === 'MIGRATION' ? { ddl: rec.definition.ddl, revertSeconds: rec.definition.revertSeconds, postponeCutOver: rec.definition.postponeCutOver, switchedAt: s?.switchedAt ?? null } : {}),
   });
 }
 
@@ -90,15 +90,18 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
   };
   app.get('/v1/migrations', async () => ({ migrations: [...m.workflows.values()].filter((w) => w.definition.type === 'MIGRATION').map(view) }));
   app.get<{ Params: { name: string } }>('/v1/migrations/:name', { schema: { params: nameParams } }, async (req) => view(migration(req.params.name)));
-  app.post<{ Body: { database: string; ddl: string; revertSeconds?: number } }>('/v1/migrations', {
+  app.post<{ Body: { database: string; ddl: string; revertSeconds?: number; postponeCutOver?: boolean } }>('/v1/migrations', {
     schema: {
       body: {
         type: 'object', additionalProperties: false, required: ['database', 'ddl'],
-        properties: { database: { type: 'string', minLength: 1 }, ddl: { type: 'string', minLength: 1 }, revertSeconds: { type: 'integer', minimum: 0 } },
+        properties: {
+          database: { type: 'string', minLength: 1 }, ddl: { type: 'string', minLength: 1 }, revertSeconds: { type: 'integer', minimum: 0 }, postponeCutOver: { type: 'boolean' },
+        },
       },
     },
-  }, async (req, reply) => reply.code(201).send(view(await m.createMigration({ database: req.body.database, ddl: req.body.ddl, revertSeconds: req.body.revertSeconds ?? m.migrationRevertSeconds }))));
-  for (const [command, action] of [['cancel', 'CANCEL'], ['revert', 'REVERSE_TRAFFIC'], ['complete', 'COMPLETE'], ['start', 'START']] as const) {
+  }, async (req, reply) => reply.code(201).send(view(await m.createMigration({ database: req.body.database, ddl: req.body.ddl, revertSeconds: req.body.revertSeconds ?? m.migrationRevertSeconds, postponeCutOver: req.body.postponeCutOver ?? false,
+  }))));
+  for (const [command, action] of [['cutover', 'SWITCH_TRAFFIC'], ['cancel', 'CANCEL'], ['revert', 'REVERSE_TRAFFIC'], ['complete', 'COMPLETE'], ['start', 'START']] as const) {
     app.post<{ Params: { name: string } }>(`/v1/migrations/:name/${command}`, { schema: { params: nameParams } }, async (req, reply) =>
       reply.code(202).send(view(await m.command(migration(req.params.name).name, action))));
   }

@@ -116,7 +116,7 @@ export class Materializer {
     }
     const tables = req.tables.map((n) => { const s = splitName(n); return `${s.schema}.${s.table}`; });
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
-      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null, ddl: null, revertSeconds: null,
+      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false,
     }));
     return this.workflows.get(req.name)!;
   }
@@ -154,7 +154,7 @@ export class Materializer {
     }
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
       type: 'RESHARD', sourceDatabase: req.database, targetDatabase: req.database, tables: tables.map((t) => `public.${t}`),
-      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard), ddl: null, revertSeconds: null,
+      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard), ddl: null, revertSeconds: null, postponeCutOver: false,
     }));
     return this.workflows.get(req.name)!;
   }
@@ -164,7 +164,7 @@ export class Materializer {
    * shadow table of the database's first shard in a transaction that is rolled back, so whatever Postgres
    * or the migration refuses is answered now (400). Named mig_<id>; the runner then applies it on every shard.
    */
-  async createMigration(req: { database: string; ddl: string; revertSeconds: number }): Promise<WorkflowRecord> {
+  async createMigration(req: { database: string; ddl: string; revertSeconds: number; postponeCutOver: boolean }): Promise<WorkflowRecord> {
     const db = this.shards.state.databases.get(req.database);
     if (!db || db.dropped) throw new RequestError(404, `database ${req.database} does not exist`);
     await loadParser();
@@ -195,8 +195,10 @@ export class Materializer {
     }
     await this.publish(name, workflowPayload('WorkflowCreated', {
       type: 'MIGRATION', sourceDatabase: req.database, targetDatabase: req.database, tables: [table], sourceShards: null, targetShards: null,
-      ddl: req.ddl, revertSeconds: BigInt(req.revertSeconds),
+      ddl: req.ddl, revertSeconds: BigInt(req.revertSeconds), postponeCutOver: req.postponeCutOver,
     }));
+    // The rule exists from the submit on: sessions opened from now on are planned, so the cut-over can hold their statements.
+    await this.setRouting(this.workflows.get(name)!, 'SOURCE');
     return this.workflows.get(name)!;
   }
 
@@ -283,10 +285,11 @@ export class Materializer {
     const phase = rec.status?.phase ?? 'PENDING';
     const cutOver = rec.status?.switchedAt != null;
     if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') throw new RequestError(409, `migration ${rec.name} is ${phase} already`);
-    const allowed = action === 'CANCEL' ? !cutOver : action === 'REVERSE_TRAFFIC' ? phase === 'SWITCHED' : action === 'COMPLETE' ? phase === 'SWITCHED' : action === 'START' && phase === 'FAILED';
+    const allowed = action === 'CANCEL' ? !cutOver : action === 'SWITCH_TRAFFIC' ? !cutOver && phase !== 'FAILED' : action === 'REVERSE_TRAFFIC' ? phase === 'SWITCHED' : action === 'COMPLETE' ? phase === 'SWITCHED' : action === 'START' && phase === 'FAILED';
     if (!allowed) {
       const why: Partial<Record<WorkflowAction, string>> = {
-        CANCEL: 'it has cut over (revert it instead)', REVERSE_TRAFFIC: 'revert needs it cut over (SWITCHED)', COMPLETE: 'complete needs it cut over (SWITCHED)', START: 'only a FAILED migration is started again',
+        CANCEL: 'it has cut over (revert it instead)', SWITCH_TRAFFIC: 'it has cut over already, or failed (mg migration start)',
+        REVERSE_TRAFFIC: 'revert needs it cut over (SWITCHED)', COMPLETE: 'complete needs it cut over (SWITCHED)', START: 'only a FAILED migration is started again',
       };
       throw new RequestError(409, `migration ${rec.name} is ${phase}: ${why[action] ?? 'not a migration command'}`);
     }
@@ -384,7 +387,8 @@ export class Materializer {
     if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') return;
     let runner = this.migrations.get(rec.name);
     const ending = rec.action === 'CANCEL' ? 'CANCELLED' : rec.action === 'COMPLETE' || this.revertWindowOver(rec) ? 'COMPLETED' : undefined;
-    if (ending && this.tryOnce(rec)) {
+    // The window's end completes it whatever the last command was; a command is tried once.
+    if (ending && (this.revertWindowOver(rec) || this.tryOnce(rec))) {
       this.migrations.delete(rec.name);
       const r = runner ?? this.migrationRunner(rec);
       await r.dropAndEnd(ending).catch((err) => r.publishStatus({ message: `${ending === 'CANCELLED' ? 'cancel' : 'complete'} failed (run it again): ${(err as Error).message}` }));
@@ -402,7 +406,7 @@ export class Materializer {
       runner.start();
       return;
     }
-    if (runner.status.phase === 'RUNNING' && runner.caughtUp) await runner.cutOver();
+    if (runner.status.phase === 'RUNNING' && runner.caughtUp && (!rec.definition.postponeCutOver || rec.action === 'SWITCH_TRAFFIC')) await runner.cutOver();
     else if (rec.action === 'REVERSE_TRAFFIC' && runner.status.phase === 'SWITCHED' && runner.caughtUp && this.tryOnce(rec)) {
       await runner.revert().catch((err) => runner.publishStatus({ message: `revert failed: ${(err as Error).message}` }));
     }

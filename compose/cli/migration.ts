@@ -1,4 +1,4 @@
-/** `mg migration submit|list|show|cancel|revert|complete`: online schema migrations (decision 0060), through the materializer's REST API. */
+/** `mg migration submit|list|show|cutover|cancel|revert|complete`: online schema migrations (decision 0060), through the materializer's REST API. */
 import { callMaterializer } from '../materializer.ts';
 import type { ClusterSpec } from '../spec.ts';
 import { fail, renderWorkflow } from './workflow.ts';
@@ -8,12 +8,15 @@ export interface MigrationArgs {
   target: string | undefined;
   ddl: string | undefined;
   revertSeconds: number | undefined;
+  /** submit: wait for `mg migration cutover` once caught up. */
+  postponeCutOver: boolean;
   wait: boolean;
 }
 
 /** What each command waits for (the migration as GET shows it), unless --no-wait. */
 const SETTLED: Record<string, (m: any) => boolean> = {
-  submit: (m) => m.phase === 'SWITCHED',
+  submit: (m) => m.phase === 'SWITCHED' || (m.postponeCutOver && m.phase === 'RUNNING'),
+  cutover: (m) => m.phase === 'SWITCHED',
   revert: (m) => m.phase === 'REVERTED',
   complete: (m) => m.phase === 'COMPLETED',
   cancel: (m) => m.phase === 'CANCELLED',
@@ -36,9 +39,9 @@ export async function runMigrationCommand(spec: ClusterSpec, command: string, ar
   }
   let r;
   if (command === 'submit') {
-    r = await callMaterializer(spec, 'POST', '/v1/migrations', { database: args.target, ddl: args.ddl, ...(args.revertSeconds === undefined ? {} : { revertSeconds: args.revertSeconds }) });
+    r = await callMaterializer(spec, 'POST', '/v1/migrations', { database: args.target, ddl: args.ddl, postponeCutOver: args.postponeCutOver, ...(args.revertSeconds === undefined ? {} : { revertSeconds: args.revertSeconds }) });
     if (r.status !== 201) return fail(r);
-    console.log(`migration ${r.body.name}: submitted (${r.body.tables[0]} of ${r.body.source}; revertible for ${r.body.revertSeconds} s after the cut-over)`);
+    console.log(`migration ${r.body.name}: submitted (${r.body.tables[0]} of ${r.body.source}; revertible for ${r.body.revertSeconds} s after the cut-over${args.postponeCutOver ? '; cut over with mg migration cutover' : ''})`);
   } else {
     r = await callMaterializer(spec, command === 'show' ? 'GET' : 'POST', `/v1/migrations/${encodeURIComponent(args.target ?? '')}${command === 'show' ? '' : `/${command}`}`);
     if (r.status !== (command === 'show' ? 200 : 202)) return fail(r);

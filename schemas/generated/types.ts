@@ -335,6 +335,8 @@ export interface WorkflowCreated {
   ddl: null | string;
   /** MIGRATION: how long after the cut-over the old table is kept in step for a revert; then it is dropped. */
   revertSeconds: null | bigint;
+  /** MIGRATION: cut over on the operator's SWITCH_TRAFFIC (mg migration cutover) rather than as soon as the shadow is caught up. */
+  postponeCutOver: boolean;
 }
 
 export type WorkflowAction = 'START' | 'STOP' | 'CANCEL' | 'SWITCH_READS' | 'SWITCH_TRAFFIC' | 'REVERSE_TRAFFIC' | 'COMPLETE';
