@@ -77,7 +77,9 @@ export class MigrationRunner {
   private switching = false;
   private tail: Tail | undefined;
   private applier: TableApplier | undefined;
+  /** Per shard: the apply's session, and one for the freezes and swaps (whose transactions must not interleave with the apply's). */
   private clients = new Map<string, pg.Client>();
+  private control = new Map<string, pg.Client>();
   private ranges: KeyRange[] = [];
   private sharded = false;
   private vindex!: Vindex;
@@ -121,7 +123,10 @@ export class MigrationRunner {
     const names = migrationTables(table, this.name);
     this.ranges = this.ctx.shards.ranges(this.database);
     this.sharded = this.ctx.shards.state.databases.get(this.database)?.sharded ?? false;
-    for (const r of this.ranges) this.clients.set(r.shard, await this.ctx.shards.connect(this.database, r.shard, `mg-migration-${this.name}`));
+    for (const r of this.ranges) {
+      this.clients.set(r.shard, await this.ctx.shards.connect(this.database, r.shard, `mg-migration-${this.name}`));
+      this.control.set(r.shard, await this.ctx.shards.connect(this.database, r.shard, `mg-migration-switch-${this.name}`));
+    }
     this.topic = tableTopic({ topicPrefix: this.ctx.cdcTopicPrefix(this.database), database: this.database }, schema, table);
     const first = this.clients.get(this.ranges[0].shard)!;
     const switched = this.status.phase === 'SWITCHED' || (this.status.phase === 'FAILED' && this.status.switchedAt !== null);
@@ -290,7 +295,7 @@ export class MigrationRunner {
       // Nothing writes the table's topic now: every later change in it is the new table's.
       const reverseOffsets = await this.endOffsets();
       swapped = true;
-      await Promise.all([...this.clients.values()].map((c) => this.swap(c, names.old, names.shadow)));
+      await Promise.all([...this.control.values()].map((c) => this.swap(c, names.old, names.shadow)));
       await this.ctx.setRouting(this.name, 'SOURCE');
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
@@ -303,7 +308,7 @@ export class MigrationRunner {
     } catch (err) {
       if (swapped) return this.fail(new WorkflowError(`cut-over failed after the swap began: ${(err as Error).message}`));
       this.ctx.log.error({ err, workflow: this.name }, 'cut-over failed; the table keeps its old schema');
-      for (const [shard] of frozen) await thawWrites(this.clients.get(shard)!, [this.table]).catch(() => {});
+      for (const [shard] of frozen) await thawWrites(this.control.get(shard)!, [this.table]).catch(() => {});
       if (held) await this.ctx.setRouting(this.name, 'SOURCE');
       if (!this.tail && !this.stopping) await this.follow(this.shadow, this.status.startOffsets);
       this.retryAt = Date.now() + 10_000;
@@ -333,7 +338,7 @@ export class MigrationRunner {
       await this.catchUpTo(frozen);
       await this.halt();
       swapped = true;
-      await Promise.all([...this.clients.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
+      await Promise.all([...this.control.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
       await this.ctx.setRouting(this.name, 'SOURCE', []);
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
@@ -342,7 +347,7 @@ export class MigrationRunner {
     } catch (err) {
       if (swapped) return this.fail(new WorkflowError(`revert failed after the swap began: ${(err as Error).message}`));
       this.ctx.log.error({ err, workflow: this.name }, 'revert failed; the new table keeps serving');
-      for (const [shard] of frozen) await thawWrites(this.clients.get(shard)!, [this.table]).catch(() => {});
+      for (const [shard] of frozen) await thawWrites(this.control.get(shard)!, [this.table]).catch(() => {});
       if (held) await this.ctx.setRouting(this.name, 'SOURCE');
       if (!this.tail && !this.stopping) await this.follow(this.old, this.status.reverseOffsets);
       await this.publishStatus({ message: `revert failed (run it again): ${(err as Error).message}` });
@@ -411,7 +416,7 @@ export class MigrationRunner {
 
   /** Freezes `t` on every shard in parallel; `frozen` gets each shard that froze (every freeze settles before a refusal is thrown). */
   private async freezeAll(t: MovedTable, frozen: Map<string, Frozen>): Promise<void> {
-    const freezes = await Promise.allSettled([...this.clients].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, [t], this.database, this.name))));
+    const freezes = await Promise.allSettled([...this.control].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, [t], this.database, this.name))));
     const refused = freezes.find((f) => f.status === 'rejected');
     if (refused) throw refused.reason;
   }
@@ -448,8 +453,9 @@ export class MigrationRunner {
   async close(): Promise<void> {
     this.stopping = true;
     await this.halt();
-    await Promise.all([...this.clients.values()].map((c) => c.end().catch(() => {})));
+    await Promise.all([...this.clients.values(), ...this.control.values()].map((c) => c.end().catch(() => {})));
     this.clients.clear();
+    this.control.clear();
   }
 
   async publishStatus(change: Partial<WorkflowStatus>): Promise<void> {
