@@ -38,6 +38,13 @@ const MAX_REPLICA_LAG_S = 1;
 const LOCK_TIMEOUT = '3s';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** How long each step of a cut-over took (logged: where the hold goes). */
+function stepTimer(began: number) {
+  let last = began;
+  const ms: Record<string, number> = {};
+  return { ms, mark: (step: string) => { const now = performance.now(); ms[step] = Math.round(now - last); last = now; } };
+}
+
 /** The shadow table's and the old table's names (in MIGRATION_SCHEMA) for a migration of `table`. */
 export function migrationTables(table: string, workflow: string): { shadow: string; old: string } {
   const base = `_mg_${table.slice(0, 40)}_${workflow.replace(/^mig_/, '')}`;
@@ -287,19 +294,24 @@ export class MigrationRunner {
     const frozen = new Map<string, Frozen>();
     const names = migrationTables(this.table.table, this.name);
     try {
+      const steps = stepTimer(began);
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
       held = true;
+      steps.mark('hold');
       await this.freezeAll(this.table, frozen);
+      steps.mark('freeze');
       await this.catchUpTo(frozen);
       await this.halt();
+      steps.mark('catchUp');
       // Nothing writes the table's topic now: every later change in it is the new table's.
       const reverseOffsets = await this.endOffsets();
       swapped = true;
       await Promise.all([...this.control.values()].map((c) => this.swap(c, names.old, names.shadow)));
+      steps.mark('swap');
       await this.ctx.setRouting(this.name, 'SOURCE');
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
-      this.ctx.log.info({ workflow: this.name, gapMs }, 'migration cut over');
+      this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration cut over');
       this.old = { ...this.table, schema: MIGRATION_SCHEMA, table: names.old, sql: `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}` };
       this.table = { ...this.shadow, schema: this.table.schema, table: this.table.table, sql: this.table.sql, columns: (await describeColumns(this.clients.values().next().value!, this.table.schema, this.table.table)).columns };
       this.old.columns = mappedColumns(this.table.columns, this.old.columns);
@@ -332,17 +344,22 @@ export class MigrationRunner {
     const frozen = new Map<string, Frozen>();
     const names = migrationTables(this.table.table, this.name);
     try {
+      const steps = stepTimer(began);
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
       held = true;
+      steps.mark('hold');
       await this.freezeAll(this.table, frozen);
+      steps.mark('freeze');
       await this.catchUpTo(frozen);
       await this.halt();
+      steps.mark('catchUp');
       swapped = true;
       await Promise.all([...this.control.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
+      steps.mark('swap');
       await this.ctx.setRouting(this.name, 'SOURCE', []);
       const gapMs = Math.round(performance.now() - began);
       writeGap.set({ workflow: this.name }, gapMs / 1000);
-      this.ctx.log.info({ workflow: this.name, gapMs }, 'migration reverted');
+      this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration reverted');
       await this.end('REVERTED', `reverted: ${this.table.schema}.${this.table.table} has its old schema again; writes held ${gapMs} ms`);
     } catch (err) {
       if (swapped) return this.fail(new WorkflowError(`revert failed after the swap began: ${(err as Error).message}`));
