@@ -384,7 +384,10 @@ export class Materializer {
    */
   private async reconcileMigration(rec: WorkflowRecord): Promise<void> {
     const phase = rec.status?.phase;
-    if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') return;
+    if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') {
+      this.migrations.delete(rec.name); // a revert ends its runner itself
+      return;
+    }
     let runner = this.migrations.get(rec.name);
     const ending = rec.action === 'CANCEL' ? 'CANCELLED' : rec.action === 'COMPLETE' || this.revertWindowOver(rec) ? 'COMPLETED' : undefined;
     // The window's end completes it whatever the last command was; a command is tried once.
