@@ -285,8 +285,10 @@ export class Materializer {
     const phase = rec.status?.phase ?? 'PENDING';
     const cutOver = rec.status?.switchedAt != null;
     if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') throw new RequestError(409, `migration ${rec.name} is ${phase} already`);
-    const allowed = action === 'CANCEL' ? !cutOver : action === 'SWITCH_TRAFFIC' ? !cutOver && phase !== 'FAILED' : action === 'REVERSE_TRAFFIC' ? phase === 'SWITCHED' : action === 'COMPLETE' ? phase === 'SWITCHED' : action === 'START' && phase === 'FAILED';
-    if (!allowed) {
+    const allowed: Partial<Record<WorkflowAction, boolean>> = {
+      CANCEL: !cutOver, SWITCH_TRAFFIC: !cutOver && phase !== 'FAILED', REVERSE_TRAFFIC: phase === 'SWITCHED', COMPLETE: phase === 'SWITCHED', START: phase === 'FAILED',
+    };
+    if (!allowed[action]) {
       const why: Partial<Record<WorkflowAction, string>> = {
         CANCEL: 'it has cut over (revert it instead)', SWITCH_TRAFFIC: 'it has cut over already, or failed (mg migration start)',
         REVERSE_TRAFFIC: 'revert needs it cut over (SWITCHED)', COMPLETE: 'complete needs it cut over (SWITCHED)', START: 'only a FAILED migration is started again',
