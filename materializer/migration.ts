@@ -14,14 +14,13 @@ import type pg from 'pg';
 import type { Tail } from '../common/eventlog.ts';
 import { counter, gauge } from '../common/metrics.ts';
 import { tableTopic } from '../schemas/cdc.ts';
-import { primaryVindex } from './tables.ts';
 import type { KeyRange, PartitionOffset, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
 import { forTable, mappedColumns, type ParsedAlter } from './alter.ts';
 import { dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
 import { copyTable } from './copy.ts';
 import { freshStatus, offsetsOf, type RunnerContext } from './movetables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
-import { describeColumns, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
+import { describeColumns, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
 
 const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
 const lag = gauge('mg_materializer_lag_seconds', 'Age of the oldest change not applied yet (0 when caught up)', ['workflow']);
