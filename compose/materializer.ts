@@ -10,6 +10,7 @@ export async function startMaterializer(spec: ClusterSpec, paths: Paths, progres
   progress.note(await startService(NAME, 'materializer/main.ts', {
     id: NAME, port: spec.materializer.port, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
     topicPrefix: spec.kafka.topicPrefix, pageRows: spec.materializer.pageRows, vdiffRows: spec.materializer.vdiffRows,
+    migrationRevertSeconds: spec.materializer.migrationRevertSeconds,
     cdcTopicPrefixes: Object.fromEntries(spec.databases.map((d) => [d.name, d.cdc.topicPrefix])),
   }, spec.materializer.port, paths, spec));
 }

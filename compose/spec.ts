@@ -107,6 +107,8 @@ export const clusterSpecSchema = z.object({
     pageRows: z.number().int().min(1).max(1_000_000).default(5_000),
     /** Source rows per VDiff range (one range scan per target shard each). */
     vdiffRows: z.number().int().min(1).max(1_000_000).default(10_000),
+    /** How long after an online migration's cut-over its old table is kept in step for a revert, unless the submit says (docs/migrations.md). */
+    migrationRevertSeconds: z.number().int().min(0).default(86_400),
   }).strict().default({}),
   /** WAL archiving and backups through pgBackRest, one stanza per shard (docs/backups.md). */
   backup: backupConfigSchema.omit({ repoPath: true, lockPath: true, logPath: true }).extend({

@@ -26,6 +26,7 @@ export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefi
       tables: s?.tables ?? [],
     },
     vdiff: rec.vdiff ?? (rec.vdiffRequest ? { id: rec.vdiffRequest.id, state: 'REQUESTED' } : null),
+    ...(rec.definition.type === 'MIGRATION' ? { ddl: rec.definition.ddl, revertSeconds: rec.definition.revertSeconds, postponeCutOver: rec.definition.postponeCutOver, switchedAt: s?.switchedAt ?? null } : {}),
   });
 }
 
@@ -81,6 +82,29 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
     const rec = await m.command(req.params.name, req.body?.readsOnly ? 'SWITCH_READS' : 'SWITCH_TRAFFIC');
     return reply.code(202).send(view(rec));
   });
+  // Online migrations (decision 0060): workflows of type MIGRATION, with their own names for the commands.
+  const migration = (name: string) => {
+    const rec = m.get(name);
+    if (rec.definition.type !== 'MIGRATION') throw new RequestError(404, `migration ${name} does not exist (${name} is a workflow)`);
+    return rec;
+  };
+  app.get('/v1/migrations', async () => ({ migrations: [...m.workflows.values()].filter((w) => w.definition.type === 'MIGRATION').map(view) }));
+  app.get<{ Params: { name: string } }>('/v1/migrations/:name', { schema: { params: nameParams } }, async (req) => view(migration(req.params.name)));
+  app.post<{ Body: { database: string; ddl: string; revertSeconds?: number; postponeCutOver?: boolean } }>('/v1/migrations', {
+    schema: {
+      body: {
+        type: 'object', additionalProperties: false, required: ['database', 'ddl'],
+        properties: {
+          database: { type: 'string', minLength: 1 }, ddl: { type: 'string', minLength: 1 }, revertSeconds: { type: 'integer', minimum: 0 }, postponeCutOver: { type: 'boolean' },
+        },
+      },
+    },
+  }, async (req, reply) => reply.code(201).send(view(await m.createMigration({ database: req.body.database, ddl: req.body.ddl, revertSeconds: req.body.revertSeconds ?? m.migrationRevertSeconds, postponeCutOver: req.body.postponeCutOver ?? false,
+  }))));
+  for (const [command, action] of [['cutover', 'SWITCH_TRAFFIC'], ['cancel', 'CANCEL'], ['revert', 'REVERSE_TRAFFIC'], ['complete', 'COMPLETE'], ['start', 'START']] as const) {
+    app.post<{ Params: { name: string } }>(`/v1/migrations/:name/${command}`, { schema: { params: nameParams } }, async (req, reply) =>
+      reply.code(202).send(view(await m.command(migration(req.params.name).name, action))));
+  }
   app.post<{ Params: { name: string } }>('/v1/workflows/:name/vdiff', { schema: { params: nameParams } }, async (req, reply) =>
     reply.code(202).send({ id: await m.requestVDiff(req.params.name) }));
   // Lookup backfills (decision 0059): POST starts one (202), GET follows it.

@@ -15,6 +15,8 @@ export const materializerConfigSchema = z.object({
   pageRows: z.number().int().min(1).max(1_000_000).default(5_000),
   /** Source rows per VDiff range. */
   vdiffRows: z.number().int().min(1).max(1_000_000).default(10_000),
+  /** An online migration's revert window when its submit names none: how long the old table is kept in step (decision 0060). */
+  migrationRevertSeconds: z.number().int().min(0).default(86_400),
 }).strict();
 
 export type MaterializerConfig = z.infer<typeof materializerConfigSchema>;

@@ -18,10 +18,12 @@ export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
 /**
  * Copies `t` from after `from.lastKey` to its end; `onPage` runs after each
  * page is on every target shard, and may stop the copy by returning false.
+ * `into`: the table written, when it is not `t` itself (an online migration's
+ * shadow table: the columns it takes, by name, with its types).
  */
 export async function copyTable(
   source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, from: CopyPosition, pageRows: number,
-  onPage: (p: CopyPosition, rows: number) => Promise<boolean>, keep: (row: Row) => boolean = () => true,
+  onPage: (p: CopyPosition, rows: number) => Promise<boolean>, keep: (row: Row) => boolean = () => true, into: MovedTable = t,
 ): Promise<CopyPosition> {
   let pos = from;
   const read = (after: string[] | null) => source.query<Row>(pageSql(t, after, pageRows)).then((r) => r.rows);
@@ -42,7 +44,7 @@ export async function copyTable(
         list.push(row);
         byShard.set(shard, list);
       }
-      await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(t, list))));
+      await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(into, list))));
       pos = { lastKey, rowsCopied: pos.rowsCopied + kept.length };
       if (!(await onPage(pos, kept.length))) return pos;
     }

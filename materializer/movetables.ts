@@ -37,7 +37,7 @@ export interface RunnerContext {
   confirmedLsn(database: string, shard: string): bigint | undefined;
   /** The workflow's routing rule state (undefined before the first), and a change of it published on the topology log. */
   routing(workflow: string): RoutingState | undefined;
-  setRouting(workflow: string, state: RoutingState): Promise<void>;
+  setRouting(workflow: string, state: RoutingState, tables?: string[]): Promise<void>;
 }
 
 const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
@@ -582,8 +582,8 @@ export class MoveTablesRunner {
 export function freshStatus(): WorkflowStatus {
   return {
     phase: 'COPYING', message: null, startOffsets: [], tables: [], rowsCopied: 0n, copyRowsPerSecond: 0, etaSeconds: null,
-    eventsApplied: 0n, lagSeconds: null, reverseOffsets: [],
+    eventsApplied: 0n, lagSeconds: null, reverseOffsets: [], switchedAt: null,
   };
 }
 
-const offsetsOf = (offsets: PartitionOffset[], topic: string) => new Map(offsets.filter((o) => o.topic === topic).map((o) => [o.partition, o.offset]));
+export const offsetsOf = (offsets: PartitionOffset[], topic: string) => new Map(offsets.filter((o) => o.topic === topic).map((o) => [o.partition, o.offset]));

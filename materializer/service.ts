@@ -11,14 +11,16 @@ import {
   applyTopologyEvent, applyWorkflowEvent, FUNCTIONAL_VINDEXES, INTERNAL_SCHEMAS, payload, shardsOf, topologyKey, WORKFLOW_NAME, workflowKey, workflowPayload,
   type CdcStreamState, type KeyRange, type RoutingState, type TopologyEvent, type WorkflowAction, type WorkflowEvent, type WorkflowRecord, type WorkflowState,
 } from '../schemas/index.ts';
+import { AlterError, loadParser, parseAlter } from './alter.ts';
 import { dropPositions } from './apply.ts';
 import { findLookup, runBackfill, type Backfill } from './backfill.ts';
 import { ChangeDecoder } from './changes.ts';
 import type { MaterializerConfig } from './config.ts';
-import { freshStatus, MoveTablesRunner } from './movetables.ts';
+import { createShadow, migrationTables, MigrationRunner } from './migration.ts';
+import { freshStatus, MoveTablesRunner, type RunnerContext } from './movetables.ts';
 import { ShardMap } from './shards.ts';
 import { retireSource } from './switch.ts';
-import { primaryVindex, quoteIdent, splitName } from './tables.ts';
+import { primaryVindex, quoteIdent, splitName, WorkflowError } from './tables.ts';
 
 /** A request the API refuses: the HTTP status and why. */
 export class RequestError extends Error {
@@ -33,6 +35,7 @@ export class Materializer {
   readonly workflows: WorkflowState = new Map();
   readonly shards: ShardMap;
   private runners = new Map<string, MoveTablesRunner>();
+  private migrations = new Map<string, MigrationRunner>();
   private subs: Subscription[] = [];
   /** The latest confirmed LSN of each source stream (`<database>/<shard>`), from mg.cdc.status.v1. */
   private confirmed = new Map<string, bigint>();
@@ -76,7 +79,7 @@ export class Materializer {
 
   async stop(): Promise<void> {
     clearInterval(this.timer);
-    await Promise.all([...this.runners.values()].map((r) => r.close()));
+    await Promise.all([...this.runners.values(), ...this.migrations.values()].map((r) => r.close()));
     await Promise.all(this.subs.map((s) => s.stop()));
     await this.shards.stop();
   }
@@ -116,7 +119,7 @@ export class Materializer {
     }
     const tables = req.tables.map((n) => { const s = splitName(n); return `${s.schema}.${s.table}`; });
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
-      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null,
+      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false,
     }));
     return this.workflows.get(req.name)!;
   }
@@ -154,7 +157,7 @@ export class Materializer {
     }
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
       type: 'RESHARD', sourceDatabase: req.database, targetDatabase: req.database, tables: tables.map((t) => `public.${t}`),
-      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard),
+      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard), ddl: null, revertSeconds: null, postponeCutOver: false,
     }));
     return this.workflows.get(req.name)!;
   }
@@ -191,10 +194,58 @@ export class Materializer {
     return job;
   }
 
+  /**
+   * Validates and publishes an online migration (decision 0060): the ALTER TABLE is parsed, and tried on a
+   * shadow table of the database's first shard in a transaction that is rolled back, so whatever Postgres
+   * or the migration refuses is answered now (400). Named mig_<id>; the runner then applies it on every shard.
+   */
+  async createMigration(req: { database: string; ddl: string; revertSeconds: number; postponeCutOver: boolean }): Promise<WorkflowRecord> {
+    const db = this.shards.state.databases.get(req.database);
+    if (!db || db.dropped) throw new RequestError(404, `database ${req.database} does not exist`);
+    await loadParser();
+    let alter;
+    try {
+      alter = parseAlter(req.ddl);
+    } catch (err) {
+      if (err instanceof AlterError) throw new RequestError(400, err.message);
+      throw err;
+    }
+    const table = `${alter.schema}.${alter.table}`;
+    const busy = [...this.workflows.values()].find((w) => w.definition.type === 'MIGRATION' && w.definition.sourceDatabase === req.database
+      && w.definition.tables[0] === table && !['CANCELLED', 'COMPLETED', 'REVERTED'].includes(w.status?.phase ?? ''));
+    if (busy) throw new RequestError(409, `migration ${busy.name} of ${table} has not ended (complete, revert or cancel it first)`);
+    const name = `mig_${randomUUID().replace(/-/g, '').slice(0, 12)}`;
+    const [first] = this.shards.ranges(req.database);
+    const client = await this.shards.connect(req.database, first.shard, 'mg-migration-check');
+    try {
+      await client.query('BEGIN');
+      await createShadow(client, alter, migrationTables(alter.table, name).shadow);
+    } catch (err) {
+      const e = err as Error & { code?: string };
+      if (err instanceof WorkflowError || e.code !== undefined) throw new RequestError(400, `${table}: ${e.message}`);
+      throw err;
+    } finally {
+      await client.query('ROLLBACK').catch(() => {});
+      await client.end().catch(() => {});
+    }
+    await this.publish(name, workflowPayload('WorkflowCreated', {
+      type: 'MIGRATION', sourceDatabase: req.database, targetDatabase: req.database, tables: [table], sourceShards: null, targetShards: null,
+      ddl: req.ddl, revertSeconds: BigInt(req.revertSeconds), postponeCutOver: req.postponeCutOver,
+    }));
+    // The rule exists from the submit on: sessions opened from now on are planned, so the cut-over can hold their statements.
+    await this.setRouting(this.workflows.get(name)!, 'SOURCE');
+    return this.workflows.get(name)!;
+  }
+
   private checkNewName(name: string): void {
     if (!WORKFLOW_NAME.test(name)) throw new RequestError(400, `workflow name ${JSON.stringify(name)}: must be lower-case letters, digits or _, starting with a letter`);
     const held = this.workflows.get(name);
     if (held && held.status?.phase !== 'CANCELLED') throw new RequestError(409, `workflow ${name} exists (cancel it first)`);
+  }
+
+  /** An online migration's revert window when its submit names none (seconds). */
+  get migrationRevertSeconds(): number {
+    return this.cfg.migrationRevertSeconds;
   }
 
   /** The state of the workflow's routing rule (undefined before it runs). */
@@ -229,6 +280,7 @@ export class Materializer {
   async command(name: string, action: WorkflowAction): Promise<WorkflowRecord> {
     const rec = this.get(name);
     const phase = rec.status?.phase;
+    if (rec.definition.type === 'MIGRATION') return this.commandMigration(rec, action);
     const routing = this.routing(name);
     if (phase === 'CANCELLED') throw new RequestError(409, `workflow ${name} was cancelled`);
     if (phase === 'COMPLETED') throw new RequestError(409, `workflow ${name} is completed`);
@@ -260,6 +312,25 @@ export class Materializer {
         if (switched) throw new RequestError(409, `workflow ${name} has switched its writes: reverse-traffic or complete are left`);
     }
     await this.publish(name, workflowPayload('WorkflowCommanded', { action }));
+    return rec;
+  }
+
+  /** A migration's commands: cancel before the cut-over, revert or complete after it, start after a failure. */
+  private async commandMigration(rec: WorkflowRecord, action: WorkflowAction): Promise<WorkflowRecord> {
+    const phase = rec.status?.phase ?? 'PENDING';
+    const cutOver = rec.status?.switchedAt != null;
+    if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') throw new RequestError(409, `migration ${rec.name} is ${phase} already`);
+    const allowed: Partial<Record<WorkflowAction, boolean>> = {
+      CANCEL: !cutOver, SWITCH_TRAFFIC: !cutOver && phase !== 'FAILED', REVERSE_TRAFFIC: phase === 'SWITCHED', COMPLETE: phase === 'SWITCHED', START: phase === 'FAILED',
+    };
+    if (!allowed[action]) {
+      const why: Partial<Record<WorkflowAction, string>> = {
+        CANCEL: 'it has cut over (revert it instead)', SWITCH_TRAFFIC: 'it has cut over already, or failed (mg migration start)',
+        REVERSE_TRAFFIC: 'revert needs it cut over (SWITCHED)', COMPLETE: 'complete needs it cut over (SWITCHED)', START: 'only a FAILED migration is started again',
+      };
+      throw new RequestError(409, `migration ${rec.name} is ${phase}: ${why[action] ?? 'not a migration command'}`);
+    }
+    await this.publish(rec.name, workflowPayload('WorkflowCommanded', { action }));
     return rec;
   }
 
@@ -303,6 +374,7 @@ export class Materializer {
   }
 
   private async reconcileOne(rec: WorkflowRecord): Promise<void> {
+    if (rec.definition.type === 'MIGRATION') return this.reconcileMigration(rec);
     const phase = rec.status?.phase;
     const runner = this.runners.get(rec.name);
     if (phase === 'CANCELLED' || phase === 'COMPLETED') return;
@@ -343,6 +415,52 @@ export class Materializer {
     started.start();
   }
 
+  /**
+   * A migration runs until caught up, then cuts over by itself; after the cut-over it ends with revert,
+   * complete, or the revert window's end (complete). Cancel drops the shadow.
+   */
+  private async reconcileMigration(rec: WorkflowRecord): Promise<void> {
+    const phase = rec.status?.phase;
+    if (phase === 'CANCELLED' || phase === 'COMPLETED' || phase === 'REVERTED') {
+      this.migrations.delete(rec.name); // a revert ends its runner itself
+      return;
+    }
+    let runner = this.migrations.get(rec.name);
+    const ending = rec.action === 'CANCEL' ? 'CANCELLED' : rec.action === 'COMPLETE' || this.revertWindowOver(rec) ? 'COMPLETED' : undefined;
+    // The window's end completes it whatever the last command was; a command is tried once.
+    if (ending && (this.revertWindowOver(rec) || this.tryOnce(rec))) {
+      this.migrations.delete(rec.name);
+      const r = runner ?? this.migrationRunner(rec);
+      await r.dropAndEnd(ending).catch((err) => r.publishStatus({ message: `${ending === 'CANCELLED' ? 'cancel' : 'complete'} failed (run it again): ${(err as Error).message}` }));
+      return;
+    }
+    if (runner?.status.phase === 'FAILED') {
+      this.migrations.delete(rec.name);
+      runner = undefined;
+    }
+    if (!runner) {
+      if (phase === 'FAILED' && rec.statusAt && rec.statusAt >= rec.commandAt) return;
+      runner = this.migrationRunner(rec);
+      this.migrations.set(rec.name, runner);
+      this.log.info({ workflow: rec.name, phase: phase ?? 'new' }, 'running migration');
+      runner.start();
+      return;
+    }
+    if (runner.status.phase === 'RUNNING' && runner.caughtUp && (!rec.definition.postponeCutOver || rec.action === 'SWITCH_TRAFFIC')) await runner.cutOver();
+    else if (rec.action === 'REVERSE_TRAFFIC' && runner.status.phase === 'SWITCHED' && runner.caughtUp && this.tryOnce(rec)) {
+      await runner.revert().catch((err) => runner.publishStatus({ message: `revert failed: ${(err as Error).message}` }));
+    }
+  }
+
+  private revertWindowOver(rec: WorkflowRecord): boolean {
+    const at = rec.status?.switchedAt;
+    return rec.status?.phase === 'SWITCHED' && at != null && Date.now() > at.getTime() + Number(rec.definition.revertSeconds ?? 0n) * 1000;
+  }
+
+  private migrationRunner(rec: WorkflowRecord): MigrationRunner {
+    return new MigrationRunner(rec, parseAlter(rec.definition.ddl!), this.runnerContext());
+  }
+
   private maybeVDiff(rec: WorkflowRecord, runner: MoveTablesRunner): void {
     const req = rec.vdiffRequest;
     if (!req || rec.vdiff?.id === req.id || this.vdiffsTaken.has(req.id) || runner.status.phase !== 'RUNNING') return;
@@ -361,14 +479,18 @@ export class Materializer {
   }
 
   private runner(rec: WorkflowRecord): MoveTablesRunner {
-    return new MoveTablesRunner(rec, {
+    return new MoveTablesRunner(rec, this.runnerContext());
+  }
+
+  private runnerContext(): RunnerContext {
+    return {
       eventLog: this.eventLog, shards: this.shards, decoder: this.decoder, log: this.log, pageRows: this.cfg.pageRows, vdiffRows: this.cfg.vdiffRows,
       cdcTopicPrefix: (db) => `${this.cfg.topicPrefix}${this.cfg.cdcTopicPrefixes[db] ?? 'mg'}`,
       publish: (w, p) => this.publish(w, p),
       confirmedLsn: (db, shard) => this.confirmed.get(`${db}/${shard}`),
       routing: (w) => this.routing(w),
-      setRouting: (w, state) => this.setRouting(this.get(w), state),
-    });
+      setRouting: (w, state, tables) => this.setRouting(this.get(w), state, tables),
+    };
   }
 
   /** Whether the workflow's last command has not been tried yet (and marks it tried). */

@@ -20,6 +20,7 @@
  *   mg vschema show   <db> [--data-dir dir]
  *   mg vschema backfill|externalize <db> <lookup vindex> [--data-dir dir]
  *   mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete ... (see USAGE)
+ *   mg migration submit|list|show|cutover|cancel|revert|complete ... (see USAGE)
  */
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -32,6 +33,8 @@ import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { addShardSet, createWithInstances, runDatabaseCommand } from './database.ts';
 import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
+import { callOrchestrator } from '../orchestrators.ts';
+import { runMigrationCommand } from './migration.ts';
 import { runVSchemaCommand, type VSchemaCommand } from './vschema.ts';
 import { createReshard, runWorkflowCommand } from './workflow.ts';
 
@@ -71,6 +74,9 @@ const USAGE = `usage:
   mg workflow vdiff  <name> [--no-wait] [--data-dir dir]
   mg workflow switch-traffic <name> [--reads-only] [--no-wait] [--data-dir dir]
   mg workflow reverse-traffic|complete <name> [--no-wait] [--data-dir dir]
+  mg migration submit <db> "ALTER TABLE t ..." [--revert-seconds N] [--postpone-cutover] [--no-wait] [--data-dir dir]
+  mg migration list [--data-dir dir]
+  mg migration show|cutover|cancel|revert|complete <name> [--no-wait] [--data-dir dir]
 
 --set overrides one field of the spec, e.g. --set kafka.port=29092 --set postgres.basePort=25432`;
 
@@ -106,6 +112,8 @@ async function main(argv: string[]): Promise<void> {
       tables: { type: 'string' },
       database: { type: 'string' },
       'to-shards': { type: 'string' },
+      'revert-seconds': { type: 'string' },
+      'postpone-cutover': { type: 'boolean' },
       cell: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -184,6 +192,20 @@ async function main(argv: string[]): Promise<void> {
     if (command === 'create' && (!values.source || !values.target || !values.tables)) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
     process.exitCode = await runWorkflowCommand(spec, command!, {
       name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'], readsOnly: values['reads-only'] ?? false,
+    });
+    return;
+  }
+  if (group === 'migration') {
+    const spec = savedSpec(values['data-dir'] ?? '.mg');
+    if (!spec) throw new UsageError(`no cluster in ${values['data-dir'] ?? '.mg'} (give --data-dir)`);
+    if (!['submit', 'list', 'show', 'cutover', 'cancel', 'revert', 'complete'].includes(command ?? '')) throw new UsageError(`unknown command: migration ${command ?? '(none)'}`);
+    const [target, ddl] = positionals.slice(2);
+    if (command === 'submit' && (!target || !ddl)) throw new UsageError('migration submit needs a database and an ALTER TABLE statement: mg migration submit <db> "ALTER TABLE t ..."');
+    if (command !== 'list' && command !== 'submit' && !target) throw new UsageError(`migration ${command} needs the migration's name (mg migration list)`);
+    const revert = values['revert-seconds'];
+    if (revert !== undefined && (command !== 'submit' || !/^\d+$/.test(revert))) throw new UsageError('--revert-seconds N (whole seconds) is for migration submit');
+    process.exitCode = await runMigrationCommand(spec, command!, {
+      target, ddl, revertSeconds: revert === undefined ? undefined : Number(revert), postponeCutOver: values['postpone-cutover'] ?? false, wait: !values['no-wait'],
     });
     return;
   }

@@ -143,7 +143,7 @@ function renderVDiff(v: any): string {
   return lines.join('\n');
 }
 
-function fail(r: { status: number; body: any }): number {
+export function fail(r: { status: number; body: any }): number {
   console.error(`mg: ${r.body?.error ?? `HTTP ${r.status}`}`);
   return 1;
 }

@@ -181,7 +181,15 @@ export class ShardedSession {
    * buffer window at most) until the rule changes.
    */
   private routed(sql: string): Route[] | Promise<Route[]> {
-    return movedTablesOf(this.opts.discovery.topology, this.database) ? this.routedByRules(sql) : this.plannedHere(sql);
+    return movedTablesOf(this.opts.discovery.topology, this.database) || this.unsharded ? this.routedByRules(sql) : this.plannedHere(sql);
+  }
+
+  /**
+   * An unsharded database's session is planned here only for its routing rules; once they are gone
+   * (a workflow cancelled, a migration ended) its statements still go to its one shard as written.
+   */
+  private get unsharded(): boolean {
+    return !this.opts.discovery.topology.databases.get(this.database)?.sharded;
   }
 
   /** The statements of `sql` planned with this database's VSchema. */
@@ -193,9 +201,9 @@ export class ShardedSession {
     const topology = this.opts.discovery.topology;
     for (;;) {
       const rules = movedTablesOf(topology, this.database);
-      if (!rules) return this.plannedHere(sql);
+      if (!rules && !this.unsharded) return this.plannedHere(sql);
       const routes = routeStatements(sql, {
-        source: this.database, rules, inTransaction: this.inTransaction,
+        source: this.database, rules: rules ?? new Map(), inTransaction: this.inTransaction,
         ...(topology.databases.get(this.database)?.sharded ? { sessionPlanner: this.planner, sourceSharded: true } : { sessionPlanner: noVSchema, sourceSharded: false }),
         targetPlanner: (db) => plannerFor(topology.vschemas.get(db)),
       });

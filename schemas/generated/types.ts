@@ -318,10 +318,10 @@ export interface TopologyEvent {
   payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged } | { 'io.multigres.topology.ServingShardsChanged': ServingShardsChanged };
 }
 
-export type WorkflowType = 'MOVE_TABLES' | 'RESHARD';
+export type WorkflowType = 'MOVE_TABLES' | 'RESHARD' | 'MIGRATION';
 
 export interface WorkflowCreated {
-  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. */
+  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. MIGRATION (decision 0060): an online ALTER TABLE of the one table in tables, source and target its database. */
   type: WorkflowType;
   sourceDatabase: string;
   targetDatabase: string;
@@ -331,6 +331,12 @@ export interface WorkflowCreated {
   sourceShards: null | Array<string>;
   /** RESHARD: the shards applied to; null: the target database's serving shards. */
   targetShards: null | Array<string>;
+  /** MIGRATION: the ALTER TABLE statement as submitted. */
+  ddl: null | string;
+  /** MIGRATION: how long after the cut-over the old table is kept in step for a revert; then it is dropped. */
+  revertSeconds: null | bigint;
+  /** MIGRATION: cut over on the operator's SWITCH_TRAFFIC (mg migration cutover) rather than as soon as the shadow is caught up. */
+  postponeCutOver: boolean;
 }
 
 export type WorkflowAction = 'START' | 'STOP' | 'CANCEL' | 'SWITCH_READS' | 'SWITCH_TRAFFIC' | 'REVERSE_TRAFFIC' | 'COMPLETE';
@@ -339,7 +345,7 @@ export interface WorkflowCommanded {
   action: WorkflowAction;
 }
 
-export type WorkflowPhase = 'COPYING' | 'RUNNING' | 'STOPPED' | 'CANCELLED' | 'FAILED' | 'SWITCHED' | 'COMPLETED';
+export type WorkflowPhase = 'COPYING' | 'RUNNING' | 'STOPPED' | 'CANCELLED' | 'FAILED' | 'SWITCHED' | 'COMPLETED' | 'REVERTED';
 
 export interface PartitionOffset {
   topic: string;
@@ -360,6 +366,7 @@ export interface TableCopy {
 }
 
 export interface WorkflowStatus {
+  /** MIGRATION: SWITCHED once cut over (the old table kept in step), REVERTED after a revert. */
   phase: WorkflowPhase;
   /** FAILED: the reason; otherwise a note. */
   message: null | string;
@@ -376,6 +383,8 @@ export interface WorkflowStatus {
   lagSeconds: null | number;
   /** SWITCHED: where reverse replication starts in the target's change topics: their ends when the writes switched to the target. */
   reverseOffsets: Array<PartitionOffset>;
+  /** MIGRATION: when the cut-over happened (the revert window counts from it). */
+  switchedAt: null | Date;
 }
 
 export interface VDiffRequested {

@@ -92,9 +92,9 @@ test('keyset pages, upserts and deletes: one statement per batch, values as text
 
 const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): WorkflowEvent => ({ eventId: `${ms}`, ts: new Date(ms), source: 'test', workflow, payload });
 const status = (phase: 'COPYING' | 'RUNNING' | 'CANCELLED') => workflowPayload('WorkflowStatus', {
-  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null, reverseOffsets: [],
+  phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null, reverseOffsets: [], switchedAt: null,
 });
-const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'], sourceShards: null, targetShards: null });
+const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'], sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false });
 
 test('the workflow fold: one key per aspect, any order after compaction, a re-created workflow starts afresh', () => {
   assert.equal(workflowKey(ev('w', 1, created)), 'workflow/w');

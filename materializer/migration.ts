@@ -1,0 +1,483 @@
+/**
+ * One online migration (decision 0060): an ALTER TABLE run on a shadow table
+ * in schema mg_materializer (never streamed by CDC), which is filled on every
+ * shard of the database from a snapshot of the table in pages, then kept in
+ * step from the table's change topic in Kafka (MoveTables' copy and apply,
+ * with the column mapping of alter.ts). Once caught up it cuts over as a write
+ * switch does (decision 0040): gateways hold the table's statements, the table
+ * refuses writes and leaves a marker, the shadow applies up to it, and one
+ * transaction per shard swaps the tables' names; the old table then follows
+ * the new one from the same topic (decision 0046) until `complete` or the
+ * revert window's end drops it, or `revert` swaps back the same way.
+ */
+import type pg from 'pg';
+import type { Tail } from '../common/eventlog.ts';
+import { counter, gauge } from '../common/metrics.ts';
+import { tableTopic } from '../schemas/cdc.ts';
+import type { KeyRange, PartitionOffset, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
+import { forTable, mappedColumns, type ParsedAlter } from './alter.ts';
+import { dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
+import { copyTable } from './copy.ts';
+import { freshStatus, offsetsOf, type RunnerContext } from './movetables.ts';
+import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
+import { describeColumns, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
+
+const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
+const lag = gauge('mg_materializer_lag_seconds', 'Age of the oldest change not applied yet (0 when caught up)', ['workflow']);
+const applied = counter('mg_materializer_events_applied_total', 'Change events applied to target shards', ['workflow']);
+const writeGap = gauge('mg_materializer_switch_write_gap_seconds', 'How long the last switch-traffic held the moved tables\' writes', ['workflow']);
+const throttled = counter('mg_materializer_migration_throttled_seconds_total', 'Time a migration\'s copy waited for replicas to catch up', ['workflow']);
+
+/** Where the shadow and the old table live: an internal schema, which CDC never streams. */
+export const MIGRATION_SCHEMA = 'mg_materializer';
+const PROGRESS_MS = 1_000;
+const CATCH_UP_MS = 30_000;
+/** The copy pauses while a replica of the shard replays more than this behind its primary. */
+const MAX_REPLICA_LAG_S = 1;
+const LOCK_TIMEOUT = '3s';
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** How long each step of a cut-over took (logged: where the hold goes). */
+function stepTimer(began: number) {
+  let last = began;
+  const ms: Record<string, number> = {};
+  return { ms, mark: (step: string) => { const now = performance.now(); ms[step] = Math.round(now - last); last = now; } };
+}
+
+/** The shadow table's and the old table's names (in MIGRATION_SCHEMA) for a migration of `table`. */
+export function migrationTables(table: string, workflow: string): { shadow: string; old: string } {
+  const base = `_mg_${table.slice(0, 40)}_${workflow.replace(/^mig_/, '')}`;
+  return { shadow: base, old: `${base}_old` };
+}
+
+/**
+ * Creates the shadow table on a shard (in the caller's transaction): the table's
+ * columns, defaults, constraints and indexes, then the ALTER; refuses what a
+ * shadow cannot carry (foreign keys, user triggers, identity columns, a key
+ * changed by the ALTER). Returns the columns and keys of both tables.
+ */
+export async function createShadow(client: pg.Client, alter: ParsedAlter, shadow: string) {
+  const table = `${quoteIdent(alter.schema)}.${quoteIdent(alter.table)}`;
+  const into = `${MIGRATION_SCHEMA}.${quoteIdent(shadow)}`;
+  const old = await describeColumns(client, alter.schema, alter.table);
+  const { rows: [info] } = await client.query<{ owner: string; fks: string; triggers: string; identity: string }>(`
+    SELECT pg_get_userbyid(c.relowner) AS owner,
+           (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND (conrelid = c.oid OR confrelid = c.oid)) AS fks,
+           (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal AND tgname <> 'mg_moved_writes') AS triggers,
+           (SELECT count(*) FROM pg_attribute WHERE attrelid = c.oid AND attidentity <> '' AND NOT attisdropped) AS identity
+      FROM pg_class c WHERE c.oid = $1::regclass`, [table]);
+  const refused = [[info.fks, 'foreign keys'], [info.triggers, 'triggers'], [info.identity, 'identity columns']].filter(([n]) => n !== '0').map(([, what]) => what);
+  if (refused.length) throw new WorkflowError(`table ${alter.schema}.${alter.table} has ${refused.join(', ')}: an online migration does not carry them to the new table yet`);
+  await client.query(`CREATE SCHEMA IF NOT EXISTS ${MIGRATION_SCHEMA}`);
+  await client.query(`CREATE TABLE ${into} (LIKE ${table} INCLUDING ALL)`);
+  await client.query(forTable(alter, into));
+  await client.query(`ALTER TABLE ${into} OWNER TO ${quoteIdent(info.owner)}`);
+  const created = await describeColumns(client, MIGRATION_SCHEMA, shadow);
+  if (created.key.join() !== old.key.join()) throw new WorkflowError(`the ALTER changes the primary key of ${alter.table} (${old.key.join(', ')}): not supported online`);
+  return { old, shadow: created };
+}
+
+export class MigrationRunner {
+  status: WorkflowStatus;
+  private stopping = false;
+  private switching = false;
+  private tail: Tail | undefined;
+  private applier: TableApplier | undefined;
+  /** Per shard: the apply's session, and one for the freezes and swaps (whose transactions must not interleave with the apply's). */
+  private clients = new Map<string, pg.Client>();
+  private control = new Map<string, pg.Client>();
+  private ranges: KeyRange[] = [];
+  private sharded = false;
+  private vindex!: Vindex;
+  private topic = '';
+  /** The table under its own name (what clients use), the shadow, and the old table after the cut-over. */
+  private table!: MovedTable;
+  private shadow!: MovedTable;
+  private old!: MovedTable;
+  private timer: NodeJS.Timeout | undefined;
+  private lastCommitMs = new Map<number, number>();
+  private behind = new Set<number>();
+  /** A failed cut-over is tried again after this time. */
+  private retryAt = 0;
+  readonly done: Promise<void>;
+  private finish!: () => void;
+
+  constructor(private readonly rec: WorkflowRecord, private readonly alter: ParsedAlter, private readonly ctx: RunnerContext) {
+    this.status = rec.status ?? freshStatus();
+    this.done = new Promise((resolve) => (this.finish = resolve));
+  }
+
+  get name(): string {
+    return this.rec.name;
+  }
+
+  /** Following the table's stream with nothing left to read, no switch under way, and no failed cut-over to wait out. */
+  get caughtUp(): boolean {
+    return this.tail !== undefined && !this.switching && this.behind.size === 0 && Date.now() >= this.retryAt;
+  }
+
+  start(): void {
+    this.run().catch((err) => this.fail(err as Error));
+  }
+
+  private get database(): string {
+    return this.rec.definition.sourceDatabase;
+  }
+
+  private async run(): Promise<void> {
+    const { schema, table } = splitName(this.rec.definition.tables[0]);
+    const names = migrationTables(table, this.name);
+    this.ranges = this.ctx.shards.ranges(this.database);
+    this.sharded = this.ctx.shards.state.databases.get(this.database)?.sharded ?? false;
+    for (const r of this.ranges) {
+      this.clients.set(r.shard, await this.ctx.shards.connect(this.database, r.shard, `mg-migration-${this.name}`));
+      this.control.set(r.shard, await this.ctx.shards.connect(this.database, r.shard, `mg-migration-switch-${this.name}`));
+    }
+    this.topic = tableTopic({ topicPrefix: this.ctx.cdcTopicPrefix(this.database), database: this.database }, schema, table);
+    const first = this.clients.get(this.ranges[0].shard)!;
+    const switched = this.status.phase === 'SWITCHED' || (this.status.phase === 'FAILED' && this.status.switchedAt !== null);
+    if (!switched) {
+      for (const client of this.clients.values()) {
+        await ensurePositionsTable(client);
+        const exists = (await client.query<{ t: string | null }>('SELECT to_regclass($1)::text AS t', [`${MIGRATION_SCHEMA}.${quoteIdent(names.shadow)}`])).rows[0].t;
+        if (exists) continue;
+        await client.query('BEGIN');
+        await createShadow(client, this.alter, names.shadow).then(() => client.query('COMMIT'), async (err) => {
+          await client.query('ROLLBACK');
+          throw err;
+        });
+      }
+    }
+    const described = async (s: string, t: string) => {
+      const { columns, key } = await describeColumns(first, s, t);
+      this.vindex ??= this.vindexOf(key);
+      return { schema: s, table: t, sql: `${quoteIdent(s)}.${quoteIdent(t)}`, columns, key, vindex: this.vindex };
+    };
+    this.table = await described(schema, table);
+    if (switched) {
+      // After the cut-over (a restart, or a retry of a failed reverse apply): the old table follows the new one.
+      this.old = await described(MIGRATION_SCHEMA, names.old);
+      this.old.columns = mappedColumns(this.table.columns, this.old.columns);
+      if (this.status.phase !== 'SWITCHED') await this.publishStatus({ phase: 'SWITCHED', message: null });
+      await this.follow(this.old, this.status.reverseOffsets);
+      return;
+    }
+    this.shadow = await described(MIGRATION_SCHEMA, names.shadow);
+    this.shadow.columns = mappedColumns(this.table.columns, this.shadow.columns);
+    if (this.status.startOffsets.length === 0) {
+      await this.waitForTopic();
+      this.status.startOffsets = await this.endOffsets();
+      this.status.tables = this.ranges.map((r) => ({ table: `${schema}.${table}`, rowsCopied: 0n, rowsEstimated: 0n, lastKey: null, done: false, shard: r.shard }));
+      await this.publishStatus({ phase: 'COPYING', message: null });
+    }
+    if (this.ctx.routing(this.name) === undefined) await this.ctx.setRouting(this.name, 'SOURCE');
+    await this.copy();
+    if (this.stopping) return;
+    await this.publishStatus({ phase: 'RUNNING', message: null, etaSeconds: null });
+    await this.follow(this.shadow, this.status.startOffsets);
+  }
+
+  /** The vindex that places rows on the shards: a sharded database's, or on the one shard of an unsharded one, any column of the key. */
+  private vindexOf(key: string[]): Vindex {
+    if (!this.sharded) return { column: key[0], type: 'hash' };
+    const table = splitName(this.rec.definition.tables[0]).table;
+    const v = primaryVindex(this.ctx.shards.state.vschemas.get(this.database)?.vschema, table);
+    if (!v) throw new WorkflowError(`table ${table} needs a primary vindex in the VSchema of ${this.database}: the migration applies each row on the shard it names`);
+    return v;
+  }
+
+  private async waitForTopic(): Promise<void> {
+    for (let i = 0; i < 120 && !this.stopping; i++) {
+      if (await this.ctx.eventLog.topicExists(this.topic)) return;
+      await sleep(500);
+    }
+    throw new WorkflowError(`the change topic ${this.topic} does not exist: an online migration follows the table's changes, enable CDC on ${this.database} (cdc.enabled in the spec, or the CDC_START agent command)`);
+  }
+
+  private async endOffsets(): Promise<PartitionOffset[]> {
+    return [...await this.ctx.eventLog.endOffsets(this.topic)].map(([partition, offset]) => ({ topic: this.topic, partition, offset }));
+  }
+
+  /** Every shard's rows into its shadow, each shard from its own snapshot, in pages; a page waits while the shard's replicas lag. */
+  private async copy(): Promise<void> {
+    const began = Date.now();
+    let copiedNow = 0;
+    let published = Promise.resolve();
+    await Promise.all(this.status.tables.map(async (entry) => {
+      if (entry.done) return;
+      const shard = entry.shard!;
+      const reader = await this.ctx.shards.connect(this.database, shard, `mg-migration-copy-${this.name}`);
+      try {
+        await reader.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+        entry.rowsEstimated = BigInt((await reader.query<{ n: string }>(`SELECT count(*) AS n FROM ${this.table.sql}`)).rows[0].n);
+        const keep = this.sharded ? (row: Record<string, string | null>) => shardOfRow(this.table, row, this.ranges) === shard : undefined;
+        await copyTable(reader, this.clients, this.ranges, this.table, {
+          lastKey: entry.lastKey ? JSON.parse(entry.lastKey) : null, rowsCopied: Number(entry.rowsCopied),
+        }, this.ctx.pageRows, async (pos, rows) => {
+          copiedNow += rows;
+          entry.lastKey = JSON.stringify(pos.lastKey);
+          entry.rowsCopied = BigInt(pos.rowsCopied);
+          const rate = copiedNow / Math.max(0.001, (Date.now() - began) / 1000);
+          const left = this.status.tables.reduce((n, e) => n + Math.max(0, Number(e.rowsEstimated - e.rowsCopied)), 0);
+          published = published.then(() => this.publishStatus({ rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null }));
+          await published;
+          await this.throttle(shard);
+          return !this.stopping;
+        }, keep, this.shadow);
+        if (!this.stopping) entry.done = true;
+      } finally {
+        await reader.end().catch(() => {});
+      }
+    }));
+    await this.publishStatus({});
+  }
+
+  /** Waits while a replica of the shard replays more than MAX_REPLICA_LAG_S behind (pg_stat_replication on its primary). */
+  private async throttle(shard: string): Promise<void> {
+    const client = this.clients.get(shard)!;
+    for (;;) {
+      const { rows: [{ s }] } = await client.query<{ s: string | null }>('SELECT max(extract(epoch FROM replay_lag))::text AS s FROM pg_stat_replication');
+      if (s === null || Number(s) <= MAX_REPLICA_LAG_S || this.stopping) return;
+      throttled.inc({ workflow: this.name }, 0.2);
+      await sleep(200);
+    }
+  }
+
+  /** Applies the table's changes from `offsets` (or the shards' positions) to `into`: the shadow before the cut-over, the old table after. */
+  private async follow(into: MovedTable, offsets: PartitionOffset[]): Promise<void> {
+    this.behind.clear();
+    this.applier = new TableApplier(this.name, into, this.topic, this.clients, this.ranges, this.ctx.decoder, this.sharded ? { ranges: this.ranges, vindex: this.vindex } : undefined);
+    const start = await this.applier.load(offsetsOf(offsets, this.topic));
+    const applier = this.applier;
+    this.tail = await this.ctx.eventLog.tail(this.topic, start, async (messages, info) => {
+      const r = await applier.applyBatch(info.partition, messages);
+      if (r.lastCommitMs !== undefined) this.lastCommitMs.set(info.partition, r.lastCommitMs);
+      if (BigInt(messages[messages.length - 1].offset) + 1n < info.highWatermark) this.behind.add(info.partition);
+      else this.behind.delete(info.partition);
+      this.status.eventsApplied += BigInt(r.applied);
+      applied.inc({ workflow: this.name }, r.applied);
+    });
+    void this.tail.ended.then((err) => {
+      if (err && !this.stopping) void this.fail(err);
+    });
+    clearInterval(this.timer);
+    this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
+  }
+
+  private async progress(): Promise<void> {
+    if (this.stopping || this.switching) return;
+    let worst = 0;
+    for (const p of this.behind) worst = Math.max(worst, (Date.now() - (this.lastCommitMs.get(p) ?? Date.now())) / 1000);
+    await this.publishStatus({ lagSeconds: worst }).catch((err) => this.ctx.log.warn({ err, workflow: this.name }, 'progress event not published'));
+  }
+
+  private async halt(): Promise<void> {
+    clearInterval(this.timer);
+    const tail = this.tail;
+    this.tail = undefined;
+    await tail?.stop().catch(() => {});
+  }
+
+  /**
+   * The cut-over: gateways hold the table's statements, every shard's table
+   * refuses writes (after those in flight) and leaves a marker, the shadow
+   * applies up to it, one transaction per shard swaps the names, and the
+   * held statements go on against the new table. Before the swap a failure
+   * rolls back (the table takes writes again; tried again later).
+   */
+  async cutOver(): Promise<void> {
+    this.switching = true;
+    const began = performance.now();
+    let held = false;
+    let swapped = false;
+    const frozen = new Map<string, Frozen>();
+    const names = migrationTables(this.table.table, this.name);
+    try {
+      const steps = stepTimer(began);
+      await this.ctx.setRouting(this.name, 'WRITES_HELD');
+      held = true;
+      steps.mark('hold');
+      await this.freezeAll(this.table, frozen);
+      steps.mark('freeze');
+      await this.catchUpTo(frozen);
+      await this.halt();
+      steps.mark('catchUp');
+      // Nothing writes the table's topic now: every later change in it is the new table's.
+      const reverseOffsets = await this.endOffsets();
+      swapped = true;
+      await Promise.all([...this.control.values()].map((c) => this.swap(c, names.old, names.shadow)));
+      steps.mark('swap');
+      await this.ctx.setRouting(this.name, 'SOURCE');
+      const gapMs = Math.round(performance.now() - began);
+      writeGap.set({ workflow: this.name }, gapMs / 1000);
+      this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration cut over');
+      this.old = { ...this.table, schema: MIGRATION_SCHEMA, table: names.old, sql: `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}` };
+      this.table = { ...this.shadow, schema: this.table.schema, table: this.table.table, sql: this.table.sql, columns: (await describeColumns(this.clients.values().next().value!, this.table.schema, this.table.table)).columns };
+      this.old.columns = mappedColumns(this.table.columns, this.old.columns);
+      await this.publishStatus({ phase: 'SWITCHED', message: `cut over; writes held ${gapMs} ms`, reverseOffsets, switchedAt: new Date(), eventsApplied: 0n, lagSeconds: 0 });
+      await this.follow(this.old, reverseOffsets);
+    } catch (err) {
+      if (swapped) return this.fail(new WorkflowError(`cut-over failed after the swap began: ${(err as Error).message}`));
+      this.ctx.log.error({ err, workflow: this.name }, 'cut-over failed; the table keeps its old schema');
+      for (const [shard] of frozen) await thawWrites(this.control.get(shard)!, [this.table]).catch(() => {});
+      if (held) await this.ctx.setRouting(this.name, 'SOURCE');
+      if (!this.tail && !this.stopping) await this.follow(this.shadow, this.status.startOffsets);
+      this.retryAt = Date.now() + 10_000;
+      await this.publishStatus({ message: `cut-over failed (tried again in 10 s): ${(err as Error).message}` });
+    } finally {
+      this.switching = false;
+    }
+  }
+
+  /**
+   * revert: the cut-over in reverse. The new table refuses writes and leaves
+   * a marker, the old table applies up to it, one transaction per shard swaps
+   * the names back and drops the new table; the migration is then REVERTED.
+   */
+  async revert(): Promise<void> {
+    if (this.status.phase !== 'SWITCHED' || !this.tail || this.switching) throw new WorkflowError(`revert needs the migration cut over with the old table following (it is ${this.status.phase})`);
+    this.switching = true;
+    const began = performance.now();
+    let held = false;
+    let swapped = false;
+    const frozen = new Map<string, Frozen>();
+    const names = migrationTables(this.table.table, this.name);
+    try {
+      const steps = stepTimer(began);
+      await this.ctx.setRouting(this.name, 'WRITES_HELD');
+      held = true;
+      steps.mark('hold');
+      await this.freezeAll(this.table, frozen);
+      steps.mark('freeze');
+      await this.catchUpTo(frozen);
+      await this.halt();
+      steps.mark('catchUp');
+      swapped = true;
+      await Promise.all([...this.control.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
+      steps.mark('swap');
+      await this.ctx.setRouting(this.name, 'SOURCE', []);
+      const gapMs = Math.round(performance.now() - began);
+      writeGap.set({ workflow: this.name }, gapMs / 1000);
+      this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration reverted');
+      await this.end('REVERTED', `reverted: ${this.table.schema}.${this.table.table} has its old schema again; writes held ${gapMs} ms`);
+    } catch (err) {
+      if (swapped) return this.fail(new WorkflowError(`revert failed after the swap began: ${(err as Error).message}`));
+      this.ctx.log.error({ err, workflow: this.name }, 'revert failed; the new table keeps serving');
+      for (const [shard] of frozen) await thawWrites(this.control.get(shard)!, [this.table]).catch(() => {});
+      if (held) await this.ctx.setRouting(this.name, 'SOURCE');
+      if (!this.tail && !this.stopping) await this.follow(this.old, this.status.reverseOffsets);
+      await this.publishStatus({ message: `revert failed (run it again): ${(err as Error).message}` });
+    } finally {
+      this.switching = false;
+    }
+  }
+
+  /** complete (or the revert window's end): the old table is dropped; cancel (before the cut-over): the shadow is. */
+  async dropAndEnd(phase: 'COMPLETED' | 'CANCELLED'): Promise<void> {
+    this.stopping = true;
+    await this.halt();
+    const { table } = splitName(this.rec.definition.tables[0]);
+    const names = migrationTables(table, this.name);
+    const drop = phase === 'COMPLETED' ? names.old : names.shadow;
+    if (this.clients.size === 0) {
+      for (const r of this.ctx.shards.ranges(this.database)) this.clients.set(r.shard, await this.ctx.shards.connect(this.database, r.shard, `mg-migration-${this.name}`));
+    }
+    for (const client of this.clients.values()) {
+      await client.query(`DROP TABLE IF EXISTS ${MIGRATION_SCHEMA}.${quoteIdent(drop)}`);
+      await ensurePositionsTable(client);
+      await dropPositions(client, this.name);
+    }
+    if (this.ctx.routing(this.name) !== undefined) await this.ctx.setRouting(this.name, 'SOURCE', []);
+    await this.end(phase, phase === 'COMPLETED' ? `completed: the old table ${MIGRATION_SCHEMA}.${drop} was dropped` : `cancelled: the shadow table ${MIGRATION_SCHEMA}.${drop} was dropped`);
+  }
+
+  private async end(phase: WorkflowStatus['phase'], message: string): Promise<void> {
+    this.stopping = true;
+    await this.halt();
+    await this.publishStatus({ phase, message, lagSeconds: null });
+    await this.close();
+    this.finish();
+  }
+
+  /**
+   * One shard's swap, in one transaction: the table serving now goes to
+   * MIGRATION_SCHEMA as `away`, `incoming` comes from there under the table's
+   * name (into the publications that named the table), and the positions of
+   * the direction that ends are removed. `back` (revert): the incoming old
+   * table takes writes again and the new one is dropped.
+   */
+  private async swap(client: pg.Client, away: string, incoming: string, back = false): Promise<void> {
+    const { schema, table, sql } = this.table;
+    await client.query('BEGIN');
+    try {
+      await client.query(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`);
+      const { rows: pubs } = await client.query<{ pubname: string }>(
+        'SELECT p.pubname FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid WHERE r.prrelid = $1::regclass AND NOT p.puballtables', [sql]);
+      await client.query(`ALTER TABLE ${sql} RENAME TO ${quoteIdent(away)}`);
+      await client.query(`ALTER TABLE ${quoteIdent(schema)}.${quoteIdent(away)} SET SCHEMA ${MIGRATION_SCHEMA}`);
+      await client.query(`ALTER TABLE ${MIGRATION_SCHEMA}.${quoteIdent(incoming)} SET SCHEMA ${quoteIdent(schema)}`);
+      await client.query(`ALTER TABLE ${quoteIdent(schema)}.${quoteIdent(incoming)} RENAME TO ${quoteIdent(table)}`);
+      for (const { pubname } of pubs) await client.query(`ALTER PUBLICATION ${quoteIdent(pubname)} ADD TABLE ${sql}`);
+      await dropPositions(client, this.name);
+      if (back) {
+        await thawWrites(client, [this.table]);
+        await client.query(`DROP TABLE ${MIGRATION_SCHEMA}.${quoteIdent(away)}`);
+      }
+      await client.query('COMMIT');
+    } catch (err) {
+      await client.query('ROLLBACK').catch(() => {});
+      throw err;
+    }
+  }
+
+  /** Freezes `t` on every shard in parallel; `frozen` gets each shard that froze (every freeze settles before a refusal is thrown). */
+  private async freezeAll(t: MovedTable, frozen: Map<string, Frozen>): Promise<void> {
+    const freezes = await Promise.allSettled([...this.control].map(async ([shard, client]) => frozen.set(shard, await freezeWrites(client, [t], this.database, this.name))));
+    const refused = freezes.find((f) => f.status === 'rejected');
+    if (refused) throw refused.reason;
+  }
+
+  /** Applies every change the shards committed before their freeze: each shard's marker, or (an empty table) its stream's confirmed position; then the topic to its end. */
+  private async catchUpTo(frozen: Map<string, Frozen>): Promise<void> {
+    const deadline = Date.now() + CATCH_UP_MS;
+    const applier = this.applier!;
+    const until = async (done: () => boolean) => {
+      while (!done()) {
+        if (this.stopping || !this.tail) throw new WorkflowError('the change stream stopped being applied during the cut-over');
+        if (Date.now() > deadline) throw new WorkflowError(`the changes of ${this.table.table} were not applied within ${CATCH_UP_MS / 1000} s`);
+        await sleep(5);
+      }
+    };
+    for (const [shard, f] of frozen) {
+      if (f.marked[0]) await until(() => (applier.appliedLsn.get(shard) ?? 0n) >= f.lsn);
+      else await until(() => (this.ctx.confirmedLsn(this.database, shard) ?? -1n) >= f.lsn);
+    }
+    const end = await this.ctx.eventLog.endOffsets(this.topic);
+    await until(() => [...end].every(([partition, offset]) => applier.appliedOffset(partition) >= offset - 1n));
+  }
+
+  private async fail(err: Error): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.ctx.log.error({ err, workflow: this.name }, 'migration failed');
+    await this.halt();
+    await this.publishStatus({ phase: 'FAILED', message: err.message }).catch(() => {});
+    await this.close();
+    this.finish();
+  }
+
+  async close(): Promise<void> {
+    this.stopping = true;
+    await this.halt();
+    await Promise.all([...this.clients.values(), ...this.control.values()].map((c) => c.end().catch(() => {})));
+    this.clients.clear();
+    this.control.clear();
+  }
+
+  async publishStatus(change: Partial<WorkflowStatus>): Promise<void> {
+    this.status = { ...this.status, ...change };
+    rowsCopied.set({ workflow: this.name }, Number(this.status.rowsCopied));
+    lag.set({ workflow: this.name }, this.status.lagSeconds ?? 0);
+    await this.ctx.publish(this.name, { 'io.multigres.workflow.WorkflowStatus': this.status } as never);
+  }
+}
