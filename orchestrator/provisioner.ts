@@ -40,6 +40,11 @@ export class Provisioner {
     await this.run('drop-database', [database], step);
   }
 
+  /** Stops and deletes every instance of a reshard's old shard set and retires the set in the spec (decision 0061). */
+  async dropShards(database: string, shards: string[], step: Step): Promise<void> {
+    await this.run('drop-shards', [database, ...shards], step);
+  }
+
   private run(action: string, args: string[], step: Step): Promise<string> {
     const [command, ...prefix] = this.cfg!.command;
     return new Promise((resolve, reject) => {
