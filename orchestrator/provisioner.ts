@@ -48,7 +48,8 @@ export class Provisioner {
   private run(action: string, args: string[], step: Step): Promise<string> {
     const [command, ...prefix] = this.cfg!.command;
     return new Promise((resolve, reject) => {
-      const child = spawn(command, [...prefix, action, ...args], { cwd: this.cfg!.cwd, stdio: ['ignore', 'pipe', 'pipe'], timeout: PROVISION_TIMEOUT_MS });
+      // `--` ends the options: a shard name such as -80 is an operand, not a flag.
+      const child = spawn(command, [...prefix, action, '--', ...args], { cwd: this.cfg!.cwd, stdio: ['ignore', 'pipe', 'pipe'], timeout: PROVISION_TIMEOUT_MS });
       let stdout = '';
       let lastLine = '';
       let partial = '';

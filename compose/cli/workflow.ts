@@ -1,8 +1,8 @@
 /** `mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete`: materializer workflows, through its REST API. */
 import type { Logger } from '../../common/log.ts';
 import { callMaterializer } from '../materializer.ts';
-import { shardSetsOf, type ClusterSpec } from '../spec.ts';
 import { callOrchestrator } from '../orchestrators.ts';
+import { shardSetsOf, type ClusterSpec } from '../spec.ts';
 import { addShardSet } from './database.ts';
 import { follow } from './follow.ts';
 
