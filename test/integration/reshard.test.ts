@@ -231,7 +231,7 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
   const completeBegan = Date.now();
   const complete = await mg('workflow', 'complete', 'split', '--data-dir', dataDir);
   assert.equal(complete.code, 0, complete.stderr + complete.stdout);
-  t.diagnostic(`mg workflow complete (the old set retired): ${Date.now() - completeBegan} ms`);
+  t.diagnostic(`mg workflow complete: ${Date.now() - completeBegan} ms, of which retiring the old set ${/retire-shards shop: done in ([\d.]+ s)/.exec(complete.stdout)?.[1]}`);
   // Its progress, step by step: the shards dropped, each instance stopped and deleted, then deregistered.
   assert.match(complete.stdout, /ShardDropped shop\/-80, shop\/80-/);
   for (const i of old) assert.match(complete.stdout, new RegExp(`${i.instanceId}: data directory .* removed`));
@@ -278,6 +278,7 @@ test('merge the 4 shards into 1 under a writer: the serving set switches with no
   await assertExactlyOn(ONE, 'merged');
   const complete = await mg('workflow', 'complete', 'merge', '--data-dir', dataDir);
   assert.equal(complete.code, 0, complete.stderr + complete.stdout);
+  t.diagnostic(`retiring the 4 shards: ${/retire-shards shop: done in ([\d.]+ s)/.exec(complete.stdout)?.[1]}`);
   // The 4 shards (an added set) are retired too: only the one shard is left, in the spec and on the log.
   assert.deepEqual(shardSetsOf(savedSpec(dataDir)!.databases[0]), [1]);
   assert.deepEqual(shardsOf(await freshTopology(), 'shop').map((s) => s.shard), ['-']);
