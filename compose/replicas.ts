@@ -69,7 +69,8 @@ export async function releaseShardSet(dataDir: string, database: string, shards:
     const { spec: next, retired } = withoutShardSet(spec, database, shards);
     if (retired) saveSpec(next);
     progress.note(`${database}: shards ${shards.join(', ')} ${retired ? 'retired in the saved spec' : 'were retired in the saved spec already'} (their port slots stay unused)`);
-    for (const id of startedInstances(spec, (cfg) => cfg.database === database && shards.includes(cfg.shard))) await stopAndDelete(spec, id, progress);
+    // All at once: each waits for its agent to stop Postgres (a checkpoint), and they share nothing.
+    await Promise.all(startedInstances(spec, (cfg) => cfg.database === database && shards.includes(cfg.shard)).map((id) => stopAndDelete(spec, id, progress)));
   });
 }
 
