@@ -143,7 +143,7 @@ export class DatabaseManager {
     }
     step(`stopping and deleting their ${instances.length} instance(s): ${instances.map((i) => i.instanceId).join(', ') || 'none left'}`);
     await this.provisioner.dropShards(name, shards, step);
-    for (const inst of instances) await this.events([payload('InstanceDeregistered', { instanceId: inst.instanceId, reason })]);
+    if (instances.length) await this.events(instances.map((inst) => payload('InstanceDeregistered', { instanceId: inst.instanceId, reason })));
     step('their instances are deregistered; their backups stay in the repository until expired (mg backup expire)');
   }
 
