@@ -22,7 +22,7 @@ import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Pa
 import { startMaterializer, stopMaterializer } from './materializer.ts';
 import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, parseSpec, shardRanges, shardsOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { instancesOf, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
@@ -153,7 +153,7 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
     }
     // A second shard set (a reshard, decision 0056) is defined only after the serving set names the first: routers never see a mix.
     if (db.shardSets.length && !state.servingShards.has(db.name)) {
-      add(payload('ServingShardsChanged', { database: db.name, version: 1n, shards: shardRanges(db.shards).map((r) => r.shard) }));
+      add(payload('ServingShardsChanged', { database: db.name, version: 1n, shards: shardRanges(shardSetsOf(db)[0]).map((r) => r.shard) }));
     }
     for (const r of shardsOfSpec(db)) {
       if (!state.shards.has(shardKey(db.name, r.shard))) {

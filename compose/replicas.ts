@@ -11,7 +11,7 @@ import type { AgentConfig } from '../ingest/config.ts';
 import { agentName, eventLogFor, pathsOf, runDir, savedSpec, saveSpec, startAgents, stopAgent } from './cluster.ts';
 import type { Progress } from './progress.ts';
 import { poolerName, startPoolers } from './proxy.ts';
-import { withAddedInstance, withoutDatabase, withoutInstance, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { withAddedInstance, withoutDatabase, withoutInstance, withoutShardSet, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { stopProcess } from './supervise.ts';
 
 const INSTANCE_ID = /^[a-z][a-z0-9_-]{0,120}$/;
@@ -52,15 +52,34 @@ export async function releaseInstance(dataDir: string, instanceId: string, progr
 export async function releaseDatabase(dataDir: string, database: string, progress: Progress): Promise<void> {
   await withSpecLock(dataDir, async (spec) => {
     const next = withoutDatabase(spec, database);
-    // Agent configs, not the plan: an instance the spec no longer plans may still run.
-    const agents = path.join(spec.dataDir, 'agents');
-    const ids = fs.readdirSync(agents).filter((f) => f.endsWith('.json'))
-      .map((f) => JSON.parse(fs.readFileSync(path.join(agents, f), 'utf8')) as AgentConfig)
-      .filter((cfg) => cfg.database === database).map((cfg) => cfg.instanceId);
-    for (const id of ids) await stopAndDelete(spec, id, progress);
+    for (const id of startedInstances(spec, (cfg) => cfg.database === database)) await stopAndDelete(spec, id, progress);
     saveSpec(next);
     progress.note(`${database}: out of the saved spec (its port slots stay unused)`);
   });
+}
+
+/**
+ * Retires a reshard's old shard set of `database` (decision 0061): the saved spec records it first (so a
+ * `mg cluster up` meanwhile starts none of it again; no other instance's port moves), then every instance of
+ * those shards is stopped and deleted. Run again after a failure part way, it stops what is still there.
+ * Their backups stay in the repository until expired.
+ */
+export async function releaseShardSet(dataDir: string, database: string, shards: string[], progress: Progress): Promise<void> {
+  await withSpecLock(dataDir, async (spec) => {
+    const { spec: next, retired } = withoutShardSet(spec, database, shards);
+    if (retired) saveSpec(next);
+    progress.note(`${database}: shards ${shards.join(', ')} ${retired ? 'retired in the saved spec' : 'were retired in the saved spec already'} (their port slots stay unused)`);
+    // All at once: each waits for its agent to stop Postgres (a checkpoint), and they share nothing.
+    await Promise.all(startedInstances(spec, (cfg) => cfg.database === database && shards.includes(cfg.shard)).map((id) => stopAndDelete(spec, id, progress)));
+  });
+}
+
+/** The instances started from the cluster's data directory that `which` picks, by their agents' configs (the spec may no longer plan them). */
+function startedInstances(spec: ClusterSpec, which: (cfg: AgentConfig) => boolean): string[] {
+  const agents = path.join(spec.dataDir, 'agents');
+  return fs.readdirSync(agents).filter((f) => f.endsWith('.json'))
+    .map((f) => JSON.parse(fs.readFileSync(path.join(agents, f), 'utf8')) as AgentConfig)
+    .filter(which).map((cfg) => cfg.instanceId);
 }
 
 /** Stops an instance's agent and pooler and deletes its data directory, config files and pid file. */

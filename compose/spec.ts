@@ -150,14 +150,21 @@ export const clusterSpecSchema = z.object({
      * decision 0056): the shard count of each. Their instances are addedInstances, so no other instance's port moves.
      */
     shardSets: z.array(shardCount).default([]),
+    /**
+     * The database's own `shards` set was retired by a reshard's complete (decision 0061): its instances are not
+     * run and their port slots stay unused; the shard sets in shardSets serve the database.
+     */
+    shardsRetired: z.boolean().default(false),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   }).refine((d) => d.sharded || d.shards === 1, {
     message: 'more than one shard needs sharded: true (and a VSchema: mg vschema apply)', path: ['shards'],
   }).refine((d) => d.sharded || d.shardSets.length === 0, {
     message: 'another shard set needs sharded: true (and a VSchema: mg vschema apply)', path: ['shardSets'],
-  }).refine((d) => new Set([d.shards, ...d.shardSets]).size === d.shardSets.length + 1, {
+  }).refine((d) => new Set(shardSetsOf(d)).size === shardSetsOf(d).length, {
     message: 'each shard set needs a shard count of its own (the shard names are the key ranges)', path: ['shardSets'],
+  }).refine((d) => shardSetsOf(d).length > 0, {
+    message: 'a database needs a shard set that is not retired', path: ['shardsRetired'],
   })).min(1).default([{ name: 'postgres', shards: 1, instancesPerShard: 3, sharded: false, transactionMode: 'multi' }])
     .refine((d) => new Set(d.map((x) => x.name)).size === d.length, 'database names must be unique'),
   /** Databases dropped at run time (`mg database drop`): the port slots they held stay unused, so no other instance's port moves. */
@@ -283,8 +290,8 @@ export function instancesOf(spec: ClusterSpec): PlannedInstance[] {
       for (let i = 0; i < db.instancesPerShard; i++, slot++) {
         const cell = spec.cells[i % spec.cells.length];
         const instanceId = instanceIdOf(db.name, range.shard, cell, i);
-        // A removed instance keeps its slot: the ports of every other instance stay where they are.
-        if (!db.removedInstances.includes(instanceId)) out.push(at(slot, instanceId, db.name, range.shard, cell));
+        // A removed instance, or a retired set's, keeps its slot: the ports of every other instance stay where they are.
+        if (!db.shardsRetired && !db.removedInstances.includes(instanceId)) out.push(at(slot, instanceId, db.name, range.shard, cell));
       }
     }
   }
@@ -348,9 +355,40 @@ export function withoutDatabase(spec: ClusterSpec, database: string): ClusterSpe
   throw new SpecError(`the spec has no database ${database}`);
 }
 
-/** Every shard of a database in the spec: its own layout's, then those of the shard sets added for a reshard. */
+/** The shard counts of a database's sets that are not retired: its own layout's (unless retired), then those added for a reshard. */
+export function shardSetsOf(db: { shards: number; shardSets: number[]; shardsRetired: boolean }): number[] {
+  return [...(db.shardsRetired ? [] : [db.shards]), ...db.shardSets];
+}
+
+/** Every shard of a database in the spec: those of each set shardSetsOf names. */
 export function shardsOfSpec(db: ClusterSpec['databases'][number]): Array<{ shard: string; start: string; end: string }> {
-  return [db.shards, ...db.shardSets].flatMap(shardRanges);
+  return shardSetsOf(db).flatMap(shardRanges);
+}
+
+/**
+ * The spec with the shard set of `database` that `shards` names retired (decision 0061): the database's own
+ * layout is marked retired (its port slots stay unused), an added set leaves shardSets; either way the set's
+ * added replicas leave addedInstances (run-time slots are free again, as a dropped database's are). `retired`
+ * is false when no set of the spec has those shards any more (retired before: nothing to change); a SpecError
+ * when they are not exactly one set, or the database's last one.
+ */
+export function withoutShardSet(spec: ClusterSpec, database: string, shards: string[]): { spec: ClusterSpec; retired: boolean } {
+  const db = spec.databases.find((d) => d.name === database);
+  if (!db) throw new SpecError(`the spec has no database ${database}`);
+  const names = (n: number) => shardRanges(n).map((r) => r.shard);
+  const wanted = [...shards].sort().join(',');
+  const count = shardSetsOf(db).find((n) => names(n).sort().join(',') === wanted);
+  if (count === undefined) {
+    if (shards.some((s) => shardsOfSpec(db).some((r) => r.shard === s))) throw new SpecError(`${shards.join(', ')} are not one shard set of ${database} (its sets: ${shardSetsOf(db).map((n) => names(n).join(', ')).join(' | ')})`);
+    return { spec, retired: false };
+  }
+  if (shardSetsOf(db).length === 1) throw new SpecError(`${shards.join(', ')} are the only shard set of ${database}`);
+  const next = structuredClone(spec);
+  const nextDb = next.databases.find((d) => d.name === database)!;
+  if (count === db.shards && !db.shardsRetired) nextDb.shardsRetired = true;
+  else nextDb.shardSets = nextDb.shardSets.filter((n) => n !== count);
+  nextDb.addedInstances = nextDb.addedInstances.filter((a) => !shards.includes(a.shard));
+  return { spec: next, retired: true };
 }
 
 /**
@@ -420,6 +458,7 @@ export function withRuntimeChanges(saved: ClusterSpec | undefined, next: Cluster
     if (db.addedInstances.length === 0) db.addedInstances = structuredClone(was.addedInstances);
     if (db.removedInstances.length === 0) db.removedInstances = [...was.removedInstances];
     if (db.shardSets.length === 0) db.shardSets = [...was.shardSets];
+    db.shardsRetired ||= was.shardsRetired;
     if (db.instancesPerShard >= was.instancesPerShard) continue;
     for (const range of shardRanges(db.shards)) {
       for (let i = db.instancesPerShard; i < was.instancesPerShard; i++) {

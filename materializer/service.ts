@@ -521,7 +521,7 @@ export class Materializer {
       // A Reshard's rule has nothing left to hold: with no tables the database's sessions are planned as before it, by the serving set.
       if (def.type === 'RESHARD') await this.setRouting(rec, 'TARGET', []);
       const message = def.type === 'RESHARD'
-        ? `shards ${def.targetShards!.join(', ')} serve ${def.targetDatabase}; the tables of the old shards ${def.sourceShards!.join(', ')} are in their schema ${schema} (those shards serve nothing now)`
+        ? `shards ${def.targetShards!.join(', ')} serve ${def.targetDatabase}; the tables of the old shards ${def.sourceShards!.join(', ')} are in their schema ${schema} (they serve nothing now: mg workflow complete retires them through the orchestrator, decision 0061)`
         : `${def.targetDatabase} serves ${def.tables.join(', ')}; the source tables are in schema ${schema} of ${def.sourceDatabase} (drop them when done)`;
       await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...rec.status!, phase: 'COMPLETED', message }));
       this.log.info({ workflow: rec.name, schema }, 'workflow completed');

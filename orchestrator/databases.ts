@@ -8,7 +8,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { EventLog } from '../common/eventlog.ts';
-import { payload, shardKey, topologyKey, type TopologyEvent } from '../schemas/index.ts';
+import { payload, servingShardsOf, shardKey, topologyKey, type InstanceRegistered, type TopologyEvent } from '../schemas/index.ts';
 import type { Agents } from './agents.ts';
 import { OperationError } from './operations.ts';
 import type { Provisioner } from './provisioner.ts';
@@ -112,6 +112,50 @@ export class DatabaseManager {
     step('its instances are deregistered; its backups stay in the repository until expired (mg backup expire)');
   }
 
+  /**
+   * Throws unless `shards` of `name` can be retired now: a database with instances of its own, shards the topology
+   * still knows (defined, or with instances not yet deregistered), none of them serving its clients.
+   */
+  checkRetireShards(name: string, shards: string[]): void {
+    const t = this.watch.topology;
+    const known = t.databases.get(name);
+    if (!known || known.dropped) throw new OperationError(404, `no database "${name}"`);
+    if (known.hostedOn !== null) throw new OperationError(409, `database "${name}" is hosted on "${known.hostedOn}" and has no shards of its own`);
+    const left = this.retiring(name, shards);
+    const unknown = shards.filter((s) => !left.defined.includes(s) && !left.instances.some((i) => i.shard === s));
+    if (unknown.length) throw new OperationError(404, `database "${name}" has no shard ${unknown.join(', ')} (or it is retired already)`);
+    const serving = servingShardsOf(t, name).map((s) => s.shard).filter((s) => shards.includes(s));
+    if (serving.length) throw new OperationError(409, `shards ${serving.join(', ')} of "${name}" serve its clients: a reshard's switch-traffic moves them to another set first`);
+    if (!this.provisioner.available) throw new OperationError(501, 'this orchestrator has no provisioner configured: instances are provisioned outside it (mg cluster up configures one)');
+  }
+
+  /**
+   * Retires a reshard's old shard set (decision 0061), as a database drop does its instances: ShardDropped first
+   * (orchestrators stop electing, repairing and backing up the shards, gateways forget them), then the provisioner
+   * stops and deletes their instances and retires the set in the saved spec, then each is deregistered. Every step
+   * skips what an earlier, interrupted run did. Backups stay in the repository until expired.
+   */
+  async retireShards(name: string, shards: string[], reason: string, step: Step): Promise<void> {
+    const { defined, instances } = this.retiring(name, shards);
+    if (defined.length) {
+      await this.events(defined.map((shard) => payload('ShardDropped', { database: name, shard, reason })));
+      step(`ShardDropped ${defined.map((s) => `${name}/${s}`).join(', ')}: no orchestrator manages them, no gateway knows them`);
+    }
+    step(`stopping and deleting their ${instances.length} instance(s): ${instances.map((i) => i.instanceId).join(', ') || 'none left'}`);
+    await this.provisioner.dropShards(name, shards, step);
+    if (instances.length) await this.events(instances.map((inst) => payload('InstanceDeregistered', { instanceId: inst.instanceId, reason })));
+    step('their instances are deregistered; their backups stay in the repository until expired (mg backup expire)');
+  }
+
+  /** What is left of `shards` of `name` in the topology: the ones still defined, and their instances still registered. */
+  private retiring(name: string, shards: string[]): { defined: string[]; instances: InstanceRegistered[] } {
+    const t = this.watch.topology;
+    return {
+      defined: shards.filter((s) => t.shards.has(shardKey(name, s))),
+      instances: [...t.instances.values()].filter((i) => i.database === name && shards.includes(i.shard)),
+    };
+  }
+
   /** Throws unless `name` is a database whose instances can stop and start (not one hosted on another). */
   checkActivation(name: string): void {
     const known = this.watch.topology.databases.get(name);
@@ -166,15 +210,20 @@ export class DatabaseManager {
     if (r.status !== 'SUCCEEDED') throw new Error(`${action} on ${instanceId}: ${r.message}`);
   }
 
-  private async event(p: TopologyEvent['payload']): Promise<void> {
-    const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: this.source, payload: p };
-    const folded = this.watch.folded(e.eventId);
+  private event(p: TopologyEvent['payload']): Promise<void> {
+    return this.events([p]);
+  }
+
+  /** Publishes the events in one batch and waits until this orchestrator's fold has taken them in. */
+  private async events(payloads: Array<TopologyEvent['payload']>): Promise<void> {
+    const batch: TopologyEvent[] = payloads.map((p) => ({ eventId: randomUUID(), ts: new Date(), source: this.source, payload: p }));
+    const folded = batch.map((e) => this.watch.folded(e.eventId));
     try {
-      await this.publish([{ key: topologyKey(e), value: e }]);
+      await this.publish(batch.map((e) => ({ key: topologyKey(e), value: e })));
     } catch (err) {
-      folded.catch(() => undefined); // nothing will be folded; its timeout must not go unhandled
+      for (const f of folded) f.catch(() => undefined); // nothing will be folded; the timeouts must not go unhandled
       throw err;
     }
-    await folded;
+    await Promise.all(folded);
   }
 }

@@ -40,10 +40,16 @@ export class Provisioner {
     await this.run('drop-database', [database], step);
   }
 
+  /** Stops and deletes every instance of a reshard's old shard set and retires the set in the spec (decision 0061). */
+  async dropShards(database: string, shards: string[], step: Step): Promise<void> {
+    await this.run('drop-shards', [database, ...shards], step);
+  }
+
   private run(action: string, args: string[], step: Step): Promise<string> {
     const [command, ...prefix] = this.cfg!.command;
     return new Promise((resolve, reject) => {
-      const child = spawn(command, [...prefix, action, ...args], { cwd: this.cfg!.cwd, stdio: ['ignore', 'pipe', 'pipe'], timeout: PROVISION_TIMEOUT_MS });
+      // `--` ends the options: a shard name such as -80 is an operand, not a flag.
+      const child = spawn(command, [...prefix, action, '--', ...args], { cwd: this.cfg!.cwd, stdio: ['ignore', 'pipe', 'pipe'], timeout: PROVISION_TIMEOUT_MS });
       let stdout = '';
       let lastLine = '';
       let partial = '';

@@ -26,7 +26,7 @@ export function payload<K extends PayloadKind>(kind: K, body: PayloadBody<K>): P
 export type PayloadKind =
   | 'CellRegistered' | 'DatabaseCreated' | 'DatabaseDropped' | 'ShardDefined'
   | 'InstanceRegistered' | 'InstanceDeregistered' | 'ServingStateChanged' | 'PrimaryChanged' | 'DatabaseActivationChanged' | 'VSchemaApplied'
-  | 'RoutingRuleChanged' | 'ServingShardsChanged';
+  | 'RoutingRuleChanged' | 'ServingShardsChanged' | 'ShardDropped';
 export type PayloadBody<K extends PayloadKind> = Extract<Payload, Record<`${typeof NS}${K}`, unknown>>[`${typeof NS}${K}`];
 
 /** The kind and body of an event's payload. */
@@ -42,7 +42,7 @@ export function topologyKey(event: TopologyEvent): string {
   switch (kind) {
     case 'CellRegistered': return `cell/${b.cell}`;
     case 'DatabaseCreated': case 'DatabaseDropped': return `database/${b.database}`;
-    case 'ShardDefined': return `shard/${b.database}/${b.shard}`;
+    case 'ShardDefined': case 'ShardDropped': return `shard/${b.database}/${b.shard}`;
     case 'InstanceRegistered': case 'InstanceDeregistered': return `instance/${b.instanceId}`;
     case 'ServingStateChanged': return `instance/${b.instanceId}/serving`;
     case 'PrimaryChanged': return `shard/${b.database}/${b.shard}/primary`;
@@ -125,6 +125,11 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       state.servingShards.delete(b.database);
       break;
     case 'ShardDefined': state.shards.set(shardKey(b.database, b.shard), b); break;
+    case 'ShardDropped':
+      // Retired (decision 0061): its primary goes too, so a shard defined later under the name starts from no term.
+      state.shards.delete(shardKey(b.database, b.shard));
+      state.primaries.delete(shardKey(b.database, b.shard));
+      break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
     case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;
     case 'ServingStateChanged': {

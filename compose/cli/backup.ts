@@ -144,6 +144,8 @@ async function restoreAs(spec: ClusterSpec, database: string, shard: string | un
   if (!spec.backup.enabled) throw new BackupUsageError('backups are off in this cluster (backup.enabled: false)');
   const source = spec.databases.find((d) => d.name === database);
   if (!source) throw new BackupUsageError(`${database} is not a database with instances of its own (one created --on another is restored with its host)`);
+  // Its own shards' stanzas end where a reshard moved its rows to another set (decision 0061).
+  if (source.shardsRetired) throw new BackupUsageError(`${database}'s own ${source.shards} shard(s) were retired by a reshard: restore --as of a resharded database is not built yet (mg backup restore ${database}/<shard> --to-dir <dir> --port <port> restores one shard of either set)`);
   const target = usableTarget(opts);
   const started = Date.now();
   const elapsed = () => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;

@@ -33,7 +33,6 @@ import { BackupUsageError, runBackupCommand } from './backup.ts';
 import { addShardSet, createWithInstances, runDatabaseCommand } from './database.ts';
 import { runReplicaCommand } from './replica.ts';
 import { runShardCommand } from './shard.ts';
-import { callOrchestrator } from '../orchestrators.ts';
 import { runMigrationCommand } from './migration.ts';
 import { runVSchemaCommand, type VSchemaCommand } from './vschema.ts';
 import { createReshard, runWorkflowCommand } from './workflow.ts';

@@ -1,8 +1,10 @@
 /** `mg workflow create|list|show|start|stop|cancel|vdiff|switch-traffic|reverse-traffic|complete`: materializer workflows, through its REST API. */
 import type { Logger } from '../../common/log.ts';
 import { callMaterializer } from '../materializer.ts';
-import type { ClusterSpec } from '../spec.ts';
+import { callOrchestrator } from '../orchestrators.ts';
+import { shardSetsOf, type ClusterSpec } from '../spec.ts';
 import { addShardSet } from './database.ts';
+import { follow } from './follow.ts';
 
 export interface WorkflowArgs {
   name: string | undefined;
@@ -64,30 +66,58 @@ export async function runWorkflowCommand(spec: ClusterSpec, command: string, arg
         return v.state === 'COMPLETED' && clean(v) ? 0 : 1;
       }
     }
-    default: {
-      const r = await callMaterializer(spec, 'POST', `${path}/${command}`, command === 'switch-traffic' ? { readsOnly: args.readsOnly } : undefined);
-      if (r.status !== 202) return fail(r);
-      const settled = SETTLED[command];
-      if (!settled || !args.wait) {
-        console.log(`workflow ${args.name}: ${command} requested`);
-        return 0;
-      }
-      // A failed switch or completion leaves the phase as it was and says why in the message.
-      const before = r.body.message;
-      for (;;) {
-        await sleep(200);
-        const w = (await callMaterializer(spec, 'GET', path)).body;
-        if (settled(w, args.readsOnly)) {
-          console.log(`workflow ${args.name}: ${command} done: phase ${w.phase}, routing ${w.routing}${w.message ? ` (${w.message})` : ''}`);
-          return 0;
-        }
-        if (w.message && w.message !== before && /failed/.test(w.message)) {
-          console.error(`mg: ${w.message}`);
-          return 1;
-        }
-      }
+    case 'complete': {
+      // A Reshard completed by an earlier run that failed while retiring its old set: only the retirement is left.
+      const held = await callMaterializer(spec, 'GET', path);
+      if (held.status !== 200) return fail(held);
+      const done = held.body.type === 'RESHARD' && held.body.phase === 'COMPLETED';
+      const code = done ? 0 : await commandAndWait(spec, path, command, args);
+      return code !== 0 || held.body.type !== 'RESHARD' || !args.wait ? code : retireOldSet(spec, args.name!, held.body.source, held.body.sourceShards);
+    }
+    default:
+      return commandAndWait(spec, path, command, args);
+  }
+}
+
+/** POSTs a workflow command and, unless --no-wait, waits until the workflow shows it done (or its message says it failed). */
+async function commandAndWait(spec: ClusterSpec, path: string, command: string, args: WorkflowArgs): Promise<number> {
+  const r = await callMaterializer(spec, 'POST', `${path}/${command}`, command === 'switch-traffic' ? { readsOnly: args.readsOnly } : undefined);
+  if (r.status !== 202) return fail(r);
+  const settled = SETTLED[command];
+  if (!settled || !args.wait) {
+    console.log(`workflow ${args.name}: ${command} requested`);
+    return 0;
+  }
+  // A failed switch or completion leaves the phase as it was and says why in the message.
+  const before = r.body.message;
+  for (;;) {
+    await sleep(200);
+    const w = (await callMaterializer(spec, 'GET', path)).body;
+    if (settled(w, args.readsOnly)) {
+      console.log(`workflow ${args.name}: ${command} done: phase ${w.phase}, routing ${w.routing}${w.message ? ` (${w.message})` : ''}`);
+      return 0;
+    }
+    if (w.message && w.message !== before && /failed/.test(w.message)) {
+      console.error(`mg: ${w.message}`);
+      return 1;
     }
   }
+}
+
+/**
+ * The last step of a Reshard's complete (decision 0061): the old shard set, serving nothing now, is retired through
+ * the orchestrator (ShardDropped, its instances stopped and deleted, deregistered), its steps printed as they happen.
+ * Run again, it finishes what a failed run left; once nothing is left the orchestrator knows none of the shards.
+ */
+async function retireOldSet(spec: ClusterSpec, workflow: string, database: string, shards: string[]): Promise<number> {
+  console.log(`retiring the old shard set ${shards.join(', ')} of ${database}`);
+  const r = await callOrchestrator(spec, 'POST', `/v1/databases/${encodeURIComponent(database)}/retire-shards`, { shards, reason: `retired by reshard ${workflow}` });
+  if (r.status === 404 && (await callOrchestrator(spec, 'GET', `/v1/databases/${encodeURIComponent(database)}`)).status === 200) {
+    console.log(`shards ${shards.join(', ')} of ${database}: retired already`);
+    return 0;
+  }
+  if (r.status !== 202) return fail(r);
+  return follow(spec, r.body.operation.id);
 }
 
 /**
@@ -96,7 +126,7 @@ export async function runWorkflowCommand(spec: ClusterSpec, command: string, arg
  */
 export async function createReshard(spec: ClusterSpec, name: string, database: string, toShards: number, log: Logger): Promise<number> {
   const db = spec.databases.find((d) => d.name === database);
-  if (db && db.shards !== toShards && !db.shardSets.includes(toShards)) {
+  if (db && !shardSetsOf(db).includes(toShards)) {
     const code = await addShardSet(spec, database, toShards, log);
     if (code !== 0) return code;
   }

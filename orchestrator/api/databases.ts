@@ -1,4 +1,4 @@
-/** Databases at run time: list, create (on an existing database's instances), drop, activate, deactivate. */
+/** Databases at run time: list, create (on an existing database's instances), drop, activate, deactivate, retire a shard set. */
 import type { FastifyReply } from 'fastify';
 import { runOperation, waitQuery, type ApiPlugin } from '../api.ts';
 
@@ -51,6 +51,24 @@ export const databasesApi: ApiPlugin = async (app, { databases, operations }) =>
   }, async (req, reply) => {
     const { name } = req.params;
     return run(reply, req.query.wait, 'drop', name, () => databases.checkDrop(name), (step) => databases.drop(name, step));
+  });
+
+  app.post<{ Params: { name: string }; Body: { shards: string[]; reason?: string }; Querystring: { wait: boolean } }>('/v1/databases/:name/retire-shards', {
+    schema: {
+      summary: 'Retire a shard set that serves nothing (a reshard\'s old set after complete): ShardDropped, its instances stopped and deleted by the provisioner, then deregistered; backups stay',
+      tags: ['databases'], params: nameParams, querystring: waitQuery,
+      body: {
+        type: 'object', additionalProperties: false, required: ['shards'],
+        properties: {
+          shards: { type: 'array', minItems: 1, uniqueItems: true, items: { type: 'string', pattern: '^[0-9a-f]*-[0-9a-f]*$' }, description: 'the set\'s shard names, e.g. ["-80", "80-"]' },
+          reason: { type: 'string', minLength: 1, maxLength: 200, description: 'recorded on the ShardDropped and InstanceDeregistered events' },
+        },
+      },
+    },
+  }, async (req, reply) => {
+    const { name } = req.params;
+    const { shards, reason = 'retired through the admin API' } = req.body;
+    return run(reply, req.query.wait, 'retire-shards', name, () => databases.checkRetireShards(name, shards), (step) => databases.retireShards(name, shards, reason, step));
   });
 
   for (const active of [true, false]) {

@@ -308,6 +308,14 @@ export interface ServingShardsChanged {
   shards: Array<string>;
 }
 
+/** A shard retired (decision 0061): a reshard's old shard set after complete. Keyed like ShardDefined, so compaction keeps only this; consumers forget the shard and its primary, orchestrators stop managing it, and its instances are deregistered once their processes stopped. A ShardDefined of the same name later defines a new shard. */
+export interface ShardDropped {
+  database: string;
+  shard: string;
+  /** e.g. 'retired by reshard split'. */
+  reason: string;
+}
+
 /** One change to the cluster's topology. The topology topic is compacted by key (see the catalog), so each event states the whole of one aspect of one entity. */
 export interface TopologyEvent {
   /** Unique id (UUID) of this event, for deduplication. */
@@ -315,7 +323,7 @@ export interface TopologyEvent {
   ts: Date;
   /** Who emitted it: agent/<instance>, orchestrator/<cell>, mg-cli. */
   source: string;
-  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged } | { 'io.multigres.topology.ServingShardsChanged': ServingShardsChanged };
+  payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged } | { 'io.multigres.topology.ServingShardsChanged': ServingShardsChanged } | { 'io.multigres.topology.ShardDropped': ShardDropped };
 }
 
 export type WorkflowType = 'MOVE_TABLES' | 'RESHARD' | 'MIGRATION';

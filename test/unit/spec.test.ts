@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, shardsOfSpec, SpecError, withAddedInstance, withAddedShardSet, withoutDatabase, withoutInstance, withRuntimeChanges } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, SpecError, withAddedInstance, withAddedShardSet, withoutDatabase, withoutInstance, withoutShardSet, withRuntimeChanges } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -118,4 +118,41 @@ test('a second shard set for a reshard: its instances take run-time slots (no ot
   assert.throws(() => withAddedShardSet(spec, 'nosuch', 2), /the spec has no database nosuch/);
   // up with the spec file (which names no sets) keeps the set and its instances where they are.
   assert.deepEqual(ports(withRuntimeChanges(next, spec)), ports(next));
+});
+
+test('retiring a reshard\'s old set (decision 0061): the layout\'s set keeps its slots unused, an added set frees its run-time slots, no other port moves; a second reshard back to the old count; up keeps it retired', () => {
+  const spec = parseSpec({ cells: ['zone1', 'zone2'], databases: [{ name: 'shop', sharded: true, shards: 2, instancesPerShard: 2 }, { name: 'other', instancesPerShard: 1 }] });
+  const ports = (s: typeof spec) => new Map(instancesOf(s).map((i) => [i.instanceId, i.port]));
+  const split = withAddedShardSet(withAddedInstance(spec, 'shop', '-80', 'zone1').spec, 'shop', 4).spec; // with a replica added to the old set too
+  const OLD = ['-80', '80-'];
+  const NEW = ['-40', '40-80', '80-c0', 'c0-'];
+  // Serving sets are refused by the orchestrator; the spec refuses a mix of sets and the last one.
+  assert.throws(() => withoutShardSet(split, 'shop', ['-80', '-40']), /-80, -40 are not one shard set of shop/);
+  assert.throws(() => withoutShardSet(spec, 'shop', OLD), /are the only shard set of shop/);
+  const { spec: retired, retired: changed } = withoutShardSet(split, 'shop', OLD);
+  assert.equal(changed, true);
+  assert.equal(retired.databases[0].shardsRetired, true);
+  assert.deepEqual(shardSetsOf(retired.databases[0]), [4]);
+  assert.deepEqual(shardsOfSpec(retired.databases[0]).map((r) => r.shard), NEW);
+  assert.deepEqual([...new Set(instancesOf(retired).filter((i) => i.database === 'shop').map((i) => i.shard))], NEW, 'no instance of the old set (nor its added replica) is planned');
+  for (const [id, port] of ports(retired)) assert.equal(ports(split).get(id), port, `${id} keeps its port`);
+  assert.equal(instancesOf(retired).find((i) => i.database === 'other')!.port, 15432 + 4, 'the next database stays past the retired layout\'s slots');
+  // Again (a complete run again after a failure part way): nothing left to change.
+  assert.equal(withoutShardSet(retired, 'shop', OLD).retired, false);
+  // up with the spec file (shards: 2, nothing retired) keeps it retired and every port where it is.
+  assert.deepEqual(ports(withRuntimeChanges(retired, spec)), ports(retired));
+  assert.equal(parseSpec(JSON.parse(JSON.stringify(retired))).databases[0].shardsRetired, true, 'the saved spec reads back');
+  assert.throws(() => parseSpec({ ...JSON.parse(JSON.stringify(spec)), databases: [{ name: 'shop', sharded: true, shards: 2, shardsRetired: true }] }), /databases\.0\.shardsRetired: a database needs a shard set that is not retired/);
+
+  // A second reshard, 4 -> 2 again: a new set of 2 in run-time slots beside the retired layout's; then the 4 retire.
+  const back = withAddedShardSet(retired, 'shop', 2);
+  assert.deepEqual(back.instances.map((i) => i.shard), ['-80', '-80', '80-', '80-']);
+  assert.deepEqual(back.instances.map((i) => i.port - 15432), [99, 90, 89, 88], 'run-time slots (99: the retired set\'s added replica\'s, free again), not the retired layout\'s');
+  for (const [id, port] of ports(retired)) assert.equal(ports(back.spec).get(id), port, `${id} keeps its port`);
+  const merged = withoutShardSet(back.spec, 'shop', NEW).spec;
+  assert.deepEqual(merged.databases[0].shardSets, [2]);
+  assert.deepEqual(instancesOf(merged).filter((i) => i.database === 'shop').map((i) => i.instanceId).sort(), back.instances.map((i) => i.instanceId).sort());
+  for (const [id, port] of ports(merged)) assert.equal(ports(back.spec).get(id), port, `${id} keeps its port`);
+  // The 4 set's run-time slots are free again: a third reshard to 4 takes them.
+  assert.deepEqual(withAddedShardSet(merged, 'shop', 4).instances.map((i) => i.port - 15432).slice(0, 2), [98, 97]);
 });

@@ -122,3 +122,22 @@ test('the serving shard set: absent means every shard, the highest version wins 
   const again = applyTopologyEvent(applyTopologyEvent(flipped, ev(payload('DatabaseDropped', { database: 'app' }))), db('app'));
   assert.equal(again.servingShards.has('app'), false);
 });
+
+test('a retired shard (ShardDropped, decision 0061): keyed like its ShardDefined so compaction keeps only the drop; the fold forgets the shard and its primary; defined again, it starts from no term', () => {
+  const dropped = ev(payload('ShardDropped', { database: 'db', shard: '-', reason: 'retired by reshard split' }));
+  assert.equal(topologyKey(dropped), topologyKey(base()[2]), 'the same key as the ShardDefined it replaces');
+  const state = foldTopology([...base(), primary('b', 3n), dropped]);
+  assert.deepEqual(shardsOf(state, 'db'), []);
+  assert.equal(state.primaries.has('db/-'), false, 'no primary of a retired shard is left to elect or repair');
+  assert.equal(state.instances.size, 3, 'its instances stay until their processes stopped and they are deregistered');
+  for (const id of ['a', 'b', 'c']) applyTopologyEvent(state, ev(payload('InstanceDeregistered', { instanceId: id, reason: 'retired' })));
+  assert.deepEqual(instancesOf(state), []);
+  // What compaction leaves of the log (the latest event of each key, in offset order) folds to the same state.
+  const compacted = foldTopology([base()[0], base()[1], dropped]);
+  assert.deepEqual([compacted.shards, compacted.primaries, compacted.instances], [state.shards, state.primaries, state.instances]);
+  // A later set reusing the name (a reshard back to this count): a new shard whose first election's term 1 is not older than anything held.
+  applyTopologyEvent(state, ev(payload('ShardDefined', { database: 'db', shard: '-', keyRangeStart: '', keyRangeEnd: '' })));
+  applyTopologyEvent(state, primary('d', 1n));
+  assert.equal(state.primaries.get('db/-')?.instanceId, 'd');
+  assert.equal(shardsOf(state, 'db').length, 1);
+});
