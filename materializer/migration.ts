@@ -294,14 +294,8 @@ export class MigrationRunner {
     const names = migrationTables(this.table.table, this.name);
     try {
       const steps = stepTimer(began);
-      await this.ctx.setRouting(this.name, 'WRITES_HELD');
-      held = true;
-      steps.mark('hold');
-      await this.freezeAll(this.table, frozen);
-      steps.mark('freeze');
-      await this.catchUpTo(frozen);
-      await this.halt();
-      steps.mark('catchUp');
+      held = true; // from the first publish on: a failure releases the hold
+      await this.holdAndDrain(frozen, steps);
       // Nothing writes the table's topic now: every later change in it is the new table's.
       const reverseOffsets = await this.endOffsets();
       swapped = true;
@@ -330,6 +324,21 @@ export class MigrationRunner {
   }
 
   /**
+   * The start of a cut-over and of a revert: gateways hold the table's statements, every shard's
+   * table refuses writes (after those in flight) and leaves a marker, and the table following it
+   * applies up to the markers, then stops following.
+   */
+  private async holdAndDrain(frozen: Map<string, Frozen>, steps: ReturnType<typeof stepTimer>): Promise<void> {
+    await this.ctx.setRouting(this.name, 'WRITES_HELD');
+    steps.mark('hold');
+    await this.freezeAll(this.table, frozen);
+    steps.mark('freeze');
+    await this.catchUpTo(frozen);
+    await this.halt();
+    steps.mark('catchUp');
+  }
+
+  /**
    * revert: the cut-over in reverse. The new table refuses writes and leaves
    * a marker, the old table applies up to it, one transaction per shard swaps
    * the names back and drops the new table; the migration is then REVERTED.
@@ -344,14 +353,8 @@ export class MigrationRunner {
     const names = migrationTables(this.table.table, this.name);
     try {
       const steps = stepTimer(began);
-      await this.ctx.setRouting(this.name, 'WRITES_HELD');
-      held = true;
-      steps.mark('hold');
-      await this.freezeAll(this.table, frozen);
-      steps.mark('freeze');
-      await this.catchUpTo(frozen);
-      await this.halt();
-      steps.mark('catchUp');
+      held = true; // from the first publish on: a failure releases the hold
+      await this.holdAndDrain(frozen, steps);
       swapped = true;
       await Promise.all([...this.control.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
       steps.mark('swap');
