@@ -294,8 +294,7 @@ export class MigrationRunner {
     const names = migrationTables(this.table.table, this.name);
     try {
       const steps = stepTimer(began);
-      held = true; // from the first publish on: a failure releases the hold
-      await this.holdAndDrain(frozen, steps);
+      await this.holdAndDrain(frozen, steps, () => (held = true));
       // Nothing writes the table's topic now: every later change in it is the new table's.
       const reverseOffsets = await this.endOffsets();
       swapped = true;
@@ -328,8 +327,9 @@ export class MigrationRunner {
    * table refuses writes (after those in flight) and leaves a marker, and the table following it
    * applies up to the markers, then stops following.
    */
-  private async holdAndDrain(frozen: Map<string, Frozen>, steps: ReturnType<typeof stepTimer>): Promise<void> {
+  private async holdAndDrain(frozen: Map<string, Frozen>, steps: ReturnType<typeof stepTimer>, onHeld: () => void): Promise<void> {
     await this.ctx.setRouting(this.name, 'WRITES_HELD');
+    onHeld(); // from here a failure must release the hold
     steps.mark('hold');
     await this.freezeAll(this.table, frozen);
     steps.mark('freeze');
@@ -353,8 +353,7 @@ export class MigrationRunner {
     const names = migrationTables(this.table.table, this.name);
     try {
       const steps = stepTimer(began);
-      held = true; // from the first publish on: a failure releases the hold
-      await this.holdAndDrain(frozen, steps);
+      await this.holdAndDrain(frozen, steps, () => (held = true));
       swapped = true;
       await Promise.all([...this.control.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
       steps.mark('swap');
