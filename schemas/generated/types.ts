@@ -318,10 +318,10 @@ export interface TopologyEvent {
   payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged } | { 'io.multigres.topology.ServingShardsChanged': ServingShardsChanged };
 }
 
-export type WorkflowType = 'MOVE_TABLES' | 'RESHARD';
+export type WorkflowType = 'MOVE_TABLES' | 'RESHARD' | 'MATERIALIZE';
 
 export interface WorkflowCreated {
-  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. */
+  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. MATERIALIZE (decision 0058): tables names the one target table, query defines it. */
   type: WorkflowType;
   sourceDatabase: string;
   targetDatabase: string;
@@ -331,6 +331,8 @@ export interface WorkflowCreated {
   sourceShards: null | Array<string>;
   /** RESHARD: the shards applied to; null: the target database's serving shards. */
   targetShards: null | Array<string>;
+  /** MATERIALIZE: the SELECT over one source table that defines the target table (decision 0058). */
+  query: null | string;
 }
 
 export type WorkflowAction = 'START' | 'STOP' | 'CANCEL' | 'SWITCH_READS' | 'SWITCH_TRAFFIC' | 'REVERSE_TRAFFIC' | 'COMPLETE';
