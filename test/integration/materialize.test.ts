@@ -9,7 +9,7 @@
  *   un-cancels it inserts it again;
  * - `totals`: count(*) and sum(amount) per customer of the orders not
  *   cancelled, one row per group on the shard its customer names.
- * After the writer stops, both targets equal the query computed here from the
+ * The materializer is killed (-9) and restarted in catch-up. After the writer stops, both targets equal the query computed here from the
  * source shards' rows; VDiff of the projection is clean; complete stops
  * following and leaves the table. Queries it cannot keep are refused at create.
  */
@@ -20,6 +20,7 @@ import path from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
+import { readPid } from '../../compose/supervise.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
 
@@ -185,7 +186,8 @@ test('Materialize from a sharded source under a writer: a copy sharded by anothe
   await sleep(1_000);
   const created = await mg('workflow', 'create', 'by_customer', '--type', 'materialize', '--source', 'src', '--target', 'dst', '--table', 'orders_by_customer', '--query', BY_CUSTOMER, '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr + created.stdout);
-  await mgOk('workflow', 'create', 'totals', '--type', 'materialize', '--source', 'src', '--target', 'dst', '--table', 'customer_totals', '--query', TOTALS);
+  const totals = await post({ name: 'totals', query: TOTALS });
+  assert.equal(totals.status, 201, JSON.stringify(totals.body));
   for (const name of ['by_customer', 'totals']) {
     await until(`${name} to copy and catch up`, 90_000, async () => (await api(`/v1/workflows/${name}`)).body.phase === 'RUNNING');
     const w = (await api(`/v1/workflows/${name}`)).body;
@@ -196,6 +198,14 @@ test('Materialize from a sharded source under a writer: a copy sharded by anothe
   assert.equal(vdiff.code, 0, vdiff.stdout + vdiff.stderr);
   t.diagnostic(`by_customer: ${vdiff.stdout.trim().split('\n').join(' | ')}`);
   assert.equal((await api('/v1/workflows/totals/switch-traffic', { method: 'POST' })).status, 409);
+
+  // kill -9 of the materializer in catch-up, the writer going on: the restarted one replays from its positions, and no change counts twice.
+  const applied = Number((await api('/v1/workflows/totals')).body.progress.eventsApplied);
+  process.kill(readPid(path.join(dataDir, 'run'), 'materializer')!, 'SIGKILL');
+  await sleep(1_000);
+  const again = await mg('cluster', 'up', ...cluster.flags);
+  assert.equal(again.code, 0, again.stderr + again.stdout);
+  await until('totals to apply changes again after the restart', 60_000, async () => Number((await api('/v1/workflows/totals')).body.progress?.eventsApplied ?? 0) > applied + 50);
 
   await sleep(1_000);
   writing = false;
