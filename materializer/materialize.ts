@@ -219,7 +219,8 @@ export class MaterializeShape implements ChangeShape {
       return { before, after };
     });
     const passing = await this.passing(rows);
-    const project = (row: Row) => Object.fromEntries(this.m.columns.map((c) => [c.name, c.kind === 'column' ? row[c.source] : c.kind === 'count' ? '1' : row[c.source]]));
+    // A target row, or an aggregate's contribution (the row counts 1, and its summed columns' values).
+    const project = (row: Row) => Object.fromEntries(this.m.columns.map((c) => [c.name, c.kind === 'count' ? '1' : row[c.source]]));
     return changes.map((c, i): Array<Op | 'truncate'> => {
       const { before, after } = at[i];
       if (c.op === 't') return ['truncate'];
