@@ -11,11 +11,11 @@
  * stream position, so a replay never counts twice.
  */
 import type pg from 'pg';
-import type { VSchema } from '../schemas/index.ts';
+import type { KeyRange, VDiffTable, VSchema } from '../schemas/index.ts';
 import type { ChangeShape, Op } from './apply.ts';
 import type { Change, Row } from './changes.ts';
 import { parseMaterializeQuery, QueryError, queryParserReady, type MaterializeQuery, type OutputColumn } from './query.ts';
-import { deleteSql, describeColumns, quoteIdent, splitName, vindexOf, WorkflowError, type Column, type MovedTable } from './tables.ts';
+import { deleteSql, describeColumns, keyText, pageSql, quoteIdent, rowText, shardOfRow, splitName, vindexOf, WorkflowError, type Column, type MovedTable } from './tables.ts';
 
 type Side = { database: string; vschema: VSchema | undefined };
 type Delta = Extract<Op, { kind: 'delta' }>;
@@ -144,30 +144,77 @@ export function snapshotPoint(snapshot: string, lsn: bigint): SnapshotPoint {
 /** The positions-table topic that marks a source shard's aggregate copy on a target shard (decision 0058). */
 export const copyMarkerTopic = (sourceShard: string) => `copy/${sourceShard}`;
 
-/**
- * Adds signed contributions to their groups: one INSERT ... ON CONFLICT DO UPDATE adding to count and sums
- * (the batch summed per group first), then the groups whose count reached 0 are deleted.
- */
-export async function applyDeltas(client: pg.Client, t: MovedTable, columns: OutputColumn[], deltas: Delta[]): Promise<void> {
+/** The contributions summed per group, as the target table's columns (the SELECT both applyDeltas and VDiff run). */
+function summedSql(t: MovedTable, columns: OutputColumn[], deltas: Delta[]): { text: string; values: unknown[] } {
   const values: unknown[] = t.columns.map((c) => deltas.map((d) => d.row[c.name] ?? null));
   values.push(deltas.map((d) => d.sign));
-  const sign = `$${values.length}::int[]`;
   const parts = t.columns.map((c, i) => {
     const kind = columns[i].kind;
     if (kind === 'column') return `c${i}::${c.type}`;
     return `sum(s * c${i}::${kind === 'count' ? 'bigint' : c.type})::${c.type}`;
   });
   const groups = t.columns.flatMap((c, i) => (t.key.includes(c.name) ? [String(i + 1)] : []));
+  return {
+    text: `SELECT ${parts.join(', ')} FROM unnest(${t.columns.map((_, i) => `$${i + 1}::text[]`).join(', ')}, $${values.length}::int[]) AS u(${t.columns.map((_, i) => `c${i}`).join(', ')}, s)
+      GROUP BY ${groups.join(', ')}`,
+    values,
+  };
+}
+
+/**
+ * Adds signed contributions to their groups: one INSERT ... ON CONFLICT DO UPDATE adding to count and sums
+ * (the batch summed per group first), then the groups whose count reached 0 are deleted.
+ */
+export async function applyDeltas(client: pg.Client, t: MovedTable, columns: OutputColumn[], deltas: Delta[]): Promise<void> {
+  const summed = summedSql(t, columns, deltas);
   const adds = t.columns.filter((c) => !t.key.includes(c.name)).map((c) => `${quoteIdent(c.name)} = ${t.sql}.${quoteIdent(c.name)} + EXCLUDED.${quoteIdent(c.name)}`);
   await client.query({
     text: `INSERT INTO ${t.sql} (${t.columns.map((c) => quoteIdent(c.name)).join(', ')})
-      SELECT ${parts.join(', ')} FROM unnest(${t.columns.map((_, i) => `$${i + 1}::text[]`).join(', ')}, ${sign}) AS u(${t.columns.map((_, i) => `c${i}`).join(', ')}, s)
-      GROUP BY ${groups.join(', ')} ON CONFLICT (${t.key.map(quoteIdent).join(', ')}) DO UPDATE SET ${adds.join(', ')}`,
-    values,
+      ${summed.text} ON CONFLICT (${t.key.map(quoteIdent).join(', ')}) DO UPDATE SET ${adds.join(', ')}`,
+    values: summed.values,
   });
   const count = columns.find((c) => c.kind === 'count')!.name;
   const empty = deleteSql(t, deltas.map((d) => d.row));
   await client.query({ text: `${empty.text} AND ${t.sql}.${quoteIdent(count)} = 0`, values: empty.values });
+}
+
+/**
+ * VDiff of an aggregate: each source shard's groups read from its snapshot, merged per group (counts and sums
+ * added, by Postgres on the first source session), against the target shards' rows; a group is missing,
+ * extra (also: on a shard its vindex does not name) or different. The grouped results are held in memory.
+ */
+export async function diffGroups(m: Materialization, sources: pg.Client[], targets: Map<string, pg.Client>, ranges: KeyRange[]): Promise<VDiffTable> {
+  const t = m.target;
+  const out: VDiffTable = { table: `${t.schema}.${t.table}`, sourceRows: 0n, targetRows: 0n, missing: 0n, extra: 0n, different: 0n, examples: [] };
+  const example = (text: string) => void (out.examples.length < 5 && out.examples.push(text));
+  const partial: Delta[] = [];
+  for (const source of sources) for (const row of (await source.query<Row>(groupedSql(m))).rows) partial.push({ kind: 'delta', row, sign: 1 });
+  const merged = partial.length ? (await sources[0].query<Row>(summedSql(t, m.columns, partial))).rows : [];
+  const want = new Map(merged.map((row) => [keyText(t, row), row]));
+  out.sourceRows = BigInt(want.size);
+  for (const [shard, client] of targets) {
+    for (const row of (await client.query<Row>(pageSql(t, null, 0))).rows) {
+      out.targetRows++;
+      const k = keyText(t, row);
+      const home = shardOfRow(t, row, ranges);
+      const source = want.get(k);
+      if (shard !== home || !source) {
+        out.extra++;
+        example(`extra on ${shard}${source ? ` (its vindex names ${home})` : ''}: key ${k}`);
+      } else {
+        want.delete(k);
+        if (rowText(t, row) !== rowText(t, source)) {
+          out.different++;
+          example(`different on ${home}: key ${k}: source ${rowText(t, source)}, target ${rowText(t, row)}`);
+        }
+      }
+    }
+  }
+  for (const [k, row] of want) {
+    out.missing++;
+    example(`missing on ${shardOfRow(t, row, ranges)}: key ${k}`);
+  }
+  return out;
 }
 
 /**

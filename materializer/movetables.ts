@@ -22,7 +22,7 @@ import type { ShardMap } from './shards.ts';
 import { createTableSql, describeTable, shardOfRow, WorkflowError, type MovedTable } from './tables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
 import { diffTable, type SourceSnapshot } from './vdiff.ts';
-import { applyDeltas, copyMarkerTopic, describeMaterialization, groupedSql, MaterializeShape, projectionRelation, type Materialization } from './materialize.ts';
+import { applyDeltas, copyMarkerTopic, describeMaterialization, diffGroups, groupedSql, MaterializeShape, projectionRelation, type Materialization } from './materialize.ts';
 
 export interface RunnerContext {
   eventLog: EventLog;
@@ -430,6 +430,10 @@ export class MoveTablesRunner {
       const snapshotsMs = Date.now() - began;
       const out: VDiffTable[] = [];
       for (const t of this.tables) {
+        if (this.mat?.aggregate) {
+          out.push(await diffGroups(this.mat, [...sourceSnaps.values()], targetSnaps, this.ranges));
+          continue;
+        }
         // A Materialize's projection compares its query's rows on the source; the target's rows carry the source vindex column under its output name.
         const relation = this.mat ? projectionRelation(this.mat) : t;
         const sources: SourceSnapshot[] = [...sourceSnaps].map(([shard, client]) => ({

@@ -18,7 +18,6 @@ import { freshStatus, MoveTablesRunner } from './movetables.ts';
 import { ShardMap } from './shards.ts';
 import { retireSource } from './switch.ts';
 import { describeMaterialization, type Materialization } from './materialize.ts';
-import { parseMaterializeQuery, queryParserReady } from './query.ts';
 import { primaryVindex, quoteIdent, splitName, WorkflowError } from './tables.ts';
 
 /** A request the API refuses: the HTTP status and why. */
@@ -287,9 +286,6 @@ export class Materializer {
   async requestVDiff(name: string): Promise<string> {
     const rec = this.get(name);
     if (rec.status?.phase !== 'RUNNING') throw new RequestError(409, `workflow ${name} is ${rec.status?.phase ?? 'not started'}: VDiff runs during catch-up`);
-    if (rec.definition.type === 'MATERIALIZE' && (await parsedQuery(rec.definition.query!)).groupBy) {
-      throw new RequestError(409, `workflow ${name} is an aggregate Materialize: VDiff compares row by row and is not built for grouped results yet (compare with the query run on the source)`);
-    }
     const id = randomUUID();
     await this.publish(name, workflowPayload('VDiffRequested', { id }));
     return id;
@@ -459,12 +455,6 @@ export class Materializer {
     await r.stop('CANCELLED', 'cancelled; rows copied so far are left on the target');
     await r.close();
   }
-}
-
-/** A workflow's query, parsed (it was checked at create time). */
-async function parsedQuery(sql: string) {
-  await queryParserReady;
-  return parseMaterializeQuery(sql);
 }
 
 /** `n` of the ranges that tile the keyspace from `from` to its end, each starting where the one before ends, in key order; undefined when none do. */

@@ -10,7 +10,8 @@
  * - `totals`: count(*) and sum(amount) per customer of the orders not
  *   cancelled, one row per group on the shard its customer names.
  * The materializer is killed (-9) and restarted in catch-up. After the writer stops, both targets equal the query computed here from the
- * source shards' rows; VDiff of the projection is clean; complete stops
+ * source shards' rows; VDiff of both is clean, and finds a group changed
+ * behind its back; complete stops
  * following and leaves the table. Queries it cannot keep are refused at create.
  */
 import assert from 'node:assert/strict';
@@ -194,7 +195,7 @@ test('Materialize from a sharded source under a writer: a copy sharded by anothe
     t.diagnostic(`${name}: copied ${w.progress.rowsCopied} rows (${w.progress.tables.map((e: any) => `${e.rowsCopied} from ${e.shard}`).join(', ')})`);
   }
   await until('catch-up to apply the writer\'s changes', 30_000, async () => Number((await api('/v1/workflows/totals')).body.progress.eventsApplied) > 100);
-  const vdiff = await mg('workflow', 'vdiff', 'by_customer', '--data-dir', dataDir);
+  const vdiff = await mg('workflow', 'vdiff', 'by_customer', '--data-dir', dataDir); // the aggregate's after the writer stopped
   assert.equal(vdiff.code, 0, vdiff.stdout + vdiff.stderr);
   t.diagnostic(`by_customer: ${vdiff.stdout.trim().split('\n').join(' | ')}`);
   assert.equal((await api('/v1/workflows/totals/switch-traffic', { method: 'POST' })).status, 409);
@@ -224,6 +225,19 @@ test('Materialize from a sharded source under a writer: a copy sharded by anothe
     assert.deepEqual(got.byCustomer, want.byCustomer, 'orders_by_customer');
   });
   t.diagnostic(`targets equal the source's query ${Date.now() - began} ms after the writer stopped: ${want.byCustomer.size} orders, ${want.totals.size} customers`);
+
+  // VDiff of the aggregate: the source shards' groups merged against the target; clean, then a group changed behind its back is found.
+  const clean = await mg('workflow', 'vdiff', 'totals', '--data-dir', dataDir);
+  assert.equal(clean.code, 0, clean.stdout + clean.stderr);
+  assert.match(clean.stdout, /source 40 rows, target 40; missing 0, extra 0, different 0/);
+  const tampered = await direct('dst', homeOf('5'));
+  await tampered.query('UPDATE customer_totals SET total = total + 1 WHERE customer_id = 5');
+  const found = await mg('workflow', 'vdiff', 'totals', '--data-dir', dataDir);
+  assert.equal(found.code, 1, found.stdout + found.stderr);
+  assert.match(found.stdout, /missing 0, extra 0, different 1\n.*different on .*key \["5"\]/);
+  t.diagnostic(`totals: ${found.stdout.trim().split('\n').join(' | ')}`);
+  await tampered.query('UPDATE customer_totals SET total = total - 1 WHERE customer_id = 5');
+  await tampered.end();
 
   // complete: the table stays, nothing follows the source any more.
   const complete = await mg('workflow', 'complete', 'totals', '--data-dir', dataDir);
