@@ -150,8 +150,8 @@ function summedSql(t: MovedTable, columns: OutputColumn[], deltas: Delta[]): { t
   values.push(deltas.map((d) => d.sign));
   const parts = t.columns.map((c, i) => {
     const kind = columns[i].kind;
-    if (kind === 'column') return `c${i}::${c.type}`;
-    return `sum(s * c${i}::${kind === 'count' ? 'bigint' : c.type})::${c.type}`;
+    const value = kind === 'column' ? `c${i}::${c.type}` : `sum(s * c${i}::${kind === 'count' ? 'bigint' : c.type})::${c.type}`;
+    return `${value} AS ${quoteIdent(c.name)}`;
   });
   const groups = t.columns.flatMap((c, i) => (t.key.includes(c.name) ? [String(i + 1)] : []));
   return {
