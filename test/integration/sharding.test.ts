@@ -492,8 +492,10 @@ test('postgres.js (extended protocol, and simple) gets the same answers, and por
 
 test('a scatter read larger than memory streams: a client that reads nothing holds the shards\' backends, not the gateway\'s memory', async () => {
   await gw.query('CREATE TABLE blobs (id bigint PRIMARY KEY, pad text NOT NULL)');
-  const ROWS = 20_000;
-  const PAD = 10_000; // 200 MB in all
+  // 600 MB: well beyond what the socket buffers between Postgres, the poolers, the gateway and the client can take
+  // (Linux grows loopback receive buffers up to 32 MB each), so the shards cannot finish unless the gateway reads them.
+  const ROWS = 60_000;
+  const PAD = 10_000;
   for (let first = 1; first <= ROWS; first += 500) {
     const values = Array.from({ length: 500 }, (_, i) => `(${first + i}, repeat('x', ${PAD}))`).join(', ');
     await gw.query(`INSERT INTO blobs (id, pad) VALUES ${values}`);
