@@ -18,7 +18,7 @@ export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefi
   return json({
     name: rec.name, type: rec.definition.type, source: rec.definition.sourceDatabase, target: rec.definition.targetDatabase,
     sourceShards: rec.definition.sourceShards, targetShards: rec.definition.targetShards,
-    tables: rec.definition.tables, createdAt: rec.createdAt, command: rec.action, routing: routing ?? null,
+    tables: rec.definition.tables, query: rec.definition.query, createdAt: rec.createdAt, command: rec.action, routing: routing ?? null,
     phase: s?.phase ?? 'PENDING', message: s?.message ?? null, updatedAt: rec.statusAt ?? null,
     progress: {
       rowsCopied: s?.rowsCopied ?? 0n, rowsPerSecond: s?.copyRowsPerSecond ?? 0, etaSeconds: s?.etaSeconds ?? null,
@@ -30,8 +30,11 @@ export function workflowView(rec: WorkflowRecord, routing: RoutingState | undefi
   });
 }
 
-/** POST /v1/workflows: a MoveTables (source, target, tables) or a Reshard (database, toShards). */
-type Create = { name: string; type?: 'movetables' | 'reshard'; source?: string; target?: string; tables?: string[]; database?: string; toShards?: number };
+/** POST /v1/workflows: a MoveTables (source, target, tables), a Reshard (database, toShards) or a Materialize (source, target, table, query). */
+type Create = {
+  name: string; type?: 'movetables' | 'reshard' | 'materialize'; source?: string; target?: string; tables?: string[]; database?: string; toShards?: number;
+  table?: string; query?: string;
+};
 
 const nameParams = { type: 'object', properties: { name: { type: 'string' } }, required: ['name'] };
 
@@ -52,16 +55,23 @@ export async function serveApi(m: Materializer, port: number, healthy: () => boo
       body: {
         type: 'object', additionalProperties: false, required: ['name'],
         properties: {
-          name: { type: 'string' }, type: { enum: ['movetables', 'reshard'] },
+          name: { type: 'string' }, type: { enum: ['movetables', 'reshard', 'materialize'] }, table: { type: 'string', minLength: 1 }, query: { type: 'string', minLength: 1 },
           source: { type: 'string' }, target: { type: 'string' }, tables: { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1 },
           database: { type: 'string' }, toShards: { type: 'integer', minimum: 1 },
         },
       },
     },
   }, async (req, reply) => {
-    const { name, type, source, target, tables, database, toShards } = req.body;
+    const { name, type, source, target, tables, database, toShards, table, query } = req.body;
     let rec: WorkflowRecord;
-    if (type === 'reshard') {
+    if (type === 'materialize') {
+      if (source === undefined || target === undefined || table === undefined || query === undefined || tables || database || toShards) {
+        throw new RequestError(400, 'a Materialize takes source, target, table and query (not tables, database or toShards)');
+      }
+      rec = await m.createMaterialize({ name, sourceDatabase: source, targetDatabase: target, table, query });
+    } else if (table !== undefined || query !== undefined) {
+      throw new RequestError(400, 'table and query are for a Materialize (type materialize)');
+    } else if (type === 'reshard') {
       if (database === undefined || toShards === undefined || source || target || tables) throw new RequestError(400, 'a reshard takes database and toShards (not source, target or tables)');
       rec = await m.createReshard({ name, database, toShards });
     } else {

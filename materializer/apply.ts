@@ -79,12 +79,40 @@ export interface BatchResult {
   reachedBarrier: boolean;
 }
 
-type Op = { kind: 'upsert'; row: Row } | { kind: 'delete'; key: Row };
 /**
- * A shard's ops in order, as runs between truncates; within a run only each key's last op matters.
+ * What a change does to the applying table: a whole row written, a row deleted by key, or (an aggregate
+ * Materialize, decision 0058) a group's count and sums moved by a signed contribution.
+ */
+export type Op = { kind: 'upsert'; row: Row } | { kind: 'delete'; key: Row } | { kind: 'delta'; row: Row; sign: 1 | -1 };
+
+/**
+ * How a Materialize turns source changes into ops on its target table (decision 0058); MoveTables applies
+ * each change as it is (changeOps).
+ */
+export interface ChangeShape {
+  /** Each change's ops, in order ('truncate': the table empties); a whole batch at once (its filter is one query). */
+  opsOf(changes: Change[]): Promise<Array<Array<Op | 'truncate'>>>;
+  /** Whether a change still applies on a target shard (an aggregate's copy counted it there already: not). */
+  appliesOn(shard: string, change: Change): boolean;
+  /** The ops of one run on a target shard, after the run's deletes and upserts (an aggregate's deltas). */
+  applyDeltas(client: pg.Client, deltas: Array<Extract<Op, { kind: 'delta' }>>): Promise<void>;
+}
+
+/** A change as MoveTables applies it: creates, updates and snapshot reads upsert the whole row, deletes by key. */
+export function changeOps(change: Change): Array<Op | 'truncate'> {
+  switch (change.op) {
+    case 't': return ['truncate'];
+    case 'd': return [{ kind: 'delete', key: change.before! }];
+    default: return [{ kind: 'upsert', row: change.after! }];
+  }
+}
+
+/**
+ * A shard's ops in order, as runs between truncates; within a run only each key's last op matters, except
+ * deltas, which add up.
  * `truncate`: the run starts by emptying the table (true), or only of the rows a streaming shard held (its name).
  */
-type Segment = { truncate: boolean | string; ops: Map<string, Op> };
+type Segment = { truncate: boolean | string; ops: Map<string, Op>; deltas: Array<Extract<Op, { kind: 'delta' }>> };
 
 export class TableApplier {
   /** Per target shard, per partition. */
@@ -108,6 +136,7 @@ export class TableApplier {
      * and a change of a row outside its shard's key range (keyspace-id filter) is not applied.
      */
     private readonly stream?: StreamShards,
+    private readonly shape?: ChangeShape,
   ) {}
 
   /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
@@ -136,12 +165,13 @@ export class TableApplier {
 
   /** Applies one fetched batch of a partition on every target shard (one transaction each, with the position). */
   async applyBatch(partition: number, messages: RawMessage[], barrier?: Barrier): Promise<BatchResult> {
-    const segments = new Map<string, Segment[]>([...this.targets.keys()].map((s) => [s, [{ truncate: false, ops: new Map() }]]));
+    const segments = new Map<string, Segment[]>([...this.targets.keys()].map((s) => [s, [{ truncate: false, ops: new Map(), deltas: [] }]]));
     const newApplied = new Map<string, Map<string, Tuple>>([...this.targets.keys()].map((s) => [s, new Map()]));
     let lastOffset: bigint | undefined;
     let applied = 0;
     let lastCommitMs: number | undefined;
     const maxLsn = new Map<string, bigint>();
+    const changes: Change[] = [];
     for (const m of messages) {
       let change: Change | undefined;
       if (barrier?.reached(partition)) break;
@@ -149,16 +179,26 @@ export class TableApplier {
       lastOffset = BigInt(m.offset);
       if (!change) continue; // a tombstone: the delete before it did the work
       if (barrier?.holds(partition, change, lastOffset)) continue;
+      if (change.unavailable.length) {
+        throw new WorkflowError(`${this.table.table} at offset ${m.offset}: an update left TOASTed columns (${change.unavailable.join(', ')}) unsent; set REPLICA IDENTITY FULL on the source table`);
+      }
+      changes.push(change);
+    }
+    const inShard = changes.filter((c) => !this.outsideItsShard(c));
+    const ops = this.shape ? await this.shape.opsOf(inShard) : inShard.map(changeOps);
+    const opsOf = new Map(inShard.map((c, i) => [c, ops[i]]));
+    for (const change of changes) {
       if (change.commitLsn > (maxLsn.get(change.sourceShard) ?? 0n)) maxLsn.set(change.sourceShard, change.commitLsn);
       const tuple: Tuple = [change.epoch, change.commitLsn, change.position];
       let taken = false;
-      for (const [shard, op] of this.routes(change, m)) {
+      for (const [shard, op] of (opsOf.get(change) ?? []).flatMap((o) => this.place(o))) {
         const held = newApplied.get(shard)!.get(change.sourceShard) ?? this.positions.get(shard)?.get(partition)?.applied.get(change.sourceShard);
         if (!after(tuple, held)) continue; // applied before (a redelivery or a replay)
+        if (this.shape && !this.shape.appliesOn(shard, change)) continue;
         taken = true;
-        newApplied.get(shard)!.set(change.sourceShard, tuple);
         const runs = segments.get(shard)!;
-        if (op === 'truncate') runs.push({ truncate: this.stream ? change.sourceShard : true, ops: new Map() });
+        if (op === 'truncate') runs.push({ truncate: this.stream ? change.sourceShard : true, ops: new Map(), deltas: [] });
+        else if (op.kind === 'delta') runs[runs.length - 1].deltas.push(op);
         else {
           const row = op.kind === 'upsert' ? op.row : op.key;
           runs[runs.length - 1].ops.set(keyText(this.table, row), op);
@@ -188,29 +228,23 @@ export class TableApplier {
     return { applied, lastCommitMs, reachedBarrier };
   }
 
-  /** Which shards a change touches, and how. */
-  private routes(change: Change, m: RawMessage): Array<[string, Op | 'truncate']> {
+  /** Which shards an op touches, and how. */
+  private place(op: Op | 'truncate'): Array<[string, Op | 'truncate']> {
     const t = this.table;
     const all = [...this.targets.keys()];
-    if (change.unavailable.length) {
-      throw new WorkflowError(`${t.table} at offset ${m.offset}: an update left TOASTed columns (${change.unavailable.join(', ')}) unsent; set REPLICA IDENTITY FULL on the source table`);
-    }
-    if (this.outsideItsShard(change)) return [];
-    switch (change.op) {
-      case 't':
-        // From the unsharded source: the table empties everywhere. From a target shard (reverse): that shard's rows (see commit).
-        return all.map((s) => [s, 'truncate']);
-      case 'd': {
-        const key = change.before!;
-        if (vindexInKey(t)) return [[shardOfRow(t, key, this.ranges), { kind: 'delete', key }]];
-        return all.map((s) => [s, { kind: 'delete', key }]);
-      }
-      default: {
-        const row = change.after!;
-        const home = shardOfRow(t, row, this.ranges);
-        const out: Array<[string, Op]> = [[home, { kind: 'upsert', row }]];
+    // From the unsharded source: the table empties everywhere. From a target shard (reverse): that shard's rows (see commit).
+    if (op === 'truncate') return all.map((s) => [s, op]);
+    switch (op.kind) {
+      case 'delete':
+        if (vindexInKey(t)) return [[shardOfRow(t, op.key, this.ranges), op]];
+        return all.map((s) => [s, op]);
+      case 'delta':
+        return [[shardOfRow(t, op.row, this.ranges), op]];
+      case 'upsert': {
+        const home = shardOfRow(t, op.row, this.ranges);
+        const out: Array<[string, Op]> = [[home, op]];
         // A vindex column outside the key can change in an update: the row's old copy may be on another shard.
-        if (!vindexInKey(t)) for (const s of all) if (s !== home) out.push([s, { kind: 'delete', key: row }]);
+        if (!vindexInKey(t)) for (const s of all) if (s !== home) out.push([s, { kind: 'delete', key: op.row }]);
         return out;
       }
     }
@@ -229,6 +263,7 @@ export class TableApplier {
         const upserts = ops.flatMap((o) => (o.kind === 'upsert' ? [o.row] : []));
         if (deletes.length) await client.query(deleteSql(this.table, deletes));
         if (upserts.length) await client.query(upsertSql(this.table, upserts));
+        if (run.deltas.length) await this.shape!.applyDeltas(client, run.deltas);
       }
       await client.query(
         `INSERT INTO mg_materializer.positions (workflow, topic, kafka_partition, kafka_offset, applied) VALUES ($1, $2, $3, $4, $5::jsonb)

@@ -7,6 +7,8 @@
  * snapshot a page came from, the replay brings each row to its latest state.
  * A sharded source is copied shard by shard, each from its own snapshot, and
  * `keep` (the keyspace-id filter) leaves out rows outside the shard's range.
+ * A Materialize's projection reads `read` (its query's rows) instead of the
+ * table itself (decision 0058).
  */
 import type pg from 'pg';
 import type { KeyRange } from '../schemas/index.ts';
@@ -18,15 +20,17 @@ export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
 /**
  * Copies `t` from after `from.lastKey` to its end; `onPage` runs after each
  * page is on every target shard, and may stop the copy by returning false.
+ * `read`: the relation read, when it is not `t` itself (a Materialize's query);
  * `into`: the table written, when it is not `t` itself (an online migration's
  * shadow table: the columns it takes, by name, with its types).
  */
 export async function copyTable(
   source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, from: CopyPosition, pageRows: number,
-  onPage: (p: CopyPosition, rows: number) => Promise<boolean>, keep: (row: Row) => boolean = () => true, into: MovedTable = t,
+  onPage: (p: CopyPosition, rows: number) => Promise<boolean>, keep: (row: Row) => boolean = () => true,
+  { read: relation = t, into = t }: { read?: MovedTable; into?: MovedTable } = {},
 ): Promise<CopyPosition> {
   let pos = from;
-  const read = (after: string[] | null) => source.query<Row>(pageSql(t, after, pageRows)).then((r) => r.rows);
+  const read = (after: string[] | null) => source.query<Row>(pageSql(relation, after, pageRows)).then((r) => r.rows);
   // The next page is read while this one is written: the source and the targets work at the same time.
   let reading: Promise<Row[]> | undefined = read(pos.lastKey);
   try {

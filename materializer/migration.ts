@@ -20,7 +20,7 @@ import { dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
 import { copyTable } from './copy.ts';
 import { freshStatus, offsetsOf, type RunnerContext } from './movetables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
-import { describeColumns, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
+import { describeColumns, keyed, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
 
 const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
 const lag = gauge('mg_materializer_lag_seconds', 'Age of the oldest change not applied yet (0 when caught up)', ['workflow']);
@@ -59,7 +59,7 @@ export function migrationTables(table: string, workflow: string): { shadow: stri
 export async function createShadow(client: pg.Client, alter: ParsedAlter, shadow: string) {
   const table = `${quoteIdent(alter.schema)}.${quoteIdent(alter.table)}`;
   const into = `${MIGRATION_SCHEMA}.${quoteIdent(shadow)}`;
-  const old = await describeColumns(client, alter.schema, alter.table);
+  const old = keyed(await describeColumns(client, `${alter.schema}.${alter.table}`));
   const { rows: [info] } = await client.query<{ owner: string; fks: string; triggers: string; identity: string }>(`
     SELECT pg_get_userbyid(c.relowner) AS owner,
            (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND (conrelid = c.oid OR confrelid = c.oid)) AS fks,
@@ -72,7 +72,7 @@ export async function createShadow(client: pg.Client, alter: ParsedAlter, shadow
   await client.query(`CREATE TABLE ${into} (LIKE ${table} INCLUDING ALL)`);
   await client.query(forTable(alter, into));
   await client.query(`ALTER TABLE ${into} OWNER TO ${quoteIdent(info.owner)}`);
-  const created = await describeColumns(client, MIGRATION_SCHEMA, shadow);
+  const created = keyed(await describeColumns(client, `${MIGRATION_SCHEMA}.${shadow}`));
   if (created.key.join() !== old.key.join()) throw new WorkflowError(`the ALTER changes the primary key of ${alter.table} (${old.key.join(', ')}): not supported online`);
   return { old, shadow: created };
 }
@@ -149,7 +149,7 @@ export class MigrationRunner {
       }
     }
     const described = async (s: string, t: string) => {
-      const { columns, key } = await describeColumns(first, s, t);
+      const { columns, key } = keyed(await describeColumns(first, `${s}.${t}`));
       this.vindex ??= this.vindexOf(key);
       return { schema: s, table: t, sql: `${quoteIdent(s)}.${quoteIdent(t)}`, columns, key, vindex: this.vindex };
     };
@@ -223,7 +223,7 @@ export class MigrationRunner {
           await published;
           await this.throttle(shard);
           return !this.stopping;
-        }, keep, this.shadow);
+        }, keep, { into: this.shadow });
         if (!this.stopping) entry.done = true;
       } finally {
         await reader.end().catch(() => {});
@@ -305,7 +305,7 @@ export class MigrationRunner {
       writeGap.set({ workflow: this.name }, gapMs / 1000);
       this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration cut over');
       this.old = { ...this.table, schema: MIGRATION_SCHEMA, table: names.old, sql: `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}` };
-      this.table = { ...this.shadow, schema: this.table.schema, table: this.table.table, sql: this.table.sql, columns: (await describeColumns(this.clients.values().next().value!, this.table.schema, this.table.table)).columns };
+      this.table = { ...this.shadow, schema: this.table.schema, table: this.table.table, sql: this.table.sql, columns: (await describeColumns(this.clients.values().next().value!, `${this.table.schema}.${this.table.table}`)).columns };
       this.old.columns = mappedColumns(this.table.columns, this.old.columns);
       await this.publishStatus({ phase: 'SWITCHED', message: `cut over; writes held ${gapMs} ms`, reverseOffsets, switchedAt: new Date(), eventsApplied: 0n, lagSeconds: 0 });
       await this.follow(this.old, reverseOffsets);

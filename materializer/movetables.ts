@@ -22,6 +22,7 @@ import type { ShardMap } from './shards.ts';
 import { createTableSql, describeTable, shardOfRow, WorkflowError, type MovedTable } from './tables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
 import { diffTable, type SourceSnapshot } from './vdiff.ts';
+import { applyDeltas, copyMarkerTopic, describeMaterialization, diffGroups, groupedSql, MaterializeShape, projectionRelation, type Materialization } from './materialize.ts';
 
 export interface RunnerContext {
   eventLog: EventLog;
@@ -77,6 +78,8 @@ export class MoveTablesRunner {
   private behind = new Set<string>();
   private vdiffRunning = false;
   private switching = false;
+  /** A Materialize's query and target table (decision 0058); undefined for MoveTables and Reshard. */
+  private mat: Materialization | undefined;
   /** Settles when the run has ended (stopped or failed). */
   readonly done: Promise<void>;
   private finish!: () => void;
@@ -130,14 +133,22 @@ export class MoveTablesRunner {
     await this.connectTargets();
     const side = (database: string) => ({ database, vschema: this.ctx.shards.state.vschemas.get(database)?.vschema });
     const first = this.sources.get(this.sourceRanges[0].shard)!;
-    for (const name of def.tables) this.tables.push(await describeTable(first, name, side(def.targetDatabase), this.shardedSource ? side(def.sourceDatabase) : undefined));
+    if (def.type === 'MATERIALIZE') {
+      // Checked on every source shard (each must have the columns, and REPLICA IDENTITY FULL for an aggregate).
+      for (const client of this.sources.values()) {
+        this.mat = await describeMaterialization(client, def.query!, def.tables[0], side(def.targetDatabase), this.shardedSource ? side(def.sourceDatabase) : undefined);
+      }
+      this.tables.push(this.mat!.target);
+    } else {
+      for (const name of def.tables) this.tables.push(await describeTable(first, name, side(def.targetDatabase), this.shardedSource ? side(def.sourceDatabase) : undefined));
+    }
     for (const client of this.targets.values()) {
       await ensurePositionsTable(client);
       for (const t of this.tables) await client.query(createTableSql(t));
     }
-    // The rule exists from the start (serving from the source), so clients' sessions route by it before any switch.
-    if (this.ctx.routing(this.name) === undefined) await this.ctx.setRouting(this.name, 'SOURCE');
-    const topicsOf = (database: string) => this.tables.map((t) => tableTopic({ topicPrefix: this.ctx.cdcTopicPrefix(database), database }, t.schema, t.table));
+    // The rule exists from the start (serving from the source), so clients' sessions route by it before any switch; a Materialize switches nothing.
+    if (!this.mat && this.ctx.routing(this.name) === undefined) await this.ctx.setRouting(this.name, 'SOURCE');
+    const topicsOf = (database: string) => (this.mat ? [this.mat.source] : this.tables).map((t) => tableTopic({ topicPrefix: this.ctx.cdcTopicPrefix(database), database }, t.schema, t.table));
     this.topics = topicsOf(def.sourceDatabase);
     this.reverseTopics = topicsOf(def.targetDatabase);
 
@@ -204,8 +215,16 @@ export class MoveTablesRunner {
         for (const entry of this.status.tables.filter((e) => (e.shard ?? shard) === shard)) {
           if (entry.done) continue;
           const t = this.tables.find((x) => `${x.schema}.${x.table}` === entry.table)!;
-          entry.rowsEstimated = BigInt((await source.query<{ n: string }>(`SELECT count(*) AS n FROM ${t.sql}`)).rows[0].n);
-          await copyTable(source, this.targets, this.ranges, t, {
+          // A Materialize reads its query's rows: a projection's page by page, an aggregate's groups at once.
+          const relation = this.mat && !this.mat.aggregate ? projectionRelation(this.mat) : t;
+          const counted = this.mat?.aggregate ? `(${groupedSql(this.mat)}) AS _mg_groups` : relation.sql;
+          entry.rowsEstimated = BigInt((await source.query<{ n: string }>(`SELECT count(*) AS n FROM ${counted}`)).rows[0].n);
+          if (this.mat?.aggregate) {
+            const groups = await this.copyGroups(source, shard);
+            entry.rowsCopied = BigInt(groups);
+            copiedNow += groups;
+            await publish(() => ({ rowsCopied: this.status.rowsCopied + BigInt(groups) }));
+          } else await copyTable(source, this.targets, this.ranges, t, {
             lastKey: entry.lastKey ? JSON.parse(entry.lastKey) : null, rowsCopied: Number(entry.rowsCopied),
           }, this.ctx.pageRows, async (pos, rows) => {
             copiedNow += rows;
@@ -217,7 +236,7 @@ export class MoveTablesRunner {
               return { rowsCopied: this.status.rowsCopied + BigInt(rows), copyRowsPerSecond: rate, etaSeconds: rate > 0 ? left / rate : null };
             });
             return !this.stopping;
-          }, this.belongs(t, shard));
+          }, this.belongs(relation, shard), { read: relation });
           await published;
           if (this.stopping) return;
           entry.done = true;
@@ -235,10 +254,49 @@ export class MoveTablesRunner {
     if (failed) throw failed.reason;
   }
 
+  /**
+   * An aggregate Materialize's copy from one source shard (decision 0058): its groups in the copy snapshot,
+   * added on each target shard in one transaction with a marker holding where the snapshot was taken
+   * (catch-up skips the changes it holds). A target shard with the marker already is skipped (a restart).
+   */
+  private async copyGroups(source: pg.Client, shard: string): Promise<number> {
+    const mat = this.mat!;
+    const { rows: [point] } = await source.query<{ snapshot: string; lsn: string }>("SELECT pg_current_snapshot()::text AS snapshot, (pg_current_wal_lsn() - '0/0'::pg_lsn)::text AS lsn");
+    const groups = (await source.query<Row>(groupedSql(mat))).rows;
+    const marker = copyMarkerTopic(shard);
+    await Promise.all([...this.targets].map(async ([target, client]) => {
+      try {
+        await client.query('BEGIN');
+        const done = await client.query('SELECT 1 FROM mg_materializer.positions WHERE workflow = $1 AND topic = $2', [this.name, marker]);
+        const mine = groups.filter((g) => shardOfRow(mat.target, g, this.ranges) === target);
+        if (done.rowCount === 0) {
+          if (mine.length) await applyDeltas(client, mat.target, mat.columns, mine.map((row) => ({ kind: 'delta', row, sign: 1 })));
+          await client.query(
+            'INSERT INTO mg_materializer.positions (workflow, topic, kafka_partition, kafka_offset, applied) VALUES ($1, $2, 0, 0, $3::jsonb)',
+            [this.name, marker, JSON.stringify(point)]);
+        }
+        await client.query('COMMIT');
+      } catch (err) {
+        await client.query('ROLLBACK').catch(() => {});
+        throw new WorkflowError(`copying the groups of ${mat.source.table} from ${shard} to target shard ${target}: ${(err as Error).message}`);
+      }
+    }));
+    return groups.length;
+  }
+
   /** The keyspace-id filter of a sharded source's shard: whether a row of `t` read there is the shard's (a row left behind outside its range is not). */
   private belongs(t: MovedTable, shard: string): (row: Row) => boolean {
     const vindex = t.sourceVindex;
     return vindex ? (row) => shardOfRow(t, row, this.sourceRanges, vindex) === shard : () => true;
+  }
+
+  /** A Materialize's keyspace-id filter of a sharded source's shard on target rows: by the output column holding the source vindex column. */
+  private belongsTarget(shard: string): (row: Row) => boolean {
+    const v = this.mat!.source.sourceVindex;
+    if (!v) return () => true;
+    const out = this.mat!.columns.find((c) => c.kind === 'column' && c.source === v.column);
+    if (!out) throw new WorkflowError(`VDiff of a Materialize from a sharded source needs the source's vindex column ${v.column} in the select list (it tells which source shard a target row comes from)`);
+    return (row) => shardOfRow(this.mat!.target, row, this.sourceRanges, { ...v, column: out.name }) === shard;
   }
 
   /**
@@ -250,9 +308,15 @@ export class MoveTablesRunner {
     this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
     this.behind.clear();
     // Forward, a sharded source's rows are filtered by its vindex; reverse, the source's vindex places them on its shards.
+    let shape: MaterializeShape | undefined;
+    if (this.mat) {
+      shape = new MaterializeShape(this.mat, this.sources.get(this.sourceRanges[0].shard)!);
+      await shape.loadCopied(this.name, this.targets);
+    }
+    const sourceVindex = (t: MovedTable) => (this.mat ? this.mat.source.sourceVindex : t.sourceVindex);
     this.appliers = this.tables.map((t, i) => (direction === 'forward'
       ? new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder,
-        t.sourceVindex && { ranges: this.sourceRanges, vindex: t.sourceVindex })
+        sourceVindex(t) && { ranges: this.sourceRanges, vindex: sourceVindex(t)! }, shape)
       : new TableApplier(this.name, t.sourceVindex ? { ...t, vindex: t.sourceVindex } : t, this.reverseTopics[i], this.sources, this.sourceRanges, this.ctx.decoder,
         { ranges: this.ranges, vindex: t.vindex })));
     const offsets = direction === 'forward' ? this.status.startOffsets : this.status.reverseOffsets;
@@ -366,8 +430,16 @@ export class MoveTablesRunner {
       const snapshotsMs = Date.now() - began;
       const out: VDiffTable[] = [];
       for (const t of this.tables) {
-        const sources: SourceSnapshot[] = [...sourceSnaps].map(([shard, client]) => ({ client, keep: this.belongs(t, shard) }));
-        out.push(await diffTable(sources, targetSnaps, this.ranges, t, this.ctx.vdiffRows, (n) => vdiffRows.inc({ workflow: this.name }, n)));
+        if (this.mat?.aggregate) {
+          out.push(await diffGroups(this.mat, [...sourceSnaps.values()], targetSnaps, this.ranges));
+          continue;
+        }
+        // A Materialize's projection compares its query's rows on the source; the target's rows carry the source vindex column under its output name.
+        const relation = this.mat ? projectionRelation(this.mat) : t;
+        const sources: SourceSnapshot[] = [...sourceSnaps].map(([shard, client]) => ({
+          client, keep: this.belongs(relation, shard), ...(this.mat ? { keepTarget: this.belongsTarget(shard) } : {}),
+        }));
+        out.push(await diffTable(sources, targetSnaps, this.ranges, t, this.ctx.vdiffRows, (n) => vdiffRows.inc({ workflow: this.name }, n), relation));
       }
       this.ctx.log.info({ workflow: this.name, vdiff: id, snapshotsMs, compareMs: Date.now() - began - snapshotsMs }, 'VDiff compared');
       return out;

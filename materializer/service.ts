@@ -20,6 +20,7 @@ import { createShadow, migrationTables, MigrationRunner } from './migration.ts';
 import { freshStatus, MoveTablesRunner, type RunnerContext } from './movetables.ts';
 import { ShardMap } from './shards.ts';
 import { retireSource } from './switch.ts';
+import { describeMaterialization, type Materialization } from './materialize.ts';
 import { primaryVindex, quoteIdent, splitName, WorkflowError } from './tables.ts';
 
 /** A request the API refuses: the HTTP status and why. */
@@ -119,7 +120,42 @@ export class Materializer {
     }
     const tables = req.tables.map((n) => { const s = splitName(n); return `${s.schema}.${s.table}`; });
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
-      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false,
+      type: 'MOVE_TABLES', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables, sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false, query: null,
+    }));
+    return this.workflows.get(req.name)!;
+  }
+
+  /**
+   * Validates and publishes a Materialize (decision 0058): the query is parsed and checked against the source's
+   * first shard (its columns, key, functions, replica identity), and the target table against the target's VSchema.
+   */
+  async createMaterialize(req: { name: string; sourceDatabase: string; targetDatabase: string; table: string; query: string }): Promise<WorkflowRecord> {
+    this.checkNewName(req.name);
+    const state = this.shards.state;
+    for (const db of [req.sourceDatabase, req.targetDatabase]) {
+      const rec = state.databases.get(db);
+      if (!rec || rec.dropped) throw new RequestError(404, `database ${db} does not exist`);
+    }
+    const { schema, table } = splitName(req.table);
+    if (INTERNAL_SCHEMAS.has(schema)) throw new RequestError(400, `table ${req.table}: schema ${schema} is internal to the project`);
+    const side = (database: string) => ({ database, vschema: state.vschemas.get(database)?.vschema });
+    const [first] = this.shards.ranges(req.sourceDatabase);
+    const source = await this.shards.connect(req.sourceDatabase, first.shard, `mg-materializer-${req.name}`);
+    let m: Materialization;
+    try {
+      m = await describeMaterialization(source, req.query, req.table, side(req.targetDatabase), state.databases.get(req.sourceDatabase)!.sharded ? side(req.sourceDatabase) : undefined);
+    } catch (err) {
+      if (err instanceof WorkflowError) throw new RequestError(400, err.message);
+      throw err;
+    } finally {
+      await source.end().catch(() => {});
+    }
+    if (req.sourceDatabase === req.targetDatabase && `${m.source.schema}.${m.source.table}` === `${schema}.${table}`) {
+      throw new RequestError(400, 'the target table is the source table: name another table (--table)');
+    }
+    await this.publish(req.name, workflowPayload('WorkflowCreated', {
+      type: 'MATERIALIZE', sourceDatabase: req.sourceDatabase, targetDatabase: req.targetDatabase, tables: [`${schema}.${table}`],
+      sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false, query: req.query,
     }));
     return this.workflows.get(req.name)!;
   }
@@ -157,7 +193,7 @@ export class Materializer {
     }
     await this.publish(req.name, workflowPayload('WorkflowCreated', {
       type: 'RESHARD', sourceDatabase: req.database, targetDatabase: req.database, tables: tables.map((t) => `public.${t}`),
-      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard), ddl: null, revertSeconds: null, postponeCutOver: false,
+      sourceShards: serving.map((r) => r.shard), targetShards: target.map((r) => r.shard), ddl: null, revertSeconds: null, postponeCutOver: false, query: null,
     }));
     return this.workflows.get(req.name)!;
   }
@@ -230,7 +266,7 @@ export class Materializer {
     }
     await this.publish(name, workflowPayload('WorkflowCreated', {
       type: 'MIGRATION', sourceDatabase: req.database, targetDatabase: req.database, tables: [table], sourceShards: null, targetShards: null,
-      ddl: req.ddl, revertSeconds: BigInt(req.revertSeconds), postponeCutOver: req.postponeCutOver,
+      ddl: req.ddl, revertSeconds: BigInt(req.revertSeconds), postponeCutOver: req.postponeCutOver, query: null,
     }));
     // The rule exists from the submit on: sessions opened from now on are planned, so the cut-over can hold their statements.
     await this.setRouting(this.workflows.get(name)!, 'SOURCE');
@@ -285,7 +321,13 @@ export class Materializer {
     if (phase === 'CANCELLED') throw new RequestError(409, `workflow ${name} was cancelled`);
     if (phase === 'COMPLETED') throw new RequestError(409, `workflow ${name} is completed`);
     const switched = phase === 'SWITCHED' || routing === 'TARGET' || routing === 'WRITES_HELD';
-    switch (action) {
+    if (rec.definition.type === 'MATERIALIZE') {
+      // The source stays authoritative: nothing to switch; complete stops following and leaves the target table.
+      if (action === 'SWITCH_READS' || action === 'SWITCH_TRAFFIC' || action === 'REVERSE_TRAFFIC') {
+        throw new RequestError(409, `workflow ${name} is a Materialize: it has no traffic to switch (the source stays authoritative; complete stops following it)`);
+      }
+      if (action === 'COMPLETE' && phase !== 'RUNNING' && phase !== 'STOPPED') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: complete needs its copy done (RUNNING or STOPPED)`);
+    } else switch (action) {
       case 'SWITCH_READS': case 'SWITCH_TRAFFIC':
         if (switched) throw new RequestError(409, `workflow ${name} has switched its writes already`);
         if (phase !== 'RUNNING') throw new RequestError(409, `workflow ${name} is ${phase ?? 'not started'}: traffic switches during catch-up (RUNNING)`);
@@ -379,6 +421,12 @@ export class Materializer {
     const runner = this.runners.get(rec.name);
     if (phase === 'CANCELLED' || phase === 'COMPLETED') return;
     if (rec.action === 'CANCEL') return this.cancel(rec, runner);
+    if (rec.definition.type === 'MATERIALIZE' && rec.action === 'COMPLETE') {
+      if (!this.tryOnce(rec)) return;
+      this.runners.delete(rec.name);
+      await runner?.close();
+      return this.completeMaterialize(rec);
+    }
     if (phase === 'SWITCHED' && rec.action === 'COMPLETE') {
       if (!this.tryOnce(rec)) return;
       this.runners.delete(rec.name);
@@ -528,6 +576,23 @@ export class Materializer {
     } catch (err) {
       this.log.error({ err, workflow: rec.name }, 'complete failed');
       await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...rec.status!, message: `complete failed (run it again): ${(err as Error).message}` }));
+    }
+  }
+
+  /** complete of a Materialize: it stops following the source and forgets its positions; the target table stays as it is. */
+  private async completeMaterialize(rec: WorkflowRecord): Promise<void> {
+    const def = rec.definition;
+    try {
+      for (const r of this.shards.rangesOf(def.targetDatabase, def.targetShards)) {
+        const target = await this.shards.connect(def.targetDatabase, r.shard, `mg-materializer-${rec.name}`);
+        await dropPositions(target, rec.name).finally(() => target.end().catch(() => {}));
+      }
+      const message = `${def.tables[0]} of ${def.targetDatabase} stays as it is and no longer follows ${def.sourceDatabase}`;
+      await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...(rec.status ?? freshStatus()), phase: 'COMPLETED', message, lagSeconds: null }));
+      this.log.info({ workflow: rec.name }, 'materialize completed');
+    } catch (err) {
+      this.log.error({ err, workflow: rec.name }, 'complete failed');
+      await this.publish(rec.name, workflowPayload('WorkflowStatus', { ...(rec.status ?? freshStatus()), message: `complete failed (run it again): ${(err as Error).message}` }));
     }
   }
 

@@ -44,23 +44,28 @@ export function splitName(name: string): { schema: string; table: string } {
 export async function describeTable(
   source: pg.Client, name: string, target: { database: string; vschema: VSchema | undefined }, shardedSource?: { database: string; vschema: VSchema | undefined },
 ): Promise<MovedTable> {
-  const { schema, table } = splitName(name);
-  const { columns, key } = await describeColumns(source, schema, table);
-  const vindexOf = (side: { database: string; vschema: VSchema | undefined }): Vindex => {
-    const v = primaryVindex(side.vschema, table);
-    if (!v) throw new WorkflowError(`table ${table} needs a primary vindex of type ${FUNCTIONAL_VINDEXES.join(', ')} in the VSchema of ${side.database} (mg vschema apply)`);
-    if (!columns.some((c) => c.name === v.column)) throw new WorkflowError(`table ${table} has no column ${v.column} (its vindex column in ${side.database})`);
-    return v;
-  };
-  return {
-    schema, table, sql: `${quoteIdent(schema)}.${quoteIdent(table)}`, columns, key,
-    vindex: vindexOf(target), ...(shardedSource ? { sourceVindex: vindexOf(shardedSource) } : {}),
-  };
+  const t = keyed(await describeColumns(source, name));
+  return { ...t, vindex: vindexOf(t, target), ...(shardedSource ? { sourceVindex: vindexOf(t, shardedSource) } : {}) };
 }
 
-/** A table's stored (not generated) columns in order, and its primary key (refused when it has none). */
-export async function describeColumns(client: pg.Client, schema: string, table: string): Promise<{ columns: Column[]; key: string[] }> {
-  const { rows } = await client.query<{ name: string; type: string; not_null: string; key_pos: string | null }>(`
+/** `t`, refused when it has no primary key: the materializer copies and applies by key. */
+export function keyed<T extends { schema: string; table: string; key: string[] }>(t: T): T {
+  if (t.key.length === 0) throw new WorkflowError(`table ${t.schema}.${t.table} has no primary key (the materializer copies and applies by key)`);
+  return t;
+}
+
+/** A table's primary vindex in one side's VSchema, which must name one of its columns. */
+export function vindexOf(t: Pick<MovedTable, 'table' | 'columns'>, side: { database: string; vschema: VSchema | undefined }): Vindex {
+  const v = primaryVindex(side.vschema, t.table);
+  if (!v) throw new WorkflowError(`table ${t.table} needs a primary vindex of type ${FUNCTIONAL_VINDEXES.join(', ')} in the VSchema of ${side.database} (mg vschema apply)`);
+  if (!t.columns.some((c) => c.name === v.column)) throw new WorkflowError(`table ${t.table} has no column ${v.column} (its vindex column in ${side.database})`);
+  return v;
+}
+
+/** A table's columns and primary key (empty when it has none), read from a shard's catalog. */
+export async function describeColumns(source: pg.Client, name: string): Promise<Omit<MovedTable, 'vindex'>> {
+  const { schema, table } = splitName(name);
+  const { rows } = await source.query<{ name: string; type: string; not_null: string; key_pos: string | null }>(`
     SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
            array_position(i.indkey::int2[], a.attnum) AS key_pos
       FROM pg_attribute a
@@ -71,8 +76,10 @@ export async function describeColumns(client: pg.Client, schema: string, table: 
      ORDER BY a.attnum`, [schema, table]);
   if (rows.length === 0) throw new WorkflowError(`table ${schema}.${table} does not exist on the source`);
   const key = rows.filter((r) => r.key_pos !== null).sort((a, b) => Number(a.key_pos) - Number(b.key_pos)).map((r) => r.name);
-  if (key.length === 0) throw new WorkflowError(`table ${schema}.${table} has no primary key (the materializer copies and applies by key)`);
-  return { columns: rows.map((r) => ({ name: r.name, type: r.type, notNull: Boolean(r.not_null) })), key };
+  return {
+    schema, table, sql: `${quoteIdent(schema)}.${quoteIdent(table)}`,
+    columns: rows.map((r) => ({ name: r.name, type: r.type, notNull: Boolean(r.not_null) })), key,
+  };
 }
 
 /** A sharded table's primary vindex in a VSchema, when it is functional (hash, xxhash, identity); undefined otherwise. */

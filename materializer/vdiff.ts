@@ -8,6 +8,8 @@
  * A sharded source is walked one shard at a time, each with its keyspace-id
  * filter (`keep`) applied to its rows and to the target's: every target row
  * is compared in the walk of the source shard whose key range holds it.
+ * A Materialize's projection walks `relation` (its query's rows on the
+ * source) against the target table (decision 0058).
  */
 import type pg from 'pg';
 import type { KeyRange, VDiffTable } from '../schemas/index.ts';
@@ -16,31 +18,32 @@ import { keyText, pageSql, rowText, shardOfRow, type MovedTable } from './tables
 
 const EXAMPLES = 5;
 
-export interface SourceSnapshot { client: pg.Client; keep: (row: Row) => boolean }
+/** A source shard's snapshot, and its keyspace-id filter on source rows (`keep`) and on target rows (`keepTarget`, when their columns differ). */
+export interface SourceSnapshot { client: pg.Client; keep: (row: Row) => boolean; keepTarget?: (row: Row) => boolean }
 
 export async function diffTable(
   sources: SourceSnapshot[], targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, pageRows: number,
-  onPage: (rows: number) => void = () => {},
+  onPage: (rows: number) => void = () => {}, relation: MovedTable = t,
 ): Promise<VDiffTable> {
   const out: VDiffTable = { table: `${t.schema}.${t.table}`, sourceRows: 0n, targetRows: 0n, missing: 0n, extra: 0n, different: 0n, examples: [] };
-  for (const source of sources) await walk(source, targets, ranges, t, pageRows, onPage, out);
+  for (const source of sources) await walk(source, targets, ranges, t, pageRows, onPage, out, relation);
   return out;
 }
 
 async function walk(
-  { client: source, keep }: SourceSnapshot, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, pageRows: number,
-  onPage: (rows: number) => void, out: VDiffTable,
+  { client: source, keep, keepTarget = keep }: SourceSnapshot, targets: Map<string, pg.Client>, ranges: KeyRange[], t: MovedTable, pageRows: number,
+  onPage: (rows: number) => void, out: VDiffTable, relation: MovedTable,
 ): Promise<void> {
   const example = (text: string) => void (out.examples.length < EXAMPLES && out.examples.push(text));
   let last: string[] | null = null;
   for (;;) {
-    const page: Row[] = (await source.query<Row>(pageSql(t, last, pageRows))).rows;
+    const page: Row[] = (await source.query<Row>(pageSql(relation, last, pageRows))).rows;
     const src = page.filter(keep);
     // The range this page covers: up to its last key, or (after the source's end) everything left on the target.
     const upTo: string[] | null = page.length ? t.key.map((k) => page[page.length - 1][k]!) : null;
     const found = new Map<string, Array<{ shard: string; row: Row }>>();
     await Promise.all([...targets].map(async ([shard, client]) => {
-      const rows = (await client.query<Row>(pageSql(t, last, 0, upTo))).rows.filter(keep);
+      const rows = (await client.query<Row>(pageSql(t, last, 0, upTo))).rows.filter(keepTarget);
       for (const row of rows) {
         const k = keyText(t, row);
         found.set(k, [...(found.get(k) ?? []), { shard, row }]);

@@ -68,6 +68,7 @@ const USAGE = `usage:
   mg vschema externalize <db> <lookup vindex> [--data-dir dir]
   mg workflow create <name> --source <db> --target <db> --tables t1,t2 [--data-dir dir]
   mg workflow create <name> --type reshard --database <db> --to-shards N [--data-dir dir]
+  mg workflow create <name> --type materialize --source <db> --target <db> --table <t> --query "SELECT ..." [--data-dir dir]
   mg workflow list   [--data-dir dir]
   mg workflow show|start|stop|cancel <name> [--data-dir dir]
   mg workflow vdiff  <name> [--no-wait] [--data-dir dir]
@@ -109,6 +110,8 @@ async function main(argv: string[]): Promise<void> {
       source: { type: 'string' },
       target: { type: 'string' },
       tables: { type: 'string' },
+      table: { type: 'string' },
+      query: { type: 'string' },
       database: { type: 'string' },
       'to-shards': { type: 'string' },
       'revert-seconds': { type: 'string' },
@@ -187,10 +190,17 @@ async function main(argv: string[]): Promise<void> {
       process.exitCode = await createReshard(spec, name!, values.database, Number(values['to-shards']), log);
       return;
     }
-    if (command === 'create' && values.type !== undefined && values.type !== 'movetables') throw new UsageError(`workflow create --type is movetables or reshard, not ${values.type}`);
-    if (command === 'create' && (!values.source || !values.target || !values.tables)) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
+    if (command === 'create' && values.type === 'materialize') {
+      if (!values.source || !values.target || !values.table || !values.query) throw new UsageError('workflow create --type materialize needs --source <db> --target <db> --table <target table> --query "SELECT ..."');
+      if (values.tables) throw new UsageError('a Materialize fills one table: --table, not --tables');
+    } else if (command === 'create') {
+      if (values.type !== undefined && values.type !== 'movetables') throw new UsageError(`workflow create --type is movetables, reshard or materialize, not ${values.type}`);
+      if (values.table || values.query) throw new UsageError('--table and --query are for --type materialize');
+      if (!values.source || !values.target || !values.tables) throw new UsageError('workflow create needs --source <db> --target <db> --tables t1[,t2...]');
+    }
     process.exitCode = await runWorkflowCommand(spec, command!, {
       name, source: values.source, target: values.target, tables: values.tables, wait: !values['no-wait'], readsOnly: values['reads-only'] ?? false,
+      ...(values.type === 'materialize' ? { materialize: { table: values.table!, query: values.query! } } : {}),
     });
     return;
   }

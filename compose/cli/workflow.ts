@@ -14,6 +14,8 @@ export interface WorkflowArgs {
   wait: boolean;
   /** switch-traffic: reads only. */
   readsOnly: boolean;
+  /** create --type materialize: the target table and its query. */
+  materialize?: { table: string; query: string };
 }
 
 /** What the traffic commands wait for (the workflow as GET shows it), unless --no-wait. */
@@ -43,11 +45,13 @@ export async function runWorkflowCommand(spec: ClusterSpec, command: string, arg
       return 0;
     }
     case 'create': {
-      const r = await callMaterializer(spec, 'POST', '/v1/workflows', {
-        name: args.name, source: args.source, target: args.target, tables: (args.tables ?? '').split(',').map((t) => t.trim()).filter(Boolean),
-      });
+      const r = await callMaterializer(spec, 'POST', '/v1/workflows', args.materialize
+        ? { name: args.name, type: 'materialize', source: args.source, target: args.target, ...args.materialize }
+        : { name: args.name, source: args.source, target: args.target, tables: (args.tables ?? '').split(',').map((t) => t.trim()).filter(Boolean) });
       if (r.status !== 201) return fail(r);
-      console.log(`workflow ${args.name}: created (MoveTables ${args.source} -> ${args.target}: ${r.body.tables.join(', ')})`);
+      console.log(args.materialize
+        ? `workflow ${args.name}: created (Materialize ${args.target} ${r.body.tables[0]} from ${args.source}: ${r.body.query})`
+        : `workflow ${args.name}: created (MoveTables ${args.source} -> ${args.target}: ${r.body.tables.join(', ')})`);
       return 0;
     }
     case 'vdiff': {
@@ -94,7 +98,7 @@ async function commandAndWait(spec: ClusterSpec, path: string, command: string, 
     await sleep(200);
     const w = (await callMaterializer(spec, 'GET', path)).body;
     if (settled(w, args.readsOnly)) {
-      console.log(`workflow ${args.name}: ${command} done: phase ${w.phase}, routing ${w.routing}${w.message ? ` (${w.message})` : ''}`);
+      console.log(`workflow ${args.name}: ${command} done: phase ${w.phase}, routing ${w.routing ?? '-'}${w.message ? ` (${w.message})` : ''}`);
       return 0;
     }
     if (w.message && w.message !== before && /failed/.test(w.message)) {
@@ -151,7 +155,9 @@ export function renderWorkflow(w: any): string {
   const lines = [
     w.sourceShards
       ? `workflow ${w.name} (${w.type}): ${w.source} shards ${w.sourceShards.join(', ')} -> ${w.targetShards.join(', ')}, tables ${w.tables.join(', ')}`
-      : `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
+      : w.query
+        ? `workflow ${w.name} (${w.type}): ${w.target} ${w.tables[0]} = ${w.query} (on ${w.source})`
+        : `workflow ${w.name} (${w.type}): ${w.source} -> ${w.target}, tables ${w.tables.join(', ')}`,
     `  phase ${w.phase}${w.message ? ` (${w.message})` : ''}, command ${w.command}, routing ${w.routing ?? '-'}, updated ${w.updatedAt ?? '-'}`,
     `  copy: ${p.rowsCopied} rows, ${Math.round(p.rowsPerSecond)} rows/s, ETA ${secs(p.etaSeconds)}`,
     ...p.tables.map((t: any) => `    ${t.table}${t.shard ? ` from ${t.shard}` : ''}: ${t.rowsCopied}/${t.rowsEstimated} rows${t.done ? ', done' : ''}`),

@@ -326,10 +326,10 @@ export interface TopologyEvent {
   payload: { 'io.multigres.topology.CellRegistered': CellRegistered } | { 'io.multigres.topology.DatabaseCreated': DatabaseCreated } | { 'io.multigres.topology.DatabaseDropped': DatabaseDropped } | { 'io.multigres.topology.ShardDefined': ShardDefined } | { 'io.multigres.topology.InstanceRegistered': InstanceRegistered } | { 'io.multigres.topology.InstanceDeregistered': InstanceDeregistered } | { 'io.multigres.topology.ServingStateChanged': ServingStateChanged } | { 'io.multigres.topology.PrimaryChanged': PrimaryChanged } | { 'io.multigres.topology.DatabaseActivationChanged': DatabaseActivationChanged } | { 'io.multigres.topology.VSchemaApplied': VSchemaApplied } | { 'io.multigres.topology.RoutingRuleChanged': RoutingRuleChanged } | { 'io.multigres.topology.ServingShardsChanged': ServingShardsChanged } | { 'io.multigres.topology.ShardDropped': ShardDropped };
 }
 
-export type WorkflowType = 'MOVE_TABLES' | 'RESHARD' | 'MIGRATION';
+export type WorkflowType = 'MOVE_TABLES' | 'RESHARD' | 'MIGRATION' | 'MATERIALIZE';
 
 export interface WorkflowCreated {
-  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. MIGRATION (decision 0060): an online ALTER TABLE of the one table in tables, source and target its database. */
+  /** RESHARD (decision 0056): source and target are one database, sourceShards its serving shard set and targetShards the set that takes over. MIGRATION (decision 0060): an online ALTER TABLE of the one table in tables, source and target its database. MATERIALIZE (decision 0058): tables names the one target table, query defines it. */
   type: WorkflowType;
   sourceDatabase: string;
   targetDatabase: string;
@@ -345,6 +345,8 @@ export interface WorkflowCreated {
   revertSeconds: null | bigint;
   /** MIGRATION: cut over on the operator's SWITCH_TRAFFIC (mg migration cutover) rather than as soon as the shadow is caught up. */
   postponeCutOver: boolean;
+  /** MATERIALIZE: the SELECT over one source table that defines the target table (decision 0058). */
+  query: null | string;
 }
 
 export type WorkflowAction = 'START' | 'STOP' | 'CANCEL' | 'SWITCH_READS' | 'SWITCH_TRAFFIC' | 'REVERSE_TRAFFIC' | 'COMPLETE';

@@ -94,7 +94,7 @@ const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): Wo
 const status = (phase: 'COPYING' | 'RUNNING' | 'CANCELLED') => workflowPayload('WorkflowStatus', {
   phase, message: null, startOffsets: [], tables: [], rowsCopied: 5n, copyRowsPerSecond: 0, etaSeconds: null, eventsApplied: 0n, lagSeconds: null, reverseOffsets: [], switchedAt: null,
 });
-const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'], sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false });
+const created = workflowPayload('WorkflowCreated', { type: 'MOVE_TABLES', sourceDatabase: 'a', targetDatabase: 'b', tables: ['public.t'], sourceShards: null, targetShards: null, ddl: null, revertSeconds: null, postponeCutOver: false, query: null });
 
 test('the workflow fold: one key per aspect, any order after compaction, a re-created workflow starts afresh', () => {
   assert.equal(workflowKey(ev('w', 1, created)), 'workflow/w');
