@@ -223,10 +223,15 @@ test('Materialize from a sharded source under a writer: a copy sharded by anothe
   const want = await expected();
   let got = await actual();
   const began = Date.now();
-  await until('both targets to equal the query on the source', 60_000, async () => {
+  await until('both targets to equal the query on the source', 120_000, async () => {
     got = await actual();
     return got.misplaced.length === 0 && isDeepStrictEqual(got.byCustomer, want.byCustomer) && isDeepStrictEqual(got.totals, want.totals);
-  }).catch(() => {
+  }).catch(async () => {
+    for (const name of ['by_customer', 'totals']) {
+      const w = (await api(`/v1/workflows/${name}`)).body;
+      assert.equal(w.phase, 'RUNNING', `${name}: ${w.message}`);
+      t.diagnostic(`${name}: lag ${w.progress.lagSeconds} s, ${w.progress.eventsApplied} events applied`);
+    }
     assert.deepEqual(got.misplaced, [], 'every row on the shard its vindex names, once');
     assert.deepEqual(got.totals, want.totals, 'customer_totals');
     assert.deepEqual(got.byCustomer, want.byCustomer, 'orders_by_customer');
