@@ -424,7 +424,10 @@ export class EventLog {
    * Reads `topic` from `startAt` (per partition; others from their start),
    * one fetched batch at a time, committing nothing: the caller keeps its own
    * positions (e.g. with the data it writes). A handler that throws ends the
-   * tail before any later message is handed over.
+   * tail before any later message is handed over. A handler slower than the
+   * group's session timeout does not end it: the member heartbeats while the
+   * handler works, and should Kafka drop it anyway (an event loop blocked that
+   * long), kafkajs joins again and the tail seeks back to where it stood.
    */
   async tail(
     topic: string, startAt: ReadonlyMap<number, bigint>,
@@ -437,6 +440,10 @@ export class EventLog {
     let end!: (err: Error | undefined) => void;
     const ended = new Promise<Error | undefined>((resolve) => (end = resolve));
     let failed = false;
+    // The next offset to hand over per partition: where a new group generation resumes (nothing is committed).
+    const next = new Map(startAt);
+    const seekAll = () => next.forEach((offset, partition) => consumer.seek({ topic, partition, offset: offset.toString() }));
+    consumer.on(consumer.events.GROUP_JOIN, seekAll);
     const stop = async () => {
       this.consumers.delete(consumer);
       await consumer.disconnect();
@@ -452,20 +459,27 @@ export class EventLog {
           topic, partition: batch.partition, offset: m.offset, key: m.key?.toString() ?? null,
           value: m.value, headers: m.headers ?? {}, timestamp: new Date(Number(m.timestamp)),
         }));
+        // Kafka drops a member silent for sessionTimeout; kafkajs heartbeats only between batches.
+        const beating = setInterval(() => void heartbeat().catch(() => undefined), 1_000);
         try {
           await onBatch(messages, { partition: batch.partition, highWatermark: BigInt(batch.highWatermark) });
           consumed.inc({ topic }, messages.length);
-          await heartbeat();
+          next.set(batch.partition, BigInt(batch.lastOffset()) + 1n);
         } catch (err) {
           failed = true;
           handlerErrors.inc({ topic });
           consumer.pause([{ topic }]);
           setImmediate(() => void stop().finally(() => end(err as Error)));
           end(err as Error);
+          return;
+        } finally {
+          clearInterval(beating);
         }
+        // A rebalance error is kafkajs's to handle (it joins again; GROUP_JOIN seeks back to `next`), not the handler's.
+        await heartbeat();
       },
     });
-    for (const [partition, offset] of startAt) consumer.seek({ topic, partition, offset: offset.toString() });
+    seekAll();
     return { ended, stop };
   }
 

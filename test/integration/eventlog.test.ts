@@ -101,3 +101,34 @@ test('an event written with the old health schema is read by a consumer of the c
   assert.deepEqual(seen.map((h) => [h.sequence, h.walReceiverStatus]), [[5n, null], [6n, 'streaming']]);
   assert.equal(seen[0].currentLsn, old.currentLsn);
 });
+
+test('a tail whose handler outlasts the group session keeps its place: no error, nothing skipped, nothing handed over twice', async () => {
+  const log = await eventLog(uniquePrefix('slowtail'));
+  const topic = log.topic('health');
+  const send = (from: number) => log.sendRaw(topic, Array.from({ length: 5 }, (_, i) => ({ key: 'k', value: Buffer.from(String(from + i)) })));
+  const seen: number[] = [];
+  let batches = 0;
+  let ended: Error | undefined | 'no' = 'no';
+  const until = async (what: () => boolean) => {
+    for (let i = 0; i < 600 && !what(); i++) await new Promise((r) => setTimeout(r, 100));
+    assert.ok(what(), `handed over: ${seen.join(', ')}; the tail ended: ${ended}`);
+  };
+  await send(0);
+  // The group's session timeout is 10 s.
+  const tail = await log.tail(topic, new Map(), async (messages) => {
+    batches++;
+    if (batches === 1) await new Promise((r) => setTimeout(r, 12_000)); // awaiting: the member must heartbeat meanwhile
+    if (batches === 2) for (const end = Date.now() + 14_000; Date.now() < end;); // the event loop blocked: Kafka drops the member
+    seen.push(...messages.map((m) => Number(m.value!.toString())));
+  });
+  void tail.ended.then((err) => (ended = err));
+  await until(() => batches === 1);
+  await send(5);
+  await until(() => seen.length >= 10);
+  await send(10);
+  await until(() => seen.length >= 15);
+  await new Promise((r) => setTimeout(r, 500));
+  await tail.stop();
+  assert.equal(ended, undefined, 'the tail ended only when stopped');
+  assert.deepEqual(seen, Array.from({ length: 15 }, (_, i) => i));
+});
