@@ -1,0 +1,63 @@
+/**
+ * A slow client of a scatter read on a sharded database (decision 0062): a
+ * client whose socket reads nothing must leave the rows in the shards'
+ * Postgres (each backend blocked writing, wait_event ClientWrite), not in the
+ * gateway's memory; once it reads, every row arrives.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { shardRanges } from '../../compose/spec.ts';
+import { testCluster, until } from '../support/cluster.ts';
+import { heldWritingFor, pausedQuery, residentBytes } from '../support/slow-client.ts';
+
+const cluster = testCluster('sharding-stream', 1, { spec: {
+  cells: ['zone1'],
+  databases: [{ name: 'postgres', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' }],
+} });
+const { spec, flags, mg, dataDir } = cluster;
+const portOf = (shard: string) => cluster.instances.find((i) => i.shard === shard)!.port;
+const shardPorts = shardRanges(2).map((r) => portOf(r.shard));
+const gwClient = () => new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
+let gw: pg.Client;
+
+before(async () => {
+  const up = await mg('cluster', 'up', ...flags);
+  assert.equal(up.code, 0, up.stderr + up.stdout);
+  await cluster.applyVSchema('postgres', 'vindexes:\n  hash: { type: hash }\ntables:\n  blobs: { column_vindexes: [{ column: id, name: hash }] }\n');
+  gw = gwClient();
+  await gw.connect();
+  // Before the gateway has folded the VSchema, blobs is refused (0A000); after, the shards say it does not exist yet.
+  await until('the gateway to know the VSchema', 15_000, () => gw.query('SELECT * FROM blobs').then(() => true, (e) => e.code === '42P01'));
+  await gw.query('CREATE TABLE blobs (id bigint PRIMARY KEY, pad int NOT NULL)');
+});
+
+after(async () => {
+  await gw?.end().catch(() => undefined);
+  await mg('cluster', 'down', '--clean', ...flags);
+  fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+test('a scatter read to a client that reads nothing: both shards\' backends wait writing, the gateway\'s memory stays flat, and every row arrives', async () => {
+  const ROWS = 20_000;
+  const PAD = 10_000; // 200 MB in all, each row made by its shard as it sends it
+  for (let first = 1; first <= ROWS; first += 2_000) {
+    await gw.query(`INSERT INTO blobs (id, pad) VALUES ${Array.from({ length: 2_000 }, (_, i) => `(${first + i}, ${PAD})`).join(', ')}`);
+  }
+  const statement = 'SELECT id, repeat(\'x\', pad) AS pad FROM blobs';
+  const slow = gwClient();
+  await slow.connect();
+  try {
+    const before = await residentBytes(spec.gateway.metricsPort);
+    const q = pausedQuery(slow, statement, 'pad');
+    await heldWritingFor(shardPorts, statement, 2_000, 60_000);
+    const held = await residentBytes(spec.gateway.metricsPort);
+    q.resume();
+    assert.deepEqual(await q.done, { rows: ROWS, bytes: ROWS * PAD });
+    console.log(`a ${ROWS * PAD / 1e6} MB scatter read with the client paused: gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
+    assert.ok(held - before < 100e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
+  } finally {
+    await slow.end();
+  }
+});
