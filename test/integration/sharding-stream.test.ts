@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
+import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { heldWritingFor, pausedQuery, residentBytes } from '../support/slow-client.ts';
 
@@ -17,8 +18,10 @@ const cluster = testCluster('sharding-stream', 1, { spec: {
   databases: [{ name: 'postgres', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1' }],
 } });
 const { spec, flags, mg, dataDir } = cluster;
-const portOf = (shard: string) => cluster.instances.find((i) => i.shard === shard)!.port;
-const shardPorts = shardRanges(2).map((r) => portOf(r.shard));
+const ranges = shardRanges(2);
+const shardPorts = ranges.map((r) => cluster.instances.find((i) => i.shard === r.shard)!.port);
+/** The first id the hash vindex places on `shard`. */
+const idOn = (shard: string) => Array.from({ length: 20 }, (_, i) => i + 1).find((id) => shardFor(hashKeyspaceId(id), ranges) === shard)!;
 const gwClient = () => new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
 let gw: pg.Client;
 
@@ -30,7 +33,7 @@ before(async () => {
   await gw.connect();
   // Before the gateway has folded the VSchema, blobs is refused (0A000); after, the shards say it does not exist yet.
   await until('the gateway to know the VSchema', 15_000, () => gw.query('SELECT * FROM blobs').then(() => true, (e) => e.code === '42P01'));
-  await gw.query('CREATE TABLE blobs (id bigint PRIMARY KEY, pad int NOT NULL)');
+  await gw.query('CREATE TABLE blobs (id bigint PRIMARY KEY)');
 });
 
 after(async () => {
@@ -40,12 +43,13 @@ after(async () => {
 });
 
 test('a scatter read to a client that reads nothing: both shards\' backends wait writing, the gateway\'s memory stays flat, and every row arrives', async () => {
-  const ROWS = 20_000;
-  const PAD = 10_000; // 200 MB in all, each row made by its shard as it sends it
-  for (let first = 1; first <= ROWS; first += 2_000) {
-    await gw.query(`INSERT INTO blobs (id, pad) VALUES ${Array.from({ length: 2_000 }, (_, i) => `(${first + i}, ${PAD})`).join(', ')}`);
-  }
-  const statement = 'SELECT id, repeat(\'x\', pad) AS pad FROM blobs';
+  // One stored row on each shard, each made into PER_SHARD rows of PAD bytes by its shard as it sends them:
+  // 300 MB in all, 150 MB from each shard, about twice what the socket buffers between one shard's Postgres
+  // and the gateway can hold at most (Linux here: 4 MB send and 32 MB receive buffers per socket, two sockets).
+  const PER_SHARD = 1_500;
+  const PAD = 100_000;
+  await gw.query(`INSERT INTO blobs (id) VALUES ${ranges.map((r) => `(${idOn(r.shard)})`).join(', ')}`);
+  const statement = `SELECT b.id, g, repeat('x', ${PAD}) AS pad FROM blobs b, generate_series(1, ${PER_SHARD}) g`;
   const slow = gwClient();
   await slow.connect();
   try {
@@ -54,8 +58,9 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
     await heldWritingFor(shardPorts, statement, 2_000, 60_000);
     const held = await residentBytes(spec.gateway.metricsPort);
     q.resume();
-    assert.deepEqual(await q.done, { rows: ROWS, bytes: ROWS * PAD });
-    console.log(`a ${ROWS * PAD / 1e6} MB scatter read with the client paused: gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
+    const rows = ranges.length * PER_SHARD;
+    assert.deepEqual(await q.done, { rows, bytes: rows * PAD });
+    console.log(`a ${rows * PAD / 1e6} MB scatter read with the client paused: gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
     assert.ok(held - before < 100e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
   } finally {
     await slow.end();
