@@ -47,7 +47,7 @@ after(async () => {
 test('a scatter read to a client that reads nothing: both shards\' backends wait writing and make no more rows, the gateway\'s memory stays flat, and every row arrives', async () => {
   // One stored row on each shard, made into PER_SHARD rows of PAD bytes by its shard as it sends them: 150 MB
   // from each shard, twice what the sockets from one shard's Postgres through its pooler to the gateway could hold
-  // at most (Linux's 4 MB send and 32 MB receive buffers each); held, a shard has made 11-18 MB of it.
+  // at most (Linux's 4 MB send and 32 MB receive buffers each); held, a shard has made 10-18 MB of it.
   const PER_SHARD = 1_500;
   const PAD = 100_000;
   await gw.query(`INSERT INTO blobs (id) VALUES ${ranges.map((r) => `(${idOn(r.shard)})`).join(', ')}`);
