@@ -158,15 +158,14 @@ export class Planner {
     const tables = from.map((t) => t.name);
     // IN (...), or a non-unique lookup, may name several shards: their rows merge like a scatter's (order, limit, aggregates).
     if (pin && (pin.values.length > 1 || pin.lookup?.type === 'lookup')) {
-      const merged = this.scatterSelect(s, text, base, tables) as { kind: 'select'; sql: Buffer; merge: Merge; tables: string[] };
-      const m = merged.merge;
-      if (m.orderBy.length || m.aggregates || m.groupBy || m.distinct || m.limit || m.offset) return { ...merged, pin };
+      const merged = this.scatterSelect(s, text, base, tables);
+      if (merged.kind === 'select' && merged.merge) return { ...merged, pin };
     }
     if (pin) return { kind: 'select', sql: text, pin, tables };
     return this.scatterSelect(s, text, base, tables);
   }
 
-  /** A SELECT over every shard: what the gateway must merge, and the per-shard text. */
+  /** A SELECT over every shard: what the gateway must merge (none when the shards' rows can go out as they come), and the per-shard text. */
   private scatterSelect(s: any, text: Buffer, base: number, tables: string[]): Plan {
     if (s.havingClause) refuse('HAVING on a query over all shards');
     if (s.distinctClause && Object.keys(s.distinctClause[0] ?? {}).length) refuse('DISTINCT ON over all shards');
@@ -238,7 +237,9 @@ export class Planner {
       const o = token(s.limitOffset);
       edits.push({ ...o, text: 'param' in offset ? `(0 * ${o.text})` : '0' });
     }
-    return { kind: 'select', sql: edits.length ? splice(text, edits) : text, merge, tables };
+    // Without any of these the plan has no merge, and its rows stream (decision 0062).
+    const merges = orderBy.length > 0 || aggregates.length > 0 || !!groupBy || distinct || !!limit || !!offset;
+    return { kind: 'select', sql: edits.length ? splice(text, edits) : text, merge: merges ? merge : undefined, tables };
   }
 
   private planWrite(type: string, w: any, text: Buffer): Plan {

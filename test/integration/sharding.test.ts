@@ -460,6 +460,8 @@ test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) 
   const pinned = `(SELECT id, note FROM events WHERE tenant_id = ${a}) TO STDOUT WITH (FORMAT csv)`;
   assert.deepEqual(lines(gatewayPort, pinned), lines(reference.port, pinned));
   assert.ok(lines(gatewayPort, pinned).length > 1);
+  const scattered = '(SELECT tenant_id, id, note FROM events WHERE id > 3) TO STDOUT'; // every shard's rows, nothing to merge
+  assert.deepEqual(lines(gatewayPort, scattered), lines(reference.port, scattered));
   const withHeader = 'events TO STDOUT WITH (FORMAT csv, HEADER)';
   assert.deepEqual(lines(gatewayPort, withHeader), lines(reference.port, withHeader), 'one header line, as from one Postgres');
   const metrics = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();

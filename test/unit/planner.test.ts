@@ -59,6 +59,9 @@ test('joins on the shared vindex stay on one shard; reference tables join anywhe
 });
 
 test('scatter SELECTs carry what the gateway merges; LIMIT/OFFSET are rewritten per shard', () => {
+  // Nothing to merge: no merge, so the gateway streams each shard's rows as they come (decision 0062).
+  assert.equal((one('SELECT id, status FROM orders WHERE total > 10') as any).merge, undefined);
+  assert.equal((one('SELECT * FROM orders WHERE tenant_id IN (1, 2)') as any).merge, undefined);
   const p = one('SELECT * FROM orders ORDER BY total DESC LIMIT 10 OFFSET 5') as any;
   assert.equal(p.pin, undefined);
   assert.equal(text(p), 'SELECT * FROM orders ORDER BY total DESC LIMIT 15 OFFSET 0');
@@ -215,6 +218,8 @@ test('COPY FROM STDIN is placed by the vindex column of its column list; a refer
   const out = one('COPY orders TO STDOUT') as any;
   assert.deepEqual([out.kind, out.pin, out.reference], ['copy_out', undefined, false]);
   assert.deepEqual((one('COPY (SELECT id FROM orders WHERE tenant_id = 5) TO STDOUT (FORMAT csv)') as any).pin.values, [{ literal: '5' }]);
+  const scattered = one('COPY (SELECT id, status FROM orders WHERE total > 10) TO STDOUT') as any; // nothing to merge: each shard's rows, as they come
+  assert.deepEqual([scattered.kind, scattered.pin, scattered.reference], ['copy_out', undefined, false]);
   assert.equal((one('COPY products TO STDOUT') as any).reference, true);
   assert.equal((one('COPY orders TO STDOUT WITH (FORMAT csv, HEADER)') as any).header, true);
   assert.match((one('COPY orders TO STDOUT (FORMAT binary)') as any).message, /binary format over several shards/);
