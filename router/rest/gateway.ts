@@ -6,12 +6,14 @@
  */
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from '../../common/log.ts';
+import { MOVED_WRITES_SQLSTATE, movedTablesOf } from '../../schemas/index.ts';
 import type { Discovery } from '../gateway/discovery.ts';
 import { plannerFor } from '../gateway/sharded.ts';
 import type { TwoPhaseCoordinator } from '../twopc/coordinator.ts';
 import { RestDatabase, type RestEndpoint } from './database.ts';
 import { RestError } from './errors.ts';
-import { startRestServer } from './server.ts';
+import { errorResponse } from './handler.ts';
+import { startRestServer, type RestRoute } from './server.ts';
 import type { ShardRouting } from './sharded.ts';
 
 export interface GatewayRestOptions {
@@ -32,7 +34,37 @@ export interface GatewayRestOptions {
 }
 
 /** What routing needs from the gateway's discovery. */
-export type RestDiscovery = Pick<Discovery, 'shards' | 'keyRanges' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology'>;
+export type RestDiscovery = Pick<Discovery, 'shards' | 'keyRanges' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology' | 'waitUntil'>;
+
+/**
+ * Routing rules (decision 0039) for REST requests, as wire-protocol statements follow them: a request on a
+ * table a workflow moves runs in the target database once its writes switched (a read, once its reads
+ * switched); while the switch holds writes it waits, up to the buffer window. A write the source refused
+ * because its writes moved meanwhile (55MG1, nothing committed) runs again once this gateway sees the rule change.
+ */
+export function restRouting(discovery: RestDiscovery, opts: Pick<GatewayRestOptions, 'schemas' | 'bufferWindowMs'>): RestRoute {
+  return async (database, req, attempt) => {
+    const table = /^\/([^/]+)\/?$/.exec(req.path)?.[1];
+    if (table === undefined || !movedTablesOf(discovery.topology, database)) return attempt(database);
+    const write = !['GET', 'HEAD'].includes(req.method);
+    const schema = (write ? req.headers['content-profile'] : req.headers['accept-profile']) ?? opts.schemas[0];
+    const key = `${schema}.${decodeURIComponent(table)}`;
+    const deadline = Date.now() + opts.bufferWindowMs;
+    const changed = (cond: () => boolean) => discovery.waitUntil(cond, Math.max(0, deadline - Date.now()));
+    for (;;) {
+      const rule = movedTablesOf(discovery.topology, database)?.get(key);
+      if (rule?.state === 'WRITES_HELD') {
+        if (await changed(() => discovery.topology.routingRules.get(rule.workflow)?.version !== rule.version)) continue;
+        return errorResponse(new RestError(503, '57P03', `workflow ${rule.workflow} is switching traffic of ${rule.tables.join(', ')} and did not finish within ${opts.bufferWindowMs} ms`));
+      }
+      const moved = rule && (rule.state === 'TARGET' || (rule.state === 'READS_TARGET' && !write));
+      const res = await attempt(moved ? rule.targetDatabase : database);
+      if (res.code !== MOVED_WRITES_SQLSTATE) return res;
+      const seen = discovery.topology.applied;
+      if (!(await changed(() => discovery.topology.applied !== seen))) return res;
+    }
+  };
+}
 
 
 /** A sharded database's planner (the wire protocol's, cached per VSchema version) and key ranges. */
@@ -77,7 +109,8 @@ export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRe
   };
 
   const app: FastifyInstance = await startRestServer({
-    port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret, preRequest: opts.preRequest }, database, log: opts.log,
+    port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret, preRequest: opts.preRequest }, database,
+    route: restRouting(discovery, opts), log: opts.log,
   });
   return {
     /** DDL ran on the database through the wire protocol: every REST schema cache of it reloads. */

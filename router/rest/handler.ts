@@ -44,6 +44,8 @@ export interface RestResponse {
   headers: Record<string, string>;
   /** Bytes for a bytea media type handler's result. */
   body: string | Buffer;
+  /** An error's code (SQLSTATE or PGRST...): what routing retries on. */
+  code?: string;
 }
 
 /** A transaction the request runs in: statements in order, then commit or rollback. */
@@ -80,7 +82,7 @@ const JSON_TYPE = 'application/json; charset=utf-8';
 const OBJECT_TYPE = 'application/vnd.pgrst.object+json; charset=utf-8';
 
 export function errorResponse(err: RestError, extra: Record<string, string> = {}): RestResponse {
-  return { status: err.status, headers: { 'Content-Type': JSON_TYPE, ...extra, ...err.headers }, body: err.body() };
+  return { status: err.status, headers: { 'Content-Type': JSON_TYPE, ...extra, ...err.headers }, body: err.body(), code: err.code };
 }
 
 /** Query string, sorted and encoded the way PostgREST's Content-Location has it. */

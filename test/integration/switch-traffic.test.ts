@@ -1,8 +1,9 @@
 /**
  * MoveTables switch-traffic and reverse-traffic end to end: an unsharded
  * source database with CDC on, table orders moved into a 2-shard database
- * (CDC on too: reverse replication reads it) while two clients write to it
- * through the gateway (one with bind parameters, one with plain SQL). Reads
+ * (CDC on too: reverse replication reads it) while three clients write to it
+ * through the gateway (one with bind parameters, one with plain SQL, one with
+ * the REST API, which follows the routing rules too). Reads
  * switch first; a statement mixing the moved table with one that stays is
  * refused with 0A000. Then, with the writers going on all along: writes switch
  * to the target (the rows written there are served by the target shards and
@@ -21,7 +22,8 @@ import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { sleep, until } from '../support/cluster.ts';
 import { moveTablesCluster } from '../support/movetables.ts';
 
-const mt = moveTablesCluster('switch', 2, {}, { targetCdc: true });
+const httpPort = Number(process.env.MG_TEST_PORT_BASE ?? 30_000) + 2 * 500 + 402;
+const mt = moveTablesCluster('switch', 2, { 'gateway.httpPort': httpPort, 'gateway.restAnonRole': 'web_anon' }, { targetCdc: true });
 const { cluster, ranges: RANGES, portOf, direct, gateway } = mt;
 const { spec, mg, dataDir } = cluster;
 const INITIAL_ROWS = 5_000;
@@ -34,7 +36,7 @@ const api = async (p: string, method = 'GET', body?: unknown) => {
 };
 const homeOf = (id: number | string) => shardFor(hashKeyspaceId(String(id)), RANGES);
 
-/** Each id's last acknowledged note, or null once its delete was acknowledged; shared by both writers (disjoint ids). */
+/** Each id's last acknowledged note, or null once its delete was acknowledged; shared by the writers (disjoint ids). */
 const acknowledged = new Map<number, string | null>();
 /** The Postgres port that answered each acknowledged insert (INSERT ... RETURNING inet_server_port()), with when it was acknowledged. */
 const insertedOn = new Map<number, { port: number; at: number }>();
@@ -42,32 +44,69 @@ let writing = false;
 const writerErrors: unknown[] = [];
 let slowest = 0;
 
-/** Inserts, updates and deletes its own ids (`first`, first + 2, ...) until told to stop; records what was acknowledged and how long each write took. */
-async function writer(first: number, withParams: boolean): Promise<number> {
+/** A writer's three writes; `insert` answers the Postgres port that ran it when the client can see it. */
+interface Writes {
+  insert(id: number, note: string): Promise<number | undefined>;
+  update(id: number, note: string): Promise<boolean>;
+  remove(id: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Writes through the wire protocol, with bind parameters or as plain SQL. */
+async function wireWrites(withParams: boolean): Promise<Writes> {
   const c = await gateway('src');
+  const q = (text: string, values: unknown[]) => (withParams ? c.query(text, values) : c.query(inline(text, values)));
+  return {
+    insert: async (id, note) => Number((await q('INSERT INTO orders (id, customer, note) VALUES ($1, $2, $3) RETURNING inet_server_port() AS port', [id, `c${id % 7}`, note])).rows[0].port),
+    update: async (id, note) => (await q('UPDATE orders SET note = $2 WHERE id = $1', [id, note])).rowCount === 1,
+    remove: async (id) => void await q('DELETE FROM orders WHERE id = $1', [id]),
+    close: () => c.end(),
+  };
+}
+
+/** Writes through the gateway's REST API on src, as PostgREST clients make them. */
+function restWrites(): Writes {
+  const call = async (method: string, query: string, body?: unknown, prefer?: string) => {
+    const r = await fetch(`http://127.0.0.1:${httpPort}/src/orders${query}`, {
+      method, headers: { 'content-type': 'application/json', ...(prefer ? { prefer } : {}) }, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (!r.ok) throw new Error(`REST ${method} /src/orders${query}: ${r.status} ${await r.text()}`);
+    return r;
+  };
+  return {
+    insert: async (id, note) => void await call('POST', '', { id, customer: `c${id % 7}`, note }),
+    update: async (id, note) => (await (await call('PATCH', `?id=eq.${id}`, { note }, 'return=representation')).json() as unknown[]).length === 1,
+    remove: async (id) => void await call('DELETE', `?id=eq.${id}`),
+    close: async () => undefined,
+  };
+}
+
+const WRITERS = 3;
+
+/** Inserts, updates and deletes its own ids (`first`, first + WRITERS, ...) until told to stop; records what was acknowledged and how long each write took. */
+async function writer(first: number, writes$: Promise<Writes> | Writes): Promise<number> {
+  const w = await writes$;
   const mine: number[] = [];
   let next = first;
   let writes = 0;
-  const q = (text: string, values: unknown[]) => (withParams ? c.query(text, values) : c.query(inline(text, values)));
   try {
     while (writing) {
       const began = performance.now();
       const r = writes++ % 10;
       if (r < 6) {
         const id = next;
-        next += 2;
-        const res = await q('INSERT INTO orders (id, customer, note) VALUES ($1, $2, $3) RETURNING inet_server_port() AS port', [id, `c${id % 7}`, `i${id}`]);
+        next += WRITERS;
+        const port = await w.insert(id, `i${id}`);
         acknowledged.set(id, `i${id}`);
-        insertedOn.set(id, { port: Number(res.rows[0].port), at: Date.now() });
+        if (port !== undefined) insertedOn.set(id, { port, at: Date.now() });
         mine.push(id);
       } else if (r < 9 && mine.length) {
         const id = mine[Math.floor(Math.random() * mine.length)];
         const note = `u${first}-${writes}`;
-        const res = await q('UPDATE orders SET note = $2 WHERE id = $1', [id, note]);
-        if (res.rowCount === 1) acknowledged.set(id, note);
+        if (await w.update(id, note)) acknowledged.set(id, note);
       } else if (mine.length) {
         const id = mine.splice(Math.floor(Math.random() * mine.length), 1)[0];
-        await q('DELETE FROM orders WHERE id = $1', [id]);
+        await w.remove(id);
         acknowledged.set(id, null);
       }
       slowest = Math.max(slowest, performance.now() - began);
@@ -75,7 +114,7 @@ async function writer(first: number, withParams: boolean): Promise<number> {
   } catch (err) {
     writerErrors.push(err);
   } finally {
-    await c.end();
+    await w.close();
   }
   return writes;
 }
@@ -93,7 +132,12 @@ before(async () => {
   await c.query('CREATE TABLE customers (name text PRIMARY KEY, city text)');
   await c.query(`INSERT INTO orders SELECT g, 'c' || (g % 7), 'i' || g FROM generate_series(1, ${INITIAL_ROWS}) g`);
   await c.query("INSERT INTO customers SELECT 'c' || g, 'city' || g FROM generate_series(0, 6) g");
+  await c.query('CREATE ROLE web_anon NOLOGIN');
+  await c.query('GRANT ALL ON orders TO web_anon');
   await c.end();
+  const d = await gateway('dst');
+  await d.query('CREATE ROLE web_anon NOLOGIN'); // the workflow creates dst's orders; the grant follows it below
+  await d.end();
   for (let id = 1; id <= INITIAL_ROWS; id++) acknowledged.set(id, `i${id}`);
 });
 
@@ -102,18 +146,21 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('switch-traffic and reverse-traffic under two writers: no client error, no lost row either way; switch again and complete', async (t) => {
+test('switch-traffic and reverse-traffic under three writers (two wire-protocol, one REST): no client error, no lost row either way; switch again and complete', async (t) => {
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr);
   await until('catch-up to begin', 120_000, async () => (await api('/v1/workflows/mt')).body.phase === 'RUNNING');
   assert.equal((await api('/v1/workflows/mt')).body.routing, 'SOURCE');
+  const d = await gateway('dst');
+  await d.query('GRANT ALL ON orders TO web_anon');
+  await d.end();
 
   const switchedEarly = await api('/v1/workflows/mt/complete', 'POST');
   assert.equal(switchedEarly.status, 409);
   assert.match(switchedEarly.body.error, /complete needs its writes switched/);
 
   writing = true;
-  const writers = [writer(INITIAL_ROWS + 1, true), writer(INITIAL_ROWS + 2, false)];
+  const writers = [writer(INITIAL_ROWS + 1, wireWrites(true)), writer(INITIAL_ROWS + 2, wireWrites(false)), writer(INITIAL_ROWS + 3, restWrites())];
   await sleep(1_500);
 
   // Reads first: a read of the moved table is answered by the target shard its vindex names; writes still go to the source.
@@ -135,7 +182,7 @@ test('switch-traffic and reverse-traffic under two writers: no client error, no 
   assert.equal(Number(stays.rows[0].port), portOf('src', '-'));
   assert.equal(stays.rows[0].n, '7');
 
-  // Writes, while both writers go on.
+  // Writes, while the writers go on.
   const sw = await mg('workflow', 'switch-traffic', 'mt', '--data-dir', dataDir);
   const switchedAt = Date.now(); // the command returns once the rule serves the target
   assert.equal(sw.code, 0, sw.stderr + sw.stdout);
@@ -181,7 +228,7 @@ test('switch-traffic and reverse-traffic under two writers: no client error, no 
   await until('reverse replication to go on after the failed reverse-traffic', 30_000, async () =>
     (await source.query('SELECT note FROM orders WHERE id = $1', [probeOnTarget])).rows[0]?.note === 'after a failed reverse');
 
-  // Writes switch back to the source while both writers go on.
+  // Writes switch back to the source while the writers go on.
   const reverseAskedAt = Date.now();
   const rev = await mg('workflow', 'reverse-traffic', 'mt', '--data-dir', dataDir);
   const reversedAt = Date.now();
@@ -246,6 +293,9 @@ test('switch-traffic and reverse-traffic under two writers: no client error, no 
   assert.equal(moved.rows[0].away, 'mg_moved_mt.orders');
   const { rows: [count] } = await client.query('SELECT count(*) AS n FROM orders');
   assert.equal(Number(count.n), keptIds.length);
+  const viaRest = await fetch(`http://127.0.0.1:${httpPort}/src/orders?id=eq.${keptIds[0]}&select=id`);
+  assert.equal(viaRest.status, 200, 'a REST read of src.orders is answered by dst once the table left src');
+  assert.deepEqual(await viaRest.json(), [{ id: keptIds[0] }]);
   for (const c of [source, ...targets.values()]) {
     const positions = await c.query("SELECT count(*) AS n FROM mg_materializer.positions WHERE workflow = 'mt'");
     assert.equal(positions.rows[0].n, '0');

@@ -2,7 +2,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { RestError } from '../../router/rest/errors.ts';
-import { restEndpoint, type RestDiscovery } from '../../router/rest/gateway.ts';
+import { restEndpoint, restRouting, type RestDiscovery } from '../../router/rest/gateway.ts';
+import type { RestResponse } from '../../router/rest/handler.ts';
+import { emptyTopology, type RoutingState } from '../../schemas/index.ts';
 
 const primary = { instanceId: 'p', cell: 'z1', host: '127.0.0.1', port: 1 };
 const replica = { instanceId: 'r', cell: 'z2', host: '127.0.0.1', port: 2, lagBytes: 0n, lagSeconds: 0 };
@@ -40,4 +42,62 @@ test('no primary within the buffer window: 503 57P03; unnamed shard of a sharded
   assert.deepEqual(asked, ['-80', '80-']);
   await assert.rejects(restEndpoint(discovery({ keyRanges: () => [] }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
     (e: RestError) => e.status === 503 && e.code === '57P03');
+});
+
+/** A topology with workflow mt moving public.orders from src to dst in `state`, and a discovery whose waitUntil checks every 5 ms. */
+function moving(state: RoutingState) {
+  const topology = emptyTopology();
+  const rule = (s: RoutingState, version: bigint) => ({ workflow: 'mt', version, sourceDatabase: 'src', targetDatabase: 'dst', tables: ['public.orders'], state: s });
+  topology.routingRules.set('mt', rule(state, 1n));
+  const d = discovery({
+    topology,
+    waitUntil: async (cond: () => boolean, ms: number) => {
+      for (const end = Date.now() + ms; !cond(); await new Promise((r) => setTimeout(r, 5))) if (Date.now() >= end) return false;
+      return true;
+    },
+  });
+  return { d, topology, change: (s: RoutingState) => { topology.routingRules.set('mt', rule(s, topology.routingRules.get('mt')!.version + 1n)); topology.applied++; } };
+}
+
+const ok: RestResponse = { status: 200, headers: {}, body: '[]' };
+const movedAway: RestResponse = { status: 500, headers: {}, body: '{}', code: '55MG1' };
+
+async function ran(route: ReturnType<typeof restRouting>, method: string, path: string, answer: (db: string) => RestResponse = () => ok, headers: Record<string, string> = {}) {
+  const tried: string[] = [];
+  const res = await route('src', { method, path, headers }, async (db) => { tried.push(db); return answer(db); });
+  return { tried, res };
+}
+
+test('REST requests on a moved table follow its routing rule: reads once reads switch, everything once writes switch', async () => {
+  const opts = { schemas: ['public', 'api'], bufferWindowMs: 1_000 };
+  for (const [state, get, post] of [['SOURCE', 'src', 'src'], ['READS_TARGET', 'dst', 'src'], ['TARGET', 'dst', 'dst']] as const) {
+    const route = restRouting(moving(state).d, opts);
+    assert.deepEqual((await ran(route, 'GET', '/orders')).tried, [get], `GET in ${state}`);
+    assert.deepEqual((await ran(route, 'POST', '/orders')).tried, [post], `POST in ${state}`);
+    // Other tables, functions and another schema's orders stay with the database named.
+    assert.deepEqual((await ran(route, 'GET', '/customers')).tried, ['src']);
+    assert.deepEqual((await ran(route, 'POST', '/rpc/orders')).tried, ['src']);
+    assert.deepEqual((await ran(route, 'GET', '/orders', undefined, { 'accept-profile': 'api' })).tried, ['src']);
+  }
+});
+
+test('a REST write waits out the switch, and one the source refused as moved (55MG1) runs again where the rule then points', async () => {
+  const opts = { schemas: ['public'], bufferWindowMs: 1_000 };
+  const held = moving('WRITES_HELD');
+  setTimeout(() => held.change('TARGET'), 50);
+  assert.deepEqual((await ran(restRouting(held.d, opts), 'PATCH', '/orders')).tried, ['dst']);
+
+  const late = moving('SOURCE'); // this gateway has not seen the switch begin when the source refuses the write
+  const { tried, res } = await ran(restRouting(late.d, opts), 'DELETE', '/orders', (db) => {
+    if (db === 'src') setTimeout(() => late.change('TARGET'), 20);
+    return db === 'src' ? movedAway : ok;
+  });
+  assert.deepEqual(tried, ['src', 'dst']);
+  assert.equal(res, ok);
+
+  // A switch that outlasts the buffer window: 503 57P03, nothing run.
+  const stuck = await ran(restRouting(moving('WRITES_HELD').d, { schemas: ['public'], bufferWindowMs: 30 }), 'POST', '/orders');
+  assert.deepEqual(stuck.tried, []);
+  assert.equal(stuck.res.status, 503);
+  assert.equal(stuck.res.code, '57P03');
 });
