@@ -19,13 +19,12 @@ import { after, before, test } from 'node:test';
 import fs from 'node:fs';
 import path from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
-import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
 import { readPid } from '../../compose/supervise.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
+import { textSessions } from '../support/movetables.ts';
 
-const asText = { getTypeParser: () => (v: string) => v };
 const cluster = testCluster('materialize', 0, { spec: {
   cells: ['zone1'],
   databases: [
@@ -37,7 +36,7 @@ const { spec, mg, dataDir } = cluster;
 const mgOk = (...args: string[]) => cluster.mgOk(...args);
 const SHARDS = shardRanges(2);
 const homeOf = (key: string) => shardFor(hashKeyspaceId(key), SHARDS);
-const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
+const { portOf, direct, gateway } = textSessions(cluster);
 const CUSTOMERS = 40;
 const INITIAL_ROWS = 2_000;
 const BY_CUSTOMER = "SELECT id, customer_id AS cust, amount FROM orders WHERE status <> 'cancelled'";
@@ -47,18 +46,6 @@ const api = async (p: string, init?: RequestInit) => {
   const r = await fetch(`http://127.0.0.1:${spec.materializer.port}${p}`, init);
   return { status: r.status, body: await r.json() as any };
 };
-
-async function direct(db: string, shard: string): Promise<pg.Client> {
-  const c = new pg.Client({ host: '127.0.0.1', port: portOf(db, shard), user: 'postgres', password: 'postgres', database: db, types: asText });
-  await c.connect();
-  return c;
-}
-
-async function gateway(db: string): Promise<pg.Client> {
-  const c = new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: db, types: asText });
-  await c.connect();
-  return c;
-}
 
 /** Every row of a table on each shard of a database (direct sessions, not the gateway). */
 async function rowsOn(db: string, sql: string): Promise<Array<{ shard: string; row: Record<string, string> }>> {

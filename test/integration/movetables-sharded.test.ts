@@ -17,12 +17,11 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import fs from 'node:fs';
 import path from 'node:path';
-import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
+import { textSessions } from '../support/movetables.ts';
 
-const asText = { getTypeParser: () => (v: string) => v };
 const cdc = { enabled: true, heartbeatMs: 1000 };
 const cluster = testCluster('mtsharded', 1, { spec: {
   cells: ['zone1'],
@@ -36,24 +35,12 @@ const { spec, mg, dataDir } = cluster;
 const mgOk = (...args: string[]) => cluster.mgOk(...args);
 const SHARDS = { src: shardRanges(2), quad: shardRanges(4), one: shardRanges(1) };
 const homeOf = (db: keyof typeof SHARDS, id: number | string) => shardFor(hashKeyspaceId(String(id)), SHARDS[db]);
-const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
+const { portOf, direct, gateway } = textSessions(cluster);
 const INITIAL_ROWS = 3_000;
 const TABLES = { orders: { target: 'quad', workflow: 'split' }, items: { target: 'one', workflow: 'merge' } } as const;
 type Table = keyof typeof TABLES;
 
 const api = async (p: string) => (await fetch(`http://127.0.0.1:${spec.materializer.port}${p}`)).json() as Promise<any>;
-
-async function direct(db: string, shard: string): Promise<pg.Client> {
-  const c = new pg.Client({ host: '127.0.0.1', port: portOf(db, shard), user: 'postgres', password: 'postgres', database: db, types: asText });
-  await c.connect();
-  return c;
-}
-
-async function gateway(db: string): Promise<pg.Client> {
-  const c = new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: db, types: asText });
-  await c.connect();
-  return c;
-}
 
 /** Per table: each id's last acknowledged note, or null once its delete was acknowledged. */
 const acknowledged: Record<Table, Map<number, string | null>> = { orders: new Map(), items: new Map() };

@@ -7,10 +7,25 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
-import { testCluster } from './cluster.ts';
+import { testCluster, type TestCluster } from './cluster.ts';
 
 const asText = { getTypeParser: () => (v: string) => v };
 const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 3";
+
+/** Sessions of a test cluster that read every value as text: on one instance (bypassing the gateway), or through the gateway. */
+export function textSessions(cluster: TestCluster) {
+  const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
+  const connect = async (port: number, database: string) => {
+    const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', password: 'postgres', database, types: asText });
+    await c.connect();
+    return c;
+  };
+  return {
+    portOf,
+    direct: (db: string, shard: string) => connect(portOf(db, shard), db),
+    gateway: (db: string) => connect(cluster.spec.gateway.port, db),
+  };
+}
 
 export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}, opts: { targetCdc?: boolean } = {}) {
   const cluster = testCluster(label, slot, { settings, spec: {
@@ -20,11 +35,11 @@ export function moveTablesCluster(label: string, slot: number, settings: Record<
       { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1', ...(opts.targetCdc ? { cdc: { enabled: true } } : {}) },
     ],
   } });
-  const portOf = (db: string, shard: string) => cluster.instances.find((i) => i.database === db && i.shard === shard)!.port;
+  const sessions = textSessions(cluster);
   return {
     cluster,
     ranges: shardRanges(2),
-    portOf,
+    portOf: sessions.portOf,
     /** `mg cluster up`, and dst's VSchema: table orders sharded by hash of id. */
     async up(): Promise<void> {
       const up = await cluster.mg('cluster', 'up', ...cluster.flags);
@@ -34,18 +49,13 @@ export function moveTablesCluster(label: string, slot: number, settings: Record<
       const applied = await cluster.mg('vschema', 'apply', 'dst', file, '--data-dir', cluster.dataDir);
       assert.equal(applied.code, 0, applied.stderr);
     },
-    /** A session on the Postgres of a shard, bypassing the gateway. */
+    /** A session on the Postgres of a shard, bypassing the gateway, with dates, times and floats in fixed forms. */
     async direct(db: string, shard: string): Promise<pg.Client> {
-      const c = new pg.Client({ host: '127.0.0.1', port: portOf(db, shard), user: 'postgres', database: db, types: asText });
-      await c.connect();
+      const c = await sessions.direct(db, shard);
       await c.query(TEXT_SETTINGS);
       return c;
     },
     /** A session through the gateway. */
-    async gateway(db: string): Promise<pg.Client> {
-      const c = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: db, types: asText });
-      await c.connect();
-      return c;
-    },
+    gateway: sessions.gateway,
   };
 }
