@@ -121,6 +121,8 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       break;
     case 'DatabaseDropped':
       state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true, sharded: false, transactionMode: null });
+      // Its primaries go with its instances (as a retired shard's), so a database created again under the name elects its first ones.
+      for (const key of state.primaries.keys()) if (key.startsWith(`${b.database}/`)) state.primaries.delete(key);
       state.inactive.delete(b.database);
       state.servingShards.delete(b.database);
       break;

@@ -45,8 +45,13 @@ test('deregistering removes the instance and its serving state; dropping a datab
   const state = foldTopology(events);
   assert.equal(state.instances.has('c'), false);
   assert.equal(state.serving.has('c'), false);
-  const dropped = applyTopologyEvent(state, ev(payload('DatabaseDropped', { database: 'db' })));
+  const dropped = applyTopologyEvent(applyTopologyEvent(state, primary('b', 3n)), ev(payload('DatabaseDropped', { database: 'db' })));
   assert.deepEqual(instancesOf(dropped), []);
+  assert.equal(dropped.primaries.has('db/-'), false, 'its primaries go with it');
+  // Created again under the name: its first election's term 1 is not older than anything held.
+  applyTopologyEvent(dropped, base()[1]);
+  applyTopologyEvent(dropped, primary('a', 1n));
+  assert.equal(dropped.primaries.get('db/-')?.instanceId, 'a');
 });
 
 test('the fold of the compacted log (latest event per key, in offset order) equals the fold of the full log', () => {
