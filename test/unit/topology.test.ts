@@ -48,6 +48,7 @@ test('deregistering removes the instance and its serving state; dropping a datab
   const dropped = applyTopologyEvent(applyTopologyEvent(state, primary('b', 3n)), ev(payload('DatabaseDropped', { database: 'db' })));
   assert.deepEqual(instancesOf(dropped), []);
   assert.equal(dropped.primaries.has('db/-'), false, 'its primaries go with it');
+  assert.equal(dropped.retiredTerms.get('db/-'), 3n, 'what orchestrators completed up to its last term was the dropped system\'s');
   // Created again under the name: its first election's term 1 is not older than anything held.
   applyTopologyEvent(dropped, base()[1]);
   applyTopologyEvent(dropped, primary('a', 1n));
@@ -134,6 +135,7 @@ test('a retired shard (ShardDropped, decision 0061): keyed like its ShardDefined
   const state = foldTopology([...base(), primary('b', 3n), dropped]);
   assert.deepEqual(shardsOf(state, 'db'), []);
   assert.equal(state.primaries.has('db/-'), false, 'no primary of a retired shard is left to elect or repair');
+  assert.equal(state.retiredTerms.get('db/-'), 3n);
   assert.equal(state.instances.size, 3, 'its instances stay until their processes stopped and they are deregistered');
   for (const id of ['a', 'b', 'c']) applyTopologyEvent(state, ev(payload('InstanceDeregistered', { instanceId: id, reason: 'retired' })));
   assert.deepEqual(instancesOf(state), []);
