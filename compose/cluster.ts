@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
+import { PgBackRest } from '../ingest/backup/pgbackrest.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import {
   applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, recoveryTargetOf, shardKey, stanzaOf, topologyKey,
@@ -22,7 +23,7 @@ import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Pa
 import { startMaterializer, stopMaterializer } from './materializer.ts';
 import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { instancesOf, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, stanzaOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
@@ -143,6 +144,8 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
   const sub = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(state, e));
   await sub.caughtUp;
   await sub.stop();
+  // Before the shards are defined: once they are, a later `up` no longer sees them as new.
+  await chooseStanzas(spec, state, progress);
 
   const events: TopologyEvent[] = [];
   const add = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p });
@@ -167,9 +170,43 @@ async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress
   return state;
 }
 
+/**
+ * Gives each shard of the spec that `known` does not hold (a new database, one created again after a drop, a
+ * shard set defined again by a reshard) the first stanza name of `<db>-<shard>`, `<db>-<shard>-g2`, ... that
+ * the repository does not hold: an earlier Postgres system's stanza stays its own (decision 0064). Recorded
+ * in the saved spec, so the shard keeps its name.
+ */
+async function chooseStanzas(spec: ClusterSpec, known: TopologyState, progress: Progress): Promise<void> {
+  if (!spec.backup.enabled) return;
+  const fresh = spec.databases.flatMap((db) => shardsOfSpec(db)
+    .filter((r) => known.databases.get(db.name)?.dropped !== false || !known.shards.has(shardKey(db.name, r.shard)))
+    .map((r) => ({ db, shard: r.shard })));
+  if (!fresh.length) return;
+  const repository = await PgBackRest.repository(backupConfigOf(spec), repositoryConfigOf(spec)).catch((err: Error) => {
+    throw new Error(`could not list the backup repository's stanzas, which new shards' stanza names depend on: ${err.message}`);
+  });
+  const held = new Set(repository.map((s) => s.stanza));
+  for (const { db, shard } of fresh) {
+    let generation = 1;
+    while (held.has(stanzaOf(db.name, shard, generation))) generation++;
+    if (generation === 1) {
+      delete db.stanzas[shard];
+      continue;
+    }
+    db.stanzas[shard] = stanzaOf(db.name, shard, generation);
+    progress.note(`${db.name}/${shard}: stanza ${db.stanzas[shard]} (the repository keeps ${stanzaOf(db.name, shard, generation - 1)} of an earlier system)`);
+  }
+  saveSpec(spec);
+}
+
+/** A pgBackRest configuration of the repository alone, for the CLI's looks at it. */
+export const repositoryConfigOf = (spec: ClusterSpec) => path.join(spec.dataDir, 'postgres', 'repository.pgbackrest.conf');
+
 function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
   const db = spec.databases.find((d) => d.name === inst.database)!;
   const from = db.restoredFrom;
+  // The source's stanza as the spec knows it (a source dropped since then has no use for it: the copy's first primary was restored).
+  const source = from && spec.databases.find((d) => d.name === from.database);
   return {
     instanceId: inst.instanceId, database: inst.database, shard: inst.shard, cell: inst.cell, host: '127.0.0.1',
     port: inst.port, dataDir: inst.dataDir, binDir: spec.postgres.binDir,
@@ -177,8 +214,8 @@ function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
     healthIntervalMs: spec.agent.healthIntervalMs, probeTimeoutMs: spec.agent.probeTimeoutMs, metricsPort: inst.metricsPort,
     poolerPort: inst.poolerPort,
     cdc: db.cdc,
-    ...(spec.backup.enabled ? { backup: backupConfigOf(spec) } : {}),
-    ...(from ? { restoreFrom: { database: from.database, stanza: stanzaOf(from.database, inst.shard), target: recoveryTargetOf(from) } } : {}),
+    ...(spec.backup.enabled ? { backup: backupConfigOf(spec), stanza: stanzaOfSpec(db, inst.shard) } : {}),
+    ...(from ? { restoreFrom: { database: from.database, stanza: source ? stanzaOfSpec(source, inst.shard) : stanzaOf(from.database, inst.shard), target: recoveryTargetOf(from) } } : {}),
   };
 }
 

@@ -47,7 +47,7 @@ export async function releaseInstance(dataDir: string, instanceId: string, progr
 
 /**
  * Stops and deletes every instance of `database` (decision 0035) and drops it from the saved spec, its port
- * slots kept unused. Its backups stay in the repository until expired.
+ * slots kept unused. Its backups stay in the repository until deleted (decision 0064).
  */
 export async function releaseDatabase(dataDir: string, database: string, progress: Progress): Promise<void> {
   await withSpecLock(dataDir, async (spec) => {
@@ -62,7 +62,7 @@ export async function releaseDatabase(dataDir: string, database: string, progres
  * Retires a reshard's old shard set of `database` (decision 0061): the saved spec records it first (so a
  * `mg cluster up` meanwhile starts none of it again; no other instance's port moves), then every instance of
  * those shards is stopped and deleted. Run again after a failure part way, it stops what is still there.
- * Their backups stay in the repository until expired.
+ * Their backups stay in the repository until deleted (decision 0064).
  */
 export async function releaseShardSet(dataDir: string, database: string, shards: string[], progress: Progress): Promise<void> {
   await withSpecLock(dataDir, async (spec) => {

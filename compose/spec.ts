@@ -9,6 +9,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { backupConfigSchema, cdcConfigSchema } from '../ingest/config.ts';
+import { stanzaOf } from '../schemas/backup.ts';
 import { backupScheduleSchema } from '../orchestrator/config.ts';
 import { parsePolicy } from '../schemas/durability.ts';
 
@@ -155,6 +156,11 @@ export const clusterSpecSchema = z.object({
      * run and their port slots stay unused; the shard sets in shardSets serve the database.
      */
     shardsRetired: z.boolean().default(false),
+    /**
+     * The pgBackRest stanza of each shard whose `<db>-<shard>` the repository already held when the shard was
+     * defined (an earlier system's): `<db>-<shard>-g<n>`, chosen by `mg cluster up` (decision 0064). Others: `<db>-<shard>`.
+     */
+    stanzas: z.record(z.string(), z.string().min(1)).default({}),
   }).strict().refine((d) => (policyN(d.durability ?? '') ?? 0) <= d.instancesPerShard, {
     message: 'durability needs more instances per shard than the database has', path: ['durability'],
   }).refine((d) => d.sharded || d.shards === 1, {
@@ -360,6 +366,11 @@ export function shardSetsOf(db: { shards: number; shardSets: number[]; shardsRet
   return [...(db.shardsRetired ? [] : [db.shards]), ...db.shardSets];
 }
 
+/** The pgBackRest stanza of a shard of the spec's database `db`. */
+export function stanzaOfSpec(db: ClusterSpec['databases'][number], shard: string): string {
+  return db.stanzas[shard] ?? stanzaOf(db.name, shard);
+}
+
 /** Every shard of a database in the spec: those of each set shardSetsOf names. */
 export function shardsOfSpec(db: ClusterSpec['databases'][number]): Array<{ shard: string; start: string; end: string }> {
   return shardSetsOf(db).flatMap(shardRanges);
@@ -459,6 +470,7 @@ export function withRuntimeChanges(saved: ClusterSpec | undefined, next: Cluster
     if (db.removedInstances.length === 0) db.removedInstances = [...was.removedInstances];
     if (db.shardSets.length === 0) db.shardSets = [...was.shardSets];
     db.shardsRetired ||= was.shardsRetired;
+    db.stanzas = { ...was.stanzas, ...db.stanzas };
     if (db.instancesPerShard >= was.instancesPerShard) continue;
     for (const range of shardRanges(db.shards)) {
       for (let i = db.instancesPerShard; i < was.instancesPerShard; i++) {

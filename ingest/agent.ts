@@ -7,12 +7,12 @@ import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
-import { kindOf, payload, stanzaOf, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
+import { kindOf, payload, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
 import { BackupService } from './backup/service.ts';
 import { PgBackRest } from './backup/pgbackrest.ts';
 import { quoteIdent } from './cdc/catalog.ts';
 import { CdcService } from './cdc/service.ts';
-import type { AgentConfig } from './config.ts';
+import { stanzaOfAgent, type AgentConfig } from './config.ts';
 import { PostgresInstance, type Probe } from './postgres/instance.ts';
 
 export const AGENT_VERSION = '0.1.0';
@@ -61,7 +61,7 @@ export class Agent {
   beforeRestart: (() => void) | undefined;
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
-    const settings = cfg.backup ? PgBackRest.archiveSettingsFor(stanzaOf(cfg.database, cfg.shard), cfg.dataDir) : {};
+    const settings = cfg.backup ? PgBackRest.archiveSettingsFor(stanzaOfAgent(cfg), cfg.dataDir) : {};
     this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log, settings });
     this.eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: `agent.${cfg.instanceId}`, log, topicPrefix: cfg.topicPrefix });
     this.publishHealth = this.eventLog.publisher('health');

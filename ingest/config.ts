@@ -1,6 +1,7 @@
 /** The ingest agent's configuration: one JSON file per agent, written by `mg cluster up`. */
 import { z } from 'zod';
 import { readJsonConfig } from '../common/config.ts';
+import { stanzaOf } from '../schemas/backup.ts';
 import { INTERNAL_SCHEMAS } from '../schemas/internal.ts';
 
 /**
@@ -82,6 +83,8 @@ export const agentConfigSchema = z.object({
   cdc: cdcConfigSchema.default({}),
   /** Absent: no archiving, no backups. */
   backup: backupConfigSchema.optional(),
+  /** The shard's pgBackRest stanza, given when it is not `<database>-<shard>` (a name used before by another system, decision 0064). */
+  stanza: z.string().regex(/^[A-Za-z0-9_.-]+$/).optional(),
   /**
    * A database restored from another one's backups (`mg backup restore --as`):
    * the shard's first primary is that database's shard restored to the target
@@ -95,5 +98,8 @@ export const agentConfigSchema = z.object({
 }).strict();
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;
+
+/** The stanza this instance archives into and backs up to. */
+export const stanzaOfAgent = (cfg: AgentConfig): string => cfg.stanza ?? stanzaOf(cfg.database, cfg.shard);
 
 export const readAgentConfig = (file: string): AgentConfig => readJsonConfig(file, agentConfigSchema, 'agent');

@@ -91,7 +91,7 @@ export class DatabaseManager {
   /**
    * Deregisters first (the gateways drain its sessions and answer 3D000), then: for a database hosted on another,
    * DROP DATABASE on the host's primaries; for one with instances of its own, the provisioner stops and deletes
-   * them and each is deregistered (decision 0035). Backups stay in the repository until expired.
+   * them and each is deregistered (decision 0035). Backups stay in the repository until deleted (decision 0064).
    */
   async drop(name: string, step: Step): Promise<void> {
     const host = this.watch.topology.databases.get(name)!.hostedOn;
@@ -109,7 +109,7 @@ export class DatabaseManager {
     step(`stopping and deleting its ${instances.length} instance(s): ${instances.map((i) => i.instanceId).join(', ')}`);
     await this.provisioner.dropDatabase(name, step);
     for (const inst of instances) await this.event(payload('InstanceDeregistered', { instanceId: inst.instanceId, reason: `mg database drop ${name}` }));
-    step('its instances are deregistered; its backups stay in the repository until expired (mg backup expire)');
+    step(`its instances are deregistered; its backups stay in the repository until deleted (mg backup list ${name})`);
   }
 
   /**
@@ -133,7 +133,7 @@ export class DatabaseManager {
    * Retires a reshard's old shard set (decision 0061), as a database drop does its instances: ShardDropped first
    * (orchestrators stop electing, repairing and backing up the shards, gateways forget them), then the provisioner
    * stops and deletes their instances and retires the set in the saved spec, then each is deregistered. Every step
-   * skips what an earlier, interrupted run did. Backups stay in the repository until expired.
+   * skips what an earlier, interrupted run did. Backups stay in the repository until deleted (decision 0064).
    */
   async retireShards(name: string, shards: string[], reason: string, step: Step): Promise<void> {
     const { defined, instances } = this.retiring(name, shards);
@@ -144,7 +144,7 @@ export class DatabaseManager {
     step(`stopping and deleting their ${instances.length} instance(s): ${instances.map((i) => i.instanceId).join(', ') || 'none left'}`);
     await this.provisioner.dropShards(name, shards, step);
     if (instances.length) await this.events(instances.map((inst) => payload('InstanceDeregistered', { instanceId: inst.instanceId, reason })));
-    step('their instances are deregistered; their backups stay in the repository until expired (mg backup expire)');
+    step(`their instances are deregistered; their backups stay in the repository until deleted (mg backup list ${name})`);
   }
 
   /** What is left of `shards` of `name` in the topology: the ones still defined, and their instances still registered. */

@@ -82,8 +82,9 @@ export class Election {
       throw new ElectionError(this.journal.whyNotClaimed(key), 'busy');
     }
     // The journal is read up to our claim, the topology maybe not: an election completed meanwhile makes this one moot.
+    // Terms an earlier system under the shard's name completed (up to its retired term) are not this shard's.
     const completed = this.journal.completedTerm(key);
-    if (completed > (shard.primary?.term ?? 0n)) {
+    if (completed > (shard.primary?.term ?? shard.retiredTerm)) {
       await this.journal.release(database, name, op).catch(() => undefined);
       throw new ElectionError(`${key} already has a newer term (${completed}) than this view shows`, 'busy');
     }

@@ -23,6 +23,8 @@ export interface ShardView {
    */
   members: InstanceRegistered[];
   primary: PrimaryRecord | undefined;
+  /** The last term of an earlier system under this shard's name (a database created again, a shard set defined again); 0 when none. */
+  retiredTerm: bigint;
   policyText: string;
   policy: DurabilityPolicy;
   /** Why the database's own policy could not be used, when it could not. */
@@ -102,7 +104,7 @@ export class ClusterWatch {
         policy = parsePolicy(policyText);
       }
       const members = cohort.filter((i) => this.topology.serving.get(i.instanceId) !== 'DRAINED');
-      out.push({ database: def.database, shard: def.shard, key, cohort, members, primary: this.topology.primaries.get(key), policyText, policy, policyProblem });
+      out.push({ database: def.database, shard: def.shard, key, cohort, members, primary: this.topology.primaries.get(key), retiredTerm: this.topology.retiredTerms.get(key) ?? 0n, policyText, policy, policyProblem });
     }
     return out;
   }

@@ -3,9 +3,22 @@
 /**
  * The pgBackRest stanza of a shard: `<database>-<shard>`, with the shard's
  * key range spelt as in instance ids ('-' is '0', '-80' is '_80', '80-' is '80_').
+ * A later Postgres system defined under a name whose stanza the repository
+ * still holds (a database created again after a drop, a reshard back to a set
+ * retired before) gets generation 2, 3, ...: `<database>-<shard>-g<n>`, since
+ * pgBackRest ties a stanza to one system (decision 0064).
  */
-export function stanzaOf(database: string, shard: string): string {
-  return `${database}-${shard === '-' ? '0' : shard.replace('-', '_')}`;
+export function stanzaOf(database: string, shard: string, generation = 1): string {
+  const base = `${database}-${shard === '-' ? '0' : shard.replace('-', '_')}`;
+  return generation === 1 ? base : `${base}-g${generation}`;
+}
+
+/** The shard and generation of `stanza` when it is one of `database`'s (stanzaOf's names), else undefined. */
+export function stanzaPartsOf(stanza: string, database: string): { shard: string; generation: number } | undefined {
+  if (!stanza.startsWith(`${database}-`)) return undefined;
+  const m = /^(0|[0-9a-f]*_[0-9a-f]*)(?:-g([1-9][0-9]*))?$/.exec(stanza.slice(database.length + 1));
+  if (!m) return undefined;
+  return { shard: m[1] === '0' ? '-' : m[1].replace('_', '-'), generation: m[2] ? Number(m[2]) : 1 };
 }
 
 export const BACKUP_TYPES = ['full', 'diff', 'incr'] as const;

@@ -81,6 +81,11 @@ export interface TopologyState {
   routingRules: Map<string, RoutingRuleChanged>; // key: workflow
   /** The shards that serve a database while a reshard holds two shard sets (decision 0056); absent = every shard. */
   servingShards: Map<string, ServingShardsChanged>; // key: database
+  /**
+   * The last primary term of a shard whose Postgres system is gone (its database dropped, the shard retired): a
+   * shard defined again under the name is a new system, and what orchestrators completed before is below this.
+   */
+  retiredTerms: Map<string, bigint>; // key: db/shard
   /** Events applied, including ignored stale ones. */
   applied: number;
 }
@@ -88,11 +93,18 @@ export interface TopologyState {
 export function emptyTopology(): TopologyState {
   return {
     cells: new Map(), databases: new Map(), shards: new Map(), instances: new Map(),
-    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), routingRules: new Map(), servingShards: new Map(), applied: 0,
+    serving: new Map(), primaries: new Map(), inactive: new Map(), vschemas: new Map(), routingRules: new Map(), servingShards: new Map(), retiredTerms: new Map(), applied: 0,
   };
 }
 
 export const shardKey = (database: string, shard: string) => `${database}/${shard}`;
+
+/** Forgets the primary of shard `key` whose system is gone, keeping its term in retiredTerms. */
+function retirePrimary(state: TopologyState, key: string): void {
+  const term = state.primaries.get(key)?.term;
+  if (term !== undefined) state.retiredTerms.set(key, term);
+  state.primaries.delete(key);
+}
 
 /** The term of the primary of the instance's shard as folded so far (0 when unknown). */
 function primaryTermOf(state: TopologyState, instanceId: string): bigint {
@@ -121,6 +133,8 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
       break;
     case 'DatabaseDropped':
       state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true, sharded: false, transactionMode: null });
+      // Its primaries go with its instances (as a retired shard's), so a database created again under the name elects its first ones.
+      for (const key of state.primaries.keys()) if (key.startsWith(`${b.database}/`)) retirePrimary(state, key);
       state.inactive.delete(b.database);
       state.servingShards.delete(b.database);
       break;
@@ -128,7 +142,7 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
     case 'ShardDropped':
       // Retired (decision 0061): its primary goes too, so a shard defined later under the name starts from no term.
       state.shards.delete(shardKey(b.database, b.shard));
-      state.primaries.delete(shardKey(b.database, b.shard));
+      retirePrimary(state, shardKey(b.database, b.shard));
       break;
     case 'InstanceRegistered': state.instances.set(b.instanceId, b); break;
     case 'InstanceDeregistered': state.instances.delete(b.instanceId); state.serving.delete(b.instanceId); break;

@@ -6,18 +6,18 @@
  */
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { backupConfigOf, eventLogFor } from '../cluster.ts';
+import { backupConfigOf, eventLogFor, repositoryConfigOf } from '../cluster.ts';
 import type { Logger } from '../../common/log.ts';
 import { withConnection, type PostgresAddress } from '../../common/postgres.ts';
 import { quoteIdent } from '../../ingest/cdc/catalog.ts';
-import { PgBackRest } from '../../ingest/backup/pgbackrest.ts';
+import { PgBackRest, type StanzaInfo } from '../../ingest/backup/pgbackrest.ts';
 import { restorePromoted } from '../../ingest/backup/pitr.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { formatLsn } from '../../ingest/postgres/lsn.ts';
-import { recoveryTargetOf, stanzaOf, type BackupEvent, type RecoveryTarget } from '../../schemas/index.ts';
+import { recoveryTargetOf, stanzaPartsOf, type BackupEvent, type RecoveryTarget } from '../../schemas/index.ts';
 import { finishRestoredTransactions } from '../../orchestrator/in-doubt.ts';
 import { callOrchestrator, orchestratorStatus } from '../orchestrators.ts';
-import { shardRanges, type ClusterSpec } from '../spec.ts';
+import { shardRanges, shardsOfSpec, stanzaOfSpec, type ClusterSpec } from '../spec.ts';
 import { addDatabase } from './database.ts';
 import { fail, follow } from './follow.ts';
 
@@ -30,6 +30,8 @@ export interface BackupOptions {
   port?: string;
   /** Restore every shard into a new database of the cluster of this name. */
   as?: string;
+  /** Restore --to-dir from this stanza of the shard (an earlier system's, as `list` names them) instead of the shard's own. */
+  stanza?: string;
   /** Restore the database (or the shard) itself, through MultiOrch (drain, restore, rejoin, elect). */
   inPlace?: boolean;
   wait: boolean;
@@ -41,16 +43,17 @@ export class BackupUsageError extends Error {}
 export async function runBackupCommand(spec: ClusterSpec, command: string, target: string, opts: BackupOptions, log: Logger): Promise<number> {
   const [database, shard] = target.split('/');
   if (command === 'restore') {
+    if (opts.stanza && (opts.as || opts.inPlace)) throw new BackupUsageError('--stanza picks what a restore --to-dir reads (an earlier system of the shard); --as and --in-place restore from the shard\'s own');
     if (opts.inPlace) return restoreInPlace(spec, database, shard, opts);
     return opts.as ? restoreAs(spec, database, shard, opts.as, opts, log) : restore(spec, database, shard, opts, log);
   }
   const shards = shard ? [shard] : (await orchestratorStatus(spec)).shards.filter((s) => s.database === database).map((s) => s.shard);
+  if (command === 'list') return list(spec, database, shards, shard);
   if (!shards.length) throw new BackupUsageError(`no database ${database}`);
   let code = 0;
   for (const s of shards) {
     const base = `/v1/backups/${encodeURIComponent(database)}/${encodeURIComponent(s)}`;
     if (command === 'create') code = Math.max(code, await create(spec, base, `${database}/${s}`, opts, log));
-    else if (command === 'list') code = Math.max(code, await list(spec, base, `${database}/${s}`));
     else {
       const r = await callOrchestrator(spec, 'POST', `${base}/${command}`, command === 'expire' && opts.label ? { label: opts.label } : {});
       if (r.status !== 200) code = fail(r);
@@ -90,15 +93,65 @@ async function create(spec: ClusterSpec, base: string, name: string, opts: Backu
   }
 }
 
-async function list(spec: ClusterSpec, base: string, name: string): Promise<number> {
-  const r = await callOrchestrator(spec, 'GET', base);
-  if (r.status !== 200) return fail(r);
-  const info = r.body as { stanza: string | null; status?: string; archiveMin?: string; archiveMax?: string; backups: Array<{ label: string; type: string; startedAt: string; stoppedAt: string; startLsn: string; stopLsn: string; sizeBytes: number; repoDeltaBytes: number }> };
-  console.log(`${name}  stanza ${info.stanza ?? '-'}  ${info.status ?? 'no backups yet'}  WAL archive ${info.archiveMin ?? '-'} .. ${info.archiveMax ?? '-'}`);
+type ListedStanza = { stanza: string | null; status?: string; archiveMin?: string | null; archiveMax?: string | null; backups: Array<{ label: string; type: string; startedAt: string; stoppedAt: string; startLsn: string; stopLsn: string; sizeBytes: number; repoDeltaBytes: number }> };
+
+/**
+ * Each shard's stanza as its primary's agent reads it, then the stanzas of earlier Postgres systems under the
+ * same names (a database dropped and created again, a shard set defined again; decision 0064), read from the
+ * repository here: also those of a database that no longer exists.
+ */
+async function list(spec: ClusterSpec, database: string, shards: string[], only: string | undefined): Promise<number> {
+  let code = 0;
+  const db = spec.databases.find((d) => d.name === database);
+  const current = new Set(db ? shards.map((s) => stanzaOfSpec(db, s)) : []);
+  for (const s of shards) {
+    const r = await callOrchestrator(spec, 'GET', `/v1/backups/${encodeURIComponent(database)}/${encodeURIComponent(s)}`);
+    if (r.status !== 200) {
+      code = fail(r);
+      continue;
+    }
+    const info = r.body as ListedStanza;
+    printStanza(`${database}/${s}  stanza ${info.stanza ?? '-'}`, info);
+    if (info.stanza) current.add(info.stanza);
+  }
+  const earlier = (await repositoryStanzas(spec, database)).filter((e) => !current.has(e.info.stanza) && (!only || e.shard === only));
+  for (const { shard, info } of earlier) printStanza(`${database}/${shard}  earlier system: stanza ${info.stanza}`, JSON.parse(JSON.stringify(info)) as ListedStanza);
+  if (!shards.length && !earlier.length) throw new BackupUsageError(`no database ${database}, and no backups of one in the repository`);
+  return code;
+}
+
+function printStanza(title: string, info: ListedStanza): void {
+  console.log(`${title}  ${info.status ?? 'no backups yet'}  WAL archive ${info.archiveMin ?? '-'} .. ${info.archiveMax ?? '-'}`);
   for (const b of info.backups) {
     console.log(`  ${b.label.padEnd(34)} ${b.type.padEnd(5)} ${b.startedAt} .. ${b.stoppedAt}  LSN ${b.startLsn} .. ${b.stopLsn}  size ${mb(b.sizeBytes)}  repo +${mb(b.repoDeltaBytes)}`);
   }
-  return 0;
+}
+
+/** The repository's stanzas of `database`'s shards, current and earlier systems', by shard and generation. */
+async function repositoryStanzas(spec: ClusterSpec, database: string): Promise<Array<{ shard: string; generation: number; info: StanzaInfo }>> {
+  return (await PgBackRest.repository(backupConfigOf(spec), repositoryConfigOf(spec)))
+    .flatMap((info) => {
+      const parts = stanzaPartsOf(info.stanza, database);
+      return parts ? [{ ...parts, info }] : [];
+    })
+    .sort((a, b) => a.shard.localeCompare(b.shard) || a.generation - b.generation);
+}
+
+/**
+ * The stanza a restore of `database`/`shard` reads: `given` when it is one of that shard's (current or
+ * earlier system), else the shard's own; a database no longer in the spec: its latest system's in the repository.
+ */
+async function stanzaToRestore(spec: ClusterSpec, database: string, shard: string, given: string | undefined): Promise<{ stanza: string; current: boolean }> {
+  const db = spec.databases.find((d) => d.name === database);
+  const own = db && shardsOfSpec(db).some((r) => r.shard === shard) ? stanzaOfSpec(db, shard) : undefined;
+  if (given !== undefined) {
+    if (stanzaPartsOf(given, database)?.shard !== shard) throw new BackupUsageError(`${given} is not a stanza of ${database}/${shard} (mg backup list ${database} names them)`);
+    return { stanza: given, current: given === own };
+  }
+  if (own) return { stanza: own, current: true };
+  const latest = (await repositoryStanzas(spec, database)).filter((e) => e.shard === shard).at(-1);
+  if (!latest) throw new BackupUsageError(`no backups of ${database}/${shard} in the repository`);
+  return { stanza: latest.info.stanza, current: false };
 }
 
 /**
@@ -114,15 +167,18 @@ async function restore(spec: ClusterSpec, database: string, shard: string | unde
   if (!Number.isInteger(port) || port < 1024 || port > 65535) throw new BackupUsageError(`--port must be 1024..65535, not ${opts.port}`);
   const target = usableTarget(opts);
   const name = `${database}/${shard}`;
-  const checked = await callOrchestrator(spec, 'POST', `/v1/backups/${encodeURIComponent(database)}/${encodeURIComponent(shard)}/check`, {}).catch((err: Error) => ({ status: 0, body: { error: err.message } }));
-  if (checked.status !== 200) console.log(`${name}: could not archive the primary's current WAL first (${checked.body.error}); restoring from what the archive holds`);
+  const { stanza, current } = await stanzaToRestore(spec, database, shard, opts.stanza);
+  if (current) {
+    const checked = await callOrchestrator(spec, 'POST', `/v1/backups/${encodeURIComponent(database)}/${encodeURIComponent(shard)}/check`, {}).catch((err: Error) => ({ status: 0, body: { error: err.message } }));
+    if (checked.status !== 200) console.log(`${name}: could not archive the primary's current WAL first (${checked.body.error}); restoring from what the archive holds`);
+  }
 
   const dataDir = path.resolve(opts.toDir);
-  const pg = new PostgresInstance({ name: `restore-${stanzaOf(database, shard)}`, dataDir, port, binDir: spec.postgres.binDir, log });
+  const pg = new PostgresInstance({ name: `restore-${stanza}`, dataDir, port, binDir: spec.postgres.binDir, log });
   const started = Date.now();
-  const pgbackrest = new PgBackRest(backupConfigOf(spec), stanzaOf(database, shard), { dataDir, port, socketDir: pg.runDir });
+  const pgbackrest = new PgBackRest(backupConfigOf(spec), stanza, { dataDir, port, socketDir: pg.runDir });
   pgbackrest.writeConfig();
-  console.log(`${name}: restoring ${describeTarget(target)} into ${dataDir}, then replaying archived WAL ...`);
+  console.log(`${name}: restoring stanza ${stanza}${current ? '' : ' (an earlier system of the shard)'} ${describeTarget(target)} into ${dataDir}, then replaying archived WAL ...`);
   // The new instance's node-local settings have no archive_command, so the shard's stanza stays the shard's.
   await restorePromoted(pgbackrest, pg, target);
   console.log(`${name}: restored in ${((Date.now() - started) / 1000).toFixed(1)} s; a new primary on port ${port}: psql -h 127.0.0.1 -p ${port} -U postgres ${database === 'postgres' ? '' : database}`.trimEnd());

@@ -10,7 +10,7 @@
  *   mg backup create  <db>[/<shard>] [--type full|diff|incr] [--no-wait] [--data-dir dir]
  *   mg backup list|verify|check <db>[/<shard>] [--data-dir dir]
  *   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
- *   mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
+ *   mg backup restore <db>/<shard> [--time T | --lsn L] [--stanza S] --to-dir dir --port P [--data-dir dir]
  *   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
  *   mg backup restore <db>[/<shard>] --in-place --time T | --lsn L [--data-dir dir]
  *   mg database list|create|drop|activate|deactivate|add-shard-set ... (see USAGE)
@@ -50,7 +50,7 @@ const USAGE = `usage:
   mg backup verify  <db>[/<shard>] [--data-dir dir]
   mg backup check   <db>[/<shard>] [--data-dir dir]
   mg backup expire  <db>[/<shard>] [--label L] [--data-dir dir]
-  mg backup restore <db>/<shard> [--time T | --lsn L] --to-dir dir --port P [--data-dir dir]
+  mg backup restore <db>/<shard> [--time T | --lsn L] [--stanza S] --to-dir dir --port P [--data-dir dir]
   mg backup restore <db> --as <new db> [--time T | --lsn L] [--data-dir dir]
   mg backup restore <db>[/<shard>] --in-place --time T | --lsn L [--data-dir dir]
   mg database list       [--data-dir dir]
@@ -98,6 +98,7 @@ async function main(argv: string[]): Promise<void> {
       lsn: { type: 'string' },
       'to-dir': { type: 'string' },
       as: { type: 'string' },
+      stanza: { type: 'string' },
       'in-place': { type: 'boolean' },
       port: { type: 'string' },
       'no-wait': { type: 'boolean' },
@@ -140,7 +141,7 @@ async function main(argv: string[]): Promise<void> {
     const log = createLogger('mg', {}).child({ command });
     log.level = process.env.MG_LOG_LEVEL ?? 'warn';
     process.exitCode = await runBackupCommand(spec, command, target, {
-      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, as: values.as, inPlace: values['in-place'], wait: !values['no-wait'],
+      type: values.type, label: values.label, time: values.time, lsn: values.lsn, toDir: values['to-dir'], port: values.port, as: values.as, stanza: values.stanza, inPlace: values['in-place'], wait: !values['no-wait'],
     }, log);
     return;
   }

@@ -73,33 +73,14 @@ export class PgBackRest {
 
   /** Writes the configuration file and the directories it names (owned by the server's user). */
   writeConfig(): void {
-    const c = this.cfg;
-    fs.mkdirSync(path.dirname(this.configFile), { recursive: true });
-    for (const dir of [c.lockPath, c.logPath, ...(c.options['repo1-type'] && c.options['repo1-type'] !== 'posix' ? [] : [c.repoPath])]) {
-      fs.mkdirSync(dir, { recursive: true }); // parents it creates stay enterable (0755), as the server's user must pass them
-      fs.chmodSync(dir, 0o750);
-      chownToPostgres(dir);
-    }
-    const global: Record<string, string> = {
-      'repo1-path': c.repoPath,
-      'repo1-retention-full': String(c.retentionFull),
-      ...(c.retentionDiff ? { 'repo1-retention-diff': String(c.retentionDiff) } : {}),
-      'lock-path': c.lockPath,
-      'log-path': c.logPath,
-      'log-level-console': 'warn',
-      'log-level-file': 'info',
-      'compress-type': c.compressType,
-      'process-max': String(c.processMax),
-      'start-fast': 'y', // backups start at once instead of waiting for the next checkpoint
-      ...c.options,
-    };
-    const lines = ['# Written by the ingest agent (mg); rewritten at every start.', '[global]',
-      ...Object.entries(global).map(([k, v]) => `${k}=${oneLine(v)}`), '',
-      `[${this.stanza}]`, `pg1-path=${this.pg.dataDir}`, `pg1-port=${this.pg.port}`, `pg1-socket-path=${this.pg.socketDir}`, ''];
-    const tmp = `${this.configFile}.tmp`;
-    fs.writeFileSync(tmp, lines.join('\n'), { mode: 0o640 });
-    chownToPostgres(tmp);
-    fs.renameSync(tmp, this.configFile);
+    writeConfigFile(this.cfg, this.configFile, [`[${this.stanza}]`, `pg1-path=${this.pg.dataDir}`, `pg1-port=${this.pg.port}`, `pg1-socket-path=${this.pg.socketDir}`, '']);
+  }
+
+  /** Every stanza the repository holds (a configuration of the repository alone is written to `configFile`). */
+  static async repository(cfg: BackupConfig, configFile: string): Promise<StanzaInfo[]> {
+    writeConfigFile(cfg, configFile, []);
+    const out = await runAsPostgres(PGBACKREST, [`--config=${configFile}`, '--output=json', 'info'], { cwd: path.dirname(configFile) });
+    return (JSON.parse(out) as RawInfo[]).filter((raw) => raw.status.code !== 1).map(stanzaInfoOf);
   }
 
   /** One pgBackRest command; `operands` follow the command name (archive-push's WAL file). */
@@ -126,21 +107,7 @@ export class PgBackRest {
   async info(): Promise<StanzaInfo | undefined> {
     const [raw] = JSON.parse(await this.run('info', ['--output=json'])) as RawInfo[];
     if (!raw || raw.status.code === 1) return undefined; // code 1: missing stanza path
-    const archive = raw.archive?.[raw.archive.length - 1];
-    const lock = raw.status.lock?.backup;
-    return {
-      stanza: raw.name,
-      status: raw.status.message,
-      archiveMin: archive?.min ?? null,
-      archiveMax: archive?.max ?? null,
-      progress: lock?.held && lock['size-cplt'] !== undefined ? { done: lock['size-cplt'], total: lock.size ?? 0 } : null,
-      backups: (raw.backup ?? []).map((b) => ({
-        label: b.label, type: b.type, prior: b.prior,
-        startedAt: new Date(b.timestamp.start * 1000), stoppedAt: new Date(b.timestamp.stop * 1000),
-        startLsn: b.lsn?.start ?? '', stopLsn: b.lsn?.stop ?? '',
-        sizeBytes: b.info.size, repoDeltaBytes: b.info.repository.delta, error: b.error ?? false,
-      })),
-    };
+    return stanzaInfoOf(raw);
   }
 
   /** Whether the repository holds a backup to restore from. */
@@ -169,6 +136,53 @@ export class PgBackRest {
     if (target.type === 'time' || target.type === 'lsn') args.push(`--target=${target.value}`, '--target-action=promote');
     await this.run('restore', args);
   }
+}
+
+function stanzaInfoOf(raw: RawInfo): StanzaInfo {
+  const archive = raw.archive?.[raw.archive.length - 1];
+  const lock = raw.status.lock?.backup;
+  return {
+    stanza: raw.name,
+    status: raw.status.message,
+    archiveMin: archive?.min ?? null,
+    archiveMax: archive?.max ?? null,
+    progress: lock?.held && lock['size-cplt'] !== undefined ? { done: lock['size-cplt'], total: lock.size ?? 0 } : null,
+    backups: (raw.backup ?? []).map((b) => ({
+      label: b.label, type: b.type, prior: b.prior,
+      startedAt: new Date(b.timestamp.start * 1000), stoppedAt: new Date(b.timestamp.stop * 1000),
+      startLsn: b.lsn?.start ?? '', stopLsn: b.lsn?.stop ?? '',
+      sizeBytes: b.info.size, repoDeltaBytes: b.info.repository.delta, error: b.error ?? false,
+    })),
+  };
+}
+
+/** The repository's [global] section from `cfg`, then `sections`; the directories it names are made, owned by the server's user. */
+function writeConfigFile(c: BackupConfig, configFile: string, sections: string[]): void {
+  fs.mkdirSync(path.dirname(configFile), { recursive: true });
+  for (const dir of [c.lockPath, c.logPath, ...(c.options['repo1-type'] && c.options['repo1-type'] !== 'posix' ? [] : [c.repoPath])]) {
+    fs.mkdirSync(dir, { recursive: true }); // parents it creates stay enterable (0755), as the server's user must pass them
+    fs.chmodSync(dir, 0o750);
+    chownToPostgres(dir);
+  }
+  const global: Record<string, string> = {
+    'repo1-path': c.repoPath,
+    'repo1-retention-full': String(c.retentionFull),
+    ...(c.retentionDiff ? { 'repo1-retention-diff': String(c.retentionDiff) } : {}),
+    'lock-path': c.lockPath,
+    'log-path': c.logPath,
+    'log-level-console': 'warn',
+    'log-level-file': 'info',
+    'compress-type': c.compressType,
+    'process-max': String(c.processMax),
+    'start-fast': 'y', // backups start at once instead of waiting for the next checkpoint
+    ...c.options,
+  };
+  const lines = ['# Written by mg (the agent at every start; the CLI for a restore or a look at the repository).', '[global]',
+    ...Object.entries(global).map(([k, v]) => `${k}=${oneLine(v)}`), '', ...sections];
+  const tmp = `${configFile}.tmp`;
+  fs.writeFileSync(tmp, lines.join('\n'), { mode: 0o640 });
+  chownToPostgres(tmp);
+  fs.renameSync(tmp, configFile);
 }
 
 function configFileOf(dataDir: string): string {

@@ -12,8 +12,8 @@ import type { EventLog } from '../../common/eventlog.ts';
 import type { Logger } from '../../common/log.ts';
 import { counter, histogram } from '../../common/metrics.ts';
 import { queryAt } from '../../common/postgres.ts';
-import { BACKUP_TYPES, shardKey, stanzaOf, type AgentAction, type AgentCommand, type BackupEvent, type BackupKind } from '../../schemas/index.ts';
-import type { AgentConfig, BackupConfig } from '../config.ts';
+import { BACKUP_TYPES, shardKey, type AgentAction, type AgentCommand, type BackupEvent, type BackupKind } from '../../schemas/index.ts';
+import { stanzaOfAgent, type AgentConfig, type BackupConfig } from '../config.ts';
 import type { PostgresInstance, Upstream } from '../postgres/instance.ts';
 import { parseLsn } from '../postgres/lsn.ts';
 import { PgBackRest, type LocalPostgres } from './pgbackrest.ts';
@@ -44,7 +44,7 @@ export class BackupService {
   private running: Promise<void> | undefined;
 
   constructor(private readonly cfg: AgentConfig & { backup: BackupConfig }, private readonly pg: PostgresInstance, eventLog: EventLog, private readonly log: Logger) {
-    this.pgbackrest = new PgBackRest(cfg.backup, stanzaOf(cfg.database, cfg.shard), localOf(pg));
+    this.pgbackrest = new PgBackRest(cfg.backup, stanzaOfAgent(cfg), localOf(pg));
     this.publish = eventLog.publisher('backups');
   }
 

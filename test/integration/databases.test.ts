@@ -7,6 +7,7 @@
  * connects; the API names each bad field.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -25,6 +26,8 @@ const { spec, flags, mg } = cluster;
 const dataDirFlag = ['--data-dir', cluster.dataDir];
 const api = `http://127.0.0.1:${spec.orchestrator.basePort}`;
 const auth = { authorization: `Bearer ${TOKEN}` };
+const restoreDir = path.join(cluster.dataDir, 'restored', 'extra');
+const restorePort = spec.postgres.basePort + 480;
 
 async function call(method: string, url: string, body?: unknown, headers: Record<string, string> = auth): Promise<{ status: number; body: any }> {
   const res = await fetch(api + url, {
@@ -83,6 +86,9 @@ before(async () => {
   assert.equal(up.code, 0, up.stderr + up.stdout);
 });
 after(async () => {
+  if (fs.existsSync(path.join(restoreDir, 'postmaster.pid'))) {
+    execFileSync('su', ['postgres', '-c', `${path.join(spec.postgres.binDir, 'pg_ctl')} stop -m immediate -D ${restoreDir}`]);
+  }
   await mg('cluster', 'down', '--clean', ...flags);
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
@@ -178,6 +184,10 @@ test('mg database create with instances of its own: started, elected and served 
   const instanceDir = path.join(cluster.dataDir, 'postgres', instance);
   assert.equal(postgresRuns('extra', instanceDir), true);
 
+  // A backup of this first 'extra' (the next test restores it after the name is used again).
+  const backedUp = await mg('backup', 'create', 'extra', '--type', 'full', ...dataDirFlag);
+  assert.equal(backedUp.code, 0, backedUp.stderr + backedUp.stdout);
+
   // Dropped: its processes stop, its data goes, the gateway answers 3D000, the saved spec forgets it.
   const dropped = await mg('database', 'drop', 'extra', '--yes', ...dataDirFlag);
   assert.equal(dropped.code, 0, dropped.stderr + dropped.stdout);
@@ -192,6 +202,40 @@ test('mg database create with instances of its own: started, elected and served 
   assert.deepEqual(saved.droppedDatabases.map((d: { name: string }) => d.name), ['extra']);
   const { errors } = await client.stop();
   assert.deepEqual(errors, []);
+});
+
+test('a database created again under a dropped one\'s name archives and backs up into a stanza of its own; the dropped one stays restorable', async () => {
+  const created = await mg('database', 'create', 'extra', '--replicas', '0', '--durability', 'ANY_1', ...dataDirFlag);
+  assert.equal(created.code, 0, created.stderr + created.stdout);
+  await gw('extra', (c) => c.query('CREATE TABLE t (v int); INSERT INTO t VALUES (8)'));
+
+  const backedUp = await mg('backup', 'create', 'extra', '--type', 'full', ...dataDirFlag);
+  assert.equal(backedUp.code, 0, backedUp.stderr + backedUp.stdout);
+  assert.match(backedUp.stdout, /extra\/-: full backup \S+ completed/);
+  const checked = await mg('backup', 'check', 'extra', ...dataDirFlag);
+  assert.equal(checked.code, 0, checked.stderr + checked.stdout);
+  assert.match(checked.stdout, /archiving works/);
+
+  // Both systems' backups are listed: the current one's stanza, and the dropped one's as an earlier system of extra/-.
+  const listed = await mg('backup', 'list', 'extra', ...dataDirFlag);
+  assert.equal(listed.code, 0, listed.stderr + listed.stdout);
+  assert.match(listed.stdout, /extra\/-  stanza extra-0-g2  ok/);
+  assert.match(listed.stdout, /extra\/-  earlier system: stanza extra-0  ok/);
+  assert.equal(listed.stdout.match(/ full /g)?.length, 2, listed.stdout);
+
+  // The dropped database's backup, restored by its stanza's name, holds its row.
+  const restored = await mg('backup', 'restore', 'extra/-', '--stanza', 'extra-0', '--to-dir', restoreDir, '--port', String(restorePort), ...dataDirFlag);
+  assert.equal(restored.code, 0, restored.stderr + restored.stdout);
+  const old = new pg.Client({ host: '127.0.0.1', port: restorePort, user: 'postgres', database: 'extra' });
+  await old.connect();
+  try {
+    assert.deepEqual((await old.query('SELECT v FROM t')).rows, [{ v: 7 }]);
+  } finally {
+    await old.end();
+  }
+  const wrong = await mg('backup', 'restore', 'extra/-', '--stanza', 'sleepy-0', '--to-dir', `${restoreDir}-x`, '--port', String(restorePort + 1), ...dataDirFlag);
+  assert.equal(wrong.code, 2);
+  assert.match(wrong.stderr, /sleepy-0 is not a stanza of extra\/-/);
 });
 
 test('scale to zero: deactivate stops the instances, a waiting client wakes them, other databases never notice', async () => {
@@ -272,5 +316,6 @@ test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document
   const metrics = await fetch(`${api}/metrics`, { headers: auth });
   assert.match(await metrics.text(), /mg_orch_operations_total\{kind="create",state="succeeded"\}/);
   const instances = await call('GET', '/v1/instances');
-  assert.deepEqual([...new Set(instances.body.instances.map((i: any) => i.database))].sort(), ['postgres', 'sleepy']);
+  // extra: created again by the stanza test above.
+  assert.deepEqual([...new Set(instances.body.instances.map((i: any) => i.database))].sort(), ['extra', 'postgres', 'sleepy']);
 });

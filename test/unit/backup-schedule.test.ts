@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { dueType } from '../../orchestrator/backups.ts';
-import { stanzaOf, type BackupEvent } from '../../schemas/index.ts';
+import { stanzaOf, stanzaPartsOf, type BackupEvent } from '../../schemas/index.ts';
 
 const MIN = 60_000;
 const now = Date.parse('2026-12-04T12:00:00Z');
@@ -21,6 +21,20 @@ test('stanza names: <database>-<shard> with the key range spelt as in instance i
   assert.equal(stanzaOf('app', '-80'), 'app-_80');
   assert.equal(stanzaOf('app', '80-'), 'app-80_');
   assert.equal(stanzaOf('app', '40-80'), 'app-40_80');
+  // A later system under a name the repository still holds (decision 0064).
+  assert.equal(stanzaOf('app', '-80', 2), 'app-_80-g2');
+  assert.equal(stanzaOf('postgres', '-', 1), 'postgres-0');
+});
+
+test('stanza names read back: shard and generation of a database\'s stanzas, none of another database\'s', () => {
+  assert.deepEqual(stanzaPartsOf('app-_80', 'app'), { shard: '-80', generation: 1 });
+  assert.deepEqual(stanzaPartsOf('app-80_-g3', 'app'), { shard: '80-', generation: 3 });
+  assert.deepEqual(stanzaPartsOf('app-0-g2', 'app'), { shard: '-', generation: 2 });
+  assert.deepEqual(stanzaPartsOf('app-0-0', 'app-0'), { shard: '-', generation: 1 });
+  assert.equal(stanzaPartsOf('app-0-0', 'app'), undefined);
+  assert.equal(stanzaPartsOf('app-0-g2', 'app-0'), undefined);
+  assert.equal(stanzaPartsOf('apple-0', 'app'), undefined);
+  assert.equal(stanzaPartsOf('app-0-g0', 'app'), undefined);
 });
 
 test('schedule: the first backup of a shard is a full one, whatever else is scheduled', () => {

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, SpecError, withAddedInstance, withAddedShardSet, withoutDatabase, withoutInstance, withoutShardSet, withRuntimeChanges } from '../../compose/spec.ts';
+import { ADDED_SLOT_TOP, instancesOf, loadSpec, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, SpecError, stanzaOfSpec, withAddedInstance, withAddedShardSet, withoutDatabase, withoutInstance, withoutShardSet, withRuntimeChanges } from '../../compose/spec.ts';
 
 test('the default spec is database postgres, 1 shard, 3 instances in zone1..zone3', () => {
   const spec = parseSpec({});
@@ -95,6 +95,10 @@ test('up with a spec file keeps the run-time changes of the saved spec; a lowere
     ['postgres-0-zone1-0', 'postgres-0-zone2-1', 'postgres-0-zone2-99']);
   assert.deepEqual(shopPorts(next), shopPorts(saved));
   assert.equal(withRuntimeChanges(undefined, saved), saved);
+  // A stanza chosen for a name used again (decision 0064) stays the shard's; the others are <db>-<shard>.
+  saved.databases[1].stanzas = { '-': 'shop-0-g2' };
+  const kept = withRuntimeChanges(saved, parseSpec({ databases: [{ name: 'postgres', instancesPerShard: 2 }, { name: 'shop' }] }));
+  assert.deepEqual([stanzaOfSpec(kept.databases[0], '-'), stanzaOfSpec(kept.databases[1], '-')], ['postgres-0', 'shop-0-g2']);
 });
 
 test('a second shard set for a reshard: its instances take run-time slots (no other port moves), a replica can join it, up keeps it', () => {

@@ -45,8 +45,14 @@ test('deregistering removes the instance and its serving state; dropping a datab
   const state = foldTopology(events);
   assert.equal(state.instances.has('c'), false);
   assert.equal(state.serving.has('c'), false);
-  const dropped = applyTopologyEvent(state, ev(payload('DatabaseDropped', { database: 'db' })));
+  const dropped = applyTopologyEvent(applyTopologyEvent(state, primary('b', 3n)), ev(payload('DatabaseDropped', { database: 'db' })));
   assert.deepEqual(instancesOf(dropped), []);
+  assert.equal(dropped.primaries.has('db/-'), false, 'its primaries go with it');
+  assert.equal(dropped.retiredTerms.get('db/-'), 3n, 'what orchestrators completed up to its last term was the dropped system\'s');
+  // Created again under the name: its first election's term 1 is not older than anything held.
+  applyTopologyEvent(dropped, base()[1]);
+  applyTopologyEvent(dropped, primary('a', 1n));
+  assert.equal(dropped.primaries.get('db/-')?.instanceId, 'a');
 });
 
 test('the fold of the compacted log (latest event per key, in offset order) equals the fold of the full log', () => {
@@ -129,6 +135,7 @@ test('a retired shard (ShardDropped, decision 0061): keyed like its ShardDefined
   const state = foldTopology([...base(), primary('b', 3n), dropped]);
   assert.deepEqual(shardsOf(state, 'db'), []);
   assert.equal(state.primaries.has('db/-'), false, 'no primary of a retired shard is left to elect or repair');
+  assert.equal(state.retiredTerms.get('db/-'), 3n);
   assert.equal(state.instances.size, 3, 'its instances stay until their processes stopped and they are deregistered');
   for (const id of ['a', 'b', 'c']) applyTopologyEvent(state, ev(payload('InstanceDeregistered', { instanceId: id, reason: 'retired' })));
   assert.deepEqual(instancesOf(state), []);
