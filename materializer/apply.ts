@@ -10,11 +10,16 @@
  * runs with session_replication_role = replica, so the trigger that refuses
  * clients' writes on the side not serving (decision 0040) lets it through.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
 import type { RawMessage } from '../common/eventlog.ts';
 import type { KeyRange } from '../schemas/index.ts';
 import type { Change, ChangeDecoder, Row } from './changes.ts';
-import { deleteSql, keyText, quoteIdent, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
+import { deleteSql, describeColumns, keyText, quoteIdent, shardOfRow, upsertSql, vindexInKey, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
+
+/** How long a column new in the change stream is waited for on the target, and how often it is looked for. */
+const COLUMN_WAIT_MS = 10_000;
+const COLUMN_WAIT_STEP_MS = 250;
 
 export type Tuple = [epoch: bigint, commitLsn: bigint, position: bigint];
 
@@ -121,6 +126,8 @@ export class TableApplier {
   private start = new Map<number, bigint>();
   /** Per streaming shard, the highest commit LSN applied on every applying shard (a switch waits for its marker with it). */
   readonly appliedLsn = new Map<string, bigint>();
+  /** The columns of the last change row seen (followsDdl): the table's columns are looked up again when they change. */
+  private streamColumns = '';
   /** (streaming shard, txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
   readonly recent: Array<{ shard: string; txId: bigint; commitLsn: bigint }> = [];
 
@@ -137,6 +144,13 @@ export class TableApplier {
      */
     private readonly stream?: StreamShards,
     private readonly shape?: ChangeShape,
+    /**
+     * The table is the same on both sides (MoveTables, Reshard): a column the change stream carries and
+     * the table does not know came from DDL run on the source while the workflow runs. Its values are
+     * applied once the target has the column too (the gateway runs a sharded database's DDL on every
+     * shard set); a target without it stops the workflow rather than lose them.
+     */
+    private readonly followsDdl = false,
   ) {}
 
   /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
@@ -182,6 +196,7 @@ export class TableApplier {
       if (change.unavailable.length) {
         throw new WorkflowError(`${this.table.table} at offset ${m.offset}: an update left TOASTed columns (${change.unavailable.join(', ')}) unsent; set REPLICA IDENTITY FULL on the source table`);
       }
+      if (this.followsDdl && change.after) await this.followColumnsOf(change.after);
       changes.push(change);
     }
     const inShard = changes.filter((c) => !this.outsideItsShard(c));
@@ -226,6 +241,33 @@ export class TableApplier {
       for (const [shard, lsn] of maxLsn) if (lsn > (this.appliedLsn.get(shard) ?? 0n)) this.appliedLsn.set(shard, lsn);
     }
     return { applied, lastCommitMs, reachedBarrier };
+  }
+
+  /**
+   * Takes the target's columns again when the stream's columns change (a column added or dropped by
+   * DDL). A column the target does not have yet is waited for: its DDL may commit a moment after the
+   * source's (the gateway runs it on every shard at once).
+   */
+  private async followColumnsOf(row: Row): Promise<void> {
+    const names = Object.keys(row);
+    if (names.join(',') === this.streamColumns) return;
+    const t = this.table;
+    const unknown = () => names.filter((name) => !t.columns.some((c) => c.name === name));
+    const [target] = this.targets.values();
+    for (let waited = 0; ; waited += COLUMN_WAIT_STEP_MS) {
+      // The target's columns that the stream carries (one only the target has keeps its values), in place:
+      // the workflow's other views of the table (VDiff, the applier of the other direction) share this array.
+      const fresh = (await describeColumns(target, `${t.schema}.${t.table}`)).columns.filter((c) => names.includes(c.name));
+      t.columns.splice(0, t.columns.length, ...fresh);
+      const missing = unknown();
+      if (!missing.length) break;
+      if (waited >= COLUMN_WAIT_MS) {
+        throw new WorkflowError(`the change stream of ${t.table} carries column${missing.length > 1 ? 's' : ''} ${missing.join(', ')} that the target table lacks `
+          + '(DDL ran on the source only): run the same DDL on the target, then start the workflow again');
+      }
+      await sleep(COLUMN_WAIT_STEP_MS);
+    }
+    this.streamColumns = names.join(',');
   }
 
   /** Which shards an op touches, and how. */

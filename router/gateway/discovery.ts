@@ -8,7 +8,7 @@
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import { gauge } from '../../common/metrics.ts';
 import {
-  applyTopologyEvent, emptyTopology, kindOf, servingShardsOf, shardGroupOf, shardKey, type HealthEvent, type InstanceRegistered, type KeyRange, type PrimaryChanged, type TopologyEvent, type TopologyState,
+  applyTopologyEvent, emptyTopology, kindOf, servingShardsOf, shardGroupOf, shardsOf, shardKey, type HealthEvent, type InstanceRegistered, type KeyRange, type PrimaryChanged, type TopologyEvent, type TopologyState,
 } from '../../schemas/index.ts';
 
 export interface Endpoint {
@@ -162,6 +162,15 @@ export class Discovery {
   shards(database: string) {
     const group = this.group(database);
     return group === undefined ? [] : servingShardsOf(this.topology, group);
+  }
+
+  /**
+   * Every shard a database has, serving or not: during a reshard both sets (DDL runs on all of them,
+   * so the set that is not serving keeps the schema the change streams it follows carry).
+   */
+  everyShard(database: string): string[] {
+    const group = this.group(database);
+    return group === undefined ? [] : shardsOf(this.topology, group).map((s) => s.shard).sort();
   }
 
   /**

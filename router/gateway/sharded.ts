@@ -671,7 +671,7 @@ export class ShardedSession {
           if (plan.pin?.lookup) return await shardsByLookup(plan.pin, params, this.lookupAccess());
           return plan.pin ? pinnedShards(plan.pin, ranges, params) : ranges.map((r) => r.shard);
         case 'insert': return pinnedShards(plan.pin, ranges, params);
-        case 'all': return ranges.map((r) => r.shard);
+        case 'all': return plan.ddl ? this.opts.discovery.everyShard(this.current) : ranges.map((r) => r.shard);
         case 'reference': {
           // Any shard answers: one this session already uses (its transaction's writes included), else the first.
           const linkOf = (r: { shard: string }) => this.links.get(this.linkKey(this.current, r.shard));

@@ -138,6 +138,20 @@ async function assertExactlyOn(set: typeof OLD, label: string): Promise<void> {
   assert.equal(rows.size, [...acknowledged.values()].filter((n) => n !== null).length, `the ${label} shards have rows nobody acknowledged`);
 }
 
+/** Rows given a value in the column added during the reshard. */
+const TAGGED = Array.from({ length: 20 }, (_, i) => i + 1);
+
+/** Each tagged row still there carries its value in the added column on the set's shard that holds it. */
+async function assertTaggedOn(set: typeof OLD): Promise<void> {
+  for (const id of TAGGED) {
+    if (acknowledged.get(id) === null) continue; // deleted by the writer
+    const c = await connect(portOf(homeIn(set, id)));
+    const { rows } = await c.query('SELECT extra FROM orders WHERE id = $1', [id]);
+    await c.end();
+    assert.equal(rows[0]?.extra, `x${id}`, `row ${id}: the value written in the added column after the DDL`);
+  }
+}
+
 before(async () => {
   const up = await mg('cluster', 'up', ...cluster.flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
@@ -185,6 +199,17 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
 
   assert.match((await post({ name: 'twice', type: 'reshard', database: 'shop', toShards: 4 })).error, /workflow split reshards shop already/);
   await until('the copy and catch-up', 120_000, async () => (await api('/v1/workflows/split')).phase === 'RUNNING');
+  // DDL through the gateway during the reshard reaches both sets, and the new column's values follow.
+  const ddl = await gateway();
+  await ddl.query('ALTER TABLE orders ADD COLUMN extra text');
+  for (const { shard } of [...OLD, ...NEW]) {
+    const c = await connect(portOf(shard));
+    const { rows } = await c.query("SELECT 1 FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'extra'");
+    assert.equal(rows.length, 1, `shard ${shard} has the column the DDL added`);
+    await c.end();
+  }
+  await ddl.query(`UPDATE orders SET extra = 'x' || id WHERE id IN (${TAGGED.join(', ')})`);
+  await ddl.end();
   const readsOnly = await mg('workflow', 'switch-traffic', 'split', '--reads-only', '--data-dir', dataDir);
   assert.match(readsOnly.stderr, /a Reshard: it switches reads and writes together/);
   await until('catch-up to apply the writer\'s changes', 30_000, async () => Number((await api('/v1/workflows/split')).progress.eventsApplied) > 50);
@@ -206,6 +231,7 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
   assert.ok(lately.length > 0, 'inserts after the switch');
   for (const i of lately) assert.equal(i.port, portOf(homeIn(NEW, i.id)), `insert ${i.id} after the switch ran on the new set`);
   await assertExactlyOn(NEW, 'new');
+  await assertTaggedOn(NEW);
   t.diagnostic(`${writes} writes, ${inserts.filter((i) => i.at < switchAt).length} inserts before the switch`);
 
   // reverse-traffic under the writer: reverse replication kept the old shards in step; they serve again.
