@@ -138,6 +138,13 @@ async function assertExactlyOn(set: typeof OLD, label: string): Promise<void> {
   assert.equal(rows.size, [...acknowledged.values()].filter((n) => n !== null).length, `the ${label} shards have rows nobody acknowledged`);
 }
 
+/** Waits for a workflow's copy and catch-up; a timeout shows where the workflow stands. */
+async function untilRunning(name: string, what: string): Promise<void> {
+  let view: { phase?: string } = {};
+  await until(what, 120_000, async () => (view = await api(`/v1/workflows/${name}`)).phase === 'RUNNING')
+    .catch((err: Error) => { throw new Error(`${err.message}; the workflow: ${JSON.stringify(view)}`); });
+}
+
 /** Rows given a value in the column added during the reshard. */
 const TAGGED = Array.from({ length: 20 }, (_, i) => i + 1);
 
@@ -198,7 +205,7 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
   for (const { shard } of NEW) assert.ok(status.shards.find((s) => s.database === 'shop' && s.shard === shard)?.primary, `shop/${shard} has an elected primary`);
 
   assert.match((await post({ name: 'twice', type: 'reshard', database: 'shop', toShards: 4 })).error, /workflow split reshards shop already/);
-  await until('the copy and catch-up', 120_000, async () => (await api('/v1/workflows/split')).phase === 'RUNNING');
+  await untilRunning('split', 'the copy and catch-up');
   // DDL through the gateway during the reshard reaches both sets, and the new column's values follow.
   const ddl = await gateway();
   await ddl.query('ALTER TABLE orders ADD COLUMN extra text');
@@ -292,7 +299,7 @@ test('merge the 4 shards into 1 under a writer: the serving set switches with no
   const created = await mg('workflow', 'create', 'merge', '--type', 'reshard', '--database', 'shop', '--to-shards', '1', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr + created.stdout);
   assert.match(created.stdout, /Reshard shop: -40, 40-80, 80-c0, c0- -> -;/);
-  await until('the merge\'s copy and catch-up', 120_000, async () => (await api('/v1/workflows/merge')).phase === 'RUNNING');
+  await untilRunning('merge', 'the merge\'s copy and catch-up');
   const sw = await mg('workflow', 'switch-traffic', 'merge', '--data-dir', dataDir);
   assert.equal(sw.code, 0, sw.stderr + sw.stdout);
   t.diagnostic(`switch-traffic (4 -> 1) held the writes ${/held (\d+) ms/.exec(sw.stdout)?.[1]} ms`);
