@@ -62,11 +62,14 @@ export function vindexOf(t: Pick<MovedTable, 'table' | 'columns'>, side: { datab
   return v;
 }
 
-/** A table's columns and primary key (empty when it has none), read from a shard's catalog. */
+/**
+ * A table's columns and primary key (empty when it has none), read from a shard's catalog.
+ * NOT NULL is read as text: the materializer's clients take every value as text, and a bool's 'f' is truthy.
+ */
 export async function describeColumns(source: pg.Client, name: string): Promise<Omit<MovedTable, 'vindex'>> {
   const { schema, table } = splitName(name);
   const { rows } = await source.query<{ name: string; type: string; not_null: string; key_pos: string | null }>(`
-    SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
+    SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull::text AS not_null,
            array_position(i.indkey::int2[], a.attnum) AS key_pos
       FROM pg_attribute a
       JOIN pg_class c ON c.oid = a.attrelid
@@ -78,7 +81,7 @@ export async function describeColumns(source: pg.Client, name: string): Promise<
   const key = rows.filter((r) => r.key_pos !== null).sort((a, b) => Number(a.key_pos) - Number(b.key_pos)).map((r) => r.name);
   return {
     schema, table, sql: `${quoteIdent(schema)}.${quoteIdent(table)}`,
-    columns: rows.map((r) => ({ name: r.name, type: r.type, notNull: Boolean(r.not_null) })), key,
+    columns: rows.map((r) => ({ name: r.name, type: r.type, notNull: r.not_null === 'true' })), key,
   };
 }
 
