@@ -15,8 +15,11 @@ export interface PausedQuery {
   done: Promise<{ rows: number; bytes: number }>;
 }
 
-/** Sends `sql` on `client` with its socket paused; `column` is the text column whose bytes are counted. */
-export function pausedQuery(client: pg.Client, sql: string, column: string): PausedQuery {
+/**
+ * Sends `sql` on `client` with its socket paused; `column` is the text column whose bytes are counted.
+ * `onRow` sees each row as it arrives (to check an order without keeping the rows).
+ */
+export function pausedQuery(client: pg.Client, sql: string, column: string, onRow?: (row: Record<string, string>) => void): PausedQuery {
   const socket = (client as unknown as { connection: { stream: net.Socket } }).connection.stream;
   socket.pause();
   let rows = 0;
@@ -26,6 +29,7 @@ export function pausedQuery(client: pg.Client, sql: string, column: string): Pau
   query.on('row', (row: Record<string, string>) => {
     rows++;
     bytes += row[column].length;
+    onRow?.(row);
   });
   const done = new Promise<{ rows: number; bytes: number }>((resolve, reject) => {
     query.on('end', () => resolve({ rows, bytes }));
