@@ -165,7 +165,7 @@ test('cursors (postgres.js) over 300 MB scatter reads, merged by ORDER BY and no
         n += rows.length;
         if (n >= 100) break;
       }
-      assert.equal((await tx`SELECT g FROM pieces ORDER BY g LIMIT 2 OFFSET 10`).map((r) => r.g), [11, 12]);
+      assert.deepEqual(Array.from(await tx`SELECT g FROM pieces ORDER BY g LIMIT 2 OFFSET 10`, (r) => r.g), [11, 12]);
     });
   } finally {
     await sql.end();
