@@ -375,11 +375,7 @@ export class ShardedSession {
     const f = frameAt(msg, 0, msg.length);
     switch (f.type) {
       case T.Terminate: return this.end();
-      case T.Query: {
-        const sql = new BodyReader(f.body).cstr();
-        const gathering = this.readsGathered();
-        return gathering ? gathering.then(() => this.simpleQuery(sql)) : this.simpleQuery(sql);
-      }
+      case T.Query: return this.simpleQuery(new BodyReader(f.body).cstr());
       case T.Sync:
         this.skipToSync = false;
         if (!this.inTransaction) this.closeReads(); // the end of the implicit transaction ends its portals, as in Postgres
@@ -467,6 +463,8 @@ export class ShardedSession {
       routes = [];
       this.reportError(err);
     }
+    // A COMMIT or ROLLBACK ends a suspended portal's read; anything else may need its links.
+    if (routes.length && routes[0].plan.kind !== 'commit' && routes[0].plan.kind !== 'rollback') await this.readsGathered();
     for (const r of routes) {
       try {
         if (r.plan.kind === 'copy_in' && routes.length > 1) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY with other statements in one query');
