@@ -319,7 +319,10 @@ export class ShardedSession {
   end(): void {
     if (this.ended) return;
     this.ended = true;
-    for (const link of this.links.values()) link.up.end();
+    for (const link of this.links.values()) {
+      link.up.socket.resume(); // a link a read paused must be read to see its close
+      link.up.end();
+    }
     this.seqLink?.up.end();
     this.socket.destroy();
   }
