@@ -210,6 +210,7 @@ export class ScatterRead {
       return;
     }
     const limit = this.opts.limit;
+    if (limit !== undefined && this.sent >= limit) this.finished = true; // LIMIT 0
     while (w.given < w.want && !this.finished) {
       const i = this.pick();
       if (i === undefined) break; // a shard still sending has no row buffered: wait for it
