@@ -1181,7 +1181,10 @@ export class ShardedSession {
       case T.Describe: {
         const kind = String.fromCharCode(r.byte());
         const name = r.cstr();
-        if (kind === 'S') return this.describeStatement(name);
+        if (kind === 'S') {
+          const gathering = this.readsGathered(); // it asks a shard, over a link a suspended read may hold
+          return gathering ? gathering.then(() => this.describeStatement(name)) : this.describeStatement(name);
+        }
         const portal = this.portals.get(name);
         if (!portal) throw new PgError('ERROR', '34000', `portal "${name}" does not exist`);
         portal.described = true; // answered with the rows at Execute
