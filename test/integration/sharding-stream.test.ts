@@ -15,7 +15,7 @@ import { shardRanges } from '../../compose/spec.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { queryInstance } from '../support/postgres.ts';
-import { heldWritingFor, pausedQuery, residentBytes } from '../support/slow-client.ts';
+import { heldStill, pausedQuery, residentBytes } from '../support/slow-client.ts';
 
 const cluster = testCluster('sharding-stream', 1, { spec: {
   cells: ['zone1'],
@@ -31,6 +31,9 @@ const PIECES = 3_000;
 const PAD = 100_000;
 const gwClient = () => new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
 let gw: pg.Client;
+/** How many rows each shard's Postgres has made of a result (calls of nextval('made') on it). */
+const made = () => Promise.all(shardPorts.map(async (port) => Number((await queryInstance(port, 'SELECT last_value FROM made'))[0].last_value)));
+const gatewayRss = () => residentBytes(spec.gateway.metricsPort);
 
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
@@ -63,17 +66,13 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
   const PER_SHARD = 1_500;
   await gw.query(`INSERT INTO blobs (id) VALUES ${ranges.map((r) => `(${idOn(r.shard)})`).join(', ')}`);
   const statement = `SELECT b.id, g, nextval('made'), repeat('x', ${PAD}) AS pad FROM blobs b, generate_series(1, ${PER_SHARD}) g`;
-  const made = () => Promise.all(shardPorts.map(async (port) => Number((await queryInstance(port, 'SELECT last_value FROM made'))[0].last_value)));
   const slow = gwClient();
   await slow.connect();
   try {
     const before = await residentBytes(spec.gateway.metricsPort);
     const q = pausedQuery(slow, statement, 'pad');
-    await heldWritingFor(shardPorts, statement, 2_000, 60_000);
     // Waiting in ClientWrite alone could be a gateway that reads slowly (a busy machine): held, the shards make no row more.
-    const madeWhenHeld = await made();
-    await heldWritingFor(shardPorts, statement, 1_000, 10_000);
-    assert.deepEqual(await made(), madeWhenHeld, 'rows made on each shard while its backend was held');
+    const madeWhenHeld = await heldStill(shardPorts, statement, made, 90_000);
     assert.ok(madeWhenHeld.every((n) => n < PER_SHARD), `each shard held before its last row (made: ${madeWhenHeld.join(', ')} of ${PER_SHARD})`);
     const held = await residentBytes(spec.gateway.metricsPort);
     q.resume();
@@ -86,9 +85,6 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
   }
 });
 
-/** How many rows each shard's Postgres has made of a result (calls of nextval('made') on it). */
-const made = () => Promise.all(shardPorts.map(async (port) => Number((await queryInstance(port, 'SELECT last_value FROM made'))[0].last_value)));
-const gatewayRss = () => residentBytes(spec.gateway.metricsPort);
 
 test('an ORDER BY scatter read to a client that reads nothing: merged as the rows come, both shards held writing with no row more made, the gateway\'s memory flat, and every row arrives in order', async () => {
   // 300 MB in all, 150 MB from each shard (see above); each shard's rows come from its index in g order.
@@ -105,10 +101,7 @@ test('an ORDER BY scatter read to a client that reads nothing: merged as the row
       if (Number(row.g) !== last + 1) outOfOrder++;
       last = Number(row.g);
     });
-    await heldWritingFor(shardPorts, statement, 2_000, 60_000);
-    const madeWhenHeld = (await made()).map((n, i) => n - start[i]);
-    await heldWritingFor(shardPorts, statement, 1_000, 10_000);
-    assert.deepEqual((await made()).map((n, i) => n - start[i]), madeWhenHeld, 'rows made on each shard while its backend was held');
+    const madeWhenHeld = (await heldStill(shardPorts, statement, made, 90_000)).map((n, i) => n - start[i]);
     assert.ok(madeWhenHeld.every((n) => n < PIECES / 2 - 100), `each shard held long before its last row (made: ${madeWhenHeld.join(', ')} of about ${PIECES / 2})`);
     const held = await gatewayRss();
     q.resume();
