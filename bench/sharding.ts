@@ -14,6 +14,8 @@
  *     extended protocol) through the gateway into each database.
  *  4. Scatter `ORDER BY ... LIMIT 10` latency (p50/p99 over 300 runs) into
  *     `sharded` vs the same query into `plain`.
+ *  5. A merged scatter read of every row (`ORDER BY` without LIMIT, ~500 B a row): rows/s
+ *     into `sharded` and `plain`, and the gateway's resident memory during it.
  *
  * Everything started is stopped at the end (mg cluster down --clean), also on failure.
  * Ports: base .. base+499.
@@ -183,6 +185,42 @@ async function latency(database: Database, sql: string, runs = 300): Promise<{ p
   }
 }
 
+// ---------------------------------------------------------------- 5. merged scatter read of every row
+/** The gateway's resident memory, from its /metrics. */
+async function gatewayRss(): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${cluster!.gatewayPort + 1}/metrics`)).text();
+  return Number(/^mg_process_resident_memory_bytes (\d+)/m.exec(text)![1]);
+}
+
+/** Rows/s of `sql` (best of `runs`), and the gateway's RSS before and at its highest during the runs (sampled every 20 ms). */
+async function wholeRead(database: Database, sql: string, runs = 5): Promise<{ rowsPerSecond: number; before: number; peak: number }> {
+  const c = await client(database);
+  try {
+    await c.query(sql);
+    const before = await gatewayRss();
+    let peak = before;
+    let best = 0;
+    for (let i = 0; i < runs; i++) {
+      let sampling = true;
+      const sampler = (async () => {
+        while (sampling) {
+          peak = Math.max(peak, await gatewayRss());
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      })();
+      const t0 = performance.now();
+      const { rowCount } = await c.query(sql);
+      const seconds = (performance.now() - t0) / 1000;
+      sampling = false;
+      await sampler;
+      best = Math.max(best, (rowCount ?? 0) / seconds);
+    }
+    return { rowsPerSecond: best, before, peak };
+  } finally {
+    await c.end();
+  }
+}
+
 async function main(): Promise<void> {
   say(`# Sharding benchmark, ${new Date().toISOString()}`);
   say('');
@@ -223,6 +261,17 @@ async function main(): Promise<void> {
   say('|---|---|---|');
   say(`| one unsharded Postgres, all ${ROWS} rows | ${u.p50.toFixed(2)} | ${u.p99.toFixed(2)} |`);
   say(`| ${SHARDS} shards, merged at the gateway | ${s.p50.toFixed(2)} | ${s.p99.toFixed(2)} |`);
+  say('');
+
+  const whole = 'SELECT k, n, repeat(v, 40) AS pad FROM kv ORDER BY n, k'; // about 500 bytes a row
+  say(`## Merged scatter read of every row: \`${whole}\` (best of 5 runs, one client, node-postgres)`);
+  say('');
+  say('| target | rows/s | gateway RSS before (MB) | gateway RSS peak during (MB) |');
+  say('|---|---|---|---|');
+  for (const [database, label] of [['plain', `one unsharded Postgres, all ${ROWS} rows`], ['sharded', `${SHARDS} shards, merged at the gateway`]] as const) {
+    const r = await wholeRead(database, whole);
+    say(`| ${label} | ${r.rowsPerSecond.toFixed(0)} | ${(r.before / 1e6).toFixed(0)} | ${(r.peak / 1e6).toFixed(0)} |`);
+  }
   say('');
   if (args.out) fs.writeFileSync(args.out, `${lines.join('\n')}\n`);
 }

@@ -129,7 +129,7 @@ export function shardError(shard: string, e: Record<string, string>, named: bool
   return new PgError('ERROR', e.C ?? SQLSTATE.INTERNAL_ERROR, named ? `shard ${shard}: ${e.M}` : e.M, e.D, e.H);
 }
 
-function decodeRowDescription(msg: Buffer): { fields: Field[]; binary: boolean } {
+export function decodeRowDescription(msg: Buffer): { fields: Field[]; binary: boolean } {
   const n = msg.readInt16BE(5);
   const fields: Field[] = [];
   let binary = false;

@@ -14,9 +14,9 @@ import type { KeyRange } from '../../schemas/index.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
 import { MOVED_WRITES_SQLSTATE, movedTablesOf, type VSchemaRecord } from '../../schemas/topology.ts';
 import type { SchemaChange } from '../../schemas/generated/types.ts';
-import { mergeRows, type Field } from '../planner/merge.ts';
+import { mergeRows, rowWindow, type Field } from '../planner/merge.ts';
 import { CopyRowSplitter, type CopyRow } from '../planner/copy-rows.ts';
-import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type CopyInPlan, type InsertPlan, type Plan } from '../planner/plan.ts';
+import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type CopyInPlan, type InsertPlan, type Merge, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
 import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
@@ -31,6 +31,7 @@ import {
 } from '../protocol/messages.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
 import { insertLookupRows, moveLookupRows, shardsByLookup, type LookupAccess, type TextRow } from './lookups.ts';
+import { ScatterRead } from './scatter-read.ts';
 import { sequenceBlocks } from './sequences.ts';
 import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, shardError, type ResponseHandler } from './shard-link.ts';
 import { READ_ONLY_BEGIN, readOnlyRouted } from './session.ts';
@@ -92,10 +93,12 @@ type How = { simple: true } | { simple: false; portal: Portal; describe: boolean
  */
 interface Prepared { sql: string; paramTypes: number[]; plan: Plan; database: string; shardParse?: Buffer; planner: Planner }
 /**
- * A bound portal: rows are computed at its first Execute and handed out by row limits. `shardBind` is the
- * Bind of the unnamed portal and statement that shards get (`bindRest` after empty names).
+ * A bound portal: its first Execute runs it. A read executed with a row limit keeps its shards' answers open
+ * in `read` and hands its rows out Execute by Execute; other statements' rows are computed whole, kept in
+ * `pending`. `shardBind` is the Bind of the unnamed portal and statement that shards get (`bindRest` after
+ * empty names).
  */
-interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; shardBind: Buffer; pending?: Buffer[]; tag?: string; described: boolean }
+interface Portal { prepared: Prepared; params: BoundParam[]; bindRest: Buffer; shardBind: Buffer; pending?: Buffer[]; tag?: string; read?: ScatterRead; described: boolean }
 
 /** Statements the session answers itself (no rows to describe). */
 /** A statement and the database that runs it. */
@@ -316,7 +319,10 @@ export class ShardedSession {
   end(): void {
     if (this.ended) return;
     this.ended = true;
-    for (const link of this.links.values()) link.up.end();
+    for (const link of this.links.values()) {
+      link.up.socket.resume(); // a link a read paused must be read to see its close
+      link.up.end();
+    }
     this.seqLink?.up.end();
     this.socket.destroy();
   }
@@ -375,6 +381,7 @@ export class ShardedSession {
       case T.Query: return this.simpleQuery(new BodyReader(f.body).cstr());
       case T.Sync:
         this.skipToSync = false;
+        if (!this.inTransaction) this.closeReads(); // the end of the implicit transaction ends its portals, as in Postgres
         this.reply(readyForQuery(this.status()));
         this.flush();
         return;
@@ -459,6 +466,8 @@ export class ShardedSession {
       routes = [];
       this.reportError(err);
     }
+    // A COMMIT or ROLLBACK ends a suspended portal's read; anything else may need its links.
+    if (routes.length && routes[0].plan.kind !== 'commit' && routes[0].plan.kind !== 'rollback') await this.readsGathered();
     for (const r of routes) {
       try {
         if (r.plan.kind === 'copy_in' && routes.length > 1) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: COPY with other statements in one query');
@@ -579,8 +588,11 @@ export class ShardedSession {
     }
     const read = plan.kind === 'select' || plan.kind === 'reference';
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how, read);
-    // A scatter read whose rows need no merging streams (portals with a row limit keep their rows for later Executes).
+    // A scatter read whose rows need no merging streams.
     if (plan.kind === 'select' && !plan.merge && (how.simple || !how.limited)) return this.streamOnShards(shards, sql, how);
+    // So does one merged by ORDER BY and LIMIT only, and any read of a portal with a row limit, at the client's pace.
+    const merge = plan.kind === 'select' ? plan.merge : undefined;
+    if (read && !(merge && (merge.aggregates || merge.groupBy || merge.distinct))) return this.scatterRead(shards, sql, merge, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);
     if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
@@ -820,6 +832,59 @@ export class ShardedSession {
     this.reply(commandComplete(sumTags(tags)));
   }
 
+  /**
+   * A read whose rows go out through a ScatterRead (decision 0065): in the merge's order, OFFSET and LIMIT
+   * applied as they go, each shard holding a bounded buffer in the gateway. A portal with a row limit keeps
+   * it for its Executes (executePortal); otherwise every row goes now.
+   */
+  private async scatterRead(shards: string[], sql: Buffer, merge: Merge | undefined, how: How): Promise<void> {
+    const { offset, limit } = merge ? rowWindow(merge, how.simple ? undefined : how.portal.params) : { offset: 0, limit: undefined };
+    const links = await Promise.all(shards.map((s) => this.enlist(s)));
+    const read = new ScatterRead(links, {
+      request: () => this.requestBytes(sql, how, true), orderBy: merge?.orderBy, offset, limit,
+      describe: how.simple || how.describe, named: shards.length > 1,
+      reply: (msg) => this.reply(msg), forward: (row, ls) => this.forward(row, 0, row.length, ls),
+    });
+    if (!how.simple && how.limited) {
+      how.portal.read = read;
+      return;
+    }
+    await this.sendRows(read, 0, !how.simple && how.describe);
+  }
+
+  /**
+   * Sends up to `maxRows` (0: all) more rows of a read; then its tag (the rows of this Execute, as Postgres
+   * counts them) when it is complete, PortalSuspended when it has more. Says whether it is complete.
+   */
+  private async sendRows(read: ScatterRead, maxRows: number, describeNoRows: boolean): Promise<boolean> {
+    const { rows, complete } = await read.take(maxRows > 0 ? maxRows : Infinity);
+    if (!complete) {
+      this.reply(PORTAL_SUSPENDED);
+      return false;
+    }
+    if (describeNoRows && !read.described) this.reply(NO_DATA);
+    this.reply(commandComplete(read.tag(rows)));
+    return true;
+  }
+
+  /**
+   * A portal's suspended read holds its shard links mid-request: before another statement uses the links,
+   * the rest of its rows is gathered (kept whole, as before decision 0065). Nothing to wait for: undefined.
+   */
+  private readsGathered(except?: Portal): Promise<void> | undefined {
+    const reads = [...this.portals.values()].filter((p) => p !== except && p.read).map((p) => p.read!.gather());
+    return reads.length ? Promise.all(reads).then(() => undefined) : undefined;
+  }
+
+  /** The transaction that held the portals ended: their reads' rest is dropped (read to the end, not kept), and they are gone. */
+  private closeReads(): void {
+    for (const [name, p] of this.portals) {
+      if (!p.read) continue;
+      void p.read.abandon();
+      this.portals.delete(name);
+    }
+  }
+
   /** DDL and reference-table writes: every shard ran the same; its answer once. */
   private replyFirst(results: ShardResult[], how: How): void {
     this.describeOnce(results, how);
@@ -991,6 +1056,7 @@ export class ShardedSession {
 
   /** Commits (in `mode`) or rolls back the transaction on every shard it touched; a failed commit rolls back what it can and throws. */
   private async endTransaction(commit: boolean, mode: TransactionMode): Promise<void> {
+    this.closeReads();
     const participants = [...this.links.values()].filter((l) => l.inTransaction);
     this.inTransaction = this.implicitTransaction = this.readOnlyTransaction = false;
     const schemaChanges = this.txScoped.flatMap((e) => ('ddl' in e ? [e.ddl] : []));
@@ -1107,6 +1173,7 @@ export class ShardedSession {
         const prepared = this.prepared.get(stmtName);
         if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${stmtName}" does not exist`);
         const shardBind = portalName === '' && stmtName === '' ? raw : shardBindOf(bindRest); // the client's Bind when the names are already empty
+        void this.portals.get(portalName)?.read?.abandon(); // a portal bound again (the unnamed one, typically) replaces the old
         this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, shardBind, described: false });
         this.reply(BIND_COMPLETE);
         return;
@@ -1114,11 +1181,14 @@ export class ShardedSession {
       case T.Describe: {
         const kind = String.fromCharCode(r.byte());
         const name = r.cstr();
-        if (kind === 'S') return this.describeStatement(name);
+        if (kind === 'S') {
+          const gathering = this.readsGathered(); // it asks a shard, over a link a suspended read may hold
+          return gathering ? gathering.then(() => this.describeStatement(name)) : this.describeStatement(name);
+        }
         const portal = this.portals.get(name);
         if (!portal) throw new PgError('ERROR', '34000', `portal "${name}" does not exist`);
         portal.described = true; // answered with the rows at Execute
-        if (portal.pending) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: Describe of a portal already executed');
+        if (portal.pending || portal.read) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: Describe of a portal already executed');
         return;
       }
       case T.Execute: {
@@ -1126,13 +1196,18 @@ export class ShardedSession {
         const maxRows = r.int32();
         const portal = this.portals.get(name);
         if (!portal) throw new PgError('ERROR', '34000', `portal "${name}" does not exist`);
-        return this.executePortal(portal, name, maxRows);
+        // A portal that has not run yet will use shard links: another portal's suspended read lets go of them first.
+        const gathering = portal.pending || portal.read ? undefined : this.readsGathered(portal);
+        return gathering ? gathering.then(() => this.executePortal(portal, name, maxRows)) : this.executePortal(portal, name, maxRows);
       }
       case T.Close: {
         const kind = String.fromCharCode(r.byte());
         const name = r.cstr();
         if (kind === 'S') this.prepared.delete(name);
-        else this.portals.delete(name);
+        else {
+          void this.portals.get(name)?.read?.abandon();
+          this.portals.delete(name);
+        }
         this.reply(CLOSE_COMPLETE);
         return;
       }
@@ -1171,7 +1246,8 @@ export class ShardedSession {
   }
 
   private async executePortal(portal: Portal, name: string, maxRows: number): Promise<void> {
-    if (!portal.pending) {
+    let first = false;
+    if (!portal.pending && !portal.read) {
       // Rules may have changed since Parse: a statement of a database with rules is routed again now.
       const { prepared } = portal;
       if (prepared.planner !== this.planner && !movedTablesOf(this.opts.discovery.topology, this.database)) {
@@ -1180,13 +1256,29 @@ export class ShardedSession {
       }
       const [route] = movedTablesOf(this.opts.discovery.topology, this.database) ? await this.routed(prepared.sql) : [{ text: prepared.sql, database: prepared.database, plan: prepared.plan }];
       await this.executeRouted(route, { simple: false, portal, describe: portal.described, limited: maxRows > 0 });
-      if (!portal.pending) return; // answered already (relayed from one shard, or a session command)
+      if (!portal.pending && !portal.read) return; // answered already (relayed from one shard, or a session command)
+      first = true;
     }
-    const rows = portal.pending;
+    const read = portal.read;
+    if (read) {
+      let complete: boolean;
+      try {
+        complete = await this.sendRows(read, maxRows, first && portal.described);
+      } catch (err) {
+        portal.read = undefined;
+        throw err;
+      }
+      if (!complete) return;
+      // Run to its end: an Execute more of a named portal answers no rows, as in Postgres.
+      Object.assign(portal, { read: undefined, pending: [], tag: read.tag(0) });
+      if (name === '') this.portals.delete(name);
+      return;
+    }
+    const rows = portal.pending!;
     const n = maxRows > 0 ? Math.min(maxRows, rows.length) : rows.length;
     for (const row of rows.splice(0, n)) this.reply(row);
     if (maxRows > 0 && rows.length > 0) {
-      this.reply(message('s')); // PortalSuspended: the next Execute goes on from here
+      this.reply(PORTAL_SUSPENDED); // the next Execute goes on from here
       return;
     }
     if (portal.tag !== undefined) this.reply(commandComplete(portal.tag));
@@ -1293,6 +1385,7 @@ class CopyIn {
 }
 
 const DESCRIBE_PORTAL = message('D', Buffer.from('P'), cstr(''));
+const PORTAL_SUSPENDED = message('s');
 const EXECUTE_ALL = message('E', cstr(''), int32(0));
 
 /** The Parse of the unnamed statement a shard gets. */

@@ -1,6 +1,8 @@
 /**
  * Merging the rows of a scatter SELECT at the gateway: partial aggregates
- * combined per group, DISTINCT, ORDER BY, then OFFSET/LIMIT. Values are the
+ * combined per group, DISTINCT, ORDER BY, then OFFSET/LIMIT (mergeRows, on
+ * gathered rows); or, for ORDER BY alone, the order and a heap of the shards'
+ * sorted streams, merged as the rows arrive (router/gateway/scatter-read.ts). Values are the
  * text-format column values as the shards sent them (null for NULL); order
  * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
  * collation), NULLs last ascending and first descending unless asked.
@@ -117,24 +119,87 @@ export function mergeRows(rows: Row[], fields: readonly Field[], merge: Merge, p
       return true;
     });
   }
-  if (merge.orderBy.length) {
-    const keys = merge.orderBy.map((o) => ({ ...o, at: resolveColumn(o.column, fields) }));
-    out = [...out].sort((a, b) => {
-      for (const k of keys) {
-        const x = a[k.at];
-        const y = b[k.at];
-        if (x === null || y === null) {
-          if (x === y) continue;
-          return (x === null) === k.nullsFirst ? -1 : 1;
-        }
-        const c = compareValues(x, y, fields[k.at].typeOid);
-        if (c !== 0) return k.desc ? -c : c;
-      }
-      return 0;
-    });
-  }
-  const offset = countValue(merge.offset, params) ?? 0;
-  const limit = countValue(merge.limit, params);
+  if (merge.orderBy.length) out = [...out].sort(rowOrder(fields, merge.orderBy));
+  const { offset, limit } = rowWindow(merge, params);
   if (offset || limit !== undefined) out = out.slice(offset, limit === undefined ? undefined : offset + limit);
   return out;
+}
+
+/**
+ * The ORDER BY of a merge as a comparison of rows of `fields`, as Postgres orders them
+ * (see compareValues; NULLs as the clause says). Rows that tie compare 0.
+ */
+export function rowOrder(fields: readonly Field[], orderBy: Merge['orderBy']): (a: Row, b: Row) => number {
+  const keys = orderBy.map((o) => ({ ...o, at: resolveColumn(o.column, fields) }));
+  return (a, b) => {
+    for (const k of keys) {
+      const x = a[k.at];
+      const y = b[k.at];
+      if (x === null || y === null) {
+        if (x === y) continue;
+        return (x === null) === k.nullsFirst ? -1 : 1;
+      }
+      const c = compareValues(x, y, fields[k.at].typeOid);
+      if (c !== 0) return k.desc ? -c : c;
+    }
+    return 0;
+  };
+}
+
+/** A merge's OFFSET and LIMIT as numbers (no limit: undefined). */
+export function rowWindow(merge: Merge, params?: readonly BoundParam[]): { offset: number; limit: number | undefined } {
+  return { offset: countValue(merge.offset, params) ?? 0, limit: countValue(merge.limit, params) };
+}
+
+/**
+ * The k-way merge of sorted streams: a binary min-heap of the streams by their
+ * current head row. A stream ties with another on equal rows; the lower stream
+ * number comes first then, so the merge is deterministic.
+ */
+export class HeadHeap {
+  private readonly items: Array<{ stream: number; head: Row }> = [];
+
+  constructor(private readonly order: (a: Row, b: Row) => number) {}
+
+  get size(): number {
+    return this.items.length;
+  }
+
+  push(stream: number, head: Row): void {
+    const items = this.items;
+    items.push({ stream, head });
+    for (let i = items.length - 1; i > 0;) {
+      const parent = (i - 1) >> 1;
+      if (!this.before(i, parent)) break;
+      [items[i], items[parent]] = [items[parent], items[i]];
+      i = parent;
+    }
+  }
+
+  /** The stream whose head is smallest, taken out of the heap (push it again with its next head). */
+  pop(): number | undefined {
+    const items = this.items;
+    if (!items.length) return undefined;
+    const top = items[0].stream;
+    const last = items.pop()!;
+    if (items.length) {
+      items[0] = last;
+      for (let i = 0; ;) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let min = i;
+        if (l < items.length && this.before(l, min)) min = l;
+        if (r < items.length && this.before(r, min)) min = r;
+        if (min === i) break;
+        [items[i], items[min]] = [items[min], items[i]];
+        i = min;
+      }
+    }
+    return top;
+  }
+
+  private before(i: number, j: number): boolean {
+    const c = this.order(this.items[i].head, this.items[j].head);
+    return c < 0 || (c === 0 && this.items[i].stream < this.items[j].stream);
+  }
 }

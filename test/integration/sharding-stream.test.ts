@@ -1,18 +1,21 @@
 /**
- * A slow client of a scatter read on a sharded database (decision 0062): a
- * client whose socket reads nothing must leave the rows in the shards'
- * Postgres (each backend blocked writing, wait_event ClientWrite), not in the
- * gateway's memory; once it reads, every row arrives.
+ * A slow client of a scatter read on a sharded database (decisions 0062 and
+ * 0065): a client whose socket reads nothing must leave the rows in the
+ * shards' Postgres (each backend blocked writing, wait_event ClientWrite), not
+ * in the gateway's memory, whether the rows merge by ORDER BY or not; once it
+ * reads, every row arrives, in order. A cursor reads such a result in batches
+ * with the gateway's memory flat. Merged order checked against one Postgres.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
+import postgres from 'postgres';
 import { shardRanges } from '../../compose/spec.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { queryInstance } from '../support/postgres.ts';
-import { heldWritingFor, pausedQuery, residentBytes } from '../support/slow-client.ts';
+import { heldStill, pausedQuery, residentBytes } from '../support/slow-client.ts';
 
 const cluster = testCluster('sharding-stream', 1, { spec: {
   cells: ['zone1'],
@@ -23,19 +26,31 @@ const ranges = shardRanges(2);
 const shardPorts = ranges.map((r) => cluster.instances.find((i) => i.shard === r.shard)!.port);
 /** The first id the hash vindex places on `shard`. */
 const idOn = (shard: string) => Array.from({ length: 20 }, (_, i) => i + 1).find((id) => shardFor(hashKeyspaceId(id), ranges) === shard)!;
+/** Rows of `pieces` (ids and g 1..PIECES, spread over the shards by the hash vindex), and the bytes each read makes of one. */
+const PIECES = 3_000;
+const PAD = 100_000;
 const gwClient = () => new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
 let gw: pg.Client;
+/** How many rows each shard's Postgres has made of a result (calls of nextval('made') on it). */
+const made = () => Promise.all(shardPorts.map(async (port) => Number((await queryInstance(port, 'SELECT last_value FROM made'))[0].last_value)));
+const gatewayRss = () => residentBytes(spec.gateway.metricsPort);
 
 before(async () => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  await cluster.applyVSchema('postgres', 'vindexes:\n  hash: { type: hash }\ntables:\n  blobs: { column_vindexes: [{ column: id, name: hash }] }\n');
+  await cluster.applyVSchema('postgres', `vindexes:\n  hash: { type: hash }\ntables:\n${['blobs', 'pieces', 'typed'].map((t) => `  ${t}: { column_vindexes: [{ column: id, name: hash }] }\n`).join('')}`);
   gw = gwClient();
   await gw.connect();
   // Before the gateway has folded the VSchema, blobs is refused (0A000); after, the shards say it does not exist yet.
   await until('the gateway to know the VSchema', 15_000, () => gw.query('SELECT * FROM blobs').then(() => true, (e) => e.code === '42P01'));
   await gw.query('CREATE TABLE blobs (id bigint PRIMARY KEY)');
   await gw.query('CREATE SEQUENCE made'); // on every shard: how many rows its Postgres has made of a result
+  // PIECES rows, ordered by g through an index: a shard reads them in order and makes each row as it sends it.
+  await gw.query('CREATE TABLE pieces (id bigint PRIMARY KEY, g int NOT NULL)');
+  await gw.query('CREATE INDEX pieces_g ON pieces (g)');
+  for (let from = 1; from <= PIECES; from += 1000) {
+    await gw.query(`INSERT INTO pieces (id, g) VALUES ${Array.from({ length: Math.min(1000, PIECES - from + 1) }, (_, k) => `(${from + k}, ${from + k})`).join(', ')}`);
+  }
 });
 
 after(async () => {
@@ -49,20 +64,15 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
   // from each shard, twice what the sockets from one shard's Postgres through its pooler to the gateway could hold
   // at most (Linux's 4 MB send and 32 MB receive buffers each); held, a shard has made 10-18 MB of it.
   const PER_SHARD = 1_500;
-  const PAD = 100_000;
   await gw.query(`INSERT INTO blobs (id) VALUES ${ranges.map((r) => `(${idOn(r.shard)})`).join(', ')}`);
   const statement = `SELECT b.id, g, nextval('made'), repeat('x', ${PAD}) AS pad FROM blobs b, generate_series(1, ${PER_SHARD}) g`;
-  const made = () => Promise.all(shardPorts.map(async (port) => Number((await queryInstance(port, 'SELECT last_value FROM made'))[0].last_value)));
   const slow = gwClient();
   await slow.connect();
   try {
     const before = await residentBytes(spec.gateway.metricsPort);
     const q = pausedQuery(slow, statement, 'pad');
-    await heldWritingFor(shardPorts, statement, 2_000, 60_000);
     // Waiting in ClientWrite alone could be a gateway that reads slowly (a busy machine): held, the shards make no row more.
-    const madeWhenHeld = await made();
-    await heldWritingFor(shardPorts, statement, 1_000, 10_000);
-    assert.deepEqual(await made(), madeWhenHeld, 'rows made on each shard while its backend was held');
+    const madeWhenHeld = await heldStill(shardPorts, statement, made, 90_000);
     assert.ok(madeWhenHeld.every((n) => n < PER_SHARD), `each shard held before its last row (made: ${madeWhenHeld.join(', ')} of ${PER_SHARD})`);
     const held = await residentBytes(spec.gateway.metricsPort);
     q.resume();
@@ -72,5 +82,144 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
     assert.ok(held - before < 50e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
   } finally {
     await slow.end();
+  }
+});
+
+
+test('an ORDER BY scatter read to a client that reads nothing: merged as the rows come, both shards held writing with no row more made, the gateway\'s memory flat, and every row arrives in order', async () => {
+  // 300 MB in all, 150 MB from each shard (see above); each shard's rows come from its index in g order.
+  const statement = `SELECT p.id, p.g, nextval('made') AS made, repeat('x', ${PAD}) AS pad FROM pieces p ORDER BY p.g`;
+  const slow = gwClient();
+  await slow.connect();
+  try {
+    await slow.query('SET enable_sort = off'); // on every shard link: the index gives the order, no sort first makes every row
+    const before = await gatewayRss();
+    const start = await made();
+    let last = 0;
+    let outOfOrder = 0;
+    const q = pausedQuery(slow, statement, 'pad', (row) => {
+      if (Number(row.g) !== last + 1) outOfOrder++;
+      last = Number(row.g);
+    });
+    const madeWhenHeld = (await heldStill(shardPorts, statement, made, 90_000)).map((n, i) => n - start[i]);
+    assert.ok(madeWhenHeld.every((n) => n < PIECES / 2 - 100), `each shard held long before its last row (made: ${madeWhenHeld.join(', ')} of about ${PIECES / 2})`);
+    const held = await gatewayRss();
+    q.resume();
+    assert.deepEqual(await q.done, { rows: PIECES, bytes: PIECES * PAD });
+    assert.equal(outOfOrder, 0, 'every row in g order, none missing');
+    console.log(`a ${PIECES * PAD / 1e6} MB ORDER BY scatter read with the client paused: held at rows ${madeWhenHeld.join(' and ')} of each shard's ~${PIECES / 2}, gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
+    assert.ok(held - before < 50e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
+  } finally {
+    await slow.end();
+  }
+});
+
+test('cursors (postgres.js) over 300 MB scatter reads, merged by ORDER BY and not: every row in batches, the gateway\'s memory flat; a cursor left early lets its shards go and the session goes on', async () => {
+  const sql = postgres({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
+  try {
+    await sql.unsafe('SET enable_sort = off');
+    for (const [label, statement] of [['ORDER BY', 'SELECT id, g, nextval(\'made\'), repeat(\'x\', 100000) AS pad FROM pieces ORDER BY g'], ['no order', 'SELECT id, g, nextval(\'made\'), repeat(\'x\', 100000) AS pad FROM pieces']]) {
+      const before = await gatewayRss();
+      const start = await made();
+      let madeAtThirdBatch: number[] = [];
+      let peak = before;
+      const ids = new Set<number>();
+      let last = 0;
+      let outOfOrder = 0;
+      let batches = 0;
+      await sql.unsafe(statement).cursor(100, async (rows) => {
+        batches++;
+        for (const row of rows) {
+          ids.add(Number(row.id));
+          assert.equal(row.pad.length, PAD);
+          if (Number(row.g) !== last + 1) outOfOrder++;
+          last = Number(row.g);
+        }
+        if (batches % 5 === 0) peak = Math.max(peak, await gatewayRss());
+        // The shards go on only as far as the cursor takes rows (a gathering gateway has all of them made by now).
+        if (batches === 3) madeAtThirdBatch = (await made()).map((n, i) => n - start[i]);
+      });
+      assert.ok(madeAtThirdBatch.every((n) => n < PIECES / 2 - 100), `${label}: with 300 of ${PIECES} rows taken, each shard had made only part of its ~${PIECES / 2} (${madeAtThirdBatch.join(', ')})`);
+      assert.equal(ids.size, PIECES, `${label}: every row once`);
+      assert.equal(batches, PIECES / 100, `${label}: batches of 100`);
+      if (label === 'ORDER BY') assert.equal(outOfOrder, 0, 'rows in g order across batches');
+      console.log(`a cursor (100 rows a batch) over a ${PIECES * PAD / 1e6} MB scatter read, ${label}: shards had made ${madeAtThirdBatch.join(' and ')} rows at the third batch; gateway RSS ${(before / 1e6).toFixed(0)} MB before, at most ${(peak / 1e6).toFixed(0)} MB during`);
+      assert.ok(peak - before < 60e6, `${label}: the gateway grew by ${((peak - before) / 1e6).toFixed(0)} MB during the cursor`);
+    }
+    // Left after two batches: postgres.js closes the portal; the shards' rest is dropped, and their backends finish.
+    const statement = 'SELECT id, g, repeat(\'y\', 100000) AS pad FROM pieces ORDER BY g';
+    let taken = 0;
+    for await (const rows of sql.unsafe(statement).cursor(100)) {
+      taken += rows.length;
+      if (taken >= 200) break;
+    }
+    assert.equal((await sql`SELECT count(*)::int AS n FROM pieces`)[0].n, PIECES, 'the session goes on');
+    await until('the shards to finish the left cursor\'s statement', 30_000, async () => (await Promise.all(shardPorts.map((port) =>
+      queryInstance(port, 'SELECT 1 FROM pg_stat_activity WHERE starts_with(query, $1) AND state = \'active\' AND pid <> pg_backend_pid()', [statement])))).every((r) => r.length === 0));
+    // The same inside a transaction: the portal ends with it.
+    await sql.begin(async (tx) => {
+      let n = 0;
+      for await (const rows of tx.unsafe(statement).cursor(50)) {
+        n += rows.length;
+        if (n >= 100) break;
+      }
+      assert.deepEqual(Array.from(await tx`SELECT g FROM pieces ORDER BY g LIMIT 2 OFFSET 10`, (r) => r.g), [11, 12]);
+    });
+  } finally {
+    await sql.end();
+  }
+});
+
+test('a merged read past its LIMIT stops taking rows, an error on one shard ends the rows with its name, and the session goes on', async () => {
+  const top = await gw.query(`SELECT id, g, repeat('x', ${PAD}) AS pad FROM pieces ORDER BY g DESC LIMIT 4 OFFSET 3`);
+  assert.deepEqual(top.rows.map((r) => Number(r.id)), [PIECES - 3, PIECES - 4, PIECES - 5, PIECES - 6]);
+  await assert.rejects(gw.query('SELECT id, g, 10 / (g - 2000) AS x FROM pieces ORDER BY g'), (e: any) => e.code === '22012' && /^shard \S+: division by zero/.test(e.message));
+  assert.deepEqual((await gw.query('SELECT g FROM pieces ORDER BY g LIMIT 3')).rows.map((r) => r.g), [1, 2, 3]);
+});
+
+test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numeric and text, DESC, NULLS FIRST/LAST, several keys, LIMIT/OFFSET, simple and extended protocol', async () => {
+  await gw.query('CREATE TABLE typed (id bigint PRIMARY KEY, i int, b bigint, n numeric, t text)');
+  const words = ['a', 'B', 'ab', 'é', 'z', '', 'Zz', 'a b'];
+  const values = Array.from({ length: 300 }, (_, k) => {
+    const id = k + 1;
+    const i = id % 13 === 0 ? 'NULL' : String((id * 7) % 23 - 11);
+    const b = id % 17 === 0 ? 'NULL' : String((BigInt(id * 7919 % 301) - 150n) * 10_000_000_000_000n);
+    const n = id % 11 === 0 ? 'NULL' : `${(((id * 37) % 101) - 50) / 8}`;
+    const t = id % 9 === 0 ? 'NULL' : `'${words[id % words.length]}'`;
+    return `(${id}, ${i}, ${b}, ${n}, ${t})`;
+  }).join(', ');
+  await gw.query(`INSERT INTO typed (id, i, b, n, t) VALUES ${values}`);
+  // The reference: the same rows in one database on one of the cluster's Postgres instances.
+  await queryInstance(shardPorts[0], 'CREATE DATABASE reference');
+  const ref = new pg.Client({ host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
+  await ref.connect();
+  const sql = postgres({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
+  try {
+    await ref.query('CREATE TABLE typed (id bigint PRIMARY KEY, i int, b bigint, n numeric, t text)');
+    await ref.query(`INSERT INTO typed (id, i, b, n, t) VALUES ${values}`);
+    const orders = [
+      'i, id', 'i DESC, id', 'i NULLS FIRST, id DESC', 'b DESC, id', 'b DESC NULLS LAST, id', 'n, id', 'n DESC NULLS LAST, id',
+      'n NULLS FIRST, i DESC, id', 't, id', 't DESC, id', 't NULLS FIRST, n, id', 't DESC NULLS LAST, b NULLS FIRST, id', '3, 1', '5 DESC, 2, 1',
+    ];
+    const windows = ['', ' LIMIT 17', ' LIMIT 17 OFFSET 5', ' OFFSET 290', ' LIMIT 0', ' LIMIT 0 OFFSET 3', ' LIMIT 400 OFFSET 1'];
+    let compared = 0;
+    for (const order of orders) {
+      for (const window of windows) {
+        const text = `SELECT id, i, b, n, t FROM typed ORDER BY ${order}${window}`;
+        const expected = (await ref.query(text)).rows;
+        assert.deepEqual((await gw.query(text)).rows, expected, `simple protocol: ${text}`);
+        compared++;
+      }
+      // Extended protocol, LIMIT and OFFSET as parameters (node-postgres), and postgres.js.
+      const text = `SELECT id, i, b, n, t FROM typed ORDER BY ${order} LIMIT $1 OFFSET $2`;
+      const expected = (await ref.query(text, [25, 40])).rows;
+      assert.deepEqual((await gw.query(text, [25, 40])).rows, expected, `extended protocol: ${text}`);
+      assert.deepEqual((await sql.unsafe(text, [25, 40])).map((r) => String(r.id)), expected.map((r) => r.id), `postgres.js: ${text}`);
+      compared += 2;
+    }
+    console.log(`${compared} ORDER BY reads over two shards, each the same as on one Postgres`);
+  } finally {
+    await sql.end();
+    await ref.end();
   }
 });

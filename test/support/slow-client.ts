@@ -15,8 +15,11 @@ export interface PausedQuery {
   done: Promise<{ rows: number; bytes: number }>;
 }
 
-/** Sends `sql` on `client` with its socket paused; `column` is the text column whose bytes are counted. */
-export function pausedQuery(client: pg.Client, sql: string, column: string): PausedQuery {
+/**
+ * Sends `sql` on `client` with its socket paused; `column` is the text column whose bytes are counted.
+ * `onRow` sees each row as it arrives (to check an order without keeping the rows).
+ */
+export function pausedQuery(client: pg.Client, sql: string, column: string, onRow?: (row: Record<string, string>) => void): PausedQuery {
   const socket = (client as unknown as { connection: { stream: net.Socket } }).connection.stream;
   socket.pause();
   let rows = 0;
@@ -26,6 +29,7 @@ export function pausedQuery(client: pg.Client, sql: string, column: string): Pau
   query.on('row', (row: Record<string, string>) => {
     rows++;
     bytes += row[column].length;
+    onRow?.(row);
   });
   const done = new Promise<{ rows: number; bytes: number }>((resolve, reject) => {
     query.on('end', () => resolve({ rows, bytes }));
@@ -58,6 +62,26 @@ export async function heldWritingFor(ports: number[], statement: string, forMs: 
     await sleep(100);
   }
   throw new Error(`the backends running "${statement}" were not held writing for ${forMs} ms (last: ${seen})`);
+}
+
+/**
+ * Resolves with `made()` (how many rows each backend has made of its result) once the backends running
+ * `statement` have been held writing for a second on end with `made()` the same before and after it.
+ * On a loaded machine the sockets between a held Postgres and the paused client take a while to fill (a
+ * starved pooler drains Postgres' send buffer slowly while Postgres still waits in ClientWrite), so this
+ * looks again until the count stands still; a gateway that reads the whole result never gets there.
+ */
+export async function heldStill(ports: number[], statement: string, made: () => Promise<number[]>, timeoutMs: number): Promise<number[]> {
+  const deadline = Date.now() + timeoutMs;
+  await heldWritingFor(ports, statement, 2_000, timeoutMs);
+  let last = await made();
+  for (;;) {
+    await heldWritingFor(ports, statement, 1_000, Math.max(deadline - Date.now(), 1_000));
+    const now = await made();
+    if (now.every((n, i) => n === last[i])) return now;
+    if (Date.now() > deadline) throw new Error(`the backends running "${statement}" kept making rows while waiting in ClientWrite (${last.join(', ')}, then ${now.join(', ')})`);
+    last = now;
+  }
 }
 
 /** A service's resident memory as its /metrics reports it (prom-client's default process metrics). */

@@ -1,0 +1,280 @@
+/**
+ * A read on one or more shards whose rows go to the client as it takes them,
+ * holding a bounded part of the result (decision 0065): each shard's rows wait
+ * in a small buffer, and a shard whose buffer is full stops being read, so
+ * its Postgres waits writing. With ORDER BY the shards' sorted streams are
+ * merged through a heap (a row goes out once every shard still sending has
+ * one buffered, or has ended); without, rows go out in the order they come.
+ * OFFSET and LIMIT apply as rows go out. The rows can be taken in parts (a
+ * portal's Executes with a row limit), the shards' requests staying open in
+ * between.
+ */
+import { HeadHeap, rowOrder, type Row } from '../planner/merge.ts';
+import type { Merge } from '../planner/plan.ts';
+import { PgError, SQLSTATE } from '../protocol/errors.ts';
+import { errorFieldsAt, T } from '../protocol/messages.ts';
+import { decodeDataRow, decodeRowDescription, shardError, type ShardLink } from './shard-link.ts';
+
+/** Row bytes a shard may have waiting in the gateway before its link stops being read (it is read again below half). */
+export const SHARD_BUFFER = 256 * 1024;
+
+export interface ScatterReadOptions {
+  /** What each shard is sent: the statement, ending with Sync (its rows in full; this class reads them at the client's pace). */
+  request: (link: ShardLink) => Buffer;
+  /** The ORDER BY the shards sorted by: their rows are merged in this order. None or empty: rows go out as they come. */
+  orderBy?: Merge['orderBy'];
+  offset: number;
+  limit: number | undefined;
+  /** The client gets the (first) RowDescription. */
+  describe: boolean;
+  /** An error names its shard (more than one shard in the read). */
+  named: boolean;
+  /** A message for the client other than a row (RowDescription, notices). */
+  reply: (msg: Buffer) => void;
+  /** A row for the client; the session flushes and applies its client's backpressure to `links`. */
+  forward: (row: Buffer, links: ShardLink[]) => void;
+}
+
+interface Source {
+  link: ShardLink;
+  /** DataRow messages waiting, from `at` on. */
+  rows: Buffer[];
+  at: number;
+  bytes: number;
+  /** The shard sent its last row (CommandComplete or an error), or its link was lost. */
+  ended: boolean;
+  /** This read paused the link's socket (its buffer was full); the client's ReadThrottle keeps its own. */
+  held: boolean;
+  /** The rows are not wanted any more: they are read and dropped until the shard's ReadyForQuery. */
+  dropping: boolean;
+}
+
+export class ScatterRead {
+  private readonly sources: Source[];
+  /** Resolves once every shard has answered its request to the end (ReadyForQuery, or a lost link). */
+  readonly settled: Promise<void>;
+  /** Ordered reads: the shards with a row buffered, by that row; `starving` counts those still sending without one. */
+  private heap: HeadHeap | undefined;
+  private starving: number;
+  private next = 0;
+  private skip: number;
+  /** Rows sent in all, for LIMIT. */
+  private sent = 0;
+  /** A RowDescription came from a shard. */
+  described = false;
+  /** The first shard's command tag ("SELECT 12"), the form of the tags this read answers. */
+  private shardTag: string | undefined;
+  private error: Error | undefined;
+  private finished = false;
+  /** Keep every row the shards send (gather()): nothing is paused any more. */
+  private gathering = false;
+  private waiter: { want: number; given: number; resolve: (r: { rows: number; complete: boolean }) => void; reject: (e: Error) => void } | undefined;
+
+  constructor(private readonly links: ShardLink[], private readonly opts: ScatterReadOptions) {
+    this.sources = links.map((link) => ({ link, rows: [], at: 0, bytes: 0, ended: false, held: false, dropping: false }));
+    this.starving = links.length;
+    this.skip = opts.offset;
+    this.settled = Promise.all(this.sources.map((s, i) => s.link.request(opts.request(s.link), (type, buf, start, len) => this.onMessage(i, type, buf, start, len))
+      .then(() => this.ended(i), (err: Error) => {
+        this.fail(s, err);
+        this.ended(i);
+      }))).then(() => undefined);
+  }
+
+  /**
+   * Sends up to `max` more rows (Infinity: all). Resolves with the rows sent and whether the read is
+   * complete (then once every shard has answered to the end); rejects with the first shard error.
+   */
+  take(max: number): Promise<{ rows: number; complete: boolean }> {
+    if (this.waiter) throw new Error('a ScatterRead is taken from by one caller at a time');
+    return new Promise((resolve, reject) => {
+      this.waiter = { want: max, given: 0, resolve, reject };
+      this.advance();
+    });
+  }
+
+  /** "SELECT 12": a tag for `rows` rows as the shards name their command. */
+  tag(rows: number): string {
+    const counted = /^(.*?)\d+$/.exec(this.shardTag ?? 'SELECT 0');
+    return counted ? `${counted[1]}${rows}` : this.shardTag!;
+  }
+
+  /**
+   * Reads every shard to the end, keeping the rows that were not taken yet (the client's next
+   * statement needs these links): memory is no longer bounded for this read.
+   */
+  gather(): Promise<void> {
+    this.gathering = true;
+    for (const s of this.sources) if (!s.dropping) this.release(s, true);
+    return this.settled;
+  }
+
+  /** The rows are not wanted (the portal closed, its transaction ended): the shards' rest is read and dropped. */
+  abandon(): Promise<void> {
+    this.finished = true;
+    for (const s of this.sources) this.drop(s);
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.resolve({ rows: w.given, complete: true });
+    return this.settled;
+  }
+
+  private onMessage(i: number, type: number, buf: Buffer, start: number, len: number): void {
+    const s = this.sources[i];
+    if (s.dropping) return;
+    switch (type) {
+      case T.DataRow: return this.buffered(i, buf.subarray(start, start + len)); // a view: a socket's read buffer is never reused
+      case T.RowDescription: return this.rowDescription(Buffer.from(buf.subarray(start, start + len)));
+      case T.CommandComplete:
+        this.shardTag ??= buf.toString('utf8', start + 5, start + len - 1);
+        return this.ended(i);
+      case T.ErrorResponse: return this.fail(s, shardError(s.link.shard, errorFieldsAt(buf, start, len), this.opts.named));
+      case T.NoticeResponse: return this.opts.reply(Buffer.from(buf.subarray(start, start + len)));
+      default: return; // ParseComplete, BindComplete, EmptyQueryResponse: the session answers those itself
+    }
+  }
+
+  private rowDescription(msg: Buffer): void {
+    if (this.described) return;
+    this.described = true;
+    const { fields, binary } = decodeRowDescription(msg);
+    if (this.opts.orderBy?.length) {
+      if (binary) return this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges'));
+      try {
+        this.heap = new HeadHeap(rowOrder(fields, this.opts.orderBy));
+      } catch (err) {
+        return this.fail(undefined, err as Error);
+      }
+    }
+    if (this.opts.describe) this.opts.reply(msg);
+  }
+
+  private buffered(i: number, row: Buffer): void {
+    const s = this.sources[i];
+    if (this.finished) return;
+    const wasEmpty = s.at === s.rows.length;
+    s.rows.push(row);
+    s.bytes += row.length;
+    if (wasEmpty && this.heap) {
+      this.heap.push(i, decodeDataRow(row));
+      this.starving--;
+    }
+    if (s.bytes > SHARD_BUFFER && !this.gathering && !s.link.up.socket.isPaused()) {
+      s.link.up.socket.pause();
+      s.held = true;
+    }
+    this.advance();
+  }
+
+  private ended(i: number): void {
+    const s = this.sources[i];
+    if (s.ended) return;
+    s.ended = true;
+    if (s.at === s.rows.length) this.starving--; // a shard with rows still buffered stays in the heap until they are taken
+    this.advance();
+  }
+
+  /** The first error ends the read: it is what the waiting (or next) take() gets; the other shards' rows are dropped. */
+  private fail(s: Source | undefined, err: Error): void {
+    if (s?.dropping) return;
+    this.error ??= err;
+    if (s) this.ended(this.sources.indexOf(s));
+    this.finished = true;
+    for (const other of this.sources) this.drop(other);
+    this.advance();
+  }
+
+  private drop(s: Source): void {
+    if (s.dropping) return;
+    s.dropping = true;
+    s.rows = [];
+    s.at = 0;
+    s.bytes = 0;
+    this.release(s, true);
+  }
+
+  /** Reads a link again once its buffer has room (`force`: whatever holds it, the client's throttle included). */
+  private release(s: Source, force = false): void {
+    if (!force && (!s.held || s.bytes > SHARD_BUFFER / 2)) return;
+    s.held = false;
+    s.link.up.socket.resume();
+  }
+
+  /** Sends what the waiting take() may have now; settles it when it has its rows, the read ends, or fails. */
+  private advance(): void {
+    const w = this.waiter;
+    if (!w) return;
+    if (this.error) {
+      this.waiter = undefined;
+      w.reject(this.error);
+      return;
+    }
+    const limit = this.opts.limit;
+    if (limit !== undefined && this.sent >= limit) this.finished = true; // LIMIT 0
+    while (w.given < w.want && !this.finished) {
+      const i = this.pick();
+      if (i === undefined) break; // a shard still sending has no row buffered: wait for it
+      if (i === -1) {
+        this.finished = true;
+        break;
+      }
+      const row = this.shift(i);
+      if (this.skip > 0) {
+        this.skip--;
+        continue;
+      }
+      this.opts.forward(row, this.links);
+      w.given++;
+      if (limit !== undefined && ++this.sent >= limit) this.finished = true;
+    }
+    if (this.finished) {
+      // Past the LIMIT, the shards' rest (at most limit + offset rows each) is read and dropped.
+      for (const s of this.sources) this.drop(s);
+      this.waiter = undefined;
+      void this.settled.then(() => (this.error ? w.reject(this.error) : w.resolve({ rows: w.given, complete: true })));
+      return;
+    }
+    if (w.given >= w.want) {
+      this.waiter = undefined;
+      w.resolve({ rows: w.given, complete: false });
+    }
+  }
+
+  /** The shard whose row goes next; undefined to wait for a shard; -1 when every shard has ended and nothing is buffered. */
+  private pick(): number | undefined {
+    if (this.heap) {
+      if (this.starving > 0) return undefined;
+      return this.heap.pop() ?? (this.sources.every((s) => s.ended) ? -1 : undefined);
+    }
+    const n = this.sources.length;
+    for (let k = 0; k < n; k++) {
+      const i = (this.next + k) % n;
+      const s = this.sources[i];
+      if (s.at < s.rows.length) {
+        this.next = i;
+        return i;
+      }
+    }
+    return this.sources.every((s) => s.ended) ? -1 : undefined;
+  }
+
+  /** Takes shard `i`'s next row: its next row goes into the heap, or it starves until one comes (or it ends). */
+  private shift(i: number): Buffer {
+    const s = this.sources[i];
+    const row = s.rows[s.at++];
+    s.bytes -= row.length;
+    if (s.at === s.rows.length) {
+      s.rows = [];
+      s.at = 0;
+    } else if (s.at > 1024) {
+      s.rows = s.rows.slice(s.at);
+      s.at = 0;
+    }
+    if (this.heap) {
+      if (s.at < s.rows.length) this.heap.push(i, decodeDataRow(s.rows[s.at]));
+      else if (!s.ended) this.starving++;
+    }
+    this.release(s);
+    return row;
+  }
+}
