@@ -23,6 +23,7 @@ import { parseArgs } from 'node:util';
 import { createLogger } from '../common/log.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import { PGBENCH } from './proxy/pgbench.ts';
+import { cpuMs, processTree } from './proxy/processes.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const { values: args } = parseArgs({
@@ -50,27 +51,9 @@ const work = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-bench-cores-'));
 fs.chmodSync(work, 0o755);
 const stops: Array<() => Promise<void> | void> = [];
 
-/** A process and all its descendants (a pooler's workers). */
-function processTree(pid: number): number[] {
-  try {
-    const kids = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
-    return [pid, ...kids.flatMap(processTree)];
-  } catch {
-    return [pid];
-  }
-}
-
-/** utime + stime of a process tree, in ms (clock ticks of 10 ms). */
+/** utime + stime of a process tree, in ms (a process that exited meanwhile counts 0). */
 function treeCpuMs(pid: number): number {
-  let ms = 0;
-  for (const p of processTree(pid)) {
-    try {
-      const stat = fs.readFileSync(`/proc/${p}/stat`, 'utf8');
-      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      ms += (Number(f[11]) + Number(f[12])) * 10;
-    } catch { /* exited between the listing and the read */ }
-  }
-  return ms;
+  return processTree(pid).reduce((a, p) => a + (cpuMs(p) || 0), 0);
 }
 
 function pin(pid: number, cpus: string): void {
@@ -84,7 +67,7 @@ async function answers(port: number): Promise<boolean> {
 }
 
 async function waitFor(port: number, what: string): Promise<void> {
-  for (let i = 0; i < 300; i++) {
+  for (let i = 0; i < 1200; i++) { // a loaded machine takes long to start Node processes
     if (await answers(port)) return;
     await sleep(100);
   }
@@ -127,8 +110,18 @@ async function startPooler(workers: number, i: number): Promise<number> {
     { stdio: ['ignore', 'ignore', 'inherit'], cwd: root, env: { ...process.env, MG_LOG_LEVEL: 'warn' } });
   stops.push(() => stop(p));
   await waitFor(ports.pooler(i), `pooler with ${workers} workers`);
-  await sleep(1000); // every worker listening, not just the first
+  await settle(p.pid!);
   return p.pid!;
+}
+
+/** Waits until a process tree is quiet (every worker started and compiled), so startup is not counted. */
+async function settle(pid: number): Promise<void> {
+  for (let i = 0; i < 60; i++) {
+    const before = treeCpuMs(pid);
+    await sleep(1000);
+    if (treeCpuMs(pid) - before <= 30) return;
+  }
+  throw new Error(`process ${pid} did not settle`);
 }
 
 async function stop(p: ChildProcess): Promise<void> {

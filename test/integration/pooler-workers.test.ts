@@ -13,6 +13,7 @@ import { promisify } from 'node:util';
 import pg from 'pg';
 import { createLogger } from '../../common/log.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
+import { queryInstance } from '../support/postgres.ts';
 import { freePort, sleep, until } from '../support/wait.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
@@ -40,30 +41,16 @@ async function end(...cs: pg.Client[]): Promise<void> {
   for (const c of cs) open.delete(c);
 }
 
-async function direct<R extends pg.QueryResultRow = pg.QueryResultRow>(sql: string, values: unknown[] = []): Promise<R[]> {
-  const c = new pg.Client({ host: '127.0.0.1', port: pgInst.port, user: 'postgres', database: 'postgres' });
-  await c.connect();
-  try {
-    return (await c.query<R>(sql, values)).rows;
-  } finally {
-    await c.end();
-  }
-}
+/** Straight to Postgres, to look at what the pooler did. */
+const direct = <R extends pg.QueryResultRow = pg.QueryResultRow>(sql: string, values: unknown[] = []) => queryInstance<R>(pgInst.port, sql, values);
+/** The admin console (database pgbouncer) through any worker. */
+const admin = (sql: string) => queryInstance(port, sql, [], 'pgbouncer');
 
-async function admin(sql: string): Promise<Array<Record<string, unknown>>> {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', database: 'pgbouncer' });
-  await c.connect();
-  try {
-    return (await c.query(sql)).rows;
-  } finally {
-    await c.end();
-  }
-}
-
-/** The pooler's worker processes (children of the primary). */
+/** The pooler's worker processes: the primary's node children (tsx's esbuild is a child too). */
 async function workerPids(): Promise<number[]> {
-  const { stdout } = await run('ps', ['-o', 'pid=', '--ppid', String(primary.pid)]);
-  return stdout.split('\n').map((l) => Number(l.trim())).filter(Boolean).sort();
+  // ps exits 1 when it finds none (before the first fork).
+  const { stdout } = await run('ps', ['-o', 'pid=,comm=', '--ppid', String(primary.pid)]).catch(() => ({ stdout: '' }));
+  return stdout.split('\n').map((l) => l.trim().split(/\s+/)).filter(([, comm]) => comm === 'node').map(([pid]) => Number(pid)).sort();
 }
 
 /** The pooler process that owns the server side of the connection from this local port. */
