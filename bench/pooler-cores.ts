@@ -5,7 +5,7 @@
  * another, so the proxy's own cores are what limits it.
  *
  *   node --import tsx bench/pooler-cores.ts [--base-port 21000] [--seconds 10] [--clients 50]
- *        [--workers 1,2] [--db-cpus 0] [--proxy-cpus 1] [--mode simple]
+ *        [--workers 1,2] [--db-cpus 0] [--proxy-cpus 1] [--mode simple] [--jobs 2]
  *
  * pgbench -S (select-only) at --clients clients, -M --mode. Reported per target: TPS,
  * the proxy's CPU (utime+stime of its whole process tree, from /proc) per
@@ -35,6 +35,7 @@ const { values: args } = parseArgs({
     'db-cpus': { type: 'string', default: '0' },
     'proxy-cpus': { type: 'string', default: '1' },
     mode: { type: 'string', default: 'simple' },
+    jobs: { type: 'string', default: '2' },
   },
 });
 const BASE = Number(args['base-port']);
@@ -75,7 +76,7 @@ async function waitFor(port: number, what: string): Promise<void> {
 }
 
 function pgbench(port: number, seconds: number): { tps: number; transactions: number } {
-  const out = execFileSync('taskset', ['-c', DB_CPUS, PGBENCH, '-n', '-S', '-M', args.mode!, '-c', String(CLIENTS), '-j', '2', '-T', String(seconds),
+  const out = execFileSync('taskset', ['-c', DB_CPUS, PGBENCH, '-n', '-S', '-M', args.mode!, '-c', String(CLIENTS), '-j', args.jobs!, '-T', String(seconds),
     '-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', 'postgres'], { encoding: 'utf8', env: { ...process.env, PGPASSWORD: 'unused' } });
   const tps = Number(/tps = ([\d.]+)/.exec(out)?.[1]);
   const transactions = Number(/number of transactions actually processed: (\d+)/.exec(out)?.[1]);
@@ -150,7 +151,7 @@ async function measure(name: string, port: number, pid: number): Promise<Row> {
 
 async function main(): Promise<void> {
   const loadBefore = fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-  console.log(`pooler cores bench: pgbench -S -M ${args.mode} -c ${CLIENTS}, ${SECONDS} s; Postgres and pgbench on cpus ${DB_CPUS}, proxy on cpus ${PROXY_CPUS}; load ${loadBefore}`);
+  console.log(`pooler cores bench: pgbench -S -M ${args.mode} -c ${CLIENTS} -j ${args.jobs}, ${SECONDS} s; Postgres and pgbench on cpus ${DB_CPUS}, proxy on cpus ${PROXY_CPUS}; load ${loadBefore}`);
   const pgInst = new PostgresInstance({ name: 'bench-cores', dataDir: path.join(work, 'data'), port: ports.postgres, log, settings: { max_connections: '200', shared_buffers: '128MB' } });
   await pgInst.initPrimary();
   await pgInst.start();
