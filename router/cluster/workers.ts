@@ -154,6 +154,7 @@ export class EveryWorker {
   /** Runs `op` in every worker (this one included) and gathers what each returned. */
   async ask<T>(op: string, args: unknown = null): Promise<T[]> {
     if (!cluster.isWorker) return [await this.run(op, args) as T];
+    if (!process.connected) return []; // the primary is gone; node:cluster ends this worker
     const id = this.nextId++;
     return new Promise((resolve) => {
       this.waiting.set(id, resolve as (r: unknown[]) => void);
@@ -174,7 +175,7 @@ export class EveryWorker {
     } catch (err) {
       done = { mg: 'done', id: m.id, from: m.from, error: (err as Error).message };
     }
-    process.send!(done);
+    if (process.connected) process.send!(done);
   }
 }
 

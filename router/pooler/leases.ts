@@ -52,11 +52,16 @@ class WorkerLeases implements ConnectionLeases {
     let q = this.pending.get(key);
     if (!q) this.pending.set(key, (q = []));
     q.push(granted);
-    process.send!({ mg: 'lease', key, poolSize } satisfies LeaseMessage);
+    this.send({ mg: 'lease', key, poolSize });
   }
 
   release(key: string): void {
-    process.send!({ mg: 'unlease', key } satisfies LeaseMessage);
+    this.send({ mg: 'unlease', key });
+  }
+
+  /** Without its primary (it died) a worker is on its way out: node:cluster ends it on disconnect. */
+  private send(msg: LeaseMessage): void {
+    if (process.connected) process.send!(msg);
   }
 
   onWanted(handler: (key: string) => void): void {
