@@ -100,7 +100,8 @@ async function startPooler(): Promise<void> {
   primary.once('exit', (code, signal) => {
     if (!stopping) console.error(`pooler primary exited (${code ?? signal}):\n${fs.readFileSync(logFile, 'utf8').slice(-4000)}`);
   });
-  await until('the pooler workers to listen', 30_000, async () => {
+  // Three Node processes compiling TypeScript: on a loaded machine this takes a minute or more.
+  await until('the pooler workers to listen', 120_000, async () => {
     if (primary.exitCode !== null) throw new Error(`pooler exited with ${primary.exitCode}`);
     return (await workerPids()).length === 2 && await new Promise<boolean>((resolve) => {
       const s = net.connect({ host: '127.0.0.1', port }, () => { s.destroy(); resolve(true); }).on('error', () => resolve(false));
