@@ -48,6 +48,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { createLogger } from '../common/log.ts';
 import { summarizeProfile } from './proxy/profile.ts';
 import type { HolderConfig, HolderReport } from './proxy/conn-holder.ts';
+import { cpuMs, processTree } from './proxy/processes.ts';
 import { PGBENCH, runPgbench, statementsPerTxn, type PgbenchResult, type PgbenchRun, type Target } from './proxy/pgbench.ts';
 import { eventLogOf, freshDiscovery, publishDatabases, type LogTarget } from './proxy/topology.ts';
 import { portAnswers } from '../compose/supervise.ts';
@@ -164,15 +165,6 @@ const rssMiB = (pid: number) => {
   const m = s && /VmRSS:\s+(\d+) kB/.exec(s);
   return m ? Number(m[1]) / 1024 : NaN;
 };
-/** A process and its children (a gateway's workers). */
-function processTree(pid: number): number[] {
-  try {
-    const kids = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
-    return [pid, ...kids.flatMap(processTree)];
-  } catch {
-    return [pid];
-  }
-}
 const treeRssMiB = (pid: number) => processTree(pid).reduce((a, p) => a + (rssMiB(p) || 0), 0);
 const alive = (pid: number | undefined) => pid !== undefined && procStatus(pid) !== undefined && !/State:\s+Z/.test(procStatus(pid)!);
 /** CPU time of a process in ms: [user, kernel]. */
@@ -183,16 +175,6 @@ function cpuSplitMs(pid: number): [number, number] {
     return [Number(f[11]) * 10, Number(f[12]) * 10];
   } catch {
     return [NaN, NaN];
-  }
-}
-/** CPU time (user+system) of a process in ms. */
-function cpuMs(pid: number): number {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) * 10; // clock ticks of 10 ms
-  } catch {
-    return NaN;
   }
 }
 const pidFromFile = (file: string) => {

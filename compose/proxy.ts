@@ -35,7 +35,7 @@ export async function startPoolers(spec: ClusterSpec, paths: Paths, progress: Pr
   for (const inst of instances) {
     progress.note(await startService(poolerName(inst.instanceId), 'router/pooler/main.ts', {
       instanceId: inst.instanceId, listenPort: inst.poolerPort, postgres: { host: '127.0.0.1', port: inst.port },
-      poolSize: spec.pooler.poolSize, metricsPort: inst.poolerMetricsPort,
+      poolSize: spec.pooler.poolSize, metricsPort: inst.poolerMetricsPort, workers: spec.pooler.workers,
     }, inst.poolerPort, paths, spec));
   }
 }

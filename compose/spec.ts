@@ -48,6 +48,8 @@ export const clusterSpecSchema = z.object({
     basePort: port.default(16432),
     poolSize: z.number().int().min(1).max(1000).default(20),
     metricsBasePort: port.default(19200),
+    /** Pooler processes per instance sharing its port, for more cores; poolSize stays per instance (decision 0057). */
+    workers: z.number().int().min(1).max(64).default(1),
   }).strict().default({}),
   gateway: z.object({
     port: port.default(16000),

@@ -13,7 +13,7 @@ import { serveMetrics } from '../../common/metrics.ts';
 import { startGatewayRest } from '../rest/gateway.ts';
 import { Gateway } from './gateway.ts';
 import { loadOrCreateTls } from './tls.ts';
-import { reportMetricsToPrimary, runWorkers } from './workers.ts';
+import { reportMetricsToPrimary, runWorkers } from '../cluster/workers.ts';
 
 const configSchema = z.object({
   port: z.number().int().min(0).max(65535),
@@ -57,7 +57,7 @@ try {
 const log = createLogger('gateway');
 if (cfg.workers > 1 && cluster.isPrimary) {
   if (cfg.tlsDir) loadOrCreateTls(cfg.tlsDir); // one certificate, made before the workers read it
-  await runWorkers(cfg.workers, cfg.metricsPort, log);
+  await runWorkers({ service: 'gateway', count: cfg.workers, metricsPort: cfg.metricsPort, log });
 } else {
   await runGateway();
 }

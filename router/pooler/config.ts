@@ -29,6 +29,11 @@ export const PoolerConfigSchema = z.object({
   maxMessageBytes: z.number().int().min(1024).max(1024 * 1024 * 1024 - 1).default(256 * 1024 * 1024),
   /** Prometheus /metrics and /healthz; 0 picks a free port; omit to serve none. */
   metricsPort: port.optional(),
+  /**
+   * Processes sharing the port (node:cluster), for more cores: poolSize stays the
+   * bound per (user, database) for the whole Postgres (decision 0057). 1 runs in this process.
+   */
+  workers: z.number().int().min(1).max(64).default(1),
   /** How long SIGTERM waits for active transactions before closing everything. */
   shutdownGraceMs: z.number().int().min(0).default(10_000),
 }).strict();

@@ -1,10 +1,15 @@
 /**
  * MultiPooler process: `node --import tsx router/pooler/main.ts --config pooler.json`.
+ * With `workers` > 1 this process becomes the primary of that many pooler
+ * processes sharing the port, and lends them the server connections (leases.ts).
  * SIGTERM/SIGINT drain and stop; SIGHUP re-reads the config (as RELOAD does).
  */
+import cluster from 'node:cluster';
 import { createLogger } from '../../common/log.ts';
 import { onShutdown } from '../../common/lifecycle.ts';
+import { liveWorkers, runWorkers } from '../cluster/workers.ts';
 import { ConfigError, loadConfigFile } from './config.ts';
+import { LeaseArbiter } from './leases.ts';
 import { startPooler } from './pooler.ts';
 
 function usage(msg: string): never {
@@ -27,11 +32,23 @@ try {
 
 const log = createLogger('pooler', { instance: config.instanceId });
 process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection'));
-const pooler = await startPooler(config, log, { configPath: file });
-onShutdown(log, () => pooler.close(), config.shutdownGraceMs + 5_000);
-process.on('SIGHUP', () => {
-  pooler.reload().then(
-    (notes) => log.info({ notes }, 'reloaded on SIGHUP'),
-    (err) => log.error({ err: (err as Error).message }, 'reload failed'),
-  );
-});
+if (config.workers > 1 && cluster.isPrimary) {
+  const leases = new LeaseArbiter();
+  await runWorkers({
+    service: 'pooler', count: config.workers, metricsPort: config.metricsPort, log, graceMs: config.shutdownGraceMs + 6_000,
+    onMessage: (worker, msg) => leases.handle(worker, msg),
+    onExit: (worker) => leases.forget(worker),
+  });
+  process.on('SIGHUP', () => {
+    for (const w of liveWorkers()) w.process.kill('SIGHUP');
+  });
+} else {
+  const pooler = await startPooler(config, log, { configPath: file });
+  onShutdown(log, () => pooler.close(), config.shutdownGraceMs + 5_000);
+  process.on('SIGHUP', () => {
+    pooler.reload().then(
+      (notes) => log.info({ notes }, 'reloaded on SIGHUP'),
+      (err) => log.error({ err: (err as Error).message }, 'reload failed'),
+    );
+  });
+}

@@ -7,6 +7,7 @@
 import type { Logger } from '../../common/log.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import type { PoolerConfig } from './config.ts';
+import type { ConnectionLeases } from './leases.ts';
 import { ServerConn } from './server.ts';
 import { Settings } from './settings.ts';
 import { coarseNow, quoteIdent } from './text.ts';
@@ -31,10 +32,11 @@ export interface PoolStats {
   waits: number;
 }
 
-/** What pools need from the pooler: live config, log, metrics hooks. */
+/** What pools need from the pooler: live config, log, metrics hooks, the leases that bound connections across workers. */
 export interface PoolContext {
   config: PoolerConfig;
   log: Logger;
+  leases: ConnectionLeases;
   observeWait(seconds: number): void;
   countError(kind: string): void;
 }
@@ -51,6 +53,10 @@ export class Pool {
   readonly servers = new Set<ServerConn>();
   private idle: ServerConn[] = [];
   connecting = 0;
+  /** Lease requests not yet granted (a worker of several opens a connection only under a lease). */
+  private leasing = 0;
+  /** Another worker waits for a lease of this pool: the next connection with no client here to take it is closed. */
+  private giveBackWhenIdle = false;
   private readonly waiters = new Map<object, Waiter>();
   paused = false;
   private pauseWaiters: Array<() => void> = [];
@@ -62,6 +68,11 @@ export class Pool {
   clients = 0;
 
   constructor(readonly user: string, readonly database: string, private readonly ctx: PoolContext) {}
+
+  /** The pooler's name for this pool, also the key its leases go by. */
+  get key(): string {
+    return poolKey(this.user, this.database);
+  }
 
   get idleCount(): number {
     return this.idle.length;
@@ -201,9 +212,21 @@ export class Pool {
         return;
       }
     }
+    if (this.giveBackWhenIdle) {
+      this.giveBackWhenIdle = false;
+      this.retireServer(s);
+      return;
+    }
     s.state = 'idle';
     this.idle.push(s);
     this.checkPaused();
+  }
+
+  /** The primary asks for one lease back: the least recently used idle connection now, or the next one freed. */
+  giveBack(): void {
+    const s = this.idle[0];
+    if (s) this.retireServer(s);
+    else this.giveBackWhenIdle = true;
   }
 
   private expired(s: ServerConn): boolean {
@@ -221,11 +244,19 @@ export class Pool {
     if (i >= 0) this.idle.splice(i, 1);
   }
 
-  /** Opens connections while clients wait and the pool has room. */
+  /** Opens connections while clients wait and the pool has room, each under a lease. */
   grow(): void {
     if (this.paused) return;
     const size = this.ctx.config.poolSize;
-    while (this.waiters.size > this.connecting && this.servers.size + this.connecting < size) this.spawn();
+    while (this.waiters.size > this.connecting + this.leasing && this.servers.size + this.connecting + this.leasing < size) {
+      this.leasing++;
+      this.ctx.leases.request(this.key, size, () => {
+        this.leasing--;
+        // Clients may have stopped waiting (or the pool paused) while the lease was on its way.
+        if (!this.paused && this.waiters.size > this.connecting && this.servers.size + this.connecting < this.ctx.config.poolSize) this.spawn();
+        else this.ctx.leases.release(this.key);
+      });
+    }
   }
 
   private spawn(): void {
@@ -242,6 +273,7 @@ export class Pool {
       this.offer(s);
     }, (err: Error) => {
       this.connecting--;
+      this.ctx.leases.release(this.key);
       this.ctx.countError('server_connect');
       log.warn({ err: err.message, user: this.user, database: this.database }, 'server connection failed');
       const pgErr = err instanceof PgError ? err : new PgError('ERROR', SQLSTATE.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, err.message);
@@ -264,6 +296,7 @@ export class Pool {
 
   private onServerClosed(s: ServerConn): void {
     this.servers.delete(s);
+    this.ctx.leases.release(this.key);
     this.removeIdle(s);
     this.ctx.log.debug({ server: s.id, pid: s.pid }, 'server connection closed');
     this.grow();
@@ -345,4 +378,8 @@ export class Pool {
   list(): ServerConn[] {
     return [...this.servers];
   }
+}
+
+export function poolKey(user: string, database: string): string {
+  return `${user}\u0000${database}`;
 }

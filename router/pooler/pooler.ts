@@ -3,6 +3,7 @@
  * gateway in front authenticates) and multiplexes them onto server connections
  * to its Postgres, pooled per (user, database), transaction by transaction.
  */
+import cluster from 'node:cluster';
 import { randomInt } from 'node:crypto';
 import net from 'node:net';
 import type { FastifyInstance } from 'fastify';
@@ -11,13 +12,15 @@ import { listeningPort, serveMetrics } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { FrameReader, InvalidStartupLength } from '../protocol/frames.ts';
 import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery, SESSION_STATE_PARAM } from '../protocol/messages.ts';
-import { AdminSession, type AdminHost } from './admin.ts';
+import { EveryWorker, reportMetricsToPrimary } from '../cluster/workers.ts';
+import { AdminSession, type AdminHost, type Cell, localRows } from './admin.ts';
 import { DURABILITY_DETAIL, loadParser, weakensDurability } from './classify.ts';
 import { ClientSession, type Counters, type GatewayState, type SessionServices } from './client.ts';
 import { ConfigError, loadConfigFile, parseConfig, type PoolerConfig, type PoolerConfigInput } from './config.ts';
+import { connectionLeases } from './leases.ts';
 import { SharedListener } from './listener.ts';
 import { observeWait, registerPooler, type PoolerSnapshot } from './metrics.ts';
-import { Pool, type PoolContext } from './pool.ts';
+import { Pool, type PoolContext, poolKey } from './pool.ts';
 import type { ServerConn } from './server.ts';
 import { decodeSessionState, settingsDelta, settingsFromStartup, startupSettings, type Settings } from './settings.ts';
 
@@ -33,7 +36,7 @@ export interface PoolerHandle {
   readonly pooler: Pooler;
   /** Graceful: stops accepting, lets running transactions finish (up to shutdownGraceMs), closes everything. */
   close(): Promise<void>;
-  /** Re-reads the config file (RELOAD, SIGHUP); returns notes about settings that need a restart. */
+  /** Re-reads the config file in this process (SIGHUP, which reaches each worker); returns notes about settings that need a restart. */
   reload(): Promise<string[]>;
 }
 
@@ -46,7 +49,9 @@ export async function startPooler(input: PoolerConfigInput | PoolerConfig, log: 
   const pooler = new Pooler(config, log, opts.configPath);
   const port = await pooler.listen();
   let metricsApp: FastifyInstance | undefined;
-  if (config.metricsPort !== undefined) metricsApp = await serveMetrics(config.metricsPort, () => !pooler.shuttingDown);
+  // A worker's metrics are served summed by the primary (router/cluster).
+  if (cluster.isWorker) reportMetricsToPrimary();
+  else if (config.metricsPort !== undefined) metricsApp = await serveMetrics(config.metricsPort, () => !pooler.shuttingDown);
   log.info({ port, metricsPort: metricsApp ? listeningPort(metricsApp) : undefined, postgres: config.postgres, poolSize: config.poolSize }, 'pooler listening');
   let closing: Promise<void> | undefined;
   return {
@@ -57,7 +62,7 @@ export async function startPooler(input: PoolerConfigInput | PoolerConfig, log: 
       closing ??= pooler.shutdown().then(() => metricsApp?.close()).then(() => undefined);
       return closing;
     },
-    reload: () => pooler.reload(),
+    reload: () => pooler.reloadLocal(),
   };
 }
 
@@ -74,6 +79,9 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
   private readonly server: net.Server;
   private readonly reaper: NodeJS.Timeout;
   private readonly unregister: () => void;
+  readonly leases = connectionLeases();
+  /** The pooler's workers (this process alone when it runs as one): cancels, schema changes and the admin console reach them all. */
+  private readonly workers = new EveryWorker();
 
   constructor(readonly config: PoolerConfig, readonly log: Logger, private readonly configPath?: string) {
     this.server = net.createServer({ noDelay: true }, (s) => this.accept(s));
@@ -81,6 +89,19 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     this.reaper = setInterval(() => this.reap(), 1000);
     this.reaper.unref();
     this.unregister = registerPooler(() => this.snapshot());
+    this.leases.onWanted((key) => this.poolMap.get(key)?.giveBack());
+    this.workers.on('cancel', (args) => {
+      const { pid, secret } = args as { pid: number; secret: number };
+      return this.cancelLocal(pid, secret);
+    });
+    this.workers.on('schema-changed', (args) => {
+      const { database, from } = args as { database: string; from: number };
+      if (from !== process.pid) this.bumpSchemaEpoch(database);
+    });
+    this.workers.on('show', (what) => localRows(this, what as string));
+    this.workers.on('pause', (database) => this.pauseLocal(database as string | undefined));
+    this.workers.on('resume', (database) => this.resumeLocal(database as string | undefined));
+    this.workers.on('reload', () => this.reloadLocal());
   }
 
   listen(): Promise<number> {
@@ -122,6 +143,12 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
   }
 
   schemaChanged(database: string): void {
+    this.bumpSchemaEpoch(database);
+    // Every worker's pooled statements were planned against the old schema too.
+    void this.workers.ask('schema-changed', { database, from: process.pid });
+  }
+
+  private bumpSchemaEpoch(database: string): void {
     this.schemaEpochs.set(database, this.schemaEpoch(database) + 1);
   }
 
@@ -152,21 +179,44 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     return this.admins.size;
   }
 
+  /** Rows of an admin SHOW from every worker, one list per worker. */
+  showEverywhere(what: string): Promise<Cell[][][]> {
+    return this.workers.ask<Cell[][]>('show', what);
+  }
+
+  /** PAUSE in every worker; an unknown database is one no worker has a pool for. */
   async pause(database?: string): Promise<void> {
+    const found = await this.workers.ask<boolean>('pause', database ?? null);
+    if (database && !found.includes(true)) throw new PgError('ERROR', SQLSTATE.INVALID_CATALOG_NAME, `no such database: ${database}`);
+  }
+
+  async resume(database?: string): Promise<void> {
+    const found = await this.workers.ask<boolean>('resume', database ?? null);
+    if (database && !found.includes(true)) throw new PgError('ERROR', SQLSTATE.INVALID_CATALOG_NAME, `no such database: ${database}`);
+  }
+
+  private async pauseLocal(database?: string): Promise<boolean> {
     const pools = this.pools().filter((p) => !database || p.database === database);
-    if (database && pools.length === 0) throw new PgError('ERROR', SQLSTATE.INVALID_CATALOG_NAME, `no such database: ${database}`);
     this.log.info({ database }, 'PAUSE');
     await Promise.all(pools.map((p) => p.pause()));
+    return pools.length > 0;
   }
 
-  resume(database?: string): void {
+  private resumeLocal(database?: string): boolean {
     const pools = this.pools().filter((p) => !database || p.database === database);
-    if (database && pools.length === 0) throw new PgError('ERROR', SQLSTATE.INVALID_CATALOG_NAME, `no such database: ${database}`);
     this.log.info({ database }, 'RESUME');
     for (const p of pools) p.resume();
+    return pools.length > 0;
   }
 
+  /** RELOAD: every worker re-reads the config file; the notes are said once. */
   async reload(): Promise<string[]> {
+    const notes = await this.workers.ask<string[]>('reload');
+    return [...new Set(notes.flat())];
+  }
+
+  /** Re-reads the config file in this process (SIGHUP reaches each worker). */
+  async reloadLocal(): Promise<string[]> {
     if (!this.configPath) return ['started without a config file: nothing to reload'];
     let next: PoolerConfig;
     try {
@@ -175,7 +225,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
       throw new PgError('ERROR', '22023', err instanceof ConfigError ? err.message : String(err));
     }
     const notes: string[] = [];
-    const fixed = ['instanceId', 'listenPort', 'listenHost', 'metricsPort'] as const;
+    const fixed = ['instanceId', 'listenPort', 'listenHost', 'metricsPort', 'workers'] as const;
     for (const k of fixed) if (next[k] !== this.config[k]) notes.push(`${k} changed; it takes effect on restart`);
     if (JSON.stringify(next.postgres) !== JSON.stringify(this.config.postgres)) notes.push('postgres changed; it takes effect on restart');
     const reloadable = ['poolSize', 'maxClients', 'queueTimeoutMs', 'serverIdleTimeoutMs', 'serverLifetimeMs', 'serverConnectTimeoutMs',
@@ -249,12 +299,18 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     socket.end(errorResponse(e));
   }
 
+  /** A cancel key may belong to a client of another worker: the connection it came on landed wherever the kernel put it. */
   private cancel(pid: number, secret: number): void {
+    if (this.cancelLocal(pid, secret)) return;
+    void this.workers.ask('cancel', { pid, secret });
+  }
+
+  private cancelLocal(pid: number, secret: number): boolean {
     const c = this.clientMap.get(pid);
-    if (c && c.secret === secret) {
-      this.log.debug({ client: pid }, 'cancel request');
-      c.cancel();
-    }
+    if (!c || c.secret !== secret) return false;
+    this.log.debug({ client: pid }, 'cancel request');
+    c.cancel();
+    return true;
   }
 
   private async startSession(socket: net.Socket, params: Record<string, string>, minor: number, rest: Buffer): Promise<void> {
@@ -367,7 +423,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
   }
 
   private pool(user: string, database: string): Pool {
-    const key = `${user}\u0000${database}`;
+    const key = poolKey(user, database);
     let p = this.poolMap.get(key);
     if (!p) {
       p = new Pool(user, database, this);
