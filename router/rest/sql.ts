@@ -207,27 +207,32 @@ export class QueryBuilder {
     const fkMatchesHint = (fk: ForeignKey) => hint === undefined || fk.name === hint || (fk.columns.length === 1 && fk.columns[0] === hint);
     const lookup = (schema: string, n: string) => this.cache.tables.get(tableKey(schema, n));
     for (const fk of this.cache.foreignKeys) {
-      // many-to-one: the parent references the target (by table name, or by the FK column's name)
-      if (same(parent, fk.schema, fk.table) && (fk.refTable === name || (fk.columns.length === 1 && fk.columns[0] === name)) && fkMatchesHint(fk)) {
+      // many-to-one: the parent references the target (by table name, or by the FK column's name unless the target is a
+      // view: PostgREST names views only by their name, postgrest#2277)
+      if (same(parent, fk.schema, fk.table) && fkMatchesHint(fk)) {
         const target = lookup(fk.refSchema, fk.refTable);
-        if (target) found.push({ target, cardinality: 'one', describe: `many-to-one using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.refColumns, p, fk.columns) }) });
+        const byColumn = fk.columns.length === 1 && fk.columns[0] === name && hint === undefined && target?.kind === 'table';
+        if (target && (fk.refTable === name || byColumn)) {
+          found.push({ target, cardinality: 'one', describe: `many-to-one using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.refColumns, p, fk.columns) }) });
+        }
       }
-      // one-to-many (one-to-one when the FK columns are a key of the target)
+      // one-to-many (one-to-one when the FK columns are a key of their table)
       if (same(parent, fk.refSchema, fk.refTable) && fk.table === name && fk.schema === parent.schema && fkMatchesHint(fk)) {
         const target = lookup(fk.schema, fk.table);
         if (!target) continue;
-        const unique = target.uniqueKeys.some((k) => k.length === fk.columns.length && k.every((c) => fk.columns.includes(c)));
-        found.push({ target, cardinality: unique ? 'one' : 'many', describe: `one-to-many using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.columns, p, fk.refColumns) }) });
+        found.push({ target, cardinality: fk.oneToOne ? 'one' : 'many', describe: `one-to-many using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.columns, p, fk.refColumns) }) });
       }
     }
-    // many-to-many through a junction table with FKs to both sides
+    // many-to-many through a junction with two FKs (to both sides) whose columns are all in its primary key
     const target = lookup(parent.schema, name);
     if (target) {
       for (const toParent of this.cache.foreignKeys) {
         if (!same(parent, toParent.refSchema, toParent.refTable)) continue;
+        const junctionKey = lookup(toParent.schema, toParent.table)?.primaryKey ?? [];
         for (const toTarget of this.cache.foreignKeys) {
-          if (toTarget === toParent || toTarget.schema !== toParent.schema || toTarget.table !== toParent.table || !same(target, toTarget.refSchema, toTarget.refTable)) continue;
+          if (toTarget.name === toParent.name || toTarget.schema !== toParent.schema || toTarget.table !== toParent.table || !same(target, toTarget.refSchema, toTarget.refTable)) continue;
           if (same(parent, toParent.schema, toParent.table) || same(target, toParent.schema, toParent.table)) continue;
+          if (![...toParent.columns, ...toTarget.columns].every((c) => junctionKey.includes(c))) continue;
           if (hint !== undefined && hint !== toParent.table && hint !== toTarget.name) continue;
           const jt = { schema: toParent.schema, name: toParent.table };
           found.push({
