@@ -183,6 +183,8 @@ export function readRequests(): TestRequest[] {
     get('/project_summary?select=name,tasks(title)&order=id'), get('/project_summary?select=name,task_items(label)&order=id'),
     get('/project_clients?select=id,...clients(city)&order=id'), get('/task_items?select=label,projects(name,client_list(name))&order=task_id'),
     get('/client_list?select=*,project_clients(count)&order=id'), get('/client_list?select=id,nope(*)'),
+    get('/task_pairs?select=id,projects(name)&id=eq.1'), get('/task_pairs?select=id,projects!same_project(name)&id=eq.1'), get('/projects?select=id,task_pairs(id)&id=eq.2'),
+    get('/projects?select=id,task_pairs!same_project(id)&id=eq.2'),
     get('/task_items?task_id=eq.1&select=label,projects(name)', OBJECT), get('/client_list?select=name', { Prefer: 'count=exact', Range: '0-1' }),
     // db-pre-request (check_request) refuses with its own status (PT403)
     get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
