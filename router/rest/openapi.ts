@@ -67,15 +67,12 @@ function splitComment(comment: string | null): { summary?: string; description?:
 const compact = <T extends Record<string, unknown>>(o: T): T =>
   Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined && v !== null)) as T;
 
-const byCodePoint = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
-
 function columnSchema(cache: SchemaCache, table: Table, col: Column): Record<string, unknown> {
   const type = jsonType(col.doc.baseType);
   const notes = ['Note:'];
   if (table.primaryKey.includes(col.name)) notes.push('This is a Primary Key.<pk/>');
-  // as PostgREST: a single-column many-to-one FK, the first in its order of referenced relations (views' FKs included)
-  const fk = cache.foreignKeys.filter((f) => f.schema === table.schema && f.table === table.name && !f.oneToOne && f.columns.length === 1 && f.columns[0] === col.name)
-    .sort((a, b) => byCodePoint(a.refSchema, b.refSchema) || byCodePoint(a.refTable, b.refTable) || byCodePoint(a.name, b.name))[0];
+  // as PostgREST: the first single-column many-to-one FK of the column, tables' FKs before those through views
+  const fk = cache.foreignKeys.find((f) => f.schema === table.schema && f.table === table.name && !f.oneToOne && f.columns.length === 1 && f.columns[0] === col.name);
   if (fk) {
     const ref = fk.refColumns[fk.columns.indexOf(col.name)];
     notes.push(`This is a Foreign Key to \`${fk.refTable}.${ref}\`.<fk table='${fk.refTable}' column='${ref}'/>`);
