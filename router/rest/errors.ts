@@ -10,7 +10,8 @@ export class RestError extends Error {
     readonly status: number,
     readonly code: string,
     message: string,
-    readonly details: string | null = null,
+    /** Text, or PostgREST's list of objects (PGRST201's candidate relationships). */
+    readonly details: string | object[] | null = null,
     readonly hint: string | null = null,
     readonly headers: Record<string, string> = {},
   ) {
@@ -23,7 +24,7 @@ export class RestError extends Error {
 }
 
 /** Key order as PostgREST writes it. */
-export function errorBody(code: string, message: string, details: string | null, hint: string | null): string {
+export function errorBody(code: string, message: string, details: string | object[] | null, hint: string | null): string {
   return JSON.stringify({ code, details, hint, message });
 }
 

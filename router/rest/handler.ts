@@ -490,14 +490,13 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const mutation = write(b, alias);
   const returning = prefer.return === 'representation';
   const readScope = { table, alias: b.nextAlias('t'), path: '' };
-  // An upsert tells inserted rows from updated ones (201 or 200) by xmax = 0.
-  const upsert = (kind === 'put' || prefer.resolution === 'merge-duplicates') && table.kind === 'table';
+  const upsert = kind === 'put' || (kind === 'insert' && prefer.resolution === 'merge-duplicates');
   const tableColumns = table.columnOrder.map(ident).join(', ');
   const read = b.read(readScope, `(SELECT ${tableColumns} FROM pgrst_written) AS ${ident(readScope.alias)}`, { applyFilters: false, order: kind !== 'insert' && returning });
   const pk = table.primaryKey;
   const location = kind === 'insert' && prefer.return === 'headers-only' && pk.length
     ? `, (SELECT json_build_array(${pk.map((c) => `${ident(c)}::text`).join(', ')})::text FROM pgrst_written LIMIT 1) AS location` : '';
-  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? `${ident(alias)}.xmax = 0` : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
+  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? insertedSql(table, q, alias) : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
     + ` (SELECT ${bodySql(raw ? { aggregate: raw, table } : media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
@@ -524,6 +523,20 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
     },
   };
 }
+
+/**
+ * Whether an upserted row was inserted rather than updated (201 or 200): a table's new row has xmax = 0; a view has
+ * no system columns, so its row was inserted when the statement's snapshot, which does not see its own writes, has
+ * no row with that conflict key.
+ */
+function insertedSql(table: Table, q: ParsedQuery, alias: string): string {
+  if (table.kind === 'table') return `${ident(alias)}.xmax = 0`;
+  const before = conflictTarget(table, q).map((c) => `pgrst_before.${ident(c)} = ${ident(alias)}.${ident(c)}`).join(' AND ');
+  return `NOT EXISTS (SELECT FROM ${qualified(table)} AS pgrst_before WHERE ${before})`;
+}
+
+/** The columns an upsert's ON CONFLICT names: on_conflict=, else the primary key (a view's inferred one). */
+const conflictTarget = (table: Table, q: ParsedQuery) => q.onConflict ?? table.primaryKey;
 
 /** PUT: an upsert of the one row its primary-key filters name. */
 function planPut(req: RestRequest, cache: SchemaCache, table: Table, sharded: boolean): Plan {
@@ -570,7 +583,7 @@ function planInsert(req: RestRequest, cache: SchemaCache, table: Table, sharded:
       : `SELECT ${list} FROM json_populate_recordset(NULL::${qualified(table)}, ${rows}::json) _`;
     const sql = `INSERT INTO ${qualified(table)} AS ${ident(alias)}${cols.length ? ` (${list})` : ''} ${source}`;
     if (resolution) {
-      const target = q.onConflict ?? table.primaryKey;
+      const target = conflictTarget(table, q);
       if (!target.length) throw new RestError(400, 'PGRST103', 'on_conflict needs a primary key or the on_conflict parameter');
       for (const c of target) b.column(table, c);
       const updates = cols.filter((c) => !target.includes(c));

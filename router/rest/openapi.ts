@@ -71,7 +71,8 @@ function columnSchema(cache: SchemaCache, table: Table, col: Column): Record<str
   const type = jsonType(col.doc.baseType);
   const notes = ['Note:'];
   if (table.primaryKey.includes(col.name)) notes.push('This is a Primary Key.<pk/>');
-  const fk = cache.foreignKeys.find((f) => f.schema === table.schema && f.table === table.name && f.columns.includes(col.name));
+  // as PostgREST: the first single-column many-to-one FK of the column, tables' FKs before those through views
+  const fk = cache.foreignKeys.find((f) => f.schema === table.schema && f.table === table.name && !f.oneToOne && f.columns.length === 1 && f.columns[0] === col.name);
   if (fk) {
     const ref = fk.refColumns[fk.columns.indexOf(col.name)];
     notes.push(`This is a Foreign Key to \`${fk.refTable}.${ref}\`.<fk table='${fk.refTable}' column='${ref}'/>`);

@@ -4,6 +4,7 @@
  * round trip. Every identifier of a request is checked against it before it is
  * quoted into SQL.
  */
+import { inferViewKeys, type KeyConstraint } from './view-keys.ts';
 
 export interface Column {
   name: string;
@@ -40,9 +41,8 @@ export interface Table {
   columns: Map<string, Column>;
   /** Column order as in the catalog (what `select=*` returns). */
   columnOrder: string[];
+  /** A view's is inferred from its base tables (view-keys.ts). */
   primaryKey: string[];
-  /** Primary key and unique constraints' column sets (a one-to-one FK points at one). */
-  uniqueKeys: string[][];
   description: string | null;
   /** PostgREST's insertable/updatable/deletable: tables always, views when Postgres can write through them. */
   writable: { insert: boolean; update: boolean; delete: boolean };
@@ -58,6 +58,8 @@ export interface ForeignKey {
   refTable: string;
   refSchema: string;
   refColumns: string[];
+  /** Its columns are a primary or unique key of the referencing table (the inverse relationship is to one too). */
+  oneToOne: boolean;
 }
 
 export interface FunctionArg {
@@ -114,7 +116,7 @@ const nominal = (t: string) => `(case when ${t}.typnamespace = 'pg_catalog'::reg
   else (select nspname from pg_namespace where oid = ${t}.typnamespace) || '.' || ${t}.typname end)`;
 
 const TABLES_SQL = `
-select n.nspname as schema, c.relname as name, case when c.relkind in ('v', 'm') then 'view' else 'table' end as kind,
+select c.oid::int8 as oid, n.nspname as schema, c.relname as name, case when c.relkind in ('v', 'm') then 'view' else 'table' end as kind,
   obj_description(c.oid, 'pg_class') as description,
   c.relkind in ('r', 'p') or (c.relkind in ('v', 'f') and pg_relation_is_updatable(c.oid::regclass, true) & 8 = 8) as insertable,
   c.relkind in ('r', 'p') or (c.relkind in ('v', 'f') and pg_relation_is_updatable(c.oid::regclass, true) & 4 = 4) as updatable,
@@ -136,24 +138,37 @@ select n.nspname as schema, c.relname as name, case when c.relkind in ('v', 'm')
     left join pg_type et on et.oid = bt.typelem and bt.typcategory = 'A'
     left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
     where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped), '[]') as columns,
-  coalesce((select json_agg(json_build_object('primary', k.contype = 'p', 'columns',
-      (select json_agg(a.attname order by u.ord) from unnest(k.conkey) with ordinality u(attnum, ord)
-        join pg_attribute a on a.attrelid = k.conrelid and a.attnum = u.attnum)))
-    from pg_constraint k where k.conrelid = c.oid and k.contype in ('p', 'u')), '[]') as keys
+  coalesce((select json_agg(a.attname order by u.ord) from pg_constraint k, unnest(k.conkey) with ordinality u(attnum, ord)
+    join pg_attribute a on a.attrelid = c.oid and a.attnum = u.attnum where k.conrelid = c.oid and k.contype = 'p'), '[]') as primary_key
 from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where n.nspname = any($1) and c.relkind in ('r', 'v', 'm', 'p', 'f')`;
 
-const FKS_SQL = `
-select k.conname as name, n1.nspname as schema, t1.relname as table, n2.nspname as ref_schema, t2.relname as ref_table,
+/**
+ * Primary and foreign keys of every schema: a view of an exposed schema may
+ * show a table of another one, and takes its keys (view-keys.ts).
+ */
+const KEYS_SQL = `
+select k.conname as name, k.contype::text as type,
+  t1.oid::int8 as oid, n1.nspname as schema, t1.relname as table, k.conkey as attnums,
   (select json_agg(a.attname order by u.ord) from unnest(k.conkey) with ordinality u(attnum, ord)
     join pg_attribute a on a.attrelid = k.conrelid and a.attnum = u.attnum) as columns,
+  t2.oid::int8 as ref_oid, n2.nspname as ref_schema, t2.relname as ref_table, k.confkey as ref_attnums,
   (select json_agg(a.attname order by u.ord) from unnest(k.confkey) with ordinality u(attnum, ord)
-    join pg_attribute a on a.attrelid = k.confrelid and a.attnum = u.attnum) as ref_columns
+    join pg_attribute a on a.attrelid = k.confrelid and a.attnum = u.attnum) as ref_columns,
+  k.contype = 'f' and exists (select from pg_constraint u where u.conrelid = k.conrelid and u.contype in ('p', 'u')
+    and u.conkey @> k.conkey and u.conkey <@ k.conkey) as one_to_one
 from pg_constraint k
 join pg_class t1 on t1.oid = k.conrelid join pg_namespace n1 on n1.oid = t1.relnamespace
-join pg_class t2 on t2.oid = k.confrelid join pg_namespace n2 on n2.oid = t2.relnamespace
-where k.contype = 'f' and n1.nspname = any($1) and n2.nspname = any($1)
-order by k.conname`;
+left join pg_class t2 on t2.oid = k.confrelid left join pg_namespace n2 on n2.oid = t2.relnamespace
+where k.contype in ('p', 'f') and n1.nspname not in ('pg_catalog', 'information_schema')
+order by k.conname, n1.nspname, t1.relname`;
+
+/** The exposed schemas' views with their rewrite rule's node tree, whose target list says where each column comes from. */
+const VIEWS_SQL = `
+select c.oid::int8 as oid, n.nspname as schema, c.relname as name, r.ev_action::text as definition,
+  (select json_object_agg(a.attnum, a.attname) from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped) as columns
+from pg_class c join pg_namespace n on n.oid = c.relnamespace join pg_rewrite r on r.ev_class = c.oid and r.rulename = '_RETURN'
+where c.relkind in ('v', 'm') and n.nspname = any($1)`;
 
 const FUNCTIONS_SQL = `
 select n.nspname as schema, p.proname as name, p.provolatile::text as volatility, p.proretset as returns_set,
@@ -198,10 +213,16 @@ const SQL_TYPE_NAMES = ['integer', 'int', 'smallint', 'bigint', 'real', 'double 
 export type Query = (sql: string, params: unknown[]) => Promise<Record<string, any>[]>;
 
 export async function loadSchemaCache(query: Query, schemas: string[]): Promise<SchemaCache> {
-  const [tables, fks, fns, casts, comments, aggregates] = await Promise.all([
-    query(TABLES_SQL, [schemas]), query(FKS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []), query(SCHEMAS_SQL, [schemas]),
-    query(MEDIA_AGGREGATES_SQL, [schemas]),
+  const [tables, keys, views, fns, casts, comments, aggregates] = await Promise.all([
+    query(TABLES_SQL, [schemas]), query(KEYS_SQL, []), query(VIEWS_SQL, [schemas]), query(FUNCTIONS_SQL, [schemas]), query(CAST_TYPES_SQL, []),
+    query(SCHEMAS_SQL, [schemas]), query(MEDIA_AGGREGATES_SQL, [schemas]),
   ]);
+  const constraints: KeyConstraint[] = keys.map((k) => ({
+    name: k.name, type: k.type, oneToOne: k.one_to_one,
+    table: { oid: Number(k.oid), schema: k.schema, name: k.table, attnums: k.attnums, columns: k.columns },
+    ref: k.type === 'f' ? { oid: Number(k.ref_oid), schema: k.ref_schema, name: k.ref_table, attnums: k.ref_attnums, columns: k.ref_columns } : null,
+  }));
+  const viewKeys = inferViewKeys(views.map((v) => ({ oid: Number(v.oid), schema: v.schema, name: v.name, definition: v.definition, columns: v.columns ?? {} })), constraints);
   const cache: SchemaCache = {
     schemas, tables: new Map(), foreignKeys: [], functions: [], castTypes: new Set(SQL_TYPE_NAMES),
     schemaComments: new Map(comments.map((c) => [c.name, c.description])), mediaAggregates: new Map(),
@@ -212,17 +233,20 @@ export async function loadSchemaCache(query: Query, schemas: string[]): Promise<
   }
   for (const t of tables) {
     const columns = (t.columns as Column[]);
-    const keys = t.keys as { primary: boolean; columns: string[] }[];
     cache.tables.set(tableKey(t.schema, t.name), {
       schema: t.schema, name: t.name, kind: t.kind,
       columns: new Map(columns.map((c) => [c.name, c])), columnOrder: columns.map((c) => c.name),
-      primaryKey: keys.find((k) => k.primary)?.columns ?? [], uniqueKeys: keys.map((k) => k.columns),
+      primaryKey: t.kind === 'view' ? viewKeys.primaryKeys.get(Number(t.oid)) ?? [] : t.primary_key,
       description: t.description, writable: { insert: t.insertable, update: t.updatable, delete: t.deletable },
     });
   }
-  cache.foreignKeys = fks.map((f) => ({
-    name: f.name, schema: f.schema, table: f.table, columns: f.columns, refSchema: f.ref_schema, refTable: f.ref_table, refColumns: f.ref_columns,
+  const exposed = (schema: string) => schemas.includes(schema);
+  const tableFks: ForeignKey[] = constraints.filter((k) => k.ref).map((k) => ({
+    name: k.name, schema: k.table.schema, table: k.table.name, columns: k.table.columns,
+    refSchema: k.ref!.schema, refTable: k.ref!.name, refColumns: k.ref!.columns, oneToOne: k.oneToOne,
   }));
+  // as PostgREST: relationships whose both ends are exposed, tables' first, then those through views
+  cache.foreignKeys = [...tableFks, ...viewKeys.foreignKeys].filter((f) => exposed(f.schema) && exposed(f.refSchema));
   cache.functions = fns.map((f) => {
     const args = f.args as { name: string; type: string }[];
     return {

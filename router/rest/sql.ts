@@ -29,6 +29,11 @@ const FTS_FUNCTIONS: Record<string, string> = { fts: 'to_tsquery', plfts: 'plain
 const IS_SQL: Record<string, string> = { null: 'IS NULL', not_null: 'IS NOT NULL', true: 'IS TRUE', false: 'IS FALSE', unknown: 'IS UNKNOWN' };
 
 type Cardinality = 'one' | 'many';
+/** PostgREST's words for a FK relationship in PGRST201 (`cons using parent(cols) and target(cols)`). */
+function fkDescription(cardinality: string, name: string, parent: Table, columns: string[], target: Table, targetColumns: string[]): Relationship['describe'] {
+  return { cardinality, hint: name, relationship: `${name} using ${parent.name}(${columns.join(', ')}) and ${target.name}(${targetColumns.join(', ')})` };
+}
+
 interface Relationship {
   target: Table;
   cardinality: Cardinality;
@@ -38,7 +43,8 @@ interface Relationship {
    * the FROM item (a computed relationship's function call).
    */
   join(t: string, p: string, j: string): { from?: string; on: string; source?: string };
-  describe: string;
+  /** How PGRST201 names it: PostgREST's cardinality and relationship text, and the hint that picks it. */
+  describe: { cardinality?: string; relationship?: string; hint?: string };
   /** A function of the parent's row (PostgREST's computed relationship), not a foreign key. */
   computed?: boolean;
 }
@@ -207,31 +213,39 @@ export class QueryBuilder {
     const fkMatchesHint = (fk: ForeignKey) => hint === undefined || fk.name === hint || (fk.columns.length === 1 && fk.columns[0] === hint);
     const lookup = (schema: string, n: string) => this.cache.tables.get(tableKey(schema, n));
     for (const fk of this.cache.foreignKeys) {
-      // many-to-one: the parent references the target (by table name, or by the FK column's name)
-      if (same(parent, fk.schema, fk.table) && (fk.refTable === name || (fk.columns.length === 1 && fk.columns[0] === name)) && fkMatchesHint(fk)) {
+      // many-to-one: the parent references the target (by table name, or by the FK column's name unless the target is a
+      // view: PostgREST names views only by their name, postgrest#2277)
+      if (same(parent, fk.schema, fk.table) && fkMatchesHint(fk)) {
         const target = lookup(fk.refSchema, fk.refTable);
-        if (target) found.push({ target, cardinality: 'one', describe: `many-to-one using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.refColumns, p, fk.columns) }) });
+        const byColumn = fk.columns.length === 1 && fk.columns[0] === name && hint === undefined && target?.kind === 'table';
+        if (target && (fk.refTable === name || byColumn)) {
+          found.push({ target, cardinality: 'one', describe: fkDescription(fk.oneToOne ? 'one-to-one' : 'many-to-one', fk.name, parent, fk.columns, target, fk.refColumns), join: (t, p) => ({ on: eqs(t, fk.refColumns, p, fk.columns) }) });
+        }
       }
-      // one-to-many (one-to-one when the FK columns are a key of the target)
+      // one-to-many (one-to-one when the FK columns are a key of their table)
       if (same(parent, fk.refSchema, fk.refTable) && fk.table === name && fk.schema === parent.schema && fkMatchesHint(fk)) {
         const target = lookup(fk.schema, fk.table);
         if (!target) continue;
-        const unique = target.uniqueKeys.some((k) => k.length === fk.columns.length && k.every((c) => fk.columns.includes(c)));
-        found.push({ target, cardinality: unique ? 'one' : 'many', describe: `one-to-many using ${fk.name}`, join: (t, p) => ({ on: eqs(t, fk.columns, p, fk.refColumns) }) });
+        found.push({ target, cardinality: fk.oneToOne ? 'one' : 'many', describe: fkDescription(fk.oneToOne ? 'one-to-one' : 'one-to-many', fk.name, parent, fk.refColumns, target, fk.columns), join: (t, p) => ({ on: eqs(t, fk.columns, p, fk.refColumns) }) });
       }
     }
-    // many-to-many through a junction table with FKs to both sides
+    // many-to-many through a junction with two FKs (to both sides) whose columns are all in its primary key
     const target = lookup(parent.schema, name);
     if (target) {
       for (const toParent of this.cache.foreignKeys) {
         if (!same(parent, toParent.refSchema, toParent.refTable)) continue;
+        const junctionKey = lookup(toParent.schema, toParent.table)?.primaryKey ?? [];
         for (const toTarget of this.cache.foreignKeys) {
-          if (toTarget === toParent || toTarget.schema !== toParent.schema || toTarget.table !== toParent.table || !same(target, toTarget.refSchema, toTarget.refTable)) continue;
+          if (toTarget.name === toParent.name || toTarget.schema !== toParent.schema || toTarget.table !== toParent.table || !same(target, toTarget.refSchema, toTarget.refTable)) continue;
           if (same(parent, toParent.schema, toParent.table) || same(target, toParent.schema, toParent.table)) continue;
+          if (![...toParent.columns, ...toTarget.columns].every((c) => junctionKey.includes(c))) continue;
           if (hint !== undefined && hint !== toParent.table && hint !== toTarget.name) continue;
           const jt = { schema: toParent.schema, name: toParent.table };
           found.push({
-            target, cardinality: 'many', describe: `many-to-many using ${toParent.table}`,
+            target, cardinality: 'many', describe: {
+              cardinality: 'many-to-many', hint: toParent.table,
+              relationship: `${toParent.table} using ${toParent.name}(${toParent.columns.join(', ')}) and ${toTarget.name}(${toTarget.columns.join(', ')})`,
+            },
             join: (t, p, j) => ({ from: `JOIN ${qualified(jt)} AS ${ident(j)} ON ${eqs(j, toTarget.columns, t, toTarget.refColumns)}`, on: eqs(j, toParent.columns, p, toParent.refColumns) }),
           });
         }
@@ -244,7 +258,7 @@ export class QueryBuilder {
       const target = lookup(fn.returnsTable.schema, fn.returnsTable.name);
       if (!target) continue;
       found.push({
-        target, cardinality: fn.returnsSet && !fn.returnsOneRow ? 'many' : 'one', describe: `computed relationship ${fn.name}`, computed: true,
+        target, cardinality: fn.returnsSet && !fn.returnsOneRow ? 'many' : 'one', describe: {}, computed: true,
         join: (_t, p) => ({ source: `${qualified(fn)}(${ident(p)}::${qualified(parent)})`, on: 'TRUE' }),
       });
     }
@@ -254,7 +268,9 @@ export class QueryBuilder {
         `Searched for a foreign key relationship between '${parent.name}' and '${name}'${hint ? ` using the hint '${hint}'` : ''} in the schema '${parent.schema}', but no matches were found.`);
     }
     throw new RestError(300, 'PGRST201', `Could not embed because more than one relationship was found for '${parent.name}' and '${name}'`,
-      found.map((r) => r.describe).join('; '), `Try changing '${name}' to one of the relationships, e.g. '${name}!<foreign key name>'.`);
+      // a computed relationship is an empty object there, as in PostgREST
+      found.map((r) => (r.computed ? {} : { cardinality: r.describe.cardinality, embedding: `${parent.name} with ${r.target.name}`, relationship: r.describe.relationship })),
+      `Try changing '${name}' to one of the following: ${found.map((r) => `'${name}!${r.describe.hint ?? ''}'`).join(', ')}. Find the desired relationship in the 'details' key.`);
   }
 
   /**

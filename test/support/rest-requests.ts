@@ -28,6 +28,7 @@ const BLOCKED = { 'X-Blocked': 'yes' };
 const STRIPPED = { Accept: 'application/vnd.pgrst.array+json;nulls=stripped' };
 const SINGLE = { Prefer: 'params=single-object' };
 const TSV = { Accept: 'text/tab-separated-values' };
+const OBJECT = { Accept: 'application/vnd.pgrst.object+json' };
 const get = (path: string, headers?: Record<string, string>): TestRequest => ({ method: 'GET', path, headers });
 
 /** Column values worth filtering on, per table. */
@@ -158,6 +159,33 @@ export function readRequests(): TestRequest[] {
     get('/projects?select=id,owner!nonsense(name)&id=eq.1'), get('/clients?select=id,owner(name)'), get('/tasks?select=id,projects(name,owner(name))&order=id'),
     get('/projects?select=id,open_tasks!inner(title)&open_tasks.title=eq.build'), get('/rpc/projects_of?cid=1&select=id,owner(name),open_tasks(title)'),
     get('/projects?select=id,owner(name),clients(city)&id=eq.2', STRIPPED), get('/projects?select=id,owner(name)&order=id', CSV),
+    // views: keys and relationships inferred from their base tables, embedded both ways (to one, to many, many-to-many,
+    // one-to-one), through renamed columns, a join and a view over a view; hints; singular responses
+    get('/client_list'), get('/client_list?id=gt.1&order=name.desc'), get('/task_items?done=is.false&order=task_id.desc'),
+    get('/project_clients?order=id'), get('/open_task_items?order=task_id'), get('/client_vat?order=client'),
+    get('/client_list?id=eq.1', OBJECT), get('/task_items?task_id=eq.2', OBJECT), get('/project_clients?id=eq.1', OBJECT),
+    get('/project_clients?id=gt.1', OBJECT), get('/open_task_items?task_id=eq.3', OBJECT), get('/project_summary?id=eq.4', OBJECT),
+    get('/task_items?select=label,projects(name)&order=task_id'), get('/projects?select=name,task_items(label)&order=id'),
+    get('/task_items?select=label,project(name)&order=task_id'), get('/task_items?select=label,projects!project(name)&order=task_id'),
+    get('/task_items?select=label,project_clients(name,client_name)&order=task_id'), get('/project_clients?select=name,task_items(label,done)&order=id'),
+    get('/project_clients?select=name,clients(city)&order=id'), get('/clients?select=name,project_clients(name)&order=id'),
+    get('/client_list?select=name,projects(name)&order=id'), get('/projects?select=name,client_list(name)&order=id'),
+    get('/client_list?select=name,project_clients(name,task_items(label))&order=id'), get('/project_clients?select=name,client_list(name)&order=id'),
+    get('/open_task_items?select=label,projects(name)&order=task_id'), get('/projects?select=id,open_task_items(label)&order=id'),
+    get('/open_task_items?select=label,project_clients(client_name)&order=task_id'), get('/project_clients?select=id,open_task_items(label)&order=id'),
+    get('/clients?select=name,client_vat(vat)&order=id'), get('/client_vat?select=vat,clients(name)&order=client'),
+    get('/client_vat?select=vat,client_list(name)&order=client'), get('/client_list?select=name,client_vat(vat)&order=id'),
+    get('/users?select=name,project_clients(name)&order=id'), get('/project_clients?select=name,users(name)&order=id'),
+    get('/client_list?select=name,projects!inner(id)&projects.id=eq.3'), get('/project_clients?select=name,task_items!inner(label)&task_items.done=is.true'),
+    get('/projects?select=id,client_list!projects_client_id_fkey(name)&order=id'), get('/projects?select=id,client_list!client_id(name)&order=id'),
+    get('/projects?select=id,client_list(name)&client_list.name=eq.Acme&order=id'), get('/client_list?select=id,projects(id)&projects.order=id.desc&projects.limit=1'),
+    get('/projects?select=id,client_id(name)&order=id'), get('/task_items?select=label,project_summary(client)&order=task_id'),
+    get('/project_summary?select=name,tasks(title)&order=id'), get('/project_summary?select=name,task_items(label)&order=id'),
+    get('/project_clients?select=id,...clients(city)&order=id'), get('/task_items?select=label,projects(name,client_list(name))&order=task_id'),
+    get('/client_list?select=*,project_clients(count)&order=id'), get('/client_list?select=id,nope(*)'),
+    get('/task_pairs?select=id,projects(name)&id=eq.1'), get('/task_pairs?select=id,projects!same_project(name)&id=eq.1'), get('/projects?select=id,task_pairs(id)&id=eq.2'),
+    get('/projects?select=id,task_pairs!same_project(id)&id=eq.2'),
+    get('/task_items?task_id=eq.1&select=label,projects(name)', OBJECT), get('/client_list?select=name', { Prefer: 'count=exact', Range: '0-1' }),
     // db-pre-request (check_request) refuses with its own status (PT403)
     get('/clients', BLOCKED), get('/rpc/add?a=1&b=2', BLOCKED), get('/', BLOCKED), get('/notes', { ...BLOCKED, Authorization: userToken() }),
   );
@@ -256,6 +284,36 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/projects?select=id,owner(name),open_tasks(title)', { id: 8, name: 'New', client_id: 3 }, { Prefer: 'return=representation' }),
     w('PATCH', '/projects?id=eq.1&select=name,big:owner(name),open_tasks(count)', { name: 'R2' }, { Prefer: 'return=representation' }),
     w('POST', '/rpc/add', 'hi', { 'Content-Type': 'text/xml' }), w('POST', '/rpc/shout', 'hi', { 'Content-Type': 'text/plain', Accept: 'application/vnd.pgrst.object+json' }),
+    // writes through views: keys inferred from the base tables (upserts, Location, PUT), embedding in the representation
+    ...[undefined, 'return=minimal', 'return=representation', 'return=headers-only'].flatMap((ret) => {
+      const prefer: Record<string, string> = ret ? { Prefer: ret } : {};
+      return [
+        w('POST', '/client_list', { id: 9, name: 'Nine' }, prefer), w('POST', '/task_items', { project: 2, label: 'new' }, prefer),
+        w('PATCH', '/task_items?task_id=eq.2', { label: 'B' }, prefer), w('DELETE', '/task_items?done=is.true', undefined, prefer),
+      ];
+    }),
+    w('POST', '/client_list', { id: 1, name: 'Merged' }, { Prefer: 'resolution=merge-duplicates,return=representation' }),
+    w('POST', '/client_list', [{ id: 1, name: 'M' }, { id: 20, name: 'N' }], { Prefer: 'resolution=merge-duplicates' }),
+    w('POST', '/client_list', { id: 1, name: 'Ignored' }, { Prefer: 'resolution=ignore-duplicates,return=representation' }),
+    w('POST', '/client_list', { id: 1, name: 'Dup' }),
+    w('POST', '/task_items?on_conflict=task_id', { task_id: 1, project: 1, label: 'again' }, { Prefer: 'resolution=merge-duplicates,return=representation' }),
+    w('POST', '/task_items', [{ task_id: 2, project: 1, label: 'b' }, { task_id: 40, project: 3, label: 'c' }], { Prefer: 'resolution=merge-duplicates,return=representation' }),
+    w('POST', '/open_task_items', { task_id: 3, project: 1, label: 'L' }, { Prefer: 'resolution=merge-duplicates,return=representation' }),
+    w('POST', '/task_items?select=label,projects(name)', { project: 2, label: 'new' }, { Prefer: 'return=representation' }),
+    w('POST', '/open_task_items?select=task_id,label,project_clients(name)', { project: 3, label: 'x' }, { Prefer: 'return=representation' }),
+    // (one row: with a to-one embed, the order of several written rows is unspecified and may differ, docs/rest.md)
+    w('PATCH', '/task_items?project=eq.1&select=task_id,label', { done: true }, { Prefer: 'return=representation' }),
+    w('PATCH', '/task_items?task_id=eq.2&select=task_id,label,projects(name)', { done: true }, { Prefer: 'return=representation' }),
+    w('PATCH', '/client_list?id=eq.1', { name: 'A2' }, { Prefer: 'return=representation', ...OBJECT }),
+    w('PATCH', '/client_list?id=gt.1', { name: 'many' }, { Prefer: 'return=representation', ...OBJECT }),
+    w('PATCH', '/open_task_items?task_id=eq.2', { label: 'b2' }, { Prefer: 'return=representation' }),
+    w('DELETE', '/open_task_items?project=eq.1', undefined, { Prefer: 'return=representation' }),
+    w('DELETE', '/client_list?id=eq.2', undefined, { Prefer: 'return=representation', ...OBJECT }),
+    w('DELETE', '/client_list?id=eq.1', undefined),
+    w('PUT', '/client_list?id=eq.1', { id: 1, name: 'Put' }), w('PUT', '/client_list?id=eq.50', { id: 50, name: 'New' }, { Prefer: 'return=representation' }),
+    w('PUT', '/task_items?task_id=eq.1', { task_id: 1, project: 1, label: 'put', done: false }, { Prefer: 'return=representation' }),
+    w('PUT', '/client_list?name=eq.Acme', { id: 1, name: 'Acme' }),
+    w('PATCH', '/project_clients?id=eq.1', { name: 'x' }), w('POST', '/project_clients', { id: 9, name: 'x' }),
   );
   return out;
 }
