@@ -28,6 +28,9 @@ export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
 /** A page read as COPY text: each row's line as the source wrote it, and its values decoded. */
 interface Page { lines: string[]; rows: Row[] }
 
+/** A page split by target shard (the rows `keep` leaves), with how many rows were read and the last one's key. */
+interface RoutedPage { read: number; lastKey: string[] | null; kept: number; parts: Map<string, Page> }
+
 /**
  * Copies `t` from after `from.lastKey` to its end; `onPage` runs after each
  * page is on every target shard, and may stop the copy by returning false.
@@ -48,30 +51,31 @@ export async function copyTable(
   const cut = columns.length > written.length ? (line: string) => line.slice(0, nthTab(line, written.length)) : (line: string) => line;
 
   let pos = from;
-  const read = (after: string[] | null) => readPage(source, copyOutSql(relation, columns, after, pageRows), columns);
-  // The next page is read while this one is written: the source and the targets work at the same time.
-  let reading: Promise<Page> | undefined = read(pos.lastKey);
+  // A page is read and routed while the one before it is written: the source, this process and the targets work at the same time.
+  const read = async (after: string[] | null): Promise<RoutedPage> => {
+    const { lines, rows } = await readPage(source, copyOutSql(relation, columns, after, pageRows), columns);
+    const parts = new Map<string, Page>();
+    let kept = 0;
+    rows.forEach((row, i) => {
+      if (!keep(row)) return;
+      kept++;
+      const shard = shardOfRow(t, row, ranges);
+      const part = parts.get(shard) ?? { lines: [], rows: [] };
+      part.lines.push(cut(lines[i]));
+      part.rows.push(row);
+      parts.set(shard, part);
+    });
+    return { read: rows.length, lastKey: rows.length ? t.key.map((k) => rows[rows.length - 1][k]!) : null, kept, parts };
+  };
+  let reading: Promise<RoutedPage> | undefined = read(pos.lastKey);
   try {
     while (reading) {
-      const { lines, rows }: Page = await reading;
-      if (rows.length === 0) return pos;
-      const last = rows[rows.length - 1];
-      const lastKey = t.key.map((k) => last[k]!);
-      reading = rows.length < pageRows ? undefined : read(lastKey);
-      const byShard = new Map<string, Page>();
-      let kept = 0;
-      rows.forEach((row, i) => {
-        if (!keep(row)) return;
-        kept++;
-        const shard = shardOfRow(t, row, ranges);
-        const part = byShard.get(shard) ?? { lines: [], rows: [] };
-        part.lines.push(cut(lines[i]));
-        part.rows.push(row);
-        byShard.set(shard, part);
-      });
-      await Promise.all([...byShard].map(([shard, part]) => writePart(targets.get(shard)!, into, part)));
-      pos = { lastKey, rowsCopied: pos.rowsCopied + kept };
-      if (!(await onPage(pos, kept))) return pos;
+      const page: RoutedPage = await reading;
+      if (page.read === 0) return pos;
+      reading = page.read < pageRows ? undefined : read(page.lastKey);
+      await Promise.all([...page.parts].map(([shard, part]) => writePart(targets.get(shard)!, into, part)));
+      pos = { lastKey: page.lastKey, rowsCopied: pos.rowsCopied + page.kept };
+      if (!(await onPage(pos, page.kept))) return pos;
     }
     return pos;
   } finally {
