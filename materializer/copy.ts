@@ -19,9 +19,12 @@
 import { finished } from 'node:stream/promises';
 import type pg from 'pg';
 import { from as copyFrom, to as copyTo } from 'pg-copy-streams';
+import { counter } from '../common/metrics.ts';
 import type { KeyRange } from '../schemas/index.ts';
 import type { Row } from './changes.ts';
 import { copyInSql, copyOutSql, shardOfRow, upsertSql, WorkflowError, type MovedTable } from './tables.ts';
+
+const upsertedParts = counter('mg_materializer_copy_parts_upserted_total', 'Parts of copy pages (a page on one target shard) that met rows already there and were upserted', ['table']);
 
 export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
 
@@ -106,6 +109,7 @@ async function writePart(target: pg.Client, into: MovedTable, part: Page): Promi
   } catch (err) {
     if ((err as { code?: string }).code !== '23505') throw err;
     await target.query(upsertSql(into, part.rows));
+    upsertedParts.inc({ table: `${into.schema}.${into.table}` });
   }
 }
 

@@ -151,6 +151,9 @@ test('MoveTables under writes, with kill -9 in the copy and in catch-up: every a
   const afterCopy = await api('/v1/workflows/mt');
   assert.ok(Number(afterCopy.progress.rowsCopied) >= INITIAL_ROWS, `rows copied: ${afterCopy.progress.rowsCopied}`);
   assert.equal(afterCopy.progress.tables[0].done, true);
+  // The page the killed process was writing is on the target (its other shard's part, and this one once the holder let go): the restarted copy met those rows and upserted them.
+  const copyMetrics = await (await fetch(`http://127.0.0.1:${spec.materializer.port}/metrics`)).text();
+  assert.match(copyMetrics, /mg_materializer_copy_parts_upserted_total\{table="public.orders"\} [1-9]/);
   t.diagnostic(`copy: ${afterCopy.progress.rowsCopied} rows at ${Math.round(afterCopy.progress.rowsPerSecond)} rows/s`);
 
   // Catch-up applies the writer's changes; then the materializer dies mid-stream.
