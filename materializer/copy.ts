@@ -70,20 +70,23 @@ export async function copyTable(
     });
     return { read: rows.length, lastKey: rows.length ? t.key.map((k) => rows[rows.length - 1][k]!) : null, kept, parts };
   };
-  let reading: Promise<RoutedPage> | undefined = read(pos.lastKey);
-  try {
-    while (reading) {
-      const page: RoutedPage = await reading;
-      if (page.read === 0) return pos;
-      reading = page.read < pageRows ? undefined : read(page.lastKey);
-      await Promise.all([...page.parts].map(([shard, part]) => writePart(targets.get(shard)!, into, part)));
-      pos = { lastKey: page.lastKey, rowsCopied: pos.rowsCopied + page.kept };
-      if (!(await onPage(pos, page.kept))) return pos;
-    }
-    return pos;
-  } finally {
-    reading?.catch(() => undefined); // a page read ahead and not written is dropped: the copy resumes after the last written one
+  // A page read ahead fails where it is awaited; one not awaited (the copy stopped, or a write failed) is dropped,
+  // and the copy resumes after the last page written.
+  const readAhead = (after: string[] | null) => {
+    const p = read(after);
+    p.catch(() => undefined);
+    return p;
+  };
+  let reading: Promise<RoutedPage> | undefined = readAhead(pos.lastKey);
+  while (reading) {
+    const page: RoutedPage = await reading;
+    if (page.read === 0) return pos;
+    reading = page.read < pageRows ? undefined : readAhead(page.lastKey);
+    await Promise.all([...page.parts].map(([shard, part]) => writePart(targets.get(shard)!, into, part)));
+    pos = { lastKey: page.lastKey, rowsCopied: pos.rowsCopied + page.kept };
+    if (!(await onPage(pos, page.kept))) return pos;
   }
+  return pos;
 }
 
 /** One page through `COPY (SELECT ...) TO STDOUT`: its lines, and each line's values by column name. */
