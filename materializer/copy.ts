@@ -1,6 +1,6 @@
 /**
  * The copy phase: each table read from one REPEATABLE READ snapshot of the
- * source in primary-key pages, each page's rows upserted on the shards their
+ * source in primary-key pages, each page's rows written on the shards their
  * vindex names; after every page the caller records the last key (an event),
  * so a restart resumes after it, on a new snapshot. That is exact because
  * catch-up replays every change from before the first snapshot: whatever
@@ -9,13 +9,30 @@
  * `keep` (the keyspace-id filter) leaves out rows outside the shard's range.
  * A Materialize's projection reads `read` (its query's rows) instead of the
  * table itself (decision 0058).
+ *
+ * Pages travel as COPY text both ways (decision 0066): a page is read with
+ * `COPY (SELECT ...) TO STDOUT`, each line decoded only to route it (key,
+ * vindex, filter), and the same lines are written with `COPY ... FROM STDIN`.
+ * COPY cannot upsert: a part of a page that meets a row already there (23505:
+ * a restart redoing the page it was writing) is written again as an upsert.
  */
+import { finished } from 'node:stream/promises';
 import type pg from 'pg';
+import { from as copyFrom, to as copyTo } from 'pg-copy-streams';
+import { counter } from '../common/metrics.ts';
 import type { KeyRange } from '../schemas/index.ts';
 import type { Row } from './changes.ts';
-import { pageSql, shardOfRow, upsertSql, type MovedTable } from './tables.ts';
+import { copyInSql, copyOutSql, shardOfRow, upsertSql, WorkflowError, type MovedTable } from './tables.ts';
+
+const upsertedParts = counter('mg_materializer_copy_parts_upserted_total', 'Parts of copy pages (a page on one target shard) that met rows already there and were upserted', ['table']);
 
 export interface CopyPosition { lastKey: string[] | null; rowsCopied: number }
+
+/** A page read as COPY text: each row's line as the source wrote it, and its values decoded. */
+interface Page { lines: string[]; rows: Row[] }
+
+/** A page split by target shard (the rows `keep` leaves), with how many rows were read and the last one's key. */
+interface RoutedPage { read: number; lastKey: string[] | null; kept: number; parts: Map<string, Page> }
 
 /**
  * Copies `t` from after `from.lastKey` to its end; `onPage` runs after each
@@ -29,31 +46,91 @@ export async function copyTable(
   onPage: (p: CopyPosition, rows: number) => Promise<boolean>, keep: (row: Row) => boolean = () => true,
   { read: relation = t, into = t }: { read?: MovedTable; into?: MovedTable } = {},
 ): Promise<CopyPosition> {
+  // The columns `into` takes come first on each line, so a line is written as it was read (cut before the rest).
+  const written = into.columns.map((c) => c.name);
+  const missing = written.filter((name) => !relation.columns.some((c) => c.name === name));
+  if (missing.length) throw new WorkflowError(`the copy of ${t.table} reads no column ${missing.join(', ')} for ${into.table}`);
+  const columns = [...written, ...relation.columns.map((c) => c.name).filter((name) => !written.includes(name))];
+  const cut = columns.length > written.length ? (line: string) => line.slice(0, nthTab(line, written.length)) : (line: string) => line;
+
   let pos = from;
-  const read = (after: string[] | null) => source.query<Row>(pageSql(relation, after, pageRows)).then((r) => r.rows);
-  // The next page is read while this one is written: the source and the targets work at the same time.
-  let reading: Promise<Row[]> | undefined = read(pos.lastKey);
-  try {
-    while (reading) {
-      const rows: Row[] = await reading;
-      if (rows.length === 0) return pos;
-      const last = rows[rows.length - 1];
-      const lastKey = t.key.map((k) => last[k]!);
-      reading = rows.length < pageRows ? undefined : read(lastKey);
-      const byShard = new Map<string, Row[]>();
-      const kept = rows.filter(keep);
-      for (const row of kept) {
-        const shard = shardOfRow(t, row, ranges);
-        const list = byShard.get(shard) ?? [];
-        list.push(row);
-        byShard.set(shard, list);
-      }
-      await Promise.all([...byShard].map(([shard, list]) => targets.get(shard)!.query(upsertSql(into, list))));
-      pos = { lastKey, rowsCopied: pos.rowsCopied + kept.length };
-      if (!(await onPage(pos, kept.length))) return pos;
-    }
-    return pos;
-  } finally {
-    reading?.catch(() => undefined); // a page read ahead and not written is dropped: the copy resumes after the last written one
+  // A page is read and routed while the one before it is written: the source, this process and the targets work at the same time.
+  const read = async (after: string[] | null): Promise<RoutedPage> => {
+    const { lines, rows } = await readPage(source, copyOutSql(relation, columns, after, pageRows), columns);
+    const parts = new Map<string, Page>();
+    let kept = 0;
+    rows.forEach((row, i) => {
+      if (!keep(row)) return;
+      kept++;
+      const shard = shardOfRow(t, row, ranges);
+      const part = parts.get(shard) ?? { lines: [], rows: [] };
+      part.lines.push(cut(lines[i]));
+      part.rows.push(row);
+      parts.set(shard, part);
+    });
+    return { read: rows.length, lastKey: rows.length ? t.key.map((k) => rows[rows.length - 1][k]!) : null, kept, parts };
+  };
+  // A page read ahead fails where it is awaited; one not awaited (the copy stopped, or a write failed) is dropped,
+  // and the copy resumes after the last page written.
+  const readAhead = (after: string[] | null) => {
+    const p = read(after);
+    p.catch(() => undefined);
+    return p;
+  };
+  let reading: Promise<RoutedPage> | undefined = readAhead(pos.lastKey);
+  while (reading) {
+    const page: RoutedPage = await reading;
+    if (page.read === 0) return pos;
+    reading = page.read < pageRows ? undefined : readAhead(page.lastKey);
+    await Promise.all([...page.parts].map(([shard, part]) => writePart(targets.get(shard)!, into, part)));
+    pos = { lastKey: page.lastKey, rowsCopied: pos.rowsCopied + page.kept };
+    if (!(await onPage(pos, page.kept))) return pos;
   }
+  return pos;
+}
+
+/** One page through `COPY (SELECT ...) TO STDOUT`: its lines, and each line's values by column name. */
+async function readPage(source: pg.Client, sql: string, columns: string[]): Promise<Page> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of source.query(copyTo(sql))) chunks.push(chunk as Buffer);
+  const text = Buffer.concat(chunks).toString('utf8');
+  const lines = text.length ? text.slice(0, -1).split('\n') : []; // every line ends with a newline
+  const rows = lines.map((line) => {
+    const row: Row = {};
+    line.split('\t').forEach((field, i) => { row[columns[i]] = copyTextValue(field); });
+    return row;
+  });
+  return { lines, rows };
+}
+
+/** A shard's part of a page by COPY; when a row of it is already there (a page written again), by upsert. */
+async function writePart(target: pg.Client, into: MovedTable, part: Page): Promise<void> {
+  const stream = target.query(copyFrom(copyInSql(into)));
+  try {
+    stream.end(`${part.lines.join('\n')}\n`);
+    await finished(stream);
+  } catch (err) {
+    if ((err as { code?: string }).code !== '23505') throw err;
+    await target.query(upsertSql(into, part.rows));
+    upsertedParts.inc({ table: `${into.schema}.${into.table}` });
+  }
+}
+
+/** The escapes COPY TO writes in text format (backslash and the control characters below); all else is literal. */
+const ESCAPED: Record<string, string> = { b: '\b', f: '\f', n: '\n', r: '\r', t: '\t', v: '\v', '\\': '\\' };
+
+/** A COPY text field's value: `\N` is NULL, backslash escapes decoded. */
+export function copyTextValue(field: string): string | null {
+  if (field === '\\N') return null;
+  return field.includes('\\') ? field.replace(/\\(.)/gs, (_, c: string) => ESCAPED[c] ?? c) : field;
+}
+
+/** Where the n-th field separator of a COPY text line is (the line's length when it has fewer). */
+function nthTab(line: string, n: number): number {
+  let at = -1;
+  for (let i = 0; i < n; i++) {
+    at = line.indexOf('\t', at + 1);
+    if (at < 0) return line.length;
+  }
+  return at;
 }

@@ -1,10 +1,11 @@
 /**
  * What the materializer knows of a moved table (columns, key, the vindex that
- * places its rows) and the SQL it runs on it: keyset-paged reads, and bulk
- * upserts and deletes through unnest() so one statement carries a whole batch
- * whatever its size. Values travel as Postgres text and are cast to each
- * column's type on the server.
+ * places its rows) and the SQL it runs on it: keyset-paged reads (as SELECT, or
+ * as COPY for the copy phase), COPY into a table, and bulk upserts and deletes
+ * through unnest() so one statement carries a whole batch whatever its size.
+ * Values travel as Postgres text and are cast to each column's type on the server.
  */
+import { escapeLiteral } from 'pg';
 import type pg from 'pg';
 import { FUNCTIONAL_VINDEXES, keyspaceId, shardFor, type FunctionalVindex, type KeyRange, type VSchema } from '../schemas/index.ts';
 import type { Row } from './changes.ts';
@@ -114,15 +115,28 @@ const keyList = (t: MovedTable) => t.key.map(quoteIdent).join(', ');
 /** One keyset page: rows after `after` (key values, or none for the first page) in key order. */
 export function pageSql(t: MovedTable, after: string[] | null, limit: number, upTo: string[] | null = null): { text: string; values: unknown[] } {
   const values: unknown[] = [];
+  const text = keysetSelect(t, t.columns.map((c) => c.name), after, limit, upTo, (v) => `$${values.push(v)}`);
+  return { text, values };
+}
+
+/**
+ * One keyset page as `COPY ... TO STDOUT` (text format) of the named columns, in that order. COPY takes no
+ * parameters, so the key values are inlined as quoted literals, cast to the key columns' types.
+ */
+export function copyOutSql(t: MovedTable, columns: string[], after: string[] | null, limit: number): string {
+  return `COPY (${keysetSelect(t, columns, after, limit, null, escapeLiteral)}) TO STDOUT`;
+}
+
+/** `COPY ... FROM STDIN` (text format) into the table's columns, in its column order. */
+export const copyInSql = (t: MovedTable) => `COPY ${t.sql} (${t.columns.map((c) => quoteIdent(c.name)).join(', ')}) FROM STDIN`;
+
+function keysetSelect(t: MovedTable, columns: string[], after: string[] | null, limit: number, upTo: string[] | null, value: (v: string) => string): string {
   const cond: string[] = [];
-  const tuple = (vals: string[]) => `(${t.key.map((k, i) => `$${values.push(vals[i])}::${typeOf(t, k)}`).join(', ')})`;
+  const tuple = (vals: string[]) => `(${t.key.map((k, i) => `${value(vals[i])}::${typeOf(t, k)}`).join(', ')})`;
   if (after) cond.push(`(${keyList(t)}) > ${tuple(after)}`);
   if (upTo) cond.push(`(${keyList(t)}) <= ${tuple(upTo)}`);
-  const cols = t.columns.map((c) => quoteIdent(c.name)).join(', ');
-  return {
-    text: `SELECT ${cols} FROM ${t.sql}${cond.length ? ` WHERE ${cond.join(' AND ')}` : ''} ORDER BY ${keyList(t)}${limit > 0 ? ` LIMIT ${limit}` : ''}`,
-    values,
-  };
+  const cols = columns.map(quoteIdent).join(', ');
+  return `SELECT ${cols} FROM ${t.sql}${cond.length ? ` WHERE ${cond.join(' AND ')}` : ''} ORDER BY ${keyList(t)}${limit > 0 ? ` LIMIT ${limit}` : ''}`;
 }
 
 const typeOf = (t: MovedTable, column: string) => t.columns.find((c) => c.name === column)!.type;

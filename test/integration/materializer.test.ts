@@ -28,10 +28,12 @@ const INITIAL_ROWS = 20_000;
 const api = async (p: string) => (await fetch(`http://127.0.0.1:${spec.materializer.port}${p}`)).json() as Promise<any>;
 const phaseOf = async (name: string) => (await api(`/v1/workflows/${name}`)).phase as string;
 
-async function killAndRestartMaterializer(): Promise<void> {
+/** kill -9 of the materializer; `whileDown` runs before it is started again. */
+async function killAndRestartMaterializer(whileDown: () => Promise<unknown> = async () => {}): Promise<void> {
   const pid = readPid(path.join(dataDir, 'run'), 'materializer');
   assert.ok(pid, 'the materializer runs');
   process.kill(pid!, 'SIGKILL');
+  await whileDown();
   await sleep(1_000); // the writer goes on meanwhile
   const again = await mg('cluster', 'up', ...flags);
   assert.equal(again.code, 0, again.stderr + again.stdout);
@@ -114,17 +116,34 @@ test('a bad workflow request is refused with a message naming the fault', async 
 });
 
 test('MoveTables under writes, with kill -9 in the copy and in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', async (t) => {
+  // The copy outruns any poll, so it is held in the middle: a transaction on the target shard of the middle
+  // row inserts that row and stays open; the copy's write of the page holding it waits for that transaction.
+  const middle = INITIAL_ROWS / 2;
+  const middleShard = shardFor(hashKeyspaceId(middle), RANGES);
+  const holder = await direct('dst', middleShard);
+  const watcher = await direct('dst', middleShard);
+  await holder.query('CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(10,2) NOT NULL, note text, updated_at timestamp)');
+  await holder.query('BEGIN');
+  await holder.query("INSERT INTO orders (id, customer, amount) VALUES ($1, 'holder', 0)", [middle]);
+
   const writing$ = writer();
   await sleep(1_000);
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr);
 
-  // kill -9 in the copy phase, a few pages in: the copy resumes after the last page it recorded.
-  await until('the copy to be a few pages in', 60_000, async () => {
+  // kill -9 in the copy phase, pages in: the copy resumes after the last page it recorded.
+  await until('the copy to wait at the middle row', 60_000, async () => {
     const w = await api('/v1/workflows/mt');
-    return w.phase === 'COPYING' && Number(w.progress.rowsCopied) >= 2 * PAGE_ROWS;
+    const { rows: [{ n }] } = await watcher.query<{ n: number }>(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'mg-materializer-mt' AND wait_event_type = 'Lock'");
+    return w.phase === 'COPYING' && Number(w.progress.rowsCopied) >= 2 * PAGE_ROWS && n > 0;
   });
-  await killAndRestartMaterializer();
+  const beforeKill = Number((await api('/v1/workflows/mt')).progress.rowsCopied);
+  assert.ok(beforeKill < INITIAL_ROWS, `the copy was at ${beforeKill} rows when killed`);
+  // The killed process's write then ends (COPY rolls back unless it was all sent); the restarted copy may meet its rows.
+  await killAndRestartMaterializer(() => holder.query('ROLLBACK'));
+  await Promise.all([holder.end(), watcher.end()]);
+  t.diagnostic(`killed in the copy at ${beforeKill} of ${INITIAL_ROWS} rows`);
   await until('the copy to finish and catch-up to begin', 120_000, async () => (await phaseOf('mt')) === 'RUNNING');
   const copyKeys = (await statusHistory('mt')).filter((s) => s.phase === 'COPYING' && s.tables[0]?.lastKey).map((s) => Number(JSON.parse(s.tables[0].lastKey!)[0]));
   assert.ok(copyKeys.length >= INITIAL_ROWS / PAGE_ROWS, `${copyKeys.length} copy pages recorded`);
@@ -132,6 +151,9 @@ test('MoveTables under writes, with kill -9 in the copy and in catch-up: every a
   const afterCopy = await api('/v1/workflows/mt');
   assert.ok(Number(afterCopy.progress.rowsCopied) >= INITIAL_ROWS, `rows copied: ${afterCopy.progress.rowsCopied}`);
   assert.equal(afterCopy.progress.tables[0].done, true);
+  // The page the killed process was writing is on the target (its other shard's part, and this one once the holder let go): the restarted copy met those rows and upserted them.
+  const copyMetrics = await (await fetch(`http://127.0.0.1:${spec.materializer.port}/metrics`)).text();
+  assert.match(copyMetrics, /mg_materializer_copy_parts_upserted_total\{table="public.orders"\} [1-9]/);
   t.diagnostic(`copy: ${afterCopy.progress.rowsCopied} rows at ${Math.round(afterCopy.progress.rowsPerSecond)} rows/s`);
 
   // Catch-up applies the writer's changes; then the materializer dies mid-stream.

@@ -7,7 +7,8 @@ import { converterFor } from '../../ingest/cdc/values.ts';
 import { Barrier, TableApplier } from '../../materializer/apply.ts';
 import { tiling } from '../../materializer/service.ts';
 import { ChangeDecoder, type Change } from '../../materializer/changes.ts';
-import { deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
+import { copyTextValue } from '../../materializer/copy.ts';
+import { copyInSql, copyOutSql, deleteSql, pageSql, upsertSql, type MovedTable } from '../../materializer/tables.ts';
 import { valueSchema, type ColumnDescription, type PgType, type TableDescription } from '../../schemas/cdc.ts';
 import { foldWorkflows, hashKeyspaceId, parseAvro, shardFor, workflowKey, workflowPayload, type SchemaRegistryClient, type WorkflowEvent } from '../../schemas/index.ts';
 
@@ -88,6 +89,21 @@ test('keyset pages, upserts and deletes: one statement per batch, values as text
   const del = deleteSql(orders, [{ tenant: '1', id: '2' }]);
   assert.deepEqual(del.values, [['1'], ['2']]);
   assert.match(del.text, /WHERE "public"\."orders"\."tenant" = d\.k0::bigint AND "public"\."orders"\."id" = d\.k1::bigint$/);
+});
+
+test('copy pages as COPY both ways: key values inlined as quoted literals, the written columns named', () => {
+  assert.equal(copyOutSql(orders, ['id', 'tenant', 'note'], null, 50), 'COPY (SELECT "id", "tenant", "note" FROM "public"."orders" ORDER BY "tenant", "id" LIMIT 50) TO STDOUT');
+  assert.equal(copyOutSql(orders, ['tenant'], ["1'", 'a\\b'], 5),
+    'COPY (SELECT "tenant" FROM "public"."orders" WHERE ("tenant", "id") > (\'1\'\'\'::bigint,  E\'a\\\\b\'::bigint) ORDER BY "tenant", "id" LIMIT 5) TO STDOUT');
+  assert.equal(copyInSql(orders), 'COPY "public"."orders" ("tenant", "id", "note") FROM STDIN');
+});
+
+test('COPY text values: \\N is NULL, the escapes COPY TO writes are decoded, everything else is literal', () => {
+  assert.equal(copyTextValue('\\N'), null);
+  assert.equal(copyTextValue('N'), 'N');
+  assert.equal(copyTextValue(''), '');
+  assert.equal(copyTextValue('a\\tb\\nc\\\\N\\rd\\be\\ff\\vg'), 'a\tb\nc\\N\rd\be\ff\vg');
+  assert.equal(copyTextValue('é€ 😀 x'), 'é€ 😀 x');
 });
 
 const ev = (workflow: string, ms: number, payload: WorkflowEvent['payload']): WorkflowEvent => ({ eventId: `${ms}`, ts: new Date(ms), source: 'test', workflow, payload });
