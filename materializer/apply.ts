@@ -250,7 +250,8 @@ export class TableApplier {
    */
   private async followColumnsOf(row: Row): Promise<void> {
     const names = Object.keys(row);
-    if (names.join(',') === this.streamColumns) return;
+    const signature = names.join(',');
+    if (signature === this.streamColumns) return;
     const t = this.table;
     const unknown = () => names.filter((name) => !t.columns.some((c) => c.name === name));
     const [target] = this.targets.values();
@@ -267,7 +268,7 @@ export class TableApplier {
       }
       await sleep(COLUMN_WAIT_STEP_MS);
     }
-    this.streamColumns = names.join(',');
+    this.streamColumns = signature;
   }
 
   /** Which shards an op touches, and how. */
