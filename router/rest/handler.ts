@@ -489,17 +489,26 @@ function mutationPlan(req: RestRequest, cache: SchemaCache, table: Table, q: Par
   const alias = b.nextAlias('t');
   const mutation = write(b, alias);
   const returning = prefer.return === 'representation';
-  const readScope = { table, alias: b.nextAlias('t'), path: '' };
   const upsert = kind === 'put' || (kind === 'insert' && prefer.resolution === 'merge-duplicates');
-  const tableColumns = table.columnOrder.map(ident).join(', ');
-  const read = b.read(readScope, `(SELECT ${tableColumns} FROM pgrst_written) AS ${ident(readScope.alias)}`, { applyFilters: false, order: kind !== 'insert' && returning });
   const pk = table.primaryKey;
   const location = kind === 'insert' && prefer.return === 'headers-only' && pk.length
     ? `, (SELECT json_build_array(${pk.map((c) => `${ident(c)}::text`).join(', ')})::text FROM pgrst_written LIMIT 1) AS location` : '';
-  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${ident(alias)}.*, ${upsert ? insertedSql(table, q, alias) : 'true'} AS pgrst_inserted), pgrst_source AS (${read.source})`
+  // The written rows' columns are returned only when the response shows them: RETURNING needs SELECT on
+  // them, and a role allowed to INSERT into a table it may not read (return=minimal) writes as with PostgREST.
+  const returned = returning || location ? `${ident(alias)}.*, ` : '';
+  let body = 'NULL';
+  let source = '';
+  if (returning) {
+    const readScope = { table, alias: b.nextAlias('t'), path: '' };
+    const tableColumns = table.columnOrder.map(ident).join(', ');
+    const read = b.read(readScope, `(SELECT ${tableColumns} FROM pgrst_written) AS ${ident(readScope.alias)}`, { applyFilters: false, order: kind !== 'insert' });
+    source = `, pgrst_source AS (${read.source})`;
+    body = `(SELECT ${bodySql(raw ? { aggregate: raw, table } : media)} FROM pgrst_source _postgrest_t)`;
+  }
+  const sql = `WITH pgrst_written AS (${mutation} RETURNING ${returned}${upsert ? insertedSql(table, q, alias) : 'true'} AS pgrst_inserted)${source}`
     + ` SELECT ${prefer.count ? '(SELECT pg_catalog.count(*) FROM pgrst_written)' : 'NULL::bigint'} AS total,`
     + ` (SELECT pg_catalog.count(*) FROM pgrst_written) AS page_total, (SELECT pg_catalog.count(*) FROM pgrst_written WHERE pgrst_inserted) AS inserted,`
-    + ` (SELECT ${bodySql(raw ? { aggregate: raw, table } : media)} FROM pgrst_source _postgrest_t) AS body${location}${RESPONSE_SETTINGS}`;
+    + ` ${body} AS body${location}${RESPONSE_SETTINGS}`;
   return {
     sql, params: b.params.values, readOnly: false, decideAfter: singular,
     respond(row) {

@@ -234,6 +234,9 @@ export function writeRequests(): TestRequest[] {
     w('POST', '/rpc/echo', { note: 'hi' }), w('POST', '/rpc/fail', { msg: 'boom' }), w('POST', '/rpc/noop', {}),
     w('POST', '/rpc/projects_of?select=id', { cid: 1 }), w('POST', '/rpc/whoami', {}), w('POST', '/rpc/touch_client', { cid: 1 }),
     { method: 'POST', path: '/clients', headers: { 'Content-Type': 'application/json' }, body: '{"id":9,"name":"anon"}' },
+    // INSERT granted without SELECT: the write goes through unless the response would show the row.
+    ...[undefined, 'return=minimal', 'return=representation', 'return=headers-only'].map((ret): TestRequest =>
+      ({ method: 'POST', path: '/signups', headers: { 'Content-Type': 'application/json', ...(ret ? { Prefer: ret } : {}) }, body: '{"email":"a@example.com"}' })),
     // CSV in: a header of columns, NULL for null, quoted fields, CRLF; and CSV back
     w('POST', '/clients', 'id,name,city\n60,"A, ""x""",NULL\n61,,Paris', { 'Content-Type': 'text/csv', Prefer: 'return=representation' }),
     w('POST', '/clients', 'id,name\r\n62,x\r\n63,y\r\n', { 'Content-Type': 'text/csv', Prefer: 'return=representation', Accept: 'text/csv' }),
