@@ -5,15 +5,17 @@
  * its Postgres waits writing. With ORDER BY the shards' sorted streams are
  * merged through a heap (a row goes out once every shard still sending has
  * one buffered, or has ended); without, rows go out in the order they come.
+ * A grouped read the shards sort by its groups is merged the same way and
+ * each group's rows folded into one as they pass (decision 0070).
  * OFFSET and LIMIT apply as rows go out. The rows can be taken in parts (a
  * portal's Executes with a row limit), the shards' requests staying open in
  * between.
  */
-import { HeadHeap, rowOrder, type Row } from '../planner/merge.ts';
-import type { Merge } from '../planner/plan.ts';
+import { foldGroup, HeadHeap, mergeRows, orderFollowed, rowOrder, type Field, type Row } from '../planner/merge.ts';
+import type { BoundParam, Merge } from '../planner/plan.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorFieldsAt, T } from '../protocol/messages.ts';
-import { decodeDataRow, decodeRowDescription, shardError, type ShardLink } from './shard-link.ts';
+import { decodeDataRow, decodeRowDescription, encodeDataRow, shardError, type ShardLink } from './shard-link.ts';
 
 /** Row bytes a shard may have waiting in the gateway before its link stops being read (it is read again below half). */
 export const SHARD_BUFFER = 256 * 1024;
@@ -23,6 +25,12 @@ export interface ScatterReadOptions {
   request: (link: ShardLink) => Buffer;
   /** The ORDER BY the shards sorted by: their rows are merged in this order. None or empty: rows go out as they come. */
   orderBy?: Merge['orderBy'];
+  /**
+   * A grouped read (merge.groupOrder is the `orderBy` the shards sorted by): each group's rows are folded
+   * into one. Where a group column's type is one whose order the gateway does not follow, every row is
+   * gathered and merged at the end instead (mergeRows, with `params` for its LIMIT and OFFSET).
+   */
+  group?: { merge: Merge; params?: readonly BoundParam[] };
   offset: number;
   limit: number | undefined;
   /** The client gets the (first) RowDescription. */
@@ -58,8 +66,13 @@ export class ScatterRead {
   private starving: number;
   private next = 0;
   private skip: number;
+  private limit: number | undefined;
   /** Rows sent in all, for LIMIT. */
   private sent = 0;
+  /** A grouped read merged as it streams: the group being folded (the next row of another group sends it). */
+  private groups: { fields: Field[]; order: (a: Row, b: Row) => number; held?: Row } | undefined;
+  /** A grouped read gathered whole (its group types' order not followed): the merged rows, once every shard ended. */
+  private gathered: { fields: Field[]; rows?: Buffer[]; at: number } | undefined;
   /** A RowDescription came from a shard. */
   described = false;
   /** The first shard's command tag ("SELECT 12"), the form of the tags this read answers. */
@@ -74,6 +87,7 @@ export class ScatterRead {
     this.sources = links.map((link) => ({ link, rows: [], at: 0, bytes: 0, ended: false, held: false, dropping: false }));
     this.starving = links.length;
     this.skip = opts.offset;
+    this.limit = opts.limit;
     this.settled = Promise.all(this.sources.map((s, i) => s.link.request(opts.request(s.link), (type, buf, start, len) => this.onMessage(i, type, buf, start, len))
       .then(() => this.ended(i), (err: Error) => {
         this.fail(s, err);
@@ -138,10 +152,21 @@ export class ScatterRead {
     if (this.described) return;
     this.described = true;
     const { fields, binary } = decodeRowDescription(msg);
-    if (this.opts.orderBy?.length) {
-      if (binary) return this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges'));
+    const group = this.opts.group;
+    if (binary && (group || this.opts.orderBy?.length)) {
+      return this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges'));
+    }
+    if (group && !orderFollowed(fields, this.opts.orderBy!)) {
+      // mergeRows applies the OFFSET and LIMIT itself.
+      this.gathered = { fields, at: 0 };
+      this.gathering = true;
+      this.skip = 0;
+      this.limit = undefined;
+    } else if (this.opts.orderBy?.length) {
       try {
-        this.heap = new HeadHeap(rowOrder(fields, this.opts.orderBy));
+        const order = rowOrder(fields, this.opts.orderBy);
+        this.heap = new HeadHeap(order);
+        if (group) this.groups = { fields, order };
       } catch (err) {
         return this.fail(undefined, err as Error);
       }
@@ -209,16 +234,21 @@ export class ScatterRead {
       w.reject(this.error);
       return;
     }
-    const limit = this.opts.limit;
+    const limit = this.limit;
     if (limit !== undefined && this.sent >= limit) this.finished = true; // LIMIT 0
     while (w.given < w.want && !this.finished) {
-      const i = this.pick();
-      if (i === undefined) break; // a shard still sending has no row buffered: wait for it
-      if (i === -1) {
+      let row: Buffer | null | undefined;
+      try {
+        row = this.nextRow();
+      } catch (err) {
+        this.fail(undefined, err as Error); // a merge the rows refuse (RefusedError), or values it cannot read
+        break;
+      }
+      if (row === undefined) break; // a shard still sending has no row buffered: wait for it
+      if (row === null) {
         this.finished = true;
         break;
       }
-      const row = this.shift(i);
       if (this.skip > 0) {
         this.skip--;
         continue;
@@ -238,6 +268,47 @@ export class ScatterRead {
       this.waiter = undefined;
       w.resolve({ rows: w.given, complete: false });
     }
+  }
+
+  /** The next row for the client; undefined to wait for a shard; null when there are no more. */
+  private nextRow(): Buffer | null | undefined {
+    if (this.gathered) return this.nextGathered(this.gathered);
+    const groups = this.groups;
+    for (;;) {
+      const i = this.pick();
+      if (i === undefined) return undefined;
+      if (i === -1) {
+        const last = groups?.held;
+        if (groups) groups.held = undefined;
+        return last ? encodeDataRow(last) : null;
+      }
+      if (!groups) return this.shift(i);
+      const row = decodeDataRow(this.shift(i));
+      const held = groups.held;
+      const c = held ? groups.order(row, held) : 1;
+      if (c === 0) {
+        foldGroup(held!, row, groups.fields, this.opts.group!.merge.aggregates);
+        continue;
+      }
+      if (c < 0) {
+        // The shards sorted differently from the gateway (a non-C collation, say): a group could come twice.
+        this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: GROUP BY or DISTINCT over all shards on values the shards order differently from the gateway (a column with a collation other than C?)'));
+        return undefined;
+      }
+      groups.held = row;
+      if (held) return encodeDataRow(held);
+    }
+  }
+
+  /** The gathered read's rows, once every shard has ended. */
+  private nextGathered(g: NonNullable<ScatterRead['gathered']>): Buffer | null | undefined {
+    if (!g.rows) {
+      if (!this.sources.every((s) => s.ended)) return undefined;
+      const all = this.sources.flatMap((s) => s.rows.slice(s.at).map(decodeDataRow));
+      for (const s of this.sources) s.rows = [];
+      g.rows = mergeRows(all, g.fields, this.opts.group!.merge, this.opts.group!.params).map(encodeDataRow);
+    }
+    return g.at < g.rows.length ? g.rows[g.at++] : null;
   }
 
   /** The shard whose row goes next; undefined to wait for a shard; -1 when every shard has ended and nothing is buffered. */

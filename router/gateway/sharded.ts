@@ -590,9 +590,10 @@ export class ShardedSession {
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how, read);
     // A scatter read whose rows need no merging streams.
     if (plan.kind === 'select' && !plan.merge && (how.simple || !how.limited)) return this.streamOnShards(shards, sql, how);
-    // So does one merged by ORDER BY and LIMIT only, and any read of a portal with a row limit, at the client's pace.
+    // So does one merged by ORDER BY and LIMIT only, or group by group, and any read of a portal with a row
+    // limit, at the client's pace.
     const merge = plan.kind === 'select' ? plan.merge : undefined;
-    if (read && !(merge && (merge.aggregates || merge.groupBy || merge.distinct))) return this.scatterRead(shards, sql, merge, how);
+    if (read && (!merge || merge.groupOrder || !(merge.aggregates || merge.groupBy || merge.distinct))) return this.scatterRead(shards, sql, merge, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);
     if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
@@ -838,10 +839,12 @@ export class ShardedSession {
    * it for its Executes (executePortal); otherwise every row goes now.
    */
   private async scatterRead(shards: string[], sql: Buffer, merge: Merge | undefined, how: How): Promise<void> {
-    const { offset, limit } = merge ? rowWindow(merge, how.simple ? undefined : how.portal.params) : { offset: 0, limit: undefined };
+    const params = how.simple ? undefined : how.portal.params;
+    const { offset, limit } = merge ? rowWindow(merge, params) : { offset: 0, limit: undefined };
     const links = await Promise.all(shards.map((s) => this.enlist(s)));
     const read = new ScatterRead(links, {
-      request: () => this.requestBytes(sql, how, true), orderBy: merge?.orderBy, offset, limit,
+      request: () => this.requestBytes(sql, how, true), orderBy: merge?.groupOrder ?? merge?.orderBy, offset, limit,
+      group: merge?.groupOrder && { merge, params },
       describe: how.simple || how.describe, named: shards.length > 1,
       reply: (msg) => this.reply(msg), forward: (row, ls) => this.forward(row, 0, row.length, ls),
     });

@@ -1,8 +1,9 @@
 /**
  * Merging the rows of a scatter SELECT at the gateway: partial aggregates
  * combined per group, DISTINCT, ORDER BY, then OFFSET/LIMIT (mergeRows, on
- * gathered rows); or, for ORDER BY alone, the order and a heap of the shards'
- * sorted streams, merged as the rows arrive (router/gateway/scatter-read.ts). Values are the
+ * gathered rows); or, for ORDER BY and for groups the shards sort, the order,
+ * the fold of a group and a heap of the shards' sorted streams, merged as the
+ * rows arrive (router/gateway/scatter-read.ts). Values are the
  * text-format column values as the shards sent them (null for NULL); order
  * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
  * collation), NULLs last ascending and first descending unless asked.
@@ -32,8 +33,13 @@ function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
 /** Postgres orders NaN above every number. */
 const floatOrder = (n: number) => (Number.isNaN(n) ? Infinity : n);
 
+/** numeric's values that are not digits, ranked as Postgres orders them around the numbers (rank 0). */
+const SPECIAL_DECIMALS: Record<string, number> = { '-Infinity': -1, Infinity: 1, NaN: 2 };
+
 function compareDecimal(a: string, b: string): number {
-  if (a === 'NaN' || b === 'NaN') return a === b ? 0 : a === 'NaN' ? 1 : -1;
+  const ra = SPECIAL_DECIMALS[a] ?? 0;
+  const rb = SPECIAL_DECIMALS[b] ?? 0;
+  if (ra || rb) return Math.sign(ra - rb);
   const [x, y] = alignDecimals(a, b);
   return x.value < y.value ? -1 : x.value > y.value ? 1 : 0;
 }
@@ -78,32 +84,49 @@ function resolveColumn(column: string | number, fields: readonly Field[]): numbe
   return at;
 }
 
+/** Folds another shard's partial aggregates of the same group (`row`) into `held`. */
+export function foldGroup(held: Row, row: Row, fields: readonly Field[], aggregates: Merge['aggregates']): void {
+  for (const { column, fn } of aggregates ?? []) {
+    const i = column - 1;
+    const v = row[i];
+    if (v === null) continue;
+    const h = held[i];
+    if (h === null) held[i] = v;
+    else if (fn === 'count') held[i] = Buffer.from(String(BigInt(h.toString('latin1')) + BigInt(v.toString('latin1'))));
+    else if (fn === 'sum') held[i] = addValues(h, v, fields[i].typeOid);
+    else {
+      const c = compareValues(v, h, fields[i].typeOid);
+      if ((fn === 'min' && c < 0) || (fn === 'max' && c > 0)) held[i] = v;
+    }
+  }
+}
+
 function aggregate(rows: Row[], fields: readonly Field[], merge: Merge): Row[] {
   const groups = new Map<string, Row>();
   const keyColumns = (merge.groupBy ?? []).map((c) => c - 1);
   for (const row of rows) {
     const key = rowKey(row, keyColumns);
     const held = groups.get(key);
-    if (!held) {
-      groups.set(key, [...row]);
-      continue;
-    }
-    for (const { column, fn } of merge.aggregates ?? []) {
-      const i = column - 1;
-      const v = row[i];
-      if (v === null) continue;
-      const h = held[i];
-      if (h === null) held[i] = v;
-      else if (fn === 'count') held[i] = Buffer.from(String(BigInt(h.toString('latin1')) + BigInt(v.toString('latin1'))));
-      else if (fn === 'sum') held[i] = addValues(h, v, fields[i].typeOid);
-      else {
-        const c = compareValues(v, h, fields[i].typeOid);
-        if ((fn === 'min' && c < 0) || (fn === 'max' && c > 0)) held[i] = v;
-      }
-    }
+    if (held) foldGroup(held, row, fields, merge.aggregates);
+    else groups.set(key, [...row]);
   }
   // An ungrouped aggregate over no rows anywhere still answers one row (each shard sent one).
   return [...groups.values()];
+}
+
+/**
+ * Types whose text the gateway orders exactly as the shards sort the values (compareValues; text
+ * types in the instances' C.UTF-8 collation): a merge of groups relies on it to find each group's
+ * rows together. Others (dates, timestamps, intervals, char(n), arrays, ...) are gathered instead.
+ */
+const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950]);
+
+/** Whether every column of `order` is of a type whose order the gateway follows (ORDER_FOLLOWED). */
+export function orderFollowed(fields: readonly Field[], order: Merge['orderBy']): boolean {
+  return order.every((k) => {
+    const at = typeof k.column === 'number' ? k.column - 1 : fields.findIndex((f) => f.name === k.column);
+    return at >= 0 && at < fields.length && ORDER_FOLLOWED.has(fields[at].typeOid);
+  });
 }
 
 /** Merges the shards' rows (in shard order) as the plan says. */

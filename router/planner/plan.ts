@@ -38,9 +38,17 @@ export interface OwnedWrite {
 
 export type AggregateFn = 'count' | 'sum' | 'min' | 'max';
 
+export interface SortKey { column: string | number; desc: boolean; nullsFirst: boolean }
+
 /** How the gateway merges the rows of a scatter SELECT. Columns are by output name or 1-based position. */
 export interface Merge {
-  orderBy: Array<{ column: string | number; desc: boolean; nullsFirst: boolean }>;
+  orderBy: SortKey[];
+  /**
+   * GROUP BY (or DISTINCT) merged as the rows stream (decision 0070): every shard sends its rows in
+   * this order of the group columns, so one group's rows from all shards arrive one after another
+   * and the gateway folds each group as it passes. Unset: the shards' rows are gathered first.
+   */
+  groupOrder?: SortKey[];
   /** Partial aggregates from every shard, combined per group of the other columns. */
   aggregates?: Array<{ column: number; fn: AggregateFn }>;
   groupBy?: number[];
@@ -199,7 +207,7 @@ export function describePlan(plan: Plan, shards: string[]): string {
     case 'select': case 'write':
       if (!plan.pin) {
         const m = plan.merge;
-        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.distinct ? 'distinct' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
+        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
         return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}${keeps(plan.owned?.lookups)}`;
       }
       return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by ${plan.pin.lookup ? 'lookup ' : ''}vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`

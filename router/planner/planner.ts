@@ -8,7 +8,7 @@
 import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
-import type { AggregateFn, CopyInPlan, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, ValueRef } from './plan.ts';
+import type { AggregateFn, CopyInPlan, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, SortKey, ValueRef } from './plan.ts';
 import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
@@ -218,15 +218,19 @@ export class Planner {
     if (s.limitOption === 'LIMIT_OPTION_WITH_TIES') refuse('FETCH ... WITH TIES over all shards');
     if ((s.limitCount && !limit) || (s.limitOffset && !offset)) refuse('a LIMIT or OFFSET expression over all shards (use a number or $n)');
     const distinct = !!s.distinctClause;
-    const merge: Merge = { orderBy, aggregates: aggregates.length ? aggregates : undefined, groupBy, distinct, limit, offset };
+    const groupOrder = streamedGroups(groupBy, distinct && !aggregates.length && !targets.some(isStar) ? targets.length : 0, orderBy);
+    const merge: Merge = { orderBy, groupOrder, aggregates: aggregates.length ? aggregates : undefined, groupBy, distinct, limit, offset };
     // Each shard returns the rows the gateway's LIMIT may need after merging: the first limit + offset,
-    // or all of them when groups or DISTINCT merge first. Parameters stay referenced, or Bind would not fit.
+    // or all of them when groups or DISTINCT merge first, unless the shards sort by the groups themselves
+    // (the first limit + offset groups of each shard hold every row of the first groups overall).
+    // Parameters stay referenced, or Bind would not fit.
     const edits: Array<{ start: number; end: number; text: string }> = [];
     const token = (node: any) => {
       const at = nodeLocation(node) - base;
       return { start: at, end: tokenEnd(text, at), text: text.toString('utf8', at, tokenEnd(text, at)) };
     };
-    const needsAll = aggregates.length > 0 || !!groupBy || distinct;
+    const sortedByGroups = groupOrder && orderBy.length > 0;
+    const needsAll = (aggregates.length > 0 || !!groupBy || distinct) && !sortedByGroups;
     if (limit) {
       const l = token(s.limitCount);
       const o = offset ? token(s.limitOffset) : undefined;
@@ -239,7 +243,8 @@ export class Planner {
     }
     // Without any of these the plan has no merge, and its rows stream (decision 0062).
     const merges = orderBy.length > 0 || aggregates.length > 0 || !!groupBy || distinct || !!limit || !!offset;
-    return { kind: 'select', sql: edits.length ? splice(text, edits) : text, merge: merges ? merge : undefined, tables };
+    const sql = edits.length ? splice(text, edits) : text;
+    return { kind: 'select', sql: groupOrder && !sortedByGroups ? sortedBy(sql, groupOrder) : sql, merge: merges ? merge : undefined, tables };
   }
 
   private planWrite(type: string, w: any, text: Buffer): Plan {
@@ -756,6 +761,31 @@ function columnName(n: any): string | undefined {
 }
 
 /** The 1-based select-list position a GROUP BY item names (a position or a column name). */
+/**
+ * The order in which the shards send a grouped read so the gateway can merge it group by group
+ * (decision 0070): the user's ORDER BY when it starts with every group column (by position), or, with
+ * no ORDER BY, the group columns ascending (the shard text then gets that ORDER BY: sortedBy). DISTINCT
+ * without GROUP BY groups by all `distinctColumns` selected. Undefined: the rows are gathered.
+ */
+function streamedGroups(groupBy: number[] | undefined, distinctColumns: number, orderBy: SortKey[]): SortKey[] | undefined {
+  const keys = groupBy?.length ? groupBy : distinctColumns ? Array.from({ length: distinctColumns }, (_, i) => i + 1) : undefined;
+  if (!keys) return undefined;
+  if (!orderBy.length) return keys.map((column) => ({ column, desc: false, nullsFirst: false }));
+  const leading = orderBy.slice(0, keys.length);
+  const covered = new Set(leading.map((k) => k.column));
+  return covered.size === keys.length && keys.every((k) => covered.has(k)) ? leading : undefined;
+}
+
+/** A read whose rows the shards send in `order` (by output position), with the text as written inside. */
+function sortedBy(sql: Buffer, order: SortKey[]): Buffer {
+  const text = sql.toString('latin1'); // bytes kept as they are
+  const by = order.map((k) => `${k.column}${k.desc ? ' DESC' : ''}${k.nullsFirst !== k.desc ? (k.nullsFirst ? ' NULLS FIRST' : ' NULLS LAST') : ''}`);
+  // New lines keep a trailing `--` comment of the text from reaching the clause after it.
+  return Buffer.from(`SELECT * FROM (\n${text.slice(0, withoutTrailingSemicolon(text))}\n) AS mg_groups ORDER BY ${by.join(', ')}`, 'latin1');
+}
+
+const isStar = (t: any) => !!t.ResTarget?.val?.ColumnRef?.fields?.some((f: any) => f.A_Star);
+
 function outputColumn(g: any, names: Array<string | undefined>): number | undefined {
   if (g.A_Const?.ival !== undefined) return g.A_Const.ival.ival;
   const name = columnName(g);

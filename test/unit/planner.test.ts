@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { before, test } from 'node:test';
-import { mergeRows, type Row } from '../../router/planner/merge.ts';
+import { mergeRows, orderFollowed, type Row } from '../../router/planner/merge.ts';
 import { describePlan, pinnedShards, type Plan } from '../../router/planner/plan.ts';
 import { Planner, plannerReady } from '../../router/planner/planner.ts';
 import { hashKeyspaceId, parseVSchema, shardFor } from '../../schemas/index.ts';
@@ -67,11 +67,32 @@ test('scatter SELECTs carry what the gateway merges; LIMIT/OFFSET are rewritten 
   assert.equal(text(p), 'SELECT * FROM orders ORDER BY total DESC LIMIT 15 OFFSET 0');
   assert.deepEqual(p.merge.orderBy, [{ column: 'total', desc: true, nullsFirst: true }]);
   assert.equal(text(one('SELECT * FROM orders ORDER BY 1 LIMIT $1 OFFSET $2')), 'SELECT * FROM orders ORDER BY 1 LIMIT ($1 + $2) OFFSET (0 * $2)');
-  assert.equal(text(one('SELECT status, count(*) FROM orders GROUP BY status LIMIT 3')), 'SELECT status, count(*) FROM orders GROUP BY status LIMIT ALL');
   const g = one('SELECT status, count(*) AS n, sum(total), min(id), max(id) FROM orders GROUP BY 1 ORDER BY n DESC') as any;
   assert.deepEqual(g.merge.aggregates.map((a: any) => a.fn), ['count', 'sum', 'min', 'max']);
   assert.deepEqual(g.merge.groupBy, [1]);
   assert.deepEqual(g.merge.orderBy, [{ column: 2, desc: true, nullsFirst: true }]);
+});
+
+test('grouped scatter SELECTs stream group by group when the shards can send them sorted by their groups (decision 0070)', () => {
+  const asc = (column: number) => ({ column, desc: false, nullsFirst: false });
+  // No ORDER BY: the shards sort by the group columns; the LIMIT stays at the gateway.
+  const plain = one('SELECT status, count(*) FROM orders GROUP BY status LIMIT 3;') as any;
+  assert.equal(text(plain), 'SELECT * FROM (\nSELECT status, count(*) FROM orders GROUP BY status LIMIT ALL\n) AS mg_groups ORDER BY 1');
+  assert.deepEqual(plain.merge.groupOrder, [asc(1)]);
+  // A trailing comment cannot reach the added clause.
+  assert.equal(text(one('SELECT DISTINCT status FROM orders -- all of them')), 'SELECT * FROM (\nSELECT DISTINCT status FROM orders -- all of them\n) AS mg_groups ORDER BY 1');
+  // ORDER BY that starts with every group column: the text goes as written, its LIMIT (plus OFFSET) to each shard.
+  const led = one('SELECT tenant_id, status, count(*) FROM orders GROUP BY status, tenant_id ORDER BY 2 DESC, tenant_id, 3 LIMIT 5 OFFSET 2') as any;
+  assert.equal(text(led), 'SELECT tenant_id, status, count(*) FROM orders GROUP BY status, tenant_id ORDER BY 2 DESC, tenant_id, 3 LIMIT 7 OFFSET 0');
+  assert.deepEqual(led.merge.groupOrder, [{ column: 2, desc: true, nullsFirst: true }, asc(1)]);
+  assert.deepEqual((one('SELECT DISTINCT status, tenant_id FROM orders ORDER BY tenant_id NULLS FIRST, 1') as any).merge.groupOrder, [{ column: 2, desc: false, nullsFirst: true }, asc(1)]);
+  assert.equal(text(one('SELECT status, count(*) FROM orders GROUP BY status ORDER BY status DESC NULLS LAST')), 'SELECT status, count(*) FROM orders GROUP BY status ORDER BY status DESC NULLS LAST');
+  // Ordered by an aggregate first, or by part of the groups, or DISTINCT *: gathered.
+  assert.equal((one('SELECT status, count(*) AS n FROM orders GROUP BY 1 ORDER BY n DESC, 1') as any).merge.groupOrder, undefined);
+  assert.equal((one('SELECT tenant_id, status, count(*) FROM orders GROUP BY 1, 2 ORDER BY 1') as any).merge.groupOrder, undefined);
+  assert.equal((one('SELECT DISTINCT * FROM orders') as any).merge.groupOrder, undefined);
+  // An aggregate over every row is one row a shard: gathered.
+  assert.equal((one('SELECT count(*) FROM orders') as any).merge.groupOrder, undefined);
 });
 
 test('INSERT rows are split by keyspace id, with ON CONFLICT and RETURNING kept', () => {
@@ -154,6 +175,15 @@ test('merging: partial count/sum/min/max combine per group; DISTINCT', () => {
   const rows = [r('paid', '2', '10.5', '3', '9'), r('open', '1', null, '4', '4'), r('paid', '3', '0.25', '-2', '12'), r('open', '0', '1', null, null)];
   assert.deepEqual(s(mergeRows(rows, fields, merge)), [['open', '1', '1', '4', '4'], ['paid', '5', '10.75', '-2', '12']]);
   assert.deepEqual(s(mergeRows([r('a'), r('b'), r('a'), r(null), r(null)], [{ name: 'x', typeOid: 25 }], { orderBy: [], distinct: true })), [['a'], ['b'], [null]]);
+  // numeric's Infinity, -Infinity and NaN sort where Postgres puts them.
+  const n = [{ name: 'n', typeOid: 1700 }];
+  assert.deepEqual(s(mergeRows([r('NaN'), r('Infinity'), r('2.5'), r('-Infinity'), r('-3')], n, { orderBy: [{ column: 1, desc: false, nullsFirst: false }], distinct: false })).map((x) => x[0]),
+    ['-Infinity', '-3', '2.5', 'Infinity', 'NaN']);
+  // Group columns whose order the gateway follows stream; a date's text order is not trusted.
+  const by1 = [{ column: 1, desc: false, nullsFirst: false }];
+  assert.equal(orderFollowed([{ name: 'a', typeOid: 25 }, { name: 'b', typeOid: 1082 }], by1), true);
+  assert.equal(orderFollowed([{ name: 'b', typeOid: 1082 }, { name: 'a', typeOid: 25 }], by1), false);
+  assert.equal(orderFollowed([{ name: 'a', typeOid: 1042 }], [{ column: 'a', desc: true, nullsFirst: true }]), false);
 });
 
 test('statements that differ only in literals share one plan shape, with their own values', () => {
