@@ -88,31 +88,41 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
 
 test('an ORDER BY scatter read to a client that reads nothing: merged as the rows come, both shards held writing with no row more made, the gateway\'s memory flat, and every row arrives in order', async () => {
   // 300 MB in all, 150 MB from each shard (see above); each shard's rows come from its index in g order.
-  const statement = `SELECT p.id, p.g, nextval('made') AS made, repeat('x', ${PAD}) AS pad FROM pieces p ORDER BY p.g`;
+  await pausedPiecesRead('ORDER BY', `SELECT p.id, p.g, nextval('made') AS made, repeat('x', ${PAD}) AS pad FROM pieces p ORDER BY p.g`,
+    [], (row, last) => Number(row.g) !== last + 1);
+});
+
+/**
+ * A read of `pieces` in g order (a row of PAD bytes per piece) to a client that reads nothing: both shards are
+ * held writing long before their last row, with no row more made and the gateway's memory flat; once the client
+ * reads, every row arrives, none of them `wrong` (given the g of the row before).
+ */
+async function pausedPiecesRead(label: string, statement: string, settings: string[], wrong: (row: any, lastG: number) => boolean): Promise<void> {
   const slow = gwClient();
   await slow.connect();
   try {
-    await slow.query('SET enable_sort = off'); // on every shard link: the index gives the order, no sort first makes every row
+    // On every shard link: the index gives the order, no sort first makes every row.
+    for (const setting of ['SET enable_sort = off', ...settings]) await slow.query(setting);
     const before = await gatewayRss();
     const start = await made();
     let last = 0;
-    let outOfOrder = 0;
+    let wrongRows = 0;
     const q = pausedQuery(slow, statement, 'pad', (row) => {
-      if (Number(row.g) !== last + 1) outOfOrder++;
+      if (wrong(row, last)) wrongRows++;
       last = Number(row.g);
     });
     const madeWhenHeld = (await heldStill(shardPorts, statement, made, 90_000)).map((n, i) => n - start[i]);
-    assert.ok(madeWhenHeld.every((n) => n < PIECES / 2 - 100), `each shard held long before its last row (made: ${madeWhenHeld.join(', ')} of about ${PIECES / 2})`);
+    assert.ok(madeWhenHeld.every((n) => n < PIECES / 2 - 100), `${label}: each shard held long before its last row (made: ${madeWhenHeld.join(', ')} of about ${PIECES / 2})`);
     const held = await gatewayRss();
     q.resume();
     assert.deepEqual(await q.done, { rows: PIECES, bytes: PIECES * PAD });
-    assert.equal(outOfOrder, 0, 'every row in g order, none missing');
-    console.log(`a ${PIECES * PAD / 1e6} MB ORDER BY scatter read with the client paused: held at rows ${madeWhenHeld.join(' and ')} of each shard's ~${PIECES / 2}, gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
-    assert.ok(held - before < 50e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
+    assert.equal(wrongRows, 0, `${label}: every row once, in g order`);
+    console.log(`a ${PIECES * PAD / 1e6} MB ${label} scatter read with the client paused: held at rows ${madeWhenHeld.join(' and ')} of each shard's ~${PIECES / 2}, gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
+    assert.ok(held - before < 50e6, `${label}: the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
   } finally {
     await slow.end();
   }
-});
+}
 
 test('cursors (postgres.js) over 300 MB scatter reads, merged by ORDER BY and not: every row in batches, the gateway\'s memory flat; a cursor left early lets its shards go and the session goes on', async () => {
   const sql = postgres({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
@@ -262,29 +272,6 @@ test('GROUP BY and DISTINCT over all shards, merged group by group as the shards
 
   // 3,000 groups of one big row each (300 MB), each shard sending its groups in g order from the index
   // (the gateway takes only group columns and aggregates, so the big value is an aggregate too).
-  const statement = `SELECT p.g, count(*) AS c, max(nextval('made')) AS made, max(repeat('x', ${PAD})) AS pad FROM pieces p GROUP BY p.g ORDER BY p.g`;
-  const slow = gwClient();
-  await slow.connect();
-  try {
-    await slow.query('SET enable_sort = off');
-    await slow.query('SET enable_hashagg = off'); // groups from the index as they come, not a hash table first
-    const before = await gatewayRss();
-    const start = await made();
-    let last = 0;
-    let wrong = 0;
-    const q = pausedQuery(slow, statement, 'pad', (row) => {
-      if (Number(row.g) !== last + 1 || Number(row.c) !== 1) wrong++;
-      last = Number(row.g);
-    });
-    const madeWhenHeld = (await heldStill(shardPorts, statement, made, 90_000)).map((n, i) => n - start[i]);
-    assert.ok(madeWhenHeld.every((n) => n < PIECES / 2 - 100), `each shard held long before its last group (made: ${madeWhenHeld.join(', ')} of about ${PIECES / 2})`);
-    const held = await gatewayRss();
-    q.resume();
-    assert.deepEqual(await q.done, { rows: PIECES, bytes: PIECES * PAD });
-    assert.equal(wrong, 0, 'every group once, in g order');
-    console.log(`a ${PIECES * PAD / 1e6} MB GROUP BY scatter read with the client paused: held at groups ${madeWhenHeld.join(' and ')} of each shard's ~${PIECES / 2}, gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
-    assert.ok(held - before < 50e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
-  } finally {
-    await slow.end();
-  }
+  await pausedPiecesRead('GROUP BY', `SELECT p.g, count(*) AS c, max(nextval('made')) AS made, max(repeat('x', ${PAD})) AS pad FROM pieces p GROUP BY p.g ORDER BY p.g`,
+    ['SET enable_hashagg = off'], (row, last) => Number(row.g) !== last + 1 || Number(row.c) !== 1); // groups from the index as they come
 });
