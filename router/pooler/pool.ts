@@ -37,6 +37,8 @@ export interface PoolContext {
   config: PoolerConfig;
   log: Logger;
   leases: ConnectionLeases;
+  /** Bumped as server connections open and as they are given back to another worker. */
+  counters: { serverConnects: number; giveBacks: number };
   observeWait(seconds: number): void;
   countError(kind: string): void;
 }
@@ -214,6 +216,7 @@ export class Pool {
     }
     if (this.giveBackWhenIdle) {
       this.giveBackWhenIdle = false;
+      this.ctx.counters.giveBacks++;
       this.retireServer(s);
       return;
     }
@@ -225,8 +228,12 @@ export class Pool {
   /** The primary asks for one lease back: the least recently used idle connection now, or the next one freed. */
   giveBack(): void {
     const s = this.idle[0];
-    if (s) this.retireServer(s);
-    else this.giveBackWhenIdle = true;
+    if (!s) {
+      this.giveBackWhenIdle = true;
+      return;
+    }
+    this.ctx.counters.giveBacks++;
+    this.retireServer(s);
   }
 
   private expired(s: ServerConn): boolean {
@@ -267,6 +274,7 @@ export class Pool {
       timeoutMs: config.serverConnectTimeoutMs, log,
     }).then((s) => {
       this.connecting--;
+      this.ctx.counters.serverConnects++;
       this.servers.add(s);
       s.onClosed(() => this.onServerClosed(s));
       log.debug({ server: s.id, pid: s.pid, user: this.user, database: this.database }, 'server connection opened');
