@@ -33,11 +33,16 @@ try {
 const log = createLogger('pooler', { instance: config.instanceId });
 process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection'));
 if (config.workers > 1 && cluster.isPrimary) {
-  const leases = new LeaseArbiter();
+  const leases = new LeaseArbiter((id, msg) => {
+    const worker = cluster.workers?.[id];
+    if (!worker || worker.isDead()) return false;
+    worker.send(msg);
+    return true;
+  });
   await runWorkers({
     service: 'pooler', count: config.workers, metricsPort: config.metricsPort, log, graceMs: config.shutdownGraceMs + 6_000,
-    onMessage: (worker, msg) => leases.handle(worker, msg),
-    onExit: (worker) => leases.forget(worker),
+    onMessage: (worker, msg) => leases.handle(worker.id, msg),
+    onExit: (worker) => leases.forget(worker.id),
   });
   process.on('SIGHUP', () => {
     for (const w of liveWorkers()) w.process.kill('SIGHUP');

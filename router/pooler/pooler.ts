@@ -89,7 +89,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     this.reaper = setInterval(() => this.reap(), 1000);
     this.reaper.unref();
     this.unregister = registerPooler(() => this.snapshot());
-    this.leases.onWanted((key) => this.poolMap.get(key)?.giveBack());
+    this.leases.onWanted((key, only) => this.poolMap.get(key)?.giveBack(only));
     this.workers.on('cancel', (args) => {
       const { pid, secret } = args as { pid: number; secret: number };
       return this.cancelLocal(pid, secret);
