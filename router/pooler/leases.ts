@@ -23,8 +23,8 @@ export interface ConnectionLeases {
 /**
  * `wanted`: another worker waits for a lease on `key`. `only: 'next'` (this worker
  * holds more than its fair share): close an idle connection now, or the next one
- * freed that no local client takes. `only: 'idle'`: close a connection only once
- * it has sat idle for a while (this worker has more than it uses).
+ * freed even if a client of this worker waits for it. `only: 'idle'`: close a
+ * connection only once it has sat idle for a while (this worker has more than it uses).
  */
 export type GiveBack = 'next' | 'idle';
 

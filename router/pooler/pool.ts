@@ -49,13 +49,13 @@ export interface StartupInfo {
 }
 
 const STARTUP_CACHE_TTL_MS = 60_000;
+const STARTUP_CACHE_MAX = 1000;
 /**
  * Asked to give back only a connection it leaves idle, a worker closes one idle at
  * least this long: under load a connection is idle for a round trip between two
  * transactions, and giving that one away would only make this worker ask for it back.
  */
-export const IDLE_GIVE_BACK_MS = 100;
-const STARTUP_CACHE_MAX = 1000;
+const IDLE_GIVE_BACK_MS = 100;
 
 export class Pool {
   readonly servers = new Set<ServerConn>();
