@@ -182,9 +182,11 @@ export class LeaseArbiter {
    * Still short for `waiting`: the fair share is poolSize split among the workers
    * that want the pool (hold leases or wait for one). The richest other worker
    * above its share gives one back as soon as one is free; if none is above, every
-   * other holder gives back only a connection idle for a while (it has more than
-   * it uses), so a worker at or below its share keeps what it has and connections
-   * settle instead of moving back and forth under load.
+   * holder gives back only a connection idle for a while (it has more than it
+   * uses), so a worker at or below its share keeps what it has and connections
+   * settle instead of moving back and forth under load. While requests queue,
+   * every holder stays asked (a worker asks again only after a release), so no
+   * connection sits idle long while another worker waits.
    */
   private askGiveBack(key: string, waiting: number, poolSize: number, queued: Set<number>): void {
     const byWorker = this.held.get(key) ?? new Map<number, number>();
@@ -200,8 +202,9 @@ export class LeaseArbiter {
       if (asked.get(richest) !== 'next' && this.send(richest, { mg: 'wanted', key, only: 'next' })) asked.set(richest, 'next');
       return;
     }
+    // The waiting worker too: a queued request may be stale (its clients left), and then its idle connections are the ones to move.
     for (const w of byWorker.keys()) {
-      if (w !== waiting && !asked.has(w) && this.send(w, { mg: 'wanted', key, only: 'idle' })) asked.set(w, 'idle');
+      if (!asked.has(w) && this.send(w, { mg: 'wanted', key, only: 'idle' })) asked.set(w, 'idle');
     }
   }
 }

@@ -17,6 +17,8 @@ class SimWorker {
   wants = 0;
   givenBack = 0;
   asked = { next: 0, idle: 0 };
+  /** Asked for a connection it leaves idle and had none: the next one that goes idle goes (the reaper's check). */
+  private flagged = false;
 
   constructor(readonly id: number, private readonly sim: Sim) {}
 
@@ -28,14 +30,27 @@ class SimWorker {
 
   receive(msg: LeaseMessage): void {
     if (msg.mg === 'granted') {
+      // A lease its clients no longer wait for goes straight back, as a pool does.
+      if (this.wants === 0) return this.sim.post(this.id, { mg: 'unlease', key: KEY });
       this.held++;
-      if (this.wants > 0) this.wants--;
-      else this.idle++;
+      this.wants--;
     } else if (msg.mg === 'wanted') {
       this.asked[msg.only]++;
       if (this.idle > 0) this.giveBack(() => this.idle--);
       // Busy and above its share: its next freed connection goes, and its clients still queue for one.
       else if (msg.only === 'next' && this.held > 0) this.giveBack(() => this.want(1));
+      else this.flagged = true;
+    }
+  }
+
+  /** `n` of its clients leave (their lease requests still queued stay queued): their connections go idle. */
+  leave(n: number): void {
+    const fromQueue = Math.min(n, this.wants);
+    this.wants -= fromQueue;
+    this.idle += n - fromQueue;
+    if (this.flagged && this.idle > 0) {
+      this.flagged = false;
+      this.giveBack(() => this.idle--);
     }
   }
 
@@ -162,6 +177,23 @@ test('a worker at its share keeps busy connections; the one waiting gets only wh
   assert.equal(sim.w(1).asked.next, 0);
   assert.ok(sim.w(1).asked.idle > 0);
   assert.equal(sim.w(1).givenBack, 0);
+});
+
+test('requests left queued by clients that went away do not keep another worker waiting', () => {
+  const sim = new Sim(4, 2);
+  sim.w(1).want(2);
+  sim.w(2).want(2);
+  sim.run();
+  // Both workers' clients queue for more than the pool (4 requests each, 2 granted each).
+  sim.w(2).want(2);
+  sim.w(1).want(2);
+  sim.run();
+  assert.deepEqual([sim.w(1).held, sim.w(2).held], [2, 2]);
+  // Worker 2's clients all leave: its 2 connections go idle, its 2 requests stay queued ahead of worker 1's.
+  sim.w(2).leave(4);
+  sim.run();
+  assert.deepEqual([sim.w(1).held, sim.w(2).held], [4, 0], 'worker 1\'s waiting clients got worker 2\'s idle connections');
+  assert.equal(sim.arbiter.total(KEY), 4);
 });
 
 test('a dead worker\'s leases and requests go: the bound is usable again at once', () => {
