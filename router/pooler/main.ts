@@ -35,8 +35,11 @@ process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejectio
 if (config.workers > 1 && cluster.isPrimary) {
   const leases = new LeaseArbiter((id, msg) => {
     const worker = cluster.workers?.[id];
-    if (!worker || worker.isDead()) return false;
-    worker.send(msg);
+    // A worker that is stopping has closed its channel before it exits; a send that loses that race must not end the primary.
+    if (!worker?.isConnected()) return false;
+    worker.send(msg, (err: Error | null) => {
+      if (err) log.debug({ worker: worker.process.pid, err: err.message }, 'lease message not delivered: worker stopping');
+    });
     return true;
   });
   await runWorkers({
