@@ -255,16 +255,21 @@ export class Pool {
     this.retireServer(s);
   }
 
-  /** Closes the least recently used idle connection once it has been idle IDLE_GIVE_BACK_MS; checked again then, and by the reaper. */
-  private giveBackIfIdle(): void {
+  /**
+   * Closes the least recently used idle connection once it has been idle
+   * IDLE_GIVE_BACK_MS, as seen from a timer that runs after pending reads
+   * (`confirmed`): a process that stalled runs its timers before its reads, and a
+   * client's next query may still be unread. Also checked by the reaper.
+   */
+  private giveBackIfIdle(confirmed = false): void {
     const s = this.idle[0];
     if (!this.giveBackIdle || !s || this.giveBackTimer) return;
     const wait = IDLE_GIVE_BACK_MS - (coarseNow() - s.lastUsed);
-    if (wait > 0) {
+    if (wait > 0 || !confirmed) {
       this.giveBackTimer = setTimeout(() => {
         this.giveBackTimer = null;
-        this.giveBackIfIdle();
-      }, wait);
+        this.giveBackIfIdle(true);
+      }, Math.max(0, wait));
       this.giveBackTimer.unref();
       return;
     }
