@@ -11,7 +11,9 @@
  * the proxy's CPU (utime+stime of its whole process tree, from /proc) per
  * transaction, and both as ratios to PgBouncer. CPU per transaction does not
  * depend on the machine; from it the script prints what the proxy could carry on
- * more cores. Ports: base..base+9. Everything it starts is stopped at the end.
+ * more cores. For our pooler also the server connections it opened and gave back to
+ * another worker per second of the run (its summed /metrics): how much connections
+ * move between workers. Ports: base..base+9. Everything it starts is stopped at the end.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -45,7 +47,7 @@ const WORKERS = args.workers!.split(',').map(Number);
 const DB_CPUS = args['db-cpus']!;
 const PROXY_CPUS = args['proxy-cpus']!;
 const POOL_SIZE = 20;
-const ports = { postgres: BASE, pgbouncer: BASE + 1, pooler: (i: number) => BASE + 2 + i };
+const ports = { postgres: BASE, pgbouncer: BASE + 1, pooler: (i: number) => BASE + 2 + i, metrics: (i: number) => BASE + 6 + i };
 const log = createLogger('bench-pooler-cores');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'mg-bench-cores-'));
@@ -102,10 +104,18 @@ async function startPgbouncer(): Promise<number> {
   return p.pid!;
 }
 
+/** Our pooler's connection churn counters, summed over its workers by the primary's /metrics. */
+async function churn(i: number): Promise<{ connects: number; giveBacks: number }> {
+  const text = await (await fetch(`http://127.0.0.1:${ports.metrics(i)}/metrics`)).text();
+  const value = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? NaN);
+  return { connects: value('mg_pooler_server_connects_total'), giveBacks: value('mg_pooler_give_backs_total') };
+}
+
 async function startPooler(workers: number, i: number): Promise<number> {
   const config = path.join(work, `pooler-${workers}.json`);
   fs.writeFileSync(config, JSON.stringify({
     instanceId: `bench-${workers}`, listenPort: ports.pooler(i), postgres: { host: '127.0.0.1', port: ports.postgres }, poolSize: POOL_SIZE, workers,
+    metricsPort: ports.metrics(i),
   }));
   const p = spawn('taskset', ['-c', PROXY_CPUS, process.execPath, '--import', 'tsx', path.join(root, 'router/pooler/main.ts'), '--config', config],
     { stdio: ['ignore', 'ignore', 'inherit'], cwd: root, env: { ...process.env, MG_LOG_LEVEL: 'warn' } });
@@ -135,19 +145,29 @@ async function stop(p: ChildProcess): Promise<void> {
   await Promise.race([exited, sleep(15_000)]);
 }
 
-interface Row { name: string; tps: number; cpuUsPerTxn: number; proxyCpuPct: number }
+interface Row { name: string; tps: number; cpuUsPerTxn: number; proxyCpuPct: number; connectsPerS?: number; giveBacksPerS?: number }
 
-async function measure(name: string, port: number, pid: number): Promise<Row> {
+/** `metrics`: the index of our pooler whose churn counters to read; PgBouncer has none. */
+async function measure(name: string, port: number, pid: number, metrics?: number): Promise<Row> {
   pgbench(port, 2); // warm: connections opened, JIT warm
+  const churn0 = metrics === undefined ? undefined : await churn(metrics);
   const cpu0 = treeCpuMs(pid);
   const t0 = Date.now();
   const r = pgbench(port, SECONDS);
   const elapsed = Date.now() - t0;
   const cpu = treeCpuMs(pid) - cpu0;
-  const row = { name, tps: r.tps, cpuUsPerTxn: (cpu * 1000) / r.transactions, proxyCpuPct: (cpu / elapsed) * 100 };
-  console.log(`  ${name.padEnd(20)} tps ${row.tps.toFixed(0).padStart(7)}  proxy cpu ${row.proxyCpuPct.toFixed(0).padStart(3)}%  ${row.cpuUsPerTxn.toFixed(1)} us/txn`);
+  const row: Row = { name, tps: r.tps, cpuUsPerTxn: (cpu * 1000) / r.transactions, proxyCpuPct: (cpu / elapsed) * 100 };
+  if (churn0) {
+    const churn1 = await churn(metrics!);
+    row.connectsPerS = ((churn1.connects - churn0.connects) * 1000) / elapsed;
+    row.giveBacksPerS = ((churn1.giveBacks - churn0.giveBacks) * 1000) / elapsed;
+  }
+  console.log(`  ${name.padEnd(20)} tps ${row.tps.toFixed(0).padStart(7)}  proxy cpu ${row.proxyCpuPct.toFixed(0).padStart(3)}%  ${row.cpuUsPerTxn.toFixed(1)} us/txn`
+    + (churn0 ? `  server connects ${perS(row.connectsPerS)}/s, give-backs ${perS(row.giveBacksPerS)}/s` : ''));
   return row;
 }
+
+const perS = (n: number | undefined) => (n === undefined ? '-' : n.toFixed(1));
 
 async function main(): Promise<void> {
   const loadBefore = fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
@@ -162,16 +182,16 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   rows.push(await measure('PgBouncer', ports.pgbouncer, await startPgbouncer()));
   for (const [i, w] of WORKERS.entries()) {
-    rows.push(await measure(`MultiPooler x${w}`, ports.pooler(i), await startPooler(w, i)));
+    rows.push(await measure(`MultiPooler x${w}`, ports.pooler(i), await startPooler(w, i), i));
     await stops.pop()!();
   }
   const pgb = rows[0];
   const loadAfter = fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
   console.log(`\nload (1, 5, 15 min) before ${loadBefore}, after ${loadAfter}\n`);
-  console.log('| target | TPS | TPS / PgBouncer | proxy CPU (% of one core) | CPU us per txn | CPU per txn / PgBouncer |');
-  console.log('|---|---:|---:|---:|---:|---:|');
+  console.log('| target | TPS | TPS / PgBouncer | proxy CPU (% of one core) | CPU us per txn | CPU per txn / PgBouncer | server connects/s | give-backs/s |');
+  console.log('|---|---:|---:|---:|---:|---:|---:|---:|');
   for (const r of rows) {
-    console.log(`| ${r.name} | ${r.tps.toFixed(0)} | ${(r.tps / pgb.tps).toFixed(2)}x | ${r.proxyCpuPct.toFixed(0)}% | ${r.cpuUsPerTxn.toFixed(1)} | ${(r.cpuUsPerTxn / pgb.cpuUsPerTxn).toFixed(2)}x |`);
+    console.log(`| ${r.name} | ${r.tps.toFixed(0)} | ${(r.tps / pgb.tps).toFixed(2)}x | ${r.proxyCpuPct.toFixed(0)}% | ${r.cpuUsPerTxn.toFixed(1)} | ${(r.cpuUsPerTxn / pgb.cpuUsPerTxn).toFixed(2)}x | ${perS(r.connectsPerS)} | ${perS(r.giveBacksPerS)} |`);
   }
   // PgBouncer is one thread: one core's worth whatever the machine. Ours: one core per worker.
   console.log('\nWhat the proxy alone could carry, from CPU per transaction (1 s of CPU / us per txn, per core):');

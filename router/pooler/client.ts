@@ -46,6 +46,9 @@ export interface Counters {
   queries: number;
   xacts: number;
   errors: Map<string, number>;
+  /** Server connections opened, and those closed to give their lease to another worker (0057): how much they move. */
+  serverConnects: number;
+  giveBacks: number;
 }
 
 // What a message sent to the server (or answered locally) will be answered with.

@@ -3,27 +3,36 @@
  * stays poolSize per (user, database) for the whole Postgres, not per worker.
  * A worker opens a server connection only under a lease from the primary; a
  * closed connection gives its lease back. When leases run out, the primary
- * queues the request (first come, first served across workers) and asks the
- * worker holding the most leases to close one connection as soon as it is idle,
- * so a client never waits long while another worker sits on idle connections
- * (decision 0057).
+ * queues the request (served first to the waiting worker holding the fewest,
+ * then in order of arrival) and asks a worker above its fair share to close one
+ * connection as soon as one is free, or the others to close one they leave idle:
+ * a client never waits long while another worker sits on idle connections, and
+ * busy workers keep their share instead of trading connections (decision 0057).
  */
-import cluster, { type Worker } from 'node:cluster';
+import cluster from 'node:cluster';
 
 /** What a pool asks before opening a server connection, and tells after one closed. */
 export interface ConnectionLeases {
   /** `granted` is called once this process may open one more connection for `key`. */
   request(key: string, poolSize: number, granted: () => void): void;
   release(key: string): void;
-  /** Set by the primary: another worker waits for a lease on `key`, so give one back when it is idle. */
-  onWanted(handler: (key: string) => void): void;
+  /** Set by the primary: another worker waits for a lease on `key`, so give one back (how: GiveBack). */
+  onWanted(handler: (key: string, only: GiveBack) => void): void;
 }
 
-type LeaseMessage =
+/**
+ * `wanted`: another worker waits for a lease on `key`. `only: 'next'` (this worker
+ * holds more than its fair share): close an idle connection now, or the next one
+ * freed even if a client of this worker waits for it. `only: 'idle'`: close a
+ * connection only once it has sat idle for a while (this worker has more than it uses).
+ */
+export type GiveBack = 'next' | 'idle';
+
+export type LeaseMessage =
   | { mg: 'lease'; key: string; poolSize: number }
   | { mg: 'unlease'; key: string }
   | { mg: 'granted'; key: string }
-  | { mg: 'wanted'; key: string };
+  | { mg: 'wanted'; key: string; only: GiveBack };
 
 /** One process: the pool's own bound is the whole bound, so every request is granted at once. */
 class LocalLeases implements ConnectionLeases {
@@ -39,12 +48,12 @@ class LocalLeases implements ConnectionLeases {
 /** In a worker: leases come from the primary, granted in order per key. */
 class WorkerLeases implements ConnectionLeases {
   private readonly pending = new Map<string, Array<() => void>>();
-  private wanted: (key: string) => void = () => undefined;
+  private wanted: (key: string, only: GiveBack) => void = () => undefined;
 
   constructor() {
     process.on('message', (msg: LeaseMessage) => {
       if (msg?.mg === 'granted') this.pending.get(msg.key)?.shift()?.();
-      else if (msg?.mg === 'wanted') this.wanted(msg.key);
+      else if (msg?.mg === 'wanted') this.wanted(msg.key, msg.only);
     });
   }
 
@@ -64,7 +73,7 @@ class WorkerLeases implements ConnectionLeases {
     if (process.connected) process.send!(msg);
   }
 
-  onWanted(handler: (key: string) => void): void {
+  onWanted(handler: (key: string, only: GiveBack) => void): void {
     this.wanted = handler;
   }
 }
@@ -73,13 +82,28 @@ export function connectionLeases(): ConnectionLeases {
   return cluster.isWorker ? new WorkerLeases() : new LocalLeases();
 }
 
-/** In the primary: counts the leases each worker holds per key and hands out the rest in order. */
+/** How the arbiter reaches a worker; false when that worker is gone. */
+export type SendToWorker = (worker: number, msg: LeaseMessage) => boolean;
+
+/**
+ * In the primary: counts the leases each worker holds per key and hands out the
+ * rest in order. Pure bookkeeping (workers are ids, messages go through `send`),
+ * so it is unit-tested without processes.
+ */
 export class LeaseArbiter {
   private readonly held = new Map<string, Map<number, number>>();
-  private readonly queue = new Map<string, Array<{ worker: Worker; poolSize: number }>>();
+  private readonly queue = new Map<string, Array<{ worker: number; poolSize: number }>>();
+  /**
+   * Give-backs asked and not yet answered, per key and worker: a burst of lease
+   * requests must not ask one worker many times (it would give back all of them,
+   * then ask for them back). Cleared by that worker's next release.
+   */
+  private readonly asked = new Map<string, Map<number, GiveBack>>();
+
+  constructor(private readonly send: SendToWorker) {}
 
   /** True when the message was a lease message. */
-  handle(worker: Worker, msg: unknown): boolean {
+  handle(worker: number, msg: unknown): boolean {
     const m = msg as LeaseMessage;
     if (m?.mg === 'lease') {
       let q = this.queue.get(m.key);
@@ -89,7 +113,8 @@ export class LeaseArbiter {
       return true;
     }
     if (m?.mg === 'unlease') {
-      this.add(m.key, worker.id, -1);
+      this.asked.get(m.key)?.delete(worker);
+      this.add(m.key, worker, -1);
       this.grant(m.key);
       return true;
     }
@@ -97,9 +122,10 @@ export class LeaseArbiter {
   }
 
   /** A dead worker's connections died with it: its leases and requests go. */
-  forget(worker: Worker): void {
-    for (const [key, byWorker] of this.held) {
-      byWorker.delete(worker.id);
+  forget(worker: number): void {
+    for (const key of new Set([...this.held.keys(), ...this.queue.keys()])) {
+      this.held.get(key)?.delete(worker);
+      this.asked.get(key)?.delete(worker);
       const q = this.queue.get(key);
       if (q) this.queue.set(key, q.filter((r) => r.worker !== worker));
       this.grant(key);
@@ -113,6 +139,11 @@ export class LeaseArbiter {
     return n;
   }
 
+  /** Leases one worker holds for key. */
+  holds(key: string, worker: number): number {
+    return this.held.get(key)?.get(worker) ?? 0;
+  }
+
   private add(key: string, worker: number, delta: number): void {
     let byWorker = this.held.get(key);
     if (!byWorker) this.held.set(key, (byWorker = new Map()));
@@ -122,23 +153,68 @@ export class LeaseArbiter {
     if (byWorker.size === 0 && !this.queue.get(key)?.length) this.held.delete(key);
   }
 
+  /** The request served next: the earliest of the waiting worker that holds the fewest leases (so one worker's burst does not starve another). */
+  private next(key: string, q: Array<{ worker: number; poolSize: number }>): number {
+    let best = 0;
+    for (let i = 1; i < q.length; i++) if (this.holds(key, q[i].worker) < this.holds(key, q[best].worker)) best = i;
+    return best;
+  }
+
   private grant(key: string): void {
     const q = this.queue.get(key);
-    while (q?.length && this.total(key) < q[0].poolSize) {
-      const { worker } = q.shift()!;
-      if (worker.isDead()) continue;
-      this.add(key, worker.id, 1);
-      worker.send({ mg: 'granted', key } satisfies LeaseMessage);
+    let i = q?.length ? this.next(key, q) : -1;
+    while (q && i >= 0 && this.total(key) < q[i].poolSize) {
+      const { worker } = q.splice(i, 1)[0];
+      this.add(key, worker, 1);
+      if (!this.send(worker, { mg: 'granted', key })) this.add(key, worker, -1);
+      i = q.length ? this.next(key, q) : -1;
     }
     if (!q?.length) {
       this.queue.delete(key);
+      this.asked.delete(key);
+      if (!this.held.get(key)?.size) this.held.delete(key);
       return;
     }
-    // Still short: the worker with the most leases (other than the one waiting) gives one back once idle.
-    const waiting = q[0].worker.id;
+    this.askGiveBack(key, q[i].worker, q[i].poolSize, new Set(q.map((r) => r.worker)));
+  }
+
+  /**
+   * Still short for `waiting`: the fair share is poolSize split among the workers
+   * that want the pool (hold leases or wait for one). The richest other worker
+   * above its share gives one back as soon as one is free; if none is above, every
+   * holder gives back only a connection idle for a while (it has more than it
+   * uses), so a worker at or below its share keeps what it has and connections
+   * settle instead of moving back and forth under load. While requests queue,
+   * every holder stays asked (a worker asks again only after a release), so no
+   * connection sits idle long while another worker waits.
+   */
+  private askGiveBack(key: string, waiting: number, poolSize: number, queued: Set<number>): void {
+    const byWorker = this.held.get(key) ?? new Map<number, number>();
+    const wanting = new Set([...byWorker.keys(), ...queued]).size;
+    const mine = byWorker.get(waiting) ?? 0;
     let richest: number | undefined;
     let most = 0;
-    for (const [w, n] of this.held.get(key) ?? []) if (w !== waiting && n > most) [richest, most] = [w, n];
-    if (richest !== undefined) cluster.workers?.[richest]?.send({ mg: 'wanted', key } satisfies LeaseMessage);
+    for (const [w, n] of byWorker) if (w !== waiting && n > most) [richest, most] = [w, n];
+    if (richest === undefined) return;
+    let asked = this.asked.get(key);
+    if (!asked) this.asked.set(key, (asked = new Map()));
+    if (aboveFairShare(most, mine, poolSize, wanting)) {
+      if (asked.get(richest) !== 'next' && this.send(richest, { mg: 'wanted', key, only: 'next' })) asked.set(richest, 'next');
+      return;
+    }
+    // The waiting worker too: a queued request may be stale (its clients left), and then its idle connections are the ones to move.
+    for (const w of byWorker.keys()) {
+      if (!asked.has(w) && this.send(w, { mg: 'wanted', key, only: 'idle' })) asked.set(w, 'idle');
+    }
   }
+}
+
+/**
+ * Whether a worker holding `held` leases should give one to a waiting worker
+ * holding `waiterHolds`, with `poolSize` split among `wanting` workers: only
+ * above the even share, and only when the move narrows the gap (a difference of
+ * one is the remainder of an uneven split: moving it would only move it back).
+ */
+export function aboveFairShare(held: number, waiterHolds: number, poolSize: number, wanting: number): boolean {
+  return held > Math.floor(poolSize / Math.max(1, wanting)) && held >= waiterHolds + 2;
 }

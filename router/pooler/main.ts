@@ -33,11 +33,19 @@ try {
 const log = createLogger('pooler', { instance: config.instanceId });
 process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection'));
 if (config.workers > 1 && cluster.isPrimary) {
-  const leases = new LeaseArbiter();
+  const leases = new LeaseArbiter((id, msg) => {
+    const worker = cluster.workers?.[id];
+    // A worker that is stopping has closed its channel before it exits; a send that loses that race must not end the primary.
+    if (!worker?.isConnected()) return false;
+    worker.send(msg, (err: Error | null) => {
+      if (err) log.debug({ worker: worker.process.pid, err: err.message }, 'lease message not delivered: worker stopping');
+    });
+    return true;
+  });
   await runWorkers({
     service: 'pooler', count: config.workers, metricsPort: config.metricsPort, log, graceMs: config.shutdownGraceMs + 6_000,
-    onMessage: (worker, msg) => leases.handle(worker, msg),
-    onExit: (worker) => leases.forget(worker),
+    onMessage: (worker, msg) => leases.handle(worker.id, msg),
+    onExit: (worker) => leases.forget(worker.id),
   });
   process.on('SIGHUP', () => {
     for (const w of liveWorkers()) w.process.kill('SIGHUP');

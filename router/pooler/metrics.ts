@@ -13,6 +13,8 @@ export interface PoolerSnapshot {
   xacts: number;
   errors: ReadonlyMap<string, number>;
   notifications: number;
+  serverConnects: number;
+  giveBacks: number;
 }
 
 const live = new Set<() => PoolerSnapshot>();
@@ -148,6 +150,24 @@ function ensureMetrics(): void {
     collect() {
       this.reset();
       this.inc(snapshots().reduce((n, s) => n + s.notifications, 0));
+    },
+  });
+  new client.Counter({
+    name: 'mg_pooler_server_connects_total',
+    help: 'Server connections opened',
+    registers: [metrics],
+    collect() {
+      this.reset();
+      this.inc(snapshots().reduce((n, s) => n + s.serverConnects, 0));
+    },
+  });
+  new client.Counter({
+    name: 'mg_pooler_give_backs_total',
+    help: 'Server connections closed to give their lease to another worker of the same pooler',
+    registers: [metrics],
+    collect() {
+      this.reset();
+      this.inc(snapshots().reduce((n, s) => n + s.giveBacks, 0));
     },
   });
   new client.Counter({

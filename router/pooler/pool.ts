@@ -7,7 +7,7 @@
 import type { Logger } from '../../common/log.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import type { PoolerConfig } from './config.ts';
-import type { ConnectionLeases } from './leases.ts';
+import type { ConnectionLeases, GiveBack } from './leases.ts';
 import { ServerConn } from './server.ts';
 import { Settings } from './settings.ts';
 import { coarseNow, quoteIdent } from './text.ts';
@@ -37,6 +37,8 @@ export interface PoolContext {
   config: PoolerConfig;
   log: Logger;
   leases: ConnectionLeases;
+  /** Bumped as server connections open and as they are given back to another worker. */
+  counters: { serverConnects: number; giveBacks: number };
   observeWait(seconds: number): void;
   countError(kind: string): void;
 }
@@ -48,6 +50,12 @@ export interface StartupInfo {
 
 const STARTUP_CACHE_TTL_MS = 60_000;
 const STARTUP_CACHE_MAX = 1000;
+/**
+ * Asked to give back only a connection it leaves idle, a worker closes one idle at
+ * least this long: under load a connection is idle for a round trip between two
+ * transactions, and giving that one away would only make this worker ask for it back.
+ */
+const IDLE_GIVE_BACK_MS = 100;
 
 export class Pool {
   readonly servers = new Set<ServerConn>();
@@ -55,8 +63,11 @@ export class Pool {
   connecting = 0;
   /** Lease requests not yet granted (a worker of several opens a connection only under a lease). */
   private leasing = 0;
-  /** Another worker waits for a lease of this pool: the next connection with no client here to take it is closed. */
-  private giveBackWhenIdle = false;
+  /** Another worker waits for a lease of this pool and this one holds more than its fair share: the next connection freed is closed. */
+  private giveBackNext = false;
+  /** Another worker waits for a lease of this pool: the first connection idle for IDLE_GIVE_BACK_MS is closed. */
+  private giveBackIdle = false;
+  private giveBackTimer: NodeJS.Timeout | null = null;
   private readonly waiters = new Map<object, Waiter>();
   paused = false;
   private pauseWaiters: Array<() => void> = [];
@@ -196,6 +207,13 @@ export class Pool {
   }
 
   private offer(s: ServerConn): void {
+    if (this.giveBackNext) {
+      // Above its fair share: the lease goes to the waiting worker even if a client here waits too.
+      this.giveBackNext = false;
+      this.ctx.counters.giveBacks++;
+      this.retireServer(s);
+      return;
+    }
     if (!this.paused) {
       const first = this.waiters.entries().next().value as [object, Waiter] | undefined;
       if (first) {
@@ -212,21 +230,52 @@ export class Pool {
         return;
       }
     }
-    if (this.giveBackWhenIdle) {
-      this.giveBackWhenIdle = false;
-      this.retireServer(s);
-      return;
-    }
     s.state = 'idle';
     this.idle.push(s);
     this.checkPaused();
   }
 
-  /** The primary asks for one lease back: the least recently used idle connection now, or the next one freed. */
-  giveBack(): void {
+  /**
+   * The primary asks for one lease back. `next` (this worker is above its fair
+   * share): the least recently used idle connection now, or the next one freed.
+   * `idle`: only a connection this worker leaves idle (decision 0057).
+   */
+  giveBack(only: GiveBack): void {
+    if (only === 'idle') {
+      this.giveBackIdle = true;
+      this.giveBackIfIdle();
+      return;
+    }
     const s = this.idle[0];
-    if (s) this.retireServer(s);
-    else this.giveBackWhenIdle = true;
+    if (!s) {
+      this.giveBackNext = true;
+      return;
+    }
+    this.ctx.counters.giveBacks++;
+    this.retireServer(s);
+  }
+
+  /**
+   * Closes the least recently used idle connection once it has been idle
+   * IDLE_GIVE_BACK_MS, as seen from a timer that runs after pending reads
+   * (`confirmed`): a process that stalled runs its timers before its reads, and a
+   * client's next query may still be unread. Also checked by the reaper.
+   */
+  private giveBackIfIdle(confirmed = false): void {
+    const s = this.idle[0];
+    if (!this.giveBackIdle || !s || this.giveBackTimer) return;
+    const wait = IDLE_GIVE_BACK_MS - (coarseNow() - s.lastUsed);
+    if (wait > 0 || !confirmed) {
+      this.giveBackTimer = setTimeout(() => {
+        this.giveBackTimer = null;
+        this.giveBackIfIdle(true);
+      }, Math.max(0, wait));
+      this.giveBackTimer.unref();
+      return;
+    }
+    this.giveBackIdle = false;
+    this.ctx.counters.giveBacks++;
+    this.retireServer(s);
   }
 
   private expired(s: ServerConn): boolean {
@@ -267,6 +316,7 @@ export class Pool {
       timeoutMs: config.serverConnectTimeoutMs, log,
     }).then((s) => {
       this.connecting--;
+      this.ctx.counters.serverConnects++;
       this.servers.add(s);
       s.onClosed(() => this.onServerClosed(s));
       log.debug({ server: s.id, pid: s.pid, user: this.user, database: this.database }, 'server connection opened');
@@ -312,6 +362,7 @@ export class Pool {
         this.retireServer(s);
       }
     }
+    this.giveBackIfIdle();
     for (const [fp, info] of this.startupCache) if (now - info.at > STARTUP_CACHE_TTL_MS) this.startupCache.delete(fp);
     // Connections beyond a lowered poolSize go when they are next idle.
     let extra = this.servers.size - this.ctx.config.poolSize;
@@ -367,6 +418,7 @@ export class Pool {
       w.cb(new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN, 'terminating connection due to administrator command'));
     }
     if (this.retryTimer) clearTimeout(this.retryTimer);
+    if (this.giveBackTimer) clearTimeout(this.giveBackTimer);
     for (const s of [...this.servers]) {
       if (s.state === 'idle') s.close();
       else s.destroy();

@@ -70,7 +70,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
   readonly startedAt = Date.now();
   readonly version = POOLER_VERSION;
   shuttingDown = false;
-  readonly counters: Counters = { queries: 0, xacts: 0, errors: new Map() };
+  readonly counters: Counters = { queries: 0, xacts: 0, errors: new Map(), serverConnects: 0, giveBacks: 0 };
   private readonly poolMap = new Map<string, Pool>();
   private readonly clientMap = new Map<number, ClientSession>();
   private readonly admins = new Set<AdminSession>();
@@ -89,7 +89,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     this.reaper = setInterval(() => this.reap(), 1000);
     this.reaper.unref();
     this.unregister = registerPooler(() => this.snapshot());
-    this.leases.onWanted((key) => this.poolMap.get(key)?.giveBack());
+    this.leases.onWanted((key, only) => this.poolMap.get(key)?.giveBack(only));
     this.workers.on('cancel', (args) => {
       const { pid, secret } = args as { pid: number; secret: number };
       return this.cancelLocal(pid, secret);
@@ -453,7 +453,8 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     }
     let notifications = 0;
     for (const l of this.listeners.values()) notifications += l.delivered;
-    return { clients, servers, queries: this.counters.queries, xacts: this.counters.xacts, errors: this.counters.errors, notifications };
+    const { queries, xacts, errors, serverConnects, giveBacks } = this.counters;
+    return { clients, servers, queries, xacts, errors, notifications, serverConnects, giveBacks };
   }
 
   async shutdown(): Promise<void> {

@@ -25,6 +25,7 @@ let dir: string;
 let pgInst: PostgresInstance;
 let primary: ChildProcess;
 let port: number;
+let metricsPort: number;
 const open = new Set<pg.Client>();
 let stopping = false;
 
@@ -81,16 +82,25 @@ async function clientsOnEveryWorker(perWorker: number): Promise<Map<number, pg.C
   return by;
 }
 
+/** A counter of the primary's /metrics, summed over the workers. */
+async function counter(name: string): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+  assert.ok(m, `${name} on /metrics`);
+  return Number(m[1]);
+}
+
 const serverBackends = async () => Number((await direct(
   `SELECT count(*) AS n FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'`,
 ))[0].n);
 
 async function startPooler(): Promise<void> {
   port = await freePort();
+  metricsPort = await freePort();
   const configFile = path.join(dir, 'pooler.json');
   fs.writeFileSync(configFile, JSON.stringify({
     instanceId: 'pooler-workers-test', listenPort: port, postgres: { host: '127.0.0.1', port: pgInst.port },
-    poolSize: POOL_SIZE, queueTimeoutMs: 5000, workers: 2, metricsPort: await freePort(),
+    poolSize: POOL_SIZE, queueTimeoutMs: 5000, workers: 2, metricsPort,
   }));
   const logFile = path.join(dir, 'pooler.log');
   const out = fs.openSync(logFile, 'a');
@@ -156,6 +166,31 @@ test('many clients on both workers: the server connections never exceed poolSize
   assert.ok(most <= POOL_SIZE, `at most ${POOL_SIZE} server connections across both workers, saw ${most}`);
   assert.ok(most > POOL_SIZE / 2, `both workers' clients shared the pool (saw ${most} at most)`);
   await end(...clients);
+});
+
+test('under sustained load on both workers the server connections settle: none moves between workers once each has its share', async () => {
+  // Twice as many clients on each worker as the whole pool: both workers always have clients queued.
+  const by = await clientsOnEveryWorker(2 * POOL_SIZE);
+  const clients = [...by.values()].flat();
+  let stop = false;
+  const load = Promise.all(clients.map(async (c) => {
+    while (!stop) await c.query('SELECT 1');
+  }));
+  await sleep(2000); // both workers reach their share
+  const [connects0, giveBacks0, xacts0] = await Promise.all(
+    ['mg_pooler_server_connects_total', 'mg_pooler_give_backs_total', 'mg_pooler_transactions_total'].map(counter));
+  const backends = await serverBackends();
+  await sleep(4000);
+  const [connects1, giveBacks1, xacts1] = await Promise.all(
+    ['mg_pooler_server_connects_total', 'mg_pooler_give_backs_total', 'mg_pooler_transactions_total'].map(counter));
+  stop = true;
+  await load;
+  await end(...clients);
+  assert.ok(xacts1 - xacts0 > 200, `the load went on: ${xacts1 - xacts0} transactions in 4 s`);
+  assert.ok(backends <= POOL_SIZE, `at most ${POOL_SIZE} server connections, saw ${backends}`);
+  // A stall of this loaded machine can make one connection look idle for a moment; nothing more moves.
+  assert.ok(giveBacks1 - giveBacks0 <= 2, `connections given back to the other worker in 4 s of load: ${giveBacks1 - giveBacks0}`);
+  assert.ok(connects1 - connects0 <= 2, `server connections opened in 4 s of load: ${connects1 - connects0}`);
 });
 
 test('a client of one worker gets a connection another worker holds idle, without waiting for the idle timeout', async () => {
