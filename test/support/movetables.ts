@@ -1,6 +1,7 @@
 /**
- * The cluster of the MoveTables tests: `src` (unsharded, CDC on) and `dst` (2 shards; CDC on with
- * `targetCdc`, which switching writes needs), and clients that read every value as text.
+ * The cluster of the MoveTables tests: `src` (unsharded, CDC on; `sourceInstances` instances, default 1) and
+ * `dst` (2 shards of 1 instance; CDC on with `targetCdc`, which switching writes needs), and clients that read
+ * every value as text.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -22,16 +23,17 @@ export function textSessions(cluster: TestCluster) {
   };
   return {
     portOf,
+    connect,
     direct: (db: string, shard: string) => connect(portOf(db, shard), db),
     gateway: (db: string) => connect(cluster.spec.gateway.port, db),
   };
 }
 
-export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}, opts: { targetCdc?: boolean } = {}) {
+export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}, opts: { targetCdc?: boolean; sourceInstances?: number } = {}) {
   const cluster = testCluster(label, slot, { settings, spec: {
     cells: ['zone1'],
     databases: [
-      { name: 'src', instancesPerShard: 1, durability: 'ANY_1', cdc: { enabled: true } },
+      { name: 'src', instancesPerShard: opts.sourceInstances ?? 1, durability: 'ANY_1', cdc: { enabled: true } },
       { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1', ...(opts.targetCdc ? { cdc: { enabled: true } } : {}) },
     ],
   } });
@@ -49,9 +51,9 @@ export function moveTablesCluster(label: string, slot: number, settings: Record<
       const applied = await cluster.mg('vschema', 'apply', 'dst', file, '--data-dir', cluster.dataDir);
       assert.equal(applied.code, 0, applied.stderr);
     },
-    /** A session on the Postgres of a shard, bypassing the gateway, with dates, times and floats in fixed forms. */
-    async direct(db: string, shard: string): Promise<pg.Client> {
-      const c = await sessions.direct(db, shard);
+    /** A session on the Postgres of a shard (its first planned instance, or the one on `port`), bypassing the gateway, with dates, times and floats in fixed forms. */
+    async direct(db: string, shard: string, port = sessions.portOf(db, shard)): Promise<pg.Client> {
+      const c = await sessions.connect(port, db);
       await c.query(TEXT_SETTINGS);
       return c;
     },
