@@ -86,7 +86,7 @@ let sampling = true;
 async function sampler(): Promise<void> {
   while (sampling) {
     const w = await api('/v1/workflows/mt').catch(() => undefined);
-    if (w) samples.push({ at: Date.now(), phase: w.phase, lag: Number(w.progress.lagSeconds ?? 0), message: w.message });
+    if (w?.progress) samples.push({ at: Date.now(), phase: w.phase, lag: Number(w.progress.lagSeconds ?? 0), message: w.message });
     await sleep(250);
   }
 }
