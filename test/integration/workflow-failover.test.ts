@@ -12,12 +12,11 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import { hashKeyspaceId, shardFor, workflowKind, type WorkflowEvent, type WorkflowStatus } from '../../schemas/index.ts';
+import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { fullStrength, postgresPids, shardStatus, signalAll, type ShardRef } from '../fault/support/faults.ts';
 import { CdcWatch } from '../support/cdc-watch.ts';
 import { sleep, until } from '../support/cluster.ts';
-import { testEventLog } from '../support/env.ts';
-import { moveTablesCluster } from '../support/movetables.ts';
+import { moveTablesCluster, statusHistory, targetHoldsSource } from '../support/movetables.ts';
 
 const mt = moveTablesCluster('wffailover', 3, { 'materializer.pageRows': 1_000 }, { sourceInstances: 2 });
 const { cluster, ranges: RANGES, gateway } = mt;
@@ -120,22 +119,6 @@ async function recovered(what: string, killedAt: number, shard: string): Promise
   return { peak: Math.max(0, ...since.map((s) => s.lag)), backMs: Date.now() - killedAt };
 }
 
-/** The workflow's status events as the topic holds them, in order. */
-async function statusHistory(name: string): Promise<WorkflowStatus[]> {
-  const log = await testEventLog(prefix);
-  const out: WorkflowStatus[] = [];
-  try {
-    const sub = await log.subscribe('workflows', (e: WorkflowEvent) => {
-      const { kind, body } = workflowKind(e);
-      if (e.workflow === name && kind === 'WorkflowStatus') out.push(body as WorkflowStatus);
-    });
-    await sub.caughtUp;
-  } finally {
-    await log.close();
-  }
-  return out;
-}
-
 before(async () => {
   watch = await CdcWatch.open(prefix);
   await mt.up();
@@ -194,27 +177,12 @@ test('MoveTables in catch-up under a writer: kill -9 of the source primary, then
   t.diagnostic(`writer: ${writes} writes, ${failedWrites} failed (their outcome unknown to the client)`);
   assert.ok(writes > 300, `the writer made ${writes} writes`);
 
-  // The target converges to the source's primary: the same rows, each once, on the shard its keyspace id names.
+  // The target converges to the source's primary: the same rows, each once, on the shard its keyspace id names; every acknowledged write there.
   const source = await onPrimary(SOURCE);
   const targets = new Map(await Promise.all(RANGES.map(async (r) => [r.shard, await onPrimary({ database: 'dst', shard: r.shard })] as const)));
-  const rowsOf = async (c: pg.Client) => (await c.query<Record<string, string>>('SELECT id, customer, amount, note FROM orders ORDER BY id')).rows;
-  let sourceRows: Record<string, string>[] = [];
-  let placed = new Map<string, { shard: string; row: Record<string, string> }[]>();
-  await until('the target shards to hold exactly the source rows', 60_000, async () => {
-    sourceRows = await rowsOf(source);
-    placed = new Map();
-    for (const [shard, c] of targets) for (const row of await rowsOf(c)) placed.set(row.id, [...(placed.get(row.id) ?? []), { shard, row }]);
-    return placed.size === sourceRows.length && sourceRows.every((r) => JSON.stringify(placed.get(r.id)?.[0]?.row) === JSON.stringify(r));
-  }).catch((err) => {
-    const missing = sourceRows.filter((r) => !placed.has(r.id)).slice(0, 5).map((r) => r.id);
-    throw new Error(`${(err as Error).message}: source ${sourceRows.length} rows, target ${placed.size}; missing e.g. ${missing.join(', ')}`);
-  });
-  for (const [id, copies] of placed) {
-    assert.equal(copies.length, 1, `row ${id} is on ${copies.length} shards`);
-    assert.equal(copies[0].shard, homeOf(id), `row ${id} is on the wrong shard`);
-  }
+  const { sourceRows, targetRows } = await targetHoldsSource(source, targets, RANGES, 'id, customer, amount, note');
   for (const [id, note] of acknowledged) {
-    const row = placed.get(String(id))?.[0].row;
+    const row = targetRows.get(String(id));
     const either = possible.get(id);
     if (either) assert.ok(either.has(row?.note), `row ${id}: ${row?.note} on the target, neither of ${[...either].join(', ')}`);
     else assert.equal(row?.note, note, `row ${id}: the acknowledged note ${note} is not on the target`);
@@ -230,7 +198,7 @@ test('MoveTables in catch-up under a writer: kill -9 of the source primary, then
   // No re-copy: the phase never went back to COPYING, the rows copied did not grow, and the source stream kept its epoch.
   sampling = false;
   await sampling$;
-  const history = await statusHistory('mt');
+  const history = await statusHistory(prefix, 'mt');
   const firstRunning = history.findIndex((s) => s.phase === 'RUNNING');
   assert.deepEqual([...new Set(history.slice(firstRunning).map((s) => s.phase))].filter((p) => p !== 'RUNNING'), [], 'the workflow stayed in catch-up');
   assert.equal(String(history.at(-1)!.rowsCopied), String(copied), 'no row copied again');

@@ -8,7 +8,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
-import { testCluster, type TestCluster } from './cluster.ts';
+import { hashKeyspaceId, shardFor, workflowKind, type KeyRange, type WorkflowEvent, type WorkflowStatus } from '../../schemas/index.ts';
+import { testCluster, until, type TestCluster } from './cluster.ts';
+import { testEventLog } from './env.ts';
 
 const asText = { getTypeParser: () => (v: string) => v };
 const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 3";
@@ -60,4 +62,45 @@ export function moveTablesCluster(label: string, slot: number, settings: Record<
     /** A session through the gateway. */
     gateway: sessions.gateway,
   };
+}
+
+/** A workflow's status events as the workflows topic holds them, in order. */
+export async function statusHistory(topicPrefix: string, name: string): Promise<WorkflowStatus[]> {
+  const log = await testEventLog(topicPrefix);
+  const out: WorkflowStatus[] = [];
+  try {
+    const sub = await log.subscribe('workflows', (e: WorkflowEvent) => {
+      const { kind, body } = workflowKind(e);
+      if (e.workflow === name && kind === 'WorkflowStatus') out.push(body as WorkflowStatus);
+    });
+    await sub.caughtUp;
+  } finally {
+    await log.close();
+  }
+  return out;
+}
+
+/**
+ * Waits until the target shards hold exactly the source's rows of table orders (`columns`, the first one `id`),
+ * then checks that each row is there once, on the shard its keyspace id (hash of id) names. Returns the source's
+ * rows and the target's by id.
+ */
+export async function targetHoldsSource(source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], columns: string, timeoutMs = 60_000) {
+  const rowsOf = async (c: pg.Client) => (await c.query<Record<string, string>>(`SELECT ${columns} FROM orders ORDER BY id`)).rows;
+  let sourceRows: Record<string, string>[] = [];
+  let placed = new Map<string, { shard: string; row: Record<string, string> }[]>();
+  await until('the target shards to hold exactly the source rows', timeoutMs, async () => {
+    sourceRows = await rowsOf(source);
+    placed = new Map();
+    for (const [shard, c] of targets) for (const row of await rowsOf(c)) placed.set(row.id, [...(placed.get(row.id) ?? []), { shard, row }]);
+    return placed.size === sourceRows.length && sourceRows.every((r) => JSON.stringify(placed.get(r.id)?.[0]?.row) === JSON.stringify(r));
+  }).catch((err) => {
+    const missing = sourceRows.filter((r) => !placed.has(r.id)).slice(0, 5).map((r) => r.id);
+    throw new Error(`${(err as Error).message}: source ${sourceRows.length} rows, target ${placed.size}; missing e.g. ${missing.join(', ')}`);
+  });
+  for (const [id, copies] of placed) {
+    assert.equal(copies.length, 1, `row ${id} is on ${copies.length} shards`);
+    assert.equal(copies[0].shard, shardFor(hashKeyspaceId(id), ranges), `row ${id} is on the wrong shard`);
+  }
+  return { sourceRows, targetRows: new Map([...placed].map(([id, [{ row }]]) => [id, row])) };
 }
