@@ -84,6 +84,8 @@ export class MoveTablesRunner {
   private switching = false;
   /** Set while the tails are down to open sessions lost with a primary again (decision 0069). */
   private recovering = false;
+  /** When the apply stopped on a lost session: the changes waiting since count in the lag until it applies again. */
+  private stalledSince: number | undefined;
   /** A Materialize's query and target table (decision 0058); undefined for MoveTables and Reshard. */
   private mat: Materialization | undefined;
   /** Settles when the run has ended (stopped or failed). */
@@ -354,9 +356,9 @@ export class MoveTablesRunner {
     applied.inc({ workflow: this.name }, n);
   }
 
-  /** Lag: age of the last applied change in partitions that still have more to read, else 0. */
+  /** Lag: age of the last applied change in partitions that still have more to read, else 0 (at least the time the apply has been stalled). */
   private lagSeconds(): number {
-    let worst = 0;
+    let worst = this.stalledSince === undefined ? 0 : (Date.now() - this.stalledSince) / 1000;
     for (const key of this.behind) worst = Math.max(worst, (Date.now() - (this.lastCommitMs.get(key) ?? Date.now())) / 1000);
     return worst;
   }
@@ -394,16 +396,19 @@ export class MoveTablesRunner {
       const what = `the session${lost.length > 1 ? 's' : ''} on ${lost.join(', ')}`;
       this.ctx.log.warn({ err, workflow: this.name, lost }, 'lost sessions with a primary: reconnecting, then applying from the positions held');
       await this.halt();
+      this.stalledSince = began;
+      this.timer = setInterval(() => void this.progress(), PROGRESS_MS); // the lag goes on growing in the status meanwhile
       await this.publishStatus({ message: `${what} lost (${err.message}): waiting for the primary` }).catch(() => {});
       await this.reopenLost(RECONNECT_MS);
       if (this.stopping) return;
       await this.startTails(direction);
+      this.stalledSince = undefined;
       await this.publishStatus({ message: `${what} lost (${err.message}); reopened on the primary after ${((Date.now() - began) / 1000).toFixed(1)} s` });
     } catch (e) {
-      this.recovering = false;
       await this.fail(e as Error);
     } finally {
       this.recovering = false;
+      this.stalledSince = undefined;
     }
   }
 
