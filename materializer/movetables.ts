@@ -435,7 +435,7 @@ export class MoveTablesRunner {
         void client.end().catch(() => {});
         for (;;) {
           const next = await this.ctx.shards.connect(database, shard, `mg-materializer-${this.name}`).catch((e: Error) => e);
-          if (!(next instanceof Error) && await onPrimary(next)) {
+          if (!(next instanceof Error) && !this.stopping && await onPrimary(next)) {
             clients.set(shard, next);
             break;
           }
