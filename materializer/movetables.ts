@@ -52,6 +52,10 @@ const writeGap = gauge('mg_materializer_switch_write_gap_seconds', 'How long the
 const PROGRESS_MS = 1_000;
 /** How long a write switch waits for the side taking over to apply the other side's last changes (writes are held meanwhile). */
 const CATCH_UP_MS = 30_000;
+/** How long a session lost with its shard's primary (a failover, a restart) is tried again before the workflow fails (decision 0069). */
+const RECONNECT_MS = 90_000;
+/** How long a session may take to answer whether it is still on a primary. */
+const PROBE_MS = 5_000;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -78,6 +82,10 @@ export class MoveTablesRunner {
   private behind = new Set<string>();
   private vdiffRunning = false;
   private switching = false;
+  /** Set while the tails are down to open sessions lost with a primary again (decision 0069). */
+  private recovering = false;
+  /** When the apply stopped on a lost session: the changes waiting since count in the lag until it applies again. */
+  private stalledSince: number | undefined;
   /** A Materialize's query and target table (decision 0058); undefined for MoveTables and Reshard. */
   private mat: Materialization | undefined;
   /** Settles when the run has ended (stopped or failed). */
@@ -328,7 +336,7 @@ export class MoveTablesRunner {
       });
       this.tails.push(tail);
       void tail.ended.then((err) => {
-        if (err && !this.stopping) void this.fail(err);
+        if (err && !this.stopping) void this.recover(err, direction);
       });
     }
   }
@@ -348,9 +356,9 @@ export class MoveTablesRunner {
     applied.inc({ workflow: this.name }, n);
   }
 
-  /** Lag: age of the last applied change in partitions that still have more to read, else 0. */
+  /** Lag: age of the last applied change in partitions that still have more to read, else 0 (at least the time the apply has been stalled). */
   private lagSeconds(): number {
-    let worst = 0;
+    let worst = this.stalledSince === undefined ? 0 : (Date.now() - this.stalledSince) / 1000;
     for (const key of this.behind) worst = Math.max(worst, (Date.now() - (this.lastCommitMs.get(key) ?? Date.now())) / 1000);
     return worst;
   }
@@ -366,6 +374,80 @@ export class MoveTablesRunner {
     const tails = this.tails;
     this.tails = [];
     await Promise.all(tails.map((t) => t.stop().catch(() => {})));
+  }
+
+  /**
+   * A tail's apply failed. When a session of the workflow's was lost with its
+   * shard's primary (a failover or a restart of that Postgres, decision 0069),
+   * the tails stop, the lost sessions are opened again on the primaries the
+   * topology names (waiting out the election), and the tails start again from
+   * the positions the applying shards hold, which went with their rows: no
+   * change is lost or applied twice. Any other error fails the workflow, as
+   * does a primary not back within RECONNECT_MS. During a switch the switch's
+   * own rollback runs instead.
+   */
+  private async recover(err: Error, direction: Direction): Promise<void> {
+    if (this.stopping || this.recovering) return;
+    this.recovering = true;
+    try {
+      const lost = this.switching ? [] : await this.lostSessions();
+      if (lost.length === 0) return await this.fail(err);
+      const began = Date.now();
+      const what = `the session${lost.length > 1 ? 's' : ''} on ${lost.join(', ')}`;
+      this.ctx.log.warn({ err, workflow: this.name, lost }, 'lost sessions with a primary: reconnecting, then applying from the positions held');
+      await this.halt();
+      this.stalledSince = began;
+      this.timer = setInterval(() => void this.progress(), PROGRESS_MS); // the lag goes on growing in the status meanwhile
+      await this.publishStatus({ message: `${what} lost (${err.message}): waiting for the primary` }).catch(() => {});
+      await this.reopenLost(RECONNECT_MS);
+      if (this.stopping) return;
+      await this.startTails(direction);
+      this.stalledSince = undefined;
+      await this.publishStatus({ message: `${what} lost (${err.message}); reopened on the primary after ${((Date.now() - began) / 1000).toFixed(1)} s` });
+    } catch (e) {
+      await this.fail(e as Error);
+    } finally {
+      this.recovering = false;
+      this.stalledSince = undefined;
+    }
+  }
+
+  /** The sessions (source and target shards) no longer on a primary: dropped, or on an instance now in recovery. */
+  private async lostSessions(): Promise<string[]> {
+    const def = this.rec.definition;
+    const lost: string[] = [];
+    for (const [database, clients] of [[def.sourceDatabase, this.sources], [def.targetDatabase, this.targets]] as const) {
+      for (const [shard, client] of clients) if (!(await onPrimary(client))) lost.push(`${database}/${shard}`);
+    }
+    return lost;
+  }
+
+  /**
+   * Opens every lost session again on its shard's primary, trying until `withinMs` has passed (the topology
+   * names the new primary once MultiOrch has elected it). The maps keep their identity: the appliers hold them.
+   */
+  private async reopenLost(withinMs: number): Promise<void> {
+    const def = this.rec.definition;
+    const deadline = Date.now() + withinMs;
+    for (const [database, clients] of [[def.sourceDatabase, this.sources], [def.targetDatabase, this.targets]] as const) {
+      for (const [shard, client] of clients) {
+        if (await onPrimary(client)) continue;
+        void client.end().catch(() => {});
+        for (;;) {
+          const next = await this.ctx.shards.connect(database, shard, `mg-materializer-${this.name}`).catch((e: Error) => e);
+          if (!(next instanceof Error) && !this.stopping && await onPrimary(next)) {
+            clients.set(shard, next);
+            break;
+          }
+          if (!(next instanceof Error)) void next.end().catch(() => {});
+          if (this.stopping) return;
+          if (Date.now() > deadline) {
+            throw new WorkflowError(`shard ${database}/${shard} has had no reachable primary for ${withinMs / 1000} s${next instanceof Error ? ` (${next.message})` : ''}; mg workflow start resumes from the positions held`);
+          }
+          await sleep(500);
+        }
+      }
+    }
   }
 
   private async fail(err: Error): Promise<void> {
@@ -393,7 +475,9 @@ export class MoveTablesRunner {
    * shards, resume catch-up, then compare the snapshots.
    */
   async vdiff(id: string): Promise<VDiffTable[]> {
-    if (this.status.phase !== 'RUNNING' || this.vdiffRunning) throw new WorkflowError(`VDiff needs the workflow in catch-up (it is ${this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''})`);
+    if (this.status.phase !== 'RUNNING' || this.vdiffRunning || this.recovering) {
+      throw new WorkflowError(`VDiff needs the workflow in catch-up (it is ${this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''}${this.recovering ? ', reconnecting after a failover' : ''})`);
+    }
     this.vdiffRunning = true;
     const opened: pg.Client[] = [];
     const def = this.rec.definition;
@@ -444,7 +528,7 @@ export class MoveTablesRunner {
       this.ctx.log.info({ workflow: this.name, vdiff: id, snapshotsMs, compareMs: Date.now() - began - snapshotsMs }, 'VDiff compared');
       return out;
     } finally {
-      if (this.tails.length === 0 && !this.stopping) await this.startTails().catch((err) => this.fail(err as Error));
+      if (this.tails.length === 0 && !this.stopping && !this.recovering) await this.startTails().catch((err) => this.fail(err as Error));
       await Promise.all(opened.map((c) => c.end().catch(() => {})));
       this.vdiffRunning = false;
     }
@@ -469,6 +553,7 @@ export class MoveTablesRunner {
     let held = false;
     const frozen = new Map<string, Frozen>();
     try {
+      await this.reopenLost(CATCH_UP_MS); // the source's sessions, idle in catch-up, may have gone with a failover
       await this.readyToReverse();
       const began = performance.now();
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
@@ -539,6 +624,7 @@ export class MoveTablesRunner {
     let sourceThawed = false;
     const frozen = new Map<string, Frozen>();
     try {
+      await this.reopenLost(CATCH_UP_MS); // the target's sessions, idle in reverse replication, may have gone with a failover
       await this.ctx.setRouting(this.name, 'WRITES_HELD');
       held = true;
       await this.freezeAll(this.targets, def.sourceDatabase, frozen);
@@ -648,6 +734,18 @@ export class MoveTablesRunner {
     const inProgress = new Set((xip ? xip.split(',') : []).map(low32));
     const max = low32(xmax);
     return this.appliers.every((a) => a.recent.every((r) => r.shard !== shard || r.commitLsn >= lsn || (!inProgress.has(r.txId) && r.txId < max)));
+  }
+}
+
+/** Whether a session still answers, on a primary (a failover or restart of its Postgres ends it; a demotion leaves it on a standby). */
+async function onPrimary(client: pg.Client): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const answer = client.query<{ role: string }>("SELECT CASE WHEN pg_is_in_recovery() THEN 'standby' ELSE 'primary' END AS role").then((r) => r.rows[0].role === 'primary', () => false);
+  const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), PROBE_MS)));
+  try {
+    return await Promise.race([answer, late]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -12,12 +12,10 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import pg from 'pg';
 import { readPid } from '../../compose/supervise.ts';
-import { hashKeyspaceId, shardFor, workflowKind, type WorkflowEvent, type WorkflowStatus } from '../../schemas/index.ts';
+import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { sleep, until } from '../support/cluster.ts';
-import { testEventLog } from '../support/env.ts';
-import { moveTablesCluster } from '../support/movetables.ts';
+import { moveTablesCluster, statusHistory, targetHoldsSource } from '../support/movetables.ts';
 
 const PAGE_ROWS = 500;
 const mt = moveTablesCluster('materializer', 1, { 'materializer.pageRows': PAGE_ROWS });
@@ -37,22 +35,6 @@ async function killAndRestartMaterializer(whileDown: () => Promise<unknown> = as
   await sleep(1_000); // the writer goes on meanwhile
   const again = await mg('cluster', 'up', ...flags);
   assert.equal(again.code, 0, again.stderr + again.stdout);
-}
-
-/** The workflow's status events as the topic holds them, in order. */
-async function statusHistory(name: string): Promise<WorkflowStatus[]> {
-  const log = await testEventLog(cluster.prefix);
-  const out: WorkflowStatus[] = [];
-  try {
-    const sub = await log.subscribe('workflows', (e: WorkflowEvent) => {
-      const { kind, body } = workflowKind(e);
-      if (e.workflow === name && kind === 'WorkflowStatus') out.push(body as WorkflowStatus);
-    });
-    await sub.caughtUp;
-  } finally {
-    await log.close();
-  }
-  return out;
 }
 
 /** What the writer was told: each id's last acknowledged note, or null once its delete was acknowledged. */
@@ -145,7 +127,7 @@ test('MoveTables under writes, with kill -9 in the copy and in catch-up: every a
   await Promise.all([holder.end(), watcher.end()]);
   t.diagnostic(`killed in the copy at ${beforeKill} of ${INITIAL_ROWS} rows`);
   await until('the copy to finish and catch-up to begin', 120_000, async () => (await phaseOf('mt')) === 'RUNNING');
-  const copyKeys = (await statusHistory('mt')).filter((s) => s.phase === 'COPYING' && s.tables[0]?.lastKey).map((s) => Number(JSON.parse(s.tables[0].lastKey!)[0]));
+  const copyKeys = (await statusHistory(cluster.prefix, 'mt')).filter((s) => s.phase === 'COPYING' && s.tables[0]?.lastKey).map((s) => Number(JSON.parse(s.tables[0].lastKey!)[0]));
   assert.ok(copyKeys.length >= INITIAL_ROWS / PAGE_ROWS, `${copyKeys.length} copy pages recorded`);
   copyKeys.forEach((k, i) => assert.ok(i === 0 || k >= copyKeys[i - 1], `the copy went back from key ${copyKeys[i - 1]} to ${k}: it restarted instead of resuming`));
   const afterCopy = await api('/v1/workflows/mt');
@@ -170,26 +152,11 @@ test('MoveTables under writes, with kill -9 in the copy and in catch-up: every a
   // The target converges to the source: the same rows, each on the shard its vindex names.
   const source = await direct('src', '-');
   const targets = new Map(await Promise.all(RANGES.map(async (r) => [r.shard, await direct('dst', r.shard)] as const)));
-  const rowsOf = async (c: pg.Client) => (await c.query<Record<string, string>>('SELECT id, customer, amount, note, updated_at FROM orders ORDER BY id')).rows;
-  let sourceRows: Record<string, string>[] = [];
-  let placed = new Map<string, { shard: string; row: Record<string, string> }[]>();
-  await until('the target shards to hold exactly the source rows', 60_000, async () => {
-    sourceRows = await rowsOf(source);
-    placed = new Map();
-    for (const [shard, c] of targets) for (const row of await rowsOf(c)) placed.set(row.id, [...(placed.get(row.id) ?? []), { shard, row }]);
-    return placed.size === sourceRows.length && sourceRows.every((r) => JSON.stringify(placed.get(r.id)?.[0]?.row) === JSON.stringify(r));
-  }).catch((err) => {
-    const missing = sourceRows.filter((r) => !placed.has(r.id)).slice(0, 5).map((r) => r.id);
-    throw new Error(`${(err as Error).message}: source ${sourceRows.length} rows, target ${placed.size}; missing e.g. ${missing.join(', ')}`);
-  });
-  for (const [id, copies] of placed) {
-    assert.equal(copies.length, 1, `row ${id} is on ${copies.length} shards`);
-    assert.equal(copies[0].shard, shardFor(hashKeyspaceId(id), RANGES), `row ${id} is on the wrong shard`);
-  }
+  const { sourceRows, targetRows } = await targetHoldsSource(source, targets, RANGES, 'id, customer, amount, note, updated_at');
   for (const [id, note] of acknowledged) {
-    const copy = placed.get(String(id));
+    const copy = targetRows.get(String(id));
     if (note === null) assert.equal(copy, undefined, `row ${id} was deleted (acknowledged) but is on the target`);
-    else assert.equal(copy?.[0].row.note, note, `row ${id}: the acknowledged note ${note} is not on the target`);
+    else assert.equal(copy?.note, note, `row ${id}: the acknowledged note ${note} is not on the target`);
   }
 
   // Progress is visible in the CLI, REST and /metrics.

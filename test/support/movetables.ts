@@ -1,13 +1,16 @@
 /**
- * The cluster of the MoveTables tests: `src` (unsharded, CDC on) and `dst` (2 shards; CDC on with
- * `targetCdc`, which switching writes needs), and clients that read every value as text.
+ * The cluster of the MoveTables tests: `src` (unsharded, CDC on; `sourceInstances` instances, default 1) and
+ * `dst` (2 shards of 1 instance; CDC on with `targetCdc`, which switching writes needs), and clients that read
+ * every value as text.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { shardRanges } from '../../compose/spec.ts';
-import { testCluster, type TestCluster } from './cluster.ts';
+import { hashKeyspaceId, shardFor, workflowKind, type KeyRange, type WorkflowEvent, type WorkflowStatus } from '../../schemas/index.ts';
+import { testCluster, until, type TestCluster } from './cluster.ts';
+import { testEventLog } from './env.ts';
 
 const asText = { getTypeParser: () => (v: string) => v };
 const TEXT_SETTINGS = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 3";
@@ -22,16 +25,17 @@ export function textSessions(cluster: TestCluster) {
   };
   return {
     portOf,
+    connect,
     direct: (db: string, shard: string) => connect(portOf(db, shard), db),
     gateway: (db: string) => connect(cluster.spec.gateway.port, db),
   };
 }
 
-export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}, opts: { targetCdc?: boolean } = {}) {
+export function moveTablesCluster(label: string, slot: number, settings: Record<string, string | number | boolean> = {}, opts: { targetCdc?: boolean; sourceInstances?: number } = {}) {
   const cluster = testCluster(label, slot, { settings, spec: {
     cells: ['zone1'],
     databases: [
-      { name: 'src', instancesPerShard: 1, durability: 'ANY_1', cdc: { enabled: true } },
+      { name: 'src', instancesPerShard: opts.sourceInstances ?? 1, durability: 'ANY_1', cdc: { enabled: true } },
       { name: 'dst', sharded: true, shards: 2, instancesPerShard: 1, durability: 'ANY_1', ...(opts.targetCdc ? { cdc: { enabled: true } } : {}) },
     ],
   } });
@@ -49,13 +53,54 @@ export function moveTablesCluster(label: string, slot: number, settings: Record<
       const applied = await cluster.mg('vschema', 'apply', 'dst', file, '--data-dir', cluster.dataDir);
       assert.equal(applied.code, 0, applied.stderr);
     },
-    /** A session on the Postgres of a shard, bypassing the gateway, with dates, times and floats in fixed forms. */
-    async direct(db: string, shard: string): Promise<pg.Client> {
-      const c = await sessions.direct(db, shard);
+    /** A session on the Postgres of a shard (its first planned instance, or the one on `port`), bypassing the gateway, with dates, times and floats in fixed forms. */
+    async direct(db: string, shard: string, port = sessions.portOf(db, shard)): Promise<pg.Client> {
+      const c = await sessions.connect(port, db);
       await c.query(TEXT_SETTINGS);
       return c;
     },
     /** A session through the gateway. */
     gateway: sessions.gateway,
   };
+}
+
+/** A workflow's status events as the workflows topic holds them, in order. */
+export async function statusHistory(topicPrefix: string, name: string): Promise<WorkflowStatus[]> {
+  const log = await testEventLog(topicPrefix);
+  const out: WorkflowStatus[] = [];
+  try {
+    const sub = await log.subscribe('workflows', (e: WorkflowEvent) => {
+      const { kind, body } = workflowKind(e);
+      if (e.workflow === name && kind === 'WorkflowStatus') out.push(body as WorkflowStatus);
+    });
+    await sub.caughtUp;
+  } finally {
+    await log.close();
+  }
+  return out;
+}
+
+/**
+ * Waits until the target shards hold exactly the source's rows of table orders (`columns`, the first one `id`),
+ * then checks that each row is there once, on the shard its keyspace id (hash of id) names. Returns the source's
+ * rows and the target's by id.
+ */
+export async function targetHoldsSource(source: pg.Client, targets: Map<string, pg.Client>, ranges: KeyRange[], columns: string, timeoutMs = 60_000) {
+  const rowsOf = async (c: pg.Client) => (await c.query<Record<string, string>>(`SELECT ${columns} FROM orders ORDER BY id`)).rows;
+  let sourceRows: Record<string, string>[] = [];
+  let placed = new Map<string, { shard: string; row: Record<string, string> }[]>();
+  await until('the target shards to hold exactly the source rows', timeoutMs, async () => {
+    sourceRows = await rowsOf(source);
+    placed = new Map();
+    for (const [shard, c] of targets) for (const row of await rowsOf(c)) placed.set(row.id, [...(placed.get(row.id) ?? []), { shard, row }]);
+    return placed.size === sourceRows.length && sourceRows.every((r) => JSON.stringify(placed.get(r.id)?.[0]?.row) === JSON.stringify(r));
+  }).catch((err) => {
+    const missing = sourceRows.filter((r) => !placed.has(r.id)).slice(0, 5).map((r) => r.id);
+    throw new Error(`${(err as Error).message}: source ${sourceRows.length} rows, target ${placed.size}; missing e.g. ${missing.join(', ')}`);
+  });
+  for (const [id, copies] of placed) {
+    assert.equal(copies.length, 1, `row ${id} is on ${copies.length} shards`);
+    assert.equal(copies[0].shard, shardFor(hashKeyspaceId(id), ranges), `row ${id} is on the wrong shard`);
+  }
+  return { sourceRows, targetRows: new Map([...placed].map(([id, [{ row }]]) => [id, row])) };
 }

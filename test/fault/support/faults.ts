@@ -23,21 +23,29 @@ export const servicePid = (c: TestCluster, name: string) => {
   return pid;
 };
 
-export async function shardStatus(c: TestCluster): Promise<ShardStatus> {
-  return (await orchestratorStatus(c.spec)).shards[0];
+/** A shard of a cluster: its database and shard label. */
+export interface ShardRef { database: string; shard: string }
+
+/** A shard's status as MultiOrch has it now: the named shard's, or the cluster's first. */
+export async function shardStatus(c: TestCluster, which?: ShardRef): Promise<ShardStatus> {
+  const { shards } = await orchestratorStatus(c.spec);
+  if (!which) return shards[0];
+  const s = shards.find((x) => x.database === which.database && x.shard === which.shard);
+  if (!s) throw new Error(`no shard ${which.database}/${which.shard} in the orchestrator's status`);
+  return s;
 }
 
 /**
  * Full strength: the term's primary is healthy, every other instance streams
  * from it and serves, and the rule and policy of the term are in place.
  */
-export async function fullStrength(c: TestCluster, timeoutMs = 90_000, stableMs = 1_500): Promise<ShardStatus> {
+export async function fullStrength(c: TestCluster, timeoutMs = 90_000, stableMs = 1_500, which?: ShardRef): Promise<ShardStatus> {
   let last: ShardStatus | undefined;
   let since: number | undefined;
   try {
     return await until('full strength', timeoutMs, async () => {
-      const s = (last = await shardStatus(c).catch(() => undefined));
-      const primary = c.instances.find((i) => i.instanceId === s?.primary);
+      const s = (last = await shardStatus(c, which).catch(() => undefined));
+      const primary = s?.instances.find((i) => i.instanceId === s.primary);
       const ok = !!s?.bootstrapped && !!primary && s.instances.every((i) => i.serving === 'SERVING' && (i.instanceId === s.primary
         ? i.role === 'PRIMARY'
         : i.role === 'REPLICA' && i.walReceiverStatus === 'streaming' && i.upstream === `127.0.0.1:${primary.port}`));
@@ -51,9 +59,9 @@ export async function fullStrength(c: TestCluster, timeoutMs = 90_000, stableMs 
 }
 
 /** Waits for a term above `term`; returns the new status. */
-export async function newTerm(c: TestCluster, term: bigint, timeoutMs = 60_000): Promise<ShardStatus> {
+export async function newTerm(c: TestCluster, term: bigint, timeoutMs = 60_000, which?: ShardRef): Promise<ShardStatus> {
   return until(`a term above ${term}`, timeoutMs, async () => {
-    const s = await shardStatus(c).catch(() => undefined);
+    const s = await shardStatus(c, which).catch(() => undefined);
     return s && s.term !== null && BigInt(s.term) > term ? s : undefined;
   });
 }
