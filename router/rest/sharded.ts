@@ -170,9 +170,10 @@ export function mergeWrites(rows: Array<Record<string, any>>, media: Media, orde
   const sum = (k: string) => rows.reduce((n, r) => n + BigInt(r[k] ?? 0), 0n);
   const counted = rows.some((r) => r.total !== null && r.total !== undefined);
   let elements: string[];
-  if (singular) elements = rows.filter((r) => Number(r.page_total) > 0).map((r) => r.body as string);
+  // A write whose response shows no row has no body (NULL) on any shard.
+  if (singular) elements = rows.filter((r) => Number(r.page_total) > 0 && r.body !== null).map((r) => r.body as string);
   else {
-    const per = rows.map((r) => jsonElements(r.body as string));
+    const per = rows.map((r) => (r.body === null ? [] : jsonElements(r.body as string)));
     if (order && per.every((els, i) => els.length === order[i].length)) {
       const placed: Array<[number, string]> = per.flatMap((els, i) => els.map((e, j): [number, string] => [order[i][j], e]));
       elements = placed.sort((a, b) => a[0] - b[0]).map(([, e]) => e);
