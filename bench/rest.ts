@@ -79,10 +79,10 @@ const bulkRows = Array.from({ length: BULK_ROWS }, (_, i) => ({ id: i + 1, name:
 const bulkBody = JSON.stringify(bulkRows);
 
 /** Seconds for one bulk load into an empty bench_bulk. */
-async function timed(load: () => Promise<void>): Promise<number> {
+async function timed(fill: () => Promise<void>): Promise<number> {
   await admin.query('truncate bench_bulk');
   const t0 = performance.now();
-  await load();
+  await fill();
   const seconds = (performance.now() - t0) / 1000;
   const { rows: [{ n }] } = await admin.query('select count(*)::int as n from bench_bulk');
   if (n !== BULK_ROWS) throw new Error(`bulk load left ${n} rows, not ${BULK_ROWS}`);
@@ -123,7 +123,7 @@ try {
     }
   }
 
-  const best = async (load: () => Promise<void>) => Math.min(...[await timed(load), await timed(load), await timed(load)]);
+  const best = async (fill: () => Promise<void>) => Math.min(...[await timed(fill), await timed(fill), await timed(fill)]);
   const copySeconds = await best(copy);
   console.log(`\nBulk load of ${BULK_ROWS} rows, best of 3:`);
   console.log('| how | s | rows/s | vs COPY |');

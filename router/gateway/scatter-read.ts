@@ -241,7 +241,7 @@ export class ScatterRead {
       try {
         row = this.nextRow();
       } catch (err) {
-        this.fail(undefined, err as Error); // a merge the rows refuse (RefusedError), or values it cannot read
+        this.fail(undefined, err as Error); // a merge the rows refuse (RefusedError, a broken group order), or values it cannot read
         break;
       }
       if (row === undefined) break; // a shard still sending has no row buffered: wait for it
@@ -292,8 +292,7 @@ export class ScatterRead {
       }
       if (c < 0) {
         // The shards sorted differently from the gateway (a non-C collation, say): a group could come twice.
-        this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: GROUP BY or DISTINCT over all shards on values the shards order differently from the gateway (a column with a collation other than C?)'));
-        return undefined;
+        throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: GROUP BY or DISTINCT over all shards on values the shards order differently from the gateway (a column with a collation other than C?)');
       }
       groups.held = row;
       if (held) return encodeDataRow(held);
