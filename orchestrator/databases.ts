@@ -178,7 +178,11 @@ export class DatabaseManager {
     const deadline = Date.now() + 60_000;
     step(`waiting for ${instances.map((i) => i.instanceId).join(', ')} to stop`);
     for (;;) {
-      const running = instances.filter((i) => this.watch.fresh(i.instanceId)?.reachable !== false);
+      // Unreachable is not stopped: a shutdown checkpoint refuses connections while the postmaster still runs.
+      const running = instances.filter((i) => {
+        const h = this.watch.fresh(i.instanceId);
+        return !h || h.reachable || h.postgresPid !== null;
+      });
       if (running.length === 0) break;
       if (Date.now() > deadline) throw new Error(`still running after 60 s: ${running.map((i) => i.instanceId).join(', ')}`);
       await sleep(100);
