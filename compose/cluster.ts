@@ -7,7 +7,6 @@ import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { EventLog } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
@@ -20,6 +19,7 @@ import {
 import { startKafka, stopKafka } from './infra/kafka.ts';
 import { startRegistry, stopRegistry } from './infra/registry.ts';
 import { ensureLoginPassword, startGateway, startPoolers, stopProxyTier, type Paths } from './proxy.ts';
+import { nodeArgs, REPO_ROOT } from './launch.ts';
 import { startMaterializer, stopMaterializer } from './materializer.ts';
 import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
@@ -27,7 +27,6 @@ import { instancesOf, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, stanzaO
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const agentName = (id: string) => `agent-${id}`;
 
 export const runDir = (spec: ClusterSpec) => path.join(spec.dataDir, 'run');
@@ -245,8 +244,8 @@ export async function startAgents(spec: ClusterSpec, instances: PlannedInstance[
     const started = await spawnDetached({
       name: agentName(inst.instanceId),
       command: process.execPath,
-      args: ['--import', 'tsx', 'ingest/main.ts', '--config', file],
-      cwd: repoRoot,
+      args: [...nodeArgs('ingest/main.ts'), '--config', file],
+      cwd: REPO_ROOT,
       runDir: runDir(spec),
       logFile: path.join(logDir(spec), `${agentName(inst.instanceId)}.log`),
     });

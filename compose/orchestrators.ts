@@ -1,13 +1,11 @@
 /** The MultiOrch tier of a local cluster: one orchestrator per cell, and waiting for every shard to be bootstrapped. */
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { Progress } from './progress.ts';
 import { startService, type Paths } from './proxy.ts';
 import type { ClusterSpec } from './spec.ts';
 import { stopProcess, waitFor } from './supervise.ts';
+import { nodeArgs, REPO_ROOT } from './launch.ts';
 
 const orchName = (cell: string) => `orch-${cell}`;
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
 export const orchestratorPorts = (spec: ClusterSpec) => spec.cells.map((_, i) => spec.orchestrator.basePort + i);
 
@@ -20,7 +18,7 @@ export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progre
       backupSchedules: spec.backup.enabled ? Object.fromEntries(spec.databases.map((d) => [d.name, d.backupSchedule])) : {},
       apiToken: spec.orchestrator.apiToken, apiHost: spec.orchestrator.apiHost,
       // Replicas added or removed at run time are local processes: compose's provisioner starts and stops them.
-      provisioner: { command: [process.execPath, '--import', 'tsx', 'compose/provision.ts', '--data-dir', spec.dataDir], cwd: repoRoot },
+      provisioner: { command: [process.execPath, ...nodeArgs('compose/provision.ts'), '--data-dir', spec.dataDir], cwd: REPO_ROOT },
     }, spec.orchestrator.basePort + i, paths, spec));
   }
   // Bootstrap is the orchestrators' job (electing each new shard's first primary, which writes the rule of its

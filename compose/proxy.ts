@@ -1,13 +1,12 @@
 /** The proxy tier of a local cluster: one MultiPooler beside each instance, and the MultiGateway. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Progress } from './progress.ts';
+import { nodeArgs, REPO_ROOT } from './launch.ts';
 import { instancesOf, type ClusterSpec } from './spec.ts';
 import { isAlive, portAnswers, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const poolerName = (id: string) => `pooler-${id}`;
 const GATEWAY = 'gateway';
 
@@ -22,8 +21,8 @@ export async function startService(name: string, entry: string, config: object, 
   const file = path.join(dir, `${name}.json`);
   fs.writeFileSync(file, JSON.stringify(config, null, 2), { mode: 0o600 }); // may hold the admin API token
   const started = await spawnDetached({
-    name, command: process.execPath, args: ['--import', 'tsx', entry, '--config', file],
-    cwd: repoRoot, runDir: paths.runDir, logFile: path.join(paths.logDir, `${name}.log`),
+    name, command: process.execPath, args: [...nodeArgs(entry), '--config', file],
+    cwd: REPO_ROOT, runDir: paths.runDir, logFile: path.join(paths.logDir, `${name}.log`),
   });
   await waitFor(async () => !isAlive(started) || portAnswers(port), { timeoutMs: 60_000, intervalMs: 100, what: `${name} on port ${port}` });
   if (!isAlive(started)) throw new Error(`${name} exited during startup; see ${path.join(paths.logDir, `${name}.log`)}`);

@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash compose/setup.sh
+# The cluster's processes run as bundles (decision 0071), built from these sources now.
+export MG_DIST="$PWD/dist/cluster"
+node --import tsx compose/build.ts "$MG_DIST"
 compose/bin/mg cluster up "$@"
 echo
 compose/bin/mg cluster status "$@"

@@ -13,7 +13,10 @@ fi
 
 export MG_TEST_DIR="${MG_TEST_DIR:-$(mktemp -d /tmp/mg-test.XXXXXX)}"
 chmod 755 "$MG_TEST_DIR" # Postgres runs as its own user and must reach data dirs below
-stop_infra() { node --import tsx test/support/infra.ts down || true; }
+# The components run as bundles (decision 0071): each run its own, so runs from one checkout never share one.
+export MG_DIST="$PWD/dist/test-$(basename "$MG_TEST_DIR")"
+node --import tsx compose/build.ts "$MG_DIST"
+stop_infra() { node --import tsx test/support/infra.ts down || true; rm -rf "$MG_DIST"; }
 trap stop_infra EXIT
 node --import tsx test/support/infra.ts up
 set -a; . "$MG_TEST_DIR/infra.env"; set +a

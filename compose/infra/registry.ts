@@ -1,10 +1,9 @@
 /** Starts our schema-registry process (compose/registry) detached, idempotently. */
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { nodeArgs, REPO_ROOT } from '../launch.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor, type StopResult } from '../supervise.ts';
 
 const NAME = 'schema-registry';
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 export interface StartRegistryOptions {
   runDir: string;
@@ -23,10 +22,10 @@ export async function startRegistry(opts: StartRegistryOptions): Promise<{ url: 
       name: NAME,
       command: process.execPath,
       args: [
-        '--import', 'tsx', 'compose/registry/main.ts',
+        ...nodeArgs('compose/registry/main.ts'),
         '--brokers', opts.bootstrap, '--port', String(opts.port), '--topic-prefix', opts.topicPrefix,
       ],
-      cwd: repoRoot,
+      cwd: REPO_ROOT,
       runDir: opts.runDir,
       logFile: path.join(opts.logDir, `${NAME}.log`),
     });

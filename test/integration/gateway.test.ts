@@ -16,6 +16,7 @@ import { encodeCancel } from '../../router/protocol/messages.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
 import { sleep, testCluster, until } from '../support/cluster.ts';
 import { heldWritingFor, pausedQuery, residentBytes } from '../support/slow-client.ts';
+import { nodeArgs } from '../../compose/launch.ts';
 
 const MAX_CLIENTS = 40;
 const RELEASE_MS = 1_000;
@@ -259,7 +260,7 @@ test('a cancel sent to a second gateway reaches the query running through the fi
   fs.writeFileSync(configFile, JSON.stringify({
     port, metricsPort: spec.postgres.basePort + 481, brokers: spec.kafka.bootstrap!.split(','), registryUrl: spec.registry.url, topicPrefix: cluster.prefix,
   }));
-  const second = spawn(process.execPath, ['--import', 'tsx', 'router/gateway/main.ts', '--config', configFile], { stdio: 'ignore' });
+  const second = spawn(process.execPath, [...nodeArgs('router/gateway/main.ts'), '--config', configFile], { stdio: 'ignore' });
   try {
     await until('the second gateway listens', 30_000, async () => portAnswers(port));
     await gw('postgres', async (c) => {

@@ -30,6 +30,7 @@ import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/e
 import { until } from '../support/wait.ts';
 import { kindOf, payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
 import type { EventLog } from '../../common/eventlog.ts';
+import { nodeArgs } from '../../compose/launch.ts';
 
 const runFile = promisify(execFile);
 const repoRoot = path.resolve(import.meta.dirname, '..', '..');
@@ -51,7 +52,7 @@ let eventLog: EventLog;
 
 function startOperator(identity: string, metricsPort: number): void {
   const logFile = fs.openSync(path.join(dir, `${identity}.log`), 'a');
-  const child = spawn(process.execPath, ['--import', 'tsx', 'operator/main.ts'], {
+  const child = spawn(process.execPath, nodeArgs('operator/main.ts'), {
     cwd: repoRoot, stdio: ['ignore', logFile, logFile],
     env: {
       ...process.env, KUBECONFIG: cp.kubeconfigFile('operator'), MG_OPERATOR_NAMESPACE: ns,

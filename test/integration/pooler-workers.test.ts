@@ -15,6 +15,7 @@ import { createLogger } from '../../common/log.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { queryInstance } from '../support/postgres.ts';
 import { freePort, sleep, until } from '../support/wait.ts';
+import { nodeArgs } from '../../compose/launch.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
 const log = createLogger('pooler-workers-test');
@@ -105,7 +106,7 @@ async function startPooler(): Promise<void> {
   const logFile = path.join(dir, 'pooler.log');
   const out = fs.openSync(logFile, 'a');
   // Not a test process itself: without the runner's NODE_TEST_CONTEXT, and its output kept apart from the runner's stream.
-  primary = spawn(process.execPath, ['--import', 'tsx', 'router/pooler/main.ts', '--config', configFile],
+  primary = spawn(process.execPath, [...nodeArgs('router/pooler/main.ts'), '--config', configFile],
     { stdio: ['ignore', out, out], env: { ...process.env, NODE_TEST_CONTEXT: undefined } });
   primary.once('exit', (code, signal) => {
     if (!stopping) console.error(`pooler primary exited (${code ?? signal}):\n${fs.readFileSync(logFile, 'utf8').slice(-4000)}`);

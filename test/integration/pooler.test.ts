@@ -18,6 +18,7 @@ import { createLogger } from '../../common/log.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { startPooler, type PoolerHandle } from '../../router/pooler/pooler.ts';
 import { freePort, sleep, until } from '../support/wait.ts';
+import { nodeArgs } from '../../compose/launch.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
 const log = createLogger('pooler-test');
@@ -726,7 +727,7 @@ test('idle server connections are reaped and old ones retired; SIGTERM drains th
   };
   const file = path.join(dir, 'reap.json');
   fs.writeFileSync(file, JSON.stringify(cfg));
-  const child = execFile(process.execPath, ['--import', 'tsx', 'router/pooler/main.ts', '--config', file], { env: { ...process.env, MG_LOG_LEVEL: 'info' } });
+  const child = execFile(process.execPath, [...nodeArgs('router/pooler/main.ts'), '--config', file], { env: { ...process.env, MG_LOG_LEVEL: 'info' } });
   let out = '';
   child.stdout?.on('data', (d: Buffer) => (out += d));
   const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));

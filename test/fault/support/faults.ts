@@ -6,6 +6,7 @@ import { orchestratorStatus, type ShardStatus } from '../../../compose/orchestra
 import { isAlive, portAnswers, readPid, spawnDetached } from '../../../compose/supervise.ts';
 import type { TestCluster } from '../../support/cluster.ts';
 import { until } from '../../support/wait.ts';
+import { nodeArgs } from '../../../compose/launch.ts';
 
 export const postmasterPid = (c: TestCluster, id: string) =>
   Number(fs.readFileSync(path.join(c.dataDir, 'postgres', id, 'postmaster.pid'), 'utf8').split('\n')[0]);
@@ -121,7 +122,7 @@ export async function restartService(c: TestCluster, name: string, env: Record<s
   const old = readPid(path.join(c.dataDir, 'run'), name);
   await until(`${name} gone`, 10_000, () => old === undefined || !isAlive(old));
   await spawnDetached({
-    name, command: process.execPath, args: ['--import', 'tsx', entry, '--config', config], env: { ...process.env, ...env },
+    name, command: process.execPath, args: [...nodeArgs(entry), '--config', config], env: { ...process.env, ...env },
     cwd: path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..', '..'),
     runDir: path.join(c.dataDir, 'run'), logFile: path.join(c.dataDir, 'logs', `${name}.log`),
   });
