@@ -86,7 +86,8 @@ class AskRelay {
     const m = msg as Incoming;
     if (m?.mg === 'ask') {
       const key = `${worker.id}:${m.id}`;
-      const targets = liveWorkers();
+      // A worker that is exiting may be alive with its channel closed: a send to it would be an 'error' event in the primary.
+      const targets = liveWorkers().filter((w) => w.isConnected());
       const timer = setTimeout(() => this.finish(key), ASK_TIMEOUT_MS);
       timer.unref();
       this.pending.set(key, { from: worker, waiting: new Set(targets.map((w) => w.id)), results: [], timer });
@@ -121,7 +122,7 @@ class AskRelay {
     clearTimeout(p.timer);
     this.pending.delete(key);
     const id = Number(key.slice(key.indexOf(':') + 1));
-    if (!p.from.isDead()) p.from.send({ mg: 'answer', id, results: p.results } satisfies Answer);
+    if (p.from.isConnected()) p.from.send({ mg: 'answer', id, results: p.results } satisfies Answer);
   }
 }
 
