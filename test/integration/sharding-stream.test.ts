@@ -45,9 +45,9 @@ async function havingComparedWithOnePostgres(): Promise<void> {
     const agg = 'count(*) AS c, sum(n) AS s, sum(i) AS si, min(t) AS lo, max(b) AS hi';
     const streamed = [
       `SELECT i, ${agg} FROM typed GROUP BY i HAVING count(*) > 12 ORDER BY i`,
-      `SELECT i, ${agg} FROM typed GROUP BY i HAVING count(*) >= 13 OR i IS NULL ORDER BY i DESC NULLS LAST LIMIT 5 OFFSET 2`,
+      `SELECT i, ${agg} FROM typed GROUP BY i HAVING count(*) >= 12 OR i IS NULL ORDER BY i DESC NULLS LAST LIMIT 5 OFFSET 2`,
       `SELECT t, i, ${agg} FROM typed GROUP BY t, i HAVING sum(n) > 0 AND NOT t IS NULL ORDER BY i, t DESC LIMIT 10`,
-      `SELECT t, ${agg} FROM typed GROUP BY t HAVING min(t) <> 'a' AND max(b) < 0 OR sum(i) IS NULL ORDER BY t`,
+      `SELECT t, ${agg} FROM typed GROUP BY t HAVING max(b) > 0 AND min(t) <> 'a' OR min(t) IS NULL ORDER BY t`,
       `SELECT t, ${agg} FROM typed GROUP BY t HAVING t >= 'B' AND t != 'z' ORDER BY t DESC`,
       `SELECT n, ${agg} FROM typed GROUP BY n HAVING 2.5 >= sum(n) AND NOT (count(*) < 3) ORDER BY n NULLS FIRST OFFSET 1`,
       `SELECT i, count(*)::int AS c FROM typed GROUP BY i HAVING count(*)::int != 13 AND i IS NOT NULL ORDER BY i LIMIT 6`,
@@ -56,10 +56,14 @@ async function havingComparedWithOnePostgres(): Promise<void> {
       // A date is not a type whose order the gateway follows: gathered, then merged, HAVING on the count.
       `SELECT DATE '2026-01-01' + i AS d, ${agg} FROM typed GROUP BY 1 HAVING count(*) > 12 ORDER BY 1`,
     ];
+    const kept: number[] = [];
     for (const text of streamed) {
-      assert.deepEqual((await gw.query(text)).rows, (await ref.query(text)).rows, text);
+      const expected = (await ref.query(text)).rows;
+      assert.deepEqual((await gw.query(text)).rows, expected, text);
       assert.match((await gw.query('SHOW mg_plan')).rows[0].mg_plan, /streamed group by group/, text);
+      kept.push(expected.length);
     }
+    console.log(`HAVING and group expressions, streamed: groups kept per read ${kept.join(', ')}, each the same as on one Postgres`);
     const gathered = [
       `SELECT t, ${agg} FROM typed GROUP BY t HAVING count(*) > 30 ORDER BY c DESC, t LIMIT 3`,
       'SELECT count(*) AS c, sum(n) AS s FROM typed HAVING count(*) > 10',
