@@ -135,7 +135,7 @@ export function orderFollowed(fields: readonly Field[], order: Merge['orderBy'])
  * which its shortest text does not show.
  */
 const HAVING_COMPARED = new Set([...INTEGER, 701, NUMERIC, 19, 25, 1043]);
-const INTEGER_TEXT = /^\s*[-+]?\d+\s*$/;
+const INTEGER_TEXT = /^[-+]?\d+$/;
 const HOLDS: Record<Comparison, (c: number) => boolean> = {
   '=': (c) => c === 0, '<>': (c) => c !== 0, '<': (c) => c < 0, '<=': (c) => c <= 0, '>': (c) => c > 0, '>=': (c) => c >= 0,
 };
@@ -186,7 +186,8 @@ function truthOf(h: Having, fields: readonly Field[], params?: readonly BoundPar
         throw new RefusedError(`a binary parameter ($${h.value.param}) in HAVING over all shards (send it as text)`);
       }
       if (v === null) return () => null;
-      const constant = Buffer.from(v);
+      // A number's text as Postgres reads it, spaces around it left out (they would count as fraction digits).
+      const constant = INTEGER.has(typeOid) || FLOAT.has(typeOid) || typeOid === NUMERIC ? Buffer.from(String(v).trim()) : Buffer.from(v);
       // An integer against a constant with a fraction compares as numeric, as in Postgres (count(*) > 2.5).
       const oid = INTEGER.has(typeOid) && !INTEGER_TEXT.test(constant.toString('latin1')) ? NUMERIC : typeOid;
       try {

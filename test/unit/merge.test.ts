@@ -102,6 +102,7 @@ test('HAVING on merged groups: after the partial aggregates combine, before OFFS
   const int8 = Buffer.alloc(8);
   int8.writeBigInt64BE(2n);
   assert.deepEqual(having({ op: '=', column: 2, value: { param: 1 } }, [{ value: Buffer.from('2'), binary: false, typeOid: 0 }]), ['b']);
+  assert.deepEqual(having({ op: '<', column: 3, value: { param: 1 } }, [{ value: Buffer.from(' 1.5 '), binary: false, typeOid: 0 }]), ['c']);
   assert.deepEqual(having({ op: '>', column: 2, value: { param: 1 } }, [{ value: int8, binary: true, typeOid: 20 }]), ['a', 'c', null]);
   assert.throws(() => having({ op: '>', column: 3, value: { param: 1 } }, [{ value: Buffer.alloc(8), binary: true, typeOid: 701 }]), /binary parameter \(\$1\) in HAVING/);
   assert.throws(() => having({ op: '>', column: 3, value: { literal: '1e3' } }), /does not read as a number/);
