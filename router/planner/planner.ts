@@ -249,8 +249,8 @@ export class Planner {
       edits.push({ ...o, text: 'param' in offset ? `(0 * ${o.text})` : '0' });
     }
     if (having) {
-      // A shard's partial group must not be filtered: its HAVING becomes `TRUE OR (...)` (OR binds loosest),
-      // which keeps the condition's $n in place with the types Postgres infers for them.
+      // A shard's partial group must not be filtered: `HAVING TRUE OR <condition>` keeps every group (OR binds
+      // loosest) and the condition's $n in place, with the types Postgres infers for them.
       const at = topLevelKeyword(text, 'having');
       if (at < 0) refuse('a HAVING the gateway cannot find in the text');
       edits.push({ start: at + 'having'.length, end: at + 'having'.length, text: ' TRUE OR' });

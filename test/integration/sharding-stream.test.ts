@@ -77,6 +77,12 @@ async function havingComparedWithOnePostgres(): Promise<void> {
       assert.deepEqual((await gw.query(bound, params)).rows, expected, `${bound} ${params}`);
       assert.deepEqual((await sql.unsafe(bound, params)).map((r) => String(r.i)), expected.map((r) => String(r.i)), `postgres.js: ${bound} ${params}`);
     }
+    // A cursor takes the groups HAVING keeps, a few per Execute.
+    const cursored = `SELECT t, i, count(*) AS c FROM typed GROUP BY t, i HAVING count(*) > $1 ORDER BY t, i`;
+    const taken: string[] = [];
+    for await (const rows of sql.unsafe(cursored, [1]).cursor(4)) taken.push(...rows.map((r) => `${r.t}/${r.i}/${r.c}`));
+    assert.deepEqual(taken, (await ref.query(cursored, [1])).rows.map((r) => `${r.t}/${r.i}/${r.c}`), cursored);
+    assert.ok(taken.length > 4, `${taken.length} groups: more than one batch`);
     // No ORDER BY: any order is right, so the rows are compared as sets.
     const sorted = (rows: unknown[]) => rows.map((r) => JSON.stringify(r)).sort();
     for (const [text, params] of [
