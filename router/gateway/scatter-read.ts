@@ -6,12 +6,13 @@
  * merged through a heap (a row goes out once every shard still sending has
  * one buffered, or has ended); without, rows go out in the order they come.
  * A grouped read the shards sort by its groups is merged the same way and
- * each group's rows folded into one as they pass (decision 0070).
+ * each group's rows folded into one as they pass (decision 0070), and
+ * kept only if it passes the HAVING (decision 0072).
  * OFFSET and LIMIT apply as rows go out. The rows can be taken in parts (a
  * portal's Executes with a row limit), the shards' requests staying open in
  * between.
  */
-import { foldGroup, HeadHeap, mergeRows, orderFollowed, rowOrder, type Field, type Row } from '../planner/merge.ts';
+import { foldGroup, havingTest, HeadHeap, mergeRows, orderFollowed, rowOrder, type Field, type Row } from '../planner/merge.ts';
 import type { BoundParam, Merge } from '../planner/plan.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorFieldsAt, T } from '../protocol/messages.ts';
@@ -69,8 +70,8 @@ export class ScatterRead {
   private limit: number | undefined;
   /** Rows sent in all, for LIMIT. */
   private sent = 0;
-  /** A grouped read merged as it streams: the group being folded (the next row of another group sends it). */
-  private groups: { fields: Field[]; order: (a: Row, b: Row) => number; held?: Row } | undefined;
+  /** A grouped read merged as it streams: the group being folded (the next row of another group sends it, if it passes `keeps`: HAVING). */
+  private groups: { fields: Field[]; order: (a: Row, b: Row) => number; keeps: (group: Row) => boolean; held?: Row } | undefined;
   /** A grouped read gathered whole (its group types' order not followed): the merged rows, once every shard ended. */
   private gathered: { fields: Field[]; rows?: Buffer[]; at: number } | undefined;
   /** A RowDescription came from a shard. */
@@ -166,7 +167,7 @@ export class ScatterRead {
       try {
         const order = rowOrder(fields, this.opts.orderBy);
         this.heap = new HeadHeap(order);
-        if (group) this.groups = { fields, order };
+        if (group) this.groups = { fields, order, keeps: havingTest(group.merge, fields, group.params) ?? (() => true) };
       } catch (err) {
         return this.fail(undefined, err as Error);
       }
@@ -280,7 +281,7 @@ export class ScatterRead {
       if (i === -1) {
         const last = groups?.held;
         if (groups) groups.held = undefined;
-        return last ? encodeDataRow(last) : null;
+        return last && groups!.keeps(last) ? encodeDataRow(last) : null;
       }
       if (!groups) return this.shift(i);
       const row = decodeDataRow(this.shift(i));
@@ -295,7 +296,7 @@ export class ScatterRead {
         throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: GROUP BY or DISTINCT over all shards on values the shards order differently from the gateway (a column with a collation other than C?)');
       }
       groups.held = row;
-      if (held) return encodeDataRow(held);
+      if (held && groups.keeps(held)) return encodeDataRow(held); // a group HAVING drops is not counted by OFFSET or LIMIT
     }
   }
 

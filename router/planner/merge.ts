@@ -1,6 +1,6 @@
 /**
  * Merging the rows of a scatter SELECT at the gateway: partial aggregates
- * combined per group, DISTINCT, ORDER BY, then OFFSET/LIMIT (mergeRows, on
+ * combined per group, HAVING, DISTINCT, ORDER BY, then OFFSET/LIMIT (mergeRows, on
  * gathered rows); or, for ORDER BY and for groups the shards sort, the order,
  * the fold of a group and a heap of the shards' sorted streams, merged as the
  * rows arrive (router/gateway/scatter-read.ts). Values are the
@@ -8,7 +8,7 @@
  * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
  * collation), NULLs last ascending and first descending unless asked.
  */
-import { countValue, type BoundParam, type Merge } from './plan.ts';
+import { countValue, resolveValue, type BoundParam, type Comparison, type Having, type Merge } from './plan.ts';
 import { RefusedError } from './planner.ts';
 
 export type Row = Array<Buffer | null>;
@@ -129,9 +129,86 @@ export function orderFollowed(fields: readonly Field[], order: Merge['orderBy'])
   });
 }
 
+/**
+ * Column types whose values the gateway compares with a HAVING constant as Postgres does (text in the
+ * instances' C.UTF-8 collation). Not float4: Postgres compares it promoted to float8 (0.1::real > 0.1),
+ * which its shortest text does not show.
+ */
+const HAVING_COMPARED = new Set([...INTEGER, 701, NUMERIC, 19, 25, 1043]);
+const INTEGER_TEXT = /^[-+]?\d+$/;
+const HOLDS: Record<Comparison, (c: number) => boolean> = {
+  '=': (c) => c === 0, '<>': (c) => c !== 0, '<': (c) => c < 0, '<=': (c) => c <= 0, '>': (c) => c > 0, '>=': (c) => c >= 0,
+};
+
+/** SQL's three values: null is unknown. */
+type Truth = boolean | null;
+
+/**
+ * The merge's HAVING as a test of a merged group (undefined: there is none), its constants and
+ * parameters read once. A comparison with NULL is unknown, and only a true HAVING keeps a group.
+ */
+export function havingTest(merge: Merge, fields: readonly Field[], params?: readonly BoundParam[]): ((row: Row) => boolean) | undefined {
+  if (!merge.having) return undefined;
+  const test = truthOf(merge.having, fields, params);
+  return (row) => test(row) === true;
+}
+
+function truthOf(h: Having, fields: readonly Field[], params?: readonly BoundParam[]): (row: Row) => Truth {
+  switch (h.op) {
+    case 'and': case 'or': {
+      const args = h.args.map((a) => truthOf(a, fields, params));
+      const decides = h.op === 'or'; // one true decides an OR, one false an AND; else unknown beats the other
+      return (row) => {
+        let out: Truth = !decides;
+        for (const a of args) {
+          const v = a(row);
+          if (v === decides) return decides;
+          if (v === null) out = null;
+        }
+        return out;
+      };
+    }
+    case 'not': {
+      const arg = truthOf(h.arg, fields, params);
+      return (row) => {
+        const v = arg(row);
+        return v === null ? null : !v;
+      };
+    }
+    case 'is null': return (row) => row[h.column - 1] === null;
+    case 'is not null': return (row) => row[h.column - 1] !== null;
+    default: {
+      const at = h.column - 1;
+      const { name, typeOid } = fields[at];
+      if (!HAVING_COMPARED.has(typeOid)) throw new RefusedError(`HAVING comparing ${name}, of a type the gateway does not compare (type OID ${typeOid}), over all shards`);
+      const v = resolveValue(h.value, params);
+      if ('param' in h.value && params?.[h.value.param - 1]?.binary && Buffer.isBuffer(v)) {
+        throw new RefusedError(`a binary parameter ($${h.value.param}) in HAVING over all shards (send it as text)`);
+      }
+      if (v === null) return () => null;
+      // A number's text as Postgres reads it, spaces around it left out (they would count as fraction digits).
+      const constant = INTEGER.has(typeOid) || FLOAT.has(typeOid) || typeOid === NUMERIC ? Buffer.from(String(v).trim()) : Buffer.from(v);
+      // An integer against a constant with a fraction compares as numeric, as in Postgres (count(*) > 2.5).
+      const oid = INTEGER.has(typeOid) && !INTEGER_TEXT.test(constant.toString('latin1')) ? NUMERIC : typeOid;
+      try {
+        compareValues(constant, constant, oid);
+      } catch {
+        throw new RefusedError(`HAVING compares ${name} with ${constant.toString()}, which the gateway does not read as a number, over all shards`);
+      }
+      const holds = HOLDS[h.op];
+      return (row) => {
+        const x = row[at];
+        return x === null ? null : holds(compareValues(x, constant, oid));
+      };
+    }
+  }
+}
+
 /** Merges the shards' rows (in shard order) as the plan says. */
 export function mergeRows(rows: Row[], fields: readonly Field[], merge: Merge, params?: readonly BoundParam[]): Row[] {
   let out = merge.aggregates || merge.groupBy ? aggregate(rows, fields, merge) : rows;
+  const having = havingTest(merge, fields, params);
+  if (having) out = out.filter(having);
   if (merge.distinct) {
     const all = fields.map((_, i) => i);
     const seen = new Set<string>();

@@ -40,6 +40,17 @@ export type AggregateFn = 'count' | 'sum' | 'min' | 'max';
 
 export interface SortKey { column: string | number; desc: boolean; nullsFirst: boolean }
 
+/**
+ * A HAVING the gateway applies to each merged group (decision 0072): comparisons of a selected
+ * column (1-based output position) with a constant or $n, and IS [NOT] NULL, under AND / OR / NOT.
+ */
+export type Having =
+  | { op: 'and' | 'or'; args: Having[] }
+  | { op: 'not'; arg: Having }
+  | { op: 'is null' | 'is not null'; column: number }
+  | { op: Comparison; column: number; value: ValueRef };
+export type Comparison = '=' | '<>' | '<' | '<=' | '>' | '>=';
+
 /** How the gateway merges the rows of a scatter SELECT. Columns are by output name or 1-based position. */
 export interface Merge {
   orderBy: SortKey[];
@@ -52,6 +63,8 @@ export interface Merge {
   /** Partial aggregates from every shard, combined per group of the other columns. */
   aggregates?: Array<{ column: number; fn: AggregateFn }>;
   groupBy?: number[];
+  /** Applied to each merged group before DISTINCT, ORDER BY and OFFSET/LIMIT; the shards send every group. */
+  having?: Having;
   distinct: boolean;
   limit?: ValueRef;
   offset?: ValueRef;
@@ -207,7 +220,7 @@ export function describePlan(plan: Plan, shards: string[]): string {
     case 'select': case 'write':
       if (!plan.pin) {
         const m = plan.merge;
-        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
+        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.having ? 'having' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
         return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}${keeps(plan.owned?.lookups)}`;
       }
       return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by ${plan.pin.lookup ? 'lookup ' : ''}vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`

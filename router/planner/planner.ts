@@ -8,7 +8,7 @@
 import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
-import type { AggregateFn, CopyInPlan, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, SortKey, ValueRef } from './plan.ts';
+import type { AggregateFn, Comparison, CopyInPlan, Having, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, SortKey, ValueRef } from './plan.ts';
 import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
@@ -167,7 +167,6 @@ export class Planner {
 
   /** A SELECT over every shard: what the gateway must merge (none when the shards' rows can go out as they come), and the per-shard text. */
   private scatterSelect(s: any, text: Buffer, base: number, tables: string[]): Plan {
-    if (s.havingClause) refuse('HAVING on a query over all shards');
     if (s.distinctClause && Object.keys(s.distinctClause[0] ?? {}).length) refuse('DISTINCT ON over all shards');
     if (s.groupingSets) refuse('GROUPING SETS over all shards');
     if (s.lockingClause && (s.limitCount || s.limitOffset)) refuse('FOR UPDATE with LIMIT over all shards');
@@ -191,16 +190,24 @@ export class Planner {
     });
     const grouped = (s.groupClause ?? []).length > 0;
     let groupBy: number[] | undefined;
-    if (grouped || aggregates.length) {
+    // A HAVING makes a grouped query even without GROUP BY or aggregates: one group of every row.
+    if (grouped || aggregates.length || s.havingClause) {
       groupBy = [];
       for (const g of s.groupClause ?? []) {
         const at = outputColumn(g, names);
         if (at === undefined) refuse('GROUP BY a column that is not in the select list, over all shards');
         groupBy.push(at!);
       }
-      const plain = targets.map((_, i) => i + 1).filter((i) => !aggregates.some((a) => a.column === i));
-      if (plain.some((i) => !groupBy!.includes(i))) refuse('a selected column outside GROUP BY, over all shards');
+      // Any other selected item must be the same in each shard's partial row of a group (the merge keeps the
+      // first): an expression of group columns only, or of none. A column is grouped by its name.
+      const groupNames = new Set([...(s.groupClause ?? []), ...groupBy.map((at) => targets[at - 1]?.ResTarget?.val)].map((n) => n?.ColumnRef && columnName(n)).filter(Boolean));
+      targets.forEach((t, i) => {
+        if (groupBy!.includes(i + 1) || aggregates.some((a) => a.column === i + 1)) return;
+        const outside = findNode(t.ResTarget?.val, (k, n) => k === 'ColumnRef' && !groupNames.has(columnName({ ColumnRef: n })));
+        if (outside) refuse(`a selected column outside GROUP BY (${columnName({ ColumnRef: outside }) ?? '*'}), over all shards`);
+      });
     }
+    const having = s.havingClause ? havingOf(s.havingClause, targets) : undefined;
     const orderBy: Merge['orderBy'] = (s.sortClause ?? []).map((sb: any) => {
       const by = sb.SortBy;
       const desc = by.sortby_dir === 'SORTBY_DESC';
@@ -219,18 +226,18 @@ export class Planner {
     if ((s.limitCount && !limit) || (s.limitOffset && !offset)) refuse('a LIMIT or OFFSET expression over all shards (use a number or $n)');
     const distinct = !!s.distinctClause;
     const groupOrder = streamedGroups(groupBy, distinct && !aggregates.length && !targets.some(isStar) ? targets.length : 0, orderBy);
-    const merge: Merge = { orderBy, groupOrder, aggregates: aggregates.length ? aggregates : undefined, groupBy, distinct, limit, offset };
+    const merge: Merge = { orderBy, groupOrder, aggregates: aggregates.length ? aggregates : undefined, groupBy, having, distinct, limit, offset };
     // Each shard returns the rows the gateway's LIMIT may need after merging: the first limit + offset,
     // or all of them when groups or DISTINCT merge first, unless the shards sort by the groups themselves
-    // (the first limit + offset groups of each shard hold every row of the first groups overall).
-    // Parameters stay referenced, or Bind would not fit.
+    // (the first limit + offset groups of each shard hold every row of the first groups overall) and no
+    // HAVING drops groups at the gateway. Parameters stay referenced, or Bind would not fit.
     const edits: Array<{ start: number; end: number; text: string }> = [];
     const token = (node: any) => {
       const at = nodeLocation(node) - base;
       return { start: at, end: tokenEnd(text, at), text: text.toString('utf8', at, tokenEnd(text, at)) };
     };
     const sortedByGroups = groupOrder && orderBy.length > 0;
-    const needsAll = (aggregates.length > 0 || !!groupBy || distinct) && !sortedByGroups;
+    const needsAll = (aggregates.length > 0 || !!groupBy || distinct) && (!sortedByGroups || !!having);
     if (limit) {
       const l = token(s.limitCount);
       const o = offset ? token(s.limitOffset) : undefined;
@@ -240,6 +247,13 @@ export class Planner {
     if (offset) {
       const o = token(s.limitOffset);
       edits.push({ ...o, text: 'param' in offset ? `(0 * ${o.text})` : '0' });
+    }
+    if (having) {
+      // A shard's partial group must not be filtered: `HAVING TRUE OR <condition>` keeps every group (OR binds
+      // loosest) and the condition's $n in place, with the types Postgres infers for them.
+      const at = topLevelKeyword(text, 'having');
+      if (at < 0) refuse('a HAVING the gateway cannot find in the text');
+      edits.push({ start: at + 'having'.length, end: at + 'having'.length, text: ' TRUE OR' });
     }
     // Without any of these the plan has no merge, and its rows stream (decision 0062).
     const merges = orderBy.length > 0 || aggregates.length > 0 || !!groupBy || distinct || !!limit || !!offset;
@@ -760,7 +774,6 @@ function columnName(n: any): string | undefined {
   return undefined;
 }
 
-/** The 1-based select-list position a GROUP BY item names (a position or a column name). */
 /**
  * The order in which the shards send a grouped read so the gateway can merge it group by group
  * (decision 0070): the user's ORDER BY when it starts with every group column (by position), or, with
@@ -786,11 +799,61 @@ function sortedBy(sql: Buffer, order: SortKey[]): Buffer {
 
 const isStar = (t: any) => !!t.ResTarget?.val?.ColumnRef?.fields?.some((f: any) => f.A_Star);
 
+/** The 1-based select-list position a GROUP BY item names (a position or a column name). */
 function outputColumn(g: any, names: Array<string | undefined>): number | undefined {
   if (g.A_Const?.ival !== undefined) return g.A_Const.ival.ival;
   const name = columnName(g);
   const at = name === undefined ? -1 : names.indexOf(name);
   return at < 0 ? undefined : at + 1;
+}
+
+const COMPARISONS = new Set(['=', '<>', '<', '<=', '>', '>=']);
+/** The comparison with its sides swapped: `5 < count(*)` is `count(*) > 5`. */
+const FLIPPED: Record<Comparison, Comparison> = { '=': '=', '<>': '<>', '<': '>', '<=': '>=', '>': '<', '>=': '<=' };
+
+/**
+ * A HAVING as the gateway applies it to each merged group (decision 0072): AND / OR / NOT of comparisons
+ * between a select-list item and a constant or $n, and IS [NOT] NULL of one. Anything else is refused.
+ */
+function havingOf(n: any, targets: any[]): Having {
+  if (findNode(n, (k) => k === 'SubLink')) refuse('a subquery in HAVING over all shards');
+  const b = n.BoolExpr;
+  if (b) {
+    const args = b.args.map((a: any) => havingOf(a, targets));
+    return b.boolop === 'NOT_EXPR' ? { op: 'not', arg: args[0] } : { op: b.boolop === 'AND_EXPR' ? 'and' : 'or', args };
+  }
+  if (n.NullTest) return { op: n.NullTest.nulltesttype === 'IS_NULL' ? 'is null' : 'is not null', column: selected(n.NullTest.arg, targets) };
+  const e = n.A_Expr;
+  const op = e?.kind === 'AEXPR_OP' ? lastName(e.name) as Comparison : undefined;
+  if (!op || !COMPARISONS.has(op)) return refuse(`${nodeName(n)} in HAVING over all shards (compare a selected aggregate or group column with a constant or $n)`);
+  const right = valueOf(e.rexpr);
+  const left = valueOf(e.lexpr);
+  if (left && right) refuse('a HAVING comparison of two constants over all shards');
+  const side = right ? e.lexpr : e.rexpr;
+  const column = selected(side, targets);
+  if (!left && !right) return refuse(`a HAVING comparison of ${nodeName(e.lexpr)} with ${nodeName(e.rexpr)} over all shards (compare with a constant or $n)`);
+  return right ? { op, column, value: right } : { op: FLIPPED[op], column, value: left! };
+}
+
+/** The 1-based select-list position of a HAVING operand: the same expression (casts included), or an unqualified column by name. */
+function selected(n: any, targets: any[]): number {
+  const key = withoutLocations(n);
+  let at = targets.findIndex((t) => withoutLocations(t.ResTarget?.val) === key);
+  const name = n.ColumnRef && fieldsOf(n.ColumnRef).length === 1 ? columnName(n) : undefined;
+  if (at < 0 && name) at = targets.findIndex((t) => t.ResTarget?.val?.ColumnRef && columnName(t.ResTarget.val) === name);
+  if (at < 0) refuse(`${nodeName(n)} in HAVING is not in the select list, over all shards (select it as HAVING writes it)`);
+  return at + 1;
+}
+
+const withoutLocations = (n: any) => JSON.stringify(n, (k, v) => (k === 'location' ? undefined : v));
+
+/** How a refusal names an expression: a function by name, a column, an operator, else its node kind. */
+function nodeName(n: any): string {
+  if (n?.FuncCall) return `${lastName(n.FuncCall.funcname)}(...)`;
+  if (n?.ColumnRef) return `column ${columnName(n) ?? '*'}`;
+  if (n?.TypeCast) return nodeName(n.TypeCast.arg);
+  if (n?.A_Expr) return n.A_Expr.kind === 'AEXPR_OP' ? `operator ${lastName(n.A_Expr.name)}` : n.A_Expr.kind.replace('AEXPR_', '').replace(/_/g, ' ');
+  return Object.keys(n ?? {})[0] ?? 'an expression';
 }
 
 const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;

@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { HeadHeap, mergeRows, rowOrder, rowWindow, type Field, type Row } from '../../router/planner/merge.ts';
+import { havingTest, HeadHeap, mergeRows, rowOrder, rowWindow, type Field, type Row } from '../../router/planner/merge.ts';
 import type { Merge } from '../../router/planner/plan.ts';
 
 const fields: Field[] = [{ name: 'n', typeOid: 20 }, { name: 'amount', typeOid: 1700 }, { name: 'name', typeOid: 25 }];
@@ -77,4 +77,38 @@ test('rowWindow: OFFSET and LIMIT as numbers, from literals or parameters; a bad
   const params = [{ value: Buffer.from('7'), binary: false, typeOid: 20 }];
   assert.deepEqual(rowWindow({ orderBy: [], distinct: false, limit: { param: 1 } }, params), { offset: 0, limit: 7 });
   assert.throws(() => rowWindow({ orderBy: [], distinct: false, limit: { literal: '-1' } }), /non-negative integer/);
+});
+
+test('HAVING on merged groups: after the partial aggregates combine, before OFFSET/LIMIT; NULL compares unknown', () => {
+  const groups: Field[] = [{ name: 'g', typeOid: 25 }, { name: 'count', typeOid: 20 }, { name: 'sum', typeOid: 1700 }];
+  const merge: Merge = { orderBy: [{ column: 1, desc: false, nullsFirst: false }], distinct: false, groupBy: [1], aggregates: [{ column: 2, fn: 'count' }, { column: 3, fn: 'sum' }] };
+  // Each group has a partial row from two shards: only the combined count passes `count > 2`.
+  const rows = [['a', '2', '1.5'], ['b', '1', null], ['c', '2', '-4'], [null, '3', '2'], ['a', '1', '1'], ['b', '1', null], ['c', '1', '0.5']].map((v) => v.map((x) => (x === null ? null : Buffer.from(x))));
+  const having = (h: Merge['having'], params?: Parameters<typeof mergeRows>[3]) => text(mergeRows(rows, groups, { ...merge, having: h }, params)).map((r) => r[0]);
+  assert.deepEqual(having({ op: '>', column: 2, value: { literal: '2' } }), ['a', 'c', null]);
+  assert.deepEqual(text(mergeRows(rows, groups, { ...merge, having: { op: '>', column: 2, value: { literal: '2' } }, offset: { literal: '1' }, limit: { literal: '1' } })), [['c', '3', '-3.5']]);
+  // sum of b is NULL: unknown, which neither `>` nor its NOT keeps; OR with a true side keeps it.
+  assert.deepEqual(having({ op: '>', column: 3, value: { literal: '0' } }), ['a', null]);
+  assert.deepEqual(having({ op: 'not', arg: { op: '>', column: 3, value: { literal: '0' } } }), ['c']);
+  assert.deepEqual(having({ op: 'or', args: [{ op: '>', column: 3, value: { literal: '0' } }, { op: '=', column: 1, value: { literal: 'b' } }] }), ['a', 'b', null]);
+  assert.deepEqual(having({ op: 'and', args: [{ op: '<>', column: 1, value: { literal: 'a' } }, { op: 'is not null', column: 3 }] }), ['c']);
+  assert.deepEqual(having({ op: 'is null', column: 1 }), [null]);
+  assert.deepEqual(having({ op: '=', column: 1, value: { literal: null } }), []);
+  // Numbers by value: an integer against a fraction as numeric; numeric against an integer.
+  assert.deepEqual(having({ op: '<=', column: 2, value: { literal: '2.5' } }), ['b']);
+  assert.deepEqual(having({ op: '<', column: 3, value: { literal: '-3' } }), ['c']);
+  assert.deepEqual(having({ op: '>=', column: 1, value: { literal: 'b' } }), ['b', 'c']);
+  // $n from the Bind: text, or a binary integer.
+  const int8 = Buffer.alloc(8);
+  int8.writeBigInt64BE(2n);
+  assert.deepEqual(having({ op: '=', column: 2, value: { param: 1 } }, [{ value: Buffer.from('2'), binary: false, typeOid: 0 }]), ['b']);
+  assert.deepEqual(having({ op: '<', column: 3, value: { param: 1 } }, [{ value: Buffer.from(' 1.5 '), binary: false, typeOid: 0 }]), ['c']);
+  assert.deepEqual(having({ op: '>', column: 2, value: { param: 1 } }, [{ value: int8, binary: true, typeOid: 20 }]), ['a', 'c', null]);
+  assert.throws(() => having({ op: '>', column: 3, value: { param: 1 } }, [{ value: Buffer.alloc(8), binary: true, typeOid: 701 }]), /binary parameter \(\$1\) in HAVING/);
+  assert.throws(() => having({ op: '>', column: 3, value: { literal: '1e3' } }), /does not read as a number/);
+  // Types whose comparison with a constant the gateway does not follow are refused.
+  assert.throws(() => havingTest({ ...merge, having: { op: '>', column: 1, value: { literal: '2020-01-01' } } }, [{ name: 'd', typeOid: 1082 }]), /HAVING comparing d, of a type/);
+  assert.throws(() => havingTest({ ...merge, having: { op: '>', column: 1, value: { literal: '0.1' } } }, [{ name: 'r', typeOid: 700 }]), /type OID 700/);
+  assert.equal(havingTest({ ...merge, having: { op: 'is null', column: 1 } }, [{ name: 'd', typeOid: 1082 }])!([null]), true);
+  assert.equal(havingTest(merge, groups), undefined);
 });

@@ -95,6 +95,37 @@ test('grouped scatter SELECTs stream group by group when the shards can send the
   assert.equal((one('SELECT count(*) FROM orders') as any).merge.groupOrder, undefined);
 });
 
+test('HAVING over all shards: the gateway filters merged groups, the shards keep every partial group (decision 0072)', () => {
+  const h = one('SELECT status, count(*) AS n, sum(total) FROM orders GROUP BY status HAVING count(*) > 1 AND (5 <= sum(total) OR NOT status IS NULL) OR status != $1 ORDER BY status LIMIT 3') as any;
+  // OR binds loosest: `TRUE OR` before the condition keeps every group and the $n where Postgres types it.
+  // The groups are sorted but a shard's first 3 may all be dropped: the shards send every group.
+  assert.equal(text(h), 'SELECT status, count(*) AS n, sum(total) FROM orders GROUP BY status HAVING TRUE OR count(*) > 1 AND (5 <= sum(total) OR NOT status IS NULL) OR status != $1 ORDER BY status LIMIT ALL');
+  assert.deepEqual(h.merge.having, {
+    op: 'or', args: [
+      { op: 'and', args: [{ op: '>', column: 2, value: { literal: '1' } }, { op: 'or', args: [{ op: '>=', column: 3, value: { literal: '5' } }, { op: 'not', arg: { op: 'is null', column: 1 } }] }] },
+      { op: '<>', column: 1, value: { param: 1 } },
+    ],
+  });
+  assert.match(describePlan(h, ['-80', '80-']), /gateway aggregate, group by, having, streamed group by group/);
+  // The aggregate as the select list writes it (a cast too); a column by name; no GROUP BY is one group.
+  assert.deepEqual((one('SELECT o.status, count(*)::int FROM orders o GROUP BY 1 HAVING count(*)::int >= $2 AND status IS NOT NULL') as any).merge.having,
+    { op: 'and', args: [{ op: '>=', column: 2, value: { param: 2 } }, { op: 'is not null', column: 1 }] });
+  const all = one('SELECT max(total) FROM orders HAVING max(total) < 10.5') as any;
+  assert.deepEqual([all.merge.groupBy, all.merge.having], [[], { op: '<', column: 1, value: { literal: '10.5' } }]);
+  assert.equal(text(all), 'SELECT max(total) FROM orders HAVING TRUE OR max(total) < 10.5');
+});
+
+test('under GROUP BY, a selected expression of group columns only (or of none) merges from a group\'s first row', () => {
+  const g = one('SELECT tenant_id, tenant_id * 2 AS d, lower(status), 1 AS one, count(*), status FROM orders GROUP BY 1, status') as any;
+  assert.equal(g.kind, 'select');
+  assert.deepEqual(g.merge.groupBy, [1, 6]);
+  // The merge tells groups apart by the group columns it gets: lower(status) alone would join 'A' and 'a'.
+  assert.match((one('SELECT tenant_id, lower(status), count(*) FROM orders GROUP BY 1, status') as any).message, /GROUP BY a column that is not in the select list/);
+  assert.equal(one('SELECT o.status, upper(o.status) FROM orders o GROUP BY o.status').kind, 'select');
+  assert.match((one('SELECT tenant_id, lower(status) FROM orders GROUP BY tenant_id') as any).message, /outside GROUP BY \(status\)/);
+  assert.match((one('SELECT tenant_id, *, count(*) FROM orders GROUP BY tenant_id') as any).message, /outside GROUP BY \(\*\)/);
+});
+
 test('INSERT rows are split by keyspace id, with ON CONFLICT and RETURNING kept', () => {
   const p = one("INSERT INTO orders (tenant_id, id, note) VALUES (1, 1, 'a), (b'), ($1, 2, E'it''s \\' (x)'), (3, 3, $$)$$) ON CONFLICT DO NOTHING RETURNING id") as any;
   assert.equal(p.kind, 'insert');
@@ -120,7 +151,16 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
     ['SELECT * FROM orders o WHERE o.tenant_id = 5 AND o.id IN (SELECT id FROM users WHERE tenant_id = 5 UNION SELECT 1)', /UNION inside a subquery over sharded table users/],
     ['WITH d AS (DELETE FROM users WHERE tenant_id = 5 RETURNING id) SELECT * FROM orders WHERE tenant_id = 5', /INSERT, UPDATE or DELETE in WITH/],
     ['SELECT id FROM orders UNION SELECT id FROM users', /UNION over sharded tables/],
-    ['SELECT status FROM orders GROUP BY status HAVING count(*) > 1', /HAVING/],
+    ['SELECT status FROM orders GROUP BY status HAVING count(*) > 1', /count\(\.\.\.\) in HAVING is not in the select list/],
+    ['SELECT status, count(*)::int FROM orders GROUP BY status HAVING count(*) > 1', /count\(\.\.\.\) in HAVING is not in the select list/],
+    ['SELECT status, count(*) FROM orders GROUP BY status HAVING lower(status) = \'a\'', /lower\(\.\.\.\) in HAVING is not in the select list/],
+    ['SELECT status, count(*) FROM orders GROUP BY status HAVING count(*) > (SELECT max(price) FROM products)', /a subquery in HAVING/],
+    ['SELECT status, min(id), max(id) FROM orders GROUP BY status HAVING min(id) < max(id)', /HAVING comparison of min\(\.\.\.\) with max\(\.\.\.\)/],
+    ['SELECT status, count(*) FROM orders GROUP BY status HAVING status LIKE \'a%\'', /LIKE in HAVING/],
+    ['SELECT status, count(*) FROM orders GROUP BY status HAVING count(*) IN (1, 2)', /IN in HAVING/],
+    ['SELECT status, count(*) FROM orders GROUP BY status HAVING 1 = 1', /two constants/],
+    ['SELECT status, total * 2, count(*) FROM orders GROUP BY status', /a selected column outside GROUP BY \(total\)/],
+    ['SELECT status, total, count(*) FROM orders GROUP BY status', /a selected column outside GROUP BY \(total\)/],
     ['SELECT * FROM orders ORDER BY lower(status)', /ORDER BY an expression/],
     ['SELECT * FROM nosuch', /table nosuch is not in the VSchema/],
     ['UPDATE orders SET tenant_id = 2 WHERE tenant_id = 1', /primary vindex column/],
