@@ -829,9 +829,8 @@ function havingOf(n: any, targets: any[]): Having {
   const right = valueOf(e.rexpr);
   const left = valueOf(e.lexpr);
   if (left && right) refuse('a HAVING comparison of two constants over all shards');
-  const side = right ? e.lexpr : e.rexpr;
-  const column = selected(side, targets);
   if (!left && !right) return refuse(`a HAVING comparison of ${nodeName(e.lexpr)} with ${nodeName(e.rexpr)} over all shards (compare with a constant or $n)`);
+  const column = selected(right ? e.lexpr : e.rexpr, targets);
   return right ? { op, column, value: right } : { op: FLIPPED[op], column, value: left! };
 }
 
