@@ -103,6 +103,19 @@ export interface ChangeShape {
   applyDeltas(client: pg.Client, deltas: Array<Extract<Op, { kind: 'delta' }>>): Promise<void>;
 }
 
+/**
+ * Upserts grouped by the columns their rows carry: a row from before a DDL that added a column lacks it,
+ * and its upsert must leave the target's value (a default, or what a newer change wrote) alone.
+ */
+function byColumns(rows: Row[]): Row[][] {
+  const groups = new Map<string, Row[]>();
+  for (const row of rows) {
+    const signature = Object.keys(row).join(',');
+    groups.set(signature, [...(groups.get(signature) ?? []), row]);
+  }
+  return [...groups.values()];
+}
+
 /** A change as MoveTables applies it: creates, updates and snapshot reads upsert the whole row, deletes by key. */
 export function changeOps(change: Change): Array<Op | 'truncate'> {
   switch (change.op) {
@@ -256,9 +269,12 @@ export class TableApplier {
     const unknown = () => names.filter((name) => !t.columns.some((c) => c.name === name));
     const [target] = this.targets.values();
     for (let waited = 0; ; waited += COLUMN_WAIT_STEP_MS) {
-      // The target's columns that the stream carries (one only the target has keeps its values), in place:
-      // the workflow's other views of the table (VDiff, the applier of the other direction) share this array.
-      const fresh = (await describeColumns(target, `${t.schema}.${t.table}`)).columns.filter((c) => names.includes(c.name));
+      // The target's columns that this stream carries or the table already had (one only the target has keeps
+      // its values), in place: the workflow's other views of the table (VDiff, the appliers of other source
+      // shards and of the other direction) share this array, and a stream still behind a DDL must not take
+      // away the column another stream has begun to carry (its rows simply leave it alone, see commit).
+      const fresh = (await describeColumns(target, `${t.schema}.${t.table}`)).columns
+        .filter((c) => names.includes(c.name) || t.columns.some((known) => known.name === c.name));
       t.columns.splice(0, t.columns.length, ...fresh);
       const missing = unknown();
       if (!missing.length) break;
@@ -305,7 +321,7 @@ export class TableApplier {
         const deletes = ops.flatMap((o) => (o.kind === 'delete' ? [o.key] : []));
         const upserts = ops.flatMap((o) => (o.kind === 'upsert' ? [o.row] : []));
         if (deletes.length) await client.query(deleteSql(this.table, deletes));
-        if (upserts.length) await client.query(upsertSql(this.table, upserts));
+        for (const rows of byColumns(upserts)) await client.query(upsertSql(this.table, rows));
         if (run.deltas.length) await this.shape!.applyDeltas(client, run.deltas);
       }
       await client.query(

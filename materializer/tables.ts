@@ -143,12 +143,14 @@ const typeOf = (t: MovedTable, column: string) => t.columns.find((c) => c.name =
 
 /** INSERT ... ON CONFLICT (key) DO UPDATE of whole rows, one text[] parameter per column. */
 export function upsertSql(t: MovedTable, rows: Row[]): { text: string; values: unknown[] } {
-  const values = t.columns.map((c) => rows.map((r) => r[c.name] ?? null));
-  const cols = t.columns.map((c) => quoteIdent(c.name)).join(', ');
-  const unnest = t.columns.map((c, i) => `$${i + 1}::text[]`).join(', ');
-  const casts = t.columns.map((c, i) => `c${i}::${c.type}`).join(', ');
-  const aliases = t.columns.map((_, i) => `c${i}`).join(', ');
-  const others = t.columns.filter((c) => !t.key.includes(c.name));
+  // The table's columns the rows carry (all rows carry the same ones): one a row lacks is neither written nor nulled.
+  const columns = t.columns.filter((c) => c.name in rows[0]);
+  const values = columns.map((c) => rows.map((r) => r[c.name] ?? null));
+  const cols = columns.map((c) => quoteIdent(c.name)).join(', ');
+  const unnest = columns.map((c, i) => `$${i + 1}::text[]`).join(', ');
+  const casts = columns.map((c, i) => `c${i}::${c.type}`).join(', ');
+  const aliases = columns.map((_, i) => `c${i}`).join(', ');
+  const others = columns.filter((c) => !t.key.includes(c.name));
   const action = others.length
     ? `DO UPDATE SET ${others.map((c) => `${quoteIdent(c.name)} = EXCLUDED.${quoteIdent(c.name)}`).join(', ')}`
     : 'DO NOTHING';

@@ -86,6 +86,10 @@ test('keyset pages, upserts and deletes: one statement per batch, values as text
   assert.match(up.text, /^INSERT INTO "public"\."orders" \("tenant", "id", "note"\) SELECT c0::bigint, c1::bigint, c2::text FROM unnest\(\$1::text\[\], \$2::text\[\], \$3::text\[\]\)/);
   assert.match(up.text, /ON CONFLICT \("tenant", "id"\) DO UPDATE SET "note" = EXCLUDED\."note"$/);
   assert.deepEqual(up.values, [['1', '3'], ['2', '4'], [null, 'x']]);
+  // A row from before a DDL added a column lacks it: the upsert leaves the target's value alone rather than null it.
+  const older = upsertSql(orders, [{ tenant: '1', id: '2' }]);
+  assert.match(older.text, /^INSERT INTO "public"\."orders" \("tenant", "id"\) SELECT c0::bigint, c1::bigint FROM/);
+  assert.match(older.text, /ON CONFLICT \("tenant", "id"\) DO NOTHING$/);
   const del = deleteSql(orders, [{ tenant: '1', id: '2' }]);
   assert.deepEqual(del.values, [['1'], ['2']]);
   assert.match(del.text, /WHERE "public"\."orders"\."tenant" = d\.k0::bigint AND "public"\."orders"\."id" = d\.k1::bigint$/);
