@@ -475,8 +475,9 @@ export class MoveTablesRunner {
    * shards, resume catch-up, then compare the snapshots.
    */
   async vdiff(id: string): Promise<VDiffTable[]> {
-    if (this.status.phase !== 'RUNNING' || this.vdiffRunning || this.recovering) {
-      throw new WorkflowError(`VDiff needs the workflow in catch-up (it is ${this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''}${this.recovering ? ', reconnecting after a failover' : ''})`);
+    // `stopping`: failing or being stopped, its appliers closing, while the phase still says RUNNING.
+    if (this.status.phase !== 'RUNNING' || this.stopping || this.vdiffRunning || this.recovering) {
+      throw new WorkflowError(`VDiff needs the workflow in catch-up (it is ${this.stopping ? 'stopping' : this.status.phase}${this.vdiffRunning ? ', with a VDiff running' : ''}${this.recovering ? ', reconnecting after a failover' : ''})`);
     }
     this.vdiffRunning = true;
     const opened: pg.Client[] = [];
