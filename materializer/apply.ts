@@ -139,7 +139,7 @@ export class TableApplier {
   private start = new Map<number, bigint>();
   /** Per streaming shard, the highest commit LSN applied on every applying shard (a switch waits for its marker with it). */
   readonly appliedLsn = new Map<string, bigint>();
-  /** The columns of the last change row seen (followsDdl): the table's columns are looked up again when they change. */
+  /** The columns of the last change row seen (with a streamSide): the table's columns are looked up again when they change. */
   private streamColumns = '';
   /** (streaming shard, txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
   readonly recent: Array<{ shard: string; txId: bigint; commitLsn: bigint }> = [];
@@ -158,12 +158,13 @@ export class TableApplier {
     private readonly stream?: StreamShards,
     private readonly shape?: ChangeShape,
     /**
-     * The table is the same on both sides (MoveTables, Reshard): a column the change stream carries and
-     * the table does not know came from DDL run on the source while the workflow runs. Its values are
-     * applied once the target has the column too (the gateway runs a sharded database's DDL on every
-     * shard set); a target without it stops the workflow rather than lose them.
+     * Sessions on the shards the stream comes from, when the table is the same on both sides (MoveTables,
+     * Reshard): a column the change stream carries and the table does not know came from DDL run while the
+     * workflow runs. Its values are applied once the target has the column too (the gateway runs a sharded
+     * database's DDL on every shard set); a target without it stops the workflow rather than lose them,
+     * unless the stream's side no longer has it either (dropped on both: changes from before the DROP).
      */
-    private readonly followsDdl = false,
+    private readonly streamSide?: Map<string, pg.Client>,
   ) {}
 
   /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
@@ -209,7 +210,7 @@ export class TableApplier {
       if (change.unavailable.length) {
         throw new WorkflowError(`${this.table.table} at offset ${m.offset}: an update left TOASTed columns (${change.unavailable.join(', ')}) unsent; set REPLICA IDENTITY FULL on the source table`);
       }
-      if (this.followsDdl && change.after) await this.followColumnsOf(change.after);
+      if (this.streamSide && change.after) await this.followColumnsOf(change.after);
       changes.push(change);
     }
     const inShard = changes.filter((c) => !this.outsideItsShard(c));
@@ -266,17 +267,10 @@ export class TableApplier {
     const signature = names.join(',');
     if (signature === this.streamColumns) return;
     const t = this.table;
-    const unknown = () => names.filter((name) => !t.columns.some((c) => c.name === name));
-    const [target] = this.targets.values();
     for (let waited = 0; ; waited += COLUMN_WAIT_STEP_MS) {
-      // The target's columns that this stream carries or the table already had (one only the target has keeps
-      // its values), in place: the workflow's other views of the table (VDiff, the appliers of other source
-      // shards and of the other direction) share this array, and a stream still behind a DDL must not take
-      // away the column another stream has begun to carry (its rows simply leave it alone, see commit).
-      const fresh = (await describeColumns(target, `${t.schema}.${t.table}`)).columns
-        .filter((c) => names.includes(c.name) || t.columns.some((known) => known.name === c.name));
-      t.columns.splice(0, t.columns.length, ...fresh);
-      const missing = unknown();
+      await this.takeTargetColumns(names);
+      const lacking = names.filter((name) => !t.columns.some((c) => c.name === name));
+      const missing = lacking.length ? await this.stillOnStreamSide(lacking) : [];
       if (!missing.length) break;
       if (waited >= COLUMN_WAIT_MS) {
         throw new WorkflowError(`the change stream of ${t.table} carries column${missing.length > 1 ? 's' : ''} ${missing.join(', ')} that the target table lacks `
@@ -285,6 +279,27 @@ export class TableApplier {
       await sleep(COLUMN_WAIT_STEP_MS);
     }
     this.streamColumns = signature;
+  }
+
+  /**
+   * The target's columns that `carried` names or the table already has (one only the target has keeps its
+   * values), in place: the workflow's other views of the table (VDiff, the appliers of other source shards
+   * and of the other direction) share this array, and a stream still behind a DDL must not take away the
+   * column another stream has begun to carry (its rows simply leave it alone, see upsertSql).
+   */
+  private async takeTargetColumns(carried: string[]): Promise<void> {
+    const t = this.table;
+    const [target] = this.targets.values();
+    const fresh = (await describeColumns(target, `${t.schema}.${t.table}`)).columns
+      .filter((c) => carried.includes(c.name) || t.columns.some((known) => known.name === c.name));
+    t.columns.splice(0, t.columns.length, ...fresh);
+  }
+
+  /** Which of `columns` the table on the stream's side still has (DDL runs on all of a database's shards at once: one tells). */
+  private async stillOnStreamSide(columns: string[]): Promise<string[]> {
+    const [side] = this.streamSide!.values();
+    const there = (await describeColumns(side, `${this.table.schema}.${this.table.table}`)).columns;
+    return columns.filter((name) => there.some((c) => c.name === name));
   }
 
   /** Which shards an op touches, and how. */
@@ -312,6 +327,23 @@ export class TableApplier {
   private async commit(shard: string, client: pg.Client, partition: number, offset: bigint, runs: Segment[], applied: Map<string, Tuple>): Promise<void> {
     const held = this.positions.get(shard)?.get(partition)?.applied ?? new Map<string, Tuple>();
     const merged = new Map([...held, ...applied]);
+    const failed = (err: unknown) => new WorkflowError(`applying changes of ${this.table.table} on target shard ${shard} (up to offset ${offset}): ${(err as Error).message}`);
+    try {
+      await this.write(client, partition, offset, runs, merged);
+    } catch (err) {
+      // A column dropped on the target (the gateway runs DDL on every shard set) that rows from before the DDL
+      // still carry: the batch once more without it.
+      if (!this.streamSide || (err as { code?: string }).code !== '42703') throw failed(err);
+      await this.takeTargetColumns([]);
+      await this.write(client, partition, offset, runs, merged).catch((again) => { throw failed(again); });
+    }
+    const byPartition = this.positions.get(shard) ?? new Map<number, ShardPosition>();
+    byPartition.set(partition, { offset, applied: merged });
+    this.positions.set(shard, byPartition);
+  }
+
+  /** One shard's part of a batch and its new position, in one transaction (rolled back on error). */
+  private async write(client: pg.Client, partition: number, offset: bigint, runs: Segment[], applied: Map<string, Tuple>): Promise<void> {
     try {
       await client.query('BEGIN; SET LOCAL session_replication_role = replica');
       for (const run of runs) {
@@ -327,15 +359,12 @@ export class TableApplier {
       await client.query(
         `INSERT INTO mg_materializer.positions (workflow, topic, kafka_partition, kafka_offset, applied) VALUES ($1, $2, $3, $4, $5::jsonb)
          ON CONFLICT (workflow, topic, kafka_partition) DO UPDATE SET kafka_offset = EXCLUDED.kafka_offset, applied = EXCLUDED.applied, updated_at = now()`,
-        [this.workflow, this.topic, partition, offset.toString(), JSON.stringify(Object.fromEntries([...merged].map(([s, t]) => [s, t.map(String)])))]);
+        [this.workflow, this.topic, partition, offset.toString(), JSON.stringify(Object.fromEntries([...applied].map(([s, t]) => [s, t.map(String)])))]);
       await client.query('COMMIT');
     } catch (err) {
       await client.query('ROLLBACK').catch(() => {});
-      throw new WorkflowError(`applying changes of ${this.table.table} on target shard ${shard} (up to offset ${offset}): ${(err as Error).message}`);
+      throw err;
     }
-    const byPartition = this.positions.get(shard) ?? new Map<number, ShardPosition>();
-    byPartition.set(partition, { offset, applied: merged });
-    this.positions.set(shard, byPartition);
   }
 
   /** The offset every applying shard has passed in a partition (a shard with no position yet: the one before where reading began). */

@@ -324,9 +324,9 @@ export class MoveTablesRunner {
     const sourceVindex = (t: MovedTable) => (this.mat ? this.mat.source.sourceVindex : t.sourceVindex);
     this.appliers = this.tables.map((t, i) => (direction === 'forward'
       ? new TableApplier(this.name, t, this.topics[i], this.targets, this.ranges, this.ctx.decoder,
-        sourceVindex(t) && { ranges: this.sourceRanges, vindex: sourceVindex(t)! }, shape, !shape)
+        sourceVindex(t) && { ranges: this.sourceRanges, vindex: sourceVindex(t)! }, shape, shape ? undefined : this.sources)
       : new TableApplier(this.name, t.sourceVindex ? { ...t, vindex: t.sourceVindex } : t, this.reverseTopics[i], this.sources, this.sourceRanges, this.ctx.decoder,
-        { ranges: this.ranges, vindex: t.vindex }, undefined, true)));
+        { ranges: this.ranges, vindex: t.vindex }, undefined, this.targets)));
     const offsets = direction === 'forward' ? this.status.startOffsets : this.status.reverseOffsets;
     for (const applier of this.appliers) {
       const start = await applier.load(offsetsOf(offsets, applier.topic));
