@@ -267,7 +267,7 @@ export class MoveTablesRunner {
       const copies = await Promise.allSettled(this.sourceRanges.map((r) => copyShard(r.shard)));
       const failed = copies.find((c): c is PromiseRejectedResult => c.status === 'rejected');
       if (!failed) return;
-      if (!(await this.reopenAfter(failed.reason as Error, async () => {}))) throw failed.reason;
+      if (!(await this.reopenAfter(failed.reason as Error))) throw failed.reason;
     }
   }
 
@@ -420,7 +420,7 @@ export class MoveTablesRunner {
    * opened again on the primaries the topology names, and the status message
    * says so; the caller then goes on from what the shards hold.
    */
-  private async reopenAfter(err: Error, pause: () => Promise<void>): Promise<boolean> {
+  private async reopenAfter(err: Error, pause: () => Promise<void> = async () => {}): Promise<boolean> {
     const lost = this.switching ? [] : await this.lostSessions();
     if (lost.length === 0) return false;
     const began = Date.now();

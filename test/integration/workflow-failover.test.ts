@@ -21,7 +21,7 @@ import { CdcWatch } from '../support/cdc-watch.ts';
 import { sleep, until } from '../support/cluster.ts';
 import { moveTablesCluster, statusHistory, targetHoldsSource } from '../support/movetables.ts';
 
-const PAGE_ROWS = 100;
+const PAGE_ROWS = 25;
 const mt = moveTablesCluster('wffailover', 3, { 'materializer.pageRows': PAGE_ROWS }, { sourceInstances: 2 });
 const { cluster, ranges: RANGES, gateway } = mt;
 const { spec, flags, mg, dataDir, prefix } = cluster;
