@@ -107,8 +107,11 @@ async function upsertedParts(): Promise<number> {
 async function copyGoesOn(what: string, killedAt: number, shard: string): Promise<{ rowsAtKill: number; goesOnMs: number; messages: string[] }> {
   const atKill = samples.filter((s) => s.at < killedAt).at(-1)!;
   assert.equal(atKill.phase, 'COPYING', `${what}: the copy had ended before the kill (make it longer)`);
-  const reopened = await until(`${what}: the session on ${shard} reopened`, 120_000, () =>
-    samples.find((s) => s.at > killedAt && s.message?.includes(shard) && s.message.includes('reopened')));
+  const reopened = await until(`${what}: the session on ${shard} reopened`, 120_000, () => {
+    const failed = samples.find((s) => s.at > killedAt && s.phase === 'FAILED');
+    if (failed) throw new Error(`${what}: the workflow failed: ${failed.message}`);
+    return samples.find((s) => s.at > killedAt && s.message?.includes(shard) && s.message.includes('reopened'));
+  });
   const on = await until(`${what}: the copy to go on`, 120_000, () => samples.find((s) => s.at >= reopened.at && s.rowsCopied > reopened.rowsCopied));
   const messages = [...new Set(samples.filter((s) => s.at > killedAt && s.at <= on.at && s.message).map((s) => s.message!))];
   assert.ok(samples.filter((s) => s.at > killedAt && s.at <= on.at).every((s) => s.phase === 'COPYING'), `${what}: the workflow left the copy phase`);
