@@ -204,6 +204,8 @@ test('MoveTables under a writer: kill -9 of the source primary, then of a target
   signalAll(postgresPids(cluster, copySrc.primary!), 'SIGKILL');
   const copySrcOn = await copyGoesOn('source kill in the copy', copySrcKilledAt, 'src/-');
   const upsertedAfterSrc = await upsertedParts();
+  const copyStream = watch.statuses.find((s) => s.database === 'src' && s.ts.getTime() > copySrcKilledAt && BigInt(s.term) > BigInt(copySrc.term!) && s.state === 'STREAMING');
+  t.diagnostic(`copy, source: ${copySrc.primary} killed; stream on ${copyStream?.instanceId} (epoch ${copyStream?.epoch}, ${copyStream?.resumedFrom})`);
   t.diagnostic(`copy, source kill at ${copySrcOn.rowsAtKill} rows: the copy went on ${(copySrcOn.goesOnMs / 1000).toFixed(1)} s after the kill, `
     + `${upsertedAfterSrc - upsertedBefore} page parts met rows already there; ${copySrcOn.messages.join(' | ')}`);
   const copyDst = await fullStrength(cluster, 120_000, 500, TARGET);
