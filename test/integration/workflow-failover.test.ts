@@ -198,14 +198,17 @@ test('MoveTables under a writer: kill -9 of the source primary, then of a target
   assert.equal(created.code, 0, created.stderr);
 
   // In the copy phase: (a) the source primary, once some pages are copied; (b) the target shard's primary, once the copy goes on.
-  await until('some pages copied', 120_000, () => samples.at(-1)?.phase === 'COPYING' && samples.at(-1)!.rowsCopied >= 20 * PAGE_ROWS);
+  const copying = await until('some pages copied', 120_000, () => samples.at(-1)?.phase === 'COPYING' && samples.at(-1)!.rowsCopied >= 100 * PAGE_ROWS && samples.at(-1));
+  const firstCopying = samples.find((s) => s.phase === 'COPYING')!;
+  t.diagnostic(`copy rate before the first kill: ${Math.round((copying.rowsCopied - firstCopying.rowsCopied) / ((copying.at - firstCopying.at) / 1000))} rows/s`);
   const upsertedBefore = await upsertedParts();
   const copySrcKilledAt = Date.now();
   signalAll(postgresPids(cluster, copySrc.primary!), 'SIGKILL');
   const copySrcOn = await copyGoesOn('source kill in the copy', copySrcKilledAt, 'src/-');
   const upsertedAfterSrc = await upsertedParts();
-  const copyStream = watch.statuses.find((s) => s.database === 'src' && s.ts.getTime() > copySrcKilledAt && BigInt(s.term) > BigInt(copySrc.term!) && s.state === 'STREAMING');
-  t.diagnostic(`copy, source: ${copySrc.primary} killed; stream on ${copyStream?.instanceId} (epoch ${copyStream?.epoch}, ${copyStream?.resumedFrom})`);
+  const copyStream = await until('the source stream in a new term', 120_000, () =>
+    watch.statuses.find((s) => s.database === 'src' && s.ts.getTime() > copySrcKilledAt && BigInt(s.term) > BigInt(copySrc.term!) && s.state === 'STREAMING'));
+  t.diagnostic(`copy, source: ${copySrc.primary} killed; stream on ${copyStream.instanceId} (epoch ${copyStream.epoch}, ${copyStream.resumedFrom})`);
   t.diagnostic(`copy, source kill at ${copySrcOn.rowsAtKill} rows: the copy went on ${(copySrcOn.goesOnMs / 1000).toFixed(1)} s after the kill, `
     + `${upsertedAfterSrc - upsertedBefore} page parts met rows already there; ${copySrcOn.messages.join(' | ')}`);
   const copyDst = await fullStrength(cluster, 120_000, 500, TARGET);
@@ -219,7 +222,11 @@ test('MoveTables under a writer: kill -9 of the source primary, then of a target
   const copied = (await api('/v1/workflows/mt')).progress.rowsCopied;
   t.diagnostic(`copy phase: ${copied} rows copied in ${((samples.find((s) => s.phase === 'RUNNING')!.at - samples[0].at) / 1000).toFixed(1)} s`);
 
-  // In catch-up: (a) the source primary. Its standby must hold a ready copy of the slot first (decision 0052).
+  // In catch-up, once the changes made during the copy are applied: (a) the source primary. Its standby must hold a ready copy of the slot first (decision 0052).
+  await until('catch-up to apply the changes made during the copy', 120_000, () => {
+    const recent = samples.filter((s) => s.at > Date.now() - 2_000);
+    return samples.find((s) => s.phase === 'RUNNING')!.at < Date.now() - 3_000 && recent.length > 0 && recent.every((s) => s.phase === 'RUNNING' && s.lag < 1);
+  });
   const src = await sourceSlotCopied();
   const standby = src.instances.find((i) => i.instanceId !== src.primary)!.instanceId;
   const srcKilledAt = Date.now();
