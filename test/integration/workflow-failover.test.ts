@@ -218,14 +218,14 @@ test('MoveTables under a writer: kill -9 of the source primary, then of a target
   t.diagnostic(`copy, target kill at ${copyDstOn.rowsAtKill} rows: the copy went on ${(copyDstOn.goesOnMs / 1000).toFixed(1)} s after the kill, `
     + `${(await upsertedParts()) - upsertedAfterSrc} page parts met rows already there; ${copyDstOn.messages.join(' | ')}`);
 
-  await until('catch-up to begin', 180_000, async () => (await api('/v1/workflows/mt')).phase === 'RUNNING');
+  const running = await until('catch-up to begin', 180_000, () => samples.find((s) => s.phase === 'RUNNING'));
   const copied = (await api('/v1/workflows/mt')).progress.rowsCopied;
-  t.diagnostic(`copy phase: ${copied} rows copied in ${((samples.find((s) => s.phase === 'RUNNING')!.at - samples[0].at) / 1000).toFixed(1)} s`);
+  t.diagnostic(`copy phase: ${copied} rows copied in ${((running.at - firstCopying.at) / 1000).toFixed(1)} s`);
 
   // In catch-up, once the changes made during the copy are applied: (a) the source primary. Its standby must hold a ready copy of the slot first (decision 0052).
   await until('catch-up to apply the changes made during the copy', 120_000, () => {
     const recent = samples.filter((s) => s.at > Date.now() - 2_000);
-    return samples.find((s) => s.phase === 'RUNNING')!.at < Date.now() - 3_000 && recent.length > 0 && recent.every((s) => s.phase === 'RUNNING' && s.lag < 1);
+    return running.at < Date.now() - 3_000 && recent.length > 0 && recent.every((s) => s.phase === 'RUNNING' && s.lag < 1);
   });
   const src = await sourceSlotCopied();
   const standby = src.instances.find((i) => i.instanceId !== src.primary)!.instanceId;
