@@ -107,12 +107,17 @@ async function upsertedParts(): Promise<number> {
 async function copyGoesOn(what: string, killedAt: number, shard: string): Promise<{ rowsAtKill: number; goesOnMs: number; messages: string[] }> {
   const atKill = samples.filter((s) => s.at < killedAt).at(-1)!;
   assert.equal(atKill.phase, 'COPYING', `${what}: the copy had ended before the kill (make it longer)`);
-  const reopened = await until(`${what}: the session on ${shard} reopened`, 120_000, () => {
+  const lastSeen = (err: Error) => {
+    const last = samples.at(-1);
+    throw new Error(`${err.message}; the workflow is ${last?.phase} at ${last?.rowsCopied} rows: ${last?.message}`);
+  };
+  // Longer than the workflow's own wait for a primary (90 s, then FAILED).
+  const reopened = await until(`${what}: the session on ${shard} reopened`, 150_000, () => {
     const failed = samples.find((s) => s.at > killedAt && s.phase === 'FAILED');
     if (failed) throw new Error(`${what}: the workflow failed: ${failed.message}`);
     return samples.find((s) => s.at > killedAt && s.message?.includes(shard) && s.message.includes('reopened'));
-  });
-  const on = await until(`${what}: the copy to go on`, 120_000, () => samples.find((s) => s.at >= reopened.at && s.rowsCopied > reopened.rowsCopied));
+  }).catch(lastSeen);
+  const on = await until(`${what}: the copy to go on`, 120_000, () => samples.find((s) => s.at >= reopened.at && s.rowsCopied > reopened.rowsCopied)).catch(lastSeen);
   const messages = [...new Set(samples.filter((s) => s.at > killedAt && s.at <= on.at && s.message).map((s) => s.message!))];
   assert.ok(samples.filter((s) => s.at > killedAt && s.at <= on.at).every((s) => s.phase === 'COPYING'), `${what}: the workflow left the copy phase`);
   return { rowsAtKill: atKill.rowsCopied, goesOnMs: on.at - killedAt, messages };
