@@ -15,6 +15,10 @@
  * vindex, filter), and the same lines are written with `COPY ... FROM STDIN`.
  * COPY cannot upsert: a part of a page that meets a row already there (23505:
  * a restart redoing the page it was writing) is written again as an upsert.
+ *
+ * Across a failover (decision 0073) the copy reads and writes nothing that the
+ * elected primary may lack: a snapshot is used, and a page counted as written,
+ * only once a standby holds it (`heldByStandby`).
  */
 import { finished } from 'node:stream/promises';
 import type pg from 'pg';
@@ -82,7 +86,10 @@ export async function copyTable(
     const page: RoutedPage = await reading;
     if (page.read === 0) return pos;
     reading = page.read < pageRows ? undefined : readAhead(page.lastKey);
-    await Promise.all([...page.parts].map(([shard, part]) => writePart(targets.get(shard)!, into, part)));
+    await Promise.all([...page.parts].map(async ([shard, part]) => {
+      await writePart(targets.get(shard)!, into, part);
+      await heldByStandby(targets.get(shard)!);
+    }));
     pos = { lastKey: page.lastKey, rowsCopied: pos.rowsCopied + page.kept };
     if (!(await onPage(pos, page.kept))) return pos;
   }
@@ -113,6 +120,37 @@ async function writePart(target: pg.Client, into: MovedTable, part: Page): Promi
     if ((err as { code?: string }).code !== '23505') throw err;
     await target.query(upsertSql(into, part.rows));
     upsertedParts.inc({ table: `${into.schema}.${into.table}` });
+  }
+}
+
+/** How long the copy waits for a standby to hold what it read or wrote, then goes on without (a standby that far behind would lose every client's acknowledged writes in a failover too). */
+const STANDBY_MS = 5_000;
+
+/** The primary's WAL written so far (or `$1`), and whether a physical standby streaming from it has flushed that far, or none streams. */
+const HELD_SQL = `SELECT w.lsn::text AS lsn, (count(r.pid) = 0 OR bool_or(r.flush_lsn >= w.lsn))::text AS held
+  FROM (SELECT coalesce($1::pg_lsn, pg_current_wal_insert_lsn()) AS lsn) w
+  LEFT JOIN pg_stat_replication r ON r.state = 'streaming'
+    AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.active_pid = r.pid AND s.slot_type = 'logical')
+  GROUP BY w.lsn`;
+
+/**
+ * Waits until a standby streaming from the session's primary has flushed the
+ * WAL written so far, up to STANDBY_MS (at once when none streams, or when the
+ * durability policy made the commits wait for one already). The instance a
+ * failover elects, the most advanced, then holds every commit that a snapshot
+ * taken before saw, and every page written before, also where the policy does
+ * not wait for standbys (ANY_1: a commit is visible and acknowledged before any
+ * standby has it, and a failover can lose it). In a REPEATABLE READ
+ * transaction, as its first statement, its first query also takes the snapshot.
+ */
+export async function heldByStandby(client: pg.Client): Promise<void> {
+  const deadline = Date.now() + STANDBY_MS;
+  let lsn: string | null = null;
+  for (;;) {
+    const { rows: [r] }: { rows: { lsn: string; held: string | null }[] } = await client.query(HELD_SQL, [lsn]);
+    if (r.held === 'true' || Date.now() > deadline) return;
+    lsn = r.lsn;
+    await new Promise((resolve) => setTimeout(resolve, 2));
   }
 }
 

@@ -17,7 +17,7 @@ import { tableTopic } from '../schemas/cdc.ts';
 import type { KeyRange, PartitionOffset, RoutingState, VDiffTable, WorkflowEvent, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
 import { Barrier, dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
 import type { ChangeDecoder, Row } from './changes.ts';
-import { copyTable } from './copy.ts';
+import { copyTable, heldByStandby } from './copy.ts';
 import type { ShardMap } from './shards.ts';
 import { createTableSql, describeTable, shardOfRow, WorkflowError, type MovedTable } from './tables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
@@ -205,7 +205,12 @@ export class MoveTablesRunner {
     throw new WorkflowError(`the source's change topic ${topic} does not exist: enable CDC on ${database} (cdc.enabled in the spec, or the CDC_START agent command)`);
   }
 
-  /** The copy phase: every source shard from its own snapshot, the shards in parallel. */
+  /**
+   * The copy phase: every source shard from its own snapshot, the shards in
+   * parallel. A copy that loses a session with a primary (a failover, decision
+   * 0073) goes on once the session is open again on the new primary: after the
+   * last page written, from a new snapshot, as after a restart (decision 0037).
+   */
   private async copy(): Promise<void> {
     const started = Date.now();
     let copiedNow = 0;
@@ -220,6 +225,7 @@ export class MoveTablesRunner {
       const source = this.sources.get(shard)!;
       await source.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
       try {
+        await heldByStandby(source); // takes the snapshot, and waits until a failover would keep all it sees
         for (const entry of this.status.tables.filter((e) => (e.shard ?? shard) === shard)) {
           if (entry.done) continue;
           const t = this.tables.find((x) => `${x.schema}.${x.table}` === entry.table)!;
@@ -256,10 +262,13 @@ export class MoveTablesRunner {
         await source.query('COMMIT').catch(() => {});
       }
     };
-    // Every shard's copy settles before a failure is reported: none goes on writing behind it.
-    const copies = await Promise.allSettled(this.sourceRanges.map((r) => copyShard(r.shard)));
-    const failed = copies.find((c) => c.status === 'rejected');
-    if (failed) throw failed.reason;
+    while (!this.stopping) {
+      // Every shard's copy settles before a failure is handled: none goes on writing behind it.
+      const copies = await Promise.allSettled(this.sourceRanges.map((r) => copyShard(r.shard)));
+      const failed = copies.find((c): c is PromiseRejectedResult => c.status === 'rejected');
+      if (!failed) return;
+      if (!(await this.reopenAfter(failed.reason as Error))) throw failed.reason;
+    }
   }
 
   /**
@@ -390,26 +399,38 @@ export class MoveTablesRunner {
     if (this.stopping || this.recovering) return;
     this.recovering = true;
     try {
-      const lost = this.switching ? [] : await this.lostSessions();
-      if (lost.length === 0) return await this.fail(err);
-      const began = Date.now();
-      const what = `the session${lost.length > 1 ? 's' : ''} on ${lost.join(', ')}`;
-      this.ctx.log.warn({ err, workflow: this.name, lost }, 'lost sessions with a primary: reconnecting, then applying from the positions held');
-      await this.halt();
-      this.stalledSince = began;
-      this.timer = setInterval(() => void this.progress(), PROGRESS_MS); // the lag goes on growing in the status meanwhile
-      await this.publishStatus({ message: `${what} lost (${err.message}): waiting for the primary` }).catch(() => {});
-      await this.reopenLost(RECONNECT_MS);
-      if (this.stopping) return;
-      await this.startTails(direction);
-      this.stalledSince = undefined;
-      await this.publishStatus({ message: `${what} lost (${err.message}); reopened on the primary after ${((Date.now() - began) / 1000).toFixed(1)} s` });
+      const reopened = await this.reopenAfter(err, async () => {
+        await this.halt();
+        this.stalledSince = Date.now();
+        this.timer = setInterval(() => void this.progress(), PROGRESS_MS); // the lag goes on growing in the status meanwhile
+      });
+      if (!reopened) return await this.fail(err);
+      if (!this.stopping) await this.startTails(direction);
     } catch (e) {
       await this.fail(e as Error);
     } finally {
       this.recovering = false;
       this.stalledSince = undefined;
     }
+  }
+
+  /**
+   * Whether `err` came with sessions lost with their primary (none during a
+   * switch, whose own rollback runs). If so, `pause` runs, the lost sessions are
+   * opened again on the primaries the topology names, and the status message
+   * says so; the caller then goes on from what the shards hold.
+   */
+  private async reopenAfter(err: Error, pause: () => Promise<void> = async () => {}): Promise<boolean> {
+    const lost = this.switching ? [] : await this.lostSessions();
+    if (lost.length === 0) return false;
+    const began = Date.now();
+    const what = `the session${lost.length > 1 ? 's' : ''} on ${lost.join(', ')}`;
+    this.ctx.log.warn({ err, workflow: this.name, lost, phase: this.status.phase }, 'lost sessions with a primary: reconnecting, then going on from what the shards hold');
+    await pause();
+    await this.publishStatus({ message: `${what} lost (${err.message}): waiting for the primary` }).catch(() => {});
+    await this.reopenLost(RECONNECT_MS);
+    if (!this.stopping) await this.publishStatus({ message: `${what} lost (${err.message}); reopened on the primary after ${((Date.now() - began) / 1000).toFixed(1)} s` });
+    return true;
   }
 
   /** The sessions (source and target shards) no longer on a primary: dropped, or on an instance now in recovery. */

@@ -1,27 +1,31 @@
 /**
- * A MoveTables workflow in catch-up across two failovers (issue 12, decision 0069):
+ * A MoveTables workflow across four failovers (issue 12, decisions 0069 and 0073):
  * an unsharded source of two instances (CDC on) moved into a 2-shard target whose
  * first shard has a replica too, with a writer inserting and updating through the
- * gateway the whole time. kill -9 of the source primary's Postgres: the orchestrator
- * promotes the standby and the change stream goes on from its copy of the slot
- * (decision 0052); then kill -9 of the target shard's primary. After each the
- * workflow goes on following without anyone running a command. Afterwards every
- * acknowledged write is on the target shard its keyspace id names, exactly once,
- * VDiff is clean, and the table was never copied again.
+ * gateway the whole time. In the copy phase (small pages, so that it lasts), kill -9
+ * of the source primary's Postgres, then of the target shard's primary: the copy
+ * goes on each time from its last page on the new primary. In catch-up, the same two
+ * kills: the orchestrator promotes the standby and the change stream goes on from
+ * its copy of the slot (decision 0052), and the apply from the positions the target
+ * holds. No one runs a command. Afterwards every acknowledged write is on the target
+ * shard its keyspace id names, exactly once, VDiff is clean, and the table was never
+ * copied again after the copy phase.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
+import type { ShardStatus } from '../../compose/orchestrators.ts';
 import { fullStrength, postgresPids, shardStatus, signalAll, type ShardRef } from '../fault/support/faults.ts';
 import { CdcWatch } from '../support/cdc-watch.ts';
 import { sleep, until } from '../support/cluster.ts';
 import { moveTablesCluster, statusHistory, targetHoldsSource } from '../support/movetables.ts';
 
-const mt = moveTablesCluster('wffailover', 3, { 'materializer.pageRows': 1_000 }, { sourceInstances: 2 });
+const PAGE_ROWS = 25;
+const mt = moveTablesCluster('wffailover', 3, { 'materializer.pageRows': PAGE_ROWS }, { sourceInstances: 2 });
 const { cluster, ranges: RANGES, gateway } = mt;
 const { spec, flags, mg, dataDir, prefix } = cluster;
-const INITIAL_ROWS = 5_000;
+const INITIAL_ROWS = 40_000;
 const SOURCE: ShardRef = { database: 'src', shard: '-' };
 const TARGET: ShardRef = { database: 'dst', shard: RANGES[0].shard }; // the target shard with a replica
 const homeOf = (id: number | string) => shardFor(hashKeyspaceId(String(id)), RANGES);
@@ -79,15 +83,54 @@ async function writer(): Promise<void> {
   await c?.end().catch(() => undefined);
 }
 
-/** The workflow's reported lag, sampled from its REST API until stopped. */
-const samples: { at: number; phase: string; lag: number; message: string | null }[] = [];
+/** The workflow's phase, rows copied, reported lag and message, sampled from its REST API until stopped. */
+const samples: { at: number; phase: string; rowsCopied: number; lag: number; message: string | null }[] = [];
 let sampling = true;
 async function sampler(): Promise<void> {
   while (sampling) {
     const w = await api('/v1/workflows/mt').catch(() => undefined);
-    if (w?.progress) samples.push({ at: Date.now(), phase: w.phase, lag: Number(w.progress.lagSeconds ?? 0), message: w.message });
-    await sleep(250);
+    if (w?.progress) samples.push({ at: Date.now(), phase: w.phase, rowsCopied: Number(w.progress.rowsCopied), lag: Number(w.progress.lagSeconds ?? 0), message: w.message });
+    await sleep(100);
   }
+}
+
+/** Copy page parts that met rows already on a target shard (written again as upserts), from the materializer's metrics. */
+async function upsertedParts(): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${spec.materializer.port}/metrics`)).text();
+  return Number(/^mg_materializer_copy_parts_upserted_total\{table="public\.orders"\} (\d+)/m.exec(text)?.[1] ?? 0);
+}
+
+/**
+ * A kill in the copy phase at `killedAt`, of `shard`'s primary: waits until the workflow says it reopened its
+ * session there and has copied rows since. Returns the rows copied at the kill and the time from the kill to then.
+ */
+async function copyGoesOn(what: string, killedAt: number, shard: string): Promise<{ rowsAtKill: number; goesOnMs: number; messages: string[] }> {
+  const atKill = samples.filter((s) => s.at < killedAt).at(-1)!;
+  assert.equal(atKill.phase, 'COPYING', `${what}: the copy had ended before the kill (make it longer)`);
+  const lastSeen = (err: Error) => {
+    const last = samples.at(-1);
+    throw new Error(`${err.message}; the workflow is ${last?.phase} at ${last?.rowsCopied} rows: ${last?.message}`);
+  };
+  // Longer than the workflow's own wait for a primary (90 s, then FAILED).
+  const reopened = await until(`${what}: the session on ${shard} reopened`, 150_000, () => {
+    const failed = samples.find((s) => s.at > killedAt && s.phase === 'FAILED');
+    if (failed) throw new Error(`${what}: the workflow failed: ${failed.message}`);
+    return samples.find((s) => s.at > killedAt && s.message?.includes(shard) && s.message.includes('reopened'));
+  }).catch(lastSeen);
+  const on = await until(`${what}: the copy to go on`, 120_000, () => samples.find((s) => s.at >= reopened.at && s.rowsCopied > reopened.rowsCopied)).catch(lastSeen);
+  const messages = [...new Set(samples.filter((s) => s.at > killedAt && s.at <= on.at && s.message).map((s) => s.message!))];
+  assert.ok(samples.filter((s) => s.at > killedAt && s.at <= on.at).every((s) => s.phase === 'COPYING'), `${what}: the workflow left the copy phase`);
+  return { rowsAtKill: atKill.rowsCopied, goesOnMs: on.at - killedAt, messages };
+}
+
+/** Waits until the source's standby holds a ready copy of the CDC slot (decision 0052): a failover then keeps the stream's epoch. */
+async function sourceSlotCopied(): Promise<ShardStatus> {
+  const src = await fullStrength(cluster, 90_000, 1_500, SOURCE);
+  const standby = src.instances.find((i) => i.instanceId !== src.primary)!.instanceId;
+  await until(`${standby}'s copy of the slot ready`, 90_000, async () =>
+    JSON.parse((await watch.command(standby, 'CDC_STATUS')).message).standbySlot?.ready === true);
+  await sleep(1_000);
+  return src;
 }
 
 /**
@@ -152,20 +195,46 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('MoveTables in catch-up under a writer: kill -9 of the source primary, then of a target primary; the workflow follows on, every acknowledged write on its shard once, VDiff clean, no re-copy', async (t) => {
+test('MoveTables under a writer: kill -9 of the source primary, then of a target primary, in the copy and again in catch-up; the workflow goes on, every acknowledged write on its shard once, VDiff clean, no re-copy', async (t) => {
   const writing$ = writer();
   const sampling$ = sampler();
+  await sourceSlotCopied();
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr);
-  await until('catch-up to begin', 120_000, async () => (await api('/v1/workflows/mt')).phase === 'RUNNING');
-  const copied = (await api('/v1/workflows/mt')).progress.rowsCopied;
 
-  // (a) The source primary. Its standby must hold a ready copy of the slot first (decision 0052).
-  const src = await fullStrength(cluster, 90_000, 1_500, SOURCE);
+  // In the copy phase: (a) the source primary, once some pages are copied; (b) the target shard's primary, once the copy goes on.
+  const copying = await until('some pages copied', 120_000, () => samples.at(-1)?.phase === 'COPYING' && samples.at(-1)!.rowsCopied >= 100 * PAGE_ROWS && samples.at(-1));
+  const firstCopying = samples.find((s) => s.phase === 'COPYING')!;
+  t.diagnostic(`copy rate before the first kill: ${Math.round((copying.rowsCopied - firstCopying.rowsCopied) / ((copying.at - firstCopying.at) / 1000))} rows/s`);
+  const upsertedBefore = await upsertedParts();
+  const copySrc = await shardStatus(cluster, SOURCE); // the primary now (under heavy load the orchestrator may have failed over already)
+  const copySrcKilledAt = Date.now();
+  signalAll(postgresPids(cluster, copySrc.primary!), 'SIGKILL');
+  const copySrcOn = await copyGoesOn('source kill in the copy', copySrcKilledAt, 'src/-');
+  const upsertedAfterSrc = await upsertedParts();
+  const copyStream = await until('the source stream in a new term', 120_000, () =>
+    watch.statuses.find((s) => s.database === 'src' && s.ts.getTime() > copySrcKilledAt && BigInt(s.term) > BigInt(copySrc.term!) && s.state === 'STREAMING'));
+  t.diagnostic(`copy, source: ${copySrc.primary} killed; stream on ${copyStream.instanceId} (epoch ${copyStream.epoch}, ${copyStream.resumedFrom})`);
+  t.diagnostic(`copy, source kill at ${copySrcOn.rowsAtKill} rows: the copy went on ${(copySrcOn.goesOnMs / 1000).toFixed(1)} s after the kill, `
+    + `${upsertedAfterSrc - upsertedBefore} page parts met rows already there; ${copySrcOn.messages.join(' | ')}`);
+  const copyDst = await fullStrength(cluster, 120_000, 500, TARGET);
+  const copyDstKilledAt = Date.now();
+  signalAll(postgresPids(cluster, copyDst.primary!), 'SIGKILL');
+  const copyDstOn = await copyGoesOn('target kill in the copy', copyDstKilledAt, `dst/${TARGET.shard}`);
+  t.diagnostic(`copy, target kill at ${copyDstOn.rowsAtKill} rows: the copy went on ${(copyDstOn.goesOnMs / 1000).toFixed(1)} s after the kill, `
+    + `${(await upsertedParts()) - upsertedAfterSrc} page parts met rows already there; ${copyDstOn.messages.join(' | ')}`);
+
+  const running = await until('catch-up to begin', 180_000, () => samples.find((s) => s.phase === 'RUNNING'));
+  const copied = (await api('/v1/workflows/mt')).progress.rowsCopied;
+  t.diagnostic(`copy phase: ${copied} rows copied in ${((running.at - firstCopying.at) / 1000).toFixed(1)} s`);
+
+  // In catch-up, once the changes made during the copy are applied: (a) the source primary. Its standby must hold a ready copy of the slot first (decision 0052).
+  await until('catch-up to apply the changes made during the copy', 120_000, () => {
+    const recent = samples.filter((s) => s.at > Date.now() - 2_000);
+    return running.at < Date.now() - 3_000 && recent.length > 0 && recent.every((s) => s.phase === 'RUNNING' && s.lag < 1);
+  });
+  const src = await sourceSlotCopied();
   const standby = src.instances.find((i) => i.instanceId !== src.primary)!.instanceId;
-  await until(`${standby}'s copy of the slot ready`, 90_000, async () =>
-    JSON.parse((await watch.command(standby, 'CDC_STATUS')).message).standbySlot?.ready === true);
-  await sleep(1_000);
   const srcKilledAt = Date.now();
   signalAll(postgresPids(cluster, src.primary!), 'SIGKILL');
   const resumed = await until('the source stream in a new term', 120_000, () =>
@@ -215,6 +284,7 @@ test('MoveTables in catch-up under a writer: kill -9 of the source primary, then
   await sampling$;
   const history = await statusHistory(prefix, 'mt');
   const firstRunning = history.findIndex((s) => s.phase === 'RUNNING');
+  assert.deepEqual([...new Set(history.slice(0, firstRunning).map((s) => s.phase))], ['COPYING'], 'the copy went on by itself');
   assert.deepEqual([...new Set(history.slice(firstRunning).map((s) => s.phase))].filter((p) => p !== 'RUNNING'), [], 'the workflow stayed in catch-up');
   assert.equal(String(history.at(-1)!.rowsCopied), String(copied), 'no row copied again');
   // The orchestrator elects the most advanced instance: usually the standby (which takes the slot over), sometimes the old primary brought back first.
