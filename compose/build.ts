@@ -1,6 +1,7 @@
 /**
  * Bundles every entry point of the project (decision 0071):
- * `node --import tsx compose/build.ts [outdir]` (default `dist`; run with MG_DIST=<outdir>). A bundled component starts in half the
+ * `node --import tsx compose/build.ts [outdir]` (default `dist`; run the
+ * bundles with MG_DIST=<outdir>). A bundled component starts in half the
  * time and CPU of the same sources through tsx, which matters when a test run
  * or a cluster starts hundreds of processes on two cores. Packages stay in
  * node_modules (so the output must be inside the repository, where Node finds

@@ -21,6 +21,7 @@
  * only once a standby holds it (`heldByStandby`).
  */
 import { finished } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
 import { from as copyFrom, to as copyTo } from 'pg-copy-streams';
 import { counter } from '../common/metrics.ts';
@@ -150,7 +151,7 @@ export async function heldByStandby(client: pg.Client): Promise<void> {
     const { rows: [r] }: { rows: { lsn: string; held: string | null }[] } = await client.query(HELD_SQL, [lsn]);
     if (r.held === 'true' || Date.now() > deadline) return;
     lsn = r.lsn;
-    await new Promise((resolve) => setTimeout(resolve, 2));
+    await sleep(2);
   }
 }
 
