@@ -297,6 +297,23 @@ export class TableApplier {
     t.columns.splice(0, t.columns.length, ...fresh);
   }
 
+  /**
+   * After a write refused for an unknown column (42703). The gateway runs DDL on every shard at once, but
+   * each shard commits it a moment apart: a column the rows carry and this target shard lacks was either
+   * dropped (the stream's side no longer has it: rows from before the DROP still carry it, so it leaves
+   * the table's columns) or added and not yet committed here (the stream's side has it: the caller waits).
+   */
+  private async settleColumns(client: pg.Client, runs: Segment[]): Promise<void> {
+    const carried = new Set(runs.flatMap((run) => [...run.ops.values()].flatMap((o) => (o.kind === 'upsert' ? Object.keys(o.row) : []))));
+    const here = (await describeColumns(client, `${this.table.schema}.${this.table.table}`)).columns;
+    const lacking = this.table.columns.filter((c) => carried.has(c.name) && !here.some((h) => h.name === c.name)).map((c) => c.name);
+    if (!lacking.length) return;
+    const kept = await this.stillOnStreamSide(lacking);
+    const dropped = lacking.filter((name) => !kept.includes(name));
+    const t = this.table;
+    t.columns.splice(0, t.columns.length, ...t.columns.filter((c) => !dropped.includes(c.name)));
+  }
+
   /** Which of `columns` the table on the stream's side still has (DDL runs on all of a database's shards at once: one tells). */
   private async stillOnStreamSide(columns: string[]): Promise<string[]> {
     const [side] = this.streamSide!.values();
@@ -330,14 +347,15 @@ export class TableApplier {
     const held = this.positions.get(shard)?.get(partition)?.applied ?? new Map<string, Tuple>();
     const merged = new Map([...held, ...applied]);
     const failed = (err: unknown) => new WorkflowError(`applying changes of ${this.table.table} on target shard ${shard} (up to offset ${offset}): ${(err as Error).message}`);
-    try {
-      await this.write(client, partition, offset, runs, merged);
-    } catch (err) {
-      // A column dropped on the target (the gateway runs DDL on every shard set) that rows from before the DDL
-      // still carry: the batch once more without it.
-      if (!this.streamSide || (err as { code?: string }).code !== '42703') throw failed(err);
-      await this.takeTargetColumns([]);
-      await this.write(client, partition, offset, runs, merged).catch((again) => { throw failed(again); });
+    for (let waited = 0; ; waited += COLUMN_WAIT_STEP_MS) {
+      try {
+        await this.write(client, partition, offset, runs, merged);
+        break;
+      } catch (err) {
+        if (!this.streamSide || (err as { code?: string }).code !== '42703' || waited >= COLUMN_WAIT_MS) throw failed(err);
+        await this.settleColumns(client, runs);
+        await sleep(COLUMN_WAIT_STEP_MS);
+      }
     }
     const byPartition = this.positions.get(shard) ?? new Map<number, ShardPosition>();
     byPartition.set(partition, { offset, applied: merged });
