@@ -143,13 +143,6 @@ export class TableApplier {
   readonly appliedLsn = new Map<string, bigint>();
   /** The columns of the last change row seen (with a streamSide): the table's columns are looked up again when they change. */
   private streamColumns = '';
-  /**
-   * The target table's column numbers by name, of every column seen on it: they tell a renamed column from
-   * a dropped one. The workflow makes the table alike on every target shard, so one shard's numbers serve all.
-   */
-  private readonly columnNumbers = new Map<string, number>();
-  /** Columns renamed on both sides while the workflow runs (old name to new): rows from before the rename carry the old name. */
-  private readonly renames = new Map<string, string>();
   /** (streaming shard, txId, commit LSN) of recent applied changes, for VDiff's snapshot check. */
   readonly recent: Array<{ shard: string; txId: bigint; commitLsn: bigint }> = [];
 
@@ -179,7 +172,6 @@ export class TableApplier {
   /** Loads the shards' positions; returns where to start reading each partition (the earliest any shard needs). */
   async load(startOffsets: Map<number, bigint>): Promise<Map<number, bigint>> {
     const start = new Map(startOffsets);
-    if (this.streamSide) await this.noteColumnNumbers([...this.targets.values()][0]);
     const perShard = await Promise.all([...this.targets].map(async ([shard, client]) => {
       const { rows } = await client.query<{ kafka_partition: string; kafka_offset: string; applied: string }>(
         'SELECT kafka_partition, kafka_offset, applied::text FROM mg_materializer.positions WHERE workflow = $1 AND topic = $2',
@@ -300,82 +292,26 @@ export class TableApplier {
   private async takeTargetColumns(carried: string[]): Promise<void> {
     const t = this.table;
     const [target] = this.targets.values();
-    const all = (await describeColumns(target, `${t.schema}.${t.table}`)).columns;
-    await this.noteRenames(target, t.columns.filter((c) => !all.some((a) => a.name === c.name)).map((c) => c.name));
-    const renamedTo = [...this.renames.values()];
-    t.columns.splice(0, t.columns.length, ...all.filter((c) => carried.includes(c.name) || renamedTo.includes(c.name) || t.columns.some((known) => known.name === c.name)));
-    await this.noteColumnNumbers(target);
+    const fresh = (await describeColumns(target, `${t.schema}.${t.table}`)).columns
+      .filter((c) => carried.includes(c.name) || t.columns.some((known) => known.name === c.name));
+    t.columns.splice(0, t.columns.length, ...fresh);
   }
 
   /**
    * After a write refused for an unknown column (42703). The gateway runs DDL on every shard at once, but
-   * each shard commits it a moment apart: a column the rows carry and this target shard lacks was
-   * dropped (the stream's side no longer has its column number: rows from before the DROP still carry
-   * it, so it leaves the table's columns), renamed (the number has another name there: rows from before
-   * carry the old name, written under the new one from now on), or added and not yet committed here (the
-   * stream's side has it: the caller waits).
+   * each shard commits it a moment apart: a column the rows carry and this target shard lacks was either
+   * dropped (the stream's side no longer has it: rows from before the DROP still carry it, so it leaves
+   * the table's columns) or added and not yet committed here (the stream's side has it: the caller waits).
    */
   private async settleColumns(client: pg.Client, runs: Segment[]): Promise<void> {
-    const carried = new Set(runs.flatMap((run) => [...run.ops.values()].flatMap((o) => (o.kind === 'upsert' ? Object.keys(this.renamed(o.row)) : []))));
-    const t = this.table;
-    const here = (await describeColumns(client, `${t.schema}.${t.table}`)).columns;
-    const lacking = t.columns.filter((c) => carried.has(c.name) && !here.some((h) => h.name === c.name)).map((c) => c.name);
+    const carried = new Set(runs.flatMap((run) => [...run.ops.values()].flatMap((o) => (o.kind === 'upsert' ? Object.keys(o.row) : []))));
+    const here = (await describeColumns(client, `${this.table.schema}.${this.table.table}`)).columns;
+    const lacking = this.table.columns.filter((c) => carried.has(c.name) && !here.some((h) => h.name === c.name)).map((c) => c.name);
     if (!lacking.length) return;
-    const renamed = await this.noteRenames(client, lacking);
-    const kept = await this.stillOnStreamSide(lacking.filter((name) => !renamed.includes(name)));
-    const gone = lacking.filter((name) => !kept.includes(name));
-    const renamedTo = [...this.renames.values()];
-    const added = here.filter((h) => renamedTo.includes(h.name) && !t.columns.some((c) => c.name === h.name));
-    t.columns.splice(0, t.columns.length, ...t.columns.filter((c) => !gone.includes(c.name)), ...added);
-  }
-
-  /** The target table's column numbers of the columns `client`'s shard has now, added to those seen before. */
-  private async noteColumnNumbers(client: pg.Client): Promise<void> {
-    const { rows } = await client.query<{ attname: string; attnum: number }>(
-      'SELECT attname, attnum FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped', [this.table.sql]);
-    for (const r of rows) {
-      this.columnNumbers.set(r.attname, Number(r.attnum));
-      // The old name of a rename given to a column again: from now on it means that column.
-      this.renames.delete(r.attname);
-    }
-  }
-
-  /**
-   * Of `columns`, which `client`'s shard no longer has by name, those whose column number it has under
-   * another name: renamed (the gateway ran the RENAME on every shard, so on the stream's side too). Noted
-   * in `renames`; returns their old names.
-   */
-  private async noteRenames(client: pg.Client, columns: string[]): Promise<string[]> {
-    const numbered = columns.filter((name) => this.columnNumbers.has(name));
-    if (!numbered.length) return [];
-    const { rows } = await client.query<{ attname: string; attnum: number }>(
-      'SELECT attname, attnum FROM pg_attribute WHERE attrelid = $1::regclass AND attnum = ANY($2::int[]) AND NOT attisdropped',
-      [this.table.sql, numbered.map((name) => this.columnNumbers.get(name))]);
-    const renamed: string[] = [];
-    for (const name of numbered) {
-      const now = rows.find((r) => Number(r.attnum) === this.columnNumbers.get(name))?.attname;
-      if (now && now !== name) {
-        if (this.table.key.includes(name)) {
-          throw new WorkflowError(`primary-key column ${name} of ${this.table.table} was renamed to ${now} while the workflow ran: not followed; cancel the workflow and create it again`);
-        }
-        this.renames.delete(now); // a live name is no rename's old name (a swap through a third name cannot loop)
-        this.renames.set(name, now);
-        renamed.push(name);
-      }
-    }
-    return renamed;
-  }
-
-  /** A row with the columns renamed since it was written under their current names. */
-  private renamed(row: Row): Row {
-    if (!this.renames.size) return row;
-    const out: Row = {};
-    for (const [name, value] of Object.entries(row)) {
-      let now = name;
-      while (this.renames.has(now)) now = this.renames.get(now)!; // a -> b, then b -> c
-      out[now] = value;
-    }
-    return out;
+    const kept = await this.stillOnStreamSide(lacking);
+    const dropped = lacking.filter((name) => !kept.includes(name));
+    const t = this.table;
+    t.columns.splice(0, t.columns.length, ...t.columns.filter((c) => !dropped.includes(c.name)));
   }
 
   /** Which of `columns` the table on the stream's side still has (DDL runs on all of a database's shards at once: one tells). */
@@ -437,8 +373,7 @@ export class TableApplier {
         const deletes = ops.flatMap((o) => (o.kind === 'delete' ? [o.key] : []));
         const upserts = ops.flatMap((o) => (o.kind === 'upsert' ? [o.row] : []));
         if (deletes.length) await client.query(deleteSql(this.table, deletes));
-        // Renamed as the SQL is made: a rename found by another partition's batch meanwhile counts too.
-        for (const rows of byColumns(upserts)) await client.query(upsertSql(this.table, rows.map((r) => this.renamed(r))));
+        for (const rows of byColumns(upserts)) await client.query(upsertSql(this.table, rows));
         if (run.deltas.length) await this.shape!.applyDeltas(client, run.deltas);
       }
       await client.query(

@@ -684,7 +684,15 @@ export class ShardedSession {
           if (plan.pin?.lookup) return await shardsByLookup(plan.pin, params, this.lookupAccess());
           return plan.pin ? pinnedShards(plan.pin, ranges, params) : ranges.map((r) => r.shard);
         case 'insert': return pinnedShards(plan.pin, ranges, params);
-        case 'all': return plan.ddl ? this.opts.discovery.everyShard(this.current) : ranges.map((r) => r.shard);
+        case 'all': {
+          if (!plan.ddl) return ranges.map((r) => r.shard);
+          const every = this.opts.discovery.everyShard(this.current);
+          if (plan.renamesColumn && every.length > ranges.length) {
+            throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, `RENAME COLUMN while database ${this.current} is resharded: the changes still on their way `
+              + 'to the new shard set carry the old name, which neither set would have. Rename before the workflow\'s create or after its complete');
+          }
+          return every;
+        }
         case 'reference': {
           // Any shard answers: one this session already uses (its transaction's writes included), else the first.
           const linkOf = (r: { shard: string }) => this.links.get(this.linkKey(this.current, r.shard));

@@ -128,7 +128,8 @@ export type Plan =
   /** Reads only reference tables (or no table): any one shard answers. */
   | { kind: 'reference'; sql: Buffer; tables: string[] }
   /** Runs on every shard: DDL, writes to reference tables. */
-  | { kind: 'all'; sql: Buffer; tables: string[]; ddl: boolean }
+  /** renamesColumn: an `ALTER TABLE ... RENAME COLUMN`, refused while the database is resharded (decision 0068). */
+  | { kind: 'all'; sql: Buffer; tables: string[]; ddl: boolean; renamesColumn?: boolean }
   /** An INSERT into a sharded table, rows placed by their keyspace ids. */
   | InsertPlan
   | { kind: 'begin' | 'commit' | 'rollback'; sql: Buffer }

@@ -118,7 +118,7 @@ export class Planner {
       case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');
       case 'CopyStmt': return this.planCopy(body, text, base);
       default:
-        if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true };
+        if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true, ...(type === 'RenameStmt' && body.renameType === 'OBJECT_COLUMN' ? { renamesColumn: true } : {}) };
         return refuse(`${statementName(type)} is not supported on a sharded database`);
     }
   }

@@ -392,3 +392,14 @@ test('a write-only lookup vindex (being backfilled) is kept by every write but r
   assert.deepEqual(plan("DELETE FROM users WHERE email = 'a@x.org'").owned.lookups.map((l: any) => l.vindex), ['email', 'nick']);
   assert.equal(plan("DELETE FROM users WHERE email = 'a@x.org'").pin, undefined);
 });
+
+test('DDL runs on every shard; a column rename is marked, so it can be refused while the database is resharded', () => {
+  const plain = one('ALTER TABLE orders ADD COLUMN note text');
+  assert.deepEqual([plain.kind, 'ddl' in plain && plain.ddl, 'renamesColumn' in plain && plain.renamesColumn], ['all', true, false]);
+  for (const sql of ['ALTER TABLE orders RENAME COLUMN note TO remark', 'ALTER TABLE orders RENAME note TO remark']) {
+    const rename = one(sql);
+    assert.equal(rename.kind === 'all' && rename.renamesColumn, true, sql);
+  }
+  const table = one('ALTER TABLE orders RENAME TO purchases');
+  assert.equal(table.kind === 'all' && !table.renamesColumn, true, 'a table rename is not a column rename');
+});
