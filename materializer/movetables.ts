@@ -358,9 +358,7 @@ export class MoveTablesRunner {
 
   private account(topic: string, partition: number, n: number, commitMs: number | undefined, stillBehind: boolean): void {
     const key = `${topic}/${partition}`;
-    // The newest commit applied: changes read again after a failover (the new primary's slot starts at its last
-    // confirmed position) are older and already applied; they do not make the target any further behind.
-    if (commitMs !== undefined) this.lastCommitMs.set(key, Math.max(commitMs, this.lastCommitMs.get(key) ?? 0));
+    if (commitMs !== undefined) this.lastCommitMs.set(key, commitMs);
     if (stillBehind) this.behind.add(key);
     else this.behind.delete(key);
     this.status.eventsApplied += BigInt(n);
