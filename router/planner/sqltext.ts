@@ -218,3 +218,24 @@ export function topLevelKeyword(text: Buffer, keyword: string): number {
   }
   return -1;
 }
+
+/**
+ * The bytes where an expression that starts at `start` may end, nearest first: after each token
+ * outside parentheses, quotes and comments, up to a `)` that closes an outer parenthesis or a `;`.
+ */
+export function* tokenEnds(text: Buffer, start: number): Generator<number> {
+  let depth = 0;
+  for (let i = start; i < text.length; i++) {
+    const skipped = skipOpaque(text, i);
+    if (skipped !== i) {
+      i = skipped - 1;
+      if (depth === 0) yield skipped;
+      continue;
+    }
+    const c = text[i];
+    if (c === OPEN) depth++;
+    else if (c === CLOSE && --depth < 0) return;
+    else if (c === 0x3b && depth === 0) return;
+    if (depth === 0 && !isSpace(c) && !(isIdent(c) && isIdent(text[i + 1] ?? 0x20))) yield i + 1;
+  }
+}
