@@ -229,7 +229,7 @@ export function describePlan(plan: Plan, shards: string[]): string {
     case 'select': case 'write':
       if (!plan.pin) {
         const m = plan.merge;
-        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.having ? 'having' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
+        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.having ? 'having' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : '', m.hidden ? `${m.hidden} hidden column${m.hidden > 1 ? 's' : ''}` : ''].filter(Boolean).join(', ') : '';
         return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}${keeps(plan.owned?.lookups)}`;
       }
       return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by ${plan.pin.lookup ? 'lookup ' : ''}vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`

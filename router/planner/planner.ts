@@ -209,6 +209,9 @@ export class Planner {
       const desc = by.sortby_dir === 'SORTBY_DESC';
       const nullsFirst = by.sortby_nulls === 'SORTBY_NULLS_DEFAULT' ? desc : by.sortby_nulls === 'SORTBY_NULLS_FIRST';
       if (by.useOp) refuse('ORDER BY ... USING over all shards');
+      // The merge orders text by its bytes, as the instances' C.UTF-8 collation does.
+      const collate = findNode(by.node, (k) => k === 'CollateClause');
+      if (collate && !['C', 'POSIX', 'C.UTF-8'].includes(lastName(collate.collname))) refuse(`ORDER BY ... COLLATE "${lastName(collate.collname)}" over all shards`);
       const at = position(by.node);
       if (at !== undefined) return { column: at, desc, nullsFirst };
       const name = bareName(by.node);

@@ -153,6 +153,7 @@ test('what the merge needs and the client did not select goes to the shards hidd
   const led = one('SELECT count(*) FROM orders GROUP BY status ORDER BY status DESC LIMIT 2') as any;
   assert.equal(text(led), 'SELECT count(*), status AS mg_hidden_1 FROM orders GROUP BY status ORDER BY status DESC LIMIT 2');
   assert.deepEqual(led.merge.groupOrder, [key(2, true)]);
+  assert.match(describePlan(led, ['-80', '80-']), /streamed group by group, merge sort, limit, 1 hidden column$/);
 });
 
 test('INSERT rows are split by keyspace id, with ON CONFLICT and RETURNING kept', () => {
@@ -195,6 +196,7 @@ test('what cannot be answered correctly is refused, naming the construct', () =>
     ['SELECT DISTINCT count(*) FROM orders GROUP BY status', /DISTINCT with ORDER BY, GROUP BY or HAVING/],
     ['SELECT id FROM orders ORDER BY 2, total', /position 2 beside an item the gateway adds/],
     ['SELECT * FROM orders ORDER BY 1, lower(status)', /position 1 beside an item the gateway adds after \*/],
+    ['SELECT id FROM orders ORDER BY status COLLATE "en_US"', /ORDER BY \.\.\. COLLATE "en_US"/],
     ['SELECT * FROM nosuch', /table nosuch is not in the VSchema/],
     ['UPDATE orders SET tenant_id = 2 WHERE tenant_id = 1', /primary vindex column/],
     ['INSERT INTO orders (id) VALUES (1)', /without its primary vindex column tenant_id/],
