@@ -9,7 +9,7 @@ import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
 import type { AggregateFn, Comparison, CopyInPlan, Having, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, SortKey, ValueRef } from './plan.ts';
-import { closeParenAfter, literalShape, splice, tokenEnd, tokenEnds, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
+import { closeParenAfter, isSpace, literalShape, splice, tokenEnd, tokenEnds, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
 export const plannerReady: Promise<void> = loadModule();
@@ -194,7 +194,8 @@ export class Planner {
     /** An unqualified column name, which names a select-list item by its output name (SQL92) before an input column. */
     const bareName = (n: any) => (n?.ColumnRef && fieldsOf(n.ColumnRef).length === 1 ? columnName(n) : undefined);
     const groupItems: number[] = (s.groupClause ?? []).map((g: any) => {
-      const at = position(g) ?? names.indexOf(bareName(g)) + 1;
+      const name = bareName(g);
+      const at = position(g) ?? (name === undefined ? 0 : names.indexOf(name) + 1);
       return at > 0 ? at - 1 : item(g);
     });
     // A HAVING operand: an item as written (casts included), else a selected column by its name, else a hidden item.
@@ -873,7 +874,7 @@ function expressionText(node: any, text: Buffer, base: number): string {
     if (end !== undefined) return text.toString('utf8', start, end);
     // An expression in parentheses starts before its first token.
     let open = start - 1;
-    while (open >= 0 && /\s/.test(String.fromCharCode(text[open]))) open--;
+    while (open >= 0 && isSpace(text[open])) open--;
     if (text[open] !== 0x28) break;
     start = open;
   }

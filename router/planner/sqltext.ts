@@ -9,7 +9,7 @@ const CLOSE = 0x29; // )
 const QUOTE = 0x27; // '
 const DQUOTE = 0x22; // "
 const DOLLAR = 0x24;
-const isSpace = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d || c === 0x0c;
+export const isSpace = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d || c === 0x0c;
 
 /** The byte just past the token that starts at `at` (a number, $n, ALL, or a minus sign and a number). */
 export function tokenEnd(text: Buffer, at: number): number {

@@ -147,6 +147,8 @@ test('what the merge needs and the client did not select goes to the shards hidd
   assert.deepEqual(a.merge.having, { op: 'and', args: [{ op: '>', column: 2, value: { param: 1 } }, { op: '<>', column: 3, value: { literal: 'x' } }] });
   assert.equal(a.merge.groupOrder, undefined);
   // A group column not selected: a group key, so the shards sort by it for the streamed merge.
+  // (An unnamed selected expression is no GROUP BY item's name.)
+  assert.deepEqual((one('SELECT 1 + 1, count(*) FROM orders GROUP BY lower(note)') as any).merge.groupBy, [3]);
   const g = one('SELECT count(*), sum(total) FROM orders GROUP BY status, lower(note)') as any;
   assert.equal(text(g), 'SELECT * FROM (\nSELECT count(*), sum(total), status AS mg_hidden_1, lower(note) AS mg_hidden_2 FROM orders GROUP BY status, lower(note)\n) AS mg_groups ORDER BY 3, 4');
   assert.deepEqual([g.merge.groupBy, g.merge.groupOrder], [[3, 4], [key(3), key(4)]]);
