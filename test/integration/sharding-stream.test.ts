@@ -386,7 +386,7 @@ test('what the merge needs and the client did not select goes hidden (ORDER BY a
       ['SELECT i FROM typed ORDER BY t || $1 DESC, id LIMIT $2', ['x', 12]],
       // After `*`: the hidden key is the row's last column; an alias after `*` is sorted by itself.
       ['SELECT * FROM typed ORDER BY n * -1 NULLS LAST, lower(t) DESC, id LIMIT 10'],
-      ['SELECT *, i + 1 AS j FROM typed ORDER BY j, id LIMIT 10 OFFSET 2'],
+      ['SELECT *, -i AS j FROM typed ORDER BY j, id LIMIT 10 OFFSET 2'],
       ['SELECT * FROM typed ORDER BY b, t, id LIMIT $1', [7]],
       // Under GROUP BY: ordered by an aggregate the select list lacks (gathered, then merged).
       ['SELECT t FROM typed GROUP BY t ORDER BY count(*) DESC, t LIMIT 5'],
