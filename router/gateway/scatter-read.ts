@@ -7,7 +7,9 @@
  * one buffered, or has ended); without, rows go out in the order they come.
  * A grouped read the shards sort by its groups is merged the same way and
  * each group's rows folded into one as they pass (decision 0070), and
- * kept only if it passes the HAVING (decision 0072).
+ * kept only if it passes the HAVING (decision 0072); other grouped reads are
+ * gathered, then merged. Columns the merge needed and the client did not
+ * select are stripped on the way out (decision 0074).
  * OFFSET and LIMIT apply as rows go out. The rows can be taken in parts (a
  * portal's Executes with a row limit), the shards' requests staying open in
  * between.
@@ -16,7 +18,7 @@ import { foldGroup, havingTest, HeadHeap, mergeRows, orderFollowed, rowOrder, ty
 import type { BoundParam, Merge } from '../planner/plan.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { errorFieldsAt, T } from '../protocol/messages.ts';
-import { decodeDataRow, decodeRowDescription, encodeDataRow, shardError, type ShardLink } from './shard-link.ts';
+import { decodeDataRow, decodeRowDescription, encodeDataRow, shardError, withoutLastColumns, type ShardLink } from './shard-link.ts';
 
 /** Row bytes a shard may have waiting in the gateway before its link stops being read (it is read again below half). */
 export const SHARD_BUFFER = 256 * 1024;
@@ -27,11 +29,14 @@ export interface ScatterReadOptions {
   /** The ORDER BY the shards sorted by: their rows are merged in this order. None or empty: rows go out as they come. */
   orderBy?: Merge['orderBy'];
   /**
-   * A grouped read (merge.groupOrder is the `orderBy` the shards sorted by): each group's rows are folded
-   * into one. Where a group column's type is one whose order the gateway does not follow, every row is
-   * gathered and merged at the end instead (mergeRows, with `params` for its LIMIT and OFFSET).
+   * A grouped read: each group's rows are folded into one, as they pass when the shards sorted by the groups
+   * (merge.groupOrder is then the `orderBy`). Without that order, or where a group column's type is one whose
+   * order the gateway does not follow, every row is gathered and merged at the end instead (mergeRows, with
+   * `params` for its HAVING, LIMIT and OFFSET).
    */
   group?: { merge: Merge; params?: readonly BoundParam[] };
+  /** How many columns end each row for the merge only (Merge.hidden): stripped from the rows and the RowDescription. */
+  hidden: number;
   offset: number;
   limit: number | undefined;
   /** The client gets the (first) RowDescription. */
@@ -157,7 +162,7 @@ export class ScatterRead {
     if (binary && (group || this.opts.orderBy?.length)) {
       return this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges'));
     }
-    if (group && !orderFollowed(fields, this.opts.orderBy!)) {
+    if (group && !(group.merge.groupOrder && orderFollowed(fields, group.merge.groupOrder))) {
       // mergeRows applies the OFFSET and LIMIT itself.
       this.gathered = { fields, at: 0 };
       this.gathering = true;
@@ -172,7 +177,12 @@ export class ScatterRead {
         return this.fail(undefined, err as Error);
       }
     }
-    if (this.opts.describe) this.opts.reply(msg);
+    if (this.opts.describe) this.opts.reply(this.visible(msg));
+  }
+
+  /** A RowDescription or DataRow as the client sees it: without the hidden columns. */
+  private visible(msg: Buffer): Buffer {
+    return this.opts.hidden ? withoutLastColumns(msg, this.opts.hidden) : msg;
   }
 
   private buffered(i: number, row: Buffer): void {
@@ -254,7 +264,7 @@ export class ScatterRead {
         this.skip--;
         continue;
       }
-      this.opts.forward(row, this.links);
+      this.opts.forward(this.visible(row), this.links);
       w.given++;
       if (limit !== undefined && ++this.sent >= limit) this.finished = true;
     }

@@ -178,3 +178,17 @@ export function encodeDataRow(row: Row): Buffer {
   }
   return out;
 }
+
+/** A RowDescription or DataRow without its last `n` columns: the hidden items of a merged read (decision 0074). */
+export function withoutLastColumns(msg: Buffer, n: number): Buffer {
+  const count = msg.readInt16BE(5) - n;
+  let at = 7;
+  for (let i = 0; i < count; i++) {
+    if (msg[0] === T.RowDescription) at = msg.indexOf(0, at) + 1 + 18; // name, then table, column, type, size, modifier, format
+    else at += 4 + Math.max(0, msg.readInt32BE(at));
+  }
+  const out = Buffer.from(msg.subarray(0, at));
+  out.writeInt32BE(at - 1, 1);
+  out.writeInt16BE(count, 5);
+  return out;
+}

@@ -14,7 +14,7 @@ import type { KeyRange } from '../../schemas/index.ts';
 import { parseVSchema } from '../../schemas/vschema/index.ts';
 import { MOVED_WRITES_SQLSTATE, movedTablesOf, type VSchemaRecord } from '../../schemas/topology.ts';
 import type { SchemaChange } from '../../schemas/generated/types.ts';
-import { mergeRows, rowWindow, type Field } from '../planner/merge.ts';
+import { rowWindow } from '../planner/merge.ts';
 import { CopyRowSplitter, type CopyRow } from '../planner/copy-rows.ts';
 import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type CopyInPlan, type InsertPlan, type Merge, type Plan } from '../planner/plan.ts';
 import { Planner, RefusedError } from '../planner/planner.ts';
@@ -33,7 +33,7 @@ import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
 import { insertLookupRows, moveLookupRows, shardsByLookup, type LookupAccess, type TextRow } from './lookups.ts';
 import { ScatterRead } from './scatter-read.ts';
 import { sequenceBlocks } from './sequences.ts';
-import { decodeDataRow, encodeDataRow, ShardLink, ShardResult, shardError, type ResponseHandler } from './shard-link.ts';
+import { decodeDataRow, ShardLink, ShardResult, shardError, withoutLastColumns, type ResponseHandler } from './shard-link.ts';
 import { READ_ONLY_BEGIN, readOnlyRouted } from './session.ts';
 
 export type TransactionMode = 'single' | 'multi' | 'twopc';
@@ -591,12 +591,10 @@ export class ShardedSession {
     // A scatter read whose rows need no merging streams.
     if (plan.kind === 'select' && !plan.merge && (how.simple || !how.limited)) return this.streamOnShards(shards, sql, how);
     // So does one merged by ORDER BY and LIMIT only, or group by group, and any read of a portal with a row
-    // limit, at the client's pace.
-    const merge = plan.kind === 'select' ? plan.merge : undefined;
-    if (read && (!merge || merge.groupOrder || !(merge.aggregates || merge.groupBy || merge.distinct))) return this.scatterRead(shards, sql, merge, how);
+    // limit, at the client's pace; other grouped reads are gathered there, then merged.
+    if (read) return this.scatterRead(shards, sql, plan.kind === 'select' ? plan.merge : undefined, how);
     const results = await this.onShards(shards, () => sql, how, true);
     if (plan.kind === 'all') return this.replyFirst(results, how);
-    if (plan.kind === 'select' && plan.merge) return this.merged(results, plan, how);
     return this.union(results, how);
   }
 
@@ -852,7 +850,7 @@ export class ShardedSession {
     const links = await Promise.all(shards.map((s) => this.enlist(s)));
     const read = new ScatterRead(links, {
       request: () => this.requestBytes(sql, how, true), orderBy: merge?.groupOrder ?? merge?.orderBy, offset, limit,
-      group: merge?.groupOrder && { merge, params },
+      group: merge && (merge.aggregates || merge.groupBy || merge.distinct) ? { merge, params } : undefined, hidden: merge?.hidden ?? 0,
       describe: how.simple || how.describe, named: shards.length > 1,
       reply: (msg) => this.reply(msg), forward: (row, ls) => this.forward(row, 0, row.length, ls),
     });
@@ -901,16 +899,6 @@ export class ShardedSession {
     this.describeOnce(results, how);
     for (const n of results[0].notices) this.reply(n);
     this.emitRows(results[0].rows, results[0].tag ?? '', how);
-  }
-
-  private merged(results: ShardResult[], plan: Extract<Plan, { kind: 'select' | 'write' }>, how: How): void {
-    const first = results.find((r) => r.fields);
-    if (!first) return this.union(results, how);
-    if (first.binary) throw new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges');
-    const fields: Field[] = first.fields!;
-    const rows = mergeRows(results.flatMap((r) => r.rows.map(decodeDataRow)), fields, plan.merge!, how.simple ? undefined : how.portal.params).map(encodeDataRow);
-    this.describeOnce(results, how);
-    this.emitRows(rows, `SELECT ${rows.length}`, how);
   }
 
   /** Rows and tag; for a portal, kept for Executes with a row limit. */
@@ -1253,7 +1241,8 @@ export class ShardedSession {
       prepared.shardParse = undefined;
     }
     this.reply(result.parameterDescription ?? message('t', int16(0)));
-    this.reply(result.rowDescription ?? NO_DATA);
+    const hidden = p.kind === 'select' ? p.merge?.hidden : undefined;
+    this.reply(result.rowDescription && hidden ? withoutLastColumns(result.rowDescription, hidden) : result.rowDescription ?? NO_DATA);
   }
 
   private async executePortal(portal: Portal, name: string, maxRows: number): Promise<void> {

@@ -73,14 +73,16 @@ function addValues(a: Buffer, b: Buffer, typeOid: number): Buffer {
 
 const rowKey = (row: Row, columns: number[]) => columns.map((c) => (row[c] === null ? '\u0000N' : row[c]!.toString('latin1'))).join('\u0000|');
 
-/** The 0-based index of an ORDER BY column (by output position or name). */
+/** The 0-based index of a sort column (SortKey: a position, from the end when negative, or a name); -1 when the row has none. */
+function columnIndex(column: string | number, fields: readonly Field[]): number {
+  if (typeof column === 'string') return fields.findIndex((f) => f.name === column);
+  const at = column < 0 ? fields.length + column : column - 1;
+  return at >= 0 && at < fields.length ? at : -1;
+}
+
 function resolveColumn(column: string | number, fields: readonly Field[]): number {
-  if (typeof column === 'number') {
-    if (column < 1 || column > fields.length) throw new RefusedError(`ORDER BY position ${column} is not in the select list`);
-    return column - 1;
-  }
-  const at = fields.findIndex((f) => f.name === column);
-  if (at < 0) throw new RefusedError(`ORDER BY ${column}, which is not in the select list, over all shards`);
+  const at = columnIndex(column, fields);
+  if (at < 0) throw new RefusedError(typeof column === 'number' ? `ORDER BY position ${column} is not in the select list` : `ORDER BY ${column}, which is not in the select list, over all shards`);
   return at;
 }
 
@@ -124,8 +126,8 @@ const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700
 /** Whether every column of `order` is of a type whose order the gateway follows (ORDER_FOLLOWED). */
 export function orderFollowed(fields: readonly Field[], order: Merge['orderBy']): boolean {
   return order.every((k) => {
-    const at = typeof k.column === 'number' ? k.column - 1 : fields.findIndex((f) => f.name === k.column);
-    return at >= 0 && at < fields.length && ORDER_FOLLOWED.has(fields[at].typeOid);
+    const at = columnIndex(k.column, fields);
+    return at >= 0 && ORDER_FOLLOWED.has(fields[at].typeOid);
   });
 }
 

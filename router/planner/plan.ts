@@ -38,6 +38,10 @@ export interface OwnedWrite {
 
 export type AggregateFn = 'count' | 'sum' | 'min' | 'max';
 
+/**
+ * A column to sort by: its 1-based position in the row the shards send (negative: counted from the row's end, -1 the
+ * last, for items after a `*`), or an output name, a column of `*` found when the rows come back.
+ */
 export interface SortKey { column: string | number; desc: boolean; nullsFirst: boolean }
 
 /**
@@ -51,7 +55,7 @@ export type Having =
   | { op: Comparison; column: number; value: ValueRef };
 export type Comparison = '=' | '<>' | '<' | '<=' | '>' | '>=';
 
-/** How the gateway merges the rows of a scatter SELECT. Columns are by output name or 1-based position. */
+/** How the gateway merges the rows of a scatter SELECT. Columns are by 1-based position in the shards' rows (or as SortKey says). */
 export interface Merge {
   orderBy: SortKey[];
   /**
@@ -66,6 +70,11 @@ export interface Merge {
   /** Applied to each merged group before DISTINCT, ORDER BY and OFFSET/LIMIT; the shards send every group. */
   having?: Having;
   distinct: boolean;
+  /**
+   * How many items the shards' select list has after the client's (decision 0074): sort keys, group columns and
+   * aggregates the merge needs and the client did not select. They end every row and are stripped before the client.
+   */
+  hidden?: number;
   limit?: ValueRef;
   offset?: ValueRef;
 }
@@ -221,7 +230,7 @@ export function describePlan(plan: Plan, shards: string[]): string {
     case 'select': case 'write':
       if (!plan.pin) {
         const m = plan.merge;
-        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.having ? 'having' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : ''].filter(Boolean).join(', ') : '';
+        const merge = m ? [m.aggregates?.length ? 'aggregate' : '', m.groupBy?.length ? 'group by' : '', m.having ? 'having' : '', m.distinct ? 'distinct' : '', m.groupOrder ? 'streamed group by group' : '', m.orderBy.length ? 'merge sort' : '', m.limit || m.offset ? 'limit' : '', m.hidden ? `${m.hidden} hidden column${m.hidden > 1 ? 's' : ''}` : ''].filter(Boolean).join(', ') : '';
         return `scatter to ${shards.length} shards (${where})${merge ? `, gateway ${merge}` : ''}${keeps(plan.owned?.lookups)}`;
       }
       return `${shards.length === 1 ? 'single shard' : `${shards.length} shards`} ${where} by ${plan.pin.lookup ? 'lookup ' : ''}vindex ${plan.pin.vindex} (${plan.pin.type}) on ${plan.pin.column}`

@@ -9,7 +9,7 @@ import { loadModule, parseSync } from 'libpg-query';
 import type { FunctionalVindex } from '../../schemas/vschema/vindex.ts';
 import { ownedLookups, type LookupVindex, type VSchema } from '../../schemas/vschema/vschema.ts';
 import type { AggregateFn, Comparison, CopyInPlan, Having, InsertLookups, Merge, OwnedWrite, Pin, Plan, SequenceFill, SortKey, ValueRef } from './plan.ts';
-import { closeParenAfter, literalShape, splice, tokenEnd, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
+import { closeParenAfter, isSpace, literalShape, splice, tokenEnd, tokenEnds, topLevelKeyword, valuesRowSpans, withoutTrailingSemicolon, type Literal } from './sqltext.ts';
 
 /** libpg-query is WebAssembly: load it once before the first parse. */
 export const plannerReady: Promise<void> = loadModule();
@@ -172,9 +172,58 @@ export class Planner {
     if (s.lockingClause && (s.limitCount || s.limitOffset)) refuse('FOR UPDATE with LIMIT over all shards');
     const targets: any[] = s.targetList ?? [];
     const names = targets.map((t) => t.ResTarget?.name ?? columnName(t.ResTarget?.val));
+    const star = targets.findIndex(isStar);
+    // What the merge needs and the client did not select (a sort key, a group column, an aggregate HAVING tests)
+    // goes to the shards as hidden items after the client's, so its column numbers stay; the gateway strips them.
+    const hidden: any[] = [];
+    const values = () => [...targets.map((t) => t.ResTarget?.val), ...hidden];
+    /** The 0-based item (the client's, then the hidden ones) that is the same expression as `node`, made hidden if none is. */
+    const item = (node: any): number => {
+      const key = withoutLocations(node);
+      const at = values().findIndex((v) => withoutLocations(v) === key);
+      if (at >= 0) return at;
+      hidden.push(node);
+      return targets.length + hidden.length - 1;
+    };
+    const positions: number[] = []; // GROUP BY and ORDER BY by position, which must not reach a hidden item
+    const position = (n: any): number | undefined => {
+      if (n?.A_Const?.ival === undefined) return undefined;
+      positions.push(n.A_Const.ival.ival ?? 0);
+      return positions[positions.length - 1];
+    };
+    /** An unqualified column name, which names a select-list item by its output name (SQL92) before an input column. */
+    const bareName = (n: any) => (n?.ColumnRef && fieldsOf(n.ColumnRef).length === 1 ? columnName(n) : undefined);
+    const groupItems: number[] = (s.groupClause ?? []).map((g: any) => {
+      const name = bareName(g);
+      const at = position(g) ?? (name === undefined ? 0 : names.indexOf(name) + 1);
+      return at > 0 ? at - 1 : item(g);
+    });
+    // A HAVING operand: an item as written (casts included), else a selected column by its name, else a hidden item.
+    const having = s.havingClause ? havingOf(s.havingClause, (n) => {
+      const name = bareName(n);
+      const byName = name === undefined ? -1 : targets.findIndex((t) => t.ResTarget?.val?.ColumnRef && columnName(t.ResTarget.val) === name);
+      const written = values().some((v) => withoutLocations(v) === withoutLocations(n));
+      return (written || byName < 0 ? item(n) : byName) + 1;
+    }) : undefined;
+    const sorts = (s.sortClause ?? []).map((sb: any) => {
+      const by = sb.SortBy;
+      const desc = by.sortby_dir === 'SORTBY_DESC';
+      const nullsFirst = by.sortby_nulls === 'SORTBY_NULLS_DEFAULT' ? desc : by.sortby_nulls === 'SORTBY_NULLS_FIRST';
+      if (by.useOp) refuse('ORDER BY ... USING over all shards');
+      // The merge orders text by its bytes, as the instances' C.UTF-8 collation does.
+      const collate = findNode(by.node, (k) => k === 'CollateClause');
+      if (collate && !['C', 'POSIX', 'C.UTF-8'].includes(lastName(collate.collname))) refuse(`ORDER BY ... COLLATE "${lastName(collate.collname)}" over all shards`);
+      const at = position(by.node);
+      if (at !== undefined) return { column: at, desc, nullsFirst };
+      const name = bareName(by.node);
+      if (name !== undefined && names.includes(name)) return { item: names.indexOf(name), desc, nullsFirst };
+      // A column of `*` is found by name when the rows come back (its position is not known here).
+      if (name !== undefined && star >= 0) return { column: name, desc, nullsFirst };
+      return { item: item(by.node), desc, nullsFirst };
+    });
+    const items = values();
     const aggregates: Merge['aggregates'] = [];
-    targets.forEach((t, i) => {
-      const v = t.ResTarget?.val;
+    items.forEach((v, i) => {
       if (findNode(v, (k, n) => k === 'FuncCall' && n.over)) refuse('a window function over all shards');
       const call = (v?.TypeCast ? v.TypeCast.arg : v)?.FuncCall; // count(*)::int merges like count(*)
       const fn = call && lastName(call.funcname);
@@ -192,41 +241,32 @@ export class Planner {
     let groupBy: number[] | undefined;
     // A HAVING makes a grouped query even without GROUP BY or aggregates: one group of every row.
     if (grouped || aggregates.length || s.havingClause) {
-      groupBy = [];
-      for (const g of s.groupClause ?? []) {
-        const at = outputColumn(g, names);
-        if (at === undefined) refuse('GROUP BY a column that is not in the select list, over all shards');
-        groupBy.push(at!);
-      }
-      // Any other selected item must be the same in each shard's partial row of a group (the merge keeps the
-      // first): an expression of group columns only, or of none. A column is grouped by its name.
-      const groupNames = new Set([...(s.groupClause ?? []), ...groupBy.map((at) => targets[at - 1]?.ResTarget?.val)].map((n) => n?.ColumnRef && columnName(n)).filter(Boolean));
-      targets.forEach((t, i) => {
+      groupBy = groupItems.map((i) => i + 1);
+      // Any other item must be the same in each shard's partial row of a group (the merge keeps the first): an
+      // expression of group columns only, or of none. A column is grouped by its name. This refuses `*` too, so
+      // a grouped read knows every item's position.
+      const groupNames = new Set([...(s.groupClause ?? []), ...groupItems.map((i) => items[i])].map((n) => n?.ColumnRef && columnName(n)).filter(Boolean));
+      items.forEach((v, i) => {
         if (groupBy!.includes(i + 1) || aggregates.some((a) => a.column === i + 1)) return;
-        const outside = findNode(t.ResTarget?.val, (k, n) => k === 'ColumnRef' && !groupNames.has(columnName({ ColumnRef: n })));
-        if (outside) refuse(`a selected column outside GROUP BY (${columnName({ ColumnRef: outside }) ?? '*'}), over all shards`);
+        const outside = findNode(v, (k, n) => k === 'ColumnRef' && !groupNames.has(columnName({ ColumnRef: n })));
+        if (outside) refuse(`a ${i < targets.length ? 'selected ' : ''}column outside GROUP BY (${columnName({ ColumnRef: outside }) ?? '*'}), over all shards`);
       });
     }
-    const having = s.havingClause ? havingOf(s.havingClause, targets) : undefined;
-    const orderBy: Merge['orderBy'] = (s.sortClause ?? []).map((sb: any) => {
-      const by = sb.SortBy;
-      const desc = by.sortby_dir === 'SORTBY_DESC';
-      const nullsFirst = by.sortby_nulls === 'SORTBY_NULLS_DEFAULT' ? desc : by.sortby_nulls === 'SORTBY_NULLS_FIRST';
-      if (by.useOp) refuse('ORDER BY ... USING over all shards');
-      const position = by.node?.A_Const?.ival !== undefined ? by.node.A_Const.ival.ival : undefined;
-      const name = by.node?.ColumnRef ? columnName(by.node) : undefined;
-      if (position !== undefined) return { column: position, desc, nullsFirst };
-      if (name === undefined) return refuse('ORDER BY an expression over all shards (select it and order by its name)');
-      // A select-list alias or plain column by name; `*` columns are matched by name when the rows come back.
-      return { column: names.includes(name) ? names.indexOf(name) + 1 : name, desc, nullsFirst };
-    });
+    if (hidden.length) {
+      // Postgres refuses these itself, but the shards would not: the hidden items make them valid there.
+      if (s.distinctClause) refuse('DISTINCT with ORDER BY, GROUP BY or HAVING on what it does not select, over all shards');
+      const beyond = positions.find((p) => star >= 0 || p > targets.length);
+      if (beyond !== undefined) refuse(`ORDER BY or GROUP BY position ${beyond} beside an item the gateway adds${star >= 0 ? ' after *' : ''}, over all shards`);
+    }
+    // Items after a `*` are counted from the row's end (-1: the last column): how many columns `*` makes is not known here.
+    const orderBy: SortKey[] = sorts.map(({ item: i, ...key }: any) => (i === undefined ? key : { ...key, column: star >= 0 && i > star ? i - items.length : i + 1 }));
     const limit = s.limitCount && !s.limitCount.A_Const?.isnull ? valueOf(s.limitCount) : undefined;
     const offset = s.limitOffset ? valueOf(s.limitOffset) : undefined;
     if (s.limitOption === 'LIMIT_OPTION_WITH_TIES') refuse('FETCH ... WITH TIES over all shards');
     if ((s.limitCount && !limit) || (s.limitOffset && !offset)) refuse('a LIMIT or OFFSET expression over all shards (use a number or $n)');
     const distinct = !!s.distinctClause;
     const groupOrder = streamedGroups(groupBy, distinct && !aggregates.length && !targets.some(isStar) ? targets.length : 0, orderBy);
-    const merge: Merge = { orderBy, groupOrder, aggregates: aggregates.length ? aggregates : undefined, groupBy, having, distinct, limit, offset };
+    const merge: Merge = { orderBy, groupOrder, aggregates: aggregates.length ? aggregates : undefined, groupBy, having, distinct, limit, offset, hidden: hidden.length || undefined };
     // Each shard returns the rows the gateway's LIMIT may need after merging: the first limit + offset,
     // or all of them when groups or DISTINCT merge first, unless the shards sort by the groups themselves
     // (the first limit + offset groups of each shard hold every row of the first groups overall) and no
@@ -254,6 +294,12 @@ export class Planner {
       const at = topLevelKeyword(text, 'having');
       if (at < 0) refuse('a HAVING the gateway cannot find in the text');
       edits.push({ start: at + 'having'.length, end: at + 'having'.length, text: ' TRUE OR' });
+    }
+    if (hidden.length) {
+      // Named apart, so that no ORDER BY name of the statement finds a hidden item on the shards.
+      const last = targets[targets.length - 1];
+      const end = spanEnd(text, last.ResTarget.location - base, last, (t) => t) ?? refuse('a select list the gateway cannot find in the text');
+      edits.push({ start: end, end, text: hidden.map((h, j) => `, ${expressionText(h, text, base)} AS mg_hidden_${j + 1}`).join('') });
     }
     // Without any of these the plan has no merge, and its rows stream (decision 0062).
     const merges = orderBy.length > 0 || aggregates.length > 0 || !!groupBy || distinct || !!limit || !!offset;
@@ -799,12 +845,40 @@ function sortedBy(sql: Buffer, order: SortKey[]): Buffer {
 
 const isStar = (t: any) => !!t.ResTarget?.val?.ColumnRef?.fields?.some((f: any) => f.A_Star);
 
-/** The 1-based select-list position a GROUP BY item names (a position or a column name). */
-function outputColumn(g: any, names: Array<string | undefined>): number | undefined {
-  if (g.A_Const?.ival !== undefined) return g.A_Const.ival.ival;
-  const name = columnName(g);
-  const at = name === undefined ? -1 : names.indexOf(name);
-  return at < 0 ? undefined : at + 1;
+/**
+ * Where the text of `node` ends when it starts at byte `start`: at the shortest span that parses, as `SELECT <span>`,
+ * to the same node (`of` picks it from the parsed target). Undefined when none does.
+ */
+function spanEnd(text: Buffer, start: number, node: any, of: (target: any) => any): number | undefined {
+  const want = withoutLocations(node);
+  for (const end of tokenEnds(text, start)) {
+    let targets: any[] | undefined;
+    try {
+      targets = parseSync(`SELECT ${text.toString('utf8', start, end)}`).stmts?.[0]?.stmt?.SelectStmt?.targetList;
+    } catch {
+      continue; // not an expression yet
+    }
+    if (targets?.length === 1 && withoutLocations(of(targets[0])) === want) return end;
+  }
+  return undefined;
+}
+
+/** An expression as the statement writes it, copied so that its `$n` keep their numbers (and the types Bind gives them). */
+function expressionText(node: any, text: Buffer, base: number): string {
+  let start = Infinity;
+  walk(node, (_, b) => {
+    if (b.location >= 0 && b.location < start) start = b.location;
+  });
+  for (start -= base; start >= 0 && start < text.length;) {
+    const end = spanEnd(text, start, node, (t) => t.ResTarget?.val);
+    if (end !== undefined) return text.toString('utf8', start, end);
+    // An expression in parentheses starts before its first token.
+    let open = start - 1;
+    while (open >= 0 && isSpace(text[open])) open--;
+    if (text[open] !== 0x28) break;
+    start = open;
+  }
+  return refuse(`${nodeName(node)} in ORDER BY, GROUP BY or HAVING, which the gateway cannot find in the text`);
 }
 
 const COMPARISONS = new Set(['=', '<>', '<', '<=', '>', '>=']);
@@ -815,33 +889,23 @@ const FLIPPED: Record<Comparison, Comparison> = { '=': '=', '<>': '<>', '<': '>'
  * A HAVING as the gateway applies it to each merged group (decision 0072): AND / OR / NOT of comparisons
  * between a select-list item and a constant or $n, and IS [NOT] NULL of one. Anything else is refused.
  */
-function havingOf(n: any, targets: any[]): Having {
+function havingOf(n: any, operand: (n: any) => number): Having {
   if (findNode(n, (k) => k === 'SubLink')) refuse('a subquery in HAVING over all shards');
   const b = n.BoolExpr;
   if (b) {
-    const args = b.args.map((a: any) => havingOf(a, targets));
+    const args = b.args.map((a: any) => havingOf(a, operand));
     return b.boolop === 'NOT_EXPR' ? { op: 'not', arg: args[0] } : { op: b.boolop === 'AND_EXPR' ? 'and' : 'or', args };
   }
-  if (n.NullTest) return { op: n.NullTest.nulltesttype === 'IS_NULL' ? 'is null' : 'is not null', column: selected(n.NullTest.arg, targets) };
+  if (n.NullTest) return { op: n.NullTest.nulltesttype === 'IS_NULL' ? 'is null' : 'is not null', column: operand(n.NullTest.arg) };
   const e = n.A_Expr;
   const op = e?.kind === 'AEXPR_OP' ? lastName(e.name) as Comparison : undefined;
-  if (!op || !COMPARISONS.has(op)) return refuse(`${nodeName(n)} in HAVING over all shards (compare a selected aggregate or group column with a constant or $n)`);
+  if (!op || !COMPARISONS.has(op)) return refuse(`${nodeName(n)} in HAVING over all shards (compare an aggregate or group column with a constant or $n)`);
   const right = valueOf(e.rexpr);
   const left = valueOf(e.lexpr);
   if (left && right) refuse('a HAVING comparison of two constants over all shards');
   if (!left && !right) return refuse(`a HAVING comparison of ${nodeName(e.lexpr)} with ${nodeName(e.rexpr)} over all shards (compare with a constant or $n)`);
-  const column = selected(right ? e.lexpr : e.rexpr, targets);
+  const column = operand(right ? e.lexpr : e.rexpr);
   return right ? { op, column, value: right } : { op: FLIPPED[op], column, value: left! };
-}
-
-/** The 1-based select-list position of a HAVING operand: the same expression (casts included), or an unqualified column by name. */
-function selected(n: any, targets: any[]): number {
-  const key = withoutLocations(n);
-  let at = targets.findIndex((t) => withoutLocations(t.ResTarget?.val) === key);
-  const name = n.ColumnRef && fieldsOf(n.ColumnRef).length === 1 ? columnName(n) : undefined;
-  if (at < 0 && name) at = targets.findIndex((t) => t.ResTarget?.val?.ColumnRef && columnName(t.ResTarget.val) === name);
-  if (at < 0) refuse(`${nodeName(n)} in HAVING is not in the select list, over all shards (select it as HAVING writes it)`);
-  return at + 1;
 }
 
 const withoutLocations = (n: any) => JSON.stringify(n, (k, v) => (k === 'location' ? undefined : v));

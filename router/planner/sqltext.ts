@@ -9,7 +9,7 @@ const CLOSE = 0x29; // )
 const QUOTE = 0x27; // '
 const DQUOTE = 0x22; // "
 const DOLLAR = 0x24;
-const isSpace = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d || c === 0x0c;
+export const isSpace = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d || c === 0x0c;
 
 /** The byte just past the token that starts at `at` (a number, $n, ALL, or a minus sign and a number). */
 export function tokenEnd(text: Buffer, at: number): number {
@@ -217,4 +217,25 @@ export function topLevelKeyword(text: Buffer, keyword: string): number {
       && text.toString('latin1', i, i + keyword.length).toLowerCase() === keyword) return i;
   }
   return -1;
+}
+
+/**
+ * The bytes where an expression that starts at `start` may end, nearest first: after each token
+ * outside parentheses, quotes and comments, up to a `)` that closes an outer parenthesis or a `;`.
+ */
+export function* tokenEnds(text: Buffer, start: number): Generator<number> {
+  let depth = 0;
+  for (let i = start; i < text.length; i++) {
+    const skipped = skipOpaque(text, i);
+    if (skipped !== i) {
+      i = skipped - 1;
+      if (depth === 0) yield skipped;
+      continue;
+    }
+    const c = text[i];
+    if (c === OPEN) depth++;
+    else if (c === CLOSE && --depth < 0) return;
+    else if (c === 0x3b && depth === 0) return;
+    if (depth === 0 && !isSpace(c) && !(isIdent(c) && isIdent(text[i + 1] ?? 0x20))) yield i + 1;
+  }
 }

@@ -7,6 +7,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { havingTest, HeadHeap, mergeRows, rowOrder, rowWindow, type Field, type Row } from '../../router/planner/merge.ts';
 import type { Merge } from '../../router/planner/plan.ts';
+import { decodeDataRow, decodeRowDescription, encodeDataRow, withoutLastColumns } from '../../router/gateway/shard-link.ts';
+import { dataRow, rowDescription } from '../../router/protocol/messages.ts';
 
 const fields: Field[] = [{ name: 'n', typeOid: 20 }, { name: 'amount', typeOid: 1700 }, { name: 'name', typeOid: 25 }];
 const text = (rows: Row[]) => rows.map((r) => r.map((v) => (v === null ? null : v.toString())));
@@ -111,4 +113,25 @@ test('HAVING on merged groups: after the partial aggregates combine, before OFFS
   assert.throws(() => havingTest({ ...merge, having: { op: '>', column: 1, value: { literal: '0.1' } } }, [{ name: 'r', typeOid: 700 }]), /type OID 700/);
   assert.equal(havingTest({ ...merge, having: { op: 'is null', column: 1 } }, [{ name: 'd', typeOid: 1082 }])!([null]), true);
   assert.equal(havingTest(merge, groups), undefined);
+});
+
+test('hidden items: sort keys counted from the row end, aggregates merged, and stripped from what the client gets (decision 0074)', () => {
+  // `SELECT * ... ORDER BY lower(name) DESC`: the hidden key is the last column, whatever `*` made.
+  const rows: Row[] = [['1', 'B', 'b'], ['2', 'a', 'a'], ['3', 'C', 'c']].map((r) => r.map((v) => Buffer.from(v)));
+  const f: Field[] = [{ name: 'id', typeOid: 23 }, { name: 'name', typeOid: 25 }, { name: 'mg_hidden_1', typeOid: 25 }];
+  assert.deepEqual(text(mergeRows(rows, f, { orderBy: [{ column: -1, desc: true, nullsFirst: true }], distinct: false, hidden: 1 })).map((r) => r[0]), ['3', '1', '2']);
+  // `SELECT g FROM t GROUP BY g HAVING count(*) > 2 ORDER BY sum(x)`: both aggregates hidden, combined per group.
+  const g: Field[] = [{ name: 'g', typeOid: 25 }, { name: 'mg_hidden_1', typeOid: 20 }, { name: 'mg_hidden_2', typeOid: 1700 }];
+  const partial: Row[] = [['a', '2', '5'], ['b', '1', '1'], ['a', '1', '-7'], ['c', '3', '2'], ['b', '2', '0']].map((r) => r.map((v) => Buffer.from(v)));
+  const merge: Merge = {
+    orderBy: [{ column: 3, desc: false, nullsFirst: false }], groupBy: [1], distinct: false, hidden: 2,
+    aggregates: [{ column: 2, fn: 'count' }, { column: 3, fn: 'sum' }], having: { op: '>', column: 2, value: { literal: '2' } },
+  };
+  assert.deepEqual(text(mergeRows(partial, g, merge)), [['a', '3', '-2'], ['b', '3', '1'], ['c', '3', '2']]);
+  // What the client sees: the RowDescription and each DataRow without the last `hidden` columns.
+  const described = withoutLastColumns(rowDescription([{ name: 'g' }, { name: 'mg_hidden_1', oid: 20 }, { name: 'mg_hidden_2', oid: 1700 }]), 2);
+  assert.deepEqual(described, rowDescription([{ name: 'g' }]));
+  assert.deepEqual(decodeRowDescription(described).fields, [{ name: 'g', typeOid: 25 }]);
+  assert.deepEqual(withoutLastColumns(dataRow([null, 'é', '3', null]), 1), dataRow([null, 'é', '3']));
+  assert.deepEqual(decodeDataRow(withoutLastColumns(encodeDataRow([Buffer.from('x'), null, Buffer.from('12')]), 2)), [Buffer.from('x')]);
 });
