@@ -25,6 +25,8 @@ const DDL = new Set([
   'CreateRoleStmt', 'AlterRoleStmt', 'DropRoleStmt', 'GrantRoleStmt',
 ]);
 const SYSTEM_SCHEMAS = new Set(['pg_catalog', 'information_schema']);
+/** Types a count may be cast to and still be added up across shards. */
+const NUMERIC_TYPES = new Set(['int2', 'int4', 'int8', 'numeric', 'float4', 'float8']);
 
 export class RefusedError extends Error {}
 const refuse = (message: string): never => {
@@ -193,9 +195,12 @@ export class Planner {
     };
     /** An unqualified column name, which names a select-list item by its output name (SQL92) before an input column. */
     const bareName = (n: any) => (n?.ColumnRef && fieldsOf(n.ColumnRef).length === 1 ? columnName(n) : undefined);
+    // GROUP BY takes a name as an input column before an output name (Postgres): an output name whose item reads
+    // a column of that name (`lower(s) AS s ... GROUP BY s`) is the column; the item itself when it is just that.
+    const readsItsName = (i: number, name: string) => i >= 0 && !!findNode(targets[i].ResTarget?.val, (k, n) => k === 'ColumnRef' && columnName({ ColumnRef: n }) === name);
     const groupItems: number[] = (s.groupClause ?? []).map((g: any) => {
       const name = bareName(g);
-      const at = position(g) ?? (name === undefined ? 0 : names.indexOf(name) + 1);
+      const at = position(g) ?? (name === undefined || readsItsName(names.indexOf(name), name) ? 0 : names.indexOf(name) + 1);
       return at > 0 ? at - 1 : item(g);
     });
     // A HAVING operand: an item as written (casts included), else a selected column by its name, else a hidden item.
@@ -225,11 +230,15 @@ export class Planner {
     const aggregates: Merge['aggregates'] = [];
     items.forEach((v, i) => {
       if (findNode(v, (k, n) => k === 'FuncCall' && n.over)) refuse('a window function over all shards');
-      const call = (v?.TypeCast ? v.TypeCast.arg : v)?.FuncCall; // count(*)::int merges like count(*)
+      const call = (v?.TypeCast ? v.TypeCast.arg : v)?.FuncCall;
       const fn = call && lastName(call.funcname);
       if (fn && AGGREGATES.has(fn) && !call.over) {
         if (call.agg_distinct) refuse(`${fn}(DISTINCT ...) over all shards`);
         if (call.agg_filter || call.agg_order) refuse(`${fn}(...) with FILTER or ORDER BY over all shards`);
+        // count(*)::int adds up like count(*); any other cast is taken by each shard's share before the merge
+        // (sum(x)::int rounds each share, max(x)::text compares as text).
+        const cast = v.TypeCast && lastName(v.TypeCast.typeName.names);
+        if (cast && !(fn === 'count' && NUMERIC_TYPES.has(cast))) refuse(`${fn}(...)::${cast} over all shards (each shard would cast its part: select ${fn}(...) and cast in the client)`);
         aggregates.push({ column: i + 1, fn: fn as AggregateFn });
         return;
       }

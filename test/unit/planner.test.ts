@@ -440,3 +440,19 @@ test('DDL runs on every shard; a column rename is marked, so it can be refused w
   const table = one('ALTER TABLE orders RENAME TO purchases');
   assert.equal(table.kind === 'all' && !table.renamesColumn, true, 'a table rename is not a column rename');
 });
+
+test('over all shards: GROUP BY a name is the input column when the output of that name reads it; only count(...) may be cast', () => {
+  const grouped = one('SELECT lower(tenant_id::text) AS tenant_id, count(*) FROM orders GROUP BY tenant_id');
+  assert.ok(grouped.kind === 'select' && grouped.merge);
+  assert.deepEqual([grouped.merge.groupBy, grouped.merge.hidden], [[3], 1], 'grouped by the column, sent hidden');
+  assert.match(text(grouped), /count\(\*\), tenant_id AS mg_hidden_1 FROM orders GROUP BY tenant_id/);
+  const plain = one('SELECT tenant_id, count(*) FROM orders GROUP BY tenant_id');
+  assert.deepEqual(plain.kind === 'select' && [plain.merge?.groupBy, plain.merge?.hidden], [[1], undefined], 'the selected column itself');
+  const alias = one('SELECT lower(note) AS l, count(*) FROM orders GROUP BY l');
+  assert.deepEqual(alias.kind === 'select' && alias.merge?.groupBy, [1], 'an output name that reads no column of its name');
+  assert.equal(one('SELECT count(*)::int FROM orders').kind, 'select');
+  for (const sql of ['SELECT sum(amount)::int FROM orders', 'SELECT max(amount)::text FROM orders']) {
+    const p = one(sql);
+    assert.ok(p.kind === 'refused' && /each shard would cast its part/.test(p.message), sql);
+  }
+});
