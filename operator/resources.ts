@@ -17,7 +17,8 @@ export const LABEL_CLUSTER = 'multigres.io/cluster';
 export const LABEL_MANAGED_BY = 'app.kubernetes.io/managed-by';
 
 export interface Condition {
-  type: 'Ready' | 'Progressing' | 'Degraded';
+  /** A cluster's Ready, Progressing, Degraded; a database's VSchemaApplied. */
+  type: 'Ready' | 'Progressing' | 'Degraded' | 'VSchemaApplied';
   status: 'True' | 'False' | 'Unknown';
   reason: string;
   message: string;
@@ -58,7 +59,17 @@ export interface MultigresDatabase extends KubernetesObject {
     cdc?: { enabled?: boolean; tables?: string[] };
     vschemaRef?: { name: string; key?: string };
   };
-  status?: { observedGeneration?: number; shards?: Array<{ shard: string; primary: string; term: number }> };
+  status?: { observedGeneration?: number; shards?: Array<{ shard: string; primary: string; term: number }>; conditions?: Condition[]; vschema?: VSchemaStatus };
+}
+
+/** The VSchema content last sent to the orchestrator (operator/vschema.ts): applied as `version`, or refused with `error`. */
+export interface VSchemaStatus {
+  configMap: string;
+  key: string;
+  /** sha256 of the ConfigMap value. */
+  hash: string;
+  version?: number;
+  error?: string;
 }
 
 /** Ports inside every pod: each pod has its own address, so they are fixed, unlike locally. */
