@@ -655,6 +655,41 @@ describe('the operator on a real API server', () => {
     await until("the users database's objects gone", 60_000, async () => ![...(await ownedObjects()).keys()].some((k) => k.includes('-users-')));
   });
 
+  test("the image's entry point runs an orchestrator from its Deployment's exact args and env, with the cluster's API token", async () => {
+    // What the kubelet would give the container: the manifest's env with field references and the Secret's keys
+    // resolved, and the spec ConfigMap (mounted at /etc/multigres in a pod) in a file here.
+    const deployment = (await ownedObjects()).get('Deployment/alpha-orch-zone1');
+    const container = deployment.spec.template.spec.containers[0];
+    const secret = (await core.readNamespacedSecret({ name: 'alpha-credentials', namespace: ns })).data!;
+    const specFile = path.join(dir, 'spec.json');
+    fs.writeFileSync(specFile, (await ownedObjects()).get('ConfigMap/alpha-spec').data['spec.json']);
+    const env = Object.fromEntries(container.env.map((e: any) => [e.name, e.value ?? (e.valueFrom.fieldRef
+      ? { 'metadata.name': 'alpha-orch-zone1-5f7d-x', 'status.podIP': '127.0.0.1' }[e.valueFrom.fieldRef.fieldPath as string]
+      : Buffer.from(secret[e.valueFrom.secretKeyRef.key], 'base64').toString())]));
+    assert.deepEqual(container.args, ['orchestrator']);
+    const logFile = fs.openSync(path.join(dir, 'entrypoint-orchestrator.log'), 'a');
+    const child = spawn(process.execPath, [...nodeArgs('compose/entrypoint.ts'), ...container.args], {
+      cwd: repoRoot, stdio: ['ignore', logFile, logFile], env: { ...process.env, ...env, MG_SPEC_FILE: specFile },
+    });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      const url = `http://127.0.0.1:${container.ports[0].containerPort}/v1/status`;
+      const status = await until('the orchestrator to answer its admin API', 60_000, async () => {
+        try {
+          const res = await fetch(url, { headers: { authorization: `Bearer ${env.MG_API_TOKEN}` } });
+          return res.status === 200 && (await res.json());
+        } catch {
+          return false;
+        }
+      });
+      assert.equal(status.orchestrator, 'orch-zone1');
+      assert.equal((await fetch(url)).status, 401, 'the admin API wants the Secret\'s token');
+    } finally {
+      child.kill('SIGTERM');
+    }
+    assert.equal(await exited, 0, 'SIGTERM passed on to the orchestrator, which stopped cleanly');
+  });
+
   test('two operator replicas never both act: the follower waits, then takes over from a dead leader', async () => {
     assert.equal(await leaseHolder(), 'op-a');
     assert.ok(await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}') > 0, 'the leader reconciles');
