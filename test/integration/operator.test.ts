@@ -584,7 +584,7 @@ describe('the operator on a real API server', () => {
     const BAD = '{"vindexes": {"hash": {"type": "hash"}}, "tables": {"users": {"column_vindexes": [{"column": "id", "name": "nope"}]}}}';
     const setVSchema = (text: string) => core.replaceNamespacedConfigMap({ name: 'users-vschema', namespace: ns, body: { metadata: { name: 'users-vschema' }, data: { 'vschema.yaml': text } } });
     const users = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users' })) as any).status;
-    const vschemaCondition = (status: any) => conditionOf(status ?? {}, 'VSchemaApplied');
+    const vschemaCondition = (status: any) => conditionOf({ status }, 'VSchemaApplied');
     const puts = (db = 'users') => orch.vschemas.filter((v) => v.database === db);
 
     await core.createNamespacedConfigMap({ namespace: ns, body: { metadata: { name: 'users-vschema' }, data: { 'vschema.yaml': GOOD } } });
