@@ -4,6 +4,7 @@
  * in a row writes nothing the second time (server-side apply of unchanged objects is a no-op).
  */
 import { randomBytes } from 'node:crypto';
+import { isDeepStrictEqual } from 'node:util';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from '../common/log.ts';
 import { counter } from '../common/metrics.ts';
@@ -276,8 +277,13 @@ async function setDatabaseStatus(kube: Kube, db: MultigresDatabase, shards: Shar
     ...(vschema.sent !== undefined ? { vschema: vschema.sent } : {}),
   };
   const held = { observedGeneration: db.status?.observedGeneration, shards: db.status?.shards ?? [], conditions: previous, ...(vschema.sent !== undefined ? { vschema: db.status?.vschema ?? null } : {}) };
-  if (JSON.stringify(held) === JSON.stringify(status)) return;
+  if (sameJson(held, status)) return;
   await kube.patchStatus('MultigresDatabase', db.metadata!.namespace!, db.metadata!.name!, status);
+}
+
+/** Equal as JSON, whatever the order of keys: the API server returns them sorted, not in the order written. */
+function sameJson(a: unknown, b: unknown): boolean {
+  return isDeepStrictEqual(JSON.parse(JSON.stringify(a)), JSON.parse(JSON.stringify(b)));
 }
 
 function condition(type: Condition['type'], status: Condition['status'], reason: string, message: string): Condition {
@@ -299,7 +305,7 @@ async function setStatus(kube: Kube, cluster: MultigresCluster, databases: numbe
   const generation = cluster.metadata!.generation;
   const next = withTransitionTime(conditions, previous, generation);
   const unchanged = cluster.status?.observedGeneration === generation && (databases === undefined || cluster.status?.databases === databases) &&
-    JSON.stringify(next) === JSON.stringify(previous);
+    sameJson(next, previous);
   if (unchanged) return;
   await kube.patchStatus('MultigresCluster', cluster.metadata!.namespace!, cluster.metadata!.name!, {
     observedGeneration: generation, conditions: next, ...(databases === undefined ? {} : { databases }),
