@@ -36,8 +36,8 @@ const applied = (reason: string, message: string): Condition => ({ type: 'VSchem
 const notApplied = (reason: string, message: string): Condition => ({ type: 'VSchemaApplied', status: 'False', reason, message });
 
 /**
- * One database's VSchema step. `held` is the VSchema the topology log serves for it, undefined
- * while the log is not read to its end (nothing is sent then: the log's end wakes the reconcile).
+ * One database's VSchema step. `held`: the VSchema the topology log serves for it, and whether
+ * the log was read to its end (nothing is sent before: the log's end wakes the reconcile).
  */
 export async function reconcileVSchema(
   kube: Pick<KubeClient, 'configMapData'>, db: MultigresDatabase, held: { caughtUp: boolean; record?: VSchemaRecord },
