@@ -201,7 +201,8 @@ async function chooseStanzas(spec: ClusterSpec, known: TopologyState, progress: 
 /** A pgBackRest configuration of the repository alone, for the CLI's looks at it. */
 export const repositoryConfigOf = (spec: ClusterSpec) => path.join(spec.dataDir, 'postgres', 'repository.pgbackrest.conf');
 
-function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
+/** One instance's agent configuration (a local cluster's and a pod's, compose/pod-config.ts). */
+export function agentConfig(spec: ClusterSpec, inst: PlannedInstance): AgentConfig {
   const db = spec.databases.find((d) => d.name === inst.database)!;
   const from = db.restoredFrom;
   // The source's stanza as the spec knows it (a source dropped since then has no use for it: the copy's first primary was restored).

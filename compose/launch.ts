@@ -13,7 +13,7 @@ export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url
 /** Every program a cluster, the CLI or the operator runs. */
 export const ENTRY_POINTS = [
   'ingest/main.ts', 'router/gateway/main.ts', 'router/pooler/main.ts', 'orchestrator/main.ts', 'materializer/main.ts',
-  'operator/main.ts', 'compose/cli/mg.ts', 'compose/provision.ts', 'compose/registry/main.ts',
+  'operator/main.ts', 'compose/cli/mg.ts', 'compose/provision.ts', 'compose/registry/main.ts', 'compose/entrypoint.ts',
 ];
 
 /** Node's arguments that run `entry` (a path from the repository root), before the program's own arguments. */

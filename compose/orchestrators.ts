@@ -9,14 +9,21 @@ const orchName = (cell: string) => `orch-${cell}`;
 
 export const orchestratorPorts = (spec: ClusterSpec) => spec.cells.map((_, i) => spec.orchestrator.basePort + i);
 
+/** One cell's MultiOrch configuration, without a provisioner (a local cluster's and a pod's, compose/pod-config.ts). */
+export function orchestratorConfig(spec: ClusterSpec, cell: string, port: number, paths: Pick<Paths, 'bootstrap' | 'registryUrl'>) {
+  return {
+    id: orchName(cell), cell, port, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
+    topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
+    twopcGraceMs: spec.orchestrator.twopcGraceMs, twopcRetentionMs: spec.orchestrator.twopcRetentionMs, servingLagBytes: spec.orchestrator.servingLagBytes,
+    backupSchedules: spec.backup.enabled ? Object.fromEntries(spec.databases.map((d) => [d.name, d.backupSchedule])) : {},
+    apiToken: spec.orchestrator.apiToken, apiHost: spec.orchestrator.apiHost,
+  };
+}
+
 export async function startOrchestrators(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
   for (const [i, cell] of spec.cells.entries()) {
     progress.note(await startService(orchName(cell), 'orchestrator/main.ts', {
-      id: orchName(cell), cell, port: spec.orchestrator.basePort + i, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
-      topicPrefix: spec.kafka.topicPrefix, detectMs: spec.orchestrator.detectMs, agentDownMs: spec.orchestrator.agentDownMs,
-      twopcGraceMs: spec.orchestrator.twopcGraceMs, twopcRetentionMs: spec.orchestrator.twopcRetentionMs, servingLagBytes: spec.orchestrator.servingLagBytes,
-      backupSchedules: spec.backup.enabled ? Object.fromEntries(spec.databases.map((d) => [d.name, d.backupSchedule])) : {},
-      apiToken: spec.orchestrator.apiToken, apiHost: spec.orchestrator.apiHost,
+      ...orchestratorConfig(spec, cell, spec.orchestrator.basePort + i, paths),
       // Replicas added or removed at run time are local processes: compose's provisioner starts and stops them.
       provisioner: { command: [process.execPath, ...nodeArgs('compose/provision.ts'), '--data-dir', spec.dataDir], cwd: REPO_ROOT },
     }, spec.orchestrator.basePort + i, paths, spec));

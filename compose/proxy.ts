@@ -4,7 +4,7 @@ import path from 'node:path';
 import pg from 'pg';
 import type { Progress } from './progress.ts';
 import { nodeArgs, REPO_ROOT } from './launch.ts';
-import { instancesOf, type ClusterSpec } from './spec.ts';
+import { instancesOf, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { isAlive, portAnswers, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
 export const poolerName = (id: string) => `pooler-${id}`;
@@ -29,25 +29,35 @@ export async function startService(name: string, entry: string, config: object, 
   return `${name}: pid ${started}, port ${port}`;
 }
 
+/** The MultiPooler's configuration for one instance (a local cluster's and a pod's, compose/pod-config.ts). */
+export function poolerConfig(spec: ClusterSpec, inst: PlannedInstance) {
+  return {
+    instanceId: inst.instanceId, listenPort: inst.poolerPort, postgres: { host: '127.0.0.1', port: inst.port },
+    poolSize: spec.pooler.poolSize, metricsPort: inst.poolerMetricsPort, workers: spec.pooler.workers,
+  };
+}
+
 /** Starts the MultiPooler of each instance (default: every instance of the spec) that is not running. */
 export async function startPoolers(spec: ClusterSpec, paths: Paths, progress: Progress, instances = instancesOf(spec)): Promise<void> {
   for (const inst of instances) {
-    progress.note(await startService(poolerName(inst.instanceId), 'router/pooler/main.ts', {
-      instanceId: inst.instanceId, listenPort: inst.poolerPort, postgres: { host: '127.0.0.1', port: inst.port },
-      poolSize: spec.pooler.poolSize, metricsPort: inst.poolerMetricsPort, workers: spec.pooler.workers,
-    }, inst.poolerPort, paths, spec));
+    progress.note(await startService(poolerName(inst.instanceId), 'router/pooler/main.ts', poolerConfig(spec, inst), inst.poolerPort, paths, spec));
   }
 }
 
-export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
-  progress.note(await startService(GATEWAY, 'router/gateway/main.ts', {
+/** The MultiGateway's configuration (a local cluster's and a pod's, compose/pod-config.ts). */
+export function gatewayConfig(spec: ClusterSpec, paths: Pick<Paths, 'bootstrap' | 'registryUrl'>) {
+  return {
     port: spec.gateway.port, metricsPort: spec.gateway.metricsPort, brokers: paths.bootstrap.split(','), registryUrl: paths.registryUrl,
     topicPrefix: spec.kafka.topicPrefix, tlsDir: path.join(spec.dataDir, 'tls'), bufferWindowMs: spec.gateway.bufferWindowMs,
     maxClients: spec.gateway.maxClients, readOnlyToReplicas: spec.gateway.readOnlyToReplicas, releaseIdleLinksAfterMs: spec.gateway.releaseIdleLinksAfterMs,
     deactivateIdleAfterMs: spec.gateway.deactivateIdleAfterMs,
     workers: spec.gateway.workers, httpPort: spec.gateway.httpPort,
     rest: { schemas: spec.gateway.restSchemas, anonRole: spec.gateway.restAnonRole, jwtSecret: spec.gateway.restJwtSecret, preRequest: spec.gateway.restPreRequest },
-  }, spec.gateway.port, paths, spec));
+  };
+}
+
+export async function startGateway(spec: ClusterSpec, paths: Paths, progress: Progress): Promise<void> {
+  progress.note(await startService(GATEWAY, 'router/gateway/main.ts', gatewayConfig(spec, paths), spec.gateway.port, paths, spec));
 }
 
 /**

@@ -1,7 +1,7 @@
 /**
  * The operator's few API calls, behind one small surface: server-side apply of owned objects,
- * listing and deleting them, merge patches of custom resources and their status, and the
- * pods and the API token a rolling update needs.
+ * listing and deleting them, merge patches of custom resources and their status, the pods and
+ * the API token a rolling update needs, and the ConfigMap a database's VSchema is in.
  */
 import {
   ApiException, CoreV1Api, CustomObjectsApi, KubernetesObjectApi, PatchStrategy, setHeaderOptions,
@@ -18,7 +18,7 @@ export function statusOf(err: unknown): number | undefined {
 }
 
 /** What a reconcile needs of the API (a fake in unit tests). */
-export type KubeClient = Pick<Kube, 'apply' | 'scale' | 'createIfMissing' | 'listOwned' | 'delete' | 'listCustom' | 'getCustom' | 'patchCustom' | 'patchStatus' | 'listPods' | 'deletePod' | 'secretValue'>;
+export type KubeClient = Pick<Kube, 'apply' | 'scale' | 'createIfMissing' | 'listOwned' | 'delete' | 'listCustom' | 'getCustom' | 'patchCustom' | 'patchStatus' | 'listPods' | 'deletePod' | 'secretValue' | 'configMapData'>;
 
 export class Kube {
   private readonly objects: KubernetesObjectApi;
@@ -50,6 +50,16 @@ export class Kube {
     try {
       const value = (await this.core.readNamespacedSecret({ name, namespace })).data?.[key];
       return value === undefined ? undefined : Buffer.from(value, 'base64').toString('utf8');
+    } catch (err) {
+      if (statusOf(err) === 404) return undefined;
+      throw err;
+    }
+  }
+
+  /** A ConfigMap's data (a database's VSchema by reference); undefined when there is no such ConfigMap. */
+  async configMapData(namespace: string, name: string): Promise<Record<string, string> | undefined> {
+    try {
+      return (await this.core.readNamespacedConfigMap({ name, namespace })).data ?? {};
     } catch (err) {
       if (statusOf(err) === 404) return undefined;
       throw err;

@@ -72,18 +72,37 @@ const enqueue = (namespace: string | undefined, cluster: string | undefined) => 
   queue.add(key);
 };
 
+/** Each database's vschemaRef (namespace/database to namespace/ConfigMap and its cluster), so a ConfigMap change wakes the cluster that reads it. */
+const vschemaRefs = new Map<string, { configMap: string; cluster: string }>();
+
+function noteVSchemaRef(type: string, db: MultigresDatabase): void {
+  const key = `${db.metadata?.namespace}/${db.metadata?.name}`;
+  if (type === 'DELETED' || !db.spec?.vschemaRef) vschemaRefs.delete(key);
+  else vschemaRefs.set(key, { configMap: `${db.metadata?.namespace}/${db.spec.vschemaRef.name}`, cluster: db.spec.cluster });
+}
+
 function startWatching(): void {
   const nsPath = config.MG_OPERATOR_NAMESPACE ? `/namespaces/${config.MG_OPERATOR_NAMESPACE}` : '';
   const custom = (plural: string) => `/apis/${GROUP}/${VERSION}${nsPath}/${plural}`;
   const owned = { labelSelector: `${LABEL_MANAGED_BY}=${MANAGER}` };
   watches.push(
     watchForever(kc, custom(PLURALS.MultigresCluster), {}, log, (_t, o) => enqueue(o.metadata?.namespace, o.metadata?.name)),
-    watchForever(kc, custom(PLURALS.MultigresDatabase), {}, log, (_t, o) => enqueue(o.metadata?.namespace, (o as MultigresDatabase).spec?.cluster)),
+    watchForever(kc, custom(PLURALS.MultigresDatabase), {}, log, (type, o) => {
+      const db = o as MultigresDatabase;
+      noteVSchemaRef(type, db);
+      enqueue(db.metadata?.namespace, db.spec?.cluster);
+    }),
   );
   // A workload's status moving (pods ready) or someone editing an owned object wakes its cluster.
-  for (const path of [`/apis/apps/v1${nsPath}/statefulsets`, `/apis/apps/v1${nsPath}/deployments`, `/api/v1${nsPath}/services`, `/api/v1${nsPath}/configmaps`]) {
+  for (const path of [`/apis/apps/v1${nsPath}/statefulsets`, `/apis/apps/v1${nsPath}/deployments`, `/api/v1${nsPath}/services`]) {
     watches.push(watchForever(kc, path, owned, log, (_t, o: KubernetesObject) => enqueue(o.metadata?.namespace, o.metadata?.labels?.[LABEL_CLUSTER])));
   }
+  // Every ConfigMap, not only owned ones: a database's VSchema is in one of the user's (decision 0075).
+  watches.push(watchForever(kc, `/api/v1${nsPath}/configmaps`, {}, log, (_t, o: KubernetesObject) => {
+    const namespace = o.metadata?.namespace;
+    enqueue(namespace, o.metadata?.labels?.[LABEL_MANAGED_BY] === MANAGER ? o.metadata?.labels?.[LABEL_CLUSTER] : undefined);
+    for (const ref of vschemaRefs.values()) if (ref.configMap === `${namespace}/${o.metadata?.name}`) enqueue(namespace, ref.cluster);
+  }));
   // Resync: every cluster again now and then, in case an event was missed between two watches.
   setInterval(() => known.forEach((k) => queue.add(k)), config.MG_OPERATOR_RESYNC_SECONDS * 1000).unref();
 }

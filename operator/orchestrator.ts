@@ -1,6 +1,6 @@
 /**
  * The operator's side of the orchestrators' REST API (docs/admin-api.md): the same requests
- * `mg shard switchover` and `mg replica remove` make, with the cluster's API token. In a
+ * `mg shard switchover`, `mg replica remove` and `mg vschema apply` make, with the cluster's API token. In a
  * cluster it reaches each cell's orchestrator Service in turn; MG_OPERATOR_ORCHESTRATOR_URL
  * replaces them when the operator runs outside the cluster (and in the tests).
  */
@@ -20,6 +20,8 @@ export interface OrchestratorApi {
   removeReplica(database: string, shard: string, instanceId: string): Promise<Answer>;
   operation(id: string): Promise<Answer>;
   operations(): Promise<Answer>;
+  /** `mg vschema apply`'s request: 200 with the version published, 400 naming what is wrong. */
+  applyVSchema(database: string, vschema: unknown): Promise<Answer>;
 }
 
 /** Base URLs of the cluster's orchestrators: the override, else each cell's Service. */
@@ -48,6 +50,10 @@ export class OrchestratorClient implements OrchestratorApi {
 
   operations(): Promise<Answer> {
     return this.call('GET', '/v1/operations');
+  }
+
+  applyVSchema(database: string, vschema: unknown): Promise<Answer> {
+    return this.call('PUT', `/v1/databases/${encodeURIComponent(database)}/vschema`, vschema);
   }
 
   private call(method: string, path: string, body?: unknown): Promise<Answer> {

@@ -4,10 +4,12 @@
  * in a row writes nothing the second time (server-side apply of unchanged objects is a no-op).
  */
 import { randomBytes } from 'node:crypto';
+import { isDeepStrictEqual } from 'node:util';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from '../common/log.ts';
 import { counter } from '../common/metrics.ts';
 import { instanceGroups, shardRanges, SpecError, type ClusterSpec } from '../compose/spec.ts';
+import type { VSchemaRecord } from '../schemas/index.ts';
 import type { KubeClient as Kube } from './kube.ts';
 import type { OrchestratorApi } from './orchestrator.ts';
 import type { LogAddress, ShardPrimary } from './topology.ts';
@@ -16,6 +18,7 @@ import {
   type Condition, type Manifest, type MultigresCluster, type MultigresDatabase,
 } from './resources.ts';
 import type { ShardContext, ShardProgress, ShardRoller, ShardSet } from './roll.ts';
+import { reconcileVSchema, type VSchemaOutcome } from './vschema.ts';
 
 const applied = counter('mg_operator_objects_applied_total', 'Objects the operator applied (created or changed)', ['kind']);
 const pruned = counter('mg_operator_objects_deleted_total', 'Owned objects the operator deleted because no resource asks for them', ['kind']);
@@ -30,6 +33,7 @@ const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 /** The cluster's topology log: each shard's primary, registered instances (operator/topology.ts; a fake in unit tests). */
 export interface TopologySource {
   primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] };
+  vschema(clusterKey: string, where: LogAddress, database: string): { caughtUp: boolean; record?: VSchemaRecord };
   registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined;
   deregister(clusterKey: string, where: LogAddress, instanceIds: string[], reason: string): Promise<void>;
   forget(clusterKey: string): Promise<void>;
@@ -105,7 +109,12 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     pruned.inc({ kind: obj.kind! });
   }
 
-  for (const db of databases) await setDatabaseStatus(kube, db, primaries.get(db.metadata!.name!)!.shards);
+  let vschemaRetryMs: number | undefined;
+  for (const db of databases) {
+    const vschema = await reconcileVSchema(kube, db, topology.vschema(`${namespace}/${name}`, where, db.metadata!.name!), orchestrator);
+    if (vschema.retryMs) vschemaRetryMs = vschema.retryMs;
+    await setDatabaseStatus(kube, db, primaries.get(db.metadata!.name!)!.shards, vschema);
+  }
 
   // Pods on an old template: replaced one at a time per shard, the primary's last and after a switchover.
   const pods = active.length ? await kube.listPods(namespace, { [LABEL_CLUSTER]: name, 'app.kubernetes.io/component': 'postgres' }) : [];
@@ -119,8 +128,8 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
 
   const rollout = rolloutOf(current);
   await setStatus(kube, cluster, databases.length, progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions);
-  if (progress.length) return { requeueAfterMs: Math.min(...progress.map((p) => p.recheckMs)) };
-  return rollout.done ? {} : { requeueAfterMs: 5_000 };
+  const recheck = [...progress.map((p) => p.recheckMs), ...(rollout.done ? [] : [5_000]), ...(vschemaRetryMs ? [vschemaRetryMs] : [])];
+  return recheck.length ? { requeueAfterMs: Math.min(...recheck) } : {};
 }
 
 /** Whether a StatefulSet or pod is one of the shard's (by the labels every one of them carries). */
@@ -259,28 +268,44 @@ async function finalize(kube: Kube, topology: TopologySource, cluster: Multigres
   return {};
 }
 
-/** Each shard's primary and term as the topology log has them. */
-async function setDatabaseStatus(kube: Kube, db: MultigresDatabase, shards: ShardPrimary[]): Promise<void> {
-  const status = { observedGeneration: db.metadata!.generation, shards };
-  if (JSON.stringify({ observedGeneration: db.status?.observedGeneration, shards: db.status?.shards ?? [] }) === JSON.stringify(status)) return;
+/** Each shard's primary and term as the topology log has them, and where its VSchema stands (written only when something changed). */
+async function setDatabaseStatus(kube: Kube, db: MultigresDatabase, shards: ShardPrimary[], vschema: VSchemaOutcome): Promise<void> {
+  const previous = db.status?.conditions ?? [];
+  const conditions = vschema.condition ? withTransitionTime([vschema.condition], previous, db.metadata!.generation) : db.spec.vschemaRef ? previous : [];
+  const status = {
+    observedGeneration: db.metadata!.generation, shards, conditions,
+    ...(vschema.sent !== undefined ? { vschema: vschema.sent } : {}),
+  };
+  const held = { observedGeneration: db.status?.observedGeneration, shards: db.status?.shards ?? [], conditions: previous, ...(vschema.sent !== undefined ? { vschema: db.status?.vschema ?? null } : {}) };
+  if (sameJson(held, status)) return;
   await kube.patchStatus('MultigresDatabase', db.metadata!.namespace!, db.metadata!.name!, status);
+}
+
+/** Equal as JSON, whatever the order of keys: the API server returns them sorted, not in the order written. */
+function sameJson(a: unknown, b: unknown): boolean {
+  return isDeepStrictEqual(JSON.parse(JSON.stringify(a)), JSON.parse(JSON.stringify(b)));
 }
 
 function condition(type: Condition['type'], status: Condition['status'], reason: string, message: string): Condition {
   return { type, status, reason, message };
 }
 
-/** Writes conditions, keeping lastTransitionTime of those whose status did not change. */
-async function setStatus(kube: Kube, cluster: MultigresCluster, databases: number | undefined, conditions: Condition[]): Promise<void> {
+/** The conditions with observedGeneration, keeping lastTransitionTime of those whose status did not change. */
+function withTransitionTime(conditions: Condition[], previous: Condition[], generation: number | undefined): Condition[] {
   const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-  const previous = cluster.status?.conditions ?? [];
-  const generation = cluster.metadata!.generation;
-  const next = conditions.map((c) => {
+  return conditions.map((c) => {
     const old = previous.find((p) => p.type === c.type);
     return { ...c, observedGeneration: generation, lastTransitionTime: old && old.status === c.status ? old.lastTransitionTime : now };
   });
+}
+
+/** Writes conditions, keeping lastTransitionTime of those whose status did not change. */
+async function setStatus(kube: Kube, cluster: MultigresCluster, databases: number | undefined, conditions: Condition[]): Promise<void> {
+  const previous = cluster.status?.conditions ?? [];
+  const generation = cluster.metadata!.generation;
+  const next = withTransitionTime(conditions, previous, generation);
   const unchanged = cluster.status?.observedGeneration === generation && (databases === undefined || cluster.status?.databases === databases) &&
-    JSON.stringify(next) === JSON.stringify(previous);
+    sameJson(next, previous);
   if (unchanged) return;
   await kube.patchStatus('MultigresCluster', cluster.metadata!.namespace!, cluster.metadata!.name!, {
     observedGeneration: generation, conditions: next, ...(databases === undefined ? {} : { databases }),

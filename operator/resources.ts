@@ -17,7 +17,8 @@ export const LABEL_CLUSTER = 'multigres.io/cluster';
 export const LABEL_MANAGED_BY = 'app.kubernetes.io/managed-by';
 
 export interface Condition {
-  type: 'Ready' | 'Progressing' | 'Degraded';
+  /** A cluster's Ready, Progressing, Degraded; a database's VSchemaApplied. */
+  type: 'Ready' | 'Progressing' | 'Degraded' | 'VSchemaApplied';
   status: 'True' | 'False' | 'Unknown';
   reason: string;
   message: string;
@@ -58,11 +59,24 @@ export interface MultigresDatabase extends KubernetesObject {
     cdc?: { enabled?: boolean; tables?: string[] };
     vschemaRef?: { name: string; key?: string };
   };
-  status?: { observedGeneration?: number; shards?: Array<{ shard: string; primary: string; term: number }> };
+  status?: { observedGeneration?: number; shards?: Array<{ shard: string; primary: string; term: number }>; conditions?: Condition[]; vschema?: VSchemaStatus };
+}
+
+/** The VSchema content last sent to the orchestrator (operator/vschema.ts): applied as `version`, or refused with `error`. */
+export interface VSchemaStatus {
+  configMap: string;
+  key: string;
+  /** sha256 of the ConfigMap value. */
+  hash: string;
+  version?: number;
+  error?: string;
 }
 
 /** Ports inside every pod: each pod has its own address, so they are fixed, unlike locally. */
 export const PORTS = { postgres: 5432, pooler: 6432, agentMetrics: 9100, poolerMetrics: 9200, gatewayMetrics: 9300 } as const;
+
+/** The data directory on the pod's volume, for the postgres container and the agent (compose/pod-config.ts). */
+export const PGDATA = '/var/lib/postgresql/data/pgdata';
 
 /**
  * The cluster spec the resources describe, validated by the same schema as a local cluster's
@@ -182,7 +196,7 @@ function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: In
               name: 'postgres', image: cluster.spec.postgresImage ?? 'postgres:15',
               // The agent initdb's or clones the data directory; Postgres starts once it exists.
               command: ['sh', '-c', 'until [ -f "$PGDATA/PG_VERSION" ]; do sleep 1; done; exec postgres -D "$PGDATA"'],
-              env: [{ name: 'PGDATA', value: '/var/lib/postgresql/data/pgdata' }],
+              env: [{ name: 'PGDATA', value: PGDATA }],
               ports: [{ name: 'postgres', containerPort: PORTS.postgres }],
               resources: db.spec.resources ?? {},
               volumeMounts: [{ name: 'data', mountPath: '/var/lib/postgresql/data' }, { name: 'run', mountPath: '/var/run/postgresql' }],
@@ -279,6 +293,8 @@ export function desiredObjects(cluster: MultigresCluster, databases: MultigresDa
   for (const cell of spec.cells) {
     out.push(deployment(cluster, names.orchestrator(c, cell), 'orchestrator', 1, {
       name: 'orchestrator', args: ['orchestrator'], resources: cluster.spec.orchestrator?.resources ?? {},
+      // The admin API's bearer token: the one the operator and `mg` send.
+      env: [...commonEnv(cluster, cell), { name: 'MG_API_TOKEN', valueFrom: { secretKeyRef: { name: names.credentials(c), key: 'orchestrator-api-token' } } }],
       ports: [{ name: 'api', containerPort: orchPort }],
     }, cell));
     out.push(service(cluster, c, names.orchestrator(c, cell), { 'app.kubernetes.io/component': 'orchestrator', 'multigres.io/cell': cell }, [{ name: 'api', port: orchPort }]));

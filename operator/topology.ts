@@ -1,14 +1,14 @@
 /**
- * Who is primary of each shard, and in which term, as the cluster's topology log says:
- * the operator folds that log (the same fold every gateway uses) instead of guessing from
- * pods. One subscription per event log (bootstrap, registry, topic prefix), opened on the
- * first reconcile of a cluster that names it; a primary change wakes the cluster's reconcile.
- * The one event the operator writes there: an instance deregistered when its cluster is deleted.
+ * Who is primary of each shard, and in which term, as the cluster's topology log says, and
+ * which VSchema each database serves: the operator folds that log (the same fold every gateway
+ * uses) instead of guessing from pods. One subscription per event log (bootstrap, registry,
+ * topic prefix), opened on the first reconcile of a cluster that names it; a primary change
+ * wakes the cluster's reconcile. The one event the operator writes there: an instance deregistered when its cluster is deleted.
  */
 import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
-import { applyTopologyEvent, emptyTopology, kindOf, payload, shardKey, topologyKey, type TopologyEvent, type TopologyState } from '../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, payload, shardKey, topologyKey, type TopologyEvent, type TopologyState, type VSchemaRecord } from '../schemas/index.ts';
 
 export interface LogAddress { bootstrap: string; registryUrl: string; topicPrefix: string }
 
@@ -46,6 +46,12 @@ export class TopologyReaders {
         return p ? [{ shard, primary: p.instanceId, term: Number(p.term) }] : [];
       }),
     };
+  }
+
+  /** The VSchema the log serves for the database, once the log is read to its end (decision 0075). */
+  vschema(clusterKey: string, where: LogAddress, database: string): { caughtUp: boolean; record?: VSchemaRecord } {
+    const reader = this.readerFor(clusterKey, where);
+    return { caughtUp: reader.caughtUp, record: reader.state.vschemas.get(database) };
   }
 
   /** Instances of the databases registered on the log; undefined until it is read to its end. */

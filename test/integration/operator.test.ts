@@ -9,7 +9,8 @@
  * Running and Ready itself, the way kwok would, and containers never start) and the
  * orchestrator's (no orchestrator pod runs: the operator is pointed at an HTTP server of the
  * test through MG_OPERATOR_ORCHESTRATOR_URL, which records each request and, for a switchover,
- * publishes the PrimaryChanged a real orchestrator would on the test's real Kafka). What only a
+ * publishes the PrimaryChanged a real orchestrator would on the test's real Kafka; a VSchema it
+ * validates with the project's own parseVSchema, refusing as the admin API does, and publishes). What only a
  * real cluster verifies: the orchestrator's own switchover and replica removal (their tests are
  * the orchestrator's), and pods that really stop and start (docs/operator.md).
  */
@@ -21,6 +22,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
+import YAML from 'yaml';
 import {
   ApiextensionsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubernetesObjectApi, PatchStrategy, setHeaderOptions,
   type KubeConfig, type V1Pod,
@@ -28,7 +30,8 @@ import {
 import { OPERATOR_NAMESPACE, startControlPlane, type ControlPlane } from '../support/control-plane.ts';
 import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 import { until } from '../support/wait.ts';
-import { kindOf, payload, topologyKey, type TopologyEvent } from '../../schemas/index.ts';
+import { kindOf, parseVSchema, payload, topologyKey, VSchemaError, type TopologyEvent } from '../../schemas/index.ts';
+import { vschemaFaults } from '../../orchestrator/api/vschemas.ts';
 import type { EventLog } from '../../common/eventlog.ts';
 import { nodeArgs } from '../../compose/launch.ts';
 
@@ -139,7 +142,7 @@ async function publishPrimary(instance: string, term: bigint): Promise<void> {
  * Plays the orchestrators' REST API: records every request with its bearer token; a switchover
  * answers 200 and publishes the new primary in the next term after `publishDelayMs` (so an
  * operator that deleted the old primary's pod on the answer alone would be caught); a replica
- * removal is an operation that succeeds after `removeMs`.
+ * removal is an operation that succeeds after `removeMs`; a VSchema is applyVSchema's.
  */
 const orch = {
   requests: [] as Array<{ at: number; method: string; path: string; auth: string | undefined }>,
@@ -150,37 +153,67 @@ const orch = {
   publishDelayMs: 1_500,
   removeMs: 1_000,
   operations: new Map<string, { id: string; kind: string; target: string; state: string; steps: Array<{ message: string }>; error: null }>(),
+  vschemas: [] as Array<{ database: string; body: unknown }>,
+  vschemaVersions: new Map<string, bigint>(),
 };
 let orchServer: http.Server;
 
 function serveOrchestrator(port: number): Promise<void> {
   orchServer = http.createServer((req, res) => {
-    req.resume();
-    const send = (status: number, body: unknown) => res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body));
-    orch.requests.push({ at: Date.now(), method: req.method!, path: req.url!, auth: req.headers.authorization });
-    let m;
-    if (req.method === 'POST' && req.url === '/v1/shards/orders/-/switchover') {
-      if (orch.refuseSwitchovers > 0) {
-        orch.refuseSwitchovers--;
-        return send(409, { error: 'test: no replica caught up enough to hand over to' });
-      }
-      const previous = orch.primary.instance;
-      orch.primary = { instance: orch.handOverTo, term: orch.primary.term + 1n };
-      const { instance, term } = orch.primary;
-      setTimeout(() => void publishPrimary(instance, term).then(() => orch.publishedAt.push(Date.now())), orch.publishDelayMs);
-      return send(200, { previous, primary: instance, term: String(term) });
-    }
-    if (req.method === 'DELETE' && (m = /^\/v1\/shards\/orders\/-\/replicas\/([^/?]+)$/.exec(req.url!))) {
-      const op = { id: randomUUID(), kind: 'replica remove', target: `orders/- ${m[1]}`, state: 'running', steps: [{ message: `${m[1]}: out of routing (DRAINED)` }], error: null };
-      orch.operations.set(op.id, op);
-      setTimeout(() => (op.state = 'succeeded'), orch.removeMs);
-      return send(202, { operation: op });
-    }
-    if (req.method === 'GET' && req.url === '/v1/operations') return send(200, { operations: [...orch.operations.values()] });
-    if (req.method === 'GET' && (m = /^\/v1\/operations\/([^/]+)$/.exec(req.url!))) return orch.operations.has(m[1]) ? send(200, orch.operations.get(m[1])) : send(404, { error: 'no operation' });
-    send(404, { error: `test orchestrator: no route ${req.method} ${req.url}` });
+    let text = '';
+    req.on('data', (chunk) => (text += chunk));
+    req.on('end', () => answerOrchestrator(req, text, res));
   });
   return new Promise((resolve) => orchServer.listen(port, '127.0.0.1', resolve));
+}
+
+function answerOrchestrator(req: http.IncomingMessage, text: string, res: http.ServerResponse) {
+  const send = (status: number, body: unknown) => res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+  orch.requests.push({ at: Date.now(), method: req.method!, path: req.url!, auth: req.headers.authorization });
+  let m;
+  if (req.method === 'POST' && req.url === '/v1/shards/orders/-/switchover') {
+    if (orch.refuseSwitchovers > 0) {
+      orch.refuseSwitchovers--;
+      return send(409, { error: 'test: no replica caught up enough to hand over to' });
+    }
+    const previous = orch.primary.instance;
+    orch.primary = { instance: orch.handOverTo, term: orch.primary.term + 1n };
+    const { instance, term } = orch.primary;
+    setTimeout(() => void publishPrimary(instance, term).then(() => orch.publishedAt.push(Date.now())), orch.publishDelayMs);
+    return send(200, { previous, primary: instance, term: String(term) });
+  }
+  if (req.method === 'DELETE' && (m = /^\/v1\/shards\/orders\/-\/replicas\/([^/?]+)$/.exec(req.url!))) {
+    const op = { id: randomUUID(), kind: 'replica remove', target: `orders/- ${m[1]}`, state: 'running', steps: [{ message: `${m[1]}: out of routing (DRAINED)` }], error: null };
+    orch.operations.set(op.id, op);
+    setTimeout(() => (op.state = 'succeeded'), orch.removeMs);
+    return send(202, { operation: op });
+  }
+  if (req.method === 'GET' && req.url === '/v1/operations') return send(200, { operations: [...orch.operations.values()] });
+  if (req.method === 'GET' && (m = /^\/v1\/operations\/([^/]+)$/.exec(req.url!))) return orch.operations.has(m[1]) ? send(200, orch.operations.get(m[1])) : send(404, { error: 'no operation' });
+  if (req.method === 'PUT' && (m = /^\/v1\/databases\/([^/]+)\/vschema$/.exec(req.url!))) return void applyVSchema(m[1], JSON.parse(text)).then(({ status, answer }) => send(status, answer));
+  send(404, { error: `test orchestrator: no route ${req.method} ${req.url}` });
+}
+
+/**
+ * The admin API's PUT of a VSchema as a real orchestrator answers it: validated by the project's
+ * parseVSchema (a 400 naming the table, column and vindex, in the route's own words), then
+ * published as the next version of VSchemaApplied on the test's real topology log.
+ */
+async function applyVSchema(database: string, raw: unknown): Promise<{ status: number; answer: unknown }> {
+  orch.vschemas.push({ database, body: raw });
+  let vschema;
+  try {
+    vschema = parseVSchema(raw);
+  } catch (err) {
+    if (!(err instanceof VSchemaError)) throw err;
+    const fields = vschemaFaults(err);
+    return { status: 400, answer: { error: `invalid VSchema: ${fields.map((f) => `${f.field}: ${f.message}`).join('; ')}`, fields } };
+  }
+  const version = (orch.vschemaVersions.get(database) ?? 0n) + 1n;
+  orch.vschemaVersions.set(database, version);
+  const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: 'test', payload: payload('VSchemaApplied', { database, version, vschema: JSON.stringify(vschema) }) };
+  await eventLog.publisher('topology')([{ key: topologyKey(e), value: e }]);
+  return { status: 200, answer: { database, version: String(version) } };
 }
 
 const dbStatus = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' })) as any).status;
@@ -543,6 +576,118 @@ describe('the operator on a real API server', () => {
     } finally {
       await kubelet.stop();
     }
+  });
+
+  test("a sharded database's vschemaRef is applied once per content; a refusal, a missing ConfigMap and an unsharded database show as conditions", async () => {
+    const GOOD = 'vindexes: { hash: { type: hash } }\ntables:\n  users: { column_vindexes: [{ column: id, name: hash }] }\n';
+    const MORE = `${GOOD}  countries: { type: reference }\n`;
+    const BAD = '{"vindexes": {"hash": {"type": "hash"}}, "tables": {"users": {"column_vindexes": [{"column": "id", "name": "nope"}]}}}';
+    const setVSchema = (text: string) => core.replaceNamespacedConfigMap({ name: 'users-vschema', namespace: ns, body: { metadata: { name: 'users-vschema' }, data: { 'vschema.yaml': text } } });
+    const users = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users' })) as any).status;
+    const vschemaCondition = (status: any) => conditionOf({ status }, 'VSchemaApplied');
+    const puts = (db = 'users') => orch.vschemas.filter((v) => v.database === db);
+
+    await core.createNamespacedConfigMap({ namespace: ns, body: { metadata: { name: 'users-vschema' }, data: { 'vschema.yaml': GOOD } } });
+    await custom.createNamespacedCustomObject({ ...group, plural: 'multigresdatabases', body: {
+      apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'users' },
+      spec: { cluster: 'alpha', sharded: true, shards: 2, instancesPerShard: 1, vschemaRef: { name: 'users-vschema', key: 'vschema.yaml' } },
+    } });
+    let status = await until('the VSchema applied', 60_000, async () => {
+      const st = await users();
+      return vschemaCondition(st)?.status === 'True' && st;
+    });
+    assert.equal(vschemaCondition(status).message, 'ConfigMap users-vschema key vschema.yaml is version 1 on the topology log');
+    assert.deepEqual(puts().map((p) => p.body), [YAML.parse(GOOD)], 'the YAML sent as the VSchema, once');
+    assert.equal(orch.requests.find((r) => r.method === 'PUT')!.auth, `Bearer ${Buffer.from((await core.readNamespacedSecret({ name: 'alpha-credentials', namespace: ns })).data!['orchestrator-api-token'], 'base64').toString()}`);
+    assert.equal(status.vschema.version, 1);
+
+    // Reconciles with nothing new send nothing.
+    const reconciles = await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}');
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users', body: { metadata: { annotations: { touched: 'yes' } } } }, mergePatch);
+    await until('two more reconciles', 30_000, async () => (await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}')) >= reconciles + 2);
+    assert.equal(puts().length, 1, 'the same content is never applied twice');
+
+    // A changed ConfigMap is applied again, woken by the ConfigMap watch (the test's resync is 30 s).
+    const t0 = Date.now();
+    await setVSchema(MORE);
+    status = await until('version 2', 20_000, async () => {
+      const st = await users();
+      return st?.vschema?.version === 2 && vschemaCondition(st)?.status === 'True' && st;
+    });
+    figures.push(`vschemaRef: ConfigMap changed to its VSchema applied (version 2 in the status): ${Date.now() - t0} ms`);
+    assert.deepEqual(puts().map((p) => p.body), [YAML.parse(GOOD), YAML.parse(MORE)]);
+
+    // One the orchestrator refuses: the condition carries its reason, naming the table and the vindex; not sent again.
+    await setVSchema(BAD);
+    status = await until('the refusal in the status', 20_000, async () => {
+      const st = await users();
+      return vschemaCondition(st)?.status === 'False' && st;
+    });
+    assert.equal(vschemaCondition(status).reason, 'InvalidVSchema');
+    assert.match(vschemaCondition(status).message, /^ConfigMap users-vschema key vschema.yaml refused by the orchestrator: invalid VSchema: table users, column id: vindex nope/);
+    assert.equal(status.vschema.error, vschemaCondition(status).message);
+    const after = await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}');
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users', body: { metadata: { annotations: { touched: 'again' } } } }, mergePatch);
+    await until('two more reconciles', 30_000, async () => (await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}')) >= after + 2);
+    assert.equal(puts().length, 3, 'a refused content is not sent again');
+
+    // A ConfigMap that does not exist; an unsharded database with a vschemaRef.
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users', body: { spec: { vschemaRef: { name: 'missing' } } } }, mergePatch);
+    status = await until('ConfigMapNotFound', 20_000, async () => {
+      const st = await users();
+      return vschemaCondition(st)?.reason === 'ConfigMapNotFound' && st;
+    });
+    assert.equal(vschemaCondition(status).message, `ConfigMap missing (vschemaRef) does not exist in namespace ${ns}`);
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { vschemaRef: { name: 'users-vschema', key: 'vschema.yaml' } } } }, mergePatch);
+    const orders = await until('NotSharded', 20_000, async () => {
+      const st = await dbStatus();
+      return vschemaCondition(st)?.reason === 'NotSharded' && st;
+    });
+    assert.equal(vschemaCondition(orders).message, 'database orders is not sharded (sharded: true): a VSchema applies to sharded databases only');
+    assert.equal(puts('orders').length, 0);
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { vschemaRef: null } } }, mergePatch);
+    await until('the condition gone with the reference', 20_000, async () => !vschemaCondition(await dbStatus()));
+    assert.equal(puts().length, 3);
+
+    // The tests after this one expect the one database.
+    await custom.deleteNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users' });
+    await core.deleteNamespacedConfigMap({ name: 'users-vschema', namespace: ns });
+    await until("the users database's objects gone", 60_000, async () => ![...(await ownedObjects()).keys()].some((k) => k.includes('-users-')));
+  });
+
+  test("the image's entry point runs an orchestrator from its Deployment's exact args and env, with the cluster's API token", async () => {
+    // What the kubelet would give the container: the manifest's env with field references and the Secret's keys
+    // resolved, and the spec ConfigMap (mounted at /etc/multigres in a pod) in a file here.
+    const deployment = (await ownedObjects()).get('Deployment/alpha-orch-zone1');
+    const container = deployment.spec.template.spec.containers[0];
+    const secret = (await core.readNamespacedSecret({ name: 'alpha-credentials', namespace: ns })).data!;
+    const specFile = path.join(dir, 'spec.json');
+    fs.writeFileSync(specFile, (await ownedObjects()).get('ConfigMap/alpha-spec').data['spec.json']);
+    const env = Object.fromEntries(container.env.map((e: any) => [e.name, e.value ?? (e.valueFrom.fieldRef
+      ? { 'metadata.name': 'alpha-orch-zone1-5f7d-x', 'status.podIP': '127.0.0.1' }[e.valueFrom.fieldRef.fieldPath as string]
+      : Buffer.from(secret[e.valueFrom.secretKeyRef.key], 'base64').toString())]));
+    assert.deepEqual(container.args, ['orchestrator']);
+    const logFile = fs.openSync(path.join(dir, 'entrypoint-orchestrator.log'), 'a');
+    const child = spawn(process.execPath, [...nodeArgs('compose/entrypoint.ts'), ...container.args], {
+      cwd: repoRoot, stdio: ['ignore', logFile, logFile], env: { ...process.env, ...env, MG_SPEC_FILE: specFile },
+    });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      const url = `http://127.0.0.1:${container.ports[0].containerPort}/v1/status`;
+      const status = await until('the orchestrator to answer its admin API', 60_000, async () => {
+        try {
+          const res = await fetch(url, { headers: { authorization: `Bearer ${env.MG_API_TOKEN}` } });
+          return res.status === 200 && (await res.json());
+        } catch {
+          return false;
+        }
+      });
+      assert.equal(status.orchestrator, 'orch-zone1');
+      assert.equal((await fetch(url)).status, 401, 'the admin API wants the Secret\'s token');
+    } finally {
+      child.kill('SIGTERM');
+    }
+    assert.equal(await exited, 0, 'SIGTERM passed on to the orchestrator, which stopped cleanly');
   });
 
   test('two operator replicas never both act: the follower waits, then takes over from a dead leader', async () => {

@@ -73,6 +73,10 @@ class FakeApi implements KubeClient {
   async secretValue(): Promise<string | undefined> {
     return 'token';
   }
+  configMaps = new Map<string, Record<string, string>>();
+  async configMapData(_ns: string, name: string): Promise<Record<string, string> | undefined> {
+    return this.configMaps.get(name);
+  }
   async patchStatus(kind: string, _ns: string, name: string, status: any): Promise<unknown> {
     const o = this.custom.get(`${kind}/${name}`);
     o.status = { ...o.status, ...status };
@@ -88,6 +92,7 @@ class FakeApi implements KubeClient {
 
 const primaries = (table: Record<string, { primary: string; term: number }> = {}, registered: string[] = [], deregistered: string[] = []): TopologySource => ({
   primaries: (_k, _w, database, shards) => ({ caughtUp: true, shards: shards.flatMap((shard) => (table[`${database}/${shard}`] ? [{ shard, ...table[`${database}/${shard}`] }] : [])) }),
+  vschema: () => ({ caughtUp: true }),
   registered: () => registered,
   deregister: async (_k, _w, ids) => void deregistered.push(...ids),
   forget: async () => undefined,
@@ -100,6 +105,7 @@ function changes(api: FakeApi, calls: string[] = []): PodChanges {
     removeReplica: async (db, shard, id) => (calls.push(`remove ${db}/${shard} ${id}`), { status: 202, body: { operation: { id: 'op' } } }),
     operation: async () => ({ status: 200, body: { state: 'succeeded' } }),
     operations: async () => ({ status: 200, body: { operations: [] } }),
+    applyVSchema: async (db) => (calls.push(`vschema ${db}`), { status: 200, body: { version: '1' } }),
   };
   return { roller: new ShardRoller((p) => api.deletePod(p)), orchestrator: () => orch };
 }
@@ -236,4 +242,28 @@ test('down to one instance: every StatefulSet no longer wanted is kept until its
   await reconcileCluster(api, primary, pods, 'ns', 'c', log);
   assert.deepEqual(calls, ['remove orders/- orders-0-z2-1', 'remove orders/- orders-0-z3-2']);
   assert.ok(!api.objects.has('StatefulSet/c-orders-0-z3'));
+});
+
+test("a sharded database's VSchema by reference: applied once, in the database's status, and applied again when it changes", async () => {
+  const api = setup();
+  Object.assign(api.custom.get('MultigresDatabase/orders').spec, { sharded: true, shards: 2, vschemaRef: { name: 'orders-vschema' } });
+  api.configMaps.set('orders-vschema', { 'vschema.json': '{"tables": {"items": {"type": "reference"}}}' });
+  const calls: string[] = [];
+  const result = await reconcileCluster(api, primaries(), changes(api, calls), 'ns', 'c', log);
+  assert.deepEqual(calls, ['vschema orders']);
+  const status = api.custom.get('MultigresDatabase/orders').status;
+  assert.deepEqual(status.conditions.map((c: any) => [c.type, c.status, c.reason, c.message]), [['VSchemaApplied', 'True', 'Applied', 'ConfigMap orders-vschema key vschema.json is version 1 on the topology log']]);
+  assert.deepEqual([status.vschema.configMap, status.vschema.key, status.vschema.version], ['orders-vschema', 'vschema.json', 1]);
+  assert.equal(result.requeueAfterMs, 5_000, 'the rollout, not the VSchema');
+
+  await reconcileCluster(api, primaries(), changes(api, calls), 'ns', 'c', log);
+  assert.deepEqual(calls, ['vschema orders'], 'the same content is not sent again');
+  api.configMaps.set('orders-vschema', { 'vschema.json': 'tables: { items: { type: reference }, more: { type: reference } }' });
+  await reconcileCluster(api, primaries(), changes(api, calls), 'ns', 'c', log);
+  assert.deepEqual(calls, ['vschema orders', 'vschema orders'], 'a changed ConfigMap is');
+
+  delete api.custom.get('MultigresDatabase/orders').spec.vschemaRef;
+  await reconcileCluster(api, primaries(), changes(api, calls), 'ns', 'c', log);
+  const cleared = api.custom.get('MultigresDatabase/orders').status;
+  assert.deepEqual([cleared.conditions, cleared.vschema], [[], null], 'no reference: no condition, nothing recorded');
 });

@@ -65,6 +65,9 @@ class FakeOrchestrator implements OrchestratorApi {
   async operations(): Promise<Answer> {
     return { status: 200, body: { operations: this.running } };
   }
+  async applyVSchema(): Promise<Answer> {
+    throw new Error('a roll never applies a VSchema');
+  }
 }
 
 function context(orch: FakeOrchestrator, primary: { primary: string; term: number } | undefined): ShardContext {
