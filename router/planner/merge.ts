@@ -6,7 +6,8 @@
  * rows arrive (router/gateway/scatter-read.ts). Values are the
  * text-format column values as the shards sent them (null for NULL); order
  * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
- * collation), NULLs last ascending and first descending unless asked.
+ * collation), dates and timestamps by the instant their ISO text names, NULLs
+ * last ascending and first descending unless asked.
  */
 import { countValue, resolveValue, type BoundParam, type Comparison, type Having, type Merge } from './plan.ts';
 import { RefusedError } from './planner.ts';
@@ -17,9 +18,17 @@ export interface Field { name: string; typeOid: number }
 const INTEGER = new Set([20, 21, 23, 26]);
 const FLOAT = new Set([700, 701]);
 const NUMERIC = 1700;
+/** date, timestamp, timestamptz: text that must be read to be ordered (offsets, BC, years past 9999, infinity). */
+const DATETIME = new Set([1082, 1114, 1184]);
 
 /** Compares two values of one column type (non-null). */
 function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
+  if (DATETIME.has(typeOid)) {
+    const x = instantOf(a.toString('latin1'));
+    const y = instantOf(b.toString('latin1'));
+    // Text in another DateStyle than ISO is not read: it is ordered as text (docs/sharding.md).
+    if (x !== undefined && y !== undefined) return x < y ? -1 : x > y ? 1 : 0;
+  }
   if (INTEGER.has(typeOid)) {
     const x = BigInt(a.toString('latin1'));
     const y = BigInt(b.toString('latin1'));
@@ -28,6 +37,35 @@ function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
   if (FLOAT.has(typeOid)) return floatOrder(Number(a.toString('latin1'))) - floatOrder(Number(b.toString('latin1')));
   if (typeOid === NUMERIC) return compareDecimal(a.toString('latin1'), b.toString('latin1'));
   return Buffer.compare(a, b);
+}
+
+const ISO_DATETIME = /^(\d{4,})-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?)?(?:([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?)?( BC)?$/;
+const INFINITE = 2n ** 80n;
+
+/**
+ * Microseconds from 1970-01-01 00:00 UTC of a date, timestamp or timestamptz in ISO DateStyle (a timestamp
+ * without zone as if at UTC; the proleptic Gregorian calendar, year 1 BC = 0); undefined when not such text.
+ */
+function instantOf(text: string): bigint | undefined {
+  if (text === 'infinity') return INFINITE;
+  if (text === '-infinity') return -INFINITE;
+  const m = ISO_DATETIME.exec(text);
+  if (!m) return undefined;
+  const [, y, mo, d, h = '0', mi = '0', sec = '0', frac = '', sign, oh = '0', om = '0', os = '0', bc] = m;
+  const days = daysFromCivil(bc ? 1 - Number(y) : Number(y), Number(mo), Number(d));
+  const offset = (Number(oh) * 3600 + Number(om) * 60 + Number(os)) * (sign === '-' ? -1 : 1);
+  const seconds = BigInt(days) * 86_400n + BigInt(Number(h) * 3600 + Number(mi) * 60 + Number(sec) - offset);
+  return seconds * 1_000_000n + BigInt(frac.padEnd(6, '0') || '0');
+}
+
+/** Days from 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil). */
+function daysFromCivil(year: number, month: number, day: number): number {
+  const y = month <= 2 ? year - 1 : year;
+  const era = Math.floor(y / 400);
+  const yoe = y - era * 400;
+  const doy = Math.floor((153 * (month + (month > 2 ? -3 : 9)) + 2) / 5) + day - 1;
+  const doe = yoe * 365 + Math.floor(yoe / 4) - Math.floor(yoe / 100) + doy;
+  return era * 146_097 + doe - 719_468;
 }
 
 /** Postgres orders NaN above every number. */
@@ -119,9 +157,15 @@ function aggregate(rows: Row[], fields: readonly Field[], merge: Merge): Row[] {
 /**
  * Types whose text the gateway orders exactly as the shards sort the values (compareValues; text
  * types in the instances' C.UTF-8 collation): a merge of groups relies on it to find each group's
- * rows together. Others (dates, timestamps, intervals, char(n), arrays, ...) are gathered instead.
+ * rows together. Others (intervals, char(n), arrays, ...) are gathered instead.
  */
-const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950]);
+const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950, ...DATETIME]);
+/**
+ * Types an ORDER BY over all shards is merged on: those followed, and those whose text sorts as the values do
+ * without being read (bytea's hex, time, char(n) padded alike). Others (interval, timetz, arrays, json,
+ * ranges, ...) sort by rules the text does not show: refused rather than merged out of order.
+ */
+const ORDERABLE = new Set([...ORDER_FOLLOWED, 17, 1042, 1083]);
 
 /** Whether every column of `order` is of a type whose order the gateway follows (ORDER_FOLLOWED). */
 export function orderFollowed(fields: readonly Field[], order: Merge['orderBy']): boolean {
@@ -233,6 +277,8 @@ export function mergeRows(rows: Row[], fields: readonly Field[], merge: Merge, p
  */
 export function rowOrder(fields: readonly Field[], orderBy: Merge['orderBy']): (a: Row, b: Row) => number {
   const keys = orderBy.map((o) => ({ ...o, at: resolveColumn(o.column, fields) }));
+  const unordered = keys.find((k) => !ORDERABLE.has(fields[k.at].typeOid));
+  if (unordered) throw new RefusedError(`ORDER BY ${fields[unordered.at].name}, of a type the gateway does not order (type oid ${fields[unordered.at].typeOid}), over all shards`);
   return (a, b) => {
     for (const k of keys) {
       const x = a[k.at];
