@@ -6,7 +6,8 @@
  * rows arrive (router/gateway/scatter-read.ts). Values are the
  * text-format column values as the shards sent them (null for NULL); order
  * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
- * collation), dates and timestamps by the instant their ISO text names, NULLs
+ * collation), dates and timestamps by the instant their ISO text names,
+ * intervals by their span (a month of 30 days, as Postgres compares them), NULLs
  * last ascending and first descending unless asked.
  */
 import { countValue, resolveValue, type BoundParam, type Comparison, type Having, type Merge } from './plan.ts';
@@ -20,6 +21,7 @@ const FLOAT = new Set([700, 701]);
 const NUMERIC = 1700;
 /** date, timestamp, timestamptz: text that must be read to be ordered (offsets, BC, years past 9999, infinity). */
 const DATETIME = new Set([1082, 1114, 1184]);
+const INTERVAL = 1186;
 
 /** Compares two values of one column type (non-null). */
 function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
@@ -27,6 +29,11 @@ function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
     const x = instantOf(a.toString('latin1'));
     const y = instantOf(b.toString('latin1'));
     // Text in another DateStyle than ISO is not read: it is ordered as text (docs/sharding.md).
+    if (x !== undefined && y !== undefined) return x < y ? -1 : x > y ? 1 : 0;
+  }
+  if (typeOid === INTERVAL) {
+    const x = intervalSpan(a.toString('latin1'));
+    const y = intervalSpan(b.toString('latin1'));
     if (x !== undefined && y !== undefined) return x < y ? -1 : x > y ? 1 : 0;
   }
   if (INTEGER.has(typeOid)) {
@@ -56,6 +63,20 @@ function instantOf(text: string): bigint | undefined {
   const offset = (Number(oh) * 3600 + Number(om) * 60 + Number(os)) * (sign === '-' ? -1 : 1);
   const seconds = BigInt(days) * 86_400n + BigInt(Number(h) * 3600 + Number(mi) * 60 + Number(sec) - offset);
   return seconds * 1_000_000n + BigInt(frac.padEnd(6, '0') || '0');
+}
+
+const POSTGRES_INTERVAL = /^(?:(-?\d+) years? ?)?(?:(-?\d+) mons? ?)?(?:(-?\d+) days? ?)?(?:([+-]?)(\d+):(\d\d):(\d\d)(?:\.(\d{1,6}))?)?$/;
+
+/**
+ * An interval in the default IntervalStyle (postgres) as Postgres compares intervals: months of 30 days and
+ * days of 24 hours, in microseconds; undefined when not such text.
+ */
+function intervalSpan(text: string): bigint | undefined {
+  const m = POSTGRES_INTERVAL.exec(text);
+  if (!m || !text) return undefined;
+  const [, years = '0', months = '0', days = '0', sign, h = '0', mi = '0', sec = '0', frac = ''] = m;
+  const time = (BigInt(h) * 3600n + BigInt(mi) * 60n + BigInt(sec)) * 1_000_000n + BigInt(frac.padEnd(6, '0') || '0');
+  return ((BigInt(years) * 12n + BigInt(months)) * 30n + BigInt(days)) * 86_400_000_000n + (sign === '-' ? -time : time);
 }
 
 /** Days from 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil). */
@@ -159,11 +180,11 @@ function aggregate(rows: Row[], fields: readonly Field[], merge: Merge): Row[] {
  * types in the instances' C.UTF-8 collation): a merge of groups relies on it to find each group's
  * rows together. Others (intervals, char(n), arrays, ...) are gathered instead.
  */
-const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950, ...DATETIME]);
+const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950, ...DATETIME, INTERVAL]);
 /**
  * Types an ORDER BY over all shards is merged on: those followed, and those whose text sorts as the values do
- * without being read (bytea's hex, time, char(n) padded alike). Others (interval, timetz, arrays, json,
- * ranges, ...) sort by rules the text does not show: refused rather than merged out of order.
+ * without being read (bytea's hex, time, char(n) padded alike). Others (timetz, arrays, json, ranges, ...)
+ * sort by rules the text does not show: refused rather than merged out of order.
  */
 const ORDERABLE = new Set([...ORDER_FOLLOWED, 17, 1042, 1083]);
 

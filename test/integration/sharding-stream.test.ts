@@ -267,7 +267,7 @@ test('a merged read past its LIMIT stops taking rows, an error on one shard ends
   assert.deepEqual((await gw.query('SELECT g FROM pieces ORDER BY g LIMIT 3')).rows.map((r) => r.g), [1, 2, 3]);
 });
 
-test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numeric, text, timestamps as clocks go back and BC dates, DESC, NULLS FIRST/LAST, several keys, LIMIT/OFFSET, simple and extended protocol', async () => {
+test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numeric, text, timestamps as clocks go back, BC dates, intervals, DESC, NULLS FIRST/LAST, several keys, LIMIT/OFFSET, simple and extended protocol', async () => {
   await gw.query('CREATE TABLE typed (id bigint PRIMARY KEY, i int, b bigint, n numeric, t text)');
   const words = ['a', 'B', 'ab', 'é', 'z', '', 'Zz', 'a b'];
   const values = Array.from({ length: 300 }, (_, k) => {
@@ -313,12 +313,13 @@ test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numer
     for (const text of [
       "SELECT id, timestamptz '2026-10-25 00:00+00' + (id % 37) * interval '7 minutes' AS at FROM typed ORDER BY at DESC, id",
       "SELECT id, (date '2026-01-01' - id::int * 40)::timestamp AS at, date '0001-06-01' - id::int * 9 AS d FROM typed ORDER BY d, id LIMIT 50 OFFSET 10",
+      "SELECT id, i * interval '1 day' - id * interval '37 minutes' + (id % 5) * interval '1 mon' AS span FROM typed ORDER BY span DESC NULLS LAST, id",
     ]) {
       assert.deepEqual((await gw.query(text)).rows, (await ref.query(text)).rows, text);
     }
     for (const c of [gw, ref]) await c.query('RESET TimeZone');
     // A type whose text does not sort as its values: refused, naming the column; the session goes on.
-    await assert.rejects(gw.query("SELECT id, i * interval '1 day' AS span FROM typed ORDER BY span"), (e: any) => e.code === '0A000' && /ORDER BY span, of a type the gateway does not order/.test(e.message));
+    await assert.rejects(gw.query("SELECT id, timetz '10:00+02' + i * interval '1 hour' AS tz FROM typed ORDER BY tz"), (e: any) => e.code === '0A000' && /ORDER BY tz, of a type the gateway does not order/.test(e.message));
     assert.equal((await gw.query('SELECT count(*)::int AS n FROM typed')).rows[0].n, 300);
   } finally {
     await sql.end();

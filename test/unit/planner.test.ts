@@ -259,7 +259,7 @@ test('merging: partial count/sum/min/max combine per group; DISTINCT', () => {
   // Group columns whose order the gateway follows stream; a date's text order is not trusted.
   const by1 = [{ column: 1, desc: false, nullsFirst: false }];
   assert.equal(orderFollowed([{ name: 'a', typeOid: 25 }, { name: 'b', typeOid: 1082 }], by1), true);
-  assert.equal(orderFollowed([{ name: 'b', typeOid: 1186 }, { name: 'a', typeOid: 25 }], by1), false);
+  assert.equal(orderFollowed([{ name: 'b', typeOid: 1266 }, { name: 'a', typeOid: 25 }], by1), false);
   assert.equal(orderFollowed([{ name: 'a', typeOid: 1042 }], [{ column: 'a', desc: true, nullsFirst: true }]), false);
 });
 
@@ -457,7 +457,7 @@ test('over all shards: GROUP BY a name is the input column when the output of th
   }
 });
 
-test('ORDER BY over all shards: dates and timestamps by the instant they name (offsets, BC, years past 9999, infinity); types whose text does not sort refused', () => {
+test('ORDER BY over all shards: dates and timestamps by the instant they name (offsets, BC, years past 9999, infinity), intervals by their span; types whose text does not sort refused', () => {
   const order = (typeOid: number, values: string[], desc = false) =>
     mergeRows(values.map((v) => [Buffer.from(v)]), [{ name: 'at', typeOid }], { orderBy: [{ column: 1, desc, nullsFirst: false }], distinct: false }).map((r) => r[0]!.toString());
   assert.deepEqual(order(1184, ['2026-03-29 03:30:00+02', '2026-03-29 01:45:00+00', 'infinity', '2026-03-29 01:00:00.5+00', '-infinity', '2026-03-29 02:15:00+01']),
@@ -466,7 +466,9 @@ test('ORDER BY over all shards: dates and timestamps by the instant they name (o
     ['0044-03-15 BC', '0001-01-01 BC', '0001-01-01', '2026-01-01', '12000-01-01']);
   assert.deepEqual(order(1114, ['2026-01-01 00:00:00.25', '2026-01-01 00:00:00.5', '2026-01-01 00:00:00', '2025-12-31 23:59:59.999999'], true),
     ['2026-01-01 00:00:00.5', '2026-01-01 00:00:00.25', '2026-01-01 00:00:00', '2025-12-31 23:59:59.999999']);
-  for (const typeOid of [1186, 1007, 3802]) { // interval, int4[], jsonb
+  assert.deepEqual(order(1186, ['1 day', '23:00:00', '-1 days +02:00:00', '1 mon', '29 days 23:59:59.5', '1 year -2 mons', '10 days', '00:00:00', '-00:00:01']),
+    ['-1 days +02:00:00', '-00:00:01', '00:00:00', '23:00:00', '1 day', '10 days', '29 days 23:59:59.5', '1 mon', '1 year -2 mons'], 'intervals by their span');
+  for (const typeOid of [1266, 1007, 3802]) { // timetz, int4[], jsonb
     assert.throws(() => order(typeOid, ['1', '2']), new RegExp(`ORDER BY at, of a type the gateway does not order \\(type oid ${typeOid}\\)`));
   }
 });
