@@ -66,7 +66,7 @@ async function clusterUp(): Promise<number> {
     `orchestrator: { basePort: ${BASE + 60} }`,
     `registry: { port: ${BASE + 70} }`,
     `kafka: { port: ${BASE + 80}, controllerPort: ${BASE + 81} }`,
-    // The first full backup, taken as the cluster comes up, would fall on the first runs (one run was 5x slower).
+    // The first full backup, taken as the cluster comes up, would run beside the first measurements.
     'backup: { enabled: false }',
     '',
   ].join('\n'));
