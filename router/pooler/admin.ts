@@ -175,7 +175,7 @@ function shows(h: AdminHost): Record<string, () => [Column[], Cell[][]]> {
         const clients = h.clients().filter((c) => c.pool === p);
         const waiting = p.waitingCount;
         const maxWait = p.maxWaitMs;
-        return [p.database, p.user, clients.length - waiting, waiting, 0, 0, p.activeCount, 0, 0, p.idleCount,
+        return [p.database, p.user, clients.length - waiting, waiting, 0, 0, p.activeCount, 0, p.list().filter((s) => s.waitsForCancel).length, p.idleCount,
           p.list().filter((s) => s.state === 'resetting').length, 0, p.connecting, Math.floor(maxWait / 1000), (maxWait % 1000) * 1000,
           'transaction', clients.filter((c) => c.pins.size > 0).length];
       }),

@@ -176,6 +176,7 @@ export class Pool {
       this.retireServer(s);
       return;
     }
+    if (s.beingCanceled(() => this.release(s))) return;
     const evict = s.needsReset ? [] : s.evictable(this.ctx.config.maxPreparedStatements);
     if (evict.length) {
       // Over the per-connection statement budget: drop the least recently used (same namespace as SQL DEALLOCATE).

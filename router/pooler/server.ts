@@ -76,6 +76,10 @@ export class ServerConn implements MessageSink {
   flushQueued = false;
   private onClosedCb: (s: ServerConn) => void = () => undefined;
   closed = false;
+  /** CancelRequests for this backend whose connection to Postgres is still open. */
+  private cancelsInFlight = 0;
+  /** What runs once the last of them is done (a release waiting for it). */
+  private afterCancels: (() => void) | null = null;
 
   private constructor(private readonly up: Upstream, private readonly log: Logger, private readonly target: { host: string; port: number }) {
     this.socket = up.socket;
@@ -176,10 +180,34 @@ export class ServerConn implements MessageSink {
 
   /** Asks Postgres to cancel whatever this backend runs (a separate connection, as the protocol wants). */
   cancel(): void {
+    this.cancelsInFlight++;
     const s = net.connect({ host: this.target.host, port: this.target.port });
     s.on('error', () => undefined);
     s.on('connect', () => s.end(encodeCancel(this.pid, this.secret)));
     s.setTimeout(5_000, () => s.destroy());
+    // Postgres closes the connection once it has signalled the backend.
+    s.on('close', () => {
+      if (--this.cancelsInFlight > 0 || !this.afterCancels) return;
+      const then = this.afterCancels;
+      this.afterCancels = null;
+      then();
+    });
+  }
+
+  /**
+   * Whether a CancelRequest for this backend is still on its way; if so, `then` runs once it is done.
+   * A cancel that arrives after its query ended would cancel whatever the backend runs next: another
+   * client's statement, were the connection handed on (PgBouncer holds it the same way).
+   */
+  beingCanceled(then: () => void): boolean {
+    if (this.cancelsInFlight === 0) return false;
+    this.afterCancels = then;
+    return true;
+  }
+
+  /** Released, and waiting for a cancel to be done before it serves anyone (SHOW POOLS' sv_being_canceled). */
+  get waitsForCancel(): boolean {
+    return this.afterCancels !== null;
   }
 
   /** Polite close (Terminate). */

@@ -19,6 +19,7 @@ import { PostgresInstance } from '../../ingest/postgres/instance.ts';
 import { startPooler, type PoolerHandle } from '../../router/pooler/pooler.ts';
 import { freePort, sleep, until } from '../support/wait.ts';
 import { nodeArgs } from '../../compose/launch.ts';
+import { encodeCancel } from '../../router/protocol/messages.ts';
 
 process.env.MG_LOG_LEVEL ??= 'warn';
 const log = createLogger('pooler-test');
@@ -476,6 +477,54 @@ test('cancel reaches the backend the client is on: pg_sleep gets 57014', async (
   await assert.rejects(q, { code: '57014' });
   assert.ok(Date.now() - t0 < 5000);
   assert.deepEqual([...await sql`select 1 as x`], [{ x: 1 }]);
+});
+
+/** A TCP proxy to `port` that holds each CancelRequest `delayMs` before passing it on: a cancel slow to reach Postgres. */
+async function delayingCancels(port: number, delayMs: number): Promise<{ port: number; close(): void }> {
+  // Half-open kept: the cancel's sender ends its side at once, and must see the connection close only when Postgres closes it.
+  const server = net.createServer({ allowHalfOpen: true }, (down) => {
+    down.once('data', (first) => {
+      const cancel = first.length >= 8 && first.readInt32BE(4) === 80877102;
+      setTimeout(() => {
+        const up = net.connect({ host: '127.0.0.1', port }, () => {
+          up.write(first);
+          down.pipe(up).pipe(down);
+        });
+        for (const [a, b] of [[up, down], [down, up]]) {
+          a.on('error', () => b.destroy());
+          a.on('close', () => b.destroy());
+        }
+      }, cancel ? delayMs : 0);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { port: (server.address() as net.AddressInfo).port, close: () => server.close() };
+}
+
+test('a cancel still on its way holds its server connection: the next client given it is not canceled', async () => {
+  // One server connection, and cancels that take 700 ms to reach Postgres: the first client's query ends on
+  // its own before its cancel arrives; handed on at once, the connection would run the second client's
+  // statement when the cancel lands.
+  const proxy = await delayingCancels(pgInst.port, 700);
+  const one = await startPooler({ instanceId: 'pooler-cancel', listenPort: 0, postgres: { host: '127.0.0.1', port: proxy.port }, poolSize: 1, queueTimeoutMs: 5000 }, log);
+  const [a, b] = [new pg.Client({ host: '127.0.0.1', port: one.port, user: 'postgres', database: 'postgres' }), new pg.Client({ host: '127.0.0.1', port: one.port, user: 'postgres', database: 'postgres' })];
+  try {
+    await Promise.all([a.connect(), b.connect()]);
+    const first = a.query('SELECT pg_sleep(0.3)');
+    await sleep(100);
+    const { processID, secretKey } = a as unknown as { processID: number; secretKey: number };
+    const s = net.connect({ port: one.port, host: '127.0.0.1' }, () => s.end(encodeCancel(processID, secretKey)));
+    s.on('error', () => undefined);
+    await first; // ended on its own: the cancel is still on its way
+    const began = Date.now();
+    const { rows } = await b.query('SELECT pg_sleep(0.6), 1 AS done');
+    assert.equal(rows[0].done, 1, 'the second client\'s statement ran to its end');
+    assert.ok(Date.now() - began >= 800, 'it waited for the cancel to be done before it was given the connection');
+  } finally {
+    await Promise.all([a.end(), b.end()]).catch(() => undefined);
+    await one.close();
+    proxy.close();
+  }
 });
 
 test('clients that vanish mid-transaction or mid-query leave nothing behind', async () => {
