@@ -352,8 +352,8 @@ describe('the operator on a real API server', () => {
       assert.equal(sts.spec.serviceName, 'alpha-orders-0');
       assert.equal(sts.spec.updateStrategy.type, 'OnDelete');
       const pod = sts.spec.template.spec;
-      assert.deepEqual(pod.containers.map((c: any) => c.name), ['postgres', 'agent', 'pooler']);
-      assert.equal(pod.containers[1].image, 'multigres/multigres:1.0');
+      assert.deepEqual(pod.containers.map((c: any) => c.name), ['agent', 'pooler']);
+      assert.equal(pod.containers[0].image, 'multigres/multigres:1.0');
       assert.deepEqual(pod.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values, [zone]);
       assert.equal(pod.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey, 'kubernetes.io/hostname');
       assert.deepEqual(sts.spec.volumeClaimTemplates[0].spec.resources.requests, { storage: '5Gi' });
