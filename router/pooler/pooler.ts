@@ -1,6 +1,6 @@
 /**
- * MultiPooler: accepts Postgres wire-protocol clients on loopback (trust: the
- * gateway in front authenticates) and multiplexes them onto server connections
+ * MultiPooler: accepts Postgres wire-protocol clients on loopback, or a pod's address
+ * (trust: the gateway in front authenticates) and multiplexes them onto server connections
  * to its Postgres, pooled per (user, database), transaction by transaction.
  */
 import cluster from 'node:cluster';
