@@ -33,6 +33,8 @@ const podEnv = z.object({
   MG_DATABASE: z.string().min(1).optional(),
   MG_SHARD: z.string().min(1).optional(),
   MG_API_TOKEN: z.string().min(16).optional(),
+  /** The agent's: the data directory on the pod's volume. */
+  PGDATA: z.string().min(1).default(PGDATA),
 });
 type PodEnv = z.infer<typeof podEnv>;
 
@@ -65,7 +67,8 @@ export function podConfig(component: Component, rawEnv: Record<string, string | 
       return started({ ...config, listenHost: env.MG_POD_IP, postgres: { ...config.postgres, host: env.MG_POD_IP } });
     }
     case 'gateway':
-      return started({ ...gatewayConfig(spec, paths), metricsPort: PORTS.gatewayMetrics });
+      // The gateway Service sends clients to the pod's address.
+      return started({ ...gatewayConfig(spec, paths), host: env.MG_POD_IP, metricsPort: PORTS.gatewayMetrics });
     case 'orchestrator':
       return started({ ...orchestratorConfig(spec, need(env, 'MG_CELL'), spec.orchestrator.basePort, paths), apiToken: env.MG_API_TOKEN });
   }
@@ -79,7 +82,7 @@ function instanceOfPod(env: PodEnv, cells: string[]): PlannedInstance {
   if (!cells.includes(cell)) throw new Error(`MG_CELL ${cell} is not a cell of the spec (${cells.join(', ')})`);
   return {
     instanceId: layoutInstanceId(cells, database, shard, cell, Number(ordinal)), database, shard, cell,
-    port: PORTS.postgres, metricsPort: PORTS.agentMetrics, poolerPort: PORTS.pooler, poolerMetricsPort: PORTS.poolerMetrics, dataDir: PGDATA,
+    port: PORTS.postgres, metricsPort: PORTS.agentMetrics, poolerPort: PORTS.pooler, poolerMetricsPort: PORTS.poolerMetrics, dataDir: env.PGDATA,
   };
 }
 

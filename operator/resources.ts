@@ -193,7 +193,7 @@ function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: In
               // The agent runs Postgres itself from the image's binaries (initdb or clone, pg_ctl,
               // pg_rewind), as locally: the one postmaster on the volume (decision 0076).
               name: 'agent', image, args: ['agent'],
-              env: [...commonEnv(cluster, group.cell), { name: 'MG_DATABASE', value: group.database }, { name: 'MG_SHARD', value: group.shard }],
+              env: [...commonEnv(cluster, group.cell), { name: 'MG_DATABASE', value: group.database }, { name: 'MG_SHARD', value: group.shard }, { name: 'PGDATA', value: PGDATA }],
               ports: [{ name: 'postgres', containerPort: PORTS.postgres }, { name: 'agent-metrics', containerPort: PORTS.agentMetrics }],
               resources: db.spec.resources ?? {},
               volumeMounts: [{ name: 'data', mountPath: '/var/lib/postgresql/data' }, specMount],

@@ -51,7 +51,7 @@ export async function startPooler(input: PoolerConfigInput | PoolerConfig, log: 
   let metricsApp: FastifyInstance | undefined;
   // A worker's metrics are served summed by the primary (router/cluster).
   if (cluster.isWorker) reportMetricsToPrimary();
-  else if (config.metricsPort !== undefined) metricsApp = await serveMetrics(config.metricsPort, () => !pooler.shuttingDown);
+  else if (config.metricsPort !== undefined) metricsApp = await serveMetrics(config.metricsPort, () => !pooler.shuttingDown, undefined, config.listenHost);
   log.info({ port, metricsPort: metricsApp ? listeningPort(metricsApp) : undefined, postgres: config.postgres, poolSize: config.poolSize }, 'pooler listening');
   let closing: Promise<void> | undefined;
   return {

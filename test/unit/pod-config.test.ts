@@ -60,6 +60,7 @@ test("a shard's pod is reached at its own address, and leaves loopback with the 
 test("the gateway and each cell's orchestrator, the orchestrator with the cluster's API token", () => {
   const gateway = podConfig('gateway', envOf('prod-gateway', 'gateway', 'prod-gateway-7c9-x2'), specJson) as { entry: string; config: any };
   assert.deepEqual([gateway.entry, gateway.config.port, gateway.config.metricsPort, gateway.config.brokers], ['router/gateway/main.ts', 5432, 9300, ['kafka-0:9092', 'kafka-1:9092']]);
+  assert.equal(gateway.config.host, '10.1.2.3', 'the gateway Service sends clients to the pod');
   const orch = podConfig('orchestrator', envOf('prod-orch-c', 'orchestrator', 'prod-orch-c-5d-q'), specJson);
   const o = orchConfigSchema.parse(orch.config);
   assert.deepEqual([orch.entry, o.id, o.cell, o.port, o.apiToken, o.provisioner], ['orchestrator/main.ts', 'orch-c', 'c', 9400, TOKEN, undefined]);
