@@ -22,7 +22,7 @@ export function histogram(name: string, help: string, labelNames: string[] = [],
  * Serves /metrics (Prometheus text) and /healthz on host:port (0 picks a
  * free port); returns the server so callers can add routes and learn the port.
  * `render` replaces this process's registry (e.g. with a cluster aggregate).
- * In a pod, `host` is 0.0.0.0: the kubelet and Prometheus come from outside.
+ * In a pod, `host` is the pod's address: the kubelet and Prometheus come from outside.
  */
 export async function serveMetrics(
   port: number, healthy: () => boolean = () => true, render: () => Promise<string> = () => metrics.metrics(), host = '127.0.0.1',

@@ -39,3 +39,12 @@ export async function withConnection<T>(at: PostgresAddress, work: (client: pg.C
 export async function queryAt<T extends pg.QueryResultRow>(at: PostgresAddress, sql: string, params: unknown[] = [], timeoutMs = 5_000): Promise<T[]> {
   return withConnection(at, async (c) => (await c.query<T>(sql, params)).rows, timeoutMs);
 }
+
+/**
+ * Sets the `postgres` role's password (the login role: the gateway's SCRAM and, in pods, other
+ * pods' connections check it). Postgres stores only its SCRAM verifier.
+ */
+export async function setLoginPassword(client: pg.ClientBase, password: string): Promise<void> {
+  await client.query(`SET password_encryption = 'scram-sha-256'`);
+  await client.query(`ALTER ROLE postgres PASSWORD ${client.escapeLiteral(password)}`);
+}

@@ -137,8 +137,11 @@ function checkPrerequisites(spec: ClusterSpec): void {
   if (missing.length) throw new Error(`missing prerequisites: ${missing.join(', ')} (install Java 17, Maven and Debian's postgresql-15 and pgbackrest; compose/setup.sh does)`);
 }
 
-/** Publishes the spec's topology events that the log does not hold yet; returns the topology as it was. */
-async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<TopologyState> {
+/**
+ * Publishes the spec's topology events that the log does not hold yet; returns the topology as it was.
+ * On Kubernetes nobody does yet (decision 0076): test/integration/pods.test.ts calls it as the operator would.
+ */
+export async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<TopologyState> {
   const state = emptyTopology();
   const sub = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(state, e));
   await sub.caughtUp;

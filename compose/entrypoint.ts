@@ -27,6 +27,6 @@ try {
 }
 const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'mg-')), `${component}.json`);
 fs.writeFileSync(file, JSON.stringify(started.config, null, 2), { mode: 0o600 }); // the orchestrator's holds the API token
-const child = spawn(process.execPath, [...nodeArgs(started.entry), '--config', file], { stdio: 'inherit' });
+const child = spawn(process.execPath, [...nodeArgs(started.entry), '--config', file], { stdio: 'inherit', env: { ...process.env, ...started.env } });
 for (const signal of ['SIGTERM', 'SIGINT'] as const) process.on(signal, () => child.kill(signal));
 child.on('exit', (code, signal) => process.exit(code ?? 128 + (signal ? os.constants.signals[signal] : 0)));

@@ -27,15 +27,22 @@ const podEnv = z.object({
   MG_KAFKA_TOPIC_PREFIX: z.string().default(''),
   MG_REGISTRY_URL: z.string().url(),
   MG_POD_NAME: z.string().min(1),
+  MG_POD_IP: z.string().ip(),
+  MG_PASSWORD: z.string().min(1),
   MG_CELL: z.string().min(1).optional(),
   MG_DATABASE: z.string().min(1).optional(),
   MG_SHARD: z.string().min(1).optional(),
   MG_API_TOKEN: z.string().min(16).optional(),
+  /** The agent's: the data directory on the pod's volume. */
+  PGDATA: z.string().min(1).default(PGDATA),
 });
 type PodEnv = z.infer<typeof podEnv>;
 
-/** The component's entry point and configuration; throws an Error naming what is missing or wrong. */
-export function podConfig(component: Component, rawEnv: Record<string, string | undefined>, specJson: unknown): { entry: string; config: object } {
+/**
+ * The component's entry point, configuration and the environment it runs with besides the pod's;
+ * throws an Error naming what is missing or wrong.
+ */
+export function podConfig(component: Component, rawEnv: Record<string, string | undefined>, specJson: unknown): { entry: string; config: object; env: Record<string, string> } {
   const parsed = podEnv.safeParse(rawEnv);
   if (!parsed.success) throw new Error(`${component}: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
   const env = parsed.data;
@@ -46,16 +53,24 @@ export function podConfig(component: Component, rawEnv: Record<string, string | 
     registry: { ...(specJson as { registry?: object }).registry, url: env.MG_REGISTRY_URL },
   }, env.MG_SPEC_FILE);
   const paths = { bootstrap: env.MG_KAFKA_BOOTSTRAP, registryUrl: env.MG_REGISTRY_URL };
-  const entry = COMPONENTS[component];
+  // Connections to other pods' Postgres (an agent cloning, streaming from and rewinding to the
+  // primary; an orchestrator electing) leave loopback, so they authenticate with the login password
+  // (SCRAM); libpq and node-postgres read it from PGPASSWORD.
+  const started = (config: object) => ({ entry: COMPONENTS[component], config, env: { PGPASSWORD: env.MG_PASSWORD } });
   switch (component) {
     case 'agent':
-      return { entry, config: agentConfig(spec, instanceOfPod(env, spec.cells)) };
-    case 'pooler':
-      return { entry, config: poolerConfig(spec, instanceOfPod(env, spec.cells)) };
+      // Postgres listens on the pod's address, and the shard's first primary sets the login password.
+      return started({ ...agentConfig(spec, instanceOfPod(env, spec.cells)), host: env.MG_POD_IP, loginPassword: env.MG_PASSWORD });
+    case 'pooler': {
+      // The gateways dial the pooler at the pod's address; Postgres is there too (it trusts the pod's own address).
+      const config = poolerConfig(spec, instanceOfPod(env, spec.cells));
+      return started({ ...config, listenHost: env.MG_POD_IP, postgres: { ...config.postgres, host: env.MG_POD_IP } });
+    }
     case 'gateway':
-      return { entry, config: { ...gatewayConfig(spec, paths), metricsPort: PORTS.gatewayMetrics } };
+      // The gateway Service sends clients to the pod's address.
+      return started({ ...gatewayConfig(spec, paths), host: env.MG_POD_IP, metricsPort: PORTS.gatewayMetrics });
     case 'orchestrator':
-      return { entry, config: { ...orchestratorConfig(spec, need(env, 'MG_CELL'), spec.orchestrator.basePort, paths), apiToken: env.MG_API_TOKEN } };
+      return started({ ...orchestratorConfig(spec, need(env, 'MG_CELL'), spec.orchestrator.basePort, paths), apiToken: env.MG_API_TOKEN });
   }
 }
 
@@ -67,7 +82,7 @@ function instanceOfPod(env: PodEnv, cells: string[]): PlannedInstance {
   if (!cells.includes(cell)) throw new Error(`MG_CELL ${cell} is not a cell of the spec (${cells.join(', ')})`);
   return {
     instanceId: layoutInstanceId(cells, database, shard, cell, Number(ordinal)), database, shard, cell,
-    port: PORTS.postgres, metricsPort: PORTS.agentMetrics, poolerPort: PORTS.pooler, poolerMetricsPort: PORTS.poolerMetrics, dataDir: PGDATA,
+    port: PORTS.postgres, metricsPort: PORTS.agentMetrics, poolerPort: PORTS.pooler, poolerMetricsPort: PORTS.poolerMetrics, dataDir: env.PGDATA,
   };
 }
 

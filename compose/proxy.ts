@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
+import { setLoginPassword } from '../common/postgres.ts';
 import type { Progress } from './progress.ts';
 import { nodeArgs, REPO_ROOT } from './launch.ts';
 import { instancesOf, type ClusterSpec, type PlannedInstance } from './spec.ts';
@@ -82,8 +83,7 @@ export async function ensureLoginPassword(spec: ClusterSpec, progress: Progress,
           if (r.set) return true;
           if (r.rec) continue;
           const password = process.env.MG_PASSWORD ?? 'postgres';
-          await client.query(`SET password_encryption = 'scram-sha-256'`);
-          await client.query(`ALTER ROLE postgres PASSWORD ${client.escapeLiteral(password)}`);
+          await setLoginPassword(client, password);
           progress.note(`${shard}: role postgres has password ${process.env.MG_PASSWORD ? 'from MG_PASSWORD' : '"postgres"'} (stored as a SCRAM verifier)`);
           return true;
         } catch {

@@ -7,6 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { EventLog, type Subscription } from '../common/eventlog.ts';
 import type { Logger } from '../common/log.ts';
 import { counter, gauge, histogram } from '../common/metrics.ts';
+import { setLoginPassword, withConnection } from '../common/postgres.ts';
 import { kindOf, payload, topologyKey, type AgentAction, type AgentCommand, type CommandStatus, type HealthEvent, type TopologyEvent } from '../schemas/index.ts';
 import { BackupService } from './backup/service.ts';
 import { PgBackRest } from './backup/pgbackrest.ts';
@@ -62,7 +63,7 @@ export class Agent {
 
   constructor(private readonly cfg: AgentConfig, private readonly log: Logger) {
     const settings = cfg.backup ? PgBackRest.archiveSettingsFor(stanzaOfAgent(cfg), cfg.dataDir) : {};
-    this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, port: cfg.port, binDir: cfg.binDir, log, settings });
+    this.postgres = new PostgresInstance({ name: cfg.instanceId, dataDir: cfg.dataDir, host: cfg.host, port: cfg.port, binDir: cfg.binDir, log, settings });
     this.eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: `agent.${cfg.instanceId}`, log, topicPrefix: cfg.topicPrefix });
     this.publishHealth = this.eventLog.publisher('health');
     this.publishTopology = this.eventLog.publisher('topology');
@@ -221,6 +222,8 @@ export class Agent {
     const name = this.cfg.database;
     const [exists] = await this.postgres.query('SELECT 1 FROM pg_database WHERE datname = $1', [name]);
     if (!exists) await this.postgres.query(`CREATE DATABASE ${quoteIdent(name)}`, [], 60_000);
+    // Before any election: the replicas of other pods clone from this one with the password (SCRAM).
+    if (this.cfg.loginPassword) await withConnection({ host: this.cfg.host, port: this.cfg.port }, (c) => setLoginPassword(c, this.cfg.loginPassword!));
   }
 
   /** Probes and publishes a heartbeat now, besides the regular ones (e.g. right after a promotion, so routing follows at once). */

@@ -68,7 +68,13 @@ export const agentConfigSchema = z.object({
   database: z.string().min(1),
   shard: z.string().min(1),
   cell: z.string().min(1),
-  host: z.literal('127.0.0.1').default('127.0.0.1'),
+  /** Where Postgres listens and what the instance registers: 127.0.0.1 locally, the pod's address in a pod. */
+  host: z.string().ip().default('127.0.0.1'),
+  /**
+   * The `postgres` role's password, set on a new shard's first primary by its agent (a pod's:
+   * MG_PASSWORD); locally `mg cluster up` sets it instead. Stored as a SCRAM verifier.
+   */
+  loginPassword: z.string().min(1).optional(),
   port: z.number().int().min(1).max(65535),
   dataDir: z.string().min(1),
   binDir: z.string().optional(),

@@ -17,7 +17,7 @@ const log = createLogger('ingest-agent', { instance: cfg.instanceId });
 const agent = new Agent(cfg, log);
 new Voter(agent, log.child({ part: 'voter' })).attach();
 try {
-  const metricsServer = await serveMetrics(cfg.metricsPort);
+  const metricsServer = await serveMetrics(cfg.metricsPort, undefined, undefined, cfg.host); // beside Postgres: a pod's address in a pod
   onShutdown(log, async () => {
     await agent.stop();
     await metricsServer.close();

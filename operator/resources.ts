@@ -34,7 +34,6 @@ export type Manifest = KubernetesObject & { spec?: unknown; data?: Record<string
 export interface MultigresCluster extends KubernetesObject {
   spec: {
     image: string;
-    postgresImage?: string;
     kafka: { bootstrap: string; topicPrefix?: string };
     registry: { url: string };
     cells: Array<{ name: string; zone?: string }>;
@@ -75,7 +74,7 @@ export interface VSchemaStatus {
 /** Ports inside every pod: each pod has its own address, so they are fixed, unlike locally. */
 export const PORTS = { postgres: 5432, pooler: 6432, agentMetrics: 9100, poolerMetrics: 9200, gatewayMetrics: 9300 } as const;
 
-/** The data directory on the pod's volume, for the postgres container and the agent (compose/pod-config.ts). */
+/** The data directory on the pod's volume, the agent's (compose/pod-config.ts). */
 export const PGDATA = '/var/lib/postgresql/data/pgdata';
 
 /**
@@ -161,7 +160,7 @@ function commonEnv(cluster: MultigresCluster, cell?: string) {
 const specVolume = (c: string) => ({ name: 'spec', configMap: { name: names.spec(c) } });
 const specMount = { name: 'spec', mountPath: '/etc/multigres', readOnly: true };
 
-/** One StatefulSet per instance group: Postgres, its agent and its pooler in each pod. */
+/** One StatefulSet per instance group: the agent (which runs Postgres) and the pooler in each pod. */
 function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: InstanceGroup): Manifest {
   const c = cluster.metadata!.name!;
   const shardLabels = { 'multigres.io/database': group.database, 'multigres.io/shard': shardLabel(group.shard) };
@@ -183,8 +182,6 @@ function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: In
       template: {
         metadata: { labels: { ...selector, [LABEL_MANAGED_BY]: MANAGER } },
         spec: {
-          // The agent stops and reloads Postgres (pg_ctl, pg_rewind) in the sibling container.
-          shareProcessNamespace: true,
           affinity: {
             ...inZone(zoneOf(cluster, group.cell)),
             // Two instances of one shard never share a node (the cells already keep zones apart).
@@ -193,28 +190,22 @@ function statefulSet(cluster: MultigresCluster, db: MultigresDatabase, group: In
           securityContext: { fsGroup: 999 },
           containers: [
             {
-              name: 'postgres', image: cluster.spec.postgresImage ?? 'postgres:15',
-              // The agent initdb's or clones the data directory; Postgres starts once it exists.
-              command: ['sh', '-c', 'until [ -f "$PGDATA/PG_VERSION" ]; do sleep 1; done; exec postgres -D "$PGDATA"'],
-              env: [{ name: 'PGDATA', value: PGDATA }],
-              ports: [{ name: 'postgres', containerPort: PORTS.postgres }],
-              resources: db.spec.resources ?? {},
-              volumeMounts: [{ name: 'data', mountPath: '/var/lib/postgresql/data' }, { name: 'run', mountPath: '/var/run/postgresql' }],
-            },
-            {
+              // The agent runs Postgres itself from the image's binaries (initdb or clone, pg_ctl,
+              // pg_rewind), as locally: the one postmaster on the volume (decision 0076).
               name: 'agent', image, args: ['agent'],
-              env: [...commonEnv(cluster, group.cell), { name: 'MG_DATABASE', value: group.database }, { name: 'MG_SHARD', value: group.shard }],
-              ports: [{ name: 'agent-metrics', containerPort: PORTS.agentMetrics }],
-              volumeMounts: [{ name: 'data', mountPath: '/var/lib/postgresql/data' }, { name: 'run', mountPath: '/var/run/postgresql' }, specMount],
+              env: [...commonEnv(cluster, group.cell), { name: 'MG_DATABASE', value: group.database }, { name: 'MG_SHARD', value: group.shard }, { name: 'PGDATA', value: PGDATA }],
+              ports: [{ name: 'postgres', containerPort: PORTS.postgres }, { name: 'agent-metrics', containerPort: PORTS.agentMetrics }],
+              resources: db.spec.resources ?? {},
+              volumeMounts: [{ name: 'data', mountPath: '/var/lib/postgresql/data' }, specMount],
             },
             {
               name: 'pooler', image, args: ['pooler'],
               env: [...commonEnv(cluster, group.cell), { name: 'MG_DATABASE', value: group.database }, { name: 'MG_SHARD', value: group.shard }],
               ports: [{ name: 'pooler', containerPort: PORTS.pooler }, { name: 'pooler-metrics', containerPort: PORTS.poolerMetrics }],
-              volumeMounts: [{ name: 'run', mountPath: '/var/run/postgresql' }, specMount],
+              volumeMounts: [specMount],
             },
           ],
-          volumes: [{ name: 'run', emptyDir: {} }, specVolume(c)],
+          volumes: [specVolume(c)],
         },
       },
       volumeClaimTemplates: [{

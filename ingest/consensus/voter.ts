@@ -186,7 +186,8 @@ export class Voter {
     if (term > held.term) this.pledge.write({ term, orchestrator: cmd.issuedBy });
     const upstream: Upstream = { host: cmd.args.host ?? '', port: Number(cmd.args.port) };
     if (!upstream.host || !Number.isInteger(upstream.port)) throw new Error('REPOINT needs args host and port');
-    if (upstream.port === this.pg.port) throw new Error('REPOINT to itself');
+    // Host and port: pods all use Postgres's one port, each at its own address.
+    if (upstream.host === this.pg.host && upstream.port === this.pg.port) throw new Error('REPOINT to itself');
     const pg = this.pg;
     if (!pg.isInitialized()) {
       let source = '';

@@ -2,6 +2,7 @@
 // config, start/stop, health probe. One ingest agent drives one instance.
 import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import { isIPv6 } from 'node:net';
 import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../../common/log.ts';
@@ -13,7 +14,8 @@ export interface PostgresInstanceOptions {
   name: string;
   dataDir: string;
   port: number;
-  host?: '127.0.0.1';
+  /** The address Postgres listens on and registers: 127.0.0.1 locally, the pod's address in a pod. */
+  host?: string;
   /** Defaults to `pg_config --bindir` of the Debian postgresql-15 package. */
   binDir?: string;
   log: Logger;
@@ -54,12 +56,27 @@ const DEBIAN_BIN_DIR = '/usr/lib/postgresql/15/bin';
 const START_STOP_TIMEOUT_S = '60';
 const STALE_SHMEM_WAIT_MS = 10_000;
 
-const HBA = `# Written by the ingest agent (mg); rewritten on every config write.
+/**
+ * Trust on the Unix socket and loopback, as locally. At another address (a pod's), that address is
+ * trusted too (the pod's own containers, its pooler and agent, connect from it) and every other
+ * one needs the login password (SCRAM): other pods' agents cloning, streaming, rewinding, the
+ * orchestrators (decision 0076).
+ */
+function hba(host: string): string {
+  const loopback = `# Written by the ingest agent (mg); rewritten on every config write.
 local all         all                trust
 host  all         all  127.0.0.1/32  trust
 local replication all                trust
 host  replication all  127.0.0.1/32  trust
 `;
+  if (host === '127.0.0.1') return loopback;
+  const own = `${host}/${isIPv6(host) ? 128 : 32}`;
+  return `${loopback}host  all         all  ${own}  trust
+host  replication all  ${own}  trust
+host  all         all  all  scram-sha-256
+host  replication all  all  scram-sha-256
+`;
+}
 const INCLUDE_LINE = "include_if_exists = 'mg.conf'";
 
 // One statement, so the answer is a consistent snapshot; recovery state is read once
@@ -119,7 +136,7 @@ export class PostgresInstance {
   readonly name: string;
   readonly dataDir: string;
   readonly port: number;
-  readonly host: '127.0.0.1';
+  readonly host: string;
   /** Physical slot this instance streams from on its upstream. */
   readonly slotName: string;
   private readonly binDir: string;
@@ -214,7 +231,7 @@ export class PostgresInstance {
     };
     const lines = Object.entries(settings).map(([k, v]) => `${k} = ${confValue(k, v)}`);
     this.writeOwned('mg.conf', `# Written by the ingest agent (mg); node-local, rewritten on every config write.\n${lines.join('\n')}\n`);
-    this.writeOwned('pg_hba.conf', HBA);
+    this.writeOwned('pg_hba.conf', hba(this.host));
     const main = path.join(this.dataDir, 'postgresql.conf');
     if (!fs.readFileSync(main, 'utf8').split('\n').includes(INCLUDE_LINE)) {
       fs.appendFileSync(main, `\n${INCLUDE_LINE}\n`);

@@ -30,6 +30,8 @@ export interface WorkersOptions {
   count: number;
   /** Where the summed /metrics is served; none when undefined. */
   metricsPort?: number;
+  /** Where that port listens (default loopback; a pod's address in a pod). */
+  metricsHost?: string;
   log: Logger;
   /** Messages from workers other than the relay's own (e.g. the pooler's connection leases). */
   onMessage?(worker: Worker, msg: unknown): void;
@@ -61,7 +63,7 @@ export async function runWorkers(opts: WorkersOptions): Promise<void> {
   })));
   const aggregate = new AggregatorRegistry();
   const metricsServer = opts.metricsPort === undefined ? undefined
-    : await serveMetrics(opts.metricsPort, () => true, () => aggregate.clusterMetrics());
+    : await serveMetrics(opts.metricsPort, () => true, () => aggregate.clusterMetrics(), opts.metricsHost);
   log.info({ workers: count }, `${service} workers listening`);
   onShutdown(log, async () => {
     stopping = true;

@@ -22,6 +22,8 @@ import { plannerReady } from '../planner/planner.ts';
 import { FAULT_POINTS, TwoPhaseCoordinator, type FaultPoint } from '../twopc/coordinator.ts';
 
 export interface GatewayOptions {
+  /** Default 127.0.0.1. */
+  host?: string;
   port: number;
   bufferWindowMs: number;
   tls?: { key: string | Buffer; cert: string | Buffer };
@@ -125,7 +127,7 @@ export class Gateway {
     this.server.maxConnections = 1_000_000;
     await new Promise<void>((resolve, reject) => {
       this.server!.once('error', reject);
-      this.server!.listen({ host: '127.0.0.1', port: this.opts.port, backlog: 4096 }, resolve);
+      this.server!.listen({ host: this.opts.host ?? '127.0.0.1', port: this.opts.port, backlog: 4096 }, resolve);
     });
     const port = (this.server.address() as net.AddressInfo).port;
     this.log.info({ port, maxClients: this.maxClients, descriptors: this.fdBudget }, 'gateway listening');

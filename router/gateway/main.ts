@@ -16,6 +16,8 @@ import { loadOrCreateTls } from './tls.ts';
 import { reportMetricsToPrimary, runWorkers } from '../cluster/workers.ts';
 
 const configSchema = z.object({
+  /** Where the gateway listens (its port, the HTTP port, metrics): loopback locally, the pod's address in a pod. */
+  host: z.string().ip().default('127.0.0.1'),
   port: z.number().int().min(0).max(65535),
   metricsPort: z.number().int().min(0).max(65535),
   brokers: z.array(z.string()).min(1),
@@ -57,7 +59,7 @@ try {
 const log = createLogger('gateway');
 if (cfg.workers > 1 && cluster.isPrimary) {
   if (cfg.tlsDir) loadOrCreateTls(cfg.tlsDir); // one certificate, made before the workers read it
-  await runWorkers({ service: 'gateway', count: cfg.workers, metricsPort: cfg.metricsPort, log });
+  await runWorkers({ service: 'gateway', count: cfg.workers, metricsPort: cfg.metricsPort, metricsHost: cfg.host, log });
 } else {
   await runGateway();
 }
@@ -66,13 +68,13 @@ async function runGateway(): Promise<void> {
   const eventLog = new EventLog({ brokers: cfg.brokers, registryUrl: cfg.registryUrl, clientId: 'gateway', log, topicPrefix: cfg.topicPrefix });
   let rest: Awaited<ReturnType<typeof startGatewayRest>> | undefined;
   const gateway = new Gateway(eventLog, {
-    port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
+    host: cfg.host, port: cfg.port, bufferWindowMs: cfg.bufferWindowMs, authUser: cfg.authUser, requireTls: cfg.requireTls,
     maxClients: cfg.maxClients, readOnlyToReplicas: cfg.readOnlyToReplicas, releaseIdleLinksAfterMs: cfg.releaseIdleLinksAfterMs, deactivateIdleAfterMs: cfg.deactivateIdleAfterMs,
     tls: cfg.tlsDir ? loadOrCreateTls(cfg.tlsDir) : undefined,
     // DDL through any gateway reaches every gateway's REST cache: the NOTIFY goes to the database (decision 0042)
     onSchemaChange: (database) => rest?.schemaChanged(database),
   }, log);
-  const metricsServer = cluster.isWorker ? undefined : await serveMetrics(cfg.metricsPort);
+  const metricsServer = cluster.isWorker ? undefined : await serveMetrics(cfg.metricsPort, undefined, undefined, cfg.host);
   if (cluster.isWorker) reportMetricsToPrimary();
   onShutdown(log, async () => {
     await rest?.close();
@@ -83,7 +85,7 @@ async function runGateway(): Promise<void> {
   await gateway.start();
   if (cfg.httpPort !== undefined) {
     rest = await startGatewayRest(gateway.discovery, {
-      port: cfg.httpPort, ...cfg.rest, authUser: cfg.authUser, bufferWindowMs: cfg.bufferWindowMs, readsToReplicas: cfg.readOnlyToReplicas, twopc: gateway.twopc, log,
+      host: cfg.host, port: cfg.httpPort, ...cfg.rest, authUser: cfg.authUser, bufferWindowMs: cfg.bufferWindowMs, readsToReplicas: cfg.readOnlyToReplicas, twopc: gateway.twopc, log,
     });
   }
 }

@@ -1,19 +1,26 @@
 /** MultiPooler configuration: a JSON file, validated field by field. */
 import fs from 'node:fs';
+import { isIP } from 'node:net';
 import { z } from 'zod';
 
 const port = z.number().int().min(0).max(65535);
-/** The pooler sits beside its Postgres and behind the gateway: loopback only. */
-const loopback = z.string().refine((h) => h === '127.0.0.1' || h === '::1' || h === 'localhost', 'must be a loopback address (127.0.0.1)');
+/**
+ * The pooler sits beside its Postgres and behind the gateway: locally on loopback, in a pod on the
+ * pod's address (the gateways dial it; Postgres trusts that address as the pod's own, decision 0076).
+ */
+const address = z.string().refine((h) => h === 'localhost' || isIP(h) !== 0, 'must be an IP address (127.0.0.1 locally, the pod\'s in a pod)');
 
 export const PoolerConfigSchema = z.object({
   instanceId: z.string().min(1),
   /** 0 picks a free port (tests). */
   listenPort: port,
-  /** Loopback only: the gateway in front authenticates; the pooler trusts its callers. */
-  listenHost: loopback.default('127.0.0.1'),
+  /**
+   * The gateway in front authenticates; the pooler trusts its callers. In a pod, its address is
+   * reachable from other pods: the network must keep everything but the gateways away (decision 0076).
+   */
+  listenHost: address.default('127.0.0.1'),
   postgres: z.object({
-    host: loopback.default('127.0.0.1'),
+    host: address.default('127.0.0.1'),
     port: port.min(1),
   }).strict(),
   /** Server connections per (user, database). */

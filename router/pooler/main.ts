@@ -43,7 +43,7 @@ if (config.workers > 1 && cluster.isPrimary) {
     return true;
   });
   await runWorkers({
-    service: 'pooler', count: config.workers, metricsPort: config.metricsPort, log, graceMs: config.shutdownGraceMs + 6_000,
+    service: 'pooler', count: config.workers, metricsPort: config.metricsPort, metricsHost: config.listenHost, log, graceMs: config.shutdownGraceMs + 6_000,
     onMessage: (worker, msg) => leases.handle(worker.id, msg),
     onExit: (worker) => leases.forget(worker.id),
   });

@@ -1,6 +1,6 @@
 /**
- * MultiPooler: accepts Postgres wire-protocol clients on loopback (trust: the
- * gateway in front authenticates) and multiplexes them onto server connections
+ * MultiPooler: accepts Postgres wire-protocol clients on loopback, or a pod's address
+ * (trust: the gateway in front authenticates) and multiplexes them onto server connections
  * to its Postgres, pooled per (user, database), transaction by transaction.
  */
 import cluster from 'node:cluster';
@@ -51,7 +51,7 @@ export async function startPooler(input: PoolerConfigInput | PoolerConfig, log: 
   let metricsApp: FastifyInstance | undefined;
   // A worker's metrics are served summed by the primary (router/cluster).
   if (cluster.isWorker) reportMetricsToPrimary();
-  else if (config.metricsPort !== undefined) metricsApp = await serveMetrics(config.metricsPort, () => !pooler.shuttingDown);
+  else if (config.metricsPort !== undefined) metricsApp = await serveMetrics(config.metricsPort, () => !pooler.shuttingDown, undefined, config.listenHost);
   log.info({ port, metricsPort: metricsApp ? listeningPort(metricsApp) : undefined, postgres: config.postgres, poolSize: config.poolSize }, 'pooler listening');
   let closing: Promise<void> | undefined;
   return {

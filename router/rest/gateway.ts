@@ -17,6 +17,8 @@ import { startRestServer, type RestRoute } from './server.ts';
 import type { ShardRouting } from './sharded.ts';
 
 export interface GatewayRestOptions {
+  /** Default 127.0.0.1. */
+  host?: string;
   port: number;
   schemas: string[];
   anonRole?: string;
@@ -109,7 +111,7 @@ export async function startGatewayRest(discovery: RestDiscovery, opts: GatewayRe
   };
 
   const app: FastifyInstance = await startRestServer({
-    port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret, preRequest: opts.preRequest }, database,
+    host: opts.host, port: opts.port, config: { schemas: opts.schemas, anonRole: opts.anonRole, jwtSecret: opts.jwtSecret, preRequest: opts.preRequest }, database,
     route: restRouting(discovery, opts), log: opts.log,
   });
   return {

@@ -352,8 +352,8 @@ describe('the operator on a real API server', () => {
       assert.equal(sts.spec.serviceName, 'alpha-orders-0');
       assert.equal(sts.spec.updateStrategy.type, 'OnDelete');
       const pod = sts.spec.template.spec;
-      assert.deepEqual(pod.containers.map((c: any) => c.name), ['postgres', 'agent', 'pooler']);
-      assert.equal(pod.containers[1].image, 'multigres/multigres:1.0');
+      assert.deepEqual(pod.containers.map((c: any) => c.name), ['agent', 'pooler']);
+      assert.equal(pod.containers[0].image, 'multigres/multigres:1.0');
       assert.deepEqual(pod.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values, [zone]);
       assert.equal(pod.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey, 'kubernetes.io/hostname');
       assert.deepEqual(sts.spec.volumeClaimTemplates[0].spec.resources.requests, { storage: '5Gi' });
@@ -468,7 +468,7 @@ describe('the operator on a real API server', () => {
       'StatefulSet/alpha-orders-0-zone1', 'StatefulSet/alpha-orders-0-zone2', 'StatefulSet/alpha-orders-0-zone3',
     ]);
     const sts = JSON.parse(after.get('StatefulSet/alpha-orders-0-zone1')!);
-    assert.deepEqual(sts.template.spec.containers.map((c: any) => c.image), ['postgres:15', 'multigres/multigres:1.1', 'multigres/multigres:1.1']);
+    assert.deepEqual(sts.template.spec.containers.map((c: any) => c.image), ['multigres/multigres:1.1', 'multigres/multigres:1.1']);
     figures.push(`reconcile of a spec change (event to objects changed): one more instance ${scaleMs} ms, a new image on 7 workloads ${imageMs} ms`);
 
     // Deactivated: every StatefulSet of the database at zero, the rest untouched.

@@ -28,6 +28,19 @@ test('a sharded database becomes one StatefulSet per shard and cell, spread like
   assert.ok(objects.filter((o) => o.kind !== 'StatefulSet' && !o.metadata!.name!.includes('orders')).every((o) => o.metadata!.ownerReferences![0].uid === 'c-uid'));
 });
 
+test("a shard's pod runs one postmaster, the agent's: no second container on the data directory", () => {
+  const dbs = [database('orders', { resources: { requests: { cpu: '2' } } })];
+  const [sts] = desiredObjects(cluster, dbs, clusterSpecOf(cluster, dbs)).filter((o) => o.kind === 'StatefulSet') as any[];
+  const pod = sts.spec.template.spec;
+  // The agent initdb's, starts, stops and pg_rewinds Postgres itself (pg_ctl), as locally (decision 0076).
+  assert.deepEqual(pod.containers.map((c: any) => c.name), ['agent', 'pooler']);
+  const agent = pod.containers[0];
+  assert.deepEqual(agent.ports.map((p: any) => [p.name, p.containerPort]), [['postgres', 5432], ['agent-metrics', 9100]]);
+  assert.deepEqual(agent.resources, { requests: { cpu: '2' } }, "Postgres's resources are the agent container's");
+  assert.deepEqual(pod.containers.filter((c: any) => c.volumeMounts.some((m: any) => m.name === 'data')).map((c: any) => c.name), ['agent']);
+  assert.equal(pod.shareProcessNamespace, undefined);
+});
+
 test('a deactivated database keeps its StatefulSets at zero replicas', () => {
   const dbs = [database('idle', { instancesPerShard: 2, deactivated: true })];
   const sets = desiredObjects(cluster, dbs, clusterSpecOf(cluster, dbs)).filter((o) => o.kind === 'StatefulSet');

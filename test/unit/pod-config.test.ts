@@ -44,9 +44,23 @@ test("a shard's agent and pooler: the instance its pod's ordinal is, the pod's f
   assert.deepEqual([pooler.entry, p.instanceId, p.listenPort, p.postgres.port, p.metricsPort], ['router/pooler/main.ts', 'orders-80_-b-4', 6432, 5432, 9200]);
 });
 
+test("a shard's pod is reached at its own address, and leaves loopback with the cluster's password", () => {
+  const pod = 'prod-orders-80-ff-b-1';
+  const agent = podConfig('agent', envOf('prod-orders-80-ff-b', 'agent', pod), specJson);
+  const a = agentConfigSchema.parse(agent.config);
+  // Postgres listens and registers at the pod's address (replicas clone and stream from it); the first primary sets the password.
+  assert.deepEqual([a.host, a.loginPassword], ['10.1.2.3', 'pw']);
+  const p = PoolerConfigSchema.parse(podConfig('pooler', envOf('prod-orders-80-ff-b', 'pooler', pod), specJson).config);
+  assert.deepEqual([p.listenHost, p.postgres.host], ['10.1.2.3', '10.1.2.3'], 'the gateways dial the pooler at the pod');
+  // Every component's connections to other pods' Postgres authenticate (libpq and node-postgres read PGPASSWORD).
+  assert.deepEqual(agent.env, { PGPASSWORD: 'pw' });
+  assert.deepEqual(podConfig('orchestrator', envOf('prod-orch-c', 'orchestrator', 'prod-orch-c-5d-q'), specJson).env, { PGPASSWORD: 'pw' });
+});
+
 test("the gateway and each cell's orchestrator, the orchestrator with the cluster's API token", () => {
   const gateway = podConfig('gateway', envOf('prod-gateway', 'gateway', 'prod-gateway-7c9-x2'), specJson) as { entry: string; config: any };
   assert.deepEqual([gateway.entry, gateway.config.port, gateway.config.metricsPort, gateway.config.brokers], ['router/gateway/main.ts', 5432, 9300, ['kafka-0:9092', 'kafka-1:9092']]);
+  assert.equal(gateway.config.host, '10.1.2.3', 'the gateway Service sends clients to the pod');
   const orch = podConfig('orchestrator', envOf('prod-orch-c', 'orchestrator', 'prod-orch-c-5d-q'), specJson);
   const o = orchConfigSchema.parse(orch.config);
   assert.deepEqual([orch.entry, o.id, o.cell, o.port, o.apiToken, o.provisioner], ['orchestrator/main.ts', 'orch-c', 'c', 9400, TOKEN, undefined]);
@@ -58,4 +72,6 @@ test('a missing variable or a pod name without an ordinal is refused by name', (
   assert.throws(() => podConfig('agent', { ...env, MG_POD_NAME: 'somepod' }, specJson), /MG_POD_NAME somepod is not a StatefulSet pod's name/);
   assert.throws(() => podConfig('agent', { ...env, MG_REGISTRY_URL: 'nope' }, specJson), /agent: MG_REGISTRY_URL: Invalid url/);
   assert.throws(() => podConfig('agent', { ...env, MG_CELL: 'x' }, specJson), /MG_CELL x is not a cell of the spec \(a, b, c\)/);
+  assert.throws(() => podConfig('agent', { ...env, MG_PASSWORD: undefined }, specJson), /agent: MG_PASSWORD: Required/);
+  assert.throws(() => podConfig('pooler', { ...env, MG_POD_IP: 'pod' }, specJson), /pooler: MG_POD_IP: Invalid ip/);
 });

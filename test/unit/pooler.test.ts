@@ -136,7 +136,8 @@ test('config validation names the bad field', () => {
   assert.equal(parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { port: 5432 } }).poolSize, 20);
   assert.throws(() => parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { port: 5432 }, poolSize: 'x' }), (e: Error) =>
     e instanceof ConfigError && /^poolSize: Expected number/.test(e.message));
-  assert.throws(() => parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { host: '10.0.0.1', port: 5432 } }), /postgres\.host: must be a loopback/);
+  assert.throws(() => parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { host: 'db.example', port: 5432 } }), /postgres\.host: must be an IP address/);
+  assert.equal(parseConfig({ instanceId: 'p', listenPort: 6432, listenHost: '10.0.0.1', postgres: { host: '10.0.0.1', port: 5432 } }).listenHost, '10.0.0.1', "a pod's own address");
   assert.throws(() => parseConfig({ instanceId: 'p', listenPort: 6432, postgres: { port: 5432 }, bogus: 1 }), /Unrecognized key/);
 });
 
