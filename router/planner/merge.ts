@@ -19,21 +19,21 @@ export interface Field { name: string; typeOid: number }
 const INTEGER = new Set([20, 21, 23, 26]);
 const FLOAT = new Set([700, 701]);
 const NUMERIC = 1700;
-/** date, timestamp, timestamptz: text that must be read to be ordered (offsets, BC, years past 9999, infinity). */
-const DATETIME = new Set([1082, 1114, 1184]);
-const INTERVAL = 1186;
+/**
+ * Types whose text must be read to be ordered: date, timestamp, timestamptz (offsets, BC, years past
+ * 9999, infinity) by the instant they name, interval by its span. Text in another DateStyle or
+ * IntervalStyle than the default is not read: it is ordered as text (docs/sharding.md).
+ */
+const READ_FOR_ORDER = new Map<number, (text: string) => bigint | undefined>([
+  [1082, instantOf], [1114, instantOf], [1184, instantOf], [1186, intervalSpan],
+]);
 
 /** Compares two values of one column type (non-null). */
 function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
-  if (DATETIME.has(typeOid)) {
-    const x = instantOf(a.toString('latin1'));
-    const y = instantOf(b.toString('latin1'));
-    // Text in another DateStyle than ISO is not read: it is ordered as text (docs/sharding.md).
-    if (x !== undefined && y !== undefined) return x < y ? -1 : x > y ? 1 : 0;
-  }
-  if (typeOid === INTERVAL) {
-    const x = intervalSpan(a.toString('latin1'));
-    const y = intervalSpan(b.toString('latin1'));
+  const read = READ_FOR_ORDER.get(typeOid);
+  if (read) {
+    const x = read(a.toString('latin1'));
+    const y = read(b.toString('latin1'));
     if (x !== undefined && y !== undefined) return x < y ? -1 : x > y ? 1 : 0;
   }
   if (INTEGER.has(typeOid)) {
@@ -180,7 +180,7 @@ function aggregate(rows: Row[], fields: readonly Field[], merge: Merge): Row[] {
  * types in the instances' C.UTF-8 collation): a merge of groups relies on it to find each group's
  * rows together. Others (intervals, char(n), arrays, ...) are gathered instead.
  */
-const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950, ...DATETIME, INTERVAL]);
+const ORDER_FOLLOWED = new Set([16, 19, 20, 21, 23, 25, 26, 700, 701, 1043, 1700, 2950, ...READ_FOR_ORDER.keys()]);
 /**
  * Types an ORDER BY over all shards is merged on: those followed, and those whose text sorts as the values do
  * without being read (bytea's hex, time, char(n) padded alike). Others (timetz, arrays, json, ranges, ...)
