@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash compose/setup.sh
 # The operator's test needs a Kubernetes control plane built from source, once (decision 0044).
-# Without Go only that test fails (it names the reason), not the whole run.
+# Without Go only the tests that need it fail (they name the reason), not the whole run.
 if [ $# -eq 0 ] || printf '%s\n' "$@" | grep -q 'operator'; then
   bash test/k8s/controlplane/build.sh >/dev/null || echo "test/run.sh: the test control plane did not build; the operator test will fail" >&2
+fi
+# So does the pgx (Go) client of the sharded merge test, built once too (decision 0077).
+if [ $# -eq 0 ] || printf '%s\n' "$@" | grep -q 'sharding-stream'; then
+  bash test/clients/pgx/build.sh >/dev/null || echo "test/run.sh: the pgx test client did not build; sharding-stream's binary test will fail" >&2
 fi
 
 export MG_TEST_DIR="${MG_TEST_DIR:-$(mktemp -d /tmp/mg-test.XXXXXX)}"

@@ -157,11 +157,8 @@ export class ScatterRead {
   private rowDescription(msg: Buffer): void {
     if (this.described) return;
     this.described = true;
-    const { fields, binary } = decodeRowDescription(msg);
+    const fields = decodeRowDescription(msg);
     const group = this.opts.group;
-    if (binary && (group || this.opts.orderBy?.length)) {
-      return this.fail(undefined, new PgError('ERROR', SQLSTATE.FEATURE_NOT_SUPPORTED, 'not supported on a sharded database: binary result columns on a query whose rows the gateway merges'));
-    }
     if (group && !(group.merge.groupOrder && orderFollowed(fields, group.merge.groupOrder))) {
       // mergeRows applies the OFFSET and LIMIT itself.
       this.gathered = { fields, at: 0 };

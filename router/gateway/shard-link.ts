@@ -88,10 +88,8 @@ export class ShardLink {
 
 /** What one shard answered to one statement. */
 export class ShardResult {
-  fields: Field[] | undefined;
   /** The RowDescription as the shard sent it (relayed unchanged when rows are merged). */
   rowDescription: Buffer | undefined;
-  binary = false;
   rows: Buffer[] = [];
   tag: string | undefined;
   error: Record<string, string> | undefined;
@@ -106,7 +104,7 @@ export class ShardResult {
   readonly collect: ResponseHandler = (type, buf, start, len) => {
     const msg = Buffer.from(buf.subarray(start, start + len));
     switch (type) {
-      case T.RowDescription: this.rowDescription = msg; ({ fields: this.fields, binary: this.binary } = decodeRowDescription(msg)); break;
+      case T.RowDescription: this.rowDescription = msg; break;
       case T.DataRow: this.rows.push(msg); break;
       case T.CommandComplete: this.tag = msg.toString('utf8', 5, msg.length - 1); break;
       case T.ErrorResponse: this.error ??= errorFieldsAt(buf, start, len); break;
@@ -129,10 +127,9 @@ export function shardError(shard: string, e: Record<string, string>, named: bool
   return new PgError('ERROR', e.C ?? SQLSTATE.INTERNAL_ERROR, named ? `shard ${shard}: ${e.M}` : e.M, e.D, e.H);
 }
 
-export function decodeRowDescription(msg: Buffer): { fields: Field[]; binary: boolean } {
+export function decodeRowDescription(msg: Buffer): Field[] {
   const n = msg.readInt16BE(5);
   const fields: Field[] = [];
-  let binary = false;
   let at = 7;
   for (let i = 0; i < n; i++) {
     const end = msg.indexOf(0, at);
@@ -140,11 +137,11 @@ export function decodeRowDescription(msg: Buffer): { fields: Field[]; binary: bo
     at = end + 1 + 6; // table oid, column number
     const typeOid = msg.readInt32BE(at);
     at += 4 + 2 + 4; // type, size, modifier
-    if (msg.readInt16BE(at) === 1) binary = true;
+    const binary = msg.readInt16BE(at) === 1;
     at += 2;
-    fields.push({ name, typeOid });
+    fields.push({ name, typeOid, binary });
   }
-  return { fields, binary };
+  return fields;
 }
 
 export function decodeDataRow(msg: Buffer): Row {

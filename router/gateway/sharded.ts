@@ -1168,10 +1168,14 @@ export class ShardedSession {
       case T.Bind: {
         const portalName = r.cstr();
         const stmtName = r.cstr();
-        const bindRest = r.rest();
         const prepared = this.prepared.get(stmtName);
         if (!prepared) throw new PgError('ERROR', SQLSTATE.UNDEFINED_PREPARED_STATEMENT, `prepared statement "${stmtName}" does not exist`);
-        const shardBind = portalName === '' && stmtName === '' ? raw : shardBindOf(bindRest); // the client's Bind when the names are already empty
+        const plan = prepared.plan;
+        const hidden = plan.kind === 'select' ? plan.merge?.hidden ?? 0 : 0;
+        const clientRest = r.rest();
+        const bindRest = hidden ? withHiddenResultFormats(clientRest, hidden) : clientRest;
+        // The client's Bind when the names are already empty and no format was added.
+        const shardBind = portalName === '' && stmtName === '' && bindRest === clientRest ? raw : shardBindOf(bindRest);
         void this.portals.get(portalName)?.read?.abandon(); // a portal bound again (the unnamed one, typically) replaces the old
         this.portals.set(portalName, { prepared, params: decodeBindParams(bindRest, prepared.paramTypes), bindRest, shardBind, described: false });
         this.reply(BIND_COMPLETE);
@@ -1455,6 +1459,23 @@ function bindSubset(rest: Buffer, used: number[], textResults = false): Buffer {
     int16(used.length), ...used.map((n) => values[n - 1]),
     textResults ? int16(0) : r.rest(),
   ]);
+}
+
+/**
+ * A Bind body whose result format codes, when given one per column, also cover the `hidden` columns the
+ * shards' rows end with (decision 0074): as text, which the merge reads like binary.
+ */
+function withHiddenResultFormats(rest: Buffer, hidden: number): Buffer {
+  const r = new BodyReader(rest);
+  r.bytes(2 * r.int16()); // parameter formats
+  for (let n = r.int16(); n > 0; n--) {
+    const len = r.int32();
+    if (len > 0) r.bytes(len);
+  }
+  const start = r.at;
+  const count = r.int16();
+  if (count <= 1) return rest;
+  return Buffer.concat([rest.subarray(0, start), int16(count + hidden), r.rest(), Buffer.alloc(2 * hidden)]);
 }
 
 /** The parameters of a Bind (after the portal and statement names), for routing. */

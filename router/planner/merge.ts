@@ -3,33 +3,41 @@
  * combined per group, HAVING, DISTINCT, ORDER BY, then OFFSET/LIMIT (mergeRows, on
  * gathered rows); or, for ORDER BY and for groups the shards sort, the order,
  * the fold of a group and a heap of the shards' sorted streams, merged as the
- * rows arrive (router/gateway/scatter-read.ts). Values are the
- * text-format column values as the shards sent them (null for NULL); order
+ * rows arrive (router/gateway/scatter-read.ts). Values are the column values
+ * as the shards sent them (null for NULL), in text or binary format; order
  * follows Postgres: numbers by value, text by bytes (instances use the C.UTF-8
  * collation), dates and timestamps by the instant their ISO text names,
  * intervals by their span (a month of 30 days, as Postgres compares them), NULLs
  * last ascending and first descending unless asked.
  */
 import { countValue, resolveValue, type BoundParam, type Comparison, type Having, type Merge } from './plan.ts';
+import { binaryFloat, binaryInteger, binaryIntervalSpan, binaryNumeric, isBinaryInteger, numericText, readBinaryFloat, readBinaryInteger } from './binary-values.ts';
 import { RefusedError } from './planner.ts';
 
 export type Row = Array<Buffer | null>;
-export interface Field { name: string; typeOid: number }
+/** A column of the shards' rows: `binary` when its values come in Postgres's binary format (binary-values.ts). */
+export interface Field { name: string; typeOid: number; binary?: boolean }
 
 const INTEGER = new Set([20, 21, 23, 26]);
 const FLOAT = new Set([700, 701]);
 const NUMERIC = 1700;
+const INTERVAL = 1186;
 /**
  * Types whose text must be read to be ordered: date, timestamp, timestamptz (offsets, BC, years past
  * 9999, infinity) by the instant they name, interval by its span. Text in another DateStyle or
  * IntervalStyle than the default is not read: it is ordered as text (docs/sharding.md).
  */
 const READ_FOR_ORDER = new Map<number, (text: string) => bigint | undefined>([
-  [1082, instantOf], [1114, instantOf], [1184, instantOf], [1186, intervalSpan],
+  [1082, instantOf], [1114, instantOf], [1184, instantOf], [INTERVAL, intervalSpan],
 ]);
 
-/** Compares two values of one column type (non-null). */
-function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
+/** Compares two values (non-null) of one column. */
+function compareValues(a: Buffer, b: Buffer, field: Field): number {
+  return field.binary ? compareBinary(a, b, field.typeOid) : compareText(a, b, field.typeOid);
+}
+
+/** Compares two values (non-null) of one column type in text format. */
+function compareText(a: Buffer, b: Buffer, typeOid: number): number {
   const read = READ_FOR_ORDER.get(typeOid);
   if (read) {
     const x = read(a.toString('latin1'));
@@ -45,6 +53,17 @@ function compareValues(a: Buffer, b: Buffer, typeOid: number): number {
   if (typeOid === NUMERIC) return compareDecimal(a.toString('latin1'), b.toString('latin1'));
   return Buffer.compare(a, b);
 }
+
+/** Compares two values (non-null) of one column type in binary format: the types of ORDERABLE. */
+function compareBinary(a: Buffer, b: Buffer, typeOid: number): number {
+  if (isBinaryInteger(typeOid)) return compareBigints(readBinaryInteger(a, typeOid), readBinaryInteger(b, typeOid));
+  if (FLOAT.has(typeOid)) return floatOrder(readBinaryFloat(a)) - floatOrder(readBinaryFloat(b));
+  if (typeOid === NUMERIC) return compareDecimal(numericText(a), numericText(b));
+  if (typeOid === INTERVAL) return compareBigints(binaryIntervalSpan(a), binaryIntervalSpan(b));
+  return Buffer.compare(a, b); // bool, the text types, bytea, uuid: their bytes sort as their values
+}
+
+const compareBigints = (x: bigint, y: bigint) => (x < y ? -1 : x > y ? 1 : 0);
 
 const ISO_DATETIME = /^(\d{4,})-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?)?(?:([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?)?( BC)?$/;
 const INFINITE = 2n ** 80n;
@@ -122,7 +141,15 @@ function formatDecimal(v: bigint, scale: number): string {
   return neg ? `-${out}` : out;
 }
 
-function addValues(a: Buffer, b: Buffer, typeOid: number): Buffer {
+/** The sum of two partial sums of one column (sum's result types: bigint, numeric, floats). */
+function addValues(a: Buffer, b: Buffer, { typeOid, binary }: Field): Buffer {
+  if (binary) {
+    if (isBinaryInteger(typeOid)) return binaryInteger(readBinaryInteger(a, typeOid) + readBinaryInteger(b, typeOid), typeOid);
+    if (FLOAT.has(typeOid)) return binaryFloat(readBinaryFloat(a) + readBinaryFloat(b), typeOid);
+    if (typeOid !== NUMERIC) throw new RefusedError(`sum of a type the gateway does not add in binary format (type oid ${typeOid}) over all shards`);
+    const [p, q] = alignDecimals(numericText(a), numericText(b));
+    return binaryNumeric(formatDecimal(p.value + q.value, p.scale));
+  }
   const x = a.toString('latin1');
   const y = b.toString('latin1');
   if (FLOAT.has(typeOid)) return Buffer.from(String(Number(x) + Number(y)));
@@ -130,7 +157,8 @@ function addValues(a: Buffer, b: Buffer, typeOid: number): Buffer {
   return Buffer.from(formatDecimal(p.value + q.value, p.scale));
 }
 
-const rowKey = (row: Row, columns: number[]) => columns.map((c) => (row[c] === null ? '\u0000N' : row[c]!.toString('latin1'))).join('\u0000|');
+/** A key equal for rows equal in `columns`: each value length-prefixed, since binary values may hold any byte. */
+const rowKey = (row: Row, columns: number[]) => columns.map((c) => (row[c] === null ? 'N' : `${row[c]!.length}:${row[c]!.toString('latin1')}`)).join('|');
 
 /** The 0-based index of a sort column (SortKey: a position, from the end when negative, or a name); -1 when the row has none. */
 function columnIndex(column: string | number, fields: readonly Field[]): number {
@@ -153,10 +181,10 @@ export function foldGroup(held: Row, row: Row, fields: readonly Field[], aggrega
     if (v === null) continue;
     const h = held[i];
     if (h === null) held[i] = v;
-    else if (fn === 'count') held[i] = Buffer.from(String(BigInt(h.toString('latin1')) + BigInt(v.toString('latin1'))));
-    else if (fn === 'sum') held[i] = addValues(h, v, fields[i].typeOid);
+    else if (fn === 'count' || fn === 'sum') held[i] = addValues(h, v, fields[i]);
     else {
-      const c = compareValues(v, h, fields[i].typeOid);
+      if (!ORDERABLE.has(fields[i].typeOid)) throw new RefusedError(`${fn}(${fields[i].name}), of a type the gateway does not order (type oid ${fields[i].typeOid}), over all shards`);
+      const c = compareValues(v, h, fields[i]);
       if ((fn === 'min' && c < 0) || (fn === 'max' && c > 0)) held[i] = v;
     }
   }
@@ -206,6 +234,14 @@ const INTEGER_TEXT = /^[-+]?\d+$/;
 const HOLDS: Record<Comparison, (c: number) => boolean> = {
   '=': (c) => c === 0, '<>': (c) => c !== 0, '<': (c) => c < 0, '<=': (c) => c <= 0, '>': (c) => c > 0, '>=': (c) => c >= 0,
 };
+
+/** A binary value of a type of HAVING_COMPARED in the text the comparison reads. */
+function binaryAsText(v: Buffer, typeOid: number): Buffer {
+  if (INTEGER.has(typeOid)) return Buffer.from(String(readBinaryInteger(v, typeOid)));
+  if (typeOid === NUMERIC) return Buffer.from(numericText(v));
+  if (FLOAT.has(typeOid)) return Buffer.from(String(readBinaryFloat(v)));
+  return v; // text types: the same bytes
+}
 
 /** SQL's three values: null is unknown. */
 type Truth = boolean | null;
@@ -258,14 +294,15 @@ function truthOf(h: Having, fields: readonly Field[], params?: readonly BoundPar
       // An integer against a constant with a fraction compares as numeric, as in Postgres (count(*) > 2.5).
       const oid = INTEGER.has(typeOid) && !INTEGER_TEXT.test(constant.toString('latin1')) ? NUMERIC : typeOid;
       try {
-        compareValues(constant, constant, oid);
+        compareText(constant, constant, oid);
       } catch {
         throw new RefusedError(`HAVING compares ${name} with ${constant.toString()}, which the gateway does not read as a number, over all shards`);
       }
       const holds = HOLDS[h.op];
+      const text = fields[at].binary ? (x: Buffer) => binaryAsText(x, typeOid) : (x: Buffer) => x;
       return (row) => {
         const x = row[at];
-        return x === null ? null : holds(compareValues(x, constant, oid));
+        return x === null ? null : holds(compareText(text(x), constant, oid));
       };
     }
   }
@@ -308,7 +345,7 @@ export function rowOrder(fields: readonly Field[], orderBy: Merge['orderBy']): (
         if (x === y) continue;
         return (x === null) === k.nullsFirst ? -1 : 1;
       }
-      const c = compareValues(x, y, fields[k.at].typeOid);
+      const c = compareValues(x, y, fields[k.at]);
       if (c !== 0) return k.desc ? -c : c;
     }
     return 0;

@@ -14,6 +14,7 @@ import postgres from 'postgres';
 import { shardRanges } from '../../compose/spec.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
+import { runPgx } from '../support/pgx.ts';
 import { queryInstance } from '../support/postgres.ts';
 import { heldStill, pausedQuery, residentBytes } from '../support/slow-client.ts';
 
@@ -435,6 +436,54 @@ test('what the merge needs and the client did not select goes hidden (ORDER BY a
     assert.equal((await gw.query('SELECT count(*)::int AS n FROM typed')).rows[0].n, 300, 'the session goes on');
   } finally {
     await sql.end();
+    await ref.end();
+  }
+});
+
+test('binary result columns (node-postgres in binary mode; pgx, one format code per column): ORDER BY, GROUP BY, HAVING and hidden items merged over all shards give what one Postgres gives', async () => {
+  // `typed` and the `reference` database on the first shard's instance, from the tests above.
+  const binaryMode = { binary: true } as unknown as pg.ClientConfig; // node-postgres's binary mode, which its types leave out
+  const ref = new pg.Client({ ...binaryMode, host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
+  const gwBinary = new pg.Client({ ...binaryMode, host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
+  await ref.connect();
+  await gwBinary.connect();
+  const reads: Array<[string, string[]]> = [
+    ['SELECT id, i, b, n, t FROM typed ORDER BY n DESC NULLS LAST, i, id LIMIT $1', ['40']],
+    ['SELECT id, i, b, n, t FROM typed ORDER BY t NULLS FIRST, b DESC, id LIMIT $1 OFFSET $2', ['30', '7']],
+    ["SELECT id, timestamptz '2026-10-25 00:00+00' + (id % 37) * interval '7 minutes' AS at, date '0001-06-01' - id::int * 9 AS d, id * interval '37 minutes' + (id % 5) * interval '1 mon' AS span FROM typed ORDER BY at DESC, d, id LIMIT $1", ['60']],
+    ['SELECT id FROM typed ORDER BY (id % 5) * $1::interval DESC, id LIMIT $2', ['1 mon', '25']],
+    ['SELECT i, count(*) AS c, sum(n) AS s, sum(b) AS sb, sum(i) AS si, sum(n::float8) AS f, min(t) AS lo, max(n) AS hi FROM typed GROUP BY i ORDER BY i LIMIT $1', ['30']],
+    ['SELECT t, count(*) AS c, sum(n) AS s FROM typed GROUP BY t ORDER BY count(*) DESC, t LIMIT $1', ['5']],
+    ['SELECT i, count(*)::int AS c FROM typed GROUP BY i HAVING sum(n) > $1 AND count(*) > $2 ORDER BY i', ['0', '3']],
+    ['SELECT i, t FROM typed ORDER BY b DESC NULLS LAST, id LIMIT $1 OFFSET $2', ['15', '4']],
+    ['SELECT DISTINCT i FROM typed WHERE i > $1 ORDER BY i', ['-5']],
+    ['SELECT count(*) AS c, sum(b) AS sb, max(b) AS hb FROM typed WHERE id > $1', ['0']],
+  ];
+  try {
+    // node-postgres in binary mode: one result format code, binary, for every column (the hidden ones too);
+    // the values compared as the bytes Postgres sent.
+    const raw = { getTypeParser: () => (v: string | Buffer) => (Buffer.isBuffer(v) ? v.toString('hex') : v) } as any;
+    for (const [text, params] of reads) {
+      const expected = await ref.query({ text, values: params, types: raw, rowMode: 'array' });
+      const got = await gwBinary.query({ text, values: params, types: raw, rowMode: 'array' });
+      assert.deepEqual(got.fields.map((f) => [f.name, f.format]), expected.fields.map((f) => [f.name, f.format]), `node-postgres binary, columns: ${text}`);
+      assert.ok(got.fields.every((f) => f.format === 'binary'), text);
+      assert.ok(got.rows.length, text);
+      assert.deepEqual(got.rows, expected.rows, `node-postgres binary: ${text}`);
+    }
+    // pgx prepares each statement, then binds one format code per column it was described with: the gateway
+    // adds codes for the hidden columns, whose values the merge reads in either format.
+    const statements = [...reads.map(([sql, args]) => ({ sql, args })), { sql: "SELECT id, timetz '10:00+02' + i * interval '1 hour' AS tz FROM typed ORDER BY tz" }];
+    const got = runPgx(`postgres://postgres:postgres@127.0.0.1:${spec.gateway.port}/postgres`, statements);
+    const expected = runPgx(`postgres://postgres@127.0.0.1:${shardPorts[0]}/reference`, statements);
+    for (const [k, { sql }] of reads.map(([sql]) => ({ sql })).entries()) {
+      assert.equal(got[k].error, undefined, `pgx: ${sql}`);
+      assert.ok(got[k].rows?.length, `pgx: ${sql}`);
+      assert.deepEqual(got[k], expected[k], `pgx: ${sql}`);
+    }
+    assert.equal(got[reads.length].code, '0A000', 'a type the gateway does not order is still refused');
+  } finally {
+    await gwBinary.end();
     await ref.end();
   }
 });
