@@ -242,6 +242,11 @@ test('MoveTables under a writer: kill -9 of the source primary, then of a target
   t.diagnostic(`source: ${src.primary} killed; stream on ${resumed.instanceId} (epoch ${resumed.epoch}, ${resumed.resumedFrom})`);
   const afterSource = await recovered('source failover', srcKilledAt, RANGES[0].shard);
   t.diagnostic(`source failover: ${figures(afterSource)}`);
+  if (afterSource.reportedPeak > afterSource.observedPeak + 5) {
+    // The reported lag once peaked at 78.7 s with writes waiting 1.1 s (not reproduced since): keep what shows why.
+    const around = samples.filter((s) => s.at >= srcKilledAt && s.lag > 1).map((s) => `+${((s.at - srcKilledAt) / 1000).toFixed(1)} s ${s.phase} lag ${s.lag.toFixed(1)} s ${s.message ?? ''}`);
+    t.diagnostic(`source failover: the reported lag exceeded what writes waited: ${around.join(' | ')}`);
+  }
 
   // (b) The target shard's primary.
   const dst = await fullStrength(cluster, 120_000, 1_500, TARGET);
