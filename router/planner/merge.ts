@@ -284,9 +284,15 @@ function truthOf(h: Having, fields: readonly Field[], params?: readonly BoundPar
       const at = h.column - 1;
       const { name, typeOid } = fields[at];
       if (!HAVING_COMPARED.has(typeOid)) throw new RefusedError(`HAVING comparing ${name}, of a type the gateway does not compare (type OID ${typeOid}), over all shards`);
-      const v = resolveValue(h.value, params);
-      if ('param' in h.value && params?.[h.value.param - 1]?.binary && Buffer.isBuffer(v)) {
-        throw new RefusedError(`a binary parameter ($${h.value.param}) in HAVING over all shards (send it as text)`);
+      let v = resolveValue(h.value, params);
+      const n = 'param' in h.value ? h.value.param : 0;
+      const param = params?.[n - 1];
+      if (param?.binary && Buffer.isBuffer(v)) {
+        // Integers come decoded already; numbers and text are read as the comparison reads text (a float4 as the float8 Postgres promotes it to).
+        if (!HAVING_COMPARED.has(param.typeOid) && param.typeOid !== 700) {
+          throw new RefusedError(`a binary parameter ($${n}, type oid ${param.typeOid}) in HAVING over all shards (send it as text)`);
+        }
+        v = binaryAsText(v, param.typeOid);
       }
       if (v === null) return () => null;
       // A number's text as Postgres reads it, spaces around it left out (they would count as fraction digits).

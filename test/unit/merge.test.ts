@@ -107,7 +107,13 @@ test('HAVING on merged groups: after the partial aggregates combine, before OFFS
   assert.deepEqual(having({ op: '=', column: 2, value: { param: 1 } }, [{ value: Buffer.from('2'), binary: false, typeOid: 0 }]), ['b']);
   assert.deepEqual(having({ op: '<', column: 3, value: { param: 1 } }, [{ value: Buffer.from(' 1.5 '), binary: false, typeOid: 0 }]), ['c']);
   assert.deepEqual(having({ op: '>', column: 2, value: { param: 1 } }, [{ value: int8, binary: true, typeOid: 20 }]), ['a', 'c', null]);
-  assert.throws(() => having({ op: '>', column: 3, value: { param: 1 } }, [{ value: Buffer.alloc(8), binary: true, typeOid: 701 }]), /binary parameter \(\$1\) in HAVING/);
+  // Binary numbers (pgx sends a Go float64 or a decimal so) and text are read too; other binary types are refused.
+  const float8 = Buffer.alloc(8);
+  float8.writeDoubleBE(-3);
+  assert.deepEqual(having({ op: '<', column: 3, value: { param: 1 } }, [{ value: float8, binary: true, typeOid: 701 }]), ['c']);
+  assert.deepEqual(having({ op: '=', column: 3, value: { param: 1 } }, [{ value: binaryNumeric('-3.50'), binary: true, typeOid: 1700 }]), ['c']);
+  assert.deepEqual(having({ op: '=', column: 1, value: { param: 1 } }, [{ value: Buffer.from('b'), binary: true, typeOid: 25 }]), ['b']);
+  assert.throws(() => having({ op: '>', column: 3, value: { param: 1 } }, [{ value: Buffer.alloc(4), binary: true, typeOid: 1082 }]), /binary parameter \(\$1, type oid 1082\) in HAVING/);
   assert.throws(() => having({ op: '>', column: 3, value: { literal: '1e3' } }), /does not read as a number/);
   // Types whose comparison with a constant the gateway does not follow are refused.
   assert.throws(() => havingTest({ ...merge, having: { op: '>', column: 1, value: { literal: '2020-01-01' } } }, [{ name: 'd', typeOid: 1082 }]), /HAVING comparing d, of a type/);

@@ -1,6 +1,7 @@
 // A test client on pgx (Go), which prepares each statement, then binds it with one result format
 // code per column (binary for the types it reads in binary): reads a JSON array of statements on
-// stdin ({"sql": "...", "args": [...]}) and prints each result's columns and rows as JSON lines.
+// stdin ({"sql": "...", "args": [...]}; string arguments go as text, numbers in binary) and prints
+// each result's columns and rows as JSON lines.
 package main
 
 import (
@@ -19,10 +20,10 @@ type statement struct {
 }
 
 type result struct {
-	Columns []string   `json:"columns,omitempty"`
+	Columns []string    `json:"columns,omitempty"`
 	Rows    [][]*string `json:"rows,omitempty"`
-	Error   string     `json:"error,omitempty"`
-	Code    string     `json:"code,omitempty"`
+	Error   string      `json:"error,omitempty"`
+	Code    string      `json:"code,omitempty"`
 }
 
 func main() {
@@ -48,6 +49,12 @@ func main() {
 
 // run gives the rows as pgx decoded them, each value printed with %v (NULL as null).
 func run(ctx context.Context, conn *pgx.Conn, s statement) result {
+	// JSON numbers as a Go program would pass them: whole ones as int64, others as float64 (pgx sends both in binary).
+	for i, a := range s.Args {
+		if f, ok := a.(float64); ok && f == float64(int64(f)) {
+			s.Args[i] = int64(f)
+		}
+	}
 	rows, err := conn.Query(ctx, s.SQL, s.Args...)
 	if err != nil {
 		return failure(err)
