@@ -12,6 +12,7 @@ import { instanceGroups, shardRanges, SpecError, type ClusterSpec } from '../com
 import type { VSchemaRecord } from '../schemas/index.ts';
 import type { KubeClient as Kube } from './kube.ts';
 import type { OrchestratorApi } from './orchestrator.ts';
+import { forgetTopologyRetries, reconcileTopology, type TopologyLog } from './publish.ts';
 import type { LogAddress, ShardPrimary } from './topology.ts';
 import {
   API_VERSION, FINALIZER, LABEL_CLUSTER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects, names, shardLabel,
@@ -30,8 +31,11 @@ export interface ReconcileResult {
 
 const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 
-/** The cluster's topology log: each shard's primary, registered instances (operator/topology.ts; a fake in unit tests). */
-export interface TopologySource {
+/**
+ * The cluster's topology log: each shard's primary, registered instances, and the fold itself for publishing
+ * the planned topology (operator/topology.ts; a fake in unit tests).
+ */
+export interface TopologySource extends TopologyLog {
   primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] };
   vschema(clusterKey: string, where: LogAddress, database: string): { caughtUp: boolean; record?: VSchemaRecord };
   registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined;
@@ -51,6 +55,7 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
   if (!cluster) {
     await topology.forget(`${namespace}/${name}`);
     changes.roller.forget(`${namespace}/${name}/`);
+    forgetTopologyRetries(`${namespace}/${name}`);
     return {}; // deleted: owner references let the garbage collector take the rest
   }
   if (cluster.metadata!.deletionTimestamp) return finalize(kube, topology, cluster, log);
@@ -70,6 +75,8 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     await setStatus(kube, cluster, databases.length, [
       condition('Degraded', 'True', 'InvalidSpec', err.message),
       condition('Progressing', 'False', 'InvalidSpec', 'fix the spec to go on'),
+      // What the log holds did not change: nothing is published from an invalid spec.
+      ...(cluster.status?.conditions ?? []).filter((c) => c.type === 'TopologyPublished'),
     ]);
     log.warn({ cluster: name, err: err.message }, 'invalid cluster spec');
     return {};
@@ -109,6 +116,12 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     pruned.inc({ kind: obj.kind! });
   }
 
+  // The cells, databases and shards on the topology log, as `mg cluster up` publishes them (decision 0077):
+  // before the VSchemas, which the orchestrator accepts only for a database on the log.
+  const topologyStep = await reconcileTopology(topology, `${namespace}/${name}`, where, spec);
+  if (topologyStep.published.length) log.info({ cluster: name, events: topologyStep.published }, 'published the planned topology');
+  if (topologyStep.condition.status === 'False') log.warn({ cluster: name, reason: topologyStep.condition.reason, err: topologyStep.condition.message }, 'topology not published');
+
   let vschemaRetryMs: number | undefined;
   for (const db of databases) {
     const vschema = await reconcileVSchema(kube, db, topology.vschema(`${namespace}/${name}`, where, db.metadata!.name!), orchestrator);
@@ -127,8 +140,8 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
   }
 
   const rollout = rolloutOf(current);
-  await setStatus(kube, cluster, databases.length, progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions);
-  const recheck = [...progress.map((p) => p.recheckMs), ...(rollout.done ? [] : [5_000]), ...(vschemaRetryMs ? [vschemaRetryMs] : [])];
+  await setStatus(kube, cluster, databases.length, [...(progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions), topologyStep.condition]);
+  const recheck = [...progress.map((p) => p.recheckMs), ...(rollout.done ? [] : [5_000]), ...(vschemaRetryMs ? [vschemaRetryMs] : []), ...(topologyStep.retryMs ? [topologyStep.retryMs] : [])];
   return recheck.length ? { requeueAfterMs: Math.min(...recheck) } : {};
 }
 

@@ -1,0 +1,83 @@
+/**
+ * The cluster's topology on its event log (decision 0077): the cells, databases and shards the custom
+ * resources plan, published the way `mg cluster up` publishes them for the same spec (topologyToPublish,
+ * compose/topology.ts: one function for both provisioners), so the orchestrators elect each new shard's first
+ * primary on Kubernetes as they do locally. Level-triggered: only what the log does not hold yet is published,
+ * and only once the log was read to its end; a database resource added later publishes its database and shards.
+ * Nothing is published from a spec that does not validate (the reconcile stops before).
+ */
+import { topologyToPublish } from '../compose/topology.ts';
+import type { ClusterSpec } from '../compose/spec.ts';
+import { kindOf, type TopologyEvent, type TopologyState } from '../schemas/index.ts';
+import type { Condition } from './resources.ts';
+import type { LogAddress } from './topology.ts';
+
+/** The topology log as the operator reads and writes it (operator/topology.ts; a fake in unit tests). */
+export interface TopologyLog {
+  held(clusterKey: string, where: LogAddress): { caughtUp: boolean; state: TopologyState; failure?: string };
+  publish(clusterKey: string, where: LogAddress, payloads: Array<TopologyEvent['payload']>): Promise<void>;
+}
+
+export interface TopologyOutcome {
+  condition: Condition;
+  /** Published this time (the payloads' kinds and names), for the log line. */
+  published: string[];
+  /** Not done (the log unread or unreachable, a publish failed): look again after this long. */
+  retryMs?: number;
+}
+
+/** A failure in a row waits 1 s, then doubles up to 30 s; a success starts again from 1 s. */
+const RETRY_BASE_MS = 1_000;
+const RETRY_MAX_MS = 30_000;
+const failuresInARow = new Map<string, number>();
+
+function retryAfter(clusterKey: string): number {
+  const n = (failuresInARow.get(clusterKey) ?? 0) + 1;
+  failuresInARow.set(clusterKey, n);
+  return Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** (n - 1));
+}
+
+/** The cluster is gone: its backoff with it. */
+export function forgetTopologyRetries(clusterKey: string): void {
+  failuresInARow.delete(clusterKey);
+}
+
+const published = (message: string): Condition => ({ type: 'TopologyPublished', status: 'True', reason: 'Published', message });
+
+/** One reconcile's step: publish what the log lacks of the spec's topology, and say where that stands. */
+export async function reconcileTopology(log: TopologyLog, clusterKey: string, where: LogAddress, spec: ClusterSpec): Promise<TopologyOutcome> {
+  const held = log.held(clusterKey, where);
+  const at = `the topology log (${where.bootstrap}${where.topicPrefix ? `, prefix ${where.topicPrefix}` : ''})`;
+  if (!held.caughtUp) {
+    // Reading it to its end wakes the reconcile; a reader that failed is opened again by the next one.
+    if (held.failure) return { condition: { type: 'TopologyPublished', status: 'False', reason: 'LogUnreachable', message: `cannot read ${at}: ${held.failure}; retrying` }, published: [], retryMs: retryAfter(clusterKey) };
+    return { condition: { type: 'TopologyPublished', status: 'Unknown', reason: 'ReadingLog', message: `reading ${at} to its end before publishing` }, published: [], retryMs: RETRY_MAX_MS };
+  }
+  // The fold has read back what publish() wrote by the time it returns, so this counts it too.
+  const summary = () => `${spec.cells.length} cells, ${spec.databases.length} databases, ${spec.databases.reduce((n, d) => n + shardsOf(held.state, d.name), 0)} shards on ${at}`;
+  const missing = topologyToPublish(spec, held.state);
+  if (!missing.length) {
+    failuresInARow.delete(clusterKey);
+    return { condition: published(summary()), published: [] };
+  }
+  const names = missing.map(describe);
+  try {
+    await log.publish(clusterKey, where, missing);
+  } catch (err) {
+    return {
+      condition: { type: 'TopologyPublished', status: 'False', reason: 'PublishFailed', message: `publishing ${names.join(', ')} to ${at}: ${(err as Error).message}; retrying` },
+      published: [], retryMs: retryAfter(clusterKey),
+    };
+  }
+  failuresInARow.delete(clusterKey);
+  return { condition: published(summary()), published: names };
+}
+
+const shardsOf = (state: TopologyState, database: string) => [...state.shards.keys()].filter((k) => k.startsWith(`${database}/`)).length;
+
+/** `ShardDefined orders/-80`, `CellRegistered zone1`: what the log line and a failure's message name. */
+function describe(p: TopologyEvent['payload']): string {
+  const { kind, body } = kindOf({ payload: p } as TopologyEvent);
+  const b = body as { cell?: string; database?: string; shard?: string };
+  return `${kind} ${b.cell ?? ''}${b.database ?? ''}${b.shard ? `/${b.shard}` : ''}`;
+}
