@@ -8,7 +8,7 @@
  */
 import { topologyToPublish } from '../compose/topology.ts';
 import type { ClusterSpec } from '../compose/spec.ts';
-import { kindOf, type TopologyEvent, type TopologyState } from '../schemas/index.ts';
+import { kindOf, payload, type TopologyEvent, type TopologyState } from '../schemas/index.ts';
 import type { Condition } from './resources.ts';
 import type { LogAddress } from './topology.ts';
 
@@ -80,4 +80,52 @@ function describe(p: TopologyEvent['payload']): string {
   const { kind, body } = kindOf({ payload: p } as TopologyEvent);
   const b = body as { cell?: string; database?: string; shard?: string };
   return `${kind} ${b.cell ?? ''}${b.database ?? ''}${b.shard ? `/${b.shard}` : ''}`;
+}
+
+/** Holds a deleted MultigresDatabase until its database is dropped on the topology log and its instances deregistered. */
+export const DATABASE_FINALIZER = 'multigres.io/deregister';
+
+export interface Retirement {
+  /** Its objects are kept from pruning (its pods keep running) until DatabaseDropped is on the log. */
+  hold: boolean;
+  /** The finalizer was removed: the resource goes. */
+  done: boolean;
+  message: string;
+  retryMs?: number;
+}
+
+/**
+ * One step of a deleted database resource's way out, in `mg database drop`'s order (decision 0035, done by the
+ * orchestrator there; its provisioner is the operator here): DatabaseDropped first (the gateways drain its
+ * sessions and answer 3D000, the orchestrators stop electing and repairing its shards), then its objects go
+ * (pruned: StatefulSets, headless Services, PDBs), then, once none of its pods is left, InstanceDeregistered for
+ * each of its instances on the log, and only then is the finalizer removed. Each step is decided from what is
+ * (the log read to its end, the pods), so a restarted operator carries on. Backups, PVCs and the data stay.
+ */
+export async function retireDatabase(
+  log: TopologyLog & { deregister(clusterKey: string, where: LogAddress, instanceIds: string[], reason: string): Promise<void> },
+  clusterKey: string, where: LogAddress, database: string, podsLeft: () => Promise<number>, removeFinalizer: () => Promise<void>,
+): Promise<Retirement> {
+  const held = log.held(clusterKey, where);
+  if (!held.caughtUp) return { hold: true, done: false, message: `${database}: deleting; reading the topology log before dropping it`, retryMs: held.failure ? retryAfter(clusterKey) : RETRY_MAX_MS };
+  const onLog = held.state.databases.get(database);
+  if (onLog && !onLog.dropped) {
+    try {
+      await log.publish(clusterKey, where, [payload('DatabaseDropped', { database })]);
+    } catch (err) {
+      return { hold: true, done: false, message: `${database}: deleting; publishing DatabaseDropped failed: ${(err as Error).message}; retrying`, retryMs: retryAfter(clusterKey) };
+    }
+  }
+  const pods = await podsLeft();
+  if (pods > 0) return { hold: false, done: false, message: `${database}: dropped on the topology log; waiting for its ${pods} pods to stop`, retryMs: 1_000 };
+  const instances = [...held.state.instances.values()].filter((i) => i.database === database).map((i) => i.instanceId);
+  if (instances.length) {
+    try {
+      await log.deregister(clusterKey, where, instances, `MultigresDatabase ${clusterKey.split('/')[0]}/${database} deleted`);
+    } catch (err) {
+      return { hold: false, done: false, message: `${database}: deleting; deregistering its instances failed: ${(err as Error).message}; retrying`, retryMs: retryAfter(clusterKey) };
+    }
+  }
+  await removeFinalizer();
+  return { hold: false, done: true, message: `${database}: dropped, ${instances.length} instances deregistered` };
 }

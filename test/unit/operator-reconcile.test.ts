@@ -11,7 +11,7 @@ import type { OrchestratorApi } from '../../operator/orchestrator.ts';
 import { reconcileCluster, type PodChanges, type TopologySource } from '../../operator/reconcile.ts';
 import { ShardRoller } from '../../operator/roll.ts';
 import type { MultigresCluster, MultigresDatabase } from '../../operator/resources.ts';
-import { applyTopologyEvent, emptyTopology, kindOf, type TopologyEvent } from '../../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, payload, type TopologyEvent } from '../../schemas/index.ts';
 
 const log = createLogger('test');
 log.level = 'silent';
@@ -363,4 +363,67 @@ test('nothing is published before the log is read to its end, nor from an invali
   assert.equal(topo.published.length, 5);
   assert.equal(conditions(api).Degraded, 'True:InvalidSpec');
   assert.equal(`${cond().status}:${cond().reason}`, 'True:Published');
+});
+
+test("a deleted database resource: dropped on the log first, its objects then, its instances deregistered once its pods are gone, then it goes", async () => {
+  const api = setup();
+  const topo = new FakeTopologyLog();
+  api.custom.set('MultigresDatabase/users', {
+    apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'users', namespace: 'ns', uid: 'u-uid', generation: 1 }, spec: { cluster: 'c', instancesPerShard: 1 },
+  });
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/users').metadata.finalizers, ['multigres.io/deregister']);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, ['multigres.io/deregister']);
+  applyTopologyEvent(topo.state, { eventId: 'r', ts: new Date(), source: 'agent', payload: payload('InstanceRegistered', { instanceId: 'users-0-z1-0', database: 'users', shard: '-', cell: 'z1', host: '10.0.0.9', port: 5432, type: 'PRIMARY', agentMetricsPort: null, poolerPort: null }) });
+  const usersObjects = () => [...api.objects.values()].filter((o) => o.metadata.ownerReferences?.[0]?.uid === 'u-uid').map((o) => `${o.kind}/${o.metadata.name}`);
+  assert.deepEqual(usersObjects().sort(), ['PodDisruptionBudget/c-users-0', 'Service/c-users-0', 'StatefulSet/c-users-0-z1']);
+
+  // Deleted; the log not read to its end yet: nothing published, its objects (and pods) kept.
+  api.custom.get('MultigresDatabase/users').metadata.deletionTimestamp = new Date().toISOString();
+  api.pods = [{ metadata: { name: 'c-users-0-z1-0', labels: { 'multigres.io/database': 'users' } } }];
+  topo.caughtUp = false;
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(usersObjects().length, 3);
+  assert.ok(!topo.published.includes('DatabaseDropped users'));
+  assert.equal(conditions(api).Progressing, 'True:DeletingDatabase');
+
+  // Read: dropped on the log, then its objects pruned; the finalizer waits for its pods.
+  topo.caughtUp = true;
+  const deregistered: string[] = [];
+  let result = await reconcileCluster(api, primaries({}, [], deregistered, topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(topo.published.slice(-1), ['DatabaseDropped users']);
+  assert.equal(topo.state.databases.get('users')?.dropped, true);
+  assert.deepEqual(usersObjects(), []);
+  assert.deepEqual(deregistered, []);
+  assert.deepEqual(api.custom.get('MultigresDatabase/users').metadata.finalizers, ['multigres.io/deregister']);
+  assert.equal(result.requeueAfterMs, 1_000);
+  assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Progressing').message, /users: dropped on the topology log; waiting for its 1 pods to stop/);
+
+  // Its pod gone: its instance deregistered, the finalizer removed; the other database untouched, nothing published twice.
+  api.pods = [];
+  await reconcileCluster(api, primaries({}, [], deregistered, topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(deregistered, ['users-0-z1-0']);
+  assert.deepEqual(api.custom.get('MultigresDatabase/users').metadata.finalizers, []);
+  assert.equal(topo.published.filter((p) => p.startsWith('DatabaseDropped')).length, 1);
+  assert.equal(topo.state.databases.get('orders')?.dropped, false);
+});
+
+test("deleting the cluster lets its databases go without their own finalizer's steps (the cluster's deregisters their instances)", async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, ['multigres.io/deregister']);
+  api.allReady();
+  api.custom.get('MultigresCluster/c').metadata.deletionTimestamp = new Date();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  api.allReady();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, []);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, []);
+
+  // A database deleted after its cluster was gone (finalizer removed by hand): released, not left hanging.
+  api.custom.delete('MultigresCluster/c');
+  api.custom.get('MultigresDatabase/orders').metadata.finalizers = ['multigres.io/deregister'];
+  api.custom.get('MultigresDatabase/orders').metadata.deletionTimestamp = new Date().toISOString();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, []);
 });
