@@ -109,6 +109,11 @@ export async function retireDatabase(
   const held = log.held(clusterKey, where);
   if (!held.caughtUp) return { hold: true, done: false, message: `${database}: deleting; reading the topology log before dropping it`, retryMs: held.failure ? retryAfter(clusterKey) : RETRY_MAX_MS };
   const onLog = held.state.databases.get(database);
+  // As `mg database drop` refuses (409): databases created on this one (CREATE DATABASE through a gateway) go first.
+  const hosted = [...held.state.databases].filter(([, d]) => !d.dropped && d.hostedOn === database).map(([n]) => n);
+  if (onLog && !onLog.dropped && hosted.length) {
+    return { hold: true, done: false, message: `${database}: deleting waits: databases ${hosted.join(', ')} are hosted on it (drop them first, DROP DATABASE through a gateway)`, retryMs: RETRY_MAX_MS };
+  }
   if (onLog && !onLog.dropped) {
     try {
       await log.publish(clusterKey, where, [payload('DatabaseDropped', { database })]);

@@ -387,8 +387,16 @@ test("a deleted database resource: dropped on the log first, its objects then, i
   assert.ok(!topo.published.includes('DatabaseDropped users'));
   assert.equal(conditions(api).Progressing, 'True:DeletingDatabase');
 
-  // Read: dropped on the log, then its objects pruned; the finalizer waits for its pods.
+  // A database created on it through a gateway holds it, as `mg database drop` refuses then.
   topo.caughtUp = true;
+  applyTopologyEvent(topo.state, { eventId: 'h', ts: new Date(), source: 'gateway', payload: payload('DatabaseCreated', { database: 'tenant', durabilityPolicy: null, sharded: false, transactionMode: null, hostedOn: 'users' }) });
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(usersObjects().length, 3);
+  assert.ok(!topo.published.includes('DatabaseDropped users'));
+  assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Progressing').message, /users: deleting waits: databases tenant are hosted on it/);
+  applyTopologyEvent(topo.state, { eventId: 'hd', ts: new Date(), source: 'gateway', payload: payload('DatabaseDropped', { database: 'tenant' }) });
+
+  // Read: dropped on the log, then its objects pruned; the finalizer waits for its pods.
   const deregistered: string[] = [];
   let result = await reconcileCluster(api, primaries({}, [], deregistered, topo), changes(api), 'ns', 'c', log);
   assert.deepEqual(topo.published.slice(-1), ['DatabaseDropped users']);
