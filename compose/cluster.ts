@@ -140,7 +140,7 @@ function checkPrerequisites(spec: ClusterSpec): void {
 
 /**
  * Publishes the spec's topology events that the log does not hold yet (topologyToPublish, which the operator
- * publishes from too: decision 0077); returns the topology as it was.
+ * publishes from too: decision 0078); returns the topology as it was.
  */
 export async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<TopologyState> {
   const state = emptyTopology();

@@ -2,7 +2,7 @@
  * The cluster's topology as the spec plans it (cells, databases, each database's first serving shard set, its
  * shards), as the events the topology log does not hold yet. Pure, and one for both provisioners (decision
  * 0045's seam): `mg cluster up` publishes them (bootstrapTopology, compose/cluster.ts) and so does the operator
- * from the custom resources it maps to the same spec (operator/publish.ts, decision 0077). No primary is named:
+ * from the custom resources it maps to the same spec (operator/publish.ts, decision 0078). No primary is named:
  * MultiOrch elects each new shard's first one.
  */
 import { shardKey, payload, type TopologyEvent, type TopologyState } from '../schemas/index.ts';

@@ -1,5 +1,5 @@
 /**
- * The cluster's topology on its event log (decision 0077): the cells, databases and shards the custom
+ * The cluster's topology on its event log (decision 0078): the cells, databases and shards the custom
  * resources plan, published the way `mg cluster up` publishes them for the same spec (topologyToPublish,
  * compose/topology.ts: one function for both provisioners), so the orchestrators elect each new shard's first
  * primary on Kubernetes as they do locally. Level-triggered: only what the log does not hold yet is published,

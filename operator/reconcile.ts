@@ -71,7 +71,7 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
 
   const ofCluster = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name);
   const databases = ofCluster.filter((d) => !d.metadata!.deletionTimestamp);
-  // Deleted, held by the operator's finalizer until its database is dropped on the log (decision 0077).
+  // Deleted, held by the operator's finalizer until its database is dropped on the log (decision 0078).
   const leaving = ofCluster.filter((d) => d.metadata!.deletionTimestamp && d.metadata!.finalizers?.includes(DATABASE_FINALIZER));
   let spec;
   try {
@@ -133,7 +133,7 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     pruned.inc({ kind: obj.kind! });
   }
 
-  // The cells, databases and shards on the topology log, as `mg cluster up` publishes them (decision 0077):
+  // The cells, databases and shards on the topology log, as `mg cluster up` publishes them (decision 0078):
   // before the VSchemas, which the orchestrator accepts only for a database on the log.
   const topologyStep = await reconcileTopology(topology, `${namespace}/${name}`, where, spec);
   if (topologyStep.published.length) log.info({ cluster: name, events: topologyStep.published }, 'published the planned topology');
@@ -224,7 +224,7 @@ function withProgress(conditions: Condition[], progress: ShardProgress[]): Condi
 
 /**
  * The cluster owns its databases: deleting it deletes them, and their objects with them. Each carries the
- * finalizer that drops it on the topology log when it is deleted on its own (decision 0077).
+ * finalizer that drops it on the topology log when it is deleted on its own (decision 0078).
  */
 async function adoptDatabase(kube: Kube, cluster: MultigresCluster, db: MultigresDatabase): Promise<void> {
   const refs = db.metadata!.ownerReferences ?? [];

@@ -4,7 +4,7 @@
  * uses) instead of guessing from pods. One subscription per event log (bootstrap, registry,
  * topic prefix), opened on the first reconcile of a cluster that names it; a primary change
  * wakes the cluster's reconcile. What the operator writes there: the cluster's topology as its resources plan
- * it (cells, databases, shards: operator/publish.ts, decision 0077), and an instance deregistered when its
+ * it (cells, databases, shards: operator/publish.ts, decision 0078), and an instance deregistered when its
  * cluster is deleted (decision 0055).
  */
 import { randomUUID } from 'node:crypto';
@@ -83,7 +83,7 @@ export class TopologyReaders {
   /**
    * Publishes the events and returns once Kafka acknowledged them and the fold has read them back: a
    * reconcile right after this one then finds them held and publishes nothing again (a DatabaseCreated
-   * twice would undo a deactivation and a serving set; decision 0077).
+   * twice would undo a deactivation and a serving set; decision 0078).
    */
   async publish(clusterKey: string, where: LogAddress, payloads: Array<TopologyEvent['payload']>): Promise<void> {
     const reader = this.readerFor(clusterKey, where);

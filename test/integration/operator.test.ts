@@ -697,7 +697,7 @@ describe('the operator on a real API server', () => {
     await until('the condition gone with the reference', 20_000, async () => !vschemaCondition(await dbStatus()));
     assert.equal(puts().length, 3);
 
-    // The tests after this one expect the one database. Deleting its resource drops it on the log (decision 0077),
+    // The tests after this one expect the one database. Deleting its resource drops it on the log (decision 0078),
     // its objects go, and once its pods are gone its instances are deregistered and the finalizer lets it go.
     const registered: TopologyEvent = {
       eventId: 'reg-users', ts: new Date(), source: 'test',

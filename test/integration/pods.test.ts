@@ -9,7 +9,7 @@
  * cluster's password.
  *
  * The topology (cells, database, shard) is published by the operator's own step (reconcileTopology,
- * operator/publish.ts, decision 0077: what `mg cluster up` publishes for the same spec), reading the log
+ * operator/publish.ts, decision 0078: what `mg cluster up` publishes for the same spec), reading the log
  * with the operator's reader, as a reconcile of these resources does; the rest of the operator (the API
  * server, the StatefulSets) is operator.test.ts's.
  * What differs from a pod: the volume (PGDATA is a directory here; the manifest names the pod's),
@@ -77,7 +77,7 @@ function startContainer(workload: string, container: string, name: string, ip: s
 
 before(async () => {
   // The cluster's cells, database and shard on the topology log, published by the operator's step for these
-  // resources (decision 0077), through the operator's reader of the log, until it says so.
+  // resources (decision 0078), through the operator's reader of the log, until it says so.
   const eventLog = await testEventLog(cluster.spec.kafka.topicPrefix!); // the run's topics under this prefix
   await eventLog.close();
   const readers = new TopologyReaders(createLogger('pods-test-operator'), () => undefined);
