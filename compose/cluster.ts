@@ -13,7 +13,7 @@ import type { AgentConfig, BackupConfig } from '../ingest/config.ts';
 import { PgBackRest } from '../ingest/backup/pgbackrest.ts';
 import { PostgresInstance } from '../ingest/postgres/instance.ts';
 import {
-  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, payload, recoveryTargetOf, shardKey, stanzaOf, topologyKey,
+  applyTopologyEvent, codecFor, emptyTopology, instancesOf as topologyInstances, recoveryTargetOf, shardKey, stanzaOf, topologyKey,
   type HealthEvent, type TopicValues, type TopologyEvent, type TopologyState,
 } from '../schemas/index.ts';
 import { startKafka, stopKafka } from './infra/kafka.ts';
@@ -23,7 +23,8 @@ import { nodeArgs, REPO_ROOT } from './launch.ts';
 import { startMaterializer, stopMaterializer } from './materializer.ts';
 import { callOrchestrator, startOrchestrators, stopOrchestrators } from './orchestrators.ts';
 import { Progress } from './progress.ts';
-import { instancesOf, parseSpec, shardRanges, shardSetsOf, shardsOfSpec, stanzaOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
+import { topologyToPublish } from './topology.ts';
+import { instancesOf, parseSpec, shardsOfSpec, stanzaOfSpec, withRuntimeChanges, type ClusterSpec, type PlannedInstance } from './spec.ts';
 import { readClusterView, verdict } from './status.ts';
 import { isAlive, readPid, spawnDetached, stopProcess, waitFor } from './supervise.ts';
 
@@ -138,8 +139,8 @@ function checkPrerequisites(spec: ClusterSpec): void {
 }
 
 /**
- * Publishes the spec's topology events that the log does not hold yet; returns the topology as it was.
- * On Kubernetes nobody does yet (decision 0076): test/integration/pods.test.ts calls it as the operator would.
+ * Publishes the spec's topology events that the log does not hold yet (topologyToPublish, which the operator
+ * publishes from too: decision 0078); returns the topology as it was.
  */
 export async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, progress: Progress): Promise<TopologyState> {
   const state = emptyTopology();
@@ -149,23 +150,7 @@ export async function bootstrapTopology(spec: ClusterSpec, eventLog: EventLog, p
   // Before the shards are defined: once they are, a later `up` no longer sees them as new.
   await chooseStanzas(spec, state, progress);
 
-  const events: TopologyEvent[] = [];
-  const add = (p: TopologyEvent['payload']) => events.push({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p });
-  for (const cell of spec.cells) if (!state.cells.has(cell)) add(payload('CellRegistered', { cell, region: null }));
-  for (const db of spec.databases) {
-    if (state.databases.get(db.name)?.dropped !== false) {
-      add(payload('DatabaseCreated', { database: db.name, durabilityPolicy: db.durability ?? null, sharded: db.sharded, transactionMode: db.transactionMode, hostedOn: null }));
-    }
-    // A second shard set (a reshard, decision 0056) is defined only after the serving set names the first: routers never see a mix.
-    if (db.shardSets.length && !state.servingShards.has(db.name)) {
-      add(payload('ServingShardsChanged', { database: db.name, version: 1n, shards: shardRanges(shardSetsOf(db)[0]).map((r) => r.shard) }));
-    }
-    for (const r of shardsOfSpec(db)) {
-      if (!state.shards.has(shardKey(db.name, r.shard))) {
-        add(payload('ShardDefined', { database: db.name, shard: r.shard, keyRangeStart: r.start, keyRangeEnd: r.end }));
-      }
-    }
-  }
+  const events: TopologyEvent[] = topologyToPublish(spec, state).map((p) => ({ eventId: randomUUID(), ts: new Date(), source: 'mg-cli', payload: p }));
   // No primary is named here: MultiOrch elects each new shard's first one.
   if (events.length) await eventLog.publisher('topology')(events.map((e) => ({ key: topologyKey(e), value: e })));
   progress.note(events.length ? `published ${events.length} events` : 'already in the log');

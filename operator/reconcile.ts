@@ -12,6 +12,7 @@ import { instanceGroups, shardRanges, SpecError, type ClusterSpec } from '../com
 import type { VSchemaRecord } from '../schemas/index.ts';
 import type { KubeClient as Kube } from './kube.ts';
 import type { OrchestratorApi } from './orchestrator.ts';
+import { DATABASE_FINALIZER, forgetTopologyRetries, reconcileTopology, retireDatabase, type Retirement, type TopologyLog } from './publish.ts';
 import type { LogAddress, ShardPrimary } from './topology.ts';
 import {
   API_VERSION, FINALIZER, LABEL_CLUSTER, OWNED_KINDS, clusterSpecOf, credentialsSecret, desiredObjects, names, shardLabel,
@@ -30,8 +31,11 @@ export interface ReconcileResult {
 
 const identity = (o: KubernetesObject) => `${o.kind}/${o.metadata!.name}`;
 
-/** The cluster's topology log: each shard's primary, registered instances (operator/topology.ts; a fake in unit tests). */
-export interface TopologySource {
+/**
+ * The cluster's topology log: each shard's primary, registered instances, and the fold itself for publishing
+ * the planned topology (operator/topology.ts; a fake in unit tests).
+ */
+export interface TopologySource extends TopologyLog {
   primaries(clusterKey: string, where: LogAddress, database: string, shards: string[]): { caughtUp: boolean; shards: ShardPrimary[] };
   vschema(clusterKey: string, where: LogAddress, database: string): { caughtUp: boolean; record?: VSchemaRecord };
   registered(clusterKey: string, where: LogAddress, databases: string[]): string[] | undefined;
@@ -49,8 +53,13 @@ export interface PodChanges {
 export async function reconcileCluster(kube: Kube, topology: TopologySource, changes: PodChanges, namespace: string, name: string, log: Logger): Promise<ReconcileResult> {
   const cluster = await kube.getCustom<MultigresCluster>('MultigresCluster', namespace, name);
   if (!cluster) {
+    // Its databases go with it (the garbage collector): the cluster's finalizer deregistered their instances.
+    for (const db of await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)) {
+      if (db.spec.cluster === name && db.metadata!.deletionTimestamp) await releaseDatabase(kube, db);
+    }
     await topology.forget(`${namespace}/${name}`);
     changes.roller.forget(`${namespace}/${name}/`);
+    forgetTopologyRetries(`${namespace}/${name}`);
     return {}; // deleted: owner references let the garbage collector take the rest
   }
   if (cluster.metadata!.deletionTimestamp) return finalize(kube, topology, cluster, log);
@@ -60,7 +69,10 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     });
   }
 
-  const databases = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name && !d.metadata!.deletionTimestamp);
+  const ofCluster = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name);
+  const databases = ofCluster.filter((d) => !d.metadata!.deletionTimestamp);
+  // Deleted, held by the operator's finalizer until its database is dropped on the log (decision 0078).
+  const leaving = ofCluster.filter((d) => d.metadata!.deletionTimestamp && d.metadata!.finalizers?.includes(DATABASE_FINALIZER));
   let spec;
   try {
     spec = clusterSpecOf(cluster, databases);
@@ -70,6 +82,8 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     await setStatus(kube, cluster, databases.length, [
       condition('Degraded', 'True', 'InvalidSpec', err.message),
       condition('Progressing', 'False', 'InvalidSpec', 'fix the spec to go on'),
+      // What the log holds did not change: nothing is published from an invalid spec.
+      ...(cluster.status?.conditions ?? []).filter((c) => c.type === 'TopologyPublished'),
     ]);
     log.warn({ cluster: name, err: err.message }, 'invalid cluster spec');
     return {};
@@ -96,6 +110,15 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
   const active = databases.filter((db) => !db.spec.deactivated).map((db) => db.metadata!.name!);
   const progress = await shrinkThroughReplicaPath(kube, changes.roller, shardContext, spec, active, owned as Workload[], desired);
   const shrinking = new Set(progress.map((p) => p.shard));
+  const retirements: Retirement[] = [];
+  for (const db of leaving) {
+    const dbName = db.metadata!.name!;
+    retirements.push(await retireDatabase(topology, `${namespace}/${name}`, where, dbName,
+      async () => (await kube.listPods(namespace, { [LABEL_CLUSTER]: name, 'multigres.io/database': dbName })).length,
+      () => releaseDatabase(kube, db)));
+  }
+  const heldBack = new Set(leaving.filter((_, i) => retirements[i].hold).map((d) => d.metadata!.uid!));
+  for (const r of retirements) log.info({ cluster: name, step: r.message }, 'deleting a database');
   // Independent objects: applied together, so a reconcile costs about one round trip, not sixteen.
   const current = await Promise.all(desired.map(async (obj) => {
     const after = await kube.apply(obj);
@@ -104,10 +127,17 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
   }));
   for (const obj of owned) {
     if (obj.kind === 'Secret' || wanted.has(identity(obj)) || progress.some((p) => p.holds?.includes(obj.metadata!.name!))) continue;
+    if (obj.metadata!.ownerReferences?.some((r) => heldBack.has(r.uid))) continue; // a deleted database's, until it is dropped on the log
     log.info({ cluster: name, object: identity(obj) }, 'deleting an object no resource asks for any more');
     await kube.delete(obj);
     pruned.inc({ kind: obj.kind! });
   }
+
+  // The cells, databases and shards on the topology log, as `mg cluster up` publishes them (decision 0078):
+  // before the VSchemas, which the orchestrator accepts only for a database on the log.
+  const topologyStep = await reconcileTopology(topology, `${namespace}/${name}`, where, spec);
+  if (topologyStep.published.length) log.info({ cluster: name, events: topologyStep.published }, 'published the planned topology');
+  if (topologyStep.condition.status === 'False') log.warn({ cluster: name, reason: topologyStep.condition.reason, err: topologyStep.condition.message }, 'topology not published');
 
   let vschemaRetryMs: number | undefined;
   for (const db of databases) {
@@ -127,8 +157,11 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
   }
 
   const rollout = rolloutOf(current);
-  await setStatus(kube, cluster, databases.length, progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions);
-  const recheck = [...progress.map((p) => p.recheckMs), ...(rollout.done ? [] : [5_000]), ...(vschemaRetryMs ? [vschemaRetryMs] : [])];
+  const pending = retirements.filter((r) => !r.done);
+  let conditions = progress.length ? withProgress(rollout.conditions, progress) : rollout.conditions;
+  if (pending.length) conditions = conditions.map((c) => (c.type === 'Progressing' ? condition('Progressing', 'True', 'DeletingDatabase', pending.map((r) => r.message).join('; ')) : c));
+  await setStatus(kube, cluster, databases.length, [...conditions, topologyStep.condition]);
+  const recheck = [...pending.flatMap((r) => (r.retryMs ? [r.retryMs] : [])), ...progress.map((p) => p.recheckMs), ...(rollout.done ? [] : [5_000]), ...(vschemaRetryMs ? [vschemaRetryMs] : []), ...(topologyStep.retryMs ? [topologyStep.retryMs] : [])];
   return recheck.length ? { requeueAfterMs: Math.min(...recheck) } : {};
 }
 
@@ -189,15 +222,30 @@ function withProgress(conditions: Condition[], progress: ShardProgress[]): Condi
   });
 }
 
-/** The cluster owns its databases: deleting it deletes them, and their objects with them. */
+/**
+ * The cluster owns its databases: deleting it deletes them, and their objects with them. Each carries the
+ * finalizer that drops it on the topology log when it is deleted on its own (decision 0078).
+ */
 async function adoptDatabase(kube: Kube, cluster: MultigresCluster, db: MultigresDatabase): Promise<void> {
   const refs = db.metadata!.ownerReferences ?? [];
-  if (refs.some((r) => r.uid === cluster.metadata!.uid)) return;
+  const finalizers = db.metadata!.finalizers ?? [];
+  const owned = refs.some((r) => r.uid === cluster.metadata!.uid);
+  if (owned && finalizers.includes(DATABASE_FINALIZER)) return;
   await kube.patchCustom('MultigresDatabase', db.metadata!.namespace!, db.metadata!.name!, {
     metadata: {
       resourceVersion: db.metadata!.resourceVersion,
-      ownerReferences: [...refs, { apiVersion: API_VERSION, kind: 'MultigresCluster', name: cluster.metadata!.name, uid: cluster.metadata!.uid, blockOwnerDeletion: true }],
+      ...(owned ? {} : { ownerReferences: [...refs, { apiVersion: API_VERSION, kind: 'MultigresCluster', name: cluster.metadata!.name, uid: cluster.metadata!.uid, blockOwnerDeletion: true }] }),
+      ...(finalizers.includes(DATABASE_FINALIZER) ? {} : { finalizers: [...finalizers, DATABASE_FINALIZER] }),
     },
+  });
+}
+
+/** Lets a deleted database resource go (its finalizer removed). */
+async function releaseDatabase(kube: Kube, db: MultigresDatabase): Promise<void> {
+  const finalizers = db.metadata!.finalizers ?? [];
+  if (!finalizers.includes(DATABASE_FINALIZER)) return;
+  await kube.patchCustom('MultigresDatabase', db.metadata!.namespace!, db.metadata!.name!, {
+    metadata: { finalizers: finalizers.filter((f) => f !== DATABASE_FINALIZER), resourceVersion: db.metadata!.resourceVersion },
   });
 }
 
@@ -250,7 +298,8 @@ async function finalize(kube: Kube, topology: TopologySource, cluster: Multigres
     await setStatus(kube, cluster, undefined, [condition('Ready', 'False', 'Draining', `waiting for ${running.length} workloads to stop`), condition('Progressing', 'True', 'Draining', 'deleting')]);
     return { requeueAfterMs: 1_000 };
   }
-  const databases = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name).map((d) => d.metadata!.name!);
+  const resources = (await kube.listCustom<MultigresDatabase>('MultigresDatabase', namespace)).filter((d) => d.spec.cluster === name);
+  const databases = resources.map((d) => d.metadata!.name!);
   const where = { bootstrap: cluster.spec.kafka.bootstrap, registryUrl: cluster.spec.registry.url, topicPrefix: cluster.spec.kafka.topicPrefix ?? '' };
   const instances = topology.registered(`${namespace}/${name}`, where, databases);
   if (!instances) {
@@ -261,6 +310,8 @@ async function finalize(kube: Kube, topology: TopologySource, cluster: Multigres
     await topology.deregister(`${namespace}/${name}`, where, instances, `cluster ${namespace}/${name} deleted`);
     log.info({ cluster: name, instances }, 'deregistered the instances on the topology log');
   }
+  // Its databases go with it (the garbage collector, next): their instances are deregistered above, so their own finalizers have nothing left to do.
+  for (const db of resources) await releaseDatabase(kube, db);
   log.info({ cluster: name }, 'drained; removing the finalizer');
   await kube.patchCustom('MultigresCluster', namespace, name, {
     metadata: { finalizers: cluster.metadata!.finalizers.filter((f) => f !== FINALIZER), resourceVersion: cluster.metadata!.resourceVersion },

@@ -17,8 +17,8 @@ export const LABEL_CLUSTER = 'multigres.io/cluster';
 export const LABEL_MANAGED_BY = 'app.kubernetes.io/managed-by';
 
 export interface Condition {
-  /** A cluster's Ready, Progressing, Degraded; a database's VSchemaApplied. */
-  type: 'Ready' | 'Progressing' | 'Degraded' | 'VSchemaApplied';
+  /** A cluster's Ready, Progressing, Degraded and TopologyPublished; a database's VSchemaApplied. */
+  type: 'Ready' | 'Progressing' | 'Degraded' | 'TopologyPublished' | 'VSchemaApplied';
   status: 'True' | 'False' | 'Unknown';
   reason: string;
   message: string;

@@ -30,7 +30,9 @@ import {
 import { OPERATOR_NAMESPACE, startControlPlane, type ControlPlane } from '../support/control-plane.ts';
 import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 import { until } from '../support/wait.ts';
-import { kindOf, parseVSchema, payload, topologyKey, VSchemaError, type TopologyEvent } from '../../schemas/index.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, parseVSchema, payload, topologyKey, VSchemaError, type TopologyEvent, type TopologyState } from '../../schemas/index.ts';
+import { parseSpec } from '../../compose/spec.ts';
+import { topologyToPublish } from '../../compose/topology.ts';
 import { vschemaFaults } from '../../orchestrator/api/vschemas.ts';
 import type { EventLog } from '../../common/eventlog.ts';
 import { nodeArgs } from '../../compose/launch.ts';
@@ -214,6 +216,24 @@ async function applyVSchema(database: string, raw: unknown): Promise<{ status: n
   const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: 'test', payload: payload('VSchemaApplied', { database, version, vschema: JSON.stringify(vschema) }) };
   await eventLog.publisher('topology')([{ key: topologyKey(e), value: e }]);
   return { status: 200, answer: { database, version: String(version) } };
+}
+
+/** The topology log read from its start with the project's fold, and the events the operators published on it (kind and name). */
+async function readTopology(): Promise<{ state: TopologyState; published: string[] }> {
+  const state = emptyTopology();
+  const published: string[] = [];
+  const sub = await eventLog.subscribe('topology', (e) => {
+    applyTopologyEvent(state, e);
+    if (e.source === 'mg-operator' && kindOf(e).kind !== 'InstanceDeregistered') published.push(describeEvent(e));
+  });
+  await sub.caughtUp;
+  await sub.stop();
+  return { state, published };
+}
+
+function describeEvent(e: TopologyEvent): string {
+  const b = kindOf(e).body as { cell?: string; database?: string; shard?: string };
+  return `${kindOf(e).kind} ${b.cell ?? b.database}${b.shard ? `/${b.shard}` : ''}`;
 }
 
 const dbStatus = async () => ((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders' })) as any).status;
@@ -422,6 +442,32 @@ describe('the operator on a real API server', () => {
     } }), (err: any) => err.code === 422 && /shards/.test(typeof err.body === 'string' ? err.body : JSON.stringify(err.body)));
   });
 
+  test("the cluster's topology is on the log as `mg cluster up` would publish it: cells, the database, its shard; a second reconcile publishes nothing", async () => {
+    const cluster = await until('TopologyPublished', 60_000, async () => {
+      const c = await getCluster('alpha');
+      return conditionOf(c, 'TopologyPublished')?.status === 'True' && c;
+    });
+    assert.match(conditionOf(cluster, 'TopologyPublished').message, new RegExp(`^3 cells, 1 databases, 1 shards on the topology log \\(${bootstrap()}, prefix ${prefix}\\)$`));
+    // Read back with the project's fold, as an orchestrator and every gateway read it.
+    let log = await readTopology();
+    assert.deepEqual([...log.state.cells.keys()].sort(), ['zone1', 'zone2', 'zone3']);
+    assert.deepEqual(log.state.databases.get('orders'), { durabilityPolicy: null, hostedOn: null, dropped: false, sharded: false, transactionMode: 'multi' });
+    assert.deepEqual([...log.state.shards.values()].map((s) => [s.database, s.shard, s.keyRangeStart, s.keyRangeEnd]), [['orders', '-', '', '']]);
+    assert.deepEqual(log.published, ['CellRegistered zone1', 'CellRegistered zone2', 'CellRegistered zone3', 'DatabaseCreated orders', 'ShardDefined orders/-']);
+    // The same events `mg cluster up` publishes for the spec the pods mount (one function: compose/topology.ts).
+    const spec = parseSpec(JSON.parse((await core.readNamespacedConfigMap({ name: 'alpha-spec', namespace: ns })).data!['spec.json']), 'alpha-spec');
+    assert.deepEqual(topologyToPublish(spec, emptyTopology()).map((p) => describeEvent({ eventId: '', ts: new Date(), source: '', payload: p })), log.published);
+
+    const reconciles = await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}');
+    await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresclusters', name: 'alpha', body: { metadata: { annotations: { touched: 'topology' } } } }, mergePatch);
+    await until('two more reconciles', 30_000, async () => (await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}')) >= reconciles + 2);
+    log = await readTopology();
+    assert.equal(log.published.length, 5, 'level-triggered: nothing published again');
+    const { stdout } = await runFile('kubectl', ['--kubeconfig', cp.kubeconfigFile('admin'), '-n', ns, 'get', 'multigresclusters', '-o', 'wide']);
+    assert.match(stdout, /TOPOLOGY/);
+    assert.match(stdout.split('\n')[1], /\sTrue\s/);
+  });
+
   test("each shard's primary and term come from the topology log, newer terms winning", async () => {
     await publishPrimary('orders-0-zone2-1', 3n);
     await until('the primary in the status', 30_000, async () => (await dbStatus())?.shards?.[0]?.term === 3);
@@ -600,6 +646,8 @@ describe('the operator on a real API server', () => {
     assert.deepEqual(puts().map((p) => p.body), [YAML.parse(GOOD)], 'the YAML sent as the VSchema, once');
     assert.equal(orch.requests.find((r) => r.method === 'PUT')!.auth, `Bearer ${Buffer.from((await core.readNamespacedSecret({ name: 'alpha-credentials', namespace: ns })).data!['orchestrator-api-token'], 'base64').toString()}`);
     assert.equal(status.vschema.version, 1);
+    // A database resource added later: its database and its two shards on the log (before its VSchema: the orchestrator needs it there).
+    assert.deepEqual((await readTopology()).published.slice(5), ['DatabaseCreated users', 'ShardDefined users/-80', 'ShardDefined users/80-']);
 
     // Reconciles with nothing new send nothing.
     const reconciles = await metric('op-a', 'mg_operator_reconciles_total', '{result="ok"}');
@@ -649,10 +697,30 @@ describe('the operator on a real API server', () => {
     await until('the condition gone with the reference', 20_000, async () => !vschemaCondition(await dbStatus()));
     assert.equal(puts().length, 3);
 
-    // The tests after this one expect the one database.
+    // The tests after this one expect the one database. Deleting its resource drops it on the log (decision 0078),
+    // its objects go, and once its pods are gone its instances are deregistered and the finalizer lets it go.
+    const registered: TopologyEvent = {
+      eventId: 'reg-users', ts: new Date(), source: 'test',
+      payload: payload('InstanceRegistered', { instanceId: 'users-80-zone2-0', database: 'users', shard: '80-', cell: 'zone2', host: '10.0.0.7', port: 5432, type: 'PRIMARY', agentMetricsPort: null, poolerPort: null }),
+    };
+    await eventLog.publisher('topology')([{ key: topologyKey(registered), value: registered }]);
+    assert.deepEqual((await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users' }) as any).metadata.finalizers, ['multigres.io/deregister']);
     await custom.deleteNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users' });
     await core.deleteNamespacedConfigMap({ name: 'users-vschema', namespace: ns });
     await until("the users database's objects gone", 60_000, async () => ![...(await ownedObjects()).keys()].some((k) => k.includes('-users-')));
+    await until('the users resource gone', 60_000, async () => {
+      try {
+        await custom.getNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'users' });
+        return false;
+      } catch (err: any) {
+        return err.code === 404;
+      }
+    });
+    const onLog = await readTopology();
+    assert.equal(onLog.state.databases.get('users')?.dropped, true, 'DatabaseDropped on the log');
+    assert.ok(![...onLog.state.instances.keys()].includes('users-80-zone2-0'), 'its instance deregistered');
+    assert.equal(onLog.state.databases.get('orders')?.dropped, false);
+    assert.deepEqual(onLog.published.slice(8), ['DatabaseDropped users']);
   });
 
   test("the image's entry point runs an orchestrator from its Deployment's exact args and env, with the cluster's API token", async () => {
@@ -739,7 +807,8 @@ describe('the operator on a real API server', () => {
     const deregistered: Array<{ instanceId: string; reason: string }> = [];
     const sub = await eventLog.subscribe('topology', (e) => {
       const { kind, body } = kindOf(e);
-      if (kind === 'InstanceDeregistered') deregistered.push(body as { instanceId: string; reason: string });
+      // (The users database's instance was deregistered when its resource was deleted, in the VSchema test.)
+      if (kind === 'InstanceDeregistered' && (body as { reason: string }).reason !== `MultigresDatabase ${ns}/users deleted`) deregistered.push(body as { instanceId: string; reason: string });
     });
     await sub.caughtUp;
     await sub.stop();

@@ -8,8 +8,10 @@
  * the other instance streams from it, and a client writes and reads through the gateway with the
  * cluster's password.
  *
- * The topology (cells, database, shard) is published by the test with `mg cluster up`'s own
- * function: on Kubernetes nobody publishes it yet (decision 0076, open).
+ * The topology (cells, database, shard) is published by the operator's own step (reconcileTopology,
+ * operator/publish.ts, decision 0078: what `mg cluster up` publishes for the same spec), reading the log
+ * with the operator's reader, as a reconcile of these resources does; the rest of the operator (the API
+ * server, the StatefulSets) is operator.test.ts's.
  * What differs from a pod: the volume (PGDATA is a directory here; the manifest names the pod's),
  * and the spec's dataDir (the container's own filesystem in a pod, where the gateway keeps its TLS
  * material and the agents their backup repository: here one test directory, so the two pods
@@ -24,12 +26,11 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { createLogger } from '../../common/log.ts';
-import { bootstrapTopology } from '../../compose/cluster.ts';
 import { nodeArgs } from '../../compose/launch.ts';
-import { Progress } from '../../compose/progress.ts';
-import { parseSpec } from '../../compose/spec.ts';
 import { PostgresInstance } from '../../ingest/postgres/instance.ts';
+import { reconcileTopology } from '../../operator/publish.ts';
 import { clusterSpecOf, credentialsSecret, desiredObjects, PORTS, type MultigresCluster, type MultigresDatabase } from '../../operator/resources.ts';
+import { TopologyReaders } from '../../operator/topology.ts';
 import { bootstrap, registryUrl, testEventLog, uniquePrefix } from '../support/env.ts';
 import { until } from '../support/wait.ts';
 
@@ -75,11 +76,20 @@ function startContainer(workload: string, container: string, name: string, ip: s
 }
 
 before(async () => {
-  // The cluster's cells, database and shard on the topology log, as `mg cluster up` publishes them:
-  // on Kubernetes nobody does yet (decision 0076, still open), so the test does what the operator would.
-  const eventLog = await testEventLog(cluster.spec.kafka.topicPrefix!);
-  await bootstrapTopology(parseSpec(JSON.parse(fs.readFileSync(specFile, 'utf8')), specFile), eventLog, new Progress(1, fs.createWriteStream(path.join(dir, 'topology.log'))));
+  // The cluster's cells, database and shard on the topology log, published by the operator's step for these
+  // resources (decision 0078), through the operator's reader of the log, until it says so.
+  const eventLog = await testEventLog(cluster.spec.kafka.topicPrefix!); // the run's topics under this prefix
   await eventLog.close();
+  const readers = new TopologyReaders(createLogger('pods-test-operator'), () => undefined);
+  const where = { bootstrap: cluster.spec.kafka.bootstrap, registryUrl: cluster.spec.registry.url, topicPrefix: cluster.spec.kafka.topicPrefix! };
+  const published: string[] = [];
+  const outcome = await until('the operator to publish the topology', 60_000, async () => {
+    const step = await reconcileTopology(readers, 'test/pods', where, clusterSpecOf(cluster, dbs));
+    published.push(...step.published);
+    return step.condition.status === 'True' && step;
+  });
+  assert.deepEqual(published, ['CellRegistered zone1', 'DatabaseCreated orders', 'ShardDefined orders/-'], outcome.condition.message);
+  await readers.close();
   startContainer('pods-orch-zone1', 'orchestrator', 'pods-orch-zone1-7f-a', '127.0.1.40');
   for (const k of [0, 1]) {
     const ip = `127.0.1.${41 + k}`;

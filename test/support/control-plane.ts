@@ -122,7 +122,13 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     return failWithLog('kube-apiserver', err);
   }
   const startMs = Date.now() - started;
-  await opts.beforeControllers?.(admin, kubeconfigFile('admin'));
+  try {
+    await opts.beforeControllers?.(admin, kubeconfigFile('admin'));
+  } catch (err) {
+    // The caller gets no handle to stop them with: etcd and the API server would outlive the test, holding its ports.
+    await stop();
+    throw err;
+  }
   await start('kube-controller-manager', [
     '--kubeconfig', kubeconfigFile('admin'),
     '--authentication-kubeconfig', kubeconfigFile('admin'), '--authorization-kubeconfig', kubeconfigFile('admin'),

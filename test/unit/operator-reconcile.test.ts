@@ -11,6 +11,7 @@ import type { OrchestratorApi } from '../../operator/orchestrator.ts';
 import { reconcileCluster, type PodChanges, type TopologySource } from '../../operator/reconcile.ts';
 import { ShardRoller } from '../../operator/roll.ts';
 import type { MultigresCluster, MultigresDatabase } from '../../operator/resources.ts';
+import { applyTopologyEvent, emptyTopology, kindOf, payload, type TopologyEvent } from '../../schemas/index.ts';
 
 const log = createLogger('test');
 log.level = 'silent';
@@ -90,7 +91,31 @@ class FakeApi implements KubeClient {
   }
 }
 
-const primaries = (table: Record<string, { primary: string; term: number }> = {}, registered: string[] = [], deregistered: string[] = []): TopologySource => ({
+/** The topology log as the operator folds it: what is published is folded at once (the real one waits for it to come back). */
+class FakeTopologyLog {
+  state = emptyTopology();
+  caughtUp = true;
+  failure: string | undefined;
+  failPublish: string | undefined;
+  published: string[] = [];
+  held() {
+    return { caughtUp: this.caughtUp, state: this.state, ...(this.failure ? { failure: this.failure } : {}) };
+  }
+  async publish(_k: string, _w: unknown, payloads: Array<TopologyEvent['payload']>): Promise<void> {
+    if (this.failPublish) throw new Error(this.failPublish);
+    for (const p of payloads) {
+      const e: TopologyEvent = { eventId: `e${this.published.length}`, ts: new Date(), source: 'mg-operator', payload: p };
+      applyTopologyEvent(this.state, e);
+      const { kind, body } = kindOf(e);
+      const b = body as { cell?: string; database?: string; shard?: string };
+      this.published.push(`${kind} ${b.cell ?? b.database}${b.shard ? `/${b.shard}` : ''}`);
+    }
+  }
+}
+
+const primaries = (table: Record<string, { primary: string; term: number }> = {}, registered: string[] = [], deregistered: string[] = [], topo = new FakeTopologyLog()): TopologySource => ({
+  held: () => topo.held(),
+  publish: (k, w, p) => topo.publish(k, w, p),
   primaries: (_k, _w, database, shards) => ({ caughtUp: true, shards: shards.flatMap((shard) => (table[`${database}/${shard}`] ? [{ shard, ...table[`${database}/${shard}`] }] : [])) }),
   vschema: () => ({ caughtUp: true }),
   registered: () => registered,
@@ -132,12 +157,12 @@ test('the first reconcile creates every object and the finalizer; the second wri
   assert.equal(api.objects.size, 16);
   assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, ['multigres.io/drain']);
   assert.equal(api.custom.get('MultigresDatabase/orders').metadata.ownerReferences[0].uid, 'c-uid');
-  assert.deepEqual(conditions(api), { Ready: 'False:PodsNotReady', Progressing: 'True:RollingOut', Degraded: 'False:AsExpected' });
+  assert.deepEqual(conditions(api), { Ready: 'False:PodsNotReady', Progressing: 'True:RollingOut', Degraded: 'False:AsExpected', TopologyPublished: 'True:Published' });
   assert.equal(result.requeueAfterMs, 5_000, 'a rollout in progress is looked at again');
 
   api.allReady();
   await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
-  assert.deepEqual(conditions(api), { Ready: 'True:AllReady', Progressing: 'False:RolledOut', Degraded: 'False:AsExpected' });
+  assert.deepEqual(conditions(api), { Ready: 'True:AllReady', Progressing: 'False:RolledOut', Degraded: 'False:AsExpected', TopologyPublished: 'True:Published' });
   const writes = api.writes;
   await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
   assert.equal(api.writes, writes, 'level-triggered and idempotent: nothing to change, nothing written');
@@ -266,4 +291,147 @@ test("a sharded database's VSchema by reference: applied once, in the database's
   await reconcileCluster(api, primaries(), changes(api, calls), 'ns', 'c', log);
   const cleared = api.custom.get('MultigresDatabase/orders').status;
   assert.deepEqual([cleared.conditions, cleared.vschema], [[], null], 'no reference: no condition, nothing recorded');
+});
+
+test("the planned topology is published once, as `mg cluster up` would: cells, the database, its shards; a database added later publishes its own", async () => {
+  const api = setup();
+  const topo = new FakeTopologyLog();
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(topo.published, ['CellRegistered z1', 'CellRegistered z2', 'CellRegistered z3', 'DatabaseCreated orders', 'ShardDefined orders/-']);
+  const cond = () => api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'TopologyPublished');
+  assert.equal(cond().status, 'True');
+  assert.match(cond().message, /3 cells, 1 databases, 1 shards on the topology log \(k:9092\)/);
+
+  // Level-triggered: a second reconcile finds it all on the log and publishes nothing.
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(topo.published.length, 5);
+
+  // A sharded database added later: its database and its two shards, nothing else.
+  api.custom.set('MultigresDatabase/users', {
+    apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'users', namespace: 'ns', uid: 'u-uid', generation: 1 },
+    spec: { cluster: 'c', shards: 2, sharded: true, instancesPerShard: 3 },
+  });
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(topo.published.slice(5), ['DatabaseCreated users', 'ShardDefined users/-80', 'ShardDefined users/80-']);
+  assert.equal(topo.state.databases.get('users')?.sharded, true);
+  assert.match(cond().message, /3 cells, 2 databases, 3 shards/);
+
+  // The same spec through `mg cluster up`'s function publishes exactly this (one function: compose/topology.ts).
+  const { topologyToPublish } = await import('../../compose/topology.ts');
+  const { clusterSpecOf } = await import('../../operator/resources.ts');
+  const spec = clusterSpecOf(api.custom.get('MultigresCluster/c'), [api.custom.get('MultigresDatabase/orders'), api.custom.get('MultigresDatabase/users')]);
+  assert.equal(topologyToPublish(spec, emptyTopology()).length, 8);
+  assert.deepEqual(topologyToPublish(spec, topo.state), []);
+});
+
+test('nothing is published before the log is read to its end, nor from an invalid spec; an unreachable log or a failed publish is retried with a growing delay', async () => {
+  const api = setup();
+  const topo = new FakeTopologyLog();
+  const cond = () => api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'TopologyPublished');
+  topo.caughtUp = false;
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(topo.published, [], 'the log not read to its end: a missing event may only be unread');
+  assert.equal(`${cond().status}:${cond().reason}`, 'Unknown:ReadingLog');
+
+  topo.failure = 'Connection error: connect ECONNREFUSED 127.0.0.1:9092';
+  let result = await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(`${cond().status}:${cond().reason}`, 'False:LogUnreachable');
+  assert.match(cond().message, /ECONNREFUSED/);
+  assert.equal(result.requeueAfterMs, 1_000);
+  result = await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(result.requeueAfterMs, 2_000, 'doubling');
+
+  topo.caughtUp = true;
+  topo.failure = undefined;
+  topo.failPublish = 'KafkaJSNumberOfRetriesExceeded';
+  result = await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(`${cond().status}:${cond().reason}`, 'False:PublishFailed');
+  assert.match(cond().message, /publishing CellRegistered z1, .*ShardDefined orders\/-.*KafkaJSNumberOfRetriesExceeded; retrying/);
+  assert.equal(result.requeueAfterMs, 4_000);
+
+  topo.failPublish = undefined;
+  api.allReady();
+  result = await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(`${cond().status}:${cond().reason}`, 'True:Published');
+  assert.equal(topo.published.length, 5);
+  assert.deepEqual(result, {}, 'nothing left to retry');
+
+  // An invalid spec publishes nothing and keeps the condition as it was.
+  api.custom.get('MultigresDatabase/orders').spec.durability = 'MULTI_CELL_ANY_4';
+  api.custom.set('MultigresDatabase/extra', { apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'extra', namespace: 'ns', uid: 'x-uid', generation: 1 }, spec: { cluster: 'c' } });
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(topo.published.length, 5);
+  assert.equal(conditions(api).Degraded, 'True:InvalidSpec');
+  assert.equal(`${cond().status}:${cond().reason}`, 'True:Published');
+});
+
+test("a deleted database resource: dropped on the log first, its objects then, its instances deregistered once its pods are gone, then it goes", async () => {
+  const api = setup();
+  const topo = new FakeTopologyLog();
+  api.custom.set('MultigresDatabase/users', {
+    apiVersion: 'multigres.io/v1alpha1', kind: 'MultigresDatabase', metadata: { name: 'users', namespace: 'ns', uid: 'u-uid', generation: 1 }, spec: { cluster: 'c', instancesPerShard: 1 },
+  });
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/users').metadata.finalizers, ['multigres.io/deregister']);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, ['multigres.io/deregister']);
+  applyTopologyEvent(topo.state, { eventId: 'r', ts: new Date(), source: 'agent', payload: payload('InstanceRegistered', { instanceId: 'users-0-z1-0', database: 'users', shard: '-', cell: 'z1', host: '10.0.0.9', port: 5432, type: 'PRIMARY', agentMetricsPort: null, poolerPort: null }) });
+  const usersObjects = () => [...api.objects.values()].filter((o) => o.metadata.ownerReferences?.[0]?.uid === 'u-uid').map((o) => `${o.kind}/${o.metadata.name}`);
+  assert.deepEqual(usersObjects().sort(), ['PodDisruptionBudget/c-users-0', 'Service/c-users-0', 'StatefulSet/c-users-0-z1']);
+
+  // Deleted; the log not read to its end yet: nothing published, its objects (and pods) kept.
+  api.custom.get('MultigresDatabase/users').metadata.deletionTimestamp = new Date().toISOString();
+  api.pods = [{ metadata: { name: 'c-users-0-z1-0', labels: { 'multigres.io/database': 'users' } } }];
+  topo.caughtUp = false;
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(usersObjects().length, 3);
+  assert.ok(!topo.published.includes('DatabaseDropped users'));
+  assert.equal(conditions(api).Progressing, 'True:DeletingDatabase');
+
+  // A database created on it through a gateway holds it, as `mg database drop` refuses then.
+  topo.caughtUp = true;
+  applyTopologyEvent(topo.state, { eventId: 'h', ts: new Date(), source: 'gateway', payload: payload('DatabaseCreated', { database: 'tenant', durabilityPolicy: null, sharded: false, transactionMode: null, hostedOn: 'users' }) });
+  await reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  assert.equal(usersObjects().length, 3);
+  assert.ok(!topo.published.includes('DatabaseDropped users'));
+  assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Progressing').message, /users: deleting waits: databases tenant are hosted on it/);
+  applyTopologyEvent(topo.state, { eventId: 'hd', ts: new Date(), source: 'gateway', payload: payload('DatabaseDropped', { database: 'tenant' }) });
+
+  // Read: dropped on the log, then its objects pruned; the finalizer waits for its pods.
+  const deregistered: string[] = [];
+  let result = await reconcileCluster(api, primaries({}, [], deregistered, topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(topo.published.slice(-1), ['DatabaseDropped users']);
+  assert.equal(topo.state.databases.get('users')?.dropped, true);
+  assert.deepEqual(usersObjects(), []);
+  assert.deepEqual(deregistered, []);
+  assert.deepEqual(api.custom.get('MultigresDatabase/users').metadata.finalizers, ['multigres.io/deregister']);
+  assert.equal(result.requeueAfterMs, 1_000);
+  assert.match(api.custom.get('MultigresCluster/c').status.conditions.find((c: any) => c.type === 'Progressing').message, /users: dropped on the topology log; waiting for its 1 pods to stop/);
+
+  // Its pod gone: its instance deregistered, the finalizer removed; the other database untouched, nothing published twice.
+  api.pods = [];
+  await reconcileCluster(api, primaries({}, [], deregistered, topo), changes(api), 'ns', 'c', log);
+  assert.deepEqual(deregistered, ['users-0-z1-0']);
+  assert.deepEqual(api.custom.get('MultigresDatabase/users').metadata.finalizers, []);
+  assert.equal(topo.published.filter((p) => p.startsWith('DatabaseDropped')).length, 1);
+  assert.equal(topo.state.databases.get('orders')?.dropped, false);
+});
+
+test("deleting the cluster lets its databases go without their own finalizer's steps (the cluster's deregisters their instances)", async () => {
+  const api = setup();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, ['multigres.io/deregister']);
+  api.allReady();
+  api.custom.get('MultigresCluster/c').metadata.deletionTimestamp = new Date();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  api.allReady();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresCluster/c').metadata.finalizers, []);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, []);
+
+  // A database deleted after its cluster was gone (finalizer removed by hand): released, not left hanging.
+  api.custom.delete('MultigresCluster/c');
+  api.custom.get('MultigresDatabase/orders').metadata.finalizers = ['multigres.io/deregister'];
+  api.custom.get('MultigresDatabase/orders').metadata.deletionTimestamp = new Date().toISOString();
+  await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);
+  assert.deepEqual(api.custom.get('MultigresDatabase/orders').metadata.finalizers, []);
 });
