@@ -164,3 +164,56 @@ test('a socket with onread into the shared buffer frames a stream sent in odd pi
     for (let i = 0; i < msgs.length; i++) assert.ok(g[i].equals(msgs[i]), `message ${i}`);
   }
 });
+
+test('an accepted socket adopted for onread keeps every byte in order: read before, buffered while paused, after', async () => {
+  const { adoptOwnReads } = await import('../../router/protocol/adopt.ts');
+  const got: Buffer[] = [];
+  let adoptedSocket: net.Socket | undefined;
+  let oldClosed = false;
+  const done = new Promise<void>((resolve) => {
+    const server = net.createServer(async (s) => {
+      const first = await new Promise<Buffer>((r) => s.once('data', r)); // the "startup" read, as pooler.ts does
+      s.pause();
+      s.on('close', () => { oldClosed = true; });
+      await new Promise((r) => setTimeout(r, 150)); // the client's next bytes arrive while paused
+      const a = adoptOwnReads(s, (buf, end) => got.push(Buffer.from(buf.subarray(0, end))));
+      assert.ok(a, 'a plain TCP socket is adopted');
+      adoptedSocket = a.socket;
+      got.unshift(first, ...a.unread);
+      a.socket.write('ok');
+      a.socket.on('close', () => {
+        server.close();
+        resolve();
+      });
+    });
+    server.listen(0, '127.0.0.1', () => {
+      const c = net.connect({ port: (server.address() as net.AddressInfo).port, host: '127.0.0.1' });
+      c.write('one|');
+      setTimeout(() => c.write('two|'), 50);
+      c.once('data', () => {
+        c.write('three|');
+        setTimeout(() => c.end('four'), 50);
+      });
+    });
+  });
+  await done;
+  assert.equal(Buffer.concat(got).toString(), 'one|two|three|four');
+  assert.equal(oldClosed, false, 'the old object emits nothing once retired');
+  assert.ok(adoptedSocket!.destroyed);
+});
+
+test('adoptOwnReads leaves a socket with a write still queued alone (it would be overtaken)', async () => {
+  const { adoptOwnReads } = await import('../../router/protocol/adopt.ts');
+  const server = net.createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+  const c = net.connect({ port: (server.address() as net.AddressInfo).port, host: '127.0.0.1' });
+  const s = await accepted;
+  c.pause(); // the client reads nothing: the server's big write stays queued
+  s.write(Buffer.alloc(16 << 20));
+  assert.ok(s.writableLength > 0);
+  assert.equal(adoptOwnReads(s, () => undefined), null);
+  s.destroy();
+  c.destroy();
+  server.close();
+});
