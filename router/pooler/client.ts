@@ -206,8 +206,6 @@ export class ClientSession implements ServerOwner, MessageSink {
     readonly applicationName: string,
     params: Map<string, string>,
     private readonly svc: SessionServices,
-    /** The socket reads into the reused read buffer and calls onRead (adoptOwnReads); else 'data' events. */
-    ownReads = false,
   ) {
     this.committed = fromGateway?.carried ?? startup;
     this.working = this.committed;
@@ -216,7 +214,7 @@ export class ClientSession implements ServerOwner, MessageSink {
     this.reportedKey = paramsKeyOf(params);
     this.scanner = new MessageScanner(svc.config.maxMessageBytes);
     this.log = svc.log.child({ client: pid });
-    if (!ownReads) socket.on('data', (chunk: Buffer) => inEvent(this.onData, chunk));
+    socket.on('data', (chunk: Buffer) => inEvent(this.onData, chunk));
     socket.on('drain', () => this.onClientDrain());
     socket.on('error', () => undefined);
     socket.on('close', () => this.onClientClosed());
@@ -241,19 +239,16 @@ export class ClientSession implements ServerOwner, MessageSink {
 
   // --- input from the client ---------------------------------------------------------------
 
-  private readonly onData = (chunk: Buffer): void => this.onRead(chunk, chunk.length);
-
-  /** buf[0, end) from the client: a 'data' chunk, or the reused read buffer (inside output.ts inRead). */
-  onRead(buf: Buffer, end: number): void {
+  private readonly onData = (chunk: Buffer): void => {
     if (this.state === 'closed') return;
-    this.pool.stats.received += end;
+    this.pool.stats.received += chunk.length;
     this.requestTime = coarseNow();
     try {
-      this.scanner.push(buf, this, end);
+      this.scanner.push(chunk, this);
     } catch (err) {
       this.fatal(err instanceof PgError ? err : new PgError('FATAL', SQLSTATE.PROTOCOL_VIOLATION, String(err)));
     }
-  }
+  };
 
   onMessage(buf: Buffer, start: number, len: number): void {
     if (this.state === 'closed') return;

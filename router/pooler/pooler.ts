@@ -9,7 +9,6 @@ import net from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from '../../common/log.ts';
 import { listeningPort, serveMetrics } from '../../common/metrics.ts';
-import { adoptOwnReads } from '../protocol/adopt.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { FrameReader, InvalidStartupLength } from '../protocol/frames.ts';
 import { authenticationOk, backendKeyData, decodeStartup, errorResponse, negotiateProtocolVersion, parameterStatus, readyForQuery, SESSION_STATE_PARAM } from '../protocol/messages.ts';
@@ -374,20 +373,7 @@ export class Pooler implements SessionServices, AdminHost, PoolContext {
     let pid = randomInt(1, 0x7fffffff);
     while (this.clientMap.has(pid)) pid = randomInt(1, 0x7fffffff);
     const secret = randomInt(-0x80000000, 0x7fffffff);
-    // Its reads go into the reused read buffer from now on (issue 15 part 1; decision 0016).
-    let session: ClientSession | undefined;
-    const adopted = adoptOwnReads(socket, (buf, end) => session!.onRead(buf, end));
-    if (adopted) {
-      this.sockets.delete(socket);
-      const own = adopted.socket;
-      this.sockets.add(own);
-      own.on('close', () => this.sockets.delete(own));
-      own.on('error', () => undefined);
-      socket = own;
-      if (adopted.unread.length) rest = Buffer.concat([rest, ...adopted.unread]);
-    }
-    const c = session = new ClientSession(socket, pid, secret, user, database, pool, startup, fromGateway, gucs.get('application_name') ?? '', reported, this,
-      adopted !== null);
+    const c = new ClientSession(socket, pid, secret, user, database, pool, startup, fromGateway, gucs.get('application_name') ?? '', reported, this);
     pool.clients++;
     this.clientMap.set(pid, c);
     const frames = [...preamble, authenticationOk()];
