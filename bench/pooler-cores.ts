@@ -5,7 +5,7 @@
  * another, so the proxy's own cores are what limits it.
  *
  *   node --import tsx bench/pooler-cores.ts [--base-port 21000] [--seconds 10] [--clients 50]
- *        [--workers 1,2] [--db-cpus 0] [--proxy-cpus 1] [--mode simple] [--jobs 2]
+ *        [--workers 1,2] [--db-cpus 0] [--proxy-cpus 1] [--mode simple] [--jobs 2] [--rate tps]
  *
  * pgbench -S (select-only) at --clients clients, -M --mode. Reported per target: TPS,
  * the proxy's CPU (utime+stime of its whole process tree, from /proc) per
@@ -38,6 +38,8 @@ const { values: args } = parseArgs({
     'proxy-cpus': { type: 'string', default: '1' },
     mode: { type: 'string', default: 'simple' },
     jobs: { type: 'string', default: '2' },
+    /** pgbench -R: a fixed transaction rate, so that A/B runs of the proxy batch alike whatever the load on the host. */
+    rate: { type: 'string' },
   },
 });
 const BASE = Number(args['base-port']);
@@ -78,7 +80,7 @@ async function waitFor(port: number, what: string): Promise<void> {
 }
 
 function pgbench(port: number, seconds: number): { tps: number; transactions: number } {
-  const out = execFileSync('taskset', ['-c', DB_CPUS, PGBENCH, '-n', '-S', '-M', args.mode!, '-c', String(CLIENTS), '-j', args.jobs!, '-T', String(seconds),
+  const out = execFileSync('taskset', ['-c', DB_CPUS, PGBENCH, '-n', '-S', '-M', args.mode!, '-c', String(CLIENTS), '-j', args.jobs!, '-T', String(seconds), ...(args.rate ? ['-R', args.rate] : []),
     '-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', 'postgres'], { encoding: 'utf8', env: { ...process.env, PGPASSWORD: 'unused' } });
   const tps = Number(/tps = ([\d.]+)/.exec(out)?.[1]);
   const transactions = Number(/number of transactions actually processed: (\d+)/.exec(out)?.[1]);

@@ -13,7 +13,7 @@ import { counter, histogram } from '../../common/metrics.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { DEFAULT_MAX_MESSAGE, MessageScanner, type MessageSink } from '../protocol/frames.ts';
 import { backendKeyData, encodeCancel, encodeErrorFields, errorFieldsAt, errorResponse, parameterStatus, PORTABLE_PARAM, readyForQuery, SESSION_STATE_PARAM, T } from '../protocol/messages.ts';
-import { inEvent, OutBatch, ReadThrottle, requestFlush, type Flushable } from '../protocol/output.ts';
+import { inEvent, keep, OutBatch, ReadThrottle, requestFlush, type Flushable } from '../protocol/output.ts';
 import { Upstream } from '../protocol/upstream.ts';
 import { databaseDdl, type DatabaseDdl } from './database-ddl.ts';
 import type { Discovery, Endpoint, PrimaryMove } from './discovery.ts';
@@ -263,7 +263,7 @@ export class GatewaySession implements Flushable {
 
   private async connect(target: Target, ep: Endpoint): Promise<Link> {
     const params = { ...this.params, database: this.database, [SESSION_STATE_PARAM]: this.sessionState };
-    const up = await Upstream.connect({ host: ep.host, port: ep.port, params });
+    const up = await Upstream.connect({ host: ep.host, port: ep.port, params, ownReads: true });
     links++;
     up.socket.once('close', () => links--);
     const link: Link = { up, ep, target, state: this.sessionState };
@@ -304,11 +304,11 @@ export class GatewaySession implements Flushable {
       }
     }
     if (this.connecting || this.held.length) {
-      this.held.push(buf.subarray(start, start + len));
+      this.held.push(keep(buf, start, start + len));
       return;
     }
     if (idle && !this.usable(this.link, this.txTarget)) {
-      this.held.push(buf.subarray(start, start + len));
+      this.held.push(keep(buf, start, start + len));
       this.reroute();
       return;
     }

@@ -20,7 +20,7 @@ import type { SharedListener } from './listener.ts';
 import type { Pool } from './pool.ts';
 import { tick, type ServerConn, type ServerOwner } from './server.ts';
 import { afterResetAll, encodeSessionState, intern, setConfigSql, Settings, settingsDelta } from './settings.ts';
-import { inEvent, OutBatch, requestFlush } from '../protocol/output.ts';
+import { inEvent, keep, OutBatch, requestFlush } from '../protocol/output.ts';
 import { coarseNow, quoteLiteral } from './text.ts';
 
 /** What a session needs from the pooler around it. */
@@ -253,10 +253,10 @@ export class ClientSession implements ServerOwner, MessageSink {
   onMessage(buf: Buffer, start: number, len: number): void {
     if (this.state === 'closed') return;
     if (this.blocked || this.inbox.length > 0) {
-      this.enqueue(buf.subarray(start, start + len));
+      this.enqueue(keep(buf, start, start + len));
       return;
     }
-    if (!this.handle(buf, start, len)) this.enqueue(buf.subarray(start, start + len));
+    if (!this.handle(buf, start, len)) this.enqueue(keep(buf, start, start + len));
   }
 
   private enqueue(m: Buffer): void {

@@ -110,7 +110,8 @@ export class SharedListener implements ServerOwner {
     if (nul < 0 || nul >= start + len) return;
     const set = this.subs.get(buf.toString('utf8', chStart, nul));
     if (!set) return;
-    const frame = buf.subarray(start, start + len);
+    // Its own copy: buf is the reused read buffer, and a client's output may outlive this read.
+    const frame = Buffer.from(buf.subarray(start, start + len));
     for (const sub of set) {
       sub.deliverNotification(frame);
       this.delivered++;

@@ -93,7 +93,7 @@ export class ServerConn implements MessageSink {
 
   static async connect(opts: { host: string; port: number; user: string; database: string; timeoutMs: number; log: Logger }): Promise<ServerConn> {
     const up = await Upstream.connect({
-      host: opts.host, port: opts.port, params: { user: opts.user, database: opts.database }, connectTimeoutMs: opts.timeoutMs,
+      host: opts.host, port: opts.port, params: { user: opts.user, database: opts.database }, connectTimeoutMs: opts.timeoutMs, ownReads: true,
     });
     return new ServerConn(up, opts.log, { host: opts.host, port: opts.port });
   }

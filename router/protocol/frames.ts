@@ -87,15 +87,27 @@ export interface MessageSink {
   onMessage(buf: Buffer, start: number, len: number): void;
 }
 
+/** A message split across reads is assembled in one buffer of its size when it is at most this big. */
+const ASSEMBLE_IN_PLACE_MAX = 1024 * 1024;
+
 /**
  * Splits a byte stream of typed messages. Complete messages inside a chunk are
- * handed out in place; a message split across chunks is assembled once, from
- * the parts, when its last byte arrives (no quadratic re-concatenation).
+ * handed out in place (views of the chunk, valid during the call only when the
+ * chunk is a reused read buffer: see output.ts inRead). A message split across
+ * chunks is copied out of them as its bytes arrive, so no byte of a chunk is
+ * kept after push() returns: up to ASSEMBLE_IN_PLACE_MAX straight into one
+ * buffer of the message's size, beyond that (a length the sender may not keep
+ * to) into copies of the parts, joined when the last byte arrives.
  */
 export class MessageScanner {
+  /** The header (type + length) of a split message, until its 5 bytes are in. */
+  private readonly head = Buffer.allocUnsafe(5);
+  /** The split message being assembled, when its size is known and small enough. */
+  private whole: Buffer | null = null;
+  /** Copies of a big split message's parts. */
   private parts: Buffer[] = [];
   private have = 0;
-  /** Total size of the message being assembled, once its header is known. */
+  /** Total size of the message being assembled, once its header is known (0 before). */
   private need = 0;
 
   constructor(private readonly maxMessage: number) {}
@@ -105,44 +117,67 @@ export class MessageScanner {
     return this.have;
   }
 
-  /** Throws PgError (FATAL) on an impossible or oversized length; the stream cannot be resynchronised after that. */
-  push(chunk: Buffer, sink: MessageSink): void {
+  /**
+   * Frames chunk[0, end). Throws PgError (FATAL) on an impossible or oversized length;
+   * the stream cannot be resynchronised after that.
+   */
+  push(chunk: Buffer, sink: MessageSink, end = chunk.length): void {
     let off = 0;
     if (this.have > 0) {
       if (this.need === 0) {
-        const take = Math.min(5 - this.have, chunk.length);
-        this.parts.push(chunk.subarray(0, take));
+        const take = Math.min(5 - this.have, end);
+        chunk.copy(this.head, this.have, 0, take);
         this.have += take;
         off = take;
         if (this.have < 5) return;
-        const head = Buffer.concat(this.parts, 5);
-        this.need = this.check(head.readInt32BE(1)) + 1;
-        this.parts = [head];
+        this.begin(this.check(this.head.readInt32BE(1)) + 1);
+        this.append(this.head, 0, 5, 0);
       }
-      const take = Math.min(this.need - this.have, chunk.length - off);
-      this.parts.push(chunk.subarray(off, off + take));
-      this.have += take;
+      const take = Math.min(this.need - this.have, end - off);
+      this.append(chunk, off, off + take, this.have);
       off += take;
       if (this.have < this.need) return;
-      const msg = this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts, this.need);
+      const msg = this.whole ?? Buffer.concat(this.parts, this.need);
+      this.whole = null;
       this.parts = [];
       this.have = 0;
       this.need = 0;
       sink.onMessage(msg, 0, msg.length);
     }
-    const n = chunk.length;
-    while (off + 5 <= n) {
+    while (off + 5 <= end) {
       const total = this.check(chunk.readInt32BE(off + 1)) + 1;
-      if (off + total > n) break;
+      if (off + total > end) break;
       sink.onMessage(chunk, off, total);
       off += total;
     }
-    if (off < n) {
-      const rest = chunk.subarray(off);
-      this.parts = [rest];
-      this.have = rest.length;
-      this.need = rest.length >= 5 ? this.check(rest.readInt32BE(1)) + 1 : 0;
+    if (off < end) {
+      if (end - off < 5) {
+        chunk.copy(this.head, 0, off, end);
+        this.have = end - off;
+        this.need = 0;
+      } else {
+        this.begin(this.check(chunk.readInt32BE(off + 1)) + 1);
+        this.append(chunk, off, end, 0);
+      }
     }
+  }
+
+  private begin(total: number): void {
+    this.need = total;
+    this.have = 0;
+    this.whole = total <= ASSEMBLE_IN_PLACE_MAX ? Buffer.allocUnsafe(total) : null;
+  }
+
+  /** Copies src[s, e) to the message at `at` (the bytes it has so far). */
+  private append(src: Buffer, s: number, e: number, at: number): void {
+    if (e <= s) return;
+    if (this.whole) src.copy(this.whole, at, s, e);
+    else {
+      const part = Buffer.allocUnsafe(e - s);
+      src.copy(part, 0, s, e);
+      this.parts.push(part);
+    }
+    this.have = at + (e - s);
   }
 
   private check(len: number): number {

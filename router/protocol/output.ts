@@ -16,9 +16,12 @@ export class OutBatch {
   private s = 0;
   private e = 0;
   bytes = 0;
+  /** Holds bytes of the reused read buffer (see inRead): they are copied before they outlive the read. */
+  holdsReadBuffer = false;
 
   range(buf: Buffer, start: number, end: number): void {
     this.bytes += end - start;
+    if (buf === readBuffer && !this.holdsReadBuffer) holdBytesOfRead(this);
     if (this.cur === buf && this.e === start) {
       this.e = end;
       return;
@@ -31,6 +34,7 @@ export class OutBatch {
 
   add(b: Buffer): void {
     this.bytes += b.length;
+    if (readBuffer !== null && b.buffer === readBuffer.buffer && !this.holdsReadBuffer) holdBytesOfRead(this);
     if (this.cur) {
       this.parts.push(this.cur.subarray(this.s, this.e));
       this.cur = null;
@@ -50,10 +54,16 @@ export class OutBatch {
     }
     const parts = this.parts;
     const bytes = this.bytes;
+    const copy = this.holdsReadBuffer;
     this.parts = [];
     this.bytes = 0;
+    this.holdsReadBuffer = false;
     if (parts.length === 0 || socket.destroyed) return 0;
-    if (parts.length === 1) {
+    if (copy) {
+      // Views of the reused read buffer: a write the kernel does not take at once keeps a
+      // reference to its bytes until it completes, by when the next read has overwritten them.
+      socket.write(parts.length === 1 ? copyOf(parts[0]) : Buffer.concat(parts, bytes));
+    } else if (parts.length === 1) {
       socket.write(parts[0]);
     } else if (bytes <= 16_384) {
       // One small copy is cheaper than Node's writev path.
@@ -70,7 +80,26 @@ export class OutBatch {
     this.parts = [];
     this.cur = null;
     this.bytes = 0;
+    this.holdsReadBuffer = false;
   }
+
+  /** The read is over: what is still held of the read buffer becomes a copy. */
+  detachFromRead(): void {
+    if (!this.holdsReadBuffer) return;
+    this.holdsReadBuffer = false;
+    const rb = readBuffer!.buffer;
+    if (this.cur === readBuffer) {
+      this.parts.push(copyOf(readBuffer!.subarray(this.s, this.e)));
+      this.cur = null;
+    }
+    for (let i = 0; i < this.parts.length; i++) if (this.parts[i].buffer === rb) this.parts[i] = copyOf(this.parts[i]);
+  }
+}
+
+function copyOf(b: Buffer): Buffer {
+  const c = Buffer.allocUnsafe(b.length);
+  b.copy(c);
+  return c;
 }
 
 /** Something with buffered output: flushed once per I/O event, not once per message. */
@@ -100,6 +129,70 @@ export function inEvent<A>(fn: (a: A) => void, a: A): void {
     fn(a);
   } finally {
     if (--eventDepth === 0) flushAll();
+  }
+}
+
+// ------------------------------------------------------------ reads into a buffer we own
+
+/**
+ * Size of the one read buffer a process reads all its `ownReads` sockets into. Node reads
+ * up to 64 KiB per read by default, allocating a new buffer each time.
+ */
+const READ_BUFFER_SIZE = 64 * 1024;
+/** The buffer every `ownReads` socket reads into: one, since libuv delivers one read at a time. */
+const sharedReadBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_SIZE);
+/** The read buffer whose bytes are being handled now (inside inRead), else null. */
+let readBuffer: Buffer | null = null;
+/** Output batches holding views of it: detached (copied) when the read is over. */
+const holders: OutBatch[] = [];
+
+function holdBytesOfRead(b: OutBatch): void {
+  b.holdsReadBuffer = true;
+  holders.push(b);
+}
+
+/**
+ * Whether buf is the read buffer of the read being handled: its bytes are overwritten by the
+ * next read, so what is kept after the handler returns must be copied (see keep()).
+ */
+export function isReadBuffer(buf: Buffer): boolean {
+  return buf === readBuffer;
+}
+
+/** buf[start, end) to keep past the current event: a copy when it lies in the reused read buffer. */
+export function keep(buf: Buffer, start: number, end: number): Buffer {
+  return readBuffer !== null && buf.buffer === readBuffer.buffer ? copyOf(buf.subarray(start, end)) : buf.subarray(start, end);
+}
+
+/**
+ * The `onread` option for net.connect / new net.Socket: the socket reads into the process's
+ * one read buffer, with no 'data' event and no Buffer per read; `feed(buf, end)` gets
+ * buf[0, end) inside inRead. Nothing may keep a view of buf after feed returns: MessageScanner
+ * copies a split message, OutBatch copies what it holds when the read ends, keep() copies
+ * what a handler queues.
+ */
+export function ownReads(feed: (buf: Buffer, end: number) => void): net.OnReadOpts {
+  return {
+    buffer: sharedReadBuffer,
+    callback: (n, buf) => {
+      inRead(feed, buf as Buffer, n);
+      return true;
+    },
+  };
+}
+
+/** Runs a read's handler as inEvent does, then detaches every output batch from the read buffer. */
+export function inRead(fn: (buf: Buffer, end: number) => void, buf: Buffer, end: number): void {
+  const outer = readBuffer;
+  readBuffer = buf;
+  eventDepth++;
+  try {
+    fn(buf, end);
+  } finally {
+    if (--eventDepth === 0) flushAll();
+    for (let i = 0; i < holders.length; i++) holders[i].detachFromRead();
+    holders.length = 0;
+    readBuffer = outer;
   }
 }
 

@@ -6,7 +6,7 @@ import net from 'node:net';
 import { PgError, SQLSTATE } from './errors.ts';
 import { DEFAULT_MAX_MESSAGE, frameAt, MessageScanner, type MessageSink } from './frames.ts';
 import { decodeAuthentication, decodeBackendKey, decodeErrorFields, decodeParameterStatus, encodeStartup, TERMINATE } from './messages.ts';
-import { inEvent } from './output.ts';
+import { inEvent, ownReads } from './output.ts';
 
 export interface UpstreamOptions {
   host: string;
@@ -14,6 +14,13 @@ export interface UpstreamOptions {
   /** Startup parameters: user, database, application_name, options, ... */
   params: Record<string, string>;
   connectTimeoutMs?: number;
+  /**
+   * Read into the process's reused read buffer (output.ts ownReads) instead of 'data' events:
+   * the sink's messages are then views valid only during onMessage. Only for owners that copy
+   * what they keep (the pooler's server connections, the gateway's unsharded session);
+   * sharded sessions keep views of DataRows across reads.
+   */
+  ownReads?: boolean;
 }
 
 export class Upstream {
@@ -32,8 +39,12 @@ export class Upstream {
   /** Connects and completes startup (trust authentication only: upstreams are on loopback). */
   static connect(opts: UpstreamOptions): Promise<Upstream> {
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host: opts.host, port: opts.port, noDelay: true });
-      const up = new Upstream(socket, opts);
+      let up: Upstream | undefined;
+      const socket = net.connect({
+        host: opts.host, port: opts.port, noDelay: true,
+        ...(opts.ownReads ? { onread: ownReads((buf, end) => up!.feedRange(buf, end)) } : {}),
+      });
+      up = new Upstream(socket, opts);
       const timer = setTimeout(() => fail(new PgError('FATAL', SQLSTATE.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
         `timeout connecting to ${opts.host}:${opts.port}`)), opts.connectTimeoutMs ?? 5_000);
       const fail = (err: Error) => {
@@ -74,7 +85,7 @@ export class Upstream {
           default: break; // NoticeResponse during startup: nothing to do
         }
       } };
-      socket.on('data', (chunk) => inEvent(up.feed, chunk));
+      if (!opts.ownReads) socket.on('data', (chunk) => inEvent(up!.feed, chunk));
     });
   }
 
@@ -116,12 +127,14 @@ export class Upstream {
     this.onClose(err);
   }
 
-  private readonly feed = (chunk: Buffer): void => {
+  private readonly feed = (chunk: Buffer): void => this.feedRange(chunk, chunk.length);
+
+  private feedRange(buf: Buffer, end: number): void {
     try {
-      this.scanner.push(chunk, this.sink);
+      this.scanner.push(buf, this.sink, end);
     } catch (err) {
       this.socket.destroy();
       this.close(err as Error);
     }
-  };
+  }
 }
