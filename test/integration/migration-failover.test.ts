@@ -8,7 +8,7 @@
  * migration reopens its sessions there and goes on by itself (the copy from its last
  * page, the apply from the positions the shard holds), saying in its message what it
  * waits for. Then it cuts over under the writer: the table has the new schema, and
- * every acknowledged write is in it, once.
+ * every acknowledged write is in it, once. MG_MIGFAIL_SKIP_COPY_KILL=1 kills in catch-up only.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -20,7 +20,7 @@ import { sleep, testCluster, until } from '../support/cluster.ts';
 import { statusHistory } from '../support/movetables.ts';
 
 const PAGE_ROWS = 25;
-const cluster = testCluster('migfailover', 1, { settings: { 'materializer.pageRows': PAGE_ROWS }, spec: {
+const cluster = testCluster('migfailover', 2, { settings: { 'materializer.pageRows': PAGE_ROWS }, spec: {
   cells: ['zone1'],
   databases: [{ name: 'app', instancesPerShard: 2, durability: 'ANY_1', cdc: { enabled: true } }],
 } });
@@ -102,7 +102,10 @@ const lastSeen = (err: Error): never => {
   throw new Error(`${err.message}; the migration is ${last?.phase} at ${last?.rowsCopied} rows: ${last?.message}`);
 };
 
-/** After a kill at `killedAt`: the message naming the lost session, then the one saying it was reopened (never FAILED). */
+/**
+ * After a kill at `killedAt`: the message naming the lost session, then the one saying it was reopened (never FAILED).
+ * A wait shorter than the sampling period leaves only the second: `waiting` is then that one.
+ */
 async function reopened(what: string, killedAt: number) {
   const waiting = await until(`${what}: the message saying what the migration waits for`, 150_000, () => {
     const failed = samples.find((s) => s.at > killedAt && s.phase === 'FAILED');
@@ -167,12 +170,16 @@ test('an online ALTER TABLE under a writer: kill -9 of the primary in the copy a
     const { waiting, back } = await reopened('kill in the copy', killedAt);
     const on = await until('the copy to go on', 120_000, () => samples.find((s) => s.at >= back.at && (s.rowsCopied > back.rowsCopied || s.phase === 'RUNNING'))).catch(lastSeen);
     assert.ok(samples.filter((s) => s.at > killedAt && s.at <= on.at).every((s) => s.phase === 'COPYING'), 'the migration left the copy phase');
-    t.diagnostic(`copy: ${inCopy.primary} killed at ${copying.rowsCopied} rows; "${waiting.message}" after ${((waiting.at - killedAt) / 1000).toFixed(1)} s; `
+    t.diagnostic(`copy: ${inCopy.primary} killed at ${copying.rowsCopied} rows; first message "${waiting.message}" after ${((waiting.at - killedAt) / 1000).toFixed(1)} s; `
       + `"${back.message}"; the copy went on ${((on.at - killedAt) / 1000).toFixed(1)} s after the kill`);
   }
 
   // In catch-up, once the changes made during the copy are applied.
-  const running = await until('catch-up to begin', 300_000, () => samples.find((s) => s.phase === 'RUNNING')).catch(lastSeen);
+  const running = await until('catch-up to begin', 300_000, () => {
+    const failed = samples.find((s) => s.phase === 'FAILED');
+    if (failed) throw new Error(`the migration failed before catch-up: ${failed.message}`);
+    return samples.find((s) => s.phase === 'RUNNING');
+  }).catch(lastSeen);
   await until('catch-up to apply the changes made during the copy', 120_000, () => {
     const recent = samples.filter((s) => s.at > Date.now() - 2_000);
     return running.at < Date.now() - 3_000 && recent.length > 0 && recent.every((s) => s.phase === 'RUNNING' && s.lag < 1);
@@ -187,7 +194,7 @@ test('an online ALTER TABLE under a writer: kill -9 of the primary in the copy a
   }).catch(lastSeen);
   const newPrimary = await shardStatus(cluster, SHARD);
   const lagPeak = Math.max(0, ...samples.filter((s) => s.at >= killedAt).map((s) => s.lag));
-  t.diagnostic(`catch-up: ${inCatchUp.primary} killed, primary now ${newPrimary.primary} (term ${inCatchUp.term} -> ${newPrimary.term}); "${waiting.message}" after ${((waiting.at - killedAt) / 1000).toFixed(1)} s; `
+  t.diagnostic(`catch-up: ${inCatchUp.primary} killed, primary now ${newPrimary.primary} (term ${inCatchUp.term} -> ${newPrimary.term}); first message "${waiting.message}" after ${((waiting.at - killedAt) / 1000).toFixed(1)} s; `
     + `"${back.message}"; lag peaked at ${lagPeak.toFixed(1)} s, back under 1 s ${((caughtUp.at - killedAt) / 1000).toFixed(1)} s after the kill`);
   const stream = watch.statuses.find((s) => s.database === 'app' && s.ts.getTime() > killedAt && BigInt(s.term) > BigInt(inCatchUp.term!) && s.state === 'STREAMING');
   if (stream) t.diagnostic(`stream on ${stream.instanceId} (epoch ${stream.epoch}, ${stream.resumedFrom})`);
