@@ -9,6 +9,10 @@
  * transaction per shard swaps the tables' names; the old table then follows
  * the new one from the same topic (decision 0046) until `complete` or the
  * revert window's end drops it, or `revert` swaps back the same way.
+ * A session lost with the shard's primary (a failover) in the copy or while
+ * following is opened again on the new primary, and the migration goes on
+ * (decision 0079): the copy from its last page recorded, the apply from the
+ * positions the shard holds. During a cut-over or a revert, their own rollback.
  */
 import type pg from 'pg';
 import type { Tail } from '../common/eventlog.ts';
@@ -17,8 +21,9 @@ import { tableTopic } from '../schemas/cdc.ts';
 import type { KeyRange, PartitionOffset, WorkflowRecord, WorkflowStatus } from '../schemas/index.ts';
 import { forTable, mappedColumns, type ParsedAlter } from './alter.ts';
 import { dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
-import { copyTable } from './copy.ts';
+import { copyTable, heldByStandby } from './copy.ts';
 import { freshStatus, offsetsOf, type RunnerContext } from './movetables.ts';
+import { reopenAfter, reopenLost, type Reconnecting } from './reconnect.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
 import { describeColumns, keyed, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
 
@@ -99,6 +104,12 @@ export class MigrationRunner {
   private behind = new Set<number>();
   /** A failed cut-over is tried again after this time. */
   private retryAt = 0;
+  /** Set while the apply is down to open sessions lost with a primary again (decision 0079). */
+  private recovering = false;
+  /** When the apply stopped on a lost session: the changes waiting since count in the lag until it applies again. */
+  private stalledSince: number | undefined;
+  /** What the apply follows into (the shadow, or the old table after the cut-over) and from which offsets when the shard holds no positions. */
+  private following: { into: MovedTable; offsets: PartitionOffset[] } | undefined;
   readonly done: Promise<void>;
   private finish!: () => void;
 
@@ -113,7 +124,7 @@ export class MigrationRunner {
 
   /** Following the table's stream with nothing left to read, no switch under way, and no failed cut-over to wait out. */
   get caughtUp(): boolean {
-    return this.tail !== undefined && !this.switching && this.behind.size === 0 && Date.now() >= this.retryAt;
+    return this.tail !== undefined && !this.switching && !this.recovering && this.behind.size === 0 && Date.now() >= this.retryAt;
   }
 
   start(): void {
@@ -198,17 +209,23 @@ export class MigrationRunner {
     return [...await this.ctx.eventLog.endOffsets(this.topic)].map(([partition, offset]) => ({ topic: this.topic, partition, offset }));
   }
 
-  /** Every shard's rows into its shadow, each shard from its own snapshot, in pages; a page waits while the shard's replicas lag. */
+  /**
+   * Every shard's rows into its shadow, each shard from its own snapshot, in pages; a page waits while the
+   * shard's replicas lag. A copy that loses its sessions with the shard's primary (a failover, decision 0079)
+   * goes on once they are open again on the new primary: after the last page recorded, from a new snapshot,
+   * as MoveTables' copy does (decision 0073).
+   */
   private async copy(): Promise<void> {
     const began = Date.now();
     let copiedNow = 0;
-    let published = Promise.resolve();
-    await Promise.all(this.status.tables.map(async (entry) => {
+    const copyShard = async (entry: WorkflowStatus['tables'][number]) => {
       if (entry.done) return;
       const shard = entry.shard!;
+      let published = Promise.resolve();
       const reader = await this.ctx.shards.connect(this.database, shard, `mg-migration-copy-${this.name}`);
       try {
         await reader.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+        await heldByStandby(reader); // takes the snapshot, and waits until a failover would keep all it sees (decision 0073)
         entry.rowsEstimated = BigInt((await reader.query<{ n: string }>(`SELECT count(*) AS n FROM ${this.table.sql}`)).rows[0].n);
         const keep = this.sharded ? (row: Record<string, string | null>) => shardOfRow(this.table, row, this.ranges) === shard : undefined;
         await copyTable(reader, this.clients, this.ranges, this.table, {
@@ -228,7 +245,14 @@ export class MigrationRunner {
       } finally {
         await reader.end().catch(() => {});
       }
-    }));
+    };
+    while (!this.stopping) {
+      // Every shard's copy settles before a failure is handled: none goes on writing behind it.
+      const copies = await Promise.allSettled(this.status.tables.map(copyShard));
+      const failed = copies.find((c): c is PromiseRejectedResult => c.status === 'rejected');
+      if (!failed) break;
+      if (!(await this.reopenAfter(failed.reason as Error))) throw failed.reason;
+    }
     await this.publishStatus({});
   }
 
@@ -246,6 +270,7 @@ export class MigrationRunner {
   /** Applies the table's changes from `offsets` (or the shards' positions) to `into`: the shadow before the cut-over, the old table after. */
   private async follow(into: MovedTable, offsets: PartitionOffset[]): Promise<void> {
     this.behind.clear();
+    this.following = { into, offsets };
     this.applier = new TableApplier(this.name, into, this.topic, this.clients, this.ranges, this.ctx.decoder, this.sharded ? { ranges: this.ranges, vindex: this.vindex } : undefined);
     const start = await this.applier.load(offsetsOf(offsets, this.topic));
     const applier = this.applier;
@@ -258,7 +283,7 @@ export class MigrationRunner {
       applied.inc({ workflow: this.name }, r.applied);
     });
     void this.tail.ended.then((err) => {
-      if (err && !this.stopping) void this.fail(err);
+      if (err && !this.stopping) void this.recover(err);
     });
     clearInterval(this.timer);
     this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
@@ -266,9 +291,55 @@ export class MigrationRunner {
 
   private async progress(): Promise<void> {
     if (this.stopping || this.switching) return;
-    let worst = 0;
+    let worst = this.stalledSince === undefined ? 0 : (Date.now() - this.stalledSince) / 1000;
     for (const p of this.behind) worst = Math.max(worst, (Date.now() - (this.lastCommitMs.get(p) ?? Date.now())) / 1000);
     await this.publishStatus({ lagSeconds: worst }).catch((err) => this.ctx.log.warn({ err, workflow: this.name }, 'progress event not published'));
+  }
+
+  /**
+   * The apply failed. When a session was lost with the shard's primary (a failover or a restart of that
+   * Postgres, decision 0079), the apply stops, the lost sessions (apply and control) are opened again on
+   * the primary the topology names (waiting out the election, up to RECONNECT_MS), and the apply starts
+   * again from the positions the shard holds, which went with their rows: no change is lost or applied
+   * twice. Any other error fails the migration, as does a primary not back in time. During a cut-over or
+   * a revert the migration fails as before (their own rollback runs; decision 0079 says why).
+   */
+  private async recover(err: Error): Promise<void> {
+    if (this.stopping || this.recovering) return;
+    if (this.switching) return this.fail(err);
+    this.recovering = true;
+    try {
+      const reopened = await this.reopenAfter(err, async () => {
+        await this.halt();
+        this.stalledSince = Date.now();
+        this.timer = setInterval(() => void this.progress(), PROGRESS_MS); // the lag goes on growing in the status meanwhile
+      });
+      if (!reopened) return await this.fail(err);
+      if (!this.stopping && this.following) await this.follow(this.following.into, this.following.offsets);
+    } catch (e) {
+      await this.fail(e as Error);
+    } finally {
+      this.recovering = false;
+      this.stalledSince = undefined;
+    }
+  }
+
+  /** Whether `err` came with sessions lost with the shard's primary; if so they are open again on the new one (reconnect.ts). */
+  private async reopenAfter(err: Error, pause?: () => Promise<void>): Promise<boolean> {
+    return reopenAfter(this.reconnecting(), err, pause);
+  }
+
+  private reconnecting(): Reconnecting {
+    return {
+      workflow: this.name, log: this.ctx.log, shards: this.ctx.shards,
+      groups: () => [
+        { database: this.database, clients: this.clients, application: `mg-migration-${this.name}` },
+        { database: this.database, clients: this.control, application: `mg-migration-switch-${this.name}` },
+      ],
+      stopping: () => this.stopping,
+      phase: () => this.status.phase,
+      say: (message) => this.publishStatus({ message }),
+    };
   }
 
   private async halt(): Promise<void> {
@@ -287,12 +358,14 @@ export class MigrationRunner {
    */
   async cutOver(): Promise<void> {
     this.switching = true;
-    const began = performance.now();
+    let began = performance.now();
     let held = false;
     let swapped = false;
     const frozen = new Map<string, Frozen>();
     const names = migrationTables(this.table.table, this.name);
     try {
+      await reopenLost(this.reconnecting(), CATCH_UP_MS); // the control sessions, idle until now, may have gone with a failover
+      began = performance.now();
       const steps = stepTimer(began);
       await this.holdAndDrain(frozen, steps, () => (held = true));
       // Nothing writes the table's topic now: every later change in it is the new table's.
@@ -346,12 +419,14 @@ export class MigrationRunner {
   async revert(): Promise<void> {
     if (this.status.phase !== 'SWITCHED' || !this.tail || this.switching) throw new WorkflowError(`revert needs the migration cut over with the old table following (it is ${this.status.phase})`);
     this.switching = true;
-    const began = performance.now();
+    let began = performance.now();
     let held = false;
     let swapped = false;
     const frozen = new Map<string, Frozen>();
     const names = migrationTables(this.table.table, this.name);
     try {
+      await reopenLost(this.reconnecting(), CATCH_UP_MS);
+      began = performance.now();
       const steps = stepTimer(began);
       await this.holdAndDrain(frozen, steps, () => (held = true));
       swapped = true;

@@ -18,6 +18,7 @@ import type { KeyRange, PartitionOffset, RoutingState, VDiffTable, WorkflowEvent
 import { Barrier, dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
 import type { ChangeDecoder, Row } from './changes.ts';
 import { copyTable, heldByStandby } from './copy.ts';
+import { reopenAfter, reopenLost, type Reconnecting } from './reconnect.ts';
 import type { ShardMap } from './shards.ts';
 import { createTableSql, describeTable, shardOfRow, WorkflowError, type MovedTable } from './tables.ts';
 import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
@@ -52,10 +53,6 @@ const writeGap = gauge('mg_materializer_switch_write_gap_seconds', 'How long the
 const PROGRESS_MS = 1_000;
 /** How long a write switch waits for the side taking over to apply the other side's last changes (writes are held meanwhile). */
 const CATCH_UP_MS = 30_000;
-/** How long a session lost with its shard's primary (a failover, a restart) is tried again before the workflow fails (decision 0069). */
-const RECONNECT_MS = 90_000;
-/** How long a session may take to answer whether it is still on a primary. */
-const PROBE_MS = 5_000;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -418,57 +415,28 @@ export class MoveTablesRunner {
    * Whether `err` came with sessions lost with their primary (none during a
    * switch, whose own rollback runs). If so, `pause` runs, the lost sessions are
    * opened again on the primaries the topology names, and the status message
-   * says so; the caller then goes on from what the shards hold.
+   * says so; the caller then goes on from what the shards hold (reconnect.ts).
    */
   private async reopenAfter(err: Error, pause: () => Promise<void> = async () => {}): Promise<boolean> {
-    const lost = this.switching ? [] : await this.lostSessions();
-    if (lost.length === 0) return false;
-    const began = Date.now();
-    const what = `the session${lost.length > 1 ? 's' : ''} on ${lost.join(', ')}`;
-    this.ctx.log.warn({ err, workflow: this.name, lost, phase: this.status.phase }, 'lost sessions with a primary: reconnecting, then going on from what the shards hold');
-    await pause();
-    await this.publishStatus({ message: `${what} lost (${err.message}): waiting for the primary` }).catch(() => {});
-    await this.reopenLost(RECONNECT_MS);
-    if (!this.stopping) await this.publishStatus({ message: `${what} lost (${err.message}); reopened on the primary after ${((Date.now() - began) / 1000).toFixed(1)} s` });
-    return true;
+    if (this.switching) return false;
+    return reopenAfter(this.reconnecting(), err, pause);
   }
 
-  /** The sessions (source and target shards) no longer on a primary: dropped, or on an instance now in recovery. */
-  private async lostSessions(): Promise<string[]> {
-    const def = this.rec.definition;
-    const lost: string[] = [];
-    for (const [database, clients] of [[def.sourceDatabase, this.sources], [def.targetDatabase, this.targets]] as const) {
-      for (const [shard, client] of clients) if (!(await onPrimary(client))) lost.push(`${database}/${shard}`);
-    }
-    return lost;
-  }
-
-  /**
-   * Opens every lost session again on its shard's primary, trying until `withinMs` has passed (the topology
-   * names the new primary once MultiOrch has elected it). The maps keep their identity: the appliers hold them.
-   */
+  /** Opens every lost session (source and target shards) again on its shard's primary, trying until `withinMs` has passed. */
   private async reopenLost(withinMs: number): Promise<void> {
+    await reopenLost(this.reconnecting(), withinMs);
+  }
+
+  private reconnecting(): Reconnecting {
     const def = this.rec.definition;
-    const deadline = Date.now() + withinMs;
-    for (const [database, clients] of [[def.sourceDatabase, this.sources], [def.targetDatabase, this.targets]] as const) {
-      for (const [shard, client] of clients) {
-        if (await onPrimary(client)) continue;
-        void client.end().catch(() => {});
-        for (;;) {
-          const next = await this.ctx.shards.connect(database, shard, `mg-materializer-${this.name}`).catch((e: Error) => e);
-          if (!(next instanceof Error) && !this.stopping && await onPrimary(next)) {
-            clients.set(shard, next);
-            break;
-          }
-          if (!(next instanceof Error)) void next.end().catch(() => {});
-          if (this.stopping) return;
-          if (Date.now() > deadline) {
-            throw new WorkflowError(`shard ${database}/${shard} has had no reachable primary for ${withinMs / 1000} s${next instanceof Error ? ` (${next.message})` : ''}; mg workflow start resumes from the positions held`);
-          }
-          await sleep(500);
-        }
-      }
-    }
+    const application = `mg-materializer-${this.name}`;
+    return {
+      workflow: this.name, log: this.ctx.log, shards: this.ctx.shards,
+      groups: () => [{ database: def.sourceDatabase, clients: this.sources, application }, { database: def.targetDatabase, clients: this.targets, application }],
+      stopping: () => this.stopping,
+      phase: () => this.status.phase,
+      say: (message) => this.publishStatus({ message }),
+    };
   }
 
   private async fail(err: Error): Promise<void> {
@@ -756,18 +724,6 @@ export class MoveTablesRunner {
     const inProgress = new Set((xip ? xip.split(',') : []).map(low32));
     const max = low32(xmax);
     return this.appliers.every((a) => a.recent.every((r) => r.shard !== shard || r.commitLsn >= lsn || (!inProgress.has(r.txId) && r.txId < max)));
-  }
-}
-
-/** Whether a session still answers, on a primary (a failover or restart of its Postgres ends it; a demotion leaves it on a standby). */
-async function onPrimary(client: pg.Client): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined;
-  const answer = client.query<{ role: string }>("SELECT CASE WHEN pg_is_in_recovery() THEN 'standby' ELSE 'primary' END AS role").then((r) => r.rows[0].role === 'primary', () => false);
-  const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), PROBE_MS)));
-  try {
-    return await Promise.race([answer, late]);
-  } finally {
-    clearTimeout(timer);
   }
 }
 
