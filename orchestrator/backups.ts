@@ -134,7 +134,8 @@ export class Backups {
       if (!schedule || !primary || primary.cell !== this.cell) continue;
       // Out of service: a switchover or an in-place restore (which takes its own backup) is at work on the shard.
       if (this.watch.topology.serving.get(primary.instanceId) === 'NOT_SERVING') continue;
-      const type = dueType(schedule, (t) => this.lastByShardType.get(`${s.key}|${t}`), now);
+      const createdAt = this.watch.topology.databases.get(s.database)?.createdAt ?? null;
+      const type = dueType(schedule, ofCurrentSystem((t) => this.lastByShardType.get(`${s.key}|${t}`), createdAt), now);
       if (!type) continue;
       try {
         const started = await this.create(s.database, s.shard, type);
@@ -145,6 +146,19 @@ export class Backups {
       }
     }
   }
+}
+
+/**
+ * A shard's latest backup of each type, as its schedule counts them: those taken since the database was created.
+ * A database dropped and created again under its name is another Postgres system with its own stanza (decision
+ * 0064); the earlier system's backups do not start its clocks.
+ */
+export function ofCurrentSystem(last: (t: BackupEvent['type']) => BackupEvent | undefined, createdAt: Date | null): (t: BackupEvent['type']) => BackupEvent | undefined {
+  const since = createdAt?.getTime() ?? 0;
+  return (t) => {
+    const e = last(t);
+    return e && e.ts.getTime() >= since ? e : undefined;
+  };
 }
 
 /**

@@ -63,6 +63,8 @@ export interface DatabaseRecord {
   sharded: boolean;
   /** Default of mg.transaction_mode for the database's sessions (null: multi). */
   transactionMode: string | null;
+  /** When this system of the database was created (its DatabaseCreated event); null once dropped. */
+  createdAt: Date | null;
 }
 
 /** `appliedAt`: when the version was published (a lookup backfill waits for gateways to have folded it, decision 0059). */
@@ -127,12 +129,13 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
     case 'DatabaseCreated':
       state.databases.set(b.database, {
         durabilityPolicy: b.durabilityPolicy, hostedOn: b.hostedOn ?? null, dropped: false, sharded: b.sharded ?? false, transactionMode: b.transactionMode ?? null,
+        createdAt: event.ts,
       });
       state.inactive.delete(b.database); // a database made again under an old name starts active
       state.servingShards.delete(b.database); // and served by all its shards
       break;
     case 'DatabaseDropped':
-      state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true, sharded: false, transactionMode: null });
+      state.databases.set(b.database, { durabilityPolicy: null, hostedOn: null, dropped: true, sharded: false, transactionMode: null, createdAt: null });
       // Its primaries go with its instances (as a retired shard's), so a database created again under the name elects its first ones.
       for (const key of state.primaries.keys()) if (key.startsWith(`${b.database}/`)) retirePrimary(state, key);
       state.inactive.delete(b.database);

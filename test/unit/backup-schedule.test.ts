@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { dueType } from '../../orchestrator/backups.ts';
+import { dueType, ofCurrentSystem } from '../../orchestrator/backups.ts';
 import { stanzaOf, stanzaPartsOf, type BackupEvent } from '../../schemas/index.ts';
 
 const MIN = 60_000;
@@ -59,4 +59,14 @@ test('schedule: nothing starts while a backup runs or shortly after one failed; 
 
 test('schedule: none configured, none due', () => {
   assert.equal(dueType({}, lastOf(), now), undefined);
+});
+
+test('schedule: a database created again under its name starts its clocks anew; the earlier system\'s backups do not count (decision 0064)', () => {
+  const schedule = { fullEveryMinutes: 1440, incrEveryMinutes: 60 };
+  const earlier = lastOf(event('FULL', 'COMPLETED', 30), event('INCR', 'COMPLETED', 5));
+  assert.equal(dueType(schedule, ofCurrentSystem(earlier, null), now), undefined, 'never dropped: they count');
+  assert.equal(dueType(schedule, ofCurrentSystem(earlier, new Date(now - 60 * MIN)), now), undefined, 'created before them: they count');
+  assert.equal(dueType(schedule, ofCurrentSystem(earlier, new Date(now - 2 * MIN)), now), 'full', 'created after them: its first backup is due');
+  const since = new Date(now - 20 * MIN);
+  assert.equal(dueType(schedule, ofCurrentSystem(lastOf(event('FULL', 'COMPLETED', 30), event('FULL', 'COMPLETED', 10)), since), now), undefined, 'its own full counts');
 });
