@@ -451,7 +451,9 @@ describe('the operator on a real API server', () => {
     // Read back with the project's fold, as an orchestrator and every gateway read it.
     let log = await readTopology();
     assert.deepEqual([...log.state.cells.keys()].sort(), ['zone1', 'zone2', 'zone3']);
-    assert.deepEqual(log.state.databases.get('orders'), { durabilityPolicy: null, hostedOn: null, dropped: false, sharded: false, transactionMode: 'multi' });
+    const { createdAt, ...orders } = log.state.databases.get('orders')!;
+    assert.deepEqual(orders, { durabilityPolicy: null, hostedOn: null, dropped: false, sharded: false, transactionMode: 'multi' });
+    assert.ok(createdAt instanceof Date, 'created at the time of its DatabaseCreated');
     assert.deepEqual([...log.state.shards.values()].map((s) => [s.database, s.shard, s.keyRangeStart, s.keyRangeEnd]), [['orders', '-', '', '']]);
     assert.deepEqual(log.published, ['CellRegistered zone1', 'CellRegistered zone2', 'CellRegistered zone3', 'DatabaseCreated orders', 'ShardDefined orders/-']);
     // The same events `mg cluster up` publishes for the spec the pods mount (one function: compose/topology.ts).
