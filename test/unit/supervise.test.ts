@@ -64,12 +64,13 @@ test('a stale pid file is not-running, and a recycled pid is not ours', async ()
 });
 
 test('isAlive treats a zombie as dead', async () => {
-  // sh forks `sleep 0` and then becomes a sleep that never reaps it.
+  // sh forks a short sleep and then becomes a sleep that never reaps it. The child outlives the exec: one that
+  // ended before it could be reaped by sh itself (seen once in CI: /proc/<pid> gone, never a zombie).
   const zombieFile = join(dir, 'zombie.pid');
   await spawnDetached({
     name: 'reaper-less',
     command: 'sh',
-    args: ['-c', `sleep 0 & echo $! > ${zombieFile}; exec sleep 30`],
+    args: ['-c', `sleep 0.5 & echo $! > ${zombieFile}; exec sleep 30`],
     runDir,
     logFile: join(dir, 'zombie.log'),
   });
