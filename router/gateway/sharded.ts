@@ -17,7 +17,7 @@ import type { SchemaChange } from '../../schemas/generated/types.ts';
 import { rowWindow } from '../planner/merge.ts';
 import { CopyRowSplitter, type CopyRow } from '../planner/copy-rows.ts';
 import { describePlan, fillSequence, idsNeeded, pinnedShards, routeKind, shardOfValue, type BoundParam, type CopyInPlan, type InsertPlan, type Merge, type Plan } from '../planner/plan.ts';
-import { Planner, RefusedError } from '../planner/planner.ts';
+import { ColumnsNeededError, Planner, RefusedError } from '../planner/planner.ts';
 import { renumberParams } from '../planner/sqltext.ts';
 import { PgError, SQLSTATE } from '../protocol/errors.ts';
 import { ReadThrottle } from '../protocol/output.ts';
@@ -59,13 +59,22 @@ const heldStatements = counter('mg_gateway_routing_held_total', 'Statements on m
 
 /** Planners by VSchema version: each caches its plans, and a new version starts a new cache. */
 const planners = new WeakMap<VSchemaRecord, Planner>();
+/** The database whose shards answer a planner's questions about columns. */
+const databaseOf = new WeakMap<Planner, string>();
 const noVSchema = new Planner(parseVSchema({}));
-export function plannerFor(record: VSchemaRecord | undefined): Planner {
+export function plannerFor(database: string, record: VSchemaRecord | undefined): Planner {
   if (!record) return noVSchema;
   let p = planners.get(record);
-  if (!p) planners.set(record, (p = new Planner(record.vschema)));
+  if (!p) {
+    planners.set(record, (p = new Planner(record.vschema)));
+    databaseOf.set(p, database);
+  }
   return p;
 }
+
+/** The columns of relations named as statements name them (a JSON array of texts), from a shard's catalog. */
+const COLUMNS_OF = `SELECT r.relation, a.attname FROM json_array_elements_text($1::json) AS r(relation)
+  LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(r.relation) AND a.attnum > 0 AND NOT a.attisdropped`;
 
 export interface ShardedSessionOptions {
   discovery: Discovery;
@@ -175,7 +184,7 @@ export class ShardedSession {
   }
 
   private get planner(): Planner {
-    return plannerFor(this.opts.discovery.topology.vschemas.get(this.database));
+    return plannerFor(this.database, this.opts.discovery.topology.vschemas.get(this.database));
   }
 
   /**
@@ -184,7 +193,37 @@ export class ShardedSession {
    * buffer window at most) until the rule changes.
    */
   private routed(sql: string): Route[] | Promise<Route[]> {
-    return movedTablesOf(this.opts.discovery.topology, this.database) || this.unsharded ? this.routedByRules(sql) : this.plannedHere(sql);
+    return this.learningColumns(() => (movedTablesOf(this.opts.discovery.topology, this.database) || this.unsharded ? this.routedByRules(sql) : this.plannedHere(sql)));
+  }
+
+  /** Plans with `plan`; when a planner must first know which columns some relations have, reads them and plans again. */
+  private learningColumns(plan: () => Route[] | Promise<Route[]>): Route[] | Promise<Route[]> {
+    const again = (err: unknown): Promise<Route[]> => {
+      if (!(err instanceof ColumnsNeededError)) throw err;
+      return this.learnColumns(err).then(() => this.learningColumns(plan));
+    };
+    try {
+      const routes = plan();
+      return routes instanceof Promise ? routes.catch(again) : routes;
+    } catch (err) {
+      return again(err);
+    }
+  }
+
+  /** Reads from the first shard of the planner's database the columns it asked about (on this session's link, its search_path). */
+  private async learnColumns(needed: ColumnsNeededError): Promise<void> {
+    const database = databaseOf.get(needed.planner) ?? this.database;
+    const before = this.current;
+    this.current = database;
+    try {
+      const link = await this.link(this.ranges()[0].shard);
+      const result = await link.execute(COLUMNS_OF, [JSON.stringify(needed.relations)]);
+      const columns = new Map<string, string[]>(needed.relations.map((r) => [r, []]));
+      for (const row of result.rows.map(decodeDataRow)) if (row[1]) columns.get(row[0]!.toString('utf8'))?.push(row[1].toString('utf8'));
+      for (const [relation, names] of columns) needed.planner.learnColumns(relation, names);
+    } finally {
+      this.current = before;
+    }
   }
 
   /**
@@ -208,7 +247,7 @@ export class ShardedSession {
       const routes = routeStatements(sql, {
         source: this.database, rules: rules ?? new Map(), inTransaction: this.inTransaction,
         ...(topology.databases.get(this.database)?.sharded ? { sessionPlanner: this.planner, sourceSharded: true } : { sessionPlanner: noVSchema, sourceSharded: false }),
-        targetPlanner: (db) => plannerFor(topology.vschemas.get(db)),
+        targetPlanner: (db) => plannerFor(db, topology.vschemas.get(db)),
       });
       const held = routes.find((r) => r.held)?.held;
       if (!held) return routes as Route[];
@@ -421,6 +460,7 @@ export class ShardedSession {
   private flush(): void {
     if (this.schemaChanged && !this.inTransaction) {
       this.schemaChanged = false;
+      this.planner.forgetColumns();
       this.opts.onSchemaChange?.(this.database);
     }
     if (!this.out.length || this.ended) return;
@@ -1256,7 +1296,7 @@ export class ShardedSession {
       const { prepared } = portal;
       if (prepared.planner !== this.planner && !movedTablesOf(this.opts.discovery.topology, this.database)) {
         // A new VSchema since Parse (a lookup vindex added, decision 0059): planned again, so its writes keep what it now says.
-        Object.assign(prepared, { plan: this.plannedHere(prepared.sql)[0].plan, planner: this.planner, shardParse: undefined });
+        Object.assign(prepared, { plan: (await this.learningColumns(() => this.plannedHere(prepared.sql)))[0].plan, planner: this.planner, shardParse: undefined });
       }
       const [route] = movedTablesOf(this.opts.discovery.topology, this.database) ? await this.routed(prepared.sql) : [{ text: prepared.sql, database: prepared.database, plan: prepared.plan }];
       await this.executeRouted(route, { simple: false, portal, describe: portal.described, limited: maxRows > 0 });

@@ -29,6 +29,16 @@ const SYSTEM_SCHEMAS = new Set(['pg_catalog', 'information_schema']);
 const NUMERIC_TYPES = new Set(['int2', 'int4', 'int8', 'numeric', 'float4', 'float8']);
 
 export class RefusedError extends Error {}
+
+/**
+ * Thrown when a plan depends on which columns some relations have and the planner has not learnt
+ * them (see Planner.learnColumns): the caller reads them from a shard's catalog and plans again.
+ */
+export class ColumnsNeededError extends Error {
+  constructor(readonly planner: Planner, readonly relations: string[]) {
+    super(`the planner needs the columns of ${relations.join(', ')}`);
+  }
+}
 const refuse = (message: string): never => {
   throw new RefusedError(message);
 };
@@ -55,8 +65,23 @@ export class Planner {
   private ctes = new Set<string>();
   /** Each table's owned lookup vindexes, worked out once per VSchema version. */
   private readonly lookupsOf = new Map<string, LookupVindex[]>();
+  /** The columns of the relations a plan had to know about, by the relation as statements name it. */
+  private readonly columns = new Map<string, ReadonlySet<string>>();
 
   constructor(private readonly vschema: VSchema) {}
+
+  /** What a shard's catalog says `relation` has (no names: it has no such relation). */
+  learnColumns(relation: string, names: Iterable<string>): void {
+    this.columns.set(relation, new Set(names));
+  }
+
+  /** The schema changed (DDL through the gateway): what was learnt goes, with the plans made from it. */
+  forgetColumns(): void {
+    if (!this.columns.size) return;
+    this.columns.clear();
+    this.cache.clear();
+    this.templates.clear();
+  }
 
   /** The plans of the statements in `sql` (one per statement; a parse error throws the parser's error). */
   plan(sql: string): Plan[] {
@@ -195,12 +220,14 @@ export class Planner {
     };
     /** An unqualified column name, which names a select-list item by its output name (SQL92) before an input column. */
     const bareName = (n: any) => (n?.ColumnRef && fieldsOf(n.ColumnRef).length === 1 ? columnName(n) : undefined);
-    // GROUP BY takes a name as an input column before an output name (Postgres): an output name whose item reads
-    // a column of that name (`lower(s) AS s ... GROUP BY s`) is the column; the item itself when it is just that.
+    // GROUP BY takes a name as an input column before an output name (Postgres): an output name is the column
+    // when its item reads a column of that name (`lower(s) AS s ... GROUP BY s`) or a FROM relation has one
+    // (`date(at) AS day ... GROUP BY day` over a table with a column `day`; the shards' catalog says), else the item.
     const readsItsName = (i: number, name: string) => i >= 0 && !!findNode(targets[i].ResTarget?.val, (k, n) => k === 'ColumnRef' && columnName({ ColumnRef: n }) === name);
     const groupItems: number[] = (s.groupClause ?? []).map((g: any) => {
       const name = bareName(g);
-      const at = position(g) ?? (name === undefined || readsItsName(names.indexOf(name), name) ? 0 : names.indexOf(name) + 1);
+      const output = name === undefined ? -1 : names.indexOf(name);
+      const at = position(g) ?? (output < 0 || readsItsName(output, name!) || this.isInputColumn(name!, s.fromClause ?? []) ? 0 : output + 1);
       return at > 0 ? at - 1 : item(g);
     });
     // A HAVING operand: an item as written (casts included), else a selected column by its name, else a hidden item.
@@ -532,6 +559,25 @@ export class Planner {
     if (!lookups) this.lookupsOf.set(name, (lookups = ownedLookups(this.vschema, name)));
     const relation = rv.schemaname ? `${quoteIdent(rv.schemaname)}.${quoteIdent(name)}` : quoteIdent(name);
     return { alias, name, kind: 'sharded', pin: { column: cv.column, vindex: cv.name, type: this.vschema.vindexes[cv.name].type as FunctionalVindex }, lookups, relation };
+  }
+
+  /**
+   * Whether `name` is a column of a relation of the FROM list, from the columns learnt (a GROUP BY
+   * name is one before it is an output name). Throws ColumnsNeededError for relations not learnt yet.
+   */
+  private isInputColumn(name: string, from: any[]): boolean {
+    const relations: string[] = [];
+    const visit = (n: any) => {
+      if (n.JoinExpr) return [n.JoinExpr.larg, n.JoinExpr.rarg].forEach(visit);
+      const rv = n.RangeVar;
+      const unknown = !rv ? 'a subquery or function' : !rv.schemaname && this.ctes.has(rv.relname) ? `WITH query ${rv.relname}` : undefined;
+      if (unknown) refuse(`GROUP BY ${name}, an output name that may also be a column of ${unknown}, over all shards (group by the expression or its position)`);
+      relations.push(rv.schemaname ? `${quoteIdent(rv.schemaname)}.${quoteIdent(rv.relname)}` : quoteIdent(rv.relname));
+    };
+    from.forEach(visit);
+    const unknown = relations.filter((r) => !this.columns.has(r));
+    if (unknown.length) throw new ColumnsNeededError(this, unknown);
+    return relations.some((r) => this.columns.get(r)!.has(name));
   }
 
   /** The tables of a FROM list (joins flattened); subqueries in FROM are looked at by the caller. */

@@ -73,7 +73,7 @@ export function restRouting(discovery: RestDiscovery, opts: Pick<GatewayRestOpti
 export function restSharding(discovery: RestDiscovery, database: string): ShardRouting | undefined {
   if (!discovery.topology.databases.get(database)?.sharded) return undefined;
   const record = discovery.topology.vschemas.get(database);
-  return { planner: plannerFor(record), vschema: record?.vschema, ranges: discovery.keyRanges(database) };
+  return { planner: plannerFor(database, record), vschema: record?.vschema, ranges: discovery.keyRanges(database) };
 }
 
 /**

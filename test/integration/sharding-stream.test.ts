@@ -492,3 +492,36 @@ test('binary result columns (node-postgres in binary mode; pgx, one format code 
     await ref.end();
   }
 });
+
+test('GROUP BY a name that is both a select-list alias and a column groups by the column, as Postgres does, and follows DDL through the gateway that adds the column', async () => {
+  const ref = new pg.Client({ host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
+  await ref.connect();
+  const other = gwClient();
+  await other.connect();
+  const sorted = (rows: unknown[]) => rows.map((r) => JSON.stringify(r)).sort();
+  const same = async (text: string, params: unknown[] = [], client = gw) => {
+    const expected = (await ref.query(text, params)).rows;
+    assert.deepEqual(sorted((await client.query(text, params)).rows), sorted(expected), text);
+    return expected.length;
+  };
+  try {
+    // typed has a column i: Postgres groups by it, whatever the alias i stands for (one row per i, not one row).
+    assert.ok(await same('SELECT 1 AS i, count(*)::int AS c FROM typed GROUP BY i') > 10);
+    assert.ok(await same('SELECT $1::int AS i, count(*)::int AS c FROM typed GROUP BY i', [5]) > 10, 'extended protocol');
+    // No relation has a column lt: the alias is the group.
+    assert.equal(await same('SELECT lower(t) AS lt, count(*)::int AS c FROM typed GROUP BY lt'), 9, 'eight words and NULL');
+    const byK = 'SELECT 7 AS k, count(*)::int AS c FROM typed GROUP BY k';
+    assert.equal(await same(byK), 1, 'before typed has a column k');
+    for (const db of [gw, ref]) {
+      await db.query('ALTER TABLE typed ADD COLUMN k int');
+      await db.query('UPDATE typed SET k = id % 3');
+    }
+    assert.equal(await same(byK), 3, 'after DDL through the gateway, in the session that ran it');
+    assert.equal(await same(byK, [], other), 3, 'and in another session of the same gateway');
+    for (const db of [gw, ref]) await db.query('ALTER TABLE typed DROP COLUMN k');
+    assert.equal(await same(byK, [], other), 1, 'once the column is dropped again');
+  } finally {
+    await other.end();
+    await ref.end();
+  }
+});

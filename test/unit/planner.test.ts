@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { before, test } from 'node:test';
 import { mergeRows, orderFollowed, type Row } from '../../router/planner/merge.ts';
 import { describePlan, pinnedShards, type Plan } from '../../router/planner/plan.ts';
-import { Planner, plannerReady } from '../../router/planner/planner.ts';
+import { ColumnsNeededError, Planner, plannerReady } from '../../router/planner/planner.ts';
 import { hashKeyspaceId, parseVSchema, shardFor } from '../../schemas/index.ts';
 import { LOOKUP_VSCHEMA } from '../support/lookup-vschema.ts';
 
@@ -448,8 +448,24 @@ test('over all shards: GROUP BY a name is the input column when the output of th
   assert.match(text(grouped), /count\(\*\), tenant_id AS mg_hidden_1 FROM orders GROUP BY tenant_id/);
   const plain = one('SELECT tenant_id, count(*) FROM orders GROUP BY tenant_id');
   assert.deepEqual(plain.kind === 'select' && [plain.merge?.groupBy, plain.merge?.hidden], [[1], undefined], 'the selected column itself');
-  const alias = one('SELECT lower(note) AS l, count(*) FROM orders GROUP BY l');
-  assert.deepEqual(alias.kind === 'select' && alias.merge?.groupBy, [1], 'an output name that reads no column of its name');
+  // An output name whose item reads no column of its name is the column only if a FROM relation has one:
+  // the planner asks (ColumnsNeededError) and is told what the shards' catalog says.
+  const fresh = new Planner(vschema);
+  const sql = 'SELECT lower(note) AS l, 1 AS flag, count(*) FROM orders o JOIN products p ON p.id = o.product_id GROUP BY l, flag';
+  assert.throws(() => fresh.plan(sql), (err: unknown) => err instanceof ColumnsNeededError && err.planner === fresh && err.relations.join() === '"orders","products"');
+  fresh.learnColumns('"orders"', ['tenant_id', 'note', 'flag']);
+  fresh.learnColumns('"products"', ['id', 'name']);
+  const [mixed] = fresh.plan(sql);
+  assert.ok(mixed.kind === 'select' && mixed.merge);
+  assert.deepEqual([mixed.merge.groupBy, mixed.merge.hidden], [[1, 4], 1], 'l is the item; flag is the table\'s column, sent hidden');
+  assert.match(text(mixed), /count\(\*\), flag AS mg_hidden_1 FROM/);
+  fresh.forgetColumns(); // DDL ran: the column may be gone
+  assert.throws(() => fresh.plan(sql), ColumnsNeededError, 'a cached plan made from learnt columns is forgotten with them');
+  fresh.learnColumns('"orders"', ['tenant_id', 'note']);
+  fresh.learnColumns('"products"', ['id', 'name']);
+  assert.deepEqual((fresh.plan(sql)[0] as any).merge.groupBy, [1, 2], 'both are items once no relation has such a column');
+  const sub = fresh.plan('SELECT lower(o.note) AS l, count(*) FROM orders o, LATERAL (SELECT 1) s GROUP BY l')[0];
+  assert.ok(sub.kind === 'refused' && /GROUP BY l, an output name that may also be a column of a subquery or function/.test(sub.message));
   assert.equal(one('SELECT count(*)::int FROM orders').kind, 'select');
   for (const sql of ['SELECT sum(amount)::int FROM orders', 'SELECT max(amount)::text FROM orders']) {
     const p = one(sql);
