@@ -17,7 +17,7 @@ import { loadDdlParser, type DatabaseDdl } from './database-ddl.ts';
 import { Discovery, type DatabaseGone, type PrimaryMove } from './discovery.ts';
 import { acceptClient, cachedVerifierLookup, prepareFrontendTls, VERIFIER_SQL, verifierFromAuthid } from './frontend.ts';
 import { GatewaySession, openLinks, type DatabaseRegistry, type FailoverOutcome } from './session.ts';
-import { ShardedSession, type SchemaChangeRecord } from './sharded.ts';
+import { plannerFor, ShardedSession, type SchemaChangeRecord } from './sharded.ts';
 import { plannerReady } from '../planner/planner.ts';
 import { FAULT_POINTS, TwoPhaseCoordinator, type FaultPoint } from '../twopc/coordinator.ts';
 
@@ -85,6 +85,7 @@ export class Gateway {
     record: (ddl, from) => this.recordDatabaseDdl(ddl, from),
   };
   private peerCancels: Subscription | undefined;
+  private peerSchemaChanges: Subscription | undefined;
   private sweeper: NodeJS.Timeout | undefined;
   private idleSweeper: NodeJS.Timeout | undefined;
   /** Per shard group: sessions open here, and when the last one closed (scale to zero). */
@@ -109,6 +110,11 @@ export class Gateway {
     await Promise.all([this.discovery.start(), loadDdlParser(), plannerReady]);
     this.peerCancels = await this.eventLog.subscribe('gatewayCancels', (c) => {
       if (c.receivedBy !== this.id && this.cancelLocal(c.pid, c.secret)) cancels.inc({ where: 'from_peer' });
+    }, { since: new Date() });
+    // DDL another gateway ran: the columns this one's planner learnt may be out of date. (The REST schema
+    // caches hear of it from the NOTIFY that gateway sends, decision 0042.)
+    this.peerSchemaChanges = await this.eventLog.subscribe('schemaChanges', (c) => {
+      if (c.source !== `gateway/${this.id}`) plannerFor(c.database, this.discovery.topology.vschemas.get(c.database)).forgetColumns();
     }, { since: new Date() });
     const releaseAfter = this.opts.releaseIdleLinksAfterMs ?? 0;
     if (releaseAfter > 0) {
@@ -144,6 +150,7 @@ export class Gateway {
     while (this.sessions.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     for (const { session } of this.sessions.values()) session.end();
     await this.peerCancels?.stop();
+    await this.peerSchemaChanges?.stop();
     await this.discovery.stop();
   }
 

@@ -7,11 +7,15 @@
  * with the gateway's memory flat. Merged order checked against one Postgres.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import postgres from 'postgres';
+import { nodeArgs } from '../../compose/launch.ts';
 import { shardRanges } from '../../compose/spec.ts';
+import { portAnswers } from '../../compose/supervise.ts';
 import { hashKeyspaceId, shardFor } from '../../schemas/index.ts';
 import { testCluster, until } from '../support/cluster.ts';
 import { runPgx } from '../support/pgx.ts';
@@ -493,11 +497,20 @@ test('binary result columns (node-postgres in binary mode; pgx, one format code 
   }
 });
 
-test('GROUP BY a name that is both a select-list alias and a column groups by the column, as Postgres does, and follows DDL through the gateway that adds the column', async () => {
+test('GROUP BY a name that is both a select-list alias and a column groups by the column, as Postgres does, and follows DDL that adds the column, through this gateway or another', async () => {
   const ref = new pg.Client({ host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
   await ref.connect();
   const other = gwClient();
   await other.connect();
+  // A second gateway of the cluster, which learns of the first's DDL from the schema-change events on Kafka.
+  const port = spec.postgres.basePort + 480;
+  const config = JSON.parse(fs.readFileSync(path.join(dataDir, 'config', 'gateway.json'), 'utf8'));
+  const configFile = path.join(dataDir, 'config', 'gateway-2.json');
+  fs.writeFileSync(configFile, JSON.stringify({ ...config, port, metricsPort: port + 1, httpPort: undefined, workers: 1 }));
+  const second = spawn(process.execPath, [...nodeArgs('router/gateway/main.ts'), '--config', configFile], { stdio: 'ignore' });
+  await until('the second gateway listens', 30_000, () => portAnswers(port));
+  const viaSecond = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', password: 'postgres', database: 'postgres' });
+  await viaSecond.connect();
   const sorted = (rows: unknown[]) => rows.map((r) => JSON.stringify(r)).sort();
   const same = async (text: string, params: unknown[] = [], client = gw) => {
     const expected = (await ref.query(text, params)).rows;
@@ -512,15 +525,20 @@ test('GROUP BY a name that is both a select-list alias and a column groups by th
     assert.equal(await same('SELECT lower(t) AS lt, count(*)::int AS c FROM typed GROUP BY lt'), 9, 'eight words and NULL');
     const byK = 'SELECT 7 AS k, count(*)::int AS c FROM typed GROUP BY k';
     assert.equal(await same(byK), 1, 'before typed has a column k');
+    assert.equal(await same(byK, [], viaSecond), 1, 'before typed has a column k, through the second gateway');
     for (const db of [gw, ref]) {
       await db.query('ALTER TABLE typed ADD COLUMN k int');
       await db.query('UPDATE typed SET k = id % 3');
     }
     assert.equal(await same(byK), 3, 'after DDL through the gateway, in the session that ran it');
     assert.equal(await same(byK, [], other), 3, 'and in another session of the same gateway');
+    await until('the second gateway to group by the new column', 10_000, async () => (await viaSecond.query(byK)).rows.length === 3);
+    assert.equal(await same(byK, [], viaSecond), 3, 'through the second gateway');
     for (const db of [gw, ref]) await db.query('ALTER TABLE typed DROP COLUMN k');
     assert.equal(await same(byK, [], other), 1, 'once the column is dropped again');
   } finally {
+    await viaSecond.end().catch(() => undefined);
+    second.kill('SIGTERM');
     await other.end();
     await ref.end();
   }
