@@ -157,6 +157,8 @@ export class ShardedSession {
   private transactionFailed = false;
   /** DDL ran since the session was last idle (onSchemaChange is told once it is). */
   private schemaChanged = false;
+  /** This session's temporary tables: a copy on each shard link, read and written as reference tables (decision 0082). */
+  private readonly temps = new Set<string>();
   private beginSql = 'BEGIN';
   /**
    * The open transaction's SAVEPOINTs and SET LOCALs in order: sent to every shard in the transaction, and
@@ -234,9 +236,9 @@ export class ShardedSession {
     return !this.opts.discovery.topology.databases.get(this.database)?.sharded;
   }
 
-  /** The statements of `sql` planned with this database's VSchema. */
+  /** The statements of `sql` planned with this database's VSchema (and this session's temporary tables). */
   private plannedHere(sql: string): Route[] {
-    return this.planner.plan(sql).map((plan) => ({ text: sql, database: this.database, plan }));
+    return this.planner.plan(sql, this.temps).map((plan) => ({ text: sql, database: this.database, plan }));
   }
 
   private async routedByRules(sql: string): Promise<Route[]> {
@@ -624,7 +626,10 @@ export class ShardedSession {
     const sql = (plan as { sql: Buffer }).sql;
     if (plan.kind === 'all' && plan.ddl) {
       this.schemaChanged = true;
-      return this.runDdl(sql, shards, how);
+      await this.runDdl(sql, shards, how);
+      if (plan.temp?.creates) this.temps.add(plan.temp.creates);
+      for (const name of plan.temp?.drops ?? []) this.temps.delete(name);
+      return;
     }
     const read = plan.kind === 'select' || plan.kind === 'reference';
     if (shards.length === 1 && !(plan.kind === 'select' && plan.merge) && (how.simple || !how.limited)) return this.relay(shards[0], sql, how, read);

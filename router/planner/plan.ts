@@ -138,7 +138,8 @@ export type Plan =
   | { kind: 'reference'; sql: Buffer; tables: string[] }
   /** Runs on every shard: DDL, writes to reference tables. */
   /** renamesColumn: an `ALTER TABLE ... RENAME COLUMN`, refused while the database is resharded (decision 0068). */
-  | { kind: 'all'; sql: Buffer; tables: string[]; ddl: boolean; renamesColumn?: boolean }
+  /** temp: the session's temporary tables it creates or may drop (decision 0082). */
+  | { kind: 'all'; sql: Buffer; tables: string[]; ddl: boolean; renamesColumn?: boolean; temp?: { creates?: string; drops?: string[] } }
   /** An INSERT into a sharded table, rows placed by their keyspace ids. */
   | InsertPlan
   | { kind: 'begin' | 'commit' | 'rollback'; sql: Buffer }

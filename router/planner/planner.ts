@@ -63,6 +63,8 @@ export class Planner {
   private readonly templates = new Map<string, Template>();
   /** Names of the CTEs of the statement being planned: they read like tables, and are checked where they are defined. */
   private ctes = new Set<string>();
+  /** The temporary tables of the session whose statement is being planned: they read like reference tables. */
+  private temps: ReadonlySet<string> = NO_TEMPS;
   /** Each table's owned lookup vindexes, worked out once per VSchema version. */
   private readonly lookupsOf = new Map<string, LookupVindex[]>();
   /** The columns of the relations a plan had to know about, by the relation as statements name it. */
@@ -83,8 +85,20 @@ export class Planner {
     this.templates.clear();
   }
 
-  /** The plans of the statements in `sql` (one per statement; a parse error throws the parser's error). */
-  plan(sql: string): Plan[] {
+  /**
+   * The plans of the statements in `sql` (one per statement; a parse error throws the parser's error).
+   * `temps`: the session's temporary tables. A session that has some plans every statement anew, since
+   * a name in it may be one of them, and the cached plans are every session's.
+   */
+  plan(sql: string, temps: ReadonlySet<string> = NO_TEMPS): Plan[] {
+    if (temps.size) {
+      this.temps = temps;
+      try {
+        return this.parseAndPlan(sql);
+      } finally {
+        this.temps = NO_TEMPS;
+      }
+    }
     const hit = this.cache.get(sql);
     if (hit) return hit;
     const shape = literalShape(sql);
@@ -145,7 +159,7 @@ export class Planner {
       case 'CallStmt': return this.planRoutineCall(body.funccall, text, 'CALL');
       case 'CopyStmt': return this.planCopy(body, text, base);
       default:
-        if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true, ...(type === 'RenameStmt' && body.renameType === 'OBJECT_COLUMN' ? { renamesColumn: true } : {}) };
+        if (DDL.has(type)) return { kind: 'all', sql: text, tables: [], ddl: true, ...(type === 'RenameStmt' && body.renameType === 'OBJECT_COLUMN' ? { renamesColumn: true } : {}), ...tempTablesOf(type, body) };
         return refuse(`${statementName(type)} is not supported on a sharded database`);
     }
   }
@@ -551,6 +565,8 @@ export class Planner {
     const alias: string = rv.alias?.aliasname ?? name;
     if (SYSTEM_SCHEMAS.has(rv.schemaname) || (!rv.schemaname && name.startsWith('pg_'))) return { alias, name, kind: 'system' };
     if (!rv.schemaname && this.ctes.has(name)) return { alias, name, kind: 'reference' };
+    // A temporary table comes first in the search path: it hides a table of the VSchema of the same name.
+    if ((!rv.schemaname || rv.schemaname === 'pg_temp') && this.temps.has(name)) return { alias, name, kind: 'reference' };
     const t = this.vschema.tables[name];
     if (!t) return refuse(`table ${name} is not in the VSchema of this sharded database`);
     if (t.type === 'reference') return { alias, name, kind: 'reference' };
@@ -570,7 +586,8 @@ export class Planner {
     const visit = (n: any) => {
       if (n.JoinExpr) return [n.JoinExpr.larg, n.JoinExpr.rarg].forEach(visit);
       const rv = n.RangeVar;
-      const unknown = !rv ? 'a subquery or function' : !rv.schemaname && this.ctes.has(rv.relname) ? `WITH query ${rv.relname}` : undefined;
+      const unknown = !rv ? 'a subquery or function' : !rv.schemaname && this.ctes.has(rv.relname) ? `WITH query ${rv.relname}`
+        : this.temps.has(rv.relname) ? `temporary table ${rv.relname}` : undefined; // learnt columns are every session's
       if (unknown) refuse(`GROUP BY ${name}, an output name that may also be a column of ${unknown}, over all shards (group by the expression or its position)`);
       relations.push(rv.schemaname ? `${quoteIdent(rv.schemaname)}.${quoteIdent(rv.relname)}` : quoteIdent(rv.relname));
     };
@@ -972,6 +989,22 @@ function nodeName(n: any): string {
   if (n?.TypeCast) return nodeName(n.TypeCast.arg);
   if (n?.A_Expr) return n.A_Expr.kind === 'AEXPR_OP' ? `operator ${lastName(n.A_Expr.name)}` : n.A_Expr.kind.replace('AEXPR_', '').replace(/_/g, ' ');
   return Object.keys(n ?? {})[0] ?? 'an expression';
+}
+
+const NO_TEMPS: ReadonlySet<string> = new Set();
+
+/**
+ * The temporary tables a DDL statement creates (`CREATE TEMP TABLE`) or may drop (`DROP TABLE`
+ * names that may be some): a session keeps their names and reads them as reference tables,
+ * a copy on each shard link of that session.
+ */
+function tempTablesOf(type: string, body: any): { temp?: { creates?: string; drops?: string[] } } {
+  if (type === 'CreateStmt' && body.relation?.relpersistence === 't') return { temp: { creates: body.relation.relname } };
+  if (type === 'DropStmt' && body.removeType === 'OBJECT_TABLE') {
+    const names: any[][] = (body.objects ?? []).map((o: any) => o.List?.items ?? []);
+    return { temp: { drops: names.filter((n) => n.length === 1 || n[n.length - 2]?.String?.sval === 'pg_temp').map(lastName) } };
+  }
+  return {};
 }
 
 const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;

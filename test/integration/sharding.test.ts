@@ -417,6 +417,31 @@ test('session settings reach every shard the session uses', async () => {
   }
 });
 
+test('temporary tables are the session\'s: a copy on every shard it uses, written on each, read and joined like a reference table; other sessions do not see them (differential)', async () => {
+  const other = gwClient();
+  await other.connect();
+  try {
+    for (const db of [gw, ref]) {
+      await db.query('CREATE TEMP TABLE picked (tenant_id bigint PRIMARY KEY, note text)');
+      await db.query('INSERT INTO picked VALUES ($1, $2), ($3, $4)', [tenantOn(FIRST), 'first', tenantOn(LAST), 'last']);
+      await db.query("UPDATE picked SET note = note || '!'");
+    }
+    await same('SELECT * FROM picked ORDER BY tenant_id');
+    await same('SELECT o.tenant_id, o.id, p.note FROM orders o JOIN picked p ON p.tenant_id = o.tenant_id ORDER BY 1, 2');
+    await same('SELECT count(*)::int AS n FROM orders WHERE tenant_id IN (SELECT tenant_id FROM picked WHERE note = $1)', ['last!']);
+    // Each shard's backend of this session has the whole table.
+    const perShard = await gw.query('SELECT DISTINCT inet_server_port() AS port, p.tenant_id FROM orders CROSS JOIN picked p');
+    assert.equal(perShard.rows.length, 2 * SHARDS);
+    assert.equal(new Set(perShard.rows.map((r) => r.port)).size, SHARDS);
+    await assert.rejects(other.query('SELECT * FROM picked'), code('0A000'), 'another session has no such table');
+    for (const db of [gw, ref]) await db.query('DROP TABLE picked');
+    await assert.rejects(gw.query('SELECT * FROM picked'), code('0A000'), 'dropped');
+    await same('SELECT count(*)::int AS n FROM orders');
+  } finally {
+    await other.end();
+  }
+});
+
 /** psql's \copy of `data` into port's database; its output (COPY n) or its error. */
 function psqlCopy(port: number, copy: string, data: string): { out: string; err: string } {
   const r = spawnSync('psql', ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-d', 'postgres', '-v', 'ON_ERROR_STOP=1', '-c', `\\copy ${copy}`], {

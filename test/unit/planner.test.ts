@@ -488,3 +488,19 @@ test('ORDER BY over all shards: dates and timestamps by the instant they name (o
     assert.throws(() => order(typeOid, ['1', '2']), new RegExp(`ORDER BY at, of a type the gateway does not order \\(type oid ${typeOid}\\)`));
   }
 });
+
+test('a session\'s temporary tables read as its own reference tables, ahead of the VSchema; CREATE and DROP name them; their plans are not cached for others', () => {
+  const fresh = new Planner(vschema);
+  const created = fresh.plan('CREATE TEMP TABLE picked (tenant_id bigint)')[0];
+  assert.deepEqual(created.kind === 'all' && [created.ddl, created.temp], [true, { creates: 'picked' }]);
+  const dropped = fresh.plan('DROP TABLE picked, public.orders, pg_temp.x')[0];
+  assert.deepEqual(dropped.kind === 'all' && dropped.temp, { drops: ['picked', 'x'] }, 'a name in another schema is no temp table');
+  const temps = new Set(['picked', 'orders']);
+  assert.equal(fresh.plan('SELECT * FROM picked', temps)[0].kind, 'reference');
+  assert.equal(fresh.plan('INSERT INTO picked VALUES (1)', temps)[0].kind, 'all');
+  assert.equal(fresh.plan('SELECT * FROM orders WHERE tenant_id = 1', temps)[0].kind, 'reference', 'a temp table hides the VSchema\'s of its name');
+  assert.equal(fresh.plan('SELECT * FROM public.orders WHERE tenant_id = 1', temps)[0].kind, 'select');
+  const joined = fresh.plan('SELECT o.id FROM users o JOIN picked p ON p.tenant_id = o.tenant_id', temps)[0];
+  assert.ok(joined.kind === 'select' && !joined.pin, 'joined with a sharded table: every shard, each with its copy');
+  assert.equal(fresh.plan('SELECT * FROM picked')[0].kind, 'refused', 'a session without it: not in the VSchema, nothing cached from the other');
+});
