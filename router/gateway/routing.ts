@@ -24,6 +24,8 @@ export interface RoutingContext {
   sessionPlanner: Planner;
   /** The source is sharded: its statements are planned with its VSchema (sessionPlanner) like any of its sessions'. */
   sourceSharded: boolean;
+  /** The session's temporary tables (a sharded source's session reads them as its reference tables). */
+  temps?: ReadonlySet<string>;
   targetPlanner(database: string): Planner;
 }
 
@@ -88,7 +90,7 @@ function routeOne(text: string, stmt: any, ctx: RoutingContext): Routed {
 
 /** An unsharded source has one shard: a read runs there as a `reference` plan (so a replica session may take it), anything else as `all`. */
 function sourcePlan(text: string, writes: boolean, ctx: RoutingContext): Plan {
-  const [plan] = ctx.sessionPlanner.plan(text);
+  const [plan] = ctx.sessionPlanner.plan(text, ctx.temps);
   if (plan && (ctx.sourceSharded || SESSION_KINDS.has(plan.kind))) return plan;
   const sql = Buffer.from(text, 'utf8');
   return writes ? { kind: 'all', sql, tables: [], ddl: false } : { kind: 'reference', sql, tables: [] };

@@ -248,7 +248,7 @@ export class ShardedSession {
       if (!rules && !this.unsharded) return this.plannedHere(sql);
       const routes = routeStatements(sql, {
         source: this.database, rules: rules ?? new Map(), inTransaction: this.inTransaction,
-        ...(topology.databases.get(this.database)?.sharded ? { sessionPlanner: this.planner, sourceSharded: true } : { sessionPlanner: noVSchema, sourceSharded: false }),
+        ...(topology.databases.get(this.database)?.sharded ? { sessionPlanner: this.planner, sourceSharded: true, temps: this.temps } : { sessionPlanner: noVSchema, sourceSharded: false }),
         targetPlanner: (db) => plannerFor(db, topology.vschemas.get(db)),
       });
       const held = routes.find((r) => r.held)?.held;
