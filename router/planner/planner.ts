@@ -284,7 +284,7 @@ export class Planner {
         return;
       }
       if (fn && isAggregateName(fn)) refuse(`${fn}(...) over all shards`);
-      const agg = findNode(v, (k, n) => k === 'FuncCall' && !n.over && (AGGREGATES.has(lastName(n.funcname)) || isAggregateName(lastName(n.funcname))));
+      const agg = ownAggregate(v);
       if (agg) refuse(`${lastName(agg.funcname)}(...) inside an expression over all shards (select the aggregate itself)`);
     });
     const grouped = (s.groupClause ?? []).length > 0;
@@ -1021,6 +1021,53 @@ export function walk(n: any, visit: (kind: string, body: any) => void): void {
     if (v && typeof v === 'object' && !Array.isArray(v) && /^[A-Z]/.test(k)) visit(k, v);
     walk(v, visit);
   }
+}
+
+/**
+ * An aggregate call of this query level under `n`: one outside any subquery, or one in a subquery whose
+ * arguments may read this level's columns (Postgres gives an aggregate to the outermost level its
+ * arguments read). One in a subquery whose arguments read no column (`count(*)`), or only columns
+ * qualified by the names of that subquery's FROM lists (`max(p.price)`), is the subquery's: each row's.
+ */
+function ownAggregate(n: any, inner?: ReadonlySet<string>): any {
+  if (Array.isArray(n)) {
+    for (const x of n) {
+      const found = ownAggregate(x, inner);
+      if (found) return found;
+    }
+    return undefined;
+  }
+  if (!n || typeof n !== 'object') return undefined;
+  for (const [k, v] of Object.entries(n) as Array<[string, any]>) {
+    if (!v || typeof v !== 'object') continue;
+    if (k === 'SubLink' && v.subselect?.SelectStmt) {
+      const names = new Set([...(inner ?? []), ...fromNames(v.subselect.SelectStmt.fromClause ?? [])]);
+      const found = ownAggregate(v.subselect, names) ?? ownAggregate(v.testexpr, inner);
+      if (found) return found;
+      continue;
+    }
+    if (k === 'FuncCall' && !v.over && (AGGREGATES.has(lastName(v.funcname)) || isAggregateName(lastName(v.funcname)))) {
+      const reads: any[] = [];
+      walk([v.args, v.agg_filter], (kind, ref) => kind === 'ColumnRef' && reads.push(ref));
+      const outer = reads.some((ref) => {
+        const fields = fieldsOf(ref);
+        return fields.length < 2 || !inner?.has(fields[fields.length - 2]);
+      });
+      if (!inner || outer) return v;
+    }
+    const found = ownAggregate(v, inner);
+    if (found) return found;
+  }
+  return undefined;
+}
+
+/** The names a FROM list gives its items (aliases, else table names), joins flattened. */
+function fromNames(items: any[]): string[] {
+  return items.flatMap((n: any): string[] => {
+    if (n.JoinExpr) return [...fromNames([n.JoinExpr.larg, n.JoinExpr.rarg]), ...(n.JoinExpr.alias ? [n.JoinExpr.alias.aliasname] : [])];
+    const alias = (n.RangeVar ?? n.RangeSubselect ?? n.RangeFunction)?.alias?.aliasname;
+    return alias ? [alias] : n.RangeVar ? [n.RangeVar.relname] : [];
+  });
 }
 
 function findNode(n: any, match: (kind: string, body: any) => boolean): any {

@@ -226,6 +226,8 @@ test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, refer
   await same('SELECT tenant_id, id, status FROM orders');
   await same('SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id LIMIT 10');
   await same('SELECT tenant_id, id, total FROM orders ORDER BY total, id LIMIT 5 OFFSET 7');
+  // An aggregate of a subquery over a reference table is each row's, not the scatter's.
+  await same('SELECT o.tenant_id, o.id, (SELECT count(*) FROM products p WHERE p.id <= o.user_id)::int AS n FROM orders o ORDER BY 1, 2');
   await same('SELECT tenant_id, id, total FROM orders ORDER BY total DESC LIMIT $1 OFFSET $2', [4, 3]);
   await same('SELECT * FROM users ORDER BY name NULLS FIRST, tenant_id, id LIMIT 6');
   await same('SELECT count(*) AS n, sum(total) AS s, min(total) AS lo, max(total) AS hi, count(name) AS named FROM orders o JOIN users u ON u.tenant_id = o.tenant_id AND u.id = o.user_id');

@@ -504,3 +504,19 @@ test('a session\'s temporary tables read as its own reference tables, ahead of t
   assert.ok(joined.kind === 'select' && !joined.pin, 'joined with a sharded table: every shard, each with its copy');
   assert.equal(fresh.plan('SELECT * FROM picked')[0].kind, 'refused', 'a session without it: not in the VSchema, nothing cached from the other');
 });
+
+test('over all shards: an aggregate inside a subquery of the select list is that subquery\'s (each row\'s) unless its arguments may read the outer query', () => {
+  for (const sql of [
+    'SELECT o.id, (SELECT count(*) FROM products p WHERE p.id = o.product_id) AS n FROM orders o',
+    'SELECT o.id, (SELECT max(p.price) FROM products p WHERE p.id < o.id) + 1 AS m FROM orders o ORDER BY 2',
+    'SELECT o.id, coalesce((SELECT sum(x.n) FROM (SELECT 1 AS n) x), 0) FROM orders o',
+  ]) assert.equal(planner.plan(sql)[0].kind, 'select', sql);
+  for (const [sql, why] of [
+    ['SELECT (SELECT max(o.total)) AS m FROM orders o', 'reads the outer o: the outer query\'s aggregate'],
+    ['SELECT (SELECT max(total) FROM products p) AS m FROM orders o', 'an unqualified column may be the outer query\'s'],
+    ['SELECT 1 + count(*) FROM orders', 'outside any subquery'],
+  ]) {
+    const p = planner.plan(sql)[0];
+    assert.ok(p.kind === 'refused' && /inside an expression over all shards/.test(p.message), `${sql}: ${why}`);
+  }
+});
