@@ -428,13 +428,15 @@ export class EventLog {
    * group's session timeout does not end it: the member heartbeats while the
    * handler works, and should Kafka drop it anyway (an event loop blocked that
    * long), kafkajs joins again and the tail seeks back to where it stood.
+   * `opts.sessionTimeoutMs`: the group's session timeout (default 10 s; the broker allows 6 s and up by default).
    */
   async tail(
     topic: string, startAt: ReadonlyMap<number, bigint>,
     onBatch: (messages: RawMessage[], info: { partition: number; highWatermark: bigint }) => Promise<void>,
+    opts: { sessionTimeoutMs?: number } = {},
   ): Promise<Tail> {
     const consumer = this.kafka.consumer({
-      groupId: `${this.opts.clientId}.tail.${randomUUID()}`, sessionTimeout: 10_000, heartbeatInterval: 1_000, maxWaitTimeInMs: 100,
+      groupId: `${this.opts.clientId}.tail.${randomUUID()}`, sessionTimeout: opts.sessionTimeoutMs ?? 10_000, heartbeatInterval: 1_000, maxWaitTimeInMs: 100,
     });
     this.consumers.add(consumer);
     let end!: (err: Error | undefined) => void;

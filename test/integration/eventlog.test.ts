@@ -114,13 +114,14 @@ test('a tail whose handler outlasts the group session keeps its place: no error,
     assert.ok(what(), `handed over: ${seen.join(', ')}; the tail ended: ${ended}`);
   };
   await send(0);
-  // The group's session timeout is 10 s.
+  // The group's session timeout: 6 s, the broker's minimum (the default, 10 s, would only make the waits below longer).
+  const SESSION_MS = 6_000;
   const tail = await log.tail(topic, new Map(), async (messages) => {
     batches++;
-    if (batches === 1) await new Promise((r) => setTimeout(r, 12_000)); // awaiting: the member must heartbeat meanwhile
-    if (batches === 2) for (const end = Date.now() + 14_000; Date.now() < end;); // the event loop blocked: Kafka drops the member
+    if (batches === 1) await new Promise((r) => setTimeout(r, SESSION_MS + 2_000)); // awaiting: the member must heartbeat meanwhile
+    if (batches === 2) for (const end = Date.now() + SESSION_MS + 4_000; Date.now() < end;); // the event loop blocked: Kafka drops the member
     seen.push(...messages.map((m) => Number(m.value!.toString())));
-  });
+  }, { sessionTimeoutMs: SESSION_MS });
   void tail.ended.then((err) => (ended = err));
   await until(() => batches === 1);
   await send(5);
