@@ -15,7 +15,11 @@ import { encodeCancel } from '../../router/protocol/messages.ts';
 import type { PlannedInstance } from '../../compose/spec.ts';
 import { sleep, testCluster } from '../support/cluster.ts';
 
-const cluster = testCluster('diff', 2, { settings: { 'gateway.workers': 2 } });
+// One instance: every comparison is with the primary (no replica, no cell but one; suite time, like gateway-fidelity.test.ts).
+const cluster = testCluster('diff', 2, {
+  settings: { 'gateway.workers': 2 },
+  spec: { cells: ['zone1'], databases: [{ name: 'postgres', instancesPerShard: 1, durability: 'ANY_1' }] },
+});
 let primary: PlannedInstance; // MultiOrch elects it during `up`
 
 before(async () => {
