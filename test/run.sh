@@ -20,7 +20,14 @@ chmod 755 "$MG_TEST_DIR" # Postgres runs as its own user and must reach data dir
 # The components run as bundles (decision 0071): each run its own, so runs from one checkout never share one.
 export MG_DIST="$PWD/dist/test-$(basename "$MG_TEST_DIR")"
 node --import tsx compose/build.ts "$MG_DIST"
-stop_infra() { node --import tsx test/support/infra.ts down || true; rm -rf "$MG_DIST"; }
+stop_infra() {
+  # A file ended by --test-timeout never ran its after hook: stop any cluster it left running.
+  for spec in "$MG_TEST_DIR"/*/cluster.json; do
+    [ -f "$spec" ] && compose/bin/mg cluster down --data-dir "$(dirname "$spec")" >/dev/null 2>&1 || true
+  done
+  node --import tsx test/support/infra.ts down || true
+  rm -rf "$MG_DIST"
+}
 trap stop_infra EXIT
 node --import tsx test/support/infra.ts up
 set -a; . "$MG_TEST_DIR/infra.env"; set +a
