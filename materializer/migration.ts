@@ -506,10 +506,10 @@ export class MigrationRunner {
       await sleep(100);
     }
     const names = migrationTables(this.table.table, this.name);
-    const { rows: [s] } = await control.query<SwapState>(`SELECT to_regclass($1) IS NOT NULL AS shadow, to_regclass($2) IS NOT NULL AS old,
-        EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($3) AND tgname = $4) AS frozen`,
+    const { rows: [s] } = await control.query<Record<keyof SwapState, string>>(`SELECT (to_regclass($1) IS NOT NULL)::text AS shadow, (to_regclass($2) IS NOT NULL)::text AS old,
+        EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($3) AND tgname = $4)::text AS frozen`,
       [`${MIGRATION_SCHEMA}.${quoteIdent(names.shadow)}`, `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}`, this.table.sql, FREEZE_TRIGGER]);
-    return s;
+    return { shadow: s.shadow === 'true', old: s.old === 'true', frozen: s.frozen === 'true' };
   }
 
   /**
