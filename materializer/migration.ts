@@ -23,7 +23,7 @@ import { forTable, mappedColumns, type ParsedAlter } from './alter.ts';
 import { dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
 import { copyTable, heldByStandby } from './copy.ts';
 import { freshStatus, offsetsOf, type RunnerContext } from './movetables.ts';
-import { reopenAfter, reopenLost, type Reconnecting } from './reconnect.ts';
+import { lostSessions, reopenAfter, reopenLost, type Reconnecting } from './reconnect.ts';
 import { FREEZE_TRIGGER, freezeWrites, thawWrites, type Frozen } from './switch.ts';
 import { describeColumns, keyed, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
 
@@ -42,6 +42,8 @@ const MAX_REPLICA_LAG_S = 1;
 const LOCK_TIMEOUT = '3s';
 /** A cut-over that failed, or a cut-over or revert rolled back after a failover, is tried again after this time. */
 const RETRY_MS = 10_000;
+/** While a switch waits for the apply to reach the marker, its control sessions are probed this often (a failover ends them). */
+const PROBE_MS = 1_000;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Where a shard's primary has the migration's tables (decision 0080): the shadow and the old table in MIGRATION_SCHEMA, the freeze's trigger on the table. */
@@ -659,9 +661,16 @@ export class MigrationRunner {
   private async catchUpTo(frozen: Map<string, Frozen>): Promise<void> {
     const deadline = Date.now() + CATCH_UP_MS;
     const applier = this.applier!;
+    let probeAt = Date.now() + PROBE_MS;
     const until = async (done: () => boolean) => {
       while (!done()) {
         if (this.tailError) throw this.tailError; // a lost session is handled by the switch (afterLostSwitch)
+        if (Date.now() >= probeAt) {
+          // The apply notices a lost session only once it has something to apply: the idle control sessions say it sooner.
+          probeAt = Date.now() + PROBE_MS;
+          const lost = await lostSessions([{ database: this.database, clients: this.control, application: `mg-migration-switch-${this.name}` }]);
+          if (lost.length) throw new Error(`the control session on ${lost.join(', ')} is no longer on a primary`);
+        }
         if (this.stopping || !this.tail) throw new WorkflowError('the change stream stopped being applied during the cut-over');
         if (Date.now() > deadline) throw new WorkflowError(`the changes of ${this.table.table} were not applied within ${CATCH_UP_MS / 1000} s`);
         await sleep(5);
