@@ -23,8 +23,8 @@ import { forTable, mappedColumns, type ParsedAlter } from './alter.ts';
 import { dropPositions, ensurePositionsTable, TableApplier } from './apply.ts';
 import { copyTable, heldByStandby } from './copy.ts';
 import { freshStatus, offsetsOf, type RunnerContext } from './movetables.ts';
-import { reopenAfter, reopenLost, type Reconnecting } from './reconnect.ts';
-import { freezeWrites, thawWrites, type Frozen } from './switch.ts';
+import { lostSessions, reopenAfter, reopenLost, type Reconnecting } from './reconnect.ts';
+import { FREEZE_TRIGGER, freezeWrites, thawWrites, type Frozen } from './switch.ts';
 import { describeColumns, keyed, primaryVindex, quoteIdent, shardOfRow, splitName, WorkflowError, type MovedTable, type Vindex } from './tables.ts';
 
 const rowsCopied = gauge('mg_materializer_rows_copied', 'Rows copied so far by the workflow', ['workflow']);
@@ -40,7 +40,14 @@ const CATCH_UP_MS = 30_000;
 /** The copy pauses while a replica of the shard replays more than this behind its primary. */
 const MAX_REPLICA_LAG_S = 1;
 const LOCK_TIMEOUT = '3s';
+/** A cut-over that failed, or a cut-over or revert rolled back after a failover, is tried again after this time. */
+const RETRY_MS = 10_000;
+/** While a switch waits for the apply to reach the marker, its control sessions are probed this often (a failover ends them). */
+const PROBE_MS = 1_000;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Where a shard's primary has the migration's tables (decision 0080): the shadow and the old table in MIGRATION_SCHEMA, the freeze's trigger on the table. */
+interface SwapState { shadow: boolean; old: boolean; frozen: boolean }
 
 /** How long each step of a cut-over took (logged: where the hold goes). */
 function stepTimer(began: number) {
@@ -108,6 +115,10 @@ export class MigrationRunner {
   private recovering = false;
   /** When the apply stopped on a lost session: the changes waiting since count in the lag until it applies again. */
   private stalledSince: number | undefined;
+  /** The apply's error when it stopped during a cut-over or a revert (handled by them, decision 0080). */
+  private tailError: Error | undefined;
+  /** A revert rolled back after a failover is tried again (as a cut-over is) while the command is still revert. */
+  revertAgain = false;
   /** What the apply follows into (the shadow, or the old table after the cut-over) and from which offsets when the shard holds no positions. */
   private following: { into: MovedTable; offsets: PartitionOffset[] } | undefined;
   readonly done: Promise<void>;
@@ -282,8 +293,12 @@ export class MigrationRunner {
       this.status.eventsApplied += BigInt(r.applied);
       applied.inc({ workflow: this.name }, r.applied);
     });
-    void this.tail.ended.then((err) => {
-      if (err && !this.stopping) void this.recover(err);
+    this.tailError = undefined;
+    const tail = this.tail;
+    void tail.ended.then((err) => {
+      if (!err || this.stopping || this.tail !== tail) return;
+      this.tailError = err;
+      if (!this.switching) void this.recover(err); // during a switch the switch handles it
     });
     clearInterval(this.timer);
     this.timer = setInterval(() => void this.progress(), PROGRESS_MS);
@@ -302,11 +317,10 @@ export class MigrationRunner {
    * the primary the topology names (waiting out the election, up to RECONNECT_MS), and the apply starts
    * again from the positions the shard holds, which went with their rows: no change is lost or applied
    * twice. Any other error fails the migration, as does a primary not back in time. During a cut-over or
-   * a revert the migration fails as before (their own rollback runs; decision 0079 says why).
+   * a revert the switch handles it (afterLostSwitch, decision 0080).
    */
   private async recover(err: Error): Promise<void> {
-    if (this.stopping || this.recovering) return;
-    if (this.switching) return this.fail(err);
+    if (this.stopping || this.recovering || this.switching) return;
     this.recovering = true;
     try {
       const reopened = await this.reopenAfter(err, async () => {
@@ -329,7 +343,7 @@ export class MigrationRunner {
     return reopenAfter(this.reconnecting(), err, pause);
   }
 
-  private reconnecting(): Reconnecting {
+  private reconnecting(prefix = ''): Reconnecting {
     return {
       workflow: this.name, log: this.ctx.log, shards: this.ctx.shards,
       groups: () => [
@@ -338,7 +352,7 @@ export class MigrationRunner {
       ],
       stopping: () => this.stopping,
       phase: () => this.status.phase,
-      say: (message) => this.publishStatus({ message }),
+      say: (message) => this.publishStatus({ message: `${prefix}${message}` }),
     };
   }
 
@@ -354,45 +368,150 @@ export class MigrationRunner {
    * refuses writes (after those in flight) and leaves a marker, the shadow
    * applies up to it, one transaction per shard swaps the names, and the
    * held statements go on against the new table. Before the swap a failure
-   * rolls back (the table takes writes again; tried again later).
+   * rolls back (the table takes writes again; tried again later). A failover
+   * of the shard's primary meanwhile (decision 0080): the sessions are opened
+   * again and the new primary says whether the swap committed; the cut-over
+   * then finishes, or it is rolled back there and tried again later.
    */
   async cutOver(): Promise<void> {
     this.switching = true;
     let began = performance.now();
     let held = false;
     let swapped = false;
+    let reverseOffsets: PartitionOffset[] | undefined;
     const frozen = new Map<string, Frozen>();
-    const names = migrationTables(this.table.table, this.name);
+    const source = this.table;
+    const names = migrationTables(source.table, this.name);
     try {
       await reopenLost(this.reconnecting(), CATCH_UP_MS); // the control sessions, idle until now, may have gone with a failover
       began = performance.now();
       const steps = stepTimer(began);
       await this.holdAndDrain(frozen, steps, () => (held = true));
       // Nothing writes the table's topic now: every later change in it is the new table's.
-      const reverseOffsets = await this.endOffsets();
+      reverseOffsets = await this.endOffsets();
       swapped = true;
       await Promise.all([...this.control.values()].map((c) => this.swap(c, names.old, names.shadow)));
       steps.mark('swap');
-      await this.ctx.setRouting(this.name, 'SOURCE');
-      const gapMs = Math.round(performance.now() - began);
-      writeGap.set({ workflow: this.name }, gapMs / 1000);
-      this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration cut over');
-      this.old = { ...this.table, schema: MIGRATION_SCHEMA, table: names.old, sql: `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}` };
-      this.table = { ...this.shadow, schema: this.table.schema, table: this.table.table, sql: this.table.sql, columns: (await describeColumns(this.clients.values().next().value!, `${this.table.schema}.${this.table.table}`)).columns };
-      this.old.columns = mappedColumns(this.table.columns, this.old.columns);
-      await this.publishStatus({ phase: 'SWITCHED', message: `cut over; writes held ${gapMs} ms`, reverseOffsets, switchedAt: new Date(), eventsApplied: 0n, lagSeconds: 0 });
-      await this.follow(this.old, reverseOffsets);
+      await this.cutOverEnds(source, reverseOffsets, began, 'cut over', steps.ms);
     } catch (err) {
+      const handled = await this.afterLostSwitch('cut-over', err as Error, began, held, {
+        // Before the swap the shadow is in MIGRATION_SCHEMA and no old table is; after it, the other way round.
+        swapped: (s) => (s.old && !s.shadow ? true : s.shadow && !s.old ? false : undefined),
+        finish: (how) => this.cutOverEnds(source, reverseOffsets, began, how),
+        undo: async (how) => {
+          for (const c of this.control.values()) await thawWrites(c, [source]);
+          if (held) await this.ctx.setRouting(this.name, 'SOURCE');
+          const gapMs = Math.round(performance.now() - began);
+          await this.follow(this.shadow, this.status.startOffsets);
+          this.retryAt = Date.now() + RETRY_MS;
+          await this.publishStatus({ message: `${how}; rolled back, writes held ${gapMs} ms: tried again in ${RETRY_MS / 1000} s` });
+        },
+      });
+      if (handled) return;
       if (swapped) return this.fail(new WorkflowError(`cut-over failed after the swap began: ${(err as Error).message}`));
       this.ctx.log.error({ err, workflow: this.name }, 'cut-over failed; the table keeps its old schema');
       for (const [shard] of frozen) await thawWrites(this.control.get(shard)!, [this.table]).catch(() => {});
       if (held) await this.ctx.setRouting(this.name, 'SOURCE');
       if (!this.tail && !this.stopping) await this.follow(this.shadow, this.status.startOffsets);
-      this.retryAt = Date.now() + 10_000;
-      await this.publishStatus({ message: `cut-over failed (tried again in 10 s): ${(err as Error).message}` });
+      this.retryAt = Date.now() + RETRY_MS;
+      await this.publishStatus({ message: `cut-over failed (tried again in ${RETRY_MS / 1000} s): ${(err as Error).message}` });
     } finally {
-      this.switching = false;
+      this.afterSwitch();
     }
+  }
+
+  /**
+   * The end of a cut-over once every shard swapped: the hold released, the table described with its new
+   * schema, and the old table following the new one from the topic's end recorded before the swap. Also
+   * what a cut-over interrupted by a failover does when the new primary holds the swap.
+   */
+  private async cutOverEnds(source: MovedTable, reverseOffsets: PartitionOffset[] | undefined, began: number, how: string, stepsMs?: Record<string, number>): Promise<void> {
+    if (!reverseOffsets) throw new WorkflowError('the tables were swapped before the topic\'s end was recorded');
+    const names = migrationTables(source.table, this.name);
+    await this.ctx.setRouting(this.name, 'SOURCE');
+    const gapMs = Math.round(performance.now() - began);
+    writeGap.set({ workflow: this.name }, gapMs / 1000);
+    this.ctx.log.info({ workflow: this.name, gapMs, stepsMs }, 'migration cut over');
+    const columns = (await describeColumns(this.clients.values().next().value!, `${source.schema}.${source.table}`)).columns;
+    this.table = { ...this.shadow, schema: source.schema, table: source.table, sql: source.sql, columns };
+    this.old = { ...source, schema: MIGRATION_SCHEMA, table: names.old, sql: `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}`, columns: mappedColumns(columns, source.columns) };
+    await this.publishStatus({ phase: 'SWITCHED', message: `${how}; writes held ${gapMs} ms`, reverseOffsets, switchedAt: new Date(), eventsApplied: 0n, lagSeconds: 0 });
+    await this.follow(this.old, reverseOffsets);
+  }
+
+  /** After a cut-over or a revert: an apply that stopped during it and was not followed again is handled as any lost apply. */
+  private afterSwitch(): void {
+    this.switching = false;
+    const err = this.tailError;
+    if (err && this.tail && !this.stopping) void this.recover(err);
+  }
+
+  /**
+   * A cut-over or a revert that failed with sessions lost with the shard's primary (a failover, or a
+   * restart of its Postgres; decision 0080). The apply stops, the lost sessions are opened again on the
+   * primary the topology names (up to RECONNECT_MS, the status message saying what the migration waits
+   * for), what is left of the migration's earlier sessions there is ended, and each shard's primary says
+   * where the tables are: the swap committed (`finish`: the switch ends as it would have) or not (`undo`:
+   * the freeze's trigger dropped, the hold released, the apply following again, the switch tried again
+   * later). A session lost again meanwhile starts it over (three times at most). Whatever fails here, the
+   * hold is released, and the migration is FAILED with the reason. False when no session was lost: the
+   * error is the switch's own.
+   */
+  private async afterLostSwitch(kind: 'cut-over' | 'revert', err: Error, began: number, held: boolean, then: {
+    swapped: (s: SwapState) => boolean | undefined; finish: (how: string) => Promise<void>; undo: (how: string) => Promise<void>;
+  }): Promise<boolean> {
+    if (this.stopping) return false;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const reopened = await reopenAfter(this.reconnecting(`${kind} interrupted: `), err, () => this.halt());
+        if (!reopened) {
+          if (attempt === 1) return false;
+          throw err;
+        }
+        if (this.stopping) return true;
+        const states = await Promise.all([...this.control.keys()].map(async (shard) => ({ shard, ...await this.swapState(shard) })));
+        const swapped = states.map((s) => then.swapped(s));
+        const what = states.map((s) => `${this.database}/${s.shard}${s.frozen ? ' (the freeze\'s trigger on it)' : ''}`).join(', ');
+        this.ctx.log.warn({ workflow: this.name, kind, states, ms: Math.round(performance.now() - began) }, `${kind} interrupted by lost sessions: the shards' primaries say where the tables are`);
+        if (swapped.every((s) => s === true)) await then.finish(`${kind === 'cut-over' ? 'cut over' : 'reverted'} (interrupted by a failover of ${what}: the swap had committed)`);
+        else if (swapped.every((s) => s === false)) await then.undo(`${kind} interrupted by a failover of ${what}: the swap had not committed`);
+        else throw new WorkflowError(`the shards are in different states after the failover (${states.map((s) => `${s.shard}: ${JSON.stringify(s)}`).join('; ')}): not handled`);
+        return true;
+      } catch (e) {
+        if (attempt < 3 && !this.stopping && !(e instanceof WorkflowError)) {
+          err = e as Error;
+          continue;
+        }
+        if (held) await this.ctx.setRouting(this.name, 'SOURCE').catch((x) => this.ctx.log.error({ err: x, workflow: this.name }, 'the hold was not released'));
+        await this.fail(new WorkflowError(`${kind} interrupted by lost sessions and not recovered: ${(e as Error).message}`));
+        return true;
+      }
+    }
+  }
+
+  /**
+   * Where a shard's primary has the migration's tables (after a failover during a switch): the shadow and
+   * the old table in MIGRATION_SCHEMA, and the freeze's trigger on the table under its name. What is left
+   * of the migration's earlier sessions on the shard is ended first (one lost without a failover may still
+   * have a backend in its transaction), so that the answer is final.
+   */
+  private async swapState(shard: string): Promise<SwapState> {
+    const control = this.control.get(shard)!;
+    const apply = this.clients.get(shard)!;
+    const pid = async (c: pg.Client) => (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0].pid;
+    const mine = [await pid(control), await pid(apply)];
+    const apps = [`mg-migration-${this.name}`, `mg-migration-switch-${this.name}`];
+    for (let i = 0; ; i++) {
+      const { rows } = await control.query('SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ANY($1) AND NOT pid = ANY($2::int[])', [apps, mine]);
+      if (rows.length === 0) break;
+      if (i === 100) throw new WorkflowError(`sessions of the migration from before the failover are still on ${this.database}/${shard} after 10 s`);
+      await sleep(100);
+    }
+    const names = migrationTables(this.table.table, this.name);
+    const { rows: [s] } = await control.query<Record<keyof SwapState, string>>(`SELECT (to_regclass($1) IS NOT NULL)::text AS shadow, (to_regclass($2) IS NOT NULL)::text AS old,
+        EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($3) AND tgname = $4)::text AS frozen`,
+      [`${MIGRATION_SCHEMA}.${quoteIdent(names.shadow)}`, `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}`, this.table.sql, FREEZE_TRIGGER]);
+    return { shadow: s.shadow === 'true', old: s.old === 'true', frozen: s.frozen === 'true' };
   }
 
   /**
@@ -415,15 +534,19 @@ export class MigrationRunner {
    * revert: the cut-over in reverse. The new table refuses writes and leaves
    * a marker, the old table applies up to it, one transaction per shard swaps
    * the names back and drops the new table; the migration is then REVERTED.
+   * A failover meanwhile is handled as in the cut-over (decision 0080); a revert
+   * rolled back there is tried again while the command is still revert.
    */
   async revert(): Promise<void> {
     if (this.status.phase !== 'SWITCHED' || !this.tail || this.switching) throw new WorkflowError(`revert needs the migration cut over with the old table following (it is ${this.status.phase})`);
     this.switching = true;
+    this.revertAgain = false;
     let began = performance.now();
     let held = false;
     let swapped = false;
     const frozen = new Map<string, Frozen>();
-    const names = migrationTables(this.table.table, this.name);
+    const serving = this.table;
+    const names = migrationTables(serving.table, this.name);
     try {
       await reopenLost(this.reconnecting(), CATCH_UP_MS);
       began = performance.now();
@@ -432,12 +555,23 @@ export class MigrationRunner {
       swapped = true;
       await Promise.all([...this.control.values()].map((c) => this.swap(c, names.shadow, names.old, true)));
       steps.mark('swap');
-      await this.ctx.setRouting(this.name, 'SOURCE', []);
-      const gapMs = Math.round(performance.now() - began);
-      writeGap.set({ workflow: this.name }, gapMs / 1000);
-      this.ctx.log.info({ workflow: this.name, gapMs, stepsMs: steps.ms }, 'migration reverted');
-      await this.end('REVERTED', `reverted: ${this.table.schema}.${this.table.table} has its old schema again; writes held ${gapMs} ms`);
+      await this.revertEnds(began, 'reverted', steps.ms);
     } catch (err) {
+      const handled = await this.afterLostSwitch('revert', err as Error, began, held, {
+        // Before the swap back the old table is in MIGRATION_SCHEMA; after it, neither table is (the new one was dropped).
+        swapped: (s) => (s.old ? false : !s.shadow ? true : undefined),
+        finish: (how) => this.revertEnds(began, how),
+        undo: async (how) => {
+          for (const c of this.control.values()) await thawWrites(c, [serving]);
+          if (held) await this.ctx.setRouting(this.name, 'SOURCE');
+          const gapMs = Math.round(performance.now() - began);
+          await this.follow(this.old, this.status.reverseOffsets);
+          this.retryAt = Date.now() + RETRY_MS;
+          this.revertAgain = true;
+          await this.publishStatus({ message: `${how}; rolled back, writes held ${gapMs} ms: tried again in ${RETRY_MS / 1000} s` });
+        },
+      });
+      if (handled) return;
       if (swapped) return this.fail(new WorkflowError(`revert failed after the swap began: ${(err as Error).message}`));
       this.ctx.log.error({ err, workflow: this.name }, 'revert failed; the new table keeps serving');
       for (const [shard] of frozen) await thawWrites(this.control.get(shard)!, [this.table]).catch(() => {});
@@ -445,8 +579,17 @@ export class MigrationRunner {
       if (!this.tail && !this.stopping) await this.follow(this.old, this.status.reverseOffsets);
       await this.publishStatus({ message: `revert failed (run it again): ${(err as Error).message}` });
     } finally {
-      this.switching = false;
+      this.afterSwitch();
     }
+  }
+
+  /** The end of a revert once every shard swapped back: the rule emptied (the hold released), the migration REVERTED. */
+  private async revertEnds(began: number, how: string, stepsMs?: Record<string, number>): Promise<void> {
+    await this.ctx.setRouting(this.name, 'SOURCE', []);
+    const gapMs = Math.round(performance.now() - began);
+    writeGap.set({ workflow: this.name }, gapMs / 1000);
+    this.ctx.log.info({ workflow: this.name, gapMs, stepsMs }, 'migration reverted');
+    await this.end('REVERTED', `${how}: ${this.table.schema}.${this.table.table} has its old schema again; writes held ${gapMs} ms`);
   }
 
   /** complete (or the revert window's end): the old table is dropped; cancel (before the cut-over): the shadow is. */
@@ -518,8 +661,16 @@ export class MigrationRunner {
   private async catchUpTo(frozen: Map<string, Frozen>): Promise<void> {
     const deadline = Date.now() + CATCH_UP_MS;
     const applier = this.applier!;
+    let probeAt = Date.now() + PROBE_MS;
     const until = async (done: () => boolean) => {
       while (!done()) {
+        if (this.tailError) throw this.tailError; // a lost session is handled by the switch (afterLostSwitch)
+        if (Date.now() >= probeAt) {
+          // The apply notices a lost session only once it has something to apply: the idle control sessions say it sooner.
+          probeAt = Date.now() + PROBE_MS;
+          const lost = await lostSessions([{ database: this.database, clients: this.control, application: `mg-migration-switch-${this.name}` }]);
+          if (lost.length) throw new Error(`the control session on ${lost.join(', ')} is no longer on a primary`);
+        }
         if (this.stopping || !this.tail) throw new WorkflowError('the change stream stopped being applied during the cut-over');
         if (Date.now() > deadline) throw new WorkflowError(`the changes of ${this.table.table} were not applied within ${CATCH_UP_MS / 1000} s`);
         await sleep(5);

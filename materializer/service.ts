@@ -495,7 +495,7 @@ export class Materializer {
       return;
     }
     if (runner.status.phase === 'RUNNING' && runner.caughtUp && (!rec.definition.postponeCutOver || rec.action === 'SWITCH_TRAFFIC')) await runner.cutOver();
-    else if (rec.action === 'REVERSE_TRAFFIC' && runner.status.phase === 'SWITCHED' && runner.caughtUp && this.tryOnce(rec)) {
+    else if (rec.action === 'REVERSE_TRAFFIC' && runner.status.phase === 'SWITCHED' && runner.caughtUp && (runner.revertAgain || this.tryOnce(rec))) {
       await runner.revert().catch((err) => runner.publishStatus({ message: `revert failed: ${(err as Error).message}` }));
     }
   }

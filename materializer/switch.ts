@@ -14,7 +14,9 @@ import { quoteIdent, type MovedTable } from './tables.ts';
 /** How long the freeze waits for the writes in flight on the source tables before it gives up (the switch then fails, nothing changed). */
 const LOCK_TIMEOUT = '3s';
 
-const TRIGGER = 'mg_moved_writes';
+/** The trigger that refuses clients' writes on the side that stops serving (a frozen table). */
+export const FREEZE_TRIGGER = 'mg_moved_writes';
+const TRIGGER = FREEZE_TRIGGER;
 
 const REFUSE_FUNCTION = `CREATE SCHEMA IF NOT EXISTS mg_materializer;
 CREATE OR REPLACE FUNCTION mg_materializer.refuse_moved_writes() RETURNS trigger LANGUAGE plpgsql AS $fn$
