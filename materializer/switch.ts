@@ -16,7 +16,6 @@ const LOCK_TIMEOUT = '3s';
 
 /** The trigger that refuses clients' writes on the side that stops serving (a frozen table). */
 export const FREEZE_TRIGGER = 'mg_moved_writes';
-const TRIGGER = FREEZE_TRIGGER;
 
 const REFUSE_FUNCTION = `CREATE SCHEMA IF NOT EXISTS mg_materializer;
 CREATE OR REPLACE FUNCTION mg_materializer.refuse_moved_writes() RETURNS trigger LANGUAGE plpgsql AS $fn$
@@ -49,10 +48,10 @@ export async function freezeWrites(client: pg.Client, tables: MovedTable[], serv
     const marked: boolean[] = [];
     for (const t of tables) {
       const k = quoteIdent(t.key[0]);
-      await client.query(`DROP TRIGGER IF EXISTS ${TRIGGER} ON ${t.sql}`); // first: a freeze run again replaces it
+      await client.query(`DROP TRIGGER IF EXISTS ${FREEZE_TRIGGER} ON ${t.sql}`); // first: a freeze run again replaces it
       const r = await client.query(`UPDATE ${t.sql} SET ${k} = ${k} WHERE ctid = (SELECT ctid FROM ${t.sql} LIMIT 1)`);
       marked.push(r.rowCount === 1);
-      await client.query(`CREATE TRIGGER ${TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ${t.sql}
+      await client.query(`CREATE TRIGGER ${FREEZE_TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ${t.sql}
         FOR EACH STATEMENT EXECUTE FUNCTION mg_materializer.refuse_moved_writes(${literal(servingDatabase)}, ${literal(workflow)})`);
     }
     const { rows: [{ lsn }] } = await client.query<{ lsn: string }>("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text AS lsn");
@@ -66,7 +65,7 @@ export async function freezeWrites(client: pg.Client, tables: MovedTable[], serv
 
 /** The shard takes clients' writes again: the side that now serves, or a freeze whose switch could not finish. */
 export async function thawWrites(client: pg.Client, tables: MovedTable[]): Promise<void> {
-  for (const t of tables) await client.query(`DROP TRIGGER IF EXISTS ${TRIGGER} ON ${t.sql}`);
+  for (const t of tables) await client.query(`DROP TRIGGER IF EXISTS ${FREEZE_TRIGGER} ON ${t.sql}`);
 }
 
 /** complete: the source tables leave for schema mg_moved_<workflow> (kept, still refusing writes, for the operator to drop). */
