@@ -398,14 +398,7 @@ export class MigrationRunner {
         // Before the swap the shadow is in MIGRATION_SCHEMA and no old table is; after it, the other way round.
         swapped: (s) => (s.old && !s.shadow ? true : s.shadow && !s.old ? false : undefined),
         finish: (how) => this.cutOverEnds(source, reverseOffsets, began, how),
-        undo: async (how) => {
-          for (const c of this.control.values()) await thawWrites(c, [source]);
-          if (held) await this.ctx.setRouting(this.name, 'SOURCE');
-          const gapMs = Math.round(performance.now() - began);
-          await this.follow(this.shadow, this.status.startOffsets);
-          this.retryAt = Date.now() + RETRY_MS;
-          await this.publishStatus({ message: `${how}; rolled back, writes held ${gapMs} ms: tried again in ${RETRY_MS / 1000} s` });
-        },
+        undo: (how) => this.rollBackLostSwitch(how, source, held, began, this.shadow, this.status.startOffsets),
       });
       if (handled) return;
       if (swapped) return this.fail(new WorkflowError(`cut-over failed after the swap began: ${(err as Error).message}`));
@@ -437,6 +430,20 @@ export class MigrationRunner {
     this.old = { ...source, schema: MIGRATION_SCHEMA, table: names.old, sql: `${MIGRATION_SCHEMA}.${quoteIdent(names.old)}`, columns: mappedColumns(columns, source.columns) };
     await this.publishStatus({ phase: 'SWITCHED', message: `${how}; writes held ${gapMs} ms`, reverseOffsets, switchedAt: new Date(), eventsApplied: 0n, lagSeconds: 0 });
     await this.follow(this.old, reverseOffsets);
+  }
+
+  /**
+   * Undoes a switch a failover interrupted before its swap committed: `frozen` thawed on the new primary,
+   * the hold released, the apply following `into` again, the switch tried again later (a revert: `revert`).
+   */
+  private async rollBackLostSwitch(how: string, frozen: MovedTable, held: boolean, began: number, into: MovedTable, offsets: PartitionOffset[], revert = false): Promise<void> {
+    for (const c of this.control.values()) await thawWrites(c, [frozen]);
+    if (held) await this.ctx.setRouting(this.name, 'SOURCE');
+    const gapMs = Math.round(performance.now() - began);
+    await this.follow(into, offsets);
+    this.retryAt = Date.now() + RETRY_MS;
+    if (revert) this.revertAgain = true;
+    await this.publishStatus({ message: `${how}; rolled back, writes held ${gapMs} ms: tried again in ${RETRY_MS / 1000} s` });
   }
 
   /** After a cut-over or a revert: an apply that stopped during it and was not followed again is handled as any lost apply. */
@@ -561,15 +568,7 @@ export class MigrationRunner {
         // Before the swap back the old table is in MIGRATION_SCHEMA; after it, neither table is (the new one was dropped).
         swapped: (s) => (s.old ? false : !s.shadow ? true : undefined),
         finish: (how) => this.revertEnds(began, how),
-        undo: async (how) => {
-          for (const c of this.control.values()) await thawWrites(c, [serving]);
-          if (held) await this.ctx.setRouting(this.name, 'SOURCE');
-          const gapMs = Math.round(performance.now() - began);
-          await this.follow(this.old, this.status.reverseOffsets);
-          this.retryAt = Date.now() + RETRY_MS;
-          this.revertAgain = true;
-          await this.publishStatus({ message: `${how}; rolled back, writes held ${gapMs} ms: tried again in ${RETRY_MS / 1000} s` });
-        },
+        undo: (how) => this.rollBackLostSwitch(how, serving, held, began, this.old, this.status.reverseOffsets, true),
       });
       if (handled) return;
       if (swapped) return this.fail(new WorkflowError(`revert failed after the swap began: ${(err as Error).message}`));
