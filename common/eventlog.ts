@@ -5,7 +5,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { createRequire } from 'node:module';
-import './kafkajs-fixes.ts'; // before kafkajs loads its producer
+import './kafkajs-fixes.ts'; // kafkajs's defects mended before it loads
 import { Kafka, logLevel, Partitioners, type Admin, type Consumer, type Producer, type IHeaders } from 'kafkajs';
 import {
   codecFor, DecodeError, SchemaRegistryClient, topics, type AvroCodec, type TopicName, type TopicSpec, type TopicValues,
@@ -15,9 +15,8 @@ import { counter } from './metrics.ts';
 
 /**
  * How long the broker holds a consumer's fetch when it has nothing new. It answers as soon
- * as a message arrives, so this bounds idle polling, not delivery: at 100 ms an idle
- * agent's or orchestrator's consumers cost the process about 3% of a core and the broker
- * about as much again (decision 0083).
+ * as a message arrives, so this bounds idle polling, not delivery: at 100 ms the idle
+ * consumers cost each process of a cluster 1.5-4% of a core more (decision 0083).
  */
 const FETCH_WAIT_MS = 1_000;
 
