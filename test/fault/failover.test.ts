@@ -74,7 +74,7 @@ after(async () => {
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
 
-test('bootstrap: the orchestrators wrote the rule of term 1 and the durability policy; status and OpenAPI answer', async () => {
+test('bootstrap: the orchestrators wrote the rule of term 1 and the durability policy; status and OpenAPI answer', cluster.explained(async () => {
   const s = await shardStatus(cluster);
   assert.equal(s.policy, 'ANY_2');
   assert.equal(s.term, '1');
@@ -98,7 +98,7 @@ test('bootstrap: the orchestrators wrote the rule of term 1 and the durability p
   const badTarget = await callOrchestrator(cluster.spec, 'POST', `/v1/shards/${shardName}/switchover`, { to: 'no-such-instance' });
   assert.equal(badTarget.status, 400);
   assert.match(badTarget.body.error, /not an instance/);
-});
+}));
 
 let killedOrchestrator = '';
 const broughtBackByUp = new Set<string>();
@@ -130,13 +130,13 @@ async function unplanned(fault: string, inject: (primaryId: string) => Promise<v
   }
 }
 
-test('kill -9 of the primary Postgres: a new primary, the old one back as a replica, no lost writes', async () => {
+test('kill -9 of the primary Postgres: a new primary, the old one back as a replica, no lost writes', cluster.explained(async () => {
   await unplanned('kill -9 postgres', async (p) => {
     process.kill(postmasterPid(cluster, p), 'SIGKILL');
   });
-});
+}));
 
-test('planned switchover through the CLI: no client-visible errors', async () => {
+test('planned switchover through the CLI: no client-visible errors', cluster.explained(async () => {
   for (let run = 0; run < RUNS; run++) {
     const before = await fullStrength(cluster);
     const t0 = Date.now();
@@ -149,28 +149,28 @@ test('planned switchover through the CLI: no client-visible errors', async () =>
     assert.deepEqual(writer.errorsBetween(t0, t1), []);
     await fullStrength(cluster);
   }
-});
+}));
 
-test('kill -9 of the primary agent: failover; the agent, started again (by mg cluster up the first time), rejoins as a replica', async () => {
+test('kill -9 of the primary agent: failover; the agent, started again (by mg cluster up the first time), rejoins as a replica', cluster.explained(async () => {
   await unplanned('kill -9 agent', async (p) => {
     process.kill(servicePid(cluster, `agent-${p}`), 'SIGKILL');
   }, async (old) => {
     await restartOrUp(`agent-${old}`);
   });
-});
+}));
 
-test('SIGSTOP of the primary beyond the detection window, then SIGCONT: failover, the frozen one fenced and back as a replica', async () => {
+test('SIGSTOP of the primary beyond the detection window, then SIGCONT: failover, the frozen one fenced and back as a replica', cluster.explained(async () => {
   await unplanned('SIGSTOP primary', async (p) => freeze(postgresPids(cluster, p), 6_000));
-});
+}));
 
-test('a network partition isolating the primary: failover; once healed, the old primary rejoins as a replica', async () => {
+test('a network partition isolating the primary: failover; once healed, the old primary rejoins as a replica', cluster.explained(async () => {
   await unplanned('network partition', async (p) => {
     const heal = partitionPort(instance(p).port);
     setTimeout(heal, 8_000);
   });
-});
+}));
 
-test('an orchestrator killed mid-failover: another finishes under a newer term', async () => {
+test('an orchestrator killed mid-failover: another finishes under a newer term', cluster.explained(async () => {
   await unplanned('orchestrator killed mid-failover', async (p) => {
     const from = journal.length;
     process.kill(postmasterPid(cluster, p), 'SIGKILL');
@@ -181,9 +181,9 @@ test('an orchestrator killed mid-failover: another finishes under a newer term',
   }, async () => {
     await restartOrUp(killedOrchestrator);
   });
-});
+}));
 
-test('two orchestrators racing for the same switchover: one wins, terms never repeat', async () => {
+test('two orchestrators racing for the same switchover: one wins, terms never repeat', cluster.explained(async () => {
   for (let run = 0; run < RUNS; run++) {
     const before = await fullStrength(cluster);
     const t0 = Date.now();
@@ -199,9 +199,9 @@ test('two orchestrators racing for the same switchover: one wins, terms never re
   const completed = journal.filter((e) => e.kind === 'COMPLETED' && (e.operation === 'failover' || e.operation === 'switchover'));
   const terms = completed.map((e) => String(e.term));
   assert.equal(new Set(terms).size, terms.length, `a term was completed twice: ${terms.join(', ')}`);
-});
+}));
 
-test('zero lost acknowledged writes and never two writable primaries', async () => {
+test('zero lost acknowledged writes and never two writable primaries', cluster.explained(async () => {
   await writer.stop();
   await monitor.stop();
   const s = await fullStrength(cluster);
@@ -213,7 +213,7 @@ test('zero lost acknowledged writes and never two writable primaries', async () 
   figures.set('lost acknowledged writes', [lost.length]);
   figures.set('acknowledged writes', [writer.acked.size]);
   figures.set('monitor samples', [monitor.samples]);
-});
+}));
 
 function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);

@@ -115,7 +115,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('kill -9 of the primary, then a switchover, under a writer: the stream resumes from the standby\'s copy of the slot each time; each row exactly once, in order, no snapshot', async () => {
+test('kill -9 of the primary, then a switchover, under a writer: the stream resumes from the standby\'s copy of the slot each time; each row exactly once, in order, no snapshot', cluster.explained(async () => {
   const first = await fullStrength(cluster);
   const [a, b] = [first.primary!, first.instances.find((i) => i.instanceId !== first.primary)!.instanceId];
   const port = (id: string) => cluster.instances.find((i) => i.instanceId === id)!.port;
@@ -159,4 +159,4 @@ test('kill -9 of the primary, then a switchover, under a writer: the stream resu
   }
   // Both instances streamed (in this order), each takeover from the other's copy of the slot.
   await assertExactlyOnce(port(primary), writer.acked, [a, b]);
-});
+}));

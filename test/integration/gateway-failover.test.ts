@@ -79,7 +79,7 @@ async function failedOverCounts(): Promise<Record<string, number>> {
   return out;
 }
 
-test('a frozen primary is replaced: the statement in flight gets 08007, the open transaction 57P01, both within about a second of the new term; idle sessions and new ones write to the new primary', async (t) => {
+test('a frozen primary is replaced: the statement in flight gets 08007, the open transaction 57P01, both within about a second of the new term; idle sessions and new ones write to the new primary', cluster.explained(async (t) => {
   const s = await fullStrength(cluster);
   const old = instance(s.primary!);
   const metricsBefore = await failedOverCounts();
@@ -140,9 +140,9 @@ test('a frozen primary is replaced: the statement in flight gets 08007, the open
   const rows = await withClient(async (c) => (await c.query('SELECT id FROM failover_items ORDER BY id')).rows.map((r) => r.id));
   assert.ok(!rows.includes(1), `rows: ${rows}`);
   assert.ok(rows.includes(3), `rows: ${rows}`);
-});
+}));
 
-test('a planned switchover ends no session: an idle one and a writer carry on on the new primary', async () => {
+test('a planned switchover ends no session: an idle one and a writer carry on on the new primary', cluster.explained(async () => {
   const s = await fullStrength(cluster);
   const metricsBefore = await failedOverCounts();
   const idle = await connect();
@@ -168,4 +168,4 @@ test('a planned switchover ends no session: an idle one and a writer carry on on
   assert.deepEqual(await failedOverCounts(), metricsBefore);
   await idle.end();
   await writer.end();
-});
+}));

@@ -152,7 +152,7 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('an online ALTER TABLE under a writer: kill -9 of the primary in the copy and again in catch-up; the migration goes on, cuts over, every acknowledged write in the new table once', async (t) => {
+test('an online ALTER TABLE under a writer: kill -9 of the primary in the copy and again in catch-up; the migration goes on, cuts over, every acknowledged write in the new table once', cluster.explained(async (t) => {
   const writing$ = writer();
   const sampling$ = sampler();
   await slotCopied();
@@ -236,4 +236,4 @@ test('an online ALTER TABLE under a writer: kill -9 of the primary in the copy a
   const firstRunning = history.findIndex((s) => s.phase === 'RUNNING');
   assert.deepEqual([...new Set(history.slice(firstRunning).map((s) => s.phase))].filter((p) => p !== 'RUNNING' && p !== 'SWITCHED'), [], 'the migration left catch-up before its cut-over');
   t.diagnostic(`rows copied: ${history[firstRunning].rowsCopied} (table of ${INITIAL_ROWS} rows plus the writer's inserts during the copy)`);
-});
+}));

@@ -56,7 +56,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('bank@replica: each shard is read on its replica, a read transaction spans shards even in twopc mode, writes get 25006; READ ONLY transactions of bank go to the replicas', async () => {
+test('bank@replica: each shard is read on its replica, a read transaction spans shards even in twopc mode, writes get 25006; READ ONLY transactions of bank go to the replicas', cluster.explained(async () => {
   await bothShardsWhole();
   await cluster.applyVSchema('bank', 'vindexes: { hash: { type: hash } }\ntables: { visits: { column_vindexes: [{ column: id, name: hash }] } }');
   const gateway = (database: string) => new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database });
@@ -100,7 +100,7 @@ test('bank@replica: each shard is read on its replica, a read transaction spans 
   } finally {
     await Promise.all([writer.end(), reader.end()]);
   }
-});
+}));
 
 for (const [victim, role] of [[1, 'a participant'], [0, 'the decision shard']] as const) {
   test(`kill -9 of ${role}'s primary while a committed transfer is in doubt: the new primary finishes it`, async () => {

@@ -35,6 +35,35 @@ export interface TestCluster {
   applyVSchema(database: string, yaml: string): Promise<void>;
   /** The first shard's primary and replicas as MultiOrch has them now (it elects the primary; no instance is fixed). */
   roles(): Promise<{ primary: PlannedInstance; replicas: PlannedInstance[] }>;
+  /**
+   * `fn` as a test body whose failure carries the cluster's last warnings and errors: a failure
+   * in CI is read from the runner's output alone, after the cluster and its logs are gone.
+   */
+  explained<C>(fn: (t: C) => Promise<void>): (t: C) => Promise<void>;
+}
+
+/** How many of the cluster's warnings and errors a failed test's error carries. */
+const EXPLAINED_LINES = 25;
+
+/** The last warnings and errors (level 40+) in a cluster's component logs, oldest first, one short line each. */
+function recentTrouble(dataDir: string): string[] {
+  const dir = path.join(dataDir, 'logs');
+  const found: { time: string; line: string }[] = [];
+  for (const file of fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.endsWith('.log')) : []) {
+    for (const text of fs.readFileSync(path.join(dir, file), 'utf8').split('\n')) {
+      if (!text.startsWith('{')) continue;
+      let entry: { level?: number; time?: string; msg?: string; err?: { message?: string } };
+      try {
+        entry = JSON.parse(text);
+      } catch {
+        continue;
+      }
+      if ((entry.level ?? 0) < 40 || !entry.time) continue;
+      const line = `${entry.time.slice(11, 23)} ${file.replace(/\.log$/, '')}: ${entry.msg ?? ''}${entry.err?.message ? ` (${entry.err.message})` : ''}`;
+      found.push({ time: entry.time, line: line.slice(0, 300) });
+    }
+  }
+  return found.sort((a, b) => a.time.localeCompare(b.time)).slice(-EXPLAINED_LINES).map((f) => f.line);
 }
 
 /**
@@ -101,6 +130,17 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
       const primary = members.find((i) => i.instanceId === first.primary);
       if (!primary) throw new Error(`${first.database}/${first.shard} has no primary yet`);
       return { primary, replicas: members.filter((i) => i !== primary) };
+    },
+    explained(fn) {
+      return async (t) => {
+        try {
+          await fn(t);
+        } catch (err) {
+          const trouble = recentTrouble(dataDir);
+          if (err instanceof Error && trouble.length) err.message += `\nthe cluster's last warnings and errors:\n  ${trouble.join('\n  ')}`;
+          throw err;
+        }
+      };
     },
   };
 }
