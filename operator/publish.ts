@@ -4,7 +4,8 @@
  * compose/topology.ts: one function for both provisioners), so the orchestrators elect each new shard's first
  * primary on Kubernetes as they do locally. Level-triggered: only what the log does not hold yet is published,
  * and only once the log was read to its end; a database resource added later publishes its database and shards.
- * Nothing is published from a spec that does not validate (the reconcile stops before).
+ * Nothing is published from a spec that does not validate (the reconcile stops before). A database resource's
+ * `deactivated` is published as a held deactivation, and its clearing as an activation (decision 0084).
  */
 import { topologyToPublish } from '../compose/topology.ts';
 import type { ClusterSpec } from '../compose/spec.ts';
@@ -44,8 +45,26 @@ export function forgetTopologyRetries(clusterKey: string): void {
 
 const published = (message: string): Condition => ({ type: 'TopologyPublished', status: 'True', reason: 'Published', message });
 
-/** One reconcile's step: publish what the log lacks of the spec's topology, and say where that stands. */
-export async function reconcileTopology(log: TopologyLog, clusterKey: string, where: LogAddress, spec: ClusterSpec): Promise<TopologyOutcome> {
+/**
+ * The activations the resources declare that the log lacks (decision 0084): `deactivated: true` is a deactivation
+ * held (the pods are scaled to zero: no client can wake it, so the gateways refuse clients with 57P03); clearing
+ * it activates a database the log holds stopped. An idle scale to zero (not held) is the gateways' and is left alone.
+ */
+export function activationsToPublish(spec: ClusterSpec, deactivated: ReadonlySet<string>, held: TopologyState): Array<TopologyEvent['payload']> {
+  const out: Array<TopologyEvent['payload']> = [];
+  for (const { name } of spec.databases) {
+    const holding = held.inactive.get(name)?.held ?? false;
+    if (deactivated.has(name) && !holding) {
+      out.push(payload('DatabaseActivationChanged', { database: name, active: false, held: true, reason: `deactivated: true on MultigresDatabase ${name}` }));
+    } else if (!deactivated.has(name) && holding) {
+      out.push(payload('DatabaseActivationChanged', { database: name, active: true, held: false, reason: `deactivated: false on MultigresDatabase ${name}` }));
+    }
+  }
+  return out;
+}
+
+/** One reconcile's step: publish what the log lacks of the spec's topology and declared activations, and say where that stands. */
+export async function reconcileTopology(log: TopologyLog, clusterKey: string, where: LogAddress, spec: ClusterSpec, deactivated: ReadonlySet<string> = new Set()): Promise<TopologyOutcome> {
   const held = log.held(clusterKey, where);
   const at = `the topology log (${where.bootstrap}${where.topicPrefix ? `, prefix ${where.topicPrefix}` : ''})`;
   if (!held.caughtUp) {
@@ -55,7 +74,8 @@ export async function reconcileTopology(log: TopologyLog, clusterKey: string, wh
   }
   // The fold has read back what publish() wrote by the time it returns, so this counts it too.
   const summary = () => `${spec.cells.length} cells, ${spec.databases.length} databases, ${spec.databases.reduce((n, d) => n + shardsOf(held.state, d.name), 0)} shards on ${at}`;
-  const missing = topologyToPublish(spec, held.state);
+  // A database created now starts active in the fold: its held deactivation follows its DatabaseCreated.
+  const missing = [...topologyToPublish(spec, held.state), ...activationsToPublish(spec, deactivated, held.state)];
   if (!missing.length) {
     failuresInARow.delete(clusterKey);
     return { condition: published(summary()), published: [] };
@@ -79,7 +99,8 @@ const shardsOf = (state: TopologyState, database: string) => [...state.shards.ke
 function describe(p: TopologyEvent['payload']): string {
   const { kind, body } = kindOf({ payload: p } as TopologyEvent);
   const b = body as { cell?: string; database?: string; shard?: string };
-  return `${kind} ${b.cell ?? ''}${b.database ?? ''}${b.shard ? `/${b.shard}` : ''}`;
+  const activation = kind === 'DatabaseActivationChanged' ? ((body as { active: boolean }).active ? ' active' : ' held') : '';
+  return `${kind} ${b.cell ?? ''}${b.database ?? ''}${b.shard ? `/${b.shard}` : ''}${activation}`;
 }
 
 /** Holds a deleted MultigresDatabase until its database is dropped on the topology log and its instances deregistered. */

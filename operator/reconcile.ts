@@ -107,7 +107,8 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
     const p = primaries.get(db)!;
     return { key: `${namespace}/${name}/${db}/${shard}`, database: db, shard, cells: spec.cells, primary: p.caughtUp ? p.shards.find((s) => s.shard === shard) : undefined, orchestrator, log };
   };
-  const active = databases.filter((db) => !db.spec.deactivated).map((db) => db.metadata!.name!);
+  const deactivated = new Set(databases.filter((db) => db.spec.deactivated).map((db) => db.metadata!.name!));
+  const active = databases.map((db) => db.metadata!.name!).filter((db) => !deactivated.has(db));
   const progress = await shrinkThroughReplicaPath(kube, changes.roller, shardContext, spec, active, owned as Workload[], desired);
   const shrinking = new Set(progress.map((p) => p.shard));
   const retirements: Retirement[] = [];
@@ -135,7 +136,7 @@ export async function reconcileCluster(kube: Kube, topology: TopologySource, cha
 
   // The cells, databases and shards on the topology log, as `mg cluster up` publishes them (decision 0078):
   // before the VSchemas, which the orchestrator accepts only for a database on the log.
-  const topologyStep = await reconcileTopology(topology, `${namespace}/${name}`, where, spec);
+  const topologyStep = await reconcileTopology(topology, `${namespace}/${name}`, where, spec, deactivated);
   if (topologyStep.published.length) log.info({ cluster: name, events: topologyStep.published }, 'published the planned topology');
   if (topologyStep.condition.status === 'False') log.warn({ cluster: name, reason: topologyStep.condition.reason, err: topologyStep.condition.message }, 'topology not published');
 

@@ -20,6 +20,8 @@ export interface DatabaseInfo {
   durability: string | null;
   active: boolean;
   inactiveReason: string | null;
+  /** Inactive and held stopped by a declaration: clients are refused, not woken (decision 0084). */
+  held: boolean;
   shards: Array<{ shard: string; primary: string | null; instances: string[] }>;
 }
 
@@ -43,7 +45,7 @@ export class DatabaseManager {
       const group = d.hostedOn ?? name;
       const inactive = t.inactive.get(group);
       return {
-        name, hostedOn: d.hostedOn, durability: d.durabilityPolicy, active: !inactive, inactiveReason: inactive?.reason ?? null,
+        name, hostedOn: d.hostedOn, durability: d.durabilityPolicy, active: !inactive, inactiveReason: inactive?.reason ?? null, held: inactive?.held ?? false,
         shards: this.watch.shards().filter((s) => s.database === group).map((s) => ({
           shard: s.shard, primary: s.primary?.instanceId ?? null, instances: s.cohort.map((i) => i.instanceId),
         })),
@@ -165,10 +167,14 @@ export class DatabaseManager {
     }
   }
 
-  /** Publishes the wish; the agents stop (checkpoint first) or start Postgres. Waits until they have. */
-  async setActive(name: string, active: boolean, reason: string, step: Step): Promise<void> {
-    await this.event(payload('DatabaseActivationChanged', { database: name, active, reason }));
-    step(active ? 'asked its agents to start Postgres' : 'asked the gateways to drain its sessions and its agents to checkpoint and stop Postgres');
+  /**
+   * Publishes the wish; the agents stop (checkpoint first) or start Postgres. Waits until they have.
+   * A held deactivation is not undone by a client connecting: the gateways refuse them until an activation.
+   */
+  async setActive(name: string, active: boolean, reason: string, step: Step, held = false): Promise<void> {
+    await this.event(payload('DatabaseActivationChanged', { database: name, active, reason, held: !active && held }));
+    step(active ? 'asked its agents to start Postgres'
+      : `asked the gateways to drain its sessions${held ? ' and refuse new ones until it is activated' : ''} and its agents to checkpoint and stop Postgres`);
     if (active) {
       for (const shard of this.shardsOf(name)) await this.primaryOf(name, shard, step);
       step('every shard has a serving primary');

@@ -77,8 +77,8 @@ export interface TopologyState {
   instances: Map<string, InstanceRegistered>;
   serving: Map<string, ServingState>;
   primaries: Map<string, PrimaryRecord>; // key: db/shard
-  /** Databases asked to be inactive (scaled to zero), with why and since when; absent = active. */
-  inactive: Map<string, { reason: string; since: Date }>;
+  /** Databases asked to be inactive (scaled to zero), with why, since when and whether a declaration holds them stopped (no wake); absent = active. */
+  inactive: Map<string, { reason: string; since: Date; held: boolean }>;
   vschemas: Map<string, VSchemaRecord>; // key: database
   routingRules: Map<string, RoutingRuleChanged>; // key: workflow
   /** The shards that serve a database while a reshard holds two shard sets (decision 0056); absent = every shard. */
@@ -169,7 +169,8 @@ export function applyTopologyEvent(state: TopologyState, event: TopologyEvent): 
     }
     case 'DatabaseActivationChanged':
       if (b.active) state.inactive.delete(b.database);
-      else state.inactive.set(b.database, { reason: b.reason, since: event.ts });
+      // An idle scale to zero of a held database (a gateway's view behind the hold) keeps the hold.
+      else state.inactive.set(b.database, { reason: b.reason, since: event.ts, held: b.held || (state.inactive.get(b.database)?.held ?? false) });
       break;
     case 'VSchemaApplied': {
       const held = state.vschemas.get(b.database);

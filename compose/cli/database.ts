@@ -9,6 +9,8 @@ export interface DatabaseArgs {
   name: string | undefined;
   on: string | undefined;
   yes: boolean;
+  /** deactivate: held stopped, clients refused until an activation (decision 0084). */
+  hold: boolean;
 }
 
 /** Prints the answer; returns the exit code (0 done, 1 refused or failed). */
@@ -18,7 +20,7 @@ export async function runDatabaseCommand(spec: ClusterSpec, command: string, arg
     if (r.status !== 200) return fail(r);
     for (const d of r.body.databases) {
       const where = d.hostedOn ? `on ${d.hostedOn}` : d.shards.map((s: { shard: string; instances: string[] }) => `${s.shard}: ${s.instances.join(', ')}`).join('; ');
-      console.log(`${d.name.padEnd(20)} ${(d.active ? 'active' : `inactive (${d.inactiveReason})`).padEnd(40)} ${where}`);
+      console.log(`${d.name.padEnd(20)} ${(d.active ? 'active' : `${d.held ? 'inactive, held' : 'inactive'} (${d.inactiveReason})`).padEnd(40)} ${where}`);
     }
     return 0;
   }
@@ -26,7 +28,7 @@ export async function runDatabaseCommand(spec: ClusterSpec, command: string, arg
   let r: { status: number; body: any };
   if (command === 'create') r = await callOrchestrator(spec, 'POST', '/v1/databases', { name: args.name, on: args.on });
   else if (command === 'drop') r = await callOrchestrator(spec, 'DELETE', `/v1/databases/${name}`);
-  else r = await callOrchestrator(spec, 'POST', `/v1/databases/${name}/${command}`);
+  else r = await callOrchestrator(spec, 'POST', `/v1/databases/${name}/${command}${args.hold ? '?hold=true' : ''}`);
   if (r.status !== 202) return fail(r);
   return follow(spec, r.body.operation.id);
 }

@@ -57,7 +57,7 @@ const USAGE = `usage:
   mg database create     <name> --on <db> [--data-dir dir]
   mg database create     <name> [--shards N] [--replicas M] [--durability ANY_2] [--data-dir dir]
   mg database drop       <name> --yes [--data-dir dir]
-  mg database deactivate <name> [--data-dir dir]
+  mg database deactivate <name> [--hold] [--data-dir dir]
   mg database activate   <name> [--data-dir dir]
   mg database add-shard-set <name> --shards N [--data-dir dir]
   mg replica add    <db>/<shard> [--cell zoneN] [--data-dir dir]
@@ -108,6 +108,7 @@ async function main(argv: string[]): Promise<void> {
       replicas: { type: 'string' },
       durability: { type: 'string' },
       yes: { type: 'boolean' },
+      hold: { type: 'boolean' },
       source: { type: 'string' },
       target: { type: 'string' },
       tables: { type: 'string' },
@@ -174,7 +175,8 @@ async function main(argv: string[]): Promise<void> {
       throw new UsageError('--shards, --replicas and --durability are for a database with instances of its own; one created --on shares those of its host');
     }
     if (command === 'drop' && !values.yes) throw new UsageError(`database drop deletes ${name} and its data: confirm with --yes`);
-    process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false });
+    if (values.hold && command !== 'deactivate') throw new UsageError('--hold is for database deactivate (clients are refused, not woken, until an activation)');
+    process.exitCode = await runDatabaseCommand(spec, command!, { name, on: values.on, yes: values.yes ?? false, hold: values.hold ?? false });
     return;
   }
   if (group === 'workflow') {

@@ -71,18 +71,26 @@ export const databasesApi: ApiPlugin = async (app, { databases, operations }) =>
     return run(reply, req.query.wait, 'retire-shards', name, () => databases.checkRetireShards(name, shards), (step) => databases.retireShards(name, shards, reason, step));
   });
 
-  for (const active of [true, false]) {
-    const verb = active ? 'activate' : 'deactivate';
-    app.post<{ Params: { name: string }; Querystring: { wait: boolean } }>(`/v1/databases/:name/${verb}`, {
-      schema: {
-        summary: active
-          ? 'Wake a database scaled to zero: its agents start Postgres; the gateways route to it as soon as a primary serves'
-          : 'Scale a database to zero: the gateways drain its sessions, its agents checkpoint and stop Postgres; data and topology stay, and the next client wakes it',
-        tags: ['databases'], params: nameParams, querystring: waitQuery,
-      },
-    }, async (req, reply) => {
-      const { name } = req.params;
-      return run(reply, req.query.wait, verb, name, () => databases.checkActivation(name), (step) => databases.setActive(name, active, `mg database ${verb} (admin API)`, step));
-    });
-  }
+  app.post<{ Params: { name: string }; Querystring: { wait: boolean } }>('/v1/databases/:name/activate', {
+    schema: {
+      summary: 'Wake a database scaled to zero, held or not: its agents start Postgres; the gateways route to it as soon as a primary serves',
+      tags: ['databases'], params: nameParams, querystring: waitQuery,
+    },
+  }, async (req, reply) => {
+    const { name } = req.params;
+    return run(reply, req.query.wait, 'activate', name, () => databases.checkActivation(name), (step) => databases.setActive(name, true, 'mg database activate (admin API)', step));
+  });
+
+  app.post<{ Params: { name: string }; Querystring: { wait: boolean; hold: boolean } }>('/v1/databases/:name/deactivate', {
+    schema: {
+      summary: 'Scale a database to zero: the gateways drain its sessions, its agents checkpoint and stop Postgres; data and topology stay. The next client wakes it, unless hold: then clients are refused (57P03) until an activation',
+      tags: ['databases'], params: nameParams,
+      querystring: { ...waitQuery, properties: { ...waitQuery.properties, hold: { type: 'boolean', default: false, description: 'keep it stopped: clients are refused, not woken, until POST .../activate (decision 0084)' } } },
+    },
+  }, async (req, reply) => {
+    const { name } = req.params;
+    const { hold } = req.query;
+    return run(reply, req.query.wait, 'deactivate', name, () => databases.checkActivation(name),
+      (step) => databases.setActive(name, false, `mg database deactivate${hold ? ' --hold' : ''} (admin API)`, step, hold));
+  });
 };

@@ -140,6 +140,13 @@ export class Discovery {
     return group !== undefined && this.topology.inactive.has(group);
   }
 
+  /** Why the database's shard group is held stopped (a deactivation no client wakes, decision 0084), if it is. */
+  holdReason(database: string): string | undefined {
+    const group = this.group(database);
+    const inactive = group === undefined ? undefined : this.topology.inactive.get(group);
+    return inactive?.held ? inactive.reason : undefined;
+  }
+
   hasDatabase(database: string): boolean {
     return this.group(database) !== undefined;
   }

@@ -42,6 +42,11 @@ export interface FrontendOptions {
    * verifier (md5, NULL) fails authentication like a wrong password.
    */
   lookupVerifier: (user: string, database: string) => Promise<string | null>;
+  /**
+   * Why the database takes no clients now (held stopped, decision 0084), if it does not: refused right
+   * after the startup packet, before authentication, as Postgres refuses while it is shut down (57P03).
+   */
+  refusal?: (database: string) => PgError | undefined;
   /** A CancelRequest arrived (pid and secret as signed int32s, as BackendKeyData carries them). */
   onCancel: (pid: number, secret: number) => void;
   /** Clients that have not finished startup and authentication by then are dropped (default 10 s). */
@@ -250,6 +255,8 @@ class Handshake {
         `connection without SSL/TLS refused for user "${user}", database "${database}"`, undefined,
         'This server accepts only encrypted connections: connect with sslmode=require (or verify-full).');
     }
+    const refused = this.opts.refusal?.(database);
+    if (refused) throw refused;
 
     // The lookup runs while the client reads AuthenticationSASL and answers it.
     const lookup = Promise.resolve().then(() => this.opts.lookupVerifier(user, database)).then(

@@ -58,6 +58,9 @@ const accepted = counter('mg_gateway_connections_total', 'Client connections acc
 const cancels = counter('mg_gateway_cancel_requests_total', 'CancelRequests, by where the session was', ['where']);
 const databaseDdl = counter('mg_gateway_database_ddl_total', 'CREATE / DROP DATABASE through the gateway, by what the topology did', ['op', 'outcome']);
 const activations = counter('mg_gateway_database_activations_total', 'Activation changes this gateway asked for, by why', ['why']);
+const refusedHeld = counter('mg_gateway_held_database_refusals_total', 'Clients refused (57P03) because their database is deactivated and held stopped');
+/** What a client of a database held stopped is told to do (decision 0084). */
+const HELD_HINT = 'A client does not wake it: it runs again once activated (mg database activate, or deactivated: false on its MultigresDatabase).';
 const schemaChanges = counter('mg_gateway_schema_changes_total', 'DDL on sharded databases recorded on mg.schema.changes.v1, by outcome (FAILED: some shards ran it) and whether the event was published', ['outcome', 'published']);
 const tooMany = counter('mg_gateway_connections_refused_limit_total', 'Client connections refused at maxClients (53300)');
 
@@ -161,7 +164,7 @@ export class Gateway {
    */
   private wake(database: string): void {
     const group = this.discovery.group(database);
-    if (group === undefined || !this.discovery.inactive(group) || this.waking.has(group)) return;
+    if (group === undefined || !this.discovery.inactive(group) || this.discovery.holdReason(group) !== undefined || this.waking.has(group)) return;
     this.waking.add(group);
     activations.inc({ why: 'wake' });
     this.publishActivation(group, true, 'a client connected')
@@ -185,7 +188,7 @@ export class Gateway {
   }
 
   private async publishActivation(database: string, active: boolean, reason: string): Promise<void> {
-    const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, payload: payload('DatabaseActivationChanged', { database, active, reason }) };
+    const e: TopologyEvent = { eventId: randomUUID(), ts: new Date(), source: `gateway/${this.id}`, payload: payload('DatabaseActivationChanged', { database, active, reason, held: false }) };
     await this.publishTopology([{ key: topologyKey(e), value: e }]);
     this.log.info({ database, active, reason }, active ? 'asked for the database to wake' : 'asked for the database to scale to zero');
   }
@@ -211,7 +214,7 @@ export class Gateway {
       if (!affected) continue;
       ended++;
       session.leaveDatabase(new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN, `terminating connection because database "${gone.database}" was ${gone.why}`,
-        undefined, gone.why === 'deactivated' ? 'Reconnect: the database wakes for the next connection.' : undefined));
+        undefined, gone.why !== 'deactivated' ? undefined : this.discovery.holdReason(gone.database) !== undefined ? HELD_HINT : 'Reconnect: the database wakes for the next connection.'));
     }
     this.log.info({ ...gone, sessions: ended }, `database ${gone.why}; its sessions leave at their next idle point`);
   }
@@ -248,6 +251,13 @@ export class Gateway {
       lookupVerifier: (user, database) => {
         this.wake(database.split('@')[0]);
         return this.verifier(user, database);
+      },
+      refusal: (database) => {
+        const name = database.split('@')[0];
+        const held = this.discovery.holdReason(name);
+        if (held === undefined) return undefined;
+        refusedHeld.inc();
+        return new PgError('FATAL', SQLSTATE.CANNOT_CONNECT_NOW, `database "${name}" is deactivated and held stopped: ${held}`, undefined, HELD_HINT);
       },
       onCancel: (pid, secret) => this.cancel(pid, secret),
     }).catch((err) => {

@@ -36,7 +36,7 @@ export interface GatewayRestOptions {
 }
 
 /** What routing needs from the gateway's discovery. */
-export type RestDiscovery = Pick<Discovery, 'shards' | 'keyRanges' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology' | 'waitUntil'>;
+export type RestDiscovery = Pick<Discovery, 'shards' | 'keyRanges' | 'replicas' | 'waitForPrimary' | 'hasDatabase' | 'topology' | 'waitUntil' | 'holdReason'>;
 
 /**
  * Routing rules (decision 0039) for REST requests, as wire-protocol statements follow them: a request on a
@@ -86,6 +86,8 @@ export async function restEndpoint(discovery: RestDiscovery, database: string, r
   opts: Pick<GatewayRestOptions, 'readsToReplicas' | 'bufferWindowMs'>, named?: string): Promise<RestEndpoint> {
   const shard = named ?? discovery.keyRanges(database)[0]?.shard;
   if (shard === undefined) throw new RestError(503, '57P03', `database "${database}" has no shards`);
+  const held = discovery.holdReason(database);
+  if (held !== undefined) throw new RestError(503, '57P03', `database "${database}" is deactivated and held stopped: ${held}`); // decision 0084: no wait, no wake
   if (readOnly && opts.readsToReplicas) {
     const replicas = discovery.replicas(database, shard);
     if (replicas.length) return replicas[Math.floor(Math.random() * replicas.length)];

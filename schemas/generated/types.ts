@@ -273,6 +273,8 @@ export interface DatabaseActivationChanged {
   active: boolean;
   /** e.g. 'mg database deactivate', 'idle for 600000 ms', 'a client connected'. */
   reason: string;
+  /** An inactive database held stopped by a declaration (mg database deactivate --hold, a MultigresDatabase's deactivated: true): the gateways refuse its clients (57P03) instead of waking it; only an activation runs it again. False for an idle scale to zero, which the next client wakes. */
+  held: boolean;
 }
 
 /** The whole VSchema of a sharded database (docs/sharding.md); a newer version replaces the older. */

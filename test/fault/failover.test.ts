@@ -14,7 +14,7 @@ import { after, before, test } from 'node:test';
 import { callOrchestrator } from '../../compose/orchestrators.ts';
 import type { EventLog, Subscription } from '../../common/eventlog.ts';
 import type { OrchEvent } from '../../schemas/index.ts';
-import { testCluster, until } from '../support/cluster.ts';
+import { keepLogs, testCluster, until } from '../support/cluster.ts';
 import { testEventLog } from '../support/env.ts';
 import {
   freeze, fullStrength, newTerm, partitionPort, pendingRepairs, postgresPids, postmasterPid, restartService, servicePid, shardStatus,
@@ -64,13 +64,7 @@ after(async () => {
   printFigures();
   await mg('cluster', 'down', ...flags);
   // The logs outlive the cluster, for reading a failed run.
-  if (process.env.MG_TEST_DIR) {
-    const keep = path.join(process.env.MG_TEST_DIR, 'fault-logs');
-    fs.cpSync(path.join(cluster.dataDir, 'logs'), keep, { recursive: true });
-    for (const f of fs.readdirSync(path.join(cluster.dataDir, 'postgres')).filter((n) => n.endsWith('.log'))) {
-      fs.copyFileSync(path.join(cluster.dataDir, 'postgres', f), path.join(keep, `postgres-${f}`));
-    }
-  }
+  if (process.env.MG_TEST_DIR) keepLogs(cluster.dataDir, path.join(process.env.MG_TEST_DIR, 'fault-logs'));
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
 

@@ -238,7 +238,7 @@ test('a database created again under a dropped one\'s name archives and backs up
   assert.match(wrong.stderr, /sleepy-0 is not a stanza of extra\/-/);
 });
 
-test('scale to zero: deactivate stops the instances, a waiting client wakes them, other databases never notice', async () => {
+test('scale to zero: deactivate stops the instances, a waiting client wakes them, other databases never notice; a held one refuses clients until activated', async () => {
   const client = continuousClient();
   await gw('sleepy', (c) => c.query('CREATE TABLE IF NOT EXISTS naps (n int); INSERT INTO naps VALUES (1)'));
   await gw('sleepy', (c) => c.query('CREATE DATABASE sleepy_tenant'));
@@ -262,12 +262,33 @@ test('scale to zero: deactivate stops the instances, a waiting client wakes them
   await gw('sleepy', async (c) => assert.equal((await c.query('SELECT count(*)::int AS n FROM naps')).rows[0].n, 1));
   assert.ok(wakeMs < 10_000, `woke in ${wakeMs} ms`);
 
-  // Explicit deactivate and activate, with a session open: it is drained (57P01), then the database runs again.
+  // Deactivate --hold with a session open: it is drained (57P01); new clients, of the database or one hosted on it,
+  // are refused at once (57P03) and wake nothing; an activation runs it again (decision 0084).
   const open = new pg.Client({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'sleepy' });
-  open.on('error', () => undefined);
+  let ended: (pg.DatabaseError & Error) | undefined;
+  open.on('error', (err) => (ended ??= err as pg.DatabaseError & Error)); // the FATAL, then "Connection terminated unexpectedly"
   await open.connect();
-  assert.equal((await mg('database', 'deactivate', 'sleepy', ...dataDirFlag)).code, 0);
+  const held = await mg('database', 'deactivate', 'sleepy', '--hold', ...dataDirFlag);
+  assert.equal(held.code, 0, held.stderr + held.stdout);
+  assert.match(held.stdout, /refuse new ones until it is activated/);
   await assert.rejects(open.query('SELECT 1'));
+  await until('the drained session told why', 5_000, () => ended);
+  assert.equal(ended!.code, '57P01');
+  // The gateway's drain and the agent's stop act on the same event: the session ends by whichever comes first.
+  if (/was deactivated/.test(ended!.message)) assert.match(ended!.hint ?? '', /runs again once activated/);
+  for (const database of ['sleepy', 'sleepy_tenant']) {
+    const started = Date.now();
+    await assert.rejects(gw(database, (c) => c.query('SELECT 1')), (err: pg.DatabaseError) => {
+      assert.equal(err.code, '57P03');
+      assert.match(err.message, new RegExp(`database "${database}" is deactivated and held stopped: mg database deactivate --hold \\(admin API\\)$`));
+      return true;
+    });
+    assert.ok(Date.now() - started < 2_000, `refused in ${Date.now() - started} ms, not after a wait`);
+  }
+  await new Promise((r) => setTimeout(r, 2_000));
+  assert.equal(postgresRuns('sleepy'), false, 'a refused client woke nothing');
+  assert.match((await mg('database', 'list', ...dataDirFlag)).stdout, /sleepy\s+inactive, held \(mg database deactivate --hold/);
+  assert.equal((await call('GET', '/v1/databases/sleepy')).body.held, true);
   const on = await mg('database', 'activate', 'sleepy', ...dataDirFlag);
   assert.equal(on.code, 0, on.stderr + on.stdout);
   assert.match(on.stdout, /every shard has a serving primary/);

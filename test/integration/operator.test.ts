@@ -527,7 +527,11 @@ describe('the operator on a real API server', () => {
       return ['zone1', 'zone2', 'zone3'].every((c) => JSON.parse(s.get(`StatefulSet/alpha-orders-0-${c}`)!).replicas === 0) && s;
     });
     assert.deepEqual(changed(before, after), ['StatefulSet/alpha-orders-0-zone1', 'StatefulSet/alpha-orders-0-zone2', 'StatefulSet/alpha-orders-0-zone3']);
+    // ... and held stopped on the topology log, so the gateways refuse its clients rather than wait for pods (decision 0084).
+    const held = await until('a held deactivation on the log', 15_000, async () => (await readTopology()).state.inactive.get('orders')?.held && true);
+    assert.equal(held, true);
     await custom.patchNamespacedCustomObject({ ...group, plural: 'multigresdatabases', name: 'orders', body: { spec: { deactivated: false } } }, mergePatch);
+    await until('the activation on the log', 15_000, async () => !(await readTopology()).state.inactive.has('orders'));
   });
 
   test("a new image rolls the shard's pods: replicas one at a time, then a switchover, then the old primary's pod", async () => {

@@ -45,6 +45,15 @@ export interface TestCluster {
 /** How many of the cluster's warnings and errors a failed test's error carries. */
 const EXPLAINED_LINES = 25;
 
+/** A cluster's component and Postgres logs copied to `keep` (in the run's directory), to read after `down --clean`. */
+export function keepLogs(dataDir: string, keep: string): void {
+  fs.cpSync(path.join(dataDir, 'logs'), keep, { recursive: true });
+  const postgres = path.join(dataDir, 'postgres');
+  for (const f of fs.existsSync(postgres) ? fs.readdirSync(postgres).filter((n) => n.endsWith('.log')) : []) {
+    fs.copyFileSync(path.join(postgres, f), path.join(keep, `postgres-${f}`));
+  }
+}
+
 /** The last warnings and errors (level 40+) in a cluster's component logs, oldest first, one short line each. */
 function recentTrouble(dataDir: string): string[] {
   const dir = path.join(dataDir, 'logs');
@@ -52,14 +61,15 @@ function recentTrouble(dataDir: string): string[] {
   for (const file of fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.endsWith('.log')) : []) {
     for (const text of fs.readFileSync(path.join(dir, file), 'utf8').split('\n')) {
       if (!text.startsWith('{')) continue;
-      let entry: { level?: number; time?: string; msg?: string; err?: { message?: string } };
+      let entry: { level?: number; time?: string; msg?: string; err?: string | { message?: string } };
       try {
         entry = JSON.parse(text);
       } catch {
         continue;
       }
       if ((entry.level ?? 0) < 40 || !entry.time) continue;
-      const line = `${entry.time.slice(11, 23)} ${file.replace(/\.log$/, '')}: ${entry.msg ?? ''}${entry.err?.message ? ` (${entry.err.message})` : ''}`;
+      const why = typeof entry.err === 'string' ? entry.err : entry.err?.message;
+      const line = `${entry.time.slice(11, 23)} ${file.replace(/\.log$/, '')}: ${entry.msg ?? ''}${why ? ` (${why})` : ''}`;
       found.push({ time: entry.time, line: line.slice(0, 300) });
     }
   }
@@ -136,6 +146,7 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
         try {
           await fn(t);
         } catch (err) {
+          if (process.env.MG_TEST_DIR) keepLogs(dataDir, path.join(process.env.MG_TEST_DIR, 'failed', path.basename(dataDir)));
           const trouble = recentTrouble(dataDir);
           if (err instanceof Error && trouble.length) err.message += `\nthe cluster's last warnings and errors:\n  ${trouble.join('\n  ')}`;
           throw err;

@@ -7,7 +7,7 @@ let n = 0;
 const ev = (p: TopologyEvent['payload']): TopologyEvent => ({ eventId: `e${++n}`, ts: new Date(1_700_000_000_000 + n), source: 'test', payload: p });
 const created = (database: string, hostedOn: string | null = null) => ev(payload('DatabaseCreated', { database, durabilityPolicy: null, hostedOn, sharded: false, transactionMode: null }));
 const dropped = (database: string) => ev(payload('DatabaseDropped', { database }));
-const activation = (database: string, active: boolean) => ev(payload('DatabaseActivationChanged', { database, active, reason: 'test' }));
+const activation = (database: string, active: boolean, held = false) => ev(payload('DatabaseActivationChanged', { database, active, reason: 'test', held }));
 
 before(() => loadDdlParser());
 
@@ -37,4 +37,13 @@ test('activation: the latest wish per database holds, and a database made again 
   assert.equal(foldTopology([created('main'), e]).inactive.get('main')?.reason, 'test');
   assert.equal(foldTopology([created('main'), e, activation('main', true)]).inactive.has('main'), false);
   assert.equal(foldTopology([created('main'), e, dropped('main'), created('main')]).inactive.has('main'), false);
+});
+
+test('a held deactivation outlasts an idle one that comes after it, and ends with an activation', () => {
+  const hold = activation('main', false, true);
+  assert.equal(foldTopology([created('main'), hold]).inactive.get('main')?.held, true);
+  assert.equal(foldTopology([created('main'), hold, activation('main', false)]).inactive.get('main')?.held, true);
+  assert.equal(foldTopology([created('main'), activation('main', false)]).inactive.get('main')?.held, false);
+  assert.equal(foldTopology([created('main'), hold, activation('main', true)]).inactive.has('main'), false);
+  assert.equal(foldTopology([created('main'), hold, activation('main', true), activation('main', false)]).inactive.get('main')?.held, false);
 });

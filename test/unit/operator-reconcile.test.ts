@@ -253,6 +253,30 @@ test('a deactivated database scales to zero directly, without the replica path',
   assert.equal(api.objects.get('StatefulSet/c-orders-0-z1').spec.replicas, 0);
 });
 
+test('deactivated on the log: held (no client wakes pods scaled to zero) once, activated once when cleared; an idle scale to zero is the gateways\' and stays', async () => {
+  const api = setup();
+  const topo = new FakeTopologyLog();
+  const reconcile = () => reconcileCluster(api, primaries({}, [], [], topo), changes(api), 'ns', 'c', log);
+  await reconcile();
+  const before = topo.published.length;
+  api.custom.get('MultigresDatabase/orders').spec.deactivated = true;
+  await reconcile();
+  await reconcile();
+  assert.deepEqual(topo.published.slice(before), ['DatabaseActivationChanged orders']);
+  assert.deepEqual(topo.state.inactive.get('orders'), { reason: 'deactivated: true on MultigresDatabase orders', since: topo.state.inactive.get('orders')!.since, held: true });
+  api.custom.get('MultigresDatabase/orders').spec.deactivated = false;
+  await reconcile();
+  await reconcile();
+  assert.deepEqual(topo.published.slice(before), ['DatabaseActivationChanged orders', 'DatabaseActivationChanged orders']);
+  assert.equal(topo.state.inactive.has('orders'), false);
+
+  // A gateway scaled it to zero for want of clients: the next client wakes it; the operator does not.
+  await topo.publish('', undefined, [payload('DatabaseActivationChanged', { database: 'orders', active: false, held: false, reason: 'no session for 600000 ms on gw-0' })]);
+  await reconcile();
+  assert.equal(topo.published.length, before + 3);
+  assert.equal(topo.state.inactive.get('orders')?.held, false);
+});
+
 test('down to one instance: every StatefulSet no longer wanted is kept until its own instance is out', async () => {
   const api = setup();
   await reconcileCluster(api, primaries(), changes(api), 'ns', 'c', log);

@@ -15,6 +15,7 @@ function discovery(over: Partial<Record<keyof RestDiscovery, unknown>> = {}): Re
     keyRanges: () => [{ shard: '-', start: '', end: '' }],
     replicas: () => [replica],
     waitForPrimary: async () => primary,
+    holdReason: () => undefined,
     ...over,
   } as unknown as RestDiscovery;
 }
@@ -42,6 +43,12 @@ test('no primary within the buffer window: 503 57P03; unnamed shard of a sharded
   assert.deepEqual(asked, ['-80', '80-']);
   await assert.rejects(restEndpoint(discovery({ keyRanges: () => [] }), 'db', false, { readsToReplicas: false, bufferWindowMs: 10 }),
     (e: RestError) => e.status === 503 && e.code === '57P03');
+});
+
+test('a database held stopped (decision 0084): 503 57P03 with the reason at once, neither a replica read nor a wait for a primary', async () => {
+  const held = discovery({ holdReason: () => 'deactivated: true on MultigresDatabase db', waitForPrimary: async () => assert.fail('waited for a primary') });
+  await assert.rejects(restEndpoint(held, 'db', true, { readsToReplicas: true, bufferWindowMs: 60_000 }),
+    (e: RestError) => e.status === 503 && e.code === '57P03' && e.message === 'database "db" is deactivated and held stopped: deactivated: true on MultigresDatabase db');
 });
 
 /** A topology with workflow mt moving public.orders from src to dst in `state`, and a discovery whose waitUntil checks every 5 ms. */
