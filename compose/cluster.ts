@@ -56,7 +56,7 @@ export function saveSpec(spec: ClusterSpec): void {
 }
 
 export async function clusterUp(given: ClusterSpec, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<void> {
-  const progress = new Progress(14, out);
+  const progress = new Progress(12, out);
   const spec = withRuntimeChanges(savedSpec(given.dataDir), given);
   saveSpec(spec);
   const planned = instancesOf(spec);
@@ -101,9 +101,9 @@ export async function clusterUp(given: ClusterSpec, log: Logger, out: NodeJS.Wri
     await progress.step('replicas cloned from their primary and streaming', () =>
       waitHealthy(eventLog, planned.map((p) => p.instanceId), 180_000, progress, () => agentDied(spec, planned)));
     await progress.step('login role password', () => ensureLoginPassword(spec, progress, inactive));
-    await progress.step('MultiPoolers (one beside each instance)', () => startPoolers(spec, paths, progress));
-    await progress.step(`MultiGateway on port ${spec.gateway.port}`, () => startGateway(spec, paths, progress));
-    await progress.step(`materializer on port ${spec.materializer.port} (workflows: mg workflow)`, () => startMaterializer(spec, paths, progress));
+    // Independent of each other (each waits for what it needs through the event log): started side by side.
+    await progress.step(`MultiPoolers (one beside each instance), MultiGateway on port ${spec.gateway.port}, materializer on port ${spec.materializer.port} (workflows: mg workflow)`,
+      () => Promise.all([startPoolers(spec, paths, progress), startGateway(spec, paths, progress), startMaterializer(spec, paths, progress)]).then(() => undefined));
     await progress.step('instances the spec no longer has (removed through MultiOrch)', () => removeUnplanned(spec, before, progress));
   } finally {
     await eventLog.close();

@@ -38,11 +38,11 @@ export function poolerConfig(spec: ClusterSpec, inst: PlannedInstance) {
   };
 }
 
-/** Starts the MultiPooler of each instance (default: every instance of the spec) that is not running. */
+/** Starts the MultiPooler of each instance (default: every instance of the spec) that is not running, side by side. */
 export async function startPoolers(spec: ClusterSpec, paths: Paths, progress: Progress, instances = instancesOf(spec)): Promise<void> {
-  for (const inst of instances) {
-    progress.note(await startService(poolerName(inst.instanceId), 'router/pooler/main.ts', poolerConfig(spec, inst), inst.poolerPort, paths, spec));
-  }
+  const started = await Promise.all(instances.map((inst) =>
+    startService(poolerName(inst.instanceId), 'router/pooler/main.ts', poolerConfig(spec, inst), inst.poolerPort, paths, spec)));
+  for (const note of started) progress.note(note);
 }
 
 /** The MultiGateway's configuration (a local cluster's and a pod's, compose/pod-config.ts). */
