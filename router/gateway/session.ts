@@ -492,7 +492,7 @@ export class GatewaySession implements Flushable {
   }
 
   private fail(err: unknown): void {
-    this.sendError(err instanceof PgError ? new PgError('FATAL', err.code, err.message) : err);
+    this.sendError(err instanceof PgError ? new PgError('FATAL', err.code, err.message, err.detail, err.hint) : err);
     this.end();
   }
 }
