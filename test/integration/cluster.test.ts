@@ -63,10 +63,11 @@ function statusRows(out: string): Map<string, Record<string, string>> {
 test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async (t) => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
-  assert.match(up.stdout, /\[12\/14\] MultiGateway .*: done in/);
-  assert.match(up.stdout, /\[13\/14\] materializer .*: done in/);
-  assert.match(up.stdout, /\[14\/14\] instances the spec no longer has \(removed through MultiOrch\) \.\.\.\n {6}none\n/);
-  t.diagnostic(up.stdout.split('\n').filter((l) => /^\[\d+\/14\]|is up in/.test(l)).join('\n'));
+  // The poolers, the gateway and the materializer start side by side, in one step.
+  assert.match(up.stdout, /\[11\/12\] MultiPoolers .*, MultiGateway .*, materializer .*: done in/);
+  for (const name of ['pooler-postgres-0-zone1-0', 'pooler-postgres-0-zone2-1', 'pooler-postgres-0-zone3-2', 'gateway', 'materializer']) assert.match(up.stdout, new RegExp(`\n {6}${name}: pid \\d+, port \\d+\n`));
+  assert.match(up.stdout, /\[12\/12\] instances the spec no longer has \(removed through MultiOrch\) \.\.\.\n {6}none\n/);
+  t.diagnostic(up.stdout.split('\n').filter((l) => /^\[\d+\/12\]|is up in/.test(l)).join('\n'));
   const healthz = await fetch(`http://127.0.0.1:${cluster.spec.materializer.port}/healthz`);
   assert.equal(healthz.status, 200);
   assert.match(up.stdout, /postgres\/-: primary postgres-0-zone\d-\d, term \d+, policy ANY_2/);
