@@ -169,7 +169,7 @@ function watchClient(): { seen: Seen[]; stop: () => Promise<Seen[]> } {
   return { seen, stop: async () => { running = false; await loop; return seen; } };
 }
 
-test('REST: bad input is a 400 naming the field, an unknown database a 404, a time before every backup fails before anything changes', async () => {
+test('REST: bad input is a 400 naming the field, an unknown database a 404, a time before every backup fails before anything changes', cluster.explained(async () => {
   const noFlag = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/postgres/-/restore', { time: new Date().toISOString() });
   assert.equal(noFlag.status, 400);
   assert.match(noFlag.body.error, /body\.inPlace: is required/);
@@ -191,9 +191,9 @@ test('REST: bad input is a 400 naming the field, an unknown database a 404, a ti
   assert.equal(tooEarly.status, 503);
   assert.match(tooEarly.body.error, /postgres\/-: no backup ended before time 2020-01-01T00:00:00Z; the earliest ended at/);
   assert.deepEqual(await viaGateway('SELECT 1 AS one'), [{ one: 1 }], 'the database still serves');
-});
+}));
 
-test('restore --in-place --time: the same database holds exactly the rows of the noted time; a client meanwhile waits or gets a clear error', async () => {
+test('restore --in-place --time: the same database holds exactly the rows of the noted time; a client meanwhile waits or gets a clear error', cluster.explained(async () => {
   const termBefore = BigInt((await postgresShard()).term!);
   await viaGateway('CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)');
   await viaGateway('INSERT INTO accounts SELECT i, i * 10 FROM generate_series(1, 500) i');
@@ -274,9 +274,9 @@ test('restore --in-place --time: the same database holds exactly the rows of the
   const elected = orchEvents.find((e) => e.operation === 'restore' && e.kind === 'COMPLETED' && e.term !== null && e.term > termBefore && /is primary of term/.test(e.summary));
   assert.ok(elected, `an election under a new term (above ${termBefore}) ends the restore`);
   assert.ok(backupEvents.some((e) => e.state === 'COMPLETED' && e.type === 'FULL' && e.ts.getTime() > t0), 'the full backup on the new timeline has its COMPLETED event');
-});
+}));
 
-test('after the restore: the replica streams from the new primary, a write is archived, and backups and restores go on', async () => {
+test('after the restore: the replica streams from the new primary, a write is archived, and backups and restores go on', cluster.explained(async () => {
   const primaryId = (await postgresShard()).primary;
   const members = cluster.instances.filter((i) => i.database === 'postgres');
   const primary = members.find((i) => i.instanceId === primaryId)!;
@@ -298,9 +298,9 @@ test('after the restore: the replica streams from the new primary, a write is ar
   // The archive holds the write: the latest backup restored to the end of the archive has it.
   await ok('backup', 'restore', 'postgres/-', '--to-dir', latestDir, '--port', String(latestPort));
   assert.deepEqual(await query(latestPort, 'SELECT count(*)::int AS n, max(n) AS hi FROM marks'), [{ n: 101, hi: 1000 }]);
-});
+}));
 
-test('a sharded database: restore --in-place brings every shard back to the same time', async () => {
+test('a sharded database: restore --in-place brings every shard back to the same time', cluster.explained(async () => {
   assert.equal(shopShards.length, 2);
   for (const i of shopShards) await query(i.port, 'CREATE TABLE orders (id int PRIMARY KEY, shard text NOT NULL)');
   for (const [n, i] of shopShards.entries()) await query(i.port, 'INSERT INTO orders SELECT g, $1 FROM generate_series($2::int, $2::int + 49) g', [i.shard, n * 1000]);
@@ -318,4 +318,4 @@ test('a sharded database: restore --in-place brings every shard back to the same
   }
   const checked = await ok('backup', 'check', 'shop');
   for (const i of shopShards) assert.match(checked, new RegExp(`shop/${i.shard}: ok: archiving works`));
-});
+}));

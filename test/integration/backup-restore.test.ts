@@ -66,7 +66,7 @@ async function restoreAs(name: string, time: Date): Promise<string> {
   return r.stdout;
 }
 
-test('restore --as: both shards at the noted time, served by the gateway under the new name; the original goes on', async () => {
+test('restore --as: both shards at the noted time, served by the gateway under the new name; the original goes on', cluster.explained(async () => {
   await transfers('before', 0, 12);
   const then = await bankState('bank');
   await sleep(1_100);
@@ -86,9 +86,9 @@ test('restore --as: both shards at the noted time, served by the gateway under t
   const original = await bankState('bank');
   assert.notEqual(original.balances.find((b) => b.id === 1)!.balance, 0);
   assert.equal(original.ledger.length, (12 + 8) * 2);
-});
+}));
 
-test('restore --as with a cross-shard transfer in doubt at the target: committed on the prepared shard as the restored decision says', async () => {
+test('restore --as with a cross-shard transfer in doubt at the target: committed on the prepared shard as the restored decision says', cluster.explained(async () => {
   const stopped = await restartGateway(cluster, 'after-decision');
   let client = gatewayClient(cluster);
   await until('the restarted gateway to take clients', 30_000, () => client.connect().then(() => true, () => {
@@ -118,4 +118,4 @@ test('restore --as with a cross-shard transfer in doubt at the target: committed
   assert.equal(total, BANK_ACCOUNTS * BANK_START);
   // The original still holds it prepared (its resolver waits out a long grace period): the copy did not touch it.
   assert.equal((await Promise.all(bankPorts.map((p) => preparedAt(p)))).flat().length, 1);
-});
+}));

@@ -48,7 +48,7 @@ after(async () => {
 
 const ok = (...args: string[]) => cluster.mgOk(...args);
 
-test('up: archiving works from the bootstrap on (pgbackrest check through the primary); the schedule takes the first full backup', async () => {
+test('up: archiving works from the bootstrap on (pgbackrest check through the primary); the schedule takes the first full backup', cluster.explained(async () => {
   const r = await mg('cluster', 'up', ...flags);
   assert.equal(r.code, 0, r.stderr);
   sub = await eventLog.subscribe('backups', (e) => void backupEvents.push(e));
@@ -56,9 +56,9 @@ test('up: archiving works from the bootstrap on (pgbackrest check through the pr
   const full = await until('the scheduled full backup', 90_000, () => backupEvents.find((e) => e.state === 'COMPLETED'));
   assert.equal(full.type, 'FULL');
   assert.ok(backupEvents.some((e) => e.state === 'STARTED' && e.backupId === full.backupId), 'a STARTED event precedes it');
-});
+}));
 
-test('backup create: a differential backup from a streaming replica, with STARTED and COMPLETED events', async () => {
+test('backup create: a differential backup from a streaming replica, with STARTED and COMPLETED events', cluster.explained(async () => {
   const { primary, replicas } = await cluster.roles();
   await query(primary.port, 'CREATE TABLE before_backup AS SELECT generate_series(1, 10000) AS i');
   const out = await ok('backup', 'create', 'postgres/-', '--type', 'diff');
@@ -76,18 +76,18 @@ test('backup create: a differential backup from a streaming replica, with STARTE
   assert.match(list, /\d{8}-\d{6}F\s+full/);
   assert.match(list, new RegExp(`${completed.label}\\s+diff`));
   assert.match(await ok('backup', 'verify', 'postgres/-'), /postgres\/-:/);
-});
+}));
 
-test('REST: a bad backup type is a 400 naming the field, an unknown shard a 404', async () => {
+test('REST: a bad backup type is a 400 naming the field, an unknown shard a 404', cluster.explained(async () => {
   const bad = await callOrchestrator(cluster.spec, 'POST', '/v1/backups/postgres/-', { type: 'weekly' });
   assert.equal(bad.status, 400);
   assert.match(bad.body.error, /body\.type: must be equal to one of the allowed values/);
   const missing = await callOrchestrator(cluster.spec, 'GET', '/v1/backups/nodb/-');
   assert.equal(missing.status, 404);
   assert.match(missing.body.error, /no shard nodb\/-/);
-});
+}));
 
-test('restore --time: a table dropped by mistake comes back with exactly the rows it had then', async () => {
+test('restore --time: a table dropped by mistake comes back with exactly the rows it had then', cluster.explained(async () => {
   const { primary } = await cluster.roles();
   await query(primary.port, 'CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)');
   await query(primary.port, 'INSERT INTO accounts SELECT i, i * 10 FROM generate_series(1, 500) i');
@@ -109,9 +109,9 @@ test('restore --time: a table dropped by mistake comes back with exactly the row
   // The shard itself is untouched: the table is still dropped there.
   const [{ exists }] = await query(primary.port, "SELECT to_regclass('accounts') IS NOT NULL AS exists");
   assert.equal(exists, false);
-});
+}));
 
-test('a replica whose data directory is lost is rebuilt from the backup while the primary takes writes, then becomes primary with no lost write', async () => {
+test('a replica whose data directory is lost is rebuilt from the backup while the primary takes writes, then becomes primary with no lost write', cluster.explained(async () => {
   const { primary, replicas } = await cluster.roles();
   const victim: PlannedInstance = replicas[0];
   await query(primary.port, 'CREATE TABLE writes (n int PRIMARY KEY)');
@@ -171,4 +171,4 @@ test('a replica whose data directory is lost is rebuilt from the backup while th
   const [restored] = await query(restorePort + 1, 'SELECT count(*)::int AS count, max(n) AS max FROM writes');
   assert.deepEqual(restored, { count: count + 1, max: count + 1 });
   assert.match(await ok('backup', 'create', 'postgres/-', '--type', 'incr'), /incr backup \S+I completed/);
-});
+}));

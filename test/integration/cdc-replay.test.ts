@@ -162,7 +162,7 @@ const contents = async (c: pg.Client | number) => {
   };
 };
 
-test('a sink applying the stream ends identical to the source, through kill -9 of the agent and of Postgres', async () => {
+test('a sink applying the stream ends identical to the source, through kill -9 of the agent and of Postgres', cluster.explained(async () => {
   await sql(source.port, `${DDL}
     INSERT INTO accounts SELECT g, 'seed', g, NULL FROM generate_series(1, 500) g;
     INSERT INTO ledger (account, amount, memo) SELECT g % 500 + 1, g, '{"seed": true}' FROM generate_series(1, 2000) g;`);
@@ -224,4 +224,4 @@ test('a sink applying the stream ends identical to the source, through kill -9 o
   });
   assert.equal(st.slotLagSeconds, 0);
   assert.equal(st.epoch, 2n, 'after both kills the stream resumed from its slot (no new snapshot)');
-});
+}));

@@ -62,7 +62,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('the primary streams; status reaches Kafka and mg cdc status shows it', async () => {
+test('the primary streams; status reaches Kafka and mg cdc status shows it', cluster.explained(async () => {
   const st = await until('a STREAMING status', 60_000, () => {
     const s = latestStatus();
     return s?.state === 'STREAMING' && s.confirmedLsn !== null ? s : undefined;
@@ -81,9 +81,9 @@ test('the primary streams; status reaches Kafka and mg cdc status shows it', asy
   const refused = await command(replica.instanceId, 'CDC_START');
   assert.equal(refused.status, 'FAILED');
   assert.match(refused.message, /not the primary/);
-});
+}));
 
-test('every type arrives exactly, decoded by a plain kafkajs + schema-registry consumer', async () => {
+test('every type arrives exactly, decoded by a plain kafkajs + schema-registry consumer', cluster.explained(async () => {
   await sql(primary.port, `
     CREATE TYPE mood AS ENUM ('sad', 'ok', 'very happy');
     CREATE TABLE every_type (
@@ -179,9 +179,9 @@ test('every type arrives exactly, decoded by a plain kafkajs + schema-registry c
   assert.deepEqual(tomb.key, { id: -9223372036854775808n });
   assert.equal(tomb.value, null);
   assert.ok(d.value.source.commit_lsn > u.value.source.commit_lsn);
-});
+}));
 
-test('unchanged TOASTed values are marked unavailable, unless REPLICA IDENTITY FULL', async () => {
+test('unchanged TOASTed values are marked unavailable, unless REPLICA IDENTITY FULL', cluster.explained(async () => {
   const big = randomBytes(40_000).toString('base64'); // incompressible: stored out of line
   await sql(primary.port, 'CREATE TABLE toasty (id int PRIMARY KEY, n int, big text, blob bytea)');
   await sql(primary.port, 'INSERT INTO toasty VALUES (1, 0, $1, $2)', [big, randomBytes(40_000)]);
@@ -201,9 +201,9 @@ test('unchanged TOASTed values are marked unavailable, unless REPLICA IDENTITY F
   assert.deepEqual(full.value.unavailable, []);
   assert.equal(full.value.before.n, 1, 'FULL sends the old row');
   assert.deepEqual(full.key, { id: 1 }, 'the key stays the primary key');
-});
+}));
 
-test('ALTER TABLE registers a new BACKWARD compatible schema version; old and new events decode', async () => {
+test('ALTER TABLE registers a new BACKWARD compatible schema version; old and new events decode', cluster.explained(async () => {
   await sql(primary.port, 'CREATE TABLE evolving (id int PRIMARY KEY, a int4, gone text)');
   await sql(primary.port, "INSERT INTO evolving VALUES (1, 1, 'x')");
   await sql(primary.port, 'ALTER TABLE evolving ADD COLUMN added text, DROP COLUMN gone');
@@ -224,9 +224,9 @@ test('ALTER TABLE registers a new BACKWARD compatible schema version; old and ne
   assert.deepEqual(versions, [1, 2, 3]);
   const config = await (await fetch(`${registryUrl()}/config`)).json();
   assert.match(config.compatibilityLevel, /BACKWARD/);
-});
+}));
 
-test('CDC_START with resnapshot reads every table again in a new epoch: a truncate, then the rows', async () => {
+test('CDC_START with resnapshot reads every table again in a new epoch: a truncate, then the rows', cluster.explained(async () => {
   const from = consumer.messages.length;
   const r = await command(primary.instanceId, 'CDC_START', { resnapshot: 'true' });
   assert.equal(r.status, 'SUCCEEDED', r.message);
@@ -242,9 +242,9 @@ test('CDC_START with resnapshot reads every table again in a new epoch: a trunca
   assert.equal(snap[0].value.op, 't');
   assert.equal(snap[0].value.source.snapshot, 'true');
   assert.deepEqual(snap.slice(1).map((m) => [m.value.op, m.value.after.id, m.value.source.epoch]), [['r', 1, 2n], ['r', 2, 2n], ['r', 3, 2n]]);
-});
+}));
 
-test('a stopped stream whose slot holds WAL back raises the lag alert; streaming again clears it', async () => {
+test('a stopped stream whose slot holds WAL back raises the lag alert; streaming again clears it', cluster.explained(async () => {
   const stop = await command(primary.instanceId, 'CDC_STOP');
   assert.equal(stop.status, 'SUCCEEDED', stop.message);
   await sql(primary.port, `CREATE TABLE filler (t text);
@@ -271,9 +271,9 @@ test('a stopped stream whose slot holds WAL back raises the lag alert; streaming
     const st = latestStatus();
     return st?.state === 'STREAMING' && st.alert === null && st.slotLagBytes !== null && st.slotLagBytes < 4_000_000n ? st : undefined;
   });
-});
+}));
 
-test('failover without a copy of the slot: the replica made primary streams on with a new slot and a consistent snapshot, and says why; applying the topic gives its exact contents', async () => {
+test('failover without a copy of the slot: the replica made primary streams on with a new slot and a consistent snapshot, and says why; applying the topic gives its exact contents', cluster.explained(async () => {
   await sql(primary.port, 'CREATE TABLE accounts (id int PRIMARY KEY, balance int)');
   await sql(primary.port, 'INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, 50) g');
   await until('replica caught up', 20_000, async () => (await sql(replica.port, 'SELECT count(*)::int AS n FROM accounts'))[0]?.n === 50);
@@ -330,4 +330,4 @@ test('failover without a copy of the slot: the replica made primary streams on w
   } finally {
     await admin.disconnect();
   }
-});
+}));

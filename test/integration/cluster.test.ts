@@ -60,7 +60,7 @@ function statusRows(out: string): Map<string, Record<string, string>> {
   }));
 }
 
-test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', async (t) => {
+test('up starts 1 primary and 2 streaming replicas; status shows them healthy, read from the event log', cluster.explained(async (t) => {
   const up = await mg('cluster', 'up', ...flags);
   assert.equal(up.code, 0, up.stderr + up.stdout);
   // The poolers, the gateway and the materializer start side by side, in one step.
@@ -88,9 +88,9 @@ test('up starts 1 primary and 2 streaming replicas; status shows them healthy, r
   for (const r of [replica1, replica2]) {
     await until(`the row on ${r.instanceId}`, 10_000, async () => (await query(r.port, 'SELECT note FROM probe WHERE id = 1'))[0]?.note === 'hello');
   }
-});
+}));
 
-test('kill -9 of a replica Postgres: unreachable within 2 s, restarted by its agent, streaming again', async () => {
+test('kill -9 of a replica Postgres: unreachable within 2 s, restarted by its agent, streaming again', cluster.explained(async () => {
   const victim = path.join(dataDir, 'postgres', replica1.instanceId);
   const oldPid = postmasterPid(victim);
   await until('replica streaming', 10_000, () => streaming(replica1.instanceId));
@@ -109,9 +109,9 @@ test('kill -9 of a replica Postgres: unreachable within 2 s, restarted by its ag
   assert.notEqual(back.postgresPid, oldPid);
   await query(primary.port, "INSERT INTO probe VALUES (2, 'after restart')");
   await until('the new row on the restarted replica', 10_000, async () => (await query(replica1.port, 'SELECT count(*)::int AS n FROM probe'))[0].n === 2);
-});
+}));
 
-test('a hung Postgres (SIGSTOP) is reported unreachable within 2 s and left alone, then recovers on SIGCONT', async () => {
+test('a hung Postgres (SIGSTOP) is reported unreachable within 2 s and left alone, then recovers on SIGCONT', cluster.explained(async () => {
   const pid = postmasterPid(path.join(dataDir, 'postgres', replica2.instanceId));
   await until('replica streaming', 10_000, () => streaming(replica2.instanceId));
   const stoppedAt = Date.now();
@@ -129,9 +129,9 @@ test('a hung Postgres (SIGSTOP) is reported unreachable within 2 s and left alon
     const h = streaming(replica2.instanceId);
     return h && h.receivedAt > stoppedAt + 1_000 ? h : undefined;
   });
-});
+}));
 
-test('a consumer started late rebuilds the same topology as one that followed the log from the start', async () => {
+test('a consumer started late rebuilds the same topology as one that followed the log from the start', cluster.explained(async () => {
   const late = emptyTopology();
   const sub = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(late, e));
   await sub.caughtUp;
@@ -140,9 +140,9 @@ test('a consumer started late rebuilds the same topology as one that followed th
   assert.equal(late.instances.size, 3);
   assert.equal(late.primaries.get('postgres/-')?.instanceId, primary.instanceId);
   assert.ok((late.primaries.get('postgres/-')?.term ?? 0n) >= 1n); // 1 unless the first election had to be retried
-});
+}));
 
-test('up again is harmless, and it recovers an agent killed with kill -9', async () => {
+test('up again is harmless, and it recovers an agent killed with kill -9', cluster.explained(async () => {
   const before = emptyTopology();
   const s1 = await eventLog.subscribe('topology', (e) => void applyTopologyEvent(before, e));
   await s1.caughtUp;
@@ -163,9 +163,9 @@ test('up again is harmless, and it recovers an agent killed with kill -9', async
   await s2.caughtUp;
   await s2.stop();
   assert.deepEqual(afterUp.primaries, before.primaries, 'a second up must not change who is primary');
-});
+}));
 
-test('a fourth instance added to the spec starts empty and MultiOrch clones it from the current primary', async () => {
+test('a fourth instance added to the spec starts empty and MultiOrch clones it from the current primary', cluster.explained(async () => {
   const specFile = path.join(dataDir, 'four.yaml');
   fs.writeFileSync(specFile, JSON.stringify({ databases: [{ name: 'postgres', shards: 1, instancesPerShard: 4 }] }));
   const up = await mg('cluster', 'up', ...flags, '--spec', specFile);
@@ -181,9 +181,9 @@ test('a fourth instance added to the spec starts empty and MultiOrch clones it f
   assert.equal((await query(addedPort, 'SELECT note FROM probe WHERE id = 1'))[0]?.note, 'hello');
   await query(primary.port, "INSERT INTO probe VALUES (4, 'four') ON CONFLICT DO NOTHING");
   await until('the new row on the added replica', 10_000, async () => (await query(addedPort, 'SELECT 1 FROM probe WHERE id = 4')).length === 1);
-});
+}));
 
-test('an agent command restarts Postgres and is answered with a result carrying its id', async () => {
+test('an agent command restarts Postgres and is answered with a result carrying its id', cluster.explained(async () => {
   const results: AgentCommandResult[] = [];
   const sub = await eventLog.subscribe('agentResults', (r) => void results.push(r), { since: new Date() });
   subs.push(sub);
@@ -196,9 +196,9 @@ test('an agent command restarts Postgres and is answered with a result carrying 
   assert.deepEqual([result.status, result.instanceId], ['SUCCEEDED', replica1.instanceId]);
   assert.notEqual(postmasterPid(path.join(dataDir, 'postgres', replica1.instanceId)), oldPid);
   await until('the replica streaming again', 20_000, () => streaming(replica1.instanceId));
-});
+}));
 
-test('agents serve Prometheus metrics and log structured JSON', async (t) => {
+test('agents serve Prometheus metrics and log structured JSON', cluster.explained(async (t) => {
   const metrics = await (await fetch(`http://127.0.0.1:${primary.metricsPort}/metrics`)).text();
   assert.match(metrics, /^mg_agent_heartbeats_total \d+/m);
   assert.match(metrics, /^mg_agent_postgres_up 1/m);
@@ -208,17 +208,17 @@ test('agents serve Prometheus metrics and log structured JSON', async (t) => {
   assert.equal(entry.instance, primary.instanceId);
   const rssKb = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${agentPid(primary.instanceId)}/status`, 'utf8'))![1]);
   t.diagnostic(`agent RSS: ${(rssKb / 1024).toFixed(1)} MiB`);
-});
+}));
 
-test('a bad spec is refused with an error naming the field', async () => {
+test('a bad spec is refused with an error naming the field', cluster.explained(async () => {
   const res = await mg('cluster', 'up', '--data-dir', path.join(dataDir, 'other'), '--set', 'kafka.port=80', '--set', 'databases=oops');
   assert.equal(res.code, 2);
   assert.match(res.stderr, /kafka\.port: Number must be greater than or equal to 1024/);
   assert.match(res.stderr, /databases: Expected array/);
   assert.equal(fs.existsSync(path.join(dataDir, 'other')), false);
-});
+}));
 
-test('down stops every agent and Postgres it started', async () => {
+test('down stops every agent and Postgres it started', cluster.explained(async () => {
   const pids = [primary, replica1, replica2].map((i) => agentPid(i.instanceId));
   const materializer = readPid(path.join(dataDir, 'run'), 'materializer');
   assert.ok(materializer, 'up started a materializer');
@@ -229,4 +229,4 @@ test('down stops every agent and Postgres it started', async () => {
   for (const inst of [primary, replica1, replica2]) {
     await assert.rejects(query(inst.port, 'SELECT 1'), /ECONNREFUSED/);
   }
-});
+}));

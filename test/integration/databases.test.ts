@@ -103,7 +103,7 @@ async function gw<T>(database: string, fn: (c: pg.Client) => Promise<T>): Promis
   }
 }
 
-test('CREATE DATABASE through the gateway: connect right after, write, read; DROP DATABASE: 3D000 after', async () => {
+test('CREATE DATABASE through the gateway: connect right after, write, read; DROP DATABASE: 3D000 after', cluster.explained(async () => {
   await assert.rejects(gw('shop', async () => undefined), (e: any) => e.code === '3D000');
   await gw('postgres', (c) => c.query('CREATE DATABASE shop'));
   await gw('shop', async (c) => {
@@ -123,9 +123,9 @@ test('CREATE DATABASE through the gateway: connect right after, write, read; DRO
   await assert.rejects(gw('shop', async () => undefined), (e: any) => e.code === '3D000' && /database "shop" does not exist/.test(e.message));
   const status = await mg('cluster', 'status', ...flags);
   assert.doesNotMatch(status.stdout, /\bshop\b/);
-});
+}));
 
-test('the gateway refuses what would split the worlds: a known name again, a database with instances of its own', async () => {
+test('the gateway refuses what would split the worlds: a known name again, a database with instances of its own', cluster.explained(async () => {
   await gw('postgres', async (c) => {
     await c.query('CREATE DATABASE twice');
     await assert.rejects(c.query('CREATE DATABASE twice'), (e: any) => e.code === '42P04');
@@ -134,9 +134,9 @@ test('the gateway refuses what would split the worlds: a known name again, a dat
     // The session goes on normally after the refusals.
     assert.equal((await c.query('SELECT 1 AS one')).rows[0].one, 1);
   });
-});
+}));
 
-test('mg database create --on and drop, through the admin API, while another database serves a continuous client', async () => {
+test('mg database create --on and drop, through the admin API, while another database serves a continuous client', cluster.explained(async () => {
   const client = continuousClient();
   const created = await mg('database', 'create', 'tenant_a', '--on', 'postgres', ...dataDirFlag);
   assert.equal(created.code, 0, created.stderr + created.stdout);
@@ -163,9 +163,9 @@ test('mg database create --on and drop, through the admin API, while another dat
   const { ok, errors } = await client.stop();
   assert.deepEqual(errors, []);
   assert.ok(ok > 10, `the continuous client made progress (${ok})`);
-});
+}));
 
-test('mg database create with instances of its own: started, elected and served with no restart, while another database serves a continuous client', async () => {
+test('mg database create with instances of its own: started, elected and served with no restart, while another database serves a continuous client', cluster.explained(async () => {
   const client = continuousClient();
   const bad = await mg('database', 'create', 'extra', '--shards', '3', ...dataDirFlag);
   assert.equal(bad.code, 2);
@@ -202,9 +202,9 @@ test('mg database create with instances of its own: started, elected and served 
   assert.deepEqual(saved.droppedDatabases.map((d: { name: string }) => d.name), ['extra']);
   const { errors } = await client.stop();
   assert.deepEqual(errors, []);
-});
+}));
 
-test('a database created again under a dropped one\'s name archives and backs up into a stanza of its own; the dropped one stays restorable', async () => {
+test('a database created again under a dropped one\'s name archives and backs up into a stanza of its own; the dropped one stays restorable', cluster.explained(async () => {
   const created = await mg('database', 'create', 'extra', '--replicas', '0', '--durability', 'ANY_1', ...dataDirFlag);
   assert.equal(created.code, 0, created.stderr + created.stdout);
   await gw('extra', (c) => c.query('CREATE TABLE t (v int); INSERT INTO t VALUES (8)'));
@@ -236,9 +236,9 @@ test('a database created again under a dropped one\'s name archives and backs up
   const wrong = await mg('backup', 'restore', 'extra/-', '--stanza', 'sleepy-0', '--to-dir', `${restoreDir}-x`, '--port', String(restorePort + 1), ...dataDirFlag);
   assert.equal(wrong.code, 2);
   assert.match(wrong.stderr, /sleepy-0 is not a stanza of extra\/-/);
-});
+}));
 
-test('scale to zero: deactivate stops the instances, a waiting client wakes them, other databases never notice; a held one refuses clients until activated', async () => {
+test('scale to zero: deactivate stops the instances, a waiting client wakes them, other databases never notice; a held one refuses clients until activated', cluster.explained(async () => {
   const client = continuousClient();
   await gw('sleepy', (c) => c.query('CREATE TABLE IF NOT EXISTS naps (n int); INSERT INTO naps VALUES (1)'));
   await gw('sleepy', (c) => c.query('CREATE DATABASE sleepy_tenant'));
@@ -295,9 +295,9 @@ test('scale to zero: deactivate stops the instances, a waiting client wakes them
   await gw('sleepy', async (c) => assert.equal((await c.query('SELECT count(*)::int AS n FROM naps')).rows[0].n, 1));
   const { errors } = await client.stop();
   assert.deepEqual(errors, []);
-});
+}));
 
-test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document, metrics', async () => {
+test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document, metrics', cluster.explained(async () => {
   const noToken = await call('GET', '/v1/databases', undefined, {});
   assert.equal(noToken.status, 401);
   assert.equal((await call('GET', '/healthz', undefined, {})).status, 200);
@@ -339,4 +339,4 @@ test('admin API: bearer token, each bad field named with a 4xx, OpenAPI document
   const instances = await call('GET', '/v1/instances');
   // extra: created again by the stanza test above.
   assert.deepEqual([...new Set(instances.body.instances.map((i: any) => i.database))].sort(), ['extra', 'postgres', 'sleepy']);
-});
+}));

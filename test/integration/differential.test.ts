@@ -123,7 +123,7 @@ test('temp tables, cursors, COPY and notifications', () => same('features', [
   'DROP TABLE tmp', 'SELECT count(*) FROM pg_class WHERE relname = \'tmp\' AND relpersistence = \'t\'',
 ]));
 
-test('a two-worker gateway: cancels reach the query whichever worker the cancel lands on; metrics are summed', async () => {
+test('a two-worker gateway: cancels reach the query whichever worker the cancel lands on; metrics are summed', cluster.explained(async () => {
   const clients = Array.from({ length: 4 }, viaGateway);
   await Promise.all(clients.map((c) => c.connect()));
   try {
@@ -140,4 +140,4 @@ test('a two-worker gateway: cancels reach the query whichever worker the cancel 
   } finally {
     await Promise.all(clients.map((c) => c.end()));
   }
-});
+}));

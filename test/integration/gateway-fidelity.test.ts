@@ -60,7 +60,7 @@ async function onEveryServer<T>(fn: (c: pg.Client, i: number) => Promise<T>): Pr
   }
 }
 
-test('a statement prepared after a schema change the pooler did not see is planned afresh, as on a fresh connection', async () => {
+test('a statement prepared after a schema change the pooler did not see is planned afresh, as on a fresh connection', cluster.explained(async () => {
   const text = 'SELECT v FROM fid_flip';
   const ddl = await client();
   await ddl.query('DROP TABLE IF EXISTS fid_flip; CREATE TABLE fid_flip (v int); INSERT INTO fid_flip VALUES (1)');
@@ -104,9 +104,9 @@ test('a statement prepared after a schema change the pooler did not see is plann
     await keptPg.end();
     await ddl.end();
   }
-});
+}));
 
-test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinned and idle, in a transaction, mid-query', async () => {
+test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinned and idle, in a transaction, mid-query', cluster.explained(async () => {
   const admin = await client(primary.port);
   const terminate = (pid: number) => admin.query('SELECT pg_terminate_backend($1)', [pid]);
   const within = <T>(what: string, p: Promise<T>, ms = 5_000) => Promise.race([p, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms))]);
@@ -159,9 +159,9 @@ test('a backend\'s FATAL closes the client\'s connection, as Postgres does: pinn
   } finally {
     await admin.end();
   }
-});
+}));
 
-test('a startup packet with an invalid length is closed without a word, by the gateway as by Postgres', async () => {
+test('a startup packet with an invalid length is closed without a word, by the gateway as by Postgres', cluster.explained(async () => {
   /** What the server sends back before it closes (it must close within 3 s). */
   const answer = (port: number, bytes: Buffer) => new Promise<Buffer>((resolve, reject) => {
     const got: Buffer[] = [];
@@ -190,4 +190,4 @@ test('a startup packet with an invalid length is closed without a word, by the g
   const c = await client();
   assert.equal((await c.query('SELECT 1 AS one')).rows[0].one, 1);
   await c.end();
-});
+}));

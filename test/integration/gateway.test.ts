@@ -52,7 +52,7 @@ async function gw<T>(database: string, fn: (c: pg.Client) => Promise<T>, passwor
 }
 const one = async (c: pg.Client, sql: string) => (await c.query(sql)).rows[0];
 
-test('node-postgres through the gateway: SCRAM login, startup parameters, a transaction', async () => {
+test('node-postgres through the gateway: SCRAM login, startup parameters, a transaction', cluster.explained(async () => {
   await gw('postgres', async (c) => {
     assert.deepEqual(await one(c, 'SELECT pg_is_in_recovery() AS r, current_setting(\'application_name\') AS app'), { r: false, app: 'gw-test' });
     await c.query('CREATE TABLE IF NOT EXISTS gw_items (id int PRIMARY KEY, name text)');
@@ -61,14 +61,14 @@ test('node-postgres through the gateway: SCRAM login, startup parameters, a tran
     await c.query('COMMIT');
     assert.equal((await one(c, 'SELECT name FROM gw_items WHERE id = 1')).name, 'one');
   });
-});
+}));
 
-test('wrong password is 28P01, unknown database is 3D000, as Postgres says them', async () => {
+test('wrong password is 28P01, unknown database is 3D000, as Postgres says them', cluster.explained(async () => {
   await assert.rejects(gw('postgres', async () => undefined, 'wrong'), (e: any) => e.code === '28P01' && /password authentication failed for user "postgres"/.test(e.message));
   await assert.rejects(gw('nosuchdb', async () => undefined), (e: any) => e.code === '3D000' && /database "nosuchdb" does not exist/.test(e.message));
-});
+}));
 
-test('db@replica reads from a streaming replica; SET mg.target switches the next transaction', async () => {
+test('db@replica reads from a streaming replica; SET mg.target switches the next transaction', cluster.explained(async () => {
   await until('replicas in routing', 10_000, async () => gw('postgres@replica', async (c) => (await one(c, 'SELECT pg_is_in_recovery() AS r')).r === true).catch(() => false));
   await gw('postgres@replica', async (c) => {
     const port = (await one(c, "SELECT current_setting('port') AS p")).p;
@@ -82,9 +82,9 @@ test('db@replica reads from a streaming replica; SET mg.target switches the next
     await c.query("SET mg.target = 'primary'");
     assert.equal((await one(c, 'SELECT pg_is_in_recovery() AS r')).r, false);
   });
-});
+}));
 
-test('committed SETs follow the session when the gateway moves it to a replica and back; rolled-back ones do not', async () => {
+test('committed SETs follow the session when the gateway moves it to a replica and back; rolled-back ones do not', cluster.explained(async () => {
   await gw('postgres', async (c) => {
     await c.query("SET statement_timeout = '4321ms'");
     await c.query('SET search_path = gw_schema, public');
@@ -96,9 +96,9 @@ test('committed SETs follow the session when the gateway moves it to a replica a
     await c.query("SET mg.target = 'primary'");
     assert.deepEqual(await one(c, `SELECT pg_is_in_recovery() AS r, ${settings}`), { r: false, st: '0', sp: 'gw_schema, public', wm: '4MB' });
   });
-});
+}));
 
-test('with read-only routing on, transactions that begin READ ONLY run on a replica, with the session\'s settings', async () => {
+test('with read-only routing on, transactions that begin READ ONLY run on a replica, with the session\'s settings', cluster.explained(async () => {
   await gw('postgres', async (c) => {
     const where = async () => (await one(c, "SELECT pg_is_in_recovery() AS r, current_setting('lock_timeout') AS lt")) as { r: boolean; lt: string };
     await c.query("SET lock_timeout = '1234ms'");
@@ -117,9 +117,9 @@ test('with read-only routing on, transactions that begin READ ONLY run on a repl
   });
   const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   assert.match(text, /^mg_gateway_read_only_transactions_routed_total\{outcome="replica"\} [2-9]/m);
-});
+}));
 
-test('an idle session gives back its pooler connection and gets a new one, with its settings; a pinned one keeps it', async () => {
+test('an idle session gives back its pooler connection and gets a new one, with its settings; a pinned one keeps it', cluster.explained(async () => {
   const released = async () => Number(/^mg_gateway_idle_links_released_total (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text())?.[1] ?? 0);
   await gw('postgres', async (plain) => {
     await gw('postgres', async (pinned) => {
@@ -133,9 +133,9 @@ test('an idle session gives back its pooler connection and gets a new one, with 
       assert.equal((await one(pinned, 'SELECT v FROM gw_scratch')).v, 7);
     });
   });
-});
+}));
 
-test('clients cannot weaken synchronous_commit through the gateway (42501); a transaction that tries is aborted', async () => {
+test('clients cannot weaken synchronous_commit through the gateway (42501); a transaction that tries is aborted', cluster.explained(async () => {
   await gw('postgres', async (c) => {
     await assert.rejects(c.query('SET synchronous_commit = off'), (e: any) => e.code === '42501' && /"synchronous_commit"/.test(e.message));
     await assert.rejects(c.query("SELECT set_config('synchronous_commit', 'local', false)"), (e: any) => e.code === '42501');
@@ -149,7 +149,7 @@ test('clients cannot weaken synchronous_commit through the gateway (42501); a tr
   });
   const weak = new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', options: '-c synchronous_commit=off' });
   await assert.rejects(weak.connect(), (e: any) => e.code === '42501');
-});
+}));
 
 /** The WAL receiver processes of the replicas (children of their postmasters). */
 function walReceivers(): number[] {
@@ -166,7 +166,7 @@ function walReceivers(): number[] {
   });
 }
 
-test('a commit whose wait for the synchronous standbys is canceled is reported as 08007, not as a success', async () => {
+test('a commit whose wait for the synchronous standbys is canceled is reported as 08007, not as a success', cluster.explained(async () => {
   await until('the durability policy is applied', 30_000, async () =>
     gw('postgres', async (c) => (await one(c, "SELECT current_setting('synchronous_standby_names') AS s")).s !== ''));
   const receivers = walReceivers();
@@ -186,16 +186,16 @@ test('a commit whose wait for the synchronous standbys is canceled is reported a
     // What stock Postgres does and the error says: the row is there, committed on the primary.
     assert.equal((await one(c, 'SELECT name FROM gw_items WHERE id = 42')).name, 'unconfirmed');
   });
-});
+}));
 
-test('psql through the gateway, with and without TLS', async () => {
+test('psql through the gateway, with and without TLS', cluster.explained(async () => {
   for (const sslmode of ['require', 'disable']) {
     const { stdout } = await run(`${bin}/psql`, ['-d', `dbname=postgres sslmode=${sslmode}`, '-Atc', 'SELECT 40 + 2'], { env });
     assert.equal(stdout.trim(), '42');
   }
-});
+}));
 
-test('pgbench through the gateway in simple, extended and prepared modes', async () => {
+test('pgbench through the gateway in simple, extended and prepared modes', cluster.explained(async () => {
   await run(`${bin}/pgbench`, ['-i', '-s', '1', '-q', 'postgres'], { env });
   for (const mode of ['simple', 'extended', 'prepared']) {
     const { stdout } = await run(`${bin}/pgbench`, ['-M', mode, '-c', '8', '-j', '2', '-T', '3', '-n', 'postgres'], { env });
@@ -203,9 +203,9 @@ test('pgbench through the gateway in simple, extended and prepared modes', async
     const tps = Number(/tps = ([\d.]+)/.exec(stdout)?.[1]);
     assert.ok(tps > 50, `${mode}: ${tps} tps`);
   }
-});
+}));
 
-test('postgres.js through the gateway: prepared statements, a transaction, a cancel', async () => {
+test('postgres.js through the gateway: prepared statements, a transaction, a cancel', cluster.explained(async () => {
   const sql = postgres({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', max: 4, prepare: true });
   try {
     const rows = await Promise.all(Array.from({ length: 20 }, (_, i) => sql`SELECT ${i}::int AS n, ${`v${i}`}::text AS v`));
@@ -220,9 +220,9 @@ test('postgres.js through the gateway: prepared statements, a transaction, a can
   } finally {
     await sql.end();
   }
-});
+}));
 
-test('as with Postgres directly: a terminated backend closes the client with 57P01; a statement prepared after DDL sees the new columns', async () => {
+test('as with Postgres directly: a terminated backend closes the client with 57P01; a statement prepared after DDL sees the new columns', cluster.explained(async () => {
   // pg_terminate_backend of the backend serving a transaction: the FATAL, then the connection closes.
   const victim = new pg.Client({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres' });
   const errors: string[] = [];
@@ -252,9 +252,9 @@ test('as with Postgres directly: a terminated backend closes the client with 57P
     await after.end();
   }
   await gw('postgres', async (c) => assert.deepEqual((await c.query({ name: 'flip', text })).rows, [{ v: 'one' }]));
-});
+}));
 
-test('a cancel sent to a second gateway reaches the query running through the first', async () => {
+test('a cancel sent to a second gateway reaches the query running through the first', cluster.explained(async () => {
   const port = spec.postgres.basePort + 480;
   const configFile = path.join(cluster.dataDir, 'gateway-2.json');
   fs.writeFileSync(configFile, JSON.stringify({
@@ -278,9 +278,9 @@ test('a cancel sent to a second gateway reaches the query running through the fi
   }
   const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   assert.match(text, /^mg_gateway_cancel_requests_total\{where="from_peer"\} 1$/m);
-});
+}));
 
-test('a replica that goes down leaves read routing within about a second', async () => {
+test('a replica that goes down leaves read routing within about a second', cluster.explained(async () => {
   const victim = replica1;
   await run(`${bin}/pg_ctl`, ['-D', path.join(cluster.dataDir, 'postgres', victim.instanceId), 'status']).catch(() => undefined);
   const pid = Number(fs.readFileSync(path.join(cluster.dataDir, 'postgres', victim.instanceId, 'postmaster.pid'), 'utf8').split('\n')[0]);
@@ -296,9 +296,9 @@ test('a replica that goes down leaves read routing within about a second', async
   } finally {
     process.kill(pid, 'SIGCONT');
   }
-});
+}));
 
-test('while the primary is down, queries wait at the gateway and go on when it is back', async () => {
+test('while the primary is down, queries wait at the gateway and go on when it is back', cluster.explained(async () => {
   const dir = path.join(cluster.dataDir, 'postgres', primary.instanceId);
   await gw('postgres', async (c) => {
     assert.equal((await one(c, 'SELECT 1 AS x')).x, 1);
@@ -314,9 +314,9 @@ test('while the primary is down, queries wait at the gateway and go on when it i
     assert.deepEqual(row, { x: 2, r: false });
     assert.ok(Date.now() - t0 < spec.gateway.bufferWindowMs);
   });
-});
+}));
 
-test('clients beyond gateway.maxClients get 53300 and the gateway keeps serving', async () => {
+test('clients beyond gateway.maxClients get 53300 and the gateway keeps serving', cluster.explained(async () => {
   const open: pg.Client[] = [];
   let refusal: any;
   try {
@@ -334,17 +334,17 @@ test('clients beyond gateway.maxClients get 53300 and the gateway keeps serving'
   } finally {
     await Promise.all(open.map((c) => c.end()));
   }
-});
+}));
 
-test('the gateway serves Prometheus metrics', async () => {
+test('the gateway serves Prometheus metrics', cluster.explained(async () => {
   const text = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   assert.match(text, /^mg_gateway_connections_total\{outcome="ok"\} \d+/m);
   assert.match(text, /^mg_gateway_buffered_queries_total \d+/m);
   assert.match(text, /^mg_gateway_connections_refused_limit_total [1-9]\d*/m);
   assert.match(text, /^mg_gateway_healthy_primaries 1$/m);
-});
+}));
 
-test('a result larger than memory to a client that reads nothing: the rows wait in Postgres, not in the gateway, and all arrive', async () => {
+test('a result larger than memory to a client that reads nothing: the rows wait in Postgres, not in the gateway, and all arrive', cluster.explained(async () => {
   const ROWS = 20_000;
   const PAD = 10_000; // 200 MB in all
   const statement = `SELECT g, repeat('x', ${PAD}) AS pad FROM generate_series(1, ${ROWS}) g`;
@@ -359,4 +359,4 @@ test('a result larger than memory to a client that reads nothing: the rows wait 
     console.log(`a ${ROWS * PAD / 1e6} MB result with the client paused: gateway RSS ${(before / 1e6).toFixed(0)} MB before, ${(held / 1e6).toFixed(0)} MB while held`);
     assert.ok(held - before < 100e6, `the gateway grew by ${((held - before) / 1e6).toFixed(0)} MB while the client read nothing`);
   });
-});
+}));

@@ -161,7 +161,7 @@ async function actual() {
   return { byCustomer, totals, misplaced };
 }
 
-test('Materialize from a sharded source under a writer: a copy sharded by another column with a filter, and count/sum per group, equal to the query on the source', async (t) => {
+test('Materialize from a sharded source under a writer: a copy sharded by another column with a filter, and count/sum per group, equal to the query on the source', cluster.explained(async (t) => {
   // Refused at create, naming what is not supported.
   const post = (body: object) => api('/v1/workflows', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'bad', type: 'materialize', source: 'src', target: 'dst', table: 'customer_totals', ...body }) });
   for (const [query, message] of [
@@ -249,4 +249,4 @@ test('Materialize from a sharded source under a writer: a copy sharded by anothe
   const final = await actual();
   assert.deepEqual(final.totals, want.totals, 'a completed Materialize no longer follows the source');
   assert.deepEqual(final.misplaced, []);
-});
+}));

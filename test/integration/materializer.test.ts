@@ -85,7 +85,7 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('a bad workflow request is refused with a message naming the fault', async () => {
+test('a bad workflow request is refused with a message naming the fault', cluster.explained(async () => {
   const noVindex = await mg('workflow', 'create', 'bad', '--source', 'src', '--target', 'dst', '--tables', 'customers', '--data-dir', dataDir);
   assert.equal(noVindex.code, 1);
   assert.match(noVindex.stderr, /VSchema of dst must name table customers/);
@@ -95,9 +95,9 @@ test('a bad workflow request is refused with a message naming the fault', async 
   const unknown = await mg('workflow', 'show', 'nope', '--data-dir', dataDir);
   assert.equal(unknown.code, 1);
   assert.match(unknown.stderr, /workflow nope does not exist/);
-});
+}));
 
-test('MoveTables under writes, with kill -9 in the copy and in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', async (t) => {
+test('MoveTables under writes, with kill -9 in the copy and in catch-up: every acknowledged row on its shard, VDiff clean, then a tampered row found', cluster.explained(async (t) => {
   // The copy outruns any poll, so it is held in the middle: a transaction on the target shard of the middle
   // row inserts that row and stays open; the copy's write of the page holding it waits for that transaction.
   const middle = INITIAL_ROWS / 2;
@@ -194,9 +194,9 @@ test('MoveTables under writes, with kill -9 in the copy and in catch-up: every a
 
   await source.end();
   await Promise.all([...targets.values()].map((c) => c.end()));
-});
+}));
 
-test('stop and cancel are events the materializer acts on', async () => {
+test('stop and cancel are events the materializer acts on', cluster.explained(async () => {
   const stopped = await mg('workflow', 'stop', 'mt', '--data-dir', dataDir);
   assert.equal(stopped.code, 0, stopped.stderr);
   await until('the workflow to stop', 20_000, async () => (await phaseOf('mt')) === 'STOPPED');
@@ -210,4 +210,4 @@ test('stop and cancel are events the materializer acts on', async () => {
   const { rows } = await c.query("SELECT count(*) AS n FROM mg_materializer.positions WHERE workflow = 'mt'");
   await c.end();
   assert.equal(rows[0].n, '0', 'a cancelled workflow leaves no positions behind');
-});
+}));

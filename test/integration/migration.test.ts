@@ -107,7 +107,7 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('an online ALTER TABLE under a writer: cut over with the new schema and every write, then reverted with every write', async (t) => {
+test('an online ALTER TABLE under a writer: cut over with the new schema and every write, then reverted with every write', cluster.explained(async (t) => {
   // Refusals come at submit, with what cannot be done.
   const using = await api('/v1/migrations', 'POST', { database: 'app', ddl: 'ALTER TABLE orders ALTER COLUMN qty TYPE bigint USING qty * 2' });
   assert.equal(using.status, 400);
@@ -167,9 +167,9 @@ test('an online ALTER TABLE under a writer: cut over with the new schema and eve
   assert.equal((await api(`/v1/migrations/${name}`)).body.phase, 'REVERTED');
   assert.equal((await api(`/v1/migrations/${name}/revert`, 'POST')).status, 409);
   await pgc.end();
-});
+}));
 
-test('cancel before the cut-over drops the shadow; complete after it drops the old table', async () => {
+test('cancel before the cut-over drops the shadow; complete after it drops the old table', cluster.explained(async () => {
   const pgc = await direct();
   const tablesOf = async () => (await pgc.query("SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE nspname = 'mg_materializer' AND relname LIKE '\\_mg\\_events%' AND relkind = 'r' ORDER BY 1")).rows.map((r) => r.relname);
   const first = await api('/v1/migrations', 'POST', { database: 'app', ddl: 'ALTER TABLE events ADD COLUMN n int DEFAULT 7', postponeCutOver: true });
@@ -198,4 +198,4 @@ test('cancel before the cut-over drops the shadow; complete after it drops the o
   assert.match(listed.stdout, new RegExp(`${name} +app +public.events +COMPLETED`));
   await c.end();
   await pgc.end();
-});
+}));

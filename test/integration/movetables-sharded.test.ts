@@ -145,7 +145,7 @@ function assertExactly(table: Table, rows: Map<number, string>, where: string): 
   assert.equal(rows.size, [...acknowledged[table].values()].filter((n) => n !== null).length, `${where} has rows of ${table} nobody acknowledged`);
 }
 
-test('split (2 -> 4 shards) and merge (2 -> 1) from a sharded source under a writer: copy per source shard, VDiff clean, switch with no client error, every row exactly once where its keyspace id names', async (t) => {
+test('split (2 -> 4 shards) and merge (2 -> 1) from a sharded source under a writer: copy per source shard, VDiff clean, switch with no client error, every row exactly once where its keyspace id names', cluster.explained(async (t) => {
   const writing$ = writer();
   await sleep(1_000);
   for (const [table, { target, workflow }] of Object.entries(TABLES)) {
@@ -216,4 +216,4 @@ test('split (2 -> 4 shards) and merge (2 -> 1) from a sharded source under a wri
   const { rows: [count] } = await client.query('SELECT count(*) AS n FROM items');
   assert.equal(Number(count.n), [...acknowledged.items.values()].filter((n) => n !== null).length);
   await client.end();
-});
+}));

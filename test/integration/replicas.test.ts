@@ -92,7 +92,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('replica add: restored from the latest backup while a client writes and reads; serves reads once caught up; kept in the spec', async (t) => {
+test('replica add: restored from the latest backup while a client writes and reads; serves reads once caught up; kept in the spec', cluster.explained(async (t) => {
   const { primary } = await cluster.roles();
   await query(primary.port, 'CREATE TABLE acked (id int PRIMARY KEY)');
   startClient();
@@ -118,9 +118,9 @@ test('replica add: restored from the latest backup while a client writes and rea
   const saved = savedSpec(dataDir)!;
   assert.deepEqual(saved.databases[0].addedInstances, [{ shard: '-', cell: 'zone3', slot: ADDED_SLOT_TOP }]);
   assert.match(await syncStandbyNames(primary.port), new RegExp(`ANY 1 \\(.*"${added}"`));
-});
+}));
 
-test('the admin API names bad input: an unknown cell (400), an unknown shard or instance (404); removing the primary is refused (409)', async () => {
+test('the admin API names bad input: an unknown cell (400), an unknown shard or instance (404); removing the primary is refused (409)', cluster.explained(async () => {
   const { primary } = await cluster.roles();
   const badCell = await callOrchestrator(spec, 'POST', '/v1/shards/postgres/-/replicas', { cell: 'zone9' });
   assert.equal(badCell.status, 400);
@@ -139,9 +139,9 @@ test('the admin API names bad input: an unknown cell (400), an unknown shard or 
   const cli = await mg('replica', 'remove', 'postgres/-', primary.instanceId, '--data-dir', dataDir);
   assert.notEqual(cli.code, 0);
   assert.match(cli.stderr, /switch over first/);
-});
+}));
 
-test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; reads go on elsewhere', async (t) => {
+test('replica remove: out of routing and the cohort, then stopped, deleted and deregistered; reads go on elsewhere', cluster.explained(async (t) => {
   const { primary, replicas } = await cluster.roles();
   assert.equal(primary.instanceId, 'postgres-0-zone1-0');
   const [leaving, staying] = replicas;
@@ -160,9 +160,9 @@ test('replica remove: out of routing and the cohort, then stopped, deleted and d
   const before = readPorts.length;
   await until('reads through the gateway after the removal', 10_000, () => readPorts.length > before + 5);
   assert.deepEqual(readPorts.slice(before + 1).filter((p) => p !== staying.port && p !== addedPort), []);
-});
+}));
 
-test('a lowered instancesPerShard: mg cluster up removes the instance the spec no longer has and keeps the added replica', async (t) => {
+test('a lowered instancesPerShard: mg cluster up removes the instance the spec no longer has and keeps the added replica', cluster.explained(async (t) => {
   const { primary, replicas: [, dropped] } = await cluster.roles();
   assert.equal(dropped.instanceId, 'postgres-0-zone3-2');
   fs.writeFileSync(path.join(dataDir, 'test-spec.yaml'), JSON.stringify({ databases: [{ name: 'postgres', instancesPerShard: 2, durability: 'ANY_2' }] }));
@@ -179,9 +179,9 @@ test('a lowered instancesPerShard: mg cluster up removes the instance the spec n
   const before = readPorts.length;
   await until('reads through the gateway after the removal', 10_000, () => readPorts.length > before + 5);
   assert.deepEqual([...new Set(readPorts.slice(before + 1))], [addedPort]);
-});
+}));
 
-test('the last replica the durability policy needs, and the primary, are refused (409); the client saw no error and lost no write', async () => {
+test('the last replica the durability policy needs, and the primary, are refused (409); the client saw no error and lost no write', cluster.explained(async () => {
   const { primary } = await cluster.roles();
   const needed = await mg('replica', 'remove', 'postgres/-', added, '--data-dir', dataDir);
   assert.notEqual(needed.code, 0);
@@ -197,4 +197,4 @@ test('the last replica the durability policy needs, and the primary, are refused
   assert.equal(onPrimary[0].n, acked.length);
   await until('every acknowledged row on the added replica', 10_000, async () =>
     (await query<{ n: number }>(addedPort, 'SELECT count(*)::int AS n FROM acked WHERE id = ANY($1)', [acked]))[0].n === acked.length);
-});
+}));

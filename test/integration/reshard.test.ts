@@ -177,7 +177,7 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('split 2 -> 4 shards within one database under a writer: new set beside the old, VDiff clean, the serving set switched and switched back with no client error, every row exactly once', async (t) => {
+test('split 2 -> 4 shards within one database under a writer: new set beside the old, VDiff clean, the serving set switched and switched back with no client error, every row exactly once', cluster.explained(async (t) => {
   const oldPorts = new Map(cluster.instances.map((i) => [i.instanceId, i.port]));
   let w = writer();
   await sleep(500);
@@ -300,9 +300,9 @@ test('split 2 -> 4 shards within one database under a writer: new set beside the
   await g.query('ALTER TABLE orders RENAME COLUMN label TO extra');
   await g.end();
   await assertExactlyOn(NEW, 'new');
-});
+}));
 
-test('merge the 4 shards into 1 under a writer: the serving set switches with no client error, every row exactly once on the one shard', async (t) => {
+test('merge the 4 shards into 1 under a writer: the serving set switches with no client error, every row exactly once on the one shard', cluster.explained(async (t) => {
   const ONE = shardRanges(1);
   const w = writer();
   const created = await mg('workflow', 'create', 'merge', '--type', 'reshard', '--database', 'shop', '--to-shards', '1', '--data-dir', dataDir);
@@ -325,4 +325,4 @@ test('merge the 4 shards into 1 under a writer: the serving set switches with no
   assert.deepEqual(shardSetsOf(savedSpec(dataDir)!.databases[0]), [1]);
   assert.deepEqual(shardsOf(await freshTopology(), 'shop').map((s) => s.shard), ['-']);
   await assertExactlyOn(ONE, 'merged');
-});
+}));

@@ -38,7 +38,7 @@ after(async () => {
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
 
-test('postgrest-js reads: filters, embedding, order, count and range', async () => {
+test('postgrest-js reads: filters, embedding, order, count and range', cluster.explained(async () => {
   const { data, error, count, status } = await anon.from('clients')
     .select('name, projects(name, tasks(title))', { count: 'exact' })
     .eq('id', 1).order('name');
@@ -58,9 +58,9 @@ test('postgrest-js reads: filters, embedding, order, count and range', async () 
   assert.deepEqual(single.data, { id: 2, city: null });
   const or = await anon.from('projects').select('id').or('budget.is.null,name.ilike.*stap*').order('id');
   assert.deepEqual(or.data, [{ id: 2 }, { id: 3 }]);
-});
+}));
 
-test('postgrest-js writes: insert, upsert, update, delete; RLS and the JWT role decide', async () => {
+test('postgrest-js writes: insert, upsert, update, delete; RLS and the JWT role decide', cluster.explained(async () => {
   const denied = await anon.from('clients').insert({ id: 50, name: 'anon' });
   assert.equal(denied.status, 401);
   assert.equal(denied.error?.code, '42501');
@@ -83,9 +83,9 @@ test('postgrest-js writes: insert, upsert, update, delete; RLS and the JWT role 
   const note = await bob.from('notes').insert({ body: 'from bob' }).select('owner, body').single();
   assert.deepEqual(note.data, { owner: 'bob', body: 'from bob' });
   assert.equal((await ann.from('notes').select('id')).data?.length, 1);
-});
+}));
 
-test('RPC, its errors, and read-only GETs (a volatile function that writes is refused on GET, runs on POST)', async () => {
+test('RPC, its errors, and read-only GETs (a volatile function that writes is refused on GET, runs on POST)', cluster.explained(async () => {
   assert.equal((await anon.rpc('add', { a: 2, b: 3 })).data, 5);
   const rows = await anon.rpc('projects_of', { cid: 1 }, { get: true }).select('id').gt('id', 1);
   assert.deepEqual(rows.data, [{ id: 2 }]);
@@ -101,9 +101,9 @@ test('RPC, its errors, and read-only GETs (a volatile function that writes is re
   assert.equal(onGet.status, 405);
   assert.equal(onGet.error?.code, '25006');
   assert.equal((await ann.rpc('touch_client', { cid: 1 })).data, 1);
-});
+}));
 
-test('plain HTTP: bad requests get PostgREST error bodies; unknown databases 404; /metrics counts requests', async () => {
+test('plain HTTP: bad requests get PostgREST error bodies; unknown databases 404; /metrics counts requests', cluster.explained(async () => {
   const bad = await fetch(`${url}/clients?id=xx.1`);
   assert.equal(bad.status, 400);
   assert.equal((await bad.json()).code, 'PGRST100');
@@ -120,9 +120,9 @@ test('plain HTTP: bad requests get PostgREST error bodies; unknown databases 404
   const metrics = await (await fetch(`http://127.0.0.1:${cluster.spec.gateway.metricsPort}/metrics`)).text();
   assert.match(metrics, /mg_rest_requests_total\{method="GET",route="table",status="200"\} [1-9]/);
   assert.match(metrics, /mg_rest_requests_total\{method="GET",route="table",status="400"\} [1-9]/);
-});
+}));
 
-test('DDL through the gateway reloads the REST schema cache; the OpenAPI document at /<database>/', async () => {
+test('DDL through the gateway reloads the REST schema cache; the OpenAPI document at /<database>/', cluster.explained(async () => {
   assert.equal((await fetch(`${url}/gadgets`)).status, 404);
   const client = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres' });
   await client.connect();
@@ -142,4 +142,4 @@ test('DDL through the gateway reloads the REST schema cache; the OpenAPI documen
   assert.ok(!doc.paths['/notes'], 'the anonymous role may not read notes, so they are not listed');
   const metrics = await (await fetch(`http://127.0.0.1:${cluster.spec.gateway.metricsPort}/metrics`)).text();
   assert.match(metrics, /mg_rest_schema_announcements_total\{outcome="sent"\} [1-9]/);
-});
+}));

@@ -117,7 +117,7 @@ after(async () => {
   fs.rmSync(cluster.dataDir, { recursive: true, force: true });
 });
 
-test('a bulk POST is split by the primary vindex: every row lands on its shard, the body keeps the payload order', async () => {
+test('a bulk POST is split by the primary vindex: every row lands on its shard, the body keeps the payload order', cluster.explained(async () => {
   const created = await same('/customers', json([...CUSTOMERS].reverse()));
   assert.equal(created.status, 201);
   assert.equal(JSON.parse(created.body)[0].id, 12);
@@ -125,9 +125,9 @@ test('a bulk POST is split by the primary vindex: every row lands on its shard, 
   const ports = JSON.parse((await ask('shop', '/customer_ports?order=id')).body) as Array<{ id: number; port: number }>;
   assert.deepEqual(ports, CUSTOMERS.map((c) => ({ id: c.id, port: portOfId(c.id) })));
   assert.equal(new Set(ports.map((p) => p.port)).size, 2, 'the rows are spread over both shards');
-});
+}));
 
-test('reads: the same bodies as unsharded, scattered and merged (order, limit/offset, count, ranges, embeds)', async () => {
+test('reads: the same bodies as unsharded, scattered and merged (order, limit/offset, count, ranges, embeds)', cluster.explained(async () => {
   await same('/customers?select=id,name,score&order=id');
   await same('/customers?select=name,score&order=score.desc.nullslast,name&limit=5&offset=2', { headers: { Prefer: 'count=exact' } });
   await same('/customers?order=score.asc.nullsfirst,id&score=lt.60');
@@ -148,9 +148,9 @@ test('reads: the same bodies as unsharded, scattered and merged (order, limit/of
   const bare = await same('/customers?select=id,score,orders(id,total)&order=id', { headers: { Accept: stripped } });
   assert.ok(!bare.body.includes('null'), bare.body);
   await same('/customers?id=eq.1&select=id,country,score', { headers: { Accept: 'application/vnd.pgrst.object+json;nulls=stripped' } });
-});
+}));
 
-test('a filter that pins the primary vindex runs on the shards it names', async () => {
+test('a filter that pins the primary vindex runs on the shards it names', cluster.explained(async () => {
   const single = await routed('single');
   const multi = await routed('multi');
   const scatter = await routed('scatter');
@@ -165,9 +165,9 @@ test('a filter that pins the primary vindex runs on the shards it names', async 
   assert.equal(await routed('single'), single + 2);
   assert.equal(await routed('multi'), multi + 2);
   assert.equal(await routed('scatter'), scatter);
-});
+}));
 
-test('writes: PATCH and DELETE routed by their filters or scattered, upserts split, reference writes, rollback', async () => {
+test('writes: PATCH and DELETE routed by their filters or scattered, upserts split, reference writes, rollback', cluster.explained(async () => {
   await same('/customers?id=eq.3', { method: 'PATCH', headers: { 'Content-Type': 'application/json', Prefer: 'return=representation' }, body: '{"score": 99.5}' });
   await same('/customers?score=is.null&select=id', { method: 'PATCH', headers: { 'Content-Type': 'application/json', Prefer: 'count=exact' }, body: '{"score": 1}' });
   await same('/customers?select=id,score&order=id');
@@ -184,9 +184,9 @@ test('writes: PATCH and DELETE routed by their filters or scattered, upserts spl
   await same('/customers', { ...json([{ id: 70, name: 'Seventy' }, { id: 71, name: 'Seventy-one', score: 5 }, { id: 72, name: 'Seventy-two' }]), headers: {
     'Content-Type': 'application/json', Prefer: 'return=representation', Accept: 'application/vnd.pgrst.array+json;nulls=stripped',
   } });
-});
+}));
 
-test('a write over several shards commits with two-phase commit (transactionMode twopc): a shard failing at commit leaves nothing anywhere', async () => {
+test('a write over several shards commits with two-phase commit (transactionMode twopc): a shard failing at commit leaves nothing anywhere', cluster.explained(async () => {
   const onShard = (shard: string, from: number) => {
     for (let id = from; ; id++) if (shardFor(hashKeyspaceId(id), RANGES) === shard) return id;
   };
@@ -208,7 +208,7 @@ test('a write over several shards commits with two-phase commit (transactionMode
   } finally {
     await shardB.end();
   }
-});
+}));
 
 /** Every lookup row of members_email_idx, read on each shard's Postgres: email -> where it is and what it points at. */
 async function memberLookups(): Promise<Record<string, { shard: string; ksid: string }>> {
@@ -226,7 +226,7 @@ async function expectedMemberLookups(): Promise<Record<string, { shard: string; 
   return Object.fromEntries(members.map((m) => [m.email, { shard: shardFor(xxhashKeyspaceId(m.email), RANGES), ksid: hashKeyspaceId(m.id).toString('hex') }]));
 }
 
-test('a lookup vindex: POST, PATCH and DELETE keep its lookup rows in the request\'s transaction; a filter on it reads the one shard it names', async () => {
+test('a lookup vindex: POST, PATCH and DELETE keep its lookup rows in the request\'s transaction; a filter on it reads the one shard it names', cluster.explained(async () => {
   const members = Array.from({ length: 8 }, (_, i) => ({ id: 300 + i, email: `m${i}@example.org`, name: `Member ${i}` }));
   await same('/members', json(members));
   assert.equal(Object.keys(await memberLookups()).length, members.length);
@@ -260,9 +260,9 @@ test('a lookup vindex: POST, PATCH and DELETE keep its lookup rows in the reques
   await same('/members?order=id');
   assert.deepEqual(await memberLookups(), await expectedMemberLookups());
   assert.equal(Object.keys(await memberLookups()).length, 4);
-});
+}));
 
-test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)', async () => {
+test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)', cluster.explained(async () => {
   const embed = await ask('shop', '/customers?select=name,notes(body)');
   assert.equal(embed.status, 501);
   assert.match(JSON.parse(embed.body).message, /join of sharded tables customers and notes/);
@@ -285,9 +285,9 @@ test('what the sharded planner refuses gets its 0A000 as a PostgREST error (501)
     assert.equal(refused.status, 501, p);
     assert.equal(JSON.parse(refused.body).code, '0A000');
   }
-});
+}));
 
-test('DDL through the gateway reloads both databases\' REST schema caches; spread embeds and the OpenAPI document as unsharded', async () => {
+test('DDL through the gateway reloads both databases\' REST schema caches; spread embeds and the OpenAPI document as unsharded', cluster.explained(async () => {
   for (const db of ['flat', 'shop']) assert.equal((await ask(db, '/customers?select=tier&limit=1')).status, 400); // not a column yet
   for (const db of ['flat', 'shop']) {
     const c = new pg.Client({ host: '127.0.0.1', port: cluster.spec.gateway.port, user: 'postgres', password: 'postgres', database: db });
@@ -308,4 +308,4 @@ test('DDL through the gateway reloads both databases\' REST schema caches; sprea
     for (const fn of ['badge', 'card']) await same(`/rpc/${fn}?name=Ann`, { headers: { Accept: accept } });
   }
   assert.equal((await ask('shop', '/rpc/badge?name=Ann', { headers: { Accept: 'text/html' } })).body, '<b>Ann</b>');
-});
+}));

@@ -148,7 +148,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('lookup vindexes added write_only, backfilled under writes, then externalized: exact lookup tables, reads routed by them', async () => {
+test('lookup vindexes added write_only, backfilled under writes, then externalized: exact lookup tables, reads routed by them', cluster.explained(async () => {
   const applied = Date.now();
   await putVSchema(WITH_LOOKUPS);
   await until('the gateway to keep the write-only lookups', 15_000, async () =>
@@ -221,4 +221,4 @@ test('lookup vindexes added write_only, backfilled under writes, then externaliz
   assert.deepEqual(ids(byNick.rows), ids(users.filter((u) => u.nick === 'n3')));
   assert.match((await gw.query('SHOW mg_plan')).rows[0].mg_plan, /by lookup vindex nick \(lookup\)/);
   assert.deepEqual(await onEachShard('SELECT gid FROM pg_prepared_xacts'), { [FIRST]: [], [SECOND]: [] });
-});
+}));

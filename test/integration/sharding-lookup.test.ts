@@ -68,7 +68,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('the VSchema REST route: GET gives the applied one; a bad one is 400 naming each fault, as mg vschema apply reports it', async () => {
+test('the VSchema REST route: GET gives the applied one; a bad one is 400 naming each fault, as mg vschema apply reports it', cluster.explained(async () => {
   const got = await (await fetch(`${api}/shop/vschema`)).json();
   assert.equal(got.version, '1');
   assert.equal(got.vschema.vindexes.email.type, 'consistent_lookup_unique');
@@ -101,9 +101,9 @@ test('the VSchema REST route: GET gives the applied one; a bad one is 400 naming
   const shown = await mg('vschema', 'show', 'shop', '--data-dir', dataDir);
   assert.equal(shown.code, 0, shown.stderr);
   assert.match(shown.stdout, /^# version 1\n[\s\S]*consistent_lookup_unique/);
-});
+}));
 
-test('INSERTs through the gateway write their lookup rows where the lookup vindexes say (node-postgres and postgres.js, bind parameters too)', async () => {
+test('INSERTs through the gateway write their lookup rows where the lookup vindexes say (node-postgres and postgres.js, bind parameters too)', cluster.explained(async () => {
   const a = tenantOn(FIRST);
   const b = tenantOn(SECOND);
   // Simple protocol, one statement whose rows go to both shards.
@@ -128,9 +128,9 @@ test('INSERTs through the gateway write their lookup rows where the lookup vinde
   assert.equal(users.length, 11);
   const emails = await onEachShard('SELECT email FROM users_email_idx');
   assert.ok(emails[FIRST].length > 0 && emails[SECOND].length > 0, `the email lookup table is sharded: ${JSON.stringify(emails)}`);
-});
+}));
 
-test('a SELECT by a lookup column (literal, $n, IN) returns the row from the one shard the lookup names', async () => {
+test('a SELECT by a lookup column (literal, $n, IN) returns the row from the one shard the lookup names', cluster.explained(async () => {
   const b = tenantOn(SECOND);
   const r = await gw.query("SELECT inet_server_port() AS port, tenant_id::int AS t, name FROM users WHERE email = 'bob@b.org'");
   assert.deepEqual(r.rows, [{ port: portOf(SECOND), t: b, name: 'Bob' }]);
@@ -151,9 +151,9 @@ test('a SELECT by a lookup column (literal, $n, IN) returns the row from the one
   assert.match((await gw.query('SHOW mg_plan')).rows[0].mg_plan, /^2 shards .* by lookup vindex nick \(lookup\)/);
   const lee = await gw.query("SELECT inet_server_port() AS port FROM users WHERE nick = 'lee'");
   assert.deepEqual(lee.rows, [{ port: portOf(SECOND) }]);
-});
+}));
 
-test('a duplicate on a consistent_lookup_unique column is 23505 on the owner statement, and nothing of it is written', async () => {
+test('a duplicate on a consistent_lookup_unique column is 23505 on the owner statement, and nothing of it is written', cluster.explained(async () => {
   const a = tenantOn(FIRST);
   const b = tenantOn(SECOND);
   const before = await assertLookupsExact();
@@ -169,9 +169,9 @@ test('a duplicate on a consistent_lookup_unique column is 23505 on the owner sta
   assert.deepEqual((await gw.query("SELECT count(*)::int AS n FROM users WHERE name IN ('New', 'Dup')")).rows, [{ n: 0 }]);
   assert.deepEqual((await gw.query(`SELECT email FROM users WHERE tenant_id = ${a} AND id = 1`)).rows, [{ email: 'ann@a.org' }]);
   assert.equal((await assertLookupsExact()).length, before.length);
-});
+}));
 
-test('UPDATE of a lookup column moves its lookup rows, DELETE removes them; in a transaction, ROLLBACK leaves none', async () => {
+test('UPDATE of a lookup column moves its lookup rows, DELETE removes them; in a transaction, ROLLBACK leaves none', cluster.explained(async () => {
   const a = tenantOn(FIRST);
   const b = tenantOn(SECOND);
   // By the primary vindex, simple protocol; by the lookup itself, extended protocol.
@@ -206,4 +206,4 @@ test('UPDATE of a lookup column moves its lookup rows, DELETE removes them; in a
   const metrics = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   for (const op of ['read', 'insert', 'delete']) assert.match(metrics, new RegExp(`^mg_gateway_lookup_statements_total\\{op="${op}"\\} [1-9]`, 'm'), op);
   assert.doesNotMatch(metrics, /^mg_gateway_lookup_rows_missing_total\{[^}]*\} [1-9]/m);
-});
+}));

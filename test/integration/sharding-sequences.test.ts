@@ -81,7 +81,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('sequences: missing or DEFAULT auto-increment ids are filled from blocks; the filled id places the row; RETURNING shows it', async () => {
+test('sequences: missing or DEFAULT auto-increment ids are filled from blocks; the filled id places the row; RETURNING shows it', cluster.explained(async () => {
   // Simple protocol, multi-row, the sequence column is the primary vindex column: each row goes where its new id hashes.
   const t = await gw.query("INSERT INTO tenants (name) VALUES ('a'), ('b'), ('c'), ('d') RETURNING id, name");
   assert.deepEqual(t.rows.map((r) => r.name), ['a', 'b', 'c', 'd']);
@@ -103,9 +103,9 @@ test('sequences: missing or DEFAULT auto-increment ids are filled from blocks; t
   const other = RANGES[1].shard;
   assert.equal((await direct(other, (c) => c.query("SELECT to_regclass('mg_sharding.sequences') AS t"))).rows[0].t, null);
   assert.match((await gw.query('EXPLAIN INSERT INTO orders (tenant_id, total) VALUES (1, 2)')).rows[0]['QUERY PLAN'], /id from sequence order_seq/);
-});
+}));
 
-test('sequences: ids stay unique across shards and sessions of a gateway with two worker processes, in simple and extended protocol', async () => {
+test('sequences: ids stay unique across shards and sessions of a gateway with two worker processes, in simple and extended protocol', cluster.explained(async () => {
   const clients = Array.from({ length: 4 }, gwClient);
   await Promise.all(clients.map((c) => c.connect()));
   const js = postgres({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
@@ -136,9 +136,9 @@ test('sequences: ids stay unique across shards and sessions of a gateway with tw
     await Promise.all(clients.map((c) => c.end()));
     await js.end();
   }
-});
+}));
 
-test('a multi-row INSERT with parameters is split across shards in the extended protocol', async () => {
+test('a multi-row INSERT with parameters is split across shards in the extended protocol', cluster.explained(async () => {
   const rows = Array.from({ length: 8 }, (_, i) => i + 100);
   const values = rows.map((_, i) => `($${2 * i + 1}, $${2 * i + 2})`).join(', ');
   const r = await gw.query(`INSERT INTO tenants (id, name) VALUES ${values} RETURNING id, name`, rows.flatMap((id) => [id, `t${id}`]));
@@ -149,4 +149,4 @@ test('a multi-row INSERT with parameters is split across shards in the extended 
   assert.ok(RANGES.every(({ shard }) => placed[shard].length > 0), JSON.stringify(placed));
   const names = await gw.query('SELECT id, name FROM tenants WHERE id IN (100, 101, 102, 103, 104, 105, 106, 107) ORDER BY id');
   assert.deepEqual(names.rows.map((x) => x.name), rows.map((id) => `t${id}`));
-});
+}));

@@ -144,7 +144,7 @@ after(async () => {
   fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
-test('a scatter read to a client that reads nothing: both shards\' backends wait writing and make no more rows, the gateway\'s memory stays flat, and every row arrives', async () => {
+test('a scatter read to a client that reads nothing: both shards\' backends wait writing and make no more rows, the gateway\'s memory stays flat, and every row arrives', cluster.explained(async () => {
   // One stored row on each shard, made into PER_SHARD rows of PAD bytes by its shard as it sends them: 150 MB
   // from each shard, twice what the sockets from one shard's Postgres through its pooler to the gateway could hold
   // at most (Linux's 4 MB send and 32 MB receive buffers each); held, a shard has made 10-18 MB of it.
@@ -168,14 +168,14 @@ test('a scatter read to a client that reads nothing: both shards\' backends wait
   } finally {
     await slow.end();
   }
-});
+}));
 
 
-test('an ORDER BY scatter read to a client that reads nothing: merged as the rows come, both shards held writing with no row more made, the gateway\'s memory flat, and every row arrives in order', async () => {
+test('an ORDER BY scatter read to a client that reads nothing: merged as the rows come, both shards held writing with no row more made, the gateway\'s memory flat, and every row arrives in order', cluster.explained(async () => {
   // 300 MB in all, 150 MB from each shard (see above); each shard's rows come from its index in g order.
   await pausedPiecesRead('ORDER BY', `SELECT p.id, p.g, nextval('made') AS made, repeat('x', ${PAD}) AS pad FROM pieces p ORDER BY p.g`,
     [], (row, last) => Number(row.g) !== last + 1);
-});
+}));
 
 /**
  * A read of `pieces` in g order (a row of PAD bytes per piece) to a client that reads nothing: both shards are
@@ -209,7 +209,7 @@ async function pausedPiecesRead(label: string, statement: string, settings: stri
   }
 }
 
-test('cursors (postgres.js) over 300 MB scatter reads, merged by ORDER BY and not: every row in batches, the gateway\'s memory flat; a cursor left early lets its shards go and the session goes on', async () => {
+test('cursors (postgres.js) over 300 MB scatter reads, merged by ORDER BY and not: every row in batches, the gateway\'s memory flat; a cursor left early lets its shards go and the session goes on', cluster.explained(async () => {
   const sql = postgres({ host: '127.0.0.1', port: spec.gateway.port, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
   try {
     await sql.unsafe('SET enable_sort = off');
@@ -263,16 +263,16 @@ test('cursors (postgres.js) over 300 MB scatter reads, merged by ORDER BY and no
   } finally {
     await sql.end();
   }
-});
+}));
 
-test('a merged read past its LIMIT stops taking rows, an error on one shard ends the rows with its name, and the session goes on', async () => {
+test('a merged read past its LIMIT stops taking rows, an error on one shard ends the rows with its name, and the session goes on', cluster.explained(async () => {
   const top = await gw.query(`SELECT id, g, repeat('x', ${PAD}) AS pad FROM pieces ORDER BY g DESC LIMIT 4 OFFSET 3`);
   assert.deepEqual(top.rows.map((r) => Number(r.id)), [PIECES - 3, PIECES - 4, PIECES - 5, PIECES - 6]);
   await assert.rejects(gw.query('SELECT id, g, 10 / (g - 2000) AS x FROM pieces ORDER BY g'), (e: any) => e.code === '22012' && /^shard \S+: division by zero/.test(e.message));
   assert.deepEqual((await gw.query('SELECT g FROM pieces ORDER BY g LIMIT 3')).rows.map((r) => r.g), [1, 2, 3]);
-});
+}));
 
-test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numeric, text, timestamps as clocks go back, BC dates, intervals, DESC, NULLS FIRST/LAST, several keys, LIMIT/OFFSET, simple and extended protocol', async () => {
+test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numeric, text, timestamps as clocks go back, BC dates, intervals, DESC, NULLS FIRST/LAST, several keys, LIMIT/OFFSET, simple and extended protocol', cluster.explained(async () => {
   await gw.query('CREATE TABLE typed (id bigint PRIMARY KEY, i int, b bigint, n numeric, t text)');
   const words = ['a', 'B', 'ab', 'é', 'z', '', 'Zz', 'a b'];
   const values = Array.from({ length: 300 }, (_, k) => {
@@ -330,9 +330,9 @@ test('ORDER BY over all shards gives what one Postgres gives: int, bigint, numer
     await sql.end();
     await ref.end();
   }
-});
+}));
 
-test('GROUP BY and DISTINCT over all shards, merged group by group as the shards send them sorted, give what one Postgres gives; a grouped read to a paused client holds both shards', async () => {
+test('GROUP BY and DISTINCT over all shards, merged group by group as the shards send them sorted, give what one Postgres gives; a grouped read to a paused client holds both shards', cluster.explained(async () => {
   // `typed` and the `reference` database on the first shard's instance, from the test above.
   const ref = new pg.Client({ host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
   await ref.connect();
@@ -374,9 +374,9 @@ test('GROUP BY and DISTINCT over all shards, merged group by group as the shards
   // (the gateway takes only group columns and aggregates, so the big value is an aggregate too).
   await pausedPiecesRead('GROUP BY', `SELECT p.g, count(*) AS c, max(nextval('made')) AS made, max(repeat('x', ${PAD})) AS pad FROM pieces p GROUP BY p.g ORDER BY p.g`,
     ['SET enable_hashagg = off'], (row, last) => Number(row.g) !== last + 1 || Number(row.c) !== 1); // groups from the index as they come
-});
+}));
 
-test('what the merge needs and the client did not select goes hidden (ORDER BY a column or an expression, HAVING on an aggregate, GROUP BY a column): the same rows and columns as one Postgres, simple and extended protocol', async () => {
+test('what the merge needs and the client did not select goes hidden (ORDER BY a column or an expression, HAVING on an aggregate, GROUP BY a column): the same rows and columns as one Postgres, simple and extended protocol', cluster.explained(async () => {
   // `typed` and the `reference` database on the first shard's instance, from the tests above.
   const ref = new pg.Client({ host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
   await ref.connect();
@@ -442,9 +442,9 @@ test('what the merge needs and the client did not select goes hidden (ORDER BY a
     await sql.end();
     await ref.end();
   }
-});
+}));
 
-test('binary result columns (node-postgres in binary mode; pgx, one format code per column): ORDER BY, GROUP BY, HAVING and hidden items merged over all shards give what one Postgres gives', async () => {
+test('binary result columns (node-postgres in binary mode; pgx, one format code per column): ORDER BY, GROUP BY, HAVING and hidden items merged over all shards give what one Postgres gives', cluster.explained(async () => {
   // `typed` and the `reference` database on the first shard's instance, from the tests above.
   const binaryMode = { binary: true } as unknown as pg.ClientConfig; // node-postgres's binary mode, which its types leave out
   const ref = new pg.Client({ ...binaryMode, host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
@@ -495,9 +495,9 @@ test('binary result columns (node-postgres in binary mode; pgx, one format code 
     await gwBinary.end();
     await ref.end();
   }
-});
+}));
 
-test('GROUP BY a name that is both a select-list alias and a column groups by the column, as Postgres does, and follows DDL that adds the column, through this gateway or another', async () => {
+test('GROUP BY a name that is both a select-list alias and a column groups by the column, as Postgres does, and follows DDL that adds the column, through this gateway or another', cluster.explained(async () => {
   const ref = new pg.Client({ host: '127.0.0.1', port: shardPorts[0], user: 'postgres', database: 'reference' });
   await ref.connect();
   const other = gwClient();
@@ -542,4 +542,4 @@ test('GROUP BY a name that is both a select-list alias and a column groups by th
     await other.end();
     await ref.end();
   }
-});
+}));

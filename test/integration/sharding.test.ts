@@ -117,7 +117,7 @@ async function same(sql: string, params: unknown[] = []): Promise<void> {
 }
 const code = (c: string) => (e: any) => e.code === c;
 
-test('a bad VSchema is refused by mg vschema apply with the table and vindex named', async () => {
+test('a bad VSchema is refused by mg vschema apply with the table and vindex named', cluster.explained(async () => {
   const file = path.join(dataDir, 'bad.yaml');
   fs.writeFileSync(file, 'tables:\n  orders: { column_vindexes: [{ column: tenant_id, name: nope }] }\n');
   const r = await mg('vschema', 'apply', 'postgres', file, '--data-dir', dataDir);
@@ -126,9 +126,9 @@ test('a bad VSchema is refused by mg vschema apply with the table and vindex nam
   const shown = await mg('vschema', 'show', 'postgres', '--data-dir', dataDir);
   assert.equal(shown.code, 0, shown.stderr);
   assert.match(shown.stdout, /# version 1\n[\s\S]*products:\n\s+type: reference/);
-});
+}));
 
-test('DDL runs on every shard; the workload (simple and extended protocol) lands where the vindex says', async () => {
+test('DDL runs on every shard; the workload (simple and extended protocol) lands where the vindex says', cluster.explained(async () => {
   for (const ddl of DDL) {
     await gw.query(ddl);
     await ref.query(ddl);
@@ -170,9 +170,9 @@ test('DDL runs on every shard; the workload (simple and extended protocol) lands
       await direct.end();
     }
   }
-});
+}));
 
-test('DDL is recorded on mg.schema.changes.v1: applied on every shard, failed naming the shard that refused it, at COMMIT only inside a transaction', async () => {
+test('DDL is recorded on mg.schema.changes.v1: applied on every shard, failed naming the shard that refused it, at COMMIT only inside a transaction', cluster.explained(async () => {
   const changesOf = (statement: RegExp) => schemaChanges.filter((e) => statement.test(e.statement));
   await until('the CREATE TABLEs recorded', 15_000, () => DDL.every((ddl) => schemaChanges.some((e) => e.statement === ddl)));
   for (const ddl of DDL) {
@@ -204,9 +204,9 @@ test('DDL is recorded on mg.schema.changes.v1: applied on every shard, failed na
   await gw.query('DROP TABLE tx_undone, tx_kept');
   await until('the DROP recorded', 15_000, () => changesOf(/^DROP TABLE tx_undone/).length === 1);
   assert.deepEqual(changesOf(/never/), []);
-});
+}));
 
-test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, reference joins, scatter merges', async () => {
+test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, reference joins, scatter merges', cluster.explained(async () => {
   await same('SELECT * FROM orders WHERE tenant_id = 5 ORDER BY id');
   await same('SELECT * FROM orders WHERE tenant_id = $1 AND id = $2', [7, 2]);
   await same('SELECT tenant_id, id, total FROM orders WHERE tenant_id IN (1, 2, 3, 10)');
@@ -236,9 +236,9 @@ test('reads match one unsharded Postgres: pinned, IN, joins on the vindex, refer
   await same('SELECT DISTINCT status FROM orders ORDER BY status');
   await same('SELECT count(*) FROM orders WHERE total > 1000'); // no rows anywhere: still one row, 0
   await same('SELECT sum(qty) FROM order_lines WHERE qty > 1000'); // sum over nothing: NULL
-});
+}));
 
-test('statements run only where they must (inet_server_port() answers which shard ran them)', async () => {
+test('statements run only where they must (inet_server_port() answers which shard ran them)', cluster.explained(async () => {
   const ports = async (sql: string, params?: unknown[]) => (await gw.query(sql, params)).rows.map((r) => Number(r.p)).sort();
   for (const t of [1, 2, 3, 4]) {
     assert.deepEqual(await ports(`SELECT inet_server_port() AS p FROM tenants WHERE id = ${t}`), [portOf(shardOfTenant(t))]);
@@ -261,9 +261,9 @@ test('statements run only where they must (inet_server_port() answers which shar
   const having = await gw.query('SELECT status FROM orders GROUP BY status HAVING sum(total) > 1 ORDER BY status');
   assert.deepEqual(having.fields.map((f) => f.name), ['status']);
   assert.match((await gw.query('SHOW mg_plan')).rows[0].mg_plan, /gateway aggregate, group by, having, streamed group by group, merge sort, 1 hidden column$/);
-});
+}));
 
-test('constructs that cannot be answered correctly get 0A000 naming them, and the session goes on', async () => {
+test('constructs that cannot be answered correctly get 0A000 naming them, and the session goes on', cluster.explained(async () => {
   const refused: Array<[string, RegExp]> = [
     ['SELECT * FROM orders o JOIN users u ON u.id = o.user_id', /join of sharded tables orders and users not on their primary vindex/],
     ['SELECT avg(total) FROM orders', /avg\(\.\.\.\) over all shards/],
@@ -281,9 +281,9 @@ test('constructs that cannot be answered correctly get 0A000 naming them, and th
   }
   await assert.rejects(gw.query('SELEC 1'), code('42601'));
   assert.equal((await gw.query('SELECT 1 AS one')).rows[0].one, 1);
-});
+}));
 
-test('transactions: one shard unchanged; single refuses a second shard; multi spans shards; twopc commits on both or neither', async () => {
+test('transactions: one shard unchanged; single refuses a second shard; multi spans shards; twopc commits on both or neither', cluster.explained(async () => {
   const a = tenantOn(FIRST);
   const b = tenantOn(LAST);
   const c = gwClient();
@@ -338,9 +338,9 @@ test('transactions: one shard unchanged; single refuses a second shard; multi sp
   } finally {
     await c.end();
   }
-});
+}));
 
-test('savepoints and SET LOCAL span shards as on one Postgres, also on a shard that joins after them (differential)', async () => {
+test('savepoints and SET LOCAL span shards as on one Postgres, also on a shard that joins after them (differential)', cluster.explained(async () => {
   const [a, b] = [tenantOn(FIRST), tenantOn(LAST)];
   const c = gwClient();
   await c.connect();
@@ -393,9 +393,9 @@ test('savepoints and SET LOCAL span shards as on one Postgres, also on a shard t
   } finally {
     await c.end();
   }
-});
+}));
 
-test('functions and procedures are created on every shard and run on the shard of the argument the VSchema names', async () => {
+test('functions and procedures are created on every shard and run on the shard of the argument the VSchema names', cluster.explained(async () => {
   await gw.query("CREATE FUNCTION tenant_port(t bigint) RETURNS int LANGUAGE sql AS 'SELECT inet_server_port()'");
   await gw.query('CREATE PROCEDURE rename_tenant(t bigint, n text) LANGUAGE plpgsql AS $$ BEGIN UPDATE tenants SET name = n WHERE id = t; COMMIT; END $$');
   for (const t of [1, 2, 3, 4]) {
@@ -404,9 +404,9 @@ test('functions and procedures are created on every shard and run on the shard o
   }
   await gw.query("CALL rename_tenant(7, 'called')"); // a procedure that commits inside, on its shard
   assert.equal((await gw.query('SELECT name FROM tenants WHERE id = 7')).rows[0].name, 'called');
-});
+}));
 
-test('session settings reach every shard the session uses', async () => {
+test('session settings reach every shard the session uses', cluster.explained(async () => {
   const c = gwClient();
   await c.connect();
   try {
@@ -417,9 +417,9 @@ test('session settings reach every shard the session uses', async () => {
   } finally {
     await c.end();
   }
-});
+}));
 
-test('temporary tables are the session\'s: a copy on every shard it uses, written on each, read and joined like a reference table; other sessions do not see them (differential)', async () => {
+test('temporary tables are the session\'s: a copy on every shard it uses, written on each, read and joined like a reference table; other sessions do not see them (differential)', cluster.explained(async () => {
   const other = gwClient();
   await other.connect();
   try {
@@ -442,7 +442,7 @@ test('temporary tables are the session\'s: a copy on every shard it uses, writte
   } finally {
     await other.end();
   }
-});
+}));
 
 /** psql's \copy of `data` into port's database; its output (COPY n) or its error. */
 function psqlCopy(port: number, copy: string, data: string): { out: string; err: string } {
@@ -452,7 +452,7 @@ function psqlCopy(port: number, copy: string, data: string): { out: string; err:
   return { out: r.stdout.trim(), err: r.stderr.trim() };
 }
 
-test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) puts every row on its shard, all or nothing', async () => {
+test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) puts every row on its shard, all or nothing', cluster.explained(async () => {
   const csv = ['tenant_id,id,note', ...Array.from({ length: 30 }, (_, i) => `${(i % TENANTS) + 1},${i + 1},"note ${i}, with ""quotes""${i % 7 === 0 ? '\nand a newline' : ''}"`)].join('\n');
   for (const port of [gatewayPort, reference.port]) {
     assert.deepEqual(psqlCopy(port, 'events (tenant_id, id, note) FROM STDIN WITH (FORMAT csv, HEADER)', `${csv}\n`), { out: 'COPY 30', err: '' });
@@ -499,9 +499,9 @@ test('COPY FROM STDIN (psql \\copy in CSV, postgres.js in text, no column list) 
   const metrics = await (await fetch(`http://127.0.0.1:${spec.gateway.metricsPort}/metrics`)).text();
   assert.ok(Number(/^mg_gateway_sharded_copy_rows_total (\d+)/m.exec(metrics)?.[1]) >= 50, 'the 50 rows copied in, counted');
   assert.match(metrics, /mg_gateway_sharded_statements_total\{route="copy_out"\} [1-9]/);
-});
+}));
 
-test('postgres.js (extended protocol, and simple) gets the same answers, and portals with row limits work on scatter results', async () => {
+test('postgres.js (extended protocol, and simple) gets the same answers, and portals with row limits work on scatter results', cluster.explained(async () => {
   const sql = postgres({ host: '127.0.0.1', port: gatewayPort, user: 'postgres', password: 'postgres', database: 'postgres', max: 1, onnotice: () => undefined });
   try {
     const t = 6;
@@ -521,5 +521,5 @@ test('postgres.js (extended protocol, and simple) gets the same answers, and por
   } finally {
     await sql.end();
   }
-});
+}));
 

@@ -146,7 +146,7 @@ after(async () => {
   await mg('cluster', 'down', '--data-dir', dataDir, '--clean');
 });
 
-test('switch-traffic and reverse-traffic under three writers (two wire-protocol, one REST): no client error, no lost row either way; switch again and complete', async (t) => {
+test('switch-traffic and reverse-traffic under three writers (two wire-protocol, one REST): no client error, no lost row either way; switch again and complete', cluster.explained(async (t) => {
   const created = await mg('workflow', 'create', 'mt', '--source', 'src', '--target', 'dst', '--tables', 'orders', '--data-dir', dataDir);
   assert.equal(created.code, 0, created.stderr);
   await until('catch-up to begin', 120_000, async () => (await api('/v1/workflows/mt')).body.phase === 'RUNNING');
@@ -303,7 +303,7 @@ test('switch-traffic and reverse-traffic under three writers (two wire-protocol,
   await client.end();
   await source.end();
   await Promise.all([...targets.values()].map((c) => c.end()));
-});
+}));
 
 /** `rows` (id -> note) is exactly the acknowledged rows: every acknowledged note, no row whose delete was acknowledged, nothing else. */
 function assertExactly(rows: Map<number, string>, where: string): void {

@@ -60,7 +60,7 @@ async function twopcHistory(shard: string): Promise<Array<{ kind: string; summar
   return r.body.events.filter((e: { operation: string }) => e.operation === 'twopc');
 }
 
-test('the pooler passes PREPARE TRANSACTION and COMMIT PREPARED, and keeps no server connection after PREPARE', async () => {
+test('the pooler passes PREPARE TRANSACTION and COMMIT PREPARED, and keeps no server connection after PREPARE', cluster.explained(async () => {
   const a = new pg.Client({ host: '127.0.0.1', port: left.poolerPort, user: 'postgres', database: 'postgres' });
   await a.connect();
   try {
@@ -81,12 +81,12 @@ test('the pooler passes PREPARE TRANSACTION and COMMIT PREPARED, and keeps no se
   } finally {
     await a.end();
   }
-});
+}));
 
 /** The gids of the transfers that committed, for the pruning test. */
 let committedGids: string[] = [];
 
-test('transfers between the shards commit on both through the coordinator', async () => {
+test('transfers between the shards commit on both through the coordinator', cluster.explained(async () => {
   const driver = startDriver(shards, 30, 'none');
   assert.equal(await driver.exited, 0, driver.stderr());
   assert.equal(driver.events.filter((e) => e.event === 'committed').length, 30, JSON.stringify(driver.events.filter((e) => e.event === 'failed')));
@@ -95,7 +95,7 @@ test('transfers between the shards commit on both through the coordinator', asyn
   const decisions = await sql(left.port, 'SELECT gid, decision FROM mg_twopc.decisions WHERE gid = ANY($1)', [committedGids]);
   assert.ok(decisions.length > 0 && decisions.every((d) => d.decision === 'commit'), 'COMMIT decisions on the first participant\'s shard');
   assert.ok(decisions.some((d) => d.gid === committedGids.at(-1)), 'the newest decision is there (younger than the retention)');
-});
+}));
 
 
 /**
@@ -130,7 +130,7 @@ async function killGatewayAt(step: string, n: number) {
   return { gid, decisionShard, others: inDoubt, preparedOn, landed };
 }
 
-test('transfers across three shards through the gateway commit everywhere (twopc mode)', async () => {
+test('transfers across three shards through the gateway commit everywhere (twopc mode)', cluster.explained(async () => {
   await viaGateway(cluster, async (g) => {
     for (let n = 0; n < 10; n++) {
       const t = accountsOnShards(SHARDS.length, n, 3);
@@ -139,9 +139,9 @@ test('transfers across three shards through the gateway commit everywhere (twopc
   });
   const landed = await checkBank(cluster, allPorts(), 3);
   assert.equal([...landed].filter((x) => x.startsWith('ok-')).length, 10);
-});
+}));
 
-test('kill -9 of the gateway after the PREPAREs, before the decision: the resolver rolls the transfer back everywhere (presumed abort)', async () => {
+test('kill -9 of the gateway after the PREPAREs, before the decision: the resolver rolls the transfer back everywhere (presumed abort)', cluster.explained(async () => {
   const r = await killGatewayAt('before-decision', 11);
   assert.deepEqual(r.preparedOn.sort(), r.others.sort(), 'prepared on the two other shards');
   assert.equal(r.landed, false);
@@ -149,9 +149,9 @@ test('kill -9 of the gateway after the PREPAREs, before the decision: the resolv
   assert.equal(row.decision, 'abort');
   assert.match(row.decided_by, /^orch-/);
   await until('the abort decision as an orchestrator event', 10_000, async () => (await twopcHistory(r.decisionShard)).some((e) => e.kind === 'DECIDED' && e.details.gid === r.gid));
-});
+}));
 
-test('kill -9 of the gateway after the decision: the resolver commits the transfer on the prepared shards', async () => {
+test('kill -9 of the gateway after the decision: the resolver commits the transfer on the prepared shards', cluster.explained(async () => {
   const r = await killGatewayAt('after-decision', 12);
   assert.deepEqual(r.preparedOn.sort(), r.others.sort(), 'prepared on the two other shards');
   assert.equal(r.landed, true);
@@ -159,17 +159,17 @@ test('kill -9 of the gateway after the decision: the resolver commits the transf
     await until(`the COMMIT PREPARED on ${shard} as an orchestrator event`, 10_000,
       async () => (await twopcHistory(shard)).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('COMMIT PREPARED')));
   }
-});
+}));
 
-test('kill -9 of the gateway during COMMIT PREPARED: the resolver commits the shard still prepared', async () => {
+test('kill -9 of the gateway during COMMIT PREPARED: the resolver commits the shard still prepared', cluster.explained(async () => {
   const r = await killGatewayAt('during-commit-prepared', 13);
   assert.equal(r.preparedOn.length, 1, 'committed on one of the two other shards, still prepared on the last');
   assert.equal(r.landed, true);
   await until(`the COMMIT PREPARED on ${r.preparedOn[0]} as an orchestrator event`, 10_000,
     async () => (await twopcHistory(r.preparedOn[0])).some((e) => e.kind === 'ACTED' && e.details.gid === r.gid && e.summary.startsWith('COMMIT PREPARED')));
-});
+}));
 
-test('a coordinator slower than the grace period loses to the resolver\'s abort and rolls back everywhere', async () => {
+test('a coordinator slower than the grace period loses to the resolver\'s abort and rolls back everywhere', cluster.explained(async () => {
   const driver = startDriver(shards, 3, 'slow-decision', { MG_DRIVER_SLOW_MS: String(GRACE_MS + 4_000) });
   assert.equal(await driver.exited, 0, driver.stderr());
   const last = driver.events.find((e) => e.txn?.endsWith('-3'))!;
@@ -179,10 +179,10 @@ test('a coordinator slower than the grace period loses to the resolver\'s abort 
   const ledger = await checkAllOrNothing(shards);
   assert.ok(!ledger.has(last.txn!));
   assert.ok(ledger.has(driver.txn(2)), 'the transfers before it committed');
-});
+}));
 
-test('decisions of finished transactions are pruned after the retention period', async () => {
+test('decisions of finished transactions are pruned after the retention period', cluster.explained(async () => {
   assert.equal(committedGids.length, 30);
   await until('the decisions to be pruned', 4 * RETENTION_MS, async () =>
     (await sql(left.port, 'SELECT count(*)::int AS n FROM mg_twopc.decisions WHERE gid = ANY($1)', [committedGids]))[0].n === 0);
-});
+}));

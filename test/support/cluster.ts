@@ -47,7 +47,8 @@ const EXPLAINED_LINES = 25;
 
 /** A cluster's component and Postgres logs copied to `keep` (in the run's directory), to read after `down --clean`. */
 export function keepLogs(dataDir: string, keep: string): void {
-  fs.cpSync(path.join(dataDir, 'logs'), keep, { recursive: true });
+  fs.mkdirSync(keep, { recursive: true });
+  if (fs.existsSync(path.join(dataDir, 'logs'))) fs.cpSync(path.join(dataDir, 'logs'), keep, { recursive: true });
   const postgres = path.join(dataDir, 'postgres');
   for (const f of fs.existsSync(postgres) ? fs.readdirSync(postgres).filter((n) => n.endsWith('.log')) : []) {
     fs.copyFileSync(path.join(postgres, f), path.join(keep, `postgres-${f}`));
@@ -146,9 +147,13 @@ export function testCluster(label: string, slot: number, opts: TestClusterOption
         try {
           await fn(t);
         } catch (err) {
-          if (process.env.MG_TEST_DIR) keepLogs(dataDir, path.join(process.env.MG_TEST_DIR, 'failed', path.basename(dataDir)));
-          const trouble = recentTrouble(dataDir);
-          if (err instanceof Error && trouble.length) err.message += `\nthe cluster's last warnings and errors:\n  ${trouble.join('\n  ')}`;
+          try {
+            if (process.env.MG_TEST_DIR) keepLogs(dataDir, path.join(process.env.MG_TEST_DIR, 'failed', path.basename(dataDir)));
+            const trouble = recentTrouble(dataDir);
+            if (err instanceof Error && trouble.length) err.message += `\nthe cluster's last warnings and errors:\n  ${trouble.join('\n  ')}`;
+          } catch {
+            // The test's own error is what it reports: reading the logs must not replace it.
+          }
           throw err;
         }
       };
