@@ -208,13 +208,15 @@ export class Gateway {
 
   /** Drains the sessions of a dropped database, or of every database of a deactivated shard group. */
   private leaveDatabase(gone: DatabaseGone): void {
+    const hint = gone.why !== 'deactivated' ? undefined
+      : this.discovery.holdReason(gone.database) !== undefined ? HELD_HINT : 'Reconnect: the database wakes for the next connection.';
+    const why = new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN, `terminating connection because database "${gone.database}" was ${gone.why}`, undefined, hint);
     let ended = 0;
     for (const { session } of this.sessions.values()) {
       const affected = gone.why === 'dropped' ? session.database === gone.database : this.discovery.group(session.database) === gone.database;
       if (!affected) continue;
       ended++;
-      session.leaveDatabase(new PgError('FATAL', SQLSTATE.ADMIN_SHUTDOWN, `terminating connection because database "${gone.database}" was ${gone.why}`,
-        undefined, gone.why !== 'deactivated' ? undefined : this.discovery.holdReason(gone.database) !== undefined ? HELD_HINT : 'Reconnect: the database wakes for the next connection.'));
+      session.leaveDatabase(why);
     }
     this.log.info({ ...gone, sessions: ended }, `database ${gone.why}; its sessions leave at their next idle point`);
   }
